@@ -1,0 +1,194 @@
+"""Layer-wise error compensation, Section 3.3: fit Z to the residual R = W - U V^T on calibration inputs (eq. 10).
+
+Eq. (10) is a weighted least-squares problem: sum_i w_i ||X_i (Z - R)||_F^2 = tr((Z - R)^T H (Z - R)) with the same
+weighted Gram matrix H as eq. (5). So:
+  * low-rank Z = G Y^T: the best rank-q fit is ``H^{-1/2} SVD_q(H^{1/2} R)`` (exact);
+  * Z on a fixed support (sparse, diagonal band, whole rows): for every output column j the optimal values on its
+    support S_j are ``H[S_j, S_j]^{-1} (H R)[S_j, j]`` (exact for that support; the support itself is chosen by the
+    single-entry error reduction ``(H R)_ij^2 / H_ii``, a greedy heuristic).
+The paper's solver, mini-batch gradient descent on eq. (10) with every layer independent, is :func:`fit_sgd`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowrank_vit.decompose import truncated_svd
+from lowrank_vit.factorized import LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.progress import progress_bar
+
+
+def z_param_count(kind: str, in_features: int, out_features: int, z_fraction: float) -> int:
+    """Parameters a Z of ``kind`` holds for a (k, m) layer given its budget fraction; 0 for "none"."""
+    k, m = in_features, out_features
+    budget = z_fraction * k * m
+    if kind == "none":
+        return 0
+    if kind == "lowrank":
+        return max(1, int(budget // (k + m))) * (k + m)
+    if kind == "sparse":
+        return max(1, int(budget))
+    if kind in ("diagonal", "structured"):
+        # diagonal: a band of b wrapped diagonals, one entry per output column each; structured: b whole rows.
+        return max(1, int(budget // m)) * m
+    raise ValueError(f"unknown compensation kind {kind!r}")
+
+
+def diagonal_support(in_features: int, out_features: int, num_diagonals: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of a band of ``num_diagonals`` diagonals of a (k, m) matrix, wrapped modulo k:
+    column j holds rows (j + o) mod k for o = 0..b-1 (the main diagonal is o = 0)."""
+    cols = torch.arange(out_features).repeat(num_diagonals)
+    offsets = torch.arange(num_diagonals).repeat_interleave(out_features)
+    return (cols + offsets) % in_features, cols
+
+
+def _solve_columns(H: torch.Tensor, HR: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Optimal values on a fixed support: for every column j, ``H[S_j, S_j] v = (H R)[S_j, j]``.
+
+    Columns are solved in batches padded to the largest support; padding rows get an identity system.
+    """
+    order = torch.argsort(cols, stable=True)
+    rows_sorted, cols_sorted = rows[order], cols[order]
+    counts = torch.bincount(cols_sorted, minlength=HR.shape[1])
+    starts = torch.cumsum(counts, 0) - counts
+    values_sorted = torch.zeros(rows.numel(), dtype=torch.float64, device=H.device)
+    active = torch.nonzero(counts).flatten()
+    chunk = 256
+    for begin in range(0, active.numel(), chunk):
+        cols_chunk = active[begin: begin + chunk]
+        width = int(counts[cols_chunk].max())
+        slot = torch.arange(width, device=H.device)
+        valid = slot[None, :] < counts[cols_chunk, None]
+        position = (starts[cols_chunk, None] + slot[None, :]).clamp_max(rows.numel() - 1)
+        idx = torch.where(valid, rows_sorted[position], torch.zeros_like(position))
+        A = H[idx[:, :, None], idx[:, None, :]]
+        mask2 = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(width, dtype=torch.float64, device=H.device).expand_as(A)
+        A = torch.where(mask2, A, eye)
+        b = torch.where(valid, HR[idx, cols_chunk[:, None]], torch.zeros_like(idx, dtype=torch.float64))
+        sol = torch.linalg.solve(A, b[:, :, None])[:, :, 0]
+        values_sorted[position[valid]] = sol[valid]
+    values = torch.empty_like(values_sorted)
+    values[order] = values_sorted
+    return values
+
+
+@dataclass
+class CompensationProblem:
+    """Everything eq. (10) needs for one layer."""
+
+    residual: torch.Tensor
+    """R = W - U V^T, (k, m) float64."""
+    gram: torch.Tensor
+    """Damped weighted Gram matrix H, (k, k) float64 (used by the closed forms)."""
+    gram_root: torch.Tensor
+    """H^{1/2}."""
+    gram_inv_root: torch.Tensor
+    """H^{-1/2}."""
+
+
+def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.Module:
+    """The exact (for low-rank) or support-optimal (for sparse kinds) Z of eq. (10) within ``z_params`` parameters."""
+    R = problem.residual
+    k, m = R.shape
+    if kind == "lowrank":
+        q = z_params // (k + m)
+        P, s, Rv = truncated_svd(problem.gram_root @ R)
+        root = s[:q].sqrt()
+        z = LowRankZ(k, m, q)
+        with torch.no_grad():
+            z.G.copy_(problem.gram_inv_root @ P[:, :q] * root)
+            z.Y.copy_(Rv[:, :q] * root)
+        return z
+    H = problem.gram
+    HR = H @ R
+    gain = HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    if kind == "structured":
+        rows = torch.topk(gain.sum(dim=1), z_params // m).indices.sort().values
+        values = torch.linalg.solve(H[rows][:, rows], HR[rows])
+        z = RowSparseZ(k, m, rows.numel())
+        with torch.no_grad():
+            z.rows.copy_(rows)
+            z.values.copy_(values)
+        return z
+    if kind == "diagonal":
+        rows, cols = diagonal_support(k, m, z_params // m)
+        rows, cols = rows.to(R.device), cols.to(R.device)
+    elif kind == "sparse":
+        flat = torch.topk(gain.flatten(), z_params).indices
+        rows, cols = flat // m, flat % m
+    else:
+        raise ValueError(f"no closed form for compensation kind {kind!r}")
+    z = SparseZ(k, m, rows.numel(), kind=kind)
+    with torch.no_grad():
+        z.rows.copy_(rows)
+        z.cols.copy_(cols)
+        z.values.copy_(_solve_columns(H, HR, rows, cols))
+    return z
+
+
+def init_z_for_sgd(kind: str, problem: CompensationProblem, z_params: int, generator: torch.Generator) -> nn.Module:
+    """Starting point of the SGD solver: the support of the closed form with zero values for the sparse kinds;
+    for G Y^T a small random G and Y = 0, since from G = Y = 0 both gradients (eqs. 11-12) vanish."""
+    k, m = problem.residual.shape
+    if kind == "lowrank":
+        q = z_params // (k + m)
+        z = LowRankZ(k, m, q)
+        with torch.no_grad():
+            z.G.copy_(torch.randn(k, q, generator=generator, dtype=torch.float64) / math.sqrt(k))
+        return z
+    z = closed_form_z(kind, problem, z_params)
+    with torch.no_grad():
+        z.values.zero_()
+    return z
+
+
+@dataclass
+class SGDTask:
+    """One layer's share of the parallel SGD fit: Z, its inputs X_i (sampled tokens) and targets X_i R."""
+
+    z: nn.Module
+    inputs: torch.Tensor
+    """(N, s, k) float32."""
+    targets: torch.Tensor
+    """(N, s, m) float32: X_i (W - U V^T)."""
+    weights: torch.Tensor
+    """(N,) float32: 1 / ||X_i W||^2 over the same tokens (eq. 10's normalization)."""
+
+
+def eq10_loss(z: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. (10) on a mini-batch: mean_i ||X_i Z - X_i R||_F^2 / ||X_i W||_F^2."""
+    err = (z(inputs) - targets).pow(2).sum(dim=(1, 2))
+    return (err * weights).mean()
+
+
+def fit_sgd(tasks: dict[str, SGDTask], *, lr: float, iterations: int, batch_size: int, seed: int = 0,
+            progress: bool = True) -> dict[str, list[float]]:
+    """Mini-batch gradient descent on eq. (10) for every layer at once (Section 3.3, 4.1).
+
+    Each layer has its own Adam optimizer and its own loss; no layer's update depends on another's, so the loop
+    over layers inside a step is embarrassingly parallel. Returns each layer's loss history (one value a step).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizers = {name: torch.optim.Adam(task.z.parameters(), lr=lr) for name, task in tasks.items()}
+    history: dict[str, list[float]] = {name: [] for name in tasks}
+    with progress_bar(total=iterations, desc="compensation (sgd)", unit="step", enabled=progress) as bar:
+        for _ in range(iterations):
+            for name, task in tasks.items():
+                n = task.inputs.shape[0]
+                idx = torch.randint(n, (min(batch_size, n),), generator=generator)
+                device = task.weights.device
+                idx = idx.to(device)
+                loss = eq10_loss(task.z, task.inputs[idx], task.targets[idx], task.weights[idx])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the SGD solver diverged on layer {name} (loss {loss.item()})")
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+                history[name].append(loss.item())
+            bar.update(1)
+    return history

@@ -1,0 +1,120 @@
+"""Typed, self-validating configuration for :func:`lowrank_vit.compress`.
+
+Every field is documented right below its definition. Defaults follow the paper's Section 4.1 where the paper gives
+a value (1024 calibration images, 5% compensation budget, gamma = 80, 500 greedy iterations, lr 1e-3, 2000
+iterations, batch 64) and the exact closed-form variants described in NOTES.md elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DECOMPOSITIONS = ("plain", "mean", "whitened")
+ALLOCATIONS = ("uniform", "greedy")
+COMPENSATIONS = ("none", "lowrank", "diagonal", "sparse", "structured")
+SOLVERS = ("closed_form", "sgd")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress, and how. Exactly one of ``reduction`` and ``target_params`` must be given."""
+
+    reduction: float | None = None
+    """Fraction of the *whole* model's parameter count to remove (Table 2's "-40%" is 0.4)."""
+    target_params: int | None = None
+    """Absolute parameter count of the compressed model, all parameters included (Table 3)."""
+
+    decomposition: str = "whitened"
+    """"plain": SVD of W (the paper's Vanilla SVD). "mean": eqs. (6)-(7) with X_rep the mean calibration input.
+    "whitened": the exact minimizer of eq. (5) with Z = 0, W_hat = H^-1/2 SVD_r(H^1/2 W)."""
+    allocation: str = "greedy"
+    """"uniform": the same retained fraction of parameters in every layer. "greedy": Algorithm 1 with eq. (9)."""
+    compensation: str = "lowrank"
+    """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
+    diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
+    z_fraction: float = 0.05
+    """Parameters of Z as a fraction of the layer's dense weight (paper: 5%). Counted in the budget."""
+    solver: str = "closed_form"
+    """How Z is fitted: "closed_form" (exact weighted least squares on the chosen support / rank) or "sgd"
+    (the paper: mini-batch gradient descent on eq. (10), every layer in parallel)."""
+
+    calib_samples: int = 1024
+    """Number of calibration images taken from the iterable (the paper's proxy dataset)."""
+    gamma: float = 80.0
+    """Decay of the exponential schedule, eq. (9)."""
+    greedy_iterations: int = 500
+    """Iterations of Algorithm 1 on the schedule; any remainder is then removed greedily in final steps."""
+    damping: float = 1e-4
+    """Added to the Gram matrix's diagonal, relative to its mean diagonal: keeps H^-1/2 finite when a feature is
+    dead or there are fewer tokens than features, and pulls unseen directions toward plain SVD."""
+
+    sgd_lr: float = 1e-3
+    """Learning rate of the SGD solver (Adam), Section 4.1."""
+    sgd_iterations: int = 2000
+    """Steps of the SGD solver."""
+    sgd_batch_size: int = 64
+    """Images per mini-batch of the SGD solver."""
+    sgd_tokens_per_image: int = 16
+    """Tokens kept per image (sampled at random) for the SGD solver's stored activations; bounds its memory."""
+
+    device: str | None = None
+    """Device for the calibration forward and the linear algebra; default: where the model is."""
+    seed: int = 0
+    """Seed for everything random (token sampling, SGD initialisation)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if (self.reduction is None) == (self.target_params is None):
+            raise ValueError("give exactly one of reduction (a fraction in (0, 1)) or target_params (a count)")
+        if self.reduction is not None:
+            if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)):
+                raise ValueError(f"reduction must be a number in (0, 1), got {self.reduction!r}")
+            if not 0.0 < float(self.reduction) < 1.0:
+                raise ValueError(f"reduction must lie strictly between 0 and 1, got {self.reduction}")
+            self.reduction = float(self.reduction)
+        if self.target_params is not None:
+            if isinstance(self.target_params, bool) or not isinstance(self.target_params, int):
+                raise ValueError(f"target_params must be an integer parameter count, got {self.target_params!r}")
+            if self.target_params <= 0:
+                raise ValueError(f"target_params must be positive, got {self.target_params}")
+        _check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_choice("compensation", self.compensation, COMPENSATIONS)
+        _check_choice("solver", self.solver, SOLVERS)
+        if not 0.0 <= self.z_fraction < 0.5:
+            raise ValueError(f"z_fraction must be in [0, 0.5), got {self.z_fraction}")
+        if self.compensation != "none" and self.z_fraction == 0.0:
+            raise ValueError(f"compensation={self.compensation!r} needs z_fraction > 0 (or use compensation='none')")
+        for name in ("calib_samples", "greedy_iterations", "sgd_iterations", "sgd_batch_size", "sgd_tokens_per_image"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be positive, got {self.gamma}")
+        if not self.sgd_lr > 0:
+            raise ValueError(f"sgd_lr must be positive, got {self.sgd_lr}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CompressionConfig field(s): {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,228 @@
+"""``compress``: calibration -> decomposition -> allocation -> compensation -> layer swap, and its report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_vit.adapters import count_params, get_adapter
+from lowrank_vit.allocate import Allocation, LayerBudget, allocate_greedy, allocate_uniform, check_feasible
+from lowrank_vit.calibration import LayerStats, collect_statistics
+from lowrank_vit.compensate import (CompensationProblem, SGDTask, closed_form_z, fit_sgd, init_z_for_sgd,
+                                    z_param_count)
+from lowrank_vit.config import CompressionConfig
+from lowrank_vit.decompose import (Decomposition, damped_gram_roots, mean_input_svd, plain_svd, weighted_error,
+                                   whitened_svd)
+from lowrank_vit.factorized import FactorizedLinear
+from lowrank_vit.progress import progress_bar
+from lowrank_vit.surgery import swap_layers
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int | None
+    """``None``: the allocation left the layer dense."""
+    z_params: int
+    dense_params: int
+    factored_params: int
+    """Parameters of the layer's weight after compression (U, V and Z; the dense count if left dense)."""
+    energy_loss: float
+    """Normalized energy loss of the kept spectrum (what the allocation minimized)."""
+    output_error_lowrank: float
+    """Eq. (5) on the calibration images with U V^T alone."""
+    output_error: float
+    """Eq. (5) on the calibration images with U V^T + Z (the layer as it is now)."""
+
+
+@dataclass
+class CompressionReport:
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    target_params: int
+    layers: list[LayerReport]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    sgd_loss: dict[str, list[float]] = field(default_factory=dict)
+    """Per-layer loss of the SGD solver at every step (empty for the closed form)."""
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    @property
+    def reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["reduction"] = self.reduction
+        out["sgd_loss"] = {k: v[-1] for k, v in self.sgd_loss.items()}  # final loss only: keep the JSON small
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        lines = [f"{'layer':40s} {'rank':>5s} {'params':>10s} {'energy':>8s} {'err(UV)':>8s} {'err':>8s}"]
+        for lr in self.layers:
+            rank = "dense" if lr.rank is None else str(lr.rank)
+            lines.append(f"{lr.name:40s} {rank:>5s} {lr.factored_params:>10,d} {lr.energy_loss:8.4f} "
+                         f"{lr.output_error_lowrank:8.4f} {lr.output_error:8.4f}")
+        lines.append(f"params {self.params_before:,} -> {self.params_after:,} (-{100 * self.reduction:.1f}%, "
+                     f"target {self.target_params:,})")
+        return "\n".join(lines)
+
+
+def _target_total(cfg: CompressionConfig, params_before: int) -> int:
+    if cfg.target_params is not None:
+        if cfg.target_params >= params_before:
+            raise ValueError(f"target_params={cfg.target_params:,} is not below the model's {params_before:,} "
+                             "parameters")
+        return cfg.target_params
+    return round((1.0 - cfg.reduction) * params_before)
+
+
+def _decompose(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
+               roots: tuple[torch.Tensor, torch.Tensor]) -> Decomposition:
+    if cfg.decomposition == "plain":
+        return plain_svd(weight)
+    if cfg.decomposition == "mean":
+        return mean_input_svd(weight, stats.mean_input)
+    return whitened_svd(weight, *roots)
+
+
+def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
+             **overrides: Any) -> CompressionReport:
+    """Compress ``model`` in place: every block linear becomes ``U V^T + Z`` (or stays dense where the allocation
+    says so), so that the whole model holds ``config``'s target number of parameters.
+
+    Args:
+        model: a timm ViT, DeiT or Swin (any size, input resolution, patch size, channels).
+        calib_images: iterable of batches: image tensors (B, C, H, W), (images, labels) tuples or dicts with an
+            "image" tensor, already preprocessed for the model. ``config.calib_samples`` images are used.
+        config: what to do; ``overrides`` are applied on top (``compress(m, data, reduction=0.5)``).
+
+    Returns:
+        A :class:`CompressionReport`.
+    """
+    if config is None:
+        config = CompressionConfig(**overrides)
+    elif overrides:
+        config = CompressionConfig.from_dict({**config.to_dict(), **overrides})
+    cfg = config
+    adapter = get_adapter(model)
+    layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
+    if not layers:
+        raise ValueError("the model holds no dense compressible layer (already compressed?); compress a dense model")
+    for name, layer in layers.items():
+        if not torch.isfinite(layer.weight).all():
+            raise ValueError(f"layer {name} has NaN or inf weights")
+    params_before = count_params(model)
+    target_total = _target_total(cfg, params_before)
+    compressible = sum(layer.weight.numel() for layer in layers.values())
+    budget = target_total - (params_before - compressible)
+    z_kind = cfg.compensation
+    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    timings: dict[str, float] = {}
+
+    budgets_meta = {name: z_param_count(z_kind, l.in_features, l.out_features, cfg.z_fraction)
+                    for name, l in layers.items()}
+    # Fail on an impossible target before the (long) calibration pass.
+    probe = [LayerBudget(n, l.in_features, l.out_features, budgets_meta[n], torch.zeros(1))
+             for n, l in layers.items()]
+    check_feasible(probe, budget)
+
+    start = time.perf_counter()
+    use_sgd = cfg.solver == "sgd" and z_kind != "none"
+    stats = collect_statistics(model, layers, calib_images, cfg.calib_samples, want_mean=cfg.decomposition == "mean",
+                               sample_tokens=cfg.sgd_tokens_per_image if use_sgd else 0, device=device,
+                               progress=cfg.progress, seed=cfg.seed)
+    timings["calibration"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    roots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    decompositions: dict[str, Decomposition] = {}
+    with progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
+        for name, layer in layers.items():
+            roots[name] = damped_gram_roots(stats[name].gram, cfg.damping)
+            weight = layer.weight.detach().to(device).double().T
+            decompositions[name] = _decompose(cfg, weight, stats[name], roots[name])
+            bar.update(1)
+    timings["decomposition"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    budgets = [LayerBudget(name, l.in_features, l.out_features, budgets_meta[name],
+                           decompositions[name].energy_losses().cpu()) for name, l in layers.items()]
+    tolerance = int(0.0005 * target_total)
+    if cfg.allocation == "greedy":
+        allocation: Allocation = allocate_greedy(budgets, budget, cfg.gamma, cfg.greedy_iterations, tolerance)
+    else:
+        allocation = allocate_uniform(budgets, budget)
+    timings["allocation"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    new_layers: dict[str, FactorizedLinear] = {}
+    residuals: dict[str, torch.Tensor] = {}
+    sgd_tasks: dict[str, SGDTask] = {}
+    for name, layer in layers.items():
+        rank = allocation.ranks[name]
+        if rank is None:
+            continue
+        weight = layer.weight.detach().to(device).double().T
+        U, V = decompositions[name].factors(rank)
+        residual = weight - U @ V.T
+        residuals[name] = residual
+        z = None
+        if z_kind != "none":
+            s = stats[name]
+            damped = roots[name][0] @ roots[name][0]
+            problem = CompensationProblem(residual, damped, *roots[name])
+            if use_sgd:
+                z = init_z_for_sgd(z_kind, problem, budgets_meta[name], generator).float().to(device)
+                inputs = s.samples.to(device)
+                targets = (inputs.double() @ residual).float()
+                sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
+            else:
+                z = closed_form_z(z_kind, problem, budgets_meta[name])
+        dtype = layer.weight.dtype
+        bias = None if layer.bias is None else layer.bias.detach()
+        new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
+        new_layers[name] = new.to(device)
+    sgd_history = {}
+    if sgd_tasks:
+        sgd_history = fit_sgd(sgd_tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations, batch_size=cfg.sgd_batch_size,
+                              seed=cfg.seed, progress=cfg.progress)
+        for name, task in sgd_tasks.items():
+            new_layers[name].z = task.z.to(layers[name].weight.dtype)
+    timings["compensation"] = time.perf_counter() - start
+
+    reports = []
+    for name, layer in layers.items():
+        rank = allocation.ranks[name]
+        s = stats[name]
+        if rank is None:
+            err_lr = err = 0.0
+            params = layer.weight.numel()
+        else:
+            new = new_layers[name]
+            err_lr = weighted_error(residuals[name], s.gram, s.num_images)
+            weight = layer.weight.detach().to(device).double().T
+            err = weighted_error(weight - new.dense_weight().detach().double(), s.gram, s.num_images)
+            params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
+        reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
+                                   budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,
+                                   decompositions[name].energy_loss(rank) if rank is not None else 0.0, err_lr, err))
+
+    swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
+    params_after = count_params(model)
+    return CompressionReport(cfg.to_dict(), params_before, params_after, target_total, reports, timings, sgd_history)

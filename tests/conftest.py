@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny timm models built with pretrained=False, and calibration data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def make_tiny_vit(seed: int = 0, **overrides):
+    """A 28x28 single-channel ViT (16 patches + cls token), about 27k parameters."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides}).eval()
+
+
+def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
+    """Smooth random images (low-frequency noise), so patch tokens are correlated like natural ones."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, channels, max(size // 7, 2), max(size // 7, 2), generator=g)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture
+def tiny_vit():
+    return make_tiny_vit()
+
+
+@pytest.fixture
+def calib_batches():
+    images = make_images(64)
+    return [images[i: i + 16] for i in range(0, 64, 16)]

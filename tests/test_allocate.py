@@ -1,0 +1,76 @@
+"""Rank allocation (Section 3.2, Algorithm 1, eq. 9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowrank_vit.allocate import LayerBudget, allocate_greedy, allocate_uniform, schedule
+
+
+def make_layers(seed: int = 0) -> list[LayerBudget]:
+    """Layers with very different spectra: some compress easily, some do not."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (k, m) in enumerate([(64, 192), (64, 64), (64, 256), (256, 64)] * 3):
+        p = min(k, m)
+        decay = 0.02 + 0.5 * torch.rand(1, generator=g).item()
+        s = torch.exp(-decay * torch.arange(p, dtype=torch.float64))
+        energy = s.pow(2)
+        tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)]) / energy.sum()
+        layers.append(LayerBudget(f"layer{i}", k, m, z_params=(k + m) * 2, energy_losses=tail))
+    return layers
+
+
+def total_loss(layers, ranks):
+    return sum(layer.loss(ranks[layer.name]) for layer in layers)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_greedy_meets_target_and_beats_uniform(fraction):
+    layers = make_layers()
+    budget = int(fraction * sum(layer.dense_params for layer in layers))
+    greedy = allocate_greedy(layers, budget, tolerance=0)
+    uniform = allocate_uniform(layers, budget)
+    for allocation in (greedy, uniform):
+        spent = sum(layer.params(allocation.ranks[layer.name]) for layer in layers)
+        assert spent == allocation.params
+        assert budget - max(layer.rank_step for layer in layers) < spent <= budget
+    assert total_loss(layers, greedy.ranks) < total_loss(layers, uniform.ranks)
+
+
+def test_greedy_is_mixed_rank_and_follows_the_schedule():
+    layers = make_layers()
+    budget = int(0.4 * sum(layer.dense_params for layer in layers))
+    greedy = allocate_greedy(layers, budget, gamma=80, iterations=500)
+    ranks_by_shape = {}
+    for layer in layers:
+        ranks_by_shape.setdefault((layer.in_features, layer.out_features), set()).add(greedy.ranks[layer.name])
+    assert any(len(r) > 1 for r in ranks_by_shape.values())  # same shape, different ranks: mixed rank
+    start = sum(layer.dense_params for layer in layers)
+    for entry in greedy.trace:  # never ahead of eq. (9) by more than one cut
+        if entry["step"] <= 500:
+            goal = schedule(entry["step"], start, budget, 80)
+            assert entry["params"] <= goal
+    assert schedule(0, 1000, 400, 80) == 1000
+    assert schedule(80, 1000, 400, 80) == pytest.approx(400 + 600 * math.exp(-1))
+
+
+def test_uniform_keeps_the_same_fraction_everywhere():
+    layers = make_layers()
+    budget = int(0.5 * sum(layer.dense_params for layer in layers))
+    ranks = allocate_uniform(layers, budget).ranks
+    fractions = [layer.params(ranks[layer.name]) / layer.dense_params for layer in layers]
+    step = max(layer.rank_step / layer.dense_params for layer in layers)
+    assert max(fractions) - min(fractions) <= 2 * step
+
+
+def test_unreachable_targets_raise():
+    layers = make_layers()
+    full = sum(layer.dense_params for layer in layers)
+    with pytest.raises(ValueError, match="nothing to compress"):
+        allocate_greedy(layers, full)
+    with pytest.raises(ValueError, match="unreachable"):
+        allocate_uniform(layers, 10)
