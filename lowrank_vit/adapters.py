@@ -103,10 +103,20 @@ class TimmViTAdapter:
             if hasattr(model, "no_embed_class"):
                 kwargs["no_embed_class"] = bool(model.no_embed_class)
         fc1 = blocks[0].mlp.fc1
-        in_dim = fc1.in_features
-        kwargs["mlp_ratio"] = fc1.out_features / in_dim
-        if isinstance(first_qkv, nn.Linear):
+        kwargs["mlp_ratio"] = fc1.out_features / fc1.in_features
+        if first_qkv is not None:  # nn.Linear or FactorizedLinear: both keep the bias as ``bias``
             kwargs["qkv_bias"] = first_qkv.bias is not None
+        # Options that add or remove parameters; their values are overwritten by the saved weights anyway.
+        if hasattr(blocks[0], "ls1") and hasattr(blocks[0].ls1, "gamma"):
+            kwargs["init_values"] = 1e-5
+        if not isinstance(getattr(blocks[0].attn, "q_norm", nn.Identity()), nn.Identity):
+            kwargs["qk_norm"] = True
+        if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
+            kwargs["pre_norm"] = True
+        if not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity):
+            kwargs["fc_norm"] = True
+        if hasattr(model, "pos_embed") and model.pos_embed is None and "depths" not in kwargs:
+            kwargs["pos_embed"] = "none"
         return ModelSpec(architecture, kwargs)
 
     def build(self, spec: ModelSpec) -> nn.Module:

@@ -106,7 +106,7 @@ def allocate_uniform(layers: list[LayerBudget], budget: int) -> Allocation:
         return out
 
     def cost(f: float) -> int:
-        return sum(layer.params(r) for layer, r in zip(layers, ranks_for(f).values()))
+        return sum(layer.params(r) for layer, r in zip(layers, ranks_for(f).values(), strict=True))
 
     lo, hi = 0.0, 1.0
     for _ in range(60):

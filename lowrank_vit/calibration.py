@@ -106,8 +106,8 @@ def collect_statistics(
     device = device or next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, object] = {"batch": 0}
-    grams = {name: torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=device)
-             for name, l in layers.items()}
+    grams = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=device)
+             for name, layer in layers.items()}
     mean_sums: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     sample_weights: dict[str, list[torch.Tensor]] = {name: [] for name in layers}

@@ -2,7 +2,7 @@
 
 Eq. (10) is a weighted least-squares problem: sum_i w_i ||X_i (Z - R)||_F^2 = tr((Z - R)^T H (Z - R)) with the same
 weighted Gram matrix H as eq. (5). So:
-  * low-rank Z = G Y^T: the best rank-q fit is ``H^{-1/2} SVD_q(H^{1/2} R)`` (exact);
+  * low-rank Z = G Y^T: the best rank-q fit is ``A^-1 SVD_q(A R)`` with A^T A = H (exact);
   * Z on a fixed support (sparse, diagonal band, whole rows): for every output column j the optimal values on its
     support S_j are ``H[S_j, S_j]^{-1} (H R)[S_j, j]`` (exact for that support; the support itself is chosen by the
     single-entry error reduction ``(H R)_ij^2 / H_ii``, a greedy heuristic).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowrank_vit.decompose import truncated_svd
+from lowrank_vit.decompose import Whitening, truncated_svd
 from lowrank_vit.factorized import LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.progress import progress_bar
 
@@ -83,12 +83,8 @@ class CompensationProblem:
 
     residual: torch.Tensor
     """R = W - U V^T, (k, m) float64."""
-    gram: torch.Tensor
-    """Damped weighted Gram matrix H, (k, k) float64 (used by the closed forms)."""
-    gram_root: torch.Tensor
-    """H^{1/2}."""
-    gram_inv_root: torch.Tensor
-    """H^{-1/2}."""
+    white: Whitening
+    """The damped weighted Gram matrix H and its square root."""
 
 
 def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.Module:
@@ -97,14 +93,14 @@ def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.
     k, m = R.shape
     if kind == "lowrank":
         q = z_params // (k + m)
-        P, s, Rv = truncated_svd(problem.gram_root @ R)
+        P, s, Rv = truncated_svd(problem.white.apply(R))
         root = s[:q].sqrt()
         z = LowRankZ(k, m, q)
         with torch.no_grad():
-            z.G.copy_(problem.gram_inv_root @ P[:, :q] * root)
+            z.G.copy_(problem.white.solve(P[:, :q]) * root)
             z.Y.copy_(Rv[:, :q] * root)
         return z
-    H = problem.gram
+    H = problem.white.gram
     HR = H @ R
     gain = HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]
     if kind == "structured":

@@ -61,31 +61,64 @@ class Decomposition:
         return U, V
 
 
-def damped_gram_roots(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """H^{1/2} and H^{-1/2} of the damped Gram matrix ``H + damping * mean(diag H) * I``.
+@dataclass
+class Whitening:
+    """A square root of the damped Gram matrix, ``H_d = H + damping * mean(diag H) * I = A^T A``.
 
-    H may be singular (a dead feature, fewer tokens than features); the damping, plus a floor on the eigenvalues
-    relative to the largest one, keeps both roots finite. Never returns NaN.
+    Any A with A^T A = H_d turns eq. (5) into a plain Frobenius problem, ||A (W_hat - W)||_F^2 = tr(dW^T H_d dW), so
+    the Cholesky factor (A = L^T, fast and stable) is used; when H_d is not numerically positive definite (no
+    damping and a dead feature), the symmetric root from an eigendecomposition with floored eigenvalues is used.
     """
+
+    gram: torch.Tensor
+    """The damped H_d, float64 (k, k)."""
+    root: torch.Tensor
+    """A (k, k)."""
+    triangular: bool
+    """A is upper triangular (Cholesky) rather than symmetric (eigen root)."""
+    inv_root: torch.Tensor | None = None
+    """A^-1 for the symmetric root; the triangular root is inverted by triangular solves instead."""
+
+    def apply(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A @ matrix."""
+        return self.root @ matrix
+
+    def solve(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A^-1 @ matrix."""
+        if self.triangular:
+            return torch.linalg.solve_triangular(self.root, matrix, upper=True)
+        return self.inv_root @ matrix
+
+
+def whitening(gram: torch.Tensor, damping: float) -> Whitening:
+    """The :class:`Whitening` of a weighted Gram matrix. H may be singular (a dead feature, fewer tokens than
+    features): the damping, or the eigenvalue floor of the fallback, keeps every factor finite. Never NaN."""
     H = gram.double()
     k = H.shape[0]
-    scale = float(torch.diagonal(H).mean())
     if not torch.isfinite(H).all():
         raise ValueError("the Gram matrix contains NaN or inf")
+    eye = torch.eye(k, dtype=torch.float64, device=H.device)
+    scale = float(torch.diagonal(H).mean())
     if scale <= 0.0:  # the layer never saw a non-zero input: fall back to the identity (plain SVD)
-        eye = torch.eye(k, dtype=torch.float64, device=H.device)
-        return eye, eye
-    H = H + damping * scale * torch.eye(k, dtype=torch.float64, device=H.device)
+        return Whitening(eye.clone(), eye, triangular=True)
+    H = H + damping * scale * eye
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0 and torch.isfinite(L).all() and float(torch.diagonal(L).min()) > 0:
+        return Whitening(H, L.T.contiguous(), triangular=True)
     evals, evecs = torch.linalg.eigh(H)
-    floor = evals.max() * 1e-12
-    evals = evals.clamp_min(floor)
+    evals = evals.clamp_min(evals.max() * 1e-12)
     root = evals.sqrt()
-    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+    return Whitening(H, (evecs * root) @ evecs.T, triangular=False, inv_root=(evecs / root) @ evecs.T)
 
 
 def truncated_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``matrix = P diag(s) R^T`` in float64."""
-    P, s, Rh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    """Thin SVD ``matrix = P diag(s) R^T`` in float64 (LAPACK is much faster on tall matrices: wide ones are
+    transposed first)."""
+    matrix = matrix.double()
+    if matrix.shape[0] < matrix.shape[1]:
+        R, s, Ph = torch.linalg.svd(matrix.T, full_matrices=False)
+        return Ph.T, s, R
+    P, s, Rh = torch.linalg.svd(matrix, full_matrices=False)
     return P, s, Rh.T
 
 
@@ -95,14 +128,14 @@ def plain_svd(weight: torch.Tensor) -> Decomposition:
     return Decomposition(P, R, s)
 
 
-def whitened_svd(weight: torch.Tensor, gram_root: torch.Tensor, gram_inv_root: torch.Tensor) -> Decomposition:
-    """Exact minimizer of eq. (5) with Z = 0: ``W_hat = H^{-1/2} SVD_r(H^{1/2} W)``.
+def whitened_svd(weight: torch.Tensor, white: Whitening) -> Decomposition:
+    """Exact minimizer of eq. (5) with Z = 0: ``W_hat = A^-1 SVD_r(A W)`` with A^T A = H (e.g. A = H^{1/2}).
 
-    Its energy loss at rank r equals the calibration set's mean normalized output error of eq. (5), because
-    ||H^{1/2} (W_hat - W)||_F^2 = sum_i ||X_i (W_hat - W)||_F^2 / ||X_i W||_F^2.
+    Its energy loss at rank r equals the calibration set's mean normalized output error of eq. (5) (up to the
+    damping), because ||A (W_hat - W)||_F^2 = sum_i ||X_i (W_hat - W)||_F^2 / ||X_i W||_F^2.
     """
-    P, s, R = truncated_svd(gram_root @ weight.double())
-    return Decomposition(gram_inv_root @ P, R, s)
+    P, s, R = truncated_svd(white.apply(weight.double()))
+    return Decomposition(white.solve(P), R, s)
 
 
 def mean_input_svd(weight: torch.Tensor, mean_input: torch.Tensor) -> Decomposition:

@@ -14,11 +14,17 @@ from torch import nn
 from lowrank_vit.adapters import count_params, get_adapter
 from lowrank_vit.allocate import Allocation, LayerBudget, allocate_greedy, allocate_uniform, check_feasible
 from lowrank_vit.calibration import LayerStats, collect_statistics
-from lowrank_vit.compensate import (CompensationProblem, SGDTask, closed_form_z, fit_sgd, init_z_for_sgd,
-                                    z_param_count)
+from lowrank_vit.compensate import CompensationProblem, SGDTask, closed_form_z, fit_sgd, init_z_for_sgd, z_param_count
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.decompose import (Decomposition, damped_gram_roots, mean_input_svd, plain_svd, weighted_error,
-                                   whitened_svd)
+from lowrank_vit.decompose import (
+    Decomposition,
+    Whitening,
+    mean_input_svd,
+    plain_svd,
+    weighted_error,
+    whitened_svd,
+    whitening,
+)
 from lowrank_vit.factorized import FactorizedLinear
 from lowrank_vit.progress import progress_bar
 from lowrank_vit.surgery import swap_layers
@@ -92,12 +98,12 @@ def _target_total(cfg: CompressionConfig, params_before: int) -> int:
 
 
 def _decompose(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
-               roots: tuple[torch.Tensor, torch.Tensor]) -> Decomposition:
+               white: Whitening | None) -> Decomposition:
     if cfg.decomposition == "plain":
         return plain_svd(weight)
     if cfg.decomposition == "mean":
         return mean_input_svd(weight, stats.mean_input)
-    return whitened_svd(weight, *roots)
+    return whitened_svd(weight, white)
 
 
 def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
@@ -120,9 +126,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         config = CompressionConfig.from_dict({**config.to_dict(), **overrides})
     cfg = config
     adapter = get_adapter(model)
+    if any(isinstance(m, FactorizedLinear) for m in model.modules()):
+        raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
     layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
-    if not layers:
-        raise ValueError("the model holds no dense compressible layer (already compressed?); compress a dense model")
     for name, layer in layers.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"layer {name} has NaN or inf weights")
@@ -134,11 +140,11 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
     timings: dict[str, float] = {}
 
-    budgets_meta = {name: z_param_count(z_kind, l.in_features, l.out_features, cfg.z_fraction)
-                    for name, l in layers.items()}
+    budgets_meta = {name: z_param_count(z_kind, layer.in_features, layer.out_features, cfg.z_fraction)
+                    for name, layer in layers.items()}
     # Fail on an impossible target before the (long) calibration pass.
-    probe = [LayerBudget(n, l.in_features, l.out_features, budgets_meta[n], torch.zeros(1))
-             for n, l in layers.items()]
+    probe = [LayerBudget(name, layer.in_features, layer.out_features, budgets_meta[name], torch.zeros(1))
+             for name, layer in layers.items()]
     check_feasible(probe, budget)
 
     start = time.perf_counter()
@@ -149,19 +155,20 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    roots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    whitenings: dict[str, Whitening] = {}
     decompositions: dict[str, Decomposition] = {}
     with progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
         for name, layer in layers.items():
-            roots[name] = damped_gram_roots(stats[name].gram, cfg.damping)
+            if cfg.decomposition == "whitened" or z_kind != "none":  # only these need H's square root
+                whitenings[name] = whitening(stats[name].gram, cfg.damping)
             weight = layer.weight.detach().to(device).double().T
-            decompositions[name] = _decompose(cfg, weight, stats[name], roots[name])
+            decompositions[name] = _decompose(cfg, weight, stats[name], whitenings.get(name))
             bar.update(1)
     timings["decomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    budgets = [LayerBudget(name, l.in_features, l.out_features, budgets_meta[name],
-                           decompositions[name].energy_losses().cpu()) for name, l in layers.items()]
+    budgets = [LayerBudget(name, layer.in_features, layer.out_features, budgets_meta[name],
+                           decompositions[name].energy_losses().cpu()) for name, layer in layers.items()]
     tolerance = int(0.0005 * target_total)
     if cfg.allocation == "greedy":
         allocation: Allocation = allocate_greedy(budgets, budget, cfg.gamma, cfg.greedy_iterations, tolerance)
@@ -185,8 +192,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         z = None
         if z_kind != "none":
             s = stats[name]
-            damped = roots[name][0] @ roots[name][0]
-            problem = CompensationProblem(residual, damped, *roots[name])
+            problem = CompensationProblem(residual, whitenings[name])
             if use_sgd:
                 z = init_z_for_sgd(z_kind, problem, budgets_meta[name], generator).float().to(device)
                 inputs = s.samples.to(device)

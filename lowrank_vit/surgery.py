@@ -88,10 +88,14 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     plan = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture, "model_kwargs": kwargs,
             "layers": layers, "quantization": record, "metadata": metadata or {}}
+    try:
+        plan_text = json.dumps(plan, indent=2)  # before touching the directory: a bad metadata must not cost data
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save_compressed: metadata is not JSON-serializable: {exc}") from None
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(out / PLAN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=2)))
+    _atomic_write(out / PLAN_FILE, lambda tmp: Path(tmp).write_text(plan_text))
     return out
 
 
@@ -111,10 +115,21 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{plan_file} is not a lowrank_vit plan (format field missing or wrong)")
     if plan.get("version") != FORMAT_VERSION:
         raise ValueError(f"{plan_file} has format version {plan.get('version')}, this library reads {FORMAT_VERSION}")
-    for key in ("architecture", "model_kwargs", "layers"):
-        if key not in plan:
-            raise ValueError(f"{plan_file} is incomplete: no {key!r}")
+    for key, kind in (("architecture", str), ("model_kwargs", dict), ("layers", dict), ("quantization", dict)):
+        if not isinstance(plan.get(key), kind):
+            raise ValueError(f"{plan_file} is malformed: {key!r} is missing or not a {kind.__name__}")
+    for fqn, spec in plan["layers"].items():
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(f), int) and not isinstance(spec.get(f), bool)
+                                                 for f in ("in_features", "out_features", "rank")):
+            raise ValueError(f"{plan_file} is malformed: layer {fqn} needs integer in_features, out_features, rank")
+        z = spec.get("z")
+        if z is not None and not isinstance(z, dict):
+            raise ValueError(f"{plan_file} is malformed: layer {fqn} has a bad 'z' entry")
     return plan
+
+
+def plan_file_of(directory: Path) -> Path:
+    return directory / PLAN_FILE
 
 
 def load_compressed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -144,7 +159,10 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
                                                                                          spec["out_features"]):
             raise ValueError(f"saved layer {fqn} ({spec['in_features']}->{spec['out_features']}) does not match "
                              f"{old} in {plan['architecture']}: mismatched model")
-        set_submodule(model, fqn, FactorizedLinear.from_spec(spec))
+        try:
+            set_submodule(model, fqn, FactorizedLinear.from_spec(spec))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{plan_file_of(directory)} is malformed: layer {fqn}: {exc}") from None
 
     record = plan.get("quantization") or {}
     for name, info in record.items():

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit.compensate import (CompensationProblem, SGDTask, closed_form_z, diagonal_support, fit_sgd,
-                                    init_z_for_sgd, z_param_count)
-from lowrank_vit.decompose import damped_gram_roots, plain_svd, weighted_error, whitened_svd
+from lowrank_vit.compensate import (
+    CompensationProblem,
+    SGDTask,
+    closed_form_z,
+    diagonal_support,
+    fit_sgd,
+    init_z_for_sgd,
+    z_param_count,
+)
+from lowrank_vit.decompose import plain_svd, weighted_error, whitened_svd, whitening
 
 from test_decompose import gram_of, synthetic_layer
 
@@ -17,8 +24,7 @@ def setup_problem(rank: int = 6, k: int = 32, m: int = 24, n: int = 256, tokens:
     H = gram_of(images, W)
     U, V = plain_svd(W).factors(rank)  # plain SVD leaves a residual that Z can reduce
     R = W - U @ V.T
-    S, S_inv = damped_gram_roots(H, damping=0.0)
-    return images, W, H, R, CompensationProblem(R, H, S, S_inv)
+    return images, W, H, R, CompensationProblem(R, whitening(H, damping=0.0))
 
 
 def eq10(images, W, R, Z) -> float:
@@ -61,11 +67,11 @@ def test_lowrank_z_after_whitened_svd_equals_a_higher_rank_svd():
     """NOTES.md: after an exact whitened SVD of rank r, a rank-q Z adds nothing beyond a rank r+q SVD."""
     images, W = synthetic_layer()
     H = gram_of(images, W)
-    S, S_inv = damped_gram_roots(H, damping=0.0)
-    d = whitened_svd(W, S, S_inv)
+    white = whitening(H, damping=0.0)
+    d = whitened_svd(W, white)
     U, V = d.factors(6)
     R = W - U @ V.T
-    z = closed_form_z("lowrank", CompensationProblem(R, H, S, S_inv), 3 * sum(W.shape))
+    z = closed_form_z("lowrank", CompensationProblem(R, white), 3 * sum(W.shape))
     U9, V9 = d.factors(9)
     err_z = weighted_error(U @ V.T + z.dense().double() - W, H, images.shape[0])
     assert err_z == pytest.approx(weighted_error(U9 @ V9.T - W, H, images.shape[0]), rel=1e-6)
@@ -103,6 +109,6 @@ def test_sgd_trains_sparse_kinds_toward_closed_form(kind):
 
 def test_diagonal_support_is_a_wrapped_band():
     rows, cols = diagonal_support(4, 6, 2)
-    pairs = set(zip(rows.tolist(), cols.tolist()))
+    pairs = set(zip(rows.tolist(), cols.tolist(), strict=True))
     assert len(pairs) == 12
     assert {(j % 4, j) for j in range(6)} <= pairs and {((j + 1) % 4, j) for j in range(6)} <= pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit.decompose import damped_gram_roots, mean_input_svd, plain_svd, weighted_error, whitened_svd
+from lowrank_vit.decompose import mean_input_svd, plain_svd, weighted_error, whitened_svd, whitening
 
 
 def synthetic_layer(k: int = 48, m: int = 40, tokens: int = 12, n: int = 400, seed: int = 0):
@@ -37,8 +37,7 @@ def reconstruct(decomposition, rank):
 
 def test_full_rank_whitened_reproduces_outputs():
     images, W = synthetic_layer()
-    S, S_inv = damped_gram_roots(gram_of(images, W), damping=1e-4)
-    d = whitened_svd(W, S, S_inv)
+    d = whitened_svd(W, whitening(gram_of(images, W), damping=1e-4))
     W_hat = reconstruct(d, min(W.shape))
     assert torch.allclose(images @ W_hat, images @ W, atol=1e-8)
     assert d.energy_loss(min(W.shape)) == pytest.approx(0.0, abs=1e-12)
@@ -48,8 +47,7 @@ def test_whitened_energy_loss_equals_eq5_on_calibration_set():
     """The spectrum of H^{1/2} W measures exactly the calibration objective: what Algorithm 1 needs."""
     images, W = synthetic_layer()
     H = gram_of(images, W)
-    S, S_inv = damped_gram_roots(H, damping=0.0)
-    d = whitened_svd(W, S, S_inv)
+    d = whitened_svd(W, whitening(H, damping=0.0))
     for rank in (2, 8, 20):
         W_hat = reconstruct(d, rank)
         assert eq5(images, W, W_hat) == pytest.approx(d.energy_loss(rank), rel=1e-6)
@@ -60,9 +58,9 @@ def test_whitened_energy_loss_equals_eq5_on_calibration_set():
 def test_whitened_beats_plain_and_mean_on_held_out_samples(rank):
     images, W = synthetic_layer(n=600)
     train, held_out = images[:300], images[300:]
-    S, S_inv = damped_gram_roots(gram_of(train, W), damping=1e-4)
+    white = whitening(gram_of(train, W), damping=1e-4)
     errors = {
-        "whitened": eq5(held_out, W, reconstruct(whitened_svd(W, S, S_inv), rank)),
+        "whitened": eq5(held_out, W, reconstruct(whitened_svd(W, white), rank)),
         "plain": eq5(held_out, W, reconstruct(plain_svd(W), rank)),
         "mean": eq5(held_out, W, reconstruct(mean_input_svd(W, train.mean(dim=0)), rank)),
     }
@@ -89,10 +87,27 @@ def test_energy_losses_curve_matches_pointwise():
     assert torch.all(curve[:-1] >= curve[1:])
 
 
-def test_rank_deficient_gram_gives_finite_roots():
+@pytest.mark.parametrize("damping", [1e-4, 0.0])
+def test_rank_deficient_gram_gives_finite_whitening(damping):
     x = torch.randn(5, 32, dtype=torch.float64)  # 5 tokens, 32 features: rank 5
     x[:, 3] = 0.0  # a dead feature
-    S, S_inv = damped_gram_roots(x.T @ x, damping=1e-4)
-    assert torch.isfinite(S).all() and torch.isfinite(S_inv).all()
-    S0, S0_inv = damped_gram_roots(torch.zeros(8, 8, dtype=torch.float64), damping=1e-4)
-    assert torch.equal(S0, torch.eye(8, dtype=torch.float64))
+    white = whitening(x.T @ x, damping=damping)
+    assert white.triangular == (damping > 0)  # without damping Cholesky fails and the eigen root takes over
+    W = torch.randn(32, 16, dtype=torch.float64)
+    d = whitened_svd(W, white)
+    for rank in (1, 5, 16):
+        U, V = d.factors(rank)
+        assert torch.isfinite(U).all() and torch.isfinite(V).all()
+    # 5 directions seen, 5 kept: exact on them without damping; damping trades a little of it for unseen directions.
+    rel = float((x @ (reconstruct(d, 5) - W)).norm() / (x @ W).norm())
+    assert rel < (1e-6 if damping == 0 else 1e-2)
+    zero = whitening(torch.zeros(8, 8, dtype=torch.float64), damping=1e-4)
+    assert torch.equal(zero.apply(torch.eye(8, dtype=torch.float64)), torch.eye(8, dtype=torch.float64))
+
+
+def test_whitening_root_squares_to_damped_gram():
+    x = torch.randn(50, 16, dtype=torch.float64)
+    white = whitening(x.T @ x, damping=1e-3)
+    assert torch.allclose(white.root.T @ white.root, white.gram, atol=1e-9)
+    assert torch.allclose(white.solve(white.apply(torch.eye(16, dtype=torch.float64))),
+                          torch.eye(16, dtype=torch.float64), atol=1e-9)

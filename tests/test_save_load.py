@@ -1,0 +1,608 @@
+"""save_compressed / load_compressed: exact round trips (in this process and in a fresh one), the on-disk format
+(safetensors + JSON plan, nothing pickled), and clear errors for missing, corrupted or mismatched files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank_vit import (
+    CompressionConfig,
+    FactorizedLinear,
+    LowRankZ,
+    RowSparseZ,
+    SparseZ,
+    compress,
+    load_compressed,
+    quantize_,
+    save_compressed,
+)
+
+from conftest import make_images, make_tiny_vit
+
+PLAN = "lowrank_vit.json"
+WEIGHTS = "model.safetensors"
+PLAN_KEYS = {"format", "version", "architecture", "model_kwargs", "layers", "quantization", "metadata"}
+Z_TYPES = {"none": type(None), "lowrank": LowRankZ, "diagonal": SparseZ, "sparse": SparseZ, "structured": RowSparseZ}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with other jobs OpenMP's
+    spin-waiting can turn a 0.1 s compression into several seconds. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def cfg(**kwargs) -> CompressionConfig:
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("reduction", 0.4)
+    return CompressionConfig(**kwargs)
+
+
+def compressed_vit(seed: int = 0, **config) -> nn.Module:
+    model = make_tiny_vit(seed=seed)
+    compress(model, [make_images(32, seed=seed + 100)], cfg(**config))
+    return model
+
+
+@torch.no_grad()
+def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model.eval()(images)
+
+
+def assert_same_model(loaded: nn.Module, original: nn.Module, images: torch.Tensor) -> None:
+    assert type(loaded) is type(original)
+    assert not loaded.training
+    specs = {n: m.spec() for n, m in original.named_modules() if isinstance(m, FactorizedLinear)}
+    assert specs, "the original model should hold factorized layers"
+    assert {n: m.spec() for n, m in loaded.named_modules() if isinstance(m, FactorizedLinear)} == specs
+    for name, module in original.named_modules():
+        if isinstance(module, FactorizedLinear):
+            assert type(loaded.get_submodule(name).z) is type(module.z)
+    ref = logits(original, images)
+    out = logits(loaded, images)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), float((out - ref).abs().max())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Round trips
+
+
+def tiny_swin() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+                             window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=5).eval()
+
+
+def tiny_distilled_deit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    # num_classes=10: with timm's 1000 classes the two heads hold most of the parameters, too many to reach -40%.
+    return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+
+
+def test_in_process_round_trip(tmp_path):
+    model = compressed_vit()
+    images = make_images(8, seed=5)
+    before = logits(model, images)
+    out = save_compressed(model, tmp_path / "saved")
+    assert out == tmp_path / "saved"
+    loaded = load_compressed(out)
+    assert_same_model(loaded, model, images)
+    assert torch.equal(logits(model, images), before), "saving must not change the model"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_resave_of_loaded_model_is_identical(tmp_path):
+    model = compressed_vit()
+    save_compressed(model, tmp_path / "a")
+    save_compressed(load_compressed(tmp_path / "a"), tmp_path / "b")
+    assert json.loads((tmp_path / "a" / PLAN).read_text()) == json.loads((tmp_path / "b" / PLAN).read_text())
+    first, second = load_file(str(tmp_path / "a" / WEIGHTS)), load_file(str(tmp_path / "b" / WEIGHTS))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("compensation", ["none", "lowrank", "diagonal", "sparse", "structured"])
+def test_round_trip_every_compensation(tmp_path, compensation):
+    model = compressed_vit(compensation=compensation)
+    save_compressed(model, tmp_path)
+    plan = json.loads((tmp_path / PLAN).read_text())
+    for spec in plan["layers"].values():
+        assert (spec["z"] is None) == (compensation == "none")
+        if spec["z"] is not None:
+            assert spec["z"]["kind"] == compensation
+    loaded = load_compressed(tmp_path)
+    for module in loaded.modules():
+        if isinstance(module, FactorizedLinear):
+            assert isinstance(module.z, Z_TYPES[compensation])
+    assert_same_model(loaded, model, make_images(8, seed=5))
+
+
+@pytest.mark.parametrize("compensation", ["lowrank", "sparse", "structured"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_trip_quantized(tmp_path, compensation, bits):
+    model = compressed_vit(compensation=compensation)
+    record = quantize_(model, bits=bits)
+    images = make_images(8, seed=5)
+    before = logits(model, images)
+    save_compressed(model, tmp_path)
+
+    plan = json.loads((tmp_path / PLAN).read_text())
+    assert plan["quantization"] == record
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+        for name in record:
+            assert name not in keys, f"{name} stored as floats although quantized"
+            codes = f.get_tensor(f"{name}:codes")
+            assert codes.dtype == torch.uint8
+            assert int(codes.max()) <= 2**bits - 1
+            assert f"{name}:scale" in keys and f"{name}:zero_point" in keys
+
+    loaded = load_compressed(tmp_path)
+    after = logits(loaded, images)
+    assert torch.allclose(after, before, atol=1e-5, rtol=0), float((after - before).abs().max())
+    assert loaded.lowrank_vit_quantization == record
+    for name in record:
+        assert torch.allclose(loaded.get_parameter(name), model.get_parameter(name), atol=1e-6, rtol=0), name
+
+
+def test_round_trip_quantized_including_dense(tmp_path):
+    model = compressed_vit()
+    quantize_(model, bits=8, include_dense=True)
+    assert "head.weight" in model.lowrank_vit_quantization
+    images = make_images(8, seed=5)
+    save_compressed(model, tmp_path)
+    assert torch.allclose(logits(load_compressed(tmp_path), images), logits(model, images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="conftest-28px-1ch"),
+        pytest.param({"img_size": 32, "patch_size": 4, "in_chans": 3, "depth": 3, "embed_dim": 24, "num_heads": 3},
+                     id="32px-3ch"),
+        pytest.param({"img_size": (28, 35), "num_classes": 3}, id="non-square"),
+        pytest.param({"mlp_ratio": 2.0, "qkv_bias": False}, id="mlp2-no-qkv-bias"),
+        pytest.param({"class_token": False, "global_pool": "avg"}, id="no-cls-avgpool"),
+        pytest.param({"reg_tokens": 2}, id="register-tokens"),
+        pytest.param({"no_embed_class": True}, id="no-embed-class"),
+    ],
+)
+def test_round_trip_custom_vit(tmp_path, overrides):
+    model = make_tiny_vit(**overrides)
+    in_chans = model.patch_embed.proj.in_channels
+    height, width = model.patch_embed.img_size
+    images = torch.nn.functional.interpolate(make_images(16, channels=in_chans), size=(height, width))
+    compress(model, [images], cfg())
+    save_compressed(model, tmp_path)
+    kwargs = json.loads((tmp_path / PLAN).read_text())["model_kwargs"]
+    assert kwargs["img_size"] == [height, width]
+    assert kwargs["in_chans"] == in_chans
+    assert kwargs["embed_dim"] == model.embed_dim
+    assert kwargs["depth"] == len(model.blocks)
+    assert_same_model(load_compressed(tmp_path), model, images[:4])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"init_values": 1e-5}, id="layerscale"),
+        pytest.param({"qk_norm": True}, id="qk-norm"),
+        pytest.param({"pre_norm": True}, id="pre-norm"),
+        pytest.param({"fc_norm": True}, id="fc-norm"),
+        pytest.param({"pos_embed": "none"}, id="no-pos-embed"),
+    ],
+)
+def test_round_trip_vit_constructor_overrides(tmp_path, overrides):
+    model = make_tiny_vit(**overrides)
+    images = make_images(16)
+    compress(model, [images], cfg())
+    save_compressed(model, tmp_path)
+    assert_same_model(load_compressed(tmp_path), model, images[:4])
+
+
+def test_round_trip_no_qkv_bias_partly_dense(tmp_path):
+    model = make_tiny_vit(qkv_bias=False)
+    images = make_images(32)
+    report = compress(model, [images], cfg(reduction=0.02))
+    assert report.ranks["blocks.0.attn.qkv"] is not None, "precondition: first qkv factorized"
+    assert report.ranks["blocks.1.attn.qkv"] is None, "precondition: a later qkv left dense"
+    save_compressed(model, tmp_path)
+    assert_same_model(load_compressed(tmp_path), model, images[:4])
+
+
+def test_round_trip_swin(tmp_path):
+    model = tiny_swin()
+    images = make_images(16, channels=3, size=32)
+    report = compress(model, [images], cfg(reduction=0.3))
+    assert any(name.startswith("layers.1.") for name, r in report.ranks.items() if r is not None)
+    save_compressed(model, tmp_path)
+    kwargs = json.loads((tmp_path / PLAN).read_text())["model_kwargs"]
+    assert kwargs["depths"] == [1, 1] and kwargs["num_heads"] == [1, 2] and kwargs["window_size"] == 4
+    assert_same_model(load_compressed(tmp_path), model, images[:4])
+
+
+def test_round_trip_distilled_deit(tmp_path):
+    model = tiny_distilled_deit()
+    images = make_images(16, channels=3, size=32)
+    compress(model, [images], cfg(reduction=0.3))
+    save_compressed(model, tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert loaded.dist_token is not None and loaded.head_dist is not None
+    assert_same_model(loaded, model, images[:4])
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+def test_round_trip_in_a_new_process(tmp_path):
+    """Save here, load in a fresh interpreter (nothing shared but the files), compare the logits there written."""
+    vit = compressed_vit()
+    quantized = compressed_vit(seed=1, compensation="sparse")
+    quantize_(quantized, bits=8)
+    swin = tiny_swin()
+    compress(swin, [make_images(16, channels=3, size=32)], cfg(reduction=0.3))
+    cases = {"vit": (vit, make_images(8, seed=7)), "quantized": (quantized, make_images(8, seed=8)),
+             "swin": (swin, make_images(8, channels=3, size=32, seed=9))}
+    expected = {}
+    for name, (model, images) in cases.items():
+        save_compressed(model, tmp_path / name)
+        save_file({"images": images}, str(tmp_path / f"{name}-images.safetensors"))
+        expected[name] = logits(model, images)
+
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        from lowrank_vit import load_compressed
+
+        root = Path(sys.argv[1])
+        for name in sys.argv[2:]:
+            model = load_compressed(root / name)
+            assert not model.training
+            images = load_file(str(root / f"{name}-images.safetensors"))["images"]
+            with torch.no_grad():
+                out = model(images)
+            save_file({"logits": out.contiguous()}, str(root / f"{name}-logits.safetensors"))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path), *cases], capture_output=True, text=True,
+                            env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, ref in expected.items():
+        out = load_file(str(tmp_path / f"{name}-logits.safetensors"))["logits"]
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (name, float((out - ref).abs().max()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The on-disk format
+
+
+def test_directory_contents_and_plan(tmp_path):
+    model = make_tiny_vit()
+    report = compress(model, [make_images(32)], cfg())
+    save_compressed(model, tmp_path, metadata={"report": report.to_dict(), "note": "tiny"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PLAN, WEIGHTS])
+
+    plan = json.loads((tmp_path / PLAN).read_text())
+    assert set(plan) == PLAN_KEYS
+    assert plan["format"] == "lowrank_vit"
+    assert plan["version"] == 1
+    assert plan["architecture"] == "vit_tiny_patch16_224"
+    kwargs = plan["model_kwargs"]
+    expected = {"img_size": [28, 28], "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 2,
+                "num_heads": 2}
+    assert {k: kwargs.get(k) for k in expected} == expected
+    factorized = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert set(plan["layers"]) == set(factorized)
+    for name, spec in plan["layers"].items():
+        assert set(spec) == {"in_features", "out_features", "rank", "bias", "z"}
+        assert spec["rank"] == report.ranks[name] == factorized[name].rank
+        assert (spec["in_features"], spec["out_features"]) == (factorized[name].in_features,
+                                                               factorized[name].out_features)
+    assert plan["quantization"] == {}
+    assert plan["metadata"]["note"] == "tiny"
+    assert plan["metadata"]["report"]["params_after"] == report.params_after
+
+
+def test_weights_are_safetensors_not_pickle(tmp_path):
+    model = compressed_vit(compensation="sparse")
+    save_compressed(model, tmp_path)
+    raw = (tmp_path / WEIGHTS).read_bytes()
+    assert not raw.startswith(b"\x80"), "pickle protocol header"
+    assert not raw.startswith(b"PK"), "zip archive (torch.save format)"
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + header_len])
+    assert header["__metadata__"] == {"format": "lowrank_vit"}
+    state = model.state_dict()
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        assert f.metadata() == {"format": "lowrank_vit"}
+        assert set(f.keys()) == set(state) == set(header) - {"__metadata__"}
+        for key in sorted(state):
+            assert torch.equal(f.get_tensor(key), state[key]), key
+    # The plan is plain JSON text.
+    json.loads((tmp_path / PLAN).read_text(encoding="utf-8"))
+
+
+def test_save_leaves_other_user_files_alone(tmp_path):
+    user_files = {"notes.txt": b"my notes\n", "sub/data.bin": bytes(range(256)),
+                  "model.safetensors.bak": b"older weights", ".hidden": b"x"}
+    for rel, content in user_files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(content)
+    model = compressed_vit()
+    save_compressed(model, tmp_path)
+    save_compressed(model, tmp_path)  # overwriting its own files is fine too
+    for rel, content in user_files.items():
+        assert (tmp_path / rel).read_bytes() == content, rel
+    names = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert names == set(user_files) | {PLAN, WEIGHTS}, "no temporary or extra file may be left behind"
+    assert_same_model(load_compressed(tmp_path), model, make_images(4))
+
+
+def test_save_creates_nested_directory(tmp_path):
+    model = compressed_vit()
+    save_compressed(model, tmp_path / "a" / "b" / "c")
+    assert_same_model(load_compressed(str(tmp_path / "a" / "b" / "c")), model, make_images(4))
+
+
+def test_overwrite_with_another_model(tmp_path):
+    save_compressed(compressed_vit(seed=0, reduction=0.4), tmp_path)
+    second = compressed_vit(seed=1, reduction=0.6)
+    save_compressed(second, tmp_path)
+    assert_same_model(load_compressed(tmp_path), second, make_images(4))
+
+
+def test_failed_save_keeps_previous_model(tmp_path):
+    first = compressed_vit(seed=0, reduction=0.4)
+    save_compressed(first, tmp_path)
+    second = compressed_vit(seed=1, reduction=0.6)
+    with pytest.raises(TypeError, match=r"not JSON serializable"):
+        save_compressed(second, tmp_path, metadata={"report": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PLAN, WEIGHTS])
+    assert_same_model(load_compressed(tmp_path), first, make_images(4))
+
+
+def test_save_rejects_model_without_compressible_layers(tmp_path):
+    with pytest.raises(ValueError, match=r"has no compressible layer"):
+        save_compressed(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_needs_architecture_name(tmp_path):
+    model = compressed_vit()
+    model.pretrained_cfg = {}
+    model.default_cfg = {}
+    with pytest.raises(ValueError, match=r"cannot tell which timm architecture .* pass model_name="):
+        save_compressed(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Load errors
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """A saved compressed tiny ViT (low-rank Z) in its own directory."""
+    directory = tmp_path / "saved"
+    save_compressed(compressed_vit(), directory)
+    return directory
+
+
+def edit_plan(directory: Path, change) -> None:
+    plan = json.loads((directory / PLAN).read_text())
+    change(plan)
+    (directory / PLAN).write_text(json.dumps(plan))
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no saved model at .*does-not-exist"):
+        load_compressed(tmp_path / "does-not-exist")
+
+
+def test_load_path_is_a_file(saved):
+    with pytest.raises(FileNotFoundError, match=r"not a directory"):
+        load_compressed(saved / WEIGHTS)
+
+
+def test_load_directory_without_plan(saved):
+    (saved / PLAN).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"not a lowrank_vit model directory: {PLAN} is missing"):
+        load_compressed(saved)
+
+
+def test_load_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"{PLAN} is missing"):
+        load_compressed(tmp_path)
+
+
+def test_load_directory_without_weights(saved):
+    (saved / WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"incomplete: {WEIGHTS} is missing"):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"\x00\x01garbage{{{", id="binary"),
+        pytest.param(b'{"format": "lowrank_vit", "version": 1,', id="truncated-json"),
+        pytest.param(b"", id="empty"),
+        pytest.param("plan ÿ".encode("latin-1"), id="not-utf8"),
+    ],
+)
+def test_load_corrupted_plan(saved, garbage):
+    (saved / PLAN).write_bytes(garbage)
+    with pytest.raises(ValueError, match=rf"{PLAN} is corrupted"):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        pytest.param(lambda p: p.update(format="other"), r"not a lowrank_vit plan", id="wrong-format"),
+        pytest.param(lambda p: p.pop("format"), r"not a lowrank_vit plan", id="no-format"),
+        pytest.param(lambda p: p.update(version=2), r"format version 2, this library reads 1", id="future-version"),
+        pytest.param(lambda p: p.pop("layers"), r"malformed: 'layers' is missing", id="no-layers"),
+        pytest.param(lambda p: p.pop("model_kwargs"), r"malformed: 'model_kwargs' is missing", id="no-kwargs"),
+        pytest.param(lambda p: p.update(architecture="no_such_vit"), r"cannot rebuild timm model 'no_such_vit'",
+                     id="unknown-architecture"),
+        pytest.param(lambda p: p["model_kwargs"].update(bogus_kwarg=1), r"cannot rebuild timm model",
+                     id="bad-kwarg"),
+    ],
+)
+def test_load_invalid_plan(saved, change, pattern):
+    edit_plan(saved, change)
+    with pytest.raises(ValueError, match=pattern):
+        load_compressed(saved)
+
+
+def test_load_plan_that_is_a_list(saved):
+    (saved / PLAN).write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match=r"not a lowrank_vit plan"):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(lambda raw: b"this is not a safetensors file at all" * 4, id="garbage"),
+        pytest.param(lambda raw: raw[: len(raw) // 2], id="truncated-half"),
+        pytest.param(lambda raw: raw[:-1], id="truncated-one-byte"),
+        pytest.param(lambda raw: raw[:5], id="truncated-header-length"),
+        pytest.param(lambda raw: raw[: 8 + int.from_bytes(raw[:8], "little")], id="header-only"),
+        pytest.param(lambda raw: b"", id="empty"),
+        pytest.param(lambda raw: raw[:8] + b"\x00" * 32 + raw[40:], id="garbled-header"),
+    ],
+)
+def test_load_corrupted_weights(saved, data):
+    path = saved / WEIGHTS
+    path.write_bytes(data(path.read_bytes()))
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} is corrupted"):
+        load_compressed(saved)
+
+
+def test_load_weights_with_nan(saved):
+    tensors = load_file(str(saved / WEIGHTS))
+    tensors["blocks.0.attn.qkv.U"][0, 0] = float("nan")
+    save_file(tensors, str(saved / WEIGHTS))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.U contains NaN or inf"):
+        load_compressed(saved)
+
+
+def test_load_weights_missing_a_tensor(saved):
+    tensors = load_file(str(saved / WEIGHTS))
+    del tensors["blocks.1.mlp.fc2.V"]
+    save_file(tensors, str(saved / WEIGHTS))
+    with pytest.raises(ValueError, match=r"does not match the plan's model: missing \['blocks\.1\.mlp\.fc2\.V'\]"):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        pytest.param(lambda p: p["layers"]["blocks.0.attn.qkv"].update(in_features=48),
+                     r"saved layer blocks\.0\.attn\.qkv \(48->96\) does not match .*mismatched model",
+                     id="in-features"),
+        pytest.param(lambda p: p["layers"]["blocks.1.mlp.fc1"].update(out_features=64),
+                     r"saved layer blocks\.1\.mlp\.fc1 \(32->64\) does not match .*mismatched model",
+                     id="out-features"),
+        pytest.param(lambda p: p["layers"].update({"blocks.7.attn.qkv": p["layers"].pop("blocks.0.attn.qkv")}),
+                     r"saved layer blocks\.7\.attn\.qkv does not exist in vit_tiny_patch16_224: mismatched model",
+                     id="nonexistent-block"),
+        pytest.param(lambda p: p["layers"].update({"blocks.0.attn.nope": p["layers"].pop("blocks.0.attn.qkv")}),
+                     r"saved layer blocks\.0\.attn\.nope does not exist", id="nonexistent-layer"),
+        pytest.param(lambda p: p["layers"].update({"blocks.0.norm1": p["layers"].pop("blocks.0.attn.qkv")}),
+                     r"saved layer blocks\.0\.norm1 .* does not match LayerNorm.*mismatched model",
+                     id="not-a-linear"),
+        pytest.param(lambda p: p["layers"]["blocks.0.attn.proj"].update(rank=1),
+                     r"blocks\.0\.attn\.proj\.U has shape \(32, \d+\), the model expects \(32, 1\): mismatched model",
+                     id="rank"),
+        pytest.param(lambda p: p["layers"]["blocks.0.attn.proj"].update(z={"kind": "magic"}),
+                     r"unknown compensation kind 'magic'", id="z-kind"),
+        pytest.param(lambda p: p["layers"]["blocks.0.attn.proj"].update(z=None),
+                     r"does not match the plan's model: .*unexpected \['blocks\.0\.attn\.proj\.z\.", id="z-dropped"),
+        pytest.param(lambda p: p["layers"].pop("blocks.1.mlp.fc2"),
+                     r"does not match the plan's model: missing \['blocks\.1\.mlp\.fc2\.weight'\]",
+                     id="layer-dropped"),
+        pytest.param(lambda p: p["model_kwargs"].update(embed_dim=48),
+                     r"does not match Linear\(in_features=48.*mismatched model", id="embed-dim"),
+        pytest.param(lambda p: p["model_kwargs"].update(depth=3),
+                     r"does not match the plan's model: missing \['blocks\.2\.", id="depth"),
+        pytest.param(lambda p: p["quantization"].update({"blocks.0.attn.qkv.U": {"bits": 8, "axis": 1}}),
+                     r"lacks the quantized codes of blocks\.0\.attn\.qkv\.U", id="quantization-record"),
+    ],
+)
+def test_load_mismatched_plan(saved, change, pattern):
+    edit_plan(saved, change)
+    with pytest.raises(ValueError, match=pattern):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: p["layers"]["blocks.0.attn.qkv"].pop("rank"), id="layer-spec-missing-rank"),
+        pytest.param(lambda p: p.update(layers=["blocks.0.attn.qkv"]), id="layers-not-a-mapping"),
+    ],
+)
+def test_load_malformed_layer_specs(saved, change):
+    edit_plan(saved, change)
+    with pytest.raises(ValueError, match=r"lowrank_vit\.json|layer"):
+        load_compressed(saved)
+
+
+def test_load_weights_of_a_different_model(tmp_path, saved):
+    # Same architecture name, different embed_dim (and different ranks): every shape is wrong.
+    other = make_tiny_vit(embed_dim=48, num_heads=3)
+    compress(other, [make_images(32)], cfg())
+    save_compressed(other, tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / WEIGHTS, saved / WEIGHTS)
+    with pytest.raises(ValueError, match=r"has shape .* the model expects .*: mismatched model"):
+        load_compressed(saved)
+
+
+def test_load_weights_of_a_model_with_other_ranks(tmp_path, saved):
+    # Same dense shapes, different allocation: the factors' shapes disagree with the plan's ranks.
+    other = make_tiny_vit()
+    compress(other, [make_images(32)], cfg(reduction=0.6))
+    save_compressed(other, tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / WEIGHTS, saved / WEIGHTS)
+    with pytest.raises(ValueError, match=r"mismatched model"):
+        load_compressed(saved)
+
+
+def test_load_weights_of_a_deeper_model(tmp_path, saved):
+    other = make_tiny_vit(depth=3)
+    compress(other, [make_images(32)], cfg())
+    save_compressed(other, tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / WEIGHTS, saved / WEIGHTS)
+    with pytest.raises(ValueError, match=r"does not match the plan's model: missing \[\], unexpected \['blocks\.2\."):
+        load_compressed(saved)
