@@ -89,6 +89,7 @@ def collect_statistics(
     device: torch.device | None = None,
     progress: bool = True,
     seed: int = 0,
+    gram_precision: str = "float64",
 ) -> dict[str, LayerStats]:
     """Run the model once over the calibration images and return each layer's statistics.
 
@@ -102,7 +103,9 @@ def collect_statistics(
         device: where to run; default, where the model's parameters are.
         progress: show a progress bar.
         seed: seed of the token sampling.
+        gram_precision: dtype name of each batch's X^T X product; the running sum is float64 regardless.
     """
+    product_dtype = getattr(torch, gram_precision)
     device = device or next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, object] = {"batch": 0}
@@ -125,8 +128,8 @@ def collect_statistics(
             y = y.reshape(batch, -1, module.out_features)
             energy = y.double().pow(2).sum(dim=(1, 2))
             weights = torch.where(energy > _MIN_ENERGY, 1.0 / energy.clamp_min(_MIN_ENERGY), torch.zeros_like(energy))
-            xs = (x.double() * weights.sqrt()[:, None, None]).reshape(-1, module.in_features)
-            grams[name].addmm_(xs.T, xs)
+            xs = (x.to(product_dtype) * weights.sqrt().to(product_dtype)[:, None, None]).reshape(-1, module.in_features)
+            grams[name] += (xs.T @ xs).double()
             counts[name] += batch
             if want_mean:
                 total = x.double().sum(dim=0)

@@ -48,6 +48,9 @@ class CompressionConfig:
 
     calib_samples: int = 1024
     """Number of calibration images taken from the iterable (the paper's proxy dataset)."""
+    gram_precision: str = "float64"
+    """Precision of each batch's Gram product X^T X: "float64" (exact) or "float32" (about twice as fast on CPUs;
+    the running sum over batches is float64 either way, so the error does not grow with the number of images)."""
     gamma: float = 80.0
     """Decay of the exponential schedule, eq. (9)."""
     greedy_iterations: int = 500
@@ -90,6 +93,7 @@ class CompressionConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("gram_precision", self.gram_precision, ("float64", "float32"))
         if not 0.0 <= self.z_fraction < 0.5:
             raise ValueError(f"z_fraction must be in [0, 0.5), got {self.z_fraction}")
         if self.compensation != "none" and self.z_fraction == 0.0:

@@ -151,7 +151,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     use_sgd = cfg.solver == "sgd" and z_kind != "none"
     stats = collect_statistics(model, layers, calib_images, cfg.calib_samples, want_mean=cfg.decomposition == "mean",
                                sample_tokens=cfg.sgd_tokens_per_image if use_sgd else 0, device=device,
-                               progress=cfg.progress, seed=cfg.seed)
+                               progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()

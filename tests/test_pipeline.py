@@ -187,3 +187,16 @@ def test_full_size_timm_models(name):
 
 def test_tiny_model_helper_matches_conftest():
     assert count_params(make_tiny_vit()) < 40_000
+
+
+def test_float32_gram_products_match_float64(small_images):
+    """float32 per-batch products summed in float64: the same compression to a few parts per million."""
+    reports = {}
+    for precision in ("float64", "float32"):
+        model = small_vit()
+        reports[precision] = compress(model, [small_images[i: i + 8] for i in range(0, 48, 8)],
+                                      cfg(reduction=0.5, gram_precision=precision))
+    exact, fast = reports["float64"], reports["float32"]
+    assert exact.ranks == fast.ranks
+    for a, b in zip(exact.layers, fast.layers, strict=True):
+        assert b.output_error == pytest.approx(a.output_error, rel=1e-3, abs=1e-7)
