@@ -7,9 +7,10 @@ import json
 import pytest
 import timm
 import torch
-from conftest import make_images, make_tiny_vit
 
 from lowrank_vit import CompressionConfig, FactorizedLinear, compress, count_params, get_adapter
+
+from conftest import make_images, make_tiny_vit
 
 SMALL_VIT = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=4, num_heads=2, num_classes=10)
 
