@@ -12,7 +12,9 @@ The paper's solver, mini-batch gradient descent on eq. (10) with every layer ind
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,29 +164,82 @@ def eq10_loss(z: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, weights
     return (err * weights).mean()
 
 
+class LayerIndexSampler:
+    """The mini-batches of the SGD solver: every step, one draw of image indices (with replacement) per layer, in
+    layer order, from one seeded generator.
+
+    Shared by :func:`fit_sgd` and the Lightning solver (``lowrank_vit.lightning_compensation``), so both see the same
+    mini-batches. Every layer's indices are drawn even where a caller trains only some layers (one DDP rank's share),
+    so the batches of a layer do not depend on how layers are split across processes.
+    """
+
+    def __init__(self, sizes: dict[str, int], batch_size: int, seed: int = 0) -> None:
+        """Args:
+            sizes: layer name -> number of stored calibration images of that layer (N of eq. 10).
+            batch_size: images per mini-batch (the paper: 64); capped at each layer's N.
+            seed: seed of the generator.
+        """
+        self.sizes = dict(sizes)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        """One step's indices: layer name -> (min(batch_size, N),) int64 CPU tensor."""
+        return {name: torch.randint(n, (min(self.batch_size, n),), generator=self.generator)
+                for name, n in self.sizes.items()}
+
+
+def layer_optimizer(z: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """One layer's own optimizer (Adam at ``lr``, Section 4.1): no state is shared between layers."""
+    return torch.optim.Adam(z.parameters(), lr=lr)
+
+
+def sgd_layer_step(z: nn.Module, optimizer: Any, inputs: torch.Tensor, targets: torch.Tensor,
+                   weights: torch.Tensor, backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One layer's update of the SGD solver: eq. (10) on the mini-batch, its gradient (eqs. 11-12 by autograd),
+    one step of the layer's own optimizer. Touches nothing but ``z`` and ``optimizer``.
+
+    Args:
+        z: the layer's Z module.
+        optimizer: its optimizer (a torch optimizer or Lightning's wrapper of one).
+        inputs, targets, weights: the mini-batch of the layer's :class:`SGDTask` tensors.
+        backward: how to back-propagate the loss (Lightning passes ``manual_backward``); default ``loss.backward()``.
+
+    Returns:
+        The detached mini-batch loss (before the step).
+    """
+    loss = eq10_loss(z, inputs, targets, weights)
+    optimizer.zero_grad(set_to_none=True)
+    if backward is None:
+        loss.backward()
+    else:
+        backward(loss)
+    optimizer.step()
+    return loss.detach()
+
+
 def fit_sgd(tasks: dict[str, SGDTask], *, lr: float, iterations: int, batch_size: int, seed: int = 0,
             progress: bool = True) -> dict[str, list[float]]:
-    """Mini-batch gradient descent on eq. (10) for every layer at once (Section 3.3, 4.1).
+    """Mini-batch gradient descent on eq. (10) for every layer at once (Section 3.3, 4.1), in this process.
 
     Each layer has its own Adam optimizer and its own loss; no layer's update depends on another's, so the loop
-    over layers inside a step is embarrassingly parallel. Returns each layer's loss history (one value a step).
+    over layers inside a step is embarrassingly parallel. The mini-batches, optimizers and per-layer step are the
+    ones of :class:`lowrank_vit.lightning_compensation.LayerwiseCompensation` (the same functions), which runs this
+    under a Lightning Trainer (logging, DDP with layers split across ranks). Returns each layer's loss history
+    (one value a step).
     """
-    generator = torch.Generator().manual_seed(seed)
-    optimizers = {name: torch.optim.Adam(task.z.parameters(), lr=lr) for name, task in tasks.items()}
+    sampler = LayerIndexSampler({name: task.inputs.shape[0] for name, task in tasks.items()}, batch_size, seed)
+    optimizers = {name: layer_optimizer(task.z, lr) for name, task in tasks.items()}
     history: dict[str, list[float]] = {name: [] for name in tasks}
     with progress_bar(total=iterations, desc="compensation (sgd)", unit="step", enabled=progress) as bar:
         for _ in range(iterations):
+            indices = sampler()
             for name, task in tasks.items():
-                n = task.inputs.shape[0]
-                idx = torch.randint(n, (min(batch_size, n),), generator=generator)
-                device = task.weights.device
-                idx = idx.to(device)
-                loss = eq10_loss(task.z, task.inputs[idx], task.targets[idx], task.weights[idx])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the SGD solver diverged on layer {name} (loss {loss.item()})")
-                optimizers[name].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[name].step()
-                history[name].append(loss.item())
+                idx = indices[name].to(task.weights.device)
+                loss = sgd_layer_step(task.z, optimizers[name], task.inputs[idx], task.targets[idx],
+                                      task.weights[idx]).item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the SGD solver diverged on layer {name} (loss {loss})")
+                history[name].append(loss)
             bar.update(1)
     return history

@@ -1,0 +1,396 @@
+"""PartialFinetune (Section 4.1, item 5): what trains, the schedule, distilled DeiT, resume, DDP, logging, bad input."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lowrank_vit import CompressionConfig, compress
+from lowrank_vit.factorized import FactorizedLinear
+from lowrank_vit.finetune import (
+    FinetuneConfig,
+    PartialFinetune,
+    finetune,
+    freeze_for_partial_finetune,
+    split_batch,
+    warmup_cosine,
+)
+
+from conftest import make_images, make_tiny_vit
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+QUIET = dict(accelerator="cpu", devices=1, progress=False, enable_model_summary=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids oversubscribing the shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def compressed_tiny_vit(reduction: float = 0.4, seed: int = 0, **overrides) -> nn.Module:
+    model = make_tiny_vit(seed=seed, **overrides)
+    compress(model, [make_images(32, seed=1)], CompressionConfig(reduction=reduction, progress=False))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_compressed() -> nn.Module:
+    return compressed_tiny_vit()
+
+
+def synthetic_data(n: int = 48, seed: int = 2, num_classes: int = 10, **image_kwargs) -> TensorDataset:
+    """Smooth random images labelled by a fixed random linear "teacher" (learnable, unlike random labels)."""
+    images = make_images(n, seed=seed, **image_kwargs)
+    flat = images.flatten(1)
+    teacher = torch.randn(num_classes, flat.shape[1], generator=torch.Generator().manual_seed(123))
+    return TensorDataset(images, (flat @ teacher.T).argmax(dim=1))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What trains
+
+
+def test_freeze_for_partial_finetune_selects_norms_biases_head_patch_embed(tiny_compressed):
+    model = copy.deepcopy(tiny_compressed)
+    info = freeze_for_partial_finetune(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, _ in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        expected = (name.startswith(("head.", "patch_embed.")) or leaf == "bias" or isinstance(module, nn.LayerNorm))
+        assert (name in trainable) == expected, name
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            assert not module.U.requires_grad and not module.V.requires_grad
+            assert not any(p.requires_grad for p in module.z.parameters())
+            assert module.bias.requires_grad
+    assert not model.pos_embed.requires_grad and not model.cls_token.requires_grad
+    total = sum(p.numel() for p in model.parameters())
+    assert info["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert info["total"] == total and info["fraction"] == pytest.approx(info["trainable"] / total)
+    assert sum(info["groups"].values()) == info["trainable"] and info["groups"]["tokens"] == 0
+    assert info["groups"]["head"] == sum(p.numel() for p in model.head.parameters())
+
+    with_tokens = freeze_for_partial_finetune(model, train_tokens=True)
+    assert model.pos_embed.requires_grad and model.cls_token.requires_grad
+    assert with_tokens["groups"]["tokens"] == model.pos_embed.numel() + model.cls_token.numel()
+
+
+def test_finetune_freeze_distilled_deit_and_swin():
+    import timm
+
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    compress(deit, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    freeze_for_partial_finetune(deit)
+    assert all(p.requires_grad for p in deit.head_dist.parameters())
+    assert not deit.dist_token.requires_grad
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+                             window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=5).eval()
+    compress(swin, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    freeze_for_partial_finetune(swin)
+    params = dict(swin.named_parameters())
+    assert params["head.fc.weight"].requires_grad and params["head.fc.bias"].requires_grad
+    assert params["layers.1.downsample.norm.weight"].requires_grad
+    assert not params["layers.1.downsample.reduction.weight"].requires_grad
+    assert not any(p.requires_grad for n, p in params.items() if "relative_position_bias_table" in n)
+
+
+def test_finetune_rejects_dense_model():
+    model = make_tiny_vit()
+    with pytest.raises(ValueError, match="no factorized"):
+        freeze_for_partial_finetune(model)
+    with pytest.raises(ValueError, match="no factorized"):
+        PartialFinetune(model)
+    info = freeze_for_partial_finetune(model, require_factorized=False)  # reference counts of a dense model
+    assert 0 < info["fraction"] < 1
+
+
+def test_finetune_config_validation():
+    assert FinetuneConfig().epochs == 20 and FinetuneConfig().lr == 1e-4
+    for bad in (dict(epochs=0), dict(lr=0.0), dict(lr=float("nan")), dict(min_lr=1.0, lr=1e-4),
+                dict(weight_decay=-1.0), dict(label_smoothing=1.0), dict(warmup_steps=-1), dict(batch_size=True),
+                dict(checkpoint_every_n_steps=0)):
+        with pytest.raises(ValueError):
+            FinetuneConfig(**bad)
+    with pytest.raises(ValueError, match="unknown"):
+        FinetuneConfig.from_dict({"epochs": 1, "learning_rate": 1.0})
+    assert FinetuneConfig.from_dict(FinetuneConfig(epochs=3).to_dict()) == FinetuneConfig(epochs=3)
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(50, 100, 0, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 0, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine(10, 100, 10, 0.0) == pytest.approx(1.0)
+
+
+def test_split_batch_formats():
+    x, y = torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])
+    assert split_batch((x, y))[1] is y and split_batch({"image": x, "label": y})[0] is x
+    with pytest.raises(TypeError, match="batch"):
+        split_batch(x)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_finetune_trains_only_the_selected_parameters(tiny_compressed):
+    model = copy.deepcopy(tiny_compressed)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = synthetic_data()
+    cfg = FinetuneConfig(epochs=2, lr=1e-3, warmup_steps=2, min_lr=1e-5)
+    module, trainer = finetune(model, DataLoader(data, batch_size=16), DataLoader(data, batch_size=24), config=cfg,
+                               **QUIET)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, frozen_before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    assert "head.weight" in changed and "patch_embed.proj.weight" in changed
+    assert trainer.global_step == 6
+    scheduler = trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step"
+    assert scheduler.scheduler.get_last_lr()[0] == pytest.approx(1e-5, rel=1e-3)  # cosine reached its floor
+    metrics = trainer.callback_metrics
+    for key in ("train/loss", "val/loss", "val/top1", "val/top5"):
+        assert key in metrics and torch.isfinite(metrics[key])
+    assert 0 <= float(metrics["val/top1"]) <= float(metrics["val/top5"]) <= 1
+    assert module.hparams["finetune"]["lr"] == 1e-3
+    assert module.hparams["trainable_fraction"] == pytest.approx(module.trainable["fraction"])
+
+
+def test_finetune_lowers_the_loss(tiny_compressed):
+    model = copy.deepcopy(tiny_compressed)
+    data = synthetic_data(64)
+    loader = DataLoader(data, batch_size=32)
+
+    def mean_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(data.tensors[0]), data.tensors[1]))
+
+    before = mean_loss()
+    finetune(model, loader, config=FinetuneConfig(epochs=15, lr=3e-3), **QUIET)
+    assert mean_loss() < before - 0.1  # deterministic here: 2.31 -> 2.13 (a hard task for frozen weights)
+
+
+def test_finetune_distilled_deit_trains_both_heads():
+    import timm
+
+    def make():
+        torch.manual_seed(0)
+        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+
+    teacher = make()
+    model = make()
+    compress(model, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    data = synthetic_data(16, channels=3, size=32)
+    images = data.tensors[0]
+    for with_teacher in (False, True):
+        student = copy.deepcopy(model)
+        head, head_dist = student.head.weight.detach().clone(), student.head_dist.weight.detach().clone()
+        module, _ = finetune(student, DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=1, lr=1e-3),
+                             teacher=teacher if with_teacher else None, **QUIET)
+        assert module.distilled
+        assert not torch.equal(student.head.weight, head) and not torch.equal(student.head_dist.weight, head_dist)
+        student.train()
+        assert isinstance(student(images), tuple)  # distilled training: (class head, distillation head)
+        student.eval()
+        with torch.no_grad():
+            out = student(images)
+            cls, dist = student.forward_features(images)[:, 0], student.forward_features(images)[:, 1]
+            assert torch.allclose(out, (student.head(cls) + student.head_dist(dist)) / 2, atol=1e-5)
+            assert torch.allclose(module(images), out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """A callback that kills the run (an exception out of trainer.fit) after ``step`` optimizer steps."""
+
+    def __new__(cls, step: int):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Crash(Callback):
+            def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+                if trainer.global_step == step:
+                    raise Crash(f"simulated interruption at step {step}")
+
+        return _Crash()
+
+
+def resume_run(model: nn.Module, checkpoint_dir: Path, crash_at: int | None = None, resume: bool = False):
+    data = synthetic_data(48)
+    # A sampler with set_epoch (Lightning calls it every epoch): each epoch's shuffle depends on the epoch only, so a
+    # resumed run sees the same batches as an uninterrupted one.
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    loader = DataLoader(data, batch_size=8, sampler=sampler)  # 6 steps an epoch
+    cfg = FinetuneConfig(epochs=3, lr=2e-3, warmup_steps=3, weight_decay=0.05, seed=0)
+    callbacks = [CrashAt(crash_at)] if crash_at is not None else []
+    return finetune(model, loader, DataLoader(data, batch_size=16), config=cfg, checkpoint_dir=str(checkpoint_dir),
+                    ckpt_path="last" if resume else None, callbacks=callbacks, **QUIET)
+
+
+def test_finetune_resumes_after_interruption(tiny_compressed, tmp_path):
+    """Kill the run mid-epoch (step 9 of 18, last checkpoint at step 6), resume from last.ckpt: the final state is
+    the one of an uninterrupted run."""
+    reference = copy.deepcopy(tiny_compressed)
+    _, ref_trainer = resume_run(reference, tmp_path / "ref")
+
+    interrupted = copy.deepcopy(tiny_compressed)
+    with pytest.raises(Crash):
+        resume_run(interrupted, tmp_path / "run", crash_at=9)
+    assert (tmp_path / "run" / "last.ckpt").is_file()
+
+    resumed = copy.deepcopy(tiny_compressed)  # a fresh process would rebuild the model: start from scratch
+    module, trainer = resume_run(resumed, tmp_path / "run", resume=True)
+    assert trainer.global_step == ref_trainer.global_step == 18
+    ref_state, state = dict(reference.named_parameters()), dict(resumed.named_parameters())
+    for name, p in state.items():
+        assert torch.allclose(p, ref_state[name], rtol=1e-5, atol=1e-7), name
+    ref_opt, opt = ref_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
+    assert ref_opt["state"].keys() == opt["state"].keys()
+    schedulers = [t.lr_scheduler_configs[0].scheduler for t in (trainer, ref_trainer)]
+    assert schedulers[0].last_epoch == schedulers[1].last_epoch == 18
+    # and the interruption did change things: the crashed run's model is not the final one
+    assert not all(torch.allclose(p, ref_state[n]) for n, p in interrupted.named_parameters() if p.requires_grad)
+
+
+def test_finetune_refuses_checkpoint_of_another_model(tiny_compressed, tmp_path):
+    data = synthetic_data(16)
+    finetune(copy.deepcopy(tiny_compressed), DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=1),
+             checkpoint_dir=str(tmp_path / "a"), **QUIET)
+    other = compressed_tiny_vit(reduction=0.2)
+    with pytest.raises(ValueError, match="compressed differently"):
+        finetune(other, DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=2),
+                 ckpt_path=str(tmp_path / "a" / "last.ckpt"), **QUIET)
+    wider = compressed_tiny_vit(embed_dim=48)
+    with pytest.raises(ValueError, match="checkpoint"):
+        finetune(wider, DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=2),
+                 ckpt_path=str(tmp_path / "a" / "last.ckpt"), **QUIET)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDP
+
+DDP_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from lowrank_vit.finetune import FinetuneConfig, finetune
+from test_finetune import compressed_tiny_vit, synthetic_data
+
+model = compressed_tiny_vit()
+loader = DataLoader(synthetic_data(32), batch_size=4)  # per process; Lightning adds the DistributedSampler
+module, trainer = finetune(model, loader, config=FinetuneConfig(epochs=1, lr=1e-3), accelerator="cpu", devices=2,
+                           strategy="ddp", max_steps=3, progress=False, enable_model_summary=False)
+state = {{n: p.detach().contiguous() for n, p in model.named_parameters()}}
+save_file(state, os.path.join({out!r}, f"rank{{trainer.global_rank}}.safetensors"),
+          metadata={{"world_size": str(trainer.world_size), "global_step": str(trainer.global_step)}})
+"""
+
+
+def test_finetune_ddp_two_processes(tmp_path):
+    """PartialFinetune under Trainer(strategy="ddp", devices=2) on the CPU (gloo): both ranks end identical, frozen
+    parameters stay put, and 2 x batch 4 equals one process with batch 8 (DDP averages the gradients)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp_finetune.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS_DIR), out=str(tmp_path)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    with safe_open(tmp_path / "rank0.safetensors", "pt") as f:
+        assert f.metadata() == {"world_size": "2", "global_step": "3"}
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+    # Under DDP Lightning shuffles the training data with DistributedSampler(seed=PL_GLOBAL_SEED): rank r takes
+    # items r, r+2, ... of one permutation, so 2 x 4 images per step are the next 8 items of that permutation.
+    start = compressed_tiny_vit()
+    initial = {n: p.detach().clone() for n, p in start.named_parameters()}
+    data = synthetic_data(32)
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=FinetuneConfig().seed)
+    finetune(start, DataLoader(data, batch_size=8, sampler=sampler), config=FinetuneConfig(epochs=1, lr=1e-3),
+             max_steps=3, **QUIET)
+    for name, p in start.named_parameters():
+        ddp, single = ranks[0][name], p.detach()
+        if name.endswith("attn.qkv.bias"):
+            # The key bias has an exactly zero gradient (softmax ignores a constant shift of the logits): Adam turns
+            # its rounding noise into +-lr steps of either sign, so only the query and value parts are comparable.
+            dim = single.shape[0] // 3
+            ddp, single = torch.cat([ddp[:dim], ddp[2 * dim:]]), torch.cat([single[:dim], single[2 * dim:]])
+        assert torch.allclose(ddp, single, rtol=1e-4, atol=1e-6), name
+        if not p.requires_grad:
+            assert torch.equal(ranks[0][name], initial[name]), name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lowrank_vit.logging_utils import finish, log_ranks_table, make_logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.warns(RuntimeWarning, match="no API key"):
+        logger = make_logger("online", project="lowrank_vit-tests", group="exp-tiny", tags=["ours", "tiny"],
+                             config={"compression": {"reduction": 0.4}}, save_dir=tmp_path / "logs",
+                             job_type="finetune")
+    model = copy.deepcopy(tiny_compressed)
+    report = compress(make_tiny_vit(), [make_images(16)], CompressionConfig(reduction=0.4, progress=False))
+    try:
+        log_ranks_table(logger, report)
+        data = synthetic_data(16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            finetune(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8),
+                     config=FinetuneConfig(epochs=1), logger=logger, **QUIET)
+        run = logger.experiment
+        assert run.settings.mode in ("offline", "dryrun") or run.offline
+        assert run.group == "exp-tiny" and set(run.tags) == {"ours", "tiny"}
+        assert run.config["compression"]["reduction"] == 0.4
+        assert run.config["finetune"]["epochs"] == 1 and "trainable_fraction" in run.config
+    finally:
+        finish(logger)
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
