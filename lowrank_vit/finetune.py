@@ -410,11 +410,11 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
             callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:08d}", save_last=True,
                                              save_top_k=1, every_n_train_steps=cfg.checkpoint_every_n_steps,
                                              auto_insert_metric_name=False))
-    if logger is not None:
+    if logger is not None and logger is not False:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     options: dict[str, Any] = dict(max_epochs=cfg.epochs, accelerator=accelerator, devices=devices,
                                    num_nodes=num_nodes, strategy=strategy,
-                                   logger=logger if logger is not None else False,
+                                   logger=logger if logger is not None else False,  # False: no logger
                                    enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=progress,
                                    callbacks=callbacks)
     options.update(trainer_kwargs)

@@ -90,9 +90,9 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def make_logger(mode: str = "offline", *, project: str = "lowrank_vit", group: str | None = None,
+def make_logger(mode: str = "offline", project: str = "lowrank_vit", group: str | None = None,
                 tags: Sequence[str] = (), config: Mapping[str, Any] | None = None, save_dir: str | os.PathLike = ".",
-                name: str | None = None, job_type: str | None = None, **kwargs: Any) -> Any:
+                *, name: str | None = None, job_type: str | None = None, **kwargs: Any) -> Any:
     """A ``lightning.pytorch.loggers.WandbLogger`` for one run of one stage, or None when disabled.
 
     Args:
