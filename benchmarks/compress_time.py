@@ -1,0 +1,366 @@
+"""Wall time of every compression stage against the forward-pass floor, and peak memory against the number of images.
+
+    python benchmarks/compress_time.py --model deit_small --calib 256 --gram-precision float64 float32 \\
+        --json benchmarks/results/compress_time_deit_small.json
+    python benchmarks/compress_time.py --model deit_small --peak-memory 256 1024
+
+The forward pass over the calibration images is the floor no method can beat: every method must at least look at
+every image once. It is timed here as a plain ``torch.no_grad()`` forward over the same lazily generated images, in
+the same process, right before and right after ``compress`` (their mean is reported, so drift in a shared machine's
+load cancels to first order). Then:
+
+* ``statistics_s``: the calibration stage of ``compress`` minus that forward, i.e. what the hooks add (Gram products,
+  per-image output energies, finiteness checks, the SGD solver's token samples);
+* ``decomposition_s``, ``allocation_s``, ``compensation_s``: ``CompressionReport.stage_seconds``;
+* ``report_s``: the rest of ``compress`` (per-layer eq. 5 errors of the report, the layer swap);
+* ``overhead_ratio``: (whole ``compress`` - forward) / forward.
+
+Sub-timings inside the stages (whitening, SVDs, closed-form Z, SGD steps, the report's error evaluations) are taken
+by wrapping the functions ``lowrank_vit.pipeline`` calls, from outside the package. With ``--peak-memory N ...``
+each N runs in a fresh subprocess that reads its own peak resident memory (``ru_maxrss``); the images are generated
+one batch at a time, so the data set itself never counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    ArgumentParser,
+    ImageStream,
+    UsageError,
+    check_device,
+    command_line,
+    create_model,
+    environment,
+    format_table,
+    fraction,
+    input_shape,
+    median,
+    parse_model_kwargs,
+    positive_int,
+    resolve_model_name,
+    synchronize,
+    write_json,
+)
+
+import lowrank_vit.pipeline as pipeline  # noqa: E402
+from lowrank_vit import CompressionConfig, compress  # noqa: E402
+
+STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
+"""Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
+
+INSTRUMENTED = {
+    "whitening": "whitening",
+    "svd": "_decompose",
+    "closed_form_z": "closed_form_z",
+    "sgd_fit": "fit_sgd",
+    "report_errors": "weighted_error",
+    "swap": "swap_layers",
+}
+"""Sub-timer name -> the function of ``lowrank_vit.pipeline`` whose calls it sums."""
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="compress_time.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="timm model name or alias (deit_small, deit_base, ...)")
+    parser.add_argument("--model-kwargs", default=None,
+                        help="JSON object of extra timm.create_model arguments, e.g. a tiny ViT for tests")
+    parser.add_argument("--calib", type=positive_int, default=256, help="calibration images")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size")
+    parser.add_argument("--reduction", type=fraction, default=0.5, help="fraction of the parameters removed")
+    parser.add_argument("--solver", nargs="+", default=["closed_form"], choices=("closed_form", "sgd"),
+                        help="compensation solver(s); each is a row")
+    parser.add_argument("--gram-precision", nargs="+", default=["float64"], choices=("float64", "float32"),
+                        help="precision(s) of the Gram products; each is a row")
+    parser.add_argument("--sgd-iterations", type=positive_int, default=2000,
+                        help="SGD solver steps (its per-step time is reported, so fewer steps can be extrapolated)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="repeats of every row (median reported)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--peak-memory", type=positive_int, nargs="+", default=None, metavar="N",
+                        help="instead of timing: peak memory of compress for each number of images N, "
+                             "each in a fresh subprocess")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+@contextlib.contextmanager
+def instrument(device: str) -> Iterator[dict[str, float]]:
+    """Sum the wall time of the functions in :data:`INSTRUMENTED` while the block runs; restore them after."""
+    present = {name: attr for name, attr in INSTRUMENTED.items() if callable(getattr(pipeline, attr, None))}
+    totals = dict.fromkeys(present, 0.0)
+    originals = {name: getattr(pipeline, attr) for name, attr in present.items()}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(device)
+                totals[name] += time.perf_counter() - start
+        return timed_call
+
+    try:
+        for name, attr in present.items():
+            setattr(pipeline, attr, wrap(name, originals[name]))
+        yield totals
+    finally:
+        for name, attr in present.items():
+            setattr(pipeline, attr, originals[name])
+
+
+def forward_floor(model: nn.Module, images: ImageStream, device: str) -> float:
+    """Seconds of a plain no-grad forward over every calibration image (image generation included, as in
+    ``compress``)."""
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in images:
+            model(batch.to(device))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def make_config(args: Any, solver: str, precision: str, calib: int) -> CompressionConfig:
+    return CompressionConfig(reduction=args.reduction, calib_samples=calib, solver=solver, gram_precision=precision,
+                             sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed, progress=False)
+
+
+def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
+            device: str) -> tuple[dict[str, float], nn.Module]:
+    """One measurement: forward floor, compress (instrumented) a copy of ``dense``, forward floor again.
+
+    Returns:
+        The figures of one row, and the compressed copy.
+    """
+    model = copy.deepcopy(dense)
+    with torch.no_grad():  # warm-up, so that one-time setup costs fall on neither side
+        dense(next(iter(images)).to(device))
+    before = forward_floor(dense, images, device)
+    with instrument(device) as sub:
+        synchronize(device)
+        start = time.perf_counter()
+        report = compress(model, images, config)
+        synchronize(device)
+        total = time.perf_counter() - start
+    after = forward_floor(dense, images, device)
+    floor = (before + after) / 2
+    stages = report.stage_seconds
+    out = {
+        "calibration_forward_s": floor,
+        "calibration_forward_before_s": before,
+        "calibration_forward_after_s": after,
+        "statistics_s": stages["calibration"] - floor,
+        "decomposition_s": stages["decomposition"],
+        "allocation_s": stages["allocation"],
+        "compensation_s": stages["compensation"],
+        "report_s": total - sum(stages.values()),
+        "total_s": total,
+        "overhead_ratio": (total - floor) / floor,
+        "params_after": report.params_after,
+        "achieved_reduction": report.reduction,
+        "mean_output_error": sum(layer.output_error for layer in report.layers) / len(report.layers),
+    }
+    out.update({f"{name}_s": seconds for name, seconds in sub.items()})
+    if config.solver == "sgd" and "sgd_fit" in sub:
+        out["sgd_s_per_iteration"] = sub["sgd_fit"] / config.sgd_iterations
+        out["compensation_s_at_2000_iterations"] = stages["compensation"] + out["sgd_s_per_iteration"] * (
+            2000 - config.sgd_iterations)
+        out["overhead_ratio_at_2000_iterations"] = (total - floor + out["compensation_s_at_2000_iterations"]
+                                                    - stages["compensation"]) / floor
+    return out, model
+
+
+def timing_rows(args: Any, model_name: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (solver, precision) setting, ``repeats`` times, medians of every figure."""
+    dense = create_model(model_name, kwargs, seed=args.seed, device=args.device)
+    shape = input_shape(dense)
+    images = ImageStream(args.calib, args.batch_size, shape, seed=args.seed)
+    rows = []
+    for solver in dict.fromkeys(args.solver):
+        for precision in dict.fromkeys(args.gram_precision):
+            config = make_config(args, solver, precision, args.calib)
+            runs = [measure(dense, images, config, args.device)[0] for _ in range(args.repeats)]
+            row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "batch_size": args.batch_size,
+                                   "solver": solver, "gram_precision": precision, "reduction": args.reduction}
+            if solver == "sgd":
+                row["sgd_iterations"] = args.sgd_iterations
+            row.update({key: median([run[key] for run in runs]) for key in runs[0]})
+            for stage in STAGES:
+                row[f"{stage}_x_forward"] = row[f"{stage}_s"] / row["calibration_forward_s"]
+            row["repeats"] = args.repeats
+            rows.append(row)
+    return rows
+
+
+def peak_child(args: Any, model_name: str, kwargs: dict[str, Any]) -> None:
+    """Inside a fresh subprocess: compress once and write the peak resident memory to ``args.peak_child``."""
+    dense = create_model(model_name, kwargs, seed=args.seed, device=args.device)
+    shape = input_shape(dense)
+    images = ImageStream(args.calib, args.batch_size, shape, seed=args.seed)
+    with torch.no_grad():
+        dense(next(iter(images)).to(args.device))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    compress(dense, images, make_config(args, args.solver[0], args.gram_precision[0], args.calib))
+    result = {"calib_images": args.calib, "solver": args.solver[0], "gram_precision": args.gram_precision[0],
+              "baseline_rss_mib": baseline,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "compress_s": time.perf_counter() - start}
+    result["compress_extra_rss_mib"] = result["peak_rss_mib"] - baseline
+    if args.device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(args.peak_child).write_text(json.dumps(result))
+
+
+def memory_rows(args: Any, argv: Sequence[str]) -> list[dict[str, Any]]:
+    """Run :func:`peak_child` in a fresh interpreter for every N and setting."""
+    rows = []
+    base = list(argv)
+    for solver in dict.fromkeys(args.solver):
+        for precision in dict.fromkeys(args.gram_precision):
+            for n in args.peak_memory:
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "peak.json"
+                    command = [sys.executable, str(Path(__file__).resolve()), *strip_options(base),
+                               "--calib", str(n), "--solver", solver, "--gram-precision", precision,
+                               "--peak-child", str(out)]
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"peak-memory run for N={n} failed:\n{done.stderr[-2000:]}")
+                    row = json.loads(out.read_text())
+                rows.append({"model": args.model, **row})
+    return rows
+
+
+def memory_growth(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peak at the largest N over peak at the smallest, per setting (1.0: memory does not grow with N)."""
+    out = []
+    for key in dict.fromkeys((r["solver"], r["gram_precision"]) for r in rows):
+        same = [r for r in rows if (r["solver"], r["gram_precision"]) == key]
+        if len(same) < 2:
+            continue
+        small = min(same, key=lambda r: r["calib_images"])
+        large = max(same, key=lambda r: r["calib_images"])
+        out.append({"solver": key[0], "gram_precision": key[1], "n_small": small["calib_images"],
+                    "n_large": large["calib_images"], "peak_ratio": large["peak_rss_mib"] / small["peak_rss_mib"],
+                    "extra_mib_small": small["compress_extra_rss_mib"],
+                    "extra_mib_large": large["compress_extra_rss_mib"]})
+    return out
+
+
+def strip_options(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the options a peak-memory child sets itself (and without their values)."""
+    drop = {"--calib", "--solver", "--gram-precision", "--peak-memory", "--json", "--repeats", "--peak-child"}
+    out: list[str] = []
+    skipping = False
+    for token in argv:
+        if token.startswith("--"):
+            name = token.split("=", 1)[0]
+            skipping = name in drop
+            if skipping:
+                continue
+        elif skipping:
+            continue
+        out.append(token)
+    return out
+
+
+TIME_COLUMNS = [
+    ("solver", "solver", "s"),
+    ("gram_precision", "gram", "s"),
+    ("calib_images", "images", "d"),
+    ("calibration_forward_s", "forward s", ".1f"),
+    ("statistics_s", "statistics s", ".1f"),
+    ("decomposition_s", "decomposition s", ".1f"),
+    ("allocation_s", "allocation s", ".2f"),
+    ("compensation_s", "compensation s", ".1f"),
+    ("report_s", "report s", ".1f"),
+    ("total_s", "compress s", ".1f"),
+    ("overhead_ratio", "overhead ratio", ".2f"),
+]
+
+MEMORY_COLUMNS = [
+    ("solver", "solver", "s"),
+    ("gram_precision", "gram", "s"),
+    ("calib_images", "images", "d"),
+    ("baseline_rss_mib", "RSS before MiB", ".0f"),
+    ("peak_rss_mib", "peak RSS MiB", ".0f"),
+    ("compress_extra_rss_mib", "compress extra MiB", ".0f"),
+    ("compress_s", "compress s", ".1f"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run from the command line; returns the JSON payload (for tests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_device(args.device)
+        model_name = resolve_model_name(args.model)
+        kwargs = parse_model_kwargs(args.model_kwargs)
+    except UsageError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_child:
+        peak_child(args, model_name, kwargs)
+        return {}
+    payload: dict[str, Any] = {"benchmark": "compress_time", "command": command_line(),
+                               "environment": environment(args.device),
+                               "settings": {"model_kwargs": kwargs, "seed": args.seed, "device": args.device}}
+    if args.peak_memory:
+        rows = memory_rows(args, argv)
+        payload["memory"] = rows
+        print(f"{model_name}: peak resident memory of compress, one fresh process per row")
+        print(format_table(rows, MEMORY_COLUMNS))
+        payload["memory_growth"] = memory_growth(rows)
+        for growth in payload["memory_growth"]:
+            print(f"{growth['solver']}/{growth['gram_precision']}: peak RSS at N={growth['n_large']} / "
+                  f"N={growth['n_small']} = {growth['peak_ratio']:.3f} "
+                  f"({growth['extra_mib_large'] - growth['extra_mib_small']:+.0f} MiB of compress's own memory)")
+    else:
+        rows = timing_rows(args, model_name, kwargs)
+        payload["rows"] = rows
+        env = payload["environment"]
+        print(f"{model_name} on {env['device']} ({env['cpu']}, {env['torch_threads']} threads), "
+              f"reduction {args.reduction}, median of {args.repeats} run(s)")
+        print(format_table(rows, TIME_COLUMNS))
+        for row in rows:
+            if row["solver"] == "sgd" and row["sgd_iterations"] != 2000:
+                print(f"sgd: {row['sgd_s_per_iteration'] * 1000:.1f} ms/step; at 2000 steps compensation would take "
+                      f"{row['compensation_s_at_2000_iterations']:.0f} s, overhead ratio "
+                      f"{row['overhead_ratio_at_2000_iterations']:.2f}")
+    if args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
