@@ -15,7 +15,10 @@ product alone outweighs the block's four linears. The estimators here are drop-i
 * ``bf16``: as ``fast`` with bfloat16 products (rounded inputs, float32 accumulation inside the product, float64
   running sum), which avx512_bf16/AMX CPUs and every GPU run several times faster than float32;
 * ``+tokens:F``: every image contributes a random fraction F of its tokens (the same count per image, a fresh draw
-  per layer and batch), scaled by 1/F so that H stays unbiased; the per-image weights w_i use all tokens.
+  per layer and batch), scaled by 1/F so that H stays unbiased; the per-image weights w_i use all tokens;
+* ``+reuse`` (not a statistics estimator: a proposed change to the compensation stage, see
+  :func:`reuse_whitened_svd`): the closed-form low-rank Z taken from the whitened SVD already computed, instead of a
+  second SVD per layer. Exact.
 
 Each row reports the same stage timings as ``compress_time.py`` and the held-out eq. 5 error: the mean over block
 linears of ``tr(dW^T H_test dW) / N_test`` with H_test the *exact* float64 statistics of ``--heldout`` images that
@@ -60,7 +63,8 @@ from compress_time import STAGES, measure  # noqa: E402
 import lowrank_vit.pipeline as pipeline  # noqa: E402
 from lowrank_vit import CompressionConfig, get_adapter  # noqa: E402
 from lowrank_vit.calibration import LayerStats, collect_statistics, iter_calibration_images  # noqa: E402
-from lowrank_vit.decompose import weighted_error  # noqa: E402
+from lowrank_vit.decompose import Decomposition, weighted_error  # noqa: E402
+from lowrank_vit.factorized import LowRankZ  # noqa: E402
 
 _MIN_ENERGY = 1e-30
 
@@ -142,47 +146,97 @@ def estimated_statistics(model: nn.Module, layers: dict[str, nn.Linear], batches
 
 DEFAULT_ESTIMATORS = ("exact", "fast", "fast+tokens:0.5", "bf16", "bf16+tokens:0.5")
 
-ESTIMATOR_DTYPES = {"fast": torch.float32, "fast64": torch.float64, "bf16": torch.bfloat16}
-"""First part of an estimator name: the product's dtype (all three use the symmetric product and float32 norms)."""
+ESTIMATOR_DTYPES = {"exact": None, "fast": torch.float32, "fast64": torch.float64, "bf16": torch.bfloat16}
+"""First part of an estimator name: the product's dtype ("exact": the package's own function; the others use the
+symmetric product and float32 norms)."""
 
 
-def parse_estimator(text: str) -> tuple[torch.dtype, float] | None:
-    """``None`` for "exact" (the package's own function); else (product dtype, token fraction) of
-    "fast|fast64|bf16[+tokens:F]".
+def parse_estimator(text: str) -> tuple[torch.dtype | None, float, bool]:
+    """(product dtype or None for the package's function, token fraction, reuse the SVD for Z) of a name
+    "exact|fast|fast64|bf16[+tokens:F][+reuse]".
 
     Raises:
         UsageError: not such a name.
     """
-    if text == "exact":
-        return None
-    head, _, tail = text.partition("+")
-    if head not in ESTIMATOR_DTYPES or (tail and not tail.startswith("tokens:")):
-        raise UsageError(f"bad --estimator {text!r}: use exact, fast, fast64 or bf16, optionally +tokens:F")
-    kept = 1.0
-    if tail:
-        try:
-            kept = float(tail.split(":", 1)[1])
-        except ValueError:
-            kept = -1.0
-        if not 0.0 < kept <= 1.0:
-            raise UsageError(f"bad token fraction in --estimator {text!r}: need 0 < F <= 1")
-    return ESTIMATOR_DTYPES[head], kept
+    head, *parts = text.split("+")
+    if head not in ESTIMATOR_DTYPES:
+        raise UsageError(f"bad --estimator {text!r}: use exact, fast, fast64 or bf16, optionally +tokens:F, +reuse")
+    kept, reuse = 1.0, False
+    for part in parts:
+        if part == "reuse":
+            reuse = True
+        elif part.startswith("tokens:") and head != "exact":
+            try:
+                kept = float(part.split(":", 1)[1])
+            except ValueError:
+                kept = -1.0
+            if not 0.0 < kept <= 1.0:
+                raise UsageError(f"bad token fraction in --estimator {text!r}: need 0 < F <= 1")
+        else:
+            raise UsageError(f"bad --estimator {text!r}: unknown part {part!r}")
+    return ESTIMATOR_DTYPES[head], kept, reuse
+
+
+@contextlib.contextmanager
+def reuse_whitened_svd() -> Iterator[None]:
+    """Make ``compress`` take the closed-form low-rank Z from the decomposition it already has, instead of a second
+    SVD: with A^T A = H_d and ``U V^T`` the rank-r truncation of ``A^-1 SVD(A W)``, ``A R = A W - A U V^T`` is the
+    tail ``sum_{i>r} p_i s_i r_i^T`` of the same SVD, so its best rank-q part is triplets r+1..r+q and
+    ``G = A^-1 P[:, r:r+q] sqrt(s)``, ``Y = R[:, r:r+q] sqrt(s)``: exactly what ``closed_form_z`` computes.
+
+    Prototype wiring from outside the package: ``_decompose`` results are remembered by their Whitening (the same
+    object reaches ``CompensationProblem``) and ``Decomposition.factors`` remembers the rank it was cut at.
+    """
+    by_whitening: dict[int, Decomposition] = {}
+    cut: dict[int, int] = {}
+    original_decompose, original_z = pipeline._decompose, pipeline.closed_form_z
+    original_factors = Decomposition.factors
+
+    def decompose(cfg: Any, weight: torch.Tensor, stats: Any, white: Any) -> Decomposition:
+        result = original_decompose(cfg, weight, stats, white)
+        if cfg.decomposition == "whitened" and white is not None:
+            by_whitening[id(white)] = result
+        return result
+
+    def factors(self: Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cut[id(self)] = rank
+        return original_factors(self, rank)
+
+    def closed_form_z(kind: str, problem: Any, z_params: int) -> nn.Module:
+        decomposition = by_whitening.get(id(problem.white))
+        rank = cut.get(id(decomposition))
+        k, m = problem.residual.shape
+        q = z_params // (k + m)
+        if kind != "lowrank" or rank is None or rank + q > decomposition.max_rank:
+            return original_z(kind, problem, z_params)
+        root = decomposition.singular_values[rank: rank + q].clamp_min(0).sqrt()
+        z = LowRankZ(k, m, q)
+        with torch.no_grad():
+            z.G.copy_(decomposition.left[:, rank: rank + q] * root)
+            z.Y.copy_(decomposition.right[:, rank: rank + q] * root)
+        return z
+
+    pipeline._decompose, pipeline.closed_form_z, Decomposition.factors = decompose, closed_form_z, factors
+    try:
+        yield
+    finally:
+        pipeline._decompose, pipeline.closed_form_z = original_decompose, original_z
+        Decomposition.factors = original_factors
 
 
 @contextlib.contextmanager
 def patched_statistics(estimator: str) -> Iterator[None]:
-    """Make ``compress`` collect its statistics with ``estimator`` (see :func:`parse_estimator`)."""
-    parsed = parse_estimator(estimator)
-    if parsed is None:
+    """Make ``compress`` run with ``estimator`` (see :func:`parse_estimator`)."""
+    dtype, kept, reuse = parse_estimator(estimator)
+    with contextlib.ExitStack() as stack:
+        if reuse:
+            stack.enter_context(reuse_whitened_svd())
+        if dtype is not None:
+            original = pipeline.collect_statistics
+            pipeline.collect_statistics = functools.partial(estimated_statistics, token_fraction=kept,
+                                                            product_dtype=dtype)
+            stack.callback(setattr, pipeline, "collect_statistics", original)
         yield
-        return
-    dtype, kept = parsed
-    original = pipeline.collect_statistics
-    pipeline.collect_statistics = functools.partial(estimated_statistics, token_fraction=kept, product_dtype=dtype)
-    try:
-        yield
-    finally:
-        pipeline.collect_statistics = original
 
 
 @torch.no_grad()
@@ -263,8 +317,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     heldout = collect_statistics(dense, layers, heldout_images, args.heldout, progress=False,
                                  device=torch.device(args.device), gram_precision="float64")
 
-    settings = [("exact", p) for p in args.gram_precision if "exact" in args.estimator]
-    settings += [(e, "float32") for e in dict.fromkeys(args.estimator) if e != "exact"]
+    settings = []
+    for estimator in dict.fromkeys(args.estimator):
+        if estimator.split("+")[0] == "exact":
+            settings += [(estimator, precision) for precision in args.gram_precision]
+        else:
+            settings.append((estimator, "float32"))
     rows = []
     for estimator, precision in settings:
         config = CompressionConfig(reduction=args.reduction, calib_samples=args.calib, gram_precision=precision,
@@ -277,13 +335,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             figures["heldout_logit_err"] = heldout_logit_error(dense, compressed, heldout_images, args.device)
             runs.append(figures)
         row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "heldout_images": args.heldout,
-                               "estimator": estimator if estimator != "exact" else f"exact {precision}",
+                               "estimator": f"{estimator} {precision}" if estimator.startswith("exact") else estimator,
                                "gram_precision": precision}
         row.update({key: median([run[key] for run in runs]) for key in runs[0]})
         for stage in STAGES:
             row[f"{stage}_x_forward"] = row[f"{stage}_s"] / row["calibration_forward_s"]
         rows.append(row)
-    reference = next((r for r in rows if r["estimator"] == "exact float64"), rows[0])
+    reference = next((r for r in rows if r["estimator"] == "exact float64"), rows[0])  # the package's default
     for row in rows:
         row["heldout_vs_exact"] = row["heldout_eq5"] / reference["heldout_eq5"] - 1.0
         row["within_1_percent"] = math.isfinite(row["heldout_vs_exact"]) and row["heldout_vs_exact"] <= 0.01

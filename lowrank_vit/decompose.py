@@ -37,11 +37,8 @@ class Decomposition:
         return float(energy[rank:].sum()) / total
 
     def energy_losses(self) -> torch.Tensor:
-        """Energy loss for every rank 0..p (index = rank kept), computed with one cumulative sum."""
-        energy = self.singular_values.pow(2)
-        total = energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
-        return (tail / total).clamp(0.0, 1.0)
+        """Energy loss for every rank 0..p (index = rank kept)."""
+        return energy_loss_curve(self.singular_values)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """U (k, rank) and V (m, rank) with the singular values split evenly (sqrt on each side, eq. 7).
@@ -88,6 +85,14 @@ class Whitening:
         if self.triangular:
             return torch.linalg.solve_triangular(self.root, matrix, upper=True)
         return self.inv_root @ matrix
+
+
+def energy_loss_curve(singular_values: torch.Tensor) -> torch.Tensor:
+    """Normalized energy loss for keeping r = 0..p singular values (index = r), with one cumulative sum."""
+    energy = singular_values.double().pow(2)
+    total = energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    return (tail / total).clamp(0.0, 1.0)
 
 
 def whitening(gram: torch.Tensor, damping: float) -> Whitening:

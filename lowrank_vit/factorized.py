@@ -121,6 +121,17 @@ def build_z(in_features: int, out_features: int, spec: dict[str, Any] | None) ->
     raise ValueError(f"unknown compensation kind {kind!r} in layer spec")
 
 
+def z_spec(kind: str, in_features: int, out_features: int, z_params: int) -> dict[str, Any] | None:
+    """The spec (as ``build_z`` reads it) of a Z of ``kind`` holding ``z_params`` parameters."""
+    if kind == "none":
+        return None
+    if kind == "lowrank":
+        return {"kind": kind, "rank": z_params // (in_features + out_features)}
+    if kind == "structured":
+        return {"kind": kind, "rows": z_params // out_features}
+    return {"kind": kind, "nnz": z_params}
+
+
 class FactorizedLinear(nn.Module):
     """``y = (x U) V^T + Z(x) + b``: the drop-in replacement of a block's ``nn.Linear``."""
 

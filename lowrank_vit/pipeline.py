@@ -19,13 +19,14 @@ from lowrank_vit.config import CompressionConfig
 from lowrank_vit.decompose import (
     Decomposition,
     Whitening,
+    energy_loss_curve,
     mean_input_svd,
     plain_svd,
     weighted_error,
     whitened_svd,
     whitening,
 )
-from lowrank_vit.factorized import FactorizedLinear
+from lowrank_vit.factorized import FactorizedLinear, z_spec
 from lowrank_vit.progress import progress_bar
 from lowrank_vit.surgery import swap_layers
 
@@ -97,6 +98,16 @@ def _target_total(cfg: CompressionConfig, params_before: int) -> int:
     return round((1.0 - cfg.reduction) * params_before)
 
 
+def _spectrum_matrix(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
+                     white: Whitening | None) -> torch.Tensor:
+    """The matrix whose singular values the decomposition keeps: W, X_rep W or A W (A^T A = H)."""
+    if cfg.decomposition == "plain":
+        return weight
+    if cfg.decomposition == "mean":
+        return stats.mean_input.double() @ weight
+    return white.apply(weight)
+
+
 def _decompose(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
                white: Whitening | None) -> Decomposition:
     if cfg.decomposition == "plain":
@@ -104,6 +115,116 @@ def _decompose(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
     if cfg.decomposition == "mean":
         return mean_input_svd(weight, stats.mean_input)
     return whitened_svd(weight, white)
+
+
+@dataclass
+class _Setup:
+    """What compress and plan_compression both derive from the model and the config before calibration."""
+
+    cfg: CompressionConfig
+    layers: dict[str, nn.Linear]
+    params_before: int
+    target_total: int
+    budget: int
+    """Parameters left for the compressible layers' weights (and their factors and Z)."""
+    z_params: dict[str, int]
+    device: torch.device
+
+
+def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[str, Any]) -> _Setup:
+    if config is None:
+        config = CompressionConfig(**overrides)
+    elif overrides:
+        config = CompressionConfig.from_dict({**config.to_dict(), **overrides})
+    adapter = get_adapter(model)
+    if any(isinstance(m, FactorizedLinear) for m in model.modules()):
+        raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
+    layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
+    for name, layer in layers.items():
+        if not torch.isfinite(layer.weight).all():
+            raise ValueError(f"layer {name} has NaN or inf weights")
+    params_before = count_params(model)
+    target_total = _target_total(config, params_before)
+    compressible = sum(layer.weight.numel() for layer in layers.values())
+    budget = target_total - (params_before - compressible)
+    z_params = {name: z_param_count(config.compensation, layer.in_features, layer.out_features, config.z_fraction)
+                for name, layer in layers.items()}
+    # Fail on an impossible target before the (long) calibration pass.
+    check_feasible([LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
+                    for name, layer in layers.items()], budget)
+    device = torch.device(config.device) if config.device else next(model.parameters()).device
+    return _Setup(config, layers, params_before, target_total, budget, z_params, device)
+
+
+def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable, sample_tokens: int) -> dict[str, LayerStats]:
+    cfg = setup.cfg
+    return collect_statistics(model, setup.layers, calib_images, cfg.calib_samples,
+                              want_mean=cfg.decomposition == "mean", sample_tokens=sample_tokens, device=setup.device,
+                              progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision)
+
+
+def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
+    cfg = setup.cfg
+    budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
+               for name, layer in setup.layers.items()]
+    if cfg.allocation == "greedy":
+        tolerance = int(0.0005 * setup.target_total)
+        return allocate_greedy(budgets, setup.budget, cfg.gamma, cfg.greedy_iterations, tolerance)
+    return allocate_uniform(budgets, setup.budget)
+
+
+def _weight(layer: nn.Linear, device: torch.device) -> torch.Tensor:
+    """The paper's W = weight^T, (in, out), float64."""
+    return layer.weight.detach().to(device).double().T
+
+
+@dataclass
+class CompressionPlan:
+    """The rank allocation alone (no factor computed): what ``lowrank-vit plan`` prints."""
+
+    config: dict[str, Any]
+    params_before: int
+    params_after: int
+    target_params: int
+    ranks: dict[str, int | None]
+    layer_specs: dict[str, dict[str, Any]]
+    """FactorizedLinear spec of every layer the plan factorizes (see :meth:`FactorizedLinear.spec`)."""
+
+
+def plan_compression(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
+                     **overrides: Any) -> CompressionPlan:
+    """Calibrate and allocate ranks exactly as :func:`compress` would, without computing any factor or touching
+    the model: singular values only, so it is several times faster (used to check parameter budgets)."""
+    setup = _setup(model, config, overrides)
+    cfg = setup.cfg
+    stats = _calibrate(model, setup, calib_images, sample_tokens=0)
+    curves = {}
+    with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
+        for name, layer in setup.layers.items():
+            white = whitening(stats[name].gram, cfg.damping) if cfg.decomposition == "whitened" else None
+            matrix = _spectrum_matrix(cfg, _weight(layer, setup.device), stats[name], white)
+            curves[name] = energy_loss_curve(torch.linalg.svdvals(matrix)).cpu()
+            bar.update(1)
+    allocation = _allocate(setup, curves)
+    specs = {}
+    for name, layer in setup.layers.items():
+        rank = allocation.ranks[name]
+        if rank is not None:
+            specs[name] = {"in_features": layer.in_features, "out_features": layer.out_features, "rank": rank,
+                           "bias": layer.bias is not None,
+                           "z": z_spec(cfg.compensation, layer.in_features, layer.out_features, setup.z_params[name])}
+    compressible = sum(layer.weight.numel() for layer in setup.layers.values())
+    params_after = setup.params_before - compressible + allocation.params
+    return CompressionPlan(cfg.to_dict(), setup.params_before, params_after, setup.target_total, allocation.ranks,
+                           specs)
+
+
+def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Swap in zero-initialised factorized layers shaped as ``plan`` says: exact parameter counts and model sizes
+    without computing factors (their values are meaningless until trained or loaded)."""
+    swap_layers(model, lambda fqn, _: FactorizedLinear.from_spec(plan.layer_specs[fqn]),
+                lambda fqn, _: fqn in plan.layer_specs)
+    return model
 
 
 def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
@@ -120,38 +241,14 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     Returns:
         A :class:`CompressionReport`.
     """
-    if config is None:
-        config = CompressionConfig(**overrides)
-    elif overrides:
-        config = CompressionConfig.from_dict({**config.to_dict(), **overrides})
-    cfg = config
-    adapter = get_adapter(model)
-    if any(isinstance(m, FactorizedLinear) for m in model.modules()):
-        raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
-    layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
-    for name, layer in layers.items():
-        if not torch.isfinite(layer.weight).all():
-            raise ValueError(f"layer {name} has NaN or inf weights")
-    params_before = count_params(model)
-    target_total = _target_total(cfg, params_before)
-    compressible = sum(layer.weight.numel() for layer in layers.values())
-    budget = target_total - (params_before - compressible)
-    z_kind = cfg.compensation
-    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    setup = _setup(model, config, overrides)
+    cfg, layers, device, z_kind = setup.cfg, setup.layers, setup.device, setup.cfg.compensation
+    budgets_meta = setup.z_params
     timings: dict[str, float] = {}
-
-    budgets_meta = {name: z_param_count(z_kind, layer.in_features, layer.out_features, cfg.z_fraction)
-                    for name, layer in layers.items()}
-    # Fail on an impossible target before the (long) calibration pass.
-    probe = [LayerBudget(name, layer.in_features, layer.out_features, budgets_meta[name], torch.zeros(1))
-             for name, layer in layers.items()]
-    check_feasible(probe, budget)
 
     start = time.perf_counter()
     use_sgd = cfg.solver == "sgd" and z_kind != "none"
-    stats = collect_statistics(model, layers, calib_images, cfg.calib_samples, want_mean=cfg.decomposition == "mean",
-                               sample_tokens=cfg.sgd_tokens_per_image if use_sgd else 0, device=device,
-                               progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision)
+    stats = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -161,19 +258,12 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         for name, layer in layers.items():
             if cfg.decomposition == "whitened" or z_kind != "none":  # only these need H's square root
                 whitenings[name] = whitening(stats[name].gram, cfg.damping)
-            weight = layer.weight.detach().to(device).double().T
-            decompositions[name] = _decompose(cfg, weight, stats[name], whitenings.get(name))
+            decompositions[name] = _decompose(cfg, _weight(layer, device), stats[name], whitenings.get(name))
             bar.update(1)
     timings["decomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    budgets = [LayerBudget(name, layer.in_features, layer.out_features, budgets_meta[name],
-                           decompositions[name].energy_losses().cpu()) for name, layer in layers.items()]
-    tolerance = int(0.0005 * target_total)
-    if cfg.allocation == "greedy":
-        allocation: Allocation = allocate_greedy(budgets, budget, cfg.gamma, cfg.greedy_iterations, tolerance)
-    else:
-        allocation = allocate_uniform(budgets, budget)
+    allocation = _allocate(setup, {name: d.energy_losses().cpu() for name, d in decompositions.items()})
     timings["allocation"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -185,7 +275,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         rank = allocation.ranks[name]
         if rank is None:
             continue
-        weight = layer.weight.detach().to(device).double().T
+        weight = _weight(layer, device)
         U, V = decompositions[name].factors(rank)
         residual = weight - U @ V.T
         residuals[name] = residual
@@ -222,8 +312,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         else:
             new = new_layers[name]
             err_lr = weighted_error(residuals[name], s.gram, s.num_images)
-            weight = layer.weight.detach().to(device).double().T
-            err = weighted_error(weight - new.dense_weight().detach().double(), s.gram, s.num_images)
+            err = weighted_error(_weight(layer, device) - new.dense_weight().detach().double(), s.gram, s.num_images)
             params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
         reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
                                    budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,
@@ -231,4 +320,5 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
 
     swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
     params_after = count_params(model)
-    return CompressionReport(cfg.to_dict(), params_before, params_after, target_total, reports, timings, sgd_history)
+    return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
+                             sgd_history)

@@ -201,3 +201,19 @@ def test_float32_gram_products_match_float64(small_images):
     assert exact.ranks == fast.ranks
     for a, b in zip(exact.layers, fast.layers, strict=True):
         assert b.output_error == pytest.approx(a.output_error, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("compensation", ["none", "lowrank", "diagonal", "sparse", "structured"])
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_plan_matches_compress(compensation, allocation, small_images):
+    """plan_compression (singular values only) allocates exactly as compress does, and the skeleton counts match."""
+    from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
+
+    config = cfg(reduction=0.5, compensation=compensation, allocation=allocation)
+    plan = plan_compression(small_vit(), [small_images], config)
+    model = small_vit()
+    report = compress(model, [small_images], config)
+    assert plan.ranks == report.ranks
+    assert plan.params_after == report.params_after
+    skeleton = apply_plan_skeleton_(small_vit(), plan)
+    assert count_params(skeleton) == report.params_after
