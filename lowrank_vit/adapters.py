@@ -58,6 +58,27 @@ class TimmViTAdapter:
                         layers[f"{prefix}{part}.{name}"] = layer
         return layers
 
+    def attention_modules(self, model: nn.Module, include_factorized: bool = False) -> dict[str, nn.Module]:
+        """Fully qualified name -> ``attn`` module of every block that computes q, k, v with one fused ``qkv``
+        linear and its output with ``proj`` (what COMCAT replaces as a whole), in forward order.
+
+        Args:
+            model: a timm vision transformer.
+            include_factorized: also return attention modules already replaced by a ``FactorizedAttention``.
+        """
+        from lowrank_vit.comcat import FactorizedAttention
+
+        modules: dict[str, nn.Module] = {}
+        for block_name, block in model.named_modules():
+            if not is_block(block):
+                continue
+            attn = block.attn
+            fused = isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None),
+                                                                                     nn.Linear)
+            if fused or (include_factorized and isinstance(attn, FactorizedAttention)):
+                modules[f"{block_name}.attn" if block_name else "attn"] = attn
+        return modules
+
     def model_spec(self, model: nn.Module) -> ModelSpec:
         """Read the timm architecture name and the constructor arguments that shape its parameters."""
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
