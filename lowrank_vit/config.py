@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-DECOMPOSITIONS = ("plain", "mean", "whitened")
+DECOMPOSITIONS = ("plain", "mean", "whitened", "asvd", "fwsvd", "comcat")
 ALLOCATIONS = ("uniform", "greedy")
 COMPENSATIONS = ("none", "lowrank", "diagonal", "sparse", "structured")
 SOLVERS = ("closed_form", "sgd")
@@ -34,7 +34,13 @@ class CompressionConfig:
 
     decomposition: str = "whitened"
     """"plain": SVD of W (the paper's Vanilla SVD). "mean": eqs. (6)-(7) with X_rep the mean calibration input.
-    "whitened": the exact minimizer of eq. (5) with Z = 0, W_hat = H^-1/2 SVD_r(H^1/2 W)."""
+    "whitened": the exact minimizer of eq. (5) with Z = 0, W_hat = H^-1/2 SVD_r(H^1/2 W).
+    Comparison methods (see methods.py, fisher.py, comcat.py): "asvd" (Yuan et al. 2023: input channels scaled by
+    mean |x|^asvd_alpha before the SVD), "fwsvd" (Hsu et al. 2022: input rows weighted by their Fisher information;
+    needs labelled calibration batches), "comcat" (Xiao et al. 2023: every attention head's W_Q W_K^T and W_V W_O
+    products factorized, ranks per head; MLP layers by plain SVD)."""
+    asvd_alpha: float = 0.5
+    """ASVD's exponent alpha of the channel scaling S = diag(mean |x|)^alpha (alpha = 0 is plain SVD)."""
     allocation: str = "greedy"
     """"uniform": the same retained fraction of parameters in every layer. "greedy": Algorithm 1 with eq. (9)."""
     compensation: str = "lowrank"
@@ -108,6 +114,9 @@ class CompressionConfig:
             raise ValueError(f"sgd_lr must be positive, got {self.sgd_lr}")
         if not self.damping >= 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) \
+                or not 0.0 <= self.asvd_alpha < float("inf"):
+            raise ValueError(f"asvd_alpha must be a finite number >= 0, got {self.asvd_alpha!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_vit import comcat
 from lowrank_vit.adapters import count_params, get_adapter
 from lowrank_vit.allocate import Allocation, LayerBudget, allocate_greedy, allocate_uniform, check_feasible
 from lowrank_vit.calibration import LayerStats, collect_statistics
@@ -27,6 +29,8 @@ from lowrank_vit.decompose import (
     whitening,
 )
 from lowrank_vit.factorized import FactorizedLinear, z_spec
+from lowrank_vit.fisher import row_fisher
+from lowrank_vit.methods import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
 from lowrank_vit.progress import progress_bar
 from lowrank_vit.surgery import swap_layers
 
@@ -99,21 +103,25 @@ def _target_total(cfg: CompressionConfig, params_before: int) -> int:
 
 
 def _spectrum_matrix(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
-                     white: Whitening | None) -> torch.Tensor:
-    """The matrix whose singular values the decomposition keeps: W, X_rep W or A W (A^T A = H)."""
-    if cfg.decomposition == "plain":
+                     white: Whitening | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The matrix whose singular values the decomposition keeps: W, X_rep W, A W (A^T A = H) or diag(s) W."""
+    if cfg.decomposition in ("plain", "comcat"):  # COMCAT's MLP layers: plain SVD
         return weight
     if cfg.decomposition == "mean":
         return stats.mean_input.double() @ weight
+    if cfg.decomposition in ("asvd", "fwsvd"):
+        return scaled_spectrum_matrix(weight, scales)
     return white.apply(weight)
 
 
 def _decompose(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
-               white: Whitening | None) -> Decomposition:
-    if cfg.decomposition == "plain":
+               white: Whitening | None, scales: torch.Tensor | None = None) -> Decomposition:
+    if cfg.decomposition in ("plain", "comcat"):
         return plain_svd(weight)
     if cfg.decomposition == "mean":
         return mean_input_svd(weight, stats.mean_input)
+    if cfg.decomposition in ("asvd", "fwsvd"):
+        return row_scaled_svd(weight, scales)
     return whitened_svd(weight, white)
 
 
@@ -129,6 +137,13 @@ class _Setup:
     """Parameters left for the compressible layers' weights (and their factors and Z)."""
     z_params: dict[str, int]
     device: torch.device
+    replaced_params: int
+    """Parameters of the model that compression replaces: the layers' weights (and, for COMCAT, the attention
+    modules' qkv and proj weights and biases)."""
+    fixed_params: int = 0
+    """New parameters outside every allocation unit (COMCAT's attention output biases)."""
+    attention: dict[str, nn.Module] = field(default_factory=dict)
+    """COMCAT: name -> dense attention module replaced as a whole (its linears are then not in ``layers``)."""
 
 
 def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[str, Any]) -> _Setup:
@@ -137,36 +152,59 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     elif overrides:
         config = CompressionConfig.from_dict({**config.to_dict(), **overrides})
     adapter = get_adapter(model)
-    if any(isinstance(m, FactorizedLinear) for m in model.modules()):
+    if any(isinstance(m, (FactorizedLinear, comcat.FactorizedAttention)) for m in model.modules()):
         raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
     layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
+    attention: dict[str, nn.Module] = {}
+    if config.decomposition == "comcat":  # attention modules are factorized per head, as a whole
+        attention = adapter.attention_modules(model)
+        if not attention:
+            raise ValueError("decomposition='comcat' factorizes attention modules with a fused qkv and a proj linear; "
+                             f"{type(model).__name__} has none")
+        layers = {name: layer for name, layer in layers.items()
+                  if not any(name.startswith(f"{attn}.") for attn in attention)}
     for name, layer in layers.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"layer {name} has NaN or inf weights")
     params_before = count_params(model)
     target_total = _target_total(config, params_before)
-    compressible = sum(layer.weight.numel() for layer in layers.values())
-    budget = target_total - (params_before - compressible)
+    replaced = sum(layer.weight.numel() for layer in layers.values())
+    replaced += sum(comcat.replaced_params(attn) for attn in attention.values())
+    fixed = sum(comcat.fixed_params(attn) for attn in attention.values())
+    budget = target_total - (params_before - replaced) - fixed
     z_params = {name: z_param_count(config.compensation, layer.in_features, layer.out_features, config.z_fraction)
                 for name, layer in layers.items()}
     # Fail on an impossible target before the (long) calibration pass.
     check_feasible([LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
-                    for name, layer in layers.items()], budget)
+                    for name, layer in layers.items()] + comcat.head_budgets(attention), budget)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
-    return _Setup(config, layers, params_before, target_total, budget, z_params, device)
+    return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, fixed, attention)
 
 
-def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable, sample_tokens: int) -> dict[str, LayerStats]:
+def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
+               sample_tokens: int) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
+    """Per-layer statistics, and the per-input-row scales of ASVD or FWSVD (empty for the other methods)."""
     cfg = setup.cfg
-    return collect_statistics(model, setup.layers, calib_images, cfg.calib_samples,
-                              want_mean=cfg.decomposition == "mean", sample_tokens=sample_tokens, device=setup.device,
-                              progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision)
+    scales: dict[str, torch.Tensor] = {}
+    if cfg.decomposition == "fwsvd":  # the gradient pass first: a missing label fails before the long pass
+        fisher = row_fisher(model, setup.layers, calib_images, cfg.calib_samples, device=setup.device,
+                            progress=cfg.progress)
+        scales = {name: fisher_scales(value) for name, value in fisher.items()}
+    with MeanAbsRecorder(setup.layers, enabled=cfg.decomposition == "asvd") as recorder:  # rides along the pass
+        stats = collect_statistics(model, setup.layers, calib_images, cfg.calib_samples,
+                                   want_mean=cfg.decomposition == "mean", sample_tokens=sample_tokens,
+                                   device=setup.device, progress=cfg.progress, seed=cfg.seed,
+                                   gram_precision=cfg.gram_precision)
+    if cfg.decomposition == "asvd":
+        scales = {name: asvd_scales(value, cfg.asvd_alpha) for name, value in recorder.mean_abs().items()}
+    return stats, scales
 
 
 def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
     cfg = setup.cfg
     budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
                for name, layer in setup.layers.items()]
+    budgets += comcat.head_budgets(setup.attention, curves)
     if cfg.allocation == "greedy":
         tolerance = int(0.0005 * setup.target_total)
         return allocate_greedy(budgets, setup.budget, cfg.gamma, cfg.greedy_iterations, tolerance)
@@ -189,6 +227,8 @@ class CompressionPlan:
     ranks: dict[str, int | None]
     layer_specs: dict[str, dict[str, Any]]
     """FactorizedLinear spec of every layer the plan factorizes (see :meth:`FactorizedLinear.spec`)."""
+    attention_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """COMCAT: FactorizedAttention spec of every attention module (see :meth:`FactorizedAttention.spec`)."""
 
 
 def plan_compression(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
@@ -197,14 +237,16 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
     the model: singular values only, so it is several times faster (used to check parameter budgets)."""
     setup = _setup(model, config, overrides)
     cfg = setup.cfg
-    stats = _calibrate(model, setup, calib_images, sample_tokens=0)
+    stats, scales = _calibrate(model, setup, calib_images, sample_tokens=0)
     curves = {}
     with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
         for name, layer in setup.layers.items():
             white = whitening(stats[name].gram, cfg.damping) if cfg.decomposition == "whitened" else None
-            matrix = _spectrum_matrix(cfg, _weight(layer, setup.device), stats[name], white)
+            matrix = _spectrum_matrix(cfg, _weight(layer, setup.device), stats[name], white, scales.get(name))
             curves[name] = energy_loss_curve(torch.linalg.svdvals(matrix)).cpu()
             bar.update(1)
+    for name, decomposition in comcat.head_decompositions(setup.attention, setup.device).items():
+        curves[name] = decomposition.energy_losses().cpu()
     allocation = _allocate(setup, curves)
     specs = {}
     for name, layer in setup.layers.items():
@@ -213,10 +255,11 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
             specs[name] = {"in_features": layer.in_features, "out_features": layer.out_features, "rank": rank,
                            "bias": layer.bias is not None,
                            "z": z_spec(cfg.compensation, layer.in_features, layer.out_features, setup.z_params[name])}
-    compressible = sum(layer.weight.numel() for layer in setup.layers.values())
-    params_after = setup.params_before - compressible + allocation.params
+    attention_specs = {name: comcat.attention_spec(name, attn, allocation.ranks)
+                       for name, attn in setup.attention.items()}
+    params_after = setup.params_before - setup.replaced_params + setup.fixed_params + allocation.params
     return CompressionPlan(cfg.to_dict(), setup.params_before, params_after, setup.target_total, allocation.ranks,
-                           specs)
+                           specs, attention_specs)
 
 
 def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
@@ -224,6 +267,8 @@ def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     without computing factors (their values are meaningless until trained or loaded)."""
     swap_layers(model, lambda fqn, _: FactorizedLinear.from_spec(plan.layer_specs[fqn]),
                 lambda fqn, _: fqn in plan.layer_specs)
+    swap_layers(model, lambda fqn, m: comcat.FactorizedAttention.from_spec_like(m, plan.attention_specs[fqn], fqn),
+                lambda fqn, _: fqn in plan.attention_specs)
     return model
 
 
@@ -248,7 +293,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
 
     start = time.perf_counter()
     use_sgd = cfg.solver == "sgd" and z_kind != "none"
-    stats = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
+    stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
     timings["calibration"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -258,8 +303,10 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         for name, layer in layers.items():
             if cfg.decomposition == "whitened" or z_kind != "none":  # only these need H's square root
                 whitenings[name] = whitening(stats[name].gram, cfg.damping)
-            decompositions[name] = _decompose(cfg, _weight(layer, device), stats[name], whitenings.get(name))
+            decompositions[name] = _decompose(cfg, _weight(layer, device), stats[name], whitenings.get(name),
+                                              scales.get(name))
             bar.update(1)
+    decompositions.update(comcat.head_decompositions(setup.attention, device))
     timings["decomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -317,8 +364,17 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
                                    budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,
                                    decompositions[name].energy_loss(rank) if rank is not None else 0.0, err_lr, err))
+    # COMCAT: one report per head product (the rank it is factorized at; output errors are not measured per head).
+    new_attention = {name: comcat.factorize_attention(name, attn, decompositions, allocation.ranks)
+                     for name, attn in setup.attention.items()}
+    for unit in comcat.head_budgets(setup.attention):
+        rank = comcat.unit_rank(allocation.ranks[unit.name], unit.head_dim)
+        reports.append(LayerReport(unit.name, unit.in_features, unit.out_features, rank, 0, unit.dense_params,
+                                   unit.params(rank), decompositions[unit.name].energy_loss(rank), math.nan,
+                                   math.nan))
 
     swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
+    swap_layers(model, lambda fqn, _: new_attention.get(fqn), lambda fqn, m: fqn in new_attention)
     params_after = count_params(model)
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
                              sgd_history)

@@ -2,7 +2,8 @@
 
 A saved model is a directory with ``model.safetensors`` (every tensor; quantized parameters as integer codes plus
 per-channel scale and zero point) and ``lowrank_vit.json`` (how to rebuild the dense timm model, and the spec of every
-factorized layer). Nothing is pickled; loading never executes code from the files.
+factorized layer and, for COMCAT, of every factorized attention module). Nothing is pickled; loading never executes
+code from the files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_vit.adapters import ModelSpec, TimmViTAdapter, get_adapter, set_submodule
+from lowrank_vit.comcat import FactorizedAttention
 from lowrank_vit.factorized import FactorizedLinear
 from lowrank_vit.quantize import QUANT_ATTR, QuantizedTensor, quantization_record, quantize_tensor
 
@@ -74,6 +76,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     architecture = model_name or spec.architecture
     kwargs = model_kwargs if model_kwargs is not None else spec.kwargs
     layers = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    attention = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedAttention)}
     record = quantization_record(model)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -88,6 +91,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     plan = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture, "model_kwargs": kwargs,
             "layers": layers, "quantization": record, "metadata": metadata or {}}
+    if attention:  # COMCAT's factorized attention modules (older plans have no such key)
+        plan["attention"] = attention
     try:
         plan_text = json.dumps(plan, indent=2)  # before touching the directory: a bad metadata must not cost data
     except (TypeError, ValueError) as exc:
@@ -125,6 +130,9 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
         z = spec.get("z")
         if z is not None and not isinstance(z, dict):
             raise ValueError(f"{plan_file} is malformed: layer {fqn} has a bad 'z' entry")
+    attention = plan.get("attention", {})
+    if not isinstance(attention, dict) or not all(isinstance(spec, dict) for spec in attention.values()):
+        raise ValueError(f"{plan_file} is malformed: 'attention' must map module names to specs")
     return plan
 
 
@@ -163,6 +171,13 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
             set_submodule(model, fqn, FactorizedLinear.from_spec(spec))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{plan_file_of(directory)} is malformed: layer {fqn}: {exc}") from None
+    for fqn, spec in plan.get("attention", {}).items():
+        try:
+            old = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"saved attention {fqn} does not exist in {plan['architecture']}: mismatched model") \
+                from None
+        set_submodule(model, fqn, FactorizedAttention.from_spec_like(old, spec, fqn))  # validates, names problems
 
     record = plan.get("quantization") or {}
     for name, info in record.items():
