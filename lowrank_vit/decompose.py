@@ -95,6 +95,15 @@ def energy_loss_curve(singular_values: torch.Tensor) -> torch.Tensor:
     return (tail / total).clamp(0.0, 1.0)
 
 
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``matrix`` (descending, float64) from the eigenvalues of its smaller Gram matrix: several
+    times faster than an SVD of the tall matrix, and exact where the energy curve looks (values whose squares are
+    below the product's rounding, ~1e-16 of the largest, carry no energy)."""
+    m = matrix.double()
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()
+
+
 def whitening(gram: torch.Tensor, damping: float) -> Whitening:
     """The :class:`Whitening` of a weighted Gram matrix. H may be singular (a dead feature, fewer tokens than
     features): the damping, or the eigenvalue floor of the fallback, keeps every factor finite. Never NaN."""

@@ -148,6 +148,9 @@ class FinetuneConfig:
     """Also train the positional embedding and class/distillation tokens (not in the paper's list)."""
     seed: int = 0
     """Seed passed to ``lightning.seed_everything`` by :func:`finetune`."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps even before ``epochs`` are done (the schedule spans them); None: run
+    every epoch. For quick checks (``--set finetune.max_steps=20``)."""
     checkpoint_every_n_steps: int | None = None
     """Checkpoint every n optimizer steps as well as at every epoch end (None: epoch ends only). Mid-epoch
     checkpoints resume exactly only with a resumable data loader (see :func:`finetune`)."""
@@ -159,6 +162,9 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
         if self.checkpoint_every_n_steps is not None and (
                 isinstance(self.checkpoint_every_n_steps, bool) or not isinstance(self.checkpoint_every_n_steps, int)
                 or self.checkpoint_every_n_steps < 1):
@@ -417,6 +423,8 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
                                    logger=logger if logger is not None else False,  # False: no logger
                                    enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=progress,
                                    callbacks=callbacks)
+    if cfg.max_steps is not None:
+        options["max_steps"] = cfg.max_steps
     options.update(trainer_kwargs)
     trainer = L.Trainer(**options)
     trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders, datamodule=datamodule,

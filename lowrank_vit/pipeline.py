@@ -24,6 +24,7 @@ from lowrank_vit.decompose import (
     energy_loss_curve,
     mean_input_svd,
     plain_svd,
+    singular_values,
     weighted_error,
     whitened_svd,
     whitening,
@@ -243,7 +244,7 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
         for name, layer in setup.layers.items():
             white = whitening(stats[name].gram, cfg.damping) if cfg.decomposition == "whitened" else None
             matrix = _spectrum_matrix(cfg, _weight(layer, setup.device), stats[name], white, scales.get(name))
-            curves[name] = energy_loss_curve(torch.linalg.svdvals(matrix)).cpu()
+            curves[name] = energy_loss_curve(singular_values(matrix)).cpu()
             bar.update(1)
     for name, decomposition in comcat.head_decompositions(setup.attention, setup.device).items():
         curves[name] = decomposition.energy_losses().cpu()

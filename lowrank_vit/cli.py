@@ -1,0 +1,186 @@
+"""``lowrank-vit``: list, show, plan, run and reproduce the registered experiments.
+
+Bad input (an unknown name, an invalid option, missing data or weights) ends with one line on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse prints the usage too; we want one line
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_hardware(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", choices=("full", "smoke"), default="full",
+                        help="full: the paper (timm weights, ImageNet, GPUs); smoke: tiny MNIST stand-ins on a CPU")
+    parser.add_argument("--devices", type=_positive_int, help="processes (GPUs) per node; >1 runs DDP")
+    parser.add_argument("--num-nodes", type=_positive_int, help="nodes (SLURM / torchrun multi-node)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"))
+    parser.add_argument("--output", help="results directory (default: results/, or results/smoke/ for --scale smoke)")
+    parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
+                        help="wandb logging (online falls back to offline without an API key or network)")
+    parser.add_argument("--force", action="store_true", help="run again even if a result is already there")
+    _add_set(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
+                        help="change one config field, e.g. --set finetune.epochs=1 (repeatable; see `show`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lowrank-vit", description="Activation-aware mixed-rank compression of timm ViTs: "
+                                                     "the paper's tables as reproducible jobs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("list", help="names of the registered experiments")
+    p.add_argument("pattern", nargs="?", help="shell pattern or prefix, e.g. 'table2/deit_s/*' or table3")
+    p.add_argument("--json", action="store_true", help="each entry's table, method and paper numbers as JSON")
+
+    p = sub.add_parser("show", help="an experiment's resolved config as JSON")
+    p.add_argument("name")
+    p.add_argument("--scale", choices=("full", "smoke"), help="only this scale's config (default: both)")
+
+    p = sub.add_parser("plan", help="allocate a row's ranks and count its parameters, without data")
+    p.add_argument("name")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random weights and synthetic calibration images (the only mode so far; no network)")
+    p.add_argument("--scale", choices=("full", "smoke"), default="full")
+    p.add_argument("--calib-images", type=_positive_int, default=4, help="synthetic calibration images (default 4)")
+    _add_set(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("run", help="the whole pipeline of one row; writes OUTPUT/NAME/result.json and the model")
+    p.add_argument("name")
+    _add_hardware(p)
+
+    p = sub.add_parser("reproduce", help="run a table's unfinished rows, then write OUTPUT/TABLE.md and .json")
+    p.add_argument("table", help="table1, table2, table3, table4 or ablation")
+    p.add_argument("--rows", help="only the rows matching this shell pattern, e.g. 'table2/deit_s/*'")
+    _add_hardware(p)
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from lowrank_vit.registry import list_experiments
+
+    exps = list_experiments(args.pattern)
+    if args.pattern and not exps:
+        raise CLIError(f"no experiment matches {args.pattern!r}")
+    if args.json:
+        print(json.dumps([{k: v for k, v in e.to_dict().items() if k not in ("full", "smoke")} for e in exps],
+                         indent=2))
+    else:
+        for e in exps:
+            print(e.name)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from lowrank_vit.registry import get_experiment
+
+    print(json.dumps(get_experiment(args.name).to_dict(args.scale), indent=2))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lowrank_vit.registry import get_experiment
+    from lowrank_vit.runner import plan_row
+
+    if not args.synthetic:
+        raise CLIError("plan needs --synthetic (random weights and synthetic inputs); `run` uses real ones")
+    exp = get_experiment(args.name)
+    result = plan_row(exp, args.scale, synthetic=True, calib_images=args.calib_images,
+                      overrides=args.overrides, progress=False)
+    if args.json:
+        keys = ["name", "params_before", "params_after", "paper_params", "reduction", "scale"]
+        keys += [k for k in ("target_params", "size_mib", "paper_size_mib") if k in result]
+        print(json.dumps({k: result.get(k) for k in keys}))
+    else:
+        print(f"{result['name']} [{args.scale}]: {result['params_before']:,} -> {result['params_after']:,} "
+              f"parameters (-{100 * result['reduction']:.2f}%)"
+              + (f", paper {result['paper_params']:,}" if result["paper_params"] else "")
+              + (f", {result['size_mib']:.1f} MiB" if "size_mib" in result else ""))
+        for layer, rank in result["ranks"].items():
+            print(f"  {layer:40s} {'dense' if rank is None else rank}")
+    return 0
+
+
+def _hardware(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, output=args.output,
+                overrides=args.overrides, wandb=args.wandb, force=args.force, progress=not args.quiet)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lowrank_vit.registry import get_experiment
+    from lowrank_vit.runner import run_row
+
+    run_row(get_experiment(args.name), args.scale, **_hardware(args))
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from lowrank_vit.runner import default_output, reproduce
+
+    data = reproduce(args.table, args.scale, rows=args.rows, **_hardware(args))
+    output = args.output or default_output(args.scale)
+    print(open(os.path.join(output, f"{args.table}.md")).read(), end="")
+    if data["failed"]:
+        print(f"lowrank-vit: {len(data['failed'])} row(s) failed: {', '.join(data['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "show": _cmd_show, "plan": _cmd_plan, "run": _cmd_run, "reproduce": _cmd_reproduce}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lowrank_vit.data import DataFormatError, DataNotFoundError
+    from lowrank_vit.registry import UnknownExperimentError
+    from lowrank_vit.runner import SetupError
+
+    expected = (CLIError, UnknownExperimentError, SetupError, DataNotFoundError, DataFormatError, ValueError,
+                FileNotFoundError, FloatingPointError)
+    try:
+        return COMMANDS[args.command](args)
+    except expected as err:
+        print(f"lowrank-vit: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lowrank-vit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

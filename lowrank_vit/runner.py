@@ -1,0 +1,525 @@
+"""Running registry rows: ``plan`` (ranks and sizes only), ``run`` (the whole pipeline of one row) and
+``reproduce`` (a table's rows, then the table of paper vs measured numbers).
+
+A row's run: load the model (timm pretrained weights, or the cached smoke stand-in) -> evaluate it -> compress on
+the calibration subset -> partial fine-tune (Lightning; DDP when several devices) -> optional PTQ -> evaluate ->
+``DIR/NAME/result.json`` and the compressed model (``save_compressed``) in ``DIR/NAME/model``. Under DDP every
+process compresses the same way (everything is seeded), only rank zero evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_vit.adapters import count_params
+from lowrank_vit.registry import Experiment, ModelConfig, RunConfig, get_experiment, list_experiments
+
+RESULT_FILE = "result.json"
+MODEL_DIR = "model"
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class SetupError(RuntimeError):
+    """Something the run needs is missing (weights, data, a device); the message says how to provide it."""
+
+
+def default_output(scale: str) -> Path:
+    """Where results go unless told: ``results/`` for the full scale, ``results/smoke/`` for the smoke one, so the
+    two never overwrite each other."""
+    return Path("results") if scale == "full" else Path("results") / "smoke"
+
+
+# --------------------------------------------------------------------------------------------- models and inputs
+
+
+def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
+    """The row's starting network, in eval mode.
+
+    Raises:
+        SetupError: timm's pretrained weights cannot be fetched (offline, no cache).
+        ValueError: unknown model or stand-in name.
+    """
+    if cfg.source == "standin":
+        from lowrank_vit.standins import build_standin
+
+        return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
+    import timm
+
+    if not timm.is_model(cfg.name.split(".")[0]):
+        raise ValueError(f"timm has no model {cfg.name!r}")
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not cfg.pretrained:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SetupError(
+            f"cannot load timm's pretrained weights for {cfg.name} ({first[:160]}): run once with network access "
+            f"(they are cached in the Hugging Face cache, HF_HOME), unset HF_HUB_OFFLINE, or use --scale smoke"
+        ) from err
+    return model.eval()
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model takes, from its patch embedding."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None) or (224, 224)
+    proj = getattr(patch_embed, "proj", None)
+    channels = proj.in_channels if isinstance(proj, nn.Conv2d) else 3
+    return int(channels), int(size[0]), int(size[1])
+
+
+def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` smooth random images (low-frequency noise upsampled), so patch tokens correlate as in real images;
+    enough to exercise calibration and allocation without any data."""
+    g = torch.Generator().manual_seed(seed)
+    channels, height, width = shape
+    batches = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        low = torch.randn(count, channels, max(height // 16, 2), max(width // 16, 2), generator=g)
+        batches.append(nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False))
+    return batches
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The device of this process: the local rank's GPU under DDP."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if accelerator == "gpu":
+            raise SetupError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+
+
+def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, calib_images: int = 4,
+             overrides: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
+    """Allocate a row's ranks without computing factors or touching data: the row's model with random weights
+    (``synthetic``) and ``calib_images`` synthetic calibration images. Returns the parameter counts (and, for rows
+    with a size, the model size in MiB under Table 4's accounting)."""
+    from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
+    from lowrank_vit.quantize import model_size_mib, quantize_
+
+    cfg = exp.config(scale).override(overrides)
+    model_cfg = ModelConfig(cfg.model.source, cfg.model.name, pretrained=not synthetic, kwargs=cfg.model.kwargs)
+    model = build_model(model_cfg, progress=progress)
+    params_before = count_params(model)
+    out: dict[str, Any] = {"name": exp.name, "scale": scale, "params_before": params_before,
+                           "params_after": params_before, "paper_params": _millions(exp.paper.params_m),
+                           "reduction": 0.0, "ranks": {}}
+    if cfg.compression is not None:
+        compression = _replace(cfg.compression, calib_samples=calib_images, progress=progress,
+                               gram_precision="float32")
+        batches = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
+        plan = plan_compression(model, batches, compression)
+        apply_plan_skeleton_(model, plan)
+        out.update(params_after=plan.params_after, target_params=plan.target_params,
+                   reduction=1.0 - plan.params_after / params_before, ranks=plan.ranks)
+    if exp.paper.size_mib is not None or cfg.quantization is not None:
+        if cfg.quantization is not None:
+            quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
+        out["size_mib"] = model_size_mib(model, bits=cfg.size_bits)
+        out["paper_size_mib"] = exp.paper.size_mib
+    return out
+
+
+def _millions(value: float | None) -> int | None:
+    return None if value is None else round(value * 1e6)
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress: bool = True,
+             desc: str = "evaluate") -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes) and the image count."""
+    from lowrank_vit.finetune import split_batch
+    from lowrank_vit.progress import progress_bar
+
+    model.eval().to(device)
+    correct1 = correct5 = total = 0
+    with progress_bar(len(loader) if hasattr(loader, "__len__") else 0, desc, "batch", progress) as bar:
+        for batch in loader:
+            images, labels = split_batch(batch)
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            logits = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("the model produced NaN or inf logits")
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            total += labels.numel()
+            bar.update(1)
+    if total == 0:
+        raise ValueError("the evaluation split is empty")
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without what does not change its result (hardware)."""
+    return {k: v for k, v in config.items() if k != "hardware"}
+
+
+def read_result(out_dir: Path) -> dict[str, Any] | None:
+    """A finished row's result, or None when there is none (or it is unreadable)."""
+    path = out_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished(exp: Experiment, cfg: RunConfig, output: Path) -> dict[str, Any] | None:
+    """The result of ``exp`` in ``output`` if it finished with this very config.
+
+    Raises:
+        SetupError: a result is there but from another config (it is never overwritten silently).
+    """
+    result = read_result(output / exp.name)
+    if result is None:
+        return None
+    if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
+        raise SetupError(f"{output / exp.name / RESULT_FILE} holds a run of {exp.name} with another config; "
+                         f"pass --force to replace it or choose another --output")
+    return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path) -> Any:
+    from lowrank_vit.logging_utils import make_logger
+
+    tags = [exp.method, exp.arch, cfg.scale] + ([f"-{round(100 * exp.reduction)}%"] if exp.reduction else [])
+    return make_logger(wandb, project="lowrank_vit", group=f"{exp.table}-{cfg.scale}", tags=tags,
+                       config={"experiment": exp.name, **cfg.to_dict(), "paper": exp.to_dict()["paper"]},
+                       save_dir=out_dir, name=exp.name, job_type="run")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0 and \
+        int(os.environ.get("NODE_RANK", "0") or 0) == 0
+
+
+def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike | None = None,
+            accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
+            overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False,
+            progress: bool = True) -> dict[str, Any] | None:
+    """Run one row end to end and write ``OUTPUT/NAME/result.json`` and ``OUTPUT/NAME/model``.
+
+    Returns:
+        The result (also when it was already there with the same config and ``force`` is False), or None on a
+        non-zero DDP rank.
+
+    Raises:
+        SetupError: missing weights, data or device, or a different finished run in the way.
+    """
+    from lowrank_vit.data import build_datamodule
+    from lowrank_vit.logging_utils import finish, log_ranks_table
+    from lowrank_vit.pipeline import compress
+    from lowrank_vit.quantize import model_size_mib, quantize_
+    from lowrank_vit.surgery import save_compressed
+
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb mode {wandb!r} is not one of {', '.join(WANDB_MODES)}")
+    cfg = exp.config(scale).override(overrides).with_hardware(accelerator, devices, num_nodes)
+    output = Path(output) if output is not None else default_output(scale)
+    out_dir = output / exp.name
+    if not force:
+        done = finished(exp, cfg, output)
+        if done is not None:
+            _say(progress, f"{exp.name}: already finished in {out_dir} (use --force to run it again)")
+            return done
+    started, seconds = time.perf_counter(), {}
+
+    def stage(name: str, begin: float) -> None:
+        seconds[name] = round(time.perf_counter() - begin, 3)
+
+    t = time.perf_counter()
+    data_cfg = cfg.data
+    if cfg.finetune is not None:
+        data_cfg = _replace(data_cfg, batch_size=cfg.finetune.batch_size)
+    build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
+    device = resolve_device(cfg.hardware.accelerator)
+    model = build_model(cfg.model, progress=progress)
+    dm = build_datamodule(data_cfg, model)
+    dm.setup("fit")
+    stage("load", t)
+    _say(progress, f"{exp.name} [{scale}]: {exp.description}")
+    params_before = count_params(model)
+    result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
+                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before}
+    rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
+    logger = _make_logger(exp, cfg, wandb, out_dir) if rank_zero else None
+
+    if rank_zero:
+        t = time.perf_counter()
+        result["dense"] = evaluate(model, dm.val_dataloader(), device, progress, "evaluate dense")
+        stage("evaluate_dense", t)
+    report = None
+    if cfg.compression is not None:
+        _say(progress, f"{exp.name}: compressing ({cfg.compression.decomposition} SVD, "
+                       f"{cfg.compression.allocation} ranks, Z {cfg.compression.compensation})")
+        t = time.perf_counter()
+        compression = _replace(cfg.compression, device=str(device), progress=progress)
+        report = compress(model.to(device), dm.calibration_dataloader(), compression)
+        stage("compress", t)
+        result["report"] = report.to_dict()
+        result["residual_error"] = _mean([layer.output_error for layer in report.layers if layer.rank is not None])
+        result["residual_error_lowrank"] = _mean(
+            [layer.output_error_lowrank for layer in report.layers if layer.rank is not None])
+        log_ranks_table(logger, report)
+        if cfg.finetune is not None and rank_zero:
+            t = time.perf_counter()
+            result["compressed"] = evaluate(model, dm.val_dataloader(), device, progress, "evaluate compressed")
+            stage("evaluate_compressed", t)
+    if cfg.finetune is not None:
+        from lowrank_vit.finetune import finetune
+
+        t = time.perf_counter()
+        hw = cfg.hardware
+        checkpoints = out_dir / "checkpoints"
+        module, trainer = finetune(model, datamodule=dm, config=cfg.finetune, logger=logger,
+                                   checkpoint_dir=str(checkpoints), ckpt_path="last", accelerator=hw.accelerator,
+                                   devices=hw.devices, num_nodes=hw.num_nodes,
+                                   strategy="ddp" if hw.distributed else "auto", progress=progress)
+        if trainer.global_rank != 0:
+            return None
+        stage("finetune", t)
+        result["finetune"] = {"world_size": trainer.world_size, "steps": trainer.global_step,
+                              "epochs": trainer.current_epoch, "trainable_params": module.trainable["trainable"],
+                              "trainable_fraction": module.trainable["fraction"]}
+    if cfg.quantization is not None:
+        t = time.perf_counter()
+        quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
+        stage("quantize", t)
+    t = time.perf_counter()
+    final = evaluate(model, dm.val_dataloader(), device, progress, "evaluate final")
+    stage("evaluate", t)
+    result.update(params=count_params(model), size_mib=model_size_mib(model, bits=cfg.size_bits),
+                  top1=final["top1"], top5=final["top5"], val_images=final["images"])
+    result["measured_reduction"] = 1.0 - result["params"] / params_before
+    if cfg.compression is not None:
+        t = time.perf_counter()
+        save_compressed(model.cpu(), out_dir / MODEL_DIR, metadata={"experiment": exp.name, "scale": scale})
+        stage("save", t)
+    seconds["total"] = round(time.perf_counter() - started, 3)
+    result.update(stage_seconds=seconds, paper=exp.to_dict()["paper"], notes=list(exp.notes),
+                  config=cfg.to_dict(), finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  versions={"torch": torch.__version__, "timm": _version("timm"),
+                            "lowrank_vit": _version("lowrank_vit")})
+    if logger is not None:
+        logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
+                           {f"result/seconds_{k}": v for k, v in seconds.items()})
+        finish(logger)
+    _write_json(out_dir / RESULT_FILE, result)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
+    _say(progress, f"{exp.name}: top-1 {result['top1']:.2f}% with {result['params']:,} parameters "
+                   f"({result['size_mib']:.1f} MiB) -> {out_dir / RESULT_FILE}")
+    return result
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled and _is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- reproduce
+
+
+def select_rows(table: str, rows: str | None = None) -> list[Experiment]:
+    """The rows of ``table`` (optionally only those matching the shell pattern ``rows``).
+
+    Raises:
+        ValueError: no such table, or the pattern matches none of its rows.
+    """
+    exps = [e for e in list_experiments() if e.table == table]
+    if not exps:
+        known = sorted({e.table for e in list_experiments()})
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(known)}")
+    if rows:
+        exps = [e for e in exps if fnmatch.fnmatchcase(e.name, rows)]
+        if not exps:
+            raise ValueError(f"--rows {rows!r} matches no row of {table}")
+    return exps
+
+
+def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, output: str | os.PathLike | None = None,
+              accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
+              overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Run the table's rows that are not finished yet, each in its own process (so a multi-process Lightning run
+    launches cleanly per row and one row's memory is freed before the next), then write ``OUTPUT/TABLE.md`` and
+    ``OUTPUT/TABLE.json``. Failed rows are reported and the table is written with what finished.
+
+    Returns:
+        The table's JSON data (``rows`` and ``failed``).
+    """
+    exps = select_rows(table, rows)
+    output = Path(output) if output is not None else default_output(scale)
+    failed = []
+    for i, exp in enumerate(exps, 1):
+        cfg = exp.config(scale).override(overrides).with_hardware(accelerator, devices, num_nodes)
+        if not force and finished(exp, cfg, output) is not None:
+            _say(progress, f"[{i}/{len(exps)}] {exp.name}: already finished, skipped")
+            continue
+        _say(progress, f"[{i}/{len(exps)}] {exp.name}")
+        command = [sys.executable, "-m", "lowrank_vit.cli", "run", exp.name, "--scale", scale, "--output",
+                   str(output), "--wandb", wandb]
+        for flag, value in (("--accelerator", accelerator), ("--devices", devices), ("--num-nodes", num_nodes)):
+            if value is not None:
+                command += [flag, str(value)]
+        for assignment in overrides:
+            command += ["--set", assignment]
+        if force:
+            command.append("--force")
+        if not progress:
+            command.append("--quiet")
+        if subprocess.run(command, check=False).returncode != 0:
+            failed.append(exp.name)
+            _say(True, f"[{i}/{len(exps)}] {exp.name}: FAILED (see the messages above); going on")
+    data = write_table(table, select_rows(table), scale, output)  # every row of the table, finished or not
+    data["failed"] = failed
+    return data
+
+
+def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
+    """Paper and measured numbers of one row side by side (measured fields None when the row has not run)."""
+    paper = exp.paper
+    get = (result or {}).get
+    measured_params = get("params")
+    row = {"name": exp.name, "arch": exp.arch, "method": exp.method, "reduction": exp.reduction,
+           "paper_params_m": paper.params_m, "params_m": None if measured_params is None else measured_params / 1e6,
+           "paper_top1": paper.top1, "top1": get("top1"), "top5": get("top5"),
+           "top1_compressed": (get("compressed") or {}).get("top1"), "top1_dense": (get("dense") or {}).get("top1"),
+           "paper_size_mib": paper.size_mib, "size_mib": get("size_mib"),
+           "paper_residual": paper.residual, "residual": get("residual_error"), "notes": list(exp.notes),
+           "finished": result is not None}
+    for key in ("params_m", "top1", "size_mib", "residual"):
+        ours, theirs = row[key], row[f"paper_{key}"]
+        row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
+    return row
+
+
+def write_table(table: str, exps: list[Experiment], scale: str, output: Path) -> dict[str, Any]:
+    """Write ``output/TABLE.json`` and ``output/TABLE.md``: every row's paper and measured numbers and their
+    difference. At smoke scale the measured numbers are MNIST stand-ins: only their ordering compares."""
+    rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
+    data = {"table": table, "scale": scale, "rows": rows}
+    _write_json(output / f"{table}.json", data)
+    (output / f"{table}.md").write_text(markdown_table(table, scale, rows))
+    return data
+
+
+def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
+    show_size = any(r["paper_size_mib"] is not None for r in rows)
+    show_residual = any(r["paper_residual"] is not None or r["residual"] is not None for r in rows)
+    header = ["row", "params (paper)", "params", "Δ", "top-1 (paper)", "top-1", "Δ", "top-1 before FT", "top-5"]
+    if show_size:
+        header += ["MiB (paper)", "MiB", "Δ"]
+    if show_residual:
+        header += ["residual (paper)", "residual"]
+    lines = [f"# {table} ({scale} scale)", ""]
+    if scale == "smoke":
+        lines += ["Smoke scale: tiny stand-ins of each family on the embedded MNIST digits. Parameter ratios follow "
+                  "the paper; accuracies are MNIST's, so compare rows with each other, not with the paper's "
+                  "ImageNet numbers.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for r in rows:
+        mark = ""
+        if r["notes"]:
+            notes.append(r["notes"])
+            mark = f" [{len(notes)}]"
+        cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
+                 _fmt(r["diff_params_m"], 3, True), _fmt(r["paper_top1"]), _fmt(r["top1"]),
+                 _fmt(r["diff_top1"], 2, True), _fmt(r["top1_compressed"]), _fmt(r["top5"])]
+        if show_size:
+            cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 1), _fmt(r["diff_size_mib"], 1, True)]
+        if show_residual:
+            cells += [_fmt(r["paper_residual"], 2), _fmt(r["residual"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] " + "; ".join(n) for i, n in enumerate(notes, 1)]
+    missing = [r["name"] for r in rows if not r["finished"]]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "SetupError",
+    "build_model",
+    "default_output",
+    "evaluate",
+    "get_experiment",
+    "markdown_table",
+    "plan_row",
+    "reproduce",
+    "run_row",
+    "select_rows",
+    "synthetic_images",
+    "table_row",
+    "write_table",
+]
