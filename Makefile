@@ -6,9 +6,15 @@ BIN := $(VENV)/bin
 # wheels need a CUDA build of torch; it runs on the CPU too). Override for another CUDA or torch version.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
+# reproduce-*: SCALE=full (the paper: ImageNet, timm weights, GPUs) or SCALE=smoke (MNIST stand-ins, CPU, minutes);
+# ARGS passes more options, e.g. ARGS="--devices 8 --wandb online".
+SCALE ?= full
+ARGS ?=
+CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint clean
+.PHONY: help install test lint clean demo check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
+	reproduce-table4 reproduce-ablation
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -24,7 +30,28 @@ test: $(BIN)/.installed  ## run the test suite (installs first when .venv is mis
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed  ## ruff over the package and the tests
-	$(BIN)/ruff check lowrank_vit tests
+	$(BIN)/ruff check lowrank_vit experiments tests benchmarks
+
+demo: $(BIN)/.installed  ## miniature Table 2 on the MNIST stand-in of DeiT-S, offline, CPU (results/demo/)
+	$(CLI) demo $(ARGS)
+
+check-plans: $(BIN)/.installed  ## plan every compressed row of Tables 2-4 at full size; check counts and sizes
+	HF_HUB_OFFLINE=1 $(BIN)/python -m experiments.check_plans $(ARGS)
+
+reproduce-table1: $(BIN)/.installed  ## Table 1 (Z kinds, residual error); SCALE=smoke for the CPU version
+	$(CLI) reproduce table1 --scale $(SCALE) $(ARGS)
+
+reproduce-table2: $(BIN)/.installed  ## Table 2 (ours vs vanilla SVD + FT, -40/-50/-60%)
+	$(CLI) reproduce table2 --scale $(SCALE) $(ARGS)
+
+reproduce-table3: $(BIN)/.installed  ## Table 3 (large models compressed to small ones' size)
+	$(CLI) reproduce table3 --scale $(SCALE) $(ARGS)
+
+reproduce-table4: $(BIN)/.installed  ## Table 4 (model size in MiB with 8- and 4-bit PTQ)
+	$(CLI) reproduce table4 --scale $(SCALE) $(ARGS)
+
+reproduce-ablation: $(BIN)/.installed  ## the ablations the paper lacks
+	$(CLI) reproduce ablation --scale $(SCALE) $(ARGS)
 
 clean:  ## remove .venv and caches (results/ is left alone)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help="table1, table2, table3, table4 or ablation")
     p.add_argument("--rows", help="only the rows matching this shell pattern, e.g. 'table2/deit_s/*'")
     _add_hardware(p)
+    p = sub.add_parser("demo", help="a miniature Table 2 on the MNIST stand-in of DeiT-S, offline on a CPU")
+    p.add_argument("--output", default="results/demo", help="where the table, figures and runs go")
+    p.add_argument("--rows", nargs="+", help="only these registry rows (default: the demo's seven)")
+    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--force", action="store_true", help="run rows again even if finished")
+    p.add_argument("--quiet", action="store_true")
+    _add_set(p)
     return parser
 
 
@@ -156,7 +164,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": _cmd_list, "show": _cmd_show, "plan": _cmd_plan, "run": _cmd_run, "reproduce": _cmd_reproduce}
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lowrank_vit.demo import DEMO_ROWS, run_demo
+
+    run_demo(args.output, rows=args.rows or DEMO_ROWS, overrides=args.overrides, wandb=args.wandb,
+             force=args.force, figures=not args.no_figures, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "show": _cmd_show, "plan": _cmd_plan, "run": _cmd_run, "reproduce": _cmd_reproduce,
+            "demo": _cmd_demo}
 
 
 def _one_line(err: BaseException) -> str:

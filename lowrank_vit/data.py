@@ -520,9 +520,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Shuffled training batches ``(images, labels)``, training transform."""
         return self._loader(self._ready().train, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches ``(images, labels)`` in a fixed order, evaluation transform."""
-        return self._loader(self._ready().val, shuffle=False)
+    def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Validation batches ``(images, labels)`` in a fixed order, evaluation transform (``batch_size``: default
+        the config's; inference alone affords larger ones)."""
+        return self._loader(self._ready().val, shuffle=False, batch_size=batch_size)
 
     def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Batches ``(images, labels)`` of the seeded calibration subset: ``calib_samples`` training images, the

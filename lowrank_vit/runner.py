@@ -228,11 +228,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path) -> Any:
+def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
     from lowrank_vit.logging_utils import make_logger
 
     tags = [exp.method, exp.arch, cfg.scale] + ([f"-{round(100 * exp.reduction)}%"] if exp.reduction else [])
-    return make_logger(wandb, project="lowrank_vit", group=f"{exp.table}-{cfg.scale}", tags=tags,
+    return make_logger(wandb, project="lowrank_vit", group=group or f"{exp.table}-{cfg.scale}", tags=tags,
                        config={"experiment": exp.name, **cfg.to_dict(), "paper": exp.to_dict()["paper"]},
                        save_dir=out_dir, name=exp.name, job_type="run")
 
@@ -244,9 +244,12 @@ def _is_rank_zero() -> bool:
 
 def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike | None = None,
             accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
-            overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False,
+            overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False, group: str | None = None,
             progress: bool = True) -> dict[str, Any] | None:
     """Run one row end to end and write ``OUTPUT/NAME/result.json`` and ``OUTPUT/NAME/model``.
+
+    The wandb run (one per row, all stages) is grouped by ``group`` (default ``TABLE-SCALE``) and tagged with the
+    method, architecture, scale and ratio, so a dashboard grouped by experiment compares the methods side by side.
 
     Returns:
         The result (also when it was already there with the same config and ``force`` is False), or None on a
@@ -286,16 +289,18 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     dm = build_datamodule(data_cfg, model)
     dm.setup("fit")
     stage("load", t)
+    # inference needs no activations kept: larger batches than training's make the evaluations cheaper
+    eval_loader = dm.val_dataloader(batch_size=max(256, 2 * data_cfg.batch_size))
     _say(progress, f"{exp.name} [{scale}]: {exp.description}")
     params_before = count_params(model)
     result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
                               "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before}
     rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
-    logger = _make_logger(exp, cfg, wandb, out_dir) if rank_zero else None
+    logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
 
     if rank_zero:
         t = time.perf_counter()
-        result["dense"] = evaluate(model, dm.val_dataloader(), device, progress, "evaluate dense")
+        result["dense"] = evaluate(model, eval_loader, device, progress, "evaluate dense")
         stage("evaluate_dense", t)
     report = None
     if cfg.compression is not None:
@@ -312,7 +317,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         log_ranks_table(logger, report)
         if cfg.finetune is not None and rank_zero:
             t = time.perf_counter()
-            result["compressed"] = evaluate(model, dm.val_dataloader(), device, progress, "evaluate compressed")
+            result["compressed"] = evaluate(model, eval_loader, device, progress, "evaluate compressed")
             stage("evaluate_compressed", t)
     if cfg.finetune is not None:
         from lowrank_vit.finetune import finetune
@@ -335,7 +340,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
         stage("quantize", t)
     t = time.perf_counter()
-    final = evaluate(model, dm.val_dataloader(), device, progress, "evaluate final")
+    final = evaluate(model, eval_loader, device, progress, "evaluate final")
     stage("evaluate", t)
     result.update(params=count_params(model), size_mib=model_size_mib(model, bits=cfg.size_bits),
                   top1=final["top1"], top5=final["top5"], val_images=final["images"])
