@@ -13,7 +13,32 @@ from lowrank_vit.surgery import load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
+# The Lightning stages, data modules and registry import Lightning and datasets (seconds): loaded on first use.
+_LAZY = {
+    "DataConfig": "lowrank_vit.data",
+    "build_datamodule": "lowrank_vit.data",
+    "FinetuneConfig": "lowrank_vit.finetune",
+    "PartialFinetune": "lowrank_vit.finetune",
+    "finetune": "lowrank_vit.finetune",
+    "LayerwiseCompensation": "lowrank_vit.lightning_compensation",
+    "fit_layerwise": "lowrank_vit.lightning_compensation",
+    "make_logger": "lowrank_vit.logging_utils",
+    "get_experiment": "lowrank_vit.registry",
+    "list_experiments": "lowrank_vit.registry",
+    "build_standin": "lowrank_vit.standins",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lowrank_vit' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "CompressionConfig",
     "CompressionReport",
     "FactorizedLinear",
