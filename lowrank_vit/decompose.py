@@ -104,6 +104,24 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()
 
 
+def whitened_singular_values(weight: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """Singular values of ``A W`` (A^T A = H_d, as :func:`whitening` damps it) without forming A when the layer
+    is not wider out than in: their squares are the eigenvalues of ``W^T H_d W`` (out x out), which saves the
+    Cholesky factorization of the (in x in) H_d, the largest cost of planning ViT-L's fc2 layers."""
+    W = weight.double()
+    if W.shape[1] > W.shape[0]:
+        return singular_values(whitening(gram, damping).apply(W))
+    H = gram.double()
+    if not torch.isfinite(H).all():
+        raise ValueError("the Gram matrix contains NaN or inf")
+    scale = float(torch.diagonal(H).mean())
+    if scale <= 0.0:  # as whitening: a layer that never saw input falls back to plain SVD
+        return singular_values(W)
+    H = H + damping * scale * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    G = W.T @ (H @ W)
+    return torch.linalg.eigvalsh((G + G.T) / 2).flip(0).clamp_min(0.0).sqrt()
+
+
 def whitening(gram: torch.Tensor, damping: float) -> Whitening:
     """The :class:`Whitening` of a weighted Gram matrix. H may be singular (a dead feature, fewer tokens than
     features): the damping, or the eigenvalue floor of the fallback, keeps every factor finite. Never NaN."""

@@ -26,6 +26,7 @@ from lowrank_vit.decompose import (
     plain_svd,
     singular_values,
     weighted_error,
+    whitened_singular_values,
     whitened_svd,
     whitening,
 )
@@ -242,9 +243,12 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
     curves = {}
     with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
         for name, layer in setup.layers.items():
-            white = whitening(stats[name].gram, cfg.damping) if cfg.decomposition == "whitened" else None
-            matrix = _spectrum_matrix(cfg, _weight(layer, setup.device), stats[name], white, scales.get(name))
-            curves[name] = energy_loss_curve(singular_values(matrix)).cpu()
+            weight = _weight(layer, setup.device)
+            if cfg.decomposition == "whitened":
+                spectrum = whitened_singular_values(weight, stats[name].gram, cfg.damping)
+            else:
+                spectrum = singular_values(_spectrum_matrix(cfg, weight, stats[name], None, scales.get(name)))
+            curves[name] = energy_loss_curve(spectrum).cpu()
             bar.update(1)
     for name, decomposition in comcat.head_decompositions(setup.attention, setup.device).items():
         curves[name] = decomposition.energy_losses().cpu()
