@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision are pinned to releases whose wheels are commonly cached (timm needs torchvision, whose
 # wheels need a CUDA build of torch; it runs on the CPU too). Override for another CUDA or torch version.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_WAIT_POLICY=PASSIVE
 # reproduce-*: SCALE=full (the paper: ImageNet, timm weights, GPUs) or SCALE=smoke (MNIST stand-ins, CPU, minutes);
 # ARGS passes more options, e.g. ARGS="--devices 8 --wandb online".
 SCALE ?= full

@@ -138,43 +138,44 @@ def plot_energy(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
     return path
 
 
-def plot_layer_errors(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
+def _per_layer_axes(layers: list[dict[str, Any]]):
+    """A figure wide enough for one tick per layer, labelled with the layers' short names."""
     plt = _pyplot()
-    names = [layer["name"] for layer in layers]
-    x = range(len(names))
+    names = [layer["name"].replace("blocks.", "b") for layer in layers]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 4.0))
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    return fig, ax
+
+
+def _save(fig, ax, path: Path, title: str) -> Path:
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_layer_errors(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
+    fig, ax = _per_layer_axes(layers)
+    x = range(len(layers))
     ax.plot(x, [layer["output_error_lowrank"] for layer in layers], "o--", label="U Vᵀ alone")
     ax.plot(x, [layer["output_error"] for layer in layers], "s-", label="U Vᵀ + Z (after compensation)")
     ax.set_yscale("log")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([n.replace("blocks.", "b") for n in names], rotation=90, fontsize=7)
     ax.set_ylabel("normalized output error, eq. 10")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_ranks(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
-    plt = _pyplot()
-    names = [layer["name"] for layer in layers]
+    fig, ax = _per_layer_axes(layers)
     full = [min(layer["in_features"], layer["out_features"]) for layer in layers]
     ranks = [layer["rank"] if layer["rank"] is not None else f for layer, f in zip(layers, full, strict=True)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 4.0))
-    ax.bar(range(len(names)), full, color="0.85", label="full rank")
-    ax.bar(range(len(names)), ranks, label="rank kept (greedy)")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.replace("blocks.", "b") for n in names], rotation=90, fontsize=7)
+    ax.bar(range(len(layers)), full, color="0.85", label="full rank")
+    ax.bar(range(len(layers)), ranks, label="rank kept (greedy)")
     ax.set_ylabel("rank")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overrides: Iterable[str] = ()) -> list[Path]:
@@ -221,17 +222,20 @@ def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] 
         _say("demo: the DeiT-S stand-in (trained once on the MNIST digits, then cached)")
         build_standin(exps[0].smoke.model.name, progress=progress)
     results = []
-    done_times: list[float] = []
+    done_times: dict[bool, list[float]] = {True: [], False: []}  # rows with / without compression and fine-tune
+
+    def expected(e: Experiment) -> float | None:
+        same = done_times[e.smoke.compression is not None]
+        return sum(same) / len(same) if same else None
+
     for i, exp in enumerate(exps, 1):
-        eta = ""
-        if done_times:
-            left = (sum(done_times) / len(done_times)) * (len(exps) - i + 1)
-            eta = f", about {_clock(left)} left"
+        remaining = [expected(e) for e in exps[i - 1:]]
+        eta = "" if None in remaining else f", about {_clock(sum(remaining))} left"
         _say(f"demo: row {i}/{len(exps)} {exp.name} ({_clock(time.perf_counter() - started)} elapsed{eta})")
         t = time.perf_counter()
         result = run_row(exp, "smoke", output=output, overrides=overrides, wandb=wandb, force=force,
                          progress=progress, group="demo")
-        done_times.append(time.perf_counter() - t)
+        done_times[exp.smoke.compression is not None].append(time.perf_counter() - t)
         results.append(demo_row(exp, result))
     table = format_table(results)
     (output / "table2.json").write_text(json.dumps(results, indent=2) + "\n")
