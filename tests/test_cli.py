@@ -1,0 +1,178 @@
+"""The ``lowrank-vit`` command: list/show/plan/run/reproduce, one-line errors with exit status 2, and the smoke
+pipeline end to end (random-weight stand-ins and tiny budgets so it takes seconds; `make demo` runs the real one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowrank_vit.cli import main
+
+# Random-weight stand-in (no pretraining), few calibration images, a few fine-tuning steps.
+QUICK = ["--set", "model.pretrained=false", "--set", "compression.calib_samples=32", "--set",
+         "data.calib_samples=32", "--set", "finetune.max_steps=3", "--quiet", "--wandb", "disabled"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token, no cached weights
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("lowrank-vit")
+    return lines[0]
+
+
+def test_list_and_show(capsys):
+    code, out, _ = cli(capsys, "list", "table2/deit_s/*")
+    assert code == 0 and out.split() == ["table2/deit_s/baseline", "table2/deit_s/ours-40", "table2/deit_s/ours-50",
+                                         "table2/deit_s/ours-60", "table2/deit_s/vanilla-svd-ft-40"]
+    code, out, _ = cli(capsys, "list", "table4", "--json")
+    entries = json.loads(out)
+    assert code == 0 and len(entries) == 4
+    assert {e["paper"]["size_mib"] for e in entries} == {165.2, 82.6, 41.7, 42.2}
+    code, out, _ = cli(capsys, "show", "table3/vit_l/ours", "--scale", "full")
+    shown = json.loads(out)
+    assert code == 0 and shown["config"]["compression"]["target_params"] == 86_000_000
+    assert shown["config"]["model"]["name"].startswith("vit_large_patch16_224")
+    code, out, _ = cli(capsys, "show", "table3/vit_l/ours")
+    assert set(json.loads(out)) >= {"full", "smoke", "paper"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "table2/deit_b/ours-5"], "did you mean table2/deit_b/ours-50"),
+    (["list", "tabel2/*"], "no experiment matches"),
+    (["run", "table2/deit_s/ours-50", "--devices", "0"], "positive integer"),
+    (["run", "table2/deit_s/ours-50", "--scale", "huge"], "invalid choice"),
+    (["run", "table2/deit_s/ours-50", "--set", "finetune.epochs=0"], "epochs must be a positive integer"),
+    (["run", "table2/deit_s/ours-50", "--set", "finetune.epoch=3"], "no field 'epoch'"),
+    (["reproduce", "table9"], "unknown table 'table9'"),
+    (["reproduce", "table2", "--rows", "table3/*"], "matches no row"),
+    (["plan", "table2/deit_s/ours-50"], "needs --synthetic"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_full_scale_without_imagenet_says_how(capsys, tmp_path):
+    code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "full", "--output", str(tmp_path / "r"))
+    assert code == 2
+    line = one_line_error(err)
+    assert "ImageNet" in line and "HF_TOKEN" in line and "path" in line
+    assert not (tmp_path / "r").exists()
+    # with data but no network for the weights
+    (tmp_path / "imagenet" / "train" / "a").mkdir(parents=True)
+    code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "full", "--accelerator", "cpu",
+                       "--set", f"data.path={tmp_path / 'imagenet'}", "--output", str(tmp_path / "r"))
+    assert code == 2 and "pretrained weights" in one_line_error(err)
+
+
+def test_console_script_error_in_a_new_process():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "show", "table2/nope/ours-50"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "unknown experiment" in one_line_error(proc.stderr)
+
+
+def test_plan_smoke_rows(capsys):
+    code, out, _ = cli(capsys, "plan", "table2/swin_b/ours-60", "--synthetic", "--scale", "smoke", "--json")
+    plan = json.loads(out)
+    assert code == 0 and set(plan) >= {"name", "params_before", "params_after", "paper_params"}
+    assert plan["params_after"] / plan["params_before"] == pytest.approx(0.4, abs=1e-3)
+    code, out, _ = cli(capsys, "plan", "table4/deit_b/ours-50-int8", "--synthetic", "--scale", "smoke", "--json")
+    plan = json.loads(out)
+    assert plan["paper_size_mib"] == 41.7 and 0 < plan["size_mib"] < plan["params_before"] * 2 / 2**20 / 3
+
+
+def test_plan_full_scale_table3_deit_s(capsys):
+    """The one full-size plan in the suite (DeiT-S -> 5.0M); `make check-plans` runs every row."""
+    code, out, _ = cli(capsys, "plan", "table3/deit_s/ours", "--synthetic", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["params_before"] == 22_050_664 and plan["paper_params"] == 5_000_000
+    assert abs(plan["params_after"] - 5_000_000) <= 5_000  # within 0.1%
+
+
+def _result(out: Path, name: str) -> dict:
+    return json.loads((out / name / "result.json").read_text())
+
+
+def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
+    out = tmp_path / "results"
+    code, _, _ = cli(capsys, "run", "table2/deit_s/baseline", "--scale", "smoke", "--output", str(out), *QUICK)
+    assert code == 0
+    base = _result(out, "table2/deit_s/baseline")
+    assert base["params"] == base["params_before"] and base["reduction"] == 0.0
+    assert 0 <= base["top1"] <= 100 and base["top5"] >= base["top1"] and base["val_images"] == 1000
+    assert not (out / "table2/deit_s/baseline/model").exists()  # nothing compressed, nothing to save
+
+    code, stdout, err = cli(capsys, "reproduce", "table2", "--scale", "smoke", "--rows", "table2/deit_s/ours-50",
+                            "--output", str(out), *QUICK)
+    assert code == 0, err
+    row = _result(out, "table2/deit_s/ours-50")
+    assert row["params"] / row["params_before"] == pytest.approx(0.5, abs=1e-3)
+    assert row["finetune"]["steps"] == 3 and row["finetune"]["world_size"] == 1
+    assert row["config"]["finetune"]["max_steps"] == 3 and row["residual_error"] is not None
+    assert set(row["stage_seconds"]) >= {"load", "compress", "finetune", "evaluate", "total"}
+    assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
+    assert not (out / "table2/deit_s/ours-50/checkpoints").exists()
+    table = {r["name"]: r for r in json.loads((out / "table2.json").read_text())["rows"]}
+    assert len(table) == 20 and {n for n, r in table.items() if r["finished"]} == {
+        "table2/deit_s/baseline", "table2/deit_s/ours-50"}
+    ours = table["table2/deit_s/ours-50"]
+    assert ours["paper_top1"] == 79.34 and ours["params_m"] == row["params"] / 1e6
+    assert ours["diff_top1"] == pytest.approx(row["top1"] - 79.34)
+    md = (out / "table2.md").read_text()
+    assert "`table2/deit_s/ours-50` [" in md and "| 11.1 |" in md and "Not run yet" in md and md in stdout
+
+    from lowrank_vit import load_compressed
+
+    model = load_compressed(out / "table2/deit_s/ours-50/model")
+    assert sum(p.numel() for p in model.parameters()) == row["params"]
+
+    # finished rows are skipped; a different config in the way is an error, --force replaces it
+    code, _, err = cli(capsys, "reproduce", "table2", "--scale", "smoke", "--rows", "table2/deit_s/ours-50",
+                       "--output", str(out), *QUICK[:-3])
+    assert code == 0 and "already finished, skipped" in err
+    code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "smoke", "--output", str(out), *QUICK,
+                       "--set", "finetune.lr=0.01")
+    assert code == 2 and "another config" in one_line_error(err)
+    assert _result(out, "table2/deit_s/ours-50") == row  # untouched
+
+
+@pytest.mark.slow
+def test_run_ddp_two_cpu_processes(tmp_path):
+    """`run --devices 2 --accelerator cpu`: Lightning relaunches the command per rank; rank zero alone writes."""
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "run", "table2/deit_s/ours-50", "--scale",
+                           "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *QUICK],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _result(out, "table2/deit_s/ours-50")
+    assert row["finetune"]["world_size"] == 2 and row["finetune"]["steps"] == 3
+    assert row["config"]["hardware"]["devices"] == 2
+    assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
