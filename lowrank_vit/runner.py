@@ -207,10 +207,20 @@ def finished(exp: Experiment, cfg: RunConfig, output: Path) -> dict[str, Any] | 
     result = read_result(output / exp.name)
     if result is None:
         return None
+    if cfg.model.source == "standin" and cfg.model.pretrained and \
+            result.get("standin_fingerprint") != _standin_fingerprint(cfg.model.name):
+        return None  # computed from an older stand-in recipe: stale, run again
     if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
         raise SetupError(f"{output / exp.name / RESULT_FILE} holds a run of {exp.name} with another config; "
                          f"pass --force to replace it or choose another --output")
     return result
+
+
+def _standin_fingerprint(arch: str) -> str | None:
+    from lowrank_vit.standins import STANDINS
+
+    spec = STANDINS.get(arch)
+    return None if spec is None else spec.fingerprint()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -350,6 +360,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         save_compressed(model.cpu(), out_dir / MODEL_DIR, metadata={"experiment": exp.name, "scale": scale})
         stage("save", t)
     seconds["total"] = round(time.perf_counter() - started, 3)
+    if cfg.model.source == "standin" and cfg.model.pretrained:
+        result["standin_fingerprint"] = _standin_fingerprint(cfg.model.name)
     result.update(stage_seconds=seconds, paper=exp.to_dict()["paper"], notes=list(exp.notes),
                   config=cfg.to_dict(), finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   versions={"torch": torch.__version__, "timm": _version("timm"),
