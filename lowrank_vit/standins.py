@@ -78,8 +78,10 @@ class StandinSpec:
     warmup_fraction: float = 0.1
     """Fraction of the steps spent warming the learning rate up linearly."""
     label_smoothing: float = 0.1
-    max_shift: int = 2
-    """Random translation of every training digit by up to this many pixels (0: no augmentation)."""
+    max_shift: int = 1
+    """Random translation of every training digit by up to this many pixels (0: no augmentation). Measured on the
+    DeiT-S stand-in, 20 epochs: 0 pixels 94.0% (it overfits: 100% on the training digits), 1 pixel 97.0%, 2 pixels
+    94.4% (it underfits in so few epochs)."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -113,23 +115,30 @@ class StandinSpec:
 _DIGITS = {"img_size": 28, "in_chans": 1, "num_classes": 10}
 
 
-def _vit(embed_dim: int, depth: int, heads: int, patch_size: int = 4, mlp_ratio: float = 4.0) -> dict[str, Any]:
-    return {**_DIGITS, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": heads,
-            "mlp_ratio": mlp_ratio}
+def _vit(embed_dim: int, depth: int, heads: int) -> dict[str, Any]:
+    """A ViT/DeiT on 7x7 patches (16 tokens: cheap) with average pooling instead of a class token: on 4,000 digits
+    it learns much faster (measured: 89% against 81% after 10 epochs; 4x4 patches, 49 tokens, reached only 72%)."""
+    return {**_DIGITS, "patch_size": 7, "embed_dim": embed_dim, "depth": depth, "num_heads": heads, "mlp_ratio": 4.0,
+            "global_pool": "avg", "class_token": False}
+
+
+def _swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...]) -> dict[str, Any]:
+    """A Swin on 4x4 patches (the real model's patch4_window7; a 7x7 grid, then 4x4 after the patch merging) without
+    timm's default stochastic depth of 0.1, which kept this small model underfitting."""
+    return {**_DIGITS, "patch_size": 4, "window_size": 7, "embed_dim": embed_dim, "depths": depths,
+            "num_heads": heads, "mlp_ratio": 4.0, "drop_path_rate": 0.0}
 
 
 STANDINS: dict[str, StandinSpec] = {
     spec.arch: spec
     for spec in (
-        StandinSpec("deit_t", "deit_tiny_patch16_224", _vit(48, 4, 2), epochs=30, lr=2e-3, batch_size=64, seed=0),
-        StandinSpec("deit_s", "deit_small_patch16_224", _vit(64, 4, 2), epochs=20, lr=2e-3, batch_size=64, seed=0),
-        StandinSpec("deit_b", "deit_base_patch16_224", _vit(96, 4, 3), epochs=20, lr=1.5e-3, batch_size=64, seed=0),
-        StandinSpec("vit_b", "vit_base_patch16_224", _vit(96, 4, 3), epochs=20, lr=1.5e-3, batch_size=64, seed=0),
-        StandinSpec("vit_l", "vit_large_patch16_224", _vit(128, 6, 4), epochs=20, lr=1e-3, batch_size=64, seed=0),
-        StandinSpec(
-            "swin_b", "swin_base_patch4_window7_224",
-            {**_DIGITS, "patch_size": 2, "window_size": 7, "embed_dim": 64, "depths": (2, 2), "num_heads": (2, 4)},
-            epochs=20, lr=1.5e-3, batch_size=64, seed=0),
+        StandinSpec("deit_t", "deit_tiny_patch16_224", _vit(48, 4, 3), epochs=20, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("deit_s", "deit_small_patch16_224", _vit(64, 4, 2), epochs=15, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("deit_b", "deit_base_patch16_224", _vit(96, 4, 3), epochs=15, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("vit_b", "vit_base_patch16_224", _vit(96, 4, 3), epochs=15, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("vit_l", "vit_large_patch16_224", _vit(128, 6, 4), epochs=12, lr=1.5e-3, batch_size=32, seed=0),
+        StandinSpec("swin_b", "swin_base_patch4_window7_224", _swin(60, (2, 2), (2, 4)), epochs=16, lr=2e-3,
+                    batch_size=32, seed=0),
     )
 }
 """The stand-in of every architecture of the experiment registry."""
