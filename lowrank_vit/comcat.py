@@ -28,7 +28,9 @@ factorization is data-free; their differentiable rank search is not implemented)
 allocator's "dense") is factorized at rank head_dim, which is exact and never costs more than the dense head.
 Per unit, rank r costs ``r * (d + [qkv bias] + d_out)`` parameters (QK: ``r (2d + 1)`` with a q bias); every
 attention module also keeps one output bias of d_out (when the dense module had a proj or qkv bias) and Swin's
-relative position table, and drops qkv's 3 * d bias.
+relative position table, and drops qkv's 3 * d bias. The compensation Z of ``CompressionConfig.compensation`` applies
+to the (plain-SVD) MLP layers only; head units have none. In reports, head units carry their energy loss but no
+per-layer output error (NaN): eq. (5) is defined for single linear layers.
 """
 
 from __future__ import annotations
