@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
                            "params_after": params_before, "paper_params": _millions(exp.paper.params_m),
                            "reduction": 0.0, "ranks": {}}
     if cfg.compression is not None:
-        compression = _replace(cfg.compression, calib_samples=calib_images, progress=progress,
+        compression = replace(cfg.compression, calib_samples=calib_images, progress=progress,
                                gram_precision="float32")
         batches = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
         plan = plan_compression(model, batches, compression)
@@ -143,12 +144,6 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
 
 def _millions(value: float | None) -> int | None:
     return None if value is None else round(value * 1e6)
-
-
-def _replace(obj: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -292,7 +287,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     t = time.perf_counter()
     data_cfg = cfg.data
     if cfg.finetune is not None:
-        data_cfg = _replace(data_cfg, batch_size=cfg.finetune.batch_size)
+        data_cfg = replace(data_cfg, batch_size=cfg.finetune.batch_size)
     build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
     device = resolve_device(cfg.hardware.accelerator)
     model = build_model(cfg.model, progress=progress)
@@ -317,7 +312,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         _say(progress, f"{exp.name}: compressing ({cfg.compression.decomposition} SVD, "
                        f"{cfg.compression.allocation} ranks, Z {cfg.compression.compensation})")
         t = time.perf_counter()
-        compression = _replace(cfg.compression, device=str(device), progress=progress)
+        compression = replace(cfg.compression, device=str(device), progress=progress)
         report = compress(model.to(device), dm.calibration_dataloader(), compression)
         stage("compress", t)
         result["report"] = report.to_dict()
