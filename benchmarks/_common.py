@@ -144,7 +144,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def environment(device: str) -> dict[str, Any]:
-    """What the figures were measured on."""
+    """What the figures were measured on (with the 1/5/15-minute load averages: the machine may be shared)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -154,7 +154,8 @@ def environment(device: str) -> dict[str, Any]:
     except OSError:
         pass
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+           "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env

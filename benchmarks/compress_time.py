@@ -13,7 +13,13 @@ load cancels to first order). Then:
   per-image output energies, finiteness checks, the SGD solver's token samples);
 * ``decomposition_s``, ``allocation_s``, ``compensation_s``: ``CompressionReport.stage_seconds``;
 * ``report_s``: the rest of ``compress`` (per-layer eq. 5 errors of the report, the layer swap);
-* ``overhead_ratio``: (whole ``compress`` - forward) / forward.
+* ``overhead_ratio``: (whole ``compress`` - forward) / forward;
+* ``overhead_ratio_cpu``: the same ratio from the process's CPU time (all threads) instead of wall time: on a machine
+  shared with other jobs it moves much less with their load than the wall-clock ratio (both are reported).
+
+``--gram-space`` sets ``CompressionConfig.gram_space``: "auto" (the default) lets layers with fewer outputs than
+inputs (fc2) accumulate their output Gram W^T H W instead of H where that gives the same decomposition, low-rank Z
+and errors (see ``lowrank_vit/calibration.py``); "input" always accumulates H.
 
 Sub-timings inside the stages (whitening, SVDs, closed-form Z, SGD steps, the report's error evaluations) are taken
 by wrapping the functions ``lowrank_vit.pipeline`` calls, from outside the package. With ``--peak-memory N ...``
@@ -28,6 +34,7 @@ import contextlib
 import copy
 import functools
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -90,6 +97,9 @@ def build_parser() -> ArgumentParser:
                         help="compensation solver(s); each is a row")
     parser.add_argument("--gram-precision", nargs="+", default=["float64"], choices=("float64", "float32"),
                         help="precision(s) of the Gram products; each is a row")
+    parser.add_argument("--gram-space", nargs="+", default=["auto"], choices=("input", "auto"),
+                        help="statistics of wide-input layers: their input Gram H, or (auto) their output Gram; "
+                             "each is a row")
     parser.add_argument("--sgd-iterations", type=positive_int, default=2000,
                         help="SGD solver steps (its per-step time is reported, so fewer steps can be extrapolated)")
     parser.add_argument("--repeats", type=positive_int, default=1, help="repeats of every row (median reported)")
@@ -131,21 +141,22 @@ def instrument(device: str) -> Iterator[dict[str, float]]:
             setattr(pipeline, attr, originals[name])
 
 
-def forward_floor(model: nn.Module, images: ImageStream, device: str) -> float:
-    """Seconds of a plain no-grad forward over every calibration image (image generation included, as in
-    ``compress``)."""
+def forward_floor(model: nn.Module, images: ImageStream, device: str) -> tuple[float, float]:
+    """Wall and process-CPU seconds of a plain no-grad forward over every calibration image (image generation
+    included, as in ``compress``)."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for batch in images:
             model(batch.to(device))
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def make_config(args: Any, solver: str, precision: str, calib: int) -> CompressionConfig:
+def make_config(args: Any, solver: str, precision: str, calib: int, space: str = "input") -> CompressionConfig:
     return CompressionConfig(reduction=args.reduction, calib_samples=calib, solver=solver, gram_precision=precision,
-                             sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed, progress=False)
+                             gram_space=space, sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed,
+                             progress=False)
 
 
 def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
@@ -158,15 +169,15 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
     model = copy.deepcopy(dense)
     with torch.no_grad():  # warm-up, so that one-time setup costs fall on neither side
         dense(next(iter(images)).to(device))
-    before = forward_floor(dense, images, device)
+    before, before_cpu = forward_floor(dense, images, device)
     with instrument(device) as sub:
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         report = compress(model, images, config)
         synchronize(device)
-        total = time.perf_counter() - start
-    after = forward_floor(dense, images, device)
-    floor = (before + after) / 2
+        total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
+    after, after_cpu = forward_floor(dense, images, device)
+    floor, floor_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
     stages = report.stage_seconds
     out = {
         "calibration_forward_s": floor,
@@ -179,6 +190,9 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         "report_s": total - sum(stages.values()),
         "total_s": total,
         "overhead_ratio": (total - floor) / floor,
+        "calibration_forward_cpu_s": floor_cpu,
+        "total_cpu_s": total_cpu,
+        "overhead_ratio_cpu": (total_cpu - floor_cpu) / floor_cpu,
         "params_after": report.params_after,
         "achieved_reduction": report.reduction,
         "mean_output_error": sum(layer.output_error for layer in report.layers) / len(report.layers),
@@ -194,24 +208,34 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
 
 
 def timing_rows(args: Any, model_name: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every (solver, precision) setting, ``repeats`` times, medians of every figure."""
+    """Every (solver, gram space, precision) setting, ``repeats`` times (each repeat visits every setting, so load
+    drift on a shared machine spreads over all of them), medians of every figure."""
     dense = create_model(model_name, kwargs, seed=args.seed, device=args.device)
     shape = input_shape(dense)
     images = ImageStream(args.calib, args.batch_size, shape, seed=args.seed)
+    settings = [(solver, precision, space) for solver in dict.fromkeys(args.solver)
+                for space in dict.fromkeys(args.gram_space) for precision in dict.fromkeys(args.gram_precision)]
+    runs: dict[tuple[str, str, str], list[dict[str, float]]] = {setting: [] for setting in settings}
+    for _ in range(args.repeats):
+        for solver, precision, space in settings:
+            config = make_config(args, solver, precision, args.calib, space)
+            figures = measure(dense, images, config, args.device)[0]
+            figures["load_average_1min"] = os.getloadavg()[0]
+            runs[(solver, precision, space)].append(figures)
     rows = []
-    for solver in dict.fromkeys(args.solver):
-        for precision in dict.fromkeys(args.gram_precision):
-            config = make_config(args, solver, precision, args.calib)
-            runs = [measure(dense, images, config, args.device)[0] for _ in range(args.repeats)]
-            row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "batch_size": args.batch_size,
-                                   "solver": solver, "gram_precision": precision, "reduction": args.reduction}
-            if solver == "sgd":
-                row["sgd_iterations"] = args.sgd_iterations
-            row.update({key: median([run[key] for run in runs]) for key in runs[0]})
-            for stage in STAGES:
-                row[f"{stage}_x_forward"] = row[f"{stage}_s"] / row["calibration_forward_s"]
-            row["repeats"] = args.repeats
-            rows.append(row)
+    for (solver, precision, space), done in runs.items():
+        row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "batch_size": args.batch_size,
+                               "solver": solver, "gram_precision": precision, "gram_space": space,
+                               "reduction": args.reduction}
+        if solver == "sgd":
+            row["sgd_iterations"] = args.sgd_iterations
+        row.update({key: median([run[key] for run in done]) for key in done[0]})
+        for stage in STAGES:
+            row[f"{stage}_x_forward"] = row[f"{stage}_s"] / row["calibration_forward_s"]
+        row["repeats"] = args.repeats
+        row["overhead_ratio_runs"] = [run["overhead_ratio"] for run in done]
+        row["overhead_ratio_cpu_runs"] = [run["overhead_ratio_cpu"] for run in done]
+        rows.append(row)
     return rows
 
 
@@ -226,8 +250,10 @@ def peak_child(args: Any, model_name: str, kwargs: dict[str, Any]) -> None:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    compress(dense, images, make_config(args, args.solver[0], args.gram_precision[0], args.calib))
+    space = args.gram_space[0]
+    compress(dense, images, make_config(args, args.solver[0], args.gram_precision[0], args.calib, space))
     result = {"calib_images": args.calib, "solver": args.solver[0], "gram_precision": args.gram_precision[0],
+              "gram_space": space,
               "baseline_rss_mib": baseline,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "compress_s": time.perf_counter() - start}
@@ -241,32 +267,33 @@ def memory_rows(args: Any, argv: Sequence[str]) -> list[dict[str, Any]]:
     """Run :func:`peak_child` in a fresh interpreter for every N and setting."""
     rows = []
     base = list(argv)
-    for solver in dict.fromkeys(args.solver):
-        for precision in dict.fromkeys(args.gram_precision):
-            for n in args.peak_memory:
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = Path(tmp) / "peak.json"
-                    command = [sys.executable, str(Path(__file__).resolve()), *strip_options(base),
-                               "--calib", str(n), "--solver", solver, "--gram-precision", precision,
-                               "--peak-child", str(out)]
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    if done.returncode != 0:
-                        raise RuntimeError(f"peak-memory run for N={n} failed:\n{done.stderr[-2000:]}")
-                    row = json.loads(out.read_text())
-                rows.append({"model": args.model, **row})
+    settings = [(solver, precision, space) for solver in dict.fromkeys(args.solver)
+                for space in dict.fromkeys(args.gram_space) for precision in dict.fromkeys(args.gram_precision)]
+    for solver, precision, space in settings:
+        for n in args.peak_memory:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "peak.json"
+                command = [sys.executable, str(Path(__file__).resolve()), *strip_options(base),
+                           "--calib", str(n), "--solver", solver, "--gram-precision", precision,
+                           "--gram-space", space, "--peak-child", str(out)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"peak-memory run for N={n} failed:\n{done.stderr[-2000:]}")
+                row = json.loads(out.read_text())
+            rows.append({"model": args.model, **row})
     return rows
 
 
 def memory_growth(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Peak at the largest N over peak at the smallest, per setting (1.0: memory does not grow with N)."""
     out = []
-    for key in dict.fromkeys((r["solver"], r["gram_precision"]) for r in rows):
-        same = [r for r in rows if (r["solver"], r["gram_precision"]) == key]
+    for key in dict.fromkeys((r["solver"], r["gram_precision"], r.get("gram_space", "input")) for r in rows):
+        same = [r for r in rows if (r["solver"], r["gram_precision"], r.get("gram_space", "input")) == key]
         if len(same) < 2:
             continue
         small = min(same, key=lambda r: r["calib_images"])
         large = max(same, key=lambda r: r["calib_images"])
-        out.append({"solver": key[0], "gram_precision": key[1], "n_small": small["calib_images"],
+        out.append({"solver": key[0], "gram_precision": key[1], "gram_space": key[2], "n_small": small["calib_images"],
                     "n_large": large["calib_images"], "peak_ratio": large["peak_rss_mib"] / small["peak_rss_mib"],
                     "extra_mib_small": small["compress_extra_rss_mib"],
                     "extra_mib_large": large["compress_extra_rss_mib"]})
@@ -275,7 +302,8 @@ def memory_growth(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def strip_options(argv: Sequence[str]) -> list[str]:
     """``argv`` without the options a peak-memory child sets itself (and without their values)."""
-    drop = {"--calib", "--solver", "--gram-precision", "--peak-memory", "--json", "--repeats", "--peak-child"}
+    drop = {"--calib", "--solver", "--gram-precision", "--gram-space", "--peak-memory", "--json", "--repeats",
+            "--peak-child"}
     out: list[str] = []
     skipping = False
     for token in argv:
@@ -292,6 +320,7 @@ def strip_options(argv: Sequence[str]) -> list[str]:
 
 TIME_COLUMNS = [
     ("solver", "solver", "s"),
+    ("gram_space", "space", "s"),
     ("gram_precision", "gram", "s"),
     ("calib_images", "images", "d"),
     ("calibration_forward_s", "forward s", ".1f"),
@@ -302,10 +331,13 @@ TIME_COLUMNS = [
     ("report_s", "report s", ".1f"),
     ("total_s", "compress s", ".1f"),
     ("overhead_ratio", "overhead ratio", ".2f"),
+    ("overhead_ratio_cpu", "(cpu time)", ".2f"),
+    ("load_average_1min", "load", ".1f"),
 ]
 
 MEMORY_COLUMNS = [
     ("solver", "solver", "s"),
+    ("gram_space", "space", "s"),
     ("gram_precision", "gram", "s"),
     ("calib_images", "images", "d"),
     ("baseline_rss_mib", "RSS before MiB", ".0f"),
@@ -341,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(rows, MEMORY_COLUMNS))
         payload["memory_growth"] = memory_growth(rows)
         for growth in payload["memory_growth"]:
-            print(f"{growth['solver']}/{growth['gram_precision']}: peak RSS at N={growth['n_large']} / "
+            setting = f"{growth['solver']}/{growth['gram_space']}/{growth['gram_precision']}"
+            print(f"{setting}: peak RSS at N={growth['n_large']} / "
                   f"N={growth['n_small']} = {growth['peak_ratio']:.3f} "
                   f"({growth['extra_mib_large'] - growth['extra_mib_small']:+.0f} MiB of compress's own memory)")
     else:
@@ -356,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 print(f"sgd: {row['sgd_s_per_iteration'] * 1000:.1f} ms/step; at 2000 steps compensation would take "
                       f"{row['compensation_s_at_2000_iterations']:.0f} s, overhead ratio "
                       f"{row['overhead_ratio_at_2000_iterations']:.2f}")
+    payload["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     if args.json:
         write_json(args.json, payload)
         print(f"wrote {args.json}")

@@ -1,29 +1,35 @@
 """Prototype (not part of the package): cheaper estimators of the calibration statistics, against exact ones.
 
     python benchmarks/estimators.py --model deit_small --calib 256 --heldout 128 \\
+        --estimator exact exact+f32 range range+f32 range+f32+tokens:0.5+reuse \\
         --json benchmarks/results/estimators_deit_small.json
 
-The closed-form pipeline needs, per block linear, the weighted Gram matrix H = sum_i w_i X_i^T X_i (eq. 5). Its exact
-accumulation costs more than the calibration forward itself: the fc2 input is 4x wider than the others, so its Gram
-product alone outweighs the block's four linears. The estimators here are drop-in replacements of
-``lowrank_vit.pipeline.collect_statistics``, patched in for one ``compress`` call:
+The closed-form pipeline needs, per block linear, the weighted Gram matrix H = sum_i w_i X_i^T X_i (eq. 5). An
+estimator name is ``HEAD[+MOD...]``:
 
-* ``fast``: the same exact statistics (float32 products, float64 running sum) with cheaper arithmetic around them:
-  only the upper block triangle of the symmetric product X^T X is computed (about half the flops for the wide fc2
-  input), the per-image output energies come from a float32 norm instead of a float64 copy of the output, and the
-  finiteness check runs on the (k, k) product instead of on every input; ``fast64``: the same with float64 products;
-* ``bf16``: as ``fast`` with bfloat16 products (rounded inputs, float32 accumulation inside the product, float64
-  running sum), which avx512_bf16/AMX CPUs and every GPU run several times faster than float32;
+* HEAD ``exact``: the package's ``collect_statistics`` (every layer's input Gram H); ``range``: the package with
+  ``gram_space="auto"`` (layers with fewer outputs than inputs, fc2, accumulate their output Gram W^T H W, 1/16 of
+  the work for DeiT's fc2; exact for the whitened decomposition, the low-rank Z and the errors);
+* ``+f32``: float32 products (float64 running sum); the default is float64 products;
 * ``+tokens:F``: every image contributes a random fraction F of its tokens (the same count per image, a fresh draw
-  per layer and batch), scaled by 1/F so that H stays unbiased; the per-image weights w_i use all tokens;
+  per layer and batch), scaled by 1/F so that the Gram matrix stays unbiased; the per-image weights w_i and tr(H)
+  use all tokens. An estimator;
+* ``+bf16``: bfloat16 products (rounded inputs; on a CPU torch also rounds the product to bfloat16). An estimator;
 * ``+reuse`` (not a statistics estimator: a proposed change to the compensation stage, see
   :func:`reuse_whitened_svd`): the closed-form low-rank Z taken from the whitened SVD already computed, instead of a
-  second SVD per layer. Exact.
+  second SVD per layer. Exact;
+* ``+eigh`` (a proposed change to the decomposition stage, see :func:`eigh_svd`): the whitened SVD of the
+  (k, m) matrix A W from the eigendecomposition of its smaller Gram matrix instead of LAPACK's SVD. Exact in exact
+  arithmetic; in float64 a singular value s_i loses ~1e-16 s_1^2 / s_i^2 of relative accuracy, far from any rank
+  that is kept.
+
+``+tokens`` and ``+bf16`` run :func:`estimated_statistics` (this file) in place of
+``lowrank_vit.pipeline.collect_statistics`` for one ``compress`` call; the others run the package's function.
 
 Each row reports the same stage timings as ``compress_time.py`` and the held-out eq. 5 error: the mean over block
 linears of ``tr(dW^T H_test dW) / N_test`` with H_test the *exact* float64 statistics of ``--heldout`` images that
 calibration never saw, and dW = W - (U V^T + Z) of the compressed layer; ``heldout_vs_exact`` is that error relative
-to the exact float64 statistics' (the acceptance criterion: within 1%).
+to the ``exact`` row's (the acceptance criterion of an estimator: within 1%).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,73 +68,70 @@ from _common import (  # noqa: E402
 )
 from compress_time import STAGES, measure  # noqa: E402
 
+import lowrank_vit.decompose as decompose_module  # noqa: E402
 import lowrank_vit.pipeline as pipeline  # noqa: E402
 from lowrank_vit import CompressionConfig, get_adapter  # noqa: E402
-from lowrank_vit.calibration import LayerStats, collect_statistics, iter_calibration_images  # noqa: E402
+from lowrank_vit.calibration import (  # noqa: E402
+    LayerStats,
+    Scratch,
+    collect_statistics,
+    image_weights,
+    iter_calibration_images,
+    output_energies,
+    range_gram,
+    squared_norms,
+    symmetrize_upper,
+    upper_gram_,
+)
 from lowrank_vit.decompose import Decomposition, weighted_error  # noqa: E402
 from lowrank_vit.factorized import LowRankZ  # noqa: E402
-
-_MIN_ENERGY = 1e-30
-
-
-def symmetric_gram_(accumulator: torch.Tensor, xs: torch.Tensor, block: int) -> None:
-    """Add the upper block triangle of ``xs^T xs`` to ``accumulator`` (float64): for k = 4 blocks of columns only 10
-    of the 16 block products are computed, and ``symmetrize`` mirrors them at the end. Exact, about half the flops
-    of a full product for wide inputs (BLAS has ``syrk`` for this; torch does not expose it)."""
-    k = xs.shape[1]
-    for start in range(0, k, block):
-        stop = min(start + block, k)
-        accumulator[start:stop, start:] += (xs[:, start:stop].T @ xs[:, start:]).double()
-
-
-def symmetrize(upper: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from an accumulator whose upper block triangle (diagonal blocks whole) is valid."""
-    return torch.triu(upper) + torch.triu(upper, 1).T
 
 
 @torch.no_grad()
 def estimated_statistics(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable, num_images: int, *,
-                         token_fraction: float = 1.0, product_dtype: torch.dtype = torch.float32, block: int = 384,
-                         want_mean: bool = False, sample_tokens: int = 0, device: torch.device | None = None,
-                         progress: bool = True, seed: int = 0, gram_precision: str = "float64",
-                         ) -> dict[str, LayerStats]:
-    """``collect_statistics`` with cheaper arithmetic (see the module docstring); same return value.
-
-    Always: per-image output energies from a float32 norm (relative error ~1e-6, instead of a float64 copy of the
-    output), the symmetric block product, and the finiteness check on the (k, k) product instead of every input.
-    Optionally: a random ``token_fraction`` of every image's tokens (scaled by 1/F, so H stays unbiased) and a
-    bfloat16 or float64 product. The extras (mean input, SGD token samples) are not estimated: asking for them falls
-    back to the package's function.
-    """
+                         token_fraction: float = 1.0, product_dtype: torch.dtype = torch.float32,
+                         want_mean: bool = False, sample_tokens: int = 0,
+                         device: torch.device | None = None, progress: bool = True, seed: int = 0,
+                         gram_precision: str = "float64", gram_space: str = "input") -> dict[str, LayerStats]:
+    """``collect_statistics`` with a random ``token_fraction`` of every image's tokens (scaled by 1/F, so the Gram
+    matrix stays unbiased) and products in ``product_dtype``; ``gram_space`` as the package's. Built from
+    the package's own pieces (weights from all tokens, symmetric block product, float64 running sum). The extras
+    (mean input, SGD token samples) are not estimated: asking for them falls back to the package's function."""
     if want_mean or sample_tokens:
         return collect_statistics(model, layers, batches, num_images, want_mean=want_mean,
                                   sample_tokens=sample_tokens, device=device, progress=progress, seed=seed,
-                                  gram_precision=gram_precision)
+                                  gram_precision=gram_precision, gram_space=gram_space)
     device = device or next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    state = {"batch": 0}
-    grams = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=device)
-             for name, layer in layers.items()}
+    output_side = {name for name, layer in layers.items()
+                   if gram_space == "auto" and layer.out_features < layer.in_features}
+    widths = {name: layer.out_features if name in output_side else layer.in_features for name, layer in layers.items()}
+    grams = {name: torch.zeros(widths[name], widths[name], dtype=torch.float64, device=device) for name in layers}
+    traces = dict.fromkeys(output_side, 0.0)
     counts = dict.fromkeys(layers, 0)
+    buffers = Scratch()
+    state = {"batch": 0}
 
     def make_hook(name: str):
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             batch = int(state["batch"])
             x = inputs[0].reshape(batch, -1, module.in_features)
-            y = output if module.bias is None else output - module.bias
-            energy = torch.linalg.vector_norm(y.reshape(batch, -1).float(), dim=1).double().pow(2)
-            weights = torch.where(energy > _MIN_ENERGY, 1.0 / energy.clamp_min(_MIN_ENERGY), torch.zeros_like(energy))
-            tokens = x.shape[1]
+            energy, y = output_energies(output, module.bias, batch, buffers)
+            weights = image_weights(energy)
+            rows = y if name in output_side else x
+            if name in output_side:
+                traces[name] += float(weights @ squared_norms(x))
+            tokens = rows.shape[1]
             keep = tokens if token_fraction >= 1.0 else max(1, round(token_fraction * tokens))
             if keep < tokens:
-                idx = torch.rand(batch, tokens, generator=generator).argsort(dim=1)[:, :keep].to(x.device)
-                x = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
+                idx = torch.rand(batch, tokens, generator=generator).argsort(dim=1)[:, :keep].to(rows.device)
+                rows = torch.gather(rows, 1, idx[:, :, None].expand(-1, -1, rows.shape[2]))
             scale = (weights * (tokens / keep)).sqrt().to(product_dtype)
-            xs = (x.to(product_dtype) * scale[:, None, None]).reshape(-1, module.in_features)
-            before = grams[name].diagonal().sum()
-            symmetric_gram_(grams[name], xs, block)
-            if not torch.isfinite(grams[name].diagonal().sum() - before):
+            xs = (rows.to(product_dtype) * scale[:, None, None]).reshape(-1, rows.shape[2])
+            product = upper_gram_(torch.zeros(xs.shape[1], xs.shape[1], dtype=product_dtype, device=xs.device), xs)
+            if not torch.isfinite(product.diagonal()).all():
                 raise ValueError(f"non-finite activations (NaN or inf) reach layer {name} during calibration")
+            grams[name] += product
             counts[name] += batch
         return hook
 
@@ -141,31 +146,60 @@ def estimated_statistics(model: nn.Module, layers: dict[str, nn.Linear], batches
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return {name: LayerStats(gram=symmetrize(grams[name]), num_images=counts[name]) for name in layers}
+    stats = {}
+    for name, layer in layers.items():
+        gram = symmetrize_upper(grams[name])
+        if name in output_side:
+            stats[name] = LayerStats(gram=range_gram(layer.weight.detach().T, gram, traces[name]),
+                                     num_images=counts[name], output_gram=gram, input_trace=traces[name])
+        else:
+            stats[name] = LayerStats(gram=gram, num_images=counts[name])
+    return stats
 
 
-DEFAULT_ESTIMATORS = ("exact", "fast", "fast+tokens:0.5", "bf16", "bf16+tokens:0.5")
-
-ESTIMATOR_DTYPES = {"exact": None, "fast": torch.float32, "fast64": torch.float64, "bf16": torch.bfloat16}
-"""First part of an estimator name: the product's dtype ("exact": the package's own function; the others use the
-symmetric product and float32 norms)."""
+DEFAULT_ESTIMATORS = ("exact", "exact+f32", "range", "range+f32", "range+f32+tokens:0.5",
+                      "range+f32+tokens:0.5+reuse")
 
 
-def parse_estimator(text: str) -> tuple[torch.dtype | None, float, bool]:
-    """(product dtype or None for the package's function, token fraction, reuse the SVD for Z) of a name
-    "exact|fast|fast64|bf16[+tokens:F][+reuse]".
+@dataclass(frozen=True)
+class Estimator:
+    """A parsed estimator name (see the module docstring)."""
+
+    space: str
+    """"input" (HEAD exact) or "auto" (HEAD range)."""
+    precision: str
+    """"float64", "float32" or "bfloat16": the products' dtype."""
+    token_fraction: float
+    reuse: bool
+    eigh: bool = False
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the statistics are an estimate (this file's function) rather than the package's exact ones."""
+        return self.token_fraction < 1.0 or self.precision == "bfloat16"
+
+
+def parse_estimator(text: str) -> Estimator:
+    """The :class:`Estimator` of a name ``exact|range[+f32][+bf16][+tokens:F][+reuse][+eigh]``.
 
     Raises:
         UsageError: not such a name.
     """
     head, *parts = text.split("+")
-    if head not in ESTIMATOR_DTYPES:
-        raise UsageError(f"bad --estimator {text!r}: use exact, fast, fast64 or bf16, optionally +tokens:F, +reuse")
-    kept, reuse = 1.0, False
+    if head not in ("exact", "range"):
+        raise UsageError(f"bad --estimator {text!r}: start with exact or range, then optionally +f32, +bf16, "
+                         "+tokens:F, +reuse, +eigh")
+    precision, kept, reuse, eigh = "float64", 1.0, False, False
     for part in parts:
         if part == "reuse":
             reuse = True
-        elif part.startswith("tokens:") and head != "exact":
+        elif part == "eigh":
+            eigh = True
+        elif part == "f32":
+            precision = "float32"
+        elif part == "bf16":
+            precision = "bfloat16"
+        elif part.startswith("tokens:"):
             try:
                 kept = float(part.split(":", 1)[1])
             except ValueError:
@@ -174,7 +208,7 @@ def parse_estimator(text: str) -> tuple[torch.dtype | None, float, bool]:
                 raise UsageError(f"bad token fraction in --estimator {text!r}: need 0 < F <= 1")
         else:
             raise UsageError(f"bad --estimator {text!r}: unknown part {part!r}")
-    return ESTIMATOR_DTYPES[head], kept, reuse
+    return Estimator("input" if head == "exact" else "auto", precision, kept, reuse, eigh)
 
 
 @contextlib.contextmanager
@@ -192,8 +226,8 @@ def reuse_whitened_svd() -> Iterator[None]:
     original_decompose, original_z = pipeline._decompose, pipeline.closed_form_z
     original_factors = Decomposition.factors
 
-    def decompose(cfg: Any, weight: torch.Tensor, stats: Any, white: Any) -> Decomposition:
-        result = original_decompose(cfg, weight, stats, white)
+    def decompose(cfg: Any, weight: torch.Tensor, stats: Any, white: Any, *args: Any, **kwargs: Any) -> Decomposition:
+        result = original_decompose(cfg, weight, stats, white, *args, **kwargs)
         if cfg.decomposition == "whitened" and white is not None:
             by_whitening[id(white)] = result
         return result
@@ -224,17 +258,39 @@ def reuse_whitened_svd() -> Iterator[None]:
         Decomposition.factors = original_factors
 
 
+def eigh_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``truncated_svd``'s thin SVD ``matrix = P diag(s) R^T`` (float64, s descending) from the eigendecomposition of
+    the smaller Gram matrix: for a tall (k, m) matrix B, ``B^T B = R diag(s^2) R^T`` and ``P = B R / s``. Two
+    matrix products and an m x m ``eigh`` instead of a bidiagonalization of B: several times faster on a CPU.
+    Directions with s_i below ~1e-7 s_1 (no kept rank comes near) get P columns of lower accuracy or zero."""
+    B = matrix.double()
+    if B.shape[0] < B.shape[1]:
+        R, s, P = eigh_svd(B.T)
+        return P, s, R
+    lam, R = torch.linalg.eigh(B.T @ B)
+    lam, R = lam.flip(0).clamp_min(0.0), R.flip(1)
+    s = lam.sqrt()
+    tiny = float(s[0]) * 1e-12 if s.numel() else 0.0
+    P = (B @ R) / torch.where(s > tiny, s, torch.ones_like(s))
+    P = torch.where(s > tiny, P, torch.zeros_like(P))
+    return P, s, R
+
+
 @contextlib.contextmanager
-def patched_statistics(estimator: str) -> Iterator[None]:
-    """Make ``compress`` run with ``estimator`` (see :func:`parse_estimator`)."""
-    dtype, kept, reuse = parse_estimator(estimator)
+def patched_statistics(estimator: Estimator) -> Iterator[None]:
+    """Make ``compress`` run with ``estimator``'s statistics (and its compensation shortcut)."""
     with contextlib.ExitStack() as stack:
-        if reuse:
+        if estimator.reuse:
             stack.enter_context(reuse_whitened_svd())
-        if dtype is not None:
+        if estimator.eigh:
+            original_svd = decompose_module.truncated_svd
+            decompose_module.truncated_svd = eigh_svd
+            stack.callback(setattr, decompose_module, "truncated_svd", original_svd)
+        if estimator.estimated:
             original = pipeline.collect_statistics
-            pipeline.collect_statistics = functools.partial(estimated_statistics, token_fraction=kept,
-                                                            product_dtype=dtype)
+            pipeline.collect_statistics = functools.partial(
+                estimated_statistics, token_fraction=estimator.token_fraction,
+                product_dtype=getattr(torch, estimator.precision))
             stack.callback(setattr, pipeline, "collect_statistics", original)
         yield
 
@@ -272,10 +328,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--reduction", type=fraction, default=0.5)
     parser.add_argument("--estimator", nargs="+", default=list(DEFAULT_ESTIMATORS),
-                        help='"exact" (the package, once per --gram-precision), "fast", "fast64" or "bf16", '
-                             'each optionally "+tokens:F"')
-    parser.add_argument("--gram-precision", nargs="+", default=["float64", "float32"],
-                        choices=("float64", "float32"), help='precision(s) tried with the "exact" estimator')
+                        help="exact|range[+f32][+bf16][+tokens:F][+reuse], each a row (see the module docstring)")
     parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -291,6 +344,7 @@ COLUMNS = [
     ("compensation_s", "compensation s", ".1f"),
     ("report_s", "report s", ".1f"),
     ("overhead_ratio", "overhead ratio", ".2f"),
+    ("overhead_ratio_cpu", "(cpu time)", ".2f"),
     ("statistics_x_forward", "statistics x fwd", ".2f"),
     ("heldout_eq5", "held-out eq.5", ".5f"),
     ("heldout_vs_exact", "vs exact", "+.2%"),
@@ -317,36 +371,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     heldout = collect_statistics(dense, layers, heldout_images, args.heldout, progress=False,
                                  device=torch.device(args.device), gram_precision="float64")
 
-    settings = []
-    for estimator in dict.fromkeys(args.estimator):
-        if estimator.split("+")[0] == "exact":
-            settings += [(estimator, precision) for precision in args.gram_precision]
-        else:
-            settings.append((estimator, "float32"))
-    rows = []
-    for estimator, precision in settings:
-        config = CompressionConfig(reduction=args.reduction, calib_samples=args.calib, gram_precision=precision,
-                                   device=args.device, seed=args.seed, progress=False)
-        runs = []
-        for _ in range(args.repeats):
+    names = list(dict.fromkeys(args.estimator))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for _ in range(args.repeats):  # each repeat visits every estimator: load drift spreads over all of them
+        for name in names:
+            estimator = parse_estimator(name)
+            config = CompressionConfig(reduction=args.reduction, calib_samples=args.calib,
+                                       gram_precision="float64" if estimator.precision == "float64" else "float32",
+                                       gram_space=estimator.space,
+                                       device=args.device, seed=args.seed, progress=False)
             with patched_statistics(estimator):
                 figures, compressed = measure(dense, images, config, args.device)
             figures["heldout_eq5"] = heldout_error(dense, compressed, heldout)
             figures["heldout_logit_err"] = heldout_logit_error(dense, compressed, heldout_images, args.device)
-            runs.append(figures)
+            figures["load_average_1min"] = os.getloadavg()[0]
+            runs[name].append(figures)
+    rows = []
+    for name, done in runs.items():
+        estimator = parse_estimator(name)
         row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "heldout_images": args.heldout,
-                               "estimator": f"{estimator} {precision}" if estimator.startswith("exact") else estimator,
-                               "gram_precision": precision}
-        row.update({key: median([run[key] for run in runs]) for key in runs[0]})
+                               "estimator": name, "gram_space": estimator.space, "gram_precision": estimator.precision,
+                               "token_fraction": estimator.token_fraction, "reuse": estimator.reuse,
+                               "exact_statistics": not estimator.estimated}
+        row.update({key: median([run[key] for run in done]) for key in done[0]})
         for stage in STAGES:
             row[f"{stage}_x_forward"] = row[f"{stage}_s"] / row["calibration_forward_s"]
+        row["overhead_ratio_runs"] = [run["overhead_ratio"] for run in done]
         rows.append(row)
-    reference = next((r for r in rows if r["estimator"] == "exact float64"), rows[0])  # the package's default
+    reference = next((r for r in rows if r["estimator"] == "exact"), rows[0])  # the package's default
     for row in rows:
         row["heldout_vs_exact"] = row["heldout_eq5"] / reference["heldout_eq5"] - 1.0
         row["within_1_percent"] = math.isfinite(row["heldout_vs_exact"]) and row["heldout_vs_exact"] <= 0.01
     payload = {"benchmark": "estimators", "command": command_line(), "environment": environment(args.device),
-               "reference": reference["estimator"], "rows": rows}
+               "reference": reference["estimator"], "repeats": args.repeats, "rows": rows,
+               "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
     print(f"{model_name}: {args.calib} calibration images, {args.heldout} held-out, reduction {args.reduction}")
     print(format_table(rows, COLUMNS))
     if args.json:

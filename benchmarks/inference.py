@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -261,6 +262,7 @@ def run_benchmark(args: Any) -> dict[str, Any]:
                      "model_kwargs": kwargs, "input_shape": list(shape), "seed": args.seed},
         "rows": rows,
         "layers": structures,
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
     }
 
 

@@ -57,6 +57,12 @@ class CompressionConfig:
     gram_precision: str = "float64"
     """Precision of each batch's Gram product X^T X: "float64" (exact) or "float32" (about twice as fast on CPUs;
     the running sum over batches is float64 either way, so the error does not grow with the number of images)."""
+    gram_space: str = "auto"
+    """Where wide-input layers (fc2: 4x more inputs than outputs) collect their statistics. "input": H itself.
+    "auto": their output Gram W^T H W (1/16 of the work for fc2) whenever the configuration uses H only through
+    it, i.e. decomposition "whitened" with compensation "none" or "lowrank" and the closed-form solver; the
+    decomposition, ranks, Z and reported errors are then the same as with H (see calibration.range_gram). Any
+    other configuration silently uses "input", so "auto" never changes a result."""
     gamma: float = 80.0
     """Decay of the exponential schedule, eq. (9)."""
     greedy_iterations: int = 500
@@ -100,6 +106,7 @@ class CompressionConfig:
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("gram_precision", self.gram_precision, ("float64", "float32"))
+        _check_choice("gram_space", self.gram_space, ("input", "auto"))
         if not 0.0 <= self.z_fraction < 0.5:
             raise ValueError(f"z_fraction must be in [0, 0.5), got {self.z_fraction}")
         if self.compensation != "none" and self.z_fraction == 0.0:

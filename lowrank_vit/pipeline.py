@@ -183,6 +183,14 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, fixed, attention)
 
 
+def statistics_space(cfg: CompressionConfig) -> str:
+    """The ``gram_space`` given to :func:`collect_statistics`: "auto" (output-side Gram for wide-input layers) only
+    where every later use of H goes through W^T H W: the whitened decomposition and its spectrum, the closed-form
+    low-rank Z (its columns lie in the range of the residual, hence of W) and eq. (5)'s errors of such W_hat."""
+    exact = cfg.decomposition == "whitened" and cfg.compensation in ("none", "lowrank") and cfg.solver == "closed_form"
+    return "auto" if cfg.gram_space == "auto" and exact else "input"
+
+
 def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
                sample_tokens: int) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
     """Per-layer statistics, and the per-input-row scales of ASVD or FWSVD (empty for the other methods)."""
@@ -196,7 +204,7 @@ def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
         stats = collect_statistics(model, setup.layers, calib_images, cfg.calib_samples,
                                    want_mean=cfg.decomposition == "mean", sample_tokens=sample_tokens,
                                    device=setup.device, progress=cfg.progress, seed=cfg.seed,
-                                   gram_precision=cfg.gram_precision)
+                                   gram_precision=cfg.gram_precision, gram_space=statistics_space(cfg))
     if cfg.decomposition == "asvd":
         scales = {name: asvd_scales(value, cfg.asvd_alpha) for name, value in recorder.mean_abs().items()}
     return stats, scales

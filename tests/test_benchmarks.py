@@ -22,6 +22,7 @@ def load(name: str) -> ModuleType:
     sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
 
@@ -50,16 +51,21 @@ def test_inference_toy(tmp_path, capsys):
 def test_compress_time_toy(tmp_path, capsys):
     out = tmp_path / "compress_time.json"
     load("compress_time").main([*TOY, "--calib", "8", "--batch-size", "4", "--solver", "closed_form", "sgd",
-                                "--sgd-iterations", "2", "--json", str(out)])
+                                "--gram-space", "input", "auto", "--sgd-iterations", "2", "--json", str(out)])
     assert "overhead ratio" in capsys.readouterr().out
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["solver"] for r in rows] == ["closed_form", "sgd"]
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [(r["solver"], r["gram_space"]) for r in rows] == [
+        ("closed_form", "input"), ("closed_form", "auto"), ("sgd", "input"), ("sgd", "auto")]
     for row in rows:
-        for key in ("calibration_forward_s", "decomposition_s", "compensation_s", "total_s", "overhead_ratio"):
+        for key in ("calibration_forward_s", "decomposition_s", "compensation_s", "total_s", "overhead_ratio",
+                    "calibration_forward_cpu_s", "total_cpu_s"):
             assert positive_finite(row[key]), (key, row[key])
-        for key in ("statistics_s", "allocation_s", "report_s"):
+        for key in ("statistics_s", "allocation_s", "report_s", "overhead_ratio_cpu"):
             assert math.isfinite(row[key])  # a difference of two timings: may be slightly negative on a toy model
-    assert positive_finite(rows[1]["sgd_s_per_iteration"])
+    assert positive_finite(rows[2]["sgd_s_per_iteration"])
+    assert rows[1]["mean_output_error"] == pytest.approx(rows[0]["mean_output_error"], rel=1e-4)
+    assert len(payload["environment"]["load_average_at_start"]) == 3
 
 
 def test_compress_time_peak_child_in_process(tmp_path):
@@ -83,12 +89,16 @@ def test_compress_time_peak_memory_toy(tmp_path):
 def test_estimators_toy(tmp_path):
     out = tmp_path / "estimators.json"
     load("estimators").main([*TOY, "--calib", "8", "--heldout", "4", "--batch-size", "4", "--estimator", "exact",
-                             "fast", "fast+tokens:0.5", "--gram-precision", "float64", "--json", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["estimator"] for r in rows] == ["exact float64", "fast", "fast+tokens:0.5"]
+                             "exact+f32", "range", "range+f32+tokens:0.5+reuse+eigh", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert payload["reference"] == "exact"
+    assert [r["estimator"] for r in rows] == ["exact", "exact+f32", "range", "range+f32+tokens:0.5+reuse+eigh"]
+    assert [r["exact_statistics"] for r in rows] == [True, True, True, False]
     for row in rows:
         assert positive_finite(row["heldout_eq5"]) and positive_finite(row["overhead_ratio"])
-    assert rows[1]["heldout_vs_exact"] == pytest.approx(0.0, abs=1e-6)  # "fast" computes the same statistics
+    assert rows[1]["heldout_vs_exact"] == pytest.approx(0.0, abs=1e-5)  # float32 products: the same statistics
+    assert rows[2]["heldout_vs_exact"] == pytest.approx(0.0, abs=1e-5)  # output-side Gram: the same decomposition
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -101,6 +111,8 @@ def test_estimators_toy(tmp_path):
     ("compress_time", [*TOY, "--solver", "adam"], "invalid choice"),
     ("compress_time", ["--model", "deit_small", "--model-kwargs", "{oops"], "not valid JSON"),
     ("estimators", [*TOY, "--estimator", "fp8"], "bad --estimator"),
+    ("estimators", [*TOY, "--estimator", "range+tokens:2"], "bad token fraction"),
+    ("compress_time", [*TOY, "--gram-space", "output"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_one_line(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
