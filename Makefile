@@ -14,7 +14,7 @@ CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint clean demo check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
-	reproduce-table4 reproduce-ablation
+	reproduce-table4 reproduce-ablation reproduce-compare
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ reproduce-table4: $(BIN)/.installed  ## Table 4 (model size in MiB with 8- and 4
 
 reproduce-ablation: $(BIN)/.installed  ## the ablations the paper lacks
 	$(CLI) reproduce ablation --scale $(SCALE) $(ARGS)
+
+reproduce-compare: $(BIN)/.installed  ## ours vs plain/mean/ASVD/FWSVD/COMCAT at equal parameters, with/without FT
+	$(CLI) reproduce compare --scale $(SCALE) $(ARGS)
 
 clean:  ## remove .venv and caches (results/ is left alone)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

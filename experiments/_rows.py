@@ -50,10 +50,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "ours": {},  # the package defaults: whitened SVD, greedy allocation, closed-form low-rank Z
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
     "paper-literal": dict(decomposition="mean", allocation="greedy", compensation="lowrank", solver="sgd"),
+    # the comparison table (experiments/compare.py): only the decomposition differs from "ours"
+    "plain": dict(decomposition="plain"),
+    "mean": dict(decomposition="mean"),
+    "asvd": dict(decomposition="asvd"),
+    "fwsvd": dict(decomposition="fwsvd"),
+    "comcat": dict(decomposition="comcat"),
 }
 """Compression settings of the named methods. "vanilla" is Table 2's "Vanilla SVD + FT" (NOTES.md): plain SVD,
 the same fraction in every layer, no Z. "paper-literal" follows the paper's text step by step (eq. 7's mean input,
-Algorithm 1, Z = G Y^T by mini-batch gradient descent)."""
+Algorithm 1, Z = G Y^T by mini-batch gradient descent). "plain", "mean", "asvd", "fwsvd" and "comcat" are ours with
+another decomposition and nothing else changed: greedy ranks on that method's own spectra and the closed-form
+low-rank Z (for COMCAT on the MLP layers only: its attention heads take no Z)."""
 
 
 def make_row(name: str, method: str, *, reduction: float | None = None, target_params: int | None = None,

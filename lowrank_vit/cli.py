@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardware(p)
 
     p = sub.add_parser("reproduce", help="run a table's unfinished rows, then write OUTPUT/TABLE.md and .json")
-    p.add_argument("table", help="table1, table2, table3, table4 or ablation")
+    p.add_argument("table", help="table1, table2, table3, table4, ablation or compare")
     p.add_argument("--rows", help="only the rows matching this shell pattern, e.g. 'table2/deit_s/*'")
     _add_hardware(p)
     p = sub.add_parser("demo", help="a miniature Table 2 on the MNIST stand-in of DeiT-S, offline on a CPU")

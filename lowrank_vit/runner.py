@@ -97,6 +97,21 @@ def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, s
     return batches
 
 
+def synthetic_labelled(batches: list[torch.Tensor], num_classes: int,
+                       seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` pairs with uniformly random labels, for methods whose calibration needs labels (FWSVD's
+    Fisher information) when planning on synthetic images."""
+    g = torch.Generator().manual_seed(seed)
+    return [(images, torch.randint(num_classes, (images.shape[0],), generator=g)) for images in batches]
+
+
+def _num_classes(model: nn.Module) -> int:
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        return classes
+    raise ValueError(f"{type(model).__name__} states no num_classes; cannot make synthetic labels")
+
+
 def resolve_device(accelerator: str) -> torch.device:
     """The device of this process: the local rank's GPU under DDP."""
     if accelerator == "cpu":
@@ -129,7 +144,9 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
     if cfg.compression is not None:
         compression = replace(cfg.compression, calib_samples=calib_images, progress=progress,
                                gram_precision="float32")
-        batches = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
+        batches: list = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
+        if compression.decomposition == "fwsvd":  # its Fisher pass needs labels: random ones, seeded
+            batches = synthetic_labelled(batches, _num_classes(model), seed=compression.seed)
         plan = plan_compression(model, batches, compression)
         apply_plan_skeleton_(model, plan)
         out.update(params_after=plan.params_after, target_params=plan.target_params,
@@ -471,9 +488,16 @@ def write_table(table: str, exps: list[Experiment], scale: str, output: Path) ->
     """Write ``output/TABLE.json`` and ``output/TABLE.md``: every row's paper and measured numbers and their
     difference. At smoke scale the measured numbers are MNIST stand-ins: only their ordering compares."""
     rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
-    data = {"table": table, "scale": scale, "rows": rows}
+    if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row
+        for row, exp in zip(rows, exps, strict=True):
+            row["finetune"] = exp.config(scale).finetune is not None
+        data = {"table": table, "scale": scale, **compare_grid(rows), "rows": rows}
+        text = compare_markdown(scale, data)
+    else:
+        data = {"table": table, "scale": scale, "rows": rows}
+        text = markdown_table(table, scale, rows)
     _write_json(output / f"{table}.json", data)
-    (output / f"{table}.md").write_text(markdown_table(table, scale, rows))
+    (output / f"{table}.md").write_text(text)
     return data
 
 
@@ -520,9 +544,114 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ the comparison table
+
+COMPARE_TABLE = "compare"
+METHOD_LABELS = {"ours": "ours (whitened SVD)", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
+                 "fwsvd": "FWSVD", "comcat": "COMCAT"}
+PARAMS_TOLERANCE = 1e-3
+"""Relative spread of a column's measured parameter counts above which the table flags the column."""
+
+
+def _arch_label(arch: str) -> str:
+    try:
+        from experiments._rows import ARCHS
+    except ImportError:  # the library without the experiments package
+        return arch
+    return ARCHS[arch].label if arch in ARCHS else arch
+
+
+def compare_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison rows (:func:`table_row` dicts with a ``finetune`` flag) arranged as a grid: ``columns``
+    (architecture x reduction, in registration order, with the measured parameter counts of the column's finished
+    rows) and ``grid`` (one line per method and fine-tuning, its cells keyed by column)."""
+    columns: dict[str, dict[str, Any]] = {}
+    lines: dict[tuple[str, bool], dict[str, Any]] = {}
+    for r in rows:
+        pct = round(100 * (r["reduction"] or 0.0))
+        key = f"{r['arch']}-{pct}"
+        column = columns.setdefault(key, {"key": key, "arch": r["arch"], "reduction": r["reduction"],
+                                          "label": f"{_arch_label(r['arch'])} -{pct}%", "params_m": [],
+                                          "top1_dense": None})
+        if r["params_m"] is not None:
+            column["params_m"].append(r["params_m"])
+        if column["top1_dense"] is None:
+            column["top1_dense"] = r["top1_dense"]
+        line = lines.setdefault((r["method"], r["finetune"]), {
+            "method": r["method"], "finetune": r["finetune"], "cells": {}})
+        line["cells"][key] = {"name": r["name"], "top1": r["top1"], "paper_top1": r["paper_top1"],
+                              "params_m": r["params_m"], "notes": r["notes"]}
+    for column in columns.values():
+        counts = column.pop("params_m")
+        column["params_m_min"] = min(counts) if counts else None
+        column["params_m_max"] = max(counts) if counts else None
+        column["equal_params"] = not counts or (max(counts) - min(counts)) <= PARAMS_TOLERANCE * max(counts)
+    return {"columns": list(columns.values()), "grid": list(lines.values())}
+
+
+def compare_markdown(scale: str, data: dict[str, Any]) -> str:
+    """``compare.md``: top-1 of every method (with and without the partial fine-tune) at equal parameters per
+    column, the paper's number in parentheses where one exists; notes numbered below the table."""
+    columns, grid = data["columns"], data["grid"]
+    lines = [f"# compare ({scale} scale)", "",
+             "Top-1 (%) at equal parameters per column (each column removes the same fraction of the model's "
+             "parameters; every row lands within 0.1% of that target), the paper's number in parentheses where "
+             "one exists. Only the decomposition differs between methods: greedy ranks on each method's own "
+             "spectra and the closed-form low-rank Z for all; \"+ FT\" adds the partial fine-tune.", ""]
+    if scale == "smoke":
+        lines += ["Smoke scale: tiny stand-ins on the embedded MNIST digits; compare methods with each other, not "
+                  "with the paper's ImageNet numbers.", ""]
+    header = ["method"] + [c["label"] for c in columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def params(c: dict[str, Any]) -> str:
+        low, high = c["params_m_min"], c["params_m_max"]
+        if low is None:
+            return "—"
+        text = f"{low:.3f}M" if high - low < 5e-4 else f"{low:.3f}-{high:.3f}M"
+        return text if c["equal_params"] else text + " (unequal!)"
+
+    lines.append("| parameters | " + " | ".join(params(c) for c in columns) + " |")
+    lines.append("| dense model | " + " | ".join(_fmt(c["top1_dense"]) for c in columns) + " |")
+    notes: list[str] = []
+
+    def mark(texts: list[str]) -> str:
+        numbers = []
+        for text in texts:
+            if text not in notes:
+                notes.append(text)
+            numbers.append(notes.index(text) + 1)
+        return "".join(f" [{n}]" for n in sorted(set(numbers)))
+
+    for line in grid:
+        cells = [line["cells"].get(c["key"]) for c in columns]
+        present = [cell for cell in cells if cell is not None]
+        shared = [n for n in present[0]["notes"] if all(n in cell["notes"] for cell in present)] if present else []
+        label = METHOD_LABELS.get(line["method"], line["method"]) + (" + FT" if line["finetune"] else ", no FT")
+        out = [label + mark(shared)]
+        for cell in cells:
+            if cell is None:
+                out.append("")
+                continue
+            text = _fmt(cell["top1"])
+            if cell["paper_top1"] is not None:
+                text += f" ({_fmt(cell['paper_top1'])})"
+            out.append(text + mark([n for n in cell["notes"] if n not in shared]))
+        lines.append("| " + " | ".join(out) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
+    missing = [r["name"] for r in data["rows"] if not r["finished"]]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)} of {len(data['rows'])}): {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
 __all__ = [
     "SetupError",
     "build_model",
+    "compare_grid",
+    "compare_markdown",
     "default_output",
     "evaluate",
     "get_experiment",
@@ -532,6 +661,7 @@ __all__ = [
     "run_row",
     "select_rows",
     "synthetic_images",
+    "synthetic_labelled",
     "table_row",
     "write_table",
 ]

@@ -169,3 +169,59 @@ def test_overrides():
                          ("compression.decomposition=qr", "decomposition")):
         with pytest.raises(ValueError, match=message):
             cfg.override([bad])
+
+
+# ---------------------------------------------------------------------------------------------- the comparison table
+
+COMPARE_METHODS = ("ours", "plain", "mean", "asvd", "fwsvd", "comcat")
+COMPARE_EXPECTED = [f"compare/{arch}/{method}-{pct}{suffix}" for arch in ("deit_s", "deit_b")
+                    for method in COMPARE_METHODS for pct in (40, 50, 60) for suffix in ("", "-noft")]
+COMPARE = [e for e in ALL if e.table == "compare"]
+
+
+def test_compare_rows_are_registered_under_their_exact_names():
+    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 72 rows, in the table's order
+    assert "compare" in tables()
+
+
+@pytest.mark.parametrize("exp", COMPARE, ids=lambda e: e.name)
+def test_compare_row_changes_only_the_decomposition(exp: Experiment):
+    _, arch, variant = exp.name.split("/")
+    method, pct, *noft = variant.split("-")
+    assert exp.method == method and exp.reduction == pytest.approx(int(pct) / 100)
+    assert (method if method != "ours" else "whitened") in exp.description.lower()
+    for scale in ("full", "smoke"):
+        cfg = exp.config(scale)
+        c = cfg.compression
+        assert c.decomposition == ("whitened" if method == "ours" else method)
+        assert (c.allocation, c.compensation, c.solver, c.z_fraction) == ("greedy", "lowrank", "closed_form", 0.05)
+        assert c.reduction == pytest.approx(int(pct) / 100) and c.target_params is None
+        assert (cfg.finetune is None) == (noft == ["noft"])
+        assert cfg.quantization is None
+        CompressionConfig.from_dict(c.to_dict())  # valid at both scales
+
+
+def test_compare_paper_numbers_only_where_a_paper_prints_them():
+    from experiments.paper import TABLE2
+
+    for exp in COMPARE:
+        _, arch, variant = exp.name.split("/")
+        if exp.method == "ours" and not variant.endswith("-noft"):
+            pct = int(variant.split("-")[1])
+            assert exp.paper == PaperResult(*TABLE2[arch][1 + (40, 50, 60).index(pct)])
+            assert any("Table 2" in note for note in exp.notes)
+        else:
+            assert exp.paper == PaperResult(), exp.name
+    assert get_experiment("compare/deit_b/ours-50").paper == PaperResult(43.3, 81.35)
+    assert any("no Z" in n for n in get_experiment("compare/deit_s/comcat-50-noft").notes)
+
+
+def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
+    import lowrank_vit.logging_utils as logging_utils
+    from lowrank_vit.runner import _make_logger
+
+    groups = []
+    monkeypatch.setattr(logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))
+    for exp in (COMPARE[0], COMPARE[-1], get_experiment("compare/deit_s/comcat-40-noft")):
+        _make_logger(exp, exp.smoke, "offline", tmp_path)
+    assert groups == ["compare-smoke"] * 3

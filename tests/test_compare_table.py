@@ -1,0 +1,75 @@
+"""``reproduce compare``'s writer: one grid at equal parameters per column, from result.json files (no model runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lowrank_vit.registry import get_experiment
+from lowrank_vit.runner import select_rows, write_table
+
+
+def _fake_result(output: Path, name: str, params: int, top1: float, dense: float = 97.0) -> None:
+    path = output / name / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": name, "params": params, "top1": top1, "top5": 99.0,
+                                "dense": {"top1": dense}, "compressed": {"top1": top1 - 1}}))
+
+
+def test_compare_markdown_is_one_grid_with_paper_numbers_in_parentheses(tmp_path):
+    _fake_result(tmp_path, "compare/deit_s/ours-40", 13_230_000, 96.5)
+    _fake_result(tmp_path, "compare/deit_s/ours-40-noft", 13_230_100, 95.25)
+    _fake_result(tmp_path, "compare/deit_s/comcat-40", 13_231_000, 94.0)
+    _fake_result(tmp_path, "compare/deit_b/asvd-60-noft", 34_600_000, 91.125, dense=98.0)
+    exps = select_rows("compare")
+    data = write_table("compare", exps, "smoke", tmp_path)
+    text = (tmp_path / "compare.md").read_text()
+    assert json.loads((tmp_path / "compare.json").read_text())["grid"] == data["grid"]
+
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header == ["method", "DeiT-S -40%", "DeiT-S -50%", "DeiT-S -60%", "DeiT-B -40%", "DeiT-B -50%",
+                      "DeiT-B -60%"]
+    assert len(table) == 2 + 2 + 6 * 2  # header, rule, parameters, dense, 6 methods with and without FT
+    cells = {line.split("|")[1].strip().split(" [")[0]: [c.strip() for c in line.strip("|").split("|")[1:]]
+             for line in table[2:]}
+    assert cells["parameters"][0] == "13.230-13.231M" and cells["parameters"][5] == "34.600M"
+    assert cells["parameters"][1] == "—"
+    assert cells["dense model"][0] == "97.00" and cells["dense model"][5] == "98.00"
+    assert cells["ours (whitened SVD) + FT"][0].startswith("96.50 (79.60)")  # paper: Table 2, DeiT-S -40%
+    assert cells["ours (whitened SVD) + FT"][1].startswith("— (79.34)")  # not run: the paper's number alone
+    assert cells["ours (whitened SVD), no FT"][0] == "95.25"
+    assert cells["COMCAT + FT"][0] == "94.00" and cells["ASVD, no FT"][5] == "91.12"
+    assert "Not run yet (68 of 72)" in text and "Smoke scale" in text
+    assert "[1]" in text and "Table 2" in text  # the notes are numbered below the table
+    columns = {c["key"]: c for c in data["columns"]}
+    assert columns["deit_s-40"]["equal_params"] and columns["deit_s-50"]["params_m_min"] is None
+
+
+def test_compare_flags_a_column_with_unequal_parameters(tmp_path):
+    _fake_result(tmp_path, "compare/deit_s/ours-50", 11_025_000, 96.0)
+    _fake_result(tmp_path, "compare/deit_s/plain-50", 11_200_000, 95.0)  # 1.6% more: not a fair comparison
+    exps = [get_experiment(f"compare/deit_s/{m}-50") for m in ("ours", "plain")]
+    data = write_table("compare", exps, "full", tmp_path)
+    assert not data["columns"][0]["equal_params"]
+    assert "11.025-11.200M (unequal!)" in (tmp_path / "compare.md").read_text()
+
+
+def test_other_tables_keep_the_generic_writer(tmp_path):
+    exps = select_rows("ablation", "ablation/deit_s/z-*")
+    write_table("ablation", exps, "smoke", tmp_path)
+    text = (tmp_path / "ablation.md").read_text()
+    assert "| row | params (paper) |" in text and "`ablation/deit_s/z-on-50`" in text
+
+
+def test_plan_gives_fwsvd_synthetic_labels():
+    """`lowrank-vit plan --synthetic` works for FWSVD, whose Fisher pass needs labelled calibration batches."""
+    from lowrank_vit.runner import plan_row, synthetic_labelled
+
+    pairs = synthetic_labelled([torch.zeros(3, 1, 4, 4), torch.zeros(2, 1, 4, 4)], num_classes=10)
+    assert [labels.shape[0] for _, labels in pairs] == [3, 2]
+    assert all(0 <= int(labels.min()) and int(labels.max()) < 10 for _, labels in pairs)
+    plan = plan_row(get_experiment("compare/deit_s/fwsvd-50-noft"), "smoke", calib_images=2)
+    assert abs(plan["params_after"] - plan["target_params"]) <= 1e-3 * plan["target_params"]
