@@ -41,9 +41,11 @@ _MIN_ENERGY = 1e-30
 class LayerStats:
     """Calibration statistics of one linear layer (all tensors on the calibration device)."""
 
-    gram: torch.Tensor
-    """H = sum_i w_i X_i^T X_i, float64, (k, k); for a layer collected on the output side (``output_gram`` set),
-    the matrix of :func:`range_gram`, equal to H on the range of W."""
+    gram: torch.Tensor | None
+    """H = sum_i w_i X_i^T X_i, float64, (k, k). For a layer collected on the output side (``output_gram`` set) pass
+    None: reading it then builds, once, the matrix of :func:`range_gram` (equal to H on the range of W), which costs
+    a k x k product that planning, needing only the spectrum (``decompose.output_whitened_singular_values``), never
+    pays. Read it before the layer's weight changes (``range_weight`` is a view of it)."""
     num_images: int
     """Images that contributed (the N of eq. 10's 1/|D|)."""
     mean_input: torch.Tensor | None = None
@@ -56,6 +58,26 @@ class LayerStats:
     """M = sum_i w_i (X_i W)^T (X_i W) = W^T H W, float64, (m, m); only for layers collected on the output side."""
     input_trace: float | None = None
     """tr(H) = sum_i w_i ||X_i||_F^2; only for layers collected on the output side (``gram`` keeps this trace)."""
+    range_weight: torch.Tensor | None = None
+    """W (k, m) of a layer collected on the output side: the range on which ``gram`` is built."""
+
+
+def _get_gram(stats: LayerStats) -> torch.Tensor:
+    gram = stats.__dict__.get("_gram")
+    if gram is None:
+        if stats.output_gram is None or stats.range_weight is None or stats.input_trace is None:
+            raise ValueError("LayerStats without a gram needs output_gram, input_trace and range_weight")
+        gram = stats.__dict__["_gram"] = range_gram(stats.range_weight, stats.output_gram, stats.input_trace)
+    return gram
+
+
+def _set_gram(stats: LayerStats, gram: torch.Tensor | None) -> None:
+    stats.__dict__["_gram"] = gram
+
+
+# ``gram`` stays a dataclass field (constructor, fields(), repr) but reads through a property, so that the k x k
+# matrix of an output-side layer is only formed by the code that needs it.
+LayerStats.gram = property(_get_gram, _set_gram, doc="H, float64, (k, k) (built on first read for output-side layers)")
 
 
 def images_from_batch(batch: object) -> torch.Tensor:
@@ -348,10 +370,9 @@ def collect_statistics(
         if n == 0:
             raise ValueError(f"layer {name} was never reached by the calibration forward pass")
         gram = symmetrize_upper(grams[name])
-        output_gram = trace = None
-        if name in output_side:
-            output_gram, trace = gram, traces[name]
-            gram = range_gram(layers[name].weight.detach().T, output_gram, trace)
+        output_gram = trace = weight = None
+        if name in output_side:  # H is built from these on first use (LayerStats.gram)
+            output_gram, trace, weight, gram = gram, traces[name], layers[name].weight.detach().T, None
         stats[name] = LayerStats(
             gram=gram,
             num_images=n,
@@ -360,5 +381,6 @@ def collect_statistics(
             sample_weights=torch.cat(sample_weights[name]) if sample_tokens else None,
             output_gram=output_gram,
             input_trace=trace,
+            range_weight=weight,
         )
     return stats

@@ -122,6 +122,22 @@ def whitened_singular_values(weight: torch.Tensor, gram: torch.Tensor, damping: 
     return torch.linalg.eigvalsh((G + G.T) / 2).flip(0).clamp_min(0.0).sqrt()
 
 
+def output_whitened_singular_values(weight: torch.Tensor, output_gram: torch.Tensor, trace: float,
+                                    damping: float) -> torch.Tensor:
+    """:func:`whitened_singular_values` from the output Gram M = W^T H W and tr(H) alone (a layer whose statistics
+    were collected on the output side): with the damping relative to H's mean diagonal tr(H) / k, as in
+    :func:`whitening`, W^T H_d W = M + d tr(H) / k W^T W, an (out x out) matrix; no (in x in) product at all."""
+    W = weight.double()
+    M = output_gram.double().to(W.device)
+    if not torch.isfinite(M).all():
+        raise ValueError("the output Gram matrix contains NaN or inf")
+    scale = trace / W.shape[0]
+    if not scale > 0.0:  # as whitening: a layer that never saw input falls back to plain SVD
+        return singular_values(W)
+    G = M + (damping * scale) * (W.T @ W)
+    return torch.linalg.eigvalsh((G + G.T) / 2).flip(0).clamp_min(0.0).sqrt()
+
+
 def whitening(gram: torch.Tensor, damping: float) -> Whitening:
     """The :class:`Whitening` of a weighted Gram matrix. H may be singular (a dead feature, fewer tokens than
     features): the damping, or the eigenvalue floor of the fallback, keeps every factor finite. Never NaN."""

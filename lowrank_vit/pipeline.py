@@ -23,6 +23,7 @@ from lowrank_vit.decompose import (
     Whitening,
     energy_loss_curve,
     mean_input_svd,
+    output_whitened_singular_values,
     plain_svd,
     singular_values,
     weighted_error,
@@ -252,8 +253,11 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
     with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
         for name, layer in setup.layers.items():
             weight = _weight(layer, setup.device)
-            if cfg.decomposition == "whitened":
-                spectrum = whitened_singular_values(weight, stats[name].gram, cfg.damping)
+            s = stats[name]
+            if cfg.decomposition == "whitened" and s.output_gram is not None:
+                spectrum = output_whitened_singular_values(weight, s.output_gram, s.input_trace, cfg.damping)
+            elif cfg.decomposition == "whitened":
+                spectrum = whitened_singular_values(weight, s.gram, cfg.damping)
             else:
                 spectrum = singular_values(_spectrum_matrix(cfg, weight, stats[name], None, scales.get(name)))
             curves[name] = energy_loss_curve(spectrum).cpu()

@@ -9,6 +9,7 @@ from torch import nn
 
 from lowrank_vit import CompressionConfig, compress, get_adapter
 from lowrank_vit.calibration import (
+    LayerStats,
     collect_statistics,
     output_energies,
     range_gram,
@@ -16,7 +17,14 @@ from lowrank_vit.calibration import (
     upper_gram_,
 )
 from lowrank_vit.compensate import CompensationProblem, closed_form_z
-from lowrank_vit.decompose import weighted_error, whitened_svd, whitening
+from lowrank_vit.decompose import (
+    output_whitened_singular_values,
+    weighted_error,
+    whitened_singular_values,
+    whitened_svd,
+    whitening,
+)
+from lowrank_vit.pipeline import plan_compression, statistics_space
 
 from conftest import make_images, make_tiny_vit
 
@@ -225,29 +233,54 @@ def test_auto_space_statistics(model_and_layers):
         assert relative_error(W.T @ auto[name].gram @ W, M) < 1e-6, name
 
 
-def test_auto_space_compresses_like_input_space(monkeypatch):
+def test_auto_space_compresses_like_input_space():
     # The whole closed-form pipeline (whitened SVD, greedy ranks, low-rank Z, report) on both kinds of statistics.
     import copy
-    import functools
-
-    import lowrank_vit.pipeline as pipeline
 
     model = make_tiny_vit(embed_dim=48, mlp_ratio=4.0)
     images = make_images(32, seed=6)
     results = {}
     for space in ("input", "auto"):
         compressed = copy.deepcopy(model)
-        monkeypatch.setattr(pipeline, "collect_statistics", functools.partial(collect_statistics, gram_space=space))
-        report = compress(compressed, [images[:16], images[16:]], CompressionConfig(reduction=0.5, calib_samples=32,
-                                                                                    progress=False))
-        results[space] = (report, compressed)
-    (report_in, model_in), (report_auto, model_auto) = results["input"], results["auto"]
+        config = CompressionConfig(reduction=0.5, calib_samples=32, gram_space=space, progress=False)
+        report = compress(compressed, [images[:16], images[16:]], config)
+        plan = plan_compression(copy.deepcopy(model), [images[:16], images[16:]], config)
+        results[space] = (report, compressed, plan)
+    (report_in, model_in, plan_in), (report_auto, model_auto, plan_auto) = results["input"], results["auto"]
     assert [layer.rank for layer in report_auto.layers] == [layer.rank for layer in report_in.layers]
+    assert plan_auto.ranks == plan_in.ranks == {layer.name: layer.rank for layer in report_in.layers}
     for a, b in zip(report_auto.layers, report_in.layers, strict=True):
         assert a.output_error == pytest.approx(b.output_error, rel=1e-5), a.name
     probe = make_images(4, seed=7)
     with torch.no_grad():
         assert torch.allclose(model_auto(probe), model_in(probe), atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, space", [
+    ({}, "auto"),
+    ({"gram_space": "input"}, "input"),
+    ({"compensation": "none"}, "auto"),
+    ({"solver": "sgd"}, "input"),  # the SGD-fitted Z is not confined to the range of W
+    ({"decomposition": "mean"}, "input"),
+    ({"compensation": "sparse"}, "input"),
+    ({"decomposition": "asvd"}, "input"),
+])
+def test_statistics_space_is_auto_only_where_exact(settings, space):
+    assert statistics_space(CompressionConfig(reduction=0.5, **settings)) == space
+
+
+def test_output_whitened_singular_values():
+    k, m = 40, 12
+    H = random_gram(k, 30, seed=8)
+    W = torch.randn(k, m, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    expected = whitened_singular_values(W, H, 1e-3)
+    got = output_whitened_singular_values(W, W.T @ H @ W, float(H.trace()), 1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    # lazily built input-side matrix: the same spectrum again
+    stats = LayerStats(gram=None, num_images=1, output_gram=W.T @ H @ W, input_trace=float(H.trace()), range_weight=W)
+    torch.testing.assert_close(whitened_singular_values(W, stats.gram, 1e-3), expected, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="needs output_gram"):
+        _ = LayerStats(gram=None, num_images=1).gram
 
 
 def test_bad_gram_space():
