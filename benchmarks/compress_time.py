@@ -78,6 +78,7 @@ INSTRUMENTED = {
     "whitening": "whitening",
     "svd": "_decompose",
     "closed_form_z": "closed_form_z",
+    "svd_tail_z": "svd_tail_z",
     "sgd_fit": "fit_sgd",
     "report_errors": "weighted_error",
     "swap": "swap_layers",

@@ -1,7 +1,7 @@
 """Prototype (not part of the package): cheaper estimators of the calibration statistics, against exact ones.
 
     python benchmarks/estimators.py --model deit_small --calib 256 --heldout 128 \\
-        --estimator exact exact+f32 range range+f32 range+f32+tokens:0.5+reuse \\
+        --estimator exact exact+f32 range range+f32 range+f32+tokens:0.5 \\
         --json benchmarks/results/estimators_deit_small.json
 
 The closed-form pipeline needs, per block linear, the weighted Gram matrix H = sum_i w_i X_i^T X_i (eq. 5). An
@@ -15,9 +15,6 @@ estimator name is ``HEAD[+MOD...]``:
   per layer and batch), scaled by 1/F so that the Gram matrix stays unbiased; the per-image weights w_i and tr(H)
   use all tokens. An estimator;
 * ``+bf16``: bfloat16 products (rounded inputs; on a CPU torch also rounds the product to bfloat16). An estimator;
-* ``+reuse`` (not a statistics estimator: a proposed change to the compensation stage, see
-  :func:`reuse_whitened_svd`): the closed-form low-rank Z taken from the whitened SVD already computed, instead of a
-  second SVD per layer. Exact;
 * ``+eigh`` (a proposed change to the decomposition stage, see :func:`eigh_svd`): the whitened SVD of the
   (k, m) matrix A W from the eigendecomposition of its smaller Gram matrix instead of LAPACK's SVD. Exact in exact
   arithmetic; in float64 a singular value s_i loses ~1e-16 s_1^2 / s_i^2 of relative accuracy, far from any rank
@@ -83,8 +80,7 @@ from lowrank_vit.calibration import (  # noqa: E402
     symmetrize_upper,
     upper_gram_,
 )
-from lowrank_vit.decompose import Decomposition, weighted_error  # noqa: E402
-from lowrank_vit.factorized import LowRankZ  # noqa: E402
+from lowrank_vit.decompose import weighted_error  # noqa: E402
 
 
 @torch.no_grad()
@@ -157,8 +153,7 @@ def estimated_statistics(model: nn.Module, layers: dict[str, nn.Linear], batches
     return stats
 
 
-DEFAULT_ESTIMATORS = ("exact", "exact+f32", "range", "range+f32", "range+f32+tokens:0.5",
-                      "range+f32+tokens:0.5+reuse")
+DEFAULT_ESTIMATORS = ("exact", "exact+f32", "range", "range+f32", "range+f32+tokens:0.5")
 
 
 @dataclass(frozen=True)
@@ -170,7 +165,6 @@ class Estimator:
     precision: str
     """"float64", "float32" or "bfloat16": the products' dtype."""
     token_fraction: float
-    reuse: bool
     eigh: bool = False
 
     @property
@@ -180,7 +174,7 @@ class Estimator:
 
 
 def parse_estimator(text: str) -> Estimator:
-    """The :class:`Estimator` of a name ``exact|range[+f32][+bf16][+tokens:F][+reuse][+eigh]``.
+    """The :class:`Estimator` of a name ``exact|range[+f32][+bf16][+tokens:F][+eigh]``.
 
     Raises:
         UsageError: not such a name.
@@ -188,12 +182,10 @@ def parse_estimator(text: str) -> Estimator:
     head, *parts = text.split("+")
     if head not in ("exact", "range"):
         raise UsageError(f"bad --estimator {text!r}: start with exact or range, then optionally +f32, +bf16, "
-                         "+tokens:F, +reuse, +eigh")
-    precision, kept, reuse, eigh = "float64", 1.0, False, False
+                         "+tokens:F, +eigh")
+    precision, kept, eigh = "float64", 1.0, False
     for part in parts:
-        if part == "reuse":
-            reuse = True
-        elif part == "eigh":
+        if part == "eigh":
             eigh = True
         elif part == "f32":
             precision = "float32"
@@ -208,54 +200,7 @@ def parse_estimator(text: str) -> Estimator:
                 raise UsageError(f"bad token fraction in --estimator {text!r}: need 0 < F <= 1")
         else:
             raise UsageError(f"bad --estimator {text!r}: unknown part {part!r}")
-    return Estimator("input" if head == "exact" else "auto", precision, kept, reuse, eigh)
-
-
-@contextlib.contextmanager
-def reuse_whitened_svd() -> Iterator[None]:
-    """Make ``compress`` take the closed-form low-rank Z from the decomposition it already has, instead of a second
-    SVD: with A^T A = H_d and ``U V^T`` the rank-r truncation of ``A^-1 SVD(A W)``, ``A R = A W - A U V^T`` is the
-    tail ``sum_{i>r} p_i s_i r_i^T`` of the same SVD, so its best rank-q part is triplets r+1..r+q and
-    ``G = A^-1 P[:, r:r+q] sqrt(s)``, ``Y = R[:, r:r+q] sqrt(s)``: exactly what ``closed_form_z`` computes.
-
-    Prototype wiring from outside the package: ``_decompose`` results are remembered by their Whitening (the same
-    object reaches ``CompensationProblem``) and ``Decomposition.factors`` remembers the rank it was cut at.
-    """
-    by_whitening: dict[int, Decomposition] = {}
-    cut: dict[int, int] = {}
-    original_decompose, original_z = pipeline._decompose, pipeline.closed_form_z
-    original_factors = Decomposition.factors
-
-    def decompose(cfg: Any, weight: torch.Tensor, stats: Any, white: Any, *args: Any, **kwargs: Any) -> Decomposition:
-        result = original_decompose(cfg, weight, stats, white, *args, **kwargs)
-        if cfg.decomposition == "whitened" and white is not None:
-            by_whitening[id(white)] = result
-        return result
-
-    def factors(self: Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cut[id(self)] = rank
-        return original_factors(self, rank)
-
-    def closed_form_z(kind: str, problem: Any, z_params: int) -> nn.Module:
-        decomposition = by_whitening.get(id(problem.white))
-        rank = cut.get(id(decomposition))
-        k, m = problem.residual.shape
-        q = z_params // (k + m)
-        if kind != "lowrank" or rank is None or rank + q > decomposition.max_rank:
-            return original_z(kind, problem, z_params)
-        root = decomposition.singular_values[rank: rank + q].clamp_min(0).sqrt()
-        z = LowRankZ(k, m, q)
-        with torch.no_grad():
-            z.G.copy_(decomposition.left[:, rank: rank + q] * root)
-            z.Y.copy_(decomposition.right[:, rank: rank + q] * root)
-        return z
-
-    pipeline._decompose, pipeline.closed_form_z, Decomposition.factors = decompose, closed_form_z, factors
-    try:
-        yield
-    finally:
-        pipeline._decompose, pipeline.closed_form_z = original_decompose, original_z
-        Decomposition.factors = original_factors
+    return Estimator("input" if head == "exact" else "auto", precision, kept, eigh)
 
 
 def eigh_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,8 +225,6 @@ def eigh_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def patched_statistics(estimator: Estimator) -> Iterator[None]:
     """Make ``compress`` run with ``estimator``'s statistics (and its compensation shortcut)."""
     with contextlib.ExitStack() as stack:
-        if estimator.reuse:
-            stack.enter_context(reuse_whitened_svd())
         if estimator.eigh:
             original_svd = decompose_module.truncated_svd
             decompose_module.truncated_svd = eigh_svd
@@ -328,7 +271,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--reduction", type=fraction, default=0.5)
     parser.add_argument("--estimator", nargs="+", default=list(DEFAULT_ESTIMATORS),
-                        help="exact|range[+f32][+bf16][+tokens:F][+reuse], each a row (see the module docstring)")
+                        help="exact|range[+f32][+bf16][+tokens:F][+eigh], each a row (see the module docstring)")
     parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -391,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         estimator = parse_estimator(name)
         row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "heldout_images": args.heldout,
                                "estimator": name, "gram_space": estimator.space, "gram_precision": estimator.precision,
-                               "token_fraction": estimator.token_fraction, "reuse": estimator.reuse,
+                               "token_fraction": estimator.token_fraction,
                                "exact_statistics": not estimator.estimated}
         row.update({key: median([run[key] for run in done]) for key in done[0]})
         for stage in STAGES:

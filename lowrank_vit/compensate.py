@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.decompose import Whitening, truncated_svd
+from lowrank_vit.decompose import Decomposition, Whitening, truncated_svd
 from lowrank_vit.factorized import LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.progress import progress_bar
 
@@ -126,6 +126,20 @@ def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.
         z.rows.copy_(rows)
         z.cols.copy_(cols)
         z.values.copy_(_solve_columns(H, HR, rows, cols))
+    return z
+
+
+def svd_tail_z(decomposition: Decomposition, rank: int, z_params: int) -> LowRankZ:
+    """``closed_form_z("lowrank", ...)`` without a second SVD, for a layer whose U V^T is the rank-``rank``
+    truncation of ``decomposition`` = :func:`whitened_svd` under the same whitening A: then A R = A W - A U V^T is
+    exactly that SVD's tail, so the best rank-q Z of eq. (10) is its next q singular triplets."""
+    k, m = decomposition.left.shape[0], decomposition.right.shape[0]
+    q = z_params // (k + m)
+    G, Y = decomposition.factors(q, start=rank)
+    z = LowRankZ(k, m, q)
+    with torch.no_grad():
+        z.G.copy_(G)
+        z.Y.copy_(Y)
     return z
 
 

@@ -40,18 +40,22 @@ class Decomposition:
         """Energy loss for every rank 0..p (index = rank kept)."""
         return energy_loss_curve(self.singular_values)
 
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """U (k, rank) and V (m, rank) with the singular values split evenly (sqrt on each side, eq. 7).
+    def factors(self, rank: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """U (k, rank) and V (m, rank) from singular triplets ``start .. start + rank - 1`` (the leading ones by
+        default), with the singular values split evenly (sqrt on each side, eq. 7).
 
-        Ranks above the basis size (possible for "mean", whose basis has at most as many vectors as tokens) are
-        padded with zero columns.
+        Triplets beyond the basis size (possible for "mean", whose basis has at most as many vectors as tokens)
+        are zero columns.
         """
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        keep = min(rank, self.max_rank)
-        root = self.singular_values[:keep].clamp_min(0).sqrt()
-        U = self.left[:, :keep] * root
-        V = self.right[:, :keep] * root
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        stop = min(start + rank, self.max_rank)
+        keep = max(stop - start, 0)
+        root = self.singular_values[start:stop].clamp_min(0).sqrt()
+        U = self.left[:, start:stop] * root
+        V = self.right[:, start:stop] * root
         if keep < rank:
             U = torch.cat([U, U.new_zeros(U.shape[0], rank - keep)], dim=1)
             V = torch.cat([V, V.new_zeros(V.shape[0], rank - keep)], dim=1)

@@ -16,7 +16,15 @@ from lowrank_vit import comcat
 from lowrank_vit.adapters import count_params, get_adapter
 from lowrank_vit.allocate import Allocation, LayerBudget, allocate_greedy, allocate_uniform, check_feasible
 from lowrank_vit.calibration import LayerStats, collect_statistics
-from lowrank_vit.compensate import CompensationProblem, SGDTask, closed_form_z, fit_sgd, init_z_for_sgd, z_param_count
+from lowrank_vit.compensate import (
+    CompensationProblem,
+    SGDTask,
+    closed_form_z,
+    fit_sgd,
+    init_z_for_sgd,
+    svd_tail_z,
+    z_param_count,
+)
 from lowrank_vit.config import CompressionConfig
 from lowrank_vit.decompose import (
     Decomposition,
@@ -352,6 +360,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                 inputs = s.samples.to(device)
                 targets = (inputs.double() @ residual).float()
                 sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
+            elif z_kind == "lowrank" and cfg.decomposition == "whitened":  # same whitening: the SVD's tail
+                z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
             else:
                 z = closed_form_z(z_kind, problem, budgets_meta[name])
         dtype = layer.weight.dtype

@@ -12,6 +12,7 @@ from lowrank_vit.compensate import (
     diagonal_support,
     fit_sgd,
     init_z_for_sgd,
+    svd_tail_z,
     z_param_count,
 )
 from lowrank_vit.decompose import plain_svd, weighted_error, whitened_svd, whitening
@@ -75,6 +76,32 @@ def test_lowrank_z_after_whitened_svd_equals_a_higher_rank_svd():
     U9, V9 = d.factors(9)
     err_z = weighted_error(U @ V.T + z.dense().double() - W, H, images.shape[0])
     assert err_z == pytest.approx(weighted_error(U9 @ V9.T - W, H, images.shape[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("rank,q", [(6, 3), (35, 10)])  # the second runs past the basis: zero columns
+def test_svd_tail_z_equals_the_second_svd(rank, q):
+    """compress takes the low-rank Z from the whitened SVD's tail: the same Z as the closed form's own SVD."""
+    images, W = synthetic_layer()
+    H = gram_of(images, W)
+    white = whitening(H, damping=1e-4)
+    d = whitened_svd(W, white)
+    U, V = d.factors(rank)
+    R = W - U @ V.T
+    budget = q * sum(W.shape)
+    tail = svd_tail_z(d, rank, budget)
+    assert tail.rank == q and sum(p.numel() for p in tail.parameters()) == budget
+    expected = closed_form_z("lowrank", CompensationProblem(R, white), budget).dense().double()
+    assert torch.allclose(tail.dense().double(), expected, atol=1e-8 * float(W.abs().max()))
+
+
+def test_factors_from_a_start_index():
+    d = plain_svd(synthetic_layer()[1])
+    U, V = d.factors(9)
+    U_head, V_head = d.factors(4)
+    U_tail, V_tail = d.factors(5, start=4)
+    assert torch.allclose(U_head @ V_head.T + U_tail @ V_tail.T, U @ V.T, atol=1e-10)
+    with pytest.raises(ValueError, match="start"):
+        d.factors(2, start=-1)
 
 
 def test_closed_form_lowrank_matches_sgd_solver():
