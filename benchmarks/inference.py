@@ -58,6 +58,7 @@ from lowrank_vit import (  # noqa: E402
     SparseZ,
     compress,
     count_params,
+    fold_lowrank_z_,
     get_adapter,
 )
 
@@ -141,21 +142,6 @@ def model_flops(model: nn.Module, shape: tuple[int, int, int], device: str) -> i
     return counter.get_total_flops()
 
 
-def fuse_lowrank_z(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in which every ``FactorizedLinear`` with a low-rank Z computes ``x [U G] [V Y]^T`` as one
-    rank-(r + q) product: exactly the same function, two matrix products per layer instead of four."""
-    fused = copy.deepcopy(model)
-    for name, module in list(fused.named_modules()):
-        if isinstance(module, FactorizedLinear) and isinstance(module.z, LowRankZ):
-            U = torch.cat([module.U.data, module.z.G.data.to(module.U.dtype)], dim=1)
-            V = torch.cat([module.V.data, module.z.Y.data.to(module.V.dtype)], dim=1)
-            bias = None if module.bias is None else module.bias.data
-            parent_name, _, child = name.rpartition(".")
-            parent = fused.get_submodule(parent_name) if parent_name else fused
-            setattr(parent, child, FactorizedLinear.from_factors(U, V, bias))
-    return fused
-
-
 def time_models(models: dict[str, nn.Module], images: torch.Tensor, device: str, repeats: int, warmup: int,
                 min_time: float) -> dict[str, list[float]]:
     """Per-forward milliseconds of every model, ``repeats`` samples each, interleaved.
@@ -221,7 +207,8 @@ def run_benchmark(args: Any) -> dict[str, Any]:
             "compress_s": sum(report.stage_seconds.values()),
         }
         if not args.no_fused and any(isinstance(getattr(m, "z", None), LowRankZ) for m in model.modules()):
-            fused = fuse_lowrank_z(model)
+            fused = copy.deepcopy(model)
+            fold_lowrank_z_(fused)
             with torch.inference_mode():
                 probe = smooth_images(2, shape, seed=1).to(device)
                 info[reduction]["fused_max_abs_diff"] = float((fused(probe) - model(probe)).abs().max())

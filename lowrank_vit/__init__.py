@@ -18,7 +18,7 @@ from lowrank_vit.config import CompressionConfig
 from lowrank_vit.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.pipeline import CompressionReport, LayerReport, compress
 from lowrank_vit.quantize import model_size_mib, quantize_
-from lowrank_vit.surgery import load_compressed, save_compressed
+from lowrank_vit.surgery import fold_lowrank_z_, load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
@@ -57,6 +57,7 @@ __all__ = [
     "SparseZ",
     "compress",
     "count_params",
+    "fold_lowrank_z_",
     "get_adapter",
     "load_compressed",
     "model_size_mib",

@@ -24,6 +24,8 @@ from lowrank_vit import (
     RowSparseZ,
     SparseZ,
     compress,
+    count_params,
+    fold_lowrank_z_,
     load_compressed,
     quantize_,
     save_compressed,
@@ -77,6 +79,29 @@ def assert_same_model(loaded: nn.Module, original: nn.Module, images: torch.Tens
     out = logits(loaded, images)
     assert out.shape == ref.shape
     assert torch.allclose(out, ref, atol=1e-5, rtol=0), float((out - ref).abs().max())
+
+
+def test_fold_lowrank_z_keeps_the_function_and_the_parameter_count(tmp_path):
+    model = compressed_vit(compensation="lowrank")
+    images = make_images(4, seed=7)
+    ref, params = logits(model, images), count_params(model)
+    z_ranks = {n: m.rank + m.z.rank for n, m in model.named_modules()
+               if isinstance(m, FactorizedLinear) and isinstance(m.z, LowRankZ)}
+    assert z_ranks
+    assert sorted(fold_lowrank_z_(model)) == sorted(z_ranks)
+    folded = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert all(folded[n].z is None and folded[n].rank == r for n, r in z_ranks.items())
+    assert count_params(model) == params
+    assert torch.allclose(logits(model, images), ref, atol=1e-5, rtol=0)
+    save_compressed(model, tmp_path / "folded")
+    assert_same_model(load_compressed(tmp_path / "folded"), model, images)
+
+
+def test_fold_lowrank_z_refuses_a_quantized_model():
+    model = compressed_vit(compensation="lowrank")
+    quantize_(model, 8)
+    with pytest.raises(ValueError, match="fold first"):
+        fold_lowrank_z_(model)
 
 
 # --------------------------------------------------------------------------------------------------------------------
