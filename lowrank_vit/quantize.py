@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowrank_vit.comcat import FactorizedAttention
 from lowrank_vit.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
 
 QUANT_ATTR = "lowrank_vit_quantization"
@@ -86,6 +87,9 @@ def _targets(model: nn.Module, include_dense: bool) -> dict[str, tuple[nn.Parame
             found[prefix + "values"] = (module.values, None)
         elif isinstance(module, RowSparseZ):
             found[prefix + "values"] = (module.values, 1)
+        elif isinstance(module, FactorizedAttention):  # COMCAT: per-head factors, one row per output channel
+            for leaf in ("q_weight", "k_weight", "v_weight", "o_weight"):
+                found[prefix + leaf] = (getattr(module, leaf), 0)
         elif include_dense and isinstance(module, (nn.Linear, nn.Conv2d)):
             found[prefix + "weight"] = (module.weight, 0)
     return found
@@ -93,7 +97,8 @@ def _targets(model: nn.Module, include_dense: bool) -> dict[str, tuple[nn.Parame
 
 @torch.no_grad()
 def quantize_(model: nn.Module, bits: int = 8, include_dense: bool = False) -> dict[str, dict]:
-    """Quantize, in place, U and V of every factorized layer and the parameters of every Z (eq. 16).
+    """Quantize, in place, U and V of every factorized layer, the parameters of every Z and the head factors of
+    every COMCAT attention module (eq. 16).
 
     Args:
         model: a model (compressed or not).

@@ -8,7 +8,16 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_vit import CompressionConfig, FactorizedLinear, compress, count_params, load_compressed, save_compressed
+from lowrank_vit import (
+    CompressionConfig,
+    FactorizedLinear,
+    compress,
+    count_params,
+    load_compressed,
+    model_size_mib,
+    quantize_,
+    save_compressed,
+)
 from lowrank_vit.adapters import get_adapter, set_submodule
 from lowrank_vit.comcat import (
     FactorizedAttention,
@@ -349,6 +358,20 @@ def test_save_load_round_trip(method, arch, labelled, images, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(images[:4]), model(images[:4]))
     assert count_params(loaded) == count_params(model)
+
+
+def test_comcat_quantized_round_trip(labelled, images, tmp_path):
+    """quantize_ reaches COMCAT's head factors (not only the MLP's U, V, Z), and the codes survive save/load."""
+    model = make("vit")
+    compress(model, labelled, cfg(decomposition="comcat"))
+    record = quantize_(model, bits=4)
+    assert {"blocks.0.attn.q_weight", "blocks.0.attn.o_weight"} <= set(record)
+    assert torch.unique(model.blocks[0].attn.q_weight[0]).numel() <= 16  # one channel on a 4-bit grid
+    save_compressed(model, tmp_path / "m")
+    loaded = load_compressed(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded(images[:4]), model(images[:4]), atol=1e-5)
+    assert model_size_mib(loaded) == model_size_mib(model)
 
 
 def test_load_rejects_a_mismatched_attention_spec(labelled, tmp_path):
