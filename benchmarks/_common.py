@@ -21,6 +21,8 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from lowrank_vit.cli import positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
+
 MODEL_ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
     "deit_small": "deit_small_patch16_224",
@@ -217,12 +219,3 @@ def fraction(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value

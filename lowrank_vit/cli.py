@@ -27,8 +27,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_hardware(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", choices=("full", "smoke"), default="full",
                         help="full: the paper (timm weights, ImageNet, GPUs); smoke: tiny MNIST stand-ins on a CPU")
-    parser.add_argument("--devices", type=_positive_int, help="processes (GPUs) per node; >1 runs DDP")
-    parser.add_argument("--num-nodes", type=_positive_int, help="nodes (SLURM / torchrun multi-node)")
+    parser.add_argument("--devices", type=positive_int, help="processes (GPUs) per node; >1 runs DDP")
+    parser.add_argument("--num-nodes", type=positive_int, help="nodes (SLURM / torchrun multi-node)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"))
     parser.add_argument("--output", help="results directory (default: results/, or results/smoke/ for --scale smoke)")
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
@@ -43,7 +43,8 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         help="change one config field, e.g. --set finetune.epochs=1 (repeatable; see `show`)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (also used by benchmarks/)."""
     try:
         value = int(text)
     except ValueError:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true",
                    help="random weights and synthetic calibration images (the only mode so far; no network)")
     p.add_argument("--scale", choices=("full", "smoke"), default="full")
-    p.add_argument("--calib-images", type=_positive_int, default=4, help="synthetic calibration images (default 4)")
+    p.add_argument("--calib-images", type=positive_int, default=4, help="synthetic calibration images (default 4)")
     _add_set(p)
     p.add_argument("--json", action="store_true")
 
