@@ -390,7 +390,11 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
 
 
 def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    """The mean, or None when there is nothing to average or a value is undefined (NaN: COMCAT's attention units
+    have no per-layer eq. 5 error, so a mean over the other layers would not compare with other methods')."""
+    if not values or any(math.isnan(v) for v in values):
+        return None
+    return sum(values) / len(values)
 
 
 def _version(package: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -73,3 +74,12 @@ def test_plan_gives_fwsvd_synthetic_labels():
     assert all(0 <= int(labels.min()) and int(labels.max()) < 10 for _, labels in pairs)
     plan = plan_row(get_experiment("compare/deit_s/fwsvd-50-noft"), "smoke", calib_images=2)
     assert abs(plan["params_after"] - plan["target_params"]) <= 1e-3 * plan["target_params"]
+
+
+def test_residual_mean_is_undefined_when_a_unit_has_none():
+    """COMCAT's attention units have no per-layer eq. 5 error (NaN): the row's mean residual is None, not NaN."""
+    from lowrank_vit.runner import _mean
+
+    assert _mean([1.0, 3.0]) == 2.0
+    assert _mean([1.0, math.nan]) is None
+    assert _mean([]) is None
