@@ -33,6 +33,8 @@ def _add_hardware(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="results directory (default: results/, or results/smoke/ for --scale smoke)")
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
                         help="wandb logging (online falls back to offline without an API key or network)")
+    parser.add_argument("--wandb-group", dest="group",
+                        help="wandb group of the runs (default TABLE-SCALE, e.g. compare-smoke)")
     parser.add_argument("--force", action="store_true", help="run again even if a result is already there")
     _add_set(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
@@ -142,7 +144,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _hardware(args: argparse.Namespace) -> dict[str, Any]:
     return dict(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, output=args.output,
-                overrides=args.overrides, wandb=args.wandb, force=args.force, progress=not args.quiet)
+                overrides=args.overrides, wandb=args.wandb, force=args.force, progress=not args.quiet,
+                group=args.group)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

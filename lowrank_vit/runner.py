@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,8 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
 
     if not timm.is_model(cfg.name.split(".")[0]):
         raise ValueError(f"timm has no model {cfg.name!r}")
+    if cfg.checkpoint is not None:
+        return load_checkpoint_(timm.create_model(cfg.name, pretrained=False, **cfg.kwargs), cfg.checkpoint).eval()
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
     except (OSError, RuntimeError, ValueError) as err:
@@ -73,6 +76,47 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
             f"(they are cached in the Hugging Face cache, HF_HOME), unset HF_HUB_OFFLINE, or use --scale smoke"
         ) from err
     return model.eval()
+
+
+def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a safetensors state dict into ``model`` in place, strictly (every key, every shape).
+
+    Raises:
+        SetupError: the file is missing, is not a safetensors file, or does not fit the model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SetupError(f"model checkpoint {str(path)!r} does not exist: give model.checkpoint= a safetensors file "
+                         f"of the model's weights (e.g. save_file(model.state_dict(), PATH))")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SetupError(f"model checkpoint {str(path)!r} is corrupted or not a safetensors file ({err})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise SetupError(f"model checkpoint {str(path)!r} does not fit {type(model).__name__} with these model.kwargs "
+                         f"({'; '.join(parts)})")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SetupError(f"model checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])})")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file: recorded with each result, so that a retrained checkpoint reruns its rows."""
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -195,7 +239,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config without what does not change its result (hardware)."""
+    """A run's config without what does not change its result (hardware), with the fields a newer version added
+    filled in with their defaults (so that a new option does not orphan every finished result)."""
+    try:
+        config = RunConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError, KeyError, AttributeError):
+        pass  # unreadable: compared as it is (and found different)
     return {k: v for k, v in config.items() if k != "hardware"}
 
 
@@ -222,6 +271,9 @@ def finished(exp: Experiment, cfg: RunConfig, output: Path) -> dict[str, Any] | 
     if cfg.model.source == "standin" and cfg.model.pretrained and \
             result.get("standin_fingerprint") != _standin_fingerprint(cfg.model.name):
         return None  # computed from an older stand-in recipe: stale, run again
+    if cfg.model.checkpoint is not None and Path(cfg.model.checkpoint).expanduser().is_file() and \
+            result.get("checkpoint_sha256") != checkpoint_digest(cfg.model.checkpoint):
+        return None  # computed from other weights under the same path: stale, run again
     if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
         raise SetupError(f"{output / exp.name / RESULT_FILE} holds a run of {exp.name} with another config; "
                          f"pass --force to replace it or choose another --output")
@@ -308,6 +360,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
     device = resolve_device(cfg.hardware.accelerator)
     model = build_model(cfg.model, progress=progress)
+    digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
     dm = build_datamodule(data_cfg, model)
     dm.setup("fit")
     stage("load", t)
@@ -374,6 +427,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     seconds["total"] = round(time.perf_counter() - started, 3)
     if cfg.model.source == "standin" and cfg.model.pretrained:
         result["standin_fingerprint"] = _standin_fingerprint(cfg.model.name)
+    if digest is not None:
+        result["checkpoint_sha256"] = digest
     result.update(stage_seconds=seconds, paper=exp.to_dict()["paper"], notes=list(exp.notes),
                   config=cfg.to_dict(), finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   versions={"torch": torch.__version__, "timm": _version("timm"),
@@ -434,10 +489,11 @@ def select_rows(table: str, rows: str | None = None) -> list[Experiment]:
 def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, output: str | os.PathLike | None = None,
               accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
               overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, group: str | None = None) -> dict[str, Any]:
     """Run the table's rows that are not finished yet, each in its own process (so a multi-process Lightning run
     launches cleanly per row and one row's memory is freed before the next), then write ``OUTPUT/TABLE.md`` and
-    ``OUTPUT/TABLE.json``. Failed rows are reported and the table is written with what finished.
+    ``OUTPUT/TABLE.json``. Failed rows are reported and the table is written with what finished. ``group`` names
+    the wandb group of every row's run (default ``TABLE-SCALE``).
 
     Returns:
         The table's JSON data (``rows`` and ``failed``).
@@ -458,6 +514,8 @@ def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, outp
                 command += [flag, str(value)]
         for assignment in overrides:
             command += ["--set", assignment]
+        if group is not None:
+            command += ["--wandb-group", group]
         if force:
             command.append("--force")
         if not progress:
@@ -480,12 +538,29 @@ def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
            "paper_top1": paper.top1, "top1": get("top1"), "top5": get("top5"),
            "top1_compressed": (get("compressed") or {}).get("top1"), "top1_dense": (get("dense") or {}).get("top1"),
            "paper_size_mib": paper.size_mib, "size_mib": get("size_mib"),
-           "paper_residual": paper.residual, "residual": get("residual_error"), "notes": list(exp.notes),
-           "finished": result is not None}
+           "paper_residual": paper.residual, "residual": _finite(get("residual_error")), "notes": list(exp.notes),
+           "setup": _setup_label(get("config") or {}), "finished": result is not None}
     for key in ("params_m", "top1", "size_mib", "residual"):
         ours, theirs = row[key], row[f"paper_{key}"]
         row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
     return row
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a missing or non-finite number (older results stored an undefined mean as NaN)."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _setup_label(config: dict[str, Any]) -> str | None:
+    """"stand-in deit_s on mnist-5k", "deit_small_patch16_224 (model.safetensors) on cifar10": what a row ran on."""
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if not model:
+        return None
+    what = f"stand-in {model.get('name')}" if model.get("source") == "standin" else str(model.get("name"))
+    if model.get("checkpoint"):
+        what += f" ({Path(model['checkpoint']).name})"
+    where = Path(data["path"]).name if data.get("path") else data.get("name")
+    return f"{what} on {where}"
 
 
 def write_table(table: str, exps: list[Experiment], scale: str, output: Path) -> dict[str, Any]:
@@ -584,7 +659,7 @@ def compare_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
         line = lines.setdefault((r["method"], r["finetune"]), {
             "method": r["method"], "finetune": r["finetune"], "cells": {}})
         line["cells"][key] = {"name": r["name"], "top1": r["top1"], "paper_top1": r["paper_top1"],
-                              "params_m": r["params_m"], "notes": r["notes"]}
+                              "params_m": r["params_m"], "residual": r["residual"], "notes": r["notes"]}
     for column in columns.values():
         counts = column.pop("params_m")
         column["params_m_min"] = min(counts) if counts else None
@@ -602,7 +677,11 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
              "parameters; every row lands within 0.1% of that target), the paper's number in parentheses where "
              "one exists. Only the decomposition differs between methods: greedy ranks on each method's own "
              "spectra and the closed-form low-rank Z for all; \"+ FT\" adds the partial fine-tune.", ""]
-    if scale == "smoke":
+    setups = sorted({r["setup"] for r in data["rows"] if r.get("finished") and r.get("setup")})
+    if setups and not all(s.startswith("stand-in ") and s.endswith(" on mnist-5k") for s in setups):
+        lines += [f"Measured with {'; '.join(setups)} (the registry's config with overrides); compare methods with "
+                  f"each other, not with the paper's ImageNet numbers.", ""]
+    elif scale == "smoke":
         lines += ["Smoke scale: tiny stand-ins on the embedded MNIST digits; compare methods with each other, not "
                   "with the paper's ImageNet numbers.", ""]
     header = ["method"] + [c["label"] for c in columns]
@@ -645,6 +724,16 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
     if notes:
         lines.append("")
         lines += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
+    residual_lines = [line for line in grid if not line["finetune"]]
+    # one grid of the no-FT lines: the residual is measured right after compression, the same for both lines
+    if any(cell.get("residual") is not None for line in residual_lines for cell in line["cells"].values()):
+        lines += ["", "Mean residual error of eq. 5 over the compressed layers, on the calibration images right "
+                      "after compression (lower is better; — where a method has none, e.g. COMCAT's fused heads):",
+                  "", "| method | " + " | ".join(c["label"] for c in columns) + " |", "|" + "---|" * len(header)]
+        for line in residual_lines:
+            cells = [line["cells"].get(c["key"]) or {} for c in columns]
+            lines.append(f"| {METHOD_LABELS.get(line['method'], line['method'])} | "
+                         + " | ".join(_fmt(cell.get("residual"), 5) for cell in cells) + " |")
     missing = [r["name"] for r in data["rows"] if not r["finished"]]
     if missing:
         lines += ["", f"Not run yet ({len(missing)} of {len(data['rows'])}): {', '.join(missing)}."]

@@ -187,8 +187,20 @@ class Digits:
     """``resolve_preprocessing(model)``: input size, mean and std (recorded with the weights)."""
 
 
-def _stack(dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+def stack_dataset(dataset: torch.utils.data.Dataset, progress: bool = False,
+                  desc: str = "decoding") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(image, label)`` of a map-style dataset decoded once into two tensors (images, int64 labels): training
+    a small model from tensors in memory is much faster than through a per-item transform every epoch."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    images, labels = [], []
+    with progress_bar(n, desc=desc, unit="img", enabled=progress) as bar:
+        for i in range(n):
+            image, label = dataset[i]
+            images.append(image)
+            labels.append(int(label))
+            bar.update(1)
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
 
 
@@ -200,8 +212,8 @@ def load_digits(model: nn.Module) -> Digits:
 
     dm = build_datamodule(DataConfig(name=STANDIN_DATASET, augment=False), model=model)
     dm.setup()
-    x_train, y_train = _stack(dm.train_dataset)
-    x_val, y_val = _stack(dm.val_dataset)
+    x_train, y_train = stack_dataset(dm.train_dataset)
+    x_val, y_val = stack_dataset(dm.val_dataset)
     pre = dm.preprocessing
     background = (0.0 - float(pre["mean"][0])) / float(pre["std"][0])
     return Digits(x_train, y_train, x_val, y_val, background, _preprocessing_record(pre))
@@ -260,43 +272,58 @@ def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     return 100.0 * correct / max(1, len(x))
 
 
-def _train_on_digits(model: nn.Module, spec: StandinSpec, digits: Digits, progress: bool) -> dict[str, float]:
-    """AdamW with linear warmup and cosine decay, label smoothing, random shifts, gradient clipping at 1: a plain
-    loop over tensors (no DataLoader, no per-item transform), seeded by ``spec.seed``.
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+                     seed: int, weight_decay: float = 0.05, warmup_fraction: float = 0.1, label_smoothing: float = 0.1,
+                     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                     desc: str = "training", progress: bool = True) -> dict[str, float]:
+    """Train a classifier from tensors in memory: AdamW (matrices decayed only) with linear warmup and cosine decay,
+    label smoothing, gradient clipping at 1, ``augment(batch, generator)`` applied per batch; no DataLoader, no
+    per-item transform. Seeded by ``seed`` (batch order and augmentation; seed torch yourself for the init).
 
     Returns:
-        The last epoch's mean training loss and training accuracy (percent, on augmented digits).
+        The last epoch's mean training loss and training accuracy (percent, on augmented images).
     """
-    generator = torch.Generator().manual_seed(spec.seed)
-    n = len(digits.y_train)
-    batch = min(spec.batch_size, n)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(y)
+    batch = min(batch_size, n)
     steps_per_epoch = n // batch
-    total = spec.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(_param_groups(model, spec.weight_decay), lr=spec.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(total, round(spec.warmup_fraction * total)))
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, round(warmup_fraction * total)))
     loss_sum, correct, seen = 0.0, 0, 0
     model.train()
-    with progress_bar(spec.epochs, desc=f"pretraining {spec.arch} stand-in", unit="epoch", enabled=progress) as bar:
-        for _ in range(spec.epochs):
+    with progress_bar(epochs * steps_per_epoch, desc=desc, unit="step", enabled=progress) as bar:
+        for epoch in range(epochs):
             order = torch.randperm(n, generator=generator)
             loss_sum, correct, seen = 0.0, 0, 0
             for i in range(steps_per_epoch):
                 idx = order[i * batch: (i + 1) * batch]
-                x = random_shift(digits.x_train[idx], spec.max_shift, digits.background, generator)
-                logits = model(x)
-                loss = F.cross_entropy(logits, digits.y_train[idx], label_smoothing=spec.label_smoothing)
+                inputs = x[idx] if augment is None else augment(x[idx], generator)
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, step "
+                                             f"{i + 1}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
                 loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == digits.y_train[idx]).sum())
+                correct += int((logits.argmax(1) == y[idx]).sum())
                 seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
-            bar.update(1)
+                bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
     return {"train_loss": loss_sum / max(1, seen), "train_top1": 100.0 * correct / max(1, seen)}
+
+
+def _train_on_digits(model: nn.Module, spec: StandinSpec, digits: Digits, progress: bool) -> dict[str, float]:
+    """The stand-in recipe of :func:`train_classifier`, with random shifts padded with the digits' background."""
+    return train_classifier(
+        model, digits.x_train, digits.y_train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+        seed=spec.seed, weight_decay=spec.weight_decay, warmup_fraction=spec.warmup_fraction,
+        label_smoothing=spec.label_smoothing, desc=f"pretraining {spec.arch} stand-in", progress=progress,
+        augment=lambda x, generator: random_shift(x, spec.max_shift, digits.background, generator))
 
 
 def _load_average() -> float | None:
@@ -557,6 +584,8 @@ __all__ = [
     "pretrain_standin",
     "random_shift",
     "resolve_spec",
+    "stack_dataset",
     "standin_cache_dir",
     "standin_record",
+    "train_classifier",
 ]

@@ -176,3 +176,91 @@ def test_run_ddp_two_cpu_processes(tmp_path):
     assert row["finetune"]["world_size"] == 2 and row["finetune"]["steps"] == 3
     assert row["config"]["hardware"]["devices"] == 2
     assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
+
+
+def _write_cifar_like(folder: Path, n_train: int = 48, n_test: int = 24) -> Path:
+    """A CIFAR-10-shaped parquet directory (32x32 RGB, ``img``/``label``) small enough for a test."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+        datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(n)]}).to_parquet(
+            str(folder / f"{split}.parquet"))
+    return folder
+
+
+def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
+    """A comparison row on a model the user trained (``model.checkpoint``, safetensors) and local parquet data, with
+    the overrides experiments/cifar10.py passes: it runs, records the checkpoint's digest, reruns when the weights
+    change, and a missing, corrupted or mismatched checkpoint is one line with exit status 2."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from experiments.cifar10 import Recipe, overrides
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    data = _write_cifar_like(tmp_path / "cifar")
+    recipe = Recipe(model_kwargs={"img_size": 32, "num_classes": 3, "patch_size": 8, "embed_dim": 64, "depth": 4,
+                                  "num_heads": 2, "global_pool": "avg", "class_token": False})
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False, **recipe.model_kwargs)
+    save_file(model.state_dict(), str(weights))
+    sets = [a for s in overrides(str(data), weights.parent, recipe, finetune_steps=2) for a in ("--set", s)]
+    quick = [*sets, "--set", "compression.calib_samples=16", "--set", "data.calib_samples=16", "--quiet",
+             "--wandb", "disabled"]
+    out = tmp_path / "results"
+    name = "compare/deit_s/ours-50-noft"
+    code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(out), *quick)
+    assert code == 0, err
+    row = _result(out, name)
+    assert row["config"]["model"]["checkpoint"] == str(weights.resolve())
+    assert row["params_before"] == sum(p.numel() for p in model.parameters()) and row["val_images"] == 24
+    assert row["params"] / row["params_before"] == pytest.approx(0.5, abs=1e-3)
+    assert len(row["checkpoint_sha256"]) == 64
+
+    stamp = (out / name / "result.json").stat().st_mtime_ns
+    code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(out), *quick)
+    assert code == 0 and (out / name / "result.json").stat().st_mtime_ns == stamp  # finished: skipped
+    torch.manual_seed(1)  # other weights under the same path: the result is stale and the row runs again
+    save_file(timm.create_model("deit_small_patch16_224", pretrained=False, **recipe.model_kwargs).state_dict(),
+              str(weights))
+    code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(out), *quick)
+    assert code == 0 and (out / name / "result.json").stat().st_mtime_ns != stamp
+    assert _result(out, name)["checkpoint_sha256"] != row["checkpoint_sha256"]
+
+    bad = tmp_path / "bad.safetensors"
+    for content, message in ((None, "does not exist"), (b"not a safetensors file", "corrupted")):
+        if content is not None:
+            bad.write_bytes(content)
+        code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(tmp_path / "r2"), *quick,
+                           "--set", f"model.checkpoint={bad}")
+        assert code == 2 and message in one_line_error(err)
+    code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(tmp_path / "r2"), *quick,
+                       "--set", "model.kwargs={\"img_size\": 32, \"num_classes\": 3, \"patch_size\": 8}")
+    assert code == 2 and "does not fit" in one_line_error(err)
+    code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(tmp_path / "r2"), *quick,
+                       "--set", "model.source=standin",
+                       "--set", "model.name=deit_s")
+    assert code == 2 and "needs model source 'timm'" in one_line_error(err)
+
+
+def test_results_of_an_older_version_still_count_as_finished(tmp_path):
+    """A field added to the config since a row finished (filled with its default) does not orphan the result."""
+    from lowrank_vit.registry import get_experiment
+    from lowrank_vit.runner import _standin_fingerprint, finished
+
+    exp = get_experiment("compare/deit_s/ours-50")
+    cfg = exp.config("smoke")
+    old = cfg.to_dict()
+    del old["model"]["checkpoint"]
+    path = tmp_path / exp.name / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"config": old, "standin_fingerprint": _standin_fingerprint("deit_s")}))
+    assert finished(exp, cfg, tmp_path) is not None

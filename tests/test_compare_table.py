@@ -83,3 +83,22 @@ def test_residual_mean_is_undefined_when_a_unit_has_none():
     assert _mean([1.0, 3.0]) == 2.0
     assert _mean([1.0, math.nan]) is None
     assert _mean([]) is None
+
+
+def test_compare_markdown_names_the_setup_and_lists_residuals(tmp_path):
+    """Rows run with overrides (a checkpoint on CIFAR-10) say so instead of claiming the MNIST stand-ins, and the
+    eq. 5 residuals of the no-FT rows get their own grid, NaN from older results shown as undefined."""
+    config = {"model": {"source": "timm", "name": "deit_small_patch16_224", "checkpoint": "/x/model.safetensors"},
+              "data": {"name": None, "path": "/data/cifar10"}}
+    for name, residual in (("ours-50-noft", 0.00045), ("plain-50-noft", 0.002), ("comcat-50-noft", float("nan"))):
+        _fake_result(tmp_path, f"compare/deit_s/{name}", 11_025_000, 60.0)
+        path = tmp_path / "compare" / "deit_s" / name / "result.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "residual_error": residual, "config": config}))
+    write_table("compare", [get_experiment(f"compare/deit_s/{m}-50-noft") for m in ("ours", "plain", "comcat")],
+                "smoke", tmp_path)
+    text = (tmp_path / "compare.md").read_text()
+    assert "Smoke scale" not in text
+    assert "Measured with deit_small_patch16_224 (model.safetensors) on cifar10" in text
+    residual = text.split("Mean residual error of eq. 5")[1]
+    assert "| ours (whitened SVD) | 0.00045 |" in residual and "| plain SVD | 0.00200 |" in residual
+    assert "| COMCAT | — |" in residual and "nan" not in text
