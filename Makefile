@@ -14,7 +14,7 @@ CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint clean demo check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
-	reproduce-table4 reproduce-ablation reproduce-compare
+	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ reproduce-ablation: $(BIN)/.installed  ## the ablations the paper lacks
 
 reproduce-compare: $(BIN)/.installed  ## ours vs plain/mean/ASVD/FWSVD/COMCAT at equal parameters, with/without FT
 	$(CLI) reproduce compare --scale $(SCALE) $(ARGS)
+
+compare-cifar10: $(BIN)/.installed  ## the comparison on a small DeiT trained here on CIFAR-10 (CIFAR10=path/to/parquet)
+	@test -n "$(CIFAR10)" || { echo "compare-cifar10: give CIFAR10=DIR (train.parquet and test.parquet of uoft-cs/cifar10)"; exit 2; }
+	$(BIN)/python -m experiments.cifar10 --data $(CIFAR10) $(ARGS)
 
 clean:  ## remove .venv and caches (results/ is left alone)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

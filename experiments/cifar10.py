@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                          overrides=overrides(args.data, output, recipe, args.finetune_steps),
                          progress=not args.quiet, group="compare-cifar10")
     except (SetupError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"python -m experiments.cifar10: error: {err}", file=sys.stderr)
         return 2
     print(f"table: {output / 'compare.md'}", file=sys.stderr)
     return 1 if data.get("failed") else 0

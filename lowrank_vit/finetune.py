@@ -36,6 +36,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lowrank_vit.adapters import count_params
 from lowrank_vit.factorized import FactorizedLinear
+from lowrank_vit.progress import lightning_progress_callbacks
 
 _IMAGE_KEYS = ("image", "images", "pixel_values", "img")
 _LABEL_KEYS = ("label", "labels", "target", "targets")
@@ -403,12 +404,14 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
     Returns:
         The trained :class:`PartialFinetune` and its Trainer.
     """
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
     cfg = config or FinetuneConfig()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PartialFinetune(model, cfg, teacher=teacher)
     callbacks = list(callbacks or [])
+    if not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks += lightning_progress_callbacks(progress)
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="epoch{epoch:03d}", save_last=True,
                                          save_top_k=-1, every_n_epochs=1, auto_insert_metric_name=False))

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lowrank_vit.compensate import LayerIndexSampler, SGDTask, layer_optimizer, sgd_layer_step
+from lowrank_vit.progress import lightning_progress_callbacks
 
 MiniBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """One layer's mini-batch: (inputs X_i (B, s, k), targets X_i R (B, s, m), weights 1/||X_i W||^2 (B,))."""
@@ -231,6 +232,7 @@ def fit_layerwise(tasks: dict[str, SGDTask], *, lr: float = 1e-3, iterations: in
                                    num_nodes=num_nodes, strategy=strategy, max_epochs=1, max_steps=-1,
                                    logger=logger if logger is not None else False, enable_checkpointing=False,
                                    enable_model_summary=False, enable_progress_bar=progress,
+                                   callbacks=lightning_progress_callbacks(progress),
                                    num_sanity_val_steps=0, log_every_n_steps=min(50, iterations))
     options.update(trainer_kwargs)
     trainer = L.Trainer(**options)

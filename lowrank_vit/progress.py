@@ -1,9 +1,15 @@
-"""Progress bars that can be switched off (tests, non-interactive logs) without changing the calling code."""
+"""Progress bars that can be switched off (tests, non-interactive logs) without changing the calling code.
+
+Every bar goes to stderr: stdout carries what users pipe (tables, JSON). Lightning's own bar writes to stdout, so the
+trainers get :func:`lightning_progress_callbacks` instead.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -15,3 +21,34 @@ def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True) 
         yield bar
     finally:
         bar.close()
+
+
+def lightning_progress_callbacks(enabled: bool) -> list[Any]:
+    """``[bar]``: Lightning's tqdm bar drawn on stderr (empty when disabled; pass ``enable_progress_bar=enabled``)."""
+    if not enabled:
+        return []
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class StderrProgressBar(TQDMProgressBar):
+        # Lightning builds each bar with file=sys.stdout, read when the bar is made: point it at stderr then.
+        def init_sanity_tqdm(self) -> Any:
+            with redirect_stdout(sys.stderr):
+                return super().init_sanity_tqdm()
+
+        def init_train_tqdm(self) -> Any:
+            with redirect_stdout(sys.stderr):
+                return super().init_train_tqdm()
+
+        def init_validation_tqdm(self) -> Any:
+            with redirect_stdout(sys.stderr):
+                return super().init_validation_tqdm()
+
+        def init_test_tqdm(self) -> Any:
+            with redirect_stdout(sys.stderr):
+                return super().init_test_tqdm()
+
+        def init_predict_tqdm(self) -> Any:
+            with redirect_stdout(sys.stderr):
+                return super().init_predict_tqdm()
+
+    return [StderrProgressBar()]

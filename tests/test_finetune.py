@@ -465,3 +465,12 @@ def test_finetune_recovers_accuracy_on_mnist():
 
     assert dense - compressed > 0.03, (dense, compressed)  # compression cost measurable accuracy
     assert tuned - compressed > 0.4 * (dense - compressed), (dense, compressed, tuned)  # and fine-tuning won it back
+
+
+def test_finetune_progress_bar_leaves_stdout_alone(tiny_compressed, capfd):
+    """Lightning's bar goes to stderr like every other bar of the project: stdout carries tables and JSON."""
+    loader = DataLoader(synthetic_data(16), batch_size=8)
+    finetune(copy.deepcopy(tiny_compressed), loader, config=FinetuneConfig(epochs=1),
+             **{**QUIET, "progress": True})
+    out, err = capfd.readouterr()
+    assert "Epoch 0" in err and "Epoch" not in out
