@@ -29,26 +29,14 @@ def lightning_progress_callbacks(enabled: bool) -> list[Any]:
         return []
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    class StderrProgressBar(TQDMProgressBar):
-        # Lightning builds each bar with file=sys.stdout, read when the bar is made: point it at stderr then.
-        def init_sanity_tqdm(self) -> Any:
+    # Lightning builds each bar with file=sys.stdout, read when the bar is made: point it at stderr then.
+    def on_stderr(name: str) -> Any:
+        def init_tqdm(self: TQDMProgressBar) -> Any:
             with redirect_stdout(sys.stderr):
-                return super().init_sanity_tqdm()
+                return getattr(TQDMProgressBar, name)(self)
 
-        def init_train_tqdm(self) -> Any:
-            with redirect_stdout(sys.stderr):
-                return super().init_train_tqdm()
+        return init_tqdm
 
-        def init_validation_tqdm(self) -> Any:
-            with redirect_stdout(sys.stderr):
-                return super().init_validation_tqdm()
-
-        def init_test_tqdm(self) -> Any:
-            with redirect_stdout(sys.stderr):
-                return super().init_test_tqdm()
-
-        def init_predict_tqdm(self) -> Any:
-            with redirect_stdout(sys.stderr):
-                return super().init_predict_tqdm()
-
+    names = ("init_sanity_tqdm", "init_train_tqdm", "init_validation_tqdm", "init_test_tqdm", "init_predict_tqdm")
+    StderrProgressBar = type("StderrProgressBar", (TQDMProgressBar,), {name: on_stderr(name) for name in names})
     return [StderrProgressBar()]
