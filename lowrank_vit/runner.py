@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from lowrank_vit.registry import Experiment, ModelConfig, RunConfig, get_experim
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
 WANDB_MODES = ("online", "offline", "disabled")
+DENSE_DIR = ".dense"
+"""Under the output directory: the starting models' accuracies, shared by the rows (see ``_dense_accuracy``)."""
 
 
 class SetupError(RuntimeError):
@@ -287,9 +289,43 @@ def _standin_fingerprint(arch: str) -> str | None:
     return None if spec is None else spec.fingerprint()
 
 
+def _weights_identity(cfg: ModelConfig, digest: str | None) -> str | None:
+    """What names the starting weights for good, or None when nothing does (a random initialization)."""
+    if cfg.checkpoint is not None:
+        return f"sha256:{digest}"
+    if not cfg.pretrained:
+        return None
+    return f"standin:{_standin_fingerprint(cfg.name)}" if cfg.source == "standin" else f"timm:{cfg.name}"
+
+
+def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
+                    evaluate_dense: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The starting model's accuracy, evaluated once per output directory: every row of a table that starts from
+    the same weights and evaluates on the same data reuses it (``OUTPUT/.dense/KEY.json``), which saves one full
+    pass over the validation set per row. Random initializations are never reused."""
+    weights = _weights_identity(cfg.model, digest)
+    if weights is None:
+        return evaluate_dense()
+    config = cfg.to_dict()
+    data = {k: v for k, v in config["data"].items() if k not in ("calib_samples", "augment", "num_workers")}
+    payload = {"model": config["model"], "weights": weights, "data": data, "versions": [
+        torch.__version__, _version("timm")]}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = output / DENSE_DIR / f"{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and isinstance(cached.get("top1"), (int, float)):
+            return cached
+    except (OSError, ValueError):
+        pass  # not there yet, or damaged: evaluate again
+    value = evaluate_dense()
+    _write_json(path, value)
+    return value
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes writing one file never share a tmp
     tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
 
@@ -375,7 +411,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
 
     if rank_zero:
         t = time.perf_counter()
-        result["dense"] = evaluate(model, eval_loader, device, progress, "evaluate dense")
+        result["dense"] = _dense_accuracy(cfg, digest, output, lambda: evaluate(
+            model, eval_loader, device, progress, "evaluate dense"))
         stage("evaluate_dense", t)
     report = None
     if cfg.compression is not None:

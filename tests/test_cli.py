@@ -225,6 +225,13 @@ def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
     assert row["params"] / row["params_before"] == pytest.approx(0.5, abs=1e-3)
     assert len(row["checkpoint_sha256"]) == 64
 
+    # the dense accuracy is evaluated once per weights and data: another row reuses it (planted value to prove it)
+    (cached,) = (out / ".dense").glob("*.json")
+    assert json.loads(cached.read_text())["top1"] == row["dense"]["top1"]
+    cached.write_text(json.dumps({**row["dense"], "top1": 12.5}))
+    code, _, err = cli(capsys, "run", "compare/deit_s/plain-50-noft", "--scale", "smoke", "--output", str(out), *quick)
+    assert code == 0, err
+    assert _result(out, "compare/deit_s/plain-50-noft")["dense"]["top1"] == 12.5
     stamp = (out / name / "result.json").stat().st_mtime_ns
     code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(out), *quick)
     assert code == 0 and (out / name / "result.json").stat().st_mtime_ns == stamp  # finished: skipped
@@ -234,6 +241,7 @@ def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
     code, _, err = cli(capsys, "run", name, "--scale", "smoke", "--output", str(out), *quick)
     assert code == 0 and (out / name / "result.json").stat().st_mtime_ns != stamp
     assert _result(out, name)["checkpoint_sha256"] != row["checkpoint_sha256"]
+    assert len(list((out / ".dense").glob("*.json"))) == 2  # other weights: evaluated afresh
 
     bad = tmp_path / "bad.safetensors"
     for content, message in ((None, "does not exist"), (b"not a safetensors file", "corrupted")):
