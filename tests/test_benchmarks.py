@@ -101,6 +101,18 @@ def test_estimators_toy(tmp_path):
     assert rows[2]["heldout_vs_exact"] == pytest.approx(0.0, abs=1e-5)  # output-side Gram: the same decomposition
 
 
+def test_rank_alignment_toy(tmp_path, capsys):
+    out = tmp_path / "align.json"
+    load("rank_alignment").main(["--tokens", "16", "--dim-in", "12", "--dim-out", "10", "--ranks", "3", "4",
+                                 "--repeats", "2", "--json", str(out)])
+    assert "flop speedup" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == "rank_alignment" and [r["rank"] for r in payload["rows"]] == [3, 4]
+    for row in payload["rows"]:
+        assert all(positive_finite(row[k]) for k in ("dense_ms", "factorized_ms", "speedup", "flop_speedup"))
+    assert payload["rows"][1]["flop_speedup"] == pytest.approx(120 / (4 * 22))
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("inference", ["--model", "no_such_model"], "unknown model"),
     ("inference", [*TOY, "--reduction", "1.2"], "strictly between 0 and 1"),
@@ -113,6 +125,8 @@ def test_estimators_toy(tmp_path):
     ("estimators", [*TOY, "--estimator", "fp8"], "bad --estimator"),
     ("estimators", [*TOY, "--estimator", "range+tokens:2"], "bad token fraction"),
     ("compress_time", [*TOY, "--gram-space", "output"], "invalid choice"),
+    ("rank_alignment", ["--ranks", "0"], "positive integer"),
+    ("rank_alignment", ["--device", "tpu"], "must be cpu or cuda"),
 ])
 def test_bad_arguments_exit_2_with_one_line(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
