@@ -97,11 +97,7 @@ def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.
         q = z_params // (k + m)
         P, s, Rv = truncated_svd(problem.white.apply(R))
         root = s[:q].sqrt()
-        z = LowRankZ(k, m, q)
-        with torch.no_grad():
-            z.G.copy_(problem.white.solve(P[:, :q]) * root)
-            z.Y.copy_(Rv[:, :q] * root)
-        return z
+        return LowRankZ.from_factors(problem.white.solve(P[:, :q]) * root, Rv[:, :q] * root)
     H = problem.white.gram
     HR = H @ R
     gain = HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]
@@ -135,12 +131,7 @@ def svd_tail_z(decomposition: Decomposition, rank: int, z_params: int) -> LowRan
     exactly that SVD's tail, so the best rank-q Z of eq. (10) is its next q singular triplets."""
     k, m = decomposition.left.shape[0], decomposition.right.shape[0]
     q = z_params // (k + m)
-    G, Y = decomposition.factors(q, start=rank)
-    z = LowRankZ(k, m, q)
-    with torch.no_grad():
-        z.G.copy_(G)
-        z.Y.copy_(Y)
-    return z
+    return LowRankZ.from_factors(*decomposition.factors(q, start=rank))
 
 
 def init_z_for_sgd(kind: str, problem: CompensationProblem, z_params: int, generator: torch.Generator) -> nn.Module:

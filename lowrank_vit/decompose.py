@@ -118,12 +118,8 @@ def whitened_singular_values(weight: torch.Tensor, gram: torch.Tensor, damping: 
     H = gram.double()
     if not torch.isfinite(H).all():
         raise ValueError("the Gram matrix contains NaN or inf")
-    scale = float(torch.diagonal(H).mean())
-    if scale <= 0.0:  # as whitening: a layer that never saw input falls back to plain SVD
-        return singular_values(W)
-    H = H + damping * scale * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    G = W.T @ (H @ W)
-    return torch.linalg.eigvalsh((G + G.T) / 2).flip(0).clamp_min(0.0).sqrt()
+    # W^T H_d W = W^T H W + d tr(H)/k W^T W: the output-side formula, with M = W^T H W formed here
+    return output_whitened_singular_values(W, W.T @ (H @ W), float(torch.diagonal(H).sum()), damping)
 
 
 def output_whitened_singular_values(weight: torch.Tensor, output_gram: torch.Tensor, trace: float,

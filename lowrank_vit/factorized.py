@@ -23,6 +23,15 @@ class LowRankZ(nn.Module):
         self.G = nn.Parameter(torch.zeros(in_features, rank))
         self.Y = nn.Parameter(torch.zeros(out_features, rank))
 
+    @classmethod
+    def from_factors(cls, G: torch.Tensor, Y: torch.Tensor) -> LowRankZ:
+        """Z = G Y^T from given factors (copied, in the module's float32)."""
+        z = cls(G.shape[0], Y.shape[0], G.shape[1])
+        with torch.no_grad():
+            z.G.copy_(G)
+            z.Y.copy_(Y)
+        return z
+
     @property
     def rank(self) -> int:
         return self.G.shape[1]
