@@ -3,15 +3,16 @@
     python benchmarks/inference.py --model deit_base --batch-size 1 32 --json results/inference_deit_base.json
 
 The dense model (random weights: speed does not depend on the values) is compressed by ``lowrank_vit.compress`` at
-every ``--reduction``; then all models are timed in one process, interleaved (each repeat visits every model, in a
-rotating order), after warm-up, and the median of the repeats is reported. ``flop_speedup`` is Appendix A's
-multiplication-count ratio over the compressed block linears, ``sum n k m / sum n (k + m)(r + q)`` (n tokens, the
-layers left dense counted at ``n k m``); ``model_flop_speedup`` is the same ratio for the whole forward pass
-(attention products, patch embedding and head included), from ``torch.utils.flop_counter``.
+every ``--reduction`` and every ``--rank-multiple`` (1: the paper's free ranks; 8: ranks aligned for fast matrix
+products, ``CompressionConfig.rank_multiple``); then all models are timed in one process, interleaved (each repeat
+visits every model, in a rotating order), after warm-up, and the median of the repeats is reported.
+``flop_speedup`` is Appendix A's multiplication-count ratio over the compressed block linears,
+``sum n k m / sum n (k + m)(r + q)`` (n tokens, the layers left dense counted at ``n k m``); ``model_flop_speedup``
+is the same ratio for the whole forward pass (attention products, patch embedding and head included), from
+``torch.utils.flop_counter``.
 
-``fused_ms`` times a variant in which every low-rank Z is folded into the main factors, ``[U G] [V Y]^T``: the same
-function with two matrix products per layer instead of four (a proposal for an inference export, not what the
-package builds today).
+``fused_ms`` times the model after ``lowrank_vit.fold_lowrank_z_``: every low-rank Z folded into the main factors,
+``[U G] [V Y]^T``, the same function with two matrix products per layer instead of four.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--warmup", type=positive_int, default=2, help="untimed forward passes per model first")
     parser.add_argument("--min-time", type=float, default=0.3,
                         help="seconds each timed sample lasts at least (short forwards are looped)")
+    parser.add_argument("--rank-multiple", type=positive_int, nargs="+", default=[1, 8],
+                        help="compress once per value, every rank a multiple of it (default: 1 8, side by side)")
     parser.add_argument("--calib", type=positive_int, default=32, help="calibration images used to compress")
     parser.add_argument("--allocation", default="greedy", choices=("greedy", "uniform"))
     parser.add_argument("--compensation", default="lowrank",
@@ -168,6 +171,11 @@ def time_models(models: dict[str, nn.Module], images: torch.Tensor, device: str,
     return samples
 
 
+def variant_key(reduction: float, multiple: int) -> str:
+    """Name of one compressed variant in the timing table and in the JSON's ``layers``."""
+    return f"{reduction}" if multiple == 1 else f"{reduction}/x{multiple}"
+
+
 def run_benchmark(args: Any) -> dict[str, Any]:
     """Compress, time, and collect the rows of the result table."""
     device = check_device(args.device)
@@ -176,7 +184,8 @@ def run_benchmark(args: Any) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_sizes = args.batch_size or ([256] if device == "cuda" else [1, 32])
-    reductions = list(dict.fromkeys(args.reduction))
+    variants = [(reduction, multiple) for reduction in dict.fromkeys(args.reduction)
+                for multiple in dict.fromkeys(args.rank_multiple)]
 
     dense = create_model(model_name, kwargs, seed=args.seed, device=device)
     shape = input_shape(dense)
@@ -185,21 +194,22 @@ def run_benchmark(args: Any) -> dict[str, Any]:
     dense_flops = model_flops(dense, shape, device)
 
     models: dict[str, nn.Module] = {"dense": dense}
-    info: dict[float, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
     structures: dict[str, dict[str, Any]] = {}
-    for reduction in reductions:
+    for reduction, multiple in variants:
+        variant = variant_key(reduction, multiple)
         model = copy.deepcopy(dense)
         config = CompressionConfig(reduction=reduction, calib_samples=args.calib, allocation=args.allocation,
                                    compensation=args.compensation, gram_precision="float32", progress=False,
-                                   seed=args.seed)
+                                   seed=args.seed, rank_multiple=multiple)
         report = compress(model, ImageStream(args.calib, min(args.calib, 32), shape, seed=args.seed), config)
-        models[f"factorized@{reduction}"] = model
-        structures[str(reduction)] = {
+        models[f"factorized@{variant}"] = model
+        structures[variant] = {
             name: {"in": layer.in_features, "out": layer.out_features, "rank": layer.rank,
                    "z_rank": layer.z.rank if isinstance(layer.z, LowRankZ) else None}
             if isinstance(layer, FactorizedLinear) else "dense"
             for name, layer in get_adapter(model).compressible_layers(model, include_factorized=True).items()}
-        info[reduction] = {
+        info[variant] = {
             "params_factorized": report.params_after,
             "achieved_reduction": report.reduction,
             "flop_speedup": block_flop_speedup(dense, model, tokens),
@@ -211,34 +221,36 @@ def run_benchmark(args: Any) -> dict[str, Any]:
             fold_lowrank_z_(fused)
             with torch.inference_mode():
                 probe = smooth_images(2, shape, seed=1).to(device)
-                info[reduction]["fused_max_abs_diff"] = float((fused(probe) - model(probe)).abs().max())
-            models[f"fused@{reduction}"] = fused
+                info[variant]["fused_max_abs_diff"] = float((fused(probe) - model(probe)).abs().max())
+            models[f"fused@{variant}"] = fused
 
     rows = []
     for batch_size in batch_sizes:
         images = smooth_images(batch_size, shape, seed=args.seed + 1).to(device)
         samples = time_models(models, images, device, args.repeats, args.warmup, args.min_time)
         dense_ms = median(samples["dense"])
-        for reduction in reductions:
-            factorized_ms = median(samples[f"factorized@{reduction}"])
+        for reduction, multiple in variants:
+            variant = variant_key(reduction, multiple)
+            factorized_ms = median(samples[f"factorized@{variant}"])
             row: dict[str, Any] = {
                 "model": model_name,
                 "batch_size": batch_size,
                 "reduction": reduction,
+                "rank_multiple": multiple,
                 "params_dense": params_dense,
-                **{k: v for k, v in info[reduction].items() if k != "compress_s"},
+                **{k: v for k, v in info[variant].items() if k != "compress_s"},
                 "dense_ms": dense_ms,
                 "factorized_ms": factorized_ms,
                 "speedup": dense_ms / factorized_ms,
                 "dense_img_per_s": 1000.0 * batch_size / dense_ms,
                 "factorized_img_per_s": 1000.0 * batch_size / factorized_ms,
             }
-            fused = samples.get(f"fused@{reduction}")
+            fused = samples.get(f"fused@{variant}")
             if fused:
                 row["fused_ms"] = median(fused)
                 row["fused_speedup"] = dense_ms / row["fused_ms"]
             row["dense_samples_ms"] = samples["dense"]
-            row["factorized_samples_ms"] = samples[f"factorized@{reduction}"]
+            row["factorized_samples_ms"] = samples[f"factorized@{variant}"]
             rows.append(row)
     return {
         "benchmark": "inference",
@@ -256,6 +268,7 @@ def run_benchmark(args: Any) -> dict[str, Any]:
 COLUMNS = [
     ("batch_size", "batch", "d"),
     ("reduction", "reduction", ".2f"),
+    ("rank_multiple", "multiple", "d"),
     ("params_factorized", "params", ",d"),
     ("dense_ms", "dense ms", ".2f"),
     ("factorized_ms", "factorized ms", ".2f"),

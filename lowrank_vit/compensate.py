@@ -24,14 +24,19 @@ from lowrank_vit.factorized import LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.progress import progress_bar
 
 
-def z_param_count(kind: str, in_features: int, out_features: int, z_fraction: float) -> int:
-    """Parameters a Z of ``kind`` holds for a (k, m) layer given its budget fraction; 0 for "none"."""
+def z_param_count(kind: str, in_features: int, out_features: int, z_fraction: float, rank_multiple: int = 1) -> int:
+    """Parameters a Z of ``kind`` holds for a (k, m) layer given its budget fraction; 0 for "none". A low-rank Z's
+    rank is rounded to the nearest multiple of ``rank_multiple`` (halves up) when it is at least that, so that r + q
+    stays aligned when Z is folded into the main factors."""
     k, m = in_features, out_features
     budget = z_fraction * k * m
     if kind == "none":
         return 0
     if kind == "lowrank":
-        return max(1, int(budget // (k + m))) * (k + m)
+        rank = max(1, int(budget // (k + m)))
+        if rank >= rank_multiple:
+            rank = rank_multiple * ((2 * rank + rank_multiple) // (2 * rank_multiple))  # nearest, halves up
+        return rank * (k + m)
     if kind == "sparse":
         return max(1, int(budget))
     if kind in ("diagonal", "structured"):

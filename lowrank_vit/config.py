@@ -63,6 +63,11 @@ class CompressionConfig:
     it, i.e. decomposition "whitened" with compensation "none" or "lowrank" and the closed-form solver; the
     decomposition, ranks, Z and reported errors are then the same as with H (see calibration.range_gram). Any
     other configuration silently uses "input", so "auto" never changes a result."""
+    rank_multiple: int = 1
+    """Round every allocated rank r (and a low-rank Z's rank) to a multiple of this, 8 being the usual choice for
+    deployment: matrix products with such inner sizes run faster (benchmarks/rank_alignment.py). 1 (default) is the
+    paper's unconstrained allocation. Ranks below the multiple are kept as they are; the budget freed by rounding
+    down is given back in whole multiples by the allocation policy's own criterion."""
     gamma: float = 80.0
     """Decay of the exponential schedule, eq. (9)."""
     greedy_iterations: int = 500
@@ -111,7 +116,8 @@ class CompressionConfig:
             raise ValueError(f"z_fraction must be in [0, 0.5), got {self.z_fraction}")
         if self.compensation != "none" and self.z_fraction == 0.0:
             raise ValueError(f"compensation={self.compensation!r} needs z_fraction > 0 (or use compensation='none')")
-        for name in ("calib_samples", "greedy_iterations", "sgd_iterations", "sgd_batch_size", "sgd_tokens_per_image"):
+        for name in ("calib_samples", "rank_multiple", "greedy_iterations", "sgd_iterations", "sgd_batch_size",
+                     "sgd_tokens_per_image"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

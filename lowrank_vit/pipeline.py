@@ -183,7 +183,8 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     replaced += sum(comcat.replaced_params(attn) for attn in attention.values())
     fixed = sum(comcat.fixed_params(attn) for attn in attention.values())
     budget = target_total - (params_before - replaced) - fixed
-    z_params = {name: z_param_count(config.compensation, layer.in_features, layer.out_features, config.z_fraction)
+    z_params = {name: z_param_count(config.compensation, layer.in_features, layer.out_features, config.z_fraction,
+                                    config.rank_multiple)
                 for name, layer in layers.items()}
     # Fail on an impossible target before the (long) calibration pass.
     check_feasible([LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
@@ -226,8 +227,8 @@ def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
     budgets += comcat.head_budgets(setup.attention, curves)
     if cfg.allocation == "greedy":
         tolerance = int(0.0005 * setup.target_total)
-        return allocate_greedy(budgets, setup.budget, cfg.gamma, cfg.greedy_iterations, tolerance)
-    return allocate_uniform(budgets, setup.budget)
+        return allocate_greedy(budgets, setup.budget, cfg.gamma, cfg.greedy_iterations, tolerance, cfg.rank_multiple)
+    return allocate_uniform(budgets, setup.budget, cfg.rank_multiple)
 
 
 def _weight(layer: nn.Linear, device: torch.device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import functools
 import hashlib
 import json
 import math
@@ -113,9 +114,18 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a checkpoint file: recorded with each result, so that a retrained checkpoint reruns its rows."""
+    """SHA-256 of a checkpoint file: recorded with each result, so that a retrained checkpoint reruns its rows.
+    Computed once per process for a file of unchanged size and modification time (a row checks a finished result
+    and then records the digest of its own run)."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

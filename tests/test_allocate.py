@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from lowrank_vit.allocate import LayerBudget, allocate_greedy, allocate_uniform, schedule
+from lowrank_vit.allocate import (
+    LayerBudget,
+    _fill_slack,
+    _gain,
+    align_down,
+    allocate_greedy,
+    allocate_uniform,
+    schedule,
+)
 
 
 def make_layers(seed: int = 0) -> list[LayerBudget]:
@@ -74,3 +82,46 @@ def test_unreachable_targets_raise():
         allocate_greedy(layers, full)
     with pytest.raises(ValueError, match="unreachable"):
         allocate_uniform(layers, 10)
+
+
+@pytest.mark.parametrize("policy", ["greedy", "uniform"])
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_rank_multiple_aligns_every_rank_and_spends_the_budget(policy, multiple):
+    layers = make_layers()
+    budget = int(0.5 * sum(layer.dense_params for layer in layers))
+    allocate = allocate_greedy if policy == "greedy" else allocate_uniform
+    free, aligned = allocate(layers, budget), allocate(layers, budget, rank_multiple=multiple)
+    assert any(r % multiple for r in free.ranks.values() if r is not None)  # the check below can fail
+    assert aligned.ranks.keys() == free.ranks.keys()
+    for layer in layers:  # a layer the policy left dense stays dense
+        r = aligned.ranks[layer.name]
+        assert (r is None) == (free.ranks[layer.name] is None)
+        assert r is None or (r % multiple == 0 and 1 <= r <= layer.max_rank)
+    spent = sum(layer.params(aligned.ranks[layer.name]) for layer in layers)
+    assert spent == aligned.params <= budget
+    # Nothing a whole step of any layer could still buy is left unspent.
+    assert budget - spent < multiple * max(layer.rank_step for layer in layers)
+    if policy == "greedy":  # the freed budget goes where it recovers energy: no worse than just rounding down
+        floored = {name: None if r is None else align_down(r, multiple) for name, r in free.ranks.items()}
+        assert total_loss(layers, aligned.ranks) <= total_loss(layers, floored)
+        assert total_loss(layers, aligned.ranks) >= total_loss(layers, free.ranks) - 1e-12
+
+
+def test_rank_multiple_one_is_the_unconstrained_allocation():
+    layers = make_layers()
+    budget = int(0.4 * sum(layer.dense_params for layer in layers))
+    assert allocate_greedy(layers, budget, rank_multiple=1).ranks == allocate_greedy(layers, budget).ranks
+    assert allocate_uniform(layers, budget, rank_multiple=1).ranks == allocate_uniform(layers, budget).ranks
+
+
+def test_align_down_keeps_ranks_below_the_multiple():
+    assert [align_down(r, 8) for r in (1, 7, 8, 15, 16, 23)] == [1, 7, 8, 8, 16, 16]
+
+
+def test_small_ranks_are_raised_to_the_multiple_when_the_budget_allows():
+    layers = make_layers()
+    ranks = {layer.name: 3 for layer in layers}
+    spent_before = sum(layer.params(3) for layer in layers)
+    extra = layers[0].params(8) - layers[0].params(3)
+    total = _fill_slack(layers, ranks, spent_before + extra, key=_gain, step=8)
+    assert sorted(ranks.values()).count(8) == 1 and total <= spent_before + extra

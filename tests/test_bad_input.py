@@ -116,10 +116,11 @@ def test_config_target_params_not_positive(target):
         CompressionConfig(target_params=target, progress=False)
 
 
+@pytest.mark.parametrize("field", ["calib_samples", "rank_multiple"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
-def test_config_calib_samples_not_positive_integer(value):
-    with pytest.raises(ValueError, match=r"calib_samples must be a positive integer"):
-        CompressionConfig(reduction=0.3, calib_samples=value, progress=False)
+def test_config_counts_not_positive_integer(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be a positive integer"):
+        CompressionConfig(reduction=0.3, progress=False, **{field: value})
 
 
 def test_config_unknown_field_via_from_dict():

@@ -34,12 +34,15 @@ def positive_finite(value: object) -> bool:
 def test_inference_toy(tmp_path, capsys):
     out = tmp_path / "inference.json"
     load("inference").main([*TOY, "--reduction", "0.5", "--batch-size", "1", "2", "--repeats", "2", "--warmup", "1",
-                            "--min-time", "0", "--calib", "4", "--json", str(out)])
+                            "--min-time", "0", "--calib", "4", "--rank-multiple", "1", "4", "--json", str(out)])
     assert "speedup" in capsys.readouterr().out
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == "inference"
     rows = payload["rows"]
-    assert [(r["batch_size"], r["reduction"]) for r in rows] == [(1, 0.5), (2, 0.5)]
+    assert [(r["batch_size"], r["reduction"], r["rank_multiple"]) for r in rows] == [
+        (1, 0.5, 1), (1, 0.5, 4), (2, 0.5, 1), (2, 0.5, 4)]
+    aligned = [layer for layer in payload["layers"]["0.5/x4"].values() if layer != "dense"]
+    assert aligned and all(layer["rank"] % 4 == 0 for layer in aligned)
     for row in rows:
         for key in ("dense_ms", "factorized_ms", "speedup", "flop_speedup", "model_flop_speedup", "fused_ms"):
             assert positive_finite(row[key]), (key, row[key])

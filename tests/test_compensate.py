@@ -34,6 +34,19 @@ def eq10(images, W, R, Z) -> float:
     return float((num / den).mean())
 
 
+def test_lowrank_z_rank_rounds_to_the_rank_multiple():
+    # DeiT-B's shapes at the paper's 5%: Z ranks 28 (qkv), 19 (proj), 30 (fc1, fc2) without alignment.
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
+    assert [z_param_count("lowrank", k, m, 0.05) // (k + m) for k, m in shapes] == [28, 19, 30, 30]
+    assert [z_param_count("lowrank", k, m, 0.05, rank_multiple=8) // (k + m) for k, m in shapes] == [32, 16, 32, 32]
+    assert z_param_count("lowrank", 64, 64, 0.05, rank_multiple=8) // 128 == 1  # below the multiple: kept
+    assert z_param_count("lowrank", 64, 64, 0.2, rank_multiple=8) // 128 == 6  # below the multiple: kept
+    assert z_param_count("lowrank", 64, 64, 0.4, rank_multiple=8) // 128 == 16  # 12 and 20 round halves up
+    assert z_param_count("lowrank", 64, 64, 0.65, rank_multiple=8) // 128 == 24
+    for kind in ("diagonal", "sparse", "structured"):  # only ranks are aligned
+        assert z_param_count(kind, 768, 768, 0.05, rank_multiple=8) == z_param_count(kind, 768, 768, 0.05)
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "diagonal", "sparse", "structured"])
 def test_closed_form_reduces_residual_and_respects_budget(kind):
     images, W, H, R, problem = setup_problem()
