@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.cifar10", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="local CIFAR-10 (parquet files or image folders) or a hub name")
     parser.add_argument("--output", default="results/cifar10", help="where the model, the runs and the table go")
+    parser.add_argument("--model-dir", default=None,
+                        help="where the starting model is trained or found (default: --output); lets a variant of "
+                             "the comparison go to its own --output without training again")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="extra",
+                        help="one more override for every row, e.g. --set compression.rank_multiple=8 (repeatable)")
     parser.add_argument("--rows", default="compare/deit_s/*", help="comparison rows to run (shell pattern)")
     parser.add_argument("--epochs", type=int, default=Recipe.epochs, help="training epochs of the starting model")
     parser.add_argument("--finetune-steps", type=int, default=150, help="steps of each row's partial fine-tune")
@@ -137,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = Recipe(epochs=args.epochs)
     output = Path(args.output)
+    model_dir = Path(args.model_dir) if args.model_dir else output
     try:
-        train(args.data, output, recipe, progress=not args.quiet)
+        train(args.data, model_dir, recipe, progress=not args.quiet)
         if args.train_only:
             return 0
         data = reproduce("compare", "smoke", rows=args.rows, output=output, wandb=args.wandb,
-                         overrides=overrides(args.data, output, recipe, args.finetune_steps),
+                         overrides=overrides(args.data, model_dir, recipe, args.finetune_steps) + args.extra,
                          progress=not args.quiet, group="compare-cifar10")
     except (SetupError, ValueError, OSError) as err:
         print(f"python -m experiments.cifar10: error: {err}", file=sys.stderr)

@@ -721,9 +721,9 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
     columns, grid = data["columns"], data["grid"]
     lines = [f"# compare ({scale} scale)", "",
              "Top-1 (%) at equal parameters per column (each column removes the same fraction of the model's "
-             "parameters; every row lands within 0.1% of that target), the paper's number in parentheses where "
-             "one exists. Only the decomposition differs between methods: greedy ranks on each method's own "
-             "spectra and the closed-form low-rank Z for all; \"+ FT\" adds the partial fine-tune.", ""]
+             "parameters; a column whose rows differ by more than 0.1% is marked \"unequal!\"), the paper's number "
+             "in parentheses where one exists. Only the decomposition differs between methods: greedy ranks on each "
+             "method's own spectra and the closed-form low-rank Z for all; \"+ FT\" adds the partial fine-tune.", ""]
     setups = sorted({r["setup"] for r in data["rows"] if r.get("finished") and r.get("setup")})
     if setups and not all(s.startswith("stand-in ") and s.endswith(" on mnist-5k") for s in setups):
         lines += [f"Measured with {'; '.join(setups)} (the registry's config with overrides); compare methods with "

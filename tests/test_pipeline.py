@@ -239,11 +239,12 @@ def test_rank_multiple_on_a_full_size_model():
     assert all(m.rank % 8 == 0 and m.z is None for m in model.modules() if isinstance(m, FactorizedLinear))
 
 
+@pytest.mark.parametrize("decomposition", ["whitened", "comcat"])  # comcat: per-head units are aligned too
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
-def test_plan_matches_compress_with_rank_multiple(allocation, small_images):
+def test_plan_matches_compress_with_rank_multiple(allocation, decomposition, small_images):
     from lowrank_vit.pipeline import plan_compression
 
-    config = cfg(reduction=0.5, allocation=allocation, rank_multiple=4)
+    config = cfg(reduction=0.5, allocation=allocation, decomposition=decomposition, rank_multiple=4)
     plan = plan_compression(small_vit(), [small_images], config)
     report = compress(small_vit(), [small_images], config)
     assert plan.ranks == report.ranks and plan.params_after == report.params_after
