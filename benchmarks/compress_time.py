@@ -77,10 +77,11 @@ STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
 INSTRUMENTED = {
     "whitening": "whitening",
     "svd": "_decompose",
+    "output_side_svd": "output_whitened_svd",
     "closed_form_z": "closed_form_z",
     "svd_tail_z": "svd_tail_z",
     "sgd_fit": "fit_sgd",
-    "report_errors": "weighted_error",
+    "report_errors": "output_error",
     "swap": "swap_layers",
 }
 """Sub-timer name -> the function of ``lowrank_vit.pipeline`` whose calls it sums."""

@@ -13,13 +13,15 @@ exact reductions are available:
 * always: only the upper block triangle of each symmetric product is computed (:func:`upper_gram_`), the per-image
   weights come from a float32 per-token norm of the output (no float64 copy), scratch buffers are reused, and the
   NaN/inf check reads the product's diagonal instead of every activation;
-* ``gram_space="auto"`` (opt-in): a layer with fewer outputs than inputs (fc2: 1536 -> 384) accumulates the m x m
-  Gram of its bias-free *outputs*, M = sum_i w_i (X_i W)^T (X_i W) = W^T H W, 1/16 of the work for fc2, and returns
-  a k x k matrix that equals H wherever W is involved (:func:`range_gram`). Every quantity that depends on H only
+* ``gram_space="auto"`` (the default where it is exact, see ``pipeline.statistics_space``): a layer with fewer
+  outputs than inputs (fc2: 1536 -> 384) accumulates the m x m Gram of its bias-free *outputs*,
+  M = sum_i w_i (X_i W)^T (X_i W) = W^T H W, 1/16 of the work for fc2. Every quantity that depends on H only
   through W^T H W is then unchanged: the whitened decomposition ``H^-1/2 SVD_r(H^1/2 W) = W Q_r Q_r^T`` (Q: the
-  eigenvectors of W^T H_d W), its energy losses, the closed-form low-rank Z, and eq. (5)'s error of any W_hat whose
-  columns lie in the range of W. Quantities that need H elsewhere (the mean-input decomposition, sparse, diagonal and
-  structured Z, errors of an SGD-fitted Z) must use the default, ``gram_space="input"``.
+  eigenvectors of W^T H_d W, ``decompose.output_whitened_svd``), its energy losses, the closed-form low-rank Z (the
+  same SVD's tail), and eq. (5)'s error of any W_hat whose columns lie in the range of W (:func:`output_error`). None
+  of these forms a k x k matrix; a reader that needs one gets :func:`range_gram`, equal to H wherever W is involved.
+  Quantities that need H elsewhere (the mean-input decomposition, sparse, diagonal and structured Z, errors of an
+  SGD-fitted Z) use ``gram_space="input"``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowrank_vit.decompose import weighted_error
 from lowrank_vit.progress import progress_bar
 
 # Images whose output energy is below this are treated as carrying no signal (weight 0), not as infinitely important.
@@ -73,6 +76,19 @@ def _get_gram(stats: LayerStats) -> torch.Tensor:
 
 def _set_gram(stats: LayerStats, gram: torch.Tensor | None) -> None:
     stats.__dict__["_gram"] = gram
+
+
+def output_error(stats: LayerStats, delta: torch.Tensor) -> float:
+    """Eq. (5)'s mean normalized output error tr(delta^T H delta) / N of a weight change ``delta`` (k, m). For an
+    output-side layer whose (k x k) matrix was never built, from the factored :class:`RangeBasis` (built once per
+    layer): exact for every delta in the range of W, which every W_hat of the output-side configurations is."""
+    if stats.output_gram is None or stats.__dict__.get("_gram") is not None:
+        return weighted_error(delta, stats.gram, stats.num_images)
+    basis = stats.__dict__.get("_range_basis")
+    if basis is None:
+        basis = stats.__dict__["_range_basis"] = range_basis(stats.range_weight, stats.output_gram,
+                                                             stats.input_trace)
+    return basis.quadratic(delta) / max(stats.num_images, 1)
 
 
 # ``gram`` stays a dataclass field (constructor, fields(), repr) but reads through a property, so that the k x k
@@ -200,20 +216,35 @@ def symmetrize_upper(matrix: torch.Tensor) -> torch.Tensor:
     return torch.triu(matrix) + torch.triu(matrix, 1).T
 
 
-def range_gram(weight: torch.Tensor, output_gram: torch.Tensor, trace: float) -> torch.Tensor:
-    """A k x k Gram matrix that agrees with H wherever W is concerned, from M = W^T H W and tr(H) alone.
+@dataclass
+class RangeBasis:
+    """H as seen from the range of W: ``G = Q S Q^T + c (I - Q Q^T)`` (see :func:`range_gram`), kept factored."""
 
-    With Q an orthonormal basis of the range of W (k, m) (QR: W = Q R), ``G = Q S Q^T + c (I - Q Q^T)`` where
-    ``S = Q^T H Q = R^-T M R^-1`` and ``c = (tr H - tr S) / (k - rank W) >= 0``. Then ``W^T G W = M`` exactly and
-    ``tr G = tr H``, so the damped ``G + d I`` (d relative to the mean diagonal, as in the whitening) has the same
-    ``W^T (G + d I) W`` as H: the whitened decomposition, its spectrum, the closed-form low-rank Z and eq. (5)'s
-    error of every W_hat in the range of W are those of H. Float64; a rank-deficient W uses its eigen-basis.
+    Q: torch.Tensor
+    """(k, rank) orthonormal basis of the range of W."""
+    S: torch.Tensor
+    """(rank, rank) Q^T H Q."""
+    c: float
+    """H's mean eigenvalue on the complement of the range (tr H - tr S) / (k - rank)."""
 
-    Args:
-        weight: W, (k, m) = (in, out), any float dtype.
-        output_gram: M, (m, m).
-        trace: tr(H).
-    """
+    def gram(self) -> torch.Tensor:
+        """G, (k, k), float64."""
+        rank = self.Q.shape[1]
+        eye = torch.eye(rank, dtype=self.S.dtype, device=self.S.device)
+        gram = self.Q @ (self.S - self.c * eye) @ self.Q.T
+        gram.diagonal().add_(self.c)
+        return (gram + gram.T) / 2
+
+    def quadratic(self, delta: torch.Tensor) -> float:
+        """tr(delta^T G delta) without forming G: with Y = Q^T delta, tr(Y^T S Y) + c (||delta||^2 - ||Y||^2)."""
+        d = delta.double().to(self.Q.device)
+        Y = self.Q.T @ d
+        return float(torch.sum(Y * (self.S @ Y))) + self.c * (float(d.pow(2).sum()) - float(Y.pow(2).sum()))
+
+
+def range_basis(weight: torch.Tensor, output_gram: torch.Tensor, trace: float) -> RangeBasis:
+    """The factored form of :func:`range_gram` (Q, S and c), which also gives eq. (5)'s error of a W_hat in the
+    range of W (:meth:`RangeBasis.quadratic`) without the (k x k) matrix."""
     W = weight.double()
     M = output_gram.double().to(W.device)
     k, m = W.shape
@@ -231,9 +262,24 @@ def range_gram(weight: torch.Tensor, output_gram: torch.Tensor, trace: float) ->
     S = (S + S.T) / 2
     rank = Q.shape[1]
     c = max(trace - float(torch.diagonal(S).sum()), 0.0) / (k - rank) if rank < k else 0.0
-    gram = Q @ (S - c * torch.eye(rank, dtype=S.dtype, device=S.device)) @ Q.T
-    gram.diagonal().add_(c)
-    return (gram + gram.T) / 2
+    return RangeBasis(Q, S, c)
+
+
+def range_gram(weight: torch.Tensor, output_gram: torch.Tensor, trace: float) -> torch.Tensor:
+    """A k x k Gram matrix that agrees with H wherever W is concerned, from M = W^T H W and tr(H) alone.
+
+    With Q an orthonormal basis of the range of W (k, m) (QR: W = Q R), ``G = Q S Q^T + c (I - Q Q^T)`` where
+    ``S = Q^T H Q = R^-T M R^-1`` and ``c = (tr H - tr S) / (k - rank W) >= 0``. Then ``W^T G W = M`` exactly and
+    ``tr G = tr H``, so the damped ``G + d I`` (d relative to the mean diagonal, as in the whitening) has the same
+    ``W^T (G + d I) W`` as H: the whitened decomposition, its spectrum, the closed-form low-rank Z and eq. (5)'s
+    error of every W_hat in the range of W are those of H. Float64; a rank-deficient W uses its eigen-basis.
+
+    Args:
+        weight: W, (k, m) = (in, out), any float dtype.
+        output_gram: M, (m, m).
+        trace: tr(H).
+    """
+    return range_basis(weight, output_gram, trace).gram()
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from torch import nn
 from lowrank_vit import comcat
 from lowrank_vit.adapters import count_params, get_adapter
 from lowrank_vit.allocate import Allocation, LayerBudget, allocate_greedy, allocate_uniform, check_feasible
-from lowrank_vit.calibration import LayerStats, collect_statistics
+from lowrank_vit.calibration import LayerStats, collect_statistics, output_error
 from lowrank_vit.compensate import (
     CompensationProblem,
     SGDTask,
@@ -32,9 +32,9 @@ from lowrank_vit.decompose import (
     energy_loss_curve,
     mean_input_svd,
     output_whitened_singular_values,
+    output_whitened_svd,
     plain_svd,
     singular_values,
-    weighted_error,
     whitened_singular_values,
     whitened_svd,
     whitening,
@@ -327,10 +327,16 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     decompositions: dict[str, Decomposition] = {}
     with progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
         for name, layer in layers.items():
-            if cfg.decomposition == "whitened" or z_kind != "none":  # only these need H's square root
-                whitenings[name] = whitening(stats[name].gram, cfg.damping)
-            decompositions[name] = _decompose(cfg, _weight(layer, device), stats[name], whitenings.get(name),
-                                              scales.get(name))
+            s = stats[name]
+            if s.output_gram is not None and cfg.decomposition == "whitened":  # output-side statistics: the same
+                # decomposition from W^T H W alone, no (in x in) matrix (statistics_space says when this happens)
+                decompositions[name] = output_whitened_svd(_weight(layer, device), s.output_gram, s.input_trace,
+                                                           cfg.damping)
+            else:
+                if cfg.decomposition == "whitened" or z_kind != "none":  # only these need H's square root
+                    whitenings[name] = whitening(s.gram, cfg.damping)
+                decompositions[name] = _decompose(cfg, _weight(layer, device), s, whitenings.get(name),
+                                                  scales.get(name))
             bar.update(1)
     decompositions.update(comcat.head_decompositions(setup.attention, device))
     timings["decomposition"] = time.perf_counter() - start
@@ -353,7 +359,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         residual = weight - U @ V.T
         residuals[name] = residual
         z = None
-        if z_kind != "none":
+        if z_kind == "lowrank" and cfg.decomposition == "whitened" and not use_sgd:  # same whitening: the SVD's tail
+            z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
+        elif z_kind != "none":  # never an output-side layer (statistics_space)
             s = stats[name]
             problem = CompensationProblem(residual, whitenings[name])
             if use_sgd:
@@ -361,8 +369,6 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                 inputs = s.samples.to(device)
                 targets = (inputs.double() @ residual).float()
                 sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
-            elif z_kind == "lowrank" and cfg.decomposition == "whitened":  # same whitening: the SVD's tail
-                z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
             else:
                 z = closed_form_z(z_kind, problem, budgets_meta[name])
         dtype = layer.weight.dtype
@@ -386,8 +392,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             params = layer.weight.numel()
         else:
             new = new_layers[name]
-            err_lr = weighted_error(residuals[name], s.gram, s.num_images)
-            err = weighted_error(_weight(layer, device) - new.dense_weight().detach().double(), s.gram, s.num_images)
+            err_lr = output_error(s, residuals[name])
+            err = output_error(s, _weight(layer, device) - new.dense_weight().detach().double())
             params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
         reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
                                    budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,

@@ -193,6 +193,29 @@ def test_range_gram_agrees_with_h_on_the_range_of_w(deficient):
     assert float(torch.linalg.eigvalsh(G).min()) > -1e-9 * float(H.diagonal().max())
 
 
+@pytest.mark.parametrize("deficient", [False, True])
+def test_output_error_from_the_factored_range_basis(deficient):
+    """The report's eq. (5) errors of an output-side layer, from Q, S and c without the (k x k) matrix: the same
+    number as the formed range Gram for any delta, and H's own for a delta in the range of W."""
+    from lowrank_vit.calibration import LayerStats, output_error
+
+    k, m = 40, 12
+    H = random_gram(k, 60, seed=5)
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(k, m, generator=g, dtype=torch.float64)
+    if deficient:
+        W[:, -1] = W[:, 0] - 2 * W[:, 1]
+    stats = LayerStats(None, 7, output_gram=W.T @ H @ W, input_trace=float(H.trace()), range_weight=W)
+    in_range = W @ torch.randn(m, m, generator=g, dtype=torch.float64)
+    anywhere = torch.randn(k, m, generator=g, dtype=torch.float64)
+    G = range_gram(W, W.T @ H @ W, float(H.trace()))
+    assert output_error(stats, in_range) == pytest.approx(weighted_error(in_range, H, 7), rel=1e-8)
+    assert output_error(stats, anywhere) == pytest.approx(weighted_error(anywhere, G, 7), rel=1e-8)
+    assert stats.__dict__.get("_gram") is None  # the (k x k) matrix was never formed
+    input_side = LayerStats(H, 7)
+    assert output_error(input_side, anywhere) == weighted_error(anywhere, H, 7)
+
+
 def test_range_gram_gives_the_same_decomposition_z_and_errors():
     k, m = 40, 12
     H = random_gram(k, 30, seed=3)  # fewer rows than features: H singular, as with few tokens

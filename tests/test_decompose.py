@@ -111,3 +111,32 @@ def test_whitening_root_squares_to_damped_gram():
     assert torch.allclose(white.root.T @ white.root, white.gram, atol=1e-9)
     assert torch.allclose(white.solve(white.apply(torch.eye(16, dtype=torch.float64))),
                           torch.eye(16, dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize("damping", [1e-4, 0.0])
+def test_output_whitened_svd_is_the_whitened_svd(damping):
+    """From M = W^T H W and tr(H) alone (a layer with more inputs than outputs, as fc2): the same spectrum and the
+    same W_hat at every rank as the whitened SVD of the full H, and W_hat = W R_r R_r^T lies in the range of W."""
+    from lowrank_vit.decompose import output_whitened_svd
+
+    images, W = synthetic_layer(k=64, m=24)
+    H = gram_of(images, W)
+    exact = whitened_svd(W, whitening(H, damping))
+    fast = output_whitened_svd(W, W.T @ H @ W, float(H.trace()), damping)
+    assert torch.allclose(fast.singular_values, exact.singular_values, rtol=1e-8, atol=1e-12)
+    for rank in (1, 5, 12, 24):
+        W_hat = reconstruct(fast, rank)
+        assert torch.allclose(W_hat, reconstruct(exact, rank), atol=1e-8), rank
+        assert eq5(images, W, W_hat) == pytest.approx(eq5(images, W, reconstruct(exact, rank)), rel=1e-7, abs=1e-12)
+    coefficients = torch.linalg.lstsq(W, reconstruct(fast, 7)).solution
+    assert torch.allclose(W @ coefficients, reconstruct(fast, 7), atol=1e-10)
+
+
+def test_output_whitened_svd_of_a_layer_that_saw_nothing_is_plain_svd():
+    from lowrank_vit.decompose import output_whitened_svd
+
+    _, W = synthetic_layer(k=32, m=16)
+    fast = output_whitened_svd(W, torch.zeros(16, 16, dtype=torch.float64), 0.0, 1e-4)
+    assert torch.allclose(reconstruct(fast, 6), reconstruct(plain_svd(W), 6), atol=1e-10)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        output_whitened_svd(W, torch.full((16, 16), float("nan"), dtype=torch.float64), 1.0, 1e-4)
