@@ -164,7 +164,8 @@ def output_whitened_svd(weight: torch.Tensor, output_gram: torch.Tensor, trace: 
     s = evals.flip(0).clamp_min(0.0).sqrt()
     R = evecs.flip(1)
     live = s > s[0].clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
-    inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+    inv = torch.zeros_like(s)
+    inv[live] = 1.0 / s[live]
     return Decomposition((W @ R) * inv, R, s)
 
 
