@@ -70,6 +70,7 @@ from _common import (  # noqa: E402
 
 import lowrank_vit.pipeline as pipeline  # noqa: E402
 from lowrank_vit import CompressionConfig, compress  # noqa: E402
+from lowrank_vit.config import RECIPES, recipe  # noqa: E402
 
 STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
@@ -95,6 +96,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--calib", type=positive_int, default=256, help="calibration images")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size")
     parser.add_argument("--reduction", type=fraction, default=0.5, help="fraction of the parameters removed")
+    parser.add_argument("--recipe", nargs="+", default=["loss-aware", "paper"], choices=tuple(RECIPES),
+                        help="named recipes timed side by side (lowrank_vit.config.RECIPES); default: the library's "
+                             "default and the paper's")
     parser.add_argument("--solver", nargs="+", default=["closed_form"], choices=("closed_form", "sgd"),
                         help="compensation solver(s); each is a row")
     parser.add_argument("--gram-precision", nargs="+", default=["float64"], choices=("float64", "float32"),
@@ -155,10 +159,18 @@ def forward_floor(model: nn.Module, images: ImageStream, device: str) -> tuple[f
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def make_config(args: Any, solver: str, precision: str, calib: int, space: str = "input") -> CompressionConfig:
-    return CompressionConfig(reduction=args.reduction, calib_samples=calib, solver=solver, gram_precision=precision,
-                             gram_space=space, sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed,
-                             progress=False)
+def make_config(args: Any, solver: str, precision: str, calib: int, space: str = "input",
+                recipe_name: str = "loss-aware") -> CompressionConfig:
+    return recipe(recipe_name, reduction=args.reduction, calib_samples=calib, solver=solver,
+                  gram_precision=precision, gram_space=space, sgd_iterations=args.sgd_iterations,
+                  device=args.device, seed=args.seed, progress=False)
+
+
+def settings_of(args: Any) -> list[tuple[str, str, str, str]]:
+    """Every (recipe, solver, gram precision, gram space) the command line asks for, in a stable order."""
+    return [(name, solver, precision, space) for name in dict.fromkeys(args.recipe)
+            for solver in dict.fromkeys(args.solver) for space in dict.fromkeys(args.gram_space)
+            for precision in dict.fromkeys(args.gram_precision)]
 
 
 def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
@@ -215,20 +227,19 @@ def timing_rows(args: Any, model_name: str, kwargs: dict[str, Any]) -> list[dict
     dense = create_model(model_name, kwargs, seed=args.seed, device=args.device)
     shape = input_shape(dense)
     images = ImageStream(args.calib, args.batch_size, shape, seed=args.seed)
-    settings = [(solver, precision, space) for solver in dict.fromkeys(args.solver)
-                for space in dict.fromkeys(args.gram_space) for precision in dict.fromkeys(args.gram_precision)]
-    runs: dict[tuple[str, str, str], list[dict[str, float]]] = {setting: [] for setting in settings}
+    settings = settings_of(args)
+    runs: dict[tuple[str, str, str, str], list[dict[str, float]]] = {setting: [] for setting in settings}
     for _ in range(args.repeats):
-        for solver, precision, space in settings:
-            config = make_config(args, solver, precision, args.calib, space)
+        for name, solver, precision, space in settings:
+            config = make_config(args, solver, precision, args.calib, space, name)
             figures = measure(dense, images, config, args.device)[0]
             figures["load_average_1min"] = os.getloadavg()[0]
-            runs[(solver, precision, space)].append(figures)
+            runs[(name, solver, precision, space)].append(figures)
     rows = []
-    for (solver, precision, space), done in runs.items():
-        row: dict[str, Any] = {"model": model_name, "calib_images": args.calib, "batch_size": args.batch_size,
-                               "solver": solver, "gram_precision": precision, "gram_space": space,
-                               "reduction": args.reduction}
+    for (name, solver, precision, space), done in runs.items():
+        row: dict[str, Any] = {"model": model_name, "recipe": name, "calib_images": args.calib,
+                               "batch_size": args.batch_size, "solver": solver, "gram_precision": precision,
+                               "gram_space": space, "reduction": args.reduction}
         if solver == "sgd":
             row["sgd_iterations"] = args.sgd_iterations
         row.update({key: median([run[key] for run in done]) for key in done[0]})
@@ -253,8 +264,10 @@ def peak_child(args: Any, model_name: str, kwargs: dict[str, Any]) -> None:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     space = args.gram_space[0]
-    compress(dense, images, make_config(args, args.solver[0], args.gram_precision[0], args.calib, space))
-    result = {"calib_images": args.calib, "solver": args.solver[0], "gram_precision": args.gram_precision[0],
+    compress(dense, images, make_config(args, args.solver[0], args.gram_precision[0], args.calib, space,
+                                        args.recipe[0]))
+    result = {"calib_images": args.calib, "recipe": args.recipe[0], "solver": args.solver[0],
+              "gram_precision": args.gram_precision[0],
               "gram_space": space,
               "baseline_rss_mib": baseline,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -269,14 +282,12 @@ def memory_rows(args: Any, argv: Sequence[str]) -> list[dict[str, Any]]:
     """Run :func:`peak_child` in a fresh interpreter for every N and setting."""
     rows = []
     base = list(argv)
-    settings = [(solver, precision, space) for solver in dict.fromkeys(args.solver)
-                for space in dict.fromkeys(args.gram_space) for precision in dict.fromkeys(args.gram_precision)]
-    for solver, precision, space in settings:
+    for name, solver, precision, space in settings_of(args):
         for n in args.peak_memory:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "peak.json"
                 command = [sys.executable, str(Path(__file__).resolve()), *strip_options(base),
-                           "--calib", str(n), "--solver", solver, "--gram-precision", precision,
+                           "--calib", str(n), "--recipe", name, "--solver", solver, "--gram-precision", precision,
                            "--gram-space", space, "--peak-child", str(out)]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -289,13 +300,18 @@ def memory_rows(args: Any, argv: Sequence[str]) -> list[dict[str, Any]]:
 def memory_growth(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Peak at the largest N over peak at the smallest, per setting (1.0: memory does not grow with N)."""
     out = []
-    for key in dict.fromkeys((r["solver"], r["gram_precision"], r.get("gram_space", "input")) for r in rows):
-        same = [r for r in rows if (r["solver"], r["gram_precision"], r.get("gram_space", "input")) == key]
+
+    def setting(r: dict[str, Any]) -> tuple[str, str, str, str]:
+        return r.get("recipe", "paper"), r["solver"], r["gram_precision"], r.get("gram_space", "input")
+
+    for key in dict.fromkeys(setting(r) for r in rows):
+        same = [r for r in rows if setting(r) == key]
         if len(same) < 2:
             continue
         small = min(same, key=lambda r: r["calib_images"])
         large = max(same, key=lambda r: r["calib_images"])
-        out.append({"solver": key[0], "gram_precision": key[1], "gram_space": key[2], "n_small": small["calib_images"],
+        out.append({"recipe": key[0], "solver": key[1], "gram_precision": key[2], "gram_space": key[3],
+                    "n_small": small["calib_images"],
                     "n_large": large["calib_images"], "peak_ratio": large["peak_rss_mib"] / small["peak_rss_mib"],
                     "extra_mib_small": small["compress_extra_rss_mib"],
                     "extra_mib_large": large["compress_extra_rss_mib"]})
@@ -304,8 +320,8 @@ def memory_growth(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def strip_options(argv: Sequence[str]) -> list[str]:
     """``argv`` without the options a peak-memory child sets itself (and without their values)."""
-    drop = {"--calib", "--solver", "--gram-precision", "--gram-space", "--peak-memory", "--json", "--repeats",
-            "--peak-child"}
+    drop = {"--calib", "--recipe", "--solver", "--gram-precision", "--gram-space", "--peak-memory", "--json",
+            "--repeats", "--peak-child"}
     out: list[str] = []
     skipping = False
     for token in argv:
@@ -321,6 +337,7 @@ def strip_options(argv: Sequence[str]) -> list[str]:
 
 
 TIME_COLUMNS = [
+    ("recipe", "recipe", "s"),
     ("solver", "solver", "s"),
     ("gram_space", "space", "s"),
     ("gram_precision", "gram", "s"),
@@ -375,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(format_table(rows, MEMORY_COLUMNS))
         payload["memory_growth"] = memory_growth(rows)
         for growth in payload["memory_growth"]:
-            setting = f"{growth['solver']}/{growth['gram_space']}/{growth['gram_precision']}"
+            setting = f"{growth['recipe']}/{growth['solver']}/{growth['gram_space']}/{growth['gram_precision']}"
             print(f"{setting}: peak RSS at N={growth['n_large']} / "
                   f"N={growth['n_small']} = {growth['peak_ratio']:.3f} "
                   f"({growth['extra_mib_large'] - growth['extra_mib_small']:+.0f} MiB of compress's own memory)")

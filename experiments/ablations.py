@@ -66,3 +66,15 @@ def vanilla_ratios():
         for pct in (50, 60):
             yield make_row(f"ablation/{arch}/vanilla-svd-ft-{pct}", "vanilla", reduction=pct / 100,
                            description=f"plain SVD, uniform ranks, no Z, partial fine-tune, -{pct}%")
+
+
+@register_experiment
+def vanilla_table3():
+    """Vanilla SVD + FT at Table 3's DeiT-S target (5.0M parameters, -77%): the demo's third method there."""
+    from experiments.paper import TABLE3
+
+    for arch, target, params, _ in TABLE3:
+        if arch == "deit_s":
+            yield make_row(f"ablation/{arch}/vanilla-svd-ft-table3", "vanilla", target_params=target,
+                           description=f"plain SVD, uniform ranks, no Z, partial fine-tune, {params}M parameters "
+                                       "(Table 3's target)")

@@ -24,6 +24,7 @@ from lowrank_vit.registry import PaperResult, register_experiment
 COMPARE_ARCHS = ("deit_s", "deit_b")
 COMPARE_PCTS = (40, 50, 60)
 COMPARE_METHODS = {
+    "loss-aware": "loss-aware SVD (K-FAC curvature, marginal ranks, no Z: the library's default)",
     "ours": "whitened SVD (exact eq. 5)",
     "plain": "plain SVD of W",
     "mean": "mean-input SVD (eqs. 6-7 literally)",
@@ -43,6 +44,8 @@ METHOD_NOTES = {
     "asvd": ("ASVD (Yuan et al. 2023) reports language models only: no paper number",),
     "fwsvd": ("FWSVD (Hsu et al., ICLR 2022) reports language models only: no paper number; it calibrates on "
               "labelled images (the squared loss gradients)",),
+    "loss-aware": ("the library's default recipe: its own allocation (marginal ranks on predicted loss) and no Z, "
+                   "so more than the decomposition differs from ours; no paper number",),
     "plain": ("not Table 2's vanilla SVD + FT (uniform ranks, no Z): only the decomposition differs from ours; "
               "no paper number",),
     "mean": ("eq. 7's mean input with the closed-form Z (the paper fits Z by SGD: ablation/.../paper-literal-50); "
@@ -72,4 +75,5 @@ def compare():
                     suffix, how = ("", "partial fine-tune") if finetune else ("-noft", "no fine-tune")
                     yield make_row(f"compare/{arch}/{method}-{pct}{suffix}", method, reduction=pct / 100,
                                    finetune=finetune, paper=paper, notes=notes,
-                                   description=f"{label} -{pct}%: {decomposition}; {SHARED}; {how}")
+                                   description=f"{label} -{pct}%: {decomposition}; "
+                                               f"{'' if method == 'loss-aware' else SHARED + '; '}{how}")

@@ -22,7 +22,9 @@ class LayerBudget:
     out_features: int
     z_params: int
     energy_losses: torch.Tensor
-    """Normalized energy loss for keeping r singular values, indexed by r = 0..p; ranks above p lose nothing."""
+    """Energy lost when keeping r singular values, indexed by r = 0..p; ranks above p lose nothing. Normalized
+    (divided by the total) for "uniform" and "greedy"; absolute (in the decomposition's own units, the loss's for
+    the loss-aware method) for "marginal", which compares layers by it."""
 
     @property
     def dense_params(self) -> int:
@@ -94,6 +96,10 @@ def _fill_slack(layers: list[LayerBudget], ranks: dict[str, int | None], budget:
 
 def _gain(layer: LayerBudget, rank: int, new: int) -> float:
     return layer.loss(rank) - layer.loss(new)
+
+
+def _gain_per_param(layer: LayerBudget, rank: int, new: int) -> float:
+    return (layer.loss(rank) - layer.loss(new)) / (layer.params(new) - layer.params(rank))
 
 
 def _uniform_deficit(layer: LayerBudget, rank: int, new: int) -> float:
@@ -201,3 +207,99 @@ def allocate_greedy(layers: list[LayerBudget], budget: int, gamma: float = 80.0,
     if rank_multiple > 1:
         total = _align_ranks(layers, ranks, budget, rank_multiple, _gain)
     return Allocation(ranks, total, trace)
+
+
+def _exchange_slack(layers: list[LayerBudget], ranks: dict[str, int | None], budget: int, tolerance: int,
+                    step: int = 1) -> int:
+    """Bring the unspent budget below ``tolerance`` where rank steps allow: repeatedly lower one layer by ``step``
+    ranks and raise a layer with a larger rank step by ``step``, choosing among the exchanges that fit the budget and
+    spend more the one that loses the least energy. Layers of different widths make the leftover of one-rank steps
+    as small as their differences (a block's qkv and proj differ by 2 x width)."""
+    total = sum(layer.params(ranks[layer.name]) for layer in layers)
+    for _ in range(4 * len(layers)):
+        if budget - total <= tolerance:
+            break
+        best = None
+        for down in layers:
+            r = ranks[down.name]
+            if r is None or r - step < 1:
+                continue
+            for up in layers:
+                u = ranks[up.name]
+                if up is down or u is None or u + step > up.max_rank or up.rank_step <= down.rank_step:
+                    continue
+                delta = step * (up.rank_step - down.rank_step)
+                if total + delta > budget:
+                    continue
+                cost = (down.loss(r - step) - down.loss(r)) - (up.loss(u) - up.loss(u + step))
+                if best is None or cost < best[0]:
+                    best = (cost, down, up, delta)
+        if best is None:
+            break
+        _, down, up, delta = best
+        ranks[down.name] -= step
+        ranks[up.name] += step
+        total += delta
+    return total
+
+
+def _lagrangian_ranks(layers: list[LayerBudget], price: float) -> dict[str, int | None]:
+    """Each layer's best choice at ``price`` per parameter: the rank r (1..max_rank) or dense (``None``, losing
+    nothing) that minimizes ``loss(r) + price * params(r)``; smaller ranks win ties."""
+    out: dict[str, int | None] = {}
+    for layer in layers:
+        top = min(layer.max_rank, max(layer.energy_losses.numel() - 1, 1))
+        if top < 1:
+            out[layer.name] = None
+            continue
+        ranks = torch.arange(1, top + 1, dtype=torch.float64)
+        losses = layer.energy_losses.double()[1: top + 1]
+        if losses.numel() < top:  # the curve is shorter than max_rank: ranks beyond it lose nothing
+            losses = torch.cat([losses, losses.new_zeros(top - losses.numel())])
+        cost = losses + price * (ranks * layer.rank_step + layer.z_params)
+        best = int(torch.argmin(cost))
+        out[layer.name] = None if price * layer.dense_params < float(cost[best]) else best + 1
+    return out
+
+
+def allocate_marginal(layers: list[LayerBudget], budget: int, rank_multiple: int = 1,
+                      tolerance: int = 0) -> Allocation:
+    """Global allocation on *absolute* energies: the directions removed, across all layers at once, are those that
+    lose the least energy per parameter freed (for the loss-aware method, the least predicted loss increase).
+
+    Solved as its Lagrangian: for a price p per parameter every layer independently keeps the rank (or dense) that
+    minimizes ``loss(r) + p params(r)``; the smallest p whose ranks fit ``budget`` is found by bisection (on
+    non-increasing spectra that is exactly "cut the cheapest direction next", and unlike a one-rank-at-a-time
+    search it handles the jump from dense to factored). What the bisection leaves unspent is handed back one rank at
+    a time where it recovers the most energy per parameter; with ``rank_multiple`` > 1 ranks are then aligned the
+    same way. If more than ``tolerance`` parameters are still unspent, one layer gives up a step and a wider one takes
+    one, as long as that gets closer to the budget (:func:`_exchange_slack`). ``trace`` holds the price and, per
+    layer, the price of its last kept direction."""
+    check_feasible(layers, budget)
+
+    def total(ranks: dict[str, int | None]) -> int:
+        return sum(layer.params(ranks[layer.name]) for layer in layers)
+
+    hi = 1e-300
+    while total(_lagrangian_ranks(layers, hi)) > budget:
+        hi *= 16.0
+        if hi > 1e300:
+            raise RuntimeError("marginal allocation: no price meets the budget (non-finite energies?)")
+    lo = hi / 16.0
+    for _ in range(200):  # geometric bisection: prices span many decades across models and units
+        mid = (lo * hi) ** 0.5
+        if mid <= lo or mid >= hi:
+            break
+        lo, hi = (mid, hi) if total(_lagrangian_ranks(layers, mid)) > budget else (lo, mid)
+    ranks = _lagrangian_ranks(layers, hi)
+    spent = _fill_slack(layers, ranks, budget, key=_gain_per_param)
+    if rank_multiple > 1:
+        spent = _align_ranks(layers, ranks, budget, rank_multiple, _gain_per_param)
+    spent = _exchange_slack(layers, ranks, budget, tolerance, rank_multiple)
+    trace: list[dict] = [{"price": hi}]
+    for layer in layers:
+        r = ranks[layer.name]
+        last = None if r is None else (layer.loss(r - 1) - layer.loss(r)) / layer.rank_step
+        trace.append({"layer": layer.name, "rank": r, "params": layer.params(r), "loss": layer.loss(r),
+                      "last_price": last})
+    return Allocation(ranks, spent, trace)

@@ -63,6 +63,14 @@ class LayerStats:
     """tr(H) = sum_i w_i ||X_i||_F^2; only for layers collected on the output side (``gram`` keeps this trace)."""
     range_weight: torch.Tensor | None = None
     """W (k, m) of a layer collected on the output side: the range on which ``gram`` is built."""
+    grad_gram: torch.Tensor | None = None
+    """Loss-aware statistics only (:mod:`lowrank_vit.loss_aware`): G = 1/(N T) sum_{i,t} g g^T, float64, (m, m),
+    the Gram of the loss gradients at the layer's output."""
+    loss_scale: float = 1.0
+    """Loss-aware statistics only: the K-FAC input factor is ``loss_scale * gram`` (``gram`` itself is scaled so that
+    :func:`output_error` reports the pooled relative output error, see ``loss_aware.collect_loss_statistics``)."""
+    tokens: float | None = None
+    """Loss-aware statistics only: T, the layer's input rows per image."""
 
 
 def _get_gram(stats: LayerStats) -> torch.Tensor:
@@ -114,6 +122,13 @@ def images_from_batch(batch: object) -> torch.Tensor:
 
 def iter_calibration_images(batches: Iterable, num_images: int) -> Iterator[torch.Tensor]:
     """Yield image batches until ``num_images`` images were produced; validate each batch."""
+    for images, _ in iter_calibration_batches(batches, num_images):
+        yield images
+
+
+def iter_calibration_batches(batches: Iterable, num_images: int) -> Iterator[tuple[torch.Tensor, object]]:
+    """Yield (images, the batch they came from) until ``num_images`` images were produced; validate each batch's
+    images (the batch itself is passed on for readers of its labels)."""
     if isinstance(batches, torch.Tensor):  # a single tensor of images is one batch, not an iterable of images
         batches = [batches]
     produced = 0
@@ -129,7 +144,7 @@ def iter_calibration_images(batches: Iterable, num_images: int) -> Iterator[torc
         if images.shape[0] == 0:
             continue
         produced += images.shape[0]
-        yield images
+        yield images, batch
         if produced >= num_images:
             return
     if produced == 0:

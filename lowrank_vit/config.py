@@ -1,8 +1,9 @@
 """Typed, self-validating configuration for :func:`lowrank_vit.compress`.
 
-Every field is documented right below its definition. Defaults follow the paper's Section 4.1 where the paper gives
-a value (1024 calibration images, 5% compensation budget, gamma = 80, 500 greedy iterations, lr 1e-3, 2000
-iterations, batch 64) and the exact closed-form variants described in NOTES.md elsewhere.
+Every field is documented right below its definition. The method's defaults are the best recipe measured
+(docs/loss_aware.md: loss-aware SVD, marginal allocation, no Z); ``recipe("paper")`` gives the paper's. The other
+defaults follow the paper's Section 4.1 where it gives a value (1024 calibration images, 5% compensation budget,
+gamma = 80, 500 greedy iterations, lr 1e-3, 2000 iterations, batch 64).
 """
 
 from __future__ import annotations
@@ -12,10 +13,30 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-DECOMPOSITIONS = ("plain", "mean", "whitened", "asvd", "fwsvd", "comcat")
-ALLOCATIONS = ("uniform", "greedy")
+DECOMPOSITIONS = ("plain", "mean", "whitened", "loss_aware", "asvd", "fwsvd", "comcat")
+ALLOCATIONS = ("uniform", "greedy", "marginal")
+FISHER_LABELS = ("sampled", "given")
 COMPENSATIONS = ("none", "lowrank", "diagonal", "sparse", "structured")
 SOLVERS = ("closed_form", "sgd")
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none"),
+    "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
+    "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
+}
+"""Named recipes: settings on top of the other fields' defaults. "loss-aware" is the default (the best recipe
+measured, docs/loss_aware.md); "paper" is Azizi et al.'s recipe as this library implements it exactly (whitened
+SVD, Algorithm 1 on normalized energies, closed-form low-rank Z of 5%); "vanilla" is Table 2's vanilla SVD (plain
+SVD of W, the same retained fraction in every layer, no Z)."""
+
+
+def recipe(name: str, **fields: Any) -> CompressionConfig:
+    """``CompressionConfig`` of the named recipe (:data:`RECIPES`), with ``fields`` on top:
+    ``recipe("paper", reduction=0.5)``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return CompressionConfig(**{**RECIPES[name], **fields})
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -32,18 +53,27 @@ class CompressionConfig:
     target_params: int | None = None
     """Absolute parameter count of the compressed model, all parameters included (Table 3)."""
 
-    decomposition: str = "whitened"
+    decomposition: str = "loss_aware"
     """"plain": SVD of W (the paper's Vanilla SVD). "mean": eqs. (6)-(7) with X_rep the mean calibration input.
     "whitened": the exact minimizer of eq. (5) with Z = 0, W_hat = H^-1/2 SVD_r(H^1/2 W).
+    "loss_aware": the minimizer of the predicted loss increase tr(dW^T H dW G) (K-FAC curvature: H of the inputs,
+    G of the loss gradients at the output, from one forward and backward pass; see loss_aware.py),
+    W_hat = H^-1/2 SVD_r(H^1/2 W G^1/2) G^-1/2; its energies are in the loss's units, comparable across layers.
     Comparison methods (see methods.py, fisher.py, comcat.py): "asvd" (Yuan et al. 2023: input channels scaled by
     mean |x|^asvd_alpha before the SVD), "fwsvd" (Hsu et al. 2022: input rows weighted by their Fisher information;
     needs labelled calibration batches), "comcat" (Xiao et al. 2023: every attention head's W_Q W_K^T and W_V W_O
     products factorized, ranks per head; MLP layers by plain SVD)."""
     asvd_alpha: float = 0.5
     """ASVD's exponent alpha of the channel scaling S = diag(mean |x|)^alpha (alpha = 0 is plain SVD)."""
-    allocation: str = "greedy"
-    """"uniform": the same retained fraction of parameters in every layer. "greedy": Algorithm 1 with eq. (9)."""
-    compensation: str = "lowrank"
+    allocation: str = "marginal"
+    """"uniform": the same retained fraction of parameters in every layer. "greedy": Algorithm 1 with eq. (9), on
+    each layer's normalized energy loss. "marginal": across all layers at once, remove the directions with the least
+    absolute energy per parameter freed (meaningful when energies share a unit: decomposition "loss_aware")."""
+    fisher_labels: str = "sampled"
+    """decomposition "loss_aware": the labels its loss gradients use. "sampled": drawn from the model's own
+    prediction (the true Fisher, the curvature of the KL divergence to the dense model; no labels needed). "given":
+    the calibration batches' labels (the empirical Fisher)."""
+    compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
     z_fraction: float = 0.05
@@ -110,6 +140,10 @@ class CompressionConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
+        if self.decomposition == "loss_aware" and self.solver == "sgd" and self.compensation != "none":
+            raise ValueError("solver='sgd' fits Z on stored calibration tokens, which decomposition='loss_aware' does "
+                             "not keep: use solver='closed_form'")
         _check_choice("gram_precision", self.gram_precision, ("float64", "float32"))
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
         if not 0.0 <= self.z_fraction < 0.5:

@@ -40,6 +40,10 @@ class Decomposition:
         """Energy loss for every rank 0..p (index = rank kept)."""
         return energy_loss_curve(self.singular_values)
 
+    def energy_tails(self) -> torch.Tensor:
+        """Absolute energy lost for every rank 0..p: sum_{i>r} s_i^2 (what the marginal allocation compares)."""
+        return energy_tail_curve(self.singular_values)
+
     def factors(self, rank: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """U (k, rank) and V (m, rank) from singular triplets ``start .. start + rank - 1`` (the leading ones by
         default), with the singular values split evenly (sqrt on each side, eq. 7).
@@ -91,12 +95,16 @@ class Whitening:
         return self.inv_root @ matrix
 
 
+def energy_tail_curve(singular_values: torch.Tensor) -> torch.Tensor:
+    """Absolute energy lost for keeping r = 0..p singular values (index = r): sum_{i>r} s_i^2."""
+    energy = singular_values.double().pow(2)
+    return torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+
+
 def energy_loss_curve(singular_values: torch.Tensor) -> torch.Tensor:
     """Normalized energy loss for keeping r = 0..p singular values (index = r), with one cumulative sum."""
-    energy = singular_values.double().pow(2)
-    total = energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
-    return (tail / total).clamp(0.0, 1.0)
+    tail = energy_tail_curve(singular_values)
+    return (tail / tail[0].clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
 
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -215,6 +223,22 @@ def whitened_svd(weight: torch.Tensor, white: Whitening) -> Decomposition:
     """
     P, s, R = truncated_svd(white.apply(weight.double()))
     return Decomposition(white.solve(P), R, s)
+
+
+def two_sided_svd(weight: torch.Tensor, input_white: Whitening, output_white: Whitening) -> Decomposition:
+    """Minimizer of the Kronecker-factored loss increase ``tr(dW^T H dW G)`` over rank-r W_hat (the loss-aware
+    method, see :mod:`lowrank_vit.loss_aware`): with A^T A = H and B^T B = G, ``A W B^T = P diag(s) R^T`` and
+    ``W_hat(r) = A^-1 P_r diag(s_r) R_r^T B^-T``, so left = A^-1 P and right = B^-1 R. Eckart-Young on the
+    two-sided whitened matrix: ``||A (W - W_hat) B^T||_F^2`` is the tail energy sum_{i>r} s_i^2, in the loss's units
+    (twice the predicted KL increase of the layer's change alone)."""
+    M = input_white.apply(output_white.apply(weight.double().T).T)  # A W B^T
+    P, s, R = truncated_svd(M)
+    return Decomposition(input_white.solve(P), output_white.solve(R), s)
+
+
+def two_sided_singular_values(weight: torch.Tensor, input_white: Whitening, output_white: Whitening) -> torch.Tensor:
+    """The singular values of ``A W B^T`` alone (for planning): :func:`two_sided_svd`'s spectrum."""
+    return singular_values(input_white.apply(output_white.apply(weight.double().T).T))
 
 
 def mean_input_svd(weight: torch.Tensor, mean_input: torch.Tensor) -> Decomposition:

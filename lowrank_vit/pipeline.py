@@ -14,7 +14,14 @@ from torch import nn
 
 from lowrank_vit import comcat
 from lowrank_vit.adapters import count_params, get_adapter
-from lowrank_vit.allocate import Allocation, LayerBudget, allocate_greedy, allocate_uniform, check_feasible
+from lowrank_vit.allocate import (
+    Allocation,
+    LayerBudget,
+    allocate_greedy,
+    allocate_marginal,
+    allocate_uniform,
+    check_feasible,
+)
 from lowrank_vit.calibration import LayerStats, collect_statistics, output_error
 from lowrank_vit.compensate import (
     CompensationProblem,
@@ -30,6 +37,7 @@ from lowrank_vit.decompose import (
     Decomposition,
     Whitening,
     energy_loss_curve,
+    energy_tail_curve,
     mean_input_svd,
     output_whitened_singular_values,
     output_whitened_svd,
@@ -41,6 +49,7 @@ from lowrank_vit.decompose import (
 )
 from lowrank_vit.factorized import FactorizedLinear, z_spec
 from lowrank_vit.fisher import row_fisher
+from lowrank_vit.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
 from lowrank_vit.methods import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
 from lowrank_vit.progress import progress_bar
 from lowrank_vit.surgery import swap_layers
@@ -62,7 +71,12 @@ class LayerReport:
     output_error_lowrank: float
     """Eq. (5) on the calibration images with U V^T alone."""
     output_error: float
-    """Eq. (5) on the calibration images with U V^T + Z (the layer as it is now)."""
+    """Eq. (5) on the calibration images with U V^T + Z (the layer as it is now). For decomposition "loss_aware"
+    both errors are pooled over the calibration set (``||X dW||^2 / ||X W||^2`` over all tokens of all images, one
+    normalization instead of one per image): its statistics do not weigh images one by one."""
+    predicted_loss: float | None = None
+    """decomposition "loss_aware": the predicted increase of the loss (KL to the dense model) from this layer's
+    change alone, 1/2 tr(dW^T H dW G) of the discarded directions (second order; Z not included)."""
 
 
 @dataclass
@@ -75,6 +89,9 @@ class CompressionReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     sgd_loss: dict[str, list[float]] = field(default_factory=dict)
     """Per-layer loss of the SGD solver at every step (empty for the closed form)."""
+    allocation: list[dict[str, Any]] = field(default_factory=list)
+    """allocation "marginal": its decisions, the price per parameter it settled on, then per layer the rank, the
+    energy lost and the price of the last direction kept (empty for the other policies)."""
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -206,6 +223,11 @@ def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
     """Per-layer statistics, and the per-input-row scales of ASVD or FWSVD (empty for the other methods)."""
     cfg = setup.cfg
     scales: dict[str, torch.Tensor] = {}
+    if cfg.decomposition == "loss_aware":  # one forward and backward pass gives H and G together
+        stats = collect_loss_statistics(model, setup.layers, calib_images, cfg.calib_samples, labels=cfg.fisher_labels,
+                                        device=setup.device, progress=cfg.progress, seed=cfg.seed,
+                                        gram_precision=cfg.gram_precision)
+        return stats, scales
     if cfg.decomposition == "fwsvd":  # the gradient pass first: a missing label fails before the long pass
         fisher = row_fisher(model, setup.layers, calib_images, cfg.calib_samples, device=setup.device,
                             progress=cfg.progress)
@@ -220,14 +242,22 @@ def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
     return stats, scales
 
 
+def _energy_curve(cfg: CompressionConfig, singular_values: torch.Tensor) -> torch.Tensor:
+    """The curve the allocation policy compares: normalized energy losses, or absolute tails for "marginal"."""
+    curve = energy_tail_curve if cfg.allocation == "marginal" else energy_loss_curve
+    return curve(singular_values).cpu()
+
+
 def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
     cfg = setup.cfg
     budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
                for name, layer in setup.layers.items()]
     budgets += comcat.head_budgets(setup.attention, curves)
+    tolerance = int(0.0005 * setup.target_total)
     if cfg.allocation == "greedy":
-        tolerance = int(0.0005 * setup.target_total)
         return allocate_greedy(budgets, setup.budget, cfg.gamma, cfg.greedy_iterations, tolerance, cfg.rank_multiple)
+    if cfg.allocation == "marginal":
+        return allocate_marginal(budgets, setup.budget, cfg.rank_multiple, tolerance)
     return allocate_uniform(budgets, setup.budget, cfg.rank_multiple)
 
 
@@ -263,16 +293,18 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
         for name, layer in setup.layers.items():
             weight = _weight(layer, setup.device)
             s = stats[name]
-            if cfg.decomposition == "whitened" and s.output_gram is not None:
+            if cfg.decomposition == "loss_aware":
+                spectrum = loss_aware_singular_values(weight, s, cfg.damping)
+            elif cfg.decomposition == "whitened" and s.output_gram is not None:
                 spectrum = output_whitened_singular_values(weight, s.output_gram, s.input_trace, cfg.damping)
             elif cfg.decomposition == "whitened":
                 spectrum = whitened_singular_values(weight, s.gram, cfg.damping)
             else:
                 spectrum = singular_values(_spectrum_matrix(cfg, weight, stats[name], None, scales.get(name)))
-            curves[name] = energy_loss_curve(spectrum).cpu()
+            curves[name] = _energy_curve(cfg, spectrum)
             bar.update(1)
     for name, decomposition in comcat.head_decompositions(setup.attention, setup.device).items():
-        curves[name] = decomposition.energy_losses().cpu()
+        curves[name] = _energy_curve(cfg, decomposition.singular_values)
     allocation = _allocate(setup, curves)
     specs = {}
     for name, layer in setup.layers.items():
@@ -328,7 +360,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     with progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
         for name, layer in layers.items():
             s = stats[name]
-            if s.output_gram is not None and cfg.decomposition == "whitened":  # output-side statistics: the same
+            if cfg.decomposition == "loss_aware":
+                decompositions[name], whitenings[name] = loss_aware_svd(_weight(layer, device), s, cfg.damping)
+            elif s.output_gram is not None and cfg.decomposition == "whitened":  # output-side statistics: the same
                 # decomposition from W^T H W alone, no (in x in) matrix (statistics_space says when this happens)
                 decompositions[name] = output_whitened_svd(_weight(layer, device), s.output_gram, s.input_trace,
                                                            cfg.damping)
@@ -342,7 +376,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     timings["decomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    allocation = _allocate(setup, {name: d.energy_losses().cpu() for name, d in decompositions.items()})
+    allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values) for name, d in decompositions.items()})
     timings["allocation"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -359,7 +393,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         residual = weight - U @ V.T
         residuals[name] = residual
         z = None
-        if z_kind == "lowrank" and cfg.decomposition == "whitened" and not use_sgd:  # same whitening: the SVD's tail
+        if z_kind == "lowrank" and cfg.decomposition in ("whitened", "loss_aware") and not use_sgd:
+            # the exact optimum in the decomposition's own metric is the SVD's tail (for these two: more rank)
             z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
         elif z_kind != "none":  # never an output-side layer (statistics_space)
             s = stats[name]
@@ -395,9 +430,13 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             err_lr = output_error(s, residuals[name])
             err = output_error(s, _weight(layer, device) - new.dense_weight().detach().double())
             params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
+        predicted = None
+        if cfg.decomposition == "loss_aware":
+            predicted = 0.5 * float(decompositions[name].energy_tails()[rank]) if rank is not None else 0.0
         reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
                                    budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,
-                                   decompositions[name].energy_loss(rank) if rank is not None else 0.0, err_lr, err))
+                                   decompositions[name].energy_loss(rank) if rank is not None else 0.0, err_lr, err,
+                                   predicted))
     # COMCAT: one report per head product (the rank it is factorized at; output errors are not measured per head).
     new_attention = {name: comcat.factorize_attention(name, attn, decompositions, allocation.ranks)
                      for name, attn in setup.attention.items()}
@@ -411,4 +450,4 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     swap_layers(model, lambda fqn, _: new_attention.get(fqn), lambda fqn, m: fqn in new_attention)
     params_after = count_params(model)
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
-                             sgd_history)
+                             sgd_history, allocation.trace if cfg.allocation == "marginal" else [])

@@ -673,7 +673,8 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------ the comparison table
 
 COMPARE_TABLE = "compare"
-METHOD_LABELS = {"ours": "ours (whitened SVD)", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
+METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
+                 "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
                  "fwsvd": "FWSVD", "comcat": "COMCAT"}
 PARAMS_TOLERANCE = 1e-3
 """Relative spread of a column's measured parameter counts above which the table flags the column."""
@@ -722,8 +723,10 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
     lines = [f"# compare ({scale} scale)", "",
              "Top-1 (%) at equal parameters per column (each column removes the same fraction of the model's "
              "parameters; a column whose rows differ by more than 0.1% is marked \"unequal!\"), the paper's number "
-             "in parentheses where one exists. Only the decomposition differs between methods: greedy ranks on each "
-             "method's own spectra and the closed-form low-rank Z for all; \"+ FT\" adds the partial fine-tune.", ""]
+             "in parentheses where one exists. Between the paper's recipe and the comparison methods only the "
+             "decomposition differs: greedy ranks on each method's own spectra and the closed-form low-rank Z; the "
+             "loss-aware row (the library's default) also allocates its own way (marginal ranks on predicted loss) "
+             "and takes no Z. \"+ FT\" adds the partial fine-tune.", ""]
     setups = sorted({r["setup"] for r in data["rows"] if r.get("finished") and r.get("setup")})
     if setups and not all(s.startswith("stand-in ") and s.endswith(" on mnist-5k") for s in setups):
         lines += [f"Measured with {'; '.join(setups)} (the registry's config with overrides); compare methods with "

@@ -53,8 +53,9 @@ def test_inference_toy(tmp_path, capsys):
 
 def test_compress_time_toy(tmp_path, capsys):
     out = tmp_path / "compress_time.json"
-    load("compress_time").main([*TOY, "--calib", "8", "--batch-size", "4", "--solver", "closed_form", "sgd",
-                                "--gram-space", "input", "auto", "--sgd-iterations", "2", "--json", str(out)])
+    load("compress_time").main([*TOY, "--calib", "8", "--batch-size", "4", "--recipe", "paper", "--solver",
+                                "closed_form", "sgd", "--gram-space", "input", "auto", "--sgd-iterations", "2",
+                                "--json", str(out)])
     assert "overhead ratio" in capsys.readouterr().out
     payload = json.loads(out.read_text())
     rows = payload["rows"]
@@ -82,7 +83,8 @@ def test_compress_time_peak_child_in_process(tmp_path):
 @pytest.mark.slow
 def test_compress_time_peak_memory_toy(tmp_path):
     out = tmp_path / "memory.json"
-    load("compress_time").main([*TOY, "--peak-memory", "4", "8", "--batch-size", "4", "--json", str(out)])
+    load("compress_time").main([*TOY, "--peak-memory", "4", "8", "--batch-size", "4", "--recipe", "loss-aware",
+                                "--json", str(out)])
     payload = json.loads(out.read_text())
     assert [r["calib_images"] for r in payload["memory"]] == [4, 8]
     assert all(positive_finite(r["peak_rss_mib"]) for r in payload["memory"])

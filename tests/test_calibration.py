@@ -17,6 +17,7 @@ from lowrank_vit.calibration import (
     upper_gram_,
 )
 from lowrank_vit.compensate import CompensationProblem, closed_form_z
+from lowrank_vit.config import recipe
 from lowrank_vit.decompose import (
     output_whitened_singular_values,
     weighted_error,
@@ -289,7 +290,7 @@ def test_auto_space_compresses_like_input_space():
     ({"decomposition": "asvd"}, "input"),
 ])
 def test_statistics_space_is_auto_only_where_exact(settings, space):
-    assert statistics_space(CompressionConfig(reduction=0.5, **settings)) == space
+    assert statistics_space(recipe("paper", reduction=0.5, **settings)) == space
 
 
 def test_output_whitened_singular_values():

@@ -42,8 +42,10 @@ def one_line_error(err: str) -> str:
 
 def test_list_and_show(capsys):
     code, out, _ = cli(capsys, "list", "table2/deit_s/*")
-    assert code == 0 and out.split() == ["table2/deit_s/baseline", "table2/deit_s/ours-40", "table2/deit_s/ours-50",
-                                         "table2/deit_s/ours-60", "table2/deit_s/vanilla-svd-ft-40"]
+    assert code == 0 and out.split() == [
+        "table2/deit_s/baseline", "table2/deit_s/ours-40", "table2/deit_s/loss-aware-40", "table2/deit_s/ours-50",
+        "table2/deit_s/loss-aware-50", "table2/deit_s/ours-60", "table2/deit_s/loss-aware-60",
+        "table2/deit_s/vanilla-svd-ft-40"]
     code, out, _ = cli(capsys, "list", "table4", "--json")
     entries = json.loads(out)
     assert code == 0 and len(entries) == 4
@@ -140,7 +142,7 @@ def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
     assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
     assert not (out / "table2/deit_s/ours-50/checkpoints").exists()
     table = {r["name"]: r for r in json.loads((out / "table2.json").read_text())["rows"]}
-    assert len(table) == 20 and {n for n, r in table.items() if r["finished"]} == {
+    assert len(table) == 32 and {n for n, r in table.items() if r["finished"]} == {
         "table2/deit_s/baseline", "table2/deit_s/ours-50"}
     ours = table["table2/deit_s/ours-50"]
     assert ours["paper_top1"] == 79.34 and ours["params_m"] == row["params"] / 1e6

@@ -21,10 +21,18 @@ def _offline(monkeypatch, tmp_path):
 
 def test_demo_rows_are_the_issue_s():
     assert DEMO_ROWS[0] == "table2/deit_s/baseline"
-    assert {r for r in DEMO_ROWS if "ours" in r} == {f"table2/deit_s/ours-{p}" for p in (40, 50, 60)}
+    assert {r for r in DEMO_ROWS if "ours" in r} == {f"table2/deit_s/ours-{p}" for p in (40, 50, 60)} | {
+        "table3/deit_s/ours"}
+    assert {r for r in DEMO_ROWS if "loss-aware" in r} == {f"table2/deit_s/loss-aware-{p}" for p in (40, 50, 60)} | {
+        "table3/deit_s/loss-aware"}
     assert {r for r in DEMO_ROWS if "vanilla" in r} == {"table2/deit_s/vanilla-svd-ft-40",
                                                         "ablation/deit_s/vanilla-svd-ft-50",
-                                                        "ablation/deit_s/vanilla-svd-ft-60"}
+                                                        "ablation/deit_s/vanilla-svd-ft-60",
+                                                        "ablation/deit_s/vanilla-svd-ft-table3"}
+    from lowrank_vit.registry import get_experiment
+
+    table3 = {get_experiment(r).smoke.compression.reduction for r in DEMO_ROWS if "table3" in r}
+    assert len(table3) == 1 and 0.77 < table3.pop() < 0.78  # the three methods at one Table 3 ratio
 
 
 def test_reduced_demo(tmp_path, capsys):
@@ -34,7 +42,9 @@ def test_reduced_demo(tmp_path, capsys):
     data = json.loads((out / "table2.json").read_text())
     assert data == summary["rows"] and [r["name"] for r in data] == rows
     for row in data:
-        assert set(row) == {"name", "method", "reduction", "params", "top1", "paper_params", "paper_top1"}
+        assert set(row) == {"name", "method", "reduction", "params", "top1", "top1_noft", "paper_params",
+                            "paper_top1"}
+        assert 0 <= row["top1_noft"] <= 100
         assert 0 <= row["top1"] <= 100
     (ours,) = data
     assert ours["method"] == "ours" and ours["reduction"] == 0.5 and ours["paper_top1"] == 79.34
@@ -49,7 +59,7 @@ def test_reduced_demo(tmp_path, capsys):
         for plain, white in zip(layer["plain_output_error"], layer["whitened_output_error"], strict=True):
             assert white <= plain * (1 + 1e-6) + 1e-12
     printed = capsys.readouterr().out
-    assert "ours -50%" in printed and "79.34" in printed
+    assert "paper's recipe -50%" in printed and "79.34" in printed
     assert list(out.glob("table2/deit_s/ours-50/wandb/offline-run-*"))  # logged offline, grouped "demo"
     # a second call skips the finished rows
     again = run_demo(out, rows=rows, overrides=TINY, wandb="offline", progress=False, figures=False)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lowrank_vit import CompressionConfig, compress
+from lowrank_vit.config import recipe
 from lowrank_vit.factorized import FactorizedLinear
 from lowrank_vit.finetune import (
     FinetuneConfig,
@@ -43,7 +44,7 @@ def one_thread():
 
 def compressed_tiny_vit(reduction: float = 0.4, seed: int = 0, **overrides) -> nn.Module:
     model = make_tiny_vit(seed=seed, **overrides)
-    compress(model, [make_images(32, seed=1)], CompressionConfig(reduction=reduction, progress=False))
+    compress(model, [make_images(32, seed=1)], recipe("paper", reduction=reduction, progress=False))  # with a Z
     return model
 
 

@@ -9,6 +9,7 @@ import timm
 import torch
 
 from lowrank_vit import CompressionConfig, FactorizedLinear, compress, count_params, get_adapter
+from lowrank_vit.config import RECIPES
 
 from conftest import make_images, make_tiny_vit
 
@@ -102,7 +103,8 @@ def test_whitened_has_lower_output_error_than_plain(small_images):
 
 def test_sgd_solver_end_to_end(small_images):
     model = small_vit()
-    report = compress(model, [small_images], cfg(reduction=0.5, solver="sgd", sgd_iterations=30, sgd_batch_size=16))
+    report = compress(model, [small_images], cfg(reduction=0.5, solver="sgd", sgd_iterations=30, sgd_batch_size=16,
+                                                 **RECIPES["paper"]))
     assert report.sgd_loss and all(len(v) == 30 for v in report.sgd_loss.values())
     assert abs(report.params_after - report.target_params) <= 0.001 * report.target_params
     assert torch.isfinite(model(small_images[:2])).all()
@@ -220,15 +222,15 @@ def test_plan_matches_compress(compensation, allocation, small_images):
 
 
 def test_rank_multiple_on_a_full_size_model():
-    """DeiT-S at -50% with ranks in multiples of 8: every U V^T rank, low-rank Z rank and folded r + q aligned, and
-    the target still met within 0.1%."""
+    """DeiT-S at -50% with ranks in multiples of 8 (the paper's recipe: with its low-rank Z): every U V^T rank,
+    low-rank Z rank and folded r + q aligned, and the target still met within 0.1%."""
     from lowrank_vit import LowRankZ, fold_lowrank_z_
 
     torch.manual_seed(0)
     model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     images = make_images(2, channels=3, size=224)
     before = count_params(model)
-    report = compress(model, [images], cfg(reduction=0.5, calib_samples=2, rank_multiple=8))
+    report = compress(model, [images], cfg(reduction=0.5, calib_samples=2, rank_multiple=8, **RECIPES["paper"]))
     assert abs(count_params(model) - 0.5 * before) <= 0.001 * 0.5 * before
     factorized = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
     assert len(factorized) == 48

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit import CompressionConfig, compress, count_params, model_size_mib, quantize_
+from lowrank_vit import compress, count_params, model_size_mib, quantize_
+from lowrank_vit.config import recipe
 from lowrank_vit.factorized import FactorizedLinear
 from lowrank_vit.quantize import quantize_tensor
 
@@ -35,7 +36,7 @@ def test_quantization_is_idempotent_and_keeps_zeros():
 
 def test_quantize_model_factors_and_size():
     model = make_tiny_vit()
-    compress(model, [make_images(32)], CompressionConfig(reduction=0.5, progress=False))
+    compress(model, [make_images(32)], recipe("paper", reduction=0.5, progress=False))  # with a low-rank Z
     before = {n: p.clone() for n, p in model.named_parameters()}
     fp16 = model_size_mib(model)
     assert fp16 == pytest.approx(count_params(model) * 2 / 2**20)

@@ -23,8 +23,10 @@ from lowrank_vit.registry import (
 TABLE2_METHODS = {"deit_b": 40, "deit_s": 40, "vit_b": 50, "swin_b": 40}  # where the paper prints vanilla SVD + FT
 EXPECTED = (
     [f"table2/{arch}/{m}" for arch, pct in TABLE2_METHODS.items()
-     for m in ("baseline", "ours-40", "ours-50", "ours-60", f"vanilla-svd-ft-{pct}")]
-    + ["table3/vit_l/ours", "table3/deit_b/ours", "table3/deit_s/ours", "table3/vit_b/baseline",
+     for m in ("baseline", "ours-40", "loss-aware-40", "ours-50", "loss-aware-50", "ours-60", "loss-aware-60",
+               f"vanilla-svd-ft-{pct}")]
+    + ["table3/vit_l/ours", "table3/vit_l/loss-aware", "table3/deit_b/ours", "table3/deit_b/loss-aware",
+       "table3/deit_s/ours", "table3/deit_s/loss-aware", "table3/vit_b/baseline",
        "table3/deit_s/baseline", "table3/deit_t/baseline"]
     + [f"table4/deit_b/{m}" for m in ("baseline-fp16", "ours-50-fp16", "ours-50-int8", "baseline-int4")]
     + [f"table1/deit_b/z-{k}" for k in ("lowrank", "diagonal", "sparse-unstructured", "sparse-structured")]
@@ -80,6 +82,9 @@ def test_paper_numbers(exp: Experiment):
         assert paper.residual is not None and paper.top1 is None
         assert exp.full.compression.solver == "sgd" and exp.full.compression.compensation != "none"
         return
+    if exp.method == "loss-aware":  # the library's recipe beside the paper's rows: the paper has no number for it
+        assert paper == PaperResult()
+        return
     assert paper.params_m is not None and 1 < paper.params_m < 100
     assert paper.top1 is not None and 70 < paper.top1 < 86
     if exp.table == "table4":
@@ -103,6 +108,15 @@ def test_table_values_spot_checks():
     assert (vanilla.decomposition, vanilla.allocation, vanilla.compensation) == ("plain", "uniform", "none")
     ours = get_experiment("table2/deit_s/ours-40").full.compression
     assert (ours.decomposition, ours.allocation, ours.compensation) == ("whitened", "greedy", "lowrank")
+    # the paper's rows keep its recipe whatever the library's defaults are; the loss-aware rows sit beside them
+    for name in ("table2/deit_s/ours-40", "table3/deit_b/ours", "table4/deit_b/ours-50-int8"):
+        paper_rows = get_experiment(name).full.compression
+        assert (paper_rows.decomposition, paper_rows.allocation, paper_rows.compensation) == \
+            ("whitened", "greedy", "lowrank")
+    for name in ("table2/deit_s/loss-aware-40", "table3/deit_b/loss-aware"):
+        new = get_experiment(name).full.compression
+        assert (new.decomposition, new.allocation, new.compensation) == ("loss_aware", "marginal", "none")
+        assert get_experiment(name).paper == PaperResult()
 
 
 def test_inconsistent_paper_counts_are_flagged_not_bent():
@@ -133,7 +147,8 @@ def test_unknown_name_suggests_the_closest():
 
 def test_list_patterns():
     assert [e.name for e in list_experiments("table2/deit_s/*")] == [
-        "table2/deit_s/baseline", "table2/deit_s/ours-40", "table2/deit_s/ours-50", "table2/deit_s/ours-60",
+        "table2/deit_s/baseline", "table2/deit_s/ours-40", "table2/deit_s/loss-aware-40", "table2/deit_s/ours-50",
+        "table2/deit_s/loss-aware-50", "table2/deit_s/ours-60", "table2/deit_s/loss-aware-60",
         "table2/deit_s/vanilla-svd-ft-40"]
     assert {e.table for e in list_experiments("table3")} == {"table3"}
     assert list_experiments("no/such/*") == []
@@ -173,28 +188,31 @@ def test_overrides():
 
 # ---------------------------------------------------------------------------------------------- the comparison table
 
-COMPARE_METHODS = ("ours", "plain", "mean", "asvd", "fwsvd", "comcat")
+COMPARE_METHODS = ("loss-aware", "ours", "plain", "mean", "asvd", "fwsvd", "comcat")
 COMPARE_EXPECTED = [f"compare/{arch}/{method}-{pct}{suffix}" for arch in ("deit_s", "deit_b")
                     for method in COMPARE_METHODS for pct in (40, 50, 60) for suffix in ("", "-noft")]
 COMPARE = [e for e in ALL if e.table == "compare"]
 
 
 def test_compare_rows_are_registered_under_their_exact_names():
-    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 72 rows, in the table's order
+    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 84 rows, in the table's order
     assert "compare" in tables()
 
 
 @pytest.mark.parametrize("exp", COMPARE, ids=lambda e: e.name)
 def test_compare_row_changes_only_the_decomposition(exp: Experiment):
     _, arch, variant = exp.name.split("/")
-    method, pct, *noft = variant.split("-")
+    noft = ["noft"] if variant.endswith("-noft") else []
+    method, pct = variant.removesuffix("-noft").rsplit("-", 1)
+    decomposition = {"ours": "whitened", "loss-aware": "loss_aware"}.get(method, method)
     assert exp.method == method and exp.reduction == pytest.approx(int(pct) / 100)
-    assert (method if method != "ours" else "whitened") in exp.description.lower()
+    assert decomposition.replace("_", "-") in exp.description.lower()
     for scale in ("full", "smoke"):
         cfg = exp.config(scale)
         c = cfg.compression
-        assert c.decomposition == ("whitened" if method == "ours" else method)
-        assert (c.allocation, c.compensation, c.solver, c.z_fraction) == ("greedy", "lowrank", "closed_form", 0.05)
+        assert c.decomposition == decomposition
+        shared = ("marginal", "none") if method == "loss-aware" else ("greedy", "lowrank")
+        assert (c.allocation, c.compensation, c.solver, c.z_fraction) == (*shared, "closed_form", 0.05)
         assert c.reduction == pytest.approx(int(pct) / 100) and c.target_params is None
         assert (cfg.finetune is None) == (noft == ["noft"])
         assert cfg.quantization is None

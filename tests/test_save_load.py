@@ -30,6 +30,7 @@ from lowrank_vit import (
     quantize_,
     save_compressed,
 )
+from lowrank_vit.config import RECIPES
 
 from conftest import make_images, make_tiny_vit
 
@@ -52,6 +53,8 @@ def _one_thread():
 def cfg(**kwargs) -> CompressionConfig:
     kwargs.setdefault("progress", False)
     kwargs.setdefault("reduction", 0.4)
+    for key, value in RECIPES["paper"].items():  # these tests exercise Z kinds and partly dense plans
+        kwargs.setdefault(key, value)
     return CompressionConfig(**kwargs)
 
 

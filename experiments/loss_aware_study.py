@@ -1,0 +1,225 @@
+"""The loss-aware study: which compression recipe keeps the most accuracy at equal size, on several real models.
+
+    python -m experiments.loss_aware_study --cifar10 PATH/TO/cifar10 [--output results/loss_aware_study]
+        [--models cifar_deit4,cifar_vit6,mnist_deit_s,mnist_vit_l,mnist_swin_b] [--ratios 0.4,0.5,0.6,0.7,0.8]
+        [--recipes ...] [--finetune-steps 0] [--calib 256]
+
+Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.standins`): two ViTs trained here from scratch on
+CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64), ViT-L (6 blocks, width
+128) and Swin-B (two stages, windows). Every model is compressed by every recipe at every ratio of its *whole*
+parameter count, from the same calibration images (training images, seeded), and evaluated on held-out images:
+top-1 and the mean KL divergence of its predictions from the dense model's. ``--finetune-steps N`` adds the partial
+fine-tune (norms, biases, head, patch embedding; AdamW, cosine, the same steps and images for every recipe) and its
+top-1. Results accumulate in ``OUTPUT/study.json`` (a finished cell is not run again) and ``OUTPUT/study.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
+    "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
+    "whitened-uniform": dict(decomposition="whitened", allocation="uniform", compensation="none"),
+    "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none"),
+    # ablations of the loss-aware recipe
+    "la-labels": dict(decomposition="loss_aware", allocation="marginal", compensation="none", fisher_labels="given"),
+    "la-greedy-normalized": dict(decomposition="loss_aware", allocation="greedy", compensation="none"),
+    "la-diagonal-z": dict(decomposition="loss_aware", allocation="marginal", compensation="diagonal"),
+    "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
+}
+"""Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
+library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z)."""
+
+MODELS = ("cifar_deit4", "cifar_vit6", "mnist_deit_s", "mnist_vit_l", "mnist_swin_b")
+
+
+def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from lowrank_vit.standins import stack_dataset
+
+    return stack_dataset(torch.utils.data.Subset(dataset, indices))
+
+
+def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_train: int,
+               seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The dense model in eval mode and its data: ``train_x/train_y`` (calibration and fine-tuning images, drawn
+    from the training split), ``eval_x/eval_y`` (held-out images)."""
+    generator = torch.Generator().manual_seed(seed)
+    if name.startswith("cifar_"):
+        import timm
+        from safetensors.torch import load_file
+
+        from experiments.cifar10 import TIMM_NAME, _data_config
+        from experiments.study_models import MODELS as RECIPES_BY_MODEL
+        from lowrank_vit.data import build_datamodule
+
+        if cifar10 is None:
+            raise ValueError(f"model {name} needs --cifar10 PATH (train.parquet and test.parquet)")
+        weights = models_dir / name / "model.safetensors"
+        if not weights.is_file():
+            raise ValueError(f"{weights} is missing: train it with python -m experiments.study_models --data ...")
+        model = timm.create_model(TIMM_NAME, pretrained=False, **RECIPES_BY_MODEL[name].model_kwargs)
+        model.load_state_dict(load_file(str(weights)))
+        dm = build_datamodule(_data_config(cifar10, augment=False, batch_size=256), model=model)
+        dm.setup()
+        train_idx = torch.randperm(len(dm.train_dataset), generator=generator)[:n_train].tolist()
+        eval_idx = torch.randperm(len(dm.val_dataset), generator=generator)[:n_eval].tolist()
+        train_x, train_y = _tensors(dm.train_dataset, train_idx)
+        eval_x, eval_y = _tensors(dm.val_dataset, eval_idx)
+    else:
+        from lowrank_vit.standins import build_standin, load_digits
+
+        model = build_standin(name.removeprefix("mnist_"), progress=True)
+        digits = load_digits(model)
+        order = torch.randperm(len(digits.y_train), generator=generator)[:n_train]
+        train_x, train_y = digits.x_train[order], digits.y_train[order]
+        eval_x, eval_y = digits.x_val[:n_eval], digits.y_val[:n_eval]
+    return model.eval(), {"train_x": train_x, "train_y": train_y, "eval_x": eval_x, "eval_y": eval_y}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i: i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+def scores(logits: torch.Tensor, dense_logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Top-1 (percent) and the mean KL(dense || compressed) of the predictions (nats)."""
+    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense_logits, 1), log_target=True, reduction="batchmean")
+    return {"top1": 100.0 * float((logits.argmax(1) == y).float().mean()), "kl": float(kl)}
+
+
+def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
+                     lr: float = 1e-3, batch_size: int = 64) -> None:
+    """The paper's partial fine-tune in miniature: norms, biases, head and patch embedding train (AdamW, warmup and
+    cosine), the factors stay frozen; the same images and order for every recipe."""
+    from lowrank_vit.finetune import freeze_for_partial_finetune, warmup_cosine
+
+    freeze_for_partial_finetune(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20), 0.0)
+        idx = torch.randint(0, len(y), (batch_size,), generator=generator)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits: torch.Tensor, recipe: str,
+             ratio: float, calib: int, finetune_steps: int, seed: int) -> dict[str, Any]:
+    from lowrank_vit import compress
+
+    model = copy.deepcopy(dense)
+    calib_batches = [(data["train_x"][i: i + 64], data["train_y"][i: i + 64]) for i in range(0, calib, 64)]
+    start = time.perf_counter()
+    report = compress(model, calib_batches, reduction=ratio, calib_samples=calib, progress=False, seed=seed,
+                      **RECIPES[recipe])
+    seconds = time.perf_counter() - start
+    out = {"params_after": report.params_after, "target": report.target_params, "compress_s": seconds,
+           **scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])}
+    if finetune_steps:
+        partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed)
+        ft = scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])
+        out.update({"top1_ft": ft["top1"], "kl_ft": ft["kl"]})
+    return out
+
+
+def render(results: dict[str, Any], key: str = "top1", fmt: str = ".2f", higher_is_better: bool = True) -> str:
+    """One markdown table per model: recipes as rows, ratios as columns; the best of each column in bold."""
+    lines = []
+    for model, entry in results.items():
+        cells = entry["cells"]
+        ratios = sorted({c["ratio"] for c in cells.values()})
+        recipes = [r for r in RECIPES if any(c["recipe"] == r for c in cells.values())]
+        lines += [f"### {model} (dense top-1 {entry['dense_top1']:.2f}%, {entry['params']:,} parameters)", "",
+                  "| recipe | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        sign = 1.0 if higher_is_better else -1.0
+        best = {r: max((sign * c.get(key, -sign * math.inf) for c in cells.values() if c["ratio"] == r),
+                       default=None) for r in ratios}
+        for recipe in recipes:
+            row = []
+            for r in ratios:
+                cell = cells.get(f"{recipe}@{r}")
+                if cell is None or key not in cell:
+                    row.append("")
+                    continue
+                text = format(cell[key], fmt)
+                row.append(f"**{text}**" if sign * cell[key] == best[r] else text)
+            lines.append(f"| {recipe} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.loss_aware_study", description=__doc__.split("\n")[0])
+    parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (train.parquet and test.parquet)")
+    parser.add_argument("--models-dir", default="experiments/models")
+    parser.add_argument("--output", default="results/loss_aware_study")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--ratios", default="0.4,0.5,0.6,0.7,0.8")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--calib", type=int, default=256, help="calibration images (a multiple of 64)")
+    parser.add_argument("--eval", type=int, default=5000, help="held-out images evaluated")
+    parser.add_argument("--finetune-steps", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        print(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    ratios = [float(r) for r in args.ratios.split(",")]
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    results_file = output / "study.json"
+    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    settings = {"calib": args.calib, "eval": args.eval, "finetune_steps": args.finetune_steps, "seed": args.seed}
+    say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    for name in [m for m in args.models.split(",") if m]:
+        dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
+                                 max(args.calib, 4096 if args.finetune_steps else args.calib), args.seed)
+        dense_logits = predict(dense, data["eval_x"])
+        entry = results.setdefault(name, {"cells": {}})
+        if entry.get("settings", settings) != settings:
+            entry["cells"] = {}  # another setting: these cells are not comparable
+        entry.update(settings=settings, params=sum(p.numel() for p in dense.parameters()),
+                     dense_top1=scores(dense_logits, dense_logits, data["eval_y"])["top1"])
+        for ratio in ratios:
+            for recipe in recipes:
+                key = f"{recipe}@{ratio}"
+                if key in entry["cells"]:
+                    continue
+                cell = run_cell(dense, data, dense_logits, recipe, ratio, args.calib, args.finetune_steps, args.seed)
+                entry["cells"][key] = {"recipe": recipe, "ratio": ratio, **cell}
+                say(f"{name} {key}: top-1 {cell['top1']:.2f} KL {cell['kl']:.4f}"
+                    + (f" ft {cell['top1_ft']:.2f}" if "top1_ft" in cell else "") + f" ({cell['compress_s']:.1f} s)")
+                results_file.write_text(json.dumps(results, indent=1) + "\n")
+    text = "## top-1 (%), no fine-tune\n\n" + render(results) + "\n## KL to the dense model (nats)\n\n" \
+        + render(results, "kl", ".4f", higher_is_better=False)
+    if args.finetune_steps:
+        text += "\n## top-1 (%) after the partial fine-tune\n\n" + render(results, "top1_ft")
+    (output / "study.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Loss-aware statistics: each layer's input Gram H beside the Gram G of the loss gradients at its output, from one
+forward and backward pass over the calibration images.
+
+Why. Eq. (5) weighs every layer's output error by that layer's own output energy, so errors of different layers are
+not in one unit: the greedy allocation of Algorithm 1 then compares numbers that do not say how much the model's
+prediction moves. A second-order expansion of the expected KL divergence between the dense and the compressed
+model's predictions gives that unit. Its curvature is the Fisher information F of the predictive distribution; for a
+linear layer y = x W (W: (k, m) = (in, out)) shared by the T tokens of an image, the Kronecker-factored form
+(K-FAC, "expand" variant for weight sharing) is
+
+    F ~= H (x) G,   H = (1/N) sum_{i,t} x x^T  (k, k),   G = 1/(N T) sum_{i,t} g g^T  (m, m),
+
+with g = dL/dy the gradient of the image's log-likelihood at the layer's output for a label y ~ p(. | x) drawn from
+the model's own prediction (the true Fisher: no labels needed). A weight change dW then costs
+
+    KL(dense || compressed) ~= 1/2 tr(dW^T H dW G) = 1/2 || H^1/2 dW G^1/2 ||_F^2,
+
+so the best rank-r W_hat is ``H^-1/2 SVD_r(H^1/2 W G^1/2) G^-1/2`` (:func:`lowrank_vit.decompose.two_sided_svd`), the
+squares of those singular values are predicted loss increases (doubled) in the same unit for every layer, and the
+allocation can remove, across all layers at once, the directions that cost the least per parameter freed
+(:func:`lowrank_vit.allocate.allocate_marginal`). The 1/T of G makes layers with different token counts (Swin's
+stages) comparable.
+
+Memory. Both Grams are float64 running sums over batches (one k x k and one m x m matrix per layer), so memory does not
+grow with the number of images; only one batch's activations are held for its backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowrank_vit.calibration import (
+    LayerStats,
+    Scratch,
+    iter_calibration_batches,
+    symmetrize_upper,
+    upper_gram_,
+)
+from lowrank_vit.config import FISHER_LABELS
+from lowrank_vit.decompose import (
+    Decomposition,
+    Whitening,
+    two_sided_singular_values,
+    two_sided_svd,
+    whitening,
+)
+from lowrank_vit.fisher import LABEL_KEYS, _check_labels, labels_from_batch
+from lowrank_vit.progress import progress_bar
+
+_NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "
+              "must return class logits (B, num_classes)")
+_OPTIONS = "use fisher_labels='sampled' or 'given', or the paper's recipe (decomposition='whitened')"
+
+
+def _logits(output: object) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):  # a distilled DeiT in train mode: the class head comes first
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or output.ndim != 2:
+        raise ValueError(f"{_NO_LOGITS}; got {type(output).__name__} of shape {getattr(output, 'shape', None)}")
+    return output
+
+
+def _check_classifier(model: nn.Module) -> None:
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and int(num_classes) < 2:
+        raise ValueError(f"{_NO_LOGITS}; this model has num_classes={num_classes} (a feature extractor): give it a "
+                         "classification head, or use the paper's recipe (decomposition='whitened')")
+
+
+def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    if mode == "sampled":  # y ~ p(. | x): one draw per image from the model's own prediction
+        probs = torch.softmax(logits.detach().double(), dim=1).cpu()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    try:
+        labels = labels_from_batch(batch, index)
+    except ValueError:
+        raise ValueError(f"fisher_labels='given' needs labelled calibration batches ((images, labels) or a dict with "
+                         f"one of {LABEL_KEYS}); batch {index} has none: use fisher_labels='sampled' "
+                         "(no labels needed)") from None
+    labels = labels[: logits.shape[0]].to(logits.device)
+    _check_labels(labels, logits.shape[0], index)
+    if not labels.is_floating_point() and labels.numel() and (
+            int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(f"calibration batch {index}: labels must lie in [0, {logits.shape[1]}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def collect_loss_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterable,
+    num_images: int,
+    *,
+    labels: str = "sampled",
+    device: torch.device | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    gram_precision: str = "float64",
+) -> dict[str, LayerStats]:
+    """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
+
+    Each layer's :class:`LayerStats` carries ``grad_gram`` = G and ``tokens`` = T, and its ``gram`` is H rescaled,
+    ``gram = H N / tr(W^T H W)``, with ``loss_scale`` = tr(W^T H W) / N so that ``loss_scale * gram`` is H: the
+    rest of the pipeline (closed-form Z kinds, ``calibration.output_error``) reads the usual ``gram``, and the
+    reported output error is the pooled relative error ``||X dW||^2 / ||X W||^2`` over all calibration tokens (eq. 5
+    with one normalization for the whole calibration set instead of one per image).
+
+    The backward runs from the summed cross-entropy (one gradient per image, whatever the batch size) down to the
+    images only: the weights' own gradients are never formed and the model's ``requires_grad`` flags, ``.grad``
+    fields and train/eval mode are left as they were.
+
+    Args:
+        model: the dense classifier (returns (B, num_classes) logits); run in eval mode.
+        layers: name -> ``nn.Linear`` whose statistics are collected.
+        batches: calibration batches (image tensors, (images, labels) pairs or dicts with an image key).
+        num_images: how many images to use.
+        labels: "sampled" (default; the true Fisher) or "given" (the batches' labels).
+        device: where to run; default, where the model's parameters are.
+        progress: show a progress bar.
+        seed: seed of the sampled labels.
+        gram_precision: dtype of each batch's Gram products ("float64" or "float32"); the sums are float64.
+
+    Raises:
+        ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
+            gradients, a layer the pass never reached, or a layer whose output gradient is zero on every image.
+    """
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"fisher_labels must be one of {FISHER_LABELS}, got {labels!r}")
+    product_dtype = {"float64": torch.float64, "float32": torch.float32}.get(gram_precision)
+    if product_dtype is None:
+        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
+    _check_classifier(model)
+    device = device or next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    h_sums = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
+              for n, lin in layers.items()}
+    g_sums = {n: torch.zeros(lin.out_features, lin.out_features, dtype=torch.float64, device=device)
+              for n, lin in layers.items()}
+    rows = dict.fromkeys(layers, 0)
+    seen_grad = dict.fromkeys(layers, False)
+    scratch = Scratch()
+    products: dict[tuple[int, str], torch.Tensor] = {}
+
+    def accumulate(name: str, sums: dict[str, torch.Tensor], side: str, values: torch.Tensor) -> None:
+        flat = values.detach().reshape(-1, values.shape[-1])
+        cast = flat if flat.dtype == product_dtype else scratch.get(side, tuple(flat.shape), product_dtype,
+                                                                      flat.device).copy_(flat)
+        width = flat.shape[1]
+        product = products.get((width, side))
+        if product is None:  # blocks below the diagonal stay zero (see upper_gram_)
+            product = products[(width, side)] = torch.zeros(width, width, dtype=product_dtype, device=flat.device)
+        upper_gram_(product, cast)
+        if not bool(torch.isfinite(product.diagonal()).all()):
+            what = "activations" if side == "input" else "loss gradients"
+            raise ValueError(f"non-finite {what} (NaN or inf) reach layer {name} during the loss-aware calibration; "
+                             f"check the model and the data, or {_OPTIONS}")
+        sums[name] += product
+
+    def make_hook(name: str):
+        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            rows[name] += x.numel() // module.in_features
+            accumulate(name, h_sums, "input", x)
+            if output.requires_grad:
+                def grad_hook(grad: torch.Tensor) -> None:
+                    seen_grad[name] = True
+                    accumulate(name, g_sums, "grad", grad)
+                output.register_hook(grad_hook)
+        return hook
+
+    was_training = model.training
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    produced = 0
+    try:
+        model.eval()
+        with torch.enable_grad(), progress_bar(total=num_images, desc="loss-aware calibration", unit="img",
+                                               enabled=progress) as bar:
+            for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
+                images = images.to(device).requires_grad_(True)  # the graph reaches every layer; weights untouched
+                logits = _logits(model(images))
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
+                target = _labels(batch, index, logits, labels, generator)
+                target = target.to(logits.dtype) if target.is_floating_point() else target
+                logits = logits if logits.dtype == torch.float64 else logits.float()
+                loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
+                torch.autograd.grad(loss, images)
+                produced += images.shape[0]
+                bar.update(images.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    stats: dict[str, LayerStats] = {}
+    for name, layer in layers.items():
+        if rows[name] == 0:
+            raise ValueError(f"layer {name} was never reached by the calibration forward pass")
+        G = symmetrize_upper(g_sums[name])
+        if not seen_grad[name] or float(torch.diagonal(G).sum()) <= 0.0:
+            raise ValueError(f"layer {name} received no loss gradient during the loss-aware calibration (it does not "
+                             f"influence the logits, or every gradient was zero); {_OPTIONS}")
+        tokens = rows[name] / produced
+        H = symmetrize_upper(h_sums[name]).div_(produced)
+        W = layer.weight.detach().to(device).double().T
+        energy = float(torch.sum(W * (H @ W)))  # tr(W^T H W): mean output energy per image
+        scale = energy / produced if energy > 0 else 1.0
+        stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G.div_(produced * tokens),
+                                 loss_scale=scale, tokens=tokens)
+    return stats
+
+
+def loss_aware_svd(weight: torch.Tensor, stats: LayerStats, damping: float) -> tuple[Decomposition, Whitening]:
+    """:func:`~lowrank_vit.decompose.two_sided_svd` of one layer from its loss-aware statistics, in the loss's units
+    (singular values squared = tr(dW^T H dW G) of dropping each direction), and the input whitening it used
+    (of the rescaled ``gram``: the one the closed-form Z kinds need). Both Grams are damped as
+    :func:`~lowrank_vit.decompose.whitening` does (relative to their mean diagonal)."""
+    if stats.grad_gram is None:
+        raise ValueError("loss_aware_svd needs loss-aware statistics (collect_loss_statistics)")
+    inp = whitening(stats.gram, damping)
+    out = whitening(stats.grad_gram, damping)
+    d = two_sided_svd(weight, inp, out)
+    root = stats.loss_scale ** 0.5  # the whitening of gram = H / loss_scale: undo the scale on s (and on left)
+    return Decomposition(d.left / root, d.right, d.singular_values * root), inp
+
+
+def loss_aware_singular_values(weight: torch.Tensor, stats: LayerStats, damping: float) -> torch.Tensor:
+    """The spectrum of :func:`loss_aware_svd` alone (for planning)."""
+    if stats.grad_gram is None:
+        raise ValueError("loss_aware_singular_values needs loss-aware statistics (collect_loss_statistics)")
+    sv = two_sided_singular_values(weight, whitening(stats.gram, damping), whitening(stats.grad_gram, damping))
+    return sv * stats.loss_scale ** 0.5
