@@ -21,8 +21,9 @@ load cancels to first order). Then:
 inputs (fc2) accumulate their output Gram W^T H W instead of H where that gives the same decomposition, low-rank Z
 and errors (see ``lowrank_vit/calibration.py``); "input" always accumulates H.
 
-Sub-timings inside the stages (whitening, SVDs, closed-form Z, SGD steps, the report's error evaluations) are taken
-by wrapping the functions ``lowrank_vit.pipeline`` calls, from outside the package. With ``--peak-memory N ...``
+Sub-timings inside the stages (the whitening a Z needs, closed-form Z, SGD steps, the report's error evaluations)
+are taken by wrapping the functions ``lowrank_vit.pipeline`` calls, from outside the package; the decompositions
+themselves (one call of the method's ``decompose`` per layer) are ``decomposition_s``. With ``--peak-memory N ...``
 each N runs in a fresh subprocess that reads its own peak resident memory (``ru_maxrss``); the images are generated
 one batch at a time, so the data set itself never counts.
 """
@@ -76,9 +77,7 @@ STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
 
 INSTRUMENTED = {
-    "whitening": "whitening",
-    "svd": "_decompose",
-    "output_side_svd": "output_whitened_svd",
+    "whitening_for_z": "whitening",
     "closed_form_z": "closed_form_z",
     "svd_tail_z": "svd_tail_z",
     "sgd_fit": "fit_sgd",

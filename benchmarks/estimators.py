@@ -21,7 +21,8 @@ estimator name is ``HEAD[+MOD...]``:
   that is kept.
 
 ``+tokens`` and ``+bf16`` run :func:`estimated_statistics` (this file) in place of
-``lowrank_vit.pipeline.collect_statistics`` for one ``compress`` call; the others run the package's function.
+``lowrank_vit.decompositions.collect_statistics`` (what the activation-statistics methods call) for one ``compress``
+call; the others run the package's function.
 
 Each row reports the same stage timings as ``compress_time.py`` and the held-out eq. 5 error: the mean over block
 linears of ``tr(dW^T H_test dW) / N_test`` with H_test the *exact* float64 statistics of ``--heldout`` images that
@@ -66,8 +67,8 @@ from _common import (  # noqa: E402
 from compress_time import STAGES, measure  # noqa: E402
 
 import lowrank_vit.decompose as decompose_module  # noqa: E402
-import lowrank_vit.pipeline as pipeline  # noqa: E402
-from lowrank_vit import CompressionConfig, get_adapter  # noqa: E402
+import lowrank_vit.decompositions as decompositions  # noqa: E402
+from lowrank_vit import get_adapter  # noqa: E402
 from lowrank_vit.calibration import (  # noqa: E402
     LayerStats,
     Scratch,
@@ -80,6 +81,7 @@ from lowrank_vit.calibration import (  # noqa: E402
     symmetrize_upper,
     upper_gram_,
 )
+from lowrank_vit.config import recipe  # noqa: E402
 from lowrank_vit.decompose import weighted_error  # noqa: E402
 
 
@@ -230,11 +232,11 @@ def patched_statistics(estimator: Estimator) -> Iterator[None]:
             decompose_module.truncated_svd = eigh_svd
             stack.callback(setattr, decompose_module, "truncated_svd", original_svd)
         if estimator.estimated:
-            original = pipeline.collect_statistics
-            pipeline.collect_statistics = functools.partial(
+            original = decompositions.collect_statistics
+            decompositions.collect_statistics = functools.partial(
                 estimated_statistics, token_fraction=estimator.token_fraction,
                 product_dtype=getattr(torch, estimator.precision))
-            stack.callback(setattr, pipeline, "collect_statistics", original)
+            stack.callback(setattr, decompositions, "collect_statistics", original)
         yield
 
 
@@ -319,10 +321,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for _ in range(args.repeats):  # each repeat visits every estimator: load drift spreads over all of them
         for name in names:
             estimator = parse_estimator(name)
-            config = CompressionConfig(reduction=args.reduction, calib_samples=args.calib,
-                                       gram_precision="float64" if estimator.precision == "float64" else "float32",
-                                       gram_space=estimator.space,
-                                       device=args.device, seed=args.seed, progress=False)
+            # the estimators approximate eq. 5's H: the paper's recipe (whitened SVD) is the one built on it
+            config = recipe("paper", reduction=args.reduction, calib_samples=args.calib,
+                            gram_precision="float64" if estimator.precision == "float64" else "float32",
+                            gram_space=estimator.space, device=args.device, seed=args.seed, progress=False)
             with patched_statistics(estimator):
                 figures, compressed = measure(dense, images, config, args.device)
             figures["heldout_eq5"] = heldout_error(dense, compressed, heldout)

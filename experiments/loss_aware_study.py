@@ -101,7 +101,7 @@ def scores(logits: torch.Tensor, dense_logits: torch.Tensor, y: torch.Tensor) ->
 
 
 def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
-                     lr: float = 1e-3, batch_size: int = 64) -> None:
+                     lr: float = 3e-4, batch_size: int = 64) -> None:
     """The paper's partial fine-tune in miniature: norms, biases, head and patch embedding train (AdamW, warmup and
     cosine), the factors stay frozen; the same images and order for every recipe."""
     from lowrank_vit.finetune import freeze_for_partial_finetune, warmup_cosine
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     for name in [m for m in args.models.split(",") if m]:
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
-                                 max(args.calib, 4096 if args.finetune_steps else args.calib), args.seed)
+                                 max(args.calib, 12800 if args.finetune_steps else args.calib), args.seed)
         dense_logits = predict(dense, data["eval_x"])
         entry = results.setdefault(name, {"cells": {}})
         if entry.get("settings", settings) != settings:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     + (f" ft {cell['top1_ft']:.2f}" if "top1_ft" in cell else "") + f" ({cell['compress_s']:.1f} s)")
                 results_file.write_text(json.dumps(results, indent=1) + "\n")
     text = "## top-1 (%), no fine-tune\n\n" + render(results) + "\n## KL to the dense model (nats)\n\n" \
-        + render(results, "kl", ".4f", higher_is_better=False)
+        + render(results, "kl", ".2e", higher_is_better=False)
     if args.finetune_steps:
         text += "\n## top-1 (%) after the partial fine-tune\n\n" + render(results, "top1_ft")
     (output / "study.md").write_text(text)

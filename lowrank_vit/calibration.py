@@ -71,6 +71,11 @@ class LayerStats:
     :func:`output_error` reports the pooled relative output error, see ``loss_aware.collect_loss_statistics``)."""
     tokens: float | None = None
     """Loss-aware statistics only: T, the layer's input rows per image."""
+    grad_range_gram: torch.Tensor | None = None
+    """Loss-aware statistics of a layer with more outputs than inputs under ``gram_space="auto"``: W G W^T (in x in,
+    the Gram of g W^T) instead of ``grad_gram``; all the decomposition needs of G besides tr(G)."""
+    grad_trace: float | None = None
+    """tr(G), with ``grad_range_gram``."""
 
 
 def _get_gram(stats: LayerStats) -> torch.Tensor:

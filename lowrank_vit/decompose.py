@@ -236,11 +236,6 @@ def two_sided_svd(weight: torch.Tensor, input_white: Whitening, output_white: Wh
     return Decomposition(input_white.solve(P), output_white.solve(R), s)
 
 
-def two_sided_singular_values(weight: torch.Tensor, input_white: Whitening, output_white: Whitening) -> torch.Tensor:
-    """The singular values of ``A W B^T`` alone (for planning): :func:`two_sided_svd`'s spectrum."""
-    return singular_values(input_white.apply(output_white.apply(weight.double().T).T))
-
-
 def mean_input_svd(weight: torch.Tensor, mean_input: torch.Tensor) -> Decomposition:
     """The paper's literal recipe, eqs. (6)-(7): SVD of X_rep W with X_rep the mean calibration input, then
     ``U = pinv(X_rep) U* sqrt(S)``, ``V = V* sqrt(S)``.

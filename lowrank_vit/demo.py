@@ -181,13 +181,19 @@ def plot_layer_errors(layers: list[dict[str, Any]], path: Path, title: str) -> P
     return _save(fig, ax, path, title)
 
 
-def plot_ranks(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
-    fig, ax = _per_layer_axes(layers)
-    full = [min(layer["in_features"], layer["out_features"]) for layer in layers]
-    ranks = [layer["rank"] if layer["rank"] is not None else f for layer, f in zip(layers, full, strict=True)]
-    ax.bar(range(len(layers)), full, color="0.85", label="full rank")
-    ax.bar(range(len(layers)), ranks, label="rank kept (greedy)")
-    ax.set_ylabel("rank")
+def plot_ranks(methods: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    """Grouped bars: the rank every method kept in every layer (its full rank behind, in grey)."""
+    first = next(iter(methods.values()))
+    fig, ax = _per_layer_axes(first)
+    full = [min(layer["in_features"], layer["out_features"]) for layer in first]
+    ax.bar(range(len(first)), full, color="0.88", label="full rank")
+    width = 0.8 / max(1, len(methods))
+    for i, (label, layers) in enumerate(methods.items()):
+        by_name = {layer["name"]: layer for layer in layers}
+        ranks = [by_name[layer["name"]]["rank"] if by_name.get(layer["name"], {}).get("rank") is not None else f
+                 for layer, f in zip(first, full, strict=True)]
+        ax.bar([x - 0.4 + width * (i + 0.5) for x in range(len(first))], ranks, width=width, label=label)
+    ax.set_ylabel("rank kept")
     return _save(fig, ax, path, title)
 
 
@@ -213,7 +219,15 @@ def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overri
         layers = read_result(output / name)["report"]["layers"]
         paths.append(plot_layer_errors(layers, output / "output_error_per_layer.png",
                                        f"{name}: error per layer before and after compensation (cf. Fig. 3)"))
-        paths.append(plot_ranks(layers, output / "ranks_per_layer.png", f"{name}: ranks chosen by Algorithm 1"))
+        # the same ratio's rows of every method that finished: whose ranks went where
+        ratio = get_experiment(name).reduction
+        methods = {}
+        for row in rows:
+            exp, result = get_experiment(row), read_result(output / row)
+            if exp.method in LABELS and exp.reduction == ratio and result and result.get("report"):
+                methods[LABELS[exp.method]] = result["report"]["layers"]
+        paths.append(plot_ranks(methods, output / "ranks_per_layer.png",
+                                f"ranks per layer at -{round(100 * ratio)}%"))
     return paths
 
 

@@ -41,13 +41,7 @@ from lowrank_vit.calibration import (
     upper_gram_,
 )
 from lowrank_vit.config import FISHER_LABELS
-from lowrank_vit.decompose import (
-    Decomposition,
-    Whitening,
-    two_sided_singular_values,
-    two_sided_svd,
-    whitening,
-)
+from lowrank_vit.decompose import Decomposition, Whitening, whitening
 from lowrank_vit.fisher import LABEL_KEYS, _check_labels, labels_from_batch
 from lowrank_vit.progress import progress_bar
 
@@ -101,6 +95,7 @@ def collect_loss_statistics(
     progress: bool = True,
     seed: int = 0,
     gram_precision: str = "float64",
+    gram_space: str = "input",
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -124,6 +119,11 @@ def collect_loss_statistics(
         progress: show a progress bar.
         seed: seed of the sampled labels.
         gram_precision: dtype of each batch's Gram products ("float64" or "float32"); the sums are float64.
+        gram_space: "input": H (in x in) and G (out x out) of every layer. "auto": each layer keeps only the two
+            Grams on its narrow side, which is all the decomposition needs (:func:`loss_aware_svd`): a layer with
+            more outputs than inputs (qkv, fc1) keeps H and ``W G W^T`` (the Gram of ``g W^T``, in x in) with tr(G);
+            one with more inputs than outputs (fc2) keeps ``W^T H W`` (the Gram of its bias-free outputs, out x out)
+            with tr(H), and G. Same factors and energies; a fraction of the products for the wide side.
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -136,11 +136,19 @@ def collect_loss_statistics(
         raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
     _check_classifier(model)
     device = device or next(model.parameters()).device
+    if gram_space not in ("input", "auto"):
+        raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
     generator = torch.Generator().manual_seed(seed)
-    h_sums = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=device)
-              for n, lin in layers.items()}
-    g_sums = {n: torch.zeros(lin.out_features, lin.out_features, dtype=torch.float64, device=device)
-              for n, lin in layers.items()}
+    # "output": the input side is kept as W^T H W; "grad_input": the gradient side as W G W^T (see gram_space)
+    output_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.in_features > lin.out_features}
+    grad_input_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.out_features > lin.in_features}
+
+    def zeros(width: int) -> torch.Tensor:
+        return torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    h_sums = {n: zeros(lin.out_features if n in output_side else lin.in_features) for n, lin in layers.items()}
+    g_sums = {n: zeros(lin.in_features if n in grad_input_side else lin.out_features) for n, lin in layers.items()}
+    traces = dict.fromkeys(layers, 0.0)  # tr(H) of output-side layers, tr(G) of grad-input-side layers
     rows = dict.fromkeys(layers, 0)
     seen_grad = dict.fromkeys(layers, False)
     scratch = Scratch()
@@ -165,11 +173,20 @@ def collect_loss_statistics(
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
             rows[name] += x.numel() // module.in_features
-            accumulate(name, h_sums, "input", x)
+            if name in output_side:  # W^T H W from the bias-free outputs x W, and tr(H)
+                y = output.detach() if module.bias is None else output.detach() - module.bias.detach()
+                accumulate(name, h_sums, "input", y)
+                traces[name] += float(x.detach().double().pow(2).sum())
+            else:
+                accumulate(name, h_sums, "input", x)
             if output.requires_grad:
                 def grad_hook(grad: torch.Tensor) -> None:
                     seen_grad[name] = True
-                    accumulate(name, g_sums, "grad", grad)
+                    if name in grad_input_side:  # W G W^T from g W^T (the weight is (out, in)), and tr(G)
+                        accumulate(name, g_sums, "grad", grad.detach() @ module.weight.detach())
+                        traces[name] += float(grad.detach().double().pow(2).sum())
+                    else:
+                        accumulate(name, g_sums, "grad", grad)
                 output.register_hook(grad_hook)
         return hook
 
@@ -202,36 +219,107 @@ def collect_loss_statistics(
         if rows[name] == 0:
             raise ValueError(f"layer {name} was never reached by the calibration forward pass")
         G = symmetrize_upper(g_sums[name])
-        if not seen_grad[name] or float(torch.diagonal(G).sum()) <= 0.0:
+        grad_energy = traces[name] if name in grad_input_side else float(torch.diagonal(G).sum())
+        if not seen_grad[name] or grad_energy <= 0.0:
             raise ValueError(f"layer {name} received no loss gradient during the loss-aware calibration (it does not "
                              f"influence the logits, or every gradient was zero); {_OPTIONS}")
         tokens = rows[name] / produced
         H = symmetrize_upper(h_sums[name]).div_(produced)
         W = layer.weight.detach().to(device).double().T
-        energy = float(torch.sum(W * (H @ W)))  # tr(W^T H W): mean output energy per image
+        if name in output_side:  # H holds W^T H W here
+            energy = float(torch.diagonal(H).sum())
+        else:
+            energy = float(torch.sum(W * (H @ W)))  # tr(W^T H W): mean output energy per image
         scale = energy / produced if energy > 0 else 1.0
-        stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G.div_(produced * tokens),
-                                 loss_scale=scale, tokens=tokens)
+        G.div_(produced * tokens)
+        if name in output_side:
+            stats[name] = LayerStats(gram=None, num_images=produced, output_gram=H.div_(scale),
+                                     input_trace=traces[name] / produced / scale, range_weight=W, grad_gram=G,
+                                     loss_scale=scale, tokens=tokens)
+        elif name in grad_input_side:
+            stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_range_gram=G,
+                                     grad_trace=traces[name] / (produced * tokens), loss_scale=scale, tokens=tokens)
+        else:
+            stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G, loss_scale=scale,
+                                     tokens=tokens)
     return stats
 
 
-def loss_aware_svd(weight: torch.Tensor, stats: LayerStats, damping: float) -> tuple[Decomposition, Whitening]:
-    """:func:`~lowrank_vit.decompose.two_sided_svd` of one layer from its loss-aware statistics, in the loss's units
-    (singular values squared = tr(dW^T H dW G) of dropping each direction), and the input whitening it used
-    (of the rescaled ``gram``: the one the closed-form Z kinds need). Both Grams are damped as
-    :func:`~lowrank_vit.decompose.whitening` does (relative to their mean diagonal)."""
-    if stats.grad_gram is None:
-        raise ValueError("loss_aware_svd needs loss-aware statistics (collect_loss_statistics)")
-    inp = whitening(stats.gram, damping)
-    out = whitening(stats.grad_gram, damping)
-    d = two_sided_svd(weight, inp, out)
+def _narrow_side(W: torch.Tensor, stats: LayerStats) -> tuple[str, torch.Tensor, float]:
+    """The smaller of the two Gram matrices the decomposition can work from, with the trace its damping needs:
+    ("input", W G W^T, tr G) (in x in) or ("output", W^T H W, tr H) (out x out), in the rescaled units of ``gram``
+    (see :func:`collect_loss_statistics`). Narrow-side statistics give one directly; full ones are reduced here."""
+    if stats.grad_range_gram is not None:
+        return "input", stats.grad_range_gram.double().to(W.device), float(stats.grad_trace)
+    if stats.output_gram is not None:
+        return "output", stats.output_gram.double().to(W.device), float(stats.input_trace)
+    if stats.grad_gram is None or stats.gram is None:
+        raise ValueError("the loss-aware decomposition needs loss-aware statistics (collect_loss_statistics)")
+    if W.shape[0] <= W.shape[1]:
+        G = stats.grad_gram.double().to(W.device)
+        return "input", W @ G @ W.T, float(torch.diagonal(G).sum())
+    H = stats.gram.double().to(W.device)
+    return "output", W.T @ H @ W, float(torch.diagonal(H).sum())
+
+
+def _eig_desc(N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (columns) and singular values sqrt(eigenvalues) of a symmetric PSD matrix, largest first."""
+    evals, evecs = torch.linalg.eigh((N + N.T) / 2)
+    return evecs.flip(1), evals.flip(0).clamp_min(0.0).sqrt()
+
+
+def _inverse(s: torch.Tensor) -> torch.Tensor:
+    """1/s where s carries energy (above 1e-12 of the largest), 0 elsewhere: such directions carry nothing."""
+    live = s > s[0].clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
+    inv = torch.zeros_like(s)
+    inv[live] = 1.0 / s[live]
+    return inv
+
+
+def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: float,
+                                values_only: bool = False) -> tuple[Decomposition | torch.Tensor, Whitening | None]:
+    """The SVD ``A W B^T = P diag(s) R^T`` (A^T A = H_d, B^T B = G_d) from one eigendecomposition on the layer's
+    narrow side, without the other side's Gram or whitening:
+
+    * input side (in <= out): ``A W G_d W^T A^T = P diag(s^2) P^T`` and W_hat(r) = A^-1 P_r P_r^T A W, i.e.
+      left = A^-1 P, right = W^T A^T P / s;
+    * output side (in > out): ``B W^T H_d W B^T = R diag(s^2) R^T`` and W_hat(r) = W B^T R_r R_r^T B^-T, i.e.
+      left = W B^T R / s, right = B^-1 R.
+
+    The damping of the missing side enters as ``d tr(G)/out W W^T`` (or ``d tr(H)/in W^T W``), exactly as
+    :func:`~lowrank_vit.decompose.whitening` damps a full Gram. Returns the decomposition (or only s) and the input
+    whitening when one was computed."""
+    side, narrow, trace = _narrow_side(W, stats)
+    k, m = W.shape
+    if side == "input":
+        A = whitening(stats.gram, damping)
+        AW = A.apply(W)
+        N = A.apply(A.apply((narrow + (damping * trace / m) * (W @ W.T)).T).T)  # A (W G_d W^T) A^T
+        P, s = _eig_desc(N)
+        if values_only:
+            return s, A
+        return Decomposition(A.solve(P), (AW.T @ P) * _inverse(s), s), A
+    B = whitening(stats.grad_gram, damping)
+    N = B.apply(B.apply((narrow + (damping * trace / k) * (W.T @ W)).T).T)  # B (W^T H_d W) B^T
+    R, s = _eig_desc(N)
+    if values_only:
+        return s, None
+    return Decomposition((W @ (B.root.T @ R)) * _inverse(s), B.solve(R), s), None
+
+
+def loss_aware_svd(weight: torch.Tensor, stats: LayerStats,
+                   damping: float) -> tuple[Decomposition, Whitening | None]:
+    """:func:`~lowrank_vit.decompose.two_sided_svd` of one layer from its loss-aware statistics, computed on the
+    layer's narrow side (:func:`_two_sided_from_narrow_side`: one eigendecomposition of the smaller dimension instead
+    of two whitenings and an SVD), in the loss's units (singular values squared = tr(dW^T H dW G) of dropping each
+    direction), and the input whitening when it was computed (of the rescaled ``gram``: the one the closed-form Z
+    kinds need). Both Grams are damped as :func:`~lowrank_vit.decompose.whitening` does."""
+    d, white = _two_sided_from_narrow_side(weight.double(), stats, damping)
     root = stats.loss_scale ** 0.5  # the whitening of gram = H / loss_scale: undo the scale on s (and on left)
-    return Decomposition(d.left / root, d.right, d.singular_values * root), inp
+    return Decomposition(d.left / root, d.right, d.singular_values * root), white
 
 
 def loss_aware_singular_values(weight: torch.Tensor, stats: LayerStats, damping: float) -> torch.Tensor:
     """The spectrum of :func:`loss_aware_svd` alone (for planning)."""
-    if stats.grad_gram is None:
-        raise ValueError("loss_aware_singular_values needs loss-aware statistics (collect_loss_statistics)")
-    sv = two_sided_singular_values(weight, whitening(stats.gram, damping), whitening(stats.grad_gram, damping))
-    return sv * stats.loss_scale ** 0.5
+    s, _ = _two_sided_from_narrow_side(weight.double(), stats, damping, values_only=True)
+    return s * stats.loss_scale ** 0.5

@@ -22,7 +22,7 @@ from lowrank_vit.allocate import (
     allocate_uniform,
     check_feasible,
 )
-from lowrank_vit.calibration import LayerStats, collect_statistics, output_error
+from lowrank_vit.calibration import LayerStats, output_error
 from lowrank_vit.compensate import (
     CompensationProblem,
     SGDTask,
@@ -38,19 +38,10 @@ from lowrank_vit.decompose import (
     Whitening,
     energy_loss_curve,
     energy_tail_curve,
-    mean_input_svd,
-    output_whitened_singular_values,
-    output_whitened_svd,
-    plain_svd,
-    singular_values,
-    whitened_singular_values,
-    whitened_svd,
     whitening,
 )
+from lowrank_vit.decompositions import get_method
 from lowrank_vit.factorized import FactorizedLinear, z_spec
-from lowrank_vit.fisher import row_fisher
-from lowrank_vit.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
-from lowrank_vit.methods import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
 from lowrank_vit.progress import progress_bar
 from lowrank_vit.surgery import swap_layers
 
@@ -130,29 +121,6 @@ def _target_total(cfg: CompressionConfig, params_before: int) -> int:
     return round((1.0 - cfg.reduction) * params_before)
 
 
-def _spectrum_matrix(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
-                     white: Whitening | None, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """The matrix whose singular values the decomposition keeps: W, X_rep W, A W (A^T A = H) or diag(s) W."""
-    if cfg.decomposition in ("plain", "comcat"):  # COMCAT's MLP layers: plain SVD
-        return weight
-    if cfg.decomposition == "mean":
-        return stats.mean_input.double() @ weight
-    if cfg.decomposition in ("asvd", "fwsvd"):
-        return scaled_spectrum_matrix(weight, scales)
-    return white.apply(weight)
-
-
-def _decompose(cfg: CompressionConfig, weight: torch.Tensor, stats: LayerStats,
-               white: Whitening | None, scales: torch.Tensor | None = None) -> Decomposition:
-    if cfg.decomposition in ("plain", "comcat"):
-        return plain_svd(weight)
-    if cfg.decomposition == "mean":
-        return mean_input_svd(weight, stats.mean_input)
-    if cfg.decomposition in ("asvd", "fwsvd"):
-        return row_scaled_svd(weight, scales)
-    return whitened_svd(weight, white)
-
-
 @dataclass
 class _Setup:
     """What compress and plan_compression both derive from the model and the config before calibration."""
@@ -184,7 +152,7 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
         raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
     layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
     attention: dict[str, nn.Module] = {}
-    if config.decomposition == "comcat":  # attention modules are factorized per head, as a whole
+    if get_method(config.decomposition).factorizes_attention:  # attention modules are replaced as a whole
         attention = adapter.attention_modules(model)
         if not attention:
             raise ValueError("decomposition='comcat' factorizes attention modules with a fused qkv and a proj linear; "
@@ -211,35 +179,21 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
 
 
 def statistics_space(cfg: CompressionConfig) -> str:
-    """The ``gram_space`` given to :func:`collect_statistics`: "auto" (output-side Gram for wide-input layers) only
-    where every later use of H goes through W^T H W: the whitened decomposition and its spectrum, the closed-form
-    low-rank Z (its columns lie in the range of the residual, hence of W) and eq. (5)'s errors of such W_hat."""
-    exact = cfg.decomposition == "whitened" and cfg.compensation in ("none", "lowrank") and cfg.solver == "closed_form"
+    """The ``gram_space`` given to :func:`collect_statistics` (and :func:`collect_loss_statistics`): "auto" (each
+    layer's statistics on its narrow side) only where every later use of the wide Gram goes through W: the whitened
+    and the loss-aware decompositions and their spectra, the closed-form low-rank Z (its columns lie in the range of
+    the residual, hence of W) and eq. (5)'s errors of such W_hat."""
+    exact = (get_method(cfg.decomposition).narrow_side_exact and cfg.compensation in ("none", "lowrank")
+             and cfg.solver == "closed_form")
     return "auto" if cfg.gram_space == "auto" and exact else "input"
 
 
 def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
                sample_tokens: int) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
-    """Per-layer statistics, and the per-input-row scales of ASVD or FWSVD (empty for the other methods)."""
+    """Per-layer statistics, and the method's per-layer extras (ASVD's and FWSVD's row scales; else empty)."""
     cfg = setup.cfg
-    scales: dict[str, torch.Tensor] = {}
-    if cfg.decomposition == "loss_aware":  # one forward and backward pass gives H and G together
-        stats = collect_loss_statistics(model, setup.layers, calib_images, cfg.calib_samples, labels=cfg.fisher_labels,
-                                        device=setup.device, progress=cfg.progress, seed=cfg.seed,
-                                        gram_precision=cfg.gram_precision)
-        return stats, scales
-    if cfg.decomposition == "fwsvd":  # the gradient pass first: a missing label fails before the long pass
-        fisher = row_fisher(model, setup.layers, calib_images, cfg.calib_samples, device=setup.device,
-                            progress=cfg.progress)
-        scales = {name: fisher_scales(value) for name, value in fisher.items()}
-    with MeanAbsRecorder(setup.layers, enabled=cfg.decomposition == "asvd") as recorder:  # rides along the pass
-        stats = collect_statistics(model, setup.layers, calib_images, cfg.calib_samples,
-                                   want_mean=cfg.decomposition == "mean", sample_tokens=sample_tokens,
-                                   device=setup.device, progress=cfg.progress, seed=cfg.seed,
-                                   gram_precision=cfg.gram_precision, gram_space=statistics_space(cfg))
-    if cfg.decomposition == "asvd":
-        scales = {name: asvd_scales(value, cfg.asvd_alpha) for name, value in recorder.mean_abs().items()}
-    return stats, scales
+    return get_method(cfg.decomposition).calibrate(model, setup.layers, calib_images, cfg, setup.device,
+                                                   sample_tokens, statistics_space(cfg))
 
 
 def _energy_curve(cfg: CompressionConfig, singular_values: torch.Tensor) -> torch.Tensor:
@@ -287,20 +241,13 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
     the model: singular values only, so it is several times faster (used to check parameter budgets)."""
     setup = _setup(model, config, overrides)
     cfg = setup.cfg
+    method = get_method(cfg.decomposition)
     stats, scales = _calibrate(model, setup, calib_images, sample_tokens=0)
     curves = {}
     with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
         for name, layer in setup.layers.items():
             weight = _weight(layer, setup.device)
-            s = stats[name]
-            if cfg.decomposition == "loss_aware":
-                spectrum = loss_aware_singular_values(weight, s, cfg.damping)
-            elif cfg.decomposition == "whitened" and s.output_gram is not None:
-                spectrum = output_whitened_singular_values(weight, s.output_gram, s.input_trace, cfg.damping)
-            elif cfg.decomposition == "whitened":
-                spectrum = whitened_singular_values(weight, s.gram, cfg.damping)
-            else:
-                spectrum = singular_values(_spectrum_matrix(cfg, weight, stats[name], None, scales.get(name)))
+            spectrum = method.spectrum(weight, stats[name], scales.get(name), cfg)
             curves[name] = _energy_curve(cfg, spectrum)
             bar.update(1)
     for name, decomposition in comcat.head_decompositions(setup.attention, setup.device).items():
@@ -350,7 +297,10 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
+    method = get_method(cfg.decomposition)
     use_sgd = cfg.solver == "sgd" and z_kind != "none"
+    tail_z = z_kind == "lowrank" and method.tail_is_lowrank_z and not use_sgd
+    needs_whitening = z_kind != "none" and not tail_z
     stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
     timings["calibration"] = time.perf_counter() - start
 
@@ -359,18 +309,12 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     decompositions: dict[str, Decomposition] = {}
     with progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
         for name, layer in layers.items():
-            s = stats[name]
-            if cfg.decomposition == "loss_aware":
-                decompositions[name], whitenings[name] = loss_aware_svd(_weight(layer, device), s, cfg.damping)
-            elif s.output_gram is not None and cfg.decomposition == "whitened":  # output-side statistics: the same
-                # decomposition from W^T H W alone, no (in x in) matrix (statistics_space says when this happens)
-                decompositions[name] = output_whitened_svd(_weight(layer, device), s.output_gram, s.input_trace,
-                                                           cfg.damping)
-            else:
-                if cfg.decomposition == "whitened" or z_kind != "none":  # only these need H's square root
-                    whitenings[name] = whitening(s.gram, cfg.damping)
-                decompositions[name] = _decompose(cfg, _weight(layer, device), s, whitenings.get(name),
-                                                  scales.get(name))
+            decompositions[name], white = method.decompose(_weight(layer, device), stats[name], scales.get(name),
+                                                           cfg)
+            if white is None and needs_whitening:  # the closed-form or SGD Z of eq. (10) is fitted on H
+                white = whitening(stats[name].gram, cfg.damping)
+            if white is not None:
+                whitenings[name] = white
             bar.update(1)
     decompositions.update(comcat.head_decompositions(setup.attention, device))
     timings["decomposition"] = time.perf_counter() - start
@@ -393,8 +337,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         residual = weight - U @ V.T
         residuals[name] = residual
         z = None
-        if z_kind == "lowrank" and cfg.decomposition in ("whitened", "loss_aware") and not use_sgd:
-            # the exact optimum in the decomposition's own metric is the SVD's tail (for these two: more rank)
+        if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
             z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
         elif z_kind != "none":  # never an output-side layer (statistics_space)
             s = stats[name]
@@ -431,7 +374,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             err = output_error(s, _weight(layer, device) - new.dense_weight().detach().double())
             params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
         predicted = None
-        if cfg.decomposition == "loss_aware":
+        if method.loss_units:
             predicted = 0.5 * float(decompositions[name].energy_tails()[rank]) if rank is not None else 0.0
         reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
                                    budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_vit import CompressionConfig, compress, get_adapter
+from lowrank_vit import compress, get_adapter
 from lowrank_vit.calibration import (
     LayerStats,
     collect_statistics,
@@ -257,8 +257,10 @@ def test_auto_space_statistics(model_and_layers):
         assert relative_error(W.T @ auto[name].gram @ W, M) < 1e-6, name
 
 
-def test_auto_space_compresses_like_input_space():
-    # The whole closed-form pipeline (whitened SVD, greedy ranks, low-rank Z, report) on both kinds of statistics.
+@pytest.mark.parametrize("name", ["paper", "loss-aware"])
+def test_auto_space_compresses_like_input_space(name):
+    # The whole closed-form pipeline (the paper's whitened SVD, greedy ranks, low-rank Z; or the loss-aware SVD and
+    # marginal ranks) and its report on both kinds of statistics.
     import copy
 
     model = make_tiny_vit(embed_dim=48, mlp_ratio=4.0)
@@ -266,7 +268,7 @@ def test_auto_space_compresses_like_input_space():
     results = {}
     for space in ("input", "auto"):
         compressed = copy.deepcopy(model)
-        config = CompressionConfig(reduction=0.5, calib_samples=32, gram_space=space, progress=False)
+        config = recipe(name, reduction=0.5, calib_samples=32, gram_space=space, progress=False)
         report = compress(compressed, [images[:16], images[16:]], config)
         plan = plan_compression(copy.deepcopy(model), [images[:16], images[16:]], config)
         results[space] = (report, compressed, plan)
@@ -288,6 +290,8 @@ def test_auto_space_compresses_like_input_space():
     ({"decomposition": "mean"}, "input"),
     ({"compensation": "sparse"}, "input"),
     ({"decomposition": "asvd"}, "input"),
+    ({"decomposition": "loss_aware", "allocation": "marginal", "compensation": "none"}, "auto"),
+    ({"decomposition": "loss_aware", "compensation": "diagonal"}, "input"),  # diagonal Z needs H itself
 ])
 def test_statistics_space_is_auto_only_where_exact(settings, space):
     assert statistics_space(recipe("paper", reduction=0.5, **settings)) == space

@@ -212,3 +212,32 @@ def test_nan_images_and_dead_gradients_are_clear_errors():
 def test_sgd_solver_is_refused():
     with pytest.raises(ValueError, match="solver='closed_form'"):
         CompressionConfig(reduction=0.5, decomposition="loss_aware", compensation="lowrank", solver="sgd")
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"])
+def test_narrow_side_statistics_give_the_same_decomposition(name):
+    """gram_space="auto" keeps W G W^T (qkv, fc1) or W^T H W (fc2) instead of the wide Gram: the same singular
+    values, the same W_hat at every rank, and the same pooled output error (a float64 model: exact to rounding)."""
+    from lowrank_vit.calibration import output_error
+
+    model = make_tiny_vit(seed=5).double()
+    layer = model.get_submodule(name)
+    images = make_images(16, seed=6).double()
+    full = collect_loss_statistics(model, {name: layer}, [images], 16, progress=False)[name]
+    narrow = collect_loss_statistics(model, {name: layer}, [images], 16, progress=False, gram_space="auto")[name]
+    if layer.in_features != layer.out_features:
+        assert (narrow.grad_range_gram is None) == (layer.in_features > layer.out_features)
+        assert (narrow.output_gram is None) == (layer.in_features < layer.out_features)
+    W = layer.weight.detach().double().T
+    a, _ = loss_aware_svd(W, full, 1e-3)
+    b, _ = loss_aware_svd(W, narrow, 1e-3)
+    top = min(W.shape) // 2
+    torch.testing.assert_close(b.singular_values[:top], a.singular_values[:top], rtol=1e-9, atol=0.0)
+    torch.testing.assert_close(loss_aware_singular_values(W, narrow, 1e-3)[:top], a.singular_values[:top],
+                               rtol=1e-9, atol=0.0)
+    for rank in (1, 3, top):
+        Ua, Va = a.factors(rank)
+        Ub, Vb = b.factors(rank)
+        torch.testing.assert_close(Ub @ Vb.T, Ua @ Va.T, rtol=1e-8, atol=1e-10)
+        delta = W - Ua @ Va.T
+        assert output_error(narrow, delta) == pytest.approx(output_error(full, delta), rel=1e-8)

@@ -161,7 +161,7 @@ def test_fwsvd_uniform_fisher_compresses_like_plain(labelled, images, monkeypatc
     def uniform_fisher(model, layers, *args, **kwargs):
         return {name: torch.full((layer.in_features,), 2.5, dtype=torch.float64) for name, layer in layers.items()}
 
-    monkeypatch.setattr("lowrank_vit.pipeline.row_fisher", uniform_fisher)
+    monkeypatch.setattr("lowrank_vit.decompositions.row_fisher", uniform_fisher)
     models, reports = {}, {}
     for name in ("fwsvd", "plain"):
         models[name] = make("vit")

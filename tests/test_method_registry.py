@@ -1,0 +1,47 @@
+"""Every registered decomposition method behaves the same way from the outside: the conformance test of the
+registry (plan equals compress, the target is met, the model saves, loads and quantizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_vit import compress, count_params, load_compressed, quantize_, save_compressed
+from lowrank_vit.config import DECOMPOSITIONS, CompressionConfig
+from lowrank_vit.decompositions import METHODS, Method, get_method, register_method
+from lowrank_vit.pipeline import plan_compression
+
+from conftest import TINY_VIT, make_images, make_tiny_vit
+
+
+def test_registry_matches_the_config_choices():
+    assert tuple(METHODS) == DECOMPOSITIONS
+    with pytest.raises(ValueError, match="unknown decomposition 'nope'; registered: plain"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(type("Again", (Method,), {"name": "plain"}))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("compensation", ["none", "lowrank"])
+def test_every_method_conforms(name, compensation, tmp_path):
+    images = make_images(32, seed=3)
+    labels = torch.arange(32) % 10
+    batches = [(images[:16], labels[:16]), (images[16:], labels[16:])]  # FWSVD and given labels need them
+    config = CompressionConfig(reduction=0.5, decomposition=name, allocation="marginal" if name == "loss_aware"
+                               else "greedy", compensation=compensation, calib_samples=32, progress=False)
+    plan = plan_compression(make_tiny_vit(), batches, config)
+    model = make_tiny_vit()
+    before = count_params(model)
+    report = compress(model, batches, config)
+    assert plan.ranks == report.ranks and plan.params_after == report.params_after == count_params(model)
+    assert abs(report.params_after - 0.5 * before) <= max(0.001 * 0.5 * before, 64)  # a 32-wide model's rank step
+    assert all(layer.output_error >= 0 for layer in report.layers if layer.output_error == layer.output_error)
+    assert (report.layers[0].predicted_loss is not None) == get_method(name).loss_units
+    save_compressed(model, tmp_path / name, model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
+    loaded = load_compressed(tmp_path / name)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images[:4]), model(images[:4]))
+    quantize_(loaded, bits=8)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(images[:4])).all()
