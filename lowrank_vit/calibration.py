@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -302,6 +303,21 @@ def range_gram(weight: torch.Tensor, output_gram: torch.Tensor, trace: float) ->
     return range_basis(weight, output_gram, trace).gram()
 
 
+@contextmanager
+def hooked_in_eval(model: nn.Module, layers: dict[str, nn.Module], make_hook) -> Iterator[None]:
+    """While the block runs: ``make_hook(name)`` as a forward hook on every layer and the model in eval mode; on
+    exit, whatever happened, the hooks are removed and the model's train/eval mode is restored."""
+    was_training = model.training
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -416,19 +432,12 @@ def collect_statistics(
                 sample_weights[name].append(w_sub.float().cpu())
         return hook
 
-    was_training = model.training
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
-    try:
-        model.eval()
-        with progress_bar(total=num_images, desc="calibration", unit="img", enabled=progress) as bar:
-            for images in iter_calibration_images(batches, num_images):
-                state["batch"] = images.shape[0]
-                model(images.to(device))
-                bar.update(images.shape[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with hooked_in_eval(model, layers, make_hook), \
+            progress_bar(total=num_images, desc="calibration", unit="img", enabled=progress) as bar:
+        for images in iter_calibration_images(batches, num_images):
+            state["batch"] = images.shape[0]
+            model(images.to(device))
+            bar.update(images.shape[0])
 
     stats: dict[str, LayerStats] = {}
     for name in layers:

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from lowrank_vit.calibration import (
     LayerStats,
     Scratch,
+    hooked_in_eval,
     iter_calibration_batches,
     symmetrize_upper,
     upper_gram_,
@@ -190,29 +191,21 @@ def collect_loss_statistics(
                 output.register_hook(grad_hook)
         return hook
 
-    was_training = model.training
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
     produced = 0
-    try:
-        model.eval()
-        with torch.enable_grad(), progress_bar(total=num_images, desc="loss-aware calibration", unit="img",
-                                               enabled=progress) as bar:
-            for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
-                images = images.to(device).requires_grad_(True)  # the graph reaches every layer; weights untouched
-                logits = _logits(model(images))
-                if not bool(torch.isfinite(logits).all()):
-                    raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
-                target = _labels(batch, index, logits, labels, generator)
-                target = target.to(logits.dtype) if target.is_floating_point() else target
-                logits = logits if logits.dtype == torch.float64 else logits.float()
-                loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
-                torch.autograd.grad(loss, images)
-                produced += images.shape[0]
-                bar.update(images.shape[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
+            progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
+        for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
+            images = images.to(device).requires_grad_(True)  # the graph reaches every layer; weights untouched
+            logits = _logits(model(images))
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
+            target = _labels(batch, index, logits, labels, generator)
+            target = target.to(logits.dtype) if target.is_floating_point() else target
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
+            torch.autograd.grad(loss, images)
+            produced += images.shape[0]
+            bar.update(images.shape[0])
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():
