@@ -112,7 +112,7 @@ def make_row(name: str, method: str, *, reduction: float | None = None, target_p
 
 
 def count_note(arch_key: str, reduction: float, paper_params_m: float, tolerance_m: float = 0.05) -> tuple[str, ...]:
-    """A caveat when the paper's printed count is not ``(1 - reduction)`` of timm's model (NOTES.md)."""
+    """A caveat when the paper's printed count is not ``(1 - reduction)`` of timm's model."""
     arch = ARCHS[arch_key]
     expected = (1.0 - reduction) * arch.params / 1e6
     if abs(expected - paper_params_m) <= tolerance_m:

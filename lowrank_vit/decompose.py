@@ -241,7 +241,8 @@ def mean_input_svd(weight: torch.Tensor, mean_input: torch.Tensor) -> Decomposit
     ``U = pinv(X_rep) U* sqrt(S)``, ``V = V* sqrt(S)``.
 
     U lies in the row space of X_rep (at most as many directions as tokens), so directions of W outside it are
-    lost whatever the rank: the weakness NOTES.md measured. Kept to reproduce the paper honestly.
+    lost whatever the rank (measured on a small real ViT: far below plain SVD at the same rank). Kept to reproduce the
+    paper honestly.
     """
     X = mean_input.double()
     P, s, R = truncated_svd(X @ weight.double())

@@ -78,7 +78,7 @@ def test_support_values_are_optimal(kind):
 
 
 def test_lowrank_z_after_whitened_svd_equals_a_higher_rank_svd():
-    """NOTES.md: after an exact whitened SVD of rank r, a rank-q Z adds nothing beyond a rank r+q SVD."""
+    """After an exact whitened SVD of rank r, a rank-q Z adds nothing beyond a rank r+q SVD."""
     images, W = synthetic_layer()
     H = gram_of(images, W)
     white = whitening(H, damping=0.0)

@@ -69,7 +69,8 @@ def test_whitened_beats_plain_and_mean_on_held_out_samples(rank):
 
 
 def test_mean_recipe_is_confined_to_the_token_subspace():
-    """NOTES.md's trap: U = pinv(X_rep) U* sqrt(S) lies in X_rep's row space, so rank above #tokens gains nothing."""
+    """The literal recipe's trap: U = pinv(X_rep) U* sqrt(S) lies in X_rep's row space; rank above #tokens gains
+    nothing."""
     images, W = synthetic_layer(k=48, m=40, tokens=6)
     d = mean_input_svd(W, images.mean(dim=0))
     assert d.max_rank <= 6

@@ -120,7 +120,7 @@ def test_table_values_spot_checks():
 
 
 def test_inconsistent_paper_counts_are_flagged_not_bent():
-    """NOTES.md: DeiT-S's 11.1 and 8.9 are not 50%/60% of 22.05M; DeiT-B's 43.3 is 50% of 86.57M."""
+    """The paper's counts: DeiT-S's 11.1 and 8.9 are not 50%/60% of 22.05M; DeiT-B's 43.3 is 50% of 86.57M."""
     assert get_experiment("table2/deit_s/ours-50").notes
     assert get_experiment("table2/deit_s/ours-60").notes
     assert get_experiment("table2/swin_b/ours-50").notes  # percentages of 88.1M, not of timm's 87.77M
