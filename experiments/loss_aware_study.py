@@ -168,6 +168,29 @@ def render(results: dict[str, Any], key: str = "top1", fmt: str = ".2f", higher_
     return "\n".join(lines)
 
 
+def verdict(results: dict[str, Any], default: str = "loss-aware",
+            others: tuple[str, ...] = ("vanilla", "paper", "whitened-uniform"), key: str = "top1") -> str:
+    """Per model: the default's worst margin against each other recipe over the ratios (negative: it lost there), and
+    its mean gain over vanilla SVD at -60% and -70%."""
+    lines = [f"| model | worst margin vs {', '.join(others)} (points, at ratio) | mean gain over vanilla at -60/-70% |",
+             "|---|---|---|"]
+    for model, entry in results.items():
+        cells = entry["cells"]
+        ratios = sorted({c["ratio"] for c in cells.values() if c["recipe"] == default and key in c})
+        margins = []
+        for other in others:
+            diffs = [(cells[f"{default}@{r}"][key] - cells[f"{other}@{r}"][key], r) for r in ratios
+                     if f"{other}@{r}" in cells and key in cells[f"{other}@{r}"]]
+            if diffs:
+                worst = min(diffs)
+                margins.append(f"{other} {worst[0]:+.2f} (-{round(100 * worst[1])}%)")
+        gains = [cells[f"{default}@{r}"][key] - cells[f"vanilla@{r}"][key] for r in (0.6, 0.7)
+                 if f"{default}@{r}" in cells and f"vanilla@{r}" in cells and key in cells[f"vanilla@{r}"]]
+        gain = f"{sum(gains) / len(gains):+.2f}" if len(gains) == 2 else "—"
+        lines.append(f"| {model} | {'; '.join(margins)} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.loss_aware_study", description=__doc__.split("\n")[0])
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (train.parquet and test.parquet)")
@@ -214,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                 results_file.write_text(json.dumps(results, indent=1) + "\n")
     text = "## top-1 (%), no fine-tune\n\n" + render(results) + "\n## KL to the dense model (nats)\n\n" \
         + render(results, "kl", ".2e", higher_is_better=False)
+    text += "\n## The default against the others, top-1 without fine-tuning\n\n" + verdict(results)
     if args.finetune_steps:
         text += "\n## top-1 (%) after the partial fine-tune\n\n" + render(results, "top1_ft")
+        text += "\n## The default against the others after the fine-tune\n\n" + verdict(results, key="top1_ft")
     (output / "study.md").write_text(text)
     print(text)
     return 0

@@ -38,6 +38,7 @@ from lowrank_vit.calibration import (
     Scratch,
     hooked_in_eval,
     iter_calibration_batches,
+    squared_norms,
     symmetrize_upper,
     upper_gram_,
 )
@@ -49,6 +50,13 @@ from lowrank_vit.progress import progress_bar
 _NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "
               "must return class logits (B, num_classes)")
 _OPTIONS = "use fisher_labels='sampled' or 'given', or the paper's recipe (decomposition='whitened')"
+
+
+def _energy(values: torch.Tensor) -> float:
+    """Sum of squares of every entry: per-row norms in the tensor's own precision, summed in float64 (no float64
+    copy of a whole batch of activations; see ``calibration.squared_norms``)."""
+    flat = values.detach().reshape(1, -1, values.shape[-1])
+    return float(squared_norms(flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).sum())
 
 
 def _logits(output: object) -> torch.Tensor:
@@ -177,7 +185,7 @@ def collect_loss_statistics(
             if name in output_side:  # W^T H W from the bias-free outputs x W, and tr(H)
                 y = output.detach() if module.bias is None else output.detach() - module.bias.detach()
                 accumulate(name, h_sums, "input", y)
-                traces[name] += float(x.detach().double().pow(2).sum())
+                traces[name] += _energy(x)
             else:
                 accumulate(name, h_sums, "input", x)
             if output.requires_grad:
@@ -185,7 +193,7 @@ def collect_loss_statistics(
                     seen_grad[name] = True
                     if name in grad_input_side:  # W G W^T from g W^T (the weight is (out, in)), and tr(G)
                         accumulate(name, g_sums, "grad", grad.detach() @ module.weight.detach())
-                        traces[name] += float(grad.detach().double().pow(2).sum())
+                        traces[name] += _energy(grad)
                     else:
                         accumulate(name, g_sums, "grad", grad)
                 output.register_hook(grad_hook)
