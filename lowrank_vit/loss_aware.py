@@ -74,7 +74,9 @@ def _check_classifier(model: nn.Module) -> None:
                          "classification head, or use the paper's recipe (decomposition='whitened')")
 
 
-def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generator: torch.Generator,
+            start: int = 0) -> torch.Tensor:
+    """The labels of the images ``start .. start + len(logits)`` of calibration batch ``index``."""
     if mode == "sampled":  # y ~ p(. | x): one draw per image from the model's own prediction
         probs = torch.softmax(logits.detach().double(), dim=1).cpu()
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
@@ -84,7 +86,7 @@ def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generato
         raise ValueError(f"fisher_labels='given' needs labelled calibration batches ((images, labels) or a dict with "
                          f"one of {LABEL_KEYS}); batch {index} has none: use fisher_labels='sampled' "
                          "(no labels needed)") from None
-    labels = labels[: logits.shape[0]].to(logits.device)
+    labels = labels[start: start + logits.shape[0]].to(logits.device)
     _check_labels(labels, logits.shape[0], index)
     if not labels.is_floating_point() and labels.numel() and (
             int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
@@ -105,6 +107,7 @@ def collect_loss_statistics(
     seed: int = 0,
     gram_precision: str = "float64",
     gram_space: str = "input",
+    micro_batch: int = 32,
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -133,6 +136,8 @@ def collect_loss_statistics(
             more outputs than inputs (qkv, fc1) keeps H and ``W G W^T`` (the Gram of ``g W^T``, in x in) with tr(G);
             one with more inputs than outputs (fc2) keeps ``W^T H W`` (the Gram of its bias-free outputs, out x out)
             with tr(H), and G. Same factors and energies; a fraction of the products for the wide side.
+        micro_batch: images per forward and backward: a calibration batch is split so that the graph held for the
+            backward stays small whatever the data loader's batch size (the statistics do not depend on it).
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -147,6 +152,8 @@ def collect_loss_statistics(
     device = device or next(model.parameters()).device
     if gram_space not in ("input", "auto"):
         raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
     generator = torch.Generator().manual_seed(seed)
     # "output": the input side is kept as W^T H W; "grad_input": the gradient side as W G W^T (see gram_space)
     output_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.in_features > lin.out_features}
@@ -203,17 +210,19 @@ def collect_loss_statistics(
     with hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
             progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
         for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
-            images = images.to(device).requires_grad_(True)  # the graph reaches every layer; weights untouched
-            logits = _logits(model(images))
-            if not bool(torch.isfinite(logits).all()):
-                raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
-            target = _labels(batch, index, logits, labels, generator)
-            target = target.to(logits.dtype) if target.is_floating_point() else target
-            logits = logits if logits.dtype == torch.float64 else logits.float()
-            loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
-            torch.autograd.grad(loss, images)
-            produced += images.shape[0]
-            bar.update(images.shape[0])
+            for start in range(0, images.shape[0], micro_batch):
+                # the graph reaches every layer through the images; the weights' gradients are never formed
+                part = images[start: start + micro_batch].to(device).requires_grad_(True)
+                logits = _logits(model(part))
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
+                target = _labels(batch, index, logits, labels, generator, start)
+                target = target.to(logits.dtype) if target.is_floating_point() else target
+                logits = logits if logits.dtype == torch.float64 else logits.float()
+                loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
+                torch.autograd.grad(loss, part)
+                produced += part.shape[0]
+                bar.update(part.shape[0])
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():

@@ -241,3 +241,19 @@ def test_narrow_side_statistics_give_the_same_decomposition(name):
         torch.testing.assert_close(Ub @ Vb.T, Ua @ Va.T, rtol=1e-8, atol=1e-10)
         delta = W - Ua @ Va.T
         assert output_error(narrow, delta) == pytest.approx(output_error(full, delta), rel=1e-8)
+
+
+def test_micro_batches_do_not_change_the_statistics():
+    """A calibration batch is split for the backward (bounded memory): the same H, G and labels either way."""
+    model = make_tiny_vit(seed=2).double()
+    images = make_images(10, seed=9).double()
+    labels = torch.arange(10) % 10
+    layers = {n: model.get_submodule(n) for n in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2")}
+    whole = collect_loss_statistics(model, layers, [(images, labels)], 10, labels="given", progress=False)
+    split = collect_loss_statistics(model, layers, [(images, labels)], 10, labels="given", progress=False,
+                                    micro_batch=3)
+    for name in layers:
+        torch.testing.assert_close(split[name].grad_gram, whole[name].grad_gram, rtol=1e-10, atol=0.0)
+        torch.testing.assert_close(split[name].gram, whole[name].gram, rtol=1e-10, atol=0.0)
+    with pytest.raises(ValueError, match="micro_batch must be a positive integer"):
+        collect_loss_statistics(model, layers, [images], 10, micro_batch=0, progress=False)
