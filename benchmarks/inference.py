@@ -62,6 +62,7 @@ from lowrank_vit import (  # noqa: E402
     fold_lowrank_z_,
     get_adapter,
 )
+from lowrank_vit.config import ALLOCATIONS, DECOMPOSITIONS  # noqa: E402
 
 DEFAULT_REDUCTIONS = (0.4, 0.5, 0.6)
 
@@ -83,7 +84,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--rank-multiple", type=positive_int, nargs="+", default=[1, 8],
                         help="compress once per value, every rank a multiple of it (default: 1 8, side by side)")
     parser.add_argument("--calib", type=positive_int, default=32, help="calibration images used to compress")
-    parser.add_argument("--allocation", default="greedy", choices=("greedy", "uniform"))
+    parser.add_argument("--decomposition", default="whitened", choices=DECOMPOSITIONS,
+                        help="how the factors are computed (default: the paper's whitened SVD, as in the recorded "
+                             "results; speed depends on the ranks, not on how they were found)")
+    parser.add_argument("--allocation", default="greedy", choices=ALLOCATIONS)
     parser.add_argument("--compensation", default="lowrank",
                         choices=("none", "lowrank", "diagonal", "sparse", "structured"))
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -199,7 +203,8 @@ def run_benchmark(args: Any) -> dict[str, Any]:
     for reduction, multiple in variants:
         variant = variant_key(reduction, multiple)
         model = copy.deepcopy(dense)
-        config = CompressionConfig(reduction=reduction, calib_samples=args.calib, allocation=args.allocation,
+        config = CompressionConfig(reduction=reduction, calib_samples=args.calib, decomposition=args.decomposition,
+                                   allocation=args.allocation,
                                    compensation=args.compensation, gram_precision="float32", progress=False,
                                    seed=args.seed, rank_multiple=multiple)
         report = compress(model, ImageStream(args.calib, min(args.calib, 32), shape, seed=args.seed), config)
