@@ -152,7 +152,26 @@ def output_whitened_singular_values(weight: torch.Tensor, output_gram: torch.Ten
     G = _output_whitened_gram(W, output_gram, trace, damping)
     if G is None:
         return singular_values(W)
-    return torch.linalg.eigvalsh(G).flip(0).clamp_min(0.0).sqrt()
+    return psd_eigh(G, vectors=False)[1]
+
+
+def psd_eigh(N: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Eigenvectors (columns; None when ``vectors`` is False) and the square roots of the eigenvalues of a symmetric
+    positive semi-definite matrix, largest first: the singular triplets of M from M^T M (or M M^T)."""
+    N = (N + N.T) / 2
+    if not vectors:
+        return None, torch.linalg.eigvalsh(N).flip(0).clamp_min(0.0).sqrt()
+    evals, evecs = torch.linalg.eigh(N)
+    return evecs.flip(1), evals.flip(0).clamp_min(0.0).sqrt()
+
+
+def live_inverse(s: torch.Tensor) -> torch.Tensor:
+    """1/s where s carries energy (above 1e-12 of the largest of the descending ``s``), 0 elsewhere: such
+    directions carry nothing, and their vectors get zero weight instead of an infinite one."""
+    live = s > s[0].clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
+    inv = torch.zeros_like(s)
+    inv[live] = 1.0 / s[live]
+    return inv
 
 
 def output_whitened_svd(weight: torch.Tensor, output_gram: torch.Tensor, trace: float,
@@ -168,13 +187,8 @@ def output_whitened_svd(weight: torch.Tensor, output_gram: torch.Tensor, trace: 
     G = _output_whitened_gram(W, output_gram, trace, damping)
     if G is None:
         return plain_svd(W)
-    evals, evecs = torch.linalg.eigh(G)
-    s = evals.flip(0).clamp_min(0.0).sqrt()
-    R = evecs.flip(1)
-    live = s > s[0].clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
-    inv = torch.zeros_like(s)
-    inv[live] = 1.0 / s[live]
-    return Decomposition((W @ R) * inv, R, s)
+    R, s = psd_eigh(G)
+    return Decomposition((W @ R) * live_inverse(s), R, s)
 
 
 def whitening(gram: torch.Tensor, damping: float) -> Whitening:

@@ -43,7 +43,7 @@ from lowrank_vit.calibration import (
     upper_gram_,
 )
 from lowrank_vit.config import FISHER_LABELS
-from lowrank_vit.decompose import Decomposition, Whitening, whitening
+from lowrank_vit.decompose import Decomposition, Whitening, live_inverse, psd_eigh, whitening
 from lowrank_vit.fisher import LABEL_KEYS, _check_labels, labels_from_batch
 from lowrank_vit.progress import progress_bar
 
@@ -272,20 +272,6 @@ def _narrow_side(W: torch.Tensor, stats: LayerStats) -> tuple[str, torch.Tensor,
     return "output", W.T @ H @ W, float(torch.diagonal(H).sum())
 
 
-def _eig_desc(N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors (columns) and singular values sqrt(eigenvalues) of a symmetric PSD matrix, largest first."""
-    evals, evecs = torch.linalg.eigh((N + N.T) / 2)
-    return evecs.flip(1), evals.flip(0).clamp_min(0.0).sqrt()
-
-
-def _inverse(s: torch.Tensor) -> torch.Tensor:
-    """1/s where s carries energy (above 1e-12 of the largest), 0 elsewhere: such directions carry nothing."""
-    live = s > s[0].clamp_min(torch.finfo(torch.float64).tiny) * 1e-12
-    inv = torch.zeros_like(s)
-    inv[live] = 1.0 / s[live]
-    return inv
-
-
 def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: float,
                                 values_only: bool = False) -> tuple[Decomposition | torch.Tensor, Whitening | None]:
     """The SVD ``A W B^T = P diag(s) R^T`` (A^T A = H_d, B^T B = G_d) from one eigendecomposition on the layer's
@@ -305,16 +291,16 @@ def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: flo
         A = whitening(stats.gram, damping)
         AW = A.apply(W)
         N = A.apply(A.apply((narrow + (damping * trace / m) * (W @ W.T)).T).T)  # A (W G_d W^T) A^T
-        P, s = _eig_desc(N)
+        P, s = psd_eigh(N, vectors=not values_only)
         if values_only:
             return s, A
-        return Decomposition(A.solve(P), (AW.T @ P) * _inverse(s), s), A
+        return Decomposition(A.solve(P), (AW.T @ P) * live_inverse(s), s), A
     B = whitening(stats.grad_gram, damping)
     N = B.apply(B.apply((narrow + (damping * trace / k) * (W.T @ W)).T).T)  # B (W^T H_d W) B^T
-    R, s = _eig_desc(N)
+    R, s = psd_eigh(N, vectors=not values_only)
     if values_only:
         return s, None
-    return Decomposition((W @ (B.root.T @ R)) * _inverse(s), B.solve(R), s), None
+    return Decomposition((W @ (B.root.T @ R)) * live_inverse(s), B.solve(R), s), None
 
 
 def loss_aware_svd(weight: torch.Tensor, stats: LayerStats,
