@@ -28,19 +28,25 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from lowrank_vit.config import RECIPES as LIBRARY_RECIPES
+
+_DEFAULT = LIBRARY_RECIPES["loss-aware"]
 RECIPES: dict[str, dict[str, Any]] = {
-    "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
-    "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
+    "vanilla": LIBRARY_RECIPES["vanilla"],
+    "paper": LIBRARY_RECIPES["paper"],
     "whitened-uniform": dict(decomposition="whitened", allocation="uniform", compensation="none"),
-    "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none"),
-    # ablations of the loss-aware recipe
-    "la-labels": dict(decomposition="loss_aware", allocation="marginal", compensation="none", fisher_labels="given"),
-    "la-greedy-normalized": dict(decomposition="loss_aware", allocation="greedy", compensation="none"),
-    "la-diagonal-z": dict(decomposition="loss_aware", allocation="marginal", compensation="diagonal"),
+    "loss-aware": _DEFAULT,
+    # ablations of the loss-aware recipe: the default with one thing changed
+    "la-labels": {**_DEFAULT, "fisher_labels": "given"},
+    "la-greedy-normalized": {**_DEFAULT, "allocation": "greedy"},
+    "la-diagonal-z": {**_DEFAULT, "compensation": "diagonal"},
+    "la-no-bias-correction": {**_DEFAULT, "bias_correction": False},
+    "la-damping-1e-2": {**_DEFAULT, "damping": 1e-2},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
-library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z)."""
+library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
+"loss-aware": the library's default (``lowrank_vit.config.RECIPES``)."""
 
 MODELS = ("cifar_deit4", "cifar_vit6", "mnist_deit_s", "mnist_vit_l", "mnist_swin_b")
 

@@ -77,6 +77,9 @@ class LayerStats:
     the Gram of g W^T) instead of ``grad_gram``; all the decomposition needs of G besides tr(G)."""
     grad_trace: float | None = None
     """tr(G), with ``grad_range_gram``."""
+    token_mean: torch.Tensor | None = None
+    """Centred statistics only (``collect_loss_statistics(center=True)``): mu, the mean input token (k,), float64.
+    The Grams are then those of x - mu, and the compressed layer's bias must absorb mu^T (W - W_hat)."""
 
 
 def _get_gram(stats: LayerStats) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,24 +25,17 @@ from lowrank_vit.progress import progress_bar
 
 
 def z_param_count(kind: str, in_features: int, out_features: int, z_fraction: float, rank_multiple: int = 1) -> int:
-    """Parameters a Z of ``kind`` holds for a (k, m) layer given its budget fraction; 0 for "none". A low-rank Z's
-    rank is rounded to the nearest multiple of ``rank_multiple`` (halves up) when it is at least that, so that r + q
-    stays aligned when Z is folded into the main factors."""
-    k, m = in_features, out_features
-    budget = z_fraction * k * m
+    """Parameters a Z of ``kind`` holds for a (k, m) layer given its budget fraction; 0 for "none"."""
     if kind == "none":
         return 0
-    if kind == "lowrank":
-        rank = max(1, int(budget // (k + m)))
-        if rank >= rank_multiple:
-            rank = rank_multiple * ((2 * rank + rank_multiple) // (2 * rank_multiple))  # nearest, halves up
-        return rank * (k + m)
-    if kind == "sparse":
-        return max(1, int(budget))
-    if kind in ("diagonal", "structured"):
-        # diagonal: a band of b wrapped diagonals, one entry per output column each; structured: b whole rows.
-        return max(1, int(budget // m)) * m
-    raise ValueError(f"unknown compensation kind {kind!r}")
+    return get_z_kind(kind).param_count(in_features, out_features, z_fraction * in_features * out_features,
+                                        rank_multiple)
+
+
+def z_spec(kind: str, in_features: int, out_features: int, z_params: int) -> dict[str, Any] | None:
+    """The spec (as :func:`lowrank_vit.factorized.build_z` reads it) of a Z of ``kind`` holding ``z_params``
+    parameters; ``None`` for "none"."""
+    return None if kind == "none" else {"kind": kind, **get_z_kind(kind).shape(in_features, out_features, z_params)}
 
 
 def diagonal_support(in_features: int, out_features: int, num_diagonals: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,38 +89,170 @@ class CompensationProblem:
 
 def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.Module:
     """The exact (for low-rank) or support-optimal (for sparse kinds) Z of eq. (10) within ``z_params`` parameters."""
-    R = problem.residual
-    k, m = R.shape
-    if kind == "lowrank":
+    return get_z_kind(kind).fit(problem, z_params)
+
+
+class ZKind:
+    """One kind of correction Z (Section 3.3, Table 1): how many parameters it takes from a layer's budget, the shape
+    of its module, its closed-form fit to eq. (10) and the SGD solver's starting point. Subclasses set ``name`` and
+    ``module`` (the :mod:`lowrank_vit.factorized` class that computes it) and are registered by
+    :func:`register_z_kind`; ``CompressionConfig.compensation`` names one (or "none")."""
+
+    name: ClassVar[str]
+    module: ClassVar[type[nn.Module]]
+
+    def param_count(self, k: int, m: int, budget: float, rank_multiple: int) -> int:
+        """Parameters actually held given a budget of ``budget`` (= z_fraction k m)."""
+        raise NotImplementedError
+
+    def shape(self, k: int, m: int, z_params: int) -> dict[str, int]:
+        """The size fields of the module's spec (beside "kind")."""
+        raise NotImplementedError
+
+    def fit(self, problem: CompensationProblem, z_params: int) -> nn.Module:
+        """The Z of eq. (10) within ``z_params`` parameters."""
+        raise NotImplementedError
+
+    def sgd_start(self, problem: CompensationProblem, z_params: int, generator: torch.Generator) -> nn.Module:
+        """Starting point of the SGD solver: by default the closed form's support with zero values."""
+        z = self.fit(problem, z_params)
+        with torch.no_grad():
+            z.values.zero_()
+        return z
+
+
+Z_KINDS: dict[str, ZKind] = {}
+
+
+def register_z_kind(cls: type[ZKind]) -> type[ZKind]:
+    """Class decorator: make ``cls`` available as ``CompressionConfig(compensation=cls.name)``."""
+    if cls.name in Z_KINDS:
+        raise ValueError(f"compensation kind {cls.name!r} is registered twice")
+    Z_KINDS[cls.name] = cls()
+    return cls
+
+
+def get_z_kind(name: str) -> ZKind:
+    try:
+        return Z_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown compensation kind {name!r}; known: none, {', '.join(Z_KINDS)}") from None
+
+
+@register_z_kind
+class LowRankKind(ZKind):
+    """Z = G Y^T of rank q: the best rank-q fit of eq. (10) is ``A^-1 SVD_q(A R)`` with A^T A = H (exact)."""
+
+    name = "lowrank"
+    module = LowRankZ
+
+    def param_count(self, k, m, budget, rank_multiple):
+        rank = max(1, int(budget // (k + m)))
+        if rank >= rank_multiple:  # nearest multiple (halves up), so that r + q stays aligned when Z is folded
+            rank = rank_multiple * ((2 * rank + rank_multiple) // (2 * rank_multiple))
+        return rank * (k + m)
+
+    def shape(self, k, m, z_params):
+        return {"rank": z_params // (k + m)}
+
+    def fit(self, problem, z_params):
+        k, m = problem.residual.shape
         q = z_params // (k + m)
-        P, s, Rv = truncated_svd(problem.white.apply(R))
+        P, s, Rv = truncated_svd(problem.white.apply(problem.residual))
         root = s[:q].sqrt()
         return LowRankZ.from_factors(problem.white.solve(P[:, :q]) * root, Rv[:, :q] * root)
+
+    def sgd_start(self, problem, z_params, generator):
+        # a small random G and Y = 0: from G = Y = 0 both gradients (eqs. 11-12) vanish
+        k, m = problem.residual.shape
+        z = LowRankZ(k, m, z_params // (k + m))
+        with torch.no_grad():
+            z.G.copy_(torch.randn(k, z.rank, generator=generator, dtype=torch.float64) / math.sqrt(k))
+        return z
+
+
+def _gains(problem: CompensationProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H, H R and each single entry's error reduction ``(H R)_ij^2 / H_ii`` (how the sparse supports are chosen)."""
     H = problem.white.gram
-    HR = H @ R
-    gain = HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-    if kind == "structured":
+    HR = H @ problem.residual
+    return H, HR, HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+
+
+class _EntrySupport(ZKind):
+    """Z on a fixed set of (row, column) entries, each column's values the exact fit ``H[S_j, S_j]^-1 (H R)[S_j, j]``
+    on its support S_j. Subclasses choose the support."""
+
+    module = SparseZ
+
+    def shape(self, k, m, z_params):
+        return {"nnz": z_params}
+
+    def support(self, gain: torch.Tensor, z_params: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def fit(self, problem, z_params):
+        k, m = problem.residual.shape
+        H, HR, gain = _gains(problem)
+        rows, cols = self.support(gain, z_params)
+        z = SparseZ(k, m, rows.numel(), kind=self.name)
+        with torch.no_grad():
+            z.rows.copy_(rows)
+            z.cols.copy_(cols)
+            z.values.copy_(_solve_columns(H, HR, rows, cols))
+        return z
+
+
+@register_z_kind
+class DiagonalKind(_EntrySupport):
+    """A band of b wrapped diagonals, one entry per output column each (:func:`diagonal_support`)."""
+
+    name = "diagonal"
+
+    def param_count(self, k, m, budget, rank_multiple):
+        return max(1, int(budget // m)) * m
+
+    def support(self, gain, z_params):
+        k, m = gain.shape
+        rows, cols = diagonal_support(k, m, z_params // m)
+        return rows.to(gain.device), cols.to(gain.device)
+
+
+@register_z_kind
+class SparseKind(_EntrySupport):
+    """Unstructured: the entries with the largest single-entry error reduction (a greedy heuristic)."""
+
+    name = "sparse"
+
+    def param_count(self, k, m, budget, rank_multiple):
+        return max(1, int(budget))
+
+    def support(self, gain, z_params):
+        flat = torch.topk(gain.flatten(), z_params).indices
+        return flat // gain.shape[1], flat % gain.shape[1]
+
+
+@register_z_kind
+class StructuredKind(ZKind):
+    """Whole input rows of Z: the rows with the largest summed error reduction, fitted jointly."""
+
+    name = "structured"
+    module = RowSparseZ
+
+    def param_count(self, k, m, budget, rank_multiple):
+        return max(1, int(budget // m)) * m
+
+    def shape(self, k, m, z_params):
+        return {"rows": z_params // m}
+
+    def fit(self, problem, z_params):
+        k, m = problem.residual.shape
+        H, HR, gain = _gains(problem)
         rows = torch.topk(gain.sum(dim=1), z_params // m).indices.sort().values
-        values = torch.linalg.solve(H[rows][:, rows], HR[rows])
         z = RowSparseZ(k, m, rows.numel())
         with torch.no_grad():
             z.rows.copy_(rows)
-            z.values.copy_(values)
+            z.values.copy_(torch.linalg.solve(H[rows][:, rows], HR[rows]))
         return z
-    if kind == "diagonal":
-        rows, cols = diagonal_support(k, m, z_params // m)
-        rows, cols = rows.to(R.device), cols.to(R.device)
-    elif kind == "sparse":
-        flat = torch.topk(gain.flatten(), z_params).indices
-        rows, cols = flat // m, flat % m
-    else:
-        raise ValueError(f"no closed form for compensation kind {kind!r}")
-    z = SparseZ(k, m, rows.numel(), kind=kind)
-    with torch.no_grad():
-        z.rows.copy_(rows)
-        z.cols.copy_(cols)
-        z.values.copy_(_solve_columns(H, HR, rows, cols))
-    return z
 
 
 def svd_tail_z(decomposition: Decomposition, rank: int, z_params: int) -> LowRankZ:
@@ -142,17 +267,7 @@ def svd_tail_z(decomposition: Decomposition, rank: int, z_params: int) -> LowRan
 def init_z_for_sgd(kind: str, problem: CompensationProblem, z_params: int, generator: torch.Generator) -> nn.Module:
     """Starting point of the SGD solver: the support of the closed form with zero values for the sparse kinds;
     for G Y^T a small random G and Y = 0, since from G = Y = 0 both gradients (eqs. 11-12) vanish."""
-    k, m = problem.residual.shape
-    if kind == "lowrank":
-        q = z_params // (k + m)
-        z = LowRankZ(k, m, q)
-        with torch.no_grad():
-            z.G.copy_(torch.randn(k, q, generator=generator, dtype=torch.float64) / math.sqrt(k))
-        return z
-    z = closed_form_z(kind, problem, z_params)
-    with torch.no_grad():
-        z.values.zero_()
-    return z
+    return get_z_kind(kind).sgd_start(problem, z_params, generator)
 
 
 @dataclass

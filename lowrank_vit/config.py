@@ -21,7 +21,7 @@ SOLVERS = ("closed_form", "sgd")
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none"),
+    "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none", bias_correction=True),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
 }
@@ -73,6 +73,12 @@ class CompressionConfig:
     """decomposition "loss_aware": the labels its loss gradients use. "sampled": drawn from the model's own
     prediction (the true Fisher, the curvature of the KL divergence to the dense model; no labels needed). "given":
     the calibration batches' labels (the empirical Fisher)."""
+    bias_correction: bool | None = None
+    """decomposition "loss_aware": decompose each biased layer on the Gram of its *centred* inputs and let the bias
+    absorb the mean input's output change, b' = b + mu^T (W - W_hat) (mu: the mean calibration token). The output
+    error is then (x - mu)(W - W_hat): the mean direction, which every token shares, costs no rank, and no
+    parameter is added. None (default): on for "loss_aware" (measured: lower KL to the dense model in every cell of
+    docs/loss_aware.md's study), off for the others, which do not support it (True with them is a ValueError)."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
@@ -144,6 +150,13 @@ class CompressionConfig:
         if self.decomposition == "loss_aware" and self.solver == "sgd" and self.compensation != "none":
             raise ValueError("solver='sgd' fits Z on stored calibration tokens, which decomposition='loss_aware' does "
                              "not keep: use solver='closed_form'")
+        if self.bias_correction is None:
+            self.bias_correction = self.decomposition == "loss_aware"
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"bias_correction must be true, false or null, got {self.bias_correction!r}")
+        if self.bias_correction and self.decomposition != "loss_aware":
+            raise ValueError(f"bias_correction needs decomposition='loss_aware' (its statistics carry the mean input); "
+                             f"got decomposition={self.decomposition!r}")
         _check_choice("gram_precision", self.gram_precision, ("float64", "float32"))
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
         if not 0.0 <= self.z_fraction < 0.5:

@@ -142,7 +142,8 @@ class LossAware(Method):
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
         stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, labels=cfg.fisher_labels,
                                         device=device, progress=cfg.progress, seed=cfg.seed,
-                                        gram_precision=cfg.gram_precision, gram_space=gram_space)
+                                        gram_precision=cfg.gram_precision, gram_space=gram_space,
+                                        center=cfg.bias_correction)
         return stats, {}
 
     def spectrum(self, weight, stats, extra, cfg):

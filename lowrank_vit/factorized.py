@@ -32,6 +32,10 @@ class LowRankZ(nn.Module):
             z.Y.copy_(Y)
         return z
 
+    @classmethod
+    def from_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> LowRankZ:
+        return cls(in_features, out_features, int(spec["rank"]))
+
     @property
     def rank(self) -> int:
         return self.G.shape[1]
@@ -63,6 +67,10 @@ class SparseZ(nn.Module):
         self.register_buffer("rows", torch.zeros(nnz, dtype=torch.long))
         self.register_buffer("cols", torch.zeros(nnz, dtype=torch.long))
         self.values = nn.Parameter(torch.zeros(nnz))
+
+    @classmethod
+    def from_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> SparseZ:
+        return cls(in_features, out_features, int(spec["nnz"]), kind=spec["kind"])
 
     @property
     def nnz(self) -> int:
@@ -102,6 +110,10 @@ class RowSparseZ(nn.Module):
         self.register_buffer("rows", torch.zeros(num_rows, dtype=torch.long))
         self.values = nn.Parameter(torch.zeros(num_rows, out_features))
 
+    @classmethod
+    def from_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> RowSparseZ:
+        return cls(in_features, out_features, int(spec["rows"]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(-1, self.rows) @ self.values
 
@@ -116,29 +128,19 @@ class RowSparseZ(nn.Module):
         return f"rows={self.rows.numel()}"
 
 
+Z_MODULES: dict[str, type[nn.Module]] = {"lowrank": LowRankZ, "sparse": SparseZ, "diagonal": SparseZ,
+                                          "structured": RowSparseZ}
+"""Spec kind -> the module that computes it (each rebuilds itself, empty, with ``from_spec``)."""
+
+
 def build_z(in_features: int, out_features: int, spec: dict[str, Any] | None) -> nn.Module | None:
     """An empty Z module from its spec (as written by ``spec()``); ``None`` for no compensation."""
     if spec is None:
         return None
-    kind = spec.get("kind")
-    if kind == "lowrank":
-        return LowRankZ(in_features, out_features, int(spec["rank"]))
-    if kind in ("sparse", "diagonal"):
-        return SparseZ(in_features, out_features, int(spec["nnz"]), kind=kind)
-    if kind == "structured":
-        return RowSparseZ(in_features, out_features, int(spec["rows"]))
-    raise ValueError(f"unknown compensation kind {kind!r} in layer spec")
-
-
-def z_spec(kind: str, in_features: int, out_features: int, z_params: int) -> dict[str, Any] | None:
-    """The spec (as ``build_z`` reads it) of a Z of ``kind`` holding ``z_params`` parameters."""
-    if kind == "none":
-        return None
-    if kind == "lowrank":
-        return {"kind": kind, "rank": z_params // (in_features + out_features)}
-    if kind == "structured":
-        return {"kind": kind, "rows": z_params // out_features}
-    return {"kind": kind, "nnz": z_params}
+    module = Z_MODULES.get(spec.get("kind"))
+    if module is None:
+        raise ValueError(f"unknown compensation kind {spec.get('kind')!r} in layer spec")
+    return module.from_spec(in_features, out_features, spec)
 
 
 class FactorizedLinear(nn.Module):

@@ -108,6 +108,7 @@ def collect_loss_statistics(
     gram_precision: str = "float64",
     gram_space: str = "input",
     micro_batch: int = 32,
+    center: bool = False,
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -138,6 +139,11 @@ def collect_loss_statistics(
             with tr(H), and G. Same factors and energies; a fraction of the products for the wide side.
         micro_batch: images per forward and backward: a calibration batch is split so that the graph held for the
             backward stays small whatever the data loader's batch size (the statistics do not depend on it).
+        center: for every layer with a bias, replace H by the Gram of the centred inputs, H - T mu mu^T (mu: the
+            mean input token), and record mu as ``token_mean``: a compressed layer whose bias absorbs the mean's
+            output change, b + mu^T (W - W_hat), has output error (x - mu)(W - W_hat), so the centred Gram is the
+            right metric for it (see ``CompressionConfig.bias_correction``). The reported errors keep the
+            uncentred output energy as their denominator.
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -165,6 +171,8 @@ def collect_loss_statistics(
     h_sums = {n: zeros(lin.out_features if n in output_side else lin.in_features) for n, lin in layers.items()}
     g_sums = {n: zeros(lin.in_features if n in grad_input_side else lin.out_features) for n, lin in layers.items()}
     traces = dict.fromkeys(layers, 0.0)  # tr(H) of output-side layers, tr(G) of grad-input-side layers
+    centred = {n for n, lin in layers.items() if center and lin.bias is not None}
+    token_sums = {n: torch.zeros(layers[n].in_features, dtype=torch.float64, device=device) for n in centred}
     rows = dict.fromkeys(layers, 0)
     seen_grad = dict.fromkeys(layers, False)
     scratch = Scratch()
@@ -189,6 +197,8 @@ def collect_loss_statistics(
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
             rows[name] += x.numel() // module.in_features
+            if name in token_sums:
+                token_sums[name] += x.detach().reshape(-1, x.shape[-1]).sum(0, dtype=torch.float64)
             if name in output_side:  # W^T H W from the bias-free outputs x W, and tr(H)
                 y = output.detach() if module.bias is None else output.detach() - module.bias.detach()
                 accumulate(name, h_sums, "input", y)
@@ -241,17 +251,25 @@ def collect_loss_statistics(
         else:
             energy = float(torch.sum(W * (H @ W)))  # tr(W^T H W): mean output energy per image
         scale = energy / produced if energy > 0 else 1.0
+        mean = None
+        if name in centred:  # (1/N) sum (x - mu)(x - mu)^T = H - T mu mu^T, on whichever side H is kept
+            mean = token_sums[name] / rows[name]
+            side_mean = mean @ W if name in output_side else mean
+            H.sub_(tokens * torch.outer(side_mean, side_mean))
+            if name in output_side:
+                traces[name] -= produced * tokens * float(mean @ mean)
         G.div_(produced * tokens)
         if name in output_side:
             stats[name] = LayerStats(gram=None, num_images=produced, output_gram=H.div_(scale),
                                      input_trace=traces[name] / produced / scale, range_weight=W, grad_gram=G,
-                                     loss_scale=scale, tokens=tokens)
+                                     loss_scale=scale, tokens=tokens, token_mean=mean)
         elif name in grad_input_side:
             stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_range_gram=G,
-                                     grad_trace=traces[name] / (produced * tokens), loss_scale=scale, tokens=tokens)
+                                     grad_trace=traces[name] / (produced * tokens), loss_scale=scale, tokens=tokens,
+                                     token_mean=mean)
         else:
             stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G, loss_scale=scale,
-                                     tokens=tokens)
+                                     tokens=tokens, token_mean=mean)
     return stats
 
 

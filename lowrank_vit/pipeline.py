@@ -31,6 +31,7 @@ from lowrank_vit.compensate import (
     init_z_for_sgd,
     svd_tail_z,
     z_param_count,
+    z_spec,
 )
 from lowrank_vit.config import CompressionConfig
 from lowrank_vit.decompose import (
@@ -41,7 +42,7 @@ from lowrank_vit.decompose import (
     whitening,
 )
 from lowrank_vit.decompositions import get_method
-from lowrank_vit.factorized import FactorizedLinear, z_spec
+from lowrank_vit.factorized import FactorizedLinear
 from lowrank_vit.progress import progress_bar
 from lowrank_vit.surgery import swap_layers
 
@@ -351,6 +352,10 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                 z = closed_form_z(z_kind, problem, budgets_meta[name])
         dtype = layer.weight.dtype
         bias = None if layer.bias is None else layer.bias.detach()
+        mean = stats[name].token_mean
+        if mean is not None and bias is not None:  # statistics of centred inputs: the bias takes mu^T (W - W_hat)
+            kept = U @ V.T if z is None else U @ V.T + z.dense().double()
+            bias = (bias.double() + mean.to(device) @ (weight - kept)).to(bias.dtype)
         new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
         new_layers[name] = new.to(device)
     sgd_history = {}

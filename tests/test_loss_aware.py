@@ -38,7 +38,7 @@ def test_statistics_match_a_brute_force_per_token_sum():
     stats = collect_loss_statistics(model, {name: layer}, [(images[:4], labels[:4]), (images[4:], labels[4:])], 6,
                                     labels="given", progress=False)[name]
     captured = {}
-    handle = layer.register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
+    handle = layer.register_forward_hook(lambda m, i, o, c=captured: c.update(x=i[0], y=o))
     H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
     G = torch.zeros(layer.out_features, layer.out_features, dtype=torch.float64)
     tokens = 0
@@ -257,3 +257,73 @@ def test_micro_batches_do_not_change_the_statistics():
         torch.testing.assert_close(split[name].gram, whole[name].gram, rtol=1e-10, atol=0.0)
     with pytest.raises(ValueError, match="micro_batch must be a positive integer"):
         collect_loss_statistics(model, layers, [images], 10, micro_batch=0, progress=False)
+
+
+@pytest.mark.parametrize("gram_space", ["input", "auto"])
+def test_centred_statistics_match_a_brute_force_centred_gram(gram_space):
+    """center=True: the Grams are those of x - mu (mu: the mean token over all images), on whichever side a layer keeps
+    them, and mu is recorded; G is unchanged. fc1 keeps H on its input side, fc2 W^T H W on its output side."""
+    model = make_tiny_vit(seed=3).double()
+    images = make_images(6, seed=4).double()
+    names = ("blocks.1.mlp.fc1", "blocks.1.mlp.fc2")
+    layers = {n: model.get_submodule(n) for n in names}
+    batches = [images[:4], images[4:]]
+    plain = collect_loss_statistics(model, layers, batches, 6, progress=False, gram_space=gram_space)
+    centred = collect_loss_statistics(model, layers, batches, 6, progress=False, gram_space=gram_space, center=True)
+    inputs = {}
+    handles = [layers[n].register_forward_hook(lambda m, i, o, n=n: inputs.setdefault(n, []).append(i[0]))
+               for n in names]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        x = torch.cat(inputs[name]).reshape(-1, layers[name].in_features)
+        mu = x.mean(0)
+        H_c = (x - mu).T @ (x - mu) / 6
+        c, p = centred[name], plain[name]
+        torch.testing.assert_close(c.token_mean, mu, rtol=1e-10, atol=1e-12)
+        assert c.loss_scale == pytest.approx(p.loss_scale, rel=1e-12)  # the reported errors keep one denominator
+        W = layers[name].weight.detach().T
+        # whatever side the layer keeps, its gram reads as H on the range of W (calibration.range_gram)
+        torch.testing.assert_close(W.T @ (c.loss_scale * c.gram) @ W, W.T @ H_c @ W, rtol=1e-8, atol=1e-10)
+        assert p.token_mean is None
+        if p.grad_gram is not None:
+            torch.testing.assert_close(c.grad_gram, p.grad_gram, rtol=1e-12, atol=0)
+
+
+def test_bias_correction_cancels_the_mean_output_error_and_lowers_the_kl():
+    """With bias_correction every compressed layer's output error has zero mean over the calibration tokens (its bias
+    absorbed mu^T (W - W_hat)); without it the mean error is far from zero. The model it gives is closer to the dense
+    one on the calibration images."""
+    torch.manual_seed(0)
+    dense = make_tiny_vit(seed=5)
+    images = make_images(32, seed=6)
+    models, errors = {}, {}
+    for corrected in (False, True):
+        model = make_tiny_vit(seed=5)
+        model.load_state_dict(dense.state_dict())
+        compress(model, [images[:16], images[16:]], cfg(reduction=0.6, calib_samples=32, bias_correction=corrected))
+        models[corrected] = model
+        # the compressed layer's own output change on the dense model's inputs (one layer at a time)
+        name = "blocks.0.mlp.fc2"
+        captured = {}
+        handle = dense.get_submodule(name).register_forward_hook(lambda m, i, o, c=captured: c.update(x=i[0], y=o))
+        with torch.no_grad():
+            dense(images)
+            handle.remove()
+            delta = model.get_submodule(name)(captured["x"]) - captured["y"]
+        errors[corrected] = delta.reshape(-1, delta.shape[-1]).mean(0).abs().max() / captured["y"].abs().mean()
+    assert errors[True] < 1e-5 < 1e-2 < errors[False]
+    with torch.no_grad():
+        p = torch.log_softmax(dense(images), 1)
+        kl = {c: float(torch.nn.functional.kl_div(torch.log_softmax(m(images), 1), p, log_target=True,
+                                                   reduction="batchmean")) for c, m in models.items()}
+    assert kl[True] < kl[False]
+
+
+def test_bias_correction_needs_the_loss_aware_statistics():
+    with pytest.raises(ValueError, match="bias_correction needs decomposition='loss_aware'"):
+        CompressionConfig(reduction=0.5, decomposition="whitened", allocation="greedy", bias_correction=True)

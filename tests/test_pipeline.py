@@ -58,7 +58,7 @@ def test_only_block_linears_are_replaced(small_images):
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     expected = set(get_adapter(model).compressible_layers(model))
     assert len(expected) == 4 * 4
-    report = compress(model, [small_images], cfg(reduction=0.5))
+    report = compress(model, [small_images], cfg(reduction=0.5, bias_correction=False))  # (else biases move)
     factored = {n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     assert factored == {lr.name for lr in report.layers if lr.rank is not None} and factored <= expected
     state = model.state_dict()
