@@ -1,4 +1,5 @@
-"""Rank allocation across layers, Section 3.2: uniform, and the greedy mixed-rank search of Algorithm 1.
+"""Rank allocation across layers, Section 3.2: uniform, the greedy mixed-rank search of Algorithm 1, and the
+marginal (Lagrangian) policy on absolute energies; registered by name in :data:`POLICIES`.
 
 A layer of shape (k, m) costs k*m parameters while dense and r*(k+m) + z at rank r with a Z of z parameters. A
 layer whose factored cost would not be below k*m is left dense (rank ``None``). Both policies work on energy-loss
@@ -8,9 +9,13 @@ curves computed once per layer (the paper's "SVD only once") and record every de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from lowrank_vit.decompose import energy_loss_curve, energy_tail_curve
 
 
 @dataclass
@@ -303,3 +308,46 @@ def allocate_marginal(layers: list[LayerBudget], budget: int, rank_multiple: int
         trace.append({"layer": layer.name, "rank": r, "params": layer.params(r), "loss": layer.loss(r),
                       "last_price": last})
     return Allocation(ranks, spent, trace)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An allocation policy as ``CompressionConfig.allocation`` names it: the per-layer curve it compares (computed
+    once from each layer's spectrum) and how it spends the budget on those curves."""
+
+    name: str
+    curve: Callable[[torch.Tensor], torch.Tensor]
+    """Singular values -> the loss of keeping r of them, for r = 0..p."""
+    run: Callable[[list[LayerBudget], int, Any, int], Allocation]
+    """(layers, budget, config, tolerance) -> the allocation; the config gives gamma, greedy_iterations and
+    rank_multiple."""
+    records_trace: bool = False
+    """Whether ``Allocation.trace`` is part of the report (the marginal policy's prices)."""
+
+
+POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(policy: Policy) -> Policy:
+    if policy.name in POLICIES:
+        raise ValueError(f"allocation policy {policy.name!r} is registered twice")
+    POLICIES[policy.name] = policy
+    return policy
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown allocation {name!r}; registered: {', '.join(POLICIES)}") from None
+
+
+register_policy(Policy("uniform", energy_loss_curve,
+                       lambda layers, budget, cfg, tol: allocate_uniform(layers, budget, cfg.rank_multiple)))
+register_policy(Policy("greedy", energy_loss_curve,  # Algorithm 1 compares normalized energy losses
+                       lambda layers, budget, cfg, tol: allocate_greedy(layers, budget, cfg.gamma,
+                                                                        cfg.greedy_iterations, tol,
+                                                                        cfg.rank_multiple)))
+register_policy(Policy("marginal", energy_tail_curve,  # absolute energies: one unit across layers
+                       lambda layers, budget, cfg, tol: allocate_marginal(layers, budget, cfg.rank_multiple, tol),
+                       records_trace=True))

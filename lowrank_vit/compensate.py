@@ -100,6 +100,9 @@ class ZKind:
 
     name: ClassVar[str]
     module: ClassVar[type[nn.Module]]
+    is_more_rank: ClassVar[bool] = False
+    """Fitted after an exact SVD in the same metric, this Z is that SVD's next singular directions: exactly more
+    rank (so it is read off the decomposition, :func:`svd_tail_z`, and needs H only through W)."""
 
     def param_count(self, k: int, m: int, budget: float, rank_multiple: int) -> int:
         """Parameters actually held given a budget of ``budget`` (= z_fraction k m)."""
@@ -145,6 +148,7 @@ class LowRankKind(ZKind):
 
     name = "lowrank"
     module = LowRankZ
+    is_more_rank = True
 
     def param_count(self, k, m, budget, rank_multiple):
         rank = max(1, int(budget // (k + m)))

@@ -14,20 +14,14 @@ from torch import nn
 
 from lowrank_vit import comcat
 from lowrank_vit.adapters import count_params, get_adapter
-from lowrank_vit.allocate import (
-    Allocation,
-    LayerBudget,
-    allocate_greedy,
-    allocate_marginal,
-    allocate_uniform,
-    check_feasible,
-)
+from lowrank_vit.allocate import Allocation, LayerBudget, check_feasible, get_policy
 from lowrank_vit.calibration import LayerStats, output_error
 from lowrank_vit.compensate import (
     CompensationProblem,
     SGDTask,
     closed_form_z,
     fit_sgd,
+    get_z_kind,
     init_z_for_sgd,
     svd_tail_z,
     z_param_count,
@@ -37,8 +31,6 @@ from lowrank_vit.config import CompressionConfig
 from lowrank_vit.decompose import (
     Decomposition,
     Whitening,
-    energy_loss_curve,
-    energy_tail_curve,
     whitening,
 )
 from lowrank_vit.decompositions import get_method
@@ -179,12 +171,17 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, fixed, attention)
 
 
+def _z_is_more_rank(kind: str, none: bool) -> bool:
+    """Whether Z of ``kind`` is exactly more rank of an exact SVD (``ZKind.is_more_rank``); ``none`` for no Z."""
+    return none if kind == "none" else get_z_kind(kind).is_more_rank
+
+
 def statistics_space(cfg: CompressionConfig) -> str:
     """The ``gram_space`` given to :func:`collect_statistics` (and :func:`collect_loss_statistics`): "auto" (each
     layer's statistics on its narrow side) only where every later use of the wide Gram goes through W: the whitened
     and the loss-aware decompositions and their spectra, the closed-form low-rank Z (its columns lie in the range of
     the residual, hence of W) and eq. (5)'s errors of such W_hat."""
-    exact = (get_method(cfg.decomposition).narrow_side_exact and cfg.compensation in ("none", "lowrank")
+    exact = (get_method(cfg.decomposition).narrow_side_exact and _z_is_more_rank(cfg.compensation, True)
              and cfg.solver == "closed_form")
     return "auto" if cfg.gram_space == "auto" and exact else "input"
 
@@ -198,9 +195,8 @@ def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
 
 
 def _energy_curve(cfg: CompressionConfig, singular_values: torch.Tensor) -> torch.Tensor:
-    """The curve the allocation policy compares: normalized energy losses, or absolute tails for "marginal"."""
-    curve = energy_tail_curve if cfg.allocation == "marginal" else energy_loss_curve
-    return curve(singular_values).cpu()
+    """The curve the allocation policy compares (normalized energy losses, or absolute tails)."""
+    return get_policy(cfg.allocation).curve(singular_values).cpu()
 
 
 def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
@@ -208,12 +204,7 @@ def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
     budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
                for name, layer in setup.layers.items()]
     budgets += comcat.head_budgets(setup.attention, curves)
-    tolerance = int(0.0005 * setup.target_total)
-    if cfg.allocation == "greedy":
-        return allocate_greedy(budgets, setup.budget, cfg.gamma, cfg.greedy_iterations, tolerance, cfg.rank_multiple)
-    if cfg.allocation == "marginal":
-        return allocate_marginal(budgets, setup.budget, cfg.rank_multiple, tolerance)
-    return allocate_uniform(budgets, setup.budget, cfg.rank_multiple)
+    return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.0005 * setup.target_total))
 
 
 def _weight(layer: nn.Linear, device: torch.device) -> torch.Tensor:
@@ -300,7 +291,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     start = time.perf_counter()
     method = get_method(cfg.decomposition)
     use_sgd = cfg.solver == "sgd" and z_kind != "none"
-    tail_z = z_kind == "lowrank" and method.tail_is_lowrank_z and not use_sgd
+    tail_z = _z_is_more_rank(z_kind, False) and method.tail_is_lowrank_z and not use_sgd
     needs_whitening = z_kind != "none" and not tail_z
     stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
     timings["calibration"] = time.perf_counter() - start
@@ -398,4 +389,4 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     swap_layers(model, lambda fqn, _: new_attention.get(fqn), lambda fqn, m: fqn in new_attention)
     params_after = count_params(model)
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
-                             sgd_history, allocation.trace if cfg.allocation == "marginal" else [])
+                             sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [])

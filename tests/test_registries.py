@@ -1,4 +1,5 @@
-"""Every registered kind of correction Z behaves the same way from the outside: its parameter count is what its
+"""The allocation policies and the kinds of Z are registries that match the config's choices; every registered kind
+of correction Z behaves the same way from the outside: its parameter count is what its
 module holds, its spec rebuilds it, its fit lowers eq. (10), and a model compressed with it plans, saves, loads and
 quantizes like any other (the Z-kind half of the registry's conformance test)."""
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from lowrank_vit import compress, count_params, load_compressed, quantize_, save_compressed
+from lowrank_vit.allocate import POLICIES, Policy, get_policy, register_policy
 from lowrank_vit.compensate import (
     Z_KINDS,
     CompensationProblem,
@@ -19,7 +21,7 @@ from lowrank_vit.compensate import (
     z_param_count,
     z_spec,
 )
-from lowrank_vit.config import COMPENSATIONS, CompressionConfig
+from lowrank_vit.config import ALLOCATIONS, COMPENSATIONS, CompressionConfig
 from lowrank_vit.decompose import whitening
 from lowrank_vit.factorized import Z_MODULES, build_z
 from lowrank_vit.pipeline import plan_compression
@@ -27,7 +29,16 @@ from lowrank_vit.pipeline import plan_compression
 from conftest import TINY_VIT, make_images, make_tiny_vit
 
 
-def test_registry_matches_the_config_choices_and_the_modules():
+def test_allocation_policies_match_the_config_choices():
+    assert tuple(POLICIES) == ALLOCATIONS
+    assert [name for name, policy in POLICIES.items() if policy.records_trace] == ["marginal"]
+    with pytest.raises(ValueError, match="unknown allocation 'nope'; registered: uniform"):
+        get_policy("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_policy(Policy("greedy", POLICIES["greedy"].curve, POLICIES["greedy"].run))
+
+
+def test_z_kinds_match_the_config_choices_and_the_modules():
     assert COMPENSATIONS == ("none", *Z_KINDS)
     assert set(Z_MODULES) == set(Z_KINDS)
     assert all(Z_MODULES[name] is kind.module for name, kind in Z_KINDS.items())
@@ -38,6 +49,7 @@ def test_registry_matches_the_config_choices_and_the_modules():
     with pytest.raises(ValueError, match="unknown compensation kind 'nope' in layer spec"):
         build_z(4, 4, {"kind": "nope"})
     assert z_param_count("none", 8, 8, 0.1) == 0 and z_spec("none", 8, 8, 0) is None
+    assert [name for name, kind in Z_KINDS.items() if kind.is_more_rank] == ["lowrank"]
 
 
 def _problem(k: int, m: int, seed: int) -> CompensationProblem:
