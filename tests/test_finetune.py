@@ -227,6 +227,55 @@ def test_finetune_distilled_deit_trains_both_heads():
             assert torch.allclose(module(images), out)
 
 
+def test_distillation_head_learns_the_teacher_not_the_labels():
+    """With a teacher whose every prediction disagrees with the label, the distillation head's loss and gradients
+    are those of cross-entropy to the teacher's argmax (DeiT's hard distillation) and differ from training it on the
+    labels; the class head learns the labels either way."""
+    import timm
+
+    def make(seed: int):
+        torch.manual_seed(seed)
+        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+
+    model, teacher = make(0), make(1)
+    compress(model, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    images = make_images(8, channels=3, size=32, seed=4)
+    with torch.no_grad():
+        out = teacher(images)
+        teacher_pred = ((out[0] + out[1]) / 2 if isinstance(out, tuple) else out).argmax(dim=1)
+    labels = (teacher_pred + 1 + torch.arange(8) % 9) % 10  # never the teacher's class
+    assert torch.all(labels != teacher_pred)
+
+    def loss_and_grads(with_teacher: bool):
+        student = copy.deepcopy(model)
+        module = PartialFinetune(student, FinetuneConfig(), teacher=teacher if with_teacher else None)
+        student.train()  # distilled training mode: (class head, distillation head)
+        loss, _ = module._train_loss(images, labels)
+        loss.backward()
+        with torch.no_grad():
+            cls, dist = student(images)
+        return loss.detach(), cls, dist, student.head.weight.grad.clone(), student.head_dist.weight.grad.clone()
+
+    loss_t, cls, dist, head_t, dist_t = loss_and_grads(True)
+    loss_l, _, _, head_l, dist_l = loss_and_grads(False)
+    smoothing = FinetuneConfig().label_smoothing
+    ce = nn.functional.cross_entropy
+    expected = 0.5 * ce(cls, labels, label_smoothing=smoothing) + 0.5 * ce(dist, teacher_pred,
+                                                                           label_smoothing=smoothing)
+    assert loss_t == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(loss_t) - float(loss_l)) > 1e-3  # an untrained model: both near ln 10, 0.008 apart
+    assert torch.allclose(head_t, head_l, atol=1e-7)  # the class head's target is the label in both
+    assert not torch.allclose(dist_t, dist_l, atol=1e-4)
+    # the distillation head's gradient is exactly that of 0.5 CE(head_dist(features), teacher argmax)
+    student = copy.deepcopy(model).train()
+    features = student.forward_features(images)[:, 1].detach()
+    weight = student.head_dist.weight.detach().clone().requires_grad_(True)
+    logits = nn.functional.linear(features, weight, student.head_dist.bias.detach())
+    (0.5 * ce(logits, teacher_pred, label_smoothing=smoothing)).backward()
+    assert torch.allclose(dist_t, weight.grad, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
