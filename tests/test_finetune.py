@@ -335,6 +335,89 @@ def test_finetune_resumes_after_interruption(tiny_compressed, tmp_path):
     assert not all(torch.allclose(p, ref_state[n]) for n, p in interrupted.named_parameters() if p.requires_grad)
 
 
+class BatchRecorder:
+    """A callback that records (epoch, global step, the batch's labels) at every training batch."""
+
+    def __new__(cls, seen: list):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                seen.append((trainer.current_epoch, trainer.global_step, tuple(batch[1].tolist())))
+
+        return _Record()
+
+
+class PositionLoader(DataLoader):
+    """A resumable ("stateful") loader as Lightning defines one: ``state_dict`` / ``load_state_dict`` with the
+    number of batches the epoch has yielded; on a restore its next epoch skips them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded, self.skip, self.restored = 0, 0, []
+
+    def __iter__(self):
+        skip, self.skip, self.yielded = self.skip, 0, self.skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.yielded += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored.append(state)
+        self.skip = state["yielded"]
+
+
+@pytest.mark.parametrize("loader_type", [DataLoader, PositionLoader])
+def test_mid_epoch_resume_restarts_the_epochs_data(tiny_compressed, tmp_path, loader_type):
+    """What a step checkpoint restores, measured (the docs say the same): the step count, the optimizer and the
+    schedule exactly, but not the position in the epoch's data. Killed at step 9 with step checkpoints every 2
+    steps, the run resumes from step 8 (batch 2 of epoch 1) and Lightning restarts that epoch's data from its first
+    batch (batches 0-3 train at steps 8-11, batches 4-5 of that epoch never do), so the final weights differ from an
+    uninterrupted run's. A resumable loader does not change this: Lightning 2.6 saves its state but never loads it
+    when configure_optimizers reads trainer.estimated_stepping_batches (the cosine schedule does). Epoch-end
+    checkpoints are exact (test above)."""
+    loaders = []
+
+    def run(model, directory, crash_at=None, resume=False):
+        data = synthetic_data(48)
+        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+        cfg = FinetuneConfig(epochs=3, lr=2e-3, warmup_steps=3, weight_decay=0.05, seed=0, checkpoint_every_n_steps=2)
+        seen: list = []
+        callbacks = [BatchRecorder(seen)] + ([CrashAt(crash_at)] if crash_at is not None else [])
+        loaders.append(loader_type(data, batch_size=8, sampler=sampler))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+            _, trainer = finetune(model, loaders[-1], config=cfg, checkpoint_dir=str(directory),
+                                  ckpt_path="last" if resume else None, callbacks=callbacks, **QUIET)
+        return trainer, seen
+
+    reference = copy.deepcopy(tiny_compressed)
+    ref_trainer, ref_seen = run(reference, tmp_path / "ref")
+    with pytest.raises(Crash):
+        run(copy.deepcopy(tiny_compressed), tmp_path / "run", crash_at=9)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)  # our own file: the step-8 checkpoint
+    assert saved["global_step"] == 8
+    resumed = copy.deepcopy(tiny_compressed)
+    trainer, seen = run(resumed, tmp_path / "run", resume=True)
+
+    assert [step for _, step, _ in seen] == list(range(8, 18))  # resumed from the step-8 checkpoint, 18 steps in all
+    assert trainer.global_step == ref_trainer.global_step == 18
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 18
+    epoch1 = [labels for epoch, _, labels in ref_seen if epoch == 1]
+    assert [labels for epoch, _, labels in seen if epoch == 1] == epoch1[:4]  # the epoch's data from its start
+    assert [labels for epoch, _, labels in seen if epoch == 2] == [b for e, _, b in ref_seen if e == 2]
+    ref_state = dict(reference.named_parameters())
+    assert not all(torch.allclose(p, ref_state[n], rtol=1e-5, atol=1e-7)
+                   for n, p in resumed.named_parameters() if p.requires_grad)
+    if loader_type is PositionLoader:
+        assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"yielded": 2}]  # saved ...
+        assert loaders[-1].restored == []  # ... and never restored
+
+
 def test_finetune_refuses_checkpoint_of_another_model(tiny_compressed, tmp_path):
     data = synthetic_data(16)
     finetune(copy.deepcopy(tiny_compressed), DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=1),
