@@ -92,6 +92,7 @@ def test_full_scale_without_imagenet_says_how(capsys, tmp_path):
     assert code == 2 and "pretrained weights" in one_line_error(err)
 
 
+@pytest.mark.slow
 def test_console_script_error_in_a_new_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "show", "table2/nope/ours-50"],
@@ -122,6 +123,7 @@ def _result(out: Path, name: str) -> dict:
     return json.loads((out / name / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
     out = tmp_path / "results"
     code, _, _ = cli(capsys, "run", "table2/deit_s/baseline", "--scale", "smoke", "--output", str(out), *QUICK)

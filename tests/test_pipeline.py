@@ -174,6 +174,7 @@ def test_custom_small_models(name, kwargs, channels, size):
     assert torch.isfinite(model(images)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224",
                                   "swin_base_patch4_window7_224"])
 def test_full_size_timm_models(name):
@@ -221,6 +222,7 @@ def test_plan_matches_compress(compensation, allocation, small_images):
     assert count_params(skeleton) == report.params_after
 
 
+@pytest.mark.slow
 def test_rank_multiple_on_a_full_size_model():
     """DeiT-S at -50% with ranks in multiples of 8 (the paper's recipe: with its low-rank Z): every U V^T rank,
     low-rank Z rank and folded r + q aligned, and the target still met within 0.1%."""
