@@ -394,6 +394,11 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         if done is not None:
             _say(progress, f"{exp.name}: already finished in {out_dir} (use --force to run it again)")
             return done
+    try:  # fail now with one line, not with a traceback after the compression and the fine-tune
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SetupError(f"cannot write the results of {exp.name} to {out_dir} ({err.strerror or err}): "
+                         f"choose another --output") from None
     started, seconds = time.perf_counter(), {}
 
     def stage(name: str, begin: float) -> None:
