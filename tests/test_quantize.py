@@ -139,3 +139,38 @@ def test_quantize_uses_exactly_n_bit_codes(tmp_path, bits):
     for name, r in record.items():
         assert_on_the_full_grid(loaded.get_parameter(name), steps[name], bits, r["axis"], name)
         assert torch.allclose(loaded.get_parameter(name), model.get_parameter(name), atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("compensation, index_entries", [("sparse", lambda z: 2 * z.values.numel()),
+                                                         ("diagonal", lambda z: 2 * z.values.numel()),
+                                                         ("structured", lambda z: z.values.shape[0])])
+def test_size_counts_the_index_lists_of_sparse_z(compensation, index_entries):
+    """Table 4's accounting charges a sparse Z's index lists at 32 bits an entry (a row and a column per value; one
+    row index per kept row for the structured kind), beside every parameter at 16 bits; also after quantization."""
+    from lowrank_vit.factorized import RowSparseZ, SparseZ
+
+    model = make_tiny_vit()
+    compress(model, [make_images(32)], recipe("paper", reduction=0.5, compensation=compensation, progress=False))
+    zs = [m.z for m in model.modules() if isinstance(m, FactorizedLinear)]
+    assert zs and all(isinstance(z, RowSparseZ if compensation == "structured" else SparseZ) for z in zs)
+    indices = sum(index_entries(z) for z in zs)
+    assert indices > 0
+    assert model_size_mib(model) == pytest.approx((count_params(model) * 16 + indices * 32) / 8 / 2**20, rel=1e-12)
+    record = quantize_(model, bits=8)
+    quantized_bits = sum(model.get_parameter(n).numel() * 8 + (
+        1 if r["axis"] is None else model.get_parameter(n).shape[r["axis"]]) * 32 for n, r in record.items())
+    others = count_params(model) - sum(model.get_parameter(n).numel() for n in record)
+    assert model_size_mib(model) == pytest.approx((quantized_bits + others * 16 + indices * 32) / 8 / 2**20,
+                                                  rel=1e-12)
+
+
+def test_deit_b_is_165_1_mib_at_fp16():
+    """The README's and Table 4's baseline: timm's DeiT-B has 86,567,656 parameters, 165.1 MiB at 2 bytes each
+    (the paper prints 165.2 from its rounded 86.6M). Built on the meta device: shapes only, no memory."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("deit_base_patch16_224", pretrained=False)
+    assert count_params(model) == 86_567_656
+    assert round(model_size_mib(model), 1) == 165.1
+    assert model_size_mib(model) == pytest.approx(86_567_656 * 2 / 2**20)
