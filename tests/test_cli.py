@@ -13,6 +13,8 @@ import pytest
 
 from lowrank_vit.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Random-weight stand-in (no pretraining), few calibration images, a few fine-tuning steps.
 QUICK = ["--set", "model.pretrained=false", "--set", "compression.calib_samples=32", "--set",
          "data.calib_samples=32", "--set", "finetune.max_steps=3", "--quiet", "--wandb", "disabled"]
@@ -212,17 +214,22 @@ def test_reproduce_a_quantized_table4_row_beside_a_failing_one_then_force(capfd,
 
 @pytest.mark.slow
 def test_run_ddp_two_cpu_processes(tmp_path):
-    """`run --devices 2 --accelerator cpu`: Lightning relaunches the command per rank; rank zero alone writes."""
+    """`run --devices 2 --accelerator cpu`: Lightning relaunches the command per rank; rank zero alone writes and
+    logs: one offline wandb run, in the row's directory, and none anywhere else (the processes run in tmp_path)."""
     out = tmp_path / "results"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    quick = [arg for arg in QUICK if arg not in ("--wandb", "disabled")] + ["--wandb", "offline"]
     proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "run", "table2/deit_s/ours-50", "--scale",
-                           "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *QUICK],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *quick],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = _result(out, "table2/deit_s/ours-50")
     assert row["finetune"]["world_size"] == 2 and row["finetune"]["steps"] == 3
     assert row["config"]["hardware"]["devices"] == 2
     assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
+    runs = sorted(tmp_path.rglob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].parent == out / "table2/deit_s/ours-50/wandb", runs
 
 
 def _write_cifar_like(folder: Path, n_train: int = 48, n_test: int = 24) -> Path:
