@@ -170,7 +170,8 @@ def test_custom_small_models(name, kwargs, channels, size):
     images = make_images(8, channels=channels, size=size)
     report = compress(model, [images], cfg(reduction=0.4))
     assert report.params_after <= report.params_before * 0.6 * 1.001
-    assert abs(report.params_after - report.target_params) <= max(0.001 * report.target_params, 130)
+    # the documented 0.1% (measured: ViT 0.054%, distilled DeiT 0.074%, Swin 0.005% below the target)
+    assert abs(report.params_after - report.target_params) <= 0.001 * report.target_params
     assert torch.isfinite(model(images)).all()
 
 
