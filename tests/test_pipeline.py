@@ -176,10 +176,11 @@ def test_custom_small_models(name, kwargs, channels, size):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224",
-                                  "swin_base_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_full_size_timm_models(name):
-    """The paper's architectures at 224 px with random weights: targets hit within 0.1% (few images: speed)."""
+    """The paper's architecture families at 224 px with random weights, compressed end to end by the default:
+    targets hit within 0.1% (few images: speed). DeiT-S/B, ViT-B/L and Swin-B are the same timm classes at larger
+    widths (the same code path, minutes more here); `make check-plans` checks their counts for every row."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     images = make_images(2, channels=3, size=224)
