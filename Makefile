@@ -13,7 +13,7 @@ ARGS ?=
 CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint clean demo check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
+.PHONY: help install test test-fast lint clean demo check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
 	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10
 
 help:  ## list the targets
@@ -26,8 +26,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC) -e '.[dev]'
 	touch $@
 
-test: $(BIN)/.installed  ## run the test suite (installs first when .venv is missing)
+test: $(BIN)/.installed  ## the whole test suite, slow tests included: the CI command (installs first if needed)
 	$(TEST_ENV) $(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed  ## the edit-test loop: every test not marked slow (-m "not slow"), under 2 minutes
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/.installed  ## ruff over the package and the tests
 	$(BIN)/ruff check lowrank_vit experiments tests benchmarks

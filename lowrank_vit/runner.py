@@ -362,6 +362,19 @@ def _is_rank_zero() -> bool:
         int(os.environ.get("NODE_RANK", "0") or 0) == 0
 
 
+def _check_writable(exp: Experiment, out_dir: Path) -> None:
+    """Fail now with one line, not with a traceback after the compression and the fine-tune, when the row's
+    directory cannot be created: its nearest existing ancestor (or itself) is a file or not writable. Creates
+    nothing, so a run refused later (no data, no weights) leaves no directory behind."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+                raise SetupError(f"cannot write the results of {exp.name} to {out_dir}: {path} is "
+                                 f"{'not a directory' if not path.is_dir() else 'not writable'}; choose another "
+                                 f"--output")
+            return
+
+
 def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike | None = None,
             accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
             overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False, group: str | None = None,
@@ -394,6 +407,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         if done is not None:
             _say(progress, f"{exp.name}: already finished in {out_dir} (use --force to run it again)")
             return done
+    _check_writable(exp, out_dir)
     started, seconds = time.perf_counter(), {}
 
     def stage(name: str, begin: float) -> None:

@@ -13,6 +13,8 @@ import pytest
 
 from lowrank_vit.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Random-weight stand-in (no pretraining), few calibration images, a few fine-tuning steps.
 QUICK = ["--set", "model.pretrained=false", "--set", "compression.calib_samples=32", "--set",
          "data.calib_samples=32", "--set", "finetune.max_steps=3", "--quiet", "--wandb", "disabled"]
@@ -92,6 +94,7 @@ def test_full_scale_without_imagenet_says_how(capsys, tmp_path):
     assert code == 2 and "pretrained weights" in one_line_error(err)
 
 
+@pytest.mark.slow
 def test_console_script_error_in_a_new_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "show", "table2/nope/ours-50"],
@@ -110,6 +113,7 @@ def test_plan_smoke_rows(capsys):
     assert plan["paper_size_mib"] == 41.7 and 0 < plan["size_mib"] < plan["params_before"] * 2 / 2**20 / 3
 
 
+@pytest.mark.slow
 def test_plan_full_scale_table3_deit_s(capsys):
     """The one full-size plan in the suite (DeiT-S -> 5.0M); `make check-plans` runs every row."""
     code, out, _ = cli(capsys, "plan", "table3/deit_s/ours", "--synthetic", "--json")
@@ -122,6 +126,7 @@ def _result(out: Path, name: str) -> dict:
     return json.loads((out / name / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
     out = tmp_path / "results"
     code, _, _ = cli(capsys, "run", "table2/deit_s/baseline", "--scale", "smoke", "--output", str(out), *QUICK)
@@ -166,18 +171,65 @@ def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_ddp_two_cpu_processes(tmp_path):
-    """`run --devices 2 --accelerator cpu`: Lightning relaunches the command per rank; rank zero alone writes."""
+def test_reproduce_a_quantized_table4_row_beside_a_failing_one_then_force(capfd, tmp_path):
+    """`reproduce table4` end to end on the smoke scale: the int8 row compresses, fine-tunes, quantizes to 8 bits
+    and saves integer codes, and its size is Table 4's accounting of the saved model; a row that fails (its output
+    directory is blocked by a file) is reported, the command exits 1 and the table is written with what finished.
+    Then --force replaces the finished row's result with a run of another config, which plain `run` refuses."""
+    from lowrank_vit import load_compressed, model_size_mib
+
     out = tmp_path / "results"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c")}
+    blocked = out / "table4/deit_b/ours-50-fp16"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a directory")
+    code, stdout, err = cli(capfd, "reproduce", "table4", "--scale", "smoke", "--rows", "table4/deit_b/ours-50-*",
+                            "--output", str(out), *QUICK)
+    assert code == 1 and "1 row(s) failed: table4/deit_b/ours-50-fp16" in err
+    assert "Traceback" not in err and "lowrank-vit: error: cannot write the results of table4/deit_b/ours-50-fp16" \
+        in err  # the failing row's own one-line error (its process writes to the same stderr), before any work
+    assert blocked.read_text() == "not a directory"  # nothing of the user's overwritten
+    rows = {r["name"]: r for r in json.loads((out / "table4.json").read_text())["rows"]}
+    assert rows["table4/deit_b/ours-50-int8"]["finished"] and not rows["table4/deit_b/ours-50-fp16"]["finished"]
+    assert "table4/deit_b/ours-50-int8" in (out / "table4.md").read_text() and stdout
+
+    row = _result(out, "table4/deit_b/ours-50-int8")
+    assert row["config"]["quantization"]["bits"] == 8 and rows["table4/deit_b/ours-50-int8"]["paper_size_mib"] == 41.7
+    model = load_compressed(out / "table4/deit_b/ours-50-int8/model")
+    record = model.lowrank_vit_quantization
+    assert record and {r["bits"] for r in record.values()} == {8}
+    assert row["size_mib"] == pytest.approx(model_size_mib(model)) and row["params"] == sum(
+        p.numel() for p in model.parameters())
+    assert row["size_mib"] < 0.75 * row["params"] * 2 / 2**20  # U, V at 8 bits: well below FP16
+
+    args = ["run", "table4/deit_b/ours-50-int8", "--scale", "smoke", "--output", str(out), *QUICK,
+            "--set", "finetune.lr=0.01"]
+    code, _, err = cli(capfd, *args)
+    assert code == 2 and "another config" in one_line_error(err)
+    assert _result(out, "table4/deit_b/ours-50-int8") == row
+    code, _, err = cli(capfd, *args, "--force")
+    assert code == 0, err
+    forced = _result(out, "table4/deit_b/ours-50-int8")
+    assert forced["config"]["finetune"]["lr"] == 0.01 and row["config"]["finetune"]["lr"] != 0.01
+
+
+@pytest.mark.slow
+def test_run_ddp_two_cpu_processes(tmp_path):
+    """`run --devices 2 --accelerator cpu`: Lightning relaunches the command per rank; rank zero alone writes and
+    logs: one offline wandb run, in the row's directory, and none anywhere else (the processes run in tmp_path)."""
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    quick = [arg for arg in QUICK if arg not in ("--wandb", "disabled")] + ["--wandb", "offline"]
     proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "run", "table2/deit_s/ours-50", "--scale",
-                           "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *QUICK],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *quick],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = _result(out, "table2/deit_s/ours-50")
     assert row["finetune"]["world_size"] == 2 and row["finetune"]["steps"] == 3
     assert row["config"]["hardware"]["devices"] == 2
     assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
+    runs = sorted(tmp_path.rglob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].parent == out / "table2/deit_s/ours-50/wandb", runs
 
 
 def _write_cifar_like(folder: Path, n_train: int = 48, n_test: int = 24) -> Path:
@@ -195,6 +247,7 @@ def _write_cifar_like(folder: Path, n_train: int = 48, n_test: int = 24) -> Path
     return folder
 
 
+@pytest.mark.slow
 def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
     """A comparison row on a model the user trained (``model.checkpoint``, safetensors) and local parquet data, with
     the overrides experiments/cifar10.py passes: it runs, records the checkpoint's digest, reruns when the weights

@@ -117,6 +117,7 @@ def test_factors_from_a_start_index():
         d.factors(2, start=-1)
 
 
+@pytest.mark.slow
 def test_closed_form_lowrank_matches_sgd_solver():
     """The paper's solver (Adam, lr 1e-3, 2000 steps, batch 64) reaches the closed form's loss within a few %."""
     images, W, H, R, problem = setup_problem()
@@ -135,6 +136,7 @@ def test_closed_form_lowrank_matches_sgd_solver():
     assert sgd >= exact * (1 - 1e-6)  # the closed form is the optimum
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["diagonal", "sparse", "structured"])
 def test_sgd_trains_sparse_kinds_toward_closed_form(kind):
     images, W, H, R, problem = setup_problem()

@@ -287,6 +287,33 @@ def test_imagenet_local_path(tmp_path: Path):
     assert len(dm.train_dataset) == 6 and len(dm.val_dataset) == 6 and dm.num_classes == 3
 
 
+def test_imagenet_hub_parquet_shards(tmp_path: Path):
+    """A local copy of the hub's ImageNet-1k as downloaded: data/{train,validation,test}-NNNNN-of-MMMMM.parquet,
+    ``image`` and ``label`` (ClassLabel) columns, the test split unlabelled (-1). Every training shard is read, the
+    validation split validates, the unlabelled test split is not used."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    data = tmp_path / "imagenet-1k" / "data"
+    data.mkdir(parents=True)
+    shards = {"train": [6, 5], "validation": [4], "test": [3]}
+    seed = 0
+    for split, sizes in shards.items():
+        for index, n in enumerate(sizes):
+            labels = [-1] * n if split == "test" else [(seed + i) % 3 for i in range(n)]
+            images = [_pil(seed + i, size=(40, 30)) for i in range(n)]
+            seed += n
+            datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+                str(data / f"{split}-{index:05d}-of-{len(sizes):05d}.parquet"))
+    dm = build_datamodule(_cfg(tmp_path, name="imagenet-1k", path=str(data.parent), calib_samples=4),
+                          make_tiny_vit(img_size=32, patch_size=8, in_chans=3, num_classes=3))
+    assert isinstance(dm, ImageNetDataModule)
+    dm.setup()
+    assert len(dm.train_dataset) == 11 and len(dm.val_dataset) == 4 and dm.num_classes == 3
+    val_labels = torch.cat([labels for _, labels in dm.val_dataloader()])
+    assert sorted(val_labels.tolist()) == sorted((11 + i) % 3 for i in range(4))  # the validation shard, labelled
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and labels.min() >= 0
+
+
 def test_hub_name_offline_is_one_line(tmp_path: Path):
     if not datasets.config.HF_HUB_OFFLINE:
         pytest.skip("needs HF_HUB_OFFLINE=1 (the test must not reach the network)")

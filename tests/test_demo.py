@@ -35,6 +35,7 @@ def test_demo_rows_are_the_issue_s():
     assert len(table3) == 1 and 0.77 < table3.pop() < 0.78  # the three methods at one Table 3 ratio
 
 
+@pytest.mark.slow
 def test_reduced_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     rows = ["table2/deit_s/ours-50"]

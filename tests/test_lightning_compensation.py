@@ -60,6 +60,7 @@ def test_lightning_solver_is_fit_sgd():
         assert len(lightning[name]) == 60
 
 
+@pytest.mark.slow
 def test_layerwise_compensation_reaches_closed_form_for_every_kind():
     """Section 4.1's settings (lr 1e-3, 2000 iterations, batch 64), all four Z kinds of Table 1 trained at once, each
     with its own optimizer: every layer's eq. (10) loss lands within a few percent of its closed form (the optimum
@@ -159,6 +160,7 @@ with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_ddp_splits_layers_across_ranks(tmp_path):
     """2 CPU processes (gloo): layer i trains on rank i % 2 only, no gradient is averaged across ranks, every rank
     ends with every layer's Z, and the result is the single-process one."""

@@ -170,14 +170,17 @@ def test_custom_small_models(name, kwargs, channels, size):
     images = make_images(8, channels=channels, size=size)
     report = compress(model, [images], cfg(reduction=0.4))
     assert report.params_after <= report.params_before * 0.6 * 1.001
-    assert abs(report.params_after - report.target_params) <= max(0.001 * report.target_params, 130)
+    # the documented 0.1% (measured: ViT 0.054%, distilled DeiT 0.074%, Swin 0.005% below the target)
+    assert abs(report.params_after - report.target_params) <= 0.001 * report.target_params
     assert torch.isfinite(model(images)).all()
 
 
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224",
-                                  "swin_base_patch4_window7_224"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
 def test_full_size_timm_models(name):
-    """The paper's architectures at 224 px with random weights: targets hit within 0.1% (few images: speed)."""
+    """The paper's architecture families at 224 px with random weights, compressed end to end by the default:
+    targets hit within 0.1% (few images: speed). DeiT-S/B, ViT-B/L and Swin-B are the same timm classes at larger
+    widths (the same code path, minutes more here); `make check-plans` checks their counts for every row."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     images = make_images(2, channels=3, size=224)
@@ -221,6 +224,7 @@ def test_plan_matches_compress(compensation, allocation, small_images):
     assert count_params(skeleton) == report.params_after
 
 
+@pytest.mark.slow
 def test_rank_multiple_on_a_full_size_model():
     """DeiT-S at -50% with ranks in multiples of 8 (the paper's recipe: with its low-rank Z): every U V^T rank,
     low-rank Z rank and folded r + q aligned, and the target still met within 0.1%."""
@@ -254,3 +258,22 @@ def test_plan_matches_compress_with_rank_multiple(allocation, decomposition, sma
     # Unspent: less than one 4-rank step of the smallest layer (64 x 64 proj: 4 * 128 parameters), which on this
     # tiny model is 0.5% of it; the full-size test above holds it to 0.1%.
     assert 0 <= report.target_params - report.params_after < 4 * 128
+
+
+@pytest.mark.slow
+def test_sgd_solver_reaches_the_closed_form_error(small_images):
+    """compress(solver="sgd") fits the same Z as the closed form up to optimization error: on every layer its
+    output error is within 15% of the closed form's (the optimum, so never below it) and strictly below the
+    low-rank-only error. A wrong target (e.g. the residual's sign flipped) makes Z add error instead."""
+    reports = {}
+    for solver in ("closed_form", "sgd"):
+        reports[solver] = compress(small_vit(), [small_images], cfg(
+            reduction=0.5, solver=solver, sgd_iterations=300, sgd_lr=1e-2, sgd_batch_size=16, **RECIPES["paper"]))
+    pairs = list(zip(reports["closed_form"].layers, reports["sgd"].layers, strict=True))
+    assert len(pairs) == 16 and all(exact.rank is not None for exact, _ in pairs)
+    for exact, sgd in pairs:
+        assert (sgd.name, sgd.rank, sgd.z_params) == (exact.name, exact.rank, exact.z_params)
+        assert sgd.output_error_lowrank == pytest.approx(exact.output_error_lowrank, rel=1e-6)  # same U V^T
+        assert sgd.output_error < sgd.output_error_lowrank, sgd.name
+        # measured here: 1.02-1.11x the closed form's error after 300 steps at lr 1e-2
+        assert exact.output_error * (1 - 1e-3) <= sgd.output_error <= 1.15 * exact.output_error, sgd.name

@@ -78,3 +78,99 @@ def test_baseline_size_accounting_matches_table4():
 def test_bits_out_of_range():
     with pytest.raises(ValueError, match="bits"):
         quantize_tensor(torch.randn(3, 3), 1, 0)
+
+
+def independent_scale(tensor: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
+    """Eq. (16)'s step (max - min) / (2^N - 1) per channel, the range widened to include 0 (as documented: exact
+    zeros stay exact), computed here without the library."""
+    t = tensor.detach().double()
+    if axis is None:
+        lo, hi = t.min(), t.max()
+    else:
+        t = t.movedim(axis, 0).flatten(1)
+        lo, hi = t.min(dim=1).values, t.max(dim=1).values
+    return (hi.clamp(min=0.0) - lo.clamp(max=0.0)) / (2**bits - 1)
+
+
+def assert_on_the_full_grid(values: torch.Tensor, step: torch.Tensor, bits: int, axis: int | None, name: str):
+    """Every channel of ``values`` lies on the grid k * step (eq. 16's grid passes through 0: U_hat = s (q - z)) and
+    spans 2^N - 1 steps from its lowest to its highest level (codes 0 and 2^N - 1 both used, 0 counted in the range):
+    what N-bit codes with that step give, and what (N-1)-bit codes (twice the step) cannot."""
+    v = values.detach().double()
+    channels = v.flatten()[None] if axis is None else v.movedim(axis, 0).flatten(1)
+    k = channels / step.double().reshape(-1, 1)
+    assert torch.allclose(k, k.round(), atol=1e-3), f"{name}: values off the {bits}-bit grid"
+    span = k.max(dim=1).values.clamp(min=0) - k.min(dim=1).values.clamp(max=0)
+    assert torch.allclose(span, torch.full_like(span, 2.0**bits - 1), atol=1e-3), \
+        f"{name}: codes do not reach both ends of [0, 2^{bits} - 1]"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_uses_exactly_n_bit_codes(tmp_path, bits):
+    """quantize_(bits=N) leaves each channel on N-bit codes whose step is (max - min) / (2^N - 1), reaching both
+    ends, and save_compressed stores those codes and that scale; the loaded model holds the same grid."""
+    from safetensors import safe_open
+
+    from lowrank_vit import load_compressed, save_compressed
+
+    model = make_tiny_vit()
+    compress(model, [make_images(32)], recipe("paper", reduction=0.5, compensation="sparse", progress=False))
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = quantize_(model, bits=bits)
+    assert {r["axis"] for r in record.values()} == {None, 0, 1}  # sparse Z values: one scale per tensor
+    steps = {name: independent_scale(original[name], bits, r["axis"]) for name, r in record.items()}
+    for name, r in record.items():
+        assert r["bits"] == bits
+        assert_on_the_full_grid(model.get_parameter(name), steps[name], bits, r["axis"], name)
+
+    save_compressed(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for name in record:
+            codes, axis = f.get_tensor(f"{name}:codes"), record[name]["axis"]
+            zero = f.get_tensor(f"{name}:zero_point").double().reshape(-1)
+            assert codes.dtype == torch.uint8
+            per_channel = codes.double().flatten()[None] if axis is None else codes.double().movedim(axis, 0).flatten(1)
+            lo = torch.minimum(per_channel.min(dim=1).values, zero)  # 0 is in every channel's range: code z
+            hi = torch.maximum(per_channel.max(dim=1).values, zero)
+            assert torch.all(lo == 0) and torch.all(hi == 2**bits - 1), name
+            scale = f.get_tensor(f"{name}:scale").double()
+            assert torch.allclose(scale.reshape(-1), steps[name].reshape(-1), rtol=1e-5, atol=0), name
+    loaded = load_compressed(tmp_path)
+    for name, r in record.items():
+        assert_on_the_full_grid(loaded.get_parameter(name), steps[name], bits, r["axis"], name)
+        assert torch.allclose(loaded.get_parameter(name), model.get_parameter(name), atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("compensation, index_entries", [("sparse", lambda z: 2 * z.values.numel()),
+                                                         ("diagonal", lambda z: 2 * z.values.numel()),
+                                                         ("structured", lambda z: z.values.shape[0])])
+def test_size_counts_the_index_lists_of_sparse_z(compensation, index_entries):
+    """Table 4's accounting charges a sparse Z's index lists at 32 bits an entry (a row and a column per value; one
+    row index per kept row for the structured kind), beside every parameter at 16 bits; also after quantization."""
+    from lowrank_vit.factorized import RowSparseZ, SparseZ
+
+    model = make_tiny_vit()
+    compress(model, [make_images(32)], recipe("paper", reduction=0.5, compensation=compensation, progress=False))
+    zs = [m.z for m in model.modules() if isinstance(m, FactorizedLinear)]
+    assert zs and all(isinstance(z, RowSparseZ if compensation == "structured" else SparseZ) for z in zs)
+    indices = sum(index_entries(z) for z in zs)
+    assert indices > 0
+    assert model_size_mib(model) == pytest.approx((count_params(model) * 16 + indices * 32) / 8 / 2**20, rel=1e-12)
+    record = quantize_(model, bits=8)
+    quantized_bits = sum(model.get_parameter(n).numel() * 8 + (
+        1 if r["axis"] is None else model.get_parameter(n).shape[r["axis"]]) * 32 for n, r in record.items())
+    others = count_params(model) - sum(model.get_parameter(n).numel() for n in record)
+    assert model_size_mib(model) == pytest.approx((quantized_bits + others * 16 + indices * 32) / 8 / 2**20,
+                                                  rel=1e-12)
+
+
+def test_deit_b_is_165_1_mib_at_fp16():
+    """The README's and Table 4's baseline: timm's DeiT-B has 86,567,656 parameters, 165.1 MiB at 2 bytes each
+    (the paper prints 165.2 from its rounded 86.6M). Built on the meta device: shapes only, no memory."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("deit_base_patch16_224", pretrained=False)
+    assert count_params(model) == 86_567_656
+    assert round(model_size_mib(model), 1) == 165.1
+    assert model_size_mib(model) == pytest.approx(86_567_656 * 2 / 2**20)

@@ -195,6 +195,7 @@ def test_random_shift_translates_with_background():
 # ----------------------------------------------------------------------------------------------------- cache
 
 
+@pytest.mark.slow
 def test_cache_round_trip_loads_without_training(cache: Path, train_calls: list[str],
                                                  monkeypatch: pytest.MonkeyPatch):
     first = build_standin(TINY, progress=False)
@@ -212,6 +213,7 @@ def test_cache_round_trip_loads_without_training(cache: Path, train_calls: list[
         assert torch.equal(first(_probe()), second(_probe()))
 
 
+@pytest.mark.slow
 def test_pretrain_standin_always_trains(cache: Path, train_calls: list[str]):
     build_standin(TINY, progress=False)
     model, info = S.pretrain_standin(TINY, progress=False)
@@ -220,6 +222,7 @@ def test_pretrain_standin_always_trains(cache: Path, train_calls: list[str]):
     assert info["params"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_same_recipe_same_weights(tmp_path: Path):
     a, info_a = S.pretrain_standin(TINY, cache_dir=tmp_path / "a", progress=False)
     b, info_b = S.pretrain_standin(TINY, cache_dir=tmp_path / "b", progress=False)
@@ -228,6 +231,7 @@ def test_same_recipe_same_weights(tmp_path: Path):
         assert torch.allclose(a(_probe()), b(_probe()), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate_weights", "garbage_record", "missing_weights", "swap_weights"])
 def test_damaged_cache_is_retrained_not_crashed(damage: str, cache: Path, train_calls: list[str]):
     reference = build_standin(TINY, progress=False)
@@ -252,6 +256,7 @@ def test_damaged_cache_is_retrained_not_crashed(damage: str, cache: Path, train_
     assert S.standin_record(TINY) is not None
 
 
+@pytest.mark.slow
 def test_stale_recipe_is_retrained(cache: Path, train_calls: list[str]):
     build_standin(TINY, progress=False)
     changed = dataclasses.replace(TINY, seed=3)

@@ -1,0 +1,52 @@
+"""The test suite's own contract: `make test` runs everything, `make test-fast` skips what is marked slow, and every
+test starts from the same seeded global RNG state (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_recipe(target: str) -> str:
+    """The command lines of a Makefile target."""
+    text = (REPO / "Makefile").read_text()
+    match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, flags=re.MULTILINE)
+    assert match, f"no target {target!r} in the Makefile"
+    return match.group(1)
+
+
+def test_make_test_runs_everything_and_test_fast_skips_slow():
+    assert "-m pytest" in make_recipe("test") and "slow" not in make_recipe("test")
+    assert '-m "not slow"' in make_recipe("test-fast")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_help_lists_both_test_targets():
+    out = subprocess.run(["make", "-s", "-C", str(REPO), "help"], capture_output=True, text=True, check=True).stdout
+    targets = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {"test", "test-fast", "check-plans"} <= targets
+
+
+def test_slow_is_a_registered_marker(pytestconfig):
+    """With --strict-markers (pyproject) a misspelt marker is an error instead of a test that never gets skipped."""
+    assert any(m.startswith("slow:") for m in pytestconfig.getini("markers"))
+    assert "--strict-markers" in pytestconfig.getini("addopts")
+
+
+@pytest.mark.parametrize("draw", [0, 1])  # the second run sees the same numbers although the first one drew
+def test_every_test_starts_from_the_same_seed(draw):
+    expected_torch = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    expected_random = random.Random(0).random()
+    expected_numpy = np.random.RandomState(0).rand()
+    assert torch.equal(torch.rand(3), expected_torch)
+    assert random.random() == expected_random
+    assert np.random.rand() == expected_numpy
