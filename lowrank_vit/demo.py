@@ -84,9 +84,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = (f"{'method':<26s} {'paper params':>12s} {'paper top-1':>11s} | {'params':>9s} {'no FT':>6s} "
               f"{'top-1':>6s} {'vs baseline':>11s} {'residual':>9s}")
     base = next((r["top1"] for r in rows if r["method"] == "baseline"), None)
-    lines = ["DeiT-S, Tables 2 and 3 (paper: ImageNet; measured: the smoke stand-in on MNIST-5k). \"no FT\": top-1 "
-             "right after compression; top-1: after the partial fine-tune; residual: mean eq. 5 output error of "
-             "the compressed layers on the calibration images", header, "-" * len(header)]
+    lines = ["DeiT-S, Tables 2 and 3 (paper: ImageNet; measured: the smoke stand-in on MNIST-5k).",
+             "\"no FT\": top-1 right after compression; top-1: after the partial fine-tune; residual: mean eq. 5 "
+             "output error", "of the compressed layers on the calibration images, right after compression.",
+             header, "-" * len(header)]
     for r in rows:
         label = "baseline" if r["method"] == "baseline" else \
             f"{LABELS.get(r['method'], r['method'])} -{round(100 * r['reduction'])}%"
