@@ -641,9 +641,10 @@ def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, outp
             command.append("--force")
         if not progress:
             command.append("--quiet")
-        # the row's own output is progress, never the table: to stderr, or nowhere under --quiet (so stdout stays
-        # the table's, and a reader closing it early cannot break a row)
-        child_out = sys.stderr if progress else subprocess.DEVNULL
+        # the row's own output is progress, never the table: to the process's stderr (file descriptor 2, which the
+        # row's stderr shares; sys.stderr may be an object without one, as under pytest or in a notebook), or
+        # nowhere under --quiet, so stdout stays the table's and a reader closing it early cannot break a row
+        child_out = 2 if progress else subprocess.DEVNULL
         if subprocess.run(command, check=False, stdout=child_out).returncode != 0:
             failed.append(exp.name)
             _say(True, f"[{i}/{len(exps)}] {exp.name}: FAILED (see the messages above); going on")
