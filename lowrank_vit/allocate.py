@@ -75,10 +75,10 @@ def check_feasible(layers: list[LayerBudget], budget: int, *, outside: int | Non
     if outside is not None and params_before:
         lowest = outside + smallest
         largest = math.floor(10000 * (1 - lowest / params_before)) / 10000  # rounded down: reachable as printed
-        raise ValueError(f"the target is unreachable: the smallest model reachable has {lowest:,} parameters (rank 1 "
-                         f"in every compressible layer, with its Z: {smallest:,}, plus {outside:,} kept as they are), "
-                         f"so the largest reachable reduction is {100 * largest:.2f}% (reduction={largest:g} or "
-                         f"target_params={lowest:,})")
+        raise ValueError(f"the target is unreachable: even rank 1 in every compressible layer (with its Z) needs "
+                         f"{smallest:,} parameters there, and {outside:,} stay as they are, so the smallest reachable "
+                         f"model has {lowest:,} parameters: the largest reachable reduction is {100 * largest:.2f}% "
+                         f"(reduction={largest:g} or target_params={lowest:,})")
     raise ValueError(f"the target is unreachable: even rank 1 in every compressible layer (with its Z) needs "
                      f"{smallest:,} parameters there, and the target leaves "
                      + (f"{budget:,}" if budget >= 0 else "none (it is below the parameters kept as they are)"))
