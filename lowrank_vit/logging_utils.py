@@ -2,7 +2,8 @@
 
 ``make_logger("online" | "offline" | "disabled", ...)`` returns Lightning's ``WandbLogger`` (or None when disabled).
 Runs carry the experiment as their wandb *group* and the method as *tags*, so a dashboard grouped by experiment
-compares methods side by side; the full configuration is stored in the run's config. "online" quietly becomes
+compares methods side by side; the full configuration is stored in the run's config (the runner adds method, arch
+and ratio at its top level, which a dashboard can group by). "online" quietly becomes
 "offline", with a warning, when there is no API key (``WANDB_API_KEY`` or a netrc entry for the wandb host) or the
 wandb host cannot be reached; an offline run is a directory under ``save_dir/wandb`` that ``wandb sync`` uploads
 later. ``WANDB_MODE=offline`` / ``disabled`` in the environment take precedence over the requested mode. Only rank

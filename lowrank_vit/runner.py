@@ -433,7 +433,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     """Run one row end to end and write ``OUTPUT/NAME/result.json`` and ``OUTPUT/NAME/model``.
 
     The wandb run (one per row, all stages) is grouped by ``group`` (default ``TABLE-SCALE``) and tagged with the
-    method, architecture, scale and ratio, so a dashboard grouped by experiment compares the methods side by side.
+    method, architecture, scale and ratio, which are also top-level config keys (``method``, ``arch``, ``ratio``),
+    so a dashboard grouped by any of them compares the methods side by side.
 
     Returns:
         The result (also when it was already there with the same config and ``force`` is False), or None on a
