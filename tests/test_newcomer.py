@@ -74,18 +74,22 @@ def _finished_baseline(out: Path, overrides: list[str]) -> None:
     (out / "table2/deit_s/baseline/result.json").write_text(json.dumps(result))
 
 
+SLOW = pytest.mark.slow  # a new process each: 6-14 s on the shared 2-core machine
+
+
 @pytest.mark.parametrize("argv", [
-    ["list", "--json"],
-    ["list"],
-    ["show", "table2/deit_s/ours-50"],
-    ["plan", "table2/deit_s/ours-50", "--synthetic", "--scale", "smoke"],
-    ["plan", "table2/deit_s/ours-50", "--synthetic", "--scale", "smoke", "--json"],
+    ["list", "--json"],  # the one kept in the fast suite
+    pytest.param(["list"], marks=SLOW),
+    pytest.param(["show", "table2/deit_s/ours-50"], marks=SLOW),
+    pytest.param(["plan", "table2/deit_s/ours-50", "--synthetic", "--scale", "smoke"], marks=SLOW),
+    pytest.param(["plan", "table2/deit_s/ours-50", "--synthetic", "--scale", "smoke", "--json"], marks=SLOW),
 ])
 def test_closed_pipe_ends_quietly_with_status_0(argv):
     proc = _with_closed_stdout(argv)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
+@SLOW
 def test_reproduce_into_a_closed_pipe_and_its_rows_only(tmp_path, capsys):
     out = tmp_path / "results"
     _finished_baseline(out, ["model.pretrained=false"])
