@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch and torchvision are pinned to releases whose wheels are commonly cached (timm needs torchvision, whose
-# wheels need a CUDA build of torch; it runs on the CPU too). Override for another CUDA or torch version.
+# torch and torchvision are pinned to releases whose wheels are commonly cached (timm needs torchvision). The default
+# wheels from PyPI are CUDA builds (they run on a CPU too). Override for another CUDA or torch version, or for the
+# CPU-only wheels: make install TORCH_SPEC="--index-url https://download.pytorch.org/whl/cpu torch==2.14.1
+# torchvision==0.29.1 --extra-index-url https://pypi.org/simple" (see the README's set-up section).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_WAIT_POLICY=PASSIVE
 # reproduce-*: SCALE=full (the paper: ImageNet, timm weights, GPUs) or SCALE=smoke (MNIST stand-ins, CPU, minutes);
@@ -13,7 +15,7 @@ ARGS ?=
 CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint clean demo check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
+.PHONY: help install test test-fast lint clean demo demo-refresh check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
 	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10
 
 help:  ## list the targets
@@ -37,6 +39,9 @@ lint: $(BIN)/.installed  ## ruff over the package and the tests
 
 demo: $(BIN)/.installed  ## miniature Table 2 on the MNIST stand-in of DeiT-S, offline, CPU (results/demo/)
 	$(CLI) demo $(ARGS)
+
+demo-refresh: $(BIN)/.installed  ## re-run every demo row, then refresh experiments/results/demo_table2.* and the README's excerpt
+	$(CLI) demo --force --publish $(ARGS)
 
 check-plans: $(BIN)/.installed  ## plan every compressed row of Tables 2-4 at full size; check counts and sizes
 	HF_HUB_OFFLINE=1 $(BIN)/python -m experiments.check_plans $(ARGS)

@@ -64,16 +64,29 @@ class Allocation:
     """Greedy steps taken: {"step", "layer", "rank", "params"} (empty for uniform)."""
 
 
-def check_feasible(layers: list[LayerBudget], budget: int) -> None:
+def check_feasible(layers: list[LayerBudget], budget: int, *, outside: int | None = None,
+                   params_before: int | None = None) -> None:
+    """Fail before any calibration when the target cannot be met. Given ``outside`` (the parameters the
+    compression keeps as they are) and ``params_before`` (the whole model's), the message says the smallest
+    reachable model and the largest reachable reduction, so the user knows what to ask for instead."""
     full = sum(layer.dense_params for layer in layers)
     smallest = sum(layer.params(1) for layer in layers if layer.max_rank >= 1)
     smallest += sum(layer.dense_params for layer in layers if layer.max_rank < 1)
     if budget >= full:
         raise ValueError(f"the target leaves {budget:,} parameters for the compressible layers, which already hold "
                          f"only {full:,}: nothing to compress")
-    if budget < smallest:
+    if budget >= smallest:
+        return
+    if outside is not None and params_before:
+        lowest = outside + smallest
+        largest = math.floor(10000 * (1 - lowest / params_before)) / 10000  # rounded down: reachable as printed
         raise ValueError(f"the target is unreachable: even rank 1 in every compressible layer (with its Z) needs "
-                         f"{smallest:,} parameters there, more than the {budget:,} the target leaves")
+                         f"{smallest:,} parameters there, and {outside:,} stay as they are, so the smallest reachable "
+                         f"model has {lowest:,} parameters: the largest reachable reduction is {100 * largest:.2f}% "
+                         f"(reduction={largest:g} or target_params={lowest:,})")
+    raise ValueError(f"the target is unreachable: even rank 1 in every compressible layer (with its Z) needs "
+                     f"{smallest:,} parameters there, and the target leaves "
+                     + (f"{budget:,}" if budget >= 0 else "none (it is below the parameters kept as they are)"))
 
 
 def _fill_slack(layers: list[LayerBudget], ranks: dict[str, int | None], budget: int, key, step: int = 1) -> int:

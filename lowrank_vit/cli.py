@@ -13,6 +13,7 @@ import sys
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+DEMO_PUBLISHED = "experiments/results/demo_table2.{json,txt}"
 
 
 class CLIError(Exception):
@@ -37,7 +38,8 @@ def _add_hardware(parser: argparse.ArgumentParser) -> None:
                         help="wandb group of the runs (default TABLE-SCALE, e.g. compare-smoke)")
     parser.add_argument("--force", action="store_true", help="run again even if a result is already there")
     _add_set(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but the results (no progress lines or bars)")
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="allocate a row's ranks and count its parameters, without data")
     p.add_argument("name")
     p.add_argument("--synthetic", action="store_true",
-                   help="random weights and synthetic calibration images (the only mode so far; no network)")
+                   help="required (plan has no other mode yet): seeded random weights and synthetic calibration "
+                        "images, so two runs give the same ranks; no data, weights or network")
     p.add_argument("--scale", choices=("full", "smoke"), default="full")
     p.add_argument("--calib-images", type=positive_int, default=4, help="synthetic calibration images (default 4)")
     _add_set(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="totals, per-layer ranks and parameter counts and MiB as JSON")
 
     p = sub.add_parser("run", help="the whole pipeline of one row; writes OUTPUT/NAME/result.json and the model")
     p.add_argument("name")
@@ -92,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--force", action="store_true", help="run rows again even if finished")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print nothing but the table")
+    p.add_argument("--publish", action="store_true",
+                   help=f"also copy the table to {DEMO_PUBLISHED} and refresh the README's excerpt (what `make "
+                        f"demo-refresh` runs)")
     _add_set(p)
     return parser
 
@@ -129,16 +135,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     result = plan_row(exp, args.scale, synthetic=True, calib_images=args.calib_images,
                       overrides=args.overrides, progress=False)
     if args.json:
-        keys = ["name", "params_before", "params_after", "paper_params", "reduction", "scale"]
-        keys += [k for k in ("target_params", "size_mib", "paper_size_mib") if k in result]
-        print(json.dumps({k: result.get(k) for k in keys}))
+        keys = ["name", "scale", "seed", "params_before", "params_after", "target_params", "paper_params",
+                "reduction", "size_mib", "paper_size_mib", "layers"]
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     else:
-        print(f"{result['name']} [{args.scale}]: {result['params_before']:,} -> {result['params_after']:,} "
-              f"parameters (-{100 * result['reduction']:.2f}%)"
+        print(f"{result['name']} [{args.scale}, synthetic weights and images, seed {result['seed']}]: "
+              f"{result['params_before']:,} -> {result['params_after']:,} parameters "
+              f"(-{100 * result['reduction']:.2f}%)"
               + (f", paper {result['paper_params']:,}" if result["paper_params"] else "")
               + (f", {result['size_mib']:.1f} MiB" if "size_mib" in result else ""))
-        for layer, rank in result["ranks"].items():
-            print(f"  {layer:40s} {'dense' if rank is None else rank}")
+        if result["layers"]:
+            print(f"  {'layer':40s} {'rank':>6s} {'params':>12s} {'dense':>12s}")
+        for layer in result["layers"]:
+            rank = "dense" if layer["rank"] is None else str(layer["rank"])
+            print(f"  {layer['name']:40s} {rank:>6s} {layer['params']:>12,d} {layer['dense_params']:>12,d}")
     return 0
 
 
@@ -152,16 +162,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lowrank_vit.registry import get_experiment
     from lowrank_vit.runner import run_row
 
-    run_row(get_experiment(args.name), args.scale, **_hardware(args))
+    result = run_row(get_experiment(args.name), args.scale, **_hardware(args))
+    if result is not None:  # the result line (None on the other ranks of a DDP run)
+        print(result_line(result, args.output, args.scale))
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from lowrank_vit.runner import default_output, reproduce
+    from lowrank_vit.runner import reproduce
 
     data = reproduce(args.table, args.scale, rows=args.rows, **_hardware(args))
-    output = args.output or default_output(args.scale)
-    print(open(os.path.join(output, f"{args.table}.md")).read(), end="")
+    print(data["selected_markdown"], end="")  # the rows asked for; OUTPUT/TABLE.md holds the whole table
     if data["failed"]:
         print(f"lowrank-vit: {len(data['failed'])} row(s) failed: {', '.join(data['failed'])}", file=sys.stderr)
         return 1
@@ -169,15 +180,29 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lowrank_vit.demo import DEMO_ROWS, run_demo
+    from lowrank_vit.demo import DEMO_ROWS, publish, run_demo
 
-    run_demo(args.output, rows=args.rows or DEMO_ROWS, overrides=args.overrides, wandb=args.wandb,
-             force=args.force, figures=not args.no_figures, progress=not args.quiet)
+    if args.publish and (args.rows or args.overrides):
+        raise CLIError("--publish records the demo as `make demo-refresh` runs it: drop --rows and --set")
+    summary = run_demo(args.output, rows=args.rows or DEMO_ROWS, overrides=args.overrides, wandb=args.wandb,
+                       force=args.force, figures=not args.no_figures, progress=not args.quiet)
+    if args.publish:
+        for path in publish(summary):
+            print(f"demo: wrote {path}", file=sys.stderr)
     return 0
 
 
 COMMANDS = {"list": _cmd_list, "show": _cmd_show, "plan": _cmd_plan, "run": _cmd_run, "reproduce": _cmd_reproduce,
             "demo": _cmd_demo}
+
+
+def result_line(result: dict[str, Any], output: str | None, scale: str) -> str:
+    """What `run` prints on stdout: the row's top-1, parameters and size, and where its result.json is."""
+    from lowrank_vit.runner import RESULT_FILE, default_output
+
+    where = os.path.join(output or default_output(scale), result["name"], RESULT_FILE)
+    return (f"{result['name']}: top-1 {result['top1']:.2f}% with {result['params']:,} parameters "
+            f"({result['size_mib']:.1f} MiB) -> {where}")
 
 
 def _one_line(err: BaseException) -> str:
@@ -186,11 +211,27 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script. A reader that closes the pipe early (``lowrank-vit list | head -2``) ends it quietly
+    with status 0, as ``cat`` and ``ls`` do, instead of a BrokenPipeError traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, rather than at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail a second time
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from lowrank_vit.data import DataFormatError, DataNotFoundError
+    from lowrank_vit.logging_utils import silence_third_party
     from lowrank_vit.registry import UnknownExperimentError
     from lowrank_vit.runner import SetupError
 
+    silence_third_party()
     expected = (CLIError, UnknownExperimentError, SetupError, DataNotFoundError, DataFormatError, ValueError,
                 FileNotFoundError, FloatingPointError)
     try:

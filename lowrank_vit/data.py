@@ -746,9 +746,9 @@ class ImageNetDataModule(HFImageDataModule):
         if cfg.path is None and resolve_token(cfg.token) is None:
             raise DataNotFoundError(
                 f"ImageNet-1k needs a Hugging Face token or a local copy: accept the terms at "
-                f"https://huggingface.co/datasets/{IMAGENET_HUB_ID}, then set HF_TOKEN (or DataConfig(token=...)), "
-                f"or give DataConfig(path=...) an image folder with train/ and val/ class subfolders or the hub's "
-                f"parquet files")
+                f"https://huggingface.co/datasets/{IMAGENET_HUB_ID}, then set HF_TOKEN (or `hf auth login`), or give "
+                f"a local copy (on the CLI --set data.path=DIR, in Python DataConfig(path=DIR)): an image folder "
+                f"with train/ and val/ class subfolders or the hub's parquet files")
         super().__init__(cfg, preprocessing)
 
     def _hub_id(self) -> str:

@@ -39,12 +39,23 @@ DEMO_ROWS = (
 """Vanilla SVD + FT, the paper's recipe ("ours") and the library's loss-aware default at -40/-50/-60% and at Table 3's
 DeiT-S target (-77%). The paper prints vanilla SVD + FT for DeiT-S at -40% only; the others are ablation rows."""
 DEFAULT_OUTPUT = Path("results") / "demo"
+PUBLISHED = Path("experiments") / "results" / "demo_table2"
+"""``.json`` and ``.txt``: the committed copy of the demo's table (``make demo-refresh`` writes it); the README's
+demo excerpt is the ``.txt`` between :data:`README_MARKERS`, and a test keeps the two equal."""
+README_MARKERS = ("<!-- demo-table: made by `make demo-refresh`; do not edit by hand -->", "<!-- /demo-table -->")
+REFRESH_COMMAND = "make demo-refresh"
 METHOD_NAMES = {"baseline": "baseline", "ours": "ours", "vanilla": "vanilla", "loss-aware": "loss-aware"}
 LABELS = {"ours": "paper's recipe", "vanilla": "vanilla SVD + FT", "loss-aware": "loss-aware (default)"}
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _say(message: str, enabled: bool = True) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def short_name(layer: str) -> str:
+    """One naming of layers in every figure: ``blocks.6.attn.qkv`` -> ``b6.attn.qkv``."""
+    return layer.replace("blocks.", "b", 1) if layer.startswith("blocks.") else layer
 
 
 def _clock(seconds: float) -> str:
@@ -54,13 +65,16 @@ def _clock(seconds: float) -> str:
 
 def demo_row(exp: Experiment, result: dict[str, Any]) -> dict[str, Any]:
     """One row of ``table2.json``: method "baseline" | "ours" | "vanilla" | "loss-aware", reduction a fraction, top-1
-    in percent after fine-tuning and before it (``top1_noft``, None for the baseline), parameter counts as integers,
-    paper fields None where the paper has no such row."""
+    in percent after fine-tuning and before it (``top1_noft``, None for the baseline), the mean eq. 5 residual
+    error over the compressed layers right after compression (None for the baseline), parameter counts as
+    integers, paper fields None where the paper has no such row."""
     paper = exp.paper
     compressed = result.get("compressed") or {}
+    residual = result.get("residual_error")
     return {"name": exp.name, "method": METHOD_NAMES.get(exp.method, exp.method),
             "reduction": float(exp.reduction or 0.0), "params": int(result["params"]), "top1": float(result["top1"]),
             "top1_noft": None if compressed.get("top1") is None else float(compressed["top1"]),
+            "residual": None if residual is None else float(residual),
             "paper_params": None if paper.params_m is None else round(paper.params_m * 1e6),
             "paper_top1": paper.top1}
 
@@ -68,10 +82,12 @@ def demo_row(exp: Experiment, result: dict[str, Any]) -> dict[str, Any]:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows laid out like the paper's Table 2 (one line per method and ratio), paper beside measured."""
     header = (f"{'method':<26s} {'paper params':>12s} {'paper top-1':>11s} | {'params':>9s} {'no FT':>6s} "
-              f"{'top-1':>6s} {'vs baseline':>11s}")
+              f"{'top-1':>6s} {'vs baseline':>11s} {'residual':>9s}")
     base = next((r["top1"] for r in rows if r["method"] == "baseline"), None)
-    lines = ["DeiT-S, Tables 2 and 3 (paper: ImageNet; measured: the smoke stand-in on MNIST-5k). \"no FT\": top-1 "
-             "right after compression; top-1: after the partial fine-tune", header, "-" * len(header)]
+    lines = ["DeiT-S, Tables 2 and 3 (paper: ImageNet; measured: the smoke stand-in on MNIST-5k).",
+             "\"no FT\": top-1 right after compression; top-1: after the partial fine-tune; residual: mean eq. 5 "
+             "output error", "of the compressed layers on the calibration images, right after compression.",
+             header, "-" * len(header)]
     for r in rows:
         label = "baseline" if r["method"] == "baseline" else \
             f"{LABELS.get(r['method'], r['method'])} -{round(100 * r['reduction'])}%"
@@ -79,8 +95,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         paper_top1 = "—" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
         noft = "" if r.get("top1_noft") is None else f"{r['top1_noft']:.2f}"
         delta = "" if base is None or r["method"] == "baseline" else f"{r['top1'] - base:+.2f}"
+        residual = "" if r.get("residual") is None else f"{r['residual']:.2e}"
         lines.append(f"{label:<26s} {paper_params:>12s} {paper_top1:>11s} | {r['params']:>9,d} {noft:>6s} "
-                     f"{r['top1']:>6.2f} {delta:>11s}")
+                     f"{r['top1']:>6.2f} {delta:>11s} {residual:>9s}".rstrip())
     return "\n".join(lines)
 
 
@@ -137,14 +154,14 @@ def plot_energy(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
             label = "plain SVD of W" if kind == "plain" else "activation-aware SVD"
             top.plot(c[f"{kind}_energy_kept"], style, label=label)
             bottom.semilogy([max(v, 1e-12) for v in c[f"{kind}_output_error"]], style, label=label)
-        top.set_title(name.split(".", 1)[-1], fontsize=9)
+        top.set_title(short_name(name), fontsize=9)
         top.set_ylabel("energy kept (own spectrum)")
         bottom.set_ylabel("output error, eq. 5")
         bottom.set_xlabel("rank")
         top.grid(alpha=0.3)
         bottom.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Energy vs rank in one block (cf. the paper's Fig. 1)")
+    fig.suptitle(f"Energy vs rank in {short_name(next(iter(curves))).split('.')[0]} (cf. the paper's Fig. 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -154,27 +171,41 @@ def plot_energy(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
 def _per_layer_axes(layers: list[dict[str, Any]]):
     """A figure wide enough for one tick per layer, labelled with the layers' short names."""
     plt = _pyplot()
-    names = [layer["name"].replace("blocks.", "b") for layer in layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 4.0))
+    names = [short_name(layer["name"]) for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)) + 2.5, 4.0))  # + the legend's width
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     return fig, ax
 
 
 def _save(fig, ax, path: Path, title: str) -> Path:
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10, wrap=True)
+    # beside the axes, not over the data: tight_layout makes room for it
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path
 
 
-def plot_layer_errors(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
-    fig, ax = _per_layer_axes(layers)
-    x = range(len(layers))
-    ax.plot(x, [layer["output_error_lowrank"] for layer in layers], "o--", label="U Vᵀ alone")
-    ax.plot(x, [layer["output_error"] for layer in layers], "s-", label="U Vᵀ + Z (after compensation)")
+def plot_layer_errors(methods: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    """Each method's eq. 5 output error per layer at one ratio (log scale); where a method adds Z, its error
+    before compensation too (dashed), the paper's Fig. 3. A layer a method left dense has no point."""
+    first = next(iter(methods.values()))
+    fig, ax = _per_layer_axes(first)
+    order = [layer["name"] for layer in first]
+    for i, (label, layers) in enumerate(methods.items()):
+        by_name = {layer["name"]: layer for layer in layers}
+        color = f"C{i}"
+
+        def series(key: str, _by_name: dict = by_name) -> list[float]:
+            return [_by_name[n][key] if _by_name.get(n, {}).get("rank") is not None else float("nan") for n in order]
+
+        after, before = series("output_error"), series("output_error_lowrank")
+        ax.plot(range(len(order)), after, "o-", color=color, markersize=3, label=label)
+        changed = any(abs(b - a) > 1e-3 * a for a, b in zip(after, before, strict=True) if a == a)  # a == a: not NaN
+        if changed:  # this method's Z lowered the error: show the error before it
+            ax.plot(range(len(order)), before, ":", color=color, label=f"{label}: U Vᵀ alone, before Z")
     ax.set_yscale("log")
     ax.set_ylabel("normalized output error, eq. 10")
     ax.grid(alpha=0.3)
@@ -214,20 +245,18 @@ def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overri
     (output / "energy_vs_rank.json").write_text(json.dumps(curves))
     paths.append(plot_energy(curves, output / "energy_vs_rank.png"))
     if ours:
-        # the middle ratio when there are several: the paper's headline setting
+        # -60% when there are the demo's ratios (ours-40/50/60, Table 3's): the ratio where the methods separate
         name = ours[len(ours) // 2]
-        layers = read_result(output / name)["report"]["layers"]
-        paths.append(plot_layer_errors(layers, output / "output_error_per_layer.png",
-                                       f"{name}: error per layer before and after compensation (cf. Fig. 3)"))
-        # the same ratio's rows of every method that finished: whose ranks went where
         ratio = get_experiment(name).reduction
-        methods = {}
+        methods = {}  # the same ratio's rows of every method that finished
         for row in rows:
             exp, result = get_experiment(row), read_result(output / row)
             if exp.method in LABELS and exp.reduction == ratio and result and result.get("report"):
                 methods[LABELS[exp.method]] = result["report"]["layers"]
-        paths.append(plot_ranks(methods, output / "ranks_per_layer.png",
-                                f"ranks per layer at -{round(100 * ratio)}%"))
+        pct = round(100 * ratio)
+        paths.append(plot_layer_errors(methods, output / "output_error_per_layer.png",
+                                       f"Output error per layer at -{pct}% (cf. the paper's Fig. 3)"))
+        paths.append(plot_ranks(methods, output / "ranks_per_layer.png", f"Ranks kept per layer at -{pct}%"))
     return paths
 
 
@@ -246,7 +275,7 @@ def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] 
     if any(e.smoke.model.pretrained for e in exps) and "model.pretrained=false" not in overrides:
         from lowrank_vit.standins import build_standin
 
-        _say("demo: the DeiT-S stand-in (trained once on the MNIST digits, then cached)")
+        _say("demo: the DeiT-S stand-in (trained once on the MNIST digits, then cached)", progress)
         build_standin(exps[0].smoke.model.name, progress=progress)
     results = []
     done_times: dict[bool, list[float]] = {True: [], False: []}  # rows with / without compression and fine-tune
@@ -258,7 +287,7 @@ def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] 
     for i, exp in enumerate(exps, 1):
         remaining = [expected(e) for e in exps[i - 1:]]
         eta = "" if None in remaining else f", about {_clock(sum(remaining))} left"
-        _say(f"demo: row {i}/{len(exps)} {exp.name} ({_clock(time.perf_counter() - started)} elapsed{eta})")
+        _say(f"demo: row {i}/{len(exps)} {exp.name} ({_clock(time.perf_counter() - started)} elapsed{eta})", progress)
         t = time.perf_counter()
         result = run_row(exp, "smoke", output=output, overrides=overrides, wandb=wandb, force=force,
                          progress=progress, group="demo")
@@ -272,8 +301,47 @@ def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] 
     print(table)
     _say(f"demo: {len(results)} rows in {_clock(seconds)}; table {output / 'table2.json'}, figures "
          f"{', '.join(p.name for p in paths) or 'none'} in {output}; wandb runs (group 'demo') under "
-         f"{output}/<row>/wandb" + (" — `wandb sync` uploads them" if wandb == "offline" else ""))
+         f"{output}/<row>/wandb" + (f" — `find {output} -type d -name 'offline-run-*' -exec wandb sync {{}} +` "
+                                    f"uploads them" if wandb == "offline" else ""), progress)
     return {"rows": results, "table": table, "figures": [str(p) for p in paths], "seconds": seconds}
 
 
-__all__ = ["DEMO_ROWS", "demo_row", "energy_curves", "format_table", "make_figures", "run_demo"]
+# ---------------------------------------------------------------------------------------------------- publish
+
+
+def readme_excerpt(readme_text: str) -> str | None:
+    """The demo table in the README: the fenced block between :data:`README_MARKERS` (None when absent)."""
+    start, end = README_MARKERS
+    if start not in readme_text or end not in readme_text:
+        return None
+    block = readme_text.split(start, 1)[1].split(end, 1)[0].strip()
+    return block.removeprefix("```").removesuffix("```").strip("\n")
+
+
+def publish(summary: dict[str, Any], dest: str | os.PathLike = PUBLISHED,
+            readme: str | os.PathLike = "README.md") -> list[Path]:
+    """Record a demo run in the repository: ``DEST.json`` (the rows, the run's wall time and the command) and
+    ``DEST.txt`` (the printed table), and the README's excerpt between :data:`README_MARKERS` replaced by that
+    table. Every number the README's demo section quotes then comes from a committed file made by one command.
+
+    Raises:
+        ValueError: the README lacks the markers (nothing is written then).
+    """
+    readme, dest = Path(readme), Path(dest)
+    text = readme.read_text()
+    if readme_excerpt(text) is None:
+        raise ValueError(f"{readme} has no demo excerpt between {README_MARKERS[0]!r} and {README_MARKERS[1]!r}")
+    start, end = README_MARKERS
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    json_path, txt_path = dest.with_suffix(".json"), dest.with_suffix(".txt")
+    record = {"command": REFRESH_COMMAND, "seconds": round(summary["seconds"], 1), "rows": summary["rows"]}
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    txt_path.write_text(summary["table"] + "\n")
+    readme.write_text(f"{before}{start}\n```\n{summary['table']}\n```\n{end}{after}")
+    return [json_path, txt_path, readme]
+
+
+__all__ = ["DEMO_ROWS", "demo_row", "energy_curves", "format_table", "make_figures", "publish", "readme_excerpt",
+           "run_demo", "short_name"]

@@ -2,7 +2,8 @@
 
 ``make_logger("online" | "offline" | "disabled", ...)`` returns Lightning's ``WandbLogger`` (or None when disabled).
 Runs carry the experiment as their wandb *group* and the method as *tags*, so a dashboard grouped by experiment
-compares methods side by side; the full configuration is stored in the run's config. "online" quietly becomes
+compares methods side by side; the full configuration is stored in the run's config (the runner adds method, arch
+and ratio at its top level, which a dashboard can group by). "online" quietly becomes
 "offline", with a warning, when there is no API key (``WANDB_API_KEY`` or a netrc entry for the wandb host) or the
 wandb host cannot be reached; an offline run is a directory under ``save_dir/wandb`` that ``wandb sync`` uploads
 later. ``WANDB_MODE=offline`` / ``disabled`` in the environment take precedence over the requested mode. Only rank
@@ -12,6 +13,7 @@ zero writes: Lightning's WandbLogger creates its run on global rank zero only, a
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import socket
@@ -28,6 +30,34 @@ MODES = ("online", "offline", "disabled")
 DEFAULT_HOST = "https://api.wandb.ai"
 RANK_COLUMNS = ["layer", "in_features", "out_features", "rank", "z_params", "dense_params", "factored_params",
                 "energy_loss", "output_error_lowrank", "output_error"]
+
+
+THIRD_PARTY_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+"""Loggers whose INFO lines (the accelerator banner, "💡 Tip" adverts, the model summary, "`Trainer.fit`
+stopped") are set to WARNING: a row's own progress lines say what stage it is in."""
+HARMLESS_WARNINGS = (
+    # resuming an interrupted fine-tune: a fresh run has no "last" checkpoint yet, which is the normal case
+    r'.*ckpt_path="last"\) is set, but there is no last checkpoint',
+    # the small datasets here load in the main process on purpose (num_workers=0 is the default)
+    r".*does not have many workers which may be a bottleneck",
+    # a deprecation inside Lightning's own code, not ours
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+"""Messages of warnings known to be harmless here, silenced (regular expressions matched from the start)."""
+
+
+def silence_third_party() -> None:
+    """No third-party banners, tips or known-harmless warnings on the terminal: Lightning's INFO chatter goes to
+    WARNING, the warnings of :data:`HARMLESS_WARNINGS` are ignored and wandb runs silently (``WANDB_SILENT``,
+    unless the environment sets it). Real warnings and errors still show. Idempotent; called by the CLI and by
+    :func:`lowrank_vit.runner.run_row`."""
+    import lightning.pytorch  # noqa: F401  its import sets its logger to INFO: lower it afterwards
+
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def _wandb_host() -> str:
@@ -115,6 +145,11 @@ def make_logger(mode: str = "offline", project: str = "lowrank_vit", group: str 
     logger = WandbLogger(project=project, group=group, tags=list(tags), name=name, job_type=job_type,
                          save_dir=str(save_dir), offline=resolved == "offline", config=dict(config or {}),
                          **kwargs)
+    # Lightning always passes anonymous=None to wandb.init, which makes wandb warn that the setting "has no
+    # effect" on every run (before WANDB_SILENT applies); the run is created lazily, so the key can still go
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
     return logger
 
 

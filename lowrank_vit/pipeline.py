@@ -166,7 +166,8 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
                 for name, layer in layers.items()}
     # Fail on an impossible target before the (long) calibration pass.
     check_feasible([LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
-                    for name, layer in layers.items()] + comcat.head_budgets(attention), budget)
+                    for name, layer in layers.items()] + comcat.head_budgets(attention), budget,
+                   outside=params_before - replaced + fixed, params_before=params_before)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, fixed, attention)
 

@@ -42,6 +42,16 @@ class SetupError(RuntimeError):
     """Something the run needs is missing (weights, data, a device); the message says how to provide it."""
 
 
+def row_config(exp: Experiment, scale: str, overrides: Iterable[str] = ()) -> RunConfig:
+    """``exp``'s config at ``scale`` with the ``--set`` assignments applied, each checked against its field's type
+    first (:func:`lowrank_vit.overrides.check_overrides`), so malformed input fails before anything runs."""
+    from lowrank_vit.overrides import check_overrides
+
+    overrides = list(overrides)
+    check_overrides(overrides)
+    return exp.config(scale).override(overrides)
+
+
 def default_output(scale: str) -> Path:
     """Where results go unless told: ``results/`` for the full scale, ``results/smoke/`` for the smoke one, so the
     two never overwrite each other."""
@@ -168,6 +178,30 @@ def _num_classes(model: nn.Module) -> int:
     raise ValueError(f"{type(model).__name__} states no num_classes; cannot make synthetic labels")
 
 
+def head_classes(model: nn.Module) -> int | None:
+    """How many classes the model's head predicts (None when it states none)."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        return classes
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def check_classes(model: nn.Module, num_classes: int, where: str) -> None:
+    """The data's labels must fit the model's head; checked before the calibration pass, which would otherwise
+    run for minutes and then fail deep in the loss with "Target N is out of bounds".
+
+    Raises:
+        SetupError: the data has more classes (or a label at or above the head's size) than the head predicts.
+    """
+    classes = head_classes(model)
+    if classes is not None and num_classes > classes:
+        raise SetupError(f"{where} has {num_classes} classes (labels 0..{num_classes - 1}) but the model's head "
+                         f"predicts {classes}: use a model with num_classes={num_classes} (e.g. --set "
+                         f"'model.kwargs={{\"num_classes\": {num_classes}}}' with your checkpoint) or data with at "
+                         f"most {classes} classes")
+
+
 def resolve_device(accelerator: str) -> torch.device:
     """The device of this process: the local rank's GPU under DDP."""
     if accelerator == "cpu":
@@ -187,16 +221,26 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
     """Allocate a row's ranks without computing factors or touching data: the row's model with random weights
     (``synthetic``) and ``calib_images`` synthetic calibration images. Returns the parameter counts (and, for rows
     with a size, the model size in MiB under Table 4's accounting)."""
+    cfg = row_config(exp, scale, overrides)
+    seed = cfg.compression.seed if cfg.compression is not None else 0
+    # the random weights are drawn from a generator seeded here (and the caller's random state left as it was),
+    # so two plans of one row give the same ranks and totals
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _plan(exp, cfg, scale, synthetic, calib_images, progress, seed)
+
+
+def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_images: int, progress: bool,
+          seed: int) -> dict[str, Any]:
     from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
     from lowrank_vit.quantize import model_size_mib, quantize_
 
-    cfg = exp.config(scale).override(overrides)
     model_cfg = ModelConfig(cfg.model.source, cfg.model.name, pretrained=not synthetic, kwargs=cfg.model.kwargs)
     model = build_model(model_cfg, progress=progress)
     params_before = count_params(model)
-    out: dict[str, Any] = {"name": exp.name, "scale": scale, "params_before": params_before,
+    out: dict[str, Any] = {"name": exp.name, "scale": scale, "seed": seed, "params_before": params_before,
                            "params_after": params_before, "paper_params": _millions(exp.paper.params_m),
-                           "reduction": 0.0, "ranks": {}}
+                           "reduction": 0.0, "ranks": {}, "layers": []}
     if cfg.compression is not None:
         compression = replace(cfg.compression, calib_samples=calib_images, progress=progress,
                                gram_precision="float32")
@@ -204,15 +248,26 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
         if compression.decomposition == "fwsvd":  # its Fisher pass needs labels: random ones, seeded
             batches = synthetic_labelled(batches, _num_classes(model), seed=compression.seed)
         plan = plan_compression(model, batches, compression)
+        dense = {name: _module_params(model, name) for name in plan.ranks}
         apply_plan_skeleton_(model, plan)
         out.update(params_after=plan.params_after, target_params=plan.target_params,
-                   reduction=1.0 - plan.params_after / params_before, ranks=plan.ranks)
-    if exp.paper.size_mib is not None or cfg.quantization is not None:
-        if cfg.quantization is not None:
-            quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
-        out["size_mib"] = model_size_mib(model, bits=cfg.size_bits)
-        out["paper_size_mib"] = exp.paper.size_mib
+                   reduction=1.0 - plan.params_after / params_before, ranks=plan.ranks,
+                   layers=[{"name": name, "rank": rank, "dense_params": dense[name],
+                            "params": _module_params(model, name)} for name, rank in plan.ranks.items()])
+    if cfg.quantization is not None:
+        quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
+    out["size_mib"] = model_size_mib(model, bits=cfg.size_bits)  # Table 4's accounting, for every row
+    out["paper_size_mib"] = exp.paper.size_mib
     return out
+
+
+def _module_params(model: nn.Module, name: str) -> int | None:
+    """Parameters of one layer, or None for a unit that is not a module (COMCAT's ``blocks.0.attn.qk.3``)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return sum(p.numel() for p in module.parameters())
 
 
 def _millions(value: float | None) -> int | None:
@@ -351,10 +406,19 @@ def _json_default(value: Any) -> Any:
 def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
     from lowrank_vit.logging_utils import make_logger
 
-    tags = [exp.method, exp.arch, cfg.scale] + ([f"-{round(100 * exp.reduction)}%"] if exp.reduction else [])
-    return make_logger(wandb, project="lowrank_vit", group=group or f"{exp.table}-{cfg.scale}", tags=tags,
-                       config={"experiment": exp.name, **cfg.to_dict(), "paper": exp.to_dict()["paper"]},
+    ratio = round(100 * exp.reduction) if exp.reduction else None
+    tags = [exp.method, exp.arch, cfg.scale] + ([f"-{ratio}%"] if ratio else [])
+    # method, arch and ratio also as top-level config keys: a dashboard groups and filters runs by config keys
+    keys = {"experiment": exp.name, "table": exp.table, "method": exp.method, "arch": exp.arch,
+            "model_name": cfg.model.name, "ratio": ratio, "reduction": exp.reduction}
+    return make_logger(wandb, project=wandb_project(), group=group or f"{exp.table}-{cfg.scale}", tags=tags,
+                       config={**keys, **cfg.to_dict(), "paper": exp.to_dict()["paper"]},
                        save_dir=out_dir, name=exp.name, job_type="run")
+
+
+def wandb_project() -> str:
+    """The wandb project of every run: ``WANDB_PROJECT`` when set, else "lowrank_vit"."""
+    return os.environ.get("WANDB_PROJECT") or "lowrank_vit"
 
 
 def _is_rank_zero() -> bool:
@@ -382,7 +446,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     """Run one row end to end and write ``OUTPUT/NAME/result.json`` and ``OUTPUT/NAME/model``.
 
     The wandb run (one per row, all stages) is grouped by ``group`` (default ``TABLE-SCALE``) and tagged with the
-    method, architecture, scale and ratio, so a dashboard grouped by experiment compares the methods side by side.
+    method, architecture, scale and ratio, which are also top-level config keys (``method``, ``arch``, ``ratio``),
+    so a dashboard grouped by any of them compares the methods side by side.
 
     Returns:
         The result (also when it was already there with the same config and ``force`` is False), or None on a
@@ -399,7 +464,10 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
 
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb mode {wandb!r} is not one of {', '.join(WANDB_MODES)}")
-    cfg = exp.config(scale).override(overrides).with_hardware(accelerator, devices, num_nodes)
+    from lowrank_vit.logging_utils import silence_third_party
+
+    silence_third_party()
+    cfg = row_config(exp, scale, overrides).with_hardware(accelerator, devices, num_nodes)
     output = Path(output) if output is not None else default_output(scale)
     out_dir = output / exp.name
     if not force:
@@ -423,6 +491,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
     dm = build_datamodule(data_cfg, model)
     dm.setup("fit")
+    check_classes(model, dm.num_classes, f"the data {data_cfg.path or data_cfg.name!r}")
     stage("load", t)
     # inference needs no activations kept: larger batches than training's make the evaluations cheaper
     eval_loader = dm.val_dataloader(batch_size=max(256, 2 * data_cfg.batch_size))
@@ -434,6 +503,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
 
     if rank_zero:
+        _say(progress, f"{exp.name}: evaluating the starting model")
         t = time.perf_counter()
         result["dense"] = _dense_accuracy(cfg, digest, output, lambda: evaluate(
             model, eval_loader, device, progress, "evaluate dense"))
@@ -452,12 +522,15 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
             [layer.output_error_lowrank for layer in report.layers if layer.rank is not None])
         log_ranks_table(logger, report)
         if cfg.finetune is not None and rank_zero:
+            _say(progress, f"{exp.name}: evaluating the compressed model before fine-tuning")
             t = time.perf_counter()
             result["compressed"] = evaluate(model, eval_loader, device, progress, "evaluate compressed")
             stage("evaluate_compressed", t)
     if cfg.finetune is not None:
         from lowrank_vit.finetune import finetune
 
+        _say(progress, f"{exp.name}: fine-tuning ({cfg.finetune.epochs} epoch(s)"
+                       + (f", at most {cfg.finetune.max_steps} steps)" if cfg.finetune.max_steps else ")"))
         t = time.perf_counter()
         hw = cfg.hardware
         checkpoints = out_dir / "checkpoints"
@@ -472,9 +545,11 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
                               "epochs": trainer.current_epoch, "trainable_params": module.trainable["trainable"],
                               "trainable_fraction": module.trainable["fraction"]}
     if cfg.quantization is not None:
+        _say(progress, f"{exp.name}: quantizing to {cfg.quantization.bits} bits")
         t = time.perf_counter()
         quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
         stage("quantize", t)
+    _say(progress, f"{exp.name}: evaluating the final model")
     t = time.perf_counter()
     final = evaluate(model, eval_loader, device, progress, "evaluate final")
     stage("evaluate", t)
@@ -500,8 +575,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         finish(logger)
     _write_json(out_dir / RESULT_FILE, result)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
-    _say(progress, f"{exp.name}: top-1 {result['top1']:.2f}% with {result['params']:,} parameters "
-                   f"({result['size_mib']:.1f} MiB) -> {out_dir / RESULT_FILE}")
+    _say(progress, f"{exp.name}: done in {seconds['total']:.0f} s -> {out_dir / RESULT_FILE}")
     return result
 
 
@@ -561,9 +635,10 @@ def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, outp
     """
     exps = select_rows(table, rows)
     output = Path(output) if output is not None else default_output(scale)
+    overrides = list(overrides)
+    configs = [row_config(exp, scale, overrides).with_hardware(accelerator, devices, num_nodes) for exp in exps]
     failed = []
-    for i, exp in enumerate(exps, 1):
-        cfg = exp.config(scale).override(overrides).with_hardware(accelerator, devices, num_nodes)
+    for i, (exp, cfg) in enumerate(zip(exps, configs, strict=True), 1):
         if not force and finished(exp, cfg, output) is not None:
             _say(progress, f"[{i}/{len(exps)}] {exp.name}: already finished, skipped")
             continue
@@ -581,11 +656,17 @@ def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, outp
             command.append("--force")
         if not progress:
             command.append("--quiet")
-        if subprocess.run(command, check=False).returncode != 0:
+        # the row's own output is progress, never the table: to the process's stderr (file descriptor 2, which the
+        # row's stderr shares; sys.stderr may be an object without one, as under pytest or in a notebook), or
+        # nowhere under --quiet, so stdout stays the table's and a reader closing it early cannot break a row
+        child_out = 2 if progress else subprocess.DEVNULL
+        if subprocess.run(command, check=False, stdout=child_out).returncode != 0:
             failed.append(exp.name)
             _say(True, f"[{i}/{len(exps)}] {exp.name}: FAILED (see the messages above); going on")
     data = write_table(table, select_rows(table), scale, output)  # every row of the table, finished or not
     data["failed"] = failed
+    data["selected_markdown"] = render_table(table, exps, scale, output) if rows else \
+        (output / f"{table}.md").read_text()
     return data
 
 
@@ -604,6 +685,9 @@ def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
     for key in ("params_m", "top1", "size_mib", "residual"):
         ours, theirs = row[key], row[f"paper_{key}"]
         row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
+    # against the row's own starting model: what a smoke-scale row can be compared with
+    row["diff_top1_dense"] = None if row["top1"] is None or row["top1_dense"] is None else \
+        row["top1"] - row["top1_dense"]
     return row
 
 
@@ -627,6 +711,18 @@ def _setup_label(config: dict[str, Any]) -> str | None:
 def write_table(table: str, exps: list[Experiment], scale: str, output: Path) -> dict[str, Any]:
     """Write ``output/TABLE.json`` and ``output/TABLE.md``: every row's paper and measured numbers and their
     difference. At smoke scale the measured numbers are MNIST stand-ins: only their ordering compares."""
+    data, text = _table(table, exps, scale, output)
+    _write_json(output / f"{table}.json", data)
+    (output / f"{table}.md").write_text(text)
+    return data
+
+
+def render_table(table: str, exps: list[Experiment], scale: str, output: Path) -> str:
+    """The markdown of :func:`write_table` for ``exps`` alone (``reproduce --rows``), without writing anything."""
+    return _table(table, exps, scale, output)[1]
+
+
+def _table(table: str, exps: list[Experiment], scale: str, output: Path) -> tuple[dict[str, Any], str]:
     rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
     if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row
         for row, exp in zip(rows, exps, strict=True):
@@ -636,9 +732,7 @@ def write_table(table: str, exps: list[Experiment], scale: str, output: Path) ->
     else:
         data = {"table": table, "scale": scale, "rows": rows}
         text = markdown_table(table, scale, rows)
-    _write_json(output / f"{table}.json", data)
-    (output / f"{table}.md").write_text(text)
-    return data
+    return data, text
 
 
 def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
@@ -647,19 +741,32 @@ def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _sci(value: float | None) -> str:
+    """A residual error: scientific notation, so that 4e-05 and 2e-03 do not both print as 0.000."""
+    return "—" if value is None else f"{value:.2e}"
+
+
 def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
+    """One line per row. Full scale: measured beside the paper, with their differences (a reproduction). Smoke
+    scale: the stand-ins are not the paper's models and MNIST is not ImageNet, so a row is compared with its own
+    starting model ("Δ vs dense") and the paper's figures stand beside it without a difference."""
+    smoke = scale == "smoke"
     show_size = any(r["paper_size_mib"] is not None for r in rows)
     show_residual = any(r["paper_residual"] is not None or r["residual"] is not None for r in rows)
-    header = ["row", "params (paper)", "params", "Δ", "top-1 (paper)", "top-1", "Δ", "top-1 before FT", "top-5"]
-    if show_size:
-        header += ["MiB (paper)", "MiB", "Δ"]
+    if smoke:
+        header = ["row", "params (paper)", "params", "top-1 (paper)", "dense top-1", "top-1 before FT", "top-1",
+                  "Δ vs dense", "top-5"]
+        header += ["MiB (paper)", "MiB"] if show_size else []
+    else:
+        header = ["row", "params (paper)", "params", "Δ", "top-1 (paper)", "top-1", "Δ", "top-1 before FT", "top-5"]
+        header += ["MiB (paper)", "MiB", "Δ"] if show_size else []
     if show_residual:
         header += ["residual (paper)", "residual"]
     lines = [f"# {table} ({scale} scale)", ""]
-    if scale == "smoke":
+    if smoke:
         lines += ["Smoke scale: tiny stand-ins of each family on the embedded MNIST digits. Parameter ratios follow "
-                  "the paper; accuracies are MNIST's, so compare rows with each other, not with the paper's "
-                  "ImageNet numbers.", ""]
+                  "the paper; accuracies are MNIST's, so each row is compared with its own dense model (Δ vs "
+                  "dense) and with the other rows; the paper's ImageNet figures stand beside for reference only.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for r in rows:
@@ -667,13 +774,19 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
         if r["notes"]:
             notes.append(r["notes"])
             mark = f" [{len(notes)}]"
-        cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
-                 _fmt(r["diff_params_m"], 3, True), _fmt(r["paper_top1"]), _fmt(r["top1"]),
-                 _fmt(r["diff_top1"], 2, True), _fmt(r["top1_compressed"]), _fmt(r["top5"])]
-        if show_size:
-            cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 1), _fmt(r["diff_size_mib"], 1, True)]
+        if smoke:
+            cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
+                     _fmt(r["paper_top1"]), _fmt(r["top1_dense"]), _fmt(r["top1_compressed"]), _fmt(r["top1"]),
+                     _fmt(r["diff_top1_dense"], 2, True), _fmt(r["top5"])]
+            cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 3)] if show_size else []
+        else:
+            cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
+                     _fmt(r["diff_params_m"], 3, True), _fmt(r["paper_top1"]), _fmt(r["top1"]),
+                     _fmt(r["diff_top1"], 2, True), _fmt(r["top1_compressed"]), _fmt(r["top5"])]
+            if show_size:
+                cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 1), _fmt(r["diff_size_mib"], 1, True)]
         if show_residual:
-            cells += [_fmt(r["paper_residual"], 2), _fmt(r["residual"], 3)]
+            cells += [_fmt(r["paper_residual"], 2), _sci(r["residual"])]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")
@@ -797,7 +910,7 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
         for line in residual_lines:
             cells = [line["cells"].get(c["key"]) or {} for c in columns]
             lines.append(f"| {METHOD_LABELS.get(line['method'], line['method'])} | "
-                         + " | ".join(_fmt(cell.get("residual"), 5) for cell in cells) + " |")
+                         + " | ".join(_sci(cell.get("residual")) for cell in cells) + " |")
     missing = [r["name"] for r in data["rows"] if not r["finished"]]
     if missing:
         lines += ["", f"Not run yet ({len(missing)} of {len(data['rows'])}): {', '.join(missing)}."]
@@ -814,7 +927,9 @@ __all__ = [
     "get_experiment",
     "markdown_table",
     "plan_row",
+    "render_table",
     "reproduce",
+    "row_config",
     "run_row",
     "select_rows",
     "synthetic_images",

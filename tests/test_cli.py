@@ -153,7 +153,8 @@ def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
     assert ours["paper_top1"] == 79.34 and ours["params_m"] == row["params"] / 1e6
     assert ours["diff_top1"] == pytest.approx(row["top1"] - 79.34)
     md = (out / "table2.md").read_text()
-    assert "`table2/deit_s/ours-50` [" in md and "| 11.1 |" in md and "Not run yet" in md and md in stdout
+    assert "`table2/deit_s/ours-50` [" in md and "| 11.1 |" in md and "Not run yet" in md
+    assert "`table2/deit_s/ours-50` [" in stdout and "`table2/deit_s/baseline`" not in stdout  # the rows asked for
 
     from lowrank_vit import load_compressed
 

@@ -100,5 +100,5 @@ def test_compare_markdown_names_the_setup_and_lists_residuals(tmp_path):
     assert "Smoke scale" not in text
     assert "Measured with deit_small_patch16_224 (model.safetensors) on cifar10" in text
     residual = text.split("Mean residual error of eq. 5")[1]
-    assert "| paper's recipe (whitened SVD) | 0.00045 |" in residual and "| plain SVD | 0.00200 |" in residual
+    assert "| paper's recipe (whitened SVD) | 4.50e-04 |" in residual and "| plain SVD | 2.00e-03 |" in residual
     assert "| COMCAT | — |" in residual and "nan" not in text

@@ -43,8 +43,8 @@ def test_reduced_demo(tmp_path, capsys):
     data = json.loads((out / "table2.json").read_text())
     assert data == summary["rows"] and [r["name"] for r in data] == rows
     for row in data:
-        assert set(row) == {"name", "method", "reduction", "params", "top1", "top1_noft", "paper_params",
-                            "paper_top1"}
+        assert set(row) == {"name", "method", "reduction", "params", "top1", "top1_noft", "residual",
+                            "paper_params", "paper_top1"}
         assert 0 <= row["top1_noft"] <= 100
         assert 0 <= row["top1"] <= 100
     (ours,) = data
