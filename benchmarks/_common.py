@@ -21,7 +21,8 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from lowrank_vit.cli import positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
+from lowrank_vit import common
+from lowrank_vit.common import positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
 
 MODEL_ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -93,10 +94,7 @@ def input_shape(model: nn.Module) -> tuple[int, int, int]:
 def smooth_images(batch: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     """``batch`` smooth random images (low-frequency noise, bilinearly upsampled): patch tokens are correlated like
     natural ones, which matters for the statistics, not for speed."""
-    channels, height, width = shape
-    generator = torch.Generator().manual_seed(seed)
-    low = torch.randn(batch, channels, max(height // 16, 2), max(width // 16, 2), generator=generator)
-    return nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+    return common.smooth_images(batch, shape, torch.Generator().manual_seed(seed))
 
 
 def image_batches(num_images: int, batch_size: int, shape: tuple[int, int, int],

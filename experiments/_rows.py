@@ -8,8 +8,9 @@ from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
 from lowrank_vit.data import DataConfig
-from lowrank_vit.finetune import FinetuneConfig
+from lowrank_vit.finetune_config import FinetuneConfig
 from lowrank_vit.registry import (
+    ARCH_LABELS,
     Experiment,
     HardwareConfig,
     ModelConfig,
@@ -39,6 +40,8 @@ ARCHS = {a.key: a for a in (
     Arch("vit_l", "vit_large_patch16_224.augreg_in21k_ft_in1k", 304_326_632, "ViT-L", 8),
     Arch("swin_b", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 87_768_224, "Swin-B", 4),
 )}
+
+ARCH_LABELS.update({a.key: a.label for a in ARCHS.values()})
 
 FULL_CALIB, SMOKE_CALIB = 1024, 256
 FULL_FINETUNE = FinetuneConfig(epochs=20, lr=1e-4, batch_size=128)

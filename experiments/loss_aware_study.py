@@ -110,7 +110,8 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
                      lr: float = 3e-4, batch_size: int = 64) -> None:
     """The paper's partial fine-tune in miniature: norms, biases, head and patch embedding train (AdamW, warmup and
     cosine), the factors stay frozen; the same images and order for every recipe."""
-    from lowrank_vit.finetune import freeze_for_partial_finetune, warmup_cosine
+    from lowrank_vit.common import warmup_cosine
+    from lowrank_vit.finetune import freeze_for_partial_finetune
 
     freeze_for_partial_finetune(model)
     params = [p for p in model.parameters() if p.requires_grad]

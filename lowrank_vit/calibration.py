@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowrank_vit.common import IMAGE_KEYS, batch_images
 from lowrank_vit.decompose import weighted_error
 from lowrank_vit.progress import progress_bar
 
@@ -115,18 +116,11 @@ LayerStats.gram = property(_get_gram, _set_gram, doc="H, float64, (k, k) (built 
 
 def images_from_batch(batch: object) -> torch.Tensor:
     """The image tensor of one batch: a tensor, an (images, labels) pair, or a dict with an image key."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "pixel_values", "img"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    raise TypeError(
-        f"a calibration batch must be an image tensor, an (images, labels) tuple or a dict with an 'image' tensor, "
-        f"got {type(batch).__name__}"
-    )
+    images = batch_images(batch)
+    if images is None:
+        raise TypeError(f"a calibration batch must be an image tensor, an (images, labels) tuple or a dict with an "
+                        f"image tensor under one of {IMAGE_KEYS}, got {type(batch).__name__}")
+    return images
 
 
 def iter_calibration_images(batches: Iterable, num_images: int) -> Iterator[torch.Tensor]:

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from lowrank_vit.common import positive_int
+
 EXIT_USAGE = 2
 DEMO_PUBLISHED = "experiments/results/demo_table2.{json,txt}"
 
@@ -45,17 +47,6 @@ def _add_hardware(parser: argparse.ArgumentParser) -> None:
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="overrides",
                         help="change one config field, e.g. --set finetune.epochs=1 (repeatable; see `show`)")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (also used by benchmarks/)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,10 @@ class Method:
     factorizes_attention: ClassVar[bool] = False
     want_mean: ClassVar[bool] = False
 
+    def needs_labels(self, cfg: Any) -> bool:
+        """Whether the calibration batches must carry class labels (a gradient pass against them)."""
+        return False
+
     def calibrate(self, model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable, cfg: Any,
                   device: torch.device, sample_tokens: int, gram_space: str) -> tuple[dict[str, LayerStats], Extras]:
         """One pass over the calibration images: every layer's statistics (and the method's extras)."""
@@ -139,6 +143,9 @@ class LossAware(Method):
     tail_is_lowrank_z = True
     loss_units = True
 
+    def needs_labels(self, cfg):
+        return cfg.fisher_labels == "given"  # else labels sampled from the model's own predictions
+
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
         stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, labels=cfg.fisher_labels,
                                         device=device, progress=cfg.progress, seed=cfg.seed,
@@ -180,6 +187,9 @@ class FWSVD(_RowScaled):
     """Hsu et al. 2022: input rows weighted by their Fisher information (a labelled gradient pass first)."""
 
     name = "fwsvd"
+
+    def needs_labels(self, cfg):
+        return True
 
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
         # the gradient pass first: a missing label fails before the long statistics pass

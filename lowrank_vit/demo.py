@@ -150,8 +150,7 @@ def plot_energy(curves: dict[str, dict[str, list[float]]], path: Path) -> Path:
     fig, axes = plt.subplots(2, len(curves), figsize=(3.6 * len(curves), 6.4), squeeze=False)
     for col, (name, c) in enumerate(curves.items()):
         top, bottom = axes[0][col], axes[1][col]
-        for kind, style in (("plain", "--"), ("whitened", "-")):
-            label = "plain SVD of W" if kind == "plain" else "activation-aware SVD"
+        for kind, style, label in (("plain", "--", "plain SVD of W"), ("whitened", "-", "activation-aware SVD")):
             top.plot(c[f"{kind}_energy_kept"], style, label=label)
             bottom.semilogy([max(v, 1e-12) for v in c[f"{kind}_output_error"]], style, label=label)
         top.set_title(short_name(name), fontsize=9)

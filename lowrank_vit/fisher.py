@@ -21,9 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowrank_vit.calibration import images_from_batch
+from lowrank_vit.common import batch_labels
 from lowrank_vit.progress import progress_bar
-
-LABEL_KEYS = ("label", "labels", "target", "targets")
 
 _NEEDS_LABELS = ("decomposition='fwsvd' weighs rows by Fisher information, the squared gradients of the loss on "
                  "labelled calibration batches: give (images, labels) tuples or dicts with a 'label' tensor")
@@ -31,12 +30,9 @@ _NEEDS_LABELS = ("decomposition='fwsvd' weighs rows by Fisher information, the s
 
 def labels_from_batch(batch: object, index: int) -> torch.Tensor:
     """The label tensor of one calibration batch; a clear ValueError when the batch carries none."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
-        return batch[1]
-    if isinstance(batch, dict):
-        for key in LABEL_KEYS:
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
+    labels = batch_labels(batch)
+    if labels is not None:
+        return labels
     kind = "a bare image tensor" if isinstance(batch, torch.Tensor) else f"a {type(batch).__name__} without labels"
     raise ValueError(f"{_NEEDS_LABELS}; calibration batch {index} is {kind}")
 

@@ -42,9 +42,10 @@ from lowrank_vit.calibration import (
     symmetrize_upper,
     upper_gram_,
 )
+from lowrank_vit.common import LABEL_KEYS
 from lowrank_vit.config import FISHER_LABELS
 from lowrank_vit.decompose import Decomposition, Whitening, live_inverse, psd_eigh, whitening
-from lowrank_vit.fisher import LABEL_KEYS, _check_labels, labels_from_batch
+from lowrank_vit.fisher import _check_labels, labels_from_batch
 from lowrank_vit.progress import progress_bar
 
 _NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "

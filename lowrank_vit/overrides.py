@@ -23,7 +23,7 @@ from lowrank_vit.registry import HardwareConfig, ModelConfig, QuantizationConfig
 
 def _sections() -> dict[str, type]:
     """The dataclass behind each section of :meth:`RunConfig.to_dict` (imported lazily: finetune pulls Lightning)."""
-    from lowrank_vit.finetune import FinetuneConfig
+    from lowrank_vit.finetune_config import FinetuneConfig
 
     return {"model": ModelConfig, "data": DataConfig, "compression": CompressionConfig, "finetune": FinetuneConfig,
             "quantization": QuantizationConfig, "hardware": HardwareConfig}

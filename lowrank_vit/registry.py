@@ -2,8 +2,9 @@
 
 Entries are registered by decorated functions, the way timm registers models: a function returning one
 :class:`Experiment` (or several) is decorated with :func:`register_experiment`, and importing the module that holds
-it registers the rows. ``experiments/`` (the top-level package) holds the paper's tables and the ablations; they
-are imported on first use of :func:`get_experiment` / :func:`list_experiments`.
+it registers the rows. The library never names the modules that hold rows: they declare themselves as entry points
+of the group ``lowrank_vit.experiments`` (pyproject.toml; ``experiments/``, the paper's tables and the ablations,
+is the one this project ships), loaded on first use of :func:`get_experiment` / :func:`list_experiments`.
 
 Every entry carries two complete :class:`RunConfig`: ``full`` (the paper: timm pretrained weights, ImageNet-1k,
 1024 calibration images, 20-epoch partial fine-tune, GPUs) and ``smoke`` (the same method, ratio and architecture
@@ -17,6 +18,7 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib
+import importlib.metadata
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,8 +32,10 @@ ACCELERATORS = ("cpu", "gpu", "auto")
 MODEL_SOURCES = ("timm", "standin")
 TABLE_ORDER = ("table1", "table2", "table3", "table4", "ablation", "compare")
 """Listing order of the tables (others follow, in registration order)."""
-EXPERIMENT_MODULES = ("experiments",)
-"""Modules imported to populate the registry (each imports its own submodules)."""
+ENTRY_POINT_GROUP = "lowrank_vit.experiments"
+"""Entry-point group whose modules register experiments when imported (each imports its own submodules)."""
+ARCH_LABELS: dict[str, str] = {}
+"""Architecture key -> the label results tables print ("deit_s" -> "DeiT-S"), filled by the experiment modules."""
 
 
 class UnknownExperimentError(KeyError):
@@ -154,7 +158,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        from lowrank_vit.finetune import FinetuneConfig
+        from lowrank_vit.finetune_config import FinetuneConfig
 
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -299,8 +303,14 @@ def _ensure_loaded() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        for module in EXPERIMENT_MODULES:
-            importlib.import_module(module)
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            entry_point.load()
+
+
+def arch_label(arch: str) -> str:
+    """The label of an architecture key in results tables (the key itself when no experiment module names it)."""
+    _ensure_loaded()
+    return ARCH_LABELS.get(arch, arch)
 
 
 def list_experiments(pattern: str | None = None) -> list[Experiment]:
@@ -326,6 +336,9 @@ def get_experiment(name: str) -> Experiment:
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(close)}?" if close else "; `lowrank-vit list` shows them all"
+        if not _REGISTRY:  # an installation without the package metadata that declares the experiment modules
+            hint = (f"; no experiment module is registered (entry-point group {ENTRY_POINT_GROUP!r}): install the "
+                    f"package (pip install -e .) so that its metadata is present")
         raise UnknownExperimentError(f"unknown experiment {name!r}{hint}") from None
 
 
@@ -335,6 +348,7 @@ def tables() -> list[str]:
 
 
 __all__ = [
+    "ARCH_LABELS",
     "Experiment",
     "HardwareConfig",
     "ModelConfig",
@@ -342,6 +356,7 @@ __all__ = [
     "QuantizationConfig",
     "RunConfig",
     "UnknownExperimentError",
+    "arch_label",
     "get_experiment",
     "list_experiments",
     "register_experiment",

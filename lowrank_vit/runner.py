@@ -29,7 +29,15 @@ import torch
 from torch import nn
 
 from lowrank_vit.adapters import count_params
-from lowrank_vit.registry import Experiment, ModelConfig, RunConfig, get_experiment, list_experiments
+from lowrank_vit.common import smooth_images
+from lowrank_vit.registry import (
+    Experiment,
+    ModelConfig,
+    RunConfig,
+    arch_label,
+    get_experiment,
+    list_experiments,
+)
 
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
@@ -154,13 +162,7 @@ def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, s
     """``n`` smooth random images (low-frequency noise upsampled), so patch tokens correlate as in real images;
     enough to exercise calibration and allocation without any data."""
     g = torch.Generator().manual_seed(seed)
-    channels, height, width = shape
-    batches = []
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        low = torch.randn(count, channels, max(height // 16, 2), max(width // 16, 2), generator=g)
-        batches.append(nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False))
-    return batches
+    return [smooth_images(min(batch_size, n - start), shape, g) for start in range(0, n, batch_size)]
 
 
 def synthetic_labelled(batches: list[torch.Tensor], num_classes: int,
@@ -232,6 +234,7 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
 
 def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_images: int, progress: bool,
           seed: int) -> dict[str, Any]:
+    from lowrank_vit.decompositions import get_method
     from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
     from lowrank_vit.quantize import model_size_mib, quantize_
 
@@ -245,7 +248,7 @@ def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_im
         compression = replace(cfg.compression, calib_samples=calib_images, progress=progress,
                                gram_precision="float32")
         batches: list = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
-        if compression.decomposition == "fwsvd":  # its Fisher pass needs labels: random ones, seeded
+        if get_method(compression.decomposition).needs_labels(compression):  # a labelled pass: random, seeded
             batches = synthetic_labelled(batches, _num_classes(model), seed=compression.seed)
         plan = plan_compression(model, batches, compression)
         dense = {name: _module_params(model, name) for name in plan.ranks}
@@ -807,14 +810,6 @@ PARAMS_TOLERANCE = 1e-3
 """Relative spread of a column's measured parameter counts above which the table flags the column."""
 
 
-def _arch_label(arch: str) -> str:
-    try:
-        from experiments._rows import ARCHS
-    except ImportError:  # the library without the experiments package
-        return arch
-    return ARCHS[arch].label if arch in ARCHS else arch
-
-
 def compare_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The comparison rows (:func:`table_row` dicts with a ``finetune`` flag) arranged as a grid: ``columns``
     (architecture x reduction, in registration order, with the measured parameter counts of the column's finished
@@ -825,7 +820,7 @@ def compare_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
         pct = round(100 * (r["reduction"] or 0.0))
         key = f"{r['arch']}-{pct}"
         column = columns.setdefault(key, {"key": key, "arch": r["arch"], "reduction": r["reduction"],
-                                          "label": f"{_arch_label(r['arch'])} -{pct}%", "params_m": [],
+                                          "label": f"{arch_label(r['arch'])} -{pct}%", "params_m": [],
                                           "top1_dense": None})
         if r["params_m"] is not None:
             column["params_m"].append(r["params_m"])

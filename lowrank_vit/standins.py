@@ -24,12 +24,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_vit.common import atomic_write, warmup_cosine
 from lowrank_vit.progress import progress_bar
 
 CACHE_ENV = "LOWRANK_VIT_CACHE"
@@ -253,16 +253,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy in percent (the model is left in eval mode)."""
@@ -289,7 +279,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     steps_per_epoch = n // batch
     total = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, round(warmup_fraction * total)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(warmup_cosine, total=total, warmup=round(warmup_fraction * total)))
     loss_sum, correct, seen = 0.0, 0, 0
     model.train()
     with progress_bar(epochs * steps_per_epoch, desc=desc, unit="step", enabled=progress) as bar:
@@ -426,29 +417,15 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file in the same directory, then rename it over ``path``: readers see the old file or
-    the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _save(entry: _Entry, model: nn.Module, info: dict[str, Any]) -> None:
     """Weights first, then the record: the record is what makes an entry valid, and both carry the fingerprint."""
     from safetensors.torch import save_file
 
     entry.weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(entry.weights, lambda p: save_file(state, str(p), metadata={"fingerprint": info["fingerprint"]}))
+    atomic_write(entry.weights, lambda p: save_file(state, str(p), metadata={"fingerprint": info["fingerprint"]}))
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
-    _atomic_write(entry.record, lambda p: p.write_text(text))
+    atomic_write(entry.record, lambda p: p.write_text(text))
 
 
 def _load(entry: _Entry, spec: StandinSpec) -> tuple[nn.Module, dict[str, Any]]:

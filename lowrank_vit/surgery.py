@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 from lowrank_vit.adapters import ModelSpec, TimmViTAdapter, get_adapter, set_submodule
 from lowrank_vit.comcat import FactorizedAttention
+from lowrank_vit.common import atomic_write
 from lowrank_vit.factorized import FactorizedLinear, LowRankZ
 from lowrank_vit.quantize import QUANT_ATTR, QuantizedTensor, quantization_record, quantize_tensor
 
@@ -70,18 +70,6 @@ def fold_lowrank_z_(model: nn.Module) -> list[str]:
     return swap_layers(model, fold, lambda _, module: isinstance(module, FactorizedLinear))
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                     model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to the directory ``path`` (created if needed; its other files are left alone).
@@ -121,8 +109,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         raise TypeError(f"save_compressed: metadata is not JSON-serializable: {exc}") from None
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(out / PLAN_FILE, lambda tmp: Path(tmp).write_text(plan_text))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(out / PLAN_FILE, lambda tmp: tmp.write_text(plan_text))
     return out
 
 

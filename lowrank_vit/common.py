@@ -1,0 +1,82 @@
+"""Small helpers shared across the package, each in one place: the batch formats the library accepts, the
+warm-up + cosine schedule, smooth synthetic images, and the atomic file write. Torch only (no timm, no Lightning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE_KEYS = ("image", "images", "pixel_values", "img")
+"""Keys under which a dict batch may carry its images."""
+LABEL_KEYS = ("label", "labels", "target", "targets")
+"""Keys under which a dict batch may carry its labels."""
+
+
+def batch_images(batch: object) -> torch.Tensor | None:
+    """The image tensor of a batch (a tensor, an (images, labels, ...) pair or a dict with an image key), else None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        return next((batch[k] for k in IMAGE_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+    return None
+
+
+def batch_labels(batch: object) -> torch.Tensor | None:
+    """The label tensor of a batch (the second item of a pair, or a dict's label key), else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    if isinstance(batch, dict):
+        return next((batch[k] for k in LABEL_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+    return None
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
+    """Learning-rate factor at ``step``: linear warm-up to 1, then a cosine decay to ``floor`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def smooth_images(count: int, shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
+    """``count`` smooth random images (low-frequency noise, bilinearly upsampled): neighbouring patch tokens
+    correlate as in natural images, which is what calibration statistics need when no data is at hand."""
+    channels, height, width = shape
+    low = torch.randn(count, channels, max(height // 16, 2), max(width // 16, 2), generator=generator)
+    return nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type, for the CLI and the benchmark scripts: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``: readers see the old file or the
+    new one, never half of one, and an interrupted write leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
