@@ -42,6 +42,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "la-diagonal-z": {**_DEFAULT, "compensation": "diagonal"},
     "la-no-bias-correction": {**_DEFAULT, "bias_correction": False},
     "la-damping-1e-2": {**_DEFAULT, "damping": 1e-2},
+    # the cost knob: G from the first half (the library's "loss-aware-fast") or quarter of the calibration images
+    "loss-aware-fast": LIBRARY_RECIPES["loss-aware-fast"],
+    "la-grad-quarter": {**_DEFAULT, "grad_fraction": 0.25},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the

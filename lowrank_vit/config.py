@@ -22,6 +22,8 @@ SOLVERS = ("closed_form", "sgd")
 
 RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none", bias_correction=True),
+    "loss-aware-fast": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
+                            bias_correction=True, grad_fraction=0.5),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
 }
@@ -79,6 +81,10 @@ class CompressionConfig:
     error is then (x - mu)(W - W_hat): the mean direction, which every token shares, costs no rank, and no
     parameter is added. None (default): on for "loss_aware" (measured: lower KL to the dense model in every cell of
     docs/loss_aware.md's study), off for the others, which do not support it (True with them is a ValueError)."""
+    grad_fraction: float = 1.0
+    """decomposition "loss_aware": the fraction of the calibration images (the first ceil(fraction * N)) that also
+    run the backward pass giving G; the others feed H only. The backward is most of the loss-aware pass's cost;
+    docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
@@ -147,16 +153,25 @@ class CompressionConfig:
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
-        if self.decomposition == "loss_aware" and self.solver == "sgd" and self.compensation != "none":
-            raise ValueError("solver='sgd' fits Z on stored calibration tokens, which decomposition='loss_aware' does "
-                             "not keep: use solver='closed_form'")
+        from lowrank_vit.decompositions import get_method  # here: the methods' modules import this one
+
+        gradient_pass = get_method(self.decomposition).gradient_pass
+        if gradient_pass and self.solver == "sgd" and self.compensation != "none":
+            raise ValueError(f"solver='sgd' fits Z on stored calibration tokens, which decomposition="
+                             f"{self.decomposition!r} does not keep: use solver='closed_form'")
         if self.bias_correction is None:
-            self.bias_correction = self.decomposition == "loss_aware"
+            self.bias_correction = gradient_pass
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"bias_correction must be true, false or null, got {self.bias_correction!r}")
-        if self.bias_correction and self.decomposition != "loss_aware":
+        if self.bias_correction and not gradient_pass:
             raise ValueError(f"bias_correction needs decomposition='loss_aware' (its statistics carry the mean input); "
                              f"got decomposition={self.decomposition!r}")
+        if isinstance(self.grad_fraction, bool) or not isinstance(self.grad_fraction, (int, float)) \
+                or not 0.0 < self.grad_fraction <= 1.0:
+            raise ValueError(f"grad_fraction must lie in (0, 1], got {self.grad_fraction!r}")
+        if self.grad_fraction != 1.0 and not gradient_pass:
+            raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
+                             f"the calibration images); got decomposition={self.decomposition!r}")
         _check_choice("gram_precision", self.gram_precision, ("float64", "float32"))
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
         if not 0.0 <= self.z_fraction < 0.5:

@@ -16,6 +16,7 @@ loops over layers without knowing any method's name; what it needs to know is st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -52,6 +53,9 @@ class Method:
     loss_units: ClassVar[bool] = False
     factorizes_attention: ClassVar[bool] = False
     want_mean: ClassVar[bool] = False
+    gradient_pass: ClassVar[bool] = False
+    """Its calibration is one forward and backward pass with running sums only (the loss-aware statistics): it
+    supports bias correction and ``grad_samples``, and keeps no tokens for the SGD solver."""
 
     def needs_labels(self, cfg: Any) -> bool:
         """Whether the calibration batches must carry class labels (a gradient pass against them)."""
@@ -142,6 +146,7 @@ class LossAware(Method):
     narrow_side_exact = True
     tail_is_lowrank_z = True
     loss_units = True
+    gradient_pass = True
 
     def needs_labels(self, cfg):
         return cfg.fisher_labels == "given"  # else labels sampled from the model's own predictions
@@ -150,7 +155,8 @@ class LossAware(Method):
         stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, labels=cfg.fisher_labels,
                                         device=device, progress=cfg.progress, seed=cfg.seed,
                                         gram_precision=cfg.gram_precision, gram_space=gram_space,
-                                        center=cfg.bias_correction)
+                                        center=cfg.bias_correction,
+                                        grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples))
         return stats, {}
 
     def spectrum(self, weight, stats, extra, cfg):

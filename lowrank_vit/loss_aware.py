@@ -96,6 +96,12 @@ def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generato
     return labels
 
 
+def _check_logits(logits: torch.Tensor, index: int) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
+    return logits
+
+
 def collect_loss_statistics(
     model: nn.Module,
     layers: dict[str, nn.Linear],
@@ -110,6 +116,7 @@ def collect_loss_statistics(
     gram_space: str = "input",
     micro_batch: int = 32,
     center: bool = False,
+    grad_images: int | None = None,
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -145,6 +152,9 @@ def collect_loss_statistics(
             output change, b + mu^T (W - W_hat), has output error (x - mu)(W - W_hat), so the centred Gram is the
             right metric for it (see ``CompressionConfig.bias_correction``). The reported errors keep the
             uncentred output energy as their denominator.
+        grad_images: only the first ``grad_images`` images run the backward (G is their average); the others run
+            forward only and feed H. The backward is most of this pass's cost (see docs/loss_aware.md, Cost);
+            None: every image.
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -161,6 +171,9 @@ def collect_loss_statistics(
         raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
+    if grad_images is not None and (isinstance(grad_images, bool) or not isinstance(grad_images, int)
+                                    or grad_images < 1):
+        raise ValueError(f"grad_images must be a positive integer or None, got {grad_images!r}")
     generator = torch.Generator().manual_seed(seed)
     # "output": the input side is kept as W^T H W; "grad_input": the gradient side as W G W^T (see gram_space)
     output_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.in_features > lin.out_features}
@@ -217,23 +230,29 @@ def collect_loss_statistics(
                 output.register_hook(grad_hook)
         return hook
 
-    produced = 0
+    produced = with_grad = 0
     with hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
             progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
         for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
             for start in range(0, images.shape[0], micro_batch):
                 # the graph reaches every layer through the images; the weights' gradients are never formed
-                part = images[start: start + micro_batch].to(device).requires_grad_(True)
-                logits = _logits(model(part))
-                if not bool(torch.isfinite(logits).all()):
-                    raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
-                target = _labels(batch, index, logits, labels, generator, start)
-                target = target.to(logits.dtype) if target.is_floating_point() else target
-                logits = logits if logits.dtype == torch.float64 else logits.float()
-                loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
-                torch.autograd.grad(loss, part)
-                produced += part.shape[0]
-                bar.update(part.shape[0])
+                part = images[start: start + micro_batch].to(device)
+                backward = part.shape[0] if grad_images is None else max(0, min(part.shape[0],
+                                                                                 grad_images - with_grad))
+                if backward < part.shape[0]:  # past grad_images: forward only, H alone
+                    with torch.no_grad():
+                        _check_logits(_logits(model(part[backward:])), index)
+                if backward:
+                    part = part[:backward].requires_grad_(True)
+                    logits = _check_logits(_logits(model(part)), index)
+                    target = _labels(batch, index, logits, labels, generator, start)
+                    target = target.to(logits.dtype) if target.is_floating_point() else target
+                    logits = logits if logits.dtype == torch.float64 else logits.float()
+                    loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
+                    torch.autograd.grad(loss, part)
+                    with_grad += backward
+                produced += images[start: start + micro_batch].shape[0]
+                bar.update(images[start: start + micro_batch].shape[0])
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():
@@ -259,14 +278,14 @@ def collect_loss_statistics(
             H.sub_(tokens * torch.outer(side_mean, side_mean))
             if name in output_side:
                 traces[name] -= produced * tokens * float(mean @ mean)
-        G.div_(produced * tokens)
+        G.div_(with_grad * tokens)
         if name in output_side:
             stats[name] = LayerStats(gram=None, num_images=produced, output_gram=H.div_(scale),
                                      input_trace=traces[name] / produced / scale, range_weight=W, grad_gram=G,
                                      loss_scale=scale, tokens=tokens, token_mean=mean)
         elif name in grad_input_side:
             stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_range_gram=G,
-                                     grad_trace=traces[name] / (produced * tokens), loss_scale=scale, tokens=tokens,
+                                     grad_trace=traces[name] / (with_grad * tokens), loss_scale=scale, tokens=tokens,
                                      token_mean=mean)
         else:
             stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G, loss_scale=scale,

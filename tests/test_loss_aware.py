@@ -327,3 +327,51 @@ def test_bias_correction_cancels_the_mean_output_error_and_lowers_the_kl():
 def test_bias_correction_needs_the_loss_aware_statistics():
     with pytest.raises(ValueError, match="bias_correction needs decomposition='loss_aware'"):
         CompressionConfig(reduction=0.5, decomposition="whitened", allocation="greedy", bias_correction=True)
+
+
+@pytest.mark.parametrize("gram_space", ["input", "auto"])
+def test_grad_images_take_g_from_the_first_images_and_h_from_all(gram_space):
+    """grad_images=k: G (or W G W^T) is exactly the statistics of the first k images alone, even when k cuts a
+    micro-batch; H is that of every image."""
+    model = make_tiny_vit(seed=3).double()
+    images, labels = make_images(10, seed=4).double(), torch.arange(10) % 10
+    layers = {n: model.get_submodule(n) for n in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2")}
+    kwargs = dict(labels="given", progress=False, gram_space=gram_space, micro_batch=4)
+    some = collect_loss_statistics(model, layers, [(images, labels)], 10, grad_images=5, **kwargs)
+    first = collect_loss_statistics(model, layers, [(images[:5], labels[:5])], 5, **kwargs)
+    every = collect_loss_statistics(model, layers, [(images, labels)], 10, **kwargs)
+    for name in layers:
+        for field in ("grad_gram", "grad_range_gram", "grad_trace"):
+            a, b = getattr(some[name], field), getattr(first[name], field)
+            assert (a is None) == (b is None), field
+            if a is not None:
+                torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-9, atol=1e-15)
+        for field in ("gram", "output_gram", "input_trace", "loss_scale"):
+            a, b = getattr(some[name], field), getattr(every[name], field)
+            if b is not None:
+                torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-9, atol=1e-15)
+        assert some[name].num_images == 10
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, True, "half"])
+def test_grad_fraction_is_checked(value):
+    with pytest.raises(ValueError, match="grad_fraction"):
+        cfg(grad_fraction=value, reduction=0.5)
+    with pytest.raises(ValueError, match="grad_fraction needs decomposition='loss_aware'"):
+        CompressionConfig(decomposition="whitened", grad_fraction=0.5, reduction=0.5)
+
+
+def test_grad_fraction_reaches_the_statistics(monkeypatch):
+    """compress(grad_fraction=0.5) runs the backward on the first half of the calibration images."""
+    import lowrank_vit.decompositions as decompositions
+
+    seen = {}
+    real = decompositions.collect_loss_statistics
+
+    def spy(*args, **kwargs):
+        seen["grad_images"] = kwargs["grad_images"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decompositions, "collect_loss_statistics", spy)
+    compress(make_tiny_vit(seed=1), [make_images(8, seed=2)], cfg(reduction=0.5, calib_samples=7, grad_fraction=0.5))
+    assert seen["grad_images"] == 4
