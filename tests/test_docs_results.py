@@ -1,0 +1,54 @@
+"""The measured tables in docs/loss_aware.md are the committed study results, cell for cell (a re-run that changes
+a number must change the docs with it)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _section(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells stripped of bold) of the first table after ``heading``."""
+    body = text[text.index(heading):]
+    rows, started = [], False
+    for line in body.splitlines()[1:]:
+        if line.startswith("|"):
+            started = True
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                rows.append(cells)
+        elif started:
+            break
+    return rows[1:]  # without the header
+
+
+def _by_model(rows: list[list[str]]) -> list[tuple[str, list[str]]]:
+    out, model = [], None
+    for cells in rows:
+        model = re.sub(r" \(.*\)$", "", cells[0]) or model
+        out.append((model, cells[1:]))
+    return out
+
+
+def test_loss_aware_docs_tables_are_the_committed_results():
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    checked = 0
+    for heading, key, fmt in (("### Top-1 (%) without fine-tuning", "top1", ".2f"),
+                              ("### KL divergence of the predictions", "kl", ".1e")):
+        for model, (recipe, *values) in _by_model(_section(text, heading)):
+            cells = study[model]["cells"]
+            for ratio, value in zip(RATIOS, values, strict=True):
+                assert value == format(cells[f"{recipe}@{ratio}"][key], fmt), (heading, model, recipe, ratio)
+                checked += 1
+    ft = json.loads((ROOT / "experiments/results/loss_aware_study_ft.json").read_text())
+    for model, (recipe, *values) in _by_model(_section(text, "### Top-1 (%) after the partial fine-tune")):
+        for ratio, value in zip((0.5, 0.7, 0.8), values, strict=True):
+            cell = ft[model]["cells"][f"{recipe}@{ratio}"]
+            assert value.replace("*", "") == f"{cell['top1']:.2f} / {cell['top1_ft']:.2f}", (model, recipe, ratio)
+            checked += 1
+    assert checked > 200
