@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from lowrank_vit.usercli import add_user_commands
+
 EXIT_USAGE = 2
 
 
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run rows again even if finished")
     p.add_argument("--quiet", action="store_true")
     _add_set(p)
+    COMMANDS.update(add_user_commands(sub))  # compress / evaluate / finetune / export (lowrank_vit/usercli.py)
     return parser
 
 

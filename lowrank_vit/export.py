@@ -97,7 +97,7 @@ def prepare_for_export(model: nn.Module, fold: bool = False) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *, fold: bool = False,
-                opset: int = DEFAULT_OPSET, example_batch: int = 2) -> Path:
+                opset: int = DEFAULT_OPSET, example_batch: int = 2, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model`` to the ONNX file ``path`` with a dynamic batch axis (input ``images`` (N, C, H, W) float32,
     output ``logits`` (N, classes)). The file is written to a temporary name and renamed, so a failed export leaves
     nothing behind and an existing file is replaced only by a complete one.
@@ -109,6 +109,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         fold: fold every low-rank Z into its factors first (two thin products per layer instead of four).
         opset: ONNX opset version.
         example_batch: batch size of the tracing input (any batch size runs afterwards).
+        metadata: strings stored in the file's ``metadata_props`` (e.g. the preprocessing, so that the file says how
+            to feed it).
 
     Raises:
         UnsupportedLayerError: a layer kind the exporter does not know.
@@ -125,6 +127,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             torch.onnx.export(prepared, (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               opset_version=opset, dynamo=False, do_constant_folding=True)
+        if metadata:
+            _add_metadata(tmp, metadata)
         os.replace(tmp, out)
     except Exception as exc:
         if os.path.exists(tmp):
@@ -134,6 +138,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         first = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise RuntimeError(f"ONNX export failed: {first}") from exc
     return out
+
+
+def _add_metadata(path: str, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(path)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
 
 
 def onnx_logits(path: str | os.PathLike, images: torch.Tensor, threads: int = 1) -> torch.Tensor:
