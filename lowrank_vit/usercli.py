@@ -742,8 +742,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report.setdefault("layers", _layers(model, None))
     report.setdefault("source", {"description": source.description, "architecture": source.architecture})
     metadata = {**source.metadata, "preprocessing": pre, "finetune": report["finetune"]}
-    shutil.rmtree(checkpoints, ignore_errors=True)  # Lightning checkpoints are pickles: none left in a model dir
     write_model_dir(stage, model, report, metadata)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # Lightning checkpoints are pickles: none left in a model dir
     publish(stage, out)
     print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
           f"(top-5 {final['top5']:.2f}%, {final['images']:,} images)")

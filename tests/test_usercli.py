@@ -341,3 +341,38 @@ def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
             cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--output", str(tmp_path / "o"), *argv])
         assert exit_.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
+    from lowrank_vit import usercli
+
+    out = tmp_path / "ft"
+    argv = ["finetune", compressed, "--data", compressed.parent / "imgs", "--workers", "0", "--batch-size", "8",
+            "--output", out]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(usercli, "_evaluate", interrupted)  # after training, before the directory is written
+        code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet")
+    assert code == 130 and not out.exists()
+    assert (tmp_path / ".ft.partial" / "checkpoints" / "last.ckpt").is_file()
+    from lowrank_vit.finetune import PartialFinetune
+
+    steps_run = []
+    original_step = PartialFinetune.training_step
+
+    def counting_step(self, batch, batch_idx):
+        steps_run.append(batch_idx)
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PartialFinetune, "training_step", counting_step)
+    code, _, err = _run(capsys, *argv, "--epochs", "2")
+    assert code == 0, err
+    assert "resuming from" in err
+    steps_per_epoch = 3  # 24 training images in batches of 8
+    assert len(steps_run) == steps_per_epoch, "the first epoch ran again instead of resuming"
+    assert json.loads((out / "report.json").read_text())["finetune"]["steps"] == 2 * steps_per_epoch
+    assert not (tmp_path / ".ft.partial").exists()
