@@ -89,6 +89,39 @@ class EmptySplitError(DataFormatError):
     """A split (training, validation or calibration) has no images."""
 
 
+PREPROCESSING_FIELDS = ("mean", "std", "crop_pct", "interpolation")
+"""The preprocessing a user (or the weights) may set; the input size is the model's."""
+
+
+def check_preprocessing(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validated preprocessing fields (a subset of :data:`PREPROCESSING_FIELDS`), mean and std as float tuples.
+
+    Raises:
+        ValueError: a field is unknown or invalid; the message names it.
+    """
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in ("mean", "std"):
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if not values or len(values) > 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and np.isfinite(v) for v in values):
+                raise ValueError(f"{key} must be one number or one per channel, got {value!r}")
+            if key == "std" and min(values) <= 0:
+                raise ValueError(f"std must be positive, got {value!r}")
+            out[key] = tuple(float(v) for v in values)
+        elif key == "crop_pct":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"crop_pct must lie in (0, 1], got {value!r}")
+            out[key] = float(value)
+        elif key == "interpolation":
+            if value not in INTERPOLATIONS:
+                raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
+            out[key] = value
+        else:
+            raise ValueError(f"{key!r} is not a preprocessing field ({', '.join(PREPROCESSING_FIELDS)})")
+    return out
+
+
 @dataclass
 class DataConfig:
     """Which dataset, how it is split and batched. Give ``name``, ``path``, or both (``path`` then says where the
@@ -180,28 +213,14 @@ class DataConfig:
         self._check_preprocessing()
 
     def _check_preprocessing(self) -> None:
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-            if not values or len(values) > 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        and np.isfinite(v) for v in values):
-                raise ValueError(f"{key} must be one number or one per channel, got {value!r}")
-            if key == "std" and min(values) <= 0:
-                raise ValueError(f"std must be positive, got {value!r}")
-            setattr(self, key, tuple(float(v) for v in values))
-        if self.crop_pct is not None and (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float))
-                                          or not 0.0 < self.crop_pct <= 1.0):
-            raise ValueError(f"crop_pct must lie in (0, 1], got {self.crop_pct!r}")
-        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        given = {k: getattr(self, k) for k in PREPROCESSING_FIELDS if getattr(self, k) is not None}
+        for key, value in check_preprocessing(given).items():
+            setattr(self, key, value)
 
     def preprocessing_overrides(self) -> dict[str, Any]:
         """The preprocessing fields this config sets (the others come from the model), as
         :func:`resolve_preprocessing` takes them."""
-        return {k: getattr(self, k) for k in ("mean", "std", "crop_pct", "interpolation")
-                if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in PREPROCESSING_FIELDS if getattr(self, k) is not None}
 
     @property
     def is_mnist(self) -> bool:
@@ -296,8 +315,11 @@ def resolve_preprocessing(
     size = (img_size, img_size) if img_size else size
     config = {**base, **(overrides or {})}
     config["input_size"] = (int(channels), int(size[0]), int(size[1]))
-    config["mean"] = _match_channels(config["mean"], channels)
-    config["std"] = _match_channels(config["std"], channels)
+    for key in ("mean", "std"):
+        try:
+            config[key] = _match_channels(config[key], channels)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err} (give one value, or one per channel)") from None
     return config
 
 
@@ -837,6 +859,7 @@ __all__ = [
     "TensorImageDataset",
     "TensorImageTransform",
     "build_datamodule",
+    "check_preprocessing",
     "create_transforms",
     "load_mnist_5k",
     "resolve_preprocessing",

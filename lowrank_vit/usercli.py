@@ -40,7 +40,7 @@ from torch import nn
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 """The preprocessing fields saved with a model and printed by every command."""
 USER_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation")
-"""Those a user, a checkpoint or a directory may set (the input size is the model's own)."""
+"""Those a user, a checkpoint or a directory may set (the input size is the model's own); data.PREPROCESSING_FIELDS."""
 LATENCY_BATCHES = (1, 32)
 
 
@@ -256,7 +256,7 @@ def _timm_source(args: argparse.Namespace) -> Source:
     import timm
 
     from lowrank_vit.registry import ModelConfig
-    from lowrank_vit.runner import build_model, checkpoint_digest
+    from lowrank_vit.runner import SetupError, build_model, checkpoint_digest
 
     name = args.model
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
@@ -282,6 +282,10 @@ def _timm_source(args: argparse.Namespace) -> Source:
                       checkpoint=None if checkpoint is None else str(checkpoint))
     try:
         model = build_model(cfg, progress=not args.quiet)
+    except SetupError as err:  # the weights: not downloadable, or a checkpoint that does not fit
+        message = str(err).replace("or use --scale smoke", "or give --no-pretrained or --checkpoint FILE")
+        raise UserError(message.replace("model.checkpoint=", "--checkpoint").replace(
+            "with these model.kwargs", "with these --model-kwargs")) from None
     except (TypeError, RuntimeError) as err:  # bad kwargs, a pretrained tag timm does not have
         raise UserError(f"cannot build timm model {name!r} with {kwargs}: {err}") from None
     weights = "your checkpoint" if checkpoint else ("pretrained" if pretrained else "random weights")
@@ -342,14 +346,13 @@ def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tup
     Raises:
         UserError: ``--input-size`` differs from what the model takes, or a field is invalid.
     """
-    from lowrank_vit.data import DataConfig, resolve_preprocessing
+    from lowrank_vit.data import check_preprocessing, resolve_preprocessing
 
-    user = user_preprocessing(args)
-    carried = {k: v for k, v in source.preprocessing.items() if k in USER_PREPROCESSING}
-    try:  # validates the values with the data config's own rules
-        DataConfig(name="check", **{**carried, **user})
+    try:  # the data config's own rules, for the flags and for what a checkpoint or directory carries
+        user = check_preprocessing(user_preprocessing(args))
+        carried = check_preprocessing({k: v for k, v in source.preprocessing.items() if k in USER_PREPROCESSING})
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"preprocessing: {err}") from None
     pre = resolve_preprocessing(source.model, overrides={**carried, **user})
     size = getattr(args, "input_size", None)
     if size is not None:

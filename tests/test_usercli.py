@@ -376,3 +376,25 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_pa
     assert len(steps_run) == steps_per_epoch, "the first epoch ran again instead of resuming"
     assert json.loads((out / "report.json").read_text())["finetune"]["steps"] == 2 * steps_per_epoch
     assert not (tmp_path / ".ft.partial").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [(["--crop-pct", "1.5"], "crop_pct"), (["--std", "0"], "std"),
+                                           (["--mean", "0.1", "0.2"], "mean")])
+def test_bad_preprocessing_flags(workdir, tmp_path, capsys, flags, needle):
+    code, _, err = _run(capsys, "compress", *_model_args(workdir), "--data", workdir / "imgs", "--workers", "0",
+                        "--reduction", "0.5", "--quiet", "--output", tmp_path / "o", *flags)
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsys, monkeypatch):
+    from lowrank_vit import runner
+
+    def offline(*args, **kwargs):
+        raise runner.SetupError("cannot load timm's pretrained weights for x (offline): run once with network "
+                                "access, unset HF_HUB_OFFLINE, or use --scale smoke")
+
+    monkeypatch.setattr(runner, "build_model", offline)
+    code, _, err = _run(capsys, "evaluate", ARCH, "--data", workdir / "imgs", "--quiet")
+    _assert_one_line_error(code, err, "--no-pretrained")
+    assert "--scale smoke" not in err
