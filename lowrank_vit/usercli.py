@@ -321,7 +321,19 @@ def _directory_source(args: argparse.Namespace, directory: Path) -> Source:
 
 
 def load_source(args: argparse.Namespace) -> Source:
-    """The model MODEL names: a directory written by ``save_compressed``/``compress``, or a timm name."""
+    """The model MODEL names: a directory written by ``save_compressed``/``compress`` (local, or a hub repository
+    ``hf-hub:owner/name`` holding one), or a timm name (``hf-hub:`` names of timm's own repositories too)."""
+    from lowrank_vit.hub import download, is_hub_reference
+    from lowrank_vit.surgery import PLAN_FILE
+
+    if is_hub_reference(args.model):
+        try:
+            snapshot = download(args.model)
+        except FileNotFoundError:
+            snapshot = None  # not reachable as a model directory: timm may still know it (or say why not)
+        if snapshot is not None and (snapshot / PLAN_FILE).is_file():
+            return _directory_source(args, snapshot)
+        return _timm_source(args)
     path = Path(args.model).expanduser()
     if path.is_dir():
         return _directory_source(args, path)

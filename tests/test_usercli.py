@@ -398,3 +398,22 @@ def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsy
     code, _, err = _run(capsys, "evaluate", ARCH, "--data", workdir / "imgs", "--quiet")
     _assert_one_line_error(code, err, "--no-pretrained")
     assert "--scale smoke" not in err
+
+
+@pytest.mark.slow
+def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys, monkeypatch):
+    from lowrank_vit import hub
+
+    asked = []
+
+    def from_cache(reference, cache_dir=None, token=None):
+        asked.append(reference)
+        return compressed  # what snapshot_download returns: a local folder holding the repository's files
+
+    monkeypatch.setattr(hub, "download", from_cache)
+    code, out, err = _run(capsys, "evaluate", "hf-hub:someone/tiny-30", "--data", compressed.parent / "imgs",
+                          "--workers", "0", "--json", "--quiet", "--latency-batches")
+    assert code == 0, err
+    assert asked == ["hf-hub:someone/tiny-30"]
+    result = json.loads(out)
+    assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and result["latency_ms"] == {}
