@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,17 @@ def test_unknown_layer_kind_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(UnsupportedLayerError):
         export_onnx(model, tmp_path / "m.onnx", INPUT)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inference_benchmark_times_onnxruntime_beside_pytorch(tmp_path, capsys):
+    from test_benchmarks import TOY, load, positive_finite
+
+    out = tmp_path / "inference.json"
+    load("inference").main([*TOY, "--reduction", "0.5", "--batch-size", "2", "--repeats", "2", "--warmup", "1",
+                            "--min-time", "0", "--calib", "4", "--rank-multiple", "1", "--onnxruntime",
+                            "--json", str(out)])
+    assert "ort speedup" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("ort_dense_ms", "ort_factorized_ms", "ort_speedup"):
+        assert positive_finite(row[key]), (key, row[key])
+    assert row["ort_speedup"] == pytest.approx(row["ort_dense_ms"] / row["ort_factorized_ms"])
