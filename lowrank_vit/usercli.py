@@ -435,7 +435,7 @@ def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, augment: bool
     location: dict[str, Any]
     if path.exists():
         location = {"path": str(path)}
-    elif args.data.startswith(("/", ".", "~")) or os.sep + os.sep in args.data:
+    elif args.data.startswith(("/", ".", "~")):  # a path, not a hub name (owner/name)
         raise DataNotFoundError(f"no data at {args.data!r}: give --data an image folder, parquet file(s) or a "
                                 f"Hugging Face dataset name")
     else:
@@ -739,9 +739,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     strategy = "ddp" if args.devices > 1 else "auto"
-    module, trainer = finetune(model, datamodule=dm, config=config, accelerator=accelerator, devices=args.devices,
-                               strategy=strategy, checkpoint_dir=str(checkpoints), ckpt_path="last",
-                               progress=not args.quiet)
+    try:
+        module, trainer = finetune(model, datamodule=dm, config=config, accelerator=accelerator, devices=args.devices,
+                                   strategy=strategy, checkpoint_dir=str(checkpoints), ckpt_path="last",
+                                   progress=not args.quiet)
+    except ValueError as err:  # PartialFinetune refuses a checkpoint of another model
+        if not checkpoints.is_dir():
+            raise
+        raise UserError(f"{checkpoints} holds checkpoints of another model: remove {stage} to start over "
+                        f"({err})") from None
     if trainer.global_rank != 0:
         return 0
     seconds = time.perf_counter() - start

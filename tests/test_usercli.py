@@ -417,3 +417,23 @@ def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys,
     assert asked == ["hf-hub:someone/tiny-30"]
     result = json.loads(out)
     assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and result["latency_ms"] == {}
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_path, capsys, monkeypatch):
+    from lowrank_vit import usercli
+
+    other = tmp_path / "other"
+    assert _compress(capsys, workdir, other, "--reduction", "0.5", "--no-eval", "--recipe", "vanilla")[0] == 0
+    out = tmp_path / "ft"
+    common = ["--data", workdir / "imgs", "--workers", "0", "--epochs", "1", "--output", out, "--quiet"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(usercli, "_evaluate", interrupted)
+        assert _run(capsys, "finetune", compressed, *common)[0] == 130
+    code, _, err = _run(capsys, "finetune", other, *common)
+    _assert_one_line_error(code, err, "remove", ".ft.partial")
+    assert not out.exists()
