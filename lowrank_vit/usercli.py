@@ -7,7 +7,8 @@ The registry commands (``run``, ``reproduce``) reproduce the paper's tables; the
   weights and plan (:func:`lowrank_vit.surgery.save_compressed`), ``report.json``, ``ranks.png`` and a model card.
 - ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency.
 - ``finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune, resumable, into a new directory.
-- ``export DIR --format onnx --output FILE``: an ONNX file with a dynamic batch axis (:mod:`lowrank_vit.export`).
+- ``export DIR --format onnx --output FILE [--fold] [--quantized qdq]``: an ONNX file with a dynamic batch axis
+  (:mod:`lowrank_vit.export`).
 
 Preprocessing is part of the model: mean, std, crop fraction, interpolation and input size come from the user's
 flags, else from what the weights carry (a model directory's plan, a checkpoint's safetensors metadata or a timm
@@ -186,6 +187,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("model", metavar="DIR", help="a model directory")
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("--fold", action="store_true", help="fold low-rank Z into the factors (faster inference)")
+    p.add_argument("--quantized", choices=("dequantized", "qdq"), default="dequantized",
+                   help="quantized weights as float values, or (qdq) as uint8 codes feeding DequantizeLinear")
     p.add_argument("--opset", type=_positive_int, default=17)
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
@@ -801,7 +804,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _say(args, describe_preprocessing(pre, origin))
     input_size = tuple(int(v) for v in pre["input_size"])
     try:
-        export_onnx(source.model, out, input_size, fold=args.fold, opset=args.opset,
+        export_onnx(source.model, out, input_size, fold=args.fold, opset=args.opset, quantized=args.quantized,
                     metadata={"lowrank_vit.preprocessing": json.dumps(pre)})
     except RuntimeError as err:
         raise UserError(str(err)) from None

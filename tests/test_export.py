@@ -111,3 +111,35 @@ def test_inference_benchmark_times_onnxruntime_beside_pytorch(tmp_path, capsys):
     for key in ("ort_dense_ms", "ort_factorized_ms", "ort_speedup"):
         assert positive_finite(row[key]), (key, row[key])
     assert row["ort_speedup"] == pytest.approx(row["ort_dense_ms"] / row["ort_factorized_ms"])
+
+
+@pytest.mark.parametrize("kind", ["no Z (loss-aware)", "lowrank", "structured", "comcat"])
+def test_quantized_model_exports_as_qdq_with_uint8_weights(kind, tmp_path):
+    import onnx
+
+    model = _compressed(**Z_CONFIGS[kind])
+    record = quantize_(model, bits=8)
+    float_file, qdq_file = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    export_onnx(model, float_file, INPUT)
+    export_onnx(model, qdq_file, INPUT, quantized="qdq")
+    proto = onnx.load(str(qdq_file))
+    ops = [node.op_type for node in proto.graph.node]
+    codes = [init for init in proto.graph.initializer
+             if init.data_type == onnx.TensorProto.UINT8 and len(init.dims) == 2]
+    assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == len(record) == len(codes)
+    assert qdq_file.stat().st_size < 0.75 * float_file.stat().st_size  # 8-bit factors instead of 32-bit ones
+    images = make_images(5, seed=3)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    assert _relative_error(onnx_logits(qdq_file, images), expected) <= 1e-4
+
+
+def test_qdq_export_refuses_a_weight_changed_after_quantization():
+    model = _compressed()
+    record = quantize_(model, bits=8)
+    name = next(iter(record))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].add_(1e-3)
+    with pytest.raises(ValueError, match="off its quantization grid"):
+        prepare_for_export(model, quantized="qdq")
+    prepare_for_export(model)  # the dequantized form exports whatever the weights are

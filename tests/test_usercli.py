@@ -437,3 +437,20 @@ def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_p
     code, _, err = _run(capsys, "finetune", other, *common)
     _assert_one_line_error(code, err, "remove", ".ft.partial")
     assert not out.exists()
+
+
+def test_export_quantized_as_qdq(compressed_plain, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from lowrank_vit import quantize_, save_compressed
+
+    model = load_compressed(compressed_plain)
+    quantize_(model, bits=8)
+    directory = save_compressed(model, tmp_path / "q8")
+    target = tmp_path / "q8.onnx"
+    code, out, err = _run(capsys, "export", directory, "--quantized", "qdq", "--output", target, "--quiet")
+    assert code == 0, err
+    ops = [node.op_type for node in onnx.load(str(target)).graph.node]
+    assert ops.count("DequantizeLinear") > 0 and "QuantizeLinear" not in ops
+    assert float(out.split("relative error ")[1].split()[0]) <= 1e-4
