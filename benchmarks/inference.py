@@ -13,6 +13,10 @@ is the same ratio for the whole forward pass (attention products, patch embeddin
 
 ``fused_ms`` times the model after ``lowrank_vit.fold_lowrank_z_``: every low-rank Z folded into the main factors,
 ``[U G] [V Y]^T``, the same function with two matrix products per layer instead of four.
+
+``--onnxruntime`` also exports the dense model and every compressed variant (folded where it has a low-rank Z) to
+ONNX (``lowrank_vit.export``) and times them in onnxruntime on the CPU, interleaved the same way, with as many
+intra-op threads as torch uses: ``ort_dense_ms``, ``ort_factorized_ms`` and ``ort_speedup`` beside PyTorch's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import copy
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +98,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-fused", action="store_true", help="skip the fused [U G][V Y]^T variant")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="also time the ONNX exports of the dense and compressed models in onnxruntime (CPU)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     return parser
 
@@ -175,6 +182,44 @@ def time_models(models: dict[str, nn.Module], images: torch.Tensor, device: str,
     return samples
 
 
+def onnx_sessions(models: dict[str, nn.Module], shape: tuple[int, int, int], folder: str) -> dict[str, Any]:
+    """onnxruntime sessions (CPU, torch's thread count) of the ONNX exports of ``models``, by the same names."""
+    import onnxruntime as ort
+
+    from lowrank_vit.export import export_onnx
+
+    sessions = {}
+    for name, model in models.items():
+        path = export_onnx(model, Path(folder) / f"{name.replace('@', '_').replace('/', '_')}.onnx", shape)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def time_sessions(sessions: dict[str, Any], images: torch.Tensor, repeats: int, warmup: int,
+                  min_time: float) -> dict[str, list[float]]:
+    """Per-run milliseconds of every onnxruntime session, interleaved as :func:`time_models` does."""
+    feed = {"images": images.detach().cpu().float().numpy()}
+    names = list(sessions)
+    inner = {}
+    for name, session in sessions.items():
+        seconds = min(timed(lambda s=session: s.run(None, feed), "cpu") for _ in range(warmup))
+        inner[name] = max(1, math.ceil(min_time / max(seconds, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            session, loops = sessions[name], inner[name]
+
+            def run(session: Any = session, loops: int = loops) -> None:
+                for _ in range(loops):
+                    session.run(None, feed)
+
+            samples[name].append(1000.0 * timed(run, "cpu") / loops)
+    return samples
+
+
 def variant_key(reduction: float, multiple: int) -> str:
     """Name of one compressed variant in the timing table and in the JSON's ``layers``."""
     return f"{reduction}" if multiple == 1 else f"{reduction}/x{multiple}"
@@ -229,10 +274,19 @@ def run_benchmark(args: Any) -> dict[str, Any]:
                 info[variant]["fused_max_abs_diff"] = float((fused(probe) - model(probe)).abs().max())
             models[f"fused@{variant}"] = fused
 
+    sessions: dict[str, Any] = {}
+    if args.onnxruntime:
+        deployed = {"dense": dense}
+        for reduction, multiple in variants:  # the deployed form of each variant: folded where it has a low-rank Z
+            variant = variant_key(reduction, multiple)
+            deployed[f"factorized@{variant}"] = models.get(f"fused@{variant}", models[f"factorized@{variant}"])
+        with tempfile.TemporaryDirectory(prefix="inference-onnx-") as onnx_dir:  # sessions keep the graphs
+            sessions = onnx_sessions(deployed, shape, onnx_dir)
     rows = []
     for batch_size in batch_sizes:
         images = smooth_images(batch_size, shape, seed=args.seed + 1).to(device)
         samples = time_models(models, images, device, args.repeats, args.warmup, args.min_time)
+        ort_samples = time_sessions(sessions, images, args.repeats, args.warmup, args.min_time) if sessions else {}
         dense_ms = median(samples["dense"])
         for reduction, multiple in variants:
             variant = variant_key(reduction, multiple)
@@ -254,6 +308,10 @@ def run_benchmark(args: Any) -> dict[str, Any]:
             if fused:
                 row["fused_ms"] = median(fused)
                 row["fused_speedup"] = dense_ms / row["fused_ms"]
+            if ort_samples:
+                row["ort_dense_ms"] = median(ort_samples["dense"])
+                row["ort_factorized_ms"] = median(ort_samples[f"factorized@{variant}"])
+                row["ort_speedup"] = row["ort_dense_ms"] / row["ort_factorized_ms"]
             row["dense_samples_ms"] = samples["dense"]
             row["factorized_samples_ms"] = samples[f"factorized@{variant}"]
             rows.append(row)
@@ -283,6 +341,9 @@ COLUMNS = [
     ("fused_ms", "fused ms", ".2f"),
     ("fused_speedup", "fused speedup", ".2f"),
     ("factorized_img_per_s", "img/s", ".1f"),
+    ("ort_dense_ms", "ort dense ms", ".2f"),
+    ("ort_factorized_ms", "ort factorized ms", ".2f"),
+    ("ort_speedup", "ort speedup", ".2f"),
 ]
 
 

@@ -13,6 +13,7 @@ import sys
 from typing import Any, NoReturn
 
 from lowrank_vit.common import positive_int
+from lowrank_vit.usercli import add_user_commands
 
 EXIT_USAGE = 2
 DEMO_PUBLISHED = "experiments/results/demo_table2.{json,txt}"
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also copy the table to {DEMO_PUBLISHED} and refresh the README's excerpt (what `make "
                         f"demo-refresh` runs)")
     _add_set(p)
+    COMMANDS.update(add_user_commands(sub))  # compress / evaluate / finetune / export (lowrank_vit/usercli.py)
     return parser
 
 

@@ -62,6 +62,8 @@ VAL_SPLITS = ("validation", "val", "valid", "test")
 """Held-out split names tried, in order, when ``val_split`` is not given."""
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 """Normalization of the digits when no model says otherwise."""
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+"""Resize interpolations timm's transforms accept."""
 
 
 def _one_line(message: object, limit: int = 400) -> str:
@@ -85,6 +87,39 @@ class DataFormatError(ValueError):
 
 class EmptySplitError(DataFormatError):
     """A split (training, validation or calibration) has no images."""
+
+
+PREPROCESSING_FIELDS = ("mean", "std", "crop_pct", "interpolation")
+"""The preprocessing a user (or the weights) may set; the input size is the model's."""
+
+
+def check_preprocessing(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validated preprocessing fields (a subset of :data:`PREPROCESSING_FIELDS`), mean and std as float tuples.
+
+    Raises:
+        ValueError: a field is unknown or invalid; the message names it.
+    """
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key in ("mean", "std"):
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if not values or len(values) > 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and np.isfinite(v) for v in values):
+                raise ValueError(f"{key} must be one number or one per channel, got {value!r}")
+            if key == "std" and min(values) <= 0:
+                raise ValueError(f"std must be positive, got {value!r}")
+            out[key] = tuple(float(v) for v in values)
+        elif key == "crop_pct":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"crop_pct must lie in (0, 1], got {value!r}")
+            out[key] = float(value)
+        elif key == "interpolation":
+            if value not in INTERPOLATIONS:
+                raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
+            out[key] = value
+        else:
+            raise ValueError(f"{key!r} is not a preprocessing field ({', '.join(PREPROCESSING_FIELDS)})")
+    return out
 
 
 @dataclass
@@ -126,6 +161,16 @@ class DataConfig:
     """Input channels (1 or 3); default: the model's own. Images are converted to it (RGB to L or L to RGB)."""
     augment: bool = True
     """Augment the training loader (timm's ``is_training=True`` transform; random shifts for the digits)."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel normalization mean (one value, or one per channel); default: the model's pretrained config. Set it
+    when the weights were trained with other statistics (e.g. 0.5): a wrong mean silently shifts every image."""
+    std: tuple[float, ...] | None = None
+    """Per-channel normalization standard deviation; default: the model's pretrained config."""
+    crop_pct: float | None = None
+    """Evaluation center-crop fraction in (0, 1] (1.0: resize only, no crop); default: the model's pretrained
+    config (0.875-0.9 for ImageNet models, wrong for a model trained on uncropped images such as CIFAR's)."""
+    interpolation: str | None = None
+    """Resize interpolation ("bilinear", "bicubic", "nearest"...); default: the model's pretrained config."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for gated datasets; default: ``HF_TOKEN`` or the token saved by ``hf auth login``.
     Never printed nor included in :meth:`to_dict`."""
@@ -165,6 +210,17 @@ class DataConfig:
                 raise ValueError(f"{key} must be a non-empty string, got {value!r}")
         if not isinstance(self.train_split, str) or not self.train_split:
             raise ValueError(f"train_split must be a non-empty string, got {self.train_split!r}")
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        given = {k: getattr(self, k) for k in PREPROCESSING_FIELDS if getattr(self, k) is not None}
+        for key, value in check_preprocessing(given).items():
+            setattr(self, key, value)
+
+    def preprocessing_overrides(self) -> dict[str, Any]:
+        """The preprocessing fields this config sets (the others come from the model), as
+        :func:`resolve_preprocessing` takes them."""
+        return {k: getattr(self, k) for k in PREPROCESSING_FIELDS if getattr(self, k) is not None}
 
     @property
     def is_mnist(self) -> bool:
@@ -231,7 +287,8 @@ def _match_channels(stats: float | Sequence[float], channels: int) -> tuple[floa
 
 
 def resolve_preprocessing(
-    model: nn.Module | None, img_size: int | None = None, in_chans: int | None = None
+    model: nn.Module | None, img_size: int | None = None, in_chans: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """timm's data config for ``model`` at the resolution and channel count it actually takes.
 
@@ -239,6 +296,8 @@ def resolve_preprocessing(
         model: A timm model (its pretrained config gives mean, std, interpolation, crop); None for timm's defaults.
         img_size: Overrides the input resolution.
         in_chans: Overrides the input channels; mean and std are averaged or repeated to match.
+        overrides: ``mean``, ``std``, ``crop_pct``, ``interpolation`` given by the user or saved with the weights
+            (:meth:`DataConfig.preprocessing_overrides`); they win over the pretrained config.
 
     Returns:
         ``resolve_data_config``'s dict: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``,
@@ -254,10 +313,13 @@ def resolve_preprocessing(
         channels, size = model_chans or channels, model_size or size
     channels = in_chans or channels
     size = (img_size, img_size) if img_size else size
-    config = dict(base)
+    config = {**base, **(overrides or {})}
     config["input_size"] = (int(channels), int(size[0]), int(size[1]))
-    config["mean"] = _match_channels(base["mean"], channels)
-    config["std"] = _match_channels(base["std"], channels)
+    for key in ("mean", "std"):
+        try:
+            config[key] = _match_channels(config[key], channels)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err} (give one value, or one per channel)") from None
     return config
 
 
@@ -459,7 +521,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self._calib_indices: torch.Tensor | None = None
 
     def _default_preprocessing(self) -> dict[str, Any]:
-        return resolve_preprocessing(None, self.cfg.img_size, self.cfg.in_chans)
+        return resolve_preprocessing(None, self.cfg.img_size, self.cfg.in_chans, self.cfg.preprocessing_overrides())
 
     def _build(self) -> _Splits:
         raise NotImplementedError
@@ -542,7 +604,8 @@ class MNIST5kDataModule(ImageClassificationDataModule):
 
     def _default_preprocessing(self) -> dict[str, Any]:
         size = self.cfg.img_size or 28
-        return {"input_size": (self.cfg.in_chans or 1, size, size), "mean": (MNIST_MEAN,), "std": (MNIST_STD,)}
+        return {"input_size": (self.cfg.in_chans or 1, size, size), "mean": self.cfg.mean or (MNIST_MEAN,),
+                "std": self.cfg.std or (MNIST_STD,)}
 
     def _describe(self) -> str:
         return repr(MNIST_5K)
@@ -764,7 +827,8 @@ def build_datamodule(cfg: DataConfig, model: nn.Module | None = None) -> ImageCl
     Args:
         cfg: Which dataset and how to batch it.
         model: The timm model to feed: its pretrained config gives mean, std, interpolation and crop, its patch
-            embedding the input size and channels (``cfg.img_size``/``cfg.in_chans`` override them). None: the
+            embedding the input size and channels (``cfg.img_size``/``cfg.in_chans``, ``cfg.mean``/``std``/
+            ``crop_pct``/``interpolation`` override them). None: the
             dataset's native size for ``mnist-5k``, timm's defaults (224 px, RGB) otherwise.
 
     Returns:
@@ -777,7 +841,8 @@ def build_datamodule(cfg: DataConfig, model: nn.Module | None = None) -> ImageCl
         module_cls = ImageNetDataModule
     else:
         module_cls = HFImageDataModule
-    preprocessing = resolve_preprocessing(model, cfg.img_size, cfg.in_chans) if model is not None else None
+    overrides = cfg.preprocessing_overrides()
+    preprocessing = resolve_preprocessing(model, cfg.img_size, cfg.in_chans, overrides) if model is not None else None
     return module_cls(cfg, preprocessing)
 
 
@@ -794,6 +859,7 @@ __all__ = [
     "TensorImageDataset",
     "TensorImageTransform",
     "build_datamodule",
+    "check_preprocessing",
     "create_transforms",
     "load_mnist_5k",
     "resolve_preprocessing",

@@ -71,7 +71,8 @@ def fold_lowrank_z_(model: nn.Module) -> list[str]:
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
-                    model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Path:
+                    model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+                    push_to_hub: str | None = None, token: str | None = None) -> Path:
     """Write ``model`` to the directory ``path`` (created if needed; its other files are left alone).
 
     Args:
@@ -80,6 +81,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         model_name: timm architecture to rebuild from; default, read from the model's ``pretrained_cfg``.
         model_kwargs: ``timm.create_model`` arguments; default, read from the model's structure by the adapter.
         metadata: any JSON-serializable extra (e.g. the CompressionReport), stored in the plan.
+        push_to_hub: also upload the directory to this Hugging Face hub repository (``owner/name``, created if
+            needed; :func:`lowrank_vit.hub.push`), with ``token`` (default: ``HF_TOKEN`` or the saved login).
     """
     adapter = get_adapter(model)
     spec = adapter.model_spec(model) if model_name is None or model_kwargs is None else None
@@ -111,6 +114,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     atomic_write(out / PLAN_FILE, lambda tmp: tmp.write_text(plan_text))
+    if push_to_hub is not None:
+        from lowrank_vit.hub import push
+
+        push(out, push_to_hub, token=token)
     return out
 
 
@@ -150,9 +157,16 @@ def plan_file_of(directory: Path) -> Path:
     return directory / PLAN_FILE
 
 
-def load_compressed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the timm model saved by :func:`save_compressed`, with its factorized layers, in eval mode."""
-    directory = Path(path)
+def load_compressed(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    cache_dir: str | os.PathLike | None = None, token: str | None = None) -> nn.Module:
+    """Rebuild the timm model saved by :func:`save_compressed`, with its factorized layers, in eval mode.
+
+    ``path`` is a directory or a hub reference ``hf-hub:owner/name[@revision]``, fetched into the Hugging Face cache
+    (``cache_dir``, default its own) with ``token`` by :func:`lowrank_vit.hub.download`.
+    """
+    from lowrank_vit.hub import download, is_hub_reference
+
+    directory = download(path, cache_dir=cache_dir, token=token) if is_hub_reference(path) else Path(path)
     plan = read_plan(directory)
     weights_file = directory / WEIGHTS_FILE
     if not weights_file.is_file():

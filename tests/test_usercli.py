@@ -1,0 +1,456 @@
+"""``lowrank-vit compress / evaluate / finetune / export`` end to end on a tiny timm ViT and generated data (an image
+folder and a parquet file made here, seeded), and their bad-input errors: one line, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowrank_vit import cli
+from lowrank_vit.factorized import FactorizedLinear
+from lowrank_vit.surgery import load_compressed, read_plan
+
+ARCH = "vit_tiny_patch16_224"
+KWARGS = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
+CLASSES, PER_CLASS, SIZE = 3, 10, 32
+
+
+def _images(seed: int = 0) -> list[tuple[np.ndarray, int]]:
+    """Class c: noise around a class-specific brightness, so classes differ."""
+    rng = np.random.default_rng(seed)
+    return [((rng.random((SIZE, SIZE, 3)) * 80 + c * 70).astype(np.uint8), c)
+            for c in range(CLASSES) for _ in range(PER_CLASS)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("usercli")
+    for i, (array, label) in enumerate(_images()):
+        folder = root / "imgs" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)
+    # the weights say how they were trained: mean/std 0.5 and no crop, unlike timm's ImageNet config for this name
+    save_file(model.state_dict(), str(root / "weights.safetensors"),
+              metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
+    return root
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _model_args(workdir: Path) -> list[str]:
+    return [ARCH, "--checkpoint", str(workdir / "weights.safetensors"), "--model-kwargs", json.dumps(KWARGS),
+            "--input-size", str(SIZE)]
+
+
+def _compress(capsys, workdir: Path, output: Path, *extra: str) -> tuple[int, str, str]:
+    return _run(capsys, "compress", *_model_args(workdir), "--data", workdir / "imgs", "--workers", "0",
+                "--calib-samples", "16", "--quiet", "--output", output, *extra)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lowrank-vit: error:")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def compressed(workdir, tmp_path_factory) -> Path:
+    """One compressed directory shared by the tests that read it (compressing is the slow part)."""
+    out = workdir / "deit-30"
+    code = cli.main(["compress", *_model_args(workdir), "--data", str(workdir / "imgs"), "--workers", "0",
+                     "--calib-samples", "16", "--quiet", "--reduction", "0.3", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- compress
+
+
+@pytest.mark.slow
+def test_compress_writes_a_complete_model_directory(compressed, workdir):
+    names = {p.name for p in compressed.iterdir()}
+    assert {"model.safetensors", "lowrank_vit.json", "report.json", "ranks.png", "README.md"} <= names
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".deit-30")], "a staging directory was left"
+    report = json.loads((compressed / "report.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"]
+    assert abs(report["reduction"] - 0.3) < 0.01
+    assert report["accuracy"]["before"]["images"] == report["accuracy"]["after"]["images"] == 6  # 20% held out
+    # preprocessing: the checkpoint's metadata beats timm's ImageNet config of this name; saved with the model
+    pre = read_plan(compressed)["metadata"]["preprocessing"]
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5] and pre["crop_pct"] == 1.0
+    assert pre["input_size"] == [3, SIZE, SIZE]
+    model = load_compressed(compressed)
+    factorized = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
+    assert factorized
+    card = (compressed / "README.md").read_text()
+    assert "load_compressed" in card and "loss-aware" in card and f"`{factorized[0]}`" in card
+    assert f"{report['params']['after']:,}" in card
+
+
+def test_compress_prints_the_preprocessing_and_its_origin(workdir, tmp_path, capsys):
+    code, out, err = _run(capsys, "compress", *_model_args(workdir), "--data", workdir / "imgs", "--workers", "0",
+                          "--calib-samples", "8", "--no-eval", "--recipe", "vanilla", "--reduction", "0.3",
+                          "--mean", "0.4", "--output", tmp_path / "m")
+    assert code == 0, err
+    line = next(line for line in err.splitlines() if line.startswith("preprocessing:"))
+    assert "mean 0.4,0.4,0.4 (flag)" in line and "std 0.5,0.5,0.5 (checkpoint" in line
+    assert "input 3x32x32" in line
+    assert read_plan(tmp_path / "m")["metadata"]["preprocessing"]["mean"] == [0.4, 0.4, 0.4]
+    assert str(tmp_path / "m") in out
+
+
+@pytest.mark.slow
+def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
+    report = json.loads((compressed / "report.json").read_text())
+    code, out, err = _run(capsys, "evaluate", compressed, "--data", compressed.parent / "imgs", "--workers", "0",
+                          "--json", "--quiet", "--repeats", "2")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    # same split, same preprocessing: the same accuracy compress measured right after compressing
+    assert result["top1"] == pytest.approx(report["accuracy"]["after"]["top1"])
+    assert result["params"] == report["params"]["after"]
+    assert set(result["latency_ms"]) == {"1", "32"} and all(v > 0 for v in result["latency_ms"].values())
+    assert result["size_mib"] > 0
+
+
+@pytest.mark.slow
+def test_export_runs_in_onnxruntime_and_matches(compressed, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from lowrank_vit.export import onnx_logits
+
+    target = tmp_path / "model.onnx"
+    code, out, err = _run(capsys, "export", compressed, "--format", "onnx", "--output", target)
+    assert code == 0, err
+    assert "relative error" in out
+    images = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = load_compressed(compressed)(images)
+    assert float((onnx_logits(target, images) - expected).norm() / expected.norm()) <= 1e-4
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+    assert json.loads(props["lowrank_vit.preprocessing"])["mean"] == [0.5, 0.5, 0.5]
+    # an existing file is not replaced without --force
+    before = _digest(target)
+    code, _, err = _run(capsys, "export", compressed, "--fold", "--output", target)
+    _assert_one_line_error(code, err, "--force")
+    assert _digest(target) == before
+
+
+@pytest.mark.slow
+def test_finetune_writes_a_new_directory_and_leaves_its_input(compressed, tmp_path, capsys):
+    weights = compressed / "model.safetensors"
+    before = _digest(weights)
+    out = tmp_path / "ft"
+    code, stdout, err = _run(capsys, "finetune", compressed, "--data", compressed.parent / "imgs", "--workers", "0",
+                             "--epochs", "1", "--lr", "1e-2", "--output", out, "--quiet")
+    assert code == 0, err
+    assert _digest(weights) == before
+    assert {"model.safetensors", "lowrank_vit.json", "report.json", "README.md", "ranks.png"} <= \
+        {p.name for p in out.iterdir()}
+    assert not (out / "checkpoints").exists() and not (tmp_path / ".ft.partial").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["steps"] >= 1 and "final" in report["accuracy"] and "after" in report["accuracy"]
+    trained, original = load_compressed(out).state_dict(), load_compressed(compressed).state_dict()
+    changed = [k for k in original if not torch.equal(original[k], trained[k])]
+    assert changed and all(not k.endswith((".U", ".V")) for k in changed), changed  # factors stay frozen
+    assert read_plan(out)["metadata"]["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    code, _, err = _run(capsys, "finetune", compressed, "--data", compressed.parent / "imgs", "--epochs", "1",
+                        "--output", compressed)
+    _assert_one_line_error(code, err, "input")
+    assert _digest(weights) == before
+
+
+def test_parquet_with_named_columns(workdir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rows = []
+    for array, label in _images(seed=1):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        rows.append({"picture": {"bytes": buffer.getvalue(), "path": None}, "target": label})
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    common = ["compress", *_model_args(workdir), "--data", path, "--workers", "0", "--calib-samples", "8",
+              "--no-eval", "--recipe", "paper", "--reduction", "0.3", "--quiet"]
+    code, _, err = _run(capsys, *common, "--output", tmp_path / "a")
+    _assert_one_line_error(code, err, "image column")
+    assert not (tmp_path / "a").exists()
+    code, _, err = _run(capsys, *common, "--image-column", "picture", "--label-column", "wrong",
+                        "--output", tmp_path / "a")
+    _assert_one_line_error(code, err, "wrong")
+    code, _, err = _run(capsys, *common, "--image-column", "picture", "--label-column", "target",
+                        "--output", tmp_path / "a")
+    assert code == 0, err
+    assert read_plan(tmp_path / "a")["metadata"]["recipe"] == "paper"
+
+
+def test_datamodule_uses_the_configured_normalization(workdir):
+    """DataConfig's preprocessing fields reach the transform: with crop_pct 1 at the native size the image is only
+    normalized, so each pixel is exactly (x / 255 - mean) / std."""
+    from PIL import Image
+
+    from lowrank_vit.data import DataConfig, build_datamodule
+
+    cfg = DataConfig(path=str(workdir / "imgs"), img_size=SIZE, in_chans=3, mean=(0.2, 0.3, 0.4), std=(0.5,),
+                     crop_pct=1.0, interpolation="bilinear", augment=False, calib_samples=1)
+    dm = build_datamodule(cfg)
+    dm.setup()
+    assert dm.preprocessing["mean"] == (0.2, 0.3, 0.4) and dm.preprocessing["std"] == (0.5, 0.5, 0.5)
+    image, label = dm.val_dataset[0]
+    raw = dm.val_dataset.dataset.dataset[dm.val_dataset.indices[0]]["image"]
+    expected = (torch.from_numpy(np.asarray(Image.open(raw["path"]) if isinstance(raw, dict) else raw)).float()
+                .permute(2, 0, 1) / 255 - torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)) / 0.5
+    assert torch.allclose(image, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="crop_pct"):
+        DataConfig(path="x", crop_pct=1.5)
+    with pytest.raises(ValueError, match="std"):
+        DataConfig(path="x", std=(0.0,))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model_name_suggests_close_ones(workdir, tmp_path, capsys):
+    code, _, err = _run(capsys, "compress", "vit_tiny_patch16_22", "--data", workdir / "imgs", "--reduction", "0.5",
+                        "--output", tmp_path / "o")
+    _assert_one_line_error(code, err, "vit_tiny_patch16_22", "did you mean", "vit_tiny_patch16_224")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("reduction", ["0", "1", "1.5", "-0.2", "half"])
+def test_reduction_outside_the_open_interval(workdir, tmp_path, capsys, reduction):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--reduction", reduction,
+                  "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--reduction" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_path_and_folder_without_images(workdir, tmp_path, capsys):
+    base = ["compress", *_model_args(workdir), "--workers", "0", "--reduction", "0.5", "--quiet"]
+    code, _, err = _run(capsys, *base, "--data", tmp_path / "nowhere", "--output", tmp_path / "o")
+    _assert_one_line_error(code, err, "nowhere")
+    empty = tmp_path / "empty" / "class0"
+    empty.mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    code, _, err = _run(capsys, *base, "--data", tmp_path / "empty", "--output", tmp_path / "o")
+    _assert_one_line_error(code, err)
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_checkpoint_of_another_architecture(workdir, tmp_path, capsys):
+    args = _model_args(workdir)
+    args[args.index("--model-kwargs") + 1] = json.dumps({**KWARGS, "embed_dim": 48})
+    code, _, err = _run(capsys, "compress", *args, "--data", workdir / "imgs", "--reduction", "0.5", "--quiet",
+                        "--output", tmp_path / "o")
+    _assert_one_line_error(code, err, "weights.safetensors", "does not fit")
+    assert not (tmp_path / "o").exists()
+
+
+def test_class_count_is_checked_before_calibration(workdir, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **{**KWARGS, "num_classes": 5})
+    save_file(model.state_dict(), str(tmp_path / "five.safetensors"))
+    code, _, err = _run(capsys, "compress", ARCH, "--checkpoint", tmp_path / "five.safetensors", "--model-kwargs",
+                        json.dumps({**KWARGS, "num_classes": 5}), "--input-size", str(SIZE), "--data",
+                        workdir / "imgs", "--workers", "0", "--reduction", "0.5", "--quiet",
+                        "--output", tmp_path / "o")
+    _assert_one_line_error(code, err, "5 classes", "has 3")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_output_directory_is_never_overwritten_silently(compressed, workdir, tmp_path, capsys):
+    plan_before = (compressed / "lowrank_vit.json").read_text()
+    code, _, err = _compress(capsys, workdir, compressed, "--reduction", "0.5", "--no-eval")
+    _assert_one_line_error(code, err, "already holds a model", "--force")
+    assert (compressed / "lowrank_vit.json").read_text() == plan_before
+    # a directory with the user's own files is refused even with --force
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    code, _, err = _compress(capsys, workdir, mine, "--reduction", "0.5", "--no-eval", "--force")
+    _assert_one_line_error(code, err, "other files")
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    # --force replaces a model directory, and only once the new model is complete
+    other = tmp_path / "other"
+    assert _compress(capsys, workdir, other, "--reduction", "0.3", "--no-eval", "--recipe", "vanilla")[0] == 0
+    code, _, err = _compress(capsys, workdir, other, "--reduction", "0.5", "--no-eval", "--force")
+    assert code == 0, err
+    assert read_plan(other)["metadata"]["recipe"] == "loss-aware"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other"]
+
+
+def test_export_of_a_model_with_an_unknown_layer_kind(compressed_plain, tmp_path, capsys):
+    plan = json.loads((compressed_plain / "lowrank_vit.json").read_text())
+    first = next(iter(plan["layers"]))
+    plan["layers"][first]["z"] = {"kind": "hologram", "rank": 1}
+    (compressed_plain / "lowrank_vit.json").write_text(json.dumps(plan))
+    code, _, err = _run(capsys, "export", compressed_plain, "--output", tmp_path / "m.onnx")
+    _assert_one_line_error(code, err, "hologram")
+    assert not (tmp_path / "m.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.fixture
+def compressed_plain(tmp_path_factory) -> Path:
+    """A compressed directory written by the API (no data needed), fresh for each test that edits it."""
+    from lowrank_vit import compress, save_compressed
+
+    from conftest import make_images, make_tiny_vit
+
+    model = make_tiny_vit()
+    compress(model, [make_images(16)], reduction=0.4, calib_samples=16, progress=False)
+    return save_compressed(model, tmp_path_factory.mktemp("plain") / "model")
+
+
+def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
+    for argv in (["--reduction", "0.5", "--recipe", "magic"], []):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--output", str(tmp_path / "o"), *argv])
+        assert exit_.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
+    from lowrank_vit import usercli
+
+    out = tmp_path / "ft"
+    argv = ["finetune", compressed, "--data", compressed.parent / "imgs", "--workers", "0", "--batch-size", "8",
+            "--output", out]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(usercli, "_evaluate", interrupted)  # after training, before the directory is written
+        code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet")
+    assert code == 130 and not out.exists()
+    assert (tmp_path / ".ft.partial" / "checkpoints" / "last.ckpt").is_file()
+    from lowrank_vit.finetune import PartialFinetune
+
+    steps_run = []
+    original_step = PartialFinetune.training_step
+
+    def counting_step(self, batch, batch_idx):
+        steps_run.append(batch_idx)
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(PartialFinetune, "training_step", counting_step)
+    code, _, err = _run(capsys, *argv, "--epochs", "2")
+    assert code == 0, err
+    assert "resuming from" in err
+    steps_per_epoch = 3  # 24 training images in batches of 8
+    assert len(steps_run) == steps_per_epoch, "the first epoch ran again instead of resuming"
+    assert json.loads((out / "report.json").read_text())["finetune"]["steps"] == 2 * steps_per_epoch
+    assert not (tmp_path / ".ft.partial").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [(["--crop-pct", "1.5"], "crop_pct"), (["--std", "0"], "std"),
+                                           (["--mean", "0.1", "0.2"], "mean")])
+def test_bad_preprocessing_flags(workdir, tmp_path, capsys, flags, needle):
+    code, _, err = _run(capsys, "compress", *_model_args(workdir), "--data", workdir / "imgs", "--workers", "0",
+                        "--reduction", "0.5", "--quiet", "--output", tmp_path / "o", *flags)
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsys, monkeypatch):
+    from lowrank_vit import runner
+
+    def offline(*args, **kwargs):
+        raise runner.SetupError("cannot load timm's pretrained weights for x (offline): run once with network "
+                                "access, unset HF_HUB_OFFLINE, or use --scale smoke")
+
+    monkeypatch.setattr(runner, "build_model", offline)
+    code, _, err = _run(capsys, "evaluate", ARCH, "--data", workdir / "imgs", "--quiet")
+    _assert_one_line_error(code, err, "--no-pretrained")
+    assert "--scale smoke" not in err
+
+
+@pytest.mark.slow
+def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys, monkeypatch):
+    from lowrank_vit import hub
+
+    asked = []
+
+    def from_cache(reference, cache_dir=None, token=None):
+        asked.append(reference)
+        return compressed  # what snapshot_download returns: a local folder holding the repository's files
+
+    monkeypatch.setattr(hub, "download", from_cache)
+    code, out, err = _run(capsys, "evaluate", "hf-hub:someone/tiny-30", "--data", compressed.parent / "imgs",
+                          "--workers", "0", "--json", "--quiet", "--latency-batches")
+    assert code == 0, err
+    assert asked == ["hf-hub:someone/tiny-30"]
+    result = json.loads(out)
+    assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and result["latency_ms"] == {}
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_path, capsys, monkeypatch):
+    from lowrank_vit import usercli
+
+    other = tmp_path / "other"
+    assert _compress(capsys, workdir, other, "--reduction", "0.5", "--no-eval", "--recipe", "vanilla")[0] == 0
+    out = tmp_path / "ft"
+    common = ["--data", workdir / "imgs", "--workers", "0", "--epochs", "1", "--output", out, "--quiet"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(usercli, "_evaluate", interrupted)
+        assert _run(capsys, "finetune", compressed, *common)[0] == 130
+    code, _, err = _run(capsys, "finetune", other, *common)
+    _assert_one_line_error(code, err, "remove", ".ft.partial")
+    assert not out.exists()
+
+
+def test_export_quantized_as_qdq(compressed_plain, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from lowrank_vit import quantize_, save_compressed
+
+    model = load_compressed(compressed_plain)
+    quantize_(model, bits=8)
+    directory = save_compressed(model, tmp_path / "q8")
+    target = tmp_path / "q8.onnx"
+    code, out, err = _run(capsys, "export", directory, "--quantized", "qdq", "--output", target, "--quiet")
+    assert code == 0, err
+    ops = [node.op_type for node in onnx.load(str(target)).graph.node]
+    assert ops.count("DequantizeLinear") > 0 and "QuantizeLinear" not in ops
+    assert float(out.split("relative error ")[1].split()[0]) <= 1e-4
