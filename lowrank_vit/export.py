@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.comcat import FactorizedAttention
+from lowrank_vit.common import atomic_write
 from lowrank_vit.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.quantize import quantization_record
 from lowrank_vit.surgery import fold_lowrank_z_, swap_layers
@@ -284,23 +284,22 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     example = torch.randn(example_batch, *input_size, generator=torch.Generator().manual_seed(0))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             # the tracer warns about Python branches on shapes (timm's asserts); the parity check is the real test
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(prepared, (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            torch.onnx.export(prepared, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         if quantized == "qdq":
-            _store_codes(tmp)
+            _store_codes(str(tmp))
         if metadata:
-            _add_metadata(tmp, metadata)
-        os.replace(tmp, out)
+            _add_metadata(str(tmp), metadata)
+
+    try:
+        atomic_write(out, write)
     except Exception as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         if isinstance(exc, UnsupportedLayerError):
             raise
         first = " ".join(str(exc).split())[:300] or type(exc).__name__

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_vit.common import positive_int
+
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 """The preprocessing fields saved with a model and printed by every command."""
 USER_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation")
@@ -94,12 +96,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    from lowrank_vit.cli import positive_int
-
-    return positive_int(text)
-
-
 def _add_model(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("model", metavar=what,
                    help="a timm model name (e.g. deit_small_patch16_224.fb_in1k) or a model directory")
@@ -130,7 +126,7 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--label-column", help="label column (default: label, labels, fine_label or the ClassLabel)")
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", help="validation split (default: validation/val/test, else a 20%% hold-out)")
-    g.add_argument("--batch-size", type=_positive_int, default=32)
+    g.add_argument("--batch-size", type=positive_int, default=32)
     g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, cores - 1); capped at the cores)")
 
 
@@ -150,11 +146,11 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     _add_data(p)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--reduction", type=_fraction, help="fraction of the parameters removed, in (0, 1)")
-    budget.add_argument("--target-params", type=_positive_int, help="parameter count after compression")
+    budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
     p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
                    help="a recipe (loss-aware: the default; paper; vanilla) or any registered decomposition")
-    p.add_argument("--calib-samples", type=_positive_int, default=1024, help="calibration images (default 1024)")
-    p.add_argument("--rank-multiple", type=_positive_int, default=1, help="round ranks to multiples (8: faster)")
+    p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
     p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
     p.add_argument("--output", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
@@ -166,19 +162,19 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     _add_data(p)
     _add_preprocessing(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--latency-batches", type=_positive_int, nargs="*", default=list(LATENCY_BATCHES),
+    p.add_argument("--latency-batches", type=positive_int, nargs="*", default=list(LATENCY_BATCHES),
                    help="batch sizes timed (default 1 32; none: no timing)")
-    p.add_argument("--repeats", type=_positive_int, default=10, help="timed forward passes per batch size")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed forward passes per batch size")
     _add_common(p)
 
     p = sub.add_parser("finetune", help="partial fine-tune of a model directory into a new one (resumable)")
     p.add_argument("model", metavar="DIR", help="a model directory written by compress")
     _add_data(p)
-    p.add_argument("--epochs", type=_positive_int, required=True)
+    p.add_argument("--epochs", type=positive_int, required=True)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps (quick checks)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick checks)")
     p.add_argument("--augment", action="store_true", help="timm's ImageNet training augmentation (default: none)")
-    p.add_argument("--devices", type=_positive_int, default=1, help="processes; >1 runs DDP")
+    p.add_argument("--devices", type=positive_int, default=1, help="processes; >1 runs DDP")
     p.add_argument("--output", required=True, help="the new model directory (never the input)")
     p.add_argument("--force", action="store_true", help="replace an existing model directory at --output")
     _add_common(p)
@@ -189,7 +185,7 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--fold", action="store_true", help="fold low-rank Z into the factors (faster inference)")
     p.add_argument("--quantized", choices=("dequantized", "qdq"), default="dequantized",
                    help="quantized weights as float values, or (qdq) as uint8 codes feeding DequantizeLinear")
-    p.add_argument("--opset", type=_positive_int, default=17)
+    p.add_argument("--opset", type=positive_int, default=17)
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime against PyTorch")
