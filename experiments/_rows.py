@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
-from lowrank_vit.data import DataConfig
+from lowrank_vit.data_config import DataConfig
 from lowrank_vit.finetune_config import FinetuneConfig
 from lowrank_vit.registry import (
     ARCH_LABELS,

@@ -56,7 +56,7 @@ class Recipe:
 
 
 def _data_config(data: str, **kwargs: Any):
-    from lowrank_vit.data import DataConfig
+    from lowrank_vit.data_config import DataConfig
 
     local = Path(data).expanduser()
     return DataConfig(path=str(local.resolve()), **kwargs) if local.exists() else DataConfig(name=data, **kwargs)

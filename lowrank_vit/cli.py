@@ -16,6 +16,8 @@ from lowrank_vit.common import positive_int
 from lowrank_vit.usercli import add_user_commands
 
 EXIT_USAGE = 2
+LIGHTNING_FREE = ("list", "show", "plan")
+"""Commands that never import Lightning (they read the registry and plan; nothing trains or loads data)."""
 DEMO_PUBLISHED = "experiments/results/demo_table2.{json,txt}"
 
 
@@ -219,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from lowrank_vit.data import DataFormatError, DataNotFoundError
+    from lowrank_vit.data_config import DataFormatError, DataNotFoundError
     from lowrank_vit.logging_utils import silence_third_party
     from lowrank_vit.registry import UnknownExperimentError
     from lowrank_vit.runner import SetupError
 
-    silence_third_party()
+    silence_third_party(lightning=args.command not in LIGHTNING_FREE)
     expected = (CLIError, UnknownExperimentError, SetupError, DataNotFoundError, DataFormatError, ValueError,
                 FileNotFoundError, FloatingPointError)
     try:

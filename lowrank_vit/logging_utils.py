@@ -13,6 +13,7 @@ zero writes: Lightning's WandbLogger creates its run on global rank zero only, a
 
 from __future__ import annotations
 
+import functools
 import logging
 import netrc
 import os
@@ -24,7 +25,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.utilities import rank_zero_only
+
+def _rank_zero_only(fn):
+    """Lightning's ``rank_zero_only``, imported when the function is first called, so that importing this module
+    (the CLI does, for every command) does not import Lightning."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lightning.pytorch.utilities import rank_zero_only
+
+        return rank_zero_only(fn)(*args, **kwargs)
+
+    return wrapper
 
 MODES = ("online", "offline", "disabled")
 DEFAULT_HOST = "https://api.wandb.ai"
@@ -46,12 +57,14 @@ HARMLESS_WARNINGS = (
 """Messages of warnings known to be harmless here, silenced (regular expressions matched from the start)."""
 
 
-def silence_third_party() -> None:
+def silence_third_party(lightning: bool = True) -> None:
     """No third-party banners, tips or known-harmless warnings on the terminal: Lightning's INFO chatter goes to
     WARNING, the warnings of :data:`HARMLESS_WARNINGS` are ignored and wandb runs silently (``WANDB_SILENT``,
     unless the environment sets it). Real warnings and errors still show. Idempotent; called by the CLI and by
-    :func:`lowrank_vit.runner.run_row`."""
-    import lightning.pytorch  # noqa: F401  its import sets its logger to INFO: lower it afterwards
+    :func:`lowrank_vit.runner.run_row`. ``lightning=False``: leave Lightning unimported (commands that never run it;
+    whoever imports it later calls this again)."""
+    if lightning:
+        import lightning.pytorch  # noqa: F401  its import sets its logger to INFO: lower it afterwards
 
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -163,7 +176,7 @@ def report_rows(report: Any) -> list[list[Any]]:
     return rows
 
 
-@rank_zero_only
+@_rank_zero_only
 def log_ranks_table(logger: Any, report: Any, key: str = "compression/ranks") -> None:
     """Log the per-layer ranks (and parameters, energy loss, output errors) of a compression report as a wandb
     table, with the report's totals as summary metrics. Does nothing for ``logger=None`` or a non-wandb logger."""
@@ -177,7 +190,7 @@ def log_ranks_table(logger: Any, report: Any, key: str = "compression/ranks") ->
         logger.log_metrics(totals)
 
 
-@rank_zero_only
+@_rank_zero_only
 def finish(logger: Any) -> None:
     """Close the logger's wandb run (flushes an offline run to disk); safe on None and on other loggers."""
     if logger is None:

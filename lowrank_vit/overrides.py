@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.data import DataConfig
+from lowrank_vit.data_config import DataConfig
 from lowrank_vit.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.data import DataConfig
+from lowrank_vit.data_config import DataConfig
 
 SCALES = ("full", "smoke")
 ACCELERATORS = ("cpu", "gpu", "auto")

@@ -106,7 +106,7 @@ def _add_model(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_preprocessing(p: argparse.ArgumentParser) -> None:
-    from lowrank_vit.data import INTERPOLATIONS
+    from lowrank_vit.data_config import INTERPOLATIONS
 
     g = p.add_argument_group("preprocessing (default: saved with the model, else timm's pretrained config)")
     g.add_argument("--mean", type=float, nargs="+", help="normalization mean, one value or one per channel")
@@ -424,7 +424,7 @@ def _cores() -> int:
 
 def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, augment: bool = False,
                  calib_samples: int = 1024) -> Any:
-    from lowrank_vit.data import DataConfig, DataNotFoundError
+    from lowrank_vit.data_config import DataConfig, DataNotFoundError
 
     workers = default_workers() if args.workers is None else args.workers
     if workers < 0:

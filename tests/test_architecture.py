@@ -44,3 +44,22 @@ def test_at_most_three_comparisons_on_method_names():
     found = [f"{p.name}:{i}: {line.strip()}" for p in PACKAGE.rglob("*.py")
              for i, line in enumerate(p.read_text().splitlines(), 1) if _COMPARISON.search(line)]
     assert len(found) <= 3, "\n".join(found)
+
+
+def test_list_show_and_plan_do_not_import_lightning():
+    """The registry, its configs and the planner are Lightning-free: reading the tables costs no Lightning import."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import io, contextlib, sys\n"
+            "from lowrank_vit.cli import main\n"
+            "for argv in (['list'], ['show', 'table2/deit_s/ours-50'],\n"
+            "             ['plan', 'table2/deit_s/ours-50', '--synthetic', '--scale', 'smoke']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert main(argv) == 0, argv\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
