@@ -27,6 +27,7 @@ grow with the number of images; only one batch's activations are held for its ba
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -219,20 +220,29 @@ def collect_loss_statistics(
                 traces[name] += _energy(x)
             else:
                 accumulate(name, h_sums, "input", x)
-            if output.requires_grad:
+            if output.requires_grad and name not in grad_input_side:
                 def grad_hook(grad: torch.Tensor) -> None:
                     seen_grad[name] = True
-                    if name in grad_input_side:  # W G W^T from g W^T (the weight is (out, in)), and tr(G)
-                        accumulate(name, g_sums, "grad", grad.detach() @ module.weight.detach())
-                        traces[name] += _energy(grad)
-                    else:
-                        accumulate(name, g_sums, "grad", grad)
+                    accumulate(name, g_sums, "grad", grad)
                 output.register_hook(grad_hook)
         return hook
 
+    def make_backward_hook(name: str):
+        def hook(module: nn.Linear, grad_input: tuple, grad_output: tuple) -> None:
+            # W G W^T is the Gram of g W^T, the gradient at this layer's own input, which the backward has just
+            # computed: reusing it saves a matmul as large as the layer's forward
+            if grad_input[0] is None or grad_output[0] is None:
+                return
+            seen_grad[name] = True
+            accumulate(name, g_sums, "grad", grad_input[0])
+            traces[name] += _energy(grad_output[0])
+        return hook
+
     produced = with_grad = 0
-    with hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
+    with contextlib.ExitStack() as cleanup, hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
             progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
+        for name in grad_input_side:
+            cleanup.callback(layers[name].register_full_backward_hook(make_backward_hook(name)).remove)
         for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
             for start in range(0, images.shape[0], micro_batch):
                 # the graph reaches every layer through the images; the weights' gradients are never formed
