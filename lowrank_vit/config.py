@@ -84,7 +84,8 @@ class CompressionConfig:
     grad_fraction: float = 1.0
     """decomposition "loss_aware": the fraction of the calibration images (the first ceil(fraction * N)) that also
     run the backward pass giving G; the others feed H only. The backward is most of the loss-aware pass's cost;
-    docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5, with float32 products)."""
+    docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5, with
+    float32 products)."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
