@@ -100,8 +100,8 @@ def build_parser() -> ArgumentParser:
                              "default and the paper's")
     parser.add_argument("--solver", nargs="+", default=["closed_form"], choices=("closed_form", "sgd"),
                         help="compensation solver(s); each is a row")
-    parser.add_argument("--gram-precision", nargs="+", default=["float64"], choices=("float64", "float32"),
-                        help="precision(s) of the Gram products; each is a row")
+    parser.add_argument("--gram-precision", nargs="+", default=["recipe"], choices=("recipe", "float64", "float32"),
+                        help="precision(s) of the Gram products; each is a row (default: each recipe's own)")
     parser.add_argument("--gram-space", nargs="+", default=["auto"], choices=("input", "auto"),
                         help="statistics of wide-input layers: their input Gram H, or (auto) their output Gram; "
                              "each is a row")
@@ -160,9 +160,9 @@ def forward_floor(model: nn.Module, images: ImageStream, device: str) -> tuple[f
 
 def make_config(args: Any, solver: str, precision: str, calib: int, space: str = "input",
                 recipe_name: str = "loss-aware") -> CompressionConfig:
-    return recipe(recipe_name, reduction=args.reduction, calib_samples=calib, solver=solver,
-                  gram_precision=precision, gram_space=space, sgd_iterations=args.sgd_iterations,
-                  device=args.device, seed=args.seed, progress=False)
+    own = {} if precision == "recipe" else {"gram_precision": precision}
+    return recipe(recipe_name, reduction=args.reduction, calib_samples=calib, solver=solver, gram_space=space,
+                  sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed, progress=False, **own)
 
 
 def settings_of(args: Any) -> list[tuple[str, str, str, str]]:
@@ -237,7 +237,9 @@ def timing_rows(args: Any, model_name: str, kwargs: dict[str, Any]) -> list[dict
     rows = []
     for (name, solver, precision, space), done in runs.items():
         row: dict[str, Any] = {"model": model_name, "recipe": name, "calib_images": args.calib,
-                               "batch_size": args.batch_size, "solver": solver, "gram_precision": precision,
+                               "batch_size": args.batch_size, "solver": solver,
+                               "gram_precision": make_config(args, solver, precision, args.calib, space,
+                                                             name).gram_precision,
                                "gram_space": space, "reduction": args.reduction}
         if solver == "sgd":
             row["sgd_iterations"] = args.sgd_iterations

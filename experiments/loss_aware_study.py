@@ -45,7 +45,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the cost knob: G from the first half (the library's "loss-aware-fast") or quarter of the calibration images
     "loss-aware-fast": LIBRARY_RECIPES["loss-aware-fast"],
     "la-grad-quarter": {**_DEFAULT, "grad_fraction": 0.25},
-    "la-gram-float32": {**_DEFAULT, "gram_precision": "float32"},
+    "la-gram-float64": {**_DEFAULT, "gram_precision": "float64"},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the

@@ -23,7 +23,7 @@ SOLVERS = ("closed_form", "sgd")
 RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none", bias_correction=True),
     "loss-aware-fast": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
-                            bias_correction=True, grad_fraction=0.5, gram_precision="float32"),
+                            bias_correction=True, grad_fraction=0.5),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
 }
@@ -84,8 +84,7 @@ class CompressionConfig:
     grad_fraction: float = 1.0
     """decomposition "loss_aware": the fraction of the calibration images (the first ceil(fraction * N)) that also
     run the backward pass giving G; the others feed H only. The backward is most of the loss-aware pass's cost;
-    docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5, with
-    float32 products)."""
+    docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
@@ -97,9 +96,11 @@ class CompressionConfig:
 
     calib_samples: int = 1024
     """Number of calibration images taken from the iterable (the paper's proxy dataset)."""
-    gram_precision: str = "float64"
+    gram_precision: str | None = None
     """Precision of each batch's Gram product X^T X: "float64" (exact) or "float32" (about twice as fast on CPUs;
-    the running sum over batches is float64 either way, so the error does not grow with the number of images)."""
+    the running sum over batches is float64 either way, so the error does not grow with the number of images).
+    None (default): "float32" for "loss_aware" (measured: the same ranks, top-1 and KL to the displayed precision
+    on every model of docs/loss_aware.md's study), "float64" for the others (the paper's rows keep it)."""
     gram_space: str = "auto"
     """Where wide-input layers (fc2: 4x more inputs than outputs) collect their statistics. "input": H itself.
     "auto": their output Gram W^T H W (1/16 of the work for fc2) whenever the configuration uses H only through
@@ -162,6 +163,8 @@ class CompressionConfig:
                              f"{self.decomposition!r} does not keep: use solver='closed_form'")
         if self.bias_correction is None:
             self.bias_correction = gradient_pass
+        if self.gram_precision is None:
+            self.gram_precision = "float32" if gradient_pass else "float64"
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"bias_correction must be true, false or null, got {self.bias_correction!r}")
         if self.bias_correction and not gradient_pass:
