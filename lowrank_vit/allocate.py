@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lowrank_vit.common import Registry
 from lowrank_vit.decompose import energy_loss_curve, energy_tail_curve
 
 
@@ -338,21 +339,14 @@ class Policy:
     """Whether ``Allocation.trace`` is part of the report (the marginal policy's prices)."""
 
 
-POLICIES: dict[str, Policy] = {}
+POLICIES: Registry[Policy] = Registry("allocation")
 
 
 def register_policy(policy: Policy) -> Policy:
-    if policy.name in POLICIES:
-        raise ValueError(f"allocation policy {policy.name!r} is registered twice")
-    POLICIES[policy.name] = policy
-    return policy
+    return POLICIES.add(policy.name, policy)
 
 
-def get_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown allocation {name!r}; registered: {', '.join(POLICIES)}") from None
+get_policy = POLICIES.lookup
 
 
 register_policy(Policy("uniform", energy_loss_curve,

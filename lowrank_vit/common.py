@@ -11,9 +11,46 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
+
+
+class Registry(dict[str, T], Generic[T]):
+    """Name -> entry for one configurable choice (decompositions, Z kinds, allocation policies), the way timm
+    registers models: a name is registered once, and an unknown name fails with the registered ones listed."""
+
+    def __init__(self, what: str, also: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.what = what
+        self.also = also  # names accepted elsewhere without an entry here ("none" for the Z kinds)
+
+    def add(self, name: str, entry: T) -> T:
+        if name in self:
+            raise ValueError(f"{self.what} {name!r} is registered twice")
+        self[name] = entry
+        return entry
+
+    def lookup(self, name: str) -> T:
+        try:
+            return self[name]
+        except KeyError:
+            raise ValueError(f"unknown {self.what} {name!r}; registered: {', '.join((*self.also, *self))}") from None
+
+
+def from_fields(cls: type[T], data: dict[str, Any]) -> T:
+    """``cls(**data)`` for a config dataclass, with unknown keys an error that names them (a typo in a saved or
+    hand-written config must not be silently dropped)."""
+    import dataclasses
+
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
 
 IMAGE_KEYS = ("image", "images", "pixel_values", "img")
 """Keys under which a dict batch may carry its images."""

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lowrank_vit.common import Registry
 from lowrank_vit.decompose import Decomposition, Whitening, truncated_svd
 from lowrank_vit.factorized import LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.progress import progress_bar
@@ -124,22 +125,16 @@ class ZKind:
         return z
 
 
-Z_KINDS: dict[str, ZKind] = {}
+Z_KINDS: Registry[ZKind] = Registry("compensation kind", also=("none",))
 
 
 def register_z_kind(cls: type[ZKind]) -> type[ZKind]:
     """Class decorator: make ``cls`` available as ``CompressionConfig(compensation=cls.name)``."""
-    if cls.name in Z_KINDS:
-        raise ValueError(f"compensation kind {cls.name!r} is registered twice")
-    Z_KINDS[cls.name] = cls()
+    Z_KINDS.add(cls.name, cls())
     return cls
 
 
-def get_z_kind(name: str) -> ZKind:
-    try:
-        return Z_KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown compensation kind {name!r}; known: none, {', '.join(Z_KINDS)}") from None
+get_z_kind = Z_KINDS.lookup
 
 
 @register_z_kind

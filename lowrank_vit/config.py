@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lowrank_vit.common import from_fields
+
 DECOMPOSITIONS = ("plain", "mean", "whitened", "loss_aware", "asvd", "fwsvd", "comcat")
 ALLOCATIONS = ("uniform", "greedy", "marginal")
 FISHER_LABELS = ("sampled", "given")
@@ -205,8 +207,4 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CompressionConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_fields(cls, data)

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowrank_vit.common import from_fields
+
 MNIST_5K = "mnist-5k"
 """Name of the embedded dataset (:class:`MNIST5kDataModule`)."""
 IMAGENET_HUB_ID = "ILSVRC/imagenet-1k"
@@ -202,11 +204,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DataConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_fields(cls, data)
 
 
 # ----------------------------------------------------------------------------------------------------- preprocessing

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.calibration import LayerStats, collect_statistics
+from lowrank_vit.common import Registry
 from lowrank_vit.decompose import (
     Decomposition,
     Whitening,
@@ -79,22 +80,16 @@ class Method:
         return plain_svd(weight), None
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("decomposition")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available as ``CompressionConfig(decomposition=cls.name)``."""
-    if cls.name in METHODS:
-        raise ValueError(f"decomposition method {cls.name!r} is registered twice")
-    METHODS[cls.name] = cls()
+    METHODS.add(cls.name, cls())
     return cls
 
 
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown decomposition {name!r}; registered: {', '.join(METHODS)}") from None
+get_method = METHODS.lookup
 
 
 @register_method

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lowrank_vit.common import from_fields
+
 
 @dataclass
 class FinetuneConfig:
@@ -69,8 +71,4 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_fields(cls, data)

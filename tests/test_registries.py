@@ -42,7 +42,7 @@ def test_z_kinds_match_the_config_choices_and_the_modules():
     assert COMPENSATIONS == ("none", *Z_KINDS)
     assert set(Z_MODULES) == set(Z_KINDS)
     assert all(Z_MODULES[name] is kind.module for name, kind in Z_KINDS.items())
-    with pytest.raises(ValueError, match="unknown compensation kind 'nope'; known: none, lowrank"):
+    with pytest.raises(ValueError, match="unknown compensation kind 'nope'; registered: none, lowrank"):
         get_z_kind("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_z_kind(type("Again", (ZKind,), {"name": "lowrank"}))
