@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lowrank_vit import common
-from lowrank_vit.common import positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
+from lowrank_vit.common import fraction, positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
 
 MODEL_ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -204,16 +204,5 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1 (a reduction)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"a reduction must lie strictly between 0 and 1, got {text}")
-    return value
 
 

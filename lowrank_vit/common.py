@@ -105,6 +105,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse type, for the CLI and the benchmark scripts: a reduction, strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (0.5 removes half the parameters), "
+                                         f"got {text}")
+    return value
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``: readers see the old file or the
     new one, never half of one, and an interrupted write leaves nothing behind."""

@@ -13,12 +13,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lowrank_vit.allocate import POLICIES
 from lowrank_vit.common import from_fields
+from lowrank_vit.compensate import Z_KINDS
+from lowrank_vit.decompositions import METHODS, get_method
+from lowrank_vit.loss_aware import FISHER_LABELS
 
-DECOMPOSITIONS = ("plain", "mean", "whitened", "loss_aware", "asvd", "fwsvd", "comcat")
-ALLOCATIONS = ("uniform", "greedy", "marginal")
-FISHER_LABELS = ("sampled", "given")
-COMPENSATIONS = ("none", "lowrank", "diagonal", "sparse", "structured")
+# The choices are the registries' names: registering a method, Z kind or policy is all it takes to configure it.
+DECOMPOSITIONS = tuple(METHODS)
+ALLOCATIONS = tuple(POLICIES)
+COMPENSATIONS = ("none", *Z_KINDS)
 SOLVERS = ("closed_form", "sgd")
 
 
@@ -157,8 +161,6 @@ class CompressionConfig:
         _check_choice("compensation", self.compensation, COMPENSATIONS)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
-        from lowrank_vit.decompositions import get_method  # here: the methods' modules import this one
-
         gradient_pass = get_method(self.decomposition).gradient_pass
         if gradient_pass and self.solver == "sgd" and self.compensation != "none":
             raise ValueError(f"solver='sgd' fits Z on stored calibration tokens, which decomposition="

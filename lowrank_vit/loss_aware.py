@@ -44,11 +44,12 @@ from lowrank_vit.calibration import (
     upper_gram_,
 )
 from lowrank_vit.common import LABEL_KEYS
-from lowrank_vit.config import FISHER_LABELS
 from lowrank_vit.decompose import Decomposition, Whitening, live_inverse, psd_eigh, whitening
 from lowrank_vit.fisher import _check_labels, labels_from_batch
 from lowrank_vit.progress import progress_bar
 
+FISHER_LABELS = ("sampled", "given")
+"""Where the loss gradients' labels come from: drawn from the model's own prediction, or the batches' labels."""
 _NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "
               "must return class logits (B, num_classes)")
 _OPTIONS = "use fisher_labels='sampled' or 'given', or the paper's recipe (decomposition='whitened')"

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.common import positive_int
+from lowrank_vit.common import fraction, positive_int
 
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 """The preprocessing fields saved with a model and printed by every command."""
@@ -82,17 +82,6 @@ def _json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON ({err.msg}): {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 32}}', got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (0.5 removes half the parameters), "
-                                         f"got {text}")
     return value
 
 
@@ -145,7 +134,7 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     _add_model(p, "MODEL")
     _add_data(p)
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--reduction", type=_fraction, help="fraction of the parameters removed, in (0, 1)")
+    budget.add_argument("--reduction", type=fraction, help="fraction of the parameters removed, in (0, 1)")
     budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
     p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
                    help="a recipe (loss-aware: the default; paper; vanilla) or any registered decomposition")
