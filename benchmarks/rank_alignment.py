@@ -6,7 +6,7 @@
 Times ``x W`` (dense, ``dim_in x dim_out``) against ``(x V) U`` at every rank, interleaved, medians of ``--repeats``.
 The default ``--tokens`` is one DeiT batch of 32 images (32 x 197). The greedy allocation picks any rank; GEMM kernels
 are tiled, and ranks off the tile multiples run far below their FLOP ratio. This is the evidence for allocating ranks
-in multiples of 8 (not implemented yet; see README "Performance").
+in multiples of 8 (``CompressionConfig(rank_multiple=8)``; see "Performance" in docs/results.md).
 """
 
 from __future__ import annotations

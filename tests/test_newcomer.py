@@ -277,10 +277,10 @@ def test_wandb_runs_carry_project_and_groupable_keys(monkeypatch, tmp_path):
     assert seen["project"] == "mine"
 
 
-def test_readme_sync_command_fits_any_output_directory():
-    readme = (ROOT / "README.md").read_text()
-    assert "-name 'offline-run-*' -exec wandb sync {} +" in readme
-    assert "results/demo/*/*/*/wandb" not in readme
+def test_documented_sync_command_fits_any_output_directory():
+    assert "-name 'offline-run-*' -exec wandb sync {} +" in (ROOT / "docs/reproducing.md").read_text()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert "results/demo/*/*/*/wandb" not in doc.read_text(), doc
 
 
 # ------------------------------------------------------------------------------------------------------ demo

@@ -165,7 +165,7 @@ def test_size_counts_the_index_lists_of_sparse_z(compensation, index_entries):
 
 
 def test_deit_b_is_165_1_mib_at_fp16():
-    """The README's and Table 4's baseline: timm's DeiT-B has 86,567,656 parameters, 165.1 MiB at 2 bytes each
+    """docs/method.md's and Table 4's baseline: timm's DeiT-B has 86,567,656 parameters, 165.1 MiB at 2 bytes each
     (the paper prints 165.2 from its rounded 86.6M). Built on the meta device: shapes only, no memory."""
     import timm
 
