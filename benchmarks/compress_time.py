@@ -19,7 +19,7 @@ load cancels to first order). Then:
 
 ``--gram-space`` sets ``CompressionConfig.gram_space``: "auto" (the default) lets layers with fewer outputs than
 inputs (fc2) accumulate their output Gram W^T H W instead of H where that gives the same decomposition, low-rank Z
-and errors (see ``lowrank_vit/calibration.py``); "input" always accumulates H.
+and errors (see ``lowrank_vit/core/calibration.py``); "input" always accumulates H.
 
 Sub-timings inside the stages (the whitening a Z needs, closed-form Z, SGD steps, the report's error evaluations)
 are taken by wrapping the functions ``lowrank_vit.pipeline`` calls, from outside the package; the decompositions

@@ -21,8 +21,8 @@ estimator name is ``HEAD[+MOD...]``:
   that is kept.
 
 ``+tokens`` and ``+bf16`` run :func:`estimated_statistics` (this file) in place of
-``lowrank_vit.decompositions.collect_statistics`` (what the activation-statistics methods call) for one ``compress``
-call; the others run the package's function.
+``lowrank_vit.methods.decompositions.collect_statistics`` (what the activation-statistics methods call) for one
+``compress`` call; the others run the package's function.
 
 Each row reports the same stage timings as ``compress_time.py`` and the held-out eq. 5 error: the mean over block
 linears of ``tr(dW^T H_test dW) / N_test`` with H_test the *exact* float64 statistics of ``--heldout`` images that
@@ -66,10 +66,11 @@ from _common import (  # noqa: E402
 )
 from compress_time import STAGES, measure  # noqa: E402
 
-import lowrank_vit.decompose as decompose_module  # noqa: E402
-import lowrank_vit.decompositions as decompositions  # noqa: E402
+import lowrank_vit.core.decompose as decompose_module  # noqa: E402
+import lowrank_vit.methods.decompositions as decompositions  # noqa: E402
 from lowrank_vit import get_adapter  # noqa: E402
-from lowrank_vit.calibration import (  # noqa: E402
+from lowrank_vit.config import recipe  # noqa: E402
+from lowrank_vit.core.calibration import (  # noqa: E402
     LayerStats,
     Scratch,
     collect_statistics,
@@ -81,8 +82,7 @@ from lowrank_vit.calibration import (  # noqa: E402
     symmetrize_upper,
     upper_gram_,
 )
-from lowrank_vit.config import recipe  # noqa: E402
-from lowrank_vit.decompose import weighted_error  # noqa: E402
+from lowrank_vit.core.decompose import weighted_error  # noqa: E402
 
 
 @torch.no_grad()

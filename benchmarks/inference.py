@@ -15,7 +15,7 @@ is the same ratio for the whole forward pass (attention products, patch embeddin
 ``[U G] [V Y]^T``, the same function with two matrix products per layer instead of four.
 
 ``--onnxruntime`` also exports the dense model and every compressed variant (folded where it has a low-rank Z) to
-ONNX (``lowrank_vit.export``) and times them in onnxruntime on the CPU, interleaved the same way, with as many
+ONNX (``lowrank_vit.io.export``) and times them in onnxruntime on the CPU, interleaved the same way, with as many
 intra-op threads as torch uses: ``ort_dense_ms``, ``ort_factorized_ms`` and ``ort_speedup`` beside PyTorch's.
 """
 
@@ -186,7 +186,7 @@ def onnx_sessions(models: dict[str, nn.Module], shape: tuple[int, int, int], fol
     """onnxruntime sessions (CPU, torch's thread count) of the ONNX exports of ``models``, by the same names."""
     import onnxruntime as ort
 
-    from lowrank_vit.export import export_onnx
+    from lowrank_vit.io.export import export_onnx
 
     sessions = {}
     for name, model in models.items():

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
-from lowrank_vit.data_config import DataConfig
-from lowrank_vit.finetune_config import FinetuneConfig
-from lowrank_vit.registry import (
+from lowrank_vit.harness.registry import (
     ARCH_LABELS,
     Experiment,
     HardwareConfig,
@@ -18,6 +16,8 @@ from lowrank_vit.registry import (
     QuantizationConfig,
     RunConfig,
 )
+from lowrank_vit.stages.data_config import DataConfig
+from lowrank_vit.stages.finetune_config import FinetuneConfig
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ plus vanilla SVD + FT at the ratios where the paper gives no row."""
 from __future__ import annotations
 
 from experiments._rows import make_row
-from lowrank_vit.registry import register_experiment
+from lowrank_vit.harness.registry import register_experiment
 
 ABLATION_ARCHS = ("deit_s", "deit_b")
 

@@ -3,7 +3,7 @@
     python -m experiments.cifar10 --data PATH/TO/cifar10 [--output results/cifar10] [--rows 'compare/deit_s/*']
 
 ``PATH/TO/cifar10`` is a local copy of the hub dataset ``uoft-cs/cifar10`` (``train.parquet`` and ``test.parquet``, or
-any layout :func:`lowrank_vit.data.build_datamodule` reads; ``--data uoft-cs/cifar10`` downloads it).
+any layout :func:`lowrank_vit.stages.data.build_datamodule` reads; ``--data uoft-cs/cifar10`` downloads it).
 
 1. Train: a DeiT (timm's ``deit_small_patch16_224`` class, shrunk to 32x32 inputs on 4x4 patches) from scratch on the
    50,000 training images, evaluated on the 10,000 test images. The weights go to ``OUTPUT/model.safetensors`` beside
@@ -56,7 +56,7 @@ class Recipe:
 
 
 def _data_config(data: str, **kwargs: Any):
-    from lowrank_vit.data_config import DataConfig
+    from lowrank_vit.stages.data_config import DataConfig
 
     local = Path(data).expanduser()
     return DataConfig(path=str(local.resolve()), **kwargs) if local.exists() else DataConfig(name=data, **kwargs)
@@ -67,8 +67,8 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
     import timm
     from safetensors.torch import save_file
 
-    from lowrank_vit.data import build_datamodule
-    from lowrank_vit.standins import evaluate_top1, random_shift, stack_dataset, train_classifier
+    from lowrank_vit.harness.standins import evaluate_top1, random_shift, stack_dataset, train_classifier
+    from lowrank_vit.stages.data import build_datamodule
 
     record_file, weights_file = output / "model.json", output / "model.safetensors"
     fingerprint = recipe.fingerprint(str(data))
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from lowrank_vit.runner import SetupError, reproduce
+    from lowrank_vit.harness.runner import SetupError, reproduce
 
     recipe = Recipe(epochs=args.epochs)
     output = Path(args.output)

@@ -12,14 +12,14 @@ Z, their own fine-tuning); Table 2's "vanilla SVD + FT" (plain SVD, uniform rank
 vanilla-svd-ft-40`` and ``ablation/.../vanilla-svd-ft-<50|60>``.
 
 ``lowrank-vit reproduce compare`` writes ``compare.md`` as one grid (rows: method with/without FT; columns:
-architecture x reduction), see :func:`lowrank_vit.runner.compare_markdown`.
+architecture x reduction), see :func:`lowrank_vit.harness.runner.compare_markdown`.
 """
 
 from __future__ import annotations
 
 from experiments._rows import ARCHS, count_note, make_row
 from experiments.paper import TABLE2
-from lowrank_vit.registry import PaperResult, register_experiment
+from lowrank_vit.harness.registry import PaperResult, register_experiment
 
 COMPARE_ARCHS = ("deit_s", "deit_b")
 COMPARE_PCTS = (40, 50, 60)

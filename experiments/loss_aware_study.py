@@ -4,8 +4,8 @@
         [--models cifar_deit4,cifar_vit6,mnist_deit_s,mnist_vit_l,mnist_swin_b] [--ratios 0.4,0.5,0.6,0.7,0.8]
         [--recipes ...] [--finetune-steps 0] [--calib 256]
 
-Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.standins`): two ViTs trained here from scratch on
-CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64), ViT-L (6 blocks, width
+Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): two ViTs trained here from scratch
+on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64), ViT-L (6 blocks, width
 128) and Swin-B (two stages, windows). Every model is compressed by every recipe at every ratio of its *whole*
 parameter count, from the same calibration images (training images, seeded), and evaluated on held-out images:
 top-1 and the mean KL divergence of its predictions from the dense model's. ``--finetune-steps N`` adds the partial
@@ -56,7 +56,7 @@ MODELS = ("cifar_deit4", "cifar_vit6", "mnist_deit_s", "mnist_vit_l", "mnist_swi
 
 
 def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    from lowrank_vit.standins import stack_dataset
+    from lowrank_vit.harness.standins import stack_dataset
 
     return stack_dataset(torch.utils.data.Subset(dataset, indices))
 
@@ -72,7 +72,7 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
 
         from experiments.cifar10 import TIMM_NAME, _data_config
         from experiments.study_models import MODELS as RECIPES_BY_MODEL
-        from lowrank_vit.data import build_datamodule
+        from lowrank_vit.stages.data import build_datamodule
 
         if cifar10 is None:
             raise ValueError(f"model {name} needs --cifar10 PATH (train.parquet and test.parquet)")
@@ -88,7 +88,7 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
         train_x, train_y = _tensors(dm.train_dataset, train_idx)
         eval_x, eval_y = _tensors(dm.val_dataset, eval_idx)
     else:
-        from lowrank_vit.standins import build_standin, load_digits
+        from lowrank_vit.harness.standins import build_standin, load_digits
 
         model = build_standin(name.removeprefix("mnist_"), progress=True)
         digits = load_digits(model)
@@ -114,8 +114,8 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
                      lr: float = 3e-4, batch_size: int = 64) -> None:
     """The paper's partial fine-tune in miniature: norms, biases, head and patch embedding train (AdamW, warmup and
     cosine), the factors stay frozen; the same images and order for every recipe."""
-    from lowrank_vit.common import warmup_cosine
-    from lowrank_vit.finetune import freeze_for_partial_finetune
+    from lowrank_vit.core.common import warmup_cosine
+    from lowrank_vit.stages.finetune import freeze_for_partial_finetune
 
     freeze_for_partial_finetune(model)
     params = [p for p in model.parameters() if p.requires_grad]

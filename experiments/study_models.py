@@ -3,7 +3,7 @@
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
 Two ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, DeiT-B and Swin-B shapes) that
-:mod:`lowrank_vit.standins` trains:
+:mod:`lowrank_vit.harness.standins` trains:
 
 * ``cifar_deit4``: the comparison table's model (:mod:`experiments.cifar10`'s recipe unchanged): 4 blocks, width
   128, 2 heads, 4x4 patches (64 tokens), average pooling, label smoothing, shifts and flips, 6 epochs.

@@ -13,28 +13,28 @@ if "torch" not in _sys.modules:
     # default: a value the user set wins, and it can only be set before torch loads OpenMP.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lowrank_vit.adapters import count_params, get_adapter  # noqa: E402
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.io.surgery import fold_lowrank_z_, load_compressed, save_compressed
+from lowrank_vit.nn.adapters import count_params, get_adapter  # noqa: E402
+from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.nn.quantize import model_size_mib, quantize_
 from lowrank_vit.pipeline import CompressionReport, LayerReport, compress
-from lowrank_vit.quantize import model_size_mib, quantize_
-from lowrank_vit.surgery import fold_lowrank_z_, load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
 # The Lightning stages, data modules and registry import Lightning and datasets (seconds): loaded on first use.
 _LAZY = {
-    "DataConfig": "lowrank_vit.data",
-    "build_datamodule": "lowrank_vit.data",
-    "FinetuneConfig": "lowrank_vit.finetune",
-    "PartialFinetune": "lowrank_vit.finetune",
-    "finetune": "lowrank_vit.finetune",
-    "LayerwiseCompensation": "lowrank_vit.lightning_compensation",
-    "fit_layerwise": "lowrank_vit.lightning_compensation",
-    "make_logger": "lowrank_vit.logging_utils",
-    "get_experiment": "lowrank_vit.registry",
-    "list_experiments": "lowrank_vit.registry",
-    "build_standin": "lowrank_vit.standins",
+    "DataConfig": "lowrank_vit.stages.data",
+    "build_datamodule": "lowrank_vit.stages.data",
+    "FinetuneConfig": "lowrank_vit.stages.finetune",
+    "PartialFinetune": "lowrank_vit.stages.finetune",
+    "finetune": "lowrank_vit.stages.finetune",
+    "LayerwiseCompensation": "lowrank_vit.stages.lightning_compensation",
+    "fit_layerwise": "lowrank_vit.stages.lightning_compensation",
+    "make_logger": "lowrank_vit.stages.logging_utils",
+    "get_experiment": "lowrank_vit.harness.registry",
+    "list_experiments": "lowrank_vit.harness.registry",
+    "build_standin": "lowrank_vit.harness.standins",
 }
 
 

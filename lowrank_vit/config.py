@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lowrank_vit.allocate import POLICIES
-from lowrank_vit.common import from_fields
-from lowrank_vit.compensate import Z_KINDS
-from lowrank_vit.decompositions import METHODS, get_method
-from lowrank_vit.loss_aware import FISHER_LABELS
+from lowrank_vit.core.allocate import POLICIES
+from lowrank_vit.core.common import from_fields
+from lowrank_vit.core.loss_aware import FISHER_LABELS
+from lowrank_vit.methods.compensate import Z_KINDS
+from lowrank_vit.methods.decompositions import METHODS, get_method
 
 # The choices are the registries' names: registering a method, Z kind or policy is all it takes to configure it.
 DECOMPOSITIONS = tuple(METHODS)

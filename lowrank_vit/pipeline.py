@@ -12,11 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit import comcat
-from lowrank_vit.adapters import count_params, get_adapter
-from lowrank_vit.allocate import Allocation, LayerBudget, check_feasible, get_policy
-from lowrank_vit.calibration import LayerStats, output_error
-from lowrank_vit.compensate import (
+from lowrank_vit.config import CompressionConfig
+from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
+from lowrank_vit.core.calibration import LayerStats, output_error
+from lowrank_vit.core.decompose import (
+    Decomposition,
+    Whitening,
+    whitening,
+)
+from lowrank_vit.core.progress import progress_bar
+from lowrank_vit.io.surgery import swap_layers
+from lowrank_vit.methods.compensate import (
     CompensationProblem,
     SGDTask,
     closed_form_z,
@@ -27,16 +33,10 @@ from lowrank_vit.compensate import (
     z_param_count,
     z_spec,
 )
-from lowrank_vit.config import CompressionConfig
-from lowrank_vit.decompose import (
-    Decomposition,
-    Whitening,
-    whitening,
-)
-from lowrank_vit.decompositions import get_method
-from lowrank_vit.factorized import FactorizedLinear
-from lowrank_vit.progress import progress_bar
-from lowrank_vit.surgery import swap_layers
+from lowrank_vit.methods.decompositions import get_method
+from lowrank_vit.nn import comcat
+from lowrank_vit.nn.adapters import count_params, get_adapter
+from lowrank_vit.nn.factorized import FactorizedLinear
 
 
 @dataclass

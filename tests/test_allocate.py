@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lowrank_vit.allocate import (
+from lowrank_vit.core.allocate import (
     LayerBudget,
     _fill_slack,
     _gain,

@@ -29,7 +29,7 @@ def test_the_library_never_imports_its_experiments():
 
 
 def test_experiments_register_through_the_entry_point():
-    from lowrank_vit import registry
+    from lowrank_vit.harness import registry
 
     assert registry.ENTRY_POINT_GROUP in Path(PACKAGE.parent / "pyproject.toml").read_text()
     assert registry.list_experiments("table2") and registry.arch_label("deit_s") == "DeiT-S"
@@ -53,7 +53,7 @@ def test_list_show_and_plan_do_not_import_lightning():
     import sys
 
     code = ("import io, contextlib, sys\n"
-            "from lowrank_vit.cli import main\n"
+            "from lowrank_vit.harness.cli import main\n"
             "for argv in (['list'], ['show', 'table2/deit_s/ours-50'],\n"
             "             ['plan', 'table2/deit_s/ours-50', '--synthetic', '--scale', 'smoke']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -63,3 +63,28 @@ def test_list_show_and_plan_do_not_import_lightning():
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+# The data flow, bottom up: the mathematics, the modules of a compressed model, the methods and what leaves the
+# process, the configuration, the Lightning stages and the compression pipeline, the harness, the package's face.
+LAYERS = {"core": 0, "nn": 1, "methods": 2, "io": 2, "config": 3, "stages": 4, "pipeline": 4, "harness": 5,
+          "__init__": 6}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_imports_run_one_way_along_the_data_flow():
+    """No module imports one of a higher layer (function-level imports included)."""
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        here = ".".join(("lowrank_vit", *path.relative_to(PACKAGE).with_suffix("").parts))
+        here = here.removesuffix(".__init__")
+        for module in _imported_modules(path):
+            if module.startswith("lowrank_vit.") and LAYERS[_layer(module)] > LAYERS[_layer(here)]:
+                upward.append(f"{here} -> {module}")
+    assert not upward, "\n".join(upward)
+    assert set(LAYERS) - {"__init__"} == {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+                                         if p.name != "__init__.py" and not p.name.startswith(("_", "."))}

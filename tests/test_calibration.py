@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lowrank_vit import compress, get_adapter
-from lowrank_vit.calibration import (
+from lowrank_vit.config import recipe
+from lowrank_vit.core.calibration import (
     LayerStats,
     collect_statistics,
     output_energies,
@@ -16,15 +17,14 @@ from lowrank_vit.calibration import (
     symmetrize_upper,
     upper_gram_,
 )
-from lowrank_vit.compensate import CompensationProblem, closed_form_z
-from lowrank_vit.config import recipe
-from lowrank_vit.decompose import (
+from lowrank_vit.core.decompose import (
     output_whitened_singular_values,
     weighted_error,
     whitened_singular_values,
     whitened_svd,
     whitening,
 )
+from lowrank_vit.methods.compensate import CompensationProblem, closed_form_z
 from lowrank_vit.pipeline import plan_compression, statistics_space
 
 from conftest import make_images, make_tiny_vit
@@ -91,7 +91,7 @@ def test_block_split_is_exact(monkeypatch, model_and_layers):
     model, layers = model_and_layers
     images = make_images(8, seed=4)
     whole = collect_statistics(model, layers, [images], 8, progress=False)
-    import lowrank_vit.calibration as calibration
+    import lowrank_vit.core.calibration as calibration
 
     monkeypatch.setattr(calibration, "_GRAM_BLOCK", 16)
     split = collect_statistics(model, layers, [images[:3], images[3:]], 8, progress=False)
@@ -198,7 +198,7 @@ def test_range_gram_agrees_with_h_on_the_range_of_w(deficient):
 def test_output_error_from_the_factored_range_basis(deficient):
     """The report's eq. (5) errors of an output-side layer, from Q, S and c without the (k x k) matrix: the same
     number as the formed range Gram for any delta, and H's own for a delta in the range of W."""
-    from lowrank_vit.calibration import LayerStats, output_error
+    from lowrank_vit.core.calibration import LayerStats, output_error
 
     k, m = 40, 12
     H = random_gram(k, 60, seed=5)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_vit.cli import main
+from lowrank_vit.harness.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_full_scale_without_imagenet_says_how(capsys, tmp_path):
 @pytest.mark.slow
 def test_console_script_error_in_a_new_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "show", "table2/nope/ours-50"],
+    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.harness.cli", "show", "table2/nope/ours-50"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "unknown experiment" in one_line_error(proc.stderr)
@@ -221,7 +221,7 @@ def test_run_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     quick = [arg for arg in QUICK if arg not in ("--wandb", "disabled")] + ["--wandb", "offline"]
-    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli", "run", "table2/deit_s/ours-50", "--scale",
+    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.harness.cli", "run", "table2/deit_s/ours-50", "--scale",
                            "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *quick],
                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -317,8 +317,8 @@ def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
 
 def test_results_of_an_older_version_still_count_as_finished(tmp_path):
     """A field added to the config since a row finished (filled with its default) does not orphan the result."""
-    from lowrank_vit.registry import get_experiment
-    from lowrank_vit.runner import _standin_fingerprint, finished
+    from lowrank_vit.harness.registry import get_experiment
+    from lowrank_vit.harness.runner import _standin_fingerprint, finished
 
     exp = get_experiment("compare/deit_s/ours-50")
     cfg = exp.config("smoke")

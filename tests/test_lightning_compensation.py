@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_compensate import eq10, setup_problem
 
-from lowrank_vit.compensate import SGDTask, closed_form_z, fit_sgd, init_z_for_sgd, z_param_count
-from lowrank_vit.lightning_compensation import LayerSampleDataset, LayerwiseCompensation, fit_layerwise
+from lowrank_vit.methods.compensate import SGDTask, closed_form_z, fit_sgd, init_z_for_sgd, z_param_count
+from lowrank_vit.stages.lightning_compensation import LayerSampleDataset, LayerwiseCompensation, fit_layerwise
 
 KINDS = ("lowrank", "diagonal", "sparse", "structured")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -143,7 +143,7 @@ sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
 import lightning as L
-from lowrank_vit.lightning_compensation import LayerwiseCompensation
+from lowrank_vit.stages.lightning_compensation import LayerwiseCompensation
 from test_lightning_compensation import make_tasks, flat
 
 tasks, _, _ = make_tasks(("lowrank", "diagonal", "sparse", "structured", "lowrank"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lowrank_vit import CompressionConfig, compress
-from lowrank_vit.logging_utils import (
+from lowrank_vit.stages.logging_utils import (
     RANK_COLUMNS,
     has_wandb_api_key,
     log_ranks_table,

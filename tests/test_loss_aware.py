@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lowrank_vit import CompressionConfig, compress, count_params, load_compressed, save_compressed
-from lowrank_vit.allocate import LayerBudget, allocate_greedy, allocate_marginal
-from lowrank_vit.decompose import energy_tail_curve, plain_svd, two_sided_svd, whitening
-from lowrank_vit.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
+from lowrank_vit.core.allocate import LayerBudget, allocate_greedy, allocate_marginal
+from lowrank_vit.core.decompose import energy_tail_curve, plain_svd, two_sided_svd, whitening
+from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
 
 from conftest import make_images, make_tiny_vit
 
@@ -78,7 +78,7 @@ def test_two_sided_energy_is_the_kronecker_quadratic_and_optimal():
 
 def test_loss_units_do_not_depend_on_the_report_scaling():
     """loss_aware_svd undoes the rescaling of the stored gram: its energies are those of the raw H."""
-    from lowrank_vit.calibration import LayerStats
+    from lowrank_vit.core.calibration import LayerStats
 
     W = torch.randn(10, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     H, G = random_spd(10, 6), random_spd(6, 7)
@@ -151,7 +151,7 @@ def test_budget_plan_and_report(rank_multiple):
 def test_lower_kl_than_the_paper_recipe_on_a_trained_model():
     """On a tiny ViT trained here for a few steps on a separable task, the loss-aware recipe changes the
     predictions less (KL to the dense model) than the paper's recipe at the same size."""
-    from lowrank_vit.standins import train_classifier
+    from lowrank_vit.harness.standins import train_classifier
 
     images = make_images(256, seed=8)
     labels = (images.mean(dim=(1, 2, 3)) > images.mean()).long() + 2 * (images[:, 0, :14].mean(dim=(1, 2)) > 0).long()
@@ -218,7 +218,7 @@ def test_sgd_solver_is_refused():
 def test_narrow_side_statistics_give_the_same_decomposition(name):
     """gram_space="auto" keeps W G W^T (qkv, fc1) or W^T H W (fc2) instead of the wide Gram: the same singular
     values, the same W_hat at every rank, and the same pooled output error (a float64 model: exact to rounding)."""
-    from lowrank_vit.calibration import output_error
+    from lowrank_vit.core.calibration import output_error
 
     model = make_tiny_vit(seed=5).double()
     layer = model.get_submodule(name)
@@ -363,7 +363,7 @@ def test_grad_fraction_is_checked(value):
 
 def test_grad_fraction_reaches_the_statistics(monkeypatch):
     """compress(grad_fraction=0.5) runs the backward on the first half of the calibration images."""
-    import lowrank_vit.decompositions as decompositions
+    import lowrank_vit.methods.decompositions as decompositions
 
     seen = {}
     real = decompositions.collect_loss_statistics

@@ -8,7 +8,7 @@ import torch
 
 from lowrank_vit import compress, count_params, load_compressed, quantize_, save_compressed
 from lowrank_vit.config import DECOMPOSITIONS, CompressionConfig
-from lowrank_vit.decompositions import METHODS, Method, get_method, register_method
+from lowrank_vit.methods.decompositions import METHODS, Method, get_method, register_method
 from lowrank_vit.pipeline import plan_compression
 
 from conftest import TINY_VIT, make_images, make_tiny_vit

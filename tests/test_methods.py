@@ -18,8 +18,11 @@ from lowrank_vit import (
     quantize_,
     save_compressed,
 )
-from lowrank_vit.adapters import get_adapter, set_submodule
-from lowrank_vit.comcat import (
+from lowrank_vit.core.decompose import plain_svd
+from lowrank_vit.core.fisher import row_fisher
+from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd
+from lowrank_vit.nn.adapters import get_adapter, set_submodule
+from lowrank_vit.nn.comcat import (
     FactorizedAttention,
     attention_geometry,
     factorize_attention,
@@ -28,9 +31,6 @@ from lowrank_vit.comcat import (
     product_svd,
     unit_name,
 )
-from lowrank_vit.decompose import plain_svd
-from lowrank_vit.fisher import row_fisher
-from lowrank_vit.methods import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd
 from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
 
 from conftest import make_images, make_tiny_vit
@@ -161,7 +161,7 @@ def test_fwsvd_uniform_fisher_compresses_like_plain(labelled, images, monkeypatc
     def uniform_fisher(model, layers, *args, **kwargs):
         return {name: torch.full((layer.in_features,), 2.5, dtype=torch.float64) for name, layer in layers.items()}
 
-    monkeypatch.setattr("lowrank_vit.decompositions.row_fisher", uniform_fisher)
+    monkeypatch.setattr("lowrank_vit.methods.decompositions.row_fisher", uniform_fisher)
     models, reports = {}, {}
     for name in ("fwsvd", "plain"):
         models[name] = make("vit")

@@ -7,8 +7,8 @@ import torch
 
 from lowrank_vit import compress, count_params, model_size_mib, quantize_
 from lowrank_vit.config import recipe
-from lowrank_vit.factorized import FactorizedLinear
-from lowrank_vit.quantize import quantize_tensor
+from lowrank_vit.nn.factorized import FactorizedLinear
+from lowrank_vit.nn.quantize import quantize_tensor
 
 from conftest import make_images, make_tiny_vit
 
@@ -147,7 +147,7 @@ def test_quantize_uses_exactly_n_bit_codes(tmp_path, bits):
 def test_size_counts_the_index_lists_of_sparse_z(compensation, index_entries):
     """Table 4's accounting charges a sparse Z's index lists at 32 bits an entry (a row and a column per value; one
     row index per kept row for the structured kind), beside every parameter at 16 bits; also after quantization."""
-    from lowrank_vit.factorized import RowSparseZ, SparseZ
+    from lowrank_vit.nn.factorized import RowSparseZ, SparseZ
 
     model = make_tiny_vit()
     compress(model, [make_images(32)], recipe("paper", reduction=0.5, compensation=compensation, progress=False))

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lowrank_vit import compress, count_params, load_compressed, quantize_, save_compressed
-from lowrank_vit.allocate import POLICIES, Policy, get_policy, register_policy
-from lowrank_vit.compensate import (
+from lowrank_vit.config import ALLOCATIONS, COMPENSATIONS, CompressionConfig
+from lowrank_vit.core.allocate import POLICIES, Policy, get_policy, register_policy
+from lowrank_vit.core.decompose import whitening
+from lowrank_vit.methods.compensate import (
     Z_KINDS,
     CompensationProblem,
     ZKind,
@@ -21,9 +23,7 @@ from lowrank_vit.compensate import (
     z_param_count,
     z_spec,
 )
-from lowrank_vit.config import ALLOCATIONS, COMPENSATIONS, CompressionConfig
-from lowrank_vit.decompose import whitening
-from lowrank_vit.factorized import Z_MODULES, build_z
+from lowrank_vit.nn.factorized import Z_MODULES, build_z
 from lowrank_vit.pipeline import plan_compression
 
 from conftest import TINY_VIT, make_images, make_tiny_vit

@@ -7,8 +7,7 @@ import torch
 
 from experiments._rows import ARCHS, count_note
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.data import DataConfig
-from lowrank_vit.registry import (
+from lowrank_vit.harness.registry import (
     Experiment,
     ModelConfig,
     PaperResult,
@@ -19,6 +18,7 @@ from lowrank_vit.registry import (
     register_experiment,
     tables,
 )
+from lowrank_vit.stages.data import DataConfig
 
 TABLE2_METHODS = {"deit_b": 40, "deit_s": 40, "vit_b": 50, "swin_b": 40}  # where the paper prints vanilla SVD + FT
 EXPECTED = (
@@ -235,8 +235,8 @@ def test_compare_paper_numbers_only_where_a_paper_prints_them():
 
 
 def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
-    import lowrank_vit.logging_utils as logging_utils
-    from lowrank_vit.runner import _make_logger
+    import lowrank_vit.stages.logging_utils as logging_utils
+    from lowrank_vit.harness.runner import _make_logger
 
     groups = []
     monkeypatch.setattr(logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lowrank_vit import get_adapter
-from lowrank_vit import standins as S
-from lowrank_vit.standins import STANDINS, StandinSpec, build_standin, standin_cache_dir
+from lowrank_vit.harness import standins as S
+from lowrank_vit.harness.standins import STANDINS, StandinSpec, build_standin, standin_cache_dir
 
 pytest.importorskip("mlxtend")
 timm = pytest.importorskip("timm")
@@ -168,7 +168,7 @@ def test_cache_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.parametrize("arch, mean", [("deit_s", 0.449), ("vit_b", 0.5), ("swin_b", 0.449)])
 def test_digits_are_preprocessed_like_the_data_module(arch: str, mean: float):
     """Pretraining sees exactly what build_datamodule(DataConfig("mnist-5k"), model=standin) will feed later."""
-    from lowrank_vit.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import DataConfig, build_datamodule
 
     model = build_standin(arch, pretrained=False)
     digits = S.load_digits(model)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_vit import cli
-from lowrank_vit.factorized import FactorizedLinear
-from lowrank_vit.surgery import load_compressed, read_plan
+from lowrank_vit.harness import cli
+from lowrank_vit.io.surgery import load_compressed, read_plan
+from lowrank_vit.nn.factorized import FactorizedLinear
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
@@ -140,7 +140,7 @@ def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
 @pytest.mark.slow
 def test_export_runs_in_onnxruntime_and_matches(compressed, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from lowrank_vit.export import onnx_logits
+    from lowrank_vit.io.export import onnx_logits
 
     target = tmp_path / "model.onnx"
     code, out, err = _run(capsys, "export", compressed, "--format", "onnx", "--output", target)
@@ -216,7 +216,7 @@ def test_datamodule_uses_the_configured_normalization(workdir):
     normalized, so each pixel is exactly (x / 255 - mean) / std."""
     from PIL import Image
 
-    from lowrank_vit.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import DataConfig, build_datamodule
 
     cfg = DataConfig(path=str(workdir / "imgs"), img_size=SIZE, in_chans=3, mean=(0.2, 0.3, 0.4), std=(0.5,),
                      crop_pct=1.0, interpolation="bilinear", augment=False, calib_samples=1)
@@ -345,7 +345,7 @@ def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
-    from lowrank_vit import usercli
+    from lowrank_vit.harness import usercli
 
     out = tmp_path / "ft"
     argv = ["finetune", compressed, "--data", compressed.parent / "imgs", "--workers", "0", "--batch-size", "8",
@@ -359,7 +359,7 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_pa
         code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet")
     assert code == 130 and not out.exists()
     assert (tmp_path / ".ft.partial" / "checkpoints" / "last.ckpt").is_file()
-    from lowrank_vit.finetune import PartialFinetune
+    from lowrank_vit.stages.finetune import PartialFinetune
 
     steps_run = []
     original_step = PartialFinetune.training_step
@@ -388,7 +388,7 @@ def test_bad_preprocessing_flags(workdir, tmp_path, capsys, flags, needle):
 
 
 def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsys, monkeypatch):
-    from lowrank_vit import runner
+    from lowrank_vit.harness import runner
 
     def offline(*args, **kwargs):
         raise runner.SetupError("cannot load timm's pretrained weights for x (offline): run once with network "
@@ -402,7 +402,7 @@ def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsy
 
 @pytest.mark.slow
 def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys, monkeypatch):
-    from lowrank_vit import hub
+    from lowrank_vit.io import hub
 
     asked = []
 
@@ -421,7 +421,7 @@ def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys,
 
 @pytest.mark.slow
 def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_path, capsys, monkeypatch):
-    from lowrank_vit import usercli
+    from lowrank_vit.harness import usercli
 
     other = tmp_path / "other"
     assert _compress(capsys, workdir, other, "--reduction", "0.5", "--no-eval", "--recipe", "vanilla")[0] == 0

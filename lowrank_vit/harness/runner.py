@@ -1,0 +1,934 @@
+"""Running registry rows: ``plan`` (ranks and sizes only), ``run`` (the whole pipeline of one row) and
+``reproduce`` (a table's rows, then the table of paper vs measured numbers).
+
+A row's run: load the model (timm pretrained weights, or the cached smoke stand-in) -> evaluate it -> compress on
+the calibration subset -> partial fine-tune (Lightning; DDP when several devices) -> optional PTQ -> evaluate ->
+``DIR/NAME/result.json`` and the compressed model (``save_compressed``) in ``DIR/NAME/model``. Under DDP every
+process compresses the same way (everything is seeded), only rank zero evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_vit.core.common import smooth_images
+from lowrank_vit.harness.registry import (
+    Experiment,
+    ModelConfig,
+    RunConfig,
+    arch_label,
+    get_experiment,
+    list_experiments,
+)
+from lowrank_vit.nn.adapters import count_params
+
+RESULT_FILE = "result.json"
+MODEL_DIR = "model"
+WANDB_MODES = ("online", "offline", "disabled")
+DENSE_DIR = ".dense"
+"""Under the output directory: the starting models' accuracies, shared by the rows (see ``_dense_accuracy``)."""
+
+
+class SetupError(RuntimeError):
+    """Something the run needs is missing (weights, data, a device); the message says how to provide it."""
+
+
+def row_config(exp: Experiment, scale: str, overrides: Iterable[str] = ()) -> RunConfig:
+    """``exp``'s config at ``scale`` with the ``--set`` assignments applied, each checked against its field's type
+    first (:func:`lowrank_vit.harness.overrides.check_overrides`), so malformed input fails before anything runs."""
+    from lowrank_vit.harness.overrides import check_overrides
+
+    overrides = list(overrides)
+    check_overrides(overrides)
+    return exp.config(scale).override(overrides)
+
+
+def default_output(scale: str) -> Path:
+    """Where results go unless told: ``results/`` for the full scale, ``results/smoke/`` for the smoke one, so the
+    two never overwrite each other."""
+    return Path("results") if scale == "full" else Path("results") / "smoke"
+
+
+# --------------------------------------------------------------------------------------------- models and inputs
+
+
+def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
+    """The row's starting network, in eval mode.
+
+    Raises:
+        SetupError: timm's pretrained weights cannot be fetched (offline, no cache).
+        ValueError: unknown model or stand-in name.
+    """
+    if cfg.source == "standin":
+        from lowrank_vit.harness.standins import build_standin
+
+        return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
+    import timm
+
+    if not timm.is_model(cfg.name.split(".")[0]):
+        raise ValueError(f"timm has no model {cfg.name!r}")
+    if cfg.checkpoint is not None:
+        return load_checkpoint_(timm.create_model(cfg.name, pretrained=False, **cfg.kwargs), cfg.checkpoint).eval()
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not cfg.pretrained:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SetupError(
+            f"cannot load timm's pretrained weights for {cfg.name} ({first[:160]}): run once with network access "
+            f"(they are cached in the Hugging Face cache, HF_HOME), unset HF_HUB_OFFLINE, or use --scale smoke"
+        ) from err
+    return model.eval()
+
+
+def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a safetensors state dict into ``model`` in place, strictly (every key, every shape).
+
+    Raises:
+        SetupError: the file is missing, is not a safetensors file, or does not fit the model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SetupError(f"model checkpoint {str(path)!r} does not exist: give model.checkpoint= a safetensors file "
+                         f"of the model's weights (e.g. save_file(model.state_dict(), PATH))")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SetupError(f"model checkpoint {str(path)!r} is corrupted or not a safetensors file ({err})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise SetupError(f"model checkpoint {str(path)!r} does not fit {type(model).__name__} with these model.kwargs "
+                         f"({'; '.join(parts)})")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SetupError(f"model checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])})")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file: recorded with each result, so that a retrained checkpoint reruns its rows.
+    Computed once per process for a file of unchanged size and modification time (a row checks a finished result
+    and then records the digest of its own run)."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model takes, from its patch embedding."""
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None) or (224, 224)
+    proj = getattr(patch_embed, "proj", None)
+    channels = proj.in_channels if isinstance(proj, nn.Conv2d) else 3
+    return int(channels), int(size[0]), int(size[1])
+
+
+def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` smooth random images (low-frequency noise upsampled), so patch tokens correlate as in real images;
+    enough to exercise calibration and allocation without any data."""
+    g = torch.Generator().manual_seed(seed)
+    return [smooth_images(min(batch_size, n - start), shape, g) for start in range(0, n, batch_size)]
+
+
+def synthetic_labelled(batches: list[torch.Tensor], num_classes: int,
+                       seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` pairs with uniformly random labels, for methods whose calibration needs labels (FWSVD's
+    Fisher information) when planning on synthetic images."""
+    g = torch.Generator().manual_seed(seed)
+    return [(images, torch.randint(num_classes, (images.shape[0],), generator=g)) for images in batches]
+
+
+def _num_classes(model: nn.Module) -> int:
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        return classes
+    raise ValueError(f"{type(model).__name__} states no num_classes; cannot make synthetic labels")
+
+
+def head_classes(model: nn.Module) -> int | None:
+    """How many classes the model's head predicts (None when it states none)."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        return classes
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def check_classes(model: nn.Module, num_classes: int, where: str) -> None:
+    """The data's labels must fit the model's head; checked before the calibration pass, which would otherwise
+    run for minutes and then fail deep in the loss with "Target N is out of bounds".
+
+    Raises:
+        SetupError: the data has more classes (or a label at or above the head's size) than the head predicts.
+    """
+    classes = head_classes(model)
+    if classes is not None and num_classes > classes:
+        raise SetupError(f"{where} has {num_classes} classes (labels 0..{num_classes - 1}) but the model's head "
+                         f"predicts {classes}: use a model with num_classes={num_classes} (e.g. --set "
+                         f"'model.kwargs={{\"num_classes\": {num_classes}}}' with your checkpoint) or data with at "
+                         f"most {classes} classes")
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The device of this process: the local rank's GPU under DDP."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if accelerator == "gpu":
+            raise SetupError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+
+
+def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, calib_images: int = 4,
+             overrides: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
+    """Allocate a row's ranks without computing factors or touching data: the row's model with random weights
+    (``synthetic``) and ``calib_images`` synthetic calibration images. Returns the parameter counts (and, for rows
+    with a size, the model size in MiB under Table 4's accounting)."""
+    cfg = row_config(exp, scale, overrides)
+    seed = cfg.compression.seed if cfg.compression is not None else 0
+    # the random weights are drawn from a generator seeded here (and the caller's random state left as it was),
+    # so two plans of one row give the same ranks and totals
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _plan(exp, cfg, scale, synthetic, calib_images, progress, seed)
+
+
+def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_images: int, progress: bool,
+          seed: int) -> dict[str, Any]:
+    from lowrank_vit.methods.decompositions import get_method
+    from lowrank_vit.nn.quantize import model_size_mib, quantize_
+    from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
+
+    model_cfg = ModelConfig(cfg.model.source, cfg.model.name, pretrained=not synthetic, kwargs=cfg.model.kwargs)
+    model = build_model(model_cfg, progress=progress)
+    params_before = count_params(model)
+    out: dict[str, Any] = {"name": exp.name, "scale": scale, "seed": seed, "params_before": params_before,
+                           "params_after": params_before, "paper_params": _millions(exp.paper.params_m),
+                           "reduction": 0.0, "ranks": {}, "layers": []}
+    if cfg.compression is not None:
+        compression = replace(cfg.compression, calib_samples=calib_images, progress=progress,
+                               gram_precision="float32")
+        batches: list = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
+        if get_method(compression.decomposition).needs_labels(compression):  # a labelled pass: random, seeded
+            batches = synthetic_labelled(batches, _num_classes(model), seed=compression.seed)
+        plan = plan_compression(model, batches, compression)
+        dense = {name: _module_params(model, name) for name in plan.ranks}
+        apply_plan_skeleton_(model, plan)
+        out.update(params_after=plan.params_after, target_params=plan.target_params,
+                   reduction=1.0 - plan.params_after / params_before, ranks=plan.ranks,
+                   layers=[{"name": name, "rank": rank, "dense_params": dense[name],
+                            "params": _module_params(model, name)} for name, rank in plan.ranks.items()])
+    if cfg.quantization is not None:
+        quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
+    out["size_mib"] = model_size_mib(model, bits=cfg.size_bits)  # Table 4's accounting, for every row
+    out["paper_size_mib"] = exp.paper.size_mib
+    return out
+
+
+def _module_params(model: nn.Module, name: str) -> int | None:
+    """Parameters of one layer, or None for a unit that is not a module (COMCAT's ``blocks.0.attn.qk.3``)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return sum(p.numel() for p in module.parameters())
+
+
+def _millions(value: float | None) -> int | None:
+    return None if value is None else round(value * 1e6)
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress: bool = True,
+             desc: str = "evaluate") -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes) and the image count."""
+    from lowrank_vit.core.progress import progress_bar
+    from lowrank_vit.stages.finetune import split_batch
+
+    model.eval().to(device)
+    correct1 = correct5 = total = 0
+    with progress_bar(len(loader) if hasattr(loader, "__len__") else 0, desc, "batch", progress) as bar:
+        for batch in loader:
+            images, labels = split_batch(batch)
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            logits = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("the model produced NaN or inf logits")
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            total += labels.numel()
+            bar.update(1)
+    if total == 0:
+        raise ValueError("the evaluation split is empty")
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without what does not change its result (hardware), with the fields a newer version added
+    filled in with their defaults (so that a new option does not orphan every finished result)."""
+    try:
+        config = RunConfig.from_dict(config).to_dict()
+    except (TypeError, ValueError, KeyError, AttributeError):
+        pass  # unreadable: compared as it is (and found different)
+    return {k: v for k, v in config.items() if k != "hardware"}
+
+
+def read_result(out_dir: Path) -> dict[str, Any] | None:
+    """A finished row's result, or None when there is none (or it is unreadable)."""
+    path = out_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished(exp: Experiment, cfg: RunConfig, output: Path) -> dict[str, Any] | None:
+    """The result of ``exp`` in ``output`` if it finished with this very config.
+
+    Raises:
+        SetupError: a result is there but from another config (it is never overwritten silently).
+    """
+    result = read_result(output / exp.name)
+    if result is None:
+        return None
+    if cfg.model.source == "standin" and cfg.model.pretrained and \
+            result.get("standin_fingerprint") != _standin_fingerprint(cfg.model.name):
+        return None  # computed from an older stand-in recipe: stale, run again
+    if cfg.model.checkpoint is not None and Path(cfg.model.checkpoint).expanduser().is_file() and \
+            result.get("checkpoint_sha256") != checkpoint_digest(cfg.model.checkpoint):
+        return None  # computed from other weights under the same path: stale, run again
+    if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
+        raise SetupError(f"{output / exp.name / RESULT_FILE} holds a run of {exp.name} with another config; "
+                         f"pass --force to replace it or choose another --output")
+    return result
+
+
+def _standin_fingerprint(arch: str) -> str | None:
+    from lowrank_vit.harness.standins import STANDINS
+
+    spec = STANDINS.get(arch)
+    return None if spec is None else spec.fingerprint()
+
+
+def _weights_identity(cfg: ModelConfig, digest: str | None) -> str | None:
+    """What names the starting weights for good, or None when nothing does (a random initialization)."""
+    if cfg.checkpoint is not None:
+        return f"sha256:{digest}"
+    if not cfg.pretrained:
+        return None
+    return f"standin:{_standin_fingerprint(cfg.name)}" if cfg.source == "standin" else f"timm:{cfg.name}"
+
+
+def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
+                    evaluate_dense: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The starting model's accuracy, evaluated once per output directory: every row of a table that starts from
+    the same weights and evaluates on the same data reuses it (``OUTPUT/.dense/KEY.json``), which saves one full
+    pass over the validation set per row. Random initializations are never reused."""
+    weights = _weights_identity(cfg.model, digest)
+    if weights is None:
+        return evaluate_dense()
+    config = cfg.to_dict()
+    data = {k: v for k, v in config["data"].items() if k not in ("calib_samples", "augment", "num_workers")}
+    payload = {"model": config["model"], "weights": weights, "data": data, "versions": [
+        torch.__version__, _version("timm")]}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = output / DENSE_DIR / f"{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and isinstance(cached.get("top1"), (int, float)):
+            return cached
+    except (OSError, ValueError):
+        pass  # not there yet, or damaged: evaluate again
+    value = evaluate_dense()
+    _write_json(path, value)
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes writing one file never share a tmp
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
+    from lowrank_vit.stages.logging_utils import make_logger
+
+    ratio = round(100 * exp.reduction) if exp.reduction else None
+    tags = [exp.method, exp.arch, cfg.scale] + ([f"-{ratio}%"] if ratio else [])
+    # method, arch and ratio also as top-level config keys: a dashboard groups and filters runs by config keys
+    keys = {"experiment": exp.name, "table": exp.table, "method": exp.method, "arch": exp.arch,
+            "model_name": cfg.model.name, "ratio": ratio, "reduction": exp.reduction}
+    return make_logger(wandb, project=wandb_project(), group=group or f"{exp.table}-{cfg.scale}", tags=tags,
+                       config={**keys, **cfg.to_dict(), "paper": exp.to_dict()["paper"]},
+                       save_dir=out_dir, name=exp.name, job_type="run")
+
+
+def wandb_project() -> str:
+    """The wandb project of every run: ``WANDB_PROJECT`` when set, else "lowrank_vit"."""
+    return os.environ.get("WANDB_PROJECT") or "lowrank_vit"
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0 and \
+        int(os.environ.get("NODE_RANK", "0") or 0) == 0
+
+
+def _check_writable(exp: Experiment, out_dir: Path) -> None:
+    """Fail now with one line, not with a traceback after the compression and the fine-tune, when the row's
+    directory cannot be created: its nearest existing ancestor (or itself) is a file or not writable. Creates
+    nothing, so a run refused later (no data, no weights) leaves no directory behind."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+                raise SetupError(f"cannot write the results of {exp.name} to {out_dir}: {path} is "
+                                 f"{'not a directory' if not path.is_dir() else 'not writable'}; choose another "
+                                 f"--output")
+            return
+
+
+def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike | None = None,
+            accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
+            overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False, group: str | None = None,
+            progress: bool = True) -> dict[str, Any] | None:
+    """Run one row end to end and write ``OUTPUT/NAME/result.json`` and ``OUTPUT/NAME/model``.
+
+    The wandb run (one per row, all stages) is grouped by ``group`` (default ``TABLE-SCALE``) and tagged with the
+    method, architecture, scale and ratio, which are also top-level config keys (``method``, ``arch``, ``ratio``),
+    so a dashboard grouped by any of them compares the methods side by side.
+
+    Returns:
+        The result (also when it was already there with the same config and ``force`` is False), or None on a
+        non-zero DDP rank.
+
+    Raises:
+        SetupError: missing weights, data or device, or a different finished run in the way.
+    """
+    from lowrank_vit.io.surgery import save_compressed
+    from lowrank_vit.nn.quantize import model_size_mib, quantize_
+    from lowrank_vit.pipeline import compress
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.logging_utils import finish, log_ranks_table
+
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb mode {wandb!r} is not one of {', '.join(WANDB_MODES)}")
+    from lowrank_vit.stages.logging_utils import silence_third_party
+
+    silence_third_party()
+    cfg = row_config(exp, scale, overrides).with_hardware(accelerator, devices, num_nodes)
+    output = Path(output) if output is not None else default_output(scale)
+    out_dir = output / exp.name
+    if not force:
+        done = finished(exp, cfg, output)
+        if done is not None:
+            _say(progress, f"{exp.name}: already finished in {out_dir} (use --force to run it again)")
+            return done
+    _check_writable(exp, out_dir)
+    started, seconds = time.perf_counter(), {}
+
+    def stage(name: str, begin: float) -> None:
+        seconds[name] = round(time.perf_counter() - begin, 3)
+
+    t = time.perf_counter()
+    data_cfg = cfg.data
+    if cfg.finetune is not None:
+        data_cfg = replace(data_cfg, batch_size=cfg.finetune.batch_size)
+    build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
+    device = resolve_device(cfg.hardware.accelerator)
+    model = build_model(cfg.model, progress=progress)
+    digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
+    dm = build_datamodule(data_cfg, model)
+    dm.setup("fit")
+    check_classes(model, dm.num_classes, f"the data {data_cfg.path or data_cfg.name!r}")
+    stage("load", t)
+    # inference needs no activations kept: larger batches than training's make the evaluations cheaper
+    eval_loader = dm.val_dataloader(batch_size=max(256, 2 * data_cfg.batch_size))
+    _say(progress, f"{exp.name} [{scale}]: {exp.description}")
+    params_before = count_params(model)
+    result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
+                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before}
+    rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
+    logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
+
+    if rank_zero:
+        _say(progress, f"{exp.name}: evaluating the starting model")
+        t = time.perf_counter()
+        result["dense"] = _dense_accuracy(cfg, digest, output, lambda: evaluate(
+            model, eval_loader, device, progress, "evaluate dense"))
+        stage("evaluate_dense", t)
+    report = None
+    if cfg.compression is not None:
+        _say(progress, f"{exp.name}: compressing ({cfg.compression.decomposition} SVD, "
+                       f"{cfg.compression.allocation} ranks, Z {cfg.compression.compensation})")
+        t = time.perf_counter()
+        compression = replace(cfg.compression, device=str(device), progress=progress)
+        report = compress(model.to(device), dm.calibration_dataloader(), compression)
+        stage("compress", t)
+        result["report"] = report.to_dict()
+        result["residual_error"] = _mean([layer.output_error for layer in report.layers if layer.rank is not None])
+        result["residual_error_lowrank"] = _mean(
+            [layer.output_error_lowrank for layer in report.layers if layer.rank is not None])
+        log_ranks_table(logger, report)
+        if cfg.finetune is not None and rank_zero:
+            _say(progress, f"{exp.name}: evaluating the compressed model before fine-tuning")
+            t = time.perf_counter()
+            result["compressed"] = evaluate(model, eval_loader, device, progress, "evaluate compressed")
+            stage("evaluate_compressed", t)
+    if cfg.finetune is not None:
+        from lowrank_vit.stages.finetune import finetune
+
+        _say(progress, f"{exp.name}: fine-tuning ({cfg.finetune.epochs} epoch(s)"
+                       + (f", at most {cfg.finetune.max_steps} steps)" if cfg.finetune.max_steps else ")"))
+        t = time.perf_counter()
+        hw = cfg.hardware
+        checkpoints = out_dir / "checkpoints"
+        module, trainer = finetune(model, datamodule=dm, config=cfg.finetune, logger=logger,
+                                   checkpoint_dir=str(checkpoints), ckpt_path="last", accelerator=hw.accelerator,
+                                   devices=hw.devices, num_nodes=hw.num_nodes,
+                                   strategy="ddp" if hw.distributed else "auto", progress=progress)
+        if trainer.global_rank != 0:
+            return None
+        stage("finetune", t)
+        result["finetune"] = {"world_size": trainer.world_size, "steps": trainer.global_step,
+                              "epochs": trainer.current_epoch, "trainable_params": module.trainable["trainable"],
+                              "trainable_fraction": module.trainable["fraction"]}
+    if cfg.quantization is not None:
+        _say(progress, f"{exp.name}: quantizing to {cfg.quantization.bits} bits")
+        t = time.perf_counter()
+        quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
+        stage("quantize", t)
+    _say(progress, f"{exp.name}: evaluating the final model")
+    t = time.perf_counter()
+    final = evaluate(model, eval_loader, device, progress, "evaluate final")
+    stage("evaluate", t)
+    result.update(params=count_params(model), size_mib=model_size_mib(model, bits=cfg.size_bits),
+                  top1=final["top1"], top5=final["top5"], val_images=final["images"])
+    result["measured_reduction"] = 1.0 - result["params"] / params_before
+    if cfg.compression is not None:
+        t = time.perf_counter()
+        save_compressed(model.cpu(), out_dir / MODEL_DIR, metadata={"experiment": exp.name, "scale": scale})
+        stage("save", t)
+    seconds["total"] = round(time.perf_counter() - started, 3)
+    if cfg.model.source == "standin" and cfg.model.pretrained:
+        result["standin_fingerprint"] = _standin_fingerprint(cfg.model.name)
+    if digest is not None:
+        result["checkpoint_sha256"] = digest
+    result.update(stage_seconds=seconds, paper=exp.to_dict()["paper"], notes=list(exp.notes),
+                  config=cfg.to_dict(), finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  versions={"torch": torch.__version__, "timm": _version("timm"),
+                            "lowrank_vit": _version("lowrank_vit")})
+    if logger is not None:
+        logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
+                           {f"result/seconds_{k}": v for k, v in seconds.items()})
+        finish(logger)
+    _write_json(out_dir / RESULT_FILE, result)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
+    _say(progress, f"{exp.name}: done in {seconds['total']:.0f} s -> {out_dir / RESULT_FILE}")
+    return result
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean, or None when there is nothing to average or a value is undefined (NaN: COMCAT's attention units
+    have no per-layer eq. 5 error, so a mean over the other layers would not compare with other methods')."""
+    if not values or any(math.isnan(v) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled and _is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- reproduce
+
+
+def select_rows(table: str, rows: str | None = None) -> list[Experiment]:
+    """The rows of ``table`` (optionally only those matching the shell pattern ``rows``).
+
+    Raises:
+        ValueError: no such table, or the pattern matches none of its rows.
+    """
+    exps = [e for e in list_experiments() if e.table == table]
+    if not exps:
+        known = sorted({e.table for e in list_experiments()})
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(known)}")
+    if rows:
+        exps = [e for e in exps if fnmatch.fnmatchcase(e.name, rows)]
+        if not exps:
+            raise ValueError(f"--rows {rows!r} matches no row of {table}")
+    return exps
+
+
+def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, output: str | os.PathLike | None = None,
+              accelerator: str | None = None, devices: int | None = None, num_nodes: int | None = None,
+              overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False,
+              progress: bool = True, group: str | None = None) -> dict[str, Any]:
+    """Run the table's rows that are not finished yet, each in its own process (so a multi-process Lightning run
+    launches cleanly per row and one row's memory is freed before the next), then write ``OUTPUT/TABLE.md`` and
+    ``OUTPUT/TABLE.json``. Failed rows are reported and the table is written with what finished. ``group`` names
+    the wandb group of every row's run (default ``TABLE-SCALE``).
+
+    Returns:
+        The table's JSON data (``rows`` and ``failed``).
+    """
+    exps = select_rows(table, rows)
+    output = Path(output) if output is not None else default_output(scale)
+    overrides = list(overrides)
+    configs = [row_config(exp, scale, overrides).with_hardware(accelerator, devices, num_nodes) for exp in exps]
+    failed = []
+    for i, (exp, cfg) in enumerate(zip(exps, configs, strict=True), 1):
+        if not force and finished(exp, cfg, output) is not None:
+            _say(progress, f"[{i}/{len(exps)}] {exp.name}: already finished, skipped")
+            continue
+        _say(progress, f"[{i}/{len(exps)}] {exp.name}")
+        command = [sys.executable, "-m", "lowrank_vit.harness.cli", "run", exp.name, "--scale", scale, "--output",
+                   str(output), "--wandb", wandb]
+        for flag, value in (("--accelerator", accelerator), ("--devices", devices), ("--num-nodes", num_nodes)):
+            if value is not None:
+                command += [flag, str(value)]
+        for assignment in overrides:
+            command += ["--set", assignment]
+        if group is not None:
+            command += ["--wandb-group", group]
+        if force:
+            command.append("--force")
+        if not progress:
+            command.append("--quiet")
+        # the row's own output is progress, never the table: to the process's stderr (file descriptor 2, which the
+        # row's stderr shares; sys.stderr may be an object without one, as under pytest or in a notebook), or
+        # nowhere under --quiet, so stdout stays the table's and a reader closing it early cannot break a row
+        child_out = 2 if progress else subprocess.DEVNULL
+        if subprocess.run(command, check=False, stdout=child_out).returncode != 0:
+            failed.append(exp.name)
+            _say(True, f"[{i}/{len(exps)}] {exp.name}: FAILED (see the messages above); going on")
+    data = write_table(table, select_rows(table), scale, output)  # every row of the table, finished or not
+    data["failed"] = failed
+    data["selected_markdown"] = render_table(table, exps, scale, output) if rows else \
+        (output / f"{table}.md").read_text()
+    return data
+
+
+def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
+    """Paper and measured numbers of one row side by side (measured fields None when the row has not run)."""
+    paper = exp.paper
+    get = (result or {}).get
+    measured_params = get("params")
+    row = {"name": exp.name, "arch": exp.arch, "method": exp.method, "reduction": exp.reduction,
+           "paper_params_m": paper.params_m, "params_m": None if measured_params is None else measured_params / 1e6,
+           "paper_top1": paper.top1, "top1": get("top1"), "top5": get("top5"),
+           "top1_compressed": (get("compressed") or {}).get("top1"), "top1_dense": (get("dense") or {}).get("top1"),
+           "paper_size_mib": paper.size_mib, "size_mib": get("size_mib"),
+           "paper_residual": paper.residual, "residual": _finite(get("residual_error")), "notes": list(exp.notes),
+           "setup": _setup_label(get("config") or {}), "finished": result is not None}
+    for key in ("params_m", "top1", "size_mib", "residual"):
+        ours, theirs = row[key], row[f"paper_{key}"]
+        row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
+    # against the row's own starting model: what a smoke-scale row can be compared with
+    row["diff_top1_dense"] = None if row["top1"] is None or row["top1_dense"] is None else \
+        row["top1"] - row["top1_dense"]
+    return row
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a missing or non-finite number (older results stored an undefined mean as NaN)."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _setup_label(config: dict[str, Any]) -> str | None:
+    """"stand-in deit_s on mnist-5k", "deit_small_patch16_224 (model.safetensors) on cifar10": what a row ran on."""
+    model, data = config.get("model") or {}, config.get("data") or {}
+    if not model:
+        return None
+    what = f"stand-in {model.get('name')}" if model.get("source") == "standin" else str(model.get("name"))
+    if model.get("checkpoint"):
+        what += f" ({Path(model['checkpoint']).name})"
+    where = Path(data["path"]).name if data.get("path") else data.get("name")
+    return f"{what} on {where}"
+
+
+def write_table(table: str, exps: list[Experiment], scale: str, output: Path) -> dict[str, Any]:
+    """Write ``output/TABLE.json`` and ``output/TABLE.md``: every row's paper and measured numbers and their
+    difference. At smoke scale the measured numbers are MNIST stand-ins: only their ordering compares."""
+    data, text = _table(table, exps, scale, output)
+    _write_json(output / f"{table}.json", data)
+    (output / f"{table}.md").write_text(text)
+    return data
+
+
+def render_table(table: str, exps: list[Experiment], scale: str, output: Path) -> str:
+    """The markdown of :func:`write_table` for ``exps`` alone (``reproduce --rows``), without writing anything."""
+    return _table(table, exps, scale, output)[1]
+
+
+def _table(table: str, exps: list[Experiment], scale: str, output: Path) -> tuple[dict[str, Any], str]:
+    rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
+    if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row
+        for row, exp in zip(rows, exps, strict=True):
+            row["finetune"] = exp.config(scale).finetune is not None
+        data = {"table": table, "scale": scale, **compare_grid(rows), "rows": rows}
+        text = compare_markdown(scale, data)
+    else:
+        data = {"table": table, "scale": scale, "rows": rows}
+        text = markdown_table(table, scale, rows)
+    return data, text
+
+
+def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _sci(value: float | None) -> str:
+    """A residual error: scientific notation, so that 4e-05 and 2e-03 do not both print as 0.000."""
+    return "—" if value is None else f"{value:.2e}"
+
+
+def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
+    """One line per row. Full scale: measured beside the paper, with their differences (a reproduction). Smoke
+    scale: the stand-ins are not the paper's models and MNIST is not ImageNet, so a row is compared with its own
+    starting model ("Δ vs dense") and the paper's figures stand beside it without a difference."""
+    smoke = scale == "smoke"
+    show_size = any(r["paper_size_mib"] is not None for r in rows)
+    show_residual = any(r["paper_residual"] is not None or r["residual"] is not None for r in rows)
+    if smoke:
+        header = ["row", "params (paper)", "params", "top-1 (paper)", "dense top-1", "top-1 before FT", "top-1",
+                  "Δ vs dense", "top-5"]
+        header += ["MiB (paper)", "MiB"] if show_size else []
+    else:
+        header = ["row", "params (paper)", "params", "Δ", "top-1 (paper)", "top-1", "Δ", "top-1 before FT", "top-5"]
+        header += ["MiB (paper)", "MiB", "Δ"] if show_size else []
+    if show_residual:
+        header += ["residual (paper)", "residual"]
+    lines = [f"# {table} ({scale} scale)", ""]
+    if smoke:
+        lines += ["Smoke scale: tiny stand-ins of each family on the embedded MNIST digits. Parameter ratios follow "
+                  "the paper; accuracies are MNIST's, so each row is compared with its own dense model (Δ vs "
+                  "dense) and with the other rows; the paper's ImageNet figures stand beside for reference only.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for r in rows:
+        mark = ""
+        if r["notes"]:
+            notes.append(r["notes"])
+            mark = f" [{len(notes)}]"
+        if smoke:
+            cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
+                     _fmt(r["paper_top1"]), _fmt(r["top1_dense"]), _fmt(r["top1_compressed"]), _fmt(r["top1"]),
+                     _fmt(r["diff_top1_dense"], 2, True), _fmt(r["top5"])]
+            cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 3)] if show_size else []
+        else:
+            cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
+                     _fmt(r["diff_params_m"], 3, True), _fmt(r["paper_top1"]), _fmt(r["top1"]),
+                     _fmt(r["diff_top1"], 2, True), _fmt(r["top1_compressed"]), _fmt(r["top5"])]
+            if show_size:
+                cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 1), _fmt(r["diff_size_mib"], 1, True)]
+        if show_residual:
+            cells += [_fmt(r["paper_residual"], 2), _sci(r["residual"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] " + "; ".join(n) for i, n in enumerate(notes, 1)]
+    missing = [r["name"] for r in rows if not r["finished"]]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the comparison table
+
+COMPARE_TABLE = "compare"
+METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
+                 "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
+                 "fwsvd": "FWSVD", "comcat": "COMCAT"}
+PARAMS_TOLERANCE = 1e-3
+"""Relative spread of a column's measured parameter counts above which the table flags the column."""
+
+
+def compare_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The comparison rows (:func:`table_row` dicts with a ``finetune`` flag) arranged as a grid: ``columns``
+    (architecture x reduction, in registration order, with the measured parameter counts of the column's finished
+    rows) and ``grid`` (one line per method and fine-tuning, its cells keyed by column)."""
+    columns: dict[str, dict[str, Any]] = {}
+    lines: dict[tuple[str, bool], dict[str, Any]] = {}
+    for r in rows:
+        pct = round(100 * (r["reduction"] or 0.0))
+        key = f"{r['arch']}-{pct}"
+        column = columns.setdefault(key, {"key": key, "arch": r["arch"], "reduction": r["reduction"],
+                                          "label": f"{arch_label(r['arch'])} -{pct}%", "params_m": [],
+                                          "top1_dense": None})
+        if r["params_m"] is not None:
+            column["params_m"].append(r["params_m"])
+        if column["top1_dense"] is None:
+            column["top1_dense"] = r["top1_dense"]
+        line = lines.setdefault((r["method"], r["finetune"]), {
+            "method": r["method"], "finetune": r["finetune"], "cells": {}})
+        line["cells"][key] = {"name": r["name"], "top1": r["top1"], "paper_top1": r["paper_top1"],
+                              "params_m": r["params_m"], "residual": r["residual"], "notes": r["notes"]}
+    for column in columns.values():
+        counts = column.pop("params_m")
+        column["params_m_min"] = min(counts) if counts else None
+        column["params_m_max"] = max(counts) if counts else None
+        column["equal_params"] = not counts or (max(counts) - min(counts)) <= PARAMS_TOLERANCE * max(counts)
+    return {"columns": list(columns.values()), "grid": list(lines.values())}
+
+
+def compare_markdown(scale: str, data: dict[str, Any]) -> str:
+    """``compare.md``: top-1 of every method (with and without the partial fine-tune) at equal parameters per
+    column, the paper's number in parentheses where one exists; notes numbered below the table."""
+    columns, grid = data["columns"], data["grid"]
+    lines = [f"# compare ({scale} scale)", "",
+             "Top-1 (%) at equal parameters per column (each column removes the same fraction of the model's "
+             "parameters; a column whose rows differ by more than 0.1% is marked \"unequal!\"), the paper's number "
+             "in parentheses where one exists. Between the paper's recipe and the comparison methods only the "
+             "decomposition differs: greedy ranks on each method's own spectra and the closed-form low-rank Z; the "
+             "loss-aware row (the library's default) also allocates its own way (marginal ranks on predicted loss) "
+             "and takes no Z. \"+ FT\" adds the partial fine-tune.", ""]
+    setups = sorted({r["setup"] for r in data["rows"] if r.get("finished") and r.get("setup")})
+    if setups and not all(s.startswith("stand-in ") and s.endswith(" on mnist-5k") for s in setups):
+        lines += [f"Measured with {'; '.join(setups)} (the registry's config with overrides); compare methods with "
+                  f"each other, not with the paper's ImageNet numbers.", ""]
+    elif scale == "smoke":
+        lines += ["Smoke scale: tiny stand-ins on the embedded MNIST digits; compare methods with each other, not "
+                  "with the paper's ImageNet numbers.", ""]
+    header = ["method"] + [c["label"] for c in columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def params(c: dict[str, Any]) -> str:
+        low, high = c["params_m_min"], c["params_m_max"]
+        if low is None:
+            return "—"
+        text = f"{low:.3f}M" if high - low < 5e-4 else f"{low:.3f}-{high:.3f}M"
+        return text if c["equal_params"] else text + " (unequal!)"
+
+    lines.append("| parameters | " + " | ".join(params(c) for c in columns) + " |")
+    lines.append("| dense model | " + " | ".join(_fmt(c["top1_dense"]) for c in columns) + " |")
+    notes: list[str] = []
+
+    def mark(texts: list[str]) -> str:
+        numbers = []
+        for text in texts:
+            if text not in notes:
+                notes.append(text)
+            numbers.append(notes.index(text) + 1)
+        return "".join(f" [{n}]" for n in sorted(set(numbers)))
+
+    for line in grid:
+        cells = [line["cells"].get(c["key"]) for c in columns]
+        present = [cell for cell in cells if cell is not None]
+        shared = [n for n in present[0]["notes"] if all(n in cell["notes"] for cell in present)] if present else []
+        label = METHOD_LABELS.get(line["method"], line["method"]) + (" + FT" if line["finetune"] else ", no FT")
+        out = [label + mark(shared)]
+        for cell in cells:
+            if cell is None:
+                out.append("")
+                continue
+            text = _fmt(cell["top1"])
+            if cell["paper_top1"] is not None:
+                text += f" ({_fmt(cell['paper_top1'])})"
+            out.append(text + mark([n for n in cell["notes"] if n not in shared]))
+        lines.append("| " + " | ".join(out) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
+    residual_lines = [line for line in grid if not line["finetune"]]
+    # one grid of the no-FT lines: the residual is measured right after compression, the same for both lines
+    if any(cell.get("residual") is not None for line in residual_lines for cell in line["cells"].values()):
+        lines += ["", "Mean residual error of eq. 5 over the compressed layers, on the calibration images right "
+                      "after compression (lower is better; — where a method has none, e.g. COMCAT's fused heads):",
+                  "", "| method | " + " | ".join(c["label"] for c in columns) + " |", "|" + "---|" * len(header)]
+        for line in residual_lines:
+            cells = [line["cells"].get(c["key"]) or {} for c in columns]
+            lines.append(f"| {METHOD_LABELS.get(line['method'], line['method'])} | "
+                         + " | ".join(_sci(cell.get("residual")) for cell in cells) + " |")
+    missing = [r["name"] for r in data["rows"] if not r["finished"]]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)} of {len(data['rows'])}): {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "SetupError",
+    "build_model",
+    "compare_grid",
+    "compare_markdown",
+    "default_output",
+    "evaluate",
+    "get_experiment",
+    "markdown_table",
+    "plan_row",
+    "render_table",
+    "reproduce",
+    "row_config",
+    "run_row",
+    "select_rows",
+    "synthetic_images",
+    "synthetic_labelled",
+    "table_row",
+    "write_table",
+]

@@ -1,0 +1,568 @@
+"""Smoke-scale stand-ins: tiny timm models of each family the paper compresses, pretrained once on MNIST-5k.
+
+At ``full`` scale an experiment compresses a pretrained timm model on ImageNet. Neither exists offline, so at
+``smoke`` scale the same experiment compresses a *stand-in*: a model of the same timm family (same class, same block
+structure, same compressible linears), shrunk to 28x28 grayscale digits and pretrained here on the 4,000 training
+digits of :class:`lowrank_vit.stages.data.MNIST5kDataModule`. The compression pipeline then meets the same code paths as
+at full scale, and accuracy before and after compression means something, in minutes on a laptop CPU.
+
+The family's relative sizes are kept (DeiT-T < DeiT-S < DeiT-B ~ ViT-B ~ Swin-B < ViT-L), and the block linears hold
+almost all parameters, as in the real models, so that removing 40-77% of the *whole* model is feasible.
+
+Pretraining runs once per stand-in and recipe: the weights go to ``standin_cache_dir()`` as safetensors (never
+pickle) beside a small JSON record (spec, fingerprint, validation top-1, seconds). Several processes (DDP ranks) may
+ask at once: a file lock lets one train while the others wait and then load. A stale (other recipe) or damaged entry
+is retrained with a warning, never trusted.
+
+The digits are preprocessed exactly as ``build_datamodule(DataConfig(name="mnist-5k"), model=standin)`` will feed
+them later (the model family's pretrained-config mean and std, averaged to one channel, at 28x28), so the accuracy
+measured here is the one the experiments start from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_vit.core.common import atomic_write, warmup_cosine
+from lowrank_vit.core.progress import progress_bar
+
+CACHE_ENV = "LOWRANK_VIT_CACHE"
+"""Environment variable naming the cache root (``standins/`` is created under it)."""
+STANDIN_DATASET = "mnist-5k"
+"""The dataset every stand-in is pretrained on (:class:`lowrank_vit.stages.data.MNIST5kDataModule`)."""
+TRAINER_VERSION = 1
+"""Part of every fingerprint: bump it when the training loop changes, so that old caches are retrained."""
+FORMAT = "lowrank_vit.standin/1"
+"""Tag of the JSON record beside the weights."""
+
+
+@dataclass(frozen=True)
+class StandinSpec:
+    """One stand-in: which timm family, how it is shrunk, and how it is pretrained on the digits.
+
+    ``timm.create_model(timm_name, pretrained=False, **model_kwargs)`` builds it; every field enters the fingerprint,
+    so changing the recipe invalidates the cached weights.
+    """
+
+    arch: str
+    """Registry key (``"deit_s"``...); also the cache entry's file name."""
+    timm_name: str
+    """The full-size model of the family (``"deit_small_patch16_224"``): its class and default config are reused."""
+    model_kwargs: dict[str, Any] = field(hash=False)
+    """Overrides of the full-size constructor: input 1x28x28, 10 classes, patch size, width, depth, heads..."""
+    epochs: int
+    lr: float
+    """Peak learning rate of AdamW (linear warmup, cosine decay to zero)."""
+    batch_size: int
+    seed: int
+    """Seeds the initialization, the batch order and the augmentation."""
+    weight_decay: float = 0.05
+    """AdamW weight decay of matrices (norms, biases, tokens and position embeddings are not decayed)."""
+    warmup_fraction: float = 0.1
+    """Fraction of the steps spent warming the learning rate up linearly."""
+    label_smoothing: float = 0.1
+    max_shift: int = 1
+    """Random translation of every training digit by up to this many pixels (0: no augmentation). Measured on the
+    DeiT-S stand-in, 20 epochs: 0 pixels 94.0% (it overfits: 100% on the training digits), 1 pixel 97.0%, 2 pixels
+    94.4% (it underfits in so few epochs)."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction!r}")
+        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int) or self.max_shift < 0:
+            raise ValueError(f"max_shift must be a non-negative integer, got {self.max_shift!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """Short hash of every field and of :data:`TRAINER_VERSION`: the cache key of the pretrained weights."""
+        payload = json.dumps({"spec": self.to_dict(), "trainer": TRAINER_VERSION, "data": STANDIN_DATASET},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def create_model(self) -> nn.Module:
+        """The randomly initialized stand-in (timm seeds nothing: seed torch first for a reproducible init)."""
+        import timm
+
+        return timm.create_model(self.timm_name, pretrained=False, **self.model_kwargs)
+
+
+_DIGITS = {"img_size": 28, "in_chans": 1, "num_classes": 10}
+
+
+def _vit(embed_dim: int, depth: int, heads: int) -> dict[str, Any]:
+    """A ViT/DeiT on 7x7 patches (16 tokens: cheap) with average pooling instead of a class token: on 4,000 digits
+    it learns much faster (measured: 89% against 81% after 10 epochs; 4x4 patches, 49 tokens, reached only 72%)."""
+    return {**_DIGITS, "patch_size": 7, "embed_dim": embed_dim, "depth": depth, "num_heads": heads, "mlp_ratio": 4.0,
+            "global_pool": "avg", "class_token": False}
+
+
+def _swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...]) -> dict[str, Any]:
+    """A Swin on 4x4 patches (the real model's patch4_window7; a 7x7 grid, then 4x4 after the patch merging) without
+    timm's default stochastic depth of 0.1, which kept this small model underfitting."""
+    return {**_DIGITS, "patch_size": 4, "window_size": 7, "embed_dim": embed_dim, "depths": depths,
+            "num_heads": heads, "mlp_ratio": 4.0, "drop_path_rate": 0.0}
+
+
+STANDINS: dict[str, StandinSpec] = {
+    spec.arch: spec
+    for spec in (
+        StandinSpec("deit_t", "deit_tiny_patch16_224", _vit(48, 4, 3), epochs=20, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("deit_s", "deit_small_patch16_224", _vit(64, 4, 2), epochs=15, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("deit_b", "deit_base_patch16_224", _vit(96, 4, 3), epochs=15, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("vit_b", "vit_base_patch16_224", _vit(96, 4, 3), epochs=15, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("vit_l", "vit_large_patch16_224", _vit(128, 6, 4), epochs=12, lr=1.5e-3, batch_size=32, seed=0),
+        StandinSpec("swin_b", "swin_base_patch4_window7_224", _swin(60, (2, 2), (2, 4)), epochs=16, lr=2e-3,
+                    batch_size=32, seed=0),
+    )
+}
+"""The stand-in of every architecture of the experiment registry."""
+
+
+def standin_cache_dir() -> Path:
+    """Where pretrained stand-ins live: ``$LOWRANK_VIT_CACHE/standins``, else ``$XDG_CACHE_HOME/lowrank_vit/standins``,
+    else ``~/.cache/lowrank_vit/standins``. Not created here."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "standins"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lowrank_vit" / "standins"
+
+
+def resolve_spec(arch: str | StandinSpec) -> StandinSpec:
+    """The spec of ``arch`` (a spec passes through, so tests and users can pretrain a recipe of their own).
+
+    Raises:
+        ValueError: ``arch`` is not a known stand-in; the message lists them and suggests the closest.
+    """
+    if isinstance(arch, StandinSpec):
+        return arch
+    if isinstance(arch, str) and arch in STANDINS:
+        return STANDINS[arch]
+    close = difflib.get_close_matches(str(arch), list(STANDINS), n=1, cutoff=0.4)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown stand-in architecture {arch!r}{hint} Known: {', '.join(STANDINS)}")
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Digits:
+    """The MNIST-5k splits decoded once into normalized tensors, as the project's data module would feed them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    background: float
+    """The normalized value of a black pixel: what a shifted digit is padded with."""
+    preprocessing: dict[str, Any]
+    """``resolve_preprocessing(model)``: input size, mean and std (recorded with the weights)."""
+
+
+def stack_dataset(dataset: torch.utils.data.Dataset, progress: bool = False,
+                  desc: str = "decoding") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(image, label)`` of a map-style dataset decoded once into two tensors (images, int64 labels): training
+    a small model from tensors in memory is much faster than through a per-item transform every epoch."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    images, labels = [], []
+    with progress_bar(n, desc=desc, unit="img", enabled=progress) as bar:
+        for i in range(n):
+            image, label = dataset[i]
+            images.append(image)
+            labels.append(int(label))
+            bar.update(1)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
+
+
+def load_digits(model: nn.Module) -> Digits:
+    """Training and validation digits through ``build_datamodule(DataConfig(name="mnist-5k"), model=model)``'s
+    evaluation transform: the same split, size, channels, mean and std that every later stage will use. The training
+    augmentation (random shifts) is applied per batch in the training loop instead, which is much faster."""
+    from lowrank_vit.stages.data import DataConfig, build_datamodule
+
+    dm = build_datamodule(DataConfig(name=STANDIN_DATASET, augment=False), model=model)
+    dm.setup()
+    x_train, y_train = stack_dataset(dm.train_dataset)
+    x_val, y_val = stack_dataset(dm.val_dataset)
+    pre = dm.preprocessing
+    background = (0.0 - float(pre["mean"][0])) / float(pre["std"][0])
+    return Digits(x_train, y_train, x_val, y_val, background, _preprocessing_record(pre))
+
+
+def _preprocessing_record(pre: dict[str, Any]) -> dict[str, Any]:
+    return {"input_size": [int(v) for v in pre["input_size"]], "mean": [float(v) for v in pre["mean"]],
+            "std": [float(v) for v in pre["std"]]}
+
+
+def random_shift(x: torch.Tensor, max_shift: int, background: float, generator: torch.Generator) -> torch.Tensor:
+    """Translate every image of the batch by its own random (dy, dx) in ``[-max_shift, max_shift]``, filling with
+    ``background``: the digits' cheapest useful augmentation (a ViT on 4,000 digits overfits without it)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s), value=background)
+    dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
+    batch = torch.arange(n)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: decaying norms, biases, the class token and position embeddings hurts small ViTs."""
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent (the model is left in eval mode)."""
+    model.eval()
+    correct = sum(int((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    return 100.0 * correct / max(1, len(x))
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+                     seed: int, weight_decay: float = 0.05, warmup_fraction: float = 0.1, label_smoothing: float = 0.1,
+                     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                     desc: str = "training", progress: bool = True) -> dict[str, float]:
+    """Train a classifier from tensors in memory: AdamW (matrices decayed only) with linear warmup and cosine decay,
+    label smoothing, gradient clipping at 1, ``augment(batch, generator)`` applied per batch; no DataLoader, no
+    per-item transform. Seeded by ``seed`` (batch order and augmentation; seed torch yourself for the init).
+
+    Returns:
+        The last epoch's mean training loss and training accuracy (percent, on augmented images).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n = len(y)
+    batch = min(batch_size, n)
+    steps_per_epoch = n // batch
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(warmup_cosine, total=total, warmup=round(warmup_fraction * total)))
+    loss_sum, correct, seen = 0.0, 0, 0
+    model.train()
+    with progress_bar(epochs * steps_per_epoch, desc=desc, unit="step", enabled=progress) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for i in range(steps_per_epoch):
+                idx = order[i * batch: (i + 1) * batch]
+                inputs = x[idx] if augment is None else augment(x[idx], generator)
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, step "
+                                             f"{i + 1}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                schedule.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == y[idx]).sum())
+                seen += len(idx)
+                bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+    return {"train_loss": loss_sum / max(1, seen), "train_top1": 100.0 * correct / max(1, seen)}
+
+
+def _train_on_digits(model: nn.Module, spec: StandinSpec, digits: Digits, progress: bool) -> dict[str, float]:
+    """The stand-in recipe of :func:`train_classifier`, with random shifts padded with the digits' background."""
+    return train_classifier(
+        model, digits.x_train, digits.y_train, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+        seed=spec.seed, weight_decay=spec.weight_decay, warmup_fraction=spec.warmup_fraction,
+        label_smoothing=spec.label_smoothing, desc=f"pretraining {spec.arch} stand-in", progress=progress,
+        augment=lambda x, generator: random_shift(x, spec.max_shift, digits.background, generator))
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        return None
+
+
+def training_threads(load: float | None = None) -> int:
+    """Intra-op threads for pretraining: torch's setting, capped by the cores idle right now (at least one).
+
+    Small models gain little from a second thread on an idle machine (measured here: about 1.3x at best), but on a
+    busy one every parallel region waits for a thread that has no core of its own: with two threads on two shared
+    cores a training step was up to ten times slower than with one.
+    """
+    threads = torch.get_num_threads()
+    load = _load_average() if load is None else load
+    if load is None:
+        return threads
+    idle = (os.cpu_count() or 1) - load
+    return max(1, min(threads, int(idle + 0.5)))
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pretrain(spec: StandinSpec, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """Build, train and evaluate one stand-in without touching the caller's random state or thread setting."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    load = _load_average()
+    threads = training_threads(load)
+    with torch.random.fork_rng(devices=[]), _num_threads(threads):
+        torch.manual_seed(spec.seed)
+        model = spec.create_model()
+        digits = load_digits(model)
+        history = _train_on_digits(model, spec, digits, progress)
+        top1 = evaluate_top1(model, digits.x_val, digits.y_val)
+    info = {
+        "format": FORMAT,
+        "arch": spec.arch,
+        "fingerprint": spec.fingerprint(),
+        "spec": spec.to_dict(),
+        "top1": top1,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "threads": threads,
+        "load_average": load,
+        "params": sum(p.numel() for p in model.parameters()),
+        "preprocessing": digits.preprocessing,
+        "dataset": STANDIN_DATASET,
+        "versions": _versions(),
+        **history,
+    }
+    return model.eval(), info
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__}
+
+
+# ----------------------------------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True)
+class _Entry:
+    weights: Path
+    record: Path
+    lock: Path
+
+
+def _entry(cache_dir: Path, arch: str) -> _Entry:
+    return _Entry(cache_dir / f"{arch}.safetensors", cache_dir / f"{arch}.json", cache_dir / f"{arch}.lock")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (other processes block until it is released; where ``fcntl``
+    does not exist, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _save(entry: _Entry, model: nn.Module, info: dict[str, Any]) -> None:
+    """Weights first, then the record: the record is what makes an entry valid, and both carry the fingerprint."""
+    from safetensors.torch import save_file
+
+    entry.weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(entry.weights, lambda p: save_file(state, str(p), metadata={"fingerprint": info["fingerprint"]}))
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    atomic_write(entry.record, lambda p: p.write_text(text))
+
+
+def _load(entry: _Entry, spec: StandinSpec) -> tuple[nn.Module, dict[str, Any]]:
+    """The cached stand-in, or an exception saying why the entry cannot be used."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    info = json.loads(entry.record.read_text())
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"{entry.record} is not a stand-in record")
+    expected = spec.fingerprint()
+    if info.get("fingerprint") != expected:
+        raise ValueError(f"it was trained with another recipe (fingerprint {info.get('fingerprint')}, "
+                         f"expected {expected})")
+    with safe_open(str(entry.weights), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("fingerprint")
+    if stored != expected:
+        raise ValueError(f"{entry.weights.name} belongs to another recipe (fingerprint {stored})")
+    state = load_file(str(entry.weights))
+    model = spec.create_model()
+    model.load_state_dict(state, strict=True)
+    from lowrank_vit.stages.data import resolve_preprocessing
+
+    now = _preprocessing_record(resolve_preprocessing(model))
+    if info.get("preprocessing") != now:
+        raise ValueError(f"it was trained on digits preprocessed as {info.get('preprocessing')}, but this timm "
+                         f"version preprocesses them as {now}")
+    return model.eval(), info
+
+
+def _try_load(entry: _Entry, spec: StandinSpec, warn: bool) -> tuple[nn.Module, dict[str, Any]] | None:
+    if not entry.record.exists() and not entry.weights.exists():
+        return None
+    try:
+        return _load(entry, spec)
+    except Exception as err:  # a damaged, stale or foreign entry is retrained, never a crash
+        if warn:
+            warnings.warn(f"ignoring the cached {spec.arch} stand-in in {entry.record.parent} "
+                          f"({type(err).__name__}: {err}); pretraining it again", stacklevel=3)
+        return None
+
+
+def _pretrain_and_cache(spec: StandinSpec, entry: _Entry, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (the caller holds the lock), cache, say where."""
+    model, info = _pretrain(spec, progress)
+    _save(entry, model, info)
+    if progress:
+        print(f"lowrank_vit: {spec.arch} stand-in ({spec.timm_name} family, {info['params']:,} parameters) pretrained "
+              f"on {STANDIN_DATASET} in {info['seconds']:.0f} s, validation top-1 {info['top1']:.1f}%; cached in "
+              f"{entry.weights}", file=sys.stderr)
+    return model, info
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else standin_cache_dir()
+
+
+def pretrain_standin(
+    arch: str | StandinSpec, *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Pretrain ``arch``'s stand-in now (whatever is cached) and cache it.
+
+    Returns:
+        The model in eval mode and its record: ``top1`` (validation, percent), ``seconds``, ``params``,
+        ``fingerprint``, ``spec``, ``preprocessing``...
+    """
+    spec = resolve_spec(arch)
+    entry = _entry(_cache_root(cache_dir), spec.arch)
+    with _exclusive(entry.lock):
+        return _pretrain_and_cache(spec, entry, progress)
+
+
+def build_standin(
+    arch: str | StandinSpec,
+    *,
+    pretrained: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """The stand-in of ``arch`` (a key of :data:`STANDINS`), in eval mode.
+
+    Args:
+        arch: ``"deit_t"``, ``"deit_s"``, ``"deit_b"``, ``"vit_b"``, ``"vit_l"`` or ``"swin_b"`` (or a spec).
+        pretrained: Load the cached weights, pretraining and caching them first if they are missing, stale or
+            damaged (one process trains, concurrent callers wait for it). False: a random initialization (seeded by
+            the spec, so it is reproducible), nothing read or written.
+        cache_dir: Directory of the cached weights; default :func:`standin_cache_dir`.
+        progress: Show the pretraining progress bar and say where the weights went.
+
+    Raises:
+        ValueError: Unknown architecture.
+    """
+    spec = resolve_spec(arch)
+    if not pretrained:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            return spec.create_model().eval()
+    entry = _entry(_cache_root(cache_dir), spec.arch)
+    loaded = _try_load(entry, spec, warn=False)  # the common case: no lock needed to read a finished entry
+    if loaded is None:
+        with _exclusive(entry.lock):
+            loaded = _try_load(entry, spec, warn=True)  # another process may have finished it while we waited
+            if loaded is None:
+                loaded = _pretrain_and_cache(spec, entry, progress)
+    return loaded[0]
+
+
+def standin_record(
+    arch: str | StandinSpec, *, cache_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any] | None:
+    """The cached record of ``arch`` (validation top-1, seconds, spec...) if its weights are cached for the current
+    recipe, else None. Reads the JSON only."""
+    spec = resolve_spec(arch)
+    entry = _entry(_cache_root(cache_dir), spec.arch)
+    try:
+        info = json.loads(entry.record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("fingerprint") != spec.fingerprint() or not entry.weights.exists():
+        return None
+    return info
+
+
+__all__ = [
+    "CACHE_ENV",
+    "STANDINS",
+    "STANDIN_DATASET",
+    "Digits",
+    "StandinSpec",
+    "build_standin",
+    "evaluate_top1",
+    "load_digits",
+    "pretrain_standin",
+    "random_shift",
+    "resolve_spec",
+    "stack_dataset",
+    "standin_cache_dir",
+    "standin_record",
+    "train_classifier",
+]

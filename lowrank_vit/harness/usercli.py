@@ -1,0 +1,809 @@
+"""``lowrank-vit compress / evaluate / finetune / export``: your own timm model and data, from the command line.
+
+The registry commands (``run``, ``reproduce``) reproduce the paper's tables; these four shrink *your* model:
+
+- ``compress MODEL --data DATA --reduction R --output DIR``: MODEL is a timm name (with a pretrained tag, or
+  ``--no-pretrained``; ``--checkpoint FILE`` for your own safetensors weights) or a model directory. DIR gets the
+  weights and plan (:func:`lowrank_vit.io.surgery.save_compressed`), ``report.json``, ``ranks.png`` and a model card.
+- ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency.
+- ``finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune, resumable, into a new directory.
+- ``export DIR --format onnx --output FILE [--fold] [--quantized qdq]``: an ONNX file with a dynamic batch axis
+  (:mod:`lowrank_vit.io.export`).
+
+Preprocessing is part of the model: mean, std, crop fraction, interpolation and input size come from the user's
+flags, else from what the weights carry (a model directory's plan, a checkpoint's safetensors metadata or a timm
+``config.json`` beside it), else from timm's pretrained config; they are saved in DIR so that the other commands
+feed the model the same images, and every command prints them first (on stderr, so ``--json`` stays clean).
+
+Nothing is written half-way: every output is built in a hidden sibling directory (or temporary file) and renamed
+into place; an existing output is replaced only with ``--force`` and only if it is a model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_vit.core.common import fraction, positive_int
+
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+"""The preprocessing fields saved with a model and printed by every command."""
+USER_PREPROCESSING = ("mean", "std", "crop_pct", "interpolation")
+"""Those a user, a checkpoint or a directory may set (the input size is the model's own); data.PREPROCESSING_FIELDS."""
+LATENCY_BATCHES = (1, 32)
+
+
+class UserError(ValueError):
+    """Bad input to one of these commands: the CLI prints it on one line and exits with status 2."""
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+
+
+def _input_size(text: str) -> tuple[int | None, int, int]:
+    """``--input-size``: ``H`` (square), ``HxW`` or ``C,H,W`` / ``CxHxW``."""
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H, HxW or C,H,W, got {text!r}") from None
+    if not 1 <= len(values) <= 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H, HxW or C,H,W with positive sizes, got {text!r}")
+    if len(values) == 1:
+        return None, values[0], values[0]
+    if len(values) == 2:
+        return None, values[0], values[1]
+    return values[0], values[1], values[2]
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 32}}', got {text!r}")
+    return value
+
+
+def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("model", metavar=what,
+                   help="a timm model name (e.g. deit_small_patch16_224.fb_in1k) or a model directory")
+    p.add_argument("--checkpoint", help="safetensors state dict of your own weights for a timm name (loaded strictly)")
+    p.add_argument("--model-kwargs", type=_json_object, default={},
+                   help="timm.create_model arguments as JSON, e.g. '{\"img_size\": 32, \"num_classes\": 10}'")
+    p.add_argument("--no-pretrained", action="store_true", help="random weights instead of timm's pretrained ones")
+
+
+def _add_preprocessing(p: argparse.ArgumentParser) -> None:
+    from lowrank_vit.stages.data_config import INTERPOLATIONS
+
+    g = p.add_argument_group("preprocessing (default: saved with the model, else timm's pretrained config)")
+    g.add_argument("--mean", type=float, nargs="+", help="normalization mean, one value or one per channel")
+    g.add_argument("--std", type=float, nargs="+", help="normalization std, one value or one per channel")
+    g.add_argument("--crop-pct", type=float, help="evaluation center-crop fraction in (0, 1]; 1 = no crop")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation")
+    g.add_argument("--input-size", type=_input_size, help="H, HxW or C,H,W; for a timm name it also builds the "
+                                                          "model at that size")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required,
+                   help="an image folder (one subfolder per class, optionally under train/ and val/), parquet "
+                        "file(s), or a Hugging Face dataset name")
+    g.add_argument("--image-column", help="image column (default: image, img, pixel_values or the Image feature)")
+    g.add_argument("--label-column", help="label column (default: label, labels, fine_label or the ClassLabel)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", help="validation split (default: validation/val/test, else a 20%% hold-out)")
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, cores - 1); capped at the cores)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the first GPU if torch sees one, else the CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Register the four commands on ``lowrank-vit``'s subparsers; returns their handlers by name."""
+    from lowrank_vit.config import RECIPES
+    from lowrank_vit.methods.decompositions import METHODS
+
+    p = sub.add_parser("compress", help="compress your timm model on your data into a model directory")
+    _add_model(p, "MODEL")
+    _add_data(p)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--reduction", type=fraction, help="fraction of the parameters removed, in (0, 1)")
+    budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
+    p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
+                   help="a recipe (loss-aware: the default; paper; vanilla) or any registered decomposition")
+    p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
+    p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
+    p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
+    p.add_argument("--output", required=True, help="the model directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing model directory")
+    _add_preprocessing(p)
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5, parameters, MiB and latency of a model")
+    _add_model(p, "MODEL_OR_DIR")
+    _add_data(p)
+    _add_preprocessing(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--latency-batches", type=positive_int, nargs="*", default=list(LATENCY_BATCHES),
+                   help="batch sizes timed (default 1 32; none: no timing)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed forward passes per batch size")
+    _add_common(p)
+
+    p = sub.add_parser("finetune", help="partial fine-tune of a model directory into a new one (resumable)")
+    p.add_argument("model", metavar="DIR", help="a model directory written by compress")
+    _add_data(p)
+    p.add_argument("--epochs", type=positive_int, required=True)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick checks)")
+    p.add_argument("--augment", action="store_true", help="timm's ImageNet training augmentation (default: none)")
+    p.add_argument("--devices", type=positive_int, default=1, help="processes; >1 runs DDP")
+    p.add_argument("--output", required=True, help="the new model directory (never the input)")
+    p.add_argument("--force", action="store_true", help="replace an existing model directory at --output")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="export a model directory (ONNX, dynamic batch axis)")
+    p.add_argument("model", metavar="DIR", help="a model directory")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--fold", action="store_true", help="fold low-rank Z into the factors (faster inference)")
+    p.add_argument("--quantized", choices=("dequantized", "qdq"), default="dequantized",
+                   help="quantized weights as float values, or (qdq) as uint8 codes feeding DequantizeLinear")
+    p.add_argument("--opset", type=positive_int, default=17)
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime against PyTorch")
+    p.add_argument("--quiet", action="store_true")
+    return {"compress": cmd_compress, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "export": cmd_export}
+
+
+# -------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Source:
+    """A loaded model and what travels with it."""
+
+    model: nn.Module
+    architecture: str
+    description: str
+    """For people: ``timm deit_small_patch16_224 (pretrained)``, ``directory out/deit-50``..."""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    """Preprocessing the weights carry (a directory's plan, a checkpoint's metadata); empty if none."""
+    carried_from: str = ""
+    """Where :attr:`preprocessing` came from."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """A model directory's plan metadata (empty for a timm name)."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """JSON-safe identity of the source, stored in the report."""
+
+
+def _suggest(name: str) -> str:
+    import timm
+
+    base = name.split(".")[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+
+
+def _checkpoint_preprocessing(path: Path) -> dict[str, Any]:
+    """Preprocessing a checkpoint carries: its safetensors metadata (keys ``mean``, ``std``, ``crop_pct``,
+    ``interpolation``, ``input_size``, JSON-encoded) and, beside it, a timm ``config.json`` (its ``pretrained_cfg``,
+    the hub's layout). The metadata wins."""
+    from safetensors import SafetensorError, safe_open
+
+    found: dict[str, Any] = {}
+    config = path.parent / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = {}
+        cfg = data.get("pretrained_cfg", data) if isinstance(data, dict) else {}
+        found.update({k: cfg[k] for k in (*USER_PREPROCESSING, "input_size") if isinstance(cfg, dict) and k in cfg})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return found  # load_checkpoint_ names the problem
+    for key in (*USER_PREPROCESSING, "input_size"):
+        if key in meta:
+            try:
+                found[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                found[key] = meta[key]  # a bare string such as bicubic
+    return found
+
+
+def _timm_source(args: argparse.Namespace) -> Source:
+    import timm
+
+    from lowrank_vit.harness.registry import ModelConfig
+    from lowrank_vit.harness.runner import SetupError, build_model, checkpoint_digest
+
+    name = args.model
+    if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
+        if any(ch in name for ch in "/\\") or name.startswith((".", "~")):
+            raise UserError(f"no model directory {name!r} (and it is not a timm model name)")
+        raise UserError(f"timm has no model {name!r}{_suggest(name)}")
+    kwargs = dict(args.model_kwargs)
+    carried: dict[str, Any] = {}
+    checkpoint = None
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise UserError(f"checkpoint {str(checkpoint)!r} does not exist: give --checkpoint a safetensors file")
+        carried = _checkpoint_preprocessing(checkpoint)
+    size = getattr(args, "input_size", None) or (_input_size_of(carried.get("input_size")))
+    if size is not None:
+        channels, height, width = size
+        kwargs.setdefault("img_size", height if height == width else [height, width])
+        if channels is not None:
+            kwargs.setdefault("in_chans", channels)
+    pretrained = not args.no_pretrained and checkpoint is None
+    cfg = ModelConfig("timm", name, pretrained=pretrained, kwargs=kwargs,
+                      checkpoint=None if checkpoint is None else str(checkpoint))
+    try:
+        model = build_model(cfg, progress=not args.quiet)
+    except SetupError as err:  # the weights: not downloadable, or a checkpoint that does not fit
+        message = str(err).replace("or use --scale smoke", "or give --no-pretrained or --checkpoint FILE")
+        raise UserError(message.replace("model.checkpoint=", "--checkpoint").replace(
+            "with these model.kwargs", "with these --model-kwargs")) from None
+    except (TypeError, RuntimeError) as err:  # bad kwargs, a pretrained tag timm does not have
+        raise UserError(f"cannot build timm model {name!r} with {kwargs}: {err}") from None
+    weights = "your checkpoint" if checkpoint else ("pretrained" if pretrained else "random weights")
+    record = {"timm_name": name, "model_kwargs": kwargs, "pretrained": pretrained,
+              "checkpoint": None if checkpoint is None else str(checkpoint),
+              "checkpoint_sha256": None if checkpoint is None else checkpoint_digest(checkpoint)}
+    return Source(model, name.split(".")[0], f"timm {name}, {weights}",
+                  {k: carried[k] for k in USER_PREPROCESSING if k in carried},
+                  f"checkpoint {checkpoint}" if carried else "", {}, record)
+
+
+def _input_size_of(value: Any) -> tuple[int | None, int, int] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1]), int(value[2])
+    return None
+
+
+def _directory_source(args: argparse.Namespace, directory: Path) -> Source:
+    from lowrank_vit.io.surgery import load_compressed, read_plan
+
+    if getattr(args, "checkpoint", None):
+        raise UserError("--checkpoint goes with a timm model name, not with a model directory")
+    if getattr(args, "model_kwargs", None):
+        raise UserError("--model-kwargs goes with a timm model name; a model directory knows its architecture")
+    plan = read_plan(directory)
+    model = load_compressed(directory)
+    metadata = plan.get("metadata") or {}
+    saved = metadata.get("preprocessing") or {}
+    return Source(model, plan["architecture"], f"directory {directory}",
+                  {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}, f"directory {directory}", metadata,
+                  {"directory": str(directory), "architecture": plan["architecture"],
+                   "from": metadata.get("source")})
+
+
+def load_source(args: argparse.Namespace) -> Source:
+    """The model MODEL names: a directory written by ``save_compressed``/``compress`` (local, or a hub repository
+    ``hf-hub:owner/name`` holding one), or a timm name (``hf-hub:`` names of timm's own repositories too)."""
+    from lowrank_vit.io.hub import download, is_hub_reference
+    from lowrank_vit.io.surgery import PLAN_FILE
+
+    if is_hub_reference(args.model):
+        try:
+            snapshot = download(args.model)
+        except FileNotFoundError:
+            snapshot = None  # not reachable as a model directory: timm may still know it (or say why not)
+        if snapshot is not None and (snapshot / PLAN_FILE).is_file():
+            return _directory_source(args, snapshot)
+        return _timm_source(args)
+    path = Path(args.model).expanduser()
+    if path.is_dir():
+        return _directory_source(args, path)
+    if path.exists():
+        raise UserError(f"{args.model!r} is a file: give a model directory, or a timm name with --checkpoint FILE")
+    return _timm_source(args)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+
+def user_preprocessing(args: argparse.Namespace) -> dict[str, Any]:
+    """The preprocessing fields given on the command line."""
+    given = {key: getattr(args, key, None) for key in USER_PREPROCESSING}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+
+
+def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The preprocessing in use (the user's flags, else what the weights carry, else timm's pretrained config, at the
+    model's own input size) and where each field came from.
+
+    Raises:
+        UserError: ``--input-size`` differs from what the model takes, or a field is invalid.
+    """
+    from lowrank_vit.stages.data import check_preprocessing, resolve_preprocessing
+
+    try:  # the data config's own rules, for the flags and for what a checkpoint or directory carries
+        user = check_preprocessing(user_preprocessing(args))
+        carried = check_preprocessing({k: v for k, v in source.preprocessing.items() if k in USER_PREPROCESSING})
+    except ValueError as err:
+        raise UserError(f"preprocessing: {err}") from None
+    pre = resolve_preprocessing(source.model, overrides={**carried, **user})
+    size = getattr(args, "input_size", None)
+    if size is not None:
+        channels, height, width = size
+        wanted = (channels or pre["input_size"][0], height, width)
+        if tuple(pre["input_size"]) != wanted:
+            raise UserError(f"the model takes {_shape(pre['input_size'])} images, --input-size asks for "
+                            f"{_shape(wanted)}: a model directory keeps its size (build a timm name at another "
+                            f"size with --input-size)")
+    origin = {}
+    for key in PREPROCESSING_KEYS:
+        if key == "input_size":
+            origin[key] = "model"
+        elif key in user:
+            origin[key] = "flag"
+        elif key in carried:
+            origin[key] = source.carried_from
+        else:
+            origin[key] = "timm config"
+    return {k: _plain(pre[k]) for k in PREPROCESSING_KEYS if k in pre}, origin
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _shape(size: Any) -> str:
+    return "x".join(str(int(v)) for v in size)
+
+
+def describe_preprocessing(pre: dict[str, Any], origin: dict[str, str]) -> str:
+    """One line: every field and where it came from."""
+    def numbers(values: Any) -> str:
+        return ",".join(f"{v:.4g}" for v in values)
+
+    parts = [f"input {_shape(pre['input_size'])} ({origin['input_size']})",
+             f"mean {numbers(pre['mean'])} ({origin['mean']})", f"std {numbers(pre['std'])} ({origin['std']})"]
+    for key in ("crop_pct", "interpolation"):
+        if key in pre:
+            parts.append(f"{key} {pre[key]} ({origin[key]})")
+    return "preprocessing: " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def default_workers() -> int:
+    """DataLoader workers that fit the machine: up to 4, leaving one core to the main process."""
+    return max(0, min(4, _cores() - 1))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, augment: bool = False,
+                 calib_samples: int = 1024) -> Any:
+    from lowrank_vit.stages.data_config import DataConfig, DataNotFoundError
+
+    workers = default_workers() if args.workers is None else args.workers
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    workers = min(workers, _cores())
+    path = Path(args.data).expanduser()
+    location: dict[str, Any]
+    if path.exists():
+        location = {"path": str(path)}
+    elif args.data.startswith(("/", ".", "~")):  # a path, not a hub name (owner/name)
+        raise DataNotFoundError(f"no data at {args.data!r}: give --data an image folder, parquet file(s) or a "
+                                f"Hugging Face dataset name")
+    else:
+        location = {"name": args.data}
+    channels, height, width = pre["input_size"]
+    if height != width:
+        raise UserError(f"the data loaders take square images; the model takes {height}x{width}")
+    return DataConfig(**location, image_column=args.image_column, label_column=args.label_column,
+                      train_split=args.train_split, val_split=args.val_split, batch_size=args.batch_size,
+                      num_workers=workers, calib_samples=calib_samples, img_size=height, in_chans=channels,
+                      augment=augment, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                      crop_pct=pre.get("crop_pct"), interpolation=pre.get("interpolation"))
+
+
+def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], **kwargs: Any) -> Any:
+    """The data module, loaded, with its class count checked against the model's head."""
+    from lowrank_vit.stages.data import build_datamodule
+
+    cfg = _data_config(args, pre, **kwargs)
+    dm = build_datamodule(cfg, model)
+    dm.setup()
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes != dm.num_classes:
+        raise UserError(f"the model has {classes} classes, {args.data!r} has {dm.num_classes}: give weights trained "
+                        f"on this data (--checkpoint) or a model built for it (--model-kwargs "
+                        f"'{{\"num_classes\": {dm.num_classes}}}')")
+    return dm
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first GPU if torch sees one, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+
+def _size_mib(model: nn.Module) -> float:
+    """Parameter storage in MiB: float32, quantized parameters at their bit width (Table 4's accounting)."""
+    from lowrank_vit.nn.quantize import model_size_mib
+
+    return model_size_mib(model, bits=32)
+
+
+def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
+    """Refuse an output that would overwrite something: any non-empty directory unless ``--force``, and even then
+    anything but a model directory (a user's other files are never replaced); ``protect`` (the input) never."""
+    from lowrank_vit.io.surgery import PLAN_FILE
+
+    if protect is not None and out.resolve() == protect.resolve():
+        raise UserError(f"--output {str(out)!r} is the input directory: give a new one (the input is never "
+                        f"overwritten)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {str(out)!r} is a file")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / PLAN_FILE).is_file():
+        raise UserError(f"--output {str(out)!r} holds other files and no model: choose another directory")
+    if not force:
+        raise UserError(f"--output {str(out)!r} already holds a model ({_describe_dir(out)}): give --force to "
+                        f"replace it, or another directory")
+
+
+def _describe_dir(directory: Path) -> str:
+    from lowrank_vit.io.surgery import read_plan
+
+    try:
+        plan = read_plan(directory)
+    except (OSError, ValueError):
+        return "unreadable"
+    source = (plan.get("metadata") or {}).get("source") or {}
+    return f"{plan['architecture']}" + (f" from {source.get('description')}" if source.get("description") else "")
+
+
+def _staging(out: Path, suffix: str) -> Path:
+    stage = out.parent / f".{out.name}.{suffix}"
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    return stage
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move the finished ``stage`` directory to ``out``; a previous model there is removed only once the new one is
+    in place (checked by :func:`check_output_dir`)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Weights and plan, report.json, the ranks figure and the model card, into ``stage``."""
+    from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE, plot_ranks, render_card
+    from lowrank_vit.io.surgery import save_compressed
+
+    save_compressed(model.cpu(), stage, metadata=json.loads(json.dumps(metadata, default=_json_default)))
+    _write_json(stage / REPORT_FILE, report)
+    plot_ranks(report, stage / RANKS_FIGURE)
+    (stage / CARD_FILE).write_text(render_card(report, report.get("name") or stage.name))
+
+
+def _layers(model: nn.Module, compression: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per-layer rows of the report: the compression's own where there is one."""
+    if compression and compression.get("layers"):
+        keys = ("name", "in_features", "out_features", "rank", "dense_params", "factored_params", "output_error")
+        return [{k: layer.get(k) for k in keys} for layer in compression["layers"]]
+    from lowrank_vit.nn.factorized import FactorizedLinear
+
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLinear):
+            rows.append({"name": name, "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+                         "dense_params": m.in_features * m.out_features,
+                         "factored_params": sum(p.numel() for n, p in m.named_parameters() if n != "bias")})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- compress
+
+
+def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
+    """The CompressionConfig of ``--recipe`` (a named recipe, or a decomposition with the paper's recipe around it:
+    greedy allocation on its own spectra, closed-form low-rank Z, as the comparison table runs them)."""
+    from lowrank_vit.config import RECIPES, CompressionConfig
+
+    if args.recipe in RECIPES:
+        fields = dict(RECIPES[args.recipe])
+    elif args.recipe == "loss_aware":
+        fields = dict(RECIPES["loss-aware"])
+    else:
+        fields = {**RECIPES["paper"], "decomposition": args.recipe}
+    try:
+        return CompressionConfig(reduction=args.reduction, target_params=args.target_params,
+                                 calib_samples=args.calib_samples, rank_multiple=args.rank_multiple,
+                                 device=str(device), progress=not args.quiet, **fields)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace, desc: str) -> dict[str, Any]:
+    from lowrank_vit.harness.runner import evaluate
+
+    return evaluate(model, dm.val_dataloader(), device, progress=not args.quiet, desc=desc)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_vit.nn.adapters import count_params
+    from lowrank_vit.pipeline import compress
+
+    device = resolve_device(args.device)
+    cfg = compression_config(args, device)  # bad options fail before anything is loaded
+    out = Path(args.output).expanduser()
+    check_output_dir(out, args.force)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    source = load_source(args)
+    pre, origin = resolve_model_preprocessing(source, args)
+    _say(args, describe_preprocessing(pre, origin))
+    model = source.model.to(device).eval()
+    dm = build_data(args, model, pre, calib_samples=args.calib_samples)
+    timings["load"] = time.perf_counter() - start
+    params_before, mib_before = count_params(model), _size_mib(model)
+    accuracy: dict[str, Any] = {}
+    if not args.no_eval:
+        start = time.perf_counter()
+        accuracy["before"] = _evaluate(model, dm, device, args, "evaluate dense")
+        timings["evaluate_before"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = compress(model, dm.calibration_dataloader(), cfg)
+    timings["compress"] = time.perf_counter() - start
+    if not args.no_eval:
+        start = time.perf_counter()
+        accuracy["after"] = _evaluate(model, dm, device, args, "evaluate compressed")
+        timings["evaluate_after"] = time.perf_counter() - start
+    compression = report.to_dict()
+    source_record = {**source.record, "description": source.description, "architecture": source.architecture}
+    summary = {
+        "name": out.name, "command": "compress", "source": source_record, "data": args.data,
+        "recipe": args.recipe, "preprocessing": pre, "preprocessing_origin": origin,
+        "params": {"before": params_before, "after": count_params(model)},
+        "size_mib": {"before": mib_before, "after": _size_mib(model)}, "reduction": report.reduction,
+        "calib_images": min(args.calib_samples, len(dm.calibration_indices)), "accuracy": accuracy,
+        "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
+        "compression": compression,
+    }
+    metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe, "num_classes": dm.num_classes,
+                "compression_config": cfg.to_dict()}
+    stage = _staging(out, f"partial-{os.getpid()}")
+    try:
+        write_model_dir(stage, model, summary, metadata)
+        publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    line = (f"{out}: {params_before:,} -> {summary['params']['after']:,} parameters "
+            f"(-{100 * report.reduction:.1f}%), {mib_before:.1f} -> {summary['size_mib']['after']:.1f} MiB")
+    if accuracy:
+        line += f", top-1 {accuracy['before']['top1']:.2f} -> {accuracy['after']['top1']:.2f}%"
+    print(line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_size: Any, batch: int, device: torch.device, repeats: int = 10) -> float:
+    """Median wall time of one forward pass on a random batch, in milliseconds (after two warm-up passes)."""
+    x = torch.randn(batch, *input_size, device=device)
+    model.eval()
+    for _ in range(2):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lowrank_vit.nn.adapters import count_params
+
+    device = resolve_device(args.device)
+    source = load_source(args)
+    pre, origin = resolve_model_preprocessing(source, args)
+    _say(args, describe_preprocessing(pre, origin))
+    model = source.model.to(device).eval()
+    dm = build_data(args, model, pre, calib_samples=1)  # no calibration here: do not draw (or warn about) a subset
+    metrics = _evaluate(model, dm, device, args, "evaluate")
+    result: dict[str, Any] = {"model": source.description, "data": args.data, **metrics,
+                              "params": count_params(model), "size_mib": _size_mib(model), "device": str(device),
+                              "latency_ms": {str(b): latency_ms(model, pre["input_size"], b, device, args.repeats)
+                                             for b in args.latency_batches},
+                              "preprocessing": pre}
+    if args.json:
+        print(json.dumps(result, default=_json_default))
+    else:
+        print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% "
+              f"({metrics['images']:,} images)")
+        print(f"parameters {result['params']:,}, {result['size_mib']:.2f} MiB")
+        for batch, ms in result["latency_ms"].items():
+            print(f"latency batch {batch}: {ms:.2f} ms on {device}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- finetune
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lowrank_vit.io.modelcard import REPORT_FILE
+    from lowrank_vit.nn.adapters import count_params
+    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+
+    directory = Path(args.model).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"no model directory {args.model!r}: finetune takes a directory written by compress")
+    out = Path(args.output).expanduser()
+    check_output_dir(out, args.force, protect=directory)
+    try:
+        config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    device = resolve_device(args.device)
+    args.model_kwargs, args.checkpoint = {}, None
+    source = _directory_source(args, directory)
+    pre, origin = resolve_model_preprocessing(source, args)
+    _say(args, describe_preprocessing(pre, origin))
+    model = source.model
+    dm = build_data(args, model, pre, augment=args.augment, calib_samples=1)  # no calibration in a fine-tune
+    stage = _staging(out, "partial")  # a fixed name: a second run resumes from its checkpoints
+    checkpoints = stage / "checkpoints"
+    if (checkpoints / "last.ckpt").is_file():
+        _say(args, f"resuming from {checkpoints / 'last.ckpt'}")
+    start = time.perf_counter()
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    strategy = "ddp" if args.devices > 1 else "auto"
+    try:
+        module, trainer = finetune(model, datamodule=dm, config=config, accelerator=accelerator, devices=args.devices,
+                                   strategy=strategy, checkpoint_dir=str(checkpoints), ckpt_path="last",
+                                   progress=not args.quiet)
+    except ValueError as err:  # PartialFinetune refuses a checkpoint of another model
+        if not checkpoints.is_dir():
+            raise
+        raise UserError(f"{checkpoints} holds checkpoints of another model: remove {stage} to start over "
+                        f"({err})") from None
+    if trainer.global_rank != 0:
+        return 0
+    seconds = time.perf_counter() - start
+    model = module.model.to(device).eval()
+    final = _evaluate(model, dm, device, args, "evaluate fine-tuned")
+    previous = _read_report(directory / REPORT_FILE)
+    accuracy = {**previous.get("accuracy", {}), "final": final}
+    report = {**previous, "name": out.name, "command": "finetune", "input": str(directory), "data": args.data,
+              "preprocessing": pre, "preprocessing_origin": origin, "accuracy": accuracy,
+              "params": {**previous.get("params", {}), "after": count_params(model)},
+              "finetune": {**config.to_dict(), "steps": int(trainer.global_step), "seconds": seconds,
+                           "augment": args.augment}}
+    report.setdefault("layers", _layers(model, None))
+    report.setdefault("source", {"description": source.description, "architecture": source.architecture})
+    metadata = {**source.metadata, "preprocessing": pre, "finetune": report["finetune"]}
+    write_model_dir(stage, model, report, metadata)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # Lightning checkpoints are pickles: none left in a model dir
+    publish(stage, out)
+    print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
+          f"(top-5 {final['top5']:.2f}%, {final['images']:,} images)")
+    return 0
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowrank_vit.io.export import export_onnx, onnx_logits
+
+    directory = Path(args.model).expanduser()
+    if not directory.is_dir():
+        raise UserError(f"no model directory {args.model!r}: export takes a directory written by compress")
+    out = Path(args.output).expanduser()
+    if out.is_dir():
+        raise UserError(f"--output {str(out)!r} is a directory: give the .onnx file to write")
+    if out.exists() and not args.force:
+        raise UserError(f"--output {str(out)!r} exists: give --force to replace it")
+    args.model_kwargs, args.checkpoint = {}, None
+    source = _directory_source(args, directory)
+    pre, origin = resolve_model_preprocessing(source, args)
+    _say(args, describe_preprocessing(pre, origin))
+    input_size = tuple(int(v) for v in pre["input_size"])
+    try:
+        export_onnx(source.model, out, input_size, fold=args.fold, opset=args.opset, quantized=args.quantized,
+                    metadata={"lowrank_vit.preprocessing": json.dumps(pre)})
+    except RuntimeError as err:
+        raise UserError(str(err)) from None
+    line = f"{out}: {out.stat().st_size / 2**20:.2f} MiB, input images (N, {', '.join(map(str, input_size))})"
+    if not args.no_check:
+        images = torch.randn(3, *input_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = source.model.float().eval()(images)
+        error = float((onnx_logits(out, images) - expected).norm() / expected.norm().clamp_min(1e-12))
+        line += f", onnxruntime vs PyTorch relative error {error:.2e} at batch 3"
+    print(line)
+    return 0
+
+
+__all__ = ["UserError", "add_user_commands", "check_output_dir", "cmd_compress", "cmd_evaluate", "cmd_export",
+           "cmd_finetune", "default_workers", "describe_preprocessing", "latency_ms", "load_source", "publish",
+           "resolve_model_preprocessing"]

@@ -1,0 +1,229 @@
+"""Model surgery: the one layer-swap walk, and save/load of compressed models (safetensors + a JSON plan).
+
+A saved model is a directory with ``model.safetensors`` (every tensor; quantized parameters as integer codes plus
+per-channel scale and zero point) and ``lowrank_vit.json`` (how to rebuild the dense timm model, and the spec of every
+factorized layer and, for COMCAT, of every factorized attention module). Nothing is pickled; loading never executes
+code from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank_vit.core.common import atomic_write
+from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, set_submodule
+from lowrank_vit.nn.comcat import FactorizedAttention
+from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ
+from lowrank_vit.nn.quantize import QUANT_ATTR, QuantizedTensor, quantization_record, quantize_tensor
+
+FORMAT = "lowrank_vit"
+FORMAT_VERSION = 1
+PLAN_FILE = "lowrank_vit.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def swap_layers(model: nn.Module, build: Callable[[str, nn.Module], nn.Module | None],
+                layer_filter: Callable[[str, nn.Module], bool]) -> list[str]:
+    """Replace every module for which ``layer_filter(fqn, module)`` holds by ``build(fqn, module)``.
+
+    ``build`` may return ``None`` to keep a module. Candidates are collected before any replacement, so a new module
+    is never visited. Returns the names of the replaced modules.
+    """
+    candidates = [(fqn, m) for fqn, m in model.named_modules() if fqn and layer_filter(fqn, m)]
+    replaced = []
+    for fqn, module in candidates:
+        new = build(fqn, module)
+        if new is not None:
+            set_submodule(model, fqn, new)
+            replaced.append(fqn)
+    return replaced
+
+
+def fold_lowrank_z_(model: nn.Module) -> list[str]:
+    """Fold, in place, every factorized layer's low-rank Z into its factors: ``(x U) V^T + (x G) Y^T =
+    x [U G] [V Y]^T``. The same function and the same parameter count with two thin products per layer instead of
+    four, which is faster at inference (benchmarks/README.md). Meant for deployment after fine-tuning (the folded
+    layer no longer tells Z from U V^T); quantize after folding, not before. Returns the folded layers' names.
+
+    Raises:
+        ValueError: the model is already quantized.
+    """
+    if quantization_record(model):
+        raise ValueError("fold_lowrank_z_ needs an unquantized model: fold first, then quantize")
+
+    def fold(fqn: str, layer: nn.Module) -> nn.Module | None:
+        if not isinstance(layer.z, LowRankZ):
+            return None
+        U = torch.cat([layer.U.detach(), layer.z.G.detach().to(layer.U.dtype)], dim=1)
+        V = torch.cat([layer.V.detach(), layer.z.Y.detach().to(layer.V.dtype)], dim=1)
+        return FactorizedLinear.from_factors(U, V, None if layer.bias is None else layer.bias.detach())
+
+    return swap_layers(model, fold, lambda _, module: isinstance(module, FactorizedLinear))
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
+                    push_to_hub: str | None = None, token: str | None = None) -> Path:
+    """Write ``model`` to the directory ``path`` (created if needed; its other files are left alone).
+
+    Args:
+        model: a timm model, usually compressed by :func:`lowrank_vit.compress`.
+        path: output directory.
+        model_name: timm architecture to rebuild from; default, read from the model's ``pretrained_cfg``.
+        model_kwargs: ``timm.create_model`` arguments; default, read from the model's structure by the adapter.
+        metadata: any JSON-serializable extra (e.g. the CompressionReport), stored in the plan.
+        push_to_hub: also upload the directory to this Hugging Face hub repository (``owner/name``, created if
+            needed; :func:`lowrank_vit.io.hub.push`), with ``token`` (default: ``HF_TOKEN`` or the saved login).
+    """
+    adapter = get_adapter(model)
+    spec = adapter.model_spec(model) if model_name is None or model_kwargs is None else None
+    architecture = model_name or spec.architecture
+    kwargs = model_kwargs if model_kwargs is not None else spec.kwargs
+    layers = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    attention = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedAttention)}
+    record = quantization_record(model)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in record:
+            q = quantize_tensor(tensor, record[name]["bits"], record[name]["axis"])
+            tensors[f"{name}:codes"] = q.codes
+            tensors[f"{name}:scale"] = q.scale
+            tensors[f"{name}:zero_point"] = q.zero_point
+        else:
+            tensors[name] = tensor.detach()
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    plan = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture, "model_kwargs": kwargs,
+            "layers": layers, "quantization": record, "metadata": metadata or {}}
+    if attention:  # COMCAT's factorized attention modules (older plans have no such key)
+        plan["attention"] = attention
+    try:
+        plan_text = json.dumps(plan, indent=2)  # before touching the directory: a bad metadata must not cost data
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save_compressed: metadata is not JSON-serializable: {exc}") from None
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(out / PLAN_FILE, lambda tmp: tmp.write_text(plan_text))
+    if push_to_hub is not None:
+        from lowrank_vit.io.hub import push
+
+        push(out, push_to_hub, token=token)
+    return out
+
+
+def read_plan(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON plan of a saved model, validated; raises a ValueError that names the problem."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no saved model at {directory}: not a directory")
+    plan_file = directory / PLAN_FILE
+    if not plan_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a lowrank_vit model directory: {PLAN_FILE} is missing")
+    try:
+        plan = json.loads(plan_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{plan_file} is corrupted: {exc}") from None
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        raise ValueError(f"{plan_file} is not a lowrank_vit plan (format field missing or wrong)")
+    if plan.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{plan_file} has format version {plan.get('version')}, this library reads {FORMAT_VERSION}")
+    for key, kind in (("architecture", str), ("model_kwargs", dict), ("layers", dict), ("quantization", dict)):
+        if not isinstance(plan.get(key), kind):
+            raise ValueError(f"{plan_file} is malformed: {key!r} is missing or not a {kind.__name__}")
+    for fqn, spec in plan["layers"].items():
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(f), int) and not isinstance(spec.get(f), bool)
+                                                 for f in ("in_features", "out_features", "rank")):
+            raise ValueError(f"{plan_file} is malformed: layer {fqn} needs integer in_features, out_features, rank")
+        z = spec.get("z")
+        if z is not None and not isinstance(z, dict):
+            raise ValueError(f"{plan_file} is malformed: layer {fqn} has a bad 'z' entry")
+    attention = plan.get("attention", {})
+    if not isinstance(attention, dict) or not all(isinstance(spec, dict) for spec in attention.values()):
+        raise ValueError(f"{plan_file} is malformed: 'attention' must map module names to specs")
+    return plan
+
+
+def plan_file_of(directory: Path) -> Path:
+    return directory / PLAN_FILE
+
+
+def load_compressed(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    cache_dir: str | os.PathLike | None = None, token: str | None = None) -> nn.Module:
+    """Rebuild the timm model saved by :func:`save_compressed`, with its factorized layers, in eval mode.
+
+    ``path`` is a directory or a hub reference ``hf-hub:owner/name[@revision]``, fetched into the Hugging Face cache
+    (``cache_dir``, default its own) with ``token`` by :func:`lowrank_vit.io.hub.download`.
+    """
+    from lowrank_vit.io.hub import download, is_hub_reference
+
+    directory = download(path, cache_dir=cache_dir, token=token) if is_hub_reference(path) else Path(path)
+    plan = read_plan(directory)
+    weights_file = directory / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{directory} is incomplete: {WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(str(weights_file), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights_file} is corrupted or not a safetensors file: {exc}") from None
+
+    adapter = TimmViTAdapter()
+    try:
+        model = adapter.build(ModelSpec(plan["architecture"], plan["model_kwargs"]))
+    except Exception as exc:  # timm raises RuntimeError/TypeError/... for unknown names or bad kwargs
+        raise ValueError(f"cannot rebuild timm model {plan['architecture']!r} with {plan['model_kwargs']}: {exc}") \
+            from None
+    for fqn, spec in plan["layers"].items():
+        try:
+            old = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"saved layer {fqn} does not exist in {plan['architecture']}: mismatched model") from None
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"],
+                                                                                         spec["out_features"]):
+            raise ValueError(f"saved layer {fqn} ({spec['in_features']}->{spec['out_features']}) does not match "
+                             f"{old} in {plan['architecture']}: mismatched model")
+        try:
+            set_submodule(model, fqn, FactorizedLinear.from_spec(spec))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{plan_file_of(directory)} is malformed: layer {fqn}: {exc}") from None
+    for fqn, spec in plan.get("attention", {}).items():
+        try:
+            old = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"saved attention {fqn} does not exist in {plan['architecture']}: mismatched model") \
+                from None
+        set_submodule(model, fqn, FactorizedAttention.from_spec_like(old, spec, fqn))  # validates, names problems
+
+    record = plan.get("quantization") or {}
+    for name, info in record.items():
+        try:
+            q = QuantizedTensor(tensors.pop(f"{name}:codes"), tensors.pop(f"{name}:scale"),
+                                tensors.pop(f"{name}:zero_point"), info["axis"])
+        except KeyError:
+            raise ValueError(f"{weights_file} lacks the quantized codes of {name}: corrupted or mismatched") from None
+        tensors[name] = q.dequantize()
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not match the plan's model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights_file}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(expected[name].shape)}: mismatched model")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_file}: {name} contains NaN or inf")
+    model.load_state_dict(tensors, strict=True)
+    if record:
+        setattr(model, QUANT_ATTR, dict(record))
+    return model.to(map_location).eval()

@@ -1,0 +1,178 @@
+"""Where the compressible layers of a timm vision transformer are. Nothing else in the package knows module paths.
+
+A *block* is any module with an ``attn`` child and an ``mlp`` child (timm's ViT, DeiT, distilled DeiT, Swin, and
+most of their relatives). Inside a block the attention projections (``qkv``, or ``q``/``k``/``v``, and ``proj``)
+and the MLP layers (``fc1``, ``fc2``) are compressible when they are plain ``nn.Linear`` modules. Everything else
+(patch embedding, norms, positional embedding, class/distillation tokens, Swin's patch merging, heads) is untouched.
+Dispatch is on module structure and layer names, never on the model's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ATTENTION_LINEARS = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "proj")
+MLP_LINEARS = ("fc1", "fc2")
+
+
+def is_block(module: nn.Module) -> bool:
+    children = dict(module.named_children())
+    return "attn" in children and "mlp" in children
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild the dense model with timm: ``timm.create_model(architecture, pretrained=False, **kwargs)``."""
+
+    architecture: str
+    kwargs: dict[str, Any]
+
+
+class TimmViTAdapter:
+    """The one adapter for timm's ViT family (ViT, DeiT, distilled DeiT, Swin)."""
+
+    def compressible_layers(self, model: nn.Module, include_factorized: bool = False) -> dict[str, nn.Module]:
+        """Fully qualified name -> layer, in forward order, for every compressible linear of every block.
+
+        Args:
+            model: a timm vision transformer.
+            include_factorized: also return layers already replaced by a factorized layer.
+        """
+        from lowrank_vit.nn.factorized import FactorizedLinear
+
+        wanted: tuple[type, ...] = (nn.Linear, FactorizedLinear) if include_factorized else (nn.Linear,)
+        layers: dict[str, nn.Module] = {}
+        for block_name, block in model.named_modules():
+            if not is_block(block):
+                continue
+            for part, names in (("attn", ATTENTION_LINEARS), ("mlp", MLP_LINEARS)):
+                parent = getattr(block, part)
+                for name in names:
+                    layer = getattr(parent, name, None)
+                    if isinstance(layer, wanted):
+                        prefix = f"{block_name}." if block_name else ""
+                        layers[f"{prefix}{part}.{name}"] = layer
+        return layers
+
+    def attention_modules(self, model: nn.Module, include_factorized: bool = False) -> dict[str, nn.Module]:
+        """Fully qualified name -> ``attn`` module of every block that computes q, k, v with one fused ``qkv``
+        linear and its output with ``proj`` (what COMCAT replaces as a whole), in forward order.
+
+        Args:
+            model: a timm vision transformer.
+            include_factorized: also return attention modules already replaced by a ``FactorizedAttention``.
+        """
+        from lowrank_vit.nn.comcat import FactorizedAttention
+
+        modules: dict[str, nn.Module] = {}
+        for block_name, block in model.named_modules():
+            if not is_block(block):
+                continue
+            attn = block.attn
+            fused = isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None),
+                                                                                     nn.Linear)
+            if fused or (include_factorized and isinstance(attn, FactorizedAttention)):
+                modules[f"{block_name}.attn" if block_name else "attn"] = attn
+        return modules
+
+    def model_spec(self, model: nn.Module) -> ModelSpec:
+        """Read the timm architecture name and the constructor arguments that shape its parameters."""
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        architecture = cfg.get("architecture")
+        if not architecture:
+            raise ValueError(
+                "cannot tell which timm architecture this model is (no pretrained_cfg['architecture']); "
+                "pass model_name= and model_kwargs= to save_compressed"
+            )
+        kwargs: dict[str, Any] = {}
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is not None:
+            if getattr(patch_embed, "img_size", None) is not None:
+                kwargs["img_size"] = list(patch_embed.img_size)
+            if getattr(patch_embed, "patch_size", None) is not None:
+                kwargs["patch_size"] = int(patch_embed.patch_size[0])
+            proj = getattr(patch_embed, "proj", None)
+            if isinstance(proj, nn.Conv2d):
+                kwargs["in_chans"] = proj.in_channels
+        if hasattr(model, "num_classes"):
+            kwargs["num_classes"] = int(model.num_classes)
+        if hasattr(model, "global_pool") and isinstance(model.global_pool, str):
+            kwargs["global_pool"] = model.global_pool
+        blocks = [m for m in model.modules() if is_block(m)]
+        if not blocks:
+            return ModelSpec(architecture, kwargs)
+        first_qkv = getattr(blocks[0].attn, "qkv", None)
+        if hasattr(model, "layers") and hasattr(model, "num_layers"):  # Swin: stages of blocks
+            stages = list(model.layers)
+            kwargs["embed_dim"] = int(stages[0].blocks[0].norm1.normalized_shape[0])
+            kwargs["depths"] = [len(stage.blocks) for stage in stages]
+            kwargs["num_heads"] = [int(stage.blocks[0].attn.num_heads) for stage in stages]
+            kwargs["window_size"] = int(stages[0].blocks[0].window_size[0])
+        else:
+            dim = int(blocks[0].norm1.normalized_shape[0])
+            kwargs["embed_dim"] = dim
+            kwargs["depth"] = len(blocks)
+            kwargs["num_heads"] = int(blocks[0].attn.num_heads)
+            if hasattr(model, "cls_token"):
+                kwargs["class_token"] = model.cls_token is not None
+            if hasattr(model, "num_reg_tokens"):
+                kwargs["reg_tokens"] = int(model.num_reg_tokens)
+            if hasattr(model, "no_embed_class"):
+                kwargs["no_embed_class"] = bool(model.no_embed_class)
+        fc1 = blocks[0].mlp.fc1
+        kwargs["mlp_ratio"] = fc1.out_features / fc1.in_features
+        if first_qkv is not None:  # nn.Linear or FactorizedLinear: both keep the bias as ``bias``
+            kwargs["qkv_bias"] = first_qkv.bias is not None
+        # Options that add or remove parameters; their values are overwritten by the saved weights anyway.
+        if hasattr(blocks[0], "ls1") and hasattr(blocks[0].ls1, "gamma"):
+            kwargs["init_values"] = 1e-5
+        if not isinstance(getattr(blocks[0].attn, "q_norm", nn.Identity()), nn.Identity):
+            kwargs["qk_norm"] = True
+        if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
+            kwargs["pre_norm"] = True
+        if not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity):
+            kwargs["fc_norm"] = True
+        if hasattr(model, "pos_embed") and model.pos_embed is None and "depths" not in kwargs:
+            kwargs["pos_embed"] = "none"
+        return ModelSpec(architecture, kwargs)
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        import timm
+
+        return timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
+
+
+def get_adapter(model: nn.Module) -> TimmViTAdapter:
+    """The adapter for ``model``; raises if the model has no compressible layer at all."""
+    adapter = TimmViTAdapter()
+    if not adapter.compressible_layers(model, include_factorized=True):
+        raise ValueError(
+            f"{type(model).__name__} has no compressible layer: expected blocks with attn.qkv/attn.proj and "
+            "mlp.fc1/mlp.fc2 nn.Linear layers (timm ViT, DeiT or Swin)"
+        )
+    return adapter
+
+
+def set_submodule(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (every parameter, trainable or not; shared tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def first_param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())

@@ -1,0 +1,2 @@
+"""The Lightning side: data modules, the partial fine-tune, the layer-wise compensation, logging, and their configs
+(importable without Lightning)."""

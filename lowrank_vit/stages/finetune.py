@@ -1,0 +1,357 @@
+"""Partial fine-tuning of a compressed model (paper Section 4.1, item 5) as a Lightning stage.
+
+The paper fine-tunes "the uncompressed parameters of the model, including the LayerNorm parameters, head, biases, and
+the patch embedding module" for 20 epochs at lr 1e-4 with a cosine schedule, "almost 2% of the network parameters",
+while the weight matrices (here U, V and Z) stay frozen. :func:`freeze_for_partial_finetune` is that choice, made
+explicit in one function:
+
+* trained: the parameters of every normalization module (LayerNorm and timm's other norms), every bias (a parameter
+  named ``bias`` or ``*_bias``, the factorized layers' biases included), the classifier head(s) (timm's
+  ``pretrained_cfg["classifier"]``: ``head``, distilled DeiT's ``head_dist``, Swin's ``head.fc``) and the whole patch
+  embedding module;
+* frozen: U, V and Z of every factorized layer, any linear left dense inside the blocks, Swin's patch merging
+  reductions and relative position bias tables (a table of attention logits, not a bias of a layer), and the
+  positional embedding and class/distillation tokens. The paper's list does not name the tokens; ``train_tokens=True``
+  adds them (DeiT-B: 152,064 more parameters).
+
+Distilled DeiT (timm's ``VisionTransformerDistilled``): the model is put in distilled-training mode, so in training
+it returns (class-head logits, distillation-head logits). Without a teacher both heads learn the labels and the loss
+is the mean of their cross-entropies (DeiT's hard-distillation loss with the true labels standing in for the
+teacher's); with a ``teacher`` the distillation head learns the teacher's argmax (DeiT's hard distillation). In
+evaluation the model returns the average of the two heads' logits, as timm does, and accuracy is measured on that.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_labels, warmup_cosine
+from lowrank_vit.core.progress import lightning_progress_callbacks
+from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.nn.factorized import FactorizedLinear
+from lowrank_vit.stages.finetune_config import FinetuneConfig
+
+_TOKEN_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    if hasattr(nn, "RMSNorm"):
+        norm_types = norm_types + (nn.RMSNorm,)
+    return isinstance(module, norm_types) or type(module).__name__.lower().endswith("norm") or \
+        type(module).__name__.endswith(("Norm2d", "NormAct", "NormAct2d"))
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier")
+    names = [names] if isinstance(names, str) else list(names or [])
+    names = [n for n in names if _has_submodule(model, n)]
+    if not names:
+        names = [n for n in ("head", "head_dist", "fc", "classifier") if _has_submodule(model, n)]
+    return names
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def has_factorized_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds at least one :class:`FactorizedLinear` (i.e. was compressed)."""
+    return any(isinstance(m, FactorizedLinear) for m in model.modules())
+
+
+def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
+                                require_factorized: bool = True) -> dict[str, Any]:
+    """Set ``requires_grad`` for the paper's partial fine-tuning and count what trains. Changes nothing else.
+
+    Args:
+        model: a compressed timm ViT, DeiT or Swin.
+        train_tokens: also train the positional embedding and the class/distillation/register tokens (not in the
+            paper's list; see the module docstring).
+        require_factorized: raise when the model has no factorized layer (default). ``False`` allows counting a
+            dense model's fraction for reference.
+
+    Returns:
+        ``{"trainable": int, "total": int, "fraction": float, "groups": {"head": n, "patch_embed": n, "norm": n,
+        "bias": n, "tokens": n}}``; every trainable parameter is counted in the first group that claims it.
+
+    Raises:
+        ValueError: the model holds no :class:`FactorizedLinear` (and ``require_factorized``).
+    """
+    if require_factorized and not has_factorized_layers(model):
+        raise ValueError(f"{type(model).__name__} has no factorized (U V^T + Z) layer: partial fine-tuning trains only "
+                         "norms, biases, head and patch embedding of a compressed model. Compress it first "
+                         "(lowrank_vit.compress) or load a compressed one (lowrank_vit.load_compressed).")
+    groups: dict[str, set[int]] = {"head": set(), "patch_embed": set(), "norm": set(), "bias": set(), "tokens": set()}
+    for name in _classifier_names(model):
+        groups["head"].update(id(p) for p in model.get_submodule(name).parameters())
+    patch_embed = getattr(model, "patch_embed", None)
+    if isinstance(patch_embed, nn.Module):
+        groups["patch_embed"].update(id(p) for p in patch_embed.parameters())
+    for module in model.modules():
+        if _is_norm(module):
+            groups["norm"].update(id(p) for p in module.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias" or leaf.endswith("_bias"):
+            groups["bias"].add(id(p))
+        if train_tokens and leaf in _TOKEN_NAMES and "." not in name:
+            groups["tokens"].add(id(p))
+
+    counts = dict.fromkeys(groups, 0)
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        group = next((g for g, ids in groups.items() if id(p) in ids), None)
+        p.requires_grad_(group is not None)
+        if group is not None:
+            counts[group] += p.numel()
+    trainable, total = sum(counts.values()), count_params(model)
+    return {"trainable": trainable, "total": total, "fraction": trainable / total, "groups": counts}
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a batch: an ``(images, labels)`` pair or a dict with image and label keys."""
+    images, labels = batch_images(batch), batch_labels(batch)
+    if isinstance(batch, torch.Tensor) or images is None or labels is None:
+        raise TypeError(f"a fine-tuning batch must be an (images, labels) pair or a dict with an image key "
+                        f"{IMAGE_KEYS} and a label key {LABEL_KEYS}, got {type(batch).__name__}")
+    return images, labels
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What a fine-tuning checkpoint must agree on with the model it is loaded into."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {"architecture": cfg.get("architecture", type(model).__name__),
+            "layers": {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedLinear)}}
+
+
+class PartialFinetune(L.LightningModule):
+    """Fine-tunes a compressed model's norms, biases, head(s) and patch embedding (Section 4.1, item 5).
+
+    AdamW over the trainable parameters only, learning rate per step on a (warm-up +) cosine schedule spanning the
+    whole run, cross-entropy; logs ``train/loss``, ``val/loss``, ``val/top1``, ``val/top5`` (and ``test/*``) with
+    torchmetrics (top-5 becomes top-``num_classes`` for fewer than 5 classes).
+    """
+
+    def __init__(self, model: nn.Module, config: FinetuneConfig | None = None, *,
+                 teacher: nn.Module | None = None) -> None:
+        """Args:
+            model: the compressed timm model (frozen here as :func:`freeze_for_partial_finetune` says).
+            config: the settings; default :class:`FinetuneConfig()`.
+            teacher: optional frozen teacher for distilled DeiT's distillation head (hard distillation).
+
+        Raises:
+            ValueError: the model has no factorized layer, or fewer than 2 classes.
+        """
+        super().__init__()
+        self.config = config or FinetuneConfig()
+        self.model = model
+        self.trainable = freeze_for_partial_finetune(model, train_tokens=self.config.train_tokens)
+        num_classes = getattr(model, "num_classes", None)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"the model must be a classifier with at least 2 classes (num_classes={num_classes!r})")
+        self.num_classes = num_classes
+        self.distilled = callable(getattr(model, "set_distilled_training", None)) and \
+            isinstance(getattr(model, "head_dist", None), nn.Module)
+        if self.distilled:
+            model.set_distilled_training(True)
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
+        top5 = min(5, num_classes)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5)
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5)
+        self._fingerprint = model_fingerprint(model)
+        self.save_hyperparameters({"finetune": self.config.to_dict(), "model": self._fingerprint["architecture"],
+                                   "trainable_params": self.trainable["trainable"],
+                                   "total_params": self.trainable["total"],
+                                   "trainable_fraction": self.trainable["fraction"],
+                                   "trainable_groups": self.trainable["groups"], "distilled": self.distilled,
+                                   "teacher": teacher is not None})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+
+    def _train_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(images)
+        smoothing = self.config.label_smoothing
+        if isinstance(out, tuple):  # distilled DeiT in training: (class head, distillation head)
+            logits, logits_dist = out
+            if self._teacher:
+                with torch.no_grad():
+                    teacher_out = self._teacher[0](images)
+                    teacher_out = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out
+                dist_target = teacher_out.argmax(dim=-1)
+            else:
+                dist_target = labels
+            loss = 0.5 * nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing) + \
+                0.5 * nn.functional.cross_entropy(logits_dist, dist_target, label_smoothing=smoothing)
+            return loss, (logits + logits_dist).detach() / 2
+        return nn.functional.cross_entropy(out, labels, label_smoothing=smoothing), out.detach()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = split_batch(batch)
+        loss, logits = self._train_loss(images, labels)
+        self.train_top1(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.shape[0],
+                 sync_dist=True)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        images, labels = split_batch(batch)
+        logits = self(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
+        top1(logits, labels)
+        top5(logits, labels)
+        n = labels.shape[0]
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/top1", top1, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/top5", top5, on_epoch=True, batch_size=n)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _teacher_to_device(self) -> None:
+        for teacher in self._teacher:
+            teacher.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._teacher_to_device()
+        # Lightning keeps submodules in the mode it finds them; a model handed over in eval mode would otherwise
+        # train with eval behaviour (no dropout, and distilled DeiT returning the averaged heads). Validation still
+        # switches to eval and back.
+        self.model.train()
+
+    def on_validation_start(self) -> None:
+        self._teacher_to_device()
+
+    def on_test_start(self) -> None:
+        self._teacher_to_device()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to fine-tune: no parameter requires a gradient")
+        decay = [p for p in params if p.ndim >= 2 and cfg.weight_decay > 0]
+        no_decay = [p for p in params if not (p.ndim >= 2 and cfg.weight_decay > 0)]
+        groups = [{"params": no_decay, "weight_decay": 0.0}]
+        if decay:
+            groups.append({"params": decay, "weight_decay": cfg.weight_decay})
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        if not 0 < total < 2**62:
+            raise ValueError("the fine-tuning needs a finite number of steps (set max_epochs or max_steps)")
+        floor, warmup = cfg.min_lr / cfg.lr, cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup, floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lowrank_vit"] = self._fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written for another model, with a message that says how they differ."""
+        saved = checkpoint.get("lowrank_vit")
+        if not isinstance(saved, dict):
+            raise ValueError("this checkpoint was not written by lowrank_vit's PartialFinetune (no 'lowrank_vit' "
+                             "entry): cannot resume from it")
+        mine = self._fingerprint
+        if saved.get("architecture") != mine["architecture"]:
+            raise ValueError(f"the checkpoint is of a {saved.get('architecture')!r} model, this is a "
+                             f"{mine['architecture']!r}: wrong checkpoint")
+        if saved.get("layers") != mine["layers"]:
+            theirs, ours = saved.get("layers") or {}, mine["layers"]
+            diff = sorted(n for n in set(theirs) | set(ours) if theirs.get(n) != ours.get(n))
+            detail = "; ".join(f"{n}: checkpoint {json.dumps(theirs.get(n))}, model {json.dumps(ours.get(n))}"
+                               for n in diff[:3])
+            raise ValueError(f"the checkpoint was written for a model compressed differently ({len(diff)} factorized "
+                             f"layer(s) differ: {detail})")
+        state = checkpoint.get("state_dict") or {}
+        expected = self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad_shape = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+        if missing or unexpected or bad_shape:
+            raise ValueError(f"the checkpoint does not match this model: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}, shape mismatch {bad_shape[:3]}")
+
+
+def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: Any = None, *, datamodule: Any = None,
+             config: FinetuneConfig | None = None, teacher: nn.Module | None = None, logger: Any = None,
+             checkpoint_dir: str | None = None, ckpt_path: str | None = None, accelerator: str = "auto",
+             devices: Any = "auto", num_nodes: int = 1, strategy: Any = "auto", callbacks: list | None = None,
+             progress: bool = True, **trainer_kwargs: Any) -> tuple[PartialFinetune, L.Trainer]:
+    """Run the partial fine-tuning with a plain Lightning Trainer; the model is trained in place.
+
+    Args:
+        model: the compressed model.
+        train_dataloaders, val_dataloaders, datamodule: the data, as ``Trainer.fit`` takes it.
+        config: :class:`FinetuneConfig` (epochs, lr, ...).
+        teacher: optional teacher for distilled DeiT.
+        logger: a Lightning logger (e.g. :func:`lowrank_vit.stages.logging_utils.make_logger`) or None for none.
+        checkpoint_dir: write checkpoints there (every epoch, ``last.ckpt``, and every
+            ``config.checkpoint_every_n_steps`` steps if set); None writes none.
+        ckpt_path: resume from this checkpoint (``"last"``: the newest in ``checkpoint_dir``, a fresh start if
+            there is none). Epoch-end checkpoints resume exactly. From a mid-epoch one Lightning restarts the
+            interrupted epoch's data at its first batch while the step count, optimizer and schedule continue, so the
+            result differs from an uninterrupted run (measured in the tests). A stateful loader does not help here:
+            Lightning 2.6 drops its saved position when ``configure_optimizers`` reads
+            ``estimated_stepping_batches``, which the cosine schedule does.
+        accelerator, devices, num_nodes, strategy: as ``lightning.Trainer`` (``strategy="ddp"`` for multi-GPU,
+            SLURM or torchrun launches).
+        callbacks: extra callbacks.
+        progress: show the progress bar.
+        trainer_kwargs: any other ``lightning.Trainer`` argument (``max_steps``, ``limit_train_batches``, ...).
+
+    Returns:
+        The trained :class:`PartialFinetune` and its Trainer.
+    """
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+
+    cfg = config or FinetuneConfig()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = PartialFinetune(model, cfg, teacher=teacher)
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks += lightning_progress_callbacks(progress)
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="epoch{epoch:03d}", save_last=True,
+                                         save_top_k=-1, every_n_epochs=1, auto_insert_metric_name=False))
+        if cfg.checkpoint_every_n_steps:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:08d}", save_last=True,
+                                             save_top_k=1, every_n_train_steps=cfg.checkpoint_every_n_steps,
+                                             auto_insert_metric_name=False))
+    if logger is not None and logger is not False:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    options: dict[str, Any] = dict(max_epochs=cfg.epochs, accelerator=accelerator, devices=devices,
+                                   num_nodes=num_nodes, strategy=strategy,
+                                   logger=logger if logger is not None else False,  # False: no logger
+                                   enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=progress,
+                                   callbacks=callbacks)
+    if cfg.max_steps is not None:
+        options["max_steps"] = cfg.max_steps
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(**options)
+    trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders, datamodule=datamodule,
+                ckpt_path=ckpt_path)
+    return module, trainer

@@ -1,0 +1,74 @@
+"""The partial fine-tune's settings, importable without Lightning (the registry, the CLI's ``list``/``show``/``plan``
+and the experiment rows read them; only :mod:`lowrank_vit.stages.finetune` runs them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lowrank_vit.core.common import from_fields
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of the partial fine-tuning; defaults follow Section 4.1 where the paper gives a value."""
+
+    epochs: int = 20
+    """Training epochs (paper: 20)."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW (paper: 1e-4)."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the cosine decay (the paper names none)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the paper gives none); applied only to matrices (head, patch embedding), never to norms,
+    biases or tokens, as timm does."""
+    batch_size: int = 128
+    """Images per step per process, for whoever builds the data loaders (the paper gives none)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    train_tokens: bool = False
+    """Also train the positional embedding and class/distillation tokens (not in the paper's list)."""
+    seed: int = 0
+    """Seed passed to ``lightning.seed_everything`` by :func:`finetune`."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps even before ``epochs`` are done (the schedule spans them); None: run
+    every epoch. For quick checks (``--set finetune.max_steps=20``)."""
+    checkpoint_every_n_steps: int | None = None
+    """Checkpoint every n optimizer steps as well as at every epoch end (None: epoch ends only). A mid-epoch
+    checkpoint resumes the step count, optimizer and schedule but not the position in the data (see
+    :func:`finetune`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if self.checkpoint_every_n_steps is not None and (
+                isinstance(self.checkpoint_every_n_steps, bool) or not isinstance(self.checkpoint_every_n_steps, int)
+                or self.checkpoint_every_n_steps < 1):
+            raise ValueError(f"checkpoint_every_n_steps must be a positive integer or None, "
+                             f"got {self.checkpoint_every_n_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr must lie in [0, lr], got {self.min_lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        return from_fields(cls, data)
