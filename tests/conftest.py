@@ -54,3 +54,20 @@ def tiny_vit():
 def calib_batches():
     images = make_images(64)
     return [images[i: i + 16] for i in range(0, 64, 16)]
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``lowrank-vit ARGV`` in-process: (exit status, stdout, stderr)."""
+    from lowrank_vit.harness.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The CLI's error contract: exactly one non-empty line on stderr, no traceback, prefixed with the program."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("lowrank-vit")
+    return lines[0]

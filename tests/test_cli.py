@@ -13,6 +13,8 @@ import pytest
 
 from lowrank_vit.harness.cli import main
 
+from conftest import cli, one_line_error
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Random-weight stand-in (no pretraining), few calibration images, a few fine-tuning steps.
@@ -27,19 +29,6 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token, no cached weights
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("lowrank-vit")
-    return lines[0]
 
 
 def test_list_and_show(capsys):

@@ -16,6 +16,8 @@ import torch
 
 from lowrank_vit.harness.cli import main
 
+from conftest import cli, one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 # a timm model small enough for a plan in a second: its random weights come from torch's global generator
 TINY_TIMM = ["--set", "model.source=timm", "--set", "model.name=deit_tiny_patch16_224", "--set",
@@ -34,19 +36,6 @@ def _offline(monkeypatch, tmp_path):
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("lowrank-vit")
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------- closed pipes
