@@ -18,7 +18,7 @@ from typing import Any
 
 from lowrank_vit.config import CompressionConfig
 from lowrank_vit.data_config import DataConfig
-from lowrank_vit.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig
+from lowrank_vit.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig, RunOptions
 
 
 def _sections() -> dict[str, type]:
@@ -26,7 +26,7 @@ def _sections() -> dict[str, type]:
     from lowrank_vit.finetune_config import FinetuneConfig
 
     return {"model": ModelConfig, "data": DataConfig, "compression": CompressionConfig, "finetune": FinetuneConfig,
-            "quantization": QuantizationConfig, "hardware": HardwareConfig}
+            "quantization": QuantizationConfig, "hardware": HardwareConfig, "run": RunOptions}
 
 
 def _field_type(cls: type, name: str) -> Any:
