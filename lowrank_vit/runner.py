@@ -501,7 +501,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     _say(progress, f"{exp.name} [{scale}]: {exp.description}")
     params_before = count_params(model)
     result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
-                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before}
+                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before,
+                              "preprocessing": _preprocessing_record(dm.preprocessing)}
     rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
     logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
 
@@ -626,6 +627,13 @@ def check_dense_baseline(exp: Experiment, cfg: RunConfig, dense_top1: float) -> 
         f"synset order n01440764...n15075141, labels 0..999), wrong preprocessing (mean/std, crop_pct, "
         f"interpolation, input size), or wrong weights (model.checkpoint, model.name); stopped before compressing. "
         f"If this is intended, pass --set run.skip_baseline_guard=true")
+
+
+def _preprocessing_record(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The images the row's model was fed (size, normalization, resize and crop), recorded with its result: what
+    wrong preprocessing would show first."""
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items() if k in keys}
 
 
 def _mean(values: list[float]) -> float | None:
