@@ -221,8 +221,9 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
                    f"{100 * exp.reduction:.0f}%")
         _check("report" in result, "result.json lacks the compression report")
     if cfg.finetune is not None:
-        steps = (result.get("finetune") or {}).get("steps")
+        steps, world = ((result.get("finetune") or {}).get(k) for k in ("steps", "world_size"))
         _check(steps == settings.finetune_steps, f"the fine-tune ran {steps} steps, not {settings.finetune_steps}")
+        _check(world == settings.devices, f"the fine-tune ran in {world} process(es), not {settings.devices}")
         _check("compressed" in result, "no evaluation between compression and fine-tuning")
     if cfg.compression is None and cfg.quantization is None:
         _check(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
@@ -311,7 +312,9 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     check_data(model, dm)
 
     out = work / "results"
-    proc = subprocess.run(_run_command(exp, out, overrides, settings), check=False, capture_output=True, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # a rehearsal needs no network
+    proc = subprocess.run(_run_command(exp, out, overrides, settings), check=False, capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise RehearsalError(f"`lowrank-vit run` exited with {proc.returncode}: {lines[-1] if lines else '?'}")
@@ -324,13 +327,13 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     return note
 
 
-def rehearse(pattern: str, settings: RehearsalSettings, *, keep: str | os.PathLike | None = None,
+def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: str | os.PathLike | None = None,
              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Rehearse every row matching ``pattern``; one line per row through ``echo``. Returns each row's outcome
-    (``name``, ``ok``, ``message``, ``seconds``).
+    """Rehearse every row matching one of ``patterns`` (each row once); one line per row through ``echo``. Returns
+    each row's outcome (``name``, ``ok``, ``message``, ``seconds``).
 
     Raises:
-        ValueError: no row matches, or an unknown layout.
+        ValueError: a pattern matches no row, or an unknown layout.
     """
     from lowrank_vit.registry import list_experiments
 
@@ -339,11 +342,14 @@ def rehearse(pattern: str, settings: RehearsalSettings, *, keep: str | os.PathLi
     import datasets
 
     datasets.disable_progress_bars()  # the rows' lines are the output
-    exps = list_experiments(pattern)
-    if not exps:
-        raise ValueError(f"no experiment matches {pattern!r}")
+    exps: dict[str, Any] = {}
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matched = list_experiments(pattern)
+        if not matched:
+            raise ValueError(f"no experiment matches {pattern!r}")
+        exps.update((e.name, e) for e in matched)
     outcomes = []
-    for exp in exps:
+    for exp in exps.values():
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="rehearse-", dir=keep) as tmp:
             try:
@@ -363,7 +369,8 @@ def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
 
     p = sub.add_parser("rehearse", help="run rows' full-scale configs on a CPU with random weights and generated "
                                         "data, cut to a few steps; one line per row, ok or what broke")
-    p.add_argument("pattern", help="a row name, shell pattern or prefix, e.g. 'table2/deit_s/*' or table4")
+    p.add_argument("patterns", nargs="+", metavar="NAME_OR_PATTERN",
+                   help="row names, shell patterns or prefixes, e.g. 'table2/deit_s/*' or table4")
     p.add_argument("--layout", choices=list(LAYOUTS), default="hub-parquet", help="the generated ImageNet layout")
     p.add_argument("--devices", type=positive_int, default=1, help="CPU processes per row (>1: DDP)")
     p.add_argument("--depth", type=positive_int,
@@ -375,7 +382,7 @@ def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
 
 def _cmd_rehearse(args: argparse.Namespace) -> int:
     settings = RehearsalSettings(layout=args.layout, devices=args.devices, depth=args.depth)
-    outcomes = rehearse(args.pattern, settings, keep=args.workdir, echo=lambda line: print(line, flush=True))
+    outcomes = rehearse(args.patterns, settings, keep=args.workdir, echo=lambda line: print(line, flush=True))
     failed = [o["name"] for o in outcomes if not o["ok"]]
     total = sum(o["seconds"] for o in outcomes)
     print(f"rehearse: {len(outcomes) - len(failed)} of {len(outcomes)} row(s) ok in {total:.0f} s"
