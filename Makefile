@@ -12,11 +12,13 @@ TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_WAIT_POLICY=PASSIVE
 # ARGS passes more options, e.g. ARGS="--devices 8 --wandb online".
 SCALE ?= full
 ARGS ?=
+# rehearse: the generated ImageNet layout (hub-parquet, imagefolder or flat-val)
+LAYOUT ?= hub-parquet
 CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast lint clean demo demo-refresh check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
-	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10
+	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10 rehearse
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -63,6 +65,9 @@ reproduce-ablation: $(BIN)/.installed  ## the ablations the paper lacks
 
 reproduce-compare: $(BIN)/.installed  ## ours vs plain/mean/ASVD/FWSVD/COMCAT at equal parameters, with/without FT
 	$(CLI) reproduce compare --scale $(SCALE) $(ARGS)
+
+rehearse: $(BIN)/.installed  ## every full-scale row of Tables 1-4, ablations, comparison on the CPU (random weights, generated data, 2 DDP processes)
+	$(TEST_ENV) $(CLI) rehearse table1 table2 table3 table4 ablation compare --devices 2 --layout $(LAYOUT) $(ARGS)
 
 compare-cifar10: $(BIN)/.installed  ## the comparison on a small DeiT trained here on CIFAR-10 (CIFAR10=path/to/parquet)
 	@test -n "$(CIFAR10)" || { echo "compare-cifar10: give CIFAR10=DIR (train.parquet and test.parquet of uoft-cs/cifar10)"; exit 2; }

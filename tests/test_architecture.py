@@ -37,7 +37,7 @@ def test_experiments_register_through_the_entry_point():
 
 # A method or Z-kind name compared with a config value outside the registries: the if-chains the registries replace.
 _NAME = r"(plain|mean|whitened|loss_aware|asvd|fwsvd|comcat|lowrank|diagonal|sparse|structured|uniform|greedy|marginal)"
-_COMPARISON = re.compile(rf"[=!]= \"{_NAME}\"|in \(\"{_NAME}\"")
+_COMPARISON = re.compile(rf"[=!]= \"{_NAME}\"|in \(\"{_NAME}\", \"{_NAME}\"")  # a tuple of two method names
 
 
 def test_at_most_three_comparisons_on_method_names():

@@ -13,6 +13,7 @@ import sys
 from typing import Any, NoReturn
 
 from lowrank_vit.core.common import positive_int
+from lowrank_vit.harness.rehearse import add_rehearse_command
 from lowrank_vit.harness.usercli import add_user_commands
 
 EXIT_USAGE = 2
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"demo-refresh` runs)")
     _add_set(p)
     COMMANDS.update(add_user_commands(sub))  # compress / evaluate / finetune / export (lowrank_vit/harness/usercli.py)
+    COMMANDS.update(add_rehearse_command(sub))  # lowrank_vit/harness/rehearse.py
     return parser
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.harness.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig
+from lowrank_vit.harness.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig, RunOptions
 from lowrank_vit.stages.data_config import DataConfig
 
 
@@ -26,7 +26,7 @@ def _sections() -> dict[str, type]:
     from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     return {"model": ModelConfig, "data": DataConfig, "compression": CompressionConfig, "finetune": FinetuneConfig,
-            "quantization": QuantizationConfig, "hardware": HardwareConfig}
+            "quantization": QuantizationConfig, "hardware": HardwareConfig, "run": RunOptions}
 
 
 def _field_type(cls: type, name: str) -> Any:

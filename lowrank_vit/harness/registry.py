@@ -124,6 +124,20 @@ class HardwareConfig:
 
 
 @dataclass
+class RunOptions:
+    """How a row is run, beyond its model, data and method; none of it changes the row's result."""
+
+    skip_baseline_guard: bool = False
+    """Compress a full-scale row even when the dense model's top-1 is under half the paper's baseline (see
+    :func:`lowrank_vit.harness.runner.check_dense_baseline`): for weights or data that are meant to differ from the
+    paper's."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.skip_baseline_guard, bool):
+            raise ValueError(f"run.skip_baseline_guard must be true or false, got {self.skip_baseline_guard!r}")
+
+
+@dataclass
 class RunConfig:
     """Everything one run of a row needs, at one scale."""
 
@@ -138,6 +152,8 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     size_bits: int = 16
     """Bit width at which unquantized parameters are counted in ``size_mib`` (the paper's FP16)."""
+    run: RunOptions = field(default_factory=RunOptions)
+    """Run-time switches (``--set run.skip_baseline_guard=true``)."""
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -155,6 +171,7 @@ class RunConfig:
             "quantization": None if self.quantization is None else dataclasses.asdict(self.quantization),
             "hardware": dataclasses.asdict(self.hardware),
             "size_bits": self.size_bits,
+            "run": dataclasses.asdict(self.run),
         }
 
     @classmethod
@@ -176,7 +193,8 @@ class RunConfig:
                    finetune=optional("finetune", FinetuneConfig.from_dict),
                    quantization=optional("quantization", lambda d: _from_dict(QuantizationConfig, d)),
                    hardware=_from_dict(HardwareConfig, data.get("hardware", {})),
-                   size_bits=data.get("size_bits", 16))
+                   size_bits=data.get("size_bits", 16),
+                   run=_from_dict(RunOptions, data.get("run") or {}))
 
     def override(self, assignments: Iterable[str]) -> RunConfig:
         """A copy with ``section.field=value`` assignments applied (``finetune.epochs=1``, ``data.calib_samples=64``,
@@ -356,6 +374,7 @@ __all__ = [
     "PaperResult",
     "QuantizationConfig",
     "RunConfig",
+    "RunOptions",
     "UnknownExperimentError",
     "arch_label",
     "get_experiment",

@@ -309,13 +309,13 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config without what does not change its result (hardware), with the fields a newer version added
-    filled in with their defaults (so that a new option does not orphan every finished result)."""
+    """A run's config without what does not change its result (hardware, run switches), with the fields a newer
+    version added filled in with their defaults (so that a new option does not orphan every finished result)."""
     try:
         config = RunConfig.from_dict(config).to_dict()
     except (TypeError, ValueError, KeyError, AttributeError):
         pass  # unreadable: compared as it is (and found different)
-    return {k: v for k, v in config.items() if k != "hardware"}
+    return {k: v for k, v in config.items() if k not in ("hardware", "run")}
 
 
 def read_result(out_dir: Path) -> dict[str, Any] | None:
@@ -501,7 +501,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     _say(progress, f"{exp.name} [{scale}]: {exp.description}")
     params_before = count_params(model)
     result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
-                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before}
+                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before,
+                              "preprocessing": _preprocessing_record(dm.preprocessing)}
     rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
     logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
 
@@ -511,6 +512,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         result["dense"] = _dense_accuracy(cfg, digest, output, lambda: evaluate(
             model, eval_loader, device, progress, "evaluate dense"))
         stage("evaluate_dense", t)
+        if scale == "full" and cfg.compression is not None and not cfg.run.skip_baseline_guard:
+            check_dense_baseline(exp, cfg, result["dense"]["top1"])
     report = None
     if cfg.compression is not None:
         _say(progress, f"{exp.name}: compressing ({cfg.compression.decomposition} SVD, "
@@ -580,6 +583,57 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
     _say(progress, f"{exp.name}: done in {seconds['total']:.0f} s -> {out_dir / RESULT_FILE}")
     return result
+
+
+BASELINE_GUARD_FRACTION = 0.5
+"""A full-scale row stops before compressing when its dense top-1 is under this fraction of the paper's baseline."""
+
+
+class BaselineGuardError(SetupError):
+    """The dense model scores far below the paper's baseline: the data or the weights are not what the row needs."""
+
+
+def paper_baseline(cfg: RunConfig, table: str | None = None) -> tuple[str, float] | None:
+    """The paper's dense top-1 for ``cfg``'s starting weights: the registry's baseline row (unquantized, no
+    compression) whose full-scale model is the same timm model, preferring ``table``'s own. Returns the row's name
+    and its top-1, or None when the paper reports no baseline for that model (ViT-L) or the weights are random. A
+    ``model.checkpoint`` of that model is held to the same baseline: the guard is there to catch wrong weights."""
+    if cfg.model.source != "timm" or (cfg.model.checkpoint is None and not cfg.model.pretrained):
+        return None
+    candidates = [e for e in list_experiments() if e.method == "baseline" and e.paper.top1 is not None
+                  and e.full.quantization is None and e.full.model.name == cfg.model.name]
+    candidates.sort(key=lambda e: e.table != table)  # stable: the row's own table first, then registration order
+    return (candidates[0].name, float(candidates[0].paper.top1)) if candidates else None
+
+
+def check_dense_baseline(exp: Experiment, cfg: RunConfig, dense_top1: float) -> None:
+    """Stop a full-scale row whose dense model scores under half the paper's baseline, before hours of calibration
+    and fine-tuning: a wrong class order, preprocessing or weights gives a near-zero top-1 without any error.
+
+    Raises:
+        BaselineGuardError: names the likely causes and the override (``--set run.skip_baseline_guard=true``).
+    """
+    reference = paper_baseline(cfg, exp.table)
+    if reference is None:
+        _say(True, f"{exp.name}: the paper reports no dense top-1 for {cfg.model.name}; the baseline guard is off")
+        return
+    row, top1 = reference
+    if dense_top1 >= BASELINE_GUARD_FRACTION * top1:
+        return
+    data = cfg.data.path or cfg.data.name
+    raise BaselineGuardError(
+        f"{exp.name}: the dense {cfg.model.name} scores {dense_top1:.2f}% top-1 on {data!r}, under half the paper's "
+        f"{top1:.2f}% ({row}); likely causes: the data's class order differs from the pretrained head's (ImageNet's "
+        f"synset order n01440764...n15075141, labels 0..999), wrong preprocessing (mean/std, crop_pct, "
+        f"interpolation, input size), or wrong weights (model.checkpoint, model.name); stopped before compressing. "
+        f"If this is intended, pass --set run.skip_baseline_guard=true")
+
+
+def _preprocessing_record(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The images the row's model was fed (size, normalization, resize and crop), recorded with its result: what
+    wrong preprocessing would show first."""
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items() if k in keys}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -913,7 +967,10 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "BaselineGuardError",
     "SetupError",
+    "check_dense_baseline",
+    "paper_baseline",
     "build_model",
     "compare_grid",
     "compare_markdown",

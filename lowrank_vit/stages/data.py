@@ -497,14 +497,17 @@ class HFImageDataModule(ImageClassificationDataModule):
             if cfg.path is not None:
                 self._check_path()
                 path = Path(cfg.path).expanduser()
+                flat_val = _flat_val_dir(path, cfg) if path.is_dir() else None
                 if path.is_file():
                     loaded = datasets.load_dataset("parquet", data_files={cfg.train_split: str(path)},
                                                    cache_dir=cfg.cache_dir)
+                elif flat_val is not None:
+                    loaded = _load_flat_val(path, flat_val, cfg)
                 else:
                     loaded = datasets.load_dataset(str(path), cache_dir=cfg.cache_dir)
             else:
                 loaded = datasets.load_dataset(self._hub_id(), token=self._token(), cache_dir=cfg.cache_dir)
-        except DataNotFoundError:
+        except (DataNotFoundError, DataFormatError):
             raise
         except (OSError, datasets.exceptions.DatasetNotFoundError) as err:  # FileNotFoundError, ConnectionError...
             raise DataNotFoundError(self._not_found_message(err)) from err
@@ -596,6 +599,114 @@ class HFImageDataModule(ImageClassificationDataModule):
         )
 
 
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+"""File name endings (any case) read as images in a flat validation folder."""
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _flat_val_dir(path: Path, cfg: DataConfig) -> Path | None:
+    """The flat validation folder of an image-folder copy (ILSVRC2012's ``val/*.JPEG`` with no class subfolders),
+    when ``cfg.val_labels`` gives its ground truth; None for the other layouts.
+
+    Raises:
+        DataFormatError: a flat validation folder without ``val_labels`` (its images have no labels), or
+            ``val_labels`` with no such folder or one that has class subfolders (the labels would be ambiguous).
+    """
+    names = [cfg.val_split] if cfg.val_split is not None else list(VAL_SPLITS)
+    folder = next((path / n for n in names if (path / n).is_dir() and n != cfg.train_split), None)
+    if cfg.val_labels is None:
+        if folder is not None and _images_in(folder) and not any(p.is_dir() for p in folder.iterdir()):
+            raise DataFormatError(f"{str(folder)!r} holds images without class subfolders (the flat ImageNet val "
+                                  f"layout): give its ground truth with data.val_labels=FILE (one label per line in "
+                                  f"sorted file name order, or filename,label lines)")
+        return None
+    if folder is None:
+        raise DataFormatError(f"val_labels= is the ground truth of a flat validation folder, but {str(path)!r} has "
+                              f"none of {names}: put the validation images in {str(path / names[0])!r}")
+    if any(p.is_dir() for p in folder.iterdir()):
+        raise DataFormatError(f"{str(folder)!r} has class subfolders, which label its images already: drop "
+                              f"val_labels= (it is for a flat folder of images)")
+    return folder
+
+
+def read_val_labels(file: Path, images: list[Path], class_names: Sequence[str]) -> list[int]:
+    """The class index of each of ``images`` (sorted by name) from a ground-truth file: one label per line in that
+    order, or ``filename,label`` lines (a ``.csv`` file). A label is an index 0..N-1 or a class name.
+
+    Raises:
+        DataNotFoundError: the file is missing.
+        DataFormatError: a count, a file name or a label that does not fit; the message names it.
+    """
+    if not file.is_file():
+        raise DataNotFoundError(f"val_labels file {str(file)!r} does not exist: give the ground truth of the flat "
+                                f"validation folder (one label per line, or filename,label lines)")
+    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    where = f"val_labels file {str(file)!r}"
+    if file.suffix.lower() == ".csv":
+        if lines and lines[0].replace(" ", "").lower().startswith("filename,"):
+            lines = lines[1:]
+        by_name: dict[str, str] = {}
+        for number, line in enumerate(lines, 1):
+            name, sep, label = (part.strip() for part in line.partition(","))
+            if not sep or not name or not label:
+                raise DataFormatError(f"{where}, line {number}: expected filename,label, got {line!r}")
+            by_name[name] = label
+        missing = [p.name for p in images if p.name not in by_name and p.stem not in by_name]
+        if missing:
+            raise DataFormatError(f"{where} has no label for {len(missing)} of the {len(images)} images (e.g. "
+                                  f"{', '.join(missing[:3])})")
+        raw = [by_name.get(p.name, by_name.get(p.stem, "")) for p in images]
+    else:
+        if len(lines) != len(images):
+            raise DataFormatError(f"{where} has {len(lines)} labels for the {len(images)} images of the flat "
+                                  f"validation folder: it needs one label per image, in sorted file name order")
+        raw = lines
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = []
+    for name, label in zip(images, raw, strict=True):
+        value = index.get(label)
+        if value is None and label.lstrip("-").isdigit():
+            value = int(label)
+            if not 0 <= value < len(class_names):
+                raise DataFormatError(
+                    f"{where}: label {value} of {name.name} is outside 0..{len(class_names) - 1} (the training "
+                    f"folder's {len(class_names)} classes in sorted order); the ILSVRC2012 devkit's ground truth "
+                    f"numbers classes 1..1000 in its own order, not the pretrained heads' synset order: write "
+                    f"synset names (n01440764...) or 0-based indices in sorted synset order instead")
+        if value is None:
+            raise DataFormatError(f"{where}: label {label!r} of {name.name} is neither a class index nor one of the "
+                                  f"training folder's classes ({', '.join(class_names[:3])}...)")
+        labels.append(value)
+    return labels
+
+
+def _load_flat_val(path: Path, val_dir: Path, cfg: DataConfig) -> datasets.DatasetDict:
+    """``PATH/train/<class>/`` as an image folder and the flat ``val_dir`` labelled by ``cfg.val_labels``, with the
+    training folder's class names (sorted) on both splits."""
+    import datasets
+
+    train_dir = path / cfg.train_split
+    if not train_dir.is_dir():
+        raise DataNotFoundError(f"{str(path)!r} has no {cfg.train_split!r} folder of class subfolders beside its flat "
+                                f"validation folder {val_dir.name!r}")
+    train = datasets.load_dataset(str(train_dir), cache_dir=cfg.cache_dir)
+    train = train[next(iter(train))]
+    label_feature = train.features.get("label")
+    if type(label_feature).__name__ != "ClassLabel":
+        raise DataFormatError(f"{str(train_dir)!r} is not an image folder with one subfolder per class")
+    images = _images_in(val_dir)
+    if not images:
+        raise EmptySplitError(f"the flat validation folder {str(val_dir)!r} has no images")
+    assert cfg.val_labels is not None
+    labels = read_val_labels(Path(cfg.val_labels).expanduser(), images, label_feature.names)
+    features = datasets.Features({"image": datasets.Image(), "label": label_feature})
+    val = datasets.Dataset.from_dict({"image": [str(p) for p in images], "label": labels}, features=features)
+    return datasets.DatasetDict({cfg.train_split: train.select_columns(["image", "label"]), val_dir.name: val})
+
+
 def _stored_token() -> str | None:
     """The token saved by ``hf auth login`` (a local file read; no network)."""
     try:
@@ -617,8 +728,9 @@ class ImageNetDataModule(HFImageDataModule):
     """ImageNet-1k (``image``, ``label``; 1000 classes; ``train`` and ``validation`` splits).
 
     From the hub (gated: accept the terms of ``ILSVRC/imagenet-1k``, then give a token) or from ``path``: an image
-    folder with ``train/`` and ``val/`` class subfolders, or the hub's parquet files. The token or path is checked
-    before anything touches the network.
+    folder with ``train/`` and ``val/`` class subfolders, the hub's parquet files, or ``train/`` class subfolders
+    beside the original flat ``val/`` folder whose ground truth ``cfg.val_labels`` gives (:func:`read_val_labels`).
+    The token or path is checked before anything touches the network.
     """
 
     def __init__(self, cfg: DataConfig, preprocessing: dict[str, Any] | None = None) -> None:
@@ -627,7 +739,8 @@ class ImageNetDataModule(HFImageDataModule):
                 f"ImageNet-1k needs a Hugging Face token or a local copy: accept the terms at "
                 f"https://huggingface.co/datasets/{IMAGENET_HUB_ID}, then set HF_TOKEN (or `hf auth login`), or give "
                 f"a local copy (on the CLI --set data.path=DIR, in Python DataConfig(path=DIR)): an image folder "
-                f"with train/ and val/ class subfolders or the hub's parquet files")
+                f"with train/ and val/ class subfolders, the hub's parquet files, or train/ class subfolders beside "
+                f"a flat val/ folder with its ground truth in data.val_labels=FILE")
         super().__init__(cfg, preprocessing)
 
     def _hub_id(self) -> str:
@@ -678,6 +791,7 @@ __all__ = [
     "check_preprocessing",
     "create_transforms",
     "load_mnist_5k",
+    "read_val_labels",
     "resolve_preprocessing",
     "resolve_token",
     "stratified_split",

@@ -134,6 +134,11 @@ class DataConfig:
     config (0.875-0.9 for ImageNet models, wrong for a model trained on uncropped images such as CIFAR's)."""
     interpolation: str | None = None
     """Resize interpolation ("bilinear", "bicubic", "nearest"...); default: the model's pretrained config."""
+    val_labels: str | None = None
+    """Ground truth of a flat validation folder (the original ILSVRC2012 layout: ``PATH/val/*.JPEG`` with no class
+    subfolders, beside ``PATH/train/<class>/``): a text file with one label per line for the images in sorted file
+    name order, or a CSV of ``filename,label`` lines (an optional ``filename,label`` header). A label is a class index
+    0..N-1 in the training folder's sorted class order, or a class folder name (a synset such as ``n01440764``)."""
     token: str | None = field(default=None, repr=False)
     """Hugging Face token for gated datasets; default: ``HF_TOKEN`` or the token saved by ``hf auth login``.
     Never printed nor included in :meth:`to_dict`."""
@@ -167,7 +172,11 @@ class DataConfig:
             raise ValueError(f"img_size must be a positive integer, got {self.img_size!r}")
         if self.in_chans is not None and self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans!r}")
-        for key in ("image_column", "label_column", "val_split", "token", "cache_dir"):
+        if self.val_labels is not None and self.path is None:
+            raise ValueError("val_labels= (the ground truth of a flat validation folder) needs path= (the local copy)")
+        if isinstance(self.val_labels, os.PathLike):
+            self.val_labels = os.fspath(self.val_labels)
+        for key in ("image_column", "label_column", "val_split", "token", "cache_dir", "val_labels"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
                 raise ValueError(f"{key} must be a non-empty string, got {value!r}")

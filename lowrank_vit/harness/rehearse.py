@@ -1,0 +1,395 @@
+"""``lowrank-vit rehearse``: a full-scale row run on a CPU before anyone spends GPU hours on it.
+
+Each row runs its full-scale config through ``lowrank-vit run`` in its own process, as ``reproduce`` runs it, with
+only these changes: the weights are random (the same timm architecture, written to a safetensors file and loaded
+through ``model.checkpoint``, so timm's pretrained config of the tagged name still decides the preprocessing), the
+data is generated in one of the three ImageNet layouts at the model's input size, and calibration, fine-tuning and
+evaluation are cut to a few images and steps (``data.calib_samples``, ``finetune.max_steps`` and
+``finetune.batch_size``; ``run.skip_baseline_guard``, since random weights score nothing). Then every hand-over is
+checked: the data module's preprocessing against timm's pretrained config, the input shape against the model, the
+class count and order against the pretrained head's (timm's ImageNet synsets), the run's result.json, the saved
+model loaded back and scoring what the run recorded, and the results table rendering the row.
+
+Generated data: ``images_per_class`` training images for every one of the head's classes, and ``val_images``
+validation images whose labels span the first to the last class (a validation image per class would make each
+evaluation of a full-size model cost minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+LAYOUTS: dict[str, Callable[..., dict[str, Any]]] = {}
+"""Layout name -> writer of a generated dataset in that layout (returns the ``data.*`` overrides that read it)."""
+
+
+def register_layout(name: str) -> Callable:
+    def wrap(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        LAYOUTS[name] = fn
+        return fn
+    return wrap
+
+
+class RehearsalError(AssertionError):
+    """A hand-over between two stages is not what the next stage needs; the message says which."""
+
+
+@dataclass
+class RehearsalSettings:
+    """How far a rehearsal cuts the row (everything else is the row's full-scale config)."""
+
+    layout: str = "hub-parquet"
+    devices: int = 1
+    images_per_class: int = 2
+    val_images: int = 8
+    calib_samples: int = 4
+    finetune_steps: int = 2
+    batch_size: int = 4
+    depth: int | None = None
+    """Blocks per stage of a shrunk model (None: the full architecture, the default and the point)."""
+
+
+# ------------------------------------------------------------------------------------------------ generated data
+
+
+def _class_names(num_classes: int) -> list[str]:
+    """The synsets of the head's classes in its order: timm's ImageNet-1k table (n01440764 ... n15075141)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    if num_classes != info.num_classes():
+        raise RehearsalError(f"the head predicts {num_classes} classes, not ImageNet-1k's {info.num_classes()}")
+    return [info.index_to_label_name(i) for i in range(num_classes)]
+
+
+def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    """A smooth random RGB image (noise upsampled), JPEG-encoded."""
+    from PIL import Image
+
+    low = rng.integers(0, 256, (max(size[0] // 16, 2), max(size[1] // 16, 2), 3), dtype=np.uint8)
+    image = Image.fromarray(low).resize((size[1], size[0]), Image.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def _val_labels(num_classes: int, n: int) -> list[int]:
+    """``n`` labels spread from the first class to the last (both ends of the class order are exercised)."""
+    return sorted({round(i * (num_classes - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+@register_layout("hub-parquet")
+def _write_hub_parquet(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
+    """The hub's ``ILSVRC/imagenet-1k`` as downloaded: ``data/{train,validation}-*.parquet``, integer labels in the
+    synset order (the hub names its classes by description, some of which repeat in timm's table, so the generated
+    ``ClassLabel`` names are the synsets)."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=_class_names(num_classes))})
+    rng = np.random.default_rng(0)
+    (root / "data").mkdir(parents=True)
+    train = [c for c in range(num_classes) for _ in range(s.images_per_class)]
+    for split, labels in (("train", train), ("validation", _val_labels(num_classes, s.val_images))):
+        images = [{"bytes": _jpeg(rng, size), "path": None} for _ in labels]
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return {"data.path": str(root)}
+
+
+def _write_folder(folder: Path, labels: list[int], synsets: list[str], rng: np.random.Generator,
+                  size: tuple[int, int]) -> None:
+    for i, label in enumerate(labels):
+        (folder / synsets[label]).mkdir(parents=True, exist_ok=True)
+        (folder / synsets[label] / f"{synsets[label]}_{i}.JPEG").write_bytes(_jpeg(rng, size))
+
+
+@register_layout("imagefolder")
+def _write_imagefolder(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
+    """``train/<synset>/*.JPEG`` and ``val/<synset>/*.JPEG``."""
+    synsets = _class_names(num_classes)
+    rng = np.random.default_rng(0)
+    _write_folder(root / "train", [c for c in range(num_classes) for _ in range(s.images_per_class)], synsets, rng,
+                  size)
+    _write_folder(root / "val", _val_labels(num_classes, s.val_images), synsets, rng, size)
+    return {"data.path": str(root)}
+
+
+@register_layout("flat-val")
+def _write_flat_val(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
+    """``train/<synset>/*.JPEG`` beside a flat ``val/ILSVRC2012_val_NNNNNNNN.JPEG`` and its ground truth, one
+    0-based label per line in sorted file name order."""
+    synsets = _class_names(num_classes)
+    rng = np.random.default_rng(0)
+    _write_folder(root / "train", [c for c in range(num_classes) for _ in range(s.images_per_class)], synsets, rng,
+                  size)
+    (root / "val").mkdir()
+    labels = _val_labels(num_classes, s.val_images)
+    for i in range(len(labels)):
+        (root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(_jpeg(rng, size))
+    truth = root / "val_ground_truth.txt"
+    truth.write_text("".join(f"{label}\n" for label in labels))
+    return {"data.path": str(root), "data.val_labels": str(truth)}
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RehearsalError(message)
+
+
+def _labelled_features(dataset: Any) -> Any:
+    """The Hugging Face features behind a split (through ``Subset``\\ s), or None."""
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "label_column"):
+        dataset = dataset.dataset
+    inner = getattr(dataset, "dataset", None)
+    return None if inner is None else inner.features[dataset.label_column]
+
+
+def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> None:
+    """``pre`` (a data module's, or the one a run recorded) is timm's pretrained config of the model's tagged name
+    at the model's input shape."""
+    from lowrank_vit.harness.runner import input_shape
+
+    cfg = model.pretrained_cfg
+    for key in ("mean", "std", "interpolation", "crop_pct"):
+        got, want = pre.get(key), cfg.get(key)
+        same = got == want or (isinstance(want, (tuple, list)) and isinstance(got, (tuple, list))
+                               and tuple(got) == tuple(want))
+        _check(same, f"{where}: preprocessing {key} is {got!r}, timm's pretrained config of "
+                     f"{cfg.get('architecture')} says {want!r}")
+    shape = input_shape(model)
+    _check(tuple(pre.get("input_size") or ()) == shape,
+           f"{where}: the data makes {pre.get('input_size')} images, the model takes {shape}")
+
+
+def check_data(model: nn.Module, dm: Any) -> None:
+    """What the data module hands calibration, fine-tuning and evaluation: timm's pretrained preprocessing, images
+    of the model's input shape, the head's class count and class order."""
+    from lowrank_vit.harness.runner import head_classes, input_shape
+
+    check_preprocessing(model, dm.preprocessing, "the data module")
+    shape = input_shape(model)
+    classes = head_classes(model)
+    _check(dm.num_classes == classes, f"the data has {dm.num_classes} classes, the head predicts {classes}")
+    expected = _class_names(classes)
+    for split, dataset in (("training", dm.train_dataset), ("validation", dm.val_dataset)):
+        feature = _labelled_features(dataset)
+        names = list(getattr(feature, "names", []) or [])
+        _check(names == expected, f"the {split} split's class order differs from the pretrained head's "
+                                  f"(first {names[:2]}, expected {expected[:2]})")
+    for loader in (dm.calibration_dataloader(), dm.val_dataloader()):
+        images, labels = next(iter(loader))
+        _check(tuple(images.shape[1:]) == shape, f"a batch holds {tuple(images.shape[1:])} images, not {shape}")
+        _check(int(labels.min()) >= 0 and int(labels.max()) < classes, "labels outside the head's classes")
+
+
+def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, model: nn.Module) -> None:
+    """result.json: every stage's figures present, the run's preprocessing timm's, the budget met, the fine-tune
+    cut where it was asked to be."""
+    cfg = exp.full
+    for key in ("top1", "top5", "params", "params_before", "size_mib", "dense", "config", "stage_seconds",
+                "preprocessing"):
+        _check(key in result, f"result.json lacks {key!r}")
+    check_preprocessing(model, result["preprocessing"], "the run")
+    expected_val = len(_val_labels(int(result["config"]["model"].get("kwargs", {}).get("num_classes", 1000)),
+                                   settings.val_images))
+    _check(result["val_images"] == expected_val,
+           f"the final evaluation saw {result['val_images']} images, the validation split has {expected_val}")
+    if cfg.compression is not None:
+        _check(result["params"] < result["params_before"], "compression removed no parameter")
+        if exp.reduction is not None and settings.depth is None and cfg.compression.reduction is not None:
+            _check(abs(result["measured_reduction"] - exp.reduction) <= 5e-3,
+                   f"removed {100 * result['measured_reduction']:.2f}% of the parameters, the row asks "
+                   f"{100 * exp.reduction:.0f}%")
+        _check("report" in result, "result.json lacks the compression report")
+    if cfg.finetune is not None:
+        steps, world = ((result.get("finetune") or {}).get(k) for k in ("steps", "world_size"))
+        _check(steps == settings.finetune_steps, f"the fine-tune ran {steps} steps, not {settings.finetune_steps}")
+        _check(world == settings.devices, f"the fine-tune ran in {world} process(es), not {settings.devices}")
+        _check("compressed" in result, "no evaluation between compression and fine-tuning")
+    if cfg.compression is None and cfg.quantization is None:
+        _check(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
+
+
+def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any) -> None:
+    """The saved model loads back and scores on the validation images exactly what the run recorded."""
+    from lowrank_vit.harness.runner import MODEL_DIR, evaluate
+    from lowrank_vit.io.surgery import load_compressed
+
+    if exp.full.compression is None:
+        return
+    model = load_compressed(out / exp.name / MODEL_DIR)
+    top1 = evaluate(model, dm.val_dataloader(), torch.device("cpu"), progress=False)["top1"]
+    _check(abs(top1 - result["top1"]) < 1e-6,
+           f"the saved model scores {top1:.2f}% on the validation images, the run recorded {result['top1']:.2f}%")
+
+
+def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
+    """The results table of the row's table renders it with its measured top-1."""
+    from lowrank_vit.harness.runner import render_table
+
+    text = render_table(exp.table, [exp], "full", out)
+    _check(f"{result['top1']:.2f}" in text and "Not run yet" not in text,
+           f"the {exp.table} table does not render {exp.name}'s result")
+
+
+# ---------------------------------------------------------------------------------------------------------- rows
+
+
+def _shrunk_kwargs(model: nn.Module, depth: int) -> dict[str, Any]:
+    """``model.kwargs`` that build the same family with at most ``depth`` blocks per stage."""
+    layers = getattr(model, "layers", None)
+    if layers is not None:  # Swin: stages of blocks
+        return {"depths": tuple(min(len(stage.blocks), depth) for stage in layers)}
+    return {"depth": min(len(model.blocks), depth)}
+
+
+def _run_command(exp: Any, out: Path, overrides: dict[str, Any], settings: RehearsalSettings) -> list[str]:
+    command = [sys.executable, "-m", "lowrank_vit.harness.cli", "run", exp.name, "--scale", "full",
+               "--output", str(out), "--accelerator", "cpu", "--devices", str(settings.devices), "--wandb", "disabled",
+               "--quiet"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return command
+
+
+def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
+    """Rehearse one row in ``work``; returns a note on what was cut. Raises on the first broken hand-over."""
+    import timm
+    from safetensors.torch import save_file
+
+    from lowrank_vit.harness.registry import RunConfig
+    from lowrank_vit.harness.runner import input_shape, read_result
+    from lowrank_vit.stages.data import build_datamodule
+
+    cfg = exp.full
+    kwargs = dict(cfg.model.kwargs)
+    note = "full size"
+    torch.manual_seed(0)
+    model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
+    if settings.depth is not None:
+        kwargs.update(_shrunk_kwargs(model, settings.depth))
+        note = f"SHRUNK to {kwargs} (not the full architecture)"
+        model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
+    weights = work / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    shape = input_shape(model)
+    data = LAYOUTS[settings.layout](work / "data", int(model.num_classes), shape[1:], settings)
+    overrides: dict[str, Any] = {"model.checkpoint": str(weights), **data, "data.calib_samples": settings.calib_samples,
+                                 "data.num_workers": 0, "data.cache_dir": str(work / "hf_cache"),
+                                 "run.skip_baseline_guard": True}
+    if kwargs != cfg.model.kwargs:
+        overrides["model.kwargs"] = kwargs
+    if cfg.compression is not None:
+        overrides["compression.calib_samples"] = settings.calib_samples
+        if settings.depth is not None and cfg.compression.target_params is not None:
+            fraction = 1.0 - cfg.compression.target_params / sum(p.numel() for p in timm.create_model(
+                cfg.model.name, pretrained=False, **cfg.model.kwargs).parameters())
+            overrides.update({"compression.target_params": None, "compression.reduction": round(fraction, 6)})
+            note += f"; target {cfg.compression.target_params:,} parameters as the fraction {fraction:.4f}"
+    if cfg.finetune is not None:
+        overrides.update({"finetune.max_steps": settings.finetune_steps, "finetune.batch_size": settings.batch_size})
+    run_cfg: RunConfig = cfg.override(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                      for k, v in overrides.items())
+    dm = build_datamodule(run_cfg.data, model)
+    check_data(model, dm)
+
+    out = work / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # a rehearsal needs no network
+    proc = subprocess.run(_run_command(exp, out, overrides, settings), check=False, capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise RehearsalError(f"`lowrank-vit run` exited with {proc.returncode}: {lines[-1] if lines else '?'}")
+    result = read_result(out / exp.name)
+    _check(result is not None, "the run wrote no readable result.json")
+    assert result is not None
+    check_result(exp, result, settings, model)
+    check_saved_model(exp, out, result, dm)
+    check_table(exp, out, result)
+    return note
+
+
+def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: str | os.PathLike | None = None,
+             echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Rehearse every row matching one of ``patterns`` (each row once); one line per row through ``echo``. Returns
+    each row's outcome (``name``, ``ok``, ``message``, ``seconds``).
+
+    Raises:
+        ValueError: a pattern matches no row, or an unknown layout.
+    """
+    from lowrank_vit.harness.registry import list_experiments
+
+    if settings.layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {settings.layout!r}; layouts: {', '.join(LAYOUTS)}")
+    import datasets
+
+    datasets.disable_progress_bars()  # the rows' lines are the output
+    exps: dict[str, Any] = {}
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matched = list_experiments(pattern)
+        if not matched:
+            raise ValueError(f"no experiment matches {pattern!r}")
+        exps.update((e.name, e) for e in matched)
+    outcomes = []
+    for exp in exps.values():
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="rehearse-", dir=keep) as tmp:
+            try:
+                note = rehearse_row(exp, Path(tmp), settings)
+                ok, message = True, f"ok ({note})"
+            except Exception as err:  # noqa: BLE001 - every failure is a finding, reported on the row's line
+                ok, message = False, f"BROKEN: {type(err).__name__}: {' '.join(str(err).split())[:400]}"
+        seconds = time.perf_counter() - started
+        echo(f"{exp.name}: {message} [{seconds:.0f} s, layout {settings.layout}]")
+        outcomes.append({"name": exp.name, "ok": ok, "message": message, "seconds": round(seconds, 1)})
+    return outcomes
+
+
+def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Register ``rehearse`` on ``lowrank-vit``'s subparsers; returns its handler by name."""
+    from lowrank_vit.core.common import positive_int
+
+    p = sub.add_parser("rehearse", help="run rows' full-scale configs on a CPU with random weights and generated "
+                                        "data, cut to a few steps; one line per row, ok or what broke")
+    p.add_argument("patterns", nargs="+", metavar="NAME_OR_PATTERN",
+                   help="row names, shell patterns or prefixes, e.g. 'table2/deit_s/*' or table4")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="hub-parquet", help="the generated ImageNet layout")
+    p.add_argument("--devices", type=positive_int, default=1, help="CPU processes per row (>1: DDP)")
+    p.add_argument("--depth", type=positive_int,
+                   help="shrink every model to at most this many blocks per stage (said on every line; default: "
+                        "the full architecture)")
+    p.add_argument("--workdir", help="where the rows' temporary files go (default: the system's temporary folder)")
+    return {"rehearse": _cmd_rehearse}
+
+
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    settings = RehearsalSettings(layout=args.layout, devices=args.devices, depth=args.depth)
+    outcomes = rehearse(args.patterns, settings, keep=args.workdir, echo=lambda line: print(line, flush=True))
+    failed = [o["name"] for o in outcomes if not o["ok"]]
+    total = sum(o["seconds"] for o in outcomes)
+    print(f"rehearse: {len(outcomes) - len(failed)} of {len(outcomes)} row(s) ok in {total:.0f} s"
+          + (f"; broken: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+__all__ = ["LAYOUTS", "RehearsalError", "RehearsalSettings", "add_rehearse_command", "check_data",
+           "check_preprocessing", "check_result", "rehearse", "rehearse_row", "register_layout"]

@@ -1,0 +1,74 @@
+"""``lowrank-vit rehearse``: a row's full-scale config on a CPU with random weights and generated data. The fast
+tests feed the hand-over checks broken inputs (each must be caught); the slow one rehearses the cheapest compressed
+row, ``table2/deit_s/ours-40`` (full-size DeiT-S, compress + fine-tune + evaluate + save), end to end."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+
+from lowrank_vit.harness.cli import main
+from lowrank_vit.harness.rehearse import LAYOUTS, RehearsalError, RehearsalSettings, check_data
+from lowrank_vit.stages.data import DataConfig, build_datamodule
+
+pytest.importorskip("datasets")
+
+
+@pytest.fixture
+def small_imagenet_model():
+    """DeiT-S's tagged name (so timm's pretrained config decides the preprocessing) at 32 px and one block, with
+    the full 1000-class head."""
+    return timm.create_model("deit_small_patch16_224.fb_in1k", pretrained=False, img_size=32, patch_size=16,
+                             depth=1, embed_dim=64, num_heads=1).eval()
+
+
+def _module(model, tmp_path, layout: str, **data):
+    settings = RehearsalSettings(layout=layout, images_per_class=1, val_images=4)
+    overrides = LAYOUTS[layout](tmp_path / "data", 1000, (32, 32), settings)
+    cfg = DataConfig(name="imagenet-1k", path=overrides["data.path"], val_labels=overrides.get("data.val_labels"),
+                     batch_size=4, calib_samples=4, cache_dir=str(tmp_path / "hf_cache"), **data)
+    return build_datamodule(cfg, model), tmp_path / "data"
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_generated_layouts_hand_over_what_the_model_needs(small_imagenet_model, tmp_path, layout):
+    dm, _ = _module(small_imagenet_model, tmp_path, layout)
+    check_data(small_imagenet_model, dm)  # timm's DeiT preprocessing, 3x32x32, 1000 classes in synset order
+    assert dm.num_classes == 1000 and len(dm.val_dataset) == 4
+
+
+def test_wrong_preprocessing_is_caught(small_imagenet_model, tmp_path):
+    dm, _ = _module(small_imagenet_model, tmp_path, "hub-parquet", mean=(0.5, 0.5, 0.5))
+    with pytest.raises(RehearsalError, match="preprocessing mean"):
+        check_data(small_imagenet_model, dm)
+
+
+def test_wrong_class_order_is_caught(small_imagenet_model, tmp_path):
+    """A class folder named so that it sorts elsewhere (here the first synset last): the labels still run 0..999,
+    nothing fails, and every prediction of the pretrained head would be scored against the wrong class."""
+    settings = RehearsalSettings(layout="imagefolder", images_per_class=1, val_images=4)
+    root = tmp_path / "data"
+    LAYOUTS["imagefolder"](root, 1000, (32, 32), settings)
+    for split in ("train", "val"):
+        (root / split / "n01440764").rename(root / split / "x01440764")
+    dm = build_datamodule(DataConfig(name="imagenet-1k", path=str(root), batch_size=4, calib_samples=4,
+                                     cache_dir=str(tmp_path / "hf_cache")), small_imagenet_model)
+    with pytest.raises(RehearsalError, match="class order differs from the pretrained head's"):
+        check_data(small_imagenet_model, dm)
+
+
+def test_bad_input_is_one_line(capsys):
+    assert main(["rehearse", "table9/*"]) == 2
+    assert "no experiment matches" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["rehearse", "table2/deit_s/ours-40", "--layout", "tfrecord"])
+    assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_rehearse_one_row_at_full_size(capsys, tmp_path):
+    code = main(["rehearse", "table2/deit_s/ours-40", "--layout", "flat-val", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "table2/deit_s/ours-40: ok (full size)" in out
+    assert list(tmp_path.iterdir()) == []  # the row's temporary files are gone
