@@ -34,6 +34,11 @@ class Registry(dict[str, T], Generic[T]):
         self[name] = entry
         return entry
 
+    def register(self, cls: type) -> type:
+        """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+        self.add(cls.name, cls())
+        return cls
+
     def lookup(self, name: str) -> T:
         try:
             return self[name]

@@ -126,14 +126,7 @@ class ZKind:
 
 
 Z_KINDS: Registry[ZKind] = Registry("compensation kind", also=("none",))
-
-
-def register_z_kind(cls: type[ZKind]) -> type[ZKind]:
-    """Class decorator: make ``cls`` available as ``CompressionConfig(compensation=cls.name)``."""
-    Z_KINDS.add(cls.name, cls())
-    return cls
-
-
+register_z_kind = Z_KINDS.register  # class decorator: CompressionConfig(compensation=cls.name)
 get_z_kind = Z_KINDS.lookup
 
 

@@ -81,14 +81,7 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("decomposition")
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available as ``CompressionConfig(decomposition=cls.name)``."""
-    METHODS.add(cls.name, cls())
-    return cls
-
-
+register_method = METHODS.register  # class decorator: CompressionConfig(decomposition=cls.name)
 get_method = METHODS.lookup
 
 
