@@ -71,3 +71,16 @@ def one_line_error(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err and lines[0].startswith("lowrank-vit")
     return lines[0]
+
+
+def assert_round_trip(model, path, images) -> None:
+    """A compressed tiny ViT saved and loaded computes the same logits, and the loaded copy still quantizes."""
+    from lowrank_vit import load_compressed, quantize_, save_compressed
+
+    save_compressed(model, path, model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
+    loaded = load_compressed(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    quantize_(loaded, bits=8)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(images)).all()

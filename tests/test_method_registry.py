@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit import compress, count_params, load_compressed, quantize_, save_compressed
+from lowrank_vit import compress, count_params
 from lowrank_vit.config import DECOMPOSITIONS, CompressionConfig
 from lowrank_vit.methods.decompositions import METHODS, Method, get_method, register_method
 from lowrank_vit.pipeline import plan_compression
 
-from conftest import TINY_VIT, make_images, make_tiny_vit
+from conftest import assert_round_trip, make_images, make_tiny_vit
 
 
 def test_registry_matches_the_config_choices():
@@ -38,10 +38,4 @@ def test_every_method_conforms(name, compensation, tmp_path):
     assert abs(report.params_after - 0.5 * before) <= max(0.001 * 0.5 * before, 64)  # a 32-wide model's rank step
     assert all(layer.output_error >= 0 for layer in report.layers if layer.output_error == layer.output_error)
     assert (report.layers[0].predicted_loss is not None) == get_method(name).loss_units
-    save_compressed(model, tmp_path / name, model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
-    loaded = load_compressed(tmp_path / name)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(images[:4]), model(images[:4]))
-    quantize_(loaded, bits=8)
-    with torch.no_grad():
-        assert torch.isfinite(loaded(images[:4])).all()
+    assert_round_trip(model, tmp_path / name, images[:4])
