@@ -34,8 +34,9 @@ from lowrank_vit.methods.compensate import (
     z_spec,
 )
 from lowrank_vit.methods.decompositions import get_method
-from lowrank_vit.nn import comcat
+from lowrank_vit.methods.units import WholeModules
 from lowrank_vit.nn.adapters import count_params, get_adapter
+from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import FactorizedLinear
 
 
@@ -127,12 +128,14 @@ class _Setup:
     z_params: dict[str, int]
     device: torch.device
     replaced_params: int
-    """Parameters of the model that compression replaces: the layers' weights (and, for COMCAT, the attention
-    modules' qkv and proj weights and biases)."""
+    """Parameters of the model that compression replaces: the layers' weights and the whole modules' parameters
+    (COMCAT: the attention modules' qkv and proj weights and biases)."""
+    whole: WholeModules
+    """The method's modules replaced as a whole (:mod:`lowrank_vit.methods.units`)."""
     fixed_params: int = 0
     """New parameters outside every allocation unit (COMCAT's attention output biases)."""
-    attention: dict[str, nn.Module] = field(default_factory=dict)
-    """COMCAT: name -> dense attention module replaced as a whole (its linears are then not in ``layers``)."""
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    """Name -> dense module replaced as a whole (its linears are then not in ``layers``); empty for most methods."""
 
 
 def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[str, Any]) -> _Setup:
@@ -141,35 +144,31 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     elif overrides:
         config = CompressionConfig.from_dict({**config.to_dict(), **overrides})
     adapter = get_adapter(model)
-    if any(isinstance(m, (FactorizedLinear, comcat.FactorizedAttention)) for m in model.modules()):
+    if any(isinstance(m, (FactorizedLinear, FactorizedAttention)) for m in model.modules()):
         raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
-    layers: dict[str, nn.Linear] = adapter.compressible_layers(model)
-    attention: dict[str, nn.Module] = {}
-    if get_method(config.decomposition).factorizes_attention:  # attention modules are replaced as a whole
-        attention = adapter.attention_modules(model)
-        if not attention:
-            raise ValueError("decomposition='comcat' factorizes attention modules with a fused qkv and a proj linear; "
-                             f"{type(model).__name__} has none")
-        layers = {name: layer for name, layer in layers.items()
-                  if not any(name.startswith(f"{attn}.") for attn in attention)}
+    whole = get_method(config.decomposition).whole_modules
+    modules = whole.find(model, adapter)
+    layers: dict[str, nn.Linear] = {name: layer for name, layer in adapter.compressible_layers(model).items()
+                                    if not any(name.startswith(f"{outer}.") for outer in modules)}
     for name, layer in layers.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"layer {name} has NaN or inf weights")
     params_before = count_params(model)
     target_total = _target_total(config, params_before)
     replaced = sum(layer.weight.numel() for layer in layers.values())
-    replaced += sum(comcat.replaced_params(attn) for attn in attention.values())
-    fixed = sum(comcat.fixed_params(attn) for attn in attention.values())
+    replaced += sum(whole.replaced_params(module) for module in modules.values())
+    fixed = sum(whole.fixed_params(module) for module in modules.values())
     budget = target_total - (params_before - replaced) - fixed
     z_params = {name: z_param_count(config.compensation, layer.in_features, layer.out_features, config.z_fraction,
                                     config.rank_multiple)
                 for name, layer in layers.items()}
     # Fail on an impossible target before the (long) calibration pass.
     check_feasible([LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
-                    for name, layer in layers.items()] + comcat.head_budgets(attention), budget,
+                    for name, layer in layers.items()] + whole.budgets(modules), budget,
                    outside=params_before - replaced + fixed, params_before=params_before)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
-    return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, fixed, attention)
+    return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, whole, fixed,
+                  modules)
 
 
 def _z_is_more_rank(kind: str, none: bool) -> bool:
@@ -204,7 +203,7 @@ def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
     cfg = setup.cfg
     budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
                for name, layer in setup.layers.items()]
-    budgets += comcat.head_budgets(setup.attention, curves)
+    budgets += setup.whole.budgets(setup.modules, curves)
     return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.0005 * setup.target_total))
 
 
@@ -224,8 +223,8 @@ class CompressionPlan:
     ranks: dict[str, int | None]
     layer_specs: dict[str, dict[str, Any]]
     """FactorizedLinear spec of every layer the plan factorizes (see :meth:`FactorizedLinear.spec`)."""
-    attention_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """COMCAT: FactorizedAttention spec of every attention module (see :meth:`FactorizedAttention.spec`)."""
+    module_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Spec of every module replaced as a whole (COMCAT: :meth:`FactorizedAttention.spec`); empty for most methods."""
 
 
 def plan_compression(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
@@ -243,7 +242,7 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
             spectrum = method.spectrum(weight, stats[name], scales.get(name), cfg)
             curves[name] = _energy_curve(cfg, spectrum)
             bar.update(1)
-    for name, decomposition in comcat.head_decompositions(setup.attention, setup.device).items():
+    for name, decomposition in setup.whole.decompositions(setup.modules, setup.device).items():
         curves[name] = _energy_curve(cfg, decomposition.singular_values)
     allocation = _allocate(setup, curves)
     specs = {}
@@ -253,11 +252,10 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
             specs[name] = {"in_features": layer.in_features, "out_features": layer.out_features, "rank": rank,
                            "bias": layer.bias is not None,
                            "z": z_spec(cfg.compensation, layer.in_features, layer.out_features, setup.z_params[name])}
-    attention_specs = {name: comcat.attention_spec(name, attn, allocation.ranks)
-                       for name, attn in setup.attention.items()}
+    module_specs = {name: setup.whole.spec(name, module, allocation.ranks) for name, module in setup.modules.items()}
     params_after = setup.params_before - setup.replaced_params + setup.fixed_params + allocation.params
     return CompressionPlan(cfg.to_dict(), setup.params_before, params_after, setup.target_total, allocation.ranks,
-                           specs, attention_specs)
+                           specs, module_specs)
 
 
 def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
@@ -265,8 +263,9 @@ def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     without computing factors (their values are meaningless until trained or loaded)."""
     swap_layers(model, lambda fqn, _: FactorizedLinear.from_spec(plan.layer_specs[fqn]),
                 lambda fqn, _: fqn in plan.layer_specs)
-    swap_layers(model, lambda fqn, m: comcat.FactorizedAttention.from_spec_like(m, plan.attention_specs[fqn], fqn),
-                lambda fqn, _: fqn in plan.attention_specs)
+    whole = get_method(plan.config["decomposition"]).whole_modules
+    swap_layers(model, lambda fqn, m: whole.from_spec(fqn, m, plan.module_specs[fqn]),
+                lambda fqn, _: fqn in plan.module_specs)
     return model
 
 
@@ -309,7 +308,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             if white is not None:
                 whitenings[name] = white
             bar.update(1)
-    decompositions.update(comcat.head_decompositions(setup.attention, device))
+    decompositions.update(setup.whole.decompositions(setup.modules, device))
     timings["decomposition"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -377,17 +376,16 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                                    budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,
                                    decompositions[name].energy_loss(rank) if rank is not None else 0.0, err_lr, err,
                                    predicted))
-    # COMCAT: one report per head product (the rank it is factorized at; output errors are not measured per head).
-    new_attention = {name: comcat.factorize_attention(name, attn, decompositions, allocation.ranks)
-                     for name, attn in setup.attention.items()}
-    for unit in comcat.head_budgets(setup.attention):
-        rank = comcat.unit_rank(allocation.ranks[unit.name], unit.head_dim)
-        reports.append(LayerReport(unit.name, unit.in_features, unit.out_features, rank, 0, unit.dense_params,
-                                   unit.params(rank), decompositions[unit.name].energy_loss(rank), math.nan,
-                                   math.nan))
+    # Whole modules (COMCAT's attention): one report per unit, at the rank it is factorized at; output errors are
+    # not measured unit by unit.
+    new_modules = {name: setup.whole.build(name, module, decompositions, allocation.ranks)
+                   for name, module in setup.modules.items()}
+    for unit in setup.whole.summaries(setup.modules, decompositions, allocation.ranks):
+        reports.append(LayerReport(unit.name, unit.in_features, unit.out_features, unit.rank, 0, unit.dense_params,
+                                   unit.params, unit.energy_loss, math.nan, math.nan))
 
     swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
-    swap_layers(model, lambda fqn, _: new_attention.get(fqn), lambda fqn, m: fqn in new_attention)
+    swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
     params_after = count_params(model)
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
                              sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [])

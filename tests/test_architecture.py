@@ -88,3 +88,31 @@ def test_imports_run_one_way_along_the_data_flow():
     assert not upward, "\n".join(upward)
     assert set(LAYERS) - {"__init__"} == {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
                                          if p.name != "__init__.py" and not p.name.startswith(("_", "."))}
+
+
+# The roots of a timm model's module paths that only the adapter may name (the data flow below it sees layers).
+_MODULE_ROOTS = {"patch_embed", "blocks", "head", "head_dist", "cls_token", "dist_token", "reg_token", "pos_embed",
+                 "fc_norm", "norm_pre"}
+_LOOKUPS = {"getattr", "hasattr", "get_submodule", "get_parameter"}
+
+
+def _module_path_uses(path: Path) -> list[str]:
+    """Attribute accesses ``x.patch_embed`` and lookups ``getattr(x, "head_dist")`` / ``get_submodule("blocks.0")``
+    of a model's module paths (docstrings and comments do not count)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in _MODULE_ROOTS:
+            found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in _LOOKUPS:
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and \
+                        arg.value.split(".")[0] in _MODULE_ROOTS:
+                    found.append(f"{path.name}:{node.lineno}: {arg.value!r}")
+    return found
+
+
+def test_only_the_adapter_knows_module_paths():
+    adapter = PACKAGE / "nn" / "adapters.py"
+    assert _module_path_uses(adapter), "the check must see the adapter's own uses"
+    found = [use for p in PACKAGE.rglob("*.py") if p != adapter for use in _module_path_uses(p)]
+    assert not found, "\n".join(found)

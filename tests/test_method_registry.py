@@ -39,3 +39,18 @@ def test_every_method_conforms(name, compensation, tmp_path):
     assert all(layer.output_error >= 0 for layer in report.layers if layer.output_error == layer.output_error)
     assert (report.layers[0].predicted_loss is not None) == get_method(name).loss_units
     assert_round_trip(model, tmp_path / name, images[:4])
+
+
+def test_the_pipeline_names_no_method():
+    """COMCAT's attention heads reach the pipeline through ``Method.whole_modules`` like any method's units: the
+    pipeline's code calls no method's own helpers and reads no method-specific attribute."""
+    import ast
+    from pathlib import Path
+
+    import lowrank_vit.pipeline as pipeline
+
+    tree = ast.parse(Path(pipeline.__file__).read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    specific = ("comcat", "head", "asvd", "fwsvd", "fisher", "whitened", "loss_aware")
+    assert not sorted(n for n in names if any(word in n.lower() for word in specific))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lowrank_vit.harness.registry import Experiment, get_experiment
+from lowrank_vit.harness.registry import Experiment, get_experiment, method_label
 from lowrank_vit.harness.runner import read_result, run_row
 
 DEMO_ROWS = (
@@ -45,7 +45,8 @@ demo excerpt is the ``.txt`` between :data:`README_MARKERS`, and a test keeps th
 README_MARKERS = ("<!-- demo-table: made by `make demo-refresh`; do not edit by hand -->", "<!-- /demo-table -->")
 REFRESH_COMMAND = "make demo-refresh"
 METHOD_NAMES = {"baseline": "baseline", "ours": "ours", "vanilla": "vanilla", "loss-aware": "loss-aware"}
-LABELS = {"ours": "paper's recipe", "vanilla": "vanilla SVD + FT", "loss-aware": "loss-aware (default)"}
+FIGURE_METHODS = ("ours", "vanilla", "loss-aware")
+"""The methods whose per-layer errors and ranks the demo's figures draw (labels: ``registry.method_label``)."""
 
 
 def _say(message: str, enabled: bool = True) -> None:
@@ -81,22 +82,23 @@ def demo_row(exp: Experiment, result: dict[str, Any]) -> dict[str, Any]:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows laid out like the paper's Table 2 (one line per method and ratio), paper beside measured."""
-    header = (f"{'method':<26s} {'paper params':>12s} {'paper top-1':>11s} | {'params':>9s} {'no FT':>6s} "
+    labels = ["baseline" if r["method"] == "baseline" else
+              f"{method_label(r['method'])} -{round(100 * r['reduction'])}%" for r in rows]
+    width = max([len("method"), *map(len, labels)])
+    header = (f"{'method':<{width}s} {'paper params':>12s} {'paper top-1':>11s} | {'params':>9s} {'no FT':>6s} "
               f"{'top-1':>6s} {'vs baseline':>11s} {'residual':>9s}")
     base = next((r["top1"] for r in rows if r["method"] == "baseline"), None)
     lines = ["DeiT-S, Tables 2 and 3 (paper: ImageNet; measured: the smoke stand-in on MNIST-5k).",
              "\"no FT\": top-1 right after compression; top-1: after the partial fine-tune; residual: mean eq. 5 "
              "output error", "of the compressed layers on the calibration images, right after compression.",
              header, "-" * len(header)]
-    for r in rows:
-        label = "baseline" if r["method"] == "baseline" else \
-            f"{LABELS.get(r['method'], r['method'])} -{round(100 * r['reduction'])}%"
+    for label, r in zip(labels, rows, strict=True):
         paper_params = "—" if r["paper_params"] is None else f"{r['paper_params'] / 1e6:.1f}M"
         paper_top1 = "—" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
         noft = "" if r.get("top1_noft") is None else f"{r['top1_noft']:.2f}"
         delta = "" if base is None or r["method"] == "baseline" else f"{r['top1'] - base:+.2f}"
         residual = "" if r.get("residual") is None else f"{r['residual']:.2e}"
-        lines.append(f"{label:<26s} {paper_params:>12s} {paper_top1:>11s} | {r['params']:>9,d} {noft:>6s} "
+        lines.append(f"{label:<{width}s} {paper_params:>12s} {paper_top1:>11s} | {r['params']:>9,d} {noft:>6s} "
                      f"{r['top1']:>6.2f} {delta:>11s} {residual:>9s}".rstrip())
     return "\n".join(lines)
 
@@ -123,11 +125,8 @@ def energy_curves(model: torch.nn.Module, calib: Iterable, num_images: int, bloc
     from lowrank_vit.core.decompose import plain_svd, weighted_error, whitened_svd, whitening
     from lowrank_vit.nn.adapters import get_adapter
 
-    layers = get_adapter(model).compressible_layers(model)
-    names = list(layers)
-    blocks = list(dict.fromkeys(n.rsplit(".", 2)[0] for n in names))
-    chosen = blocks[len(blocks) // 2 if block is None else block]
-    layers = {n: m for n, m in layers.items() if n.startswith(chosen + ".")}
+    blocks = list(get_adapter(model).layers_by_block(model).values())
+    layers = blocks[len(blocks) // 2 if block is None else block]
     stats = collect_statistics(model, layers, calib, num_images, progress=False)
     out = {}
     for name, layer in layers.items():
@@ -250,8 +249,8 @@ def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overri
         methods = {}  # the same ratio's rows of every method that finished
         for row in rows:
             exp, result = get_experiment(row), read_result(output / row)
-            if exp.method in LABELS and exp.reduction == ratio and result and result.get("report"):
-                methods[LABELS[exp.method]] = result["report"]["layers"]
+            if exp.method in FIGURE_METHODS and exp.reduction == ratio and result and result.get("report"):
+                methods[method_label(exp.method)] = result["report"]["layers"]
         pct = round(100 * ratio)
         paths.append(plot_layer_errors(methods, output / "output_error_per_layer.png",
                                        f"Output error per layer at -{pct}% (cf. the paper's Fig. 3)"))

@@ -36,6 +36,11 @@ ENTRY_POINT_GROUP = "lowrank_vit.experiments"
 """Entry-point group whose modules register experiments when imported (each imports its own submodules)."""
 ARCH_LABELS: dict[str, str] = {}
 """Architecture key -> the label results tables print ("deit_s" -> "DeiT-S"), filled by the experiment modules."""
+METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
+                 "vanilla": "vanilla SVD + FT", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
+                 "fwsvd": "FWSVD", "comcat": "COMCAT"}
+"""A row's method key -> the label every results table, demo table and figure prints ("vanilla" is Table 2's
+vanilla SVD: plain SVD, uniform ranks, no Z, always fine-tuned)."""
 
 
 class UnknownExperimentError(KeyError):
@@ -332,6 +337,11 @@ def arch_label(arch: str) -> str:
     return ARCH_LABELS.get(arch, arch)
 
 
+def method_label(method: str) -> str:
+    """The label of a row's method key in results tables and figures (the key itself when it has none)."""
+    return METHOD_LABELS.get(method, method)
+
+
 def list_experiments(pattern: str | None = None) -> list[Experiment]:
     """Registered experiments in registration order, optionally filtered by a shell pattern
     (``table2/deit_s/*``) or a prefix (``table2``)."""
@@ -368,6 +378,7 @@ def tables() -> list[str]:
 
 __all__ = [
     "ARCH_LABELS",
+    "METHOD_LABELS",
     "Experiment",
     "HardwareConfig",
     "ModelConfig",
@@ -378,6 +389,7 @@ __all__ = [
     "UnknownExperimentError",
     "arch_label",
     "get_experiment",
+    "method_label",
     "list_experiments",
     "register_experiment",
     "tables",

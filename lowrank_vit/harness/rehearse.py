@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowrank_vit.nn.adapters import TimmViTAdapter
+
 LAYOUTS: dict[str, Callable[..., dict[str, Any]]] = {}
 """Layout name -> writer of a generated dataset in that layout (returns the ``data.*`` overrides that read it)."""
 
@@ -254,14 +256,6 @@ def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------- rows
 
 
-def _shrunk_kwargs(model: nn.Module, depth: int) -> dict[str, Any]:
-    """``model.kwargs`` that build the same family with at most ``depth`` blocks per stage."""
-    layers = getattr(model, "layers", None)
-    if layers is not None:  # Swin: stages of blocks
-        return {"depths": tuple(min(len(stage.blocks), depth) for stage in layers)}
-    return {"depth": min(len(model.blocks), depth)}
-
-
 def _run_command(exp: Any, out: Path, overrides: dict[str, Any], settings: RehearsalSettings) -> list[str]:
     command = [sys.executable, "-m", "lowrank_vit.harness.cli", "run", exp.name, "--scale", "full",
                "--output", str(out), "--accelerator", "cpu", "--devices", str(settings.devices), "--wandb", "disabled",
@@ -286,7 +280,7 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     torch.manual_seed(0)
     model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
     if settings.depth is not None:
-        kwargs.update(_shrunk_kwargs(model, settings.depth))
+        kwargs.update(TimmViTAdapter().shrunk_kwargs(model, settings.depth))
         note = f"SHRUNK to {kwargs} (not the full architecture)"
         model = timm.create_model(cfg.model.name, pretrained=False, **kwargs)
     weights = work / "weights.safetensors"

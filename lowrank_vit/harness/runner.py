@@ -36,8 +36,9 @@ from lowrank_vit.harness.registry import (
     arch_label,
     get_experiment,
     list_experiments,
+    method_label,
 )
-from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
 
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
@@ -150,12 +151,10 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) the model takes, from its patch embedding."""
-    patch_embed = getattr(model, "patch_embed", None)
-    size = getattr(patch_embed, "img_size", None) or (224, 224)
-    proj = getattr(patch_embed, "proj", None)
-    channels = proj.in_channels if isinstance(proj, nn.Conv2d) else 3
-    return int(channels), int(size[0]), int(size[1])
+    """(channels, height, width) the model takes (3 x 224 x 224 where its modules do not say)."""
+    channels, size = TimmViTAdapter().input_shape(model)
+    size = size or (224, 224)
+    return int(channels or 3), int(size[0]), int(size[1])
 
 
 def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
@@ -857,9 +856,6 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------ the comparison table
 
 COMPARE_TABLE = "compare"
-METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
-                 "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
-                 "fwsvd": "FWSVD", "comcat": "COMCAT"}
 PARAMS_TOLERANCE = 1e-3
 """Relative spread of a column's measured parameter counts above which the table flags the column."""
 
@@ -936,7 +932,7 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
         cells = [line["cells"].get(c["key"]) for c in columns]
         present = [cell for cell in cells if cell is not None]
         shared = [n for n in present[0]["notes"] if all(n in cell["notes"] for cell in present)] if present else []
-        label = METHOD_LABELS.get(line["method"], line["method"]) + (" + FT" if line["finetune"] else ", no FT")
+        label = method_label(line["method"]) + (" + FT" if line["finetune"] else ", no FT")
         out = [label + mark(shared)]
         for cell in cells:
             if cell is None:
@@ -958,7 +954,7 @@ def compare_markdown(scale: str, data: dict[str, Any]) -> str:
                   "", "| method | " + " | ".join(c["label"] for c in columns) + " |", "|" + "---|" * len(header)]
         for line in residual_lines:
             cells = [line["cells"].get(c["key"]) or {} for c in columns]
-            lines.append(f"| {METHOD_LABELS.get(line['method'], line['method'])} | "
+            lines.append(f"| {method_label(line['method'])} | "
                          + " | ".join(_sci(cell.get("residual")) for cell in cells) + " |")
     missing = [r["name"] for r in data["rows"] if not r["finished"]]
     if missing:

@@ -9,7 +9,9 @@ loops over layers without knowing any method's name; what it needs to know is st
 * ``tail_is_lowrank_z``: its SVD is the exact optimum of the metric the closed-form low-rank Z minimizes, so that Z is
   the next singular triplets of the same SVD (no second solve; exactly more rank);
 * ``loss_units``: its energies are predicted loss increases (reported per layer as ``predicted_loss``);
-* ``factorizes_attention``: attention modules are replaced as a whole (COMCAT, :mod:`lowrank_vit.nn.comcat`).
+
+and what it replaces as a whole, if anything: ``whole_modules`` (:mod:`lowrank_vit.methods.units`; COMCAT's attention
+modules, whose heads are allocation units beside the remaining linears).
 
 ``register_method`` adds a method; ``get_method(name)`` returns it.
 """
@@ -40,6 +42,7 @@ from lowrank_vit.core.decompose import (
 from lowrank_vit.core.fisher import row_fisher
 from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
+from lowrank_vit.methods.units import NO_MODULES, AttentionHeads, WholeModules
 
 Extras = dict[str, torch.Tensor]
 """Per-layer extra statistics a method collects beside :class:`LayerStats` (ASVD's and FWSVD's row scales)."""
@@ -52,7 +55,7 @@ class Method:
     narrow_side_exact: ClassVar[bool] = False
     tail_is_lowrank_z: ClassVar[bool] = False
     loss_units: ClassVar[bool] = False
-    factorizes_attention: ClassVar[bool] = False
+    whole_modules: ClassVar[WholeModules] = NO_MODULES
     want_mean: ClassVar[bool] = False
     gradient_pass: ClassVar[bool] = False
     """Its calibration is one forward and backward pass with running sums only (the loss-aware statistics): it
@@ -198,4 +201,4 @@ class COMCAT(Method):
     (MLP) layers by plain SVD."""
 
     name = "comcat"
-    factorizes_attention = True
+    whole_modules = AttentionHeads()

@@ -4,6 +4,8 @@ A *block* is any module with an ``attn`` child and an ``mlp`` child (timm's ViT,
 most of their relatives). Inside a block the attention projections (``qkv``, or ``q``/``k``/``v``, and ``proj``)
 and the MLP layers (``fc1``, ``fc2``) are compressible when they are plain ``nn.Linear`` modules. Everything else
 (patch embedding, norms, positional embedding, class/distillation tokens, Swin's patch merging, heads) is untouched.
+The adapter also names the parts the partial fine-tune trains (classifier heads, patch embedding, tokens), the input
+shape a model was built for, and how to build a shallower model of the same family (the rehearsal's ``--depth``).
 Dispatch is on module structure and layer names, never on the model's name.
 """
 
@@ -17,6 +19,15 @@ from torch import nn
 
 ATTENTION_LINEARS = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "proj")
 MLP_LINEARS = ("fc1", "fc2")
+TOKEN_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def is_block(module: nn.Module) -> bool:
@@ -79,6 +90,64 @@ class TimmViTAdapter:
                 modules[f"{block_name}.attn" if block_name else "attn"] = attn
         return modules
 
+    def layers_by_block(self, model: nn.Module) -> dict[str, dict[str, nn.Module]]:
+        """Block name -> its compressible layers (as :meth:`compressible_layers`), blocks in forward order."""
+        out: dict[str, dict[str, nn.Module]] = {}
+        for name, layer in self.compressible_layers(model).items():
+            out.setdefault(name.rsplit(".", 2)[0], {})[name] = layer
+        return out
+
+    def classifier_names(self, model: nn.Module) -> list[str]:
+        """Names of the classifier head(s): timm's ``pretrained_cfg["classifier"]`` (``head``, distilled DeiT's
+        ``head_dist``, Swin's ``head.fc``), else the usual names that exist."""
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        names = cfg.get("classifier")
+        names = [names] if isinstance(names, str) else list(names or [])
+        names = [n for n in names if _has_submodule(model, n)]
+        return names or [n for n in ("head", "head_dist", "fc", "classifier") if _has_submodule(model, n)]
+
+    def patch_embedding(self, model: nn.Module) -> nn.Module | None:
+        """The patch embedding module (None if the model has none)."""
+        patch_embed = getattr(model, "patch_embed", None)
+        return patch_embed if isinstance(patch_embed, nn.Module) else None
+
+    def token_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The positional embedding and the class, distillation and register tokens (top-level parameters)."""
+        return {name: p for name, p in model.named_parameters() if "." not in name and name in TOKEN_NAMES}
+
+    def is_distilled(self, model: nn.Module) -> bool:
+        """Distilled DeiT: a second (distillation) head and timm's switch to train both."""
+        return callable(getattr(model, "set_distilled_training", None)) and \
+            isinstance(getattr(model, "head_dist", None), nn.Module)
+
+    def input_shape(self, model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
+        """The channels and (H, W) the model was built for, read from its modules (None where they do not say): a
+        timm model's pretrained config keeps the registry's 3x224x224 even when built with ``img_size=28,
+        in_chans=1``."""
+        in_chans = None
+        first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+        names = [first_conv] if isinstance(first_conv, str) else list(first_conv or [])
+        for name in [*names, "patch_embed.proj", "stem.conv", "conv1"]:
+            if _has_submodule(model, name) and isinstance(getattr(model.get_submodule(name), "in_channels", None),
+                                                          int):
+                in_chans = model.get_submodule(name).in_channels
+                break
+        size = getattr(self.patch_embedding(model), "img_size", None)
+        if isinstance(size, int):
+            size = (size, size)
+        elif isinstance(size, (tuple, list)) and len(size) == 2:
+            size = (int(size[0]), int(size[1]))
+        else:
+            size = None
+        return in_chans, size
+
+    def shrunk_kwargs(self, model: nn.Module, depth: int) -> dict[str, Any]:
+        """timm constructor arguments that build the same family with at most ``depth`` blocks per stage."""
+        layers = getattr(model, "layers", None)
+        if layers is not None:  # Swin: stages of blocks
+            return {"depths": tuple(min(len(stage.blocks), depth) for stage in layers)}
+        return {"depth": min(len(model.blocks), depth)}
+
     def model_spec(self, model: nn.Module) -> ModelSpec:
         """Read the timm architecture name and the constructor arguments that shape its parameters."""
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -89,7 +158,7 @@ class TimmViTAdapter:
                 "pass model_name= and model_kwargs= to save_compressed"
             )
         kwargs: dict[str, Any] = {}
-        patch_embed = getattr(model, "patch_embed", None)
+        patch_embed = self.patch_embedding(model)
         if patch_embed is not None:
             if getattr(patch_embed, "img_size", None) is not None:
                 kwargs["img_size"] = list(patch_embed.img_size)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     import datasets
     from PIL import Image
 
+from lowrank_vit.nn.adapters import TimmViTAdapter
 from lowrank_vit.stages.data_config import (  # noqa: F401  (re-exported: the public names stay importable from here)
     IMAGE_COLUMNS,
     IMAGENET_HUB_ID,
@@ -65,30 +66,6 @@ from lowrank_vit.stages.data_config import (  # noqa: F401  (re-exported: the pu
     _one_line,
     check_preprocessing,
 )
-
-
-def _model_input_shape(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
-    """The channels and (H, W) the model was built for, read from its modules (a timm model's pretrained config
-    keeps the registry's 3x224x224 even when it was created with ``img_size=28, in_chans=1``)."""
-    in_chans = None
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    names = [first_conv] if isinstance(first_conv, str) else list(first_conv or [])
-    for name in [*names, "patch_embed.proj", "stem.conv", "conv1"]:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(getattr(module, "in_channels", None), int):
-            in_chans = module.in_channels
-            break
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(size, int):
-        size = (size, size)
-    elif isinstance(size, (tuple, list)) and len(size) == 2:
-        size = (int(size[0]), int(size[1]))
-    else:
-        size = None
-    return in_chans, size
 
 
 def _match_channels(stats: float | Sequence[float], channels: int) -> tuple[float, ...]:
@@ -125,7 +102,7 @@ def resolve_preprocessing(
     base = resolve_data_config({}, model=model) if model is not None else resolve_data_config({"input_size": None})
     channels, size = base["input_size"][0], tuple(base["input_size"][1:])
     if model is not None:
-        model_chans, model_size = _model_input_shape(model)
+        model_chans, model_size = TimmViTAdapter().input_shape(model)
         channels, size = model_chans or channels, model_size or size
     channels = in_chans or channels
     size = (img_size, img_size) if img_size else size

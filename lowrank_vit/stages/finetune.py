@@ -33,11 +33,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_labels, warmup_cosine
 from lowrank_vit.core.progress import lightning_progress_callbacks
-from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.stages.finetune_config import FinetuneConfig
 
-_TOKEN_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
+_ADAPTER = TimmViTAdapter()  # names the heads, the patch embedding and the tokens
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -46,24 +46,6 @@ def _is_norm(module: nn.Module) -> bool:
         norm_types = norm_types + (nn.RMSNorm,)
     return isinstance(module, norm_types) or type(module).__name__.lower().endswith("norm") or \
         type(module).__name__.endswith(("Norm2d", "NormAct", "NormAct2d"))
-
-
-def _classifier_names(model: nn.Module) -> list[str]:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = cfg.get("classifier")
-    names = [names] if isinstance(names, str) else list(names or [])
-    names = [n for n in names if _has_submodule(model, n)]
-    if not names:
-        names = [n for n in ("head", "head_dist", "fc", "classifier") if _has_submodule(model, n)]
-    return names
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def has_factorized_layers(model: nn.Module) -> bool:
@@ -94,11 +76,13 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
                          "norms, biases, head and patch embedding of a compressed model. Compress it first "
                          "(lowrank_vit.compress) or load a compressed one (lowrank_vit.load_compressed).")
     groups: dict[str, set[int]] = {"head": set(), "patch_embed": set(), "norm": set(), "bias": set(), "tokens": set()}
-    for name in _classifier_names(model):
+    for name in _ADAPTER.classifier_names(model):
         groups["head"].update(id(p) for p in model.get_submodule(name).parameters())
-    patch_embed = getattr(model, "patch_embed", None)
-    if isinstance(patch_embed, nn.Module):
+    patch_embed = _ADAPTER.patch_embedding(model)
+    if patch_embed is not None:
         groups["patch_embed"].update(id(p) for p in patch_embed.parameters())
+    if train_tokens:
+        groups["tokens"].update(id(p) for p in _ADAPTER.token_parameters(model).values())
     for module in model.modules():
         if _is_norm(module):
             groups["norm"].update(id(p) for p in module.parameters(recurse=False))
@@ -106,8 +90,6 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias" or leaf.endswith("_bias"):
             groups["bias"].add(id(p))
-        if train_tokens and leaf in _TOKEN_NAMES and "." not in name:
-            groups["tokens"].add(id(p))
 
     counts = dict.fromkeys(groups, 0)
     seen: set[int] = set()
@@ -165,8 +147,7 @@ class PartialFinetune(L.LightningModule):
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"the model must be a classifier with at least 2 classes (num_classes={num_classes!r})")
         self.num_classes = num_classes
-        self.distilled = callable(getattr(model, "set_distilled_training", None)) and \
-            isinstance(getattr(model, "head_dist", None), nn.Module)
+        self.distilled = _ADAPTER.is_distilled(model)
         if self.distilled:
             model.set_distilled_training(True)
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
