@@ -22,7 +22,7 @@ inputs (fc2) accumulate their output Gram W^T H W instead of H where that gives 
 and errors (see ``lowrank_vit/core/calibration.py``); "input" always accumulates H.
 
 Sub-timings inside the stages (the whitening a Z needs, closed-form Z, SGD steps, the report's error evaluations)
-are taken by wrapping the functions ``lowrank_vit.pipeline`` calls, from outside the package; the decompositions
+are the report's own ``substage_seconds``; the decompositions
 themselves (one call of the method's ``decompose`` per layer) are ``decomposition_s``. With ``--peak-memory N ...``
 each N runs in a fresh subprocess that reads its own peak resident memory (``ru_maxrss``); the images are generated
 one batch at a time, so the data set itself never counts.
@@ -31,9 +31,7 @@ one batch at a time, so the data set itself never counts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import json
 import os
 import resource
@@ -41,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +67,21 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-import lowrank_vit.pipeline as pipeline  # noqa: E402
 from lowrank_vit import CompressionConfig, compress  # noqa: E402
 from lowrank_vit.config import RECIPES, recipe  # noqa: E402
 
 STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
 
-INSTRUMENTED = {
+SUBTIMERS = {
     "whitening_for_z": "whitening",
     "closed_form_z": "closed_form_z",
     "svd_tail_z": "svd_tail_z",
-    "sgd_fit": "fit_sgd",
-    "report_errors": "output_error",
-    "swap": "swap_layers",
+    "sgd_fit": "sgd_fit",
+    "report_errors": "report_errors",
+    "swap": "swap",
 }
-"""Sub-timer name -> the function of ``lowrank_vit.pipeline`` whose calls it sums."""
+"""Sub-timer name in the results -> its key in ``CompressionReport.substage_seconds`` (0 where not used)."""
 
 
 def build_parser() -> ArgumentParser:
@@ -119,33 +116,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def instrument(device: str) -> Iterator[dict[str, float]]:
-    """Sum the wall time of the functions in :data:`INSTRUMENTED` while the block runs; restore them after."""
-    present = {name: attr for name, attr in INSTRUMENTED.items() if callable(getattr(pipeline, attr, None))}
-    totals = dict.fromkeys(present, 0.0)
-    originals = {name: getattr(pipeline, attr) for name, attr in present.items()}
-
-    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                synchronize(device)
-                totals[name] += time.perf_counter() - start
-        return timed_call
-
-    try:
-        for name, attr in present.items():
-            setattr(pipeline, attr, wrap(name, originals[name]))
-        yield totals
-    finally:
-        for name, attr in present.items():
-            setattr(pipeline, attr, originals[name])
-
-
 def forward_floor(model: nn.Module, images: ImageStream, device: str) -> tuple[float, float]:
     """Wall and process-CPU seconds of a plain no-grad forward over every calibration image (image generation
     included, as in ``compress``)."""
@@ -174,7 +144,7 @@ def settings_of(args: Any) -> list[tuple[str, str, str, str]]:
 
 def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
             device: str) -> tuple[dict[str, float], nn.Module]:
-    """One measurement: forward floor, compress (instrumented) a copy of ``dense``, forward floor again.
+    """One measurement: forward floor, compress a copy of ``dense``, forward floor again.
 
     Returns:
         The figures of one row, and the compressed copy.
@@ -183,12 +153,12 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
     with torch.no_grad():  # warm-up, so that one-time setup costs fall on neither side
         dense(next(iter(images)).to(device))
     before, before_cpu = forward_floor(dense, images, device)
-    with instrument(device) as sub:
-        synchronize(device)
-        start, cpu = time.perf_counter(), time.process_time()
-        report = compress(model, images, config)
-        synchronize(device)
-        total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
+    synchronize(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    report = compress(model, images, config)
+    synchronize(device)
+    total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
+    sub = {name: report.substage_seconds.get(key, 0.0) for name, key in SUBTIMERS.items()}
     after, after_cpu = forward_floor(dense, images, device)
     floor, floor_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
     stages = report.stage_seconds
@@ -211,7 +181,7 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         "mean_output_error": sum(layer.output_error for layer in report.layers) / len(report.layers),
     }
     out.update({f"{name}_s": seconds for name, seconds in sub.items()})
-    if config.solver == "sgd" and "sgd_fit" in sub:
+    if config.solver == "sgd" and sub["sgd_fit"] > 0:
         out["sgd_s_per_iteration"] = sub["sgd_fit"] / config.sgd_iterations
         out["compensation_s_at_2000_iterations"] = stages["compensation"] + out["sgd_s_per_iteration"] * (
             2000 - config.sgd_iterations)

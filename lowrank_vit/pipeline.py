@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -77,6 +78,10 @@ class CompressionReport:
     allocation: list[dict[str, Any]] = field(default_factory=list)
     """allocation "marginal": its decisions, the price per parameter it settled on, then per layer the rank, the
     energy lost and the price of the last direction kept (empty for the other policies)."""
+    substage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time inside and after the stages, summed over layers (benchmarks read it): "whitening" (of H for a Z
+    fitted on it), "svd_tail_z", "closed_form_z", "sgd_fit", "report_errors" (eq. 5 per layer) and "swap" (the
+    layer swap). Not part of ``stage_seconds``, whose values add up to the whole compression."""
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -104,6 +109,18 @@ class CompressionReport:
         lines.append(f"params {self.params_before:,} -> {self.params_after:,} (-{100 * self.reduction:.1f}%, "
                      f"target {self.target_params:,})")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _timed(totals: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
+    """Add the block's wall time to ``totals[key]`` (after the device's queued work, on CUDA)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
 
 def _target_total(cfg: CompressionConfig, params_before: int) -> int:
@@ -287,33 +304,33 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     cfg, layers, device, z_kind = setup.cfg, setup.layers, setup.device, setup.cfg.compensation
     budgets_meta = setup.z_params
     timings: dict[str, float] = {}
+    sub: dict[str, float] = {}  # substage_seconds
 
-    start = time.perf_counter()
     method = get_method(cfg.decomposition)
     use_sgd = cfg.solver == "sgd" and z_kind != "none"
     tail_z = _z_is_more_rank(z_kind, False) and method.tail_is_lowrank_z and not use_sgd
     needs_whitening = z_kind != "none" and not tail_z
-    stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
-    timings["calibration"] = time.perf_counter() - start
+    with _timed(timings, "calibration", device):
+        stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
 
-    start = time.perf_counter()
     whitenings: dict[str, Whitening] = {}
     decompositions: dict[str, Decomposition] = {}
-    with progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
+    with _timed(timings, "decomposition", device), \
+            progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
         for name, layer in layers.items():
             decompositions[name], white = method.decompose(_weight(layer, device), stats[name], scales.get(name),
                                                            cfg)
             if white is None and needs_whitening:  # the closed-form or SGD Z of eq. (10) is fitted on H
-                white = whitening(stats[name].gram, cfg.damping)
+                with _timed(sub, "whitening", device):
+                    white = whitening(stats[name].gram, cfg.damping)
             if white is not None:
                 whitenings[name] = white
             bar.update(1)
-    decompositions.update(setup.whole.decompositions(setup.modules, device))
-    timings["decomposition"] = time.perf_counter() - start
+        decompositions.update(setup.whole.decompositions(setup.modules, device))
 
-    start = time.perf_counter()
-    allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values) for name, d in decompositions.items()})
-    timings["allocation"] = time.perf_counter() - start
+    with _timed(timings, "allocation", device):
+        allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values)
+                                       for name, d in decompositions.items()})
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -330,7 +347,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         residuals[name] = residual
         z = None
         if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
-            z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
+            with _timed(sub, "svd_tail_z", device):
+                z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
         elif z_kind != "none":  # never an output-side layer (statistics_space)
             s = stats[name]
             problem = CompensationProblem(residual, whitenings[name])
@@ -340,7 +358,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                 targets = (inputs.double() @ residual).float()
                 sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
             else:
-                z = closed_form_z(z_kind, problem, budgets_meta[name])
+                with _timed(sub, "closed_form_z", device):
+                    z = closed_form_z(z_kind, problem, budgets_meta[name])
         dtype = layer.weight.dtype
         bias = None if layer.bias is None else layer.bias.detach()
         mean = stats[name].token_mean
@@ -351,10 +370,13 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         new_layers[name] = new.to(device)
     sgd_history = {}
     if sgd_tasks:
-        sgd_history = fit_sgd(sgd_tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations, batch_size=cfg.sgd_batch_size,
-                              seed=cfg.seed, progress=cfg.progress)
+        with _timed(sub, "sgd_fit", device):
+            sgd_history = fit_sgd(sgd_tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations,
+                                  batch_size=cfg.sgd_batch_size, seed=cfg.seed, progress=cfg.progress)
         for name, task in sgd_tasks.items():
             new_layers[name].z = task.z.to(layers[name].weight.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     timings["compensation"] = time.perf_counter() - start
 
     reports = []
@@ -366,8 +388,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             params = layer.weight.numel()
         else:
             new = new_layers[name]
-            err_lr = output_error(s, residuals[name])
-            err = output_error(s, _weight(layer, device) - new.dense_weight().detach().double())
+            with _timed(sub, "report_errors", device):
+                err_lr = output_error(s, residuals[name])
+                err = output_error(s, _weight(layer, device) - new.dense_weight().detach().double())
             params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
         predicted = None
         if method.loss_units:
@@ -384,8 +407,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         reports.append(LayerReport(unit.name, unit.in_features, unit.out_features, unit.rank, 0, unit.dense_params,
                                    unit.params, unit.energy_loss, math.nan, math.nan))
 
-    swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
-    swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
+    with _timed(sub, "swap", device):
+        swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
+        swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
     params_after = count_params(model)
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
-                             sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [])
+                             sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [], sub)

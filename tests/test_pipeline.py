@@ -277,3 +277,18 @@ def test_sgd_solver_reaches_the_closed_form_error(small_images):
         assert sgd.output_error < sgd.output_error_lowrank, sgd.name
         # measured here: 1.02-1.11x the closed form's error after 300 steps at lr 1e-2
         assert exact.output_error * (1 - 1e-3) <= sgd.output_error <= 1.15 * exact.output_error, sgd.name
+
+
+@pytest.mark.parametrize("decomposition, compensation, timed", [
+    ("whitened", "lowrank", {"svd_tail_z", "report_errors", "swap"}),  # Z: the next singular triplets
+    ("plain", "diagonal", {"whitening", "closed_form_z", "report_errors", "swap"}),  # Z fitted on H
+    ("loss_aware", "none", {"report_errors", "swap"}),
+])
+def test_substage_seconds_time_what_ran(small_images, decomposition, compensation, timed):
+    """The benchmarks read the sub-stage timers from the report instead of wrapping the pipeline's functions."""
+    report = compress(small_vit(), [small_images], cfg(reduction=0.5, decomposition=decomposition,
+                                                       compensation=compensation,
+                                                       allocation="marginal" if decomposition == "loss_aware"
+                                                       else "greedy"))
+    assert set(report.substage_seconds) == timed and all(v >= 0 for v in report.substage_seconds.values())
+    assert json.loads(report.to_json())["substage_seconds"] == report.substage_seconds
