@@ -54,3 +54,20 @@ def test_the_pipeline_names_no_method():
         {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     specific = ("comcat", "head", "asvd", "fwsvd", "fisher", "whitened", "loss_aware")
     assert not sorted(n for n in names if any(word in n.lower() for word in specific))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_named_alone_gets_its_home_recipe(name):
+    """``lowrank-vit compress --recipe NAME`` with a decomposition's name: that decomposition inside its own recipe."""
+    import argparse
+
+    from lowrank_vit.config import RECIPES
+    from lowrank_vit.harness.usercli import compression_config
+
+    home = RECIPES[get_method(name).home_recipe]
+    args = argparse.Namespace(recipe=name, reduction=0.5, target_params=None, calib_samples=8, rank_multiple=1,
+                              quiet=True)
+    config = compression_config(args, torch.device("cpu"))
+    assert config.decomposition == name
+    assert (config.allocation, config.compensation) == (home["allocation"], home["compensation"])
+    assert (config.allocation == "marginal") == (name == "loss_aware")  # only the loss-aware method leaves the paper's

@@ -568,16 +568,16 @@ def _layers(model: nn.Module, compression: dict[str, Any] | None) -> list[dict[s
 
 
 def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
-    """The CompressionConfig of ``--recipe`` (a named recipe, or a decomposition with the paper's recipe around it:
-    greedy allocation on its own spectra, closed-form low-rank Z, as the comparison table runs them)."""
+    """The CompressionConfig of ``--recipe``: a named recipe, or a decomposition inside its own recipe
+    (``Method.home_recipe``: the loss-aware method's marginal ranks without Z) or else the paper's (greedy allocation
+    on its own spectra, closed-form low-rank Z, as the comparison table runs them)."""
     from lowrank_vit.config import RECIPES, CompressionConfig
+    from lowrank_vit.methods.decompositions import get_method
 
     if args.recipe in RECIPES:
         fields = dict(RECIPES[args.recipe])
-    elif args.recipe == "loss_aware":
-        fields = dict(RECIPES["loss-aware"])
     else:
-        fields = {**RECIPES["paper"], "decomposition": args.recipe}
+        fields = {**RECIPES[get_method(args.recipe).home_recipe], "decomposition": args.recipe}
     try:
         return CompressionConfig(reduction=args.reduction, target_params=args.target_params,
                                  calib_samples=args.calib_samples, rank_multiple=args.rank_multiple,

@@ -58,6 +58,9 @@ class Method:
     whole_modules: ClassVar[WholeModules] = NO_MODULES
     want_mean: ClassVar[bool] = False
     gradient_pass: ClassVar[bool] = False
+    home_recipe: ClassVar[str] = "paper"
+    """The named recipe (``config.RECIPES``) whose allocation and Z go with this decomposition when it is chosen by
+    name alone (``lowrank-vit compress --recipe NAME``)."""
     """Its calibration is one forward and backward pass with running sums only (the loss-aware statistics): it
     supports bias correction and ``grad_samples``, and keeps no tokens for the SGD solver."""
 
@@ -138,6 +141,7 @@ class LossAware(Method):
     tail_is_lowrank_z = True
     loss_units = True
     gradient_pass = True
+    home_recipe = "loss-aware"  # its marginal allocation on predicted loss, and no Z (more rank in the same basis)
 
     def needs_labels(self, cfg):
         return cfg.fisher_labels == "given"  # else labels sampled from the model's own predictions
