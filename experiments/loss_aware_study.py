@@ -47,6 +47,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "la-grad-quarter": {**_DEFAULT, "grad_fraction": 0.25},
     "la-gram-float64": {**_DEFAULT, "gram_precision": "float64"},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
+    # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
+    "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
+    "whitened-uniform-gram-float32": dict(decomposition="whitened", allocation="uniform", compensation="none",
+                                          gram_precision="float32"),
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
