@@ -206,6 +206,31 @@ def verdict(results: dict[str, Any], default: str = "loss-aware",
     return "\n".join(lines) + "\n"
 
 
+PRECISION_PAIRS = (("paper", "paper", "paper-gram-float32"),
+                   ("whitened-uniform", "whitened-uniform", "whitened-uniform-gram-float32"),
+                   ("loss-aware", "la-gram-float64", "loss-aware"))
+"""(recipe, its cells with float64 Gram products, its cells with float32 products) of the precision comparison
+(float64 running sums either way): the recipes whose CPU default is float64 products, and the default's ablation."""
+
+
+def precision_table(results: dict[str, Any], pairs: tuple[tuple[str, str, str], ...] = PRECISION_PAIRS,
+                    ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)) -> str:
+    """docs/loss_aware.md's Gram precision table, cell by cell from ``results``: per model and recipe, the top-1
+    with float64 / float32 products and the relative change of the KL to the dense model (float32 against
+    float64, percent). Cells the study has not computed read "—"."""
+    lines = ["| model | recipe | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    for model, entry in results.items():
+        for i, (label, exact, fast) in enumerate(pairs):
+            row = []
+            for r in ratios:
+                a, b = entry["cells"].get(f"{exact}@{r}"), entry["cells"].get(f"{fast}@{r}")
+                change = None if a is None or b is None else round(100 * (b["kl"] / a["kl"] - 1), 3) + 0.0
+                row.append("—" if change is None else f"{a['top1']:.2f} / {b['top1']:.2f}, {change:+.3f}%")
+            lines.append(f"| {model if i == 0 else ''} | {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.loss_aware_study", description=__doc__.split("\n")[0])
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (train.parquet and test.parquet)")

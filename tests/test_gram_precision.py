@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_images, make_tiny_vit
 
 from lowrank_vit import CompressionConfig, compress
 from lowrank_vit import config as config_module
 from lowrank_vit.config import DECOMPOSITIONS, float32_matmul_is_ieee, recipe, resolve_gram_precision
 from lowrank_vit.methods.decompositions import get_method
+
+from conftest import make_images, make_tiny_vit
 
 GRADIENT_PASS = [name for name in DECOMPOSITIONS if get_method(name).gradient_pass]
 FORWARD_ONLY = [name for name in DECOMPOSITIONS if not get_method(name).gradient_pass]
