@@ -127,6 +127,26 @@ def test_the_pipeline_resolves_on_the_models_device(monkeypatch):
     assert seen == ["float64"] and config["gram_precision"] == "float64"
 
 
+class _Stop(Exception):
+    """Raised by a stand-in calibration once it has seen what the pipeline gives it."""
+
+
+@pytest.mark.parametrize(("device", "used"), [("cuda", "float32"), ("cpu", "float64")])
+def test_compress_resolves_on_the_configured_device(monkeypatch, device, used):
+    """The paper's recipe given ``device="cuda"`` reaches its calibration with float32 products (no GPU is touched:
+    the calibration is replaced by one that records its arguments and stops), and with float64 on the CPU."""
+    seen = []
+
+    def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
+        seen.append((cfg.gram_precision, device.type))
+        raise _Stop
+
+    monkeypatch.setattr(type(get_method("whitened")), "calibrate", calibrate)
+    with pytest.raises(_Stop):
+        compress(make_tiny_vit(), [make_images(16)], recipe("paper", reduction=0.5, device=device, progress=False))
+    assert seen == [(used, device)]
+
+
 def test_a_finished_row_of_an_earlier_version_is_still_the_same_config():
     """result.json of an earlier version holds the resolved precision; the same row with "auto" is not "another
     config" (which would refuse to resume), while an explicit different precision is."""
