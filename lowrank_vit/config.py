@@ -143,10 +143,10 @@ class CompressionConfig:
     calib_samples: int = 1024
     """Number of calibration images taken from the iterable (the paper's proxy dataset)."""
     gram_precision: str | None = None
-    """Precision of each batch's Gram product X^T X: "float64" (exact) or "float32" (about twice as fast on CPUs,
-    and 32-64x on GPUs with little float64 throughput; the running sum over batches is float64 either way, so the
-    error does not grow with the number of images). None (default, "auto"): decided where the statistics are
-    computed, by :func:`resolve_gram_precision` (the compression report records the precision used)."""
+    """Precision of each batch's Gram product X^T X: "float64" (exact) or "float32" (about twice as fast on CPUs;
+    GPUs such as the A6000 have 1/32-1/64 of their float32 peak in float64). The running sum over batches is float64
+    either way, so the error does not grow with the number of images. None (default, "auto"): decided where the
+    statistics are computed, by :func:`resolve_gram_precision` (the compression report records the precision used)."""
     gram_space: str = "auto"
     """Where wide-input layers (fc2: 4x more inputs than outputs) collect their statistics. "input": H itself.
     "auto": their output Gram W^T H W (1/16 of the work for fc2) whenever the configuration uses H only through
