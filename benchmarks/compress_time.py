@@ -68,7 +68,7 @@ from _common import (  # noqa: E402
 )
 
 from lowrank_vit import CompressionConfig, compress  # noqa: E402
-from lowrank_vit.config import RECIPES, recipe  # noqa: E402
+from lowrank_vit.config import RECIPES, recipe, resolve_gram_precision  # noqa: E402
 
 STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
@@ -208,8 +208,9 @@ def timing_rows(args: Any, model_name: str, kwargs: dict[str, Any]) -> list[dict
     for (name, solver, precision, space), done in runs.items():
         row: dict[str, Any] = {"model": model_name, "recipe": name, "calib_images": args.calib,
                                "batch_size": args.batch_size, "solver": solver,
-                               "gram_precision": make_config(args, solver, precision, args.calib, space,
-                                                             name).gram_precision,
+                               "gram_precision": resolve_gram_precision(
+                                   make_config(args, solver, precision, args.calib, space, name),
+                                   torch.device(args.device).type),
                                "gram_space": space, "reduction": args.reduction}
         if solver == "sgd":
             row["sgd_iterations"] = args.sgd_iterations

@@ -47,6 +47,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "la-grad-quarter": {**_DEFAULT, "grad_fraction": 0.25},
     "la-gram-float64": {**_DEFAULT, "gram_precision": "float64"},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
+    # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
+    "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
+    "whitened-uniform-gram-float32": dict(decomposition="whitened", allocation="uniform", compensation="none",
+                                          gram_precision="float32"),
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
@@ -199,6 +203,31 @@ def verdict(results: dict[str, Any], default: str = "loss-aware",
                  if f"{default}@{r}" in cells and f"vanilla@{r}" in cells and key in cells[f"vanilla@{r}"]]
         gain = f"{sum(gains) / len(gains):+.2f}" if len(gains) == 2 else "—"
         lines.append(f"| {model} | {'; '.join(margins)} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+PRECISION_PAIRS = (("paper", "paper", "paper-gram-float32"),
+                   ("whitened-uniform", "whitened-uniform", "whitened-uniform-gram-float32"),
+                   ("loss-aware", "la-gram-float64", "loss-aware"))
+"""(recipe, its cells with float64 Gram products, its cells with float32 products) of the precision comparison
+(float64 running sums either way): the recipes whose CPU default is float64 products, and the default's ablation."""
+
+
+def precision_table(results: dict[str, Any], pairs: tuple[tuple[str, str, str], ...] = PRECISION_PAIRS,
+                    ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8)) -> str:
+    """docs/loss_aware.md's Gram precision table, cell by cell from ``results``: per model and recipe, the top-1
+    with float64 / float32 products and the relative change of the KL to the dense model (float32 against
+    float64, percent). Cells the study has not computed read "—"."""
+    lines = ["| model | recipe | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    for model, entry in results.items():
+        for i, (label, exact, fast) in enumerate(pairs):
+            row = []
+            for r in ratios:
+                a, b = entry["cells"].get(f"{exact}@{r}"), entry["cells"].get(f"{fast}@{r}")
+                change = None if a is None or b is None else round(100 * (b["kl"] / a["kl"] - 1), 3) + 0.0
+                row.append("—" if change is None else f"{a['top1']:.2f} / {b['top1']:.2f}, {change:+.3f}%")
+            lines.append(f"| {model if i == 0 else ''} | {label} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lowrank_vit.core.allocate import POLICIES
 from lowrank_vit.core.common import from_fields
 from lowrank_vit.core.loss_aware import FISHER_LABELS
@@ -24,6 +26,13 @@ DECOMPOSITIONS = tuple(METHODS)
 ALLOCATIONS = tuple(POLICIES)
 COMPENSATIONS = ("none", *Z_KINDS)
 SOLVERS = ("closed_form", "sgd")
+GRAM_PRECISIONS = ("float64", "float32")
+
+FLOAT32_GRAM_DEVICE_TYPES = frozenset({"cuda"})
+"""Device types on which ``gram_precision=None`` means float32 Gram products for every method: GPUs whose float64
+throughput is 1/32 to 1/64 of float32 (the paper's A6000, RTX cards), where float64 statistics could dominate a run.
+Measured (docs/loss_aware.md, "Gram precision"): float32 products with float64 running sums give the same top-1 in
+all 50 cells of the paper's recipe and whitened-uniform, KL within 0.15%."""
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -45,6 +54,37 @@ def recipe(name: str, **fields: Any) -> CompressionConfig:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     return CompressionConfig(**{**RECIPES[name], **fields})
+
+
+def float32_matmul_is_ieee(device_type: str) -> bool:
+    """Whether float32 matrix products on ``device_type`` are plain IEEE float32. ``torch.set_float32_matmul_precision
+    ("high")`` (Lightning suggests it on Ampere GPUs) makes them TF32 on CUDA (10-bit mantissa), "medium" bfloat16 on
+    CPUs: far from the float32 products the precision comparison measured, so "auto" must not pick float32 then."""
+    backend = {"cuda": torch.backends.cuda, "cpu": torch.backends.mkldnn}.get(device_type)
+    setting = getattr(getattr(backend, "matmul", None), "fp32_precision", "none")
+    if setting == "none":  # the backend follows the global setting
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return setting in ("none", "ieee")
+
+
+def resolve_gram_precision(cfg: CompressionConfig, device_type: str, *, float32_exact: bool | None = None) -> str:
+    """The Gram product precision ``cfg`` gets when its statistics are computed on a ``device_type`` device ("cpu",
+    "cuda", ...). An explicit ``cfg.gram_precision`` is returned as it is. None ("auto") gives "float32" where it is
+    measured to be as good and is much faster, "float64" where the paper's rows have always used it:
+
+    * "float32" for a method with a gradient pass ("loss_aware") on any device, and for every method on a device
+      type in :data:`FLOAT32_GRAM_DEVICE_TYPES` (CUDA);
+    * "float64" for the other methods on the CPU (their results there stay what they were), and for every method
+      where float32 products are not IEEE float32 (TF32 or bfloat16 enabled, :func:`float32_matmul_is_ieee`).
+
+    ``float32_exact`` states that last condition instead of reading torch's current setting (a cost estimate for
+    another machine, or comparing configs independently of this process's settings).
+    """
+    if cfg.gram_precision is not None:
+        return cfg.gram_precision
+    prefers_float32 = get_method(cfg.decomposition).gradient_pass or device_type in FLOAT32_GRAM_DEVICE_TYPES
+    exact = float32_matmul_is_ieee(device_type) if float32_exact is None else float32_exact
+    return "float32" if prefers_float32 and exact else "float64"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -104,9 +144,9 @@ class CompressionConfig:
     """Number of calibration images taken from the iterable (the paper's proxy dataset)."""
     gram_precision: str | None = None
     """Precision of each batch's Gram product X^T X: "float64" (exact) or "float32" (about twice as fast on CPUs;
-    the running sum over batches is float64 either way, so the error does not grow with the number of images).
-    None (default): "float32" for "loss_aware" (measured: the same ranks, top-1 and KL to the displayed precision
-    on every model of docs/loss_aware.md's study), "float64" for the others (the paper's rows keep it)."""
+    GPUs such as the A6000 have 1/32-1/64 of their float32 peak in float64). The running sum over batches is float64
+    either way, so the error does not grow with the number of images. None (default, "auto"): decided where the
+    statistics are computed, by :func:`resolve_gram_precision` (the compression report records the precision used)."""
     gram_space: str = "auto"
     """Where wide-input layers (fc2: 4x more inputs than outputs) collect their statistics. "input": H itself.
     "auto": their output Gram W^T H W (1/16 of the work for fc2) whenever the configuration uses H only through
@@ -167,8 +207,6 @@ class CompressionConfig:
                              f"{self.decomposition!r} does not keep: use solver='closed_form'")
         if self.bias_correction is None:
             self.bias_correction = gradient_pass
-        if self.gram_precision is None:
-            self.gram_precision = "float32" if gradient_pass else "float64"
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"bias_correction must be true, false or null, got {self.bias_correction!r}")
         if self.bias_correction and not gradient_pass:
@@ -180,7 +218,8 @@ class CompressionConfig:
         if self.grad_fraction != 1.0 and not gradient_pass:
             raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
                              f"the calibration images); got decomposition={self.decomposition!r}")
-        _check_choice("gram_precision", self.gram_precision, ("float64", "float32"))
+        if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
+            _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
         if not 0.0 <= self.z_fraction < 0.5:
             raise ValueError(f"z_fraction must be in [0, 0.5), got {self.z_fraction}")

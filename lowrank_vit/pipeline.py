@@ -7,13 +7,13 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_vit.config import CompressionConfig
+from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
 from lowrank_vit.core.calibration import LayerStats, output_error
 from lowrank_vit.core.decompose import (
@@ -184,6 +184,8 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
                     for name, layer in layers.items()] + whole.budgets(modules), budget,
                    outside=params_before - replaced + fixed, params_before=params_before)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
+    # "auto" precision becomes the one used on this device, so the report (and result.json) records it
+    config = replace(config, gram_precision=resolve_gram_precision(config, device.type))
     return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, whole, fixed,
                   modules)
 

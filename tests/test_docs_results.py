@@ -52,3 +52,14 @@ def test_loss_aware_docs_tables_are_the_committed_results():
             assert value.replace("*", "") == f"{cell['top1']:.2f} / {cell['top1_ft']:.2f}", (model, recipe, ratio)
             checked += 1
     assert checked > 200
+
+
+def test_gram_precision_table_is_the_committed_results():
+    """docs/loss_aware.md's float32-against-float64 table is precision_table() of the committed study, verbatim, and
+    every one of its cells was computed (the default's precision rests on it)."""
+    from experiments.loss_aware_study import precision_table
+
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    table = precision_table(study)
+    assert table in (ROOT / "docs/loss_aware.md").read_text()
+    assert "—" not in table and table.count("\n") == 2 + 3 * len(study)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_vit.config import resolve_gram_precision
 from lowrank_vit.core.common import smooth_images
 from lowrank_vit.harness.registry import (
     Experiment,
@@ -311,7 +312,11 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config without what does not change its result (hardware, run switches), with the fields a newer
     version added filled in with their defaults (so that a new option does not orphan every finished result)."""
     try:
-        config = RunConfig.from_dict(config).to_dict()
+        run = RunConfig.from_dict(config)
+        config = run.to_dict()
+        if run.compression is not None:  # "auto" (None) and the value earlier versions resolved it to compare equal
+            config["compression"]["gram_precision"] = resolve_gram_precision(run.compression, "cpu",
+                                                                             float32_exact=True)
     except (TypeError, ValueError, KeyError, AttributeError):
         pass  # unreadable: compared as it is (and found different)
     return {k: v for k, v in config.items() if k not in ("hardware", "run")}
