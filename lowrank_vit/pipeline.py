@@ -115,12 +115,10 @@ class CompressionReport:
 def _timed(totals: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
     """Add the block's wall time to ``totals[key]`` (after the device's queued work, on CUDA)."""
     start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+    yield  # an exception propagates untimed (and touches no device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
 
 def _target_total(cfg: CompressionConfig, params_before: int) -> int:
