@@ -2,13 +2,16 @@
 
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
-Two ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, DeiT-B and Swin-B shapes) that
+Three ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, DeiT-B and Swin-B shapes) that
 :mod:`lowrank_vit.harness.standins` trains:
 
 * ``cifar_deit4``: the comparison table's model (:mod:`experiments.cifar10`'s recipe unchanged): 4 blocks, width
   128, 2 heads, 4x4 patches (64 tokens), average pooling, label smoothing, shifts and flips, 6 epochs.
 * ``cifar_vit6``: 6 blocks, width 96, 3 heads, 8x8 patches (16 tokens + a class token), the class token's head,
   no label smoothing, a lower learning rate, flips only, 8 epochs.
+* ``cifar_vit6_long``: ``cifar_vit6``'s shape trained nearly four times longer (30 epochs, shifts and flips, label
+  smoothing): a model that uses more of its capacity, so compression costs it more (as it does real, fully trained
+  models).
 
 Each lands in ``OUTPUT/NAME/model.safetensors`` beside ``model.json`` (recipe, fingerprint, top-1, seconds); a model
 whose recipe is unchanged is not trained again. The weights are small (about 3 MB) and committed, so the study runs
@@ -30,6 +33,11 @@ MODELS: dict[str, Recipe] = {
                       "depth": 6, "num_heads": 3, "mlp_ratio": 4.0, "global_pool": "token", "class_token": True},
         epochs=8, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.1, label_smoothing=0.0,
         max_shift=0, seed=1),
+    "cifar_vit6_long": Recipe(
+        model_kwargs={"img_size": 32, "in_chans": 3, "num_classes": 10, "patch_size": 8, "embed_dim": 96,
+                      "depth": 6, "num_heads": 3, "mlp_ratio": 4.0, "global_pool": "token", "class_token": True},
+        epochs=30, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
+        max_shift=4, seed=2),
 }
 
 
