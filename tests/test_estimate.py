@@ -171,3 +171,38 @@ def test_cpu_estimate_agrees_with_the_committed_benchmark_within_2x():
             f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}"])
         ratio = est["compress_seconds"] / row["total_s"]
         assert 0.5 <= ratio <= 2.0, (row["recipe"], est["compress_seconds"], row["total_s"])
+
+
+def test_pass_stages_are_their_flops_at_the_gemm_rate():
+    """Evaluations and the fine-tune, by hand: val (train) images times the compressed model's forward (times 3
+    for a training step), at the float32 peak times the GEMM efficiency (the fine-tune divided over devices)."""
+    exp = get_experiment(ROWS["paper"])
+    est = estimate.estimate_row(exp, device="a100", devices=4)
+    shapes = estimate.model_shapes(exp.full.model)
+    rate = estimate.DEVICES["a100"].peak_tflops["fp32"] * 1e12 * estimate.GEMM_EFFICIENCY
+    train, val = estimate.DATASET_SIZES["imagenet-1k"]
+    assert _stage(est, "evaluation dense")["flops"] == pytest.approx(val * shapes.forward_flops)
+    final = _stage(est, "evaluation final")
+    assert final["seconds"] == pytest.approx(final["flops"] / rate)
+    compressed = final["flops"] / val
+    assert shapes.forward_flops * 0.4 < compressed < shapes.forward_flops * 0.7  # -50% of the parameters
+    tune = _stage(est, "fine-tune")
+    batch = exp.full.finetune.batch_size
+    steps = exp.full.finetune.epochs * -(-train // (batch * 4))
+    assert tune["flops"] == pytest.approx(3 * compressed * steps * batch * 4)
+    assert tune["seconds"] == pytest.approx(tune["flops"] / rate / 4)
+
+
+def test_cpu_stages_agree_with_the_benchmark_within_3x():
+    """Stage by stage, looser than the whole: the calibration forward, the statistics (with the loss-aware
+    backward, which the benchmark counts in them) and the decompositions, each within a factor of 3."""
+    bench = json.loads(BENCHMARK.read_text())
+    for row in bench["rows"]:
+        est = estimate.estimate_row(get_experiment(ROWS[row["recipe"]]), device="cpu", overrides=[
+            f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}"])
+        seconds = {s["name"]: s["seconds"] for s in est["stages"]}
+        pairs = {"calibration_forward_s": seconds["calibration forward"],
+                 "statistics_s": seconds["statistics"] + seconds.get("calibration backward", 0.0),
+                 "decomposition_s": seconds["decomposition"]}
+        for key, value in pairs.items():
+            assert 1 / 3 <= value / row[key] <= 3, (row["recipe"], key, value, row[key])
