@@ -139,6 +139,9 @@ def test_dry_run_lists_rows_without_running(capsys, tmp_path):
     (("reproduce", "table2", "--estimate"), "--dry-run"),
     (("reproduce", "table2", "--rows", "table9/*", "--dry-run", "--estimate"), "matches no row"),
     (("plan", ROWS["paper"], "--estimate", "--set", "data.name=my-folder"), "size of the data"),
+    (("plan", ROWS["paper"], "--synthetic", "--gpu", "h100"), "add --estimate"),
+    (("plan", ROWS["paper"], "--synthetic", "--devices", "2"), "add --estimate"),
+    (("reproduce", "table2", "--dry-run", "--gpu", "h100"), "add --estimate"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, words):
     try:

@@ -57,7 +57,7 @@ def _add_estimate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true",
                         help="estimated FLOPs, memory and time of every stage from the model's shapes and the data "
                              "sizes (no data, weights or network; docs/estimate.md)")
-    parser.add_argument("--gpu", default="a100", metavar="DEVICE",
+    parser.add_argument("--gpu", metavar="DEVICE",
                         help="with --estimate: a100 (default), h100, a6000, rtx4090 or cpu")
 
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--json", action="store_true", help="totals, per-layer ranks and parameter counts and MiB as JSON")
     _add_estimate(p)
-    p.add_argument("--devices", type=positive_int, default=1,
+    p.add_argument("--devices", type=positive_int,
                    help="with --estimate: GPUs of the data-parallel fine-tune (default 1)")
 
     p = sub.add_parser("run", help="the whole pipeline of one row; writes OUTPUT/NAME/result.json and the model")
@@ -153,7 +153,7 @@ def _print_estimate(args: argparse.Namespace, exps: list[Any], scale: str, devic
     """One row in full (its stages), or several as one line each and the total (``table``: always the latter)."""
     from lowrank_vit.harness.estimate import estimate_rows, format_row, format_rows
 
-    data = estimate_rows(exps, scale, device=args.gpu, devices=devices, overrides=args.overrides)
+    data = estimate_rows(exps, scale, device=args.gpu or "a100", devices=devices, overrides=args.overrides)
     single = len(data["rows"]) == 1 and not table
     if args.json:
         print(json.dumps(data["rows"][0] if single else data, indent=2))
@@ -162,12 +162,23 @@ def _print_estimate(args: argparse.Namespace, exps: list[Any], scale: str, devic
     return 0
 
 
+def _check_estimate_options(args: argparse.Namespace) -> None:
+    """--gpu (and --json on reproduce) mean something only with --estimate: refused rather than ignored."""
+    if args.gpu is not None and not args.estimate:
+        raise CLIError("--gpu chooses the device of an estimate: add --estimate")
+    if args.command == "reproduce" and args.json and not args.estimate:
+        raise CLIError("--json prints an estimate: add --dry-run --estimate")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from lowrank_vit.harness.registry import get_experiment
     from lowrank_vit.harness.runner import plan_row
 
+    _check_estimate_options(args)
+    if args.devices is not None and not args.estimate:
+        raise CLIError("--devices prices the fine-tune of an estimate: add --estimate")
     if args.estimate:
-        return _print_estimate(args, _estimate_rows(args.name), args.scale, args.devices)
+        return _print_estimate(args, _estimate_rows(args.name), args.scale, args.devices or 1)
     if not args.synthetic:
         raise CLIError("plan needs --synthetic (random weights and synthetic inputs); `run` uses real ones")
     exp = get_experiment(args.name)
@@ -212,6 +223,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.estimate and not args.dry_run:
         raise CLIError("--estimate prices the rows without running them: add --dry-run")
+    _check_estimate_options(args)
     if args.dry_run:
         return _dry_run(args)
     data = reproduce(args.table, args.scale, rows=args.rows, **_hardware(args))
