@@ -55,7 +55,8 @@ def test_list_show_and_plan_do_not_import_lightning():
     code = ("import io, contextlib, sys\n"
             "from lowrank_vit.harness.cli import main\n"
             "for argv in (['list'], ['show', 'table2/deit_s/ours-50'],\n"
-            "             ['plan', 'table2/deit_s/ours-50', '--synthetic', '--scale', 'smoke']):\n"
+            "             ['plan', 'table2/deit_s/ours-50', '--synthetic', '--scale', 'smoke'],\n"
+            "             ['plan', 'table2/deit_s/ours-50', '--estimate', '--gpu', 'a6000']):\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        assert main(argv) == 0, argv\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n")

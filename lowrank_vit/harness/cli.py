@@ -53,6 +53,14 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         help="change one config field, e.g. --set finetune.epochs=1 (repeatable; see `show`)")
 
 
+def _add_estimate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--estimate", action="store_true",
+                        help="estimated FLOPs, memory and time of every stage from the model's shapes and the data "
+                             "sizes (no data, weights or network; docs/estimate.md)")
+    parser.add_argument("--gpu", metavar="DEVICE",
+                        help="with --estimate: a100 (default), h100, a6000, rtx4090 or cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowrank-vit", description="Activation-aware mixed-rank compression of timm ViTs: "
                                                      "the paper's tables as reproducible jobs.")
@@ -75,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=positive_int, default=4, help="synthetic calibration images (default 4)")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="totals, per-layer ranks and parameter counts and MiB as JSON")
+    _add_estimate(p)
+    p.add_argument("--devices", type=positive_int,
+                   help="with --estimate: GPUs of the data-parallel fine-tune (default 1)")
 
     p = sub.add_parser("run", help="the whole pipeline of one row; writes OUTPUT/NAME/result.json and the model")
     p.add_argument("name")
@@ -83,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a table's unfinished rows, then write OUTPUT/TABLE.md and .json")
     p.add_argument("table", help="table1, table2, table3, table4, ablation or compare")
     p.add_argument("--rows", help="only the rows matching this shell pattern, e.g. 'table2/deit_s/*'")
+    p.add_argument("--dry-run", action="store_true", help="list the rows that would run; run nothing")
+    _add_estimate(p)
+    p.add_argument("--json", action="store_true", help="with --dry-run --estimate: the estimate as JSON")
     _add_hardware(p)
     p = sub.add_parser("demo", help="a miniature Table 2 on the MNIST stand-in of DeiT-S, offline on a CPU")
     p.add_argument("--output", default="results/demo", help="where the table, figures and runs go")
@@ -122,10 +136,49 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate_rows(pattern: str) -> list[Any]:
+    """The rows ``plan --estimate`` prices: the one called ``pattern``, else every row it matches."""
+    from lowrank_vit.harness.registry import get_experiment, list_experiments
+
+    exps = list_experiments(pattern)
+    if not exps and any(c in pattern for c in "*?["):
+        raise CLIError(f"no experiment matches {pattern!r}")
+    if not exps:
+        get_experiment(pattern)  # an unknown name: its error suggests the closest names
+    return exps if len(exps) > 1 or exps[0].name != pattern else [get_experiment(pattern)]
+
+
+def _print_estimate(args: argparse.Namespace, exps: list[Any], scale: str, devices: int,
+                    table: bool = False) -> int:
+    """One row in full (its stages), or several as one line each and the total (``table``: always the latter)."""
+    from lowrank_vit.harness.estimate import estimate_rows, format_row, format_rows
+
+    data = estimate_rows(exps, scale, device=args.gpu or "a100", devices=devices, overrides=args.overrides)
+    single = len(data["rows"]) == 1 and not table
+    if args.json:
+        print(json.dumps(data["rows"][0] if single else data, indent=2))
+    else:
+        print(format_row(data["rows"][0]) if single else format_rows(data))
+    return 0
+
+
+def _check_estimate_options(args: argparse.Namespace) -> None:
+    """--gpu (and --json on reproduce) mean something only with --estimate: refused rather than ignored."""
+    if args.gpu is not None and not args.estimate:
+        raise CLIError("--gpu chooses the device of an estimate: add --estimate")
+    if args.command == "reproduce" and args.json and not args.estimate:
+        raise CLIError("--json prints an estimate: add --dry-run --estimate")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from lowrank_vit.harness.registry import get_experiment
     from lowrank_vit.harness.runner import plan_row
 
+    _check_estimate_options(args)
+    if args.devices is not None and not args.estimate:
+        raise CLIError("--devices prices the fine-tune of an estimate: add --estimate")
+    if args.estimate:
+        return _print_estimate(args, _estimate_rows(args.name), args.scale, args.devices or 1)
     if not args.synthetic:
         raise CLIError("plan needs --synthetic (random weights and synthetic inputs); `run` uses real ones")
     exp = get_experiment(args.name)
@@ -168,11 +221,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from lowrank_vit.harness.runner import reproduce
 
+    if args.estimate and not args.dry_run:
+        raise CLIError("--estimate prices the rows without running them: add --dry-run")
+    _check_estimate_options(args)
+    if args.dry_run:
+        return _dry_run(args)
     data = reproduce(args.table, args.scale, rows=args.rows, **_hardware(args))
     print(data["selected_markdown"], end="")  # the rows asked for; OUTPUT/TABLE.md holds the whole table
     if data["failed"]:
         print(f"lowrank-vit: {len(data['failed'])} row(s) failed: {', '.join(data['failed'])}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """``reproduce --dry-run``: the rows that would run (unfinished ones), or with --estimate every row's estimated
+    cost and the table's total."""
+    from pathlib import Path
+
+    from lowrank_vit.harness.runner import default_output, finished, row_config, select_rows
+
+    exps = select_rows(args.table, args.rows)
+    if args.estimate:
+        return _print_estimate(args, exps, args.scale, args.devices or 1, table=True)
+    output = Path(args.output) if args.output else default_output(args.scale)
+    for exp in exps:
+        cfg = row_config(exp, args.scale, args.overrides)
+        print(f"{exp.name}: {'finished, skipped' if finished(exp, cfg, output) is not None else 'would run'}")
     return 0
 
 

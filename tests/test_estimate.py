@@ -1,0 +1,211 @@
+"""The cost estimate (lowrank_vit/harness/estimate.py, `plan --estimate`, `reproduce --dry-run --estimate`): FLOP
+counts against hand computations, its monotonicity, the float64 warning's rule, the CLI's errors, and its agreement
+with the committed CPU benchmark of `compress` (no timing in the suite)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from lowrank_vit.config import RECIPES
+from lowrank_vit.harness import estimate
+from lowrank_vit.harness.registry import get_experiment, list_experiments
+
+from conftest import cli, one_line_error
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK = ROOT / "benchmarks" / "results" / "compress_time_deit_small_estimate_check.json"
+ROWS = {"loss-aware": "table2/deit_s/loss-aware-50", "paper": "table2/deit_s/ours-50"}
+"""The benchmark's recipes -> the registry rows (DeiT-S, -50%) whose compression is the same recipe."""
+
+
+def _stage(est: dict, name: str) -> dict:
+    return next(s for s in est["stages"] if s["name"] == name)
+
+
+def test_flops_of_a_tiny_vit_match_a_hand_count():
+    """Linears 2 T k m each, attention's two products 2 T^2 d each, the patch embedding and the head: counted
+    exactly (on the meta device, as the estimate builds its models)."""
+    embed, depth, patch, size, classes = 32, 2, 8, 32, 10
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=patch,
+                                  embed_dim=embed, depth=depth, num_heads=2, num_classes=classes)
+    shapes = estimate.count_shapes(model, (3, size, size))
+    patches = (size // patch) ** 2
+    tokens = patches + 1  # the class token
+    linears = 2 * tokens * (embed * 3 * embed + embed * embed + 2 * embed * 4 * embed)
+    attention = 2 * (2 * tokens * tokens * embed)  # Q K^T and A V, all heads together
+    stem = 2 * patches * (3 * patch * patch) * embed
+    head = 2 * embed * classes
+    assert shapes.forward_flops == depth * (linears + attention) + stem + head
+    assert shapes.compressible_flops == depth * linears
+    assert {layer.tokens for layer in shapes.layers} == {tokens}
+    assert len(shapes.layers) == 4 * depth
+
+
+def test_more_images_epochs_and_devices_move_the_estimate_the_right_way():
+    exp = get_experiment(ROWS["loss-aware"])
+    base = estimate.estimate_row(exp, device="a100")
+    more_calib = estimate.estimate_row(exp, device="a100", overrides=["compression.calib_samples=2048",
+                                                                       "data.calib_samples=2048"])
+    for stage in ("calibration forward", "calibration backward", "statistics"):
+        assert _stage(more_calib, stage)["flops"] == pytest.approx(2 * _stage(base, stage)["flops"])
+    more_epochs = estimate.estimate_row(exp, device="a100", overrides=["finetune.epochs=40"])
+    assert _stage(more_epochs, "fine-tune")["seconds"] == pytest.approx(2 * _stage(base, "fine-tune")["seconds"])
+    eight = estimate.estimate_row(exp, device="a100", devices=8)
+    assert _stage(eight, "fine-tune")["seconds"] < _stage(base, "fine-tune")["seconds"] / 7.9
+    for stage in ("calibration forward", "evaluation final"):  # one process compresses, rank zero evaluates
+        assert _stage(eight, stage)["seconds"] == _stage(base, stage)["seconds"]
+    assert eight["total_seconds"] < base["total_seconds"]
+    faster = estimate.estimate_row(exp, device="h100")
+    assert faster["total_seconds"] < base["total_seconds"]
+    more_removed = estimate.estimate_row(get_experiment("table2/deit_s/loss-aware-60"), device="a100")
+    assert _stage(more_removed, "fine-tune")["flops"] < _stage(base, "fine-tune")["flops"]
+
+
+def test_a_table_evaluates_each_dense_model_once():
+    exps = list_experiments("table2/deit_s/*")
+    data = estimate.estimate_rows(exps, device="a100")
+    dense = [r["name"] for r in data["rows"] if any(s["name"] == "evaluation dense" for s in r["stages"])]
+    assert dense == [exps[0].name]
+    assert data["total_seconds"] == pytest.approx(sum(r["total_seconds"] for r in data["rows"]))
+
+
+def test_float64_warning_follows_its_rule_on_every_device():
+    """Warned exactly when the float64 statistics exceed a third of the estimated compression time; float64 at
+    1/32 of float32 (A6000) makes them a larger share than on an H100, and float32 products silence it."""
+    exp = get_experiment(ROWS["paper"])
+    shares = {}
+    for device in estimate.DEVICES:
+        est = estimate.estimate_row(exp, device=device)
+        stats = _stage(est, "statistics")
+        assert stats["precision"] == "float64"
+        shares[device] = stats["seconds"] / est["compress_seconds"]
+        warned = any("gram_precision=float32" in w for w in est["warnings"])
+        assert warned == (shares[device] > estimate.F64_SHARE_WARNING), device
+    assert shares["a6000"] > shares["h100"] and shares["rtx4090"] > shares["a100"]
+    assert shares["a6000"] > estimate.F64_SHARE_WARNING  # what the issue asked to flag, at the figures used
+    quiet = estimate.estimate_row(exp, device="a6000", overrides=["compression.gram_precision=float32"])
+    assert not any("gram_precision" in w for w in quiet["warnings"])
+
+
+def test_statistics_precision_is_the_configured_one():
+    exp = get_experiment(ROWS["loss-aware"])
+    cfg = exp.full.compression
+    assert cfg.gram_precision == "float32"
+    assert estimate.statistics_precision(cfg, "a6000") == "fp32"
+    est = estimate.estimate_row(exp, device="a6000", overrides=["compression.gram_precision=float64"])
+    assert _stage(est, "statistics")["precision"] == "float64"
+
+
+def test_plan_estimate_json(capsys):
+    code, out, _ = cli(capsys, "plan", ROWS["paper"], "--estimate", "--gpu", "h100", "--devices", "2", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert {"stages", "total_seconds", "device", "devices", "name"} <= set(data)
+    assert data["device"] == "h100" and data["devices"] == 2 and data["estimate"] is True
+    for stage in data["stages"]:
+        assert {"flops", "seconds", "memory_gib"} <= set(stage)
+    assert data["total_seconds"] == pytest.approx(sum(s["seconds"] for s in data["stages"]))
+
+
+def test_printed_estimates_are_labelled(capsys):
+    code, out, _ = cli(capsys, "plan", ROWS["paper"], "--estimate", "--gpu", "a6000")
+    assert code == 0 and "estimated" in out.splitlines()[0]
+    assert "warning:" in out and "--set compression.gram_precision=float32" in out
+    code, out, _ = cli(capsys, "reproduce", "table2", "--rows", "table2/deit_s/*", "--dry-run", "--estimate")
+    assert code == 0
+    lines = out.splitlines()
+    assert all("estimated" in line for line in lines if line.startswith("  table2/"))
+    assert len([line for line in lines if line.startswith("  table2/")]) == len(list_experiments("table2/deit_s/*"))
+    assert any(line.startswith("estimated total:") for line in lines)
+
+
+def test_dry_run_lists_rows_without_running(capsys, tmp_path):
+    code, out, _ = cli(capsys, "reproduce", "table2", "--rows", "table2/deit_s/*", "--dry-run", "--output",
+                       str(tmp_path))
+    assert code == 0 and out.count("would run") == len(list_experiments("table2/deit_s/*"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, words", [
+    (("plan", ROWS["paper"], "--estimate", "--gpu", "v100"), "unknown --gpu"),
+    (("plan", "table9/*", "--estimate"), "no experiment matches"),
+    (("plan", ROWS["paper"], "--estimate", "--devices", "0"), "positive integer"),
+    (("reproduce", "table2", "--estimate"), "--dry-run"),
+    (("reproduce", "table2", "--rows", "table9/*", "--dry-run", "--estimate"), "matches no row"),
+    (("plan", ROWS["paper"], "--estimate", "--set", "data.name=my-folder"), "size of the data"),
+    (("plan", ROWS["paper"], "--synthetic", "--gpu", "h100"), "add --estimate"),
+    (("plan", ROWS["paper"], "--synthetic", "--devices", "2"), "add --estimate"),
+    (("reproduce", "table2", "--dry-run", "--gpu", "h100"), "add --estimate"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, words):
+    try:
+        code, _, err = cli(capsys, *argv)
+    except SystemExit as exit_:  # argparse's own errors (--devices 0)
+        code, err = exit_.code, capsys.readouterr().err
+    assert code == 2
+    assert words in one_line_error(err)
+
+
+def test_api_rejects_zero_devices():
+    with pytest.raises(ValueError, match="positive integer"):
+        estimate.estimate_row(get_experiment(ROWS["paper"]), devices=0)
+
+
+def test_cpu_estimate_agrees_with_the_committed_benchmark_within_2x():
+    """The issue's bar: the estimated compression of DeiT-S with 256 calibration images on `--gpu cpu` within a
+    factor of 2 of benchmarks/compress_time.py measured on the development CPU (the committed JSON, its whole
+    `compress` time, for every recipe it timed)."""
+    bench = json.loads(BENCHMARK.read_text())
+    assert "--model deit_small --calib 256" in bench["command"]
+    assert {row["recipe"] for row in bench["rows"]} == set(ROWS)
+    for row in bench["rows"]:
+        exp = get_experiment(ROWS[row["recipe"]])
+        compression = exp.full.compression
+        for key, value in RECIPES[row["recipe"]].items():  # the row is the benchmark's recipe
+            assert getattr(compression, key) == value, (row["recipe"], key)
+        assert compression.gram_precision == row["gram_precision"] and exp.reduction == row["reduction"]
+        est = estimate.estimate_row(exp, device="cpu", overrides=[
+            f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}"])
+        ratio = est["compress_seconds"] / row["total_s"]
+        assert 0.5 <= ratio <= 2.0, (row["recipe"], est["compress_seconds"], row["total_s"])
+
+
+def test_pass_stages_are_their_flops_at_the_gemm_rate():
+    """Evaluations and the fine-tune, by hand: val (train) images times the compressed model's forward (times 3
+    for a training step), at the float32 peak times the GEMM efficiency (the fine-tune divided over devices)."""
+    exp = get_experiment(ROWS["paper"])
+    est = estimate.estimate_row(exp, device="a100", devices=4)
+    shapes = estimate.model_shapes(exp.full.model)
+    rate = estimate.DEVICES["a100"].peak_tflops["fp32"] * 1e12 * estimate.GEMM_EFFICIENCY
+    train, val = estimate.DATASET_SIZES["imagenet-1k"]
+    assert _stage(est, "evaluation dense")["flops"] == pytest.approx(val * shapes.forward_flops)
+    final = _stage(est, "evaluation final")
+    assert final["seconds"] == pytest.approx(final["flops"] / rate)
+    compressed = final["flops"] / val
+    assert shapes.forward_flops * 0.4 < compressed < shapes.forward_flops * 0.7  # -50% of the parameters
+    tune = _stage(est, "fine-tune")
+    batch = exp.full.finetune.batch_size
+    steps = exp.full.finetune.epochs * -(-train // (batch * 4))
+    assert tune["flops"] == pytest.approx(3 * compressed * steps * batch * 4)
+    assert tune["seconds"] == pytest.approx(tune["flops"] / rate / 4)
+
+
+def test_cpu_stages_agree_with_the_benchmark_within_3x():
+    """Stage by stage, looser than the whole: the calibration forward, the statistics (with the loss-aware
+    backward, which the benchmark counts in them) and the decompositions, each within a factor of 3."""
+    bench = json.loads(BENCHMARK.read_text())
+    for row in bench["rows"]:
+        est = estimate.estimate_row(get_experiment(ROWS[row["recipe"]]), device="cpu", overrides=[
+            f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}"])
+        seconds = {s["name"]: s["seconds"] for s in est["stages"]}
+        pairs = {"calibration_forward_s": seconds["calibration forward"],
+                 "statistics_s": seconds["statistics"] + seconds.get("calibration backward", 0.0),
+                 "decomposition_s": seconds["decomposition"]}
+        for key, value in pairs.items():
+            assert 1 / 3 <= value / row[key] <= 3, (row["recipe"], key, value, row[key])
