@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from lowrank_vit.config import RECIPES
+from lowrank_vit.config import RECIPES, resolve_gram_precision
 from lowrank_vit.harness import estimate
 from lowrank_vit.harness.registry import get_experiment, list_experiments
 
@@ -81,7 +81,7 @@ def test_float64_warning_follows_its_rule_on_every_device():
     exp = get_experiment(ROWS["paper"])
     shares = {}
     for device in estimate.DEVICES:
-        est = estimate.estimate_row(exp, device=device)
+        est = estimate.estimate_row(exp, device=device, overrides=["compression.gram_precision=float64"])
         stats = _stage(est, "statistics")
         assert stats["precision"] == "float64"
         shares[device] = stats["seconds"] / est["compress_seconds"]
@@ -93,12 +93,18 @@ def test_float64_warning_follows_its_rule_on_every_device():
     assert not any("gram_precision" in w for w in quiet["warnings"])
 
 
-def test_statistics_precision_is_the_configured_one():
-    exp = get_experiment(ROWS["loss-aware"])
-    cfg = exp.full.compression
-    assert cfg.gram_precision == "float32"
-    assert estimate.statistics_precision(cfg, "a6000") == "fp32"
-    est = estimate.estimate_row(exp, device="a6000", overrides=["compression.gram_precision=float64"])
+def test_statistics_precision_is_the_one_the_run_resolves():
+    """"auto" is float32 on every GPU for every method and float64 on the CPU for the paper's recipe (as
+    resolve_gram_precision decides where the statistics run); an explicit value is kept."""
+    for name, on_cpu in (("loss-aware", "fp32"), ("paper", "fp64")):
+        cfg = get_experiment(ROWS[name]).full.compression
+        assert cfg.gram_precision is None
+        assert estimate.statistics_precision(cfg, "cpu") == on_cpu
+        assert all(estimate.statistics_precision(cfg, gpu) == "fp32" for gpu in estimate.DEVICES if gpu != "cpu")
+        est = estimate.estimate_row(get_experiment(ROWS[name]), device="a6000")
+        assert not any("gram_precision" in w for w in est["warnings"])  # auto: nothing in float64 on a GPU
+    est = estimate.estimate_row(get_experiment(ROWS["loss-aware"]), device="a6000",
+                                overrides=["compression.gram_precision=float64"])
     assert _stage(est, "statistics")["precision"] == "float64"
 
 
@@ -114,7 +120,8 @@ def test_plan_estimate_json(capsys):
 
 
 def test_printed_estimates_are_labelled(capsys):
-    code, out, _ = cli(capsys, "plan", ROWS["paper"], "--estimate", "--gpu", "a6000")
+    code, out, _ = cli(capsys, "plan", ROWS["paper"], "--estimate", "--gpu", "a6000",
+                       "--set", "compression.gram_precision=float64")
     assert code == 0 and "estimated" in out.splitlines()[0]
     assert "warning:" in out and "--set compression.gram_precision=float32" in out
     code, out, _ = cli(capsys, "reproduce", "table2", "--rows", "table2/deit_s/*", "--dry-run", "--estimate")
@@ -169,7 +176,7 @@ def test_cpu_estimate_agrees_with_the_committed_benchmark_within_2x():
         compression = exp.full.compression
         for key, value in RECIPES[row["recipe"]].items():  # the row is the benchmark's recipe
             assert getattr(compression, key) == value, (row["recipe"], key)
-        assert compression.gram_precision == row["gram_precision"] and exp.reduction == row["reduction"]
+        assert resolve_gram_precision(compression, "cpu") == row["gram_precision"] and exp.reduction == row["reduction"]
         est = estimate.estimate_row(exp, device="cpu", overrides=[
             f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}"])
         ratio = est["compress_seconds"] / row["total_s"]

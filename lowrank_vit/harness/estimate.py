@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.config import CompressionConfig
+from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.harness.registry import Experiment, ModelConfig, RunConfig
 
 GEMM_EFFICIENCY = 0.4
@@ -84,9 +84,13 @@ def get_device(name: str) -> DeviceSpec:
 
 
 def statistics_precision(compression: CompressionConfig, device: str) -> str:
-    """The table precision of the Gram products: the configured ``gram_precision`` (as CompressionConfig resolved
-    it). The one place that decides it, so that a device-dependent default can later be made here."""
-    return {"float64": "fp64", "float32": "fp32"}[compression.gram_precision]
+    """The table precision of the Gram products: what :func:`~lowrank_vit.config.resolve_gram_precision` gives the
+    configured ``gram_precision`` on that device (an explicit value as it is; "auto": float32 on GPUs for every
+    method, float64 on the CPU for the methods without a gradient pass), with IEEE float32 products as the runner
+    leaves them."""
+    device_type = "cpu" if device == "cpu" else "cuda"
+    return {"float64": "fp64", "float32": "fp32"}[resolve_gram_precision(compression, device_type,
+                                                                         float32_exact=True)]
 
 
 def gemm_precision(device: str) -> str:
