@@ -72,3 +72,18 @@ def test_rehearse_one_row_at_full_size(capsys, tmp_path):
     assert code == 0, out
     assert "table2/deit_s/ours-40: ok (full size)" in out
     assert list(tmp_path.iterdir()) == []  # the row's temporary files are gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row, extra, size", [
+    ("table3/deit_s/ours", [], "full size"),  # Table 3: the paper's recipe at its absolute parameter target
+    ("table4/deit_b/baseline-int4", ["--layout", "imagefolder"], "full size"),  # Table 4: quantized, DeiT-B
+    # Table 1's rows fit Z with the SGD solver (minutes per DeiT-B at full depth): the same config on one block
+    ("table1/deit_b/z-lowrank", ["--depth", "1"], "SHRUNK"),
+])
+def test_rehearse_one_row_of_every_other_table(capsys, tmp_path, row, extra, size):
+    """With ``table2/deit_s/ours-40`` above, one row of each of Tables 1-4 goes through its full-scale path."""
+    code = main(["rehearse", row, *extra, "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"{row}: ok ({size}" in out
