@@ -103,6 +103,8 @@ def test_statistics_precision_is_the_one_the_run_resolves():
         assert all(estimate.statistics_precision(cfg, gpu) == "fp32" for gpu in estimate.DEVICES if gpu != "cpu")
         est = estimate.estimate_row(get_experiment(ROWS[name]), device="a6000")
         assert not any("gram_precision" in w for w in est["warnings"])  # auto: nothing in float64 on a GPU
+        assert _stage(est, "statistics")["precision"] == "float32" and "float32 products" in \
+            _stage(est, "statistics")["detail"]
     est = estimate.estimate_row(get_experiment(ROWS["loss-aware"]), device="a6000",
                                 overrides=["compression.gram_precision=float64"])
     assert _stage(est, "statistics")["precision"] == "float64"

@@ -83,13 +83,16 @@ def get_device(name: str) -> DeviceSpec:
         raise ValueError(f"unknown --gpu {name!r}; known: {', '.join(DEVICES)}") from None
 
 
+_DTYPE_NAMES = {"fp64": "float64", "fp32": "float32"}
+
+
 def statistics_precision(compression: CompressionConfig, device: str) -> str:
     """The table precision of the Gram products: what :func:`~lowrank_vit.config.resolve_gram_precision` gives the
     configured ``gram_precision`` on that device (an explicit value as it is; "auto": float32 on GPUs for every
     method, float64 on the CPU for the methods without a gradient pass), with IEEE float32 products as the runner
     leaves them."""
     device_type = "cpu" if device == "cpu" else "cuda"
-    return {"float64": "fp64", "float32": "fp32"}[resolve_gram_precision(compression, device_type,
+    return {v: k for k, v in _DTYPE_NAMES.items()}[resolve_gram_precision(compression, device_type,
                                                                          float32_exact=True)]
 
 
@@ -303,8 +306,8 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
     flops = images * sum(layer.tokens * w * w for layer, w in widths)
     stats_memory = sum(8.0 * w * w for _, w in widths) / GIB
     stages.append(Stage("statistics", flops, _gemm_seconds(flops, spec, precision), params_gib + stats_memory,
-                        f"{len(widths)} Gram matrices, {compression.gram_precision} products",
-                        extra={"precision": compression.gram_precision}))
+                        f"{len(widths)} Gram matrices, {_DTYPE_NAMES[precision]} products",
+                        extra={"precision": _DTYPE_NAMES[precision]}))
     costs = [_decomposition_cost(layer, method, auto) for layer in shapes.layers]
     flops, calls = sum(c[0] for c in costs), sum(c[1] for c in costs)
     largest = max((max(layer.in_features, layer.out_features) for layer in shapes.layers), default=0)
