@@ -60,7 +60,7 @@ def test_reduced_demo(tmp_path, capsys):
         for plain, white in zip(layer["plain_output_error"], layer["whitened_output_error"], strict=True):
             assert white <= plain * (1 + 1e-6) + 1e-12
     printed = capsys.readouterr().out
-    assert "paper's recipe -50%" in printed and "79.34" in printed
+    assert "paper's recipe (whitened SVD) -50%" in printed and "79.34" in printed
     assert list(out.glob("table2/deit_s/ours-50/wandb/offline-run-*"))  # logged offline, grouped "demo"
     # a second call skips the finished rows
     again = run_demo(out, rows=rows, overrides=TINY, wandb="offline", progress=False, figures=False)
