@@ -196,9 +196,10 @@ class CompressionConfig:
                 raise ValueError(f"target_params must be an integer parameter count, got {self.target_params!r}")
             if self.target_params <= 0:
                 raise ValueError(f"target_params must be positive, got {self.target_params}")
-        _check_choice("decomposition", self.decomposition, DECOMPOSITIONS)
-        _check_choice("allocation", self.allocation, ALLOCATIONS)
-        _check_choice("compensation", self.compensation, COMPENSATIONS)
+        # the live registries, not the import-time tuples: a method registered later is a valid choice
+        _check_choice("decomposition", self.decomposition, tuple(METHODS))
+        _check_choice("allocation", self.allocation, tuple(POLICIES))
+        _check_choice("compensation", self.compensation, ("none", *Z_KINDS))
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         gradient_pass = get_method(self.decomposition).gradient_pass

@@ -71,3 +71,24 @@ def test_a_method_named_alone_gets_its_home_recipe(name):
     assert config.decomposition == name
     assert (config.allocation, config.compensation) == (home["allocation"], home["compensation"])
     assert (config.allocation == "marginal") == (name == "loss_aware")  # only the loss-aware method leaves the paper's
+
+
+def test_the_documented_new_method_runs():
+    """docs/api.md's "Adding a method" example, as written: registered after import, its name is a valid
+    decomposition and compress meets the target with it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    code = re.search(r"## Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
+    model = make_tiny_vit()
+    before = count_params(model)
+    namespace = {"model": model, "images": [make_images(16, seed=1)]}
+    try:
+        exec(compile(code, "docs/api.md", "exec"), namespace)
+        report = namespace["report"]
+        assert report.config["decomposition"] == "row_normalized"
+        assert abs(report.params_after - 0.5 * before) <= max(0.001 * 0.5 * before, 64)
+        assert all(layer.rank is not None for layer in report.layers)
+    finally:
+        METHODS.pop("row_normalized", None)
