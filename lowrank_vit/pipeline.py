@@ -332,52 +332,49 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values)
                                        for name, d in decompositions.items()})
 
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    new_layers: dict[str, FactorizedLinear] = {}
-    residuals: dict[str, torch.Tensor] = {}
-    sgd_tasks: dict[str, SGDTask] = {}
-    for name, layer in layers.items():
-        rank = allocation.ranks[name]
-        if rank is None:
-            continue
-        weight = _weight(layer, device)
-        U, V = decompositions[name].factors(rank)
-        residual = weight - U @ V.T
-        residuals[name] = residual
-        z = None
-        if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
-            with _timed(sub, "svd_tail_z", device):
-                z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
-        elif z_kind != "none":  # never an output-side layer (statistics_space)
-            s = stats[name]
-            problem = CompensationProblem(residual, whitenings[name])
-            if use_sgd:
-                z = init_z_for_sgd(z_kind, problem, budgets_meta[name], generator).float().to(device)
-                inputs = s.samples.to(device)
-                targets = (inputs.double() @ residual).float()
-                sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
-            else:
-                with _timed(sub, "closed_form_z", device):
-                    z = closed_form_z(z_kind, problem, budgets_meta[name])
-        dtype = layer.weight.dtype
-        bias = None if layer.bias is None else layer.bias.detach()
-        mean = stats[name].token_mean
-        if mean is not None and bias is not None:  # statistics of centred inputs: the bias takes mu^T (W - W_hat)
-            kept = U @ V.T if z is None else U @ V.T + z.dense().double()
-            bias = (bias.double() + mean.to(device) @ (weight - kept)).to(bias.dtype)
-        new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
-        new_layers[name] = new.to(device)
-    sgd_history = {}
-    if sgd_tasks:
-        with _timed(sub, "sgd_fit", device):
-            sgd_history = fit_sgd(sgd_tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations,
-                                  batch_size=cfg.sgd_batch_size, seed=cfg.seed, progress=cfg.progress)
-        for name, task in sgd_tasks.items():
-            new_layers[name].z = task.z.to(layers[name].weight.dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timings["compensation"] = time.perf_counter() - start
+    with _timed(timings, "compensation", device):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        new_layers: dict[str, FactorizedLinear] = {}
+        residuals: dict[str, torch.Tensor] = {}
+        sgd_tasks: dict[str, SGDTask] = {}
+        for name, layer in layers.items():
+            rank = allocation.ranks[name]
+            if rank is None:
+                continue
+            weight = _weight(layer, device)
+            U, V = decompositions[name].factors(rank)
+            residual = weight - U @ V.T
+            residuals[name] = residual
+            z = None
+            if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
+                with _timed(sub, "svd_tail_z", device):
+                    z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
+            elif z_kind != "none":  # never an output-side layer (statistics_space)
+                s = stats[name]
+                problem = CompensationProblem(residual, whitenings[name])
+                if use_sgd:
+                    z = init_z_for_sgd(z_kind, problem, budgets_meta[name], generator).float().to(device)
+                    inputs = s.samples.to(device)
+                    targets = (inputs.double() @ residual).float()
+                    sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
+                else:
+                    with _timed(sub, "closed_form_z", device):
+                        z = closed_form_z(z_kind, problem, budgets_meta[name])
+            dtype = layer.weight.dtype
+            bias = None if layer.bias is None else layer.bias.detach()
+            mean = stats[name].token_mean
+            if mean is not None and bias is not None:  # statistics of centred inputs: the bias takes mu^T (W - W_hat)
+                kept = U @ V.T if z is None else U @ V.T + z.dense().double()
+                bias = (bias.double() + mean.to(device) @ (weight - kept)).to(bias.dtype)
+            new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
+            new_layers[name] = new.to(device)
+        sgd_history = {}
+        if sgd_tasks:
+            with _timed(sub, "sgd_fit", device):
+                sgd_history = fit_sgd(sgd_tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations,
+                                      batch_size=cfg.sgd_batch_size, seed=cfg.seed, progress=cfg.progress)
+            for name, task in sgd_tasks.items():
+                new_layers[name].z = task.z.to(layers[name].weight.dtype)
 
     reports = []
     for name, layer in layers.items():
