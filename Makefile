@@ -12,8 +12,10 @@ TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_WAIT_POLICY=PASSIVE
 # ARGS passes more options, e.g. ARGS="--devices 8 --wandb online".
 SCALE ?= full
 ARGS ?=
-# rehearse: the generated ImageNet layout (hub-parquet, imagefolder or flat-val)
+# rehearse: the generated ImageNet layout (hub-parquet, imagefolder or flat-val) and the file each row's outcome is
+# appended to (ARGS=--resume continues a run that stopped, skipping the rows already ok there)
 LAYOUT ?= hub-parquet
+REHEARSE_RECORD ?= results/rehearse.jsonl
 CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
@@ -67,7 +69,8 @@ reproduce-compare: $(BIN)/.installed  ## ours vs plain/mean/ASVD/FWSVD/COMCAT at
 	$(CLI) reproduce compare --scale $(SCALE) $(ARGS)
 
 rehearse: $(BIN)/.installed  ## every full-scale row of Tables 1-4, ablations, comparison on the CPU (random weights, generated data, 2 DDP processes)
-	$(TEST_ENV) $(CLI) rehearse table1 table2 table3 table4 ablation compare --devices 2 --layout $(LAYOUT) $(ARGS)
+	$(TEST_ENV) $(CLI) rehearse table1 table2 table3 table4 ablation compare --devices 2 --layout $(LAYOUT) \
+		--record $(REHEARSE_RECORD) $(ARGS)
 
 compare-cifar10: $(BIN)/.installed  ## the comparison on a small DeiT trained here on CIFAR-10 (CIFAR10=path/to/parquet)
 	@test -n "$(CIFAR10)" || { echo "compare-cifar10: give CIFAR10=DIR (train.parquet and test.parquet of uoft-cs/cifar10)"; exit 2; }

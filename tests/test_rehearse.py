@@ -4,6 +4,8 @@ row, ``table2/deit_s/ours-40`` (full-size DeiT-S, compress + fine-tune + evaluat
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 
@@ -87,3 +89,50 @@ def test_rehearse_one_row_of_every_other_table(capsys, tmp_path, row, extra, siz
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"{row}: ok ({size}" in out
+
+
+def test_record_and_resume(tmp_path, monkeypatch, capsys):
+    """Each row's outcome is appended to --record as it ends; --resume skips the rows recorded ok with the same
+    layout, devices and depth, and runs the broken ones and those rehearsed otherwise again."""
+    import lowrank_vit.harness.rehearse as rehearsal
+
+    ran = []
+
+    def fake_row(exp, work, settings):
+        ran.append(exp.name)
+        if exp.name.endswith("baseline"):
+            raise RehearsalError("the fine-tune ran 0 steps")
+        return "full size"
+
+    monkeypatch.setattr(rehearsal, "rehearse_row", fake_row)
+    record = tmp_path / "record.jsonl"
+    rows = ["table3/deit_s/ours", "table3/deit_s/baseline"]
+    assert main(["rehearse", *rows, "--record", str(record)]) == 1
+    assert ran == rows
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(line["name"], line["ok"], line["layout"], line["devices"]) for line in lines] == [
+        (rows[0], True, "hub-parquet", 1), (rows[1], False, "hub-parquet", 1)]
+
+    ran.clear()
+    capsys.readouterr()
+    assert main(["rehearse", *rows, "--record", str(record), "--resume"]) == 1
+    assert ran == [rows[1]]  # the ok row is not run again, the broken one is
+    captured = capsys.readouterr()
+    assert f"{rows[0]}: ok, recorded" in captured.out
+    assert "1 of 2 row(s) ok" in captured.err and "1 ok in the record" in captured.err
+    assert len(record.read_text().splitlines()) == 3  # appended, nothing rewritten
+
+    ran.clear()
+    assert main(["rehearse", rows[0], "--record", str(record), "--resume", "--devices", "2"]) == 0
+    assert ran == [rows[0]]  # recorded with one device: rehearsed again with two
+
+
+def test_resume_needs_a_record(tmp_path, capsys):
+    assert main(["rehearse", "table3/deit_s/ours", "--resume"]) == 2
+    assert "--resume needs --record" in capsys.readouterr().err
+    bad = tmp_path / "notes.txt"
+    bad.write_text("these are my notes\n")
+    for resume in (["--resume"], []):
+        assert main(["rehearse", "table3/deit_s/ours", "--record", str(bad), *resume]) == 2
+        assert "is not a rehearsal record line" in capsys.readouterr().err
+    assert bad.read_text() == "these are my notes\n"

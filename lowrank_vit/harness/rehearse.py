@@ -322,14 +322,64 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     return note
 
 
-def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: str | os.PathLike | None = None,
-             echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Rehearse every row matching one of ``patterns`` (each row once); one line per row through ``echo``. Returns
-    each row's outcome (``name``, ``ok``, ``message``, ``seconds``).
+def _same_settings(line: dict[str, Any], settings: RehearsalSettings) -> bool:
+    return (line.get("layout"), line.get("devices"), line.get("depth")) == (
+        settings.layout, settings.devices, settings.depth)
+
+
+def read_record(record: str | os.PathLike, settings: RehearsalSettings) -> dict[str, dict[str, Any]]:
+    """The last recorded outcome of each row rehearsed with the same layout, devices and depth as ``settings``.
 
     Raises:
-        ValueError: a pattern matches no row, or an unknown layout.
+        ValueError: a line of ``record`` is not a JSON object (the file is not a rehearsal record).
     """
+    path = Path(record)
+    last: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return last
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            line = None
+        if not isinstance(line, dict) or "name" not in line:
+            raise ValueError(f"{path}:{number} is not a rehearsal record line (a JSON object with a name)")
+        if _same_settings(line, settings):
+            last[line["name"]] = line
+    return last
+
+
+def _append_record(record: Path, outcome: dict[str, Any], settings: RehearsalSettings) -> None:
+    from lowrank_vit import __version__
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    line = {**outcome, "layout": settings.layout, "devices": settings.devices, "depth": settings.depth,
+            "version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with record.open("a") as f:  # appended, never rewritten: the record of earlier runs stays
+        f.write(json.dumps(line) + "\n")
+
+
+def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: str | os.PathLike | None = None,
+             echo: Callable[[str], None] = print, record: str | os.PathLike | None = None,
+             resume: bool = False) -> list[dict[str, Any]]:
+    """Rehearse every row matching one of ``patterns`` (each row once); one line per row through ``echo``. Returns
+    each row's outcome (``name``, ``ok``, ``message``, ``seconds``, and ``recorded`` for a row taken from the
+    record).
+
+    ``record``: a JSON-lines file each row's outcome is appended to as soon as the row ends (with the layout,
+    devices, depth, package version and time), so a run of hours that stops keeps what it found. ``resume``: rows
+    whose last outcome in ``record`` (same layout, devices and depth) is ok are not run again.
+
+    Raises:
+        ValueError: a pattern matches no row, an unknown layout, ``resume`` without ``record``, or a record that
+            is not one.
+    """
+    if resume and record is None:
+        raise ValueError("--resume needs --record FILE (the outcomes of the run to resume)")
+    prior = read_record(record, settings) if record is not None else {}  # checked first: never append to a non-record
+    done = {name: line for name, line in prior.items() if line.get("ok")} if resume else {}
     from lowrank_vit.harness.registry import list_experiments
 
     if settings.layout not in LAYOUTS:
@@ -345,6 +395,13 @@ def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: st
         exps.update((e.name, e) for e in matched)
     outcomes = []
     for exp in exps.values():
+        if exp.name in done:
+            line = done[exp.name]
+            echo(f"{exp.name}: ok, recorded {line.get('finished', '?')} ({line.get('seconds', '?')} s, version "
+                 f"{line.get('version', '?')}); not run again (--resume)")
+            outcomes.append({"name": exp.name, "ok": True, "message": line.get("message", "ok"),
+                             "seconds": float(line.get("seconds", 0.0)), "recorded": True})
+            continue
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="rehearse-", dir=keep) as tmp:
             try:
@@ -355,6 +412,8 @@ def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: st
         seconds = time.perf_counter() - started
         echo(f"{exp.name}: {message} [{seconds:.0f} s, layout {settings.layout}]")
         outcomes.append({"name": exp.name, "ok": ok, "message": message, "seconds": round(seconds, 1)})
+        if record is not None:
+            _append_record(Path(record), outcomes[-1], settings)
     return outcomes
 
 
@@ -372,18 +431,28 @@ def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
                    help="shrink every model to at most this many blocks per stage (said on every line; default: "
                         "the full architecture)")
     p.add_argument("--workdir", help="where the rows' temporary files go (default: the system's temporary folder)")
+    p.add_argument("--record", metavar="FILE",
+                   help="append each row's outcome to this JSON-lines file as soon as the row ends")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the rows already ok in --record FILE with the same layout, devices and depth")
     return {"rehearse": _cmd_rehearse}
 
 
 def _cmd_rehearse(args: argparse.Namespace) -> int:
     settings = RehearsalSettings(layout=args.layout, devices=args.devices, depth=args.depth)
-    outcomes = rehearse(args.patterns, settings, keep=args.workdir, echo=lambda line: print(line, flush=True))
+    outcomes = rehearse(args.patterns, settings, keep=args.workdir, echo=lambda line: print(line, flush=True),
+                        record=args.record, resume=args.resume)
     failed = [o["name"] for o in outcomes if not o["ok"]]
-    total = sum(o["seconds"] for o in outcomes)
-    print(f"rehearse: {len(outcomes) - len(failed)} of {len(outcomes)} row(s) ok in {total:.0f} s"
-          + (f"; broken: {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    ran = [o for o in outcomes if not o.get("recorded")]
+    recorded = len(outcomes) - len(ran)
+    summary = (f"rehearse: {len(outcomes) - len(failed)} of {len(outcomes)} row(s) ok in "
+               f"{sum(o['seconds'] for o in ran):.0f} s")
+    if recorded:
+        summary += (f" ({len(ran)} run now, {recorded} ok in the record; all rows together "
+                    f"{sum(o['seconds'] for o in outcomes):.0f} s summed over the runs)")
+    print(summary + (f"; broken: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 
 
 __all__ = ["LAYOUTS", "RehearsalError", "RehearsalSettings", "add_rehearse_command", "check_data",
-           "check_preprocessing", "check_result", "rehearse", "rehearse_row", "register_layout"]
+           "check_preprocessing", "check_result", "read_record", "rehearse", "rehearse_row", "register_layout"]
