@@ -1,10 +1,10 @@
 """The loss-aware study: which compression recipe keeps the most accuracy at equal size, on several real models.
 
     python -m experiments.loss_aware_study --cifar10 PATH/TO/cifar10 [--output results/loss_aware_study]
-        [--models cifar_deit4,cifar_vit6,cifar_vit6_long,mnist_deit_s,mnist_vit_l,mnist_swin_b]
+        [--models cifar_deit4,cifar_vit6,cifar_vit6_long,cifar_vit4_wide_long,mnist_deit_s,mnist_vit_l,mnist_swin_b]
         [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
 
-Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): three ViTs trained here from
+Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs trained here from
 scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64), ViT-L (6 blocks,
 width 128) and Swin-B (two stages, windows). Every model is compressed by every recipe at every ratio of its *whole*
 parameter count, from the same calibration images (training images, seeded), and evaluated on held-out images:
@@ -56,7 +56,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
 "loss-aware": the library's default (``lowrank_vit.config.RECIPES``)."""
 
-MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "mnist_deit_s", "mnist_vit_l", "mnist_swin_b")
+MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "cifar_vit4_wide_long", "mnist_deit_s", "mnist_vit_l",
+          "mnist_swin_b")
 
 
 def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
-Three ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, DeiT-B and Swin-B shapes) that
+Four ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, DeiT-B and Swin-B shapes) that
 :mod:`lowrank_vit.harness.standins` trains:
 
 * ``cifar_deit4``: the comparison table's model (:mod:`experiments.cifar10`'s recipe unchanged): 4 blocks, width
@@ -12,6 +12,8 @@ Three ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, 
 * ``cifar_vit6_long``: ``cifar_vit6``'s shape trained nearly four times longer (30 epochs, shifts and flips, label
   smoothing): a model that uses more of its capacity, so compression costs it more (as it does real, fully trained
   models).
+* ``cifar_vit4_wide_long``: another fully trained shape: 4 blocks, width 128, 4 heads of 32, a narrow MLP (ratio 2),
+  8x8 patches and average pooling without a class token, 25 epochs with shifts, flips and label smoothing.
 
 Each lands in ``OUTPUT/NAME/model.safetensors`` beside ``model.json`` (recipe, fingerprint, top-1, seconds); a model
 whose recipe is unchanged is not trained again. The weights are small (about 3 MB) and committed, so the study runs
@@ -38,6 +40,11 @@ MODELS: dict[str, Recipe] = {
                       "depth": 6, "num_heads": 3, "mlp_ratio": 4.0, "global_pool": "token", "class_token": True},
         epochs=30, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
         max_shift=4, seed=2),
+    "cifar_vit4_wide_long": Recipe(
+        model_kwargs={"img_size": 32, "in_chans": 3, "num_classes": 10, "patch_size": 8, "embed_dim": 128,
+                      "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "global_pool": "avg", "class_token": False},
+        epochs=25, lr=1.5e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
+        max_shift=4, seed=3),
 }
 
 
