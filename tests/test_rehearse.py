@@ -136,3 +136,21 @@ def test_resume_needs_a_record(tmp_path, capsys):
         assert main(["rehearse", "table3/deit_s/ours", "--record", str(bad), *resume]) == 2
         assert "is not a rehearsal record line" in capsys.readouterr().err
     assert bad.read_text() == "these are my notes\n"
+
+
+def test_a_killed_run_is_named(tmp_path, monkeypatch, capsys):
+    """A row whose `lowrank-vit run` dies by a signal (the OOM killer's SIGKILL) says so and what to try, instead of
+    quoting a traceback that is not there."""
+    import subprocess
+
+    import lowrank_vit.harness.rehearse as rehearsal
+
+    def killed(command, **kwargs):
+        return subprocess.CompletedProcess(command, -9, "", "")
+
+    monkeypatch.setattr(rehearsal.subprocess, "run", killed)
+    code = main(["rehearse", "table3/deit_t/baseline", "--depth", "1", "--layout", "imagefolder",
+                 "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "BROKEN: RehearsalError: `lowrank-vit run` was killed by SIGKILL (on Linux most often the out-of" in out

@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -310,6 +311,11 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # a rehearsal needs no network
     proc = subprocess.run(_run_command(exp, out, overrides, settings), check=False, capture_output=True, text=True,
                           env=env)
+    if proc.returncode < 0:  # a signal: no traceback to quote; SIGKILL is most often the out-of-memory killer
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "?"
+        hint = " (on Linux most often the out-of-memory killer: try --devices 1 or more memory)" if (
+            name == "SIGKILL") else ""
+        raise RehearsalError(f"`lowrank-vit run` was killed by {name}{hint}")
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise RehearsalError(f"`lowrank-vit run` exited with {proc.returncode}: {lines[-1] if lines else '?'}")
