@@ -16,6 +16,7 @@ from torch import nn
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
 from lowrank_vit.core.calibration import LayerStats, output_error
+from lowrank_vit.core.common import release_freed_memory
 from lowrank_vit.core.decompose import (
     Decomposition,
     Whitening,
@@ -286,6 +287,24 @@ def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     return model
 
 
+def _factored_params(new: FactorizedLinear) -> int:
+    return new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
+
+
+def _output_error_now(stats: LayerStats, layer: nn.Linear, new: FactorizedLinear, device: torch.device,
+                      sub: dict[str, float]) -> float:
+    """Eq. (5) of the layer as built (U V^T + Z) against the dense ``layer``."""
+    with _timed(sub, "report_errors", device):
+        return output_error(stats, _weight(layer, device) - new.dense_weight().detach().double())
+
+
+def _layer_report(name: str, layer: nn.Linear, rank: int | None, new: FactorizedLinear | None, z_params: int,
+                  energy_loss: float, err_lowrank: float, err: float, predicted: float | None) -> LayerReport:
+    params = layer.weight.numel() if new is None else _factored_params(new)
+    return LayerReport(name, layer.in_features, layer.out_features, rank, z_params,
+                       layer.weight.numel(), params, energy_loss, err_lowrank, err, predicted)
+
+
 def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
              **overrides: Any) -> CompressionReport:
     """Compress ``model`` in place: every block linear becomes ``U V^T + Z`` (or stays dense where the allocation
@@ -325,6 +344,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                     white = whitening(stats[name].gram, cfg.damping)
             if white is not None:
                 whitenings[name] = white
+            stats[name].grad_gram = stats[name].grad_range_gram = None  # the decomposition's alone: free them now
             bar.update(1)
         decompositions.update(setup.whole.decompositions(setup.modules, device))
 
@@ -332,26 +352,32 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values)
                                        for name, d in decompositions.items()})
 
+    # Memory: each layer's full float64 factors, residual and gradient statistics are dropped as soon as the layer
+    # is built, so the compression of a large model (ViT-L) does not hold all of them at once.
+    reports: dict[str, LayerReport] = {}
     with _timed(timings, "compensation", device):
         generator = torch.Generator().manual_seed(cfg.seed)
         new_layers: dict[str, FactorizedLinear] = {}
-        residuals: dict[str, torch.Tensor] = {}
         sgd_tasks: dict[str, SGDTask] = {}
         for name, layer in layers.items():
             rank = allocation.ranks[name]
             if rank is None:
+                reports[name] = _layer_report(name, layer, None, None, 0, 0.0, 0.0, 0.0,
+                                              0.0 if method.loss_units else None)
                 continue
             weight = _weight(layer, device)
-            U, V = decompositions[name].factors(rank)
+            decomposition = decompositions.pop(name)
+            U, V = decomposition.factors(rank)
             residual = weight - U @ V.T
-            residuals[name] = residual
+            with _timed(sub, "report_errors", device):
+                err_lr = output_error(stats[name], residual)
             z = None
             if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
                 with _timed(sub, "svd_tail_z", device):
-                    z = svd_tail_z(decompositions[name], rank, budgets_meta[name])
+                    z = svd_tail_z(decomposition, rank, budgets_meta[name])
             elif z_kind != "none":  # never an output-side layer (statistics_space)
                 s = stats[name]
-                problem = CompensationProblem(residual, whitenings[name])
+                problem = CompensationProblem(residual, whitenings.pop(name))
                 if use_sgd:
                     z = init_z_for_sgd(z_kind, problem, budgets_meta[name], generator).float().to(device)
                     inputs = s.samples.to(device)
@@ -360,6 +386,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                 else:
                     with _timed(sub, "closed_form_z", device):
                         z = closed_form_z(z_kind, problem, budgets_meta[name])
+                del problem
+            del residual
             dtype = layer.weight.dtype
             bias = None if layer.bias is None else layer.bias.detach()
             mean = stats[name].token_mean
@@ -368,6 +396,11 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                 bias = (bias.double() + mean.to(device) @ (weight - kept)).to(bias.dtype)
             new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
             new_layers[name] = new.to(device)
+            predicted = 0.5 * float(decomposition.energy_tails()[rank]) if method.loss_units else None
+            err = math.nan if name in sgd_tasks else _output_error_now(stats[name], layer, new, device, sub)
+            reports[name] = _layer_report(name, layer, rank, new, budgets_meta[name], decomposition.energy_loss(rank),
+                                          err_lr, err, predicted)
+            del decomposition, U, V
         sgd_history = {}
         if sgd_tasks:
             with _timed(sub, "sgd_fit", device):
@@ -375,27 +408,15 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                                       batch_size=cfg.sgd_batch_size, seed=cfg.seed, progress=cfg.progress)
             for name, task in sgd_tasks.items():
                 new_layers[name].z = task.z.to(layers[name].weight.dtype)
+                reports[name] = replace(reports[name], factored_params=_factored_params(new_layers[name]),
+                                        output_error=_output_error_now(stats[name], layers[name], new_layers[name],
+                                                                       device, sub))
+            sgd_tasks.clear()
+    # the report's errors are computed layer by layer inside the loop above (to free each layer's tensors at once),
+    # but stay out of the compensation stage's time, as they were when computed after it
+    timings["compensation"] -= sub.get("report_errors", 0.0)
 
-    reports = []
-    for name, layer in layers.items():
-        rank = allocation.ranks[name]
-        s = stats[name]
-        if rank is None:
-            err_lr = err = 0.0
-            params = layer.weight.numel()
-        else:
-            new = new_layers[name]
-            with _timed(sub, "report_errors", device):
-                err_lr = output_error(s, residuals[name])
-                err = output_error(s, _weight(layer, device) - new.dense_weight().detach().double())
-            params = new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
-        predicted = None
-        if method.loss_units:
-            predicted = 0.5 * float(decompositions[name].energy_tails()[rank]) if rank is not None else 0.0
-        reports.append(LayerReport(name, layer.in_features, layer.out_features, rank,
-                                   budgets_meta[name] if rank is not None else 0, layer.weight.numel(), params,
-                                   decompositions[name].energy_loss(rank) if rank is not None else 0.0, err_lr, err,
-                                   predicted))
+    reports = [reports[name] for name in layers]
     # Whole modules (COMCAT's attention): one report per unit, at the rank it is factorized at; output errors are
     # not measured unit by unit.
     new_modules = {name: setup.whole.build(name, module, decompositions, allocation.ranks)
@@ -408,5 +429,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
         swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
     params_after = count_params(model)
+    del stats, decompositions, whitenings  # (the new layers live on in the model)
+    release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
                              sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [], sub)

@@ -80,7 +80,7 @@ def test_rehearse_one_row_at_full_size(capsys, tmp_path):
 @pytest.mark.parametrize("row, extra, size", [
     ("table3/deit_s/ours", [], "full size"),  # Table 3: the paper's recipe at its absolute parameter target
     ("table4/deit_b/baseline-int4", ["--layout", "imagefolder"], "full size"),  # Table 4: quantized, DeiT-B
-    # Table 1's rows fit Z with the SGD solver (minutes per DeiT-B at full depth): the same config on one block
+    # Table 1's rows fit Z with the SGD solver (cut to a few steps, which the row checks): on one block for speed
     ("table1/deit_b/z-lowrank", ["--depth", "1"], "SHRUNK"),
 ])
 def test_rehearse_one_row_of_every_other_table(capsys, tmp_path, row, extra, size):

@@ -1,5 +1,6 @@
 """Small helpers shared across the package, each in one place: the batch formats the library accepts, the
-warm-up + cosine schedule, smooth synthetic images, and the atomic file write. Torch only (no timm, no Lightning).
+warm-up + cosine schedule, smooth synthetic images, the atomic file write and handing freed memory back. Torch only
+(no timm, no Lightning).
 """
 
 from __future__ import annotations
@@ -134,3 +135,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def release_freed_memory() -> None:
+    """Hand the memory Python has freed back to the operating system, where the C library keeps it (glibc).
+
+    glibc serves blocks of up to 32 MiB from its heap once larger ones have been freed, and keeps the heap's freed
+    pages: a ViT-L compression left 10 GB resident after returning (measured), which under DDP on one host stays
+    held while the next process compresses. ``malloc_trim(0)`` returns it; elsewhere (macOS, Windows, musl) this
+    does nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+    import sys
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
