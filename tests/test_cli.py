@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowrank_vit.harness.cli import main
 
@@ -220,6 +221,38 @@ def test_run_ddp_two_cpu_processes(tmp_path):
     assert (out / "table2/deit_s/ours-50/model/model.safetensors").is_file()
     runs = sorted(tmp_path.rglob("offline-run-*"))
     assert len(runs) == 1 and runs[0].parent == out / "table2/deit_s/ours-50/wandb", runs
+    assert not list(out.rglob(".compressed-for-ranks"))  # rank zero's hand-over to the other rank is cleaned up
+
+
+def test_rank_zero_hands_its_compressed_model_to_the_other_ranks(tmp_path, monkeypatch, calib_batches):
+    """Under DDP the fine-tune's processes load rank zero's compressed model instead of compressing again; only a
+    non-zero rank of the same row takes it, and nothing is left behind, even when the fine-tune fails."""
+    from conftest import make_tiny_vit
+
+    from lowrank_vit import compress
+    from lowrank_vit.harness.runner import SHARED_ENV, share_compressed, shared_compressed
+    from lowrank_vit.io.surgery import load_compressed
+
+    model = make_tiny_vit()
+    compress(model, calib_batches, reduction=0.5, calib_samples=64, progress=False)
+    monkeypatch.delenv(SHARED_ENV, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    with share_compressed(model, "row/a", tmp_path, enabled=True):
+        path = shared_compressed("row/a")
+        assert path is not None and path.parent == tmp_path.resolve()
+        assert shared_compressed("row/b") is None  # another row's processes compress themselves
+        monkeypatch.setenv("RANK", "0")
+        assert shared_compressed("row/a") is None  # rank zero has its own
+        monkeypatch.setenv("RANK", "1")
+        loaded = load_compressed(path)
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    assert SHARED_ENV not in os.environ and list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), share_compressed(model, "row/a", tmp_path, enabled=True):
+        raise RuntimeError("the fine-tune failed")
+    assert SHARED_ENV not in os.environ and list(tmp_path.iterdir()) == []
+    with share_compressed(model, "row/a", tmp_path, enabled=False):  # one process: nothing to hand over
+        assert shared_compressed("row/a") is None and list(tmp_path.iterdir()) == []
 
 
 def _write_cifar_like(folder: Path, n_train: int = 48, n_test: int = 24) -> Path:

@@ -193,8 +193,8 @@ class Stage:
     memory_gib: float
     detail: str = ""
     data_parallel: bool = False
-    """Divided by --devices (the fine-tune's DDP); the others run whole on one process (every process compresses
-    the same way, rank zero alone evaluates)."""
+    """Divided by --devices (the fine-tune's DDP); the others run whole on one process (rank zero compresses and
+    hands the model to the fine-tune's processes, and alone evaluates)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -305,14 +305,21 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
     # each batch's X^T X is formed on its upper block triangle: ~T w^2 multiply-adds of 2 FLOPs, halved
     flops = images * sum(layer.tokens * w * w for layer, w in widths)
     stats_memory = sum(8.0 * w * w for _, w in widths) / GIB
+    if auto:  # a layer kept on its output side keeps its weight in float64 beside W^T H W (calibration.range_gram)
+        stats_memory += sum(8.0 * layer.in_features * layer.out_features for layer in shapes.layers
+                            if layer.in_features > layer.out_features) / GIB
     stages.append(Stage("statistics", flops, _gemm_seconds(flops, spec, precision), params_gib + stats_memory,
                         f"{len(widths)} Gram matrices, {_DTYPE_NAMES[precision]} products",
                         extra={"precision": _DTYPE_NAMES[precision]}))
     costs = [_decomposition_cost(layer, method, auto) for layer in shapes.layers]
     flops, calls = sum(c[0] for c in costs), sum(c[1] for c in costs)
     largest = max((max(layer.in_features, layer.out_features) for layer in shapes.layers), default=0)
+    # every layer's float64 factors (k + m) x min(k, m) are held from its decomposition until the allocation has
+    # decided all ranks: for ViT-L 3.2 GB, more than the statistics (10.7 GB resident at that point, measured)
+    factors_memory = sum(8.0 * (layer.in_features + layer.out_features) * min(layer.in_features, layer.out_features)
+                         for layer in shapes.layers) / GIB
     stages.append(Stage("decomposition", flops, _eig_seconds(flops, calls, spec),
-                        params_gib + stats_memory + 4 * 8.0 * largest ** 2 / GIB,
+                        params_gib + stats_memory + factors_memory + 4 * 8.0 * largest ** 2 / GIB,
                         f"{calls} eigendecompositions/SVDs of {len(shapes.layers)} layers, fp64"))
     spectrum = sum(min(layer.in_features, layer.out_features) for layer in shapes.layers)
     # at most greedy_iterations passes over every layer's spectrum (Algorithm 1; a sort for the others): negligible
