@@ -14,7 +14,7 @@ import torch
 
 from lowrank_vit.harness.cli import main
 
-from conftest import cli, one_line_error
+from conftest import cli, make_tiny_vit, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,8 +227,6 @@ def test_run_ddp_two_cpu_processes(tmp_path):
 def test_rank_zero_hands_its_compressed_model_to_the_other_ranks(tmp_path, monkeypatch, calib_batches):
     """Under DDP the fine-tune's processes load rank zero's compressed model instead of compressing again; only a
     non-zero rank of the same row takes it, and nothing is left behind, even when the fine-tune fails."""
-    from conftest import make_tiny_vit
-
     from lowrank_vit import compress
     from lowrank_vit.harness.runner import SHARED_ENV, share_compressed, shared_compressed
     from lowrank_vit.io.surgery import load_compressed
