@@ -438,10 +438,10 @@ def wandb_project() -> str:
 @contextlib.contextmanager
 def share_compressed(model: nn.Module, exp_name: str, out_dir: Path, enabled: bool) -> Iterator[None]:
     """Rank zero, around the fine-tune: save the compressed ``model`` for the DDP processes the fine-tune starts
-    (they inherit :data:`SHARED_ENV`), so that they load it instead of repeating the compression. On one host that
-    halves the compression's time and its peak memory (a ViT-L loss-aware compression holds 11 GB, and N processes
-    compressing at once need N times that); everywhere it makes every rank's ranks identical by construction.
-    The directory and the variable are removed when the block ends, however it ends."""
+    (they inherit :data:`SHARED_ENV`), so that they load it instead of repeating the compression: that saves the
+    repeat's time and, on one host, its memory (up to 11 GB per process for ViT-L with the loss-aware recipe, while
+    rank zero still holds the model), and makes every rank's ranks identical by construction. The directory and
+    the variable are removed when the block ends, however it ends."""
     from lowrank_vit.io.surgery import save_compressed
 
     if not enabled:
