@@ -182,6 +182,11 @@ class CompressionConfig:
     progress: bool = True
     """Show progress bars."""
 
+    @property
+    def fits_z_by_sgd(self) -> bool:
+        """A correction Z fitted by the SGD solver (which needs stored calibration tokens), not in closed form."""
+        return self.solver == "sgd" and self.compensation != "none"
+
     def __post_init__(self) -> None:
         if (self.reduction is None) == (self.target_params is None):
             raise ValueError("give exactly one of reduction (a fraction in (0, 1)) or target_params (a count)")
@@ -203,7 +208,7 @@ class CompressionConfig:
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         gradient_pass = get_method(self.decomposition).gradient_pass
-        if gradient_pass and self.solver == "sgd" and self.compensation != "none":
+        if gradient_pass and self.fits_z_by_sgd:
             raise ValueError(f"solver='sgd' fits Z on stored calibration tokens, which decomposition="
                              f"{self.decomposition!r} does not keep: use solver='closed_form'")
         if self.bias_correction is None:

@@ -326,7 +326,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     sub: dict[str, float] = {}  # substage_seconds
 
     method = get_method(cfg.decomposition)
-    use_sgd = cfg.solver == "sgd" and z_kind != "none"
+    use_sgd = cfg.fits_z_by_sgd
     tail_z = _z_is_more_rank(z_kind, False) and method.tail_is_lowrank_z and not use_sgd
     needs_whitening = z_kind != "none" and not tail_z
     with _timed(timings, "calibration", device):

@@ -226,7 +226,7 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
                    f"removed {100 * result['measured_reduction']:.2f}% of the parameters, the row asks "
                    f"{100 * exp.reduction:.0f}%")
         _check("report" in result, "result.json lacks the compression report")
-        if _fits_z_by_sgd(cfg.compression):
+        if cfg.compression.fits_z_by_sgd:
             ran = result["report"]["config"].get("sgd_iterations")
             _check(ran == settings.sgd_steps and result["report"].get("sgd_loss"),
                    f"the SGD solver of Z was set to {ran} steps, not {settings.sgd_steps}, or reported no loss")
@@ -262,10 +262,6 @@ def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- rows
-
-
-def _fits_z_by_sgd(compression: Any) -> bool:
-    return compression.solver == "sgd" and compression.compensation != "none"
 
 
 def _run_command(exp: Any, out: Path, overrides: dict[str, Any], settings: RehearsalSettings) -> list[str]:
@@ -306,7 +302,7 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
         overrides["model.kwargs"] = kwargs
     if cfg.compression is not None:
         overrides["compression.calib_samples"] = settings.calib_samples
-        if _fits_z_by_sgd(cfg.compression):
+        if cfg.compression.fits_z_by_sgd:
             overrides["compression.sgd_iterations"] = settings.sgd_steps
         if settings.depth is not None and cfg.compression.target_params is not None:
             fraction = 1.0 - cfg.compression.target_params / sum(p.numel() for p in timm.create_model(
