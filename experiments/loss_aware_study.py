@@ -46,6 +46,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware-fast": LIBRARY_RECIPES["loss-aware-fast"],
     "la-grad-quarter": {**_DEFAULT, "grad_fraction": 0.25},
     "la-gram-float64": {**_DEFAULT, "gram_precision": "float64"},
+    # the sequential refit with error feedback (lowrank_vit.core.refit)
+    "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},

@@ -39,6 +39,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware": dict(decomposition="loss_aware", allocation="marginal", compensation="none", bias_correction=True),
     "loss-aware-fast": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
                             bias_correction=True, grad_fraction=0.5),
+    "loss-aware-refit": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
+                             bias_correction=True, refit=True),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
 }
@@ -131,6 +133,12 @@ class CompressionConfig:
     """decomposition "loss_aware": the fraction of the calibration images (the first ceil(fraction * N)) that also
     run the backward pass giving G; the others feed H only. The backward is most of the loss-aware pass's cost;
     docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
+    refit: bool = False
+    """decomposition "loss_aware": after the allocation, recompute every factorized layer, in forward order, for
+    the inputs the compressed model gives it (which carry the errors of the layers before it), aiming at the dense
+    layer's outputs in the same loss-aware metric, at the same rank (``lowrank_vit.core.refit``). Costs a few more
+    forward passes over the calibration images and keeps them in memory; measured in docs/loss_aware.md (recipe
+    "loss-aware-refit"). Needs ``compensation="none"``."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
@@ -224,6 +232,14 @@ class CompressionConfig:
         if self.grad_fraction != 1.0 and not gradient_pass:
             raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
                              f"the calibration images); got decomposition={self.decomposition!r}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be true or false, got {self.refit!r}")
+        if self.refit and not get_method(self.decomposition).supports_refit:
+            raise ValueError(f"refit needs decomposition='loss_aware' (it refits in the loss-aware metric); got "
+                             f"decomposition={self.decomposition!r}")
+        if self.refit and self.compensation != "none":
+            raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
+                             f"{self.compensation!r})")
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -15,7 +16,7 @@ from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
-from lowrank_vit.core.calibration import LayerStats, output_error
+from lowrank_vit.core.calibration import LayerStats, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory
 from lowrank_vit.core.decompose import (
     Decomposition,
@@ -23,6 +24,12 @@ from lowrank_vit.core.decompose import (
     whitening,
 )
 from lowrank_vit.core.progress import progress_bar
+from lowrank_vit.core.refit import (
+    PairGrams,
+    micro_batches,
+    refit_bias,
+    sequential_refit,
+)
 from lowrank_vit.io.surgery import swap_layers
 from lowrank_vit.methods.compensate import (
     CompensationProblem,
@@ -63,7 +70,9 @@ class LayerReport:
     normalization instead of one per image): its statistics do not weigh images one by one."""
     predicted_loss: float | None = None
     """decomposition "loss_aware": the predicted increase of the loss (KL to the dense model) from this layer's
-    change alone, 1/2 tr(dW^T H dW G) of the discarded directions (second order; Z not included)."""
+    change alone, 1/2 tr(dW^T H dW G) of the discarded directions (second order; Z not included). With ``refit``:
+    the prediction of the layer as first decomposed, which the allocation compared; the output errors are of the
+    refitted layer."""
 
 
 @dataclass
@@ -305,6 +314,35 @@ def _layer_report(name: str, layer: nn.Linear, rank: int | None, new: Factorized
                        layer.weight.numel(), params, energy_loss, err_lowrank, err, predicted)
 
 
+def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, LayerStats],
+           new_layers: dict[str, FactorizedLinear], images: list[torch.Tensor]) -> None:
+    """``CompressionConfig.refit``: every factorized layer refitted, in forward order, for the compressed model's
+    own inputs (:mod:`lowrank_vit.core.refit`), at the rank the allocation gave it."""
+    cfg, device = setup.cfg, setup.device
+    method = get_method(cfg.decomposition)
+    blocks: dict[str, list[str]] = {}
+    for block, block_layers in get_adapter(model).layers_by_block(dense).items():
+        names = [name for name in block_layers if name in new_layers]
+        if names:
+            blocks[block] = names
+
+    def centred(name: str) -> bool:
+        return stats[name].token_mean is not None and setup.layers[name].bias is not None
+
+    def fit(name: str, pair: PairGrams) -> None:
+        layer, new = setup.layers[name], new_layers[name]
+        weight = _weight(layer, device)
+        U, V = method.refit(weight, stats[name], pair, cfg).factors(new.rank)
+        new.U.data.copy_(U)
+        new.V.data.copy_(V)
+        if new.bias is not None and layer.bias is not None:
+            new.bias.data.copy_(refit_bias(layer.bias.detach().to(device), weight, U @ V.T, pair))
+        stats[name].grad_gram = stats[name].grad_range_gram = None
+
+    sequential_refit(dense, model, blocks, list(micro_batches(images, 32)), fit, centred=centred, device=device,
+                     gram_precision=cfg.gram_precision, progress=cfg.progress)
+
+
 def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
              **overrides: Any) -> CompressionReport:
     """Compress ``model`` in place: every block linear becomes ``U V^T + Z`` (or stays dense where the allocation
@@ -329,6 +367,12 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     use_sgd = cfg.fits_z_by_sgd
     tail_z = _z_is_more_rank(z_kind, False) and method.tail_is_lowrank_z and not use_sgd
     needs_whitening = z_kind != "none" and not tail_z
+    kept_images: list[torch.Tensor] = []
+    if cfg.refit:  # the refit runs the images again: keep them (and the very batches the statistics saw)
+        kept = list(iter_calibration_batches(calib_images, cfg.calib_samples))
+        kept_images = [images.detach() for images, _ in kept]
+        calib_images = [batch for _, batch in kept]
+        del kept
     with _timed(timings, "calibration", device):
         stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
 
@@ -344,7 +388,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                     white = whitening(stats[name].gram, cfg.damping)
             if white is not None:
                 whitenings[name] = white
-            stats[name].grad_gram = stats[name].grad_range_gram = None  # the decomposition's alone: free them now
+            if not cfg.refit:  # the decomposition's alone (and the refit's): free them now
+                stats[name].grad_gram = stats[name].grad_range_gram = None
             bar.update(1)
         decompositions.update(setup.whole.decompositions(setup.modules, device))
 
@@ -425,9 +470,19 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         reports.append(LayerReport(unit.name, unit.in_features, unit.out_features, unit.rank, 0, unit.dense_params,
                                    unit.params, unit.energy_loss, math.nan, math.nan))
 
+    dense = copy.deepcopy(model) if cfg.refit else None
     with _timed(sub, "swap", device):
         swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
         swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
+    if dense is not None:
+        with _timed(timings, "refit", device):
+            _refit(dense, model, setup, stats, new_layers, kept_images)
+        for index, layer_report in enumerate(reports):
+            if layer_report.name in new_layers:
+                err = _output_error_now(stats[layer_report.name], layers[layer_report.name],
+                                        new_layers[layer_report.name], device, sub)
+                reports[index] = replace(layer_report, output_error_lowrank=err, output_error=err)
+        del dense, kept_images
     params_after = count_params(model)
     del stats, decompositions, whitenings  # (the new layers live on in the model)
     release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed

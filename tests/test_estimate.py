@@ -244,3 +244,17 @@ def test_compression_memory_agrees_with_the_measured_vit_l_peak_within_2x():
         # where the peak falls, as measured stage by stage (docs/rehearse.md): after the decompositions, with every
         # layer's factors held for the allocation, not in the calibration's backward
         assert max(stages, key=stages.get) == "decomposition", stages
+
+
+def test_refit_adds_its_stage_to_the_compression():
+    """``compression.refit=true``: a "refit" stage of about five forwards over the calibration images (both streams),
+    counted in the compression's time, holding the dense copy beside the compressed model."""
+    exp = get_experiment(ROWS["loss-aware"])
+    base = estimate.estimate_row(exp, device="a100")
+    refit = estimate.estimate_row(exp, device="a100", overrides=["compression.refit=true"])
+    assert "refit" not in {s["name"] for s in base["stages"]}
+    stage = _stage(refit, "refit")
+    forward = _stage(refit, "calibration forward")
+    assert stage["flops"] > estimate.REFIT_FORWARDS * forward["flops"]
+    assert stage["memory_gib"] > _stage(refit, "calibration forward")["memory_gib"]
+    assert refit["compress_seconds"] == pytest.approx(base["compress_seconds"] + stage["seconds"])

@@ -332,7 +332,34 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
                 for layer, h in ((layer, _narrow(layer, auto)[0]) for layer in shapes.layers))
     stages.append(Stage("report", flops, _gemm_seconds(flops, spec, "fp64"), params_gib + stats_memory,
                         "per-layer output errors, fp64"))
+    if compression.refit:
+        stages.append(_refit(shapes, compression, spec, method, images, gemm, precision, params_gib))
     return stages
+
+
+REFIT_FORWARDS = 5.0
+"""Forward passes over the calibration images that the refit runs (lowrank_vit.core.refit), both streams together:
+per stream, every block once to advance its cache and about one and a half times more in the early-stopped passes
+that reach each of its layers."""
+
+
+def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any, images: int,
+           gemm: str, precision: str, params_gib: float) -> Stage:
+    """``CompressionConfig.refit``: the two streams' forwards, each layer's H_c and K on its input side, the solve
+    for W* and the decomposition once more."""
+    forward = REFIT_FORWARDS * images * shapes.forward_flops
+    grams = images * sum(layer.tokens * 2.0 * 2 * layer.in_features ** 2 for layer in shapes.layers)
+    solve = sum(2.0 * layer.in_features ** 3 for layer in shapes.layers)
+    costs = [_decomposition_cost(layer, method, False) for layer in shapes.layers]  # H_c is kept whole
+    flops, calls = sum(c[0] for c in costs) + solve, sum(c[1] for c in costs) + len(shapes.layers)
+    seconds = (_gemm_seconds(forward, spec, gemm) + _gemm_seconds(grams, spec, precision)
+               + _eig_seconds(flops, calls, spec))
+    caches = 2 * images * max((layer.tokens * layer.in_features for layer in shapes.layers), default=0) * 4
+    widest = max((layer.in_features for layer in shapes.layers), default=0)
+    memory = 2 * params_gib + (caches + 3 * 8.0 * widest ** 2) / GIB  # the dense copy beside the compressed model
+    return Stage("refit", forward + grams + flops, seconds, memory,
+                 f"{REFIT_FORWARDS:g} forwards of {images} images, {2 * len(shapes.layers)} Gram matrices, "
+                 f"{calls} solves and eigendecompositions")
 
 
 def _compensation(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any,
@@ -443,7 +470,7 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
 
 
 COMPRESS_STAGES = ("calibration forward", "calibration backward", "statistics", "decomposition", "allocation",
-                   "compensation", "report")
+                   "compensation", "report", "refit")
 
 
 def estimate_rows(exps: list[Experiment], scale: str = "full", *, device: str = "a100", devices: int = 1,

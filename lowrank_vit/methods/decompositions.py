@@ -9,6 +9,8 @@ loops over layers without knowing any method's name; what it needs to know is st
 * ``tail_is_lowrank_z``: its SVD is the exact optimum of the metric the closed-form low-rank Z minimizes, so that Z is
   the next singular triplets of the same SVD (no second solve; exactly more rank);
 * ``loss_units``: its energies are predicted loss increases (reported per layer as ``predicted_loss``);
+* ``supports_refit``: :meth:`Method.refit` gives a layer's basis for the compressed model's own inputs
+  (``CompressionConfig.refit``, :mod:`lowrank_vit.core.refit`);
 
 and what it replaces as a whole, if anything: ``whole_modules`` (:mod:`lowrank_vit.methods.units`; COMCAT's attention
 modules, whose heads are allocation units beside the remaining linears).
@@ -41,6 +43,7 @@ from lowrank_vit.core.decompose import (
 )
 from lowrank_vit.core.fisher import row_fisher
 from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
+from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
 from lowrank_vit.methods.units import NO_MODULES, AttentionHeads, WholeModules
 
@@ -55,6 +58,7 @@ class Method:
     narrow_side_exact: ClassVar[bool] = False
     tail_is_lowrank_z: ClassVar[bool] = False
     loss_units: ClassVar[bool] = False
+    supports_refit: ClassVar[bool] = False
     whole_modules: ClassVar[WholeModules] = NO_MODULES
     want_mean: ClassVar[bool] = False
     gradient_pass: ClassVar[bool] = False
@@ -84,6 +88,11 @@ class Method:
                   cfg: Any) -> tuple[Decomposition, Whitening | None]:
         """The layer's basis, and the whitening of H it computed on the way (None if it needed none)."""
         return plain_svd(weight), None
+
+    def refit(self, weight: torch.Tensor, stats: LayerStats, pair: PairGrams, cfg: Any) -> Decomposition:
+        """The layer's basis refitted for the compressed model's inputs (``pair``), aiming at the dense layer's
+        outputs; only where ``supports_refit``."""
+        raise NotImplementedError(f"decomposition {self.name!r} has no refit")
 
 
 METHODS: Registry[Method] = Registry("decomposition")
@@ -140,6 +149,7 @@ class LossAware(Method):
     narrow_side_exact = True
     tail_is_lowrank_z = True
     loss_units = True
+    supports_refit = True
     gradient_pass = True
     home_recipe = "loss-aware"  # its marginal allocation on predicted loss, and no Z (more rank in the same basis)
 
@@ -159,6 +169,11 @@ class LossAware(Method):
 
     def decompose(self, weight, stats, extra, cfg):
         return loss_aware_svd(weight, stats, cfg.damping)
+
+    def refit(self, weight, stats, pair, cfg):
+        # the same decomposition of W* = S W, the least-squares weight for the new inputs, on their Gram
+        transform = feedback_transform(pair, cfg.damping)
+        return loss_aware_svd(transform @ weight, feedback_stats(stats, pair, transform), cfg.damping)[0]
 
 
 class _RowScaled(Method):

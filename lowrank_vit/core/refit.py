@@ -1,0 +1,216 @@
+"""Sequential refit with error feedback: the loss-aware factors recomputed layer by layer, in forward order, for the
+inputs the *compressed* model actually gives each layer.
+
+Why. The loss-aware decomposition fits every layer on the dense model's inputs X. In the compressed model a layer
+sees X_c instead, which carries the errors of every layer before it; at high ratios (-70% and beyond) those add up.
+The refit keeps the ranks the allocation chose and asks, one layer at a time, for the rank-r weight whose outputs on
+X_c are closest to the dense layer's outputs on X, in the same loss-aware metric (G: the Gram of the loss gradients
+at the dense layer's output):
+
+    min_{rank(W_hat) <= r}  tr((X_c W_hat - X W) G (X_c W_hat - X W)^T).
+
+With H_c = X_c^T X_c, K = X_c^T X (centred when the bias absorbs the mean, as the decomposition's own bias
+correction does) and W* = H_c^-1 K W, the least-squares weight for the new inputs, the objective is
+||A (W_hat - W*) B^T||_F^2 + const (A^T A = H_c, B^T B = G): exactly the loss-aware two-sided SVD of W* on H_c. So
+the refit is the same decomposition (:func:`lowrank_vit.core.loss_aware.loss_aware_svd`) applied to W*; where the
+compressed inputs equal the dense ones (the first layer), K = H_c and W* = W: nothing changes.
+
+Cost. The calibration images are kept, and two block-input caches (dense and compressed stream) are advanced block by
+block, so each block runs about three times per stream instead of the whole model once per layer; the input of a
+block that does not directly follow the previous one in an ``nn.Sequential`` (Swin's first block of a stage, after
+its patch merging) is recomputed from the images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowrank_vit.core.calibration import LayerStats
+from lowrank_vit.core.progress import progress_bar
+
+
+@dataclass
+class PairGrams:
+    """Statistics of one layer's inputs in the compressed (c) and the dense (d) model, over the same tokens."""
+
+    gram: torch.Tensor
+    """H_c = (1/N) sum X_c^T X_c (k, k) float64, centred when ``mean_c`` is set."""
+    cross: torch.Tensor
+    """K = (1/N) sum X_c^T X (k, k) float64, centred likewise."""
+    mean_c: torch.Tensor | None
+    """The mean input token of the compressed model (k,), when centred."""
+    mean_d: torch.Tensor | None
+    """The mean input token of the dense model (k,), when centred."""
+
+
+def feedback_transform(pair: PairGrams, damping: float) -> torch.Tensor:
+    """S (k, k) with W* = S W, the least-squares weight for the compressed inputs:
+
+        W* = argmin ||X_c W* - X W||^2 + d ||W* - W||^2 = (H_c + d I)^-1 (K + d I) W,
+
+    with d = ``damping`` times H_c's mean diagonal, as :func:`~lowrank_vit.core.decompose.whitening` damps a Gram.
+    The damping pulls directions the calibration inputs barely reach toward the dense weight (not toward zero), so
+    unchanged inputs (K = H_c) give S = I exactly."""
+    H = pair.gram.double()
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    scale = float(torch.diagonal(H).mean())
+    if not scale > 0.0:  # the layer never saw a non-zero input: nothing to feed back
+        return eye
+    ridge = damping * scale * eye
+    target = pair.cross.double().to(H.device) + ridge
+    L, info = torch.linalg.cholesky_ex(H + ridge)
+    if int(info) == 0:
+        return torch.cholesky_solve(target, L)
+    return torch.linalg.lstsq(H + ridge, target).solution
+
+
+def feedback_stats(stats: LayerStats, pair: PairGrams, transform: torch.Tensor) -> LayerStats:
+    """The loss-aware statistics of W* = S W on the compressed inputs: H_c for H, and G unchanged (it is the dense
+    layer's, whose outputs the refit aims at). A layer whose G is kept on its input side as W G W^T (``gram_space=
+    "auto"``) gets S (W G W^T) S^T, the same Gram for W*; tr(G) is unchanged."""
+    if stats.grad_range_gram is not None:
+        S = transform.to(stats.grad_range_gram.device)
+        return LayerStats(gram=pair.gram, num_images=stats.num_images, grad_range_gram=S @ stats.grad_range_gram @ S.T,
+                          grad_trace=stats.grad_trace, tokens=stats.tokens)
+    if stats.grad_gram is None:
+        raise ValueError("the refit needs the layer's loss-aware gradient statistics (G), which were freed or never "
+                         "collected: it runs with decomposition='loss_aware' only")
+    return LayerStats(gram=pair.gram, num_images=stats.num_images, grad_gram=stats.grad_gram, tokens=stats.tokens)
+
+
+def refit_bias(bias: torch.Tensor, weight: torch.Tensor, fitted: torch.Tensor, pair: PairGrams) -> torch.Tensor:
+    """b' = b + mu_d W - mu_c W_hat: the compressed layer is exact at the mean token (float64)."""
+    if pair.mean_c is None or pair.mean_d is None:
+        return bias.double()
+    return bias.double() + pair.mean_d @ weight - pair.mean_c @ fitted
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+def _capture(module: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, bool]:
+    """The first positional input of ``module`` during ``run()`` (which stops there), and whether that call had
+    exactly one positional argument and no keyword arguments (so ``module(x)`` repeats it)."""
+    box: dict[str, object] = {}
+
+    def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        box["x"], box["plain"] = args[0].detach(), len(args) == 1 and not kwargs
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in box:
+        raise ValueError(f"the refit's forward pass never reached {type(module).__name__}")
+    return box["x"], bool(box["plain"])
+
+
+def _follows(model: nn.Module, previous: str | None, name: str) -> bool:
+    """Whether block ``name`` is the next child after block ``previous`` in one ``nn.Sequential`` (so its input is
+    ``previous``'s output)."""
+    if previous is None:
+        return False
+    parent_a, _, index_a = previous.rpartition(".")
+    parent_b, _, index_b = name.rpartition(".")
+    if parent_a != parent_b or not (index_a.isdigit() and index_b.isdigit()):
+        return False
+    parent = model.get_submodule(parent_a) if parent_a else model
+    return isinstance(parent, nn.Sequential) and int(index_b) == int(index_a) + 1
+
+
+def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch.Tensor], center: bool,
+                     dtype: torch.dtype) -> None:
+    c = x_c.reshape(-1, x_c.shape[-1])
+    d = x_d.reshape(-1, x_d.shape[-1])
+    if c.shape != d.shape:
+        raise ValueError(f"the compressed and the dense layer see different token shapes ({tuple(c.shape)} vs "
+                         f"{tuple(d.shape)})")
+    cast_c, cast_d = c.to(dtype), d.to(dtype)
+    sums["gram"] += (cast_c.T @ cast_c).double()
+    sums["cross"] += (cast_c.T @ cast_d).double()
+    if center:
+        sums["sum_c"] += c.double().sum(0)
+        sums["sum_d"] += d.double().sum(0)
+    sums["rows"] += c.shape[0]
+
+
+def _pair_grams(sums: dict[str, torch.Tensor], images: int, center: bool) -> PairGrams:
+    gram, cross, rows = sums["gram"], sums["cross"], float(sums["rows"])
+    mean_c = mean_d = None
+    if center:
+        mean_c, mean_d = sums["sum_c"] / rows, sums["sum_d"] / rows
+        gram = gram - rows * torch.outer(mean_c, mean_c)
+        cross = cross - rows * torch.outer(mean_c, mean_d)
+    return PairGrams((gram + gram.T) / (2 * images), cross / images, mean_c, mean_d)
+
+
+@torch.no_grad()
+def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[str]], images: list[torch.Tensor],
+                     fit: Callable[[str, PairGrams], None], *, centred: Callable[[str], bool],
+                     device: torch.device, gram_precision: str = "float64", progress: bool = True) -> None:
+    """Walk the blocks in forward order; for every layer of ``blocks`` (block name -> its refitted layers, in forward
+    order) collect the :class:`PairGrams` of its inputs in ``model`` (compressed, being refitted) and ``dense`` over
+    ``images`` (micro-batches, on any device) and call ``fit(name, pair)``, which must update the layer in ``model``
+    before the next layer's statistics are taken.
+
+    ``centred(name)``: whether that layer's statistics are centred (its bias absorbs the mean)."""
+    dtype = {"float64": torch.float64, "float32": torch.float32}[gram_precision]
+    was_training = (dense.training, model.training)
+    dense.eval()
+    model.eval()
+    total = sum(len(names) for names in blocks.values())
+    previous: str | None = None
+    cache_d: list[torch.Tensor] = []
+    cache_c: list[torch.Tensor] = []
+    plain = False
+    try:
+        with progress_bar(total, "refit", "layer", progress) as bar:
+            for block_name, names in blocks.items():
+                block_d, block_c = dense.get_submodule(block_name), model.get_submodule(block_name)
+                if plain and _follows(model, previous, block_name):  # advance both streams by one block
+                    prev_d, prev_c = dense.get_submodule(previous), model.get_submodule(previous)
+                    cache_d = [prev_d(x) for x in cache_d]
+                    cache_c = [prev_c(x) for x in cache_c]
+                else:  # from the images (the first block, or after modules between blocks)
+                    cache_d, cache_c, plain = [], [], True
+                    for batch in images:
+                        batch = batch.to(device)
+                        x_d, plain_d = _capture(block_d, lambda b=batch: dense(b))
+                        x_c, plain_c = _capture(block_c, lambda b=batch: model(b))
+                        cache_d.append(x_d)
+                        cache_c.append(x_c)
+                        plain = plain and plain_d and plain_c
+                for name in names:
+                    layer_d, layer_c = dense.get_submodule(name), model.get_submodule(name)
+                    width = layer_d.in_features
+                    center = centred(name)
+                    sums = {"gram": torch.zeros(width, width, dtype=torch.float64, device=device),
+                            "cross": torch.zeros(width, width, dtype=torch.float64, device=device),
+                            "sum_c": torch.zeros(width, dtype=torch.float64, device=device),
+                            "sum_d": torch.zeros(width, dtype=torch.float64, device=device), "rows": 0}
+                    for x_d, x_c in zip(cache_d, cache_c, strict=True):
+                        in_d, _ = _capture(layer_d, lambda b=x_d, f=block_d: f(b))
+                        in_c, _ = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
+                        _accumulate_pair(in_c, in_d, sums, center, dtype)
+                    fit(name, _pair_grams(sums, sum(x.shape[0] for x in cache_d), center))
+                    bar.update(1)
+                previous = block_name
+    finally:
+        dense.train(was_training[0])
+        model.train(was_training[1])
+
+
+def micro_batches(images: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The images regrouped into batches of at most ``size``."""
+    for batch in images:
+        for start in range(0, batch.shape[0], size):
+            yield batch[start: start + size]

@@ -1,0 +1,208 @@
+"""The sequential refit (``CompressionConfig.refit``): its closed form against a direct minimization, the identity on
+unchanged inputs, the block-cached walk against a brute-force one (ViT, distilled DeiT, Swin's stage boundaries),
+budgets, save/load and its configuration errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from lowrank_vit import CompressionConfig, compress, load_compressed, save_compressed
+from lowrank_vit.core.calibration import LayerStats
+from lowrank_vit.core.loss_aware import loss_aware_svd
+from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias
+from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.nn.factorized import FactorizedLinear
+
+from conftest import TINY_VIT, make_images, make_tiny_vit
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", TINY_VIT, 1, 28),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                                               num_heads=2, num_classes=10), 3, 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                                  depths=(2, 2), num_heads=(2, 4), num_classes=10), 3, 32),
+}
+
+
+def cfg(**kwargs) -> CompressionConfig:
+    return CompressionConfig(**{"progress": False, "decomposition": "loss_aware", "allocation": "marginal",
+                                "compensation": "none", "refit": True, **kwargs})
+
+
+def _objective(x_c, x_d, W, W_hat, G):
+    E = x_c @ W_hat - x_d @ W
+    return float(torch.trace(E @ G @ E.T))
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])  # the input side (qkv, fc1) and the output side (fc2)
+def test_refit_minimizes_the_feedback_objective(shape):
+    """W* = H_c^-1 K W decomposed on (H_c, G) is the best rank-r weight for tr((X_c W_hat - X W) G (...)^T): below
+    the dense layer's own loss-aware factors and below random rank-r perturbations of itself."""
+    k, m = shape
+    g = torch.Generator().manual_seed(0)
+    x_d = torch.randn(200, k, generator=g, dtype=torch.float64)
+    x_c = x_d + 0.3 * torch.randn(200, k, generator=g, dtype=torch.float64)  # upstream errors
+    W = torch.randn(k, m, generator=g, dtype=torch.float64)
+    a = torch.randn(m, 2 * m, generator=g, dtype=torch.float64)
+    G = a @ a.T / m
+    rank, damping = 3, 1e-10
+    pair = PairGrams(x_c.T @ x_c, x_c.T @ x_d, None, None)
+    S = feedback_transform(pair, damping)
+    torch.testing.assert_close(S @ W, torch.linalg.solve(x_c.T @ x_c, x_c.T @ x_d @ W))
+    full = LayerStats(gram=x_c.T @ x_c, num_images=1, grad_gram=G)
+    fitted, _ = loss_aware_svd(S @ W, feedback_stats(full, pair, S), damping)
+    U, V = fitted.factors(rank)
+    best = _objective(x_c, x_d, W, U @ V.T, G)
+    dense_fit, _ = loss_aware_svd(W, LayerStats(gram=x_d.T @ x_d, num_images=1, grad_gram=G), damping)
+    U0, V0 = dense_fit.factors(rank)
+    assert best < _objective(x_c, x_d, W, U0 @ V0.T, G)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed + 1)
+        dU = 1e-2 * torch.randn(U.shape, generator=gen, dtype=torch.float64)
+        assert best <= _objective(x_c, x_d, W, (U + dU) @ V.T, G) + 1e-9
+    # the input-side form (W G W^T kept instead of G, as gram_space="auto" keeps it for qkv and fc1) agrees
+    narrow = LayerStats(gram=x_c.T @ x_c, num_images=1, grad_range_gram=W @ G @ W.T,
+                        grad_trace=float(torch.trace(G)))
+    if k <= m:
+        other, _ = loss_aware_svd(S @ W, feedback_stats(narrow, pair, S), damping)
+        U2, V2 = other.factors(rank)
+        torch.testing.assert_close(U2 @ V2.T, U @ V.T)
+
+
+def test_unchanged_inputs_leave_the_factors_and_bias_alone():
+    """Where the compressed inputs are the dense ones (K = H_c), W* = W and the refit is the decomposition itself;
+    the refitted bias is b + mu (W - W_hat), the decomposition's own bias correction."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 8, generator=g, dtype=torch.float64) + 0.5
+    W = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    mu = x.mean(0)
+    xc = x - mu
+    H = xc.T @ xc
+    pair = PairGrams(H, H.clone(), mu, mu.clone())
+    S = feedback_transform(pair, 1e-4)
+    torch.testing.assert_close(S @ W, W, rtol=1e-9, atol=1e-9)
+    stats = LayerStats(gram=H, num_images=1, grad_gram=torch.eye(12, dtype=torch.float64))
+    a, _ = loss_aware_svd(S @ W, feedback_stats(stats, pair, S), 1e-4)
+    b, _ = loss_aware_svd(W, stats, 1e-4)
+    torch.testing.assert_close(a.factors(4)[0] @ a.factors(4)[1].T, b.factors(4)[0] @ b.factors(4)[1].T)
+    bias = torch.randn(12, generator=g, dtype=torch.float64)
+    W_hat = b.factors(4)[0] @ b.factors(4)[1].T
+    torch.testing.assert_close(refit_bias(bias, W, W_hat, pair), bias + mu @ (W - W_hat))
+
+
+def _brute_force_refit(dense, model, images, settings):
+    """The refit without caches: for every factorized layer in forward order, both whole models run on all images
+    with a hook on that layer; the same closed form."""
+    layers = get_adapter(dense).compressible_layers(dense)
+    stats_model = copy.deepcopy(dense)
+    from lowrank_vit.core.loss_aware import collect_loss_statistics
+
+    stats = collect_loss_statistics(stats_model, get_adapter(stats_model).compressible_layers(stats_model),
+                                    [images], images.shape[0], progress=False, center=True, gram_space="auto",
+                                    gram_precision="float64")
+    for name, layer in layers.items():
+        new = model.get_submodule(name)
+        if not isinstance(new, FactorizedLinear):
+            continue
+        box: dict[str, torch.Tensor] = {}
+        h1 = layer.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("d", i[0].detach()))
+        h2 = new.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("c", i[0].detach()))
+        with torch.no_grad():
+            dense(images)
+            model(images)
+        h1.remove()
+        h2.remove()
+        xd = box["d"].reshape(-1, layer.in_features).double()
+        xc = box["c"].reshape(-1, layer.in_features).double()
+        mc, md = xc.mean(0), xd.mean(0)
+        n = images.shape[0]
+        pair = PairGrams((xc - mc).T @ (xc - mc) / n, (xc - mc).T @ (xd - md) / n, mc, md)
+        W = layer.weight.detach().double().T
+        S = feedback_transform(pair, settings["damping"])
+        d, _ = loss_aware_svd(S @ W, feedback_stats(stats[name], pair, S), settings["damping"])
+        U, V = d.factors(new.rank)
+        new.U.data.copy_(U)
+        new.V.data.copy_(V)
+        new.bias.data.copy_(refit_bias(layer.bias.detach().double(), W, U @ V.T, pair))
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_the_cached_walk_matches_a_brute_force_refit(key):
+    """The block caches (advanced through consecutive blocks, recomputed after Swin's patch merging and at the first
+    block) give the same refitted model as running both whole models once per layer."""
+    name, kwargs, channels, size = MODELS[key]
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False, **kwargs).eval()
+    images = make_images(24, channels=channels, size=size, seed=3)
+    settings = dict(reduction=0.5, calib_samples=24, gram_precision="float64", damping=1e-4)
+    refitted = copy.deepcopy(dense)
+    report = compress(refitted, [images], cfg(**settings))
+    reference = copy.deepcopy(dense)
+    plain = compress(reference, [images], cfg(**{**settings, "refit": False}))
+    before = copy.deepcopy(reference)
+    _brute_force_refit(dense, reference, images, settings)
+    with torch.no_grad():
+        out, expected, unrefitted = refitted(images), reference(images), before(images)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert (out - unrefitted).abs().max() > 1e-4  # the refit did change the model
+    assert report.stage_seconds["refit"] > 0
+    assert report.ranks == plain.ranks and report.params_after == plain.params_after  # the same allocation
+
+
+def test_refit_lowers_the_output_error_at_a_high_ratio():
+    """At -80% the refitted model's logits are closer to the dense model's on the calibration images than those of
+    the same allocation without the refit (the refit fits exactly these images, layer after layer)."""
+    dense = make_tiny_vit(seed=4, depth=3)
+    images = make_images(64, seed=5)
+    with torch.no_grad():
+        target = dense(images)
+    errors = {}
+    for refit in (False, True):
+        model = copy.deepcopy(dense)
+        compress(model, [images], cfg(reduction=0.8, calib_samples=64, refit=refit))
+        with torch.no_grad():
+            errors[refit] = float((model(images) - target).pow(2).mean())
+    assert errors[True] < errors[False]
+
+
+def test_save_load_round_trip(tmp_path):
+    images = make_images(32, seed=2)
+    model = make_tiny_vit()
+    compress(model, [images], cfg(reduction=0.5))
+    save_compressed(model, tmp_path / "m", model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
+    loaded = load_compressed(tmp_path / "m")
+    assert loaded.__class__ is model.__class__
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images[:4]), model(images[:4]))
+
+
+def test_a_generator_of_batches_is_read_once():
+    """The refit reuses the calibration images: a one-shot iterable must still give the statistics and the refit the
+    same images (they are kept, not read twice)."""
+    images = make_images(32, seed=6)
+    a, b = make_tiny_vit(seed=2), make_tiny_vit(seed=2)
+    compress(a, (batch for batch in [images[:16], images[16:]]), cfg(reduction=0.6, calib_samples=32))
+    compress(b, [images[:16], images[16:]], cfg(reduction=0.6, calib_samples=32))
+    with torch.no_grad():
+        torch.testing.assert_close(a(images), b(images))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(decomposition="whitened", allocation="greedy"), "refit needs decomposition='loss_aware'"),
+    (dict(compensation="diagonal"), "use compensation='none'"),
+    (dict(refit="yes"), "refit must be true or false"),
+])
+def test_configuration_errors(settings, message):
+    with pytest.raises(ValueError, match=message):
+        cfg(reduction=0.5, **settings)
+
+
+def test_recipe_is_registered():
+    from lowrank_vit.config import RECIPES, recipe
+
+    assert RECIPES["loss-aware-refit"]["refit"] is True
+    assert recipe("loss-aware-refit", reduction=0.5).refit is True
