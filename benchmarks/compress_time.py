@@ -11,7 +11,8 @@ load cancels to first order). Then:
 
 * ``statistics_s``: the calibration stage of ``compress`` minus that forward, i.e. what the hooks add (Gram products,
   per-image output energies, finiteness checks, the SGD solver's token samples);
-* ``decomposition_s``, ``allocation_s``, ``compensation_s``: ``CompressionReport.stage_seconds``;
+* ``decomposition_s``, ``allocation_s``, ``compensation_s``, ``refit_s`` (0 without ``refit``):
+  ``CompressionReport.stage_seconds``;
 * ``report_s``: the rest of ``compress`` (per-layer eq. 5 errors of the report, the layer swap);
 * ``overhead_ratio``: (whole ``compress`` - forward) / forward;
 * ``overhead_ratio_cpu``: the same ratio from the process's CPU time (all threads) instead of wall time: on a machine
@@ -70,7 +71,7 @@ from _common import (  # noqa: E402
 from lowrank_vit import CompressionConfig, compress  # noqa: E402
 from lowrank_vit.config import RECIPES, recipe, resolve_gram_precision  # noqa: E402
 
-STAGES = ("statistics", "decomposition", "allocation", "compensation", "report")
+STAGES = ("statistics", "decomposition", "allocation", "compensation", "refit", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
 
 SUBTIMERS = {
@@ -170,6 +171,7 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         "decomposition_s": stages["decomposition"],
         "allocation_s": stages["allocation"],
         "compensation_s": stages["compensation"],
+        "refit_s": stages.get("refit", 0.0),
         "report_s": total - sum(stages.values()),
         "total_s": total,
         "overhead_ratio": (total - floor) / floor,
@@ -319,6 +321,7 @@ TIME_COLUMNS = [
     ("decomposition_s", "decomposition s", ".1f"),
     ("allocation_s", "allocation s", ".2f"),
     ("compensation_s", "compensation s", ".1f"),
+    ("refit_s", "refit s", ".1f"),
     ("report_s", "report s", ".1f"),
     ("total_s", "compress s", ".1f"),
     ("overhead_ratio", "overhead ratio", ".2f"),
