@@ -258,3 +258,16 @@ def test_refit_adds_its_stage_to_the_compression():
     assert stage["flops"] > estimate.REFIT_FORWARDS * forward["flops"]
     assert stage["memory_gib"] > _stage(refit, "calibration forward")["memory_gib"]
     assert refit["compress_seconds"] == pytest.approx(base["compress_seconds"] + stage["seconds"])
+
+
+def test_refit_estimate_agrees_with_its_benchmark_within_2x():
+    """The refit stage and the whole compression with it, estimated on `--gpu cpu`, within a factor of 2 of
+    benchmarks/compress_time.py's committed measurement (DeiT-S, 256 images, the loss-aware-refit recipe)."""
+    bench = json.loads((ROOT / "benchmarks" / "results" / "compress_time_deit_small_refit.json").read_text())
+    row = next(r for r in bench["rows"] if r["recipe"] == "loss-aware-refit")
+    assert RECIPES["loss-aware-refit"]["refit"] is True and row["refit_s"] > 0
+    est = estimate.estimate_row(get_experiment(ROWS["loss-aware"]), device="cpu", overrides=[
+        f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}",
+        "compression.refit=true"])
+    assert 0.5 <= _stage(est, "refit")["seconds"] / row["refit_s"] <= 2.0
+    assert 0.5 <= est["compress_seconds"] / row["total_s"] <= 2.0
