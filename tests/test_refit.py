@@ -122,7 +122,7 @@ def _brute_force_refit(dense, model, images, settings):
         n = images.shape[0]
         pair = PairGrams((xc - mc).T @ (xc - mc) / n, (xc - mc).T @ (xd - md) / n, mc, md)
         W = layer.weight.detach().double().T
-        S = feedback_transform(pair, settings["damping"])
+        S = feedback_transform(pair, settings["refit_damping"])
         d, _ = loss_aware_svd(S @ W, feedback_stats(stats[name], pair, S), settings["damping"])
         U, V = d.factors(new.rank)
         new.U.data.copy_(U)
@@ -138,7 +138,7 @@ def test_the_cached_walk_matches_a_brute_force_refit(key):
     torch.manual_seed(0)
     dense = timm.create_model(name, pretrained=False, **kwargs).eval()
     images = make_images(24, channels=channels, size=size, seed=3)
-    settings = dict(reduction=0.5, calib_samples=24, gram_precision="float64", damping=1e-4)
+    settings = dict(reduction=0.5, calib_samples=24, gram_precision="float64", damping=1e-4, refit_damping=3e-3)
     refitted = copy.deepcopy(dense)
     report = compress(refitted, [images], cfg(**settings))
     reference = copy.deepcopy(dense)
@@ -153,20 +153,29 @@ def test_the_cached_walk_matches_a_brute_force_refit(key):
     assert report.ranks == plain.ranks and report.params_after == plain.params_after  # the same allocation
 
 
-def test_refit_lowers_the_output_error_at_a_high_ratio():
-    """At -80% the refitted model's logits are closer to the dense model's on the calibration images than those of
-    the same allocation without the refit (the refit fits exactly these images, layer after layer)."""
-    dense = make_tiny_vit(seed=4, depth=3)
-    images = make_images(64, seed=5)
+def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
+    """On a tiny ViT trained here, at -80%, the refitted model's predictions on held-out images are closer (KL) to the
+    dense model's than those of the same allocation without the refit. (On random-weight models it does not help: its
+    target, the dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware.md measures it on
+    trained ones.)"""
+    from lowrank_vit.harness.standins import train_classifier
+
+    images = make_images(512, seed=8)
+    labels = (images.mean(dim=(1, 2, 3)) > images.mean()).long() + 2 * (images[:, 0, :14].mean(dim=(1, 2)) > 0).long()
+    dense = make_tiny_vit(seed=1, depth=3)
+    train_classifier(dense, images[:256], labels[:256], epochs=6, lr=3e-3, batch_size=32, seed=0, progress=False)
+    dense.eval()
+    held_out = images[256:]
     with torch.no_grad():
-        target = dense(images)
-    errors = {}
+        reference = torch.log_softmax(dense(held_out), 1)
+    kl = {}
     for refit in (False, True):
         model = copy.deepcopy(dense)
-        compress(model, [images], cfg(reduction=0.8, calib_samples=64, refit=refit))
+        compress(model, [images[:128]], cfg(reduction=0.8, calib_samples=128, refit=refit))
         with torch.no_grad():
-            errors[refit] = float((model(images) - target).pow(2).mean())
-    assert errors[True] < errors[False]
+            out = torch.log_softmax(model(held_out), 1)
+        kl[refit] = float(torch.nn.functional.kl_div(out, reference, log_target=True, reduction="batchmean"))
+    assert kl[True] < kl[False]
 
 
 def test_save_load_round_trip(tmp_path):
@@ -195,6 +204,7 @@ def test_a_generator_of_batches_is_read_once():
     (dict(decomposition="whitened", allocation="greedy"), "refit needs decomposition='loss_aware'"),
     (dict(compensation="diagonal"), "use compensation='none'"),
     (dict(refit="yes"), "refit must be true or false"),
+    (dict(refit_damping=-1.0), "refit_damping must be a finite number >= 0"),
 ])
 def test_configuration_errors(settings, message):
     with pytest.raises(ValueError, match=message):

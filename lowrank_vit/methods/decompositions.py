@@ -172,7 +172,7 @@ class LossAware(Method):
 
     def refit(self, weight, stats, pair, cfg):
         # the same decomposition of W* = S W, the least-squares weight for the new inputs, on their Gram
-        transform = feedback_transform(pair, cfg.damping)
+        transform = feedback_transform(pair, cfg.refit_damping)
         return loss_aware_svd(transform @ weight, feedback_stats(stats, pair, transform), cfg.damping)[0]
 
 
