@@ -48,6 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "la-gram-float64": {**_DEFAULT, "gram_precision": "float64"},
     # the sequential refit with error feedback (lowrank_vit.core.refit)
     "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
+    "la-refit-damping-1e-4": {**LIBRARY_RECIPES["loss-aware-refit"], "refit_damping": 1e-4},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
