@@ -110,6 +110,17 @@ def test_compress_writes_a_complete_model_directory(compressed, workdir):
     assert f"{report['params']['after']:,}" in card
 
 
+def test_compress_with_the_refit_recipe(workdir, tmp_path, capsys):
+    """``--recipe loss-aware-refit``: the refit runs from the CLI on the user's images and the report says so."""
+    code, _, err = _compress(capsys, workdir, tmp_path / "refit", "--reduction", "0.5", "--recipe",
+                             "loss-aware-refit")
+    assert code == 0, err
+    report = json.loads((tmp_path / "refit" / "report.json").read_text())
+    assert report["compression"]["config"]["refit"] is True
+    assert report["compression"]["stage_seconds"]["refit"] > 0
+    assert load_compressed(tmp_path / "refit") is not None
+
+
 def test_compress_prints_the_preprocessing_and_its_origin(workdir, tmp_path, capsys):
     code, out, err = _run(capsys, "compress", *_model_args(workdir), "--data", workdir / "imgs", "--workers", "0",
                           "--calib-samples", "8", "--no-eval", "--recipe", "vanilla", "--reduction", "0.3",
