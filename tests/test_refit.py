@@ -216,3 +216,21 @@ def test_recipe_is_registered():
 
     assert RECIPES["loss-aware-refit"]["refit"] is True
     assert recipe("loss-aware-refit", reduction=0.5).refit is True
+
+
+def test_blocks_called_with_more_than_their_input_are_refused():
+    """A model that calls its blocks with keyword arguments (a mask): re-running a block on its input alone would not
+    repeat that call, so the refit says so instead of fitting to a different computation."""
+    import types
+
+    model = make_tiny_vit(seed=3)
+
+    def features(self, x, **_):
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for block in self.blocks:
+            x = block(x, attn_mask=None)
+        return self.norm(x)
+
+    model.forward_features = types.MethodType(features, model)
+    with pytest.raises(ValueError, match="called with more than its input"):
+        compress(model, [make_images(16, seed=4)], cfg(reduction=0.5, calib_samples=16))

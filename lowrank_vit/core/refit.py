@@ -95,7 +95,7 @@ class _Stop(Exception):
 
 def _capture(module: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, bool]:
     """The first positional input of ``module`` during ``run()`` (which stops there), and whether that call had
-    exactly one positional argument and no keyword arguments (so ``module(x)`` repeats it)."""
+    exactly one positional argument and no keyword arguments (so that ``module(x)`` repeats it)."""
     box: dict[str, object] = {}
 
     def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -171,24 +171,26 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
     previous: str | None = None
     cache_d: list[torch.Tensor] = []
     cache_c: list[torch.Tensor] = []
-    plain = False
     try:
         with progress_bar(total, "refit", "layer", progress) as bar:
             for block_name, names in blocks.items():
                 block_d, block_c = dense.get_submodule(block_name), model.get_submodule(block_name)
-                if plain and _follows(model, previous, block_name):  # advance both streams by one block
+                if _follows(model, previous, block_name):  # advance both streams by one block
                     prev_d, prev_c = dense.get_submodule(previous), model.get_submodule(previous)
                     cache_d = [prev_d(x) for x in cache_d]
                     cache_c = [prev_c(x) for x in cache_c]
                 else:  # from the images (the first block, or after modules between blocks)
-                    cache_d, cache_c, plain = [], [], True
+                    cache_d, cache_c = [], []
                     for batch in images:
                         batch = batch.to(device)
                         x_d, plain_d = _capture(block_d, lambda b=batch: dense(b))
                         x_c, plain_c = _capture(block_c, lambda b=batch: model(b))
+                        if not (plain_d and plain_c):  # the block alone, on its input, would not repeat the call
+                            raise ValueError(f"block {block_name} is called with more than its input (keyword "
+                                             f"arguments or a mask); the refit re-runs each block on its input "
+                                             f"alone and cannot follow it: use refit=False")
                         cache_d.append(x_d)
                         cache_c.append(x_c)
-                        plain = plain and plain_d and plain_c
                 for name in names:
                     layer_d, layer_c = dense.get_submodule(name), model.get_submodule(name)
                     width = layer_d.in_features
