@@ -26,6 +26,7 @@ from lowrank_vit.core.decompose import (
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import (
     PairGrams,
+    dense_output_error,
     micro_batches,
     refit_bias,
     sequential_refit,
@@ -315,9 +316,11 @@ def _layer_report(name: str, layer: nn.Linear, rank: int | None, new: Factorized
 
 
 def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, LayerStats],
-           new_layers: dict[str, FactorizedLinear], images: list[torch.Tensor]) -> None:
+           new_layers: dict[str, FactorizedLinear], images: list[torch.Tensor]) -> dict[str, float]:
     """``CompressionConfig.refit``: every factorized layer refitted, in forward order, for the compressed model's
-    own inputs (:mod:`lowrank_vit.core.refit`), at the rank the allocation gave it."""
+    own inputs (:mod:`lowrank_vit.core.refit`), at the rank the allocation gave it. Returns the report's error of
+    each refitted layer whose statistics were kept on its output side: those are exact only for weights in the
+    range of W, so the refit measures it on the dense inputs it sees anyway."""
     cfg, device = setup.cfg, setup.device
     method = get_method(cfg.decomposition)
     blocks: dict[str, list[str]] = {}
@@ -329,6 +332,11 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
     def centred(name: str) -> bool:
         return stats[name].token_mean is not None and setup.layers[name].bias is not None
 
+    def output_side(name: str) -> bool:
+        return stats[name].output_gram is not None
+
+    errors: dict[str, float] = {}
+
     def fit(name: str, pair: PairGrams) -> None:
         layer, new = setup.layers[name], new_layers[name]
         weight = _weight(layer, device)
@@ -337,10 +345,13 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
         new.V.data.copy_(V)
         if new.bias is not None and layer.bias is not None:
             new.bias.data.copy_(refit_bias(layer.bias.detach().to(device), weight, U @ V.T, pair))
+        if output_side(name):
+            errors[name] = dense_output_error(pair, weight, weight - new.dense_weight().detach().double())
         stats[name].grad_gram = stats[name].grad_range_gram = None
 
-    sequential_refit(dense, model, blocks, list(micro_batches(images, 32)), fit, centred=centred, device=device,
-                     gram_precision=cfg.gram_precision, progress=cfg.progress)
+    sequential_refit(dense, model, blocks, list(micro_batches(images, 32)), fit, centred=centred,
+                     dense_gram=output_side, device=device, gram_precision=cfg.gram_precision, progress=cfg.progress)
+    return errors
 
 
 def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
@@ -476,11 +487,13 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
     if dense is not None:
         with _timed(timings, "refit", device):
-            _refit(dense, model, setup, stats, new_layers, kept_images)
+            exact = _refit(dense, model, setup, stats, new_layers, kept_images)
         for index, layer_report in enumerate(reports):
-            if layer_report.name in new_layers:
-                err = _output_error_now(stats[layer_report.name], layers[layer_report.name],
-                                        new_layers[layer_report.name], device, sub)
+            name = layer_report.name
+            if name in new_layers:
+                err = exact.get(name)
+                if err is None:  # input-side statistics: exact for any weight change
+                    err = _output_error_now(stats[name], layers[name], new_layers[name], device, sub)
                 reports[index] = replace(layer_report, output_error_lowrank=err, output_error=err)
         del dense, kept_images
     params_after = count_params(model)

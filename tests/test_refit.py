@@ -234,3 +234,35 @@ def test_blocks_called_with_more_than_their_input_are_refused():
     model.forward_features = types.MethodType(features, model)
     with pytest.raises(ValueError, match="called with more than its input"):
         compress(model, [make_images(16, seed=4)], cfg(reduction=0.5, calib_samples=16))
+
+
+def test_reported_errors_of_refitted_layers_are_exact():
+    """Every refitted layer's reported error equals eq. (5) pooled over the calibration images, computed by brute
+    force on the dense inputs: tr(dW^T H_c dW) / tr(W^T H W) (centred numerator, where the bias absorbs the mean).
+    fc2 keeps its statistics on its output side, exact only for weights in the range of W, which a refitted weight
+    is not; its error comes from the refit's own pass."""
+    dense = make_tiny_vit(seed=6)
+    images = make_images(32, seed=7)
+    model = copy.deepcopy(dense)
+    report = compress(model, [images], cfg(reduction=0.6, calib_samples=32, gram_precision="float64"))
+    layers = get_adapter(dense).compressible_layers(dense)
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach()))
+             for name, layer in layers.items()]
+    with torch.no_grad():
+        dense(images)
+    for hook in hooks:
+        hook.remove()
+    checked = 0
+    for entry in report.layers:
+        new = model.get_submodule(entry.name)
+        if not isinstance(new, FactorizedLinear):
+            continue
+        x = inputs[entry.name].reshape(-1, new.in_features).double()
+        W = layers[entry.name].weight.detach().double().T
+        delta = W - new.dense_weight().detach().double()
+        centred = x - x.mean(0)
+        expected = float((centred @ delta).pow(2).sum() / (x @ W).pow(2).sum())
+        assert entry.output_error == pytest.approx(expected, rel=1e-6), entry.name
+        checked += 1
+    assert checked == len(layers) and any(name.endswith("fc2") for name in layers)

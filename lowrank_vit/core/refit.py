@@ -47,6 +47,24 @@ class PairGrams:
     """The mean input token of the compressed model (k,), when centred."""
     mean_d: torch.Tensor | None
     """The mean input token of the dense model (k,), when centred."""
+    dense_gram: torch.Tensor | None = None
+    """H_d = (1/N) sum X^T X (k, k) float64, not centred: only where asked for (the report's exact error)."""
+    tokens: float = 0.0
+    """T, the layer's input rows per image."""
+
+
+def dense_output_error(pair: PairGrams, weight: torch.Tensor, delta: torch.Tensor) -> float:
+    """The report's error of a weight change on the dense inputs, pooled over the calibration set as the loss-aware
+    report pools it: tr(delta^T H_d delta) / tr(W^T H_d W), with H_d centred in the numerator where the bias absorbs
+    the mean (``pair.mean_d`` set). Exact for any delta, where an output-side layer's statistics (``gram_space=
+    "auto"``) are exact only for deltas in the range of W, which a refitted weight need not be."""
+    if pair.dense_gram is None:
+        raise ValueError("dense_output_error needs PairGrams.dense_gram")
+    H = pair.dense_gram
+    energy = float(torch.sum(weight * (H @ weight)))
+    if pair.mean_d is not None:
+        H = H - pair.tokens * torch.outer(pair.mean_d, pair.mean_d)
+    return float(torch.sum(delta * (H @ delta))) / energy if energy > 0 else 0.0
 
 
 def feedback_transform(pair: PairGrams, damping: float) -> torch.Tensor:
@@ -130,7 +148,7 @@ def _follows(model: nn.Module, previous: str | None, name: str) -> bool:
 
 
 def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch.Tensor], center: bool,
-                     dtype: torch.dtype) -> None:
+                     dtype: torch.dtype, dense: bool) -> None:
     c = x_c.reshape(-1, x_c.shape[-1])
     d = x_d.reshape(-1, x_d.shape[-1])
     if c.shape != d.shape:
@@ -139,6 +157,8 @@ def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch
     cast_c, cast_d = c.to(dtype), d.to(dtype)
     sums["gram"] += (cast_c.T @ cast_c).double()
     sums["cross"] += (cast_c.T @ cast_d).double()
+    if dense:
+        sums["dense"] += (cast_d.T @ cast_d).double()
     if center:
         sums["sum_c"] += c.double().sum(0)
         sums["sum_d"] += d.double().sum(0)
@@ -152,19 +172,23 @@ def _pair_grams(sums: dict[str, torch.Tensor], images: int, center: bool) -> Pai
         mean_c, mean_d = sums["sum_c"] / rows, sums["sum_d"] / rows
         gram = gram - rows * torch.outer(mean_c, mean_c)
         cross = cross - rows * torch.outer(mean_c, mean_d)
-    return PairGrams((gram + gram.T) / (2 * images), cross / images, mean_c, mean_d)
+    dense = sums.get("dense")
+    return PairGrams((gram + gram.T) / (2 * images), cross / images, mean_c, mean_d,
+                     None if dense is None else (dense + dense.T) / (2 * images), rows / images)
 
 
 @torch.no_grad()
 def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[str]], images: list[torch.Tensor],
                      fit: Callable[[str, PairGrams], None], *, centred: Callable[[str], bool],
-                     device: torch.device, gram_precision: str = "float64", progress: bool = True) -> None:
+                     dense_gram: Callable[[str], bool] = lambda name: False, device: torch.device,
+                     gram_precision: str = "float64", progress: bool = True) -> None:
     """Walk the blocks in forward order; for every layer of ``blocks`` (block name -> its refitted layers, in forward
     order) collect the :class:`PairGrams` of its inputs in ``model`` (compressed, being refitted) and ``dense`` over
     ``images`` (micro-batches, on any device) and call ``fit(name, pair)``, which must update the layer in ``model``
     before the next layer's statistics are taken.
 
-    ``centred(name)``: whether that layer's statistics are centred (its bias absorbs the mean)."""
+    ``centred(name)``: whether that layer's statistics are centred (its bias absorbs the mean); ``dense_gram(name)``:
+    whether its :class:`PairGrams` also carry the dense inputs' Gram (one more product per micro-batch)."""
     dtype = {"float64": torch.float64, "float32": torch.float32}[gram_precision]
     was_training = (dense.training, model.training)
     dense.eval()
@@ -201,10 +225,13 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                             "cross": torch.zeros(width, width, dtype=torch.float64, device=device),
                             "sum_c": torch.zeros(width, dtype=torch.float64, device=device),
                             "sum_d": torch.zeros(width, dtype=torch.float64, device=device), "rows": 0}
+                    with_dense = dense_gram(name)
+                    if with_dense:
+                        sums["dense"] = torch.zeros(width, width, dtype=torch.float64, device=device)
                     for x_d, x_c in zip(cache_d, cache_c, strict=True):
                         in_d, _ = _capture(layer_d, lambda b=x_d, f=block_d: f(b))
                         in_c, _ = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
-                        _accumulate_pair(in_c, in_d, sums, center, dtype)
+                        _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
                     fit(name, _pair_grams(sums, sum(x.shape[0] for x in cache_d), center))
                     bar.update(1)
                 previous = block_name
