@@ -137,8 +137,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     budget.add_argument("--reduction", type=fraction, help="fraction of the parameters removed, in (0, 1)")
     budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
     p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
-                   help="a recipe (loss-aware: the default; loss-aware-refit: with the sequential refit, for -70%% "
-                        "and beyond; paper; vanilla) or any registered decomposition")
+                   help="a recipe (loss-aware: the default; loss-aware-refit: with the sequential refit, for a "
+                        "model shipped without fine-tuning or -80%%; paper; vanilla) or any registered decomposition")
     p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
     p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
