@@ -94,6 +94,12 @@ class Whitening:
             return torch.linalg.solve_triangular(self.root, matrix, upper=True)
         return self.inv_root @ matrix
 
+    def solve_gram(self, matrix: torch.Tensor) -> torch.Tensor:
+        """H_d^-1 @ matrix = A^-1 A^-T @ matrix."""
+        if self.triangular:
+            return torch.cholesky_solve(matrix, self.root.T)
+        return self.inv_root @ (self.inv_root @ matrix)
+
 
 def energy_tail_curve(singular_values: torch.Tensor) -> torch.Tensor:
     """Absolute energy lost for keeping r = 0..p singular values (index = r): sum_{i>r} s_i^2."""

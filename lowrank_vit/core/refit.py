@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.calibration import LayerStats
+from lowrank_vit.core.decompose import whitening
 from lowrank_vit.core.progress import progress_bar
 
 
@@ -72,20 +73,13 @@ def feedback_transform(pair: PairGrams, damping: float) -> torch.Tensor:
 
         W* = argmin ||X_c W* - X W||^2 + d ||W* - W||^2 = (H_c + d I)^-1 (K + d I) W,
 
-    with d = ``damping`` times H_c's mean diagonal, as :func:`~lowrank_vit.core.decompose.whitening` damps a Gram.
-    The damping pulls directions the calibration inputs barely reach toward the dense weight (not toward zero), so
-    unchanged inputs (K = H_c) give S = I exactly."""
-    H = pair.gram.double()
-    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    scale = float(torch.diagonal(H).mean())
-    if not scale > 0.0:  # the layer never saw a non-zero input: nothing to feed back
-        return eye
-    ridge = damping * scale * eye
-    target = pair.cross.double().to(H.device) + ridge
-    L, info = torch.linalg.cholesky_ex(H + ridge)
-    if int(info) == 0:
-        return torch.cholesky_solve(target, L)
-    return torch.linalg.lstsq(H + ridge, target).solution
+    with H_c + d I damped by :func:`~lowrank_vit.core.decompose.whitening` (d relative to H_c's mean diagonal). The
+    damping pulls directions the calibration inputs barely reach toward the dense weight (not toward zero), so
+    unchanged inputs (K = H_c) give S = I exactly; so does a layer that never saw a non-zero input (its whitening
+    is the identity)."""
+    white = whitening(pair.gram, damping)
+    ridge = white.gram - pair.gram.double().to(white.gram.device)  # d I (the identity where H_c is zero)
+    return white.solve_gram(pair.cross.double().to(white.gram.device) + ridge)
 
 
 def feedback_stats(stats: LayerStats, pair: PairGrams, transform: torch.Tensor) -> LayerStats:
