@@ -425,8 +425,10 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             decomposition = decompositions.pop(name)
             U, V = decomposition.factors(rank)
             residual = weight - U @ V.T
-            with _timed(sub, "report_errors", device):
-                err_lr = output_error(stats[name], residual)
+            err_lr = math.nan  # with refit the layer changes again; its errors are measured after the refit
+            if not cfg.refit:
+                with _timed(sub, "report_errors", device):
+                    err_lr = output_error(stats[name], residual)
             z = None
             if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
                 with _timed(sub, "svd_tail_z", device):
@@ -453,7 +455,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
             new_layers[name] = new.to(device)
             predicted = 0.5 * float(decomposition.energy_tails()[rank]) if method.loss_units else None
-            err = math.nan if name in sgd_tasks else _output_error_now(stats[name], layer, new, device, sub)
+            err = math.nan if name in sgd_tasks or cfg.refit else _output_error_now(stats[name], layer, new, device,
+                                                                                     sub)
             reports[name] = _layer_report(name, layer, rank, new, budgets_meta[name], decomposition.energy_loss(rank),
                                           err_lr, err, predicted)
             del decomposition, U, V
