@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowrank_vit.core.calibration import LayerStats
+from lowrank_vit.core.calibration import LayerStats, symmetrize_upper, upper_gram_
 from lowrank_vit.core.decompose import whitening
 from lowrank_vit.core.progress import progress_bar
 
@@ -149,10 +149,13 @@ def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch
         raise ValueError(f"the compressed and the dense layer see different token shapes ({tuple(c.shape)} vs "
                          f"{tuple(d.shape)})")
     cast_c, cast_d = c.to(dtype), d.to(dtype)
-    sums["gram"] += (cast_c.T @ cast_c).double()
+    product = sums.get("product")
+    if product is None:  # blocks below the diagonal stay zero (upper_gram_): both Grams are symmetrized at the end
+        product = sums["product"] = torch.zeros(c.shape[1], c.shape[1], dtype=dtype, device=c.device)
+    sums["gram"] += upper_gram_(product, cast_c).double()
     sums["cross"] += (cast_c.T @ cast_d).double()
     if dense:
-        sums["dense"] += (cast_d.T @ cast_d).double()
+        sums["dense"] += upper_gram_(product, cast_d).double()
     if center:
         sums["sum_c"] += c.double().sum(0)
         sums["sum_d"] += d.double().sum(0)
@@ -160,15 +163,15 @@ def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch
 
 
 def _pair_grams(sums: dict[str, torch.Tensor], images: int, center: bool) -> PairGrams:
-    gram, cross, rows = sums["gram"], sums["cross"], float(sums["rows"])
+    gram, cross, rows = symmetrize_upper(sums["gram"]), sums["cross"], float(sums["rows"])
     mean_c = mean_d = None
     if center:
         mean_c, mean_d = sums["sum_c"] / rows, sums["sum_d"] / rows
         gram = gram - rows * torch.outer(mean_c, mean_c)
         cross = cross - rows * torch.outer(mean_c, mean_d)
     dense = sums.get("dense")
-    return PairGrams((gram + gram.T) / (2 * images), cross / images, mean_c, mean_d,
-                     None if dense is None else (dense + dense.T) / (2 * images), rows / images)
+    return PairGrams(gram / images, cross / images, mean_c, mean_d,
+                     None if dense is None else symmetrize_upper(dense) / images, rows / images)
 
 
 @torch.no_grad()
