@@ -322,6 +322,33 @@ def test_failure_in_second_batch_leaves_no_hooks_and_model_unchanged(tiny_vit):
     assert tiny_vit.training
 
 
+@pytest.mark.parametrize("recipe_name", ["loss-aware", "paper", "vanilla"])
+def test_layer_the_model_never_calls_is_named_after_the_first_batch(recipe_name):
+    # timm's BEiT computes q, k, v with F.linear on attn.qkv.weight (it adds its own q and v biases), so the module
+    # is never called and a factorized replacement would be ignored: say so after the first batch, not after the
+    # whole calibration set, and leave the model as it was.
+    import timm
+
+    from lowrank_vit.config import recipe
+
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16,
+                              depth=1, num_heads=2, num_classes=5).eval()
+    before = snapshot(model)
+    seen = []
+
+    def batches():
+        for index in range(3):
+            seen.append(index)
+            yield make_images(4, channels=3, size=32, seed=index)
+
+    with pytest.raises(ValueError, match=r"layer blocks\.0\.attn\.qkv was never called by the calibration forward "
+                                         r"pass.*F\.linear on layer\.weight"):
+        compress(model, batches(), recipe(recipe_name, reduction=0.2, progress=False, calib_samples=12))
+    assert seen == [0]
+    assert_unchanged(model, before)
+
+
 def test_failure_inside_model_forward_leaves_no_hooks(tiny_vit):
     # The second batch has the wrong channel count: the patch embedding raises inside the forward pass, after the
     # first batch was recorded by the hooks.

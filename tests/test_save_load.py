@@ -283,6 +283,60 @@ def test_round_trip_distilled_deit(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def timm_relative(architecture: str, **kwargs) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(architecture, pretrained=False, num_classes=5, **kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    "architecture, kwargs",
+    [  # timm relatives whose options the spec reads under other names, or not at all
+        pytest.param("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, embed_dim=16, depths=(1, 1),
+                                                          num_heads=(1, 2), window_size=((4, 4), (2, 2))),
+                     id="swin-window-per-stage"),
+        pytest.param("cait_xxs24_224", dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2),
+                     id="cait-class-attention-blocks"),
+        pytest.param("vit_small_patch16_rope_224", dict(img_size=32, patch_size=8, embed_dim=16, depth=1,
+                                                        num_heads=2), id="eva-rope-vit"),
+        pytest.param("vit_tiny_r_s16_p8_224", dict(img_size=32, depth=1), id="hybrid-resnet-stem"),
+    ],
+)
+def test_round_trip_timm_relatives(tmp_path, architecture, kwargs):
+    model = timm_relative(architecture, **kwargs)
+    images = make_images(8, channels=3, size=32)
+    compress(model, [images], cfg(reduction=0.2))
+    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    save_compressed(model, tmp_path)
+    assert_same_model(load_compressed(tmp_path), model, images[:4])
+
+
+def test_save_refuses_a_model_its_plan_would_not_rebuild(tmp_path):
+    # One block's MLP is narrower than the others: no timm.create_model call builds that, so a saved checkpoint could
+    # never be loaded. The save must say so and write nothing, whether the arguments are read or given.
+    model = compressed_vit()
+    block = model.blocks[1].mlp
+    block.fc1, block.fc2 = nn.Linear(block.fc1.in_features, 8), nn.Linear(8, block.fc2.out_features)
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"nothing was written.*does not rebuild this model.*blocks\.1\.mlp\.fc1"
+                                         r".*pass model_name= and model_kwargs="):
+        save_compressed(model, target)
+    with pytest.raises(ValueError, match=r"nothing was written: saved layer blocks\.0\.attn\.qkv .* mismatched model; "
+                                         r"pass model_name= and model_kwargs="):
+        save_compressed(model, target, model_name="vit_tiny_patch16_224", model_kwargs={"depth": 2})
+    assert not target.exists()
+
+
+def test_save_refuses_arguments_timm_rejects(tmp_path):
+    model = compressed_vit()
+    with pytest.raises(ValueError, match=r"nothing was written: cannot rebuild timm model 'vit_tiny_patch16_224'.*"
+                                         r"no_such_option"):
+        save_compressed(model, tmp_path / "out", model_name="vit_tiny_patch16_224",
+                        model_kwargs={"no_such_option": 1})
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_round_trip_in_a_new_process(tmp_path):
     """Save here, load in a fresh interpreter (nothing shared but the files), compare the logits there written."""

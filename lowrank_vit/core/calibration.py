@@ -300,6 +300,20 @@ def range_gram(weight: torch.Tensor, output_gram: torch.Tensor, trace: float) ->
     return range_basis(weight, output_gram, trace).gram()
 
 
+def unreached(names: Iterable[str]) -> None:
+    """Raise if any of ``names`` was not called by a forward pass that ran over at least one image. Checked after
+    the first batch: a vision transformer sends every image through every block, so a layer missing then is missing
+    for good, and the user learns it before a whole calibration pass instead of after it."""
+    missing = list(names)
+    if missing:
+        raise ValueError(
+            f"layer {missing[0]} was never called by the calibration forward pass"
+            f"{f' (and {len(missing) - 1} other layer(s))' if len(missing) > 1 else ''}: the model does not use it, or "
+            "computes its output from its weight directly (F.linear on layer.weight, as timm's BEiT, EVA and Swin V2 "
+            "attention do), which a factorized layer cannot replace; this library compresses timm's ViT, DeiT and "
+            "Swin models")
+
+
 @contextmanager
 def hooked_in_eval(model: nn.Module, layers: dict[str, nn.Module], make_hook) -> Iterator[None]:
     """While the block runs: ``make_hook(name)`` as a forward hook on every layer and the model in eval mode; on
@@ -431,16 +445,17 @@ def collect_statistics(
 
     with hooked_in_eval(model, layers, make_hook), \
             progress_bar(total=num_images, desc="calibration", unit="img", enabled=progress) as bar:
-        for images in iter_calibration_images(batches, num_images):
+        for index, images in enumerate(iter_calibration_images(batches, num_images)):
             state["batch"] = images.shape[0]
             model(images.to(device))
+            if index == 0:
+                unreached(name for name, n in counts.items() if n == 0)
             bar.update(images.shape[0])
 
     stats: dict[str, LayerStats] = {}
     for name in layers:
         n = counts[name]
-        if n == 0:
-            raise ValueError(f"layer {name} was never reached by the calibration forward pass")
+        unreached([name] if n == 0 else [])
         gram = symmetrize_upper(grams[name])
         output_gram = trace = weight = None
         if name in output_side:  # H is built from these on first use (LayerStats.gram)

@@ -41,6 +41,7 @@ from lowrank_vit.core.calibration import (
     iter_calibration_batches,
     squared_norms,
     symmetrize_upper,
+    unreached,
     upper_gram_,
 )
 from lowrank_vit.core.common import LABEL_KEYS
@@ -262,13 +263,14 @@ def collect_loss_statistics(
                     loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
                     torch.autograd.grad(loss, part)
                     with_grad += backward
+                if not produced:
+                    unreached(name for name, n in rows.items() if n == 0)
                 produced += images[start: start + micro_batch].shape[0]
                 bar.update(images[start: start + micro_batch].shape[0])
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():
-        if rows[name] == 0:
-            raise ValueError(f"layer {name} was never reached by the calibration forward pass")
+        unreached([name] if rows[name] == 0 else [])
         G = symmetrize_upper(g_sums[name])
         grad_energy = traces[name] if name in grad_input_side else float(torch.diagonal(G).sum())
         if not seen_grad[name] or grad_energy <= 0.0:

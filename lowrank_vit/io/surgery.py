@@ -70,6 +70,61 @@ def fold_lowrank_z_(model: nn.Module) -> list[str]:
     return swap_layers(model, fold, lambda _, module: isinstance(module, FactorizedLinear))
 
 
+def _rebuild(plan: dict[str, Any], origin: str) -> nn.Module:
+    """The dense timm model the plan names, with the plan's factorized layers and attention modules swapped in
+    (random weights). ``origin`` (the plan file, or "this model") words the errors."""
+    try:
+        model = TimmViTAdapter().build(ModelSpec(plan["architecture"], plan["model_kwargs"]))
+    except Exception as exc:  # timm raises RuntimeError/TypeError/... for unknown names or bad kwargs
+        raise ValueError(f"cannot rebuild timm model {plan['architecture']!r} with {plan['model_kwargs']}: {exc}") \
+            from None
+    for fqn, spec in plan["layers"].items():
+        try:
+            old = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"saved layer {fqn} does not exist in {plan['architecture']}: mismatched model") from None
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"],
+                                                                                         spec["out_features"]):
+            raise ValueError(f"saved layer {fqn} ({spec['in_features']}->{spec['out_features']}) does not match "
+                             f"{old} in {plan['architecture']}: mismatched model")
+        try:
+            set_submodule(model, fqn, FactorizedLinear.from_spec(spec))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{origin} is malformed: layer {fqn}: {exc}") from None
+    for fqn, spec in plan.get("attention", {}).items():
+        try:
+            old = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"saved attention {fqn} does not exist in {plan['architecture']}: mismatched model") \
+                from None
+        set_submodule(model, fqn, FactorizedAttention.from_spec_like(old, spec, fqn))  # validates, names problems
+    return model
+
+
+def _check_rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Raise unless :func:`load_compressed` will rebuild ``model``'s structure from ``plan``: every tensor of its
+    state dict, by name and shape. The architecture and its arguments are read from the model's modules
+    (:meth:`~lowrank_vit.nn.adapters.TimmViTAdapter.model_spec`), which cannot know every option of every timm
+    family; a checkpoint that saves but does not load would lose the user's compressed model, so the rebuild is tried
+    here, before anything is written: on the meta device (no memory, no initialization), or on the CPU where a timm
+    constructor needs real values (one that reads a tensor's value while building)."""
+    try:
+        with torch.device("meta"):
+            skeleton = _rebuild(plan, origin="this model's plan")
+    except Exception:
+        skeleton = _rebuild(plan, origin="this model's plan")
+    have = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    rebuilt = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    problems = [f"missing {name}" for name in have if name not in rebuilt]
+    problems += [f"unexpected {name}" for name in rebuilt if name not in have]
+    problems += [f"{name} {rebuilt[name]} instead of {shape}" for name, shape in have.items()
+                 if name in rebuilt and rebuilt[name] != shape]
+    if problems:
+        raise ValueError(f"timm.create_model({plan['architecture']!r}, **{plan['model_kwargs']}) does not rebuild this "
+                         f"model ({len(problems)} difference(s): {', '.join(problems[:3])}), so it could not be "
+                         "loaded again: pass model_name= and model_kwargs= that build it")
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                     model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
                     push_to_hub: str | None = None, token: str | None = None) -> Path:
@@ -106,6 +161,11 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
             "layers": layers, "quantization": record, "metadata": metadata or {}}
     if attention:  # COMCAT's factorized attention modules (older plans have no such key)
         plan["attention"] = attention
+    try:
+        _check_rebuild(model, plan)
+    except ValueError as exc:
+        remedy = "" if "model_kwargs=" in str(exc) else "; pass model_name= and model_kwargs= that build this model"
+        raise ValueError(f"save_compressed: nothing was written: {exc}{remedy}") from None
     try:
         plan_text = json.dumps(plan, indent=2)  # before touching the directory: a bad metadata must not cost data
     except (TypeError, ValueError) as exc:
@@ -176,32 +236,7 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights_file} is corrupted or not a safetensors file: {exc}") from None
 
-    adapter = TimmViTAdapter()
-    try:
-        model = adapter.build(ModelSpec(plan["architecture"], plan["model_kwargs"]))
-    except Exception as exc:  # timm raises RuntimeError/TypeError/... for unknown names or bad kwargs
-        raise ValueError(f"cannot rebuild timm model {plan['architecture']!r} with {plan['model_kwargs']}: {exc}") \
-            from None
-    for fqn, spec in plan["layers"].items():
-        try:
-            old = model.get_submodule(fqn)
-        except AttributeError:
-            raise ValueError(f"saved layer {fqn} does not exist in {plan['architecture']}: mismatched model") from None
-        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (spec["in_features"],
-                                                                                         spec["out_features"]):
-            raise ValueError(f"saved layer {fqn} ({spec['in_features']}->{spec['out_features']}) does not match "
-                             f"{old} in {plan['architecture']}: mismatched model")
-        try:
-            set_submodule(model, fqn, FactorizedLinear.from_spec(spec))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{plan_file_of(directory)} is malformed: layer {fqn}: {exc}") from None
-    for fqn, spec in plan.get("attention", {}).items():
-        try:
-            old = model.get_submodule(fqn)
-        except AttributeError:
-            raise ValueError(f"saved attention {fqn} does not exist in {plan['architecture']}: mismatched model") \
-                from None
-        set_submodule(model, fqn, FactorizedAttention.from_spec_like(old, spec, fqn))  # validates, names problems
+    model = _rebuild(plan, origin=str(plan_file_of(directory)))
 
     record = plan.get("quantization") or {}
     for name, info in record.items():

@@ -11,6 +11,7 @@ Dispatch is on module structure and layer names, never on the model's name.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,20 @@ class ModelSpec:
 
     architecture: str
     kwargs: dict[str, Any]
+
+
+def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``kwargs`` that ``cls(...)`` takes: the options above are read for timm's VisionTransformer and
+    SwinTransformer, and a relative with other names (EVA's ViTs with rotary embeddings, CaiT) refuses the ones it
+    lacks; its architecture's own defaults then apply (whether they rebuild the model is checked when saving)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return kwargs
+    names = {p.name for p in parameters}
+    return {key: value for key, value in kwargs.items() if key in names}
 
 
 class TimmViTAdapter:
@@ -161,12 +176,14 @@ class TimmViTAdapter:
         patch_embed = self.patch_embedding(model)
         if patch_embed is not None:
             if getattr(patch_embed, "img_size", None) is not None:
-                kwargs["img_size"] = list(patch_embed.img_size)
+                size = patch_embed.img_size
+                kwargs["img_size"] = [int(size), int(size)] if isinstance(size, int) else list(size)
             if getattr(patch_embed, "patch_size", None) is not None:
-                kwargs["patch_size"] = int(patch_embed.patch_size[0])
-            proj = getattr(patch_embed, "proj", None)
-            if isinstance(proj, nn.Conv2d):
-                kwargs["in_chans"] = proj.in_channels
+                size = patch_embed.patch_size
+                kwargs["patch_size"] = int(size if isinstance(size, int) else size[0])
+            in_chans, _ = self.input_shape(model)  # a hybrid's patch_embed.proj reads features, not images
+            if in_chans is not None:
+                kwargs["in_chans"] = in_chans
         if hasattr(model, "num_classes"):
             kwargs["num_classes"] = int(model.num_classes)
         if hasattr(model, "global_pool") and isinstance(model.global_pool, str):
@@ -180,11 +197,16 @@ class TimmViTAdapter:
             kwargs["embed_dim"] = int(stages[0].blocks[0].norm1.normalized_shape[0])
             kwargs["depths"] = [len(stage.blocks) for stage in stages]
             kwargs["num_heads"] = [int(stage.blocks[0].attn.num_heads) for stage in stages]
-            kwargs["window_size"] = int(stages[0].blocks[0].window_size[0])
+            windows = [[int(w) for w in stage.blocks[0].window_size] for stage in stages]
+            if all(window == windows[0] for window in windows):  # one for all stages; else one per stage (Swin-S3)
+                kwargs["window_size"] = windows[0][0] if windows[0][0] == windows[0][1] else windows[0]
+            else:
+                kwargs["window_size"] = windows
         else:
             dim = int(blocks[0].norm1.normalized_shape[0])
             kwargs["embed_dim"] = dim
-            kwargs["depth"] = len(blocks)
+            main = getattr(model, "blocks", None)  # CaiT's class-attention blocks live beside model.blocks
+            kwargs["depth"] = len(main) if isinstance(main, (nn.Sequential, nn.ModuleList)) else len(blocks)
             kwargs["num_heads"] = int(blocks[0].attn.num_heads)
             if hasattr(model, "cls_token"):
                 kwargs["class_token"] = model.cls_token is not None
@@ -207,7 +229,7 @@ class TimmViTAdapter:
             kwargs["fc_norm"] = True
         if hasattr(model, "pos_embed") and model.pos_embed is None and "depths" not in kwargs:
             kwargs["pos_embed"] = "none"
-        return ModelSpec(architecture, kwargs)
+        return ModelSpec(architecture, _accepted(type(model), kwargs))
 
     def build(self, spec: ModelSpec) -> nn.Module:
         import timm
