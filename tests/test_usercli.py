@@ -121,6 +121,27 @@ def test_compress_with_the_refit_recipe(workdir, tmp_path, capsys):
     assert load_compressed(tmp_path / "refit") is not None
 
 
+def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, tmp_path, capsys, monkeypatch):
+    # timm's Swin V2 "cr" variant names its stages and options unlike Swin's: the spec read from its modules does not
+    # rebuild it, so its compressed form could never be loaded again. Refused before any calibration.
+    import timm
+    from safetensors.torch import save_file
+
+    from lowrank_vit import pipeline
+
+    kwargs = {"img_size": SIZE, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4,
+              "num_classes": CLASSES}
+    torch.manual_seed(0)
+    save_file(timm.create_model("swinv2_cr_tiny_224", pretrained=False, **kwargs).state_dict(),
+              str(tmp_path / "swin.safetensors"))
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: pytest.fail("calibration must not start"))
+    code, _, err = _run(capsys, "compress", "swinv2_cr_tiny_224", "--checkpoint", tmp_path / "swin.safetensors",
+                        "--model-kwargs", json.dumps(kwargs), "--data", workdir / "imgs", "--workers", "0",
+                        "--quiet", "--reduction", "0.3", "--output", tmp_path / "out")
+    _assert_one_line_error(code, err, "cannot compress swinv2_cr_tiny_224", "could not be saved and loaded again")
+    assert not (tmp_path / "out").exists()
+
+
 def test_compress_prints_the_preprocessing_and_its_origin(workdir, tmp_path, capsys):
     code, out, err = _run(capsys, "compress", *_model_args(workdir), "--data", workdir / "imgs", "--workers", "0",
                           "--calib-samples", "8", "--no-eval", "--recipe", "vanilla", "--reduction", "0.3",

@@ -594,6 +594,7 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_vit.io.surgery import check_rebuildable
     from lowrank_vit.nn.adapters import count_params
     from lowrank_vit.pipeline import compress
 
@@ -604,6 +605,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     source = load_source(args)
+    try:  # before any calibration: a model that cannot be written and read back would cost the whole run
+        check_rebuildable(source.model)
+    except ValueError as err:
+        raise UserError(f"cannot compress {args.model}: its compressed form could not be saved and loaded again "
+                        f"({err})") from None
     pre, origin = resolve_model_preprocessing(source, args)
     _say(args, describe_preprocessing(pre, origin))
     model = source.model.to(device).eval()

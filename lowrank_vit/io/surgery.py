@@ -125,6 +125,30 @@ def _check_rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
                          "loaded again: pass model_name= and model_kwargs= that build it")
 
 
+def check_rebuildable(model: nn.Module, model_name: str | None = None,
+                      model_kwargs: dict[str, Any] | None = None) -> None:
+    """Raise a ValueError unless :func:`save_compressed` can write ``model`` so that :func:`load_compressed` rebuilds
+    it (see :func:`_check_rebuild`). A dense model passes exactly when its compressed form will: compression swaps
+    linears for factorized layers of the same widths. The CLI checks before compressing, so that a model it cannot
+    save costs no calibration."""
+    _check_rebuild(model, _plan(model, model_name, model_kwargs))
+
+
+def _plan(model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any] | None,
+          metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON plan of ``model``: how to rebuild the dense timm model, and every factorized module's spec."""
+    adapter = get_adapter(model)  # refuses a model without compressible layers
+    spec = adapter.model_spec(model) if model_name is None or model_kwargs is None else None
+    plan = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": model_name or spec.architecture,
+            "model_kwargs": model_kwargs if model_kwargs is not None else spec.kwargs,
+            "layers": {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedLinear)},
+            "quantization": quantization_record(model), "metadata": metadata or {}}
+    attention = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedAttention)}
+    if attention:  # COMCAT's factorized attention modules (older plans have no such key)
+        plan["attention"] = attention
+    return plan
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                     model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
                     push_to_hub: str | None = None, token: str | None = None) -> Path:
@@ -139,14 +163,13 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         push_to_hub: also upload the directory to this Hugging Face hub repository (``owner/name``, created if
             needed; :func:`lowrank_vit.io.hub.push`), with ``token`` (default: ``HF_TOKEN`` or the saved login).
     """
-    adapter = get_adapter(model)
-    spec = adapter.model_spec(model) if model_name is None or model_kwargs is None else None
-    architecture = model_name or spec.architecture
-    kwargs = model_kwargs if model_kwargs is not None else spec.kwargs
-    layers = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedLinear)}
-    attention = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedAttention)}
-    record = quantization_record(model)
-
+    plan = _plan(model, model_name, model_kwargs, metadata)
+    try:
+        _check_rebuild(model, plan)
+    except ValueError as exc:
+        remedy = "" if "model_kwargs=" in str(exc) else "; pass model_name= and model_kwargs= that build this model"
+        raise ValueError(f"save_compressed: nothing was written: {exc}{remedy}") from None
+    record = plan["quantization"]
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name in record:
@@ -157,15 +180,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         else:
             tensors[name] = tensor.detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    plan = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture, "model_kwargs": kwargs,
-            "layers": layers, "quantization": record, "metadata": metadata or {}}
-    if attention:  # COMCAT's factorized attention modules (older plans have no such key)
-        plan["attention"] = attention
-    try:
-        _check_rebuild(model, plan)
-    except ValueError as exc:
-        remedy = "" if "model_kwargs=" in str(exc) else "; pass model_name= and model_kwargs= that build this model"
-        raise ValueError(f"save_compressed: nothing was written: {exc}{remedy}") from None
     try:
         plan_text = json.dumps(plan, indent=2)  # before touching the directory: a bad metadata must not cost data
     except (TypeError, ValueError) as exc:
