@@ -112,10 +112,49 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> t
     return torch.cat([model(x[i: i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
-def scores(logits: torch.Tensor, dense_logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Top-1 (percent) and the mean KL(dense || compressed) of the predictions (nats)."""
+def scores(logits: torch.Tensor, dense_logits: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Top-1 (percent), the mean KL(dense || compressed) of the predictions (nats), and which images were right
+    (:func:`pack_correct`: what :func:`paired` compares two recipes on)."""
     kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense_logits, 1), log_target=True, reduction="batchmean")
-    return {"top1": 100.0 * float((logits.argmax(1) == y).float().mean()), "kl": float(kl)}
+    right = logits.argmax(1) == y
+    return {"top1": 100.0 * float(right.float().mean()), "kl": float(kl), "correct": pack_correct(right)}
+
+
+def pack_correct(right: torch.Tensor) -> str:
+    """A boolean per held-out image as a hex string, four images a digit (5,000 images: 1,250 characters)."""
+    bits = "".join("1" if b else "0" for b in right.tolist())
+    bits += "0" * (-len(bits) % 4)
+    return f"{len(right)}:" + "".join(f"{int(bits[i: i + 4], 2):x}" for i in range(0, len(bits), 4))
+
+
+def unpack_correct(text: str) -> list[bool]:
+    count, digits = text.split(":")
+    bits = "".join(f"{int(d, 16):04b}" for d in digits)
+    return [b == "1" for b in bits[: int(count)]]
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: the probability, if neither recipe is better, of a split of the images that
+    only one of them gets right at least this uneven (a binomial(n, 1/2) tail, doubled)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def paired(a: dict[str, Any], b: dict[str, Any], key: str = "correct") -> tuple[int, int, float] | None:
+    """(images only ``a`` gets right, images only ``b`` gets right, McNemar p) of two cells evaluated on the same
+    images, from their ``key`` record ("correct", or "correct_ft" after the fine-tune); None where a cell has none
+    (cells computed before it was kept)."""
+    if key not in a or key not in b:
+        return None
+    right_a, right_b = unpack_correct(a[key]), unpack_correct(b[key])
+    if len(right_a) != len(right_b):
+        raise ValueError(f"cells evaluated on different images: {len(right_a)} and {len(right_b)}")
+    only_a = sum(x and not y for x, y in zip(right_a, right_b, strict=True))
+    only_b = sum(y and not x for x, y in zip(right_a, right_b, strict=True))
+    return only_a, only_b, mcnemar_p(only_a, only_b)
 
 
 def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
@@ -156,7 +195,7 @@ def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits
     if finetune_steps:
         partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed)
         ft = scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])
-        out.update({"top1_ft": ft["top1"], "kl_ft": ft["kl"]})
+        out.update({"top1_ft": ft["top1"], "kl_ft": ft["kl"], "correct_ft": ft["correct"]})
     return out
 
 
@@ -189,8 +228,11 @@ def render(results: dict[str, Any], key: str = "top1", fmt: str = ".2f", higher_
 
 def verdict(results: dict[str, Any], default: str = "loss-aware",
             others: tuple[str, ...] = ("vanilla", "paper", "whitened-uniform"), key: str = "top1") -> str:
-    """Per model: the default's worst margin against each other recipe over the ratios (negative: it lost there), and
-    its mean gain over vanilla SVD at -60% and -70%."""
+    """Per model: the default's worst margin against each other recipe over the ratios (negative: it lost there),
+    with, where the cells keep which images each got right, how many images only the default / only the other recipe
+    got right there and the exact McNemar p of that split (:func:`paired`); and its mean gain over vanilla SVD at
+    -60% and -70%."""
+    correct = "correct_ft" if key == "top1_ft" else "correct"
     lines = [f"| model | worst margin vs {', '.join(others)} (points, at ratio) | mean gain over vanilla at -60/-70% |",
              "|---|---|---|"]
     for model, entry in results.items():
@@ -202,7 +244,11 @@ def verdict(results: dict[str, Any], default: str = "loss-aware",
                      if f"{other}@{r}" in cells and key in cells[f"{other}@{r}"]]
             if diffs:
                 worst = min(diffs)
-                margins.append(f"{other} {worst[0]:+.2f} (-{round(100 * worst[1])}%)")
+                where = f"-{round(100 * worst[1])}%"
+                split = paired(cells[f"{default}@{worst[1]}"], cells[f"{other}@{worst[1]}"], correct)
+                if split is not None:
+                    where += f"; {split[0]} vs {split[1]} images, p = {split[2]:.2g}"
+                margins.append(f"{other} {worst[0]:+.2f} ({where})")
         gains = [cells[f"{default}@{r}"][key] - cells[f"vanilla@{r}"][key] for r in (0.6, 0.7)
                  if f"{default}@{r}" in cells and f"vanilla@{r}" in cells and key in cells[f"vanilla@{r}"]]
         gain = f"{sum(gains) / len(gains):+.2f}" if len(gains) == 2 else "—"

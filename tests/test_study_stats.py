@@ -1,0 +1,66 @@
+"""The study's paired comparison: which held-out images each recipe got right, kept compactly, and the exact McNemar
+test that says whether a recipe's lead of a few images is more than chance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from experiments.loss_aware_study import mcnemar_p, pack_correct, paired, scores, unpack_correct, verdict
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 1000, 5001])
+def test_correct_round_trips(count):
+    right = torch.rand(count, generator=torch.Generator().manual_seed(count)) < 0.7
+    text = pack_correct(right)
+    assert len(text) == len(f"{count}:") + math.ceil(count / 4)
+    assert unpack_correct(text) == right.tolist()
+
+
+def test_mcnemar_against_the_binomial_tail():
+    # 6 images only one recipe gets right, 2 only the other: P(X <= 2 | n=8, p=1/2) = (1 + 8 + 28) / 256, doubled
+    assert mcnemar_p(6, 2) == pytest.approx(2 * 37 / 256)
+    assert mcnemar_p(2, 6) == mcnemar_p(6, 2)
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 5) == 1.0  # an even split is capped at 1
+    assert mcnemar_p(0, 10) == pytest.approx(2 / 1024)
+    assert mcnemar_p(40, 10) < 1e-4
+
+
+def test_scores_record_the_right_images_and_paired_counts_them():
+    y = torch.tensor([0, 1, 2, 0, 1])
+    dense = torch.eye(3)[y] * 5.0
+    a = torch.eye(3)[torch.tensor([0, 1, 2, 1, 1])]  # wrong on image 3
+    b = torch.eye(3)[torch.tensor([0, 2, 0, 0, 1])]  # wrong on images 1 and 2
+    sa, sb = scores(a, dense, y), scores(b, dense, y)
+    assert sa["top1"] == pytest.approx(80.0) and sb["top1"] == pytest.approx(60.0)
+    assert paired(sa, sb) == (2, 1, pytest.approx(1.0))
+    assert paired(sa, {"top1": 1.0}) is None
+    with pytest.raises(ValueError, match="different images"):
+        paired(sa, {"correct": pack_correct(torch.ones(4, dtype=torch.bool))})
+
+
+def test_verdict_names_the_split_where_the_default_trails():
+    n = 1000
+    base = torch.zeros(n, dtype=torch.bool)
+    base[:950] = True
+    default = base.clone()
+    other = base.clone()
+    other[950:956] = True   # six images only the other recipe gets right
+    default[956:958] = True  # two only the default gets right
+
+    def cell(recipe, ratio, right):
+        return {"recipe": recipe, "ratio": ratio, "top1": 100.0 * float(right.float().mean()),
+                "correct": pack_correct(right)}
+
+    cells = {}
+    for ratio in (0.6, 0.7):
+        cells[f"loss-aware@{ratio}"] = cell("loss-aware", ratio, default)
+        for recipe in ("vanilla", "paper", "whitened-uniform"):
+            cells[f"{recipe}@{ratio}"] = cell(recipe, ratio, other if recipe == "vanilla" else default)
+    table = verdict({"m": {"cells": cells}})
+    assert "vanilla -0.40 (-60%; 2 vs 6 images, p = 0.29)" in table
+    assert "paper +0.00 (-60%; 0 vs 0 images, p = 1)" in table
+    assert table.strip().endswith("| -0.40 |")
