@@ -455,7 +455,6 @@ def collect_statistics(
     stats: dict[str, LayerStats] = {}
     for name in layers:
         n = counts[name]
-        unreached([name] if n == 0 else [])
         gram = symmetrize_upper(grams[name])
         output_gram = trace = weight = None
         if name in output_side:  # H is built from these on first use (LayerStats.gram)

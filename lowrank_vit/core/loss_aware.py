@@ -270,7 +270,6 @@ def collect_loss_statistics(
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():
-        unreached([name] if rows[name] == 0 else [])
         G = symmetrize_upper(g_sums[name])
         grad_energy = traces[name] if name in grad_input_side else float(torch.diagonal(G).sum())
         if not seen_grad[name] or grad_energy <= 0.0:
