@@ -49,9 +49,14 @@ class Recipe:
     max_shift: int = 4
     """Random translation by up to this many pixels (CIFAR's usual 4-pixel padded crop), plus horizontal flips."""
     seed: int = 0
+    timm_name: str = TIMM_NAME
+    """The timm architecture that ``model_kwargs`` shrink."""
 
     def fingerprint(self, data: str) -> str:
-        payload = json.dumps({"recipe": asdict(self), "timm_name": TIMM_NAME, "data": data}, sort_keys=True)
+        # the architecture enters beside the recipe, as it always has: models trained before the field existed keep
+        # their fingerprints (and are not trained again)
+        recipe = {k: v for k, v in asdict(self).items() if k != "timm_name"}
+        payload = json.dumps({"recipe": recipe, "timm_name": self.timm_name, "data": data}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -79,7 +84,7 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
             return record
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    model = timm.create_model(TIMM_NAME, pretrained=False, **recipe.model_kwargs)
+    model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
     dm = build_datamodule(_data_config(data, augment=False, batch_size=256), model=model)
     dm.setup()
     print(f"decoding {len(dm.train_dataset):,} training and {len(dm.val_dataset):,} test images", file=sys.stderr)
@@ -98,7 +103,7 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
     top1 = evaluate_top1(model, x_test, y_test)
     output.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights_file))
-    record = {"fingerprint": fingerprint, "timm_name": TIMM_NAME, "recipe": asdict(recipe), "data": str(data),
+    record = {"fingerprint": fingerprint, "timm_name": recipe.timm_name, "recipe": asdict(recipe), "data": str(data),
               "top1": top1, "params": sum(p.numel() for p in model.parameters()),
               "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(), **history}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
@@ -110,7 +115,7 @@ def overrides(data: str, output: Path, recipe: Recipe, finetune_steps: int) -> l
     """The ``--set`` assignments that turn a smoke-scale comparison row into its CIFAR-10 version."""
     data_cfg = _data_config(data)
     return [
-        "model.source=timm", f"model.name={TIMM_NAME}", "model.pretrained=false",
+        "model.source=timm", f"model.name={recipe.timm_name}", "model.pretrained=false",
         f"model.kwargs={json.dumps(recipe.model_kwargs)}",
         f"model.checkpoint={(output / 'model.safetensors').resolve()}",
         f"data.name={json.dumps(data_cfg.name)}", f"data.path={json.dumps(data_cfg.path)}",

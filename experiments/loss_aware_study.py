@@ -78,7 +78,7 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
         import timm
         from safetensors.torch import load_file
 
-        from experiments.cifar10 import TIMM_NAME, _data_config
+        from experiments.cifar10 import _data_config
         from experiments.study_models import MODELS as RECIPES_BY_MODEL
         from lowrank_vit.stages.data import build_datamodule
 
@@ -87,7 +87,8 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
         weights = models_dir / name / "model.safetensors"
         if not weights.is_file():
             raise ValueError(f"{weights} is missing: train it with python -m experiments.study_models --data ...")
-        model = timm.create_model(TIMM_NAME, pretrained=False, **RECIPES_BY_MODEL[name].model_kwargs)
+        recipe = RECIPES_BY_MODEL[name]
+        model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
         model.load_state_dict(load_file(str(weights)))
         dm = build_datamodule(_data_config(cifar10, augment=False, batch_size=256), model=model)
         dm.setup()

@@ -2,8 +2,8 @@
 
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
-Four ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, DeiT-B and Swin-B shapes) that
-:mod:`lowrank_vit.harness.standins` trains:
+Five models of different shapes and recipes (four ViTs and a Swin), beside the MNIST stand-ins (DeiT-S, DeiT-B and
+Swin-B shapes) that :mod:`lowrank_vit.harness.standins` trains:
 
 * ``cifar_deit4``: the comparison table's model (:mod:`experiments.cifar10`'s recipe unchanged): 4 blocks, width
   128, 2 heads, 4x4 patches (64 tokens), average pooling, label smoothing, shifts and flips, 6 epochs.
@@ -14,6 +14,9 @@ Four ViTs of different shapes and recipes, beside the MNIST stand-ins (DeiT-S, D
   models).
 * ``cifar_vit4_wide_long``: another fully trained shape: 4 blocks, width 128, 4 heads of 32, a narrow MLP (ratio 2),
   8x8 patches and average pooling without a class token, 25 epochs with shifts, flips and label smoothing.
+* ``cifar_swin_long``: a hierarchical model trained to convergence (timm's Swin class): 4x4 patches (64 tokens),
+  windows of 4x4 tokens, two stages of two blocks (width 64 with 2 heads, then a patch merging to 16 tokens of width
+  128 with 4 heads), 25 epochs with shifts, flips and label smoothing.
 
 Each lands in ``OUTPUT/NAME/model.safetensors`` beside ``model.json`` (recipe, fingerprint, top-1, seconds); a model
 whose recipe is unchanged is not trained again. The weights are small (about 3 MB) and committed, so the study runs
@@ -45,6 +48,11 @@ MODELS: dict[str, Recipe] = {
                       "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "global_pool": "avg", "class_token": False},
         epochs=25, lr=1.5e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
         max_shift=4, seed=3),
+    "cifar_swin_long": Recipe(
+        model_kwargs={"img_size": 32, "in_chans": 3, "num_classes": 10, "patch_size": 4, "window_size": 4,
+                      "embed_dim": 64, "depths": [2, 2], "num_heads": [2, 4], "mlp_ratio": 4.0},
+        epochs=25, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
+        max_shift=4, seed=4, timm_name="swin_tiny_patch4_window7_224"),
 }
 
 
