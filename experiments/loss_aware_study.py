@@ -1,16 +1,17 @@
 """The loss-aware study: which compression recipe keeps the most accuracy at equal size, on several real models.
 
     python -m experiments.loss_aware_study --cifar10 PATH/TO/cifar10 [--output results/loss_aware_study]
-        [--models cifar_deit4,cifar_vit6,cifar_vit6_long,cifar_vit4_wide_long,mnist_deit_s,mnist_vit_l,mnist_swin_b]
-        [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
+        [--models cifar_deit4,cifar_vit6,cifar_vit6_long,cifar_vit4_wide_long,mnist_deit_s,mnist_vit_l,mnist_swin_b,
+        cifar_swin_long] [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
 
-Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs trained here from
-scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64), ViT-L (6 blocks,
-width 128) and Swin-B (two stages, windows). Every model is compressed by every recipe at every ratio of its *whole*
-parameter count, from the same calibration images (training images, seeded), and evaluated on held-out images:
-top-1 and the mean KL divergence of its predictions from the dense model's. ``--finetune-steps N`` adds the partial
-fine-tune (norms, biases, head, patch embedding; AdamW, cosine, the same steps and images for every recipe) and its
-top-1. Results accumulate in ``OUTPUT/study.json`` (a finished cell is not run again) and ``OUTPUT/study.md``.
+Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs and a Swin trained
+here from scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64),
+ViT-L (6 blocks, width 128) and Swin-B (two stages, windows). Every model is compressed by every recipe at every
+ratio of its *whole* parameter count, from the same calibration images (training images, seeded), and evaluated on
+held-out images: top-1 and the mean KL divergence of its predictions from the dense model's. ``--finetune-steps N``
+adds the partial fine-tune (norms, biases, head, patch embedding; AdamW, cosine, the same steps and images for every
+recipe) and its top-1. Results accumulate in ``OUTPUT/study.json`` (a finished cell is not run again) and
+``OUTPUT/study.md``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ library implements it exactly (whitened SVD, Algorithm 1 on normalized energies,
 "loss-aware": the library's default (``lowrank_vit.config.RECIPES``)."""
 
 MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "cifar_vit4_wide_long", "mnist_deit_s", "mnist_vit_l",
-          "mnist_swin_b")
+          "mnist_swin_b", "cifar_swin_long")
 
 
 def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,14 +171,18 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20), 0.0)
-        idx = torch.randint(0, len(y), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    # stochastic depth (the Swin's drop path) draws from the global generator: seeded here, so a cell's fine-tune
+    # does not depend on which cells ran before it in the same process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20), 0.0)
+            idx = torch.randint(0, len(y), (batch_size,), generator=generator)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     model.eval()
 
 

@@ -64,3 +64,28 @@ def test_verdict_names_the_split_where_the_default_trails():
     assert "vanilla -0.40 (-60%; 2 vs 6 images, p = 0.29)" in table
     assert "paper +0.00 (-60%; 0 vs 0 images, p = 1)" in table
     assert table.strip().endswith("| -0.40 |")
+
+
+def test_partial_finetune_does_not_depend_on_the_global_generator():
+    """Stochastic depth draws from torch's global generator: a cell's fine-tune must give the same model whichever
+    cells ran before it in the process (the CIFAR-10 Swin trains with drop path)."""
+    import copy
+
+    import timm
+
+    from experiments.loss_aware_study import RECIPES, partial_finetune
+    from lowrank_vit import compress
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
+                              depth=2, num_heads=2, num_classes=3, drop_path_rate=0.5)
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 3, (32,))
+    compress(model, [(x, y)], reduction=0.3, calib_samples=32, progress=False, **RECIPES["vanilla"])
+    tuned = []
+    for state in (1, 2):
+        torch.manual_seed(state)  # what earlier cells left behind
+        copy_ = copy.deepcopy(model)
+        partial_finetune(copy_, x, y, steps=4, seed=0, lr=1e-2, batch_size=8)
+        tuned.append(torch.cat([p.detach().flatten() for p in copy_.parameters()]))
+    assert not torch.equal(tuned[0], torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(tuned[0], tuned[1])
