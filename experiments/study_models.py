@@ -1,9 +1,10 @@
-"""The real models of the loss-aware study, trained here from scratch on CIFAR-10 (seeded, reproducible).
+"""The real models of the loss-aware study, trained here from scratch on CIFAR-10 (seeded; weights committed).
 
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
-Five models of different shapes and recipes (four ViTs and a Swin), beside the MNIST stand-ins (DeiT-S, DeiT-B and
-Swin-B shapes) that :mod:`lowrank_vit.harness.standins` trains:
+Five models of different shapes and recipes (four ViTs and a Swin), beside the MNIST stand-ins (DeiT-S, ViT-L and
+Swin-B shapes) that :mod:`lowrank_vit.harness.standins` trains. The same recipe and seed on another CPU train other
+weights (floating-point rounding differs, and thousands of steps amplify it), so the study uses the committed ones:
 
 * ``cifar_deit4``: the comparison table's model (:mod:`experiments.cifar10`'s recipe unchanged): 4 blocks, width
   128, 2 heads, 4x4 patches (64 tokens), average pooling, label smoothing, shifts and flips, 6 epochs.
