@@ -84,8 +84,8 @@ def test_partial_finetune_does_not_depend_on_the_global_generator():
     tuned = []
     for state in (1, 2):
         torch.manual_seed(state)  # what earlier cells left behind
-        copy_ = copy.deepcopy(model)
-        partial_finetune(copy_, x, y, steps=4, seed=0, lr=1e-2, batch_size=8)
-        tuned.append(torch.cat([p.detach().flatten() for p in copy_.parameters()]))
+        candidate = copy.deepcopy(model)
+        partial_finetune(candidate, x, y, steps=4, seed=0, lr=1e-2, batch_size=8)
+        tuned.append(torch.cat([p.detach().flatten() for p in candidate.parameters()]))
     assert not torch.equal(tuned[0], torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(tuned[0], tuned[1])
