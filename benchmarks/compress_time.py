@@ -93,9 +93,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--calib", type=positive_int, default=256, help="calibration images")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="calibration batch size")
     parser.add_argument("--reduction", type=fraction, default=0.5, help="fraction of the parameters removed")
-    parser.add_argument("--recipe", nargs="+", default=["loss-aware", "paper"], choices=tuple(RECIPES),
-                        help="named recipes timed side by side (lowrank_vit.config.RECIPES); default: the library's "
-                             "default and the paper's")
+    parser.add_argument("--recipe", nargs="+", default=["loss-aware", "paper"], choices=(*RECIPES, *VARIANTS),
+                        help="named recipes timed side by side (lowrank_vit.config.RECIPES, and the VARIANTS below "
+                             "such as loss-aware-bf16); default: the library's default and the paper's")
     parser.add_argument("--solver", nargs="+", default=["closed_form"], choices=("closed_form", "sgd"),
                         help="compensation solver(s); each is a row")
     parser.add_argument("--gram-precision", nargs="+", default=["recipe"], choices=("recipe", "float64", "float32"),
@@ -129,11 +129,20 @@ def forward_floor(model: nn.Module, images: ImageStream, device: str) -> tuple[f
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "loss-aware-bf16": ("loss-aware", {"loss_pass_dtype": "bfloat16"}),
+    "loss-aware-fast-bf16": ("loss-aware-fast", {"loss_pass_dtype": "bfloat16"}),
+}
+"""Benchmark-only names for a library recipe with settings changed, timed beside the recipes themselves."""
+
+
 def make_config(args: Any, solver: str, precision: str, calib: int, space: str = "input",
                 recipe_name: str = "loss-aware") -> CompressionConfig:
     own = {} if precision == "recipe" else {"gram_precision": precision}
-    return recipe(recipe_name, reduction=args.reduction, calib_samples=calib, solver=solver, gram_space=space,
-                  sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed, progress=False, **own)
+    base, changed = VARIANTS.get(recipe_name, (recipe_name, {}))
+    return recipe(base, reduction=args.reduction, calib_samples=calib, solver=solver, gram_space=space,
+                  sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed, progress=False,
+                  **changed, **own)
 
 
 def settings_of(args: Any) -> list[tuple[str, str, str, str]]:

@@ -47,6 +47,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware-fast": LIBRARY_RECIPES["loss-aware-fast"],
     "la-grad-quarter": {**_DEFAULT, "grad_fraction": 0.25},
     "la-gram-float64": {**_DEFAULT, "gram_precision": "float64"},
+    # its forward and backward pass in bfloat16 (torch.autocast): fast where bfloat16 has matrix units
+    "la-bf16": {**_DEFAULT, "loss_pass_dtype": "bfloat16"},
     # the sequential refit with error feedback (lowrank_vit.core.refit)
     "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
     "la-refit-damping-1e-4": {**LIBRARY_RECIPES["loss-aware-refit"], "refit_damping": 1e-4},

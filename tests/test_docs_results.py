@@ -84,3 +84,18 @@ def test_refit_table_is_the_committed_results():
             assert value.replace("(KL ", "(") == expected, (model, ratio)
             checked += 1
     assert checked >= 25
+
+
+def test_bfloat16_pass_table_is_the_committed_results():
+    """docs/loss_aware.md's float32 / bfloat16 loss-aware pass table: top-1 of each and the KL's change, from the
+    committed study's loss-aware and la-bf16 cells."""
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    rows = _section(text, "the change of the KL to the dense model (bfloat16 against float32):")
+    for model, *values in rows:
+        cells = study[model]["cells"]
+        for ratio, value in zip(RATIOS, values, strict=True):
+            exact, rounded = cells[f"loss-aware@{ratio}"], cells[f"la-bf16@{ratio}"]
+            change = round(100 * (rounded["kl"] / exact["kl"] - 1), 1) + 0.0
+            assert value == f"{exact['top1']:.2f} / {rounded['top1']:.2f}, {change:+.1f}%", (model, ratio)
+    assert len(rows) == 5

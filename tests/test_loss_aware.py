@@ -375,3 +375,42 @@ def test_grad_fraction_reaches_the_statistics(monkeypatch):
     monkeypatch.setattr(decompositions, "collect_loss_statistics", spy)
     compress(make_tiny_vit(seed=1), [make_images(8, seed=2)], cfg(reduction=0.5, calib_samples=7, grad_fraction=0.5))
     assert seen["grad_images"] == 4
+
+
+@pytest.mark.parametrize("value", ["float16", "bf16", None])
+def test_loss_pass_dtype_is_checked(value):
+    with pytest.raises(ValueError, match="loss_pass_dtype"):
+        cfg(loss_pass_dtype=value, reduction=0.5)
+    with pytest.raises(ValueError, match="loss_pass_dtype needs decomposition='loss_aware'"):
+        CompressionConfig(decomposition="whitened", loss_pass_dtype="bfloat16", reduction=0.5)
+
+
+def test_bfloat16_pass_gives_close_statistics_and_reaches_them(monkeypatch):
+    """loss_pass_dtype="bfloat16" runs the pass under autocast: H and G move by bfloat16 rounding only (not zero:
+    the pass really ran in bfloat16), and compress() hands the setting to the statistics."""
+    import lowrank_vit.methods.decompositions as decompositions
+
+    model = make_tiny_vit(seed=2)
+    images, labels = make_images(12, seed=9), torch.arange(12) % 10
+    layers = {n: model.get_submodule(n) for n in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2")}
+    runs = {dtype: collect_loss_statistics(model, layers, [(images, labels)], 12, labels="given", progress=False,
+                                           compute_dtype=dtype) for dtype in ("float32", "bfloat16")}
+    for name in layers:
+        for field in ("gram", "grad_gram"):
+            exact, rounded = getattr(runs["float32"][name], field), getattr(runs["bfloat16"][name], field)
+            change = float((rounded - exact).norm() / exact.norm())
+            assert 0.0 < change < 0.05, (name, field, change)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        collect_loss_statistics(model, layers, [images], 12, compute_dtype="float16", progress=False)
+
+    seen = {}
+    real = decompositions.collect_loss_statistics
+
+    def spy(*args, **kwargs):
+        seen["compute_dtype"] = kwargs["compute_dtype"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decompositions, "collect_loss_statistics", spy)
+    compress(make_tiny_vit(seed=1), [make_images(8, seed=2)], cfg(reduction=0.5, calib_samples=8,
+                                                                   loss_pass_dtype="bfloat16"))
+    assert seen["compute_dtype"] == "bfloat16"

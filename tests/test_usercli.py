@@ -375,6 +375,23 @@ def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+
+def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_not_apply(workdir, tmp_path, capsys):
+    import argparse
+
+    from lowrank_vit.harness.usercli import compression_config
+
+    args = argparse.Namespace(recipe="loss-aware-fast", reduction=0.5, target_params=None, calib_samples=8,
+                              rank_multiple=1, quiet=True, loss_pass_dtype="bfloat16")
+    config = compression_config(args, torch.device("cpu"))
+    assert (config.loss_pass_dtype, config.grad_fraction) == ("bfloat16", 0.5)
+    out = tmp_path / "o"
+    assert cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--output", str(out), "--reduction", "0.5",
+                     "--recipe", "paper", "--loss-pass-dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss_pass_dtype needs decomposition='loss_aware'" in err[0]
+    assert not out.exists()
+
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
     from lowrank_vit.harness import usercli

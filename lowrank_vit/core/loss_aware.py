@@ -120,6 +120,7 @@ def collect_loss_statistics(
     micro_batch: int = 32,
     center: bool = False,
     grad_images: int | None = None,
+    compute_dtype: str = "float32",
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -158,6 +159,9 @@ def collect_loss_statistics(
         grad_images: only the first ``grad_images`` images run the backward (G is their average); the others run
             forward only and feed H. The backward is most of this pass's cost (see docs/loss_aware.md, Cost);
             None: every image.
+        compute_dtype: "float32", or "bfloat16" to run the forward and backward under ``torch.autocast`` on the
+            device (activations and gradients reach the hooks in bfloat16; the Gram products and sums keep
+            ``gram_precision``).
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -177,6 +181,8 @@ def collect_loss_statistics(
     if grad_images is not None and (isinstance(grad_images, bool) or not isinstance(grad_images, int)
                                     or grad_images < 1):
         raise ValueError(f"grad_images must be a positive integer or None, got {grad_images!r}")
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
     generator = torch.Generator().manual_seed(seed)
     # "output": the input side is kept as W^T H W; "grad_input": the gradient side as W G W^T (see gram_space)
     output_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.in_features > lin.out_features}
@@ -245,6 +251,7 @@ def collect_loss_statistics(
 
     produced = with_grad = 0
     with contextlib.ExitStack() as cleanup, hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"), \
             progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
         for name in grad_input_side:
             cleanup.callback(layers[name].register_full_backward_hook(make_backward_hook(name)).remove)

@@ -141,6 +141,9 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                         "model shipped without fine-tuning or -80%%; paper; vanilla) or any registered decomposition")
     p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
+    p.add_argument("--loss-pass-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="loss-aware recipes: the precision of their forward and backward pass (bfloat16: about twice "
+                        "as fast on CPUs with AMX; see docs/loss_aware.md, Cost)")
     p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
     p.add_argument("--output", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
@@ -579,6 +582,8 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
         fields = dict(RECIPES[args.recipe])
     else:
         fields = {**RECIPES[get_method(args.recipe).home_recipe], "decomposition": args.recipe}
+    if getattr(args, "loss_pass_dtype", None) is not None:
+        fields["loss_pass_dtype"] = args.loss_pass_dtype
     try:
         return CompressionConfig(reduction=args.reduction, target_params=args.target_params,
                                  calib_samples=args.calib_samples, rank_multiple=args.rank_multiple,

@@ -161,7 +161,8 @@ class LossAware(Method):
                                         device=device, progress=cfg.progress, seed=cfg.seed,
                                         gram_precision=cfg.gram_precision, gram_space=gram_space,
                                         center=cfg.bias_correction,
-                                        grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples))
+                                        grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples),
+                                        compute_dtype=cfg.loss_pass_dtype)
         return stats, {}
 
     def spectrum(self, weight, stats, extra, cfg):
