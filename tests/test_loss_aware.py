@@ -361,18 +361,24 @@ def test_grad_fraction_is_checked(value):
         CompressionConfig(decomposition="whitened", grad_fraction=0.5, reduction=0.5)
 
 
-def test_grad_fraction_reaches_the_statistics(monkeypatch):
-    """compress(grad_fraction=0.5) runs the backward on the first half of the calibration images."""
+def _spy_on_statistics(monkeypatch) -> dict:
+    """The keyword arguments compress() gives collect_loss_statistics, recorded as it runs."""
     import lowrank_vit.methods.decompositions as decompositions
 
     seen = {}
     real = decompositions.collect_loss_statistics
 
     def spy(*args, **kwargs):
-        seen["grad_images"] = kwargs["grad_images"]
+        seen.update(kwargs)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(decompositions, "collect_loss_statistics", spy)
+    return seen
+
+
+def test_grad_fraction_reaches_the_statistics(monkeypatch):
+    """compress(grad_fraction=0.5) runs the backward on the first half of the calibration images."""
+    seen = _spy_on_statistics(monkeypatch)
     compress(make_tiny_vit(seed=1), [make_images(8, seed=2)], cfg(reduction=0.5, calib_samples=7, grad_fraction=0.5))
     assert seen["grad_images"] == 4
 
@@ -388,8 +394,6 @@ def test_loss_pass_dtype_is_checked(value):
 def test_bfloat16_pass_gives_close_statistics_and_reaches_them(monkeypatch):
     """loss_pass_dtype="bfloat16" runs the pass under autocast: H and G move by bfloat16 rounding only (not zero:
     the pass really ran in bfloat16), and compress() hands the setting to the statistics."""
-    import lowrank_vit.methods.decompositions as decompositions
-
     model = make_tiny_vit(seed=2)
     images, labels = make_images(12, seed=9), torch.arange(12) % 10
     layers = {n: model.get_submodule(n) for n in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2")}
@@ -403,14 +407,7 @@ def test_bfloat16_pass_gives_close_statistics_and_reaches_them(monkeypatch):
     with pytest.raises(ValueError, match="compute_dtype"):
         collect_loss_statistics(model, layers, [images], 12, compute_dtype="float16", progress=False)
 
-    seen = {}
-    real = decompositions.collect_loss_statistics
-
-    def spy(*args, **kwargs):
-        seen["compute_dtype"] = kwargs["compute_dtype"]
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(decompositions, "collect_loss_statistics", spy)
+    seen = _spy_on_statistics(monkeypatch)
     compress(make_tiny_vit(seed=1), [make_images(8, seed=2)], cfg(reduction=0.5, calib_samples=8,
                                                                    loss_pass_dtype="bfloat16"))
     assert seen["compute_dtype"] == "bfloat16"
