@@ -17,7 +17,7 @@ import torch
 
 from lowrank_vit.core.allocate import POLICIES
 from lowrank_vit.core.common import from_fields
-from lowrank_vit.core.loss_aware import FISHER_LABELS
+from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS
 from lowrank_vit.methods.compensate import Z_KINDS
 from lowrank_vit.methods.decompositions import METHODS, get_method
 
@@ -27,7 +27,6 @@ ALLOCATIONS = tuple(POLICIES)
 COMPENSATIONS = ("none", *Z_KINDS)
 SOLVERS = ("closed_form", "sgd")
 GRAM_PRECISIONS = ("float64", "float32")
-LOSS_PASS_DTYPES = ("float32", "bfloat16")
 
 FLOAT32_GRAM_DEVICE_TYPES = frozenset({"cuda"})
 """Device types on which ``gram_precision=None`` means float32 Gram products for every method: GPUs whose float64
@@ -244,7 +243,7 @@ class CompressionConfig:
         if self.grad_fraction != 1.0 and not gradient_pass:
             raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
                              f"the calibration images); got decomposition={self.decomposition!r}")
-        _check_choice("loss_pass_dtype", self.loss_pass_dtype, LOSS_PASS_DTYPES)
+        _check_choice("loss_pass_dtype", self.loss_pass_dtype, COMPUTE_DTYPES)
         if self.loss_pass_dtype != "float32" and not gradient_pass:
             raise ValueError(f"loss_pass_dtype needs decomposition='loss_aware' (the only one with a gradient pass); "
                              f"got decomposition={self.decomposition!r}")

@@ -50,6 +50,8 @@ from lowrank_vit.core.fisher import _check_labels, labels_from_batch
 from lowrank_vit.core.progress import progress_bar
 
 FISHER_LABELS = ("sampled", "given")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+"""Precisions the pass can run in (``compute_dtype``; ``CompressionConfig.loss_pass_dtype``)."""
 """Where the loss gradients' labels come from: drawn from the model's own prediction, or the batches' labels."""
 _NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "
               "must return class logits (B, num_classes)")
@@ -181,8 +183,8 @@ def collect_loss_statistics(
     if grad_images is not None and (isinstance(grad_images, bool) or not isinstance(grad_images, int)
                                     or grad_images < 1):
         raise ValueError(f"grad_images must be a positive integer or None, got {grad_images!r}")
-    if compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     generator = torch.Generator().manual_seed(seed)
     # "output": the input side is kept as W^T H W; "grad_input": the gradient side as W G W^T (see gram_space)
     output_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.in_features > lin.out_features}

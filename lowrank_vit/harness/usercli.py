@@ -128,6 +128,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Register the four commands on ``lowrank-vit``'s subparsers; returns their handlers by name."""
     from lowrank_vit.config import RECIPES
+    from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
     from lowrank_vit.methods.decompositions import METHODS
 
     p = sub.add_parser("compress", help="compress your timm model on your data into a model directory")
@@ -141,7 +142,7 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                         "model shipped without fine-tuning or -80%%; paper; vanilla) or any registered decomposition")
     p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
-    p.add_argument("--loss-pass-dtype", choices=("float32", "bfloat16"), default=None,
+    p.add_argument("--loss-pass-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="loss-aware recipes: the precision of their forward and backward pass (bfloat16: about twice "
                         "as fast on CPUs with AMX; see docs/loss_aware.md, Cost)")
     p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
