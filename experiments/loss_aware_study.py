@@ -3,10 +3,13 @@
     python -m experiments.loss_aware_study --cifar10 PATH/TO/cifar10 [--output results/loss_aware_study]
         [--models cifar_deit4,cifar_vit6,cifar_vit6_long,cifar_vit4_wide_long,mnist_deit_s,mnist_vit_l,mnist_swin_b,
         cifar_swin_long] [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
+        [--standins committed|cache]
 
 Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs and a Swin trained
 here from scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64),
-ViT-L (6 blocks, width 128) and Swin-B (two stages, windows). Every model is compressed by every recipe at every
+ViT-L (6 blocks, width 128) and Swin-B (two stages, windows), whose weights are committed too
+(``experiments/models/standins``, :mod:`experiments.study_standins`; ``--standins cache`` uses the ones the library
+pretrains on this machine instead). Every model is compressed by every recipe at every
 ratio of its *whole* parameter count, from the same calibration images (training images, seeded), and evaluated on
 held-out images: top-1 and the mean KL divergence of its predictions from the dense model's. ``--finetune-steps N``
 adds the partial fine-tune (norms, biases, head, patch embedding; AdamW, cosine, the same steps and images for every
@@ -73,9 +76,11 @@ def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tens
 
 
 def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_train: int,
-               seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+               seed: int, standins: str = "committed") -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The dense model in eval mode and its data: ``train_x/train_y`` (calibration and fine-tuning images, drawn
-    from the training split), ``eval_x/eval_y`` (held-out images)."""
+    from the training split), ``eval_x/eval_y`` (held-out images). An MNIST stand-in comes from
+    ``models_dir/standins`` (``standins="committed"``: the weights of the committed cells, falling back to the cache
+    where they are missing) or from the user's cache (``"cache"``: pretrained on this machine at first use)."""
     generator = torch.Generator().manual_seed(seed)
     if name.startswith("cifar_"):
         import timm
@@ -100,9 +105,18 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
         train_x, train_y = _tensors(dm.train_dataset, train_idx)
         eval_x, eval_y = _tensors(dm.val_dataset, eval_idx)
     else:
-        from lowrank_vit.harness.standins import build_standin, load_digits
+        from lowrank_vit.harness.standins import build_standin, load_digits, load_standin
 
-        model = build_standin(name.removeprefix("mnist_"), progress=True)
+        arch = name.removeprefix("mnist_")
+        model = None
+        if standins == "committed":  # the weights the committed cells were computed on (experiments.study_standins)
+            try:
+                model, _ = load_standin(arch, models_dir / "standins")
+            except FileNotFoundError as err:
+                print(f"{err}: using the user's cache (pretrained there at first use); its cells will differ from "
+                      "the committed study's on another CPU", file=sys.stderr)
+        if model is None:
+            model = build_standin(arch, progress=True)
         digits = load_digits(model)
         order = torch.randperm(len(digits.y_train), generator=generator)[:n_train]
         train_x, train_y = digits.x_train[order], digits.y_train[order]
@@ -293,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.loss_aware_study", description=__doc__.split("\n")[0])
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (train.parquet and test.parquet)")
     parser.add_argument("--models-dir", default="experiments/models")
+    parser.add_argument("--standins", choices=("committed", "cache"), default="committed",
+                        help="the MNIST stand-ins: the committed weights in MODELS_DIR/standins (default), or the "
+                             "user's cache, pretrained on this machine at first use")
     parser.add_argument("--output", default="results/loss_aware_study")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--ratios", default="0.4,0.5,0.6,0.7,0.8")
@@ -316,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     for name in [m for m in args.models.split(",") if m]:
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
-                                 max(args.calib, 12800 if args.finetune_steps else args.calib), args.seed)
+                                 max(args.calib, 12800 if args.finetune_steps else args.calib), args.seed,
+                                 args.standins)
         dense_logits = predict(dense, data["eval_x"])
         entry = results.setdefault(name, {"cells": {}})
         if entry.get("settings", settings) != settings:

@@ -99,3 +99,25 @@ def test_bfloat16_pass_table_is_the_committed_results():
             change = round(100 * (rounded["kl"] / exact["kl"] - 1), 1) + 0.0
             assert value == f"{exact['top1']:.2f} / {rounded['top1']:.2f}, {change:+.1f}%", (model, ratio)
     assert len(rows) == 5
+
+
+def test_bfloat16_timing_tables_are_the_committed_benchmarks():
+    """docs/loss_aware.md's two timing tables of the bfloat16 pass (the Xeon with AMX, the AMD EPYC without) are the
+    committed benchmark JSONs: forward, statistics, whole compress, the ratio and every run's ratio."""
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    names = {"loss-aware (default)": "loss-aware", "loss-aware, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-bf16",
+             "loss-aware-fast": "loss-aware-fast",
+             "loss-aware-fast, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-fast-bf16", "paper": "paper"}
+    for heading, json_name in (("(`benchmarks/results/compress_time_deit_small_bf16.json`):", "bf16"),
+                               ("(`benchmarks/results/compress_time_deit_small_bf16_amd.json`, same command):",
+                                "bf16_amd")):
+        bench = json.loads((ROOT / f"benchmarks/results/compress_time_deit_small_{json_name}.json").read_text())
+        by_recipe = {row["recipe"]: row for row in bench["rows"]}
+        rows = _section(text, heading)
+        assert [names[cells[0]] for cells in rows] == list(by_recipe)
+        for label, forward, statistics, whole, ratio in rows:
+            row = by_recipe[names[label]]
+            runs = ", ".join(f"{r + 1:.2f}" for r in row["overhead_ratio_runs"])
+            assert [forward, statistics, whole] == [f"{row[k]:.1f} s" for k in
+                                                    ("calibration_forward_s", "statistics_s", "total_s")], label
+            assert ratio == f"{row['overhead_ratio'] + 1:.1f}x (runs {runs})", (json_name, label)

@@ -318,3 +318,60 @@ def test_stack_dataset_decodes_every_item():
     assert x.shape == (5, 1, 2, 2) and y.tolist() == [0, 1, 2, 0, 1] and y.dtype == torch.long
     with pytest.raises(ValueError, match="empty"):
         S.stack_dataset([])
+
+
+# ------------------------------------------------------------------------------------------- reproducibility
+
+
+@pytest.mark.slow
+def test_pretraining_ignores_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The weights must not depend on how busy the machine is: pretraining runs on one intra-op thread whatever the
+    load average says (two threads reduce the products in another order)."""
+    seen: list[int] = []
+    real = S._train_on_digits
+
+    def spying(model, spec, digits, progress):
+        seen.append(torch.get_num_threads())
+        return real(model, spec, digits, progress)
+
+    monkeypatch.setattr(S, "_train_on_digits", spying)
+    before = torch.get_num_threads()
+    states = []
+    for load in (0.0, 1.9):
+        monkeypatch.setattr(S, "_load_average", lambda load=load: load)
+        model, info = S.pretrain_standin(TINY, cache_dir=tmp_path / str(load), progress=False)
+        assert info["threads"] == S.TRAINING_THREADS == 1
+        states.append(model.state_dict())
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before  # the caller's setting is restored
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.slow
+def test_load_standin_reads_a_stored_entry_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    trained, info = S.pretrain_standin(TINY, cache_dir=tmp_path, progress=False)
+    (tmp_path / "tiny_test.lock").unlink()
+    listing = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    _forbid_training(monkeypatch)
+    model, record = S.load_standin(TINY, tmp_path)
+    assert record["fingerprint"] == info["fingerprint"] and record["top1"] == info["top1"]
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(_probe()), trained(_probe()))
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == listing  # no lock, no retraining
+
+
+@pytest.mark.slow
+def test_load_standin_refuses_missing_stale_and_damaged_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(FileNotFoundError, match="no tiny_test stand-in in .*tiny_test.safetensors is missing"):
+        S.load_standin(TINY, tmp_path)
+    S.pretrain_standin(TINY, cache_dir=tmp_path, progress=False)
+    _forbid_training(monkeypatch)
+    with pytest.raises(ValueError, match="cannot be used: it was trained with another recipe"):
+        S.load_standin(dataclasses.replace(TINY, seed=5), tmp_path)
+    weights = tmp_path / "tiny_test.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="tiny_test stand-in in .* (cannot be used|is damaged)"):
+        S.load_standin(TINY, tmp_path)
+    with pytest.raises(ValueError, match="unknown stand-in architecture"):
+        S.load_standin("deit_x", tmp_path)

@@ -324,19 +324,11 @@ def _load_average() -> float | None:
         return None
 
 
-def training_threads(load: float | None = None) -> int:
-    """Intra-op threads for pretraining: torch's setting, capped by the cores idle right now (at least one).
-
-    Small models gain little from a second thread on an idle machine (measured here: about 1.3x at best), but on a
-    busy one every parallel region waits for a thread that has no core of its own: with two threads on two shared
-    cores a training step was up to ten times slower than with one.
-    """
-    threads = torch.get_num_threads()
-    load = _load_average() if load is None else load
-    if load is None:
-        return threads
-    idle = (os.cpu_count() or 1) - load
-    return max(1, min(threads, int(idle + 0.5)))
+TRAINING_THREADS = 1
+"""Intra-op threads of pretraining, whatever the machine. The weights must not depend on the load: with two threads
+the matrix products reduce in another order, and thousands of steps amplify the rounding (measured on the DeiT-S
+stand-in: the weights differed by up to 0.23 after 15 epochs). One thread also costs little on these small models
+(measured on an idle 2-core machine: 39 s against 53 s with two threads; at best two were 1.3x faster)."""
 
 
 @contextlib.contextmanager
@@ -353,7 +345,7 @@ def _pretrain(spec: StandinSpec, progress: bool) -> tuple[nn.Module, dict[str, A
     """Build, train and evaluate one stand-in without touching the caller's random state or thread setting."""
     start, cpu_start = time.perf_counter(), time.process_time()
     load = _load_average()
-    threads = training_threads(load)
+    threads = TRAINING_THREADS
     with torch.random.fork_rng(devices=[]), _num_threads(threads):
         torch.manual_seed(spec.seed)
         model = spec.create_model()
@@ -533,6 +525,33 @@ def build_standin(
     return loaded[0]
 
 
+def load_standin(arch: str | StandinSpec, directory: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A stand-in stored in ``directory`` (``ARCH.safetensors`` beside ``ARCH.json``, as :func:`pretrain_standin`
+    writes them), read only: nothing is trained, written or locked. For weights kept with a study, so that its cells
+    reproduce on any machine (a stand-in retrained on another CPU has other weights).
+
+    Returns:
+        The model in eval mode and its record.
+
+    Raises:
+        FileNotFoundError: the weights or the record are missing.
+        ValueError: unknown architecture, or the entry is damaged or belongs to another recipe (the message says
+            which).
+    """
+    spec = resolve_spec(arch)
+    entry = _entry(Path(directory).expanduser(), spec.arch)
+    for path in (entry.weights, entry.record):
+        if not path.is_file():
+            raise FileNotFoundError(f"no {spec.arch} stand-in in {entry.weights.parent}: {path.name} is missing")
+    try:
+        return _load(entry, spec)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the {spec.arch} stand-in in {entry.weights.parent} cannot be used: {err}") from err
+    except Exception as err:  # safetensors raises its own error types on a damaged file
+        raise ValueError(f"the {spec.arch} stand-in in {entry.weights.parent} is damaged "
+                         f"({type(err).__name__}: {err})") from err
+
+
 def standin_record(
     arch: str | StandinSpec, *, cache_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any] | None:
@@ -558,6 +577,7 @@ __all__ = [
     "build_standin",
     "evaluate_top1",
     "load_digits",
+    "load_standin",
     "pretrain_standin",
     "random_shift",
     "resolve_spec",
