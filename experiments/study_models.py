@@ -2,7 +2,7 @@
 
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
-Five models of different shapes and recipes (four ViTs and a Swin), beside the MNIST stand-ins (DeiT-S, ViT-L and
+Seven models of different shapes and recipes (six ViTs and a Swin), beside the MNIST stand-ins (DeiT-S, ViT-L and
 Swin-B shapes) that :mod:`lowrank_vit.harness.standins` trains. The same recipe and seed on another CPU train other
 weights (floating-point rounding differs, and thousands of steps amplify it), so the study uses the committed ones:
 
@@ -18,6 +18,15 @@ weights (floating-point rounding differs, and thousands of steps amplify it), so
 * ``cifar_swin_long``: a hierarchical model trained to convergence (timm's Swin class): 4x4 patches (64 tokens),
   windows of 4x4 tokens, two stages of two blocks (width 64 with 2 heads, then a patch merging to 16 tokens of width
   128 with 4 heads), 25 epochs with shifts, flips and label smoothing.
+* ``cifar_deit3_ls``: the DeiT-III layout (timm's ``deit3`` models): LayerScale on every residual branch (initialized
+  at 0.1, learned per channel), a class token outside the position embedding, and no bias in qkv; deeper and
+  narrower than the others (8 blocks, width 64, 2 heads, 8x8 patches), 25 epochs with shifts, flips and label
+  smoothing.
+* ``cifar_vit3_wide``: shallow and wide (3 blocks, width 160, 5 heads of 32, 8x8 patches, average pooling), trained
+  without label smoothing and with twice the weight decay (0.1), 20 epochs with shifts and flips.
+
+The last two were added after the study had chosen the library's default, to check that choice on models it was
+not made on (docs/loss_aware.md, "Two models added after the default was chosen").
 
 Each lands in ``OUTPUT/NAME/model.safetensors`` beside ``model.json`` (recipe, fingerprint, top-1, seconds); a model
 whose recipe is unchanged is not trained again. The weights are small (about 3 MB) and committed, so the study runs
@@ -54,6 +63,16 @@ MODELS: dict[str, Recipe] = {
                       "embed_dim": 64, "depths": [2, 2], "num_heads": [2, 4], "mlp_ratio": 4.0},
         epochs=25, lr=1e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
         max_shift=4, seed=4, timm_name="swin_tiny_patch4_window7_224"),
+    "cifar_deit3_ls": Recipe(
+        model_kwargs={"img_size": 32, "in_chans": 3, "num_classes": 10, "patch_size": 8, "embed_dim": 64,
+                      "depth": 8, "num_heads": 2, "mlp_ratio": 4.0, "init_values": 0.1, "qkv_bias": False},
+        epochs=25, lr=1.5e-3, batch_size=128, weight_decay=0.05, warmup_fraction=0.05, label_smoothing=0.1,
+        max_shift=4, seed=5, timm_name="deit3_small_patch16_224"),
+    "cifar_vit3_wide": Recipe(
+        model_kwargs={"img_size": 32, "in_chans": 3, "num_classes": 10, "patch_size": 8, "embed_dim": 160,
+                      "depth": 3, "num_heads": 5, "mlp_ratio": 4.0, "global_pool": "avg", "class_token": False},
+        epochs=20, lr=2e-3, batch_size=128, weight_decay=0.1, warmup_fraction=0.05, label_smoothing=0.0,
+        max_shift=4, seed=6, timm_name="vit_base_patch16_224"),
 }
 
 

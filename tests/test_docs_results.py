@@ -121,3 +121,25 @@ def test_bfloat16_timing_tables_are_the_committed_benchmarks():
             assert [forward, statistics, whole] == [f"{row[k]:.1f} s" for k in
                                                     ("calibration_forward_s", "statistics_s", "total_s")], label
             assert ratio == f"{row['overhead_ratio'] + 1:.1f}x (runs {runs})", (json_name, label)
+
+
+def test_models_added_after_the_default_are_the_committed_results():
+    """docs/loss_aware.md's check of the default on the two models added after it was chosen: top-1 and KL without
+    fine-tuning, and top-1 before / after the fine-tune, cell for cell from their own committed results."""
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study_heldout.json").read_text())
+    ft = json.loads((ROOT / "experiments/results/loss_aware_study_heldout_ft.json").read_text())
+    checked = 0
+    for heading, key, fmt in (("Top-1 (%) without fine-tuning, the two added models", "top1", ".2f"),
+                              ("KL to the dense model (nats), the two added models", "kl", ".1e")):
+        for model, (recipe, *values) in _by_model(_section(text, heading)):
+            for ratio, value in zip(RATIOS, values, strict=True):
+                assert value == format(study[model]["cells"][f"{recipe}@{ratio}"][key], fmt), (model, recipe, ratio)
+                checked += 1
+    for model, (recipe, *values) in _by_model(_section(text, "Top-1 (%) before / after the fine-tune, the two")):
+        for ratio, value in zip((0.5, 0.7, 0.8), values, strict=True):
+            cell = ft[model]["cells"][f"{recipe}@{ratio}"]
+            assert value == f"{cell['top1']:.2f} / {cell['top1_ft']:.2f}", (model, recipe, ratio)
+            checked += 1
+    assert {model for model, _ in _by_model(_section(text, "the two added models"))} == set(study) == set(ft)
+    assert checked >= 2 * (2 * 6 * 5 + 4 * 3)

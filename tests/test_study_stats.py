@@ -21,6 +21,7 @@ from experiments.loss_aware_study import (
     unpack_correct,
     verdict,
 )
+from experiments.study_models import MODELS as STUDY_RECIPES
 
 
 @pytest.mark.parametrize("count", [1, 3, 4, 5, 1000, 5001])
@@ -137,3 +138,18 @@ def test_a_committed_standin_cell_reproduces(recipe: str):
     dense, data = load_model("mnist_vit_l", None, MODELS_DIR, settings["eval"], settings["calib"], settings["seed"])
     cell = run_cell(dense, data, predict(dense, data["eval_x"]), recipe, 0.5, settings["calib"], 0, settings["seed"])
     assert cell["top1"] == pytest.approx(committed["cells"][f"{recipe}@0.5"]["top1"], abs=0.1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(STUDY_RECIPES))
+def test_committed_cifar_models_match_their_recipes(name: str):
+    """Every CIFAR-10 model of the study has committed weights, made by the recipe now in experiments/study_models.py
+    (its fingerprint) and loading strictly into the architecture that recipe builds."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    recipe = STUDY_RECIPES[name]
+    record = json.loads((MODELS_DIR / name / "model.json").read_text())
+    assert record["fingerprint"] == recipe.fingerprint(record["data"])
+    model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
+    model.load_state_dict(load_file(str(MODELS_DIR / name / "model.safetensors")), strict=True)
+    assert record["params"] == sum(p.numel() for p in model.parameters())
