@@ -115,6 +115,9 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
             except FileNotFoundError as err:
                 print(f"{err}: using the user's cache (pretrained there at first use); its cells will differ from "
                       "the committed study's on another CPU", file=sys.stderr)
+            except ValueError as err:  # e.g. the stand-in's recipe changed since its weights were committed
+                raise ValueError(f"{err}; pretrain them again with python -m experiments.study_standins --force, "
+                                 "or pass --standins cache") from err
         if model is None:
             model = build_standin(arch, progress=True)
         digits = load_digits(model)

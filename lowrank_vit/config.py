@@ -138,9 +138,8 @@ class CompressionConfig:
     ``torch.autocast`` (the Gram products and sums keep ``gram_precision``): measured in docs/loss_aware.md, the same
     top-1 within 0.1 point and KL within 2% (4% where it is below 1e-5) on six of seven CIFAR-10 models (0.4 points
     on the seventh), and statistics 2.0x as fast on a CPU with bfloat16 matrix units (Intel AMX), 1.7x with bfloat16
-    dot products (AMD, AVX512-BF16).
-    Not the default: on CPUs with neither the bfloat16 products have no fast kernels and the pass may be slower (not
-    measured here), and no GPU was available to time it."""
+    dot products (AMD, AVX512-BF16). Not the default: on CPUs with neither the bfloat16 products have no fast kernels
+    and the pass may be slower (not measured here), and no GPU was available to time it."""
     refit: bool = False
     """decomposition "loss_aware": after the allocation, recompute every factorized layer, in forward order, for
     the inputs the compressed model gives it (which carry the errors of the layers before it), aiming at the dense

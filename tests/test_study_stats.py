@@ -153,3 +153,17 @@ def test_committed_cifar_models_match_their_recipes(name: str):
     model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
     model.load_state_dict(load_file(str(MODELS_DIR / name / "model.safetensors")), strict=True)
     assert record["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_stale_committed_standin_is_an_error_that_says_what_to_run(tmp_path: Path):
+    """Committed stand-in weights whose recipe no longer matches are refused with the command that remakes them, never
+    silently replaced by the cache's (which another CPU fills with other weights)."""
+    pytest.importorskip("mlxtend")
+    standins = tmp_path / "standins"
+    standins.mkdir()
+    for suffix in (".safetensors", ".json"):
+        (standins / f"deit_s{suffix}").write_bytes((MODELS_DIR / "standins" / f"deit_s{suffix}").read_bytes())
+    record = json.loads((standins / "deit_s.json").read_text())
+    (standins / "deit_s.json").write_text(json.dumps({**record, "fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="another recipe.*experiments.study_standins --force"):
+        load_model("mnist_deit_s", None, tmp_path, 100, 64, 0)
