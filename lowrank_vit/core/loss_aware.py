@@ -50,9 +50,9 @@ from lowrank_vit.core.fisher import _check_labels, labels_from_batch
 from lowrank_vit.core.progress import progress_bar
 
 FISHER_LABELS = ("sampled", "given")
+"""Where the loss gradients' labels come from: drawn from the model's own prediction, or the batches' labels."""
 COMPUTE_DTYPES = ("float32", "bfloat16")
 """Precisions the pass can run in (``compute_dtype``; ``CompressionConfig.loss_pass_dtype``)."""
-"""Where the loss gradients' labels come from: drawn from the model's own prediction, or the batches' labels."""
 _NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "
               "must return class logits (B, num_classes)")
 _OPTIONS = "use fisher_labels='sampled' or 'given', or the paper's recipe (decomposition='whitened')"
