@@ -375,7 +375,6 @@ def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-
 def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_not_apply(workdir, tmp_path, capsys):
     import argparse
 
@@ -391,6 +390,7 @@ def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_no
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss_pass_dtype needs decomposition='loss_aware'" in err[0]
     assert not out.exists()
+
 
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
