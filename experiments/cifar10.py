@@ -7,7 +7,8 @@ any layout :func:`lowrank_vit.stages.data.build_datamodule` reads; ``--data uoft
 
 1. Train: a DeiT (timm's ``deit_small_patch16_224`` class, shrunk to 32x32 inputs on 4x4 patches) from scratch on the
    50,000 training images, evaluated on the 10,000 test images. The weights go to ``OUTPUT/model.safetensors`` beside
-   ``OUTPUT/model.json`` (recipe, top-1, seconds); a later call with the same recipe reuses them.
+   ``OUTPUT/model.json`` (recipe, data, top-1, seconds); a later call with the same recipe and the same images
+   (wherever they lie) reuses them.
 2. Compare: ``lowrank-vit reproduce compare`` on the chosen rows with overrides that swap the MNIST stand-in for this
    model (``model.checkpoint``) and the digits for CIFAR-10 (``data.path``), and a fine-tune of ``--finetune-steps``
    steps. Every row is one process and one wandb run of the group ``compare-cifar10``; finished rows are skipped, so an
@@ -53,11 +54,35 @@ class Recipe:
     """The timm architecture that ``model_kwargs`` shrink."""
 
     def fingerprint(self, data: str) -> str:
+        """The recipe and ``data`` (:func:`data_identity`'s string; records written before it existed hashed the
+        path as given, which :func:`train` still accepts)."""
         # the architecture enters beside the recipe, as it always has: models trained before the field existed keep
         # their fingerprints (and are not trained again)
         recipe = {k: v for k, v in asdict(self).items() if k != "timm_name"}
         payload = json.dumps({"recipe": recipe, "timm_name": self.timm_name, "data": data}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def data_identity(data: str) -> str:
+    """What ``data`` holds, wherever it lies: ``sha256:`` of a local copy's parquet files (their paths inside it and
+    their bytes; an image folder: its files' paths and sizes), or a hub dataset's name. The same CIFAR-10 under
+    another path, or named relatively rather than absolutely, is the same data: its committed models are not trained
+    again (and overwritten), and no machine's path is written into a record."""
+    local = Path(data).expanduser()
+    if not local.exists():
+        return data
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    parquet = [p for p in files if p.suffix == ".parquet"]
+    digest = hashlib.sha256()
+    for path in parquet or files:
+        digest.update(f"{path.relative_to(local) if local.is_dir() else path.name}\0".encode())
+        if parquet:
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        else:
+            digest.update(f"{path.stat().st_size}\0".encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def _data_config(data: str, **kwargs: Any):
@@ -76,10 +101,11 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
     from lowrank_vit.stages.data import build_datamodule
 
     record_file, weights_file = output / "model.json", output / "model.safetensors"
-    fingerprint = recipe.fingerprint(str(data))
+    identity = data_identity(str(data))
+    fingerprint = recipe.fingerprint(identity)
     if record_file.is_file() and weights_file.is_file():
         record = json.loads(record_file.read_text())
-        if record.get("fingerprint") == fingerprint:
+        if record.get("fingerprint") in (fingerprint, recipe.fingerprint(str(data))):  # the latter: older records
             print(f"starting model: {weights_file} (top-1 {record['top1']:.2f}%, trained before)", file=sys.stderr)
             return record
     start = time.perf_counter()
@@ -103,7 +129,7 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
     top1 = evaluate_top1(model, x_test, y_test)
     output.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights_file))
-    record = {"fingerprint": fingerprint, "timm_name": recipe.timm_name, "recipe": asdict(recipe), "data": str(data),
+    record = {"fingerprint": fingerprint, "timm_name": recipe.timm_name, "recipe": asdict(recipe), "data": identity,
               "top1": top1, "params": sum(p.numel() for p in model.parameters()),
               "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(), **history}
     record_file.write_text(json.dumps(record, indent=2) + "\n")

@@ -28,9 +28,10 @@ weights (floating-point rounding differs, and thousands of steps amplify it), so
 The last two were added after the study had chosen the library's default, to check that choice on models it was
 not made on (docs/loss_aware.md, "Two models added after the default was chosen").
 
-Each lands in ``OUTPUT/NAME/model.safetensors`` beside ``model.json`` (recipe, fingerprint, top-1, seconds); a model
-whose recipe is unchanged is not trained again. The weights are small (about 3 MB) and committed, so the study runs
-without retraining.
+Each lands in ``OUTPUT/NAME/model.safetensors`` beside ``model.json`` (recipe, data, fingerprint, top-1, seconds); a
+model whose recipe and images are unchanged is not trained again, wherever ``--data`` puts the images (the record
+names them by content: :func:`experiments.cifar10.data_identity`). The weights are small (about 3 MB) and committed,
+so the study runs without retraining.
 """
 
 from __future__ import annotations

@@ -153,6 +153,55 @@ def test_committed_cifar_models_match_their_recipes(name: str):
     model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
     model.load_state_dict(load_file(str(MODELS_DIR / name / "model.safetensors")), strict=True)
     assert record["params"] == sum(p.numel() for p in model.parameters())
+    assert record["data"].startswith("sha256:")  # what the images are, not where they lay on the training machine
+
+
+def test_committed_cifar_models_name_the_local_cifar10():
+    """The committed records' data identity is the development copy's content (run where that copy exists)."""
+    import os
+
+    from experiments.cifar10 import data_identity
+
+    env = os.environ.get("LOWRANK_VIT_CIFAR10")
+    local = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+    if not (local / "train.parquet").is_file():
+        pytest.skip("no local CIFAR-10 (LOWRANK_VIT_CIFAR10)")
+    identity = data_identity(str(local))
+    for name in STUDY_RECIPES:
+        assert json.loads((MODELS_DIR / name / "model.json").read_text())["data"] == identity, name
+
+
+def test_data_identity_follows_the_content_not_the_path(tmp_path: Path, monkeypatch):
+    """The same parquet files under another path (or named relatively) are the same data, so a trained model is reused,
+    never trained again over the committed one; other bytes are other data; a record written before the identity
+    existed (fingerprint of the path as given) is still reused."""
+    import experiments.cifar10 as cifar10
+
+    first, second = tmp_path / "a" / "cifar", tmp_path / "b" / "elsewhere"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+        for split in ("train", "test"):
+            (folder / f"{split}.parquet").write_bytes(f"{split} bytes".encode())
+    identity = cifar10.data_identity(str(first))
+    assert identity.startswith("sha256:") and identity == cifar10.data_identity(str(second))
+    monkeypatch.chdir(tmp_path / "a")
+    assert cifar10.data_identity("cifar") == identity
+    assert cifar10.data_identity("uoft-cs/cifar10") == "uoft-cs/cifar10"  # a hub name is its own identity
+    (second / "test.parquet").write_bytes(b"other bytes")
+    assert cifar10.data_identity(str(second)) != identity
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr("lowrank_vit.harness.standins.train_classifier", no_training)
+    recipe = cifar10.Recipe()
+    for data, fingerprint in ((str(first), recipe.fingerprint(identity)), ("cifar", recipe.fingerprint("cifar"))):
+        output = tmp_path / f"model_{fingerprint}"
+        output.mkdir()
+        (output / "model.safetensors").write_bytes(b"weights")
+        (output / "model.json").write_text(json.dumps({"fingerprint": fingerprint, "top1": 50.0}))
+        assert cifar10.train(data, output, recipe, progress=False)["top1"] == 50.0
+        assert (output / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_stale_committed_standin_is_an_error_that_says_what_to_run(tmp_path: Path):
