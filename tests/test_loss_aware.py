@@ -243,6 +243,55 @@ def test_narrow_side_statistics_give_the_same_decomposition(name):
         assert output_error(narrow, delta) == pytest.approx(output_error(full, delta), rel=1e-8)
 
 
+@pytest.mark.parametrize("gram_space", ["input", "auto"])
+@pytest.mark.parametrize("name", ["blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"])
+def test_damped_decomposition_is_the_two_sided_svd_of_both_damped_grams(name, gram_space):
+    """Whatever side it is computed from, the decomposition is the SVD of A W B^T with *both* Grams damped by the
+    same fraction of their own mean diagonal (H + d tr(H)/in I, G + d tr(G)/out I). A damping large enough to matter
+    (0.1) on layers that are not square: the narrow-side shortcut damps the side it never forms through W W^T or
+    W^T W, and must use that side's own dimension."""
+    model = make_tiny_vit(seed=5).double()
+    layer = model.get_submodule(name)
+    images = make_images(16, seed=6).double()
+    full = collect_loss_statistics(model, {name: layer}, [images], 16, progress=False)[name]
+    stats = full if gram_space == "input" else collect_loss_statistics(model, {name: layer}, [images], 16,
+                                                                       progress=False, gram_space="auto")[name]
+    W = layer.weight.detach().double().T
+    damping = 0.1
+    reference = two_sided_svd(W, whitening(full.loss_scale * full.gram, damping), whitening(full.grad_gram, damping))
+    got, _ = loss_aware_svd(W, stats, damping)
+    top = min(W.shape)
+    torch.testing.assert_close(got.singular_values[:top], reference.singular_values[:top], rtol=1e-8, atol=0.0)
+    for rank in (1, top // 2):
+        U, V = got.factors(rank)
+        Ur, Vr = reference.factors(rank)
+        torch.testing.assert_close(U @ V.T, Ur @ Vr.T, rtol=1e-7, atol=1e-9)
+
+
+def test_sampled_labels_give_the_true_fisher_of_the_logits():
+    """fisher_labels="sampled" draws each image's label from the model's own softmax, so G at the logits estimates
+    the true Fisher E_x[diag(p) - p p^T] (the curvature of the KL to the dense model). On 4,000 images of a linear
+    classifier the estimate is within 0.03 of it everywhere (measured 0.008); labels taken as the arg max instead
+    are 0.09 off."""
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    model = Head().double()
+    images = torch.randn(4000, 1, 2, 3, dtype=torch.float64)
+    G = collect_loss_statistics(model, {"fc": model.fc}, [images], 4000, progress=False)["fc"].grad_gram
+    with torch.no_grad():
+        p = torch.softmax(model(images), 1)
+    fisher = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    torch.testing.assert_close(G, fisher, rtol=0.0, atol=0.03)
+
+
 def test_micro_batches_do_not_change_the_statistics():
     """A calibration batch is split for the backward (bounded memory): the same H, G and labels either way."""
     model = make_tiny_vit(seed=2).double()
