@@ -11,6 +11,7 @@ from lowrank_vit.core.allocate import (
     LayerBudget,
     _fill_slack,
     _gain,
+    _gain_per_param,
     align_down,
     allocate_greedy,
     allocate_uniform,
@@ -125,3 +126,26 @@ def test_small_ranks_are_raised_to_the_multiple_when_the_budget_allows():
     extra = layers[0].params(8) - layers[0].params(3)
     total = _fill_slack(layers, ranks, spent_before + extra, key=_gain, step=8)
     assert sorted(ranks.values()).count(8) == 1 and total <= spent_before + extra
+
+
+@pytest.mark.parametrize(("k", "m", "z"), [(4, 4, 0), (8, 24, 0), (24, 8, 32), (10, 10, 20), (64, 256, 0)])
+def test_max_rank_is_the_largest_rank_strictly_cheaper_than_dense(k, m, z):
+    """A layer is factored only where that saves parameters: at max_rank it costs less than dense, one rank more
+    would not (shapes where a rank costs exactly the dense count included: 4x4 at rank 2, 8x24 at rank 6)."""
+    layer = LayerBudget("l", k, m, z, torch.zeros(min(k, m) + 1, dtype=torch.float64))
+    assert layer.params(layer.max_rank) < layer.dense_params <= layer.params(layer.max_rank + 1)
+
+
+def test_marginal_slack_goes_where_it_recovers_the_most_energy_per_parameter():
+    """The budget left after the marginal policy's bisection is handed back by energy recovered per parameter: a
+    narrow layer (20 parameters a rank, 1.5 recovered each: 0.075 a parameter) before a wide one (80 a rank, 4
+    recovered: 0.05), which recovers 4.5 with the same 80 parameters instead of 4."""
+
+    def flat(per_rank: float, ranks: int) -> torch.Tensor:
+        return torch.tensor([per_rank * (ranks - r) for r in range(ranks + 1)], dtype=torch.float64)
+
+    narrow, wide = LayerBudget("narrow", 10, 10, 0, flat(1.5, 10)), LayerBudget("wide", 40, 40, 0, flat(4.0, 40))
+    ranks: dict[str, int | None] = {"narrow": 1, "wide": 1}
+    budget = narrow.params(1) + wide.params(1) + 80
+    assert _fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 20
+    assert ranks == {"narrow": narrow.max_rank, "wide": 1} and narrow.max_rank == 4
