@@ -503,3 +503,23 @@ def test_export_quantized_as_qdq(compressed_plain, tmp_path, capsys):
     ops = [node.op_type for node in onnx.load(str(target)).graph.node]
     assert ops.count("DequantizeLinear") > 0 and "QuantizeLinear" not in ops
     assert float(out.split("relative error ")[1].split()[0]) <= 1e-4
+
+
+def test_unreachable_pretrained_weights_are_one_line_cut_at_a_word(monkeypatch):
+    """timm's error (huggingface_hub's: long, several sentences) is quoted on the one line, shortened at a word."""
+    import timm
+
+    from lowrank_vit.harness import runner
+    from lowrank_vit.harness.registry import ModelConfig
+
+    def offline(*args, **kwargs):
+        raise OSError("We could not locate the file on the Hub and cannot find the requested files in the local "
+                      "cache. Please check your connection and try again or make sure your Internet connection is "
+                      "on.\nsecond line")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(runner.SetupError) as info:
+        runner.build_model(ModelConfig("timm", "vit_tiny_patch16_224", pretrained=True))
+    message = str(info.value)
+    assert "\n" not in message and "second line" not in message
+    assert "try again or make sure your...)" in message  # not inside a word

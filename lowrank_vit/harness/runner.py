@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -101,8 +102,9 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
         if not cfg.pretrained:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = textwrap.shorten(first, 160, placeholder="...")  # at a word, not inside one
         raise SetupError(
-            f"cannot load timm's pretrained weights for {cfg.name} ({first[:160]}): run once with network access "
+            f"cannot load timm's pretrained weights for {cfg.name} ({first}): run once with network access "
             f"(they are cached in the Hugging Face cache, HF_HOME), unset HF_HUB_OFFLINE, or use --scale smoke"
         ) from err
     return model.eval()

@@ -10,6 +10,7 @@ in the cache loads without the network.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 HUB_PREFIX = "hf-hub:"
@@ -47,7 +48,7 @@ def download(reference: str, cache_dir: str | os.PathLike | None = None, token: 
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                    allow_patterns=list(MODEL_FILES))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as err:
-        first = " ".join(str(err).split())[:200]
+        first = textwrap.shorten(str(err), 200, placeholder="...")  # one line, cut at a word
         raise FileNotFoundError(f"cannot get {reference} from the Hugging Face hub ({type(err).__name__}: {first}): "
                                 f"check the name, go online (HF_HUB_OFFLINE unset) or set HF_TOKEN for a private "
                                 f"repository") from None
