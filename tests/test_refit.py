@@ -13,7 +13,7 @@ import torch
 from lowrank_vit import CompressionConfig, compress, load_compressed, save_compressed
 from lowrank_vit.core.calibration import LayerStats
 from lowrank_vit.core.loss_aware import loss_aware_svd
-from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias
+from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias, sequential_refit
 from lowrank_vit.nn.adapters import get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear
 
@@ -92,6 +92,48 @@ def test_unchanged_inputs_leave_the_factors_and_bias_alone():
     bias = torch.randn(12, generator=g, dtype=torch.float64)
     W_hat = b.factors(4)[0] @ b.factors(4)[1].T
     torch.testing.assert_close(refit_bias(bias, W, W_hat, pair), bias + mu @ (W - W_hat))
+
+
+def test_refitted_bias_is_exact_at_the_mean_token_when_the_inputs_moved():
+    """b' makes the compressed layer give, at the compressed stream's mean token, the dense layer's output at the
+    dense stream's mean token: mu_c W_hat + b' = mu_d W + b."""
+    g = torch.Generator().manual_seed(2)
+    W, W_hat = (torch.randn(8, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    mu_c, mu_d, bias = (torch.randn(n, generator=g, dtype=torch.float64) for n in (8, 8, 12))
+    H = torch.eye(8, dtype=torch.float64)
+    b = refit_bias(bias, W, W_hat, PairGrams(H, H.clone(), mu_c, mu_d))
+    torch.testing.assert_close(mu_c @ W_hat + b, mu_d @ W + bias)
+
+
+def test_a_block_left_out_of_the_walk_is_still_run_before_the_next():
+    """Blocks without a refitted layer (all their layers left dense) are absent from the walk: the block after such a
+    gap gets its inputs from the images again (or through the skipped block), never the output of the block before
+    the gap fed straight into it. Its statistics equal those of the inputs captured in the two whole models."""
+    torch.manual_seed(0)
+    dense = make_tiny_vit(seed=4, depth=3).double().eval()
+    model = copy.deepcopy(dense)
+    with torch.no_grad():  # another model (as a compressed one is): every weight of it slightly off
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = [make_images(6, seed=5).double(), make_images(4, seed=6).double()]
+    names = ["blocks.0.attn.qkv", "blocks.2.mlp.fc1"]
+    got: dict[str, PairGrams] = {}
+    sequential_refit(dense, model, {"blocks.0": names[:1], "blocks.2": names[1:]}, images,
+                     lambda name, pair: got.setdefault(name, pair), centred=lambda name: False,
+                     device=torch.device("cpu"), progress=False)
+    for name in names:
+        seen: dict[str, list[torch.Tensor]] = {"c": [], "d": []}
+        handles = [m.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, key=key, seen=seen: seen[key].append(args[0].reshape(-1, args[0].shape[-1])))
+            for m, key in ((model, "c"), (dense, "d"))]
+        with torch.no_grad():
+            for batch in images:
+                model(batch), dense(batch)
+        for handle in handles:
+            handle.remove()
+        x_c, x_d = torch.cat(seen["c"]), torch.cat(seen["d"])
+        torch.testing.assert_close(got[name].gram, x_c.T @ x_c / 10, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[name].cross, x_c.T @ x_d / 10, rtol=1e-9, atol=1e-9)
 
 
 def _brute_force_refit(dense, model, images, settings):
