@@ -157,6 +157,26 @@ def test_fwsvd_uniform_fisher_is_plain_svd_factors():
         assert torch.equal(a, b)
 
 
+def test_fwsvd_weighs_each_row_by_the_square_root_of_its_fisher_information():
+    """FWSVD minimizes sum_j I_j ||row_j(W - W_hat)||^2, i.e. ||diag(sqrt(I)) (W - W_hat)||_F^2: the row scales are
+    sqrt(I_j) up to one factor, and the factorization at rank r minimizes that weighted error (no nearby rank-r
+    weight does better)."""
+    g = torch.Generator().manual_seed(3)
+    info = torch.tensor([4.0, 1.0, 0.25, 9.0, 1.0, 16.0], dtype=torch.float64)
+    scales = fisher_scales(info)
+    torch.testing.assert_close(scales / scales[1], info.sqrt())
+    weight = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    U, V = row_scaled_svd(weight, scales).factors(2)
+
+    def weighted(w_hat: torch.Tensor) -> float:
+        return float((info[:, None] * (weight - w_hat).pow(2)).sum())
+
+    best = weighted(U @ V.T)
+    for _ in range(20):
+        a, b = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+        assert weighted((U + 0.05 * a) @ (V + 0.05 * b).T) > best  # another rank-2 weight
+
+
 def test_fwsvd_uniform_fisher_compresses_like_plain(labelled, images, monkeypatch):
     def uniform_fisher(model, layers, *args, **kwargs):
         return {name: torch.full((layer.in_features,), 2.5, dtype=torch.float64) for name, layer in layers.items()}
