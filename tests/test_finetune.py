@@ -71,12 +71,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_freeze_for_partial_finetune_selects_norms_biases_head_patch_embed(tiny_compressed):
     model = copy.deepcopy(tiny_compressed)
+    # a separate attention bias, as BEiT-style attention keeps (q_bias, v_bias): a bias too
+    model.blocks[0].attn.register_parameter("q_bias", nn.Parameter(torch.zeros(4)))
     info = freeze_for_partial_finetune(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "blocks.0.attn.q_bias" in trainable
     for name, _ in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        expected = (name.startswith(("head.", "patch_embed.")) or leaf == "bias" or isinstance(module, nn.LayerNorm))
+        expected = (name.startswith(("head.", "patch_embed.")) or leaf in ("bias", "q_bias")
+                    or isinstance(module, nn.LayerNorm))
         assert (name in trainable) == expected, name
     for module in model.modules():
         if isinstance(module, FactorizedLinear):

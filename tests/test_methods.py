@@ -101,6 +101,18 @@ def test_asvd_alpha_zero_is_plain_svd_factors():
     assert torch.equal(scaled.singular_values, plain.singular_values)
 
 
+@pytest.mark.parametrize("scales", [lambda v: asvd_scales(v, 0.5), fisher_scales])
+def test_a_dead_row_gets_a_small_positive_scale_and_finite_factors(scales):
+    """An input channel that is never active (ASVD: mean |x| = 0) or whose weights get no gradient (FWSVD: I_j = 0)
+    is floored to a small positive scale, not zero: the factors divide by the scales and must stay finite."""
+    importance = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    s = scales(importance)
+    assert bool((s > 0).all()) and float(s[0]) < 0.01 * float(s[1:].min())
+    U, V = row_scaled_svd(torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                          s).factors(2)
+    assert bool(torch.isfinite(U).all() and torch.isfinite(V).all())
+
+
 def test_asvd_alpha_zero_compresses_like_plain(labelled, images):
     models, reports = {}, {}
     for name, config in (("asvd", cfg(decomposition="asvd", asvd_alpha=0.0)), ("plain", cfg(decomposition="plain"))):
