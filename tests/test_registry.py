@@ -75,6 +75,19 @@ def test_entry_is_complete_and_round_trips(exp: Experiment):
     assert full.quantization == smoke.quantization
 
 
+@pytest.mark.parametrize("exp", [e for e in ALL if e.method == "ours"], ids=lambda e: e.name)
+def test_paper_rows_run_the_papers_hyperparameters(exp: Experiment):
+    """Every "ours" row compresses with the paper's settings (Sections 3.2-3.3 and 4.1): whitened SVD, Algorithm 1 with
+    gamma = 80 and 500 iterations, Z holding 5% of each layer (low-rank unless the row is Table 1's ablation of
+    Z's kind), and where Z is trained by gradient descent, lr 1e-3, 2000 iterations, batches of 64."""
+    c = exp.full.compression
+    assert (c.decomposition, c.allocation) == ("whitened", "greedy")
+    assert (c.gamma, c.greedy_iterations, c.z_fraction) == (80.0, 500, 0.05)
+    assert c.compensation == "lowrank" or exp.table == "table1"
+    if c.solver == "sgd":
+        assert (c.sgd_lr, c.sgd_iterations, c.sgd_batch_size) == (1e-3, 2000, 64)
+
+
 @pytest.mark.parametrize("exp", [e for e in ALL if e.table.startswith("table")], ids=lambda e: e.name)
 def test_paper_numbers(exp: Experiment):
     paper = exp.paper
