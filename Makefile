@@ -35,7 +35,7 @@ $(BIN)/.installed: pyproject.toml
 test: $(BIN)/.installed  ## the whole test suite, slow tests included: the CI command (installs first if needed)
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
-test-fast: $(BIN)/.installed  ## the edit-test loop: every test not marked slow (-m "not slow"), under 2 minutes
+test-fast: $(BIN)/.installed  ## the edit-test loop: every test not marked slow (-m "not slow"), about 3 minutes on 2 cores
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/.installed  ## ruff over the package and the tests
