@@ -161,6 +161,18 @@ def test_sgd_samples_and_weights():
         assert s.samples.shape == (6, 5, layer.in_features) and s.samples.dtype == torch.float32
         assert s.sample_weights.shape == (6,) and torch.isfinite(s.sample_weights).all()
         assert (s.sample_weights > 0).all()
+    # the kept tokens are a random subset of each image's tokens (every position can be drawn), not its first ones
+    name = "blocks.0.attn.qkv"
+    seen = []
+    handle = layers[name].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    inputs, drawn = seen[0], stats[name].samples
+    positions = [[int((inputs[i] - row).abs().sum(dim=1).argmin()) for row in drawn[i]] for i in range(6)]
+    for i in range(6):
+        assert torch.allclose(drawn[i], inputs[i, positions[i]], atol=1e-6) and len(set(positions[i])) == 5
+    assert any(max(p) >= 5 for p in positions)
 
 
 def test_bad_precision():
