@@ -19,7 +19,7 @@ REHEARSE_RECORD ?= results/rehearse.jsonl
 CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint clean demo demo-refresh check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
+.PHONY: help install test test-fast mutants lint clean demo demo-refresh check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
 	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10 rehearse
 
 help:  ## list the targets
@@ -37,6 +37,9 @@ test: $(BIN)/.installed  ## the whole test suite, slow tests included: the CI co
 
 test-fast: $(BIN)/.installed  ## the edit-test loop: every test not marked slow (-m "not slow"), about 3 minutes on 2 cores
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
+
+mutants: $(BIN)/.installed  ## deliberate defects the tests must catch, one at a time in a copy (~20 min; tests/mutants.py)
+	$(BIN)/python tests/mutants.py $(ARGS)
 
 lint: $(BIN)/.installed  ## ruff over the package and the tests
 	$(BIN)/ruff check lowrank_vit experiments tests benchmarks

@@ -97,6 +97,29 @@ def test_mnist_module_shapes_and_split():
         assert make_tiny_vit()(val_images).shape == (32, 10)
 
 
+def test_stratified_split_holds_out_the_rounded_share_of_every_class():
+    """round(fraction * n_c) items of every class c are held out: at 10%, classes of 7, 14, 3 and 16 items hold out
+    1 (0.7 rounds up), 1 (1.4), 0 (0.3) and 2 (1.6)."""
+    labels = torch.tensor([0] * 7 + [1] * 14 + [2] * 3 + [3] * 16)
+    train, val = stratified_split(labels, 0.1, seed=0)
+    held = torch.bincount(labels[val], minlength=4).tolist()
+    assert held == [1, 1, 0, 2]
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(len(labels)))
+
+
+def test_array_images_in_any_layout_and_scale_become_the_same_picture():
+    """An image column holding arrays: uint8 (H, W, C), channels first (C, H, W), and floats in [0, 1] all decode
+    to the same uint8 picture (floats are scaled by 255, not truncated to black)."""
+    from lowrank_vit.stages.data import _to_pil
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    expected = np.asarray(_to_pil(pixels))
+    assert np.array_equal(expected, pixels)
+    assert np.array_equal(np.asarray(_to_pil(pixels.transpose(2, 0, 1))), pixels)
+    scaled = np.asarray(_to_pil(pixels.astype(np.float32) / 255.0)).astype(int)
+    assert np.abs(scaled - pixels.astype(int)).max() <= 1
+
+
 def test_mnist_split_is_seeded():
     images, labels = load_mnist_5k()
     first = stratified_split(labels, 0.2, seed=0)

@@ -1,0 +1,302 @@
+"""Deliberate defects the test suite must catch: each mutant changes one line of the library, and the tests it names
+must then fail.
+
+    make mutants                          # every mutant (about 20 minutes on 2 cores); exit status 1 if one survives
+    python tests/mutants.py --only refit  # the mutants whose file or description contains "refit"
+    python tests/mutants.py --list
+
+Each mutant is applied, one at a time, to a copy of the working tree (tracked files and untracked ones git does not
+ignore) in a temporary directory, never to the tree itself; the copy's tests run with this interpreter, so the
+mutated package is the one they import (``python -m pytest`` puts the copy first on ``sys.path``). Before any mutant,
+the tests they name run once unmutated: a suite that already fails says nothing about mutants.
+
+Every mutant here once survived the whole fast suite or was chosen as a likely slip in the mathematics (a wrong side
+of a damping, a missing square root, a label drawn by arg max instead of sampled); the tests that now catch it are
+named beside it. ``tests/test_suite_hygiene.py`` checks, in the fast suite, that each mutant still applies (its
+original line exists exactly once), so the list cannot rot silently when the code changes.
+
+Left out on purpose: dropping ``z_params`` from the marginal policy's Lagrangian cost (``core/allocate.py``) gave the
+same allocations as the real cost on 1,050 random problems (three layers of different shapes with Z, budgets across
+the feasible range): the slack filling and the exchange step that follow the bisection undo it, so no test can tell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    path: str
+    """File of the library, relative to the repository."""
+    before: str
+    """Text that occurs exactly once in the file."""
+    after: str
+    """What replaces it."""
+    tests: tuple[str, ...]
+    """Test files (or node ids) that must fail."""
+    why: str
+    """The defect, in words."""
+    slow: bool = False
+    """The catching test is marked slow (runs in ``make test``, not in ``make test-fast``)."""
+
+
+LA, AL, DE, RF = ("lowrank_vit/core/loss_aware.py", "lowrank_vit/core/allocate.py", "lowrank_vit/core/decompose.py",
+                  "lowrank_vit/core/refit.py")
+CA, CO, SC, FT = ("lowrank_vit/core/calibration.py", "lowrank_vit/methods/compensate.py",
+                  "lowrank_vit/core/scaling.py", "lowrank_vit/stages/finetune.py")
+
+MUTANTS: tuple[Mutant, ...] = (
+    # the loss-aware statistics and decomposition
+    Mutant(LA, "G.div_(with_grad * tokens)", "G.div_(produced * tokens)", ("tests/test_loss_aware.py",),
+           "G averaged over every image although only grad_images ran the backward"),
+    Mutant(LA, "H.sub_(tokens * torch.outer(side_mean, side_mean))", "H.sub_(0 * torch.outer(side_mean, side_mean))",
+           ("tests/test_loss_aware.py",), "the centred Gram left uncentred"),
+    Mutant(LA, "(damping * trace / m) * (W @ W.T)", "(damping * trace / k) * (W @ W.T)", ("tests/test_loss_aware.py",),
+           "the narrow-side shortcut damps the missing Gram relative to the wrong dimension"),
+    Mutant(LA, "root = stats.loss_scale ** 0.5", "root = stats.loss_scale ** 0.25", ("tests/test_loss_aware.py",),
+           "energies not returned to the loss's units"),
+    Mutant(LA, "return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)",
+           "return probs.argmax(1).to(logits.device)", ("tests/test_loss_aware.py",),
+           "labels taken as the arg max instead of sampled: not the true Fisher"),
+    Mutant(LA, "traces[name] -= produced * tokens * float(mean @ mean)", "pass", ("tests/test_calibration.py",),
+           "tr(H) of an output-side layer left uncentred"),
+    Mutant(LA, "return s * stats.loss_scale ** 0.5", "return s", ("tests/test_loss_aware.py",),
+           "the planning spectrum in other units than the decomposition's"),
+    Mutant(LA, "mean = token_sums[name] / rows[name]", "mean = token_sums[name] / produced",
+           ("tests/test_loss_aware.py",), "the mean token divided by images instead of tokens"),
+    # allocation
+    Mutant(AL, "return (layer.loss(rank) - layer.loss(new)) / (layer.params(new) - layer.params(rank))",
+           "return layer.loss(rank) - layer.loss(new)", ("tests/test_allocate.py",),
+           "the marginal policy's leftover budget handed back by energy, not energy per parameter"),
+    Mutant(AL, "return max(0, (self.dense_params - self.z_params - 1) // self.rank_step)",
+           "return max(0, (self.dense_params - self.z_params) // self.rank_step)", ("tests/test_allocate.py",),
+           "a factored layer allowed to cost as much as the dense one"),
+    Mutant(AL, "candidate = (not overshoot_ok, layer.loss(new), layer.name)",
+           "candidate = (not overshoot_ok, -layer.loss(new), layer.name)", ("tests/test_allocate.py",),
+           "Algorithm 1 cutting the layer that loses the most"),
+    Mutant(AL, "if budget - total <= tolerance:", "if True:", ("tests/test_pipeline.py",),
+           "the exchange step never run: budgets missed by more than 0.1%"),
+    Mutant(AL, "return target + (start - target) * math.exp(-step / gamma)",
+           "return target + (start - target) * math.exp(-step / (2 * gamma))", ("tests/test_allocate.py",),
+           "eq. (9)'s schedule decaying at half the rate"),
+    # decompositions, whitening, Z
+    Mutant(DE, "return (tail / tail[0].clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)",
+           "return (tail / tail[0].clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp(0.0, 1.0)",
+           ("tests/test_decompose.py",), "normalized energy losses square-rooted"),
+    Mutant(DE, "H = H + damping * scale * eye", "H = H + damping * eye", ("tests/test_decompose.py",),
+           "damping not relative to H's mean diagonal"),
+    Mutant("lowrank_vit/nn/factorized.py", "return x.index_select(-1, self.rows) @ self.values",
+           "return x.index_select(-1, self.rows) @ self.values * 0.99", ("tests/test_compensate.py",),
+           "a structured Z's forward 1% off its dense form"),
+    Mutant(CO, "root = s[:q].sqrt()", "root = s[:q].sqrt() * 1.01", ("tests/test_compensate.py",),
+           "the low-rank Z's factors 2% too large"),
+    Mutant(CO, "return H, HR, HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]",
+           "return H, HR, HR.abs() / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]",
+           ("tests/test_compensate.py",), "the sparse Z's support chosen by |HR| / H_ii, not (HR)^2 / H_ii"),
+    Mutant(CO, "rows = torch.topk(gain.sum(dim=1), z_params // m).indices.sort().values",
+           "rows = torch.topk(gain.sum(dim=0), z_params // m).indices.sort().values", ("tests/test_save_load.py",),
+           "the structured Z's rows ranked by column sums"),
+    # the sequential refit
+    Mutant(RF, "cross = cross - rows * torch.outer(mean_c, mean_d)",
+           "cross = cross - rows * torch.outer(mean_c, mean_c)", ("tests/test_refit.py",),
+           "the cross Gram centred with the wrong stream's mean"),
+    Mutant(RF, "return bias.double() + pair.mean_d @ weight - pair.mean_c @ fitted",
+           "return bias.double() + pair.mean_c @ weight - pair.mean_c @ fitted", ("tests/test_refit.py",),
+           "the refitted bias using the compressed stream's mean on the dense side"),
+    Mutant(RF, "return white.solve_gram(pair.cross.double().to(white.gram.device) + ridge)",
+           "return white.solve_gram(pair.cross.double().to(white.gram.device))", ("tests/test_refit.py",),
+           "the ridge pulling toward zero instead of toward the dense weight"),
+    Mutant(RF, "return isinstance(parent, nn.Sequential) and int(index_b) == int(index_a) + 1",
+           "return isinstance(parent, nn.Sequential)", ("tests/test_refit.py",),
+           "a block's output fed to the next refitted block across a skipped one"),
+    Mutant(RF, "grad_range_gram=S @ stats.grad_range_gram @ S.T", "grad_range_gram=stats.grad_range_gram",
+           ("tests/test_refit.py",), "the input-side G not carried to W* = S W"),
+    # calibration of the paper's recipe
+    Mutant(CA, "xs = torch.mul(rows, weights.sqrt().to(product_dtype)[:, None, None],",
+           "xs = torch.mul(rows, weights.to(product_dtype)[:, None, None],", ("tests/test_calibration.py",),
+           "eq. (5)'s image weights applied squared"),
+    Mutant(CA, "traces[name] += float(weights @ squared_norms(x))", "traces[name] += float(squared_norms(x).sum())",
+           ("tests/test_calibration.py",), "tr(H) of an output-side layer unweighted"),
+    Mutant(CA, "y = torch.sub(y, bias.to(y.dtype), out=out)", "y = y", ("tests/test_calibration.py",),
+           "the output energy ||X W|| measured with the bias"),
+    Mutant(CA, "idx = torch.rand(batch, tokens, generator=generator).argsort(dim=1)[:, :take].to(x.device)",
+           "idx = torch.arange(tokens).expand(batch, tokens)[:, :take].to(x.device)", ("tests/test_calibration.py",),
+           "the SGD solver keeping every image's first tokens instead of a random subset"),
+    Mutant(CA, "c = max(trace - float(torch.diagonal(S).sum()), 0.0) / (k - rank) if rank < k else 0.0", "c = 0.0",
+           ("tests/test_calibration.py",), "the range Gram's complement left empty"),
+    Mutant(CA, "return basis.quadratic(delta) / max(stats.num_images, 1)",
+           "return basis.quadratic(delta) / max(stats.num_images + 1, 1)", ("tests/test_loss_aware.py",),
+           "eq. (5)'s mean over one image too many"),
+    # comparison methods
+    Mutant("lowrank_vit/core/fisher.py", "sums[name] += grad.detach().double().pow(2).sum(dim=0)",
+           "sums[name] += grad.detach().double().abs().sum(dim=0)", ("tests/test_methods.py",),
+           "FWSVD's Fisher information from |g| instead of g^2"),
+    Mutant(SC, "return normalized_scales(normalized_scales(row_fisher).sqrt())",
+           "return normalized_scales(normalized_scales(row_fisher))", ("tests/test_methods.py",),
+           "FWSVD's row scales I_j instead of sqrt(I_j)"),
+    Mutant(SC, "v = v.clamp_min(top * _SCALE_FLOOR)", "v = v.clamp_min(0.0)", ("tests/test_methods.py",),
+           "a dead row scaled by zero (its factors divide by it)"),
+    Mutant("lowrank_vit/nn/comcat.py",
+           "q = torch.cat([q, bias[rows][None, :]])  # the augmented row: b_Q W_K^T x_j survives the softmax",
+           "q = torch.cat([q, 0 * bias[rows][None, :]])", ("tests/test_methods.py",),
+           "COMCAT dropping the query bias, which survives the softmax"),
+    Mutant("lowrank_vit/nn/comcat.py",
+           "out = out + proj.weight.detach().double() @ attn.qkv.bias.detach().double()[2 * attn_dim:]", "out = out",
+           ("tests/test_methods.py",), "COMCAT dropping the value bias folded into the output bias"),
+    # quantization, checkpoints, surgery, budgets
+    Mutant("lowrank_vit/nn/quantize.py", "zero_point = torch.round(-lo / scale)",
+           "zero_point = torch.floor(-lo / scale)", ("tests/test_methods.py",), "eq. (16)'s zero point floored"),
+    Mutant("lowrank_vit/nn/quantize.py",
+           'total_bits += param.numel() * record[name]["bits"] + channels * 2 * 16',
+           'total_bits += param.numel() * record[name]["bits"]', ("tests/test_quantize.py",),
+           "Table 4's size without the per-channel scales and zero points"),
+    Mutant("lowrank_vit/nn/quantize.py", 'found[prefix + "V"] = (module.V, 0)', 'found[prefix + "V"] = (module.V, 1)',
+           ("tests/test_quantize.py",), "V quantized per rank instead of per output channel"),
+    Mutant("lowrank_vit/io/surgery.py",
+           "V = torch.cat([layer.V.detach(), layer.z.Y.detach().to(layer.V.dtype)], dim=1)",
+           "V = torch.cat([layer.V.detach(), -layer.z.Y.detach().to(layer.V.dtype)], dim=1)",
+           ("tests/test_save_load.py",), "folding Z into U, V with the wrong sign"),
+    Mutant("lowrank_vit/pipeline.py", "replaced = sum(layer.weight.numel() for layer in layers.values())",
+           "replaced = sum(layer.weight.numel() for layer in list(layers.values())[1:])",
+           ("tests/test_loss_aware.py",), "the budget forgetting one compressed layer"),
+    Mutant("lowrank_vit/pipeline.py",
+           "return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.0005 * setup.target_total))",
+           "return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.005 * setup.target_total))",
+           ("tests/test_pipeline.py",), "a budget tolerance of 0.5% instead of 0.05%"),
+    Mutant("lowrank_vit/pipeline.py",
+           "params_after = setup.params_before - setup.replaced_params + setup.fixed_params + allocation.params",
+           "params_after = setup.params_before - setup.replaced_params + allocation.params",
+           ("tests/test_methods.py",), "the plan's count forgetting COMCAT's fixed parameters"),
+    # recipes and the paper's rows
+    Mutant("lowrank_vit/config.py",
+           '"paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),',
+           '"paper": dict(decomposition="whitened", allocation="marginal", compensation="lowrank"),',
+           ("tests/test_save_load.py", "tests/test_registry.py"), "the paper's recipe without Algorithm 1"),
+    Mutant("lowrank_vit/config.py",
+           '"vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),',
+           '"vanilla": dict(decomposition="plain", allocation="greedy", compensation="none"),',
+           ("tests/test_registry.py",), "vanilla SVD with mixed ranks"),
+    Mutant("lowrank_vit/config.py", "z_fraction: float = 0.05", "z_fraction: float = 0.04",
+           ("tests/test_pipeline.py", "tests/test_registry.py"), "Z of 4% instead of the paper's 5%"),
+    Mutant("lowrank_vit/config.py", "gamma: float = 80.0", "gamma: float = 60.0", ("tests/test_registry.py",),
+           "eq. (9)'s gamma of 60 instead of the paper's 80"),
+    # the partial fine-tune
+    Mutant(FT, 'if leaf == "bias" or leaf.endswith("_bias"):', 'if leaf == "bias":', ("tests/test_finetune.py",),
+           "separate attention biases (q_bias) frozen"),
+    Mutant(FT, 'groups["norm"].update(id(p) for p in module.parameters(recurse=False))', "pass",
+           ("tests/test_finetune.py",), "norms frozen"),
+    Mutant(FT, 'groups["patch_embed"].update(id(p) for p in patch_embed.parameters())', "pass",
+           ("tests/test_finetune.py",), "the patch embedding frozen"),
+    # data and the commands for one's own model
+    Mutant("lowrank_vit/stages/data.py",
+           'keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")',
+           'keys = ("input_size", "interpolation", "mean", "std", "crop_mode")', ("tests/test_usercli.py",),
+           "the model's crop_pct ignored by the evaluation transform"),
+    Mutant("lowrank_vit/stages/data.py", "held = torch.round(counts.double() * val_fraction).long()",
+           "held = torch.floor(counts.double() * val_fraction).long()", ("tests/test_data.py",),
+           "a stratified split holding out too few items of small classes"),
+    Mutant("lowrank_vit/stages/data.py",
+           "array = np.clip(array * 255.0 if array.max(initial=0) <= 1.0 else array, 0, 255).astype(np.uint8)",
+           "array = np.clip(array, 0, 255).astype(np.uint8)", ("tests/test_data.py",),
+           "float images in [0, 1] truncated to black"),
+    Mutant("lowrank_vit/io/surgery.py", '    if plan.get("version") != FORMAT_VERSION:', "    if False:",
+           ("tests/test_save_load.py",), "a checkpoint of an unknown format version read as if it were this one"),
+    Mutant("lowrank_vit/harness/usercli.py", "    if not (out / PLAN_FILE).is_file():\n        raise UserError(",
+           "    if False:\n        raise UserError(", ("tests/test_usercli.py",),
+           "--force replacing a directory of the user's own files", slow=True),
+    Mutant("lowrank_vit/harness/usercli.py", "    if protect is not None and out.resolve() == protect.resolve():",
+           "    if False:", ("tests/test_usercli.py",), "finetune allowed to write over its input", slow=True),
+    # the layer-wise SGD solver under DDP
+    Mutant("lowrank_vit/stages/lightning_compensation.py", 'losses = strategy.reduce(losses, reduce_op="sum")',
+           'losses = strategy.reduce(losses, reduce_op="mean")', ("tests/test_lightning_compensation.py",),
+           "each layer's loss halved across two ranks", slow=True),
+    Mutant("lowrank_vit/stages/lightning_compensation.py", "torch.distributed.broadcast(tensor.data, src=i % world)",
+           "torch.distributed.broadcast(tensor.data, src=0)", ("tests/test_lightning_compensation.py",),
+           "every layer's Z taken from rank 0, which trained only half of them", slow=True),
+)
+
+
+def apply(text: str, mutant: Mutant) -> str:
+    """``text`` with the mutant's one change; a ValueError if its original text is not there exactly once."""
+    count = text.count(mutant.before)
+    if count != 1:
+        raise ValueError(f"{mutant.path}: the mutant's original text occurs {count} times: {mutant.before[:60]!r}")
+    return text.replace(mutant.before, mutant.after)
+
+
+def copy_tree(target: Path) -> None:
+    """The working tree's tracked files and its untracked ones that git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], slow: bool) -> tuple[bool, str]:
+    """(passed, the last line pytest printed) of ``tests`` in the copy."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    marker = [] if slow else ["-m", "not slow"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *marker, *tests],
+                          cwd=copy, env=env, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or [""]
+    return proc.returncode == 0, lines[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tests/mutants.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="mutants whose file or description contains this text")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only in m.path or args.only in m.why]
+    if args.list:
+        for m in chosen:
+            print(f"{m.path}: {m.why} -> {', '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print(f"no mutant matches {args.only!r}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="lowrank_vit_mutants_") as tmp:
+        copy = Path(tmp)
+        copy_tree(copy)
+        for slow in (False, True):
+            tests = tuple(sorted({t for m in chosen if m.slow == slow for t in m.tests}))
+            if tests:
+                ok, last = run_tests(copy, tests, slow)
+                if not ok:
+                    print(f"the tests fail without any mutant ({last}): fix them first", file=sys.stderr)
+                    return 2
+        survivors = []
+        for index, m in enumerate(chosen, 1):
+            path = copy / m.path
+            original = path.read_text()
+            path.write_text(apply(original, m))
+            start = time.perf_counter()
+            try:
+                passed, last = run_tests(copy, m.tests, m.slow)
+            finally:
+                path.write_text(original)
+            verdict = "SURVIVED" if passed else "caught"
+            print(f"[{index}/{len(chosen)}] {verdict:8s} {m.path}: {m.why} ({time.perf_counter() - start:.0f} s; "
+                  f"{last})", flush=True)
+            if passed:
+                survivors.append(m)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants caught", flush=True)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
