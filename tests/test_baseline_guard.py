@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from lowrank_vit.harness.registry import get_experiment
-from lowrank_vit.harness.runner import BaselineGuardError, paper_baseline, row_config, run_row
+from lowrank_vit.harness.runner import (
+    BaselineGuardError,
+    check_dense_baseline,
+    paper_baseline,
+    row_config,
+    run_row,
+)
 
 ROW = "table2/deit_s/loss-aware-50"
 KWARGS = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
@@ -70,6 +76,14 @@ def test_paper_baseline_is_the_registry_baseline_of_the_same_weights():
     assert paper_baseline(get_experiment("table3/vit_l/ours").full, "table3") is None  # the paper gives none
     random_weights = row_config(get_experiment(ROW), "full", ["model.pretrained=false"])
     assert paper_baseline(random_weights, "table2") is None
+
+
+def test_the_guard_stops_below_half_the_papers_baseline_and_not_above():
+    """The line is half the paper's dense top-1 (79.8% for DeiT-S): 39.8% stops the row, 39.95% passes."""
+    exp = get_experiment(ROW)
+    with pytest.raises(BaselineGuardError, match="under half the paper's 79.80%"):
+        check_dense_baseline(exp, exp.full, 39.8)
+    check_dense_baseline(exp, exp.full, 39.95)
 
 
 def test_skip_baseline_guard_is_a_typed_run_setting():

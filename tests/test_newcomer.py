@@ -182,7 +182,10 @@ def test_set_values_of_the_right_type_pass():
 
     check_overrides(["finetune.epochs=3", "compression.decomposition=plain", 'model.kwargs={"img_size": 32}',
                      "model.pretrained=false", "data.path=/data/x", "compression.reduction=0.5",
-                     "compression.target_params=null", "finetune.lr=1e-2", "size_bits=16"])
+                     "compression.target_params=null", "finetune.lr=1e-2", "size_bits=16",
+                     "model.kwargs.img_size=32", "model.kwargs.global_pool=avg"])  # one key of a mapping
+    with pytest.raises(ValueError, match="finetune.epochs is not a mapping"):
+        check_overrides(["finetune.epochs.first=3"])
 
 
 # ------------------------------------------------------------------------------------------------ class count

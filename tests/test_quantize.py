@@ -25,6 +25,19 @@ def test_round_to_nearest_error_bound(bits, axis):
     assert len(torch.unique(q.codes)) <= 2**bits
 
 
+@pytest.mark.parametrize("axis", [None, 0])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_one_signed_tensor_keeps_its_zero_point_in_the_code_range(sign, axis):
+    """A tensor of one sign (all positive, all negative): the range is widened to include 0, so the zero point is a
+    valid code (0..255 at 8 bits, which ONNX's DequantizeLinear needs as a uint8), and rounding stays within half a
+    step."""
+    t = sign * (torch.rand(9, 4) + 0.5)
+    q = quantize_tensor(t, 8, axis)
+    assert int(q.zero_point.min()) >= 0 and int(q.zero_point.max()) <= 255
+    scale = q.scale if axis is None else q.scale[:, None]
+    assert torch.all((q.dequantize() - t).abs() <= scale / 2 + 1e-6)
+
+
 def test_quantization_is_idempotent_and_keeps_zeros():
     t = torch.randn(8, 5)
     t[2] = 0.0
