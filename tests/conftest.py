@@ -17,6 +17,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 
+def cifar10_dir():
+    """The development copy of CIFAR-10 (``LOWRANK_VIT_CIFAR10``, else ``../shared/data/cifar10`` beside the
+    repository) when its train.parquet and test.parquet exist, else None: tests that need it skip without it."""
+    from pathlib import Path
+
+    env = os.environ.get("LOWRANK_VIT_CIFAR10")
+    candidate = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+    return candidate if (candidate / "train.parquet").is_file() and (candidate / "test.parquet").is_file() else None
+
+
 def make_tiny_vit(seed: int = 0, **overrides):
     """A 28x28 single-channel ViT (16 patches + cls token), about 27k parameters."""
     import timm

@@ -7,7 +7,6 @@ or ``../shared/data/cifar10`` next to the repository).
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -31,16 +30,10 @@ from lowrank_vit.stages.data import (
     stratified_split,
 )
 
-from conftest import make_tiny_vit
+from conftest import cifar10_dir, make_tiny_vit
 
 datasets = pytest.importorskip("datasets")
 Image = pytest.importorskip("PIL.Image")
-
-
-def _cifar10_dir() -> Path | None:
-    env = os.environ.get("LOWRANK_VIT_CIFAR10")
-    candidate = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-    return candidate if (candidate / "train.parquet").is_file() and (candidate / "test.parquet").is_file() else None
 
 
 def _pil(seed: int, size: tuple[int, int] = (20, 24), mode: str = "RGB") -> Image.Image:
@@ -373,10 +366,10 @@ def test_preprocessing_follows_the_model():
 # ---------------------------------------------------------------------------------------------------------- CIFAR-10
 
 
-@pytest.mark.skipif(_cifar10_dir() is None, reason="CIFAR-10 parquet files not present (set LOWRANK_VIT_CIFAR10)")
+@pytest.mark.skipif(cifar10_dir() is None, reason="CIFAR-10 parquet files not present (set LOWRANK_VIT_CIFAR10)")
 def test_cifar10_parquet_directory(tmp_path: Path):
     model = make_tiny_vit(img_size=32, patch_size=8, in_chans=3)
-    dm = build_datamodule(_cfg(tmp_path, path=str(_cifar10_dir()), batch_size=16), model)
+    dm = build_datamodule(_cfg(tmp_path, path=str(cifar10_dir()), batch_size=16), model)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.num_classes == 10 and len(dm.train_dataset) == 50_000 and len(dm.val_dataset) == 10_000

@@ -23,6 +23,8 @@ from experiments.loss_aware_study import (
 )
 from experiments.study_models import MODELS as STUDY_RECIPES
 
+from conftest import cifar10_dir
+
 
 @pytest.mark.parametrize("count", [1, 3, 4, 5, 1000, 5001])
 def test_correct_round_trips(count):
@@ -158,13 +160,10 @@ def test_committed_cifar_models_match_their_recipes(name: str):
 
 def test_committed_cifar_models_name_the_local_cifar10():
     """The committed records' data identity is the development copy's content (run where that copy exists)."""
-    import os
-
     from experiments.cifar10 import data_identity
 
-    env = os.environ.get("LOWRANK_VIT_CIFAR10")
-    local = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-    if not (local / "train.parquet").is_file():
+    local = cifar10_dir()
+    if local is None:
         pytest.skip("no local CIFAR-10 (LOWRANK_VIT_CIFAR10)")
     identity = data_identity(str(local))
     for name in STUDY_RECIPES:
