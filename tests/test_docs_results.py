@@ -143,3 +143,37 @@ def test_models_added_after_the_default_are_the_committed_results():
             checked += 1
     assert {model for model, _ in _by_model(_section(text, "the two added models"))} == set(study) == set(ft)
     assert checked >= 2 * (2 * 6 * 5 + 4 * 3)
+
+
+def test_gpu_tables_are_the_committed_benchmarks():
+    """benchmarks/README.md's H100 tables (inference and compression time) are the committed GPU JSONs, cell for
+    cell, and every one of those JSONs names the card it ran on."""
+    text = (ROOT / "benchmarks/README.md").read_text()
+    results = ROOT / "benchmarks/results"
+    models = {"DeiT-S": "deit_small", "DeiT-B": "deit_base"}
+    inference = _section(text, "Inference, batch 256, -50%, medians of 7 interleaved repeats")
+    assert [cells[0] for cells in inference] == list(models)
+    for model, dense, factorized, speedup, fused, fused_speedup, flops in inference:
+        bench = json.loads((results / f"inference_{models[model]}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100")
+        rows = bench["rows"]
+        assert [r["rank_multiple"] for r in rows] == [1, 8]
+        assert dense == f"{rows[0]['dense_ms']:.1f}" and flops == f"{rows[0]['flop_speedup']:.2f}"
+        for cell, key, fmt in ((factorized, "factorized_ms", "{:.1f}"), (speedup, "speedup", "{:.2f}x"),
+                               (fused, "fused_ms", "{:.1f}"), (fused_speedup, "fused_speedup", "{:.2f}x")):
+            assert cell == " / ".join(fmt.format(r[key]) for r in rows), (model, key)
+    names = {"loss-aware (default)": "loss-aware", "loss-aware, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-bf16"}
+    timing = _section(text, "`compress`, 1024 calibration images in batches of 64, -50%, medians of 3 runs")
+    checked = 0
+    for model, label, forward, statistics, decomposition, allocation, refit, whole, ratio in timing:
+        bench = json.loads((results / f"compress_time_{models[model]}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100") and bench["environment"]["device"] == "cuda"
+        row = {r["recipe"]: r for r in bench["rows"]}[names.get(label, label)]
+        assert [forward, statistics, decomposition, allocation, whole] == [
+            f"{row[k]:.2f} s" for k in ("calibration_forward_s", "statistics_s", "decomposition_s", "allocation_s",
+                                        "total_s")], (model, label)
+        assert refit == (f"{row['refit_s']:.2f} s" if row["refit_s"] else ""), (model, label)
+        runs = ", ".join(f"{r + 1:.1f}" for r in row["overhead_ratio_runs"])
+        assert ratio == f"{row['overhead_ratio'] + 1:.1f}x ({runs})", (model, label)
+        checked += 1
+    assert checked == 9

@@ -127,6 +127,42 @@ def test_record_and_resume(tmp_path, monkeypatch, capsys):
     assert ran == [rows[0]]  # recorded with one device: rehearsed again with two
 
 
+def test_resume_keys_on_the_accelerator(tmp_path, monkeypatch):
+    """A row rehearsed ok on the CPU is rehearsed again on a GPU (and the other way round); records written before
+    the accelerator was recorded count as CPU ones. The command line reaches `lowrank-vit run --accelerator`."""
+    import torch
+
+    import lowrank_vit.harness.rehearse as rehearsal
+
+    record = tmp_path / "record.jsonl"
+    old = {"name": "table3/deit_s/ours", "ok": True, "layout": "hub-parquet", "devices": 1, "depth": None}
+    record.write_text(json.dumps(old) + "\n")
+    assert "table3/deit_s/ours" in rehearsal.read_record(record, RehearsalSettings())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu = RehearsalSettings(accelerator="gpu")
+    assert rehearsal.read_record(record, gpu) == {}
+    monkeypatch.setattr(rehearsal, "rehearse_row", lambda exp, work, settings: "full size")
+    rehearsal.rehearse(["table3/deit_s/ours"], gpu, record=record, echo=lambda line: None)
+    last = json.loads(record.read_text().splitlines()[-1])
+    assert last["accelerator"] == "gpu" and "table3/deit_s/ours" in rehearsal.read_record(record, gpu)
+    command = rehearsal._run_command(type("Row", (), {"name": "table3/deit_s/ours"}), tmp_path, {}, gpu)
+    assert command[command.index("--accelerator") + 1] == "gpu"
+
+
+def test_accelerator_gpu_needs_cuda_devices(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="needs 2 CUDA device"):
+        RehearsalSettings(accelerator="gpu", devices=2)
+    with pytest.raises(ValueError, match="accelerator must be"):
+        RehearsalSettings(accelerator="tpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["rehearse", "table3/deit_s/ours", "--accelerator", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "torch sees 0" in err and "--accelerator cpu" in err and "Traceback" not in err
+
+
 def test_resume_needs_a_record(tmp_path, capsys):
     assert main(["rehearse", "table3/deit_s/ours", "--resume"]) == 2
     assert "--resume needs --record" in capsys.readouterr().err

@@ -304,7 +304,14 @@ def timm_relative(architecture: str, **kwargs) -> nn.Module:
     ],
 )
 def test_round_trip_timm_relatives(tmp_path, architecture, kwargs):
-    model = timm_relative(architecture, **kwargs)
+    try:
+        model = timm_relative(architecture, **kwargs)
+    except TypeError as exc:  # some timm releases (1.0.29) take one window size for every Swin stage; 1.0.31 takes more
+        if isinstance(kwargs.get("window_size", (0,))[0], tuple):
+            import timm
+
+            pytest.skip(f"this timm ({timm.__version__}) cannot build {architecture} with {kwargs}: {exc}")
+        raise
     images = make_images(8, channels=3, size=32)
     compress(model, [images], cfg(reduction=0.2))
     assert any(isinstance(m, FactorizedLinear) for m in model.modules())

@@ -59,6 +59,9 @@ class RehearsalSettings:
 
     layout: str = "hub-parquet"
     devices: int = 1
+    """Processes per row (>1: DDP), each on one CPU or one GPU."""
+    accelerator: str = "cpu"
+    """``"cpu"`` or ``"gpu"``: where the rows run (``lowrank-vit run --accelerator``)."""
     images_per_class: int = 2
     val_images: int = 8
     calib_samples: int = 4
@@ -68,6 +71,13 @@ class RehearsalSettings:
     """Steps of the SGD solver of Z, for the rows that fit Z by SGD (the loop is the same at any count)."""
     depth: int | None = None
     """Blocks per stage of a shrunk model (None: the full architecture, the default and the point)."""
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ("cpu", "gpu"):
+            raise ValueError(f"accelerator must be 'cpu' or 'gpu', got {self.accelerator!r}")
+        if self.accelerator == "gpu" and torch.cuda.device_count() < self.devices:
+            raise ValueError(f"--accelerator gpu with --devices {self.devices} needs {self.devices} CUDA device(s); "
+                             f"torch sees {torch.cuda.device_count()}: use fewer devices or --accelerator cpu")
 
 
 # ------------------------------------------------------------------------------------------------ generated data
@@ -239,15 +249,16 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
         _check(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
 
 
-def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any) -> None:
-    """The saved model loads back and scores on the validation images exactly what the run recorded."""
+def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, device: str = "cpu") -> None:
+    """The saved model loads back and scores on the validation images exactly what the run recorded (evaluated on
+    the kind of device the row ran on: a GPU's float32 products round differently from a CPU's)."""
     from lowrank_vit.harness.runner import MODEL_DIR, evaluate
     from lowrank_vit.io.surgery import load_compressed
 
     if exp.full.compression is None:
         return
     model = load_compressed(out / exp.name / MODEL_DIR)
-    top1 = evaluate(model, dm.val_dataloader(), torch.device("cpu"), progress=False)["top1"]
+    top1 = evaluate(model.to(device), dm.val_dataloader(), torch.device(device), progress=False)["top1"]
     _check(abs(top1 - result["top1"]) < 1e-6,
            f"the saved model scores {top1:.2f}% on the validation images, the run recorded {result['top1']:.2f}%")
 
@@ -266,8 +277,8 @@ def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
 
 def _run_command(exp: Any, out: Path, overrides: dict[str, Any], settings: RehearsalSettings) -> list[str]:
     command = [sys.executable, "-m", "lowrank_vit.harness.cli", "run", exp.name, "--scale", "full",
-               "--output", str(out), "--accelerator", "cpu", "--devices", str(settings.devices), "--wandb", "disabled",
-               "--quiet"]
+               "--output", str(out), "--accelerator", settings.accelerator, "--devices", str(settings.devices),
+               "--wandb", "disabled", "--quiet"]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     return command
@@ -332,18 +343,20 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     _check(result is not None, "the run wrote no readable result.json")
     assert result is not None
     check_result(exp, result, settings, model)
-    check_saved_model(exp, out, result, dm)
+    check_saved_model(exp, out, result, dm, "cuda" if settings.accelerator == "gpu" else "cpu")
     check_table(exp, out, result)
     return note
 
 
 def _same_settings(line: dict[str, Any], settings: RehearsalSettings) -> bool:
-    return (line.get("layout"), line.get("devices"), line.get("depth")) == (
-        settings.layout, settings.devices, settings.depth)
+    # records written before the accelerator was an option ran on the CPU
+    return (line.get("layout"), line.get("devices"), line.get("depth"), line.get("accelerator", "cpu")) == (
+        settings.layout, settings.devices, settings.depth, settings.accelerator)
 
 
 def read_record(record: str | os.PathLike, settings: RehearsalSettings) -> dict[str, dict[str, Any]]:
-    """The last recorded outcome of each row rehearsed with the same layout, devices and depth as ``settings``.
+    """The last recorded outcome of each row rehearsed with the same layout, devices, accelerator and depth as
+    ``settings``.
 
     Raises:
         ValueError: a line of ``record`` is not a JSON object (the file is not a rehearsal record).
@@ -370,8 +383,9 @@ def _append_record(record: Path, outcome: dict[str, Any], settings: RehearsalSet
     from lowrank_vit import __version__
 
     record.parent.mkdir(parents=True, exist_ok=True)
-    line = {**outcome, "layout": settings.layout, "devices": settings.devices, "depth": settings.depth,
-            "version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    line = {**outcome, "layout": settings.layout, "devices": settings.devices, "accelerator": settings.accelerator,
+            "depth": settings.depth, "version": __version__,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with record.open("a") as f:  # appended, never rewritten: the record of earlier runs stays
         f.write(json.dumps(line) + "\n")
 
@@ -436,12 +450,14 @@ def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     """Register ``rehearse`` on ``lowrank-vit``'s subparsers; returns its handler by name."""
     from lowrank_vit.core.common import positive_int
 
-    p = sub.add_parser("rehearse", help="run rows' full-scale configs on a CPU with random weights and generated "
-                                        "data, cut to a few steps; one line per row, ok or what broke")
+    p = sub.add_parser("rehearse", help="run rows' full-scale configs on a CPU (or GPUs) with random weights and "
+                                        "generated data, cut to a few steps; one line per row, ok or what broke")
     p.add_argument("patterns", nargs="+", metavar="NAME_OR_PATTERN",
                    help="row names, shell patterns or prefixes, e.g. 'table2/deit_s/*' or table4")
     p.add_argument("--layout", choices=list(LAYOUTS), default="hub-parquet", help="the generated ImageNet layout")
-    p.add_argument("--devices", type=positive_int, default=1, help="CPU processes per row (>1: DDP)")
+    p.add_argument("--devices", type=positive_int, default=1, help="processes per row (>1: DDP), one per CPU or GPU")
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                   help="where the rows run (default cpu; gpu: one CUDA device per process)")
     p.add_argument("--depth", type=positive_int,
                    help="shrink every model to at most this many blocks per stage (said on every line; default: "
                         "the full architecture)")
@@ -449,12 +465,14 @@ def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], i
     p.add_argument("--record", metavar="FILE",
                    help="append each row's outcome to this JSON-lines file as soon as the row ends")
     p.add_argument("--resume", action="store_true",
-                   help="skip the rows already ok in --record FILE with the same layout, devices and depth")
+                   help="skip the rows already ok in --record FILE with the same layout, devices, accelerator and "
+                        "depth")
     return {"rehearse": _cmd_rehearse}
 
 
 def _cmd_rehearse(args: argparse.Namespace) -> int:
-    settings = RehearsalSettings(layout=args.layout, devices=args.devices, depth=args.depth)
+    settings = RehearsalSettings(layout=args.layout, devices=args.devices, accelerator=args.accelerator,
+                                 depth=args.depth)  # a ValueError is the CLI's one-line error
     outcomes = rehearse(args.patterns, settings, keep=args.workdir, echo=lambda line: print(line, flush=True),
                         record=args.record, resume=args.resume)
     failed = [o["name"] for o in outcomes if not o["ok"]]

@@ -58,7 +58,9 @@ def quantize_tensor(tensor: torch.Tensor, bits: int, axis: int | None) -> Quanti
         lo = t.amin(dim=reduce).clamp(max=0.0)
         hi = t.amax(dim=reduce).clamp(min=0.0)
     # Including 0 in the range keeps exact zeros exact; a constant-zero channel gets scale 1.
-    scale = (hi - lo) / levels
+    # divided by a tensor, not a Python number: CUDA turns division by a number into multiplication by its
+    # reciprocal, one rounding off the CPU's, and the codes of a model quantized on a GPU would then differ
+    scale = (hi - lo) / torch.tensor(float(levels), dtype=hi.dtype, device=hi.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.round(-lo / scale)
     if axis is None:
