@@ -100,7 +100,7 @@ def test_lightning_compensation_on_gpu_is_fit_sgd():
         assert lightning[name][-1] == pytest.approx(loop[name][-1], rel=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_partial_finetune_on_gpu(precision):
     from test_finetune import synthetic_data
 
@@ -111,9 +111,10 @@ def test_partial_finetune_on_gpu(precision):
     data = synthetic_data(64)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     module, trainer = finetune(model, DataLoader(data, batch_size=16), DataLoader(data, batch_size=32),
-                               config=FinetuneConfig(epochs=2, lr=3e-3, warmup_steps=2), accelerator="gpu", devices=1,
-                               precision=precision, progress=False, enable_model_summary=False)
-    assert trainer.global_step == 8 and torch.isfinite(trainer.callback_metrics["val/loss"])
+                               config=FinetuneConfig(epochs=2, lr=3e-3, warmup_steps=2, precision=precision),
+                               accelerator="gpu", devices=1, progress=False, enable_model_summary=False)
+    assert trainer.precision == precision and trainer.global_step == 8
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
     assert "head.weight" in changed and changed <= {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # mixed precision keeps float32 weights

@@ -177,3 +177,11 @@ def test_gpu_tables_are_the_committed_benchmarks():
         assert ratio == f"{row['overhead_ratio'] + 1:.1f}x ({runs})", (model, label)
         checked += 1
     assert checked == 9
+    steps = _section(text, "The partial fine-tune, one optimizer step at batch 128 of the model at -50%")
+    assert len(steps) == 6
+    for model, precision, step_ms, images, speedup in steps:
+        bench = json.loads((results / f"finetune_step_{models[model]}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100")
+        row = {r["precision"]: r for r in bench["rows"]}[precision.strip("`")]
+        assert [step_ms, images, speedup] == [f"{row['step_ms']:.1f}", f"{row['images_per_s']:.0f}",
+                                              f"{row['speedup']:.2f}x"], (model, precision)

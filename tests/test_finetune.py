@@ -186,6 +186,31 @@ def test_finetune_trains_only_the_selected_parameters(tiny_compressed):
     assert module.hparams["trainable_fraction"] == pytest.approx(module.trainable["fraction"])
 
 
+def test_finetune_precision(tiny_compressed):
+    """bf16-mixed runs the steps under bfloat16 autocast (a different result from float32's) and keeps float32
+    weights; 16-mixed is refused on a CPU before anything trains; unknown precisions are refused by the config."""
+    data = synthetic_data(32)
+    heads = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = copy.deepcopy(tiny_compressed)
+        _, trainer = finetune(model, DataLoader(data, batch_size=16),
+                              config=FinetuneConfig(epochs=1, lr=1e-2, precision=precision), **QUIET)
+        assert trainer.precision == precision and trainer.global_step == 2
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        heads[precision] = model.head.weight.detach().clone()
+    assert torch.isfinite(heads["bf16-mixed"]).all()
+    assert not torch.equal(heads["32-true"], heads["bf16-mixed"])
+    assert not torch.equal(heads["bf16-mixed"], tiny_compressed.head.weight)
+    before = copy.deepcopy(tiny_compressed.state_dict())
+    with pytest.raises(ValueError, match="'16-mixed' needs a GPU"):
+        finetune(tiny_compressed, DataLoader(data, batch_size=16), config=FinetuneConfig(epochs=1,
+                                                                                      precision="16-mixed"), **QUIET)
+    assert all(torch.equal(v, tiny_compressed.state_dict()[k]) for k, v in before.items())
+    for bad in ("bf16-true", "bf16", 16):
+        with pytest.raises(ValueError, match="precision must be one of 32-true, bf16-mixed, 16-mixed"):
+            FinetuneConfig(precision=bad)
+
+
 def test_finetune_lowers_the_loss(tiny_compressed):
     model = copy.deepcopy(tiny_compressed)
     data = synthetic_data(64)

@@ -207,6 +207,7 @@ def test_finetune_writes_a_new_directory_and_leaves_its_input(compressed, tmp_pa
     assert not (out / "checkpoints").exists() and not (tmp_path / ".ft.partial").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["steps"] >= 1 and "final" in report["accuracy"] and "after" in report["accuracy"]
+    assert report["finetune"]["precision"] == "32-true"
     trained, original = load_compressed(out).state_dict(), load_compressed(compressed).state_dict()
     changed = [k for k in original if not torch.equal(original[k], trained[k])]
     assert changed and all(not k.endswith((".U", ".V")) for k in changed), changed  # factors stay frozen
@@ -215,6 +216,19 @@ def test_finetune_writes_a_new_directory_and_leaves_its_input(compressed, tmp_pa
                         "--output", compressed)
     _assert_one_line_error(code, err, "input")
     assert _digest(weights) == before
+
+
+def test_finetune_float16_needs_a_gpu(tmp_path, capsys, monkeypatch):
+    """--precision 16-mixed on a CPU: one line, exit 2, before any model is read or any directory is made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "model").mkdir()
+    code, _, err = _run(capsys, "finetune", tmp_path / "model", "--data", tmp_path, "--epochs", "1",
+                        "--precision", "16-mixed", "--output", tmp_path / "out")
+    _assert_one_line_error(code, err, "16-mixed needs a GPU", "bf16-mixed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", str(tmp_path / "model"), "--data", str(tmp_path), "--epochs", "1", "--precision",
+                  "bf16-true", "--output", str(tmp_path / "out")])
 
 
 def test_parquet_with_named_columns(workdir, tmp_path, capsys):

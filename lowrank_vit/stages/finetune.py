@@ -58,7 +58,7 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
     """Set ``requires_grad`` for the paper's partial fine-tuning and count what trains. Changes nothing else.
 
     Args:
-        model: a compressed timm ViT, DeiT or Swin.
+        model: a compressed timm vision transformer.
         train_tokens: also train the positional embedding and the class/distillation/register tokens (not in the
             paper's list; see the module docstring).
         require_factorized: raise when the model has no factorized layer (default). ``False`` allows counting a
@@ -310,6 +310,10 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
     cfg = config or FinetuneConfig()
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cfg.precision == "16-mixed" and on_cpu and "precision" not in trainer_kwargs:
+        raise ValueError("finetune precision '16-mixed' needs a GPU (float16 autocast is CUDA's); use 'bf16-mixed' "
+                         "or '32-true' on a CPU")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PartialFinetune(model, cfg, teacher=teacher)
     callbacks = list(callbacks or [])
@@ -324,8 +328,8 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
                                              auto_insert_metric_name=False))
     if logger is not None and logger is not False:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    options: dict[str, Any] = dict(max_epochs=cfg.epochs, accelerator=accelerator, devices=devices,
-                                   num_nodes=num_nodes, strategy=strategy,
+    options: dict[str, Any] = dict(max_epochs=cfg.epochs, precision=cfg.precision, accelerator=accelerator,
+                                   devices=devices, num_nodes=num_nodes, strategy=strategy,
                                    logger=logger if logger is not None else False,  # False: no logger
                                    enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=progress,
                                    callbacks=callbacks)
