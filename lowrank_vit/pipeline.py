@@ -172,6 +172,7 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     adapter = get_adapter(model)
     if any(isinstance(m, (FactorizedLinear, FactorizedAttention)) for m in model.modules()):
         raise ValueError("the model is already compressed (it holds factorized layers); compress the dense model")
+    adapter.call_qkv_as_module(model)  # BEiT, EVA, Swin V2: the same function, through qkv's module call
     whole = get_method(config.decomposition).whole_modules
     modules = whole.find(model, adapter)
     layers: dict[str, nn.Linear] = {name: layer for name, layer in adapter.compressible_layers(model).items()
@@ -259,6 +260,16 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
                      **overrides: Any) -> CompressionPlan:
     """Calibrate and allocate ranks exactly as :func:`compress` would, without computing any factor or touching
     the model: singular values only, so it is several times faster (used to check parameter budgets)."""
+    switched = get_adapter(model).call_qkv_as_module(model)  # for the hooks; switched back below
+    try:
+        return _plan(model, calib_images, config, overrides)
+    finally:
+        for attn in switched:
+            attn.qkv_bias_separate = False
+
+
+def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None,
+          overrides: dict[str, Any]) -> CompressionPlan:
     setup = _setup(model, config, overrides)
     cfg = setup.cfg
     method = get_method(cfg.decomposition)
@@ -360,7 +371,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     says so), so that the whole model holds ``config``'s target number of parameters.
 
     Args:
-        model: a timm ViT, DeiT or Swin (any size, input resolution, patch size, channels).
+        model: a timm ViT, DeiT, Swin, BEiT or EVA (any size, input resolution, patch size, channels).
         calib_images: iterable of batches: image tensors (B, C, H, W), (images, labels) tuples or dicts with an
             "image" tensor, already preprocessed for the model. ``config.calib_samples`` images are used.
         config: what to do; ``overrides`` are applied on top (``compress(m, data, reduction=0.5)``).

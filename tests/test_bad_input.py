@@ -324,16 +324,24 @@ def test_failure_in_second_batch_leaves_no_hooks_and_model_unchanged(tiny_vit):
 
 @pytest.mark.parametrize("recipe_name", ["loss-aware", "paper", "vanilla"])
 def test_layer_the_model_never_calls_is_named_after_the_first_batch(recipe_name):
-    # timm's BEiT computes q, k, v with F.linear on attn.qkv.weight (it adds its own q and v biases), so the module
-    # is never called and a factorized replacement would be ignored: say so after the first batch, not after the
-    # whole calibration set, and leave the model as it was.
-    import timm
+    # An attention that computes q, k, v with F.linear on attn.qkv.weight (as timm's BEiT did before its
+    # qkv_bias_separate path, which compress now switches on) never calls the module, and a factorized replacement
+    # would be ignored: say so after the first batch, not after the whole calibration set, and leave the model as it
+    # was.
+    from torch.nn import functional as F
 
     from lowrank_vit.config import recipe
 
-    torch.manual_seed(0)
-    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16,
-                              depth=1, num_heads=2, num_classes=5).eval()
+    model = make_tiny_vit(img_size=32, patch_size=8, in_chans=3, num_classes=5)
+    attn = model.blocks[0].attn
+
+    def reads_the_weight(x, *args, **kwargs):
+        B, N, C = x.shape
+        qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))
+        return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    attn.forward = reads_the_weight
     before = snapshot(model)
     seen = []
 

@@ -311,9 +311,8 @@ def unreached(names: Iterable[str]) -> None:
         raise ValueError(
             f"layer {missing[0]} was never called by the calibration forward pass"
             f"{f' (and {len(missing) - 1} other layer(s))' if len(missing) > 1 else ''}: the model does not use it, or "
-            "computes its output from its weight directly (F.linear on layer.weight, as timm's BEiT, EVA and Swin V2 "
-            "attention do), which a factorized layer cannot replace; this library compresses timm's ViT, DeiT and "
-            "Swin models")
+            "computes its output from its weight directly (F.linear on layer.weight), which a factorized layer cannot "
+            "replace; this library compresses the blocks of timm's ViT, DeiT, Swin, BEiT and EVA families")
 
 
 @contextmanager

@@ -28,7 +28,8 @@ grow with the number of images; only one batch's activations are held for its ba
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -202,6 +203,7 @@ def collect_loss_statistics(
     seen_grad = dict.fromkeys(layers, False)
     scratch = Scratch()
     products: dict[tuple[int, str], torch.Tensor] = {}
+    mode = {"backward_hooks": True}  # False: g W from output-gradient hooks (see the retry below)
 
     def accumulate(name: str, sums: dict[str, torch.Tensor], side: str, values: torch.Tensor) -> None:
         flat = values.detach().reshape(-1, values.shape[-1])
@@ -238,6 +240,12 @@ def collect_loss_statistics(
                     seen_grad[name] = True
                     accumulate(name, g_sums, "grad", grad)
                 output.register_hook(grad_hook)
+            elif output.requires_grad and not mode["backward_hooks"]:
+                def input_grad_hook(grad: torch.Tensor) -> None:  # the backward hook's g W, one matmul more
+                    seen_grad[name] = True
+                    accumulate(name, g_sums, "grad", grad.to(module.weight.dtype) @ module.weight.detach())
+                    traces[name] += _energy(grad)
+                output.register_hook(input_grad_hook)
         return hook
 
     def make_backward_hook(name: str):
@@ -251,34 +259,67 @@ def collect_loss_statistics(
             traces[name] += _energy(grad_output[0])
         return hook
 
-    produced = with_grad = 0
-    with contextlib.ExitStack() as cleanup, hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"), \
-            progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
-        for name in grad_input_side:
-            cleanup.callback(layers[name].register_full_backward_hook(make_backward_hook(name)).remove)
-        for index, (images, batch) in enumerate(iter_calibration_batches(batches, num_images)):
-            for start in range(0, images.shape[0], micro_batch):
-                # the graph reaches every layer through the images; the weights' gradients are never formed
-                part = images[start: start + micro_batch].to(device)
-                backward = part.shape[0] if grad_images is None else max(0, min(part.shape[0],
-                                                                                 grad_images - with_grad))
-                if backward < part.shape[0]:  # past grad_images: forward only, H alone
-                    with torch.no_grad():
-                        _check_logits(_logits(model(part[backward:])), index)
-                if backward:
-                    part = part[:backward].requires_grad_(True)
-                    logits = _check_logits(_logits(model(part)), index)
-                    target = _labels(batch, index, logits, labels, generator, start)
-                    target = target.to(logits.dtype) if target.is_floating_point() else target
-                    logits = logits if logits.dtype == torch.float64 else logits.float()
-                    loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
-                    torch.autograd.grad(loss, part)
-                    with_grad += backward
-                if not produced:
-                    unreached(name for name, n in rows.items() if n == 0)
-                produced += images[start: start + micro_batch].shape[0]
-                bar.update(images[start: start + micro_batch].shape[0])
+    def one_pass(stream: Iterable) -> tuple[int, int]:
+        """Run the forward and backward pass; returns (images, images with a backward)."""
+        produced = with_grad = 0
+        generator.manual_seed(seed)
+        with contextlib.ExitStack() as cleanup, hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"), \
+                progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
+            if mode["backward_hooks"]:
+                for name in grad_input_side:
+                    cleanup.callback(layers[name].register_full_backward_hook(make_backward_hook(name)).remove)
+            for index, (images, batch) in enumerate(stream):
+                for start in range(0, images.shape[0], micro_batch):
+                    # the graph reaches every layer through the images; the weights' gradients are never formed
+                    part = images[start: start + micro_batch].to(device)
+                    backward = part.shape[0] if grad_images is None else max(0, min(part.shape[0],
+                                                                                     grad_images - with_grad))
+                    if backward < part.shape[0]:  # past grad_images: forward only, H alone
+                        with torch.no_grad():
+                            _check_logits(_logits(model(part[backward:])), index)
+                    if backward:
+                        part = part[:backward].requires_grad_(True)
+                        logits = _check_logits(_logits(model(part)), index)
+                        target = _labels(batch, index, logits, labels, generator, start)
+                        target = target.to(logits.dtype) if target.is_floating_point() else target
+                        logits = logits if logits.dtype == torch.float64 else logits.float()
+                        loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
+                        torch.autograd.grad(loss, part)
+                        with_grad += backward
+                    if not produced:
+                        unreached(name for name, n in rows.items() if n == 0)
+                        first.clear()  # the first micro-batch went through: no retry needs it again
+                    produced += images[start: start + micro_batch].shape[0]
+                    bar.update(images[start: start + micro_batch].shape[0])
+        return produced, with_grad
+
+    source = iter(iter_calibration_batches(batches, num_images))
+    first: list = []
+
+    def remembered() -> Iterator:  # keeps the first batch until its first micro-batch went through
+        for count, item in enumerate(source):
+            if count == 0:
+                first.append(item)
+            yield item
+
+    try:
+        produced, with_grad = one_pass(remembered())
+    except RuntimeError as exc:
+        # A module whose output its parent changes in place (timm's BEiT, EVA and Swin V2 add the q and v biases to
+        # qkv's output) cannot carry a full backward hook: autograd refuses the in-place change on the output the
+        # hook wraps. Such a model fails on its first micro-batch; it then runs again with output-gradient hooks,
+        # which form g W themselves (the same statistics, one more matmul per widening layer).
+        if not first or "BackwardHookFunction" not in str(exc):
+            raise
+        mode["backward_hooks"] = False
+        for sums in (h_sums, g_sums, token_sums):
+            for tensor in sums.values():
+                tensor.zero_()
+        traces.update(dict.fromkeys(layers, 0.0))
+        rows.update(dict.fromkeys(layers, 0))
+        seen_grad.update(dict.fromkeys(layers, False))
+        produced, with_grad = one_pass(itertools.chain(list(first), source))
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 ATTENTION_LINEARS = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "proj")
-MLP_LINEARS = ("fc1", "fc2")
+MLP_LINEARS = ("fc1", "fc1_g", "fc1_x", "fc2")  # fc1_g, fc1_x: the gate and value layers of timm's SwiGLU (EVA-02)
 TOKEN_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
 
 
@@ -231,10 +231,26 @@ class TimmViTAdapter:
             kwargs["pos_embed"] = "none"
         return ModelSpec(architecture, _accepted(type(model), kwargs))
 
+    def call_qkv_as_module(self, model: nn.Module) -> list[nn.Module]:
+        """Make every attention that adds its q and v biases inside ``F.linear(x, qkv.weight, bias)`` (timm's BEiT,
+        EVA and Swin V2) call ``qkv`` as a module and add the biases after it (their ``qkv_bias_separate`` path: the
+        same function, to rounding). Reading ``qkv.weight`` directly would bypass the calibration's hooks and could
+        not go through a factorized layer, which has no dense weight. Returns the attention modules switched (empty
+        for every other family), so that a caller that must leave the model as it was can switch them back."""
+        switched = []
+        for block in model.modules():
+            attn = getattr(block, "attn", None) if is_block(block) else None
+            if getattr(attn, "qkv_bias_separate", True) is False and getattr(attn, "q_bias", None) is not None:
+                attn.qkv_bias_separate = True
+                switched.append(attn)
+        return switched
+
     def build(self, spec: ModelSpec) -> nn.Module:
         import timm
 
-        return timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
+        model = timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
+        self.call_qkv_as_module(model)  # as compress left it: a factorized qkv is only reachable as a module
+        return model
 
 
 def get_adapter(model: nn.Module) -> TimmViTAdapter:
@@ -243,7 +259,7 @@ def get_adapter(model: nn.Module) -> TimmViTAdapter:
     if not adapter.compressible_layers(model, include_factorized=True):
         raise ValueError(
             f"{type(model).__name__} has no compressible layer: expected blocks with attn.qkv/attn.proj and "
-            "mlp.fc1/mlp.fc2 nn.Linear layers (timm ViT, DeiT or Swin)"
+            "mlp.fc1/mlp.fc2 nn.Linear layers (timm ViT, DeiT, Swin, BEiT, EVA and their relatives)"
         )
     return adapter
 
