@@ -44,6 +44,7 @@ from lowrank_vit.harness.registry import (
     method_label,
 )
 from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
+from lowrank_vit.stages.finetune_config import check_precision_on
 
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
@@ -544,9 +545,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         data_cfg = replace(data_cfg, batch_size=cfg.finetune.batch_size)
     build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
     device = resolve_device(cfg.hardware.accelerator)
-    if cfg.finetune is not None and cfg.finetune.precision == "16-mixed" and device.type != "cuda":
-        raise SetupError("finetune.precision=16-mixed needs a GPU (float16 autocast is CUDA's); use bf16-mixed or "
-                         "32-true on a CPU")
+    if cfg.finetune is not None:
+        check_precision_on(cfg.finetune.precision, device.type)  # before the model is built or compressed
     model = build_model(cfg.model, progress=progress)
     digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
     dm = build_datamodule(data_cfg, model)

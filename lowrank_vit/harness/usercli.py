@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.common import fraction, positive_int
-from lowrank_vit.stages.finetune_config import PRECISIONS
+from lowrank_vit.stages.finetune_config import PRECISIONS, check_precision_on
 
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 """The preprocessing fields saved with a model and printed by every command."""
@@ -733,8 +733,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     device = resolve_device(args.device)
-    if args.precision == "16-mixed" and device.type != "cuda":
-        raise UserError("--precision 16-mixed needs a GPU (float16 autocast is CUDA's); use bf16-mixed or 32-true")
+    check_precision_on(args.precision, device.type)  # before any model is read
     args.model_kwargs, args.checkpoint = {}, None
     source = _directory_source(args, directory)
     pre, origin = resolve_model_preprocessing(source, args)

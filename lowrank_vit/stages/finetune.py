@@ -35,7 +35,7 @@ from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_
 from lowrank_vit.core.progress import lightning_progress_callbacks
 from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
 from lowrank_vit.nn.factorized import FactorizedLinear
-from lowrank_vit.stages.finetune_config import FinetuneConfig
+from lowrank_vit.stages.finetune_config import FinetuneConfig, check_precision_on
 
 _ADAPTER = TimmViTAdapter()  # names the heads, the patch embedding and the tokens
 
@@ -310,10 +310,9 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
     cfg = config or FinetuneConfig()
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if cfg.precision == "16-mixed" and on_cpu and "precision" not in trainer_kwargs:
-        raise ValueError("finetune precision '16-mixed' needs a GPU (float16 autocast is CUDA's); use 'bf16-mixed' "
-                         "or '32-true' on a CPU")
+    if "precision" not in trainer_kwargs:
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        check_precision_on(cfg.precision, "cpu" if on_cpu else "cuda")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PartialFinetune(model, cfg, teacher=teacher)
     callbacks = list(callbacks or [])

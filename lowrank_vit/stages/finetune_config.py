@@ -16,6 +16,13 @@ three (``*-true`` half precisions would store the weights in 16 bits, which the 
 quantization do not expect)."""
 
 
+def check_precision_on(precision: str, device_type: str) -> None:
+    """Refuse float16 autocast off a GPU before any work: Lightning's ``16-mixed`` is CUDA's alone."""
+    if precision == "16-mixed" and device_type != "cuda":
+        raise ValueError("finetune precision 16-mixed needs a GPU (float16 autocast is CUDA's); use bf16-mixed or "
+                         "32-true on a CPU")
+
+
 @dataclass
 class FinetuneConfig:
     """Settings of the partial fine-tuning; defaults follow Section 4.1 where the paper gives a value."""
