@@ -126,3 +126,29 @@ def test_loss_statistics_without_backward_hooks_are_the_same():
         for field in ("grad_trace", "loss_scale", "input_trace"):
             a, b = getattr(ours, field), getattr(theirs, field)
             assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-6, abs=0)), (name, field)
+
+
+RELATIVES = {  # timm families whose blocks the adapter finds by structure alone (random weights, small sizes)
+    "deit3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8, **SMALL)),
+    "clip-vit": ("vit_base_patch16_clip_224", dict(img_size=32, patch_size=8, **SMALL)),
+    "relpos-vit": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, **SMALL)),
+    "xcit": ("xcit_tiny_12_p16_224", dict(img_size=32, patch_size=8, **SMALL)),
+    "pit": ("pit_ti_224", dict(img_size=64, num_classes=5)),
+    "maxvit": ("maxvit_tiny_tf_224", dict(img_size=64, num_classes=5)),
+    "mvitv2": ("mvitv2_tiny", dict(img_size=64, num_classes=5)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(RELATIVES))
+def test_relatives_compress_to_the_budget_and_round_trip(family, tmp_path):
+    name, kwargs = RELATIVES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    images = make_images(8, channels=3, size=kwargs["img_size"], seed=1)
+    report = compress(model, [images], recipe("loss-aware", reduction=0.4, calib_samples=8, progress=False))
+    assert abs(report.reduction - 0.4) < 1e-3
+    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    save_compressed(model, tmp_path / "m", model_name=name, model_kwargs=kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "m")(images), model(images))
