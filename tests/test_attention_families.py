@@ -134,7 +134,7 @@ RELATIVES = {  # timm families whose blocks the adapter finds by structure alone
     "relpos-vit": ("vit_relpos_small_patch16_224", dict(img_size=32, patch_size=8, **SMALL)),
     "xcit": ("xcit_tiny_12_p16_224", dict(img_size=32, patch_size=8, **SMALL)),
     "pit": ("pit_ti_224", dict(img_size=64, num_classes=5)),
-    "maxvit": ("maxvit_tiny_tf_224", dict(img_size=64, num_classes=5)),
+    "maxvit": ("maxvit_tiny_tf_224", dict(img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64), num_classes=5)),
     "mvitv2": ("mvitv2_tiny", dict(img_size=64, num_classes=5)),
 }
 
