@@ -76,7 +76,8 @@ def test_a_table_evaluates_each_dense_model_once():
 
 
 def test_float64_warning_follows_its_rule_on_every_device():
-    """Warned exactly when the float64 statistics exceed a third of the estimated compression time; float64 at
+    """Warned exactly when the float64 products of the statistics exceed a third of the estimated compression time
+    (the hooks' host time on a GPU, which does not depend on the precision, is not part of the share); float64 at
     1/32 of float32 (A6000) makes them a larger share than on an H100, and float32 products silence it."""
     exp = get_experiment(ROWS["paper"])
     shares = {}
@@ -84,7 +85,9 @@ def test_float64_warning_follows_its_rule_on_every_device():
         est = estimate.estimate_row(exp, device=device, overrides=["compression.gram_precision=float64"])
         stats = _stage(est, "statistics")
         assert stats["precision"] == "float64"
-        shares[device] = stats["seconds"] / est["compress_seconds"]
+        hooks = stats["seconds"] - stats["products_seconds"]
+        assert hooks == 0.0 if device == "cpu" else hooks > 0.0, device
+        shares[device] = stats["products_seconds"] / est["compress_seconds"]
         warned = any("gram_precision=float32" in w for w in est["warnings"])
         assert warned == (shares[device] > estimate.F64_SHARE_WARNING), device
     assert shares["a6000"] > shares["h100"] and shares["rtx4090"] > shares["a100"]
@@ -271,3 +274,26 @@ def test_refit_estimate_agrees_with_its_benchmark_within_2x():
         "compression.refit=true"])
     assert 0.5 <= _stage(est, "refit")["seconds"] / row["refit_s"] <= 2.0
     assert 0.5 <= est["compress_seconds"] / row["total_s"] <= 2.0
+
+
+def test_h100_compression_agrees_with_the_benchmark():
+    """The compress stages on --gpu h100 against the H100 measurements (benchmarks/results/compress_time_*_cuda_h100
+    .json, 1024 images in batches of 64): the whole compression within 2x, the calibration forward and the
+    statistics (with the backward) within 3x. The hooks' host time per layer and batch was fitted on DeiT-B; DeiT-S
+    is the check it was not fitted on. The paper's decompositions are not held to 3x: cuSOLVER's SVD took 3-4x the
+    estimate (docs/estimate.md)."""
+    for model, tag in (("deit_base", "deit_b"), ("deit_small", "deit_s")):
+        bench = json.loads((ROOT / "benchmarks" / "results" / f"compress_time_{model}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100")
+        rows = {row["recipe"]: row for row in bench["rows"]}
+        for recipe, row_name in (("loss-aware", f"table2/{tag}/loss-aware-50"), ("paper", f"table2/{tag}/ours-50")):
+            row = rows[recipe]
+            est = estimate.estimate_row(get_experiment(row_name), device="h100", overrides=[
+                f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}",
+                f"finetune.batch_size={row['batch_size']}"])
+            seconds = {s["name"]: s["seconds"] for s in est["stages"]}
+            assert 0.5 <= est["compress_seconds"] / row["total_s"] <= 2.0, (model, recipe)
+            pairs = {"calibration_forward_s": seconds["calibration forward"],
+                     "statistics_s": seconds["statistics"] + seconds.get("calibration backward", 0.0)}
+            for key, value in pairs.items():
+                assert 1 / 3 <= value / row[key] <= 3, (model, recipe, key, value, row[key])
