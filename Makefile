@@ -38,7 +38,7 @@ test: $(BIN)/.installed  ## the whole test suite, slow tests included: the CI co
 test-fast: $(BIN)/.installed  ## the edit-test loop: every test not marked slow (-m "not slow"), about 3 minutes on 2 cores
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow"
 
-mutants: $(BIN)/.installed  ## deliberate defects the tests must catch, one at a time in a copy (~11 min; tests/mutants.py)
+mutants: $(BIN)/.installed  ## deliberate defects the tests must catch, one at a time in a copy (12-15 min; tests/mutants.py)
 	$(BIN)/python tests/mutants.py $(ARGS)
 
 lint: $(BIN)/.installed  ## ruff over the package and the tests
