@@ -42,6 +42,12 @@ def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> tor
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def norm_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float32 on the CPU (a and b may live on different devices, or be numpy arrays)."""
+    a, b = (torch.as_tensor(t).detach().float().cpu() for t in (a, b))
+    return float((a - b).norm() / b.norm())
+
+
 TEST_SEED = 0
 
 

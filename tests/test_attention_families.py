@@ -41,9 +41,8 @@ def build(family: str) -> tuple[nn.Module, torch.Tensor]:
     with torch.no_grad():
         model.get_classifier().weight.normal_(0.0, 0.5)  # timm starts some heads near zero: no loss gradient then
         for pname, p in model.named_parameters():
-            if "norm" in pname or pname.endswith(("q_bias", "v_bias")):
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if pname.endswith("norm1.weight") or
-                                                      pname.endswith("norm2.weight") else 0.0))
+            if "norm" in pname or pname.endswith(("q_bias", "v_bias")):  # norm scales near 1, shifts near 0
+                p.copy_(torch.randn_like(p) * 0.2 + float("norm" in pname and pname.endswith("weight")))
     size = kwargs["img_size"]
     return model, make_images(24, channels=3, size=size, seed=1)
 

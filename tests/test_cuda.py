@@ -21,16 +21,12 @@ from lowrank_vit import CompressionConfig, compress, load_compressed, quantize_,
 from lowrank_vit.config import recipe
 from lowrank_vit.nn.factorized import FactorizedLinear
 
-from conftest import TINY_VIT, cli, make_images, make_tiny_vit
+from conftest import TINY_VIT, cli, make_images, make_tiny_vit, norm_relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 WIDER = dict(embed_dim=64, num_heads=4, depth=3)  # 64 wide: enough rank for the allocation to have choices
 CUDA = torch.device("cuda", 0)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
@@ -56,9 +52,9 @@ def test_compress_on_cuda_matches_cpu(name):
     test = make_images(64, seed=2)
     with torch.no_grad():
         reference, on_cpu, on_gpu = dense(test), cpu(test), gpu(test.to(CUDA))
-    change = relative(on_cpu, reference)
+    change = norm_relative_error(on_cpu, reference)
     assert change > 1e-3  # compression changed the outputs, so the bound below means something
-    assert relative(on_gpu, on_cpu) < 0.05 * change, (relative(on_gpu, on_cpu), change)
+    assert norm_relative_error(on_gpu, on_cpu) < 0.05 * change, (norm_relative_error(on_gpu, on_cpu), change)
 
 
 def test_sgd_solver_of_z_on_cuda_follows_the_cpu():

@@ -12,16 +12,12 @@ from lowrank_vit import compress, load_compressed, quantize_, save_compressed
 from lowrank_vit.io.export import UnsupportedLayerError, export_onnx, onnx_logits, prepare_for_export
 from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
 
-from conftest import make_images, make_tiny_vit
+from conftest import make_images, make_tiny_vit, norm_relative_error
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 INPUT = (1, 28, 28)
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _compressed(**config) -> nn.Module:
@@ -39,7 +35,7 @@ def _check_parity(model: nn.Module, path, fold: bool = False) -> float:
         expected = model.eval()(images)
     got = onnx_logits(path, images)
     assert got.shape == expected.shape
-    error = _relative_error(got, expected)
+    error = norm_relative_error(got, expected)
     assert error <= 1e-4, error
     return error
 
@@ -131,7 +127,7 @@ def test_quantized_model_exports_as_qdq_with_uint8_weights(kind, tmp_path):
     images = make_images(5, seed=3)
     with torch.no_grad():
         expected = model.eval()(images)
-    assert _relative_error(onnx_logits(qdq_file, images), expected) <= 1e-4
+    assert norm_relative_error(onnx_logits(qdq_file, images), expected) <= 1e-4
 
 
 def test_qdq_export_refuses_a_weight_changed_after_quantization():
