@@ -3,7 +3,7 @@
     python -m experiments.loss_aware_study --cifar10 PATH/TO/cifar10 [--output results/loss_aware_study]
         [--models cifar_deit4,cifar_vit6,cifar_vit6_long,cifar_vit4_wide_long,mnist_deit_s,mnist_vit_l,mnist_swin_b,
         cifar_swin_long] [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
-        [--standins committed|cache]
+        [--standins committed|cache] [--distill W [--distill-temperature T]]
 
 Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs and a Swin trained
 here from scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64),
@@ -13,8 +13,8 @@ pretrains on this machine instead). Every model is compressed by every recipe at
 ratio of its *whole* parameter count, from the same calibration images (training images, seeded), and evaluated on
 held-out images: top-1 and the mean KL divergence of its predictions from the dense model's. ``--finetune-steps N``
 adds the partial fine-tune (norms, biases, head, patch embedding; AdamW, cosine, the same steps and images for every
-recipe) and its top-1. Results accumulate in ``OUTPUT/study.json`` (a finished cell is not run again) and
-``OUTPUT/study.md``.
+recipe) and its top-1; ``--distill W`` mixes distillation from the dense model into its loss (weight W). Results
+accumulate in ``OUTPUT/study.json`` (a finished cell is not run again) and ``OUTPUT/study.md``.
 """
 
 from __future__ import annotations
@@ -179,11 +179,13 @@ def paired(a: dict[str, Any], b: dict[str, Any], key: str = "correct") -> tuple[
 
 
 def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
-                     lr: float = 3e-4, batch_size: int = 64) -> None:
+                     lr: float = 3e-4, batch_size: int = 64, teacher: torch.nn.Module | None = None,
+                     distill: float = 0.0, temperature: float = 1.0) -> None:
     """The paper's partial fine-tune in miniature: norms, biases, head and patch embedding train (AdamW, warmup and
-    cosine), the factors stay frozen; the same images and order for every recipe."""
+    cosine), the factors stay frozen; the same images and order for every recipe. ``distill`` > 0 mixes in
+    distillation from ``teacher`` (the dense model) as ``FinetuneConfig.distill`` does."""
     from lowrank_vit.core.common import warmup_cosine
-    from lowrank_vit.stages.finetune import freeze_for_partial_finetune
+    from lowrank_vit.stages.finetune import freeze_for_partial_finetune, soft_distillation_loss
 
     freeze_for_partial_finetune(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -198,7 +200,13 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
             for group in optimizer.param_groups:
                 group["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20), 0.0)
             idx = torch.randint(0, len(y), (batch_size,), generator=generator)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx])
+            if distill > 0:
+                with torch.no_grad():
+                    target = teacher(x[idx])
+                kd = soft_distillation_loss(logits, target, temperature)
+                loss = kd if distill == 1 else (1 - distill) * loss + distill * kd
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -206,7 +214,8 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
 
 
 def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits: torch.Tensor, recipe: str,
-             ratio: float, calib: int, finetune_steps: int, seed: int) -> dict[str, Any]:
+             ratio: float, calib: int, finetune_steps: int, seed: int, distill: float = 0.0,
+             temperature: float = 1.0) -> dict[str, Any]:
     from lowrank_vit import compress
 
     model = copy.deepcopy(dense)
@@ -218,7 +227,8 @@ def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits
     out = {"params_after": report.params_after, "target": report.target_params, "compress_s": seconds,
            **scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])}
     if finetune_steps:
-        partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed)
+        partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed, teacher=dense,
+                         distill=distill, temperature=temperature)
         ft = scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])
         out.update({"top1_ft": ft["top1"], "kl_ft": ft["kl"], "correct_ft": ft["correct"]})
     return out
@@ -320,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=256, help="calibration images (a multiple of 64)")
     parser.add_argument("--eval", type=int, default=5000, help="held-out images evaluated")
     parser.add_argument("--finetune-steps", type=int, default=0)
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="the fine-tune's weight of distillation from the dense model (FinetuneConfig.distill)")
+    parser.add_argument("--distill-temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
@@ -333,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     results_file = output / "study.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     settings = {"calib": args.calib, "eval": args.eval, "finetune_steps": args.finetune_steps, "seed": args.seed}
+    if args.distill:  # recorded only when used, so the cells computed before it existed keep their settings
+        if not (args.finetune_steps and 0 < args.distill <= 1 and args.distill_temperature > 0):
+            print("--distill needs --finetune-steps, a weight in (0, 1] and a positive temperature", file=sys.stderr)
+            return 2
+        settings.update(distill=args.distill, distill_temperature=args.distill_temperature)
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     for name in [m for m in args.models.split(",") if m]:
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
@@ -349,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{recipe}@{ratio}"
                 if key in entry["cells"]:
                     continue
-                cell = run_cell(dense, data, dense_logits, recipe, ratio, args.calib, args.finetune_steps, args.seed)
+                cell = run_cell(dense, data, dense_logits, recipe, ratio, args.calib, args.finetune_steps, args.seed,
+                                args.distill, args.distill_temperature)
                 entry["cells"][key] = {"recipe": recipe, "ratio": ratio, **cell}
                 say(f"{name} {key}: top-1 {cell['top1']:.2f} KL {cell['kl']:.4f}"
                     + (f" ft {cell['top1_ft']:.2f}" if "top1_ft" in cell else "") + f" ({cell['compress_s']:.1f} s)")

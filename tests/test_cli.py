@@ -164,6 +164,29 @@ def test_run_and_reproduce_smoke_end_to_end(capsys, tmp_path):
     assert _result(out, "table2/deit_s/ours-50") == row  # untouched
 
 
+def test_a_row_with_distillation_fine_tunes_against_the_dense_model(capsys, tmp_path, monkeypatch):
+    """--set finetune.distill=... hands the fine-tune a teacher: the model as built, before compression."""
+    import lowrank_vit.stages.finetune as stage
+    from lowrank_vit.nn.factorized import FactorizedLinear
+
+    real, seen = stage.finetune, {}
+
+    def spy(model, *args, teacher=None, **kwargs):
+        seen.update(teacher=teacher, model=model)
+        return real(model, *args, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(stage, "finetune", spy)
+    out = tmp_path / "results"
+    code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "smoke", "--output", str(out), *QUICK,
+                       "--set", "finetune.distill=0.5")
+    assert code == 0, err
+    teacher, row = seen["teacher"], _result(out, "table2/deit_s/ours-50")
+    assert teacher is not None and teacher is not seen["model"]
+    assert not any(isinstance(m, FactorizedLinear) for m in teacher.modules())
+    assert sum(p.numel() for p in teacher.parameters()) == row["params_before"]
+    assert row["config"]["finetune"]["distill"] == 0.5
+
+
 @pytest.mark.slow
 def test_reproduce_a_quantized_table4_row_beside_a_failing_one_then_force(capfd, tmp_path):
     """`reproduce table4` end to end on the smoke scale: the int8 row compresses, fine-tunes, quantizes to 8 bits

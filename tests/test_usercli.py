@@ -231,6 +231,43 @@ def test_finetune_float16_needs_a_gpu(tmp_path, capsys, monkeypatch):
                   "bf16-true", "--output", str(tmp_path / "out")])
 
 
+@pytest.mark.slow
+def test_finetune_distills_from_the_recorded_dense_model(compressed, workdir, tmp_path, capsys):
+    """--distill rebuilds the dense model from what compress recorded (here: the checkpoint, checked by its digest),
+    or from --teacher-checkpoint when the recorded file is gone."""
+    out = tmp_path / "ft-distilled"
+    args = ["--data", workdir / "imgs", "--workers", "0", "--epochs", "1", "--max-steps", "2", "--quiet"]
+    code, _, err = _run(capsys, "finetune", compressed, *args, "--distill", "0.5", "--distill-temperature", "2",
+                        "--output", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["finetune"]["distill"], report["finetune"]["distill_temperature"]) == (0.5, 2.0)
+    moved = tmp_path / "moved"  # the same directory, compressed from a checkpoint that is no longer there
+    moved.mkdir()
+    for f in compressed.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    plan = json.loads((moved / "lowrank_vit.json").read_text())
+    plan["metadata"]["source"]["checkpoint"] = str(tmp_path / "gone.safetensors")
+    (moved / "lowrank_vit.json").write_text(json.dumps(plan))
+    code, _, err = _run(capsys, "finetune", moved, *args, "--distill", "0.5", "--output", tmp_path / "x")
+    _assert_one_line_error(code, err, "gone.safetensors", "is gone", "--teacher-checkpoint")
+    assert not (tmp_path / "x").exists()
+    code, _, err = _run(capsys, "finetune", moved, *args, "--distill", "0.5", "--output", tmp_path / "y",
+                        "--teacher-checkpoint", workdir / "weights.safetensors")
+    assert code == 0, err
+
+
+def test_finetune_distill_needs_a_recorded_dense_model_and_a_weight_in_range(compressed_plain, tmp_path, capsys):
+    args = ["--data", tmp_path, "--epochs", "1", "--output", tmp_path / "out"]
+    code, _, err = _run(capsys, "finetune", compressed_plain, *args, "--distill", "0.5")
+    _assert_one_line_error(code, err, "does not record", "without --distill")
+    for flag, value, needle in (("--distill", "1.5", "distill must lie in [0, 1]"),
+                                ("--distill-temperature", "0", "distill_temperature must be a positive number")):
+        code, _, err = _run(capsys, "finetune", compressed_plain, *args, flag, value)
+        _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
 def test_parquet_with_named_columns(workdir, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

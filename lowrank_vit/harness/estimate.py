@@ -402,7 +402,8 @@ def _compensation(shapes: ModelShapes, compression: CompressionConfig, spec: Dev
 
 def finetune_stage(shapes: ModelShapes, cfg: RunConfig, device: str, devices: int, kept: float) -> Stage:
     """The partial fine-tune: every epoch a forward and a backward (input gradients through the whole model, even
-    where its weights are frozen, and the trainable weights' gradients: ~3x the forward) over the training set."""
+    where its weights are frozen, and the trainable weights' gradients: ~3x the forward) over the training set, and
+    with distillation the dense teacher's forward on the same images (and its weights in memory)."""
     finetune, spec = cfg.finetune, get_device(device)
     train, _ = data_sizes(cfg)
     steps_per_epoch = math.ceil(train / (finetune.batch_size * devices))
@@ -410,12 +411,15 @@ def finetune_stage(shapes: ModelShapes, cfg: RunConfig, device: str, devices: in
     if finetune.max_steps is not None:
         steps = min(steps, finetune.max_steps)
     forward = shapes.forward_flops - shapes.compressible_flops * (1.0 - kept)
-    flops = 3.0 * forward * steps * finetune.batch_size * devices
-    memory = (shapes.params * 16 + finetune.batch_size * shapes.activation_bytes) / GIB  # weights, grads, Adam
+    teacher = shapes.forward_flops if finetune.distill > 0 else 0.0
+    flops = (3.0 * forward + teacher) * steps * finetune.batch_size * devices
+    memory = (shapes.params * (16 + (4 if teacher else 0))  # weights, grads, Adam (and the teacher's weights)
+              + finetune.batch_size * shapes.activation_bytes) / GIB
     seconds = _gemm_seconds(flops, spec, gemm_precision(device)) / devices
     epochs = steps / steps_per_epoch
     return Stage("fine-tune", flops, seconds, memory,
                  f"{epochs:g} epoch(s) x {train:,} images, batch {finetune.batch_size} per device, "
+                 + ("distilled from the dense model, " if teacher else "") +
                  f"{seconds / epochs if epochs else 0.0:.0f} s per epoch",
                  data_parallel=True, extra={"epochs": epochs, "steps": steps,
                                             "seconds_per_epoch": seconds / epochs if epochs else 0.0})

@@ -12,6 +12,7 @@ same way themselves: everything is seeded); only rank zero evaluates and writes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import fnmatch
 import functools
@@ -571,6 +572,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         stage("evaluate_dense", t)
         if scale == "full" and cfg.compression is not None and not cfg.run.skip_baseline_guard:
             check_dense_baseline(exp, cfg, result["dense"]["top1"])
+    # the fine-tune's distillation target: the model as built, before compression (every DDP rank built it the same)
+    teacher = copy.deepcopy(model).eval() if cfg.finetune is not None and cfg.finetune.distill > 0 else None
     report = None
     shared = shared_compressed(exp.name) if cfg.compression is not None else None
     if shared is not None:  # a DDP process of the fine-tune: rank zero has compressed the model already
@@ -601,7 +604,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         hw = cfg.hardware
         checkpoints = out_dir / "checkpoints"
         with share_compressed(model, exp.name, out_dir, rank_zero and hw.distributed and report is not None):
-            module, trainer = finetune(model, datamodule=dm, config=cfg.finetune, logger=logger,
+            module, trainer = finetune(model, datamodule=dm, config=cfg.finetune, teacher=teacher, logger=logger,
                                        checkpoint_dir=str(checkpoints), ckpt_path="last", accelerator=hw.accelerator,
                                        devices=hw.devices, num_nodes=hw.num_nodes,
                                        strategy="ddp" if hw.distributed else "auto", progress=progress)

@@ -173,6 +173,12 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                    help="Lightning precision (default 32-true; bf16-mixed: bfloat16 autocast, weights stay float32, "
                         "1.5x per step for DeiT-B on an H100; 16-mixed: GPU only)")
     p.add_argument("--augment", action="store_true", help="timm's ImageNet training augmentation (default: none)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distillation from the model before compression (rebuilt from what "
+                        "compress recorded); 0 (default): cross-entropy on the labels alone, as the paper")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="temperature of the distillation term")
+    p.add_argument("--teacher-checkpoint",
+                   help="the dense weights (safetensors) if they moved since compress read them")
     p.add_argument("--devices", type=positive_int, default=1, help="processes; >1 runs DDP")
     p.add_argument("--output", required=True, help="the new model directory (never the input)")
     p.add_argument("--force", action="store_true", help="replace an existing model directory at --output")
@@ -316,6 +322,37 @@ def _directory_source(args: argparse.Namespace, directory: Path) -> Source:
                   {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}, f"directory {directory}", metadata,
                   {"directory": str(directory), "architecture": plan["architecture"],
                    "from": metadata.get("source")})
+
+
+def load_teacher(args: argparse.Namespace, source: Source) -> nn.Module:
+    """The model a model directory was compressed from, rebuilt from the source ``compress`` recorded in it (timm
+    name, arguments, pretrained tag or checkpoint), for distillation. A recorded checkpoint must still be the file
+    that was compressed (same SHA-256) unless ``--teacher-checkpoint`` names the file to use."""
+    from lowrank_vit.harness.runner import checkpoint_digest
+
+    record = source.metadata.get("source")
+    if not isinstance(record, dict) or not record.get("timm_name"):
+        raise UserError(f"--distill needs the model before compression, and {source.description} does not record "
+                        "it (lowrank-vit compress records it); fine-tune without --distill")
+    checkpoint = args.teacher_checkpoint or record.get("checkpoint")
+    if checkpoint is None and not record.get("pretrained"):
+        raise UserError(f"--distill: {source.description} was compressed from random weights, which cannot be "
+                        "rebuilt; fine-tune without --distill")
+    if checkpoint is not None and args.teacher_checkpoint is None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file() or checkpoint_digest(path) != record.get("checkpoint_sha256"):
+            state = "changed" if path.is_file() else "is gone"
+            raise UserError(f"--distill: the dense weights compress read, {checkpoint!r}, {state} since; give "
+                            "--teacher-checkpoint FILE")
+    spec = argparse.Namespace(model=record["timm_name"], model_kwargs=dict(record.get("model_kwargs") or {}),
+                              checkpoint=checkpoint, no_pretrained=checkpoint is None and not record["pretrained"],
+                              quiet=args.quiet)
+    teacher = _timm_source(spec).model
+    classes = getattr(source.model, "num_classes", None)
+    if getattr(teacher, "num_classes", None) != classes:
+        raise UserError(f"--distill: the rebuilt dense model has {getattr(teacher, 'num_classes', None)} classes, "
+                        f"the compressed one {classes}")
+    return teacher.eval()
 
 
 def load_source(args: argparse.Namespace) -> Source:
@@ -729,7 +766,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_output_dir(out, args.force, protect=directory)
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
-                                precision=args.precision)
+                                precision=args.precision, distill=args.distill,
+                                distill_temperature=args.distill_temperature)
     except ValueError as err:
         raise UserError(str(err)) from None
     device = resolve_device(args.device)
@@ -739,6 +777,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     pre, origin = resolve_model_preprocessing(source, args)
     _say(args, describe_preprocessing(pre, origin))
     model = source.model
+    teacher = load_teacher(args, source) if config.distill > 0 else None
     dm = build_data(args, model, pre, augment=args.augment, calib_samples=1)  # no calibration in a fine-tune
     stage = _staging(out, "partial")  # a fixed name: a second run resumes from its checkpoints
     checkpoints = stage / "checkpoints"
@@ -748,7 +787,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     strategy = "ddp" if args.devices > 1 else "auto"
     try:
-        module, trainer = finetune(model, datamodule=dm, config=config, accelerator=accelerator, devices=args.devices,
+        module, trainer = finetune(model, datamodule=dm, config=config, teacher=teacher, accelerator=accelerator,
+                                   devices=args.devices,
                                    strategy=strategy, checkpoint_dir=str(checkpoints), ckpt_path="last",
                                    progress=not args.quiet)
     except ValueError as err:  # PartialFinetune refuses a checkpoint of another model

@@ -19,6 +19,11 @@ it returns (class-head logits, distillation-head logits). Without a teacher both
 is the mean of their cross-entropies (DeiT's hard-distillation loss with the true labels standing in for the
 teacher's); with a ``teacher`` the distillation head learns the teacher's argmax (DeiT's hard distillation). In
 evaluation the model returns the average of the two heads' logits, as timm does, and accuracy is measured on that.
+
+Distillation from the dense model (``FinetuneConfig.distill`` > 0, beyond the paper): the loss mixes the
+cross-entropy above with :func:`soft_distillation_loss` against the predictions of a ``teacher``, the model before
+compression, so the fine-tune pulls the compressed model back toward the predictions it is meant to keep rather than
+only toward the labels (a distilled DeiT's two heads each learn the teacher's predictions).
 """
 
 from __future__ import annotations
@@ -105,6 +110,17 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
     return {"trainable": trainable, "total": total, "fraction": trainable / total, "groups": counts}
 
 
+def soft_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T² KL(softmax(teacher / T) || softmax(student / T))``, averaged over the images (Hinton et al.'s
+    distillation term; the T² keeps its gradient's scale independent of T). At T = 1 it is the KL divergence of the
+    compressed model's predictions from the dense model's, the quantity the loss-aware compression minimizes to
+    second order; its gradient with respect to the student's logits is ``softmax(student) - softmax(teacher)``."""
+    t = float(temperature)
+    log_student = nn.functional.log_softmax(student.float() / t, dim=-1)
+    log_teacher = nn.functional.log_softmax(teacher.float() / t, dim=-1)
+    return nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)
+
+
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of a batch: an ``(images, labels)`` pair or a dict with image and label keys."""
     images, labels = batch_images(batch), batch_labels(batch)
@@ -134,10 +150,12 @@ class PartialFinetune(L.LightningModule):
         """Args:
             model: the compressed timm model (frozen here as :func:`freeze_for_partial_finetune` says).
             config: the settings; default :class:`FinetuneConfig()`.
-            teacher: optional frozen teacher for distilled DeiT's distillation head (hard distillation).
+            teacher: the model before compression, frozen: the target of the distillation term when
+                ``config.distill`` > 0, and of a distilled DeiT's distillation head (hard distillation) when it is 0.
 
         Raises:
-            ValueError: the model has no factorized layer, or fewer than 2 classes.
+            ValueError: the model has no factorized layer, or fewer than 2 classes; ``config.distill`` > 0 without a
+                teacher.
         """
         super().__init__()
         self.config = config or FinetuneConfig()
@@ -150,6 +168,9 @@ class PartialFinetune(L.LightningModule):
         self.distilled = _ADAPTER.is_distilled(model)
         if self.distilled:
             model.set_distilled_training(True)
+        if self.config.distill > 0 and teacher is None:
+            raise ValueError(f"distill={self.config.distill} needs a teacher: pass the model before compression as "
+                             "teacher=..., or set distill=0 (the paper's cross-entropy alone)")
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
         top5 = min(5, num_classes)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1)
@@ -169,22 +190,29 @@ class PartialFinetune(L.LightningModule):
         out = self.model(images)
         return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
 
+    @torch.no_grad()
+    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        out = self._teacher[0](images)  # in eval mode: a distilled DeiT teacher returns its heads' average
+        return out[0] if isinstance(out, tuple) else out
+
     def _train_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(images)
-        smoothing = self.config.label_smoothing
-        if isinstance(out, tuple):  # distilled DeiT in training: (class head, distillation head)
-            logits, logits_dist = out
-            if self._teacher:
-                with torch.no_grad():
-                    teacher_out = self._teacher[0](images)
-                    teacher_out = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out
-                dist_target = teacher_out.argmax(dim=-1)
-            else:
-                dist_target = labels
-            loss = 0.5 * nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing) + \
+        cfg = self.config
+        smoothing = cfg.label_smoothing
+        heads = out if isinstance(out, tuple) else (out,)  # distilled DeiT in training: (class, distillation) heads
+        teacher = self._teacher_logits(images) if self._teacher and (cfg.distill > 0 or len(heads) == 2) else None
+        if len(heads) == 2:
+            logits, logits_dist = heads
+            dist_target = labels if teacher is None or cfg.distill > 0 else teacher.argmax(dim=-1)
+            ce = 0.5 * nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing) + \
                 0.5 * nn.functional.cross_entropy(logits_dist, dist_target, label_smoothing=smoothing)
-            return loss, (logits + logits_dist).detach() / 2
-        return nn.functional.cross_entropy(out, labels, label_smoothing=smoothing), out.detach()
+        else:
+            ce = nn.functional.cross_entropy(out, labels, label_smoothing=smoothing)
+        loss = ce
+        if cfg.distill > 0:
+            kd = sum(soft_distillation_loss(h, teacher, cfg.distill_temperature) for h in heads) / len(heads)
+            loss = kd if cfg.distill == 1 else (1 - cfg.distill) * ce + cfg.distill * kd
+        return loss, (sum(heads) / len(heads)).detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = split_batch(batch)
@@ -288,7 +316,8 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
         model: the compressed model.
         train_dataloaders, val_dataloaders, datamodule: the data, as ``Trainer.fit`` takes it.
         config: :class:`FinetuneConfig` (epochs, lr, ...).
-        teacher: optional teacher for distilled DeiT.
+        teacher: the model before compression (frozen): needed when ``config.distill`` > 0; without distillation a
+            distilled DeiT's distillation head learns its argmax.
         logger: a Lightning logger (e.g. :func:`lowrank_vit.stages.logging_utils.make_logger`) or None for none.
         checkpoint_dir: write checkpoints there (every epoch, ``last.ckpt``, and every
             ``config.checkpoint_every_n_steps`` steps if set); None writes none.

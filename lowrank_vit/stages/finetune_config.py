@@ -42,6 +42,14 @@ class FinetuneConfig:
     """Images per step per process, for whoever builds the data loaders (the paper gives none)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    distill: float = 0.0
+    """Weight of distillation from the dense model, in [0, 1]: the loss is ``(1 - distill)`` times the cross-entropy
+    on the labels plus ``distill`` times ``T² KL(teacher || student)`` of the predictions softened at temperature
+    ``T = distill_temperature`` (:func:`lowrank_vit.stages.finetune.soft_distillation_loss`). 0 (the default): the
+    paper's cross-entropy alone; above 0 the fine-tune needs a teacher, the model before compression. Measured in
+    ``docs/results.md`` (Distillation in the fine-tune)."""
+    distill_temperature: float = 1.0
+    """Temperature T of the distillation term (1: the plain KL between the two predictive distributions)."""
     train_tokens: bool = False
     """Also train the positional embedding and class/distillation tokens (not in the paper's list)."""
     seed: int = 0
@@ -84,6 +92,13 @@ class FinetuneConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing!r}")
+        if isinstance(self.distill, bool) or not (isinstance(self.distill, (int, float)) and 0 <= self.distill <= 1):
+            raise ValueError(f"distill must lie in [0, 1] (the weight of distillation from the dense model; 0: "
+                             f"cross-entropy only), got {self.distill!r}")
+        if isinstance(self.distill_temperature, bool) or not (
+                isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise ValueError(f"distill_temperature must be a positive number, got {self.distill_temperature!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
