@@ -3,7 +3,7 @@
     python -m experiments.loss_aware_study --cifar10 PATH/TO/cifar10 [--output results/loss_aware_study]
         [--models cifar_deit4,cifar_vit6,cifar_vit6_long,cifar_vit4_wide_long,mnist_deit_s,mnist_vit_l,mnist_swin_b,
         cifar_swin_long] [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
-        [--standins committed|cache] [--distill W [--distill-temperature T]]
+        [--standins committed|cache] [--distill W [--distill-temperature T]] [--train-factors] [--finetune-lr LR]
 
 Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs and a Swin trained
 here from scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64),
@@ -180,14 +180,15 @@ def paired(a: dict[str, Any], b: dict[str, Any], key: str = "correct") -> tuple[
 
 def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
                      lr: float = 3e-4, batch_size: int = 64, teacher: torch.nn.Module | None = None,
-                     distill: float = 0.0, temperature: float = 1.0) -> None:
+                     distill: float = 0.0, temperature: float = 1.0, train_factors: bool = False) -> None:
     """The paper's partial fine-tune in miniature: norms, biases, head and patch embedding train (AdamW, warmup and
     cosine), the factors stay frozen; the same images and order for every recipe. ``distill`` > 0 mixes in
-    distillation from ``teacher`` (the dense model) as ``FinetuneConfig.distill`` does."""
+    distillation from ``teacher`` (the dense model) as ``FinetuneConfig.distill`` does; ``train_factors`` trains U, V
+    and Z too (``FinetuneConfig.train_factors``)."""
     from lowrank_vit.core.common import warmup_cosine
     from lowrank_vit.stages.finetune import freeze_for_partial_finetune, soft_distillation_loss
 
-    freeze_for_partial_finetune(model)
+    freeze_for_partial_finetune(model, train_factors=train_factors)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -215,7 +216,7 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
 
 def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits: torch.Tensor, recipe: str,
              ratio: float, calib: int, finetune_steps: int, seed: int, distill: float = 0.0,
-             temperature: float = 1.0) -> dict[str, Any]:
+             temperature: float = 1.0, train_factors: bool = False, finetune_lr: float = 3e-4) -> dict[str, Any]:
     from lowrank_vit import compress
 
     model = copy.deepcopy(dense)
@@ -227,8 +228,8 @@ def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits
     out = {"params_after": report.params_after, "target": report.target_params, "compress_s": seconds,
            **scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])}
     if finetune_steps:
-        partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed, teacher=dense,
-                         distill=distill, temperature=temperature)
+        partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed, lr=finetune_lr, teacher=dense,
+                         distill=distill, temperature=temperature, train_factors=train_factors)
         ft = scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])
         out.update({"top1_ft": ft["top1"], "kl_ft": ft["kl"], "correct_ft": ft["correct"]})
     return out
@@ -316,6 +317,70 @@ def precision_table(results: dict[str, Any], pairs: tuple[tuple[str, str, str], 
     return "\n".join(lines) + "\n"
 
 
+def distill_table(runs: tuple[tuple[str, dict[str, Any]], ...], recipes: tuple[str, ...] = ("loss-aware", "vanilla"),
+                  ratios: tuple[float, ...] = (0.5, 0.7, 0.8)) -> str:
+    """docs/loss_aware.md's fine-tune loss table, cell by cell: per model and compression recipe, top-1 after the
+    fine-tune of each ``(label, results)`` run (the same compressed model fine-tuned with another loss), the best of
+    each (model, recipe, ratio) in bold, and a last line counting where each loss was best. Models in the first
+    run's order; a run without any cell of a model and recipe has no line there, one missing a cell reads "—"."""
+    lines = ["| model | recipe, fine-tune | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    wins = dict.fromkeys((label for label, _ in runs), 0)
+    for model in runs[0][1]:
+        first = True
+        for recipe in recipes:
+            values = {label: [results.get(model, {}).get("cells", {}).get(f"{recipe}@{r}", {}).get("top1_ft")
+                              for r in ratios] for label, results in runs}
+            if all(v is None for row in values.values() for v in row):
+                continue
+            best = [max((row[i] for row in values.values() if row[i] is not None), default=None)
+                    for i in range(len(ratios))]
+            for label, row in values.items():
+                if all(v is None for v in row):  # a run that did not fine-tune this recipe
+                    continue
+                texts = []
+                for value, top in zip(row, best, strict=True):
+                    if value is None:
+                        texts.append("—")
+                        continue
+                    texts.append(f"**{value:.2f}**" if value == top else f"{value:.2f}")
+                    wins[label] += value == top
+                lines.append(f"| {model if first else ''} | {recipe}, {label} | " + " | ".join(texts) + " |")
+                first = False
+    lines.append("| best (ties count for each) | | " + "; ".join(f"{label} {n}" for label, n in wins.items())
+                 + " |" + " |" * (len(ratios) - 1))
+    return "\n".join(lines) + "\n"
+
+
+FINETUNE_RUNS = {
+    "cross-entropy": ("loss_aware_study_ft.json", "loss_aware_study_heldout_ft.json"),
+    "distill 1": ("loss_aware_study_distill.json",),
+    "distill 0.5": ("loss_aware_study_distill_half.json",),
+    "factors, cross-entropy": ("loss_aware_study_factors.json",),
+    "factors, distill 1": ("loss_aware_study_factors_distill.json",),
+}
+"""The fine-tune variants of docs/loss_aware.md's distillation tables and their committed results files
+(``experiments/results``): 150 steps, the paper's partial fine-tune or with ``--train-factors`` (lr 1e-4)."""
+
+
+def finetune_tables(results_dir: Path) -> list[str]:
+    """docs/loss_aware.md's distillation tables from the committed results: the loss-aware default under every
+    fine-tune variant of :data:`FINETUNE_RUNS`, vanilla SVD under cross-entropy and distillation, and the
+    600-step check."""
+
+    def load(*names: str) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for name in names:
+            merged.update(json.loads((results_dir / name).read_text()))
+        return merged
+
+    runs = tuple((label, load(*files)) for label, files in FINETUNE_RUNS.items())
+    long = (("cross-entropy", load("loss_aware_study_ft600.json")),
+            ("distill 1", load("loss_aware_study_distill_ft600.json")))
+    return [distill_table(runs, recipes=("loss-aware",)), distill_table(runs[:2], recipes=("vanilla",)),
+            distill_table(long, recipes=("loss-aware",), ratios=(0.5, 0.8))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.loss_aware_study", description=__doc__.split("\n")[0])
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (train.parquet and test.parquet)")
@@ -333,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill", type=float, default=0.0,
                         help="the fine-tune's weight of distillation from the dense model (FinetuneConfig.distill)")
     parser.add_argument("--distill-temperature", type=float, default=1.0)
+    parser.add_argument("--train-factors", action="store_true",
+                        help="the fine-tune also trains U, V and Z (FinetuneConfig.train_factors)")
+    parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
@@ -351,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             print("--distill needs --finetune-steps, a weight in (0, 1] and a positive temperature", file=sys.stderr)
             return 2
         settings.update(distill=args.distill, distill_temperature=args.distill_temperature)
+    if args.train_factors or args.finetune_lr != 3e-4:  # likewise recorded only when used
+        if not args.finetune_steps:
+            print("--train-factors and --finetune-lr need --finetune-steps", file=sys.stderr)
+            return 2
+        settings.update(train_factors=args.train_factors, finetune_lr=args.finetune_lr)
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     for name in [m for m in args.models.split(",") if m]:
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
@@ -368,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key in entry["cells"]:
                     continue
                 cell = run_cell(dense, data, dense_logits, recipe, ratio, args.calib, args.finetune_steps, args.seed,
-                                args.distill, args.distill_temperature)
+                                args.distill, args.distill_temperature, args.train_factors, args.finetune_lr)
                 entry["cells"][key] = {"recipe": recipe, "ratio": ratio, **cell}
                 say(f"{name} {key}: top-1 {cell['top1']:.2f} KL {cell['kl']:.4f}"
                     + (f" ft {cell['top1_ft']:.2f}" if "top1_ft" in cell else "") + f" ({cell['compress_s']:.1f} s)")

@@ -185,3 +185,17 @@ def test_gpu_tables_are_the_committed_benchmarks():
         row = {r["precision"]: r for r in bench["rows"]}[precision.strip("`")]
         assert [step_ms, images, speedup] == [f"{row['step_ms']:.1f}", f"{row['images_per_s']:.0f}",
                                               f"{row['speedup']:.2f}x"], (model, precision)
+
+
+def test_distillation_tables_are_the_committed_results():
+    """docs/loss_aware.md's fine-tune tables (cross-entropy against distillation, with and without training the
+    factors, and the 600-step check) are finetune_tables() of the committed results, verbatim, and every cell of the
+    loss-aware default's table was computed."""
+    from experiments.loss_aware_study import FINETUNE_RUNS, finetune_tables
+
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    tables = finetune_tables(ROOT / "experiments/results")
+    for table in tables:
+        assert table in text
+    default = tables[0]
+    assert "—" not in default and default.count("\n") == 2 + 9 * len(FINETUNE_RUNS) + 1

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lowrank_vit import CompressionConfig, compress
 from lowrank_vit.config import recipe
+from lowrank_vit.methods.compensate import Z_KINDS
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.stages.finetune import (
     FinetuneConfig,
@@ -404,6 +405,40 @@ def test_distilled_deit_heads_learn_the_teachers_predictions():
     expected = 0.6 * (0.5 * ce(cls, labels) + 0.5 * ce(dist, labels)) + \
         0.4 * 0.5 * (soft_distillation_loss(cls, target) + soft_distillation_loss(dist, target))
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training the factors too (FinetuneConfig.train_factors)
+
+@pytest.mark.parametrize("z_kind", ["none", *Z_KINDS])
+def test_train_factors_trains_every_factor_and_z_kind(z_kind):
+    """U, V, every Z kind's parameters and a linear left dense all train; nothing else changes its frozen set."""
+    model = make_tiny_vit(seed=0)
+    compress(model, [make_images(32, seed=1)], CompressionConfig(
+        reduction=0.4, decomposition="whitened", allocation="uniform", compensation=z_kind, progress=False))
+    dense_left = model.blocks[1].mlp.fc2 = nn.Linear(model.blocks[1].mlp.fc2.in_features,
+                                                     model.blocks[1].mlp.fc2.out_features)
+    paper = copy.deepcopy(model)
+    partial = freeze_for_partial_finetune(paper)
+    info = freeze_for_partial_finetune(model, train_factors=True)
+    layers = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
+    factors = {n for n, p in model.named_parameters() if any(p is q for m in [*layers, dense_left]
+                                                             for q in m.parameters())}
+    assert layers and (z_kind == "none") == all(m.z is None for m in layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == factors | {n for n, p in paper.named_parameters() if p.requires_grad}
+    assert not model.pos_embed.requires_grad
+    assert info["trainable"] == partial["trainable"] + info["groups"]["factors"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = synthetic_data(16)
+    finetune(model, DataLoader(data, batch_size=8), config=FinetuneConfig(epochs=1, lr=1e-2, train_factors=True),
+             **QUIET)
+    after = dict(model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert factors <= moved, factors - moved  # U, V, Z and the dense fc2
+    assert {"blocks.1.mlp.fc2.weight", "head.weight"} <= moved and "pos_embed" not in moved
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -234,14 +234,17 @@ def test_finetune_float16_needs_a_gpu(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_finetune_distills_from_the_recorded_dense_model(compressed, workdir, tmp_path, capsys):
     """--distill rebuilds the dense model from what compress recorded (here: the checkpoint, checked by its digest),
-    or from --teacher-checkpoint when the recorded file is gone."""
+    or from --teacher-checkpoint when the recorded file is gone; --train-factors trains U and V too."""
     out = tmp_path / "ft-distilled"
     args = ["--data", workdir / "imgs", "--workers", "0", "--epochs", "1", "--max-steps", "2", "--quiet"]
     code, _, err = _run(capsys, "finetune", compressed, *args, "--distill", "0.5", "--distill-temperature", "2",
-                        "--output", out)
+                        "--train-factors", "--output", out)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert (report["finetune"]["distill"], report["finetune"]["distill_temperature"]) == (0.5, 2.0)
+    assert report["finetune"]["train_factors"] is True
+    trained, original = load_compressed(out).state_dict(), load_compressed(compressed).state_dict()
+    assert any(k.endswith(".U") and not torch.equal(original[k], trained[k]) for k in original)  # factors trained
     moved = tmp_path / "moved"  # the same directory, compressed from a checkpoint that is no longer there
     moved.mkdir()
     for f in compressed.iterdir():
@@ -251,6 +254,12 @@ def test_finetune_distills_from_the_recorded_dense_model(compressed, workdir, tm
     (moved / "lowrank_vit.json").write_text(json.dumps(plan))
     code, _, err = _run(capsys, "finetune", moved, *args, "--distill", "0.5", "--output", tmp_path / "x")
     _assert_one_line_error(code, err, "gone.safetensors", "is gone", "--teacher-checkpoint")
+    other = tmp_path / "other.safetensors"  # a file at the recorded path, but not the weights compress read
+    other.write_bytes((compressed / "model.safetensors").read_bytes())
+    plan["metadata"]["source"]["checkpoint"] = str(other)
+    (moved / "lowrank_vit.json").write_text(json.dumps(plan))
+    code, _, err = _run(capsys, "finetune", moved, *args, "--distill", "0.5", "--output", tmp_path / "x")
+    _assert_one_line_error(code, err, "other.safetensors", "changed", "--teacher-checkpoint")
     assert not (tmp_path / "x").exists()
     code, _, err = _run(capsys, "finetune", moved, *args, "--distill", "0.5", "--output", tmp_path / "y",
                         "--teacher-checkpoint", workdir / "weights.safetensors")

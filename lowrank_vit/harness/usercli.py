@@ -177,6 +177,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                    help="weight in [0, 1] of distillation from the model before compression (rebuilt from what "
                         "compress recorded); 0 (default): cross-entropy on the labels alone, as the paper")
     p.add_argument("--distill-temperature", type=float, default=1.0, help="temperature of the distillation term")
+    p.add_argument("--train-factors", action="store_true",
+                   help="also train the low-rank factors U, V (and Z): a full fine-tune, beyond the paper's ~2%%")
     p.add_argument("--teacher-checkpoint",
                    help="the dense weights (safetensors) if they moved since compress read them")
     p.add_argument("--devices", type=positive_int, default=1, help="processes; >1 runs DDP")
@@ -767,7 +769,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
                                 precision=args.precision, distill=args.distill,
-                                distill_temperature=args.distill_temperature)
+                                distill_temperature=args.distill_temperature, train_factors=args.train_factors)
     except ValueError as err:
         raise UserError(str(err)) from None
     device = resolve_device(args.device)

@@ -58,7 +58,7 @@ def has_factorized_layers(model: nn.Module) -> bool:
     return any(isinstance(m, FactorizedLinear) for m in model.modules())
 
 
-def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
+def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False, train_factors: bool = False,
                                 require_factorized: bool = True) -> dict[str, Any]:
     """Set ``requires_grad`` for the paper's partial fine-tuning and count what trains. Changes nothing else.
 
@@ -66,12 +66,15 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
         model: a compressed timm vision transformer.
         train_tokens: also train the positional embedding and the class/distillation/register tokens (not in the
             paper's list; see the module docstring).
+        train_factors: also train the factorized layers' U, V and Z and the weights of every linear layer left
+            dense (beyond the paper, whose fine-tune keeps them frozen; see ``FinetuneConfig.train_factors``).
         require_factorized: raise when the model has no factorized layer (default). ``False`` allows counting a
             dense model's fraction for reference.
 
     Returns:
         ``{"trainable": int, "total": int, "fraction": float, "groups": {"head": n, "patch_embed": n, "norm": n,
-        "bias": n, "tokens": n}}``; every trainable parameter is counted in the first group that claims it.
+        "bias": n, "tokens": n, "factors": n}}``; every trainable parameter is counted in the first group that
+        claims it.
 
     Raises:
         ValueError: the model holds no :class:`FactorizedLinear` (and ``require_factorized``).
@@ -80,7 +83,8 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
         raise ValueError(f"{type(model).__name__} has no factorized (U V^T + Z) layer: partial fine-tuning trains only "
                          "norms, biases, head and patch embedding of a compressed model. Compress it first "
                          "(lowrank_vit.compress) or load a compressed one (lowrank_vit.load_compressed).")
-    groups: dict[str, set[int]] = {"head": set(), "patch_embed": set(), "norm": set(), "bias": set(), "tokens": set()}
+    groups: dict[str, set[int]] = {"head": set(), "patch_embed": set(), "norm": set(), "bias": set(), "tokens": set(),
+                                   "factors": set()}
     for name in _ADAPTER.classifier_names(model):
         groups["head"].update(id(p) for p in model.get_submodule(name).parameters())
     patch_embed = _ADAPTER.patch_embedding(model)
@@ -91,6 +95,8 @@ def freeze_for_partial_finetune(model: nn.Module, *, train_tokens: bool = False,
     for module in model.modules():
         if _is_norm(module):
             groups["norm"].update(id(p) for p in module.parameters(recurse=False))
+        if train_factors and isinstance(module, (FactorizedLinear, nn.Linear)):
+            groups["factors"].update(id(p) for p in module.parameters())
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias" or leaf.endswith("_bias"):
@@ -160,7 +166,8 @@ class PartialFinetune(L.LightningModule):
         super().__init__()
         self.config = config or FinetuneConfig()
         self.model = model
-        self.trainable = freeze_for_partial_finetune(model, train_tokens=self.config.train_tokens)
+        self.trainable = freeze_for_partial_finetune(model, train_tokens=self.config.train_tokens,
+                                                     train_factors=self.config.train_factors)
         num_classes = getattr(model, "num_classes", None)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"the model must be a classifier with at least 2 classes (num_classes={num_classes!r})")

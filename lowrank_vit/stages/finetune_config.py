@@ -47,11 +47,15 @@ class FinetuneConfig:
     on the labels plus ``distill`` times ``T² KL(teacher || student)`` of the predictions softened at temperature
     ``T = distill_temperature`` (:func:`lowrank_vit.stages.finetune.soft_distillation_loss`). 0 (the default): the
     paper's cross-entropy alone; above 0 the fine-tune needs a teacher, the model before compression. Measured in
-    ``docs/results.md`` (Distillation in the fine-tune)."""
+    ``docs/loss_aware.md`` (Distillation in the fine-tune)."""
     distill_temperature: float = 1.0
     """Temperature T of the distillation term (1: the plain KL between the two predictive distributions)."""
     train_tokens: bool = False
     """Also train the positional embedding and class/distillation tokens (not in the paper's list)."""
+    train_factors: bool = False
+    """Also train the factorized layers' U, V and Z and every linear layer left dense: a full fine-tune of the
+    compressed model's weights instead of the paper's ~2% (gradients and AdamW state for every parameter). Beyond the
+    paper; measured in ``docs/loss_aware.md`` (Distillation in the fine-tune)."""
     seed: int = 0
     """Seed passed to ``lightning.seed_everything`` by :func:`finetune`."""
     max_steps: int | None = None
@@ -82,6 +86,9 @@ class FinetuneConfig:
                 or self.checkpoint_every_n_steps < 1):
             raise ValueError(f"checkpoint_every_n_steps must be a positive integer or None, "
                              f"got {self.checkpoint_every_n_steps!r}")
+        for name in ("train_tokens", "train_factors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
