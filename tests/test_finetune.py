@@ -63,6 +63,20 @@ def synthetic_data(n: int = 48, seed: int = 2, num_classes: int = 10, **image_kw
     return TensorDataset(images, (flat @ teacher.T).argmax(dim=1))
 
 
+def compressed_distilled_deit_and_teacher() -> tuple[nn.Module, nn.Module]:
+    """A tiny distilled DeiT compressed by 30%, and another (seed 1), dense, as its teacher."""
+    import timm
+
+    def make(seed: int):
+        torch.manual_seed(seed)
+        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                 embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+
+    model, teacher = make(0), make(1)
+    compress(model, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    return model, teacher
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -262,15 +276,7 @@ def test_distillation_head_learns_the_teacher_not_the_labels():
     """With a teacher whose every prediction disagrees with the label, the distillation head's loss and gradients
     are those of cross-entropy to the teacher's argmax (DeiT's hard distillation) and differ from training it on the
     labels; the class head learns the labels either way."""
-    import timm
-
-    def make(seed: int):
-        torch.manual_seed(seed)
-        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                                 embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
-
-    model, teacher = make(0), make(1)
-    compress(model, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    model, teacher = compressed_distilled_deit_and_teacher()
     images = make_images(8, channels=3, size=32, seed=4)
     with torch.no_grad():
         out = teacher(images)
@@ -384,15 +390,7 @@ def test_distilled_fine_tune_pulls_the_predictions_toward_the_teacher():
 
 
 def test_distilled_deit_heads_learn_the_teachers_predictions():
-    import timm
-
-    def make(seed: int):
-        torch.manual_seed(seed)
-        return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                                 embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
-
-    model, teacher = make(0), make(1)
-    compress(model, [make_images(16, channels=3, size=32)], CompressionConfig(reduction=0.3, progress=False))
+    model, teacher = compressed_distilled_deit_and_teacher()
     images = make_images(8, channels=3, size=32, seed=4)
     labels = torch.arange(8) % 10
     module = PartialFinetune(model, FinetuneConfig(distill=0.4), teacher=teacher)

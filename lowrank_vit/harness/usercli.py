@@ -790,9 +790,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     strategy = "ddp" if args.devices > 1 else "auto"
     try:
         module, trainer = finetune(model, datamodule=dm, config=config, teacher=teacher, accelerator=accelerator,
-                                   devices=args.devices,
-                                   strategy=strategy, checkpoint_dir=str(checkpoints), ckpt_path="last",
-                                   progress=not args.quiet)
+                                   devices=args.devices, strategy=strategy, checkpoint_dir=str(checkpoints),
+                                   ckpt_path="last", progress=not args.quiet)
     except ValueError as err:  # PartialFinetune refuses a checkpoint of another model
         if not checkpoints.is_dir():
             raise
