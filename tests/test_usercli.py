@@ -208,6 +208,8 @@ def test_finetune_writes_a_new_directory_and_leaves_its_input(compressed, tmp_pa
     report = json.loads((out / "report.json").read_text())
     assert report["finetune"]["steps"] >= 1 and "final" in report["accuracy"] and "after" in report["accuracy"]
     assert report["finetune"]["precision"] == "32-true"
+    card = (out / "README.md").read_text()
+    assert "Fine-tuned (partial: norms, biases, head, patch embedding)" in card and "distilled" not in card
     trained, original = load_compressed(out).state_dict(), load_compressed(compressed).state_dict()
     changed = [k for k in original if not torch.equal(original[k], trained[k])]
     assert changed and all(not k.endswith((".U", ".V")) for k in changed), changed  # factors stay frozen
@@ -243,6 +245,8 @@ def test_finetune_distills_from_the_recorded_dense_model(compressed, workdir, tm
     report = json.loads((out / "report.json").read_text())
     assert (report["finetune"]["distill"], report["finetune"]["distill_temperature"]) == (0.5, 2.0)
     assert report["finetune"]["train_factors"] is True
+    card = (out / "README.md").read_text()  # the card says how it was fine-tuned
+    assert "Fine-tuned (all weights: the low-rank factors" in card and "distilled from the model before" in card
     trained, original = load_compressed(out).state_dict(), load_compressed(compressed).state_dict()
     assert any(k.endswith(".U") and not torch.equal(original[k], trained[k]) for k in original)  # factors trained
     moved = tmp_path / "moved"  # the same directory, compressed from a checkpoint that is no longer there

@@ -79,8 +79,13 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
         lines += ["Accuracy: not evaluated.", ""]
     finetune = report.get("finetune")
     if finetune:
-        lines += [f"Fine-tuned (partial: norms, biases, head, patch embedding) for {finetune.get('epochs')} epoch(s), "
-                  f"lr {finetune.get('lr')}, {finetune.get('steps', '?')} steps.", ""]
+        what = "partial: norms, biases, head, patch embedding"
+        if finetune.get("train_factors"):
+            what = "all weights: the low-rank factors, norms, biases, head, patch embedding"
+        loss = (f", distilled from the model before compression (weight {finetune['distill']}, temperature "
+                f"{finetune.get('distill_temperature', 1.0)})" if finetune.get("distill") else "")
+        lines += [f"Fine-tuned ({what}) for {finetune.get('epochs')} epoch(s), lr {finetune.get('lr')}, "
+                  f"{finetune.get('steps', '?')} steps{loss}.", ""]
     lines += [
         "## Preprocessing",
         "",
