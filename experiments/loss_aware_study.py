@@ -186,7 +186,7 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     distillation from ``teacher`` (the dense model) as ``FinetuneConfig.distill`` does; ``train_factors`` trains U, V
     and Z too (``FinetuneConfig.train_factors``)."""
     from lowrank_vit.core.common import warmup_cosine
-    from lowrank_vit.stages.finetune import freeze_for_partial_finetune, soft_distillation_loss
+    from lowrank_vit.stages.finetune import distillation_mix, freeze_for_partial_finetune, soft_distillation_loss
 
     freeze_for_partial_finetune(model, train_factors=train_factors)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -207,7 +207,7 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
                 with torch.no_grad():
                     target = teacher(x[idx])
                 kd = soft_distillation_loss(logits, target, temperature)
-                loss = kd if distill == 1 else (1 - distill) * loss + distill * kd
+                loss = distillation_mix(loss, kd, distill)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

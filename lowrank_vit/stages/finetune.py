@@ -127,6 +127,12 @@ def soft_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tempera
     return nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)
 
 
+def distillation_mix(cross_entropy: torch.Tensor, distillation: torch.Tensor, weight: float) -> torch.Tensor:
+    """``FinetuneConfig.distill``'s loss: ``(1 - weight)`` cross-entropy plus ``weight`` distillation (the latter alone
+    at weight 1, so a label-free loss does not carry a zero-weighted term)."""
+    return distillation if weight == 1 else (1 - weight) * cross_entropy + weight * distillation
+
+
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) of a batch: an ``(images, labels)`` pair or a dict with image and label keys."""
     images, labels = batch_images(batch), batch_labels(batch)
@@ -218,7 +224,7 @@ class PartialFinetune(L.LightningModule):
         loss = ce
         if cfg.distill > 0:
             kd = sum(soft_distillation_loss(h, teacher, cfg.distill_temperature) for h in heads) / len(heads)
-            loss = kd if cfg.distill == 1 else (1 - cfg.distill) * ce + cfg.distill * kd
+            loss = distillation_mix(ce, kd, cfg.distill)
         return loss, (sum(heads) / len(heads)).detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
