@@ -9,6 +9,7 @@ import torch
 
 from lowrank_vit.core.allocate import (
     LayerBudget,
+    _exchange_slack,
     _fill_slack,
     _gain,
     _gain_per_param,
@@ -149,3 +150,43 @@ def test_marginal_slack_goes_where_it_recovers_the_most_energy_per_parameter():
     budget = narrow.params(1) + wide.params(1) + 80
     assert _fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 20
     assert ranks == {"narrow": narrow.max_rank, "wide": 1} and narrow.max_rank == 4
+
+
+def test_exchange_raises_the_layer_whose_next_direction_recovers_the_most():
+    """The last slack is spent by lowering a narrow layer one rank and raising a wider one, the one whose *next*
+    direction recovers the most: "steep" recovers 5 with its third rank (20 -> 10 -> 5), "flat" 0.05 (1.0 -> 0.9 ->
+    0.85). Pricing a layer's raise by the direction it already holds (10 against 0.1) would raise "flat" instead.
+    "thin", at rank 1 with a worthless first direction, would be the cheapest to lower, but rank 0 is not a rank."""
+    down = LayerBudget("down", 8, 8, 0, torch.tensor([3.0, 1.0, 0.5, 0.0], dtype=torch.float64))
+    thin = LayerBudget("thin", 8, 8, 0, torch.tensor([1.0, 1.0, 0.5, 0.0], dtype=torch.float64))
+    flat = LayerBudget("flat", 12, 12, 0, torch.tensor([2.0, 1.0, 0.9, 0.85, 0.5, 0.0], dtype=torch.float64))
+    steep = LayerBudget("steep", 12, 12, 0, torch.tensor([40.0, 20.0, 10.0, 5.0, 1.0, 0.0], dtype=torch.float64))
+    layers = [thin, down, flat, steep]
+    ranks: dict[str, int | None] = {"thin": 1, "down": 3, "flat": 2, "steep": 2}
+    spent = sum(layer.params(ranks[layer.name]) for layer in layers)
+    budget = spent + (steep.rank_step - down.rank_step)  # room for exactly one exchange
+    assert _exchange_slack(layers, ranks, budget, tolerance=0) == budget
+    assert ranks == {"thin": 1, "down": 2, "flat": 2, "steep": 3}
+
+
+def test_slack_goes_to_the_next_rank_that_recovers_the_most_whatever_the_ranks_held():
+    """Both slack keys judge the *next* rank of each layer from where it stands. Normalized (``_gain``, Algorithm 1's
+    top-up): "held" at rank 1 would recover 0.05 with its second rank, "low" at rank 3 recovers 0.2 with its fourth,
+    so "low" gets it although "held" still loses more. Per parameter (``_gain_per_param``, the marginal policy's): a
+    narrow layer at rank 3 recovers 1.5 for 20 parameters (0.075 a parameter), a wide one at rank 1 4 for 80 (0.05):
+    the narrow one is raised, and what is left (60) buys no wide rank."""
+    held = LayerBudget("held", 10, 10, 0, torch.tensor([1.0, 0.9, 0.85, 0.8, 0.75, 0.0], dtype=torch.float64))
+    low = LayerBudget("low", 10, 10, 0, torch.tensor([1.0, 0.6, 0.4, 0.3, 0.1, 0.0], dtype=torch.float64))
+    ranks: dict[str, int | None] = {"held": 1, "low": 3}
+    budget = held.params(1) + low.params(3) + low.rank_step
+    assert _fill_slack([held, low], ranks, budget, key=_gain) == budget
+    assert ranks == {"held": 1, "low": 4}
+
+    def flat(per_rank: float, ranks: int) -> torch.Tensor:
+        return torch.tensor([per_rank * (ranks - r) for r in range(ranks + 1)], dtype=torch.float64)
+
+    narrow, wide = LayerBudget("narrow", 10, 10, 0, flat(1.5, 10)), LayerBudget("wide", 40, 40, 0, flat(4.0, 40))
+    ranks = {"narrow": 3, "wide": 1}
+    budget = narrow.params(3) + wide.params(1) + 80
+    assert _fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 60
+    assert ranks == {"narrow": 4, "wide": 1}

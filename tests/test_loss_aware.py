@@ -192,6 +192,16 @@ def test_labels_given_without_labels_is_a_clear_error():
         compress(make_tiny_vit(), [make_images(8)], cfg(reduction=0.5, fisher_labels="given"))
 
 
+@pytest.mark.parametrize("bad", [-1, 10], ids=["negative", "num-classes"])
+def test_given_labels_outside_the_classes_are_a_clear_error(bad):
+    """A label equal to the number of classes is the off-by-one a dataset with 1-based labels gives: named, not an
+    index error from inside the cross-entropy."""
+    labels = torch.arange(8) % 10
+    labels[3] = bad
+    with pytest.raises(ValueError, match=r"calibration batch 0: labels must lie in \[0, 10\), got"):
+        compress(make_tiny_vit(num_classes=10), [(make_images(8), labels)], cfg(reduction=0.5, fisher_labels="given"))
+
+
 def test_feature_extractor_is_refused_with_the_options():
     with pytest.raises(ValueError, match="num_classes=0.*decomposition='whitened'"):
         compress(make_tiny_vit(num_classes=0), [make_images(8)], cfg(reduction=0.5))
