@@ -79,6 +79,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_loss_aware.py",), "the mean token divided by images instead of tokens"),
     Mutant(LA, "int(labels.max()) >= logits.shape[1]", "int(labels.max()) > logits.shape[1]",
            ("tests/test_loss_aware.py",), "a given label equal to the number of classes let through to the loss"),
+    Mutant(LA, "scale = energy / produced if energy > 0 else 1.0", "scale = energy * produced if energy > 0 else 1.0",
+           ("tests/test_loss_aware.py",), "the reported output errors scaled by the number of images squared"),
     # allocation
     Mutant(AL, "return (layer.loss(rank) - layer.loss(new)) / (layer.params(new) - layer.params(rank))",
            "return layer.loss(rank) - layer.loss(new)", ("tests/test_allocate.py",),
@@ -154,6 +156,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("lowrank_vit/core/fisher.py", "sums[name] += grad.detach().double().pow(2).sum(dim=0)",
            "sums[name] += grad.detach().double().abs().sum(dim=0)", ("tests/test_methods.py",),
            "FWSVD's Fisher information from |g| instead of g^2"),
+    Mutant(SC, "if alpha == 0:", "if alpha == 1:", ("tests/test_methods.py",),
+           "ASVD with alpha = 1 silently plain SVD"),
     Mutant(SC, "return normalized_scales(normalized_scales(row_fisher).sqrt())",
            "return normalized_scales(normalized_scales(row_fisher))", ("tests/test_methods.py",),
            "FWSVD's row scales I_j instead of sqrt(I_j)"),

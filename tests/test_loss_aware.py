@@ -10,6 +10,7 @@ import torch
 
 from lowrank_vit import CompressionConfig, compress, count_params, load_compressed, save_compressed
 from lowrank_vit.core.allocate import LayerBudget, allocate_greedy, allocate_marginal
+from lowrank_vit.core.calibration import output_error
 from lowrank_vit.core.decompose import energy_tail_curve, plain_svd, two_sided_svd, whitening
 from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
 
@@ -48,7 +49,7 @@ def test_statistics_match_a_brute_force_per_token_sum():
             loss = torch.nn.functional.cross_entropy(logits, labels[i: i + 1])
             (g,) = torch.autograd.grad(loss, captured["y"])
             for t in range(g.shape[1]):
-                x_t, g_t = captured["x"][0, t].double(), g[0, t].double()
+                x_t, g_t = captured["x"][0, t].detach().double(), g[0, t].double()
                 H += torch.outer(x_t, x_t)
                 G += torch.outer(g_t, g_t)
             tokens = g.shape[1]
@@ -56,6 +57,11 @@ def test_statistics_match_a_brute_force_per_token_sum():
         handle.remove()
     assert stats.tokens == tokens and stats.num_images == 6
     torch.testing.assert_close(stats.loss_scale * stats.gram, H / 6, rtol=1e-9, atol=1e-12)
+    # the reported error of a weight change is the pooled relative output error over all calibration tokens
+    W = layer.weight.detach().T
+    delta = 0.1 * torch.randn(W.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pooled = float(torch.sum(delta * (H @ delta))) / float(torch.sum(W * (H @ W)))
+    assert output_error(stats, delta) == pytest.approx(pooled, rel=1e-9)
     torch.testing.assert_close(stats.grad_gram, G / (6 * tokens), rtol=1e-9, atol=1e-15)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
@@ -228,8 +234,6 @@ def test_sgd_solver_is_refused():
 def test_narrow_side_statistics_give_the_same_decomposition(name):
     """gram_space="auto" keeps W G W^T (qkv, fc1) or W^T H W (fc2) instead of the wide Gram: the same singular
     values, the same W_hat at every rank, and the same pooled output error (a float64 model: exact to rounding)."""
-    from lowrank_vit.core.calibration import output_error
-
     model = make_tiny_vit(seed=5).double()
     layer = model.get_submodule(name)
     images = make_images(16, seed=6).double()

@@ -101,6 +101,15 @@ def test_asvd_alpha_zero_is_plain_svd_factors():
     assert torch.equal(scaled.singular_values, plain.singular_values)
 
 
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0, 2.0])
+def test_asvd_scales_are_the_activation_magnitudes_to_the_power_alpha(alpha):
+    """S_jj proportional to (mean_i |x_ij|)^alpha, normalized to mean 1 (alpha = 1 included: it is not plain SVD)."""
+    mean_abs = torch.tensor([0.2, 1.0, 3.0, 0.7, 5.0], dtype=torch.float64)
+    s = asvd_scales(mean_abs, alpha)
+    expected = mean_abs.pow(alpha)
+    torch.testing.assert_close(s, expected / expected.mean(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("scales", [lambda v: asvd_scales(v, 0.5), fisher_scales])
 def test_a_dead_row_gets_a_small_positive_scale_and_finite_factors(scales):
     """An input channel that is never active (ASVD: mean |x| = 0) or whose weights get no gradient (FWSVD: I_j = 0)
