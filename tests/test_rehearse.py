@@ -190,3 +190,26 @@ def test_a_killed_run_is_named(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "BROKEN: RehearsalError: `lowrank-vit run` was killed by SIGKILL (on Linux most often the out-of" in out
+
+
+def test_bad_record_or_workdir_is_refused_before_any_row(tmp_path, monkeypatch, capsys):
+    """A --record that is a directory (or under a file) and a --workdir that is a file or missing are one-line
+    errors before the first row runs, not an OSError traceback after it (the record was written once the row
+    ended)."""
+    import lowrank_vit.harness.rehearse as rehearsal
+
+    ran = []
+    monkeypatch.setattr(rehearsal, "rehearse_row", lambda exp, work, settings: ran.append(exp.name) or "full size")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine\n")
+    for extra, needle in ((["--record", str(tmp_path)], "is a directory; it must name a file"),
+                          (["--record", str(afile / "record.jsonl")], "is a file, not a directory"),
+                          (["--workdir", str(afile)], "not a directory"),
+                          (["--workdir", str(tmp_path / "missing")], "no such directory")):
+        assert main(["rehearse", "table2/deit_s/ours-40", "--depth", "1", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert ran == [] and afile.read_text() == "mine\n"
+    record = tmp_path / "new" / "record.jsonl"  # missing parent folders are created, as before
+    assert main(["rehearse", "table2/deit_s/ours-40", "--record", str(record), "--workdir", str(tmp_path)]) == 0
+    assert ran == ["table2/deit_s/ours-40"] and json.loads(record.read_text())["ok"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -666,6 +667,76 @@ def test_load_malformed_layer_specs(saved, change):
     edit_plan(saved, change)
     with pytest.raises(ValueError, match=r"lowrank_vit\.json|layer"):
         load_compressed(saved)
+
+
+QKV = "blocks.0.attn.qkv"
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        pytest.param(lambda p: p.update(metadata="oops"), r"'metadata' is not a dict", id="metadata-not-a-dict"),
+        pytest.param(lambda p: p["layers"][QKV].update(rank=-5),
+                     rf"layer {QKV}: 'rank' must be a positive integer, not -5", id="negative-rank"),
+        pytest.param(lambda p: p["layers"][QKV].update(rank=0),
+                     rf"layer {QKV}: 'rank' must be a positive integer, not 0", id="zero-rank"),
+        pytest.param(lambda p: p["layers"][QKV].update(in_features=-32),
+                     rf"layer {QKV}: 'in_features' must be a positive integer, not -32", id="negative-in-features"),
+        pytest.param(lambda p: p["layers"][QKV].update(out_features=True),
+                     rf"layer {QKV}: 'out_features' must be a positive integer, not True", id="bool-out-features"),
+        pytest.param(lambda p: p["layers"][QKV].update(z={"kind": "lowrank", "rank": -1}),
+                     rf"layer {QKV} z: 'rank' must be a positive integer, not -1", id="z-negative-rank"),
+        pytest.param(lambda p: p["layers"][QKV].update(z={"kind": "lowrank"}),
+                     rf"layer {QKV} z: 'rank' must be a positive integer, not None", id="z-missing-rank"),
+        pytest.param(lambda p: p["layers"][QKV].update(z={"kind": "sparse", "nnz": 0}),
+                     rf"layer {QKV} z: 'nnz' must be a positive integer, not 0", id="z-zero-nnz"),
+        pytest.param(lambda p: p["layers"][QKV].update(z={"kind": "structured", "rows": "3"}),
+                     rf"layer {QKV} z: 'rows' must be a positive integer, not '3'", id="z-string-rows"),
+        pytest.param(lambda p: p["layers"][QKV].update(z={"rank": 1}),
+                     rf"layer {QKV}: unknown compensation kind None; known: lowrank, sparse, diagonal, structured",
+                     id="z-no-kind"),
+    ],
+)
+def test_load_plan_with_bad_fields(saved, change, pattern):
+    """A hand-damaged plan is refused by read_plan, naming the file, the layer and the field, before the rebuild
+    (where a negative size was a bare RuntimeError from torch.zeros, and a non-dict metadata an AttributeError in
+    the CLI)."""
+    edit_plan(saved, change)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(saved / PLAN))} is malformed: {pattern}"):
+        load_compressed(saved)
+
+
+@pytest.mark.parametrize("change", [lambda p: p.update(metadata="oops"), lambda p: p["layers"][QKV].update(rank=-5)],
+                         ids=["metadata", "rank"])
+def test_cli_refuses_a_plan_with_bad_fields(saved, tmp_path, capsys, change):
+    from lowrank_vit.harness import cli
+
+    edit_plan(saved, change)
+    code = cli.main(["export", str(saved), "--output", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "lowrank_vit.json is malformed" in err, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_every_z_kind_has_its_sizes_checked():
+    """read_plan checks the sizes each Z kind's spec() writes: a new kind needs its entry in Z_SIZE_FIELDS."""
+    from lowrank_vit.io.surgery import Z_SIZE_FIELDS
+    from lowrank_vit.nn.factorized import Z_MODULES, build_z
+
+    assert set(Z_SIZE_FIELDS) == set(Z_MODULES)
+    for kind, fields in Z_SIZE_FIELDS.items():
+        spec = build_z(4, 3, {"kind": kind, **dict.fromkeys(fields, 2)}).spec()
+        assert set(spec) - {"kind"} == set(fields), kind
+
+
+def test_save_refuses_a_layer_that_would_not_load(tmp_path):
+    model = make_tiny_vit()
+    model.blocks[0].attn.proj = FactorizedLinear(32, 32, 0)
+    with pytest.raises(ValueError, match=r"nothing was written: .*layer blocks\.0\.attn\.proj: 'rank' must be a "
+                                         r"positive integer, not 0"):
+        save_compressed(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_load_weights_of_a_different_model(tmp_path, saved):

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hardware(p)
     p = sub.add_parser("demo", help="a miniature Table 2 on the MNIST stand-in of DeiT-S, offline on a CPU")
     p.add_argument("--output", default="results/demo", help="where the table, figures and runs go")
-    p.add_argument("--rows", nargs="+", help="only these registry rows (default: the demo's seven)")
+    p.add_argument("--rows", nargs="+", help="only these registry rows (default: all the demo's rows)")
     p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--force", action="store_true", help="run rows again even if finished")

@@ -390,6 +390,22 @@ def _append_record(record: Path, outcome: dict[str, Any], settings: RehearsalSet
         f.write(json.dumps(line) + "\n")
 
 
+def _check_paths(keep: str | os.PathLike | None, record: str | os.PathLike | None) -> None:
+    """Refuse a ``keep`` that is not a directory and a ``record`` that could not be appended to, before any row
+    runs: the first row's temporary folder, and the record once the row has ended, would otherwise fail with a bare
+    OSError, the latter after the row's minutes of work."""
+    if keep is not None and not Path(keep).is_dir():
+        raise ValueError(f"--workdir {keep}: {'not a directory' if Path(keep).exists() else 'no such directory'}")
+    if record is None:
+        return
+    path = Path(record)
+    if path.is_dir():
+        raise ValueError(f"--record {record} is a directory; it must name a file (e.g. {path / 'rehearse.jsonl'})")
+    parent = next(a for a in path.absolute().parents if a.exists())  # _append_record creates the missing ones
+    if not parent.is_dir():
+        raise ValueError(f"--record {record}: {parent} is a file, not a directory")
+
+
 def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: str | os.PathLike | None = None,
              echo: Callable[[str], None] = print, record: str | os.PathLike | None = None,
              resume: bool = False) -> list[dict[str, Any]]:
@@ -402,11 +418,12 @@ def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: st
     whose last outcome in ``record`` (same layout, devices and depth) is ok are not run again.
 
     Raises:
-        ValueError: a pattern matches no row, an unknown layout, ``resume`` without ``record``, or a record that
-            is not one.
+        ValueError: a pattern matches no row, an unknown layout, ``resume`` without ``record``, a record that
+            is not one or cannot be written, or a ``keep`` that is not a directory.
     """
     if resume and record is None:
         raise ValueError("--resume needs --record FILE (the outcomes of the run to resume)")
+    _check_paths(keep, record)
     prior = read_record(record, settings) if record is not None else {}  # checked first: never append to a non-record
     done = {name: line for name, line in prior.items() if line.get("ok")} if resume else {}
     from lowrank_vit.harness.registry import list_experiments

@@ -22,7 +22,7 @@ from torch import nn
 from lowrank_vit.core.common import atomic_write
 from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, set_submodule
 from lowrank_vit.nn.comcat import FactorizedAttention
-from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ
+from lowrank_vit.nn.factorized import Z_MODULES, FactorizedLinear, LowRankZ
 from lowrank_vit.nn.quantize import QUANT_ATTR, QuantizedTensor, quantization_record, quantize_tensor
 
 FORMAT = "lowrank_vit"
@@ -68,6 +68,35 @@ def fold_lowrank_z_(model: nn.Module) -> list[str]:
         return FactorizedLinear.from_factors(U, V, None if layer.bias is None else layer.bias.detach())
 
     return swap_layers(model, fold, lambda _, module: isinstance(module, FactorizedLinear))
+
+
+Z_SIZE_FIELDS = {"lowrank": ("rank",), "sparse": ("nnz",), "diagonal": ("nnz",), "structured": ("rows",)}
+"""Z kind -> the sizes its ``spec()`` writes, each at least 1 (compensation never fits an empty Z)."""
+
+
+def _check_layer_specs(layers: dict[str, Any], origin: str) -> None:
+    """Raise a ValueError naming ``origin`` (the plan file, or "this model's plan"), the layer and the field unless
+    every factorized layer's spec has positive integer sizes and a known Z kind with positive sizes. Checked before
+    the rebuild: a negative size reaches ``torch.zeros`` as a bare RuntimeError, a zero one an empty factor."""
+    def check(spec: dict[str, Any], fields: tuple[str, ...], where: str) -> None:
+        for field in fields:
+            value = spec.get(field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{origin} is malformed: {where}: {field!r} must be a positive integer, not {value!r}")
+
+    for fqn, spec in layers.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{origin} is malformed: layer {fqn} is not a dict")
+        check(spec, ("in_features", "out_features", "rank"), f"layer {fqn}")
+        z = spec.get("z")
+        if z is None:
+            continue
+        if not isinstance(z, dict):
+            raise ValueError(f"{origin} is malformed: layer {fqn} has a bad 'z' entry")
+        if z.get("kind") not in Z_MODULES:
+            raise ValueError(f"{origin} is malformed: layer {fqn}: unknown compensation kind {z.get('kind')!r}; "
+                             f"known: {', '.join(Z_MODULES)}")
+        check(z, Z_SIZE_FIELDS.get(z["kind"], ()), f"layer {fqn} z")
 
 
 def _rebuild(plan: dict[str, Any], origin: str) -> nn.Module:
@@ -164,6 +193,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
             needed; :func:`lowrank_vit.io.hub.push`), with ``token`` (default: ``HF_TOKEN`` or the saved login).
     """
     plan = _plan(model, model_name, model_kwargs, metadata)
+    try:  # read_plan checks the specs too: a layer built by hand with rank 0 must not save, then fail to load
+        _check_layer_specs(plan["layers"], "this model's plan")
+    except ValueError as exc:
+        raise ValueError(f"save_compressed: nothing was written: {exc}") from None
     try:
         _check_rebuild(model, plan)
     except ValueError as exc:
@@ -214,13 +247,9 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
     for key, kind in (("architecture", str), ("model_kwargs", dict), ("layers", dict), ("quantization", dict)):
         if not isinstance(plan.get(key), kind):
             raise ValueError(f"{plan_file} is malformed: {key!r} is missing or not a {kind.__name__}")
-    for fqn, spec in plan["layers"].items():
-        if not isinstance(spec, dict) or not all(isinstance(spec.get(f), int) and not isinstance(spec.get(f), bool)
-                                                 for f in ("in_features", "out_features", "rank")):
-            raise ValueError(f"{plan_file} is malformed: layer {fqn} needs integer in_features, out_features, rank")
-        z = spec.get("z")
-        if z is not None and not isinstance(z, dict):
-            raise ValueError(f"{plan_file} is malformed: layer {fqn} has a bad 'z' entry")
+    if not isinstance(plan.get("metadata", {}), dict):  # optional, but its readers (the CLI) expect a mapping
+        raise ValueError(f"{plan_file} is malformed: 'metadata' is not a dict")
+    _check_layer_specs(plan["layers"], str(plan_file))
     attention = plan.get("attention", {})
     if not isinstance(attention, dict) or not all(isinstance(spec, dict) for spec in attention.values()):
         raise ValueError(f"{plan_file} is malformed: 'attention' must map module names to specs")
