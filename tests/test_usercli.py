@@ -91,8 +91,12 @@ def compressed(workdir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_compress_writes_a_complete_model_directory(compressed, workdir):
+    from lowrank_vit.harness.usercli import model_dir_files
+
     names = {p.name for p in compressed.iterdir()}
-    assert {"model.safetensors", "lowrank_vit.json", "report.json", "ranks.png", "README.md"} <= names
+    # exactly what --force may replace: anything else in a model directory is the user's
+    assert names == set(model_dir_files()) == {"model.safetensors", "lowrank_vit.json", "report.json", "ranks.png",
+                                               "README.md"}
     assert not [p for p in workdir.iterdir() if p.name.startswith(".deit-30")], "a staging directory was left"
     report = json.loads((compressed / "report.json").read_text())
     assert report["params"]["after"] < report["params"]["before"]
@@ -397,7 +401,7 @@ def test_output_directory_is_never_overwritten_silently(compressed, workdir, tmp
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
     code, _, err = _compress(capsys, workdir, mine, "--reduction", "0.5", "--no-eval", "--force")
-    _assert_one_line_error(code, err, "other files")
+    _assert_one_line_error(code, err, "holds other files and no model")
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
     # --force replaces a model directory, and only once the new model is complete
     other = tmp_path / "other"
@@ -587,3 +591,153 @@ def test_unreachable_pretrained_weights_are_one_line_cut_at_a_word(monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "second line" not in message
     assert "try again or make sure your...)" in message  # not inside a word
+
+
+# ----------------------------------------------------------------------------- outputs around the input, --force
+
+
+def test_outputs_inside_or_around_the_input_are_refused_before_any_work(compressed_plain, tmp_path, capsys):
+    weights = compressed_plain / "model.safetensors"
+    before = sorted(p.name for p in compressed_plain.iterdir()), _digest(weights)
+    for argv, needle in (
+            (["finetune", compressed_plain, "--output", compressed_plain / "sub"], "inside the input directory"),
+            (["finetune", compressed_plain, "--output", compressed_plain.parent, "--force"], "holds the input"),
+            (["export", compressed_plain, "--output", weights, "--force"], "inside the model directory"),
+            (["export", compressed_plain, "--output", compressed_plain / "m.onnx"], "inside the model directory")):
+        extra = ["--data", tmp_path / "nowhere", "--epochs", "1"] if argv[0] == "finetune" else []
+        code, _, err = _run(capsys, *argv, *extra)
+        _assert_one_line_error(code, err, needle)
+    assert (sorted(p.name for p in compressed_plain.iterdir()), _digest(weights)) == before
+
+
+def test_export_force_replaces_only_an_onnx_file(compressed_plain, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = _run(capsys, "export", compressed_plain, "--output", notes, "--force")
+    _assert_one_line_error(code, err, "not an .onnx file")
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["compress", "finetune", "export"])
+def test_an_output_below_a_file_is_refused_before_any_work(command, compressed_plain, tmp_path, capsys):
+    blocker = tmp_path / "model.onnx"
+    blocker.write_text("a file")
+    argv = {"compress": [ARCH, "--no-pretrained", "--reduction", "0.5", "--data", tmp_path],
+            "finetune": [compressed_plain, "--data", tmp_path, "--epochs", "1"],
+            "export": [compressed_plain]}[command]
+    code, _, err = _run(capsys, command, *argv, "--output", blocker / "sub")
+    _assert_one_line_error(code, err, "cannot be written", "is a file")
+    assert blocker.read_text() == "a file"
+
+
+def test_force_never_deletes_the_users_files_beside_a_model(compressed_plain):
+    from lowrank_vit.harness.usercli import UserError, check_output_dir
+
+    (compressed_plain / "NOTES.txt").write_text("mine")
+    (compressed_plain / "mydata").mkdir()
+    with pytest.raises(UserError, match=r"other files \(NOTES.txt, mydata\), which --force would delete"):
+        check_output_dir(compressed_plain, force=True)
+    (compressed_plain / "NOTES.txt").unlink()
+    (compressed_plain / "mydata").rmdir()
+    check_output_dir(compressed_plain, force=True)  # a model directory and nothing else: replaceable
+
+
+# ----------------------------------------------------------------------------------- resuming, reports, data
+
+
+def test_a_fine_tune_resumes_only_the_run_it_was(tmp_path, capsys):
+    import argparse
+
+    from lowrank_vit.harness.usercli import RESUME_FILE, UserError, _resume_or_start
+
+    args = argparse.Namespace(quiet=False)
+    stage = tmp_path / ".out.partial"
+    run = {"input": "/m", "input_sha256": "ab", "data": "/d", "augment": False, "finetune": {"lr": 1e-4}}
+    _resume_or_start(args, stage, run)  # a first run records itself
+    assert json.loads((stage / RESUME_FILE).read_text()) == run
+    (stage / "checkpoints").mkdir()
+    (stage / "checkpoints" / "last.ckpt").write_bytes(b"")
+    _resume_or_start(args, stage, run)  # the same command again: resumed
+    assert "resuming from" in capsys.readouterr().err
+    for changed, needle in (({"input_sha256": "cd"}, "another input_sha256"), ({"finetune": {"lr": 0.5}},
+                                                                               "another finetune")):
+        with pytest.raises(UserError, match=f"{needle}: rerun that command to resume it, or remove"):
+            _resume_or_start(args, stage, {**run, **changed})
+    (stage / RESUME_FILE).unlink()  # checkpoints that do not say what they were are not resumed either
+    with pytest.raises(UserError, match="does not say what it was"):
+        _resume_or_start(args, stage, run)
+
+
+def test_a_hand_edited_report_does_not_break_the_fine_tune_report(tmp_path):
+    from lowrank_vit.harness.usercli import _read_report
+
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"accuracy": "x", "params": 5, "name": "m", "layers": []}))
+    assert _read_report(path) == {"name": "m", "layers": []}
+    path.write_text(json.dumps({"accuracy": {"before": {"top1": 50.0}}, "params": {"before": 9}}))
+    assert _read_report(path) == {"accuracy": {"before": {"top1": 50.0}}, "params": {"before": 9}}
+
+
+def test_unreadable_data_is_one_line_naming_it_and_quiet_is_quiet():
+    import argparse
+    import warnings
+
+    from datasets.exceptions import DatasetGenerationError
+    from PIL import UnidentifiedImageError
+
+    from lowrank_vit.harness.usercli import UserError, user_command
+
+    def worker_error(args):  # what a DataLoader worker re-raises: its whole traceback as the message
+        raise UnidentifiedImageError("Caught UnidentifiedImageError in DataLoader worker process 0.\nOriginal "
+                                     "Traceback (most recent call last):\n  ...\nPIL.UnidentifiedImageError: cannot "
+                                     "identify image file '/d/val/b/0.png'")
+
+    def builder_error(args):
+        try:
+            raise ValueError("Couldn't cast model.safetensors")
+        except ValueError as cause:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from cause
+
+    args = argparse.Namespace(data="/d", quiet=False)
+    with pytest.raises(UserError, match=r"^--data '/d': PIL.UnidentifiedImageError: cannot identify image file "
+                                        r"'/d/val/b/0.png'$"):
+        user_command(worker_error)(args)
+    with pytest.raises(UserError, match=r"could not be read as a dataset: Couldn't cast model.safetensors$"):
+        user_command(builder_error)(args)
+
+    def noisy(args):
+        warnings.warn("calibration uses all 40 training images", UserWarning, stacklevel=1)
+        return 0
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert user_command(noisy)(argparse.Namespace(data="/d", quiet=True)) == 0
+        assert not seen
+        user_command(noisy)(args)
+        assert len(seen) == 1
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_before_tracing(tmp_path):
+    from lowrank_vit.io.export import export_onnx, opset_range
+
+    from conftest import make_tiny_vit
+
+    low, high = opset_range()
+    for opset in (low - 1, high + 1):
+        with pytest.raises(ValueError, match=rf"opset must be an integer in \[{low}, {high}\]"):
+            export_onnx(make_tiny_vit(), tmp_path / "m.onnx", (3, 32, 32), opset=opset)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_stopped_fine_tune_says_how_to_resume(compressed, workdir, tmp_path, capsys, monkeypatch):
+    import lowrank_vit.stages.finetune as stage
+
+    def stopped(*args, **kwargs):  # what Lightning does on Ctrl-C: a graceful shutdown, then exit(1)
+        raise SystemExit(1)
+
+    monkeypatch.setattr(stage, "finetune", stopped)
+    code, _, err = _run(capsys, "finetune", compressed, "--data", workdir / "imgs", "--workers", "0", "--epochs",
+                        "1", "--quiet", "--output", tmp_path / "ft")
+    assert code == 130 and "the same command resumes it" in err and "interrupted" in err
+    assert not (tmp_path / "ft").exists()

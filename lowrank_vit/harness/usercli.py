@@ -22,7 +22,9 @@ into place; an existing output is replaced only with ``--force`` and only if it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import functools
 import json
 import math
 import os
@@ -30,7 +32,8 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,67 @@ LATENCY_BATCHES = (1, 32)
 
 class UserError(ValueError):
     """Bad input to one of these commands: the CLI prints it on one line and exits with status 2."""
+
+
+def _last_line(err: BaseException) -> str:
+    """The message of an error re-raised from a DataLoader worker is the worker's whole traceback: its last line is
+    the error itself."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+_QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "datasets")
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """``--quiet``: nothing but the results. Warnings, Lightning's notices and the datasets library's messages and
+    progress bars are silenced for the command, and restored after it."""
+    if not enabled:
+        yield
+        return
+    import logging
+
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    bars = os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS")
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if bars is None:
+            os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = bars
+
+
+def user_command(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """What every command here shares: ``--quiet`` (:func:`_quiet`), and a file in ``--data`` that is not an image,
+    or a folder no dataset builder reads, reported as the user's data at fault, on one line naming it, instead of a
+    traceback from a loader worker."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from PIL import UnidentifiedImageError
+
+        try:
+            with _quiet(getattr(args, "quiet", False)):
+                return command(args)
+        except UnidentifiedImageError as err:
+            raise UserError(f"--data {args.data!r}: {_last_line(err)}") from None
+        except Exception as err:
+            if type(err).__name__ != "DatasetGenerationError":  # datasets' own, raised while building the dataset
+                raise
+            cause = err.__cause__ or err.__context__
+            raise UserError(f"--data {args.data!r} could not be read as a dataset"
+                            + (f": {_last_line(cause)}" if cause is not None else "")) from None
+    return run
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -521,14 +585,47 @@ def _size_mib(model: nn.Module) -> float:
     return model_size_mib(model, bits=32)
 
 
-def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
-    """Refuse an output that would overwrite something: any non-empty directory unless ``--force``, and even then
-    anything but a model directory (a user's other files are never replaced); ``protect`` (the input) never."""
-    from lowrank_vit.io.surgery import PLAN_FILE
+def model_dir_files() -> tuple[str, ...]:
+    """What :func:`write_model_dir` puts in a model directory: all that ``--force`` may replace."""
+    from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE
+    from lowrank_vit.io.surgery import PLAN_FILE, WEIGHTS_FILE
 
-    if protect is not None and out.resolve() == protect.resolve():
+    return WEIGHTS_FILE, PLAN_FILE, REPORT_FILE, CARD_FILE, RANKS_FIGURE
+
+
+def _check_parents(out: Path) -> None:
+    """An output below a regular file can never be written: say so before any work (not as an OSError after it)."""
+    for parent in out.expanduser().absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--output {str(out)!r} cannot be written: {str(parent)!r} is a file")
+            return
+
+
+def _check_apart(out: Path, protect: Path) -> None:
+    """The input is never written: neither the output itself, nor inside it, nor holding it (a replaced output
+    directory would take the input with it)."""
+    o, p = out.resolve(), protect.resolve()
+    if o == p:
         raise UserError(f"--output {str(out)!r} is the input directory: give a new one (the input is never "
                         f"overwritten)")
+    if p in o.parents:
+        raise UserError(f"--output {str(out)!r} lies inside the input directory {str(protect)!r}: give a directory "
+                        f"outside it (the input is never written)")
+    if o in p.parents:
+        raise UserError(f"--output {str(out)!r} holds the input directory {str(protect)!r}: give another one (the "
+                        f"input is never overwritten)")
+
+
+def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> None:
+    """Refuse an output that would overwrite something: any non-empty directory unless ``--force``, and even then
+    anything but a model directory holding only what a model directory holds (a user's other files are never
+    replaced); ``protect`` (the input) never, nor anything inside it or around it."""
+    from lowrank_vit.io.surgery import PLAN_FILE
+
+    _check_parents(out)
+    if protect is not None:
+        _check_apart(out, protect)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {str(out)!r} is a file")
     if not out.is_dir() or not any(out.iterdir()):
@@ -538,6 +635,11 @@ def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> Non
     if not force:
         raise UserError(f"--output {str(out)!r} already holds a model ({_describe_dir(out)}): give --force to "
                         f"replace it, or another directory")
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in model_dir_files())
+    if others:
+        raise UserError(f"--output {str(out)!r} holds a model and other files ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}), which --force would delete: move them, or choose "
+                        f"another directory")
 
 
 def _describe_dir(directory: Path) -> str:
@@ -547,8 +649,9 @@ def _describe_dir(directory: Path) -> str:
         plan = read_plan(directory)
     except (OSError, ValueError):
         return "unreadable"
-    source = (plan.get("metadata") or {}).get("source") or {}
-    return f"{plan['architecture']}" + (f" from {source.get('description')}" if source.get("description") else "")
+    source = (plan.get("metadata") or {}).get("source")
+    described = source.get("description") if isinstance(source, dict) else None
+    return f"{plan['architecture']}" + (f" from {described}" if described else "")
 
 
 def _staging(out: Path, suffix: str) -> Path:
@@ -643,6 +746,7 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
     return evaluate(model, dm.val_dataloader(), device, progress=not args.quiet, desc=desc)
 
 
+@user_command
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_vit.io.surgery import check_rebuildable
     from lowrank_vit.nn.adapters import count_params
@@ -727,6 +831,7 @@ def latency_ms(model: nn.Module, input_size: Any, batch: int, device: torch.devi
     return 1000.0 * statistics.median(times)
 
 
+@user_command
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lowrank_vit.nn.adapters import count_params
 
@@ -756,6 +861,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- finetune
 
 
+@user_command
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lowrank_vit.io.modelcard import REPORT_FILE
     from lowrank_vit.nn.adapters import count_params
@@ -780,11 +886,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _say(args, describe_preprocessing(pre, origin))
     model = source.model
     teacher = load_teacher(args, source) if config.distill > 0 else None
+    previous = _read_report(directory / REPORT_FILE)  # before the fine-tune: a bad report must not cost one
     dm = build_data(args, model, pre, augment=args.augment, calib_samples=1)  # no calibration in a fine-tune
     stage = _staging(out, "partial")  # a fixed name: a second run resumes from its checkpoints
     checkpoints = stage / "checkpoints"
-    if (checkpoints / "last.ckpt").is_file():
-        _say(args, f"resuming from {checkpoints / 'last.ckpt'}")
+    _resume_or_start(args, stage, _finetune_run(args, directory, config))
     start = time.perf_counter()
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     strategy = "ddp" if args.devices > 1 else "auto"
@@ -797,12 +903,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise
         raise UserError(f"{checkpoints} holds checkpoints of another model: remove {stage} to start over "
                         f"({err})") from None
+    except SystemExit as exc:  # Lightning ends a run stopped by Ctrl-C with exit(1), after its last checkpoint
+        if exc.code not in (1, None):
+            raise
+        print(f"lowrank-vit: the fine-tune was stopped; the same command resumes it from its last checkpoint in "
+              f"{checkpoints}", file=sys.stderr)
+        raise KeyboardInterrupt from None
     if trainer.global_rank != 0:
         return 0
     seconds = time.perf_counter() - start
     model = module.model.to(device).eval()
     final = _evaluate(model, dm, device, args, "evaluate fine-tuned")
-    previous = _read_report(directory / REPORT_FILE)
     accuracy = {**previous.get("accuracy", {}), "final": final}
     report = {**previous, "name": out.name, "command": "finetune", "input": str(directory), "data": args.data,
               "preprocessing": pre, "preprocessing_origin": origin, "accuracy": accuracy,
@@ -814,25 +925,71 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     metadata = {**source.metadata, "preprocessing": pre, "finetune": report["finetune"]}
     write_model_dir(stage, model, report, metadata)
     shutil.rmtree(checkpoints, ignore_errors=True)  # Lightning checkpoints are pickles: none left in a model dir
+    (stage / RESUME_FILE).unlink(missing_ok=True)
     publish(stage, out)
     print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
           f"(top-5 {final['top5']:.2f}%, {final['images']:,} images)")
     return 0
 
 
+RESUME_FILE = "resume.json"
+"""In a fine-tune's staging directory: what the interrupted run was, so that only the same run resumes there."""
+
+
+def _finetune_run(args: argparse.Namespace, directory: Path, config: Any) -> dict[str, Any]:
+    """What makes two fine-tune commands the same run: the input's weights, the data and the settings, but not
+    where it stops (``--epochs``, ``--max-steps``: a run may be resumed to go further, as Lightning allows)."""
+    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.io.surgery import WEIGHTS_FILE
+
+    data = Path(str(args.data)).expanduser()
+    return {"input": str(directory.resolve()), "input_sha256": checkpoint_digest(directory / WEIGHTS_FILE),
+            "data": str(data.resolve()) if data.exists() else str(args.data), "augment": bool(args.augment),
+            "finetune": {k: v for k, v in config.to_dict().items() if k not in ("epochs", "max_steps")}}
+
+
+def _resume_or_start(args: argparse.Namespace, stage: Path, run: dict[str, Any]) -> None:
+    """Resume from the staging directory's checkpoints only if they belong to this very run; else refuse, naming
+    what differs (Lightning would otherwise continue another model's or another schedule's weights)."""
+    last = stage / "checkpoints" / "last.ckpt"
+    record = stage / RESUME_FILE
+    if last.is_file():
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, ValueError):
+            before = None
+        if not isinstance(before, dict):
+            raise UserError(f"{stage} holds checkpoints of an interrupted fine-tune that does not say what it was: "
+                            f"remove {stage} to start over")
+        differ = [key for key in run if before.get(key) != run[key]]
+        if differ:
+            raise UserError(f"{stage} holds an interrupted fine-tune with another {', '.join(differ)}: rerun that "
+                            f"command to resume it, or remove {stage} to start over")
+        _say(args, f"resuming from {last}")
+        return
+    stage.mkdir(parents=True, exist_ok=True)
+    _write_json(record, run)
+
+
 def _read_report(path: Path) -> dict[str, Any]:
+    """The input's report.json, which the fine-tune's report extends; its sections that are not what compress
+    writes (hand-edited, or from another tool) are dropped rather than carried into the new report."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items()
+            if key not in ("accuracy", "params") or isinstance(value, dict)}
 
 
 # ------------------------------------------------------------------------------------------------------ export
 
 
+@user_command
 def cmd_export(args: argparse.Namespace) -> int:
     from lowrank_vit.io.export import export_onnx, onnx_logits
 
@@ -842,8 +999,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.is_dir():
         raise UserError(f"--output {str(out)!r} is a directory: give the .onnx file to write")
+    _check_parents(out)
+    if directory.resolve() in out.resolve().parents:
+        raise UserError(f"--output {str(out)!r} lies inside the model directory {args.model!r}: write the ONNX file "
+                        f"elsewhere (the input is never written)")
     if out.exists() and not args.force:
         raise UserError(f"--output {str(out)!r} exists: give --force to replace it")
+    if out.exists() and out.suffix.lower() != ".onnx":
+        raise UserError(f"--output {str(out)!r} exists and is not an .onnx file: --force replaces only an ONNX "
+                        f"file; give another name")
     args.model_kwargs, args.checkpoint = {}, None
     source = _directory_source(args, directory)
     pre, origin = resolve_model_preprocessing(source, args)

@@ -255,6 +255,14 @@ def _store_codes(path: str) -> int:
     return len(quantizers)
 
 
+def opset_range() -> tuple[int, int]:
+    """The opsets torch's TorchScript-based exporter writes (outside them it fails deep inside, printing its graph)."""
+    from torch.onnx import _constants
+
+    return (getattr(_constants, "ONNX_MIN_OPSET", 7),
+            getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 20)))
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int, int], *, fold: bool = False,
                 opset: int = DEFAULT_OPSET, example_batch: int = 2, metadata: dict[str, str] | None = None,
                 quantized: str = "dequantized") -> Path:
@@ -277,9 +285,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
 
     Raises:
         UnsupportedLayerError: a layer kind the exporter does not know.
-        ValueError: see :func:`prepare_for_export`.
+        ValueError: an opset outside :func:`opset_range`; see :func:`prepare_for_export`.
         RuntimeError: the PyTorch exporter failed (its message, on one line).
     """
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ValueError(f"opset must be an integer in [{low}, {high}] (what this torch's ONNX exporter writes), got "
+                         f"{opset!r}; {DEFAULT_OPSET} is the default")
     prepared = prepare_for_export(model, fold=fold, quantized=quantized)
     example = torch.randn(example_batch, *input_size, generator=torch.Generator().manual_seed(0))
     out = Path(path)

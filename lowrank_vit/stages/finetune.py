@@ -361,8 +361,9 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
     if not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks += lightning_progress_callbacks(progress)
     if checkpoint_dir is not None:
+        # the newest epoch only (and last.ckpt): resuming needs no more, and one file per epoch filled disks
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="epoch{epoch:03d}", save_last=True,
-                                         save_top_k=-1, every_n_epochs=1, auto_insert_metric_name=False))
+                                         save_top_k=1, every_n_epochs=1, auto_insert_metric_name=False))
         if cfg.checkpoint_every_n_steps:
             callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:08d}", save_last=True,
                                              save_top_k=1, every_n_train_steps=cfg.checkpoint_every_n_steps,
