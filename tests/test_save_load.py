@@ -766,3 +766,21 @@ def test_load_weights_of_a_deeper_model(tmp_path, saved):
     shutil.copyfile(tmp_path / "other" / WEIGHTS, saved / WEIGHTS)
     with pytest.raises(ValueError, match=r"does not match the plan's model: missing \[\], unexpected \['blocks\.2\."):
         load_compressed(saved)
+
+
+def test_saved_files_follow_the_umask_like_any_other_file(tmp_path):
+    """Files are written to a temporary name (mkstemp: mode 0600) and renamed: they must end with the mode every
+    other file the user writes gets, not private to the user."""
+    import os
+
+    from lowrank_vit.core.common import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda p: p.write_text("{}"))
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.json", lambda p: p.write_text("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600

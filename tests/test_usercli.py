@@ -741,3 +741,10 @@ def test_a_stopped_fine_tune_says_how_to_resume(compressed, workdir, tmp_path, c
                         "1", "--quiet", "--output", tmp_path / "ft")
     assert code == 130 and "the same command resumes it" in err and "interrupted" in err
     assert not (tmp_path / "ft").exists()
+
+
+def test_compressing_a_compressed_directory_is_refused_before_the_data(compressed_plain, tmp_path, capsys):
+    code, _, err = _run(capsys, "compress", compressed_plain, "--data", tmp_path / "nowhere", "--reduction", "0.3",
+                        "--output", tmp_path / "o")
+    _assert_one_line_error(code, err, "already compressed")  # not "--data ... does not exist": the model fails first
+    assert not (tmp_path / "o").exists()

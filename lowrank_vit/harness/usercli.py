@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import functools
 import json
@@ -750,6 +751,8 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_vit.io.surgery import check_rebuildable
     from lowrank_vit.nn.adapters import count_params
+    from lowrank_vit.nn.comcat import FactorizedAttention
+    from lowrank_vit.nn.factorized import FactorizedLinear
     from lowrank_vit.pipeline import compress
 
     device = resolve_device(args.device)
@@ -759,6 +762,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     source = load_source(args)
+    if any(isinstance(m, (FactorizedLinear, FactorizedAttention)) for m in source.model.modules()):  # before the data
+        raise UserError(f"{args.model!r} is already compressed: compress the dense model (a timm name, with "
+                        f"--checkpoint for your weights) to another ratio instead")
     try:  # before any calibration: a model that cannot be written and read back would cost the whole run
         check_rebuildable(source.model)
     except ValueError as err:
@@ -776,6 +782,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         accuracy["before"] = _evaluate(model, dm, device, args, "evaluate dense")
         timings["evaluate_before"] = time.perf_counter() - start
     start = time.perf_counter()
+    available = len(dm.calibration_indices)
+    if available < cfg.calib_samples:  # the images there are (already warned about): progress bars count to them
+        cfg = dataclasses.replace(cfg, calib_samples=available)
     report = compress(model, dm.calibration_dataloader(), cfg)
     timings["compress"] = time.perf_counter() - start
     if not args.no_eval:
@@ -789,7 +798,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "recipe": args.recipe, "preprocessing": pre, "preprocessing_origin": origin,
         "params": {"before": params_before, "after": count_params(model)},
         "size_mib": {"before": mib_before, "after": _size_mib(model)}, "reduction": report.reduction,
-        "calib_images": min(args.calib_samples, len(dm.calibration_indices)), "accuracy": accuracy,
+        "calib_images": cfg.calib_samples, "accuracy": accuracy,
         "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
         "compression": compression,
     }
