@@ -340,7 +340,8 @@ def _timm_source(args: argparse.Namespace) -> Source:
     if args.checkpoint:
         checkpoint = Path(args.checkpoint).expanduser()
         if not checkpoint.is_file():
-            raise UserError(f"checkpoint {str(checkpoint)!r} does not exist: give --checkpoint a safetensors file")
+            what = "is a directory" if checkpoint.is_dir() else "does not exist"
+            raise UserError(f"checkpoint {str(checkpoint)!r} {what}: give --checkpoint a safetensors file")
         carried = _checkpoint_preprocessing(checkpoint)
     size = getattr(args, "input_size", None) or (_input_size_of(carried.get("input_size")))
     if size is not None:
@@ -561,6 +562,9 @@ def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], 
     dm.setup()
     classes = getattr(model, "num_classes", None)
     if isinstance(classes, int) and classes != dm.num_classes:
+        if Path(str(args.model)).expanduser().is_dir():  # a model directory's head is what it is
+            raise UserError(f"the model in {args.model!r} has {classes} classes, {args.data!r} has "
+                            f"{dm.num_classes}: give data with the classes it was compressed for")
         raise UserError(f"the model has {classes} classes, {args.data!r} has {dm.num_classes}: give weights trained "
                         f"on this data (--checkpoint) or a model built for it (--model-kwargs "
                         f"'{{\"num_classes\": {dm.num_classes}}}')")
