@@ -758,3 +758,13 @@ def test_messages_fit_what_was_given(compressed_plain, workdir, tmp_path, capsys
     code, _, err = _run(capsys, "evaluate", compressed_plain, "--data", workdir / "imgs", "--workers", "0")
     _assert_one_line_error(code, err, "classes", "give data with the classes it was compressed for")
     assert "--model-kwargs" not in err
+
+
+def test_data_errors_name_the_flags_not_the_library_fields(compressed_plain, workdir, tmp_path, capsys):
+    import shutil
+
+    one = tmp_path / "one-class"
+    shutil.copytree(workdir / "imgs" / "class0", one / "class0")  # one class: the folder builder gives no labels
+    code, _, err = _run(capsys, "evaluate", compressed_plain, "--data", one, "--workers", "0")
+    _assert_one_line_error(code, err, "--label-column")
+    assert "label_column=" not in err

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -553,13 +554,23 @@ def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, augment: bool
                       crop_pct=pre.get("crop_pct"), interpolation=pre.get("interpolation"))
 
 
+_DATA_FLAGS = {"path": "--data", "label_column": "--label-column", "image_column": "--image-column",
+               "val_split": "--val-split", "train_split": "--train-split"}
+"""DataConfig's fields, as the errors of the data module name them, and the flags that set them here."""
+
+
 def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], **kwargs: Any) -> Any:
     """The data module, loaded, with its class count checked against the model's head."""
     from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
 
-    cfg = _data_config(args, pre, **kwargs)
-    dm = build_datamodule(cfg, model)
-    dm.setup()
+    try:
+        cfg = _data_config(args, pre, **kwargs)
+        dm = build_datamodule(cfg, model)
+        dm.setup()
+    except (DataFormatError, DataNotFoundError, ValueError) as err:  # the library's words for its fields: ours here
+        raise UserError(re.sub(r"(?<![\w.(])(path|label_column|image_column|val_split|train_split)=",
+                               lambda m: _DATA_FLAGS[m.group(1)], str(err))) from None
     classes = getattr(model, "num_classes", None)
     if isinstance(classes, int) and classes != dm.num_classes:
         if Path(str(args.model)).expanduser().is_dir():  # a model directory's head is what it is
