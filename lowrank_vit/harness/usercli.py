@@ -108,12 +108,12 @@ def user_command(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
             with _quiet(getattr(args, "quiet", False)):
                 return command(args)
         except UnidentifiedImageError as err:
-            raise UserError(f"--data {args.data!r}: {_last_line(err)}") from None
+            raise UserError(f"--data {getattr(args, 'data', None)!r}: {_last_line(err)}") from None
         except Exception as err:
             if type(err).__name__ != "DatasetGenerationError":  # datasets' own, raised while building the dataset
                 raise
             cause = err.__cause__ or err.__context__
-            raise UserError(f"--data {args.data!r} could not be read as a dataset"
+            raise UserError(f"--data {getattr(args, 'data', None)!r} could not be read as a dataset"
                             + (f": {_last_line(cause)}" if cause is not None else "")) from None
     return run
 
