@@ -113,6 +113,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("lowrank_vit/nn/factorized.py", "return x.index_select(-1, self.rows) @ self.values",
            "return x.index_select(-1, self.rows) @ self.values * 0.99", ("tests/test_compensate.py",),
            "a structured Z's forward 1% off its dense form"),
+    Mutant(CO, "HR.pow(2) / torch.diagonal(H)", "HR.pow(4) / torch.diagonal(H)", ("tests/test_compensate.py",),
+           "the sparse Z's support ranked by the fourth power of the single-entry gains"),
     Mutant(CO, "root = s[:q].sqrt()", "root = s[:q].sqrt() * 1.01", ("tests/test_compensate.py",),
            "the low-rank Z's factors 2% too large"),
     Mutant(CO, "return H, HR, HR.pow(2) / torch.diagonal(H).clamp_min(torch.finfo(torch.float64).tiny)[:, None]",

@@ -77,11 +77,11 @@ def test_support_values_are_optimal(kind):
             z.values.copy_(saved)
 
 
-def test_sparse_support_is_the_entries_whose_single_fit_helps_most():
+@pytest.mark.parametrize(("seed", "nnz"), [(3, 5), (4, 12), (5, 20)])
+def test_sparse_support_is_the_entries_whose_single_fit_helps_most(seed, nnz):
     """The "sparse" kind keeps the entries that, each fitted alone, reduce eq. (10) the most: measured here by fitting
     every single entry of a small layer on its own (a heuristic for the joint choice, exact one entry at a time)."""
-    images, W, H, R, problem = setup_problem(rank=2, k=8, m=6, n=64, seed=3)
-    nnz = 5
+    images, W, H, R, problem = setup_problem(rank=2, k=8, m=6, n=64, seed=seed)
     z = closed_form_z("sparse", problem, nnz)
     reductions = torch.empty(R.shape, dtype=torch.float64)
     base = weighted_error(-R, H, images.shape[0])
