@@ -164,6 +164,12 @@ class _Setup:
     """Name -> dense module replaced as a whole (its linears are then not in ``layers``); empty for most methods."""
 
 
+def check_target(model: nn.Module, config: CompressionConfig) -> None:
+    """Raise the ValueError ``compress`` would raise before calibrating (an unreachable target, a compressed or
+    unsupported model), without any data: for callers that load data before compressing (the CLI)."""
+    _setup(model, config, {})
+
+
 def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[str, Any]) -> _Setup:
     if config is None:
         config = CompressionConfig(**overrides)

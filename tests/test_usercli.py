@@ -768,3 +768,12 @@ def test_data_errors_name_the_flags_not_the_library_fields(compressed_plain, wor
     code, _, err = _run(capsys, "evaluate", compressed_plain, "--data", one, "--workers", "0")
     _assert_one_line_error(code, err, "--label-column")
     assert "label_column=" not in err
+
+
+def test_an_unreachable_target_is_refused_before_the_data(tmp_path, capsys):
+    for budget, needle in ((["--target-params", "99999999"], "is not below the model's"),
+                           (["--reduction", "0.999"], "largest reachable reduction")):
+        code, _, err = _run(capsys, "compress", ARCH, "--no-pretrained", "--model-kwargs", json.dumps(KWARGS),
+                            "--input-size", str(SIZE), "--data", tmp_path / "nowhere", *budget,
+                            "--output", tmp_path / "o")
+        _assert_one_line_error(code, err, needle)  # not "--data ... does not exist": the data is not read yet

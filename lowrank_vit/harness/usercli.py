@@ -768,7 +768,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_vit.nn.adapters import count_params
     from lowrank_vit.nn.comcat import FactorizedAttention
     from lowrank_vit.nn.factorized import FactorizedLinear
-    from lowrank_vit.pipeline import compress
+    from lowrank_vit.pipeline import check_target, compress
 
     device = resolve_device(args.device)
     cfg = compression_config(args, device)  # bad options fail before anything is loaded
@@ -780,6 +780,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if any(isinstance(m, (FactorizedLinear, FactorizedAttention)) for m in source.model.modules()):  # before the data
         raise UserError(f"{args.model!r} is already compressed: compress the dense model (a timm name, with "
                         f"--checkpoint for your weights) to another ratio instead")
+    try:  # an unreachable target, before the data and the dense evaluation
+        check_target(source.model, cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     try:  # before any calibration: a model that cannot be written and read back would cost the whole run
         check_rebuildable(source.model)
     except ValueError as err:
