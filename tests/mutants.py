@@ -173,6 +173,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "out = out + proj.weight.detach().double() @ attn.qkv.bias.detach().double()[2 * attn_dim:]", "out = out",
            ("tests/test_methods.py",), "COMCAT dropping the value bias folded into the output bias"),
     # quantization, checkpoints, surgery, budgets
+    Mutant("lowrank_vit/nn/quantize.py", 'found[prefix + "weight"] = (module.weight, 0)',
+           'found[prefix + "weight"] = (module.weight, 1)', ("tests/test_quantize.py",),
+           "dense weights quantized per input column instead of per output channel"),
     Mutant("lowrank_vit/nn/quantize.py", "zero_point = torch.round(-lo / scale)",
            "zero_point = torch.floor(-lo / scale)", ("tests/test_methods.py",), "eq. (16)'s zero point floored"),
     Mutant("lowrank_vit/nn/quantize.py",

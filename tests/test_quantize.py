@@ -187,3 +187,17 @@ def test_deit_b_is_165_1_mib_at_fp16():
     assert count_params(model) == 86_567_656
     assert round(model_size_mib(model), 1) == 165.1
     assert model_size_mib(model) == pytest.approx(86_567_656 * 2 / 2**20)
+
+
+def test_every_output_channel_of_a_dense_layer_gets_its_own_scale():
+    """Eq. (16) per output channel: rows of very different magnitudes (1 down to 1e-4, as a head's rows can be) each
+    keep the 8-bit error bound of their own range. One scale per input column would round the small rows to 0."""
+    layer = torch.nn.Linear(8, 5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+                           * torch.logspace(0, -4, 5)[:, None])
+    before = layer.weight.detach().clone()
+    record = quantize_(torch.nn.Sequential(layer), bits=8, include_dense=True)
+    assert record["0.weight"]["axis"] == 0
+    span = before.amax(dim=1).clamp(min=0) - before.amin(dim=1).clamp(max=0)
+    assert bool(((layer.weight - before).abs().amax(dim=1) <= span / 255 / 2 * 1.001).all())
