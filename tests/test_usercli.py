@@ -602,8 +602,8 @@ def test_outputs_inside_or_around_the_input_are_refused_before_any_work(compress
     for argv, needle in (
             (["finetune", compressed_plain, "--output", compressed_plain / "sub"], "inside the input directory"),
             (["finetune", compressed_plain, "--output", compressed_plain.parent, "--force"], "holds the input"),
-            (["export", compressed_plain, "--output", weights, "--force"], "inside the model directory"),
-            (["export", compressed_plain, "--output", compressed_plain / "m.onnx"], "inside the model directory")):
+            (["export", compressed_plain, "--output", weights, "--force"], "inside the input directory"),
+            (["export", compressed_plain, "--output", compressed_plain / "m.onnx"], "inside the input directory")):
         extra = ["--data", tmp_path / "nowhere", "--epochs", "1"] if argv[0] == "finetune" else []
         code, _, err = _run(capsys, *argv, *extra)
         _assert_one_line_error(code, err, needle)

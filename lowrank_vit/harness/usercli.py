@@ -626,7 +626,7 @@ def _check_apart(out: Path, protect: Path) -> None:
         raise UserError(f"--output {str(out)!r} is the input directory: give a new one (the input is never "
                         f"overwritten)")
     if p in o.parents:
-        raise UserError(f"--output {str(out)!r} lies inside the input directory {str(protect)!r}: give a directory "
+        raise UserError(f"--output {str(out)!r} lies inside the input directory {str(protect)!r}: give an output "
                         f"outside it (the input is never written)")
     if o in p.parents:
         raise UserError(f"--output {str(out)!r} holds the input directory {str(protect)!r}: give another one (the "
@@ -766,8 +766,6 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_vit.io.surgery import check_rebuildable
     from lowrank_vit.nn.adapters import count_params
-    from lowrank_vit.nn.comcat import FactorizedAttention
-    from lowrank_vit.nn.factorized import FactorizedLinear
     from lowrank_vit.pipeline import check_target, compress
 
     device = resolve_device(args.device)
@@ -777,10 +775,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     source = load_source(args)
-    if any(isinstance(m, (FactorizedLinear, FactorizedAttention)) for m in source.model.modules()):  # before the data
-        raise UserError(f"{args.model!r} is already compressed: compress the dense model (a timm name, with "
-                        f"--checkpoint for your weights) to another ratio instead")
-    try:  # an unreachable target, before the data and the dense evaluation
+    try:  # an unreachable target or an already compressed model, before the data and the dense evaluation
         check_target(source.model, cfg)
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -1028,9 +1023,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UserError(f"--output {str(out)!r} is a directory: give the .onnx file to write")
     _check_parents(out)
-    if directory.resolve() in out.resolve().parents:
-        raise UserError(f"--output {str(out)!r} lies inside the model directory {args.model!r}: write the ONNX file "
-                        f"elsewhere (the input is never written)")
+    _check_apart(out, directory)
     if out.exists() and not args.force:
         raise UserError(f"--output {str(out)!r} exists: give --force to replace it")
     if out.exists() and out.suffix.lower() != ".onnx":
