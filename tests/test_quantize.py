@@ -201,3 +201,20 @@ def test_every_output_channel_of_a_dense_layer_gets_its_own_scale():
     assert record["0.weight"]["axis"] == 0
     span = before.amax(dim=1).clamp(min=0) - before.amin(dim=1).clamp(max=0)
     assert bool(((layer.weight - before).abs().amax(dim=1) <= span / 255 / 2 * 1.001).all())
+
+
+def test_comcat_head_factors_get_one_scale_per_output_row():
+    """COMCAT's per-head factors (q/k/v/o_weight: one row per output channel) are quantized per row like any weight:
+    rows scaled from 1 down to 1e-4 each keep their own 8-bit bound."""
+    from lowrank_vit.nn.comcat import FactorizedAttention
+
+    model = make_tiny_vit()
+    compress(model, [make_images(16)], decomposition="comcat", reduction=0.3, calib_samples=16, progress=False)
+    attention = next(m for m in model.modules() if isinstance(m, FactorizedAttention))
+    with torch.no_grad():
+        rows = attention.q_weight.shape[0]
+        attention.q_weight.mul_(torch.logspace(0, -4, rows)[:, None])
+    before = attention.q_weight.detach().clone()
+    quantize_(model, bits=8)
+    span = before.amax(dim=1).clamp(min=0) - before.amin(dim=1).clamp(max=0)
+    assert bool(((attention.q_weight - before).abs().amax(dim=1) <= span / 255 / 2 * 1.001).all())
