@@ -78,3 +78,16 @@ def test_malformed_references(bad):
     with pytest.raises(ValueError, match="not a hub reference"):
         parse_reference(bad)
     assert parse_reference("hf-hub:a/b@v1") == ("a/b", "v1")
+
+
+def test_the_cli_says_why_an_unreachable_hub_model_could_not_be_loaded(tmp_path, monkeypatch, capsys):
+    """Offline, an hf-hub: name is neither a cached model directory nor a timm model: the hub's reason (offline, go
+    online or set HF_TOKEN) is what the user reads, not only timm's "no model"."""
+    from lowrank_vit.harness import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code = cli.main(["evaluate", "hf-hub:someone/absent", "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot get hf-hub:someone/absent from the Hugging Face hub" in err and "HF_HUB_OFFLINE" in err

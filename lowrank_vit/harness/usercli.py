@@ -431,13 +431,19 @@ def load_source(args: argparse.Namespace) -> Source:
     from lowrank_vit.io.surgery import PLAN_FILE
 
     if is_hub_reference(args.model):
+        unreachable = None
         try:
             snapshot = download(args.model)
-        except FileNotFoundError:
-            snapshot = None  # not reachable as a model directory: timm may still know it (or say why not)
+        except FileNotFoundError as err:
+            snapshot, unreachable = None, err  # not reachable as a model directory: timm may still know it
         if snapshot is not None and (snapshot / PLAN_FILE).is_file():
             return _directory_source(args, snapshot)
-        return _timm_source(args)
+        try:
+            return _timm_source(args)
+        except Exception as err:  # timm could not build it either: the hub's reason is the one to read
+            if unreachable is None or not isinstance(err, (ValueError, FileNotFoundError, RuntimeError)):
+                raise
+            raise UserError(f"{unreachable} (timm could not build it either: {_last_line(err)})") from None
     path = Path(args.model).expanduser()
     if path.is_dir():
         return _directory_source(args, path)
