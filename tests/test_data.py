@@ -438,3 +438,11 @@ def test_ddp_spawn_shards_the_training_set(tmp_path: Path):
         assert kind == "DistributedSampler"
         shards.append(set(map(int, indices.split())))
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(4000))  # Lightning's sampler, disjoint
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), (0.5, 0.5, 0.5, 0.5, 0.5)])
+def test_mean_and_std_name_what_is_wrong_with_them(value):
+    from lowrank_vit.stages.data_config import check_preprocessing
+
+    with pytest.raises(ValueError, match=r"std must be one finite number or one per channel \(at most 4\)"):
+        check_preprocessing({"std": value})

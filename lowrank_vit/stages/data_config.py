@@ -68,7 +68,7 @@ def check_preprocessing(fields: dict[str, Any]) -> dict[str, Any]:
             values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
             if not values or len(values) > 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                         and math.isfinite(v) for v in values):
-                raise ValueError(f"{key} must be one number or one per channel, got {value!r}")
+                raise ValueError(f"{key} must be one finite number or one per channel (at most 4), got {value!r}")
             if key == "std" and min(values) <= 0:
                 raise ValueError(f"std must be positive, got {value!r}")
             out[key] = tuple(float(v) for v in values)
