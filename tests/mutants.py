@@ -173,6 +173,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "out = out + proj.weight.detach().double() @ attn.qkv.bias.detach().double()[2 * attn_dim:]", "out = out",
            ("tests/test_methods.py",), "COMCAT dropping the value bias folded into the output bias"),
     # quantization, checkpoints, surgery, budgets
+    Mutant("lowrank_vit/nn/quantize.py", "if not 2 <= bits <= 16:", "if not 2 <= bits < 16:",
+           ("tests/test_quantize.py",), "16-bit quantization refused"),
     Mutant("lowrank_vit/nn/quantize.py", "found[prefix + leaf] = (getattr(module, leaf), 0)",
            "found[prefix + leaf] = (getattr(module, leaf), 1)", ("tests/test_quantize.py",),
            "COMCAT's head factors quantized per input column instead of per output row"),

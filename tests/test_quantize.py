@@ -89,8 +89,12 @@ def test_baseline_size_accounting_matches_table4():
 
 
 def test_bits_out_of_range():
-    with pytest.raises(ValueError, match="bits"):
-        quantize_tensor(torch.randn(3, 3), 1, 0)
+    for bits in (1, 17, 32):
+        with pytest.raises(ValueError, match="bits must be between 2 and 16"):
+            quantize_tensor(torch.randn(3, 3), bits, 0)
+    for bits in (2, 16):  # both ends are valid widths, and codes above 8 bits need a wider integer than uint8
+        q = quantize_tensor(torch.randn(3, 3), bits, 0)
+        assert int(q.codes.max()) <= 2**bits - 1 and q.codes.dtype == (torch.uint8 if bits <= 8 else torch.int32)
 
 
 def independent_scale(tensor: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
