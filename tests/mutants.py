@@ -173,6 +173,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "out = out + proj.weight.detach().double() @ attn.qkv.bias.detach().double()[2 * attn_dim:]", "out = out",
            ("tests/test_methods.py",), "COMCAT dropping the value bias folded into the output bias"),
     # quantization, checkpoints, surgery, budgets
+    Mutant("lowrank_vit/nn/quantize.py", 'found[prefix + "G"] = (module.G, 1)', 'found[prefix + "G"] = (module.G, 0)',
+           ("tests/test_quantize.py",), "a low-rank Z's G quantized per input row instead of per output column"),
+    Mutant("lowrank_vit/nn/quantize.py", 'found[prefix + "values"] = (module.values, 1)',
+           'found[prefix + "values"] = (module.values, 0)', ("tests/test_quantize.py",),
+           "a structured Z's values quantized per kept row instead of per output column"),
     Mutant("lowrank_vit/nn/quantize.py", "if not 2 <= bits <= 16:", "if not 2 <= bits < 16:",
            ("tests/test_quantize.py",), "16-bit quantization refused"),
     Mutant("lowrank_vit/nn/quantize.py", "found[prefix + leaf] = (getattr(module, leaf), 0)",

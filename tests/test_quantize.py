@@ -222,3 +222,25 @@ def test_comcat_head_factors_get_one_scale_per_output_row():
     quantize_(model, bits=8)
     span = before.amax(dim=1).clamp(min=0) - before.amin(dim=1).clamp(max=0)
     assert bool(((attention.q_weight - before).abs().amax(dim=1) <= span / 255 / 2 * 1.001).all())
+
+
+@pytest.mark.parametrize("compensation, leaf, axis", [("lowrank", "z.G", 1), ("lowrank", "z.Y", 0),
+                                                      ("structured", "z.values", 1)])
+def test_z_factors_get_one_scale_per_output_channel(compensation, leaf, axis):
+    """A Z's parameters are quantized per output channel of what they compute (G: x G's columns; Y: rows; a
+    structured Z's values: its output columns): channels scaled from 1 down to 1e-4 each keep their own 8-bit bound,
+    which one scale per channel of the other axis would not."""
+    model = make_tiny_vit()
+    compress(model, [make_images(32)], recipe("paper", reduction=0.5, compensation=compensation, progress=False))
+    name = next(n for n, m in model.named_modules() if isinstance(m, FactorizedLinear))
+    param = model.get_parameter(f"{name}.{leaf}")
+    with torch.no_grad():
+        shape = [1, 1]
+        shape[axis] = -1
+        param.mul_(torch.logspace(0, -4, param.shape[axis]).reshape(shape))
+    before = param.detach().clone()
+    record = quantize_(model, bits=8)
+    assert record[f"{name}.{leaf}"]["axis"] == axis  # finer scales would pass the bound below but not the accounting
+    reduce = 1 - axis
+    span = before.amax(dim=reduce).clamp(min=0) - before.amin(dim=reduce).clamp(max=0)
+    assert bool(((param - before).abs().amax(dim=reduce) <= span / 255 / 2 * 1.001).all())
