@@ -193,6 +193,13 @@ def test_deit_b_is_165_1_mib_at_fp16():
     assert model_size_mib(model) == pytest.approx(86_567_656 * 2 / 2**20)
 
 
+def assert_within_half_a_step(after: torch.Tensor, before: torch.Tensor, axis: int) -> None:
+    """Rounding to 8-bit codes moves every value of a channel by at most half that channel's own step
+    (:func:`independent_scale` of the values before)."""
+    error = (after.detach() - before).abs().double().movedim(axis, 0).flatten(1).amax(dim=1)
+    assert bool((error <= independent_scale(before, 8, axis) / 2 * 1.001).all())
+
+
 def test_every_output_channel_of_a_dense_layer_gets_its_own_scale():
     """Eq. (16) per output channel: rows of very different magnitudes (1 down to 1e-4, as a head's rows can be) each
     keep the 8-bit error bound of their own range. One scale per input column would round the small rows to 0."""
@@ -203,8 +210,7 @@ def test_every_output_channel_of_a_dense_layer_gets_its_own_scale():
     before = layer.weight.detach().clone()
     record = quantize_(torch.nn.Sequential(layer), bits=8, include_dense=True)
     assert record["0.weight"]["axis"] == 0
-    span = before.amax(dim=1).clamp(min=0) - before.amin(dim=1).clamp(max=0)
-    assert bool(((layer.weight - before).abs().amax(dim=1) <= span / 255 / 2 * 1.001).all())
+    assert_within_half_a_step(layer.weight, before, axis=0)
 
 
 def test_comcat_head_factors_get_one_scale_per_output_row():
@@ -220,8 +226,7 @@ def test_comcat_head_factors_get_one_scale_per_output_row():
         attention.q_weight.mul_(torch.logspace(0, -4, rows)[:, None])
     before = attention.q_weight.detach().clone()
     quantize_(model, bits=8)
-    span = before.amax(dim=1).clamp(min=0) - before.amin(dim=1).clamp(max=0)
-    assert bool(((attention.q_weight - before).abs().amax(dim=1) <= span / 255 / 2 * 1.001).all())
+    assert_within_half_a_step(attention.q_weight, before, axis=0)
 
 
 @pytest.mark.parametrize("compensation, leaf, axis", [("lowrank", "z.G", 1), ("lowrank", "z.Y", 0),
@@ -241,6 +246,4 @@ def test_z_factors_get_one_scale_per_output_channel(compensation, leaf, axis):
     before = param.detach().clone()
     record = quantize_(model, bits=8)
     assert record[f"{name}.{leaf}"]["axis"] == axis  # finer scales would pass the bound below but not the accounting
-    reduce = 1 - axis
-    span = before.amax(dim=reduce).clamp(min=0) - before.amin(dim=reduce).clamp(max=0)
-    assert bool(((param - before).abs().amax(dim=reduce) <= span / 255 / 2 * 1.001).all())
+    assert_within_half_a_step(param, before, axis)
