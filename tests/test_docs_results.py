@@ -187,6 +187,28 @@ def test_gpu_tables_are_the_committed_benchmarks():
                                               f"{row['speedup']:.2f}x"], (model, precision)
 
 
+def test_h200_statistics_table_is_the_committed_benchmarks():
+    """benchmarks/README.md's before/after table of the loss-aware statistics' host reads is the four committed H200
+    JSONs, cell for cell, each naming the card it ran on."""
+    text = (ROOT / "benchmarks/README.md").read_text()
+    results = ROOT / "benchmarks/results"
+    models = {"DeiT-S": "deit_small", "DeiT-B": "deit_base"}
+    rows = _section(text, "Measured on one lent H200 in one session, the code before")
+    for model, recipe, code, forward, statistics, decomposition, allocation, whole, ratio in rows:
+        suffix = {"before": "_before", "after": ""}[code]
+        bench = json.loads((results / f"compress_time_{models[model]}_cuda_h200{suffix}.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H200") and bench["environment"]["device"] == "cuda"
+        row = {r["recipe"]: r for r in bench["rows"]}[recipe]
+        assert [forward, statistics, decomposition, allocation, whole] == [
+            f"{row[k]:.2f} s" for k in ("calibration_forward_s", "statistics_s", "decomposition_s", "allocation_s",
+                                        "total_s")], (model, recipe, code)
+        runs = ", ".join(f"{r + 1:.1f}" for r in row["overhead_ratio_runs"])
+        assert ratio == f"{row['overhead_ratio'] + 1:.1f}x ({runs})", (model, recipe, code)
+    assert [(model, recipe, code) for model, recipe, code, *_ in rows] == [
+        (m, r, c) for m, r in (("DeiT-S", "loss-aware"), ("DeiT-S", "paper"), ("DeiT-B", "loss-aware"))
+        for c in ("before", "after")]
+
+
 def test_distillation_tables_are_the_committed_results():
     """docs/loss_aware.md's fine-tune tables (cross-entropy against distillation, with and without training the
     factors, and the 600-step check) are finetune_tables() of the committed results, verbatim, and every cell of the

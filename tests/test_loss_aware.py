@@ -225,6 +225,30 @@ def test_nan_images_and_dead_gradients_are_clear_errors():
         compress(model, [make_images(8)], cfg(reduction=0.5))
 
 
+@pytest.mark.parametrize("fisher_labels", ["sampled", "given"])
+@pytest.mark.parametrize("grad_images", [None, 4])
+def test_non_finite_values_after_the_first_micro_batch_name_where_they_start(fisher_labels, grad_images):
+    """The finiteness checks read the running sums once, after the first micro-batch and after the pass: a NaN that
+    starts in a later batch (past grad_images too, where no backward runs) still stops the pass, and the error names
+    the first layer it reached, or the logits when only the head makes it."""
+    layers = lambda m: {n: mod for n, mod in m.named_modules() if n.startswith("blocks.") and  # noqa: E731
+                        isinstance(mod, torch.nn.Linear)}
+    labels = torch.arange(8) % 10
+    late = make_images(8, seed=1)
+    late[5, 0, 3, 3] = 3e38  # finite (the loader's check lets it through); the first norm's variance overflows
+    model = make_tiny_vit()
+    batches = [(make_images(8), labels), (late, labels)]
+    with pytest.raises(ValueError, match=r"non-finite activations \(NaN or inf\) reach layer blocks\.0\.attn\.qkv "
+                                         r"during the loss-aware calibration"):
+        collect_loss_statistics(model, layers(model), batches, 16, labels=fisher_labels, progress=False,
+                                micro_batch=4, grad_images=grad_images)
+    with torch.no_grad():
+        model.head.bias[2] = float("inf")  # every block finite, the logits not
+    with pytest.raises(ValueError, match=r"calibration batch 0: the model's logits are NaN or inf"):
+        collect_loss_statistics(model, layers(model), batches[:1], 8, labels=fisher_labels, progress=False,
+                                micro_batch=4, grad_images=grad_images)
+
+
 def test_sgd_solver_is_refused():
     with pytest.raises(ValueError, match="solver='closed_form'"):
         CompressionConfig(reduction=0.5, decomposition="loss_aware", compensation="lowrank", solver="sgd")

@@ -59,11 +59,15 @@ _NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of t
 _OPTIONS = "use fisher_labels='sampled' or 'given', or the paper's recipe (decomposition='whitened')"
 
 
-def _energy(values: torch.Tensor) -> float:
-    """Sum of squares of every entry: per-row norms in the tensor's own precision, summed in float64 (no float64
-    copy of a whole batch of activations; see ``calibration.squared_norms``)."""
+def _energy(values: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of every entry, a float64 scalar left on the values' device. On a CPU: per-row norms in the
+    tensor's own precision, summed in float64 (``calibration.squared_norms``: a float64 copy of a whole batch cost
+    ~10% of the pass there, and its overflow check is a free host read). On an accelerator: in float64 outright (a
+    copy costs microseconds there, while a host read would stall the queue of kernels at every layer)."""
     flat = values.detach().reshape(1, -1, values.shape[-1])
-    return float(squared_norms(flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).sum())
+    if flat.device.type != "cpu":
+        return torch.linalg.vector_norm(flat, dtype=torch.float64).square()
+    return squared_norms(flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).sum()
 
 
 def _logits(output: object) -> torch.Tensor:
@@ -82,10 +86,13 @@ def _check_classifier(model: nn.Module) -> None:
 
 
 def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generator: torch.Generator,
-            start: int = 0) -> torch.Tensor:
-    """The labels of the images ``start .. start + len(logits)`` of calibration batch ``index``."""
+            start: int = 0) -> torch.Tensor | None:
+    """The labels of the images ``start .. start + len(logits)`` of calibration batch ``index``; None where sampled
+    labels meet non-finite logits (the caller says where they came from)."""
     if mode == "sampled":  # y ~ p(. | x): one draw per image from the model's own prediction
-        probs = torch.softmax(logits.detach().double(), dim=1).cpu()
+        probs = torch.softmax(logits.detach().double(), dim=1).cpu()  # on the host anyway: its check costs nothing
+        if not bool(torch.isfinite(probs).all()):
+            return None
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
     try:
         labels = labels_from_batch(batch, index)
@@ -93,19 +100,17 @@ def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generato
         raise ValueError(f"fisher_labels='given' needs labelled calibration batches ((images, labels) or a dict with "
                          f"one of {LABEL_KEYS}); batch {index} has none: use fisher_labels='sampled' "
                          "(no labels needed)") from None
-    labels = labels[start: start + logits.shape[0]].to(logits.device)
+    labels = labels[start: start + logits.shape[0]]
     _check_labels(labels, logits.shape[0], index)
-    if not labels.is_floating_point() and labels.numel() and (
+    if not labels.is_floating_point() and labels.numel() and (  # checked where the loader left them (the host)
             int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
         raise ValueError(f"calibration batch {index}: labels must lie in [0, {logits.shape[1]}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
-    return labels
+    return labels.to(logits.device)
 
 
-def _check_logits(logits: torch.Tensor, index: int) -> torch.Tensor:
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
-    return logits
+def _nonfinite_logits(index: int) -> ValueError:
+    return ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
 
 
 def collect_loss_statistics(
@@ -196,7 +201,8 @@ def collect_loss_statistics(
 
     h_sums = {n: zeros(lin.out_features if n in output_side else lin.in_features) for n, lin in layers.items()}
     g_sums = {n: zeros(lin.in_features if n in grad_input_side else lin.out_features) for n, lin in layers.items()}
-    traces = dict.fromkeys(layers, 0.0)  # tr(H) of output-side layers, tr(G) of grad-input-side layers
+    # tr(H) of output-side layers, tr(G) of grad-input-side layers: float64 sums on the device, read once at the end
+    traces = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
     centred = {n for n, lin in layers.items() if center and lin.bias is not None}
     token_sums = {n: torch.zeros(layers[n].in_features, dtype=torch.float64, device=device) for n in centred}
     rows = dict.fromkeys(layers, 0)
@@ -204,6 +210,7 @@ def collect_loss_statistics(
     scratch = Scratch()
     products: dict[tuple[int, str], torch.Tensor] = {}
     mode = {"backward_hooks": True}  # False: g W from output-gradient hooks (see the retry below)
+    logits_finite: list[tuple[int, torch.Tensor]] = []  # (batch index, flag on the device) of every micro-batch
 
     def accumulate(name: str, sums: dict[str, torch.Tensor], side: str, values: torch.Tensor) -> None:
         flat = values.detach().reshape(-1, values.shape[-1])
@@ -214,11 +221,24 @@ def collect_loss_statistics(
         if product is None:  # blocks below the diagonal stay zero (see upper_gram_)
             product = products[(width, side)] = torch.zeros(width, width, dtype=product_dtype, device=flat.device)
         upper_gram_(product, cast)
-        if not bool(torch.isfinite(product.diagonal()).all()):
-            what = "activations" if side == "input" else "loss gradients"
-            raise ValueError(f"non-finite {what} (NaN or inf) reach layer {name} during the loss-aware calibration; "
-                             f"check the model and the data, or {_OPTIONS}")
-        sums[name] += product
+        sums[name] += product  # a NaN or inf stays in the sum's diagonal (sums of squares): see check_finite
+
+    def check_finite() -> None:
+        """Raise on the first non-finite value the pass has met, in the order a forward and backward pass meets
+        them: a layer's inputs, the logits, a layer's loss gradients. One host read for every layer and batch
+        (checking each product as it is formed stalled a GPU's queue of kernels at every layer)."""
+        def layer(what: str, name: str) -> str:
+            return (f"non-finite {what} (NaN or inf) reach layer {name} during the loss-aware calibration; check the "
+                    f"model and the data, or {_OPTIONS}")
+
+        checks = [(layer("activations", name), torch.isfinite(sums.diagonal()).all()) for name, sums in h_sums.items()]
+        checks += [(str(_nonfinite_logits(index)), finite) for index, finite in logits_finite]
+        checks += [(layer("loss gradients", name), torch.isfinite(sums.diagonal()).all())
+                   for name, sums in g_sums.items()]
+        for (message, _), finite in zip(checks, torch.stack([flag for _, flag in checks]).tolist(), strict=True):
+            if not finite:
+                raise ValueError(message)
+        logits_finite.clear()  # checked: later checks read the sums alone for the batches before this one
 
     def make_hook(name: str):
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -277,11 +297,16 @@ def collect_loss_statistics(
                                                                                      grad_images - with_grad))
                     if backward < part.shape[0]:  # past grad_images: forward only, H alone
                         with torch.no_grad():
-                            _check_logits(_logits(model(part[backward:])), index)
+                            logits = _logits(model(part[backward:]))
+                            logits_finite.append((index, torch.isfinite(logits).all()))
                     if backward:
                         part = part[:backward].requires_grad_(True)
-                        logits = _check_logits(_logits(model(part)), index)
+                        logits = _logits(model(part))
+                        logits_finite.append((index, torch.isfinite(logits).all()))
                         target = _labels(batch, index, logits, labels, generator, start)
+                        if target is None:  # sampled labels from NaN logits: say where the NaN came from
+                            check_finite()
+                            raise _nonfinite_logits(index)
                         target = target.to(logits.dtype) if target.is_floating_point() else target
                         logits = logits if logits.dtype == torch.float64 else logits.float()
                         loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
@@ -289,6 +314,7 @@ def collect_loss_statistics(
                         with_grad += backward
                     if not produced:
                         unreached(name for name, n in rows.items() if n == 0)
+                        check_finite()  # bad data fails on its first micro-batch, not after the whole pass
                         first.clear()  # the first micro-batch went through: no retry needs it again
                     produced += images[start: start + micro_batch].shape[0]
                     bar.update(images[start: start + micro_batch].shape[0])
@@ -316,10 +342,14 @@ def collect_loss_statistics(
         for sums in (h_sums, g_sums, token_sums):
             for tensor in sums.values():
                 tensor.zero_()
-        traces.update(dict.fromkeys(layers, 0.0))
+        for tensor in traces.values():
+            tensor.zero_()
         rows.update(dict.fromkeys(layers, 0))
         seen_grad.update(dict.fromkeys(layers, False))
+        logits_finite.clear()
         produced, with_grad = one_pass(itertools.chain(list(first), source))
+    check_finite()
+    traces = dict(zip(traces, torch.stack(list(traces.values())).tolist(), strict=True))  # one host read for all
 
     stats: dict[str, LayerStats] = {}
     for name, layer in layers.items():
