@@ -140,8 +140,8 @@ def test_checkpoint_and_quantization_of_a_cuda_model(tmp_path):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0, msg=name)
 
 
-def test_cli_compress_device_cuda_matches_cpu(tmp_path, capsys):
-    """``lowrank-vit compress --device cuda``: test_usercli's image folder and weights, the CPU's ranks and sizes."""
+def _cli_workdir(tmp_path) -> list[str]:
+    """test_usercli's image folder and weights under ``tmp_path``; returns the model arguments of ``compress``."""
     import timm
     from PIL import Image
     from safetensors.torch import save_file
@@ -154,12 +154,22 @@ def test_cli_compress_device_cuda_matches_cpu(tmp_path, capsys):
     save_file(timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS).state_dict(),
               str(tmp_path / "weights.safetensors"),
               metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
+    return _model_args(tmp_path)
+
+
+def _cli_compress(capsys, tmp_path, model_args: list[str], device: str) -> None:
+    code, _, err = cli(capsys, "compress", *model_args, "--data", str(tmp_path / "imgs"), "--workers", "0",
+                       "--calib-samples", "16", "--quiet", "--reduction", "0.3", "--device", device,
+                       "--output", str(tmp_path / device))
+    assert code == 0, err
+
+
+def test_cli_compress_device_cuda_matches_cpu(tmp_path, capsys):
+    """``lowrank-vit compress --device cuda``: test_usercli's image folder and weights, the CPU's ranks and sizes."""
+    model_args = _cli_workdir(tmp_path)
     reports = {}
     for device in ("cpu", "cuda"):
-        code, _, err = cli(capsys, "compress", *_model_args(tmp_path), "--data", str(tmp_path / "imgs"),
-                           "--workers", "0", "--calib-samples", "16", "--quiet", "--reduction", "0.3",
-                           "--device", device, "--output", str(tmp_path / device))
-        assert code == 0, err
+        _cli_compress(capsys, tmp_path, model_args, device)
         reports[device] = json.loads((tmp_path / device / "report.json").read_text())
     cpu, gpu = reports["cpu"], reports["cuda"]
     assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
@@ -167,3 +177,35 @@ def test_cli_compress_device_cuda_matches_cpu(tmp_path, capsys):
     assert [layer["rank"] for layer in gpu["layers"]] == [layer["rank"] for layer in cpu["layers"]]
     assert gpu["accuracy"]["after"]["images"] == cpu["accuracy"]["after"]["images"] == 6
     assert abs(gpu["accuracy"]["after"]["top1"] - cpu["accuracy"]["after"]["top1"]) <= 100 / 6 + 1e-9  # one image
+
+
+def test_cli_finetune_evaluate_export_after_cuda(tmp_path, capsys):
+    """The rest of a practitioner's path on the GPU: ``finetune --device cuda`` of a directory compressed there (bf16
+    mixed precision, distillation from the dense model rebuilt from what compress recorded) moves the trained
+    parameters and no factor; ``evaluate --device cuda`` agrees with the CPU's on the result; ``export`` runs it in
+    onnxruntime against PyTorch."""
+    from safetensors.torch import load_file
+
+    _cli_compress(capsys, tmp_path, _cli_workdir(tmp_path), "cuda")
+    code, _, err = cli(capsys, "finetune", str(tmp_path / "cuda"), "--data", str(tmp_path / "imgs"), "--workers", "0",
+                       "--epochs", "1", "--batch-size", "8", "--lr", "1e-2", "--precision", "bf16-mixed",
+                       "--distill", "0.5", "--device", "cuda", "--quiet", "--output", str(tmp_path / "ft"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["finetune"]["steps"] == 3 and report["finetune"]["precision"] == "bf16-mixed"
+    before, after = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cuda", "ft"))
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "head.weight" in moved and not any(k.endswith((".U", ".V")) for k in moved), sorted(moved)
+    results = {}
+    for device in ("cpu", "cuda"):
+        code, out, err = cli(capsys, "evaluate", str(tmp_path / "ft"), "--data", str(tmp_path / "imgs"),
+                             "--workers", "0", "--json", "--latency-batches", "--device", device, "--quiet")
+        assert code == 0, err
+        results[device] = json.loads(out)
+    assert results["cuda"]["device"].startswith("cuda") and results["cpu"]["device"] == "cpu"
+    assert results["cuda"]["images"] == results["cpu"]["images"] == 6
+    assert abs(results["cuda"]["top1"] - results["cpu"]["top1"]) <= 100 / 6 + 1e-9  # one image of six
+    code, _, err = cli(capsys, "export", str(tmp_path / "ft"), "--output", str(tmp_path / "m.onnx"), "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "m.onnx").stat().st_size > 0
