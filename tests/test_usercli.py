@@ -168,6 +168,7 @@ def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
     assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     # same split, same preprocessing: the same accuracy compress measured right after compressing
     assert result["top1"] == pytest.approx(report["accuracy"]["after"]["top1"])
+    assert result["classes"] == report["accuracy"]["after"]["classes"] == CLASSES
     assert result["params"] == report["params"]["after"]
     assert set(result["latency_ms"]) == {"1", "32"} and all(v > 0 for v in result["latency_ms"].values())
     assert result["size_mib"] > 0
@@ -777,3 +778,20 @@ def test_an_unreachable_target_is_refused_before_the_data(tmp_path, capsys):
                             "--input-size", str(SIZE), "--data", tmp_path / "nowhere", *budget,
                             "--output", tmp_path / "o")
         _assert_one_line_error(code, err, needle)  # not "--data ... does not exist": the data is not read yet
+
+
+def test_top5_is_left_out_where_every_image_is_in_the_top_5():
+    """With 5 classes or fewer top-5 is 100% whatever the model: the CLI's lines and the model card leave it out
+    rather than print a constant; a report from before the class count was recorded keeps its figure."""
+    from lowrank_vit.harness.usercli import _top5_text
+    from lowrank_vit.io.modelcard import render_card
+
+    assert _top5_text({"top5": 100.0, "classes": 3}, ", ") == ""
+    assert _top5_text({"top5": 100.0, "classes": 5}, ", ") == ""
+    assert _top5_text({"top5": 97.1, "classes": 6}, ", ") == ", top-5 97.10%"
+    assert _top5_text({"top5": 97.1}, "(", ")") == "(top-5 97.10%)"
+    for classes, cell in ((3, "—"), (10, "97.10"), (None, "97.10")):
+        metrics = {"top1": 90.0, "top5": 97.1, "images": 50} | ({"classes": classes} if classes else {})
+        card = render_card({"accuracy": {"after": metrics}}, "model")
+        assert f"| after compression | 90.00 | {cell} | 50 |" in card, card
+

@@ -294,12 +294,13 @@ def _millions(value: float | None) -> int | None:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress: bool = True,
              desc: str = "evaluate") -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes) and the image count."""
+    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes), the image count and the number
+    of classes (with 5 or fewer, every image is in the top 5: printers leave that figure out)."""
     from lowrank_vit.core.progress import progress_bar
     from lowrank_vit.stages.finetune import split_batch
 
     model.eval().to(device)
-    correct1 = correct5 = total = 0
+    correct1 = correct5 = total = classes = 0
     with progress_bar(len(loader) if hasattr(loader, "__len__") else 0, desc, "batch", progress) as bar:
         for batch in loader:
             images, labels = split_batch(batch)
@@ -308,7 +309,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
             logits = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("the model produced NaN or inf logits")
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            classes = logits.shape[1]
+            top = logits.topk(min(5, classes), dim=1).indices
             hits = top == labels[:, None]
             correct1 += int(hits[:, 0].sum())
             correct5 += int(hits.any(dim=1).sum())
@@ -316,7 +318,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
             bar.update(1)
     if total == 0:
         raise ValueError("the evaluation split is empty")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total, "classes": classes}
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

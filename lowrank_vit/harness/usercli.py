@@ -762,6 +762,13 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
         raise UserError(str(err)) from None
 
 
+def _top5_text(metrics: dict[str, Any], before: str = "", after: str = "") -> str:
+    """``top-5 97.10%`` between ``before`` and ``after``, or nothing where 5 classes or fewer make it 100% always."""
+    from lowrank_vit.io.modelcard import top5_informative
+
+    return f"{before}top-5 {metrics['top5']:.2f}%{after}" if top5_informative(metrics) else ""
+
+
 def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace, desc: str) -> dict[str, Any]:
     from lowrank_vit.harness.runner import evaluate
 
@@ -879,7 +886,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=_json_default))
     else:
-        print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% "
+        print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
               f"({metrics['images']:,} images)")
         print(f"parameters {result['params']:,}, {result['size_mib']:.2f} MiB")
         for batch, ms in result["latency_ms"].items():
@@ -957,7 +964,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     (stage / RESUME_FILE).unlink(missing_ok=True)
     publish(stage, out)
     print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
-          f"(top-5 {final['top5']:.2f}%, {final['images']:,} images)")
+          f"({_top5_text(final, '', ', ')}{final['images']:,} images)")
     return 0
 
 

@@ -24,12 +24,19 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def top5_informative(metrics: dict[str, Any]) -> bool:
+    """Whether a top-5 figure says anything: not with 5 classes or fewer, where it is 100% whatever the model
+    (reports written before the class count was recorded count as informative)."""
+    return int(metrics.get("classes") or 6) > 5
+
+
 def _accuracy_rows(report: dict[str, Any]) -> list[str]:
     rows = []
     for label, key in (("starting model", "before"), ("after compression", "after"), ("after fine-tuning", "final")):
         metrics = report.get("accuracy", {}).get(key)
-        if metrics:
-            rows.append(f"| {label} | {_fmt(metrics['top1'])} | {_fmt(metrics['top5'])} | {metrics['images']:,} |")
+        if metrics:  # with 5 classes or fewer every image is in the top 5: no figure rather than a constant 100
+            top5 = metrics["top5"] if top5_informative(metrics) else None
+            rows.append(f"| {label} | {_fmt(metrics['top1'])} | {_fmt(top5)} | {metrics['images']:,} |")
     return rows
 
 
