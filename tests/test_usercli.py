@@ -395,7 +395,7 @@ def test_class_count_is_checked_before_calibration(workdir, tmp_path, capsys):
 def test_output_directory_is_never_overwritten_silently(compressed, workdir, tmp_path, capsys):
     plan_before = (compressed / "lowrank_vit.json").read_text()
     code, _, err = _compress(capsys, workdir, compressed, "--reduction", "0.5", "--no-eval")
-    _assert_one_line_error(code, err, "already holds a model", "--force")
+    _assert_one_line_error(code, err, f"already holds a model ({ARCH} from ", "--force")
     assert (compressed / "lowrank_vit.json").read_text() == plan_before
     # a directory with the user's own files is refused even with --force
     mine = tmp_path / "mine"
@@ -641,6 +641,68 @@ def test_force_never_deletes_the_users_files_beside_a_model(compressed_plain):
     (compressed_plain / "NOTES.txt").unlink()
     (compressed_plain / "mydata").rmdir()
     check_output_dir(compressed_plain, force=True)  # a model directory and nothing else: replaceable
+
+
+def test_an_existing_empty_directory_is_a_valid_output(tmp_path):
+    from lowrank_vit.harness.usercli import UserError, check_output_dir
+
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", force=False)  # made beforehand (mkdir -p out/): nothing to overwrite
+    (tmp_path / "notes.txt").write_text("mine")
+    for force in (False, True):  # publishing would move the file aside under a hidden name
+        with pytest.raises(UserError, match="is a file"):
+            check_output_dir(tmp_path / "notes.txt", force=force)
+    (tmp_path / "empty" / "x.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files and no model"):
+        check_output_dir(tmp_path / "empty", force=False)
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_failed_publish_puts_the_previous_model_back(tmp_path, monkeypatch, existing):
+    """The last step of every command moves the finished directory into place; if that move fails, the model the
+    user had there is back where it was, whole, and the error is not swallowed."""
+    import os
+
+    from lowrank_vit.harness import usercli
+
+    out, stage = tmp_path / "model", tmp_path / ".model.partial"
+    stage.mkdir()
+    (stage / "model.safetensors").write_bytes(b"new")
+    if existing:
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"old")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == stage:
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(usercli.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        usercli.publish(stage, out)
+    assert (out / "model.safetensors").read_bytes() == b"old" if existing else not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model"] * existing + [".model.partial"])
+    monkeypatch.setattr(usercli.os, "replace", real)
+    usercli.publish(stage, out)
+    assert (out / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the previous model removed once replaced
+
+
+def test_reports_and_json_output_are_strict_json(tmp_path):
+    """A NaN or infinite figure (an error that overflowed, a latency that was not timed) is written as null:
+    json.dumps alone writes a bare NaN, which jq and browsers refuse."""
+    from lowrank_vit.harness.usercli import _dumps, _write_json
+
+    data = {"error": float("nan"), "layers": [{"rank": 3, "error": float("inf")}], "t": (1.5, -float("inf")),
+            "path": tmp_path, "device": torch.device("cpu")}
+    _write_json(tmp_path / "r.json", data)
+    strict = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert strict == {"error": None, "layers": [{"rank": 3, "error": None}], "t": [1.5, None],
+                      "path": str(tmp_path), "device": "cpu"}
+    assert json.loads(_dumps(data)) == strict
+    with pytest.raises(TypeError, match="not JSON-serializable: object"):
+        _dumps({"x": object()})
 
 
 # ----------------------------------------------------------------------------------- resuming, reports, data

@@ -700,14 +700,28 @@ def publish(stage: Path, out: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    path.write_text(_dumps(data, indent=2) + "\n")
+
+
+def _dumps(data: Any, **kwargs: Any) -> str:
+    """Strict JSON (what jq and browsers read): a NaN or infinite float becomes null, which ``json.dumps`` would
+    otherwise write as a bare ``NaN`` without ever asking ``default``."""
+    return json.dumps(_finite(data), default=_json_default, allow_nan=False, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (Path, torch.device)):
         return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
@@ -716,7 +730,7 @@ def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metad
     from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE, plot_ranks, render_card
     from lowrank_vit.io.surgery import save_compressed
 
-    save_compressed(model.cpu(), stage, metadata=json.loads(json.dumps(metadata, default=_json_default)))
+    save_compressed(model.cpu(), stage, metadata=json.loads(_dumps(metadata)))
     _write_json(stage / REPORT_FILE, report)
     plot_ranks(report, stage / RANKS_FIGURE)
     (stage / CARD_FILE).write_text(render_card(report, report.get("name") or stage.name))
@@ -884,7 +898,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                              for b in args.latency_batches},
                               "preprocessing": pre}
     if args.json:
-        print(json.dumps(result, default=_json_default))
+        print(_dumps(result))
     else:
         print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
               f"({metrics['images']:,} images)")
