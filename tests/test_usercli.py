@@ -708,6 +708,33 @@ def test_reports_and_json_output_are_strict_json(tmp_path):
 # ----------------------------------------------------------------------------------- resuming, reports, data
 
 
+@pytest.mark.slow
+def test_finetune_of_a_directory_without_a_report(compressed, tmp_path, capsys):
+    """A directory written by ``save_compressed`` (the API) has weights and a plan and nothing else: the fine-tune
+    starts its report from scratch instead of failing on the missing report.json."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("model.safetensors", "lowrank_vit.json"):
+        shutil.copy(compressed / name, plain / name)
+    code, _, err = _run(capsys, "finetune", plain, "--data", compressed.parent / "imgs", "--workers", "0",
+                        "--epochs", "1", "--output", tmp_path / "ft", "--quiet")
+    assert code == 0, err
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert set(report["accuracy"]) == {"final"} and report["params"]["after"] > 0 and report["layers"]
+    assert sorted(p.name for p in plain.iterdir()) == ["lowrank_vit.json", "model.safetensors"]
+
+
+def test_export_of_something_that_is_not_a_model_directory(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for given in (tmp_path / "missing", tmp_path / "model.safetensors"):
+        code, _, err = _run(capsys, "export", given, "--output", tmp_path / "m.onnx")
+        _assert_one_line_error(code, err, "no model directory", "export takes a directory written by compress")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+
 def test_a_fine_tune_resumes_only_the_run_it_was(tmp_path, capsys):
     import argparse
 
