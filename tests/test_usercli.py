@@ -726,12 +726,14 @@ def test_finetune_of_a_directory_without_a_report(compressed, tmp_path, capsys):
     assert sorted(p.name for p in plain.iterdir()) == ["lowrank_vit.json", "model.safetensors"]
 
 
-def test_export_of_something_that_is_not_a_model_directory(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["export", "finetune"])
+def test_a_model_that_is_not_a_model_directory(command, tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
+    extra = {"export": [], "finetune": ["--data", tmp_path, "--epochs", "1"]}[command]
     for given in (tmp_path / "missing", tmp_path / "model.safetensors"):
-        code, _, err = _run(capsys, "export", given, "--output", tmp_path / "m.onnx")
-        _assert_one_line_error(code, err, "no model directory", "export takes a directory written by compress")
-    assert not (tmp_path / "m.onnx").exists()
+        code, _, err = _run(capsys, command, given, *extra, "--output", tmp_path / "out.onnx")
+        _assert_one_line_error(code, err, "no model directory", f"{command} takes a directory")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 
