@@ -709,21 +709,25 @@ def test_reports_and_json_output_are_strict_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_of_a_directory_without_a_report(compressed, tmp_path, capsys):
-    """A directory written by ``save_compressed`` (the API) has weights and a plan and nothing else: the fine-tune
-    starts its report from scratch instead of failing on the missing report.json."""
+@pytest.mark.parametrize("report", [None, "{not json", "[1, 2]"])
+def test_finetune_of_a_directory_without_a_readable_report(compressed, tmp_path, capsys, report):
+    """A directory written by ``save_compressed`` (the API) has weights and a plan and nothing else, and a report
+    edited by hand may not parse: the fine-tune starts its report from scratch instead of failing."""
     import shutil
 
     plain = tmp_path / "plain"
     plain.mkdir()
     for name in ("model.safetensors", "lowrank_vit.json"):
         shutil.copy(compressed / name, plain / name)
+    if report is not None:
+        (plain / "report.json").write_text(report)
+    before = sorted((p.name, p.read_bytes()) for p in plain.iterdir())
     code, _, err = _run(capsys, "finetune", plain, "--data", compressed.parent / "imgs", "--workers", "0",
                         "--epochs", "1", "--output", tmp_path / "ft", "--quiet")
     assert code == 0, err
-    report = json.loads((tmp_path / "ft" / "report.json").read_text())
-    assert set(report["accuracy"]) == {"final"} and report["params"]["after"] > 0 and report["layers"]
-    assert sorted(p.name for p in plain.iterdir()) == ["lowrank_vit.json", "model.safetensors"]
+    written = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert set(written["accuracy"]) == {"final"} and written["params"]["after"] > 0 and written["layers"]
+    assert sorted((p.name, p.read_bytes()) for p in plain.iterdir()) == before
 
 
 @pytest.mark.parametrize("command", ["export", "finetune"])
