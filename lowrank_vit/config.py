@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,17 @@ def resolve_gram_precision(cfg: CompressionConfig, device_type: str, *, float32_
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_number(name: str, value: Any, rule: str) -> None:
+    """A real, finite number (not a bool, a string or NaN) satisfying ``rule``: "> 0", ">= 0", "[0, 0.5)" or
+    "(0, 1]"; the message says which."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and {
+        "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 0.5)": lambda v: 0 <= v < 0.5,
+        "(0, 1]": lambda v: 0 < v <= 1}[rule](value)
+    if not ok:
+        where = f"lie in {rule}" if rule.startswith(("[", "(")) else f"be a finite number {rule}"
+        raise ValueError(f"{name} must {where}, got {value!r}")
 
 
 @dataclass
@@ -238,9 +250,7 @@ class CompressionConfig:
         if self.bias_correction and not gradient_pass:
             raise ValueError(f"bias_correction needs decomposition='loss_aware' (its statistics carry the mean input); "
                              f"got decomposition={self.decomposition!r}")
-        if isinstance(self.grad_fraction, bool) or not isinstance(self.grad_fraction, (int, float)) \
-                or not 0.0 < self.grad_fraction <= 1.0:
-            raise ValueError(f"grad_fraction must lie in (0, 1], got {self.grad_fraction!r}")
+        _check_number("grad_fraction", self.grad_fraction, "(0, 1]")
         if self.grad_fraction != 1.0 and not gradient_pass:
             raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
                              f"the calibration images); got decomposition={self.decomposition!r}")
@@ -256,14 +266,11 @@ class CompressionConfig:
         if self.refit and self.compensation != "none":
             raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
                              f"{self.compensation!r})")
-        if isinstance(self.refit_damping, bool) or not isinstance(self.refit_damping, (int, float)) \
-                or not 0.0 <= self.refit_damping < float("inf"):
-            raise ValueError(f"refit_damping must be a finite number >= 0, got {self.refit_damping!r}")
+        _check_number("refit_damping", self.refit_damping, ">= 0")
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
-        if not 0.0 <= self.z_fraction < 0.5:
-            raise ValueError(f"z_fraction must be in [0, 0.5), got {self.z_fraction}")
+        _check_number("z_fraction", self.z_fraction, "[0, 0.5)")
         if self.compensation != "none" and self.z_fraction == 0.0:
             raise ValueError(f"compensation={self.compensation!r} needs z_fraction > 0 (or use compensation='none')")
         for name in ("calib_samples", "rank_multiple", "greedy_iterations", "sgd_iterations", "sgd_batch_size",
@@ -271,15 +278,10 @@ class CompressionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.gamma > 0:
-            raise ValueError(f"gamma must be positive, got {self.gamma}")
-        if not self.sgd_lr > 0:
-            raise ValueError(f"sgd_lr must be positive, got {self.sgd_lr}")
-        if not self.damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) \
-                or not 0.0 <= self.asvd_alpha < float("inf"):
-            raise ValueError(f"asvd_alpha must be a finite number >= 0, got {self.asvd_alpha!r}")
+        _check_number("gamma", self.gamma, "> 0")
+        _check_number("sgd_lr", self.sgd_lr, "> 0")
+        _check_number("damping", self.damping, ">= 0")
+        _check_number("asvd_alpha", self.asvd_alpha, ">= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

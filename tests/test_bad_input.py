@@ -8,6 +8,7 @@ Gram matrices (a single constant image, dead input features) that must still giv
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -114,6 +115,46 @@ def test_config_target_params_not_integer(target):
 def test_config_target_params_not_positive(target):
     with pytest.raises(ValueError, match=r"target_params must be positive"):
         CompressionConfig(target_params=target, progress=False)
+
+
+_NUMBERS = {  # field: (its rule, values just inside it, values outside it)
+    "gamma": ("be a finite number > 0", [1e-9, 80], [0, -1.0]),
+    "sgd_lr": ("be a finite number > 0", [1e-9], [0.0, -1e-3]),
+    "damping": ("be a finite number >= 0", [0, 1e-4], [-1e-9]),
+    "refit_damping": ("be a finite number >= 0", [0.0, 1e-2], [-1e-9]),
+    "asvd_alpha": ("be a finite number >= 0", [0, 2.0], [-0.5]),
+    "z_fraction": ("lie in [0, 0.5)", [0.0, 0.499], [0.5, -0.01]),
+    "grad_fraction": ("lie in (0, 1]", [1e-3, 1], [0.0, 1.01]),
+}
+_ANY_NUMBER_FIELD_REFUSES = [float("nan"), float("inf"), -float("inf"), True, "0.1", None]
+_LOSS_AWARE = {"decomposition": "loss_aware", "allocation": "marginal", "compensation": "none"}
+
+
+def _config_for(field: str, value) -> CompressionConfig:
+    # grad_fraction needs the gradient pass; z_fraction 0 needs no Z: the fields' companions, not what is tested
+    extra = _LOSS_AWARE if field == "grad_fraction" else {"compensation": "none"} if field == "z_fraction" else {}
+    return CompressionConfig(reduction=0.3, progress=False, **extra, **{field: value})
+
+
+@pytest.mark.parametrize("field", sorted(_NUMBERS))
+def test_config_numbers_refuse_what_their_rule_excludes_and_keep_its_edges(field):
+    """Every real-valued field, table-driven: its edge values pass; values past them, NaN, infinities, bools,
+    strings and None get one ValueError that names the field and the rule (not a TypeError from a comparison)."""
+    rule, inside, outside = _NUMBERS[field]
+    for value in inside:
+        assert getattr(_config_for(field, value), field) == value
+    for value in [*outside, *_ANY_NUMBER_FIELD_REFUSES]:
+        with pytest.raises(ValueError, match=rf"^{field} must {re.escape(rule)}, got "):
+            _config_for(field, value)
+
+
+def test_config_z_kind_needs_a_z_budget_and_recipes_are_named():
+    from lowrank_vit.config import recipe
+
+    with pytest.raises(ValueError, match=r"compensation='lowrank' needs z_fraction > 0"):
+        CompressionConfig(reduction=0.3, progress=False, compensation="lowrank", z_fraction=0.0)
+    with pytest.raises(ValueError, match=r"unknown recipe 'magic'; known: loss-aware, "):
+        recipe("magic", reduction=0.3)
 
 
 @pytest.mark.parametrize("field", ["calib_samples", "rank_multiple"])
