@@ -222,6 +222,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_pipeline.py", "tests/test_registry.py"), "Z of 4% instead of the paper's 5%"),
     Mutant("lowrank_vit/config.py", "gamma: float = 80.0", "gamma: float = 60.0", ("tests/test_registry.py",),
            "eq. (9)'s gamma of 60 instead of the paper's 80"),
+    Mutant("lowrank_vit/config.py", '"> 0": lambda v: v > 0,', '"> 0": lambda v: v >= 0,', ("tests/test_bad_input.py",),
+           "gamma or sgd_lr of 0 accepted (eq. 9 divides by gamma)"),
     # the partial fine-tune
     Mutant(FT, 'if leaf == "bias" or leaf.endswith("_bias"):', 'if leaf == "bias":', ("tests/test_finetune.py",),
            "separate attention biases (q_bias) frozen"),
