@@ -695,6 +695,12 @@ QKV = "blocks.0.attn.qkv"
         pytest.param(lambda p: p["layers"][QKV].update(z={"rank": 1}),
                      rf"layer {QKV}: unknown compensation kind None; known: lowrank, sparse, diagonal, structured",
                      id="z-no-kind"),
+        pytest.param(lambda p: p["layers"][QKV].update(z=["lowrank", 1]), rf"layer {QKV} has a bad 'z' entry",
+                     id="z-not-a-dict"),
+        pytest.param(lambda p: p.update(attention={"blocks.0.attn": "separate"}),
+                     r"'attention' must map module names to specs", id="attention-spec-not-a-dict"),
+        pytest.param(lambda p: p.update(attention=["blocks.0.attn"]), r"'attention' must map module names to specs",
+                     id="attention-not-a-mapping"),
     ],
 )
 def test_load_plan_with_bad_fields(saved, change, pattern):
