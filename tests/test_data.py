@@ -339,15 +339,30 @@ def test_hub_name_offline_is_one_line(tmp_path: Path):
     assert "no-such-dataset" in _one_line(err) and "path=" in str(err.value)
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="name="):
-        DataConfig()
-    with pytest.raises(ValueError, match="batch_size"):
-        DataConfig(name="mnist-5k", batch_size=0)
-    with pytest.raises(ValueError, match="val_fraction"):
-        DataConfig(name="mnist-5k", val_fraction=1.0)
-    with pytest.raises(ValueError, match="in_chans"):
-        DataConfig(name="mnist-5k", in_chans=2)
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"name": None}, "give name="),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"val_fraction": 1.0}, "val_fraction must lie strictly between 0 and 1"),
+    ({"in_chans": 2}, "in_chans must be 1 or 3"),
+    ({"name": None, "path": ""}, "path must be a non-empty path"),
+    ({"name": None, "path": 3}, "path must be a non-empty path"),
+    ({"name": "  "}, "name must be a non-empty string"),
+    ({"name": 7}, "name must be a non-empty string"),
+    ({"num_workers": -1}, "num_workers must be a non-negative integer"),
+    ({"num_workers": True}, "num_workers must be a non-negative integer"),
+    ({"std": 0.0}, "std must be positive"),
+    ({"std": (0.5, 0.0, 0.5)}, "std must be positive"),
+    ({"crop_pct": "0.9"}, "crop_pct must lie in"),
+    ({"crop_pct": 1.5}, "crop_pct must lie in"),
+    ({"interpolation": "nearestish"}, "interpolation must be one of"),
+])
+def test_config_validation(fields, message):
+    """Each invalid field names itself (a table, one row per rule); the defaults beside it are valid."""
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**{"name": "mnist-5k", **fields})
+    ok = {"num_workers": 0, "std": (0.5, 0.25, 1.0), "crop_pct": 1, "interpolation": "bicubic"}
+    cfg = DataConfig(name="mnist-5k", **ok)
+    assert (cfg.num_workers, cfg.std, cfg.crop_pct, cfg.interpolation) == (0, (0.5, 0.25, 1.0), 1.0, "bicubic")
     with pytest.raises(ValueError, match="takes no path"):
         DataConfig(name="mnist-5k", path="/tmp")
     cfg = DataConfig(name="imagenet-1k", token="hf_secret")
