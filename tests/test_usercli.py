@@ -692,7 +692,9 @@ def test_a_failed_publish_puts_the_previous_model_back(tmp_path, monkeypatch, ex
 def test_reports_and_json_output_are_strict_json(tmp_path):
     """A NaN or infinite figure (an error that overflowed, a latency that was not timed) is written as null:
     json.dumps alone writes a bare NaN, which jq and browsers refuse."""
-    from lowrank_vit.harness.usercli import _dumps, _write_json
+    from lowrank_vit.core.common import strict_json
+    from lowrank_vit.harness import runner
+    from lowrank_vit.harness.usercli import _write_json
 
     data = {"error": float("nan"), "layers": [{"rank": 3, "error": float("inf")}], "t": (1.5, -float("inf")),
             "path": tmp_path, "device": torch.device("cpu")}
@@ -700,9 +702,11 @@ def test_reports_and_json_output_are_strict_json(tmp_path):
     strict = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert strict == {"error": None, "layers": [{"rank": 3, "error": None}], "t": [1.5, None],
                       "path": str(tmp_path), "device": "cpu"}
-    assert json.loads(_dumps(data)) == strict
+    assert json.loads(strict_json(data)) == strict
+    runner._write_json(tmp_path / "result.json", data)  # the registry's results and tables: the same rule
+    assert json.loads((tmp_path / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == strict
     with pytest.raises(TypeError, match="not JSON-serializable: object"):
-        _dumps({"x": object()})
+        strict_json({"x": object()})
 
 
 # ----------------------------------------------------------------------------------- resuming, reports, data

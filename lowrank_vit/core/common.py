@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import tempfile
@@ -121,6 +122,28 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (0.5 removes half the parameters), "
                                          f"got {text}")
     return value
+
+
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """JSON that strict readers (jq, browsers) accept: a NaN or infinite float becomes null, which ``json.dumps``
+    would otherwise write as a bare ``NaN`` without ever asking ``default``; paths and devices become strings."""
+    return json.dumps(_finite(data), default=_as_json, allow_nan=False, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _as_json(value: Any) -> Any:
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

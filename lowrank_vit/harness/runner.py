@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.config import resolve_gram_precision
-from lowrank_vit.core.common import smooth_images
+from lowrank_vit.core.common import smooth_images, strict_json
 from lowrank_vit.harness.registry import (
     Experiment,
     ModelConfig,
@@ -411,16 +411,8 @@ def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes writing one file never share a tmp
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.write_text(strict_json(data, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:

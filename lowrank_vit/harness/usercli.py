@@ -27,7 +27,6 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.core.common import fraction, positive_int
+from lowrank_vit.core.common import fraction, positive_int, strict_json
 from lowrank_vit.stages.finetune_config import PRECISIONS, check_precision_on
 
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
@@ -700,29 +699,7 @@ def publish(stage: Path, out: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(_dumps(data, indent=2) + "\n")
-
-
-def _dumps(data: Any, **kwargs: Any) -> str:
-    """Strict JSON (what jq and browsers read): a NaN or infinite float becomes null, which ``json.dumps`` would
-    otherwise write as a bare ``NaN`` without ever asking ``default``."""
-    return json.dumps(_finite(data), default=_json_default, allow_nan=False, **kwargs)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+    path.write_text(strict_json(data, indent=2) + "\n")
 
 
 def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metadata: dict[str, Any]) -> None:
@@ -730,7 +707,7 @@ def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metad
     from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE, plot_ranks, render_card
     from lowrank_vit.io.surgery import save_compressed
 
-    save_compressed(model.cpu(), stage, metadata=json.loads(_dumps(metadata)))
+    save_compressed(model.cpu(), stage, metadata=json.loads(strict_json(metadata)))
     _write_json(stage / REPORT_FILE, report)
     plot_ranks(report, stage / RANKS_FIGURE)
     (stage / CARD_FILE).write_text(render_card(report, report.get("name") or stage.name))
@@ -898,7 +875,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                              for b in args.latency_batches},
                               "preprocessing": pre}
     if args.json:
-        print(_dumps(result))
+        print(strict_json(result))
     else:
         print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
               f"({metrics['images']:,} images)")
