@@ -115,6 +115,20 @@ class ImageStream:
         return image_batches(self.num_images, self.batch_size, self.shape, self.seed)
 
 
+class LabelledStream:
+    """``images`` as (images, labels) batches, image i of the stream labelled i mod ``classes``: for the methods
+    whose calibration needs labels (FWSVD, KFAC-SVD); their cost does not depend on which labels."""
+
+    def __init__(self, images: ImageStream, classes: int) -> None:
+        self.images, self.classes = images, classes
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seen = 0
+        for batch in self.images:
+            yield batch, torch.arange(seen, seen + batch.shape[0]) % self.classes
+            seen += batch.shape[0]
+
+
 def check_device(device: str) -> str:
     """Validate ``--device``."""
     if device not in ("cpu", "cuda"):

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     ArgumentParser,
     ImageStream,
+    LabelledStream,
     UsageError,
     check_device,
     command_line,
@@ -70,6 +71,7 @@ from _common import (  # noqa: E402
 
 from lowrank_vit import CompressionConfig, compress  # noqa: E402
 from lowrank_vit.config import RECIPES, recipe, resolve_gram_precision  # noqa: E402
+from lowrank_vit.methods.decompositions import get_method  # noqa: E402
 
 STAGES = ("statistics", "decomposition", "allocation", "compensation", "refit", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
@@ -164,8 +166,10 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         dense(next(iter(images)).to(device))
     before, before_cpu = forward_floor(dense, images, device)
     synchronize(device)
+    data = LabelledStream(images, dense.num_classes) if get_method(config.decomposition).needs_labels(config) \
+        else images
     start, cpu = time.perf_counter(), time.process_time()
-    report = compress(model, images, config)
+    report = compress(model, data, config)
     synchronize(device)
     total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
     sub = {name: report.substage_seconds.get(key, 0.0) for name, key in SUBTIMERS.items()}

@@ -62,13 +62,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "asvd": {**RECIPES["paper"], "decomposition": "asvd"},
     "fwsvd": {**RECIPES["paper"], "decomposition": "fwsvd"},
     "comcat": {**RECIPES["paper"], "decomposition": "comcat"},
+    # the strongest published peers (docs/peers.md): each its own decomposition and allocation, published settings
+    "flar-svd": RECIPES["flar-svd"],
+    "svd-llm": RECIPES["svd-llm"],
+    "svd-llm-v2": RECIPES["svd-llm-v2"],
+    "kfac-lems": RECIPES["kfac-lems"],
 }
 """Compression settings of the named methods. "ours" is the paper's recipe as this library implements it exactly
 (whitened SVD, Algorithm 1, closed-form low-rank Z); "loss-aware" is the library's default. "vanilla" is Table 2's
 "Vanilla SVD + FT": plain SVD, the same fraction in every layer, no Z. "paper-literal" follows the paper's text
 step by step (eq. 7's mean input, Algorithm 1, Z = G Y^T by mini-batch gradient descent). "plain", "mean", "asvd",
 "fwsvd" and "comcat" are ours with another decomposition and nothing else changed: greedy ranks on that method's own
-spectra and the closed-form low-rank Z (for COMCAT on the MLP layers only: its attention heads take no Z)."""
+spectra and the closed-form low-rank Z (for COMCAT on the MLP layers only: its attention heads take no Z).
+"flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are the peers' own recipes (docs/peers.md), like "loss-aware"."""
 
 
 def make_row(name: str, method: str, *, reduction: float | None = None, target_params: int | None = None,

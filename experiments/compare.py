@@ -31,8 +31,14 @@ COMPARE_METHODS = {
     "asvd": "ASVD (Yuan et al. 2023: input channels scaled by mean|x|^0.5)",
     "fwsvd": "FWSVD (Hsu et al. ICLR 2022: input rows weighted by Fisher information)",
     "comcat": "COMCAT (Xiao et al. ICML 2023: per-head W_Q W_K^T and W_V W_O products; MLPs by plain SVD)",
+    "flar-svd": "FLAR-SVD (Thoma et al. CVPRW 2025: Ledoit-Wolf-shrunk whitening, per-layer feature-error search)",
+    "svd-llm": "SVD-LLM (Wang et al. 2024: Cholesky whitening, uniform ratios, sequential update of one factor)",
+    "svd-llm-v2": "SVD-LLM v2 (Wang et al. 2025: per-kind ratios from each layer's truncation loss)",
+    "kfac-lems": "KFAC-SVD with LEMS (2026: shrunk two-sided K-FAC whitening, integer-program ranks)",
 }
 """Method key -> its decomposition, in the table's row order."""
+OWN_RECIPES = ("loss-aware", "flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems")
+"""Methods that run their own recipe (their own allocation, no Z) rather than ours with another decomposition."""
 
 SHARED = "greedy ranks on its own spectra, closed-form low-rank Z"
 METHOD_NOTES = {
@@ -46,6 +52,14 @@ METHOD_NOTES = {
               "labelled images (the squared loss gradients)",),
     "loss-aware": ("the library's default recipe: its own allocation (marginal ranks on predicted loss) and no Z, "
                    "so more than the decomposition differs from ours; no paper number",),
+    "flar-svd": ("FLAR-SVD's own recipe (docs/peers.md); its paper reports DeiT-B at 43.7M parameters (-49.5%) with "
+                 "78.4% top-1 without fine-tuning and 81.0% after one epoch, not at these budgets: no paper number; "
+                 "its TensorRT latency rule is left out",),
+    "svd-llm": ("SVD-LLM's own recipe with its closed-form sequential update (docs/peers.md); reported on language "
+                "models only (FLAR-SVD's table: 70.4% for DeiT-B at 43.7M without fine-tuning): no paper number",),
+    "svd-llm-v2": ("SVD-LLM v2's allocation on SVD-LLM's whitening (docs/peers.md); language models only: no paper "
+                   "number",),
+    "kfac-lems": ("KFAC-SVD with LEMS's integer program (docs/peers.md); language models only: no paper number",),
     "plain": ("not Table 2's vanilla SVD + FT (uniform ranks, no Z): only the decomposition differs from ours; "
               "no paper number",),
     "mean": ("eq. 7's mean input with the closed-form Z (the paper fits Z by SGD: ablation/.../paper-literal-50); "
@@ -76,4 +90,4 @@ def compare():
                     yield make_row(f"compare/{arch}/{method}-{pct}{suffix}", method, reduction=pct / 100,
                                    finetune=finetune, paper=paper, notes=notes,
                                    description=f"{label} -{pct}%: {decomposition}; "
-                                               f"{'' if method == 'loss-aware' else SHARED + '; '}{how}")
+                                               f"{'' if method in OWN_RECIPES else SHARED + '; '}{how}")

@@ -60,6 +60,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
     "whitened-uniform-gram-float32": dict(decomposition="whitened", allocation="uniform", compensation="none",
                                           gram_precision="float32"),
+    # the strongest published peers (docs/peers.md), each with its published settings
+    "flar-svd": LIBRARY_RECIPES["flar-svd"],
+    "svd-llm": LIBRARY_RECIPES["svd-llm"],
+    "svd-llm-v2": LIBRARY_RECIPES["svd-llm-v2"],
+    "kfac-lems": LIBRARY_RECIPES["kfac-lems"],
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
@@ -130,7 +135,8 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
 @torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i: i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i: i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def scores(logits: torch.Tensor, dense_logits: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -160,7 +166,7 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # exact integers: no overflow past 1,023 images
     return min(1.0, 2.0 * tail)
 
 
@@ -201,11 +207,13 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
             for group in optimizer.param_groups:
                 group["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20), 0.0)
             idx = torch.randint(0, len(y), (batch_size,), generator=generator)
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
+            device = next(model.parameters()).device
+            images, labels = x[idx].to(device), y[idx].to(device)
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
             if distill > 0:
                 with torch.no_grad():
-                    target = teacher(x[idx])
+                    target = teacher(images)
                 kd = soft_distillation_loss(logits, target, temperature)
                 loss = distillation_mix(loss, kd, distill)
             optimizer.zero_grad(set_to_none=True)
@@ -289,6 +297,78 @@ def verdict(results: dict[str, Any], default: str = "loss-aware",
                  if f"{default}@{r}" in cells and f"vanilla@{r}" in cells and key in cells[f"vanilla@{r}"]]
         gain = f"{sum(gains) / len(gains):+.2f}" if len(gains) == 2 else "—"
         lines.append(f"| {model} | {'; '.join(margins)} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+PEERS = ("flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems")
+"""The strongest published peers (docs/peers.md), in the order the peers table lists them."""
+
+
+def peers_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
+                key: str = "top1") -> str:
+    """docs/peers.md's table, cell by cell: per model and method, at every ratio, the default's top-1 minus the
+    method's (points) and the exact McNemar p of the images only one of them gets right (:func:`paired`); "n/r"
+    where the method cannot reach the ratio. A cell where the method is better with p < 0.05 is marked "WINS"."""
+    correct = "correct_ft" if key == "top1_ft" else "correct"
+    lines = []
+    for model, entry in results.items():
+        cells = entry["cells"]
+        ratios = sorted({c["ratio"] for c in cells.values() if c["recipe"] == default and key in c})
+        if not ratios:
+            continue
+        if not lines:
+            lines += ["| model | method | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
+                      "|---|---|" + "---|" * len(ratios)]
+        defaults = " / ".join(f"{cells[f'{default}@{r}'][key]:.2f}" for r in ratios)
+        lines.append(f"| {model} | {default} (top-1) | " + " | ".join(defaults.split(" / ")) + " |")
+        for other in others:
+            row = []
+            for r in ratios:
+                cell = cells.get(f"{other}@{r}")
+                if cell is None:
+                    row.append("—")
+                elif key not in cell:
+                    row.append("n/r")
+                else:
+                    diff = cells[f"{default}@{r}"][key] - cell[key]
+                    split = paired(cells[f"{default}@{r}"], cell, correct)
+                    text = f"{diff:+.2f}" + ("" if split is None else f" (p={split[2]:.2g})")
+                    row.append(f"**WINS** {text}" if split and split[2] < 0.05 and diff < 0 else text)
+            lines.append(f"|  | {other} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
+                  key: str = "top1", at: tuple[float, ...] = (0.6, 0.7)) -> str:
+    """Per method: the default's mean top-1 gain over it at each ratio of ``at`` (over the models where both
+    reached it), and the cells in all where it is significantly better or worse than the default (McNemar
+    p < 0.05), of the cells both reached."""
+    correct = "correct_ft" if key == "top1_ft" else "correct"
+    lines = ["| method | " + " | ".join(f"mean gain of the default at -{round(100 * r)}%" for r in at)
+             + " | cells where it is better (p < 0.05) | worse (p < 0.05) | compared | not reached |",
+             "|---|" + "---|" * (len(at) + 4)]
+    for other in others:
+        gains = {r: [] for r in at}
+        better = worse = compared = unreached = 0
+        for entry in results.values():
+            for cell in entry["cells"].values():
+                if cell["recipe"] != other:
+                    continue
+                mine = entry["cells"].get(f"{default}@{cell['ratio']}")
+                if mine is None or key not in mine:
+                    continue
+                if key not in cell:
+                    unreached += 1
+                    continue
+                compared += 1
+                if cell["ratio"] in gains:
+                    gains[cell["ratio"]].append(mine[key] - cell[key])
+                split = paired(mine, cell, correct)
+                if split is not None and split[2] < 0.05:
+                    better += split[1] > split[0]
+                    worse += split[0] > split[1]
+        means = [f"{sum(v) / len(v):+.2f} ({len(v)} models)" if v else "—" for v in gains.values()]
+        lines.append(f"| {other} | " + " | ".join(means) + f" | {better} | {worse} | {compared} | {unreached} |")
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fine-tune also trains U, V and Z (FinetuneConfig.train_factors)")
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU machine); the cells "
+                        "record it, and two cells are compared only where they ran on the same kind of device")
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -414,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     results_file = output / "study.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     settings = {"calib": args.calib, "eval": args.eval, "finetune_steps": args.finetune_steps, "seed": args.seed}
+    if args.device != "cpu":  # recorded only when used, so the cells computed on the CPU keep their settings
+        settings["device"] = torch.device(args.device).type
     if args.distill:  # recorded only when used, so the cells computed before it existed keep their settings
         if not (args.finetune_steps and 0 < args.distill <= 1 and args.distill_temperature > 0):
             print("--distill needs --finetune-steps, a weight in (0, 1] and a positive temperature", file=sys.stderr)
@@ -429,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
                                  max(args.calib, 12800 if args.finetune_steps else args.calib), args.seed,
                                  args.standins)
+        dense = dense.to(args.device)
         dense_logits = predict(dense, data["eval_x"])
         entry = results.setdefault(name, {"cells": {}})
         if entry.get("settings", settings) != settings:
@@ -440,8 +525,15 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{recipe}@{ratio}"
                 if key in entry["cells"]:
                     continue
-                cell = run_cell(dense, data, dense_logits, recipe, ratio, args.calib, args.finetune_steps, args.seed,
-                                args.distill, args.distill_temperature, args.train_factors, args.finetune_lr)
+                try:
+                    cell = run_cell(dense, data, dense_logits, recipe, ratio, args.calib, args.finetune_steps,
+                                    args.seed, args.distill, args.distill_temperature, args.train_factors,
+                                    args.finetune_lr)
+                except ValueError as err:  # a recipe that cannot reach the ratio: recorded, the others go on
+                    entry["cells"][key] = {"recipe": recipe, "ratio": ratio, "error": str(err)}
+                    say(f"{name} {key}: not reached ({err})")
+                    results_file.write_text(json.dumps(results, indent=1) + "\n")
+                    continue
                 entry["cells"][key] = {"recipe": recipe, "ratio": ratio, **cell}
                 say(f"{name} {key}: top-1 {cell['top1']:.2f} KL {cell['kl']:.4f}"
                     + (f" ft {cell['top1_ft']:.2f}" if "top1_ft" in cell else "") + f" ({cell['compress_s']:.1f} s)")

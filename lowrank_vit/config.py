@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
-from lowrank_vit.core.allocate import POLICIES
-from lowrank_vit.core.common import from_fields
+from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers the peers' allocations)
+from lowrank_vit.core.allocate import POLICIES, get_policy
+from lowrank_vit.core.common import from_fields, settings_of
 from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS
 from lowrank_vit.methods.compensate import Z_KINDS
 from lowrank_vit.methods.decompositions import METHODS, get_method
+from lowrank_vit.methods.units import NO_MODULES
 
 # The choices are the registries' names: registering a method, Z kind or policy is all it takes to configure it.
 DECOMPOSITIONS = tuple(METHODS)
@@ -44,11 +46,18 @@ RECIPES: dict[str, dict[str, Any]] = {
                              bias_correction=True, refit=True),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
+    # the strongest published peers (docs/peers.md), each with its own decomposition and allocation
+    "flar-svd": dict(decomposition="flar", allocation="flar", compensation="none"),
+    "svd-llm": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
+    "svd-llm-v2": dict(decomposition="svd_llm", allocation="svd_llm_v2", compensation="none"),
+    "kfac-lems": dict(decomposition="kfac", allocation="lems", compensation="none"),
 }
 """Named recipes: settings on top of the other fields' defaults. "loss-aware" is the default (the best recipe
 measured, docs/loss_aware.md); "paper" is Azizi et al.'s recipe as this library implements it exactly (whitened
 SVD, Algorithm 1 on normalized energies, closed-form low-rank Z of 5%); "vanilla" is Table 2's vanilla SVD (plain
-SVD of W, the same retained fraction in every layer, no Z)."""
+SVD of W, the same retained fraction in every layer, no Z). "flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are
+the peers of docs/peers.md with their published settings (FLAR-SVD; SVD-LLM with its sequential update; SVD-LLM
+v2's heterogeneous ratios; KFAC-SVD with LEMS's integer program)."""
 
 
 def recipe(name: str, **fields: Any) -> CompressionConfig:
@@ -207,6 +216,11 @@ class CompressionConfig:
     sgd_tokens_per_image: int = 16
     """Tokens kept per image (sampled at random) for the SGD solver's stored activations; bounds its memory."""
 
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The chosen decomposition's and allocation's own settings, by name (their settings classes, e.g.
+    ``methods.decompositions.KfacSettings``, ``core.search.LemsSettings``, validate them; docs/peers.md lists
+    them): ``settings={"grad_shrinkage": 0.3}``. A key that neither declares is an error."""
+
     device: str | None = None
     """Device for the calibration forward and the linear algebra; default: where the model is."""
     seed: int = 0
@@ -244,7 +258,7 @@ class CompressionConfig:
             raise ValueError(f"solver='sgd' fits Z on stored calibration tokens, which decomposition="
                              f"{self.decomposition!r} does not keep: use solver='closed_form'")
         if self.bias_correction is None:
-            self.bias_correction = gradient_pass
+            self.bias_correction = get_method(self.decomposition).default_bias_correction
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"bias_correction must be true, false or null, got {self.bias_correction!r}")
         if self.bias_correction and not gradient_pass:
@@ -261,7 +275,8 @@ class CompressionConfig:
         if not isinstance(self.refit, bool):
             raise ValueError(f"refit must be true or false, got {self.refit!r}")
         if self.refit and not get_method(self.decomposition).supports_refit:
-            raise ValueError(f"refit needs decomposition='loss_aware' (it refits in the loss-aware metric); got "
+            refits = ", ".join(repr(name) for name, method in METHODS.items() if method.supports_refit)
+            raise ValueError(f"refit needs a decomposition with a refit ({refits}); got "
                              f"decomposition={self.decomposition!r}")
         if self.refit and self.compensation != "none":
             raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
@@ -282,6 +297,26 @@ class CompressionConfig:
         _check_number("sgd_lr", self.sgd_lr, "> 0")
         _check_number("damping", self.damping, ">= 0")
         _check_number("asvd_alpha", self.asvd_alpha, ">= 0")
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Every key of ``settings`` belongs to the decomposition's or the allocation's settings class, and each
+        class accepts its values (its own validation)."""
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"settings must be a mapping of setting names to values, got {self.settings!r}")
+        classes = [cls for cls in (get_method(self.decomposition).settings, get_policy(self.allocation).settings)
+                   if cls is not None]
+        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+        unknown = sorted(set(self.settings) - known)
+        if unknown:
+            raise ValueError(f"setting(s) {', '.join(map(repr, unknown))} belong to neither decomposition="
+                             f"{self.decomposition!r} nor allocation={self.allocation!r}; theirs: "
+                             f"{', '.join(sorted(known)) or 'none'}")
+        for cls in classes:
+            settings_of(self, cls)
+        if get_policy(self.allocation).needs_probe and get_method(self.decomposition).whole_modules is not NO_MODULES:
+            raise ValueError(f"allocation={self.allocation!r} measures the model with single layers truncated, which "
+                             f"decomposition={self.decomposition!r} (whole attention modules) does not allow")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,12 +17,13 @@ from torch import nn
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
 from lowrank_vit.core.calibration import LayerStats, iter_calibration_batches, output_error
-from lowrank_vit.core.common import release_freed_memory
+from lowrank_vit.core.common import release_freed_memory, settings_of
 from lowrank_vit.core.decompose import (
     Decomposition,
     Whitening,
     whitening,
 )
+from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import (
     PairGrams,
@@ -234,12 +235,47 @@ def _energy_curve(cfg: CompressionConfig, singular_values: torch.Tensor) -> torc
     return get_policy(cfg.allocation).curve(singular_values).cpu()
 
 
-def _allocate(setup: _Setup, curves: dict[str, torch.Tensor]) -> Allocation:
+def _allocate(setup: _Setup, curves: dict[str, torch.Tensor], probe: Probe | None = None) -> Allocation:
     cfg = setup.cfg
     budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
                for name, layer in setup.layers.items()]
     budgets += setup.whole.budgets(setup.modules, curves)
-    return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.0005 * setup.target_total))
+    return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.0005 * setup.target_total), probe)
+
+
+def _keeps_images(cfg: CompressionConfig) -> bool:
+    """Whether the calibration images are needed again after the statistics (the refit, a probing allocation)."""
+    return cfg.refit or get_policy(cfg.allocation).needs_probe
+
+
+def _kept_batches(calib_images: Iterable, cfg: CompressionConfig) -> tuple[list[torch.Tensor], list]:
+    """The calibration images (detached) and the very batches the statistics will see."""
+    kept = list(iter_calibration_batches(calib_images, cfg.calib_samples))
+    return [images.detach() for images, _ in kept], [batch for _, batch in kept]
+
+
+def _probe(model: nn.Module, setup: _Setup, decompositions: dict[str, Decomposition],
+           images: list[torch.Tensor]) -> Probe | None:
+    """The :class:`Probe` a probing allocation measures the model with: the first ``probe_images`` calibration
+    images (its settings), every layer truncated from its own decomposition. None for the other policies."""
+    policy = get_policy(setup.cfg.allocation)
+    if not policy.needs_probe:
+        return None
+    count = settings_of(setup.cfg, policy.settings).probe_images
+    batches, taken = [], 0
+    for batch in micro_batches(images, 64):
+        if taken >= count:
+            break
+        batches.append(batch[: count - taken])
+        taken += batches[-1].shape[0]
+    adapter = get_adapter(model)
+    classifier = model.get_submodule(adapter.classifier_names(model)[0])
+
+    def reconstruct(name: str, rank: int) -> torch.Tensor:
+        U, V = decompositions[name].factors(rank)
+        return U @ V.T
+
+    return Probe(model, setup.layers, reconstruct, batches, classifier, setup.device)
 
 
 def _weight(layer: nn.Linear, device: torch.device) -> torch.Tensor:
@@ -279,17 +315,25 @@ def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | 
     setup = _setup(model, config, overrides)
     cfg = setup.cfg
     method = get_method(cfg.decomposition)
+    probing = get_policy(cfg.allocation).needs_probe
+    images: list[torch.Tensor] = []
+    if _keeps_images(cfg) and probing:
+        images, calib_images = _kept_batches(calib_images, cfg)
     stats, scales = _calibrate(model, setup, calib_images, sample_tokens=0)
-    curves = {}
+    curves, decompositions = {}, {}
     with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
         for name, layer in setup.layers.items():
             weight = _weight(layer, setup.device)
-            spectrum = method.spectrum(weight, stats[name], scales.get(name), cfg)
+            if probing:  # the probe truncates the layers: their factors, not only their spectra
+                decompositions[name] = method.decompose(weight, stats[name], scales.get(name), cfg)[0]
+                spectrum = decompositions[name].singular_values
+            else:
+                spectrum = method.spectrum(weight, stats[name], scales.get(name), cfg)
             curves[name] = _energy_curve(cfg, spectrum)
             bar.update(1)
     for name, decomposition in setup.whole.decompositions(setup.modules, setup.device).items():
         curves[name] = _energy_curve(cfg, decomposition.singular_values)
-    allocation = _allocate(setup, curves)
+    allocation = _allocate(setup, curves, _probe(model, setup, decompositions, images))
     specs = {}
     for name, layer in setup.layers.items():
         rank = allocation.ranks[name]
@@ -357,7 +401,7 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
     def fit(name: str, pair: PairGrams) -> None:
         layer, new = setup.layers[name], new_layers[name]
         weight = _weight(layer, device)
-        U, V = method.refit(weight, stats[name], pair, cfg).factors(new.rank)
+        U, V = method.refit(weight, stats[name], pair, cfg, new.rank).factors(new.rank)
         new.U.data.copy_(U)
         new.V.data.copy_(V)
         if new.bias is not None and layer.bias is not None:
@@ -396,11 +440,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     tail_z = _z_is_more_rank(z_kind, False) and method.tail_is_lowrank_z and not use_sgd
     needs_whitening = z_kind != "none" and not tail_z
     kept_images: list[torch.Tensor] = []
-    if cfg.refit:  # the refit runs the images again: keep them (and the very batches the statistics saw)
-        kept = list(iter_calibration_batches(calib_images, cfg.calib_samples))
-        kept_images = [images.detach() for images, _ in kept]
-        calib_images = [batch for _, batch in kept]
-        del kept
+    if _keeps_images(cfg):  # the refit or the probe runs the images again: keep them
+        kept_images, calib_images = _kept_batches(calib_images, cfg)
     with _timed(timings, "calibration", device):
         stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
 
@@ -423,7 +464,10 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
 
     with _timed(timings, "allocation", device):
         allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values)
-                                       for name, d in decompositions.items()})
+                                       for name, d in decompositions.items()},
+                               _probe(model, setup, decompositions, kept_images))
+    if not cfg.refit:
+        kept_images = []  # the probe's alone: free them
 
     # Memory: each layer's full float64 factors, residual and gradient statistics are dropped as soon as the layer
     # is built, so the compression of a large model (ViT-L) does not hold all of them at once.

@@ -31,7 +31,9 @@ from conftest import assert_round_trip, make_images, make_tiny_vit
 
 def test_allocation_policies_match_the_config_choices():
     assert tuple(POLICIES) == ALLOCATIONS
-    assert [name for name, policy in POLICIES.items() if policy.records_trace] == ["marginal"]
+    assert [name for name, policy in POLICIES.items() if policy.records_trace] == \
+        ["marginal", "integer", "lems", "flar", "svd_llm_v2"]
+    assert [name for name, policy in POLICIES.items() if policy.needs_probe] == ["lems", "flar"]
     with pytest.raises(ValueError, match="unknown allocation 'nope'; registered: uniform"):
         get_policy("nope")
     with pytest.raises(ValueError, match="registered twice"):

@@ -201,14 +201,21 @@ def test_overrides():
 
 # ---------------------------------------------------------------------------------------------- the comparison table
 
-COMPARE_METHODS = ("loss-aware", "ours", "plain", "mean", "asvd", "fwsvd", "comcat")
+COMPARE_METHODS = ("loss-aware", "ours", "plain", "mean", "asvd", "fwsvd", "comcat", "flar-svd", "svd-llm",
+                   "svd-llm-v2", "kfac-lems")
+PEERS = {  # the peers' published recipes (docs/peers.md): (decomposition, allocation, compensation, refit)
+    "flar-svd": ("flar", "flar", "none", False),
+    "svd-llm": ("svd_llm", "uniform", "none", True),
+    "svd-llm-v2": ("svd_llm", "svd_llm_v2", "none", False),
+    "kfac-lems": ("kfac", "lems", "none", False),
+}
 COMPARE_EXPECTED = [f"compare/{arch}/{method}-{pct}{suffix}" for arch in ("deit_s", "deit_b")
                     for method in COMPARE_METHODS for pct in (40, 50, 60) for suffix in ("", "-noft")]
 COMPARE = [e for e in ALL if e.table == "compare"]
 
 
 def test_compare_rows_are_registered_under_their_exact_names():
-    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 84 rows, in the table's order
+    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 132 rows, in the table's order
     assert "compare" in tables()
 
 
@@ -219,10 +226,16 @@ def test_compare_row_changes_only_the_decomposition(exp: Experiment):
     method, pct = variant.removesuffix("-noft").rsplit("-", 1)
     decomposition = {"ours": "whitened", "loss-aware": "loss_aware"}.get(method, method)
     assert exp.method == method and exp.reduction == pytest.approx(int(pct) / 100)
-    assert decomposition.replace("_", "-") in exp.description.lower()
+    assert (method.split("-")[0] if method in PEERS else decomposition.replace("_", "-")) in exp.description.lower()
     for scale in ("full", "smoke"):
         cfg = exp.config(scale)
         c = cfg.compression
+        if method in PEERS:  # the peer's own recipe, nothing of ours
+            assert (c.decomposition, c.allocation, c.compensation, c.refit) == PEERS[method]
+            assert c.reduction == pytest.approx(int(pct) / 100) and c.settings == {}
+            assert (cfg.finetune is None) == (noft == ["noft"])
+            CompressionConfig.from_dict(c.to_dict())
+            continue
         assert c.decomposition == decomposition
         shared = ("marginal", "none") if method == "loss-aware" else ("greedy", "lowrank")
         assert (c.allocation, c.compensation, c.solver, c.z_fraction) == (*shared, "closed_form", 0.05)

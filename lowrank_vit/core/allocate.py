@@ -365,11 +365,17 @@ class Policy:
     name: str
     curve: Callable[[torch.Tensor], torch.Tensor]
     """Singular values -> the loss of keeping r of them, for r = 0..p."""
-    run: Callable[[list[LayerBudget], int, Any, int], Allocation]
-    """(layers, budget, config, tolerance) -> the allocation; the config gives gamma, greedy_iterations and
-    rank_multiple."""
+    run: Callable[[list[LayerBudget], int, Any, int, Any], Allocation]
+    """(layers, budget, config, tolerance, probe) -> the allocation; the config gives gamma, greedy_iterations,
+    rank_multiple and the policy's own ``settings``; ``probe`` is a :class:`~lowrank_vit.core.probe.Probe` where
+    ``needs_probe``, else None."""
     records_trace: bool = False
     """Whether ``Allocation.trace`` is part of the report (the marginal policy's prices)."""
+    needs_probe: bool = False
+    """Whether it measures the model with layers truncated (FLAR-SVD's and LEMS's searches): the pipeline then keeps
+    the probe images and every layer's decomposition until the allocation is made."""
+    settings: type | None = None
+    """Its own typed settings (a dataclass validated on construction), read from ``CompressionConfig.settings``."""
 
 
 POLICIES: Registry[Policy] = Registry("allocation")
@@ -383,11 +389,12 @@ get_policy = POLICIES.lookup
 
 
 register_policy(Policy("uniform", energy_loss_curve,
-                       lambda layers, budget, cfg, tol: allocate_uniform(layers, budget, cfg.rank_multiple)))
+                       lambda layers, budget, cfg, tol, probe: allocate_uniform(layers, budget, cfg.rank_multiple)))
 register_policy(Policy("greedy", energy_loss_curve,  # Algorithm 1 compares normalized energy losses
-                       lambda layers, budget, cfg, tol: allocate_greedy(layers, budget, cfg.gamma,
-                                                                        cfg.greedy_iterations, tol,
-                                                                        cfg.rank_multiple)))
+                       lambda layers, budget, cfg, tol, probe: allocate_greedy(layers, budget, cfg.gamma,
+                                                                               cfg.greedy_iterations, tol,
+                                                                               cfg.rank_multiple)))
 register_policy(Policy("marginal", energy_tail_curve,  # absolute energies: one unit across layers
-                       lambda layers, budget, cfg, tol: allocate_marginal(layers, budget, cfg.rank_multiple, tol),
+                       lambda layers, budget, cfg, tol, probe: allocate_marginal(layers, budget, cfg.rank_multiple,
+                                                                                 tol),
                        records_trace=True))

@@ -69,8 +69,9 @@ class LayerStats:
     """Loss-aware statistics only (:mod:`lowrank_vit.core.loss_aware`): G = 1/(N T) sum_{i,t} g g^T, float64, (m, m),
     the Gram of the loss gradients at the layer's output."""
     loss_scale: float = 1.0
-    """Loss-aware statistics only: the K-FAC input factor is ``loss_scale * gram`` (``gram`` itself is scaled so that
-    :func:`output_error` reports the pooled relative output error, see ``loss_aware.collect_loss_statistics``)."""
+    """Loss-aware and token-weighted statistics: the method's own Gram (the K-FAC input factor; SVD-LLM's sum of
+    x x^T over all calibration tokens) is ``loss_scale * gram``; ``gram`` itself is scaled so that :func:`output_error`
+    reports the pooled relative output error (see ``loss_aware.collect_loss_statistics``, ``pooled_token_stats``)."""
     tokens: float | None = None
     """Loss-aware statistics only: T, the layer's input rows per image."""
     grad_range_gram: torch.Tensor | None = None
@@ -78,6 +79,10 @@ class LayerStats:
     the Gram of g W^T) instead of ``grad_gram``; all the decomposition needs of G besides tr(G)."""
     grad_trace: float | None = None
     """tr(G), with ``grad_range_gram``."""
+    fourth_moment: float | None = None
+    """sum_t ||x_t||^4 over every calibration token, when asked for (Ledoit-Wolf shrinkage, FLAR-SVD)."""
+    rows: int | None = None
+    """Input rows (tokens) the layer saw over the whole calibration set."""
     token_mean: torch.Tensor | None = None
     """Centred statistics only (``collect_loss_statistics(center=True)``): mu, the mean input token (k,), float64.
     The Grams are then those of x - mu, and the compressed layer's bias must absorb mu^T (W - W_hat)."""
@@ -344,6 +349,8 @@ def collect_statistics(
     seed: int = 0,
     gram_precision: str = "float64",
     gram_space: str = "input",
+    weighting: str = "image",
+    fourth_moment: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the model once over the calibration images and return each layer's statistics.
 
@@ -369,6 +376,10 @@ def collect_statistics(
         gram_space: "input" (H from every layer's inputs) or "auto" (layers with fewer outputs than inputs
             accumulate the output Gram W^T H W and return :func:`range_gram`; see the module docstring for what
             that is exact for).
+        weighting: "image" (eq. 5: image i weighs w_i = 1 / ||X_i W||^2) or "token" (every token weighs 1: the plain
+            Gram sum_t x x^T that SVD-LLM and FLAR-SVD whiten with).
+        fourth_moment: also sum ||x_t||^4 over the tokens (``LayerStats.fourth_moment``; Ledoit-Wolf shrinkage needs
+            it) and count them (``LayerStats.rows``).
 
     Raises:
         ValueError: bad calibration data (see :func:`iter_calibration_images`), NaN or inf activations reaching a
@@ -379,8 +390,13 @@ def collect_statistics(
         raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
     if gram_space not in ("input", "auto"):
         raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
+    if weighting not in ("image", "token"):
+        raise ValueError(f"weighting must be 'image' or 'token', got {weighting!r}")
     output_side = {name for name, layer in layers.items()
                    if gram_space == "auto" and layer.out_features < layer.in_features}
+    fourth = {name: torch.zeros((), dtype=torch.float64, device=device or next(model.parameters()).device)
+              for name in layers} if fourth_moment else {}
+    rows_seen = dict.fromkeys(layers, 0)
     traces = dict.fromkeys(output_side, 0.0)
     device = device or next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -410,8 +426,11 @@ def collect_statistics(
             k = module.in_features
             x = inputs[0].detach().reshape(batch, -1, k)
             energy, y = output_energies(output.detach(), module.bias, batch, buffers)
-            weights = image_weights(energy)
+            weights = image_weights(energy) if weighting == "image" else torch.ones_like(energy)
             rows = y if name in output_side else x
+            rows_seen[name] += x.shape[0] * x.shape[1]
+            if fourth_moment:
+                fourth[name] += x.reshape(-1, k).double().pow(2).sum(1).pow(2).sum()
             if name in output_side:  # tr(H) = sum_i w_i ||X_i||^2
                 traces[name] += float(weights @ squared_norms(x))
             # One pass, into a reused buffer: the rows scaled by sqrt(w_i) come out in the product dtype.
@@ -469,5 +488,7 @@ def collect_statistics(
             output_gram=output_gram,
             input_trace=trace,
             range_weight=weight,
+            fourth_moment=float(fourth[name]) if fourth_moment else None,
+            rows=rows_seen[name],
         )
     return stats

@@ -59,6 +59,15 @@ def from_fields(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
+def settings_of(cfg: Any, cls: type[T]) -> T:
+    """The typed settings ``cls`` (a registered method's or allocation's own dataclass) from ``cfg.settings``: the
+    keys ``cls`` declares, on top of its defaults (the other keys belong to the other registered choice)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in (getattr(cfg, "settings", None) or {}).items() if key in names})
+
+
 IMAGE_KEYS = ("image", "images", "pixel_values", "img")
 """Keys under which a dict batch may carry its images."""
 LABEL_KEYS = ("label", "labels", "target", "targets")

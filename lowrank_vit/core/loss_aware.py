@@ -46,6 +46,7 @@ from lowrank_vit.core.calibration import (
     upper_gram_,
 )
 from lowrank_vit.core.common import LABEL_KEYS
+from lowrank_vit.core.covariance import clipped_token_scale
 from lowrank_vit.core.decompose import Decomposition, Whitening, live_inverse, psd_eigh, whitening
 from lowrank_vit.core.fisher import _check_labels, labels_from_batch
 from lowrank_vit.core.progress import progress_bar
@@ -86,7 +87,7 @@ def _check_classifier(model: nn.Module) -> None:
 
 
 def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generator: torch.Generator,
-            start: int = 0) -> torch.Tensor | None:
+            start: int = 0, who: str | None = None) -> torch.Tensor | None:
     """The labels of the images ``start .. start + len(logits)`` of calibration batch ``index``; None where sampled
     labels meet non-finite logits (the caller says where they came from)."""
     if mode == "sampled":  # y ~ p(. | x): one draw per image from the model's own prediction
@@ -97,9 +98,12 @@ def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generato
     try:
         labels = labels_from_batch(batch, index)
     except ValueError:
-        raise ValueError(f"fisher_labels='given' needs labelled calibration batches ((images, labels) or a dict with "
-                         f"one of {LABEL_KEYS}); batch {index} has none: use fisher_labels='sampled' "
-                         "(no labels needed)") from None
+        hint = ("use fisher_labels='sampled' (no labels needed)" if who is None else
+                "give labels, or use the loss-aware default, whose labels are drawn from the model's own predictions")
+        who = who or "fisher_labels='given'"
+        raise ValueError(f"{who} needs labelled calibration batches "
+                         f"((images, labels) or a dict with one of {LABEL_KEYS}); batch {index} has none: "
+                         f"{hint}") from None
     labels = labels[start: start + logits.shape[0]]
     _check_labels(labels, logits.shape[0], index)
     if not labels.is_floating_point() and labels.numel() and (  # checked where the loader left them (the host)
@@ -129,6 +133,8 @@ def collect_loss_statistics(
     center: bool = False,
     grad_images: int | None = None,
     compute_dtype: str = "float32",
+    clip: tuple[float, float] | None = None,
+    who: str | None = None,
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -170,6 +176,11 @@ def collect_loss_statistics(
         compute_dtype: "float32", or "bfloat16" to run the forward and backward under ``torch.autocast`` on the
             device (activations and gradients reach the hooks in bfloat16; the Gram products and sums keep
             ``gram_precision``).
+        clip: (low, high): every token's output gradient rescaled to a norm within [low m, high m], m the mean norm
+            of its image's tokens (KFAC-SVD's clipping, :func:`~lowrank_vit.core.covariance.clipped_token_scale`);
+            None: the gradients as they are.
+        who: the method that asked for given labels, named in the error when a batch has none (default: the
+            ``fisher_labels='given'`` setting).
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -240,6 +251,14 @@ def collect_loss_statistics(
                 raise ValueError(message)
         logits_finite.clear()  # checked: later checks read the sums alone for the batches before this one
 
+    def clipped(grad: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``grad`` with KFAC-SVD's per-token clipping of ``reference`` (the output gradient; default ``grad``)."""
+        if clip is None:
+            return grad
+        scale = clipped_token_scale(grad if reference is None else reference, *clip)
+        shaped = grad.reshape(scale.shape[0], -1, grad.shape[-1])
+        return (shaped * scale.to(grad.dtype)).reshape(grad.shape)
+
     def make_hook(name: str):
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
@@ -258,11 +277,12 @@ def collect_loss_statistics(
             if output.requires_grad and name not in grad_input_side:
                 def grad_hook(grad: torch.Tensor) -> None:
                     seen_grad[name] = True
-                    accumulate(name, g_sums, "grad", grad)
+                    accumulate(name, g_sums, "grad", clipped(grad))
                 output.register_hook(grad_hook)
             elif output.requires_grad and not mode["backward_hooks"]:
                 def input_grad_hook(grad: torch.Tensor) -> None:  # the backward hook's g W, one matmul more
                     seen_grad[name] = True
+                    grad = clipped(grad)
                     accumulate(name, g_sums, "grad", grad.to(module.weight.dtype) @ module.weight.detach())
                     traces[name] += _energy(grad)
                 output.register_hook(input_grad_hook)
@@ -275,8 +295,8 @@ def collect_loss_statistics(
             if grad_input[0] is None or grad_output[0] is None:
                 return
             seen_grad[name] = True
-            accumulate(name, g_sums, "grad", grad_input[0])
-            traces[name] += _energy(grad_output[0])
+            accumulate(name, g_sums, "grad", clipped(grad_input[0], grad_output[0]))
+            traces[name] += _energy(clipped(grad_output[0]))
         return hook
 
     def one_pass(stream: Iterable) -> tuple[int, int]:
@@ -303,7 +323,7 @@ def collect_loss_statistics(
                         part = part[:backward].requires_grad_(True)
                         logits = _logits(model(part))
                         logits_finite.append((index, torch.isfinite(logits).all()))
-                        target = _labels(batch, index, logits, labels, generator, start)
+                        target = _labels(batch, index, logits, labels, generator, start, who)
                         if target is None:  # sampled labels from NaN logits: say where the NaN came from
                             check_finite()
                             raise _nonfinite_logits(index)
@@ -405,8 +425,9 @@ def _narrow_side(W: torch.Tensor, stats: LayerStats) -> tuple[str, torch.Tensor,
     return "output", W.T @ H @ W, float(torch.diagonal(H).sum())
 
 
-def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: float,
-                                values_only: bool = False) -> tuple[Decomposition | torch.Tensor, Whitening | None]:
+def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: float, values_only: bool = False,
+                                grad_damping: float | None = None,
+                                ) -> tuple[Decomposition | torch.Tensor, Whitening | None]:
     """The SVD ``A W B^T = P diag(s) R^T`` (A^T A = H_d, B^T B = G_d) from one eigendecomposition on the layer's
     narrow side, without the other side's Gram or whitening:
 
@@ -416,19 +437,20 @@ def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: flo
       left = W B^T R / s, right = B^-1 R.
 
     The damping of the missing side enters as ``d tr(G)/out W W^T`` (or ``d tr(H)/in W^T W``), exactly as
-    :func:`~lowrank_vit.core.decompose.whitening` damps a full Gram. Returns the decomposition (or only s) and the input
-    whitening when one was computed."""
+    :func:`~lowrank_vit.core.decompose.whitening` damps a full Gram. ``grad_damping`` damps G (default: ``damping``,
+    which then damps H only). Returns the decomposition (or only s) and the input whitening when one was computed."""
     side, narrow, trace = _narrow_side(W, stats)
     k, m = W.shape
+    grad_damping = damping if grad_damping is None else grad_damping
     if side == "input":
         A = whitening(stats.gram, damping)
         AW = A.apply(W)
-        N = A.apply(A.apply((narrow + (damping * trace / m) * (W @ W.T)).T).T)  # A (W G_d W^T) A^T
+        N = A.apply(A.apply((narrow + (grad_damping * trace / m) * (W @ W.T)).T).T)  # A (W G_d W^T) A^T
         P, s = psd_eigh(N, vectors=not values_only)
         if values_only:
             return s, A
         return Decomposition(A.solve(P), (AW.T @ P) * live_inverse(s), s), A
-    B = whitening(stats.grad_gram, damping)
+    B = whitening(stats.grad_gram, grad_damping)
     N = B.apply(B.apply((narrow + (damping * trace / k) * (W.T @ W)).T).T)  # B (W^T H_d W) B^T
     R, s = psd_eigh(N, vectors=not values_only)
     if values_only:
@@ -436,19 +458,21 @@ def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: flo
     return Decomposition((W @ (B.root.T @ R)) * live_inverse(s), B.solve(R), s), None
 
 
-def loss_aware_svd(weight: torch.Tensor, stats: LayerStats,
-                   damping: float) -> tuple[Decomposition, Whitening | None]:
+def loss_aware_svd(weight: torch.Tensor, stats: LayerStats, damping: float,
+                   grad_damping: float | None = None) -> tuple[Decomposition, Whitening | None]:
     """:func:`~lowrank_vit.core.decompose.two_sided_svd` of one layer from its loss-aware statistics, computed on the
     layer's narrow side (:func:`_two_sided_from_narrow_side`: one eigendecomposition of the smaller dimension instead
     of two whitenings and an SVD), in the loss's units (singular values squared = tr(dW^T H dW G) of dropping each
     direction), and the input whitening when it was computed (of the rescaled ``gram``: the one the closed-form Z
-    kinds need). Both Grams are damped as :func:`~lowrank_vit.core.decompose.whitening` does."""
-    d, white = _two_sided_from_narrow_side(weight.double(), stats, damping)
+    kinds need). Both Grams are damped as :func:`~lowrank_vit.core.decompose.whitening` does, G by ``grad_damping``
+    where it is given."""
+    d, white = _two_sided_from_narrow_side(weight.double(), stats, damping, grad_damping=grad_damping)
     root = stats.loss_scale ** 0.5  # the whitening of gram = H / loss_scale: undo the scale on s (and on left)
     return Decomposition(d.left / root, d.right, d.singular_values * root), white
 
 
-def loss_aware_singular_values(weight: torch.Tensor, stats: LayerStats, damping: float) -> torch.Tensor:
+def loss_aware_singular_values(weight: torch.Tensor, stats: LayerStats, damping: float,
+                               grad_damping: float | None = None) -> torch.Tensor:
     """The spectrum of :func:`loss_aware_svd` alone (for planning)."""
-    s, _ = _two_sided_from_narrow_side(weight.double(), stats, damping, values_only=True)
+    s, _ = _two_sided_from_narrow_side(weight.double(), stats, damping, values_only=True, grad_damping=grad_damping)
     return s * stats.loss_scale ** 0.5

@@ -38,7 +38,8 @@ ARCH_LABELS: dict[str, str] = {}
 """Architecture key -> the label results tables print ("deit_s" -> "DeiT-S"), filled by the experiment modules."""
 METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
                  "vanilla": "vanilla SVD + FT", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
-                 "fwsvd": "FWSVD", "comcat": "COMCAT"}
+                 "fwsvd": "FWSVD", "comcat": "COMCAT", "flar-svd": "FLAR-SVD", "svd-llm": "SVD-LLM",
+                 "svd-llm-v2": "SVD-LLM v2", "kfac-lems": "KFAC-SVD + LEMS"}
 """A row's method key -> the label every results table, demo table and figure prints ("vanilla" is Table 2's
 vanilla SVD: plain SVD, uniform ranks, no Z, always fine-tuned)."""
 

@@ -205,7 +205,11 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
     p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
                    help="a recipe (loss-aware: the default; loss-aware-refit: with the sequential refit, for a "
-                        "model shipped without fine-tuning or -80%%; paper; vanilla) or any registered decomposition")
+                        "model shipped without fine-tuning or -80%%; paper; vanilla; the peers flar-svd, svd-llm, "
+                        "svd-llm-v2, kfac-lems) or any registered decomposition")
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="one of the recipe's own settings (docs/peers.md), e.g. --setting grad_shrinkage=0.3; "
+                        "VALUE is read as JSON where it parses (numbers, true, null), else as text; repeatable")
     p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
     p.add_argument("--loss-pass-dtype", choices=COMPUTE_DTYPES, default=None,
@@ -732,6 +736,20 @@ def _layers(model: nn.Module, compression: dict[str, Any] | None) -> list[dict[s
 # ---------------------------------------------------------------------------------------------------- compress
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--setting KEY=VALUE`` items as a dict: VALUE as JSON where it parses, else the text itself."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--setting takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
 def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
     """The CompressionConfig of ``--recipe``: a named recipe, or a decomposition inside its own recipe
     (``Method.home_recipe``: the loss-aware method's marginal ranks without Z) or else the paper's (greedy allocation
@@ -745,6 +763,8 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
         fields = {**RECIPES[get_method(args.recipe).home_recipe], "decomposition": args.recipe}
     if getattr(args, "loss_pass_dtype", None) is not None:
         fields["loss_pass_dtype"] = args.loss_pass_dtype
+    if getattr(args, "setting", None):
+        fields["settings"] = {**fields.get("settings", {}), **parse_settings(args.setting)}
     try:
         return CompressionConfig(reduction=args.reduction, target_params=args.target_params,
                                  calib_samples=args.calib_samples, rank_multiple=args.rank_multiple,

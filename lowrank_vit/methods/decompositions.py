@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lowrank_vit.core.calibration import LayerStats, collect_statistics
-from lowrank_vit.core.common import Registry
+from lowrank_vit.core.common import Registry, settings_of
+from lowrank_vit.core.covariance import cholesky_whitening, ledoit_wolf_intensity, shrink_to_identity
 from lowrank_vit.core.decompose import (
     Decomposition,
     Whitening,
@@ -45,6 +47,7 @@ from lowrank_vit.core.fisher import row_fisher
 from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
+from lowrank_vit.core.search import PUBLISHED_TOKENS
 from lowrank_vit.methods.units import NO_MODULES, AttentionHeads, WholeModules
 
 Extras = dict[str, torch.Tensor]
@@ -62,11 +65,15 @@ class Method:
     whole_modules: ClassVar[WholeModules] = NO_MODULES
     want_mean: ClassVar[bool] = False
     gradient_pass: ClassVar[bool] = False
+    """Its calibration is one forward and backward pass with running sums only (the loss-aware statistics): it
+    supports bias correction and ``grad_fraction``, and keeps no tokens for the SGD solver."""
+    default_bias_correction: ClassVar[bool] = False
+    """``CompressionConfig.bias_correction`` when left None (only a method with ``gradient_pass`` supports it)."""
     home_recipe: ClassVar[str] = "paper"
     """The named recipe (``config.RECIPES``) whose allocation and Z go with this decomposition when it is chosen by
     name alone (``lowrank-vit compress --recipe NAME``)."""
-    """Its calibration is one forward and backward pass with running sums only (the loss-aware statistics): it
-    supports bias correction and ``grad_samples``, and keeps no tokens for the SGD solver."""
+    settings: ClassVar[type | None] = None
+    """Its own typed settings (a dataclass validated on construction), read from ``CompressionConfig.settings``."""
 
     def needs_labels(self, cfg: Any) -> bool:
         """Whether the calibration batches must carry class labels (a gradient pass against them)."""
@@ -89,9 +96,9 @@ class Method:
         """The layer's basis, and the whitening of H it computed on the way (None if it needed none)."""
         return plain_svd(weight), None
 
-    def refit(self, weight: torch.Tensor, stats: LayerStats, pair: PairGrams, cfg: Any) -> Decomposition:
-        """The layer's basis refitted for the compressed model's inputs (``pair``), aiming at the dense layer's
-        outputs; only where ``supports_refit``."""
+    def refit(self, weight: torch.Tensor, stats: LayerStats, pair: PairGrams, cfg: Any, rank: int) -> Decomposition:
+        """The layer's basis refitted for the compressed model's inputs (``pair``), whose first ``rank`` triplets the
+        layer then keeps; only where ``supports_refit``."""
         raise NotImplementedError(f"decomposition {self.name!r} has no refit")
 
 
@@ -151,6 +158,7 @@ class LossAware(Method):
     loss_units = True
     supports_refit = True
     gradient_pass = True
+    default_bias_correction = True
     home_recipe = "loss-aware"  # its marginal allocation on predicted loss, and no Z (more rank in the same basis)
 
     def needs_labels(self, cfg):
@@ -171,7 +179,7 @@ class LossAware(Method):
     def decompose(self, weight, stats, extra, cfg):
         return loss_aware_svd(weight, stats, cfg.damping)
 
-    def refit(self, weight, stats, pair, cfg):
+    def refit(self, weight, stats, pair, cfg, rank):
         # the same decomposition of W* = S W, the least-squares weight for the new inputs, on their Gram
         transform = feedback_transform(pair, cfg.refit_damping)
         return loss_aware_svd(transform @ weight, feedback_stats(stats, pair, transform), cfg.damping)[0]
@@ -222,3 +230,184 @@ class COMCAT(Method):
 
     name = "comcat"
     whole_modules = AttentionHeads()
+
+
+# ------------------------------------------------------------------------------------ the peers (docs/peers.md)
+
+
+def pooled_token_stats(stats: dict[str, LayerStats], layers: dict[str, nn.Linear]) -> dict[str, LayerStats]:
+    """Token-weighted statistics (``weighting="token"``: H_raw = sum of x x^T over every calibration token) in the
+    pipeline's units: ``gram = N H_raw / tr(W^T H_raw W)``, so that the report's eq. (5) error is the pooled relative
+    output error, and ``loss_scale = tr(W^T H_raw W) / N``, so that ``loss_scale * gram`` is H_raw again."""
+    for name, layer_stats in stats.items():
+        W = layers[name].weight.detach().double().T.to(layer_stats.gram.device)
+        energy = float(torch.sum(W * (layer_stats.gram @ W)))
+        scale = energy / layer_stats.num_images if energy > 0 else 1.0
+        layer_stats.gram = layer_stats.gram / scale
+        layer_stats.loss_scale = scale
+    return stats
+
+
+def _raw_units(decomposition: Decomposition, stats: LayerStats) -> Decomposition:
+    """A decomposition of the pooled ``gram`` with its singular values in the units of H_raw summed over as many
+    tokens as SVD-LLM's published calibration set (``core.search.PUBLISHED_TOKENS``): SVD-LLM v2's truncation losses
+    are read in them, and its 1 / log(L) scores depend on that unit."""
+    root = (stats.loss_scale * PUBLISHED_TOKENS / max(stats.rows or PUBLISHED_TOKENS, 1)) ** 0.5
+    return Decomposition(decomposition.left / root, decomposition.right, decomposition.singular_values * root)
+
+
+class _TokenWhitened(Method):
+    """Whitened SVD on the plain token Gram, factored by Cholesky with the peers' eigenvalue shift on failure."""
+
+    def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
+        stats = collect_statistics(model, layers, batches, cfg.calib_samples, sample_tokens=sample_tokens,
+                                   device=device, progress=cfg.progress, seed=cfg.seed,
+                                   gram_precision=cfg.gram_precision, gram_space="input", weighting="token",
+                                   fourth_moment=self.fourth_moment)
+        return pooled_token_stats(stats, layers), {}
+
+    fourth_moment: ClassVar[bool] = False
+
+    def gram(self, stats: LayerStats, cfg: Any) -> torch.Tensor:
+        return stats.gram
+
+    def whiten(self, stats: LayerStats, cfg: Any) -> Whitening:
+        return cholesky_whitening(self.gram(stats, cfg), what=f"decomposition {self.name!r}'s input Gram",
+                                  alternative="use decomposition 'whitened' (damped) instead")
+
+    def spectrum(self, weight, stats, extra, cfg):
+        return self.decompose(weight, stats, extra, cfg)[0].singular_values
+
+    def decompose(self, weight, stats, extra, cfg):
+        white = self.whiten(stats, cfg)
+        return _raw_units(whitened_svd(weight, white), stats), None
+
+
+@register_method
+class SVDLLM(_TokenWhitened):
+    """SVD-LLM (Wang et al. 2024): truncation-aware whitening by the Cholesky factor of the plain input Gram; with
+    ``refit`` (its recipe "svd-llm") the sequential update: layer by layer in forward order, the input-side factor
+    kept, the output-side factor solved by least squares for the compressed model's own inputs."""
+
+    name = "svd_llm"
+    supports_refit = True
+    home_recipe = "svd-llm"
+
+    def refit(self, weight, stats, pair, cfg, rank):
+        return svd_llm_update(weight, self.decompose(weight, stats, None, cfg)[0], pair.gram, rank)
+
+
+def svd_llm_update(weight: torch.Tensor, decomposition: Decomposition, compressed_gram: torch.Tensor,
+                   rank: int) -> Decomposition:
+    """SVD-LLM's closed-form update of the output-side factor at ``rank``: with the input-side factor U_r of
+    ``decomposition`` kept, the V_r that minimizes ||X_c U_r V_r^T - X_c W||_F^2 on the compressed model's inputs X_c
+    (Gram H_c) solves (U_r^T H_c U_r) V_r^T = U_r^T H_c W. The target is the dense weight on the same compressed
+    inputs, as the published code takes it. Returned as a basis of exactly ``rank`` directions (unit singular
+    values: U_r and V_r as they are)."""
+    U = decomposition.factors(rank)[0]
+    H = compressed_gram.double().to(U.device)
+    HU = H @ U
+    M = U.T @ HU
+    M = (M + M.T) / 2
+    # the pseudo-inverse where U_r has directions the compressed inputs never reach (a singular M): those get no
+    # output, exactly as least squares leaves them undetermined
+    V = (torch.linalg.pinv(M, hermitian=True) @ (HU.T @ weight.double())).T
+    return Decomposition(U, V, torch.ones(rank, dtype=torch.float64, device=U.device))
+
+
+@dataclass(frozen=True)
+class FlarDecompositionSettings:
+    """FLAR-SVD's decomposition setting."""
+
+    shrinkage: str = "ledoit-wolf"
+    """"ledoit-wolf": the input second-moment matrix shrunk toward a scaled identity by the Ledoit-Wolf intensity;
+    "none": the plain token Gram (SVD-LLM's whitening)."""
+
+    def __post_init__(self) -> None:
+        if self.shrinkage not in ("ledoit-wolf", "none"):
+            raise ValueError(f"shrinkage must be 'ledoit-wolf' or 'none', got {self.shrinkage!r}")
+
+
+@register_method
+class FLAR(_TokenWhitened):
+    """FLAR-SVD (Thoma et al. 2025): SVD-LLM's whitening on a Ledoit-Wolf-shrunk input Gram; its recipe "flar-svd"
+    allocates by its feature-error search (:mod:`lowrank_vit.core.search`)."""
+
+    name = "flar"
+    home_recipe = "flar-svd"
+    fourth_moment = True
+    settings = FlarDecompositionSettings
+
+    def gram(self, stats, cfg):
+        if settings_of(cfg, FlarDecompositionSettings).shrinkage == "none":
+            return stats.gram
+        intensity = ledoit_wolf_intensity(stats.gram * stats.loss_scale, stats.fourth_moment, stats.rows)
+        return shrink_to_identity(stats.gram, intensity)
+
+
+@dataclass(frozen=True)
+class KfacSettings:
+    """KFAC-SVD's settings (its published defaults for vision)."""
+
+    input_shrinkage: float = 0.1
+    """a of the input Gram's shrinkage (1 - a) H + a mean(diag H) I."""
+    grad_shrinkage: float = 0.7
+    """a of the gradient Gram's shrinkage (0.7 for vision, 0.3 for language models)."""
+    clip_low: float = 0.1
+    """Token gradients are raised to at least this multiple of their image's mean token-gradient norm."""
+    clip_high: float = 10.0
+    """... and lowered to at most this multiple."""
+
+    def __post_init__(self) -> None:
+        for name in ("input_shrinkage", "grad_shrinkage"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+        ok = all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                 for v in (self.clip_low, self.clip_high))
+        if not ok or not 0.0 < self.clip_low <= 1.0 <= self.clip_high:
+            raise ValueError(f"clip_low and clip_high must satisfy 0 < clip_low <= 1 <= clip_high, got "
+                             f"{self.clip_low!r} and {self.clip_high!r}")
+
+
+@register_method
+class KFAC(LossAware):
+    """KFAC-SVD (with LEMS, 2026): the two-sided Kronecker-factored whitening of the loss-aware method, from the
+    true labels' cross-entropy gradients clipped per token, both Grams shrunk toward a scaled identity (not damped),
+    no bias correction; its recipe "kfac-lems" allocates by LEMS's integer program."""
+
+    name = "kfac"
+    supports_refit = False
+    default_bias_correction = False
+    home_recipe = "kfac-lems"
+    settings = KfacSettings
+
+    def needs_labels(self, cfg):
+        return True
+
+    def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
+        own = settings_of(cfg, KfacSettings)
+        stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, labels="given", device=device,
+                                        progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision,
+                                        gram_space=gram_space, center=cfg.bias_correction,
+                                        grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples),
+                                        compute_dtype=cfg.loss_pass_dtype, clip=(own.clip_low, own.clip_high),
+                                        who="decomposition 'kfac' (KFAC-SVD's gradients of the true labels)")
+        return stats, {}
+
+    @staticmethod
+    def _dampings(cfg: Any) -> tuple[float, float, float]:
+        """(1 - a) H + a mu I = (1 - a)(H + a / (1 - a) mu I): the shrinkage is a damping of a / (1 - a) and a
+        factor (1 - a) on the energies, for each side."""
+        own = settings_of(cfg, KfacSettings)
+        a, b = own.input_shrinkage, own.grad_shrinkage
+        return a / (1 - a), b / (1 - b), math.sqrt((1 - a) * (1 - b))
+
+    def spectrum(self, weight, stats, extra, cfg):
+        d_in, d_grad, factor = self._dampings(cfg)
+        return loss_aware_singular_values(weight, stats, d_in, d_grad) * factor
+
+    def decompose(self, weight, stats, extra, cfg):
+        d_in, d_grad, factor = self._dampings(cfg)
+        d, white = loss_aware_svd(weight, stats, d_in, d_grad)
+        return Decomposition(d.left / factor, d.right, d.singular_values * factor), white

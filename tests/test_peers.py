@@ -1,0 +1,502 @@
+"""The peer methods of docs/peers.md (FLAR-SVD, SVD-LLM, SVD-LLM v2, KFAC-SVD with LEMS), each checked against an
+independent truth: scikit-learn's Ledoit-Wolf intensity, formulas written out, exhaustive search, direct least
+squares and eigendecompositions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowrank_vit import compress
+from lowrank_vit.config import CompressionConfig, recipe
+from lowrank_vit.core.allocate import LayerBudget
+from lowrank_vit.core.calibration import LayerStats
+from lowrank_vit.core.covariance import (
+    cholesky_whitening,
+    clipped_token_scale,
+    ledoit_wolf_intensity,
+    shrink_to_identity,
+)
+from lowrank_vit.core.decompose import plain_svd, whitened_svd, whitening
+from lowrank_vit.core.search import (
+    allocate_integer,
+    allocate_svd_llm_v2,
+    candidate_ranks,
+    layer_kind,
+    scale_to_budget,
+    search_grid,
+    smallest_passing,
+    svd_llm_v2_keeps,
+)
+from lowrank_vit.methods.decompositions import get_method, svd_llm_update
+from lowrank_vit.pipeline import plan_compression
+
+from conftest import make_images, make_tiny_vit
+
+PEER_RECIPES = ["flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems"]
+
+
+def random_spd(n: int, g: torch.Generator, extra: int = 3) -> torch.Tensor:
+    X = torch.randn(n + extra, n, generator=g, dtype=torch.float64)
+    return X.T @ X / (n + extra)
+
+
+def sym_power(S: torch.Tensor, power: float) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(S)
+    return (evecs * evals.pow(power)) @ evecs.T
+
+
+def w_hat(decomposition, rank: int) -> torch.Tensor:
+    U, V = decomposition.factors(rank)
+    return U @ V.T
+
+
+# ------------------------------------------------------------------------------------------------ covariance
+
+
+@pytest.mark.parametrize("n, p, seed", [(50, 5, 0), (200, 12, 1), (8, 20, 2), (3, 7, 3), (30, 30, 4), (1000, 3, 5)])
+def test_ledoit_wolf_intensity_matches_sklearn(n, p, seed):
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, p)) @ rng.standard_normal((p, p)) + rng.standard_normal(p)  # correlated, not centred
+    gram_sum = torch.from_numpy(X.T @ X)
+    fourth_sum = float((np.linalg.norm(X, axis=1) ** 4).sum())
+    expected = ledoit_wolf_shrinkage(X, assume_centered=True)
+    assert ledoit_wolf_intensity(gram_sum, fourth_sum, n) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_ledoit_wolf_intensity_of_a_scaled_identity_is_zero_and_needs_a_sample():
+    # S = c I is already the target (sklearn returns 0 there too); no samples at all is an error
+    assert ledoit_wolf_intensity(4.0 * torch.eye(3, dtype=torch.float64), 3 * 4.0 ** 2, 4) == 0.0
+    with pytest.raises(ValueError, match="at least one sample"):
+        ledoit_wolf_intensity(torch.eye(3), 1.0, 0)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 1.0])
+def test_shrink_to_identity_is_the_written_out_formula(a):
+    S = random_spd(6, torch.Generator().manual_seed(1))
+    p = S.shape[0]
+    expected = (1 - a) * S + a * float(torch.trace(S)) / p * torch.eye(p, dtype=torch.float64)
+    torch.testing.assert_close(shrink_to_identity(S, a), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("a", [-0.1, 1.5, float("nan")])
+def test_shrink_to_identity_rejects_intensities_outside_0_1(a):
+    with pytest.raises(ValueError, match="intensity"):
+        shrink_to_identity(torch.eye(3), a)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cholesky_whitening_of_an_spd_gram_is_its_exact_cholesky_factor(seed):
+    S = random_spd(7, torch.Generator().manual_seed(seed))
+    white = cholesky_whitening(S)
+    assert white.triangular
+    torch.testing.assert_close(white.gram, S)  # nothing shifted
+    torch.testing.assert_close(white.root, torch.from_numpy(np.linalg.cholesky(S.numpy()).T))
+    torch.testing.assert_close(white.root.T @ white.root, S, rtol=1e-10, atol=1e-12)
+
+
+def test_cholesky_whitening_shifts_a_slightly_indefinite_gram():
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    S = B @ B.T - 1e-9 * torch.eye(6, dtype=torch.float64)  # rank 3, then just below PSD
+    assert float(torch.linalg.eigvalsh(S)[0]) < 0
+    white = cholesky_whitening(S)
+    shift = white.gram - S  # a positive multiple of the identity, about |lambda_min| + a few 1e-6 of the mean diagonal
+    c = float(shift[0, 0])
+    torch.testing.assert_close(shift, c * torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    lowest = -float(torch.linalg.eigvalsh(S)[0])
+    assert lowest < c <= lowest + 4 * 1e-6 * float(torch.diagonal(S).mean()) + 1e-12
+    assert float(torch.linalg.eigvalsh(white.gram)[0]) > 0
+    torch.testing.assert_close(white.root.T @ white.root, white.gram, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(white.root, torch.triu(white.root))
+
+
+def test_cholesky_whitening_rejects_zero_nan_and_indefinite_grams():
+    with pytest.raises(ValueError, match="is zero"):
+        cholesky_whitening(torch.zeros(4, 4))
+    bad = torch.eye(4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cholesky_whitening(bad)
+    indefinite = torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="not positive definite.*; use X"):
+        cholesky_whitening(indefinite, attempts=1, alternative="use X")
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("low, high", [(0.1, 10.0), (0.5, 2.0), (1.0, 1.0)])
+def test_clipped_token_scale_matches_a_loop_over_rows_and_tokens(seed, low, high):
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(3, 2, 4, 5, generator=g) * 10.0 ** (4 * torch.rand(3, 2, 4, 1, generator=g) - 2)
+    grad[0, 0, 1] = 0.0  # dead tokens keep their gradient and do not count in the mean
+    grad[1, 1, 3] = 0.0
+    grad[2] = 0.0  # a row with no live token at all
+    scale = clipped_token_scale(grad, low, high)
+    assert scale.shape == (3, 8, 1)
+    flat = grad.reshape(3, 8, 5).double()
+    for i in range(3):
+        norms = [float(flat[i, t].norm()) for t in range(8)]
+        live = [v for v in norms if v > 1e-10]
+        m = sum(live) / len(live) if live else 0.0
+        for t, v in enumerate(norms):
+            expected = min(max(v, low * m), high * m) / v if v > 1e-10 else 1.0
+            assert float(scale[i, t, 0]) == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ allocation
+
+
+def random_choices(seed: int):
+    rng = np.random.default_rng(seed)
+    choices = []
+    for _ in range(int(rng.integers(2, 5))):
+        options = [(r, int(rng.integers(1, 200)), float(10.0 ** rng.uniform(-6, 2)))  # errors over 8 decades
+                   for r in range(1, int(rng.integers(2, 6)) + 1)]
+        dense = max(p for _, p, _ in options) + int(rng.integers(0, 100))
+        choices.append(options + [(None, dense, 0.0)])
+    smallest = sum(min(p for _, p, _ in options) for options in choices)
+    largest = sum(max(p for _, p, _ in options) for options in choices)
+    return choices, int(rng.integers(smallest, largest + 1))
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_allocate_integer_finds_the_brute_force_optimum(seed):
+    choices, budget = random_choices(seed)
+    names = [f"l{i}" for i in range(len(choices))]
+    best = min(sum(e for _, _, e in combo) for combo in itertools.product(*choices)
+               if sum(p for _, p, _ in combo) <= budget)
+    allocation = allocate_integer(choices, names, budget)
+    picked = [next(o for o in options if o[0] == allocation.ranks[name])
+              for name, options in zip(names, choices, strict=True)]
+    assert allocation.params == sum(p for _, p, _ in picked) <= budget
+    assert sum(e for _, _, e in picked) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    assert allocation.trace[0]["objective"] == pytest.approx(best, rel=1e-6, abs=1e-12)
+
+
+def test_allocate_integer_is_exact_when_errors_span_many_magnitudes():
+    # brute force: "a" dense and "b" at rank 1 (152 parameters, error 1e-6) beats every other affordable pair
+    choices = [[(1, 59, 4.0), (2, 73, 1e-5), (3, 30, 2e-6), (None, 74, 0.0)],
+               [(1, 78, 1e-6), (2, 56, 0.03), (3, 99, 1e-5), (None, 100, 0.0)]]
+    assert allocate_integer(choices, ["a", "b"], 172).ranks == {"a": None, "b": 1}
+
+
+def test_allocate_integer_rejects_an_infeasible_budget():
+    choices = [[(1, 10, 1.0), (None, 20, 0.0)], [(1, 15, 1.0), (None, 30, 0.0)]]
+    with pytest.raises(ValueError, match="no feasible allocation"):
+        allocate_integer(choices, ["a", "b"], 24)
+    assert allocate_integer(choices, ["a", "b"], 25).ranks == {"a": 1, "b": 1}  # the same problem, just feasible
+
+
+def budget_layer(k: int, m: int, z: int = 0, name: str = "layer") -> LayerBudget:
+    p = min(k, m)
+    tail = torch.linspace(1.0, 0.0, p + 1, dtype=torch.float64)
+    return LayerBudget(name, k, m, z_params=z, energy_losses=tail)
+
+
+@pytest.mark.parametrize("k, m, floor, ceiling, multiple", [
+    (64, 192, 0.1, 0.95, 8), (32, 96, 0.1, 0.95, 8), (8, 8, 0.1, 0.95, 8), (100, 37, 0.2, 0.9, 4),
+    (384, 1536, 0.1, 0.95, 8), (5, 300, 0.1, 0.95, 1), (64, 64, 0.5, 1.0, 8),
+])
+def test_candidate_ranks_are_the_aligned_ranks_between_floor_and_ceiling(k, m, floor, ceiling, multiple):
+    layer = budget_layer(k, m)
+    eq = k * m // (k + m)
+    window = [r for r in range(1, layer.max_rank + 1) if r >= math.floor(floor * eq) and r < math.floor(ceiling * eq)]
+    aligned = [r for r in window if r % multiple == 0]
+    assert window  # each case has a non-empty window
+    assert candidate_ranks(layer, floor, ceiling, multiple) == (aligned or window)
+
+
+def test_candidate_ranks_hand_checked():
+    # 64 x 192: equal-cost rank 48, floor 4.8 -> 4, ceiling 45.6 -> below 45, multiples of 8
+    assert candidate_ranks(budget_layer(64, 192), 0.1, 0.95, 8) == [8, 16, 24, 32, 40]
+    # 8 x 8: equal-cost rank 4, no multiple of 8 below 3: every rank in [1, 3)
+    assert candidate_ranks(budget_layer(8, 8), 0.1, 0.95, 8) == [1, 2]
+
+
+@pytest.mark.parametrize("k, m, z, step", [(64, 192, 0, 8), (32, 96, 0, 8), (8, 8, 0, 8), (40, 40, 200, 4),
+                                           (6, 6, 0, 8)])
+def test_search_grid_is_the_multiples_below_the_max_rank(k, m, z, step):
+    layer = budget_layer(k, m, z)
+    affordable = [r for r in range(1, k * m) if r * (k + m) + z < k * m]
+    multiples = [r for r in affordable if r % step == 0]
+    assert search_grid(layer, step) == (multiples or affordable)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_smallest_passing_equals_a_linear_scan(seed):
+    rng = np.random.default_rng(seed)
+    grid = sorted(rng.choice(np.arange(1, 200), size=int(rng.integers(1, 30)), replace=False).tolist())
+    for threshold in [0, *grid, grid[-1] + 1, *rng.integers(0, 210, size=5).tolist()]:
+        calls: list[int] = []
+
+        def passes(r, t=threshold, seen=calls):
+            seen.append(r)
+            return r >= t
+
+        expected = next((r for r in grid if r >= threshold), None)  # the linear scan
+        assert smallest_passing(grid, passes) == expected
+        assert len(calls) <= math.ceil(math.log2(len(grid) + 1))  # a binary search, not a scan
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_scale_to_budget_fits_aligns_and_leaves_no_affordable_step(seed):
+    rng = np.random.default_rng(seed)
+    step = int(rng.choice([1, 4, 8]))
+    shapes = [(32, 96), (32, 32), (128, 32), (96, 32), (16, 200), (64, 64)]
+    layers = [budget_layer(k, m, name=f"l{i}") for i, (k, m) in enumerate(shapes[: int(rng.integers(2, 7))])]
+    searched = {}
+    for layer in layers:
+        grid = search_grid(layer, step)
+        searched[layer.name] = None if rng.random() < 0.2 else int(rng.choice(grid))
+    full = sum(layer.dense_params for layer in layers)
+    smallest = sum(layer.params(1) for layer in layers)
+    budget = int(rng.integers(smallest, full))
+    ranks, total = scale_to_budget(layers, searched, budget, step)
+    assert total == sum(layer.params(ranks[layer.name]) for layer in layers) <= budget
+    for layer in layers:
+        r = ranks[layer.name]
+        if r is None:
+            continue
+        assert 1 <= r <= layer.max_rank and (r % step == 0 or r < step)
+        up = (r // step + 1) * step  # the next rank of the grid: unaffordable or too large
+        assert up > layer.max_rank or total + (up - r) * layer.rank_step > budget
+
+
+def test_svd_llm_v2_keeps_follow_the_published_formula():
+    losses, f = [2.0, 5.0, 40.0, 1.5], 0.6
+    scores = [1 / math.log(value) for value in losses]
+    expected = [1 - len(losses) * (1 - f) * s / sum(scores) for s in scores]
+    keeps = svd_llm_v2_keeps(losses, f)
+    assert keeps == pytest.approx(expected, rel=1e-12)
+    assert sum(1 - k for k in keeps) / len(keeps) == pytest.approx(1 - f, rel=1e-12)  # mean compression kept
+    assert keeps[2] > keeps[1] > keeps[0] > keeps[3]  # the larger the loss, the more is kept
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("blocks.3.attn.qkv", "blocks.attn.qkv"), ("layers.0.blocks.1.mlp.fc2", "layers.blocks.mlp.fc2"),
+    ("blocks.11.mlp.fc1", "blocks.mlp.fc1"), ("head", "head"),
+    ("stages.2.blocks.10.attn.proj", "stages.blocks.attn.proj"),
+])
+def test_layer_kind_drops_the_indices(name, kind):
+    assert layer_kind(name) == kind
+
+
+def test_svd_llm_v2_needs_truncation_losses_above_one():
+    layers = [budget_layer(32, 96, name=f"blocks.{i}.attn.qkv") for i in range(2)]  # normalized tails: L <= 1
+    budget = sum(layer.dense_params for layer in layers) // 2
+    with pytest.raises(ValueError, match="L > 1"):
+        allocate_svd_llm_v2(layers, budget)
+
+
+# -------------------------------------------------------------------------------------------- decompositions
+
+
+@pytest.mark.parametrize("seed, n, k, m", [(0, 40, 6, 9), (1, 60, 10, 4), (2, 25, 8, 8)])
+def test_svd_llm_update_is_the_least_squares_output_factor(seed, n, k, m):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64)
+    W = torch.randn(k, m, generator=g, dtype=torch.float64)
+    decomposition = plain_svd(W)
+    for scale in (1.0, 1 / n):  # any positive scale of the Gram
+        for r in range(1, min(k, m) + 1):
+            result = svd_llm_update(W, decomposition, scale * X.T @ X, r)
+            Ur = decomposition.factors(r)[0]
+            expected = Ur @ torch.linalg.lstsq(X @ Ur, X @ W).solution
+            torch.testing.assert_close(w_hat(result, r), expected, rtol=1e-8, atol=1e-8)
+
+
+def kfac_reference(W, H, G, a, b, rank):
+    k, m = W.shape
+    Hs = (1 - a) * H + a * float(torch.diagonal(H).mean()) * torch.eye(k, dtype=torch.float64)
+    Gs = (1 - b) * G + b * float(torch.diagonal(G).mean()) * torch.eye(m, dtype=torch.float64)
+    P, s, Rh = torch.linalg.svd(sym_power(Hs, 0.5) @ W @ sym_power(Gs, 0.5))
+    best = sym_power(Hs, -0.5) @ (P[:, :rank] * s[:rank]) @ Rh[:rank] @ sym_power(Gs, -0.5)
+    return s, best
+
+
+@pytest.mark.parametrize("k, m", [(6, 9), (9, 5)])  # both sides of the narrow-side computation
+@pytest.mark.parametrize("a, b, loss_scale", [(None, None, 1.0), (0.3, 0.2, 1.0), (0.0, 0.5, 2.5)])
+def test_kfac_is_the_two_sided_minimizer_on_shrunk_grams(k, m, a, b, loss_scale):
+    g = torch.Generator().manual_seed(k * 10 + m)
+    H, G = random_spd(k, g), random_spd(m, g)
+    W = torch.randn(k, m, generator=g, dtype=torch.float64)
+    settings = {} if a is None else {"input_shrinkage": a, "grad_shrinkage": b}
+    a, b = (0.1, 0.7) if a is None else (a, b)  # KFAC-SVD's published defaults for vision
+    cfg = CompressionConfig(reduction=0.5, decomposition="kfac", allocation="lems", settings=settings)
+    stats = LayerStats(gram=H / loss_scale, num_images=1, grad_gram=G, loss_scale=loss_scale, tokens=1.0)
+    method = get_method("kfac")
+    decomposition, _ = method.decompose(W, stats, None, cfg)
+    p = min(k, m)
+    s_ref, _ = kfac_reference(W, H, G, a, b, 1)
+    torch.testing.assert_close(decomposition.singular_values[:p], s_ref[:p], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(method.spectrum(W, stats, None, cfg)[:p], s_ref[:p], rtol=1e-8, atol=1e-10)
+    for r in range(1, p + 1):
+        torch.testing.assert_close(w_hat(decomposition, r), kfac_reference(W, H, G, a, b, r)[1], rtol=1e-7, atol=1e-9)
+
+
+def flar_stats(X: torch.Tensor, loss_scale: float) -> LayerStats:
+    return LayerStats(gram=X.T @ X / loss_scale, num_images=4, loss_scale=loss_scale,
+                      fourth_moment=float(X.norm(dim=1).pow(4).sum()), rows=X.shape[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flar_without_shrinkage_is_the_undamped_whitened_svd(seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(50, 7, generator=g, dtype=torch.float64) @ torch.randn(7, 7, generator=g, dtype=torch.float64)
+    W = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    stats = flar_stats(X, 3.0)
+    cfg = CompressionConfig(reduction=0.5, decomposition="flar", allocation="flar", settings={"shrinkage": "none"})
+    decomposition, _ = get_method("flar").decompose(W, stats, None, cfg)
+    reference = whitened_svd(W, whitening(stats.gram, 0.0))
+    s = decomposition.singular_values
+    torch.testing.assert_close(s / s[0], reference.singular_values / reference.singular_values[0])
+    # in the units of the raw token Gram summed over SVD-LLM's published token count (256 x 2048) instead of 50 tokens
+    torch.testing.assert_close(s, reference.singular_values * (3.0 * 256 * 2048 / 50) ** 0.5)
+    for r in range(1, 8):
+        torch.testing.assert_close(w_hat(decomposition, r), w_hat(reference, r), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer tokens than features, and more
+def test_flar_shrinks_the_raw_gram_by_sklearns_ledoit_wolf_intensity(n):
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    stats = flar_stats(X, 7.0)
+    cfg = CompressionConfig(reduction=0.5, decomposition="flar", allocation="flar")
+    decomposition, _ = get_method("flar").decompose(W, stats, None, cfg)
+    a = ledoit_wolf_shrinkage(X.numpy(), assume_centered=True)
+    assert 0 < a < 1
+    S = X.T @ X
+    shrunk = (1 - a) * S + a * float(torch.trace(S)) / 8 * torch.eye(8, dtype=torch.float64)
+    reference = whitened_svd(W, whitening(shrunk, 0.0))
+    torch.testing.assert_close(decomposition.singular_values, reference.singular_values * (256 * 2048 / n) ** 0.5,
+                               rtol=1e-8, atol=1e-10)
+    for r in range(1, 7):
+        torch.testing.assert_close(w_hat(decomposition, r), w_hat(reference, r), rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("name", PEER_RECIPES)
+def test_peer_recipes_build(name):
+    cfg = recipe(name, reduction=0.5)
+    assert (cfg.decomposition, cfg.allocation) == {
+        "flar-svd": ("flar", "flar"), "svd-llm": ("svd_llm", "uniform"), "svd-llm-v2": ("svd_llm", "svd_llm_v2"),
+        "kfac-lems": ("kfac", "lems")}[name]
+
+
+@pytest.mark.parametrize("name, settings, word", [
+    ("kfac-lems", {"nope": 1}, "nope"),
+    ("kfac-lems", {"grad_shrinkage": 1.5}, "grad_shrinkage"),
+    ("kfac-lems", {"input_shrinkage": -0.1}, "input_shrinkage"),
+    ("kfac-lems", {"clip_low": 2.0}, "clip_low"),
+    ("kfac-lems", {"rank_floor": 0}, "rank_floor"),
+    ("kfac-lems", {"rank_step": 0}, "rank_step"),
+    ("flar-svd", {"rank_step": 0}, "rank_step"),
+    ("flar-svd", {"shrinkage": "x"}, "shrinkage"),
+    ("flar-svd", {"threshold": -1.0}, "threshold"),
+    ("flar-svd", {"grad_shrinkage": 0.5}, "grad_shrinkage"),  # KFAC's setting, not FLAR's
+    ("svd-llm", {"shrinkage": "none"}, "shrinkage"),
+])
+def test_bad_settings_raise_naming_the_setting(name, settings, word):
+    with pytest.raises(ValueError, match=word):
+        recipe(name, reduction=0.5, settings=settings)
+
+
+def test_settings_of_the_chosen_methods_are_accepted():
+    cfg = recipe("kfac-lems", reduction=0.5, settings={"grad_shrinkage": 0.3, "rank_floor": 0.2})
+    assert cfg.settings == {"grad_shrinkage": 0.3, "rank_floor": 0.2}
+    recipe("flar-svd", reduction=0.5, settings={"shrinkage": "none", "rank_step": 4})
+
+
+@pytest.mark.parametrize("allocation", ["lems", "flar"])
+def test_probing_allocations_reject_whole_module_decompositions(allocation):
+    with pytest.raises(ValueError, match="comcat"):
+        CompressionConfig(reduction=0.5, decomposition="comcat", allocation=allocation)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def labelled_batches():
+    images = make_images(64, seed=3)
+    labels = torch.arange(64) % 10
+    return images, [(images[:32], labels[:32]), (images[32:], labels[32:])]
+
+
+def tiny_model(name: str) -> nn.Module:
+    model = make_tiny_vit()
+    if name == "svd-llm-v2":  # large activations: SVD-LLM v2 reads log of raw truncation losses, which must exceed 1
+        with torch.no_grad():
+            for module in model.blocks.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.mul_(30.0)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PEER_RECIPES)
+def test_peer_recipes_compress_a_tiny_vit_as_planned(name):
+    images, batches = labelled_batches()
+    cfg = recipe(name, reduction=0.5, calib_samples=64, progress=False)
+    plan = plan_compression(tiny_model(name), batches, cfg)
+    model = tiny_model(name)
+    report = compress(model, batches, cfg)
+    assert plan.ranks == report.ranks
+    assert any(rank is not None for rank in report.ranks.values())
+    assert plan.params_after == report.params_after <= report.target_params
+    with torch.no_grad():
+        assert torch.isfinite(model(images)).all()
+
+
+def factorized_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tokens every factorized layer of ``model`` sees on ``images`` (float64, flattened to rows)."""
+    from lowrank_vit import FactorizedLinear
+
+    inputs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            handles.append(module.register_forward_hook(
+                lambda _, args, __, name=name: inputs.__setitem__(name, args[0].detach().double().flatten(0, -2))))
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def test_svd_llm_refit_is_the_least_squares_fit_to_each_layers_compressed_inputs():
+    # SVD-LLM's update: for the inputs X_c the refitted model gives a layer, W_hat = U_r lstsq(X_c U_r, X_c W) with
+    # U_r the input-side factor of the plain compression (same ranks); so it fits X_c W no worse than that one
+    images, batches = labelled_batches()
+    dense = dict(make_tiny_vit().named_modules())
+    built = {}
+    for refit in (True, False):
+        model = make_tiny_vit()
+        compress(model, batches, recipe("svd-llm", reduction=0.5, calib_samples=64, progress=False, refit=refit))
+        built[refit] = model
+    plain = dict(built[False].named_modules())
+    inputs = factorized_inputs(built[True], images)
+    assert inputs and inputs.keys() == factorized_inputs(built[False], images).keys()
+    for name, X in inputs.items():
+        refitted = dict(built[True].named_modules())[name]
+        W = dense[name].weight.detach().double().T
+        U = plain[name].U.detach().double()
+        assert refitted.U.shape == U.shape  # the same rank
+        expected = U @ torch.linalg.lstsq(X @ U, X @ W).solution
+        fitted = refitted.dense_weight().detach().double()
+        target = (X @ W).norm()
+        assert float((X @ (fitted - expected)).norm() / target) < 1e-6, name
+        refit_error = float((X @ (fitted - W)).norm() / target)
+        plain_error = float((X @ (plain[name].dense_weight().detach().double() - W)).norm() / target)
+        assert refit_error <= plain_error + 1e-6, name
