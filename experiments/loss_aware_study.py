@@ -65,6 +65,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "svd-llm": LIBRARY_RECIPES["svd-llm"],
     "svd-llm-v2": LIBRARY_RECIPES["svd-llm-v2"],
     "kfac-lems": LIBRARY_RECIPES["kfac-lems"],
+    # the closest peer's two halves apart: the default with LEMS's exact integer program on its own predicted losses,
+    # and KFAC-SVD's decomposition with the default's marginal allocation
+    "la-integer": {**_DEFAULT, "allocation": "integer"},
+    "kfac-marginal": dict(decomposition="kfac", allocation="marginal", compensation="none"),
 }
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
@@ -338,6 +342,32 @@ def peers_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, defaul
     return "\n".join(lines) + "\n"
 
 
+def peers_kl_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
+                   key: str = "kl") -> str:
+    """docs/peers.md's KL table: per model and method, at every ratio, the method's KL divergence from the dense
+    model as a multiple of the default's ("x2.5": 2.5 times the default's; below 1 the method changes the predictions
+    less); "n/r" where the method cannot reach the ratio. The default's own row gives its KL (nats)."""
+    lines = []
+    for model, entry in results.items():
+        cells = entry["cells"]
+        ratios = sorted({c["ratio"] for c in cells.values() if c["recipe"] == default and key in c})
+        if not ratios:
+            continue
+        if not lines:
+            lines += ["| model | method | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
+                      "|---|---|" + "---|" * len(ratios)]
+        mine = [cells[f"{default}@{r}"][key] for r in ratios]
+        lines.append(f"| {model} | {default} (KL, nats) | " + " | ".join(f"{v:.2e}" for v in mine) + " |")
+        for other in others:
+            row = []
+            for r, base in zip(ratios, mine, strict=True):
+                cell = cells.get(f"{other}@{r}")
+                row.append("—" if cell is None else "n/r" if key not in cell else
+                           f"x{cell[key] / base:.2f}" if base > 0 else "—")
+            lines.append(f"|  | {other} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
                   key: str = "top1", at: tuple[float, ...] = (0.6, 0.7)) -> str:
     """Per method: the default's mean top-1 gain over it at each ratio of ``at`` (over the models where both
@@ -345,11 +375,12 @@ def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, defa
     p < 0.05), of the cells both reached."""
     correct = "correct_ft" if key == "top1_ft" else "correct"
     lines = ["| method | " + " | ".join(f"mean gain of the default at -{round(100 * r)}%" for r in at)
-             + " | cells where it is better (p < 0.05) | worse (p < 0.05) | compared | not reached |",
-             "|---|" + "---|" * (len(at) + 4)]
+             + " | cells where it is better (p < 0.05) | worse (p < 0.05) | compared | not reached"
+             + " | cells with a lower KL than the default |",
+             "|---|" + "---|" * (len(at) + 5)]
     for other in others:
         gains = {r: [] for r in at}
-        better = worse = compared = unreached = 0
+        better = worse = compared = unreached = lower_kl = 0
         for entry in results.values():
             for cell in entry["cells"].values():
                 if cell["recipe"] != other:
@@ -361,6 +392,8 @@ def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, defa
                     unreached += 1
                     continue
                 compared += 1
+                kl = "kl_ft" if key == "top1_ft" else "kl"
+                lower_kl += kl in cell and kl in mine and cell[kl] < mine[kl]
                 if cell["ratio"] in gains:
                     gains[cell["ratio"]].append(mine[key] - cell[key])
                 split = paired(mine, cell, correct)
@@ -368,7 +401,8 @@ def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, defa
                     better += split[1] > split[0]
                     worse += split[0] > split[1]
         means = [f"{sum(v) / len(v):+.2f} ({len(v)} models)" if v else "—" for v in gains.values()]
-        lines.append(f"| {other} | " + " | ".join(means) + f" | {better} | {worse} | {compared} | {unreached} |")
+        lines.append(f"| {other} | " + " | ".join(means)
+                     + f" | {better} | {worse} | {compared} | {unreached} | {lower_kl} |")
     return "\n".join(lines) + "\n"
 
 

@@ -221,3 +221,25 @@ def test_distillation_tables_are_the_committed_results():
         assert table in text
     default = tables[0]
     assert "—" not in default and default.count("\n") == 2 + 9 * len(FINETUNE_RUNS) + 1
+
+
+def test_peers_tables_are_the_committed_results():
+    """docs/peers.md's tables are peers_summary / peers_table / peers_kl_table of the committed peers study, verbatim,
+    and its headline holds in them: without fine-tuning no peer is significantly better than the default in any
+    cell, nor closer to the dense model's predictions."""
+    from experiments.loss_aware_study import PEERS, peers_kl_table, peers_summary, peers_table
+
+    text = (ROOT / "docs/peers.md").read_text()
+    noft = json.loads((ROOT / "experiments/results/peers_study.json").read_text())
+    ft = json.loads((ROOT / "experiments/results/peers_study_ft.json").read_text())
+    others = (*PEERS, "vanilla", "paper")
+    halves = ("la-integer", "kfac-marginal", "kfac-lems")
+    tables = [peers_summary(noft, others=others), peers_table(noft, others=others), peers_kl_table(noft, others=others),
+              peers_summary(ft, key="top1_ft", at=(0.5, 0.7, 0.8)), peers_table(ft, key="top1_ft"),
+              peers_summary(noft, others=halves), peers_table(noft, others=halves)]
+    for table in tables:
+        assert table in text
+    assert "WINS" not in tables[1] and "WINS" not in tables[4]
+    for line in tables[0].splitlines()[2:]:  # better, worse, compared, not reached, lower KL
+        assert line.split("|")[-6].strip() == "0" and line.split("|")[-2].strip() == "0", line
+    assert len(noft) == 10 and sum(len(entry["cells"]) for entry in noft.values()) == 10 * 5 * 9

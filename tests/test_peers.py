@@ -500,3 +500,24 @@ def test_svd_llm_refit_is_the_least_squares_fit_to_each_layers_compressed_inputs
         refit_error = float((X @ (fitted - W)).norm() / target)
         plain_error = float((X @ (plain[name].dense_weight().detach().double() - W)).norm() / target)
         assert refit_error <= plain_error + 1e-6, name
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_integer_policy_is_never_worse_than_the_marginal_one_on_the_same_curves(seed):
+    """Both allocations fit the budget; the integer program's is the exact optimum of the summed losses, so the
+    marginal (Lagrangian) allocation, another feasible point, can only tie or lose."""
+    from lowrank_vit.core.allocate import allocate_marginal
+    from lowrank_vit.core.decompose import energy_tail_curve
+    from lowrank_vit.core.search import IntegerSettings, allocate_integer_on_curves
+
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (k, m) in enumerate([(12, 36), (12, 12), (36, 12), (12, 36), (20, 8)]):
+        s = torch.sort(torch.rand(min(k, m), generator=g, dtype=torch.float64) * 10.0 ** (i % 3), descending=True)[0]
+        layers.append(LayerBudget(f"l{i}", k, m, 0, energy_tail_curve(s)))
+    budget = int(sum(layer.dense_params for layer in layers) * (0.3 + 0.1 * (seed % 4)))
+    exact = allocate_integer_on_curves(layers, budget, IntegerSettings())
+    lagrangian = allocate_marginal(layers, budget)
+    assert exact.params <= budget and lagrangian.params <= budget
+    total = lambda a: sum(layer.loss(a.ranks[layer.name]) for layer in layers)  # noqa: E731
+    assert total(exact) <= total(lagrangian) * (1 + 1e-9) + 1e-12

@@ -44,6 +44,55 @@ def test_mcnemar_against_the_binomial_tail():
     assert mcnemar_p(40, 10) < 1e-4
 
 
+@pytest.mark.parametrize("only_a, only_b", [(600, 500), (1200, 1100), (3000, 2950), (1500, 1500)])
+def test_mcnemar_beyond_a_thousand_discordant_images_against_scipy(only_a, only_b):
+    """Past 1,023 images only one recipe gets right, 2 ** n overflowed a float; the exact test stays exact."""
+    from scipy.stats import binomtest
+
+    expected = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue
+    assert mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+
+
+def _cell(recipe: str, ratio: float, right: list[bool], **extra) -> dict:
+    return {"recipe": recipe, "ratio": ratio, "top1": 100.0 * sum(right) / len(right),
+            "correct": pack_correct(torch.tensor(right)), **extra}
+
+
+def test_peers_table_and_summary_count_significant_cells_by_hand():
+    """Two ratios, 100 images: at -50% the peer gets 20 images right that the default misses and none the other
+    way (p = 2 / 2**20: it WINS), at -70% the default gets 10 more right (p = 2 / 1024); a third peer cannot reach
+    -70%. Every figure below is worked out by hand."""
+    from experiments.loss_aware_study import peers_summary, peers_table
+
+    base = [True] * 50 + [False] * 50
+    cells = {"loss-aware@0.5": _cell("loss-aware", 0.5, base),
+             "peer@0.5": _cell("peer", 0.5, [True] * 70 + [False] * 30),
+             "loss-aware@0.7": _cell("loss-aware", 0.7, base),
+             "peer@0.7": _cell("peer", 0.7, [True] * 40 + [False] * 60),
+             "far@0.5": _cell("far", 0.5, base),
+             "far@0.7": {"recipe": "far", "ratio": 0.7, "error": "unreachable"}}
+    results = {"m": {"cells": cells}}
+    table = peers_table(results, others=("peer", "far"))
+    assert "| m | loss-aware (top-1) | 50.00 | 50.00 |" in table
+    assert f"|  | peer | **WINS** -20.00 (p={2 / 2 ** 20:.2g}) | +10.00 (p={2 / 1024:.2g}) |" in table
+    assert "|  | far | +0.00 (p=1) | n/r |" in table
+    summary = peers_summary(results, others=("peer", "far"), at=(0.5, 0.7))
+    assert "| peer | -20.00 (1 models) | +10.00 (1 models) | 1 | 1 | 2 | 0 | 0 |" in summary
+    assert "| far | +0.00 (1 models) | — | 0 | 0 | 1 | 1 | 0 |" in summary
+
+
+def test_peers_kl_table_gives_multiples_of_the_defaults_kl():
+    from experiments.loss_aware_study import peers_kl_table
+
+    cells = {"loss-aware@0.5": {"recipe": "loss-aware", "ratio": 0.5, "kl": 0.02},
+             "peer@0.5": {"recipe": "peer", "ratio": 0.5, "kl": 0.05},
+             "loss-aware@0.7": {"recipe": "loss-aware", "ratio": 0.7, "kl": 0.1},
+             "peer@0.7": {"recipe": "peer", "ratio": 0.7, "error": "unreachable"}}
+    table = peers_kl_table({"m": {"cells": cells}}, others=("peer", "absent"))
+    assert "| m | loss-aware (KL, nats) | 2.00e-02 | 1.00e-01 |" in table
+    assert "|  | peer | x2.50 | n/r |" in table and "|  | absent | — | — |" in table
+
+
 def test_scores_record_the_right_images_and_paired_counts_them():
     y = torch.tensor([0, 1, 2, 0, 1])
     dense = torch.eye(3)[y] * 5.0

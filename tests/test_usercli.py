@@ -461,6 +461,28 @@ def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_no
     assert not out.exists()
 
 
+def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir, tmp_path, capsys):
+    import argparse
+
+    from lowrank_vit.harness.usercli import compression_config
+
+    args = argparse.Namespace(recipe="kfac-lems", reduction=0.5, target_params=None, calib_samples=8, rank_multiple=1,
+                              quiet=True, loss_pass_dtype=None,
+                              setting=["grad_shrinkage=0.3", "rank_step=4", "temperature=1"])
+    config = compression_config(args, torch.device("cpu"))
+    assert (config.decomposition, config.allocation) == ("kfac", "lems")
+    assert config.settings == {"grad_shrinkage": 0.3, "rank_step": 4, "temperature": 1}
+    for setting, needle in (("grad_shrinkage=1.5", "grad_shrinkage must lie in [0, 1)"),
+                            ("shrinkage=ledoit-wolf", "'shrinkage' belong to neither"),
+                            ("rank_floor", "--setting takes KEY=VALUE")):
+        out = tmp_path / "o"
+        assert cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--output", str(out), "--reduction",
+                         "0.5", "--recipe", "kfac-lems", "--setting", setting]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert not out.exists()
+
+
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
     from lowrank_vit.harness import usercli
