@@ -154,6 +154,13 @@ def settings_of(args: Any) -> list[tuple[str, str, str, str]]:
             for precision in dict.fromkeys(args.gram_precision)]
 
 
+def calibration_data(images: ImageStream, model: nn.Module, config: CompressionConfig) -> Any:
+    """``images``, labelled where the config's method calibrates on labels (FWSVD, KFAC-SVD)."""
+    if get_method(config.decomposition).needs_labels(config):
+        return LabelledStream(images, model.num_classes)
+    return images
+
+
 def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
             device: str) -> tuple[dict[str, float], nn.Module]:
     """One measurement: forward floor, compress a copy of ``dense``, forward floor again.
@@ -166,8 +173,7 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         dense(next(iter(images)).to(device))
     before, before_cpu = forward_floor(dense, images, device)
     synchronize(device)
-    data = LabelledStream(images, dense.num_classes) if get_method(config.decomposition).needs_labels(config) \
-        else images
+    data = calibration_data(images, dense, config)
     start, cpu = time.perf_counter(), time.process_time()
     report = compress(model, data, config)
     synchronize(device)
@@ -251,8 +257,8 @@ def peak_child(args: Any, model_name: str, kwargs: dict[str, Any]) -> None:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     space = args.gram_space[0]
-    compress(dense, images, make_config(args, args.solver[0], args.gram_precision[0], args.calib, space,
-                                        args.recipe[0]))
+    config = make_config(args, args.solver[0], args.gram_precision[0], args.calib, space, args.recipe[0])
+    compress(dense, calibration_data(images, dense, config), config)
     result = {"calib_images": args.calib, "recipe": args.recipe[0], "solver": args.solver[0],
               "gram_precision": args.gram_precision[0],
               "gram_space": space,

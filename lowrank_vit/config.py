@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers the peers' allocations)
 from lowrank_vit.core.allocate import POLICIES, get_policy
-from lowrank_vit.core.common import from_fields, settings_of
+from lowrank_vit.core.common import check_count, check_number, from_fields, settings_of
 from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS
 from lowrank_vit.methods.compensate import Z_KINDS
 from lowrank_vit.methods.decompositions import METHODS, get_method
@@ -102,17 +101,6 @@ def resolve_gram_precision(cfg: CompressionConfig, device_type: str, *, float32_
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-
-
-def _check_number(name: str, value: Any, rule: str) -> None:
-    """A real, finite number (not a bool, a string or NaN) satisfying ``rule``: "> 0", ">= 0", "[0, 0.5)" or
-    "(0, 1]"; the message says which."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and {
-        "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 0.5)": lambda v: 0 <= v < 0.5,
-        "(0, 1]": lambda v: 0 < v <= 1}[rule](value)
-    if not ok:
-        where = f"lie in {rule}" if rule.startswith(("[", "(")) else f"be a finite number {rule}"
-        raise ValueError(f"{name} must {where}, got {value!r}")
 
 
 @dataclass
@@ -264,7 +252,7 @@ class CompressionConfig:
         if self.bias_correction and not gradient_pass:
             raise ValueError(f"bias_correction needs decomposition='loss_aware' (its statistics carry the mean input); "
                              f"got decomposition={self.decomposition!r}")
-        _check_number("grad_fraction", self.grad_fraction, "(0, 1]")
+        check_number("grad_fraction", self.grad_fraction, "(0, 1]")
         if self.grad_fraction != 1.0 and not gradient_pass:
             raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
                              f"the calibration images); got decomposition={self.decomposition!r}")
@@ -281,22 +269,20 @@ class CompressionConfig:
         if self.refit and self.compensation != "none":
             raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
                              f"{self.compensation!r})")
-        _check_number("refit_damping", self.refit_damping, ">= 0")
+        check_number("refit_damping", self.refit_damping, ">= 0")
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
-        _check_number("z_fraction", self.z_fraction, "[0, 0.5)")
+        check_number("z_fraction", self.z_fraction, "[0, 0.5)")
         if self.compensation != "none" and self.z_fraction == 0.0:
             raise ValueError(f"compensation={self.compensation!r} needs z_fraction > 0 (or use compensation='none')")
         for name in ("calib_samples", "rank_multiple", "greedy_iterations", "sgd_iterations", "sgd_batch_size",
                      "sgd_tokens_per_image"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        _check_number("gamma", self.gamma, "> 0")
-        _check_number("sgd_lr", self.sgd_lr, "> 0")
-        _check_number("damping", self.damping, ">= 0")
-        _check_number("asvd_alpha", self.asvd_alpha, ">= 0")
+            check_count(name, getattr(self, name))
+        check_number("gamma", self.gamma, "> 0")
+        check_number("sgd_lr", self.sgd_lr, "> 0")
+        check_number("damping", self.damping, ">= 0")
+        check_number("asvd_alpha", self.asvd_alpha, ">= 0")
         self._check_settings()
 
     def _check_settings(self) -> None:

@@ -291,8 +291,29 @@ def test_layer_kind_drops_the_indices(name, kind):
 def test_svd_llm_v2_needs_truncation_losses_above_one():
     layers = [budget_layer(32, 96, name=f"blocks.{i}.attn.qkv") for i in range(2)]  # normalized tails: L <= 1
     budget = sum(layer.dense_params for layer in layers) // 2
-    with pytest.raises(ValueError, match="L > 1"):
+    with pytest.raises(ValueError, match="L > 1.*raise settings\\['loss_tokens'\\]"):
         allocate_svd_llm_v2(layers, budget)
+
+
+def test_svd_llm_v2_losses_grow_with_the_square_root_of_loss_tokens():
+    """The same tails in units of 10^6 times the published token count: L is 1,000 times larger, every L > 1, and
+    the kept fractions follow the formula on those L (a group of two layers of one shape)."""
+    from lowrank_vit.core.decompose import energy_tail_curve
+    from lowrank_vit.core.search import PUBLISHED_TOKENS, SvdLlmV2Settings
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for i in range(2):
+        s = torch.sort(torch.rand(32, generator=g, dtype=torch.float64) * (1 + i), descending=True)[0]
+        layers.append(LayerBudget(f"blocks.{i}.attn.qkv", 32, 96, 0, energy_tail_curve(s)))
+    budget = sum(layer.dense_params for layer in layers) // 2
+    allocation = allocate_svd_llm_v2(layers, budget, SvdLlmV2Settings(loss_tokens=PUBLISHED_TOKENS * 10 ** 6))
+    f0 = allocation.trace[0]["uniform_kept_fraction"]
+    reference = math.floor(f0 * 24)  # the equal-cost rank of 32 x 96 is 24
+    losses = [1000.0 * math.sqrt(float(layer.energy_losses[reference])) for layer in layers]
+    expected = svd_llm_v2_keeps(losses, f0)
+    assert [t["kept_fraction"] for t in allocation.trace[1:]] == pytest.approx(expected, rel=1e-12)
+    assert allocation.params <= budget
 
 
 # -------------------------------------------------------------------------------------------- decompositions
@@ -400,6 +421,10 @@ def test_peer_recipes_build(name):
     ("kfac-lems", {"grad_shrinkage": 1.5}, "grad_shrinkage"),
     ("kfac-lems", {"input_shrinkage": -0.1}, "input_shrinkage"),
     ("kfac-lems", {"clip_low": 2.0}, "clip_low"),
+    ("kfac-lems", {"clip_high": 0.5}, "clip_high must be at least 1"),
+    ("kfac-lems", {"rank_ceiling": 0.05}, "rank_ceiling must lie in \\(rank_floor"),
+    ("flar-svd", {"threshold": float("nan")}, "threshold"),
+    ("svd-llm-v2", {"loss_tokens": 0}, "loss_tokens"),
     ("kfac-lems", {"rank_floor": 0}, "rank_floor"),
     ("kfac-lems", {"rank_step": 0}, "rank_step"),
     ("flar-svd", {"rank_step": 0}, "rank_step"),

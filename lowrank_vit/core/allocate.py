@@ -376,6 +376,12 @@ class Policy:
     the probe images and every layer's decomposition until the allocation is made."""
     settings: type | None = None
     """Its own typed settings (a dataclass validated on construction), read from ``CompressionConfig.settings``."""
+    rehearsal_settings: dict[str, Any] = field(default_factory=dict)
+    """Settings under which it runs on random weights and a few generated images (``lowrank-vit rehearse``, which
+    exercises a row's code path, not its published values); empty for most policies."""
+    probe_forwards: Callable[[list[tuple[int, int]], Any], int] | None = None
+    """Where ``needs_probe``: how many forward passes over the probe images it runs, from the layers' (in, out)
+    shapes and its settings (the cost estimate of ``lowrank-vit reproduce --estimate`` reads it)."""
 
 
 POLICIES: Registry[Policy] = Registry("allocation")

@@ -59,6 +59,28 @@ def from_fields(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
+_RULES: dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 0.5)": lambda v: 0 <= v < 0.5,
+    "(0, 1]": lambda v: 0 < v <= 1, "(0, 1)": lambda v: 0 < v < 1, "[0, 1)": lambda v: 0 <= v < 1,
+}
+
+
+def check_number(name: str, value: Any, rule: str) -> None:
+    """A real, finite number (not a bool, a string or NaN) satisfying ``rule`` (one of ``_RULES``: "> 0", ">= 0",
+    "(0, 1)", ...), else a ValueError that names ``name`` and says which rule it broke."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
+        _RULES[rule](value)
+    if not ok:
+        where = f"lie in {rule}" if rule.startswith(("[", "(")) else f"be a finite number {rule}"
+        raise ValueError(f"{name} must {where}, got {value!r}")
+
+
+def check_count(name: str, value: Any) -> None:
+    """A positive integer (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def settings_of(cfg: Any, cls: type[T]) -> T:
     """The typed settings ``cls`` (a registered method's or allocation's own dataclass) from ``cfg.settings``: the
     keys ``cls`` declares, on top of its defaults (the other keys belong to the other registered choice)."""

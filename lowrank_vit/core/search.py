@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lowrank_vit.core.allocate import (
     Allocation,
@@ -32,6 +33,7 @@ from lowrank_vit.core.allocate import (
     check_feasible,
     register_policy,
 )
+from lowrank_vit.core.common import check_count, check_number, settings_of
 from lowrank_vit.core.decompose import energy_loss_curve, energy_tail_curve
 from lowrank_vit.core.probe import Probe
 
@@ -40,15 +42,6 @@ PUBLISHED_TOKENS = 256 * 2048
 
 Choice = tuple[int | None, int, float]
 """(rank, or None for dense; parameters; error) of one option of one layer."""
-
-
-def _check(name: str, ok: bool, rule: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{name} must {rule}, got {value!r}")
-
-
-def _real(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def equal_cost_rank(layer: LayerBudget) -> int:
@@ -140,17 +133,15 @@ class LemsSettings:
     """Seconds the integer program may take."""
 
     def __post_init__(self) -> None:
-        _check("rank_floor", _real(self.rank_floor) and 0 < self.rank_floor < 1, "lie in (0, 1)", self.rank_floor)
-        _check("rank_ceiling", _real(self.rank_ceiling) and self.rank_floor < self.rank_ceiling <= 1,
-               "lie in (rank_floor, 1]", self.rank_ceiling)
-        _check("rank_step", isinstance(self.rank_step, int) and not isinstance(self.rank_step, bool)
-               and self.rank_step >= 1, "be a positive integer", self.rank_step)
-        _check("temperature", _real(self.temperature) and self.temperature > 0, "be a finite number > 0",
-               self.temperature)
-        _check("probe_images", isinstance(self.probe_images, int) and not isinstance(self.probe_images, bool)
-               and self.probe_images >= 1, "be a positive integer", self.probe_images)
-        _check("time_limit", _real(self.time_limit) and self.time_limit > 0, "be a finite number > 0",
-               self.time_limit)
+        check_number("rank_floor", self.rank_floor, "(0, 1)")
+        check_number("rank_ceiling", self.rank_ceiling, "(0, 1]")
+        if self.rank_ceiling <= self.rank_floor:
+            raise ValueError(f"rank_ceiling must lie in (rank_floor, 1], got {self.rank_ceiling!r} with rank_floor="
+                             f"{self.rank_floor!r}")
+        check_count("rank_step", self.rank_step)
+        check_number("temperature", self.temperature, "> 0")
+        check_count("probe_images", self.probe_images)
+        check_number("time_limit", self.time_limit, "> 0")
 
 
 def lems_choices(layer: LayerBudget, sensitivity: float, reference: int, candidates: list[int]) -> list[Choice]:
@@ -181,7 +172,7 @@ def allocate_lems(layers: list[LayerBudget], budget: int, settings: LemsSettings
         raise ValueError(f"{err}; LEMS's smallest candidate rank is rank_floor={settings.rank_floor:g} of each "
                          f"layer's equal-cost rank: lower settings['rank_floor'] or ask for a smaller reduction"
                          ) from None
-    allocation.trace += trace
+    allocation.trace += trace + [{"probe_forwards": probe.calls}]
     return allocation
 
 
@@ -201,12 +192,10 @@ class FlarSettings:
     """Calibration images the feature errors are measured on (the first ones; at most the calibration set)."""
 
     def __post_init__(self) -> None:
-        _check("rank_step", isinstance(self.rank_step, int) and not isinstance(self.rank_step, bool)
-               and self.rank_step >= 1, "be a positive integer", self.rank_step)
-        _check("threshold", self.threshold is None or (_real(self.threshold) and self.threshold > 0),
-               "be null or a finite number > 0", self.threshold)
-        _check("probe_images", isinstance(self.probe_images, int) and not isinstance(self.probe_images, bool)
-               and self.probe_images >= 1, "be a positive integer", self.probe_images)
+        check_count("rank_step", self.rank_step)
+        if self.threshold is not None:
+            check_number("threshold", self.threshold, "> 0")
+        check_count("probe_images", self.probe_images)
 
 
 def search_grid(layer: LayerBudget, step: int) -> list[int]:
@@ -281,7 +270,7 @@ def allocate_flar(layers: list[LayerBudget], budget: int, settings: FlarSettings
             lambda r, name=layer.name: probe.feature_error({name: r}) <= threshold)
         trace.append({"layer": layer.name, "searched_rank": searched[layer.name]})
     ranks, total = scale_to_budget(layers, searched, budget, settings.rank_step)
-    return Allocation(ranks, total, trace)
+    return Allocation(ranks, total, trace + [{"probe_forwards": probe.calls}])
 
 
 # ---------------------------------------------------------------------------------------------------- SVD-LLM v2
@@ -302,12 +291,26 @@ def svd_llm_v2_keeps(losses: list[float], keep: float) -> list[float]:
     return [1.0 - len(losses) * (1.0 - keep) * score / total for score in scores]
 
 
-def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int) -> Allocation:
+@dataclass(frozen=True)
+class SvdLlmV2Settings:
+    """SVD-LLM v2's one setting."""
+
+    loss_tokens: int = PUBLISHED_TOKENS
+    """The number of tokens the truncation losses are sums over (default: SVD-LLM's calibration set, 256 sequences of
+    2,048 tokens). Its scores 1 / log(L) need L > 1 and L grows with the square root of this count: raise it where a
+    layer's L falls below 1 (small activations, few effective directions)."""
+
+    def __post_init__(self) -> None:
+        check_count("loss_tokens", self.loss_tokens)
+
+
+def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int,
+                        settings: SvdLlmV2Settings = SvdLlmV2Settings()) -> Allocation:
     """SVD-LLM v2's allocation. At the uniform kept fraction f0 that meets ``budget`` (every layer at floor(f0 x its
     equal-cost rank)), a layer's truncation loss is L = sqrt(sum of its discarded squared singular values) in the
     decomposition's units (``layer.energy_losses`` holds the absolute tails; decomposition "svd_llm" gives them for
     the Gram summed over as many tokens as the published calibration set, :data:`PUBLISHED_TOKENS`, so that L does
-    not depend on how many images calibrate).
+    not depend on how many images calibrate), rescaled to ``settings.loss_tokens`` tokens.
     Within each kind of layer (:func:`layer_kind`) the kept fractions follow :func:`svd_llm_v2_keeps`. To land on
     the budget exactly (the published method fixes f0 and lands there only when a group's layers share one shape),
     every layer's compression 1 - keep is then scaled by one common factor (bisection) and the rest of the budget
@@ -332,14 +335,15 @@ def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int) -> Allocation:
         losses = []
         for layer in members:
             reference = min(max(1, math.floor(f0 * equal_cost_rank(layer))), layer.max_rank)
-            losses.append(math.sqrt(max(layer.loss(reference), 0.0)))
+            losses.append(math.sqrt(max(layer.loss(reference), 0.0) * settings.loss_tokens / PUBLISHED_TOKENS))
         bad = [(layer.name, value) for layer, value in zip(members, losses, strict=True) if not value > 1.0]
         if bad:
             name, value = bad[0]
             raise ValueError(f"allocation 'svd_llm_v2' scores a layer by 1 / log of its truncation loss L, which needs "
-                             f"L > 1; layer {name} has L = {value:.3g} in its decomposition's units: use decomposition "
-                             f"'svd_llm' (losses of the Gram summed over the calibration tokens) or allocation "
-                             f"'uniform'")
+                             f"L > 1; layer {name} has L = {value:.3g} (summed over loss_tokens="
+                             f"{settings.loss_tokens:,} tokens): raise settings['loss_tokens'] (L grows with its "
+                             f"square root), use decomposition 'svd_llm' if the decomposition is another, or "
+                             f"allocation 'uniform'")
         keeps.update(zip((layer.name for layer in members), svd_llm_v2_keeps(losses, f0), strict=True))
 
     def ranks_for(c: float) -> dict[str, int | None]:
@@ -382,10 +386,8 @@ class IntegerSettings:
     """Seconds the solver may take."""
 
     def __post_init__(self) -> None:
-        _check("rank_step", isinstance(self.rank_step, int) and not isinstance(self.rank_step, bool)
-               and self.rank_step >= 1, "be a positive integer", self.rank_step)
-        _check("time_limit", _real(self.time_limit) and self.time_limit > 0, "be a finite number > 0",
-               self.time_limit)
+        check_count("rank_step", self.rank_step)
+        check_number("time_limit", self.time_limit, "> 0")
 
 
 def allocate_integer_on_curves(layers: list[LayerBudget], budget: int, settings: IntegerSettings) -> Allocation:
@@ -399,24 +401,29 @@ def allocate_integer_on_curves(layers: list[LayerBudget], budget: int, settings:
     return allocate_integer(choices, [layer.name for layer in layers], budget, settings.time_limit)
 
 
-def _settings(cfg, cls):
-    from lowrank_vit.core.common import settings_of
-
-    return settings_of(cfg, cls)
-
-
 register_policy(Policy("integer", energy_tail_curve,
                        lambda layers, budget, cfg, tol, probe: allocate_integer_on_curves(
-                           layers, budget, _settings(cfg, IntegerSettings)),
+                           layers, budget, settings_of(cfg, IntegerSettings)),
                        records_trace=True, settings=IntegerSettings))
+def flar_probe_forwards(shapes: list[tuple[int, int]], settings: FlarSettings) -> int:
+    """FLAR-SVD's forward passes: one for the threshold, then a binary search over each layer's grid."""
+    grids = [len(search_grid(LayerBudget("", k, m, 0, torch.zeros(1)), settings.rank_step)) for k, m in shapes]
+    return 1 + sum(math.ceil(math.log2(n + 1)) for n in grids)
+
+
 register_policy(Policy("lems", energy_loss_curve,  # LEMS scales the normalized tail by a measured KL
                        lambda layers, budget, cfg, tol, probe: allocate_lems(layers, budget,
-                                                                             _settings(cfg, LemsSettings), probe),
-                       records_trace=True, needs_probe=True, settings=LemsSettings))
+                                                                             settings_of(cfg, LemsSettings), probe),
+                       records_trace=True, needs_probe=True, settings=LemsSettings,
+                       probe_forwards=lambda shapes, settings: len(shapes)))  # one sensitivity per layer
 register_policy(Policy("flar", energy_tail_curve,
                        lambda layers, budget, cfg, tol, probe: allocate_flar(layers, budget,
-                                                                             _settings(cfg, FlarSettings), probe),
-                       records_trace=True, needs_probe=True, settings=FlarSettings))
+                                                                             settings_of(cfg, FlarSettings), probe),
+                       records_trace=True, needs_probe=True, settings=FlarSettings,
+                       probe_forwards=flar_probe_forwards))
 register_policy(Policy("svd_llm_v2", energy_tail_curve,  # its truncation losses are absolute
-                       lambda layers, budget, cfg, tol, probe: allocate_svd_llm_v2(layers, budget),
-                       records_trace=True))
+                       lambda layers, budget, cfg, tol, probe: allocate_svd_llm_v2(layers, budget,
+                                                                                   settings_of(cfg, SvdLlmV2Settings)),
+                       records_trace=True, settings=SvdLlmV2Settings,
+                       # random weights on a few smooth generated images leave tiny tails: units where L > 1
+                       rehearsal_settings={"loss_tokens": 2 ** 48}))

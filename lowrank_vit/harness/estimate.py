@@ -279,6 +279,8 @@ def data_sizes(cfg: RunConfig) -> tuple[int, int]:
 def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[Stage]:
     """Calibration forward (and backward), statistics, decompositions, allocation, compensation and the report's
     per-layer errors of one compression."""
+    from lowrank_vit.core.allocate import get_policy
+    from lowrank_vit.core.common import settings_of
     from lowrank_vit.methods.decompositions import get_method
     from lowrank_vit.pipeline import statistics_space
 
@@ -338,6 +340,15 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
     flops = 20.0 * spectrum * compression.greedy_iterations
     stages.append(Stage("allocation", flops, flops / (DEVICES["cpu"].peak_tflops["fp64"] * 1e12 * 0.01),
                         spectrum * 8 * 4 / GIB, f"{compression.allocation} over {spectrum:,} singular values, CPU"))
+    policy = get_policy(compression.allocation)
+    if policy.needs_probe:  # FLAR-SVD's and LEMS's measurements: whole forwards over the probe images
+        own = settings_of(compression, policy.settings)
+        forwards = policy.probe_forwards([(layer.in_features, layer.out_features) for layer in shapes.layers], own)
+        probe_images = min(own.probe_images, images)
+        flops = forwards * probe_images * shapes.forward_flops
+        stages.append(Stage("allocation probes", flops, _gemm_seconds(flops, spec, gemm),
+                            params_gib + batch * 2 * shapes.peak_output_bytes / GIB,
+                            f"{forwards} forwards of {probe_images} images, {gemm}"))
     stages.append(_compensation(shapes, compression, spec, method, params_gib))
     # eq. 5's error of every layer twice (U V^T alone, then with Z): H (or W^T H W) times the residual
     flops = sum(2 * 2.0 * h * h * min(layer.in_features, layer.out_features)
@@ -488,6 +499,7 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
 
 
 COMPRESS_STAGES = ("calibration forward", "calibration backward", "statistics", "decomposition", "allocation",
+                   "allocation probes",
                    "compensation", "report", "refit")
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.calibration import LayerStats, collect_statistics
-from lowrank_vit.core.common import Registry, settings_of
+from lowrank_vit.core.common import Registry, check_number, settings_of
 from lowrank_vit.core.covariance import cholesky_whitening, ledoit_wolf_intensity, shrink_to_identity
 from lowrank_vit.core.decompose import (
     Decomposition,
@@ -359,15 +359,13 @@ class KfacSettings:
     """... and lowered to at most this multiple."""
 
     def __post_init__(self) -> None:
-        for name in ("input_shrinkage", "grad_shrinkage"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
-        ok = all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-                 for v in (self.clip_low, self.clip_high))
-        if not ok or not 0.0 < self.clip_low <= 1.0 <= self.clip_high:
-            raise ValueError(f"clip_low and clip_high must satisfy 0 < clip_low <= 1 <= clip_high, got "
-                             f"{self.clip_low!r} and {self.clip_high!r}")
+        check_number("input_shrinkage", self.input_shrinkage, "[0, 1)")
+        check_number("grad_shrinkage", self.grad_shrinkage, "[0, 1)")
+        check_number("clip_low", self.clip_low, "(0, 1]")
+        check_number("clip_high", self.clip_high, "> 0")
+        if self.clip_high < 1.0:
+            raise ValueError(f"clip_high must be at least 1 (a token's norm may rise above its image's mean), got "
+                             f"{self.clip_high!r}")
 
 
 @register_method
