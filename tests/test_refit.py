@@ -243,7 +243,8 @@ def test_a_generator_of_batches_is_read_once():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(decomposition="whitened", allocation="greedy"), "refit needs decomposition='loss_aware'"),
+    (dict(decomposition="whitened", allocation="greedy"),
+     "refit needs a decomposition with a refit \\('loss_aware', 'svd_llm'\\)"),
     (dict(compensation="diagonal"), "use compensation='none'"),
     (dict(refit="yes"), "refit must be true or false"),
     (dict(refit_damping=-1.0), "refit_damping must be a finite number >= 0"),
