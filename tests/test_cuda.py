@@ -39,11 +39,13 @@ def compress_on(device: str, dense: nn.Module, batches: list[torch.Tensor], cfg:
     return model
 
 
-@pytest.mark.parametrize("name", ["loss-aware", "loss-aware-fast", "loss-aware-refit", "paper", "vanilla"])
+@pytest.mark.parametrize("name", ["loss-aware", "loss-aware-fast", "loss-aware-refit", "paper", "vanilla", "flar-svd",
+                                  "svd-llm", "kfac-lems"])
 def test_compress_on_cuda_matches_cpu(name):
     dense = make_tiny_vit(**WIDER)
     images = make_images(96, seed=1)
-    batches = [images[i: i + 32] for i in range(0, 96, 32)]
+    labels = torch.arange(96) % 10  # KFAC-SVD's gradients are of the true labels
+    batches = [(images[i: i + 32], labels[i: i + 32]) for i in range(0, 96, 32)]
     cfg = recipe(name, reduction=0.5, calib_samples=96, progress=False)
     cpu, gpu = (compress_on(device, dense, batches, cfg) for device in ("cpu", "cuda"))
     assert all(p.device == CUDA for p in gpu.parameters())
