@@ -326,6 +326,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("lowrank_vit/stages/lightning_compensation.py", "torch.distributed.broadcast(tensor.data, src=i % world)",
            "torch.distributed.broadcast(tensor.data, src=0)", ("tests/test_lightning_compensation.py",),
            "every layer's Z taken from rank 0, which trained only half of them", slow=True),
+    Mutant(AL, "curve = layers[i].energy_losses.detach().double()[1: tops[i] + 1]",
+           "curve = layers[i].energy_losses.detach().double()[0: tops[i]]", ("tests/test_allocate.py",),
+           "the marginal policy's table pairing each rank's cost with the loss of one rank less (an off-by-one)"),
     # the peers (docs/peers.md)
     Mutant("lowrank_vit/core/covariance.py", "spread = (fourth_sum / count - frob) / (p * count)",
            "spread = (fourth_sum / count - frob) / p", ("tests/test_peers.py",),
