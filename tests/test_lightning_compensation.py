@@ -157,6 +157,11 @@ out = {{"rank": trainer.global_rank, "stepped": stepped,
        "last_loss": {{name: values[-1] for name, values in module.history.items()}}}}
 with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
     json.dump(out, f)
+# leave the gloo group before the interpreter exits: its threads torn down at exit aborted a rank once under load
+# ("terminate called without an active exception", status -6) after both ranks had written their results
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
