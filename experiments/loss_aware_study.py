@@ -308,13 +308,12 @@ PEERS = ("flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems")
 """The strongest published peers (docs/peers.md), in the order the peers table lists them."""
 
 
-def peers_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
-                key: str = "top1") -> str:
-    """docs/peers.md's table, cell by cell: per model and method, at every ratio, the default's top-1 minus the
-    method's (points) and the exact McNemar p of the images only one of them gets right (:func:`paired`); "n/r"
-    where the method cannot reach the ratio. A cell where the method is better with p < 0.05 is marked "WINS"."""
-    correct = "correct_ft" if key == "top1_ft" else "correct"
-    lines = []
+def _method_grid(results: dict[str, Any], others: tuple[str, ...], default: str, key: str, label: str,
+                 own: Callable[[float], str], versus: Callable[[dict[str, Any], dict[str, Any]], str]) -> str:
+    """One table of per-cell comparisons: per model, the default's own row (``own`` of each of its values, labelled
+    ``label``), then one row per method of ``versus(default's cell, method's cell)``; "n/r" where the method cannot
+    reach the ratio, "—" where it was not run."""
+    lines: list[str] = []
     for model, entry in results.items():
         cells = entry["cells"]
         ratios = sorted({c["ratio"] for c in cells.values() if c["recipe"] == default and key in c})
@@ -323,23 +322,31 @@ def peers_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, defaul
         if not lines:
             lines += ["| model | method | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
                       "|---|---|" + "---|" * len(ratios)]
-        defaults = " / ".join(f"{cells[f'{default}@{r}'][key]:.2f}" for r in ratios)
-        lines.append(f"| {model} | {default} (top-1) | " + " | ".join(defaults.split(" / ")) + " |")
+        mine = [cells[f"{default}@{r}"] for r in ratios]
+        lines.append(f"| {model} | {default} ({label}) | " + " | ".join(own(c[key]) for c in mine) + " |")
         for other in others:
             row = []
-            for r in ratios:
+            for r, base in zip(ratios, mine, strict=True):
                 cell = cells.get(f"{other}@{r}")
-                if cell is None:
-                    row.append("—")
-                elif key not in cell:
-                    row.append("n/r")
-                else:
-                    diff = cells[f"{default}@{r}"][key] - cell[key]
-                    split = paired(cells[f"{default}@{r}"], cell, correct)
-                    text = f"{diff:+.2f}" + ("" if split is None else f" (p={split[2]:.2g})")
-                    row.append(f"**WINS** {text}" if split and split[2] < 0.05 and diff < 0 else text)
+                row.append("—" if cell is None else "n/r" if key not in cell else versus(base, cell))
             lines.append(f"|  | {other} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def peers_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
+                key: str = "top1") -> str:
+    """docs/peers.md's table, cell by cell: per model and method, at every ratio, the default's top-1 minus the
+    method's (points) and the exact McNemar p of the images only one of them gets right (:func:`paired`); "n/r"
+    where the method cannot reach the ratio. A cell where the method is better with p < 0.05 is marked "WINS"."""
+    correct = "correct_ft" if key == "top1_ft" else "correct"
+
+    def versus(mine: dict[str, Any], cell: dict[str, Any]) -> str:
+        diff = mine[key] - cell[key]
+        split = paired(mine, cell, correct)
+        text = f"{diff:+.2f}" + ("" if split is None else f" (p={split[2]:.2g})")
+        return f"**WINS** {text}" if split and split[2] < 0.05 and diff < 0 else text
+
+    return _method_grid(results, others, default, key, "top-1", lambda v: f"{v:.2f}", versus)
 
 
 def peers_kl_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
@@ -347,25 +354,8 @@ def peers_kl_table(results: dict[str, Any], others: tuple[str, ...] = PEERS, def
     """docs/peers.md's KL table: per model and method, at every ratio, the method's KL divergence from the dense
     model as a multiple of the default's ("x2.5": 2.5 times the default's; below 1 the method changes the predictions
     less); "n/r" where the method cannot reach the ratio. The default's own row gives its KL (nats)."""
-    lines = []
-    for model, entry in results.items():
-        cells = entry["cells"]
-        ratios = sorted({c["ratio"] for c in cells.values() if c["recipe"] == default and key in c})
-        if not ratios:
-            continue
-        if not lines:
-            lines += ["| model | method | " + " | ".join(f"-{round(100 * r)}%" for r in ratios) + " |",
-                      "|---|---|" + "---|" * len(ratios)]
-        mine = [cells[f"{default}@{r}"][key] for r in ratios]
-        lines.append(f"| {model} | {default} (KL, nats) | " + " | ".join(f"{v:.2e}" for v in mine) + " |")
-        for other in others:
-            row = []
-            for r, base in zip(ratios, mine, strict=True):
-                cell = cells.get(f"{other}@{r}")
-                row.append("—" if cell is None else "n/r" if key not in cell else
-                           f"x{cell[key] / base:.2f}" if base > 0 else "—")
-            lines.append(f"|  | {other} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return _method_grid(results, others, default, key, "KL, nats", lambda v: f"{v:.2e}",
+                        lambda mine, cell: f"x{cell[key] / mine[key]:.2f}" if mine[key] > 0 else "—")
 
 
 def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, default: str = "loss-aware",
