@@ -35,6 +35,21 @@ def make_tiny_vit(seed: int = 0, **overrides):
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides}).eval()
 
 
+@torch.no_grad()
+def randomize_affine_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
+    """Every linear layer's bias and every LayerNorm's weight and bias drawn at random (non-zero), in place: timm
+    initializes biases to zero and LayerNorms to the identity, so a path that dropped or zeroed a bias would pass on
+    its fresh models unnoticed. Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.copy_(scale * torch.randn(module.bias.shape, generator=g))
+        elif isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
+            module.weight.copy_(1.0 + scale * torch.randn(module.weight.shape, generator=g))
+            module.bias.copy_(scale * torch.randn(module.bias.shape, generator=g))
+    return model
+
+
 def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
     """Smooth random images (low-frequency noise), so patch tokens are correlated like natural ones."""
     g = torch.Generator().manual_seed(seed)

@@ -68,6 +68,21 @@ def test_folded_export_matches_the_unfolded_model(tmp_path):
         "--fold must act on a copy, not on the caller's model"
 
 
+def test_folded_export_of_a_model_with_non_zero_biases(tmp_path):
+    """`export --fold` on a model whose linear biases and LayerNorms are random and non-zero (a fresh timm model's
+    are zero and one, where a fold or export that dropped a bias would still match)."""
+    from conftest import randomize_affine_
+
+    model = randomize_affine_(make_tiny_vit(seed=4), seed=6)
+    images = make_images(32)
+    compress(model, [images[i: i + 16] for i in range(0, 32, 16)], reduction=0.4, calib_samples=32, progress=False,
+             **Z_CONFIGS["lowrank"])
+    assert any(m.bias is not None and float(m.bias.abs().min()) > 0 for m in model.modules()
+               if isinstance(m, FactorizedLinear))
+    _check_parity(model, tmp_path / "folded.onnx", fold=True)
+    _check_parity(model, tmp_path / "unfolded.onnx")
+
+
 def test_quantized_model_exports_dequantized(tmp_path):
     model = _compressed()
     quantize_(model, bits=8)

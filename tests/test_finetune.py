@@ -202,6 +202,37 @@ def test_finetune_trains_only_the_selected_parameters(tiny_compressed):
     assert module.hparams["trainable_fraction"] == pytest.approx(module.trainable["fraction"])
 
 
+def test_finetune_trains_a_model_handed_over_in_eval_mode_in_training_mode(tiny_compressed):
+    """The fixtures of the other tests call .train() themselves; a user's model usually arrives in eval mode (it was
+    just evaluated). Every module must be in training mode at every training step (dropout, drop-path and a distilled
+    DeiT's two heads depend on it), and back in eval mode for validation."""
+    model = copy.deepcopy(tiny_compressed).eval()
+    seen: dict[str, list[bool]] = {"train": [], "val": []}
+    phase = {"now": "train"}
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Recorder(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            phase["now"] = "train"
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            phase["now"] = "val"
+
+    handle = model.register_forward_pre_hook(
+        lambda module, args: seen[phase["now"]].append(all(m.training for m in module.modules())
+                                                        if phase["now"] == "train"
+                                                        else not any(m.training for m in module.modules())))
+    data = synthetic_data()
+    try:
+        finetune(model, DataLoader(data, batch_size=16), DataLoader(data, batch_size=24),
+                 config=FinetuneConfig(epochs=1, lr=1e-3, warmup_steps=1), callbacks=[Recorder()], **QUIET)
+    finally:
+        handle.remove()
+    assert seen["train"] and all(seen["train"])
+    assert seen["val"] and all(seen["val"])
+
+
 def test_finetune_precision(tiny_compressed):
     """bf16-mixed runs the steps under bfloat16 autocast (a different result from float32's) and keeps float32
     weights; 16-mixed is refused on a CPU before anything trains; unknown precisions are refused by the config."""

@@ -101,6 +101,30 @@ def test_fold_lowrank_z_keeps_the_function_and_the_parameter_count(tmp_path):
     assert_same_model(load_compressed(tmp_path / "folded"), model, images)
 
 
+@pytest.mark.parametrize("recipe_name", ["paper", "loss-aware"])
+def test_fold_keeps_the_function_of_a_model_with_non_zero_biases(recipe_name):
+    """Random non-zero biases and LayerNorm affine parameters (a fresh timm model has zero biases, on which a fold
+    that wrote a zero or stale bias would pass), a low-rank Z in every factorized layer, with the paper's recipe and
+    with the default's bias correction (which moves the biases itself): folding keeps the logits."""
+    from lowrank_vit.config import recipe
+
+    from conftest import randomize_affine_
+
+    model = randomize_affine_(make_tiny_vit(seed=2), seed=5)
+    biases = [m.bias.detach().clone() for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    assert all(float(b.abs().min()) > 0 for b in biases)
+    compress(model, [(make_images(32, seed=9), torch.arange(32) % 10)],
+             recipe(recipe_name, reduction=0.5, compensation="lowrank", calib_samples=32, progress=False))
+    images = make_images(4, seed=7)
+    ref = logits(model, images)
+    assert fold_lowrank_z_(model)
+    assert torch.allclose(logits(model, images), ref, atol=1e-5, rtol=0)
+    for module in model.modules():  # and the biases are what the function needs: zeroing them changes it
+        if isinstance(module, FactorizedLinear) and module.bias is not None:
+            module.bias.data.zero_()
+    assert not torch.allclose(logits(model, images), ref, atol=1e-3, rtol=0)
+
+
 def test_fold_lowrank_z_refuses_a_quantized_model():
     model = compressed_vit(compensation="lowrank")
     quantize_(model, 8)
