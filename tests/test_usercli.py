@@ -171,7 +171,14 @@ def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
     assert result["classes"] == report["accuracy"]["after"]["classes"] == CLASSES
     assert result["params"] == report["params"]["after"]
     assert set(result["latency_ms"]) == {"1", "32"} and all(v > 0 for v in result["latency_ms"].values())
-    assert result["size_mib"] > 0
+    # the size both commands report is the bytes of the saved float32 tensors (an independent count of the file)
+    from safetensors import safe_open
+
+    with safe_open(str(compressed / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert result["size_mib"] == pytest.approx(stored / 2**20, rel=1e-9)
+    assert report["size_mib"]["after"] == pytest.approx(stored / 2**20, rel=1e-9)
+    assert report["size_mib"]["before"] == pytest.approx(4 * report["params"]["before"] / 2**20, rel=1e-9)
 
 
 @pytest.mark.slow
