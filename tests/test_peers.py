@@ -546,3 +546,45 @@ def test_the_integer_policy_is_never_worse_than_the_marginal_one_on_the_same_cur
     assert exact.params <= budget and lagrangian.params <= budget
     total = lambda a: sum(layer.loss(a.ranks[layer.name]) for layer in layers)  # noqa: E731
     assert total(exact) <= total(lagrangian) * (1 + 1e-9) + 1e-12
+
+
+class _StubProbe:
+    """What LEMS asks of a probe, with sensitivities fixed by hand (KL = 1 / (1 + layer index))."""
+
+    def __init__(self) -> None:
+        self.calls, self.asked = 0, []
+
+    def kl(self, ranks, temperature):
+        self.calls += 1
+        self.asked.append(dict(ranks))
+        (name, _), = ranks.items()
+        return 1.0 / (1 + int(name[1:]))
+
+
+def test_lems_is_the_brute_force_optimum_of_its_error_model_and_never_probes_a_layer_without_ranks():
+    from lowrank_vit.core.decompose import energy_loss_curve
+    from lowrank_vit.core.search import LemsSettings, allocate_lems
+
+    g = torch.Generator().manual_seed(3)
+    layers = []
+    for i, (k, m) in enumerate([(16, 48), (16, 16), (48, 16), (1, 1)]):
+        s = torch.sort(torch.rand(min(k, m), generator=g, dtype=torch.float64), descending=True)[0]
+        layers.append(LayerBudget(f"l{i}", k, m, 0, energy_loss_curve(s)))
+    budget = sum(layer.dense_params for layer in layers) // 2
+    settings = LemsSettings(rank_step=2)
+    probe = _StubProbe()
+    allocation = allocate_lems(layers, budget, settings, probe)
+    assert [list(a) for a in probe.asked] == [["l0"], ["l1"], ["l2"]]  # the 1 x 1 layer has no rank to measure
+    options = []
+    for i, layer in enumerate(layers[:3]):
+        eq = layer.dense_params // layer.rank_step
+        floor = max(1, math.floor(0.1 * eq))
+        ranks = [r for r in range(floor, min(math.floor(0.95 * eq), layer.max_rank + 1)) if r % 2 == 0]
+        kl = 1.0 / (1 + i)
+        options.append([(r, layer.params(r), kl * layer.loss(r) / max(layer.loss(floor), 1e-6)) for r in ranks]
+                       + [(None, layer.dense_params, 0.0)])
+    room = budget - layers[3].dense_params
+    best = min((sum(e for _, _, e in combo), combo) for combo in itertools.product(*options)
+               if sum(p for _, p, _ in combo) <= room)
+    assert allocation.ranks["l3"] is None
+    assert [allocation.ranks[f"l{i}"] for i in range(3)] == [r for r, _, _ in best[1]]

@@ -159,9 +159,12 @@ def allocate_lems(layers: list[LayerBudget], budget: int, settings: LemsSettings
     check_feasible(layers, budget)
     choices, names, trace = [], [], []
     for layer in layers:
+        if layer.max_rank < 1:  # no rank is cheaper than dense: the layer's one option
+            choices.append([(None, layer.dense_params, 0.0)])
+            names.append(layer.name)
+            continue
         candidates = candidate_ranks(layer, settings.rank_floor, settings.rank_ceiling, settings.rank_step)
-        reference = max(1, math.floor(settings.rank_floor * equal_cost_rank(layer)))
-        reference = min(reference, layer.max_rank)
+        reference = min(max(1, math.floor(settings.rank_floor * equal_cost_rank(layer))), layer.max_rank)
         kl = probe.kl({layer.name: reference}, settings.temperature)
         choices.append(lems_choices(layer, kl, reference, candidates))
         names.append(layer.name)
