@@ -317,7 +317,7 @@ def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | 
     method = get_method(cfg.decomposition)
     probing = get_policy(cfg.allocation).needs_probe
     images: list[torch.Tensor] = []
-    if _keeps_images(cfg) and probing:
+    if probing:  # the probe runs the images again (the refit, which also keeps them, is not part of a plan)
         images, calib_images = _kept_batches(calib_images, cfg)
     stats, scales = _calibrate(model, setup, calib_images, sample_tokens=0)
     curves, decompositions = {}, {}

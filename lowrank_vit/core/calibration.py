@@ -394,11 +394,10 @@ def collect_statistics(
         raise ValueError(f"weighting must be 'image' or 'token', got {weighting!r}")
     output_side = {name for name, layer in layers.items()
                    if gram_space == "auto" and layer.out_features < layer.in_features}
-    fourth = {name: torch.zeros((), dtype=torch.float64, device=device or next(model.parameters()).device)
-              for name in layers} if fourth_moment else {}
     rows_seen = dict.fromkeys(layers, 0)
     traces = dict.fromkeys(output_side, 0.0)
     device = device or next(model.parameters()).device
+    fourth = {name: torch.zeros((), dtype=torch.float64, device=device) for name in layers} if fourth_moment else {}
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, object] = {"batch": 0}
     # Upper block triangles of the running sums; mirrored once at the end.

@@ -165,13 +165,16 @@ class LossAware(Method):
         return cfg.fisher_labels == "given"  # else labels sampled from the model's own predictions
 
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
-        stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, labels=cfg.fisher_labels,
-                                        device=device, progress=cfg.progress, seed=cfg.seed,
-                                        gram_precision=cfg.gram_precision, gram_space=gram_space,
-                                        center=cfg.bias_correction,
+        stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, device=device,
+                                        progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision,
+                                        gram_space=gram_space, center=cfg.bias_correction,
                                         grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples),
-                                        compute_dtype=cfg.loss_pass_dtype)
+                                        compute_dtype=cfg.loss_pass_dtype, **self.gradient_options(cfg))
         return stats, {}
+
+    def gradient_options(self, cfg: Any) -> dict[str, Any]:
+        """What its gradient pass does with the loss gradients (``collect_loss_statistics``'s labels, clipping)."""
+        return {"labels": cfg.fisher_labels}
 
     def spectrum(self, weight, stats, extra, cfg):
         return loss_aware_singular_values(weight, stats, cfg.damping)
@@ -262,7 +265,7 @@ class _TokenWhitened(Method):
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
         stats = collect_statistics(model, layers, batches, cfg.calib_samples, sample_tokens=sample_tokens,
                                    device=device, progress=cfg.progress, seed=cfg.seed,
-                                   gram_precision=cfg.gram_precision, gram_space="input", weighting="token",
+                                   gram_precision=cfg.gram_precision, gram_space=gram_space, weighting="token",
                                    fourth_moment=self.fourth_moment)
         return pooled_token_stats(stats, layers), {}
 
@@ -383,15 +386,10 @@ class KFAC(LossAware):
     def needs_labels(self, cfg):
         return True
 
-    def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
+    def gradient_options(self, cfg):
         own = settings_of(cfg, KfacSettings)
-        stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, labels="given", device=device,
-                                        progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision,
-                                        gram_space=gram_space, center=cfg.bias_correction,
-                                        grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples),
-                                        compute_dtype=cfg.loss_pass_dtype, clip=(own.clip_low, own.clip_high),
-                                        who="decomposition 'kfac' (KFAC-SVD's gradients of the true labels)")
-        return stats, {}
+        return {"labels": "given", "clip": (own.clip_low, own.clip_high),
+                "who": "decomposition 'kfac' (KFAC-SVD's gradients of the true labels)"}
 
     @staticmethod
     def _dampings(cfg: Any) -> tuple[float, float, float]:
