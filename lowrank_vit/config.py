@@ -111,6 +111,19 @@ class CompressionConfig:
     """Fraction of the *whole* model's parameter count to remove (Table 2's "-40%" is 0.4)."""
     target_params: int | None = None
     """Absolute parameter count of the compressed model, all parameters included (Table 3)."""
+    target_speedup: float | None = None
+    """Instead of a parameter target: the predicted end-to-end speedup over the dense model on ``latency_table``'s
+    target (> 1). The ranks then minimize the allocation's absolute losses (the loss-aware method's predicted loss
+    increase) per millisecond saved rather than per parameter, exactly over the profiled ranks
+    (:func:`lowrank_vit.core.latency.allocate_latency`); needs allocation "marginal" or "integer"."""
+    latency_table: str | None = None
+    """A latency table (JSON, ``lowrank-vit profile`` or :func:`lowrank_vit.speed.cached_profile`) of this model on
+    the deployment target. Given one, no layer gets a rank at which it is slower than dense there (a layer with no
+    such rank stays dense; ``latency_limit=False`` turns that off), and the report predicts the end-to-end latency.
+    A table measured on another machine or other software versions is refused."""
+    latency_limit: bool = True
+    """With ``latency_table``: cap every layer's rank at the largest profiled rank still faster than dense (False:
+    parameters only, the table used for the prediction alone)."""
 
     decomposition: str = "loss_aware"
     """"plain": SVD of W (the paper's Vanilla SVD). "mean": eqs. (6)-(7) with X_rep the mean calibration input.
@@ -222,8 +235,10 @@ class CompressionConfig:
         return self.solver == "sgd" and self.compensation != "none"
 
     def __post_init__(self) -> None:
-        if (self.reduction is None) == (self.target_params is None):
-            raise ValueError("give exactly one of reduction (a fraction in (0, 1)) or target_params (a count)")
+        targets = [self.reduction, self.target_params, self.target_speedup]
+        if sum(target is not None for target in targets) != 1:
+            raise ValueError("give exactly one of reduction (a fraction in (0, 1)), target_params (a count) or "
+                             "target_speedup (with a latency_table)")
         if self.reduction is not None:
             if isinstance(self.reduction, bool) or not isinstance(self.reduction, (int, float)):
                 raise ValueError(f"reduction must be a number in (0, 1), got {self.reduction!r}")
@@ -284,6 +299,31 @@ class CompressionConfig:
         check_number("damping", self.damping, ">= 0")
         check_number("asvd_alpha", self.asvd_alpha, ">= 0")
         self._check_settings()
+        self._check_latency()
+
+    def _check_latency(self) -> None:
+        """What the latency table and the speedup target need: a table, a policy that can price milliseconds, a
+        layer form the table measured (factored, with a low-rank Z folded in)."""
+        if self.latency_table is not None and not isinstance(self.latency_table, str):
+            raise ValueError(f"latency_table must be the path of a table (a string), got {self.latency_table!r}")
+        if not isinstance(self.latency_limit, bool):
+            raise ValueError(f"latency_limit must be true or false, got {self.latency_limit!r}")
+        if self.target_speedup is not None:
+            check_number("target_speedup", self.target_speedup, "> 1")
+            if self.latency_table is None:
+                raise ValueError("target_speedup needs a latency_table of the model on the target (`lowrank-vit "
+                                 "profile MODEL`)")
+            if not get_policy(self.allocation).prices_latency:
+                pricing = ", ".join(repr(name) for name, policy in POLICIES.items() if policy.prices_latency)
+                raise ValueError(f"target_speedup prices the allocation's losses in milliseconds, which allocation="
+                                 f"{self.allocation!r} does not compare across layers: use one of {pricing}")
+        if self.latency_table is not None:
+            if self.compensation not in ("none", "lowrank"):
+                raise ValueError(f"a latency table times factored layers (a low-rank Z folded in): "
+                                 f"compensation={self.compensation!r} is not timed; use 'none' or 'lowrank'")
+            if get_method(self.decomposition).whole_modules is not NO_MODULES:
+                raise ValueError(f"decomposition={self.decomposition!r} replaces whole attention modules, which a "
+                                 f"latency table does not time")
 
     def _check_settings(self) -> None:
         """Every key of ``settings`` belongs to the decomposition's or the allocation's settings class, and each

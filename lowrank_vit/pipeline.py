@@ -23,6 +23,7 @@ from lowrank_vit.core.decompose import (
     Whitening,
     whitening,
 )
+from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speedup, latency_report, rank_limits
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import (
@@ -94,6 +95,10 @@ class CompressionReport:
     """Wall time inside and after the stages, summed over layers (benchmarks read it): "whitening" (of H for a Z
     fitted on it), "svd_tail_z", "closed_form_z", "sgd_fit", "report_errors" (eq. 5 per layer) and "swap" (the
     layer swap). Not part of ``stage_seconds``, whose values add up to the whole compression."""
+    latency: dict[str, Any] = field(default_factory=dict)
+    """With ``latency_table``: the table's target (batch, device, runtime, dtype), the dense model's measured time,
+    the predicted time and speedup of the compressed model (its low-rank Z folded) and every layer's predicted time
+    (:func:`lowrank_vit.core.latency.latency_report`); empty without a table."""
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -118,8 +123,15 @@ class CompressionReport:
             rank = "dense" if lr.rank is None else str(lr.rank)
             lines.append(f"{lr.name:40s} {rank:>5s} {lr.factored_params:>10,d} {lr.energy_loss:8.4f} "
                          f"{lr.output_error_lowrank:8.4f} {lr.output_error:8.4f}")
+        target = (f"target speedup {self.config['target_speedup']:g}x" if self.config.get("target_speedup")
+                  else f"target {self.target_params:,}")
         lines.append(f"params {self.params_before:,} -> {self.params_after:,} (-{100 * self.reduction:.1f}%, "
-                     f"target {self.target_params:,})")
+                     f"{target})")
+        if self.latency:
+            latency = self.latency
+            lines.append(f"predicted latency {latency['predicted_ms']:.2f} ms against {latency['dense_ms']:.2f} "
+                         f"ms dense ({latency['predicted_speedup']:.2f}x; batch {latency['batch']}, "
+                         f"{latency['runtime']} {latency['dtype']} on {latency['device']})")
         return "\n".join(lines)
 
 
@@ -134,6 +146,8 @@ def _timed(totals: dict[str, float], key: str, device: torch.device) -> Iterator
 
 
 def _target_total(cfg: CompressionConfig, params_before: int) -> int:
+    if cfg.target_speedup is not None:  # no parameter target: the latency allocation spends milliseconds
+        return params_before
     if cfg.target_params is not None:
         if cfg.target_params >= params_before:
             raise ValueError(f"target_params={cfg.target_params:,} is not below the model's {params_before:,} "
@@ -163,6 +177,8 @@ class _Setup:
     """New parameters outside every allocation unit (COMCAT's attention output biases)."""
     modules: dict[str, nn.Module] = field(default_factory=dict)
     """Name -> dense module replaced as a whole (its linears are then not in ``layers``); empty for most methods."""
+    latency: LatencyTable | None = None
+    """``config.latency_table``, loaded and checked against this machine and this model."""
 
 
 def check_target(model: nn.Module, config: CompressionConfig) -> None:
@@ -196,15 +212,43 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     z_params = {name: z_param_count(config.compensation, layer.in_features, layer.out_features, config.z_fraction,
                                     config.rank_multiple)
                 for name, layer in layers.items()}
+    table = _latency_table(config, layers)
     # Fail on an impossible target before the (long) calibration pass.
-    check_feasible([LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
-                    for name, layer in layers.items()] + whole.budgets(modules), budget,
-                   outside=params_before - replaced + fixed, params_before=params_before)
+    shapes = _budgets(config, layers, z_params, {}, table) + whole.budgets(modules)
+    if config.target_speedup is None:
+        check_feasible(shapes, budget, outside=params_before - replaced + fixed, params_before=params_before)
+    else:
+        check_speedup(shapes, table, config.target_speedup)
     device = torch.device(config.device) if config.device else next(model.parameters()).device
     # "auto" precision becomes the one used on this device, so the report (and result.json) records it
     config = replace(config, gram_precision=resolve_gram_precision(config, device.type))
     return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, whole, fixed,
-                  modules)
+                  modules, table)
+
+
+def _latency_table(cfg: CompressionConfig, layers: dict[str, nn.Linear]) -> LatencyTable | None:
+    """``cfg.latency_table`` loaded, refused unless measured on this machine with this software for these layers."""
+    if cfg.latency_table is None:
+        return None
+    from lowrank_vit.speed.runtimes import environment  # measuring lives above the mathematics
+
+    table = LatencyTable.load(cfg.latency_table)
+    table.check_environment(environment(table.device, table.runtime))
+    table.check_layers({name: (layer.in_features, layer.out_features, layer.bias is not None)
+                        for name, layer in layers.items()})
+    return table
+
+
+def _budgets(cfg: CompressionConfig, layers: dict[str, nn.Linear], z_params: dict[str, int],
+             curves: dict[str, torch.Tensor], table: LatencyTable | None) -> list[LayerBudget]:
+    """The allocator's view of every layer: its shape, Z, loss curve (a placeholder before calibration) and, with
+    a latency table and ``latency_limit``, the largest rank still faster than dense."""
+    budgets = [LayerBudget(name, layer.in_features, layer.out_features, z_params[name],
+                           curves.get(name, torch.zeros(1))) for name, layer in layers.items()]
+    if table is not None and cfg.latency_limit:
+        limits = rank_limits(budgets, table)
+        budgets = [replace(budget, rank_limit=limits[budget.name]) for budget in budgets]
+    return budgets
 
 
 def _z_is_more_rank(kind: str, none: bool) -> bool:
@@ -237,10 +281,18 @@ def _energy_curve(cfg: CompressionConfig, singular_values: torch.Tensor) -> torc
 
 def _allocate(setup: _Setup, curves: dict[str, torch.Tensor], probe: Probe | None = None) -> Allocation:
     cfg = setup.cfg
-    budgets = [LayerBudget(name, layer.in_features, layer.out_features, setup.z_params[name], curves[name])
-               for name, layer in setup.layers.items()]
+    budgets = _budgets(cfg, setup.layers, setup.z_params, curves, setup.latency)
+    if cfg.target_speedup is not None:
+        return allocate_latency(budgets, setup.latency, cfg.target_speedup)
     budgets += setup.whole.budgets(setup.modules, curves)
     return get_policy(cfg.allocation).run(budgets, setup.budget, cfg, int(0.0005 * setup.target_total), probe)
+
+
+def _latency_report(setup: _Setup, ranks: dict[str, int | None]) -> dict[str, Any]:
+    """The report's ``latency``: predicted end-to-end time of the allocation on the table's target."""
+    if setup.latency is None:
+        return {}
+    return latency_report(_budgets(setup.cfg, setup.layers, setup.z_params, {}, setup.latency), setup.latency, ranks)
 
 
 def _keeps_images(cfg: CompressionConfig) -> bool:
@@ -296,6 +348,8 @@ class CompressionPlan:
     """FactorizedLinear spec of every layer the plan factorizes (see :meth:`FactorizedLinear.spec`)."""
     module_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Spec of every module replaced as a whole (COMCAT: :meth:`FactorizedAttention.spec`); empty for most methods."""
+    latency: dict[str, Any] = field(default_factory=dict)
+    """As :attr:`CompressionReport.latency`."""
 
 
 def plan_compression(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
@@ -344,7 +398,7 @@ def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | 
     module_specs = {name: setup.whole.spec(name, module, allocation.ranks) for name, module in setup.modules.items()}
     params_after = setup.params_before - setup.replaced_params + setup.fixed_params + allocation.params
     return CompressionPlan(cfg.to_dict(), setup.params_before, params_after, setup.target_total, allocation.ranks,
-                           specs, module_specs)
+                           specs, module_specs, _latency_report(setup, allocation.ranks))
 
 
 def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
@@ -564,4 +618,5 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     del stats, decompositions, whitenings  # (the new layers live on in the model)
     release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed
     return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
-                             sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [], sub)
+                             sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [], sub,
+                             _latency_report(setup, allocation.ranks))

@@ -31,6 +31,9 @@ class LayerBudget:
     """Energy lost when keeping r singular values, indexed by r = 0..p; ranks above p lose nothing. Normalized
     (divided by the total) for "uniform" and "greedy"; absolute (in the decomposition's own units, the loss's for
     the loss-aware method) for "marginal", which compares layers by it."""
+    rank_limit: int | None = None
+    """A ceiling on the rank from outside the parameter count: the largest rank still faster than the dense layer on
+    a profiled target (:func:`lowrank_vit.core.latency.rank_limits`); 0 keeps the layer dense. None: no ceiling."""
 
     @property
     def dense_params(self) -> int:
@@ -42,8 +45,9 @@ class LayerBudget:
 
     @property
     def max_rank(self) -> int:
-        """Largest rank whose factored cost is still below the dense cost."""
-        return max(0, (self.dense_params - self.z_params - 1) // self.rank_step)
+        """Largest rank whose factored cost is still below the dense cost (and not above ``rank_limit``)."""
+        cheaper = max(0, (self.dense_params - self.z_params - 1) // self.rank_step)
+        return cheaper if self.rank_limit is None else min(cheaper, self.rank_limit)
 
     def params(self, rank: int | None) -> int:
         return self.dense_params if rank is None else rank * self.rank_step + self.z_params
@@ -78,16 +82,19 @@ def check_feasible(layers: list[LayerBudget], budget: int, *, outside: int | Non
                          f"only {full:,}: nothing to compress")
     if budget >= smallest:
         return
+    slow = sum(1 for layer in layers if layer.rank_limit == 0)
+    why = (f" ({slow} layer(s) stay dense: no profiled rank of theirs is faster than dense on the latency table)"
+           if slow else "")
     if outside is not None and params_before:
         lowest = outside + smallest
         largest = math.floor(10000 * (1 - lowest / params_before)) / 10000  # rounded down: reachable as printed
         raise ValueError(f"the target is unreachable: even rank 1 in every compressible layer (with its Z) needs "
                          f"{smallest:,} parameters there, and {outside:,} stay as they are, so the smallest reachable "
                          f"model has {lowest:,} parameters: the largest reachable reduction is {100 * largest:.2f}% "
-                         f"(reduction={largest:g} or target_params={lowest:,})")
+                         f"(reduction={largest:g} or target_params={lowest:,}){why}")
     raise ValueError(f"the target is unreachable: even rank 1 in every compressible layer (with its Z) needs "
                      f"{smallest:,} parameters there, and the target leaves "
-                     + (f"{budget:,}" if budget >= 0 else "none (it is below the parameters kept as they are)"))
+                     + (f"{budget:,}" if budget >= 0 else "none (it is below the parameters kept as they are)") + why)
 
 
 def _fill_slack(layers: list[LayerBudget], ranks: dict[str, int | None], budget: int, key, step: int = 1) -> int:
@@ -379,6 +386,9 @@ class Policy:
     rehearsal_settings: dict[str, Any] = field(default_factory=dict)
     """Settings under which it runs on random weights and a few generated images (``lowrank-vit rehearse``, which
     exercises a row's code path, not its published values); empty for most policies."""
+    prices_latency: bool = False
+    """Whether its curves are absolute losses comparable across layers, so that ``target_speedup`` can spend them
+    per millisecond (:func:`lowrank_vit.core.latency.allocate_latency`)."""
     probe_forwards: Callable[[list[tuple[int, int]], Any], int] | None = None
     """Where ``needs_probe``: how many forward passes over the probe images it runs, from the layers' (in, out)
     shapes and its settings (the cost estimate of ``lowrank-vit reproduce --estimate`` reads it)."""
@@ -403,4 +413,4 @@ register_policy(Policy("greedy", energy_loss_curve,  # Algorithm 1 compares norm
 register_policy(Policy("marginal", energy_tail_curve,  # absolute energies: one unit across layers
                        lambda layers, budget, cfg, tol, probe: allocate_marginal(layers, budget, cfg.rank_multiple,
                                                                                  tol),
-                       records_trace=True))
+                       records_trace=True, prices_latency=True))

@@ -60,7 +60,7 @@ def from_fields(cls: type[T], data: dict[str, Any]) -> T:
 
 
 _RULES: dict[str, Callable[[float], bool]] = {
-    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 0.5)": lambda v: 0 <= v < 0.5,
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "> 1": lambda v: v > 1, "[0, 0.5)": lambda v: 0 <= v < 0.5,
     "(0, 1]": lambda v: 0 < v <= 1, "(0, 1)": lambda v: 0 < v < 1, "[0, 1)": lambda v: 0 <= v < 1,
 }
 

@@ -50,13 +50,14 @@ def equal_cost_rank(layer: LayerBudget) -> int:
     return layer.dense_params // layer.rank_step
 
 
-def allocate_integer(choices: list[list[Choice]], names: list[str], budget: int,
-                     time_limit: float = 180.0) -> Allocation:
+def allocate_integer(choices: list[list[Choice]], names: list[str], budget: float,
+                     time_limit: float = 180.0, unit: str = "parameters") -> Allocation:
     """The exact minimum of ``sum_l error_l(choice_l)`` subject to ``sum_l params_l(choice_l) <= budget``, one choice
     per layer: a 0/1 integer program (one variable per layer and option, one equality per layer, one budget row)
     solved by HiGHS through ``scipy.optimize.milp``. Ties go to the solver. Raises ValueError when no combination of
     the options fits the budget; a solver stopped by ``time_limit`` with a feasible point returns that point (the
-    trace says so)."""
+    trace says so). The cost need not be parameters (``unit`` names it in messages): the latency objective spends
+    milliseconds (:func:`lowrank_vit.core.latency.allocate_latency`)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if len(choices) != len(names) or any(not options for options in choices):
@@ -64,7 +65,7 @@ def allocate_integer(choices: list[list[Choice]], names: list[str], budget: int,
     smallest = sum(min(params for _, params, _ in options) for options in choices)
     if smallest > budget:
         raise ValueError(f"the integer program has no feasible allocation: the smallest option of every layer "
-                         f"already needs {smallest:,} parameters, above the budget of {budget:,}")
+                         f"already needs {smallest:,} {unit}, above the budget of {budget:,}")
     cost = np.array([error for options in choices for _, _, error in options], dtype=np.float64)
     if not np.isfinite(cost).all():
         raise ValueError("the integer program's layer errors must be finite")
@@ -87,7 +88,7 @@ def allocate_integer(choices: list[list[Choice]], names: list[str], budget: int,
         scale *= float(result.fun)
     if result.x is None:
         raise ValueError(f"the integer program found no feasible allocation within the budget of {budget:,} "
-                         f"parameters ({result.message})")
+                         f"{unit} ({result.message})")
     picked = np.round(result.x).astype(bool)
     ranks: dict[str, int | None] = {}
     total = 0
@@ -407,7 +408,7 @@ def allocate_integer_on_curves(layers: list[LayerBudget], budget: int, settings:
 register_policy(Policy("integer", energy_tail_curve,
                        lambda layers, budget, cfg, tol, probe: allocate_integer_on_curves(
                            layers, budget, settings_of(cfg, IntegerSettings)),
-                       records_trace=True, settings=IntegerSettings))
+                       records_trace=True, settings=IntegerSettings, prices_latency=True))
 def flar_probe_forwards(shapes: list[tuple[int, int]], settings: FlarSettings) -> int:
     """FLAR-SVD's forward passes: one for the threshold, then a binary search over each layer's grid."""
     grids = [len(search_grid(LayerBudget("", k, m, 0, torch.zeros(1)), settings.rank_step)) for k, m in shapes]
