@@ -80,12 +80,12 @@ def test_config_reduction_not_a_number(reduction):
 
 
 def test_config_both_reduction_and_target():
-    with pytest.raises(ValueError, match=r"exactly one of reduction .* or target_params"):
+    with pytest.raises(ValueError, match=r"exactly one of reduction .* target_params .* target_speedup"):
         CompressionConfig(reduction=0.3, target_params=10_000, progress=False)
 
 
 def test_config_neither_reduction_nor_target():
-    with pytest.raises(ValueError, match=r"exactly one of reduction .* or target_params"):
+    with pytest.raises(ValueError, match=r"exactly one of reduction .* target_params .* target_speedup"):
         CompressionConfig(progress=False)
 
 
@@ -182,7 +182,7 @@ def test_compress_override_validated(tiny_vit, calib_batches):
 
 
 def test_compress_without_any_config(tiny_vit, calib_batches):
-    with pytest.raises(ValueError, match=r"exactly one of reduction .* or target_params"):
+    with pytest.raises(ValueError, match=r"exactly one of reduction .* target_params .* target_speedup"):
         compress(tiny_vit, calib_batches)
 
 

@@ -77,22 +77,37 @@ class ShapeLatency:
     """The profiled ranks, increasing."""
     factored: tuple[Timing, ...]
     """The factored form ``(x U) V^T + b`` at each of ``ranks`` (a folded low-rank Z is this form at rank r + q)."""
+    overhead: Timing | None = None
+    """An identity on the same input in the same runtime, timed in the same run: what calling one layer on its own
+    costs beyond its arithmetic (a runtime call, copying the input in and out), which the layer does not pay inside
+    the whole model. Subtracted from every form before predicting the model's time."""
+
+    @property
+    def call_ms(self) -> float:
+        return 0.0 if self.overhead is None else self.overhead.median
+
+    @property
+    def dense_ms(self) -> float:
+        """The dense layer's time inside a model: its median less the call overhead."""
+        return self.dense.median - self.call_ms
 
     @property
     def key(self) -> str:
         return shape_key(self.in_features, self.out_features, self.rows, self.bias)
 
     def factored_ms(self, rank: int) -> float:
-        """Median time at ``rank``: measured on the grid, linear between grid ranks, proportional to the rank below
-        the first (a rank off the grid is an estimate: the allocation only picks grid ranks)."""
-        ranks, times = self.ranks, [t.median for t in self.factored]
+        """Time at ``rank`` inside a model (the median less the call overhead): measured on the grid, linear between
+        grid ranks, the first rank's time below it (thin products cost their launch and memory traffic more than
+        their arithmetic: a smaller rank is not predicted faster than what was measured). A rank off the grid is an
+        estimate; the latency allocation only picks grid ranks."""
+        ranks, times = self.ranks, [t.median - self.call_ms for t in self.factored]
         if rank <= ranks[0]:
-            return times[0] * rank / ranks[0]
+            return times[0]
         for r0, t0, r1, t1 in zip(ranks, times, ranks[1:], times[1:], strict=False):  # consecutive pairs
             if rank <= r1:
                 return t0 + (t1 - t0) * (rank - r0) / (r1 - r0)
         if len(ranks) == 1:
-            return times[0] * rank / ranks[0]
+            return times[0]
         slope = (times[-1] - times[-2]) / (ranks[-1] - ranks[-2])
         return times[-1] + max(slope, 0.0) * (rank - ranks[-1])
 
@@ -151,7 +166,8 @@ class LatencyTable:
         try:
             shapes = {key: ShapeLatency(s["in_features"], s["out_features"], s["rows"], s["bias"],
                                         Timing(**s["dense"]), tuple(s["ranks"]),
-                                        tuple(Timing(**t) for t in s["factored"]))
+                                        tuple(Timing(**t) for t in s["factored"]),
+                                        None if s.get("overhead") is None else Timing(**s["overhead"]))
                       for key, s in data["shapes"].items()}
             table = cls(**{**data, "model_ms": Timing(**data["model_ms"]), "shapes": shapes})
         except (KeyError, TypeError) as exc:
@@ -219,7 +235,7 @@ def rank_limits(layers: list[LayerBudget], table: LatencyTable) -> dict[str, int
 def layer_ms(layer: LayerBudget, table: LatencyTable, rank: int | None) -> float:
     """Predicted time of ``layer`` at ``rank`` (``None``: dense)."""
     shape = table.shape_of(layer.name)
-    return shape.dense.median if rank is None else shape.factored_ms(rank + z_rank(layer))
+    return shape.dense_ms if rank is None else shape.factored_ms(rank + z_rank(layer))
 
 
 def predicted_ms(layers: list[LayerBudget], table: LatencyTable, ranks: dict[str, int | None]) -> float:
@@ -235,7 +251,7 @@ def latency_choices(layer: LayerBudget, table: LatencyTable) -> list[tuple[int |
     q = z_rank(layer)
     shape = table.shape_of(layer.name)
     ranks = [r - q for r in shape.ranks if 1 <= r - q <= layer.max_rank]
-    return [(r, layer_ms(layer, table, r), layer.loss(r)) for r in ranks] + [(None, shape.dense.median, 0.0)]
+    return [(r, layer_ms(layer, table, r), layer.loss(r)) for r in ranks] + [(None, shape.dense_ms, 0.0)]
 
 
 def fastest_ms(layers: list[LayerBudget], table: LatencyTable) -> float:

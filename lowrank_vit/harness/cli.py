@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from lowrank_vit.core.common import positive_int
 from lowrank_vit.harness.rehearse import add_rehearse_command
+from lowrank_vit.harness.speedcli import add_profile_command
 from lowrank_vit.harness.usercli import add_user_commands
 
 EXIT_USAGE = 2
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     COMMANDS.update(add_user_commands(sub))  # compress / evaluate / finetune / export (lowrank_vit/harness/usercli.py)
     COMMANDS.update(add_rehearse_command(sub))  # lowrank_vit/harness/rehearse.py
+    COMMANDS.update(add_profile_command(sub))  # lowrank_vit/harness/speedcli.py
     return parser
 
 

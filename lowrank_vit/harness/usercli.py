@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -30,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 import warnings
@@ -195,6 +195,7 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     """Register the four commands on ``lowrank-vit``'s subparsers; returns their handlers by name."""
     from lowrank_vit.config import RECIPES
     from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
+    from lowrank_vit.harness.speedcli import add_compress_latency_options
     from lowrank_vit.methods.decompositions import METHODS
 
     p = sub.add_parser("compress", help="compress your timm model on your data into a model directory")
@@ -203,6 +204,9 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--reduction", type=fraction, help="fraction of the parameters removed, in (0, 1)")
     budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
+    budget.add_argument("--target-speedup", type=float,
+                        help="predicted end-to-end speedup (> 1) on the latency target (--latency-table, else the "
+                             "model is profiled first)")
     p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
                    help="a recipe (loss-aware: the default; loss-aware-refit: with the sequential refit, for a "
                         "model shipped without fine-tuning or -80%%; paper; vanilla; the peers flar-svd, svd-llm, "
@@ -211,7 +215,9 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                    help="one of the recipe's own settings (docs/peers.md), e.g. --setting grad_shrinkage=0.3; "
                         "VALUE is read as JSON where it parses (numbers, true, null), else as text; repeatable")
     p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
-    p.add_argument("--rank-multiple", type=positive_int, default=1, help="round ranks to multiples (8: faster)")
+    p.add_argument("--rank-multiple", type=positive_int, default=None,
+                   help="round ranks to multiples (8: faster); default 1, or the table's rank step (8) with a latency "
+                        "table")
     p.add_argument("--loss-pass-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="loss-aware recipes: the precision of their forward and backward pass (bfloat16: statistics "
                         "1.7-2x as fast on CPUs with bfloat16 instructions, AMX or AVX512-BF16; see "
@@ -219,6 +225,7 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
     p.add_argument("--output", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
+    add_compress_latency_options(p)
     _add_preprocessing(p)
     _add_common(p)
 
@@ -229,7 +236,12 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--latency-batches", type=positive_int, nargs="*", default=list(LATENCY_BATCHES),
                    help="batch sizes timed (default 1 32; none: no timing)")
-    p.add_argument("--repeats", type=positive_int, default=10, help="timed forward passes per batch size")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed samples per batch size (the median and quartiles are printed)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="time the model in eager PyTorch or as its ONNX export in onnxruntime (CPU)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the precision timed (the accuracy is measured in float32)")
     _add_common(p)
 
     p = sub.add_parser("finetune", help="partial fine-tune of a model directory into a new one (resumable)")
@@ -765,10 +777,16 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
         fields["loss_pass_dtype"] = args.loss_pass_dtype
     if getattr(args, "setting", None):
         fields["settings"] = {**fields.get("settings", {}), **parse_settings(args.setting)}
+    table = getattr(args, "latency_table", None)
+    if table is None and getattr(args, "target_speedup", None) is not None:
+        table = "auto"  # profiled by cmd_compress once the model is loaded (resolve_latency_table)
+    latency = {} if table is None else {"latency_table": table, "latency_limit": not args.params_only,
+                                        "target_speedup": args.target_speedup}
+    multiple = args.rank_multiple or (8 if table is not None else 1)  # the profiled grid's step
     try:
         return CompressionConfig(reduction=args.reduction, target_params=args.target_params,
-                                 calib_samples=args.calib_samples, rank_multiple=args.rank_multiple,
-                                 device=str(device), progress=not args.quiet, **fields)
+                                 calib_samples=args.calib_samples, rank_multiple=multiple,
+                                 device=str(device), progress=not args.quiet, **latency, **fields)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -788,6 +806,7 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
 
 @user_command
 def cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_vit.harness.speedcli import measured_latency, resolve_latency_table
     from lowrank_vit.io.surgery import check_rebuildable
     from lowrank_vit.nn.adapters import count_params
     from lowrank_vit.pipeline import check_target, compress
@@ -799,6 +818,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     source = load_source(args)
+    if cfg.latency_table is not None:
+        cfg = dataclasses.replace(cfg, latency_table=resolve_latency_table(args, source.model, source.architecture,
+                                                                           device.type))
     try:  # an unreachable target or an already compressed model, before the data and the dense evaluation
         check_target(source.model, cfg)
     except ValueError as err:
@@ -823,8 +845,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     available = len(dm.calibration_indices)
     if available < cfg.calib_samples:  # the images there are (already warned about): progress bars count to them
         cfg = dataclasses.replace(cfg, calib_samples=available)
+    dense = copy.deepcopy(model) if cfg.latency_table is not None and not args.no_timing else None
     report = compress(model, dm.calibration_dataloader(), cfg)
     timings["compress"] = time.perf_counter() - start
+    latency = {} if dense is None else measured_latency(args, dense, model, report.to_dict())
+    del dense
     if not args.no_eval:
         start = time.perf_counter()
         accuracy["after"] = _evaluate(model, dm, device, args, "evaluate compressed")
@@ -838,7 +863,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "size_mib": {"before": mib_before, "after": _size_mib(model)}, "reduction": report.reduction,
         "calib_images": cfg.calib_samples, "accuracy": accuracy,
         "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
-        "compression": compression,
+        "compression": compression, "latency": latency or compression.get("latency") or {},
     }
     metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe, "num_classes": dm.num_classes,
                 "compression_config": cfg.to_dict()}
@@ -852,6 +877,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"(-{100 * report.reduction:.1f}%), {mib_before:.1f} -> {summary['size_mib']['after']:.1f} MiB")
     if accuracy:
         line += f", top-1 {accuracy['before']['top1']:.2f} -> {accuracy['after']['top1']:.2f}%"
+    if summary["latency"]:
+        line += f", {summary['latency']['predicted_speedup']:.2f}x predicted"
+        if "measured_speedup" in summary["latency"]:
+            line += f" / {summary['latency']['measured_speedup']:.2f}x measured"
+        line += f" at batch {summary['latency']['batch']}"
     print(line)
     return 0
 
@@ -859,23 +889,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 
-@torch.no_grad()
-def latency_ms(model: nn.Module, input_size: Any, batch: int, device: torch.device, repeats: int = 10) -> float:
-    """Median wall time of one forward pass on a random batch, in milliseconds (after two warm-up passes)."""
-    x = torch.randn(batch, *input_size, device=device)
-    model.eval()
-    for _ in range(2):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+def latency(model: nn.Module, input_size: Any, batches: list[int], device: torch.device, repeats: int = 10,
+            runtime: str = "torch", dtype: str = "float32", progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Per batch size: the model's forward time in its deploy form (low-rank Z folded, in ``dtype`` under
+    ``runtime``), the median of ``repeats`` samples with its quartiles (:func:`lowrank_vit.speed.time_models`)."""
+    from lowrank_vit.speed import time_models
+
+    out = {}
+    for batch in batches:
+        timing = time_models({"model": model}, batch=batch, input_size=tuple(input_size), device=device.type,
+                             runtime=runtime, dtype=dtype, repeats=repeats, progress=progress)["model"]
+        out[str(batch)] = {"median": timing.median, "q1": timing.low, "q3": timing.high, "repeats": timing.repeats}
+    return out
 
 
 @user_command
@@ -889,10 +914,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = source.model.to(device).eval()
     dm = build_data(args, model, pre, calib_samples=1)  # no calibration here: do not draw (or warn about) a subset
     metrics = _evaluate(model, dm, device, args, "evaluate")
+    try:
+        timings = latency(model, pre["input_size"], args.latency_batches, device, args.repeats, args.runtime,
+                          args.dtype, progress=not args.quiet)
+    except ValueError as err:  # a runtime that is not installed, a precision it does not run
+        raise UserError(str(err)) from None
     result: dict[str, Any] = {"model": source.description, "data": args.data, **metrics,
                               "params": count_params(model), "size_mib": _size_mib(model), "device": str(device),
-                              "latency_ms": {str(b): latency_ms(model, pre["input_size"], b, device, args.repeats)
-                                             for b in args.latency_batches},
+                              "latency_ms": {batch: t["median"] for batch, t in timings.items()},
+                              "latency": {"runtime": args.runtime, "dtype": args.dtype, "folded": True,
+                                          "batches": timings},
                               "preprocessing": pre}
     if args.json:
         print(strict_json(result))
@@ -900,8 +931,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
               f"({metrics['images']:,} images)")
         print(f"parameters {result['params']:,}, {result['size_mib']:.2f} MiB")
-        for batch, ms in result["latency_ms"].items():
-            print(f"latency batch {batch}: {ms:.2f} ms on {device}")
+        for batch, t in timings.items():
+            print(f"latency batch {batch}: {t['median']:.2f} ms (IQR {t['q1']:.2f}-{t['q3']:.2f}, {t['repeats']} "
+                  f"repeats) on {device}, {args.runtime} {args.dtype}, low-rank Z folded")
     return 0
 
 
@@ -1075,5 +1107,5 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 __all__ = ["UserError", "add_user_commands", "check_output_dir", "cmd_compress", "cmd_evaluate", "cmd_export",
-           "cmd_finetune", "default_workers", "describe_preprocessing", "latency_ms", "load_source", "publish",
+           "cmd_finetune", "default_workers", "describe_preprocessing", "latency", "load_source", "publish",
            "resolve_model_preprocessing"]

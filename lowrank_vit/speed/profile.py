@@ -24,13 +24,12 @@ from lowrank_vit.speed.timing import interleaved_timings
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) a timm model takes: its patch embedding's image size, else its pretrained config's."""
-    embed = getattr(model, "patch_embed", None)
-    proj, size = getattr(embed, "proj", None), getattr(embed, "img_size", None)
-    if isinstance(proj, nn.Conv2d) and size is not None:
-        return proj.in_channels, int(size[0]), int(size[1])
-    channels, height, width = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
-    return int(channels), int(height), int(width)
+    """(channels, height, width) a timm model takes: what its modules say (the adapter), else its pretrained
+    config's."""
+    channels, size = get_adapter(model).input_shape(model)
+    default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    height, width = size or default[1:]
+    return int(channels or default[0]), int(height), int(width)
 
 
 def rows_per_layer(model: nn.Module, batch: int, input_size: tuple[int, int, int]) -> dict[str, int]:
@@ -96,13 +95,14 @@ def profile_model(model: nn.Module, *, batch: int, input_size: tuple[int, int, i
             x = torch.randn(batch, max(n // batch, 1), k, generator=generator) if n % batch == 0 \
                 else torch.randn(n, k, generator=generator)
             ranks = rank_grid(k, m, rank_step)
-            calls = {"dense": rt.prepare(_random(nn.Linear(k, m, bias=bias), generator), x, target, dtype, scratch)}
+            calls = {"dense": rt.prepare(_random(nn.Linear(k, m, bias=bias), generator), x, target, dtype, scratch),
+                     "overhead": rt.prepare(nn.Identity(), x, target, dtype, scratch)}
             for r in ranks:
                 calls[str(r)] = rt.prepare(_random(FactorizedLinear(k, m, r, bias=bias), generator), x, target,
                                            dtype, scratch)
             times = interleaved_timings(calls, repeats=repeats, warmup=warmup, min_time=min_time, sync=sync)
             measured[key] = ShapeLatency(k, m, n, bias, times["dense"], tuple(ranks),
-                                         tuple(times[str(r)] for r in ranks))
+                                         tuple(times[str(r)] for r in ranks), times["overhead"])
             bar.update(1)
     here = environment(device, runtime)
     layer_keys = {layer_name: shape_key(layer.in_features, layer.out_features, rows[layer_name],

@@ -88,6 +88,9 @@ def _ort_call(module: nn.Module, example: torch.Tensor, device: torch.device, dt
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same cores as torch, side by side
     options.inter_op_num_threads = 1
+    # idle sessions' spinning threads would take the cores from the session being timed (many sessions are timed
+    # side by side): wait passively, as OMP_WAIT_POLICY=PASSIVE does for torch
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"x": example.float().cpu().numpy()}
     return lambda: session.run(None, feed)
