@@ -50,14 +50,13 @@ def equal_cost_rank(layer: LayerBudget) -> int:
     return layer.dense_params // layer.rank_step
 
 
-def allocate_integer(choices: list[list[Choice]], names: list[str], budget: float,
-                     time_limit: float = 180.0, unit: str = "parameters") -> Allocation:
+def allocate_integer(choices: list[list[Choice]], names: list[str], budget: int,
+                     time_limit: float = 180.0) -> Allocation:
     """The exact minimum of ``sum_l error_l(choice_l)`` subject to ``sum_l params_l(choice_l) <= budget``, one choice
     per layer: a 0/1 integer program (one variable per layer and option, one equality per layer, one budget row)
     solved by HiGHS through ``scipy.optimize.milp``. Ties go to the solver. Raises ValueError when no combination of
     the options fits the budget; a solver stopped by ``time_limit`` with a feasible point returns that point (the
-    trace says so). The cost need not be parameters (``unit`` names it in messages): the latency objective spends
-    milliseconds (:func:`lowrank_vit.core.latency.allocate_latency`)."""
+    trace says so)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if len(choices) != len(names) or any(not options for options in choices):
@@ -65,7 +64,7 @@ def allocate_integer(choices: list[list[Choice]], names: list[str], budget: floa
     smallest = sum(min(params for _, params, _ in options) for options in choices)
     if smallest > budget:
         raise ValueError(f"the integer program has no feasible allocation: the smallest option of every layer "
-                         f"already needs {smallest:,} {unit}, above the budget of {budget:,}")
+                         f"already needs {smallest:,} parameters, above the budget of {budget:,}")
     cost = np.array([error for options in choices for _, _, error in options], dtype=np.float64)
     if not np.isfinite(cost).all():
         raise ValueError("the integer program's layer errors must be finite")
@@ -88,7 +87,7 @@ def allocate_integer(choices: list[list[Choice]], names: list[str], budget: floa
         scale *= float(result.fun)
     if result.x is None:
         raise ValueError(f"the integer program found no feasible allocation within the budget of {budget:,} "
-                         f"{unit} ({result.message})")
+                         f"parameters ({result.message})")
     picked = np.round(result.x).astype(bool)
     ranks: dict[str, int | None] = {}
     total = 0
