@@ -185,6 +185,25 @@ COLUMNS = [
 ]
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The result as the Markdown table docs/speed.md shows (a test keeps the two equal)."""
+    lines = ["| runtime | batch | variant | params removed | dense ms | ms (IQR) | speedup | predicted | FLOP ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["rows"]:
+        head = f"| {row['runtime']} | {row['batch_size']} | {row['variant']} |"
+        if "speedup" not in row:
+            lines.append(f"{head} - | {_ms(row['dense_ms'])} | not reachable on this table | - | - | - |")
+            continue
+        lines.append(f"{head} {100 * row['reduction']:.1f}% | {_ms(row['dense_ms'])} | {_ms(row['ms'])} "
+                     f"({_ms(row['ms_q1'])}-{_ms(row['ms_q3'])}) | **{row['speedup']:.2f}x** | "
+                     f"{row['predicted_speedup']:.2f}x | {row['flop_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -364,6 +364,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "    V = (torch.linalg.pinv(M, hermitian=True) @ (HU.T @ weight.double())).T",
            "    V = (torch.linalg.pinv(M, hermitian=True) @ (U.T @ weight.double())).T", ("tests/test_peers.py",),
            "SVD-LLM's update fitting W itself instead of its outputs on the compressed inputs"),
+    Mutant("lowrank_vit/harness/usercli.py", 'augment=augment, mean=tuple(pre["mean"]), std=tuple(pre["std"]),',
+           "augment=augment, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),", ("tests/test_usercli.py",),
+           "the user's --mean/--std printed and saved, the images normalized with other values (the audit's defect)"),
+    Mutant("experiments/_rows.py", '    settings = {**METHODS.get(method, RECIPES["paper"]), **(compression or {})}',
+           "    settings = {**METHODS.get(method, {}), **(compression or {})}", ("tests/test_registry.py",),
+           "ablation rows compressing with the library's default instead of the paper's recipe they declare"),
     # the latency tables and the latency-aware allocation (issue: speed you can ship)
     Mutant("lowrank_vit/core/latency.py", "        return max(faster, default=0)",
            "        return min(faster, default=0)", ("tests/test_latency.py",),

@@ -269,3 +269,61 @@ def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
     for exp in (COMPARE[0], COMPARE[-1], get_experiment("compare/deit_s/comcat-40-noft")):
         _make_logger(exp, exp.smoke, "offline", tmp_path)
     assert groups == ["compare-smoke"] * 3
+
+
+# ------------------------------------------------------------------ every row's recipe, from its name (issue: tests)
+# Written out here, not imported from RECIPES or experiments._rows.METHODS: a row that silently compresses with the
+# library's default (or with a recipe that changed under it) differs from these literals and fails.
+_PAPER = dict(decomposition="whitened", allocation="greedy", compensation="lowrank", solver="closed_form",
+              z_fraction=0.05, gamma=80.0, greedy_iterations=500)
+_LOSS_AWARE = dict(decomposition="loss_aware", allocation="marginal", compensation="none", bias_correction=True)
+_VANILLA = dict(decomposition="plain", allocation="uniform", compensation="none")
+_PEERS = {"flar-svd": dict(decomposition="flar", allocation="flar", compensation="none"),
+          "svd-llm": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
+          "svd-llm-v2": dict(decomposition="svd_llm", allocation="svd_llm_v2", compensation="none"),
+          "kfac-lems": dict(decomposition="kfac", allocation="lems", compensation="none")}
+_TABLE1_Z = {"lowrank": "lowrank", "diagonal": "diagonal", "sparse-unstructured": "sparse",
+             "sparse-structured": "structured"}
+
+
+def _declared(exp: Experiment) -> dict:
+    """What the row's name says it runs: its table, variant and method, read independently of how it was built."""
+    table, _, variant = exp.name.split("/")
+    method = exp.method
+    if method == "loss-aware":
+        return _LOSS_AWARE
+    if method == "vanilla":
+        return _VANILLA
+    if method in _PEERS:
+        return _PEERS[method]
+    if table == "table1":
+        return {**_PAPER, "compensation": _TABLE1_Z[variant.removeprefix("z-")], "solver": "sgd"}
+    if method == "ours":
+        return _PAPER
+    if method == "paper-literal":
+        return {**_PAPER, "decomposition": "mean", "solver": "sgd"}
+    if table == "compare":  # the paper's recipe with another decomposition, nothing else changed
+        return {**_PAPER, "decomposition": method}
+    kind = method.split("-", 1)[1]
+    if method.startswith("decomposition-"):
+        return {**_PAPER, "decomposition": kind, "allocation": "uniform", "compensation": "none"}
+    if method.startswith("solver-"):
+        return {**_PAPER, "solver": kind}
+    if method.startswith("allocation-"):
+        return {**_PAPER, "allocation": kind, "compensation": "none", "decomposition": variant.split("-")[2]}
+    if method.startswith("z-"):
+        return {**_PAPER, "compensation": "lowrank" if kind == "on" else "none"}
+    raise AssertionError(f"no declared recipe for {exp.name} (method {method!r}): add it to this test")
+
+
+@pytest.mark.parametrize("exp", [e for e in ALL if e.method != "baseline"], ids=lambda e: e.name)
+def test_every_rows_configuration_is_its_declared_recipe_and_nothing_else(exp: Experiment):
+    """Table-driven over every compressing row at both scales: the configuration equals the recipe its name declares
+    on top of the defaults, plus the budget and the scale's calibration count, field by field."""
+    declared = _declared(exp)
+    for run, calib in ((exp.full, 1024), (exp.smoke, 256)):
+        got = run.compression.to_dict()
+        budget = {key: got[key] for key in ("reduction", "target_params")}
+        expected = CompressionConfig(**budget, calib_samples=calib, **declared).to_dict()
+        wrong = {key: (got[key], expected[key]) for key in expected if got[key] != expected[key]}
+        assert not wrong, f"{exp.name} ({run.scale}): field: (row, declared) {wrong}"

@@ -342,6 +342,30 @@ def test_datamodule_uses_the_configured_normalization(workdir):
         DataConfig(path="x", std=(0.0,))
 
 
+def test_the_users_preprocessing_reaches_the_pixels_the_commands_feed(workdir):
+    """The audit's defect: --mean/--std printed and saved while the images were normalized with other values. Here
+    the flags differ from timm's for the name and from the checkpoint's (0.5 both), and the independent truth is the
+    pixel itself: each one the evaluation split yields is (x / 255 - mean) / std for the user's values."""
+    from PIL import Image
+
+    from lowrank_vit.harness.usercli import build_data, load_source, resolve_model_preprocessing
+
+    args = cli.build_parser().parse_args(
+        ["evaluate", *map(str, _model_args(workdir)), "--data", str(workdir / "imgs"), "--mean", "0.1", "0.2", "0.3",
+         "--std", "0.25", "--crop-pct", "1.0", "--interpolation", "bilinear", "--workers", "0"])
+    source = load_source(args)
+    pre, origin = resolve_model_preprocessing(source, args)
+    assert origin["mean"] == origin["std"] == "flag"
+    dm = build_data(args, source.model, pre, calib_samples=1)
+    for index in (0, len(dm.val_dataset) - 1):
+        image, _ = dm.val_dataset[index]
+        raw = dm.val_dataset.dataset.dataset[dm.val_dataset.indices[index]]["image"]
+        pixels = np.asarray(Image.open(raw["path"]) if isinstance(raw, dict) else raw).astype(np.float32)
+        mean = torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1)
+        expected = (torch.from_numpy(pixels).permute(2, 0, 1) / 255 - mean) / 0.25
+        assert torch.allclose(image, expected, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 

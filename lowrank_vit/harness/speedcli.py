@@ -23,7 +23,7 @@ from lowrank_vit.core.common import positive_int, strict_json
 from lowrank_vit.core.latency import LatencyTable, Timing
 from lowrank_vit.harness.usercli import UserError, _add_model, _input_size, _say, _timm_source, user_command
 
-RUNTIME_CHOICES = ("torch", "onnxruntime")
+RUNTIME_CHOICES = ("torch", "torch.compile", "onnxruntime")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
@@ -31,7 +31,8 @@ def _add_target(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """The options naming a latency target: device, runtime, precision."""
     dest = prefix.replace("-", "_")
     p.add_argument(f"--{prefix}runtime", dest=f"{dest}runtime", choices=RUNTIME_CHOICES, default="torch",
-                   help="what runs the model: eager PyTorch, or its ONNX export in onnxruntime (CPU)")
+                   help="what runs the model: eager PyTorch, torch.compile (each form compiled once: slow to profile), "
+                        "or its ONNX export in onnxruntime (CPU)")
     p.add_argument(f"--{prefix}dtype", dest=f"{dest}dtype", choices=DTYPE_CHOICES, default="float32",
                    help="the precision timed (bfloat16/float16: torch only)")
 

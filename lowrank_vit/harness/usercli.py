@@ -238,8 +238,9 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                    help="batch sizes timed (default 1 32; none: no timing)")
     p.add_argument("--repeats", type=positive_int, default=10,
                    help="timed samples per batch size (the median and quartiles are printed)")
-    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
-                   help="time the model in eager PyTorch or as its ONNX export in onnxruntime (CPU)")
+    p.add_argument("--runtime", choices=("torch", "torch.compile", "onnxruntime"), default="torch",
+                   help="time the model in eager PyTorch, compiled (torch.compile), or as its ONNX export in "
+                        "onnxruntime (CPU)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="the precision timed (the accuracy is measured in float32)")
     _add_common(p)

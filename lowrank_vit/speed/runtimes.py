@@ -1,5 +1,6 @@
-"""The runtimes a module is timed in, registered by name: "torch" (eager PyTorch) and "onnxruntime" (the module
-exported to ONNX by the TorchScript exporter, run by onnxruntime's CPU provider). Each turns a module and an example
+"""The runtimes a module is timed in, registered by name: "torch" (eager PyTorch), "torch.compile" (inductor: every
+form compiled once, seconds each) and "onnxruntime" (the module exported to ONNX by the TorchScript exporter, run by
+onnxruntime's CPU provider). Each turns a module and an example
 input into a call that runs one forward pass; :func:`environment` says what the speed depends on, so that a table
 measured elsewhere is recognised as stale."""
 
@@ -60,6 +61,19 @@ def _torch_call(module: nn.Module, example: torch.Tensor, device: torch.device, 
     return call
 
 
+def _compiled_call(module: nn.Module, example: torch.Tensor, device: torch.device, dtype: str,
+                   scratch: str) -> Callable[[], object]:
+    """``torch.compile`` (inductor) of the module for this input shape; compiled on the first call (the warm-up)."""
+    module = torch.compile(module.to(device=device, dtype=DTYPES[dtype]).eval(), dynamic=False)
+    x = example.to(device=device, dtype=DTYPES[dtype])
+
+    def call() -> object:
+        with torch.inference_mode():
+            return module(x)
+
+    return call
+
+
 def _torch_versions() -> dict[str, str]:
     return {"torch": torch.__version__}
 
@@ -97,6 +111,7 @@ def _ort_call(module: nn.Module, example: torch.Tensor, device: torch.device, dt
 
 
 RUNTIMES.add("torch", Runtime("torch", _torch_call, _torch_versions, tuple(DTYPES), ("cpu", "cuda")))
+RUNTIMES.add("torch.compile", Runtime("torch.compile", _compiled_call, _torch_versions, tuple(DTYPES), ("cpu", "cuda")))
 RUNTIMES.add("onnxruntime", Runtime("onnxruntime", _ort_call, _ort_versions, ("float32",), ("cpu",)))
 
 
