@@ -296,12 +296,16 @@ def knapsack(options: list[list[tuple[float, float]]], budget: float, resolution
     minutes to prove optimality; this takes milliseconds. Returns each group's chosen index."""
     if budget < 0 or not all(options):
         raise ValueError("the latency allocation has no feasible choice (a negative budget or a layer without options)")
-    step = budget / resolution if budget > 0 else 1.0
     size = resolution + 1
+    step = budget / resolution if budget > 0 else math.inf
+
+    def steps(cost: float) -> int:  # rounded up; with no budget at all, only what costs nothing fits
+        return 0 if cost <= 0 else size if budget <= 0 else math.ceil(cost / step - 1e-9)
+
     best = np.zeros(size)  # best[b]: the least loss of the groups so far within b steps
     picks = []
     for group in options:
-        costs = [max(0, math.ceil(cost / step - 1e-9)) for cost, _ in group]
+        costs = [steps(cost) for cost, _ in group]
         new = np.full(size, np.inf)
         choice = np.full(size, -1, dtype=np.int64)
         for index, ((_, loss), cost) in enumerate(zip(group, costs, strict=True)):
@@ -319,7 +323,7 @@ def knapsack(options: list[list[tuple[float, float]]], budget: float, resolution
     for group, choice in zip(reversed(options), reversed(picks), strict=True):
         index = int(choice[remaining])
         chosen.append(index)
-        remaining -= max(0, math.ceil(group[index][0] / step - 1e-9))
+        remaining -= steps(group[index][0])
     return chosen[::-1]
 
 
