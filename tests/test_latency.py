@@ -435,3 +435,19 @@ def test_cli_compress_for_a_target_speedup_reports_predicted_and_measured_latenc
     assert report["compression"]["config"]["rank_multiple"] == 8  # the profiled grid's step, by default
     plan = json.loads((out / "lowrank_vit.json").read_text())
     assert plan["metadata"]["compression_config"]["target_speedup"] == 1.25
+
+
+def test_each_shapes_times_are_scaled_to_the_models_common_time():
+    """A shape whose run saw the model at 20 ms (a busy machine) against a median of 15 ms is scaled by 15/20, one
+    that saw 10 ms by 15/10: the layers are compared at one load."""
+    from lowrank_vit.speed.profile import _common_load
+
+    def shape(ms: float) -> ShapeLatency:
+        return ShapeLatency(4, 4, 2, True, _t(ms), (1, 2), (_t(ms / 2), _t(ms)), _t(ms / 10))
+
+    model_ms, scaled = _common_load({"a": (shape(4.0), _t(10.0)), "b": (shape(8.0), _t(20.0)),
+                                     "c": (shape(6.0), _t(15.0))})
+    assert model_ms.median == 15.0 and model_ms.repeats == 15
+    assert scaled["a"].dense.median == pytest.approx(6.0) and scaled["b"].dense.median == pytest.approx(6.0)
+    assert scaled["a"].factored[0].median == pytest.approx(3.0) and scaled["b"].overhead.median == pytest.approx(0.6)
+    assert scaled["c"] == shape(6.0)

@@ -31,8 +31,9 @@ import numpy as np
 from lowrank_vit.core.allocate import Allocation, LayerBudget
 from lowrank_vit.core.common import atomic_write, check_number, strict_json
 
-TABLE_FORMAT = 1
-"""Version of the JSON layout; a table of another layout is refused (re-profile)."""
+TABLE_FORMAT = 2
+"""Version of the JSON layout and of how it is measured (2: every shape's run times the whole model too); a table of
+another version is refused, and a cached one measured again."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class LatencyTable:
     versions: dict[str, str]
     """Software that decides the speed (torch, onnxruntime): a table from other versions is refused."""
     model_ms: Timing
-    """The whole dense model's forward at ``batch``."""
+    """The whole dense model's forward at ``batch``: the median over the shapes' runs, each of which timed it beside
+    the layers (the layers' times are scaled to it, run by run)."""
     layers: dict[str, str]
     """Compressible layer name -> its shape key in ``shapes``."""
     shapes: dict[str, ShapeLatency]

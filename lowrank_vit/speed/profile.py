@@ -8,14 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_vit.core.latency import LatencyTable, ShapeLatency, shape_key
+from lowrank_vit.core.latency import LatencyTable, ShapeLatency, Timing, shape_key
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.nn.adapters import get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear
@@ -87,28 +89,51 @@ def profile_model(model: nn.Module, *, batch: int, input_size: tuple[int, int, i
             progress_bar(len(shapes) + 1, f"profile b{batch} {runtime} {device}", "shape", progress) as bar:
         model_call = rt.prepare(_copy(model), torch.randn(batch, *input_size, generator=generator), target, dtype,
                                 scratch)
-        model_ms = interleaved_timings({"model": model_call}, repeats=repeats, warmup=warmup, min_time=min_time,
-                                       sync=sync)["model"]
-        del model_call
         bar.update(1)
+        raw: dict[str, tuple[ShapeLatency, Timing]] = {}
         for key, (k, m, n, bias) in shapes.items():
             x = torch.randn(batch, max(n // batch, 1), k, generator=generator) if n % batch == 0 \
                 else torch.randn(n, k, generator=generator)
             ranks = rank_grid(k, m, rank_step)
-            calls = {"dense": rt.prepare(_random(nn.Linear(k, m, bias=bias), generator), x, target, dtype, scratch),
+            # the whole model runs in every shape's interleaved run: the layers' times are then read relative to
+            # it, so a change of the machine's load between runs (other jobs) does not skew one shape against another
+            # or against the model's own time, which the predictions subtract the layers' savings from
+            calls = {"model": model_call,
+                     "dense": rt.prepare(_random(nn.Linear(k, m, bias=bias), generator), x, target, dtype, scratch),
                      "overhead": rt.prepare(nn.Identity(), x, target, dtype, scratch)}
             for r in ranks:
                 calls[str(r)] = rt.prepare(_random(FactorizedLinear(k, m, r, bias=bias), generator), x, target,
                                            dtype, scratch)
             times = interleaved_timings(calls, repeats=repeats, warmup=warmup, min_time=min_time, sync=sync)
-            measured[key] = ShapeLatency(k, m, n, bias, times["dense"], tuple(ranks),
-                                         tuple(times[str(r)] for r in ranks), times["overhead"])
+            raw[key] = (ShapeLatency(k, m, n, bias, times["dense"], tuple(ranks),
+                                     tuple(times[str(r)] for r in ranks), times["overhead"]), times["model"])
             bar.update(1)
+        del model_call
+    model_ms, measured = _common_load(raw)
     here = environment(device, runtime)
     layer_keys = {layer_name: shape_key(layer.in_features, layer.out_features, rows[layer_name],
                                         layer.bias is not None) for layer_name, layer in layers.items()}
     return LatencyTable(name or type(model).__name__, batch, device, here["device_name"], runtime, dtype,
                         here["threads"], here["versions"], model_ms, layer_keys, measured, rank_step)
+
+
+def _common_load(raw: dict[str, tuple[ShapeLatency, Timing]]) -> tuple[Timing, dict[str, ShapeLatency]]:
+    """Every shape's times scaled to the median of the model's times over all runs (each shape's run timed the model
+    too), and that model time."""
+    reference = statistics.median(model.median for _, model in raw.values())
+    model_ms = Timing(reference, statistics.median(model.low for _, model in raw.values()),
+                      statistics.median(model.high for _, model in raw.values()),
+                      sum(model.repeats for _, model in raw.values()))
+
+    def scaled(t: Timing | None, factor: float) -> Timing | None:
+        return None if t is None else Timing(t.median * factor, t.low * factor, t.high * factor, t.repeats)
+
+    measured = {}
+    for key, (shape, model) in raw.items():
+        factor = reference / model.median
+        measured[key] = replace(shape, dense=scaled(shape.dense, factor), overhead=scaled(shape.overhead, factor),
+                                factored=tuple(scaled(t, factor) for t in shape.factored))
+    return model_ms, measured
 
 
 def _copy(model: nn.Module) -> nn.Module:
