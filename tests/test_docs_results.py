@@ -243,3 +243,27 @@ def test_peers_tables_are_the_committed_results():
     for line in tables[0].splitlines()[2:]:  # better, worse, compared, not reached, lower KL
         assert line.split("|")[-6].strip() == "0" and line.split("|")[-2].strip() == "0", line
     assert len(noft) == 10 and sum(len(entry["cells"]) for entry in noft.values()) == 10 * 5 * 9
+
+
+def test_speed_tables_are_the_committed_benchmarks():
+    """docs/speed.md shows each committed latency benchmark exactly as benchmarks/latency.py renders it."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmarks_latency_docs", ROOT / "benchmarks" / "latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (ROOT / "docs/speed.md").read_text()
+    results = sorted((ROOT / "benchmarks/results").glob("latency_*.json"))
+    assert results, "no committed latency benchmark"
+    for path in results:
+        table = module.markdown(json.loads(path.read_text()))
+        assert table in text, f"docs/speed.md does not show {path.name} as benchmarks/latency.py renders it"
+
+
+def test_latency_study_table_is_the_committed_results():
+    from experiments.latency_study import markdown
+
+    study = json.loads((ROOT / "experiments/results/latency_study.json").read_text())
+    assert markdown(study) in (ROOT / "docs/speed.md").read_text()
