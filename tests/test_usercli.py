@@ -181,6 +181,43 @@ def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
     assert report["size_mib"]["before"] == pytest.approx(4 * report["params"]["before"] / 2**20, rel=1e-9)
 
 
+def _payload_bytes(weights: Path) -> int:
+    """The bytes of a safetensors file's tensors, read off the file itself: its size less the 8-byte length field
+    and the JSON header that field gives (the format's layout), an account independent of any tensor code."""
+    raw = weights.read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4], ids=["float32", "8-bit", "4-bit"])
+@pytest.mark.parametrize("compensation", ["none", "lowrank", "sparse", "diagonal", "structured"])
+def test_the_size_evaluate_reports_is_the_bytes_its_file_holds(workdir, tmp_path, capsys, compensation, bits):
+    """Every Z kind, float32 and quantized: the size ``evaluate`` prints is the saved weights' bytes (quantized codes
+    with their scales and zero points, a sparse Z's index lists), not an accounting that differs from the disk."""
+    import timm
+    from safetensors.torch import load_file
+
+    from lowrank_vit import compress, quantize_
+    from lowrank_vit.config import recipe
+    from lowrank_vit.io.surgery import save_compressed
+
+    model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)
+    model.load_state_dict(load_file(str(workdir / "weights.safetensors")))
+    images = torch.randn(20, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))  # 20: not a batch multiple
+    compress(model, [images[:12], images[12:]], recipe("paper", reduction=0.4, compensation=compensation,
+                                                       calib_samples=20, progress=False))
+    if bits:
+        quantize_(model, bits=bits)
+    save_compressed(model, tmp_path / "m", model_name=ARCH, model_kwargs={**KWARGS, "img_size": SIZE},
+                    metadata={"preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}})
+    code, out, err = _run(capsys, "evaluate", tmp_path / "m", "--data", workdir / "imgs", "--workers", "0",
+                          "--json", "--quiet", "--latency-batches")
+    assert code == 0, err
+    stored = _payload_bytes(tmp_path / "m" / "model.safetensors")
+    assert json.loads(out)["size_mib"] * 2**20 == pytest.approx(stored, rel=1e-12)
+    dense = sum(p.numel() for p in timm.create_model(ARCH, img_size=SIZE, **KWARGS).parameters())
+    assert stored < 4 * dense  # compressed: fewer bytes than the dense float32 weights
+
+
 @pytest.mark.slow
 def test_export_runs_in_onnxruntime_and_matches(compressed, tmp_path, capsys):
     pytest.importorskip("onnxruntime")

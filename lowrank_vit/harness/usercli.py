@@ -617,10 +617,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _size_mib(model: nn.Module) -> float:
-    """Parameter storage in MiB: float32, quantized parameters at their bit width (Table 4's accounting)."""
-    from lowrank_vit.nn.quantize import model_size_mib
+    """The MiB the saved weights take: every tensor as stored (float32; quantized parameters as their codes, scales
+    and zero points; a sparse Z's index lists), so the figure is the file's, whatever the Z kind or bit width."""
+    from lowrank_vit.io.surgery import stored_bytes
 
-    return model_size_mib(model, bits=32)
+    return stored_bytes(model) / 2**20
 
 
 def model_dir_files() -> tuple[str, ...]:

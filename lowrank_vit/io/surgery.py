@@ -178,6 +178,25 @@ def _plan(model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any]
     return plan
 
 
+def _stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``save_compressed`` writes: the state dict, quantized parameters as codes, scale and zero point."""
+    record = quantization_record(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in record:
+            q = quantize_tensor(tensor, record[name]["bits"], record[name]["axis"])
+            tensors.update({f"{name}:codes": q.codes, f"{name}:scale": q.scale, f"{name}:zero_point": q.zero_point})
+        else:
+            tensors[name] = tensor.detach()
+    return tensors
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """The bytes of the tensors ``save_compressed`` writes for this model (the file's payload, without its header):
+    what a user's disk holds, unlike ``model_size_mib``'s Table 4 accounting (16-bit scales, 32-bit indices)."""
+    return sum(t.numel() * t.element_size() for t in _stored_tensors(model).values())
+
+
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                     model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
                     push_to_hub: str | None = None, token: str | None = None) -> Path:
@@ -202,17 +221,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     except ValueError as exc:
         remedy = "" if "model_kwargs=" in str(exc) else "; pass model_name= and model_kwargs= that build this model"
         raise ValueError(f"save_compressed: nothing was written: {exc}{remedy}") from None
-    record = plan["quantization"]
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name in record:
-            q = quantize_tensor(tensor, record[name]["bits"], record[name]["axis"])
-            tensors[f"{name}:codes"] = q.codes
-            tensors[f"{name}:scale"] = q.scale
-            tensors[f"{name}:zero_point"] = q.zero_point
-        else:
-            tensors[name] = tensor.detach()
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.contiguous().cpu() for k, v in _stored_tensors(model).items()}
     try:
         plan_text = json.dumps(plan, indent=2)  # before touching the directory: a bad metadata must not cost data
     except (TypeError, ValueError) as exc:
