@@ -286,7 +286,9 @@ def _run_command(exp: Any, out: Path, overrides: dict[str, Any], settings: Rehea
 
 def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     """Rehearse one row in ``work``; returns a note on what was cut. Raises on the first broken hand-over."""
-    import timm
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    timm = timm_with_our_models()
     from safetensors.torch import save_file
 
     from lowrank_vit.core.allocate import get_policy

@@ -92,7 +92,9 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
         from lowrank_vit.harness.standins import build_standin
 
         return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
-    import timm
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    timm = timm_with_our_models()
 
     if not timm.is_model(cfg.name.split(".")[0]):
         raise ValueError(f"timm has no model {cfg.name!r}")

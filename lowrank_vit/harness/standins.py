@@ -107,7 +107,9 @@ class StandinSpec:
 
     def create_model(self) -> nn.Module:
         """The randomly initialized stand-in (timm seeds nothing: seed torch first for a reproducible init)."""
-        import timm
+        from lowrank_vit.nn.adapters import timm_with_our_models
+
+        timm = timm_with_our_models()
 
         return timm.create_model(self.timm_name, pretrained=False, **self.model_kwargs)
 

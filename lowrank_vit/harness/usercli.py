@@ -304,7 +304,9 @@ class Source:
 
 
 def _suggest(name: str) -> str:
-    import timm
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    timm = timm_with_our_models()
 
     base = name.split(".")[0]
     close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
@@ -341,7 +343,9 @@ def _checkpoint_preprocessing(path: Path) -> dict[str, Any]:
 
 
 def _timm_source(args: argparse.Namespace) -> Source:
-    import timm
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    timm = timm_with_our_models()
 
     from lowrank_vit.harness.registry import ModelConfig
     from lowrank_vit.harness.runner import SetupError, build_model, checkpoint_digest

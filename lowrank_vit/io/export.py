@@ -77,7 +77,7 @@ EXPORT_REWRITES: dict[type[nn.Module], Callable[[nn.Module], nn.Module] | None] 
 """Module classes of this library the exporter knows: None exports the module as it is, a function returns its
 exact ONNX-friendly replacement."""
 
-_KNOWN_PACKAGES = ("torch.", "timm.")
+_KNOWN_PACKAGES = ("torch.", "timm.", "lowrank_vit.nn.vssm")  # the state-space model is plain tensor algebra
 
 
 def _is_known(module: nn.Module) -> bool:

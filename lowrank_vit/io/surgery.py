@@ -2,8 +2,8 @@
 
 A saved model is a directory with ``model.safetensors`` (every tensor; quantized parameters as integer codes plus
 per-channel scale and zero point) and ``lowrank_vit.json`` (how to rebuild the dense timm model, and the spec of every
-factorized layer and, for COMCAT, of every factorized attention module). Nothing is pickled; loading never executes
-code from the files.
+factorized layer, for COMCAT of every factorized attention module, for VMeanba the list of selective-scan mixers that
+run the channel-mean scan). Nothing is pickled; loading never executes code from the files.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_vit.core.common import atomic_write
-from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, set_submodule
+from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, is_scan, set_submodule
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import Z_MODULES, FactorizedLinear, LowRankZ
 from lowrank_vit.nn.quantize import QUANT_ATTR, QuantizedTensor, quantization_record, quantize_tensor
@@ -127,6 +127,15 @@ def _rebuild(plan: dict[str, Any], origin: str) -> nn.Module:
             raise ValueError(f"saved attention {fqn} does not exist in {plan['architecture']}: mismatched model") \
                 from None
         set_submodule(model, fqn, FactorizedAttention.from_spec_like(old, spec, fqn))  # validates, names problems
+    for fqn in plan.get("mean_scan", []):  # VMeanba: these selective-scan mixers run the channel-mean scan
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            module = None
+        if module is None or not is_scan(module):
+            raise ValueError(f"saved mean-scan block {fqn} is not a selective scan in {plan['architecture']}: "
+                             "mismatched model")
+        module.mean_scan = True
     return model
 
 
@@ -175,6 +184,9 @@ def _plan(model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any]
     attention = {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedAttention)}
     if attention:  # COMCAT's factorized attention modules (older plans have no such key)
         plan["attention"] = attention
+    mean_scan = [fqn for fqn, op in adapter.scan_modules(model).items() if op.mean_scan]
+    if mean_scan:  # VMeanba's channel-mean scan blocks (older plans have no such key)
+        plan["mean_scan"] = mean_scan
     return plan
 
 
@@ -262,6 +274,9 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
     attention = plan.get("attention", {})
     if not isinstance(attention, dict) or not all(isinstance(spec, dict) for spec in attention.values()):
         raise ValueError(f"{plan_file} is malformed: 'attention' must map module names to specs")
+    mean_scan = plan.get("mean_scan", [])
+    if not isinstance(mean_scan, list) or not all(isinstance(name, str) for name in mean_scan):
+        raise ValueError(f"{plan_file} is malformed: 'mean_scan' must be a list of module names")
     return plan
 
 

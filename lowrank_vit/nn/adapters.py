@@ -1,8 +1,10 @@
 """Where the compressible layers of a timm vision transformer are. Nothing else in the package knows module paths.
 
-A *block* is any module with an ``attn`` child and an ``mlp`` child (timm's ViT, DeiT, distilled DeiT, Swin, and
-most of their relatives). Inside a block the attention projections (``qkv``, or ``q``/``k``/``v``, and ``proj``)
-and the MLP layers (``fc1``, ``fc2``) are compressible when they are plain ``nn.Linear`` modules. Everything else
+A *block* is any module with an ``mlp`` child and a token mixer: an ``attn`` child (timm's ViT, DeiT, distilled
+DeiT, Swin, and most of their relatives) or an ``op`` child that runs a selective scan (the vision state-space
+models of ``nn/vssm.py``). Inside a block the attention projections (``qkv``, or ``q``/``k``/``v``, and ``proj``),
+the scan's projections (``in_proj``, ``x_proj.K``, ``dt_proj.K``, ``out_proj``) and the MLP layers (``fc1``,
+``fc2``) are compressible when they are plain ``nn.Linear`` modules. Everything else
 (patch embedding, norms, positional embedding, class/distillation tokens, Swin's patch merging, heads) is untouched.
 The adapter also names the parts the partial fine-tune trains (classifier heads, patch embedding, tokens), the input
 shape a model was built for, and how to build a shallower model of the same family (the rehearsal's ``--depth``).
@@ -20,6 +22,7 @@ from torch import nn
 
 ATTENTION_LINEARS = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "proj")
 MLP_LINEARS = ("fc1", "fc1_g", "fc1_x", "fc2")  # fc1_g, fc1_x: the gate and value layers of timm's SwiGLU (EVA-02)
+SCAN_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")  # x_proj, dt_proj: one nn.Linear per scan path
 TOKEN_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
 
 
@@ -31,9 +34,25 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     return True
 
 
-def is_block(module: nn.Module) -> bool:
+def is_scan(module: nn.Module) -> bool:
+    """A selective-scan token mixer: it can switch to VMeanba's channel-mean scan (``nn/vssm.SS2D``)."""
+    return isinstance(getattr(module, "mean_scan", None), bool) and callable(getattr(module, "scan_inputs", None))
+
+
+def _mixer(module: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+    """The token mixer's child name and its linear layers' names, or None when ``module`` is not a block."""
     children = dict(module.named_children())
-    return "attn" in children and "mlp" in children
+    if "mlp" not in children:
+        return None
+    if "attn" in children:
+        return "attn", ATTENTION_LINEARS
+    if "op" in children and is_scan(children["op"]):
+        return "op", SCAN_LINEARS
+    return None
+
+
+def is_block(module: nn.Module) -> bool:
+    return _mixer(module) is not None
 
 
 @dataclass(frozen=True)
@@ -68,21 +87,37 @@ class TimmViTAdapter:
             model: a timm vision transformer.
             include_factorized: also return layers already replaced by a factorized layer.
         """
+        return {name: layer for block in self._layers_by_block(model, include_factorized).values()
+                for name, layer in block.items()}
+
+    def _layers_by_block(self, model: nn.Module, include_factorized: bool) -> dict[str, dict[str, nn.Module]]:
         from lowrank_vit.nn.factorized import FactorizedLinear
 
         wanted: tuple[type, ...] = (nn.Linear, FactorizedLinear) if include_factorized else (nn.Linear,)
-        layers: dict[str, nn.Module] = {}
+        blocks: dict[str, dict[str, nn.Module]] = {}
         for block_name, block in model.named_modules():
-            if not is_block(block):
+            mixer = _mixer(block)
+            if mixer is None:
                 continue
-            for part, names in (("attn", ATTENTION_LINEARS), ("mlp", MLP_LINEARS)):
+            prefix = f"{block_name}." if block_name else ""
+            layers: dict[str, nn.Module] = {}
+            for part, names in (mixer, ("mlp", MLP_LINEARS)):
                 parent = getattr(block, part)
                 for name in names:
-                    layer = getattr(parent, name, None)
-                    if isinstance(layer, wanted):
-                        prefix = f"{block_name}." if block_name else ""
-                        layers[f"{prefix}{part}.{name}"] = layer
-        return layers
+                    found = getattr(parent, name, None)
+                    # a ModuleList (the scan's per-path projections) contributes each of its linears
+                    members = found.named_children() if isinstance(found, nn.ModuleList) else [("", found)]
+                    for index, layer in members:
+                        if isinstance(layer, wanted):
+                            layers[f"{prefix}{part}.{name}" + (f".{index}" if index else "")] = layer
+            if layers:
+                blocks[block_name] = layers
+        return blocks
+
+    def scan_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Fully qualified name -> selective-scan mixer (``op``) of every state-space block, in forward order."""
+        return {f"{name}.op" if name else "op": block.op for name, block in model.named_modules()
+                if (_mixer(block) or ("",))[0] == "op"}
 
     def attention_modules(self, model: nn.Module, include_factorized: bool = False) -> dict[str, nn.Module]:
         """Fully qualified name -> ``attn`` module of every block that computes q, k, v with one fused ``qkv``
@@ -96,7 +131,7 @@ class TimmViTAdapter:
 
         modules: dict[str, nn.Module] = {}
         for block_name, block in model.named_modules():
-            if not is_block(block):
+            if (_mixer(block) or ("",))[0] != "attn":
                 continue
             attn = block.attn
             fused = isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None),
@@ -107,10 +142,7 @@ class TimmViTAdapter:
 
     def layers_by_block(self, model: nn.Module) -> dict[str, dict[str, nn.Module]]:
         """Block name -> its compressible layers (as :meth:`compressible_layers`), blocks in forward order."""
-        out: dict[str, dict[str, nn.Module]] = {}
-        for name, layer in self.compressible_layers(model).items():
-            out.setdefault(name.rsplit(".", 2)[0], {})[name] = layer
-        return out
+        return self._layers_by_block(model, include_factorized=False)
 
     def classifier_names(self, model: nn.Module) -> list[str]:
         """Names of the classifier head(s): timm's ``pretrained_cfg["classifier"]`` (``head``, distilled DeiT's
@@ -172,6 +204,8 @@ class TimmViTAdapter:
                 "cannot tell which timm architecture this model is (no pretrained_cfg['architecture']); "
                 "pass model_name= and model_kwargs= to save_compressed"
             )
+        if isinstance(getattr(model, "build_kwargs", None), dict):  # a model that records its own arguments
+            return ModelSpec(architecture, dict(model.build_kwargs))
         kwargs: dict[str, Any] = {}
         patch_embed = self.patch_embedding(model)
         if patch_embed is not None:
@@ -246,11 +280,19 @@ class TimmViTAdapter:
         return switched
 
     def build(self, spec: ModelSpec) -> nn.Module:
-        import timm
-
-        model = timm.create_model(spec.architecture, pretrained=False, **spec.kwargs)
+        model = timm_with_our_models().create_model(spec.architecture, pretrained=False, **spec.kwargs)
         self.call_qkv_as_module(model)  # as compress left it: a factorized qkv is only reachable as a module
         return model
+
+
+def timm_with_our_models():
+    """timm, with this package's own architectures registered in it (``nn/vssm.py``: ``vmamba_tiny``/``small``/
+    ``base``, ``vssm_micro``): every place that finds a model by name imports timm through here."""
+    import timm
+
+    import lowrank_vit.nn.vssm  # noqa: F401  (registering is the import's effect)
+
+    return timm
 
 
 def get_adapter(model: nn.Module) -> TimmViTAdapter:
@@ -258,8 +300,9 @@ def get_adapter(model: nn.Module) -> TimmViTAdapter:
     adapter = TimmViTAdapter()
     if not adapter.compressible_layers(model, include_factorized=True):
         raise ValueError(
-            f"{type(model).__name__} has no compressible layer: expected blocks with attn.qkv/attn.proj and "
-            "mlp.fc1/mlp.fc2 nn.Linear layers (timm ViT, DeiT, Swin, BEiT, EVA and their relatives)"
+            f"{type(model).__name__} has no compressible layer: expected blocks with attn.qkv/attn.proj (or a "
+            "selective scan's op.in_proj/op.out_proj) and mlp.fc1/mlp.fc2 nn.Linear layers (timm ViT, DeiT, Swin, "
+            "BEiT, EVA and their relatives; lowrank_vit's VMamba-style models)"
         )
     return adapter
 
