@@ -94,10 +94,10 @@ def _data_config(data: str, **kwargs: Any):
 
 def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Train the starting model unless ``output`` already holds one of this recipe; returns its record."""
-    import timm
     from safetensors.torch import save_file
 
     from lowrank_vit.harness.standins import evaluate_top1, random_shift, stack_dataset, train_classifier
+    from lowrank_vit.nn.adapters import timm_with_our_models
     from lowrank_vit.stages.data import build_datamodule
 
     record_file, weights_file = output / "model.json", output / "model.safetensors"
@@ -110,7 +110,7 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
             return record
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
+    model = timm_with_our_models().create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
     dm = build_datamodule(_data_config(data, augment=False, batch_size=256), model=model)
     dm.setup()
     print(f"decoding {len(dm.train_dataset):,} training and {len(dm.val_dataset):,} test images", file=sys.stderr)

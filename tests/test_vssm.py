@@ -1,5 +1,5 @@
 """The vision state-space model (nn/vssm.py), its selective scan (core/scan.py) and VMeanba (methods/vmeanba.py):
-the chunked scan against the step-by-step recurrence, the channel-mean scan against the recurrence run on averages
+the doubling scan against the step-by-step recurrence, the channel-mean scan against the recurrence run on averages
 computed here, the four-path reading against its inverse, the low-rank methods and VMeanba on the model, and
 saving, loading and exporting what they produce."""
 
@@ -48,21 +48,22 @@ def make_vssm(seed: int = 0, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("seed, shape, chunk", [(0, (2, 6, 3, 37, 3), 8), (1, (1, 4, 1, 64, 4), 64),
-                                               (2, (3, 8, 2, 5, 2), 32), (3, (2, 4, 4, 50, 1), 1)])
-def test_chunked_scan_is_the_recurrence(seed, shape, chunk):
+# lengths below, at and between powers of two (the doubling scan's rounds), one to four groups, one to four states
+@pytest.mark.parametrize("seed, shape", [(0, (2, 6, 3, 37, 3)), (1, (1, 4, 1, 64, 4)), (2, (3, 8, 2, 5, 2)),
+                                         (3, (2, 4, 4, 50, 1)), (9, (1, 2, 1, 1, 1)), (10, (2, 3, 2, 2, 3))])
+def test_doubling_scan_is_the_recurrence(seed, shape):
     args = scan_problem(seed, *shape)
     expected = selective_scan_reference(*args)
-    assert torch.allclose(selective_scan(*args, chunk=chunk), expected, atol=1e-5, rtol=1e-4)
-    # float64 inputs: agreement to float64 rounding, whatever the chunk
+    assert torch.allclose(selective_scan(*args), expected, atol=1e-5, rtol=1e-4)
+    # float64 inputs: agreement to float64 rounding
     args64 = [t.double() for t in args]
-    assert torch.allclose(selective_scan(*args64, chunk=chunk), selective_scan_reference(*args64), atol=1e-12)
+    assert torch.allclose(selective_scan(*args64), selective_scan_reference(*args64), atol=1e-12)
 
 
-def test_chunked_scan_gradients_are_the_recurrences():
+def test_doubling_scan_gradients_are_the_recurrences():
     args = [t.double().requires_grad_() for t in scan_problem(4, 2, 4, 2, 19, 2)]
     weights = torch.randn(2, 4, 19, dtype=torch.float64)
-    (selective_scan(*args, chunk=6) * weights).sum().backward()
+    (selective_scan(*args) * weights).sum().backward()
     chunked = [t.grad.clone() for t in args]
     for t in args:
         t.grad = None
@@ -74,14 +75,14 @@ def test_chunked_scan_gradients_are_the_recurrences():
 def test_fast_decaying_channels_do_not_overflow():
     u, delta, A, B, C, D = scan_problem(5, 1, 2, 1, 200, 1)
     A = torch.full_like(A, -80.0)  # exp(-sum delta A) would overflow float32 within a few steps
-    y = selective_scan(u, delta * 4, A, B, C, D, chunk=64)
+    y = selective_scan(u, delta * 4, A, B, C, D)
     assert torch.isfinite(y).all()
     assert torch.allclose(y, selective_scan_reference(u, delta * 4, A, B, C, D), atol=1e-5, rtol=1e-4)
 
 
 def test_channel_mean_scan_is_one_scan_of_the_group_means():
     u, delta, A, B, C, D = scan_problem(6, 2, 6, 2, 23, 3)  # 3 groups of 2 channels
-    y = channel_mean_scan(u, delta, A, B, C, D, chunk=5)
+    y = channel_mean_scan(u, delta, A, B, C, D)
     for group in range(3):
         channels = slice(2 * group, 2 * group + 2)
         mean = selective_scan_reference(u[:, channels].mean(1, keepdim=True), delta[:, channels].mean(1, keepdim=True),
@@ -108,8 +109,6 @@ def test_scan_shape_errors_name_the_arguments():
         selective_scan(u, delta, A[:5], B, C)
     with pytest.raises(ValueError, match=r"6 channels cannot be split into 4 groups"):
         selective_scan(u, delta, A, B.repeat(1, 2, 1, 1)[:, :4], C.repeat(1, 2, 1, 1)[:, :4])
-    with pytest.raises(ValueError, match="chunk must be a positive"):
-        selective_scan(u, delta, A, B, C, chunk=0)
 
 
 def test_cross_merge_inverts_cross_scan_on_a_non_square_map():
@@ -294,3 +293,92 @@ def test_a_plan_naming_a_mean_scan_block_that_is_not_one_is_refused(tmp_path):
     (tmp_path / "m" / "lowrank_vit.json").write_text(json.dumps(plan))
     with pytest.raises(ValueError, match=r"'mean_scan' must be a list of module names"):
         load_compressed(tmp_path / "m")
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+CLI_KWARGS = {"patch_size": 4, "num_classes": 3, "embed_dim": 16, "depths": [2, 1], "d_state": 2, "ssm_ratio": 1.5}
+
+
+@pytest.fixture(scope="module")
+def ssm_workdir(tmp_path_factory):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ssm_cli")
+    rng = np.random.default_rng(0)
+    for i in range(18):
+        label = i % 3
+        folder = root / "imgs" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((24, 24, 3)) * 80 + label * 70).astype(np.uint8)).save(folder / f"{i}.png")
+    model = make_vssm(seed=6, img_size=24, **CLI_KWARGS)
+    save_file(model.state_dict(), str(root / "ssm.safetensors"),
+              metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
+    (root / "kwargs.json").write_text(json.dumps(CLI_KWARGS))
+    return root
+
+
+def _cli(capsys, workdir, *extra: str) -> tuple[int, str, str]:
+    import json
+
+    from lowrank_vit.harness import cli
+
+    code = cli.main(["compress", "vssm_micro", "--checkpoint", str(workdir / "ssm.safetensors"), "--model-kwargs",
+                     json.dumps(CLI_KWARGS), "--input-size", "24", "--data", str(workdir / "imgs"), "--workers", "0",
+                     "--calib-samples", "12", "--quiet", *map(str, extra)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_cli_compresses_a_state_space_model_with_vmeanba_and_with_both(ssm_workdir, tmp_path, capsys):
+    import json
+
+    from lowrank_vit import load_compressed
+    from lowrank_vit.io.surgery import read_plan
+
+    code, out, err = _cli(capsys, ssm_workdir, "--recipe", "vmeanba", "--vmeanba-blocks", "2", "--no-timing",
+                          "--output", tmp_path / "v")
+    assert code == 0, err
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert len(report["vmeanba"]["chosen"]) == 2 and report["reduction"] == 0
+    assert sorted(read_plan(tmp_path / "v")["mean_scan"]) == sorted(report["vmeanba"]["chosen"])
+    assert "VMeanba on 2 block(s)" in out
+    loaded = load_compressed(tmp_path / "v")
+    assert sum(op.mean_scan for op in get_adapter(loaded).scan_modules(loaded).values()) == 2
+
+    code, out, err = _cli(capsys, ssm_workdir, "--recipe", "loss-aware", "--reduction", "0.3", "--vmeanba-blocks",
+                          "1", "--no-timing", "--output", tmp_path / "both")
+    assert code == 0, err
+    report = json.loads((tmp_path / "both" / "report.json").read_text())
+    assert len(report["vmeanba"]["chosen"]) == 1 and report["reduction"] == pytest.approx(0.3, abs=0.02)
+    assert report["accuracy"]["after"]["top1"] >= 0 and "VMeanba on 1 block(s)" in out
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--recipe", "vmeanba", "--vmeanba-blocks", "4"], "num_blocks=4 but the model has 3 selective-scan block(s)"),
+    (["--recipe", "vmeanba", "--reduction", "0.3"], "--recipe vmeanba removes no parameters"),
+    (["--recipe", "vmeanba"], "--recipe vmeanba needs exactly one of --vmeanba-blocks K and --target-speedup S"),
+    (["--recipe", "paper"], "one of --reduction, --target-params and --target-speedup is required"),
+])
+def test_cli_vmeanba_bad_input_is_one_line(ssm_workdir, tmp_path, capsys, extra, needle):
+    code, out, err = _cli(capsys, ssm_workdir, *extra, "--output", tmp_path / "m")
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("lowrank-vit: error:")]
+    assert len(errors) == 1 and needle in errors[0], err
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_vmeanba_on_a_vision_transformer_is_one_line(tmp_path, capsys):
+    from lowrank_vit.harness import cli
+
+    code = cli.main(["compress", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs",
+                     '{"depth": 2, "embed_dim": 16, "num_heads": 2, "num_classes": 3}', "--input-size", "32",
+                     "--data", str(tmp_path), "--recipe", "vmeanba", "--vmeanba-blocks", "1", "--output",
+                     str(tmp_path / "m"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "VisionTransformer has no selective-scan block (found 2 attention block(s))" in err

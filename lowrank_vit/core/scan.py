@@ -7,21 +7,20 @@ B_t, C_t that a group of channels shares (one group per scan direction in VMamba
     y_t = C_t . h_t + D u_t
 
 ``selective_scan_reference`` runs this recurrence one step at a time: the truth the tests compare with.
-``selective_scan`` computes the same in chunks of T steps without a step loop inside a chunk. With S_t the running
-sum of delta A over the chunk, every state of the chunk is
-
-    h_t = exp(S_t) h_start + sum_{s <= t} exp(S_t - S_s) delta_s B_s u_s,
-
-a masked T x T decay matrix times the chunk's inputs. Every exponent is <= 0 (A < 0, delta > 0), so nothing
-overflows, unlike the cumulative-product form exp(S_t) * cumsum(exp(-S_s) x_s), whose exp(-S_s) overflows float32
-after a few steps of a fast-decaying channel. The chunks are chained through their last state: l / T steps of a
-Python loop instead of l. Everything is ordinary tensor algebra, so it runs on any device, under autograd and in
-ONNX export, with no custom kernel.
+``selective_scan`` computes every state at once by a doubling scan (Hillis and Steele): the step t -> t' of the
+recurrence is the affine map h -> a h + x with a = exp(delta A) and x = delta B u; composing two maps gives another,
+(a2, x2) after (a1, x1) = (a2 a1, a2 x1 + x2), so after log2(l) rounds, in which every position composes itself with
+the position ``offset`` steps back (offset = 1, 2, 4, ...), every position holds the map from the start, whose x is
+the state. Every factor a lies in (0, 1], so the products only shrink: nothing overflows in float32, unlike the
+cumulative-product form exp(S_t) * cumsum(exp(-S_s) x_s), whose exp(-S_s) overflows after a few steps of a
+fast-decaying channel. Each round is elementwise work on (b, d, n, l) tensors: a loop of log2(l) steps instead of l,
+ordinary tensor algebra that runs on any device, under autograd and in ONNX export, with no custom kernel.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 
 def _expand_groups(shared: torch.Tensor, channels: int) -> torch.Tensor:
@@ -73,38 +72,25 @@ def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
-    """The same as :func:`selective_scan_reference`, chunk by chunk (see the module docstring), in u's dtype.
-
-    Args:
-        chunk: steps per chunk. Memory grows as b d n chunk^2 and the step loop shrinks as l / chunk.
-    """
+                   D: torch.Tensor | None = None) -> torch.Tensor:
+    """The same as :func:`selective_scan_reference`, by the doubling scan of the module docstring, in u's dtype."""
     _check(u, delta, A, B, C)
-    if chunk < 1:
-        raise ValueError(f"chunk must be a positive number of steps, got {chunk}")
-    b, d, length = u.shape
-    Bx, Cx = _expand_groups(B, d), _expand_groups(C, d)
-    log_decay = delta[:, :, None, :] * A[None, :, :, None]  # (b, d, n, l), every entry <= 0
-    inputs = (delta * u)[:, :, None, :] * Bx  # (b, d, n, l): delta_t B_t u_t
-    h = torch.zeros(b, d, A.shape[1], dtype=u.dtype, device=u.device)
-    ys = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        S = log_decay[..., start:stop].cumsum(-1)  # (b, d, n, T)
-        steps = stop - start
-        causal = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()
-        pairwise = (S[..., :, None] - S[..., None, :]).masked_fill(~causal, float("-inf"))  # [t, s]: S_t - S_s
-        states = torch.exp(S) * h[..., None] + (torch.exp(pairwise) @ inputs[..., start:stop, None]).squeeze(-1)
-        ys.append((states * Cx[..., start:stop]).sum(2))  # (b, d, T)
-        h = states[..., -1]
-    y = torch.cat(ys, dim=-1)
+    length = u.shape[2]
+    decay = torch.exp(delta[:, :, None, :] * A[None, :, :, None])  # (b, d, n, l) in (0, 1]
+    state = (delta * u)[:, :, None, :] * _expand_groups(B, u.shape[1])  # delta_t B_t u_t
+    offset = 1
+    while offset < length:  # position t composes itself with position t - offset (the identity before the start)
+        state = state + decay * F.pad(state[..., :-offset], (offset, 0))
+        decay = decay * F.pad(decay[..., :-offset], (offset, 0), value=1.0)
+        offset *= 2
+    y = (state * _expand_groups(C, u.shape[1])).sum(2)
     if D is not None:
         y = y + D[:, None] * u
     return y
 
 
 def channel_mean_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                      D: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
+                      D: torch.Tensor | None = None) -> torch.Tensor:
     """VMeanba's scan: within each group of channels that share B and C, the scan's inputs u and delta and its state
     matrix A are averaged over the channels, one scan runs per group, and its output is given to every channel of the
     group. The skip term D u stays per channel (elementwise, outside the scan: it costs l multiply-adds a channel).
@@ -119,7 +105,7 @@ def channel_mean_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     mean_u = u.reshape(b, g, d // g, length).mean(2)
     mean_delta = delta.reshape(b, g, d // g, length).mean(2)
     mean_A = A.reshape(g, d // g, A.shape[1]).mean(1)
-    y = selective_scan(mean_u, mean_delta, mean_A, B, C, None, chunk)  # (b, g, l): one channel per group
+    y = selective_scan(mean_u, mean_delta, mean_A, B, C, None)  # (b, g, l): one channel per group
     y = y[:, :, None, :].expand(b, g, d // g, length).reshape(b, d, length)
     if D is not None:
         y = y + D[:, None] * u

@@ -196,21 +196,24 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     from lowrank_vit.config import RECIPES
     from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
     from lowrank_vit.harness.speedcli import add_compress_latency_options
+    from lowrank_vit.harness.vmeanbacli import RECIPE as VMEANBA
+    from lowrank_vit.harness.vmeanbacli import add_vmeanba_options
     from lowrank_vit.methods.decompositions import METHODS
 
     p = sub.add_parser("compress", help="compress your timm model on your data into a model directory")
     _add_model(p, "MODEL")
     _add_data(p)
-    budget = p.add_mutually_exclusive_group(required=True)
+    budget = p.add_mutually_exclusive_group()  # one is required, but for --recipe vmeanba (compression_config)
     budget.add_argument("--reduction", type=fraction, help="fraction of the parameters removed, in (0, 1)")
     budget.add_argument("--target-params", type=positive_int, help="parameter count after compression")
     budget.add_argument("--target-speedup", type=float,
                         help="predicted end-to-end speedup (> 1) on the latency target (--latency-table, else the "
-                             "model is profiled first)")
-    p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS],
+                             "model is profiled first); with --recipe vmeanba, VMeanba's")
+    p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS, VMEANBA],
                    help="a recipe (loss-aware: the default; loss-aware-refit: with the sequential refit, for a "
                         "model shipped without fine-tuning or -80%%; paper; vanilla; the peers flar-svd, svd-llm, "
-                        "svd-llm-v2, kfac-lems) or any registered decomposition")
+                        "svd-llm-v2, kfac-lems; vmeanba for vision state-space models) or any registered "
+                        "decomposition")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                    help="one of the recipe's own settings (docs/peers.md), e.g. --setting grad_shrinkage=0.3; "
                         "VALUE is read as JSON where it parses (numbers, true, null), else as text; repeatable")
@@ -226,6 +229,7 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--output", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     add_compress_latency_options(p)
+    add_vmeanba_options(p)
     _add_preprocessing(p)
     _add_common(p)
 
@@ -773,8 +777,15 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
     (``Method.home_recipe``: the loss-aware method's marginal ranks without Z) or else the paper's (greedy allocation
     on its own spectra, closed-form low-rank Z, as the comparison table runs them)."""
     from lowrank_vit.config import RECIPES, CompressionConfig
+    from lowrank_vit.harness.vmeanbacli import RECIPE as VMEANBA
+    from lowrank_vit.harness.vmeanbacli import low_rank_budget_given
     from lowrank_vit.methods.decompositions import get_method
 
+    if getattr(args, "recipe", None) == VMEANBA:
+        return None  # no low-rank step: vmeanba_config holds what there is to do
+    if not low_rank_budget_given(args):
+        raise UserError("one of --reduction, --target-params and --target-speedup is required (or --recipe vmeanba "
+                        "with --vmeanba-blocks K or --target-speedup S)")
     if args.recipe in RECIPES:
         fields = dict(RECIPES[args.recipe])
     else:
@@ -813,22 +824,28 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
 @user_command
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_vit.harness.speedcli import measured_latency, resolve_latency_table
+    from lowrank_vit.harness.vmeanbacli import check_vmeanba, summary_line, vmeanba_config
     from lowrank_vit.io.surgery import check_rebuildable
+    from lowrank_vit.methods.vmeanba import apply_vmeanba
     from lowrank_vit.nn.adapters import count_params
     from lowrank_vit.pipeline import check_target, compress
 
     device = resolve_device(args.device)
-    cfg = compression_config(args, device)  # bad options fail before anything is loaded
+    vmeanba = vmeanba_config(args)  # bad options fail before anything is loaded
+    cfg = compression_config(args, device)
     out = Path(args.output).expanduser()
     check_output_dir(out, args.force)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     source = load_source(args)
-    if cfg.latency_table is not None:
+    if vmeanba is not None:
+        check_vmeanba(source.model, vmeanba)
+    if cfg is not None and cfg.latency_table is not None:
         cfg = dataclasses.replace(cfg, latency_table=resolve_latency_table(args, source.model, source.architecture,
                                                                            device.type))
     try:  # an unreachable target or an already compressed model, before the data and the dense evaluation
-        check_target(source.model, cfg)
+        if cfg is not None:
+            check_target(source.model, cfg)
     except ValueError as err:
         raise UserError(str(err)) from None
     try:  # before any calibration: a model that cannot be written and read back would cost the whole run
@@ -849,38 +866,53 @@ def cmd_compress(args: argparse.Namespace) -> int:
         timings["evaluate_before"] = time.perf_counter() - start
     start = time.perf_counter()
     available = len(dm.calibration_indices)
-    if available < cfg.calib_samples:  # the images there are (already warned about): progress bars count to them
-        cfg = dataclasses.replace(cfg, calib_samples=available)
-    dense = copy.deepcopy(model) if cfg.latency_table is not None and not args.no_timing else None
-    report = compress(model, dm.calibration_dataloader(), cfg)
-    timings["compress"] = time.perf_counter() - start
-    latency = {} if dense is None else measured_latency(args, dense, model, report.to_dict())
-    del dense
+    vreport = None
+    if vmeanba is not None:
+        vreport = apply_vmeanba(model, dm.calibration_dataloader(), vmeanba,
+                                calib_samples=min(vmeanba.calib_samples, available)).to_dict()
+        timings["vmeanba"] = time.perf_counter() - start
+        start = time.perf_counter()
+    report, latency = None, {}
+    if cfg is not None:
+        if available < cfg.calib_samples:  # the images there are (already warned about): progress bars count to them
+            cfg = dataclasses.replace(cfg, calib_samples=available)
+        dense = copy.deepcopy(model) if cfg.latency_table is not None and not args.no_timing else None
+        report = compress(model, dm.calibration_dataloader(), cfg)
+        timings["compress"] = time.perf_counter() - start
+        latency = {} if dense is None else measured_latency(args, dense, model, report.to_dict())
+        del dense
     if not args.no_eval:
         start = time.perf_counter()
         accuracy["after"] = _evaluate(model, dm, device, args, "evaluate compressed")
         timings["evaluate_after"] = time.perf_counter() - start
-    compression = report.to_dict()
+    compression = report.to_dict() if report is not None else {}
     source_record = {**source.record, "description": source.description, "architecture": source.architecture}
+    params_after = count_params(model)
     summary = {
         "name": out.name, "command": "compress", "source": source_record, "data": args.data,
         "recipe": args.recipe, "preprocessing": pre, "preprocessing_origin": origin,
-        "params": {"before": params_before, "after": count_params(model)},
-        "size_mib": {"before": mib_before, "after": _size_mib(model)}, "reduction": report.reduction,
-        "calib_images": cfg.calib_samples, "accuracy": accuracy,
-        "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
+        "params": {"before": params_before, "after": params_after},
+        "size_mib": {"before": mib_before, "after": _size_mib(model)}, "reduction": 1 - params_after / params_before,
+        "calib_images": min(available, max(c.calib_samples for c in (cfg, vmeanba) if c is not None)),
+        "accuracy": accuracy, "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
         "compression": compression, "latency": latency or compression.get("latency") or {},
     }
-    metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe, "num_classes": dm.num_classes,
-                "compression_config": cfg.to_dict()}
+    metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe, "num_classes": dm.num_classes}
+    if cfg is not None:
+        metadata["compression_config"] = cfg.to_dict()
+    if vreport is not None:
+        summary["vmeanba"] = vreport
+        metadata["vmeanba_config"] = vreport["config"]
     stage = _staging(out, f"partial-{os.getpid()}")
     try:
         write_model_dir(stage, model, summary, metadata)
         publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    line = (f"{out}: {params_before:,} -> {summary['params']['after']:,} parameters "
-            f"(-{100 * report.reduction:.1f}%), {mib_before:.1f} -> {summary['size_mib']['after']:.1f} MiB")
+    line = (f"{out}: {params_before:,} -> {params_after:,} parameters "
+            f"(-{100 * summary['reduction']:.1f}%), {mib_before:.1f} -> {summary['size_mib']['after']:.1f} MiB")
+    if vreport is not None:
+        line += summary_line(vreport)
     if accuracy:
         line += f", top-1 {accuracy['before']['top1']:.2f} -> {accuracy['after']['top1']:.2f}%"
     if summary["latency"]:

@@ -200,8 +200,8 @@ def block_times(model: nn.Module, batch: torch.Tensor, repeats: int = 5, progres
             calls[f"{name}:dense"] = lambda op=op, x=inputs[name]: op(x)
             calls[f"{name}:mean"] = switched(op, inputs[name])
             args = op.scan_inputs(inputs[name])
-            calls[f"{name}:scan"] = lambda args=args, chunk=op.chunk: selective_scan(*args, chunk=chunk)
-            calls[f"{name}:mean_scan"] = lambda args=args, chunk=op.chunk: channel_mean_scan(*args, chunk=chunk)
+            calls[f"{name}:scan"] = lambda args=args: selective_scan(*args)
+            calls[f"{name}:mean_scan"] = lambda args=args: channel_mean_scan(*args)
     with torch.no_grad(), progress_bar(repeats, "VMeanba timing", "repeat", progress) as bar:
         t = interleaved_timings(calls, repeats=repeats, sync=sync, on_repeat=lambda _: bar.update(1))
     return BlockTimes(t["model"].median, {n: (t[f"{n}:dense"].median, t[f"{n}:mean"].median) for n in ops},
@@ -220,6 +220,14 @@ def _by_speedup(scores: dict[str, float], savings: dict[str, float], dense_ms: f
                      f"predicted to give {reachable:.3f}x (measured savings at this batch); ask for at most that")
 
 
+def check_blocks(model: nn.Module, config: VMeanbaConfig) -> dict[str, nn.Module]:
+    """The model's selective-scan mixers; a ValueError when it has none or fewer than ``config.num_blocks``."""
+    ops = scan_blocks(model)
+    if config.num_blocks is not None:
+        _check_k(config.num_blocks, len(ops))
+    return ops
+
+
 def apply_vmeanba(model: nn.Module, calib_images: Iterable, config: VMeanbaConfig | None = None,
                   **overrides: Any) -> VMeanbaReport:
     """Switch the chosen selective-scan blocks of ``model`` to the channel-mean scan, in place.
@@ -231,9 +239,7 @@ def apply_vmeanba(model: nn.Module, calib_images: Iterable, config: VMeanbaConfi
         config: a :class:`VMeanbaConfig`; ``overrides`` replace its fields (``apply_vmeanba(m, data, num_blocks=3)``).
     """
     cfg = VMeanbaConfig(**overrides) if config is None else replace(config, **overrides)
-    ops = scan_blocks(model)
-    if cfg.num_blocks is not None:
-        _check_k(cfg.num_blocks, len(ops))  # before any calibration pass
+    ops = check_blocks(model, cfg)  # before any calibration pass
     device = next(model.parameters()).device
     images = [x.to(device) for x, _ in iter_calibration_batches(calib_images, cfg.calib_samples)]
     was_training = model.training

@@ -47,10 +47,10 @@ def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class SS2D(nn.Module):
     """The 2-D selective scan mixer. Input and output (b, h, w, dim)."""
 
-    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3, chunk: int = 32) -> None:
+    def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3) -> None:
         super().__init__()
         inner = int(ssm_ratio * dim)
-        self.inner, self.d_state, self.dt_rank, self.chunk = inner, d_state, math.ceil(dim / 16), chunk
+        self.inner, self.d_state, self.dt_rank = inner, d_state, math.ceil(dim / 16)
         self.mean_scan = False
         self.in_proj = nn.Linear(dim, inner, bias=False)
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=True)
@@ -87,7 +87,7 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         scan = channel_mean_scan if self.mean_scan else selective_scan
-        y = scan(*self.scan_inputs(x), chunk=self.chunk)
+        y = scan(*self.scan_inputs(x))
         y = cross_merge(y.reshape(b, PATHS, self.inner, h * w), h, w)
         return self.out_proj(self.out_norm(y.permute(0, 2, 3, 1)))
 
