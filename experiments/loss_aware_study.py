@@ -92,12 +92,16 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
     where they are missing) or from the user's cache (``"cache"``: pretrained on this machine at first use)."""
     generator = torch.Generator().manual_seed(seed)
     if name.startswith("cifar_"):
-        import timm
         from safetensors.torch import load_file
 
         from experiments.cifar10 import _data_config
-        from experiments.study_models import MODELS as RECIPES_BY_MODEL
+        from experiments.ssm_models import MODELS as SSM_RECIPES
+        from experiments.study_models import MODELS as VIT_RECIPES
+        from lowrank_vit.nn.adapters import timm_with_our_models
         from lowrank_vit.stages.data import build_datamodule
+
+        timm = timm_with_our_models()
+        RECIPES_BY_MODEL = {**VIT_RECIPES, **SSM_RECIPES}
 
         if cifar10 is None:
             raise ValueError(f"model {name} needs --cifar10 PATH (train.parquet and test.parquet)")
