@@ -374,3 +374,24 @@ def test_results_of_an_older_version_still_count_as_finished(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"config": old, "standin_fingerprint": _standin_fingerprint("deit_s")}))
     assert finished(exp, cfg, tmp_path) is not None
+
+
+def test_json_without_an_estimate_is_refused_on_reproduce_and_an_interrupt_ends_quietly(capsys, monkeypatch):
+    code, _, err = cli(capsys, "reproduce", "table2", "--json")
+    assert code == 2 and "--json prints an estimate: add --dry-run --estimate" in one_line_error(err)
+    from lowrank_vit.harness import cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_module.COMMANDS, "list", interrupted)
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err.strip() == "lowrank-vit: interrupted"
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu", "auto"])
+def test_every_accelerator_choice_parses(accelerator):
+    from lowrank_vit.harness.cli import build_parser
+
+    args = build_parser().parse_args(["run", "table2/deit_s/baseline", "--accelerator", accelerator])
+    assert args.accelerator == accelerator

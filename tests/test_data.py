@@ -461,3 +461,53 @@ def test_mean_and_std_name_what_is_wrong_with_them(value):
 
     with pytest.raises(ValueError, match=r"std must be one finite number or one per channel \(at most 4\)"):
         check_preprocessing({"std": value})
+
+
+def test_tensor_transform_on_a_non_square_image_shifts_within_the_frame_and_matches_channels():
+    """A 5x7 grey image into a 3-channel model, shifted: every output pixel is a source pixel (or the zero padding)
+    at the drawn offset, normalized by the user's values; computed here by index, not by the transform."""
+    from lowrank_vit.stages.data import TensorImageTransform
+
+    image = torch.arange(35, dtype=torch.uint8).reshape(1, 5, 7) * 7
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.2)
+    transform = TensorImageTransform((3, 5, 7), mean, std, max_shift=2)
+    torch.manual_seed(11)
+    out = transform(image)
+    torch.manual_seed(11)
+    dy, dx = torch.randint(0, 5, (2,)).tolist()
+    assert out.shape == (3, 5, 7)
+    for c in range(3):
+        for i in range(5):
+            for j in range(7):
+                src_i, src_j = i + dy - 2, j + dx - 2
+                value = float(image[0, src_i, src_j]) / 255 if 0 <= src_i < 5 and 0 <= src_j < 7 else 0.0
+                assert float(out[c, i, j]) == pytest.approx((value - mean[c]) / std[c], abs=1e-6)
+
+
+def test_tensor_transform_averages_colour_into_a_grey_model_on_a_non_square_image():
+    from lowrank_vit.stages.data import TensorImageTransform
+
+    image = torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = TensorImageTransform((1, 4, 6), (0.4,), (0.3,))(image)
+    assert out.shape == (1, 4, 6)
+    assert torch.allclose(out[0], (image.float().mean(0) / 255 - 0.4) / 0.3, atol=1e-6)
+
+
+def test_tensor_transform_keeps_each_colour_channel_of_a_colour_image():
+    from lowrank_vit.stages.data import TensorImageTransform
+
+    image = torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    mean, std = torch.tensor([0.3, 0.5, 0.7]), torch.tensor([0.2, 0.4, 0.6])
+    out = TensorImageTransform((3, 4, 6), mean.tolist(), std.tolist())(image)
+    assert torch.allclose(out, (image.float() / 255 - mean[:, None, None]) / std[:, None, None], atol=1e-6)
+
+
+def test_arrays_become_images_with_their_values_clipped_and_their_channels_found():
+    """Float arrays on the 0-255 scale are clipped to it (300 -> 255, -5 -> 0), not wrapped around by the uint8
+    cast; a channels-first array is recognised whenever its last axis cannot be channels, a width of 2 included."""
+    from lowrank_vit.stages.data import _to_pil
+
+    values = np.array([[300.0, -5.0, 128.0], [2.0, 255.0, 17.0]], dtype=np.float32)
+    assert np.array_equal(np.asarray(_to_pil(values)), np.array([[255, 0, 128], [2, 255, 17]], dtype=np.uint8))
+    channels_first = np.random.default_rng(0).integers(0, 256, (3, 5, 2), dtype=np.uint8)
+    assert np.array_equal(np.asarray(_to_pil(channels_first)), channels_first.transpose(1, 2, 0))

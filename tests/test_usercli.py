@@ -989,3 +989,125 @@ def test_top5_is_left_out_where_every_image_is_in_the_top_5():
         card = render_card({"accuracy": {"after": metrics}}, "model")
         assert f"| after compression | 90.00 | {cell} | 50 |" in card, card
 
+
+
+# ----------------------------------------------------------- small helpers, against truths computed here
+
+@pytest.mark.parametrize("text, expected", [("1,28,28", (1, 28, 28)), ("3x32x48", (3, 32, 48)), ("24", (None, 24, 24)),
+                                            ("16x1", (None, 16, 1))])
+def test_input_size_accepts_every_positive_size_one_included(text, expected):
+    from lowrank_vit.harness.usercli import _input_size
+
+    assert _input_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0,28,28", "32x0", "1,2,3,4", "a"])
+def test_input_size_refuses_what_is_not_a_size(text):
+    import argparse
+
+    from lowrank_vit.harness.usercli import _input_size
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected H, HxW or C,H,W"):
+        _input_size(text)
+
+
+def test_cores_counts_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from lowrank_vit.harness import usercli
+
+    assert usercli._cores() == len(os.sched_getaffinity(0))
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS and Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usercli._cores() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
+    assert usercli._cores() == 1
+
+
+def test_a_timm_config_json_beside_the_checkpoint_carries_preprocessing_and_the_metadata_wins(tmp_path):
+    from safetensors.torch import save_file
+
+    from lowrank_vit.harness.usercli import _checkpoint_preprocessing
+
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(weights), metadata={"std": "[0.2, 0.3, 0.4]"})
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": ARCH, "pretrained_cfg": {
+        "mean": [0.1, 0.2, 0.3], "std": [0.9, 0.9, 0.9], "crop_pct": 0.8, "interpolation": "bilinear",
+        "input_size": [3, 40, 40], "num_classes": 7}}))
+    assert _checkpoint_preprocessing(weights) == {"mean": [0.1, 0.2, 0.3], "std": [0.2, 0.3, 0.4], "crop_pct": 0.8,
+                                                  "interpolation": "bilinear", "input_size": [3, 40, 40]}
+    (tmp_path / "config.json").write_text("{not json")  # a broken config.json is ignored, the metadata stays
+    assert _checkpoint_preprocessing(weights) == {"std": [0.2, 0.3, 0.4]}
+
+
+def test_rank_multiple_is_one_unless_asked_or_a_latency_table_is_used():
+    import argparse
+
+    from lowrank_vit.harness.usercli import compression_config
+
+    base = dict(recipe="paper", reduction=0.5, target_params=None, target_speedup=None, calib_samples=8, quiet=True,
+                loss_pass_dtype=None, setting=[], latency_table=None, params_only=False, rank_multiple=None)
+    assert compression_config(argparse.Namespace(**base), torch.device("cpu")).rank_multiple == 1
+    assert compression_config(argparse.Namespace(**{**base, "rank_multiple": 4}), torch.device("cpu")).rank_multiple \
+        == 4
+    with_table = compression_config(argparse.Namespace(**{**base, "latency_table": "auto"}), torch.device("cpu"))
+    assert (with_table.rank_multiple, with_table.latency_table) == (8, "auto")
+    # a speedup target without a table profiles the model: the table's grid step again
+    speed = compression_config(argparse.Namespace(**{**base, "recipe": "loss-aware", "reduction": None,
+                                                      "target_speedup": 1.5}), torch.device("cpu"))
+    assert (speed.rank_multiple, speed.latency_table, speed.target_speedup) == (8, "auto", 1.5)
+
+
+def test_the_model_card_says_what_the_report_holds():
+    """Every figure of the card against a report written here: the reduction in percent, the parameter counts,
+    a dense layer as "dense", the fine-tune (partial or of every weight), VMeanba's blocks."""
+    from lowrank_vit.io.modelcard import render_card
+
+    layers = [{"name": "blocks.0.attn.qkv", "in_features": 48, "out_features": 144, "rank": None,
+               "dense_params": 6912, "factored_params": 6912},
+              {"name": "blocks.0.mlp.fc1", "in_features": 48, "out_features": 96, "rank": 7,
+               "dense_params": 4608, "factored_params": 1008}]
+    report = {"source": {"architecture": "vit_x", "description": "my model"}, "recipe": "paper",
+              "params": {"before": 123456, "after": 70123}, "size_mib": {"before": 0.47, "after": 0.27},
+              "reduction": 0.4321, "calib_images": 96, "data": "imgs/", "layers": layers,
+              "finetune": {"epochs": 3, "lr": 0.001, "steps": 30, "train_factors": False}}
+    card = render_card(report, "m")
+    assert "`vit_x` (my model) compressed by `lowrank_vit` with the **paper** recipe" in card
+    assert "| before | 123,456 | 0.5 |" in card and "| after | 70,123 | 0.3 |" in card
+    assert "Reduction: 43.2% of the parameters. Calibration: 96 images of `imgs/`." in card
+    assert "| `blocks.0.attn.qkv` | 48→144 | dense / 48 | 6,912 / 6,912 |" in card
+    assert "| `blocks.0.mlp.fc1` | 48→96 | 7 / 48 | 1,008 / 4,608 |" in card
+    assert "Fine-tuned (partial: norms, biases, head, patch embedding) for 3 epoch(s), lr 0.001, 30 steps." in card
+    assert "VMeanba" not in card
+    report["finetune"] |= {"train_factors": True, "distill": 0.5}
+    report["vmeanba"] = {"chosen": ["layers.1.blocks.0.op", "layers.0.blocks.1.op"], "kl": 0.01234}
+    card = render_card(report, "m")
+    assert ("Fine-tuned (all weights: the low-rank factors, norms, biases, head, patch embedding) for 3 epoch(s), lr "
+            "0.001, 30 steps, distilled from the model before compression (weight 0.5, temperature 1.0).") in card
+    assert ("Selective scans: 2 block(s) run VMeanba's channel-mean scan (`layers.1.blocks.0.op`, "
+            "`layers.0.blocks.1.op`), KL to the model before 0.0123 on the calibration images.") in card
+
+
+def test_the_teacher_is_the_recorded_dense_model_and_must_have_the_students_classes(workdir):
+    """load_teacher rebuilds the dense model from the recorded checkpoint (its weights, in eval mode), and refuses a
+    rebuilt model whose class count differs from the compressed one's."""
+    import argparse
+
+    import timm
+    from safetensors.torch import load_file
+
+    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.harness.usercli import Source, UserError, load_teacher
+
+    weights = workdir / "weights.safetensors"
+    student = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)
+    record = {"timm_name": ARCH, "model_kwargs": {**KWARGS, "img_size": SIZE}, "checkpoint": str(weights),
+              "checkpoint_sha256": checkpoint_digest(weights), "pretrained": False}
+    args = argparse.Namespace(teacher_checkpoint=None, quiet=True)
+    teacher = load_teacher(args, Source(student, ARCH, "directory m", metadata={"source": record}))
+    assert not teacher.training
+    expected = load_file(str(weights))
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in expected.items())
+    other = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **{**KWARGS, "num_classes": 4})
+    with pytest.raises(UserError, match=r"the rebuilt dense model has 3 classes, the compressed one 4"):
+        load_teacher(args, Source(other, ARCH, "directory m", metadata={"source": record}))

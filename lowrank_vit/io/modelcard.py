@@ -66,8 +66,8 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
         f"# {directory_name}",
         "",
         f"`{source.get('architecture', '?')}` ({source.get('description', 'a timm model')}) compressed by "
-        f"`lowrank_vit` with the **{recipe}** recipe: every linear layer inside the transformer blocks that the "
-        f"allocation chose is a low-rank product `U Vᵀ` (plus a correction Z where the recipe has one).",
+        f"`lowrank_vit` with the **{recipe}** recipe: every linear layer inside the blocks that the allocation "
+        f"chose is a low-rank product `U Vᵀ` (plus a correction Z where the recipe has one).",
         "",
         "| | parameters | MiB (float32) |",
         "|---|---|---|",
@@ -78,6 +78,11 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
         f"the parameters. Calibration: {report.get('calib_images', '?')} images of `{report.get('data', '?')}`.",
         "",
     ]
+    vmeanba = report.get("vmeanba")
+    if vmeanba:  # a state-space model's scans: VMeanba's channel-mean scan in the listed blocks
+        lines += [f"Selective scans: {len(vmeanba['chosen'])} block(s) run VMeanba's channel-mean scan "
+                  f"({', '.join(f'`{name}`' for name in vmeanba['chosen'])}), KL to the model before "
+                  f"{_fmt(vmeanba.get('kl'), 4)} on the calibration images.", ""]
     accuracy = _accuracy_rows(report)
     if accuracy:
         lines += ["## Accuracy (validation split)", "", "| model | top-1 % | top-5 % | images |", "|---|---|---|---|",
