@@ -1,7 +1,7 @@
 """Deliberate defects the test suite must catch: each mutant changes one line of the library, and the tests it names
 must then fail.
 
-    make mutants                          # every mutant (12-15 minutes on 2 cores); exit status 1 if one survives
+    make mutants-listed                   # every mutant (12-15 minutes on 2 cores); exit status 1 if one survives
     python tests/mutants.py --only refit  # the mutants whose file or description contains "refit"
     python tests/mutants.py --list
 

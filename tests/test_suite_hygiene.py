@@ -53,8 +53,9 @@ def test_every_test_starts_from_the_same_seed(draw):
 
 
 def test_every_mutant_still_applies_and_names_existing_tests():
-    """tests/mutants.py (``make mutants``): each deliberate defect's original text occurs exactly once in its file, so
-    the list follows the code; the tests that must catch it exist; and a text that is not there is refused."""
+    """tests/mutants.py (``make mutants-listed``): each deliberate defect's original text occurs exactly once in its
+    file, so the list follows the code; the tests that must catch it exist; and a text that is not there is
+    refused."""
     import sys
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -70,3 +71,27 @@ def test_every_mutant_still_applies_and_names_existing_tests():
             assert (REPO / test.split("::")[0]).is_file(), test
     with pytest.raises(ValueError, match="occurs 0 times"):
         mutants.apply("nothing here", mutants.MUTANTS[0])
+
+
+def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
+    """tests/mutation_sample.py (``make mutants``): the modules are pyproject's ``only_mutate``; a module's mutants
+    are named as mutmut names them; docs/mutation.md's triage lines parse."""
+    pytest.importorskip("mutmut")
+    import os
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    here = os.getcwd()
+    try:
+        os.chdir(REPO)
+        import mutation_sample
+
+        modules = [str(p) for p in mutation_sample.modules()]
+        assert "lowrank_vit/io/hub.py" in modules and "lowrank_vit/core/allocate.py" in modules
+        assert "lowrank_vit/core/decompose.py" not in modules and all(p.endswith(".py") for p in modules)
+        names = mutation_sample.mutant_names(REPO.joinpath("lowrank_vit/io/hub.py").relative_to(REPO))
+        assert len(names) > 20 and all(n.startswith("lowrank_vit.io.hub.x") and "__mutmut_" in n for n in names)
+        assert isinstance(mutation_sample.triaged(), dict)
+    finally:
+        os.chdir(here)
+        sys.path.remove(str(REPO / "tests"))

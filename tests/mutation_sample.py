@@ -1,0 +1,174 @@
+"""Mutation testing by a maintained tool (mutmut) on a seeded sample of its automatically generated mutants of the
+user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] only_mutate`` in pyproject.toml).
+
+    make mutants                                    # 200 mutants, seed 0, the fast suite (30-45 min, 2 cores)
+    python tests/mutation_sample.py --sample 50 --seed 3
+    python tests/mutation_sample.py --report        # the last run's results again, without running anything
+    python tests/mutation_sample.py --list          # how many mutants each module has
+
+mutmut copies the package into ``mutants/`` with every mutant behind a switch, runs the fast suite once to learn
+which tests call each function, then runs each sampled mutant against the tests that call its function (stopping at
+the first failure). A mutant is *caught* when a test fails or it times out (an endless loop the suite noticed).
+It *survives* when the tests pass or no test calls its function. Results stay in ``mutants/``: a later run skips the
+sampled mutants caught before in functions that have not changed, and runs the others (``--fresh``: all).
+
+The report gives the caught fraction per module and every survivor with its diff. A survivor must be triaged in
+docs/mutation.md: either a test that now catches it (then it no longer survives) or a line saying why the change
+is equivalent, in the form ``- `mutant name`: why``. Exit status 1 when under 90% of the sample is caught or a
+survivor is not triaged. Mutant names number the mutants within a function, so a triage line holds until that
+function changes; a sample drawn after a change may need new lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRIAGE = REPO / "docs" / "mutation.md"
+MUTMUT = str(Path(sys.executable).with_name("mutmut"))  # the console script: `python -m mutmut` re-imports itself
+GOAL = 0.90
+# mutmut's exit codes for a mutant (mutmut/stats.py): a failing test run, or one that ran out of time, caught it
+CAUGHT = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
+SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
+
+
+def modules() -> list[Path]:
+    """The files mutmut is told to mutate, in the order pyproject.toml names them."""
+    from mutmut.configuration import config  # reads [tool.mutmut] from pyproject.toml in the current directory
+
+    patterns = config().only_mutate
+    files = sorted(p.relative_to(REPO) for p in (REPO / "lowrank_vit").rglob("*.py"))
+    chosen = [f for pattern in patterns for f in files if fnmatch.fnmatch(str(f), pattern)]
+    return [f for i, f in enumerate(chosen) if f not in chosen[:i] and f.name != "__init__.py"]
+
+
+def _mutated(path: Path):
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    return mutate_file_contents(str(path), (REPO / path).read_text())
+
+
+def mutant_names(path: Path) -> list[str]:
+    """Every mutant mutmut generates for one file, named as mutmut names them."""
+    from mutmut.utils.format_utils import get_mutant_name
+
+    return [get_mutant_name(path, name) for name in _mutated(path).mutant_names]
+
+
+def draw(n: int, seed: int) -> dict[str, Path]:
+    """A seeded uniform sample of n mutants over all the modules together (big modules get more): the n whose
+    seeded hash of their name is smallest, so that a change to one function changes only its own mutants' places in
+    the sample, not the whole sample (as reseeding a random draw over a changed population would)."""
+    pool = {name: path for path in modules() for name in mutant_names(path)}
+
+    def rank(name: str) -> str:
+        return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+    return {name: pool[name] for name in sorted(sorted(pool, key=rank)[:n])}
+
+
+def exit_codes() -> dict[str, int | None]:
+    """The exit code of every mutant mutmut has recorded in mutants/ whose function has not changed since (None:
+    not run, or its function's code is no longer what was tested)."""
+    codes: dict[str, int | None] = {}
+    for meta_file in (REPO / "mutants" / "lowrank_vit").rglob("*.py.meta"):
+        meta = json.loads(meta_file.read_text())
+        source = meta_file.relative_to(REPO / "mutants").with_suffix("")
+        current = _mutated(source).hash_by_function_name if (REPO / source).is_file() else {}
+        for name, code in meta["exit_code_by_key"].items():
+            function = name.rpartition(".")[2].rsplit("__mutmut_", 1)[0]
+            same = current.get(function) is not None and current.get(function) == meta["hash_by_function_name"].get(
+                function)
+            codes[name] = code if same else None
+    return codes
+
+
+def triaged() -> dict[str, str]:
+    """Survivors docs/mutation.md declares equivalent: ``- `name`: why`` lines."""
+    if not TRIAGE.exists():
+        return {}
+    return dict(re.findall(r"^- `([^`]+)`: (.+)$", TRIAGE.read_text(), flags=re.MULTILINE))
+
+
+def show(name: str) -> str:
+    out = subprocess.run([MUTMUT, "show", name], cwd=REPO, capture_output=True, text=True)
+    diff = [line for line in out.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+    return "\n".join("      " + line for line in diff) or "      (no diff shown)"
+
+
+def report(sample: dict[str, Path]) -> int:
+    codes, equivalent = exit_codes(), triaged()
+    missing = [name for name in sample if codes.get(name) is None]
+    if missing:
+        print(f"{len(missing)} sampled mutant(s) have no result (run without --report first): {missing[:3]}")
+        return 1
+    by_module: dict[Path, Counter] = {}
+    survivors = []
+    for name, path in sample.items():
+        code = codes[name]
+        verdict = CAUGHT.get(code) or SURVIVED.get(code) or f"suspicious (exit {code})"
+        by_module.setdefault(path, Counter())[verdict] += 1
+        if code not in CAUGHT:
+            survivors.append((name, verdict))
+    print(f"\n{'module':40s} {'sampled':>7s} {'caught':>7s} {'timeout':>7s} {'survived':>8s} {'no tests':>8s}")
+    for path, counts in sorted(by_module.items()):
+        n = sum(counts.values())
+        caught = counts["killed"] + counts["timeout"]
+        print(f"{str(path):40s} {n:7d} {caught:7d} {counts['timeout']:7d} {counts['survived']:8d} "
+              f"{counts['no tests']:8d}   {100 * caught / n:5.1f}%")
+    caught = len(sample) - len(survivors)
+    print(f"{'all':40s} {len(sample):7d} {caught:7d}   caught {100 * caught / len(sample):.1f}% (goal {GOAL:.0%})")
+    untriaged = [(name, verdict) for name, verdict in survivors if name not in equivalent]
+    for name, verdict in survivors:
+        why = equivalent.get(name)
+        print(f"\n  {verdict}: {name}\n{show(name)}\n      " + (f"triaged: {why}" if why else "NOT TRIAGED"))
+    if untriaged:
+        print(f"\n{len(untriaged)} survivor(s) not triaged in {TRIAGE.relative_to(REPO)}")
+    return 0 if caught >= GOAL * len(sample) and not untriaged else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tests/mutation_sample.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--sample", type=int, default=200, help="how many mutants to draw (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run side by side (default 2)")
+    parser.add_argument("--report", action="store_true", help="report the last run's results without running")
+    parser.add_argument("--fresh", action="store_true", help="forget every recorded result and run the whole sample")
+    parser.add_argument("--list", action="store_true", help="count the mutants of each module and stop")
+    args = parser.parse_args(argv)
+    os.chdir(REPO)  # mutmut reads pyproject.toml and writes mutants/ in the current directory
+    if args.list:
+        for path in modules():
+            print(f"{len(mutant_names(path)):6d}  {path}")
+        return 0
+    sample = draw(args.sample, args.seed)
+    if args.fresh:
+        shutil.rmtree(REPO / "mutants", ignore_errors=True)
+    # caught before in code that has not changed since: caught still (unless a test was removed); every other
+    # sampled mutant runs, survivors too, since tests added since may catch them now
+    codes = exit_codes()
+    pending = [name for name in sample if codes.get(name) not in CAUGHT] if not args.report else []
+    if pending:
+        print(f"{len(pending)} of {len(sample)} sampled mutants to run ({len(sample) - len(pending)} caught before "
+              "in unchanged code; --fresh runs all)", file=sys.stderr)
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+        run = subprocess.run([MUTMUT, "run", "--max-children", str(args.jobs), *pending],
+                             cwd=REPO, env=env)
+        if run.returncode not in (0, 1):  # mutmut exits 1 only for its own failures, e.g. a failing clean run
+            print(f"mutmut run failed with exit status {run.returncode}")
+            return 2
+    return report(sample)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
