@@ -1111,3 +1111,12 @@ def test_the_teacher_is_the_recorded_dense_model_and_must_have_the_students_clas
     other = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **{**KWARGS, "num_classes": 4})
     with pytest.raises(UserError, match=r"the rebuilt dense model has 3 classes, the compressed one 4"):
         load_teacher(args, Source(other, ARCH, "directory m", metadata={"source": record}))
+
+
+def test_the_card_of_a_model_only_vmeanba_touched_says_no_weight_changed():
+    from lowrank_vit.io.modelcard import render_card
+
+    card = render_card({"recipe": "vmeanba", "layers": [], "vmeanba": {"chosen": ["layers.0.blocks.0.op"],
+                                                                       "kl": 0.002}}, "m")
+    assert "the selective scans of the blocks listed below run VMeanba's channel-mean scan; no weight changed" in card
+    assert "low-rank product" not in card

@@ -66,8 +66,11 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
         f"# {directory_name}",
         "",
         f"`{source.get('architecture', '?')}` ({source.get('description', 'a timm model')}) compressed by "
-        f"`lowrank_vit` with the **{recipe}** recipe: every linear layer inside the blocks that the allocation "
-        f"chose is a low-rank product `U Vᵀ` (plus a correction Z where the recipe has one).",
+        f"`lowrank_vit` with the **{recipe}** recipe: "
+        + ("the selective scans of the blocks listed below run VMeanba's channel-mean scan; no weight changed."
+           if report.get("vmeanba") and not report.get("layers") else
+           "every linear layer inside the blocks that the allocation chose is a low-rank product `U Vᵀ` (plus a "
+           "correction Z where the recipe has one)."),
         "",
         "| | parameters | MiB (float32) |",
         "|---|---|---|",
