@@ -153,6 +153,22 @@ def overrides(data: str, output: Path, recipe: Recipe, finetune_steps: int) -> l
     ]
 
 
+def train_models(models: dict[str, Recipe], prog: str, description: str, argv: list[str] | None = None) -> int:
+    """The command line of a script that trains named CIFAR-10 models (``--data``, ``--output``, ``--only``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--data", required=True, help="local CIFAR-10 (train.parquet and test.parquet)")
+    parser.add_argument("--output", default="experiments/models")
+    parser.add_argument("--only", choices=sorted(models), default=None)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    for name, recipe in models.items():
+        if args.only and name != args.only:
+            continue
+        record = train(args.data, Path(args.output) / name, recipe, progress=not args.quiet)
+        print(f"{name}: top-1 {record['top1']:.2f}%", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.cifar10", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="local CIFAR-10 (parquet files or image folders) or a hub name")

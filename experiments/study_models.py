@@ -36,11 +36,7 @@ so the study runs without retraining.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
-from experiments.cifar10 import Recipe, train
+from experiments.cifar10 import Recipe, train_models
 
 MODELS: dict[str, Recipe] = {
     "cifar_deit4": Recipe(),
@@ -78,18 +74,7 @@ MODELS: dict[str, Recipe] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.study_models", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="local CIFAR-10 (train.parquet and test.parquet)")
-    parser.add_argument("--output", default="experiments/models")
-    parser.add_argument("--only", choices=sorted(MODELS), default=None)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    for name, recipe in MODELS.items():
-        if args.only and name != args.only:
-            continue
-        record = train(args.data, Path(args.output) / name, recipe, progress=not args.quiet)
-        print(f"{name}: top-1 {record['top1']:.2f}%", file=sys.stderr)
-    return 0
+    return train_models(MODELS, "python -m experiments.study_models", __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
