@@ -21,6 +21,7 @@ from experiments.loss_aware_study import (
     unpack_correct,
     verdict,
 )
+from experiments.ssm_models import MODELS as SSM_RECIPES
 from experiments.study_models import MODELS as STUDY_RECIPES
 
 from conftest import cifar10_dir
@@ -157,6 +158,7 @@ def test_partial_finetune_does_not_depend_on_the_global_generator():
 
 STUDY_JSON = Path(__file__).resolve().parents[1] / "experiments" / "results" / "loss_aware_study.json"
 MODELS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "models"
+COMMITTED_SSM = ("cifar_vssm4",)  # the state-space stand-ins trained so far (experiments/ssm_models.py)
 
 
 @pytest.mark.slow
@@ -191,14 +193,18 @@ def test_a_committed_standin_cell_reproduces(recipe: str):
     assert cell["top1"] == pytest.approx(committed["cells"][f"{recipe}@0.5"]["top1"], abs=0.1 + 1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(STUDY_RECIPES))
+@pytest.mark.parametrize("name", sorted(STUDY_RECIPES) + sorted(COMMITTED_SSM))
 def test_committed_cifar_models_match_their_recipes(name: str):
-    """Every CIFAR-10 model of the study has committed weights, made by the recipe now in experiments/study_models.py
-    (its fingerprint) and loading strictly into the architecture that recipe builds."""
-    timm = pytest.importorskip("timm")
+    """Every CIFAR-10 model of the study (and each committed state-space stand-in) has committed weights, made by
+    the recipe now in experiments/study_models.py (ssm_models.py) and loading strictly into the architecture that
+    recipe builds."""
+    pytest.importorskip("timm")
     from safetensors.torch import load_file
 
-    recipe = STUDY_RECIPES[name]
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    timm = timm_with_our_models()
+    recipe = {**STUDY_RECIPES, **SSM_RECIPES}[name]
     record = json.loads((MODELS_DIR / name / "model.json").read_text())
     assert record["fingerprint"] == recipe.fingerprint(record["data"])
     model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
