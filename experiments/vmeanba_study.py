@@ -91,7 +91,8 @@ def markdown(results: dict[str, Any]) -> str:
     out = []
     for name, model in results["models"].items():
         out.append(f"**{name}** ({model['params']:,} parameters, {model['blocks']} blocks; "
-                   f"{results['eval_images']:,} test images)\n")
+                   f"{results['eval_images']:,} test images; timed on {results.get('threads', '?')} CPU "
+                   "thread(s))\n")
         out.append("| cell | top-1 % | KL to dense | right only here / only dense | McNemar p |")
         out.append("|---|---|---|---|---|")
         for key, cell in model["cells"].items():
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtimes", default="torch,onnxruntime")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--output", default="experiments/results/vmeanba_study.json")
     parser.add_argument("--markdown", action="store_true", help="print the tables of an existing --output and stop")
     args = parser.parse_args(argv)
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown(json.loads(out.read_text())))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = json.loads(out.read_text()) if out.is_file() else {"models": {}}
-    results.update(eval_images=args.eval_images, calib_images=args.calib, seed=args.seed)
+    results.update(eval_images=args.eval_images, calib_images=args.calib, seed=args.seed,
+                   threads=torch.get_num_threads())
     for name in args.only.split(","):
         results["models"][name] = run_model(name, args)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -267,3 +267,10 @@ def test_latency_study_table_is_the_committed_results():
 
     study = json.loads((ROOT / "experiments/results/latency_study.json").read_text())
     assert markdown(study) in (ROOT / "docs/speed.md").read_text()
+
+
+def test_vmeanba_study_tables_are_the_committed_results():
+    from experiments.vmeanba_study import markdown
+
+    study = json.loads((ROOT / "experiments/results/vmeanba_study.json").read_text())
+    assert markdown(study) in (ROOT / "docs/vmeanba.md").read_text()
