@@ -80,8 +80,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for batch in (1, 32):
             result = time_models({k: models[k] for k in timed}, batch=batch, input_size=model_input_size(dense),
                                  runtime=runtime, repeats=args.repeats, progress=False)
-            timings[f"{runtime}/b{batch}"] = {k: {"median_ms": t.median, "speedup": result["dense"].median
-                                                  / t.median} for k, t in result.items()}
+            timings[f"{runtime}/b{batch}"] = {k: {"median_ms": t.median, "q1_ms": t.low, "q3_ms": t.high,
+                                                  "repeats": t.repeats, "speedup": result["dense"].median / t.median}
+                                              for k, t in result.items()}
     return {"blocks": blocks, "params": sum(p.numel() for p in dense.parameters()), "cells": cells,
             "vmeanba": reports, "timings": timings}
 
@@ -105,10 +106,13 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"Scans alone, all {model['blocks']} blocks switched (torch, batch 32): "
                        f"{full['scan_speedup']:.1f}x faster.\n")
         runs = list(model["timings"])
-        out.append("| model | " + " | ".join(f"{r} speedup" for r in runs) + " |")
+        out.append("| model | " + " | ".join(f"{r} speedup (median ms, IQR)" for r in runs) + " |")
         out.append("|---" * (len(runs) + 1) + "|")
         for key in next(iter(model["timings"].values())):
-            out.append(f"| {key} | " + " | ".join(f"{model['timings'][r][key]['speedup']:.2f}x" for r in runs) + " |")
+            cells = [model["timings"][r][key] for r in runs]
+            out.append(f"| {key} | " + " | ".join(
+                f"{c['speedup']:.2f}x" + (f" ({c['median_ms']:.1f}, {c['q1_ms']:.1f}-{c['q3_ms']:.1f})"
+                                          if "q1_ms" in c else "") for c in cells) + " |")
         out.append("")
     return "\n".join(out)
 
