@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from lowrank_vit.core.calibration import iter_calibration_batches
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.scan import channel_mean_scan, selective_scan
-from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.nn.adapters import TimmViTAdapter
 from lowrank_vit.speed.timing import interleaved_timings
 
 
@@ -86,21 +86,13 @@ class VMeanbaReport:
 
 def scan_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """The selective-scan mixers of ``model``; a ValueError naming what the model has when it has none."""
-    adapter = get_adapter(model) if _has_blocks(model) else None
-    ops = adapter.scan_modules(model) if adapter is not None else {}
+    adapter = TimmViTAdapter()  # reads any model: a model without blocks has neither scans nor attention
+    ops = adapter.scan_modules(model)
     if not ops:
-        attention = len(adapter.attention_modules(model, include_factorized=True)) if adapter is not None else 0
+        attention = len(adapter.attention_modules(model, include_factorized=True))
         raise ValueError(f"{type(model).__name__} has no selective-scan block (found {attention} attention "
                          "block(s)): VMeanba applies to vision state-space models such as vmamba_tiny")
     return ops
-
-
-def _has_blocks(model: nn.Module) -> bool:
-    try:
-        get_adapter(model)
-    except ValueError:
-        return False
-    return True
 
 
 def _log_probs(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
