@@ -374,7 +374,9 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
                                    devices=devices, num_nodes=num_nodes, strategy=strategy,
                                    logger=logger if logger is not None else False,  # False: no logger
                                    enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=progress,
-                                   callbacks=callbacks)
+                                   # no layer table: with rich installed Lightning prints it to the console itself,
+                                   # past the log levels that keep --quiet quiet
+                                   enable_model_summary=False, callbacks=callbacks)
     if cfg.max_steps is not None:
         options["max_steps"] = cfg.max_steps
     options.update(trainer_kwargs)
