@@ -5,6 +5,7 @@ user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] o
     python tests/mutation_sample.py --sample 50 --seed 3
     python tests/mutation_sample.py --report        # the last run's results again, without running anything
     python tests/mutation_sample.py --list          # how many mutants each module has
+    python tests/mutation_sample.py --show NAME...  # mutants' diffs, from the current source
 
 mutmut copies the package into ``mutants/`` with every mutant behind a switch, runs the fast suite once to learn
 which tests call each function, then runs each sampled mutant against the tests that call its function (stopping at
@@ -37,8 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 TRIAGE = REPO / "docs" / "mutation.md"
 MUTMUT = str(Path(sys.executable).with_name("mutmut"))  # the console script: `python -m mutmut` re-imports itself
 GOAL = 0.90
-# mutmut's exit codes for a mutant (mutmut/stats.py): a failing test run, or one that ran out of time, caught it
-CAUGHT = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
+# mutmut's exit codes for a mutant (mutmut/stats.py): a failing test run, or one that ran out of time, caught it.
+# A test process that crashed (SIGABRT, SIGSEGV: mutmut calls these "suspicious" or "segfault") caught it too: the
+# suite dies, as `make test` would (seen: a None key passed to onnxruntime aborts in its C++ code).
+CAUGHT = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          -6: "crashed", 134: "crashed", -11: "crashed", 139: "crashed"}
 SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
 
 
@@ -88,9 +92,15 @@ def triaged() -> dict[str, str]:
     return dict(re.findall(r"^- `([^`]+)`: (.+)$", TRIAGE.read_text(), flags=re.MULTILINE))
 
 
-def show(name: str) -> str:
-    out = subprocess.run([MUTMUT, "show", name], cwd=REPO, capture_output=True, text=True)
-    diff = [line for line in out.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+def show(name: str, path: Path, _mutated: dict[Path, str] = {}) -> str:  # noqa: B006 (a cache on purpose)
+    """The mutant's diff, generated from the current source (no run needed: works before `mutants/` exists)."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    if path not in _mutated:
+        _mutated[path] = mutate_file_contents(str(path), (REPO / path).read_text()).code
+    diff = [line for line in get_diff_for_mutant(name, source=_mutated[path], path=path).splitlines()
+            if line[:1] in "+-" and line[:3] not in ("---", "+++")]
     return "\n".join("      " + line for line in diff) or "      (no diff shown)"
 
 
@@ -119,7 +129,8 @@ def report(sample: dict[str, Path]) -> int:
     untriaged = [(name, verdict) for name, verdict in survivors if name not in equivalent]
     for name, verdict in survivors:
         why = equivalent.get(name)
-        print(f"\n  {verdict}: {name}\n{show(name)}\n      " + (f"triaged: {why}" if why else "NOT TRIAGED"))
+        status = f"triaged: {why}" if why else "NOT TRIAGED"
+        print(f"\n  {verdict}: {name}\n{show(name, sample[name])}\n      {status}")
     if untriaged:
         print(f"\n{len(untriaged)} survivor(s) not triaged in {TRIAGE.relative_to(REPO)}")
     return 0 if caught >= GOAL * len(sample) and not untriaged else 1
@@ -132,11 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants run side by side (default 2)")
     parser.add_argument("--report", action="store_true", help="report the last run's results without running")
     parser.add_argument("--list", action="store_true", help="count the mutants of each module and stop")
+    parser.add_argument("--show", nargs="+", metavar="NAME", help="print these mutants' diffs and stop")
     args = parser.parse_args(argv)
     os.chdir(REPO)  # mutmut reads pyproject.toml and writes mutants/ in the current directory
     if args.list:
         for path in modules():
             print(f"{len(mutant_names(path)):6d}  {path}")
+        return 0
+    if args.show:
+        paths = {str(path.with_suffix("")).replace("/", "."): path for path in modules()}
+        for name in args.show:
+            module = max((m for m in paths if name.startswith(m + ".")), key=len, default=None)
+            if module is None:
+                parser.error(f"{name} is not a mutant of the mutated modules ({', '.join(sorted(paths))})")
+            print(f"{name}\n{show(name, paths[module])}")
         return 0
     sample = draw(args.sample, args.seed)
     if not args.report:

@@ -92,6 +92,9 @@ def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
         names = mutation_sample.mutant_names(REPO.joinpath("lowrank_vit/io/hub.py").relative_to(REPO))
         assert len(names) > 20 and all(n.startswith("lowrank_vit.io.hub.x") and "__mutmut_" in n for n in names)
         assert isinstance(mutation_sample.triaged(), dict)
+        # a mutant's diff comes from the source alone: one line out, its mutated form in, nothing else
+        diff = mutation_sample.show(names[0], Path("lowrank_vit/io/hub.py")).split("\n")
+        assert [line.strip()[:1] for line in diff] == ["-", "+"] and diff[0][7:] != diff[1][7:]
     finally:
         os.chdir(here)
         sys.path.remove(str(REPO / "tests"))
