@@ -158,7 +158,7 @@ def test_partial_finetune_does_not_depend_on_the_global_generator():
 
 STUDY_JSON = Path(__file__).resolve().parents[1] / "experiments" / "results" / "loss_aware_study.json"
 MODELS_DIR = Path(__file__).resolve().parents[1] / "experiments" / "models"
-COMMITTED_SSM = ("cifar_vssm4", "cifar_vssm2_deep")  # the state-space stand-ins trained so far (experiments/ssm_models.py)
+COMMITTED_SSM = ("cifar_vssm4", "cifar_vssm2_deep")  # the state-space stand-ins (experiments/ssm_models.py)
 
 
 @pytest.mark.slow

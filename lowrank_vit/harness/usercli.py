@@ -179,9 +179,9 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "file(s), or a Hugging Face dataset name")
     g.add_argument("--image-column", help="image column (default: image, img, pixel_values or the Image feature)")
     g.add_argument("--label-column", help="label column (default: label, labels, fine_label or the ClassLabel)")
-    g.add_argument("--train-split", default="train")
+    g.add_argument("--train-split", default="train", help="the training split (default train)")
     g.add_argument("--val-split", help="validation split (default: validation/val/test, else a 20%% hold-out)")
-    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, cores - 1); capped at the cores)")
 
 
@@ -252,8 +252,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p = sub.add_parser("finetune", help="partial fine-tune of a model directory into a new one (resumable)")
     p.add_argument("model", metavar="DIR", help="a model directory written by compress")
     _add_data(p)
-    p.add_argument("--epochs", type=positive_int, required=True)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=positive_int, required=True, help="epochs of fine-tuning")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the cosine schedule (default 1e-4)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick checks)")
     p.add_argument("--precision", choices=PRECISIONS, default="32-true",
                    help="Lightning precision (default 32-true; bf16-mixed: bfloat16 autocast, weights stay float32, "
@@ -274,15 +274,15 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
 
     p = sub.add_parser("export", help="export a model directory (ONNX, dynamic batch axis)")
     p.add_argument("model", metavar="DIR", help="a model directory")
-    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="the file format (onnx, the only one yet)")
     p.add_argument("--fold", action="store_true", help="fold low-rank Z into the factors (faster inference)")
     p.add_argument("--quantized", choices=("dequantized", "qdq"), default="dequantized",
                    help="quantized weights as float values, or (qdq) as uint8 codes feeding DequantizeLinear")
-    p.add_argument("--opset", type=positive_int, default=17)
+    p.add_argument("--opset", type=positive_int, default=17, help="the ONNX opset version (default 17)")
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime against PyTorch")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     return {"compress": cmd_compress, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "export": cmd_export}
 
 
