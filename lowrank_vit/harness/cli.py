@@ -37,7 +37,8 @@ def _add_hardware(parser: argparse.ArgumentParser) -> None:
                         help="full: the paper (timm weights, ImageNet, GPUs); smoke: tiny MNIST stand-ins on a CPU")
     parser.add_argument("--devices", type=positive_int, help="processes (GPUs) per node; >1 runs DDP")
     parser.add_argument("--num-nodes", type=positive_int, help="nodes (SLURM / torchrun multi-node)")
-    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"))
+    parser.add_argument("--accelerator", choices=("cpu", "gpu", "auto"),
+                        help="the device the rows run on (default: the row's config; auto: a GPU if torch sees one)")
     parser.add_argument("--output", help="results directory (default: results/, or results/smoke/ for --scale smoke)")
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
                         help="wandb logging (online falls back to offline without an API key or network)")
@@ -72,15 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="each entry's table, method and paper numbers as JSON")
 
     p = sub.add_parser("show", help="an experiment's resolved config as JSON")
-    p.add_argument("name")
+    p.add_argument("name", help="a registered experiment (see `list`), e.g. table2/deit_s/ours-50")
     p.add_argument("--scale", choices=("full", "smoke"), help="only this scale's config (default: both)")
 
     p = sub.add_parser("plan", help="allocate a row's ranks and count its parameters, without data")
-    p.add_argument("name")
+    p.add_argument("name", help="a registered experiment (see `list`), e.g. table2/deit_s/ours-50")
     p.add_argument("--synthetic", action="store_true",
                    help="required (plan has no other mode yet): seeded random weights and synthetic calibration "
                         "images, so two runs give the same ranks; no data, weights or network")
-    p.add_argument("--scale", choices=("full", "smoke"), default="full")
+    p.add_argument("--scale", choices=("full", "smoke"), default="full",
+                   help="the config planned: full (the paper's model) or smoke (its tiny stand-in); default full")
     p.add_argument("--calib-images", type=positive_int, default=4, help="synthetic calibration images (default 4)")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="totals, per-layer ranks and parameter counts and MiB as JSON")
@@ -89,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --estimate: GPUs of the data-parallel fine-tune (default 1)")
 
     p = sub.add_parser("run", help="the whole pipeline of one row; writes OUTPUT/NAME/result.json and the model")
-    p.add_argument("name")
+    p.add_argument("name", help="a registered experiment (see `list`), e.g. table2/deit_s/ours-50")
     _add_hardware(p)
 
     p = sub.add_parser("reproduce", help="run a table's unfinished rows, then write OUTPUT/TABLE.md and .json")
-    p.add_argument("table", help="table1, table2, table3, table4, ablation or compare")
+    p.add_argument("table", help="table1, table2, table3, table4, ablation, compare or vmeanba")
     p.add_argument("--rows", help="only the rows matching this shell pattern, e.g. 'table2/deit_s/*'")
     p.add_argument("--dry-run", action="store_true", help="list the rows that would run; run nothing")
     _add_estimate(p)
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a miniature Table 2 on the MNIST stand-in of DeiT-S, offline on a CPU")
     p.add_argument("--output", default="results/demo", help="where the table, figures and runs go")
     p.add_argument("--rows", nargs="+", help="only these registry rows (default: all the demo's rows)")
-    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
+                   help="wandb logging of the rows' runs (default offline)")
+    p.add_argument("--no-figures", action="store_true", help="skip drawing the figures (the table only)")
     p.add_argument("--force", action="store_true", help="run rows again even if finished")
     p.add_argument("--quiet", action="store_true", help="print nothing but the table")
     p.add_argument("--publish", action="store_true",
