@@ -1,0 +1,210 @@
+"""``lowrank-vit compress / evaluate / finetune / export`` as a user meets their flags: what each flag reaches (the
+model timm builds, the data module, the ONNX file), the line that says which weights were read, and the one-line
+refusals (exit status 2) of what the commands cannot do. Tiny timm ViTs (pretrained=False) and a generated image
+folder; each check runs in seconds, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, one_line_error
+
+ARCH = "vit_tiny_patch16_224"
+KWARGS = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
+CLASSES, PER_CLASS, SIZE = 3, 5, 32
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """An image folder: one subfolder per class, RGB 32x32 PNGs whose brightness depends on the class."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("contract_imgs")
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        (root / f"class{c}").mkdir()
+        for i in range(PER_CLASS):
+            Image.fromarray((rng.random((SIZE, SIZE, 3)) * 80 + c * 70).astype(np.uint8)).save(
+                root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _tiny(**overrides):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(ARCH, pretrained=False, img_size=SIZE, **{**KWARGS, **overrides}).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The user's own weights for the tiny architecture, as a safetensors state dict."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("contract_ckpt") / "weights.safetensors"
+    save_file(_tiny().state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A model directory (3x32x32 input, 3 classes) of a compressed model whose weights are 8-bit quantized, written by
+    the API; the tests only read it."""
+    from lowrank_vit import compress, quantize_, save_compressed
+
+    model = _tiny()
+    calib = torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    compress(model, [calib], reduction=0.4, calib_samples=16, progress=False)
+    quantize_(model, bits=8)
+    return save_compressed(model, tmp_path_factory.mktemp("contract_dir") / "model",
+                           metadata={"preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}})
+
+
+def _argparse_refusal(capsys, *argv) -> str:
+    """The command line is refused by the parser itself (before any file is read): exit status 2 and one line."""
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, *map(str, argv))
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------ what reaches the model
+
+
+def test_a_one_channel_input_size_builds_a_one_channel_model_fed_one_channel_images(images, capsys):
+    """``--input-size 1,H,W`` on a timm name: the model is built for grayscale input and the data module feeds it
+    grayscale images. Were the channel count lost on the way to timm, the user's grayscale model could not be built
+    (or would be built for RGB)."""
+    code, out, err = cli(capsys, "evaluate", ARCH, "--no-pretrained", "--model-kwargs", json.dumps(KWARGS),
+                         "--input-size", "1,32,32", "--data", str(images), "--workers", "0", "--json", "--quiet",
+                         "--latency-batches")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["preprocessing"]["input_size"] == [1, SIZE, SIZE]
+    # the parameter count of a ViT whose patch embedding reads 1 channel, counted on a model built here directly
+    assert result["params"] == sum(p.numel() for p in _tiny(in_chans=1).parameters())
+    assert result["params"] != sum(p.numel() for p in _tiny(in_chans=3).parameters())
+    assert result["images"] == CLASSES * PER_CLASS // 5  # the 20% hold-out was evaluated: the images fit the model
+
+
+def test_the_description_says_the_weights_are_the_users_checkpoint(images, checkpoint, capsys):
+    """A model built from ``--checkpoint FILE`` is described as "your checkpoint" in the output, never as random
+    weights (which would tell the user their checkpoint was ignored)."""
+    code, out, err = cli(capsys, "evaluate", ARCH, "--checkpoint", str(checkpoint), "--model-kwargs",
+                         json.dumps(KWARGS), "--input-size", str(SIZE), "--data", str(images), "--workers", "0",
+                         "--json", "--quiet", "--latency-batches")
+    assert code == 0, err
+    assert json.loads(out)["model"] == f"timm {ARCH}, your checkpoint"
+
+
+def test_a_hub_reference_to_a_model_directory_loads_that_directory(model_dir, images, capsys, monkeypatch):
+    """``hf-hub:owner/name`` holding a model directory: the downloaded snapshot is read like a local model directory
+    (its weights, its saved preprocessing). The hub itself is replaced by a local folder, as snapshot_download
+    returns one."""
+    from lowrank_vit.io import hub
+
+    monkeypatch.setattr(hub, "download", lambda reference, cache_dir=None, token=None: model_dir)
+    code, out, err = cli(capsys, "evaluate", "hf-hub:someone/tiny", "--data", str(images), "--workers", "0", "--json",
+                         "--quiet", "--latency-batches")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == f"directory {model_dir}"
+    assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and result["preprocessing"]["crop_pct"] == 1.0
+
+
+def test_a_dataset_name_is_looked_up_on_the_hugging_face_hub(tmp_path, capsys, monkeypatch):
+    """``--data owner/name`` that is no local path is a Hugging Face dataset name: offline and not cached, the
+    command says it could not load that dataset from the hub, on one line (not a traceback)."""
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    code, _, err = cli(capsys, "evaluate", ARCH, "--no-pretrained", "--model-kwargs", json.dumps(KWARGS),
+                       "--input-size", str(SIZE), "--data", "someone/no-such-dataset", "--workers", "0", "--quiet",
+                       "--latency-batches")
+    assert code == 2
+    line = one_line_error(err)
+    assert "'someone/no-such-dataset'" in line and "Hugging Face hub" in line
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_export_writes_float_weights_unless_qdq_is_asked(model_dir, tmp_path, capsys):
+    """The default of ``--quantized`` is ``dequantized``: a quantized model exports with its weights as float
+    values (no DequantizeLinear node, no uint8 tensor), the form every ONNX runtime reads."""
+    onnx = pytest.importorskip("onnx")
+    target = tmp_path / "model.onnx"
+    code, _, err = cli(capsys, "export", str(model_dir), "--output", str(target), "--no-check", "--quiet")
+    assert code == 0, err
+    graph = onnx.load(str(target)).graph
+    assert "DequantizeLinear" not in {node.op_type for node in graph.node}
+    assert all(t.data_type != onnx.TensorProto.UINT8 for t in graph.initializer)
+
+
+def test_export_refuses_a_format_it_does_not_write(model_dir, tmp_path, capsys):
+    """``--format`` other than onnx is refused by the parser, naming the flag; no file is written (rather than an
+    ONNX file under the name the user gave for another format)."""
+    target = tmp_path / "model.tflite"
+    line = _argparse_refusal(capsys, "export", model_dir, "--format", "tflite", "--output", target, "--no-check")
+    assert "--format" in line and "tflite" in line
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+
+
+def test_max_steps_must_be_a_positive_integer(tmp_path, capsys):
+    """``--max-steps 0`` (or text) is refused by the parser, naming the flag, before anything is read."""
+    for bad in ("0", "two"):
+        line = _argparse_refusal(capsys, "finetune", tmp_path / "nowhere", "--data", tmp_path, "--epochs", "1",
+                                 "--max-steps", bad, "--output", tmp_path / "o")
+        assert "--max-steps" in line and repr(bad) in line
+
+
+def test_max_steps_stops_the_fine_tune_after_that_many_steps(model_dir, images, tmp_path, capsys):
+    """``--max-steps 1``: one optimizer step, although an epoch of the 12 training images at batch size 4 is 3."""
+    out = tmp_path / "ft"
+    code, stdout, err = cli(capsys, "finetune", str(model_dir), "--data", str(images), "--workers", "0",
+                            "--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--output", str(out), "--quiet")
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["finetune"]["steps"] == 1
+    assert "fine-tuned 1 steps" in stdout
+
+
+# ------------------------------------------------------------------------------------------- bad model input
+
+
+def test_a_misspelled_name_with_a_pretrained_tag_suggests_the_architecture(images, tmp_path, capsys):
+    """A misspelled architecture with its pretrained tag (``vit_base_patch16_22.augreg_in21k``): the suggestion is
+    the architecture the user meant (the tag is no part of what is compared with timm's names)."""
+    code, _, err = cli(capsys, "compress", "vit_base_patch16_22.augreg_in21k", "--data", str(images), "--reduction",
+                       "0.5", "--output", str(tmp_path / "o"))
+    assert code == 2
+    line = one_line_error(err)
+    assert "did you mean vit_base_patch16_224" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_name_with_a_stray_space_is_refused_suggesting_the_name_without_it(images, tmp_path, capsys):
+    """``"vit_tiny_patch16_224 "`` (a stray space, as from a quoted shell variable) is no timm name: refused on one
+    line that suggests the name the user meant, before any model is built."""
+    code, _, err = cli(capsys, "compress", f"{ARCH} ", "--no-pretrained", "--data", str(images), "--reduction", "0.5",
+                       "--output", str(tmp_path / "o"))
+    assert code == 2
+    line = one_line_error(err)
+    assert f"timm has no model '{ARCH} '" in line and f"did you mean {ARCH}" in line
+    assert not (tmp_path / "o").exists()
+
+def test_an_input_size_a_model_directory_does_not_take_is_refused_naming_both(model_dir, images, capsys):
+    """``--input-size`` with a model directory built for another size: one line giving the size the model takes
+    and the size asked for, not a traceback."""
+    code, _, err = cli(capsys, "evaluate", str(model_dir), "--input-size", "48", "--data", str(images), "--workers",
+                       "0", "--quiet", "--latency-batches")
+    assert code == 2
+    line = one_line_error(err)
+    assert "the model takes 3x32x32 images, --input-size asks for 3x48x48" in line
