@@ -20,7 +20,7 @@ CLI := $(BIN)/lowrank-vit
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast mutants mutants-listed lint clean demo demo-refresh check-plans reproduce-table1 reproduce-table2 reproduce-table3 \
-	reproduce-table4 reproduce-ablation reproduce-compare compare-cifar10 rehearse
+	reproduce-table4 reproduce-ablation reproduce-compare reproduce-vmeanba compare-cifar10 rehearse
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -74,8 +74,11 @@ reproduce-ablation: $(BIN)/.installed  ## the ablations the paper lacks
 reproduce-compare: $(BIN)/.installed  ## ours vs plain/mean/ASVD/FWSVD/COMCAT at equal parameters, with/without FT
 	$(CLI) reproduce compare --scale $(SCALE) $(ARGS)
 
-rehearse: $(BIN)/.installed  ## every full-scale row of Tables 1-4, ablations, comparison on the CPU (random weights, generated data, 2 DDP processes)
-	$(TEST_ENV) $(CLI) rehearse table1 table2 table3 table4 ablation compare --devices 2 --layout $(LAYOUT) \
+reproduce-vmeanba: $(BIN)/.installed  ## VMeanba, the low-rank default and both on VMamba-T/S/B (vision state-space models)
+	$(CLI) reproduce vmeanba --scale $(SCALE) $(ARGS)
+
+rehearse: $(BIN)/.installed  ## every full-scale row of Tables 1-4, ablations, comparison, VMeanba on the CPU (random weights, generated data, 2 DDP processes)
+	$(TEST_ENV) $(CLI) rehearse table1 table2 table3 table4 ablation compare vmeanba --devices 2 --layout $(LAYOUT) \
 		--record $(REHEARSE_RECORD) $(ARGS)
 
 compare-cifar10: $(BIN)/.installed  ## the comparison on a small DeiT trained here on CIFAR-10 (CIFAR10=path/to/parquet)

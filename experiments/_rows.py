@@ -3,7 +3,7 @@ configurations from its method settings, so every table states only what differs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
@@ -16,6 +16,7 @@ from lowrank_vit.harness.registry import (
     QuantizationConfig,
     RunConfig,
 )
+from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.stages.data_config import DataConfig
 from lowrank_vit.stages.finetune_config import FinetuneConfig
 
@@ -39,6 +40,10 @@ ARCHS = {a.key: a for a in (
     Arch("vit_b", "vit_base_patch16_224.augreg_in21k_ft_in1k", 86_567_656, "ViT-B", 4),
     Arch("vit_l", "vit_large_patch16_224.augreg_in21k_ft_in1k", 304_326_632, "ViT-L", 8),
     Arch("swin_b", "swin_base_patch4_window7_224.ms_in22k_ft_in1k", 87_768_224, "Swin-B", 4),
+    # vision state-space models (lowrank_vit/nn/vssm.py, no timm weights: experiments/ssm.py says how to run them)
+    Arch("vmamba_t", "vmamba_tiny", 30_215_944, "VMamba-T", 2),
+    Arch("vmamba_s", "vmamba_small", 48_984_328, "VMamba-S", 4),
+    Arch("vmamba_b", "vmamba_base", 86_558_056, "VMamba-B", 4),
 )}
 
 ARCH_LABELS.update({a.key: a.label for a in ARCHS.values()})
@@ -80,7 +85,7 @@ spectra and the closed-form low-rank Z (for COMCAT on the MLP layers only: its a
 def make_row(name: str, method: str, *, reduction: float | None = None, target_params: int | None = None,
              compression: dict[str, Any] | None = None, finetune: bool = True,
              quantization: QuantizationConfig | None = None, paper: PaperResult | None = None,
-             description: str = "", notes: tuple[str, ...] = ()) -> Experiment:
+             description: str = "", notes: tuple[str, ...] = (), vmeanba: VMeanbaConfig | None = None) -> Experiment:
     """A registry row named ``TABLE/ARCH/VARIANT``.
 
     Args:
@@ -90,13 +95,16 @@ def make_row(name: str, method: str, *, reduction: float | None = None, target_p
             (an absolute target becomes ``1 - target / timm count``).
         finetune: run the partial fine-tune after compression.
         quantization: post-training quantization after fine-tuning.
+        vmeanba: VMeanba before any low-rank step (vision state-space models), its impact scores over the scale's
+            calibration images; with ``method="vmeanba"`` alone (no low-rank step, no fine-tune), else the row's
+            method becomes ``"vmeanba+METHOD"``.
     """
     table, arch_key, _ = name.split("/")
     paper = paper or PaperResult()
     arch = ARCHS[arch_key]
     # a variant not named in METHODS (the ablations, Table 1's Z kinds) varies the paper's recipe
     settings = {**METHODS.get(method, RECIPES["paper"]), **(compression or {})}
-    if method == "baseline":
+    if method in ("baseline", "vmeanba"):
         full_c = smoke_c = None
         fraction = None
     else:
@@ -109,12 +117,16 @@ def make_row(name: str, method: str, *, reduction: float | None = None, target_p
         data=DataConfig(name="imagenet-1k", calib_samples=FULL_CALIB, batch_size=FULL_FINETUNE.batch_size,
                         num_workers=8),
         compression=full_c, finetune=FULL_FINETUNE if finetune and full_c else None, quantization=quantization,
-        hardware=HardwareConfig("gpu", devices=arch.gpus))
+        hardware=HardwareConfig("gpu", devices=arch.gpus),
+        vmeanba=None if vmeanba is None else replace(vmeanba, calib_samples=FULL_CALIB))
     smoke = RunConfig(
         scale="smoke", model=ModelConfig("standin", arch_key, pretrained=True),
         data=DataConfig(name="mnist-5k", calib_samples=SMOKE_CALIB, batch_size=SMOKE_FINETUNE.batch_size),
         compression=smoke_c, finetune=SMOKE_FINETUNE if finetune and smoke_c else None, quantization=quantization,
-        hardware=HardwareConfig("cpu", devices=1))
+        hardware=HardwareConfig("cpu", devices=1),
+        vmeanba=None if vmeanba is None else replace(vmeanba, calib_samples=SMOKE_CALIB))
+    if vmeanba is not None and method != "vmeanba":
+        method = f"vmeanba+{method}"
     return Experiment(name=name, table=table, arch=arch_key, method=method, full=full, smoke=smoke, paper=paper,
                       reduction=reduction if reduction is not None else (None if fraction is None else fraction),
                       description=description, notes=notes)

@@ -297,3 +297,17 @@ def test_h100_compression_agrees_with_the_benchmark():
                      "statistics_s": seconds["statistics"] + seconds.get("calibration backward", 0.0)}
             for key, value in pairs.items():
                 assert 1 / 3 <= value / row[key] <= 3, (model, recipe, key, value, row[key])
+
+
+def test_a_vmeanba_row_is_estimated_with_one_pass_per_scan_block():
+    """VMamba-T has 2+2+8+2 = 14 selective-scan blocks: the impact scores take the dense reference, one pass per
+    block and the final KL over the row's 1,024 calibration images; a baseline of the same model has no such stage."""
+    from lowrank_vit.harness.estimate import estimate_row
+
+    est = estimate_row(get_experiment("vmeanba/vmamba_t/vmeanba-k2"), "full")
+    stage = next(s for s in est["stages"] if s["name"] == "vmeanba")
+    assert stage["detail"].startswith("16 passes over 1,024 images")
+    per_image = est["forward_gflops_per_image"] * 1e9
+    assert stage["flops"] == pytest.approx(per_image * (16 * 1024 + 4 * 5 * 32))  # + dense/switched timing, 5 x 32
+    base = estimate_row(get_experiment("vmeanba/vmamba_t/baseline"), "full")
+    assert "vmeanba" not in {s["name"] for s in base["stages"]}

@@ -52,7 +52,8 @@ def test_entry_is_complete_and_round_trips(exp: Experiment):
         cfg = exp.config(scale)
         assert cfg.scale == scale
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
-        assert (cfg.compression is None) == (exp.method == "baseline")
+        assert (cfg.compression is None) == (exp.method in ("baseline", "vmeanba"))
+        assert (cfg.vmeanba is None) == (not exp.method.startswith("vmeanba"))
         if cfg.finetune is not None:
             assert cfg.compression is not None
     full, smoke = exp.full, exp.smoke
@@ -143,8 +144,9 @@ def test_inconsistent_paper_counts_are_flagged_not_bent():
 
 
 def test_arch_parameter_counts_are_timms():
-    import timm
+    from lowrank_vit.nn.adapters import timm_with_our_models
 
+    timm = timm_with_our_models()  # timm's models and this library's (the VMamba sizes)
     for arch in ARCHS.values():
         with torch.device("meta"):
             model = timm.create_model(arch.timm_name.split(".")[0], pretrained=False)
@@ -289,7 +291,7 @@ _TABLE1_Z = {"lowrank": "lowrank", "diagonal": "diagonal", "sparse-unstructured"
 def _declared(exp: Experiment) -> dict:
     """What the row's name says it runs: its table, variant and method, read independently of how it was built."""
     table, _, variant = exp.name.split("/")
-    method = exp.method
+    method = exp.method.removeprefix("vmeanba+")  # VMeanba first, then the low-rank recipe the name declares
     if method == "loss-aware":
         return _LOSS_AWARE
     if method == "vanilla":
@@ -316,7 +318,7 @@ def _declared(exp: Experiment) -> dict:
     raise AssertionError(f"no declared recipe for {exp.name} (method {method!r}): add it to this test")
 
 
-@pytest.mark.parametrize("exp", [e for e in ALL if e.method != "baseline"], ids=lambda e: e.name)
+@pytest.mark.parametrize("exp", [e for e in ALL if e.method not in ("baseline", "vmeanba")], ids=lambda e: e.name)
 def test_every_rows_configuration_is_its_declared_recipe_and_nothing_else(exp: Experiment):
     """Table-driven over every compressing row at both scales: the configuration equals the recipe its name declares
     on top of the defaults, plus the budget and the scale's calibration count, field by field."""
@@ -327,3 +329,36 @@ def test_every_rows_configuration_is_its_declared_recipe_and_nothing_else(exp: E
         expected = CompressionConfig(**budget, calib_samples=calib, **declared).to_dict()
         wrong = {key: (got[key], expected[key]) for key in expected if got[key] != expected[key]}
         assert not wrong, f"{exp.name} ({run.scale}): field: (row, declared) {wrong}"
+
+
+# ------------------------------------------------------------------------------- vision state-space models (VMeanba)
+VMEANBA_ROWS = [e for e in ALL if e.table == "vmeanba"]
+
+
+def test_the_vmeanba_table_has_the_sweep_the_low_rank_row_and_both_on_every_vmamba_size():
+    names = {e.name for e in VMEANBA_ROWS}
+    assert {f"vmeanba/vmamba_t/vmeanba-k{k}" for k in (2, 4, 8)} <= names
+    assert {f"vmeanba/{a}/{v}" for a in ("vmamba_t", "vmamba_s", "vmamba_b") for v in ("baseline", "vmeanba-k4")} \
+        <= names
+    assert {"vmeanba/vmamba_t/loss-aware-40", "vmeanba/vmamba_t/vmeanba-k4-loss-aware-40"} <= names
+    assert "vmeanba" in tables()
+
+
+@pytest.mark.parametrize("exp", [e for e in VMEANBA_ROWS if e.method.startswith("vmeanba")], ids=lambda e: e.name)
+def test_a_vmeanba_row_switches_the_k_its_name_declares_of_blocks_both_scales_have(exp: Experiment):
+    """K is read from the row's name; it must exist in the full-size model and in its stand-in (which keeps the
+    real block counts), over each scale's calibration images; VMeanba alone is training-free."""
+    from lowrank_vit.harness.standins import STANDINS
+    from lowrank_vit.methods.vmeanba import scan_blocks
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    timm = timm_with_our_models()
+    k = int(exp.name.split("/")[2].split("-")[1].removeprefix("k"))
+    for cfg, calib in ((exp.full, 1024), (exp.smoke, 256)):
+        assert (cfg.vmeanba.num_blocks, cfg.vmeanba.target_speedup, cfg.vmeanba.calib_samples) == (k, None, calib)
+        assert cfg.data.calib_samples == calib
+        assert (cfg.finetune is None) == (exp.method == "vmeanba")
+    with torch.device("meta"):
+        full = timm.create_model(exp.full.model.name, pretrained=False)
+        smoke = STANDINS[exp.arch].create_model()
+    assert len(scan_blocks(full)) == len(scan_blocks(smoke)) and k <= len(scan_blocks(full))

@@ -82,9 +82,12 @@ def test_rehearse_one_row_at_full_size(capsys, tmp_path):
     ("table4/deit_b/baseline-int4", ["--layout", "imagefolder"], "full size"),  # Table 4: quantized, DeiT-B
     # Table 1's rows fit Z with the SGD solver (cut to a few steps, which the row checks): on one block for speed
     ("table1/deit_b/z-lowrank", ["--depth", "1"], "SHRUNK"),
+    # VMeanba then the low-rank default on VMamba-T, fine-tuned: one block per stage (4 blocks, K = 4)
+    ("vmeanba/vmamba_t/vmeanba-k4-loss-aware-40", ["--depth", "1"], "SHRUNK"),
 ])
 def test_rehearse_one_row_of_every_other_table(capsys, tmp_path, row, extra, size):
-    """With ``table2/deit_s/ours-40`` above, one row of each of Tables 1-4 goes through its full-scale path."""
+    """With ``table2/deit_s/ours-40`` above, one row of each of Tables 1-4 and of the VMeanba table goes through its
+    full-scale path."""
     code = main(["rehearse", row, *extra, "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out

@@ -69,10 +69,13 @@ def _rank1_params(model: torch.nn.Module) -> int:
 
 
 def test_registry_keys_and_families():
-    assert list(STANDINS) == ["deit_t", "deit_s", "deit_b", "vit_b", "vit_l", "swin_b"]
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    assert list(STANDINS) == ["deit_t", "deit_s", "deit_b", "vit_b", "vit_l", "swin_b", "vmamba_t", "vmamba_s",
+                              "vmamba_b"]
     for arch, spec in STANDINS.items():
         assert spec.arch == arch
-        assert spec.timm_name in timm.list_models(), spec.timm_name
+        assert spec.timm_name in timm_with_our_models().list_models(), spec.timm_name
         assert "distilled" not in spec.timm_name
     assert STANDINS["deit_t"].timm_name.startswith("deit_tiny")
     assert STANDINS["deit_s"].timm_name.startswith("deit_small")
@@ -80,6 +83,10 @@ def test_registry_keys_and_families():
     assert STANDINS["vit_b"].timm_name.startswith("vit_base")
     assert STANDINS["vit_l"].timm_name.startswith("vit_large")
     assert STANDINS["swin_b"].timm_name.startswith("swin_base")
+    for size in ("t", "s", "b"):  # the VMamba sizes keep the real models' block counts (K means the same)
+        spec = STANDINS[f"vmamba_{size}"]
+        real = timm_with_our_models().create_model(spec.timm_name, pretrained=False).build_kwargs["depths"]
+        assert spec.timm_name.startswith("vmamba_") and list(spec.model_kwargs["depths"]) == real
 
 
 @pytest.mark.parametrize("arch", list(STANDINS))
@@ -87,8 +94,11 @@ def test_every_standin_builds_untrained(arch: str, cache: Path):
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
+    from lowrank_vit.nn.vssm import VSSM
+
     model = build_standin(arch, pretrained=False)
-    expected = SwinTransformer if arch.startswith("swin") else VisionTransformer
+    expected = SwinTransformer if arch.startswith("swin") else VSSM if arch.startswith("vmamba") else \
+        VisionTransformer
     assert type(model) is expected  # not a distilled DeiT, not another family
     assert not model.training
     assert model.pretrained_cfg["architecture"] == STANDINS[arch].timm_name  # save_compressed can rebuild it

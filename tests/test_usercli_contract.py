@@ -208,3 +208,27 @@ def test_an_input_size_a_model_directory_does_not_take_is_refused_naming_both(mo
     assert code == 2
     line = one_line_error(err)
     assert "the model takes 3x32x32 images, --input-size asks for 3x48x48" in line
+    assert "a model directory keeps its size" in line
+
+
+def test_an_input_size_that_contradicts_model_kwargs_names_the_kwargs(images, capsys):
+    """A timm name whose --model-kwargs fix another size: the advice is to make them agree, not the directory's."""
+    code, _, err = cli(capsys, "evaluate", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs",
+                       '{"img_size": 64}', "--input-size", "32", "--data", str(images), "--workers", "0", "--quiet")
+    assert code == 2
+    line = one_line_error(err)
+    assert "the model takes 3x64x64 images, --input-size asks for 3x32x32" in line and "--model-kwargs" in line
+    assert "directory" not in line
+
+
+def test_an_output_holding_a_damaged_model_is_refused_and_described_as_unreadable(tmp_path):
+    """A model directory whose plan is not JSON (an interrupted copy) is still refused without --force, and the
+    message says it cannot be read rather than failing on it."""
+    from lowrank_vit.harness.usercli import UserError, check_output_dir
+    from lowrank_vit.io.surgery import PLAN_FILE
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / PLAN_FILE).write_text("{ not json")
+    with pytest.raises(UserError, match=r"already holds a model \(unreadable\): give --force"):
+        check_output_dir(out, force=False)

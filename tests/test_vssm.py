@@ -382,3 +382,67 @@ def test_cli_vmeanba_on_a_vision_transformer_is_one_line(tmp_path, capsys):
                      str(tmp_path / "m"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "VisionTransformer has no selective-scan block (found 2 attention block(s))" in err
+
+
+# ------------------------------------------------------------------------------------------- the registry's rows
+_QUICK = ["model.pretrained=false", "data.calib_samples=8", "vmeanba.calib_samples=8", "vmeanba.repeats=1",
+          "vmeanba.latency_batch=4"]
+
+
+@pytest.mark.parametrize("row", ["vmeanba/vmamba_t/vmeanba-k2", pytest.param(
+    "vmeanba/vmamba_t/vmeanba-k4-loss-aware-40", marks=pytest.mark.slow)])
+def test_a_registry_row_runs_vmeanba_saves_it_and_the_saved_model_scores_what_the_run_recorded(tmp_path, row):
+    """The smoke scale's stand-in (random weights here: no pretraining in a test) through `lowrank-vit run`'s driver:
+    the K blocks of least impact by the run's own scores are switched, the table shows them, and the saved model
+    has exactly those blocks switched and scores the recorded top-1."""
+    from lowrank_vit.harness.registry import get_experiment
+    from lowrank_vit.harness.runner import MODEL_DIR, build_model, evaluate, render_table, run_row
+    from lowrank_vit.io.surgery import load_compressed
+    from lowrank_vit.methods.vmeanba import scan_blocks
+    from lowrank_vit.stages.data import build_datamodule
+
+    exp = get_experiment(row)
+    extra = ["finetune.max_steps=1", "compression.calib_samples=8"] if exp.smoke.compression else []
+    result = run_row(exp, "smoke", output=tmp_path, wandb="disabled", overrides=_QUICK + extra, progress=False)
+    scores, chosen = result["vmeanba"]["scores"], result["vmeanba"]["chosen"]
+    k = exp.smoke.vmeanba.num_blocks
+    assert len(scores) == 14 and chosen == sorted(scores, key=scores.get)[:k]
+    model = load_compressed(tmp_path / row / MODEL_DIR)
+    assert sorted(name for name, op in scan_blocks(model).items() if op.mean_scan) == sorted(chosen)
+    if exp.smoke.compression is not None:
+        assert result["params"] < 0.7 * result["params_before"] and result["finetune"]["steps"] == 1
+    else:
+        assert result["params"] == result["params_before"] and "finetune" not in result
+    cfg = exp.smoke.override(_QUICK)
+    dm = build_datamodule(cfg.data, build_model(cfg.model, progress=False))
+    dm.setup("fit")
+    top1 = evaluate(model, dm.val_dataloader(batch_size=256), torch.device("cpu"), progress=False)["top1"]
+    assert top1 == pytest.approx(result["top1"], abs=1e-9)
+    table = render_table("vmeanba", [exp], "smoke", tmp_path)
+    assert f"| {k} | {result['vmeanba']['scan_speedup']:.2f}x | {result['vmeanba']['measured_speedup']:.2f}x |" \
+        in table
+
+
+def test_a_vmeanba_row_on_a_model_without_scans_fails_before_the_model_is_evaluated(tmp_path):
+    from lowrank_vit.harness.registry import get_experiment
+    from lowrank_vit.harness.runner import run_row
+
+    with pytest.raises(ValueError, match="no selective-scan"):
+        run_row(get_experiment("vmeanba/vmamba_t/vmeanba-k2"), "smoke", output=tmp_path, wandb="disabled",
+                overrides=[*_QUICK, "model.name=deit_s"], progress=False)
+    assert not (tmp_path / "vmeanba/vmamba_t/vmeanba-k2").exists()
+
+
+def test_switching_scans_for_a_timing_restores_each_ones_own_setting_even_after_an_error():
+    from lowrank_vit.methods.vmeanba import scan_blocks, switched
+
+    model = timm_with_our_models().create_model("vssm_micro", pretrained=False)
+    a, b = scan_blocks(model).values()
+    a.mean_scan, b.mean_scan = True, False
+    with pytest.raises(RuntimeError, match="boom"), switched([a, b], False):
+        assert (a.mean_scan, b.mean_scan) == (False, False)
+        raise RuntimeError("boom")
+    assert (a.mean_scan, b.mean_scan) == (True, False)
+    with switched([a, b], True):
+        assert (a.mean_scan, b.mean_scan) == (True, True)
+    assert (a.mean_scan, b.mean_scan) == (True, False)

@@ -136,6 +136,8 @@ class ModelShapes:
     """Sum of every leaf module's float32 output: what a training step keeps for its backward, per image."""
     peak_output_bytes: float
     """The largest single float32 output: what an inference pass holds at once, per image (times two)."""
+    scan_blocks: int = 0
+    """Selective-scan blocks (vision state-space models): VMeanba's candidates."""
 
     @property
     def compressible_flops(self) -> float:
@@ -172,7 +174,8 @@ def count_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSh
     layers = tuple(LinearShape(name, m.in_features, m.out_features, tokens[name]) for name, m in compressible.items()
                    if name in tokens)
     return ModelShapes(float(counter.get_total_flops()), layers, sum(p.numel() for p in model.parameters()),
-                       4.0 * sum(outputs), 4.0 * max(outputs, default=0))
+                       4.0 * sum(outputs), 4.0 * max(outputs, default=0),
+                       scan_blocks=len(get_adapter(model).scan_modules(model)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -436,6 +439,23 @@ def finetune_stage(shapes: ModelShapes, cfg: RunConfig, device: str, devices: in
                                             "seconds_per_epoch": seconds / epochs if epochs else 0.0})
 
 
+def vmeanba_stage(shapes: ModelShapes, cfg: RunConfig, device: str) -> Stage:
+    """VMeanba's block choice: the dense reference, one pass per scan block switched alone (the impact scores) and
+    the final KL over the calibration images, then (when it times) the dense and the switched model side by side at
+    the latency batch. The scans themselves are elementwise work the FLOP count leaves out."""
+    v, spec = cfg.vmeanba, get_device(device)
+    images = v.calib_samples * (shapes.scan_blocks + 2)
+    if v.timing or v.target_speedup is not None:
+        images += 2 * v.repeats * v.latency_batch * 2  # each block's mixer (about a model's worth), then the model
+    flops = images * shapes.forward_flops
+    batch = max(256, 2 * cfg.data.batch_size)
+    memory = (shapes.params * 4 + batch * 2 * shapes.peak_output_bytes) / GIB
+    return Stage("vmeanba", flops, _gemm_seconds(flops, spec, gemm_precision(device)), memory,
+                 f"{shapes.scan_blocks + 2} passes over {v.calib_samples:,} images"
+                 + (f", timed {v.repeats}x at batch {v.latency_batch}" if images > v.calib_samples * (
+                     shapes.scan_blocks + 2) else ""))
+
+
 def evaluation_stages(shapes: ModelShapes, cfg: RunConfig, device: str, kept: float,
                       dense_evaluated: bool) -> list[Stage]:
     """The runner's evaluations on rank zero: the dense model (unless an earlier row of the same model and data
@@ -471,6 +491,8 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
     shapes = model_shapes(cfg.model)
     kept = 1.0 if cfg.compression is None else _kept_fraction(shapes, cfg.compression)
     stages: list[Stage] = []
+    if cfg.vmeanba is not None:
+        stages.append(vmeanba_stage(shapes, cfg, device))
     if cfg.compression is not None:
         stages += compress_stages(shapes, cfg, device)
     if cfg.finetune is not None:
@@ -498,9 +520,8 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
     return out
 
 
-COMPRESS_STAGES = ("calibration forward", "calibration backward", "statistics", "decomposition", "allocation",
-                   "allocation probes",
-                   "compensation", "report", "refit")
+COMPRESS_STAGES = ("vmeanba", "calibration forward", "calibration backward", "statistics", "decomposition",
+                   "allocation", "allocation probes", "compensation", "report", "refit")
 
 
 def estimate_rows(exps: list[Experiment], scale: str = "full", *, device: str = "a100", devices: int = 1,

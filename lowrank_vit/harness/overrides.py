@@ -23,10 +23,12 @@ from lowrank_vit.stages.data_config import DataConfig
 
 def _sections() -> dict[str, type]:
     """The dataclass behind each section of :meth:`RunConfig.to_dict` (imported lazily: finetune pulls Lightning)."""
+    from lowrank_vit.methods.vmeanba import VMeanbaConfig
     from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     return {"model": ModelConfig, "data": DataConfig, "compression": CompressionConfig, "finetune": FinetuneConfig,
-            "quantization": QuantizationConfig, "hardware": HardwareConfig, "run": RunOptions}
+            "quantization": QuantizationConfig, "hardware": HardwareConfig, "run": RunOptions,
+            "vmeanba": VMeanbaConfig}
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -30,7 +30,7 @@ from lowrank_vit.stages.data_config import DataConfig
 SCALES = ("full", "smoke")
 ACCELERATORS = ("cpu", "gpu", "auto")
 MODEL_SOURCES = ("timm", "standin")
-TABLE_ORDER = ("table1", "table2", "table3", "table4", "ablation", "compare")
+TABLE_ORDER = ("table1", "table2", "table3", "table4", "ablation", "compare", "vmeanba")
 """Listing order of the tables (others follow, in registration order)."""
 ENTRY_POINT_GROUP = "lowrank_vit.experiments"
 """Entry-point group whose modules register experiments when imported (each imports its own submodules)."""
@@ -39,7 +39,8 @@ ARCH_LABELS: dict[str, str] = {}
 METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
                  "vanilla": "vanilla SVD + FT", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
                  "fwsvd": "FWSVD", "comcat": "COMCAT", "flar-svd": "FLAR-SVD", "svd-llm": "SVD-LLM",
-                 "svd-llm-v2": "SVD-LLM v2", "kfac-lems": "KFAC-SVD + LEMS"}
+                 "svd-llm-v2": "SVD-LLM v2", "kfac-lems": "KFAC-SVD + LEMS", "vmeanba": "VMeanba",
+                 "vmeanba+loss-aware": "VMeanba + loss-aware"}
 """A row's method key -> the label every results table, demo table and figure prints ("vanilla" is Table 2's
 vanilla SVD: plain SVD, uniform ranks, no Z, always fine-tuned)."""
 
@@ -160,6 +161,9 @@ class RunConfig:
     """Bit width at which unquantized parameters are counted in ``size_mib`` (the paper's FP16)."""
     run: RunOptions = field(default_factory=RunOptions)
     """Run-time switches (``--set run.skip_baseline_guard=true``)."""
+    vmeanba: Any = None
+    """:class:`lowrank_vit.methods.vmeanba.VMeanbaConfig` for vision state-space models: the channel-mean scan in the
+    blocks of least impact, run on the dense model before any low-rank compression; None: no VMeanba step."""
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -178,10 +182,12 @@ class RunConfig:
             "hardware": dataclasses.asdict(self.hardware),
             "size_bits": self.size_bits,
             "run": dataclasses.asdict(self.run),
+            "vmeanba": None if self.vmeanba is None else dataclasses.asdict(self.vmeanba),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        from lowrank_vit.methods.vmeanba import VMeanbaConfig
         from lowrank_vit.stages.finetune_config import FinetuneConfig
 
         data = dict(data)
@@ -200,7 +206,8 @@ class RunConfig:
                    quantization=optional("quantization", lambda d: _from_dict(QuantizationConfig, d)),
                    hardware=_from_dict(HardwareConfig, data.get("hardware", {})),
                    size_bits=data.get("size_bits", 16),
-                   run=_from_dict(RunOptions, data.get("run") or {}))
+                   run=_from_dict(RunOptions, data.get("run") or {}),
+                   vmeanba=optional("vmeanba", lambda d: _from_dict(VMeanbaConfig, d)))
 
     def override(self, assignments: Iterable[str]) -> RunConfig:
         """A copy with ``section.field=value`` assignments applied (``finetune.epochs=1``, ``data.calib_samples=64``,

@@ -245,7 +245,12 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
         _check(steps == settings.finetune_steps, f"the fine-tune ran {steps} steps, not {settings.finetune_steps}")
         _check(world == settings.devices, f"the fine-tune ran in {world} process(es), not {settings.devices}")
         _check("compressed" in result, "no evaluation between compression and fine-tuning")
-    if cfg.compression is None and cfg.quantization is None:
+    if cfg.vmeanba is not None:
+        chosen = (result.get("vmeanba") or {}).get("chosen")
+        wanted = result["config"]["vmeanba"]["num_blocks"]
+        _check(chosen is not None and (wanted is None or len(chosen) == wanted),
+               f"VMeanba switched {chosen!r} blocks, the row asks {wanted}")
+    if cfg.compression is None and cfg.quantization is None and cfg.vmeanba is None:
         _check(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
 
 
@@ -255,7 +260,7 @@ def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, devi
     from lowrank_vit.harness.runner import MODEL_DIR, evaluate
     from lowrank_vit.io.surgery import load_compressed
 
-    if exp.full.compression is None:
+    if exp.full.compression is None and exp.full.vmeanba is None:
         return
     model = load_compressed(out / exp.name / MODEL_DIR)
     top1 = evaluate(model.to(device), dm.val_dataloader(), torch.device(device), progress=False)["top1"]
@@ -328,6 +333,15 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
             note += f"; target {cfg.compression.target_params:,} parameters as the fraction {fraction:.4f}"
     if cfg.finetune is not None:
         overrides.update({"finetune.max_steps": settings.finetune_steps, "finetune.batch_size": settings.batch_size})
+    if cfg.vmeanba is not None:  # the impact scores over a few images, one timing repeat at the rehearsal's batch
+        overrides.update({"vmeanba.calib_samples": settings.calib_samples, "vmeanba.repeats": 1,
+                          "vmeanba.latency_batch": settings.batch_size})
+        from lowrank_vit.methods.vmeanba import scan_blocks
+
+        blocks = len(scan_blocks(model))
+        if cfg.vmeanba.num_blocks is not None and cfg.vmeanba.num_blocks > blocks:  # only a shrunk model has fewer
+            overrides["vmeanba.num_blocks"] = blocks
+            note += f"; VMeanba in all {blocks} blocks of the shrunk model, not {cfg.vmeanba.num_blocks}"
     run_cfg: RunConfig = cfg.override(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
                                       for k, v in overrides.items())
     dm = build_datamodule(run_cfg.data, model)

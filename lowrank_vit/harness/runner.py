@@ -93,6 +93,7 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
 
         return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
     from lowrank_vit.nn.adapters import timm_with_our_models
+    from lowrank_vit.nn.vssm import NoPretrainedWeightsError
 
     timm = timm_with_our_models()
 
@@ -102,6 +103,10 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
         return load_checkpoint_(timm.create_model(cfg.name, pretrained=False, **cfg.kwargs), cfg.checkpoint).eval()
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+    except NoPretrainedWeightsError as err:
+        raise SetupError(f"{cfg.name} has no trained weights here (none ship for this library's implementation, "
+                         "lowrank_vit/nn/vssm.py): pass a safetensors checkpoint in its layout with --set "
+                         "model.checkpoint=PATH, or use --scale smoke") from err
     except (OSError, RuntimeError, ValueError) as err:
         if not cfg.pretrained:
             raise
@@ -545,6 +550,10 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     if cfg.finetune is not None:
         check_precision_on(cfg.finetune.precision, device.type)  # before the model is built or compressed
     model = build_model(cfg.model, progress=progress)
+    if cfg.vmeanba is not None:
+        from lowrank_vit.methods.vmeanba import check_blocks
+
+        check_blocks(model, cfg.vmeanba)  # a model without scans, or K above its blocks: before any data is read
     digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
     dm = build_datamodule(data_cfg, model)
     dm.setup("fit")
@@ -557,6 +566,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
                               "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before,
                               "preprocessing": _preprocessing_record(dm.preprocessing)}
+    compresses = cfg.compression is not None or cfg.vmeanba is not None
     rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
     logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
 
@@ -566,12 +576,22 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         result["dense"] = _dense_accuracy(cfg, digest, output, lambda: evaluate(
             model, eval_loader, device, progress, "evaluate dense"))
         stage("evaluate_dense", t)
-        if scale == "full" and cfg.compression is not None and not cfg.run.skip_baseline_guard:
+        if scale == "full" and compresses and not cfg.run.skip_baseline_guard:
             check_dense_baseline(exp, cfg, result["dense"]["top1"])
     # the fine-tune's distillation target: the model as built, before compression (every DDP rank built it the same)
     teacher = copy.deepcopy(model).eval() if cfg.finetune is not None and cfg.finetune.distill > 0 else None
     report = None
-    shared = shared_compressed(exp.name) if cfg.compression is not None else None
+    shared = shared_compressed(exp.name) if compresses else None
+    if cfg.vmeanba is not None and shared is None:  # first, on the dense model (a DDP rank gets it with the rest)
+        from lowrank_vit.methods.vmeanba import apply_vmeanba
+
+        v = cfg.vmeanba
+        _say(progress, f"{exp.name}: VMeanba, the channel-mean scan in "
+                       + (f"{v.num_blocks} block(s)" if v.num_blocks else f"the blocks that reach {v.target_speedup}x"))
+        t = time.perf_counter()
+        result["vmeanba"] = apply_vmeanba(model.to(device), dm.calibration_dataloader(),
+                                          replace(v, progress=progress)).to_dict()
+        stage("vmeanba", t)
     if shared is not None:  # a DDP process of the fine-tune: rank zero has compressed the model already
         model = load_compressed(shared).to(device)
     elif cfg.compression is not None:
@@ -599,7 +619,8 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         t = time.perf_counter()
         hw = cfg.hardware
         checkpoints = out_dir / "checkpoints"
-        with share_compressed(model, exp.name, out_dir, rank_zero and hw.distributed and report is not None):
+        with share_compressed(model, exp.name, out_dir,
+                              rank_zero and hw.distributed and (report is not None or "vmeanba" in result)):
             module, trainer = finetune(model, datamodule=dm, config=cfg.finetune, teacher=teacher, logger=logger,
                                        checkpoint_dir=str(checkpoints), ckpt_path="last", accelerator=hw.accelerator,
                                        devices=hw.devices, num_nodes=hw.num_nodes,
@@ -622,7 +643,7 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     result.update(params=count_params(model), size_mib=model_size_mib(model, bits=cfg.size_bits),
                   top1=final["top1"], top5=final["top5"], val_images=final["images"])
     result["measured_reduction"] = 1.0 - result["params"] / params_before
-    if cfg.compression is not None:
+    if compresses:
         t = time.perf_counter()
         save_compressed(model.cpu(), out_dir / MODEL_DIR, metadata={"experiment": exp.name, "scale": scale})
         stage("save", t)
@@ -799,6 +820,9 @@ def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
            "paper_size_mib": paper.size_mib, "size_mib": get("size_mib"),
            "paper_residual": paper.residual, "residual": _finite(get("residual_error")), "notes": list(exp.notes),
            "setup": _setup_label(get("config") or {}), "finished": result is not None}
+    vmeanba = get("vmeanba") or {}  # a state-space model's switched blocks and the speedups measured with them
+    row.update(vmeanba_blocks=len(vmeanba["chosen"]) if "chosen" in vmeanba else None,
+               scan_speedup=vmeanba.get("scan_speedup"), model_speedup=vmeanba.get("measured_speedup"))
     for key in ("params_m", "top1", "size_mib", "residual"):
         ours, theirs = row[key], row[f"paper_{key}"]
         row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
@@ -858,6 +882,10 @@ def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
 def _sci(value: float | None) -> str:
     """A residual error: scientific notation, so that 4e-05 and 2e-03 do not both print as 0.000."""
     return "—" if value is None else f"{value:.2e}"
@@ -879,6 +907,9 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
         header += ["MiB (paper)", "MiB", "Δ"] if show_size else []
     if show_residual:
         header += ["residual (paper)", "residual"]
+    show_vmeanba = any(r.get("vmeanba_blocks") is not None for r in rows)
+    if show_vmeanba:
+        header += ["VMeanba blocks", "scan speedup", "model speedup"]
     lines = [f"# {table} ({scale} scale)", ""]
     if smoke:
         lines += ["Smoke scale: tiny stand-ins of each family on the embedded MNIST digits. Parameter ratios follow "
@@ -904,6 +935,10 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
                 cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 1), _fmt(r["diff_size_mib"], 1, True)]
         if show_residual:
             cells += [_fmt(r["paper_residual"], 2), _sci(r["residual"])]
+        if show_vmeanba:
+            blocks = r.get("vmeanba_blocks")
+            cells += ["—" if blocks is None else str(blocks), _times(r.get("scan_speedup")),
+                      _times(r.get("model_speedup"))]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines.append("")

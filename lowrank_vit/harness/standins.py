@@ -131,6 +131,12 @@ def _swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...]) -> di
             "num_heads": heads, "mlp_ratio": 4.0, "drop_path_rate": 0.0}
 
 
+def _vmamba(embed_dim: int, depths: tuple[int, ...]) -> dict[str, Any]:
+    """A VMamba on 4x4 patches (the real model's patch size): 7x7, 4x4, 2x2 and 1x1 grids through its four stages,
+    with the real model's block counts, so that K switched blocks mean the same fraction at both scales."""
+    return {**_DIGITS, "patch_size": 4, "embed_dim": embed_dim, "depths": depths}
+
+
 STANDINS: dict[str, StandinSpec] = {
     spec.arch: spec
     for spec in (
@@ -141,6 +147,11 @@ STANDINS: dict[str, StandinSpec] = {
         StandinSpec("vit_l", "vit_large_patch16_224", _vit(128, 6, 4), epochs=12, lr=1.5e-3, batch_size=32, seed=0),
         StandinSpec("swin_b", "swin_base_patch4_window7_224", _swin(60, (2, 2), (2, 4)), epochs=16, lr=2e-3,
                     batch_size=32, seed=0),
+        StandinSpec("vmamba_t", "vmamba_tiny", _vmamba(16, (2, 2, 8, 2)), epochs=12, lr=2e-3, batch_size=32, seed=0),
+        StandinSpec("vmamba_s", "vmamba_small", _vmamba(16, (2, 2, 20, 2)), epochs=12, lr=2e-3, batch_size=32,
+                    seed=0),
+        StandinSpec("vmamba_b", "vmamba_base", _vmamba(24, (2, 2, 20, 2)), epochs=12, lr=2e-3, batch_size=32,
+                    seed=0),
     )
 }
 """The stand-in of every architecture of the experiment registry."""

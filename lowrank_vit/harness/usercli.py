@@ -505,9 +505,11 @@ def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tup
         channels, height, width = size
         wanted = (channels or pre["input_size"][0], height, width)
         if tuple(pre["input_size"]) != wanted:
+            why = ("a model directory keeps its size (build a timm name at another size with --input-size)"
+                   if source.description.startswith("directory") else
+                   "--model-kwargs or the checkpoint fix another size: make them agree")
             raise UserError(f"the model takes {_shape(pre['input_size'])} images, --input-size asks for "
-                            f"{_shape(wanted)}: a model directory keeps its size (build a timm name at another "
-                            f"size with --input-size)")
+                            f"{_shape(wanted)}: {why}")
     origin = {}
     for key in PREPROCESSING_KEYS:
         if key == "input_size":

@@ -13,8 +13,9 @@ batch given) against the dense model's measured time. Errors name what is reacha
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -176,21 +177,12 @@ def block_times(model: nn.Module, batch: torch.Tensor, repeats: int = 5, progres
         for hook in hooks:
             hook.remove()
 
-    def switched(op: nn.Module, x: torch.Tensor):
-        def call() -> None:
-            op.mean_scan = True
-            try:
-                op(x)
-            finally:
-                op.mean_scan = False
-        return call
-
     sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     calls: dict[str, Any] = {"model": lambda: model(batch)}
     with torch.no_grad():
         for name, op in ops.items():
             calls[f"{name}:dense"] = lambda op=op, x=inputs[name]: op(x)
-            calls[f"{name}:mean"] = switched(op, inputs[name])
+            calls[f"{name}:mean"] = lambda op=op, x=inputs[name]: _call_switched([op], True, op, x)
             args = op.scan_inputs(inputs[name])
             calls[f"{name}:scan"] = lambda args=args: selective_scan(*args)
             calls[f"{name}:mean_scan"] = lambda args=args: channel_mean_scan(*args)
@@ -198,6 +190,26 @@ def block_times(model: nn.Module, batch: torch.Tensor, repeats: int = 5, progres
         t = interleaved_timings(calls, repeats=repeats, sync=sync, on_repeat=lambda _: bar.update(1))
     return BlockTimes(t["model"].median, {n: (t[f"{n}:dense"].median, t[f"{n}:mean"].median) for n in ops},
                       {n: (t[f"{n}:scan"].median, t[f"{n}:mean_scan"].median) for n in ops})
+
+
+@contextlib.contextmanager
+def switched(ops: Iterable[nn.Module], on: bool) -> Iterator[None]:
+    """The scans ``ops`` set to the channel-mean scan (``on``) or the dense one for the duration, then each restored
+    to what it was, whatever the body raised."""
+    ops = list(ops)
+    before = [op.mean_scan for op in ops]
+    for op in ops:
+        op.mean_scan = on
+    try:
+        yield
+    finally:
+        for op, was in zip(ops, before, strict=True):
+            op.mean_scan = was
+
+
+def _call_switched(ops: Iterable[nn.Module], on: bool, fn: Any, *args: Any) -> None:
+    with switched(ops, on):
+        fn(*args)
 
 
 def _by_speedup(scores: dict[str, float], savings: dict[str, float], dense_ms: float, target: float) -> list[str]:
@@ -240,8 +252,9 @@ def apply_vmeanba(model: nn.Module, calib_images: Iterable, config: VMeanbaConfi
         reference = _log_probs(model, images)
         scores = layer_impact(model, images, cfg.progress)
         times = None
+        timing_batch = _batch_of(images, cfg.latency_batch)
         if cfg.target_speedup is not None or cfg.timing:
-            times = block_times(model, _batch_of(images, cfg.latency_batch), cfg.repeats, cfg.progress)
+            times = block_times(model, timing_batch, cfg.repeats, cfg.progress)
         if cfg.num_blocks is not None:
             chosen = least_impact(scores, cfg.num_blocks)
         else:
@@ -254,8 +267,7 @@ def apply_vmeanba(model: nn.Module, calib_images: Iterable, config: VMeanbaConfi
             saved = sum(report.savings_ms[name] for name in chosen)
             report.predicted_speedup = times.model / max(times.model - saved, 1e-9)
             report.scan_speedup = (sum(times.scan[n][0] for n in chosen) / sum(times.scan[n][1] for n in chosen))
-            report.measured_speedup = _measured_speedup(model, ops, chosen, _batch_of(images, cfg.latency_batch),
-                                                        cfg.repeats)
+            report.measured_speedup = _measured_speedup(model, ops, chosen, timing_batch, cfg.repeats)
     finally:
         model.train(was_training)
     return report
@@ -264,19 +276,10 @@ def apply_vmeanba(model: nn.Module, calib_images: Iterable, config: VMeanbaConfi
 def _measured_speedup(model: nn.Module, ops: dict[str, nn.Module], chosen: list[str], batch: torch.Tensor,
                       repeats: int) -> float:
     """The dense and the switched model timed side by side (the switch flipped inside each call)."""
-    def with_switch(on: bool):
-        def call() -> None:
-            for name in chosen:
-                ops[name].mean_scan = on
-            try:
-                model(batch)
-            finally:
-                for name in chosen:
-                    ops[name].mean_scan = True
-        return call
-
+    switched_ops = [ops[name] for name in chosen]
+    calls = {"dense": lambda: _call_switched(switched_ops, False, model, batch),
+             "vmeanba": lambda: _call_switched(switched_ops, True, model, batch)}
     sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     with torch.no_grad():
-        timings = interleaved_timings({"dense": with_switch(False), "vmeanba": with_switch(True)}, repeats=repeats,
-                                      sync=sync)
+        timings = interleaved_timings(calls, repeats=repeats, sync=sync)
     return timings["dense"].median / timings["vmeanba"].median

@@ -164,7 +164,8 @@ class VSSM(nn.Module):
         self.num_classes = num_classes
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.num_features = dims[-1]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)  # linearly rising stochastic depth, in plain Python so that it builds on the meta device too
+        rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
@@ -201,10 +202,14 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
             "classifier": "head", **kwargs}
 
 
+class NoPretrainedWeightsError(ValueError):
+    """The model is defined here, but no trained weights for it ship with the library or timm's hub."""
+
+
 def _create(name: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> VSSM:
     if pretrained:
-        raise ValueError(f"{name} has no pretrained weights here: build it with pretrained=False and load a "
-                         "checkpoint")
+        raise NoPretrainedWeightsError(f"{name} has no pretrained weights here: build it with pretrained=False and "
+                                       "load a checkpoint")
     from timm.models import build_model_with_cfg
 
     return build_model_with_cfg(VSSM, name, pretrained=False, **{**defaults, **kwargs})
