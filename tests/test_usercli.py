@@ -55,7 +55,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def _model_args(workdir: Path) -> list[str]:
     return [ARCH, "--checkpoint", str(workdir / "weights.safetensors"), "--model-kwargs", json.dumps(KWARGS),
-            "--input-size", str(SIZE)]
+            "--input-size", str(SIZE), "--preprocessing", "timm"]
 
 
 def _compress(capsys, workdir: Path, output: Path, *extra: str) -> tuple[int, str, str]:
@@ -139,7 +139,8 @@ def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, 
     save_file(timm.create_model("swinv2_cr_tiny_224", pretrained=False, **kwargs).state_dict(),
               str(tmp_path / "swin.safetensors"))
     monkeypatch.setattr(pipeline, "compress", lambda *a, **k: pytest.fail("calibration must not start"))
-    code, _, err = _run(capsys, "compress", "swinv2_cr_tiny_224", "--checkpoint", tmp_path / "swin.safetensors",
+    code, _, err = _run(capsys, "compress", "swinv2_cr_tiny_224", "--preprocessing", "timm", "--checkpoint",
+                        tmp_path / "swin.safetensors",
                         "--model-kwargs", json.dumps(kwargs), "--data", workdir / "imgs", "--workers", "0",
                         "--quiet", "--reduction", "0.3", "--output", tmp_path / "out")
     _assert_one_line_error(code, err, "cannot compress swinv2_cr_tiny_224", "could not be saved and loaded again")
@@ -451,7 +452,8 @@ def test_class_count_is_checked_before_calibration(workdir, tmp_path, capsys):
 
     model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **{**KWARGS, "num_classes": 5})
     save_file(model.state_dict(), str(tmp_path / "five.safetensors"))
-    code, _, err = _run(capsys, "compress", ARCH, "--checkpoint", tmp_path / "five.safetensors", "--model-kwargs",
+    code, _, err = _run(capsys, "compress", ARCH, "--preprocessing", "timm", "--checkpoint",
+                        tmp_path / "five.safetensors", "--model-kwargs",
                         json.dumps({**KWARGS, "num_classes": 5}), "--input-size", str(SIZE), "--data",
                         workdir / "imgs", "--workers", "0", "--reduction", "0.5", "--quiet",
                         "--output", tmp_path / "o")

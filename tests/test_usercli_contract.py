@@ -97,7 +97,8 @@ def test_a_one_channel_input_size_builds_a_one_channel_model_fed_one_channel_ima
 def test_the_description_says_the_weights_are_the_users_checkpoint(images, checkpoint, capsys):
     """A model built from ``--checkpoint FILE`` is described as "your checkpoint" in the output, never as random
     weights (which would tell the user their checkpoint was ignored)."""
-    code, out, err = cli(capsys, "evaluate", ARCH, "--checkpoint", str(checkpoint), "--model-kwargs",
+    code, out, err = cli(capsys, "evaluate", ARCH, "--preprocessing", "timm", "--checkpoint", str(checkpoint),
+                         "--model-kwargs",
                          json.dumps(KWARGS), "--input-size", str(SIZE), "--data", str(images), "--workers", "0",
                          "--json", "--quiet", "--latency-batches")
     assert code == 0, err
@@ -232,3 +233,41 @@ def test_an_output_holding_a_damaged_model_is_refused_and_described_as_unreadabl
     (out / PLAN_FILE).write_text("{ not json")
     with pytest.raises(UserError, match=r"already holds a model \(unreadable\): give --force"):
         check_output_dir(out, force=False)
+
+
+def test_a_checkpoint_without_preprocessing_is_refused_until_the_user_says_which(checkpoint, images, capsys):
+    """timm's mean and std are those of timm's weights, not of the user's: with --checkpoint and no mean and std from
+    the flags or the file, evaluate stops with one line naming the flags and --preprocessing timm; each way out
+    works, and what it used is what the user said."""
+    base = ["evaluate", ARCH, "--checkpoint", str(checkpoint), "--model-kwargs", json.dumps(KWARGS), "--input-size",
+            str(SIZE), "--data", str(images), "--workers", "0", "--json", "--quiet", "--latency-batches"]
+    code, _, err = cli(capsys, *base)
+    assert code == 2
+    line = one_line_error(err)
+    assert "carries no mean or std" in line and "--mean" in line and "--preprocessing timm" in line
+    code, _, err = cli(capsys, *base, "--mean", "0.5")  # the std is still unknown
+    assert code == 2 and "carries no std" in one_line_error(err)
+    code, out, err = cli(capsys, *base, "--mean", "0.25", "0.5", "0.75", "--std", "0.2", "0.3", "0.4")
+    assert code == 0, err
+    pre = json.loads(out)["preprocessing"]
+    assert (pre["mean"], pre["std"]) == ([0.25, 0.5, 0.75], [0.2, 0.3, 0.4])
+    code, out, err = cli(capsys, *base, "--preprocessing", "timm")
+    assert code == 0, err
+    import timm
+
+    cfg = timm.create_model(ARCH, pretrained=False).pretrained_cfg
+    pre = json.loads(out)["preprocessing"]
+    assert (pre["mean"], pre["std"]) == (list(cfg["mean"]), list(cfg["std"]))
+
+
+@pytest.mark.parametrize("flag, values, scaled", [("--mean", ["123.675", "116.28", "103.53"], "0.485 0.456 0.406"),
+                                                  ("--std", ["58.395", "57.12", "57.375"], "0.229 0.224 0.225")])
+def test_mean_or_std_on_the_0_255_scale_is_refused_with_the_values_divided(checkpoint, images, capsys, flag, values,
+                                                                          scaled):
+    other = ["--std", "0.2"] if flag == "--mean" else ["--mean", "0.5"]
+    code, _, err = cli(capsys, "evaluate", ARCH, "--checkpoint", str(checkpoint), "--model-kwargs",
+                       json.dumps(KWARGS), "--input-size", str(SIZE), "--data", str(images), "--workers", "0",
+                       "--quiet", flag, *values, *other)
+    assert code == 2
+    line = one_line_error(err)
+    assert "looks like the 0-255 scale" in line and f"({scaled})" in line

@@ -327,7 +327,8 @@ def _cli(capsys, workdir, *extra: str) -> tuple[int, str, str]:
 
     from lowrank_vit.harness import cli
 
-    code = cli.main(["compress", "vssm_micro", "--checkpoint", str(workdir / "ssm.safetensors"), "--model-kwargs",
+    code = cli.main(["compress", "vssm_micro", "--preprocessing", "timm", "--checkpoint",
+                     str(workdir / "ssm.safetensors"), "--model-kwargs",
                      json.dumps(CLI_KWARGS), "--input-size", "24", "--data", str(workdir / "imgs"), "--workers", "0",
                      "--calib-samples", "12", "--quiet", *map(str, extra)])
     captured = capsys.readouterr()

@@ -163,13 +163,17 @@ def _add_model(p: argparse.ArgumentParser, what: str) -> None:
 def _add_preprocessing(p: argparse.ArgumentParser) -> None:
     from lowrank_vit.stages.data_config import INTERPOLATIONS
 
-    g = p.add_argument_group("preprocessing (default: saved with the model, else timm's pretrained config)")
+    g = p.add_argument_group("preprocessing (default: saved with the model, else timm's pretrained config; a "
+                             "--checkpoint without it needs --mean/--std or --preprocessing timm)")
     g.add_argument("--mean", type=float, nargs="+", help="normalization mean, one value or one per channel")
     g.add_argument("--std", type=float, nargs="+", help="normalization std, one value or one per channel")
     g.add_argument("--crop-pct", type=float, help="evaluation center-crop fraction in (0, 1]; 1 = no crop")
     g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation")
     g.add_argument("--input-size", type=_input_size, help="H, HxW or C,H,W; for a timm name it also builds the "
                                                           "model at that size")
+    g.add_argument("--preprocessing", choices=("timm",),
+                   help="timm: take timm's pretrained config of the architecture for what the flags do not give "
+                        "(needed with a --checkpoint that carries no mean and std, so that they are never guessed)")
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -499,6 +503,14 @@ def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tup
         carried = check_preprocessing({k: v for k, v in source.preprocessing.items() if k in USER_PREPROCESSING})
     except ValueError as err:
         raise UserError(f"preprocessing: {err}") from None
+    unknown = [key for key in ("mean", "std") if key not in user and key not in carried]
+    checkpoint = source.record.get("checkpoint")
+    if checkpoint and unknown and getattr(args, "preprocessing", None) != "timm":
+        # timm's values are those of timm's weights for the name, not of the user's: a wrong mean and std give a
+        # model that runs and scores near chance, and compress would calibrate on such images and save them
+        raise UserError(f"--checkpoint {checkpoint} carries no {' or '.join(unknown)}: give the values the model "
+                        f"was trained with (--mean R G B --std R G B; --crop-pct and --interpolation where they "
+                        f"differ from timm's), or --preprocessing timm to take timm's for {source.architecture}")
     pre = resolve_preprocessing(source.model, overrides={**carried, **user})
     size = getattr(args, "input_size", None)
     if size is not None:

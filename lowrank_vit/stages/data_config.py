@@ -71,6 +71,10 @@ def check_preprocessing(fields: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{key} must be one finite number or one per channel (at most 4), got {value!r}")
             if key == "std" and min(values) <= 0:
                 raise ValueError(f"std must be positive, got {value!r}")
+            if max(values) > 1:  # pixels are scaled to [0, 1] before normalizing: 123.7 means 0-255 (gives ~10%)
+                scaled = " ".join(f"{v / 255:.4g}" for v in values)
+                raise ValueError(f"{key} {' '.join(f'{v:g}' for v in values)} looks like the 0-255 scale: images "
+                                 f"are scaled to [0, 1] before they are normalized, so divide by 255 ({scaled})")
             out[key] = tuple(float(v) for v in values)
         elif key == "crop_pct":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
