@@ -393,6 +393,7 @@ def test_a_data_config_on_the_0_255_scale_is_refused():
     """From the API as from the CLI: pixels are scaled to [0, 1] before normalizing, so 123.675 is a unit slip."""
     from lowrank_vit.stages.data_config import DataConfig
 
-    with pytest.raises(ValueError, match=r"mean 123.675 116.28 103.53 looks like the 0-255 scale.*\(0.485 0.456 0.406\)"):
+    with pytest.raises(ValueError, match=r"mean 123.675 116.28 103.53 looks like the 0-255 scale.*"
+                                         r"\(0.485 0.456 0.406\)"):
         DataConfig(name="mnist-5k", mean=(123.675, 116.28, 103.53), std=(0.229, 0.224, 0.225))
     assert DataConfig(name="mnist-5k", mean=(0.0,), std=(1.0,)).std == (1.0,)  # no normalization: still allowed
