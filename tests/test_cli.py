@@ -62,7 +62,7 @@ def test_list_and_show(capsys):
       "finetune.precision=16-mixed", "--output", "/nonexistent/never-written"], "16-mixed needs a GPU"),
     (["reproduce", "table9"], "unknown table 'table9'"),
     (["reproduce", "table2", "--rows", "table3/*"], "matches no row"),
-    (["plan", "table2/deit_s/ours-50"], "needs --synthetic"),
+    (["plan", "table2/deit_s/ours-51"], "unknown experiment"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -94,6 +94,17 @@ def test_console_script_error_in_a_new_process():
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "unknown experiment" in one_line_error(proc.stderr)
+
+
+def test_plan_needs_no_flag_for_its_only_mode_and_the_version_is_the_installed_one(capsys):
+    """`plan NAME` as the README writes it (synthetic is its only mode), and `--version` from the package metadata."""
+    from importlib.metadata import version
+
+    code, out, _ = cli(capsys, "plan", "table2/swin_b/ours-60", "--scale", "smoke", "--json")
+    assert code == 0 and json.loads(out)["params_after"] < json.loads(out)["params_before"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"lowrank-vit {version('lowrank_vit')}"
 
 
 def test_plan_smoke_rows(capsys):

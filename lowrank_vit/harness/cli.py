@@ -63,9 +63,20 @@ def _add_estimate(parser: argparse.ArgumentParser) -> None:
                         help="with --estimate: a100 (default), h100, a6000, rtx4090 or cpu")
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowrank_vit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowrank-vit", description="Activation-aware mixed-rank compression of timm ViTs: "
                                                      "the paper's tables as reproducible jobs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("list", help="names of the registered experiments")
@@ -79,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="allocate a row's ranks and count its parameters, without data")
     p.add_argument("name", help="a registered experiment (see `list`), e.g. table2/deit_s/ours-50")
     p.add_argument("--synthetic", action="store_true",
-                   help="required (plan has no other mode yet): seeded random weights and synthetic calibration "
+                   help="the only mode, also without the flag: seeded random weights and synthetic calibration "
                         "images, so two runs give the same ranks; no data, weights or network")
     p.add_argument("--scale", choices=("full", "smoke"), default="full",
                    help="the config planned: full (the paper's model) or smoke (its tiny stand-in); default full")
@@ -184,8 +195,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise CLIError("--devices prices the fine-tune of an estimate: add --estimate")
     if args.estimate:
         return _print_estimate(args, _estimate_rows(args.name), args.scale, args.devices or 1)
-    if not args.synthetic:
-        raise CLIError("plan needs --synthetic (random weights and synthetic inputs); `run` uses real ones")
     exp = get_experiment(args.name)
     result = plan_row(exp, args.scale, synthetic=True, calib_images=args.calib_images,
                       overrides=args.overrides, progress=False)
