@@ -274,3 +274,24 @@ def test_vmeanba_study_tables_are_the_committed_results():
 
     study = json.loads((ROOT / "experiments/results/vmeanba_study.json").read_text())
     assert markdown(study) in (ROOT / "docs/vmeanba.md").read_text()
+
+
+def test_vmeanba_registry_table_is_the_committed_smoke_run():
+    """docs/vmeanba.md's table of the registry rows at smoke scale is `reproduce vmeanba --scale smoke`'s committed
+    table JSON, cell for cell, and the KL range the text quotes is the rows' own."""
+    data = json.loads((ROOT / "experiments/results/vmeanba_smoke.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    text = (ROOT / "docs/vmeanba.md").read_text()
+    shown = _section(text, "Measured: `lowrank-vit reproduce vmeanba --scale smoke")
+    assert len(shown) == 7
+
+    def times(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}x"
+
+    for cells in shown:
+        r = rows[cells[0].strip("`")]
+        assert cells[1:] == [f"{r['params_m']:.3f}", f"{r['top1_dense']:.2f}", f"{r['top1']:.2f}",
+                             "—" if r["vmeanba_blocks"] is None else str(r["vmeanba_blocks"]),
+                             times(r["scan_speedup"]), times(r["model_speedup"])], cells[0]
+    kls = [r["vmeanba_kl"] for r in data["rows"] if r["vmeanba_kl"] is not None]
+    assert f"{min(kls):.0e} to {max(kls):.0e} nats".replace("e-0", "e-") in text

@@ -447,3 +447,13 @@ def test_switching_scans_for_a_timing_restores_each_ones_own_setting_even_after_
     with switched([a, b], True):
         assert (a.mean_scan, b.mean_scan) == (True, True)
     assert (a.mean_scan, b.mean_scan) == (True, False)
+
+
+def test_rows_sharing_a_caveat_share_its_footnote(tmp_path):
+    from lowrank_vit.harness.registry import list_experiments
+    from lowrank_vit.harness.runner import render_table
+
+    rows = list_experiments("vmeanba/vmamba_t/*")
+    text = render_table("vmeanba", rows, "smoke", tmp_path)
+    assert text.count("` [1] |") == len(rows) and "[2]" not in text
+    assert text.count("VMamba's published weights are not converted") == 1

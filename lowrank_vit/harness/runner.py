@@ -822,7 +822,8 @@ def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
            "setup": _setup_label(get("config") or {}), "finished": result is not None}
     vmeanba = get("vmeanba") or {}  # a state-space model's switched blocks and the speedups measured with them
     row.update(vmeanba_blocks=len(vmeanba["chosen"]) if "chosen" in vmeanba else None,
-               scan_speedup=vmeanba.get("scan_speedup"), model_speedup=vmeanba.get("measured_speedup"))
+               vmeanba_kl=vmeanba.get("kl"), scan_speedup=vmeanba.get("scan_speedup"),
+               model_speedup=vmeanba.get("measured_speedup"))
     for key in ("params_m", "top1", "size_mib", "residual"):
         ours, theirs = row[key], row[f"paper_{key}"]
         row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
@@ -919,9 +920,10 @@ def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
     notes = []
     for r in rows:
         mark = ""
-        if r["notes"]:
-            notes.append(r["notes"])
-            mark = f" [{len(notes)}]"
+        if r["notes"]:  # rows sharing a caveat share its number
+            if r["notes"] not in notes:
+                notes.append(r["notes"])
+            mark = f" [{notes.index(r['notes']) + 1}]"
         if smoke:
             cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
                      _fmt(r["paper_top1"]), _fmt(r["top1_dense"]), _fmt(r["top1_compressed"]), _fmt(r["top1"]),
