@@ -950,7 +950,7 @@ def test_compressing_a_compressed_directory_is_refused_before_the_data(compresse
 def test_messages_fit_what_was_given(compressed_plain, workdir, tmp_path, capsys):
     code, _, err = _run(capsys, "compress", ARCH, "--checkpoint", tmp_path, "--reduction", "0.5", "--data",
                         workdir / "imgs", "--output", tmp_path / "o")
-    _assert_one_line_error(code, err, "is a directory: give --checkpoint a safetensors file")
+    _assert_one_line_error(code, err, "is a directory: give --checkpoint a safetensors or PyTorch file")
     # a model directory's class count cannot be changed by --checkpoint or --model-kwargs: not suggested
     code, _, err = _run(capsys, "evaluate", compressed_plain, "--data", workdir / "imgs", "--workers", "0")
     _assert_one_line_error(code, err, "classes", "give data with the classes it was compressed for")

@@ -80,8 +80,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments (timm source only)."""
     checkpoint: str | None = None
-    """A safetensors file of the model's own weights (a model you trained or fine-tuned), loaded strictly into
-    ``timm.create_model(name, **kwargs)`` in place of timm's pretrained weights (timm source only)."""
+    """A safetensors or ``torch.save`` file (read weights-only) of the model's own weights (a model you trained or
+    fine-tuned), loaded strictly into ``timm.create_model(name, **kwargs)`` in place of timm's pretrained weights
+    (timm source only)."""
 
     def __post_init__(self) -> None:
         if self.source not in MODEL_SOURCES:
@@ -90,7 +91,7 @@ class ModelConfig:
             raise ValueError("model name must be a non-empty string")
         if self.checkpoint is not None:
             if not isinstance(self.checkpoint, str) or not self.checkpoint:
-                raise ValueError(f"model checkpoint must be a path to a safetensors file, got {self.checkpoint!r}")
+                raise ValueError(f"model checkpoint must be a path to a weights file, got {self.checkpoint!r}")
             if self.source != "timm":
                 raise ValueError(f"a model checkpoint needs model source 'timm', not {self.source!r}")
 

@@ -120,30 +120,32 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
 
 
 def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a safetensors state dict into ``model`` in place, strictly (every key, every shape).
+    """Load a state dict into ``model`` in place, strictly (every key, every shape): a safetensors file, or a PyTorch
+    ``torch.save`` file read weights-only (never a full unpickle), unwrapped as :func:`io.checkpoints.read_state_dict`
+    says.
 
     Raises:
-        SetupError: the file is missing, is not a safetensors file, or does not fit the model.
+        SetupError: the file is missing, is not a state dict, or does not fit the model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SetupError(f"model checkpoint {str(path)!r} does not exist: give model.checkpoint= a safetensors file "
-                         f"of the model's weights (e.g. save_file(model.state_dict(), PATH))")
+        raise SetupError(f"model checkpoint {str(path)!r} does not exist: give model.checkpoint= a safetensors or "
+                         f"PyTorch file of the model's weights (e.g. save_file(model.state_dict(), PATH))")
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SetupError(f"model checkpoint {str(path)!r} is corrupted or not a safetensors file ({err})") from None
+        tensors, notes = read_state_dict(path)
+    except CheckpointError as err:
+        raise SetupError(f"model checkpoint {err}") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
     if missing or unexpected or wrong:
         parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        read = f", read with {' and '.join(notes)}" if notes else ""
         raise SetupError(f"model checkpoint {str(path)!r} does not fit {type(model).__name__} with these model.kwargs "
-                         f"({'; '.join(parts)})")
+                         f"({'; '.join(parts)}{read})")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SetupError(f"model checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])})")

@@ -3,7 +3,8 @@
 The registry commands (``run``, ``reproduce``) reproduce the paper's tables; these four shrink *your* model:
 
 - ``compress MODEL --data DATA --reduction R --output DIR``: MODEL is a timm name (with a pretrained tag, or
-  ``--no-pretrained``; ``--checkpoint FILE`` for your own safetensors weights) or a model directory. DIR gets the
+  ``--no-pretrained``; ``--checkpoint FILE`` for your own weights, safetensors or a ``torch.save`` state dict read
+  weights-only) or a model directory. DIR gets the
   weights and plan (:func:`lowrank_vit.io.surgery.save_compressed`), ``report.json``, ``ranks.png`` and a model card.
 - ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency.
 - ``finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune, resumable, into a new directory.
@@ -154,7 +155,8 @@ def _json_object(text: str) -> dict[str, Any]:
 def _add_model(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("model", metavar=what,
                    help="a timm model name (e.g. deit_small_patch16_224.fb_in1k) or a model directory")
-    p.add_argument("--checkpoint", help="safetensors state dict of your own weights for a timm name (loaded strictly)")
+    p.add_argument("--checkpoint", help="your own weights for a timm name, loaded strictly: a safetensors file or a "
+                                        "torch.save state dict (.pth/.pt/.bin, read weights-only, never unpickled)")
     p.add_argument("--model-kwargs", type=_json_object, default={},
                    help="timm.create_model arguments as JSON, e.g. '{\"img_size\": 32, \"num_classes\": 10}'")
     p.add_argument("--no-pretrained", action="store_true", help="random weights instead of timm's pretrained ones")
@@ -370,7 +372,7 @@ def _timm_source(args: argparse.Namespace) -> Source:
         checkpoint = Path(args.checkpoint).expanduser()
         if not checkpoint.is_file():
             what = "is a directory" if checkpoint.is_dir() else "does not exist"
-            raise UserError(f"checkpoint {str(checkpoint)!r} {what}: give --checkpoint a safetensors file")
+            raise UserError(f"checkpoint {str(checkpoint)!r} {what}: give --checkpoint a safetensors or PyTorch file")
         carried = _checkpoint_preprocessing(checkpoint)
     size = getattr(args, "input_size", None) or (_input_size_of(carried.get("input_size")))
     if size is not None:
