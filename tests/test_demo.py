@@ -4,8 +4,10 @@ the printed table. `make demo` runs the real one."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from lowrank_vit.harness.demo import DEMO_ROWS, format_table, run_demo
 
@@ -73,3 +75,54 @@ def test_format_table_layout():
             dict(name="v", method="vanilla", reduction=0.6, params=40, top1=70.0, paper_params=None, paper_top1=None)]
     text = format_table(rows)
     assert "vanilla SVD + FT -60%" in text and "-20.00" in text and "—" in text and "22.1M" in text
+
+
+# ------------------------------------------------------------------------------ the demo starts from committed weights
+COMMITTED = Path(__file__).resolve().parents[1] / "experiments" / "models" / "standins"
+
+
+def test_installing_the_committed_stand_in_makes_the_cache_hold_those_very_weights(tmp_path):
+    """A stand-in trained on another CPU has other weights (the demo's table then differs): once installed, every
+    build_standin returns the committed tensors, and installing again changes nothing."""
+    from safetensors.torch import load_file
+
+    from lowrank_vit.harness.standins import build_standin, install_standin
+
+    truth = load_file(str(COMMITTED / "deit_s.safetensors"))
+    assert install_standin("deit_s", COMMITTED, cache_dir=tmp_path) is True
+    model = build_standin("deit_s", cache_dir=tmp_path, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in truth.items())
+    assert install_standin("deit_s", COMMITTED, cache_dir=tmp_path) is False
+    other = {k: v + 1e-3 for k, v in truth.items()}  # weights of the same recipe trained elsewhere
+    from safetensors.torch import save_file
+
+    save_file(other, str(tmp_path / "deit_s.safetensors"), metadata={"fingerprint": "x"})
+    assert install_standin("deit_s", COMMITTED, cache_dir=tmp_path) is True
+    assert all(torch.equal(load_file(str(tmp_path / "deit_s.safetensors"))[k], v) for k, v in truth.items())
+
+
+def test_a_damaged_committed_stand_in_is_refused_before_the_cache_is_touched(tmp_path):
+    from lowrank_vit.harness.standins import install_standin
+
+    damaged = tmp_path / "committed"
+    damaged.mkdir()
+    (damaged / "deit_s.safetensors").write_bytes((COMMITTED / "deit_s.safetensors").read_bytes())
+    (damaged / "deit_s.json").write_text('{"format": "lowrank_vit.standin/1", "fingerprint": "0000"}')
+    with pytest.raises(ValueError, match="another recipe"):
+        install_standin("deit_s", damaged, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "deit_s.safetensors").exists()
+
+
+def test_the_demo_uses_the_committed_stand_in_and_trains_only_when_asked(tmp_path, monkeypatch):
+    from lowrank_vit.harness import demo, standins
+
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(standins, "pretrain_standin", lambda arch, **kw: calls.append(("pretrain", arch)))
+    monkeypatch.setattr(standins, "build_standin", lambda arch, **kw: calls.append(("build", arch)))
+    assert demo._prepare_standin("deit_s", COMMITTED, retrain=False, progress=False) == ("committed", True)
+    assert demo._prepare_standin("deit_s", COMMITTED, retrain=False, progress=False) == ("committed", False)
+    assert calls == []  # nothing trained, nothing built from the cache's own recipe run
+    assert demo._prepare_standin("deit_s", tmp_path / "none", retrain=False, progress=False) == ("cached", False)
+    assert demo._prepare_standin("deit_s", COMMITTED, retrain=True, progress=False) == ("retrained", True)
+    assert calls == [("build", "deit_s"), ("pretrain", "deit_s")]

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from lowrank_vit.core.common import positive_int
 from lowrank_vit.harness.rehearse import add_rehearse_command
 from lowrank_vit.harness.speedcli import add_profile_command
+from lowrank_vit.harness.standins import COMMITTED_STANDINS
 from lowrank_vit.harness.usercli import add_user_commands
 
 EXIT_USAGE = 2
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wandb logging of the rows' runs (default offline)")
     p.add_argument("--no-figures", action="store_true", help="skip drawing the figures (the table only)")
     p.add_argument("--force", action="store_true", help="run rows again even if finished")
+    p.add_argument("--standins", default=str(COMMITTED_STANDINS),
+                   help=f"the stand-in weights to start from (default {COMMITTED_STANDINS}, the committed ones: the "
+                        "README's table on any machine; missing: the cached or a newly trained stand-in)")
+    p.add_argument("--retrain", action="store_true", help="train the stand-in anew instead (another table)")
     p.add_argument("--quiet", action="store_true", help="print nothing but the table")
     p.add_argument("--publish", action="store_true",
                    help=f"also copy the table to {DEMO_PUBLISHED} and refresh the README's excerpt (what `make "
@@ -270,8 +275,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.publish and (args.rows or args.overrides):
         raise CLIError("--publish records the demo as `make demo-refresh` runs it: drop --rows and --set")
+    if args.publish and args.retrain:
+        raise CLIError("--publish records the demo from the committed stand-in: drop --retrain")
     summary = run_demo(args.output, rows=args.rows or DEMO_ROWS, overrides=args.overrides, wandb=args.wandb,
-                       force=args.force, figures=not args.no_figures, progress=not args.quiet)
+                       force=args.force, figures=not args.no_figures, progress=not args.quiet,
+                       standins=args.standins, retrain=args.retrain)
     if args.publish:
         for path in publish(summary):
             print(f"demo: wrote {path}", file=sys.stderr)

@@ -20,6 +20,7 @@ import torch
 
 from lowrank_vit.harness.registry import Experiment, get_experiment, method_label
 from lowrank_vit.harness.runner import read_result, run_row
+from lowrank_vit.harness.standins import COMMITTED_STANDINS
 
 DEMO_ROWS = (
     "table2/deit_s/baseline",
@@ -40,6 +41,7 @@ DEMO_ROWS = (
 DeiT-S target (-77%). The paper prints vanilla SVD + FT for DeiT-S at -40% only; the others are ablation rows."""
 DEFAULT_OUTPUT = Path("results") / "demo"
 PUBLISHED = Path("experiments") / "results" / "demo_table2"
+
 """``.json`` and ``.txt``: the committed copy of the demo's table (``make demo-refresh`` writes it); the README's
 demo excerpt is the ``.txt`` between :data:`README_MARKERS`, and a test keeps the two equal."""
 README_MARKERS = ("<!-- demo-table: made by `make demo-refresh`; do not edit by hand -->", "<!-- /demo-table -->")
@@ -263,18 +265,20 @@ def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overri
 
 def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] = DEMO_ROWS,
              overrides: Iterable[str] = (), wandb: str = "offline", force: bool = False, figures: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, standins: str | os.PathLike | None = COMMITTED_STANDINS,
+             retrain: bool = False) -> dict[str, Any]:
     """Run the demo rows (skipping those already finished with the same config), then write the table, the JSON
-    and the figures. Returns ``{"rows": [...], "table": str, "figures": [...], "seconds": float}``."""
+    and the figures. The stand-in is the one in ``standins`` (the project's committed weights) when it is there,
+    else the cached or a newly trained one; ``retrain`` trains it anew whatever is there. Returns ``{"rows": [...],
+    "table": str, "figures": [...], "seconds": float, "standin": "committed" | "cached" | "retrained"}``."""
     output = Path(output)
     overrides = list(overrides)
     exps = [get_experiment(name) for name in rows]
     started = time.perf_counter()
+    standin = None
     if any(e.smoke.model.pretrained for e in exps) and "model.pretrained=false" not in overrides:
-        from lowrank_vit.harness.standins import build_standin
-
-        _say("demo: the DeiT-S stand-in (trained once on the MNIST digits, then cached)", progress)
-        build_standin(exps[0].smoke.model.name, progress=progress)
+        standin, changed = _prepare_standin(exps[0].smoke.model.name, standins, retrain, progress)
+        force = force or changed  # rows finished with other weights of the same recipe: their results are stale
     results = []
     done_times: dict[bool, list[float]] = {True: [], False: []}  # rows with / without compression and fine-tune
 
@@ -301,7 +305,29 @@ def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] 
          f"{', '.join(p.name for p in paths) or 'none'} in {output}; wandb runs (group 'demo') under "
          f"{output}/<row>/wandb" + (f" — `find {output} -type d -name 'offline-run-*' -exec wandb sync {{}} +` "
                                     f"uploads them" if wandb == "offline" else ""), progress)
-    return {"rows": results, "table": table, "figures": [str(p) for p in paths], "seconds": seconds}
+    return {"rows": results, "table": table, "figures": [str(p) for p in paths], "seconds": seconds,
+            "standin": standin}
+
+
+def _prepare_standin(arch: str, standins: str | os.PathLike | None, retrain: bool,
+                     progress: bool) -> tuple[str, bool]:
+    """Which stand-in the demo starts from, and whether the cache's weights changed for it."""
+    from lowrank_vit.harness.standins import build_standin, install_standin, pretrain_standin
+
+    if retrain:
+        _say(f"demo: training the {arch} stand-in anew (--retrain): the table will differ from the README's", progress)
+        pretrain_standin(arch, progress=progress)
+        return "retrained", True
+    if standins is not None and (Path(standins) / f"{arch}.safetensors").is_file():
+        changed = install_standin(arch, standins)
+        _say(f"demo: the {arch} stand-in committed in {standins}"
+             + (" (installed into the cache; rows finished with other weights run again)" if changed else ""),
+             progress)
+        return "committed", changed
+    _say(f"demo: no committed {arch} stand-in under {standins}: the cached one, trained on this machine if missing "
+         "(its table may differ from the README's)", progress)
+    build_standin(arch, progress=progress)
+    return "cached", False
 
 
 # ---------------------------------------------------------------------------------------------------- publish

@@ -51,6 +51,9 @@ TRAINER_VERSION = 1
 """Part of every fingerprint: bump it when the training loop changes, so that old caches are retrained."""
 FORMAT = "lowrank_vit.standin/1"
 """Tag of the JSON record beside the weights."""
+COMMITTED_STANDINS = Path("experiments") / "models" / "standins"
+"""Stand-in weights kept with the project (relative to a checkout's root, where `make demo` runs): the demo starts
+from them, so that its table is the same on any machine (a stand-in trained on another CPU has other weights)."""
 
 
 @dataclass(frozen=True)
@@ -565,6 +568,35 @@ def load_standin(arch: str | StandinSpec, directory: str | os.PathLike[str]) -> 
                          f"({type(err).__name__}: {err})") from err
 
 
+def install_standin(arch: str | StandinSpec, directory: str | os.PathLike[str], *,
+                    cache_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Put the stand-in stored in ``directory`` (weights kept with the project, e.g. ``experiments/models/standins``)
+    into the cache, so that every later :func:`build_standin` uses those very weights instead of training its own: a
+    stand-in retrained on another CPU has other weights, and tables computed from it differ.
+
+    Returns:
+        True when the cache changed (it lacked the entry or held other weights of the same recipe), False when it
+        already held these bytes.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`load_standin` (missing, damaged, or another recipe's entry).
+    """
+    import shutil
+
+    spec = resolve_spec(arch)
+    load_standin(spec, directory)  # validated before anything is copied
+    source = _entry(Path(directory).expanduser(), spec.arch)
+    entry = _entry(_cache_root(cache_dir), spec.arch)
+    with _exclusive(entry.lock):
+        if entry.weights.is_file() and entry.record.is_file() and \
+                entry.weights.read_bytes() == source.weights.read_bytes() and \
+                entry.record.read_bytes() == source.record.read_bytes():
+            return False
+        for src, dst in ((source.weights, entry.weights), (source.record, entry.record)):  # the record last
+            atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+    return True
+
+
 def standin_record(
     arch: str | StandinSpec, *, cache_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any] | None:
@@ -583,12 +615,14 @@ def standin_record(
 
 __all__ = [
     "CACHE_ENV",
+    "COMMITTED_STANDINS",
     "STANDINS",
     "STANDIN_DATASET",
     "Digits",
     "StandinSpec",
     "build_standin",
     "evaluate_top1",
+    "install_standin",
     "load_digits",
     "load_standin",
     "pretrain_standin",
