@@ -271,3 +271,31 @@ def test_mean_or_std_on_the_0_255_scale_is_refused_with_the_values_divided(check
     assert code == 2
     line = one_line_error(err)
     assert "looks like the 0-255 scale" in line and f"({scaled})" in line
+
+
+def test_evaluate_limit_takes_the_first_n_validation_images(checkpoint, images, capsys):
+    """`evaluate --limit N`: a quick look on the first N images of the validation split, always the same ones."""
+    base = ["evaluate", ARCH, "--checkpoint", str(checkpoint), "--model-kwargs", json.dumps(KWARGS), "--input-size",
+            str(SIZE), "--preprocessing", "timm", "--data", str(images), "--workers", "0", "--json", "--quiet",
+            "--latency-batches"]
+    code, out, err = cli(capsys, *base, "--limit", "2")
+    assert code == 0, err
+    assert json.loads(out)["images"] == 2
+    code, out, _ = cli(capsys, *base, "--limit", "100000")
+    code_all, out_all, _ = cli(capsys, *base)
+    assert code == code_all == 0 and json.loads(out)["images"] == json.loads(out_all)["images"] > 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's own refusal
+        cli(capsys, *base, "--limit", "0")
+    assert exit_.value.code == 2 and "--limit" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_limited_validation_loader_is_the_full_ones_first_images():
+    from lowrank_vit.stages.data import DataConfig, build_datamodule
+
+    dm = build_datamodule(DataConfig(name="mnist-5k", batch_size=4, num_workers=0))
+    dm.setup("fit")
+    full = torch.cat([x for x, _ in dm.val_dataloader()])[:6]
+    first = torch.cat([x for x, _ in dm.val_dataloader(limit=6)])
+    assert first.shape[0] == 6 and torch.equal(first, full)
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        dm.val_dataloader(limit=0)

@@ -137,6 +137,15 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors, notes = read_state_dict(path)
     except CheckpointError as err:
         raise SetupError(f"model checkpoint {err}") from None
+    from lowrank_vit.io.convert import ConversionError, to_timm
+
+    try:  # torchvision's or transformers' ViT keys to timm's
+        converted = to_timm(tensors)
+    except ConversionError as err:
+        raise SetupError(f"model checkpoint {str(path)!r}: {err}") from None
+    done = "" if converted.layout == "timm" else f", converted from {converted.layout}" + "".join(
+        f"; {note}" for note in converted.notes)
+    tensors = converted.state_dict
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
@@ -145,7 +154,7 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         read = f", read with {' and '.join(notes)}" if notes else ""
         raise SetupError(f"model checkpoint {str(path)!r} does not fit {type(model).__name__} with these model.kwargs "
-                         f"({'; '.join(parts)}{read})")
+                         f"({'; '.join(parts)}{read}{done})")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SetupError(f"model checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])})")

@@ -244,6 +244,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     _add_data(p)
     _add_preprocessing(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="only the first N validation images, in the split's order (a quick look; default: all)")
     p.add_argument("--latency-batches", type=positive_int, nargs="*", default=list(LATENCY_BATCHES),
                    help="batch sizes timed (default 1 32; none: no timing)")
     p.add_argument("--repeats", type=positive_int, default=10,
@@ -374,6 +376,12 @@ def _timm_source(args: argparse.Namespace) -> Source:
             what = "is a directory" if checkpoint.is_dir() else "does not exist"
             raise UserError(f"checkpoint {str(checkpoint)!r} {what}: give --checkpoint a safetensors or PyTorch file")
         carried = _checkpoint_preprocessing(checkpoint)
+        from lowrank_vit.io.convert import ConversionError, checkpoint_kwargs
+
+        try:  # a torchvision or transformers ViT: the constructor arguments its shapes fix, under the user's
+            kwargs = checkpoint_kwargs(checkpoint, kwargs)[0]
+        except ConversionError as err:
+            raise UserError(f"checkpoint {str(checkpoint)!r}: {err}") from None
     size = getattr(args, "input_size", None) or (_input_size_of(carried.get("input_size")))
     if size is not None:
         channels, height, width = size
@@ -834,7 +842,8 @@ def _top5_text(metrics: dict[str, Any], before: str = "", after: str = "") -> st
 def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace, desc: str) -> dict[str, Any]:
     from lowrank_vit.harness.runner import evaluate
 
-    return evaluate(model, dm.val_dataloader(), device, progress=not args.quiet, desc=desc)
+    loader = dm.val_dataloader(limit=getattr(args, "limit", None))
+    return evaluate(model, loader, device, progress=not args.quiet, desc=desc)
 
 
 @user_command

@@ -375,10 +375,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Shuffled training batches ``(images, labels)``, training transform."""
         return self._loader(self._ready().train, shuffle=True)
 
-    def val_dataloader(self, batch_size: int | None = None) -> DataLoader:
+    def val_dataloader(self, batch_size: int | None = None, limit: int | None = None) -> DataLoader:
         """Validation batches ``(images, labels)`` in a fixed order, evaluation transform (``batch_size``: default
-        the config's; inference alone affords larger ones)."""
-        return self._loader(self._ready().val, shuffle=False, batch_size=batch_size)
+        the config's; inference alone affords larger ones). ``limit``: only the first that many images (a quick
+        look; the same images every time)."""
+        val = self._ready().val
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"limit must be a positive integer, got {limit!r}")
+            val = Subset(val, range(min(limit, len(val))))
+        return self._loader(val, shuffle=False, batch_size=batch_size)
 
     def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Batches ``(images, labels)`` of the seeded calibration subset: ``calib_samples`` training images, the

@@ -1,0 +1,388 @@
+"""ViT weights trained in other libraries, read into timm's ``VisionTransformer``: torchvision's
+``VisionTransformer``, Hugging Face transformers' ViT, DeiT and CLIP vision tower.
+
+A state dict's layout is told by its keys (:func:`detect_layout`); each layout is one table of renames in
+:data:`LAYOUTS` (a regular expression on the key, the timm key, and where needed a reshape). Separate query, key and
+value projections are renamed to ``attn.q``/``attn.k``/``attn.v`` and then concatenated into timm's ``attn.qkv`` in
+that order (torchvision's ``in_proj_weight`` already is). The timm constructor arguments the shapes fix (patch size,
+width, depth, MLP ratio, image size, classes, prefix tokens, input channels) are read off the converted tensors
+(:func:`infer_kwargs`); the number of heads is not in the shapes: it comes from a transformers ``config.json``
+beside the checkpoint, else from the user, else the conversion is refused (:func:`merge_kwargs`).
+
+LayerNorm's epsilon is not passed on: timm's ViT takes it only as a ``norm_layer`` callable, which cannot be recorded
+in a model directory's plan (JSON). transformers' ViT and DeiT use 1e-12, CLIP 1e-5, torchvision 1e-6, timm's ViT
+names 1e-6 (its CLIP names 1e-5); the logits differ by float32 rounding only (see docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Rename = tuple[str, str, Callable[[torch.Tensor], torch.Tensor] | None]
+"""A regular expression matched against the whole key, the timm key (``\\1``... from its groups), a reshape."""
+
+
+class ConversionError(ValueError):
+    """A foreign state dict that cannot be read into timm's layout, or constructor arguments that do not fit it."""
+
+
+def _token(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, 1, -1)  # CLIP's class embedding is a vector
+
+
+def _batched(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0) if t.dim() == 2 else t  # CLIP's position embedding is an nn.Embedding weight
+
+
+_TV_BLOCK = r"encoder\.layers\.encoder_layer_(\d+)\."
+_BLOCK = r"(?:encoder\.layer|layers)\.(\d+)\."  # transformers' files (encoder.layer.N), its v5 modules (layers.N)
+_HF_VIT: tuple[Rename, ...] = (
+    (r"embeddings\.cls_token", "cls_token", None),
+    (r"embeddings\.position_embeddings", "pos_embed", None),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1", None),
+    (_BLOCK + r"attention\.(?:attention\.query|q_proj)\.(weight|bias)", r"blocks.\1.attn.q.\2", None),
+    (_BLOCK + r"attention\.(?:attention\.key|k_proj)\.(weight|bias)", r"blocks.\1.attn.k.\2", None),
+    (_BLOCK + r"attention\.(?:attention\.value|v_proj)\.(weight|bias)", r"blocks.\1.attn.v.\2", None),
+    (_BLOCK + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"blocks.\1.attn.proj.\2", None),
+    (_BLOCK + r"layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2", None),
+    (_BLOCK + r"layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2", None),
+    (_BLOCK + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2", None),
+    (_BLOCK + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2", None),
+    (r"layernorm\.(weight|bias)", r"norm.\1", None),
+    (r"classifier\.(weight|bias)", r"head.\1", None),
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to recognize one library's ViT state dict and rename it to timm's."""
+
+    requires: tuple[str, ...]
+    """Keys (after :attr:`prefix` is removed) whose presence marks the layout."""
+    renames: tuple[Rename, ...]
+    prefix: str = ""
+    """The prefix a task model puts before the backbone's keys (``vit.``): removed where present."""
+    excludes: tuple[str, ...] = ()
+    """Keys whose presence rules the layout out (a DeiT is not a ViT)."""
+    drops: tuple[str, ...] = ()
+    """Regular expressions of keys with no place in timm's model, dropped with a note (a pooler, a text tower)."""
+    norm_eps: float = 1e-6
+    """The source library's default LayerNorm epsilon (a transformers config.json says its own)."""
+
+
+LAYOUTS: dict[str, Layout] = {
+    "torchvision-vit": Layout(
+        requires=("conv_proj.weight", "encoder.pos_embedding"),
+        renames=(
+            (r"class_token", "cls_token", None),
+            (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1", None),
+            (r"encoder\.pos_embedding", "pos_embed", None),
+            (_TV_BLOCK + r"ln_1\.(weight|bias)", r"blocks.\1.norm1.\2", None),
+            (_TV_BLOCK + r"self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2", None),
+            (_TV_BLOCK + r"self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2", None),
+            (_TV_BLOCK + r"ln_2\.(weight|bias)", r"blocks.\1.norm2.\2", None),
+            (_TV_BLOCK + r"mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2", None),
+            (_TV_BLOCK + r"mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2", None),
+            (r"encoder\.ln\.(weight|bias)", r"norm.\1", None),
+            (r"heads\.head\.(weight|bias)", r"head.\1", None),
+        ),
+    ),
+    "hf-vit": Layout(
+        requires=("embeddings.patch_embeddings.projection.weight",), prefix="vit.",
+        excludes=("embeddings.distillation_token",), renames=_HF_VIT,
+        drops=(r"pooler\..*", r"embeddings\.mask_token"), norm_eps=1e-12,
+    ),
+    "hf-deit": Layout(
+        requires=("embeddings.patch_embeddings.projection.weight", "embeddings.distillation_token"), prefix="deit.",
+        renames=(
+            *_HF_VIT,
+            (r"embeddings\.distillation_token", "dist_token", None),
+            (r"cls_classifier\.(weight|bias)", r"head.\1", None),
+            (r"distillation_classifier\.(weight|bias)", r"head_dist.\1", None),
+        ),
+        drops=(r"pooler\..*", r"embeddings\.mask_token"), norm_eps=1e-12,
+    ),
+    "hf-clip-vision": Layout(
+        requires=("embeddings.class_embedding", "embeddings.patch_embedding.weight"), prefix="vision_model.",
+        renames=(
+            (r"embeddings\.class_embedding", "cls_token", _token),
+            (r"embeddings\.patch_embedding\.weight", "patch_embed.proj.weight", None),
+            (r"embeddings\.position_embedding\.weight", "pos_embed", _batched),
+            (r"pre_layrnorm\.(weight|bias)", r"norm_pre.\1", None),
+            (r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"blocks.\1.attn.\2.\3", None),
+            (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2", None),
+            (r"encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"blocks.\1.norm1.\2", None),
+            (r"encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"blocks.\1.norm2.\2", None),
+            (r"encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3", None),
+            (r"post_layernorm\.(weight|bias)", r"norm.\1", None),
+        ),
+        drops=(r"embeddings\.position_ids", r"text_model\..*", r"visual_projection\..*", r"text_projection\..*",
+               r"logit_scale"),
+        norm_eps=1e-5,
+    ),
+}
+"""The layouts converted, by name (``timm`` is the layout of anything else, left as it is)."""
+
+SHAPE_KWARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio", "num_classes", "class_token",
+                "reg_tokens", "qkv_bias", "pre_norm")
+"""Constructor arguments the tensors fix: a user's value that differs is an error."""
+_ACTIVATIONS = {"gelu": None, "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "relu": "relu", "silu": "silu"}
+"""transformers' hidden_act to timm's act_layer (None: timm's default, exact GELU)."""
+
+
+@dataclass
+class ConvertedCheckpoint:
+    """A state dict in timm's layout and what it says about the model to build."""
+
+    layout: str
+    state_dict: dict[str, torch.Tensor]
+    inferred_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor arguments for ``timm.create_model``: those of :data:`SHAPE_KWARGS` the tensors fix, and those a
+    transformers config says (``num_heads``, ``img_size`` of a non-square grid, ``act_layer``)."""
+    notes: list[str] = field(default_factory=list)
+    required: dict[str, str] = field(default_factory=dict)
+    """Arguments neither the tensors nor a config fix, with an example value for the message."""
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix):] if prefix and key.startswith(prefix) else key
+
+
+def detect_layout(tensors: dict[str, Any]) -> str:
+    """The name in :data:`LAYOUTS` whose keys the state dict has, else ``"timm"``."""
+    for name, layout in LAYOUTS.items():
+        keys = {_strip(k, layout.prefix) for k in tensors}
+        if all(k in keys for k in layout.requires) and not any(k in keys for k in layout.excludes):
+            return name
+    return "timm"
+
+
+def rename(tensors: dict[str, torch.Tensor], layout: Layout) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every key through the layout's table (first match); dropped keys noted; unknown keys kept as they are, for
+    the strict load to name."""
+    table = [(re.compile(pattern), target, reshape) for pattern, target, reshape in layout.renames]
+    drops = [re.compile(pattern) for pattern in layout.drops]
+    out: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in tensors.items():
+        short = _strip(key, layout.prefix)
+        if any(d.fullmatch(short) for d in drops):
+            dropped.append(key)
+            continue
+        for pattern, target, reshape in table:
+            match = pattern.fullmatch(short)
+            if match:
+                out[match.expand(target)] = reshape(value) if reshape else value
+                break
+        else:
+            out[key] = value
+    notes = [f"dropped {len(dropped)} tensors timm's ViT has no place for ({', '.join(sorted(dropped)[:3])}"
+             f"{' ...' if len(dropped) > 3 else ''})"] if dropped else []
+    return out, notes
+
+
+def merge_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``blocks.N.attn.q/k/v.{weight,bias}`` concatenated (q, k, v) into ``blocks.N.attn.qkv.{weight,bias}``."""
+    out = dict(tensors)
+    for key in [k for k in tensors if re.fullmatch(r"blocks\.\d+\.attn\.q\.(weight|bias)", k)]:
+        stem, kind = key.rsplit(".", 2)[0], key.rsplit(".", 1)[1]
+        parts = [f"{stem}.{p}.{kind}" for p in "qkv"]
+        if not all(p in tensors for p in parts):
+            raise ConversionError(f"{stem} has a query {kind} but not all of its key and value {kind}s")
+        out[f"{stem}.qkv.{kind}"] = torch.cat([out.pop(p) for p in parts], dim=0)
+    return out
+
+
+def distillation_token(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DeiT with both heads is timm's distilled model (``dist_token``, ``head_dist``: eval logits the mean of the
+    two, as DeiTForImageClassificationWithTeacher's). One classifier or none reads the class token only: the
+    distillation token then is a register token of a plain ViT (``reg_token``, ``reg_tokens=1``), exactly."""
+    if "dist_token" not in tensors or "head_dist.weight" in tensors:
+        return tensors, (["two heads: load it into a deit_*_distilled_* name"] if "dist_token" in tensors else [])
+    out = {("reg_token" if k == "dist_token" else k): v for k, v in tensors.items()}
+    return out, ["one classifier on the class token: a plain ViT name, the distillation token a register token"]
+
+
+def _config_kwargs(config: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """What a transformers config says that the tensors do not (``vision_config`` of a full CLIP config)."""
+    if not isinstance(config, dict):
+        return {}, []
+    config = config.get("vision_config", config) if isinstance(config.get("vision_config"), dict) else config
+    if "num_attention_heads" not in config:
+        return {}, []  # not a transformers config (timm's hub config.json has none)
+    kwargs: dict[str, Any] = {"num_heads": int(config["num_attention_heads"])}
+    size = config.get("image_size")
+    if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 2):
+        kwargs["img_size"] = size if isinstance(size, int) else [int(size[0]), int(size[1])]
+    if isinstance(config.get("num_channels"), int):
+        kwargs["in_chans"] = config["num_channels"]
+    act = config.get("hidden_act")
+    if isinstance(act, str) and _ACTIVATIONS.get(act, act) is not None:
+        kwargs["act_layer"] = _ACTIVATIONS.get(act, act)
+    notes = []
+    eps = config.get("layer_norm_eps")
+    if isinstance(eps, (int, float)) and eps != 1e-6:
+        notes.append(f"LayerNorm eps {eps:g} in the source, timm's name's own here (1e-6 for ViT names)")
+    return kwargs, notes
+
+
+def _as_pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def infer_kwargs(tensors: dict[str, torch.Tensor], img_size: Any = None) -> dict[str, Any]:
+    """The constructor arguments of :data:`SHAPE_KWARGS` that a timm-layout ViT state dict fixes. ``img_size`` (from
+    a config) is checked against the position embeddings and kept; else a square grid is assumed."""
+    proj = tensors.get("patch_embed.proj.weight")
+    if proj is None or proj.dim() != 4:
+        raise ConversionError("no patch embedding (patch_embed.proj.weight, 4-D) after conversion")
+    dim, chans, ph, pw = (int(s) for s in proj.shape)
+    kwargs: dict[str, Any] = {"patch_size": ph if ph == pw else [ph, pw], "in_chans": chans, "embed_dim": dim}
+    depth = 1 + max((int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    kwargs["depth"] = depth
+    fc1 = tensors.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        hidden = int(fc1.shape[0])
+        ratio = hidden / dim
+        while int(dim * ratio) < hidden:  # timm builds int(embed_dim * mlp_ratio) units
+            ratio = math.nextafter(ratio, math.inf)
+        kwargs["mlp_ratio"] = ratio
+    kwargs["qkv_bias"] = "blocks.0.attn.qkv.bias" in tensors or depth == 0
+    kwargs["class_token"] = "cls_token" in tensors
+    if "reg_token" in tensors:
+        kwargs["reg_tokens"] = int(tensors["reg_token"].shape[1])
+    if "norm_pre.weight" in tensors:
+        kwargs["pre_norm"] = True
+    kwargs["num_classes"] = int(tensors["head.weight"].shape[0]) if "head.weight" in tensors else 0
+    pos = tensors.get("pos_embed")
+    if pos is not None:
+        prefix = int(kwargs["class_token"]) + kwargs.get("reg_tokens", 0) + int("dist_token" in tensors)
+        grid = int(pos.shape[-2]) - prefix
+        given = _as_pair(img_size)
+        if given is not None:
+            if (given[0] // ph) * (given[1] // pw) != grid:
+                raise ConversionError(f"config.json's image_size {img_size} and patch size {ph} make "
+                                      f"{(given[0] // ph) * (given[1] // pw)} patches, the position embeddings "
+                                      f"{grid}")
+            kwargs["img_size"] = img_size
+        elif math.isqrt(grid) ** 2 == grid and ph == pw:
+            kwargs["img_size"] = math.isqrt(grid) * ph
+    return kwargs
+
+
+def to_timm(tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> ConvertedCheckpoint:
+    """The state dict in timm's ViT layout, with the constructor arguments it and ``config`` (a transformers
+    ``config.json``, if any) fix. A timm-layout (or unknown) state dict comes back as it is, with nothing inferred.
+
+    Raises:
+        ConversionError: a foreign layout whose tensors do not make a ViT (a query without its key and value, no
+            patch embedding, a config whose image size does not fit the position embeddings).
+    """
+    name = detect_layout(tensors)
+    if name == "timm":
+        return ConvertedCheckpoint("timm", tensors)
+    layout = LAYOUTS[name]
+    out, notes = rename(tensors, layout)
+    out = merge_qkv(out)
+    out, more = distillation_token(out)
+    notes += more
+    from_config, config_notes = _config_kwargs(config)
+    kwargs = infer_kwargs(out, from_config.get("img_size"))
+    for key, value in from_config.items():  # the config's, where the shapes said nothing (heads, activation)
+        if key == "in_chans" and value != kwargs["in_chans"]:
+            raise ConversionError(f"config.json's num_channels {value} and the patch embedding's "
+                                  f"{kwargs['in_chans']} input channels differ")
+        kwargs.setdefault(key, value)
+    if config_notes:
+        notes += config_notes
+    elif layout.norm_eps != 1e-6:
+        notes.append(f"LayerNorm eps {layout.norm_eps:g} in the source, timm's name's own here")
+    required = {}
+    if "num_heads" not in kwargs:
+        required["num_heads"] = "N"
+    if name == "hf-clip-vision" and "act_layer" not in kwargs:
+        required["act_layer"] = '"quick_gelu"'  # OpenAI's CLIP; LAION's use "gelu"
+    return ConvertedCheckpoint(name, out, kwargs, notes, required)
+
+
+def read_transformers_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The transformers ``config.json`` beside a checkpoint (one with ``num_attention_heads``), else None."""
+    path = Path(checkpoint).expanduser().parent / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    inner = data.get("vision_config") if isinstance(data.get("vision_config"), dict) else data
+    return data if "num_attention_heads" in inner else None
+
+
+def _same(key: str, user: Any, inferred: Any, kwargs: dict[str, Any]) -> bool:
+    if key in ("img_size", "patch_size"):
+        return _as_pair(user) == _as_pair(inferred)
+    if key == "mlp_ratio":
+        dim = kwargs.get("embed_dim", 0)
+        return isinstance(user, (int, float)) and int(dim * user) == int(dim * inferred)
+    return bool(user == inferred)
+
+
+def merge_kwargs(converted: ConvertedCheckpoint, user: dict[str, Any]) -> dict[str, Any]:
+    """The user's constructor arguments over the inferred ones.
+
+    Raises:
+        ConversionError: a user value that contradicts one the tensors fix (:data:`SHAPE_KWARGS`), or an argument
+            nobody gave (``num_heads``) that the weights cannot tell.
+    """
+    inferred = converted.inferred_kwargs
+    for key in SHAPE_KWARGS:
+        if key in user and key in inferred and not _same(key, user[key], inferred[key], inferred):
+            raise ConversionError(f"--model-kwargs {key}={json.dumps(user[key])} contradicts the {converted.layout} "
+                                  f"checkpoint, whose tensors fix {key}={json.dumps(inferred[key])}: drop it or make "
+                                  f"them agree")
+    merged = {**inferred, **user}
+    missing = {k: v for k, v in converted.required.items() if k not in merged}
+    if missing:
+        example = "{" + ", ".join(f'"{k}": {v}' for k, v in missing.items()) + "}"
+        raise ConversionError(f"the {converted.layout} checkpoint does not say its {' or '.join(missing)} (no "
+                              f"transformers config.json beside it): give --model-kwargs '{example}'")
+    return merged
+
+
+def checkpoint_kwargs(path: str | os.PathLike, user: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The constructor arguments for a checkpoint file: the user's as they are for a timm-layout file (or one that
+    cannot be read: loading it names the problem), else merged over what the conversion infers (:func:`merge_kwargs`),
+    and the layout.
+
+    Raises:
+        ConversionError: as :func:`to_timm` and :func:`merge_kwargs`.
+    """
+    from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
+
+    try:
+        tensors, _ = read_state_dict(path)
+    except (CheckpointError, OSError):
+        return dict(user), "timm"
+    if detect_layout(tensors) == "timm":
+        return dict(user), "timm"
+    converted = to_timm(tensors, read_transformers_config(path))
+    return merge_kwargs(converted, user), converted.layout
+
+
+__all__ = ["LAYOUTS", "SHAPE_KWARGS", "ConversionError", "ConvertedCheckpoint", "Layout", "checkpoint_kwargs",
+           "detect_layout", "infer_kwargs", "merge_kwargs", "merge_qkv", "read_transformers_config", "rename",
+           "to_timm"]
