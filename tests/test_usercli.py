@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -571,9 +572,10 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_pa
 
     with monkeypatch.context() as patch:
         patch.setattr(usercli, "_evaluate", interrupted)  # after training, before the directory is written
-        code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet")
+        code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet", "--checkpoint-every", "2")
     assert code == 130 and not out.exists()
     assert (tmp_path / ".ft.partial" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / ".ft.partial" / "checkpoints" / "step00000002.ckpt").is_file()  # mid-epoch, as asked
     from lowrank_vit.stages.finetune import PartialFinetune
 
     steps_run = []
@@ -930,14 +932,25 @@ def test_an_opset_the_exporter_cannot_write_is_refused_before_tracing(tmp_path):
 def test_a_stopped_fine_tune_says_how_to_resume(compressed, workdir, tmp_path, capsys, monkeypatch):
     import lowrank_vit.stages.finetune as stage
 
-    def stopped(*args, **kwargs):  # what Lightning does on Ctrl-C: a graceful shutdown, then exit(1)
+    written: list[str] = []
+
+    def stopped(*args, checkpoint_dir, **kwargs):  # what Lightning does on Ctrl-C: a graceful shutdown, then exit(1)
+        for name in written:  # the checkpoints Lightning had written before the interruption
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            (Path(checkpoint_dir) / name).write_bytes(b"")
         raise SystemExit(1)
 
     monkeypatch.setattr(stage, "finetune", stopped)
-    code, _, err = _run(capsys, "finetune", compressed, "--data", workdir / "imgs", "--workers", "0", "--epochs",
-                        "1", "--quiet", "--output", tmp_path / "ft")
-    assert code == 130 and "the same command resumes it" in err and "interrupted" in err
+    argv = ["finetune", compressed, "--data", workdir / "imgs", "--workers", "0", "--epochs", "1", "--quiet",
+            "--output", tmp_path / "ft", "--checkpoint-every", "7"]
+    code, _, err = _run(capsys, *argv)  # stopped before the first checkpoint: no promise of a resume
+    assert code == 130 and "interrupted" in err and "resumes" not in err
+    assert "no checkpoint had been written yet (one every 7 steps and at each epoch's end)" in err
     assert not (tmp_path / "ft").exists()
+    shutil.rmtree(tmp_path / ".ft.partial")
+    written[:] = ["step00000007.ckpt", "step00000014.ckpt", "epoch000.ckpt", "last.ckpt"]
+    code, _, err = _run(capsys, *argv)
+    assert code == 130 and "the same command resumes it from its last checkpoint (step 14)" in err
 
 
 def test_compressing_a_compressed_directory_is_refused_before_the_data(compressed_plain, tmp_path, capsys):

@@ -263,6 +263,9 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--epochs", type=positive_int, required=True, help="epochs of fine-tuning")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the cosine schedule (default 1e-4)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (quick checks)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="N",
+                   help="a checkpoint every N steps as well as at each epoch's end, for resuming after an "
+                        "interruption (default 100)")
     p.add_argument("--precision", choices=PRECISIONS, default="32-true",
                    help="Lightning precision (default 32-true; bf16-mixed: bfloat16 autocast, weights stay float32, "
                         "1.5x per step for DeiT-B on an H100; 16-mixed: GPU only)")
@@ -1017,7 +1020,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
                                 precision=args.precision, distill=args.distill,
-                                distill_temperature=args.distill_temperature, train_factors=args.train_factors)
+                                distill_temperature=args.distill_temperature, train_factors=args.train_factors,
+                                checkpoint_every_n_steps=args.checkpoint_every)
     except ValueError as err:
         raise UserError(str(err)) from None
     device = resolve_device(args.device)
@@ -1048,8 +1052,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # Lightning ends a run stopped by Ctrl-C with exit(1), after its last checkpoint
         if exc.code not in (1, None):
             raise
-        print(f"lowrank-vit: the fine-tune was stopped; the same command resumes it from its last checkpoint in "
-              f"{checkpoints}", file=sys.stderr)
+        print(f"lowrank-vit: the fine-tune was stopped; {_resume_note(checkpoints, args.checkpoint_every)}",
+              file=sys.stderr)
         raise KeyboardInterrupt from None
     if trainer.global_rank != 0:
         return 0
@@ -1078,6 +1082,20 @@ RESUME_FILE = "resume.json"
 """In a fine-tune's staging directory: what the interrupted run was, so that only the same run resumes there."""
 
 
+def _resume_note(checkpoints: Path, every: int) -> str:
+    """What the same command will do after an interruption, read from the checkpoints' names (never unpickled)."""
+    import re
+
+    steps = [int(m.group(1)) for f in checkpoints.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt", f.name))]
+    epochs = [int(m.group(1)) for f in checkpoints.glob("epoch*.ckpt")
+              if (m := re.fullmatch(r"epoch(\d+)\.ckpt", f.name))]
+    if not (checkpoints / "last.ckpt").is_file() or not (steps or epochs):
+        return (f"no checkpoint had been written yet (one every {every} steps and at each epoch's end): the same "
+                f"command starts over")
+    where = f"step {max(steps)}" if steps else f"the end of epoch {max(epochs) + 1}"
+    return f"the same command resumes it from its last checkpoint ({where}) in {checkpoints}"
+
+
 def _finetune_run(args: argparse.Namespace, directory: Path, config: Any) -> dict[str, Any]:
     """What makes two fine-tune commands the same run: the input's weights, the data and the settings, but not
     where it stops (``--epochs``, ``--max-steps``: a run may be resumed to go further, as Lightning allows)."""
@@ -1087,7 +1105,8 @@ def _finetune_run(args: argparse.Namespace, directory: Path, config: Any) -> dic
     data = Path(str(args.data)).expanduser()
     return {"input": str(directory.resolve()), "input_sha256": checkpoint_digest(directory / WEIGHTS_FILE),
             "data": str(data.resolve()) if data.exists() else str(args.data), "augment": bool(args.augment),
-            "finetune": {k: v for k, v in config.to_dict().items() if k not in ("epochs", "max_steps")}}
+            "finetune": {k: v for k, v in config.to_dict().items()
+                         if k not in ("epochs", "max_steps", "checkpoint_every_n_steps")}}
 
 
 def _resume_or_start(args: argparse.Namespace, stage: Path, run: dict[str, Any]) -> None:
