@@ -131,10 +131,10 @@ class CompressionConfig:
     "loss_aware": the minimizer of the predicted loss increase tr(dW^T H dW G) (K-FAC curvature: H of the inputs,
     G of the loss gradients at the output, from one forward and backward pass; see loss_aware.py),
     W_hat = H^-1/2 SVD_r(H^1/2 W G^1/2) G^-1/2; its energies are in the loss's units, comparable across layers.
-    Comparison methods (see methods.py, fisher.py, comcat.py): "asvd" (Yuan et al. 2023: input channels scaled by
-    mean |x|^asvd_alpha before the SVD), "fwsvd" (Hsu et al. 2022: input rows weighted by their Fisher information;
-    needs labelled calibration batches), "comcat" (Xiao et al. 2023: every attention head's W_Q W_K^T and W_V W_O
-    products factorized, ranks per head; MLP layers by plain SVD)."""
+    Comparison methods (see methods/decompositions.py, core/fisher.py, nn/comcat.py): "asvd" (Yuan et al. 2023:
+    input channels scaled by mean |x|^asvd_alpha before the SVD), "fwsvd" (Hsu et al. 2022: input rows weighted by
+    their Fisher information; needs labelled calibration batches), "comcat" (Xiao et al. 2023: every attention
+    head's W_Q W_K^T and W_V W_O products factorized, ranks per head; MLP layers by plain SVD)."""
     asvd_alpha: float = 0.5
     """ASVD's exponent alpha of the channel scaling S = diag(mean |x|)^alpha (alpha = 0 is plain SVD)."""
     allocation: str = "marginal"

@@ -318,12 +318,6 @@ class _LagrangianTable:
         return out
 
 
-def _lagrangian_ranks(layers: list[LayerBudget], price: float) -> dict[str, int | None]:
-    """Each layer's best choice at ``price`` per parameter: the rank r (1..max_rank) or dense (``None``, losing
-    nothing) that minimizes ``loss(r) + price * params(r)``; smaller ranks win ties."""
-    return _LagrangianTable(layers).ranks(price)
-
-
 def allocate_marginal(layers: list[LayerBudget], budget: int, rank_multiple: int = 1,
                       tolerance: int = 0) -> Allocation:
     """Global allocation on *absolute* energies: the directions removed, across all layers at once, are those that

@@ -17,7 +17,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 ATTENTION_LINEARS = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "proj")
@@ -324,5 +323,3 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
-def first_param(model: nn.Module) -> torch.Tensor:
-    return next(model.parameters())
