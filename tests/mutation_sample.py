@@ -5,7 +5,7 @@ user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] o
     python tests/mutation_sample.py --sample 50 --seed 3
     python tests/mutation_sample.py --report        # the last run's results again, without running anything
     python tests/mutation_sample.py --list          # how many mutants each module has
-    python tests/mutation_sample.py --show NAME...  # mutants' diffs, from the current source
+    python tests/mutation_sample.py --show NAME...  # mutants' diffs in the current source
 
 mutmut copies the package into ``mutants/`` with every mutant behind a switch, runs the fast suite once to learn
 which tests call each function, then runs each sampled mutant against the tests that call its function (stopping at
@@ -92,15 +92,19 @@ def triaged() -> dict[str, str]:
     return dict(re.findall(r"^- `([^`]+)`: (.+)$", TRIAGE.read_text(), flags=re.MULTILINE))
 
 
-def show(name: str, path: Path, _mutated: dict[Path, str] = {}) -> str:  # noqa: B006 (a cache on purpose)
-    """The mutant's diff, generated from the current source (no run needed: works before `mutants/` exists)."""
+def show(name: str, path: Path, _mutated: dict[Path, str] = {}, fresh: bool = False) -> str:  # noqa: B006 (a cache)
+    """The mutant's diff: from the last run's copy in ``mutants/`` (the source the run tested, even if the tree has
+    changed since), else (``fresh``, or before any run) generated from the current source."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.mutation.file_mutation import mutate_file_contents
 
-    if path not in _mutated:
-        _mutated[path] = mutate_file_contents(str(path), (REPO / path).read_text()).code
-    diff = [line for line in get_diff_for_mutant(name, source=_mutated[path], path=path).splitlines()
-            if line[:1] in "+-" and line[:3] not in ("---", "+++")]
+    if (REPO / "mutants" / path).is_file() and not fresh:  # mutmut reads its copy (and its index) itself
+        text = get_diff_for_mutant(name, path=path)
+    else:
+        if path not in _mutated:
+            _mutated[path] = mutate_file_contents(str(path), (REPO / path).read_text()).code
+        text = get_diff_for_mutant(name, source=_mutated[path], path=path)
+    diff = [line for line in text.splitlines() if line[:1] in "+-" and line[:3] not in ("---", "+++")]
     return "\n".join("      " + line for line in diff) or "      (no diff shown)"
 
 
@@ -156,15 +160,21 @@ def main(argv: list[str] | None = None) -> int:
             module = max((m for m in paths if name.startswith(m + ".")), key=len, default=None)
             if module is None:
                 parser.error(f"{name} is not a mutant of the mutated modules ({', '.join(sorted(paths))})")
-            print(f"{name}\n{show(name, paths[module])}")
+            print(f"{name}\n{show(name, paths[module], fresh=True)}")
         return 0
-    sample = draw(args.sample, args.seed)
+    recorded = REPO / "mutants" / "sample.json"  # the sample the last run drew: what --report reports on
+    if args.report and recorded.is_file():
+        sample = {name: Path(path) for name, path in json.loads(recorded.read_text()).items()}
+    else:
+        sample = draw(args.sample, args.seed)
     if not args.report:
         # a fresh copy every run: mutmut's reuse of an older mutants/ after the tree changed is not reliable (seen:
         # new modules missing from the copy, the test collection failing there)
         shutil.rmtree(REPO / "mutants", ignore_errors=True)
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
         run = subprocess.run([MUTMUT, "run", "--max-children", str(args.jobs), *sample], cwd=REPO, env=env)
+        if recorded.parent.is_dir():
+            recorded.write_text(json.dumps({name: str(path) for name, path in sample.items()}, indent=1))
         if run.returncode != 0 and not any(exit_codes().get(name) is not None for name in sample):
             print(f"mutmut run failed with exit status {run.returncode}: no sampled mutant was run")
             return 2
