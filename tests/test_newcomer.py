@@ -134,10 +134,10 @@ def test_plan_text_has_a_header(capsys):
     assert code == 0 and "seed 0" in lines[0] and lines[1].split() == ["layer", "rank", "params", "dense"]
 
 
-def test_plan_help_says_synthetic_is_required(capsys):
+def test_plan_help_says_synthetic_is_its_only_mode(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
-    assert re.search(r"--synthetic\s+required", capsys.readouterr().out)
+    assert re.search(r"--synthetic\s+the only mode, also without the flag", capsys.readouterr().out)
 
 
 # ------------------------------------------------------------------------------------------ reachable reduction
