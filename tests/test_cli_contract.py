@@ -263,3 +263,24 @@ def test_a_closed_pipe_points_stdout_at_dev_null_so_the_exit_flush_cannot_fail_a
     finally:
         os.close(fd)
     assert target.read_bytes() == b""
+
+
+# ------------------------------------------------------------------------------ the fourth run's open survivors
+
+
+def test_plan_json_holds_the_fields_scripts_read(capsys):
+    """`plan --json`: a script grouping plans by scale or comparing counts reads these keys."""
+    code = main(["plan", "table2/deit_s/ours-50", "--scale", "smoke", "--calib-images", "2", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["name"] == "table2/deit_s/ours-50" and data["scale"] == "smoke"
+    assert data["params_after"] < data["params_before"] and isinstance(data["seed"], int)
+
+
+def test_demo_rows_takes_several_rows(monkeypatch):
+    from lowrank_vit.harness import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
+    rows = ["table2/deit_s/baseline", "table2/deit_s/ours-50"]
+    assert main(["demo", "--rows", *rows, "--quiet", "--output", "x"]) == 0
+    assert list(calls[-1]["rows"]) == rows

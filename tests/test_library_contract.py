@@ -397,3 +397,11 @@ def test_a_data_config_on_the_0_255_scale_is_refused():
                                          r"\(0.485 0.456 0.406\)"):
         DataConfig(name="mnist-5k", mean=(123.675, 116.28, 103.53), std=(0.229, 0.224, 0.225))
     assert DataConfig(name="mnist-5k", mean=(0.0,), std=(1.0,)).std == (1.0,)  # no normalization: still allowed
+
+
+def test_an_unknown_preprocessing_field_is_named_with_the_known_ones():
+    from lowrank_vit.stages.data_config import PREPROCESSING_FIELDS, check_preprocessing
+
+    with pytest.raises(ValueError) as err:
+        check_preprocessing({"normalise": 0.5})
+    assert "'normalise'" in str(err.value) and all(f in str(err.value) for f in PREPROCESSING_FIELDS)

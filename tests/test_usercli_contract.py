@@ -299,3 +299,36 @@ def test_a_limited_validation_loader_is_the_full_ones_first_images():
     assert first.shape[0] == 6 and torch.equal(first, full)
     with pytest.raises(ValueError, match="limit must be a positive integer"):
         dm.val_dataloader(limit=0)
+
+
+def test_an_interpolation_timm_does_not_have_is_refused_naming_the_choices(capsys):
+    from lowrank_vit.stages.data_config import INTERPOLATIONS
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, "evaluate", ARCH, "--data", "x", "--interpolation", "lanczos5")
+    line = one_line_error(capsys.readouterr().err)
+    assert exit_.value.code == 2 and "--interpolation" in line and all(i in line for i in INTERPOLATIONS)
+
+
+def test_finetune_needs_an_output_directory(capsys):
+    """Without --output the fine-tuned model would have nowhere to go (the input is never written)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, "finetune", "somedir", "--data", "x", "--epochs", "1")
+    assert exit_.value.code == 2 and "--output" in one_line_error(capsys.readouterr().err)
+
+
+def test_the_ctrl_c_note_names_the_newest_checkpoint_from_the_files_names(tmp_path):
+    """What an interrupted fine-tune tells the user, read from the checkpoints' names: the newest step, else the
+    newest epoch's end, else that nothing was written (no last.ckpt: nothing to resume from)."""
+    from lowrank_vit.harness.usercli import _resume_note
+
+    assert "no checkpoint had been written yet (one every 5 steps" in _resume_note(tmp_path, 5)
+    (tmp_path / "step00000010.ckpt").write_bytes(b"")
+    assert "starts over" in _resume_note(tmp_path, 5)  # a step file but no last.ckpt: not resumable
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    (tmp_path / "step00000030.ckpt").write_bytes(b"")
+    (tmp_path / "epoch001.ckpt").write_bytes(b"")
+    assert f"resumes it from its last checkpoint (step 30) in {tmp_path}" in _resume_note(tmp_path, 5)
+    for f in tmp_path.glob("step*.ckpt"):
+        f.unlink()
+    assert "(the end of epoch 2)" in _resume_note(tmp_path, 5)
