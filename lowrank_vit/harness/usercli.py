@@ -1086,9 +1086,11 @@ def _resume_note(checkpoints: Path, every: int) -> str:
     """What the same command will do after an interruption, read from the checkpoints' names (never unpickled)."""
     import re
 
-    steps = [int(m.group(1)) for f in checkpoints.glob("step*.ckpt") if (m := re.fullmatch(r"step(\d+)\.ckpt", f.name))]
-    epochs = [int(m.group(1)) for f in checkpoints.glob("epoch*.ckpt")
-              if (m := re.fullmatch(r"epoch(\d+)\.ckpt", f.name))]
+    def numbered(kind: str) -> list[int]:  # finetune's file names: step00000100.ckpt, epoch002.ckpt
+        return [int(m.group(1)) for f in checkpoints.glob(f"{kind}*.ckpt")
+                if (m := re.fullmatch(rf"{kind}(\d+)\.ckpt", f.name))]
+
+    steps, epochs = numbered("step"), numbered("epoch")
     if not (checkpoints / "last.ckpt").is_file() or not (steps or epochs):
         return (f"no checkpoint had been written yet (one every {every} steps and at each epoch's end): the same "
                 f"command starts over")
