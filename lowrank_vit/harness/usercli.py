@@ -520,7 +520,7 @@ def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tup
     checkpoint = source.record.get("checkpoint")
     if checkpoint and unknown and getattr(args, "preprocessing", None) != "timm":
         # timm's values are those of timm's weights for the name, not of the user's: a wrong mean and std give a
-        # model that runs and scores near chance, and compress would calibrate on such images and save them
+        # model that runs but loses much of its accuracy, and compress would calibrate on such images and save them
         raise UserError(f"--checkpoint {checkpoint} carries no {' or '.join(unknown)}: give the values the model "
                         f"was trained with (--mean R G B --std R G B; --crop-pct and --interpolation where they "
                         f"differ from timm's), or --preprocessing timm to take timm's for {source.architecture}")
