@@ -150,3 +150,28 @@ def test_three_demo_rows_from_the_committed_stand_in_repeat_the_published_table(
         for key in ("top1", "top1_noft"):
             if theirs[key] is not None:
                 assert abs(row[key] - theirs[key]) <= DEMO_TOLERANCE, (row["name"], key, row[key], theirs[key])
+
+
+def _smallest_significant_net_loss(alpha: float = 0.05) -> int:
+    """The fewest images a fine-tune must lose, net, before a paired exact McNemar test could call the loss real at
+    ``alpha`` (two-sided): with k losses and no gain among the discordant images, p = 2 * 0.5**k, the smallest p any
+    k losses can reach; more discordant images only raise it."""
+    k = 1
+    while 2 * 0.5 ** k >= alpha:
+        k += 1
+    return k
+
+
+def test_no_published_demo_row_loses_to_its_own_fine_tune_beyond_the_noise():
+    """Issue 41: the smoke fine-tune must not end below the compressed model it started from by more than the
+    validation set can resolve. On the 1,000 digits of the demo's validation split a net loss of fewer than 6 images
+    (0.6 points) can never be significant by a paired exact McNemar test, whatever the discordant count; every
+    published row's drop must stay under it."""
+    rows = json.loads((COMMITTED.parents[1] / "results" / "demo_table2.json").read_text())["rows"]
+    images = 1_000  # the digits' validation split (stages/data.py: 4,000 train / 1,000 validation)
+    limit = 100 * _smallest_significant_net_loss() / images
+    assert _smallest_significant_net_loss() == 6 and limit == 0.6
+    pairs = [(r["name"], r["top1_noft"], r["top1"]) for r in rows if r["top1_noft"] is not None]
+    assert len(pairs) >= 12
+    worse = [(name, noft, ft) for name, noft, ft in pairs if noft - ft >= limit - 1e-9]
+    assert not worse, f"fine-tuned rows below their no-FT top-1 by {limit} points or more: {worse}"
