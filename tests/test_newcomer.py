@@ -312,3 +312,30 @@ def test_imagenet_error_names_the_cli_override(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "full", "--output", str(tmp_path / "r"))
     assert code == 2 and "--set data.path=" in one_line_error(err)
+
+
+def test_the_readmes_first_example_runs_as_written(tmp_path, monkeypatch):
+    """The first Python a visitor reads must run: the README's first code block, with only the pretrained DeiT-S
+    (not reachable offline) swapped for a random one of the same family at a tiny size, the images shrunk to match
+    and the output under a temporary folder. It must compress to half the parameters and save a directory that
+    loads back to the same logits."""
+    from lowrank_vit import count_params, load_compressed
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    small = 'pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10'
+    for old, new in (("pretrained=True", small), ("224, 224", "32, 32"), ("range(32)", "range(2)")):
+        assert old in block, f"the README's first example changed ({old!r} not in it): update this test"
+        block = block.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    import timm
+
+    dense = count_params(timm.create_model("deit_small_patch16_224", **eval(f"dict({small})")))  # noqa: S307
+    model = namespace["model"]
+    assert abs(count_params(model) / dense - 0.5) < 0.02
+    loaded = load_compressed(tmp_path / "out" / "deit_s-50")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
