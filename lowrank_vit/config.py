@@ -33,7 +33,7 @@ GRAM_PRECISIONS = ("float64", "float32")
 FLOAT32_GRAM_DEVICE_TYPES = frozenset({"cuda"})
 """Device types on which ``gram_precision=None`` means float32 Gram products for every method: GPUs whose float64
 throughput is 1/32 to 1/64 of float32 (the paper's A6000, RTX cards), where float64 statistics could dominate a run.
-Measured (docs/loss_aware.md, "Gram precision"): float32 products with float64 running sums give the same top-1 in
+Measured (docs/loss_aware_study.md, "Gram precision"): float32 products with float64 running sums give the same top-1 in
 all 50 cells of the paper's recipe and whitened-uniform, KL within 0.15%."""
 
 
@@ -52,7 +52,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "kfac-lems": dict(decomposition="kfac", allocation="lems", compensation="none"),
 }
 """Named recipes: settings on top of the other fields' defaults. "loss-aware" is the default (the best recipe
-measured, docs/loss_aware.md); "paper" is Azizi et al.'s recipe as this library implements it exactly (whitened
+measured, docs/loss_aware_study.md); "paper" is Azizi et al.'s recipe as this library implements it exactly (whitened
 SVD, Algorithm 1 on normalized energies, closed-form low-rank Z of 5%); "vanilla" is Table 2's vanilla SVD (plain
 SVD of W, the same retained fraction in every layer, no Z). "flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are
 the peers of docs/peers.md with their published settings (FLAR-SVD; SVD-LLM with its sequential update; SVD-LLM
@@ -150,14 +150,14 @@ class CompressionConfig:
     absorb the mean input's output change, b' = b + mu^T (W - W_hat) (mu: the mean calibration token). The output
     error is then (x - mu)(W - W_hat): the mean direction, which every token shares, costs no rank, and no
     parameter is added. None (default): on for "loss_aware" (measured: lower KL to the dense model in every cell of
-    docs/loss_aware.md's study), off for the others, which do not support it (True with them is a ValueError)."""
+    docs/loss_aware_study.md), off for the others, which do not support it (True with them is a ValueError)."""
     grad_fraction: float = 1.0
     """decomposition "loss_aware": the fraction of the calibration images (the first ceil(fraction * N)) that also
     run the backward pass giving G; the others feed H only. The backward is most of the loss-aware pass's cost;
-    docs/loss_aware.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
+    docs/loss_aware_study.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
     loss_pass_dtype: str = "float32"
     """decomposition "loss_aware": the precision its forward and backward pass compute in. "bfloat16" runs them under
-    ``torch.autocast`` (the Gram products and sums keep ``gram_precision``): measured in docs/loss_aware.md, the same
+    ``torch.autocast`` (the Gram products and sums keep ``gram_precision``): measured in docs/loss_aware_study.md, the same
     top-1 within 0.1 point and KL within 2% (4% where it is below 1e-5) on six of seven CIFAR-10 models (0.4 points
     on the seventh), and statistics 2.0x as fast on a CPU with bfloat16 matrix units (Intel AMX), 1.7x with bfloat16
     dot products (AMD, AVX512-BF16). Not the default: on CPUs with neither the bfloat16 products have no fast kernels
@@ -166,12 +166,12 @@ class CompressionConfig:
     """decomposition "loss_aware": after the allocation, recompute every factorized layer, in forward order, for
     the inputs the compressed model gives it (which carry the errors of the layers before it), aiming at the dense
     layer's outputs in the same loss-aware metric, at the same rank (``lowrank_vit.core.refit``). Costs a few more
-    forward passes over the calibration images and keeps them in memory; measured in docs/loss_aware.md (recipe
+    forward passes over the calibration images and keeps them in memory; measured in docs/loss_aware_study.md (recipe
     "loss-aware-refit"). Needs ``compensation="none"``."""
     refit_damping: float = 1e-2
     """The refit's pull toward the dense weight, relative to the mean diagonal of the compressed inputs' Gram: its
     least squares for the new inputs is a ridge regression, min ||X_c W* - X W||^2 + d ||W* - W||^2, which with few
-    calibration tokens per input feature would otherwise fit their noise (measured in docs/loss_aware.md: with 64
+    calibration tokens per input feature would otherwise fit their noise (measured in docs/loss_aware_study.md: with 64
     images 1e-4 raised the KL at -50% by up to 44%; 1e-2 kept the gains at -80% with 256 images)."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped

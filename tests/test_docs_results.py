@@ -1,4 +1,4 @@
-"""The measured tables in docs/loss_aware.md are the committed study results, cell for cell (a re-run that changes
+"""The measured tables in docs/loss_aware_study.md are the committed study results, cell for cell (a re-run that changes
 a number must change the docs with it)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _by_model(rows: list[list[str]]) -> list[tuple[str, list[str]]]:
 
 
 def test_loss_aware_docs_tables_are_the_committed_results():
-    text = (ROOT / "docs/loss_aware.md").read_text()
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
     study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
     checked = 0
     for heading, key, fmt in (("### Top-1 (%) without fine-tuning", "top1", ".2f"),
@@ -55,21 +55,21 @@ def test_loss_aware_docs_tables_are_the_committed_results():
 
 
 def test_gram_precision_table_is_the_committed_results():
-    """docs/loss_aware.md's float32-against-float64 table is precision_table() of the committed study, verbatim, and
+    """docs/loss_aware_study.md's float32-against-float64 table is precision_table() of the committed study, verbatim, and
     every one of its cells was computed (the default's precision rests on it)."""
     from experiments.loss_aware_study import precision_table
 
     study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
     table = precision_table(study)
-    assert table in (ROOT / "docs/loss_aware.md").read_text()
+    assert table in (ROOT / "docs/loss_aware_study.md").read_text()
     assert "—" not in table and table.count("\n") == 2 + 3 * len(study)
 
 
 def test_refit_table_is_the_committed_results():
     """The sequential refit's table (default -> refit, and the refit's KL as a multiple of the default's) matches the
     committed study for every model whose refit cells it holds (the CIFAR-10 models; the stand-ins' rows come from
-    stand-ins trained on an earlier machine, see docs/loss_aware.md)."""
-    text = (ROOT / "docs/loss_aware.md").read_text()
+    stand-ins trained on an earlier machine, see docs/loss_aware_study.md)."""
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
     study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
     checked = 0
     for cells in _section(text, "default's.\n\n| model | -40%"):
@@ -87,9 +87,9 @@ def test_refit_table_is_the_committed_results():
 
 
 def test_bfloat16_pass_table_is_the_committed_results():
-    """docs/loss_aware.md's float32 / bfloat16 loss-aware pass table: top-1 of each and the KL's change, from the
+    """docs/loss_aware_study.md's float32 / bfloat16 loss-aware pass table: top-1 of each and the KL's change, from the
     committed study's loss-aware and la-bf16 cells."""
-    text = (ROOT / "docs/loss_aware.md").read_text()
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
     study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
     rows = _section(text, "the change of the KL to the dense model (bfloat16 against float32):")
     for model, *values in rows:
@@ -102,9 +102,9 @@ def test_bfloat16_pass_table_is_the_committed_results():
 
 
 def test_bfloat16_timing_tables_are_the_committed_benchmarks():
-    """docs/loss_aware.md's two timing tables of the bfloat16 pass (the Xeon with AMX, the AMD EPYC without) are the
+    """docs/loss_aware_study.md's two timing tables of the bfloat16 pass (the Xeon with AMX, the AMD EPYC without) are the
     committed benchmark JSONs: forward, statistics, whole compress, the ratio and every run's ratio."""
-    text = (ROOT / "docs/loss_aware.md").read_text()
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
     names = {"loss-aware (default)": "loss-aware", "loss-aware, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-bf16",
              "loss-aware-fast": "loss-aware-fast",
              "loss-aware-fast, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-fast-bf16", "paper": "paper"}
@@ -124,9 +124,9 @@ def test_bfloat16_timing_tables_are_the_committed_benchmarks():
 
 
 def test_models_added_after_the_default_are_the_committed_results():
-    """docs/loss_aware.md's check of the default on the two models added after it was chosen: top-1 and KL without
+    """docs/loss_aware_study.md's check of the default on the two models added after it was chosen: top-1 and KL without
     fine-tuning, and top-1 before / after the fine-tune, cell for cell from their own committed results."""
-    text = (ROOT / "docs/loss_aware.md").read_text()
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
     study = json.loads((ROOT / "experiments/results/loss_aware_study_heldout.json").read_text())
     ft = json.loads((ROOT / "experiments/results/loss_aware_study_heldout_ft.json").read_text())
     checked = 0
@@ -210,12 +210,12 @@ def test_h200_statistics_table_is_the_committed_benchmarks():
 
 
 def test_distillation_tables_are_the_committed_results():
-    """docs/loss_aware.md's fine-tune tables (cross-entropy against distillation, with and without training the
+    """docs/loss_aware_study.md's fine-tune tables (cross-entropy against distillation, with and without training the
     factors, and the 600-step check) are finetune_tables() of the committed results, verbatim, and every cell of the
     loss-aware default's table was computed."""
     from experiments.loss_aware_study import FINETUNE_RUNS, finetune_tables
 
-    text = (ROOT / "docs/loss_aware.md").read_text()
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
     tables = finetune_tables(ROOT / "experiments/results")
     for table in tables:
         assert table in text

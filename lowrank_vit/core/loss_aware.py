@@ -171,7 +171,7 @@ def collect_loss_statistics(
             right metric for it (see ``CompressionConfig.bias_correction``). The reported errors keep the
             uncentred output energy as their denominator.
         grad_images: only the first ``grad_images`` images run the backward (G is their average); the others run
-            forward only and feed H. The backward is most of this pass's cost (see docs/loss_aware.md, Cost);
+            forward only and feed H. The backward is most of this pass's cost (see docs/loss_aware_study.md, Cost);
             None: every image.
         compute_dtype: "float32", or "bfloat16" to run the forward and backward under ``torch.autocast`` on the
             device (activations and gradients reach the hooks in bfloat16; the Gram products and sums keep

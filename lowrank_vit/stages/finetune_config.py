@@ -47,7 +47,7 @@ class FinetuneConfig:
     on the labels plus ``distill`` times ``T² KL(teacher || student)`` of the predictions softened at temperature
     ``T = distill_temperature`` (:func:`lowrank_vit.stages.finetune.soft_distillation_loss`). 0 (the default): the
     paper's cross-entropy alone; above 0 the fine-tune needs a teacher, the model before compression. Measured in
-    ``docs/loss_aware.md`` (Distillation in the fine-tune)."""
+    ``docs/loss_aware_study.md`` (Distillation in the fine-tune)."""
     distill_temperature: float = 1.0
     """Temperature T of the distillation term (1: the plain KL between the two predictive distributions)."""
     train_tokens: bool = False
@@ -55,7 +55,7 @@ class FinetuneConfig:
     train_factors: bool = False
     """Also train the factorized layers' U, V and Z and every linear layer left dense: a full fine-tune of the
     compressed model's weights instead of the paper's ~2% (gradients and AdamW state for every parameter). Beyond the
-    paper; measured in ``docs/loss_aware.md`` (Distillation in the fine-tune)."""
+    paper; measured in ``docs/loss_aware_study.md`` (Distillation in the fine-tune)."""
     seed: int = 0
     """Seed passed to ``lightning.seed_everything`` by :func:`finetune`."""
     max_steps: int | None = None
