@@ -115,3 +115,16 @@ def assert_round_trip(model, path, images) -> None:
     quantize_(loaded, bits=8)
     with torch.no_grad():
         assert torch.isfinite(loaded(images)).all()
+
+
+@pytest.fixture(autouse=True)
+def _dense_accuracy_cache_apart(monkeypatch, tmp_path):
+    """``compress`` caches the dense model's accuracy under the user's cache folder: a test must neither write there
+    nor read what an earlier run left (a cached figure skips the evaluation a test may be checking). A test that sets
+    LOWRANK_VIT_CACHE itself gets that folder, as a user would."""
+    from lowrank_vit.harness import usercli
+
+    real, inherited = usercli._dense_cache_dir, os.environ.get("LOWRANK_VIT_CACHE")
+    monkeypatch.setattr(usercli, "_dense_cache_dir", lambda: real() if os.environ.get("LOWRANK_VIT_CACHE") != inherited
+                        else tmp_path / "dense-accuracy")
+

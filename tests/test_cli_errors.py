@@ -30,7 +30,11 @@ SIZE = 32
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache (read once, at import: the
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # resolved folder too)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
 
@@ -85,6 +89,9 @@ CASES = {
                                                       str(r / "imgs"), "--reduction", "0.5", "--output", str(r / "o")],
     "a weights file given as the model": lambda r: ["compress", str(r / "plain.safetensors"), "--data",
                                                     str(r / "imgs"), "--reduction", "0.5", "--output", str(r / "o")],
+    "a data folder that is not there": lambda r: [*_compress(r, "--reduction", "0.5", "--output", str(r / "o")),
+                                                  "--data", str(r / "nowhere" / "imgs")],
+    "pretrained weights offline, not in the cache": lambda r: ["evaluate", ARCH, "--data", str(r / "imgs")],
     "a checkpoint that is not there": lambda r: _compress(r, "--reduction", "0.5", "--output", str(r / "o"),
                                                           weights="missing.safetensors"),
     "a checkpoint that is a folder": lambda r: _compress(r, "--reduction", "0.5", "--output", str(r / "o"),

@@ -402,6 +402,7 @@ def test_cli_compress_refuses_a_stale_table_and_an_unreachable_speedup_in_one_li
     model = _model()
     stale = _fabricated(model, versions={"torch": "0.0.1"}).save(tmp_path / "stale.json")
     good = _fabricated(model).save(tmp_path / "good.json")
+    (tmp_path / "nodata").mkdir()  # a folder without images: both refusals come before any data is read
     base = ["compress", *CLI_MODEL, "--no-pretrained", "--data", str(tmp_path / "nodata"), "--quiet",
             "--output", str(tmp_path / "out")]
     code, _, err = cli(capsys, *base, "--reduction", "0.3", "--latency-table", str(stale))

@@ -612,6 +612,7 @@ def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsy
                                 "access, unset HF_HUB_OFFLINE, or use --scale smoke")
 
     monkeypatch.setattr(runner, "build_model", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline, weights not in the cache are refused earlier
     code, _, err = _run(capsys, "evaluate", ARCH, "--data", workdir / "imgs", "--quiet")
     _assert_one_line_error(code, err, "--no-pretrained")
     assert "--scale smoke" not in err
@@ -954,9 +955,10 @@ def test_a_stopped_fine_tune_says_how_to_resume(compressed, workdir, tmp_path, c
 
 
 def test_compressing_a_compressed_directory_is_refused_before_the_data(compressed_plain, tmp_path, capsys):
-    code, _, err = _run(capsys, "compress", compressed_plain, "--data", tmp_path / "nowhere", "--reduction", "0.3",
+    (tmp_path / "empty").mkdir()  # a folder without images: reading it would fail, so the model must fail first
+    code, _, err = _run(capsys, "compress", compressed_plain, "--data", tmp_path / "empty", "--reduction", "0.3",
                         "--output", tmp_path / "o")
-    _assert_one_line_error(code, err, "already compressed")  # not "--data ... does not exist": the model fails first
+    _assert_one_line_error(code, err, "already compressed")  # not "--data ... holds no images": the model fails first
     assert not (tmp_path / "o").exists()
 
 
@@ -981,12 +983,13 @@ def test_data_errors_name_the_flags_not_the_library_fields(compressed_plain, wor
 
 
 def test_an_unreachable_target_is_refused_before_the_data(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()  # a folder without images: reading it would fail
     for budget, needle in ((["--target-params", "99999999"], "is not below the model's"),
                            (["--reduction", "0.999"], "largest reachable reduction")):
         code, _, err = _run(capsys, "compress", ARCH, "--no-pretrained", "--model-kwargs", json.dumps(KWARGS),
-                            "--input-size", str(SIZE), "--data", tmp_path / "nowhere", *budget,
+                            "--input-size", str(SIZE), "--data", tmp_path / "empty", *budget,
                             "--output", tmp_path / "o")
-        _assert_one_line_error(code, err, needle)  # not "--data ... does not exist": the data is not read yet
+        _assert_one_line_error(code, err, needle)  # not "--data ... holds no images": the data is not read yet
 
 
 def test_top5_is_left_out_where_every_image_is_in_the_top_5():

@@ -6,6 +6,8 @@ The registry commands (``run``, ``reproduce``) reproduce the paper's tables; the
   ``--no-pretrained``; ``--checkpoint FILE`` for your own weights, safetensors or a ``torch.save`` state dict read
   weights-only) or a model directory. DIR gets the
   weights and plan (:func:`lowrank_vit.io.surgery.save_compressed`), ``report.json``, ``ranks.png`` and a model card.
+  The dense model's top-1 is reused from a cache when the same weights file was evaluated on the same data with the
+  same preprocessing before (said on stderr; ``--no-cache``), or skipped with ``--no-dense-eval``.
 - ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency.
 - ``finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune, resumable, into a new directory.
 - ``export DIR --format onnx --output FILE [--fold] [--quantized qdq]``: an ONNX file with a dynamic batch axis
@@ -28,6 +30,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -230,8 +233,15 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--loss-pass-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="loss-aware recipes: the precision of their forward and backward pass (bfloat16: statistics "
                         "1.7-2x as fast on CPUs with bfloat16 instructions, AMX or AVX512-BF16; see "
-                        "docs/loss_aware.md, Cost)")
+                        "docs/loss_aware_study.md, Cost)")
     p.add_argument("--no-eval", action="store_true", help="skip top-1 before and after on the validation split")
+    p.add_argument("--no-dense-eval", action="store_true",
+                   help="skip only the dense model's top-1 (the report then has no 'before' accuracy); the "
+                        "compressed model is still evaluated")
+    p.add_argument("--no-cache", action="store_true",
+                   help="evaluate the dense model again rather than reuse its top-1 from the cache "
+                        "($LOWRANK_VIT_CACHE/dense, else ~/.cache/lowrank_vit/dense; kept for weights read from a "
+                        "file); the new figure replaces the cached one")
     p.add_argument("--output", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
     add_compress_latency_options(p)
@@ -392,6 +402,8 @@ def _timm_source(args: argparse.Namespace) -> Source:
         if channels is not None:
             kwargs.setdefault("in_chans", channels)
     pretrained = not args.no_pretrained and checkpoint is None
+    if pretrained:
+        _check_offline_weights(name, kwargs)
     cfg = ModelConfig("timm", name, pretrained=pretrained, kwargs=kwargs,
                       checkpoint=None if checkpoint is None else str(checkpoint))
     try:
@@ -409,6 +421,49 @@ def _timm_source(args: argparse.Namespace) -> Source:
     return Source(model, name.split(".")[0], f"timm {name}, {weights}",
                   {k: carried[k] for k in USER_PREPROCESSING if k in carried},
                   f"checkpoint {checkpoint}" if carried else "", {}, record)
+
+
+def _hub_weights(name: str, kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...], str | None] | None:
+    """Where timm reads the pretrained weights of ``name`` (its tag, else the architecture's default one) from the
+    Hugging Face hub: (repository, the files it tries in order, revision). None where they come from elsewhere (a URL,
+    a file, a ``pretrained_cfg`` in --model-kwargs) or timm does not say. timm's own resolution is asked rather than
+    copied, so that the answer is what create_model will do."""
+    if any(key.startswith("pretrained_cfg") for key in kwargs):
+        return None
+    try:
+        from timm.models import get_pretrained_cfg
+        from timm.models._builder import _resolve_pretrained_source
+        from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
+    except ImportError:  # another timm layout: no early check; create_model's own error still comes
+        return None
+    try:  # timm's private helpers: any change of theirs only skips this early check
+        cfg = get_pretrained_cfg(name)
+        source, location = _resolve_pretrained_source(cfg.to_dict()) if cfg is not None else (None, None)
+    except Exception:  # a tag timm does not have (create_model names it), or another signature
+        return None
+    if source != "hf-hub":
+        return None
+    hub_id, filename = location if isinstance(location, (tuple, list)) else (location, HF_WEIGHTS_NAME)
+    repo_id, revision = hf_split(hub_id)
+    files = (filename,) if filename.endswith(".safetensors") else (*_get_safe_alternatives(filename), filename)
+    return repo_id, tuple(files), revision
+
+
+def _check_offline_weights(name: str, kwargs: dict[str, Any]) -> None:
+    """With ``HF_HUB_OFFLINE`` set, pretrained weights that the local Hugging Face cache does not hold are refused at
+    once, naming the model: timm would build the model first and then fail on huggingface_hub's long message."""
+    from lowrank_vit.io.hub import cached_file, offline
+
+    if not offline():
+        return
+    where = _hub_weights(name, kwargs)
+    if where is None:
+        return
+    repo_id, files, revision = where
+    if cached_file(repo_id, files, revision, kwargs.get("cache_dir")) is None:
+        raise UserError(f"{name}: HF_HUB_OFFLINE is set (offline) and timm's pretrained weights for it ({repo_id}) "
+                        f"are not in the local Hugging Face cache: give your own weights with --checkpoint FILE (or "
+                        f"--no-pretrained for random ones), or unset HF_HUB_OFFLINE to download them once")
 
 
 def _input_size_of(value: Any) -> tuple[int | None, int, int] | None:
@@ -584,23 +639,33 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _only_a_path(data: str) -> bool:
+    """Whether ``--data`` can be nothing but a local path: it starts like one (``/``, ``.``, ``~``) or holds what no
+    dataset name does: a backslash, a second ``/`` or an empty part. A Hugging Face name is ``owner/name`` or a bare
+    ``name`` (the embedded ``mnist-5k`` too), which ``datasets`` may still find in its cache or on the hub."""
+    parts = data.split("/")
+    return data.startswith(("/", ".", "~")) or "\\" in data or len(parts) > 2 or not all(parts)
+
+
+def check_data_path(data: str) -> None:
+    """Refuse a ``--data`` that can only be a local path and is not there: called before any model is built (a
+    typo must not cost a download or a checkpoint read) and again where the data config is made."""
+    if _only_a_path(data) and not Path(data).expanduser().exists():
+        raise UserError(f"no data at {data!r}: give --data an image folder, parquet file(s) or a Hugging Face dataset "
+                        f"name")
+
+
 def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, augment: bool = False,
                  calib_samples: int = 1024) -> Any:
-    from lowrank_vit.stages.data_config import DataConfig, DataNotFoundError
+    from lowrank_vit.stages.data_config import DataConfig
 
     workers = default_workers() if args.workers is None else args.workers
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
     workers = min(workers, _cores())
+    check_data_path(args.data)
     path = Path(args.data).expanduser()
-    location: dict[str, Any]
-    if path.exists():
-        location = {"path": str(path)}
-    elif args.data.startswith(("/", ".", "~")):  # a path, not a hub name (owner/name)
-        raise DataNotFoundError(f"no data at {args.data!r}: give --data an image folder, parquet file(s) or a "
-                                f"Hugging Face dataset name")
-    else:
-        location = {"name": args.data}
+    location: dict[str, Any] = {"path": str(path)} if path.exists() else {"name": args.data}
     channels, height, width = pre["input_size"]
     if height != width:
         raise UserError(f"the data loaders take square images; the model takes {height}x{width}")
@@ -849,6 +914,123 @@ def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Na
     return evaluate(model, loader, device, progress=not args.quiet, desc=desc)
 
 
+DENSE_CACHE = "dense"
+"""The folder, beside the latency tables' (:func:`lowrank_vit.speed.profile.cache_dir`), of the dense models' top-1
+that ``compress`` reuses."""
+
+
+def _dense_cache_dir() -> Path:
+    from lowrank_vit.speed.profile import cache_dir
+
+    return cache_dir().parent / DENSE_CACHE  # the latency tables' root: one variable moves every cache
+
+
+def _weights_sha256(source: Source) -> str | None:
+    """The content digest of the file the weights were read from (a --checkpoint, a model directory's weights), or
+    None where no file holds them: random weights, or timm's pretrained ones, whose classifier timm draws anew when
+    --model-kwargs change the class count. Only the former's accuracy is cached."""
+    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.io.surgery import WEIGHTS_FILE
+
+    if source.record.get("checkpoint_sha256"):
+        return str(source.record["checkpoint_sha256"])
+    directory = source.record.get("directory")
+    weights = Path(directory) / WEIGHTS_FILE if directory else None
+    return checkpoint_digest(weights) if weights is not None and weights.is_file() else None
+
+
+def _data_stamp(path: Path) -> list[list[Any]]:
+    """What changes when local data changes, read cheaply: the size and modification time of the path, of what it
+    holds, and of the folders one level further down (a folder's time changes when a file in it is added, renamed
+    or removed). An image rewritten in place two folders down is not seen: --no-cache."""
+    def row(name: str, entry: os.DirEntry | Path) -> list[Any]:
+        stat = entry.stat()
+        return [name, stat.st_size, stat.st_mtime_ns]
+
+    rows = [row(".", path)]
+    if not path.is_dir():
+        return rows
+    with os.scandir(path) as children:
+        for child in sorted(children, key=lambda e: e.name):
+            rows.append(row(child.name, child))
+            if child.is_dir():
+                with os.scandir(child.path) as grandchildren:  # names only: files are not stat'ed one by one
+                    rows += [row(f"{child.name}/{g.name}", g)
+                             for g in sorted(grandchildren, key=lambda e: e.name) if g.is_dir()]
+    return rows
+
+
+def _dense_cache_entry(args: argparse.Namespace, source: Source, pre: dict[str, Any],
+                       device: torch.device) -> tuple[Path, dict[str, Any]] | None:
+    """The cache file of the dense model's accuracy and the key stored in it: all the figure depends on (the
+    weights' content, the model's name and arguments, the data and its splits, the preprocessing, --limit, the
+    device type, the library versions); None where it is not cached (:func:`_weights_sha256`)."""
+    import timm
+
+    from lowrank_vit import __version__
+
+    digest = _weights_sha256(source)
+    if digest is None:
+        return None
+    data = Path(str(args.data)).expanduser()
+    try:
+        where = {"path": str(data.resolve()), "stamp": _data_stamp(data)} if data.exists() else {"name": str(args.data)}
+    except OSError:  # a folder it may not list, a dangling link: evaluated, never a failed command
+        return None
+    key = {"weights_sha256": digest, "architecture": source.architecture,
+           "model": {k: source.record.get(k) for k in ("timm_name", "model_kwargs")}, "data": where,
+           "splits": {k: getattr(args, k, None) for k in ("train_split", "val_split", "image_column",
+                                                           "label_column")},
+           "preprocessing": pre, "limit": getattr(args, "limit", None), "device": device.type,
+           "versions": {"torch": torch.__version__, "timm": timm.__version__, "lowrank_vit": __version__}}
+    text = json.dumps(key, sort_keys=True, default=str)
+    name = re.sub(r"[^\w.-]", "_", source.architecture)
+    path = _dense_cache_dir() / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+    return path, json.loads(text)  # as read back from the file: tuples are lists there
+
+
+def _read_cached_accuracy(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not there yet, or damaged: evaluated again
+    metrics = data.get("accuracy") if isinstance(data, dict) and data.get("key") == key else None
+    if isinstance(metrics, dict) and all(isinstance(metrics.get(k), (int, float)) for k in ("top1", "top5", "images")):
+        return metrics
+    return None
+
+
+def _write_cached_accuracy(args: argparse.Namespace, path: Path, key: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Written atomically (two runs never read half a file); a cache that cannot be written is skipped, never a
+    failed command."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(strict_json({"key": key, "accuracy": metrics}, indent=2) + "\n")
+        os.replace(tmp, path)
+    except (OSError, ValueError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        _say(args, f"the dense model's top-1 was not cached ({type(err).__name__}: {err})")
+
+
+def _dense_accuracy(args: argparse.Namespace, source: Source, pre: dict[str, Any], model: nn.Module, dm: Any,
+                    device: torch.device) -> tuple[dict[str, Any], Path | None]:
+    """The dense model's accuracy: from the cache where this very evaluation was done before (said on stderr, naming
+    the file), else evaluated now and cached. Returns it and the cache file it was read from (None: evaluated)."""
+    entry = _dense_cache_entry(args, source, pre, device)
+    if entry is not None and not args.no_cache:
+        cached = _read_cached_accuracy(*entry)
+        if cached is not None:
+            _say(args, f"dense model: top-1 {cached['top1']:.2f}% reused from the cache ({entry[0]}); --no-cache "
+                       f"evaluates it again")
+            return cached, entry[0]
+    metrics = _evaluate(model, dm, device, args, "evaluate dense")
+    if entry is not None:
+        _write_cached_accuracy(args, *entry, metrics)
+    return metrics, None
+
+
 @user_command
 def cmd_compress(args: argparse.Namespace) -> int:
     from lowrank_vit.harness.speedcli import measured_latency, resolve_latency_table
@@ -863,6 +1045,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     cfg = compression_config(args, device)
     out = Path(args.output).expanduser()
     check_output_dir(out, args.force)
+    check_data_path(args.data)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     source = load_source(args)
@@ -888,9 +1071,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     timings["load"] = time.perf_counter() - start
     params_before, mib_before = count_params(model), _size_mib(model)
     accuracy: dict[str, Any] = {}
-    if not args.no_eval:
+    reused = None
+    if not args.no_eval and not args.no_dense_eval:
         start = time.perf_counter()
-        accuracy["before"] = _evaluate(model, dm, device, args, "evaluate dense")
+        accuracy["before"], reused = _dense_accuracy(args, source, pre, model, dm, device)
         timings["evaluate_before"] = time.perf_counter() - start
     start = time.perf_counter()
     available = len(dm.calibration_indices)
@@ -925,6 +1109,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "accuracy": accuracy, "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
         "compression": compression, "latency": latency or compression.get("latency") or {},
     }
+    if reused is not None:
+        summary["dense_accuracy_cache"] = str(reused)
     metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe, "num_classes": dm.num_classes}
     if cfg is not None:
         metadata["compression_config"] = cfg.to_dict()
@@ -941,8 +1127,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"(-{100 * summary['reduction']:.1f}%), {mib_before:.1f} -> {summary['size_mib']['after']:.1f} MiB")
     if vreport is not None:
         line += summary_line(vreport)
-    if accuracy:
+    if "before" in accuracy:
         line += f", top-1 {accuracy['before']['top1']:.2f} -> {accuracy['after']['top1']:.2f}%"
+    elif "after" in accuracy:
+        line += f", top-1 {accuracy['after']['top1']:.2f}% compressed (dense not evaluated)"
     if summary["latency"]:
         line += f", {summary['latency']['predicted_speedup']:.2f}x predicted"
         if "measured_speedup" in summary["latency"]:
@@ -974,6 +1162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lowrank_vit.nn.adapters import count_params
 
     device = resolve_device(args.device)
+    check_data_path(args.data)
     source = load_source(args)
     pre, origin = resolve_model_preprocessing(source, args)
     _say(args, describe_preprocessing(pre, origin))
@@ -1017,6 +1206,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError(f"no model directory {args.model!r}: finetune takes a directory written by compress")
     out = Path(args.output).expanduser()
     check_output_dir(out, args.force, protect=directory)
+    check_data_path(args.data)
     try:
         config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
                                 precision=args.precision, distill=args.distill,

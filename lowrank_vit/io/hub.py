@@ -55,6 +55,29 @@ def download(reference: str, cache_dir: str | os.PathLike | None = None, token: 
     return Path(folder)
 
 
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``, as huggingface_hub reads it) is set to a true value,
+    read now: huggingface_hub reads it once, at import, and would miss it set later in the process (a notebook, a
+    test); its own true spellings (1, ON, YES, TRUE, any case) are the ones accepted."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ENV_VARS_TRUE_VALUES
+
+
+def cached_file(repo_id: str, filenames: tuple[str, ...] | list[str], revision: str | None = None,
+                cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first of ``filenames`` of the hub repository ``repo_id`` that the local Hugging Face cache holds (the
+    default cache unless ``cache_dir``), found without the network; None if none is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(found, str):  # not None, nor the marker of a file the hub said does not exist
+            return Path(found)
+    return None
+
+
 def push(directory: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
          commit_message: str = "Upload compressed model (lowrank_vit)") -> str:
     """Upload a saved model directory to the hub repository ``repo_id`` (created if needed); returns the commit
@@ -72,4 +95,5 @@ def push(directory: str | os.PathLike, repo_id: str, token: str | None = None, p
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["HUB_PREFIX", "MODEL_FILES", "download", "is_hub_reference", "parse_reference", "push"]
+__all__ = ["HUB_PREFIX", "MODEL_FILES", "cached_file", "download", "is_hub_reference", "offline", "parse_reference",
+           "push"]
