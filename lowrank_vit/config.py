@@ -26,7 +26,7 @@ from lowrank_vit.methods.units import NO_MODULES
 # The choices are the registries' names: registering a method, Z kind or policy is all it takes to configure it.
 DECOMPOSITIONS = tuple(METHODS)
 ALLOCATIONS = tuple(POLICIES)
-COMPENSATIONS = ("none", *Z_KINDS)
+COMPENSATIONS = tuple(Z_KINDS)
 SOLVERS = ("closed_form", "sgd")
 GRAM_PRECISIONS = ("float64", "float32")
 
@@ -131,7 +131,7 @@ class CompressionConfig:
     "loss_aware": the minimizer of the predicted loss increase tr(dW^T H dW G) (K-FAC curvature: H of the inputs,
     G of the loss gradients at the output, from one forward and backward pass; see loss_aware.py),
     W_hat = H^-1/2 SVD_r(H^1/2 W G^1/2) G^-1/2; its energies are in the loss's units, comparable across layers.
-    Comparison methods (see methods/decompositions.py, core/fisher.py, nn/comcat.py): "asvd" (Yuan et al. 2023:
+    Comparison methods (see methods/decompositions.py, core/fisher.py, methods/comcat.py): "asvd" (Yuan et al. 2023:
     input channels scaled by mean |x|^asvd_alpha before the SVD), "fwsvd" (Hsu et al. 2022: input rows weighted by
     their Fisher information; needs labelled calibration batches), "comcat" (Xiao et al. 2023: every attention
     head's W_Q W_K^T and W_V W_O products factorized, ranks per head; MLP layers by plain SVD)."""
@@ -157,11 +157,11 @@ class CompressionConfig:
     docs/loss_aware_study.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
     loss_pass_dtype: str = "float32"
     """decomposition "loss_aware": the precision its forward and backward pass compute in. "bfloat16" runs them under
-    ``torch.autocast`` (the Gram products and sums keep ``gram_precision``): measured in docs/loss_aware_study.md, the same
-    top-1 within 0.1 point and KL within 2% (4% where it is below 1e-5) on six of seven CIFAR-10 models (0.4 points
-    on the seventh), and statistics 2.0x as fast on a CPU with bfloat16 matrix units (Intel AMX), 1.7x with bfloat16
-    dot products (AMD, AVX512-BF16). Not the default: on CPUs with neither the bfloat16 products have no fast kernels
-    and the pass may be slower (not measured here), and no GPU was available to time it."""
+    ``torch.autocast`` (the Gram products and sums keep ``gram_precision``): measured in docs/loss_aware_study.md,
+    the same top-1 within 0.1 point and KL within 2% (4% where it is below 1e-5) on six of seven CIFAR-10 models
+    (0.4 points on the seventh), and statistics 2.0x as fast on a CPU with bfloat16 matrix units (Intel AMX), 1.7x
+    with bfloat16 dot products (AMD, AVX512-BF16). Not the default: on CPUs with neither the bfloat16 products have no
+    fast kernels and the pass may be slower (not measured here), and no GPU was available to time it."""
     refit: bool = False
     """decomposition "loss_aware": after the allocation, recompute every factorized layer, in forward order, for
     the inputs the compressed model gives it (which carry the errors of the layers before it), aiming at the dense
@@ -232,7 +232,7 @@ class CompressionConfig:
     @property
     def fits_z_by_sgd(self) -> bool:
         """A correction Z fitted by the SGD solver (which needs stored calibration tokens), not in closed form."""
-        return self.solver == "sgd" and self.compensation != "none"
+        return self.solver == "sgd" and Z_KINDS.lookup(self.compensation).fitted
 
     def __post_init__(self) -> None:
         targets = [self.reduction, self.target_params, self.target_speedup]
@@ -253,7 +253,7 @@ class CompressionConfig:
         # the live registries, not the import-time tuples: a method registered later is a valid choice
         _check_choice("decomposition", self.decomposition, tuple(METHODS))
         _check_choice("allocation", self.allocation, tuple(POLICIES))
-        _check_choice("compensation", self.compensation, ("none", *Z_KINDS))
+        _check_choice("compensation", self.compensation, tuple(Z_KINDS))
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         gradient_pass = get_method(self.decomposition).gradient_pass
@@ -281,7 +281,7 @@ class CompressionConfig:
             refits = ", ".join(repr(name) for name, method in METHODS.items() if method.supports_refit)
             raise ValueError(f"refit needs a decomposition with a refit ({refits}); got "
                              f"decomposition={self.decomposition!r}")
-        if self.refit and self.compensation != "none":
+        if self.refit and Z_KINDS[self.compensation].fitted:
             raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
                              f"{self.compensation!r})")
         check_number("refit_damping", self.refit_damping, ">= 0")
@@ -289,7 +289,7 @@ class CompressionConfig:
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
         check_number("z_fraction", self.z_fraction, "[0, 0.5)")
-        if self.compensation != "none" and self.z_fraction == 0.0:
+        if Z_KINDS[self.compensation].fitted and self.z_fraction == 0.0:
             raise ValueError(f"compensation={self.compensation!r} needs z_fraction > 0 (or use compensation='none')")
         for name in ("calib_samples", "rank_multiple", "greedy_iterations", "sgd_iterations", "sgd_batch_size",
                      "sgd_tokens_per_image"):
@@ -318,7 +318,7 @@ class CompressionConfig:
                 raise ValueError(f"target_speedup prices the allocation's losses in milliseconds, which allocation="
                                  f"{self.allocation!r} does not compare across layers: use one of {pricing}")
         if self.latency_table is not None:
-            if self.compensation not in ("none", "lowrank"):
+            if not Z_KINDS[self.compensation].folds:
                 raise ValueError(f"a latency table times factored layers (a low-rank Z folded in): "
                                  f"compensation={self.compensation!r} is not timed; use 'none' or 'lowrank'")
             if get_method(self.decomposition).whole_modules is not NO_MODULES:

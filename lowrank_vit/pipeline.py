@@ -251,17 +251,12 @@ def _budgets(cfg: CompressionConfig, layers: dict[str, nn.Linear], z_params: dic
     return budgets
 
 
-def _z_is_more_rank(kind: str, none: bool) -> bool:
-    """Whether Z of ``kind`` is exactly more rank of an exact SVD (``ZKind.is_more_rank``); ``none`` for no Z."""
-    return none if kind == "none" else get_z_kind(kind).is_more_rank
-
-
 def statistics_space(cfg: CompressionConfig) -> str:
     """The ``gram_space`` given to :func:`collect_statistics` (and :func:`collect_loss_statistics`): "auto" (each
     layer's statistics on its narrow side) only where every later use of the wide Gram goes through W: the whitened
     and the loss-aware decompositions and their spectra, the closed-form low-rank Z (its columns lie in the range of
     the residual, hence of W) and eq. (5)'s errors of such W_hat."""
-    exact = (get_method(cfg.decomposition).narrow_side_exact and _z_is_more_rank(cfg.compensation, True)
+    exact = (get_method(cfg.decomposition).narrow_side_exact and get_z_kind(cfg.compensation).is_more_rank
              and cfg.solver == "closed_form")
     return "auto" if cfg.gram_space == "auto" and exact else "input"
 
@@ -491,8 +486,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
 
     method = get_method(cfg.decomposition)
     use_sgd = cfg.fits_z_by_sgd
-    tail_z = _z_is_more_rank(z_kind, False) and method.tail_is_lowrank_z and not use_sgd
-    needs_whitening = z_kind != "none" and not tail_z
+    kind = get_z_kind(z_kind)
+    tail_z = kind.fitted and kind.is_more_rank and method.tail_is_lowrank_z and not use_sgd
+    needs_whitening = kind.fitted and not tail_z
     kept_images: list[torch.Tensor] = []
     if _keeps_images(cfg):  # the refit or the probe runs the images again: keep them
         kept_images, calib_images = _kept_batches(calib_images, cfg)
@@ -548,7 +544,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
                 with _timed(sub, "svd_tail_z", device):
                     z = svd_tail_z(decomposition, rank, budgets_meta[name])
-            elif z_kind != "none":  # never an output-side layer (statistics_space)
+            elif kind.fitted:  # never an output-side layer (statistics_space)
                 s = stats[name]
                 problem = CompensationProblem(residual, whitenings.pop(name))
                 if use_sgd:

@@ -2,7 +2,8 @@
 (reading the weight directly, past the module), and EVA-02's SwiGLU MLP (``fc1_g``, ``fc1_x``). The adapter switches
 such attention to its ``qkv_bias_separate`` path (qkv called as a module, biases added after it: the same function),
 so qkv can be calibrated and factorized, and the loss-aware pass, whose backward hooks autograd refuses on an output
-changed in place, runs again with output-gradient hooks that give the same statistics."""
+changed in place, sees that change in one forward first and takes output-gradient hooks that give the same
+statistics."""
 
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ def test_loss_aware_docs_tables_are_the_committed_results():
 
 
 def test_gram_precision_table_is_the_committed_results():
-    """docs/loss_aware_study.md's float32-against-float64 table is precision_table() of the committed study, verbatim, and
-    every one of its cells was computed (the default's precision rests on it)."""
+    """docs/loss_aware_study.md's float32-against-float64 table is precision_table() of the committed study,
+    verbatim, and every one of its cells was computed (the default's precision rests on it)."""
     from experiments.loss_aware_study import precision_table
 
     study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
@@ -102,8 +102,8 @@ def test_bfloat16_pass_table_is_the_committed_results():
 
 
 def test_bfloat16_timing_tables_are_the_committed_benchmarks():
-    """docs/loss_aware_study.md's two timing tables of the bfloat16 pass (the Xeon with AMX, the AMD EPYC without) are the
-    committed benchmark JSONs: forward, statistics, whole compress, the ratio and every run's ratio."""
+    """docs/loss_aware_study.md's two timing tables of the bfloat16 pass (the Xeon with AMX, the AMD EPYC without)
+    are the committed benchmark JSONs: forward, statistics, whole compress, the ratio and every run's ratio."""
     text = (ROOT / "docs/loss_aware_study.md").read_text()
     names = {"loss-aware (default)": "loss-aware", "loss-aware, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-bf16",
              "loss-aware-fast": "loss-aware-fast",

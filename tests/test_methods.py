@@ -21,16 +21,9 @@ from lowrank_vit import (
 from lowrank_vit.core.decompose import plain_svd
 from lowrank_vit.core.fisher import row_fisher
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd
+from lowrank_vit.methods.comcat import factorize_attention, head_decompositions, head_products, product_svd, unit_name
 from lowrank_vit.nn.adapters import get_adapter, set_submodule
-from lowrank_vit.nn.comcat import (
-    FactorizedAttention,
-    attention_geometry,
-    factorize_attention,
-    head_decompositions,
-    head_products,
-    product_svd,
-    unit_name,
-)
+from lowrank_vit.nn.comcat import FactorizedAttention, attention_geometry
 from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
 
 from conftest import make_images, make_tiny_vit

@@ -198,8 +198,8 @@ def test_the_cached_walk_matches_a_brute_force_refit(key):
 def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
     """On a tiny ViT trained here, at -80%, the refitted model's predictions on held-out images are closer (KL) to the
     dense model's than those of the same allocation without the refit. (On random-weight models it does not help: its
-    target, the dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware_study.md measures it on
-    trained ones.)"""
+    target, the dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware_study.md measures
+    it on trained ones.)"""
     from lowrank_vit.harness.standins import train_classifier
 
     images = make_images(512, seed=8)

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -72,6 +74,7 @@ def _energy(values: torch.Tensor) -> torch.Tensor:
 
 
 def _logits(output: object) -> torch.Tensor:
+    """The class logits (B, num_classes) of the model's output; a clear error where it has none."""
     if isinstance(output, (tuple, list)):  # a distilled DeiT in train mode: the class head comes first
         output = output[0]
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
@@ -80,6 +83,7 @@ def _logits(output: object) -> torch.Tensor:
 
 
 def _check_classifier(model: nn.Module) -> None:
+    """Refuse a feature extractor (``num_classes`` < 2): no classification loss, so no G."""
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and int(num_classes) < 2:
         raise ValueError(f"{_NO_LOGITS}; this model has num_classes={num_classes} (a feature extractor): give it a "
@@ -114,7 +118,339 @@ def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generato
 
 
 def _nonfinite_logits(index: int) -> ValueError:
+    """The error for NaN or inf logits in calibration batch ``index``."""
     return ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
+
+
+def _nonfinite_message(what: str, name: str) -> str:
+    """The error for non-finite ``what`` (activations, loss gradients) first met at layer ``name``."""
+    return (f"non-finite {what} (NaN or inf) reach layer {name} during the loss-aware calibration; check the model and "
+            f"the data, or {_OPTIONS}")
+
+
+def _check_options(model: nn.Module, labels: str, gram_precision: str, gram_space: str, micro_batch: int,
+                   grad_images: int | None, compute_dtype: str) -> torch.dtype:
+    """Refuse a bad option of :func:`collect_loss_statistics`, or a model without class logits, before any image
+    runs; returns the dtype of the Gram products (``gram_precision``)."""
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"fisher_labels must be one of {FISHER_LABELS}, got {labels!r}")
+    product_dtype = {"float64": torch.float64, "float32": torch.float32}.get(gram_precision)
+    if product_dtype is None:
+        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
+    _check_classifier(model)
+    if gram_space not in ("input", "auto"):
+        raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
+    if grad_images is not None and (isinstance(grad_images, bool) or not isinstance(grad_images, int)
+                                    or grad_images < 1):
+        raise ValueError(f"grad_images must be a positive integer or None, got {grad_images!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return product_dtype
+
+
+@dataclass(frozen=True)
+class _PassSettings:
+    """The checked options of one pass (see :func:`collect_loss_statistics`'s Args)."""
+
+    device: torch.device
+    num_images: int
+    labels: str
+    seed: int
+    micro_batch: int
+    grad_images: int | None
+    compute_dtype: str
+    who: str | None
+    progress: bool
+
+    def autocast(self) -> torch.autocast:
+        """The pass's precision: bfloat16 autocast on the device for ``compute_dtype="bfloat16"``, else none."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype == "bfloat16")
+
+
+@dataclass
+class _InputSums:
+    """A layer's input side, summed over all images: N H (module docstring), or, kept on the output side
+    (``gram_space="auto"``, more inputs than outputs: fc2), N W^T H W with N tr(H)."""
+
+    gram: torch.Tensor
+    """sum_{i,t} x x^T (k, k), or on the output side the same sum of the bias-free outputs x W (m, m); float64, upper
+    block triangle only (``calibration.upper_gram_``)."""
+    on_output: bool
+    trace: torch.Tensor | None
+    """On the output side, sum_{i,t} ||x||^2 = N tr(H), a float64 scalar on the device (``gram``'s diagonal holds
+    tr(W^T H W) instead); None otherwise."""
+    token_sum: torch.Tensor | None
+    """With ``center``, for a layer with a bias: sum_{i,t} x (k,), float64, for the mean token mu; None otherwise."""
+    rows: int = 0
+    """Input rows met: N T."""
+
+
+@dataclass
+class _GradSums:
+    """A layer's loss-gradient side, summed over the images with a backward: N T G (module docstring), or, kept on
+    the input side (``gram_space="auto"``, more outputs than inputs: qkv, fc1), N T W G W^T with N T tr(G)."""
+
+    gram: torch.Tensor
+    """sum_{i,t} g g^T (m, m), or on the input side the same sum of g W^T (k, k); float64, upper block triangle."""
+    on_input: bool
+    trace: torch.Tensor | None
+    """On the input side, sum_{i,t} ||g||^2 = N T tr(G), a float64 scalar on the device; None otherwise."""
+    seen: bool = False
+    """Whether any gradient reached the layer (none does where the layer does not influence the logits)."""
+
+
+@dataclass
+class _Accumulator:
+    """What the pass's hooks write: every layer's two sides, the work buffers of their Gram products, and a finiteness
+    flag of every micro-batch's logits (read with the sums in one host transfer, :func:`_raise_if_nonfinite`)."""
+
+    input_sides: dict[str, _InputSums]
+    grad_sides: dict[str, _GradSums]
+    product_dtype: torch.dtype
+    """Of each batch's Gram products (``gram_precision``); the sums are float64."""
+    clip: tuple[float, float] | None
+    scratch: Scratch = field(default_factory=Scratch)
+    products: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    """One product buffer per (width, role), shared by the layers of that width."""
+    logits_finite: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """(batch index, flag on the device) of every micro-batch since the last check."""
+
+
+def _new_accumulator(layers: dict[str, nn.Linear], gram_space: str, center: bool, product_dtype: torch.dtype,
+                     clip: tuple[float, float] | None, device: torch.device) -> _Accumulator:
+    """Zero sums for every layer, each side kept where ``gram_space`` says: "input", H and G of every layer; "auto",
+    the two Grams on a non-square layer's narrow side (see :func:`collect_loss_statistics`)."""
+    zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+    input_sides, grad_sides = {}, {}
+    for name, layer in layers.items():
+        k, m = layer.in_features, layer.out_features
+        on_output, on_input = gram_space == "auto" and k > m, gram_space == "auto" and m > k
+        input_sides[name] = _InputSums(zeros(m, m) if on_output else zeros(k, k), on_output,
+                                       zeros(()) if on_output else None,
+                                       zeros(k) if center and layer.bias is not None else None)
+        grad_sides[name] = _GradSums(zeros(k, k) if on_input else zeros(m, m), on_input,
+                                     zeros(()) if on_input else None)
+    return _Accumulator(input_sides, grad_sides, product_dtype, clip)
+
+
+def _add_gram_(acc: _Accumulator, total: torch.Tensor, role: str, values: torch.Tensor) -> None:
+    """Add the Gram of ``values``' rows, sum v v^T, to the float64 running sum ``total`` (its upper block triangle:
+    ``calibration.upper_gram_``), the product formed in ``gram_precision`` in a buffer reused across layers."""
+    flat = values.detach().reshape(-1, values.shape[-1])
+    cast = flat if flat.dtype == acc.product_dtype else acc.scratch.get(role, tuple(flat.shape), acc.product_dtype,
+                                                                          flat.device).copy_(flat)
+    width = flat.shape[1]
+    product = acc.products.get((width, role))
+    if product is None:  # blocks below the diagonal stay zero (see upper_gram_)
+        product = acc.products[(width, role)] = torch.zeros(width, width, dtype=acc.product_dtype, device=flat.device)
+    upper_gram_(product, cast)
+    total += product  # a NaN or inf stays in the sum's diagonal (sums of squares): see _raise_if_nonfinite
+
+
+def _clipped(grad: torch.Tensor, clip: tuple[float, float] | None,
+             reference: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad`` with KFAC-SVD's per-token clipping of ``reference`` (the output gradient; default ``grad``): each
+    token rescaled so that its norm lies within ``clip`` times its image's mean (``covariance.clipped_token_scale``);
+    ``grad`` itself without ``clip``."""
+    if clip is None:
+        return grad
+    scale = clipped_token_scale(grad if reference is None else reference, *clip)
+    shaped = grad.reshape(scale.shape[0], -1, grad.shape[-1])
+    return (shaped * scale.to(grad.dtype)).reshape(grad.shape)
+
+
+def _on_forward(acc: _Accumulator, backward_hooks: bool, name: str, module: nn.Linear,
+                inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    """Forward hook of layer ``name``: adds the batch's input tokens x to its input side (x x^T for H; on the output
+    side, (x W)(x W)^T and ||x||^2 for W^T H W and tr(H); x for mu) and, where a backward follows, hooks the output's
+    gradient g for its gradient side, unless a full backward hook takes it there (``backward_hooks``)."""
+    x, sums, grads = inputs[0], acc.input_sides[name], acc.grad_sides[name]
+    sums.rows += x.numel() // module.in_features
+    if sums.token_sum is not None:  # in the products' precision (a float64 copy of every batch cost ~10% of the pass)
+        sums.token_sum += x.detach().reshape(-1, x.shape[-1]).sum(0, dtype=acc.product_dtype).double()
+    if sums.on_output:  # W^T H W from the bias-free outputs x W, and tr(H)
+        y = output.detach()
+        if module.bias is not None:
+            y = torch.sub(y, module.bias.detach(), out=acc.scratch.get("output", tuple(y.shape), y.dtype, y.device))
+        _add_gram_(acc, sums.gram, "input", y)
+        sums.trace += _energy(x)
+    else:
+        _add_gram_(acc, sums.gram, "input", x)
+    if output.requires_grad and not grads.on_input:
+        output.register_hook(partial(_on_output_grad, acc, grads))
+    elif output.requires_grad and not backward_hooks:
+        output.register_hook(partial(_on_output_grad_times_weight, acc, grads, module))
+
+
+def _on_output_grad(acc: _Accumulator, grads: _GradSums, grad: torch.Tensor) -> None:
+    """Output-gradient hook: adds g g^T (g clipped where ``clip`` is set) to N T G."""
+    grads.seen = True
+    _add_gram_(acc, grads.gram, "grad", _clipped(grad, acc.clip))
+
+
+def _on_output_grad_times_weight(acc: _Accumulator, grads: _GradSums, module: nn.Linear, grad: torch.Tensor) -> None:
+    """Output-gradient hook of a layer kept on its input side in a model that refuses backward hooks: forms g W^T
+    (``module.weight`` is W^T) itself, one matmul more than :func:`_on_backward`, for N T W G W^T, and ||g||^2 for
+    N T tr(G)."""
+    grads.seen = True
+    grad = _clipped(grad, acc.clip)
+    _add_gram_(acc, grads.gram, "grad", grad.to(module.weight.dtype) @ module.weight.detach())
+    grads.trace += _energy(grad)
+
+
+def _on_backward(acc: _Accumulator, grads: _GradSums, module: nn.Linear, grad_input: tuple,
+                 grad_output: tuple) -> None:
+    """Full backward hook of a layer kept on its input side: W G W^T is the Gram of g W^T, the gradient at the
+    layer's own input, which the backward has just computed; reusing it saves a matmul as large as the layer's
+    forward. Adds it to N T W G W^T, and ||g||^2 to N T tr(G)."""
+    if grad_input[0] is None or grad_output[0] is None:
+        return
+    grads.seen = True
+    _add_gram_(acc, grads.gram, "grad", _clipped(grad_input[0], acc.clip, grad_output[0]))
+    grads.trace += _energy(_clipped(grad_output[0], acc.clip))
+
+
+def _raise_if_nonfinite(acc: _Accumulator) -> None:
+    """Raise on the first non-finite value the pass has met, in the order a forward and backward pass meets them: a
+    layer's inputs, the logits, a layer's loss gradients. One host read for every layer and batch (checking each
+    product as it is formed stalled a GPU's queue of kernels at every layer); a NaN or inf stays in a running sum's
+    diagonal, a sum of squares."""
+    checks = [(_nonfinite_message("activations", name), torch.isfinite(sums.gram.diagonal()).all())
+              for name, sums in acc.input_sides.items()]
+    checks += [(str(_nonfinite_logits(index)), finite) for index, finite in acc.logits_finite]
+    checks += [(_nonfinite_message("loss gradients", name), torch.isfinite(grads.gram.diagonal()).all())
+               for name, grads in acc.grad_sides.items()]
+    for (message, _), finite in zip(checks, torch.stack([flag for _, flag in checks]).tolist(), strict=True):
+        if not finite:
+            raise ValueError(message)
+    acc.logits_finite.clear()  # checked: later checks read the sums alone for the batches before this one
+
+
+def _record_version(seen: list[tuple[torch.Tensor, int]], module: nn.Module, inputs: tuple,
+                    output: torch.Tensor) -> None:
+    """Forward hook of :func:`_changes_outputs_in_place`: the output as its layer returned it, and its version."""
+    seen.append((output, output._version))
+
+
+def _changes_outputs_in_place(model: nn.Module, layers: dict[str, nn.Linear], images: torch.Tensor,
+                              settings: _PassSettings) -> bool:
+    """Whether the model changes a layer's output in place after the layer returned it, as timm's BEiT, EVA and
+    Swin V2 add the q and v biases to qkv's output. Such a layer cannot carry a full backward hook: autograd refuses
+    an in-place change to an output the hook wraps. One forward of ``images`` (one image will do: the change is in
+    the model's code, not in the data) in the pass's grad mode and precision; a tensor's version counter counts the
+    in-place changes to it and to its views."""
+    seen: list[tuple[torch.Tensor, int]] = []
+    with hooked_in_eval(model, layers, lambda name: partial(_record_version, seen)), torch.enable_grad(), \
+            settings.autocast():
+        model(images.requires_grad_(True))
+    return any(output._version != version for output, version in seen)
+
+
+def _forward_only(model: nn.Module, images: torch.Tensor, index: int, acc: _Accumulator) -> None:
+    """The images past ``grad_images``: a forward without a graph, which feeds the input sides (H) alone."""
+    with torch.no_grad():
+        logits = _logits(model(images))
+        acc.logits_finite.append((index, torch.isfinite(logits).all()))
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, batch: object, index: int, start: int,
+                      acc: _Accumulator, settings: _PassSettings, generator: torch.Generator) -> None:
+    """The forward of ``images`` (the images ``start ..`` of calibration batch ``index``) and the backward of their
+    summed cross-entropy (one gradient per image, whatever the micro-batch size), for labels y ~ p(. | x) or the
+    batch's own, down to the images only: the hooks see every layer's g, and the weights' gradients are never
+    formed."""
+    images = images.requires_grad_(True)  # the graph reaches every layer through the images
+    logits = _logits(model(images))
+    acc.logits_finite.append((index, torch.isfinite(logits).all()))
+    target = _labels(batch, index, logits, settings.labels, generator, start, settings.who)
+    if target is None:  # sampled labels from NaN logits: say where the NaN came from
+        _raise_if_nonfinite(acc)
+        raise _nonfinite_logits(index)
+    target = target.to(logits.dtype) if target.is_floating_point() else target
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), images)
+
+
+def _run_pass(model: nn.Module, layers: dict[str, nn.Linear], stream: Iterable, acc: _Accumulator,
+              settings: _PassSettings, backward_hooks: bool) -> tuple[int, int]:
+    """The forward and backward pass over the calibration batches, each split into micro-batches (the graph held for
+    the backward stays small whatever the data loader's batch size); the hooks fill ``acc``. ``backward_hooks``: the
+    layers kept on their input side take g W^T from full backward hooks, else from output-gradient hooks. Returns
+    (N, the images with a backward)."""
+    produced = with_grad = 0
+    generator = torch.Generator().manual_seed(settings.seed)
+    with contextlib.ExitStack() as cleanup, \
+            hooked_in_eval(model, layers, lambda name: partial(_on_forward, acc, backward_hooks, name)), \
+            torch.enable_grad(), settings.autocast(), \
+            progress_bar(total=settings.num_images, desc="loss-aware calibration", unit="img",
+                         enabled=settings.progress) as bar:
+        for name, grads in acc.grad_sides.items():
+            if backward_hooks and grads.on_input:
+                cleanup.callback(layers[name].register_full_backward_hook(partial(_on_backward, acc, grads)).remove)
+        for index, (images, batch) in enumerate(stream):
+            for start in range(0, images.shape[0], settings.micro_batch):
+                part = images[start: start + settings.micro_batch].to(settings.device)
+                backward = part.shape[0] if settings.grad_images is None else max(
+                    0, min(part.shape[0], settings.grad_images - with_grad))
+                if backward < part.shape[0]:  # past grad_images: forward only, H alone
+                    _forward_only(model, part[backward:], index, acc)
+                if backward:
+                    _forward_backward(model, part[:backward], batch, index, start, acc, settings, generator)
+                    with_grad += backward
+                if not produced:
+                    unreached(name for name, sums in acc.input_sides.items() if sums.rows == 0)
+                    _raise_if_nonfinite(acc)  # bad data fails on its first micro-batch, not after the whole pass
+                produced += part.shape[0]
+                bar.update(part.shape[0])
+    return produced, with_grad
+
+
+def _host_traces(acc: _Accumulator) -> dict[str, float]:
+    """The traces kept on the device (N tr(H) of the output-side sums, N T tr(G) of the input-side gradient sums) as
+    floats, in one host read for all layers."""
+    kept = {name: sums.trace for sides in (acc.input_sides, acc.grad_sides) for name, sums in sides.items()
+            if sums.trace is not None}
+    return dict(zip(kept, torch.stack(list(kept.values())).tolist(), strict=True)) if kept else {}
+
+
+def _layer_stats(name: str, layer: nn.Linear, sums: _InputSums, grads: _GradSums, trace: float | None,
+                 produced: int, with_grad: int, device: torch.device) -> LayerStats:
+    """One layer's :class:`LayerStats` from its sums: H = sum / N and G = sum / (N T) (N: the images with a backward
+    for G), centred (H - T mu mu^T) where a token sum was kept, and H reported as ``gram`` = H N / tr(W^T H W) with
+    ``loss_scale`` = tr(W^T H W) / N (see :func:`collect_loss_statistics`). ``trace``: the side's kept trace, N tr(H)
+    or N T tr(G) (:func:`_host_traces`)."""
+    G = symmetrize_upper(grads.gram)
+    grad_energy = trace if grads.on_input else float(torch.diagonal(G).sum())
+    if not grads.seen or grad_energy <= 0.0:
+        raise ValueError(f"layer {name} received no loss gradient during the loss-aware calibration (it does not "
+                         f"influence the logits, or every gradient was zero); {_OPTIONS}")
+    tokens = sums.rows / produced
+    H = symmetrize_upper(sums.gram).div_(produced)
+    W = layer.weight.detach().to(device).double().T
+    if sums.on_output:  # H holds W^T H W here
+        energy = float(torch.diagonal(H).sum())
+    else:
+        energy = float(torch.sum(W * (H @ W)))  # tr(W^T H W): mean output energy per image
+    scale = energy / produced if energy > 0 else 1.0
+    mean = None
+    if sums.token_sum is not None:  # (1/N) sum (x - mu)(x - mu)^T = H - T mu mu^T, on whichever side H is kept
+        mean = sums.token_sum / sums.rows
+        side_mean = mean @ W if sums.on_output else mean
+        H.sub_(tokens * torch.outer(side_mean, side_mean))
+        if sums.on_output:
+            trace -= produced * tokens * float(mean @ mean)
+    G.div_(with_grad * tokens)
+    if sums.on_output:
+        return LayerStats(gram=None, num_images=produced, output_gram=H.div_(scale),
+                          input_trace=trace / produced / scale, range_weight=W, grad_gram=G, loss_scale=scale,
+                          tokens=tokens, token_mean=mean)
+    if grads.on_input:
+        return LayerStats(gram=H.div_(scale), num_images=produced, grad_range_gram=G,
+                          grad_trace=trace / (with_grad * tokens), loss_scale=scale, tokens=tokens, token_mean=mean)
+    return LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G, loss_scale=scale, tokens=tokens,
+                      token_mean=mean)
 
 
 def collect_loss_statistics(
@@ -186,226 +522,22 @@ def collect_loss_statistics(
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
             gradients, a layer the pass never reached, or a layer whose output gradient is zero on every image.
     """
-    if labels not in FISHER_LABELS:
-        raise ValueError(f"fisher_labels must be one of {FISHER_LABELS}, got {labels!r}")
-    product_dtype = {"float64": torch.float64, "float32": torch.float32}.get(gram_precision)
-    if product_dtype is None:
-        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
-    _check_classifier(model)
-    device = device or next(model.parameters()).device
-    if gram_space not in ("input", "auto"):
-        raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
-    if grad_images is not None and (isinstance(grad_images, bool) or not isinstance(grad_images, int)
-                                    or grad_images < 1):
-        raise ValueError(f"grad_images must be a positive integer or None, got {grad_images!r}")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-    generator = torch.Generator().manual_seed(seed)
-    # "output": the input side is kept as W^T H W; "grad_input": the gradient side as W G W^T (see gram_space)
-    output_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.in_features > lin.out_features}
-    grad_input_side = {n for n, lin in layers.items() if gram_space == "auto" and lin.out_features > lin.in_features}
-
-    def zeros(width: int) -> torch.Tensor:
-        return torch.zeros(width, width, dtype=torch.float64, device=device)
-
-    h_sums = {n: zeros(lin.out_features if n in output_side else lin.in_features) for n, lin in layers.items()}
-    g_sums = {n: zeros(lin.in_features if n in grad_input_side else lin.out_features) for n, lin in layers.items()}
-    # tr(H) of output-side layers, tr(G) of grad-input-side layers: float64 sums on the device, read once at the end
-    traces = {n: torch.zeros((), dtype=torch.float64, device=device) for n in layers}
-    centred = {n for n, lin in layers.items() if center and lin.bias is not None}
-    token_sums = {n: torch.zeros(layers[n].in_features, dtype=torch.float64, device=device) for n in centred}
-    rows = dict.fromkeys(layers, 0)
-    seen_grad = dict.fromkeys(layers, False)
-    scratch = Scratch()
-    products: dict[tuple[int, str], torch.Tensor] = {}
-    mode = {"backward_hooks": True}  # False: g W from output-gradient hooks (see the retry below)
-    logits_finite: list[tuple[int, torch.Tensor]] = []  # (batch index, flag on the device) of every micro-batch
-
-    def accumulate(name: str, sums: dict[str, torch.Tensor], side: str, values: torch.Tensor) -> None:
-        flat = values.detach().reshape(-1, values.shape[-1])
-        cast = flat if flat.dtype == product_dtype else scratch.get(side, tuple(flat.shape), product_dtype,
-                                                                      flat.device).copy_(flat)
-        width = flat.shape[1]
-        product = products.get((width, side))
-        if product is None:  # blocks below the diagonal stay zero (see upper_gram_)
-            product = products[(width, side)] = torch.zeros(width, width, dtype=product_dtype, device=flat.device)
-        upper_gram_(product, cast)
-        sums[name] += product  # a NaN or inf stays in the sum's diagonal (sums of squares): see check_finite
-
-    def check_finite() -> None:
-        """Raise on the first non-finite value the pass has met, in the order a forward and backward pass meets
-        them: a layer's inputs, the logits, a layer's loss gradients. One host read for every layer and batch
-        (checking each product as it is formed stalled a GPU's queue of kernels at every layer)."""
-        def layer(what: str, name: str) -> str:
-            return (f"non-finite {what} (NaN or inf) reach layer {name} during the loss-aware calibration; check the "
-                    f"model and the data, or {_OPTIONS}")
-
-        checks = [(layer("activations", name), torch.isfinite(sums.diagonal()).all()) for name, sums in h_sums.items()]
-        checks += [(str(_nonfinite_logits(index)), finite) for index, finite in logits_finite]
-        checks += [(layer("loss gradients", name), torch.isfinite(sums.diagonal()).all())
-                   for name, sums in g_sums.items()]
-        for (message, _), finite in zip(checks, torch.stack([flag for _, flag in checks]).tolist(), strict=True):
-            if not finite:
-                raise ValueError(message)
-        logits_finite.clear()  # checked: later checks read the sums alone for the batches before this one
-
-    def clipped(grad: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-        """``grad`` with KFAC-SVD's per-token clipping of ``reference`` (the output gradient; default ``grad``)."""
-        if clip is None:
-            return grad
-        scale = clipped_token_scale(grad if reference is None else reference, *clip)
-        shaped = grad.reshape(scale.shape[0], -1, grad.shape[-1])
-        return (shaped * scale.to(grad.dtype)).reshape(grad.shape)
-
-    def make_hook(name: str):
-        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0]
-            rows[name] += x.numel() // module.in_features
-            if name in token_sums:  # in the products' precision (a float64 copy of every batch cost ~10% of the pass)
-                token_sums[name] += x.detach().reshape(-1, x.shape[-1]).sum(0, dtype=product_dtype).double()
-            if name in output_side:  # W^T H W from the bias-free outputs x W, and tr(H)
-                y = output.detach()
-                if module.bias is not None:
-                    y = torch.sub(y, module.bias.detach(), out=scratch.get("output", tuple(y.shape), y.dtype,
-                                                                             y.device))
-                accumulate(name, h_sums, "input", y)
-                traces[name] += _energy(x)
-            else:
-                accumulate(name, h_sums, "input", x)
-            if output.requires_grad and name not in grad_input_side:
-                def grad_hook(grad: torch.Tensor) -> None:
-                    seen_grad[name] = True
-                    accumulate(name, g_sums, "grad", clipped(grad))
-                output.register_hook(grad_hook)
-            elif output.requires_grad and not mode["backward_hooks"]:
-                def input_grad_hook(grad: torch.Tensor) -> None:  # the backward hook's g W, one matmul more
-                    seen_grad[name] = True
-                    grad = clipped(grad)
-                    accumulate(name, g_sums, "grad", grad.to(module.weight.dtype) @ module.weight.detach())
-                    traces[name] += _energy(grad)
-                output.register_hook(input_grad_hook)
-        return hook
-
-    def make_backward_hook(name: str):
-        def hook(module: nn.Linear, grad_input: tuple, grad_output: tuple) -> None:
-            # W G W^T is the Gram of g W^T, the gradient at this layer's own input, which the backward has just
-            # computed: reusing it saves a matmul as large as the layer's forward
-            if grad_input[0] is None or grad_output[0] is None:
-                return
-            seen_grad[name] = True
-            accumulate(name, g_sums, "grad", clipped(grad_input[0], grad_output[0]))
-            traces[name] += _energy(clipped(grad_output[0]))
-        return hook
-
-    def one_pass(stream: Iterable) -> tuple[int, int]:
-        """Run the forward and backward pass; returns (images, images with a backward)."""
-        produced = with_grad = 0
-        generator.manual_seed(seed)
-        with contextlib.ExitStack() as cleanup, hooked_in_eval(model, layers, make_hook), torch.enable_grad(), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"), \
-                progress_bar(total=num_images, desc="loss-aware calibration", unit="img", enabled=progress) as bar:
-            if mode["backward_hooks"]:
-                for name in grad_input_side:
-                    cleanup.callback(layers[name].register_full_backward_hook(make_backward_hook(name)).remove)
-            for index, (images, batch) in enumerate(stream):
-                for start in range(0, images.shape[0], micro_batch):
-                    # the graph reaches every layer through the images; the weights' gradients are never formed
-                    part = images[start: start + micro_batch].to(device)
-                    backward = part.shape[0] if grad_images is None else max(0, min(part.shape[0],
-                                                                                     grad_images - with_grad))
-                    if backward < part.shape[0]:  # past grad_images: forward only, H alone
-                        with torch.no_grad():
-                            logits = _logits(model(part[backward:]))
-                            logits_finite.append((index, torch.isfinite(logits).all()))
-                    if backward:
-                        part = part[:backward].requires_grad_(True)
-                        logits = _logits(model(part))
-                        logits_finite.append((index, torch.isfinite(logits).all()))
-                        target = _labels(batch, index, logits, labels, generator, start, who)
-                        if target is None:  # sampled labels from NaN logits: say where the NaN came from
-                            check_finite()
-                            raise _nonfinite_logits(index)
-                        target = target.to(logits.dtype) if target.is_floating_point() else target
-                        logits = logits if logits.dtype == torch.float64 else logits.float()
-                        loss = F.cross_entropy(logits, target, reduction="sum")  # one gradient per image
-                        torch.autograd.grad(loss, part)
-                        with_grad += backward
-                    if not produced:
-                        unreached(name for name, n in rows.items() if n == 0)
-                        check_finite()  # bad data fails on its first micro-batch, not after the whole pass
-                        first.clear()  # the first micro-batch went through: no retry needs it again
-                    produced += images[start: start + micro_batch].shape[0]
-                    bar.update(images[start: start + micro_batch].shape[0])
-        return produced, with_grad
-
-    source = iter(iter_calibration_batches(batches, num_images))
-    first: list = []
-
-    def remembered() -> Iterator:  # keeps the first batch until its first micro-batch went through
-        for count, item in enumerate(source):
-            if count == 0:
-                first.append(item)
-            yield item
-
-    try:
-        produced, with_grad = one_pass(remembered())
-    except RuntimeError as exc:
-        # A module whose output its parent changes in place (timm's BEiT, EVA and Swin V2 add the q and v biases to
-        # qkv's output) cannot carry a full backward hook: autograd refuses the in-place change on the output the
-        # hook wraps. Such a model fails on its first micro-batch; it then runs again with output-gradient hooks,
-        # which form g W themselves (the same statistics, one more matmul per widening layer).
-        if not first or "BackwardHookFunction" not in str(exc):
-            raise
-        mode["backward_hooks"] = False
-        for sums in (h_sums, g_sums, token_sums):
-            for tensor in sums.values():
-                tensor.zero_()
-        for tensor in traces.values():
-            tensor.zero_()
-        rows.update(dict.fromkeys(layers, 0))
-        seen_grad.update(dict.fromkeys(layers, False))
-        logits_finite.clear()
-        produced, with_grad = one_pass(itertools.chain(list(first), source))
-    check_finite()
-    traces = dict(zip(traces, torch.stack(list(traces.values())).tolist(), strict=True))  # one host read for all
-
-    stats: dict[str, LayerStats] = {}
-    for name, layer in layers.items():
-        G = symmetrize_upper(g_sums[name])
-        grad_energy = traces[name] if name in grad_input_side else float(torch.diagonal(G).sum())
-        if not seen_grad[name] or grad_energy <= 0.0:
-            raise ValueError(f"layer {name} received no loss gradient during the loss-aware calibration (it does not "
-                             f"influence the logits, or every gradient was zero); {_OPTIONS}")
-        tokens = rows[name] / produced
-        H = symmetrize_upper(h_sums[name]).div_(produced)
-        W = layer.weight.detach().to(device).double().T
-        if name in output_side:  # H holds W^T H W here
-            energy = float(torch.diagonal(H).sum())
-        else:
-            energy = float(torch.sum(W * (H @ W)))  # tr(W^T H W): mean output energy per image
-        scale = energy / produced if energy > 0 else 1.0
-        mean = None
-        if name in centred:  # (1/N) sum (x - mu)(x - mu)^T = H - T mu mu^T, on whichever side H is kept
-            mean = token_sums[name] / rows[name]
-            side_mean = mean @ W if name in output_side else mean
-            H.sub_(tokens * torch.outer(side_mean, side_mean))
-            if name in output_side:
-                traces[name] -= produced * tokens * float(mean @ mean)
-        G.div_(with_grad * tokens)
-        if name in output_side:
-            stats[name] = LayerStats(gram=None, num_images=produced, output_gram=H.div_(scale),
-                                     input_trace=traces[name] / produced / scale, range_weight=W, grad_gram=G,
-                                     loss_scale=scale, tokens=tokens, token_mean=mean)
-        elif name in grad_input_side:
-            stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_range_gram=G,
-                                     grad_trace=traces[name] / (with_grad * tokens), loss_scale=scale, tokens=tokens,
-                                     token_mean=mean)
-        else:
-            stats[name] = LayerStats(gram=H.div_(scale), num_images=produced, grad_gram=G, loss_scale=scale,
-                                     tokens=tokens, token_mean=mean)
-    return stats
+    product_dtype = _check_options(model, labels, gram_precision, gram_space, micro_batch, grad_images, compute_dtype)
+    settings = _PassSettings(device or next(model.parameters()).device, num_images, labels, seed, micro_batch,
+                             grad_images, compute_dtype, who, progress)
+    acc = _new_accumulator(layers, gram_space, center, product_dtype, clip, settings.device)
+    stream = iter_calibration_batches(batches, num_images)
+    widening = {name: layers[name] for name, grads in acc.grad_sides.items() if grads.on_input}
+    backward_hooks = False
+    if widening:  # g W^T from the backward's own product, unless the model changes their outputs in place
+        first = next(stream)
+        stream = itertools.chain([first], stream)
+        backward_hooks = not _changes_outputs_in_place(model, widening, first[0][:1].to(settings.device), settings)
+    produced, with_grad = _run_pass(model, layers, stream, acc, settings, backward_hooks)
+    _raise_if_nonfinite(acc)  # a NaN or inf that starts after the first micro-batch
+    traces = _host_traces(acc)
+    return {name: _layer_stats(name, layer, acc.input_sides[name], acc.grad_sides[name], traces.get(name), produced,
+                               with_grad, settings.device) for name, layer in layers.items()}
 
 
 def _narrow_side(W: torch.Tensor, stats: LayerStats) -> tuple[str, torch.Tensor, float]:

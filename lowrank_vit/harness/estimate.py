@@ -392,7 +392,7 @@ def _compensation(shapes: ModelShapes, compression: CompressionConfig, spec: Dev
                   params_gib: float) -> Stage:
     from lowrank_vit.methods.compensate import get_z_kind
 
-    if compression.compensation == "none":
+    if not get_z_kind(compression.compensation).fitted:
         return Stage("compensation", 0.0, 0.0, 0.0, "no Z")
     z_params = [compression.z_fraction * layer.in_features * layer.out_features for layer in shapes.layers]
     if compression.solver == "sgd":  # every layer's Z fitted on stored tokens: forward, backward and Adam per step

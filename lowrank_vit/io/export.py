@@ -2,7 +2,8 @@
 
 The model is exported with PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): it
 needs only the ``onnx`` package, is quick on a CPU and handles every layer of this library once the few that use
-operations ONNX lacks are rewritten into exact equivalents (:data:`EXPORT_REWRITES`). The rewrites act on a copy;
+operations ONNX lacks are rewritten into exact equivalents (:data:`EXPORT_REWRITES`, and each Z module's
+``export_form``). The rewrites act on a copy;
 the caller's model is never changed.
 
 Layer kinds, and how they leave PyTorch:
@@ -10,7 +11,8 @@ Layer kinds, and how they leave PyTorch:
 - ``FactorizedLinear`` (``x U Vᵀ + b``), ``LowRankZ`` (``x G Yᵀ``), ``RowSparseZ`` (a gather of input rows then a
   product), ``FactorizedAttention`` (COMCAT's per-head products): exported as they are.
 - ``SparseZ`` ("sparse" and "diagonal" Z): ``torch.sparse.mm`` has no ONNX form, so Z becomes its dense
-  (in, out) matrix, the same function; the ONNX file then stores those entries densely.
+  (in, out) matrix, the same function (its ``export_form``, a ``DenseZ``); the ONNX file then stores those entries
+  densely. Any registered Z module exports as its ``export_form`` says.
 - ``--fold`` (:func:`lowrank_vit.io.surgery.fold_lowrank_z_`): a low-rank Z folded into the factors first.
 - Quantized weights (:func:`lowrank_vit.quantize_`, kept by :func:`lowrank_vit.io.surgery.load_compressed`): exported
   dequantized (float) by default; with ``quantized="qdq"`` every quantized weight of at most 8 bits is stored as its
@@ -39,7 +41,7 @@ from torch import nn
 from lowrank_vit.core.common import atomic_write
 from lowrank_vit.io.surgery import fold_lowrank_z_, swap_layers
 from lowrank_vit.nn.comcat import FactorizedAttention
-from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.nn.factorized import Z_MODULES, DenseZ, FactorizedLinear, ZModule
 from lowrank_vit.nn.quantize import quantization_record
 
 DEFAULT_OPSET = 17
@@ -51,38 +53,25 @@ class UnsupportedLayerError(ValueError):
     """The model holds a layer kind the exporter does not know how to write (the message names it)."""
 
 
-class DenseZ(nn.Module):
-    """A Z held as its dense (in, out) matrix: ``Z(x) = x Z``. The export form of :class:`SparseZ`."""
-
-    def __init__(self, z: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(z.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.weight.dtype) @ self.weight).to(x.dtype)
-
-
-def _sparse_to_dense(module: nn.Module) -> nn.Module:
-    return DenseZ(module.dense())
-
-
 EXPORT_REWRITES: dict[type[nn.Module], Callable[[nn.Module], nn.Module] | None] = {
     FactorizedLinear: None,
-    LowRankZ: None,
-    RowSparseZ: None,
     FactorizedAttention: None,
     DenseZ: None,
-    SparseZ: _sparse_to_dense,
 }
-"""Module classes of this library the exporter knows: None exports the module as it is, a function returns its
-exact ONNX-friendly replacement."""
+"""Module classes of this library the exporter knows besides the Z modules (which say their own export form): None
+exports the module as it is, a function returns its exact ONNX-friendly replacement."""
 
 _KNOWN_PACKAGES = ("torch.", "timm.", "lowrank_vit.nn.vssm")  # the state-space model is plain tensor algebra
 
 
 def _is_known(module: nn.Module) -> bool:
     cls = type(module)
-    return cls in EXPORT_REWRITES or cls.__module__.startswith(_KNOWN_PACKAGES)
+    return isinstance(module, ZModule) or cls in EXPORT_REWRITES or cls.__module__.startswith(_KNOWN_PACKAGES)
+
+
+def _export_form(_: str, module: nn.Module) -> nn.Module | None:
+    form = module.export_form()
+    return None if form is module else form
 
 
 QUANTIZED_FORMS = ("dequantized", "qdq")
@@ -176,9 +165,9 @@ def prepare_for_export(model: nn.Module, fold: bool = False, quantized: str = "d
     """
     unknown = sorted({type(m).__qualname__ for m in model.modules() if not _is_known(m)})
     if unknown:
+        known = sorted({cls.__name__ for cls in (*EXPORT_REWRITES, *Z_MODULES.values())})
         raise UnsupportedLayerError(f"cannot export layer kind(s) {', '.join(unknown)} to ONNX: the exporter knows "
-                                    f"{', '.join(sorted(c.__name__ for c in EXPORT_REWRITES))} and PyTorch/timm "
-                                    f"modules")
+                                    f"{', '.join(known)} and PyTorch/timm modules")
     if quantized not in QUANTIZED_FORMS:
         raise ValueError(f"quantized={quantized!r} is not one of {', '.join(QUANTIZED_FORMS)}")
     copy_ = copy.deepcopy(model).float().cpu().eval()
@@ -187,6 +176,7 @@ def prepare_for_export(model: nn.Module, fold: bool = False, quantized: str = "d
     for cls, rewrite in EXPORT_REWRITES.items():
         if rewrite is not None:
             swap_layers(copy_, lambda _, m, rewrite=rewrite: rewrite(m), lambda _, m, cls=cls: type(m) is cls)
+    swap_layers(copy_, _export_form, lambda _, m: isinstance(m, ZModule))
     if quantized == "qdq":
         _attach_fake_quantization(copy_, quantization_record(model))
     return copy_

@@ -22,7 +22,7 @@ from torch import nn
 from lowrank_vit.core.common import atomic_write
 from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, is_scan, set_submodule
 from lowrank_vit.nn.comcat import FactorizedAttention
-from lowrank_vit.nn.factorized import Z_MODULES, FactorizedLinear, LowRankZ
+from lowrank_vit.nn.factorized import Z_MODULES, FactorizedLinear
 from lowrank_vit.nn.quantize import QUANT_ATTR, QuantizedTensor, quantization_record, quantize_tensor
 
 FORMAT = "lowrank_vit"
@@ -61,17 +61,15 @@ def fold_lowrank_z_(model: nn.Module) -> list[str]:
         raise ValueError("fold_lowrank_z_ needs an unquantized model: fold first, then quantize")
 
     def fold(fqn: str, layer: nn.Module) -> nn.Module | None:
-        if not isinstance(layer.z, LowRankZ):
+        factors = None if layer.z is None else layer.z.lowrank_factors()
+        if factors is None:
             return None
-        U = torch.cat([layer.U.detach(), layer.z.G.detach().to(layer.U.dtype)], dim=1)
-        V = torch.cat([layer.V.detach(), layer.z.Y.detach().to(layer.V.dtype)], dim=1)
+        G, Y = factors
+        U = torch.cat([layer.U.detach(), G.detach().to(layer.U.dtype)], dim=1)
+        V = torch.cat([layer.V.detach(), Y.detach().to(layer.V.dtype)], dim=1)
         return FactorizedLinear.from_factors(U, V, None if layer.bias is None else layer.bias.detach())
 
     return swap_layers(model, fold, lambda _, module: isinstance(module, FactorizedLinear))
-
-
-Z_SIZE_FIELDS = {"lowrank": ("rank",), "sparse": ("nnz",), "diagonal": ("nnz",), "structured": ("rows",)}
-"""Z kind -> the sizes its ``spec()`` writes, each at least 1 (compensation never fits an empty Z)."""
 
 
 def _check_layer_specs(layers: dict[str, Any], origin: str) -> None:
@@ -96,7 +94,7 @@ def _check_layer_specs(layers: dict[str, Any], origin: str) -> None:
         if z.get("kind") not in Z_MODULES:
             raise ValueError(f"{origin} is malformed: layer {fqn}: unknown compensation kind {z.get('kind')!r}; "
                              f"known: {', '.join(Z_MODULES)}")
-        check(z, Z_SIZE_FIELDS.get(z["kind"], ()), f"layer {fqn} z")
+        check(z, Z_MODULES[z["kind"]].spec_fields, f"layer {fqn} z")
 
 
 def _rebuild(plan: dict[str, Any], origin: str) -> nn.Module:

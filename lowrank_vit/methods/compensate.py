@@ -22,13 +22,11 @@ from torch import nn
 from lowrank_vit.core.common import Registry
 from lowrank_vit.core.decompose import Decomposition, Whitening, truncated_svd
 from lowrank_vit.core.progress import progress_bar
-from lowrank_vit.nn.factorized import LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.nn.factorized import Z_MODULES, LowRankZ, RowSparseZ, SparseZ, ZModule
 
 
 def z_param_count(kind: str, in_features: int, out_features: int, z_fraction: float, rank_multiple: int = 1) -> int:
     """Parameters a Z of ``kind`` holds for a (k, m) layer given its budget fraction; 0 for "none"."""
-    if kind == "none":
-        return 0
     return get_z_kind(kind).param_count(in_features, out_features, z_fraction * in_features * out_features,
                                         rank_multiple)
 
@@ -36,7 +34,7 @@ def z_param_count(kind: str, in_features: int, out_features: int, z_fraction: fl
 def z_spec(kind: str, in_features: int, out_features: int, z_params: int) -> dict[str, Any] | None:
     """The spec (as :func:`lowrank_vit.nn.factorized.build_z` reads it) of a Z of ``kind`` holding ``z_params``
     parameters; ``None`` for "none"."""
-    return None if kind == "none" else {"kind": kind, **get_z_kind(kind).shape(in_features, out_features, z_params)}
+    return get_z_kind(kind).spec(in_features, out_features, z_params)
 
 
 def diagonal_support(in_features: int, out_features: int, num_diagonals: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,14 +94,27 @@ def closed_form_z(kind: str, problem: CompensationProblem, z_params: int) -> nn.
 class ZKind:
     """One kind of correction Z (Section 3.3, Table 1): how many parameters it takes from a layer's budget, the shape
     of its module, its closed-form fit to eq. (10) and the SGD solver's starting point. Subclasses set ``name`` and
-    ``module`` (the :mod:`lowrank_vit.nn.factorized` class that computes it) and are registered by
-    :func:`register_z_kind`; ``CompressionConfig.compensation`` names one (or "none")."""
+    ``module`` (a :class:`lowrank_vit.nn.factorized.ZModule` registered for that name, which saves, loads, quantizes,
+    folds and exports it) and are registered by :func:`register_z_kind`; ``CompressionConfig.compensation`` names
+    one. "none" is one too (:class:`NoZ`): no module, no parameters, nothing to fit."""
 
     name: ClassVar[str]
-    module: ClassVar[type[nn.Module]]
+    module: ClassVar[type[ZModule] | None]
+    fitted: ClassVar[bool] = True
+    """Whether the compression fits a Z of this kind (False only for "none")."""
     is_more_rank: ClassVar[bool] = False
     """Fitted after an exact SVD in the same metric, this Z is that SVD's next singular directions: exactly more
     rank (so it is read off the decomposition, :func:`svd_tail_z`, and needs H only through W)."""
+
+    @property
+    def folds(self) -> bool:
+        """Whether a layer with this Z deploys as one factored product (no Z, or one whose module folds into U and V
+        as more columns): what a latency table times."""
+        return self.module is None or self.module.lowrank_factors is not ZModule.lowrank_factors
+
+    def spec(self, k: int, m: int, z_params: int) -> dict[str, Any] | None:
+        """The module's spec as :func:`lowrank_vit.nn.factorized.build_z` reads it."""
+        return {"kind": self.name, **self.shape(k, m, z_params)}
 
     def param_count(self, k: int, m: int, budget: float, rank_multiple: int) -> int:
         """Parameters actually held given a budget of ``budget`` (= z_fraction k m)."""
@@ -125,9 +136,41 @@ class ZKind:
         return z
 
 
-Z_KINDS: Registry[ZKind] = Registry("compensation kind", also=("none",))
-register_z_kind = Z_KINDS.register  # class decorator: CompressionConfig(compensation=cls.name)
+Z_KINDS: Registry[ZKind] = Registry("compensation kind")
 get_z_kind = Z_KINDS.lookup
+
+
+def register_z_kind(cls: type[ZKind]) -> type[ZKind]:
+    """Class decorator: ``CompressionConfig(compensation=cls.name)``. Its module must be the one registered for that
+    name (:func:`lowrank_vit.nn.factorized.register_z_module`), or a saved model could not be loaded again."""
+    module = getattr(cls, "module", None)
+    if cls.name not in Z_KINDS and cls.fitted and Z_MODULES.get(cls.name) is not module:
+        raise ValueError(f"compensation kind {cls.name!r}: register its module {getattr(module, '__name__', None)} "
+                         f"with lowrank_vit.nn.factorized.register_z_module (kinds = ({cls.name!r},)) first")
+    return Z_KINDS.register(cls)
+
+
+@register_z_kind
+class NoZ(ZKind):
+    """No correction: W becomes U V^T alone (the default recipe's, vanilla SVD's and every peer's choice). As more
+    rank it is trivially exact: it needs nothing of H beyond W either."""
+
+    name = "none"
+    module = None
+    fitted = False
+    is_more_rank = True
+
+    def param_count(self, k, m, budget, rank_multiple):
+        return 0
+
+    def spec(self, k, m, z_params):
+        return None
+
+    def fit(self, problem, z_params):
+        raise ValueError('compensation "none" fits no Z')
+
+    def sgd_start(self, problem, z_params, generator):
+        raise ValueError('compensation "none" fits no Z')
 
 
 @register_z_kind

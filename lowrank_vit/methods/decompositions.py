@@ -228,7 +228,7 @@ class FWSVD(_RowScaled):
 
 @register_method
 class COMCAT(Method):
-    """Xiao et al. 2023: attention heads factorized per head product (:mod:`lowrank_vit.nn.comcat`); the remaining
+    """Xiao et al. 2023: attention heads factorized per head product (:mod:`lowrank_vit.methods.comcat`); the remaining
     (MLP) layers by plain SVD."""
 
     name = "comcat"

@@ -17,8 +17,9 @@ from torch import nn
 
 from lowrank_vit.core.allocate import LayerBudget
 from lowrank_vit.core.decompose import Decomposition
-from lowrank_vit.nn import comcat
+from lowrank_vit.methods import comcat
 from lowrank_vit.nn.adapters import TimmViTAdapter
+from lowrank_vit.nn.comcat import FactorizedAttention, attention_geometry
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,9 @@ NO_MODULES = WholeModules()
 
 
 class AttentionHeads(WholeModules):
-    """COMCAT (Xiao et al. 2023): each attention module with a fused qkv and a proj linear becomes a
-    :class:`~lowrank_vit.nn.comcat.FactorizedAttention`; its units are every head's QK and VO products."""
+    """COMCAT (Xiao et al. 2023, :mod:`lowrank_vit.methods.comcat`): each attention module with a fused qkv and a proj
+    linear becomes a :class:`~lowrank_vit.nn.comcat.FactorizedAttention`; its units are every head's QK and VO
+    products."""
 
     def find(self, model, adapter):
         modules = adapter.attention_modules(model)
@@ -92,10 +94,12 @@ class AttentionHeads(WholeModules):
         return modules
 
     def replaced_params(self, module):
-        return comcat.replaced_params(module)
+        return sum(p.numel() for layer in (module.qkv, module.proj) for p in layer.parameters())
 
     def fixed_params(self, module):
-        return comcat.fixed_params(module)
+        # the output bias (qkv's v bias folded into it); the q bias rows belong to the QK units
+        geom = attention_geometry(module)
+        return geom.out_dim if geom.out_bias else 0
 
     def budgets(self, modules, curves=None):
         return comcat.head_budgets(modules, curves)
@@ -107,7 +111,7 @@ class AttentionHeads(WholeModules):
         return comcat.attention_spec(name, module, ranks)
 
     def from_spec(self, name, module, spec):
-        return comcat.FactorizedAttention.from_spec_like(module, spec, name)
+        return FactorizedAttention.from_spec_like(module, spec, name)
 
     def build(self, name, module, decompositions, ranks):
         return comcat.factorize_attention(name, module, decompositions, ranks)

@@ -1,4 +1,4 @@
-"""The factorized linear layer ``y = (x U) V^T + Z(x) + b`` and the four kinds of correction Z (Table 1).
+"""The factorized linear layer ``y = (x U) V^T + Z(x) + b`` and the modules of the correction Z (Table 1).
 
 Conventions follow the paper: a dense layer computes ``x W`` with W of shape (k, m) = (in, out), i.e.
 ``W = linear.weight.T``. U is (k, r), V is (m, r). U V^T is never materialized in ``forward`` (Appendix A): the
@@ -7,16 +7,68 @@ input is multiplied by U first, then by V^T, which costs n(k+m)r multiplications
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 
-class LowRankZ(nn.Module):
+class ZModule(nn.Module):
+    """What every stored form of a correction Z tells the rest of the library, so that saving, loading, quantizing,
+    size accounting, folding and export need no table of their own: the spec kinds it computes, the size fields of
+    its spec, which parameters 8-bit PTQ quantizes along which channel axis (eq. 16), and how it folds and exports.
+    Buffers hold indices (counted as 32-bit in Table 4's accounting). A new form subclasses this and is registered
+    by :func:`register_z_module`; :class:`lowrank_vit.methods.compensate.ZKind` pairs a kind with how it is fitted."""
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+    """The ``kind`` strings of the specs this module rebuilds (``spec()["kind"]``)."""
+    spec_fields: ClassVar[tuple[str, ...]] = ()
+    """The sizes its ``spec()`` writes beside "kind", each a positive integer (a fitted Z is never empty)."""
+    quantize_axes: ClassVar[dict[str, int | None]] = {}
+    """Parameter name -> the channel axis ``quantize_`` scales along (None: one scale for the tensor)."""
+
+    @classmethod
+    def from_spec(cls, in_features: int, out_features: int, spec: dict[str, Any]) -> ZModule:
+        """An empty module of the spec's sizes (its values come from the checkpoint)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """Z as its (in, out) matrix, for analysis and export."""
+        raise NotImplementedError
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(G, Y) when Z = G Y^T, which :func:`lowrank_vit.io.surgery.fold_lowrank_z_` appends to U and V; else None."""
+        return None
+
+    def export_form(self) -> nn.Module:
+        """The module the ONNX exporter writes in its place: itself, or an exact equivalent in ONNX's operators."""
+        return self
+
+
+Z_MODULES: dict[str, type[ZModule]] = {}
+"""Spec kind -> the module that computes it (each rebuilds itself, empty, with ``from_spec``)."""
+
+
+def register_z_module(cls: type[ZModule]) -> type[ZModule]:
+    """Class decorator: ``cls`` rebuilds the specs of each of its ``kinds``."""
+    for kind in cls.kinds:
+        if Z_MODULES.get(kind, cls) is not cls:
+            raise ValueError(f"Z kind {kind!r} already has a module: {Z_MODULES[kind].__name__}")
+        Z_MODULES[kind] = cls
+    return cls
+
+
+@register_z_module
+class LowRankZ(ZModule):
     """Z = G Y^T with G (k, q) and Y (m, q): the paper's choice (Section 3.3)."""
 
     kind = "lowrank"
+    kinds = ("lowrank",)
+    spec_fields = ("rank",)
+    quantize_axes = {"G": 1, "Y": 0}  # G (k, q): channel = output of x G = column; Y (m, q): output row
 
     def __init__(self, in_features: int, out_features: int, rank: int) -> None:
         super().__init__()
@@ -49,16 +101,36 @@ class LowRankZ(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank}
 
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.G, self.Y
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
 
 
-class SparseZ(nn.Module):
+class DenseZ(nn.Module):
+    """A Z held as its dense (in, out) matrix: ``Z(x) = x Z``. The export form of :class:`SparseZ` (ONNX has no
+    sparse product); never saved, so not a registered kind."""
+
+    def __init__(self, z: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(z.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.weight.dtype) @ self.weight).to(x.dtype)
+
+
+@register_z_module
+class SparseZ(ZModule):
     """Z with a fixed support of (row, column) entries: "sparse" (unstructured) and "diagonal" (a band of diagonals).
 
     The support is stored as index buffers so that it is saved beside the values; the product is a sparse-dense
     matmul, so its cost is proportional to the number of stored entries.
     """
+
+    kinds = ("sparse", "diagonal")
+    spec_fields = ("nnz",)
+    quantize_axes = {"values": None}  # entries of no common channel: one scale
 
     def __init__(self, in_features: int, out_features: int, nnz: int, kind: str = "sparse") -> None:
         super().__init__()
@@ -95,14 +167,21 @@ class SparseZ(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "nnz": self.nnz}
 
+    def export_form(self) -> nn.Module:
+        return DenseZ(self.dense())
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, nnz={self.nnz}"
 
 
-class RowSparseZ(nn.Module):
+@register_z_module
+class RowSparseZ(ZModule):
     """"structured": Z is non-zero only on a set of whole rows (input features), ``Z(x) = x[..., rows] @ values``."""
 
     kind = "structured"
+    kinds = ("structured",)
+    spec_fields = ("rows",)
+    quantize_axes = {"values": 1}  # (rows, m): channel = output column
 
     def __init__(self, in_features: int, out_features: int, num_rows: int) -> None:
         super().__init__()
@@ -126,11 +205,6 @@ class RowSparseZ(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows={self.rows.numel()}"
-
-
-Z_MODULES: dict[str, type[nn.Module]] = {"lowrank": LowRankZ, "sparse": SparseZ, "diagonal": SparseZ,
-                                          "structured": RowSparseZ}
-"""Spec kind -> the module that computes it (each rebuilds itself, empty, with ``from_spec``)."""
 
 
 def build_z(in_features: int, out_features: int, spec: dict[str, Any] | None) -> nn.Module | None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.nn.comcat import FactorizedAttention
-from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
+from lowrank_vit.nn.factorized import FactorizedLinear, ZModule
 
 QUANT_ATTR = "lowrank_vit_quantization"
 """Name of the attribute on the root model that records ``{parameter name: {"bits", "axis"}}``."""
@@ -82,13 +82,9 @@ def _targets(model: nn.Module, include_dense: bool) -> dict[str, tuple[nn.Parame
         if isinstance(module, FactorizedLinear):
             found[prefix + "U"] = (module.U, 1)  # (k, r): channel = output of x U = column
             found[prefix + "V"] = (module.V, 0)  # (m, r): channel = output row
-        elif isinstance(module, LowRankZ):
-            found[prefix + "G"] = (module.G, 1)
-            found[prefix + "Y"] = (module.Y, 0)
-        elif isinstance(module, SparseZ):
-            found[prefix + "values"] = (module.values, None)
-        elif isinstance(module, RowSparseZ):
-            found[prefix + "values"] = (module.values, 1)
+        elif isinstance(module, ZModule):  # each form says which of its parameters are scaled along which axis
+            for leaf, axis in module.quantize_axes.items():
+                found[prefix + leaf] = (getattr(module, leaf), axis)
         elif isinstance(module, FactorizedAttention):  # COMCAT: per-head factors, one row per output channel
             for leaf in ("q_weight", "k_weight", "v_weight", "o_weight"):
                 found[prefix + leaf] = (getattr(module, leaf), 0)
@@ -145,6 +141,6 @@ def model_size_mib(model: nn.Module, bits: int = 16) -> float:
         else:
             total_bits += param.numel() * bits
     for module in model.modules():
-        if isinstance(module, (SparseZ, RowSparseZ)):
+        if isinstance(module, ZModule):  # a Z's buffers are its support's indices
             total_bits += sum(b.numel() for b in module.buffers(recurse=False)) * 32
     return total_bits / 8 / 2**20
