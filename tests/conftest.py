@@ -122,9 +122,11 @@ def _dense_accuracy_cache_apart(monkeypatch, tmp_path):
     """``compress`` caches the dense model's accuracy under the user's cache folder: a test must neither write there
     nor read what an earlier run left (a cached figure skips the evaluation a test may be checking). A test that sets
     LOWRANK_VIT_CACHE itself gets that folder, as a user would."""
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import densecache
 
-    real, inherited = usercli._dense_cache_dir, os.environ.get("LOWRANK_VIT_CACHE")
-    monkeypatch.setattr(usercli, "_dense_cache_dir", lambda: real() if os.environ.get("LOWRANK_VIT_CACHE") != inherited
-                        else tmp_path / "dense-accuracy")
+    real, inherited = densecache._dense_cache_dir, os.environ.get("LOWRANK_VIT_CACHE")
+    def folder():
+        return real() if os.environ.get("LOWRANK_VIT_CACHE") != inherited else tmp_path / "dense-accuracy"
+
+    monkeypatch.setattr(densecache, "_dense_cache_dir", folder)
 

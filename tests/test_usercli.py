@@ -92,7 +92,7 @@ def compressed(workdir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_compress_writes_a_complete_model_directory(compressed, workdir):
-    from lowrank_vit.harness.usercli import model_dir_files
+    from lowrank_vit.harness.outputs import model_dir_files
 
     names = {p.name for p in compressed.iterdir()}
     # exactly what --force may replace: anything else in a model directory is the user's
@@ -387,7 +387,9 @@ def test_the_users_preprocessing_reaches_the_pixels_the_commands_feed(workdir):
     pixel itself: each one the evaluation split yields is (x / 255 - mean) / std for the user's values."""
     from PIL import Image
 
-    from lowrank_vit.harness.usercli import build_data, load_source, resolve_model_preprocessing
+    from lowrank_vit.harness.preprocessing import resolve_model_preprocessing
+    from lowrank_vit.harness.sources import load_source
+    from lowrank_vit.harness.userdata import build_data
 
     args = cli.build_parser().parse_args(
         ["evaluate", *map(str, _model_args(workdir)), "--data", str(workdir / "imgs"), "--mean", "0.1", "0.2", "0.3",
@@ -561,7 +563,7 @@ def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir,
 
 @pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import finetunecli
 
     out = tmp_path / "ft"
     argv = ["finetune", compressed, "--data", compressed.parent / "imgs", "--workers", "0", "--batch-size", "8",
@@ -571,7 +573,7 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_pa
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(usercli, "_evaluate", interrupted)  # after training, before the directory is written
+        patch.setattr(finetunecli, "_evaluate", interrupted)  # after training, before the directory is written
         code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet", "--checkpoint-every", "2")
     assert code == 130 and not out.exists()
     assert (tmp_path / ".ft.partial" / "checkpoints" / "last.ckpt").is_file()
@@ -639,7 +641,7 @@ def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys,
 
 @pytest.mark.slow
 def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_path, capsys, monkeypatch):
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import finetunecli
 
     other = tmp_path / "other"
     assert _compress(capsys, workdir, other, "--reduction", "0.5", "--no-eval", "--recipe", "vanilla")[0] == 0
@@ -650,7 +652,7 @@ def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_p
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(usercli, "_evaluate", interrupted)
+        patch.setattr(finetunecli, "_evaluate", interrupted)
         assert _run(capsys, "finetune", compressed, *common)[0] == 130
     code, _, err = _run(capsys, "finetune", other, *common)
     _assert_one_line_error(code, err, "remove", ".ft.partial")
@@ -732,7 +734,8 @@ def test_an_output_below_a_file_is_refused_before_any_work(command, compressed_p
 
 
 def test_force_never_deletes_the_users_files_beside_a_model(compressed_plain):
-    from lowrank_vit.harness.usercli import UserError, check_output_dir
+    from lowrank_vit.harness.outputs import check_output_dir
+    from lowrank_vit.harness.userbase import UserError
 
     (compressed_plain / "NOTES.txt").write_text("mine")
     (compressed_plain / "mydata").mkdir()
@@ -744,7 +747,8 @@ def test_force_never_deletes_the_users_files_beside_a_model(compressed_plain):
 
 
 def test_an_existing_empty_directory_is_a_valid_output(tmp_path):
-    from lowrank_vit.harness.usercli import UserError, check_output_dir
+    from lowrank_vit.harness.outputs import check_output_dir
+    from lowrank_vit.harness.userbase import UserError
 
     (tmp_path / "empty").mkdir()
     check_output_dir(tmp_path / "empty", force=False)  # made beforehand (mkdir -p out/): nothing to overwrite
@@ -763,7 +767,7 @@ def test_a_failed_publish_puts_the_previous_model_back(tmp_path, monkeypatch, ex
     user had there is back where it was, whole, and the error is not swallowed."""
     import os
 
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import outputs
 
     out, stage = tmp_path / "model", tmp_path / ".model.partial"
     stage.mkdir()
@@ -778,13 +782,13 @@ def test_a_failed_publish_puts_the_previous_model_back(tmp_path, monkeypatch, ex
             raise OSError("disk full")
         real(src, dst)
 
-    monkeypatch.setattr(usercli.os, "replace", failing)
+    monkeypatch.setattr(outputs.os, "replace", failing)
     with pytest.raises(OSError, match="disk full"):
-        usercli.publish(stage, out)
+        outputs.publish(stage, out)
     assert (out / "model.safetensors").read_bytes() == b"old" if existing else not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model"] * existing + [".model.partial"])
-    monkeypatch.setattr(usercli.os, "replace", real)
-    usercli.publish(stage, out)
+    monkeypatch.setattr(outputs.os, "replace", real)
+    outputs.publish(stage, out)
     assert (out / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the previous model removed once replaced
 
@@ -794,7 +798,7 @@ def test_reports_and_json_output_are_strict_json(tmp_path):
     json.dumps alone writes a bare NaN, which jq and browsers refuse."""
     from lowrank_vit.core.common import strict_json
     from lowrank_vit.harness import runner
-    from lowrank_vit.harness.usercli import _write_json
+    from lowrank_vit.harness.outputs import _write_json
 
     data = {"error": float("nan"), "layers": [{"rank": 3, "error": float("inf")}], "t": (1.5, -float("inf")),
             "path": tmp_path, "device": torch.device("cpu")}
@@ -848,7 +852,8 @@ def test_a_model_that_is_not_a_model_directory(command, tmp_path, capsys):
 def test_a_fine_tune_resumes_only_the_run_it_was(tmp_path, capsys):
     import argparse
 
-    from lowrank_vit.harness.usercli import RESUME_FILE, UserError, _resume_or_start
+    from lowrank_vit.harness.finetunecli import RESUME_FILE, _resume_or_start
+    from lowrank_vit.harness.userbase import UserError
 
     args = argparse.Namespace(quiet=False)
     stage = tmp_path / ".out.partial"
@@ -869,7 +874,7 @@ def test_a_fine_tune_resumes_only_the_run_it_was(tmp_path, capsys):
 
 
 def test_a_hand_edited_report_does_not_break_the_fine_tune_report(tmp_path):
-    from lowrank_vit.harness.usercli import _read_report
+    from lowrank_vit.harness.finetunecli import _read_report
 
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"accuracy": "x", "params": 5, "name": "m", "layers": []}))
@@ -885,7 +890,7 @@ def test_unreadable_data_is_one_line_naming_it_and_quiet_is_quiet():
     from datasets.exceptions import DatasetGenerationError
     from PIL import UnidentifiedImageError
 
-    from lowrank_vit.harness.usercli import UserError, user_command
+    from lowrank_vit.harness.userbase import UserError, user_command
 
     def worker_error(args):  # what a DataLoader worker re-raises: its whole traceback as the message
         raise UnidentifiedImageError("Caught UnidentifiedImageError in DataLoader worker process 0.\nOriginal "
@@ -995,7 +1000,7 @@ def test_an_unreachable_target_is_refused_before_the_data(tmp_path, capsys):
 def test_top5_is_left_out_where_every_image_is_in_the_top_5():
     """With 5 classes or fewer top-5 is 100% whatever the model: the CLI's lines and the model card leave it out
     rather than print a constant; a report from before the class count was recorded keeps its figure."""
-    from lowrank_vit.harness.usercli import _top5_text
+    from lowrank_vit.harness.userdata import _top5_text
     from lowrank_vit.io.modelcard import render_card
 
     assert _top5_text({"top5": 100.0, "classes": 3}, ", ") == ""
@@ -1032,20 +1037,20 @@ def test_input_size_refuses_what_is_not_a_size(text):
 def test_cores_counts_the_cores_this_process_may_use(monkeypatch):
     import os
 
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import userdata
 
-    assert usercli._cores() == len(os.sched_getaffinity(0))
+    assert userdata._cores() == len(os.sched_getaffinity(0))
     monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS and Windows
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert usercli._cores() == 6
+    assert userdata._cores() == 6
     monkeypatch.setattr(os, "cpu_count", lambda: None)  # undeterminable
-    assert usercli._cores() == 1
+    assert userdata._cores() == 1
 
 
 def test_a_timm_config_json_beside_the_checkpoint_carries_preprocessing_and_the_metadata_wins(tmp_path):
     from safetensors.torch import save_file
 
-    from lowrank_vit.harness.usercli import _checkpoint_preprocessing
+    from lowrank_vit.harness.sources import _checkpoint_preprocessing
 
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(1)}, str(weights), metadata={"std": "[0.2, 0.3, 0.4]"})
@@ -1115,7 +1120,8 @@ def test_the_teacher_is_the_recorded_dense_model_and_must_have_the_students_clas
     from safetensors.torch import load_file
 
     from lowrank_vit.harness.runner import checkpoint_digest
-    from lowrank_vit.harness.usercli import Source, UserError, load_teacher
+    from lowrank_vit.harness.sources import Source, load_teacher
+    from lowrank_vit.harness.userbase import UserError
 
     weights = workdir / "weights.safetensors"
     student = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)

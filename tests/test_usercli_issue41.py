@@ -59,16 +59,17 @@ def cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def evaluations(monkeypatch) -> list[str]:
     """The ``desc`` of every evaluation the commands run, in order (the evaluations themselves still run)."""
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import densecache, usercli, userdata
 
     seen: list[str] = []
-    real = usercli._evaluate
+    real = userdata._evaluate
 
     def counting(model, dm, device, args, desc):
         seen.append(desc)
         return real(model, dm, device, args, desc)
 
-    monkeypatch.setattr(usercli, "_evaluate", counting)
+    for module in (densecache, usercli):  # the dense evaluation and the compressed model's
+        monkeypatch.setattr(module, "_evaluate", counting)
     return seen
 
 
@@ -125,7 +126,8 @@ def test_other_preprocessing_misses_the_cache(images, checkpoint, cache, evaluat
 
 
 def _entry(args: argparse.Namespace, pre: dict, device: str = "cpu", digest: str = "ab" * 32):
-    from lowrank_vit.harness.usercli import Source, _dense_cache_entry
+    from lowrank_vit.harness.densecache import _dense_cache_entry
+    from lowrank_vit.harness.sources import Source
 
     source = Source(torch.nn.Identity(), ARCH, f"timm {ARCH}, your checkpoint",
                     record={"timm_name": ARCH, "model_kwargs": KWARGS, "checkpoint_sha256": digest})
@@ -158,7 +160,8 @@ def test_the_cache_key_holds_everything_the_dense_top1_depends_on(images, cache,
 
 
 def test_random_weights_are_never_cached(images, cache):
-    from lowrank_vit.harness.usercli import Source, _dense_cache_entry
+    from lowrank_vit.harness.densecache import _dense_cache_entry
+    from lowrank_vit.harness.sources import Source
 
     args = argparse.Namespace(data=str(images), limit=None, train_split="train", val_split=None, image_column=None,
                               label_column=None)
@@ -199,13 +202,14 @@ def test_an_unwritable_cache_never_fails_compress(images, checkpoint, evaluation
 @pytest.fixture
 def no_model(monkeypatch) -> None:
     """Any model read fails the test: what these commands refuse must be refused before."""
-    from lowrank_vit.harness import usercli
+    from lowrank_vit.harness import finetunecli, usercli
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr(usercli, "load_source", never)
-    monkeypatch.setattr(usercli, "_directory_source", never)
+    monkeypatch.setattr(usercli, "_directory_source", never)  # export
+    monkeypatch.setattr(finetunecli, "_directory_source", never)
 
 
 def _argv(command: str, tmp_path: Path, data: str) -> list[str]:
@@ -235,7 +239,7 @@ def test_a_missing_data_path_is_refused_before_any_model_is_built(command, data,
 def test_dataset_names_are_not_taken_for_missing_paths(data, tmp_path, capsys, no_model, monkeypatch):
     """A name that may be a dataset reaches the model loading (here: the stand-in that fails the test), where the
     data module then decides."""
-    from lowrank_vit.harness.usercli import check_data_path
+    from lowrank_vit.harness.userdata import check_data_path
 
     monkeypatch.chdir(tmp_path)
     check_data_path(data)
@@ -317,7 +321,7 @@ def test_online_the_weights_are_left_to_timm(value, empty_hf_cache, build_marker
 
 def test_offline_weights_in_the_cache_pass(empty_hf_cache, build_marker, capsys, monkeypatch):
     """The cache in huggingface_hub's layout (refs/main names the snapshot holding the file): timm may load it."""
-    from lowrank_vit.harness.usercli import _hub_weights
+    from lowrank_vit.harness.sources import _hub_weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo, files, revision = _hub_weights("deit_tiny_patch16_224", {})
@@ -334,7 +338,7 @@ def test_offline_weights_in_the_cache_pass(empty_hf_cache, build_marker, capsys,
 
 def test_weights_from_elsewhere_are_not_checked(empty_hf_cache, monkeypatch):
     """A pretrained_cfg of the user's (--model-kwargs) or a tag timm does not have: timm decides, not this check."""
-    from lowrank_vit.harness.usercli import _check_offline_weights, _hub_weights
+    from lowrank_vit.harness.sources import _check_offline_weights, _hub_weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _hub_weights("deit_tiny_patch16_224", {"pretrained_cfg_overlay": {"file": "w.pth"}}) is None

@@ -21,7 +21,9 @@ from torch import nn
 
 from lowrank_vit.core.common import positive_int, strict_json
 from lowrank_vit.core.latency import LatencyTable, Timing
-from lowrank_vit.harness.usercli import UserError, _add_model, _input_size, _say, _timm_source, user_command
+from lowrank_vit.harness.sources import _timm_source
+from lowrank_vit.harness.userbase import UserError, _say, user_command
+from lowrank_vit.harness.usercli import _add_model, _input_size
 
 RUNTIME_CHOICES = ("torch", "torch.compile", "onnxruntime")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")

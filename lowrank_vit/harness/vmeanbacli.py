@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_vit.core.common import positive_int
-from lowrank_vit.harness.usercli import UserError
+from lowrank_vit.harness.userbase import UserError
 
 RECIPE = "vmeanba"
 
