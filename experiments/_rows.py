@@ -8,7 +8,6 @@ from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
 from lowrank_vit.harness.registry import (
-    ARCH_LABELS,
     Experiment,
     HardwareConfig,
     ModelConfig,
@@ -45,8 +44,6 @@ ARCHS = {a.key: a for a in (
     Arch("vmamba_s", "vmamba_small", 48_984_328, "VMamba-S", 4),
     Arch("vmamba_b", "vmamba_base", 86_558_056, "VMamba-B", 4),
 )}
-
-ARCH_LABELS.update({a.key: a.label for a in ARCHS.values()})
 
 FULL_CALIB, SMOKE_CALIB = 1024, 256
 FULL_FINETUNE = FinetuneConfig(epochs=20, lr=1e-4, batch_size=128)
@@ -129,7 +126,7 @@ def make_row(name: str, method: str, *, reduction: float | None = None, target_p
         method = f"vmeanba+{method}"
     return Experiment(name=name, table=table, arch=arch_key, method=method, full=full, smoke=smoke, paper=paper,
                       reduction=reduction if reduction is not None else (None if fraction is None else fraction),
-                      description=description, notes=notes)
+                      description=description, notes=notes, arch_label=arch.label)
 
 
 def count_note(arch_key: str, reduction: float, paper_params_m: float, tolerance_m: float = 0.05) -> tuple[str, ...]:

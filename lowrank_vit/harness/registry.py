@@ -34,8 +34,6 @@ TABLE_ORDER = ("table1", "table2", "table3", "table4", "ablation", "compare", "v
 """Listing order of the tables (others follow, in registration order)."""
 ENTRY_POINT_GROUP = "lowrank_vit.experiments"
 """Entry-point group whose modules register experiments when imported (each imports its own submodules)."""
-ARCH_LABELS: dict[str, str] = {}
-"""Architecture key -> the label results tables print ("deit_s" -> "DeiT-S"), filled by the experiment modules."""
 METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
                  "vanilla": "vanilla SVD + FT", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
                  "fwsvd": "FWSVD", "comcat": "COMCAT", "flar-svd": "FLAR-SVD", "svd-llm": "SVD-LLM",
@@ -286,6 +284,8 @@ class Experiment:
     description: str = ""
     notes: tuple[str, ...] = ()
     """Caveats shown beside the results, e.g. a paper count inconsistent with its own percentage."""
+    arch_label: str = ""
+    """How results tables print the architecture ("DeiT-S"); empty: the key itself."""
 
     def __post_init__(self) -> None:
         if self.name.count("/") != 2 or not all(self.name.split("/")):
@@ -341,9 +341,10 @@ def _ensure_loaded() -> None:
 
 
 def arch_label(arch: str) -> str:
-    """The label of an architecture key in results tables (the key itself when no experiment module names it)."""
+    """The label of an architecture key in results tables, as its registered rows give it (the key itself when
+    none does)."""
     _ensure_loaded()
-    return ARCH_LABELS.get(arch, arch)
+    return next((e.arch_label for e in _REGISTRY.values() if e.arch == arch and e.arch_label), arch)
 
 
 def method_label(method: str) -> str:
@@ -386,7 +387,6 @@ def tables() -> list[str]:
 
 
 __all__ = [
-    "ARCH_LABELS",
     "METHOD_LABELS",
     "Experiment",
     "HardwareConfig",

@@ -142,6 +142,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Register the four commands on ``lowrank-vit``'s subparsers; returns their handlers by name."""
+    for add in (_add_compress, _add_evaluate, _add_finetune, _add_export):  # the order --help lists them in
+        add(sub)
+    return {"compress": cmd_compress, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "export": cmd_export}
+
+
+def _add_compress(sub: Any) -> None:
     from lowrank_vit.config import RECIPES
     from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
     from lowrank_vit.harness.speedcli import add_compress_latency_options
@@ -189,6 +195,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     _add_preprocessing(p)
     _add_common(p)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="top-1/top-5, parameters, MiB and latency of a model")
     _add_model(p, "MODEL_OR_DIR")
     _add_data(p)
@@ -207,6 +215,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
                    help="the precision timed (the accuracy is measured in float32)")
     _add_common(p)
 
+
+def _add_finetune(sub: Any) -> None:
     p = sub.add_parser("finetune", help="partial fine-tune of a model directory into a new one (resumable)")
     p.add_argument("model", metavar="DIR", help="a model directory written by compress")
     _add_data(p)
@@ -233,6 +243,8 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--force", action="store_true", help="replace an existing model directory at --output")
     _add_common(p)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export a model directory (ONNX, dynamic batch axis)")
     p.add_argument("model", metavar="DIR", help="a model directory")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="the file format (onnx, the only one yet)")
@@ -244,7 +256,6 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime against PyTorch")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    return {"compress": cmd_compress, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "export": cmd_export}
 
 
 # ---------------------------------------------------------------------------------------------------- compress
@@ -302,12 +313,11 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
 
 @user_command
 def cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank_vit.harness.speedcli import measured_latency, resolve_latency_table
-    from lowrank_vit.harness.vmeanbacli import check_vmeanba, summary_line, vmeanba_config
-    from lowrank_vit.io.surgery import check_rebuildable
+    from lowrank_vit.harness.speedcli import measured_latency
+    from lowrank_vit.harness.vmeanbacli import vmeanba_config
     from lowrank_vit.methods.vmeanba import apply_vmeanba
     from lowrank_vit.nn.adapters import count_params
-    from lowrank_vit.pipeline import check_target, compress
+    from lowrank_vit.pipeline import compress
 
     device = resolve_device(args.device)
     vmeanba = vmeanba_config(args)  # bad options fail before anything is loaded
@@ -317,22 +327,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_data_path(args.data)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    source = load_source(args)
-    if vmeanba is not None:
-        check_vmeanba(source.model, vmeanba)
-    if cfg is not None and cfg.latency_table is not None:
-        cfg = dataclasses.replace(cfg, latency_table=resolve_latency_table(args, source.model, source.architecture,
-                                                                           device.type))
-    try:  # an unreachable target or an already compressed model, before the data and the dense evaluation
-        if cfg is not None:
-            check_target(source.model, cfg)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    try:  # before any calibration: a model that cannot be written and read back would cost the whole run
-        check_rebuildable(source.model)
-    except ValueError as err:
-        raise UserError(f"cannot compress {args.model}: its compressed form could not be saved and loaded again "
-                        f"({err})") from None
+    source, cfg = _compressible_source(args, cfg, vmeanba, device)
     pre, origin = resolve_model_preprocessing(source, args)
     _say(args, describe_preprocessing(pre, origin))
     model = source.model.to(device).eval()
@@ -392,21 +387,59 @@ def cmd_compress(args: argparse.Namespace) -> int:
         publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    line = (f"{out}: {params_before:,} -> {params_after:,} parameters "
-            f"(-{100 * summary['reduction']:.1f}%), {mib_before:.1f} -> {summary['size_mib']['after']:.1f} MiB")
-    if vreport is not None:
-        line += summary_line(vreport)
+    print(_compress_line(out, summary))
+    return 0
+
+
+def _compressible_source(args: argparse.Namespace, cfg: Any, vmeanba: Any, device: torch.device) -> tuple[Any, Any]:
+    """The model ``compress`` starts from, with everything that can refuse it checked before any data is read: the
+    VMeanba options against its blocks, the latency table (profiled now if asked for), the target's reach, an
+    already compressed model, and whether its compressed form could be saved and loaded. Returns it and the config
+    with the latency table's path filled in."""
+    from lowrank_vit.harness.speedcli import resolve_latency_table
+    from lowrank_vit.harness.vmeanbacli import check_vmeanba
+    from lowrank_vit.io.surgery import check_rebuildable
+    from lowrank_vit.pipeline import check_target
+
+    source = load_source(args)
+    if vmeanba is not None:
+        check_vmeanba(source.model, vmeanba)
+    if cfg is not None and cfg.latency_table is not None:
+        cfg = dataclasses.replace(cfg, latency_table=resolve_latency_table(args, source.model, source.architecture,
+                                                                           device.type))
+    try:  # an unreachable target or an already compressed model, before the data and the dense evaluation
+        if cfg is not None:
+            check_target(source.model, cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    try:  # before any calibration: a model that cannot be written and read back would cost the whole run
+        check_rebuildable(source.model)
+    except ValueError as err:
+        raise UserError(f"cannot compress {args.model}: its compressed form could not be saved and loaded again "
+                        f"({err})") from None
+    return source, cfg
+
+
+def _compress_line(out: Path, summary: dict[str, Any]) -> str:
+    """The one line ``compress`` prints: sizes, the scans switched, top-1 before and after, the speedup."""
+    from lowrank_vit.harness.vmeanbacli import summary_line
+
+    params, accuracy, latency = summary["params"], summary["accuracy"], summary["latency"]
+    line = (f"{out}: {params['before']:,} -> {params['after']:,} parameters "
+            f"(-{100 * summary['reduction']:.1f}%), {summary['size_mib']['before']:.1f} -> "
+            f"{summary['size_mib']['after']:.1f} MiB")
+    if "vmeanba" in summary:
+        line += summary_line(summary["vmeanba"])
     if "before" in accuracy:
         line += f", top-1 {accuracy['before']['top1']:.2f} -> {accuracy['after']['top1']:.2f}%"
     elif "after" in accuracy:
         line += f", top-1 {accuracy['after']['top1']:.2f}% compressed (dense not evaluated)"
-    if summary["latency"]:
-        line += f", {summary['latency']['predicted_speedup']:.2f}x predicted"
-        if "measured_speedup" in summary["latency"]:
-            line += f" / {summary['latency']['measured_speedup']:.2f}x measured"
-        line += f" at batch {summary['latency']['batch']}"
-    print(line)
-    return 0
+    if latency:
+        line += f", {latency['predicted_speedup']:.2f}x predicted"
+        if "measured_speedup" in latency:
+            line += f" / {latency['measured_speedup']:.2f}x measured"
+        line += f" at batch {latency['batch']}"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
