@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from lowrank_vit.harness.runner import SetupError, reproduce
+    from lowrank_vit.harness.models import SetupError
+    from lowrank_vit.harness.runner import reproduce
 
     recipe = Recipe(epochs=args.epochs)
     output = Path(args.output)

@@ -12,7 +12,7 @@ Z, their own fine-tuning); Table 2's "vanilla SVD + FT" (plain SVD, uniform rank
 vanilla-svd-ft-40`` and ``ablation/.../vanilla-svd-ft-<50|60>``.
 
 ``lowrank-vit reproduce compare`` writes ``compare.md`` as one grid (rows: method with/without FT; columns:
-architecture x reduction), see :func:`lowrank_vit.harness.runner.compare_markdown`.
+architecture x reduction), see :func:`lowrank_vit.harness.tables.compare_markdown`.
 """
 
 from __future__ import annotations

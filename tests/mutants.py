@@ -269,7 +269,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "    pre = resolve_preprocessing(source.model, overrides={**carried, **user})",
            "    pre = resolve_preprocessing(source.model, overrides={**user, **carried})", ("tests/test_usercli.py",),
            "what the weights carry winning over the user's flags"),
-    Mutant("lowrank_vit/harness/runner.py", "    if dense_top1 >= BASELINE_GUARD_FRACTION * top1:",
+    Mutant("lowrank_vit/harness/baseline.py", "    if dense_top1 >= BASELINE_GUARD_FRACTION * top1:",
            "    if dense_top1 >= 0.1 * top1:", ("tests/test_baseline_guard.py",),
            "the dense-baseline guard at a tenth of the paper's top-1 instead of half"),
     Mutant("lowrank_vit/harness/overrides.py", "        if len(path) > 2:  # into a dict field",

@@ -13,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from lowrank_vit.harness.runner import SetupError, load_checkpoint_
+from lowrank_vit.harness.models import SetupError, load_checkpoint_
 from lowrank_vit.io.checkpoints import read_state_dict
 from lowrank_vit.io.convert import ConversionError, checkpoint_kwargs, detect_layout, merge_kwargs, to_timm
 

@@ -238,7 +238,7 @@ def _row(**fields) -> dict:
 
 
 def test_smoke_table_compares_with_its_own_baseline():
-    from lowrank_vit.harness.runner import markdown_table
+    from lowrank_vit.harness.tables import markdown_table
 
     text = markdown_table("table2", "smoke", [_row(), _row(name="table2/deit_s/vanilla-svd-ft-40", residual=2e-3)])
     header = next(line for line in text.splitlines() if line.startswith("| row"))

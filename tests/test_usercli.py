@@ -607,13 +607,13 @@ def test_bad_preprocessing_flags(workdir, tmp_path, capsys, flags, needle):
 
 
 def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsys, monkeypatch):
-    from lowrank_vit.harness import runner
+    from lowrank_vit.harness import models
 
     def offline(*args, **kwargs):
-        raise runner.SetupError("cannot load timm's pretrained weights for x (offline): run once with network "
+        raise models.SetupError("cannot load timm's pretrained weights for x (offline): run once with network "
                                 "access, unset HF_HUB_OFFLINE, or use --scale smoke")
 
-    monkeypatch.setattr(runner, "build_model", offline)
+    monkeypatch.setattr(models, "build_model", offline)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline, weights not in the cache are refused earlier
     code, _, err = _run(capsys, "evaluate", ARCH, "--data", workdir / "imgs", "--quiet")
     _assert_one_line_error(code, err, "--no-pretrained")
@@ -680,7 +680,7 @@ def test_unreachable_pretrained_weights_are_one_line_cut_at_a_word(monkeypatch):
     """timm's error (huggingface_hub's: long, several sentences) is quoted on the one line, shortened at a word."""
     import timm
 
-    from lowrank_vit.harness import runner
+    from lowrank_vit.harness import models
     from lowrank_vit.harness.registry import ModelConfig
 
     def offline(*args, **kwargs):
@@ -689,8 +689,8 @@ def test_unreachable_pretrained_weights_are_one_line_cut_at_a_word(monkeypatch):
                       "on.\nsecond line")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(runner.SetupError) as info:
-        runner.build_model(ModelConfig("timm", "vit_tiny_patch16_224", pretrained=True))
+    with pytest.raises(models.SetupError) as info:
+        models.build_model(ModelConfig("timm", "vit_tiny_patch16_224", pretrained=True))
     message = str(info.value)
     assert "\n" not in message and "second line" not in message
     assert "try again or make sure your...)" in message  # not inside a word
@@ -795,20 +795,18 @@ def test_a_failed_publish_puts_the_previous_model_back(tmp_path, monkeypatch, ex
 
 def test_reports_and_json_output_are_strict_json(tmp_path):
     """A NaN or infinite figure (an error that overflowed, a latency that was not timed) is written as null:
-    json.dumps alone writes a bare NaN, which jq and browsers refuse."""
-    from lowrank_vit.core.common import strict_json
-    from lowrank_vit.harness import runner
-    from lowrank_vit.harness.outputs import _write_json
+    json.dumps alone writes a bare NaN, which jq and browsers refuse. One writer serves reports, the registry's
+    results and tables, and the resume record."""
+    from lowrank_vit.core.common import strict_json, write_json
 
     data = {"error": float("nan"), "layers": [{"rank": 3, "error": float("inf")}], "t": (1.5, -float("inf")),
             "path": tmp_path, "device": torch.device("cpu")}
-    _write_json(tmp_path / "r.json", data)
-    strict = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    write_json(tmp_path / "new" / "r.json", data)  # its folder made too
+    strict = json.loads((tmp_path / "new" / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert strict == {"error": None, "layers": [{"rank": 3, "error": None}], "t": [1.5, None],
                       "path": str(tmp_path), "device": "cpu"}
     assert json.loads(strict_json(data)) == strict
-    runner._write_json(tmp_path / "result.json", data)  # the registry's results and tables: the same rule
-    assert json.loads((tmp_path / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == strict
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["r.json"]  # no temporary file left beside it
     with pytest.raises(TypeError, match="not JSON-serializable: object"):
         strict_json({"x": object()})
 
@@ -1119,7 +1117,7 @@ def test_the_teacher_is_the_recorded_dense_model_and_must_have_the_students_clas
     import timm
     from safetensors.torch import load_file
 
-    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.harness.models import checkpoint_digest
     from lowrank_vit.harness.sources import Source, load_teacher
     from lowrank_vit.harness.userbase import UserError
 

@@ -287,12 +287,12 @@ def empty_hf_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def build_marker(monkeypatch) -> None:
     """timm is never asked to build the model: reaching it shows as a SetupError naming this marker."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.harness import models
 
     def build(*args, **kwargs):
-        raise runner.SetupError("BUILD-REACHED")
+        raise models.SetupError("BUILD-REACHED")
 
-    monkeypatch.setattr(runner, "build_model", build)
+    monkeypatch.setattr(models, "build_model", build)
 
 
 @pytest.mark.parametrize("value", ["1", "yes", "True", "ON"])

@@ -396,8 +396,10 @@ def test_a_registry_row_runs_vmeanba_saves_it_and_the_saved_model_scores_what_th
     """The smoke scale's stand-in (random weights here: no pretraining in a test) through `lowrank-vit run`'s driver:
     the K blocks of least impact by the run's own scores are switched, the table shows them, and the saved model
     has exactly those blocks switched and scores the recorded top-1."""
+    from lowrank_vit.harness.models import build_model
     from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import MODEL_DIR, build_model, evaluate, render_table, run_row
+    from lowrank_vit.harness.runner import MODEL_DIR, evaluate, run_row
+    from lowrank_vit.harness.tables import render_table
     from lowrank_vit.io.surgery import load_compressed
     from lowrank_vit.methods.vmeanba import scan_blocks
     from lowrank_vit.stages.data import build_datamodule
@@ -451,7 +453,7 @@ def test_switching_scans_for_a_timing_restores_each_ones_own_setting_even_after_
 
 def test_rows_sharing_a_caveat_share_its_footnote(tmp_path):
     from lowrank_vit.harness.registry import list_experiments
-    from lowrank_vit.harness.runner import render_table
+    from lowrank_vit.harness.tables import render_table
 
     rows = list_experiments("vmeanba/vmamba_t/*")
     text = render_table("vmeanba", rows, "smoke", tmp_path)

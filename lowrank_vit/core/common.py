@@ -192,6 +192,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as strict, indented JSON (:func:`strict_json`) at ``path``, written whole or not at all
+    (:func:`atomic_write`); the parent folders are made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(strict_json(data, indent=2) + "\n"))
+
+
 def _umask() -> int:
     """The process's umask (read by setting it, so set it straight back)."""
     mask = os.umask(0)

@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from lowrank_vit.harness.models import SetupError
     from lowrank_vit.harness.registry import UnknownExperimentError
-    from lowrank_vit.harness.runner import SetupError
     from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
     from lowrank_vit.stages.logging_utils import silence_third_party
 

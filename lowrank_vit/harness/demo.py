@@ -230,7 +230,7 @@ def plot_ranks(methods: dict[str, list[dict[str, Any]]], path: Path, title: str)
 
 def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overrides: Iterable[str] = ()) -> list[Path]:
     """The three PNGs; the allocation and error figures come from the first "ours" row that finished."""
-    from lowrank_vit.harness.runner import build_model
+    from lowrank_vit.harness.models import build_model
     from lowrank_vit.stages.data import build_datamodule
 
     paths = []

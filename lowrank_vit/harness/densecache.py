@@ -38,7 +38,7 @@ def _weights_sha256(source: Source) -> str | None:
     """The content digest of the file the weights were read from (a --checkpoint, a model directory's weights), or
     None where no file holds them: random weights, or timm's pretrained ones, whose classifier timm draws anew when
     --model-kwargs change the class count. Only the former's accuracy is cached."""
-    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.harness.models import checkpoint_digest
     from lowrank_vit.io.surgery import WEIGHTS_FILE
 
     if source.record.get("checkpoint_sha256"):

@@ -180,7 +180,7 @@ def count_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSh
 
 @functools.lru_cache(maxsize=16)
 def _shapes(source: str, name: str, kwargs_json: str) -> ModelShapes:
-    from lowrank_vit.harness.runner import build_model, input_shape
+    from lowrank_vit.harness.models import build_model, input_shape
 
     with torch.device("meta"):  # shapes only: no weights are drawn or downloaded
         model = build_model(ModelConfig(source, name, pretrained=False, kwargs=json.loads(kwargs_json)),

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowrank_vit.harness.outputs import _layers, _staging, _write_json, check_output_dir, publish, write_model_dir
+from lowrank_vit.core.common import write_json
+from lowrank_vit.harness.outputs import _layers, _staging, check_output_dir, publish, write_model_dir
 from lowrank_vit.harness.preprocessing import describe_preprocessing, resolve_model_preprocessing
 from lowrank_vit.harness.sources import _directory_source, load_teacher
 from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
@@ -115,7 +116,7 @@ def _resume_note(checkpoints: Path, every: int) -> str:
 def _finetune_run(args: argparse.Namespace, directory: Path, config: Any) -> dict[str, Any]:
     """What makes two fine-tune commands the same run: the input's weights, the data and the settings, but not
     where it stops (``--epochs``, ``--max-steps``: a run may be resumed to go further, as Lightning allows)."""
-    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.harness.models import checkpoint_digest
     from lowrank_vit.io.surgery import WEIGHTS_FILE
 
     data = Path(str(args.data)).expanduser()
@@ -145,7 +146,7 @@ def _resume_or_start(args: argparse.Namespace, stage: Path, run: dict[str, Any])
         _say(args, f"resuming from {last}")
         return
     stage.mkdir(parents=True, exist_ok=True)
-    _write_json(record, run)
+    write_json(record, run)
 
 
 def _read_report(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_vit.core.common import strict_json
+from lowrank_vit.core.common import strict_json, write_json
 from lowrank_vit.harness.userbase import UserError
 
 
@@ -115,17 +115,13 @@ def publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(strict_json(data, indent=2) + "\n")
-
-
 def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Weights and plan, report.json, the ranks figure and the model card, into ``stage``."""
     from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE, plot_ranks, render_card
     from lowrank_vit.io.surgery import save_compressed
 
     save_compressed(model.cpu(), stage, metadata=json.loads(strict_json(metadata)))
-    _write_json(stage / REPORT_FILE, report)
+    write_json(stage / REPORT_FILE, report)
     plot_ranks(report, stage / RANKS_FIGURE)
     (stage / CARD_FILE).write_text(render_card(report, report.get("name") or stage.name))
 

@@ -135,7 +135,7 @@ class RunOptions:
 
     skip_baseline_guard: bool = False
     """Compress a full-scale row even when the dense model's top-1 is under half the paper's baseline (see
-    :func:`lowrank_vit.harness.runner.check_dense_baseline`): for weights or data that are meant to differ from the
+    :func:`lowrank_vit.harness.baseline.check_dense_baseline`): for weights or data that are meant to differ from the
     paper's."""
 
     def __post_init__(self) -> None:

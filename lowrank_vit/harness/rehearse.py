@@ -182,7 +182,7 @@ def _labelled_features(dataset: Any) -> Any:
 def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> None:
     """``pre`` (a data module's, or the one a run recorded) is timm's pretrained config of the model's tagged name
     at the model's input shape."""
-    from lowrank_vit.harness.runner import input_shape
+    from lowrank_vit.harness.models import input_shape
 
     cfg = model.pretrained_cfg
     for key in ("mean", "std", "interpolation", "crop_pct"):
@@ -199,7 +199,7 @@ def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> No
 def check_data(model: nn.Module, dm: Any) -> None:
     """What the data module hands calibration, fine-tuning and evaluation: timm's pretrained preprocessing, images
     of the model's input shape, the head's class count and class order."""
-    from lowrank_vit.harness.runner import head_classes, input_shape
+    from lowrank_vit.harness.models import head_classes, input_shape
 
     check_preprocessing(model, dm.preprocessing, "the data module")
     shape = input_shape(model)
@@ -270,7 +270,7 @@ def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, devi
 
 def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
     """The results table of the row's table renders it with its measured top-1."""
-    from lowrank_vit.harness.runner import render_table
+    from lowrank_vit.harness.tables import render_table
 
     text = render_table(exp.table, [exp], "full", out)
     _check(f"{result['top1']:.2f}" in text and "Not run yet" not in text,
@@ -297,8 +297,9 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     from safetensors.torch import save_file
 
     from lowrank_vit.core.allocate import get_policy
+    from lowrank_vit.harness.models import input_shape
     from lowrank_vit.harness.registry import RunConfig
-    from lowrank_vit.harness.runner import input_shape, read_result
+    from lowrank_vit.harness.runner import read_result
     from lowrank_vit.stages.data import build_datamodule
 
     cfg = exp.full

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import datetime as _dt
 import fnmatch
-import functools
 import hashlib
 import json
 import math
@@ -23,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -34,17 +32,30 @@ import torch
 from torch import nn
 
 from lowrank_vit.config import resolve_gram_precision
-from lowrank_vit.core.common import smooth_images, strict_json
+from lowrank_vit.core.common import write_json
+from lowrank_vit.harness.baseline import check_dense_baseline
+from lowrank_vit.harness.models import (
+    SetupError,
+    _num_classes,
+    build_model,
+    check_classes,
+    checkpoint_digest,
+    input_shape,
+    resolve_device,
+    synthetic_images,
+    synthetic_labelled,
+)
 from lowrank_vit.harness.registry import (
     Experiment,
     ModelConfig,
     RunConfig,
-    arch_label,
-    get_experiment,
     list_experiments,
-    method_label,
 )
-from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
+from lowrank_vit.harness.tables import (
+    render_table,
+    write_table,
+)
+from lowrank_vit.nn.adapters import count_params
 from lowrank_vit.stages.finetune_config import check_precision_on
 
 RESULT_FILE = "result.json"
@@ -56,10 +67,6 @@ and the directory of the compressed model they load instead of compressing (:fun
 WANDB_MODES = ("online", "offline", "disabled")
 DENSE_DIR = ".dense"
 """Under the output directory: the starting models' accuracies, shared by the rows (see ``_dense_accuracy``)."""
-
-
-class SetupError(RuntimeError):
-    """Something the run needs is missing (weights, data, a device); the message says how to provide it."""
 
 
 def row_config(exp: Experiment, scale: str, overrides: Iterable[str] = ()) -> RunConfig:
@@ -79,169 +86,6 @@ def default_output(scale: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- models and inputs
-
-
-def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
-    """The row's starting network, in eval mode.
-
-    Raises:
-        SetupError: timm's pretrained weights cannot be fetched (offline, no cache).
-        ValueError: unknown model or stand-in name.
-    """
-    if cfg.source == "standin":
-        from lowrank_vit.harness.standins import build_standin
-
-        return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
-    from lowrank_vit.nn.adapters import timm_with_our_models
-    from lowrank_vit.nn.vssm import NoPretrainedWeightsError
-
-    timm = timm_with_our_models()
-
-    if not timm.is_model(cfg.name.split(".")[0]):
-        raise ValueError(f"timm has no model {cfg.name!r}")
-    if cfg.checkpoint is not None:
-        return load_checkpoint_(timm.create_model(cfg.name, pretrained=False, **cfg.kwargs), cfg.checkpoint).eval()
-    try:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
-    except NoPretrainedWeightsError as err:
-        raise SetupError(f"{cfg.name} has no trained weights here (none ship for this library's implementation, "
-                         "lowrank_vit/nn/vssm.py): pass a safetensors checkpoint in its layout with --set "
-                         "model.checkpoint=PATH, or use --scale smoke") from err
-    except (OSError, RuntimeError, ValueError) as err:
-        if not cfg.pretrained:
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        first = textwrap.shorten(first, 160, placeholder="...")  # at a word, not inside one
-        raise SetupError(
-            f"cannot load timm's pretrained weights for {cfg.name} ({first}): run once with network access "
-            f"(they are cached in the Hugging Face cache, HF_HOME), unset HF_HUB_OFFLINE, or use --scale smoke"
-        ) from err
-    return model.eval()
-
-
-def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a state dict into ``model`` in place, strictly (every key, every shape): a safetensors file, or a PyTorch
-    ``torch.save`` file read weights-only (never a full unpickle), unwrapped as :func:`io.checkpoints.read_state_dict`
-    says.
-
-    Raises:
-        SetupError: the file is missing, is not a state dict, or does not fit the model.
-    """
-    from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SetupError(f"model checkpoint {str(path)!r} does not exist: give model.checkpoint= a safetensors or "
-                         f"PyTorch file of the model's weights (e.g. save_file(model.state_dict(), PATH))")
-    try:
-        tensors, notes = read_state_dict(path)
-    except CheckpointError as err:
-        raise SetupError(f"model checkpoint {err}") from None
-    from lowrank_vit.io.convert import ConversionError, to_timm
-
-    try:  # torchvision's or transformers' ViT keys to timm's
-        converted = to_timm(tensors)
-    except ConversionError as err:
-        raise SetupError(f"model checkpoint {str(path)!r}: {err}") from None
-    done = "" if converted.layout == "timm" else f", converted from {converted.layout}" + "".join(
-        f"; {note}" for note in converted.notes)
-    tensors = converted.state_dict
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        read = f", read with {' and '.join(notes)}" if notes else ""
-        raise SetupError(f"model checkpoint {str(path)!r} does not fit {type(model).__name__} with these model.kwargs "
-                         f"({'; '.join(parts)}{read}{done})")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise SetupError(f"model checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])})")
-    model.load_state_dict(tensors, strict=True)
-    return model
-
-
-def checkpoint_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a checkpoint file: recorded with each result, so that a retrained checkpoint reruns its rows.
-    Computed once per process for a file of unchanged size and modification time (a row checks a finished result
-    and then records the digest of its own run)."""
-    path = Path(path).expanduser().resolve()
-    stat = path.stat()
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) the model takes (3 x 224 x 224 where its modules do not say)."""
-    channels, size = TimmViTAdapter().input_shape(model)
-    size = size or (224, 224)
-    return int(channels or 3), int(size[0]), int(size[1])
-
-
-def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    """``n`` smooth random images (low-frequency noise upsampled), so patch tokens correlate as in real images;
-    enough to exercise calibration and allocation without any data."""
-    g = torch.Generator().manual_seed(seed)
-    return [smooth_images(min(batch_size, n - start), shape, g) for start in range(0, n, batch_size)]
-
-
-def synthetic_labelled(batches: list[torch.Tensor], num_classes: int,
-                       seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images, labels)`` pairs with uniformly random labels, for methods whose calibration needs labels (FWSVD's
-    Fisher information) when planning on synthetic images."""
-    g = torch.Generator().manual_seed(seed)
-    return [(images, torch.randint(num_classes, (images.shape[0],), generator=g)) for images in batches]
-
-
-def _num_classes(model: nn.Module) -> int:
-    classes = getattr(model, "num_classes", None)
-    if isinstance(classes, int) and classes > 0:
-        return classes
-    raise ValueError(f"{type(model).__name__} states no num_classes; cannot make synthetic labels")
-
-
-def head_classes(model: nn.Module) -> int | None:
-    """How many classes the model's head predicts (None when it states none)."""
-    classes = getattr(model, "num_classes", None)
-    if isinstance(classes, int) and classes > 0:
-        return classes
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    return head.out_features if isinstance(head, nn.Linear) else None
-
-
-def check_classes(model: nn.Module, num_classes: int, where: str) -> None:
-    """The data's labels must fit the model's head; checked before the calibration pass, which would otherwise
-    run for minutes and then fail deep in the loss with "Target N is out of bounds".
-
-    Raises:
-        SetupError: the data has more classes (or a label at or above the head's size) than the head predicts.
-    """
-    classes = head_classes(model)
-    if classes is not None and num_classes > classes:
-        raise SetupError(f"{where} has {num_classes} classes (labels 0..{num_classes - 1}) but the model's head "
-                         f"predicts {classes}: use a model with num_classes={num_classes} (e.g. --set "
-                         f"'model.kwargs={{\"num_classes\": {num_classes}}}' with your checkpoint) or data with at "
-                         f"most {classes} classes")
-
-
-def resolve_device(accelerator: str) -> torch.device:
-    """The device of this process: the local rank's GPU under DDP."""
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if accelerator == "gpu":
-            raise SetupError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # --------------------------------------------------------------------------------------------------------- plan
@@ -422,15 +266,8 @@ def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
     except (OSError, ValueError):
         pass  # not there yet, or damaged: evaluate again
     value = evaluate_dense()
-    _write_json(path, value)
+    write_json(path, value)
     return value
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes writing one file never share a tmp
-    tmp.write_text(strict_json(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
@@ -588,7 +425,9 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
             model, eval_loader, device, progress, "evaluate dense"))
         stage("evaluate_dense", t)
         if scale == "full" and compresses and not cfg.run.skip_baseline_guard:
-            check_dense_baseline(exp, cfg, result["dense"]["top1"])
+            note = check_dense_baseline(exp, cfg, result["dense"]["top1"])
+            if note:
+                _say(True, note)
     # the fine-tune's distillation target: the model as built, before compression (every DDP rank built it the same)
     teacher = copy.deepcopy(model).eval() if cfg.finetune is not None and cfg.finetune.distill > 0 else None
     report = None
@@ -671,54 +510,10 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
         logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
                            {f"result/seconds_{k}": v for k, v in seconds.items()})
         finish(logger)
-    _write_json(out_dir / RESULT_FILE, result)
+    write_json(out_dir / RESULT_FILE, result)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
     _say(progress, f"{exp.name}: done in {seconds['total']:.0f} s -> {out_dir / RESULT_FILE}")
     return result
-
-
-BASELINE_GUARD_FRACTION = 0.5
-"""A full-scale row stops before compressing when its dense top-1 is under this fraction of the paper's baseline."""
-
-
-class BaselineGuardError(SetupError):
-    """The dense model scores far below the paper's baseline: the data or the weights are not what the row needs."""
-
-
-def paper_baseline(cfg: RunConfig, table: str | None = None) -> tuple[str, float] | None:
-    """The paper's dense top-1 for ``cfg``'s starting weights: the registry's baseline row (unquantized, no
-    compression) whose full-scale model is the same timm model, preferring ``table``'s own. Returns the row's name
-    and its top-1, or None when the paper reports no baseline for that model (ViT-L) or the weights are random. A
-    ``model.checkpoint`` of that model is held to the same baseline: the guard is there to catch wrong weights."""
-    if cfg.model.source != "timm" or (cfg.model.checkpoint is None and not cfg.model.pretrained):
-        return None
-    candidates = [e for e in list_experiments() if e.method == "baseline" and e.paper.top1 is not None
-                  and e.full.quantization is None and e.full.model.name == cfg.model.name]
-    candidates.sort(key=lambda e: e.table != table)  # stable: the row's own table first, then registration order
-    return (candidates[0].name, float(candidates[0].paper.top1)) if candidates else None
-
-
-def check_dense_baseline(exp: Experiment, cfg: RunConfig, dense_top1: float) -> None:
-    """Stop a full-scale row whose dense model scores under half the paper's baseline, before hours of calibration
-    and fine-tuning: a wrong class order, preprocessing or weights gives a near-zero top-1 without any error.
-
-    Raises:
-        BaselineGuardError: names the likely causes and the override (``--set run.skip_baseline_guard=true``).
-    """
-    reference = paper_baseline(cfg, exp.table)
-    if reference is None:
-        _say(True, f"{exp.name}: the paper reports no dense top-1 for {cfg.model.name}; the baseline guard is off")
-        return
-    row, top1 = reference
-    if dense_top1 >= BASELINE_GUARD_FRACTION * top1:
-        return
-    data = cfg.data.path or cfg.data.name
-    raise BaselineGuardError(
-        f"{exp.name}: the dense {cfg.model.name} scores {dense_top1:.2f}% top-1 on {data!r}, under half the paper's "
-        f"{top1:.2f}% ({row}); likely causes: the data's class order differs from the pretrained head's (ImageNet's "
-        f"synset order n01440764...n15075141, labels 0..999), wrong preprocessing (mean/std, crop_pct, "
-        f"interpolation, input size), or wrong weights (model.checkpoint, model.name); stopped before compressing. "
-        f"If this is intended, pass --set run.skip_baseline_guard=true")
 
 
 def _preprocessing_record(preprocessing: dict[str, Any]) -> dict[str, Any]:
@@ -819,278 +614,15 @@ def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, outp
     return data
 
 
-def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
-    """Paper and measured numbers of one row side by side (measured fields None when the row has not run)."""
-    paper = exp.paper
-    get = (result or {}).get
-    measured_params = get("params")
-    row = {"name": exp.name, "arch": exp.arch, "method": exp.method, "reduction": exp.reduction,
-           "paper_params_m": paper.params_m, "params_m": None if measured_params is None else measured_params / 1e6,
-           "paper_top1": paper.top1, "top1": get("top1"), "top5": get("top5"),
-           "top1_compressed": (get("compressed") or {}).get("top1"), "top1_dense": (get("dense") or {}).get("top1"),
-           "paper_size_mib": paper.size_mib, "size_mib": get("size_mib"),
-           "paper_residual": paper.residual, "residual": _finite(get("residual_error")), "notes": list(exp.notes),
-           "setup": _setup_label(get("config") or {}), "finished": result is not None}
-    vmeanba = get("vmeanba") or {}  # a state-space model's switched blocks and the speedups measured with them
-    row.update(vmeanba_blocks=len(vmeanba["chosen"]) if "chosen" in vmeanba else None,
-               vmeanba_kl=vmeanba.get("kl"), scan_speedup=vmeanba.get("scan_speedup"),
-               model_speedup=vmeanba.get("measured_speedup"))
-    for key in ("params_m", "top1", "size_mib", "residual"):
-        ours, theirs = row[key], row[f"paper_{key}"]
-        row[f"diff_{key}"] = None if ours is None or theirs is None else ours - theirs
-    # against the row's own starting model: what a smoke-scale row can be compared with
-    row["diff_top1_dense"] = None if row["top1"] is None or row["top1_dense"] is None else \
-        row["top1"] - row["top1_dense"]
-    return row
-
-
-def _finite(value: float | None) -> float | None:
-    """None for a missing or non-finite number (older results stored an undefined mean as NaN)."""
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _setup_label(config: dict[str, Any]) -> str | None:
-    """"stand-in deit_s on mnist-5k", "deit_small_patch16_224 (model.safetensors) on cifar10": what a row ran on."""
-    model, data = config.get("model") or {}, config.get("data") or {}
-    if not model:
-        return None
-    what = f"stand-in {model.get('name')}" if model.get("source") == "standin" else str(model.get("name"))
-    if model.get("checkpoint"):
-        what += f" ({Path(model['checkpoint']).name})"
-    where = Path(data["path"]).name if data.get("path") else data.get("name")
-    return f"{what} on {where}"
-
-
-def write_table(table: str, exps: list[Experiment], scale: str, output: Path) -> dict[str, Any]:
-    """Write ``output/TABLE.json`` and ``output/TABLE.md``: every row's paper and measured numbers and their
-    difference. At smoke scale the measured numbers are MNIST stand-ins: only their ordering compares."""
-    data, text = _table(table, exps, scale, output)
-    _write_json(output / f"{table}.json", data)
-    (output / f"{table}.md").write_text(text)
-    return data
-
-
-def render_table(table: str, exps: list[Experiment], scale: str, output: Path) -> str:
-    """The markdown of :func:`write_table` for ``exps`` alone (``reproduce --rows``), without writing anything."""
-    return _table(table, exps, scale, output)[1]
-
-
-def _table(table: str, exps: list[Experiment], scale: str, output: Path) -> tuple[dict[str, Any], str]:
-    rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
-    if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row
-        for row, exp in zip(rows, exps, strict=True):
-            row["finetune"] = exp.config(scale).finetune is not None
-        data = {"table": table, "scale": scale, **compare_grid(rows), "rows": rows}
-        text = compare_markdown(scale, data)
-    else:
-        data = {"table": table, "scale": scale, "rows": rows}
-        text = markdown_table(table, scale, rows)
-    return data, text
-
-
-def _fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
-    if value is None:
-        return "—"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def _times(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
-
-
-def _sci(value: float | None) -> str:
-    """A residual error: scientific notation, so that 4e-05 and 2e-03 do not both print as 0.000."""
-    return "—" if value is None else f"{value:.2e}"
-
-
-def markdown_table(table: str, scale: str, rows: list[dict[str, Any]]) -> str:
-    """One line per row. Full scale: measured beside the paper, with their differences (a reproduction). Smoke
-    scale: the stand-ins are not the paper's models and MNIST is not ImageNet, so a row is compared with its own
-    starting model ("Δ vs dense") and the paper's figures stand beside it without a difference."""
-    smoke = scale == "smoke"
-    show_size = any(r["paper_size_mib"] is not None for r in rows)
-    show_residual = any(r["paper_residual"] is not None or r["residual"] is not None for r in rows)
-    if smoke:
-        header = ["row", "params (paper)", "params", "top-1 (paper)", "dense top-1", "top-1 before FT", "top-1",
-                  "Δ vs dense", "top-5"]
-        header += ["MiB (paper)", "MiB"] if show_size else []
-    else:
-        header = ["row", "params (paper)", "params", "Δ", "top-1 (paper)", "top-1", "Δ", "top-1 before FT", "top-5"]
-        header += ["MiB (paper)", "MiB", "Δ"] if show_size else []
-    if show_residual:
-        header += ["residual (paper)", "residual"]
-    show_vmeanba = any(r.get("vmeanba_blocks") is not None for r in rows)
-    if show_vmeanba:
-        header += ["VMeanba blocks", "scan speedup", "model speedup"]
-    lines = [f"# {table} ({scale} scale)", ""]
-    if smoke:
-        lines += ["Smoke scale: tiny stand-ins of each family on the embedded MNIST digits. Parameter ratios follow "
-                  "the paper; accuracies are MNIST's, so each row is compared with its own dense model (Δ vs "
-                  "dense) and with the other rows; the paper's ImageNet figures stand beside for reference only.", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    notes = []
-    for r in rows:
-        mark = ""
-        if r["notes"]:  # rows sharing a caveat share its number
-            if r["notes"] not in notes:
-                notes.append(r["notes"])
-            mark = f" [{notes.index(r['notes']) + 1}]"
-        if smoke:
-            cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
-                     _fmt(r["paper_top1"]), _fmt(r["top1_dense"]), _fmt(r["top1_compressed"]), _fmt(r["top1"]),
-                     _fmt(r["diff_top1_dense"], 2, True), _fmt(r["top5"])]
-            cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 3)] if show_size else []
-        else:
-            cells = [f"`{r['name']}`{mark}", _fmt(r["paper_params_m"], 1), _fmt(r["params_m"], 3),
-                     _fmt(r["diff_params_m"], 3, True), _fmt(r["paper_top1"]), _fmt(r["top1"]),
-                     _fmt(r["diff_top1"], 2, True), _fmt(r["top1_compressed"]), _fmt(r["top5"])]
-            if show_size:
-                cells += [_fmt(r["paper_size_mib"], 1), _fmt(r["size_mib"], 1), _fmt(r["diff_size_mib"], 1, True)]
-        if show_residual:
-            cells += [_fmt(r["paper_residual"], 2), _sci(r["residual"])]
-        if show_vmeanba:
-            blocks = r.get("vmeanba_blocks")
-            cells += ["—" if blocks is None else str(blocks), _times(r.get("scan_speedup")),
-                      _times(r.get("model_speedup"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    if notes:
-        lines.append("")
-        lines += [f"[{i}] " + "; ".join(n) for i, n in enumerate(notes, 1)]
-    missing = [r["name"] for r in rows if not r["finished"]]
-    if missing:
-        lines += ["", f"Not run yet: {', '.join(missing)}."]
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------ the comparison table
-
-COMPARE_TABLE = "compare"
-PARAMS_TOLERANCE = 1e-3
-"""Relative spread of a column's measured parameter counts above which the table flags the column."""
-
-
-def compare_grid(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The comparison rows (:func:`table_row` dicts with a ``finetune`` flag) arranged as a grid: ``columns``
-    (architecture x reduction, in registration order, with the measured parameter counts of the column's finished
-    rows) and ``grid`` (one line per method and fine-tuning, its cells keyed by column)."""
-    columns: dict[str, dict[str, Any]] = {}
-    lines: dict[tuple[str, bool], dict[str, Any]] = {}
-    for r in rows:
-        pct = round(100 * (r["reduction"] or 0.0))
-        key = f"{r['arch']}-{pct}"
-        column = columns.setdefault(key, {"key": key, "arch": r["arch"], "reduction": r["reduction"],
-                                          "label": f"{arch_label(r['arch'])} -{pct}%", "params_m": [],
-                                          "top1_dense": None})
-        if r["params_m"] is not None:
-            column["params_m"].append(r["params_m"])
-        if column["top1_dense"] is None:
-            column["top1_dense"] = r["top1_dense"]
-        line = lines.setdefault((r["method"], r["finetune"]), {
-            "method": r["method"], "finetune": r["finetune"], "cells": {}})
-        line["cells"][key] = {"name": r["name"], "top1": r["top1"], "paper_top1": r["paper_top1"],
-                              "params_m": r["params_m"], "residual": r["residual"], "notes": r["notes"]}
-    for column in columns.values():
-        counts = column.pop("params_m")
-        column["params_m_min"] = min(counts) if counts else None
-        column["params_m_max"] = max(counts) if counts else None
-        column["equal_params"] = not counts or (max(counts) - min(counts)) <= PARAMS_TOLERANCE * max(counts)
-    return {"columns": list(columns.values()), "grid": list(lines.values())}
-
-
-def compare_markdown(scale: str, data: dict[str, Any]) -> str:
-    """``compare.md``: top-1 of every method (with and without the partial fine-tune) at equal parameters per
-    column, the paper's number in parentheses where one exists; notes numbered below the table."""
-    columns, grid = data["columns"], data["grid"]
-    lines = [f"# compare ({scale} scale)", "",
-             "Top-1 (%) at equal parameters per column (each column removes the same fraction of the model's "
-             "parameters; a column whose rows differ by more than 0.1% is marked \"unequal!\"), the paper's number "
-             "in parentheses where one exists. Between the paper's recipe and the comparison methods only the "
-             "decomposition differs: greedy ranks on each method's own spectra and the closed-form low-rank Z; the "
-             "loss-aware row (the library's default) also allocates its own way (marginal ranks on predicted loss) "
-             "and takes no Z. \"+ FT\" adds the partial fine-tune.", ""]
-    setups = sorted({r["setup"] for r in data["rows"] if r.get("finished") and r.get("setup")})
-    if setups and not all(s.startswith("stand-in ") and s.endswith(" on mnist-5k") for s in setups):
-        lines += [f"Measured with {'; '.join(setups)} (the registry's config with overrides); compare methods with "
-                  f"each other, not with the paper's ImageNet numbers.", ""]
-    elif scale == "smoke":
-        lines += ["Smoke scale: tiny stand-ins on the embedded MNIST digits; compare methods with each other, not "
-                  "with the paper's ImageNet numbers.", ""]
-    header = ["method"] + [c["label"] for c in columns]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def params(c: dict[str, Any]) -> str:
-        low, high = c["params_m_min"], c["params_m_max"]
-        if low is None:
-            return "—"
-        text = f"{low:.3f}M" if high - low < 5e-4 else f"{low:.3f}-{high:.3f}M"
-        return text if c["equal_params"] else text + " (unequal!)"
-
-    lines.append("| parameters | " + " | ".join(params(c) for c in columns) + " |")
-    lines.append("| dense model | " + " | ".join(_fmt(c["top1_dense"]) for c in columns) + " |")
-    notes: list[str] = []
-
-    def mark(texts: list[str]) -> str:
-        numbers = []
-        for text in texts:
-            if text not in notes:
-                notes.append(text)
-            numbers.append(notes.index(text) + 1)
-        return "".join(f" [{n}]" for n in sorted(set(numbers)))
-
-    for line in grid:
-        cells = [line["cells"].get(c["key"]) for c in columns]
-        present = [cell for cell in cells if cell is not None]
-        shared = [n for n in present[0]["notes"] if all(n in cell["notes"] for cell in present)] if present else []
-        label = method_label(line["method"]) + (" + FT" if line["finetune"] else ", no FT")
-        out = [label + mark(shared)]
-        for cell in cells:
-            if cell is None:
-                out.append("")
-                continue
-            text = _fmt(cell["top1"])
-            if cell["paper_top1"] is not None:
-                text += f" ({_fmt(cell['paper_top1'])})"
-            out.append(text + mark([n for n in cell["notes"] if n not in shared]))
-        lines.append("| " + " | ".join(out) + " |")
-    if notes:
-        lines.append("")
-        lines += [f"[{i}] {text}" for i, text in enumerate(notes, 1)]
-    residual_lines = [line for line in grid if not line["finetune"]]
-    # one grid of the no-FT lines: the residual is measured right after compression, the same for both lines
-    if any(cell.get("residual") is not None for line in residual_lines for cell in line["cells"].values()):
-        lines += ["", "Mean residual error of eq. 5 over the compressed layers, on the calibration images right "
-                      "after compression (lower is better; — where a method has none, e.g. COMCAT's fused heads):",
-                  "", "| method | " + " | ".join(c["label"] for c in columns) + " |", "|" + "---|" * len(header)]
-        for line in residual_lines:
-            cells = [line["cells"].get(c["key"]) or {} for c in columns]
-            lines.append(f"| {method_label(line['method'])} | "
-                         + " | ".join(_sci(cell.get("residual")) for cell in cells) + " |")
-    missing = [r["name"] for r in data["rows"] if not r["finished"]]
-    if missing:
-        lines += ["", f"Not run yet ({len(missing)} of {len(data['rows'])}): {', '.join(missing)}."]
-    return "\n".join(lines) + "\n"
 
 
 __all__ = [
-    "BaselineGuardError",
-    "SetupError",
-    "check_dense_baseline",
-    "paper_baseline",
-    "build_model",
-    "compare_grid",
-    "compare_markdown",
     "default_output",
     "evaluate",
-    "get_experiment",
-    "markdown_table",
     "plan_row",
-    "render_table",
     "reproduce",
     "row_config",
     "run_row",
     "select_rows",
-    "synthetic_images",
-    "synthetic_labelled",
-    "table_row",
-    "write_table",
 ]

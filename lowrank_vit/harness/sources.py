@@ -79,8 +79,8 @@ def _timm_source(args: argparse.Namespace) -> Source:
 
     timm = timm_with_our_models()
 
+    from lowrank_vit.harness.models import SetupError, build_model, checkpoint_digest
     from lowrank_vit.harness.registry import ModelConfig
-    from lowrank_vit.harness.runner import SetupError, build_model, checkpoint_digest
 
     name = args.model
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
@@ -200,7 +200,7 @@ def load_teacher(args: argparse.Namespace, source: Source) -> nn.Module:
     """The model a model directory was compressed from, rebuilt from the source ``compress`` recorded in it (timm
     name, arguments, pretrained tag or checkpoint), for distillation. A recorded checkpoint must still be the file
     that was compressed (same SHA-256) unless ``--teacher-checkpoint`` names the file to use."""
-    from lowrank_vit.harness.runner import checkpoint_digest
+    from lowrank_vit.harness.models import checkpoint_digest
 
     record = source.metadata.get("source")
     if not isinstance(record, dict) or not record.get("timm_name"):
