@@ -265,7 +265,7 @@ def test_rank_zero_hands_its_compressed_model_to_the_other_ranks(tmp_path, monke
     """Under DDP the fine-tune's processes load rank zero's compressed model instead of compressing again; only a
     non-zero rank of the same row takes it, and nothing is left behind, even when the fine-tune fails."""
     from lowrank_vit import compress
-    from lowrank_vit.harness.runner import SHARED_ENV, share_compressed, shared_compressed
+    from lowrank_vit.harness.ddp import SHARED_ENV, share_compressed, shared_compressed
     from lowrank_vit.io.surgery import load_compressed
 
     model = make_tiny_vit()

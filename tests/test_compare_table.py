@@ -69,7 +69,7 @@ def test_other_tables_keep_the_generic_writer(tmp_path):
 def test_plan_gives_fwsvd_synthetic_labels():
     """`lowrank-vit plan --synthetic` works for FWSVD, whose Fisher pass needs labelled calibration batches."""
     from lowrank_vit.harness.models import synthetic_labelled
-    from lowrank_vit.harness.runner import plan_row
+    from lowrank_vit.harness.planning import plan_row
 
     pairs = synthetic_labelled([torch.zeros(3, 1, 4, 4), torch.zeros(2, 1, 4, 4)], num_classes=10)
     assert [labels.shape[0] for _, labels in pairs] == [3, 2]

@@ -192,8 +192,8 @@ def _check_estimate_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from lowrank_vit.harness.planning import plan_row
     from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import plan_row
 
     _check_estimate_options(args)
     if args.devices is not None and not args.estimate:

@@ -34,16 +34,13 @@ from torch import nn
 from lowrank_vit.config import resolve_gram_precision
 from lowrank_vit.core.common import write_json
 from lowrank_vit.harness.baseline import check_dense_baseline
+from lowrank_vit.harness.ddp import _is_rank_zero, share_compressed, shared_compressed
 from lowrank_vit.harness.models import (
     SetupError,
-    _num_classes,
     build_model,
     check_classes,
     checkpoint_digest,
-    input_shape,
     resolve_device,
-    synthetic_images,
-    synthetic_labelled,
 )
 from lowrank_vit.harness.registry import (
     Experiment,
@@ -60,10 +57,6 @@ from lowrank_vit.stages.finetune_config import check_precision_on
 
 RESULT_FILE = "result.json"
 MODEL_DIR = "model"
-SHARED_DIR = ".compressed-for-ranks"
-SHARED_ENV = "LOWRANK_VIT_COMPRESSED_FOR_RANKS"
-"""Set by rank zero before the fine-tune starts the other DDP processes, which inherit it: JSON with the row's name
-and the directory of the compressed model they load instead of compressing (:func:`share_compressed`)."""
 WANDB_MODES = ("online", "offline", "disabled")
 DENSE_DIR = ".dense"
 """Under the output directory: the starting models' accuracies, shared by the rows (see ``_dense_accuracy``)."""
@@ -89,65 +82,6 @@ def default_output(scale: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------- plan
-
-
-def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, calib_images: int = 4,
-             overrides: Iterable[str] = (), progress: bool = False) -> dict[str, Any]:
-    """Allocate a row's ranks without computing factors or touching data: the row's model with random weights
-    (``synthetic``) and ``calib_images`` synthetic calibration images. Returns the parameter counts (and, for rows
-    with a size, the model size in MiB under Table 4's accounting)."""
-    cfg = row_config(exp, scale, overrides)
-    seed = cfg.compression.seed if cfg.compression is not None else 0
-    # the random weights are drawn from a generator seeded here (and the caller's random state left as it was),
-    # so two plans of one row give the same ranks and totals
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _plan(exp, cfg, scale, synthetic, calib_images, progress, seed)
-
-
-def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_images: int, progress: bool,
-          seed: int) -> dict[str, Any]:
-    from lowrank_vit.methods.decompositions import get_method
-    from lowrank_vit.nn.quantize import model_size_mib, quantize_
-    from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
-
-    model_cfg = ModelConfig(cfg.model.source, cfg.model.name, pretrained=not synthetic, kwargs=cfg.model.kwargs)
-    model = build_model(model_cfg, progress=progress)
-    params_before = count_params(model)
-    out: dict[str, Any] = {"name": exp.name, "scale": scale, "seed": seed, "params_before": params_before,
-                           "params_after": params_before, "paper_params": _millions(exp.paper.params_m),
-                           "reduction": 0.0, "ranks": {}, "layers": []}
-    if cfg.compression is not None:
-        compression = replace(cfg.compression, calib_samples=calib_images, progress=progress,
-                               gram_precision="float32")
-        batches: list = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
-        if get_method(compression.decomposition).needs_labels(compression):  # a labelled pass: random, seeded
-            batches = synthetic_labelled(batches, _num_classes(model), seed=compression.seed)
-        plan = plan_compression(model, batches, compression)
-        dense = {name: _module_params(model, name) for name in plan.ranks}
-        apply_plan_skeleton_(model, plan)
-        out.update(params_after=plan.params_after, target_params=plan.target_params,
-                   reduction=1.0 - plan.params_after / params_before, ranks=plan.ranks,
-                   layers=[{"name": name, "rank": rank, "dense_params": dense[name],
-                            "params": _module_params(model, name)} for name, rank in plan.ranks.items()])
-    if cfg.quantization is not None:
-        quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
-    out["size_mib"] = model_size_mib(model, bits=cfg.size_bits)  # Table 4's accounting, for every row
-    out["paper_size_mib"] = exp.paper.size_mib
-    return out
-
-
-def _module_params(model: nn.Module, name: str) -> int | None:
-    """Parameters of one layer, or None for a unit that is not a module (COMCAT's ``blocks.0.attn.qk.3``)."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        return None
-    return sum(p.numel() for p in module.parameters())
-
-
-def _millions(value: float | None) -> int | None:
-    return None if value is None else round(value * 1e6)
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -288,52 +222,6 @@ def wandb_project() -> str:
     return os.environ.get("WANDB_PROJECT") or "lowrank_vit"
 
 
-@contextlib.contextmanager
-def share_compressed(model: nn.Module, exp_name: str, out_dir: Path, enabled: bool) -> Iterator[None]:
-    """Rank zero, around the fine-tune: save the compressed ``model`` for the DDP processes the fine-tune starts
-    (they inherit :data:`SHARED_ENV`), so that they load it instead of repeating the compression: that saves the
-    repeat's time and, on one host, its memory (up to 11 GB per process for ViT-L with the loss-aware recipe, while
-    rank zero still holds the model), and makes every rank's ranks identical by construction. The directory and
-    the variable are removed when the block ends, however it ends."""
-    from lowrank_vit.io.surgery import save_compressed
-
-    if not enabled:
-        yield
-        return
-    shared = out_dir / SHARED_DIR
-    shutil.rmtree(shared, ignore_errors=True)
-    save_compressed(model, shared, metadata={"experiment": exp_name, "shared_with_ranks": True})
-    os.environ[SHARED_ENV] = json.dumps({"experiment": exp_name, "path": str(shared.resolve())})
-    try:
-        yield
-    finally:
-        os.environ.pop(SHARED_ENV, None)
-        shutil.rmtree(shared, ignore_errors=True)
-
-
-def shared_compressed(exp_name: str) -> Path | None:
-    """A non-zero DDP rank started by rank zero's fine-tune: the directory of rank zero's compressed model of this
-    row (:func:`share_compressed`), else None (rank zero itself, or processes started by another launcher)."""
-    from lowrank_vit.io.surgery import WEIGHTS_FILE
-
-    text = os.environ.get(SHARED_ENV)
-    if not text or _is_rank_zero():
-        return None
-    try:
-        shared = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    path = Path(shared.get("path", "")) if isinstance(shared, dict) else None
-    if path is None or shared.get("experiment") != exp_name or not (path / WEIGHTS_FILE).is_file():
-        return None
-    return path
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0 and \
-        int(os.environ.get("NODE_RANK", "0") or 0) == 0
-
-
 def _check_writable(exp: Experiment, out_dir: Path) -> None:
     """Fail now with one line, not with a traceback after the compression and the fine-tune, when the row's
     directory cannot be created: its nearest existing ancestor (or itself) is a file or not writable. Creates
@@ -364,156 +252,213 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     Raises:
         SetupError: missing weights, data or device, or a different finished run in the way.
     """
-    from lowrank_vit.io.surgery import load_compressed, save_compressed
-    from lowrank_vit.nn.quantize import model_size_mib, quantize_
-    from lowrank_vit.pipeline import compress
-    from lowrank_vit.stages.data import build_datamodule
-    from lowrank_vit.stages.logging_utils import finish, log_ranks_table
+    from lowrank_vit.stages.logging_utils import silence_third_party
 
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb mode {wandb!r} is not one of {', '.join(WANDB_MODES)}")
-    from lowrank_vit.stages.logging_utils import silence_third_party
-
     silence_third_party()
     cfg = row_config(exp, scale, overrides).with_hardware(accelerator, devices, num_nodes)
     output = Path(output) if output is not None else default_output(scale)
-    out_dir = output / exp.name
     if not force:
         done = finished(exp, cfg, output)
         if done is not None:
-            _say(progress, f"{exp.name}: already finished in {out_dir} (use --force to run it again)")
+            _say(progress, f"{exp.name}: already finished in {output / exp.name} (use --force to run it again)")
             return done
-    _check_writable(exp, out_dir)
-    started, seconds = time.perf_counter(), {}
+    _check_writable(exp, output / exp.name)
+    row = _Row(exp, cfg, scale, output, progress)
+    row.load()
+    row.begin(wandb, group)
+    if row.rank_zero:
+        row.evaluate_dense()
+    # the fine-tune's distillation target: the model as built, before compression (every DDP rank built it the same)
+    teacher = copy.deepcopy(row.model).eval() if cfg.finetune is not None and cfg.finetune.distill > 0 else None
+    row.compress()
+    if cfg.finetune is not None and not row.finetune(teacher):
+        return None  # a DDP process other than rank zero: its share of the fine-tune is done
+    return row.finish()
 
-    def stage(name: str, begin: float) -> None:
-        seconds[name] = round(time.perf_counter() - begin, 3)
 
-    t = time.perf_counter()
-    data_cfg = cfg.data
-    if cfg.finetune is not None:
-        data_cfg = replace(data_cfg, batch_size=cfg.finetune.batch_size)
-    build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
-    device = resolve_device(cfg.hardware.accelerator)
-    if cfg.finetune is not None:
-        check_precision_on(cfg.finetune.precision, device.type)  # before the model is built or compressed
-    model = build_model(cfg.model, progress=progress)
-    if cfg.vmeanba is not None:
-        from lowrank_vit.methods.vmeanba import check_blocks
+class _Row:
+    """One run of a registry row, stage by stage (:func:`run_row` says the order): what the stages share, and each
+    stage's wall time in ``seconds``."""
 
-        check_blocks(model, cfg.vmeanba)  # a model without scans, or K above its blocks: before any data is read
-    digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
-    dm = build_datamodule(data_cfg, model)
-    dm.setup("fit")
-    check_classes(model, dm.num_classes, f"the data {data_cfg.path or data_cfg.name!r}")
-    stage("load", t)
-    # inference needs no activations kept: larger batches than training's make the evaluations cheaper
-    eval_loader = dm.val_dataloader(batch_size=max(256, 2 * data_cfg.batch_size))
-    _say(progress, f"{exp.name} [{scale}]: {exp.description}")
-    params_before = count_params(model)
-    result: dict[str, Any] = {"name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method,
-                              "scale": scale, "reduction": exp.reduction or 0.0, "params_before": params_before,
-                              "preprocessing": _preprocessing_record(dm.preprocessing)}
-    compresses = cfg.compression is not None or cfg.vmeanba is not None
-    rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
-    logger = _make_logger(exp, cfg, wandb, out_dir, group) if rank_zero else None
+    def __init__(self, exp: Experiment, cfg: RunConfig, scale: str, output: Path, progress: bool) -> None:
+        self.exp, self.cfg, self.scale, self.output, self.progress = exp, cfg, scale, output, progress
+        self.out_dir = output / exp.name
+        self.started, self.seconds = time.perf_counter(), {}
+        self.compresses = cfg.compression is not None or cfg.vmeanba is not None
+        self.rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
+        self.report = None
+        self.logger = None
 
-    if rank_zero:
-        _say(progress, f"{exp.name}: evaluating the starting model")
-        t = time.perf_counter()
-        result["dense"] = _dense_accuracy(cfg, digest, output, lambda: evaluate(
-            model, eval_loader, device, progress, "evaluate dense"))
-        stage("evaluate_dense", t)
-        if scale == "full" and compresses and not cfg.run.skip_baseline_guard:
-            note = check_dense_baseline(exp, cfg, result["dense"]["top1"])
+    def _say(self, message: str) -> None:
+        _say(self.progress, f"{self.exp.name}: {message}")
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - begin, 3)
+
+    def load(self) -> None:
+        """The data checked first (before any weight is downloaded), then the model, its checkpoint's digest, the
+        data module with the model's preprocessing, and the class count checked against the head."""
+        from lowrank_vit.stages.data import build_datamodule
+
+        cfg = self.cfg
+        with self._stage("load"):
+            data_cfg = cfg.data
+            if cfg.finetune is not None:
+                data_cfg = replace(data_cfg, batch_size=cfg.finetune.batch_size)
+            build_datamodule(data_cfg)  # checks that the data exists before any weight is downloaded
+            self.device = resolve_device(cfg.hardware.accelerator)
+            if cfg.finetune is not None:
+                check_precision_on(cfg.finetune.precision, self.device.type)  # before the model is built
+            self.model = build_model(cfg.model, progress=self.progress)
+            if cfg.vmeanba is not None:
+                from lowrank_vit.methods.vmeanba import check_blocks
+
+                check_blocks(self.model, cfg.vmeanba)  # a model without scans, or K above its blocks: before the data
+            self.digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
+            self.dm = build_datamodule(data_cfg, self.model)
+            self.dm.setup("fit")
+            check_classes(self.model, self.dm.num_classes, f"the data {data_cfg.path or data_cfg.name!r}")
+        # inference needs no activations kept: larger batches than training's make the evaluations cheaper
+        self.eval_loader = self.dm.val_dataloader(batch_size=max(256, 2 * data_cfg.batch_size))
+
+    def begin(self, wandb: str, group: str | None) -> None:
+        exp = self.exp
+        _say(self.progress, f"{exp.name} [{self.scale}]: {exp.description}")
+        self.params_before = count_params(self.model)
+        self.result: dict[str, Any] = {
+            "name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method, "scale": self.scale,
+            "reduction": exp.reduction or 0.0, "params_before": self.params_before,
+            "preprocessing": _preprocessing_record(self.dm.preprocessing)}
+        self.logger = _make_logger(exp, self.cfg, wandb, self.out_dir, group) if self.rank_zero else None
+
+    def _evaluate(self, what: str) -> dict[str, Any]:
+        return evaluate(self.model, self.eval_loader, self.device, self.progress, f"evaluate {what}")
+
+    def evaluate_dense(self) -> None:
+        """The starting model's accuracy (shared by the rows of one output directory), and at full scale the
+        baseline guard."""
+        self._say("evaluating the starting model")
+        with self._stage("evaluate_dense"):
+            self.result["dense"] = _dense_accuracy(self.cfg, self.digest, self.output, lambda: self._evaluate("dense"))
+        if self.scale == "full" and self.compresses and not self.cfg.run.skip_baseline_guard:
+            note = check_dense_baseline(self.exp, self.cfg, self.result["dense"]["top1"])
             if note:
                 _say(True, note)
-    # the fine-tune's distillation target: the model as built, before compression (every DDP rank built it the same)
-    teacher = copy.deepcopy(model).eval() if cfg.finetune is not None and cfg.finetune.distill > 0 else None
-    report = None
-    shared = shared_compressed(exp.name) if compresses else None
-    if cfg.vmeanba is not None and shared is None:  # first, on the dense model (a DDP rank gets it with the rest)
-        from lowrank_vit.methods.vmeanba import apply_vmeanba
 
-        v = cfg.vmeanba
-        _say(progress, f"{exp.name}: VMeanba, the channel-mean scan in "
-                       + (f"{v.num_blocks} block(s)" if v.num_blocks else f"the blocks that reach {v.target_speedup}x"))
-        t = time.perf_counter()
-        result["vmeanba"] = apply_vmeanba(model.to(device), dm.calibration_dataloader(),
-                                          replace(v, progress=progress)).to_dict()
-        stage("vmeanba", t)
-    if shared is not None:  # a DDP process of the fine-tune: rank zero has compressed the model already
-        model = load_compressed(shared).to(device)
-    elif cfg.compression is not None:
-        _say(progress, f"{exp.name}: compressing ({cfg.compression.decomposition} SVD, "
-                       f"{cfg.compression.allocation} ranks, Z {cfg.compression.compensation})")
-        t = time.perf_counter()
-        compression = replace(cfg.compression, device=str(device), progress=progress)
-        report = compress(model.to(device), dm.calibration_dataloader(), compression)
-        stage("compress", t)
-        result["report"] = report.to_dict()
-        result["residual_error"] = _mean([layer.output_error for layer in report.layers if layer.rank is not None])
-        result["residual_error_lowrank"] = _mean(
-            [layer.output_error_lowrank for layer in report.layers if layer.rank is not None])
-        log_ranks_table(logger, report)
-        if cfg.finetune is not None and rank_zero:
-            _say(progress, f"{exp.name}: evaluating the compressed model before fine-tuning")
-            t = time.perf_counter()
-            result["compressed"] = evaluate(model, eval_loader, device, progress, "evaluate compressed")
-            stage("evaluate_compressed", t)
-    if cfg.finetune is not None:
+    def compress(self) -> None:
+        """VMeanba's scans first, on the dense model; then the low-rank compression. A DDP process of the
+        fine-tune loads what rank zero compressed instead."""
+        from lowrank_vit.io.surgery import load_compressed
+
+        cfg = self.cfg
+        shared = shared_compressed(self.exp.name) if self.compresses else None
+        if cfg.vmeanba is not None and shared is None:  # a DDP rank gets the scans with the rest
+            from lowrank_vit.methods.vmeanba import apply_vmeanba
+
+            v = cfg.vmeanba
+            self._say("VMeanba, the channel-mean scan in " + (
+                f"{v.num_blocks} block(s)" if v.num_blocks else f"the blocks that reach {v.target_speedup}x"))
+            with self._stage("vmeanba"):
+                self.result["vmeanba"] = apply_vmeanba(self.model.to(self.device), self.dm.calibration_dataloader(),
+                                                       replace(v, progress=self.progress)).to_dict()
+        if shared is not None:  # a DDP process of the fine-tune: rank zero has compressed the model already
+            self.model = load_compressed(shared).to(self.device)
+        elif cfg.compression is not None:
+            self._compress_weights()
+
+    def _compress_weights(self) -> None:
+        from lowrank_vit.pipeline import compress
+        from lowrank_vit.stages.logging_utils import log_ranks_table
+
+        c = self.cfg.compression
+        self._say(f"compressing ({c.decomposition} SVD, {c.allocation} ranks, Z {c.compensation})")
+        with self._stage("compress"):
+            self.report = compress(self.model.to(self.device), self.dm.calibration_dataloader(),
+                                   replace(c, device=str(self.device), progress=self.progress))
+        layers = [layer for layer in self.report.layers if layer.rank is not None]
+        self.result.update(report=self.report.to_dict(),
+                           residual_error=_mean([layer.output_error for layer in layers]),
+                           residual_error_lowrank=_mean([layer.output_error_lowrank for layer in layers]))
+        log_ranks_table(self.logger, self.report)
+        if self.cfg.finetune is not None and self.rank_zero:
+            self._say("evaluating the compressed model before fine-tuning")
+            with self._stage("evaluate_compressed"):
+                self.result["compressed"] = self._evaluate("compressed")
+
+    def finetune(self, teacher: nn.Module | None) -> bool:
+        """The partial fine-tune (Lightning; DDP over several devices, the other processes loading the model rank
+        zero compressed). Returns whether this process goes on (rank zero) or is done."""
         from lowrank_vit.stages.finetune import finetune
 
-        _say(progress, f"{exp.name}: fine-tuning ({cfg.finetune.epochs} epoch(s)"
-                       + (f", at most {cfg.finetune.max_steps} steps)" if cfg.finetune.max_steps else ")"))
-        t = time.perf_counter()
-        hw = cfg.hardware
-        checkpoints = out_dir / "checkpoints"
-        with share_compressed(model, exp.name, out_dir,
-                              rank_zero and hw.distributed and (report is not None or "vmeanba" in result)):
-            module, trainer = finetune(model, datamodule=dm, config=cfg.finetune, teacher=teacher, logger=logger,
-                                       checkpoint_dir=str(checkpoints), ckpt_path="last", accelerator=hw.accelerator,
-                                       devices=hw.devices, num_nodes=hw.num_nodes,
-                                       strategy="ddp" if hw.distributed else "auto", progress=progress)
+        ft, hw = self.cfg.finetune, self.cfg.hardware
+        self._say(f"fine-tuning ({ft.epochs} epoch(s)" + (f", at most {ft.max_steps} steps)" if ft.max_steps else ")"))
+        begin = time.perf_counter()
+        share = self.rank_zero and hw.distributed and (self.report is not None or "vmeanba" in self.result)
+        with share_compressed(self.model, self.exp.name, self.out_dir, share):
+            module, trainer = finetune(self.model, datamodule=self.dm, config=ft, teacher=teacher,
+                                       logger=self.logger, checkpoint_dir=str(self.out_dir / "checkpoints"),
+                                       ckpt_path="last", accelerator=hw.accelerator, devices=hw.devices,
+                                       num_nodes=hw.num_nodes, strategy="ddp" if hw.distributed else "auto",
+                                       progress=self.progress)
         if trainer.global_rank != 0:
-            return None
-        stage("finetune", t)
-        result["finetune"] = {"world_size": trainer.world_size, "steps": trainer.global_step,
-                              "epochs": trainer.current_epoch, "trainable_params": module.trainable["trainable"],
-                              "trainable_fraction": module.trainable["fraction"]}
-    if cfg.quantization is not None:
-        _say(progress, f"{exp.name}: quantizing to {cfg.quantization.bits} bits")
-        t = time.perf_counter()
-        quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
-        stage("quantize", t)
-    _say(progress, f"{exp.name}: evaluating the final model")
-    t = time.perf_counter()
-    final = evaluate(model, eval_loader, device, progress, "evaluate final")
-    stage("evaluate", t)
-    result.update(params=count_params(model), size_mib=model_size_mib(model, bits=cfg.size_bits),
-                  top1=final["top1"], top5=final["top5"], val_images=final["images"])
-    result["measured_reduction"] = 1.0 - result["params"] / params_before
-    if compresses:
-        t = time.perf_counter()
-        save_compressed(model.cpu(), out_dir / MODEL_DIR, metadata={"experiment": exp.name, "scale": scale})
-        stage("save", t)
-    seconds["total"] = round(time.perf_counter() - started, 3)
-    if cfg.model.source == "standin" and cfg.model.pretrained:
-        result["standin_fingerprint"] = _standin_fingerprint(cfg.model.name)
-    if digest is not None:
-        result["checkpoint_sha256"] = digest
-    result.update(stage_seconds=seconds, paper=exp.to_dict()["paper"], notes=list(exp.notes),
-                  config=cfg.to_dict(), finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  versions={"torch": torch.__version__, "timm": _version("timm"),
-                            "lowrank_vit": _version("lowrank_vit")})
-    if logger is not None:
-        logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
-                           {f"result/seconds_{k}": v for k, v in seconds.items()})
-        finish(logger)
-    write_json(out_dir / RESULT_FILE, result)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
-    _say(progress, f"{exp.name}: done in {seconds['total']:.0f} s -> {out_dir / RESULT_FILE}")
-    return result
+            return False
+        self.seconds["finetune"] = round(time.perf_counter() - begin, 3)
+        self.result["finetune"] = {"world_size": trainer.world_size, "steps": trainer.global_step,
+                                   "epochs": trainer.current_epoch, "trainable_params": module.trainable["trainable"],
+                                   "trainable_fraction": module.trainable["fraction"]}
+        return True
+
+    def finish(self) -> dict[str, Any]:
+        """PTQ where the row has it, the final evaluation, the compressed model saved, ``result.json`` written."""
+        from lowrank_vit.io.surgery import save_compressed
+        from lowrank_vit.nn.quantize import model_size_mib, quantize_
+
+        cfg, exp, result, model = self.cfg, self.exp, self.result, self.model
+        if cfg.quantization is not None:
+            self._say(f"quantizing to {cfg.quantization.bits} bits")
+            with self._stage("quantize"):
+                quantize_(model, cfg.quantization.bits, cfg.quantization.include_dense)
+        self._say("evaluating the final model")
+        with self._stage("evaluate"):
+            final = self._evaluate("final")
+        result.update(params=count_params(model), size_mib=model_size_mib(model, bits=cfg.size_bits),
+                      top1=final["top1"], top5=final["top5"], val_images=final["images"])
+        result["measured_reduction"] = 1.0 - result["params"] / self.params_before
+        if self.compresses:
+            with self._stage("save"):
+                save_compressed(model.cpu(), self.out_dir / MODEL_DIR,
+                                metadata={"experiment": exp.name, "scale": self.scale})
+        self.seconds["total"] = round(time.perf_counter() - self.started, 3)
+        self._record(result)
+        write_json(self.out_dir / RESULT_FILE, result)
+        shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)  # the run is done; the model is saved
+        self._say(f"done in {self.seconds['total']:.0f} s -> {self.out_dir / RESULT_FILE}")
+        return result
+
+    def _record(self, result: dict[str, Any]) -> None:
+        """What the result records beside the figures (weights, config, versions, times), and the wandb run's last
+        metrics."""
+        from lowrank_vit.stages.logging_utils import finish
+
+        cfg = self.cfg
+        if cfg.model.source == "standin" and cfg.model.pretrained:
+            result["standin_fingerprint"] = _standin_fingerprint(cfg.model.name)
+        if self.digest is not None:
+            result["checkpoint_sha256"] = self.digest
+        result.update(stage_seconds=self.seconds, paper=self.exp.to_dict()["paper"], notes=list(self.exp.notes),
+                      config=cfg.to_dict(),
+                      finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      versions={"torch": torch.__version__, "timm": _version("timm"),
+                                "lowrank_vit": _version("lowrank_vit")})
+        if self.logger is not None:
+            self.logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
+                                    {f"result/seconds_{k}": v for k, v in self.seconds.items()})
+            finish(self.logger)
 
 
 def _preprocessing_record(preprocessing: dict[str, Any]) -> dict[str, Any]:
@@ -620,7 +565,6 @@ def reproduce(table: str, scale: str = "smoke", *, rows: str | None = None, outp
 __all__ = [
     "default_output",
     "evaluate",
-    "plan_row",
     "reproduce",
     "row_config",
     "run_row",
