@@ -282,8 +282,6 @@ def data_sizes(cfg: RunConfig) -> tuple[int, int]:
 def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[Stage]:
     """Calibration forward (and backward), statistics, decompositions, allocation, compensation and the report's
     per-layer errors of one compression."""
-    from lowrank_vit.core.allocate import get_policy
-    from lowrank_vit.core.common import settings_of
     from lowrank_vit.methods.decompositions import get_method
     from lowrank_vit.pipeline import statistics_space
 
@@ -294,22 +292,7 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
     batch = cfg.finetune.batch_size if cfg.finetune is not None else cfg.data.batch_size
     gemm = gemm_precision(device)
     params_gib = shapes.params * 4 / GIB
-    stages = [Stage("calibration forward", images * shapes.forward_flops,
-                    _gemm_seconds(images * shapes.forward_flops, spec, gemm),
-                    params_gib + batch * 2 * shapes.peak_output_bytes / GIB, f"{images} images, {gemm}")]
-    passes = math.ceil(images / batch)  # the hooks run once per layer and batch (micro-batch with a backward)
-    backward_images = 0
-    if method.gradient_pass:  # gradients at the activations only (the weights' are never formed): ~ one forward
-        backward_images = math.ceil(compression.grad_fraction * images)
-    elif method.needs_labels(compression):  # FWSVD: a labelled gradient pass of its own first, weights' included
-        backward_images = 2 * images
-    if backward_images:
-        flops = backward_images * shapes.forward_flops
-        micro = min(batch, 32)  # collect_loss_statistics runs its backward in micro-batches of 32
-        passes = math.ceil(images / micro)
-        stages.append(Stage("calibration backward", flops, _gemm_seconds(flops, spec, gemm),
-                            params_gib + micro * shapes.activation_bytes / GIB,
-                            f"{min(backward_images, images)} images, {gemm}"))
+    stages, passes = _calibration_stages(shapes, compression, method, spec, images, batch, gemm, params_gib)
     auto = statistics_space(compression) == "auto"
     widths = []
     for layer in shapes.layers:
@@ -338,11 +321,53 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
     stages.append(Stage("decomposition", flops, _eig_seconds(flops, calls, spec),
                         params_gib + stats_memory + factors_memory + 4 * 8.0 * largest ** 2 / GIB,
                         f"{calls} eigendecompositions/SVDs of {len(shapes.layers)} layers, fp64"))
+    stages += _allocation_stages(shapes, compression, spec, images, batch, gemm, params_gib)
+    stages.append(_compensation(shapes, compression, spec, method, params_gib))
+    # eq. 5's error of every layer twice (U V^T alone, then with Z): H (or W^T H W) times the residual
+    flops = sum(2 * 2.0 * h * h * min(layer.in_features, layer.out_features)
+                for layer, h in ((layer, _narrow(layer, auto)[0]) for layer in shapes.layers))
+    stages.append(Stage("report", flops, _gemm_seconds(flops, spec, "fp64"), params_gib + stats_memory,
+                        "per-layer output errors, fp64"))
+    if compression.refit:
+        stages.append(_refit(shapes, compression, spec, method, images, gemm, precision, params_gib))
+    return stages
+
+
+def _calibration_stages(shapes: ModelShapes, compression: CompressionConfig, method: Any, spec: DeviceSpec,
+                        images: int, batch: int, gemm: str, params_gib: float) -> tuple[list[Stage], int]:
+    """The calibration forward, and the backward of the methods that need gradients; returns them and how many
+    passes the statistics' hooks run per layer."""
+    stages = [Stage("calibration forward", images * shapes.forward_flops,
+                    _gemm_seconds(images * shapes.forward_flops, spec, gemm),
+                    params_gib + batch * 2 * shapes.peak_output_bytes / GIB, f"{images} images, {gemm}")]
+    passes = math.ceil(images / batch)  # the hooks run once per layer and batch (micro-batch with a backward)
+    backward_images = 0
+    if method.gradient_pass:  # gradients at the activations only (the weights' are never formed): ~ one forward
+        backward_images = math.ceil(compression.grad_fraction * images)
+    elif method.needs_labels(compression):  # FWSVD: a labelled gradient pass of its own first, weights' included
+        backward_images = 2 * images
+    if backward_images:
+        flops = backward_images * shapes.forward_flops
+        micro = min(batch, 32)  # collect_loss_statistics runs its backward in micro-batches of 32
+        passes = math.ceil(images / micro)
+        stages.append(Stage("calibration backward", flops, _gemm_seconds(flops, spec, gemm),
+                            params_gib + micro * shapes.activation_bytes / GIB,
+                            f"{min(backward_images, images)} images, {gemm}"))
+    return stages, passes
+
+
+def _allocation_stages(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, images: int,
+                       batch: int, gemm: str, params_gib: float) -> list[Stage]:
+    """The allocation over every layer's spectrum (negligible), and the whole-model probes of the policies that
+    measure (FLAR-SVD, LEMS)."""
+    from lowrank_vit.core.allocate import get_policy
+    from lowrank_vit.core.common import settings_of
+
     spectrum = sum(min(layer.in_features, layer.out_features) for layer in shapes.layers)
     # at most greedy_iterations passes over every layer's spectrum (Algorithm 1; a sort for the others): negligible
     flops = 20.0 * spectrum * compression.greedy_iterations
-    stages.append(Stage("allocation", flops, flops / (DEVICES["cpu"].peak_tflops["fp64"] * 1e12 * 0.01),
-                        spectrum * 8 * 4 / GIB, f"{compression.allocation} over {spectrum:,} singular values, CPU"))
+    stages = [Stage("allocation", flops, flops / (DEVICES["cpu"].peak_tflops["fp64"] * 1e12 * 0.01),
+                    spectrum * 8 * 4 / GIB, f"{compression.allocation} over {spectrum:,} singular values, CPU")]
     policy = get_policy(compression.allocation)
     if policy.needs_probe:  # FLAR-SVD's and LEMS's measurements: whole forwards over the probe images
         own = settings_of(compression, policy.settings)
@@ -352,14 +377,6 @@ def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[St
         stages.append(Stage("allocation probes", flops, _gemm_seconds(flops, spec, gemm),
                             params_gib + batch * 2 * shapes.peak_output_bytes / GIB,
                             f"{forwards} forwards of {probe_images} images, {gemm}"))
-    stages.append(_compensation(shapes, compression, spec, method, params_gib))
-    # eq. 5's error of every layer twice (U V^T alone, then with Z): H (or W^T H W) times the residual
-    flops = sum(2 * 2.0 * h * h * min(layer.in_features, layer.out_features)
-                for layer, h in ((layer, _narrow(layer, auto)[0]) for layer in shapes.layers))
-    stages.append(Stage("report", flops, _gemm_seconds(flops, spec, "fp64"), params_gib + stats_memory,
-                        "per-layer output errors, fp64"))
-    if compression.refit:
-        stages.append(_refit(shapes, compression, spec, method, images, gemm, precision, params_gib))
     return stages
 
 

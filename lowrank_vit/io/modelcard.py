@@ -53,7 +53,6 @@ def _layer_rows(report: dict[str, Any]) -> list[str]:
 def render_card(report: dict[str, Any], directory_name: str) -> str:
     """The model card of a compressed directory, from its report (see ``lowrank-vit compress``)."""
     source = report.get("source", {})
-    pre = report.get("preprocessing", {})
     params, size = report.get("params", {}), report.get("size_mib", {})
     recipe = report.get("recipe", "?")
     lines = [
@@ -81,6 +80,12 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
         f"the parameters. Calibration: {report.get('calib_images', '?')} images of `{report.get('data', '?')}`.",
         "",
     ]
+    return "\n".join(lines + _results(report) + _usage(report, directory_name))
+
+
+def _results(report: dict[str, Any]) -> list[str]:
+    """The card's middle: the scans switched, accuracy before and after, how it was fine-tuned."""
+    lines: list[str] = []
     vmeanba = report.get("vmeanba")
     if vmeanba:  # a state-space model's scans: VMeanba's channel-mean scan in the listed blocks
         lines += [f"Selective scans: {len(vmeanba['chosen'])} block(s) run VMeanba's channel-mean scan "
@@ -101,14 +106,19 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
                 f"{finetune.get('distill_temperature', 1.0)})" if finetune.get("distill") else "")
         lines += [f"Fine-tuned ({what}) for {finetune.get('epochs')} epoch(s), lr {finetune.get('lr')}, "
                   f"{finetune.get('steps', '?')} steps{loss}.", ""]
-    lines += [
+    return lines
+
+
+def _usage(report: dict[str, Any], directory_name: str) -> list[str]:
+    """The card's end: the preprocessing to feed, how to load and run it, the ranks kept per layer."""
+    return [
         "## Preprocessing",
         "",
         "Feed the model images preprocessed exactly this way (saved in `lowrank_vit.json`, reused by "
         "`lowrank-vit evaluate`, `finetune` and `export`):",
         "",
         "```json",
-        json.dumps(pre, indent=2),
+        json.dumps(report.get("preprocessing", {}), indent=2),
         "```",
         "",
         "## How to load",
@@ -131,7 +141,6 @@ def render_card(report: dict[str, Any], directory_name: str) -> str:
         *_layer_rows(report),
         "",
     ]
-    return "\n".join(lines)
 
 
 def plot_ranks(report: dict[str, Any], path: str | Path) -> Path:
