@@ -143,7 +143,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(CA, "xs = torch.mul(rows, weights.sqrt().to(product_dtype)[:, None, None],",
            "xs = torch.mul(rows, weights.to(product_dtype)[:, None, None],", ("tests/test_calibration.py",),
            "eq. (5)'s image weights applied squared"),
-    Mutant(CA, "traces[name] += float(weights @ squared_norms(x))", "traces[name] += float(squared_norms(x).sum())",
+    Mutant(CA, "sums.trace += float(weights @ squared_norms(x))", "sums.trace += float(squared_norms(x).sum())",
            ("tests/test_calibration.py",), "tr(H) of an output-side layer unweighted"),
     Mutant(CA, "y = torch.sub(y, bias.to(y.dtype), out=out)", "y = y", ("tests/test_calibration.py",),
            "the output energy ||X W|| measured with the bias"),

@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -335,6 +336,207 @@ def hooked_in_eval(model: nn.Module, layers: dict[str, nn.Module], make_hook) ->
         model.train(was_training)
 
 
+def _check_options(gram_precision: str, gram_space: str, weighting: str) -> torch.dtype:
+    """Refuse a bad option of :func:`collect_statistics` before any image runs; returns the dtype of the Gram
+    products (``gram_precision``)."""
+    product_dtype = getattr(torch, gram_precision, None)
+    if product_dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
+    if gram_space not in ("input", "auto"):
+        raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
+    if weighting not in ("image", "token"):
+        raise ValueError(f"weighting must be 'image' or 'token', got {weighting!r}")
+    return product_dtype
+
+
+@dataclass(frozen=True)
+class _PassSettings:
+    """The checked options of one pass (see :func:`collect_statistics`'s Args)."""
+
+    product_dtype: torch.dtype
+    """Of each batch's Gram products (``gram_precision``); the sums are float64."""
+    gram_precision: str
+    weighting: str
+    want_mean: bool
+    sample_tokens: int
+    fourth_moment: bool
+
+
+@dataclass
+class _LayerSums:
+    """One layer's statistics, summed over the images seen so far: H = sum_i w_i X_i^T X_i (module docstring), or,
+    kept on the output side (``gram_space="auto"``, fewer outputs than inputs: fc2), W^T H W with tr(H); and the
+    extras that were asked for."""
+
+    gram: torch.Tensor
+    """sum_i w_i X_i^T X_i (k, k), or on the output side the same sum of the bias-free outputs X_i W (m, m); float64,
+    upper block triangle only (:func:`upper_gram_`)."""
+    on_output: bool
+    trace: float | None
+    """On the output side, tr(H) = sum_i w_i ||X_i||_F^2 (``gram``'s diagonal holds tr(W^T H W) instead); None
+    otherwise."""
+    fourth: torch.Tensor | None
+    """With ``fourth_moment``: sum_t ||x_t||^4, a float64 scalar on the device; None otherwise."""
+    mean_sum: torch.Tensor | None = None
+    """With ``want_mean``: sum_i X_i (t, k), float64, for X_rep (eq. 7); None before the first batch."""
+    samples: list[torch.Tensor] = field(default_factory=list)
+    """With ``sample_tokens``: every batch's (B, s, k) float32 sampled tokens (eq. 10's mini-batches), on the host."""
+    sample_weights: list[torch.Tensor] = field(default_factory=list)
+    """Their (B,) float32 weights 1 / ||X_i^s W||^2."""
+    rows: int = 0
+    """Input rows (tokens) met."""
+    images: int = 0
+    """Images met: N."""
+
+
+@dataclass
+class _Accumulator:
+    """What the pass's hooks write: every layer's sums, and the work buffers of their Gram products."""
+
+    sums: dict[str, _LayerSums]
+    settings: _PassSettings
+    generator: torch.Generator
+    """Of the token sampling (``seed``)."""
+    batch: int = 0
+    """Images in the batch now running (the hooks split a layer's rows into images with it)."""
+    scratch: Scratch = field(default_factory=Scratch)
+    products: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
+    """One batch's product, per (width, device), shared by the layers of that width."""
+
+
+def _new_accumulator(layers: dict[str, nn.Linear], gram_space: str, settings: _PassSettings, device: torch.device,
+                     seed: int) -> _Accumulator:
+    """Zero sums for every layer, each Gram on the side ``gram_space`` says: "input", H (k x k) of every layer;
+    "auto", W^T H W (m x m) with tr(H) for a layer with fewer outputs than inputs (see the module docstring)."""
+    zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+    sums = {}
+    for name, layer in layers.items():
+        on_output = gram_space == "auto" and layer.out_features < layer.in_features
+        width = layer.out_features if on_output else layer.in_features
+        sums[name] = _LayerSums(zeros(width, width), on_output, 0.0 if on_output else None,
+                                zeros(()) if settings.fourth_moment else None)
+    return _Accumulator(sums, settings, torch.Generator().manual_seed(seed))
+
+
+def _check_finite(name: str, sums: _LayerSums, gram_precision: str, x: torch.Tensor, rows: torch.Tensor,
+                  product: torch.Tensor) -> None:
+    """Raise where a batch's product is not finite: a NaN or inf among the rows makes the product's diagonal (sums of
+    squares) non-finite, so the check reads k values instead of every activation; the element-wise test of the
+    inputs ``x`` runs only then, to tell non-finite activations from a float32 product that overflowed."""
+    if bool(torch.isfinite(product.diagonal()).all()):
+        return
+    if not torch.isfinite(x).all():
+        raise ValueError(f"non-finite activations (NaN or inf) reach layer {name} during calibration")
+    side = "outputs" if sums.on_output else "inputs"
+    raise ValueError(f"the {gram_precision} Gram product of layer {name}'s {side} overflows (values up to "
+                     f"{rows.abs().max().item():.3g}); use gram_precision='float64'")
+
+
+def _add_weighted_gram_(acc: _Accumulator, name: str, sums: _LayerSums, x: torch.Tensor, rows: torch.Tensor,
+                        weights: torch.Tensor) -> None:
+    """Add one batch's sum_i w_i R_i^T R_i to the layer's running sum, R_i being image i's rows (its inputs X_i, for
+    H; on the output side its bias-free outputs X_i W, for W^T H W): the rows scaled by sqrt(w_i) and cast to the
+    product precision in one pass into a reused buffer, their symmetric product (:func:`upper_gram_`) formed in a
+    matrix shared by the layers of that width, checked (:func:`_check_finite`) and added in float64."""
+    product_dtype = acc.settings.product_dtype
+    # One pass, into a reused buffer: the rows scaled by sqrt(w_i) come out in the product dtype.
+    xs = torch.mul(rows, weights.sqrt().to(product_dtype)[:, None, None],
+                   out=acc.scratch.get("rows", tuple(rows.shape), product_dtype, rows.device))
+    width = xs.shape[-1]
+    xs = xs.reshape(-1, width)
+    product = acc.products.get((width, xs.device))
+    if product is None:  # blocks below the diagonal stay zero (see upper_gram_)
+        product = acc.products[(width, xs.device)] = torch.zeros(width, width, dtype=product_dtype, device=xs.device)
+    upper_gram_(product, xs, _GRAM_BLOCK)
+    _check_finite(name, sums, acc.settings.gram_precision, x, rows, product)
+    sums.gram += product
+
+
+def _add_mean_(name: str, sums: _LayerSums, x: torch.Tensor) -> None:
+    """Add one batch's sum_i X_i (float64) to the sum behind the mean input X_rep (eq. 7), which needs every image
+    to have the same tokens."""
+    total = x.sum(dim=0, dtype=torch.float64)
+    if sums.mean_sum is not None and sums.mean_sum.shape != total.shape:
+        raise ValueError(f"layer {name} saw a varying number of tokens per image; "
+                         "decomposition='mean' needs images of one size")
+    sums.mean_sum = total if sums.mean_sum is None else sums.mean_sum + total
+
+
+def _add_samples_(sums: _LayerSums, x: torch.Tensor, y: torch.Tensor, sample_tokens: int,
+                  generator: torch.Generator) -> None:
+    """Keep ``sample_tokens`` random tokens X_i^s of every image of the batch (all of them where it has fewer) and
+    their eq. (5) weight 1 / ||X_i^s W||^2 from the same tokens' bias-free outputs ``y``: the SGD solver's
+    mini-batches of eq. (10), on the host in float32."""
+    batch, tokens = x.shape[0], x.shape[1]
+    take = min(sample_tokens, tokens)
+    idx = torch.rand(batch, tokens, generator=generator).argsort(dim=1)[:, :take].to(x.device)
+    xs_sub = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2])).float()
+    ys_sub = torch.gather(y, 1, idx[:, :, None].expand(-1, -1, y.shape[2])).double()
+    w_sub = image_weights(ys_sub.pow(2).sum(dim=(1, 2)))
+    sums.samples.append(xs_sub.cpu())
+    sums.sample_weights.append(w_sub.float().cpu())
+
+
+def _on_forward(acc: _Accumulator, name: str, module: nn.Linear, inputs: tuple[torch.Tensor, ...],
+                output: torch.Tensor) -> None:
+    """Forward hook of layer ``name``: adds the batch's images X_i to its sums with eq. (5)'s weights
+    w_i = 1 / ||X_i W||_F^2, taken from the output (:func:`output_energies`; 1 with ``weighting="token"``): H, or on
+    the output side W^T H W and tr(H); and, where asked, sum_t ||x_t||^4, the mean input and the sampled tokens."""
+    sums, settings, batch = acc.sums[name], acc.settings, acc.batch
+    k = module.in_features
+    x = inputs[0].detach().reshape(batch, -1, k)
+    energy, y = output_energies(output.detach(), module.bias, batch, acc.scratch)
+    weights = image_weights(energy) if settings.weighting == "image" else torch.ones_like(energy)
+    sums.rows += x.shape[0] * x.shape[1]
+    if sums.fourth is not None:
+        sums.fourth += x.reshape(-1, k).double().pow(2).sum(1).pow(2).sum()
+    if sums.on_output:  # tr(H) = sum_i w_i ||X_i||^2
+        sums.trace += float(weights @ squared_norms(x))
+    _add_weighted_gram_(acc, name, sums, x, y if sums.on_output else x, weights)
+    sums.images += batch
+    if settings.want_mean:
+        _add_mean_(name, sums, x)
+    if settings.sample_tokens:
+        _add_samples_(sums, x, y, settings.sample_tokens, acc.generator)
+
+
+def _run_pass(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable, num_images: int,
+              acc: _Accumulator, device: torch.device, progress: bool) -> None:
+    """The forward pass over the calibration images, in eval mode with :func:`_on_forward` on every layer; the hooks
+    fill ``acc``. A layer still unreached after the first batch fails the pass then (:func:`unreached`)."""
+    with hooked_in_eval(model, layers, lambda name: partial(_on_forward, acc, name)), \
+            progress_bar(total=num_images, desc="calibration", unit="img", enabled=progress) as bar:
+        for index, images in enumerate(iter_calibration_images(batches, num_images)):
+            acc.batch = images.shape[0]
+            model(images.to(device))
+            if index == 0:
+                unreached(name for name, sums in acc.sums.items() if sums.images == 0)
+            bar.update(images.shape[0])
+
+
+def _layer_stats(layer: nn.Linear, sums: _LayerSums, settings: _PassSettings) -> LayerStats:
+    """One layer's :class:`LayerStats` from its sums: the symmetric H, or on the output side W^T H W with tr(H) and
+    W (``gram`` None: built from them on first read, :func:`range_gram`); X_rep = sum_i X_i / N and the sampled
+    tokens where asked."""
+    n = sums.images
+    gram = symmetrize_upper(sums.gram)
+    output_gram = weight = None
+    if sums.on_output:  # H is built from these on first use (LayerStats.gram)
+        output_gram, weight, gram = gram, layer.weight.detach().T, None
+    return LayerStats(
+        gram=gram,
+        num_images=n,
+        mean_input=sums.mean_sum / n if settings.want_mean else None,
+        samples=torch.cat(sums.samples) if settings.sample_tokens else None,
+        sample_weights=torch.cat(sums.sample_weights) if settings.sample_tokens else None,
+        output_gram=output_gram,
+        input_trace=sums.trace,
+        range_weight=weight,
+        fourth_moment=float(sums.fourth) if sums.fourth is not None else None,
+        rows=sums.rows,
+    )
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -354,12 +556,9 @@ def collect_statistics(
 ) -> dict[str, LayerStats]:
     """Run the model once over the calibration images and return each layer's statistics.
 
-    Per batch and layer the hook computes the per-image weights w_i from the output (:func:`output_energies`),
-    scales every image's rows by sqrt(w_i) in one pass (cast to the product precision on the way), and forms the
-    batch's X^T diag(w) X with one symmetric product (:func:`upper_gram_`) into a scratch matrix shared by all layers
-    of that width, which is then added to the layer's float64 running sum. A NaN or inf input makes that product's
-    diagonal non-finite, so the check costs nothing per element; the slow element-wise test runs only to word the
-    error.
+    Per batch and layer the hook (:func:`_on_forward`) takes the per-image weights w_i from the output and adds the
+    batch's X^T diag(w) X to the layer's float64 running sum with one symmetric product, checked for NaN or inf
+    through its diagonal at no per-element cost (:func:`_add_weighted_gram_`).
 
     Args:
         model: the dense model; put in eval mode for the pass and restored afterwards.
@@ -385,109 +584,9 @@ def collect_statistics(
         ValueError: bad calibration data (see :func:`iter_calibration_images`), NaN or inf activations reaching a
             layer, a float32 product that overflows, or a layer the forward pass never reached.
     """
-    product_dtype = getattr(torch, gram_precision, None)
-    if product_dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
-    if gram_space not in ("input", "auto"):
-        raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
-    if weighting not in ("image", "token"):
-        raise ValueError(f"weighting must be 'image' or 'token', got {weighting!r}")
-    output_side = {name for name, layer in layers.items()
-                   if gram_space == "auto" and layer.out_features < layer.in_features}
-    rows_seen = dict.fromkeys(layers, 0)
-    traces = dict.fromkeys(output_side, 0.0)
+    product_dtype = _check_options(gram_precision, gram_space, weighting)
+    settings = _PassSettings(product_dtype, gram_precision, weighting, want_mean, sample_tokens, fourth_moment)
     device = device or next(model.parameters()).device
-    fourth = {name: torch.zeros((), dtype=torch.float64, device=device) for name in layers} if fourth_moment else {}
-    generator = torch.Generator().manual_seed(seed)
-    state: dict[str, object] = {"batch": 0}
-    # Upper block triangles of the running sums; mirrored once at the end.
-    widths = {name: layer.out_features if name in output_side else layer.in_features for name, layer in layers.items()}
-    grams = {name: torch.zeros(widths[name], widths[name], dtype=torch.float64, device=device) for name in layers}
-    grams_scratch: dict[tuple[int, torch.device], torch.Tensor] = {}  # one batch's product, per width
-    buffers = Scratch()
-    mean_sums: dict[str, torch.Tensor] = {}
-    samples: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    sample_weights: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    counts = dict.fromkeys(layers, 0)
-
-    def check_finite(name: str, x: torch.Tensor, rows: torch.Tensor, product: torch.Tensor) -> None:
-        if bool(torch.isfinite(product.diagonal()).all()):
-            return
-        if not torch.isfinite(x).all():
-            raise ValueError(f"non-finite activations (NaN or inf) reach layer {name} during calibration")
-        side = "outputs" if name in output_side else "inputs"
-        raise ValueError(f"the {gram_precision} Gram product of layer {name}'s {side} overflows (values up to "
-                         f"{rows.abs().max().item():.3g}); use gram_precision='float64'")
-
-    def make_hook(name: str):
-        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            batch = int(state["batch"])
-            k = module.in_features
-            x = inputs[0].detach().reshape(batch, -1, k)
-            energy, y = output_energies(output.detach(), module.bias, batch, buffers)
-            weights = image_weights(energy) if weighting == "image" else torch.ones_like(energy)
-            rows = y if name in output_side else x
-            rows_seen[name] += x.shape[0] * x.shape[1]
-            if fourth_moment:
-                fourth[name] += x.reshape(-1, k).double().pow(2).sum(1).pow(2).sum()
-            if name in output_side:  # tr(H) = sum_i w_i ||X_i||^2
-                traces[name] += float(weights @ squared_norms(x))
-            # One pass, into a reused buffer: the rows scaled by sqrt(w_i) come out in the product dtype.
-            xs = torch.mul(rows, weights.sqrt().to(product_dtype)[:, None, None],
-                           out=buffers.get("rows", tuple(rows.shape), product_dtype, rows.device))
-            width = xs.shape[-1]
-            xs = xs.reshape(-1, width)
-            product = grams_scratch.get((width, xs.device))
-            if product is None:  # blocks below the diagonal stay zero (see upper_gram_)
-                product = grams_scratch[(width, xs.device)] = torch.zeros(width, width, dtype=product_dtype,
-                                                                          device=xs.device)
-            upper_gram_(product, xs, _GRAM_BLOCK)
-            check_finite(name, x, rows, product)
-            grams[name] += product
-            counts[name] += batch
-            if want_mean:
-                total = x.sum(dim=0, dtype=torch.float64)
-                if name in mean_sums and mean_sums[name].shape != total.shape:
-                    raise ValueError(f"layer {name} saw a varying number of tokens per image; "
-                                     "decomposition='mean' needs images of one size")
-                mean_sums[name] = mean_sums[name] + total if name in mean_sums else total
-            if sample_tokens:
-                tokens = x.shape[1]
-                take = min(sample_tokens, tokens)
-                idx = torch.rand(batch, tokens, generator=generator).argsort(dim=1)[:, :take].to(x.device)
-                xs_sub = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2])).float()
-                ys_sub = torch.gather(y, 1, idx[:, :, None].expand(-1, -1, y.shape[2])).double()
-                w_sub = image_weights(ys_sub.pow(2).sum(dim=(1, 2)))
-                samples[name].append(xs_sub.cpu())
-                sample_weights[name].append(w_sub.float().cpu())
-        return hook
-
-    with hooked_in_eval(model, layers, make_hook), \
-            progress_bar(total=num_images, desc="calibration", unit="img", enabled=progress) as bar:
-        for index, images in enumerate(iter_calibration_images(batches, num_images)):
-            state["batch"] = images.shape[0]
-            model(images.to(device))
-            if index == 0:
-                unreached(name for name, n in counts.items() if n == 0)
-            bar.update(images.shape[0])
-
-    stats: dict[str, LayerStats] = {}
-    for name in layers:
-        n = counts[name]
-        gram = symmetrize_upper(grams[name])
-        output_gram = trace = weight = None
-        if name in output_side:  # H is built from these on first use (LayerStats.gram)
-            output_gram, trace, weight, gram = gram, traces[name], layers[name].weight.detach().T, None
-        stats[name] = LayerStats(
-            gram=gram,
-            num_images=n,
-            mean_input=mean_sums[name] / n if want_mean else None,
-            samples=torch.cat(samples[name]) if sample_tokens else None,
-            sample_weights=torch.cat(sample_weights[name]) if sample_tokens else None,
-            output_gram=output_gram,
-            input_trace=trace,
-            range_weight=weight,
-            fourth_moment=float(fourth[name]) if fourth_moment else None,
-            rows=rows_seen[name],
-        )
-    return stats
+    acc = _new_accumulator(layers, gram_space, settings, device, seed)
+    _run_pass(model, layers, batches, num_images, acc, device, progress)
+    return {name: _layer_stats(layer, acc.sums[name], settings) for name, layer in layers.items()}
