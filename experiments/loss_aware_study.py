@@ -199,8 +199,8 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     cosine), the factors stay frozen; the same images and order for every recipe. ``distill`` > 0 mixes in
     distillation from ``teacher`` (the dense model) as ``FinetuneConfig.distill`` does; ``train_factors`` trains U, V
     and Z too (``FinetuneConfig.train_factors``)."""
-    from lowrank_vit.core.common import warmup_cosine
     from lowrank_vit.stages.finetune import distillation_mix, freeze_for_partial_finetune, soft_distillation_loss
+    from lowrank_vit.stages.finetune_config import warmup_cosine
 
     freeze_for_partial_finetune(model, train_factors=train_factors)
     params = [p for p in model.parameters() if p.requires_grad]

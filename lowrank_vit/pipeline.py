@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -18,21 +16,12 @@ from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
 from lowrank_vit.core.calibration import LayerStats, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
-from lowrank_vit.core.decompose import (
-    Decomposition,
-    Whitening,
-    whitening,
-)
+from lowrank_vit.core.decompose import Decomposition, Whitening, whitening
 from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speedup, latency_report, rank_limits
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
-from lowrank_vit.core.refit import (
-    PairGrams,
-    dense_output_error,
-    micro_batches,
-    refit_bias,
-    sequential_refit,
-)
+from lowrank_vit.core.refit import PairGrams, dense_output_error, micro_batches, refit_bias, sequential_refit
+from lowrank_vit.core.stopwatch import StageClock
 from lowrank_vit.io.surgery import swap_layers
 from lowrank_vit.methods.compensate import (
     CompensationProblem,
@@ -133,16 +122,6 @@ class CompressionReport:
                          f"ms dense ({latency['predicted_speedup']:.2f}x; batch {latency['batch']}, "
                          f"{latency['runtime']} {latency['dtype']} on {latency['device']})")
         return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _timed(totals: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
-    """Add the block's wall time to ``totals[key]`` (after the device's queued work, on CUDA)."""
-    start = time.perf_counter()
-    yield  # an exception propagates untimed (and touches no device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
 
 def _target_total(cfg: CompressionConfig, params_before: int) -> int:
@@ -407,37 +386,180 @@ def apply_plan_skeleton_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     return model
 
 
-def _factored_params(new: FactorizedLinear) -> int:
-    return new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
+def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
+             **overrides: Any) -> CompressionReport:
+    """Compress ``model`` in place: every block linear becomes ``U V^T + Z`` (or stays dense where the allocation
+    says so), so that the whole model holds ``config``'s target number of parameters.
+
+    Args:
+        model: a timm ViT, DeiT, Swin, BEiT or EVA (any size, input resolution, patch size, channels).
+        calib_images: iterable of batches: image tensors (B, C, H, W), (images, labels) tuples or dicts with an
+            "image" tensor, already preprocessed for the model. ``config.calib_samples`` images are used.
+        config: what to do; ``overrides`` are applied on top (``compress(m, data, reduction=0.5)``).
+
+    Returns:
+        A :class:`CompressionReport`.
+    """
+    setup = _setup(model, config, overrides)
+    cfg, clock = setup.cfg, StageClock(setup.device)
+    kept_images, calib_images = _kept_batches(calib_images, cfg) if _keeps_images(cfg) else ([], calib_images)
+    with clock.stage("calibration"):
+        stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if cfg.fits_z_by_sgd else 0)
+    with clock.stage("decomposition"):
+        decompositions, whitenings = _decompose(setup, stats, scales, clock)
+    with clock.stage("allocation"):
+        curves = {name: _energy_curve(cfg, d.singular_values) for name, d in decompositions.items()}
+        allocation = _allocate(setup, curves, _probe(model, setup, decompositions, kept_images))
+    kept_images = kept_images if cfg.refit else []  # the probe's alone: free them
+    with clock.stage("compensation", less="report_errors"):  # the report's errors are not the stage's
+        new_layers, reports, sgd_history = _factorize(setup, stats, decompositions, whitenings, allocation.ranks,
+                                                      clock)
+    # the modules replaced as a whole (COMCAT's attention), one report per unit (output errors not measured)
+    new_modules = {name: setup.whole.build(name, module, decompositions, allocation.ranks)
+                   for name, module in setup.modules.items()}
+    unit_reports = [LayerReport(unit.name, unit.in_features, unit.out_features, unit.rank, 0, unit.dense_params,
+                                unit.params, unit.energy_loss, math.nan, math.nan)
+                    for unit in setup.whole.summaries(setup.modules, decompositions, allocation.ranks)]
+    dense = copy.deepcopy(model) if cfg.refit else None
+    with clock.sub("swap"):
+        swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
+        swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
+    if dense is not None:
+        with clock.stage("refit", less="report_errors"):
+            errors = _refit(dense, model, setup, stats, new_layers, kept_images, clock)
+        reports.update({name: replace(reports[name], output_error_lowrank=err, output_error=err)
+                        for name, err in errors.items()})
+    del stats, decompositions, whitenings, dense, kept_images  # (the new layers live on in the model)
+    release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed
+    return CompressionReport(cfg.to_dict(), setup.params_before, count_params(model), setup.target_total,
+                             [reports[name] for name in setup.layers] + unit_reports, clock.stages, sgd_history,
+                             allocation.trace if get_policy(cfg.allocation).records_trace else [], clock.substages,
+                             _latency_report(setup, allocation.ranks))
 
 
-def _output_error_now(stats: LayerStats, layer: nn.Linear, new: FactorizedLinear, device: torch.device,
-                      sub: dict[str, float]) -> float:
-    """Eq. (5) of the layer as built (U V^T + Z) against the dense ``layer``."""
-    with _timed(sub, "report_errors", device):
-        return output_error(stats, _weight(layer, device) - new.dense_weight().detach().double())
+def _decompose(setup: _Setup, stats: dict[str, LayerStats], scales: dict[str, torch.Tensor],
+               clock: StageClock) -> tuple[dict[str, Decomposition], dict[str, Whitening]]:
+    """Every layer's decomposition by the method (its factors at any rank, and the spectrum the allocation compares)
+    and the whole modules'; and the whitening of H of each layer whose Z is fitted on it (eq. 10), where the method
+    gave none. The gradient statistics serve the decomposition alone unless the refit reads them: freed here."""
+    cfg, device, method = setup.cfg, setup.device, get_method(setup.cfg.decomposition)
+    needs_whitening = get_z_kind(cfg.compensation).fitted and not _z_is_svd_tail(cfg)
+    decompositions, whitenings = {}, {}
+    with progress_bar(len(setup.layers), "decomposition", "layer", cfg.progress) as bar:
+        for name, layer in setup.layers.items():
+            decompositions[name], white = method.decompose(_weight(layer, device), stats[name], scales.get(name), cfg)
+            if white is None and needs_whitening:  # the closed-form or SGD Z of eq. (10) is fitted on H
+                with clock.sub("whitening"):
+                    white = whitening(stats[name].gram, cfg.damping)
+            if white is not None:
+                whitenings[name] = white
+            if not cfg.refit:
+                stats[name].grad_gram = stats[name].grad_range_gram = None
+            bar.update(1)
+        decompositions.update(setup.whole.decompositions(setup.modules, device))
+    return decompositions, whitenings
 
 
-def _layer_report(name: str, layer: nn.Linear, rank: int | None, new: FactorizedLinear | None, z_params: int,
-                  energy_loss: float, err_lowrank: float, err: float, predicted: float | None) -> LayerReport:
-    params = layer.weight.numel() if new is None else _factored_params(new)
-    return LayerReport(name, layer.in_features, layer.out_features, rank, z_params,
-                       layer.weight.numel(), params, energy_loss, err_lowrank, err, predicted)
+def _z_is_svd_tail(cfg: CompressionConfig) -> bool:
+    """Whether Z is the decomposition's next singular triplets: the exact optimum of a low-rank Z (more rank) in
+    closed form where the decomposition's own metric is eq. (10)'s, found without a second SVD or H."""
+    kind = get_z_kind(cfg.compensation)
+    return kind.fitted and kind.is_more_rank and get_method(cfg.decomposition).tail_is_lowrank_z and \
+        not cfg.fits_z_by_sgd
+
+
+def _factorize(setup: _Setup, stats: dict[str, LayerStats], decompositions: dict[str, Decomposition],
+               whitenings: dict[str, Whitening], ranks: dict[str, int | None],
+               clock: StageClock) -> tuple[dict[str, FactorizedLinear], dict[str, LayerReport], dict[str, list[float]]]:
+    """Each layer at its allocated rank (:func:`_factorize_layer`) or left dense, and its report; for the SGD solver,
+    then every Z fitted at once. Returns the new layers, the reports and the SGD losses. A layer's float64 factors,
+    whitening and residual are dropped once it is built: a large model (ViT-L) never holds all of them at once."""
+    cfg = setup.cfg
+    generator = torch.Generator().manual_seed(cfg.seed)
+    new_layers, reports, tasks = {}, {}, {}
+    for name, layer in setup.layers.items():
+        if ranks[name] is None:
+            predicted = 0.0 if get_method(cfg.decomposition).loss_units else None
+            reports[name] = LayerReport(name, layer.in_features, layer.out_features, None, 0, layer.weight.numel(),
+                                        layer.weight.numel(), 0.0, 0.0, 0.0, predicted)
+            continue
+        new_layers[name], reports[name], task = _factorize_layer(
+            setup, name, ranks[name], stats[name], decompositions.pop(name), whitenings.pop(name, None), generator,
+            clock)
+        if task is not None:
+            tasks[name] = task
+    if not tasks:
+        return new_layers, reports, {}
+    with clock.sub("sgd_fit"):
+        history = fit_sgd(tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations, batch_size=cfg.sgd_batch_size,
+                          seed=cfg.seed, progress=cfg.progress)
+    for name, task in tasks.items():  # each Z in its layer, whose report gets its parameters and error now
+        layer, new = setup.layers[name], new_layers[name]
+        new.z = task.z.to(layer.weight.dtype)
+        reports[name] = replace(reports[name], factored_params=_factored_params(new),
+                                output_error=_output_error_now(stats[name], layer, new, clock))
+    return new_layers, reports, history
+
+
+def _factorize_layer(setup: _Setup, name: str, rank: int, stats: LayerStats, decomposition: Decomposition,
+                     white: Whitening | None, generator: torch.Generator,
+                     clock: StageClock) -> tuple[FactorizedLinear, LayerReport, SGDTask | None]:
+    """Layer ``name`` as ``U V^T + Z`` (U V^T: the rank-``rank`` truncation of its decomposition) and its report. Z
+    of eq. (10) for the residual R = W - U V^T is none, the decomposition's next singular triplets, the closed form
+    on the whitened H, or the SGD solver's start and the task (sampled tokens X_i, targets X_i R) that fits it. The
+    report's eq. (5) errors are measured unless the layer changes again (the refit; an SGD Z: after the fit)."""
+    cfg, layer, z_params = setup.cfg, setup.layers[name], setup.z_params[name]
+    weight = _weight(layer, setup.device)
+    U, V = decomposition.factors(rank)
+    residual = weight - U @ V.T
+    err_lr = math.nan  # with refit the layer changes again; its errors are measured after the refit
+    if not cfg.refit:
+        with clock.sub("report_errors"):
+            err_lr = output_error(stats, residual)
+    z, task = None, None
+    if _z_is_svd_tail(cfg):
+        with clock.sub("svd_tail_z"):
+            z = svd_tail_z(decomposition, rank, z_params)
+    elif get_z_kind(cfg.compensation).fitted:  # never an output-side layer (statistics_space)
+        problem = CompensationProblem(residual, white)
+        if cfg.fits_z_by_sgd:
+            z = init_z_for_sgd(cfg.compensation, problem, z_params, generator).float().to(setup.device)
+            inputs = stats.samples.to(setup.device)
+            task = SGDTask(z, inputs, (inputs.double() @ residual).float(), stats.sample_weights.to(setup.device))
+        else:
+            with clock.sub("closed_form_z"):
+                z = closed_form_z(cfg.compensation, problem, z_params)
+        del problem
+    del residual, white
+    dtype = layer.weight.dtype
+    new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), _centred_bias(layer, stats, weight, U, V, z),
+                                        z.to(dtype) if z is not None else None).to(setup.device)
+    predicted = 0.5 * float(decomposition.energy_tails()[rank]) if get_method(cfg.decomposition).loss_units else None
+    err = math.nan if task is not None or cfg.refit else _output_error_now(stats, layer, new, clock)
+    return new, LayerReport(name, layer.in_features, layer.out_features, rank, z_params, layer.weight.numel(),
+                            _factored_params(new), decomposition.energy_loss(rank), err_lr, err, predicted), task
+
+
+def _centred_bias(layer: nn.Linear, stats: LayerStats, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                  z: nn.Module | None) -> torch.Tensor | None:
+    """The new layer's bias: the dense one, plus mu^T (W - W_hat) where the statistics are of centred inputs (their
+    token mean mu taken out), so that the layer's change on x is the change on x - mu the statistics measured."""
+    bias = None if layer.bias is None else layer.bias.detach()
+    if stats.token_mean is None or bias is None:
+        return bias
+    kept = U @ V.T if z is None else U @ V.T + z.dense().double()
+    return (bias.double() + stats.token_mean.to(weight.device) @ (weight - kept)).to(bias.dtype)
 
 
 def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, LayerStats],
-           new_layers: dict[str, FactorizedLinear], images: list[torch.Tensor]) -> dict[str, float]:
+           new_layers: dict[str, FactorizedLinear], images: list[torch.Tensor], clock: StageClock) -> dict[str, float]:
     """``CompressionConfig.refit``: every factorized layer refitted, in forward order, for the compressed model's
-    own inputs (:mod:`lowrank_vit.core.refit`), at the rank the allocation gave it. Returns the report's error of
-    each refitted layer whose statistics were kept on its output side: those are exact only for weights in the
-    range of W, so the refit measures it on the dense inputs it sees anyway."""
-    cfg, device = setup.cfg, setup.device
-    method = get_method(cfg.decomposition)
-    blocks: dict[str, list[str]] = {}
-    for block, block_layers in get_adapter(model).layers_by_block(dense).items():
-        names = [name for name in block_layers if name in new_layers]
-        if names:
-            blocks[block] = names
+    own inputs (:mod:`lowrank_vit.core.refit`), at the rank the allocation gave it. Returns each refitted layer's
+    eq. (5) error: for statistics kept on its output side (exact only for weights in the range of W) measured by the
+    refit on the dense inputs it sees anyway, else from the statistics (exact for any weight change)."""
+    cfg, device, method = setup.cfg, setup.device, get_method(setup.cfg.decomposition)
+    blocks = {block: names for block, block_layers in get_adapter(model).layers_by_block(dense).items()
+              if (names := [name for name in block_layers if name in new_layers])}
 
     def centred(name: str) -> bool:
         return stats[name].token_mean is not None and setup.layers[name].bias is not None
@@ -461,158 +583,17 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
 
     sequential_refit(dense, model, blocks, list(micro_batches(images, 32)), fit, centred=centred,
                      dense_gram=output_side, device=device, gram_precision=cfg.gram_precision, progress=cfg.progress)
+    for name, new in new_layers.items():
+        if name not in errors:  # input-side statistics
+            errors[name] = _output_error_now(stats[name], setup.layers[name], new, clock)
     return errors
 
 
-def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None = None,
-             **overrides: Any) -> CompressionReport:
-    """Compress ``model`` in place: every block linear becomes ``U V^T + Z`` (or stays dense where the allocation
-    says so), so that the whole model holds ``config``'s target number of parameters.
+def _factored_params(new: FactorizedLinear) -> int:
+    return new.U.numel() + new.V.numel() + (sum(p.numel() for p in new.z.parameters()) if new.z else 0)
 
-    Args:
-        model: a timm ViT, DeiT, Swin, BEiT or EVA (any size, input resolution, patch size, channels).
-        calib_images: iterable of batches: image tensors (B, C, H, W), (images, labels) tuples or dicts with an
-            "image" tensor, already preprocessed for the model. ``config.calib_samples`` images are used.
-        config: what to do; ``overrides`` are applied on top (``compress(m, data, reduction=0.5)``).
 
-    Returns:
-        A :class:`CompressionReport`.
-    """
-    setup = _setup(model, config, overrides)
-    cfg, layers, device, z_kind = setup.cfg, setup.layers, setup.device, setup.cfg.compensation
-    budgets_meta = setup.z_params
-    timings: dict[str, float] = {}
-    sub: dict[str, float] = {}  # substage_seconds
-
-    method = get_method(cfg.decomposition)
-    use_sgd = cfg.fits_z_by_sgd
-    kind = get_z_kind(z_kind)
-    tail_z = kind.fitted and kind.is_more_rank and method.tail_is_lowrank_z and not use_sgd
-    needs_whitening = kind.fitted and not tail_z
-    kept_images: list[torch.Tensor] = []
-    if _keeps_images(cfg):  # the refit or the probe runs the images again: keep them
-        kept_images, calib_images = _kept_batches(calib_images, cfg)
-    with _timed(timings, "calibration", device):
-        stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if use_sgd else 0)
-
-    whitenings: dict[str, Whitening] = {}
-    decompositions: dict[str, Decomposition] = {}
-    with _timed(timings, "decomposition", device), \
-            progress_bar(len(layers), "decomposition", "layer", cfg.progress) as bar:
-        for name, layer in layers.items():
-            decompositions[name], white = method.decompose(_weight(layer, device), stats[name], scales.get(name),
-                                                           cfg)
-            if white is None and needs_whitening:  # the closed-form or SGD Z of eq. (10) is fitted on H
-                with _timed(sub, "whitening", device):
-                    white = whitening(stats[name].gram, cfg.damping)
-            if white is not None:
-                whitenings[name] = white
-            if not cfg.refit:  # the decomposition's alone (and the refit's): free them now
-                stats[name].grad_gram = stats[name].grad_range_gram = None
-            bar.update(1)
-        decompositions.update(setup.whole.decompositions(setup.modules, device))
-
-    with _timed(timings, "allocation", device):
-        allocation = _allocate(setup, {name: _energy_curve(cfg, d.singular_values)
-                                       for name, d in decompositions.items()},
-                               _probe(model, setup, decompositions, kept_images))
-    if not cfg.refit:
-        kept_images = []  # the probe's alone: free them
-
-    # Memory: each layer's full float64 factors, residual and gradient statistics are dropped as soon as the layer
-    # is built, so the compression of a large model (ViT-L) does not hold all of them at once.
-    reports: dict[str, LayerReport] = {}
-    with _timed(timings, "compensation", device):
-        generator = torch.Generator().manual_seed(cfg.seed)
-        new_layers: dict[str, FactorizedLinear] = {}
-        sgd_tasks: dict[str, SGDTask] = {}
-        for name, layer in layers.items():
-            rank = allocation.ranks[name]
-            if rank is None:
-                reports[name] = _layer_report(name, layer, None, None, 0, 0.0, 0.0, 0.0,
-                                              0.0 if method.loss_units else None)
-                continue
-            weight = _weight(layer, device)
-            decomposition = decompositions.pop(name)
-            U, V = decomposition.factors(rank)
-            residual = weight - U @ V.T
-            err_lr = math.nan  # with refit the layer changes again; its errors are measured after the refit
-            if not cfg.refit:
-                with _timed(sub, "report_errors", device):
-                    err_lr = output_error(stats[name], residual)
-            z = None
-            if tail_z:  # the exact optimum in the decomposition's own metric is its SVD's tail (exactly more rank)
-                with _timed(sub, "svd_tail_z", device):
-                    z = svd_tail_z(decomposition, rank, budgets_meta[name])
-            elif kind.fitted:  # never an output-side layer (statistics_space)
-                s = stats[name]
-                problem = CompensationProblem(residual, whitenings.pop(name))
-                if use_sgd:
-                    z = init_z_for_sgd(z_kind, problem, budgets_meta[name], generator).float().to(device)
-                    inputs = s.samples.to(device)
-                    targets = (inputs.double() @ residual).float()
-                    sgd_tasks[name] = SGDTask(z, inputs, targets, s.sample_weights.to(device))
-                else:
-                    with _timed(sub, "closed_form_z", device):
-                        z = closed_form_z(z_kind, problem, budgets_meta[name])
-                del problem
-            del residual
-            dtype = layer.weight.dtype
-            bias = None if layer.bias is None else layer.bias.detach()
-            mean = stats[name].token_mean
-            if mean is not None and bias is not None:  # statistics of centred inputs: the bias takes mu^T (W - W_hat)
-                kept = U @ V.T if z is None else U @ V.T + z.dense().double()
-                bias = (bias.double() + mean.to(device) @ (weight - kept)).to(bias.dtype)
-            new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), bias, z.to(dtype) if z is not None else None)
-            new_layers[name] = new.to(device)
-            predicted = 0.5 * float(decomposition.energy_tails()[rank]) if method.loss_units else None
-            err = math.nan if name in sgd_tasks or cfg.refit else _output_error_now(stats[name], layer, new, device,
-                                                                                     sub)
-            reports[name] = _layer_report(name, layer, rank, new, budgets_meta[name], decomposition.energy_loss(rank),
-                                          err_lr, err, predicted)
-            del decomposition, U, V
-        sgd_history = {}
-        if sgd_tasks:
-            with _timed(sub, "sgd_fit", device):
-                sgd_history = fit_sgd(sgd_tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations,
-                                      batch_size=cfg.sgd_batch_size, seed=cfg.seed, progress=cfg.progress)
-            for name, task in sgd_tasks.items():
-                new_layers[name].z = task.z.to(layers[name].weight.dtype)
-                reports[name] = replace(reports[name], factored_params=_factored_params(new_layers[name]),
-                                        output_error=_output_error_now(stats[name], layers[name], new_layers[name],
-                                                                       device, sub))
-            sgd_tasks.clear()
-    # the report's errors are computed layer by layer inside the loop above (to free each layer's tensors at once),
-    # but stay out of the compensation stage's time, as they were when computed after it
-    timings["compensation"] -= sub.get("report_errors", 0.0)
-
-    reports = [reports[name] for name in layers]
-    # Whole modules (COMCAT's attention): one report per unit, at the rank it is factorized at; output errors are
-    # not measured unit by unit.
-    new_modules = {name: setup.whole.build(name, module, decompositions, allocation.ranks)
-                   for name, module in setup.modules.items()}
-    for unit in setup.whole.summaries(setup.modules, decompositions, allocation.ranks):
-        reports.append(LayerReport(unit.name, unit.in_features, unit.out_features, unit.rank, 0, unit.dense_params,
-                                   unit.params, unit.energy_loss, math.nan, math.nan))
-
-    dense = copy.deepcopy(model) if cfg.refit else None
-    with _timed(sub, "swap", device):
-        swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
-        swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
-    if dense is not None:
-        with _timed(timings, "refit", device):
-            exact = _refit(dense, model, setup, stats, new_layers, kept_images)
-        for index, layer_report in enumerate(reports):
-            name = layer_report.name
-            if name in new_layers:
-                err = exact.get(name)
-                if err is None:  # input-side statistics: exact for any weight change
-                    err = _output_error_now(stats[name], layers[name], new_layers[name], device, sub)
-                reports[index] = replace(layer_report, output_error_lowrank=err, output_error=err)
-        del dense, kept_images
-    params_after = count_params(model)
-    del stats, decompositions, whitenings  # (the new layers live on in the model)
-    release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed
-    return CompressionReport(cfg.to_dict(), setup.params_before, params_after, setup.target_total, reports, timings,
-                             sgd_history, allocation.trace if get_policy(cfg.allocation).records_trace else [], sub,
-                             _latency_report(setup, allocation.ranks))
+def _output_error_now(stats: LayerStats, layer: nn.Linear, new: FactorizedLinear, clock: StageClock) -> float:
+    """Eq. (5) of the layer as built (U V^T + Z) against the dense ``layer``."""
+    with clock.sub("report_errors"):
+        return output_error(stats, _weight(layer, clock.device) - new.dense_weight().detach().double())

@@ -261,7 +261,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "a failed final rename leaving the user's previous model under a hidden name"),
     Mutant("lowrank_vit/harness/outputs.py", '        raise UserError(f"--output {str(out)!r} is a file")',
            "        pass", ("tests/test_usercli.py",), "an --output that is the user's file moved aside by publish"),
-    Mutant("lowrank_vit/core/common.py", "        return value if math.isfinite(value) else None",
+    Mutant("lowrank_vit/core/files.py", "        return value if math.isfinite(value) else None",
            "        return value", ("tests/test_usercli.py",), "reports written with a bare NaN (not JSON)"),
     Mutant("lowrank_vit/harness/finetunecli.py", "        if differ:", "        if False:", ("tests/test_usercli.py",),
            "a fine-tune resuming the checkpoints of another run"),

@@ -804,7 +804,7 @@ def test_saved_files_follow_the_umask_like_any_other_file(tmp_path):
     other file the user writes gets, not private to the user."""
     import os
 
-    from lowrank_vit.core.common import atomic_write
+    from lowrank_vit.core.files import atomic_write
 
     old = os.umask(0o022)
     try:

@@ -797,7 +797,7 @@ def test_reports_and_json_output_are_strict_json(tmp_path):
     """A NaN or infinite figure (an error that overflowed, a latency that was not timed) is written as null:
     json.dumps alone writes a bare NaN, which jq and browsers refuse. One writer serves reports, the registry's
     results and tables, and the resume record."""
-    from lowrank_vit.core.common import strict_json, write_json
+    from lowrank_vit.core.files import strict_json, write_json
 
     data = {"error": float("nan"), "layers": [{"rank": 3, "error": float("inf")}], "t": (1.5, -float("inf")),
             "path": tmp_path, "device": torch.device("cpu")}

@@ -5,14 +5,9 @@ warm-up + cosine schedule, smooth synthetic images, the atomic file write and ha
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -116,94 +111,12 @@ def batch_labels(batch: object) -> torch.Tensor | None:
     return None
 
 
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
-    """Learning-rate factor at ``step``: linear warm-up to 1, then a cosine decay to ``floor`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def smooth_images(count: int, shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
     """``count`` smooth random images (low-frequency noise, bilinearly upsampled): neighbouring patch tokens
     correlate as in natural images, which is what calibration statistics need when no data is at hand."""
     channels, height, width = shape
     low = torch.randn(count, channels, max(height // 16, 2), max(width // 16, 2), generator=generator)
     return nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type, for the CLI and the benchmark scripts: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """An argparse type, for the CLI and the benchmark scripts: a reduction, strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (0.5 removes half the parameters), "
-                                         f"got {text}")
-    return value
-
-
-def strict_json(data: Any, **kwargs: Any) -> str:
-    """JSON that strict readers (jq, browsers) accept: a NaN or infinite float becomes null, which ``json.dumps``
-    would otherwise write as a bare ``NaN`` without ever asking ``default``; paths and devices become strings."""
-    return json.dumps(_finite(data), default=_as_json, allow_nan=False, **kwargs)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _as_json(value: Any) -> Any:
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``: readers see the old file or the
-    new one, never half of one, and an interrupted write leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private, unlike any other file written
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    """``data`` as strict, indented JSON (:func:`strict_json`) at ``path``, written whole or not at all
-    (:func:`atomic_write`); the parent folders are made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(strict_json(data, indent=2) + "\n"))
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it, so set it straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def release_freed_memory() -> None:

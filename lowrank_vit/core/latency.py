@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from lowrank_vit.core.allocate import Allocation, LayerBudget
-from lowrank_vit.core.common import atomic_write, check_number, strict_json
+from lowrank_vit.core.common import check_number
+from lowrank_vit.core.files import atomic_write, strict_json
 
 TABLE_FORMAT = 2
 """Version of the JSON layout and of how it is measured (2: every shape's run times the whole model too); a table of

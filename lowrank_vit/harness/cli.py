@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from lowrank_vit.core.common import positive_int
+from lowrank_vit.harness.argtypes import positive_int
 from lowrank_vit.harness.rehearse import add_rehearse_command
 from lowrank_vit.harness.speedcli import add_profile_command
 from lowrank_vit.harness.standins import COMMITTED_STANDINS

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lowrank_vit.core.common import strict_json
+from lowrank_vit.core.files import strict_json
 from lowrank_vit.harness.userbase import _say
 from lowrank_vit.harness.userdata import _evaluate
 

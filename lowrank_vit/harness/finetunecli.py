@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowrank_vit.core.common import write_json
+from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.outputs import _layers, _staging, check_output_dir, publish, write_model_dir
 from lowrank_vit.harness.preprocessing import describe_preprocessing, resolve_model_preprocessing
 from lowrank_vit.harness.sources import _directory_source, load_teacher

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_vit.core.common import strict_json, write_json
+from lowrank_vit.core.files import strict_json, write_json
 from lowrank_vit.harness.userbase import UserError
 
 

@@ -486,7 +486,7 @@ def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: st
 
 def add_rehearse_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Register ``rehearse`` on ``lowrank-vit``'s subparsers; returns its handler by name."""
-    from lowrank_vit.core.common import positive_int
+    from lowrank_vit.harness.argtypes import positive_int
 
     p = sub.add_parser("rehearse", help="run rows' full-scale configs on a CPU (or GPUs) with random weights and "
                                         "generated data, cut to a few steps; one line per row, ok or what broke")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.config import resolve_gram_precision
-from lowrank_vit.core.common import write_json
+from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.baseline import check_dense_baseline
 from lowrank_vit.harness.ddp import _is_rank_zero, share_compressed, shared_compressed
 from lowrank_vit.harness.models import (

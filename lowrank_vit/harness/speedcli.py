@@ -19,8 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_vit.core.common import positive_int, strict_json
+from lowrank_vit.core.files import strict_json
 from lowrank_vit.core.latency import LatencyTable, Timing
+from lowrank_vit.harness.argtypes import positive_int
 from lowrank_vit.harness.sources import _timm_source
 from lowrank_vit.harness.userbase import UserError, _say, user_command
 from lowrank_vit.harness.usercli import _add_model, _input_size

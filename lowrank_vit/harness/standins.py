@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_vit.core.common import atomic_write, warmup_cosine
+from lowrank_vit.core.files import atomic_write
 from lowrank_vit.core.progress import progress_bar
+from lowrank_vit.stages.finetune_config import warmup_cosine
 
 CACHE_ENV = "LOWRANK_VIT_CACHE"
 """Environment variable naming the cache root (``standins/`` is created under it)."""

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lowrank_vit.core.common import write_json
+from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.registry import (
     Experiment,
     arch_label,

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.core.common import fraction, positive_int, strict_json
+from lowrank_vit.core.files import strict_json
+from lowrank_vit.harness.argtypes import fraction, positive_int
 from lowrank_vit.harness.densecache import _dense_accuracy
 from lowrank_vit.harness.finetunecli import cmd_finetune
 from lowrank_vit.harness.outputs import (

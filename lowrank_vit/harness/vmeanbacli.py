@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_vit.core.common import positive_int
+from lowrank_vit.harness.argtypes import positive_int
 from lowrank_vit.harness.userbase import UserError
 
 RECIPE = "vmeanba"

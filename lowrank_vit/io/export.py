@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_vit.core.common import atomic_write
+from lowrank_vit.core.files import atomic_write
 from lowrank_vit.io.surgery import fold_lowrank_z_, swap_layers
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import Z_MODULES, DenseZ, FactorizedLinear, ZModule

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_vit.core.common import atomic_write
+from lowrank_vit.core.files import atomic_write
 from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, is_scan, set_submodule
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import Z_MODULES, FactorizedLinear
