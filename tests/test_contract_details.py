@@ -255,3 +255,105 @@ def test_a_source_layer_norm_eps_of_timms_own_value_needs_no_note():
     for eps, noted in ((1e-6, False), (1e-12, True), (1e-5, True)):
         _, notes = _config_kwargs({"num_attention_heads": 2, "layer_norm_eps": eps})
         assert any("eps" in note for note in notes) is noted, (eps, notes)
+
+
+# ------------------------------------------------------------------- found by the sixth run's last survivors
+
+
+def _random_budgets(seed: int):
+    from lowrank_vit.core.allocate import LayerBudget, energy_tail_curve
+
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(5):
+        k, m = int(torch.randint(8, 40, (1,), generator=g)), int(torch.randint(8, 40, (1,), generator=g))
+        s = torch.rand(min(k, m), generator=g, dtype=torch.float64).sort(descending=True).values
+        layers.append(LayerBudget(f"l{i}", k, m, 0, energy_tail_curve(s)))
+    return layers
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_marginal_trace_prices_each_layers_last_direction_per_parameter(seed):
+    """The trace says, per layer, what its last kept direction was worth per parameter: the loss it saves over
+    one rank less, divided by the parameters that rank costs (k + m): the unit the allocation's price is in."""
+    from lowrank_vit.core.allocate import allocate_marginal
+
+    layers = _random_budgets(seed)
+    allocation = allocate_marginal(layers, int(0.5 * sum(layer.dense_params for layer in layers)))
+    rows = {row["layer"]: row for row in allocation.trace[1:]}
+    for layer in layers:
+        r = allocation.ranks[layer.name]
+        if r is None or r < 2:
+            continue
+        saved = float(layer.loss(r - 1) - layer.loss(r))
+        assert rows[layer.name]["last_price"] == pytest.approx(saved / (layer.in_features + layer.out_features))
+
+
+def _saved_plan(tmp_path):
+    from lowrank_vit import CompressionConfig, compress, save_compressed
+
+    model = make_tiny_vit(seed=1)
+    compress(model, [make_images(16, seed=2)], CompressionConfig(reduction=0.3, calib_samples=16, progress=False))
+    directory = save_compressed(model, tmp_path / "m")
+    return directory, directory / "lowrank_vit.json"
+
+
+def test_a_layer_spec_that_cannot_be_built_names_the_plan_file(tmp_path):
+    """A plan whose layer spec lacks a field the layer needs: the error names the file to look at."""
+    from lowrank_vit import load_compressed
+
+    directory, plan_file = _saved_plan(tmp_path)
+    plan = json.loads(plan_file.read_text())
+    name = next(iter(plan["layers"]))
+    del plan["layers"][name]["bias"]
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(ValueError) as info:
+        load_compressed(directory)
+    assert str(info.value).startswith(f"{plan_file} is malformed: layer {name}:")
+
+
+def test_a_saved_attention_the_model_lacks_is_refused_naming_the_architecture(tmp_path):
+    from lowrank_vit import load_compressed
+
+    directory, plan_file = _saved_plan(tmp_path)
+    plan = json.loads(plan_file.read_text())
+    plan["attention"] = {"blocks.9.attn": {}}
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(ValueError) as info:
+        load_compressed(directory)
+    assert str(info.value) == (f"saved attention blocks.9.attn does not exist in {plan['architecture']}: "
+                               f"mismatched model")
+
+
+def _parquet(path: Path, labels: list[int], dtype: str = "int64") -> None:
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.Value(dtype)})
+    images = [Image.new("RGB", (8, 8), (40 * i % 256, 0, 0)) for i in range(len(labels))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(str(path))
+
+
+def test_unsigned_integer_labels_are_classes_and_local_data_is_cached_where_asked(tmp_path):
+    """uint8 labels (what numpy and many exporters write) are integer classes (they crashed the class count with
+    an OverflowError until this test); the local data's Arrow cache goes under the data config's cache_dir, not the
+    user's Hugging Face cache."""
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
+
+    _parquet(tmp_path / "d" / "train.parquet", [0, 1, 2, 1], dtype="uint8")
+    _parquet(tmp_path / "d" / "validation.parquet", [2, 0], dtype="uint8")
+    dm = build_datamodule(DataConfig(path=str(tmp_path / "d"), img_size=8, batch_size=2, num_workers=0,
+                                     cache_dir=str(tmp_path / "hf")))
+    dm.setup()
+    assert dm.num_classes == 3 and len(dm.val_dataset) == 2
+    assert any((tmp_path / "hf").rglob("*.arrow"))
+
+
+def test_an_unknown_interpolation_lists_the_known_ones():
+    from lowrank_vit.stages.data_config import INTERPOLATIONS, check_preprocessing
+
+    with pytest.raises(ValueError) as info:
+        check_preprocessing({"interpolation": "cubic-ish"})
+    assert str(info.value) == f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got 'cubic-ish'"

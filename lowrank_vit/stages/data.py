@@ -443,7 +443,9 @@ def _find_column(columns: Sequence[str], given: str | None, candidates: Sequence
 
 
 def _label_array(dataset: datasets.Dataset, column: str) -> np.ndarray:
-    return dataset.select_columns([column]).with_format("arrow")[:].column(column).to_numpy()
+    """The labels as int64, whatever integer type the file stores (uint8 labels cannot hold the -1 that an empty
+    split's maximum starts from)."""
+    return dataset.select_columns([column]).with_format("arrow")[:].column(column).to_numpy().astype(np.int64)
 
 
 class HFImageDataModule(ImageClassificationDataModule):
