@@ -130,3 +130,20 @@ def _dense_accuracy_cache_apart(monkeypatch, tmp_path):
 
     monkeypatch.setattr(densecache, "_dense_cache_dir", folder)
 
+
+def write_image_folder(root, classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0):
+    """An image folder under ``root``: ``class{c}/{i}.png``, RGB, noise around a brightness that depends on the
+    class (so a model can tell them apart). Returns ``root``."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray((rng.random((size, size, 3)) * 80 + c * 70).astype(np.uint8)).save(
+                root / f"class{c}" / f"{i}.png")
+    return root
+

@@ -15,11 +15,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli, write_image_folder
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "cli_errors.json"
 UPDATE = "LOWRANK_VIT_UPDATE_REFERENCES=1 python -m pytest tests/test_cli_errors.py"
@@ -44,18 +43,12 @@ def place(tmp_path_factory) -> Path:
     """A folder of 3 classes x 4 images, a tiny ViT's weights with and without their preprocessing, a model
     directory compressed from them, and the odd files the catalogue needs."""
     import timm
-    from PIL import Image
     from safetensors.torch import save_file
 
     from lowrank_vit.harness import cli as cli_module
 
     root = tmp_path_factory.mktemp("errors")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        folder = root / "imgs" / f"class{label}"
-        folder.mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray((rng.random((SIZE, SIZE, 3)) * 80 + 70 * label).astype(np.uint8)).save(folder / f"{i}.png")
+    write_image_folder(root / "imgs", 3, 4, SIZE)
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)
     save_file(model.state_dict(), str(root / "plain.safetensors"))

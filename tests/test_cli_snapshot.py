@@ -138,6 +138,15 @@ def _diff(expected: str, actual: str, what: str) -> str:
     return f"{what} changed (if on purpose: {UPDATE}, and review the diff):\n" + "\n".join(list(lines)[:60])
 
 
+def _assert_reads_as_reviewed(actual: str, reference: Path, what: str) -> None:
+    """``actual`` equals the reviewed ``reference`` (rewritten first with LOWRANK_VIT_UPDATE_REFERENCES=1)."""
+    if os.environ.get("LOWRANK_VIT_UPDATE_REFERENCES") == "1":
+        reference.write_text(actual)
+    assert reference.is_file(), f"no reference: {UPDATE}"
+    expected = reference.read_text()
+    assert actual == expected, _diff(expected, actual, what)
+
+
 def _cli_text() -> str:
     return json.dumps(cli_reference(), indent=1, sort_keys=False) + "\n"
 
@@ -145,23 +154,13 @@ def _cli_text() -> str:
 def test_every_command_and_option_reads_as_reviewed():
     """A help line, a metavar, a choice, a default or a group title that changes without the reference changing
     with it: a user reading `--help` would see something nobody reviewed."""
-    actual = _cli_text()
-    if os.environ.get("LOWRANK_VIT_UPDATE_REFERENCES") == "1":
-        CLI_REFERENCE.write_text(actual)
-    assert CLI_REFERENCE.is_file(), f"no reference: {UPDATE}"
-    expected = CLI_REFERENCE.read_text()
-    assert actual == expected, _diff(expected, actual, "the command line")
+    _assert_reads_as_reviewed(_cli_text(), CLI_REFERENCE, "the command line")
 
 
 def test_the_model_card_reads_as_reviewed():
     """Every sentence, figure and block of the card, for reports of every shape (fine-tuned with a teacher, five
     classes, scans only, nearly empty), as a person read it when the reference was written."""
-    actual = model_cards()
-    if os.environ.get("LOWRANK_VIT_UPDATE_REFERENCES") == "1":
-        CARDS_REFERENCE.write_text(actual)
-    assert CARDS_REFERENCE.is_file(), f"no reference: {UPDATE}"
-    expected = CARDS_REFERENCE.read_text()
-    assert actual == expected, _diff(expected, actual, "the model card")
+    _assert_reads_as_reviewed(model_cards(), CARDS_REFERENCE, "the model card")
 
 
 def test_the_references_read_what_a_user_reads():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import cli, make_images, make_tiny_vit
+from conftest import cli, make_images, make_tiny_vit, write_image_folder
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
@@ -32,16 +32,10 @@ def _offline(monkeypatch, tmp_path):
 def place(tmp_path_factory) -> Path:
     """Three classes of four images and a tiny ViT's weights that carry their preprocessing."""
     import timm
-    from PIL import Image
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("details")
-    rng = np.random.default_rng(0)
-    for label in range(3):
-        (root / "imgs" / f"c{label}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray((rng.random((SIZE, SIZE, 3)) * 80 + 70 * label).astype(np.uint8)).save(
-                root / "imgs" / f"c{label}" / f"{i}.png")
+    write_image_folder(root / "imgs", 3, 4, SIZE)
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)
     save_file(model.state_dict(), str(root / "w.safetensors"),
@@ -69,7 +63,9 @@ def test_list_json_rows_leave_out_both_run_configurations(capsys):
 
 
 def test_compress_quiet_prints_no_progress_bar(place, tmp_path, capsys):
-    """`--quiet`: nothing on stderr, the compression's own progress bars included (they are the longest part)."""
+    """`--quiet`: nothing on stderr, the compression's own progress bars included (they are the longest part), and
+    the datasets library's bar while it first reads an image folder (it printed one: the variable that turns them off
+    is read when datasets is imported, before the command runs)."""
     code, out, err = cli(capsys, *_compress_argv(place, tmp_path / "q", "--quiet", "--no-eval"))
     assert code == 0 and out.strip() and err == ""
     code, _, err = cli(capsys, *_compress_argv(place, tmp_path / "loud", "--no-eval"))

@@ -9,11 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import cli, one_line_error
+from conftest import cli, one_line_error, write_image_folder
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
@@ -23,16 +22,7 @@ CLASSES, PER_CLASS, SIZE = 3, 5, 32
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """An image folder: one subfolder per class, RGB 32x32 PNGs whose brightness depends on the class."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("issue41_imgs")
-    rng = np.random.default_rng(0)
-    for c in range(CLASSES):
-        (root / f"class{c}").mkdir()
-        for i in range(PER_CLASS):
-            Image.fromarray((rng.random((SIZE, SIZE, 3)) * 80 + c * 70).astype(np.uint8)).save(
-                root / f"class{c}" / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("issue41_imgs"), CLASSES, PER_CLASS, SIZE)
 
 
 @pytest.fixture(scope="module")

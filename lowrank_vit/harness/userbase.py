@@ -37,10 +37,14 @@ def _quiet(enabled: bool) -> Iterator[None]:
         return
     import logging
 
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [logger.level for logger in loggers]
     bars = os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS")
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # for worker processes started during the command
+    bars_were_off = are_progress_bars_disabled()
+    disable_progress_bars()  # the variable alone is read when datasets is imported, which may have happened already
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -50,6 +54,8 @@ def _quiet(enabled: bool) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+        if not bars_were_off:
+            enable_progress_bars()
         if bars is None:
             os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
         else:
