@@ -110,6 +110,40 @@ def test_unknown_layer_kind_is_refused_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class _Doubled(nn.Module):
+    """A layer kind no exporter knows, with an exact ONNX-friendly equivalent (a registered rewrite)."""
+
+    def forward(self, x):
+        return x.mul(2.0)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_a_registered_rewrite_replaces_its_layer_kind_in_the_export_copy_only(monkeypatch):
+    """EXPORT_REWRITES is where a layer kind of one's own gets its export form: a registered function replaces every
+    module of exactly that class in the copy the exporter writes (the caller's model keeps its own), and the copy
+    computes the same logits."""
+    from lowrank_vit.io import export
+
+    model = make_tiny_vit()
+    model.blocks[0].mlp.act = _Doubled()
+    model.blocks[1].mlp.act = _Doubled()
+    monkeypatch.setitem(export.EXPORT_REWRITES, _Doubled, lambda module: _Scaled(2.0))
+    copy_ = prepare_for_export(model)
+    assert [type(b.mlp.act) for b in copy_.blocks] == [_Scaled, _Scaled]
+    assert all(isinstance(b.mlp.act, _Doubled) for b in model.blocks)
+    x = make_images(2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(copy_(x), model.eval()(x))
+
+
 def test_inference_benchmark_times_onnxruntime_beside_pytorch(tmp_path, capsys):
     from test_benchmarks import TOY, load, positive_finite
 
