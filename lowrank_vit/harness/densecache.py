@@ -4,7 +4,6 @@ reused with a note on stderr (``--no-cache`` evaluates again)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lowrank_vit.core.files import strict_json
+from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.userbase import _say
 from lowrank_vit.harness.userdata import _evaluate
 
@@ -110,16 +109,11 @@ def _read_cached_accuracy(path: Path, key: dict[str, Any]) -> dict[str, Any] | N
 
 
 def _write_cached_accuracy(args: argparse.Namespace, path: Path, key: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Written atomically (two runs never read half a file); a cache that cannot be written is skipped, never a
-    failed command."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Written atomically (:func:`~lowrank_vit.core.files.write_json`: two runs never read half a file); a cache that
+    cannot be written is skipped, never a failed command."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(strict_json({"key": key, "accuracy": metrics}, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json(path, {"key": key, "accuracy": metrics})
     except (OSError, ValueError) as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         _say(args, f"the dense model's top-1 was not cached ({type(err).__name__}: {err})")
 
 
