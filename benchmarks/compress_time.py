@@ -141,10 +141,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def make_config(args: Any, solver: str, precision: str, calib: int, space: str = "input",
                 recipe_name: str = "loss-aware") -> CompressionConfig:
     own = {} if precision == "recipe" else {"gram_precision": precision}
+    if solver == "sgd":  # the SGD solver's own setting (a closed-form solver refuses it)
+        own["sgd_iterations"] = args.sgd_iterations
     base, changed = VARIANTS.get(recipe_name, (recipe_name, {}))
     return recipe(base, reduction=args.reduction, calib_samples=calib, solver=solver, gram_space=space,
-                  sgd_iterations=args.sgd_iterations, device=args.device, seed=args.seed, progress=False,
-                  **changed, **own)
+                  device=args.device, seed=args.seed, progress=False, **changed, **own)
 
 
 def settings_of(args: Any) -> list[tuple[str, str, str, str]]:
@@ -203,9 +204,10 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
     }
     out.update({f"{name}_s": seconds for name, seconds in sub.items()})
     if config.solver == "sgd" and sub["sgd_fit"] > 0:
-        out["sgd_s_per_iteration"] = sub["sgd_fit"] / config.sgd_iterations
+        iterations = config.resolved_settings()["sgd_iterations"]
+        out["sgd_s_per_iteration"] = sub["sgd_fit"] / iterations
         out["compensation_s_at_2000_iterations"] = stages["compensation"] + out["sgd_s_per_iteration"] * (
-            2000 - config.sgd_iterations)
+            2000 - iterations)
         out["overhead_ratio_at_2000_iterations"] = (total - floor + out["compensation_s_at_2000_iterations"]
                                                     - stages["compensation"]) / floor
     return out, model

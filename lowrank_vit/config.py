@@ -1,15 +1,19 @@
 """Typed, self-validating configuration for :func:`lowrank_vit.compress`.
 
-Every field is documented right below its definition. The method's defaults are the best recipe measured
+Every field is documented right below its definition. ``CompressionConfig`` holds what every method shares; what
+one decomposition, allocation or Z solver alone reads is that choice's own typed settings class, declared where the
+method is registered, and lives in ``settings``. The method's defaults are the best recipe measured
 (docs/loss_aware.md: loss-aware SVD, marginal allocation, no Z); ``recipe("paper")`` gives the paper's. The other
-defaults follow the paper's Section 4.1 where it gives a value (1024 calibration images, 5% compensation budget,
-gamma = 80, 500 greedy iterations, lr 1e-3, 2000 iterations, batch 64).
+defaults follow the paper's Section 4.1 where it gives a value (1024 calibration images, 5% compensation budget;
+in the settings: gamma = 80, 500 greedy iterations, lr 1e-3, 2000 iterations, batch 64).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +22,7 @@ import torch
 from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers the peers' allocations)
 from lowrank_vit.core.allocate import POLICIES, get_policy
 from lowrank_vit.core.common import check_count, check_number, from_fields, settings_of
-from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS
-from lowrank_vit.methods.compensate import Z_KINDS
+from lowrank_vit.methods.compensate import SOLVERS, Z_KINDS
 from lowrank_vit.methods.decompositions import METHODS, get_method
 from lowrank_vit.methods.units import NO_MODULES
 
@@ -27,7 +30,6 @@ from lowrank_vit.methods.units import NO_MODULES
 DECOMPOSITIONS = tuple(METHODS)
 ALLOCATIONS = tuple(POLICIES)
 COMPENSATIONS = tuple(Z_KINDS)
-SOLVERS = ("closed_form", "sgd")
 GRAM_PRECISIONS = ("float64", "float32")
 
 FLOAT32_GRAM_DEVICE_TYPES = frozenset({"cuda"})
@@ -57,6 +59,59 @@ SVD, Algorithm 1 on normalized energies, closed-form low-rank Z of 5%); "vanilla
 SVD of W, the same retained fraction in every layer, no Z). "flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are
 the peers of docs/peers.md with their published settings (FLAR-SVD; SVD-LLM with its sequential update; SVD-LLM
 v2's heterogeneous ratios; KFAC-SVD with LEMS's integer program)."""
+
+
+def setting_owners() -> dict[str, list[str]]:
+    """Every setting name any registered decomposition, allocation or solver declares, with who declares it
+    ("decomposition 'kfac'"), read from the live registries (a method registered later counts)."""
+    owners: dict[str, list[str]] = {}
+    for kind, name, cls in _setting_declarations():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(f"{kind} {name!r}")
+    return owners
+
+
+def _setting_declarations() -> list[tuple[str, str, type]]:
+    """(kind, name, settings class) of every registered choice that declares settings."""
+    choices = [("decomposition", name, method.settings) for name, method in METHODS.items()]
+    choices += [("allocation", name, policy.settings) for name, policy in POLICIES.items()]
+    choices += [("solver", name, cls) for name, cls in SOLVERS.items()]
+    return [(kind, name, cls) for kind, name, cls in choices if cls is not None]
+
+
+def setting_type(name: str) -> Any:
+    """The annotated type of the setting ``name`` (the first registered class declaring it), else None."""
+    for _, _, cls in _setting_declarations():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            return typing.get_type_hints(cls)[name]
+    return None
+
+
+def _fold_settings(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with every key that names a method's setting rather than a field moved into ``settings`` (on top
+    of the settings given there): ``recipe("paper", gamma=60)``, ``--set compression.gamma=60`` and configs written
+    when those settings were fields (``gamma``, ``grad_fraction``, ``sgd_iterations``...) read as one expects.
+
+    A flat config of that time carried every such field, at its default where its method was not chosen: those
+    are dropped here (they had no effect). A value other than the default goes into ``settings``, which refuses a
+    setting of a method not chosen."""
+    own = {f.name: f for f in dataclasses.fields(CompressionConfig)}
+    moved = {key: value for key, value in fields.items() if key not in own and setting_type(key) is not None}
+    if not moved:
+        return fields
+    rest = {key: value for key, value in fields.items() if key not in moved}
+    chosen = {kind: rest.get(kind, own[kind].default) for kind in ("decomposition", "allocation", "solver")}
+    chosen_names: set[str] = set()
+    others: dict[str, list[Any]] = {}  # a setting's defaults in the classes not chosen
+    for kind, name, cls in _setting_declarations():
+        for f in dataclasses.fields(cls):
+            if chosen[kind] == name:
+                chosen_names.add(f.name)
+            else:
+                others.setdefault(f.name, []).append(f.default)
+    kept = {key: value for key, value in moved.items()
+            if key in chosen_names or all(value != default for default in others[key])}
+    return {**rest, "settings": {**(rest.get("settings") or {}), **kept}}
 
 
 def recipe(name: str, **fields: Any) -> CompressionConfig:
@@ -135,44 +190,22 @@ class CompressionConfig:
     input channels scaled by mean |x|^asvd_alpha before the SVD), "fwsvd" (Hsu et al. 2022: input rows weighted by
     their Fisher information; needs labelled calibration batches), "comcat" (Xiao et al. 2023: every attention
     head's W_Q W_K^T and W_V W_O products factorized, ranks per head; MLP layers by plain SVD)."""
-    asvd_alpha: float = 0.5
-    """ASVD's exponent alpha of the channel scaling S = diag(mean |x|)^alpha (alpha = 0 is plain SVD)."""
     allocation: str = "marginal"
     """"uniform": the same retained fraction of parameters in every layer. "greedy": Algorithm 1 with eq. (9), on
     each layer's normalized energy loss. "marginal": across all layers at once, remove the directions with the least
     absolute energy per parameter freed (meaningful when energies share a unit: decomposition "loss_aware")."""
-    fisher_labels: str = "sampled"
-    """decomposition "loss_aware": the labels its loss gradients use. "sampled": drawn from the model's own
-    prediction (the true Fisher, the curvature of the KL divergence to the dense model; no labels needed). "given":
-    the calibration batches' labels (the empirical Fisher)."""
     bias_correction: bool | None = None
     """decomposition "loss_aware": decompose each biased layer on the Gram of its *centred* inputs and let the bias
     absorb the mean input's output change, b' = b + mu^T (W - W_hat) (mu: the mean calibration token). The output
     error is then (x - mu)(W - W_hat): the mean direction, which every token shares, costs no rank, and no
     parameter is added. None (default): on for "loss_aware" (measured: lower KL to the dense model in every cell of
     docs/loss_aware_study.md), off for the others, which do not support it (True with them is a ValueError)."""
-    grad_fraction: float = 1.0
-    """decomposition "loss_aware": the fraction of the calibration images (the first ceil(fraction * N)) that also
-    run the backward pass giving G; the others feed H only. The backward is most of the loss-aware pass's cost;
-    docs/loss_aware_study.md measures what a smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
-    loss_pass_dtype: str = "float32"
-    """decomposition "loss_aware": the precision its forward and backward pass compute in. "bfloat16" runs them under
-    ``torch.autocast`` (the Gram products and sums keep ``gram_precision``): measured in docs/loss_aware_study.md,
-    the same top-1 within 0.1 point and KL within 2% (4% where it is below 1e-5) on six of seven CIFAR-10 models
-    (0.4 points on the seventh), and statistics 2.0x as fast on a CPU with bfloat16 matrix units (Intel AMX), 1.7x
-    with bfloat16 dot products (AMD, AVX512-BF16). Not the default: on CPUs with neither the bfloat16 products have no
-    fast kernels and the pass may be slower (not measured here), and no GPU was available to time it."""
     refit: bool = False
     """decomposition "loss_aware": after the allocation, recompute every factorized layer, in forward order, for
     the inputs the compressed model gives it (which carry the errors of the layers before it), aiming at the dense
     layer's outputs in the same loss-aware metric, at the same rank (``lowrank_vit.core.refit``). Costs a few more
     forward passes over the calibration images and keeps them in memory; measured in docs/loss_aware_study.md (recipe
     "loss-aware-refit"). Needs ``compensation="none"``."""
-    refit_damping: float = 1e-2
-    """The refit's pull toward the dense weight, relative to the mean diagonal of the compressed inputs' Gram: its
-    least squares for the new inputs is a ridge regression, min ||X_c W* - X W||^2 + d ||W* - W||^2, which with few
-    calibration tokens per input feature would otherwise fit their noise (measured in docs/loss_aware_study.md: with 64
-    images 1e-4 raised the KL at -50% by up to 44%; 1e-2 kept the gains at -80% with 256 images)."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
@@ -200,27 +233,20 @@ class CompressionConfig:
     deployment: matrix products with such inner sizes run faster (benchmarks/rank_alignment.py). 1 (default) is the
     paper's unconstrained allocation. Ranks below the multiple are kept as they are; the budget freed by rounding
     down is given back in whole multiples by the allocation policy's own criterion."""
-    gamma: float = 80.0
-    """Decay of the exponential schedule, eq. (9)."""
-    greedy_iterations: int = 500
-    """Iterations of Algorithm 1 on the schedule; any remainder is then removed greedily in final steps."""
     damping: float = 1e-4
     """Added to the Gram matrix's diagonal, relative to its mean diagonal: keeps H^-1/2 finite when a feature is
     dead or there are fewer tokens than features, and pulls unseen directions toward plain SVD."""
 
-    sgd_lr: float = 1e-3
-    """Learning rate of the SGD solver (Adam), Section 4.1."""
-    sgd_iterations: int = 2000
-    """Steps of the SGD solver."""
-    sgd_batch_size: int = 64
-    """Images per mini-batch of the SGD solver."""
-    sgd_tokens_per_image: int = 16
-    """Tokens kept per image (sampled at random) for the SGD solver's stored activations; bounds its memory."""
-
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The chosen decomposition's and allocation's own settings, by name (their settings classes, e.g.
-    ``methods.decompositions.KfacSettings``, ``core.search.LemsSettings``, validate them; docs/peers.md lists
-    them): ``settings={"grad_shrinkage": 0.3}``. A key that neither declares is an error."""
+    """The chosen decomposition's, allocation's and solver's own settings, by name: each registered choice declares
+    a typed settings class that validates them (``methods.decompositions.LossAwareSettings``, ``AsvdSettings``,
+    ``KfacSettings``; ``core.allocate.GreedySettings``; ``core.search.LemsSettings``...;
+    ``methods.compensate.SgdSettings``; docs/api.md lists them all): ``settings={"grad_fraction": 0.5}``.
+    A key that no chosen class declares is an error (it would be silently ignored). After validation it holds the
+    values that differ from their defaults; :meth:`resolved_settings` gives every one, and the report records those.
+    A setting may also be given as a keyword of its own (``CompressionConfig(reduction=0.5, gamma=60)``, as when
+    these were fields): it is moved here, or dropped where its method is not chosen and it holds that method's
+    default (an earlier flat config carried them all)."""
 
     device: str | None = None
     """Device for the calibration forward and the linear algebra; default: where the model is."""
@@ -254,8 +280,7 @@ class CompressionConfig:
         _check_choice("decomposition", self.decomposition, tuple(METHODS))
         _check_choice("allocation", self.allocation, tuple(POLICIES))
         _check_choice("compensation", self.compensation, tuple(Z_KINDS))
-        _check_choice("solver", self.solver, SOLVERS)
-        _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
+        _check_choice("solver", self.solver, tuple(SOLVERS))
         gradient_pass = get_method(self.decomposition).gradient_pass
         if gradient_pass and self.fits_z_by_sgd:
             raise ValueError(f"solver='sgd' fits Z on stored calibration tokens, which decomposition="
@@ -267,14 +292,6 @@ class CompressionConfig:
         if self.bias_correction and not gradient_pass:
             raise ValueError(f"bias_correction needs decomposition='loss_aware' (its statistics carry the mean input); "
                              f"got decomposition={self.decomposition!r}")
-        check_number("grad_fraction", self.grad_fraction, "(0, 1]")
-        if self.grad_fraction != 1.0 and not gradient_pass:
-            raise ValueError(f"grad_fraction needs decomposition='loss_aware' (the only one with a gradient pass over "
-                             f"the calibration images); got decomposition={self.decomposition!r}")
-        _check_choice("loss_pass_dtype", self.loss_pass_dtype, COMPUTE_DTYPES)
-        if self.loss_pass_dtype != "float32" and not gradient_pass:
-            raise ValueError(f"loss_pass_dtype needs decomposition='loss_aware' (the only one with a gradient pass); "
-                             f"got decomposition={self.decomposition!r}")
         if not isinstance(self.refit, bool):
             raise ValueError(f"refit must be true or false, got {self.refit!r}")
         if self.refit and not get_method(self.decomposition).supports_refit:
@@ -284,20 +301,15 @@ class CompressionConfig:
         if self.refit and Z_KINDS[self.compensation].fitted:
             raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
                              f"{self.compensation!r})")
-        check_number("refit_damping", self.refit_damping, ">= 0")
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))
         check_number("z_fraction", self.z_fraction, "[0, 0.5)")
         if Z_KINDS[self.compensation].fitted and self.z_fraction == 0.0:
             raise ValueError(f"compensation={self.compensation!r} needs z_fraction > 0 (or use compensation='none')")
-        for name in ("calib_samples", "rank_multiple", "greedy_iterations", "sgd_iterations", "sgd_batch_size",
-                     "sgd_tokens_per_image"):
+        for name in ("calib_samples", "rank_multiple"):
             check_count(name, getattr(self, name))
-        check_number("gamma", self.gamma, "> 0")
-        check_number("sgd_lr", self.sgd_lr, "> 0")
         check_number("damping", self.damping, ">= 0")
-        check_number("asvd_alpha", self.asvd_alpha, ">= 0")
         self._check_settings()
         self._check_latency()
 
@@ -325,31 +337,64 @@ class CompressionConfig:
                 raise ValueError(f"decomposition={self.decomposition!r} replaces whole attention modules, which a "
                                  f"latency table does not time")
 
+    def _setting_classes(self) -> list[type]:
+        """The settings classes of the chosen decomposition, allocation and solver."""
+        return [cls for cls in (get_method(self.decomposition).settings, get_policy(self.allocation).settings,
+                                SOLVERS[self.solver]) if cls is not None]
+
     def _check_settings(self) -> None:
-        """Every key of ``settings`` belongs to the decomposition's or the allocation's settings class, and each
-        class accepts its values (its own validation)."""
+        """Every key of ``settings`` belongs to the chosen decomposition's, allocation's or solver's settings class
+        (another's would be silently ignored), and each class accepts its values (its own validation). Those equal
+        to their default are then dropped (:meth:`resolved_settings` gives them all)."""
         if not isinstance(self.settings, dict):
             raise ValueError(f"settings must be a mapping of setting names to values, got {self.settings!r}")
-        classes = [cls for cls in (get_method(self.decomposition).settings, get_policy(self.allocation).settings)
-                   if cls is not None]
-        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-        unknown = sorted(set(self.settings) - known)
-        if unknown:
-            raise ValueError(f"setting(s) {', '.join(map(repr, unknown))} belong to neither decomposition="
-                             f"{self.decomposition!r} nor allocation={self.allocation!r}; theirs: "
-                             f"{', '.join(sorted(known)) or 'none'}")
+        classes = self._setting_classes()
+        known = [f.name for cls in classes for f in dataclasses.fields(cls)]
+        chosen = (f"decomposition={self.decomposition!r}, allocation={self.allocation!r}, solver={self.solver!r} "
+                  f"(their settings: {', '.join(known) or 'none'})")
+        owners = setting_owners()
+        for key, value in self.settings.items():
+            if key not in known:
+                where = " or ".join(owners.get(key, ["no registered decomposition, allocation or solver"]))
+                raise ValueError(f"setting {key!r}={value!r} belongs to {where}, not to {chosen}")
         for cls in classes:
             settings_of(self, cls)
+        # a setting at its default says nothing: dropped, so that every spelling of one configuration compares equal
+        defaults = {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
+        self.settings = {key: value for key, value in self.settings.items() if value != defaults[key]}
         if get_policy(self.allocation).needs_probe and get_method(self.decomposition).whole_modules is not NO_MODULES:
             raise ValueError(f"allocation={self.allocation!r} measures the model with single layers truncated, which "
                              f"decomposition={self.decomposition!r} (whole attention modules) does not allow")
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """Every setting the chosen decomposition, allocation and solver read, with their defaults filled in."""
+        return {name: value for cls in self._setting_classes()
+                for name, value in dataclasses.asdict(settings_of(self, cls)).items()}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def report_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with ``settings`` resolved (:meth:`resolved_settings`): what a compression ran with, as its
+        report and plan record it."""
+        return {**self.to_dict(), "settings": self.resolved_settings()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
-        return from_fields(cls, data)
+        return from_fields(cls, _fold_settings(data))
+
+
+_dataclass_init = CompressionConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_flat_settings(self: CompressionConfig, *args: Any, **fields: Any) -> None:
+    # A setting given as a keyword (``CompressionConfig(reduction=0.5, gamma=60)``, the fields these settings were
+    # before each method owned its own) goes into ``settings``: code written against the flat config keeps working.
+    _dataclass_init(self, *args, **_fold_settings(fields))
+
+
+CompressionConfig.__init__ = _init_with_flat_settings  # type: ignore[method-assign]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from lowrank_vit.core.stopwatch import StageClock
 from lowrank_vit.io.surgery import swap_layers
 from lowrank_vit.methods.compensate import (
     CompensationProblem,
+    SgdSettings,
     SGDTask,
     closed_form_z,
     fit_sgd,
@@ -39,89 +39,7 @@ from lowrank_vit.methods.units import WholeModules
 from lowrank_vit.nn.adapters import count_params, get_adapter
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import FactorizedLinear
-
-
-@dataclass
-class LayerReport:
-    name: str
-    in_features: int
-    out_features: int
-    rank: int | None
-    """``None``: the allocation left the layer dense."""
-    z_params: int
-    dense_params: int
-    factored_params: int
-    """Parameters of the layer's weight after compression (U, V and Z; the dense count if left dense)."""
-    energy_loss: float
-    """Normalized energy loss of the kept spectrum (what the allocation minimized)."""
-    output_error_lowrank: float
-    """Eq. (5) on the calibration images with U V^T alone."""
-    output_error: float
-    """Eq. (5) on the calibration images with U V^T + Z (the layer as it is now). For decomposition "loss_aware"
-    both errors are pooled over the calibration set (``||X dW||^2 / ||X W||^2`` over all tokens of all images, one
-    normalization instead of one per image): its statistics do not weigh images one by one."""
-    predicted_loss: float | None = None
-    """decomposition "loss_aware": the predicted increase of the loss (KL to the dense model) from this layer's
-    change alone, 1/2 tr(dW^T H dW G) of the discarded directions (second order; Z not included). With ``refit``:
-    the prediction of the layer as first decomposed, which the allocation compared; the output errors are of the
-    refitted layer."""
-
-
-@dataclass
-class CompressionReport:
-    config: dict[str, Any]
-    params_before: int
-    params_after: int
-    target_params: int
-    layers: list[LayerReport]
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    sgd_loss: dict[str, list[float]] = field(default_factory=dict)
-    """Per-layer loss of the SGD solver at every step (empty for the closed form)."""
-    allocation: list[dict[str, Any]] = field(default_factory=list)
-    """allocation "marginal": its decisions, the price per parameter it settled on, then per layer the rank, the
-    energy lost and the price of the last direction kept (empty for the other policies)."""
-    substage_seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time inside and after the stages, summed over layers (benchmarks read it): "whitening" (of H for a Z
-    fitted on it), "svd_tail_z", "closed_form_z", "sgd_fit", "report_errors" (eq. 5 per layer) and "swap" (the
-    layer swap). Not part of ``stage_seconds``, whose values add up to the whole compression."""
-    latency: dict[str, Any] = field(default_factory=dict)
-    """With ``latency_table``: the table's target (batch, device, runtime, dtype), the dense model's measured time,
-    the predicted time and speedup of the compressed model (its low-rank Z folded) and every layer's predicted time
-    (:func:`lowrank_vit.core.latency.latency_report`); empty without a table."""
-
-    @property
-    def ranks(self) -> dict[str, int | None]:
-        return {layer.name: layer.rank for layer in self.layers}
-
-    @property
-    def reduction(self) -> float:
-        return 1.0 - self.params_after / self.params_before
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["reduction"] = self.reduction
-        out["sgd_loss"] = {k: v[-1] for k, v in self.sgd_loss.items()}  # final loss only: keep the JSON small
-        return out
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def summary(self) -> str:
-        lines = [f"{'layer':40s} {'rank':>5s} {'params':>10s} {'energy':>8s} {'err(UV)':>8s} {'err':>8s}"]
-        for lr in self.layers:
-            rank = "dense" if lr.rank is None else str(lr.rank)
-            lines.append(f"{lr.name:40s} {rank:>5s} {lr.factored_params:>10,d} {lr.energy_loss:8.4f} "
-                         f"{lr.output_error_lowrank:8.4f} {lr.output_error:8.4f}")
-        target = (f"target speedup {self.config['target_speedup']:g}x" if self.config.get("target_speedup")
-                  else f"target {self.target_params:,}")
-        lines.append(f"params {self.params_before:,} -> {self.params_after:,} (-{100 * self.reduction:.1f}%, "
-                     f"{target})")
-        if self.latency:
-            latency = self.latency
-            lines.append(f"predicted latency {latency['predicted_ms']:.2f} ms against {latency['dense_ms']:.2f} "
-                         f"ms dense ({latency['predicted_speedup']:.2f}x; batch {latency['batch']}, "
-                         f"{latency['runtime']} {latency['dtype']} on {latency['device']})")
-        return "\n".join(lines)
+from lowrank_vit.reports import CompressionReport, LayerReport
 
 
 def _target_total(cfg: CompressionConfig, params_before: int) -> int:
@@ -371,7 +289,7 @@ def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | 
                            "z": z_spec(cfg.compensation, layer.in_features, layer.out_features, setup.z_params[name])}
     module_specs = {name: setup.whole.spec(name, module, allocation.ranks) for name, module in setup.modules.items()}
     params_after = setup.params_before - setup.replaced_params + setup.fixed_params + allocation.params
-    return CompressionPlan(cfg.to_dict(), setup.params_before, params_after, setup.target_total, allocation.ranks,
+    return CompressionPlan(cfg.report_dict(), setup.params_before, params_after, setup.target_total, allocation.ranks,
                            specs, module_specs, _latency_report(setup, allocation.ranks))
 
 
@@ -404,7 +322,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     cfg, clock = setup.cfg, StageClock(setup.device)
     kept_images, calib_images = _kept_batches(calib_images, cfg) if _keeps_images(cfg) else ([], calib_images)
     with clock.stage("calibration"):
-        stats, scales = _calibrate(model, setup, calib_images, cfg.sgd_tokens_per_image if cfg.fits_z_by_sgd else 0)
+        tokens = settings_of(cfg, SgdSettings).sgd_tokens_per_image if cfg.fits_z_by_sgd else 0
+        stats, scales = _calibrate(model, setup, calib_images, tokens)
     with clock.stage("decomposition"):
         decompositions, whitenings = _decompose(setup, stats, scales, clock)
     with clock.stage("allocation"):
@@ -431,7 +350,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
                         for name, err in errors.items()})
     del stats, decompositions, whitenings, dense, kept_images  # (the new layers live on in the model)
     release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed
-    return CompressionReport(cfg.to_dict(), setup.params_before, count_params(model), setup.target_total,
+    return CompressionReport(cfg.report_dict(), setup.params_before, count_params(model), setup.target_total,
                              [reports[name] for name in setup.layers] + unit_reports, clock.stages, sgd_history,
                              allocation.trace if get_policy(cfg.allocation).records_trace else [], clock.substages,
                              _latency_report(setup, allocation.ranks))
@@ -491,7 +410,8 @@ def _factorize(setup: _Setup, stats: dict[str, LayerStats], decompositions: dict
     if not tasks:
         return new_layers, reports, {}
     with clock.sub("sgd_fit"):
-        history = fit_sgd(tasks, lr=cfg.sgd_lr, iterations=cfg.sgd_iterations, batch_size=cfg.sgd_batch_size,
+        own = settings_of(cfg, SgdSettings)
+        history = fit_sgd(tasks, lr=own.sgd_lr, iterations=own.sgd_iterations, batch_size=own.sgd_batch_size,
                           seed=cfg.seed, progress=cfg.progress)
     for name, task in tasks.items():  # each Z in its layer, whose report gets its parameters and error now
         layer, new = setup.layers[name], new_layers[name]

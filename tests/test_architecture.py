@@ -67,9 +67,10 @@ def test_list_show_and_plan_do_not_import_lightning():
 
 
 # The data flow, bottom up: the mathematics, the modules of a compressed model, the methods and what leaves the
-# process, the configuration, the Lightning stages and the compression pipeline, the harness, the package's face.
-LAYERS = {"core": 0, "nn": 1, "methods": 2, "io": 2, "speed": 2, "config": 3, "stages": 4, "pipeline": 4, "harness": 5,
-          "__init__": 6}
+# process, the configuration and the report, the Lightning stages and the compression pipeline, the harness, the
+# package's face.
+LAYERS = {"core": 0, "nn": 1, "methods": 2, "io": 2, "speed": 2, "config": 3, "reports": 3, "stages": 4, "pipeline": 4,
+          "harness": 5, "__init__": 6}
 
 
 def _layer(module: str) -> str:

@@ -130,10 +130,20 @@ _ANY_NUMBER_FIELD_REFUSES = [float("nan"), float("inf"), -float("inf"), True, "0
 _LOSS_AWARE = {"decomposition": "loss_aware", "allocation": "marginal", "compensation": "none"}
 
 
+_OWNERS = {  # the choice whose own settings hold the field (the others are the config's shared fields)
+    "gamma": {"allocation": "greedy"}, "asvd_alpha": {"decomposition": "asvd"},
+    "sgd_lr": {"decomposition": "whitened", "compensation": "lowrank", "solver": "sgd"},
+    "grad_fraction": _LOSS_AWARE, "refit_damping": _LOSS_AWARE, "z_fraction": {"compensation": "none"},
+}
+
+
 def _config_for(field: str, value) -> CompressionConfig:
-    # grad_fraction needs the gradient pass; z_fraction 0 needs no Z: the fields' companions, not what is tested
-    extra = _LOSS_AWARE if field == "grad_fraction" else {"compensation": "none"} if field == "z_fraction" else {}
-    return CompressionConfig(reduction=0.3, progress=False, **extra, **{field: value})
+    # each field with the choice it belongs to (z_fraction 0 needs no Z): the companions, not what is tested
+    return CompressionConfig(reduction=0.3, progress=False, **_OWNERS.get(field, {}), **{field: value})
+
+
+def _value(config: CompressionConfig, field: str):
+    return config.resolved_settings()[field] if field in config.resolved_settings() else getattr(config, field)
 
 
 @pytest.mark.parametrize("field", sorted(_NUMBERS))
@@ -142,7 +152,7 @@ def test_config_numbers_refuse_what_their_rule_excludes_and_keep_its_edges(field
     strings and None get one ValueError that names the field and the rule (not a TypeError from a comparison)."""
     rule, inside, outside = _NUMBERS[field]
     for value in inside:
-        assert getattr(_config_for(field, value), field) == value
+        assert _value(_config_for(field, value), field) == value
     for value in [*outside, *_ANY_NUMBER_FIELD_REFUSES]:
         with pytest.raises(ValueError, match=rf"^{field} must {re.escape(rule)}, got "):
             _config_for(field, value)

@@ -12,7 +12,8 @@ from lowrank_vit import CompressionConfig, compress, count_params, load_compress
 from lowrank_vit.core.allocate import LayerBudget, allocate_greedy, allocate_marginal
 from lowrank_vit.core.calibration import output_error
 from lowrank_vit.core.decompose import energy_tail_curve, plain_svd, two_sided_svd, whitening
-from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
+from lowrank_vit.core.loss_aware import collect_loss_statistics
+from lowrank_vit.core.loss_aware_svd import loss_aware_singular_values, loss_aware_svd
 
 from conftest import make_images, make_tiny_vit
 
@@ -444,7 +445,8 @@ def test_grad_images_take_g_from_the_first_images_and_h_from_all(gram_space):
 def test_grad_fraction_is_checked(value):
     with pytest.raises(ValueError, match="grad_fraction"):
         cfg(grad_fraction=value, reduction=0.5)
-    with pytest.raises(ValueError, match="grad_fraction needs decomposition='loss_aware'"):
+    with pytest.raises(ValueError, match=r"^setting 'grad_fraction'=0.5 belongs to decomposition 'loss_aware' or "
+                                          r"decomposition 'kfac', not to decomposition='whitened'"):
         CompressionConfig(decomposition="whitened", grad_fraction=0.5, reduction=0.5)
 
 
@@ -474,7 +476,8 @@ def test_grad_fraction_reaches_the_statistics(monkeypatch):
 def test_loss_pass_dtype_is_checked(value):
     with pytest.raises(ValueError, match="loss_pass_dtype"):
         cfg(loss_pass_dtype=value, reduction=0.5)
-    with pytest.raises(ValueError, match="loss_pass_dtype needs decomposition='loss_aware'"):
+    with pytest.raises(ValueError, match=r"^setting 'loss_pass_dtype'='bfloat16' belongs to decomposition "
+                                          r"'loss_aware' or decomposition 'kfac', not to decomposition='whitened'"):
         CompressionConfig(decomposition="whitened", loss_pass_dtype="bfloat16", reduction=0.5)
 
 

@@ -425,7 +425,10 @@ def test_load_rejects_a_mismatched_attention_spec(labelled, tmp_path):
 def test_asvd_alpha_is_validated():
     with pytest.raises(ValueError, match="asvd_alpha"):
         CompressionConfig(reduction=0.5, decomposition="asvd", asvd_alpha=-0.5)
-    assert CompressionConfig(reduction=0.5, decomposition="comcat").asvd_alpha == 0.5
+    assert CompressionConfig(reduction=0.5, decomposition="asvd").resolved_settings() == {"asvd_alpha": 0.5}
+    assert CompressionConfig(reduction=0.5, decomposition="comcat").resolved_settings() == {}
+    with pytest.raises(ValueError, match=r"^setting 'asvd_alpha'=0.7 belongs to decomposition 'asvd', not to "):
+        CompressionConfig(reduction=0.5, decomposition="comcat", asvd_alpha=0.7)  # would be silently ignored
 
 
 def test_tiny_conftest_vit_works_with_every_method():

@@ -12,7 +12,7 @@ import torch
 
 from lowrank_vit import CompressionConfig, compress, load_compressed, save_compressed
 from lowrank_vit.core.calibration import LayerStats
-from lowrank_vit.core.loss_aware import loss_aware_svd
+from lowrank_vit.core.loss_aware_svd import loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias, sequential_refit
 from lowrank_vit.nn.adapters import get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear

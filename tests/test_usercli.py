@@ -530,12 +530,12 @@ def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_no
     args = argparse.Namespace(recipe="loss-aware-fast", reduction=0.5, target_params=None, calib_samples=8,
                               rank_multiple=1, quiet=True, loss_pass_dtype="bfloat16")
     config = compression_config(args, torch.device("cpu"))
-    assert (config.loss_pass_dtype, config.grad_fraction) == ("bfloat16", 0.5)
+    assert (config.settings["loss_pass_dtype"], config.settings["grad_fraction"]) == ("bfloat16", 0.5)
     out = tmp_path / "o"
     assert cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--output", str(out), "--reduction", "0.5",
                      "--recipe", "paper", "--loss-pass-dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "loss_pass_dtype needs decomposition='loss_aware'" in err[0]
+    assert len(err) == 1 and "setting 'loss_pass_dtype'='bfloat16' belongs to decomposition 'loss_aware'" in err[0]
     assert not out.exists()
 
 
@@ -551,7 +551,8 @@ def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir,
     assert (config.decomposition, config.allocation) == ("kfac", "lems")
     assert config.settings == {"grad_shrinkage": 0.3, "rank_step": 4, "temperature": 1}
     for setting, needle in (("grad_shrinkage=1.5", "grad_shrinkage must lie in [0, 1)"),
-                            ("shrinkage=ledoit-wolf", "'shrinkage' belong to neither"),
+                            ("shrinkage=ledoit-wolf",
+                             "setting 'shrinkage'='ledoit-wolf' belongs to decomposition 'flar', not to "),
                             ("rank_floor", "--setting takes KEY=VALUE")):
         out = tmp_path / "o"
         assert cli.main(["compress", ARCH, "--data", str(workdir / "imgs"), "--output", str(out), "--reduction",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lowrank_vit.core.common import Registry
+from lowrank_vit.core.common import Registry, check_count, check_number, settings_of
 from lowrank_vit.core.decompose import energy_loss_curve, energy_tail_curve
 
 
@@ -367,8 +367,8 @@ class Policy:
     curve: Callable[[torch.Tensor], torch.Tensor]
     """Singular values -> the loss of keeping r of them, for r = 0..p."""
     run: Callable[[list[LayerBudget], int, Any, int, Any], Allocation]
-    """(layers, budget, config, tolerance, probe) -> the allocation; the config gives gamma, greedy_iterations,
-    rank_multiple and the policy's own ``settings``; ``probe`` is a :class:`~lowrank_vit.core.probe.Probe` where
+    """(layers, budget, config, tolerance, probe) -> the allocation; the config gives rank_multiple and the
+    policy's own ``settings``; ``probe`` is a :class:`~lowrank_vit.core.probe.Probe` where
     ``needs_probe``, else None."""
     records_trace: bool = False
     """Whether ``Allocation.trace`` is part of the report (the marginal policy's prices)."""
@@ -398,12 +398,29 @@ def register_policy(policy: Policy) -> Policy:
 get_policy = POLICIES.lookup
 
 
+@dataclass(frozen=True)
+class GreedySettings:
+    """Algorithm 1's settings (the paper's Section 4.1 values)."""
+
+    gamma: float = 80.0
+    """Decay of the exponential schedule, eq. (9)."""
+    greedy_iterations: int = 500
+    """Iterations of Algorithm 1 on the schedule; any remainder is then removed greedily in final steps."""
+
+    def __post_init__(self) -> None:
+        check_number("gamma", self.gamma, "> 0")
+        check_count("greedy_iterations", self.greedy_iterations)
+
+
+def _greedy(layers: list[LayerBudget], budget: int, cfg: Any, tol: int, probe: Any) -> Allocation:
+    own = settings_of(cfg, GreedySettings)
+    return allocate_greedy(layers, budget, own.gamma, own.greedy_iterations, tol, cfg.rank_multiple)
+
+
 register_policy(Policy("uniform", energy_loss_curve,
                        lambda layers, budget, cfg, tol, probe: allocate_uniform(layers, budget, cfg.rank_multiple)))
-register_policy(Policy("greedy", energy_loss_curve,  # Algorithm 1 compares normalized energy losses
-                       lambda layers, budget, cfg, tol, probe: allocate_greedy(layers, budget, cfg.gamma,
-                                                                               cfg.greedy_iterations, tol,
-                                                                               cfg.rank_multiple)))
+register_policy(Policy("greedy", energy_loss_curve, _greedy,  # Algorithm 1 compares normalized energy losses
+                       settings=GreedySettings))
 register_policy(Policy("marginal", energy_tail_curve,  # absolute energies: one unit across layers
                        lambda layers, budget, cfg, tol, probe: allocate_marginal(layers, budget, cfg.rank_multiple,
                                                                                  tol),

@@ -49,7 +49,6 @@ from lowrank_vit.core.calibration import (
 )
 from lowrank_vit.core.common import LABEL_KEYS
 from lowrank_vit.core.covariance import clipped_token_scale
-from lowrank_vit.core.decompose import Decomposition, Whitening, live_inverse, psd_eigh, whitening
 from lowrank_vit.core.fisher import _check_labels, labels_from_batch
 from lowrank_vit.core.progress import progress_bar
 
@@ -494,29 +493,23 @@ def collect_loss_statistics(
         progress: show a progress bar.
         seed: seed of the sampled labels.
         gram_precision: dtype of each batch's Gram products ("float64" or "float32"); the sums are float64.
-        gram_space: "input": H (in x in) and G (out x out) of every layer. "auto": each layer keeps only the two
-            Grams on its narrow side, which is all the decomposition needs (:func:`loss_aware_svd`): a layer with
-            more outputs than inputs (qkv, fc1) keeps H and ``W G W^T`` (the Gram of ``g W^T``, in x in) with tr(G);
-            one with more inputs than outputs (fc2) keeps ``W^T H W`` (the Gram of its bias-free outputs, out x out)
-            with tr(H), and G. Same factors and energies; a fraction of the products for the wide side.
+        gram_space: "input": H and G of every layer. "auto": only the two Grams on each layer's narrow side, all
+            :func:`loss_aware_svd` needs: H and ``W G W^T`` with tr(G) where outputs are more (qkv, fc1), ``W^T H W``
+            with tr(H) and G where inputs are (fc2). Same factors and energies, fewer products.
         micro_batch: images per forward and backward: a calibration batch is split so that the graph held for the
             backward stays small whatever the data loader's batch size (the statistics do not depend on it).
-        center: for every layer with a bias, replace H by the Gram of the centred inputs, H - T mu mu^T (mu: the
-            mean input token), and record mu as ``token_mean``: a compressed layer whose bias absorbs the mean's
-            output change, b + mu^T (W - W_hat), has output error (x - mu)(W - W_hat), so the centred Gram is the
-            right metric for it (see ``CompressionConfig.bias_correction``). The reported errors keep the
-            uncentred output energy as their denominator.
+        center: for every biased layer, H becomes the centred inputs' Gram H - T mu mu^T and mu is recorded as
+            ``token_mean`` (``CompressionConfig.bias_correction``: the bias absorbs b + mu^T (W - W_hat), leaving the
+            error (x - mu)(W - W_hat)). The reported errors keep the uncentred output energy as denominator.
         grad_images: only the first ``grad_images`` images run the backward (G is their average); the others run
             forward only and feed H. The backward is most of this pass's cost (see docs/loss_aware_study.md, Cost);
             None: every image.
-        compute_dtype: "float32", or "bfloat16" to run the forward and backward under ``torch.autocast`` on the
-            device (activations and gradients reach the hooks in bfloat16; the Gram products and sums keep
-            ``gram_precision``).
+        compute_dtype: "float32", or "bfloat16": the forward and backward under ``torch.autocast`` (the Gram
+            products and sums keep ``gram_precision``).
         clip: (low, high): every token's output gradient rescaled to a norm within [low m, high m], m the mean norm
             of its image's tokens (KFAC-SVD's clipping, :func:`~lowrank_vit.core.covariance.clipped_token_scale`);
             None: the gradients as they are.
-        who: the method that asked for given labels, named in the error when a batch has none (default: the
-            ``fisher_labels='given'`` setting).
+        who: the method that asked for given labels, named when a batch has none (default: ``fisher_labels``).
 
     Raises:
         ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
@@ -538,73 +531,3 @@ def collect_loss_statistics(
     traces = _host_traces(acc)
     return {name: _layer_stats(name, layer, acc.input_sides[name], acc.grad_sides[name], traces.get(name), produced,
                                with_grad, settings.device) for name, layer in layers.items()}
-
-
-def _narrow_side(W: torch.Tensor, stats: LayerStats) -> tuple[str, torch.Tensor, float]:
-    """The smaller of the two Gram matrices the decomposition can work from, with the trace its damping needs:
-    ("input", W G W^T, tr G) (in x in) or ("output", W^T H W, tr H) (out x out), in the rescaled units of ``gram``
-    (see :func:`collect_loss_statistics`). Narrow-side statistics give one directly; full ones are reduced here."""
-    if stats.grad_range_gram is not None:
-        return "input", stats.grad_range_gram.double().to(W.device), float(stats.grad_trace)
-    if stats.output_gram is not None:
-        return "output", stats.output_gram.double().to(W.device), float(stats.input_trace)
-    if stats.grad_gram is None or stats.gram is None:
-        raise ValueError("the loss-aware decomposition needs loss-aware statistics (collect_loss_statistics)")
-    if W.shape[0] <= W.shape[1]:
-        G = stats.grad_gram.double().to(W.device)
-        return "input", W @ G @ W.T, float(torch.diagonal(G).sum())
-    H = stats.gram.double().to(W.device)
-    return "output", W.T @ H @ W, float(torch.diagonal(H).sum())
-
-
-def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: float, values_only: bool = False,
-                                grad_damping: float | None = None,
-                                ) -> tuple[Decomposition | torch.Tensor, Whitening | None]:
-    """The SVD ``A W B^T = P diag(s) R^T`` (A^T A = H_d, B^T B = G_d) from one eigendecomposition on the layer's
-    narrow side, without the other side's Gram or whitening:
-
-    * input side (in <= out): ``A W G_d W^T A^T = P diag(s^2) P^T`` and W_hat(r) = A^-1 P_r P_r^T A W, i.e.
-      left = A^-1 P, right = W^T A^T P / s;
-    * output side (in > out): ``B W^T H_d W B^T = R diag(s^2) R^T`` and W_hat(r) = W B^T R_r R_r^T B^-T, i.e.
-      left = W B^T R / s, right = B^-1 R.
-
-    The damping of the missing side enters as ``d tr(G)/out W W^T`` (or ``d tr(H)/in W^T W``), exactly as
-    :func:`~lowrank_vit.core.decompose.whitening` damps a full Gram. ``grad_damping`` damps G (default: ``damping``,
-    which then damps H only). Returns the decomposition (or only s) and the input whitening when one was computed."""
-    side, narrow, trace = _narrow_side(W, stats)
-    k, m = W.shape
-    grad_damping = damping if grad_damping is None else grad_damping
-    if side == "input":
-        A = whitening(stats.gram, damping)
-        AW = A.apply(W)
-        N = A.apply(A.apply((narrow + (grad_damping * trace / m) * (W @ W.T)).T).T)  # A (W G_d W^T) A^T
-        P, s = psd_eigh(N, vectors=not values_only)
-        if values_only:
-            return s, A
-        return Decomposition(A.solve(P), (AW.T @ P) * live_inverse(s), s), A
-    B = whitening(stats.grad_gram, grad_damping)
-    N = B.apply(B.apply((narrow + (damping * trace / k) * (W.T @ W)).T).T)  # B (W^T H_d W) B^T
-    R, s = psd_eigh(N, vectors=not values_only)
-    if values_only:
-        return s, None
-    return Decomposition((W @ (B.root.T @ R)) * live_inverse(s), B.solve(R), s), None
-
-
-def loss_aware_svd(weight: torch.Tensor, stats: LayerStats, damping: float,
-                   grad_damping: float | None = None) -> tuple[Decomposition, Whitening | None]:
-    """:func:`~lowrank_vit.core.decompose.two_sided_svd` of one layer from its loss-aware statistics, computed on the
-    layer's narrow side (:func:`_two_sided_from_narrow_side`: one eigendecomposition of the smaller dimension instead
-    of two whitenings and an SVD), in the loss's units (singular values squared = tr(dW^T H dW G) of dropping each
-    direction), and the input whitening when it was computed (of the rescaled ``gram``: the one the closed-form Z
-    kinds need). Both Grams are damped as :func:`~lowrank_vit.core.decompose.whitening` does, G by ``grad_damping``
-    where it is given."""
-    d, white = _two_sided_from_narrow_side(weight.double(), stats, damping, grad_damping=grad_damping)
-    root = stats.loss_scale ** 0.5  # the whitening of gram = H / loss_scale: undo the scale on s (and on left)
-    return Decomposition(d.left / root, d.right, d.singular_values * root), white
-
-
-def loss_aware_singular_values(weight: torch.Tensor, stats: LayerStats, damping: float,
-                               grad_damping: float | None = None) -> torch.Tensor:
-    """The spectrum of :func:`loss_aware_svd` alone (for planning)."""
-    s, _ = _two_sided_from_narrow_side(weight.double(), stats, damping, values_only=True, grad_damping=grad_damping)
-    return s * stats.loss_scale ** 0.5

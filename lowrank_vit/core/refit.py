@@ -12,7 +12,7 @@ at the dense layer's output):
 With H_c = X_c^T X_c, K = X_c^T X (centred when the bias absorbs the mean, as the decomposition's own bias
 correction does) and W* = H_c^-1 K W, the least-squares weight for the new inputs, the objective is
 ||A (W_hat - W*) B^T||_F^2 + const (A^T A = H_c, B^T B = G): exactly the loss-aware two-sided SVD of W* on H_c. So
-the refit is the same decomposition (:func:`lowrank_vit.core.loss_aware.loss_aware_svd`) applied to W*; where the
+the refit is the same decomposition (:func:`lowrank_vit.core.loss_aware_svd.loss_aware_svd`) applied to W*; where the
 compressed inputs equal the dense ones (the first layer), K = H_c and W* = W: nothing changes. W* is a ridge
 regression toward W (``CompressionConfig.refit_damping``, :func:`feedback_transform`): with few calibration tokens per
 input feature the plain least squares fits their noise.

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
+from lowrank_vit.core.common import settings_of
+from lowrank_vit.harness.devicespecs import DEVICES, DeviceSpec, get_device
 from lowrank_vit.harness.registry import Experiment, ModelConfig, RunConfig
 
 GEMM_EFFICIENCY = 0.4
@@ -31,65 +33,12 @@ F64_SHARE_WARNING = 1 / 3
 GIB = 2 ** 30
 
 
-GPU_HOOK_LATENCY_S = 1.2e-3
-"""See :attr:`DeviceSpec.hook_latency_s`."""
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """One device of the table: published peak throughputs (TFLOP/s, dense, no sparsity) and how well the
-    eigensolvers use it."""
-
-    label: str
-    peak_tflops: dict[str, float]
-    """Precision ("fp32", "tf32", "bf16", "fp64") -> peak TFLOP/s."""
-    memory_gib: float
-    eig_efficiency: float
-    """Fraction of the float64 peak an eigendecomposition or SVD of a few hundred to a few thousand rows reaches:
-    LAPACK on a CPU is blocked and fast; cuSOLVER's are memory-bound and sequential at these sizes."""
-    eig_latency_s: float
-    """Fixed cost of one eigendecomposition call (GPU solvers synchronize with the host several times per call)."""
-    hook_latency_s: float = 0.0
-    """Host time of the calibration hooks' per-batch work for one layer (small kernels, a finiteness check and norms
-    read back to the host), which a GPU's short passes cannot hide: 1.2 ms per layer and (micro-)batch, fitted on
-    DeiT-B on an H100 and checked on DeiT-S (docs/estimate.md); assumed for the other GPUs. Hidden behind the
-    products on a CPU."""
-
-
-DEVICES: dict[str, DeviceSpec] = {
-    # NVIDIA datasheets (SXM parts where there are two); fp64 is the tensor-core DGEMM figure on A100 and H100
-    "a100": DeviceSpec("NVIDIA A100 80GB", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp64": 19.5}, 80, 0.05,
-                       2e-3, GPU_HOOK_LATENCY_S),
-    "h100": DeviceSpec("NVIDIA H100 SXM", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp64": 66.9}, 80, 0.05,
-                       2e-3, GPU_HOOK_LATENCY_S),
-    "a6000": DeviceSpec("NVIDIA RTX A6000", {"fp32": 38.7, "tf32": 77.4, "bf16": 154.8, "fp64": 38.7 / 32}, 48,
-                        0.05, 2e-3, GPU_HOOK_LATENCY_S),
-    "rtx4090": DeviceSpec("NVIDIA GeForce RTX 4090", {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp64": 82.6 / 64},
-                          24, 0.05, 2e-3, GPU_HOOK_LATENCY_S),
-    # two cores of a Zen 4 server CPU: AVX-512 runs on two 256-bit FMA pipes, 32 fp32 FLOPs a cycle a core, ~3 GHz
-    "cpu": DeviceSpec("2 cores of a Zen 4 CPU", {"fp32": 0.192, "tf32": 0.192, "bf16": 0.384, "fp64": 0.096}, 16,
-                      0.3, 0.0),
-}
-"""--gpu choices. Add a device by adding an entry; every figure is documented in docs/estimate.md."""
-
 DATASET_SIZES: dict[str, tuple[int, int | None]] = {
     "imagenet-1k": (1_281_167, 50_000),
     "mnist-5k": (5_000, None),
 }
 """Data name -> (training images, validation images); None: the validation split is ``val_fraction`` of the
 training images (the data module's split when the data has no validation split of its own)."""
-
-
-def get_device(name: str) -> DeviceSpec:
-    """The device called ``name``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    try:
-        return DEVICES[name]
-    except KeyError:
-        raise ValueError(f"unknown --gpu {name!r}; known: {', '.join(DEVICES)}") from None
 
 
 _DTYPE_NAMES = {"fp64": "float64", "fp32": "float32"}
@@ -235,7 +184,7 @@ def svd_flops(rows: int, cols: int) -> float:
 
 def _narrow(layer: LinearShape, auto: bool) -> tuple[int, int]:
     """The widths of a layer's two statistics (input side, gradient side) under ``gram_space``: "auto" keeps both
-    on the layer's narrow side (calibration.py / loss_aware.py)."""
+    on the layer's narrow side (calibration.py / loss_aware_svd.py)."""
     if auto:
         narrow = min(layer.in_features, layer.out_features)
         return narrow, narrow
@@ -343,7 +292,7 @@ def _calibration_stages(shapes: ModelShapes, compression: CompressionConfig, met
     passes = math.ceil(images / batch)  # the hooks run once per layer and batch (micro-batch with a backward)
     backward_images = 0
     if method.gradient_pass:  # gradients at the activations only (the weights' are never formed): ~ one forward
-        backward_images = math.ceil(compression.grad_fraction * images)
+        backward_images = math.ceil(settings_of(compression, method.settings).grad_fraction * images)
     elif method.needs_labels(compression):  # FWSVD: a labelled gradient pass of its own first, weights' included
         backward_images = 2 * images
     if backward_images:
@@ -360,12 +309,12 @@ def _allocation_stages(shapes: ModelShapes, compression: CompressionConfig, spec
                        batch: int, gemm: str, params_gib: float) -> list[Stage]:
     """The allocation over every layer's spectrum (negligible), and the whole-model probes of the policies that
     measure (FLAR-SVD, LEMS)."""
-    from lowrank_vit.core.allocate import get_policy
-    from lowrank_vit.core.common import settings_of
+    from lowrank_vit.core.allocate import GreedySettings, get_policy
 
     spectrum = sum(min(layer.in_features, layer.out_features) for layer in shapes.layers)
-    # at most greedy_iterations passes over every layer's spectrum (Algorithm 1; a sort for the others): negligible
-    flops = 20.0 * spectrum * compression.greedy_iterations
+    # at most greedy_iterations passes over every layer's spectrum (Algorithm 1 at its default where another policy
+    # is chosen, which sorts once): negligible
+    flops = 20.0 * spectrum * settings_of(compression, GreedySettings).greedy_iterations
     stages = [Stage("allocation", flops, flops / (DEVICES["cpu"].peak_tflops["fp64"] * 1e12 * 0.01),
                     spectrum * 8 * 4 / GIB, f"{compression.allocation} over {spectrum:,} singular values, CPU")]
     policy = get_policy(compression.allocation)
@@ -407,18 +356,19 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
 
 def _compensation(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any,
                   params_gib: float) -> Stage:
-    from lowrank_vit.methods.compensate import get_z_kind
+    from lowrank_vit.methods.compensate import SgdSettings, get_z_kind
 
     if not get_z_kind(compression.compensation).fitted:
         return Stage("compensation", 0.0, 0.0, 0.0, "no Z")
     z_params = [compression.z_fraction * layer.in_features * layer.out_features for layer in shapes.layers]
     if compression.solver == "sgd":  # every layer's Z fitted on stored tokens: forward, backward and Adam per step
-        rows = compression.sgd_batch_size * compression.sgd_tokens_per_image
-        flops = compression.sgd_iterations * 6.0 * rows * sum(z_params)
-        memory = compression.calib_samples * compression.sgd_tokens_per_image * sum(
+        sgd = settings_of(compression, SgdSettings)
+        rows = sgd.sgd_batch_size * sgd.sgd_tokens_per_image
+        flops = sgd.sgd_iterations * 6.0 * rows * sum(z_params)
+        memory = compression.calib_samples * sgd.sgd_tokens_per_image * sum(
             layer.in_features + layer.out_features for layer in shapes.layers) * 4 / GIB
         return Stage("compensation", flops, _gemm_seconds(flops, spec, "fp32"), params_gib + memory,
-                     f"SGD, {compression.sgd_iterations} steps (a lower bound: small kernels run below the GEMM "
+                     f"SGD, {sgd.sgd_iterations} steps (a lower bound: small kernels run below the GEMM "
                      f"efficiency)")
     if get_z_kind(compression.compensation).is_more_rank and method.tail_is_lowrank_z:  # the SVD's next triplets
         flops = sum(2.0 * z for z in z_params)

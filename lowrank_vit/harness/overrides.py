@@ -16,7 +16,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from lowrank_vit.config import CompressionConfig
+from lowrank_vit.config import CompressionConfig, setting_type
 from lowrank_vit.harness.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig, RunOptions
 from lowrank_vit.stages.data_config import DataConfig
 
@@ -114,6 +114,9 @@ def check_overrides(assignments: Iterable[str]) -> None:
             raise ValueError(f"bad override {text!r}: expected section.field=value with a section among "
                              f"{', '.join(sections)}")
         cls = sections[path[0]]
+        if cls is CompressionConfig and len(path) == 2 and setting_type(path[1]) is not None:
+            parse_value(text, raw, setting_type(path[1]))  # a method's setting: CompressionConfig moves it
+            continue
         if path[1] not in {f.name for f in dataclasses.fields(cls)}:
             raise ValueError(f"bad override {text!r}: no field {path[1]!r} in {path[0]} (`lowrank-vit show NAME` "
                              f"lists the fields)")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowrank_vit.config import CompressionConfig
+from lowrank_vit.config import CompressionConfig, setting_type
 from lowrank_vit.stages.data_config import DataConfig
 
 SCALES = ("full", "smoke")
@@ -235,7 +235,7 @@ class RunConfig:
                     raise ValueError(f"bad override {text!r}: {part!r} is not a section of this row's config "
                                      f"(sections: {', '.join(k for k, v in data.items() if isinstance(v, dict))})")
                 node = node[part]
-            if path[-1] not in node:
+            if path[-1] not in node and not (path[:-1] == ["compression"] and setting_type(path[-1]) is not None):
                 where = ".".join(path[:-1]) or "the config"
                 raise ValueError(f"bad override {text!r}: no field {path[-1]!r} in {where}")
             node[path[-1]] = value

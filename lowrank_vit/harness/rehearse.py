@@ -237,7 +237,7 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
                    f"{100 * exp.reduction:.0f}%")
         _check("report" in result, "result.json lacks the compression report")
         if cfg.compression.fits_z_by_sgd:
-            ran = result["report"]["config"].get("sgd_iterations")
+            ran = result["report"]["config"].get("settings", {}).get("sgd_iterations")
             _check(ran == settings.sgd_steps and result["report"].get("sgd_loss"),
                    f"the SGD solver of Z was set to {ran} steps, not {settings.sgd_steps}, or reported no loss")
     if cfg.finetune is not None:

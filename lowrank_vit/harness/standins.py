@@ -17,148 +17,48 @@ is retrained with a warning, never trusted.
 The digits are preprocessed exactly as ``build_datamodule(DataConfig(name="mnist-5k"), model=standin)`` will feed
 them later (the model family's pretrained-config mean and std, averaged to one channel, at 28x28), so the accuracy
 measured here is the one the experiments start from.
+
+Here: the cache's location, the digits, pretraining and the cache itself. The recipes are in
+:mod:`lowrank_vit.harness.standinspecs`, the training loop in :mod:`lowrank_vit.harness.tensortrain`; their public
+names are importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import difflib
-import functools
-import hashlib
 import json
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowrank_vit.core.files import atomic_write
-from lowrank_vit.core.progress import progress_bar
-from lowrank_vit.stages.finetune_config import warmup_cosine
+
+# re-exported as well as used: users, experiments and tests import these names from this module, and the training
+# below looks them up here, so that a test replacing one of them here (train_classifier) reaches it
+from lowrank_vit.harness.standinspecs import (  # noqa: F401
+    STANDIN_DATASET,
+    STANDINS,
+    TRAINER_VERSION,
+    StandinSpec,
+    resolve_spec,
+)
+from lowrank_vit.harness.tensortrain import evaluate_top1, random_shift, stack_dataset, train_classifier
 
 CACHE_ENV = "LOWRANK_VIT_CACHE"
 """Environment variable naming the cache root (``standins/`` is created under it)."""
-STANDIN_DATASET = "mnist-5k"
-"""The dataset every stand-in is pretrained on (:class:`lowrank_vit.stages.data.MNIST5kDataModule`)."""
-TRAINER_VERSION = 1
-"""Part of every fingerprint: bump it when the training loop changes, so that old caches are retrained."""
 FORMAT = "lowrank_vit.standin/1"
 """Tag of the JSON record beside the weights."""
 COMMITTED_STANDINS = Path("experiments") / "models" / "standins"
 """Stand-in weights kept with the project (relative to a checkout's root, where `make demo` runs): the demo starts
 from them, so that its table is the same on any machine (a stand-in trained on another CPU has other weights)."""
-
-
-@dataclass(frozen=True)
-class StandinSpec:
-    """One stand-in: which timm family, how it is shrunk, and how it is pretrained on the digits.
-
-    ``timm.create_model(timm_name, pretrained=False, **model_kwargs)`` builds it; every field enters the fingerprint,
-    so changing the recipe invalidates the cached weights.
-    """
-
-    arch: str
-    """Registry key (``"deit_s"``...); also the cache entry's file name."""
-    timm_name: str
-    """The full-size model of the family (``"deit_small_patch16_224"``): its class and default config are reused."""
-    model_kwargs: dict[str, Any] = field(hash=False)
-    """Overrides of the full-size constructor: input 1x28x28, 10 classes, patch size, width, depth, heads..."""
-    epochs: int
-    lr: float
-    """Peak learning rate of AdamW (linear warmup, cosine decay to zero)."""
-    batch_size: int
-    seed: int
-    """Seeds the initialization, the batch order and the augmentation."""
-    weight_decay: float = 0.05
-    """AdamW weight decay of matrices (norms, biases, tokens and position embeddings are not decayed)."""
-    warmup_fraction: float = 0.1
-    """Fraction of the steps spent warming the learning rate up linearly."""
-    label_smoothing: float = 0.1
-    max_shift: int = 1
-    """Random translation of every training digit by up to this many pixels (0: no augmentation). Measured on the
-    DeiT-S stand-in, 20 epochs: 0 pixels 94.0% (it overfits: 100% on the training digits), 1 pixel 97.0%, 2 pixels
-    94.4% (it underfits in so few epochs)."""
-
-    def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction!r}")
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int) or self.max_shift < 0:
-            raise ValueError(f"max_shift must be a non-negative integer, got {self.max_shift!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-ready (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def fingerprint(self) -> str:
-        """Short hash of every field and of :data:`TRAINER_VERSION`: the cache key of the pretrained weights."""
-        payload = json.dumps({"spec": self.to_dict(), "trainer": TRAINER_VERSION, "data": STANDIN_DATASET},
-                             sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    def create_model(self) -> nn.Module:
-        """The randomly initialized stand-in (timm seeds nothing: seed torch first for a reproducible init)."""
-        from lowrank_vit.nn.adapters import timm_with_our_models
-
-        timm = timm_with_our_models()
-
-        return timm.create_model(self.timm_name, pretrained=False, **self.model_kwargs)
-
-
-_DIGITS = {"img_size": 28, "in_chans": 1, "num_classes": 10}
-
-
-def _vit(embed_dim: int, depth: int, heads: int) -> dict[str, Any]:
-    """A ViT/DeiT on 7x7 patches (16 tokens: cheap) with average pooling instead of a class token: on 4,000 digits
-    it learns much faster (measured: 89% against 81% after 10 epochs; 4x4 patches, 49 tokens, reached only 72%)."""
-    return {**_DIGITS, "patch_size": 7, "embed_dim": embed_dim, "depth": depth, "num_heads": heads, "mlp_ratio": 4.0,
-            "global_pool": "avg", "class_token": False}
-
-
-def _swin(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...]) -> dict[str, Any]:
-    """A Swin on 4x4 patches (the real model's patch4_window7; a 7x7 grid, then 4x4 after the patch merging) without
-    timm's default stochastic depth of 0.1, which kept this small model underfitting."""
-    return {**_DIGITS, "patch_size": 4, "window_size": 7, "embed_dim": embed_dim, "depths": depths,
-            "num_heads": heads, "mlp_ratio": 4.0, "drop_path_rate": 0.0}
-
-
-def _vmamba(embed_dim: int, depths: tuple[int, ...]) -> dict[str, Any]:
-    """A VMamba on 4x4 patches (the real model's patch size): 7x7, 4x4, 2x2 and 1x1 grids through its four stages,
-    with the real model's block counts, so that K switched blocks mean the same fraction at both scales."""
-    return {**_DIGITS, "patch_size": 4, "embed_dim": embed_dim, "depths": depths}
-
-
-STANDINS: dict[str, StandinSpec] = {
-    spec.arch: spec
-    for spec in (
-        StandinSpec("deit_t", "deit_tiny_patch16_224", _vit(48, 4, 3), epochs=20, lr=2e-3, batch_size=32, seed=0),
-        StandinSpec("deit_s", "deit_small_patch16_224", _vit(64, 4, 2), epochs=15, lr=2e-3, batch_size=32, seed=0),
-        StandinSpec("deit_b", "deit_base_patch16_224", _vit(96, 4, 3), epochs=15, lr=2e-3, batch_size=32, seed=0),
-        StandinSpec("vit_b", "vit_base_patch16_224", _vit(96, 4, 3), epochs=15, lr=2e-3, batch_size=32, seed=0),
-        StandinSpec("vit_l", "vit_large_patch16_224", _vit(128, 6, 4), epochs=12, lr=1.5e-3, batch_size=32, seed=0),
-        StandinSpec("swin_b", "swin_base_patch4_window7_224", _swin(60, (2, 2), (2, 4)), epochs=16, lr=2e-3,
-                    batch_size=32, seed=0),
-        StandinSpec("vmamba_t", "vmamba_tiny", _vmamba(16, (2, 2, 8, 2)), epochs=12, lr=2e-3, batch_size=32, seed=0),
-        StandinSpec("vmamba_s", "vmamba_small", _vmamba(16, (2, 2, 20, 2)), epochs=12, lr=2e-3, batch_size=32,
-                    seed=0),
-        StandinSpec("vmamba_b", "vmamba_base", _vmamba(24, (2, 2, 20, 2)), epochs=12, lr=2e-3, batch_size=32,
-                    seed=0),
-    )
-}
-"""The stand-in of every architecture of the experiment registry."""
 
 
 def standin_cache_dir() -> Path:
@@ -170,21 +70,6 @@ def standin_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "lowrank_vit" / "standins"
-
-
-def resolve_spec(arch: str | StandinSpec) -> StandinSpec:
-    """The spec of ``arch`` (a spec passes through, so tests and users can pretrain a recipe of their own).
-
-    Raises:
-        ValueError: ``arch`` is not a known stand-in; the message lists them and suggests the closest.
-    """
-    if isinstance(arch, StandinSpec):
-        return arch
-    if isinstance(arch, str) and arch in STANDINS:
-        return STANDINS[arch]
-    close = difflib.get_close_matches(str(arch), list(STANDINS), n=1, cutoff=0.4)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown stand-in architecture {arch!r}{hint} Known: {', '.join(STANDINS)}")
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -202,23 +87,6 @@ class Digits:
     """The normalized value of a black pixel: what a shifted digit is padded with."""
     preprocessing: dict[str, Any]
     """``resolve_preprocessing(model)``: input size, mean and std (recorded with the weights)."""
-
-
-def stack_dataset(dataset: torch.utils.data.Dataset, progress: bool = False,
-                  desc: str = "decoding") -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ``(image, label)`` of a map-style dataset decoded once into two tensors (images, int64 labels): training
-    a small model from tensors in memory is much faster than through a per-item transform every epoch."""
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("the dataset is empty")
-    images, labels = [], []
-    with progress_bar(n, desc=desc, unit="img", enabled=progress) as bar:
-        for i in range(n):
-            image, label = dataset[i]
-            images.append(image)
-            labels.append(int(label))
-            bar.update(1)
-    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
 
 
 def load_digits(model: nn.Module) -> Digits:
@@ -241,88 +109,7 @@ def _preprocessing_record(pre: dict[str, Any]) -> dict[str, Any]:
             "std": [float(v) for v in pre["std"]]}
 
 
-def random_shift(x: torch.Tensor, max_shift: int, background: float, generator: torch.Generator) -> torch.Tensor:
-    """Translate every image of the batch by its own random (dy, dx) in ``[-max_shift, max_shift]``, filling with
-    ``background``: the digits' cheapest useful augmentation (a ViT on 4,000 digits overfits without it)."""
-    if max_shift <= 0:
-        return x
-    n, _, h, w = x.shape
-    s = max_shift
-    padded = F.pad(x, (s, s, s, s), value=background)
-    dy, dx = torch.randint(0, 2 * s + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
-    batch = torch.arange(n)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
 # ----------------------------------------------------------------------------------------------------- training
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: decaying norms, biases, the class token and position embeddings hurts small ViTs."""
-    decay, no_decay = [], []
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent (the model is left in eval mode)."""
-    model.eval()
-    correct = sum(int((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    return 100.0 * correct / max(1, len(x))
-
-
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                     seed: int, weight_decay: float = 0.05, warmup_fraction: float = 0.1, label_smoothing: float = 0.1,
-                     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                     desc: str = "training", progress: bool = True) -> dict[str, float]:
-    """Train a classifier from tensors in memory: AdamW (matrices decayed only) with linear warmup and cosine decay,
-    label smoothing, gradient clipping at 1, ``augment(batch, generator)`` applied per batch; no DataLoader, no
-    per-item transform. Seeded by ``seed`` (batch order and augmentation; seed torch yourself for the init).
-
-    Returns:
-        The last epoch's mean training loss and training accuracy (percent, on augmented images).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    n = len(y)
-    batch = min(batch_size, n)
-    steps_per_epoch = n // batch
-    total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(warmup_cosine, total=total, warmup=round(warmup_fraction * total)))
-    loss_sum, correct, seen = 0.0, 0, 0
-    model.train()
-    with progress_bar(epochs * steps_per_epoch, desc=desc, unit="step", enabled=progress) as bar:
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for i in range(steps_per_epoch):
-                idx = order[i * batch: (i + 1) * batch]
-                inputs = x[idx] if augment is None else augment(x[idx], generator)
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: the loss became {float(loss)} at epoch {epoch + 1}, step "
-                                             f"{i + 1}; lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == y[idx]).sum())
-                seen += len(idx)
-                bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
-    return {"train_loss": loss_sum / max(1, seen), "train_top1": 100.0 * correct / max(1, seen)}
 
 
 def _train_on_digits(model: nn.Module, spec: StandinSpec, digits: Digits, progress: bool) -> dict[str, float]:

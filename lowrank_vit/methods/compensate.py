@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lowrank_vit.core.common import Registry
+from lowrank_vit.core.common import Registry, check_count, check_number
 from lowrank_vit.core.decompose import Decomposition, Whitening, truncated_svd
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.nn.factorized import Z_MODULES, LowRankZ, RowSparseZ, SparseZ, ZModule
@@ -303,6 +303,29 @@ def init_z_for_sgd(kind: str, problem: CompensationProblem, z_params: int, gener
     """Starting point of the SGD solver: the support of the closed form with zero values for the sparse kinds;
     for G Y^T a small random G and Y = 0, since from G = Y = 0 both gradients (eqs. 11-12) vanish."""
     return get_z_kind(kind).sgd_start(problem, z_params, generator)
+
+
+@dataclass(frozen=True)
+class SgdSettings:
+    """The SGD solver's settings (``CompressionConfig.solver="sgd"``; Section 4.1's values)."""
+
+    sgd_lr: float = 1e-3
+    """Learning rate (Adam)."""
+    sgd_iterations: int = 2000
+    """Steps."""
+    sgd_batch_size: int = 64
+    """Images per mini-batch."""
+    sgd_tokens_per_image: int = 16
+    """Tokens kept per image (sampled at random) for the stored activations; bounds the solver's memory."""
+
+    def __post_init__(self) -> None:
+        check_number("sgd_lr", self.sgd_lr, "> 0")
+        for name in ("sgd_iterations", "sgd_batch_size", "sgd_tokens_per_image"):
+            check_count(name, getattr(self, name))
+
+
+SOLVERS: dict[str, type | None] = {"closed_form": None, "sgd": SgdSettings}
+"""How Z is fitted (``CompressionConfig.solver``), each with its own settings class (None: it has none)."""
 
 
 @dataclass

