@@ -142,3 +142,17 @@ def test_a_method_registered_from_one_file_declares_validates_and_reads_its_sett
     assert set(ShrinkSVD.seen) == {1.0, 3.0}
     plain = compress(make_tiny_vit(), [images], dataclasses.replace(config, decomposition="plain", settings={}))
     assert ranks[1.0] == plain.ranks and ranks[3.0] != plain.ranks  # the setting reached the allocation
+
+
+def test_a_setting_set_on_the_command_line_reaches_the_row_and_a_bad_one_is_one_line():
+    from lowrank_vit.harness.overrides import check_overrides
+    from lowrank_vit.harness.registry import get_experiment
+
+    row = get_experiment("table2/deit_s/ours-50").full
+    check_overrides(["compression.gamma=60", "compression.settings.gamma=60"])
+    assert row.override(["compression.gamma=60"]).compression.settings == {"gamma": 60}
+    with pytest.raises(ValueError, match=r"^bad override 'compression.gamma=fast': .* expected a number"):
+        check_overrides(["compression.gamma=fast"])
+    with pytest.raises(ValueError, match=r"^setting 'grad_fraction'=0.5 belongs to decomposition 'loss_aware' or "
+                                         r"decomposition 'kfac', not to decomposition='whitened'"):
+        row.override(["compression.grad_fraction=0.5"])
