@@ -351,41 +351,31 @@ class _Row:
                 _say(True, note)
 
     def compress(self) -> None:
-        """VMeanba's scans first, on the dense model; then the low-rank compression. A DDP process of the
-        fine-tune loads what rank zero compressed instead."""
+        """VMeanba's scans, then the low-rank compression (:func:`~lowrank_vit.harness.flow.compress_model`, the
+        step ``lowrank-vit compress`` runs too). A DDP process of the fine-tune loads what rank zero compressed."""
+        from lowrank_vit.harness.flow import compress_model
         from lowrank_vit.io.surgery import load_compressed
+        from lowrank_vit.stages.logging_utils import log_ranks_table
 
         cfg = self.cfg
         shared = shared_compressed(self.exp.name) if self.compresses else None
-        if cfg.vmeanba is not None and shared is None:  # a DDP rank gets the scans with the rest
-            from lowrank_vit.methods.vmeanba import apply_vmeanba
-
-            v = cfg.vmeanba
-            self._say("VMeanba, the channel-mean scan in " + (
-                f"{v.num_blocks} block(s)" if v.num_blocks else f"the blocks that reach {v.target_speedup}x"))
-            with self._stage("vmeanba"):
-                self.result["vmeanba"] = apply_vmeanba(self.model.to(self.device), self.dm.calibration_dataloader(),
-                                                       replace(v, progress=self.progress)).to_dict()
         if shared is not None:  # a DDP process of the fine-tune: rank zero has compressed the model already
             self.model = load_compressed(shared).to(self.device)
-        elif cfg.compression is not None:
-            self._compress_weights()
-
-    def _compress_weights(self) -> None:
-        from lowrank_vit.pipeline import compress
-        from lowrank_vit.stages.logging_utils import log_ranks_table
-
-        c = self.cfg.compression
-        self._say(f"compressing ({c.decomposition} SVD, {c.allocation} ranks, Z {c.compensation})")
-        with self._stage("compress"):
-            self.report = compress(self.model.to(self.device), self.dm.calibration_dataloader(),
-                                   replace(c, device=str(self.device), progress=self.progress))
+            return
+        done = compress_model(self.model, self.dm.calibration_dataloader, cfg.compression, cfg.vmeanba,
+                              device=self.device, progress=self.progress, say=self._say)
+        self.seconds.update(done.seconds)
+        if done.vmeanba is not None:
+            self.result["vmeanba"] = done.vmeanba
+        if done.report is None:
+            return
+        self.report = done.report
         layers = [layer for layer in self.report.layers if layer.rank is not None]
         self.result.update(report=self.report.to_dict(),
                            residual_error=_mean([layer.output_error for layer in layers]),
                            residual_error_lowrank=_mean([layer.output_error_lowrank for layer in layers]))
         log_ranks_table(self.logger, self.report)
-        if self.cfg.finetune is not None and self.rank_zero:
+        if cfg.finetune is not None and self.rank_zero:
             self._say("evaluating the compressed model before fine-tuning")
             with self._stage("evaluate_compressed"):
                 self.result["compressed"] = self._evaluate("compressed")

@@ -31,7 +31,6 @@ it: :mod:`~lowrank_vit.harness.sources` (the model), :mod:`~lowrank_vit.harness.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -314,11 +313,10 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
 
 @user_command
 def cmd_compress(args: argparse.Namespace) -> int:
+    from lowrank_vit.harness.flow import compress_model
     from lowrank_vit.harness.speedcli import measured_latency
     from lowrank_vit.harness.vmeanbacli import vmeanba_config
-    from lowrank_vit.methods.vmeanba import apply_vmeanba
     from lowrank_vit.nn.adapters import count_params
-    from lowrank_vit.pipeline import compress
 
     device = resolve_device(args.device)
     vmeanba = vmeanba_config(args)  # bad options fail before anything is loaded
@@ -341,23 +339,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         accuracy["before"], reused = _dense_accuracy(args, source, pre, model, dm, device)
         timings["evaluate_before"] = time.perf_counter() - start
-    start = time.perf_counter()
-    available = len(dm.calibration_indices)
-    vreport = None
-    if vmeanba is not None:
-        vreport = apply_vmeanba(model, dm.calibration_dataloader(), vmeanba,
-                                calib_samples=min(vmeanba.calib_samples, available)).to_dict()
-        timings["vmeanba"] = time.perf_counter() - start
-        start = time.perf_counter()
-    report, latency = None, {}
-    if cfg is not None:
-        if available < cfg.calib_samples:  # the images there are (already warned about): progress bars count to them
-            cfg = dataclasses.replace(cfg, calib_samples=available)
-        dense = copy.deepcopy(model) if cfg.latency_table is not None and not args.no_timing else None
-        report = compress(model, dm.calibration_dataloader(), cfg)
-        timings["compress"] = time.perf_counter() - start
-        latency = {} if dense is None else measured_latency(args, dense, model, report.to_dict())
-        del dense
+    available = len(dm.calibration_indices)  # the images there are (already warned about): the steps read no more
+    if cfg is not None and available < cfg.calib_samples:  # and the saved config says so
+        cfg = dataclasses.replace(cfg, calib_samples=available)
+    done = compress_model(model, dm.calibration_dataloader, cfg, vmeanba, device=device, progress=not args.quiet,
+                          available=available,
+                          keep_before_lowrank=cfg is not None and cfg.latency_table is not None and not args.no_timing)
+    timings.update(done.seconds)
+    report, vreport, latency = done.report, done.vmeanba, {}
+    if done.before_lowrank is not None:
+        latency = measured_latency(args, done.before_lowrank, model, report.to_dict())
+        done.before_lowrank = None
     if not args.no_eval:
         start = time.perf_counter()
         accuracy["after"] = _evaluate(model, dm, device, args, "evaluate compressed")
