@@ -170,7 +170,8 @@ def _add_compress(sub: Any) -> None:
                         "svd-llm-v2, kfac-lems; vmeanba for vision state-space models) or any registered "
                         "decomposition")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="one of the recipe's own settings (docs/peers.md), e.g. --setting grad_shrinkage=0.3; "
+                   help="one of the recipe's own settings (docs/api.md lists every method's), e.g. --setting "
+                        "grad_fraction=0.5 (loss-aware), --setting gamma=60 (paper); "
                         "VALUE is read as JSON where it parses (numbers, true, null), else as text; repeatable")
     p.add_argument("--calib-samples", type=positive_int, default=1024, help="calibration images (default 1024)")
     p.add_argument("--rank-multiple", type=positive_int, default=None,
