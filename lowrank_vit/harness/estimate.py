@@ -7,24 +7,28 @@ whether a table takes an hour or a week, and whether float64 statistics on a con
 float32) would dominate the compression. Everything here is a model of the cost, never a measurement: pure functions
 of shapes and sizes. The model is built with timm on the meta device (no weights, no memory), so this module imports
 torch and timm only, never Lightning (``plan`` is one of the CLI's Lightning-free commands).
+
+Here: the stages' costs and the row's total and warnings. What is read off the model is in
+:mod:`lowrank_vit.harness.modelshapes`, the text in :mod:`lowrank_vit.harness.estimateformat`; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.common import settings_of
 from lowrank_vit.harness.devicespecs import DEVICES, DeviceSpec, get_device
-from lowrank_vit.harness.registry import Experiment, ModelConfig, RunConfig
+
+# re-exported as well as used: the command line and the tests import these names from here
+from lowrank_vit.harness.estimateformat import duration, format_row, format_rows  # noqa: F401
+from lowrank_vit.harness.modelshapes import LinearShape, ModelShapes, count_shapes, model_shapes  # noqa: F401
+from lowrank_vit.harness.registry import Experiment, RunConfig
 
 GEMM_EFFICIENCY = 0.4
 """Fraction of the peak a dense matrix product reaches in a whole pass (kernels of ViT size, framework overhead)."""
@@ -58,89 +62,6 @@ def gemm_precision(device: str) -> str:
     """The precision of the forward and backward passes. The runner enables neither TF32 nor mixed precision, so
     torch multiplies in true float32 on every device."""
     return "fp32"
-
-
-# ------------------------------------------------------------------------------------------------- model shapes
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    name: str
-    in_features: int
-    out_features: int
-    tokens: int
-    """Tokens per image the layer sees (Swin's stages differ)."""
-
-
-@dataclass(frozen=True)
-class ModelShapes:
-    """What the cost model reads off a model, per image."""
-
-    forward_flops: float
-    """Every matrix product and convolution of one image's forward, attention's products included."""
-    layers: tuple[LinearShape, ...]
-    """The compressible linears (the adapter's), in forward order."""
-    params: int
-    activation_bytes: float
-    """Sum of every leaf module's float32 output: what a training step keeps for its backward, per image."""
-    peak_output_bytes: float
-    """The largest single float32 output: what an inference pass holds at once, per image (times two)."""
-    scan_blocks: int = 0
-    """Selective-scan blocks (vision state-space models): VMeanba's candidates."""
-
-    @property
-    def compressible_flops(self) -> float:
-        return float(sum(2 * layer.tokens * layer.in_features * layer.out_features for layer in self.layers))
-
-
-def count_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelShapes:
-    """Count one image's forward on ``model`` (meta device or not) with torch's FLOP counter, and record the
-    compressible linears' token counts and the activations' sizes from forward hooks."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lowrank_vit.nn.adapters import get_adapter
-
-    device = next(model.parameters()).device
-    compressible = get_adapter(model).compressible_layers(model)
-    names = {id(module): name for name, module in compressible.items()}
-    tokens: dict[str, int] = {}
-    outputs: list[int] = []
-
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            outputs.append(output.numel())
-        if id(module) in names:
-            tokens[names[id(module)]] = inputs[0].numel() // module.in_features
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model.eval()(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    layers = tuple(LinearShape(name, m.in_features, m.out_features, tokens[name]) for name, m in compressible.items()
-                   if name in tokens)
-    return ModelShapes(float(counter.get_total_flops()), layers, sum(p.numel() for p in model.parameters()),
-                       4.0 * sum(outputs), 4.0 * max(outputs, default=0),
-                       scan_blocks=len(get_adapter(model).scan_modules(model)))
-
-
-@functools.lru_cache(maxsize=16)
-def _shapes(source: str, name: str, kwargs_json: str) -> ModelShapes:
-    from lowrank_vit.harness.models import build_model, input_shape
-
-    with torch.device("meta"):  # shapes only: no weights are drawn or downloaded
-        model = build_model(ModelConfig(source, name, pretrained=False, kwargs=json.loads(kwargs_json)),
-                            progress=False)
-    return count_shapes(model, input_shape(model))
-
-
-def model_shapes(cfg: ModelConfig) -> ModelShapes:
-    """The shapes of a row's model, built with random weights on the meta device (cached per model)."""
-    return _shapes(cfg.source, cfg.name.split(".")[0] if cfg.source == "timm" else cfg.name,
-                   json.dumps(cfg.kwargs, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------- the stages
@@ -510,38 +431,6 @@ def estimate_rows(exps: list[Experiment], scale: str = "full", *, device: str = 
     return {"estimate": True, "device": device, "device_label": spec.label, "devices": devices, "scale": scale,
             "rows": rows, "total_seconds": sum(r["total_seconds"] for r in rows),
             "warnings": [w for r in rows for w in r["warnings"]]}
-
-
-def duration(seconds: float) -> str:
-    """1.2 s, 3.4 min, 5.6 h, 7.8 days."""
-    for limit, unit, scale in ((120, "s", 1), (7200, "min", 60), (172800, "h", 3600)):
-        if seconds < limit:
-            return f"{seconds / scale:.1f} {unit}"
-    return f"{seconds / 86400:.1f} days"
-
-
-def format_row(est: dict[str, Any]) -> str:
-    """A row's estimate as text, every line labelled as an estimate."""
-    lines = [f"{est['name']}: estimated {duration(est['total_seconds'])} on {est['devices']} x {est['device_label']} "
-             f"({est['params']:,} parameters, {est['forward_gflops_per_image']:.2f} GFLOP per image forward)",
-             f"  {'stage (estimated)':24s} {'TFLOP':>10s} {'time':>10s} {'memory GiB':>11s}  detail"]
-    for s in est["stages"]:
-        lines.append(f"  {s['name']:24s} {s['flops'] / 1e12:10.3f} {duration(s['seconds']):>10s} "
-                     f"{s['memory_gib']:11.2f}  {s['detail']}")
-    lines += [f"warning: {w}" for w in est["warnings"]]
-    return "\n".join(lines)
-
-
-def format_rows(data: dict[str, Any]) -> str:
-    """One line per row and the total, labelled as estimates; the warnings after."""
-    width = max((len(r["name"]) for r in data["rows"]), default=10)
-    lines = [f"estimated cost on {data['devices']} x {data['device_label']} ({data['scale']} scale):"]
-    for r in data["rows"]:
-        lines.append(f"  {r['name']:{width}s}  estimated {duration(r['total_seconds']):>10s}  "
-                     f"(compression {duration(r['compress_seconds'])})")
-    lines.append(f"estimated total: {duration(data['total_seconds'])} for {len(data['rows'])} row(s)")
-    lines += [f"warning: {w}" for w in data["warnings"]]
-    return "\n".join(lines)
 
 
 __all__ = [

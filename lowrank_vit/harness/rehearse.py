@@ -14,12 +14,15 @@ model loaded back and scoring what the run recorded, and the results table rende
 Generated data: ``images_per_class`` training images for every one of the head's classes, and ``val_images``
 validation images whose labels span the first to the last class (a validation image per class would make each
 evaluation of a full-size model cost minutes on a CPU).
+
+Here: a row's rehearsal, the record of outcomes and the command. The settings and the generated data are in
+:mod:`lowrank_vit.harness.rehearsaldata`, the hand-over checks in :mod:`lowrank_vit.harness.rehearsalchecks`; their
+names are importable from here too.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import signal
@@ -28,254 +31,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
+# re-exported as well as used: the tests import these names from here
+from lowrank_vit.harness.rehearsalchecks import (  # noqa: F401
+    _check,
+    check_data,
+    check_preprocessing,
+    check_result,
+    check_saved_model,
+    check_table,
+)
+from lowrank_vit.harness.rehearsaldata import LAYOUTS, RehearsalError, RehearsalSettings, register_layout  # noqa: F401
 from lowrank_vit.nn.adapters import TimmViTAdapter
-
-LAYOUTS: dict[str, Callable[..., dict[str, Any]]] = {}
-"""Layout name -> writer of a generated dataset in that layout (returns the ``data.*`` overrides that read it)."""
-
-
-def register_layout(name: str) -> Callable:
-    def wrap(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        LAYOUTS[name] = fn
-        return fn
-    return wrap
-
-
-class RehearsalError(AssertionError):
-    """A hand-over between two stages is not what the next stage needs; the message says which."""
-
-
-@dataclass
-class RehearsalSettings:
-    """How far a rehearsal cuts the row (everything else is the row's full-scale config)."""
-
-    layout: str = "hub-parquet"
-    devices: int = 1
-    """Processes per row (>1: DDP), each on one CPU or one GPU."""
-    accelerator: str = "cpu"
-    """``"cpu"`` or ``"gpu"``: where the rows run (``lowrank-vit run --accelerator``)."""
-    images_per_class: int = 2
-    val_images: int = 8
-    calib_samples: int = 4
-    finetune_steps: int = 2
-    batch_size: int = 4
-    sgd_steps: int = 5
-    """Steps of the SGD solver of Z, for the rows that fit Z by SGD (the loop is the same at any count)."""
-    depth: int | None = None
-    """Blocks per stage of a shrunk model (None: the full architecture, the default and the point)."""
-
-    def __post_init__(self) -> None:
-        if self.accelerator not in ("cpu", "gpu"):
-            raise ValueError(f"accelerator must be 'cpu' or 'gpu', got {self.accelerator!r}")
-        if self.accelerator == "gpu" and torch.cuda.device_count() < self.devices:
-            raise ValueError(f"--accelerator gpu with --devices {self.devices} needs {self.devices} CUDA device(s); "
-                             f"torch sees {torch.cuda.device_count()}: use fewer devices or --accelerator cpu")
-
-
-# ------------------------------------------------------------------------------------------------ generated data
-
-
-def _class_names(num_classes: int) -> list[str]:
-    """The synsets of the head's classes in its order: timm's ImageNet-1k table (n01440764 ... n15075141)."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    if num_classes != info.num_classes():
-        raise RehearsalError(f"the head predicts {num_classes} classes, not ImageNet-1k's {info.num_classes()}")
-    return [info.index_to_label_name(i) for i in range(num_classes)]
-
-
-def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
-    """A smooth random RGB image (noise upsampled), JPEG-encoded."""
-    from PIL import Image
-
-    low = rng.integers(0, 256, (max(size[0] // 16, 2), max(size[1] // 16, 2), 3), dtype=np.uint8)
-    image = Image.fromarray(low).resize((size[1], size[0]), Image.BILINEAR)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=85)
-    return out.getvalue()
-
-
-def _val_labels(num_classes: int, n: int) -> list[int]:
-    """``n`` labels spread from the first class to the last (both ends of the class order are exercised)."""
-    return sorted({round(i * (num_classes - 1) / max(n - 1, 1)) for i in range(n)})
-
-
-@register_layout("hub-parquet")
-def _write_hub_parquet(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
-    """The hub's ``ILSVRC/imagenet-1k`` as downloaded: ``data/{train,validation}-*.parquet``, integer labels in the
-    synset order (the hub names its classes by description, some of which repeat in timm's table, so the generated
-    ``ClassLabel`` names are the synsets)."""
-    import datasets
-
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=_class_names(num_classes))})
-    rng = np.random.default_rng(0)
-    (root / "data").mkdir(parents=True)
-    train = [c for c in range(num_classes) for _ in range(s.images_per_class)]
-    for split, labels in (("train", train), ("validation", _val_labels(num_classes, s.val_images))):
-        images = [{"bytes": _jpeg(rng, size), "path": None} for _ in labels]
-        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
-            str(root / "data" / f"{split}-00000-of-00001.parquet"))
-    return {"data.path": str(root)}
-
-
-def _write_folder(folder: Path, labels: list[int], synsets: list[str], rng: np.random.Generator,
-                  size: tuple[int, int]) -> None:
-    for i, label in enumerate(labels):
-        (folder / synsets[label]).mkdir(parents=True, exist_ok=True)
-        (folder / synsets[label] / f"{synsets[label]}_{i}.JPEG").write_bytes(_jpeg(rng, size))
-
-
-@register_layout("imagefolder")
-def _write_imagefolder(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
-    """``train/<synset>/*.JPEG`` and ``val/<synset>/*.JPEG``."""
-    synsets = _class_names(num_classes)
-    rng = np.random.default_rng(0)
-    _write_folder(root / "train", [c for c in range(num_classes) for _ in range(s.images_per_class)], synsets, rng,
-                  size)
-    _write_folder(root / "val", _val_labels(num_classes, s.val_images), synsets, rng, size)
-    return {"data.path": str(root)}
-
-
-@register_layout("flat-val")
-def _write_flat_val(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
-    """``train/<synset>/*.JPEG`` beside a flat ``val/ILSVRC2012_val_NNNNNNNN.JPEG`` and its ground truth, one
-    0-based label per line in sorted file name order."""
-    synsets = _class_names(num_classes)
-    rng = np.random.default_rng(0)
-    _write_folder(root / "train", [c for c in range(num_classes) for _ in range(s.images_per_class)], synsets, rng,
-                  size)
-    (root / "val").mkdir()
-    labels = _val_labels(num_classes, s.val_images)
-    for i in range(len(labels)):
-        (root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(_jpeg(rng, size))
-    truth = root / "val_ground_truth.txt"
-    truth.write_text("".join(f"{label}\n" for label in labels))
-    return {"data.path": str(root), "data.val_labels": str(truth)}
-
-
-# ------------------------------------------------------------------------------------------------------- checks
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise RehearsalError(message)
-
-
-def _labelled_features(dataset: Any) -> Any:
-    """The Hugging Face features behind a split (through ``Subset``\\ s), or None."""
-    while hasattr(dataset, "dataset") and not hasattr(dataset, "label_column"):
-        dataset = dataset.dataset
-    inner = getattr(dataset, "dataset", None)
-    return None if inner is None else inner.features[dataset.label_column]
-
-
-def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> None:
-    """``pre`` (a data module's, or the one a run recorded) is timm's pretrained config of the model's tagged name
-    at the model's input shape."""
-    from lowrank_vit.harness.models import input_shape
-
-    cfg = model.pretrained_cfg
-    for key in ("mean", "std", "interpolation", "crop_pct"):
-        got, want = pre.get(key), cfg.get(key)
-        same = got == want or (isinstance(want, (tuple, list)) and isinstance(got, (tuple, list))
-                               and tuple(got) == tuple(want))
-        _check(same, f"{where}: preprocessing {key} is {got!r}, timm's pretrained config of "
-                     f"{cfg.get('architecture')} says {want!r}")
-    shape = input_shape(model)
-    _check(tuple(pre.get("input_size") or ()) == shape,
-           f"{where}: the data makes {pre.get('input_size')} images, the model takes {shape}")
-
-
-def check_data(model: nn.Module, dm: Any) -> None:
-    """What the data module hands calibration, fine-tuning and evaluation: timm's pretrained preprocessing, images
-    of the model's input shape, the head's class count and class order."""
-    from lowrank_vit.harness.models import head_classes, input_shape
-
-    check_preprocessing(model, dm.preprocessing, "the data module")
-    shape = input_shape(model)
-    classes = head_classes(model)
-    _check(dm.num_classes == classes, f"the data has {dm.num_classes} classes, the head predicts {classes}")
-    expected = _class_names(classes)
-    for split, dataset in (("training", dm.train_dataset), ("validation", dm.val_dataset)):
-        feature = _labelled_features(dataset)
-        names = list(getattr(feature, "names", []) or [])
-        _check(names == expected, f"the {split} split's class order differs from the pretrained head's "
-                                  f"(first {names[:2]}, expected {expected[:2]})")
-    for loader in (dm.calibration_dataloader(), dm.val_dataloader()):
-        images, labels = next(iter(loader))
-        _check(tuple(images.shape[1:]) == shape, f"a batch holds {tuple(images.shape[1:])} images, not {shape}")
-        _check(int(labels.min()) >= 0 and int(labels.max()) < classes, "labels outside the head's classes")
-
-
-def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, model: nn.Module) -> None:
-    """result.json: every stage's figures present, the run's preprocessing timm's, the budget met, the fine-tune
-    cut where it was asked to be."""
-    cfg = exp.full
-    for key in ("top1", "top5", "params", "params_before", "size_mib", "dense", "config", "stage_seconds",
-                "preprocessing"):
-        _check(key in result, f"result.json lacks {key!r}")
-    check_preprocessing(model, result["preprocessing"], "the run")
-    expected_val = len(_val_labels(int(result["config"]["model"].get("kwargs", {}).get("num_classes", 1000)),
-                                   settings.val_images))
-    _check(result["val_images"] == expected_val,
-           f"the final evaluation saw {result['val_images']} images, the validation split has {expected_val}")
-    if cfg.compression is not None:
-        _check(result["params"] < result["params_before"], "compression removed no parameter")
-        if exp.reduction is not None and settings.depth is None and cfg.compression.reduction is not None:
-            _check(abs(result["measured_reduction"] - exp.reduction) <= 5e-3,
-                   f"removed {100 * result['measured_reduction']:.2f}% of the parameters, the row asks "
-                   f"{100 * exp.reduction:.0f}%")
-        _check("report" in result, "result.json lacks the compression report")
-        if cfg.compression.fits_z_by_sgd:
-            ran = result["report"]["config"].get("settings", {}).get("sgd_iterations")
-            _check(ran == settings.sgd_steps and result["report"].get("sgd_loss"),
-                   f"the SGD solver of Z was set to {ran} steps, not {settings.sgd_steps}, or reported no loss")
-    if cfg.finetune is not None:
-        steps, world = ((result.get("finetune") or {}).get(k) for k in ("steps", "world_size"))
-        _check(steps == settings.finetune_steps, f"the fine-tune ran {steps} steps, not {settings.finetune_steps}")
-        _check(world == settings.devices, f"the fine-tune ran in {world} process(es), not {settings.devices}")
-        _check("compressed" in result, "no evaluation between compression and fine-tuning")
-    if cfg.vmeanba is not None:
-        chosen = (result.get("vmeanba") or {}).get("chosen")
-        wanted = result["config"]["vmeanba"]["num_blocks"]
-        _check(chosen is not None and (wanted is None or len(chosen) == wanted),
-               f"VMeanba switched {chosen!r} blocks, the row asks {wanted}")
-    if cfg.compression is None and cfg.quantization is None and cfg.vmeanba is None:
-        _check(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
-
-
-def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, device: str = "cpu") -> None:
-    """The saved model loads back and scores on the validation images exactly what the run recorded (evaluated on
-    the kind of device the row ran on: a GPU's float32 products round differently from a CPU's)."""
-    from lowrank_vit.harness.runner import MODEL_DIR, evaluate
-    from lowrank_vit.io.surgery import load_compressed
-
-    if exp.full.compression is None and exp.full.vmeanba is None:
-        return
-    model = load_compressed(out / exp.name / MODEL_DIR)
-    top1 = evaluate(model.to(device), dm.val_dataloader(), torch.device(device), progress=False)["top1"]
-    _check(abs(top1 - result["top1"]) < 1e-6,
-           f"the saved model scores {top1:.2f}% on the validation images, the run recorded {result['top1']:.2f}%")
-
-
-def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
-    """The results table of the row's table renders it with its measured top-1."""
-    from lowrank_vit.harness.tables import render_table
-
-    text = render_table(exp.table, [exp], "full", out)
-    _check(f"{result['top1']:.2f}" in text and "Not run yet" not in text,
-           f"the {exp.table} table does not render {exp.name}'s result")
-
 
 # ---------------------------------------------------------------------------------------------------------- rows
 
@@ -299,7 +70,7 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     from lowrank_vit.core.allocate import get_policy
     from lowrank_vit.harness.models import input_shape
     from lowrank_vit.harness.registry import RunConfig
-    from lowrank_vit.harness.runner import read_result
+    from lowrank_vit.harness.rowresults import read_result
     from lowrank_vit.stages.data import build_datamodule
 
     cfg = exp.full

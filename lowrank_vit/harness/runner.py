@@ -7,6 +7,11 @@ the calibration subset -> partial fine-tune (Lightning; DDP when several devices
 compresses, saves the compressed model in ``DIR/NAME/.compressed-for-ranks`` and the processes Lightning starts for
 the fine-tune load it instead of compressing again (processes started otherwise, e.g. by torchrun, compress the
 same way themselves: everything is seeded); only rank zero evaluates and writes.
+
+Here: a row's stages (:class:`_Row`), :func:`run_row` and :func:`reproduce`. The evaluations and the dense accuracy a
+table's rows share are in :mod:`lowrank_vit.harness.rowevaluation`, the finished results in
+:mod:`lowrank_vit.harness.rowresults`, the wandb logger in :mod:`lowrank_vit.harness.rowlogger`; their names are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -15,15 +20,13 @@ import contextlib
 import copy
 import datetime as _dt
 import fnmatch
-import hashlib
-import json
 import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.config import resolve_gram_precision
 from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.baseline import check_dense_baseline
 from lowrank_vit.harness.ddp import _is_rank_zero, share_compressed, shared_compressed
@@ -44,10 +46,21 @@ from lowrank_vit.harness.models import (
 )
 from lowrank_vit.harness.registry import (
     Experiment,
-    ModelConfig,
     RunConfig,
     list_experiments,
 )
+
+# re-exported as well as used: the command line, the other drivers and the tests import these names from here
+from lowrank_vit.harness.rowevaluation import (  # noqa: F401
+    DENSE_DIR,
+    _dense_accuracy,
+    _standin_fingerprint,
+    _version,
+    _weights_identity,
+    evaluate,
+)
+from lowrank_vit.harness.rowlogger import WANDB_MODES, _make_logger, wandb_project  # noqa: F401
+from lowrank_vit.harness.rowresults import RESULT_FILE, _comparable, finished, read_result  # noqa: F401
 from lowrank_vit.harness.tables import (
     render_table,
     write_table,
@@ -55,11 +68,7 @@ from lowrank_vit.harness.tables import (
 from lowrank_vit.nn.adapters import count_params
 from lowrank_vit.stages.finetune_config import check_precision_on
 
-RESULT_FILE = "result.json"
 MODEL_DIR = "model"
-WANDB_MODES = ("online", "offline", "disabled")
-DENSE_DIR = ".dense"
-"""Under the output directory: the starting models' accuracies, shared by the rows (see ``_dense_accuracy``)."""
 
 
 def row_config(exp: Experiment, scale: str, overrides: Iterable[str] = ()) -> RunConfig:
@@ -85,141 +94,6 @@ def default_output(scale: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------- run
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress: bool = True,
-             desc: str = "evaluate") -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes), the image count and the number
-    of classes (with 5 or fewer, every image is in the top 5: printers leave that figure out)."""
-    from lowrank_vit.core.progress import progress_bar
-    from lowrank_vit.stages.finetune import split_batch
-
-    model.eval().to(device)
-    correct1 = correct5 = total = classes = 0
-    with progress_bar(len(loader) if hasattr(loader, "__len__") else 0, desc, "batch", progress) as bar:
-        for batch in loader:
-            images, labels = split_batch(batch)
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            logits = (logits[0] + logits[1]) / 2 if isinstance(logits, tuple) else logits
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError("the model produced NaN or inf logits")
-            classes = logits.shape[1]
-            top = logits.topk(min(5, classes), dim=1).indices
-            hits = top == labels[:, None]
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(dim=1).sum())
-            total += labels.numel()
-            bar.update(1)
-    if total == 0:
-        raise ValueError("the evaluation split is empty")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total, "classes": classes}
-
-
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config without what does not change its result (hardware, run switches), with the fields a newer
-    version added filled in with their defaults (so that a new option does not orphan every finished result)."""
-    try:
-        run = RunConfig.from_dict(config)
-        config = run.to_dict()
-        if run.compression is not None:  # "auto" (None) and the value earlier versions resolved it to compare equal
-            config["compression"]["gram_precision"] = resolve_gram_precision(run.compression, "cpu",
-                                                                             float32_exact=True)
-    except (TypeError, ValueError, KeyError, AttributeError):
-        pass  # unreadable: compared as it is (and found different)
-    return {k: v for k, v in config.items() if k not in ("hardware", "run")}
-
-
-def read_result(out_dir: Path) -> dict[str, Any] | None:
-    """A finished row's result, or None when there is none (or it is unreadable)."""
-    path = out_dir / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def finished(exp: Experiment, cfg: RunConfig, output: Path) -> dict[str, Any] | None:
-    """The result of ``exp`` in ``output`` if it finished with this very config.
-
-    Raises:
-        SetupError: a result is there but from another config (it is never overwritten silently).
-    """
-    result = read_result(output / exp.name)
-    if result is None:
-        return None
-    if cfg.model.source == "standin" and cfg.model.pretrained and \
-            result.get("standin_fingerprint") != _standin_fingerprint(cfg.model.name):
-        return None  # computed from an older stand-in recipe: stale, run again
-    if cfg.model.checkpoint is not None and Path(cfg.model.checkpoint).expanduser().is_file() and \
-            result.get("checkpoint_sha256") != checkpoint_digest(cfg.model.checkpoint):
-        return None  # computed from other weights under the same path: stale, run again
-    if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
-        raise SetupError(f"{output / exp.name / RESULT_FILE} holds a run of {exp.name} with another config; "
-                         f"pass --force to replace it or choose another --output")
-    return result
-
-
-def _standin_fingerprint(arch: str) -> str | None:
-    from lowrank_vit.harness.standins import STANDINS
-
-    spec = STANDINS.get(arch)
-    return None if spec is None else spec.fingerprint()
-
-
-def _weights_identity(cfg: ModelConfig, digest: str | None) -> str | None:
-    """What names the starting weights for good, or None when nothing does (a random initialization)."""
-    if cfg.checkpoint is not None:
-        return f"sha256:{digest}"
-    if not cfg.pretrained:
-        return None
-    return f"standin:{_standin_fingerprint(cfg.name)}" if cfg.source == "standin" else f"timm:{cfg.name}"
-
-
-def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
-                    evaluate_dense: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The starting model's accuracy, evaluated once per output directory: every row of a table that starts from
-    the same weights and evaluates on the same data reuses it (``OUTPUT/.dense/KEY.json``), which saves one full
-    pass over the validation set per row. Random initializations are never reused."""
-    weights = _weights_identity(cfg.model, digest)
-    if weights is None:
-        return evaluate_dense()
-    config = cfg.to_dict()
-    data = {k: v for k, v in config["data"].items() if k not in ("calib_samples", "augment", "num_workers")}
-    payload = {"model": config["model"], "weights": weights, "data": data, "versions": [
-        torch.__version__, _version("timm")]}
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = output / DENSE_DIR / f"{key}.json"
-    try:
-        cached = json.loads(path.read_text())
-        if isinstance(cached, dict) and isinstance(cached.get("top1"), (int, float)):
-            return cached
-    except (OSError, ValueError):
-        pass  # not there yet, or damaged: evaluate again
-    value = evaluate_dense()
-    write_json(path, value)
-    return value
-
-
-def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
-    from lowrank_vit.stages.logging_utils import make_logger
-
-    ratio = round(100 * exp.reduction) if exp.reduction else None
-    tags = [exp.method, exp.arch, cfg.scale] + ([f"-{ratio}%"] if ratio else [])
-    # method, arch and ratio also as top-level config keys: a dashboard groups and filters runs by config keys
-    keys = {"experiment": exp.name, "table": exp.table, "method": exp.method, "arch": exp.arch,
-            "model_name": cfg.model.name, "ratio": ratio, "reduction": exp.reduction}
-    return make_logger(wandb, project=wandb_project(), group=group or f"{exp.table}-{cfg.scale}", tags=tags,
-                       config={**keys, **cfg.to_dict(), "paper": exp.to_dict()["paper"]},
-                       save_dir=out_dir, name=exp.name, job_type="run")
-
-
-def wandb_project() -> str:
-    """The wandb project of every run: ``WANDB_PROJECT`` when set, else "lowrank_vit"."""
-    return os.environ.get("WANDB_PROJECT") or "lowrank_vit"
 
 
 def _check_writable(exp: Experiment, out_dir: Path) -> None:
@@ -464,15 +338,6 @@ def _mean(values: list[float]) -> float | None:
     if not values or any(math.isnan(v) for v in values):
         return None
     return sum(values) / len(values)
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _say(enabled: bool, message: str) -> None:

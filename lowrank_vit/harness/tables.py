@@ -77,7 +77,7 @@ def render_table(table: str, exps: list[Experiment], scale: str, output: Path) -
 
 
 def _table(table: str, exps: list[Experiment], scale: str, output: Path) -> tuple[dict[str, Any], str]:
-    from lowrank_vit.harness.runner import read_result
+    from lowrank_vit.harness.rowresults import read_result
 
     rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
     if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row
