@@ -4,4 +4,4 @@ the paper lacks (:mod:`experiments.ablations`) and the comparison with the other
 (:mod:`experiments.ssm`). Importing this package registers them with :mod:`lowrank_vit.harness.registry`;
 ``lowrank-vit list`` shows them."""
 
-from experiments import ablations, compare, paper, ssm  # noqa: F401  (imported for their registrations)
+from . import ablations, compare, paper, ssm  # noqa: F401  (imported for their registrations)

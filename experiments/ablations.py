@@ -3,8 +3,9 @@ plus vanilla SVD + FT at the ratios where the paper gives no row."""
 
 from __future__ import annotations
 
-from experiments._rows import make_row
 from lowrank_vit.harness.registry import register_experiment
+
+from ._rows import make_row
 
 ABLATION_ARCHS = ("deit_s", "deit_b")
 
@@ -71,7 +72,7 @@ def vanilla_ratios():
 @register_experiment
 def vanilla_table3():
     """Vanilla SVD + FT at Table 3's DeiT-S target (5.0M parameters, -77%): the demo's third method there."""
-    from experiments.paper import TABLE3
+    from .paper import TABLE3
 
     for arch, target, params, _ in TABLE3:
         if arch == "deit_s":

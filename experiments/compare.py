@@ -17,9 +17,10 @@ architecture x reduction), see :func:`lowrank_vit.harness.tables.compare_markdow
 
 from __future__ import annotations
 
-from experiments._rows import ARCHS, count_note, make_row
-from experiments.paper import TABLE2
 from lowrank_vit.harness.registry import PaperResult, register_experiment
+
+from ._rows import ARCHS, count_note, make_row
+from .paper import TABLE2
 
 COMPARE_ARCHS = ("deit_s", "deit_b")
 COMPARE_PCTS = (40, 50, 60)

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from experiments.loss_aware_study import load_model, paired, predict, scores
 from lowrank_vit import CompressionConfig, compress
 from lowrank_vit.pipeline import plan_compression
 from lowrank_vit.speed import cached_profile, model_input_size, time_models
+
+from .loss_aware_study import load_model, paired, predict, scores
 
 MODELS = ("cifar_vit3_wide", "cifar_deit4", "cifar_swin_long")
 

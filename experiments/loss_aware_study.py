@@ -94,11 +94,12 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
     if name.startswith("cifar_"):
         from safetensors.torch import load_file
 
-        from experiments.cifar10 import _data_config
-        from experiments.ssm_models import MODELS as SSM_RECIPES
-        from experiments.study_models import MODELS as VIT_RECIPES
         from lowrank_vit.nn.adapters import timm_with_our_models
         from lowrank_vit.stages.data import build_datamodule
+
+        from .cifar10 import _data_config
+        from .ssm_models import MODELS as SSM_RECIPES
+        from .study_models import MODELS as VIT_RECIPES
 
         timm = timm_with_our_models()
         RECIPES_BY_MODEL = {**VIT_RECIPES, **SSM_RECIPES}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from experiments._rows import ARCHS, count_note, make_row
 from lowrank_vit.harness.registry import PaperResult, QuantizationConfig, register_experiment
+
+from ._rows import ARCHS, count_note, make_row
 
 TABLE2 = {  # arch: (baseline, -40%, -50%, -60%) as (params M, top-1), and the vanilla SVD + FT row
     "deit_b": ((86.6, 81.80), (52.0, 81.80), (43.3, 81.35), (34.6, 81.10), (40, 52.0, 77.30)),

@@ -8,9 +8,10 @@ scales."""
 
 from __future__ import annotations
 
-from experiments._rows import ARCHS, make_row
 from lowrank_vit.harness.registry import register_experiment
 from lowrank_vit.methods.vmeanba import VMeanbaConfig
+
+from ._rows import ARCHS, make_row
 
 SSM_TABLE = "vmeanba"
 KS = (2, 4, 8)

@@ -17,7 +17,7 @@ retraining on another CPU gives other weights, so the studies use the committed 
 
 from __future__ import annotations
 
-from experiments.cifar10 import Recipe, train_models
+from .cifar10 import Recipe, train_models
 
 MODELS: dict[str, Recipe] = {
     "cifar_vssm4": Recipe(

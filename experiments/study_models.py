@@ -36,7 +36,7 @@ so the study runs without retraining.
 
 from __future__ import annotations
 
-from experiments.cifar10 import Recipe, train_models
+from .cifar10 import Recipe, train_models
 
 MODELS: dict[str, Recipe] = {
     "cifar_deit4": Recipe(),

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.loss_aware_study import MODELS
+from .loss_aware_study import MODELS
 
 STUDY_STANDINS = tuple(name.removeprefix("mnist_") for name in MODELS if name.startswith("mnist_"))
 """The stand-ins of the study (its models ``mnist_deit_s``, ``mnist_vit_l``, ``mnist_swin_b``)."""

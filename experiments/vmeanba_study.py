@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from experiments.loss_aware_study import load_model, paired, predict, scores
 from lowrank_vit import compress
 from lowrank_vit.config import recipe
 from lowrank_vit.methods.vmeanba import apply_vmeanba, scan_blocks
 from lowrank_vit.speed import model_input_size, time_models
+
+from .loss_aware_study import load_model, paired, predict, scores
 
 MODELS = ("cifar_vssm4", "cifar_vssm2_deep")
 REDUCTIONS = (0.3, 0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -178,8 +180,11 @@ def _row(name: str = "ablation/deit_s/test-row") -> Experiment:
 
 
 def test_registration_rejects_duplicates_and_bad_entries():
+    row = get_experiment("table2/deit_s/ours-50")
+    register_experiment(lambda: row)  # the same row again (experiments/ imported under two names): accepted
+    assert get_experiment(row.name) is row
     with pytest.raises(ValueError, match="registered twice"):
-        register_experiment(lambda: get_experiment("table2/deit_s/ours-50"))
+        register_experiment(lambda: replace(row, reduction=0.3))
     with pytest.raises(ValueError, match="TABLE/ARCH/METHOD"):
         _row("ablation/deit_s")
     with pytest.raises(TypeError, match="not an Experiment"):

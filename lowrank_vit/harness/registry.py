@@ -3,8 +3,9 @@
 Entries are registered by decorated functions, the way timm registers models: a function returning one
 :class:`Experiment` (or several) is decorated with :func:`register_experiment`, and importing the module that holds
 it registers the rows. The library never names the modules that hold rows: they declare themselves as entry points
-of the group ``lowrank_vit.experiments`` (pyproject.toml; ``experiments/``, the paper's tables and the ablations,
-is the one this project ships), loaded on first use of :func:`get_experiment` / :func:`list_experiments`.
+of the group ``lowrank_vit.experiments`` (pyproject.toml; the repository's ``experiments/``, the paper's tables and
+the ablations, installed as ``lowrank_vit_experiments``, is the one this project ships), loaded on first use of
+:func:`get_experiment` / :func:`list_experiments`.
 
 Every entry carries two complete :class:`RunConfig`: ``full`` (the paper: timm pretrained weights, ImageNet-1k,
 1024 calibration images, 20-epoch partial fine-tune, GPUs) and ``smoke`` (the same method, ratio and architecture
@@ -318,7 +319,8 @@ _LOADED = False
 
 
 def register_experiment(fn: Callable[[], Experiment | Iterable[Experiment]]) -> Callable[[], Any]:
-    """Decorator: call ``fn`` now and register the experiment(s) it returns. Names must be unique."""
+    """Decorator: call ``fn`` now and register the experiment(s) it returns. Names must be unique; the same experiment
+    registered again (``experiments/`` imported under its folder's name in a checkout too) is accepted."""
     result = fn()
     experiments = [result] if isinstance(result, Experiment) else list(result)
     if not experiments:
@@ -327,6 +329,8 @@ def register_experiment(fn: Callable[[], Experiment | Iterable[Experiment]]) -> 
         if not isinstance(exp, Experiment):
             raise TypeError(f"{fn.__qualname__} returned {type(exp).__name__}, not an Experiment")
         if exp.name in _REGISTRY:
+            if _REGISTRY[exp.name] == exp:
+                continue  # the same row again: experiments/ imported under its folder's name in a checkout as well
             raise ValueError(f"experiment {exp.name!r} is registered twice")
         _REGISTRY[exp.name] = exp
     return fn
