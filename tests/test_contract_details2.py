@@ -17,33 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import cli, make_images, make_tiny_vit, one_line_error, write_image_folder
-
-ARCH = "vit_tiny_patch16_224"
-KWARGS = {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
-SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def place(tmp_path_factory) -> Path:
-    """Three classes of four images and a tiny ViT's weights that carry their preprocessing."""
-    import timm
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("details2")
-    write_image_folder(root / "imgs", 3, 4, SIZE)
-    torch.manual_seed(0)
-    model = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)
-    save_file(model.state_dict(), str(root / "w.safetensors"),
-              metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
-    return root
+from conftest import cli, make_images, make_tiny_vit, one_line_error
+from test_contract_details import ARCH, KWARGS, SIZE, _offline, place  # noqa: F401  (the same tiny ViT and folder)
 
 
 def _model_argv(root: Path) -> list[str]:
