@@ -296,8 +296,11 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
     weights_file = directory / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"{directory} is incomplete: {WEIGHTS_FILE} is missing")
+    # a device safetensors does not name the way torch does ("cpu:0", "meta") is read on the CPU and moved at the end;
+    # a device torch does not know is the caller's mistake, said as such (not as a damaged file)
+    device = torch.device(map_location)
     try:
-        tensors = load_file(str(weights_file), device=str(map_location))
+        tensors = load_file(str(weights_file), device="cpu" if device.type in ("cpu", "meta") else str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights_file} is corrupted or not a safetensors file: {exc}") from None
 

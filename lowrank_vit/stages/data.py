@@ -334,11 +334,12 @@ class HFImageDataModule(ImageClassificationDataModule):
                 raise EmptySplitError(f"the {val_name!r} split of {where} has no images: set val_split= to another "
                                       f"of {splits}")
 
-        train_labels = _label_array(train, label_col)
+        train_labels = _label_array(train, label_col, f"the {cfg.train_split!r} split of {where}")
         if is_class_label:
             num_classes = int(label_feature.num_classes)
         else:
-            val_max = int(_label_array(val, label_col).max(initial=-1)) if val is not None else -1
+            val_max = int(_label_array(val, label_col, f"the {val_name!r} split of {where}").max(initial=-1)) \
+                if val is not None else -1
             num_classes = max(int(train_labels.max(initial=-1)), val_max) + 1
 
         in_chans = self.preprocessing["input_size"][0]

@@ -141,10 +141,21 @@ def _find_column(columns: Sequence[str], given: str | None, candidates: Sequence
                           f"its columns are {list(columns)}: set {role}_column= to one of them")
 
 
-def _label_array(dataset: datasets.Dataset, column: str) -> np.ndarray:
+def _label_array(dataset: datasets.Dataset, column: str, what: str = "the data") -> np.ndarray:
     """The labels as int64, whatever integer type the file stores (uint8 labels cannot hold the -1 that an empty
-    split's maximum starts from)."""
-    return dataset.select_columns([column]).with_format("arrow")[:].column(column).to_numpy().astype(np.int64)
+    split's maximum starts from).
+
+    Raises:
+        DataFormatError: rows without a label. A split published without labels (a test split) still gets the
+            column when ``datasets`` reads a folder of parquet files, all null: without this check it fails
+            later, with a TypeError deep in the data loader.
+    """
+    values = dataset.select_columns([column]).with_format("arrow")[:].column(column)
+    if values.null_count:
+        raise DataFormatError(f"{what} has {values.null_count} of {len(values)} rows without a label in column "
+                              f"{column!r} (labels withheld, as in a published test split): set val_split= or "
+                              f"train_split= to a labelled split")
+    return values.to_numpy().astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------- flat validation folder

@@ -186,11 +186,13 @@ class PartialFinetune(L.LightningModule):
                              "teacher=..., or set distill=0 (the paper's cross-entropy alone)")
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
         top5 = min(5, num_classes)
-        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5)
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5)
+        # "micro": the fraction of images right, what top-1 means (torchmetrics' default, "macro", averages the
+        # classes' recalls, which differs on an imbalanced split)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self._fingerprint = model_fingerprint(model)
         self.save_hyperparameters({"finetune": self.config.to_dict(), "model": self._fingerprint["architecture"],
                                    "trainable_params": self.trainable["trainable"],
