@@ -19,6 +19,7 @@ from torch import nn
 
 from conftest import cli, make_images, make_tiny_vit, one_line_error
 from test_contract_details import ARCH, KWARGS, SIZE, _offline, place  # noqa: F401  (the same tiny ViT and folder)
+from test_contract_details import _random_budgets as _layers  # five seeded random layers' spectra
 
 
 def _model_argv(root: Path) -> list[str]:
@@ -29,24 +30,12 @@ def _model_argv(root: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------ the allocation
 
 
-def _layers(seed: int = 0):
-    from lowrank_vit.core.allocate import LayerBudget, energy_tail_curve
-
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i in range(5):
-        k, m = int(torch.randint(8, 40, (1,), generator=g)), int(torch.randint(8, 40, (1,), generator=g))
-        s = torch.rand(min(k, m), generator=g, dtype=torch.float64).sort(descending=True).values
-        layers.append(LayerBudget(f"l{i}", k, m, 0, energy_tail_curve(s)))
-    return layers
-
-
 def test_the_greedy_trace_says_which_layer_each_step_cut():
     """Algorithm 1's trace (``Allocation.trace``: {"step", "layer", "rank", "params"}): replaying its steps from
     every layer dense gives, after each one, the parameter count it records."""
     from lowrank_vit.core.allocate import allocate_greedy
 
-    layers = _layers()
+    layers = _layers(0)
     by_name = {layer.name: layer for layer in layers}
     allocation = allocate_greedy(layers, int(0.5 * sum(layer.dense_params for layer in layers)), gamma=4.0)
     assert allocation.trace
