@@ -352,10 +352,9 @@ class CompressionConfig:
         known = [f.name for cls in classes for f in dataclasses.fields(cls)]
         chosen = (f"decomposition={self.decomposition!r}, allocation={self.allocation!r}, solver={self.solver!r} "
                   f"(their settings: {', '.join(known) or 'none'})")
-        owners = setting_owners()
         for key, value in self.settings.items():
-            if key not in known:
-                where = " or ".join(owners.get(key, ["no registered decomposition, allocation or solver"]))
+            if key not in known:  # who declares it, read from the registries only for the refusal
+                where = " or ".join(setting_owners().get(key, ["no registered decomposition, allocation or solver"]))
                 raise ValueError(f"setting {key!r}={value!r} belongs to {where}, not to {chosen}")
         for cls in classes:
             settings_of(self, cls)

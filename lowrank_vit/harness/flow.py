@@ -40,8 +40,9 @@ def compress_model(model: nn.Module, calibration: Callable[[], Iterable], compre
 
     Args:
         calibration: returns a fresh iterable of calibration batches (each step reads them from the start).
-        available: the calibration images the data holds, where known: both steps are told to read no more, so
-            that their progress bars and reports count the images they had.
+        available: the calibration images the data holds, where known: VMeanba's scans are told to read no more,
+            so that its progress bar and report count the images it had (a caller caps ``compression.calib_samples``
+            itself, as the config it saves should say so too).
         keep_before_lowrank: return a copy of the model before the low-rank step (after the scans).
         say: where a one-line announcement of each step goes.
     """
@@ -60,8 +61,6 @@ def compress_model(model: nn.Module, calibration: Callable[[], Iterable], compre
                                      calib_samples=count).to_dict()
         done.seconds["vmeanba"] = round(time.perf_counter() - start, 3)
     if compression is not None:
-        if available is not None and available < compression.calib_samples:
-            compression = replace(compression, calib_samples=available)
         done.before_lowrank = copy.deepcopy(model) if keep_before_lowrank else None
         say(f"compressing ({compression.decomposition} SVD, {compression.allocation} ranks, Z "
             f"{compression.compensation})")
