@@ -244,7 +244,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "held = torch.floor(counts.double() * val_fraction).long()", ("tests/test_data.py",),
            "a stratified split holding out too few items of small classes"),
     Mutant("lowrank_vit/stages/data_transforms.py",
-           "array = np.clip(array * 255.0 if array.max(initial=0) <= 1.0 else array, 0, 255).astype(np.uint8)",
+           "array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)",
            "array = np.clip(array, 0, 255).astype(np.uint8)", ("tests/test_data.py",),
            "float images in [0, 1] truncated to black"),
     Mutant("lowrank_vit/io/surgery.py", '    if plan.get("version") != FORMAT_VERSION:', "    if False:",

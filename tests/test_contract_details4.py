@@ -41,7 +41,7 @@ def test_a_model_of_non_square_input_is_refused_naming_its_size(tmp_path):
 
     pre = {"input_size": (3, 32, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
     with pytest.raises(UserError) as info:
-        _data_config(_data_args(tmp_path), pre)
+        _data_config(_data_args(tmp_path), pre, calib_samples=8)
     assert str(info.value) == "the data loaders take square images; the model takes 32x16"
 
 
@@ -49,7 +49,7 @@ def test_the_data_loaders_take_the_models_square_size_and_channels(tmp_path):
     from lowrank_vit.harness.userdata import _data_config
 
     pre = {"input_size": (1, 24, 24), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0}
-    cfg = _data_config(_data_args(tmp_path), pre)
+    cfg = _data_config(_data_args(tmp_path), pre, calib_samples=8)
     assert (cfg.img_size, cfg.in_chans) == (24, 1)
 
 

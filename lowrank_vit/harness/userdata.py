@@ -43,8 +43,8 @@ def check_data_path(data: str) -> None:
                         f"name")
 
 
-def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, augment: bool = False,
-                 calib_samples: int = 1024) -> Any:
+def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, calib_samples: int,
+                 augment: bool = False) -> Any:
     from lowrank_vit.stages.data_config import DataConfig
 
     workers = default_workers() if args.workers is None else args.workers
@@ -69,13 +69,15 @@ _DATA_FLAGS = {"path": "--data", "label_column": "--label-column", "image_column
 """DataConfig's fields, as the errors of the data module name them, and the flags that set them here."""
 
 
-def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], **kwargs: Any) -> Any:
-    """The data module, loaded, with its class count checked against the model's head."""
+def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], *, calib_samples: int,
+               augment: bool = False) -> Any:
+    """The data module, loaded, with its class count checked against the model's head; ``calib_samples`` is what
+    the command calibrates on (1 where it calibrates nothing, so no subset is drawn or warned about)."""
     from lowrank_vit.stages.data import build_datamodule
     from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
 
     try:
-        cfg = _data_config(args, pre, **kwargs)
+        cfg = _data_config(args, pre, calib_samples=calib_samples, augment=augment)
         dm = build_datamodule(cfg, model)
         dm.setup()
     except (DataFormatError, DataNotFoundError, ValueError) as err:  # the library's words for its fields: ours here

@@ -220,7 +220,7 @@ def read_val_labels(file: Path, images: list[Path], class_names: Sequence[str]) 
         if missing:
             raise DataFormatError(f"{where} has no label for {len(missing)} of the {len(images)} images (e.g. "
                                   f"{', '.join(missing[:3])})")
-        raw = [by_name.get(p.name, by_name.get(p.stem, "")) for p in images]
+        raw = [by_name[p.name] if p.name in by_name else by_name[p.stem] for p in images]  # each has one (above)
     else:
         if len(lines) != len(images):
             raise DataFormatError(f"{where} has {len(lines)} labels for the {len(images)} images of the flat "

@@ -93,10 +93,10 @@ def _to_pil(value: Any) -> Image.Image:
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.dtype != np.uint8:
-        array = np.clip(array * 255.0 if array.max(initial=0) <= 1.0 else array, 0, 255).astype(np.uint8)
-    if array.ndim not in (2, 3):
+    if array.ndim not in (2, 3) or array.size == 0:
         raise DataFormatError(f"cannot read an image from an array of shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = np.clip(array * 255.0 if array.max() <= 1.0 else array, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
 
 
