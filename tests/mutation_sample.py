@@ -5,6 +5,7 @@ user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] o
     python tests/mutation_sample.py --sample 50 --seed 3
     python tests/mutation_sample.py --report        # the last run's results again, without running anything
     python tests/mutation_sample.py --list          # how many mutants each module has
+    python tests/mutation_sample.py --module 'lowrank_vit/harness/densecache.py' --sample 0   # every mutant of it
     python tests/mutation_sample.py --show NAME...  # mutants' diffs in the current source
 
 mutmut copies the package into ``mutants/`` with every mutant behind a switch, runs the fast suite once to learn
@@ -65,11 +66,16 @@ def mutant_names(path: Path) -> list[str]:
             .mutant_names]
 
 
-def draw(n: int, seed: int) -> dict[str, Path]:
+def draw(n: int, seed: int, only: list[str] | None = None) -> dict[str, Path]:
     """A seeded uniform sample of n mutants over all the modules together (big modules get more): the n whose
     seeded hash of their name is smallest, so that a change to one function changes only its own mutants' places in
-    the sample, not the whole sample (as reseeding a random draw over a changed population would)."""
-    pool = {name: path for path in modules() for name in mutant_names(path)}
+    the sample, not the whole sample (as reseeding a random draw over a changed population would). ``only``: the
+    modules matching these globs alone; n = 0: every mutant of the pool (an exhaustive run of a weak module)."""
+    paths = [path for path in modules() if not only or any(fnmatch.fnmatch(str(path), g) for g in only)]
+    if not paths:
+        raise SystemExit(f"no mutated module matches {' '.join(only or [])}: see --list")
+    pool = {name: path for path in paths for name in mutant_names(path)}
+    n = n or len(pool)
 
     def rank(name: str) -> str:
         return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
@@ -142,7 +148,11 @@ def report(sample: dict[str, Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tests/mutation_sample.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--sample", type=int, default=200, help="how many mutants to draw (default 200)")
+    parser.add_argument("--sample", type=int, default=200,
+                        help="how many mutants to draw (default 200; 0: all of them, with --module)")
+    parser.add_argument("--module", action="append", metavar="GLOB",
+                        help="draw from the modules matching this glob only (repeatable), e.g. "
+                             "'lowrank_vit/harness/densecache.py'; the 90%% goal is a whole-population sample's")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run side by side (default 2)")
     parser.add_argument("--report", action="store_true", help="report the last run's results without running")
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and recorded.is_file():
         sample = {name: Path(path) for name, path in json.loads(recorded.read_text()).items()}
     else:
-        sample = draw(args.sample, args.seed)
+        sample = draw(args.sample, args.seed, args.module)
     if not args.report:
         # a fresh copy every run: mutmut's reuse of an older mutants/ after the tree changed is not reliable (seen:
         # new modules missing from the copy, the test collection failing there)

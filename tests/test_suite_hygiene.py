@@ -95,6 +95,12 @@ def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
         # a mutant's diff comes from the source alone: one line out, its mutated form in, nothing else
         diff = mutation_sample.show(names[0], Path("lowrank_vit/io/hub.py")).split("\n")
         assert [line.strip()[:1] for line in diff] == ["-", "+"] and diff[0][7:] != diff[1][7:]
+        # --module restricts the pool; --sample 0 takes all of it (an exhaustive run of one module)
+        every = mutation_sample.draw(0, 0, ["lowrank_vit/io/hub.py"])
+        assert sorted(every) == sorted(names) and set(every.values()) == {Path("lowrank_vit/io/hub.py")}
+        assert len(mutation_sample.draw(5, 1, ["lowrank_vit/io/hub.py"])) == 5
+        with pytest.raises(SystemExit, match="no mutated module matches nowhere.py"):
+            mutation_sample.draw(5, 1, ["nowhere.py"])
     finally:
         os.chdir(here)
         sys.path.remove(str(REPO / "tests"))
