@@ -117,7 +117,6 @@ def test_plan_smoke_rows(capsys):
     assert plan["paper_size_mib"] == 41.7 and 0 < plan["size_mib"] < plan["params_before"] * 2 / 2**20 / 3
 
 
-@pytest.mark.slow
 def test_plan_full_scale_table3_deit_s(capsys):
     """The one full-size plan in the suite (DeiT-S -> 5.0M); `make check-plans` runs every row."""
     code, out, _ = cli(capsys, "plan", "table3/deit_s/ours", "--synthetic", "--json")
@@ -305,7 +304,6 @@ def _write_cifar_like(folder: Path, n_train: int = 48, n_test: int = 24) -> Path
     return folder
 
 
-@pytest.mark.slow
 def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
     """A comparison row on a model the user trained (``model.checkpoint``, safetensors) and local parquet data, with
     the overrides experiments/cifar10.py passes: it runs, records the checkpoint's digest, reruns when the weights

@@ -693,7 +693,6 @@ def test_finetune_ddp_two_processes(tmp_path):
 # Logging
 
 
-@pytest.mark.slow
 def test_finetune_logs_to_wandb_offline(tiny_compressed, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from lowrank_vit.stages.logging_utils import finish, log_ranks_table, make_logger

@@ -90,7 +90,6 @@ def compressed(workdir, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------------------------------- compress
 
 
-@pytest.mark.slow
 def test_compress_writes_a_complete_model_directory(compressed, workdir):
     from lowrank_vit.harness.outputs import model_dir_files
 
@@ -160,7 +159,6 @@ def test_compress_prints_the_preprocessing_and_its_origin(workdir, tmp_path, cap
     assert str(tmp_path / "m") in out
 
 
-@pytest.mark.slow
 def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
     report = json.loads((compressed / "report.json").read_text())
     code, out, err = _run(capsys, "evaluate", compressed, "--data", compressed.parent / "imgs", "--workers", "0",
@@ -220,7 +218,6 @@ def test_the_size_evaluate_reports_is_the_bytes_its_file_holds(workdir, tmp_path
     assert stored < 4 * dense  # compressed: fewer bytes than the dense float32 weights
 
 
-@pytest.mark.slow
 def test_export_runs_in_onnxruntime_and_matches(compressed, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from lowrank_vit.io.export import onnx_logits
@@ -244,7 +241,6 @@ def test_export_runs_in_onnxruntime_and_matches(compressed, tmp_path, capsys):
     assert _digest(target) == before
 
 
-@pytest.mark.slow
 def test_finetune_writes_a_new_directory_and_leaves_its_input(compressed, tmp_path, capsys):
     weights = compressed / "model.safetensors"
     before = _digest(weights)
@@ -284,7 +280,6 @@ def test_finetune_float16_needs_a_gpu(tmp_path, capsys, monkeypatch):
                   "bf16-true", "--output", str(tmp_path / "out")])
 
 
-@pytest.mark.slow
 def test_finetune_distills_from_the_recorded_dense_model(compressed, workdir, tmp_path, capsys):
     """--distill rebuilds the dense model from what compress recorded (here: the checkpoint, checked by its digest),
     or from --teacher-checkpoint when the recorded file is gone; --train-factors trains U and V too."""
@@ -464,7 +459,6 @@ def test_class_count_is_checked_before_calibration(workdir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
 def test_output_directory_is_never_overwritten_silently(compressed, workdir, tmp_path, capsys):
     plan_before = (compressed / "lowrank_vit.json").read_text()
     code, _, err = _compress(capsys, workdir, compressed, "--reduction", "0.5", "--no-eval")
@@ -562,7 +556,6 @@ def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir,
         assert not out.exists()
 
 
-@pytest.mark.slow
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
     from lowrank_vit.harness import finetunecli
 
@@ -621,7 +614,6 @@ def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsy
     assert "--scale smoke" not in err
 
 
-@pytest.mark.slow
 def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys, monkeypatch):
     from lowrank_vit.io import hub
 
@@ -640,7 +632,6 @@ def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys,
     assert result["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and result["latency_ms"] == {}
 
 
-@pytest.mark.slow
 def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_path, capsys, monkeypatch):
     from lowrank_vit.harness import finetunecli
 
@@ -815,7 +806,6 @@ def test_reports_and_json_output_are_strict_json(tmp_path):
 # ----------------------------------------------------------------------------------- resuming, reports, data
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("report", [None, "{not json", "[1, 2]"])
 def test_finetune_of_a_directory_without_a_readable_report(compressed, tmp_path, capsys, report):
     """A directory written by ``save_compressed`` (the API) has weights and a plan and nothing else, and a report
@@ -933,7 +923,6 @@ def test_an_opset_the_exporter_cannot_write_is_refused_before_tracing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
 def test_a_stopped_fine_tune_says_how_to_resume(compressed, workdir, tmp_path, capsys, monkeypatch):
     import lowrank_vit.stages.finetune as stage
 
