@@ -469,7 +469,6 @@ def tiny_model(name: str) -> nn.Module:
     return model
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", PEER_RECIPES)
 def test_peer_recipes_compress_a_tiny_vit_as_planned(name):
     images, batches = labelled_batches()

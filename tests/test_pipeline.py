@@ -175,8 +175,8 @@ def test_custom_small_models(name, kwargs, channels, size):
     assert torch.isfinite(model(images)).all()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224",
+                                  pytest.param("swin_tiny_patch4_window7_224", marks=pytest.mark.slow)])
 def test_full_size_timm_models(name):
     """The paper's architecture families at 224 px with random weights, compressed end to end by the default:
     targets hit within 0.1% (few images: speed). DeiT-S/B, ViT-B/L and Swin-B are the same timm classes at larger

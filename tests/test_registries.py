@@ -87,7 +87,6 @@ def test_every_z_kind_conforms(kind, shape):
     assert start.spec() == z.spec()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", FITTED)
 def test_compress_with_every_z_kind_plans_saves_loads_and_quantizes(kind, tmp_path):
     images = make_images(32, seed=11)

@@ -335,7 +335,6 @@ def _cli(capsys, workdir, *extra: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.slow
 def test_cli_compresses_a_state_space_model_with_vmeanba_and_with_both(ssm_workdir, tmp_path, capsys):
     import json
 
