@@ -215,3 +215,34 @@ def test_a_step_count_that_is_not_a_positive_integer_is_refused(steps):
     with pytest.raises(ValueError) as info:
         FinetuneConfig(epochs=1, max_steps=steps)
     assert str(info.value) == f"max_steps must be a positive integer or None, got {steps!r}"
+
+
+# ------------------------------------------------------------ survivors of the twelfth run (seed 7), first ones
+
+
+def test_a_reports_layer_rows_count_the_dense_weights_of_each_layer():
+    """A model without a compression report (a fine-tune's input written by save_compressed): each layer's row says
+    in x out dense weights, read here from the layer's own shape."""
+    from lowrank_vit import CompressionConfig, compress
+    from lowrank_vit.harness.outputs import _layers
+
+    from conftest import make_images
+
+    model = make_tiny_vit(seed=0)
+    compress(model, [make_images(8, seed=1)], CompressionConfig(reduction=0.3, calib_samples=8, progress=False))
+    rows = _layers(model, None)
+    assert rows
+    for row in rows:
+        layer = model.get_submodule(row["name"])
+        assert row["dense_params"] == layer.in_features * layer.out_features == row["in_features"] * row["out_features"]
+
+
+def test_a_two_class_model_can_be_fine_tuned():
+    from lowrank_vit import CompressionConfig, compress
+    from lowrank_vit.stages.finetune import PartialFinetune
+
+    from conftest import make_images
+
+    model = make_tiny_vit(seed=0, num_classes=2)
+    compress(model, [make_images(8, seed=1)], CompressionConfig(reduction=0.3, calib_samples=8, progress=False))
+    assert PartialFinetune(model).num_classes == 2
