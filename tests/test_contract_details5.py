@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, make_images, make_tiny_vit
+from conftest import cli, make_tiny_vit
 from test_contract_details import ARCH, KWARGS, SIZE, _compressed, _loader, _offline, place  # noqa: F401  (the same tiny ViT)
 
 # ------------------------------------------------------------------------------------------------ the commands
@@ -86,13 +86,11 @@ def test_the_dense_model_is_evaluated_on_the_device_the_command_chose(monkeypatc
 def test_an_output_written_by_save_compressed_is_described_by_its_architecture(tmp_path):
     """A model directory the library's save_compressed wrote (no record of where the model came from) is still
     named in the refusal to overwrite it."""
-    from lowrank_vit import CompressionConfig, compress, save_compressed
+    from lowrank_vit import save_compressed
     from lowrank_vit.harness.outputs import check_output_dir
     from lowrank_vit.harness.userbase import UserError
 
-    model = make_tiny_vit(seed=0)
-    compress(model, [make_images(8, seed=1)], CompressionConfig(reduction=0.3, calib_samples=8, progress=False))
-    out = save_compressed(model, tmp_path / "m")
+    out = save_compressed(_compressed(), tmp_path / "m")
     with pytest.raises(UserError) as info:
         check_output_dir(out, force=False)
     assert str(info.value) == (f"--output {str(out)!r} already holds a model (vit_tiny_patch16_224): give --force "

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_vit
-from test_contract_details import _offline  # noqa: F401  (HF offline, a cache folder of the test's own)
+from test_contract_details import _compressed, _offline  # noqa: F401  (HF offline, a cache folder of its own)
 
 # ------------------------------------------------------------------------------------------------ the commands
 
@@ -223,13 +223,9 @@ def test_a_step_count_that_is_not_a_positive_integer_is_refused(steps):
 def test_a_reports_layer_rows_count_the_dense_weights_of_each_layer():
     """A model without a compression report (a fine-tune's input written by save_compressed): each layer's row says
     in x out dense weights, read here from the layer's own shape."""
-    from lowrank_vit import CompressionConfig, compress
     from lowrank_vit.harness.outputs import _layers
 
-    from conftest import make_images
-
-    model = make_tiny_vit(seed=0)
-    compress(model, [make_images(8, seed=1)], CompressionConfig(reduction=0.3, calib_samples=8, progress=False))
+    model = _compressed()
     rows = _layers(model, None)
     assert rows
     for row in rows:
