@@ -89,7 +89,7 @@ def test_unreachable_targets_raise():
 
 
 @pytest.mark.parametrize("policy", ["greedy", "uniform"])
-@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("multiple", [2, 4, 8])
 def test_rank_multiple_aligns_every_rank_and_spends_the_budget(policy, multiple):
     layers = make_layers()
     budget = int(0.5 * sum(layer.dense_params for layer in layers))

@@ -160,6 +160,9 @@ def test_demo_options_reach_the_demo(monkeypatch):
     assert calls[-1]["wandb"] == "disabled" and calls[-1]["figures"] is False
     assert main(["demo", "--quiet", "--output", "x"]) == 0
     assert calls[-1]["wandb"] == "offline" and calls[-1]["figures"] is True
+    assert calls[-1]["retrain"] is False
+    assert main(["demo", "--retrain", "--quiet", "--output", "x"]) == 0  # train the stand-in anew
+    assert calls[-1]["retrain"] is True
 
 
 # ------------------------------------------------------------------------------------------------ a closed pipe

@@ -282,6 +282,7 @@ def test_the_marginal_trace_prices_each_layers_last_direction_per_parameter(seed
         if r is None or r < 2:
             continue
         saved = float(layer.loss(r - 1) - layer.loss(r))
+        assert (rows[layer.name]["rank"], rows[layer.name]["params"]) == (r, layer.params(r))
         assert rows[layer.name]["last_price"] == pytest.approx(saved / (layer.in_features + layer.out_features))
 
 

@@ -181,6 +181,8 @@ def test_the_profile_table_heads_each_column_with_what_it_holds():
     assert lines[1].split() == ["shape", "rows", "layers", "dense", "ms", "IQR", "break-even", "of"]
     assert [line.split()[:3] for line in lines[2:4]] == [["32x96", "17", "2"], ["128x32", "17", "1"]]
     assert [line.split()[-2:] for line in lines[2:4]] == [["8", "16"], ["16", "16"]]
+    assert lines[-1] == ("break-even: the largest profiled rank at which the factored layer is faster than dense (0: "
+                         "never); of: the largest rank profiled (the equal-cost rank, in steps)")
 
 
 def test_the_finetune_records_a_hub_name_as_given_and_a_folder_as_its_full_path(tmp_path, monkeypatch):

@@ -126,8 +126,8 @@ def _timm_source(args: argparse.Namespace) -> Source:
               "checkpoint": None if checkpoint is None else str(checkpoint),
               "checkpoint_sha256": None if checkpoint is None else checkpoint_digest(checkpoint)}
     return Source(model, name.split(".")[0], f"timm {name}, {weights}",
-                  {k: carried[k] for k in USER_PREPROCESSING if k in carried},
-                  f"checkpoint {checkpoint}" if carried else "", {}, record)
+                  preprocessing={k: carried[k] for k in USER_PREPROCESSING if k in carried},
+                  carried_from=f"checkpoint {checkpoint}" if carried else "", record=record)
 
 
 def _hub_weights(name: str, kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...], str | None] | None:

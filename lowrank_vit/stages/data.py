@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -350,8 +349,7 @@ class HFImageDataModule(ImageClassificationDataModule):
 
         if val is not None:
             return _Splits(wrap(train, train_tf), wrap(train, eval_tf), wrap(val, eval_tf), num_classes)
-        train_idx, val_idx = stratified_split(torch.from_numpy(train_labels.astype(np.int64)), cfg.val_fraction,
-                                              cfg.seed)
+        train_idx, val_idx = stratified_split(torch.from_numpy(train_labels), cfg.val_fraction, cfg.seed)
         if len(val_idx) == 0 or len(train_idx) == 0:
             raise EmptySplitError(f"{where} has only {len(train)} training images and no validation split: "
                                   f"too few to hold out val_fraction={cfg.val_fraction} of every class")

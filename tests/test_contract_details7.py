@@ -1,0 +1,124 @@
+"""More details a user meets that the larger tests passed over, each found by a survivor of the twelfth mutation run
+(docs/mutation.md): where a dry run looks for finished rows, an output directory whose parents do not exist yet, the
+hub cache a lookup is told to read, the split of a labelled set without a validation split, timm's crop mode, the
+label array's type. Each is checked against what the docs promise or a truth computed independently, on tiny inputs
+(seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli
+from test_contract_details import _compress_argv, _offline, place  # noqa: F401  (the same tiny ViT and images)
+
+# ------------------------------------------------------------------------------------------------ the commands
+
+
+@pytest.mark.parametrize("scale", ["full", "smoke"])
+def test_a_dry_run_without_output_looks_where_the_scales_results_go(scale, capsys, monkeypatch, tmp_path):
+    """`reproduce --dry-run` without --output checks the directory the run itself would write: results/ for the
+    full scale, results/smoke/ for the smoke one (docs: the two never overwrite each other)."""
+    from lowrank_vit.harness import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "finished", lambda exp, cfg, output: seen.append(output))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "reproduce", "table2", "--rows", "table2/deit_s/ours-50", "--scale", scale,
+                         "--dry-run")
+    assert code == 0, err
+    assert out == "table2/deit_s/ours-50: would run\n"
+    assert seen == [Path("results") if scale == "full" else Path("results", "smoke")]
+
+
+def test_compress_writes_an_output_whose_parents_do_not_exist_yet(place, tmp_path, capsys):  # noqa: F811
+    """`--output runs/today/deit-50`, neither folder there yet: made, as `mkdir -p` would, not an OSError."""
+    out = tmp_path / "runs" / "today" / "deit-50"
+    code, _, err = cli(capsys, *_compress_argv(place, out, "--quiet", "--no-eval"))
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["deit-50"]  # the staging folder is gone
+
+
+# ------------------------------------------------------------------------------------------------------ the hub
+
+
+def _hub_cache(root: Path, repo: str, filename: str) -> Path:
+    """The layout huggingface_hub keeps: models--owner--name/{refs/main, snapshots/<commit>/<file>}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    path = repo_dir / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    return path
+
+
+def test_a_cached_file_is_found_in_the_cache_directory_asked_for(tmp_path, monkeypatch):
+    """`cache_dir` (timm's `cache_dir` model argument) is where the lookup reads, not the default cache."""
+    from lowrank_vit.io.hub import cached_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "default"))
+    (tmp_path / "default").mkdir()
+    path = _hub_cache(tmp_path / "mine", "someone/tiny-vit", "model.safetensors")
+    assert cached_file("someone/tiny-vit", ["open_clip_model.safetensors", "model.safetensors"],
+                       cache_dir=tmp_path / "mine") == path
+    assert cached_file("someone/tiny-vit", ["model.safetensors"]) is None  # the default cache does not hold it
+
+
+# ------------------------------------------------------------------------------------------------------ the data
+
+
+def test_a_stratified_split_holds_out_the_first_of_each_class_in_the_seeds_order():
+    """Without a validation split, the held-out images of each class are the first round(fraction * n_c) of that
+    class in the order of the seed's permutation, on any machine: computed here class by class in plain Python. (An
+    unstable sort would pick others: torch's unstable CPU sort reorders ties at this size.)"""
+    from lowrank_vit.stages.data_readers import stratified_split
+
+    labels = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(7)).tolist()
+    held = []
+    for c in range(3):
+        members = [i for i in perm if labels[i] == c]
+        held += members[:round(0.25 * len(members))]
+    train, val = stratified_split(labels, 0.25, seed=7)
+    assert val.tolist() == sorted(held)
+    assert train.tolist() == sorted(set(range(200)) - set(held))
+
+
+def test_labels_are_read_as_int64_whatever_integer_type_the_file_stores(tmp_path):
+    """`_label_array` promises int64 (uint8 labels cannot hold the -1 an empty split's maximum starts from)."""
+    import datasets
+
+    from lowrank_vit.stages.data_readers import _label_array
+
+    for dtype in ("uint8", "int16", "int32"):
+        ds = datasets.Dataset.from_dict({"label": [0, 2, 1]}, features=datasets.Features({"label":
+                                                                                          datasets.Value(dtype)}))
+        labels = _label_array(ds, "label")
+        assert labels.dtype == np.int64 and labels.tolist() == [0, 2, 1]
+
+
+def test_timms_squash_crop_mode_keeps_the_whole_width_of_the_image():
+    """`crop_mode: squash` (a model's pretrained config may say so) resizes the whole image to the model's size; the
+    default center crop of a 4:1 image keeps its middle quarter. Four vertical stripes tell them apart: the first
+    output column is the first stripe's colour when squashed and the second's when center-cropped."""
+    from PIL import Image
+
+    from lowrank_vit.stages.data_transforms import create_transforms
+
+    stripes = np.zeros((16, 64, 3), dtype=np.uint8)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    for i, colour in enumerate(colours):
+        stripes[:, 16 * i:16 * (i + 1)] = colour
+    image = Image.fromarray(stripes)
+    base = {"input_size": (3, 16, 16), "mean": (0.0,) * 3, "std": (1.0,) * 3, "crop_pct": 1.0,
+            "interpolation": "bilinear"}
+    for mode, first in (("squash", colours[0]), ("center", colours[1])):
+        _, eval_tf = create_transforms({**base, "crop_mode": mode}, augment=False)
+        column = eval_tf(image)[:, 8, 0]
+        assert column.tolist() == pytest.approx([v / 255 for v in first], abs=0.02), mode
