@@ -166,7 +166,7 @@ def test_version_without_the_package_installed(capsys, monkeypatch):
 def test_the_profile_table_heads_each_column_with_what_it_holds():
     """`profile`'s table: the third column is how many of the model's layers have that shape (counted by hand)."""
     from lowrank_vit.core.latency import LatencyTable, ShapeLatency, Timing
-    from lowrank_vit.harness.speedcli import render
+    from lowrank_vit.harness.speedcli import render, summary
 
     def t(ms: float) -> Timing:
         return Timing(ms, ms * 0.9, ms * 1.1, 3)
@@ -177,6 +177,7 @@ def test_the_profile_table_heads_each_column_with_what_it_holds():
     table = LatencyTable("tiny", 1, "cpu", "a CPU", "torch", "float32", 2, {"torch": torch.__version__}, t(3.0),
                          {"blocks.0.attn.qkv": keys[0], "blocks.1.attn.qkv": keys[0], "blocks.0.mlp.fc2": keys[1]},
                          dict(zip(keys, shapes, strict=True)))
+    assert [shape["layers"] for shape in summary(table)["shapes"]] == [2, 1]  # `profile --json`'s count
     lines = render(table).splitlines()
     assert lines[1].split() == ["shape", "rows", "layers", "dense", "ms", "IQR", "break-even", "of"]
     assert [line.split()[:3] for line in lines[2:4]] == [["32x96", "17", "2"], ["128x32", "17", "1"]]

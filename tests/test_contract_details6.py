@@ -71,7 +71,7 @@ def test_vmeanbas_step_is_timed_to_the_millisecond(monkeypatch):
 
     monkeypatch.setattr(method, "apply_vmeanba", scans)
     done = compress_model(torch.nn.Identity(), lambda: [], None, method.VMeanbaConfig(num_blocks=1),
-                          device=torch.device("cpu"))
+                          device=torch.device("cpu"), progress=False)
     assert 0.015 <= done.seconds["vmeanba"] < 1.0
     assert done.seconds["vmeanba"] == round(done.seconds["vmeanba"], 3)
 

@@ -122,3 +122,109 @@ def test_timms_squash_crop_mode_keeps_the_whole_width_of_the_image():
         _, eval_tf = create_transforms({**base, "crop_mode": mode}, augment=False)
         column = eval_tf(image)[:, 8, 0]
         assert column.tolist() == pytest.approx([v / 255 for v in first], abs=0.02), mode
+
+
+def test_a_cached_file_is_found_at_the_revision_asked_for(tmp_path):
+    """`revision` (a pinned commit of a hub model) reads that snapshot, not the branch's newest."""
+    from lowrank_vit.io.hub import cached_file
+
+    newest = _hub_cache(tmp_path, "someone/tiny-vit", "model.safetensors")
+    pinned = newest.parents[1] / ("f" * 40) / "model.safetensors"
+    pinned.parent.mkdir()
+    pinned.write_text("{}")
+    assert cached_file("someone/tiny-vit", ["model.safetensors"], cache_dir=tmp_path) == newest
+    assert cached_file("someone/tiny-vit", ["model.safetensors"], revision="f" * 40, cache_dir=tmp_path) == pinned
+
+
+# ------------------------------------------------------------------------------------------- the model's source
+
+
+def _hub_args():
+    import argparse
+
+    return argparse.Namespace(model="hf-hub:someone/tiny-vit")
+
+
+def test_a_hub_repository_that_is_no_model_directory_gets_timms_own_refusal(monkeypatch, tmp_path):
+    """`hf-hub:owner/name` downloaded, but without lowrank_vit.json, and timm refuses the name too: timm's refusal
+    is the error, as it is (the hub's download did not fail, so there is no hub reason to quote)."""
+    from lowrank_vit.harness import sources
+    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.io import hub
+
+    def timm_refuses(args):
+        raise UserError("timm has no model 'hf-hub:someone/tiny-vit'")
+
+    monkeypatch.setattr(hub, "download", lambda reference: tmp_path)  # reached: an empty snapshot
+    monkeypatch.setattr(sources, "_timm_source", timm_refuses)
+    with pytest.raises(UserError) as info:
+        sources.load_source(_hub_args())
+    assert str(info.value) == "timm has no model 'hf-hub:someone/tiny-vit'"
+
+
+def test_an_unreachable_hub_model_quotes_the_hub_unless_timm_failed_for_another_reason(monkeypatch):
+    """The hub unreachable and timm unable to build the name: one line with the hub's reason and timm's. A defect
+    in timm or here (a KeyError) is not dressed as the user's input: it is raised as it is."""
+    from lowrank_vit.harness import sources
+    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.io import hub
+
+    def unreachable(reference):
+        raise FileNotFoundError("hf-hub:someone/tiny-vit is not in the cache and HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr(hub, "download", unreachable)
+    for error, expected in ((RuntimeError("no weights"), UserError), (KeyError("blocks"), KeyError)):
+        def fails(args, error=error):
+            raise error
+
+        monkeypatch.setattr(sources, "_timm_source", fails)
+        with pytest.raises(expected) as info:
+            sources.load_source(_hub_args())
+        if expected is UserError:
+            assert str(info.value) == ("hf-hub:someone/tiny-vit is not in the cache and HF_HUB_OFFLINE=1 (timm could "
+                                       "not build it either: no weights)")
+
+
+# ------------------------------------------------------------------------------------------------- compression
+
+
+def test_the_compression_shows_progress_as_the_command_says_whatever_its_config_says(monkeypatch):
+    """`run ROW --quiet` hands compress_model a row's config whose progress is on (the dataclass default): the
+    command's word wins, and the other way round."""
+    from lowrank_vit import CompressionConfig, pipeline
+    from lowrank_vit.harness.flow import compress_model
+
+    seen = []
+    monkeypatch.setattr(pipeline, "compress", lambda model, images, config: seen.append(config.progress))
+    for config_says, command_says in ((True, False), (False, True)):
+        compress_model(torch.nn.Linear(2, 2), lambda: [], CompressionConfig(reduction=0.5, progress=config_says),
+                       device=torch.device("cpu"), progress=command_says)
+        assert seen[-1] is command_says
+
+
+# ------------------------------------------------------------------------------------------------ the fine-tune
+
+
+@pytest.mark.parametrize("field", ["train_tokens", "train_factors"])
+def test_a_fine_tune_switch_that_is_not_a_boolean_is_refused_by_name(field):
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
+
+    with pytest.raises(ValueError) as info:
+        FinetuneConfig(**{field: "yes"})
+    assert str(info.value) == f"{field} must be true or false, got 'yes'"
+
+
+def test_data_of_one_class_counts_one_class(tmp_path):
+    """Labels 0 only, in both splits: one class (the class count is the largest label plus one, from either split),
+    which the head check then compares with the model's."""
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
+
+    from test_contract_details import _parquet
+
+    _parquet(tmp_path / "d" / "train.parquet", [0, 0, 0])
+    _parquet(tmp_path / "d" / "validation.parquet", [0, 0])
+    dm = build_datamodule(DataConfig(path=str(tmp_path / "d"), img_size=8, batch_size=2, num_workers=0,
+                                     cache_dir=str(tmp_path / "hf")))
+    dm.setup()
+    assert dm.num_classes == 1

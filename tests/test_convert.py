@@ -102,6 +102,7 @@ def test_a_torchvision_vit_gives_its_own_logits_in_timm(tmp_path, legacy_names):
     assert converted.inferred_kwargs == {"patch_size": 8, "in_chans": 3, "embed_dim": 48, "depth": 2,
                                          "mlp_ratio": 2.0, "qkv_bias": True, "class_token": True, "num_classes": 5,
                                          "img_size": 32}
+    assert converted.notes == []  # torchvision's LayerNorm eps is timm's (1e-6): nothing to say
     model = _timm_model(tmp_path / "vit.pth", "vit_tiny_patch16_224", {"num_heads": 3})
     assert _max_diff(source, model) < TOLERANCE
 

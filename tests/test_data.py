@@ -341,7 +341,9 @@ def test_hub_name_offline_is_one_line(tmp_path: Path):
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"name": None}, "give name="),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0$"),
+    ({"calib_samples": 0},
+     r"calib_samples must be a positive integer, got 0 \(the calibration subset cannot be empty\)$"),
     ({"val_fraction": 1.0}, "val_fraction must lie strictly between 0 and 1"),
     ({"in_chans": 2}, "in_chans must be 1 or 3"),
     ({"name": None, "path": ""}, "path must be a non-empty path"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -795,8 +796,11 @@ def test_load_weights_of_a_deeper_model(tmp_path, saved):
     compress(other, [make_images(32)], cfg())
     save_compressed(other, tmp_path / "other")
     shutil.copyfile(tmp_path / "other" / WEIGHTS, saved / WEIGHTS)
-    with pytest.raises(ValueError, match=r"does not match the plan's model: missing \[\], unexpected \['blocks\.2\."):
+    expected = r"does not match the plan's model: missing \[\], unexpected \['blocks\.2\."
+    with pytest.raises(ValueError, match=expected) as info:
         load_compressed(saved)
+    listed = ast.literal_eval(str(info.value).split("unexpected ")[1])  # the first five of block 2's many keys
+    assert len(listed) == 5 and listed == sorted(listed) and all(k.startswith("blocks.2.") for k in listed)
 
 
 def test_saved_files_follow_the_umask_like_any_other_file(tmp_path):

@@ -58,6 +58,10 @@ class Timing:
         """``12.3 ms (IQR 12.1-12.9, 7 repeats)``: how every latency is printed."""
         return f"{self.median:.2f} ms (IQR {self.low:.2f}-{self.high:.2f}, {self.repeats} repeats)"
 
+    def record(self) -> dict[str, float | int]:
+        """How every latency is written in JSON (reports, ``profile --json``): the quartiles as q1 and q3."""
+        return {"median": self.median, "q1": self.low, "q3": self.high, "repeats": self.repeats}
+
 
 def _quantile(ordered: list[float], q: float) -> float:
     """Linear interpolation between order statistics (numpy's default), on a sorted list."""

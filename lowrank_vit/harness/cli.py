@@ -164,9 +164,7 @@ def _estimate_rows(pattern: str) -> list[Any]:
     exps = list_experiments(pattern)
     if not exps and any(c in pattern for c in "*?["):
         raise CLIError(f"no experiment matches {pattern!r}")
-    if not exps:
-        get_experiment(pattern)  # an unknown name: its error suggests the closest names
-    return exps if len(exps) > 1 or exps[0].name != pattern else [get_experiment(pattern)]
+    return exps or [get_experiment(pattern)]  # an unknown name: get_experiment's error suggests the closest names
 
 
 def _print_estimate(args: argparse.Namespace, exps: list[Any], scale: str, devices: int,

@@ -31,7 +31,7 @@ class Compressed:
 
 
 def compress_model(model: nn.Module, calibration: Callable[[], Iterable], compression: CompressionConfig | None,
-                   vmeanba: Any = None, *, device: torch.device, progress: bool = True,
+                   vmeanba: Any = None, *, device: torch.device, progress: bool,
                    available: int | None = None, keep_before_lowrank: bool = False,
                    say: Callable[[str], None] = lambda message: None) -> Compressed:
     """VMeanba's channel-mean scans first, chosen on the dense model (the paper's order for state-space models:

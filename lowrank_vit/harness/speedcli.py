@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_vit.core.files import strict_json
-from lowrank_vit.core.latency import LatencyTable, Timing
+from lowrank_vit.core.latency import LatencyTable
 from lowrank_vit.harness.argtypes import positive_int
 from lowrank_vit.harness.sources import _timm_source
 from lowrank_vit.harness.userbase import UserError, _say, user_command
@@ -104,15 +104,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def summary(table: LatencyTable) -> dict[str, Any]:
     """What ``profile`` prints, as data."""
     return {"model": table.model, "batch": table.batch, "device": table.device_name, "runtime": table.runtime,
-            "dtype": table.dtype, "model_ms": _timing(table.model_ms),
-            "shapes": [{"in": s.in_features, "out": s.out_features, "rows": s.rows, "dense_ms": _timing(s.dense),
+            "dtype": table.dtype, "model_ms": table.model_ms.record(),
+            "shapes": [{"in": s.in_features, "out": s.out_features, "rows": s.rows, "dense_ms": s.dense.record(),
                         "break_even_rank": s.break_even(), "equal_cost_rank": s.ranks[-1] if s.ranks else 0,
                         "layers": sum(1 for key in table.layers.values() if key == s.key)}
                        for s in table.shapes.values()]}
-
-
-def _timing(t: Timing) -> dict[str, Any]:
-    return {"median": t.median, "q1": t.low, "q3": t.high, "repeats": t.repeats}
 
 
 def render(table: LatencyTable) -> str:
@@ -180,7 +176,7 @@ def measured_latency(args: argparse.Namespace, dense: nn.Module, compressed: nn.
                         input_size=model_input_size(dense), device=table.device, runtime=table.runtime,
                         dtype=table.dtype, progress=not args.quiet)
     measured = times["dense"].median / times["compressed"].median
-    out = {**predicted, "measured": {name: _timing(t) for name, t in times.items()}, "measured_speedup": measured}
+    out = {**predicted, "measured": {name: t.record() for name, t in times.items()}, "measured_speedup": measured}
     _say(args, f"latency, batch {table.batch}, {table.runtime} {table.dtype} on {table.device}: dense "
                f"{times['dense'].text()}, compressed {times['compressed'].text()}: {measured:.2f}x measured, "
                f"{predicted['predicted_speedup']:.2f}x predicted")

@@ -217,7 +217,7 @@ def latency(model: nn.Module, input_size: Any, batches: list[int], device: torch
     for batch in batches:
         timing = time_models({"model": model}, batch=batch, input_size=tuple(input_size), device=device.type,
                              runtime=runtime, dtype=dtype, repeats=repeats, progress=progress)["model"]
-        out[str(batch)] = {"median": timing.median, "q1": timing.low, "q3": timing.high, "repeats": timing.repeats}
+        out[str(batch)] = timing.record()
     return out
 
 
