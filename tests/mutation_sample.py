@@ -7,6 +7,7 @@ user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] o
     python tests/mutation_sample.py --list          # how many mutants each module has
     python tests/mutation_sample.py --module 'lowrank_vit/harness/densecache.py' --sample 0   # every mutant of it
     python tests/mutation_sample.py --show NAME...  # mutants' diffs in the current source
+    python tests/mutation_sample.py --triaged       # every triage line's mutant as the source now makes it
 
 mutmut copies the package into ``mutants/`` with every mutant behind a switch, runs the fast suite once to learn
 which tests call each function, then runs each sampled mutant against the tests that call its function (stopping at
@@ -18,7 +19,8 @@ The report gives the caught fraction per module and every survivor with its diff
 docs/mutation.md: either a test that now catches it (then it no longer survives) or a line saying why the change
 is equivalent, in the form ``- `mutant name`: why``. Exit status 1 when under 90% of the sample is caught or a
 survivor is not triaged. Mutant names number the mutants within a function, so a triage line holds until that
-function changes; a sample drawn after a change may need new lines.
+function changes: after editing one, ``--triaged`` shows each line's mutant as it now is beside its reason (and exits
+1 where a name has no mutant any more), to be read again.
 """
 
 from __future__ import annotations
@@ -114,6 +116,32 @@ def show(name: str, path: Path, _mutated: dict[Path, str] = {}, fresh: bool = Fa
     return "\n".join("      " + line for line in diff) or "      (no diff shown)"
 
 
+def module_of(name: str) -> Path | None:
+    """The mutated module a mutant name belongs to (the longest dotted prefix), None if none."""
+    paths = {str(path.with_suffix("")).replace("/", "."): path for path in modules()}
+    module = max((m for m in paths if name.startswith(m + ".")), key=len, default=None)
+    return None if module is None else paths[module]
+
+
+def check_triaged(equivalent: dict[str, str]) -> int:
+    """Print each triaged mutant's diff in the current source beside the reason given; returns how many names no
+    longer name a mutant (a function renamed, moved or shortened since)."""
+    missing = 0
+    for name, why in equivalent.items():
+        path = module_of(name)
+        try:
+            diff = show(name, path, fresh=True) if path is not None else None
+        except FileNotFoundError:  # mutmut: no such function, or no mutant of that number in it
+            diff = None
+        if diff is None:
+            missing += 1
+            print(f"\n  NO SUCH MUTANT: {name}\n      triaged: {why}")
+        else:
+            print(f"\n  {name}\n{diff}\n      triaged: {why}")
+    print(f"\n{len(equivalent)} triage line(s), {missing} naming no mutant of the current source")
+    return missing
+
+
 def report(sample: dict[str, Path]) -> int:
     codes, equivalent = exit_codes(), triaged()
     missing = [name for name in sample if codes.get(name) is None]
@@ -158,19 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="report the last run's results without running")
     parser.add_argument("--list", action="store_true", help="count the mutants of each module and stop")
     parser.add_argument("--show", nargs="+", metavar="NAME", help="print these mutants' diffs and stop")
+    parser.add_argument("--triaged", action="store_true",
+                        help="print every triage line's mutant in the current source beside its reason, and stop")
     args = parser.parse_args(argv)
     os.chdir(REPO)  # mutmut reads pyproject.toml and writes mutants/ in the current directory
     if args.list:
         for path in modules():
             print(f"{len(mutant_names(path)):6d}  {path}")
         return 0
+    if args.triaged:
+        return 1 if check_triaged(triaged()) else 0
     if args.show:
-        paths = {str(path.with_suffix("")).replace("/", "."): path for path in modules()}
         for name in args.show:
-            module = max((m for m in paths if name.startswith(m + ".")), key=len, default=None)
-            if module is None:
-                parser.error(f"{name} is not a mutant of the mutated modules ({', '.join(sorted(paths))})")
-            print(f"{name}\n{show(name, paths[module], fresh=True)}")
+            path = module_of(name)
+            if path is None:
+                parser.error(f"{name} is not a mutant of the mutated modules ({', '.join(map(str, modules()))})")
+            print(f"{name}\n{show(name, path, fresh=True)}")
         return 0
     recorded = REPO / "mutants" / "sample.json"  # the sample the last run drew: what --report reports on
     if args.report and recorded.is_file():

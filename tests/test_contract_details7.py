@@ -228,3 +228,182 @@ def test_data_of_one_class_counts_one_class(tmp_path):
                                      cache_dir=str(tmp_path / "hf")))
     dm.setup()
     assert dm.num_classes == 1
+
+
+# ------------------------------------------------------------------------------------------- the dense cache
+
+
+def test_the_dense_cache_key_holds_everything_the_accuracy_depends_on(tmp_path):
+    """Entry by entry, what the cache's docs list: the weights' content, the model's name and arguments, the data
+    (a folder by its path and stamp) and its splits and columns, the preprocessing, --limit, the device type and the
+    library versions. A dependency missing from the key would let one model's figure stand for another's."""
+    import argparse
+
+    import timm
+    from test_contract_details5 import _source
+
+    from lowrank_vit import __version__
+    from lowrank_vit.harness.densecache import _data_stamp, _dense_cache_entry
+
+    from test_contract_details import ARCH, KWARGS
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    args = argparse.Namespace(data=str(folder), limit=7, train_split="tr", val_split="va", image_column="img",
+                              label_column="y")
+    _, key = _dense_cache_entry(args, _source(), {"mean": (0.1, 0.2, 0.3)}, torch.device("cpu"))
+    assert key == {
+        "weights_sha256": "ab" * 32, "architecture": ARCH, "model": {"timm_name": ARCH, "model_kwargs": KWARGS},
+        "data": {"path": str(folder.resolve()), "stamp": _data_stamp(folder)},
+        "splits": {"train_split": "tr", "val_split": "va", "image_column": "img", "label_column": "y"},
+        "preprocessing": {"mean": [0.1, 0.2, 0.3]}, "limit": 7, "device": "cpu",
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "lowrank_vit": __version__}}
+
+
+def test_a_cached_accuracy_is_reused_only_under_its_own_key_and_whole(tmp_path):
+    """A cache file is read back only if the key stored in it is the one asked for, and its top-1, top-5 and image
+    count are numbers: anything else (another key, a hand-edited figure) is evaluated again."""
+    import json
+
+    from lowrank_vit.harness.densecache import _read_cached_accuracy
+
+    path = tmp_path / "entry.json"
+    good = {"top1": 71.5, "top5": 90.0, "images": 50}
+    for stored, read in (({"key": {"a": 1}, "accuracy": good}, good),
+                         ({"key": {"a": 2}, "accuracy": good}, None),
+                         ({"key": {"a": 1}, "accuracy": {**good, "top1": "n/a"}}, None),
+                         ([{"a": 1}, good], None)):
+        path.write_text(json.dumps(stored))
+        assert _read_cached_accuracy(path, {"a": 1}) == read, stored
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_dense_accuracy_that_cannot_be_cached_is_said_unless_quiet(quiet, capsys, monkeypatch, tmp_path):
+    """The cache's folder cannot be made (a file is in the way): the figure is still returned, and a note says
+    it was not cached, except under --quiet."""
+    import argparse
+
+    from lowrank_vit.harness import densecache
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: (tmp_path / "file" / "entry.json", {}))
+    monkeypatch.setattr(densecache, "_evaluate", lambda *a: {"top1": 50.0})
+    metrics, reused = densecache._dense_accuracy(argparse.Namespace(quiet=quiet, no_cache=False), None, {}, None,
+                                                 None, torch.device("cpu"))
+    assert (metrics, reused) == ({"top1": 50.0}, None)
+    err = capsys.readouterr().err
+    assert (err == "") if quiet else err.startswith("the dense model's top-1 was not cached (")
+
+
+def test_the_dense_cache_file_does_not_depend_on_the_order_the_preprocessing_was_given_in(tmp_path):
+    """The same preprocessing in another order (a checkpoint's metadata, a directory's plan) is the same entry."""
+    import argparse
+
+    from test_contract_details5 import _source
+
+    from lowrank_vit.harness.densecache import _dense_cache_entry
+
+    args = argparse.Namespace(data="someone/dataset", limit=None, train_split="train", val_split=None,
+                              image_column=None, label_column=None)
+    one = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "crop_pct": 0.9}
+    other = dict(reversed(list(one.items())))
+    cpu = torch.device("cpu")
+    assert _dense_cache_entry(args, _source(), one, cpu)[0] == _dense_cache_entry(args, _source(), other, cpu)[0]
+
+
+# -------------------------------------------------------------------------------- compress_model's VMeanba step
+
+
+def _scans(monkeypatch):
+    from lowrank_vit.methods import vmeanba as method
+
+    seen = {}
+
+    class Report:
+        def to_dict(self):
+            return {"chosen": []}
+
+    def scans(model, batches, cfg, calib_samples):
+        seen["calib_samples"], seen["cfg"] = calib_samples, cfg
+        return Report()
+
+    monkeypatch.setattr(method, "apply_vmeanba", scans)
+    return method.VMeanbaConfig, seen
+
+
+def test_vmeanbas_step_is_announced_and_reads_no_more_images_than_there_are(monkeypatch):
+    """The announcement names the scans' count, or the speedup they are chosen for; the scans are told to read
+    the images the data holds when it holds fewer than asked (their report counts what they had)."""
+    from lowrank_vit.harness.flow import compress_model
+
+    config, seen = _scans(monkeypatch)
+    said = []
+    cpu = torch.device("cpu")
+    compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=2, calib_samples=8), device=cpu,
+                   progress=False, available=3, say=said.append)
+    assert said == ["VMeanba, the channel-mean scan in 2 block(s)"] and seen["calib_samples"] == 3
+    compress_model(torch.nn.Identity(), lambda: [], None, config(target_speedup=1.5, calib_samples=8), device=cpu,
+                   progress=False, say=said.append)
+    assert said[-1] == "VMeanba, the channel-mean scan in the blocks that reach 1.5x" and seen["calib_samples"] == 8
+
+
+def test_compress_model_moves_the_model_to_the_device_and_keeps_no_copy_unless_asked(monkeypatch):
+    """The model goes to the device the command chose (recorded here, as this machine has one device); a copy of
+    it before the low-rank step (a whole second model in memory) is kept only when asked for."""
+    from lowrank_vit import CompressionConfig, pipeline
+    from lowrank_vit.harness.flow import compress_model
+
+    moved = []
+
+    class Model(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            moved.append(args)
+            return super().to(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress", lambda model, images, config: "report")
+    cpu = torch.device("cpu")
+    done = compress_model(Model(2, 2), lambda: [], CompressionConfig(reduction=0.5), device=cpu, progress=False)
+    assert moved == [(cpu,)] and done.report == "report" and done.before_lowrank is None
+    done = compress_model(Model(2, 2), lambda: [], CompressionConfig(reduction=0.5), device=cpu, progress=False,
+                          keep_before_lowrank=True)
+    assert isinstance(done.before_lowrank, Model)
+
+
+def test_compress_models_low_rank_step_is_announced_timed_and_told_the_device(monkeypatch):
+    """The step's announcement names the recipe; the compression runs on the command's device with its progress
+    setting; its wall time is recorded to the millisecond; the copy kept from before it is a copy (the step works in
+    place, and a shallow copy would change with it)."""
+    import time
+
+    from lowrank_vit import CompressionConfig, pipeline
+    from lowrank_vit.harness.flow import compress_model
+
+    seen = []
+
+    def compress(model, images, config):
+        seen.append(config)
+        time.sleep(0.02)
+        with torch.no_grad():
+            model.weight.zero_()  # in place, as the real step
+        return "report"
+
+    monkeypatch.setattr(pipeline, "compress", compress)
+    model, said = torch.nn.Linear(2, 2), []
+    config = CompressionConfig(reduction=0.5, decomposition="whitened", allocation="greedy", compensation="none",
+                               progress=True)
+    done = compress_model(model, lambda: [], config, device=torch.device("cpu"), progress=False,
+                          keep_before_lowrank=True, say=said.append)
+    assert said == ["compressing (whitened SVD, greedy ranks, Z none)"]
+    assert (seen[0].device, seen[0].progress) == ("cpu", False)
+    assert 0.015 <= done.seconds["compress"] < 1.0 and done.seconds["compress"] == round(done.seconds["compress"], 3)
+    assert torch.count_nonzero(model.weight) == 0 and torch.count_nonzero(done.before_lowrank.weight) == 4
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_vmeanbas_scans_show_progress_as_the_command_says(progress, monkeypatch):
+    from lowrank_vit.harness.flow import compress_model
+
+    config, seen = _scans(monkeypatch)
+    compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=1, progress=not progress),
+                   device=torch.device("cpu"), progress=progress)
+    assert seen["cfg"].progress is progress

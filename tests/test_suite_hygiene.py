@@ -101,6 +101,10 @@ def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
         assert len(mutation_sample.draw(5, 1, ["lowrank_vit/io/hub.py"])) == 5
         with pytest.raises(SystemExit, match="no mutated module matches nowhere.py"):
             mutation_sample.draw(5, 1, ["nowhere.py"])
+        # --triaged: a triage line whose function changed is shown as its mutant now is, or counted as naming none
+        assert mutation_sample.module_of(names[0]) == Path("lowrank_vit/io/hub.py")
+        assert mutation_sample.check_triaged({names[0]: "why", "lowrank_vit.io.hub.x_gone__mutmut_1": "why",
+                                              names[0].rsplit("_", 1)[0] + "_99999": "why"}) == 2
     finally:
         os.chdir(here)
         sys.path.remove(str(REPO / "tests"))

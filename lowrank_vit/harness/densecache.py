@@ -87,8 +87,7 @@ def _dense_cache_entry(args: argparse.Namespace, source: Source, pre: dict[str, 
         return None
     key = {"weights_sha256": digest, "architecture": source.architecture,
            "model": {k: source.record.get(k) for k in ("timm_name", "model_kwargs")}, "data": where,
-           "splits": {k: getattr(args, k, None) for k in ("train_split", "val_split", "image_column",
-                                                           "label_column")},
+           "splits": {k: getattr(args, k) for k in ("train_split", "val_split", "image_column", "label_column")},
            "preprocessing": pre, "limit": getattr(args, "limit", None), "device": device.type,
            "versions": {"torch": torch.__version__, "timm": timm.__version__, "lowrank_vit": __version__}}
     text = json.dumps(key, sort_keys=True, default=str)
