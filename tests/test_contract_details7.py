@@ -407,3 +407,106 @@ def test_vmeanbas_scans_show_progress_as_the_command_says(progress, monkeypatch)
     compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=1, progress=not progress),
                    device=torch.device("cpu"), progress=progress)
     assert seen["cfg"].progress is progress
+
+
+# ---------------------------------------------------------------------------------------- more of the commands
+
+
+def test_demo_publish_says_each_file_it_wrote(capsys, monkeypatch, tmp_path):
+    from lowrank_vit.harness import demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: {})
+    monkeypatch.setattr(demo, "publish", lambda summary: [Path("docs/demo.md"), Path("docs/figures/demo.png")])
+    code, out, err = cli(capsys, "demo", "--publish", "--quiet", "--output", str(tmp_path))
+    assert code == 0 and out == ""
+    assert err == "demo: wrote docs/demo.md\ndemo: wrote docs/figures/demo.png\n"
+
+
+def test_compress_options_reach_the_compression_config_the_right_way_round():
+    """A latency table caps each rank at its break-even unless --params-only; progress is shown unless --quiet."""
+    import argparse
+
+    from lowrank_vit.harness.userargs import compression_config
+
+    base = dict(recipe="paper", reduction=0.5, target_params=None, target_speedup=None, calib_samples=8, quiet=False,
+                loss_pass_dtype=None, setting=[], latency_table="auto", params_only=False, rank_multiple=None)
+    cfg = compression_config(argparse.Namespace(**base), torch.device("cpu"))
+    assert (cfg.latency_limit, cfg.progress) == (True, True)
+    cfg = compression_config(argparse.Namespace(**{**base, "params_only": True, "quiet": True}), torch.device("cpu"))
+    assert (cfg.latency_limit, cfg.progress) == (False, False)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_profiling_a_model_for_compress_shows_progress_unless_quiet(quiet, monkeypatch, tmp_path):
+    import argparse
+
+    from lowrank_vit import speed
+    from lowrank_vit.harness.speedcli import resolve_latency_table
+
+    seen = {}
+
+    def profile(model, **kwargs):
+        seen.update(kwargs)
+        return None, tmp_path / "table.json", True
+
+    monkeypatch.setattr(speed, "cached_profile", profile)
+    args = argparse.Namespace(latency_table="auto", target_speedup=None, latency_device=None, latency_batch=1,
+                              latency_runtime="torch", latency_dtype="float32", quiet=quiet)
+    assert resolve_latency_table(args, torch.nn.Identity(), "tiny", "cpu") == str(tmp_path / "table.json")
+    assert seen["progress"] is (not quiet) and seen["device"] == "cpu"
+
+
+@pytest.mark.parametrize("value", [1.5, "3", -1])
+def test_warmup_steps_that_are_not_a_count_are_refused(value):
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
+
+    with pytest.raises(ValueError) as info:
+        FinetuneConfig(warmup_steps=value)
+    assert str(info.value) == f"warmup_steps must be a non-negative integer, got {value!r}"
+
+
+def test_the_tensor_transform_resizes_with_half_pixel_centres():
+    """Two pixels (0 and 255) stretched to four: sampled at the centres of the new pixels (x_src = (x + 0.5) / 2 -
+    0.5, clamped), they read 0, 1/4, 3/4 and 1; corner-aligned sampling would give thirds."""
+    from lowrank_vit.stages.data_transforms import TensorImageTransform
+
+    image = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    out = TensorImageTransform((1, 1, 4), mean=(0.0,), std=(1.0,))(image)
+    assert out.flatten().tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0], abs=1e-6)
+
+
+def test_the_fine_tune_runs_where_lightning_chooses_when_not_told():
+    """`finetune(model, loader)` without accelerator or devices: Lightning's "auto" for both (here one CPU)."""
+    from lowrank_vit.stages.finetune import finetune
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
+
+    from test_contract_details import _compressed, _loader
+
+    _, trainer = finetune(_compressed(), _loader(), config=FinetuneConfig(epochs=1, max_steps=1), progress=False,
+                          enable_model_summary=False, logger=False)
+    assert trainer.num_devices == 1 and trainer.global_step == 1
+
+
+def test_a_label_column_of_floats_is_refused_not_truncated_to_classes(tmp_path):
+    """Labels 0.0, 1.5, 2.0 are not classes: refused naming the column and what it holds (read as integers they
+    would silently become 0, 1, 2)."""
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig, DataFormatError
+
+    from test_contract_details import _parquet
+
+    _parquet(tmp_path / "d" / "train.parquet", [0.0, 1.5, 2.0], dtype="float32")
+    dm = build_datamodule(DataConfig(path=str(tmp_path / "d"), img_size=8, batch_size=2, num_workers=0,
+                                     cache_dir=str(tmp_path / "hf")))
+    with pytest.raises(DataFormatError) as info:
+        dm.setup()
+    assert "label column 'label' of" in str(info.value) and "not integer classes" in str(info.value)
+
+
+def test_normalization_statistics_that_fit_no_channel_count_are_refused_with_both():
+    from lowrank_vit.stages.data_transforms import _match_channels
+
+    assert _match_channels((0.2, 0.4, 0.6), 1) == pytest.approx((0.4,))
+    with pytest.raises(ValueError) as info:
+        _match_channels((0.5, 0.5), 3)
+    assert str(info.value) == "normalization statistics (0.5, 0.5) do not fit in_chans=3"

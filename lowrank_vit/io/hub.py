@@ -92,7 +92,7 @@ def push(directory: str | os.PathLike, repo_id: str, token: str | None = None, p
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, allow_patterns=list(MODEL_FILES),
                              commit_message=commit_message)
-    return str(getattr(info, "commit_url", info))
+    return str(info)  # huggingface_hub's CommitInfo is a str whose value is the commit URL (older versions: the URL)
 
 
 __all__ = ["HUB_PREFIX", "MODEL_FILES", "cached_file", "download", "is_hub_reference", "offline", "parse_reference",
