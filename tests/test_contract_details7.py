@@ -1,19 +1,32 @@
-"""More details a user meets that the larger tests passed over, each found by a survivor of the twelfth mutation run
-(docs/mutation.md): where a dry run looks for finished rows, an output directory whose parents do not exist yet, the
-hub cache a lookup is told to read, the split of a labelled set without a validation split, timm's crop mode, the
-label array's type. Each is checked against what the docs promise or a truth computed independently, on tiny inputs
-(seconds)."""
+"""More details a user meets that the larger tests passed over, each found by a survivor of the twelfth to fourteenth
+mutation runs or the exhaustive run of the dense cache and the compression flow (docs/mutation.md): where a dry run
+looks for finished rows, an output whose parents do not exist yet, the hub cache and revision a lookup reads, the
+split of a labelled set without a validation split, timm's crop mode, the labels' type, the dense cache's key,
+compress_model's steps, and options reaching the compression the right way round. Each is checked against what the
+docs promise or a truth computed independently, on tiny inputs (seconds)."""
 
 from __future__ import annotations
 
+import argparse
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_contract_details5 import _cache_args, _source
 
 from conftest import cli
-from test_contract_details import _compress_argv, _offline, place  # noqa: F401  (the same tiny ViT and images)
+from test_contract_details import (  # noqa: F401  (_offline, place: fixtures; the same tiny ViT and images)
+    ARCH,
+    KWARGS,
+    _compress_argv,
+    _compressed,
+    _loader,
+    _offline,
+    _parquet,
+    place,
+)
 
 # ------------------------------------------------------------------------------------------------ the commands
 
@@ -140,8 +153,6 @@ def test_a_cached_file_is_found_at_the_revision_asked_for(tmp_path):
 
 
 def _hub_args():
-    import argparse
-
     return argparse.Namespace(model="hf-hub:someone/tiny-vit")
 
 
@@ -220,8 +231,6 @@ def test_data_of_one_class_counts_one_class(tmp_path):
     from lowrank_vit.stages.data import build_datamodule
     from lowrank_vit.stages.data_config import DataConfig
 
-    from test_contract_details import _parquet
-
     _parquet(tmp_path / "d" / "train.parquet", [0, 0, 0])
     _parquet(tmp_path / "d" / "validation.parquet", [0, 0])
     dm = build_datamodule(DataConfig(path=str(tmp_path / "d"), img_size=8, batch_size=2, num_workers=0,
@@ -237,15 +246,10 @@ def test_the_dense_cache_key_holds_everything_the_accuracy_depends_on(tmp_path):
     """Entry by entry, what the cache's docs list: the weights' content, the model's name and arguments, the data
     (a folder by its path and stamp) and its splits and columns, the preprocessing, --limit, the device type and the
     library versions. A dependency missing from the key would let one model's figure stand for another's."""
-    import argparse
-
     import timm
-    from test_contract_details5 import _source
 
     from lowrank_vit import __version__
     from lowrank_vit.harness.densecache import _data_stamp, _dense_cache_entry
-
-    from test_contract_details import ARCH, KWARGS
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -281,8 +285,6 @@ def test_a_cached_accuracy_is_reused_only_under_its_own_key_and_whole(tmp_path):
 def test_a_dense_accuracy_that_cannot_be_cached_is_said_unless_quiet(quiet, capsys, monkeypatch, tmp_path):
     """The cache's folder cannot be made (a file is in the way): the figure is still returned, and a note says
     it was not cached, except under --quiet."""
-    import argparse
-
     from lowrank_vit.harness import densecache
 
     (tmp_path / "file").write_text("")
@@ -297,14 +299,9 @@ def test_a_dense_accuracy_that_cannot_be_cached_is_said_unless_quiet(quiet, caps
 
 def test_the_dense_cache_file_does_not_depend_on_the_order_the_preprocessing_was_given_in(tmp_path):
     """The same preprocessing in another order (a checkpoint's metadata, a directory's plan) is the same entry."""
-    import argparse
-
-    from test_contract_details5 import _source
-
     from lowrank_vit.harness.densecache import _dense_cache_entry
 
-    args = argparse.Namespace(data="someone/dataset", limit=None, train_split="train", val_split=None,
-                              image_column=None, label_column=None)
+    args = _cache_args("someone/dataset")
     one = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "crop_pct": 0.9}
     other = dict(reversed(list(one.items())))
     cpu = torch.device("cpu")
@@ -314,7 +311,7 @@ def test_the_dense_cache_file_does_not_depend_on_the_order_the_preprocessing_was
 # -------------------------------------------------------------------------------- compress_model's VMeanba step
 
 
-def _scans(monkeypatch):
+def _scans(monkeypatch, seconds: float = 0.0):
     from lowrank_vit.methods import vmeanba as method
 
     seen = {}
@@ -325,6 +322,7 @@ def _scans(monkeypatch):
 
     def scans(model, batches, cfg, calib_samples):
         seen["calib_samples"], seen["cfg"] = calib_samples, cfg
+        time.sleep(seconds)
         return Report()
 
     monkeypatch.setattr(method, "apply_vmeanba", scans)
@@ -373,8 +371,6 @@ def test_compress_models_low_rank_step_is_announced_timed_and_told_the_device(mo
     """The step's announcement names the recipe; the compression runs on the command's device with its progress
     setting; its wall time is recorded to the millisecond; the copy kept from before it is a copy (the step works in
     place, and a shallow copy would change with it)."""
-    import time
-
     from lowrank_vit import CompressionConfig, pipeline
     from lowrank_vit.harness.flow import compress_model
 
@@ -397,6 +393,17 @@ def test_compress_models_low_rank_step_is_announced_timed_and_told_the_device(mo
     assert (seen[0].device, seen[0].progress) == ("cpu", False)
     assert 0.015 <= done.seconds["compress"] < 1.0 and done.seconds["compress"] == round(done.seconds["compress"], 3)
     assert torch.count_nonzero(model.weight) == 0 and torch.count_nonzero(done.before_lowrank.weight) == 4
+
+
+def test_vmeanbas_step_is_timed_to_the_millisecond(monkeypatch):
+    """compress_model times VMeanba's scans (the report's timings_s): a step of about 20 ms is not rounded to 0."""
+    from lowrank_vit.harness.flow import compress_model
+
+    config, _ = _scans(monkeypatch, seconds=0.02)
+    done = compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=1), device=torch.device("cpu"),
+                          progress=False)
+    assert 0.015 <= done.seconds["vmeanba"] < 1.0
+    assert done.seconds["vmeanba"] == round(done.seconds["vmeanba"], 3)
 
 
 @pytest.mark.parametrize("progress", [False, True])
@@ -424,8 +431,6 @@ def test_demo_publish_says_each_file_it_wrote(capsys, monkeypatch, tmp_path):
 
 def test_compress_options_reach_the_compression_config_the_right_way_round():
     """A latency table caps each rank at its break-even unless --params-only; progress is shown unless --quiet."""
-    import argparse
-
     from lowrank_vit.harness.userargs import compression_config
 
     base = dict(recipe="paper", reduction=0.5, target_params=None, target_speedup=None, calib_samples=8, quiet=False,
@@ -438,8 +443,6 @@ def test_compress_options_reach_the_compression_config_the_right_way_round():
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_profiling_a_model_for_compress_shows_progress_unless_quiet(quiet, monkeypatch, tmp_path):
-    import argparse
-
     from lowrank_vit import speed
     from lowrank_vit.harness.speedcli import resolve_latency_table
 
@@ -480,8 +483,6 @@ def test_the_fine_tune_runs_where_lightning_chooses_when_not_told():
     from lowrank_vit.stages.finetune import finetune
     from lowrank_vit.stages.finetune_config import FinetuneConfig
 
-    from test_contract_details import _compressed, _loader
-
     _, trainer = finetune(_compressed(), _loader(), config=FinetuneConfig(epochs=1, max_steps=1), progress=False,
                           enable_model_summary=False, logger=False)
     assert trainer.num_devices == 1 and trainer.global_step == 1
@@ -492,8 +493,6 @@ def test_a_label_column_of_floats_is_refused_not_truncated_to_classes(tmp_path):
     would silently become 0, 1, 2)."""
     from lowrank_vit.stages.data import build_datamodule
     from lowrank_vit.stages.data_config import DataConfig, DataFormatError
-
-    from test_contract_details import _parquet
 
     _parquet(tmp_path / "d" / "train.parquet", [0.0, 1.5, 2.0], dtype="float32")
     dm = build_datamodule(DataConfig(path=str(tmp_path / "d"), img_size=8, batch_size=2, num_workers=0,
