@@ -22,6 +22,7 @@ import torch
 from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers the peers' allocations)
 from lowrank_vit.core.allocate import POLICIES, get_policy
 from lowrank_vit.core.common import check_count, check_number, from_fields, settings_of
+from lowrank_vit.core.likelihood import check_likelihood_choice, check_output_key, likelihood_label
 from lowrank_vit.methods.compensate import SOLVERS, Z_KINDS
 from lowrank_vit.methods.decompositions import METHODS, get_method
 from lowrank_vit.methods.units import NO_MODULES
@@ -206,6 +207,20 @@ class CompressionConfig:
     layer's outputs in the same loss-aware metric, at the same rank (``lowrank_vit.core.refit``). Costs a few more
     forward passes over the calibration images and keeps them in memory; measured in docs/loss_aware_study.md (recipe
     "loss-aware-refit"). Needs ``compensation="none"``."""
+    likelihood: Any = "auto"
+    """The likelihood of the model's output that a gradient pass (decompositions "loss_aware", "kfac") and LEMS's
+    probe measure the loss with (:mod:`lowrank_vit.core.likelihood`): "categorical" (class logits), "gaussian" (any
+    real output: features, token maps, embeddings, regression maps; its squared error), "gaussian-direction" (an
+    embedding's direction, for cosine comparisons), "bernoulli" (sigmoid maps given as logits),
+    "bernoulli-probabilities" (the same given as probabilities), a registered name, or a callable
+    ``fn(output, generator) -> scalar``. "auto" (default): "categorical" for the (B, C) output of a model that
+    declares C classes (``num_classes``: timm's classifiers), else "gaussian". A compression records the one it
+    used."""
+    output_key: Any = None
+    """Which part of the model's output the likelihood and the probes see: None (a tensor; a tuple's first tensor
+    where all have one shape; a mapping's ``logits`` or its only tensor; anything else is refused with its parts
+    listed), a mapping key or attribute name ("pooler_output", "image_embeds"), a tuple index, or a callable from
+    the output to a tensor."""
     compensation: str = "none"
     """Kind of correction Z (Section 3.3, Table 1): "none", "lowrank" (G Y^T), "diagonal" (a band of wrapped
     diagonals), "sparse" (unstructured), "structured" (whole input rows of Z)."""
@@ -310,6 +325,8 @@ class CompressionConfig:
         for name in ("calib_samples", "rank_multiple"):
             check_count(name, getattr(self, name))
         check_number("damping", self.damping, ">= 0")
+        check_likelihood_choice(self.likelihood)
+        check_output_key(self.output_key)
         self._check_settings()
         self._check_latency()
 
@@ -371,7 +388,13 @@ class CompressionConfig:
                 for name, value in dataclasses.asdict(settings_of(self, cls)).items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON values: a callable likelihood or output key as its name (``callable:module.name``),
+        which a config read back refuses (a callable cannot be saved)."""
+        data = dataclasses.asdict(self)
+        data["likelihood"] = likelihood_label(self.likelihood)
+        if callable(self.output_key):
+            data["output_key"] = likelihood_label(self.output_key)
+        return data
 
     def report_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` with ``settings`` resolved (:meth:`resolved_settings`): what a compression ran with, as its

@@ -13,10 +13,11 @@ from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
-from lowrank_vit.core.calibration import LayerStats, iter_calibration_batches, output_error
+from lowrank_vit.core.calibration import LayerStats, first_calibration_images, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
 from lowrank_vit.core.decompose import Decomposition, Whitening, whitening
 from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speedup, latency_report, rank_limits
+from lowrank_vit.core.likelihood import AUTO, build_likelihood, resolve_likelihood
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import PairGrams, dense_output_error, micro_batches, refit_bias, sequential_refit
@@ -158,6 +159,19 @@ def statistics_space(cfg: CompressionConfig) -> str:
     return "auto" if cfg.gram_space == "auto" and exact else "input"
 
 
+def _resolve_output(model: nn.Module, setup: _Setup, calib_images: Iterable) -> tuple[_Setup, Iterable]:
+    """The setup with ``likelihood`` decided ("auto" -> "categorical" or "gaussian") and checked on the output of
+    the first calibration images, for a method that reads the output (a gradient pass, a probing allocation); the
+    report then records the likelihood used. Returns the calibration batches to use (a one-shot iterator's first
+    batch put back)."""
+    cfg = setup.cfg
+    if not (get_method(cfg.decomposition).gradient_pass or get_policy(cfg.allocation).needs_probe):
+        return setup, calib_images
+    images, calib_images = first_calibration_images(calib_images)
+    resolved = resolve_likelihood(model, images[:8].to(setup.device), cfg.likelihood, cfg.output_key)
+    return replace(setup, cfg=replace(cfg, likelihood=resolved)), calib_images
+
+
 def _calibrate(model: nn.Module, setup: _Setup, calib_images: Iterable,
                sample_tokens: int) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor]]:
     """Per-layer statistics, and the method's per-layer extras (ASVD's and FWSVD's row scales; else empty)."""
@@ -212,14 +226,16 @@ def _probe(model: nn.Module, setup: _Setup, decompositions: dict[str, Decomposit
             break
         batches.append(batch[: count - taken])
         taken += batches[-1].shape[0]
-    adapter = get_adapter(model)
-    classifier = model.get_submodule(adapter.classifier_names(model)[0])
+    classifiers = get_adapter(model).classifier_names(model)  # none in a backbone, an embedding or a dense model
 
     def reconstruct(name: str, rank: int) -> torch.Tensor:
         U, V = decompositions[name].factors(rank)
         return U @ V.T
 
-    return Probe(model, setup.layers, reconstruct, batches, classifier, setup.device)
+    cfg = setup.cfg
+    head = model.get_submodule(classifiers[0]) if classifiers else None
+    return Probe(model, setup.layers, reconstruct, batches, head, setup.device,
+                 build_likelihood(cfg.likelihood) if cfg.likelihood != AUTO else None, cfg.output_key)
 
 
 def _weight(layer: nn.Linear, device: torch.device) -> torch.Tensor:
@@ -259,6 +275,7 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
 def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None,
           overrides: dict[str, Any]) -> CompressionPlan:
     setup = _setup(model, config, overrides)
+    setup, calib_images = _resolve_output(model, setup, calib_images)
     cfg = setup.cfg
     method = get_method(cfg.decomposition)
     probing = get_policy(cfg.allocation).needs_probe
@@ -319,6 +336,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         A :class:`CompressionReport`.
     """
     setup = _setup(model, config, overrides)
+    setup, calib_images = _resolve_output(model, setup, calib_images)
     cfg, clock = setup.cfg, StageClock(setup.device)
     kept_images, calib_images = _kept_batches(calib_images, cfg) if _keeps_images(cfg) else ([], calib_images)
     with clock.stage("calibration"):

@@ -209,9 +209,11 @@ def test_given_labels_outside_the_classes_are_a_clear_error(bad):
         compress(make_tiny_vit(num_classes=10), [(make_images(8), labels)], cfg(reduction=0.5, fisher_labels="given"))
 
 
-def test_feature_extractor_is_refused_with_the_options():
-    with pytest.raises(ValueError, match="num_classes=0.*decomposition='whitened'"):
-        compress(make_tiny_vit(num_classes=0), [make_images(8)], cfg(reduction=0.5))
+def test_feature_extractor_compresses_with_a_gaussian_likelihood_and_categorical_is_refused():
+    report = compress(make_tiny_vit(num_classes=0), [make_images(8)], cfg(reduction=0.5))
+    assert report.config["likelihood"] == "gaussian"
+    with pytest.raises(ValueError, match="num_classes=0 \\(a feature extractor\\): use likelihood='gaussian'"):
+        compress(make_tiny_vit(num_classes=0), [make_images(8)], cfg(reduction=0.5, likelihood="categorical"))
 
 
 def test_nan_images_and_dead_gradients_are_clear_errors():

@@ -26,6 +26,7 @@ exact reductions are available:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -158,6 +159,21 @@ def iter_calibration_batches(batches: Iterable, num_images: int) -> Iterator[tup
             return
     if produced == 0:
         raise ValueError("the calibration data is empty: no image was produced by the iterable")
+
+
+def first_calibration_images(batches: Iterable) -> tuple[torch.Tensor, Iterator]:
+    """The images of the first calibration batch, checked as :func:`iter_calibration_batches` checks them, and the
+    batches from the start again for one more reading: the first put back before the rest (each batch is read
+    once, as a data loader's would be)."""
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError("the calibration data is empty: no image was produced by the iterable") from None
+    images, _ = next(iter_calibration_batches([first], 2**62))  # the reader's checks; an empty batch refused
+    return images, itertools.chain([first], iterator)
 
 
 class Scratch:

@@ -37,7 +37,8 @@ def labels_from_batch(batch: object, index: int) -> torch.Tensor:
     raise ValueError(f"{_NEEDS_LABELS}; calibration batch {index} is {kind}")
 
 
-def _check_labels(labels: torch.Tensor, batch_size: int, index: int) -> None:
+def check_labels(labels: torch.Tensor, batch_size: int, index: int) -> None:
+    """Integer classes (B,) or class probabilities (B, C) for a batch of ``batch_size`` images, else a ValueError."""
     integer = not labels.is_floating_point() and labels.dtype != torch.bool
     if integer and labels.shape == (batch_size,):
         return
@@ -63,7 +64,7 @@ def iter_labelled_batches(batches: Iterable, num_images: int) -> Iterator[tuple[
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"calibration batch {index} has images of shape {tuple(images.shape)} and dtype "
                              f"{images.dtype}; expected floating-point (B, C, H, W)")
-        _check_labels(labels, images.shape[0], index)
+        check_labels(labels, images.shape[0], index)
         take = min(images.shape[0], num_images - produced)
         if take <= 0:
             break

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lowrank_vit.core.calibration import (
     LayerStats,
@@ -49,15 +48,24 @@ from lowrank_vit.core.calibration import (
 )
 from lowrank_vit.core.common import LABEL_KEYS
 from lowrank_vit.core.covariance import clipped_token_scale
-from lowrank_vit.core.fisher import _check_labels, labels_from_batch
+from lowrank_vit.core.fisher import labels_from_batch
+from lowrank_vit.core.likelihood import (
+    AUTO,
+    Likelihood,
+    OutputKey,
+    build_likelihood,
+    check_declares_classes,
+    model_output,
+    resolve_name,
+    select_output,
+)
 from lowrank_vit.core.progress import progress_bar
 
 FISHER_LABELS = ("sampled", "given")
-"""Where the loss gradients' labels come from: drawn from the model's own prediction, or the batches' labels."""
+"""Where the loss gradients' targets come from: drawn from the model's own output (its likelihood), or the batches'
+labels."""
 COMPUTE_DTYPES = ("float32", "bfloat16")
 """Precisions the pass can run in (``compute_dtype``; ``CompressionConfig.loss_pass_dtype``)."""
-_NO_LOGITS = ("decomposition='loss_aware' weighs each layer by the gradient of the classification loss, so the model "
-              "must return class logits (B, num_classes)")
 _OPTIONS = "use fisher_labels='sampled' or 'given', or the paper's recipe (decomposition='whitened')"
 
 
@@ -72,32 +80,10 @@ def _energy(values: torch.Tensor) -> torch.Tensor:
     return squared_norms(flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).sum()
 
 
-def _logits(output: object) -> torch.Tensor:
-    """The class logits (B, num_classes) of the model's output; a clear error where it has none."""
-    if isinstance(output, (tuple, list)):  # a distilled DeiT in train mode: the class head comes first
-        output = output[0]
-    if not isinstance(output, torch.Tensor) or output.ndim != 2:
-        raise ValueError(f"{_NO_LOGITS}; got {type(output).__name__} of shape {getattr(output, 'shape', None)}")
-    return output
-
-
-def _check_classifier(model: nn.Module) -> None:
-    """Refuse a feature extractor (``num_classes`` < 2): no classification loss, so no G."""
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and int(num_classes) < 2:
-        raise ValueError(f"{_NO_LOGITS}; this model has num_classes={num_classes} (a feature extractor): give it a "
-                         "classification head, or use the paper's recipe (decomposition='whitened')")
-
-
-def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generator: torch.Generator,
-            start: int = 0, who: str | None = None) -> torch.Tensor | None:
-    """The labels of the images ``start .. start + len(logits)`` of calibration batch ``index``; None where sampled
-    labels meet non-finite logits (the caller says where they came from)."""
-    if mode == "sampled":  # y ~ p(. | x): one draw per image from the model's own prediction
-        probs = torch.softmax(logits.detach().double(), dim=1).cpu()  # on the host anyway: its check costs nothing
-        if not bool(torch.isfinite(probs).all()):
-            return None
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+def _given_targets(batch: object, index: int, output: torch.Tensor, likelihood: Likelihood, start: int = 0,
+                   who: str | None = None) -> torch.Tensor:
+    """The labels (targets) of the images ``start .. start + len(output)`` of calibration batch ``index``, checked
+    against the output by the likelihood."""
     try:
         labels = labels_from_batch(batch, index)
     except ValueError:
@@ -107,18 +93,16 @@ def _labels(batch: object, index: int, logits: torch.Tensor, mode: str, generato
         raise ValueError(f"{who} needs labelled calibration batches "
                          f"((images, labels) or a dict with one of {LABEL_KEYS}); batch {index} has none: "
                          f"{hint}") from None
-    labels = labels[start: start + logits.shape[0]]
-    _check_labels(labels, logits.shape[0], index)
-    if not labels.is_floating_point() and labels.numel() and (  # checked where the loader left them (the host)
-            int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
-        raise ValueError(f"calibration batch {index}: labels must lie in [0, {logits.shape[1]}), got "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    return labels.to(logits.device)
+    labels = labels[start: start + output.shape[0]]
+    likelihood.check_target(labels, output, index)  # checked where the loader left them (the host)
+    return labels.to(output.device)
 
 
-def _nonfinite_logits(index: int) -> ValueError:
-    """The error for NaN or inf logits in calibration batch ``index``."""
-    return ValueError(f"calibration batch {index}: the model's logits are NaN or inf; {_OPTIONS}")
+def _nonfinite_output(index: int, what: str) -> ValueError:
+    """The error for a NaN or inf output (``what``: "logits" of a classifier, else "output") in calibration batch
+    ``index``."""
+    verb = "are" if what == "logits" else "is"
+    return ValueError(f"calibration batch {index}: the model's {what} {verb} NaN or inf; {_OPTIONS}")
 
 
 def _nonfinite_message(what: str, name: str) -> str:
@@ -127,16 +111,15 @@ def _nonfinite_message(what: str, name: str) -> str:
             f"the data, or {_OPTIONS}")
 
 
-def _check_options(model: nn.Module, labels: str, gram_precision: str, gram_space: str, micro_batch: int,
-                   grad_images: int | None, compute_dtype: str) -> torch.dtype:
-    """Refuse a bad option of :func:`collect_loss_statistics`, or a model without class logits, before any image
-    runs; returns the dtype of the Gram products (``gram_precision``)."""
+def _check_options(labels: str, gram_precision: str, gram_space: str, micro_batch: int, grad_images: int | None,
+                   compute_dtype: str) -> torch.dtype:
+    """Refuse a bad option of :func:`collect_loss_statistics` before any image runs; returns the dtype of the Gram
+    products (``gram_precision``)."""
     if labels not in FISHER_LABELS:
         raise ValueError(f"fisher_labels must be one of {FISHER_LABELS}, got {labels!r}")
     product_dtype = {"float64": torch.float64, "float32": torch.float32}.get(gram_precision)
     if product_dtype is None:
         raise ValueError(f"gram_precision must be 'float64' or 'float32', got {gram_precision!r}")
-    _check_classifier(model)
     if gram_space not in ("input", "auto"):
         raise ValueError(f"gram_space must be 'input' or 'auto', got {gram_space!r}")
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
@@ -162,6 +145,9 @@ class _PassSettings:
     compute_dtype: str
     who: str | None
     progress: bool
+    likelihood: Likelihood | None
+    """The output's likelihood, decided and checked on the first images (None until then)."""
+    output_key: OutputKey
 
     def autocast(self) -> torch.autocast:
         """The pass's precision: bfloat16 autocast on the device for ``compute_dtype="bfloat16"``, else none."""
@@ -203,7 +189,7 @@ class _GradSums:
 @dataclass
 class _Accumulator:
     """What the pass's hooks write: every layer's two sides, the work buffers of their Gram products, and a finiteness
-    flag of every micro-batch's logits (read with the sums in one host transfer, :func:`_raise_if_nonfinite`)."""
+    flag of every micro-batch's output (read with the sums in one host transfer, :func:`_raise_if_nonfinite`)."""
 
     input_sides: dict[str, _InputSums]
     grad_sides: dict[str, _GradSums]
@@ -213,8 +199,10 @@ class _Accumulator:
     scratch: Scratch = field(default_factory=Scratch)
     products: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     """One product buffer per (width, role), shared by the layers of that width."""
-    logits_finite: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    """(batch index, flag on the device) of every micro-batch since the last check."""
+    outputs_finite: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """(batch index, flag on the device) of every micro-batch's output since the last check."""
+    output_name: str = "output"
+    """How the errors name the output: "logits" under a categorical likelihood."""
 
 
 def _new_accumulator(layers: dict[str, nn.Linear], gram_space: str, center: bool, product_dtype: torch.dtype,
@@ -318,13 +306,13 @@ def _raise_if_nonfinite(acc: _Accumulator) -> None:
     diagonal, a sum of squares."""
     checks = [(_nonfinite_message("activations", name), torch.isfinite(sums.gram.diagonal()).all())
               for name, sums in acc.input_sides.items()]
-    checks += [(str(_nonfinite_logits(index)), finite) for index, finite in acc.logits_finite]
+    checks += [(str(_nonfinite_output(index, acc.output_name)), finite) for index, finite in acc.outputs_finite]
     checks += [(_nonfinite_message("loss gradients", name), torch.isfinite(grads.gram.diagonal()).all())
                for name, grads in acc.grad_sides.items()]
     for (message, _), finite in zip(checks, torch.stack([flag for _, flag in checks]).tolist(), strict=True):
         if not finite:
             raise ValueError(message)
-    acc.logits_finite.clear()  # checked: later checks read the sums alone for the batches before this one
+    acc.outputs_finite.clear()  # checked: later checks read the sums alone for the batches before this one
 
 
 def _record_version(seen: list[tuple[torch.Tensor, int]], module: nn.Module, inputs: tuple,
@@ -347,29 +335,32 @@ def _changes_outputs_in_place(model: nn.Module, layers: dict[str, nn.Linear], im
     return any(output._version != version for output, version in seen)
 
 
-def _forward_only(model: nn.Module, images: torch.Tensor, index: int, acc: _Accumulator) -> None:
+def _forward_only(model: nn.Module, images: torch.Tensor, index: int, acc: _Accumulator,
+                  settings: _PassSettings) -> None:
     """The images past ``grad_images``: a forward without a graph, which feeds the input sides (H) alone."""
     with torch.no_grad():
-        logits = _logits(model(images))
-        acc.logits_finite.append((index, torch.isfinite(logits).all()))
+        output = select_output(model(images), settings.output_key)
+        acc.outputs_finite.append((index, torch.isfinite(output).all()))
 
 
 def _forward_backward(model: nn.Module, images: torch.Tensor, batch: object, index: int, start: int,
                       acc: _Accumulator, settings: _PassSettings, generator: torch.Generator) -> None:
-    """The forward of ``images`` (the images ``start ..`` of calibration batch ``index``) and the backward of their
-    summed cross-entropy (one gradient per image, whatever the micro-batch size), for labels y ~ p(. | x) or the
-    batch's own, down to the images only: the hooks see every layer's g, and the weights' gradients are never
-    formed."""
+    """The forward of ``images`` (the images ``start ..`` of calibration batch ``index``) and the backward of the
+    likelihood's summed loss (one gradient per image, whatever the micro-batch size), for targets drawn from the
+    model's own output or the batch's own, down to the images only: the hooks see every layer's g, and the weights'
+    gradients are never formed."""
     images = images.requires_grad_(True)  # the graph reaches every layer through the images
-    logits = _logits(model(images))
-    acc.logits_finite.append((index, torch.isfinite(logits).all()))
-    target = _labels(batch, index, logits, settings.labels, generator, start, settings.who)
-    if target is None:  # sampled labels from NaN logits: say where the NaN came from
+    output = select_output(model(images), settings.output_key)
+    acc.outputs_finite.append((index, torch.isfinite(output).all()))
+    likelihood = settings.likelihood
+    if settings.labels == "sampled":
+        loss = likelihood.sampled_loss(output, generator)
+    else:
+        loss = likelihood.loss(output, _given_targets(batch, index, output, likelihood, start, settings.who))
+    if loss is None:  # targets drawn from a NaN output: say where the NaN came from
         _raise_if_nonfinite(acc)
-        raise _nonfinite_logits(index)
-    target = target.to(logits.dtype) if target.is_floating_point() else target
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), images)
+        raise _nonfinite_output(index, acc.output_name)
+    torch.autograd.grad(loss, images)
 
 
 def _run_pass(model: nn.Module, layers: dict[str, nn.Linear], stream: Iterable, acc: _Accumulator,
@@ -394,7 +385,7 @@ def _run_pass(model: nn.Module, layers: dict[str, nn.Linear], stream: Iterable, 
                 backward = part.shape[0] if settings.grad_images is None else max(
                     0, min(part.shape[0], settings.grad_images - with_grad))
                 if backward < part.shape[0]:  # past grad_images: forward only, H alone
-                    _forward_only(model, part[backward:], index, acc)
+                    _forward_only(model, part[backward:], index, acc, settings)
                 if backward:
                     _forward_backward(model, part[:backward], batch, index, start, acc, settings, generator)
                     with_grad += backward
@@ -404,6 +395,21 @@ def _run_pass(model: nn.Module, layers: dict[str, nn.Linear], stream: Iterable, 
                 produced += part.shape[0]
                 bar.update(part.shape[0])
     return produced, with_grad
+
+
+def _first_output_likelihood(model: nn.Module, images: torch.Tensor, likelihood: str | Callable | Likelihood,
+                             output_key: OutputKey, settings: _PassSettings) -> Likelihood:
+    """The likelihood of the pass (``auto`` decided), checked against the output of the first calibration images
+    and fitted to it (:meth:`Likelihood.fit`), before any hook is in place or any backward runs."""
+    if not isinstance(likelihood, Likelihood):
+        check_declares_classes(model, likelihood)
+    with settings.autocast():
+        output = model_output(model, images, output_key)
+    if not isinstance(likelihood, Likelihood):
+        likelihood = build_likelihood(resolve_name(model, output, likelihood))
+    likelihood.check(output, images.shape[0])
+    likelihood.fit(output.float())
+    return likelihood
 
 
 def _host_traces(acc: _Accumulator) -> dict[str, float]:
@@ -470,6 +476,8 @@ def collect_loss_statistics(
     compute_dtype: str = "float32",
     clip: tuple[float, float] | None = None,
     who: str | None = None,
+    likelihood: str | Callable | Likelihood = AUTO,
+    output_key: OutputKey = None,
 ) -> dict[str, LayerStats]:
     """One forward and backward pass over the calibration images; each layer's H and G (see the module docstring).
 
@@ -479,16 +487,19 @@ def collect_loss_statistics(
     reported output error is the pooled relative error ``||X dW||^2 / ||X W||^2`` over all calibration tokens (eq. 5
     with one normalization for the whole calibration set instead of one per image).
 
-    The backward runs from the summed cross-entropy (one gradient per image, whatever the batch size) down to the
-    images only: the weights' own gradients are never formed and the model's ``requires_grad`` flags, ``.grad``
-    fields and train/eval mode are left as they were.
+    The backward runs from the likelihood's summed loss (:mod:`lowrank_vit.core.likelihood`: the cross-entropy of
+    class logits, or the Gaussian or Bernoulli loss of any other output; one gradient per image, whatever the batch
+    size) down to the images only: the weights' own gradients are never formed and the model's ``requires_grad``
+    flags, ``.grad`` fields and train/eval mode are left as they were.
 
     Args:
-        model: the dense classifier (returns (B, num_classes) logits); run in eval mode.
+        model: the dense model (a classifier, a backbone, an embedding or a dense-prediction model); run in eval
+            mode.
         layers: name -> ``nn.Linear`` whose statistics are collected.
         batches: calibration batches (image tensors, (images, labels) pairs or dicts with an image key).
         num_images: how many images to use.
-        labels: "sampled" (default; the true Fisher) or "given" (the batches' labels).
+        labels: "sampled" (default; the true Fisher: targets drawn from the model's own output) or "given" (the
+            batches' labels, checked against the output by the likelihood).
         device: where to run; default, where the model's parameters are.
         progress: show a progress bar.
         seed: seed of the sampled labels.
@@ -510,21 +521,30 @@ def collect_loss_statistics(
             of its image's tokens (KFAC-SVD's clipping, :func:`~lowrank_vit.core.covariance.clipped_token_scale`);
             None: the gradients as they are.
         who: the method that asked for given labels, named when a batch has none (default: ``fisher_labels``).
+        likelihood: the output's likelihood: "auto" (categorical for the logits of a model that declares its
+            classes, else gaussian), a registered name, a callable or a :class:`Likelihood`
+            (:mod:`lowrank_vit.core.likelihood`).
+        output_key: which part of the model's output the likelihood sees
+            (:func:`~lowrank_vit.core.likelihood.select_output`).
 
     Raises:
-        ValueError: a model without class logits, missing labels for ``labels="given"``, NaN or inf activations or
+        ValueError: an output the likelihood cannot use (named with its shape, before any backward), missing labels
+            for ``labels="given"``, NaN or inf activations or
             gradients, a layer the pass never reached, or a layer whose output gradient is zero on every image.
     """
-    product_dtype = _check_options(model, labels, gram_precision, gram_space, micro_batch, grad_images, compute_dtype)
+    product_dtype = _check_options(labels, gram_precision, gram_space, micro_batch, grad_images, compute_dtype)
     settings = _PassSettings(device or next(model.parameters()).device, num_images, labels, seed, micro_batch,
-                             grad_images, compute_dtype, who, progress)
+                             grad_images, compute_dtype, who, progress, None, output_key)
     acc = _new_accumulator(layers, gram_space, center, product_dtype, clip, settings.device)
     stream = iter_calibration_batches(batches, num_images)
+    first = next(stream)
+    stream = itertools.chain([first], stream)
+    settings = replace(settings, likelihood=_first_output_likelihood(
+        model, first[0][:micro_batch].to(settings.device), likelihood, output_key, settings))
+    acc.output_name = "logits" if settings.likelihood.categorical else "output"
     widening = {name: layers[name] for name, grads in acc.grad_sides.items() if grads.on_input}
     backward_hooks = False
     if widening:  # g W^T from the backward's own product, unless the model changes their outputs in place
-        first = next(stream)
-        stream = itertools.chain([first], stream)
         backward_hooks = not _changes_outputs_in_place(model, widening, first[0][:1].to(settings.device), settings)
     produced, with_grad = _run_pass(model, layers, stream, acc, settings, backward_hooks)
     _raise_if_nonfinite(acc)  # a NaN or inf that starts after the first micro-batch

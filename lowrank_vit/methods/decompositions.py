@@ -44,6 +44,7 @@ from lowrank_vit.core.decompose import (
     whitening,
 )
 from lowrank_vit.core.fisher import row_fisher
+from lowrank_vit.core.likelihood import AUTO
 from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS, collect_loss_statistics
 from lowrank_vit.core.loss_aware_svd import loss_aware_singular_values, loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform
@@ -218,7 +219,8 @@ class LossAware(Method):
                                         progress=cfg.progress, seed=cfg.seed, gram_precision=cfg.gram_precision,
                                         gram_space=gram_space, center=cfg.bias_correction,
                                         grad_images=math.ceil(own.grad_fraction * cfg.calib_samples),
-                                        compute_dtype=own.loss_pass_dtype, **self.gradient_options(cfg))
+                                        compute_dtype=own.loss_pass_dtype, likelihood=cfg.likelihood,
+                                        output_key=cfg.output_key, **self.gradient_options(cfg))
         return stats, {}
 
     def gradient_options(self, cfg: Any) -> dict[str, Any]:
@@ -279,7 +281,7 @@ class FWSVD(_RowScaled):
     name = "fwsvd"
 
     def needs_labels(self, cfg):
-        return True
+        return cfg.likelihood in (AUTO, "categorical")
 
     def calibrate(self, model, layers, batches, cfg, device, sample_tokens, gram_space):
         # the gradient pass first: a missing label fails before the long statistics pass
@@ -447,11 +449,14 @@ class KFAC(LossAware):
     settings = KfacSettings
 
     def needs_labels(self, cfg):
-        return True
+        return cfg.likelihood in (AUTO, "categorical")
 
     def gradient_options(self, cfg):
+        # the true labels of a classifier, as its authors; an output without classes (a backbone, an embedding, a
+        # map) has no labels to give, so its targets are drawn from the output's likelihood (the true Fisher)
         own = settings_of(cfg, KfacSettings)
-        return {"labels": "given", "clip": (own.clip_low, own.clip_high),
+        labels = "given" if cfg.likelihood in (AUTO, "categorical") else "sampled"
+        return {"labels": labels, "clip": (own.clip_low, own.clip_high),
                 "who": "decomposition 'kfac' (KFAC-SVD's gradients of the true labels)"}
 
     @staticmethod
