@@ -13,7 +13,8 @@ import timm
 import torch
 from PIL import Image
 
-from lowrank_vit.harness.models import SetupError, load_checkpoint_
+from lowrank_vit.harness.models import SetupError, build_model, load_checkpoint_
+from lowrank_vit.harness.registry import ModelConfig
 from lowrank_vit.io.checkpoints import read_state_dict
 from lowrank_vit.io.convert import ConversionError, checkpoint_kwargs, detect_layout, merge_kwargs, to_timm
 
@@ -155,6 +156,10 @@ def test_the_layout_is_told_by_the_keys():
     assert detect_layout(transformers.ViTModel(config).state_dict()) == "hf-vit"
     deit = transformers.DeiTModel(transformers.DeiTConfig(**TINY)).state_dict()
     assert detect_layout(deit) == "hf-deit"
+    for kind, layout in (("dinov2", "hf-dinov2"), ("dinov2-registers", "hf-dinov2-registers"),
+                         ("dinov2-classifier", "hf-dinov2"), ("siglip", "hf-siglip-vision"),
+                         ("siglip-classifier", "hf-siglip-vision")):
+        assert detect_layout(_hf_new(kind).state_dict()) == layout, kind  # not hf-vit's, not CLIP's
 
 
 def _predicted_folder(tmp_path: Path, source: torch.nn.Module) -> Path:
@@ -176,22 +181,27 @@ def _predicted_folder(tmp_path: Path, source: torch.nn.Module) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("library", ["torchvision", "transformers"])
+@pytest.mark.parametrize("library", ["torchvision", "transformers", "siglip"])
 def test_the_cli_evaluates_a_foreign_checkpoint_as_its_source_predicts(tmp_path, capsys, library):
+    name = "vit_tiny_patch16_224"
     if library == "torchvision":
         source, path, extra = _torchvision(seed=3), tmp_path / "w" / "vit.pth", ["--model-kwargs", '{"num_heads": 3}']
         path.parent.mkdir()
         torch.save(source.state_dict(), path)
-    else:
-        source, path, extra = _hf("vit", seed=3), tmp_path / "w" / "model.safetensors", []
+    else:  # SiglipForImageClassification: the tokens' mean, global_pool "avg" and fc_norm False inferred
+        if library == "transformers":
+            source = _hf("vit", seed=3)
+        else:  # seed 7: at least 9 of the 256 images clearly in each class
+            source, name = _hf_new("siglip-classifier", seed=7, image_size=32), "vit_base_patch16_siglip_224"
+        path, extra = tmp_path / "w" / "model.safetensors", []
         source.save_pretrained(path.parent)  # num_heads from its config.json
     folder = _predicted_folder(tmp_path, source)
-    code, out, err = cli(capsys, "evaluate", "vit_tiny_patch16_224", "--checkpoint", str(path), *extra,
+    code, out, err = cli(capsys, "evaluate", name, "--checkpoint", str(path), *extra,
                          "--preprocessing", "timm", "--crop-pct", "1", "--data", str(folder), "--workers", "0",
                          "--json", "--quiet", "--latency-batches")
     assert code == 0, err
     result = json.loads(out)
-    assert result["model"] == "timm vit_tiny_patch16_224, your checkpoint"
+    assert result["model"] == f"timm {name}, your checkpoint"
     assert result["top1"] == 100.0 and result["classes"] == 5
 
 
@@ -237,3 +247,189 @@ def test_a_distilled_deit_in_a_plain_name_says_what_it_was(tmp_path):
                               depth=2, num_heads=3, num_classes=5)
     with pytest.raises(SetupError, match=r"unexpected dist_token, head_dist.*converted from hf-deit.*distilled"):
         load_checkpoint_(model, tmp_path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------- DINOv2 and SigLIP
+
+NEW_TOLERANCE = 1e-5
+"""rtol and atol, transformers' outputs against the converted timm model's (features of magnitude ~3-5). Measured
+(float32, CPU, transformers 5.24, timm 1.0.31): DINOv2 with and without registers, last_hidden_state and
+pooler_output 0 (bit-identical: the same LayerNorm eps, 1e-6, and the same operations), with the SwiGLU MLP 2.4e-7
+and 6e-8; SigLIP last_hidden_state 0, pooler_output 2.4e-6 (2.3e-6 for a whole SiglipModel's tower; the
+attention-pooling head: nn.MultiheadAttention there, scaled_dot_product_attention in timm);
+SiglipForImageClassification's logits 0; at other input sizes (dynamic_img_size) Dinov2WithRegistersModel 0."""
+
+_NEW_TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def _hf_new(kind: str, seed: int = 0, image_size: int = 28) -> torch.nn.Module:
+    """A tiny random transformers DINOv2 or SigLIP model, every parameter moved off its initialization."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if kind.startswith("dinov2"):
+        dinov2 = dict(_NEW_TINY, image_size=image_size, patch_size=14 if image_size % 14 == 0 else 8, mlp_ratio=2)
+        if kind == "dinov2-registers":
+            if not hasattr(transformers, "Dinov2WithRegistersModel"):
+                pytest.skip("transformers without Dinov2WithRegistersModel")
+            model = transformers.Dinov2WithRegistersModel(
+                transformers.Dinov2WithRegistersConfig(**dinov2, num_register_tokens=3))
+        elif kind == "dinov2-classifier":
+            model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**dinov2, num_labels=3))
+        else:
+            model = transformers.Dinov2Model(transformers.Dinov2Config(**dinov2,
+                                                                       use_swiglu_ffn=kind == "dinov2-swiglu"))
+        return _perturbed(model, seed)
+    if not hasattr(transformers, "SiglipVisionModel"):
+        pytest.skip("transformers without SigLIP (4.37 and later have it)")
+    vision = dict(_NEW_TINY, image_size=image_size, patch_size=7 if image_size % 7 == 0 else 8, intermediate_size=64)
+    if kind == "siglip-classifier":
+        text = dict(_NEW_TINY, intermediate_size=64, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        config = transformers.SiglipConfig(vision_config=vision, text_config=text, num_labels=5)
+        return _perturbed(transformers.SiglipForImageClassification(config), seed)
+    return _perturbed(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision)), seed)
+
+
+def _same_outputs(source: torch.nn.Module, model: torch.nn.Module, size: int = 28) -> dict[str, float]:
+    """last_hidden_state against timm's forward_features, pooler_output against its pooled pre-logits
+    (``forward_head(pre_logits=True)``: the final-normed class token for DINOv2, the attention pool for SigLIP),
+    asserted within NEW_TOLERANCE; the largest differences returned."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = source(pixel_values=x)
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(features, expected.last_hidden_state, rtol=NEW_TOLERANCE, atol=NEW_TOLERANCE)
+    torch.testing.assert_close(pooled, expected.pooler_output, rtol=NEW_TOLERANCE, atol=NEW_TOLERANCE)
+    return {"features": float((features - expected.last_hidden_state).abs().max()),
+            "pooled": float((pooled - expected.pooler_output).abs().max())}
+
+
+@pytest.mark.parametrize("kind, layout, name, save", [
+    ("dinov2", "hf-dinov2", "vit_small_patch14_dinov2", "pretrained"),
+    ("dinov2", "hf-dinov2", "vit_small_patch14_reg4_dinov2", "state_dict"),  # the name's registers overridden
+    ("dinov2-swiglu", "hf-dinov2", "vit_giant_patch14_dinov2", "pretrained"),  # weights_in, weights_out
+    ("dinov2-swiglu", "hf-dinov2", "vit_giant_patch14_dinov2", "state_dict"),  # v5: gate_proj, up_proj, down_proj
+    ("dinov2-registers", "hf-dinov2-registers", "vit_small_patch14_reg4_dinov2", "pretrained"),
+    ("dinov2-registers", "hf-dinov2-registers", "vit_small_patch14_dinov2", "state_dict"),
+    ("siglip", "hf-siglip-vision", "vit_base_patch16_siglip_224", "pretrained"),
+    ("siglip", "hf-siglip-vision", "vit_base_patch16_224", "state_dict"),  # a plain name: map pooling inferred
+])
+def test_a_dinov2_or_siglip_model_gives_its_own_features_in_timm(tmp_path, kind, layout, name, save):
+    source = _hf_new(kind)
+    source.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    if save == "state_dict":  # transformers 5's module names (q_proj, gate_proj...), not its file's
+        path = tmp_path / "weights.pth"
+        torch.save(source.state_dict(), path)
+    converted = to_timm(read_state_dict(path)[0], json.loads((tmp_path / "config.json").read_text()))
+    assert converted.layout == layout and not converted.required
+    kwargs = converted.inferred_kwargs
+    assert kwargs["num_heads"] == 2 and kwargs["embed_dim"] == 32 and kwargs["depth"] == 2 and kwargs["img_size"] == 28
+    if kind.startswith("dinov2"):
+        assert kwargs["init_values"] and kwargs["class_token"] and "mask_token" in converted.notes[0]
+        registers = 3 if kind == "dinov2-registers" else 0
+        assert (kwargs["reg_tokens"], kwargs["no_embed_class"]) == (registers, bool(registers))
+        assert kwargs.get("act_layer") == ("silu" if kind == "dinov2-swiglu" else None)
+    else:
+        assert (kwargs["class_token"], kwargs["global_pool"], kwargs["act_layer"]) == (False, "map", "gelu_tanh")
+    model = _timm_model(path, name)
+    _same_outputs(source, model)
+
+
+def test_a_dinov2_classifier_is_dropped_with_a_note_and_its_backbone_converts(tmp_path):
+    """Dinov2ForImageClassification's classifier reads [class token, mean of the patch tokens] (2 x width inputs):
+    timm's head cannot, so the backbone converts alone (num_classes 0) and the notes say why."""
+    source = _hf_new("dinov2-classifier")
+    source.save_pretrained(tmp_path)
+    converted = to_timm(read_state_dict(tmp_path / "model.safetensors")[0])
+    assert converted.layout == "hf-dinov2" and converted.inferred_kwargs["num_classes"] == 0
+    assert "classifier.weight" in converted.notes[0] and "patch tokens' mean" in converted.notes[1]
+    model = _timm_model(tmp_path / "model.safetensors", "vit_small_patch14_dinov2", {"num_heads": 2})
+    _same_outputs(source.dinov2, model)
+
+
+def test_a_siglip_classifier_reads_the_tokens_mean(tmp_path):
+    """SiglipForImageClassification: the classifier on the mean of the final-normed tokens is timm's head with
+    global_pool "avg" and fc_norm False; the attention-pooling head it does not use is dropped with a note."""
+    source = _hf_new("siglip-classifier")
+    source.save_pretrained(tmp_path)  # a whole SiglipConfig: the tower's sizes under vision_config
+    converted = to_timm(read_state_dict(tmp_path / "model.safetensors")[0],
+                        json.loads((tmp_path / "config.json").read_text()))
+    assert {k: converted.inferred_kwargs[k] for k in ("global_pool", "fc_norm", "num_classes", "num_heads")} == \
+        {"global_pool": "avg", "fc_norm": False, "num_classes": 5, "num_heads": 2}
+    assert "attention-pooling head" in converted.notes[-1]
+    model = _timm_model(tmp_path / "model.safetensors", "vit_base_patch16_siglip_224")
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(pixel_values=x).logits, rtol=NEW_TOLERANCE, atol=NEW_TOLERANCE)
+
+
+@pytest.mark.parametrize("kind, name", [("dinov2-registers", "vit_small_patch14_reg4_dinov2"),
+                                        ("siglip-model", "vit_base_patch16_siglip_224")])
+def test_a_dinov2_or_siglip_checkpoint_builds_through_the_projects_own_path(tmp_path, kind, name):
+    """What ``lowrank-vit compress|evaluate NAME --checkpoint DIR/model.safetensors`` does: checkpoint_kwargs reads
+    the file and the config.json beside it (a whole SiglipModel's: vision_config), build_model builds the timm name
+    with those arguments and loads the converted weights strictly."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "siglip-model":  # the whole model: text tower, logit scale and bias dropped
+        vision = dict(_NEW_TINY, image_size=28, patch_size=7, intermediate_size=64)
+        text = dict(_NEW_TINY, intermediate_size=64, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        torch.manual_seed(0)
+        whole = _perturbed(transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision,
+                                                                               text_config=text)), 0)
+        whole.save_pretrained(tmp_path / "ckpt")
+        source = whole.vision_model
+    else:
+        source = _hf_new(kind)
+        source.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    kwargs, layout = checkpoint_kwargs(path, {})
+    assert layout == ("hf-siglip-vision" if kind == "siglip-model" else "hf-dinov2-registers")
+    json.dumps(kwargs)  # a model directory's plan records them as JSON
+    model = build_model(ModelConfig("timm", name, pretrained=False, kwargs=kwargs, checkpoint=str(path)))
+    _same_outputs(source, model)
+
+
+def test_dinov2_position_embeddings_at_another_input_size(tmp_path, monkeypatch):
+    """At the checkpoint's own size the converted DINOv2 is exact (above). At another size both libraries resample
+    the patch position embeddings bicubically to the new grid, timm only with dynamic_img_size=True and always
+    antialiased (its resample_abs_pos_embed); transformers 5's Dinov2WithRegistersModel antialiases too (exact
+    here), its Dinov2Model does not, and that alone is the difference: timm resampling without antialiasing gives
+    Dinov2Model's features exactly. docs/cli.md quotes the numbers."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("measured on transformers 5's resampling (earlier ones used a scale factor with a 0.1 offset)")
+    import timm.models.vision_transformer as timm_vit
+
+    pairs, diffs = {}, {}
+    for kind, name in (("dinov2", "vit_small_patch14_dinov2"), ("dinov2-registers", "vit_small_patch14_reg4_dinov2")):
+        source = _hf_new(kind, image_size=32)  # 8-pixel patches: a 4 x 4 grid
+        source.save_pretrained(tmp_path / kind)
+        pairs[kind] = source, _timm_model(tmp_path / kind / "model.safetensors", name, {"dynamic_img_size": True})
+        _same_outputs(*pairs[kind], size=32)  # its own size: no resampling
+        for size in (48, 24):  # 6 x 6 (up) and 3 x 3 (down)
+            x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+            with torch.no_grad():
+                expected = source(pixel_values=x).last_hidden_state
+                diffs[kind, size] = float((pairs[kind][1].forward_features(x) - expected).abs().max())
+    assert diffs["dinov2-registers", 48] < NEW_TOLERANCE and diffs["dinov2-registers", 24] < NEW_TOLERANCE
+    assert diffs["dinov2", 48] > 1e-2 and diffs["dinov2", 24] > 1e-2  # features of magnitude ~4
+    resample = timm_vit.resample_abs_pos_embed
+    monkeypatch.setattr(timm_vit, "resample_abs_pos_embed", lambda *a, **kw: resample(*a, **kw, antialias=False))
+    for size in (48, 24):
+        _same_outputs(*pairs["dinov2"], size=size)
+
+
+def test_user_kwargs_that_would_drop_layer_scale_or_the_attention_pool_are_refused():
+    """LayerScale gammas need init_values (any value: the gammas replace it; None or 0 builds none); SigLIP's
+    attention-pooling head needs global_pool "map"; DINOv2's registers fix no_embed_class."""
+    dinov2 = to_timm(_hf_new("dinov2-registers").state_dict())
+    assert merge_kwargs(dinov2, {"num_heads": 2, "init_values": 1e-5})["init_values"] == 1e-5
+    with pytest.raises(ConversionError, match="init_values=null contradicts the hf-dinov2-registers"):
+        merge_kwargs(dinov2, {"num_heads": 2, "init_values": None})
+    with pytest.raises(ConversionError, match="no_embed_class=false contradicts"):
+        merge_kwargs(dinov2, {"num_heads": 2, "no_embed_class": False})
+    siglip = to_timm(_hf_new("siglip").state_dict())
+    assert siglip.required == {"num_heads": "N"} and siglip.inferred_kwargs["act_layer"] == "gelu_tanh"  # no config
+    with pytest.raises(ConversionError, match='global_pool="avg" contradicts'):
+        merge_kwargs(siglip, {"num_heads": 2, "global_pool": "avg"})
