@@ -134,6 +134,10 @@ def forward_floor(model: nn.Module, images: ImageStream, device: str) -> tuple[f
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "loss-aware-bf16": ("loss-aware", {"loss_pass_dtype": "bfloat16"}),
     "loss-aware-fast-bf16": ("loss-aware-fast", {"loss_pass_dtype": "bfloat16"}),
+    # the default's pass under another likelihood of the same output (docs/any_output.md, Cost): one backward per
+    # image whatever the likelihood, so the same time is expected
+    "loss-aware-gaussian": ("loss-aware", {"likelihood": "gaussian"}),
+    "loss-aware-bernoulli": ("loss-aware", {"likelihood": "bernoulli"}),
 }
 """Benchmark-only names for a library recipe with settings changed, timed beside the recipes themselves."""
 

@@ -50,6 +50,24 @@ def randomize_affine_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5)
     return model
 
 
+class DenseHeadViT(torch.nn.Module):
+    """A model of one's own class: a tiny timm ViT backbone (``make_tiny_vit(num_classes=0)``) with a
+    transposed-convolution head that maps its patch tokens to a (B, 1, 28, 28) map of logits; ``forward`` returns
+    the map under "mask" beside the tokens, or the map alone (``as_dict=False``)."""
+
+    def __init__(self, seed: int = 0, as_dict: bool = True) -> None:
+        super().__init__()
+        self.backbone = make_tiny_vit(seed=seed, num_classes=0)
+        self.decoder = torch.nn.ConvTranspose2d(self.backbone.embed_dim, 1, 7, 7)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor):
+        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:]
+        side = int(tokens.shape[1] ** 0.5)
+        mask = self.decoder(tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side))
+        return {"mask": mask, "tokens": tokens} if self.as_dict else mask
+
+
 def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
     """Smooth random images (low-frequency noise), so patch tokens are correlated like natural ones."""
     g = torch.Generator().manual_seed(seed)

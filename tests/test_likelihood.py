@@ -15,7 +15,7 @@ from lowrank_vit import CompressionConfig, compress
 from lowrank_vit.core.likelihood import resolve_likelihood, select_output
 from lowrank_vit.core.loss_aware import collect_loss_statistics
 
-from conftest import make_images, make_tiny_vit
+from conftest import DenseHeadViT, make_images, make_tiny_vit
 
 
 class TwoLinear(nn.Module):
@@ -155,34 +155,18 @@ def test_output_parts_are_chosen_by_rule_or_by_key():
         CompressionConfig(reduction=0.5, output_key=1.5)
 
 
-class _Dense(nn.Module):
-    """A timm ViT backbone with a transposed-convolution head: a (B, 1, 28, 28) map, and its tokens beside."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = make_tiny_vit(num_classes=0)
-        width = self.backbone.embed_dim
-        self.decoder = nn.ConvTranspose2d(width, 1, 7, 7)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:]
-        side = int(tokens.shape[1] ** 0.5)
-        grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side)
-        return {"mask": self.decoder(grid), "tokens": tokens}
-
-
 def test_auto_rule_on_a_classifier_a_backbone_and_a_dense_model():
     images = make_images(4)
     assert resolve_likelihood(make_tiny_vit(num_classes=10), images) == "categorical"
     assert resolve_likelihood(make_tiny_vit(num_classes=0), images) == "gaussian"
-    assert resolve_likelihood(_Dense(), images, output_key="mask") == "gaussian"
-    assert resolve_likelihood(_Dense(), images, "bernoulli", output_key="mask") == "bernoulli"
+    assert resolve_likelihood(DenseHeadViT(), images, output_key="mask") == "gaussian"
+    assert resolve_likelihood(DenseHeadViT(), images, "bernoulli", output_key="mask") == "bernoulli"
 
 
 def test_a_wrapper_with_a_dense_head_compresses_under_each_likelihood():
     images = make_images(8)
     for likelihood in ("auto", "gaussian", "bernoulli"):
-        model = _Dense()
+        model = DenseHeadViT()
         report = compress(model, [images], CompressionConfig(reduction=0.5, likelihood=likelihood, output_key="mask",
                                                              progress=False))
         assert report.config["likelihood"] == ("gaussian" if likelihood == "auto" else likelihood)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowrank_vit import compress
-from lowrank_vit.config import CompressionConfig, recipe
+from lowrank_vit.config import RECIPES, CompressionConfig, recipe
 from lowrank_vit.core.allocate import LayerBudget
 from lowrank_vit.core.calibration import LayerStats
 from lowrank_vit.core.covariance import (
@@ -23,6 +23,8 @@ from lowrank_vit.core.covariance import (
     shrink_to_identity,
 )
 from lowrank_vit.core.decompose import plain_svd, whitened_svd, whitening
+from lowrank_vit.core.likelihood import Gaussian
+from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.search import (
     allocate_integer,
     allocate_svd_llm_v2,
@@ -36,7 +38,7 @@ from lowrank_vit.core.search import (
 from lowrank_vit.methods.decompositions import get_method, svd_llm_update
 from lowrank_vit.pipeline import plan_compression
 
-from conftest import make_images, make_tiny_vit
+from conftest import DenseHeadViT, make_images, make_tiny_vit
 
 PEER_RECIPES = ["flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems"]
 
@@ -587,3 +589,29 @@ def test_lems_is_the_brute_force_optimum_of_its_error_model_and_never_probes_a_l
                if sum(p for _, p, _ in combo) <= room)
     assert allocation.ranks["l3"] is None
     assert [allocation.ranks[f"l{i}"] for i in range(3)] == [r for r, _, _ in best[1]]
+
+
+def test_the_probing_peers_measure_a_models_output_where_it_has_no_classifier_head():
+    """FLAR-SVD's feature error and LEMS's divergence read the model's output itself when there is no head: on a
+    dense map model both compress (no IndexError, no refusal), and LEMS's divergence under the Gaussian likelihood is
+    half the squared distance of the outputs per image, computed here by hand."""
+    images = make_images(8)
+    for name in ("flar-svd", "kfac-lems"):
+        model = DenseHeadViT(as_dict=False)
+        report = compress(model, [images], CompressionConfig(reduction=0.5, progress=False, **RECIPES[name]))
+        assert report.config["likelihood"] == "gaussian" and report.params_after <= report.target_params
+    model = DenseHeadViT(as_dict=False)
+    layer = "backbone.blocks.0.mlp.fc1"
+    layers = {layer: model.get_submodule(layer)}
+    probe = Probe(model, layers, lambda name, rank: torch.zeros_like(layers[name].weight.T), [images], None,
+                  torch.device("cpu"), Gaussian())
+    with torch.no_grad():
+        dense = model(images)
+        weight = layers[layer].weight.data.clone()
+        layers[layer].weight.data.zero_()
+        cut = model(images)
+        layers[layer].weight.data.copy_(weight)
+    expected = 0.5 * float((cut.double() - dense.double()).square().sum()) / images.shape[0]
+    assert probe.kl({layer: 1}) == pytest.approx(expected, rel=1e-5)
+    assert probe.feature_error({layer: 1}) == pytest.approx(
+        float((cut - dense).square().sum() / cut.square().sum()), rel=1e-5)

@@ -34,7 +34,7 @@ from lowrank_vit import (
 )
 from lowrank_vit.config import RECIPES
 
-from conftest import make_images, make_tiny_vit
+from conftest import DenseHeadViT, make_images, make_tiny_vit
 
 PLAN = "lowrank_vit.json"
 WEIGHTS = "model.safetensors"
@@ -819,3 +819,18 @@ def test_saved_files_follow_the_umask_like_any_other_file(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_model_of_ones_own_class_saves_and_loads_into_its_dense_twin(tmp_path):
+    """A wrapper (a timm backbone and a head of its own) compressed under the Bernoulli likelihood: saved with
+    own_model=True, refused without the dense model to load into (one line naming its class), loaded into a fresh
+    dense twin with the same outputs."""
+    model, images = DenseHeadViT(as_dict=False), make_images(8)
+    compress(model, [images], CompressionConfig(reduction=0.5, likelihood="bernoulli", progress=False))
+    with pytest.raises(ValueError, match="own_model=True for a model of your own class"):
+        save_compressed(model, tmp_path / "refused")
+    save_compressed(model, tmp_path / "m", own_model=True)
+    with pytest.raises(ValueError, match=r"holds a model of its own class \(conftest\.DenseHeadViT\).*model=\.\.\."):
+        load_compressed(tmp_path / "m")
+    loaded = load_compressed(tmp_path / "m", model=DenseHeadViT(seed=5, as_dict=False))
+    torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=0)

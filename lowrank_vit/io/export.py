@@ -65,8 +65,14 @@ _KNOWN_PACKAGES = ("torch.", "timm.", "lowrank_vit.nn.vssm")  # the state-space 
 
 
 def _is_known(module: nn.Module) -> bool:
+    """A kind the exporter knows, or a container of one's own (a wrapper around a timm backbone and a head) that
+    holds no parameter or buffer itself: its forward composes its children, which are checked themselves. A leaf of
+    an unknown kind stays refused: what it computes is its own."""
     cls = type(module)
-    return isinstance(module, ZModule) or cls in EXPORT_REWRITES or cls.__module__.startswith(_KNOWN_PACKAGES)
+    holds_nothing = next(module.children(), None) is not None and \
+        next(module.parameters(recurse=False), None) is None and next(module.buffers(recurse=False), None) is None
+    return isinstance(module, ZModule) or cls in EXPORT_REWRITES or cls.__module__.startswith(_KNOWN_PACKAGES) or \
+        holds_nothing
 
 
 def _export_form(_: str, module: nn.Module) -> nn.Module | None:

@@ -97,14 +97,26 @@ def _check_layer_specs(layers: dict[str, Any], origin: str) -> None:
         check(z, Z_MODULES[z["kind"]].spec_fields, f"layer {fqn} z")
 
 
-def _rebuild(plan: dict[str, Any], origin: str) -> nn.Module:
-    """The dense timm model the plan names, with the plan's factorized layers and attention modules swapped in
-    (random weights). ``origin`` (the plan file, or "this model") words the errors."""
-    try:
-        model = TimmViTAdapter().build(ModelSpec(plan["architecture"], plan["model_kwargs"]))
-    except Exception as exc:  # timm raises RuntimeError/TypeError/... for unknown names or bad kwargs
-        raise ValueError(f"cannot rebuild timm model {plan['architecture']!r} with {plan['model_kwargs']}: {exc}") \
-            from None
+OWN_MODEL = "own:"
+"""The plan's ``architecture`` of a model of one's own class (``own:module.Class``): no timm name rebuilds it, so
+:func:`load_compressed` loads into the dense model the caller gives."""
+
+
+def _rebuild(plan: dict[str, Any], origin: str, dense: nn.Module | None = None) -> nn.Module:
+    """The dense timm model the plan names (or ``dense``, the caller's own, changed in place), with the plan's
+    factorized layers and attention modules swapped in (random weights). ``origin`` (the plan file, or "this model")
+    words the errors."""
+    if dense is not None:
+        model = dense
+    elif plan["architecture"].startswith(OWN_MODEL):
+        raise ValueError(f"{origin} holds a model of its own class ({plan['architecture'][len(OWN_MODEL):]}), which "
+                         "no timm name rebuilds: pass the dense model to load into, load_compressed(path, model=...)")
+    else:
+        try:
+            model = TimmViTAdapter().build(ModelSpec(plan["architecture"], plan["model_kwargs"]))
+        except Exception as exc:  # timm raises RuntimeError/TypeError/... for unknown names or bad kwargs
+            raise ValueError(f"cannot rebuild timm model {plan['architecture']!r} with {plan['model_kwargs']}: "
+                             f"{exc}") from None
     for fqn, spec in plan["layers"].items():
         try:
             old = model.get_submodule(fqn)
@@ -209,7 +221,7 @@ def stored_bytes(model: nn.Module) -> int:
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None,
                     model_kwargs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None,
-                    push_to_hub: str | None = None, token: str | None = None) -> Path:
+                    push_to_hub: str | None = None, token: str | None = None, own_model: bool = False) -> Path:
     """Write ``model`` to the directory ``path`` (created if needed; its other files are left alone).
 
     Args:
@@ -220,14 +232,20 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         metadata: any JSON-serializable extra (e.g. the CompressionReport), stored in the plan.
         push_to_hub: also upload the directory to this Hugging Face hub repository (``owner/name``, created if
             needed; :func:`lowrank_vit.io.hub.push`), with ``token`` (default: ``HF_TOKEN`` or the saved login).
+        own_model: the model is of one's own class (a wrapper around a timm backbone with a head of its own), which
+            no timm name rebuilds: the plan records its class, and :func:`load_compressed` loads it into the dense
+            model the caller builds (``model=``).
     """
+    if own_model:
+        model_name, model_kwargs = f"{OWN_MODEL}{type(model).__module__}.{type(model).__qualname__}", {}
     plan = _plan(model, model_name, model_kwargs, metadata)
     try:  # read_plan checks the specs too: a layer built by hand with rank 0 must not save, then fail to load
         _check_layer_specs(plan["layers"], "this model's plan")
     except ValueError as exc:
         raise ValueError(f"save_compressed: nothing was written: {exc}") from None
     try:
-        _check_rebuild(model, plan)
+        if not own_model:
+            _check_rebuild(model, plan)
     except ValueError as exc:
         remedy = "" if "model_kwargs=" in str(exc) else "; pass model_name= and model_kwargs= that build this model"
         raise ValueError(f"save_compressed: nothing was written: {exc}{remedy}") from None
@@ -283,11 +301,14 @@ def plan_file_of(directory: Path) -> Path:
 
 
 def load_compressed(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    cache_dir: str | os.PathLike | None = None, token: str | None = None) -> nn.Module:
+                    cache_dir: str | os.PathLike | None = None, token: str | None = None,
+                    model: nn.Module | None = None) -> nn.Module:
     """Rebuild the timm model saved by :func:`save_compressed`, with its factorized layers, in eval mode.
 
     ``path`` is a directory or a hub reference ``hf-hub:owner/name[@revision]``, fetched into the Hugging Face cache
-    (``cache_dir``, default its own) with ``token`` by :func:`lowrank_vit.io.hub.download`.
+    (``cache_dir``, default its own) with ``token`` by :func:`lowrank_vit.io.hub.download`. ``model``: the dense model
+    to load into instead of the timm architecture the plan names (required for a model saved with ``own_model``;
+    changed in place and returned); its state dict must match the file's, name by name and shape by shape.
     """
     from lowrank_vit.io.hub import download, is_hub_reference
 
@@ -304,7 +325,7 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{weights_file} is corrupted or not a safetensors file: {exc}") from None
 
-    model = _rebuild(plan, origin=str(plan_file_of(directory)))
+    model = _rebuild(plan, origin=str(plan_file_of(directory)), dense=model)
 
     record = plan.get("quantization") or {}
     for name, info in record.items():

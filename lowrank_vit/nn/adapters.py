@@ -201,7 +201,8 @@ class TimmViTAdapter:
         if not architecture:
             raise ValueError(
                 "cannot tell which timm architecture this model is (no pretrained_cfg['architecture']); "
-                "pass model_name= and model_kwargs= to save_compressed"
+                "pass model_name= and model_kwargs= to save_compressed, or own_model=True for a model of your own "
+                "class (loaded back with load_compressed(path, model=the dense model))"
             )
         if isinstance(getattr(model, "build_kwargs", None), dict):  # a model that records its own arguments
             return ModelSpec(architecture, dict(model.build_kwargs))
