@@ -68,6 +68,9 @@ def output_parts(output: Any) -> dict[str, Any]:
 
 
 def _ambiguous(output: Any, why: str) -> ValueError:
+    if isinstance(output, torch.Tensor):  # a plain tensor has no parts to name
+        return ValueError(f"the model returns one tensor {tuple(output.shape)}, which has no parts: {why}; leave "
+                          "output_key unset (CLI --output-key)")
     parts = ", ".join(f"{key}: {_describe(value)}" for key, value in output_parts(output).items())
     return ValueError(f"the model returns a {type(output).__name__} ({parts or 'no tensor'}); {why}: say which part "
                       f"the loss sees with output_key (a key, an attribute, an index or a callable; CLI --output-key)")

@@ -1,5 +1,9 @@
 """``lowrank-vit finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune of a compressed
-directory into a new one, checkpointed every N steps and on Ctrl-C, resumed by the same command."""
+directory into a new one, checkpointed every N steps and on Ctrl-C, resumed by the same command.
+
+A model that is not a classifier, or a classifier given images without labels, fine-tunes by distillation alone
+(``--distill 1``): the dense model's outputs matched under the likelihood ``compress`` recorded
+(:func:`lowrank_vit.stages.finetune.output_distillation_loss`), and is evaluated by its fidelity to it."""
 
 from __future__ import annotations
 
@@ -12,11 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from lowrank_vit.core.files import write_json
+from lowrank_vit.harness.fidelity import fidelity_text
 from lowrank_vit.harness.outputs import _layers, _staging, check_output_dir, publish, write_model_dir
 from lowrank_vit.harness.preprocessing import describe_preprocessing, resolve_model_preprocessing
 from lowrank_vit.harness.sources import _directory_source, load_teacher
 from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
-from lowrank_vit.harness.userdata import _evaluate, _top5_text, build_data, check_data_path
+from lowrank_vit.harness.userdata import (
+    _evaluate,
+    _fidelity,
+    _top5_text,
+    build_data,
+    check_data_path,
+    is_classifier,
+    measures_top1,
+    no_top1_reason,
+    recorded_output,
+)
 from lowrank_vit.stages.finetune_config import check_precision_on
 
 
@@ -24,7 +39,7 @@ from lowrank_vit.stages.finetune_config import check_precision_on
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lowrank_vit.io.modelcard import REPORT_FILE
     from lowrank_vit.nn.adapters import count_params
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+    from lowrank_vit.stages.finetune import FinetuneConfig, finetune, resolve_finetune_likelihood
 
     directory = Path(args.model).expanduser()
     if not directory.is_dir():
@@ -46,9 +61,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     pre, origin = resolve_model_preprocessing(source, args)
     _say(args, describe_preprocessing(pre, origin))
     model = source.model
+    recorded, output_key = recorded_output(source.metadata)
+    try:
+        likelihood = resolve_finetune_likelihood(model, recorded)
+    except ValueError as err:
+        raise UserError(f"{args.model!r}: {err}") from None
+    if likelihood != "categorical" and config.distill != 1:
+        what = (f"a model that is not a classifier (num_classes={getattr(model, 'num_classes', None)!r})"
+                if not is_classifier(model) else f"a model compressed with the {likelihood!r} likelihood")
+        raise UserError(f"{args.model!r} holds {what}: it fine-tunes toward the dense model's outputs alone, give "
+                        f"--distill 1 (got {args.distill:g})")
+    if likelihood != "categorical" and config.distill_temperature != 1:
+        raise UserError(f"--distill-temperature softens class logits only; the {likelihood!r} likelihood "
+                        f"{args.model!r} was compressed with has none: leave it at 1")
     teacher = load_teacher(args, source) if config.distill > 0 else None
     previous = _read_report(directory / REPORT_FILE)  # before the fine-tune: a bad report must not cost one
     dm = build_data(args, model, pre, augment=args.augment, calib_samples=1)  # no calibration in a fine-tune
+    top1 = measures_top1(model, dm)
+    if not top1 and config.distill != 1:
+        raise UserError(f"--data {args.data!r} has no labels: a fine-tune without labels learns from the dense "
+                        f"model's outputs alone, give --distill 1 (got {args.distill:g})")
     stage = _staging(out, "partial")  # a fixed name: a second run resumes from its checkpoints
     checkpoints = stage / "checkpoints"
     _resume_or_start(args, stage, _finetune_run(args, directory, config))
@@ -58,7 +90,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         module, trainer = finetune(model, datamodule=dm, config=config, teacher=teacher, accelerator=accelerator,
                                    devices=args.devices, strategy=strategy, checkpoint_dir=str(checkpoints),
-                                   ckpt_path="last", progress=not args.quiet)
+                                   ckpt_path="last", progress=not args.quiet, likelihood=likelihood,
+                                   output_key=output_key)
     except ValueError as err:  # PartialFinetune refuses a checkpoint of another model
         if not checkpoints.is_dir():
             raise
@@ -74,13 +107,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     seconds = time.perf_counter() - start
     model = module.model.to(device).eval()
-    final = _evaluate(model, dm, device, args, "evaluate fine-tuned")
-    accuracy = {**previous.get("accuracy", {}), "final": final}
+    if top1:
+        final = _evaluate(model, dm, device, args, "evaluate fine-tuned")
+        accuracy = {**previous.get("accuracy", {}), "final": final}
+        fidelity = previous.get("fidelity", {})
+    else:
+        _say(args, f"{no_top1_reason(model, dm)}: the fine-tuned model is evaluated by its fidelity to the dense "
+                   f"model instead of top-1")
+        assert teacher is not None  # --distill 1 (checked above)
+        final = _fidelity(model, teacher, dm, device, args, "fidelity to the dense model", likelihood, output_key)
+        accuracy = previous.get("accuracy", {})
+        fidelity = {**(previous.get("fidelity") if isinstance(previous.get("fidelity"), dict) else {}),
+                    "final": final}
     report = {**previous, "name": out.name, "command": "finetune", "input": str(directory), "data": args.data,
               "preprocessing": pre, "preprocessing_origin": origin, "accuracy": accuracy,
               "params": {**previous.get("params", {}), "after": count_params(model)},
               "finetune": {**config.to_dict(), "steps": int(trainer.global_step), "seconds": seconds,
                            "augment": args.augment}}
+    if fidelity:
+        report["fidelity"] = fidelity
     report.setdefault("layers", _layers(model, None))
     report.setdefault("source", {"description": source.description, "architecture": source.architecture})
     metadata = {**source.metadata, "preprocessing": pre, "finetune": report["finetune"]}
@@ -88,8 +133,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     shutil.rmtree(checkpoints, ignore_errors=True)  # Lightning checkpoints are pickles: none left in a model dir
     (stage / RESUME_FILE).unlink(missing_ok=True)
     publish(stage, out)
-    print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
-          f"({_top5_text(final, '', ', ')}{final['images']:,} images)")
+    if top1:
+        print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
+              f"({_top5_text(final, '', ', ')}{final['images']:,} images)")
+    else:
+        print(f"{out}: fine-tuned {trainer.global_step} steps, fidelity to the dense model: {fidelity_text(final)} "
+              f"({final['images']:,} images)")
     return 0
 
 

@@ -196,33 +196,36 @@ def _directory_source(args: argparse.Namespace, directory: Path) -> Source:
                    "from": metadata.get("source")})
 
 
-def load_teacher(args: argparse.Namespace, source: Source) -> nn.Module:
+def load_teacher(args: argparse.Namespace, source: Source, *, flag: str = "--distill",
+                 otherwise: str = "fine-tune without --distill", override: str = "--teacher-checkpoint") -> nn.Module:
     """The model a model directory was compressed from, rebuilt from the source ``compress`` recorded in it (timm
-    name, arguments, pretrained tag or checkpoint), for distillation. A recorded checkpoint must still be the file
-    that was compressed (same SHA-256) unless ``--teacher-checkpoint`` names the file to use."""
+    name, arguments, pretrained tag or checkpoint), for distillation (and ``evaluate``'s fidelity: ``flag``,
+    ``otherwise`` and ``override`` word its refusals). A recorded checkpoint must still be the file that was
+    compressed (same SHA-256) unless ``--teacher-checkpoint`` (``args.teacher_checkpoint``) names the file to use."""
     from lowrank_vit.harness.models import checkpoint_digest
 
+    given = getattr(args, "teacher_checkpoint", None)
     record = source.metadata.get("source")
     if not isinstance(record, dict) or not record.get("timm_name"):
-        raise UserError(f"--distill needs the model before compression, and {source.description} does not record "
-                        "it (lowrank-vit compress records it); fine-tune without --distill")
-    checkpoint = args.teacher_checkpoint or record.get("checkpoint")
+        raise UserError(f"{flag} needs the model before compression, and {source.description} does not record "
+                        f"it (lowrank-vit compress records it); {otherwise}")
+    checkpoint = given or record.get("checkpoint")
     if checkpoint is None and not record.get("pretrained"):
-        raise UserError(f"--distill: {source.description} was compressed from random weights, which cannot be "
-                        "rebuilt; fine-tune without --distill")
-    if checkpoint is not None and args.teacher_checkpoint is None:
+        raise UserError(f"{flag}: {source.description} was compressed from random weights, which cannot be "
+                        f"rebuilt; {otherwise}")
+    if checkpoint is not None and given is None:
         path = Path(checkpoint).expanduser()
         if not path.is_file() or checkpoint_digest(path) != record.get("checkpoint_sha256"):
             state = "changed" if path.is_file() else "is gone"
-            raise UserError(f"--distill: the dense weights compress read, {checkpoint!r}, {state} since; give "
-                            "--teacher-checkpoint FILE")
+            raise UserError(f"{flag}: the dense weights compress read, {checkpoint!r}, {state} since; give "
+                            f"{override} FILE")
     spec = argparse.Namespace(model=record["timm_name"], model_kwargs=dict(record.get("model_kwargs") or {}),
                               checkpoint=checkpoint, no_pretrained=checkpoint is None and not record["pretrained"],
                               quiet=args.quiet)
     teacher = _timm_source(spec).model
     classes = getattr(source.model, "num_classes", None)
     if getattr(teacher, "num_classes", None) != classes:
-        raise UserError(f"--distill: the rebuilt dense model has {getattr(teacher, 'num_classes', None)} classes, "
+        raise UserError(f"{flag}: the rebuilt dense model has {getattr(teacher, 'num_classes', None)} classes, "
                         f"the compressed one {classes}")
     return teacher.eval()
 

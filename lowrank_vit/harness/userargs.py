@@ -16,6 +16,8 @@ from lowrank_vit.stages.finetune_config import PRECISIONS
 
 LATENCY_BATCHES = (1, 32)
 """The batch sizes ``evaluate`` times by default."""
+LIKELIHOOD_CHOICES = ("auto", "categorical", "gaussian", "gaussian-direction", "bernoulli", "bernoulli-probabilities")
+"""``--likelihood``: what the model's output is (:mod:`lowrank_vit.core.likelihood`)."""
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
@@ -35,6 +37,44 @@ def _input_size(text: str) -> tuple[int | None, int, int]:
     if len(values) == 2:
         return None, values[0], values[1]
     return values[0], values[1], values[2]
+
+
+def _output_key(text: str) -> str | int:
+    """``--output-key``: a key or attribute name of the model's output, or (an integer) a tuple index."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("expected a key, an attribute name or a tuple index, got an empty string")
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _add_output(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    g = p.add_argument_group("the model's output (models that are not classifiers: backbones, embeddings, maps)")
+    if evaluate:
+        g.add_argument("--likelihood", choices=LIKELIHOOD_CHOICES,
+                       help="what the output is, for the fidelity figures (default: what compress recorded, else "
+                            "auto): bernoulli/bernoulli-probabilities add the IoU of the >0.5 masks and Pearson r "
+                            "of sigmoid maps (given as logits or probabilities)")
+        g.add_argument("--output-key", type=_output_key, metavar="KEY",
+                       help="the part of a tuple, dict or model-output object compared (default: what compress "
+                            "recorded); an integer is a tuple index")
+        g.add_argument("--no-fidelity", action="store_true",
+                       help="skip rebuilding the dense model a directory was compressed from and comparing outputs "
+                            "with it")
+        g.add_argument("--dense-checkpoint", metavar="FILE",
+                       help="the dense weights (safetensors) if they moved since compress read them")
+        return
+    g.add_argument("--likelihood", choices=LIKELIHOOD_CHOICES, default="auto",
+                   help="the output's likelihood the loss-aware pass weighs errors by: categorical (class logits), "
+                        "gaussian (features, embeddings, maps: their squared error), gaussian-direction (an "
+                        "embedding's direction), bernoulli (sigmoid maps as logits), bernoulli-probabilities (as "
+                        "probabilities); auto (default): categorical for a classifier, else gaussian. Recorded in "
+                        "DIR: evaluate and finetune --distill use it")
+    g.add_argument("--output-key", type=_output_key, metavar="KEY",
+                   help="which part of a tuple, dict or model-output object the loss sees (default: the tensor, a "
+                        "dict's logits or its only tensor); an integer is a tuple index")
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -76,7 +116,8 @@ def _add_preprocessing(p: argparse.ArgumentParser) -> None:
 def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required,
-                   help="an image folder (one subfolder per class, optionally under train/ and val/), parquet "
+                   help="an image folder (one subfolder per class, optionally under train/ and val/; for a model "
+                        "that is not a classifier, or without labels, images anywhere below it), parquet "
                         "file(s), or a Hugging Face dataset name")
     g.add_argument("--image-column", help="image column (default: image, img, pixel_values or the Image feature)")
     g.add_argument("--label-column", help="label column (default: label, labels, fine_label or the ClassLabel)")
@@ -136,6 +177,7 @@ def _add_compress(sub: Any) -> None:
                         "file); the new figure replaces the cached one")
     p.add_argument("--output", required=True, help="the model directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing model directory")
+    _add_output(p)
     add_compress_latency_options(p)
     add_vmeanba_options(p)
     _add_preprocessing(p)
@@ -143,7 +185,8 @@ def _add_compress(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="top-1/top-5, parameters, MiB and latency of a model")
+    p = sub.add_parser("evaluate", help="top-1/top-5 and the fidelity to the dense model, parameters, MiB and "
+                                        "latency of a model")
     _add_model(p, "MODEL_OR_DIR")
     _add_data(p)
     _add_preprocessing(p)
@@ -159,6 +202,7 @@ def _add_evaluate(sub: Any) -> None:
                         "onnxruntime (CPU)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="the precision timed (the accuracy is measured in float32)")
+    _add_output(p, evaluate=True)
     _add_common(p)
 
 
@@ -178,7 +222,9 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--augment", action="store_true", help="timm's ImageNet training augmentation (default: none)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight in [0, 1] of distillation from the model before compression (rebuilt from what "
-                        "compress recorded); 0 (default): cross-entropy on the labels alone, as the paper")
+                        "compress recorded); 0 (default): cross-entropy on the labels alone, as the paper; 1: the "
+                        "dense model's outputs alone, under the likelihood compress recorded (the only choice for a "
+                        "model that is not a classifier, or data without labels)")
     p.add_argument("--distill-temperature", type=float, default=1.0, help="temperature of the distillation term")
     p.add_argument("--train-factors", action="store_true",
                    help="also train the low-rank factors U, V (and Z): a full fine-tune, beyond the paper's ~2%%")
@@ -249,9 +295,10 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
     latency = {} if table is None else {"latency_table": table, "latency_limit": not args.params_only,
                                         "target_speedup": args.target_speedup}
     multiple = args.rank_multiple or (8 if table is not None else 1)  # the profiled grid's step
+    output = {"likelihood": getattr(args, "likelihood", "auto"), "output_key": getattr(args, "output_key", None)}
     try:
         return CompressionConfig(reduction=args.reduction, target_params=args.target_params,
                                  calib_samples=args.calib_samples, rank_multiple=multiple,
-                                 device=str(device), progress=not args.quiet, **latency, **fields)
+                                 device=str(device), progress=not args.quiet, **latency, **output, **fields)
     except ValueError as err:
         raise UserError(str(err)) from None

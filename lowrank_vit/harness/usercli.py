@@ -8,7 +8,10 @@ The registry commands (``run``, ``reproduce``) reproduce the paper's tables; the
   weights and plan (:func:`lowrank_vit.io.surgery.save_compressed`), ``report.json``, ``ranks.png`` and a model card.
   The dense model's top-1 is reused from a cache when the same weights file was evaluated on the same data with the
   same preprocessing before (said on stderr; ``--no-cache``), or skipped with ``--no-dense-eval``.
-- ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency.
+- ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency; for a model
+  directory also its fidelity to the dense model it was compressed from (rebuilt from what compress recorded;
+  :mod:`~lowrank_vit.harness.fidelity`), the only figure for a model that is not a classifier or data without
+  labels.
 - ``finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune, resumable, into a new directory.
 - ``export DIR --format onnx --output FILE [--fold] [--quantized qdq]``: an ONNX file with a dynamic batch axis
   (:mod:`lowrank_vit.io.export`).
@@ -32,6 +35,7 @@ This module holds the compress, evaluate and export commands; their arguments ar
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -45,7 +49,9 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.files import strict_json
+from lowrank_vit.core.likelihood import AUTO, LIKELIHOODS
 from lowrank_vit.harness.densecache import _dense_accuracy
+from lowrank_vit.harness.fidelity import fidelity_text
 from lowrank_vit.harness.finetunecli import cmd_finetune
 from lowrank_vit.harness.outputs import (
     _check_apart,
@@ -70,7 +76,16 @@ from lowrank_vit.harness.userargs import (  # noqa: F401  (_add_model, _input_si
     parse_settings,
 )
 from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
-from lowrank_vit.harness.userdata import _evaluate, _top5_text, build_data, check_data_path
+from lowrank_vit.harness.userdata import (
+    _evaluate,
+    _fidelity,
+    _top5_text,
+    build_data,
+    check_data_path,
+    measures_top1,
+    no_top1_reason,
+    recorded_output,
+)
 
 
 def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -98,13 +113,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     source, cfg = _compressible_source(args, cfg, vmeanba, device)
     pre, origin = resolve_model_preprocessing(source, args)
     _say(args, describe_preprocessing(pre, origin))
-    model = source.model.to(device).eval()
+    likelihood = _output_likelihood(source.model, cfg, pre)  # what the output is, refused now if it cannot be
+    model = source.model.eval()
     dm = build_data(args, model, pre, calib_samples=args.calib_samples)
+    top1 = measures_top1(model, dm)
+    # no top-1 to measure: the compressed model's outputs are compared with the dense model's (a copy kept aside)
+    dense = copy.deepcopy(model) if not top1 and not args.no_eval and not args.no_dense_eval else None
+    if not top1 and not args.no_eval:
+        _say(args, f"{no_top1_reason(model, dm)}: the compressed model is evaluated by its fidelity to the dense "
+                   f"model instead of top-1" + (" (not with --no-dense-eval)" if dense is None else ""))
+    model.to(device)
     timings["load"] = time.perf_counter() - start
     params_before, mib_before = count_params(model), _size_mib(model)
     accuracy: dict[str, Any] = {}
+    fidelity: dict[str, Any] = {}
     reused = None
-    if not args.no_eval and not args.no_dense_eval:
+    if top1 and not args.no_eval and not args.no_dense_eval:
         start = time.perf_counter()
         accuracy["before"], reused = _dense_accuracy(args, source, pre, model, dm, device)
         timings["evaluate_before"] = time.perf_counter() - start
@@ -119,11 +143,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if done.before_lowrank is not None:
         latency = measured_latency(args, done.before_lowrank, model, report.to_dict())
         done.before_lowrank = None
-    if not args.no_eval:
+    compression = report.to_dict() if report is not None else {}
+    recorded = compression.get("config", {}).get("likelihood")
+    if isinstance(recorded, str) and recorded != AUTO:
+        likelihood = recorded  # the one the compression used (the same as decided above)
+    if top1 and not args.no_eval:
         start = time.perf_counter()
         accuracy["after"] = _evaluate(model, dm, device, args, "evaluate compressed")
         timings["evaluate_after"] = time.perf_counter() - start
-    compression = report.to_dict() if report is not None else {}
+    elif dense is not None:
+        start = time.perf_counter()
+        fidelity["after"] = _fidelity(model, dense, dm, device, args, "fidelity to the dense model",
+                                      likelihood or AUTO, cfg.output_key if cfg is not None else None)
+        dense = None
+        timings["evaluate_after"] = time.perf_counter() - start
     source_record = {**source.record, "description": source.description, "architecture": source.architecture}
     params_after = count_params(model)
     summary = {
@@ -135,9 +168,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "accuracy": accuracy, "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
         "compression": compression, "latency": latency or compression.get("latency") or {},
     }
+    output = None
+    if likelihood is not None:
+        output = {"likelihood": likelihood, "output_key": cfg.output_key}
+        summary["output"] = output
+    if fidelity:
+        summary["fidelity"] = fidelity
     if reused is not None:
         summary["dense_accuracy_cache"] = str(reused)
-    metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe, "num_classes": dm.num_classes}
+    metadata = {"preprocessing": pre, "source": source_record, "recipe": args.recipe,
+                "num_classes": dm.num_classes if dm.labelled else getattr(model, "num_classes", None)}
+    if output is not None:
+        metadata["output"] = output
     if cfg is not None:
         metadata["compression_config"] = cfg.to_dict()
     if vreport is not None:
@@ -151,6 +193,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
         shutil.rmtree(stage, ignore_errors=True)
     print(_compress_line(out, summary))
     return 0
+
+
+def _output_likelihood(model: nn.Module, cfg: Any, pre: dict[str, Any]) -> str | None:
+    """The likelihood the compression will use (``--likelihood``, "auto" decided), the part of the output it sees
+    (``--output-key``) checked, on the model's output for two blank images: before any data is read, a likelihood
+    that cannot fit the output (categorical for a backbone) or a key that names no tensor is one line. None without
+    a low-rank step (``--recipe vmeanba``)."""
+    from lowrank_vit.core.likelihood import resolve_likelihood
+
+    if cfg is None:
+        return None
+    images = torch.zeros(2, *(int(v) for v in pre["input_size"]))
+    try:
+        resolved = resolve_likelihood(model, images, cfg.likelihood, cfg.output_key)
+    except ValueError as err:
+        flags = str(err).replace("likelihood='gaussian'", "--likelihood gaussian").replace(
+            "output_key (a key, an attribute, an index or a callable; CLI --output-key)", "--output-key")
+        raise UserError(flags) from None
+    return str(resolved)
 
 
 def _compressible_source(args: argparse.Namespace, cfg: Any, vmeanba: Any, device: torch.device) -> tuple[Any, Any]:
@@ -192,6 +253,10 @@ def _compress_line(out: Path, summary: dict[str, Any]) -> str:
             f"{summary['size_mib']['after']:.1f} MiB")
     if "vmeanba" in summary:
         line += summary_line(summary["vmeanba"])
+    if "output" in summary:
+        line += f", likelihood {summary['output']['likelihood']}"
+    if "after" in summary.get("fidelity", {}):
+        line += f", fidelity to the dense model: {fidelity_text(summary['fidelity']['after'])}"
     if "before" in accuracy:
         line += f", top-1 {accuracy['before']['top1']:.2f} -> {accuracy['after']['top1']:.2f}%"
     elif "after" in accuracy:
@@ -232,7 +297,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _say(args, describe_preprocessing(pre, origin))
     model = source.model.to(device).eval()
     dm = build_data(args, model, pre, calib_samples=1)  # no calibration here: do not draw (or warn about) a subset
-    metrics = _evaluate(model, dm, device, args, "evaluate")
+    top1 = measures_top1(model, dm)
+    metrics = _evaluate(model, dm, device, args, "evaluate") if top1 else {}
+    fidelity, dense_note = _evaluate_fidelity(args, source, model, dm, device)
+    if not top1 and fidelity:
+        _say(args, f"{no_top1_reason(model, dm)}: fidelity to the dense model instead of top-1")
     try:
         timings = latency(model, pre["input_size"], args.latency_batches, device, args.repeats, args.runtime,
                           args.dtype, progress=not args.quiet)
@@ -244,16 +313,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               "latency": {"runtime": args.runtime, "dtype": args.dtype, "folded": True,
                                           "batches": timings},
                               "preprocessing": pre}
+    if fidelity:
+        result["fidelity"] = fidelity
+        result.setdefault("images", fidelity["images"])
     if args.json:
         print(strict_json(result))
     else:
-        print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
-              f"({metrics['images']:,} images)")
+        if top1:
+            print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
+                  f"({metrics['images']:,} images)")
+        if fidelity:
+            what = "" if top1 else f"{source.description} on {args.data}: "
+            shape = "x".join(map(str, fidelity["output_shape"])) or "scalar"
+            print(f"{what}fidelity to the dense model ({fidelity['likelihood']} likelihood, outputs of {shape} per "
+                  f"image, {fidelity['images']:,} images): {fidelity_text(fidelity)}")
+        elif not top1:
+            print(f"{source.description} on {args.data}: no top-1 ({no_top1_reason(model, dm)}) and no fidelity "
+                  f"({dense_note})")
         print(f"parameters {result['params']:,}, {result['size_mib']:.2f} MiB")
         for batch, t in timings.items():
             print(f"latency batch {batch}: {t['median']:.2f} ms (IQR {t['q1']:.2f}-{t['q3']:.2f}, {t['repeats']} "
                   f"repeats) on {device}, {args.runtime} {args.dtype}, low-rank Z folded")
     return 0
+
+
+def _evaluate_fidelity(args: argparse.Namespace, source: Any, model: nn.Module, dm: Any,
+                       device: torch.device) -> tuple[dict[str, Any], str]:
+    """The fidelity of a model directory to the dense model it was compressed from (rebuilt from what compress
+    recorded), on the evaluation images; empty, with the reason, where there is none: not a compressed directory,
+    ``--no-fidelity``, or a dense model that cannot be rebuilt (a note on stderr says why)."""
+    from lowrank_vit.harness.sources import load_teacher
+
+    if args.no_fidelity:
+        return {}, "--no-fidelity"
+    if not source.record.get("directory") or not source.metadata.get("source"):
+        return {}, ("not a compressed model directory" if not source.record.get("directory") else
+                    f"{source.description} does not record the model it was compressed from")
+    recorded, key = recorded_output(source.metadata)
+    if recorded not in LIKELIHOODS:  # a callable's label, or a likelihood registered by code not loaded here
+        recorded = AUTO
+    likelihood = args.likelihood or recorded
+    output_key = args.output_key if args.output_key is not None else key
+    namespace = argparse.Namespace(teacher_checkpoint=args.dense_checkpoint, quiet=args.quiet)
+    try:
+        dense = load_teacher(namespace, source, flag="the fidelity to the dense model",
+                             otherwise="evaluate measures none", override="--dense-checkpoint")
+    except UserError as err:  # no dense model to compare with: a note, not a failed evaluation
+        note = str(err) if str(err).startswith("the fidelity") else f"the dense model could not be rebuilt: {err}"
+        _say(args, note)
+        return {}, note
+    try:
+        return _fidelity(model, dense, dm, device, args, "fidelity to the dense model", likelihood, output_key), ""
+    finally:
+        del dense
 
 
 # ------------------------------------------------------------------------------------------------------ export

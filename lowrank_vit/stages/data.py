@@ -19,6 +19,11 @@ training images (the paper's 1024-image proxy dataset) with the evaluation trans
 The loaders are plain ``DataLoader``\\ s, so under DDP Lightning inserts its ``DistributedSampler`` itself;
 downloads and Arrow conversion happen in ``prepare_data`` (once per node), loading in ``setup`` (every rank).
 
+Unlabelled data (``DataConfig.labels``: "optional" takes the images alone where the training split has no label
+column, "none" never reads labels): the loaders yield bare image tensors, ``num_classes`` is 0 and
+:attr:`~ImageClassificationDataModule.labelled` False; the hold-out is then a seeded random one
+(:func:`~lowrank_vit.stages.data_readers.random_split`).
+
 Missing data raises :class:`DataNotFoundError`, whose one-line message says how to provide it; wrong columns or
 label types raise :class:`DataFormatError` listing what is there; an empty split raises :class:`EmptySplitError`.
 
@@ -73,6 +78,7 @@ from lowrank_vit.stages.data_readers import (  # noqa: F401
     _label_array,
     _load_flat_val,
     load_mnist_5k,
+    random_split,
     read_val_labels,
     stratified_split,
 )
@@ -94,6 +100,7 @@ class _Splits:
     val: Dataset
     """Validation images with the evaluation transform."""
     num_classes: int
+    """0 for unlabelled data (``DataConfig.labels``: the items are bare images)."""
 
 
 # ----------------------------------------------------------------------------------------------------- data modules
@@ -151,6 +158,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._ready().num_classes
 
     @property
+    def labelled(self) -> bool:
+        """Whether the batches carry labels (``(images, labels)``); False for unlabelled data (``DataConfig.labels``
+        "optional" on data without a label column, or "none"), whose batches are image tensors alone."""
+        return self._ready().num_classes > 0
+
+    @property
     def train_dataset(self) -> Dataset:
         """Training images, training transform."""
         return self._ready().train
@@ -173,7 +186,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(images, labels)``, training transform."""
+        """Shuffled training batches ``(images, labels)`` (unlabelled data: image tensors alone), training
+        transform."""
         return self._loader(self._ready().train, shuffle=True)
 
     def val_dataloader(self, batch_size: int | None = None, limit: int | None = None) -> DataLoader:
@@ -217,12 +231,13 @@ class MNIST5kDataModule(ImageClassificationDataModule):
         eval_tf = TensorImageTransform(pre["input_size"], pre["mean"], pre["std"])
         train_tf = TensorImageTransform(pre["input_size"], pre["mean"], pre["std"], max_shift=2) \
             if self.cfg.augment else eval_tf
-        train_images, train_labels = images[train_idx], labels[train_idx]
+        read = self.cfg.labels != "none"  # the same split either way: the digits' labels only stratify it then
+        train_images, train_labels = images[train_idx], labels[train_idx] if read else None
         return _Splits(
             train=TensorImageDataset(train_images, train_labels, train_tf),
             train_eval=TensorImageDataset(train_images, train_labels, eval_tf),
-            val=TensorImageDataset(images[val_idx], labels[val_idx], eval_tf),
-            num_classes=10,
+            val=TensorImageDataset(images[val_idx], labels[val_idx] if read else None, eval_tf),
+            num_classes=10 if read else 0,
         )
 
 
@@ -313,6 +328,11 @@ class HFImageDataModule(ImageClassificationDataModule):
         val_name = cfg.val_split or next((s for s in VAL_SPLITS if s in loaded and s != cfg.train_split), None)
         columns = list(train.column_names)
         image_col = _find_column(columns, cfg.image_column, IMAGE_COLUMNS, train.features, "Image", "image", where)
+        if cfg.labels == "none" or (cfg.labels == "optional" and cfg.label_column is None and
+                                    not _has_labels(train, columns)):
+            if len(train) == 0:
+                raise EmptySplitError(f"the {cfg.train_split!r} split of {where} has no images")
+            return self._unlabelled(loaded, train, val_name, image_col)
         label_col = _find_column(columns, cfg.label_column, LABEL_COLUMNS, train.features, "ClassLabel", "label",
                                  where)
         label_feature = train.features[label_col]
@@ -360,6 +380,47 @@ class HFImageDataModule(ImageClassificationDataModule):
             val=Subset(wrap(train, eval_tf), val_idx),
             num_classes=num_classes,
         )
+
+    def _unlabelled(self, loaded: datasets.DatasetDict, train: datasets.Dataset, val_name: str | None,
+                    image_col: str) -> _Splits:
+        """The splits read without labels (``DataConfig.labels``): bare images, ``num_classes`` 0, and where there
+        is no validation split a seeded random hold-out."""
+        cfg, where = self.cfg, self._describe()
+        val = loaded[val_name] if val_name is not None else None
+        if val is not None:
+            if image_col not in val.column_names:
+                raise DataFormatError(f"the {val_name!r} split of {where} lacks column(s) {[image_col]}; its columns "
+                                      f"are {val.column_names}")
+            if len(val) == 0:
+                raise EmptySplitError(f"the {val_name!r} split of {where} has no images: set val_split= to another "
+                                      f"of {list(loaded.keys())}")
+        in_chans = self.preprocessing["input_size"][0]
+        train_tf, eval_tf = create_transforms(self.preprocessing, augment=cfg.augment)
+
+        def wrap(part: datasets.Dataset, transform: Callable) -> HFImageDataset:
+            return HFImageDataset(part, image_col, None, transform, in_chans)
+
+        if val is not None:
+            return _Splits(wrap(train, train_tf), wrap(train, eval_tf), wrap(val, eval_tf), 0)
+        train_idx, val_idx = random_split(len(train), cfg.val_fraction, cfg.seed)
+        if len(val_idx) == 0:
+            raise EmptySplitError(f"{where} has only {len(train)} image(s) and no validation split: too few to hold "
+                                  f"out val_fraction={cfg.val_fraction} of them")
+        train_idx, val_idx = train_idx.tolist(), val_idx.tolist()
+        return _Splits(Subset(wrap(train, train_tf), train_idx), Subset(wrap(train, eval_tf), train_idx),
+                       Subset(wrap(train, eval_tf), val_idx), 0)
+
+
+def _has_labels(train: datasets.Dataset, columns: list[str]) -> bool:
+    """Whether a training split carries labels: a label column (:data:`LABEL_COLUMNS` or a ``ClassLabel``) with at
+    least one value (the folder builder gives flat ``train/`` and ``val/`` folders a ``label`` column of their split
+    names, every row null)."""
+    found = next((name for name in LABEL_COLUMNS if name in columns), None) or next(
+        (name for name in columns if type(train.features[name]).__name__ == "ClassLabel"), None)
+    if found is None:
+        return False
+    values = train.select_columns([found]).with_format("arrow")[:].column(found)
+    return values.null_count < len(values)
 
 
 def _stored_token() -> str | None:

@@ -21,6 +21,8 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 """Image column names tried, in order, when ``image_column`` is not given."""
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 """Label column names tried, in order, when ``label_column`` is not given."""
+LABEL_MODES = ("required", "optional", "none")
+"""``DataConfig.labels``: whether the data must carry class labels, may carry none, or is read without them."""
 VAL_SPLITS = ("validation", "val", "valid", "test")
 """Held-out split names tried, in order, when ``val_split`` is not given."""
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -106,6 +108,13 @@ class DataConfig:
     label_column: str | None = None
     """Column holding the integer class; default: the first of ``label``, ``labels``, ``fine_label`` present, else the
     first ``ClassLabel`` column."""
+    labels: str = "required"
+    """Whether the images come with class labels: "required" (default: a classification dataset; a split without a
+    label column is refused), "optional" (labelled where the training split has a label column, else read without
+    labels: the loaders then yield bare image batches and :attr:`~ImageClassificationDataModule.num_classes` is 0; an
+    image folder with no class subfolders, a parquet file without a label column) or "none" (labels never read, even
+    where there are some: for a model whose output is not a class, a backbone, an embedding or a dense map). Without
+    labels the validation hold-out is a seeded random ``val_fraction`` of the images."""
     train_split: str = "train"
     """Split used for training and calibration."""
     val_split: str | None = None
@@ -184,6 +193,10 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
                 raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+        if self.labels == "none" and self.label_column is not None:
+            raise ValueError(f"label_column={self.label_column!r} names labels that labels='none' does not read")
         if not isinstance(self.train_split, str) or not self.train_split:
             raise ValueError(f"train_split must be a non-empty string, got {self.train_split!r}")
         self._check_preprocessing()

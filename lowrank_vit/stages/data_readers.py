@@ -35,48 +35,59 @@ from lowrank_vit.stages.data_transforms import _pil_mode, _to_pil
 
 
 class TensorImageDataset(Dataset):
-    """Images held as one uint8 tensor (N, C, H, W) with int64 labels; ``transform`` is applied per item."""
+    """Images held as one uint8 tensor (N, C, H, W) with int64 labels; ``transform`` is applied per item. With
+    ``labels=None`` the items are the images alone (unlabelled data: the loaders yield bare image batches)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
-        if len(images) != len(labels):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, transform: Callable | None = None) -> None:
+        if labels is not None and len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | torch.Tensor:
         image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+        image = self.transform(image) if self.transform else image
+        return image if self.labels is None else (image, int(self.labels[index]))
 
 
 class HFImageDataset(Dataset):
     """A Hugging Face dataset's (image, label) rows as ``(tensor, int)``: each image is converted to the model's
-    channel mode ("L" or "RGB") and passed through ``transform``."""
+    channel mode ("L" or "RGB") and passed through ``transform``. With ``label_column=None`` the items are the image
+    tensors alone (unlabelled data)."""
 
     def __init__(
-        self, dataset: datasets.Dataset, image_column: str, label_column: str, transform: Callable, in_chans: int
+        self, dataset: datasets.Dataset, image_column: str, label_column: str | None, transform: Callable,
+        in_chans: int
     ) -> None:
-        self.dataset = dataset.select_columns([image_column, label_column])
+        self.dataset = dataset.select_columns([image_column] + ([label_column] if label_column is not None else []))
         self.image_column, self.label_column = image_column, label_column
         self.transform, self.mode = transform, _pil_mode(in_chans)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _item(self, image: Any, label: Any) -> tuple[torch.Tensor, int]:
+    def _image(self, image: Any) -> torch.Tensor:
         image = _to_pil(image)
         if image.mode != self.mode:
             image = image.convert(self.mode)
-        return self.transform(image), int(label)
+        return self.transform(image)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _item(self, image: Any, label: Any) -> tuple[torch.Tensor, int]:
+        return self._image(image), int(label)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | torch.Tensor:
         row = self.dataset[int(index)]
+        if self.label_column is None:
+            return self._image(row[self.image_column])
         return self._item(row[self.image_column], row[self.label_column])
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]] | list[torch.Tensor]:
         """Batched row access (one Arrow read per batch; DataLoader uses it when present)."""
         rows = self.dataset[[int(i) for i in indices]]
+        if self.label_column is None:
+            return [self._image(img) for img in rows[self.image_column]]
         return [self._item(img, lab) for img, lab in zip(rows[self.image_column], rows[self.label_column], strict=True)]
 
 
@@ -97,6 +108,18 @@ def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tu
     held = torch.round(counts.double() * val_fraction).long()
     is_val = rank < torch.repeat_interleave(held, counts)
     return by_class[~is_val].sort().values, by_class[is_val].sort().values
+
+
+def random_split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``range(n)`` that holds out ``round(val_fraction * n)`` items (at least one, and at least one
+    left to train on, where ``n`` >= 2): the hold-out of unlabelled data, which has no classes to stratify by.
+
+    Returns:
+        Sorted training indices and sorted validation indices.
+    """
+    held = min(max(round(n * val_fraction), 1), n - 1) if n >= 2 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[held:].sort().values, perm[:held].sort().values
 
 
 @functools.lru_cache(maxsize=1)
@@ -180,6 +203,10 @@ def _flat_val_dir(path: Path, cfg: DataConfig) -> Path | None:
     names = [cfg.val_split] if cfg.val_split is not None else list(VAL_SPLITS)
     folder = next((path / n for n in names if (path / n).is_dir() and n != cfg.train_split), None)
     if cfg.val_labels is None:
+        train = path / cfg.train_split
+        if cfg.labels == "none" or (cfg.labels == "optional" and not (
+                train.is_dir() and any(p.is_dir() for p in train.iterdir()))):
+            return None  # unlabelled data: a flat validation folder beside a flat training one is no ILSVRC layout
         if folder is not None and _images_in(folder) and not any(p.is_dir() for p in folder.iterdir()):
             raise DataFormatError(f"{str(folder)!r} holds images without class subfolders (the flat ImageNet val "
                                   f"layout): give its ground truth with data.val_labels=FILE (one label per line in "

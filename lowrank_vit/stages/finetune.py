@@ -24,6 +24,13 @@ Distillation from the dense model (``FinetuneConfig.distill`` > 0, beyond the pa
 cross-entropy above with :func:`soft_distillation_loss` against the predictions of a ``teacher``, the model before
 compression, so the fine-tune pulls the compressed model back toward the predictions it is meant to keep rather than
 only toward the labels (a distilled DeiT's two heads each learn the teacher's predictions).
+
+A model whose output is not a class (a backbone's features, an embedding, a dense map: ``num_classes`` 0) and a
+classifier given images without labels fine-tune by distillation alone (``distill=1``): the loss is
+:func:`output_distillation_loss`, the dense teacher's outputs matched under the likelihood the compression used
+(:mod:`lowrank_vit.core.likelihood`): the squared error for "gaussian", of the L2-normalized outputs for
+"gaussian-direction", the binary cross-entropy against the teacher's probabilities for "bernoulli" (logits) and
+"bernoulli-probabilities", the KL above for "categorical". The trainable set is the same.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_labels
+from lowrank_vit.core.likelihood import AUTO, OutputKey, declared_classes, select_output
 from lowrank_vit.core.progress import lightning_progress_callbacks
 from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
 from lowrank_vit.nn.factorized import FactorizedLinear
@@ -127,10 +135,76 @@ def soft_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, tempera
     return nn.functional.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * (t * t)
 
 
+DISTILLATION_LIKELIHOODS = ("categorical", "gaussian", "gaussian-direction", "bernoulli", "bernoulli-probabilities")
+"""The likelihoods :func:`output_distillation_loss` matches a teacher's outputs under (the registered ones of
+:mod:`lowrank_vit.core.likelihood`)."""
+_PROBABILITY_EPS = 1e-6  # as the 'bernoulli-probabilities' likelihood: probabilities clamped away from 0 and 1
+
+
+def output_distillation_loss(likelihood: str, student: torch.Tensor, teacher: torch.Tensor,
+                             temperature: float = 1.0) -> torch.Tensor:
+    """The distillation term for an output under ``likelihood``, averaged over every entry of the batch:
+
+    * "categorical": :func:`soft_distillation_loss` (``temperature`` applies to it alone);
+    * "gaussian": the mean squared error ``mean((student - teacher)²)``;
+    * "gaussian-direction": the same of both outputs L2-normalized along their last dimension;
+    * "bernoulli": the binary cross-entropy of the student's logits against the teacher's ``sigmoid``;
+    * "bernoulli-probabilities": the binary cross-entropy of the student's probabilities (clamped to
+      [1e-6, 1 - 1e-6], as the likelihood does) against the teacher's probabilities.
+
+    Raises:
+        ValueError: another likelihood, outputs of different shapes, or a temperature other than 1 with a
+            likelihood that has none.
+    """
+    if likelihood not in DISTILLATION_LIKELIHOODS:
+        raise ValueError(f"no distillation loss for the likelihood {likelihood!r}; the fine-tune distils under "
+                         f"{', '.join(DISTILLATION_LIKELIHOODS)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"the student's output {tuple(student.shape)} and the teacher's {tuple(teacher.shape)} "
+                         f"differ in shape: they cannot be matched")
+    if likelihood == "categorical":
+        return soft_distillation_loss(student, teacher, temperature)
+    if float(temperature) != 1.0:
+        raise ValueError(f"distill_temperature={temperature} softens class logits only; the {likelihood!r} "
+                         f"likelihood has no temperature: leave it at 1")
+    F = nn.functional
+    s, t = student.float(), teacher.detach().float()
+    if likelihood == "gaussian":
+        return F.mse_loss(s, t)
+    if likelihood == "gaussian-direction":
+        return F.mse_loss(F.normalize(s, dim=-1, eps=1e-12), F.normalize(t, dim=-1, eps=1e-12))
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(s, torch.sigmoid(t))
+    return F.binary_cross_entropy_with_logits(torch.logit(s, eps=_PROBABILITY_EPS), t.clamp(0.0, 1.0))
+
+
+def resolve_finetune_likelihood(model: nn.Module, likelihood: str | None) -> str:
+    """The likelihood a fine-tune of ``model`` distils under: ``likelihood`` where given (a compression's recorded
+    one), else ("auto" or None) "categorical" for a model that declares two classes or more, "gaussian" otherwise
+    (as :func:`lowrank_vit.core.likelihood.resolve_name` decides it for a compression)."""
+    if likelihood is None or likelihood == AUTO:
+        classes = declared_classes(model)
+        return "categorical" if classes is not None and classes >= 2 else "gaussian"
+    if not isinstance(likelihood, str) or likelihood not in DISTILLATION_LIKELIHOODS:
+        raise ValueError(f"the fine-tune distils under {', '.join(DISTILLATION_LIKELIHOODS)}, not {likelihood!r} "
+                         f"(a likelihood given as a callable is not recorded with the model)")
+    return likelihood
+
+
 def distillation_mix(cross_entropy: torch.Tensor, distillation: torch.Tensor, weight: float) -> torch.Tensor:
     """``FinetuneConfig.distill``'s loss: ``(1 - weight)`` cross-entropy plus ``weight`` distillation (the latter alone
     at weight 1, so a label-free loss does not carry a zero-weighted term)."""
     return distillation if weight == 1 else (1 - weight) * cross_entropy + weight * distillation
+
+
+def images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, labels or None) of a batch: an ``(images, labels)`` pair, a dict with an image key (and a label
+    key), or, unlabelled, a bare image tensor or a dict without a label key."""
+    images = batch_images(batch)
+    if images is None:
+        raise TypeError(f"a batch must be an image tensor, an (images, labels) pair or a dict with an image key "
+                        f"{IMAGE_KEYS}, got {type(batch).__name__}")
+    return images, (None if isinstance(batch, torch.Tensor) else batch_labels(batch))
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,37 +228,65 @@ class PartialFinetune(L.LightningModule):
 
     AdamW over the trainable parameters only, learning rate per step on a (warm-up +) cosine schedule spanning the
     whole run, cross-entropy; logs ``train/loss``, ``val/loss``, ``val/top1``, ``val/top5`` (and ``test/*``) with
-    torchmetrics (top-5 becomes top-``num_classes`` for fewer than 5 classes).
+    torchmetrics (top-5 becomes top-``num_classes`` for fewer than 5 classes). A model whose output is not a class
+    (``likelihood`` other than "categorical") and a classifier's batches without labels learn from the teacher
+    alone (``distill=1``, :func:`output_distillation_loss`); ``train/loss`` and ``val/loss`` are then that loss.
     """
 
     def __init__(self, model: nn.Module, config: FinetuneConfig | None = None, *,
-                 teacher: nn.Module | None = None) -> None:
+                 teacher: nn.Module | None = None, likelihood: str | None = None,
+                 output_key: OutputKey = None) -> None:
         """Args:
             model: the compressed timm model (frozen here as :func:`freeze_for_partial_finetune` says).
             config: the settings; default :class:`FinetuneConfig()`.
             teacher: the model before compression, frozen: the target of the distillation term when
                 ``config.distill`` > 0, and of a distilled DeiT's distillation head (hard distillation) when it is 0.
+            likelihood: what the model's output is (:func:`resolve_finetune_likelihood`; the compression's recorded
+                one): None or "auto", "categorical" for a classifier (its cross-entropy and KL, as ever), "gaussian"
+                for any other model; "gaussian-direction", "bernoulli" or "bernoulli-probabilities" where the
+                compression used them. Any but "categorical" fine-tunes by distillation alone.
+            output_key: which part of the model's output the distillation loss sees (as
+                ``CompressionConfig.output_key``; :func:`~lowrank_vit.core.likelihood.select_output`).
 
         Raises:
-            ValueError: the model has no factorized layer, or fewer than 2 classes; ``config.distill`` > 0 without a
-                teacher.
+            ValueError: the model has no factorized layer; "categorical" for a model with fewer than 2 classes;
+                ``config.distill`` > 0 without a teacher; another likelihood without ``distill=1`` and a teacher.
         """
         super().__init__()
         self.config = config or FinetuneConfig()
         self.model = model
         self.trainable = freeze_for_partial_finetune(model, train_tokens=self.config.train_tokens,
                                                      train_factors=self.config.train_factors)
+        self.likelihood = resolve_finetune_likelihood(model, likelihood)
+        self.output_key = output_key
+        self.categorical = self.likelihood == "categorical"
         num_classes = getattr(model, "num_classes", None)
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if self.categorical and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"the model must be a classifier with at least 2 classes (num_classes={num_classes!r})")
-        self.num_classes = num_classes
-        self.distilled = _ADAPTER.is_distilled(model)
+        if not self.categorical and (self.config.distill != 1 or teacher is None):
+            raise ValueError(f"a model whose output is not a class (likelihood {self.likelihood!r}, num_classes="
+                             f"{num_classes!r}) learns from the dense model alone: set distill=1 and pass the model "
+                             f"before compression as teacher=...")
+        if not self.categorical:
+            output_distillation_loss(self.likelihood, torch.zeros(1, 1), torch.zeros(1, 1),
+                                     self.config.distill_temperature)  # a temperature it has none of: refused now
+        self.num_classes = num_classes if self.categorical else 0
+        self.distilled = self.categorical and _ADAPTER.is_distilled(model)
         if self.distilled:
             model.set_distilled_training(True)
         if self.config.distill > 0 and teacher is None:
             raise ValueError(f"distill={self.config.distill} needs a teacher: pass the model before compression as "
                              "teacher=..., or set distill=0 (the paper's cross-entropy alone)")
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []  # not a submodule
+        self._fingerprint = model_fingerprint(model)
+        self.save_hyperparameters({"finetune": self.config.to_dict(), "model": self._fingerprint["architecture"],
+                                   "trainable_params": self.trainable["trainable"],
+                                   "total_params": self.trainable["total"],
+                                   "trainable_fraction": self.trainable["fraction"],
+                                   "trainable_groups": self.trainable["groups"], "distilled": self.distilled,
+                                   "teacher": teacher is not None, "likelihood": self.likelihood})
+        if not self.categorical:
+            return
         top5 = min(5, num_classes)
         # "micro": the fraction of images right, what top-1 means (torchmetrics' default, "macro", averages the
         # classes' recalls, which differs on an imbalanced split)
@@ -193,30 +295,41 @@ class PartialFinetune(L.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self._fingerprint = model_fingerprint(model)
-        self.save_hyperparameters({"finetune": self.config.to_dict(), "model": self._fingerprint["architecture"],
-                                   "trainable_params": self.trainable["trainable"],
-                                   "total_params": self.trainable["total"],
-                                   "trainable_fraction": self.trainable["fraction"],
-                                   "trainable_groups": self.trainable["groups"], "distilled": self.distilled,
-                                   "teacher": teacher is not None})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images)
+        if not self.categorical:
+            return select_output(out, self.output_key)
         return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         out = self._teacher[0](images)  # in eval mode: a distilled DeiT teacher returns its heads' average
+        if not self.categorical:
+            return select_output(out, self.output_key)
         return out[0] if isinstance(out, tuple) else out
 
-    def _train_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_labels(self, labels: torch.Tensor | None) -> None:
+        if labels is None and self.categorical and self.config.distill != 1:
+            raise ValueError(f"a batch without labels: the cross-entropy needs them (distill={self.config.distill}); "
+                             f"images without labels fine-tune by distillation alone, distill=1")
+
+    def _train_loss(self, images: torch.Tensor,
+                    labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(images)
         cfg = self.config
+        if not self.categorical:  # a backbone, an embedding, a map: the teacher's outputs under the likelihood
+            student = select_output(out, self.output_key)
+            loss = output_distillation_loss(self.likelihood, student, self._teacher_logits(images),
+                                            cfg.distill_temperature)
+            return loss, student.detach()
+        self._check_labels(labels)
         smoothing = cfg.label_smoothing
         heads = out if isinstance(out, tuple) else (out,)  # distilled DeiT in training: (class, distillation) heads
         teacher = self._teacher_logits(images) if self._teacher and (cfg.distill > 0 or len(heads) == 2) else None
-        if len(heads) == 2:
+        if labels is None:  # distill == 1 (checked): the teacher's predictions are the whole loss
+            ce = None
+        elif len(heads) == 2:
             logits, logits_dist = heads
             dist_target = labels if teacher is None or cfg.distill > 0 else teacher.argmax(dim=-1)
             ce = 0.5 * nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing) + \
@@ -230,16 +343,25 @@ class PartialFinetune(L.LightningModule):
         return loss, (sum(heads) / len(heads)).detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, labels = split_batch(batch)
+        images, labels = images_and_labels(batch)
         loss, logits = self._train_loss(images, labels)
-        self.train_top1(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=labels.shape[0],
-                 sync_dist=True)
-        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        n = images.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        if self.categorical and labels is not None:
+            self.train_top1(logits, labels)
+            self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> None:
-        images, labels = split_batch(batch)
+        images, labels = images_and_labels(batch)
+        if not self.categorical or labels is None:  # the distance to the teacher, the loss trained on
+            self._check_labels(labels)
+            output = self(images)
+            loss = output_distillation_loss(self.likelihood, output, self._teacher_logits(images),
+                                            self.config.distill_temperature)
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=images.shape[0],
+                     sync_dist=True)
+            return
         logits = self(images)
         loss = nn.functional.cross_entropy(logits, labels)
         top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
@@ -324,7 +446,8 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
              config: FinetuneConfig | None = None, teacher: nn.Module | None = None, logger: Any = None,
              checkpoint_dir: str | None = None, ckpt_path: str | None = None, accelerator: str = "auto",
              devices: Any = "auto", num_nodes: int = 1, strategy: Any = "auto", callbacks: list | None = None,
-             progress: bool = True, **trainer_kwargs: Any) -> tuple[PartialFinetune, L.Trainer]:
+             progress: bool = True, likelihood: str | None = None, output_key: OutputKey = None,
+             **trainer_kwargs: Any) -> tuple[PartialFinetune, L.Trainer]:
     """Run the partial fine-tuning with a plain Lightning Trainer; the model is trained in place.
 
     Args:
@@ -346,6 +469,9 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
             SLURM or torchrun launches).
         callbacks: extra callbacks.
         progress: show the progress bar.
+        likelihood, output_key: what the model's output is and which part of it the loss sees
+            (:class:`PartialFinetune`): None for a classifier; for another model the compression's recorded
+            likelihood, with ``config.distill=1`` and a ``teacher``.
         trainer_kwargs: any other ``lightning.Trainer`` argument (``max_steps``, ``limit_train_batches``, ...).
 
     Returns:
@@ -358,7 +484,7 @@ def finetune(model: nn.Module, train_dataloaders: Any = None, val_dataloaders: A
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         check_precision_on(cfg.precision, "cpu" if on_cpu else "cuda")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = PartialFinetune(model, cfg, teacher=teacher)
+    module = PartialFinetune(model, cfg, teacher=teacher, likelihood=likelihood, output_key=output_key)
     callbacks = list(callbacks or [])
     if not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks += lightning_progress_callbacks(progress)
