@@ -201,9 +201,30 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     distillation from ``teacher`` (the dense model) as ``FinetuneConfig.distill`` does; ``train_factors`` trains U, V
     and Z too (``FinetuneConfig.train_factors``)."""
     from lowrank_vit.stages.finetune import distillation_mix, freeze_for_partial_finetune, soft_distillation_loss
-    from lowrank_vit.stages.finetune_config import warmup_cosine
 
     freeze_for_partial_finetune(model, train_factors=train_factors)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        images, labels = x[idx].to(device), y[idx].to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        if distill > 0:
+            with torch.no_grad():
+                target = teacher(images)
+            loss = distillation_mix(loss, soft_distillation_loss(logits, target, temperature), distill)
+        return loss
+
+    optimize(model, loss_of, len(y), steps, seed, lr, batch_size)
+
+
+def optimize(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], count: int, steps: int,
+             seed: int, lr: float = 3e-4, batch_size: int = 64) -> None:
+    """``steps`` AdamW steps (warmup and cosine) on the parameters that require a gradient, each on the loss of a
+    random batch of indices into ``count`` images; the same indices and order for every recipe, and the model left in
+    eval mode."""
+    from lowrank_vit.stages.finetune_config import warmup_cosine
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -215,16 +236,7 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr * warmup_cosine(step, steps, max(1, steps // 20), 0.0)
-            idx = torch.randint(0, len(y), (batch_size,), generator=generator)
-            device = next(model.parameters()).device
-            images, labels = x[idx].to(device), y[idx].to(device)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            if distill > 0:
-                with torch.no_grad():
-                    target = teacher(images)
-                kd = soft_distillation_loss(logits, target, temperature)
-                loss = distillation_mix(loss, kd, distill)
+            loss = loss_of(torch.randint(0, count, (batch_size,), generator=generator))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
