@@ -25,6 +25,7 @@ from lowrank_vit.core.latency import (
     Timing,
     allocate_latency,
     knapsack,
+    latency_report,
     predicted_ms,
     rank_limits,
     shape_key,
@@ -452,3 +453,23 @@ def test_each_shapes_times_are_scaled_to_the_models_common_time():
     assert scaled["a"].dense.median == pytest.approx(6.0) and scaled["b"].dense.median == pytest.approx(6.0)
     assert scaled["a"].factored[0].median == pytest.approx(3.0) and scaled["b"].overhead.median == pytest.approx(0.6)
     assert scaled["c"] == shape(6.0)
+
+
+def test_the_predicted_model_time_is_the_raw_timings_arithmetic_with_the_call_overhead_taken_out():
+    """Against a hand computation from the table's raw medians, with a non-zero per-call overhead (0.3 ms): a layer
+    inside the model costs its measured median less the overhead, so the dense model's 10 ms loses, per factorized
+    layer, (dense - overhead) - (factored - overhead). Layer a at rank 12 lies halfway between the grid's 8 (0.6 ms)
+    and 16 (0.8 ms): 0.7 - 0.3 = 0.4 inside the model against 1.0 - 0.3 = 0.7 dense; c at rank 4, below the grid,
+    costs the first rank's 0.6 - 0.3 against 0.7; b stays dense. Predicted: 10 - 0.3 - 0.4 = 9.3 ms."""
+    def timing(ms: float) -> Timing:
+        return Timing(ms, ms, ms, 5)
+
+    shape = ShapeLatency(64, 64, 16, True, timing(1.0), (8, 16), (timing(0.6), timing(0.8)), timing(0.3))
+    table = LatencyTable("hand", 1, "cpu", "cpu", "torch", "float32", 1, {}, timing(10.0),
+                         {name: shape.key for name in "abc"}, {shape.key: shape})
+    layers = [LayerBudget(name, 64, 64, 0, torch.zeros(65)) for name in "abc"]
+    report = latency_report(layers, table, {"a": 12, "b": None, "c": 4})
+    assert report["layers_ms"] == pytest.approx({"a": 0.7 - 0.3, "b": 1.0 - 0.3, "c": 0.6 - 0.3})
+    assert report["predicted_ms"] == pytest.approx(10.0 - ((1.0 - 0.3) - (0.7 - 0.3)) - ((1.0 - 0.3) - (0.6 - 0.3)))
+    assert report["predicted_ms"] == pytest.approx(9.3)
+    assert report["predicted_speedup"] == pytest.approx(10.0 / 9.3)
