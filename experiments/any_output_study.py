@@ -102,6 +102,12 @@ def iou_per_image(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def fidelity(per_image: torch.Tensor) -> dict[str, Any]:
+    """A per-image score against the dense model's own output (cosine of embeddings, IoU of masks), in percent:
+    a continuous measure of what the compression kept, compared by Wilcoxon's test."""
+    return {"fidelity": 100.0 * float(per_image.mean()), "fidelity_per_image": [round(float(v), 5) for v in per_image]}
+
+
 def headless_task(name: str, cifar10: str, models_dir: Path, n_eval: int, n_train: int, seed: int) -> Task:
     dense, data = load_model(name, cifar10, models_dir, n_eval, n_train, seed)
     backbone = copy.deepcopy(dense)
@@ -136,10 +142,13 @@ def embed_task(models_dir: Path, cifar10: str, n_eval: int, n_train: int, seed: 
     calib_idx = torch.randperm(len(ref_y), generator=generator)[:n_train]  # unlabelled training images
     test_idx = torch.randperm(len(test_y), generator=generator)[:n_eval]
     eval_x, eval_y = test_x[test_idx], test_y[test_idx]
+    dense = batched(model, eval_x)
 
     def judge(m: torch.nn.Module) -> dict[str, Any]:
-        right = knn_top1(batched(m, ref_x), ref_y, batched(m, eval_x), eval_y)
-        return {"score": 100.0 * float(right.float().mean()), "per_image": pack_correct(right)}
+        queries = batched(m, eval_x)
+        right = knn_top1(batched(m, ref_x), ref_y, queries, eval_y)
+        return {"score": 100.0 * float(right.float().mean()), "per_image": pack_correct(right),
+                **fidelity(F.cosine_similarity(queries, dense, dim=1))}
 
     return Task("embed", model, ref_x[calib_idx], ref_x[calib_idx], judge, "mcnemar",
                 {"la-direction": {**LIBRARY_RECIPES["loss-aware"], "likelihood": "gaussian-direction"}},
@@ -152,10 +161,13 @@ def seg_task(models_dir: Path, cifar10: str, n_eval: int, n_train: int, seed: in
     model = noncls_models.load("cifar_seg_vit", models_dir)
     calib_x, _ = noncls_models.seg_dataset("train", seed + 1000, n_train, cifar10)
     eval_x, eval_m = noncls_models.seg_dataset("test", 0, n_eval, cifar10)  # the first of the model's own test set
+    dense_masks = torch.sigmoid(batched(model, eval_x)) > 0.5
 
     def judge(m: torch.nn.Module) -> dict[str, Any]:
-        ious = iou_per_image(batched(m, eval_x), eval_m)
-        return {"score": 100.0 * float(ious.mean()), "per_image": [round(float(v), 5) for v in ious]}
+        logits = batched(m, eval_x)
+        ious = iou_per_image(logits, eval_m)
+        return {"score": 100.0 * float(ious.mean()), "per_image": [round(float(v), 5) for v in ious],
+                **fidelity(iou_per_image(logits, dense_masks))}
 
     def bce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(out, torch.sigmoid(target))
@@ -198,7 +210,7 @@ def run_cell(task: Task, recipe: dict[str, Any], ratio: float, calib: int, finet
     if finetune_steps:
         distill_finetune(model, task.model, task, finetune_steps, seed)
         tuned = task.judge(model)
-        out.update({"score_ft": tuned["score"], "per_image_ft": tuned["per_image"]})
+        out.update({f"{key}_ft": value for key, value in tuned.items()})
     return out
 
 
@@ -229,36 +241,54 @@ def compare(task_cells: dict[str, Any], kind: str) -> None:
         cell["vs_default"] = paired_test(kind, base["per_image"], cell["per_image"])
         if "per_image_ft" in cell and "per_image_ft" in base:
             cell["vs_default_ft"] = paired_test(kind, base["per_image_ft"], cell["per_image_ft"])
+        for suffix in ("", "_ft"):
+            if f"fidelity_per_image{suffix}" in cell and f"fidelity_per_image{suffix}" in base:
+                cell[f"fidelity_vs_default{suffix}"] = paired_test("wilcoxon", base[f"fidelity_per_image{suffix}"],
+                                                                   cell[f"fidelity_per_image{suffix}"])
+
+
+FIDELITY = {"embed": "cosine % of each image's embedding to the dense one",
+            "seg": "IoU % of each image's mask against the dense model's"}
+"""What a task's fidelity measures (the second table), where its judge records one."""
+
+
+def _table(cells: dict[str, Any], key: str, test: str) -> list[str]:
+    """Rows of recipes, columns of ratios (then after the fine-tune); ``key`` the figure, ``test`` the paired test
+    against the default."""
+    ratios = sorted({float(k.rsplit("@", 1)[1]) for k in cells})
+    recipes = list(dict.fromkeys(k.rsplit("@", 1)[0] for k in cells))
+    suffixes = ("", "_ft") if any(f"{key}_ft" in c for c in cells.values()) else ("",)
+    header = [f"-{round(r * 100)}%" + (" +FT" if suffix else "") for suffix in suffixes for r in ratios]
+    lines = ["| recipe | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for recipe in recipes:
+        row = []
+        for suffix in suffixes:
+            for ratio in ratios:
+                cell = cells.get(f"{recipe}@{ratio}")
+                if cell is None or f"{key}{suffix}" not in cell:
+                    row.append("")
+                    continue
+                text = f"{cell[key + suffix]:.2f}"
+                p = cell.get(test + suffix, {}).get("p")
+                if p is not None:
+                    text += f" (p={p:.2g})" if p >= 1e-4 else " (p<1e-4)"
+                row.append(f"**{text}**" if recipe == DEFAULT else text)
+        if any(row):
+            lines.append(f"| {recipe} | " + " | ".join(row) + " |")
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:
-    """Markdown: one table per task, recipes as rows, ratio (and after the fine-tune) as columns; the default's
-    difference from each recipe marked where a paired test gives p < 0.05."""
+    """Markdown: per task, its downstream score and (where measured) its fidelity to the dense model, recipes as
+    rows, ratios (and after the fine-tune) as columns; each recipe's paired test against the default beside it."""
     lines = []
     for task, entry in results["tasks"].items():
         cells = entry["cells"]
-        ratios = sorted({float(k.rsplit("@", 1)[1]) for k in cells})
-        recipes = list(dict.fromkeys(k.rsplit("@", 1)[0] for k in cells))
-        tuned = any("score_ft" in c for c in cells.values())
-        header = [f"-{round(r * 100)}%" for r in ratios] + ([f"-{round(r * 100)}% +FT" for r in ratios] if tuned
-                                                            else [])
-        lines += [f"### {task} ({entry['metric']}, dense {entry['dense']:.2f})", "",
-                  "| recipe | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-        for recipe in recipes:
-            row = []
-            for suffix, test in (("", "vs_default"), ("_ft", "vs_default_ft")) if tuned else (("", "vs_default"),):
-                for ratio in ratios:
-                    cell = cells.get(f"{recipe}@{ratio}")
-                    if cell is None or f"score{suffix}" not in cell:
-                        row.append("")
-                        continue
-                    text = f"{cell['score' + suffix]:.2f}"
-                    p = cell.get(test, {}).get("p")
-                    if p is not None:
-                        text += f" (p={p:.2g})" if p >= 1e-4 else " (p<1e-4)"
-                    row.append(f"**{text}**" if recipe == DEFAULT else text)
-            lines.append(f"| {recipe} | " + " | ".join(row) + " |")
-        lines.append("")
+        lines += [f"### {task} ({entry['metric']}, dense {entry['dense']:.2f})", ""]
+        lines += _table(cells, "score", "vs_default") + [""]
+        if any("fidelity" in c for c in cells.values()):
+            lines += [f"{task}: {FIDELITY.get(task, 'fidelity to the dense model')} (Wilcoxon signed-rank)", ""]
+            lines += _table(cells, "fidelity", "fidelity_vs_default") + [""]
     return "\n".join(lines)
 
 
