@@ -233,8 +233,8 @@ def _probe(model: nn.Module, setup: _Setup, decompositions: dict[str, Decomposit
         return U @ V.T
 
     cfg = setup.cfg
-    head = model.get_submodule(classifiers[0]) if classifiers else None
-    return Probe(model, setup.layers, reconstruct, batches, head, setup.device,
+    features_of = model.get_submodule(classifiers[0]) if classifiers else None
+    return Probe(model, setup.layers, reconstruct, batches, features_of, setup.device,
                  build_likelihood(cfg.likelihood) if cfg.likelihood != AUTO else None, cfg.output_key)
 
 
