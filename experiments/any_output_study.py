@@ -252,9 +252,9 @@ FIDELITY = {"embed": "cosine % of each image's embedding to the dense one",
 """What a task's fidelity measures (the second table), where its judge records one."""
 
 
-def _table(cells: dict[str, Any], key: str, test: str) -> list[str]:
-    """Rows of recipes, columns of ratios (then after the fine-tune); ``key`` the figure, ``test`` the paired test
-    against the default."""
+def _table(cells: dict[str, Any], key: str, test: str, digits: int = 2) -> list[str]:
+    """Rows of recipes, columns of ratios (then after the fine-tune); ``key`` the figure (``digits`` decimals),
+    ``test`` the paired test against the default."""
     ratios = sorted({float(k.rsplit("@", 1)[1]) for k in cells})
     recipes = list(dict.fromkeys(k.rsplit("@", 1)[0] for k in cells))
     suffixes = ("", "_ft") if any(f"{key}_ft" in c for c in cells.values()) else ("",)
@@ -268,7 +268,7 @@ def _table(cells: dict[str, Any], key: str, test: str) -> list[str]:
                 if cell is None or f"{key}{suffix}" not in cell:
                     row.append("")
                     continue
-                text = f"{cell[key + suffix]:.2f}"
+                text = f"{cell[key + suffix]:.{digits}f}"
                 p = cell.get(test + suffix, {}).get("p")
                 if p is not None:
                     text += f" (p={p:.2g})" if p >= 1e-4 else " (p<1e-4)"
@@ -288,7 +288,7 @@ def render(results: dict[str, Any]) -> str:
         lines += _table(cells, "score", "vs_default") + [""]
         if any("fidelity" in c for c in cells.values()):
             lines += [f"{task}: {FIDELITY.get(task, 'fidelity to the dense model')} (Wilcoxon signed-rank)", ""]
-            lines += _table(cells, "fidelity", "fidelity_vs_default") + [""]
+            lines += _table(cells, "fidelity", "fidelity_vs_default", digits=3) + [""]
     return "\n".join(lines)
 
 
@@ -338,11 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "score_ft" in cell else ""), flush=True)
                 compare(entry["cells"], task.paired)
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(results, indent=1))
+                out.write_text(json.dumps(results, separators=(",", ":")))  # per-image lists: compact
             if task.reference is not None and f"reference@{ratio}" not in entry["cells"]:
                 entry["cells"][f"reference@{ratio}"] = task.reference(ratio, args.calib)
                 compare(entry["cells"], task.paired)
-                out.write_text(json.dumps(results, indent=1))
+                out.write_text(json.dumps(results, separators=(",", ":")))  # per-image lists: compact
     out.with_suffix(".md").write_text(render(results))
     print(render(results))
     return 0

@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from experiments.any_output_study import render
+
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -295,3 +297,15 @@ def test_vmeanba_registry_table_is_the_committed_smoke_run():
                              times(r["scan_speedup"]), times(r["model_speedup"])], cells[0]
     kls = [r["vmeanba_kl"] for r in data["rows"] if r["vmeanba_kl"] is not None]
     assert f"{min(kls):.0e} to {max(kls):.0e} nats".replace("e-0", "e-") in text
+
+
+def test_any_output_docs_tables_are_the_committed_results():
+    """Every table of docs/any_output.md's study is rendered from the committed results, and each results file's
+    markdown beside it is the same rendering."""
+    text = (ROOT / "docs/any_output.md").read_text()
+    for name in ("any_output_study", "any_output_headless_10k", "any_output_embed", "any_output_seg"):
+        results = json.loads((ROOT / f"experiments/results/{name}.json").read_text())
+        rendered = render(results)
+        assert (ROOT / f"experiments/results/{name}.md").read_text() == rendered
+        for table in rendered.split("### ")[1:]:
+            assert table.strip() in text.replace("#### ", ""), table.splitlines()[0]
