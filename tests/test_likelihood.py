@@ -201,3 +201,20 @@ def test_an_output_the_likelihood_cannot_use_is_refused_before_any_backward(like
     with pytest.raises(ValueError, match=message):
         compress(model, [make_images(8)], CompressionConfig(reduction=0.5, likelihood=likelihood, progress=False))
     assert not backwards
+
+
+@pytest.mark.parametrize("settings", [
+    {"refit": True}, {"allocation": "integer"}, {"compensation": "lowrank"}, {"compensation": "diagonal"},
+    {"bias_correction": False, "fisher_labels": "sampled", "grad_fraction": 0.5},
+])
+def test_everything_downstream_of_the_statistics_runs_on_a_dense_map(settings):
+    """The refit, the integer allocation, the Z kinds and the gradient pass's own settings under the Gaussian
+    likelihood of a map: the target is met and the compressed map stays finite and near the dense one."""
+    images = make_images(8)
+    model, dense = DenseHeadViT(as_dict=False), DenseHeadViT(as_dict=False)
+    report = compress(model, [images], CompressionConfig(reduction=0.4, progress=False, **settings))
+    assert report.config["likelihood"] == "gaussian"
+    assert report.params_after <= report.target_params
+    with torch.no_grad():
+        out, ref = model(images), dense(images)
+    assert torch.isfinite(out).all() and float((out - ref).norm() / ref.norm()) < 0.5
