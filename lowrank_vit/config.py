@@ -11,7 +11,6 @@ in the settings: gamma = 80, 500 greedy iterations, lr 1e-3, 2000 iterations, ba
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import typing
 from dataclasses import dataclass
@@ -159,7 +158,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
-@dataclass
+@dataclass(init=False)  # __init__ below: the dataclass's own, plus the flat keywords of earlier versions
 class CompressionConfig:
     """What to compress, and how. Exactly one of ``reduction`` and ``target_params`` must be given."""
 
@@ -269,6 +268,26 @@ class CompressionConfig:
     """Seed for everything random (token sampling, SGD initialisation)."""
     progress: bool = True
     """Show progress bars."""
+
+    def __init__(self, *args: Any, **fields: Any) -> None:
+        """Every field by keyword (or in order), as a dataclass takes them. A method's own setting given as a keyword
+        of its own (``CompressionConfig(reduction=0.5, gamma=60)``, as when these settings were fields) is moved into
+        ``settings`` (:func:`_fold_settings`), so code and configs written against the flat config keep working."""
+        declared = dataclasses.fields(CompressionConfig)
+        if len(args) > len(declared):
+            raise TypeError(f"CompressionConfig takes at most {len(declared)} positional arguments, got {len(args)}")
+        for f, value in zip(declared, args, strict=False):
+            if f.name in fields:
+                raise TypeError(f"CompressionConfig got multiple values for argument {f.name!r}")
+            fields[f.name] = value
+        fields = _fold_settings(fields)
+        unknown = [name for name in fields if name not in {f.name for f in declared}]
+        if unknown:
+            raise TypeError(f"CompressionConfig.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        for f in declared:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            setattr(self, f.name, fields.get(f.name, default))
+        self.__post_init__()
 
     @property
     def fits_z_by_sgd(self) -> bool:
@@ -407,16 +426,3 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         return from_fields(cls, _fold_settings(data))
-
-
-_dataclass_init = CompressionConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_with_flat_settings(self: CompressionConfig, *args: Any, **fields: Any) -> None:
-    # A setting given as a keyword (``CompressionConfig(reduction=0.5, gamma=60)``, the fields these settings were
-    # before each method owned its own) goes into ``settings``: code written against the flat config keeps working.
-    _dataclass_init(self, *args, **_fold_settings(fields))
-
-
-CompressionConfig.__init__ = _init_with_flat_settings  # type: ignore[method-assign]
