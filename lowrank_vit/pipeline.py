@@ -77,6 +77,9 @@ class _Setup:
     """Name -> dense module replaced as a whole (its linears are then not in ``layers``); empty for most methods."""
     latency: LatencyTable | None = None
     """``config.latency_table``, loaded and checked against this machine and this model."""
+    budgets: list[LayerBudget] = field(default_factory=list)
+    """The allocator's view of every layer, built once here (shapes, Z, rank limits); the allocation adds the loss
+    curves the calibration measured."""
 
 
 def check_target(model: nn.Module, config: CompressionConfig) -> None:
@@ -112,7 +115,8 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
                 for name, layer in layers.items()}
     table = _latency_table(config, layers)
     # Fail on an impossible target before the (long) calibration pass.
-    shapes = _budgets(config, layers, z_params, {}, table) + whole.budgets(modules)
+    budgets = _budgets(config, layers, z_params, table)
+    shapes = budgets + whole.budgets(modules)
     if config.target_speedup is None:
         check_feasible(shapes, budget, outside=params_before - replaced + fixed, params_before=params_before)
     else:
@@ -121,7 +125,7 @@ def _setup(model: nn.Module, config: CompressionConfig | None, overrides: dict[s
     # "auto" precision becomes the one used on this device, so the report (and result.json) records it
     config = replace(config, gram_precision=resolve_gram_precision(config, device.type))
     return _Setup(config, layers, params_before, target_total, budget, z_params, device, replaced, whole, fixed,
-                  modules, table)
+                  modules, table, budgets)
 
 
 def _latency_table(cfg: CompressionConfig, layers: dict[str, nn.Linear]) -> LatencyTable | None:
@@ -138,11 +142,11 @@ def _latency_table(cfg: CompressionConfig, layers: dict[str, nn.Linear]) -> Late
 
 
 def _budgets(cfg: CompressionConfig, layers: dict[str, nn.Linear], z_params: dict[str, int],
-             curves: dict[str, torch.Tensor], table: LatencyTable | None) -> list[LayerBudget]:
-    """The allocator's view of every layer: its shape, Z, loss curve (a placeholder before calibration) and, with
-    a latency table and ``latency_limit``, the largest rank still faster than dense."""
-    budgets = [LayerBudget(name, layer.in_features, layer.out_features, z_params[name],
-                           curves.get(name, torch.zeros(1))) for name, layer in layers.items()]
+             table: LatencyTable | None) -> list[LayerBudget]:
+    """The allocator's view of every layer: its shape, Z, a placeholder loss curve (the calibration's comes later,
+    :func:`_allocate`) and, with a latency table and ``latency_limit``, the largest rank still faster than dense."""
+    budgets = [LayerBudget(name, layer.in_features, layer.out_features, z_params[name], torch.zeros(1))
+               for name, layer in layers.items()]
     if table is not None and cfg.latency_limit:
         limits = rank_limits(budgets, table)
         budgets = [replace(budget, rank_limit=limits[budget.name]) for budget in budgets]
@@ -187,7 +191,7 @@ def _energy_curve(cfg: CompressionConfig, singular_values: torch.Tensor) -> torc
 
 def _allocate(setup: _Setup, curves: dict[str, torch.Tensor], probe: Probe | None = None) -> Allocation:
     cfg = setup.cfg
-    budgets = _budgets(cfg, setup.layers, setup.z_params, curves, setup.latency)
+    budgets = [replace(budget, energy_losses=curves[budget.name]) for budget in setup.budgets]
     if cfg.target_speedup is not None:
         return allocate_latency(budgets, setup.latency, cfg.target_speedup)
     budgets += setup.whole.budgets(setup.modules, curves)
@@ -198,7 +202,7 @@ def _latency_report(setup: _Setup, ranks: dict[str, int | None]) -> dict[str, An
     """The report's ``latency``: predicted end-to-end time of the allocation on the table's target."""
     if setup.latency is None:
         return {}
-    return latency_report(_budgets(setup.cfg, setup.layers, setup.z_params, {}, setup.latency), setup.latency, ranks)
+    return latency_report(setup.budgets, setup.latency, ranks)
 
 
 def _keeps_images(cfg: CompressionConfig) -> bool:
