@@ -50,6 +50,16 @@ def randomize_affine_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5)
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models and matrices: one torch thread avoids oversubscribing the shared cores (much faster here); the
+    thread count restored after the test. A module opts in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class DenseHeadViT(torch.nn.Module):
     """A model of one's own class: a tiny timm ViT backbone (``make_tiny_vit(num_classes=0)``) with a
     transposed-convolution head that maps its patch tokens to a (B, 1, 28, 28) map of logits; ``forward`` returns

@@ -25,12 +25,7 @@ CLASSIFIER = {**HEADLESS, "num_classes": 3}
 SIZE, IMAGES = 28, 20  # 20 images, none labelled: a seeded 20% (4) held out for the evaluation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no oversubscription
 
 
 def _weights(path: Path, kwargs: dict) -> Path:

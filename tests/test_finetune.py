@@ -35,13 +35,7 @@ REPO = TESTS_DIR.parent
 QUIET = dict(accelerator="cpu", devices=1, progress=False, enable_model_summary=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids oversubscribing the shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no oversubscription
 
 
 def compressed_tiny_vit(reduction: float = 0.4, seed: int = 0, **overrides) -> nn.Module:

@@ -30,12 +30,7 @@ from conftest import make_images, make_tiny_vit
 QUIET = dict(accelerator="cpu", devices=1, progress=False, enable_model_summary=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no oversubscription
 
 
 def _compressed(num_classes: int = 0) -> tuple[nn.Module, nn.Module]:

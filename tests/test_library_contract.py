@@ -319,14 +319,6 @@ def _loader(n: int = 16, seed: int = 3) -> DataLoader:
     return DataLoader(TensorDataset(make_images(n, seed=seed), torch.arange(n) % 10), batch_size=8)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_trainer_precision_passed_by_the_caller_wins_over_the_configs(compressed, one_thread):
     """finetune(..., precision=...) is a Trainer argument that overrides FinetuneConfig.precision: a config that
     says 16-mixed (a GPU's) with precision="32-true" given for a CPU run trains in 32-true, instead of being
