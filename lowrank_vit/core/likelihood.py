@@ -124,6 +124,13 @@ def declared_classes(model: nn.Module) -> int | None:
     return head.out_features if isinstance(head, nn.Linear) else None
 
 
+def is_classifier(model: nn.Module) -> bool:
+    """Whether the model says its output is class logits: it declares two classes or more (:func:`declared_classes`).
+    The one rule behind "auto", the fine-tune's choice of loss and the command line's reading of labels."""
+    classes = declared_classes(model)
+    return classes is not None and classes >= 2
+
+
 class Likelihood:
     """p(y | f) of a model's output f. Subclasses set ``name`` and override :meth:`draw`, :meth:`loss` and
     :meth:`divergence`; :meth:`check` refuses an output the likelihood does not fit."""
@@ -372,9 +379,8 @@ def resolve_name(model: nn.Module, output: torch.Tensor, likelihood: str | Calla
     that declares C >= 2 classes, else ``gaussian``."""
     if likelihood != AUTO:
         return likelihood
-    classes = declared_classes(model)
-    if output.ndim == 2 and output.is_floating_point() and classes is not None and classes >= 2 and \
-            output.shape[1] == classes:
+    if output.ndim == 2 and output.is_floating_point() and is_classifier(model) and \
+            output.shape[1] == declared_classes(model):
         return "categorical"
     return "gaussian"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lowrank_vit.core.files import write_json
+from lowrank_vit.core.likelihood import is_classifier
 from lowrank_vit.harness.fidelity import fidelity_text
 from lowrank_vit.harness.outputs import _layers, _staging, check_output_dir, publish, write_model_dir
 from lowrank_vit.harness.preprocessing import describe_preprocessing, resolve_model_preprocessing
@@ -27,7 +28,6 @@ from lowrank_vit.harness.userdata import (
     _top5_text,
     build_data,
     check_data_path,
-    is_classifier,
     measures_top1,
     no_top1_reason,
     recorded_output,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_vit.core.likelihood import is_classifier
 from lowrank_vit.harness.userbase import UserError
 
 
@@ -47,15 +48,6 @@ def check_data_path(data: str) -> None:
     if _only_a_path(data) and not Path(data).expanduser().exists():
         raise UserError(f"no data at {data!r}: give --data an image folder, parquet file(s) or a Hugging Face dataset "
                         f"name")
-
-
-def is_classifier(model: nn.Module) -> bool:
-    """Whether the model's output is class logits: it declares two classes or more
-    (:func:`~lowrank_vit.core.likelihood.declared_classes`: timm's ``num_classes``, else a linear head)."""
-    from lowrank_vit.core.likelihood import declared_classes
-
-    classes = declared_classes(model)
-    return classes is not None and classes >= 2
 
 
 def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, calib_samples: int,

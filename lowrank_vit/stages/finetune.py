@@ -44,7 +44,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_labels
-from lowrank_vit.core.likelihood import AUTO, OutputKey, declared_classes, select_output
+from lowrank_vit.core.likelihood import AUTO, OutputKey, is_classifier, select_output
 from lowrank_vit.core.progress import lightning_progress_callbacks
 from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
 from lowrank_vit.nn.factorized import FactorizedLinear
@@ -183,8 +183,7 @@ def resolve_finetune_likelihood(model: nn.Module, likelihood: str | None) -> str
     one), else ("auto" or None) "categorical" for a model that declares two classes or more, "gaussian" otherwise
     (as :func:`lowrank_vit.core.likelihood.resolve_name` decides it for a compression)."""
     if likelihood is None or likelihood == AUTO:
-        classes = declared_classes(model)
-        return "categorical" if classes is not None and classes >= 2 else "gaussian"
+        return "categorical" if is_classifier(model) else "gaussian"
     if not isinstance(likelihood, str) or likelihood not in DISTILLATION_LIKELIHOODS:
         raise ValueError(f"the fine-tune distils under {', '.join(DISTILLATION_LIKELIHOODS)}, not {likelihood!r} "
                          f"(a likelihood given as a callable is not recorded with the model)")
