@@ -24,10 +24,10 @@ from lowrank_vit.harness.sources import _directory_source, load_teacher
 from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
 from lowrank_vit.harness.userdata import (
     _evaluate,
-    _fidelity,
     _top5_text,
     build_data,
     check_data_path,
+    fidelity_on_data,
     measures_top1,
     no_top1_reason,
     recorded_output,
@@ -115,7 +115,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _say(args, f"{no_top1_reason(model, dm)}: the fine-tuned model is evaluated by its fidelity to the dense "
                    f"model instead of top-1")
         assert teacher is not None  # --distill 1 (checked above)
-        final = _fidelity(model, teacher, dm, device, args, "fidelity to the dense model", likelihood, output_key)
+        final = fidelity_on_data(model, teacher, dm, device, args, "fidelity to the dense model", likelihood,
+                                 output_key)
         accuracy = previous.get("accuracy", {})
         fidelity = {**(previous.get("fidelity") if isinstance(previous.get("fidelity"), dict) else {}),
                     "final": final}

@@ -78,10 +78,10 @@ from lowrank_vit.harness.userargs import (  # noqa: F401  (_add_model, _input_si
 from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
 from lowrank_vit.harness.userdata import (
     _evaluate,
-    _fidelity,
     _top5_text,
     build_data,
     check_data_path,
+    fidelity_on_data,
     measures_top1,
     no_top1_reason,
     recorded_output,
@@ -153,7 +153,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         timings["evaluate_after"] = time.perf_counter() - start
     elif dense is not None:
         start = time.perf_counter()
-        fidelity["after"] = _fidelity(model, dense, dm, device, args, "fidelity to the dense model",
+        fidelity["after"] = fidelity_on_data(model, dense, dm, device, args, "fidelity to the dense model",
                                       likelihood or AUTO, cfg.output_key if cfg is not None else None)
         dense = None
         timings["evaluate_after"] = time.perf_counter() - start
@@ -363,7 +363,8 @@ def _evaluate_fidelity(args: argparse.Namespace, source: Any, model: nn.Module, 
         _say(args, note)
         return {}, note
     try:
-        return _fidelity(model, dense, dm, device, args, "fidelity to the dense model", likelihood, output_key), ""
+        return fidelity_on_data(model, dense, dm, device, args, "fidelity to the dense model", likelihood,
+                                output_key), ""
     finally:
         del dense
 

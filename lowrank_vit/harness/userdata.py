@@ -129,7 +129,7 @@ def no_top1_reason(model: nn.Module, dm: Any) -> str:
             "names one)")
 
 
-def _fidelity(model: nn.Module, dense: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace,
+def fidelity_on_data(model: nn.Module, dense: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace,
               desc: str, likelihood: str, output_key: Any) -> dict[str, Any]:
     """The fidelity of ``model`` to ``dense`` on the validation images (``--limit`` of them where given)."""
     from lowrank_vit.harness.fidelity import measure_fidelity
