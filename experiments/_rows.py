@@ -67,6 +67,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # the strongest published peers (docs/peers.md): each its own decomposition and allocation, published settings
     "flar-svd": RECIPES["flar-svd"],
     "svd-llm": RECIPES["svd-llm"],
+    "svd-llm-update": RECIPES["svd-llm-update"],
     "svd-llm-v2": RECIPES["svd-llm-v2"],
     "kfac-lems": RECIPES["kfac-lems"],
 }
@@ -76,7 +77,8 @@ METHODS: dict[str, dict[str, Any]] = {
 step by step (eq. 7's mean input, Algorithm 1, Z = G Y^T by mini-batch gradient descent). "plain", "mean", "asvd",
 "fwsvd" and "comcat" are ours with another decomposition and nothing else changed: greedy ranks on that method's own
 spectra and the closed-form low-rank Z (for COMCAT on the MLP layers only: its attention heads take no Z).
-"flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are the peers' own recipes (docs/peers.md), like "loss-aware"."""
+"flar-svd", "svd-llm", "svd-llm-update", "svd-llm-v2" and "kfac-lems" are the peers' own recipes (docs/peers.md), like
+"loss-aware"."""
 
 
 def make_row(name: str, method: str, *, reduction: float | None = None, target_params: int | None = None,

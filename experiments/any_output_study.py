@@ -48,7 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "vanilla": LIBRARY_RECIPES["vanilla"],
     "whitened-uniform": dict(decomposition="whitened", allocation="uniform", compensation="none"),
     "flar-svd": LIBRARY_RECIPES["flar-svd"],
-    "svd-llm": LIBRARY_RECIPES["svd-llm"],
+    "svd-llm-update": LIBRARY_RECIPES["svd-llm-update"],  # SVD-LLM with its sequential update (docs/peers.md)
 }
 """The methods of every task; each task adds its own variants of the default (another likelihood)."""
 DEFAULT = "loss-aware"

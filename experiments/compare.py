@@ -33,12 +33,13 @@ COMPARE_METHODS = {
     "fwsvd": "FWSVD (Hsu et al. ICLR 2022: input rows weighted by Fisher information)",
     "comcat": "COMCAT (Xiao et al. ICML 2023: per-head W_Q W_K^T and W_V W_O products; MLPs by plain SVD)",
     "flar-svd": "FLAR-SVD (Thoma et al. CVPRW 2025: Ledoit-Wolf-shrunk whitening, per-layer feature-error search)",
-    "svd-llm": "SVD-LLM (Wang et al. 2024: Cholesky whitening, uniform ratios, sequential update of one factor)",
+    "svd-llm": "SVD-LLM (Wang et al. 2024: truncation-aware Cholesky whitening, uniform ratios)",
+    "svd-llm-update": "SVD-LLM with its closed-form sequential update of one factor",
     "svd-llm-v2": "SVD-LLM v2 (Wang et al. 2025: per-kind ratios from each layer's truncation loss)",
     "kfac-lems": "KFAC-SVD with LEMS (2026: shrunk two-sided K-FAC whitening, integer-program ranks)",
 }
 """Method key -> its decomposition, in the table's row order."""
-OWN_RECIPES = ("loss-aware", "flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems")
+OWN_RECIPES = ("loss-aware", "flar-svd", "svd-llm", "svd-llm-update", "svd-llm-v2", "kfac-lems")
 """Methods that run their own recipe (their own allocation, no Z) rather than ours with another decomposition."""
 
 SHARED = "greedy ranks on its own spectra, closed-form low-rank Z"
@@ -56,8 +57,11 @@ METHOD_NOTES = {
     "flar-svd": ("FLAR-SVD's own recipe (docs/peers.md); its paper reports DeiT-B at 43.7M parameters (-49.5%) with "
                  "78.4% top-1 without fine-tuning and 81.0% after one epoch, not at these budgets: no paper number; "
                  "its TensorRT latency rule is left out",),
-    "svd-llm": ("SVD-LLM's own recipe with its closed-form sequential update (docs/peers.md); reported on language "
-                "models only (FLAR-SVD's table: 70.4% for DeiT-B at 43.7M without fine-tuning): no paper number",),
+    "svd-llm": ("SVD-LLM's published pipeline: its whitened truncation and uniform ratios (docs/peers.md); reported "
+                "on language models only (FLAR-SVD's table: 70.4% for DeiT-B at 43.7M without fine-tuning): no paper "
+                "number",),
+    "svd-llm-update": ("SVD-LLM with the closed-form sequential update its code carries but its published pipeline "
+                       "does not run (docs/peers.md): no paper number",),
     "svd-llm-v2": ("SVD-LLM v2's allocation on SVD-LLM's whitening (docs/peers.md); language models only: no paper "
                    "number",),
     "kfac-lems": ("KFAC-SVD with LEMS's integer program (docs/peers.md); language models only: no paper number",),

@@ -62,8 +62,14 @@ RECIPES: dict[str, dict[str, Any]] = {
                                           gram_precision="float32"),
     # the strongest published peers (docs/peers.md), each with its published settings
     "flar-svd": LIBRARY_RECIPES["flar-svd"],
+    # FLAR-SVD as its published runs feed it: the search measures 512 training images apart from the calibration set
+    "flar-svd-held-out": {**LIBRARY_RECIPES["flar-svd"], "settings": {"held_out_probe": True}},
     "svd-llm": LIBRARY_RECIPES["svd-llm"],
+    "svd-llm-update": LIBRARY_RECIPES["svd-llm-update"],
     "svd-llm-v2": LIBRARY_RECIPES["svd-llm-v2"],
+    # SVD-LLM v2's truncation losses in the units of a Gram summed over its language calibration set (256 x 2,048
+    # tokens) instead of the calibration's own tokens: the ablation of that unit (docs/peers.md)
+    "svd-llm-v2-loss-tokens": {**LIBRARY_RECIPES["svd-llm-v2"], "settings": {"loss_tokens": 256 * 2048}},
     "kfac-lems": LIBRARY_RECIPES["kfac-lems"],
     # the closest peer's two halves apart: the default with LEMS's exact integer program on its own predicted losses,
     # and KFAC-SVD's decomposition with the default's marginal allocation
@@ -243,13 +249,21 @@ def optimize(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Ten
     model.eval()
 
 
+def held_out_images(recipe: str) -> int:
+    """The images a recipe's probe measures apart from the calibration set (its ``held_out_probe`` setting)."""
+    settings = RECIPES[recipe].get("settings", {})
+    return settings.get("probe_images", 512) if settings.get("held_out_probe") else 0
+
+
 def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits: torch.Tensor, recipe: str,
              ratio: float, calib: int, finetune_steps: int, seed: int, distill: float = 0.0,
              temperature: float = 1.0, train_factors: bool = False, finetune_lr: float = 3e-4) -> dict[str, Any]:
     from lowrank_vit import compress
 
     model = copy.deepcopy(dense)
-    calib_batches = [(data["train_x"][i: i + 64], data["train_y"][i: i + 64]) for i in range(0, calib, 64)]
+    shown = calib + held_out_images(recipe)  # a held-out probe reads the images that follow the calibration set
+    calib_batches = [(data["train_x"][i: min(i + 64, shown)], data["train_y"][i: min(i + 64, shown)])
+                     for i in range(0, shown, 64)]
     start = time.perf_counter()
     report = compress(model, calib_batches, reduction=ratio, calib_samples=calib, progress=False, seed=seed,
                       **RECIPES[recipe])
@@ -321,7 +335,7 @@ def verdict(results: dict[str, Any], default: str = "loss-aware",
     return "\n".join(lines) + "\n"
 
 
-PEERS = ("flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems")
+PEERS = ("flar-svd", "svd-llm", "svd-llm-update", "svd-llm-v2", "kfac-lems")
 """The strongest published peers (docs/peers.md), in the order the peers table lists them."""
 
 
@@ -381,9 +395,10 @@ def peers_summary(results: dict[str, Any], others: tuple[str, ...] = PEERS, defa
     reached it), and the cells in all where it is significantly better or worse than the default (McNemar
     p < 0.05), of the cells both reached."""
     correct = "correct_ft" if key == "top1_ft" else "correct"
-    lines = ["| method | " + " | ".join(f"mean gain of the default at -{round(100 * r)}%" for r in at)
+    name = "the default" if default == "loss-aware" else default
+    lines = ["| method | " + " | ".join(f"mean gain of {name} at -{round(100 * r)}%" for r in at)
              + " | cells where it is better (p < 0.05) | worse (p < 0.05) | compared | not reached"
-             + " | cells with a lower KL than the default |",
+             + f" | cells with a lower KL than {name} |",
              "|---|" + "---|" * (len(at) + 5)]
     for other in others:
         gains = {r: [] for r in at}
@@ -551,8 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.update(train_factors=args.train_factors, finetune_lr=args.finetune_lr)
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     for name in [m for m in args.models.split(",") if m]:
+        calib_and_probe = args.calib + max(held_out_images(recipe) for recipe in recipes)
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
-                                 max(args.calib, 12800 if args.finetune_steps else args.calib), args.seed,
+                                 max(calib_and_probe, 12800 if args.finetune_steps else 0), args.seed,
                                  args.standins)
         dense = dense.to(args.device)
         dense_logits = predict(dense, data["eval_x"])

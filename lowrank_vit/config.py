@@ -49,7 +49,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
     # the strongest published peers (docs/peers.md), each with its own decomposition and allocation
     "flar-svd": dict(decomposition="flar", allocation="flar", compensation="none"),
-    "svd-llm": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
+    "svd-llm": dict(decomposition="svd_llm", allocation="uniform", compensation="none"),
+    "svd-llm-update": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
     "svd-llm-v2": dict(decomposition="svd_llm", allocation="svd_llm_v2", compensation="none"),
     "kfac-lems": dict(decomposition="kfac", allocation="lems", compensation="none"),
 }
@@ -57,8 +58,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 measured, docs/loss_aware_study.md); "paper" is Azizi et al.'s recipe as this library implements it exactly (whitened
 SVD, Algorithm 1 on normalized energies, closed-form low-rank Z of 5%); "vanilla" is Table 2's vanilla SVD (plain
 SVD of W, the same retained fraction in every layer, no Z). "flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are
-the peers of docs/peers.md with their published settings (FLAR-SVD; SVD-LLM with its sequential update; SVD-LLM
-v2's heterogeneous ratios; KFAC-SVD with LEMS's integer program)."""
+the peers of docs/peers.md with their published settings (FLAR-SVD; SVD-LLM's published pipeline, its
+truncation-aware whitening with uniform ranks; SVD-LLM v2's heterogeneous ratios; KFAC-SVD with LEMS's integer
+program); "svd-llm-update" is SVD-LLM with the sequential update of one factor that its code carries but its
+published pipeline does not run."""
 
 
 def setting_owners() -> dict[str, list[str]]:

@@ -210,10 +210,37 @@ def _keeps_images(cfg: CompressionConfig) -> bool:
     return cfg.refit or get_policy(cfg.allocation).needs_probe
 
 
-def _kept_batches(calib_images: Iterable, cfg: CompressionConfig) -> tuple[list[torch.Tensor], list]:
-    """The calibration images (detached) and the very batches the statistics will see."""
-    kept = list(iter_calibration_batches(calib_images, cfg.calib_samples))
-    return [images.detach() for images, _ in kept], [batch for _, batch in kept]
+def _held_out_probe(cfg: CompressionConfig) -> int:
+    """How many images a probing allocation measures apart from the calibration images (its ``held_out_probe``
+    setting: the ``probe_images`` that follow them in the data); 0 where it probes the first calibration images."""
+    policy = get_policy(cfg.allocation)
+    if not policy.needs_probe:
+        return 0
+    settings = settings_of(cfg, policy.settings)
+    return settings.probe_images if getattr(settings, "held_out_probe", False) else 0
+
+
+def _kept_batches(calib_images: Iterable, cfg: CompressionConfig) -> tuple[list[torch.Tensor], list,
+                                                                            list[torch.Tensor]]:
+    """The calibration images (detached), the very batches the statistics will see (they read the first
+    ``calib_samples`` images of them), and the probe's images: the calibration images themselves, or the ones that
+    follow them where the probe is held out (:func:`_held_out_probe`)."""
+    held_out = _held_out_probe(cfg)
+    kept = list(iter_calibration_batches(calib_images, cfg.calib_samples + held_out))
+    images, batches = [images.detach() for images, _ in kept], [batch for _, batch in kept]
+    if not held_out:
+        return images, batches, images
+    calibration, probe, seen = [], [], 0
+    for chunk in images:
+        split = max(0, min(chunk.shape[0], cfg.calib_samples - seen))
+        calibration += [chunk[:split]] if split else []
+        probe += [chunk[split:]] if split < chunk.shape[0] else []
+        seen += chunk.shape[0]
+    if seen < cfg.calib_samples + held_out:
+        raise ValueError(f"the held-out probe (settings held_out_probe=True) measures on the {held_out} images that "
+                         f"follow the {cfg.calib_samples} calibration images, but the data gave {seen} in all: pass "
+                         f"{cfg.calib_samples + held_out} images, or lower settings['probe_images']")
+    return calibration, batches, probe
 
 
 def _probe(model: nn.Module, setup: _Setup, decompositions: dict[str, Decomposition],
@@ -283,9 +310,9 @@ def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | 
     cfg = setup.cfg
     method = get_method(cfg.decomposition)
     probing = get_policy(cfg.allocation).needs_probe
-    images: list[torch.Tensor] = []
+    probe_images: list[torch.Tensor] = []
     if probing:  # the probe runs the images again (the refit, which also keeps them, is not part of a plan)
-        images, calib_images = _kept_batches(calib_images, cfg)
+        _, calib_images, probe_images = _kept_batches(calib_images, cfg)
     stats, scales = _calibrate(model, setup, calib_images, sample_tokens=0)
     curves, decompositions = {}, {}
     with progress_bar(len(setup.layers), "spectra", "layer", cfg.progress) as bar:
@@ -300,7 +327,7 @@ def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | 
             bar.update(1)
     for name, decomposition in setup.whole.decompositions(setup.modules, setup.device).items():
         curves[name] = _energy_curve(cfg, decomposition.singular_values)
-    allocation = _allocate(setup, curves, _probe(model, setup, decompositions, images))
+    allocation = _allocate(setup, curves, _probe(model, setup, decompositions, probe_images))
     specs = {}
     for name, layer in setup.layers.items():
         rank = allocation.ranks[name]
@@ -342,7 +369,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     setup = _setup(model, config, overrides)
     setup, calib_images = _resolve_output(model, setup, calib_images)
     cfg, clock = setup.cfg, StageClock(setup.device)
-    kept_images, calib_images = _kept_batches(calib_images, cfg) if _keeps_images(cfg) else ([], calib_images)
+    kept_images, calib_images, probe_images = (_kept_batches(calib_images, cfg) if _keeps_images(cfg)
+                                               else ([], calib_images, []))
     with clock.stage("calibration"):
         tokens = settings_of(cfg, SgdSettings).sgd_tokens_per_image if cfg.fits_z_by_sgd else 0
         stats, scales = _calibrate(model, setup, calib_images, tokens)
@@ -350,8 +378,9 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         decompositions, whitenings = _decompose(setup, stats, scales, clock)
     with clock.stage("allocation"):
         curves = {name: _energy_curve(cfg, d.singular_values) for name, d in decompositions.items()}
-        allocation = _allocate(setup, curves, _probe(model, setup, decompositions, kept_images))
+        allocation = _allocate(setup, curves, _probe(model, setup, decompositions, probe_images))
     kept_images = kept_images if cfg.refit else []  # the probe's alone: free them
+    del probe_images
     with clock.stage("compensation", less="report_errors"):  # the report's errors are not the stage's
         new_layers, reports, sgd_history = _factorize(setup, stats, decompositions, whitenings, allocation.ranks,
                                                       clock)

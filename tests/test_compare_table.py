@@ -34,7 +34,7 @@ def test_compare_markdown_is_one_grid_with_paper_numbers_in_parentheses(tmp_path
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header == ["method", "DeiT-S -40%", "DeiT-S -50%", "DeiT-S -60%", "DeiT-B -40%", "DeiT-B -50%",
                       "DeiT-B -60%"]
-    assert len(table) == 2 + 2 + 11 * 2  # header, rule, parameters, dense, 11 methods with and without FT
+    assert len(table) == 2 + 2 + 12 * 2  # header, rule, parameters, dense, 12 methods with and without FT
     cells = {line.split("|")[1].strip().split(" [")[0]: [c.strip() for c in line.strip("|").split("|")[1:]]
              for line in table[2:]}
     assert cells["parameters"][0] == "13.230-13.231M" and cells["parameters"][5] == "34.600M"
@@ -44,7 +44,7 @@ def test_compare_markdown_is_one_grid_with_paper_numbers_in_parentheses(tmp_path
     assert cells["paper's recipe (whitened SVD) + FT"][1].startswith("— (79.34)")  # not run: the paper's number alone
     assert cells["paper's recipe (whitened SVD), no FT"][0] == "95.25"
     assert cells["COMCAT + FT"][0] == "94.00" and cells["ASVD, no FT"][5] == "91.12"
-    assert "Not run yet (128 of 132)" in text and "Smoke scale" in text
+    assert "Not run yet (140 of 144)" in text and "Smoke scale" in text
     assert "[1]" in text and "Table 2" in text  # the notes are numbered below the table
     columns = {c["key"]: c for c in data["columns"]}
     assert columns["deit_s-40"]["equal_params"] and columns["deit_s-50"]["params_m_min"] is None

@@ -226,25 +226,38 @@ def test_distillation_tables_are_the_committed_results():
 
 
 def test_peers_tables_are_the_committed_results():
-    """docs/peers.md's tables are peers_summary / peers_table / peers_kl_table of the committed peers study, verbatim,
-    and its headline holds in them: without fine-tuning no peer is significantly better than the default in any
-    cell, nor closer to the dense model's predictions."""
+    """docs/peers.md's tables are peers_summary / peers_table / peers_kl_table of the committed peers studies (256 and
+    1,024 calibration images, and after the fine-tune), the SVD-LLM v2 unit ablation, FLAR-SVD's latency rule and
+    shrinkage measurements, verbatim; and its headline holds in them: without fine-tuning no peer is significantly
+    better than the default in any cell, nor closer to the dense model's predictions."""
+    from experiments import flar_latency, flar_shrinkage
     from experiments.loss_aware_study import PEERS, peers_kl_table, peers_summary, peers_table
 
     text = (ROOT / "docs/peers.md").read_text()
-    noft = json.loads((ROOT / "experiments/results/peers_study.json").read_text())
-    ft = json.loads((ROOT / "experiments/results/peers_study_ft.json").read_text())
+    results = ROOT / "experiments/results"
+    noft = json.loads((results / "peers_study.json").read_text())
+    ft = json.loads((results / "peers_study_ft.json").read_text())
+    more = json.loads((results / "peers_study_1024.json").read_text())
     others = (*PEERS, "vanilla", "paper")
     halves = ("la-integer", "kfac-marginal", "kfac-lems")
+    held_out = (*PEERS[:1], "flar-svd-held-out", *PEERS[1:], "vanilla", "paper")
+    units = ("svd-llm-v2-loss-tokens",)
     tables = [peers_summary(noft, others=others), peers_table(noft, others=others), peers_kl_table(noft, others=others),
               peers_summary(ft, key="top1_ft", at=(0.5, 0.7, 0.8)), peers_table(ft, key="top1_ft"),
-              peers_summary(noft, others=halves), peers_table(noft, others=halves)]
+              peers_summary(noft, others=halves), peers_table(noft, others=halves),
+              peers_summary(more, others=held_out, at=(0.5, 0.7)), peers_table(more, others=held_out),
+              peers_summary(more, others=("flar-svd-held-out",), default="flar-svd", at=(0.5, 0.7)),
+              peers_summary(noft, others=units, default="svd-llm-v2"),
+              peers_table(noft, others=units, default="svd-llm-v2"),
+              flar_latency.render(json.loads((results / "flar_latency.json").read_text())),
+              flar_shrinkage.render(json.loads((results / "flar_shrinkage.json").read_text()))]
     for table in tables:
         assert table in text
-    assert "WINS" not in tables[1] and "WINS" not in tables[4]
+    assert "WINS" not in tables[1] and "WINS" not in tables[4] and "WINS" not in tables[8]
     for line in tables[0].splitlines()[2:]:  # better, worse, compared, not reached, lower KL
         assert line.split("|")[-6].strip() == "0" and line.split("|")[-2].strip() == "0", line
-    assert len(noft) == 10 and sum(len(entry["cells"]) for entry in noft.values()) == 10 * 5 * 9
+    assert len(noft) == 10 and sum(len(entry["cells"]) for entry in noft.values()) == 10 * 5 * 11
+    assert len(more) == 10 and {entry["settings"]["calib"] for entry in more.values()} == {1024}
 
 
 def test_speed_tables_are_the_committed_benchmarks():

@@ -40,7 +40,7 @@ from lowrank_vit.pipeline import plan_compression
 
 from conftest import DenseHeadViT, make_images, make_tiny_vit
 
-PEER_RECIPES = ["flar-svd", "svd-llm", "svd-llm-v2", "kfac-lems"]
+PEER_RECIPES = ["flar-svd", "svd-llm", "svd-llm-update", "svd-llm-v2", "kfac-lems"]
 
 
 def random_spd(n: int, g: torch.Generator, extra: int = 3) -> torch.Tensor:
@@ -258,12 +258,18 @@ def test_scale_to_budget_fits_aligns_and_leaves_no_affordable_step(seed):
         grid = search_grid(layer, step)
         searched[layer.name] = None if rng.random() < 0.2 else int(rng.choice(grid))
     full = sum(layer.dense_params for layer in layers)
-    smallest = sum(layer.params(1) for layer in layers)
+    # the smallest model the rule reaches: the layers left dense, every other one at its grid's first rank
+    smallest = sum(layer.dense_params if searched[layer.name] is None else layer.params(min(step, layer.max_rank))
+                   for layer in layers)
+    if smallest >= full:
+        return
     budget = int(rng.integers(smallest, full))
     ranks, total = scale_to_budget(layers, searched, budget, step)
     assert total == sum(layer.params(ranks[layer.name]) for layer in layers) <= budget
     for layer in layers:
         r = ranks[layer.name]
+        if searched[layer.name] is None:  # FLAR-SVD's rule: what its search left dense stays dense
+            assert r is None
         if r is None:
             continue
         assert 1 <= r <= layer.max_rank and (r % step == 0 or r < step)
@@ -271,14 +277,40 @@ def test_scale_to_budget_fits_aligns_and_leaves_no_affordable_step(seed):
         assert up > layer.max_rank or total + (up - r) * layer.rank_step > budget
 
 
+def test_scale_to_budget_hand_checked_keeps_the_dense_layer_and_scales_the_others():
+    # 32x96 (128 a rank) searched at 16, 64x64 (128 a rank) at 24, a 32x32 layer left dense (1,024): with 4,096
+    # parameters, one factor c < 1 on both searched ranks (multiples of 8) gives 8 and 16: 1,024 + 128 x 24 = 4,096
+    layers = [budget_layer(32, 96, name="a"), budget_layer(64, 64, name="b"), budget_layer(32, 32, name="c")]
+    ranks, total = scale_to_budget(layers, {"a": 16, "b": 24, "c": None}, 4096, 8)
+    assert ranks == {"a": 8, "b": 16, "c": None} and total == 4096
+    # one parameter less than the dense layer plus both at rank 8: the published rule cannot meet it
+    with pytest.raises(ValueError, match="the 1 layer.*left dense.*1 parameters more.*threshold"):
+        scale_to_budget(layers, {"a": 16, "b": 24, "c": None}, 1024 + 128 * 16 - 1, 8)
+
+
 def test_svd_llm_v2_keeps_follow_the_published_formula():
     losses, f = [2.0, 5.0, 40.0, 1.5], 0.6
-    scores = [1 / math.log(value) for value in losses]
+    scores = [1 / math.log(value + 1e-12) for value in losses]
     expected = [1 - len(losses) * (1 - f) * s / sum(scores) for s in scores]
     keeps = svd_llm_v2_keeps(losses, f)
     assert keeps == pytest.approx(expected, rel=1e-12)
     assert sum(1 - k for k in keeps) / len(keeps) == pytest.approx(1 - f, rel=1e-12)  # mean compression kept
     assert keeps[2] > keeps[1] > keeps[0] > keeps[3]  # the larger the loss, the more is kept
+
+
+@pytest.mark.parametrize("losses", [[0.5, 0.9], [0.0, 0.5], [0.2, 0.3, 0.7], [1.0 - 1e-12, 3.0]])
+def test_svd_llm_v2_falls_back_to_uniform_where_the_scores_are_invalid(losses):
+    # the scores' sum is negative (every L < 1) or infinite (log(L + 1e-12) = 0): the published fallback keeps f0
+    assert svd_llm_v2_keeps(losses, 0.4) == [0.4] * len(losses)
+
+
+def test_svd_llm_v2_keeps_a_negative_score_when_the_sum_is_valid():
+    # one L below 1 (a negative score) beside larger ones: the published code keeps the formula (no fallback), so that
+    # layer keeps more than its share
+    keeps = svd_llm_v2_keeps([0.5, 1.5, 2.0], 0.5)
+    scores = [1 / math.log(v + 1e-12) for v in (0.5, 1.5, 2.0)]
+    assert sum(scores) > 0 and keeps[0] > 1.0
+    assert keeps == pytest.approx([1 - 3 * 0.5 * sc / sum(scores) for sc in scores], rel=1e-12)
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -290,32 +322,46 @@ def test_layer_kind_drops_the_indices(name, kind):
     assert layer_kind(name) == kind
 
 
-def test_svd_llm_v2_needs_truncation_losses_above_one():
-    layers = [budget_layer(32, 96, name=f"blocks.{i}.attn.qkv") for i in range(2)]  # normalized tails: L <= 1
+def test_svd_llm_v2_falls_back_to_uniform_on_small_losses_and_says_so():
+    layers = [budget_layer(32, 96, name=f"blocks.{i}.attn.qkv") for i in range(2)]  # normalized tails: L < 1
     budget = sum(layer.dense_params for layer in layers) // 2
-    with pytest.raises(ValueError, match="L > 1.*raise settings\\['loss_tokens'\\]"):
-        allocate_svd_llm_v2(layers, budget)
+    allocation = allocate_svd_llm_v2(layers, budget)
+    assert allocation.trace[0]["uniform_fallback_kinds"] == ["blocks.attn.qkv"]
+    assert len(set(allocation.ranks.values())) == 1 and allocation.params <= budget  # one shape: equal ranks
 
 
-def test_svd_llm_v2_losses_grow_with_the_square_root_of_loss_tokens():
-    """The same tails in units of 10^6 times the published token count: L is 1,000 times larger, every L > 1, and
-    the kept fractions follow the formula on those L (a group of two layers of one shape)."""
+def test_truncation_loss_is_the_first_power_sum_of_the_discarded_singular_values():
     from lowrank_vit.core.decompose import energy_tail_curve
-    from lowrank_vit.core.search import PUBLISHED_TOKENS, SvdLlmV2Settings
+    from lowrank_vit.core.search import truncation_loss
+
+    s = torch.tensor([9.0, 4.0, 2.5, 1.0, 0.25], dtype=torch.float64)
+    layer = LayerBudget("blocks.0.mlp.fc1", 5, 40, 0, energy_tail_curve(s))
+    assert truncation_loss(layer, 2) == pytest.approx(2.5 + 1.0 + 0.25, rel=1e-12)
+    assert truncation_loss(layer, 0) == pytest.approx(16.75, rel=1e-12)
+    assert truncation_loss(layer, 5) == 0.0
+
+
+def test_svd_llm_v2_allocation_scores_the_first_power_losses_at_the_uniform_fraction():
+    """The kept fractions the allocation records are the formula on the first-power losses at f0 (a group of two
+    layers of one shape, large singular values so that every L > 1)."""
+    from lowrank_vit.core.decompose import energy_tail_curve
+    from lowrank_vit.core.search import truncation_loss
 
     g = torch.Generator().manual_seed(0)
     layers = []
     for i in range(2):
-        s = torch.sort(torch.rand(32, generator=g, dtype=torch.float64) * (1 + i), descending=True)[0]
+        s = torch.sort(torch.rand(32, generator=g, dtype=torch.float64) * 50 * (1 + i), descending=True)[0]
         layers.append(LayerBudget(f"blocks.{i}.attn.qkv", 32, 96, 0, energy_tail_curve(s)))
     budget = sum(layer.dense_params for layer in layers) // 2
-    allocation = allocate_svd_llm_v2(layers, budget, SvdLlmV2Settings(loss_tokens=PUBLISHED_TOKENS * 10 ** 6))
+    allocation = allocate_svd_llm_v2(layers, budget)
     f0 = allocation.trace[0]["uniform_kept_fraction"]
     reference = math.floor(f0 * 24)  # the equal-cost rank of 32 x 96 is 24
-    losses = [1000.0 * math.sqrt(float(layer.energy_losses[reference])) for layer in layers]
-    expected = svd_llm_v2_keeps(losses, f0)
-    assert [t["kept_fraction"] for t in allocation.trace[1:]] == pytest.approx(expected, rel=1e-12)
-    assert allocation.params <= budget
+    hand = [sum(math.sqrt(float(a - b)) for a, b in zip(layer.energy_losses[reference:-1],
+                                                          layer.energy_losses[reference + 1:], strict=True))
+            for layer in layers]
+    assert hand == pytest.approx([truncation_loss(layer, reference) for layer in layers], rel=1e-9)
+    assert [t["kept_fraction"] for t in allocation.trace[1:]] == pytest.approx(svd_llm_v2_keeps(hand, f0), rel=1e-9)
+    assert allocation.trace[0]["uniform_fallback_kinds"] == [] and allocation.params <= budget
 
 
 # -------------------------------------------------------------------------------------------- decompositions
@@ -380,10 +426,26 @@ def test_flar_without_shrinkage_is_the_undamped_whitened_svd(seed):
     reference = whitened_svd(W, whitening(stats.gram, 0.0))
     s = decomposition.singular_values
     torch.testing.assert_close(s / s[0], reference.singular_values / reference.singular_values[0])
-    # in the units of the raw token Gram summed over SVD-LLM's published token count (256 x 2048) instead of 50 tokens
-    torch.testing.assert_close(s, reference.singular_values * (3.0 * 256 * 2048 / 50) ** 0.5)
+    # in the units of the raw token Gram summed over the calibration's own tokens (the 50 rows), as SVD-LLM's code sums
+    # it, whatever scale the pooled Gram was kept in
+    torch.testing.assert_close(s, reference.singular_values * 3.0 ** 0.5)
     for r in range(1, 8):
         torch.testing.assert_close(w_hat(decomposition, r), w_hat(reference, r), rtol=1e-9, atol=1e-10)
+
+
+def test_svd_llm_losses_in_units_of_loss_tokens_when_given():
+    # SVD-LLM v2's loss_tokens: the same spectrum rescaled to a Gram summed over 200 tokens instead of the 50 seen
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    W = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    stats = flar_stats(X, 3.0)
+    own = CompressionConfig(reduction=0.5, decomposition="svd_llm", allocation="svd_llm_v2")
+    given = CompressionConfig(reduction=0.5, decomposition="svd_llm", allocation="svd_llm_v2",
+                              settings={"loss_tokens": 200})
+    s_own = get_method("svd_llm").decompose(W, stats, None, own)[0].singular_values
+    s_given = get_method("svd_llm").decompose(W, stats, None, given)[0].singular_values
+    torch.testing.assert_close(s_given, s_own * (200 / 50) ** 0.5)
+    torch.testing.assert_close(s_own.pow(2).sum(), (X @ W).pow(2).sum())  # the raw sum's units: ||X W||^2
 
 
 @pytest.mark.parametrize("n", [5, 40])  # fewer tokens than features, and more
@@ -401,8 +463,7 @@ def test_flar_shrinks_the_raw_gram_by_sklearns_ledoit_wolf_intensity(n):
     S = X.T @ X
     shrunk = (1 - a) * S + a * float(torch.trace(S)) / 8 * torch.eye(8, dtype=torch.float64)
     reference = whitened_svd(W, whitening(shrunk, 0.0))
-    torch.testing.assert_close(decomposition.singular_values, reference.singular_values * (256 * 2048 / n) ** 0.5,
-                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(decomposition.singular_values, reference.singular_values, rtol=1e-8, atol=1e-10)
     for r in range(1, 7):
         torch.testing.assert_close(w_hat(decomposition, r), w_hat(reference, r), rtol=1e-8, atol=1e-10)
 
@@ -414,8 +475,10 @@ def test_flar_shrinks_the_raw_gram_by_sklearns_ledoit_wolf_intensity(n):
 def test_peer_recipes_build(name):
     cfg = recipe(name, reduction=0.5)
     assert (cfg.decomposition, cfg.allocation) == {
-        "flar-svd": ("flar", "flar"), "svd-llm": ("svd_llm", "uniform"), "svd-llm-v2": ("svd_llm", "svd_llm_v2"),
-        "kfac-lems": ("kfac", "lems")}[name]
+        "flar-svd": ("flar", "flar"), "svd-llm": ("svd_llm", "uniform"), "svd-llm-update": ("svd_llm", "uniform"),
+        "svd-llm-v2": ("svd_llm", "svd_llm_v2"), "kfac-lems": ("kfac", "lems")}[name]
+    # SVD-LLM's published pipeline is its whitened truncation alone; the sequential update is its own recipe
+    assert cfg.refit == (name == "svd-llm-update")
 
 
 @pytest.mark.parametrize("name, settings, word", [
@@ -463,11 +526,6 @@ def labelled_batches():
 
 def tiny_model(name: str) -> nn.Module:
     model = make_tiny_vit()
-    if name == "svd-llm-v2":  # large activations: SVD-LLM v2 reads log of raw truncation losses, which must exceed 1
-        with torch.no_grad():
-            for module in model.blocks.modules():
-                if isinstance(module, nn.Linear):
-                    module.weight.mul_(30.0)
     return model
 
 
@@ -615,3 +673,34 @@ def test_the_probing_peers_measure_a_models_output_where_it_has_no_classifier_he
     assert probe.kl({layer: 1}) == pytest.approx(expected, rel=1e-5)
     assert probe.feature_error({layer: 1}) == pytest.approx(
         float((cut - dense).square().sum() / cut.square().sum()), rel=1e-5)
+
+
+def test_flar_held_out_probe_measures_the_images_after_the_calibration_set(monkeypatch):
+    """With held_out_probe the search's forwards run on the probe_images that follow the calib_samples images, in a
+    plan and in a compression alike; the statistics stop at calib_samples (the same ranks as calibrating on those
+    images alone, with the same probe)."""
+    import lowrank_vit.pipeline as pipeline
+
+    seen: list[torch.Tensor] = []
+
+    class Spy(Probe):
+        def __init__(self, model, layers, reconstruct, images, *args, **kwargs):
+            seen.append(torch.cat(images))
+            super().__init__(model, layers, reconstruct, images, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "Probe", Spy)
+    images = make_images(96, seed=11)
+    batches = [images[i: i + 40] for i in range(0, 96, 40)]  # the split falls inside a batch
+    cfg = recipe("flar-svd", reduction=0.5, calib_samples=64, progress=False,
+                 settings={"probe_images": 32, "held_out_probe": True})
+    plan = plan_compression(make_tiny_vit(), batches, cfg)
+    report = compress(make_tiny_vit(), batches, cfg)
+    assert len(seen) == 2 and all(torch.equal(s, images[64:]) for s in seen)
+    assert plan.ranks == report.ranks
+    # the statistics read the first 64 images only: other images after them change nothing but the probe's, so
+    # with the probe's own images put back the ranks are the same
+    seen.clear()
+    same = [images[:40], images[40:64], images[64:]]
+    assert plan_compression(make_tiny_vit(), same, cfg).ranks == plan.ranks
+    with pytest.raises(ValueError, match="held_out_probe.*96 images"):
+        compress(make_tiny_vit(), [images[:80]], cfg)

@@ -210,10 +210,11 @@ def test_overrides():
 # ---------------------------------------------------------------------------------------------- the comparison table
 
 COMPARE_METHODS = ("loss-aware", "ours", "plain", "mean", "asvd", "fwsvd", "comcat", "flar-svd", "svd-llm",
-                   "svd-llm-v2", "kfac-lems")
+                   "svd-llm-update", "svd-llm-v2", "kfac-lems")
 PEERS = {  # the peers' published recipes (docs/peers.md): (decomposition, allocation, compensation, refit)
     "flar-svd": ("flar", "flar", "none", False),
-    "svd-llm": ("svd_llm", "uniform", "none", True),
+    "svd-llm": ("svd_llm", "uniform", "none", False),  # the published pipeline: whitening alone
+    "svd-llm-update": ("svd_llm", "uniform", "none", True),
     "svd-llm-v2": ("svd_llm", "svd_llm_v2", "none", False),
     "kfac-lems": ("kfac", "lems", "none", False),
 }
@@ -223,7 +224,7 @@ COMPARE = [e for e in ALL if e.table == "compare"]
 
 
 def test_compare_rows_are_registered_under_their_exact_names():
-    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 132 rows, in the table's order
+    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 144 rows, in the table's order
     assert "compare" in tables()
 
 
@@ -287,7 +288,8 @@ _PAPER = dict(decomposition="whitened", allocation="greedy", compensation="lowra
 _LOSS_AWARE = dict(decomposition="loss_aware", allocation="marginal", compensation="none", bias_correction=True)
 _VANILLA = dict(decomposition="plain", allocation="uniform", compensation="none")
 _PEERS = {"flar-svd": dict(decomposition="flar", allocation="flar", compensation="none"),
-          "svd-llm": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
+          "svd-llm": dict(decomposition="svd_llm", allocation="uniform", compensation="none"),
+          "svd-llm-update": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
           "svd-llm-v2": dict(decomposition="svd_llm", allocation="svd_llm_v2", compensation="none"),
           "kfac-lems": dict(decomposition="kfac", allocation="lems", compensation="none")}
 _TABLE1_Z = {"lowrank": "lowrank", "diagonal": "diagonal", "sparse-unstructured": "sparse",

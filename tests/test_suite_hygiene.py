@@ -3,6 +3,7 @@ test starts from the same seeded global RNG state (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -108,3 +109,49 @@ def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
     finally:
         os.chdir(here)
         sys.path.remove(str(REPO / "tests"))
+
+
+def test_the_mutation_history_adds_up_and_the_guide_quotes_its_latest_runs():
+    """docs/mutation_history.json (one object per run of tests/mutation_sample.py): each run's counts add up, its
+    score is its counts' and its module rows fit them; docs/mutation.md quotes the last entry as the latest run and
+    the last whole-pool sample as the latest fresh one; every line the sampler reads there as triage names a mutant."""
+    import sys
+
+    history = json.loads((REPO / "docs" / "mutation_history.json").read_text())
+    assert len(history) >= 16
+    for entry in history:
+        assert 0 <= entry["caught"] <= entry["sample"], entry
+        assert entry["survived"] == entry["sample"] - entry["caught"], entry
+        assert entry["score_percent"] == round(100 * entry["caught"] / entry["sample"], 1), entry
+        assert entry["kind"] in ("sample", "exhaustive", "redraw") and entry["survivors"] and entry["note"], entry
+        if entry["modules"] is not None:  # the report's rows: a crashed mutant is caught but in no row
+            assert sum(row["sampled"] for row in entry["modules"]) == entry["sample"], entry["commit"]
+            assert sum(row["caught"] for row in entry["modules"]) <= entry["caught"], entry["commit"]
+            for row in entry["modules"]:
+                assert 0 <= row["caught"] <= row["sampled"], (entry["commit"], row)
+                assert abs(row["percent"] - 100 * row["caught"] / row["sampled"]) <= 0.05 + 1e-9, (entry["commit"], row)
+    numbered = [entry["run"] for entry in history if entry["run"] is not None]
+    assert numbered == list(range(1, len(numbered) + 1))
+
+    guide = (REPO / "docs" / "mutation.md").read_text()
+
+    def quoted(label: str) -> tuple[str, int, int, float]:
+        match = re.search(rf"\*\*{label}\*\* \([^)]*?commit (\w+)[^)]*\):\s+\*\*(\d+) of (\d+) caught\s+"
+                          r"\((\d+\.\d)%\)\*\*", guide)
+        assert match, f"docs/mutation.md quotes no '{label}' figure"
+        return match[1], int(match[2]), int(match[3]), float(match[4])
+
+    def recorded(entry: dict) -> tuple[str, int, int, float]:
+        return entry["commit"], entry["caught"], entry["sample"], entry["score_percent"]
+
+    assert quoted("Latest run") == recorded(history[-1])
+    assert quoted("Latest fresh sample") == recorded([e for e in history if e["kind"] == "sample"][-1])
+
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import mutation_sample
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    triaged = mutation_sample.triaged()
+    assert len(triaged) >= 60
+    assert all(name.startswith("lowrank_vit.") and re.search(r"__mutmut_\d+$", name) for name in triaged), triaged

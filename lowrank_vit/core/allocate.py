@@ -377,9 +377,6 @@ class Policy:
     the probe images and every layer's decomposition until the allocation is made."""
     settings: type | None = None
     """Its own typed settings (a dataclass validated on construction), read from ``CompressionConfig.settings``."""
-    rehearsal_settings: dict[str, Any] = field(default_factory=dict)
-    """Settings under which it runs on random weights and a few generated images (``lowrank-vit rehearse``, which
-    exercises a row's code path, not its published values); empty for most policies."""
     prices_latency: bool = False
     """Whether its curves are absolute losses comparable across layers, so that ``target_speedup`` can spend them
     per millisecond (:func:`lowrank_vit.core.latency.allocate_latency`)."""

@@ -7,9 +7,9 @@
   spectrum tail, ranks from 0.1 to 0.95 of the layer's equal-cost rank in multiples of 8, solved by "integer";
 * "flar": FLAR-SVD's search: a per-layer binary search over ranks in multiples of 8 for the smallest rank whose
   head-feature error (only that layer truncated) stays under a threshold derived from uniform compression, then
-  one common scale of all ranks to the budget;
+  one common scale of the searched ranks to the budget (the layers left dense stay dense);
 * "svd_llm_v2": SVD-LLM v2's heterogeneous ratios: within each kind of layer, a layer's compression ratio is
-  inversely proportional to log of its theoretical truncation loss at the uniform ratio.
+  inversely proportional to log of its truncation loss at the uniform ratio (uniform where those scores are invalid).
 
 Where our version differs from the published code, and why, is in docs/peers.md.
 """
@@ -29,6 +29,7 @@ from lowrank_vit.core.allocate import (
     LayerBudget,
     Policy,
     _fill_slack,
+    align_down,
     allocate_uniform,
     check_feasible,
     register_policy,
@@ -36,9 +37,6 @@ from lowrank_vit.core.allocate import (
 from lowrank_vit.core.common import check_count, check_number, settings_of
 from lowrank_vit.core.decompose import energy_loss_curve, energy_tail_curve
 from lowrank_vit.core.probe import Probe
-
-PUBLISHED_TOKENS = 256 * 2048
-"""SVD-LLM's calibration set (256 sequences of 2,048 tokens): the token count its truncation losses are sums over."""
 
 Choice = tuple[int | None, int, float]
 """(rank, or None for dense; parameters; error) of one option of one layer."""
@@ -192,10 +190,17 @@ class FlarSettings:
     """The head-feature error a layer may cause alone; None (the default): the error of the uniformly compressed
     model at the same budget divided by the number of layers."""
     probe_images: int = 512
-    """Calibration images the feature errors are measured on (the first ones; at most the calibration set)."""
+    """Images the feature errors are measured on: the first calibration images (at most the calibration set), or,
+    with ``held_out_probe``, this many images apart from them."""
+    held_out_probe: bool = False
+    """Measure on the ``probe_images`` images that follow the ``calib_samples`` calibration images in the data rather
+    than on the calibration images themselves, as FLAR-SVD's published runs do (512 training images kept apart from
+    its calibration set); the data must then hold ``calib_samples + probe_images`` images."""
 
     def __post_init__(self) -> None:
         check_count("rank_step", self.rank_step)
+        if not isinstance(self.held_out_probe, bool):
+            raise ValueError(f"held_out_probe must be true or false, got {self.held_out_probe!r}")
         if self.threshold is not None:
             check_number("threshold", self.threshold, "> 0")
         check_count("probe_images", self.probe_images)
@@ -223,27 +228,38 @@ def smallest_passing(grid: list[int], passes: Callable[[int], bool]) -> int | No
 
 def scale_to_budget(layers: list[LayerBudget], searched: dict[str, int | None], budget: int,
                     step: int) -> tuple[dict[str, int | None], int]:
-    """One common factor c on every layer's searched parameter count (dense where the search found no rank), each
-    layer then taking the largest rank of its grid within c times its share (dense when that is not below its dense
-    size); c is the largest that fits ``budget`` (bisection), and what is left is handed back one grid step at a
-    time to the layer furthest below its share."""
-    share = {layer.name: layer.params(searched[layer.name]) for layer in layers}
+    """FLAR-SVD's rule after its search: the layers the search left dense stay dense, and every searched rank is
+    multiplied by one common factor c, rounded down to a multiple of ``step`` (at least the smallest rank of its
+    grid), a layer going dense where its scaled rank passes its ``max_rank`` (no longer cheaper, or with a latency
+    table no longer faster, than dense: the published latency rule). The published code sets c once from a linear
+    interpolation of the parameter count, landing near the target; here c is the largest that fits ``budget``
+    (bisection), so that every method of a comparison holds the same number of parameters, and what is left is handed
+    back one grid step at a time to the searched layer furthest below its scaled share.
+
+    Raises ``ValueError`` where the layers left dense, with every other layer at the smallest rank of its grid,
+    already exceed ``budget``: the published rule cannot meet it (its own rounding would give such a layer rank 0),
+    and compressing the layers the search found most sensitive, or ranks off its grid, would be another method."""
+    scaled = [layer for layer in layers if searched[layer.name] is not None]
+    floor = {layer.name: min(step, layer.max_rank) for layer in scaled}
 
     def ranks_for(c: float) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        for layer in layers:
-            allowed = c * share[layer.name]
-            if allowed >= layer.dense_params or layer.max_rank < 1:
-                out[layer.name] = None
-                continue
-            rank = math.floor((allowed - layer.z_params) / layer.rank_step)
-            rank = rank - rank % step if rank >= step else rank
-            out[layer.name] = min(max(rank, 1), layer.max_rank)
+        out: dict[str, int | None] = {layer.name: None for layer in layers}
+        for layer in scaled:
+            rank = max(align_down(math.floor(c * searched[layer.name]), step), floor[layer.name])
+            out[layer.name] = None if rank > layer.max_rank else rank
         return out
 
     def cost(c: float) -> int:
-        return sum(layer.params(r) for layer, r in zip(layers, ranks_for(c).values(), strict=True))
+        ranks = ranks_for(c)
+        return sum(layer.params(ranks[layer.name]) for layer in layers)
 
+    if cost(0.0) > budget:
+        dense = len(layers) - len(scaled)
+        raise ValueError(f"allocation 'flar' cannot meet the budget of {budget:,} parameters: with the {dense} "
+                         f"layer(s) its search left dense kept dense (FLAR-SVD's rule) and every other layer at the "
+                         f"smallest rank of its grid (rank_step={step}), the model still holds "
+                         f"{cost(0.0) - budget:,} parameters more; ask for a smaller reduction, or raise "
+                         f"settings['threshold'] (fewer layers left dense) or lower settings['rank_step']")
     lo, hi = 0.0, 1.0
     while cost(hi) <= budget and hi < 1e6:
         lo, hi = hi, hi * 2
@@ -251,8 +267,9 @@ def scale_to_budget(layers: list[LayerBudget], searched: dict[str, int | None], 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     ranks = ranks_for(lo)
-    total = _fill_slack(layers, ranks, budget, key=lambda layer, r, new: -layer.params(r) / share[layer.name],
-                        step=step)
+    share = {layer.name: max(lo * searched[layer.name], 1e-9) for layer in scaled}
+    total = _fill_slack(layers, ranks, budget, step=step,
+                        key=lambda layer, r, new: -r / share.get(layer.name, math.inf))
     return ranks, total
 
 
@@ -285,12 +302,30 @@ def layer_kind(name: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", "", name).strip(".")
 
 
+SCORE_GUARD = 1e-12
+"""Added to a truncation loss before its log, as the published reimplementation does (a loss of exactly 1 would
+give an infinite score)."""
+
+
+def truncation_loss(layer: LayerBudget, rank: int) -> float:
+    """SVD-LLM v2's truncation loss of ``layer`` kept at ``rank``: the sum of its discarded singular values, to the
+    first power, as the published reimplementation sums them (``layer.energy_losses`` holds the tails of their
+    squares, so s_i = sqrt(tail_i - tail_(i+1)))."""
+    tails = layer.energy_losses.double()
+    squares = (tails[rank:-1] - tails[rank + 1:]).clamp_min(0.0)
+    return float(squares.sqrt().sum() + tails[-1].clamp_min(0.0).sqrt())
+
+
 def svd_llm_v2_keeps(losses: list[float], keep: float) -> list[float]:
     """SVD-LLM v2's kept fractions of one group of n layers at the uniform kept fraction ``keep``: scores
-    1 / log(L_i) of the layers' truncation losses L_i, compression ``n (1 - keep) score_i / sum(scores)``, kept
-    fraction 1 minus that. The group's mean compression stays n (1 - keep) / n. Every L_i must exceed 1 (log > 0)."""
-    scores = [1.0 / math.log(value) for value in losses]
+    1 / log(L_i + 1e-12) of the layers' truncation losses L_i, compression ``n (1 - keep) score_i / sum(scores)``, kept
+    fraction 1 minus that; the group's mean compression stays 1 - keep. Where the scores' sum is not a positive
+    finite number (losses at or below 1 in the calibration's units), the published fallback: every layer of the group
+    keeps ``keep``."""
+    scores = [1.0 / math.log(value + SCORE_GUARD) if value + SCORE_GUARD != 1.0 else math.inf for value in losses]
     total = sum(scores)
+    if not (math.isfinite(total) and total > 0):
+        return [keep] * len(losses)
     return [1.0 - len(losses) * (1.0 - keep) * score / total for score in scores]
 
 
@@ -298,26 +333,27 @@ def svd_llm_v2_keeps(losses: list[float], keep: float) -> list[float]:
 class SvdLlmV2Settings:
     """SVD-LLM v2's one setting."""
 
-    loss_tokens: int = PUBLISHED_TOKENS
-    """The number of tokens the truncation losses are sums over (default: SVD-LLM's calibration set, 256 sequences of
-    2,048 tokens). Its scores 1 / log(L) need L > 1 and L grows with the square root of this count: raise it where a
-    layer's L falls below 1 (small activations, few effective directions)."""
+    loss_tokens: int | None = None
+    """The number of tokens the truncation losses are sums over. None (the default, as the published code): the
+    calibration's own tokens, so the scores 1 / log(L) change with the number of calibration images; a count: the
+    losses rescaled to a Gram summed over that many tokens (524,288 is SVD-LLM's language calibration set, 256
+    sequences of 2,048 tokens; docs/peers.md measures both)."""
 
     def __post_init__(self) -> None:
-        check_count("loss_tokens", self.loss_tokens)
+        if self.loss_tokens is not None:
+            check_count("loss_tokens", self.loss_tokens)
 
 
 def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int,
                         settings: SvdLlmV2Settings = SvdLlmV2Settings()) -> Allocation:
     """SVD-LLM v2's allocation. At the uniform kept fraction f0 that meets ``budget`` (every layer at floor(f0 x its
-    equal-cost rank)), a layer's truncation loss is L = sqrt(sum of its discarded squared singular values) in the
-    decomposition's units (``layer.energy_losses`` holds the absolute tails; decomposition "svd_llm" gives them for
-    the Gram summed over as many tokens as the published calibration set, :data:`PUBLISHED_TOKENS`, so that L does
-    not depend on how many images calibrate), rescaled to ``settings.loss_tokens`` tokens.
-    Within each kind of layer (:func:`layer_kind`) the kept fractions follow :func:`svd_llm_v2_keeps`. To land on
-    the budget exactly (the published method fixes f0 and lands there only when a group's layers share one shape),
-    every layer's compression 1 - keep is then scaled by one common factor (bisection) and the rest of the budget
-    goes one rank at a time to the layers furthest below their own kept fraction."""
+    equal-cost rank)), a layer's truncation loss L is the sum of its discarded singular values
+    (:func:`truncation_loss`) in the decomposition's units (decomposition "svd_llm": the input Gram summed over the
+    calibration tokens, or over ``settings.loss_tokens``). Within each kind of layer (:func:`layer_kind`) the kept
+    fractions follow :func:`svd_llm_v2_keeps` (uniform where its scores are invalid). To land on the budget exactly
+    (the published method fixes f0 and lands there only when a group's layers share one shape), every layer's
+    compression 1 - keep is then scaled by one common factor (bisection) and the rest of the budget goes one rank at a
+    time to the layers furthest below their own kept fraction."""
     check_feasible(layers, budget)
     live = [layer for layer in layers if layer.max_rank >= 1]
 
@@ -334,20 +370,14 @@ def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int,
     for layer in live:
         groups.setdefault(layer_kind(layer.name), []).append(layer)
     keeps: dict[str, float] = {}
-    for members in groups.values():
-        losses = []
-        for layer in members:
-            reference = min(max(1, math.floor(f0 * equal_cost_rank(layer))), layer.max_rank)
-            losses.append(math.sqrt(max(layer.loss(reference), 0.0) * settings.loss_tokens / PUBLISHED_TOKENS))
-        bad = [(layer.name, value) for layer, value in zip(members, losses, strict=True) if not value > 1.0]
-        if bad:
-            name, value = bad[0]
-            raise ValueError(f"allocation 'svd_llm_v2' scores a layer by 1 / log of its truncation loss L, which needs "
-                             f"L > 1; layer {name} has L = {value:.3g} (summed over loss_tokens="
-                             f"{settings.loss_tokens:,} tokens): raise settings['loss_tokens'] (L grows with its "
-                             f"square root), use decomposition 'svd_llm' if the decomposition is another, or "
-                             f"allocation 'uniform'")
-        keeps.update(zip((layer.name for layer in members), svd_llm_v2_keeps(losses, f0), strict=True))
+    fallbacks: list[str] = []
+    for kind, members in groups.items():
+        losses = [truncation_loss(layer, min(max(1, math.floor(f0 * equal_cost_rank(layer))), layer.max_rank))
+                  for layer in members]
+        kept = svd_llm_v2_keeps(losses, f0)
+        if len(members) > 1 and kept == [f0] * len(members):
+            fallbacks.append(kind)
+        keeps.update(zip((layer.name for layer in members), kept, strict=True))
 
     def ranks_for(c: float) -> dict[str, int | None]:
         ranks: dict[str, int | None] = {layer.name: None for layer in layers}
@@ -372,7 +402,7 @@ def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int,
                          f"allocation 'uniform' or ask for a smaller reduction")
     target = {layer.name: max(keeps.get(layer.name, 1.0), 1e-9) * layer.dense_params for layer in layers}
     total = _fill_slack(layers, ranks, budget, key=lambda layer, r, new: -layer.params(r) / target[layer.name])
-    return Allocation(ranks, total, [{"uniform_kept_fraction": f0}]
+    return Allocation(ranks, total, [{"uniform_kept_fraction": f0, "uniform_fallback_kinds": fallbacks}]
                       + [{"layer": name, "kept_fraction": keep} for name, keep in keeps.items()])
 
 
@@ -427,6 +457,4 @@ register_policy(Policy("flar", energy_tail_curve,
 register_policy(Policy("svd_llm_v2", energy_tail_curve,  # its truncation losses are absolute
                        lambda layers, budget, cfg, tol, probe: allocate_svd_llm_v2(layers, budget,
                                                                                    settings_of(cfg, SvdLlmV2Settings)),
-                       records_trace=True, settings=SvdLlmV2Settings,
-                       # random weights on a few smooth generated images leave tiny tails: units where L > 1
-                       rehearsal_settings={"loss_tokens": 2 ** 48}))
+                       records_trace=True, settings=SvdLlmV2Settings))

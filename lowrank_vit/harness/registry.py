@@ -38,6 +38,7 @@ ENTRY_POINT_GROUP = "lowrank_vit.experiments"
 METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
                  "vanilla": "vanilla SVD + FT", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
                  "fwsvd": "FWSVD", "comcat": "COMCAT", "flar-svd": "FLAR-SVD", "svd-llm": "SVD-LLM",
+                 "svd-llm-update": "SVD-LLM + update",
                  "svd-llm-v2": "SVD-LLM v2", "kfac-lems": "KFAC-SVD + LEMS", "vmeanba": "VMeanba",
                  "vmeanba+loss-aware": "VMeanba + loss-aware"}
 """A row's method key -> the label every results table, demo table and figure prints ("vanilla" is Table 2's

@@ -67,7 +67,6 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     timm = timm_with_our_models()
     from safetensors.torch import save_file
 
-    from lowrank_vit.core.allocate import get_policy
     from lowrank_vit.harness.models import input_shape
     from lowrank_vit.harness.registry import RunConfig
     from lowrank_vit.harness.rowresults import read_result
@@ -95,9 +94,6 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
         overrides["compression.calib_samples"] = settings.calib_samples
         if cfg.compression.fits_z_by_sgd:
             overrides["compression.sgd_iterations"] = settings.sgd_steps
-        policy = get_policy(cfg.compression.allocation)
-        if policy.rehearsal_settings:  # what the policy needs on random weights (it says why)
-            overrides["compression.settings"] = {**cfg.compression.settings, **policy.rehearsal_settings}
         if settings.depth is not None and cfg.compression.target_params is not None:
             fraction = 1.0 - cfg.compression.target_params / sum(p.numel() for p in timm.create_model(
                 cfg.model.name, pretrained=False, **cfg.model.kwargs).parameters())

@@ -153,8 +153,8 @@ def _add_compress(sub: Any) -> None:
     p.add_argument("--recipe", default="loss-aware", choices=[*RECIPES, *METHODS, VMEANBA],
                    help="a recipe (loss-aware: the default; loss-aware-refit: with the sequential refit, for a "
                         "model shipped without fine-tuning or -80%%; paper; vanilla; the peers flar-svd, svd-llm, "
-                        "svd-llm-v2, kfac-lems; vmeanba for vision state-space models) or any registered "
-                        "decomposition")
+                        "svd-llm-update, svd-llm-v2, kfac-lems; vmeanba for vision state-space models) or any "
+                        "registered decomposition")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                    help="one of the recipe's own settings (docs/api.md lists every method's), e.g. --setting "
                         "grad_fraction=0.5 (loss-aware), --setting gamma=60 (paper); "

@@ -49,7 +49,7 @@ from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS, collect_l
 from lowrank_vit.core.loss_aware_svd import loss_aware_singular_values, loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
-from lowrank_vit.core.search import PUBLISHED_TOKENS
+from lowrank_vit.core.search import SvdLlmV2Settings
 from lowrank_vit.methods.units import NO_MODULES, AttentionHeads, WholeModules
 
 Extras = dict[str, torch.Tensor]
@@ -315,11 +315,13 @@ def pooled_token_stats(stats: dict[str, LayerStats], layers: dict[str, nn.Linear
     return stats
 
 
-def _raw_units(decomposition: Decomposition, stats: LayerStats) -> Decomposition:
-    """A decomposition of the pooled ``gram`` with its singular values in the units of H_raw summed over as many
-    tokens as SVD-LLM's published calibration set (``core.search.PUBLISHED_TOKENS``): SVD-LLM v2's truncation losses
-    are read in them, and its 1 / log(L) scores depend on that unit."""
-    root = (stats.loss_scale * PUBLISHED_TOKENS / max(stats.rows or PUBLISHED_TOKENS, 1)) ** 0.5
+def _raw_units(decomposition: Decomposition, stats: LayerStats, tokens: int | None) -> Decomposition:
+    """A decomposition of the pooled ``gram`` with its singular values in the units of the plain input Gram summed
+    over the calibration's own tokens, as SVD-LLM's code sums it, or, given ``tokens``, over that many tokens
+    (rescaled): SVD-LLM v2's truncation losses are read in these units, and its 1 / log(L) scores depend on them
+    (``SvdLlmV2Settings.loss_tokens``)."""
+    rows = max(stats.rows or 1, 1)
+    root = (stats.loss_scale * (tokens / rows if tokens else 1.0)) ** 0.5
     return Decomposition(decomposition.left / root, decomposition.right, decomposition.singular_values * root)
 
 
@@ -347,7 +349,7 @@ class _TokenWhitened(Method):
 
     def decompose(self, weight, stats, extra, cfg):
         white = self.whiten(stats, cfg)
-        return _raw_units(whitened_svd(weight, white), stats), None
+        return _raw_units(whitened_svd(weight, white), stats, settings_of(cfg, SvdLlmV2Settings).loss_tokens), None
 
 
 @register_method
