@@ -41,14 +41,14 @@ test: $(BIN)/.installed  ## the whole test suite, slow tests included: the CI co
 test-fast: $(BIN)/.installed  ## the edit-test loop: every test not marked slow (-m "not slow"), about 2.5 minutes on 2 cores
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not slow"
 
-mutants: $(BIN)/.installed  ## mutmut on a seeded sample of 200 generated mutants of the user-facing modules: caught per module, survivors (tests/mutation_sample.py; 45 min)
-	$(TEST_ENV) $(BIN)/python tests/mutation_sample.py $(ARGS)
+mutants: $(BIN)/.installed  ## mutmut on a seeded sample of 200 generated mutants of the user-facing modules: caught per module, survivors (tools/mutation_sample.py; 45 min)
+	$(TEST_ENV) $(BIN)/python tools/mutation_sample.py $(ARGS)
 
-mutants-listed: $(BIN)/.installed  ## the 116 hand-written defects the tests must catch, one at a time in a copy (12-15 min; tests/mutants.py)
-	$(BIN)/python tests/mutants.py $(ARGS)
+mutants-listed: $(BIN)/.installed  ## the 116 hand-written defects the tests must catch, one at a time in a copy (12-15 min; tools/mutants.py)
+	$(BIN)/python tools/mutants.py $(ARGS)
 
-lint: $(BIN)/.installed  ## ruff over the package and the tests
-	$(BIN)/ruff check lowrank_vit experiments tests benchmarks
+lint: $(BIN)/.installed  ## ruff over the package, the tests and the tools
+	$(BIN)/ruff check lowrank_vit experiments tests benchmarks tools
 
 demo: $(BIN)/.installed  ## miniature Table 2 on the MNIST stand-in of DeiT-S, offline, CPU (results/demo/)
 	$(CLI) demo $(ARGS)

@@ -10,13 +10,13 @@ import torch
 from lowrank_vit.core.allocate import (
     LayerBudget,
     _exchange_slack,
-    _fill_slack,
     _gain,
     _gain_per_param,
     align_down,
     allocate_greedy,
     allocate_marginal,
     allocate_uniform,
+    fill_slack,
     schedule,
 )
 from lowrank_vit.core.decompose import energy_tail_curve
@@ -127,7 +127,7 @@ def test_small_ranks_are_raised_to_the_multiple_when_the_budget_allows():
     ranks = {layer.name: 3 for layer in layers}
     spent_before = sum(layer.params(3) for layer in layers)
     extra = layers[0].params(8) - layers[0].params(3)
-    total = _fill_slack(layers, ranks, spent_before + extra, key=_gain, step=8)
+    total = fill_slack(layers, ranks, spent_before + extra, key=_gain, step=8)
     assert sorted(ranks.values()).count(8) == 1 and total <= spent_before + extra
 
 
@@ -150,7 +150,7 @@ def test_marginal_slack_goes_where_it_recovers_the_most_energy_per_parameter():
     narrow, wide = LayerBudget("narrow", 10, 10, 0, flat(1.5, 10)), LayerBudget("wide", 40, 40, 0, flat(4.0, 40))
     ranks: dict[str, int | None] = {"narrow": 1, "wide": 1}
     budget = narrow.params(1) + wide.params(1) + 80
-    assert _fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 20
+    assert fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 20
     assert ranks == {"narrow": narrow.max_rank, "wide": 1} and narrow.max_rank == 4
 
 
@@ -181,7 +181,7 @@ def test_slack_goes_to_the_next_rank_that_recovers_the_most_whatever_the_ranks_h
     low = LayerBudget("low", 10, 10, 0, torch.tensor([1.0, 0.6, 0.4, 0.3, 0.1, 0.0], dtype=torch.float64))
     ranks: dict[str, int | None] = {"held": 1, "low": 3}
     budget = held.params(1) + low.params(3) + low.rank_step
-    assert _fill_slack([held, low], ranks, budget, key=_gain) == budget
+    assert fill_slack([held, low], ranks, budget, key=_gain) == budget
     assert ranks == {"held": 1, "low": 4}
 
     def flat(per_rank: float, ranks: int) -> torch.Tensor:
@@ -190,7 +190,7 @@ def test_slack_goes_to_the_next_rank_that_recovers_the_most_whatever_the_ranks_h
     narrow, wide = LayerBudget("narrow", 10, 10, 0, flat(1.5, 10)), LayerBudget("wide", 40, 40, 0, flat(4.0, 40))
     ranks = {"narrow": 3, "wide": 1}
     budget = narrow.params(3) + wide.params(1) + 80
-    assert _fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 60
+    assert fill_slack([narrow, wide], ranks, budget, key=_gain_per_param) == budget - 60
     assert ranks == {"narrow": 4, "wide": 1}
 
 

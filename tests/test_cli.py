@@ -373,7 +373,7 @@ def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
 def test_results_of_an_older_version_still_count_as_finished(tmp_path):
     """A field added to the config since a row finished (filled with its default) does not orphan the result."""
     from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import _standin_fingerprint, finished
+    from lowrank_vit.harness.runner import finished, standin_weights_fingerprint
 
     exp = get_experiment("compare/deit_s/ours-50")
     cfg = exp.config("smoke")
@@ -381,7 +381,7 @@ def test_results_of_an_older_version_still_count_as_finished(tmp_path):
     del old["model"]["checkpoint"]
     path = tmp_path / exp.name / "result.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"config": old, "standin_fingerprint": _standin_fingerprint("deit_s")}))
+    path.write_text(json.dumps({"config": old, "standin_fingerprint": standin_weights_fingerprint("deit_s")}))
     assert finished(exp, cfg, tmp_path) is not None
 
 

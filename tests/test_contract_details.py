@@ -116,14 +116,14 @@ def test_a_finetune_whose_output_holds_its_input_names_the_input(place, tmp_path
 def test_an_array_whose_first_and_last_axes_could_both_be_channels_is_read_channels_last():
     """(3, 5, 3): channels-first only when the last axis cannot be channels; here it can, so it is 3 rows of 5
     pixels of 3 channels, as PIL and Hugging Face datasets store images."""
-    from lowrank_vit.stages.data import _to_pil
+    from lowrank_vit.stages.data import to_pil
 
     array = np.arange(45, dtype=np.uint8).reshape(3, 5, 3)
-    image = _to_pil(array)
+    image = to_pil(array)
     assert image.size == (5, 3) and image.mode == "RGB"
     assert np.array_equal(np.asarray(image), array)
     four = np.arange(60, dtype=np.uint8).reshape(3, 5, 4)  # the last axis could be RGBA: channels-last too
-    assert _to_pil(four).size == (5, 3)
+    assert to_pil(four).size == (5, 3)
 
 
 def test_an_empty_validation_split_names_the_data(tmp_path):

@@ -105,7 +105,7 @@ def test_a_reused_dense_accuracy_is_said_unless_quiet(quiet, capsys, monkeypatch
     monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: (where, {}))
     monkeypatch.setattr(densecache, "_read_cached_accuracy", lambda *a: {"top1": 12.345})
     args = argparse.Namespace(quiet=quiet, no_cache=False)
-    metrics, path = densecache._dense_accuracy(args, None, {}, None, None, torch.device("cpu"))
+    metrics, path = densecache.cached_dense_accuracy(args, None, {}, None, None, torch.device("cpu"))
     assert (metrics, path) == ({"top1": 12.345}, where)
     err = capsys.readouterr().err
     assert err == ("" if quiet else f"dense model: top-1 12.35% reused from the cache ({where}); --no-cache "
@@ -119,9 +119,9 @@ def test_timms_pretrained_weights_are_described_as_pretrained(monkeypatch):
     monkeypatch.setattr(models, "build_model", lambda cfg, progress=True: make_tiny_vit(seed=0))
     args = argparse.Namespace(model=ARCH, model_kwargs={}, checkpoint=None, input_size=None, no_pretrained=False,
                               quiet=True)
-    assert sources._timm_source(args).description == f"timm {ARCH}, pretrained"
+    assert sources.timm_source(args).description == f"timm {ARCH}, pretrained"
     args.no_pretrained = True
-    assert sources._timm_source(args).description == f"timm {ARCH}, random weights"
+    assert sources.timm_source(args).description == f"timm {ARCH}, random weights"
 
 
 # ------------------------------------------------------------------------------------------------ the fine-tune

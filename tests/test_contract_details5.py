@@ -77,9 +77,11 @@ def test_the_dense_model_is_evaluated_on_the_device_the_command_chose(monkeypatc
 
     seen = []
     monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: None)
-    monkeypatch.setattr(densecache, "_evaluate", lambda model, dm, device, args, desc: seen.append(device) or {})
+    monkeypatch.setattr(densecache, "evaluate_on_user_data",
+                        lambda model, dm, device, args, desc: seen.append(device) or {})
     device = torch.device("meta")
-    densecache._dense_accuracy(argparse.Namespace(no_cache=False), _source(), {}, torch.nn.Identity(), None, device)
+    densecache.cached_dense_accuracy(argparse.Namespace(no_cache=False), _source(), {}, torch.nn.Identity(), None,
+                                     device)
     assert seen == [device]
 
 
@@ -173,19 +175,19 @@ def test_an_unknown_architecture_with_nothing_close_points_to_timms_list():
 
 
 def test_a_message_of_exactly_the_limit_is_kept_whole():
-    from lowrank_vit.stages.data_config import _one_line
+    from lowrank_vit.stages.data_config import one_line
 
-    assert _one_line("a" * 10, limit=10) == "a" * 10
-    assert _one_line("a" * 11, limit=10) == "a" * 7 + "..."
+    assert one_line("a" * 10, limit=10) == "a" * 10
+    assert one_line("a" * 11, limit=10) == "a" * 7 + "..."
 
 
 def test_val_labels_without_a_validation_folder_says_where_to_put_the_images(tmp_path):
     from lowrank_vit.stages.data_config import DataConfig, DataFormatError
-    from lowrank_vit.stages.data_readers import _flat_val_dir
+    from lowrank_vit.stages.data_readers import flat_val_dir
 
     (tmp_path / "train").mkdir()
     with pytest.raises(DataFormatError) as info:
-        _flat_val_dir(tmp_path, DataConfig(path=str(tmp_path), val_split="val", val_labels="labels.txt"))
+        flat_val_dir(tmp_path, DataConfig(path=str(tmp_path), val_split="val", val_labels="labels.txt"))
     assert str(info.value) == (f"val_labels= is the ground truth of a flat validation folder, but {str(tmp_path)!r} "
                                f"has none of ['val']: put the validation images in {str(tmp_path / 'val')!r}")
 
@@ -298,10 +300,10 @@ def test_an_array_of_no_pixels_or_the_wrong_rank_is_refused_naming_its_shape(sha
     import numpy as np
 
     from lowrank_vit.stages.data_config import DataFormatError
-    from lowrank_vit.stages.data_transforms import _to_pil
+    from lowrank_vit.stages.data_transforms import to_pil
 
     with pytest.raises(DataFormatError) as info:
-        _to_pil(np.zeros(shape, dtype=np.float32))
+        to_pil(np.zeros(shape, dtype=np.float32))
     assert str(info.value) == f"cannot read an image from an array of shape {shape}"
 
 
@@ -375,7 +377,7 @@ def test_a_float_image_on_the_unit_scale_with_a_white_pixel_is_scaled_to_255():
     """Floats in [0, 1] whose brightest pixel is exactly 1.0 (white) are on the unit scale: scaled by 255."""
     import numpy as np
 
-    from lowrank_vit.stages.data_transforms import _to_pil
+    from lowrank_vit.stages.data_transforms import to_pil
 
     pixels = np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32)
-    assert np.asarray(_to_pil(pixels)).tolist() == [[0, 127], [63, 255]]
+    assert np.asarray(to_pil(pixels)).tolist() == [[0, 127], [63, 255]]

@@ -42,7 +42,8 @@ def test_an_evaluation_shows_its_progress_bar_unless_quiet(quiet, monkeypatch):
 
     monkeypatch.setattr(runner, "evaluate", lambda model, loader, device, progress, desc: seen.update(
         progress=progress, loader=loader, desc=desc) or {})
-    userdata._evaluate(None, Data(), torch.device("cpu"), argparse.Namespace(quiet=quiet, limit=None), "evaluate x")
+    userdata.evaluate_on_user_data(None, Data(), torch.device("cpu"), argparse.Namespace(quiet=quiet, limit=None),
+                                   "evaluate x")
     assert seen == {"progress": not quiet, "loader": "loader", "desc": "evaluate x"}
 
 
@@ -203,10 +204,10 @@ def test_a_step_count_that_is_not_a_positive_integer_is_refused(steps):
 def test_a_reports_layer_rows_count_the_dense_weights_of_each_layer():
     """A model without a compression report (a fine-tune's input written by save_compressed): each layer's row says
     in x out dense weights, read here from the layer's own shape."""
-    from lowrank_vit.harness.outputs import _layers
+    from lowrank_vit.harness.outputs import report_layers
 
     model = _compressed()
-    rows = _layers(model, None)
+    rows = report_layers(model, None)
     assert rows
     for row in rows:
         layer = model.get_submodule(row["name"])

@@ -104,15 +104,15 @@ def test_a_stratified_split_holds_out_the_first_of_each_class_in_the_seeds_order
 
 
 def test_labels_are_read_as_int64_whatever_integer_type_the_file_stores(tmp_path):
-    """`_label_array` promises int64 (uint8 labels cannot hold the -1 an empty split's maximum starts from)."""
+    """`label_array` promises int64 (uint8 labels cannot hold the -1 an empty split's maximum starts from)."""
     import datasets
 
-    from lowrank_vit.stages.data_readers import _label_array
+    from lowrank_vit.stages.data_readers import label_array
 
     for dtype in ("uint8", "int16", "int32"):
         ds = datasets.Dataset.from_dict({"label": [0, 2, 1]}, features=datasets.Features({"label":
                                                                                           datasets.Value(dtype)}))
-        labels = _label_array(ds, "label")
+        labels = label_array(ds, "label")
         assert labels.dtype == np.int64 and labels.tolist() == [0, 2, 1]
 
 
@@ -167,7 +167,7 @@ def test_a_hub_repository_that_is_no_model_directory_gets_timms_own_refusal(monk
         raise UserError("timm has no model 'hf-hub:someone/tiny-vit'")
 
     monkeypatch.setattr(hub, "download", lambda reference: tmp_path)  # reached: an empty snapshot
-    monkeypatch.setattr(sources, "_timm_source", timm_refuses)
+    monkeypatch.setattr(sources, "timm_source", timm_refuses)
     with pytest.raises(UserError) as info:
         sources.load_source(_hub_args())
     assert str(info.value) == "timm has no model 'hf-hub:someone/tiny-vit'"
@@ -188,7 +188,7 @@ def test_an_unreachable_hub_model_quotes_the_hub_unless_timm_failed_for_another_
         def fails(args, error=error):
             raise error
 
-        monkeypatch.setattr(sources, "_timm_source", fails)
+        monkeypatch.setattr(sources, "timm_source", fails)
         with pytest.raises(expected) as info:
             sources.load_source(_hub_args())
         if expected is UserError:
@@ -289,8 +289,8 @@ def test_a_dense_accuracy_that_cannot_be_cached_is_said_unless_quiet(quiet, caps
 
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: (tmp_path / "file" / "entry.json", {}))
-    monkeypatch.setattr(densecache, "_evaluate", lambda *a: {"top1": 50.0})
-    metrics, reused = densecache._dense_accuracy(argparse.Namespace(quiet=quiet, no_cache=False), None, {}, None,
+    monkeypatch.setattr(densecache, "evaluate_on_user_data", lambda *a: {"top1": 50.0})
+    metrics, reused = densecache.cached_dense_accuracy(argparse.Namespace(quiet=quiet, no_cache=False), None, {}, None,
                                                  None, torch.device("cpu"))
     assert (metrics, reused) == ({"top1": 50.0}, None)
     err = capsys.readouterr().err

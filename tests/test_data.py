@@ -103,13 +103,13 @@ def test_stratified_split_holds_out_the_rounded_share_of_every_class():
 def test_array_images_in_any_layout_and_scale_become_the_same_picture():
     """An image column holding arrays: uint8 (H, W, C), channels first (C, H, W), and floats in [0, 1] all decode
     to the same uint8 picture (floats are scaled by 255, not truncated to black)."""
-    from lowrank_vit.stages.data import _to_pil
+    from lowrank_vit.stages.data import to_pil
 
     pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    expected = np.asarray(_to_pil(pixels))
+    expected = np.asarray(to_pil(pixels))
     assert np.array_equal(expected, pixels)
-    assert np.array_equal(np.asarray(_to_pil(pixels.transpose(2, 0, 1))), pixels)
-    scaled = np.asarray(_to_pil(pixels.astype(np.float32) / 255.0)).astype(int)
+    assert np.array_equal(np.asarray(to_pil(pixels.transpose(2, 0, 1))), pixels)
+    scaled = np.asarray(to_pil(pixels.astype(np.float32) / 255.0)).astype(int)
     assert np.abs(scaled - pixels.astype(int)).max() <= 1
 
 
@@ -507,9 +507,9 @@ def test_tensor_transform_keeps_each_colour_channel_of_a_colour_image():
 def test_arrays_become_images_with_their_values_clipped_and_their_channels_found():
     """Float arrays on the 0-255 scale are clipped to it (300 -> 255, -5 -> 0), not wrapped around by the uint8
     cast; a channels-first array is recognised whenever its last axis cannot be channels, a width of 2 included."""
-    from lowrank_vit.stages.data import _to_pil
+    from lowrank_vit.stages.data import to_pil
 
     values = np.array([[300.0, -5.0, 128.0], [2.0, 255.0, 17.0]], dtype=np.float32)
-    assert np.array_equal(np.asarray(_to_pil(values)), np.array([[255, 0, 128], [2, 255, 17]], dtype=np.uint8))
+    assert np.array_equal(np.asarray(to_pil(values)), np.array([[255, 0, 128], [2, 255, 17]], dtype=np.uint8))
     channels_first = np.random.default_rng(0).integers(0, 256, (3, 5, 2), dtype=np.uint8)
-    assert np.array_equal(np.asarray(_to_pil(channels_first)), channels_first.transpose(1, 2, 0))
+    assert np.array_equal(np.asarray(to_pil(channels_first)), channels_first.transpose(1, 2, 0))

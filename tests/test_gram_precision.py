@@ -151,13 +151,13 @@ def test_a_finished_row_of_an_earlier_version_is_still_the_same_config():
     """result.json of an earlier version holds the resolved precision; the same row with "auto" is not "another
     config" (which would refuse to resume), while an explicit different precision is."""
     from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import _comparable
+    from lowrank_vit.harness.runner import comparable
 
     for name, written in (("table2/deit_s/ours-50", "float64"), ("table2/deit_s/loss-aware-50", "float32")):
         current = get_experiment(name).config("smoke").to_dict()
         assert current["compression"]["gram_precision"] is None
         earlier = {**current, "compression": {**current["compression"], "gram_precision": written}}
-        assert _comparable(earlier) == _comparable(current)
+        assert comparable(earlier) == comparable(current)
         other = "float32" if written == "float64" else "float64"
         different = {**current, "compression": {**current["compression"], "gram_precision": other}}
-        assert _comparable(different) != _comparable(current)
+        assert comparable(different) != comparable(current)

@@ -230,10 +230,10 @@ def test_the_ranks_figure_is_drawn_for_a_report_without_a_source(tmp_path):
 def test_a_one_channel_channels_first_array_becomes_a_grey_image():
     """A Hugging Face image column may hold (1, H, W) arrays (a grey image stored channels first): each must become
     the H x W grey picture, not a one-pixel-high strip or an error."""
-    from lowrank_vit.stages.data import _to_pil
+    from lowrank_vit.stages.data import to_pil
 
     pixels = np.random.default_rng(0).integers(0, 256, (7, 5), dtype=np.uint8)
-    image = _to_pil(pixels[None])
+    image = to_pil(pixels[None])
     assert image.mode == "L" and image.size == (5, 7)
     assert np.array_equal(np.asarray(image), pixels)
 

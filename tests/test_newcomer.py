@@ -255,17 +255,17 @@ def test_smoke_table_compares_with_its_own_baseline():
 def test_wandb_runs_carry_project_and_groupable_keys(monkeypatch, tmp_path):
     import lowrank_vit.stages.logging_utils
     from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import _make_logger
+    from lowrank_vit.harness.runner import make_row_logger
 
     seen = {}
     monkeypatch.setattr(lowrank_vit.stages.logging_utils, "make_logger", lambda mode, **kw: seen.update(kw))
     exp = get_experiment("table2/deit_s/ours-50")
-    _make_logger(exp, exp.config("smoke"), "offline", tmp_path)
+    make_row_logger(exp, exp.config("smoke"), "offline", tmp_path)
     assert seen["project"] == "lowrank_vit" and seen["group"] == "table2-smoke"
     assert {k: seen["config"][k] for k in ("method", "arch", "ratio")} == {"method": "ours", "arch": "deit_s",
                                                                           "ratio": 50}
     monkeypatch.setenv("WANDB_PROJECT", "mine")
-    _make_logger(exp, exp.config("smoke"), "offline", tmp_path)
+    make_row_logger(exp, exp.config("smoke"), "offline", tmp_path)
     assert seen["project"] == "mine"
 
 

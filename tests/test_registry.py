@@ -271,12 +271,12 @@ def test_compare_paper_numbers_only_where_a_paper_prints_them():
 
 def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
     import lowrank_vit.stages.logging_utils as logging_utils
-    from lowrank_vit.harness.runner import _make_logger
+    from lowrank_vit.harness.runner import make_row_logger
 
     groups = []
     monkeypatch.setattr(logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))
     for exp in (COMPARE[0], COMPARE[-1], get_experiment("compare/deit_s/comcat-40-noft")):
-        _make_logger(exp, exp.smoke, "offline", tmp_path)
+        make_row_logger(exp, exp.smoke, "offline", tmp_path)
     assert groups == ["compare-smoke"] * 3
 
 

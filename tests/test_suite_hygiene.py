@@ -54,16 +54,16 @@ def test_every_test_starts_from_the_same_seed(draw):
 
 
 def test_every_mutant_still_applies_and_names_existing_tests():
-    """tests/mutants.py (``make mutants-listed``): each deliberate defect's original text occurs exactly once in its
+    """tools/mutants.py (``make mutants-listed``): each deliberate defect's original text occurs exactly once in its
     file, so the list follows the code; the tests that must catch it exist; and a text that is not there is
     refused."""
     import sys
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tools"))
     try:
         import mutants
     finally:
-        sys.path.remove(str(REPO / "tests"))
+        sys.path.remove(str(REPO / "tools"))
     assert len(mutants.MUTANTS) >= 40
     for m in mutants.MUTANTS:
         text = (REPO / m.path).read_text()
@@ -75,13 +75,13 @@ def test_every_mutant_still_applies_and_names_existing_tests():
 
 
 def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
-    """tests/mutation_sample.py (``make mutants``): the modules are pyproject's ``only_mutate``; a module's mutants
+    """tools/mutation_sample.py (``make mutants``): the modules are pyproject's ``only_mutate``; a module's mutants
     are named as mutmut names them; docs/mutation.md's triage lines parse."""
     pytest.importorskip("mutmut")
     import os
     import sys
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tools"))
     here = os.getcwd()
     try:
         os.chdir(REPO)
@@ -108,11 +108,11 @@ def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
                                               names[0].rsplit("_", 1)[0] + "_99999": "why"}) == 2
     finally:
         os.chdir(here)
-        sys.path.remove(str(REPO / "tests"))
+        sys.path.remove(str(REPO / "tools"))
 
 
 def test_the_mutation_history_adds_up_and_the_guide_quotes_its_latest_runs():
-    """docs/mutation_history.json (one object per run of tests/mutation_sample.py): each run's counts add up, its
+    """docs/mutation_history.json (one object per run of tools/mutation_sample.py): each run's counts add up, its
     score is its counts' and its module rows fit them; docs/mutation.md quotes the last entry as the latest run and
     the last whole-pool sample as the latest fresh one; every line the sampler reads there as triage names a mutant."""
     import sys
@@ -147,11 +147,11 @@ def test_the_mutation_history_adds_up_and_the_guide_quotes_its_latest_runs():
     assert quoted("Latest run") == recorded(history[-1])
     assert quoted("Latest fresh sample") == recorded([e for e in history if e["kind"] == "sample"][-1])
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tools"))
     try:
         import mutation_sample
     finally:
-        sys.path.remove(str(REPO / "tests"))
+        sys.path.remove(str(REPO / "tools"))
     triaged = mutation_sample.triaged()
     assert len(triaged) >= 60
     assert all(name.startswith("lowrank_vit.") and re.search(r"__mutmut_\d+$", name) for name in triaged), triaged

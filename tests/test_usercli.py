@@ -567,7 +567,8 @@ def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_pa
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(finetunecli, "_evaluate", interrupted)  # after training, before the directory is written
+        # after training, before the directory is written
+        patch.setattr(finetunecli, "evaluate_on_user_data", interrupted)
         code, _, _ = _run(capsys, *argv, "--epochs", "1", "--quiet", "--checkpoint-every", "2")
     assert code == 130 and not out.exists()
     assert (tmp_path / ".ft.partial" / "checkpoints" / "last.ckpt").is_file()
@@ -644,7 +645,7 @@ def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_p
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(finetunecli, "_evaluate", interrupted)
+        patch.setattr(finetunecli, "evaluate_on_user_data", interrupted)
         assert _run(capsys, "finetune", compressed, *common)[0] == 130
     code, _, err = _run(capsys, "finetune", other, *common)
     _assert_one_line_error(code, err, "remove", ".ft.partial")
@@ -987,13 +988,13 @@ def test_an_unreachable_target_is_refused_before_the_data(tmp_path, capsys):
 def test_top5_is_left_out_where_every_image_is_in_the_top_5():
     """With 5 classes or fewer top-5 is 100% whatever the model: the CLI's lines and the model card leave it out
     rather than print a constant; a report from before the class count was recorded keeps its figure."""
-    from lowrank_vit.harness.userdata import _top5_text
+    from lowrank_vit.harness.userdata import top5_text
     from lowrank_vit.io.modelcard import render_card
 
-    assert _top5_text({"top5": 100.0, "classes": 3}, ", ") == ""
-    assert _top5_text({"top5": 100.0, "classes": 5}, ", ") == ""
-    assert _top5_text({"top5": 97.1, "classes": 6}, ", ") == ", top-5 97.10%"
-    assert _top5_text({"top5": 97.1}, "(", ")") == "(top-5 97.10%)"
+    assert top5_text({"top5": 100.0, "classes": 3}, ", ") == ""
+    assert top5_text({"top5": 100.0, "classes": 5}, ", ") == ""
+    assert top5_text({"top5": 97.1, "classes": 6}, ", ") == ", top-5 97.10%"
+    assert top5_text({"top5": 97.1}, "(", ")") == "(top-5 97.10%)"
     for classes, cell in ((3, "—"), (10, "97.10"), (None, "97.10")):
         metrics = {"top1": 90.0, "top5": 97.1, "images": 50} | ({"classes": classes} if classes else {})
         card = render_card({"accuracy": {"after": metrics}}, "model")
@@ -1006,7 +1007,7 @@ def test_top5_is_left_out_where_every_image_is_in_the_top_5():
 @pytest.mark.parametrize("text, expected", [("1,28,28", (1, 28, 28)), ("3x32x48", (3, 32, 48)), ("24", (None, 24, 24)),
                                             ("16x1", (None, 16, 1))])
 def test_input_size_accepts_every_positive_size_one_included(text, expected):
-    from lowrank_vit.harness.usercli import _input_size
+    from lowrank_vit.harness.userargs import _input_size
 
     assert _input_size(text) == expected
 
@@ -1015,7 +1016,7 @@ def test_input_size_accepts_every_positive_size_one_included(text, expected):
 def test_input_size_refuses_what_is_not_a_size(text):
     import argparse
 
-    from lowrank_vit.harness.usercli import _input_size
+    from lowrank_vit.harness.userargs import _input_size
 
     with pytest.raises(argparse.ArgumentTypeError, match="expected H, HxW or C,H,W"):
         _input_size(text)

@@ -52,14 +52,14 @@ def evaluations(monkeypatch) -> list[str]:
     from lowrank_vit.harness import densecache, usercli, userdata
 
     seen: list[str] = []
-    real = userdata._evaluate
+    real = userdata.evaluate_on_user_data
 
     def counting(model, dm, device, args, desc):
         seen.append(desc)
         return real(model, dm, device, args, desc)
 
     for module in (densecache, usercli):  # the dense evaluation and the compressed model's
-        monkeypatch.setattr(module, "_evaluate", counting)
+        monkeypatch.setattr(module, "evaluate_on_user_data", counting)
     return seen
 
 
@@ -198,8 +198,8 @@ def no_model(monkeypatch) -> None:
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr(usercli, "load_source", never)
-    monkeypatch.setattr(usercli, "_directory_source", never)  # export
-    monkeypatch.setattr(finetunecli, "_directory_source", never)
+    monkeypatch.setattr(usercli, "directory_source", never)  # export
+    monkeypatch.setattr(finetunecli, "directory_source", never)
 
 
 def _argv(command: str, tmp_path: Path, data: str) -> list[str]:

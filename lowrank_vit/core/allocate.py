@@ -97,7 +97,7 @@ def check_feasible(layers: list[LayerBudget], budget: int, *, outside: int | Non
                      + (f"{budget:,}" if budget >= 0 else "none (it is below the parameters kept as they are)") + why)
 
 
-def _fill_slack(layers: list[LayerBudget], ranks: dict[str, int | None], budget: int, key, step: int = 1) -> int:
+def fill_slack(layers: list[LayerBudget], ranks: dict[str, int | None], budget: int, key, step: int = 1) -> int:
     """Spend what is left of the budget by raising one rank at a time to the next multiple of ``step`` (r + 1 for
     step 1), best ``key(layer, rank, new_rank)`` first, never exceeding the budget nor a layer's ``max_rank``."""
     total = sum(layer.params(ranks[layer.name]) for layer in layers)
@@ -146,7 +146,7 @@ def _align_ranks(layers: list[LayerBudget], ranks: dict[str, int | None], budget
     for layer in layers:
         if ranks[layer.name] is not None:
             ranks[layer.name] = align_down(ranks[layer.name], multiple)
-    return _fill_slack(layers, ranks, budget, key, step=multiple)
+    return fill_slack(layers, ranks, budget, key, step=multiple)
 
 
 def allocate_uniform(layers: list[LayerBudget], budget: int, rank_multiple: int = 1) -> Allocation:
@@ -173,7 +173,7 @@ def allocate_uniform(layers: list[LayerBudget], budget: int, rank_multiple: int 
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     ranks = ranks_for(lo)
     # Top up the layers furthest below the common fraction, so rounding does not waste budget.
-    total = _fill_slack(layers, ranks, budget, key=_uniform_deficit)
+    total = fill_slack(layers, ranks, budget, key=_uniform_deficit)
     if rank_multiple > 1:
         total = _align_ranks(layers, ranks, budget, rank_multiple, _uniform_deficit)
     return Allocation(ranks, total)
@@ -229,7 +229,7 @@ def allocate_greedy(layers: list[LayerBudget], budget: int, gamma: float = 80.0,
         ranks[layer.name] = new
         current -= removed
         trace.append({"step": step, "layer": layer.name, "rank": new, "params": current})
-    total = _fill_slack(layers, ranks, budget, key=_gain)
+    total = fill_slack(layers, ranks, budget, key=_gain)
     if rank_multiple > 1:
         total = _align_ranks(layers, ranks, budget, rank_multiple, _gain)
     return Allocation(ranks, total, trace)
@@ -345,7 +345,7 @@ def allocate_marginal(layers: list[LayerBudget], budget: int, rank_multiple: int
             break
         lo, hi = (mid, hi) if table.total(mid) > budget else (lo, mid)
     ranks = table.ranks(hi)
-    spent = _fill_slack(layers, ranks, budget, key=_gain_per_param)
+    spent = fill_slack(layers, ranks, budget, key=_gain_per_param)
     if rank_multiple > 1:
         spent = _align_ranks(layers, ranks, budget, rank_multiple, _gain_per_param)
     spent = _exchange_slack(layers, ranks, budget, tolerance, rank_multiple)

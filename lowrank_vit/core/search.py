@@ -28,10 +28,10 @@ from lowrank_vit.core.allocate import (
     Allocation,
     LayerBudget,
     Policy,
-    _fill_slack,
     align_down,
     allocate_uniform,
     check_feasible,
+    fill_slack,
     register_policy,
 )
 from lowrank_vit.core.common import check_count, check_number, settings_of
@@ -268,8 +268,8 @@ def scale_to_budget(layers: list[LayerBudget], searched: dict[str, int | None], 
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     ranks = ranks_for(lo)
     share = {layer.name: max(lo * searched[layer.name], 1e-9) for layer in scaled}
-    total = _fill_slack(layers, ranks, budget, step=step,
-                        key=lambda layer, r, new: -r / share.get(layer.name, math.inf))
+    total = fill_slack(layers, ranks, budget, step=step,
+                       key=lambda layer, r, new: -r / share.get(layer.name, math.inf))
     return ranks, total
 
 
@@ -401,7 +401,7 @@ def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int,
         raise ValueError(f"allocation 'svd_llm_v2' finds no ratios within the budget of {budget:,} parameters; use "
                          f"allocation 'uniform' or ask for a smaller reduction")
     target = {layer.name: max(keeps.get(layer.name, 1.0), 1e-9) * layer.dense_params for layer in layers}
-    total = _fill_slack(layers, ranks, budget, key=lambda layer, r, new: -layer.params(r) / target[layer.name])
+    total = fill_slack(layers, ranks, budget, key=lambda layer, r, new: -layer.params(r) / target[layer.name])
     return Allocation(ranks, total, [{"uniform_kept_fraction": f0, "uniform_fallback_kinds": fallbacks}]
                       + [{"layer": name, "kept_fraction": keep} for name, keep in keeps.items()])
 

@@ -52,7 +52,7 @@ def shared_compressed(exp_name: str) -> Path | None:
     from lowrank_vit.io.surgery import WEIGHTS_FILE
 
     text = os.environ.get(SHARED_ENV)
-    if not text or _is_rank_zero():
+    if not text or is_rank_zero():
         return None
     try:
         shared = json.loads(text)
@@ -65,6 +65,6 @@ def shared_compressed(exp_name: str) -> Path | None:
 
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0 and \
         int(os.environ.get("NODE_RANK", "0") or 0) == 0

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.files import write_json
-from lowrank_vit.harness.userbase import _say
-from lowrank_vit.harness.userdata import _evaluate
+from lowrank_vit.harness.userbase import say_to_user
+from lowrank_vit.harness.userdata import evaluate_on_user_data
 
 if TYPE_CHECKING:
     from lowrank_vit.harness.sources import Source
@@ -113,21 +113,21 @@ def _write_cached_accuracy(args: argparse.Namespace, path: Path, key: dict[str, 
     try:
         write_json(path, {"key": key, "accuracy": metrics})
     except (OSError, ValueError) as err:
-        _say(args, f"the dense model's top-1 was not cached ({type(err).__name__}: {err})")
+        say_to_user(args, f"the dense model's top-1 was not cached ({type(err).__name__}: {err})")
 
 
-def _dense_accuracy(args: argparse.Namespace, source: Source, pre: dict[str, Any], model: nn.Module, dm: Any,
-                    device: torch.device) -> tuple[dict[str, Any], Path | None]:
+def cached_dense_accuracy(args: argparse.Namespace, source: Source, pre: dict[str, Any], model: nn.Module, dm: Any,
+                          device: torch.device) -> tuple[dict[str, Any], Path | None]:
     """The dense model's accuracy: from the cache where this very evaluation was done before (said on stderr, naming
     the file), else evaluated now and cached. Returns it and the cache file it was read from (None: evaluated)."""
     entry = _dense_cache_entry(args, source, pre, device)
     if entry is not None and not args.no_cache:
         cached = _read_cached_accuracy(*entry)
         if cached is not None:
-            _say(args, f"dense model: top-1 {cached['top1']:.2f}% reused from the cache ({entry[0]}); --no-cache "
-                       f"evaluates it again")
+            say_to_user(args, f"dense model: top-1 {cached['top1']:.2f}% reused from the cache ({entry[0]}); "
+                              f"--no-cache evaluates it again")
             return cached, entry[0]
-    metrics = _evaluate(model, dm, device, args, "evaluate dense")
+    metrics = evaluate_on_user_data(model, dm, device, args, "evaluate dense")
     if entry is not None:
         _write_cached_accuracy(args, *entry, metrics)
     return metrics, None

@@ -18,19 +18,19 @@ from typing import Any
 from lowrank_vit.core.files import write_json
 from lowrank_vit.core.likelihood import is_classifier
 from lowrank_vit.harness.fidelity import fidelity_text
-from lowrank_vit.harness.outputs import _layers, _staging, check_output_dir, publish, write_model_dir
+from lowrank_vit.harness.outputs import check_output_dir, publish, report_layers, staging_dir, write_model_dir
 from lowrank_vit.harness.preprocessing import describe_preprocessing, resolve_model_preprocessing
-from lowrank_vit.harness.sources import _directory_source, load_teacher
-from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
+from lowrank_vit.harness.sources import directory_source, load_teacher
+from lowrank_vit.harness.userbase import UserError, resolve_device, say_to_user, user_command
 from lowrank_vit.harness.userdata import (
-    _evaluate,
-    _top5_text,
     build_data,
     check_data_path,
+    evaluate_on_user_data,
     fidelity_on_data,
     measures_top1,
     no_top1_reason,
     recorded_output,
+    top5_text,
 )
 from lowrank_vit.stages.finetune_config import check_precision_on
 
@@ -57,9 +57,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_precision_on(args.precision, device.type)  # before any model is read
     args.model_kwargs, args.checkpoint = {}, None
-    source = _directory_source(args, directory)
+    source = directory_source(args, directory)
     pre, origin = resolve_model_preprocessing(source, args)
-    _say(args, describe_preprocessing(pre, origin))
+    say_to_user(args, describe_preprocessing(pre, origin))
     model = source.model
     recorded, output_key = recorded_output(source.metadata)
     try:
@@ -81,7 +81,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not top1 and config.distill != 1:
         raise UserError(f"--data {args.data!r} has no labels: a fine-tune without labels learns from the dense "
                         f"model's outputs alone, give --distill 1 (got {args.distill:g})")
-    stage = _staging(out, "partial")  # a fixed name: a second run resumes from its checkpoints
+    stage = staging_dir(out, "partial")  # a fixed name: a second run resumes from its checkpoints
     checkpoints = stage / "checkpoints"
     _resume_or_start(args, stage, _finetune_run(args, directory, config))
     start = time.perf_counter()
@@ -108,12 +108,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     model = module.model.to(device).eval()
     if top1:
-        final = _evaluate(model, dm, device, args, "evaluate fine-tuned")
+        final = evaluate_on_user_data(model, dm, device, args, "evaluate fine-tuned")
         accuracy = {**previous.get("accuracy", {}), "final": final}
         fidelity = previous.get("fidelity", {})
     else:
-        _say(args, f"{no_top1_reason(model, dm)}: the fine-tuned model is evaluated by its fidelity to the dense "
-                   f"model instead of top-1")
+        say_to_user(args, f"{no_top1_reason(model, dm)}: the fine-tuned model is evaluated by its fidelity to the "
+                          f"dense model instead of top-1")
         assert teacher is not None  # --distill 1 (checked above)
         final = fidelity_on_data(model, teacher, dm, device, args, "fidelity to the dense model", likelihood,
                                  output_key)
@@ -127,7 +127,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                            "augment": args.augment}}
     if fidelity:
         report["fidelity"] = fidelity
-    report.setdefault("layers", _layers(model, None))
+    report.setdefault("layers", report_layers(model, None))
     report.setdefault("source", {"description": source.description, "architecture": source.architecture})
     metadata = {**source.metadata, "preprocessing": pre, "finetune": report["finetune"]}
     write_model_dir(stage, model, report, metadata)
@@ -136,7 +136,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     publish(stage, out)
     if top1:
         print(f"{out}: fine-tuned {trainer.global_step} steps, top-1 {final['top1']:.2f}% "
-              f"({_top5_text(final, '', ', ')}{final['images']:,} images)")
+              f"({top5_text(final, '', ', ')}{final['images']:,} images)")
     else:
         print(f"{out}: fine-tuned {trainer.global_step} steps, fidelity to the dense model: {fidelity_text(final)} "
               f"({final['images']:,} images)")
@@ -193,7 +193,7 @@ def _resume_or_start(args: argparse.Namespace, stage: Path, run: dict[str, Any])
         if differ:
             raise UserError(f"{stage} holds an interrupted fine-tune with another {', '.join(differ)}: rerun that "
                             f"command to resume it, or remove {stage} to start over")
-        _say(args, f"resuming from {last}")
+        say_to_user(args, f"resuming from {last}")
         return
     stage.mkdir(parents=True, exist_ok=True)
     write_json(record, run)

@@ -152,7 +152,7 @@ def synthetic_labelled(batches: list[torch.Tensor], num_classes: int,
 
 
 
-def _num_classes(model: nn.Module) -> int:
+def model_num_classes(model: nn.Module) -> int:
     classes = getattr(model, "num_classes", None)
     if isinstance(classes, int) and classes > 0:
         return classes

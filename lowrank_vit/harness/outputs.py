@@ -15,7 +15,7 @@ from lowrank_vit.core.files import strict_json, write_json
 from lowrank_vit.harness.userbase import UserError
 
 
-def _size_mib(model: nn.Module) -> float:
+def weights_size_mib(model: nn.Module) -> float:
     """The MiB the saved weights take: every tensor as stored (float32; quantized parameters as their codes, scales
     and zero points; a sparse Z's index lists), so the figure is the file's, whatever the Z kind or bit width."""
     from lowrank_vit.io.surgery import stored_bytes
@@ -31,7 +31,7 @@ def model_dir_files() -> tuple[str, ...]:
     return WEIGHTS_FILE, PLAN_FILE, REPORT_FILE, CARD_FILE, RANKS_FIGURE
 
 
-def _check_parents(out: Path) -> None:
+def check_parents(out: Path) -> None:
     """An output below a regular file can never be written: say so before any work (not as an OSError after it)."""
     for parent in out.expanduser().absolute().parents:
         if parent.exists():
@@ -40,7 +40,7 @@ def _check_parents(out: Path) -> None:
             return
 
 
-def _check_apart(out: Path, protect: Path) -> None:
+def check_apart(out: Path, protect: Path) -> None:
     """The input is never written: neither the output itself, nor inside it, nor holding it (a replaced output
     directory would take the input with it)."""
     o, p = out.resolve(), protect.resolve()
@@ -61,9 +61,9 @@ def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> Non
     replaced); ``protect`` (the input) never, nor anything inside it or around it."""
     from lowrank_vit.io.surgery import PLAN_FILE
 
-    _check_parents(out)
+    check_parents(out)
     if protect is not None:
-        _check_apart(out, protect)
+        check_apart(out, protect)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {str(out)!r} is a file")
     if not out.is_dir() or not any(out.iterdir()):
@@ -92,7 +92,7 @@ def _describe_dir(directory: Path) -> str:
     return f"{plan['architecture']}" + (f" from {described}" if described else "")
 
 
-def _staging(out: Path, suffix: str) -> Path:
+def staging_dir(out: Path, suffix: str) -> Path:
     stage = out.parent / f".{out.name}.{suffix}"
     stage.parent.mkdir(parents=True, exist_ok=True)
     return stage
@@ -126,7 +126,7 @@ def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metad
     (stage / CARD_FILE).write_text(render_card(report, report.get("name") or stage.name))
 
 
-def _layers(model: nn.Module, compression: dict[str, Any] | None) -> list[dict[str, Any]]:
+def report_layers(model: nn.Module, compression: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Per-layer rows of the report: the compression's own where there is one."""
     if compression and compression.get("layers"):
         keys = ("name", "in_features", "out_features", "rank", "dense_params", "factored_params", "output_error")

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from lowrank_vit.harness.models import (
-    _num_classes,
     build_model,
     input_shape,
+    model_num_classes,
     synthetic_images,
     synthetic_labelled,
 )
@@ -58,7 +58,7 @@ def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_im
                                gram_precision="float32")
         batches: list = synthetic_images(calib_images, input_shape(model), seed=compression.seed)
         if get_method(compression.decomposition).needs_labels(compression):  # a labelled pass: random, seeded
-            batches = synthetic_labelled(batches, _num_classes(model), seed=compression.seed)
+            batches = synthetic_labelled(batches, model_num_classes(model), seed=compression.seed)
         plan = plan_compression(model, batches, compression)
         dense = {name: _module_params(model, name) for name in plan.ranks}
         apply_plan_skeleton_(model, plan)

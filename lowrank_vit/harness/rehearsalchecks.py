@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.harness.rehearsaldata import RehearsalError, RehearsalSettings, _class_names, _val_labels
+from lowrank_vit.harness.rehearsaldata import RehearsalError, RehearsalSettings, class_names, val_labels
 
 
-def _check(condition: bool, message: str) -> None:
+def check_handover(condition: bool, message: str) -> None:
     if not condition:
         raise RehearsalError(message)
 
@@ -38,11 +38,11 @@ def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> No
         got, want = pre.get(key), cfg.get(key)
         same = got == want or (isinstance(want, (tuple, list)) and isinstance(got, (tuple, list))
                                and tuple(got) == tuple(want))
-        _check(same, f"{where}: preprocessing {key} is {got!r}, timm's pretrained config of "
-                     f"{cfg.get('architecture')} says {want!r}")
+        check_handover(same, f"{where}: preprocessing {key} is {got!r}, timm's pretrained config of "
+                             f"{cfg.get('architecture')} says {want!r}")
     shape = input_shape(model)
-    _check(tuple(pre.get("input_size") or ()) == shape,
-           f"{where}: the data makes {pre.get('input_size')} images, the model takes {shape}")
+    check_handover(tuple(pre.get("input_size") or ()) == shape,
+                   f"{where}: the data makes {pre.get('input_size')} images, the model takes {shape}")
 
 
 def check_data(model: nn.Module, dm: Any) -> None:
@@ -53,17 +53,17 @@ def check_data(model: nn.Module, dm: Any) -> None:
     check_preprocessing(model, dm.preprocessing, "the data module")
     shape = input_shape(model)
     classes = head_classes(model)
-    _check(dm.num_classes == classes, f"the data has {dm.num_classes} classes, the head predicts {classes}")
-    expected = _class_names(classes)
+    check_handover(dm.num_classes == classes, f"the data has {dm.num_classes} classes, the head predicts {classes}")
+    expected = class_names(classes)
     for split, dataset in (("training", dm.train_dataset), ("validation", dm.val_dataset)):
         feature = _labelled_features(dataset)
         names = list(getattr(feature, "names", []) or [])
-        _check(names == expected, f"the {split} split's class order differs from the pretrained head's "
-                                  f"(first {names[:2]}, expected {expected[:2]})")
+        check_handover(names == expected, f"the {split} split's class order differs from the pretrained head's "
+                                          f"(first {names[:2]}, expected {expected[:2]})")
     for loader in (dm.calibration_dataloader(), dm.val_dataloader()):
         images, labels = next(iter(loader))
-        _check(tuple(images.shape[1:]) == shape, f"a batch holds {tuple(images.shape[1:])} images, not {shape}")
-        _check(int(labels.min()) >= 0 and int(labels.max()) < classes, "labels outside the head's classes")
+        check_handover(tuple(images.shape[1:]) == shape, f"a batch holds {tuple(images.shape[1:])} images, not {shape}")
+        check_handover(int(labels.min()) >= 0 and int(labels.max()) < classes, "labels outside the head's classes")
 
 
 def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, model: nn.Module) -> None:
@@ -72,35 +72,36 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
     cfg = exp.full
     for key in ("top1", "top5", "params", "params_before", "size_mib", "dense", "config", "stage_seconds",
                 "preprocessing"):
-        _check(key in result, f"result.json lacks {key!r}")
+        check_handover(key in result, f"result.json lacks {key!r}")
     check_preprocessing(model, result["preprocessing"], "the run")
-    expected_val = len(_val_labels(int(result["config"]["model"].get("kwargs", {}).get("num_classes", 1000)),
-                                   settings.val_images))
-    _check(result["val_images"] == expected_val,
-           f"the final evaluation saw {result['val_images']} images, the validation split has {expected_val}")
+    expected_val = len(val_labels(int(result["config"]["model"].get("kwargs", {}).get("num_classes", 1000)),
+                                  settings.val_images))
+    check_handover(result["val_images"] == expected_val,
+                   f"the final evaluation saw {result['val_images']} images, the validation split has {expected_val}")
     if cfg.compression is not None:
-        _check(result["params"] < result["params_before"], "compression removed no parameter")
+        check_handover(result["params"] < result["params_before"], "compression removed no parameter")
         if exp.reduction is not None and settings.depth is None and cfg.compression.reduction is not None:
-            _check(abs(result["measured_reduction"] - exp.reduction) <= 5e-3,
-                   f"removed {100 * result['measured_reduction']:.2f}% of the parameters, the row asks "
-                   f"{100 * exp.reduction:.0f}%")
-        _check("report" in result, "result.json lacks the compression report")
+            check_handover(abs(result["measured_reduction"] - exp.reduction) <= 5e-3,
+                           f"removed {100 * result['measured_reduction']:.2f}% of the parameters, the row asks "
+                           f"{100 * exp.reduction:.0f}%")
+        check_handover("report" in result, "result.json lacks the compression report")
         if cfg.compression.fits_z_by_sgd:
             ran = result["report"]["config"].get("settings", {}).get("sgd_iterations")
-            _check(ran == settings.sgd_steps and result["report"].get("sgd_loss"),
-                   f"the SGD solver of Z was set to {ran} steps, not {settings.sgd_steps}, or reported no loss")
+            check_handover(ran == settings.sgd_steps and result["report"].get("sgd_loss"),
+                           f"the SGD solver of Z was set to {ran} steps, not {settings.sgd_steps}, or reported no loss")
     if cfg.finetune is not None:
         steps, world = ((result.get("finetune") or {}).get(k) for k in ("steps", "world_size"))
-        _check(steps == settings.finetune_steps, f"the fine-tune ran {steps} steps, not {settings.finetune_steps}")
-        _check(world == settings.devices, f"the fine-tune ran in {world} process(es), not {settings.devices}")
-        _check("compressed" in result, "no evaluation between compression and fine-tuning")
+        check_handover(steps == settings.finetune_steps,
+                       f"the fine-tune ran {steps} steps, not {settings.finetune_steps}")
+        check_handover(world == settings.devices, f"the fine-tune ran in {world} process(es), not {settings.devices}")
+        check_handover("compressed" in result, "no evaluation between compression and fine-tuning")
     if cfg.vmeanba is not None:
         chosen = (result.get("vmeanba") or {}).get("chosen")
         wanted = result["config"]["vmeanba"]["num_blocks"]
-        _check(chosen is not None and (wanted is None or len(chosen) == wanted),
-               f"VMeanba switched {chosen!r} blocks, the row asks {wanted}")
+        check_handover(chosen is not None and (wanted is None or len(chosen) == wanted),
+                       f"VMeanba switched {chosen!r} blocks, the row asks {wanted}")
     if cfg.compression is None and cfg.quantization is None and cfg.vmeanba is None:
-        _check(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
+        check_handover(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
 
 
 def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, device: str = "cpu") -> None:
@@ -113,8 +114,9 @@ def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, devi
         return
     model = load_compressed(out / exp.name / MODEL_DIR)
     top1 = evaluate(model.to(device), dm.val_dataloader(), torch.device(device), progress=False)["top1"]
-    _check(abs(top1 - result["top1"]) < 1e-6,
-           f"the saved model scores {top1:.2f}% on the validation images, the run recorded {result['top1']:.2f}%")
+    check_handover(abs(top1 - result["top1"]) < 1e-6,
+                   f"the saved model scores {top1:.2f}% on the validation images, the run recorded "
+                   f"{result['top1']:.2f}%")
 
 
 def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
@@ -122,5 +124,5 @@ def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
     from lowrank_vit.harness.tables import render_table
 
     text = render_table(exp.table, [exp], "full", out)
-    _check(f"{result['top1']:.2f}" in text and "Not run yet" not in text,
-           f"the {exp.table} table does not render {exp.name}'s result")
+    check_handover(f"{result['top1']:.2f}" in text and "Not run yet" not in text,
+                   f"the {exp.table} table does not render {exp.name}'s result")

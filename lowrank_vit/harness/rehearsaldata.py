@@ -60,7 +60,7 @@ class RehearsalSettings:
 # ------------------------------------------------------------------------------------------------ generated data
 
 
-def _class_names(num_classes: int) -> list[str]:
+def class_names(num_classes: int) -> list[str]:
     """The synsets of the head's classes in its order: timm's ImageNet-1k table (n01440764 ... n15075141)."""
     from timm.data import ImageNetInfo
 
@@ -81,7 +81,7 @@ def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
-def _val_labels(num_classes: int, n: int) -> list[int]:
+def val_labels(num_classes: int, n: int) -> list[int]:
     """``n`` labels spread from the first class to the last (both ends of the class order are exercised)."""
     return sorted({round(i * (num_classes - 1) / max(n - 1, 1)) for i in range(n)})
 
@@ -94,11 +94,11 @@ def _write_hub_parquet(root: Path, num_classes: int, size: tuple[int, int], s: R
     import datasets
 
     features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=_class_names(num_classes))})
+                                  "label": datasets.ClassLabel(names=class_names(num_classes))})
     rng = np.random.default_rng(0)
     (root / "data").mkdir(parents=True)
     train = [c for c in range(num_classes) for _ in range(s.images_per_class)]
-    for split, labels in (("train", train), ("validation", _val_labels(num_classes, s.val_images))):
+    for split, labels in (("train", train), ("validation", val_labels(num_classes, s.val_images))):
         images = [{"bytes": _jpeg(rng, size), "path": None} for _ in labels]
         datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
             str(root / "data" / f"{split}-00000-of-00001.parquet"))
@@ -115,11 +115,11 @@ def _write_folder(folder: Path, labels: list[int], synsets: list[str], rng: np.r
 @register_layout("imagefolder")
 def _write_imagefolder(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
     """``train/<synset>/*.JPEG`` and ``val/<synset>/*.JPEG``."""
-    synsets = _class_names(num_classes)
+    synsets = class_names(num_classes)
     rng = np.random.default_rng(0)
     _write_folder(root / "train", [c for c in range(num_classes) for _ in range(s.images_per_class)], synsets, rng,
                   size)
-    _write_folder(root / "val", _val_labels(num_classes, s.val_images), synsets, rng, size)
+    _write_folder(root / "val", val_labels(num_classes, s.val_images), synsets, rng, size)
     return {"data.path": str(root)}
 
 
@@ -127,12 +127,12 @@ def _write_imagefolder(root: Path, num_classes: int, size: tuple[int, int], s: R
 def _write_flat_val(root: Path, num_classes: int, size: tuple[int, int], s: RehearsalSettings) -> dict[str, Any]:
     """``train/<synset>/*.JPEG`` beside a flat ``val/ILSVRC2012_val_NNNNNNNN.JPEG`` and its ground truth, one
     0-based label per line in sorted file name order."""
-    synsets = _class_names(num_classes)
+    synsets = class_names(num_classes)
     rng = np.random.default_rng(0)
     _write_folder(root / "train", [c for c in range(num_classes) for _ in range(s.images_per_class)], synsets, rng,
                   size)
     (root / "val").mkdir()
-    labels = _val_labels(num_classes, s.val_images)
+    labels = val_labels(num_classes, s.val_images)
     for i in range(len(labels)):
         (root / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(_jpeg(rng, size))
     truth = root / "val_ground_truth.txt"

@@ -38,8 +38,8 @@ import torch
 
 # re-exported as well as used: the tests import these names from here
 from lowrank_vit.harness.rehearsalchecks import (  # noqa: F401
-    _check,
     check_data,
+    check_handover,
     check_preprocessing,
     check_result,
     check_saved_model,
@@ -128,7 +128,7 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise RehearsalError(f"`lowrank-vit run` exited with {proc.returncode}: {lines[-1] if lines else '?'}")
     result = read_result(out / exp.name)
-    _check(result is not None, "the run wrote no readable result.json")
+    check_handover(result is not None, "the run wrote no readable result.json")
     assert result is not None
     check_result(exp, result, settings, model)
     check_saved_model(exp, out, result, dm, "cuda" if settings.accelerator == "gpu" else "cpu")

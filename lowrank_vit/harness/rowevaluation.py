@@ -1,8 +1,8 @@
 """A registry row's evaluations (:mod:`lowrank_vit.harness.runner` runs them): top-1 and top-5 accuracy
 (:func:`evaluate`), and the starting model's accuracy evaluated once per output directory and reused by every row
-that starts from the same weights on the same data (:func:`_dense_accuracy`, ``OUTPUT/.dense/KEY.json``), keyed on
-what names the weights for good (:func:`_weights_identity`: a checkpoint's digest, the stand-in's fingerprint, the
-timm name) and the versions of torch and timm (:func:`_version`)."""
+that starts from the same weights on the same data (:func:`row_dense_accuracy`, ``OUTPUT/.dense/KEY.json``), keyed on
+what names the weights for good (:func:`weights_identity`: a checkpoint's digest, the stand-in's fingerprint, the
+timm name) and the versions of torch and timm (:func:`installed_version`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.registry import ModelConfig, RunConfig
 
 DENSE_DIR = ".dense"
-"""Under the output directory: the starting models' accuracies, shared by the rows (see ``_dense_accuracy``)."""
+"""Under the output directory: the starting models' accuracies, shared by the rows (see ``row_dense_accuracy``)."""
 
 
 @torch.no_grad()
@@ -52,34 +52,34 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total, "classes": classes}
 
 
-def _standin_fingerprint(arch: str) -> str | None:
+def standin_weights_fingerprint(arch: str) -> str | None:
     from lowrank_vit.harness.standins import STANDINS
 
     spec = STANDINS.get(arch)
     return None if spec is None else spec.fingerprint()
 
 
-def _weights_identity(cfg: ModelConfig, digest: str | None) -> str | None:
+def weights_identity(cfg: ModelConfig, digest: str | None) -> str | None:
     """What names the starting weights for good, or None when nothing does (a random initialization)."""
     if cfg.checkpoint is not None:
         return f"sha256:{digest}"
     if not cfg.pretrained:
         return None
-    return f"standin:{_standin_fingerprint(cfg.name)}" if cfg.source == "standin" else f"timm:{cfg.name}"
+    return f"standin:{standin_weights_fingerprint(cfg.name)}" if cfg.source == "standin" else f"timm:{cfg.name}"
 
 
-def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
-                    evaluate_dense: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def row_dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
+                       evaluate_dense: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The starting model's accuracy, evaluated once per output directory: every row of a table that starts from
     the same weights and evaluates on the same data reuses it (``OUTPUT/.dense/KEY.json``), which saves one full
     pass over the validation set per row. Random initializations are never reused."""
-    weights = _weights_identity(cfg.model, digest)
+    weights = weights_identity(cfg.model, digest)
     if weights is None:
         return evaluate_dense()
     config = cfg.to_dict()
     data = {k: v for k, v in config["data"].items() if k not in ("calib_samples", "augment", "num_workers")}
     payload = {"model": config["model"], "weights": weights, "data": data, "versions": [
-        torch.__version__, _version("timm")]}
+        torch.__version__, installed_version("timm")]}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = output / DENSE_DIR / f"{key}.json"
     try:
@@ -93,7 +93,7 @@ def _dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
     return value
 
 
-def _version(package: str) -> str | None:
+def installed_version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

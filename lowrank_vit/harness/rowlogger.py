@@ -13,7 +13,7 @@ from lowrank_vit.harness.registry import Experiment, RunConfig
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-def _make_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
+def make_row_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
     from lowrank_vit.stages.logging_utils import make_logger
 
     ratio = round(100 * exp.reduction) if exp.reduction else None

@@ -1,7 +1,7 @@
 """A registry row's finished result, ``OUTPUT/NAME/result.json``: reading it (:func:`read_result`) and telling
 whether it was computed with the very config about to run (:func:`finished`: a stale one is run again, one of
 another config is never overwritten silently), comparing configs without what does not change the result
-(:func:`_comparable`)."""
+(:func:`comparable`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Any
 from lowrank_vit.config import resolve_gram_precision
 from lowrank_vit.harness.models import SetupError, checkpoint_digest
 from lowrank_vit.harness.registry import Experiment, RunConfig
-from lowrank_vit.harness.rowevaluation import _standin_fingerprint
+from lowrank_vit.harness.rowevaluation import standin_weights_fingerprint
 
 RESULT_FILE = "result.json"
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config without what does not change its result (hardware, run switches), with the fields a newer
     version added filled in with their defaults (so that a new option does not orphan every finished result)."""
     try:
@@ -52,12 +52,12 @@ def finished(exp: Experiment, cfg: RunConfig, output: Path) -> dict[str, Any] | 
     if result is None:
         return None
     if cfg.model.source == "standin" and cfg.model.pretrained and \
-            result.get("standin_fingerprint") != _standin_fingerprint(cfg.model.name):
+            result.get("standin_fingerprint") != standin_weights_fingerprint(cfg.model.name):
         return None  # computed from an older stand-in recipe: stale, run again
     if cfg.model.checkpoint is not None and Path(cfg.model.checkpoint).expanduser().is_file() and \
             result.get("checkpoint_sha256") != checkpoint_digest(cfg.model.checkpoint):
         return None  # computed from other weights under the same path: stale, run again
-    if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
+    if comparable(result.get("config", {})) != comparable(cfg.to_dict()):
         raise SetupError(f"{output / exp.name / RESULT_FILE} holds a run of {exp.name} with another config; "
                          f"pass --force to replace it or choose another --output")
     return result

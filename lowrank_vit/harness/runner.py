@@ -36,7 +36,7 @@ from torch import nn
 
 from lowrank_vit.core.files import write_json
 from lowrank_vit.harness.baseline import check_dense_baseline
-from lowrank_vit.harness.ddp import _is_rank_zero, share_compressed, shared_compressed
+from lowrank_vit.harness.ddp import is_rank_zero, share_compressed, shared_compressed
 from lowrank_vit.harness.models import (
     SetupError,
     build_model,
@@ -53,14 +53,14 @@ from lowrank_vit.harness.registry import (
 # re-exported as well as used: the command line, the other drivers and the tests import these names from here
 from lowrank_vit.harness.rowevaluation import (  # noqa: F401
     DENSE_DIR,
-    _dense_accuracy,
-    _standin_fingerprint,
-    _version,
-    _weights_identity,
     evaluate,
+    installed_version,
+    row_dense_accuracy,
+    standin_weights_fingerprint,
+    weights_identity,
 )
-from lowrank_vit.harness.rowlogger import WANDB_MODES, _make_logger, wandb_project  # noqa: F401
-from lowrank_vit.harness.rowresults import RESULT_FILE, _comparable, finished, read_result  # noqa: F401
+from lowrank_vit.harness.rowlogger import WANDB_MODES, make_row_logger, wandb_project  # noqa: F401
+from lowrank_vit.harness.rowresults import RESULT_FILE, comparable, finished, read_result  # noqa: F401
 from lowrank_vit.harness.tables import (
     render_table,
     write_table,
@@ -161,7 +161,7 @@ class _Row:
         self.out_dir = output / exp.name
         self.started, self.seconds = time.perf_counter(), {}
         self.compresses = cfg.compression is not None or cfg.vmeanba is not None
-        self.rank_zero = _is_rank_zero()  # under DDP the other ranks only compress and fine-tune
+        self.rank_zero = is_rank_zero()  # under DDP the other ranks only compress and fine-tune
         self.report = None
         self.logger = None
 
@@ -208,7 +208,7 @@ class _Row:
             "name": exp.name, "table": exp.table, "arch": exp.arch, "method": exp.method, "scale": self.scale,
             "reduction": exp.reduction or 0.0, "params_before": self.params_before,
             "preprocessing": _preprocessing_record(self.dm.preprocessing)}
-        self.logger = _make_logger(exp, self.cfg, wandb, self.out_dir, group) if self.rank_zero else None
+        self.logger = make_row_logger(exp, self.cfg, wandb, self.out_dir, group) if self.rank_zero else None
 
     def _evaluate(self, what: str) -> dict[str, Any]:
         return evaluate(self.model, self.eval_loader, self.device, self.progress, f"evaluate {what}")
@@ -218,7 +218,8 @@ class _Row:
         baseline guard."""
         self._say("evaluating the starting model")
         with self._stage("evaluate_dense"):
-            self.result["dense"] = _dense_accuracy(self.cfg, self.digest, self.output, lambda: self._evaluate("dense"))
+            self.result["dense"] = row_dense_accuracy(self.cfg, self.digest, self.output,
+                                                      lambda: self._evaluate("dense"))
         if self.scale == "full" and self.compresses and not self.cfg.run.skip_baseline_guard:
             note = check_dense_baseline(self.exp, self.cfg, self.result["dense"]["top1"])
             if note:
@@ -311,14 +312,14 @@ class _Row:
 
         cfg = self.cfg
         if cfg.model.source == "standin" and cfg.model.pretrained:
-            result["standin_fingerprint"] = _standin_fingerprint(cfg.model.name)
+            result["standin_fingerprint"] = standin_weights_fingerprint(cfg.model.name)
         if self.digest is not None:
             result["checkpoint_sha256"] = self.digest
         result.update(stage_seconds=self.seconds, paper=self.exp.to_dict()["paper"], notes=list(self.exp.notes),
                       config=cfg.to_dict(),
                       finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      versions={"torch": torch.__version__, "timm": _version("timm"),
-                                "lowrank_vit": _version("lowrank_vit")})
+                      versions={"torch": torch.__version__, "timm": installed_version("timm"),
+                                "lowrank_vit": installed_version("lowrank_vit")})
         if self.logger is not None:
             self.logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
                                     {f"result/seconds_{k}": v for k, v in self.seconds.items()})
@@ -341,7 +342,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _say(enabled: bool, message: str) -> None:
-    if enabled and _is_rank_zero():
+    if enabled and is_rank_zero():
         print(message, file=sys.stderr, flush=True)
 
 

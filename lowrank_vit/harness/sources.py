@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_vit.harness.preprocessing import PREPROCESSING_KEYS, USER_PREPROCESSING
-from lowrank_vit.harness.userbase import UserError, _last_line
+from lowrank_vit.harness.userbase import UserError, last_line
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _checkpoint_preprocessing(path: Path) -> dict[str, Any]:
     return found
 
 
-def _timm_source(args: argparse.Namespace) -> Source:
+def timm_source(args: argparse.Namespace) -> Source:
     from lowrank_vit.nn.adapters import timm_with_our_models
 
     timm = timm_with_our_models()
@@ -179,7 +179,7 @@ def _input_size_of(value: Any) -> tuple[int | None, int, int] | None:
     return None
 
 
-def _directory_source(args: argparse.Namespace, directory: Path) -> Source:
+def directory_source(args: argparse.Namespace, directory: Path) -> Source:
     from lowrank_vit.io.surgery import load_compressed, read_plan
 
     if getattr(args, "checkpoint", None):
@@ -222,7 +222,7 @@ def load_teacher(args: argparse.Namespace, source: Source, *, flag: str = "--dis
     spec = argparse.Namespace(model=record["timm_name"], model_kwargs=dict(record.get("model_kwargs") or {}),
                               checkpoint=checkpoint, no_pretrained=checkpoint is None and not record["pretrained"],
                               quiet=args.quiet)
-    teacher = _timm_source(spec).model
+    teacher = timm_source(spec).model
     classes = getattr(source.model, "num_classes", None)
     if getattr(teacher, "num_classes", None) != classes:
         raise UserError(f"{flag}: the rebuilt dense model has {getattr(teacher, 'num_classes', None)} classes, "
@@ -243,16 +243,16 @@ def load_source(args: argparse.Namespace) -> Source:
         except FileNotFoundError as err:
             snapshot, unreachable = None, err  # not reachable as a model directory: timm may still know it
         if snapshot is not None and (snapshot / PLAN_FILE).is_file():
-            return _directory_source(args, snapshot)
+            return directory_source(args, snapshot)
         try:
-            return _timm_source(args)
+            return timm_source(args)
         except Exception as err:  # timm could not build it either: the hub's reason is the one to read
             if unreachable is None or not isinstance(err, (ValueError, FileNotFoundError, RuntimeError)):
                 raise
-            raise UserError(f"{unreachable} (timm could not build it either: {_last_line(err)})") from None
+            raise UserError(f"{unreachable} (timm could not build it either: {last_line(err)})") from None
     path = Path(args.model).expanduser()
     if path.is_dir():
-        return _directory_source(args, path)
+        return directory_source(args, path)
     if path.exists():
         raise UserError(f"{args.model!r} is a file: give a model directory, or a timm name with --checkpoint FILE")
-    return _timm_source(args)
+    return timm_source(args)

@@ -8,6 +8,8 @@
   target; ``--target-speedup S`` allocates for a predicted end-to-end speedup instead of a parameter count (profiling
   the model first when no table is given). Afterwards the dense and the compressed model (folded) are timed side by
   side on the table's target, and predicted and measured latency are printed and saved in ``report.json``.
+
+The options themselves are declared with every other command's in :mod:`lowrank_vit.harness.userargs`.
 """
 
 from __future__ import annotations
@@ -22,30 +24,17 @@ from torch import nn
 from lowrank_vit.core.files import strict_json
 from lowrank_vit.core.latency import LatencyTable
 from lowrank_vit.harness.argtypes import positive_int
-from lowrank_vit.harness.sources import _timm_source
-from lowrank_vit.harness.userbase import UserError, _say, user_command
-from lowrank_vit.harness.usercli import _add_model, _input_size
-
-RUNTIME_CHOICES = ("torch", "torch.compile", "onnxruntime")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-
-
-def _add_target(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """The options naming a latency target: device, runtime, precision."""
-    dest = prefix.replace("-", "_")
-    p.add_argument(f"--{prefix}runtime", dest=f"{dest}runtime", choices=RUNTIME_CHOICES, default="torch",
-                   help="what runs the model: eager PyTorch, torch.compile (each form compiled once: slow to profile), "
-                        "or its ONNX export in onnxruntime (CPU)")
-    p.add_argument(f"--{prefix}dtype", dest=f"{dest}dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="the precision timed (bfloat16/float16: torch only)")
+from lowrank_vit.harness.sources import timm_source
+from lowrank_vit.harness.userargs import add_input_size, add_latency_target, add_model
+from lowrank_vit.harness.userbase import UserError, say_to_user, user_command
 
 
 def add_profile_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p = sub.add_parser("profile", help="measure a model's layer latency table (dense and factored forms by rank)")
-    _add_model(p, "MODEL")
-    p.add_argument("--input-size", type=_input_size, help="H, HxW or C,H,W (default: the model's own)")
+    add_model(p, "MODEL")
+    add_input_size(p, "H, HxW or C,H,W (default: the model's own)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the target timed (default cpu)")
-    _add_target(p)
+    add_latency_target(p)
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1], help="batch sizes (default 1)")
     p.add_argument("--rank-step", type=positive_int, default=8, help="ranks profiled: multiples of this (default 8)")
     p.add_argument("--repeats", type=positive_int, default=5, help="interleaved repeats per form (default 5)")
@@ -63,7 +52,7 @@ def _dense_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
         raise UserError(f"{args.model!r} is a model directory: profile the dense architecture by its timm name "
                         f"(with the same --model-kwargs)")
     args.no_pretrained, args.checkpoint = True, None
-    source = _timm_source(args)
+    source = timm_source(args)
     return source.model.eval(), source.architecture
 
 
@@ -83,7 +72,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                                 progress=not args.quiet)
         except ValueError as err:
             raise UserError(str(err)) from None
-        _say(args, f"{'measured' if fresh else 'cached'}: {path}")
+        say_to_user(args, f"{'measured' if fresh else 'cached'}: {path}")
         if args.output:
             out = Path(args.output).expanduser()
             out.mkdir(parents=True, exist_ok=True)
@@ -129,19 +118,6 @@ def render(table: LatencyTable) -> str:
 # ------------------------------------------------------------------------------------------- compress's options
 
 
-def add_compress_latency_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("latency (a layer is never made slower than dense on the profiled target)")
-    g.add_argument("--latency-table", metavar="PATH|auto",
-                   help="a table from `lowrank-vit profile`, or auto: profile the model now (cached); with a table "
-                        "no layer gets a rank slower than dense there, and predicted and measured latency are reported")
-    g.add_argument("--latency-device", choices=("cpu", "cuda"), help="auto's target (default: --device)")
-    _add_target(g, "latency-")
-    g.add_argument("--latency-batch", type=positive_int, default=1, help="auto's batch size (default 1)")
-    g.add_argument("--params-only", action="store_true",
-                   help="with a table: do not cap ranks where they are slower than dense (predict only)")
-    g.add_argument("--no-timing", action="store_true", help="skip timing the dense and compressed models afterwards")
-
-
 def resolve_latency_table(args: argparse.Namespace, model: nn.Module, name: str, device: str) -> str | None:
     """The table ``compress`` uses: the given path, or (``auto``, or a target speedup without a table) the model
     profiled now on the latency target (from the cache when it was measured here before)."""
@@ -159,7 +135,7 @@ def resolve_latency_table(args: argparse.Namespace, model: nn.Module, name: str,
                                             progress=not args.quiet)
     except ValueError as err:
         raise UserError(str(err)) from None
-    _say(args, f"latency table ({'measured now' if fresh else 'cached'}): {path}")
+    say_to_user(args, f"latency table ({'measured now' if fresh else 'cached'}): {path}")
     return str(path)
 
 
@@ -177,7 +153,7 @@ def measured_latency(args: argparse.Namespace, dense: nn.Module, compressed: nn.
                         dtype=table.dtype, progress=not args.quiet)
     measured = times["dense"].median / times["compressed"].median
     out = {**predicted, "measured": {name: t.record() for name, t in times.items()}, "measured_speedup": measured}
-    _say(args, f"latency, batch {table.batch}, {table.runtime} {table.dtype} on {table.device}: dense "
-               f"{times['dense'].text()}, compressed {times['compressed'].text()}: {measured:.2f}x measured, "
-               f"{predicted['predicted_speedup']:.2f}x predicted")
+    say_to_user(args, f"latency, batch {table.batch}, {table.runtime} {table.dtype} on {table.device}: dense "
+                      f"{times['dense'].text()}, compressed {times['compressed'].text()}: {measured:.2f}x measured, "
+                      f"{predicted['predicted_speedup']:.2f}x predicted")
     return out

@@ -87,7 +87,7 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+def add_model(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("model", metavar=what,
                    help="a timm model name (e.g. deit_small_patch16_224.fb_in1k) or a model directory")
     p.add_argument("--checkpoint", help="your own weights for a timm name, loaded strictly: a safetensors file or a "
@@ -127,22 +127,53 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, cores - 1); capped at the cores)")
 
 
+RUNTIME_CHOICES = ("torch", "torch.compile", "onnxruntime")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def add_latency_target(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The options naming a latency target: device, runtime, precision."""
+    dest = prefix.replace("-", "_")
+    p.add_argument(f"--{prefix}runtime", dest=f"{dest}runtime", choices=RUNTIME_CHOICES, default="torch",
+                   help="what runs the model: eager PyTorch, torch.compile (each form compiled once: slow to profile), "
+                        "or its ONNX export in onnxruntime (CPU)")
+    p.add_argument(f"--{prefix}dtype", dest=f"{dest}dtype", choices=DTYPE_CHOICES, default="float32",
+                   help="the precision timed (bfloat16/float16: torch only)")
+
+
+def add_compress_latency_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency (a layer is never made slower than dense on the profiled target)")
+    g.add_argument("--latency-table", metavar="PATH|auto",
+                   help="a table from `lowrank-vit profile`, or auto: profile the model now (cached); with a table "
+                        "no layer gets a rank slower than dense there, and predicted and measured latency are reported")
+    g.add_argument("--latency-device", choices=("cpu", "cuda"), help="auto's target (default: --device)")
+    add_latency_target(g, "latency-")
+    g.add_argument("--latency-batch", type=positive_int, default=1, help="auto's batch size (default 1)")
+    g.add_argument("--params-only", action="store_true",
+                   help="with a table: do not cap ranks where they are slower than dense (predict only)")
+    g.add_argument("--no-timing", action="store_true", help="skip timing the dense and compressed models afterwards")
+
+
+def add_input_size(p: Any, help_text: str) -> None:
+    """``--input-size`` (H, HxW or C,H,W), as every command that builds or times a model reads it."""
+    p.add_argument("--input-size", type=_input_size, help=help_text)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the first GPU if torch sees one, else the CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
-def _add_compress(sub: Any) -> None:
+def add_compress(sub: Any) -> None:
     from lowrank_vit.config import RECIPES
     from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
-    from lowrank_vit.harness.speedcli import add_compress_latency_options
     from lowrank_vit.harness.vmeanbacli import RECIPE as VMEANBA
     from lowrank_vit.harness.vmeanbacli import add_vmeanba_options
     from lowrank_vit.methods.decompositions import METHODS
 
     p = sub.add_parser("compress", help="compress your timm model on your data into a model directory")
-    _add_model(p, "MODEL")
+    add_model(p, "MODEL")
     _add_data(p)
     budget = p.add_mutually_exclusive_group()  # one is required, but for --recipe vmeanba (compression_config)
     budget.add_argument("--reduction", type=fraction, help="fraction of the parameters removed, in (0, 1)")
@@ -184,10 +215,10 @@ def _add_compress(sub: Any) -> None:
     _add_common(p)
 
 
-def _add_evaluate(sub: Any) -> None:
+def add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="top-1/top-5 and the fidelity to the dense model, parameters, MiB and "
                                         "latency of a model")
-    _add_model(p, "MODEL_OR_DIR")
+    add_model(p, "MODEL_OR_DIR")
     _add_data(p)
     _add_preprocessing(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -206,7 +237,7 @@ def _add_evaluate(sub: Any) -> None:
     _add_common(p)
 
 
-def _add_finetune(sub: Any) -> None:
+def add_finetune(sub: Any) -> None:
     p = sub.add_parser("finetune", help="partial fine-tune of a model directory into a new one (resumable)")
     p.add_argument("model", metavar="DIR", help="a model directory written by compress")
     _add_data(p)
@@ -236,7 +267,7 @@ def _add_finetune(sub: Any) -> None:
     _add_common(p)
 
 
-def _add_export(sub: Any) -> None:
+def add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export a model directory (ONNX, dynamic batch axis)")
     p.add_argument("model", metavar="DIR", help="a model directory")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="the file format (onnx, the only one yet)")

@@ -18,7 +18,7 @@ class UserError(ValueError):
     """Bad input to one of these commands: the CLI prints it on one line and exits with status 2."""
 
 
-def _last_line(err: BaseException) -> str:
+def last_line(err: BaseException) -> str:
     """The message of an error re-raised from a DataLoader worker is the worker's whole traceback: its last line is
     the error itself."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -75,17 +75,17 @@ def user_command(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
             with _quiet(getattr(args, "quiet", False)):
                 return command(args)
         except UnidentifiedImageError as err:
-            raise UserError(f"--data {getattr(args, 'data', None)!r}: {_last_line(err)}") from None
+            raise UserError(f"--data {getattr(args, 'data', None)!r}: {last_line(err)}") from None
         except Exception as err:
             if type(err).__name__ != "DatasetGenerationError":  # datasets' own, raised while building the dataset
                 raise
             cause = err.__cause__ or err.__context__
             raise UserError(f"--data {getattr(args, 'data', None)!r} could not be read as a dataset"
-                            + (f": {_last_line(cause)}" if cause is not None else "")) from None
+                            + (f": {last_line(cause)}" if cause is not None else "")) from None
     return run
 
 
-def _say(args: argparse.Namespace, message: str) -> None:
+def say_to_user(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr, flush=True)
 

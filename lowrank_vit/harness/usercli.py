@@ -50,47 +50,45 @@ from torch import nn
 
 from lowrank_vit.core.files import strict_json
 from lowrank_vit.core.likelihood import AUTO, LIKELIHOODS
-from lowrank_vit.harness.densecache import _dense_accuracy
+from lowrank_vit.harness.densecache import cached_dense_accuracy
 from lowrank_vit.harness.fidelity import fidelity_text
 from lowrank_vit.harness.finetunecli import cmd_finetune
 from lowrank_vit.harness.outputs import (
-    _check_apart,
-    _check_parents,
-    _layers,
-    _size_mib,
-    _staging,
+    check_apart,
     check_output_dir,
+    check_parents,
     publish,
+    report_layers,
+    staging_dir,
+    weights_size_mib,
     write_model_dir,
 )
 from lowrank_vit.harness.preprocessing import describe_preprocessing, resolve_model_preprocessing
-from lowrank_vit.harness.sources import _directory_source, load_source
-from lowrank_vit.harness.userargs import (  # noqa: F401  (_add_model, _input_size: imported from here by tests)
-    _add_compress,
-    _add_evaluate,
-    _add_export,
-    _add_finetune,
-    _add_model,
-    _input_size,
+from lowrank_vit.harness.sources import directory_source, load_source
+from lowrank_vit.harness.userargs import (
+    add_compress,
+    add_evaluate,
+    add_export,
+    add_finetune,
     compression_config,
     parse_settings,
 )
-from lowrank_vit.harness.userbase import UserError, _say, resolve_device, user_command
+from lowrank_vit.harness.userbase import UserError, resolve_device, say_to_user, user_command
 from lowrank_vit.harness.userdata import (
-    _evaluate,
-    _top5_text,
     build_data,
     check_data_path,
+    evaluate_on_user_data,
     fidelity_on_data,
     measures_top1,
     no_top1_reason,
     recorded_output,
+    top5_text,
 )
 
 
 def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Register the four commands on ``lowrank-vit``'s subparsers; returns their handlers by name."""
-    for add in (_add_compress, _add_evaluate, _add_finetune, _add_export):  # the order --help lists them in
+    for add in (add_compress, add_evaluate, add_finetune, add_export):  # the order --help lists them in
         add(sub)
     return {"compress": cmd_compress, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "export": cmd_export}
 
@@ -112,7 +110,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source, cfg = _compressible_source(args, cfg, vmeanba, device)
     pre, origin = resolve_model_preprocessing(source, args)
-    _say(args, describe_preprocessing(pre, origin))
+    say_to_user(args, describe_preprocessing(pre, origin))
     likelihood = _output_likelihood(source.model, cfg, pre)  # what the output is, refused now if it cannot be
     model = source.model.eval()
     dm = build_data(args, model, pre, calib_samples=args.calib_samples)
@@ -120,17 +118,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # no top-1 to measure: the compressed model's outputs are compared with the dense model's (a copy kept aside)
     dense = copy.deepcopy(model) if not top1 and not args.no_eval and not args.no_dense_eval else None
     if not top1 and not args.no_eval:
-        _say(args, f"{no_top1_reason(model, dm)}: the compressed model is evaluated by its fidelity to the dense "
-                   f"model instead of top-1" + (" (not with --no-dense-eval)" if dense is None else ""))
+        say_to_user(args, f"{no_top1_reason(model, dm)}: the compressed model is evaluated by its fidelity to the "
+                          f"dense model instead of top-1" + (" (not with --no-dense-eval)" if dense is None else ""))
     model.to(device)
     timings["load"] = time.perf_counter() - start
-    params_before, mib_before = count_params(model), _size_mib(model)
+    params_before, mib_before = count_params(model), weights_size_mib(model)
     accuracy: dict[str, Any] = {}
     fidelity: dict[str, Any] = {}
     reused = None
     if top1 and not args.no_eval and not args.no_dense_eval:
         start = time.perf_counter()
-        accuracy["before"], reused = _dense_accuracy(args, source, pre, model, dm, device)
+        accuracy["before"], reused = cached_dense_accuracy(args, source, pre, model, dm, device)
         timings["evaluate_before"] = time.perf_counter() - start
     available = len(dm.calibration_indices)  # the images there are (already warned about): the steps read no more
     if cfg is not None and available < cfg.calib_samples:  # and the saved config says so
@@ -149,7 +147,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         likelihood = recorded  # the one the compression used (the same as decided above)
     if top1 and not args.no_eval:
         start = time.perf_counter()
-        accuracy["after"] = _evaluate(model, dm, device, args, "evaluate compressed")
+        accuracy["after"] = evaluate_on_user_data(model, dm, device, args, "evaluate compressed")
         timings["evaluate_after"] = time.perf_counter() - start
     elif dense is not None:
         start = time.perf_counter()
@@ -163,9 +161,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "name": out.name, "command": "compress", "source": source_record, "data": args.data,
         "recipe": args.recipe, "preprocessing": pre, "preprocessing_origin": origin,
         "params": {"before": params_before, "after": params_after},
-        "size_mib": {"before": mib_before, "after": _size_mib(model)}, "reduction": 1 - params_after / params_before,
+        "size_mib": {"before": mib_before, "after": weights_size_mib(model)},
+        "reduction": 1 - params_after / params_before,
         "calib_images": min(available, max(c.calib_samples for c in (cfg, vmeanba) if c is not None)),
-        "accuracy": accuracy, "timings_s": timings, "device": str(device), "layers": _layers(model, compression),
+        "accuracy": accuracy, "timings_s": timings, "device": str(device), "layers": report_layers(model, compression),
         "compression": compression, "latency": latency or compression.get("latency") or {},
     }
     output = None
@@ -185,7 +184,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if vreport is not None:
         summary["vmeanba"] = vreport
         metadata["vmeanba_config"] = vreport["config"]
-    stage = _staging(out, f"partial-{os.getpid()}")
+    stage = staging_dir(out, f"partial-{os.getpid()}")
     try:
         write_model_dir(stage, model, summary, metadata)
         publish(stage, out)
@@ -294,21 +293,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_data_path(args.data)
     source = load_source(args)
     pre, origin = resolve_model_preprocessing(source, args)
-    _say(args, describe_preprocessing(pre, origin))
+    say_to_user(args, describe_preprocessing(pre, origin))
     model = source.model.to(device).eval()
     dm = build_data(args, model, pre, calib_samples=1)  # no calibration here: do not draw (or warn about) a subset
     top1 = measures_top1(model, dm)
-    metrics = _evaluate(model, dm, device, args, "evaluate") if top1 else {}
+    metrics = evaluate_on_user_data(model, dm, device, args, "evaluate") if top1 else {}
     fidelity, dense_note = _evaluate_fidelity(args, source, model, dm, device)
     if not top1 and fidelity:
-        _say(args, f"{no_top1_reason(model, dm)}: fidelity to the dense model instead of top-1")
+        say_to_user(args, f"{no_top1_reason(model, dm)}: fidelity to the dense model instead of top-1")
     try:
         timings = latency(model, pre["input_size"], args.latency_batches, device, args.repeats, args.runtime,
                           args.dtype, progress=not args.quiet)
     except ValueError as err:  # a runtime that is not installed, a precision it does not run
         raise UserError(str(err)) from None
     result: dict[str, Any] = {"model": source.description, "data": args.data, **metrics,
-                              "params": count_params(model), "size_mib": _size_mib(model), "device": str(device),
+                              "params": count_params(model), "size_mib": weights_size_mib(model), "device": str(device),
                               "latency_ms": {batch: t["median"] for batch, t in timings.items()},
                               "latency": {"runtime": args.runtime, "dtype": args.dtype, "folded": True,
                                           "batches": timings},
@@ -320,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(strict_json(result))
     else:
         if top1:
-            print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{_top5_text(metrics, ', ')} "
+            print(f"{source.description} on {args.data}: top-1 {metrics['top1']:.2f}%{top5_text(metrics, ', ')} "
                   f"({metrics['images']:,} images)")
         if fidelity:
             what = "" if top1 else f"{source.description} on {args.data}: "
@@ -360,7 +359,7 @@ def _evaluate_fidelity(args: argparse.Namespace, source: Any, model: nn.Module, 
                              otherwise="evaluate measures none", override="--dense-checkpoint")
     except UserError as err:  # no dense model to compare with: a note, not a failed evaluation
         note = str(err) if str(err).startswith("the fidelity") else f"the dense model could not be rebuilt: {err}"
-        _say(args, note)
+        say_to_user(args, note)
         return {}, note
     try:
         return fidelity_on_data(model, dense, dm, device, args, "fidelity to the dense model", likelihood,
@@ -382,17 +381,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.is_dir():
         raise UserError(f"--output {str(out)!r} is a directory: give the .onnx file to write")
-    _check_parents(out)
-    _check_apart(out, directory)
+    check_parents(out)
+    check_apart(out, directory)
     if out.exists() and not args.force:
         raise UserError(f"--output {str(out)!r} exists: give --force to replace it")
     if out.exists() and out.suffix.lower() != ".onnx":
         raise UserError(f"--output {str(out)!r} exists and is not an .onnx file: --force replaces only an ONNX "
                         f"file; give another name")
     args.model_kwargs, args.checkpoint = {}, None
-    source = _directory_source(args, directory)
+    source = directory_source(args, directory)
     pre, origin = resolve_model_preprocessing(source, args)
-    _say(args, describe_preprocessing(pre, origin))
+    say_to_user(args, describe_preprocessing(pre, origin))
     input_size = tuple(int(v) for v in pre["input_size"])
     try:
         export_onnx(source.model, out, input_size, fold=args.fold, opset=args.opset, quantized=args.quantized,

@@ -109,7 +109,8 @@ def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], 
     return dm
 
 
-def _evaluate(model: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace, desc: str) -> dict[str, Any]:
+def evaluate_on_user_data(model: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace,
+                          desc: str) -> dict[str, Any]:
     from lowrank_vit.harness.runner import evaluate
 
     loader = dm.val_dataloader(limit=getattr(args, "limit", None))
@@ -148,7 +149,7 @@ def recorded_output(metadata: dict[str, Any]) -> tuple[str, Any]:
     key = output["output_key"] if "output_key" in output else config.get("output_key")
     return str(likelihood), key
 
-def _top5_text(metrics: dict[str, Any], before: str = "", after: str = "") -> str:
+def top5_text(metrics: dict[str, Any], before: str = "", after: str = "") -> str:
     """``top-5 97.10%`` between ``before`` and ``after``, or nothing where 5 classes or fewer make it 100% always."""
     from lowrank_vit.io.modelcard import top5_informative
 

@@ -64,8 +64,8 @@ from lowrank_vit.stages.data_config import (  # noqa: F401  (re-exported: the pu
     DataFormatError,
     DataNotFoundError,
     EmptySplitError,
-    _one_line,
     check_preprocessing,
+    one_line,
 )
 
 # re-exported as well as used: users, experiments and tests import these names from this module
@@ -73,10 +73,10 @@ from lowrank_vit.stages.data_readers import (  # noqa: F401
     IMAGE_SUFFIXES,
     HFImageDataset,
     TensorImageDataset,
-    _find_column,
-    _flat_val_dir,
-    _label_array,
-    _load_flat_val,
+    find_column,
+    flat_val_dir,
+    label_array,
+    load_flat_val,
     load_mnist_5k,
     random_split,
     read_val_labels,
@@ -84,10 +84,10 @@ from lowrank_vit.stages.data_readers import (  # noqa: F401
 )
 from lowrank_vit.stages.data_transforms import (  # noqa: F401
     TensorImageTransform,
-    _pil_mode,
-    _to_pil,
     create_transforms,
+    pil_mode,
     resolve_preprocessing,
+    to_pil,
 )
 
 
@@ -250,7 +250,7 @@ class HFImageDataModule(ImageClassificationDataModule):
 
     def __init__(self, cfg: DataConfig, preprocessing: dict[str, Any] | None = None) -> None:
         super().__init__(cfg, preprocessing)
-        _pil_mode(self.preprocessing["input_size"][0])
+        pil_mode(self.preprocessing["input_size"][0])
         if cfg.path is not None:
             self._check_path()
 
@@ -275,12 +275,12 @@ class HFImageDataModule(ImageClassificationDataModule):
             if cfg.path is not None:
                 self._check_path()
                 path = Path(cfg.path).expanduser()
-                flat_val = _flat_val_dir(path, cfg) if path.is_dir() else None
+                flat_val = flat_val_dir(path, cfg) if path.is_dir() else None
                 if path.is_file():
                     loaded = datasets.load_dataset("parquet", data_files={cfg.train_split: str(path)},
                                                    cache_dir=cfg.cache_dir)
                 elif flat_val is not None:
-                    loaded = _load_flat_val(path, flat_val, cfg)
+                    loaded = load_flat_val(path, flat_val, cfg)
                 else:
                     loaded = datasets.load_dataset(str(path), cache_dir=cfg.cache_dir)
             else:
@@ -291,8 +291,8 @@ class HFImageDataModule(ImageClassificationDataModule):
             raise DataNotFoundError(self._not_found_message(err)) from err
         except ValueError as err:  # an empty parquet file: 'Instruction "train" corresponds to no data!'
             if "no data" in str(err):
-                raise EmptySplitError(f"{self._describe()} has no images ({_one_line(err, limit=200)})") from err
-            raise DataFormatError(f"could not read {self._describe()}: {_one_line(err, limit=200)}") from err
+                raise EmptySplitError(f"{self._describe()} has no images ({one_line(err, limit=200)})") from err
+            raise DataFormatError(f"could not read {self._describe()}: {one_line(err, limit=200)}") from err
         if not isinstance(loaded, datasets.DatasetDict):
             raise DataFormatError(f"{self._describe()} did not load as a dict of splits")
         return loaded
@@ -302,7 +302,7 @@ class HFImageDataModule(ImageClassificationDataModule):
         return self.cfg.name
 
     def _not_found_message(self, err: BaseException) -> str:
-        reason = f"{type(err).__name__}: {_one_line(err, limit=200)}"
+        reason = f"{type(err).__name__}: {one_line(err, limit=200)}"
         if self.cfg.path is not None:
             return (f"could not read {self._describe()} ({reason}): give path= a parquet file, a directory of parquet "
                     f"files, or an image folder (one subfolder per class)")
@@ -327,14 +327,14 @@ class HFImageDataModule(ImageClassificationDataModule):
             raise DataFormatError(f"{where} has no split {cfg.val_split!r}; its splits are {splits}: set val_split=")
         val_name = cfg.val_split or next((s for s in VAL_SPLITS if s in loaded and s != cfg.train_split), None)
         columns = list(train.column_names)
-        image_col = _find_column(columns, cfg.image_column, IMAGE_COLUMNS, train.features, "Image", "image", where)
+        image_col = find_column(columns, cfg.image_column, IMAGE_COLUMNS, train.features, "Image", "image", where)
         if cfg.labels == "none" or (cfg.labels == "optional" and cfg.label_column is None and
                                     not _has_labels(train, columns)):
             if len(train) == 0:
                 raise EmptySplitError(f"the {cfg.train_split!r} split of {where} has no images")
             return self._unlabelled(loaded, train, val_name, image_col)
-        label_col = _find_column(columns, cfg.label_column, LABEL_COLUMNS, train.features, "ClassLabel", "label",
-                                 where)
+        label_col = find_column(columns, cfg.label_column, LABEL_COLUMNS, train.features, "ClassLabel", "label",
+                                where)
         label_feature = train.features[label_col]
         is_class_label = type(label_feature).__name__ == "ClassLabel"
         if not is_class_label and not str(getattr(label_feature, "dtype", "")).startswith(("int", "uint")):
@@ -353,11 +353,11 @@ class HFImageDataModule(ImageClassificationDataModule):
                 raise EmptySplitError(f"the {val_name!r} split of {where} has no images: set val_split= to another "
                                       f"of {splits}")
 
-        train_labels = _label_array(train, label_col, f"the {cfg.train_split!r} split of {where}")
+        train_labels = label_array(train, label_col, f"the {cfg.train_split!r} split of {where}")
         if is_class_label:
             num_classes = int(label_feature.num_classes)
         else:
-            val_max = int(_label_array(val, label_col, f"the {val_name!r} split of {where}").max(initial=-1)) \
+            val_max = int(label_array(val, label_col, f"the {val_name!r} split of {where}").max(initial=-1)) \
                 if val is not None else -1
             num_classes = max(int(train_labels.max(initial=-1)), val_max) + 1
 

@@ -31,7 +31,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 """Resize interpolations timm's transforms accept."""
 
 
-def _one_line(message: object, limit: int = 400) -> str:
+def one_line(message: object, limit: int = 400) -> str:
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -40,14 +40,14 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset is not where it was asked for (or needs a token). The message is one line saying how to fix it."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message, limit=1000))
+        super().__init__(one_line(message, limit=1000))
 
 
 class DataFormatError(ValueError):
     """The dataset is there but not usable as given: a missing column, a label column that is not integer."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message, limit=1000))
+        super().__init__(one_line(message, limit=1000))
 
 
 class EmptySplitError(DataFormatError):

@@ -29,7 +29,7 @@ from lowrank_vit.stages.data_config import (
     DataNotFoundError,
     EmptySplitError,
 )
-from lowrank_vit.stages.data_transforms import _pil_mode, _to_pil
+from lowrank_vit.stages.data_transforms import pil_mode, to_pil
 
 # ----------------------------------------------------------------------------------------------------- datasets
 
@@ -63,13 +63,13 @@ class HFImageDataset(Dataset):
     ) -> None:
         self.dataset = dataset.select_columns([image_column] + ([label_column] if label_column is not None else []))
         self.image_column, self.label_column = image_column, label_column
-        self.transform, self.mode = transform, _pil_mode(in_chans)
+        self.transform, self.mode = transform, pil_mode(in_chans)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _image(self, image: Any) -> torch.Tensor:
-        image = _to_pil(image)
+        image = to_pil(image)
         if image.mode != self.mode:
             image = image.convert(self.mode)
         return self.transform(image)
@@ -147,8 +147,8 @@ def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
 # -------------------------------------------------------------------------------------------- Hugging Face splits
 
 
-def _find_column(columns: Sequence[str], given: str | None, candidates: Sequence[str], features: Any,
-                 feature_type: str, role: str, where: str) -> str:
+def find_column(columns: Sequence[str], given: str | None, candidates: Sequence[str], features: Any,
+                feature_type: str, role: str, where: str) -> str:
     if given is not None:
         if given not in columns:
             raise DataFormatError(f"{where} has no {role} column {given!r}; its columns are {list(columns)}: "
@@ -164,7 +164,7 @@ def _find_column(columns: Sequence[str], given: str | None, candidates: Sequence
                           f"its columns are {list(columns)}: set {role}_column= to one of them")
 
 
-def _label_array(dataset: datasets.Dataset, column: str, what: str = "the data") -> np.ndarray:
+def label_array(dataset: datasets.Dataset, column: str, what: str = "the data") -> np.ndarray:
     """The labels as int64, whatever integer type the file stores (uint8 labels cannot hold the -1 that an empty
     split's maximum starts from).
 
@@ -192,7 +192,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _flat_val_dir(path: Path, cfg: DataConfig) -> Path | None:
+def flat_val_dir(path: Path, cfg: DataConfig) -> Path | None:
     """The flat validation folder of an image-folder copy (ILSVRC2012's ``val/*.JPEG`` with no class subfolders),
     when ``cfg.val_labels`` gives its ground truth; None for the other layouts.
 
@@ -272,7 +272,7 @@ def read_val_labels(file: Path, images: list[Path], class_names: Sequence[str]) 
     return labels
 
 
-def _load_flat_val(path: Path, val_dir: Path, cfg: DataConfig) -> datasets.DatasetDict:
+def load_flat_val(path: Path, val_dir: Path, cfg: DataConfig) -> datasets.DatasetDict:
     """``PATH/train/<class>/`` as an image folder and the flat ``val_dir`` labelled by ``cfg.val_labels``, with the
     training folder's class names (sorted) on both splits."""
     import datasets

@@ -71,7 +71,7 @@ def resolve_preprocessing(
     return config
 
 
-def _pil_mode(in_chans: int) -> str:
+def pil_mode(in_chans: int) -> str:
     if in_chans == 1:
         return "L"
     if in_chans == 3:
@@ -79,7 +79,7 @@ def _pil_mode(in_chans: int) -> str:
     raise ValueError(f"images can be converted to 1 or 3 channels, not in_chans={in_chans}")
 
 
-def _to_pil(value: Any) -> Image.Image:
+def to_pil(value: Any) -> Image.Image:
     """A PIL image from what a Hugging Face image column may hold: a decoded image, ``{"bytes", "path"}``, or an
     array (H, W), (H, W, C) or (C, H, W)."""
     from PIL import Image

@@ -2,12 +2,12 @@
 user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] only_mutate`` in pyproject.toml).
 
     make mutants                                    # 200 mutants, seed 0, the fast suite (30-45 min, 2 cores)
-    python tests/mutation_sample.py --sample 50 --seed 3
-    python tests/mutation_sample.py --report        # the last run's results again, without running anything
-    python tests/mutation_sample.py --list          # how many mutants each module has
-    python tests/mutation_sample.py --module 'lowrank_vit/harness/densecache.py' --sample 0   # every mutant of it
-    python tests/mutation_sample.py --show NAME...  # mutants' diffs in the current source
-    python tests/mutation_sample.py --triaged       # every triage line's mutant as the source now makes it
+    python tools/mutation_sample.py --sample 50 --seed 3
+    python tools/mutation_sample.py --report        # the last run's results again, without running anything
+    python tools/mutation_sample.py --list          # how many mutants each module has
+    python tools/mutation_sample.py --module 'lowrank_vit/harness/densecache.py' --sample 0   # every mutant of it
+    python tools/mutation_sample.py --show NAME...  # mutants' diffs in the current source
+    python tools/mutation_sample.py --triaged       # every triage line's mutant as the source now makes it
 
 mutmut copies the package into ``mutants/`` with every mutant behind a switch, runs the fast suite once to learn
 which tests call each function, then runs each sampled mutant against the tests that call its function (stopping at
@@ -175,7 +175,7 @@ def report(sample: dict[str, Path]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python tests/mutation_sample.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/mutation_sample.py", description=__doc__.split("\n")[0])
     parser.add_argument("--sample", type=int, default=200,
                         help="how many mutants to draw (default 200; 0: all of them, with --module)")
     parser.add_argument("--module", action="append", metavar="GLOB",

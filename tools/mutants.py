@@ -2,8 +2,8 @@
 must then fail.
 
     make mutants-listed                   # every mutant (12-15 minutes on 2 cores); exit status 1 if one survives
-    python tests/mutants.py --only refit  # the mutants whose file or description contains "refit"
-    python tests/mutants.py --list
+    python tools/mutants.py --only refit  # the mutants whose file or description contains "refit"
+    python tools/mutants.py --list
 
 Each mutant is applied, one at a time, to a copy of the working tree (tracked files and untracked ones git does not
 ignore) in a temporary directory, never to the tree itself; the copy's tests run with this interpreter, so the
@@ -436,7 +436,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], slow: bool) -> tuple[bool, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python tests/mutants.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/mutants.py", description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="mutants whose file or description contains this text")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     args = parser.parse_args(argv)
