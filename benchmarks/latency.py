@@ -50,7 +50,7 @@ from _common import (  # noqa: E402
 )
 
 from lowrank_vit import CompressionConfig, FactorizedLinear, compress, count_params, get_adapter  # noqa: E402
-from lowrank_vit.core.allocate import LayerBudget  # noqa: E402
+from lowrank_vit.core.budget import LayerBudget  # noqa: E402
 from lowrank_vit.core.latency import predicted_ms  # noqa: E402
 from lowrank_vit.speed import cached_profile, time_models  # noqa: E402
 

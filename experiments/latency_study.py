@@ -68,7 +68,7 @@ def matched_reduction(dense: torch.nn.Module, batches: list, table: str, target:
 
 def reachable(dense: torch.nn.Module, table: Any) -> float:
     """The largest speedup the table predicts for this model (every layer at its fastest rank under the cap)."""
-    from lowrank_vit.core.allocate import LayerBudget
+    from lowrank_vit.core.budget import LayerBudget
     from lowrank_vit.core.latency import fastest_ms, rank_limits
     from lowrank_vit.nn.adapters import get_adapter
 

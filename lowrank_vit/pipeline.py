@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
-from lowrank_vit.core.allocate import Allocation, LayerBudget, check_feasible, get_policy
+from lowrank_vit.core.allocate import check_feasible, get_policy
+from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.calibration import LayerStats, first_calibration_images, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
 from lowrank_vit.core.decompose import Decomposition, Whitening, whitening

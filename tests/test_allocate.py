@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lowrank_vit.core.allocate import (
-    LayerBudget,
     _exchange_slack,
     _gain,
     _gain_per_param,
@@ -19,6 +18,7 @@ from lowrank_vit.core.allocate import (
     fill_slack,
     schedule,
 )
+from lowrank_vit.core.budget import LayerBudget
 from lowrank_vit.core.decompose import energy_tail_curve
 
 

@@ -257,7 +257,8 @@ def test_a_source_layer_norm_eps_of_timms_own_value_needs_no_note():
 
 
 def _random_budgets(seed: int):
-    from lowrank_vit.core.allocate import LayerBudget, energy_tail_curve
+    from lowrank_vit.core.allocate import energy_tail_curve
+    from lowrank_vit.core.budget import LayerBudget
 
     g = torch.Generator().manual_seed(seed)
     layers = []

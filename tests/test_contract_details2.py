@@ -51,7 +51,8 @@ def test_an_unreachable_target_counts_the_layers_the_latency_table_keeps_dense()
     """Two of four 16x16 layers have no rank faster than dense (``rank_limit`` 0): the smallest reachable is
     2 x 256 dense + 2 x 32 at rank 1 = 576, and the message says why two layers count whole (a limit of 3 or none
     does not)."""
-    from lowrank_vit.core.allocate import LayerBudget, check_feasible
+    from lowrank_vit.core.allocate import check_feasible
+    from lowrank_vit.core.budget import LayerBudget
 
     curve = torch.linspace(1.0, 0.0, 17, dtype=torch.float64)
     layers = [LayerBudget(name, 16, 16, 0, curve, rank_limit=limit)
@@ -69,7 +70,7 @@ def test_an_unreachable_target_counts_the_layers_the_latency_table_keeps_dense()
 
 def test_ranks_past_a_layers_spectrum_lose_nothing():
     """``LayerBudget.energy_losses``: indexed by r = 0..p, "ranks above p lose nothing"."""
-    from lowrank_vit.core.allocate import LayerBudget
+    from lowrank_vit.core.budget import LayerBudget
 
     layer = LayerBudget("l", 8, 8, 0, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
     assert layer.loss(2) == 0.25

@@ -510,7 +510,8 @@ def test_an_image_size_that_is_not_a_positive_integer_is_refused(size):
 def test_the_slack_exchange_may_raise_a_layer_to_its_largest_rank(b_rank, exchanged):
     """32 parameters unspent, a 16x16 layer (a rank costs 32) and a 32x32 one (64, largest rank 15: 15 x 64 < 1024):
     one rank less in the first and one more in the second spends them exactly, up to rank 15 and never past it."""
-    from lowrank_vit.core.allocate import LayerBudget, _exchange_slack, energy_tail_curve
+    from lowrank_vit.core.allocate import _exchange_slack, energy_tail_curve
+    from lowrank_vit.core.budget import LayerBudget
 
     g = torch.Generator().manual_seed(0)
     a, b = (LayerBudget(name, n, n, 0, energy_tail_curve(torch.rand(n, generator=g, dtype=torch.float64)

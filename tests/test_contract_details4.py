@@ -250,7 +250,7 @@ def test_an_empty_datas_reason_is_cut_to_200_characters(tmp_path, monkeypatch):
 
 
 def _two_layers():
-    from lowrank_vit.core.allocate import LayerBudget
+    from lowrank_vit.core.budget import LayerBudget
 
     return [LayerBudget("a", 20, 20, 0, 100 * torch.tensor([2.0 ** -k for k in range(21)])),
             LayerBudget("b", 20, 21, 0, 100 * torch.tensor([3.0 ** -k for k in range(21)]))]
@@ -267,7 +267,8 @@ def test_the_marginal_allocation_spends_the_budget_to_the_parameter_where_steps_
 
 
 def test_non_finite_energies_are_refused_with_the_likely_cause():
-    from lowrank_vit.core.allocate import LayerBudget, allocate_marginal
+    from lowrank_vit.core.allocate import allocate_marginal
+    from lowrank_vit.core.budget import LayerBudget
 
     layer = LayerBudget("a", 20, 20, 0, torch.full((21,), float("inf")))
     with pytest.raises(RuntimeError) as info:

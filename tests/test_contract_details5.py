@@ -319,7 +319,7 @@ def test_a_greedy_setting_out_of_range_is_refused_by_its_name():
 
 
 def _layer(name, fin, fout, z, losses):
-    from lowrank_vit.core.allocate import LayerBudget
+    from lowrank_vit.core.budget import LayerBudget
 
     return LayerBudget(name, fin, fout, z, torch.tensor(losses))
 

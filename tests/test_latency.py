@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lowrank_vit import CompressionConfig, compress
-from lowrank_vit.core.allocate import LayerBudget
+from lowrank_vit.core.budget import LayerBudget
 from lowrank_vit.core.latency import (
     LatencyTable,
     ShapeLatency,

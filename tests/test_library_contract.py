@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowrank_vit import compress, load_compressed, save_compressed
-from lowrank_vit.core.allocate import LayerBudget, allocate_uniform
+from lowrank_vit.core.allocate import allocate_uniform
+from lowrank_vit.core.budget import LayerBudget
 
 from conftest import make_images, make_tiny_vit
 

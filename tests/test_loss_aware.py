@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lowrank_vit import CompressionConfig, compress, count_params, load_compressed, save_compressed
-from lowrank_vit.core.allocate import LayerBudget, allocate_greedy, allocate_marginal
+from lowrank_vit.core.allocate import allocate_greedy, allocate_marginal
+from lowrank_vit.core.budget import LayerBudget
 from lowrank_vit.core.calibration import output_error
 from lowrank_vit.core.decompose import energy_tail_curve, plain_svd, two_sided_svd, whitening
 from lowrank_vit.core.loss_aware import collect_loss_statistics

@@ -14,7 +14,7 @@ from torch import nn
 
 from lowrank_vit import compress
 from lowrank_vit.config import RECIPES, CompressionConfig, recipe
-from lowrank_vit.core.allocate import LayerBudget
+from lowrank_vit.core.budget import LayerBudget
 from lowrank_vit.core.calibration import LayerStats
 from lowrank_vit.core.covariance import (
     cholesky_whitening,

@@ -13,7 +13,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lowrank_vit.core.allocate import LayerBudget, allocate_greedy, allocate_marginal, allocate_uniform  # noqa: E402
+from lowrank_vit.core.allocate import allocate_greedy, allocate_marginal, allocate_uniform  # noqa: E402
+from lowrank_vit.core.budget import LayerBudget  # noqa: E402
 from lowrank_vit.core.decompose import (  # noqa: E402
     energy_loss_curve,
     energy_tail_curve,

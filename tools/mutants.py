@@ -89,7 +89,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(AL, "return (layer.loss(rank) - layer.loss(new)) / (layer.params(new) - layer.params(rank))",
            "return layer.loss(rank) - layer.loss(new)", ("tests/test_allocate.py",),
            "the marginal policy's leftover budget handed back by energy, not energy per parameter"),
-    Mutant(AL, "cheaper = max(0, (self.dense_params - self.z_params - 1) // self.rank_step)",
+    Mutant("lowrank_vit/core/budget.py", "cheaper = max(0, (self.dense_params - self.z_params - 1) // self.rank_step)",
            "cheaper = max(0, (self.dense_params - self.z_params) // self.rank_step)", ("tests/test_allocate.py",),
            "a factored layer allowed to cost as much as the dense one"),
     Mutant(AL, "candidate = (not overshoot_ok, layer.loss(new), layer.name)",

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_vit.core.allocate import Allocation, LayerBudget
+from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.common import check_number
 from lowrank_vit.core.files import atomic_write, strict_json
 

@@ -24,16 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lowrank_vit.core.allocate import (
-    Allocation,
-    LayerBudget,
-    Policy,
-    align_down,
-    allocate_uniform,
-    check_feasible,
-    fill_slack,
-    register_policy,
-)
+from lowrank_vit.core.allocate import Policy, align_down, allocate_uniform, check_feasible, fill_slack, register_policy
+from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.common import check_count, check_number, settings_of
 from lowrank_vit.core.decompose import energy_loss_curve, energy_tail_curve
 from lowrank_vit.core.probe import Probe

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.core.allocate import LayerBudget
+from lowrank_vit.core.budget import LayerBudget
 from lowrank_vit.core.decompose import Decomposition, truncated_svd
 from lowrank_vit.nn.comcat import AttentionGeometry, FactorizedAttention, attention_geometry
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.core.allocate import LayerBudget
+from lowrank_vit.core.budget import LayerBudget
 from lowrank_vit.core.decompose import Decomposition
 from lowrank_vit.methods import comcat
 from lowrank_vit.nn.adapters import TimmViTAdapter
