@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -323,11 +324,20 @@ def test_layer_kind_drops_the_indices(name, kind):
 
 
 def test_svd_llm_v2_falls_back_to_uniform_on_small_losses_and_says_so():
-    layers = [budget_layer(32, 96, name=f"blocks.{i}.attn.qkv") for i in range(2)]  # normalized tails: L < 1
-    budget = sum(layer.dense_params for layer in layers) // 2
-    allocation = allocate_svd_llm_v2(layers, budget)
+    # tails of 1e-6 of the squared spectrum: every discarded singular value about 1.8e-4, so every L < 1 and the
+    # scores' sum is negative: the kind falls back to the uniform ratio, and the trace names it
+    small = [replace(budget_layer(32, 96, name=f"blocks.{i}.attn.qkv"),
+                     energy_losses=torch.linspace(1e-6, 0.0, 33, dtype=torch.float64)) for i in range(2)]
+    budget = sum(layer.dense_params for layer in small) // 2
+    allocation = allocate_svd_llm_v2(small, budget)
     assert allocation.trace[0]["uniform_fallback_kinds"] == ["blocks.attn.qkv"]
     assert len(set(allocation.ranks.values())) == 1 and allocation.params <= budget  # one shape: equal ranks
+    # the same tails at full scale: L > 1, valid scores, equal kept fractions because the layers are equal, and no
+    # fallback reported
+    large = [budget_layer(32, 96, name=f"blocks.{i}.attn.qkv") for i in range(2)]
+    allocation = allocate_svd_llm_v2(large, budget)
+    assert allocation.trace[0]["uniform_fallback_kinds"] == []
+    assert len({t["kept_fraction"] for t in allocation.trace[1:]}) == 1
 
 
 def test_truncation_loss_is_the_first_power_sum_of_the_discarded_singular_values():

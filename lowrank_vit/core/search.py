@@ -224,7 +224,7 @@ def scale_to_budget(layers: list[LayerBudget], searched: dict[str, int | None], 
     multiplied by one common factor c, rounded down to a multiple of ``step`` (at least the smallest rank of its
     grid), a layer going dense where its scaled rank passes its ``max_rank`` (no longer cheaper, or with a latency
     table no longer faster, than dense: the published latency rule). The published code sets c once from a linear
-    interpolation of the parameter count, landing near the target; here c is the largest that fits ``budget``
+    interpolation of the model's FLOPs (by default), landing near the target; here c is the largest that fits ``budget``
     (bisection), so that every method of a comparison holds the same number of parameters, and what is left is handed
     back one grid step at a time to the searched layer furthest below its scaled share.
 
@@ -303,9 +303,16 @@ def truncation_loss(layer: LayerBudget, rank: int) -> float:
     """SVD-LLM v2's truncation loss of ``layer`` kept at ``rank``: the sum of its discarded singular values, to the
     first power, as the published reimplementation sums them (``layer.energy_losses`` holds the tails of their
     squares, so s_i = sqrt(tail_i - tail_(i+1)))."""
-    tails = layer.energy_losses.double()
-    squares = (tails[rank:-1] - tails[rank + 1:]).clamp_min(0.0)
-    return float(squares.sqrt().sum() + tails[-1].clamp_min(0.0).sqrt())
+    tails = layer.energy_losses.double()  # tails[r] for r = 0..p, tails[p] = 0
+    return float((tails[rank:-1] - tails[rank + 1:]).clamp_min(0.0).sqrt().sum())
+
+
+def svd_llm_v2_scores(losses: list[float]) -> list[float] | None:
+    """SVD-LLM v2's scores 1 / log(L_i + 1e-12) of one group's truncation losses, or None where they are not a valid
+    allocation (their sum not a positive finite number: losses at or below 1 in the calibration's units)."""
+    scores = [1.0 / math.log(value + SCORE_GUARD) if value + SCORE_GUARD != 1.0 else math.inf for value in losses]
+    total = sum(scores)
+    return scores if math.isfinite(total) and total > 0 else None
 
 
 def svd_llm_v2_keeps(losses: list[float], keep: float) -> list[float]:
@@ -314,11 +321,10 @@ def svd_llm_v2_keeps(losses: list[float], keep: float) -> list[float]:
     fraction 1 minus that; the group's mean compression stays 1 - keep. Where the scores' sum is not a positive
     finite number (losses at or below 1 in the calibration's units), the published fallback: every layer of the group
     keeps ``keep``."""
-    scores = [1.0 / math.log(value + SCORE_GUARD) if value + SCORE_GUARD != 1.0 else math.inf for value in losses]
-    total = sum(scores)
-    if not (math.isfinite(total) and total > 0):
+    scores = svd_llm_v2_scores(losses)
+    if scores is None:
         return [keep] * len(losses)
-    return [1.0 - len(losses) * (1.0 - keep) * score / total for score in scores]
+    return [1.0 - len(losses) * (1.0 - keep) * score / sum(scores) for score in scores]
 
 
 @dataclass(frozen=True)
@@ -366,10 +372,9 @@ def allocate_svd_llm_v2(layers: list[LayerBudget], budget: int,
     for kind, members in groups.items():
         losses = [truncation_loss(layer, min(max(1, math.floor(f0 * equal_cost_rank(layer))), layer.max_rank))
                   for layer in members]
-        kept = svd_llm_v2_keeps(losses, f0)
-        if len(members) > 1 and kept == [f0] * len(members):
+        if svd_llm_v2_scores(losses) is None:
             fallbacks.append(kind)
-        keeps.update(zip((layer.name for layer in members), kept, strict=True))
+        keeps.update(zip((layer.name for layer in members), svd_llm_v2_keeps(losses, f0), strict=True))
 
     def ranks_for(c: float) -> dict[str, int | None]:
         ranks: dict[str, int | None] = {layer.name: None for layer in layers}
