@@ -324,7 +324,8 @@ def svd_llm_v2_keeps(losses: list[float], keep: float) -> list[float]:
     scores = svd_llm_v2_scores(losses)
     if scores is None:
         return [keep] * len(losses)
-    return [1.0 - len(losses) * (1.0 - keep) * score / sum(scores) for score in scores]
+    total = sum(scores)
+    return [1.0 - len(losses) * (1.0 - keep) * score / total for score in scores]
 
 
 @dataclass(frozen=True)
