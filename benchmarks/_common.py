@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from lowrank_vit.cli.args import fraction, positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
 from lowrank_vit.core import common
-from lowrank_vit.harness.argtypes import fraction, positive_int  # noqa: F401  (the scripts' argparse type, shared with the CLI)
 
 MODEL_ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",

@@ -40,8 +40,8 @@ from _common import (  # noqa: E402
 )
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from lowrank_vit.cli.args import fraction, positive_int  # noqa: E402
 from lowrank_vit.config import recipe  # noqa: E402
-from lowrank_vit.harness.argtypes import fraction, positive_int  # noqa: E402
 from lowrank_vit.stages.finetune_config import PRECISIONS  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from lowrank_vit.harness.argtypes import positive_int  # noqa: E402
+from lowrank_vit.cli.args import positive_int  # noqa: E402
 
 DEFAULT_RANKS = [176, 184, 185, 189, 192, 200, 230, 232, 236, 240, 250, 256]
 

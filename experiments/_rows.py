@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
-from lowrank_vit.harness.registry import (
+from lowrank_vit.methods.vmeanba import VMeanbaConfig
+from lowrank_vit.repro.registry import (
     Experiment,
     HardwareConfig,
     ModelConfig,
@@ -15,7 +16,6 @@ from lowrank_vit.harness.registry import (
     QuantizationConfig,
     RunConfig,
 )
-from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.stages.data_config import DataConfig
 from lowrank_vit.stages.finetune_config import FinetuneConfig
 

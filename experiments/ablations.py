@@ -3,7 +3,7 @@ plus vanilla SVD + FT at the ratios where the paper gives no row."""
 
 from __future__ import annotations
 
-from lowrank_vit.harness.registry import register_experiment
+from lowrank_vit.repro.registry import register_experiment
 
 from ._rows import make_row
 

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from lowrank_vit.harness.planning import plan_row
-from lowrank_vit.harness.registry import list_experiments
+from lowrank_vit.repro.planning import plan_row
+from lowrank_vit.repro.registry import list_experiments
 
 
 def check(plan: dict, exp) -> list[str]:

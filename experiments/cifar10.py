@@ -96,8 +96,8 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
     """Train the starting model unless ``output`` already holds one of this recipe; returns its record."""
     from safetensors.torch import save_file
 
-    from lowrank_vit.harness.standins import evaluate_top1, random_shift, stack_dataset, train_classifier
     from lowrank_vit.nn.adapters import timm_with_our_models
+    from lowrank_vit.repro.standins import evaluate_top1, random_shift, stack_dataset, train_classifier
     from lowrank_vit.stages.data import build_datamodule
 
     record_file, weights_file = output / "model.json", output / "model.safetensors"
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    from lowrank_vit.harness.models import SetupError
-    from lowrank_vit.harness.runner import reproduce
+    from lowrank_vit.repro.models import SetupError
+    from lowrank_vit.repro.runner import reproduce
 
     recipe = Recipe(epochs=args.epochs)
     output = Path(args.output)

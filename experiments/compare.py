@@ -12,12 +12,12 @@ Z, their own fine-tuning); Table 2's "vanilla SVD + FT" (plain SVD, uniform rank
 vanilla-svd-ft-40`` and ``ablation/.../vanilla-svd-ft-<50|60>``.
 
 ``lowrank-vit reproduce compare`` writes ``compare.md`` as one grid (rows: method with/without FT; columns:
-architecture x reduction), see :func:`lowrank_vit.harness.tables.compare_markdown`.
+architecture x reduction), see :func:`lowrank_vit.repro.tables.compare_markdown`.
 """
 
 from __future__ import annotations
 
-from lowrank_vit.harness.registry import PaperResult, register_experiment
+from lowrank_vit.repro.registry import PaperResult, register_experiment
 
 from ._rows import ARCHS, count_note, make_row
 from .paper import TABLE2

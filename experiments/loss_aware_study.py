@@ -5,7 +5,7 @@
         cifar_swin_long] [--ratios 0.4,0.5,0.6,0.7,0.8] [--recipes ...] [--finetune-steps 0] [--calib 256]
         [--standins committed|cache] [--distill W [--distill-temperature T]] [--train-factors] [--finetune-lr LR]
 
-Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.harness.standins`): four ViTs and a Swin trained
+Models (see :mod:`experiments.study_models` and :mod:`lowrank_vit.repro.standins`): four ViTs and a Swin trained
 here from scratch on CIFAR-10 (``experiments/models``), and the MNIST stand-ins of DeiT-S (4 blocks, width 64),
 ViT-L (6 blocks, width 128) and Swin-B (two stages, windows), whose weights are committed too
 (``experiments/models/standins``, :mod:`experiments.study_standins`; ``--standins cache`` uses the ones the library
@@ -85,7 +85,7 @@ MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "cifar_vit4_wide_long"
 
 
 def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    from lowrank_vit.harness.standins import stack_dataset
+    from lowrank_vit.repro.standins import stack_dataset
 
     return stack_dataset(torch.utils.data.Subset(dataset, indices))
 
@@ -125,7 +125,7 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
         train_x, train_y = _tensors(dm.train_dataset, train_idx)
         eval_x, eval_y = _tensors(dm.val_dataset, eval_idx)
     else:
-        from lowrank_vit.harness.standins import build_standin, load_digits, load_standin
+        from lowrank_vit.repro.standins import build_standin, load_digits, load_standin
 
         arch = name.removeprefix("mnist_")
         model = None

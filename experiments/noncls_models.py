@@ -261,7 +261,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 def _cifar_pixels(path: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as uint8 (N, 3, 32, 32) and int64 labels, decoded once per process (uint8 holds the 50,000
     training images in 150 MB)."""
-    from lowrank_vit.harness.standins import stack_dataset
+    from lowrank_vit.repro.standins import stack_dataset
 
     x, y = stack_dataset(_cifar_split(path, split))
     return _to_uint8(x), y
@@ -492,7 +492,7 @@ def _optimize(model: nn.Module, epochs: int, steps_per_epoch: int, recipe: Embed
     backbone's ``no_weight_decay`` names, so the position embedding is decayed too: the committed weights were
     trained so, and changing it would make this code train other ones."""
     from lowrank_vit.core.progress import progress_bar
-    from lowrank_vit.harness.tensortrain import _param_groups
+    from lowrank_vit.repro.tensortrain import _param_groups
     from lowrank_vit.stages.finetune_config import warmup_cosine
 
     total = epochs * steps_per_epoch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lowrank_vit.harness.registry import PaperResult, QuantizationConfig, register_experiment
+from lowrank_vit.repro.registry import PaperResult, QuantizationConfig, register_experiment
 
 from ._rows import ARCHS, count_note, make_row
 

@@ -8,8 +8,8 @@ scales."""
 
 from __future__ import annotations
 
-from lowrank_vit.harness.registry import register_experiment
 from lowrank_vit.methods.vmeanba import VMeanbaConfig
+from lowrank_vit.repro.registry import register_experiment
 
 from ._rows import ARCHS, make_row
 

@@ -3,7 +3,7 @@
     python -m experiments.study_models --data PATH/TO/cifar10 [--output experiments/models] [--only NAME]
 
 Seven models of different shapes and recipes (six ViTs and a Swin), beside the MNIST stand-ins (DeiT-S, ViT-L and
-Swin-B shapes) that :mod:`lowrank_vit.harness.standins` trains. The same recipe and seed on another CPU train other
+Swin-B shapes) that :mod:`lowrank_vit.repro.standins` trains. The same recipe and seed on another CPU train other
 weights (floating-point rounding differs, and thousands of steps amplify it), so the study uses the committed ones:
 
 * ``cifar_deit4``: the comparison table's model (:mod:`experiments.cifar10`'s recipe unchanged): 4 blocks, width

@@ -2,7 +2,7 @@
 
     python -m experiments.study_standins [--output experiments/models/standins] [--only ARCH] [--force]
 
-The study's three MNIST models are the library's stand-ins (:data:`lowrank_vit.harness.standins.STANDINS`: the
+The study's three MNIST models are the library's stand-ins (:data:`lowrank_vit.repro.standins.STANDINS`: the
 DeiT-S, ViT-L and Swin-B shapes, seed 0), which the library otherwise pretrains at first use into the user's cache.
 Pretrained on another CPU they come out as other weights (the same recipe and seed; floating-point rounding differs
 and thousands of steps amplify it), and the study's cells move with them: by up to 0.7 points between the AMD and
@@ -27,7 +27,7 @@ STUDY_STANDINS = tuple(name.removeprefix("mnist_") for name in MODELS if name.st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lowrank_vit.harness.standins import load_standin, pretrain_standin
+    from lowrank_vit.repro.standins import load_standin, pretrain_standin
 
     parser = argparse.ArgumentParser(prog="python -m experiments.study_standins", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="experiments/models/standins")

@@ -32,9 +32,9 @@ _LAZY = {
     "LayerwiseCompensation": "lowrank_vit.stages.lightning_compensation",
     "fit_layerwise": "lowrank_vit.stages.lightning_compensation",
     "make_logger": "lowrank_vit.stages.logging_utils",
-    "get_experiment": "lowrank_vit.harness.registry",
-    "list_experiments": "lowrank_vit.harness.registry",
-    "build_standin": "lowrank_vit.harness.standins",
+    "get_experiment": "lowrank_vit.repro.registry",
+    "list_experiments": "lowrank_vit.repro.registry",
+    "build_standin": "lowrank_vit.repro.standins",
 }
 
 

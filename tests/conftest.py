@@ -117,7 +117,7 @@ def calib_batches():
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run ``lowrank-vit ARGV`` in-process: (exit status, stdout, stderr)."""
-    from lowrank_vit.harness.cli import main
+    from lowrank_vit.cli.main import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -150,7 +150,7 @@ def _dense_accuracy_cache_apart(monkeypatch, tmp_path):
     """``compress`` caches the dense model's accuracy under the user's cache folder: a test must neither write there
     nor read what an earlier run left (a cached figure skips the evaluation a test may be checking). A test that sets
     LOWRANK_VIT_CACHE itself gets that folder, as a user would."""
-    from lowrank_vit.harness import densecache
+    from lowrank_vit.cli import densecache
 
     real, inherited = densecache._dense_cache_dir, os.environ.get("LOWRANK_VIT_CACHE")
     def folder():

@@ -29,7 +29,7 @@ def test_the_library_never_imports_its_experiments():
 
 
 def test_experiments_register_through_the_entry_point():
-    from lowrank_vit.harness import registry
+    from lowrank_vit.repro import registry
 
     assert registry.ENTRY_POINT_GROUP in Path(PACKAGE.parent / "pyproject.toml").read_text()
     assert registry.list_experiments("table2") and registry.arch_label("deit_s") == "DeiT-S"
@@ -53,7 +53,7 @@ def test_list_show_and_plan_do_not_import_lightning():
     import sys
 
     code = ("import io, contextlib, sys\n"
-            "from lowrank_vit.harness.cli import main\n"
+            "from lowrank_vit.cli.main import main\n"
             "for argv in (['list'], ['show', 'table2/deit_s/ours-50'],\n"
             "             ['plan', 'table2/deit_s/ours-50', '--synthetic', '--scale', 'smoke'],\n"
             "             ['plan', 'table2/deit_s/ours-50', '--estimate', '--gpu', 'a6000']):\n"
@@ -67,10 +67,10 @@ def test_list_show_and_plan_do_not_import_lightning():
 
 
 # The data flow, bottom up: the mathematics, the modules of a compressed model, the methods and what leaves the
-# process, the configuration and the report, the Lightning stages and the compression pipeline, the harness, the
-# package's face.
+# process, the configuration and the report, the Lightning stages and the compression pipeline, the reproduction
+# machinery, the command line, the old paths kept for one release, the package's face.
 LAYERS = {"core": 0, "nn": 1, "methods": 2, "io": 2, "speed": 2, "config": 3, "reports": 3, "stages": 4, "pipeline": 4,
-          "harness": 5, "__init__": 6}
+          "repro": 5, "cli": 6, "harness": 7, "__init__": 8}
 
 
 def _layer(module: str) -> str:

@@ -15,9 +15,9 @@ import json
 import pytest
 import torch
 
-from lowrank_vit.harness.baseline import BaselineGuardError, check_dense_baseline, paper_baseline
-from lowrank_vit.harness.registry import get_experiment
-from lowrank_vit.harness.runner import row_config, run_row
+from lowrank_vit.repro.registry import get_experiment
+from lowrank_vit.repro.rows import BaselineGuardError, check_dense_baseline, paper_baseline
+from lowrank_vit.repro.runner import row_config, run_row
 
 ROW = "table2/deit_s/loss-aware-50"
 KWARGS = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)

@@ -12,8 +12,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from lowrank_vit.harness.models import SetupError, load_checkpoint_
 from lowrank_vit.io.checkpoints import CheckpointError, checkpoint_format, read_state_dict
+from lowrank_vit.repro.models import SetupError, load_checkpoint_
 
 KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3, "num_classes": 5}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_vit.harness.cli import main
+from lowrank_vit.cli.main import main
 
 from conftest import cli, make_tiny_vit, one_line_error
 
@@ -90,7 +90,7 @@ def test_full_scale_without_imagenet_says_how(capsys, tmp_path):
 @pytest.mark.slow
 def test_console_script_error_in_a_new_process():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.harness.cli", "show", "table2/nope/ours-50"],
+    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli.main", "show", "table2/nope/ours-50"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "unknown experiment" in one_line_error(proc.stderr)
@@ -247,7 +247,7 @@ def test_run_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "LOWRANK_VIT_CACHE": str(tmp_path / "c"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     quick = [arg for arg in QUICK if arg not in ("--wandb", "disabled")] + ["--wandb", "offline"]
-    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.harness.cli", "run", "table2/deit_s/ours-50", "--scale",
+    proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli.main", "run", "table2/deit_s/ours-50", "--scale",
                            "smoke", "--output", str(out), "--devices", "2", "--accelerator", "cpu", *quick],
                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -264,8 +264,8 @@ def test_rank_zero_hands_its_compressed_model_to_the_other_ranks(tmp_path, monke
     """Under DDP the fine-tune's processes load rank zero's compressed model instead of compressing again; only a
     non-zero rank of the same row takes it, and nothing is left behind, even when the fine-tune fails."""
     from lowrank_vit import compress
-    from lowrank_vit.harness.ddp import SHARED_ENV, share_compressed, shared_compressed
     from lowrank_vit.io.surgery import load_compressed
+    from lowrank_vit.repro.ddp import SHARED_ENV, share_compressed, shared_compressed
 
     model = make_tiny_vit()
     compress(model, calib_batches, reduction=0.5, calib_samples=64, progress=False)
@@ -372,8 +372,8 @@ def test_run_from_own_checkpoint_on_local_data(capsys, tmp_path, monkeypatch):
 
 def test_results_of_an_older_version_still_count_as_finished(tmp_path):
     """A field added to the config since a row finished (filled with its default) does not orphan the result."""
-    from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import finished, standin_weights_fingerprint
+    from lowrank_vit.repro.registry import get_experiment
+    from lowrank_vit.repro.runner import finished, standin_weights_fingerprint
 
     exp = get_experiment("compare/deit_s/ours-50")
     cfg = exp.config("smoke")
@@ -388,7 +388,7 @@ def test_results_of_an_older_version_still_count_as_finished(tmp_path):
 def test_json_without_an_estimate_is_refused_on_reproduce_and_an_interrupt_ends_quietly(capsys, monkeypatch):
     code, _, err = cli(capsys, "reproduce", "table2", "--json")
     assert code == 2 and "--json prints an estimate: add --dry-run --estimate" in one_line_error(err)
-    from lowrank_vit.harness import cli as cli_module
+    from lowrank_vit.cli import main as cli_module
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -400,7 +400,7 @@ def test_json_without_an_estimate_is_refused_on_reproduce_and_an_interrupt_ends_
 
 @pytest.mark.parametrize("accelerator", ["cpu", "gpu", "auto"])
 def test_every_accelerator_choice_parses(accelerator):
-    from lowrank_vit.harness.cli import build_parser
+    from lowrank_vit.cli.main import build_parser
 
     args = build_parser().parse_args(["run", "table2/deit_s/baseline", "--accelerator", accelerator])
     assert args.accelerator == accelerator

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_vit.harness import fidelity as fid
-from lowrank_vit.harness.cli import build_parser
+from lowrank_vit.cli import fidelity as fid
+from lowrank_vit.cli.main import build_parser
 from lowrank_vit.io.surgery import read_plan
 
 from conftest import cli, one_line_error
@@ -76,7 +76,7 @@ def _evaluate(capsys, model: Path, data: Path, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def compressed(place) -> Path:
-    from lowrank_vit.harness.cli import main
+    from lowrank_vit.cli.main import main
 
     out = place / "emb-50"
     assert main(["compress", *_model_argv(place), "--data", str(place / "imgs"), "--workers", "0", "--reduction",
@@ -148,7 +148,7 @@ def test_the_summary_names_the_likelihood_and_the_directory_records_the_flags(pl
 
 
 def test_output_key_reads_an_integer_as_a_tuple_index(place):
-    from lowrank_vit.harness.userargs import compression_config
+    from lowrank_vit.cli.args import compression_config
 
     base = ["compress", *_model_argv(place), "--data", "d", "--reduction", "0.5", "--output", "o"]
     args = build_parser().parse_args([*base, "--output-key", "1"])

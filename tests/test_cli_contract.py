@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lowrank_vit.cli.main import build_parser, main
 from lowrank_vit.core.latency import LatencyTable
-from lowrank_vit.harness.cli import build_parser, main
 
 from conftest import cli, one_line_error
 
@@ -128,7 +128,7 @@ def test_plan_refuses_a_calibration_count_below_one(capsys):
 def test_reproduce_with_failed_rows_names_them_and_exits_1(capsys, monkeypatch, tmp_path):
     """A user (or a CI job) relies on status 1 and the list of failed rows when some rows fail; a crash there would
     hide which rows to rerun. The rows' processes are faked to fail at once (a real row takes minutes)."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.repro import runner
 
     launched = []
 
@@ -152,7 +152,7 @@ def test_reproduce_with_failed_rows_names_them_and_exits_1(capsys, monkeypatch, 
 def test_demo_options_reach_the_demo(monkeypatch):
     """`demo --wandb disabled --no-figures` (both in `demo --help`): refused by the parser, or lost before the demo
     runs, the user would get wandb runs and figures they turned off."""
-    from lowrank_vit.harness import demo
+    from lowrank_vit.repro import demo
 
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
@@ -174,7 +174,7 @@ def test_a_reader_closing_the_pipe_ends_the_command_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "lowrank_vit.harness.cli", "list"], stdout=write_end,
+        proc = subprocess.run([sys.executable, "-m", "lowrank_vit.cli.main", "list"], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=120,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     finally:
@@ -247,7 +247,7 @@ def test_a_closed_pipe_points_stdout_at_dev_null_so_the_exit_flush_cannot_fail_a
     traceback after all)."""
     import io
 
-    from lowrank_vit.harness.cli import main
+    from lowrank_vit.cli.main import main
 
     target = tmp_path / "stdout"
     fd = os.open(target, os.O_WRONLY | os.O_CREAT)
@@ -280,7 +280,7 @@ def test_plan_json_holds_the_fields_scripts_read(capsys):
 
 
 def test_demo_rows_takes_several_rows(monkeypatch):
-    from lowrank_vit.harness import demo
+    from lowrank_vit.repro import demo
 
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})

@@ -45,7 +45,7 @@ def place(tmp_path_factory) -> Path:
     import timm
     from safetensors.torch import save_file
 
-    from lowrank_vit.harness import cli as cli_module
+    from lowrank_vit.cli import main as cli_module
 
     root = tmp_path_factory.mktemp("errors")
     write_image_folder(root / "imgs", 3, 4, SIZE)

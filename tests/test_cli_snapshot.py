@@ -80,7 +80,7 @@ def describe_parser(parser: argparse.ArgumentParser, name: str = "lowrank-vit") 
 
 
 def cli_reference() -> dict[str, Any]:
-    from lowrank_vit.harness.cli import build_parser
+    from lowrank_vit.cli.main import build_parser
 
     return describe_parser(build_parser())
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from lowrank_vit.harness.registry import get_experiment
-from lowrank_vit.harness.runner import select_rows
-from lowrank_vit.harness.tables import write_table
+from lowrank_vit.repro.registry import get_experiment
+from lowrank_vit.repro.runner import select_rows
+from lowrank_vit.repro.tables import write_table
 
 
 def _fake_result(output: Path, name: str, params: int, top1: float, dense: float = 97.0) -> None:
@@ -68,8 +68,8 @@ def test_other_tables_keep_the_generic_writer(tmp_path):
 
 def test_plan_gives_fwsvd_synthetic_labels():
     """`lowrank-vit plan --synthetic` works for FWSVD, whose Fisher pass needs labelled calibration batches."""
-    from lowrank_vit.harness.models import synthetic_labelled
-    from lowrank_vit.harness.planning import plan_row
+    from lowrank_vit.repro.models import synthetic_labelled
+    from lowrank_vit.repro.planning import plan_row
 
     pairs = synthetic_labelled([torch.zeros(3, 1, 4, 4), torch.zeros(2, 1, 4, 4)], num_classes=10)
     assert [labels.shape[0] for _, labels in pairs] == [3, 2]
@@ -80,7 +80,7 @@ def test_plan_gives_fwsvd_synthetic_labels():
 
 def test_residual_mean_is_undefined_when_a_unit_has_none():
     """COMCAT's attention units have no per-layer eq. 5 error (NaN): the row's mean residual is None, not NaN."""
-    from lowrank_vit.harness.runner import _mean
+    from lowrank_vit.repro.runner import _mean
 
     assert _mean([1.0, 3.0]) == 2.0
     assert _mean([1.0, math.nan]) is None

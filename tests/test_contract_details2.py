@@ -101,7 +101,7 @@ def test_evaluate_times_the_model_in_the_precision_asked_for(place, capsys, monk
 
 
 def test_device_auto_takes_the_gpu_torch_sees(monkeypatch):
-    from lowrank_vit.harness.userbase import resolve_device
+    from lowrank_vit.cli.base import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda", 0) == resolve_device("cuda")
@@ -130,7 +130,7 @@ def test_a_dry_run_estimate_prices_one_gpu_unless_told(capsys):
 @pytest.mark.parametrize("scale, folder", [("full", "results"), ("smoke", "results/smoke")])
 def test_run_prints_where_the_result_is_by_default(scale, folder, capsys, monkeypatch):
     """`run --output`'s default (its help): results/, or results/smoke/ for --scale smoke."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.repro import runner
 
     name = "table2/deit_s/ours-50"
     monkeypatch.setattr(runner, "run_row", lambda exp, scale, **kwargs: {"name": exp.name, "top1": 79.456,
@@ -166,8 +166,8 @@ def test_version_without_the_package_installed(capsys, monkeypatch):
 
 def test_the_profile_table_heads_each_column_with_what_it_holds():
     """`profile`'s table: the third column is how many of the model's layers have that shape (counted by hand)."""
+    from lowrank_vit.cli.speed import render, summary
     from lowrank_vit.core.latency import LatencyTable, ShapeLatency, Timing
-    from lowrank_vit.harness.speedcli import render, summary
 
     def t(ms: float) -> Timing:
         return Timing(ms, ms * 0.9, ms * 1.1, 3)
@@ -190,7 +190,7 @@ def test_the_profile_table_heads_each_column_with_what_it_holds():
 def test_the_finetune_records_a_hub_name_as_given_and_a_folder_as_its_full_path(tmp_path, monkeypatch):
     """resume.json says which data the interrupted run read: a local folder by its absolute path (the same from any
     directory), a dataset name as it was typed (not as a path below the current directory)."""
-    from lowrank_vit.harness.finetunecli import _finetune_run
+    from lowrank_vit.cli.finetune import _finetune_run
     from lowrank_vit.io.surgery import WEIGHTS_FILE
     from lowrank_vit.stages.finetune_config import FinetuneConfig
 
@@ -210,7 +210,7 @@ def test_the_finetune_records_a_hub_name_as_given_and_a_folder_as_its_full_path(
 
 @pytest.fixture(scope="module")
 def compressed_dir(place, tmp_path_factory) -> Path:
-    from lowrank_vit.harness.cli import main
+    from lowrank_vit.cli.main import main
 
     out = tmp_path_factory.mktemp("written") / "my-model"
     assert main(["compress", *_model_argv(place), "--calib-samples", "8", "--reduction", "0.3", "--recipe",
@@ -238,7 +238,7 @@ def test_the_reports_layer_rows_carry_the_compressions_output_errors(compressed_
 def test_a_dense_top1_that_cannot_be_cached_leaves_no_temporary_file(tmp_path, capsys):
     """The cache file's place is taken (here by a folder): said on stderr, the command goes on, and the temporary
     file written beside it is gone."""
-    from lowrank_vit.harness.densecache import _write_cached_accuracy
+    from lowrank_vit.cli.densecache import _write_cached_accuracy
 
     folder = tmp_path / "dense"
     target = folder / "vit-0123.json"

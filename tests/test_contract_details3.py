@@ -36,7 +36,7 @@ def test_plan_json_says_the_parameter_target(capsys):
 @pytest.mark.parametrize("quiet", [False, True])
 def test_run_draws_progress_bars_unless_quiet(quiet, capsys, monkeypatch):
     """`run --quiet` asks the row for no progress bars; without it, it asks for them."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.repro import runner
 
     asked = {}
 
@@ -52,7 +52,7 @@ def test_run_draws_progress_bars_unless_quiet(quiet, capsys, monkeypatch):
 
 def test_demo_writes_where_output_says(capsys, monkeypatch, tmp_path):
     """`demo --output DIR`: the demo's table, figures and runs go to DIR (its help); results/demo by default."""
-    from lowrank_vit.harness import demo
+    from lowrank_vit.repro import demo
 
     outputs = []
     monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: outputs.append(output) or {})
@@ -67,7 +67,7 @@ def test_demo_writes_where_output_says(capsys, monkeypatch, tmp_path):
 def test_the_data_stamp_of_a_folder_of_splits_sees_a_class_folder_change(tmp_path):
     """A folder of splits (``train/<class>/``, ``validation/<class>/``): the stamp lists the class folders one level
     down by their relative names, and a file added to one changes it (the cached dense top-1 is then not reused)."""
-    from lowrank_vit.harness.densecache import _data_stamp
+    from lowrank_vit.cli.densecache import _data_stamp
 
     for split in ("train", "validation"):
         for label in ("a", "b"):
@@ -90,7 +90,7 @@ def test_the_data_stamp_of_a_folder_of_splits_sees_a_class_folder_change(tmp_pat
 
 
 def _matching_stage(tmp_path: Path) -> tuple[Path, dict]:
-    from lowrank_vit.harness.finetunecli import RESUME_FILE
+    from lowrank_vit.cli.finetune import RESUME_FILE
 
     stage = tmp_path / ".out.partial"
     (stage / "checkpoints").mkdir(parents=True)
@@ -104,7 +104,7 @@ def _matching_stage(tmp_path: Path) -> tuple[Path, dict]:
 def test_resuming_a_finetune_says_so_unless_quiet(quiet, tmp_path, capsys):
     """The same fine-tune command after an interruption resumes from last.ckpt and says so on stderr; --quiet
     prints nothing there."""
-    from lowrank_vit.harness.finetunecli import _resume_or_start
+    from lowrank_vit.cli.finetune import _resume_or_start
 
     stage, run = _matching_stage(tmp_path)
     _resume_or_start(argparse.Namespace(quiet=quiet), stage, run)
@@ -233,9 +233,9 @@ def _converted_features(tmp_path: Path, x: torch.Tensor):
     """The checkpoint converted into timm's ViT with the inferred arguments, and its class-token features on x."""
     import timm
 
-    from lowrank_vit.harness.models import load_checkpoint_
     from lowrank_vit.io.checkpoints import read_state_dict
     from lowrank_vit.io.convert import merge_kwargs, to_timm
+    from lowrank_vit.repro.models import load_checkpoint_
 
     path = tmp_path / "model.safetensors"
     converted = to_timm(read_state_dict(path)[0], json.loads((tmp_path / "config.json").read_text()))
@@ -344,7 +344,7 @@ def recompressed(tmp_path_factory) -> Path:
     import timm
 
     from lowrank_vit import save_compressed
-    from lowrank_vit.harness.cli import main
+    from lowrank_vit.cli.main import main
 
     root = tmp_path_factory.mktemp("recompressed")
     write_image_folder(root / "imgs", 3, 4, SIZE)
@@ -429,7 +429,7 @@ def test_the_ranks_figure_is_titled_with_the_architecture(tmp_path):
 
 def test_the_preprocessing_line_separates_its_fields_with_commas():
     """The line every command prints first, whole: each field, where it came from, ", " between them."""
-    from lowrank_vit.harness.preprocessing import describe_preprocessing
+    from lowrank_vit.cli.preprocessing import describe_preprocessing
 
     pre = {"input_size": (3, 32, 48), "mean": (0.485, 0.456, 0.406), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9,
            "interpolation": "bicubic"}

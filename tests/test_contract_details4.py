@@ -36,8 +36,8 @@ def _data_args(data: Path) -> argparse.Namespace:
 
 
 def test_a_model_of_non_square_input_is_refused_naming_its_size(tmp_path):
-    from lowrank_vit.harness.userbase import UserError
-    from lowrank_vit.harness.userdata import _data_config
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.data import _data_config
 
     pre = {"input_size": (3, 32, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
     with pytest.raises(UserError) as info:
@@ -46,7 +46,7 @@ def test_a_model_of_non_square_input_is_refused_naming_its_size(tmp_path):
 
 
 def test_the_data_loaders_take_the_models_square_size_and_channels(tmp_path):
-    from lowrank_vit.harness.userdata import _data_config
+    from lowrank_vit.cli.data import _data_config
 
     pre = {"input_size": (1, 24, 24), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0}
     cfg = _data_config(_data_args(tmp_path), pre, calib_samples=8)
@@ -65,7 +65,7 @@ def test_float16_autocast_off_a_gpu_is_refused_with_what_to_use():
 def test_a_dry_run_checks_each_row_against_its_own_configuration(capsys, monkeypatch, tmp_path):
     """`reproduce --dry-run`: a row is "finished, skipped" when its result was made with the very config the row
     would run now (runner.finished is given that config, the one row_config builds)."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.repro import runner
 
     seen = []
 
@@ -89,7 +89,7 @@ def test_a_model_directorys_weights_key_the_dense_cache_by_their_digest(tmp_path
     """A model directory: the dense accuracy is cached under the SHA-256 of its model.safetensors."""
     from types import SimpleNamespace
 
-    from lowrank_vit.harness.densecache import _weights_sha256
+    from lowrank_vit.cli.densecache import _weights_sha256
 
     (tmp_path / "model.safetensors").write_bytes(b"some weights")
     source = SimpleNamespace(record={"directory": str(tmp_path)})
@@ -99,7 +99,7 @@ def test_a_model_directorys_weights_key_the_dense_cache_by_their_digest(tmp_path
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_a_reused_dense_accuracy_is_said_unless_quiet(quiet, capsys, monkeypatch, tmp_path):
-    from lowrank_vit.harness import densecache
+    from lowrank_vit.cli import densecache
 
     where = tmp_path / "entry.json"
     monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: (where, {}))
@@ -113,7 +113,8 @@ def test_a_reused_dense_accuracy_is_said_unless_quiet(quiet, capsys, monkeypatch
 
 
 def test_timms_pretrained_weights_are_described_as_pretrained(monkeypatch):
-    from lowrank_vit.harness import models, sources
+    from lowrank_vit.cli import sources
+    from lowrank_vit.repro import models
 
     monkeypatch.setattr(sources, "_check_offline_weights", lambda *a: None)
     monkeypatch.setattr(models, "build_model", lambda cfg, progress=True: make_tiny_vit(seed=0))

@@ -22,7 +22,7 @@ from test_contract_details import ARCH, KWARGS, SIZE, _compressed, _loader, _off
 
 def test_the_hardware_flags_reach_the_row_that_runs(capsys, monkeypatch, tmp_path):
     """`lowrank-vit run NAME --devices 2 --num-nodes 3 --accelerator cpu`: the row runs with those, as typed."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.repro import runner
 
     seen = {}
     monkeypatch.setattr(runner, "run_row", lambda exp, scale, **kw: seen.update(kw, name=exp.name, scale=scale))
@@ -35,7 +35,7 @@ def test_the_hardware_flags_reach_the_row_that_runs(capsys, monkeypatch, tmp_pat
 
 
 def _source(architecture: str = ARCH):
-    from lowrank_vit.harness.sources import Source
+    from lowrank_vit.cli.sources import Source
 
     return Source(torch.nn.Identity(), architecture, f"timm {architecture}, your checkpoint",
                   record={"timm_name": ARCH, "model_kwargs": KWARGS, "checkpoint_sha256": "ab" * 32})
@@ -49,7 +49,7 @@ def _cache_args(data: str) -> argparse.Namespace:
 def test_the_dense_cache_key_names_the_data_it_was_measured_on(tmp_path):
     """A local folder is keyed by its absolute path (two copies of one folder are two entries), a dataset name by
     the name as typed."""
-    from lowrank_vit.harness.densecache import _dense_cache_entry
+    from lowrank_vit.cli.densecache import _dense_cache_entry
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -65,7 +65,7 @@ def test_the_dense_cache_file_is_named_after_the_architecture_made_safe(tmp_path
     underscore, then a 24-digit hex digest."""
     import re
 
-    from lowrank_vit.harness.densecache import _dense_cache_entry
+    from lowrank_vit.cli.densecache import _dense_cache_entry
 
     path, _ = _dense_cache_entry(_cache_args("someone/dataset"), _source("hf-hub:timm/vit tiny"), {},
                                  torch.device("cpu"))
@@ -73,7 +73,7 @@ def test_the_dense_cache_file_is_named_after_the_architecture_made_safe(tmp_path
 
 
 def test_the_dense_model_is_evaluated_on_the_device_the_command_chose(monkeypatch, tmp_path):
-    from lowrank_vit.harness import densecache
+    from lowrank_vit.cli import densecache
 
     seen = []
     monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: None)
@@ -89,8 +89,8 @@ def test_an_output_written_by_save_compressed_is_described_by_its_architecture(t
     """A model directory the library's save_compressed wrote (no record of where the model came from) is still
     named in the refusal to overwrite it."""
     from lowrank_vit import save_compressed
-    from lowrank_vit.harness.outputs import check_output_dir
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.outputs import check_output_dir
 
     out = save_compressed(_compressed(), tmp_path / "m")
     with pytest.raises(UserError) as info:
@@ -105,7 +105,7 @@ def test_an_output_written_by_save_compressed_is_described_by_its_architecture(t
 def test_a_finetune_stopped_before_its_first_checkpoint_starts_over_in_the_same_stage(tmp_path):
     """The staging directory of a run interrupted before any checkpoint exists (with its record): the same command
     starts over there, recording the run it now is."""
-    from lowrank_vit.harness.finetunecli import RESUME_FILE, _resume_or_start
+    from lowrank_vit.cli.finetune import RESUME_FILE, _resume_or_start
 
     stage = tmp_path / ".out.partial"
     (stage / "checkpoints").mkdir(parents=True)
@@ -117,7 +117,7 @@ def test_a_finetune_stopped_before_its_first_checkpoint_starts_over_in_the_same_
 
 def test_the_checkpoint_interval_is_not_part_of_what_makes_a_finetune_the_same_run(tmp_path):
     """Like --epochs and --max-steps, --checkpoint-every may differ when an interrupted run is resumed."""
-    from lowrank_vit.harness.finetunecli import _finetune_run
+    from lowrank_vit.cli.finetune import _finetune_run
     from lowrank_vit.io.surgery import WEIGHTS_FILE
     from lowrank_vit.stages.finetune_config import FinetuneConfig
 
@@ -169,7 +169,7 @@ def test_the_finetune_runs_on_one_node_unless_told(monkeypatch):
 
 
 def test_an_unknown_architecture_with_nothing_close_points_to_timms_list():
-    from lowrank_vit.harness.sources import _suggest
+    from lowrank_vit.cli.sources import _suggest
 
     assert _suggest("qqqqqqqqqqqq") == "; see timm.list_models()"
 
@@ -276,9 +276,9 @@ def test_val_labels_given_as_a_path_is_kept_as_its_text(tmp_path):
 def test_a_checkpoint_without_normalization_is_refused_even_by_a_command_without_preprocessing_flags():
     """`finetune` has no --preprocessing flag; a model that records a checkpoint but carries no mean and std is
     still refused in words, never guessed (nor an AttributeError)."""
-    from lowrank_vit.harness.preprocessing import resolve_model_preprocessing
-    from lowrank_vit.harness.sources import Source
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.preprocessing import resolve_model_preprocessing
+    from lowrank_vit.cli.sources import Source
 
     source = Source(make_tiny_vit(seed=0), ARCH, "a model", record={"checkpoint": "w.pt"})
     with pytest.raises(UserError, match=r"^--checkpoint w\.pt carries no mean or std: give the values"):
@@ -352,8 +352,8 @@ def test_the_greedy_schedule_starts_at_its_first_step():
 def test_a_compress_without_a_low_rank_step_passes_the_checks_before_the_data(monkeypatch):
     """`compress --recipe vmeanba` has no compression config (None): the checks made before any data is read
     (latency table, target, rebuild) pass it through rather than read a field of nothing."""
-    from lowrank_vit.harness import usercli
-    from lowrank_vit.harness.sources import Source
+    from lowrank_vit.cli import compress as usercli
+    from lowrank_vit.cli.sources import Source
 
     source = Source(make_tiny_vit(seed=0), ARCH, "a model")
     monkeypatch.setattr(usercli, "load_source", lambda args: source)
@@ -362,8 +362,8 @@ def test_a_compress_without_a_low_rank_step_passes_the_checks_before_the_data(mo
 
 
 def test_distilling_from_a_model_compressed_from_random_weights_is_refused_with_what_to_do():
-    from lowrank_vit.harness.sources import Source, load_teacher
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.sources import Source, load_teacher
 
     source = Source(torch.nn.Identity(), ARCH, "directory out/m",
                     metadata={"source": {"timm_name": ARCH, "pretrained": False, "checkpoint": None}})

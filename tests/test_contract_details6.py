@@ -20,7 +20,7 @@ from test_contract_details import _compressed, _offline  # noqa: F401  (HF offli
 
 
 def test_the_data_config_keeps_the_models_interpolation_and_crop(tmp_path):
-    from lowrank_vit.harness.userdata import _data_config
+    from lowrank_vit.cli.data import _data_config
 
     args = argparse.Namespace(workers=0, data=str(tmp_path), image_column=None, label_column=None,
                               train_split="train", val_split=None, batch_size=4)
@@ -32,7 +32,8 @@ def test_the_data_config_keeps_the_models_interpolation_and_crop(tmp_path):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_an_evaluation_shows_its_progress_bar_unless_quiet(quiet, monkeypatch):
-    from lowrank_vit.harness import runner, userdata
+    from lowrank_vit.cli import data as userdata
+    from lowrank_vit.repro import runner
 
     seen = {}
 
@@ -48,7 +49,7 @@ def test_an_evaluation_shows_its_progress_bar_unless_quiet(quiet, monkeypatch):
 
 
 def test_a_finetune_records_the_sha256_of_its_inputs_weights(tmp_path):
-    from lowrank_vit.harness.finetunecli import _finetune_run
+    from lowrank_vit.cli.finetune import _finetune_run
     from lowrank_vit.io.surgery import WEIGHTS_FILE
     from lowrank_vit.stages.finetune_config import FinetuneConfig
 
@@ -204,7 +205,7 @@ def test_a_step_count_that_is_not_a_positive_integer_is_refused(steps):
 def test_a_reports_layer_rows_count_the_dense_weights_of_each_layer():
     """A model without a compression report (a fine-tune's input written by save_compressed): each layer's row says
     in x out dense weights, read here from the layer's own shape."""
-    from lowrank_vit.harness.outputs import report_layers
+    from lowrank_vit.cli.outputs import report_layers
 
     model = _compressed()
     rows = report_layers(model, None)

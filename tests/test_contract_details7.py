@@ -35,7 +35,7 @@ from test_contract_details import (  # noqa: F401  (_offline, place: fixtures; t
 def test_a_dry_run_without_output_looks_where_the_scales_results_go(scale, capsys, monkeypatch, tmp_path):
     """`reproduce --dry-run` without --output checks the directory the run itself would write: results/ for the
     full scale, results/smoke/ for the smoke one (docs: the two never overwrite each other)."""
-    from lowrank_vit.harness import runner
+    from lowrank_vit.repro import runner
 
     seen = []
     monkeypatch.setattr(runner, "finished", lambda exp, cfg, output: seen.append(output))
@@ -159,8 +159,8 @@ def _hub_args():
 def test_a_hub_repository_that_is_no_model_directory_gets_timms_own_refusal(monkeypatch, tmp_path):
     """`hf-hub:owner/name` downloaded, but without lowrank_vit.json, and timm refuses the name too: timm's refusal
     is the error, as it is (the hub's download did not fail, so there is no hub reason to quote)."""
-    from lowrank_vit.harness import sources
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli import sources
+    from lowrank_vit.cli.base import UserError
     from lowrank_vit.io import hub
 
     def timm_refuses(args):
@@ -176,8 +176,8 @@ def test_a_hub_repository_that_is_no_model_directory_gets_timms_own_refusal(monk
 def test_an_unreachable_hub_model_quotes_the_hub_unless_timm_failed_for_another_reason(monkeypatch):
     """The hub unreachable and timm unable to build the name: one line with the hub's reason and timm's. A defect
     in timm or here (a KeyError) is not dressed as the user's input: it is raised as it is."""
-    from lowrank_vit.harness import sources
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli import sources
+    from lowrank_vit.cli.base import UserError
     from lowrank_vit.io import hub
 
     def unreachable(reference):
@@ -203,7 +203,7 @@ def test_the_compression_shows_progress_as_the_command_says_whatever_its_config_
     """`run ROW --quiet` hands compress_model a row's config whose progress is on (the dataclass default): the
     command's word wins, and the other way round."""
     from lowrank_vit import CompressionConfig, pipeline
-    from lowrank_vit.harness.flow import compress_model
+    from lowrank_vit.repro.flow import compress_model
 
     seen = []
     monkeypatch.setattr(pipeline, "compress", lambda model, images, config: seen.append(config.progress))
@@ -249,7 +249,7 @@ def test_the_dense_cache_key_holds_everything_the_accuracy_depends_on(tmp_path):
     import timm
 
     from lowrank_vit import __version__
-    from lowrank_vit.harness.densecache import _data_stamp, _dense_cache_entry
+    from lowrank_vit.cli.densecache import _data_stamp, _dense_cache_entry
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -269,7 +269,7 @@ def test_a_cached_accuracy_is_reused_only_under_its_own_key_and_whole(tmp_path):
     count are numbers: anything else (another key, a hand-edited figure) is evaluated again."""
     import json
 
-    from lowrank_vit.harness.densecache import _read_cached_accuracy
+    from lowrank_vit.cli.densecache import _read_cached_accuracy
 
     path = tmp_path / "entry.json"
     good = {"top1": 71.5, "top5": 90.0, "images": 50}
@@ -285,7 +285,7 @@ def test_a_cached_accuracy_is_reused_only_under_its_own_key_and_whole(tmp_path):
 def test_a_dense_accuracy_that_cannot_be_cached_is_said_unless_quiet(quiet, capsys, monkeypatch, tmp_path):
     """The cache's folder cannot be made (a file is in the way): the figure is still returned, and a note says
     it was not cached, except under --quiet."""
-    from lowrank_vit.harness import densecache
+    from lowrank_vit.cli import densecache
 
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(densecache, "_dense_cache_entry", lambda *a: (tmp_path / "file" / "entry.json", {}))
@@ -299,7 +299,7 @@ def test_a_dense_accuracy_that_cannot_be_cached_is_said_unless_quiet(quiet, caps
 
 def test_the_dense_cache_file_does_not_depend_on_the_order_the_preprocessing_was_given_in(tmp_path):
     """The same preprocessing in another order (a checkpoint's metadata, a directory's plan) is the same entry."""
-    from lowrank_vit.harness.densecache import _dense_cache_entry
+    from lowrank_vit.cli.densecache import _dense_cache_entry
 
     args = _cache_args("someone/dataset")
     one = {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "crop_pct": 0.9}
@@ -332,7 +332,7 @@ def _scans(monkeypatch, seconds: float = 0.0):
 def test_vmeanbas_step_is_announced_and_reads_no_more_images_than_there_are(monkeypatch):
     """The announcement names the scans' count, or the speedup they are chosen for; the scans are told to read
     the images the data holds when it holds fewer than asked (their report counts what they had)."""
-    from lowrank_vit.harness.flow import compress_model
+    from lowrank_vit.repro.flow import compress_model
 
     config, seen = _scans(monkeypatch)
     said = []
@@ -349,7 +349,7 @@ def test_compress_model_moves_the_model_to_the_device_and_keeps_no_copy_unless_a
     """The model goes to the device the command chose (recorded here, as this machine has one device); a copy of
     it before the low-rank step (a whole second model in memory) is kept only when asked for."""
     from lowrank_vit import CompressionConfig, pipeline
-    from lowrank_vit.harness.flow import compress_model
+    from lowrank_vit.repro.flow import compress_model
 
     moved = []
 
@@ -372,7 +372,7 @@ def test_compress_models_low_rank_step_is_announced_timed_and_told_the_device(mo
     setting; its wall time is recorded to the millisecond; the copy kept from before it is a copy (the step works in
     place, and a shallow copy would change with it)."""
     from lowrank_vit import CompressionConfig, pipeline
-    from lowrank_vit.harness.flow import compress_model
+    from lowrank_vit.repro.flow import compress_model
 
     seen = []
 
@@ -397,7 +397,7 @@ def test_compress_models_low_rank_step_is_announced_timed_and_told_the_device(mo
 
 def test_vmeanbas_step_is_timed_to_the_millisecond(monkeypatch):
     """compress_model times VMeanba's scans (the report's timings_s): a step of about 20 ms is not rounded to 0."""
-    from lowrank_vit.harness.flow import compress_model
+    from lowrank_vit.repro.flow import compress_model
 
     config, _ = _scans(monkeypatch, seconds=0.02)
     done = compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=1), device=torch.device("cpu"),
@@ -408,7 +408,7 @@ def test_vmeanbas_step_is_timed_to_the_millisecond(monkeypatch):
 
 @pytest.mark.parametrize("progress", [False, True])
 def test_vmeanbas_scans_show_progress_as_the_command_says(progress, monkeypatch):
-    from lowrank_vit.harness.flow import compress_model
+    from lowrank_vit.repro.flow import compress_model
 
     config, seen = _scans(monkeypatch)
     compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=1, progress=not progress),
@@ -420,7 +420,7 @@ def test_vmeanbas_scans_show_progress_as_the_command_says(progress, monkeypatch)
 
 
 def test_demo_publish_says_each_file_it_wrote(capsys, monkeypatch, tmp_path):
-    from lowrank_vit.harness import demo
+    from lowrank_vit.repro import demo
 
     monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: {})
     monkeypatch.setattr(demo, "publish", lambda summary: [Path("docs/demo.md"), Path("docs/figures/demo.png")])
@@ -431,7 +431,7 @@ def test_demo_publish_says_each_file_it_wrote(capsys, monkeypatch, tmp_path):
 
 def test_compress_options_reach_the_compression_config_the_right_way_round():
     """A latency table caps each rank at its break-even unless --params-only; progress is shown unless --quiet."""
-    from lowrank_vit.harness.userargs import compression_config
+    from lowrank_vit.cli.args import compression_config
 
     base = dict(recipe="paper", reduction=0.5, target_params=None, target_speedup=None, calib_samples=8, quiet=False,
                 loss_pass_dtype=None, setting=[], latency_table="auto", params_only=False, rank_multiple=None)
@@ -444,7 +444,7 @@ def test_compress_options_reach_the_compression_config_the_right_way_round():
 @pytest.mark.parametrize("quiet", [False, True])
 def test_profiling_a_model_for_compress_shows_progress_unless_quiet(quiet, monkeypatch, tmp_path):
     from lowrank_vit import speed
-    from lowrank_vit.harness.speedcli import resolve_latency_table
+    from lowrank_vit.cli.speed import resolve_latency_table
 
     seen = {}
 

@@ -13,10 +13,10 @@ import timm
 import torch
 from PIL import Image
 
-from lowrank_vit.harness.models import SetupError, build_model, load_checkpoint_
-from lowrank_vit.harness.registry import ModelConfig
 from lowrank_vit.io.checkpoints import read_state_dict
 from lowrank_vit.io.convert import ConversionError, checkpoint_kwargs, detect_layout, merge_kwargs, to_timm
+from lowrank_vit.repro.models import SetupError, build_model, load_checkpoint_
+from lowrank_vit.repro.registry import ModelConfig
 
 from conftest import cli, one_line_error
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_vit.harness.demo import DEMO_ROWS, format_table, run_demo
+from lowrank_vit.repro.demo import DEMO_ROWS, format_table, run_demo
 
 TINY = ["model.pretrained=false", "compression.calib_samples=32", "data.calib_samples=32", "finetune.max_steps=2"]
 
@@ -31,7 +31,7 @@ def test_demo_rows_are_the_issue_s():
                                                         "ablation/deit_s/vanilla-svd-ft-50",
                                                         "ablation/deit_s/vanilla-svd-ft-60",
                                                         "ablation/deit_s/vanilla-svd-ft-table3"}
-    from lowrank_vit.harness.registry import get_experiment
+    from lowrank_vit.repro.registry import get_experiment
 
     table3 = {get_experiment(r).smoke.compression.reduction for r in DEMO_ROWS if "table3" in r}
     assert len(table3) == 1 and 0.77 < table3.pop() < 0.78  # the three methods at one Table 3 ratio
@@ -86,7 +86,7 @@ def test_installing_the_committed_stand_in_makes_the_cache_hold_those_very_weigh
     build_standin returns the committed tensors, and installing again changes nothing."""
     from safetensors.torch import load_file
 
-    from lowrank_vit.harness.standins import build_standin, install_standin
+    from lowrank_vit.repro.standins import build_standin, install_standin
 
     truth = load_file(str(COMMITTED / "deit_s.safetensors"))
     assert install_standin("deit_s", COMMITTED, cache_dir=tmp_path) is True
@@ -102,7 +102,7 @@ def test_installing_the_committed_stand_in_makes_the_cache_hold_those_very_weigh
 
 
 def test_a_damaged_committed_stand_in_is_refused_before_the_cache_is_touched(tmp_path):
-    from lowrank_vit.harness.standins import install_standin
+    from lowrank_vit.repro.standins import install_standin
 
     damaged = tmp_path / "committed"
     damaged.mkdir()
@@ -114,7 +114,7 @@ def test_a_damaged_committed_stand_in_is_refused_before_the_cache_is_touched(tmp
 
 
 def test_the_demo_uses_the_committed_stand_in_and_trains_only_when_asked(tmp_path, monkeypatch):
-    from lowrank_vit.harness import demo, standins
+    from lowrank_vit.repro import demo, standins
 
     monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
     calls = []

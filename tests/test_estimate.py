@@ -1,4 +1,4 @@
-"""The cost estimate (lowrank_vit/harness/estimate.py, `plan --estimate`, `reproduce --dry-run --estimate`): FLOP
+"""The cost estimate (lowrank_vit/repro/estimate.py, `plan --estimate`, `reproduce --dry-run --estimate`): FLOP
 counts against hand computations, its monotonicity, the float64 warning's rule, the CLI's errors, and its agreement
 with the committed CPU benchmark of `compress` (no timing in the suite)."""
 
@@ -12,8 +12,8 @@ import timm
 import torch
 
 from lowrank_vit.config import RECIPES, resolve_gram_precision
-from lowrank_vit.harness import estimate
-from lowrank_vit.harness.registry import get_experiment, list_experiments
+from lowrank_vit.repro import estimate
+from lowrank_vit.repro.registry import get_experiment, list_experiments
 
 from conftest import cli, one_line_error
 
@@ -302,7 +302,7 @@ def test_h100_compression_agrees_with_the_benchmark():
 def test_a_vmeanba_row_is_estimated_with_one_pass_per_scan_block():
     """VMamba-T has 2+2+8+2 = 14 selective-scan blocks: the impact scores take the dense reference, one pass per
     block and the final KL over the row's 1,024 calibration images; a baseline of the same model has no such stage."""
-    from lowrank_vit.harness.estimate import estimate_row
+    from lowrank_vit.repro.estimate import estimate_row
 
     est = estimate_row(get_experiment("vmeanba/vmamba_t/vmeanba-k2"), "full")
     stage = next(s for s in est["stages"] if s["name"] == "vmeanba")

@@ -150,8 +150,8 @@ def test_compress_resolves_on_the_configured_device(monkeypatch, device, used):
 def test_a_finished_row_of_an_earlier_version_is_still_the_same_config():
     """result.json of an earlier version holds the resolved precision; the same row with "auto" is not "another
     config" (which would refuse to resume), while an explicit different precision is."""
-    from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import comparable
+    from lowrank_vit.repro.registry import get_experiment
+    from lowrank_vit.repro.rows import comparable
 
     for name, written in (("table2/deit_s/ours-50", "float64"), ("table2/deit_s/loss-aware-50", "float32")):
         current = get_experiment(name).config("smoke").to_dict()

@@ -83,7 +83,7 @@ def test_malformed_references(bad):
 def test_the_cli_says_why_an_unreachable_hub_model_could_not_be_loaded(tmp_path, monkeypatch, capsys):
     """Offline, an hf-hub: name is neither a cached model directory nor a timm model: the hub's reason (offline, go
     online or set HF_TOKEN) is what the user reads, not only timm's "no model"."""
-    from lowrank_vit.harness import cli
+    from lowrank_vit.cli import main as cli
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))

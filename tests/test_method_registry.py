@@ -61,8 +61,8 @@ def test_a_method_named_alone_gets_its_home_recipe(name):
     """``lowrank-vit compress --recipe NAME`` with a decomposition's name: that decomposition inside its own recipe."""
     import argparse
 
+    from lowrank_vit.cli.compress import compression_config
     from lowrank_vit.config import RECIPES
-    from lowrank_vit.harness.usercli import compression_config
 
     home = RECIPES[get_method(name).home_recipe]
     args = argparse.Namespace(recipe=name, reduction=0.5, target_params=None, calib_samples=8, rank_multiple=1,

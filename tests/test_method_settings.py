@@ -148,8 +148,8 @@ def test_a_method_registered_from_one_file_declares_validates_and_reads_its_sett
 
 
 def test_a_setting_set_on_the_command_line_reaches_the_row_and_a_bad_one_is_one_line():
-    from lowrank_vit.harness.overrides import check_overrides
-    from lowrank_vit.harness.registry import get_experiment
+    from lowrank_vit.repro.overrides import check_overrides
+    from lowrank_vit.repro.registry import get_experiment
 
     row = get_experiment("table2/deit_s/ours-50").full
     check_overrides(["compression.gamma=60", "compression.settings.gamma=60"])

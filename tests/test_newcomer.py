@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_vit.harness.cli import main
+from lowrank_vit.cli.main import main
 
 from conftest import cli, one_line_error
 
@@ -46,7 +46,7 @@ def _with_closed_stdout(argv: list[str], cwd: Path = ROOT) -> subprocess.Complet
     read, write = os.pipe()
     os.close(read)
     try:
-        return subprocess.run([sys.executable, "-m", "lowrank_vit.harness.cli", *argv], stdout=write,
+        return subprocess.run([sys.executable, "-m", "lowrank_vit.cli.main", *argv], stdout=write,
                               stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd, timeout=300)
     finally:
         os.close(write)
@@ -54,7 +54,7 @@ def _with_closed_stdout(argv: list[str], cwd: Path = ROOT) -> subprocess.Complet
 
 def _finished_baseline(out: Path, overrides: list[str]) -> None:
     """A finished result of the DeiT-S baseline with these overrides, so `reproduce` only writes its table."""
-    from lowrank_vit.harness.registry import get_experiment
+    from lowrank_vit.repro.registry import get_experiment
 
     cfg = get_experiment("table2/deit_s/baseline").config("smoke").override(overrides)
     result = {"name": "table2/deit_s/baseline", "params": 204_938, "params_before": 204_938, "top1": 95.8,
@@ -178,7 +178,7 @@ def test_set_values_are_checked_before_anything_runs(capsys, tmp_path, value, me
 
 
 def test_set_values_of_the_right_type_pass():
-    from lowrank_vit.harness.overrides import check_overrides
+    from lowrank_vit.repro.overrides import check_overrides
 
     check_overrides(["finetune.epochs=3", "compression.decomposition=plain", 'model.kwargs={"img_size": 32}',
                      "model.pretrained=false", "data.path=/data/x", "compression.reduction=0.5",
@@ -210,7 +210,7 @@ def test_more_classes_than_the_head_fails_before_calibration(capsys, tmp_path, m
 
 @pytest.mark.slow
 def test_quiet_prints_only_the_result_and_progress_has_no_banners(tmp_path):
-    argv = [sys.executable, "-m", "lowrank_vit.harness.cli", "run", "table2/deit_s/ours-50", "--scale", "smoke",
+    argv = [sys.executable, "-m", "lowrank_vit.cli.main", "run", "table2/deit_s/ours-50", "--scale", "smoke",
             "--output", str(tmp_path / "r"), *QUICK[:-2], "--wandb", "offline"]
     env = {**_env(), "LOWRANK_VIT_CACHE": str(tmp_path / "cache")}
     env.pop("WANDB_SILENT", None)
@@ -238,7 +238,7 @@ def _row(**fields) -> dict:
 
 
 def test_smoke_table_compares_with_its_own_baseline():
-    from lowrank_vit.harness.tables import markdown_table
+    from lowrank_vit.repro.tables import markdown_table
 
     text = markdown_table("table2", "smoke", [_row(), _row(name="table2/deit_s/vanilla-svd-ft-40", residual=2e-3)])
     header = next(line for line in text.splitlines() if line.startswith("| row"))
@@ -254,8 +254,8 @@ def test_smoke_table_compares_with_its_own_baseline():
 
 def test_wandb_runs_carry_project_and_groupable_keys(monkeypatch, tmp_path):
     import lowrank_vit.stages.logging_utils
-    from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import make_row_logger
+    from lowrank_vit.repro.registry import get_experiment
+    from lowrank_vit.repro.runner import make_row_logger
 
     seen = {}
     monkeypatch.setattr(lowrank_vit.stages.logging_utils, "make_logger", lambda mode, **kw: seen.update(kw))
@@ -280,7 +280,7 @@ def test_documented_sync_command_fits_any_output_directory():
 
 def test_readme_demo_excerpt_is_the_committed_demo_result():
     """`make demo-refresh` writes both; neither may be edited by hand."""
-    from lowrank_vit.harness.demo import PUBLISHED, format_table, readme_excerpt
+    from lowrank_vit.repro.demo import PUBLISHED, format_table, readme_excerpt
 
     record = json.loads((ROOT / PUBLISHED).with_suffix(".json").read_text())
     committed = (ROOT / PUBLISHED).with_suffix(".txt").read_text().rstrip("\n")
@@ -290,7 +290,7 @@ def test_readme_demo_excerpt_is_the_committed_demo_result():
 
 
 def test_publish_rewrites_only_the_excerpt(tmp_path):
-    from lowrank_vit.harness.demo import README_MARKERS, format_table, publish, readme_excerpt
+    from lowrank_vit.repro.demo import README_MARKERS, format_table, publish, readme_excerpt
 
     rows = [dict(name="b", method="baseline", reduction=0.0, params=100, top1=90.0, top1_noft=None, residual=None,
                  paper_params=22_100_000, paper_top1=79.8)]

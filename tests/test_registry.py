@@ -9,7 +9,7 @@ import torch
 
 from experiments._rows import ARCHS, count_note
 from lowrank_vit.config import CompressionConfig
-from lowrank_vit.harness.registry import (
+from lowrank_vit.repro.registry import (
     Experiment,
     ModelConfig,
     PaperResult,
@@ -271,7 +271,7 @@ def test_compare_paper_numbers_only_where_a_paper_prints_them():
 
 def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
     import lowrank_vit.stages.logging_utils as logging_utils
-    from lowrank_vit.harness.runner import make_row_logger
+    from lowrank_vit.repro.runner import make_row_logger
 
     groups = []
     monkeypatch.setattr(logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))
@@ -356,9 +356,9 @@ def test_the_vmeanba_table_has_the_sweep_the_low_rank_row_and_both_on_every_vmam
 def test_a_vmeanba_row_switches_the_k_its_name_declares_of_blocks_both_scales_have(exp: Experiment):
     """K is read from the row's name; it must exist in the full-size model and in its stand-in (which keeps the
     real block counts), over each scale's calibration images; VMeanba alone is training-free."""
-    from lowrank_vit.harness.standins import STANDINS
     from lowrank_vit.methods.vmeanba import scan_blocks
     from lowrank_vit.nn.adapters import timm_with_our_models
+    from lowrank_vit.repro.standins import STANDINS
 
     timm = timm_with_our_models()
     k = int(exp.name.split("/")[2].split("-")[1].removeprefix("k"))

@@ -9,8 +9,8 @@ import json
 import pytest
 import timm
 
-from lowrank_vit.harness.cli import main
-from lowrank_vit.harness.rehearse import LAYOUTS, RehearsalError, RehearsalSettings, check_data
+from lowrank_vit.cli.main import main
+from lowrank_vit.repro.rehearse import LAYOUTS, RehearsalError, RehearsalSettings, check_data
 from lowrank_vit.stages.data import DataConfig, build_datamodule
 
 pytest.importorskip("datasets")
@@ -97,7 +97,7 @@ def test_rehearse_one_row_of_every_other_table(capsys, tmp_path, row, extra, siz
 def test_record_and_resume(tmp_path, monkeypatch, capsys):
     """Each row's outcome is appended to --record as it ends; --resume skips the rows recorded ok with the same
     layout, devices and depth, and runs the broken ones and those rehearsed otherwise again."""
-    import lowrank_vit.harness.rehearse as rehearsal
+    import lowrank_vit.repro.rehearse as rehearsal
 
     ran = []
 
@@ -135,7 +135,7 @@ def test_resume_keys_on_the_accelerator(tmp_path, monkeypatch):
     the accelerator was recorded count as CPU ones. The command line reaches `lowrank-vit run --accelerator`."""
     import torch
 
-    import lowrank_vit.harness.rehearse as rehearsal
+    import lowrank_vit.repro.rehearse as rehearsal
 
     record = tmp_path / "record.jsonl"
     old = {"name": "table3/deit_s/ours", "ok": True, "layout": "hub-parquet", "devices": 1, "depth": None}
@@ -182,7 +182,7 @@ def test_a_killed_run_is_named(tmp_path, monkeypatch, capsys):
     quoting a traceback that is not there."""
     import subprocess
 
-    import lowrank_vit.harness.rehearse as rehearsal
+    import lowrank_vit.repro.rehearse as rehearsal
 
     def killed(command, **kwargs):
         return subprocess.CompletedProcess(command, -9, "", "")
@@ -199,7 +199,7 @@ def test_bad_record_or_workdir_is_refused_before_any_row(tmp_path, monkeypatch, 
     """A --record that is a directory (or under a file) and a --workdir that is a file or missing are one-line
     errors before the first row runs, not an OSError traceback after it (the record was written once the row
     ended)."""
-    import lowrank_vit.harness.rehearse as rehearsal
+    import lowrank_vit.repro.rehearse as rehearsal
 
     ran = []
     monkeypatch.setattr(rehearsal, "rehearse_row", lambda exp, work, settings: ran.append(exp.name) or "full size")

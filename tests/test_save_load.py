@@ -740,7 +740,7 @@ def test_load_plan_with_bad_fields(saved, change, pattern):
 @pytest.mark.parametrize("change", [lambda p: p.update(metadata="oops"), lambda p: p["layers"][QKV].update(rank=-5)],
                          ids=["metadata", "rank"])
 def test_cli_refuses_a_plan_with_bad_fields(saved, tmp_path, capsys, change):
-    from lowrank_vit.harness import cli
+    from lowrank_vit.cli import main as cli
 
     edit_plan(saved, change)
     code = cli.main(["export", str(saved), "--output", str(tmp_path / "m.onnx")])

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lowrank_vit import get_adapter
-from lowrank_vit.harness import standins as S
-from lowrank_vit.harness.standins import STANDINS, StandinSpec, build_standin, standin_cache_dir
+from lowrank_vit.repro import standins as S
+from lowrank_vit.repro.standins import STANDINS, StandinSpec, build_standin, standin_cache_dir
 
 pytest.importorskip("mlxtend")
 timm = pytest.importorskip("timm")

@@ -167,7 +167,7 @@ def test_committed_standins_are_the_studys(name: str, monkeypatch: pytest.Monkey
     """The study's MNIST models load read-only from the committed weights (not the user's cache, which another CPU
     fills with other weights) and give the committed study's dense top-1."""
     pytest.importorskip("mlxtend")
-    from lowrank_vit.harness import standins
+    from lowrank_vit.repro import standins
 
     def refuse(*args, **kwargs):
         raise AssertionError("the study fell back to the user's cache instead of the committed weights")
@@ -247,7 +247,7 @@ def test_data_identity_follows_the_content_not_the_path(tmp_path: Path, monkeypa
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr("lowrank_vit.harness.standins.train_classifier", no_training)
+    monkeypatch.setattr("lowrank_vit.repro.standins.train_classifier", no_training)
     recipe = cifar10.Recipe()
     for data, fingerprint in ((str(first), recipe.fingerprint(identity)), ("cifar", recipe.fingerprint("cifar"))):
         output = tmp_path / f"model_{fingerprint}"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_vit.harness import cli
+from lowrank_vit.cli import main as cli
 from lowrank_vit.io.surgery import load_compressed, read_plan
 from lowrank_vit.nn.factorized import FactorizedLinear
 
@@ -91,7 +91,7 @@ def compressed(workdir, tmp_path_factory) -> Path:
 
 
 def test_compress_writes_a_complete_model_directory(compressed, workdir):
-    from lowrank_vit.harness.outputs import model_dir_files
+    from lowrank_vit.cli.outputs import model_dir_files
 
     names = {p.name for p in compressed.iterdir()}
     # exactly what --force may replace: anything else in a model directory is the user's
@@ -382,9 +382,9 @@ def test_the_users_preprocessing_reaches_the_pixels_the_commands_feed(workdir):
     pixel itself: each one the evaluation split yields is (x / 255 - mean) / std for the user's values."""
     from PIL import Image
 
-    from lowrank_vit.harness.preprocessing import resolve_model_preprocessing
-    from lowrank_vit.harness.sources import load_source
-    from lowrank_vit.harness.userdata import build_data
+    from lowrank_vit.cli.data import build_data
+    from lowrank_vit.cli.preprocessing import resolve_model_preprocessing
+    from lowrank_vit.cli.sources import load_source
 
     args = cli.build_parser().parse_args(
         ["evaluate", *map(str, _model_args(workdir)), "--data", str(workdir / "imgs"), "--mean", "0.1", "0.2", "0.3",
@@ -519,7 +519,7 @@ def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
 def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_not_apply(workdir, tmp_path, capsys):
     import argparse
 
-    from lowrank_vit.harness.usercli import compression_config
+    from lowrank_vit.cli.compress import compression_config
 
     args = argparse.Namespace(recipe="loss-aware-fast", reduction=0.5, target_params=None, calib_samples=8,
                               rank_multiple=1, quiet=True, loss_pass_dtype="bfloat16")
@@ -536,7 +536,7 @@ def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_no
 def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir, tmp_path, capsys):
     import argparse
 
-    from lowrank_vit.harness.usercli import compression_config
+    from lowrank_vit.cli.compress import compression_config
 
     args = argparse.Namespace(recipe="kfac-lems", reduction=0.5, target_params=None, calib_samples=8, rank_multiple=1,
                               quiet=True, loss_pass_dtype=None,
@@ -557,7 +557,7 @@ def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir,
 
 
 def test_an_interrupted_finetune_resumes_from_its_checkpoints(compressed, tmp_path, capsys, monkeypatch):
-    from lowrank_vit.harness import finetunecli
+    from lowrank_vit.cli import finetune as finetunecli
 
     out = tmp_path / "ft"
     argv = ["finetune", compressed, "--data", compressed.parent / "imgs", "--workers", "0", "--batch-size", "8",
@@ -602,7 +602,7 @@ def test_bad_preprocessing_flags(workdir, tmp_path, capsys, flags, needle):
 
 
 def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsys, monkeypatch):
-    from lowrank_vit.harness import models
+    from lowrank_vit.repro import models
 
     def offline(*args, **kwargs):
         raise models.SetupError("cannot load timm's pretrained weights for x (offline): run once with network "
@@ -634,7 +634,7 @@ def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys,
 
 
 def test_checkpoints_of_another_model_are_not_resumed(compressed, workdir, tmp_path, capsys, monkeypatch):
-    from lowrank_vit.harness import finetunecli
+    from lowrank_vit.cli import finetune as finetunecli
 
     other = tmp_path / "other"
     assert _compress(capsys, workdir, other, "--reduction", "0.5", "--no-eval", "--recipe", "vanilla")[0] == 0
@@ -673,8 +673,8 @@ def test_unreachable_pretrained_weights_are_one_line_cut_at_a_word(monkeypatch):
     """timm's error (huggingface_hub's: long, several sentences) is quoted on the one line, shortened at a word."""
     import timm
 
-    from lowrank_vit.harness import models
-    from lowrank_vit.harness.registry import ModelConfig
+    from lowrank_vit.repro import models
+    from lowrank_vit.repro.registry import ModelConfig
 
     def offline(*args, **kwargs):
         raise OSError("We could not locate the file on the Hub and cannot find the requested files in the local "
@@ -727,8 +727,8 @@ def test_an_output_below_a_file_is_refused_before_any_work(command, compressed_p
 
 
 def test_force_never_deletes_the_users_files_beside_a_model(compressed_plain):
-    from lowrank_vit.harness.outputs import check_output_dir
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.outputs import check_output_dir
 
     (compressed_plain / "NOTES.txt").write_text("mine")
     (compressed_plain / "mydata").mkdir()
@@ -740,8 +740,8 @@ def test_force_never_deletes_the_users_files_beside_a_model(compressed_plain):
 
 
 def test_an_existing_empty_directory_is_a_valid_output(tmp_path):
-    from lowrank_vit.harness.outputs import check_output_dir
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.outputs import check_output_dir
 
     (tmp_path / "empty").mkdir()
     check_output_dir(tmp_path / "empty", force=False)  # made beforehand (mkdir -p out/): nothing to overwrite
@@ -760,7 +760,7 @@ def test_a_failed_publish_puts_the_previous_model_back(tmp_path, monkeypatch, ex
     user had there is back where it was, whole, and the error is not swallowed."""
     import os
 
-    from lowrank_vit.harness import outputs
+    from lowrank_vit.cli import outputs
 
     out, stage = tmp_path / "model", tmp_path / ".model.partial"
     stage.mkdir()
@@ -842,8 +842,8 @@ def test_a_model_that_is_not_a_model_directory(command, tmp_path, capsys):
 def test_a_fine_tune_resumes_only_the_run_it_was(tmp_path, capsys):
     import argparse
 
-    from lowrank_vit.harness.finetunecli import RESUME_FILE, _resume_or_start
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.finetune import RESUME_FILE, _resume_or_start
 
     args = argparse.Namespace(quiet=False)
     stage = tmp_path / ".out.partial"
@@ -864,7 +864,7 @@ def test_a_fine_tune_resumes_only_the_run_it_was(tmp_path, capsys):
 
 
 def test_a_hand_edited_report_does_not_break_the_fine_tune_report(tmp_path):
-    from lowrank_vit.harness.finetunecli import _read_report
+    from lowrank_vit.cli.finetune import _read_report
 
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"accuracy": "x", "params": 5, "name": "m", "layers": []}))
@@ -880,7 +880,7 @@ def test_unreadable_data_is_one_line_naming_it_and_quiet_is_quiet():
     from datasets.exceptions import DatasetGenerationError
     from PIL import UnidentifiedImageError
 
-    from lowrank_vit.harness.userbase import UserError, user_command
+    from lowrank_vit.cli.base import UserError, user_command
 
     def worker_error(args):  # what a DataLoader worker re-raises: its whole traceback as the message
         raise UnidentifiedImageError("Caught UnidentifiedImageError in DataLoader worker process 0.\nOriginal "
@@ -988,7 +988,7 @@ def test_an_unreachable_target_is_refused_before_the_data(tmp_path, capsys):
 def test_top5_is_left_out_where_every_image_is_in_the_top_5():
     """With 5 classes or fewer top-5 is 100% whatever the model: the CLI's lines and the model card leave it out
     rather than print a constant; a report from before the class count was recorded keeps its figure."""
-    from lowrank_vit.harness.userdata import top5_text
+    from lowrank_vit.cli.data import top5_text
     from lowrank_vit.io.modelcard import render_card
 
     assert top5_text({"top5": 100.0, "classes": 3}, ", ") == ""
@@ -1007,7 +1007,7 @@ def test_top5_is_left_out_where_every_image_is_in_the_top_5():
 @pytest.mark.parametrize("text, expected", [("1,28,28", (1, 28, 28)), ("3x32x48", (3, 32, 48)), ("24", (None, 24, 24)),
                                             ("16x1", (None, 16, 1))])
 def test_input_size_accepts_every_positive_size_one_included(text, expected):
-    from lowrank_vit.harness.userargs import _input_size
+    from lowrank_vit.cli.args import _input_size
 
     assert _input_size(text) == expected
 
@@ -1016,7 +1016,7 @@ def test_input_size_accepts_every_positive_size_one_included(text, expected):
 def test_input_size_refuses_what_is_not_a_size(text):
     import argparse
 
-    from lowrank_vit.harness.userargs import _input_size
+    from lowrank_vit.cli.args import _input_size
 
     with pytest.raises(argparse.ArgumentTypeError, match="expected H, HxW or C,H,W"):
         _input_size(text)
@@ -1025,7 +1025,7 @@ def test_input_size_refuses_what_is_not_a_size(text):
 def test_cores_counts_the_cores_this_process_may_use(monkeypatch):
     import os
 
-    from lowrank_vit.harness import userdata
+    from lowrank_vit.cli import data as userdata
 
     assert userdata._cores() == len(os.sched_getaffinity(0))
     monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS and Windows
@@ -1038,7 +1038,7 @@ def test_cores_counts_the_cores_this_process_may_use(monkeypatch):
 def test_a_timm_config_json_beside_the_checkpoint_carries_preprocessing_and_the_metadata_wins(tmp_path):
     from safetensors.torch import save_file
 
-    from lowrank_vit.harness.sources import _checkpoint_preprocessing
+    from lowrank_vit.cli.sources import _checkpoint_preprocessing
 
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(1)}, str(weights), metadata={"std": "[0.2, 0.3, 0.4]"})
@@ -1054,7 +1054,7 @@ def test_a_timm_config_json_beside_the_checkpoint_carries_preprocessing_and_the_
 def test_rank_multiple_is_one_unless_asked_or_a_latency_table_is_used():
     import argparse
 
-    from lowrank_vit.harness.usercli import compression_config
+    from lowrank_vit.cli.compress import compression_config
 
     base = dict(recipe="paper", reduction=0.5, target_params=None, target_speedup=None, calib_samples=8, quiet=True,
                 loss_pass_dtype=None, setting=[], latency_table=None, params_only=False, rank_multiple=None)
@@ -1107,9 +1107,9 @@ def test_the_teacher_is_the_recorded_dense_model_and_must_have_the_students_clas
     import timm
     from safetensors.torch import load_file
 
-    from lowrank_vit.harness.models import checkpoint_digest
-    from lowrank_vit.harness.sources import Source, load_teacher
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.sources import Source, load_teacher
+    from lowrank_vit.repro.models import checkpoint_digest
 
     weights = workdir / "weights.safetensors"
     student = timm.create_model(ARCH, pretrained=False, img_size=SIZE, **KWARGS)

@@ -225,8 +225,8 @@ def test_an_input_size_that_contradicts_model_kwargs_names_the_kwargs(images, ca
 def test_an_output_holding_a_damaged_model_is_refused_and_described_as_unreadable(tmp_path):
     """A model directory whose plan is not JSON (an interrupted copy) is still refused without --force, and the
     message says it cannot be read rather than failing on it."""
-    from lowrank_vit.harness.outputs import check_output_dir
-    from lowrank_vit.harness.userbase import UserError
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.outputs import check_output_dir
     from lowrank_vit.io.surgery import PLAN_FILE
 
     out = tmp_path / "model"
@@ -321,7 +321,7 @@ def test_finetune_needs_an_output_directory(capsys):
 def test_the_ctrl_c_note_names_the_newest_checkpoint_from_the_files_names(tmp_path):
     """What an interrupted fine-tune tells the user, read from the checkpoints' names: the newest step, else the
     newest epoch's end, else that nothing was written (no last.ckpt: nothing to resume from)."""
-    from lowrank_vit.harness.finetunecli import _resume_note
+    from lowrank_vit.cli.finetune import _resume_note
 
     assert "no checkpoint had been written yet (one every 5 steps" in _resume_note(tmp_path, 5)
     (tmp_path / "step00000010.ckpt").write_bytes(b"")

@@ -49,7 +49,9 @@ def cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def evaluations(monkeypatch) -> list[str]:
     """The ``desc`` of every evaluation the commands run, in order (the evaluations themselves still run)."""
-    from lowrank_vit.harness import densecache, usercli, userdata
+    from lowrank_vit.cli import compress as usercli
+    from lowrank_vit.cli import data as userdata
+    from lowrank_vit.cli import densecache
 
     seen: list[str] = []
     real = userdata.evaluate_on_user_data
@@ -116,8 +118,8 @@ def test_other_preprocessing_misses_the_cache(images, checkpoint, cache, evaluat
 
 
 def _entry(args: argparse.Namespace, pre: dict, device: str = "cpu", digest: str = "ab" * 32):
-    from lowrank_vit.harness.densecache import _dense_cache_entry
-    from lowrank_vit.harness.sources import Source
+    from lowrank_vit.cli.densecache import _dense_cache_entry
+    from lowrank_vit.cli.sources import Source
 
     source = Source(torch.nn.Identity(), ARCH, f"timm {ARCH}, your checkpoint",
                     record={"timm_name": ARCH, "model_kwargs": KWARGS, "checkpoint_sha256": digest})
@@ -150,8 +152,8 @@ def test_the_cache_key_holds_everything_the_dense_top1_depends_on(images, cache,
 
 
 def test_random_weights_are_never_cached(images, cache):
-    from lowrank_vit.harness.densecache import _dense_cache_entry
-    from lowrank_vit.harness.sources import Source
+    from lowrank_vit.cli.densecache import _dense_cache_entry
+    from lowrank_vit.cli.sources import Source
 
     args = argparse.Namespace(data=str(images), limit=None, train_split="train", val_split=None, image_column=None,
                               label_column=None)
@@ -192,7 +194,8 @@ def test_an_unwritable_cache_never_fails_compress(images, checkpoint, evaluation
 @pytest.fixture
 def no_model(monkeypatch) -> None:
     """Any model read fails the test: what these commands refuse must be refused before."""
-    from lowrank_vit.harness import finetunecli, usercli
+    from lowrank_vit.cli import compress as usercli
+    from lowrank_vit.cli import finetune as finetunecli
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
@@ -229,7 +232,7 @@ def test_a_missing_data_path_is_refused_before_any_model_is_built(command, data,
 def test_dataset_names_are_not_taken_for_missing_paths(data, tmp_path, capsys, no_model, monkeypatch):
     """A name that may be a dataset reaches the model loading (here: the stand-in that fails the test), where the
     data module then decides."""
-    from lowrank_vit.harness.userdata import check_data_path
+    from lowrank_vit.cli.data import check_data_path
 
     monkeypatch.chdir(tmp_path)
     check_data_path(data)
@@ -277,7 +280,7 @@ def empty_hf_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def build_marker(monkeypatch) -> None:
     """timm is never asked to build the model: reaching it shows as a SetupError naming this marker."""
-    from lowrank_vit.harness import models
+    from lowrank_vit.repro import models
 
     def build(*args, **kwargs):
         raise models.SetupError("BUILD-REACHED")
@@ -311,7 +314,7 @@ def test_online_the_weights_are_left_to_timm(value, empty_hf_cache, build_marker
 
 def test_offline_weights_in_the_cache_pass(empty_hf_cache, build_marker, capsys, monkeypatch):
     """The cache in huggingface_hub's layout (refs/main names the snapshot holding the file): timm may load it."""
-    from lowrank_vit.harness.sources import _hub_weights
+    from lowrank_vit.cli.sources import _hub_weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo, files, revision = _hub_weights("deit_tiny_patch16_224", {})
@@ -328,7 +331,7 @@ def test_offline_weights_in_the_cache_pass(empty_hf_cache, build_marker, capsys,
 
 def test_weights_from_elsewhere_are_not_checked(empty_hf_cache, monkeypatch):
     """A pretrained_cfg of the user's (--model-kwargs) or a tag timm does not have: timm decides, not this check."""
-    from lowrank_vit.harness.sources import _check_offline_weights, _hub_weights
+    from lowrank_vit.cli.sources import _check_offline_weights, _hub_weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _hub_weights("deit_tiny_patch16_224", {"pretrained_cfg_overlay": {"file": "w.pth"}}) is None

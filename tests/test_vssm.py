@@ -325,7 +325,7 @@ def ssm_workdir(tmp_path_factory):
 def _cli(capsys, workdir, *extra: str) -> tuple[int, str, str]:
     import json
 
-    from lowrank_vit.harness import cli
+    from lowrank_vit.cli import main as cli
 
     code = cli.main(["compress", "vssm_micro", "--preprocessing", "timm", "--checkpoint",
                      str(workdir / "ssm.safetensors"), "--model-kwargs",
@@ -374,7 +374,7 @@ def test_cli_vmeanba_bad_input_is_one_line(ssm_workdir, tmp_path, capsys, extra,
 
 
 def test_cli_vmeanba_on_a_vision_transformer_is_one_line(tmp_path, capsys):
-    from lowrank_vit.harness import cli
+    from lowrank_vit.cli import main as cli
 
     code = cli.main(["compress", "vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs",
                      '{"depth": 2, "embed_dim": 16, "num_heads": 2, "num_classes": 3}', "--input-size", "32",
@@ -395,12 +395,12 @@ def test_a_registry_row_runs_vmeanba_saves_it_and_the_saved_model_scores_what_th
     """The smoke scale's stand-in (random weights here: no pretraining in a test) through `lowrank-vit run`'s driver:
     the K blocks of least impact by the run's own scores are switched, the table shows them, and the saved model
     has exactly those blocks switched and scores the recorded top-1."""
-    from lowrank_vit.harness.models import build_model
-    from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import MODEL_DIR, evaluate, run_row
-    from lowrank_vit.harness.tables import render_table
     from lowrank_vit.io.surgery import load_compressed
     from lowrank_vit.methods.vmeanba import scan_blocks
+    from lowrank_vit.repro.models import build_model
+    from lowrank_vit.repro.registry import get_experiment
+    from lowrank_vit.repro.runner import MODEL_DIR, evaluate, run_row
+    from lowrank_vit.repro.tables import render_table
     from lowrank_vit.stages.data import build_datamodule
 
     exp = get_experiment(row)
@@ -426,8 +426,8 @@ def test_a_registry_row_runs_vmeanba_saves_it_and_the_saved_model_scores_what_th
 
 
 def test_a_vmeanba_row_on_a_model_without_scans_fails_before_the_model_is_evaluated(tmp_path):
-    from lowrank_vit.harness.registry import get_experiment
-    from lowrank_vit.harness.runner import run_row
+    from lowrank_vit.repro.registry import get_experiment
+    from lowrank_vit.repro.runner import run_row
 
     with pytest.raises(ValueError, match="no selective-scan"):
         run_row(get_experiment("vmeanba/vmamba_t/vmeanba-k2"), "smoke", output=tmp_path, wandb="disabled",
@@ -451,8 +451,8 @@ def test_switching_scans_for_a_timing_restores_each_ones_own_setting_even_after_
 
 
 def test_rows_sharing_a_caveat_share_its_footnote(tmp_path):
-    from lowrank_vit.harness.registry import list_experiments
-    from lowrank_vit.harness.tables import render_table
+    from lowrank_vit.repro.registry import list_experiments
+    from lowrank_vit.repro.tables import render_table
 
     rows = list_experiments("vmeanba/vmamba_t/*")
     text = render_table("vmeanba", rows, "smoke", tmp_path)

@@ -5,7 +5,7 @@ user-facing modules (the CLI, data, io, allocation, fine-tune; ``[tool.mutmut] o
     python tools/mutation_sample.py --sample 50 --seed 3
     python tools/mutation_sample.py --report        # the last run's results again, without running anything
     python tools/mutation_sample.py --list          # how many mutants each module has
-    python tools/mutation_sample.py --module 'lowrank_vit/harness/densecache.py' --sample 0   # every mutant of it
+    python tools/mutation_sample.py --module 'lowrank_vit/cli/densecache.py' --sample 0   # every mutant of it
     python tools/mutation_sample.py --show NAME...  # mutants' diffs in the current source
     python tools/mutation_sample.py --triaged       # every triage line's mutant as the source now makes it
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many mutants to draw (default 200; 0: all of them, with --module)")
     parser.add_argument("--module", action="append", metavar="GLOB",
                         help="draw from the modules matching this glob only (repeatable), e.g. "
-                             "'lowrank_vit/harness/densecache.py'; the 90%% goal is a whole-population sample's")
+                             "'lowrank_vit/cli/densecache.py'; the 90%% goal is a whole-population sample's")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run side by side (default 2)")
     parser.add_argument("--report", action="store_true", help="report the last run's results without running")

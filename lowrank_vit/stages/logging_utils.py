@@ -61,7 +61,7 @@ def silence_third_party(lightning: bool = True) -> None:
     """No third-party banners, tips or known-harmless warnings on the terminal: Lightning's INFO chatter goes to
     WARNING, the warnings of :data:`HARMLESS_WARNINGS` are ignored and wandb runs silently (``WANDB_SILENT``,
     unless the environment sets it). Real warnings and errors still show. Idempotent; called by the CLI and by
-    :func:`lowrank_vit.harness.runner.run_row`. ``lightning=False``: leave Lightning unimported (commands that never
+    :func:`lowrank_vit.repro.runner.run_row`. ``lightning=False``: leave Lightning unimported (commands that never
     run it; whoever imports it later calls this again)."""
     if lightning:
         import lightning.pytorch  # noqa: F401  its import sets its logger to INFO: lower it afterwards

@@ -1,8 +1,6 @@
 """Training and evaluating a small classifier from tensors held in memory: a map-style dataset decoded once into two
 tensors, random shifts as the batch augmentation, AdamW with linear warmup and cosine decay, top-1 accuracy. The
 stand-ins are pretrained with it, and ``experiments/cifar10.py`` trains its DeiT with it.
-
-Imported through :mod:`lowrank_vit.harness.standins`, which re-exports every public name.
 """
 
 from __future__ import annotations

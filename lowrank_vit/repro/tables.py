@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lowrank_vit.core.files import write_json
-from lowrank_vit.harness.registry import (
+from lowrank_vit.repro.registry import (
     Experiment,
     arch_label,
     method_label,
@@ -77,7 +77,7 @@ def render_table(table: str, exps: list[Experiment], scale: str, output: Path) -
 
 
 def _table(table: str, exps: list[Experiment], scale: str, output: Path) -> tuple[dict[str, Any], str]:
-    from lowrank_vit.harness.rowresults import read_result
+    from lowrank_vit.repro.rows import read_result
 
     rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
     if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_vit.cli.base import UserError
 from lowrank_vit.core.files import strict_json, write_json
-from lowrank_vit.harness.userbase import UserError
 
 
 def weights_size_mib(model: nn.Module) -> float:

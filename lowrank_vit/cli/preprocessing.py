@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from lowrank_vit.harness.userbase import UserError
+from lowrank_vit.cli.base import UserError
 
 if TYPE_CHECKING:
-    from lowrank_vit.harness.sources import Source
+    from lowrank_vit.cli.sources import Source
 
 
 

@@ -10,20 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_vit.harness.models import (
+from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.repro.models import (
     build_model,
     input_shape,
     model_num_classes,
     synthetic_images,
     synthetic_labelled,
 )
-from lowrank_vit.harness.registry import (
+from lowrank_vit.repro.registry import (
     Experiment,
     ModelConfig,
     RunConfig,
 )
-from lowrank_vit.harness.runner import row_config
-from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.repro.runner import row_config
 
 
 def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, calib_images: int = 4,

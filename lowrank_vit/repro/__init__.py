@@ -1,0 +1,2 @@
+"""Reproducing the paper's tables: the registry of rows, the runner, the tables, the rehearsal, the cost estimate,
+the stand-in models and the demo."""

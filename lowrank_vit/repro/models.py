@@ -1,0 +1,197 @@
+"""A registry row's model and inputs: timm's pretrained weights or the smoke stand-in, a checkpoint loaded into it
+(weights only, checked), the checkpoint's digest, synthetic images for planning, the head's class count, the device."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import textwrap
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank_vit.core.common import smooth_images
+from lowrank_vit.nn.adapters import TimmViTAdapter
+from lowrank_vit.repro.registry import (
+    ModelConfig,
+)
+
+
+class SetupError(RuntimeError):
+    """Something the run needs is missing (weights, data, a device); the message says how to provide it."""
+
+
+
+def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
+    """The row's starting network, in eval mode.
+
+    Raises:
+        SetupError: timm's pretrained weights cannot be fetched (offline, no cache).
+        ValueError: unknown model or stand-in name.
+    """
+    if cfg.source == "standin":
+        from lowrank_vit.repro.standins import build_standin
+
+        return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
+    from lowrank_vit.nn.adapters import timm_with_our_models
+    from lowrank_vit.nn.vssm import NoPretrainedWeightsError
+
+    timm = timm_with_our_models()
+
+    if not timm.is_model(cfg.name.split(".")[0]):
+        raise ValueError(f"timm has no model {cfg.name!r}")
+    if cfg.checkpoint is not None:
+        return load_checkpoint_(timm.create_model(cfg.name, pretrained=False, **cfg.kwargs), cfg.checkpoint).eval()
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+    except NoPretrainedWeightsError as err:
+        raise SetupError(f"{cfg.name} has no trained weights here (none ship for this library's implementation, "
+                         "lowrank_vit/nn/vssm.py): pass a safetensors checkpoint in its layout with --set "
+                         "model.checkpoint=PATH, or use --scale smoke") from err
+    except (OSError, RuntimeError, ValueError) as err:
+        if not cfg.pretrained:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = textwrap.shorten(first, 160, placeholder="...")  # at a word, not inside one
+        raise SetupError(
+            f"cannot load timm's pretrained weights for {cfg.name} ({first}): run once with network access "
+            f"(they are cached in the Hugging Face cache, HF_HOME), unset HF_HUB_OFFLINE, or use --scale smoke"
+        ) from err
+    return model.eval()
+
+
+
+def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state dict into ``model`` in place, strictly (every key, every shape): a safetensors file, or a PyTorch
+    ``torch.save`` file read weights-only (never a full unpickle), unwrapped as :func:`io.checkpoints.read_state_dict`
+    says.
+
+    Raises:
+        SetupError: the file is missing, is not a state dict, or does not fit the model.
+    """
+    from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SetupError(f"model checkpoint {str(path)!r} does not exist: give model.checkpoint= a safetensors or "
+                         f"PyTorch file of the model's weights (e.g. save_file(model.state_dict(), PATH))")
+    try:
+        tensors, notes = read_state_dict(path)
+    except CheckpointError as err:
+        raise SetupError(f"model checkpoint {err}") from None
+    from lowrank_vit.io.convert import ConversionError, to_timm
+
+    try:  # torchvision's or transformers' ViT keys to timm's
+        converted = to_timm(tensors)
+    except ConversionError as err:
+        raise SetupError(f"model checkpoint {str(path)!r}: {err}") from None
+    done = "" if converted.layout == "timm" else f", converted from {converted.layout}" + "".join(
+        f"; {note}" for note in converted.notes)
+    tensors = converted.state_dict
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        read = f", read with {' and '.join(notes)}" if notes else ""
+        raise SetupError(f"model checkpoint {str(path)!r} does not fit {type(model).__name__} with these model.kwargs "
+                         f"({'; '.join(parts)}{read}{done})")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SetupError(f"model checkpoint {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])})")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file: recorded with each result, so that a retrained checkpoint reruns its rows.
+    Computed once per process for a file of unchanged size and modification time (a row checks a finished result
+    and then records the digest of its own run)."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model takes (3 x 224 x 224 where its modules do not say)."""
+    channels, size = TimmViTAdapter().input_shape(model)
+    size = size or (224, 224)
+    return int(channels or 3), int(size[0]), int(size[1])
+
+
+
+def synthetic_images(n: int, shape: tuple[int, int, int], batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` smooth random images (low-frequency noise upsampled), so patch tokens correlate as in real images;
+    enough to exercise calibration and allocation without any data."""
+    g = torch.Generator().manual_seed(seed)
+    return [smooth_images(min(batch_size, n - start), shape, g) for start in range(0, n, batch_size)]
+
+
+
+def synthetic_labelled(batches: list[torch.Tensor], num_classes: int,
+                       seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` pairs with uniformly random labels, for methods whose calibration needs labels (FWSVD's
+    Fisher information) when planning on synthetic images."""
+    g = torch.Generator().manual_seed(seed)
+    return [(images, torch.randint(num_classes, (images.shape[0],), generator=g)) for images in batches]
+
+
+
+def model_num_classes(model: nn.Module) -> int:
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        return classes
+    raise ValueError(f"{type(model).__name__} states no num_classes; cannot make synthetic labels")
+
+
+
+def head_classes(model: nn.Module) -> int | None:
+    """How many classes the model's head predicts (None when it states none)."""
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        return classes
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+
+def check_classes(model: nn.Module, num_classes: int, where: str) -> None:
+    """The data's labels must fit the model's head; checked before the calibration pass, which would otherwise
+    run for minutes and then fail deep in the loss with "Target N is out of bounds".
+
+    Raises:
+        SetupError: the data has more classes (or a label at or above the head's size) than the head predicts.
+    """
+    classes = head_classes(model)
+    if classes is not None and num_classes > classes:
+        raise SetupError(f"{where} has {num_classes} classes (labels 0..{num_classes - 1}) but the model's head "
+                         f"predicts {classes}: use a model with num_classes={num_classes} (e.g. --set "
+                         f"'model.kwargs={{\"num_classes\": {num_classes}}}' with your checkpoint) or data with at "
+                         f"most {classes} classes")
+
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    """The device of this process: the local rank's GPU under DDP."""
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if accelerator == "gpu":
+            raise SetupError("--accelerator gpu was asked for but torch sees no CUDA device; use --accelerator cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
