@@ -26,7 +26,7 @@ class Arch:
     timm_name: str
     """timm model with the pretrained tag whose ImageNet top-1 matches the paper's baseline."""
     params: int
-    """timm's parameter count of that model (checked by tests/test_registry.py)."""
+    """timm's parameter count of that model (checked by tests/experiments/test_rows.py)."""
     label: str
     gpus: int
     """GPUs the full-scale row asks for (the paper used A6000s; override with --devices)."""

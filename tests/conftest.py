@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny timm models built with pretrained=False, and calibration data."""
+"""The fixtures: two automatic ones (every test starts from the same RNG state; the dense-accuracy cache is kept apart
+from the user's), then those that tests of several modules share (one torch thread, tiny models and their image
+folders, compressed model directories, an offline environment), each built once per test, module or session as its
+decorator says. A test module asks for one by its argument name or with ``pytest.mark.usefixtures``. The helpers
+that are not fixtures are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -6,48 +10,43 @@ import os
 import random
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see lowrank_vit/__init__.py
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-
-TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-
-
-def cifar10_dir():
-    """The development copy of CIFAR-10 (``LOWRANK_VIT_CIFAR10``, else ``../shared/data/cifar10`` beside the
-    repository) when its train.parquet and test.parquet exist, else None: tests that need it skip without it."""
-    from pathlib import Path
-
-    env = os.environ.get("LOWRANK_VIT_CIFAR10")
-    candidate = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
-    return candidate if (candidate / "train.parquet").is_file() and (candidate / "test.parquet").is_file() else None
-
-
-def make_tiny_vit(seed: int = 0, **overrides):
-    """A 28x28 single-channel ViT (16 patches + cls token), about 27k parameters."""
-    import timm
-
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides}).eval()
-
-
-@torch.no_grad()
-def randomize_affine_(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> torch.nn.Module:
-    """Every linear layer's bias and every LayerNorm's weight and bias drawn at random (non-zero), in place: timm
-    initializes biases to zero and LayerNorms to the identity, so a path that dropped or zeroed a bias would pass on
-    its fresh models unnoticed. Returns ``model``."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            module.bias.copy_(scale * torch.randn(module.bias.shape, generator=g))
-        elif isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
-            module.weight.copy_(1.0 + scale * torch.randn(module.weight.shape, generator=g))
-            module.bias.copy_(scale * torch.randn(module.bias.shape, generator=g))
-    return model
+from lowrank_vit import compress, save_compressed  # noqa: E402
+from lowrank_vit.cli import main as cli_main  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ARCH,
+    CLASSES,
+    CLASSIFIER,
+    CLI_KWARGS,
+    FOLDER_SIZE,
+    HEADLESS,
+    IMAGE_SIZE,
+    IMAGES,
+    ONE_BLOCK_KWARGS,
+    PER_CLASS,
+    SIZE,
+    TWO_BLOCK_KWARGS,
+    _images,
+    _model_args,
+    _model_argv,
+    _tiny,
+    _weights,
+    compressed_tiny_vit,
+    compressed_vit,
+    make_images,
+    make_tiny_vit,
+    make_vssm,
+    write_image_folder,
+)
 
 
 @pytest.fixture
@@ -58,37 +57,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class DenseHeadViT(torch.nn.Module):
-    """A model of one's own class: a tiny timm ViT backbone (``make_tiny_vit(num_classes=0)``) with a
-    transposed-convolution head that maps its patch tokens to a (B, 1, 28, 28) map of logits; ``forward`` returns
-    the map under "mask" beside the tokens, or the map alone (``as_dict=False``)."""
-
-    def __init__(self, seed: int = 0, as_dict: bool = True) -> None:
-        super().__init__()
-        self.backbone = make_tiny_vit(seed=seed, num_classes=0)
-        self.decoder = torch.nn.ConvTranspose2d(self.backbone.embed_dim, 1, 7, 7)
-        self.as_dict = as_dict
-
-    def forward(self, x: torch.Tensor):
-        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:]
-        side = int(tokens.shape[1] ** 0.5)
-        mask = self.decoder(tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side))
-        return {"mask": mask, "tokens": tokens} if self.as_dict else mask
-
-
-def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
-    """Smooth random images (low-frequency noise), so patch tokens are correlated like natural ones."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(n, channels, max(size // 7, 2), max(size // 7, 2), generator=g)
-    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def norm_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float32 on the CPU (a and b may live on different devices, or be numpy arrays)."""
-    a, b = (torch.as_tensor(t).detach().float().cpu() for t in (a, b))
-    return float((a - b).norm() / b.norm())
 
 
 TEST_SEED = 0
@@ -115,36 +83,6 @@ def calib_batches():
     return [images[i: i + 16] for i in range(0, 64, 16)]
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run ``lowrank-vit ARGV`` in-process: (exit status, stdout, stderr)."""
-    from lowrank_vit.cli.main import main
-
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    """The CLI's error contract: exactly one non-empty line on stderr, no traceback, prefixed with the program."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("lowrank-vit")
-    return lines[0]
-
-
-def assert_round_trip(model, path, images) -> None:
-    """A compressed tiny ViT saved and loaded computes the same logits, and the loaded copy still quantizes."""
-    from lowrank_vit import load_compressed, quantize_, save_compressed
-
-    save_compressed(model, path, model_name="vit_tiny_patch16_224", model_kwargs=TINY_VIT)
-    loaded = load_compressed(path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(images), model(images))
-    quantize_(loaded, bits=8)
-    with torch.no_grad():
-        assert torch.isfinite(loaded(images)).all()
-
-
 @pytest.fixture(autouse=True)
 def _dense_accuracy_cache_apart(monkeypatch, tmp_path):
     """``compress`` caches the dense model's accuracy under the user's cache folder: a test must neither write there
@@ -159,19 +97,298 @@ def _dense_accuracy_cache_apart(monkeypatch, tmp_path):
     monkeypatch.setattr(densecache, "_dense_cache_dir", folder)
 
 
-def write_image_folder(root, classes: int = 3, per_class: int = 4, size: int = 32, seed: int = 0):
-    """An image folder under ``root``: ``class{c}/{i}.png``, RGB, noise around a brightness that depends on the
-    class (so a model can tell them apart). Returns ``root``."""
-    from pathlib import Path
+# Fixtures shared by the tests of several modules.
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with other jobs OpenMP's
+    spin-waiting can turn a 0.1 s compression into several seconds. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
+
+@pytest.fixture
+def offline_no_token(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token, no cached weights
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> Path:
+    """Grayscale PNGs, some directly in ``imgs/``, some nested at other depths (no class subfolders), and the
+    headless and classifier weights, read from files so that the dense model can be rebuilt."""
     from PIL import Image
 
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray((rng.random((size, size, 3)) * 80 + c * 70).astype(np.uint8)).save(
+    root = tmp_path_factory.mktemp("anyoutput")
+    rng = np.random.default_rng(0)
+    for i in range(IMAGES):
+        folder = root / "imgs" / ("" if i % 2 else ("deep/er" if i % 4 else "deep"))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((SIZE, SIZE)) * 120 + (i % 5) * 30).astype(np.uint8), mode="L").save(
+            folder / f"{i}.png")
+    _weights(root / "headless.safetensors", HEADLESS)
+    _weights(root / "classifier.safetensors", CLASSIFIER)
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed_headless(place) -> Path:
+    from lowrank_vit.cli.main import main
+
+    out = place / "emb-50"
+    assert main(["compress", *_model_argv(place), "--data", str(place / "imgs"), "--workers", "0", "--reduction",
+                 "0.5", "--calib-samples", "8", "--quiet", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def images_and_weights(tmp_path_factory) -> Path:
+    """Three classes of four images and a tiny ViT's weights that carry their preprocessing."""
+    import timm
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("details")
+    write_image_folder(root / "imgs", 3, 4, FOLDER_SIZE)
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, img_size=FOLDER_SIZE, **ONE_BLOCK_KWARGS)
+    save_file(model.state_dict(), str(root / "w.safetensors"),
+              metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def recompressed(tmp_path_factory) -> Path:
+    """A dense model directory (as ``compress --recipe vmeanba`` leaves one: no factorized layer) that records the
+    timm source it came from, compressed by ``compress DIR`` on the CPU."""
+    import timm
+
+    from lowrank_vit import save_compressed
+    from lowrank_vit.cli.main import main
+
+    root = tmp_path_factory.mktemp("recompressed")
+    write_image_folder(root / "imgs", 3, 4, FOLDER_SIZE)
+    torch.manual_seed(0)
+    dense = timm.create_model(ARCH, pretrained=False, img_size=FOLDER_SIZE, **ONE_BLOCK_KWARGS)
+    source = {"timm_name": ARCH, "model_kwargs": {"img_size": FOLDER_SIZE, **ONE_BLOCK_KWARGS}, "pretrained": False,
+              "checkpoint": "w.safetensors"}
+    save_compressed(dense, root / "dense", metadata={"source": source, "preprocessing": {
+        "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}})
+    assert main(["compress", str(root / "dense"), "--data", str(root / "imgs"), "--workers", "0", "--calib-samples",
+                 "8", "--reduction", "0.3", "--device", "cpu", "--output", str(root / "out"), "--quiet",
+                 "--no-eval"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_compressed() -> nn.Module:
+    return compressed_tiny_vit()
+
+
+@pytest.fixture(scope="module")
+def compressed_by_40() -> torch.nn.Module:
+    """A tiny ViT compressed by 40% (shared: tests copy it before changing it)."""
+    model = make_tiny_vit()
+    compress(model, [make_images(16)], reduction=0.4, calib_samples=16, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def method_images() -> torch.Tensor:
+    return make_images(32, channels=3, size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def labelled(method_images) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    labels = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(0))
+    return [(method_images[i: i + 16], labels[i: i + 16]) for i in (0, 16)]
+
+
+@pytest.fixture
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def small_images():
+    return make_images(48, channels=3, size=32, seed=1)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """A saved compressed tiny ViT (low-rank Z) in its own directory."""
+    directory = tmp_path / "saved"
+    save_compressed(compressed_vit(), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("usercli")
+    for i, (array, label) in enumerate(_images()):
+        folder = root / "imgs" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, img_size=IMAGE_SIZE, **TWO_BLOCK_KWARGS)
+    # the weights say how they were trained: mean/std 0.5 and no crop, unlike timm's ImageNet config for this name
+    save_file(model.state_dict(), str(root / "weights.safetensors"),
+              metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed(workdir, tmp_path_factory) -> Path:
+    """One compressed directory shared by the tests that read it (compressing is the slow part)."""
+    out = workdir / "deit-30"
+    code = cli_main.main(["compress", *_model_args(workdir), "--data", str(workdir / "imgs"), "--workers", "0",
+                     "--calib-samples", "16", "--quiet", "--reduction", "0.3", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def compressed_plain(tmp_path_factory) -> Path:
+    """A compressed directory written by the API (no data needed), fresh for each test that edits it."""
+    from lowrank_vit import compress, save_compressed
+
+    model = make_tiny_vit()
+    compress(model, [make_images(16)], reduction=0.4, calib_samples=16, progress=False)
+    return save_compressed(model, tmp_path_factory.mktemp("plain") / "model")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """An image folder: one subfolder per class, RGB 32x32 PNGs whose brightness depends on the class."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("contract_imgs")
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        (root / f"class{c}").mkdir()
+        for i in range(PER_CLASS):
+            Image.fromarray((rng.random((IMAGE_SIZE, IMAGE_SIZE, 3)) * 80 + c * 70).astype(np.uint8)).save(
                 root / f"class{c}" / f"{i}.png")
     return root
 
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The user's own weights for the tiny architecture, as a safetensors state dict."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("contract_ckpt") / "weights.safetensors"
+    save_file(_tiny().state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A model directory (3x32x32 input, 3 classes) of a compressed model whose weights are 8-bit quantized, written by
+    the API; the tests only read it."""
+    from lowrank_vit import compress, quantize_, save_compressed
+
+    model = _tiny()
+    calib = torch.randn(16, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    compress(model, [calib], reduction=0.4, calib_samples=16, progress=False)
+    quantize_(model, bits=8)
+    return save_compressed(model, tmp_path_factory.mktemp("contract_dir") / "model",
+                           metadata={"preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}})
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory) -> Path:
+    """An image folder: one subfolder per class, RGB 32x32 PNGs whose brightness depends on the class."""
+    return write_image_folder(tmp_path_factory.mktemp("issue41_imgs"), CLASSES, PER_CLASS, IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory) -> Path:
+    """The user's own weights for the tiny architecture (no preprocessing in them: --preprocessing timm or flags)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, img_size=IMAGE_SIZE, **ONE_BLOCK_KWARGS)
+    path = tmp_path_factory.mktemp("issue41_ckpt") / "weights.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A cache of this test's own (the latency tables' variable moves the dense top-1 cache too)."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def evaluations(monkeypatch) -> list[str]:
+    """The ``desc`` of every evaluation the commands run, in order (the evaluations themselves still run)."""
+    from lowrank_vit.cli import compress as usercli
+    from lowrank_vit.cli import data as userdata
+    from lowrank_vit.cli import densecache
+
+    seen: list[str] = []
+    real = userdata.evaluate_on_user_data
+
+    def counting(model, dm, device, args, desc):
+        seen.append(desc)
+        return real(model, dm, device, args, desc)
+
+    for module in (densecache, usercli):  # the dense evaluation and the compressed model's
+        monkeypatch.setattr(module, "evaluate_on_user_data", counting)
+    return seen
+
+
+@pytest.fixture
+def no_model(monkeypatch) -> None:
+    """Any model read fails the test: what these commands refuse must be refused before."""
+    from lowrank_vit.cli import compress as usercli
+    from lowrank_vit.cli import finetune as finetunecli
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(usercli, "load_source", never)
+    monkeypatch.setattr(usercli, "directory_source", never)  # export
+    monkeypatch.setattr(finetunecli, "directory_source", never)
+
+
+@pytest.fixture(scope="module")
+def ssm_workdir(tmp_path_factory):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ssm_cli")
+    rng = np.random.default_rng(0)
+    for i in range(18):
+        label = i % 3
+        folder = root / "imgs" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((24, 24, 3)) * 80 + label * 70).astype(np.uint8)).save(folder / f"{i}.png")
+    model = make_vssm(seed=6, img_size=24, **CLI_KWARGS)
+    save_file(model.state_dict(), str(root / "ssm.safetensors"),
+              metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
+    (root / "kwargs.json").write_text(json.dumps(CLI_KWARGS))
+    return root

@@ -1,5 +1,4 @@
-"""The package's structure as the docs describe it: the library never imports its experiments (they register
-through an entry point), and method choices go through registries rather than comparisons on names."""
+"""Architecture: checks of the project as a whole."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ import ast
 import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lowrank_vit"
+from tests.helpers import PACKAGE
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -28,15 +27,10 @@ def test_the_library_never_imports_its_experiments():
     assert not {k: v for k, v in offenders.items() if v}
 
 
-def test_experiments_register_through_the_entry_point():
-    from lowrank_vit.repro import registry
-
-    assert registry.ENTRY_POINT_GROUP in Path(PACKAGE.parent / "pyproject.toml").read_text()
-    assert registry.list_experiments("table2") and registry.arch_label("deit_s") == "DeiT-S"
-
-
 # A method or Z-kind name compared with a config value outside the registries: the if-chains the registries replace.
 _NAME = r"(plain|mean|whitened|loss_aware|asvd|fwsvd|comcat|lowrank|diagonal|sparse|structured|uniform|greedy|marginal)"
+
+
 _COMPARISON = re.compile(rf"[=!]= \"{_NAME}\"|in \(\"{_NAME}\", \"{_NAME}\"")  # a tuple of two method names
 
 
@@ -95,6 +89,8 @@ def test_imports_run_one_way_along_the_data_flow():
 # The roots of a timm model's module paths that only the adapter may name (the data flow below it sees layers).
 _MODULE_ROOTS = {"patch_embed", "blocks", "head", "head_dist", "cls_token", "dist_token", "reg_token", "pos_embed",
                  "fc_norm", "norm_pre"}
+
+
 _LOOKUPS = {"getattr", "hasattr", "get_submodule", "get_parameter"}
 
 

@@ -1,14 +1,106 @@
-"""The docs document what the code has: a new CompressionConfig field cannot land undocumented."""
+"""Docs: checks of the project as a whole."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
-from lowrank_vit import CompressionConfig
+import pytest
+import torch
 
-API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+from experiments.any_output_study import render
+from lowrank_vit import CompressionConfig, count_params
+from lowrank_vit.config import CompressionConfig
+from lowrank_vit.methods.decompositions import METHODS
+from tests.helpers import (
+    REPO,
+    make_images,
+    make_tiny_vit,
+)
+
+ROOT = REPO
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+
+
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+
+
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+OUTSIDE = ("NOTES.md", "../shared", "/work/")
+
+
+def _prose(text: str) -> str:
+    """The text with code blocks and inline code removed: a bracket inside code is not a link."""
+    return INLINE_CODE.sub("", FENCE.sub("", text))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation other than '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a markdown file, with GitHub's -1, -2 suffixes for repeated headings."""
+    seen: dict[str, int] = {}
+    for line in FENCE.sub("", path.read_text()).splitlines():
+        match = re.match(r"#{1,6}\s+(.*)", line)
+        if match:
+            slug = _slug(match.group(1))
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            if count:
+                seen[f"{slug}-{count}"] = 1
+    return set(seen)
+
+
+def broken_links(path: Path) -> list[str]:
+    """The relative links of ``path`` whose file or heading does not exist."""
+    broken = []
+    for target in LINK.findall(_prose(path.read_text())):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / file_part).resolve() if file_part else path
+        if not dest.exists() or ROOT not in [dest, *dest.parents]:
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc):
+    assert broken_links(doc) == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_doc_cites_a_file_outside_the_repository(doc):
+    text = doc.read_text()
+    assert [name for name in OUTSIDE if name in text] == []
+
+
+def test_the_checks_catch_what_they_should(tmp_path, monkeypatch):
+    """A missing file, a missing heading and a link out of the repository are reported; code is not read as links."""
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    (tmp_path / "other.md").write_text("# A heading: `with_code`\n\n## Twice\n\n## Twice\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("[ok](other.md#a-heading-with_code) [ok](other.md#twice-1) [ok](#local) [web](https://x.org/y)\n"
+                   "# Local\n`[code](nope.md)`\n```\n[block](nope.md)\n```\n"
+                   "[gone](missing.md) [bad anchor](other.md#nope) [out](../outside.md)\n")
+    (tmp_path.parent / "outside.md").write_text("")
+    assert broken_links(doc) == ["missing.md", "other.md#nope", "../outside.md"]
+
+
+API_DOC = REPO / "docs" / "api.md"
 
 
 def test_every_compression_config_field_is_in_the_api_table():
@@ -18,3 +110,433 @@ def test_every_compression_config_field_is_in_the_api_table():
     documented = set(re.findall(r"`([a-z_0-9]+)`", table))
     fields = {field.name for field in dataclasses.fields(CompressionConfig)}
     assert fields - documented == set()
+
+
+ROOT = REPO
+
+
+RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _section(text: str, heading: str) -> list[list[str]]:
+    """The rows (cells stripped of bold) of the first table after ``heading``."""
+    body = text[text.index(heading):]
+    rows, started = [], False
+    for line in body.splitlines()[1:]:
+        if line.startswith("|"):
+            started = True
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                rows.append(cells)
+        elif started:
+            break
+    return rows[1:]  # without the header
+
+
+def _by_model(rows: list[list[str]]) -> list[tuple[str, list[str]]]:
+    out, model = [], None
+    for cells in rows:
+        model = re.sub(r" \(.*\)$", "", cells[0]) or model
+        out.append((model, cells[1:]))
+    return out
+
+
+def test_loss_aware_docs_tables_are_the_committed_results():
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    checked = 0
+    for heading, key, fmt in (("### Top-1 (%) without fine-tuning", "top1", ".2f"),
+                              ("### KL divergence of the predictions", "kl", ".1e")):
+        for model, (recipe, *values) in _by_model(_section(text, heading)):
+            cells = study[model]["cells"]
+            for ratio, value in zip(RATIOS, values, strict=True):
+                assert value == format(cells[f"{recipe}@{ratio}"][key], fmt), (heading, model, recipe, ratio)
+                checked += 1
+    ft = json.loads((ROOT / "experiments/results/loss_aware_study_ft.json").read_text())
+    for model, (recipe, *values) in _by_model(_section(text, "### Top-1 (%) after the partial fine-tune")):
+        for ratio, value in zip((0.5, 0.7, 0.8), values, strict=True):
+            cell = ft[model]["cells"][f"{recipe}@{ratio}"]
+            assert value.replace("*", "") == f"{cell['top1']:.2f} / {cell['top1_ft']:.2f}", (model, recipe, ratio)
+            checked += 1
+    assert checked > 200
+
+
+def test_gram_precision_table_is_the_committed_results():
+    """docs/loss_aware_study.md's float32-against-float64 table is precision_table() of the committed study,
+    verbatim, and every one of its cells was computed (the default's precision rests on it)."""
+    from experiments.loss_aware_study import precision_table
+
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    table = precision_table(study)
+    assert table in (ROOT / "docs/loss_aware_study.md").read_text()
+    assert "—" not in table and table.count("\n") == 2 + 3 * len(study)
+
+
+def test_refit_table_is_the_committed_results():
+    """The sequential refit's table (default -> refit, and the refit's KL as a multiple of the default's) matches the
+    committed study for every model whose refit cells it holds (the CIFAR-10 models; the stand-ins' rows come from
+    stand-ins trained on an earlier machine, see docs/loss_aware_study.md)."""
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    checked = 0
+    for cells in _section(text, "default's.\n\n| model | -40%"):
+        model, values = cells[0], cells[1:]
+        entry = study[model]["cells"]
+        if f"loss-aware-refit@{RATIOS[0]}" not in entry:
+            continue
+        for ratio, value in zip(RATIOS, values, strict=True):
+            default, refit = entry[f"loss-aware@{ratio}"], entry[f"loss-aware-refit@{ratio}"]
+            multiple = f"{refit['kl'] / default['kl']:.2f}x"
+            expected = f"{default['top1']:.2f} → {refit['top1']:.2f} ({multiple})"
+            assert value.replace("(KL ", "(") == expected, (model, ratio)
+            checked += 1
+    assert checked >= 25
+
+
+def test_bfloat16_pass_table_is_the_committed_results():
+    """docs/loss_aware_study.md's float32 / bfloat16 loss-aware pass table: top-1 of each and the KL's change, from the
+    committed study's loss-aware and la-bf16 cells."""
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study.json").read_text())
+    rows = _section(text, "the change of the KL to the dense model (bfloat16 against float32):")
+    for model, *values in rows:
+        cells = study[model]["cells"]
+        for ratio, value in zip(RATIOS, values, strict=True):
+            exact, rounded = cells[f"loss-aware@{ratio}"], cells[f"la-bf16@{ratio}"]
+            change = round(100 * (rounded["kl"] / exact["kl"] - 1), 1) + 0.0
+            assert value == f"{exact['top1']:.2f} / {rounded['top1']:.2f}, {change:+.1f}%", (model, ratio)
+    assert len(rows) == 5
+
+
+def test_bfloat16_timing_tables_are_the_committed_benchmarks():
+    """docs/loss_aware_study.md's two timing tables of the bfloat16 pass (the Xeon with AMX, the AMD EPYC without)
+    are the committed benchmark JSONs: forward, statistics, whole compress, the ratio and every run's ratio."""
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
+    names = {"loss-aware (default)": "loss-aware", "loss-aware, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-bf16",
+             "loss-aware-fast": "loss-aware-fast",
+             "loss-aware-fast, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-fast-bf16", "paper": "paper"}
+    for heading, json_name in (("(`benchmarks/results/compress_time_deit_small_bf16.json`):", "bf16"),
+                               ("(`benchmarks/results/compress_time_deit_small_bf16_amd.json`, same command):",
+                                "bf16_amd")):
+        bench = json.loads((ROOT / f"benchmarks/results/compress_time_deit_small_{json_name}.json").read_text())
+        by_recipe = {row["recipe"]: row for row in bench["rows"]}
+        rows = _section(text, heading)
+        assert [names[cells[0]] for cells in rows] == list(by_recipe)
+        for label, forward, statistics, whole, ratio in rows:
+            row = by_recipe[names[label]]
+            runs = ", ".join(f"{r + 1:.2f}" for r in row["overhead_ratio_runs"])
+            assert [forward, statistics, whole] == [f"{row[k]:.1f} s" for k in
+                                                    ("calibration_forward_s", "statistics_s", "total_s")], label
+            assert ratio == f"{row['overhead_ratio'] + 1:.1f}x (runs {runs})", (json_name, label)
+
+
+def test_models_added_after_the_default_are_the_committed_results():
+    """docs/loss_aware_study.md's check of the default on the two models added after it was chosen: top-1 and KL without
+    fine-tuning, and top-1 before / after the fine-tune, cell for cell from their own committed results."""
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
+    study = json.loads((ROOT / "experiments/results/loss_aware_study_heldout.json").read_text())
+    ft = json.loads((ROOT / "experiments/results/loss_aware_study_heldout_ft.json").read_text())
+    checked = 0
+    for heading, key, fmt in (("Top-1 (%) without fine-tuning, the two added models", "top1", ".2f"),
+                              ("KL to the dense model (nats), the two added models", "kl", ".1e")):
+        for model, (recipe, *values) in _by_model(_section(text, heading)):
+            for ratio, value in zip(RATIOS, values, strict=True):
+                assert value == format(study[model]["cells"][f"{recipe}@{ratio}"][key], fmt), (model, recipe, ratio)
+                checked += 1
+    for model, (recipe, *values) in _by_model(_section(text, "Top-1 (%) before / after the fine-tune, the two")):
+        for ratio, value in zip((0.5, 0.7, 0.8), values, strict=True):
+            cell = ft[model]["cells"][f"{recipe}@{ratio}"]
+            assert value == f"{cell['top1']:.2f} / {cell['top1_ft']:.2f}", (model, recipe, ratio)
+            checked += 1
+    assert {model for model, _ in _by_model(_section(text, "the two added models"))} == set(study) == set(ft)
+    assert checked >= 2 * (2 * 6 * 5 + 4 * 3)
+
+
+def test_gpu_tables_are_the_committed_benchmarks():
+    """benchmarks/README.md's H100 tables (inference and compression time) are the committed GPU JSONs, cell for
+    cell, and every one of those JSONs names the card it ran on."""
+    text = (ROOT / "benchmarks/README.md").read_text()
+    results = ROOT / "benchmarks/results"
+    models = {"DeiT-S": "deit_small", "DeiT-B": "deit_base"}
+    inference = _section(text, "Inference, batch 256, -50%, medians of 7 interleaved repeats")
+    assert [cells[0] for cells in inference] == list(models)
+    for model, dense, factorized, speedup, fused, fused_speedup, flops in inference:
+        bench = json.loads((results / f"inference_{models[model]}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100")
+        rows = bench["rows"]
+        assert [r["rank_multiple"] for r in rows] == [1, 8]
+        assert dense == f"{rows[0]['dense_ms']:.1f}" and flops == f"{rows[0]['flop_speedup']:.2f}"
+        for cell, key, fmt in ((factorized, "factorized_ms", "{:.1f}"), (speedup, "speedup", "{:.2f}x"),
+                               (fused, "fused_ms", "{:.1f}"), (fused_speedup, "fused_speedup", "{:.2f}x")):
+            assert cell == " / ".join(fmt.format(r[key]) for r in rows), (model, key)
+    names = {"loss-aware (default)": "loss-aware", "loss-aware, `loss_pass_dtype=\"bfloat16\"`": "loss-aware-bf16"}
+    timing = _section(text, "`compress`, 1024 calibration images in batches of 64, -50%, medians of 3 runs")
+    checked = 0
+    for model, label, forward, statistics, decomposition, allocation, refit, whole, ratio in timing:
+        bench = json.loads((results / f"compress_time_{models[model]}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100") and bench["environment"]["device"] == "cuda"
+        row = {r["recipe"]: r for r in bench["rows"]}[names.get(label, label)]
+        assert [forward, statistics, decomposition, allocation, whole] == [
+            f"{row[k]:.2f} s" for k in ("calibration_forward_s", "statistics_s", "decomposition_s", "allocation_s",
+                                        "total_s")], (model, label)
+        assert refit == (f"{row['refit_s']:.2f} s" if row["refit_s"] else ""), (model, label)
+        runs = ", ".join(f"{r + 1:.1f}" for r in row["overhead_ratio_runs"])
+        assert ratio == f"{row['overhead_ratio'] + 1:.1f}x ({runs})", (model, label)
+        checked += 1
+    assert checked == 9
+    steps = _section(text, "The partial fine-tune, one optimizer step at batch 128 of the model at -50%")
+    assert len(steps) == 6
+    for model, precision, step_ms, images, speedup in steps:
+        bench = json.loads((results / f"finetune_step_{models[model]}_cuda_h100.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H100")
+        row = {r["precision"]: r for r in bench["rows"]}[precision.strip("`")]
+        assert [step_ms, images, speedup] == [f"{row['step_ms']:.1f}", f"{row['images_per_s']:.0f}",
+                                              f"{row['speedup']:.2f}x"], (model, precision)
+
+
+def test_h200_statistics_table_is_the_committed_benchmarks():
+    """benchmarks/README.md's before/after table of the loss-aware statistics' host reads is the four committed H200
+    JSONs, cell for cell, each naming the card it ran on."""
+    text = (ROOT / "benchmarks/README.md").read_text()
+    results = ROOT / "benchmarks/results"
+    models = {"DeiT-S": "deit_small", "DeiT-B": "deit_base"}
+    rows = _section(text, "Measured on one lent H200 in one session, the code before")
+    for model, recipe, code, forward, statistics, decomposition, allocation, whole, ratio in rows:
+        suffix = {"before": "_before", "after": ""}[code]
+        bench = json.loads((results / f"compress_time_{models[model]}_cuda_h200{suffix}.json").read_text())
+        assert bench["environment"]["gpu"].startswith("NVIDIA H200") and bench["environment"]["device"] == "cuda"
+        row = {r["recipe"]: r for r in bench["rows"]}[recipe]
+        assert [forward, statistics, decomposition, allocation, whole] == [
+            f"{row[k]:.2f} s" for k in ("calibration_forward_s", "statistics_s", "decomposition_s", "allocation_s",
+                                        "total_s")], (model, recipe, code)
+        runs = ", ".join(f"{r + 1:.1f}" for r in row["overhead_ratio_runs"])
+        assert ratio == f"{row['overhead_ratio'] + 1:.1f}x ({runs})", (model, recipe, code)
+    assert [(model, recipe, code) for model, recipe, code, *_ in rows] == [
+        (m, r, c) for m, r in (("DeiT-S", "loss-aware"), ("DeiT-S", "paper"), ("DeiT-B", "loss-aware"))
+        for c in ("before", "after")]
+
+
+def test_distillation_tables_are_the_committed_results():
+    """docs/loss_aware_study.md's fine-tune tables (cross-entropy against distillation, with and without training the
+    factors, and the 600-step check) are finetune_tables() of the committed results, verbatim, and every cell of the
+    loss-aware default's table was computed."""
+    from experiments.loss_aware_study import FINETUNE_RUNS, finetune_tables
+
+    text = (ROOT / "docs/loss_aware_study.md").read_text()
+    tables = finetune_tables(ROOT / "experiments/results")
+    for table in tables:
+        assert table in text
+    default = tables[0]
+    assert "—" not in default and default.count("\n") == 2 + 9 * len(FINETUNE_RUNS) + 1
+
+
+def test_peers_tables_are_the_committed_results():
+    """docs/peers.md's tables are peers_summary / peers_table / peers_kl_table of the committed peers studies (256 and
+    1,024 calibration images, and after the fine-tune), the SVD-LLM v2 unit ablation, FLAR-SVD's latency rule and
+    shrinkage measurements, verbatim; and its headline holds in them: without fine-tuning no peer is significantly
+    better than the default in any cell, nor closer to the dense model's predictions."""
+    from experiments import flar_latency, flar_shrinkage
+    from experiments.loss_aware_study import PEERS, peers_kl_table, peers_summary, peers_table
+
+    text = (ROOT / "docs/peers.md").read_text()
+    results = ROOT / "experiments/results"
+    noft = json.loads((results / "peers_study.json").read_text())
+    ft = json.loads((results / "peers_study_ft.json").read_text())
+    more = json.loads((results / "peers_study_1024.json").read_text())
+    others = (*PEERS, "vanilla", "paper")
+    halves = ("la-integer", "kfac-marginal", "kfac-lems")
+    held_out = (*PEERS[:1], "flar-svd-held-out", *PEERS[1:], "vanilla", "paper")
+    units = ("svd-llm-v2-loss-tokens",)
+    tables = [peers_summary(noft, others=others), peers_table(noft, others=others), peers_kl_table(noft, others=others),
+              peers_summary(ft, key="top1_ft", at=(0.5, 0.7, 0.8)), peers_table(ft, key="top1_ft"),
+              peers_summary(noft, others=halves), peers_table(noft, others=halves),
+              peers_summary(more, others=held_out, at=(0.5, 0.7)), peers_table(more, others=held_out),
+              peers_summary(more, others=("flar-svd-held-out",), default="flar-svd", at=(0.5, 0.7)),
+              peers_summary(noft, others=units, default="svd-llm-v2"),
+              peers_table(noft, others=units, default="svd-llm-v2"),
+              flar_latency.render(json.loads((results / "flar_latency.json").read_text())),
+              flar_shrinkage.render(json.loads((results / "flar_shrinkage.json").read_text()))]
+    for table in tables:
+        assert table in text
+    assert "WINS" not in tables[1] and "WINS" not in tables[4] and "WINS" not in tables[8]
+    for line in tables[0].splitlines()[2:]:  # better, worse, compared, not reached, lower KL
+        assert line.split("|")[-6].strip() == "0" and line.split("|")[-2].strip() == "0", line
+    assert len(noft) == 10 and sum(len(entry["cells"]) for entry in noft.values()) == 10 * 5 * 11
+    assert len(more) == 10 and {entry["settings"]["calib"] for entry in more.values()} == {1024}
+
+
+def test_speed_tables_are_the_committed_benchmarks():
+    """docs/speed.md shows each committed latency benchmark exactly as benchmarks/latency.py renders it."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmarks_latency_docs", ROOT / "benchmarks" / "latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (ROOT / "docs/speed.md").read_text()
+    results = sorted((ROOT / "benchmarks/results").glob("latency_*.json"))
+    assert results, "no committed latency benchmark"
+    for path in results:
+        table = module.markdown(json.loads(path.read_text()))
+        assert table in text, f"docs/speed.md does not show {path.name} as benchmarks/latency.py renders it"
+
+
+def test_latency_study_table_is_the_committed_results():
+    from experiments.latency_study import markdown
+
+    study = json.loads((ROOT / "experiments/results/latency_study.json").read_text())
+    assert markdown(study) in (ROOT / "docs/speed.md").read_text()
+
+
+def test_vmeanba_study_tables_are_the_committed_results():
+    from experiments.vmeanba_study import markdown
+
+    study = json.loads((ROOT / "experiments/results/vmeanba_study.json").read_text())
+    assert markdown(study) in (ROOT / "docs/vmeanba.md").read_text()
+
+
+def test_vmeanba_registry_table_is_the_committed_smoke_run():
+    """docs/vmeanba.md's table of the registry rows at smoke scale is `reproduce vmeanba --scale smoke`'s committed
+    table JSON, cell for cell, and the KL range the text quotes is the rows' own."""
+    data = json.loads((ROOT / "experiments/results/vmeanba_smoke.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    text = (ROOT / "docs/vmeanba.md").read_text()
+    shown = _section(text, "Measured: `lowrank-vit reproduce vmeanba --scale smoke")
+    assert len(shown) == 7
+
+    def times(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}x"
+
+    for cells in shown:
+        r = rows[cells[0].strip("`")]
+        assert cells[1:] == [f"{r['params_m']:.3f}", f"{r['top1_dense']:.2f}", f"{r['top1']:.2f}",
+                             "—" if r["vmeanba_blocks"] is None else str(r["vmeanba_blocks"]),
+                             times(r["scan_speedup"]), times(r["model_speedup"])], cells[0]
+    kls = [r["vmeanba_kl"] for r in data["rows"] if r["vmeanba_kl"] is not None]
+    assert f"{min(kls):.0e} to {max(kls):.0e} nats".replace("e-0", "e-") in text
+
+
+def test_any_output_docs_tables_are_the_committed_results():
+    """Every table of docs/any_output.md's study is rendered from the committed results, and each results file's
+    markdown beside it is the same rendering."""
+    text = (ROOT / "docs/any_output.md").read_text()
+    for name in ("any_output_study", "any_output_headless_10k", "any_output_embed", "any_output_seg"):
+        results = json.loads((ROOT / f"experiments/results/{name}.json").read_text())
+        rendered = render(results)
+        assert (ROOT / f"experiments/results/{name}.md").read_text() == rendered
+        for table in rendered.split("### ")[1:]:
+            assert table.strip() in text.replace("#### ", ""), table.splitlines()[0]
+
+
+def test_the_documented_new_method_runs():
+    """docs/api.md's "Adding a method" example, as written: registered after import, its name is a valid
+    decomposition and compress meets the target with it."""
+    import re
+
+    text = (REPO / "docs" / "api.md").read_text()
+    code = re.search(r"## Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
+    model = make_tiny_vit()
+    before = count_params(model)
+    namespace = {"model": model, "images": [make_images(16, seed=1)]}
+    try:
+        exec(compile(code, "docs/api.md", "exec"), namespace)
+        report = namespace["report"]
+        assert report.config["decomposition"] == "row_normalized"
+        assert abs(report.params_after - 0.5 * before) <= max(0.001 * 0.5 * before, 64)
+        assert all(layer.rank is not None for layer in report.layers)
+    finally:
+        METHODS.pop("row_normalized", None)
+
+
+@pytest.mark.usefixtures("_offline")
+def test_documented_sync_command_fits_any_output_directory():
+    assert "-name 'offline-run-*' -exec wandb sync {} +" in (ROOT / "docs/reproducing.md").read_text()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        assert "results/demo/*/*/*/wandb" not in doc.read_text(), doc
+
+
+@pytest.mark.usefixtures("_offline")
+def test_readme_demo_excerpt_is_the_committed_demo_result():
+    """`make demo-refresh` writes both; neither may be edited by hand."""
+    from lowrank_vit.repro.demo import PUBLISHED, format_table, readme_excerpt
+
+    record = json.loads((ROOT / PUBLISHED).with_suffix(".json").read_text())
+    committed = (ROOT / PUBLISHED).with_suffix(".txt").read_text().rstrip("\n")
+    assert record["command"] == "make demo-refresh" and len(record["rows"]) == 13
+    assert format_table(record["rows"]) == committed  # the text is the JSON's rows, formatted
+    assert readme_excerpt((ROOT / "README.md").read_text()) == committed
+
+
+@pytest.mark.usefixtures("_offline")
+def test_the_readmes_first_example_runs_as_written(tmp_path, monkeypatch):
+    """The first Python a visitor reads must run: the README's first code block, with only the pretrained DeiT-S
+    (not reachable offline) swapped for a random one of the same family at a tiny size, the images shrunk to match
+    and the output under a temporary folder. It must compress to half the parameters and save a directory that
+    loads back to the same logits."""
+    from lowrank_vit import count_params, load_compressed
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    small = 'pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10'
+    for old, new in (("pretrained=True", small), ("224, 224", "32, 32"), ("range(32)", "range(2)")):
+        assert old in block, f"the README's first example changed ({old!r} not in it): update this test"
+        block = block.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    import timm
+
+    dense = count_params(timm.create_model("deit_small_patch16_224", **eval(f"dict({small})")))  # noqa: S307
+    model = namespace["model"]
+    assert abs(count_params(model) / dense - 0.5) < 0.02
+    loaded = load_compressed(tmp_path / "out" / "deit_s-50")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_the_mutation_history_adds_up_and_the_guide_quotes_its_latest_runs():
+    """docs/mutation_history.json (one object per run of tools/mutation_sample.py): each run's counts add up, its
+    score is its counts' and its module rows fit them; docs/mutation.md quotes the last entry as the latest run and
+    the last whole-pool sample as the latest fresh one; every line the sampler reads there as triage names a mutant."""
+    import sys
+
+    history = json.loads((REPO / "docs" / "mutation_history.json").read_text())
+    assert len(history) >= 16
+    for entry in history:
+        assert 0 <= entry["caught"] <= entry["sample"], entry
+        assert entry["survived"] == entry["sample"] - entry["caught"], entry
+        assert entry["score_percent"] == round(100 * entry["caught"] / entry["sample"], 1), entry
+        assert entry["kind"] in ("sample", "exhaustive", "redraw") and entry["survivors"] and entry["note"], entry
+        if entry["modules"] is not None:  # the report's rows: a crashed mutant is caught but in no row
+            assert sum(row["sampled"] for row in entry["modules"]) == entry["sample"], entry["commit"]
+            assert sum(row["caught"] for row in entry["modules"]) <= entry["caught"], entry["commit"]
+            for row in entry["modules"]:
+                assert 0 <= row["caught"] <= row["sampled"], (entry["commit"], row)
+                assert abs(row["percent"] - 100 * row["caught"] / row["sampled"]) <= 0.05 + 1e-9, (entry["commit"], row)
+    numbered = [entry["run"] for entry in history if entry["run"] is not None]
+    assert numbered == list(range(1, len(numbered) + 1))
+
+    guide = (REPO / "docs" / "mutation.md").read_text()
+
+    def quoted(label: str) -> tuple[str, int, int, float]:
+        match = re.search(rf"\*\*{label}\*\* \([^)]*?commit (\w+)[^)]*\):\s+\*\*(\d+) of (\d+) caught\s+"
+                          r"\((\d+\.\d)%\)\*\*", guide)
+        assert match, f"docs/mutation.md quotes no '{label}' figure"
+        return match[1], int(match[2]), int(match[3]), float(match[4])
+
+    def recorded(entry: dict) -> tuple[str, int, int, float]:
+        return entry["commit"], entry["caught"], entry["sample"], entry["score_percent"]
+
+    assert quoted("Latest run") == recorded(history[-1])
+    assert quoted("Latest fresh sample") == recorded([e for e in history if e["kind"] == "sample"][-1])
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import mutation_sample
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    triaged = mutation_sample.triaged()
+    assert len(triaged) >= 60
+    assert all(name.startswith("lowrank_vit.") and re.search(r"__mutmut_\d+$", name) for name in triaged), triaged

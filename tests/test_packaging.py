@@ -1,5 +1,4 @@
-"""What the wheel installs: the package and its subpackages, and the repository's experiments/ folder under the name
-lowrank_vit_experiments (never a top-level package called "experiments", a name other projects use too)."""
+"""Packaging: checks of the project as a whole."""
 
 from __future__ import annotations
 
@@ -8,15 +7,21 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, has_module, optional_module
+
+tomllib = optional_module("tomllib")  # Python 3.11 and later
+
+
+ROOT = REPO
+
+
 SETUP = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
+@pytest.mark.skipif(not has_module("tomllib"), reason="needs tomllib")
 def test_the_package_list_is_every_package_folder_and_the_experiments_under_their_own_name():
     folders = sorted(".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lowrank_vit").rglob("__init__.py"))
     assert sorted(SETUP["packages"]) == sorted([*folders, "lowrank_vit_experiments"])
@@ -25,6 +30,7 @@ def test_the_package_list_is_every_package_folder_and_the_experiments_under_thei
     assert entry == {"paper": "lowrank_vit_experiments"}
 
 
+@pytest.mark.skipif(not has_module("tomllib"), reason="needs tomllib")
 def test_the_experiments_import_each_other_relatively():
     """Absolute imports of ``experiments.X`` would fail under the installed name."""
     offenders = [f"{p.name}: {line.strip()}" for p in (ROOT / "experiments").glob("*.py")
@@ -32,6 +38,7 @@ def test_the_experiments_import_each_other_relatively():
     assert not offenders
 
 
+@pytest.mark.skipif(not has_module("tomllib"), reason="needs tomllib")
 def test_the_wheel_holds_no_top_level_experiments_package(tmp_path):
     """Built from a copy of the sources (a build writes build/ and egg-info beside them), offline."""
     source = tmp_path / "src"

@@ -1,9 +1,9 @@
-"""The test suite's own contract: `make test` runs everything, `make test-fast` skips what is marked slow, and every
-test starts from the same seeded global RNG state (tests/conftest.py)."""
+"""The suite itself: the make targets that run it, its seeding, and where its tests live (tests/ mirrors the
+package)."""
 
 from __future__ import annotations
 
-import json
+import ast
 import random
 import re
 import shutil
@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from lowrank_vit import count_params
+from tests.helpers import REPO, TESTS, make_tiny_vit
+
+
+def test_the_tiny_model_helper_stays_tiny():
+    assert count_params(make_tiny_vit()) < 40_000
 
 
 def make_recipe(target: str) -> str:
@@ -53,105 +58,83 @@ def test_every_test_starts_from_the_same_seed(draw):
     assert np.random.rand() == expected_numpy
 
 
-def test_every_mutant_still_applies_and_names_existing_tests():
-    """tools/mutants.py (``make mutants-listed``): each deliberate defect's original text occurs exactly once in its
-    file, so the list follows the code; the tests that must catch it exist; and a text that is not there is
-    refused."""
-    import sys
+# --------------------------------------------------------------------------------------------------------------------
+# Where tests live: tests/ mirrors the package
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import mutants
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    assert len(mutants.MUTANTS) >= 40
-    for m in mutants.MUTANTS:
-        text = (REPO / m.path).read_text()
-        assert mutants.apply(text, m) != text, m.why
-        for test in m.tests:
-            assert (REPO / test.split("::")[0]).is_file(), test
-    with pytest.raises(ValueError, match="occurs 0 times"):
-        mutants.apply("nothing here", mutants.MUTANTS[0])
+HOMES = {"lowrank_vit/__init__.py": "tests/test_api.py"}
+"""Modules whose tests do not follow the rule, and the file that holds them: the package's face (its public names and
+the old module paths it keeps for one release)."""
+FEATURES = {
+    # files of tests of a feature that spans modules, with no module of its own
+    "tests/cli/test_snapshot.py": "the command line's reference outputs (every command's --help and refusals)",
+    "tests/benchmarks/test_benchmarks.py": "what every benchmark script shares (bad arguments, JSON output)",
+}
+PROJECT = {"test_architecture.py", "test_docs.py", "test_packaging.py", "test_properties.py", "test_suite_hygiene.py",
+           "test_api.py"}
+"""Top-level test files besides those of the top-level modules (config, pipeline, reports): the package's face, the
+project as a whole, and the property-based tests of the mathematics (one file: Hypothesis is an optional package, so
+the file skips whole without it)."""
 
 
-def test_the_mutation_sampler_lists_mutmuts_mutants_of_the_configured_modules():
-    """tools/mutation_sample.py (``make mutants``): the modules are pyproject's ``only_mutate``; a module's mutants
-    are named as mutmut names them; docs/mutation.md's triage lines parse."""
-    pytest.importorskip("mutmut")
-    import os
-    import sys
-
-    sys.path.insert(0, str(REPO / "tools"))
-    here = os.getcwd()
-    try:
-        os.chdir(REPO)
-        import mutation_sample
-
-        modules = [str(p) for p in mutation_sample.modules()]
-        assert "lowrank_vit/io/hub.py" in modules and "lowrank_vit/core/allocate.py" in modules
-        assert "lowrank_vit/core/decompose.py" not in modules and all(p.endswith(".py") for p in modules)
-        names = mutation_sample.mutant_names(REPO.joinpath("lowrank_vit/io/hub.py").relative_to(REPO))
-        assert len(names) > 20 and all(n.startswith("lowrank_vit.io.hub.x") and "__mutmut_" in n for n in names)
-        assert isinstance(mutation_sample.triaged(), dict)
-        # a mutant's diff comes from the source alone: one line out, its mutated form in, nothing else
-        diff = mutation_sample.show(names[0], Path("lowrank_vit/io/hub.py")).split("\n")
-        assert [line.strip()[:1] for line in diff] == ["-", "+"] and diff[0][7:] != diff[1][7:]
-        # --module restricts the pool; --sample 0 takes all of it (an exhaustive run of one module)
-        every = mutation_sample.draw(0, 0, ["lowrank_vit/io/hub.py"])
-        assert sorted(every) == sorted(names) and set(every.values()) == {Path("lowrank_vit/io/hub.py")}
-        assert len(mutation_sample.draw(5, 1, ["lowrank_vit/io/hub.py"])) == 5
-        with pytest.raises(SystemExit, match="no mutated module matches nowhere.py"):
-            mutation_sample.draw(5, 1, ["nowhere.py"])
-        # --triaged: a triage line whose function changed is shown as its mutant now is, or counted as naming none
-        assert mutation_sample.module_of(names[0]) == Path("lowrank_vit/io/hub.py")
-        assert mutation_sample.check_triaged({names[0]: "why", "lowrank_vit.io.hub.x_gone__mutmut_1": "why",
-                                              names[0].rsplit("_", 1)[0] + "_99999": "why"}) == 2
-    finally:
-        os.chdir(here)
-        sys.path.remove(str(REPO / "tools"))
+def _home(module: Path) -> str:
+    """The test file of a module under the mirror rule: lowrank_vit/SUB/MOD.py -> tests/SUB/test_MOD.py (a leading
+    underscore dropped), lowrank_vit/MOD.py -> tests/test_MOD.py; experiments/, benchmarks/ and tools/ alike."""
+    rel = module.relative_to(REPO)
+    parts = rel.parts[1:] if rel.parts[0] == "lowrank_vit" else rel.parts
+    return "/".join(("tests", *parts[:-1], "test_" + parts[-1].lstrip("_")))
 
 
-def test_the_mutation_history_adds_up_and_the_guide_quotes_its_latest_runs():
-    """docs/mutation_history.json (one object per run of tools/mutation_sample.py): each run's counts add up, its
-    score is its counts' and its module rows fit them; docs/mutation.md quotes the last entry as the latest run and
-    the last whole-pool sample as the latest fresh one; every line the sampler reads there as triage names a mutant."""
-    import sys
+def _library_modules() -> list[Path]:
+    shims = REPO / "lowrank_vit" / "harness"  # the old paths kept for one release: tests/test_api.py checks them
+    return sorted(p for p in (REPO / "lowrank_vit").rglob("*.py")
+                  if (p.name != "__init__.py" or p.parent.name == "lowrank_vit") and shims not in p.parents
+                  and p.parent != shims)
 
-    history = json.loads((REPO / "docs" / "mutation_history.json").read_text())
-    assert len(history) >= 16
-    for entry in history:
-        assert 0 <= entry["caught"] <= entry["sample"], entry
-        assert entry["survived"] == entry["sample"] - entry["caught"], entry
-        assert entry["score_percent"] == round(100 * entry["caught"] / entry["sample"], 1), entry
-        assert entry["kind"] in ("sample", "exhaustive", "redraw") and entry["survivors"] and entry["note"], entry
-        if entry["modules"] is not None:  # the report's rows: a crashed mutant is caught but in no row
-            assert sum(row["sampled"] for row in entry["modules"]) == entry["sample"], entry["commit"]
-            assert sum(row["caught"] for row in entry["modules"]) <= entry["caught"], entry["commit"]
-            for row in entry["modules"]:
-                assert 0 <= row["caught"] <= row["sampled"], (entry["commit"], row)
-                assert abs(row["percent"] - 100 * row["caught"] / row["sampled"]) <= 0.05 + 1e-9, (entry["commit"], row)
-    numbered = [entry["run"] for entry in history if entry["run"] is not None]
-    assert numbered == list(range(1, len(numbered) + 1))
 
-    guide = (REPO / "docs" / "mutation.md").read_text()
+def test_every_library_module_has_a_home_for_its_tests():
+    missing = []
+    for module in _library_modules():
+        rel = module.relative_to(REPO).as_posix()
+        home = HOMES.get(rel, _home(module))
+        if not (REPO / home).is_file():
+            missing.append(f"{rel}: {home}")
+        elif rel in HOMES:  # a declared home must test the module: it names one of the module's own definitions
+            names = {n.name for n in ast.parse(module.read_text()).body
+                     if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+            names |= {"lowrank_vit.__all__"} if module.name == "__init__.py" else set()
+            if not any(re.search(rf"\b{re.escape(name)}\b", (REPO / home).read_text()) for name in names):
+                missing.append(f"{rel}: {home} names none of its definitions")
+    assert not missing, "\n".join(missing)
+    assert all(_home(REPO / m) != h for m, h in HOMES.items()), "a HOMES entry repeats the rule"
 
-    def quoted(label: str) -> tuple[str, int, int, float]:
-        match = re.search(rf"\*\*{label}\*\* \([^)]*?commit (\w+)[^)]*\):\s+\*\*(\d+) of (\d+) caught\s+"
-                          r"\((\d+\.\d)%\)\*\*", guide)
-        assert match, f"docs/mutation.md quotes no '{label}' figure"
-        return match[1], int(match[2]), int(match[3]), float(match[4])
 
-    def recorded(entry: dict) -> tuple[str, int, int, float]:
-        return entry["commit"], entry["caught"], entry["sample"], entry["score_percent"]
+def test_every_test_file_is_the_home_of_a_module_or_a_named_feature():
+    """No file named after an audit round, an issue or a topic: each one's name says which module it tests."""
+    stray = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if path.parent == TESTS:
+            if path.name not in PROJECT and not (REPO / "lowrank_vit" / path.name.removeprefix("test_")).is_file():
+                stray.append(rel)
+            continue
+        sub = path.parent.relative_to(TESTS)
+        stem = path.stem.removeprefix("test_")
+        root = REPO / "lowrank_vit" if sub.parts[0] not in ("experiments", "benchmarks", "tools") else REPO
+        if not ((root / sub / f"{stem}.py").is_file() or (root / sub / f"_{stem}.py").is_file() or rel in FEATURES):
+            stray.append(rel)
+    assert not stray, "\n".join(stray)
 
-    assert quoted("Latest run") == recorded(history[-1])
-    assert quoted("Latest fresh sample") == recorded([e for e in history if e["kind"] == "sample"][-1])
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import mutation_sample
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    triaged = mutation_sample.triaged()
-    assert len(triaged) >= 60
-    assert all(name.startswith("lowrank_vit.") and re.search(r"__mutmut_\d+$", name) for name in triaged), triaged
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py, shared fixtures in conftest.py files."""
+    found = []
+    for path in TESTS.rglob("*.py"):
+        if "fixtures" in path.relative_to(TESTS).parts:
+            continue  # the scripts that wrote a fixture ran against the tests of the commit they name
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for module in modules:
+                if module.split(".")[-1].startswith("test_") or module.split(".")[-1] == "conftest":
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {module}")
+    assert not found, "\n".join(found)

@@ -1,0 +1,36 @@
+"""Tests of benchmarks/latency.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import load, positive_finite
+
+
+def test_latency_toy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "latency.json"
+    toy = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
+           json.dumps(dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=4))]
+    module = load("latency")
+    module.main([*toy, "--reduction", "0.5", "--target-speedup", "1.1", "1000", "--batch-size", "2", "--repeats",
+                 "2", "--profile-repeats", "1", "--min-time", "0", "--calib", "4", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "predicted" in printed and "speed@1000: target_speedup=1000 is out of reach" in printed
+    payload = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in payload["rows"]}
+    assert set(rows) == {"params@0.5", "capped@0.5", "speed@1.1", "speed@1000"}
+    assert "error" in rows["speed@1000"] and "speedup" not in rows["speed@1000"]
+    assert rows["params@0.5"]["reduction"] == pytest.approx(0.5, abs=0.01)  # blind to speed: always reachable
+    for row in rows.values():  # what the measured timings make reachable varies; every row is one or the other
+        if "error" in row:
+            continue
+        assert positive_finite(row["speedup"]) and positive_finite(row["predicted_speedup"])
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["ms"])
+        assert all(r is None or r % 8 == 0 or r < 8 for r in row["ranks"].values())
+        if row["variant"].startswith("speed@"):
+            assert row["predicted_speedup"] >= float(row["variant"][6:]) - 1e-9
+    table = module.markdown(payload)
+    assert table.count("\n") == 1 + len(rows) and "not reachable on this table" in table

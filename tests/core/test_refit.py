@@ -1,0 +1,308 @@
+"""Tests of lowrank_vit/core/refit.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lowrank_vit import compress
+from lowrank_vit.config import recipe
+from lowrank_vit.core.calibration import LayerStats
+from lowrank_vit.core.loss_aware_svd import loss_aware_svd
+from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias, sequential_refit
+from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.nn.factorized import FactorizedLinear
+from tests.helpers import TINY_VIT, labelled_batches, make_images, make_tiny_vit, refit_cfg
+
+
+def factorized_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tokens every factorized layer of ``model`` sees on ``images`` (float64, flattened to rows)."""
+    from lowrank_vit import FactorizedLinear
+
+    inputs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, FactorizedLinear):
+            handles.append(module.register_forward_hook(
+                lambda _, args, __, name=name: inputs.__setitem__(name, args[0].detach().double().flatten(0, -2))))
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def test_svd_llm_refit_is_the_least_squares_fit_to_each_layers_compressed_inputs():
+    # SVD-LLM's update: for the inputs X_c the refitted model gives a layer, W_hat = U_r lstsq(X_c U_r, X_c W) with
+    # U_r the input-side factor of the plain compression (same ranks); so it fits X_c W no worse than that one
+    images, batches = labelled_batches()
+    dense = dict(make_tiny_vit().named_modules())
+    built = {}
+    for refit in (True, False):
+        model = make_tiny_vit()
+        compress(model, batches, recipe("svd-llm", reduction=0.5, calib_samples=64, progress=False, refit=refit))
+        built[refit] = model
+    plain = dict(built[False].named_modules())
+    inputs = factorized_inputs(built[True], images)
+    assert inputs and inputs.keys() == factorized_inputs(built[False], images).keys()
+    for name, X in inputs.items():
+        refitted = dict(built[True].named_modules())[name]
+        W = dense[name].weight.detach().double().T
+        U = plain[name].U.detach().double()
+        assert refitted.U.shape == U.shape  # the same rank
+        expected = U @ torch.linalg.lstsq(X @ U, X @ W).solution
+        fitted = refitted.dense_weight().detach().double()
+        target = (X @ W).norm()
+        assert float((X @ (fitted - expected)).norm() / target) < 1e-6, name
+        refit_error = float((X @ (fitted - W)).norm() / target)
+        plain_error = float((X @ (plain[name].dense_weight().detach().double() - W)).norm() / target)
+        assert refit_error <= plain_error + 1e-6, name
+
+
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", TINY_VIT, 1, 28),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                                               num_heads=2, num_classes=10), 3, 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                                  depths=(2, 2), num_heads=(2, 4), num_classes=10), 3, 32),
+}
+
+
+def _objective(x_c, x_d, W, W_hat, G):
+    E = x_c @ W_hat - x_d @ W
+    return float(torch.trace(E @ G @ E.T))
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])  # the input side (qkv, fc1) and the output side (fc2)
+def test_refit_minimizes_the_feedback_objective(shape):
+    """W* = H_c^-1 K W decomposed on (H_c, G) is the best rank-r weight for tr((X_c W_hat - X W) G (...)^T): below
+    the dense layer's own loss-aware factors and below random rank-r perturbations of itself."""
+    k, m = shape
+    g = torch.Generator().manual_seed(0)
+    x_d = torch.randn(200, k, generator=g, dtype=torch.float64)
+    x_c = x_d + 0.3 * torch.randn(200, k, generator=g, dtype=torch.float64)  # upstream errors
+    W = torch.randn(k, m, generator=g, dtype=torch.float64)
+    a = torch.randn(m, 2 * m, generator=g, dtype=torch.float64)
+    G = a @ a.T / m
+    rank, damping = 3, 1e-10
+    pair = PairGrams(x_c.T @ x_c, x_c.T @ x_d, None, None)
+    S = feedback_transform(pair, damping)
+    torch.testing.assert_close(S @ W, torch.linalg.solve(x_c.T @ x_c, x_c.T @ x_d @ W))
+    full = LayerStats(gram=x_c.T @ x_c, num_images=1, grad_gram=G)
+    fitted, _ = loss_aware_svd(S @ W, feedback_stats(full, pair, S), damping)
+    U, V = fitted.factors(rank)
+    best = _objective(x_c, x_d, W, U @ V.T, G)
+    dense_fit, _ = loss_aware_svd(W, LayerStats(gram=x_d.T @ x_d, num_images=1, grad_gram=G), damping)
+    U0, V0 = dense_fit.factors(rank)
+    assert best < _objective(x_c, x_d, W, U0 @ V0.T, G)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed + 1)
+        dU = 1e-2 * torch.randn(U.shape, generator=gen, dtype=torch.float64)
+        assert best <= _objective(x_c, x_d, W, (U + dU) @ V.T, G) + 1e-9
+    # the input-side form (W G W^T kept instead of G, as gram_space="auto" keeps it for qkv and fc1) agrees
+    narrow = LayerStats(gram=x_c.T @ x_c, num_images=1, grad_range_gram=W @ G @ W.T,
+                        grad_trace=float(torch.trace(G)))
+    if k <= m:
+        other, _ = loss_aware_svd(S @ W, feedback_stats(narrow, pair, S), damping)
+        U2, V2 = other.factors(rank)
+        torch.testing.assert_close(U2 @ V2.T, U @ V.T)
+
+
+def test_unchanged_inputs_leave_the_factors_and_bias_alone():
+    """Where the compressed inputs are the dense ones (K = H_c), W* = W and the refit is the decomposition itself;
+    the refitted bias is b + mu (W - W_hat), the decomposition's own bias correction."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 8, generator=g, dtype=torch.float64) + 0.5
+    W = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    mu = x.mean(0)
+    xc = x - mu
+    H = xc.T @ xc
+    pair = PairGrams(H, H.clone(), mu, mu.clone())
+    S = feedback_transform(pair, 1e-4)
+    torch.testing.assert_close(S @ W, W, rtol=1e-9, atol=1e-9)
+    stats = LayerStats(gram=H, num_images=1, grad_gram=torch.eye(12, dtype=torch.float64))
+    a, _ = loss_aware_svd(S @ W, feedback_stats(stats, pair, S), 1e-4)
+    b, _ = loss_aware_svd(W, stats, 1e-4)
+    torch.testing.assert_close(a.factors(4)[0] @ a.factors(4)[1].T, b.factors(4)[0] @ b.factors(4)[1].T)
+    bias = torch.randn(12, generator=g, dtype=torch.float64)
+    W_hat = b.factors(4)[0] @ b.factors(4)[1].T
+    torch.testing.assert_close(refit_bias(bias, W, W_hat, pair), bias + mu @ (W - W_hat))
+
+
+def test_refitted_bias_is_exact_at_the_mean_token_when_the_inputs_moved():
+    """b' makes the compressed layer give, at the compressed stream's mean token, the dense layer's output at the
+    dense stream's mean token: mu_c W_hat + b' = mu_d W + b."""
+    g = torch.Generator().manual_seed(2)
+    W, W_hat = (torch.randn(8, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    mu_c, mu_d, bias = (torch.randn(n, generator=g, dtype=torch.float64) for n in (8, 8, 12))
+    H = torch.eye(8, dtype=torch.float64)
+    b = refit_bias(bias, W, W_hat, PairGrams(H, H.clone(), mu_c, mu_d))
+    torch.testing.assert_close(mu_c @ W_hat + b, mu_d @ W + bias)
+
+
+def test_a_block_left_out_of_the_walk_is_still_run_before_the_next():
+    """Blocks without a refitted layer (all their layers left dense) are absent from the walk: the block after such a
+    gap gets its inputs from the images again (or through the skipped block), never the output of the block before
+    the gap fed straight into it. Its statistics equal those of the inputs captured in the two whole models."""
+    torch.manual_seed(0)
+    dense = make_tiny_vit(seed=4, depth=3).double().eval()
+    model = copy.deepcopy(dense)
+    with torch.no_grad():  # another model (as a compressed one is): every weight of it slightly off
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = [make_images(6, seed=5).double(), make_images(4, seed=6).double()]
+    names = ["blocks.0.attn.qkv", "blocks.2.mlp.fc1"]
+    got: dict[str, PairGrams] = {}
+    sequential_refit(dense, model, {"blocks.0": names[:1], "blocks.2": names[1:]}, images,
+                     lambda name, pair: got.setdefault(name, pair), centred=lambda name: False,
+                     device=torch.device("cpu"), progress=False)
+    for name in names:
+        seen: dict[str, list[torch.Tensor]] = {"c": [], "d": []}
+        handles = [m.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, key=key, seen=seen: seen[key].append(args[0].reshape(-1, args[0].shape[-1])))
+            for m, key in ((model, "c"), (dense, "d"))]
+        with torch.no_grad():
+            for batch in images:
+                model(batch), dense(batch)
+        for handle in handles:
+            handle.remove()
+        x_c, x_d = torch.cat(seen["c"]), torch.cat(seen["d"])
+        torch.testing.assert_close(got[name].gram, x_c.T @ x_c / 10, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[name].cross, x_c.T @ x_d / 10, rtol=1e-9, atol=1e-9)
+
+
+def _brute_force_refit(dense, model, images, settings):
+    """The refit without caches: for every factorized layer in forward order, both whole models run on all images
+    with a hook on that layer; the same closed form."""
+    layers = get_adapter(dense).compressible_layers(dense)
+    stats_model = copy.deepcopy(dense)
+    from lowrank_vit.core.loss_aware import collect_loss_statistics
+
+    stats = collect_loss_statistics(stats_model, get_adapter(stats_model).compressible_layers(stats_model),
+                                    [images], images.shape[0], progress=False, center=True, gram_space="auto",
+                                    gram_precision="float64")
+    for name, layer in layers.items():
+        new = model.get_submodule(name)
+        if not isinstance(new, FactorizedLinear):
+            continue
+        box: dict[str, torch.Tensor] = {}
+        h1 = layer.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("d", i[0].detach()))
+        h2 = new.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("c", i[0].detach()))
+        with torch.no_grad():
+            dense(images)
+            model(images)
+        h1.remove()
+        h2.remove()
+        xd = box["d"].reshape(-1, layer.in_features).double()
+        xc = box["c"].reshape(-1, layer.in_features).double()
+        mc, md = xc.mean(0), xd.mean(0)
+        n = images.shape[0]
+        pair = PairGrams((xc - mc).T @ (xc - mc) / n, (xc - mc).T @ (xd - md) / n, mc, md)
+        W = layer.weight.detach().double().T
+        S = feedback_transform(pair, settings["refit_damping"])
+        d, _ = loss_aware_svd(S @ W, feedback_stats(stats[name], pair, S), settings["damping"])
+        U, V = d.factors(new.rank)
+        new.U.data.copy_(U)
+        new.V.data.copy_(V)
+        new.bias.data.copy_(refit_bias(layer.bias.detach().double(), W, U @ V.T, pair))
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_the_cached_walk_matches_a_brute_force_refit(key):
+    """The block caches (advanced through consecutive blocks, recomputed after Swin's patch merging and at the first
+    block) give the same refitted model as running both whole models once per layer."""
+    name, kwargs, channels, size = MODELS[key]
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False, **kwargs).eval()
+    images = make_images(24, channels=channels, size=size, seed=3)
+    settings = dict(reduction=0.5, calib_samples=24, gram_precision="float64", damping=1e-4, refit_damping=3e-3)
+    refitted = copy.deepcopy(dense)
+    report = compress(refitted, [images], refit_cfg(**settings))
+    reference = copy.deepcopy(dense)
+    plain = compress(reference, [images], refit_cfg(**{**settings, "refit": False}))
+    before = copy.deepcopy(reference)
+    _brute_force_refit(dense, reference, images, settings)
+    with torch.no_grad():
+        out, expected, unrefitted = refitted(images), reference(images), before(images)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert (out - unrefitted).abs().max() > 1e-4  # the refit did change the model
+    assert report.stage_seconds["refit"] > 0
+    assert report.ranks == plain.ranks and report.params_after == plain.params_after  # the same allocation
+
+
+def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
+    """On a tiny ViT trained here, at -80%, the refitted model's predictions on held-out images are closer (KL) to the
+    dense model's than those of the same allocation without the refit. (On random-weight models it does not help: its
+    target, the dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware_study.md measures
+    it on trained ones.)"""
+    from lowrank_vit.repro.standins import train_classifier
+
+    images = make_images(512, seed=8)
+    labels = (images.mean(dim=(1, 2, 3)) > images.mean()).long() + 2 * (images[:, 0, :14].mean(dim=(1, 2)) > 0).long()
+    dense = make_tiny_vit(seed=1, depth=3)
+    train_classifier(dense, images[:256], labels[:256], epochs=6, lr=3e-3, batch_size=32, seed=0, progress=False)
+    dense.eval()
+    held_out = images[256:]
+    with torch.no_grad():
+        reference = torch.log_softmax(dense(held_out), 1)
+    kl = {}
+    for refit in (False, True):
+        model = copy.deepcopy(dense)
+        compress(model, [images[:128]], refit_cfg(reduction=0.8, calib_samples=128, refit=refit))
+        with torch.no_grad():
+            out = torch.log_softmax(model(held_out), 1)
+        kl[refit] = float(torch.nn.functional.kl_div(out, reference, log_target=True, reduction="batchmean"))
+    assert kl[True] < kl[False]
+
+
+def test_blocks_called_with_more_than_their_input_are_refused():
+    """A model that calls its blocks with keyword arguments (a mask): re-running a block on its input alone would not
+    repeat that call, so the refit says so instead of fitting to a different computation."""
+    import types
+
+    model = make_tiny_vit(seed=3)
+
+    def features(self, x, **_):
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for block in self.blocks:
+            x = block(x, attn_mask=None)
+        return self.norm(x)
+
+    model.forward_features = types.MethodType(features, model)
+    with pytest.raises(ValueError, match="called with more than its input"):
+        compress(model, [make_images(16, seed=4)], refit_cfg(reduction=0.5, calib_samples=16))
+
+
+def test_reported_errors_of_refitted_layers_are_exact():
+    """Every refitted layer's reported error equals eq. (5) pooled over the calibration images, computed by brute
+    force on the dense inputs: tr(dW^T H_c dW) / tr(W^T H W) (centred numerator, where the bias absorbs the mean).
+    fc2 keeps its statistics on its output side, exact only for weights in the range of W, which a refitted weight
+    is not; its error comes from the refit's own pass."""
+    dense = make_tiny_vit(seed=6)
+    images = make_images(32, seed=7)
+    model = copy.deepcopy(dense)
+    report = compress(model, [images], refit_cfg(reduction=0.6, calib_samples=32, gram_precision="float64"))
+    layers = get_adapter(dense).compressible_layers(dense)
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach()))
+             for name, layer in layers.items()]
+    with torch.no_grad():
+        dense(images)
+    for hook in hooks:
+        hook.remove()
+    checked = 0
+    for entry in report.layers:
+        new = model.get_submodule(entry.name)
+        if not isinstance(new, FactorizedLinear):
+            continue
+        x = inputs[entry.name].reshape(-1, new.in_features).double()
+        W = layers[entry.name].weight.detach().double().T
+        delta = W - new.dense_weight().detach().double()
+        centred = x - x.mean(0)
+        expected = float((centred @ delta).pow(2).sum() / (x @ W).pow(2).sum())
+        assert entry.output_error == pytest.approx(expected, rel=1e-6), entry.name
+        checked += 1
+    assert checked == len(layers) and any(name.endswith("fc2") for name in layers)
