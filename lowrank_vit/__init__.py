@@ -4,6 +4,9 @@ Reproduces Azizi, Nazemi, Pedram (2024), "Memory-Efficient Vision Transformers: 
 Compression Strategy", with exact closed-form variants of its steps beside the literal ones.
 """
 
+__version__ = "0.1.0"  # first: modules of the package read it back at their import
+
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
@@ -19,8 +22,6 @@ from lowrank_vit.nn.adapters import count_params, get_adapter  # noqa: E402
 from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
 from lowrank_vit.nn.quantize import model_size_mib, quantize_
 from lowrank_vit.pipeline import CompressionReport, LayerReport, compress
-
-__version__ = "0.1.0"
 
 # The Lightning stages, data modules and registry import Lightning and datasets (seconds): loaded on first use.
 _LAZY = {
@@ -40,9 +41,7 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lowrank_vit' has no attribute {name!r}")
 
 

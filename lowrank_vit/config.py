@@ -140,7 +140,6 @@ def resolve_gram_precision(cfg: CompressionConfig, device_type: str, *, float32_
     """The Gram product precision ``cfg`` gets when its statistics are computed on a ``device_type`` device ("cpu",
     "cuda", ...). An explicit ``cfg.gram_precision`` is returned as it is. None ("auto") gives "float32" where it is
     measured to be as good and is much faster, "float64" where the paper's rows have always used it:
-
     * "float32" for a method with a gradient pass ("loss_aware") on any device, and for every method on a device
       type in :data:`FLOAT32_GRAM_DEVICE_TYPES` (CUDA);
     * "float64" for the other methods on the CPU (their results there stay what they were), and for every method

@@ -42,6 +42,7 @@ from lowrank_vit.nn.adapters import count_params, get_adapter
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.reports import CompressionReport, LayerReport
+from lowrank_vit.speed.runtimes import environment
 
 
 def _target_total(cfg: CompressionConfig, params_before: int) -> int:
@@ -133,7 +134,6 @@ def _latency_table(cfg: CompressionConfig, layers: dict[str, nn.Linear]) -> Late
     """``cfg.latency_table`` loaded, refused unless measured on this machine with this software for these layers."""
     if cfg.latency_table is None:
         return None
-    from lowrank_vit.speed.runtimes import environment  # measuring lives above the mathematics
 
     table = LatencyTable.load(cfg.latency_table)
     table.check_environment(environment(table.device, table.runtime))

@@ -1108,3 +1108,16 @@ def _cli(capsys, workdir, *extra: str) -> tuple[int, str, str]:
     )
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def patch_everywhere(monkeypatch, module, name: str, value) -> None:
+    """``monkeypatch.setattr(module, name, value)``, and the same on every module of the package that imported that
+    object under that name at its top (``from module import name``): a fake then reaches every caller, wherever the
+    package's imports put the name. ``module`` is a module or its dotted name."""
+    module = importlib.import_module(module) if isinstance(module, str) else module
+    original = getattr(module, name)
+    for other in list(sys.modules.values()):
+        if getattr(other, "__name__", "").startswith("lowrank_vit") and other is not module \
+                and getattr(other, name, None) is original:
+            monkeypatch.setattr(other, name, value)
+    monkeypatch.setattr(module, name, value)

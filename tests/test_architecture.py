@@ -1,4 +1,5 @@
-"""Architecture: checks of the project as a whole."""
+"""The package's architecture: which way its imports run and where they sit, that it never imports the experiments,
+that only the adapter knows a model's module paths, and that registries stand where name comparisons would."""
 
 from __future__ import annotations
 
@@ -115,3 +116,56 @@ def test_only_the_adapter_knows_module_paths():
     models = {PACKAGE / "nn" / "vssm.py"}  # a model's own definition builds the paths the adapter reads
     found = [use for p in PACKAGE.rglob("*.py") if p != adapter and p not in models for use in _module_path_uses(p)]
     assert not found, "\n".join(found)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """What a module imports when it is imported: its top-level statements (a TYPE_CHECKING block does not run)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for child in ast.walk(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                break
+            if isinstance(child, ast.Import):
+                names.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                names.add(child.module)
+                names.update(f"{child.module}.{alias.name}" for alias in child.names)
+    return names
+
+
+def test_imports_sit_at_the_top_but_the_deferred_packages():
+    """Inside a function, a module imports only one of DEFERRED_PACKAGES (optional, or seconds to import) or a module
+    of the package that imports one at its top; a platform module guarded by try/except may be imported there too.
+    Everything else is imported at the top, where a reader looks for it."""
+    from lowrank_vit.core.common import DEFERRED_PACKAGES
+
+    modules = {".".join(("lowrank_vit", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    heavy: dict[str, bool] = {}
+
+    def defers(module: str, seen: frozenset = frozenset()) -> bool:
+        """Whether importing ``module`` imports a deferred package."""
+        if module.split(".")[0] in DEFERRED_PACKAGES:
+            return True
+        if module not in modules or module in seen:
+            return False
+        if module not in heavy:
+            heavy[module] = any(defers(m, seen | {module}) for m in _top_level_imports(modules[module]))
+        return heavy[module]
+
+    misplaced = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for b in t.body for n in ast.walk(b)}
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded:
+                    targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                    if not all(defers(t) for t in targets):
+                        misplaced.append(f"{name}.{func.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not misplaced, "\n".join(sorted(set(misplaced)))
+    assert len(DEFERRED_PACKAGES) == len(set(DEFERRED_PACKAGES))

@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 from lowrank_vit.cli.base import UserError
+from lowrank_vit.config import RECIPES, CompressionConfig
+from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
+from lowrank_vit.methods.decompositions import METHODS, get_method
+from lowrank_vit.methods.vmeanba import VMeanbaConfig, check_blocks
+from lowrank_vit.stages.data_config import INTERPOLATIONS
 from lowrank_vit.stages.finetune_config import PRECISIONS
 
 
@@ -59,7 +64,6 @@ def low_rank_budget_given(args: argparse.Namespace) -> bool:
 
 def vmeanba_config(args: argparse.Namespace) -> Any:
     """The VMeanbaConfig the options ask for, or None; a UserError for a combination that cannot be meant."""
-    from lowrank_vit.methods.vmeanba import VMeanbaConfig
 
     blocks = getattr(args, "vmeanba_blocks", None)
     if args.recipe == VMEANBA:
@@ -82,7 +86,6 @@ def vmeanba_config(args: argparse.Namespace) -> Any:
 
 def check_vmeanba(model: nn.Module, cfg: Any) -> None:
     """A model without selective scans, or a K above its count: one line, before the data is read."""
-    from lowrank_vit.methods.vmeanba import check_blocks
 
     try:
         check_blocks(model, cfg)
@@ -182,8 +185,6 @@ def add_model(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_preprocessing(p: argparse.ArgumentParser) -> None:
-    from lowrank_vit.stages.data_config import INTERPOLATIONS
-
     g = p.add_argument_group("preprocessing (default: saved with the model, else timm's pretrained config; a "
                              "--checkpoint without it needs --mean/--std or --preprocessing timm)")
     g.add_argument("--mean", type=float, nargs="+", help="normalization mean, one value or one per channel")
@@ -250,10 +251,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_compress(sub: Any) -> None:
-    from lowrank_vit.config import RECIPES
-    from lowrank_vit.core.loss_aware import COMPUTE_DTYPES
-    from lowrank_vit.methods.decompositions import METHODS
-
     p = sub.add_parser("compress", help="compress your timm model on your data into a model directory")
     add_model(p, "MODEL")
     _add_data(p)
@@ -384,8 +381,6 @@ def compression_config(args: argparse.Namespace, device: torch.device) -> Any:
     """The CompressionConfig of ``--recipe``: a named recipe, or a decomposition inside its own recipe
     (``Method.home_recipe``: the loss-aware method's marginal ranks without Z) or else the paper's (greedy allocation
     on its own spectra, closed-form low-rank Z, as the comparison table runs them)."""
-    from lowrank_vit.config import RECIPES, CompressionConfig
-    from lowrank_vit.methods.decompositions import get_method
 
     if getattr(args, "recipe", None) == VMEANBA:
         return None  # no low-rank step: vmeanba_config holds what there is to do

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import sys
 import warnings
@@ -35,7 +36,6 @@ def _quiet(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    import logging
 
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 

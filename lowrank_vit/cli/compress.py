@@ -53,8 +53,11 @@ from lowrank_vit.cli.args import (
     add_evaluate,
     add_export,
     add_finetune,
+    check_vmeanba,
     compression_config,
     parse_settings,
+    summary_line,
+    vmeanba_config,
 )
 from lowrank_vit.cli.base import UserError, resolve_device, say_to_user, user_command
 from lowrank_vit.cli.data import (
@@ -81,9 +84,16 @@ from lowrank_vit.cli.outputs import (
     write_model_dir,
 )
 from lowrank_vit.cli.preprocessing import describe_preprocessing, resolve_model_preprocessing
-from lowrank_vit.cli.sources import directory_source, load_source
+from lowrank_vit.cli.sources import directory_source, load_source, load_teacher
+from lowrank_vit.cli.speed import measured_latency, resolve_latency_table
 from lowrank_vit.core.files import strict_json
-from lowrank_vit.core.likelihood import AUTO, LIKELIHOODS
+from lowrank_vit.core.likelihood import AUTO, LIKELIHOODS, resolve_likelihood
+from lowrank_vit.io.export import export_onnx, onnx_logits
+from lowrank_vit.io.surgery import check_rebuildable
+from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.pipeline import check_target
+from lowrank_vit.repro.flow import compress_model
+from lowrank_vit.speed import time_models
 
 
 def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -95,11 +105,6 @@ def add_user_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]
 
 @user_command
 def cmd_compress(args: argparse.Namespace) -> int:
-    from lowrank_vit.cli.args import vmeanba_config
-    from lowrank_vit.cli.speed import measured_latency
-    from lowrank_vit.nn.adapters import count_params
-    from lowrank_vit.repro.flow import compress_model
-
     device = resolve_device(args.device)
     vmeanba = vmeanba_config(args)  # bad options fail before anything is loaded
     cfg = compression_config(args, device)
@@ -199,7 +204,6 @@ def _output_likelihood(model: nn.Module, cfg: Any, pre: dict[str, Any]) -> str |
     (``--output-key``) checked, on the model's output for two blank images: before any data is read, a likelihood
     that cannot fit the output (categorical for a backbone) or a key that names no tensor is one line. None without
     a low-rank step (``--recipe vmeanba``)."""
-    from lowrank_vit.core.likelihood import resolve_likelihood
 
     if cfg is None:
         return None
@@ -218,10 +222,6 @@ def _compressible_source(args: argparse.Namespace, cfg: Any, vmeanba: Any, devic
     VMeanba options against its blocks, the latency table (profiled now if asked for), the target's reach, an
     already compressed model, and whether its compressed form could be saved and loaded. Returns it and the config
     with the latency table's path filled in."""
-    from lowrank_vit.cli.args import check_vmeanba
-    from lowrank_vit.cli.speed import resolve_latency_table
-    from lowrank_vit.io.surgery import check_rebuildable
-    from lowrank_vit.pipeline import check_target
 
     source = load_source(args)
     if vmeanba is not None:
@@ -244,7 +244,6 @@ def _compressible_source(args: argparse.Namespace, cfg: Any, vmeanba: Any, devic
 
 def _compress_line(out: Path, summary: dict[str, Any]) -> str:
     """The one line ``compress`` prints: sizes, the scans switched, top-1 before and after, the speedup."""
-    from lowrank_vit.cli.args import summary_line
 
     params, accuracy, latency = summary["params"], summary["accuracy"], summary["latency"]
     line = (f"{out}: {params['before']:,} -> {params['after']:,} parameters "
@@ -275,7 +274,6 @@ def latency(model: nn.Module, input_size: Any, batches: list[int], device: torch
             runtime: str = "torch", dtype: str = "float32", progress: bool = False) -> dict[str, dict[str, Any]]:
     """Per batch size: the model's forward time in its deploy form (low-rank Z folded, in ``dtype`` under
     ``runtime``), the median of ``repeats`` samples with its quartiles (:func:`lowrank_vit.speed.time_models`)."""
-    from lowrank_vit.speed import time_models
 
     out = {}
     for batch in batches:
@@ -287,8 +285,6 @@ def latency(model: nn.Module, input_size: Any, batches: list[int], device: torch
 
 @user_command
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lowrank_vit.nn.adapters import count_params
-
     device = resolve_device(args.device)
     check_data_path(args.data)
     source = load_source(args)
@@ -341,7 +337,6 @@ def _evaluate_fidelity(args: argparse.Namespace, source: Any, model: nn.Module, 
     """The fidelity of a model directory to the dense model it was compressed from (rebuilt from what compress
     recorded), on the evaluation images; empty, with the reason, where there is none: not a compressed directory,
     ``--no-fidelity``, or a dense model that cannot be rebuilt (a note on stderr says why)."""
-    from lowrank_vit.cli.sources import load_teacher
 
     if args.no_fidelity:
         return {}, "--no-fidelity"
@@ -373,8 +368,6 @@ def _evaluate_fidelity(args: argparse.Namespace, source: Any, model: nn.Module, 
 
 @user_command
 def cmd_export(args: argparse.Namespace) -> int:
-    from lowrank_vit.io.export import export_onnx, onnx_logits
-
     directory = Path(args.model).expanduser()
     if not directory.is_dir():
         raise UserError(f"no model directory {args.model!r}: export takes a directory written by compress")

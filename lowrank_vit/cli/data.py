@@ -19,7 +19,11 @@ import torch
 from torch import nn
 
 from lowrank_vit.cli.base import UserError
+from lowrank_vit.cli.fidelity import measure_fidelity
 from lowrank_vit.core.likelihood import is_classifier
+from lowrank_vit.io.modelcard import top5_informative
+from lowrank_vit.repro.runner import evaluate
+from lowrank_vit.stages.data_config import DataConfig, DataFormatError, DataNotFoundError
 
 
 def default_workers() -> int:
@@ -52,8 +56,6 @@ def check_data_path(data: str) -> None:
 
 def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, calib_samples: int,
                  augment: bool = False, labels: str = "required") -> Any:
-    from lowrank_vit.stages.data_config import DataConfig
-
     workers = default_workers() if args.workers is None else args.workers
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
@@ -83,7 +85,6 @@ def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], 
     is not a classifier reads the images without labels; a classifier reads labels where there are some
     (``dm.labelled`` says which)."""
     from lowrank_vit.stages.data import build_datamodule
-    from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
 
     classifier = is_classifier(model)
     if not classifier and getattr(args, "label_column", None):
@@ -111,8 +112,6 @@ def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], 
 
 def evaluate_on_user_data(model: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace,
                           desc: str) -> dict[str, Any]:
-    from lowrank_vit.repro.runner import evaluate
-
     loader = dm.val_dataloader(limit=getattr(args, "limit", None))
     return evaluate(model, loader, device, progress=not args.quiet, desc=desc)
 
@@ -133,7 +132,6 @@ def no_top1_reason(model: nn.Module, dm: Any) -> str:
 def fidelity_on_data(model: nn.Module, dense: nn.Module, dm: Any, device: torch.device, args: argparse.Namespace,
               desc: str, likelihood: str, output_key: Any) -> dict[str, Any]:
     """The fidelity of ``model`` to ``dense`` on the validation images (``--limit`` of them where given)."""
-    from lowrank_vit.cli.fidelity import measure_fidelity
 
     loader = dm.val_dataloader(limit=getattr(args, "limit", None))
     return measure_fidelity(model, dense, loader, device, likelihood=likelihood, output_key=output_key,
@@ -151,6 +149,5 @@ def recorded_output(metadata: dict[str, Any]) -> tuple[str, Any]:
 
 def top5_text(metrics: dict[str, Any], before: str = "", after: str = "") -> str:
     """``top-5 97.10%`` between ``before`` and ``after``, or nothing where 5 classes or fewer make it 100% always."""
-    from lowrank_vit.io.modelcard import top5_informative
 
     return f"{before}top-5 {metrics['top5']:.2f}%{after}" if top5_informative(metrics) else ""

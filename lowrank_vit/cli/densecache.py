@@ -14,9 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lowrank_vit import __version__
 from lowrank_vit.cli.base import say_to_user
 from lowrank_vit.cli.data import evaluate_on_user_data
 from lowrank_vit.core.files import write_json
+from lowrank_vit.io.surgery import WEIGHTS_FILE
+from lowrank_vit.repro.models import checkpoint_digest
+from lowrank_vit.speed.profile import cache_dir
 
 if TYPE_CHECKING:
     from lowrank_vit.cli.sources import Source
@@ -28,8 +32,6 @@ that ``compress`` reuses."""
 
 
 def _dense_cache_dir() -> Path:
-    from lowrank_vit.speed.profile import cache_dir
-
     return cache_dir().parent / DENSE_CACHE  # the latency tables' root: one variable moves every cache
 
 
@@ -37,8 +39,6 @@ def _weights_sha256(source: Source) -> str | None:
     """The content digest of the file the weights were read from (a --checkpoint, a model directory's weights), or
     None where no file holds them: random weights, or timm's pretrained ones, whose classifier timm draws anew when
     --model-kwargs change the class count. Only the former's accuracy is cached."""
-    from lowrank_vit.io.surgery import WEIGHTS_FILE
-    from lowrank_vit.repro.models import checkpoint_digest
 
     if source.record.get("checkpoint_sha256"):
         return str(source.record["checkpoint_sha256"])
@@ -75,7 +75,6 @@ def _dense_cache_entry(args: argparse.Namespace, source: Source, pre: dict[str, 
     device type, the library versions); None where it is not cached (:func:`_weights_sha256`)."""
     import timm
 
-    from lowrank_vit import __version__
 
     digest = _weights_sha256(source)
     if digest is None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowrank_vit.core.common import batch_images
 from lowrank_vit.core.likelihood import (
     AUTO,
     OutputKey,
@@ -46,6 +47,7 @@ from lowrank_vit.core.likelihood import (
     resolve_name,
     select_output,
 )
+from lowrank_vit.core.progress import progress_bar
 
 RETRIEVAL_K = 10
 """Neighbours compared per image by the retrieval agreement."""
@@ -285,8 +287,6 @@ def measure_fidelity(model: nn.Module, dense: nn.Module, loader: Iterable, devic
     class logits of a model that declares its classes, else "gaussian"; decided on the first batch and checked
     there, so that e.g. "categorical" for an embedding is refused naming its shape); ``output_key`` which part of
     the output is compared (:func:`~lowrank_vit.core.likelihood.select_output`)."""
-    from lowrank_vit.core.common import batch_images
-    from lowrank_vit.core.progress import progress_bar
 
     check_declares_classes(model, likelihood)
     model.eval().to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -32,13 +33,15 @@ from lowrank_vit.cli.preprocessing import describe_preprocessing, resolve_model_
 from lowrank_vit.cli.sources import directory_source, load_teacher
 from lowrank_vit.core.files import write_json
 from lowrank_vit.core.likelihood import is_classifier
+from lowrank_vit.io.modelcard import REPORT_FILE
+from lowrank_vit.io.surgery import WEIGHTS_FILE
+from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.repro.models import checkpoint_digest
 from lowrank_vit.stages.finetune_config import check_precision_on
 
 
 @user_command
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lowrank_vit.io.modelcard import REPORT_FILE
-    from lowrank_vit.nn.adapters import count_params
     from lowrank_vit.stages.finetune import FinetuneConfig, finetune, resolve_finetune_likelihood
 
     directory = Path(args.model).expanduser()
@@ -149,7 +152,6 @@ RESUME_FILE = "resume.json"
 
 def _resume_note(checkpoints: Path, every: int) -> str:
     """What the same command will do after an interruption, read from the checkpoints' names (never unpickled)."""
-    import re
 
     def numbered(kind: str) -> list[int]:  # finetune's file names: step00000100.ckpt, epoch002.ckpt
         return [int(m.group(1)) for f in checkpoints.glob(f"{kind}*.ckpt")
@@ -166,8 +168,6 @@ def _resume_note(checkpoints: Path, every: int) -> str:
 def _finetune_run(args: argparse.Namespace, directory: Path, config: Any) -> dict[str, Any]:
     """What makes two fine-tune commands the same run: the input's weights, the data and the settings, but not
     where it stops (``--epochs``, ``--max-steps``: a run may be resumed to go further, as Lightning allows)."""
-    from lowrank_vit.io.surgery import WEIGHTS_FILE
-    from lowrank_vit.repro.models import checkpoint_digest
 
     data = Path(str(args.data)).expanduser()
     return {"input": str(directory.resolve()), "input_sha256": checkpoint_digest(directory / WEIGHTS_FILE),

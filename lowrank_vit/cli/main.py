@@ -7,17 +7,27 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lowrank_vit.cli.args import positive_int
 from lowrank_vit.cli.compress import add_user_commands
 from lowrank_vit.cli.speed import add_profile_command
+from lowrank_vit.repro.demo import DEMO_ROWS, publish, run_demo
+from lowrank_vit.repro.estimate import estimate_rows, format_row, format_rows
+from lowrank_vit.repro.models import SetupError
+from lowrank_vit.repro.planning import plan_row
+from lowrank_vit.repro.registry import UnknownExperimentError, get_experiment, list_experiments
 from lowrank_vit.repro.rehearse import LAYOUTS, RehearsalSettings, rehearse
+from lowrank_vit.repro.runner import RESULT_FILE, default_output, finished, reproduce, row_config, run_row, select_rows
 from lowrank_vit.repro.standins import COMMITTED_STANDINS
+from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
+from lowrank_vit.stages.logging_utils import silence_third_party
 
 EXIT_USAGE = 2
 LIGHTNING_FREE = ("list", "show", "plan")
@@ -66,11 +76,9 @@ def _add_estimate(parser: argparse.ArgumentParser) -> None:
 
 
 def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version("lowrank_vit")
-    except PackageNotFoundError:  # run from a source tree that was never installed
+        return importlib.metadata.version("lowrank_vit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return "(not installed)"
 
 
@@ -176,8 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from lowrank_vit.repro.registry import list_experiments
-
     exps = list_experiments(args.pattern)
     if args.pattern and not exps:
         raise CLIError(f"no experiment matches {args.pattern!r}")
@@ -191,15 +197,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from lowrank_vit.repro.registry import get_experiment
-
     print(json.dumps(get_experiment(args.name).to_dict(args.scale), indent=2))
     return 0
 
 
 def _estimate_rows(pattern: str) -> list[Any]:
     """The rows ``plan --estimate`` prices: the one called ``pattern``, else every row it matches."""
-    from lowrank_vit.repro.registry import get_experiment, list_experiments
 
     exps = list_experiments(pattern)
     if not exps and any(c in pattern for c in "*?["):
@@ -210,7 +213,6 @@ def _estimate_rows(pattern: str) -> list[Any]:
 def _print_estimate(args: argparse.Namespace, exps: list[Any], scale: str, devices: int,
                     table: bool = False) -> int:
     """One row in full (its stages), or several as one line each and the total (``table``: always the latter)."""
-    from lowrank_vit.repro.estimate import estimate_rows, format_row, format_rows
 
     data = estimate_rows(exps, scale, device=args.gpu or "a100", devices=devices, overrides=args.overrides)
     single = len(data["rows"]) == 1 and not table
@@ -230,9 +232,6 @@ def _check_estimate_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from lowrank_vit.repro.planning import plan_row
-    from lowrank_vit.repro.registry import get_experiment
-
     _check_estimate_options(args)
     if args.devices is not None and not args.estimate:
         raise CLIError("--devices prices the fine-tune of an estimate: add --estimate")
@@ -266,9 +265,6 @@ def _hardware(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lowrank_vit.repro.registry import get_experiment
-    from lowrank_vit.repro.runner import run_row
-
     result = run_row(get_experiment(args.name), args.scale, **_hardware(args))
     if result is not None:  # the result line (None on the other ranks of a DDP run)
         print(result_line(result, args.output, args.scale))
@@ -276,8 +272,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from lowrank_vit.repro.runner import reproduce
-
     if args.estimate and not args.dry_run:
         raise CLIError("--estimate prices the rows without running them: add --dry-run")
     _check_estimate_options(args)
@@ -294,9 +288,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _dry_run(args: argparse.Namespace) -> int:
     """``reproduce --dry-run``: the rows that would run (unfinished ones), or with --estimate every row's estimated
     cost and the table's total."""
-    from pathlib import Path
 
-    from lowrank_vit.repro.runner import default_output, finished, row_config, select_rows
 
     exps = select_rows(args.table, args.rows)
     if args.estimate:
@@ -309,8 +301,6 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lowrank_vit.repro.demo import DEMO_ROWS, publish, run_demo
-
     if args.publish and (args.rows or args.overrides):
         raise CLIError("--publish records the demo as `make demo-refresh` runs it: drop --rows and --set")
     if args.publish and args.retrain:
@@ -330,7 +320,6 @@ COMMANDS = {"list": _cmd_list, "show": _cmd_show, "plan": _cmd_plan, "run": _cmd
 
 def result_line(result: dict[str, Any], output: str | None, scale: str) -> str:
     """What `run` prints on stdout: the row's top-1, parameters and size, and where its result.json is."""
-    from lowrank_vit.repro.runner import RESULT_FILE, default_output
 
     where = os.path.join(output or default_output(scale), result["name"], RESULT_FILE)
     return (f"{result['name']}: top-1 {result['top1']:.2f}% with {result['params']:,} parameters "
@@ -358,10 +347,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from lowrank_vit.repro.models import SetupError
-    from lowrank_vit.repro.registry import UnknownExperimentError
-    from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
-    from lowrank_vit.stages.logging_utils import silence_third_party
 
     silence_third_party(lightning=args.command not in LIGHTNING_FREE)
     expected = (CLIError, UnknownExperimentError, SetupError, DataNotFoundError, DataFormatError, ValueError,

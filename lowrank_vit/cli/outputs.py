@@ -13,20 +13,20 @@ from torch import nn
 
 from lowrank_vit.cli.base import UserError
 from lowrank_vit.core.files import strict_json, write_json
+from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE, plot_ranks, render_card
+from lowrank_vit.io.surgery import PLAN_FILE, WEIGHTS_FILE, read_plan, save_compressed, stored_bytes
+from lowrank_vit.nn.factorized import FactorizedLinear
 
 
 def weights_size_mib(model: nn.Module) -> float:
     """The MiB the saved weights take: every tensor as stored (float32; quantized parameters as their codes, scales
     and zero points; a sparse Z's index lists), so the figure is the file's, whatever the Z kind or bit width."""
-    from lowrank_vit.io.surgery import stored_bytes
 
     return stored_bytes(model) / 2**20
 
 
 def model_dir_files() -> tuple[str, ...]:
     """What :func:`write_model_dir` puts in a model directory: all that ``--force`` may replace."""
-    from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE
-    from lowrank_vit.io.surgery import PLAN_FILE, WEIGHTS_FILE
 
     return WEIGHTS_FILE, PLAN_FILE, REPORT_FILE, CARD_FILE, RANKS_FIGURE
 
@@ -59,7 +59,6 @@ def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> Non
     """Refuse an output that would overwrite something: any non-empty directory unless ``--force``, and even then
     anything but a model directory holding only what a model directory holds (a user's other files are never
     replaced); ``protect`` (the input) never, nor anything inside it or around it."""
-    from lowrank_vit.io.surgery import PLAN_FILE
 
     check_parents(out)
     if protect is not None:
@@ -81,8 +80,6 @@ def check_output_dir(out: Path, force: bool, protect: Path | None = None) -> Non
 
 
 def _describe_dir(directory: Path) -> str:
-    from lowrank_vit.io.surgery import read_plan
-
     try:
         plan = read_plan(directory)
     except (OSError, ValueError):
@@ -117,8 +114,6 @@ def publish(stage: Path, out: Path) -> None:
 
 def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Weights and plan, report.json, the ranks figure and the model card, into ``stage``."""
-    from lowrank_vit.io.modelcard import CARD_FILE, RANKS_FIGURE, REPORT_FILE, plot_ranks, render_card
-    from lowrank_vit.io.surgery import save_compressed
 
     save_compressed(model.cpu(), stage, metadata=json.loads(strict_json(metadata)))
     write_json(stage / REPORT_FILE, report)
@@ -131,7 +126,6 @@ def report_layers(model: nn.Module, compression: dict[str, Any] | None) -> list[
     if compression and compression.get("layers"):
         keys = ("name", "in_features", "out_features", "rank", "dense_params", "factored_params", "output_error")
         return [{k: layer.get(k) for k in keys} for layer in compression["layers"]]
-    from lowrank_vit.nn.factorized import FactorizedLinear
 
     rows = []
     for name, m in model.named_modules():

@@ -11,10 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowrank_vit.cli.base import UserError, last_line
 from lowrank_vit.cli.preprocessing import PREPROCESSING_KEYS, USER_PREPROCESSING
+from lowrank_vit.io.convert import ConversionError, checkpoint_kwargs
+from lowrank_vit.io.hub import cached_file, download, is_hub_reference, offline
+from lowrank_vit.io.surgery import PLAN_FILE, load_compressed, read_plan
+from lowrank_vit.nn.adapters import timm_with_our_models
+from lowrank_vit.repro.models import SetupError, build_model, checkpoint_digest
+from lowrank_vit.repro.registry import ModelConfig
 
 
 @dataclass
@@ -36,8 +43,6 @@ class Source:
 
 
 def _suggest(name: str) -> str:
-    from lowrank_vit.nn.adapters import timm_with_our_models
-
     timm = timm_with_our_models()
 
     base = name.split(".")[0]
@@ -49,7 +54,6 @@ def _checkpoint_preprocessing(path: Path) -> dict[str, Any]:
     """Preprocessing a checkpoint carries: its safetensors metadata (keys ``mean``, ``std``, ``crop_pct``,
     ``interpolation``, ``input_size``, JSON-encoded) and, beside it, a timm ``config.json`` (its ``pretrained_cfg``,
     the hub's layout). The metadata wins."""
-    from safetensors import SafetensorError, safe_open
 
     found: dict[str, Any] = {}
     config = path.parent / "config.json"
@@ -75,12 +79,8 @@ def _checkpoint_preprocessing(path: Path) -> dict[str, Any]:
 
 
 def timm_source(args: argparse.Namespace) -> Source:
-    from lowrank_vit.nn.adapters import timm_with_our_models
-
     timm = timm_with_our_models()
 
-    from lowrank_vit.repro.models import SetupError, build_model, checkpoint_digest
-    from lowrank_vit.repro.registry import ModelConfig
 
     name = args.model
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
@@ -96,7 +96,6 @@ def timm_source(args: argparse.Namespace) -> Source:
             what = "is a directory" if checkpoint.is_dir() else "does not exist"
             raise UserError(f"checkpoint {str(checkpoint)!r} {what}: give --checkpoint a safetensors or PyTorch file")
         carried = _checkpoint_preprocessing(checkpoint)
-        from lowrank_vit.io.convert import ConversionError, checkpoint_kwargs
 
         try:  # a torchvision or transformers ViT: the constructor arguments its shapes fix, under the user's
             kwargs = checkpoint_kwargs(checkpoint, kwargs)[0]
@@ -159,7 +158,6 @@ def _hub_weights(name: str, kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...
 def _check_offline_weights(name: str, kwargs: dict[str, Any]) -> None:
     """With ``HF_HUB_OFFLINE`` set, pretrained weights that the local Hugging Face cache does not hold are refused at
     once, naming the model: timm would build the model first and then fail on huggingface_hub's long message."""
-    from lowrank_vit.io.hub import cached_file, offline
 
     if not offline():
         return
@@ -180,8 +178,6 @@ def _input_size_of(value: Any) -> tuple[int | None, int, int] | None:
 
 
 def directory_source(args: argparse.Namespace, directory: Path) -> Source:
-    from lowrank_vit.io.surgery import load_compressed, read_plan
-
     if getattr(args, "checkpoint", None):
         raise UserError("--checkpoint goes with a timm model name, not with a model directory")
     if getattr(args, "model_kwargs", None):
@@ -202,7 +198,6 @@ def load_teacher(args: argparse.Namespace, source: Source, *, flag: str = "--dis
     name, arguments, pretrained tag or checkpoint), for distillation (and ``evaluate``'s fidelity: ``flag``,
     ``otherwise`` and ``override`` word its refusals). A recorded checkpoint must still be the file that was
     compressed (same SHA-256) unless ``--teacher-checkpoint`` (``args.teacher_checkpoint``) names the file to use."""
-    from lowrank_vit.repro.models import checkpoint_digest
 
     given = getattr(args, "teacher_checkpoint", None)
     record = source.metadata.get("source")
@@ -233,8 +228,6 @@ def load_teacher(args: argparse.Namespace, source: Source, *, flag: str = "--dis
 def load_source(args: argparse.Namespace) -> Source:
     """The model MODEL names: a directory written by ``save_compressed``/``compress`` (local, or a hub repository
     ``hf-hub:owner/name`` holding one), or a timm name (``hf-hub:`` names of timm's own repositories too)."""
-    from lowrank_vit.io.hub import download, is_hub_reference
-    from lowrank_vit.io.surgery import PLAN_FILE
 
     if is_hub_reference(args.model):
         unreachable = None

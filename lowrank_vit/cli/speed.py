@@ -15,6 +15,7 @@ The options themselves are declared with every other command's in :mod:`lowrank_
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from lowrank_vit.cli.base import UserError, say_to_user, user_command
 from lowrank_vit.cli.sources import timm_source
 from lowrank_vit.core.files import strict_json
 from lowrank_vit.core.latency import LatencyTable
+from lowrank_vit.speed import cached_profile, model_input_size, plot_table, time_models
 
 
 def add_profile_command(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -56,10 +58,6 @@ def _dense_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import shutil
-
-    from lowrank_vit.speed import cached_profile, model_input_size, plot_table
-
     model, name = _dense_model(args)
     size = model_input_size(model)
     results = []
@@ -120,7 +118,6 @@ def render(table: LatencyTable) -> str:
 def resolve_latency_table(args: argparse.Namespace, model: nn.Module, name: str, device: str) -> str | None:
     """The table ``compress`` uses: the given path, or (``auto``, or a target speedup without a table) the model
     profiled now on the latency target (from the cache when it was measured here before)."""
-    from lowrank_vit.speed import cached_profile
 
     given = args.latency_table
     if given is None and args.target_speedup is None:
@@ -141,7 +138,6 @@ def resolve_latency_table(args: argparse.Namespace, model: nn.Module, name: str,
 def measured_latency(args: argparse.Namespace, dense: nn.Module, compressed: nn.Module,
                      report: dict[str, Any]) -> dict[str, Any]:
     """Dense and compressed (folded) timed side by side on the table's target; predicted beside measured."""
-    from lowrank_vit.speed import model_input_size, time_models
 
     predicted = report.get("latency") or {}
     if not predicted or args.no_timing:

@@ -6,12 +6,27 @@ warm-up + cosine schedule, smooth synthetic images, the atomic file write and ha
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
+
+DEFERRED_PACKAGES = ("timm", "torchvision", "lightning", "torchmetrics", "datasets", "transformers", "huggingface_hub",
+                     "wandb", "matplotlib", "scipy", "onnx", "onnxruntime", "onnxscript", "PIL", "mlxtend")
+"""The only packages the package imports inside a function, where it uses them, and never at a module's top: every
+other import sits at the top of its module. Each is either optional (an extra: onnx, onnxruntime, onnxscript,
+transformers) or slow to import beside torch, which every path needs (timm with torchvision, and Lightning with
+torchmetrics, take seconds; benchmarks/cli_startup.py measures each on this machine), so that ``import lowrank_vit``,
+``lowrank-vit --help``, ``list``, ``show`` and ``plan`` load none of them. A module of the package that imports one at
+its top (the Lightning stages, the VMamba model) is imported inside functions for the same reason.
+tests/test_architecture.py holds every function-level import to this list."""
 
 T = TypeVar("T")
 
@@ -46,7 +61,6 @@ class Registry(dict[str, T], Generic[T]):
 def from_fields(cls: type[T], data: dict[str, Any]) -> T:
     """``cls(**data)`` for a config dataclass, with unknown keys an error that names them (a typo in a saved or
     hand-written config must not be silently dropped)."""
-    import dataclasses
 
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
@@ -79,7 +93,6 @@ def check_count(name: str, value: Any) -> None:
 def settings_of(cfg: Any, cls: type[T]) -> T:
     """The typed settings ``cls`` (a registered method's or allocation's own dataclass) from ``cfg.settings``: the
     keys ``cls`` declares, on top of its defaults (the other keys belong to the other registered choice)."""
-    import dataclasses
 
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{key: value for key, value in (getattr(cfg, "settings", None) or {}).items() if key in names})
@@ -127,10 +140,6 @@ def release_freed_memory() -> None:
     held while the next process compresses. ``malloc_trim(0)`` returns it; elsewhere (macOS, Windows, musl) this
     does nothing.
     """
-    import ctypes
-    import ctypes.util
-    import gc
-    import sys
 
     gc.collect()
     if not sys.platform.startswith("linux"):

@@ -34,7 +34,6 @@ def _two_sided_from_narrow_side(W: torch.Tensor, stats: LayerStats, damping: flo
                                 ) -> tuple[Decomposition | torch.Tensor, Whitening | None]:
     """The SVD ``A W B^T = P diag(s) R^T`` (A^T A = H_d, B^T B = G_d) from one eigendecomposition on the layer's
     narrow side, without the other side's Gram or whitening:
-
     * input side (in <= out): ``A W G_d W^T A^T = P diag(s^2) P^T`` and W_hat(r) = A^-1 P_r P_r^T A W, i.e.
       left = A^-1 P, right = W^T A^T P / s;
     * output side (in > out): ``B W^T H_d W B^T = R diag(s^2) R^T`` and W_hat(r) = W B^T R_r R_r^T B^-T, i.e.

@@ -6,7 +6,6 @@ sees X_c instead, which carries the errors of every layer before it; at high rat
 The refit keeps the ranks the allocation chose and asks, one layer at a time, for the rank-r weight whose outputs on
 X_c are closest to the dense layer's outputs on X, in the same loss-aware metric (G: the Gram of the loss gradients
 at the dense layer's output):
-
     min_{rank(W_hat) <= r}  tr((X_c W_hat - X W) G (X_c W_hat - X W)^T).
 
 With H_c = X_c^T X_c, K = X_c^T X (centred when the bias absorbs the mean, as the decomposition's own bias
@@ -70,7 +69,6 @@ def dense_output_error(pair: PairGrams, weight: torch.Tensor, delta: torch.Tenso
 
 def feedback_transform(pair: PairGrams, damping: float) -> torch.Tensor:
     """S (k, k) with W* = S W, the least-squares weight for the compressed inputs:
-
         W* = argmin ||X_c W* - X W||^2 + d ||W* - W||^2 = (H_c + d I)^-1 (K + d I) W,
 
     with H_c + d I damped by :func:`~lowrank_vit.core.decompose.whitening` (d relative to H_c's mean diagonal). The

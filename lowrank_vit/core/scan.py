@@ -2,7 +2,6 @@
 
 For every channel c with its own step size delta (> 0), state matrix A (diagonal, negative), and the input-dependent
 B_t, C_t that a group of channels shares (one group per scan direction in VMamba):
-
     h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t          (n states per channel, h_0 = 0)
     y_t = C_t . h_t + D u_t
 

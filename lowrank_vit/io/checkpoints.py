@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 """Keys under which training scripts nest the weights, tried in this order (``model_ema`` is deliberately absent:
@@ -74,9 +76,6 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     kind = checkpoint_format(path)
     notes: list[str] = []
     if kind == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path)), notes
         except (SafetensorError, OSError, ValueError) as err:

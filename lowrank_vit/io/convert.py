@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
+
 Rename = tuple[str, str, Callable[[torch.Tensor], torch.Tensor] | None]
 """A regular expression matched against the whole key, the timm key (``\\1``... from its groups), a reshape."""
 
@@ -545,7 +547,6 @@ def checkpoint_kwargs(path: str | os.PathLike, user: dict[str, Any]) -> tuple[di
     Raises:
         ConversionError: as :func:`to_timm` and :func:`merge_kwargs`.
     """
-    from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
 
     try:
         tensors, _ = read_state_dict(path)

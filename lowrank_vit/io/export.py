@@ -35,14 +35,16 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.onnx import _constants
 
 from lowrank_vit.core.files import atomic_write
 from lowrank_vit.io.surgery import fold_lowrank_z_, swap_layers
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import Z_MODULES, DenseZ, FactorizedLinear, ZModule
-from lowrank_vit.nn.quantize import quantization_record
+from lowrank_vit.nn.quantize import quantization_record, quantize_tensor
 
 DEFAULT_OPSET = 17
 """ONNX opset: 17 has LayerNormalization as one operator and is read by every current onnxruntime."""
@@ -135,7 +137,6 @@ def _fake_quantize_(module: nn.Module, leaf: str, fake: _FakeQuantize) -> None:
 
 def _attach_fake_quantization(model: nn.Module, record: dict[str, dict]) -> int:
     """Fake-quantize every quantized weight of at most 8 bits still present in ``model``; returns how many."""
-    from lowrank_vit.nn.quantize import quantize_tensor
 
     params = dict(model.named_parameters())
     count = 0
@@ -194,7 +195,6 @@ def _store_codes(path: str) -> int:
     and zero point are named after the parameter (``NAME``, ``NAME.scale``, ``NAME.zero_point``), and a Transpose
     that only reorders the dequantized weight is folded into the codes (the exporter had folded it into the float
     weight). Returns how many weights were rewritten."""
-    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
@@ -253,7 +253,6 @@ def _store_codes(path: str) -> int:
 
 def opset_range() -> tuple[int, int]:
     """The opsets torch's TorchScript-based exporter writes (outside them it fails deep inside, printing its graph)."""
-    from torch.onnx import _constants
 
     return (getattr(_constants, "ONNX_MIN_OPSET", 7),
             getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 20)))

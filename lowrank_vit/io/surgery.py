@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_vit.core.files import atomic_write
+from lowrank_vit.io.hub import download, is_hub_reference, push
 from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, is_scan, set_submodule
 from lowrank_vit.nn.comcat import FactorizedAttention
 from lowrank_vit.nn.factorized import Z_MODULES, FactorizedLinear
@@ -259,8 +260,6 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
     atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     atomic_write(out / PLAN_FILE, lambda tmp: tmp.write_text(plan_text))
     if push_to_hub is not None:
-        from lowrank_vit.io.hub import push
-
         push(out, push_to_hub, token=token)
     return out
 
@@ -310,7 +309,6 @@ def load_compressed(path: str | os.PathLike, map_location: str | torch.device = 
     to load into instead of the timm architecture the plan names (required for a model saved with ``own_model``;
     changed in place and returned); its state dict must match the file's, name by name and shape by shape.
     """
-    from lowrank_vit.io.hub import download, is_hub_reference
 
     directory = download(path, cache_dir=cache_dir, token=token) if is_hub_reference(path) else Path(path)
     plan = read_plan(directory)

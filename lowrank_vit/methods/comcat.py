@@ -110,7 +110,6 @@ def product_svd(left: torch.Tensor, right: torch.Tensor) -> Decomposition:
 
 def head_products(attn: nn.Module, device: torch.device | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """For every head h, the two factors whose product COMCAT factorizes (float64, on ``device``):
-
     * ``qk.h``: ``scale * [W_Q^h; b_Q^h]`` ((d + bias) x hd) and ``W_K^h`` (d x hd), product = the score matrix;
     * ``vo.h``: ``W_V^h`` (d x hd) and ``(W_O^h)^T`` (d_out x hd), product = the head's value-output map.
 

@@ -19,6 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_vit.nn.comcat import FactorizedAttention
+from lowrank_vit.nn.factorized import FactorizedLinear
+
 ATTENTION_LINEARS = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj", "proj")
 MLP_LINEARS = ("fc1", "fc1_g", "fc1_x", "fc2")  # fc1_g, fc1_x: the gate and value layers of timm's SwiGLU (EVA-02)
 SCAN_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")  # x_proj, dt_proj: one nn.Linear per scan path
@@ -90,8 +93,6 @@ class TimmViTAdapter:
                 for name, layer in block.items()}
 
     def _layers_by_block(self, model: nn.Module, include_factorized: bool) -> dict[str, dict[str, nn.Module]]:
-        from lowrank_vit.nn.factorized import FactorizedLinear
-
         wanted: tuple[type, ...] = (nn.Linear, FactorizedLinear) if include_factorized else (nn.Linear,)
         blocks: dict[str, dict[str, nn.Module]] = {}
         for block_name, block in model.named_modules():
@@ -126,7 +127,6 @@ class TimmViTAdapter:
             model: a timm vision transformer.
             include_factorized: also return attention modules already replaced by a ``FactorizedAttention``.
         """
-        from lowrank_vit.nn.comcat import FactorizedAttention
 
         modules: dict[str, nn.Module] = {}
         for block_name, block in model.named_modules():

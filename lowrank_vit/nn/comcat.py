@@ -4,7 +4,6 @@ Customization of Attention-Based Vision Models", arXiv 2305.17235): the module a
 COMCAT factorizes each head's two products, ``scale * [W_Q^h; b_Q^h] (W_K^h)^T = [A_h; a_h] B_h^T`` (the score matrix,
 augmented by the q bias row) and ``W_V^h W_O^h = C_h D_h^T`` (the value-output map). :class:`FactorizedAttention`
 replaces a timm attention module and computes every head from those rank-r factors:
-
     q~_h = x A_h + a_h,  k~_h = x B_h,  v~_h = x C_h,      out = sum_h softmax(q~_h k~_h^T + bias) v~_h D_h^T + b_O'
 
 It has a query bias (a_h) but no key or value bias: b_K cancels in the softmax and b_V is folded into the output bias

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
+from lowrank_vit.io.surgery import WEIGHTS_FILE, save_compressed
+
 SHARED_DIR = ".compressed-for-ranks"
 
 
@@ -29,7 +31,6 @@ def share_compressed(model: nn.Module, exp_name: str, out_dir: Path, enabled: bo
     repeat's time and, on one host, its memory (up to 11 GB per process for ViT-L with the loss-aware recipe, while
     rank zero still holds the model), and makes every rank's ranks identical by construction. The directory and
     the variable are removed when the block ends, however it ends."""
-    from lowrank_vit.io.surgery import save_compressed
 
     if not enabled:
         yield
@@ -49,7 +50,6 @@ def share_compressed(model: nn.Module, exp_name: str, out_dir: Path, enabled: bo
 def shared_compressed(exp_name: str) -> Path | None:
     """A non-zero DDP rank started by rank zero's fine-tune: the directory of rank zero's compressed model of this
     row (:func:`share_compressed`), else None (rank zero itself, or processes started by another launcher)."""
-    from lowrank_vit.io.surgery import WEIGHTS_FILE
 
     text = os.environ.get(SHARED_ENV)
     if not text or is_rank_zero():

@@ -18,10 +18,14 @@ from typing import Any
 
 import torch
 
+from lowrank_vit.core.calibration import collect_statistics
+from lowrank_vit.core.decompose import plain_svd, weighted_error, whitened_svd, whitening
+from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.repro.models import build_model
 from lowrank_vit.repro.registry import Experiment, get_experiment, method_label
 from lowrank_vit.repro.rows import read_result
 from lowrank_vit.repro.runner import run_row
-from lowrank_vit.repro.standins import COMMITTED_STANDINS
+from lowrank_vit.repro.standins import COMMITTED_STANDINS, build_standin, install_standin, pretrain_standin
 
 DEMO_ROWS = (
     "table2/deit_s/baseline",
@@ -124,9 +128,6 @@ def energy_curves(model: torch.nn.Module, calib: Iterable, num_images: int, bloc
     """Fig. 1's data for the four linears of one block (default: the middle one): per rank r, the fraction of
     energy kept by plain SVD of W and by the activation-aware (whitened) SVD, and the eq. 5 output error each
     truncation leaves on the calibration images."""
-    from lowrank_vit.core.calibration import collect_statistics
-    from lowrank_vit.core.decompose import plain_svd, weighted_error, whitened_svd, whitening
-    from lowrank_vit.nn.adapters import get_adapter
 
     blocks = list(get_adapter(model).layers_by_block(model).values())
     layers = blocks[len(blocks) // 2 if block is None else block]
@@ -231,7 +232,6 @@ def plot_ranks(methods: dict[str, list[dict[str, Any]]], path: Path, title: str)
 
 def make_figures(output: Path, rows: Sequence[str], scale: str = "smoke", overrides: Iterable[str] = ()) -> list[Path]:
     """The three PNGs; the allocation and error figures come from the first "ours" row that finished."""
-    from lowrank_vit.repro.models import build_model
     from lowrank_vit.stages.data import build_datamodule
 
     paths = []
@@ -313,7 +313,6 @@ def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, *, rows: Sequence[str] 
 def _prepare_standin(arch: str, standins: str | os.PathLike | None, retrain: bool,
                      progress: bool) -> tuple[str, bool]:
     """Which stand-in the demo starts from, and whether the cache's weights changed for it."""
-    from lowrank_vit.repro.standins import build_standin, install_standin, pretrain_standin
 
     if retrain:
         _say(f"demo: training the {arch} stand-in anew (--retrain): the table will differ from the README's", progress)

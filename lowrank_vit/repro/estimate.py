@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
+from lowrank_vit.core.allocate import GreedySettings, get_policy
 from lowrank_vit.core.common import settings_of
+from lowrank_vit.methods.compensate import SgdSettings, get_z_kind
+from lowrank_vit.methods.decompositions import get_method
+from lowrank_vit.pipeline import statistics_space
 from lowrank_vit.repro.modelshapes import LinearShape, ModelShapes, count_shapes, model_shapes
 from lowrank_vit.repro.registry import Experiment, RunConfig
+from lowrank_vit.repro.runner import row_config
 
 GPU_HOOK_LATENCY_S = 1.2e-3
 """See :attr:`DeviceSpec.hook_latency_s`."""
@@ -236,8 +241,6 @@ def data_sizes(cfg: RunConfig) -> tuple[int, int]:
 def compress_stages(shapes: ModelShapes, cfg: RunConfig, device: str) -> list[Stage]:
     """Calibration forward (and backward), statistics, decompositions, allocation, compensation and the report's
     per-layer errors of one compression."""
-    from lowrank_vit.methods.decompositions import get_method
-    from lowrank_vit.pipeline import statistics_space
 
     compression, spec = cfg.compression, get_device(device)
     assert compression is not None
@@ -314,7 +317,6 @@ def _allocation_stages(shapes: ModelShapes, compression: CompressionConfig, spec
                        batch: int, gemm: str, params_gib: float) -> list[Stage]:
     """The allocation over every layer's spectrum (negligible), and the whole-model probes of the policies that
     measure (FLAR-SVD, LEMS)."""
-    from lowrank_vit.core.allocate import GreedySettings, get_policy
 
     spectrum = sum(min(layer.in_features, layer.out_features) for layer in shapes.layers)
     # at most greedy_iterations passes over every layer's spectrum (Algorithm 1 at its default where another policy
@@ -361,8 +363,6 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
 
 def _compensation(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any,
                   params_gib: float) -> Stage:
-    from lowrank_vit.methods.compensate import SgdSettings, get_z_kind
-
     if not get_z_kind(compression.compensation).fitted:
         return Stage("compensation", 0.0, 0.0, 0.0, "no Z")
     z_params = [compression.z_fraction * layer.in_features * layer.out_features for layer in shapes.layers]
@@ -454,7 +454,6 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
     Raises:
         ValueError: an unknown device, ``devices`` below 1, data of unknown size, or a malformed override.
     """
-    from lowrank_vit.repro.runner import row_config
 
     spec = get_device(device)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
@@ -503,7 +502,6 @@ def estimate_rows(exps: list[Experiment], scale: str = "full", *, device: str = 
     overrides = list(overrides)
     seen: set[str] = set()
     rows = []
-    from lowrank_vit.repro.runner import row_config
 
     for exp in exps:
         cfg = row_config(exp, scale, overrides)

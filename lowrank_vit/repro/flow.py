@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from lowrank_vit.config import CompressionConfig
+from lowrank_vit.methods.vmeanba import apply_vmeanba
+from lowrank_vit.pipeline import compress
 
 
 @dataclass
@@ -46,13 +48,10 @@ def compress_model(model: nn.Module, calibration: Callable[[], Iterable], compre
         keep_before_lowrank: return a copy of the model before the low-rank step (after the scans).
         say: where a one-line announcement of each step goes.
     """
-    from lowrank_vit.pipeline import compress
 
     done = Compressed()
     model.to(device)
     if vmeanba is not None:
-        from lowrank_vit.methods.vmeanba import apply_vmeanba
-
         count = vmeanba.calib_samples if available is None else min(vmeanba.calib_samples, available)
         say("VMeanba, the channel-mean scan in " + (f"{vmeanba.num_blocks} block(s)" if vmeanba.num_blocks
                                                     else f"the blocks that reach {vmeanba.target_speedup}x"))

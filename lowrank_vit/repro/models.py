@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.common import smooth_images
-from lowrank_vit.nn.adapters import TimmViTAdapter
+from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
+from lowrank_vit.io.convert import ConversionError, to_timm
+from lowrank_vit.nn.adapters import TimmViTAdapter, timm_with_our_models
 from lowrank_vit.repro.registry import (
     ModelConfig,
 )
+from lowrank_vit.repro.standins import build_standin
 
 
 class SetupError(RuntimeError):
@@ -32,10 +35,7 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
         ValueError: unknown model or stand-in name.
     """
     if cfg.source == "standin":
-        from lowrank_vit.repro.standins import build_standin
-
         return build_standin(cfg.name, pretrained=cfg.pretrained, progress=progress).eval()
-    from lowrank_vit.nn.adapters import timm_with_our_models
     from lowrank_vit.nn.vssm import NoPretrainedWeightsError
 
     timm = timm_with_our_models()
@@ -71,7 +71,6 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Raises:
         SetupError: the file is missing, is not a state dict, or does not fit the model.
     """
-    from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -81,7 +80,6 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors, notes = read_state_dict(path)
     except CheckpointError as err:
         raise SetupError(f"model checkpoint {err}") from None
-    from lowrank_vit.io.convert import ConversionError, to_timm
 
     try:  # torchvision's or transformers' ViT keys to timm's
         converted = to_timm(tensors)

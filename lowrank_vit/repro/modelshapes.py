@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.repro.models import build_model, input_shape
 from lowrank_vit.repro.registry import ModelConfig
 
 
@@ -49,9 +52,7 @@ class ModelShapes:
 def count_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelShapes:
     """Count one image's forward on ``model`` (meta device or not) with torch's FLOP counter, and record the
     compressible linears' token counts and the activations' sizes from forward hooks."""
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from lowrank_vit.nn.adapters import get_adapter
 
     device = next(model.parameters()).device
     compressible = get_adapter(model).compressible_layers(model)
@@ -82,8 +83,6 @@ def count_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSh
 
 @functools.lru_cache(maxsize=16)
 def _shapes(source: str, name: str, kwargs_json: str) -> ModelShapes:
-    from lowrank_vit.repro.models import build_model, input_shape
-
     with torch.device("meta"):  # shapes only: no weights are drawn or downloaded
         model = build_model(ModelConfig(source, name, pretrained=False, kwargs=json.loads(kwargs_json)),
                             progress=False)

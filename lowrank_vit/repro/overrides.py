@@ -17,14 +17,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig, setting_type
+from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.repro.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig, RunOptions
 from lowrank_vit.stages.data_config import DataConfig
+from lowrank_vit.stages.finetune_config import FinetuneConfig
 
 
 def _sections() -> dict[str, type]:
     """The dataclass behind each section of :meth:`RunConfig.to_dict` (imported lazily: finetune pulls Lightning)."""
-    from lowrank_vit.methods.vmeanba import VMeanbaConfig
-    from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     return {"model": ModelConfig, "data": DataConfig, "compression": CompressionConfig, "finetune": FinetuneConfig,
             "quantization": QuantizationConfig, "hardware": HardwareConfig, "run": RunOptions,

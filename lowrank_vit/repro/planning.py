@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_vit.methods.decompositions import get_method
 from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.nn.quantize import model_size_mib, quantize_
+from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
 from lowrank_vit.repro.models import (
     build_model,
     input_shape,
@@ -43,10 +46,6 @@ def plan_row(exp: Experiment, scale: str = "full", *, synthetic: bool = True, ca
 
 def _plan(exp: Experiment, cfg: RunConfig, scale: str, synthetic: bool, calib_images: int, progress: bool,
           seed: int) -> dict[str, Any]:
-    from lowrank_vit.methods.decompositions import get_method
-    from lowrank_vit.nn.quantize import model_size_mib, quantize_
-    from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression
-
     model_cfg = ModelConfig(cfg.model.source, cfg.model.name, pretrained=not synthetic, kwargs=cfg.model.kwargs)
     model = build_model(model_cfg, progress=progress)
     params_before = count_params(model)

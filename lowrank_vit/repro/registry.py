@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig, setting_type
+from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.stages.data_config import DataConfig
+from lowrank_vit.stages.finetune_config import FinetuneConfig
 
 SCALES = ("full", "smoke")
 ACCELERATORS = ("cpu", "gpu", "auto")
@@ -188,9 +190,6 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        from lowrank_vit.methods.vmeanba import VMeanbaConfig
-        from lowrank_vit.stages.finetune_config import FinetuneConfig
-
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

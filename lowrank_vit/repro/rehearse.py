@@ -39,9 +39,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from lowrank_vit.nn.adapters import TimmViTAdapter
+from lowrank_vit import __version__
+from lowrank_vit.io.surgery import load_compressed
+from lowrank_vit.methods.vmeanba import scan_blocks
+from lowrank_vit.nn.adapters import TimmViTAdapter, timm_with_our_models
+from lowrank_vit.repro.models import head_classes, input_shape
+from lowrank_vit.repro.registry import RunConfig, list_experiments
+from lowrank_vit.repro.rows import read_result
+from lowrank_vit.repro.runner import MODEL_DIR, evaluate
+from lowrank_vit.repro.tables import render_table
 
 LAYOUTS: dict[str, Callable[..., dict[str, Any]]] = {}
 """Layout name -> writer of a generated dataset in that layout (returns the ``data.*`` overrides that read it)."""
@@ -184,7 +193,6 @@ def _labelled_features(dataset: Any) -> Any:
 def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> None:
     """``pre`` (a data module's, or the one a run recorded) is timm's pretrained config of the model's tagged name
     at the model's input shape."""
-    from lowrank_vit.repro.models import input_shape
 
     cfg = model.pretrained_cfg
     for key in ("mean", "std", "interpolation", "crop_pct"):
@@ -201,7 +209,6 @@ def check_preprocessing(model: nn.Module, pre: dict[str, Any], where: str) -> No
 def check_data(model: nn.Module, dm: Any) -> None:
     """What the data module hands calibration, fine-tuning and evaluation: timm's pretrained preprocessing, images
     of the model's input shape, the head's class count and class order."""
-    from lowrank_vit.repro.models import head_classes, input_shape
 
     check_preprocessing(model, dm.preprocessing, "the data module")
     shape = input_shape(model)
@@ -260,8 +267,6 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
 def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, device: str = "cpu") -> None:
     """The saved model loads back and scores on the validation images exactly what the run recorded (evaluated on
     the kind of device the row ran on: a GPU's float32 products round differently from a CPU's)."""
-    from lowrank_vit.io.surgery import load_compressed
-    from lowrank_vit.repro.runner import MODEL_DIR, evaluate
 
     if exp.full.compression is None and exp.full.vmeanba is None:
         return
@@ -274,7 +279,6 @@ def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, devi
 
 def check_table(exp: Any, out: Path, result: dict[str, Any]) -> None:
     """The results table of the row's table renders it with its measured top-1."""
-    from lowrank_vit.repro.tables import render_table
 
     text = render_table(exp.table, [exp], "full", out)
     check_handover(f"{result['top1']:.2f}" in text and "Not run yet" not in text,
@@ -292,14 +296,9 @@ def _run_command(exp: Any, out: Path, overrides: dict[str, Any], settings: Rehea
 
 def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     """Rehearse one row in ``work``; returns a note on what was cut. Raises on the first broken hand-over."""
-    from lowrank_vit.nn.adapters import timm_with_our_models
 
     timm = timm_with_our_models()
-    from safetensors.torch import save_file
 
-    from lowrank_vit.repro.models import input_shape
-    from lowrank_vit.repro.registry import RunConfig
-    from lowrank_vit.repro.rows import read_result
     from lowrank_vit.stages.data import build_datamodule
 
     cfg = exp.full
@@ -334,7 +333,6 @@ def rehearse_row(exp: Any, work: Path, settings: RehearsalSettings) -> str:
     if cfg.vmeanba is not None:  # the impact scores over a few images, one timing repeat at the rehearsal's batch
         overrides.update({"vmeanba.calib_samples": settings.calib_samples, "vmeanba.repeats": 1,
                           "vmeanba.latency_batch": settings.batch_size})
-        from lowrank_vit.methods.vmeanba import scan_blocks
 
         blocks = len(scan_blocks(model))
         if cfg.vmeanba.num_blocks is not None and cfg.vmeanba.num_blocks > blocks:  # only a shrunk model has fewer
@@ -398,8 +396,6 @@ def read_record(record: str | os.PathLike, settings: RehearsalSettings) -> dict[
 
 
 def _append_record(record: Path, outcome: dict[str, Any], settings: RehearsalSettings) -> None:
-    from lowrank_vit import __version__
-
     record.parent.mkdir(parents=True, exist_ok=True)
     line = {**outcome, "layout": settings.layout, "devices": settings.devices, "accelerator": settings.accelerator,
             "depth": settings.depth, "version": __version__,
@@ -444,7 +440,6 @@ def rehearse(patterns: str | list[str], settings: RehearsalSettings, *, keep: st
     _check_paths(keep, record)
     prior = read_record(record, settings) if record is not None else {}  # checked first: never append to a non-record
     done = {name: line for name, line in prior.items() if line.get("ok")} if resume else {}
-    from lowrank_vit.repro.registry import list_experiments
 
     if settings.layout not in LAYOUTS:
         raise ValueError(f"unknown layout {settings.layout!r}; layouts: {', '.join(LAYOUTS)}")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from lowrank_vit.config import resolve_gram_precision
 from lowrank_vit.core.files import write_json
+from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.repro.models import SetupError, checkpoint_digest
 from lowrank_vit.repro.registry import (
     Experiment,
@@ -36,13 +38,13 @@ from lowrank_vit.repro.registry import (
     RunConfig,
     list_experiments,
 )
+from lowrank_vit.repro.standins import STANDINS
+from lowrank_vit.stages.logging_utils import make_logger
 
 WANDB_MODES = ("online", "offline", "disabled")
 
 
 def make_row_logger(exp: Experiment, cfg: RunConfig, wandb: str, out_dir: Path, group: str | None = None) -> Any:
-    from lowrank_vit.stages.logging_utils import make_logger
-
     ratio = round(100 * exp.reduction) if exp.reduction else None
     tags = [exp.method, exp.arch, cfg.scale] + ([f"-{ratio}%"] if ratio else [])
     # method, arch and ratio also as top-level config keys: a dashboard groups and filters runs by config keys
@@ -67,7 +69,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
              desc: str = "evaluate") -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent (top-k capped at the number of classes), the image count and the number
     of classes (with 5 or fewer, every image is in the top 5: printers leave that figure out)."""
-    from lowrank_vit.core.progress import progress_bar
     from lowrank_vit.stages.finetune import split_batch
 
     model.eval().to(device)
@@ -93,8 +94,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
 
 
 def standin_weights_fingerprint(arch: str) -> str | None:
-    from lowrank_vit.repro.standins import STANDINS
-
     spec = STANDINS.get(arch)
     return None if spec is None else spec.fingerprint()
 
@@ -134,8 +133,6 @@ def row_dense_accuracy(cfg: RunConfig, digest: str | None, output: Path,
 
 
 def installed_version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

@@ -33,8 +33,12 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.files import write_json
+from lowrank_vit.io.surgery import load_compressed, save_compressed
+from lowrank_vit.methods.vmeanba import check_blocks
 from lowrank_vit.nn.adapters import count_params
+from lowrank_vit.nn.quantize import model_size_mib, quantize_
 from lowrank_vit.repro.ddp import is_rank_zero, share_compressed, shared_compressed
+from lowrank_vit.repro.flow import compress_model
 from lowrank_vit.repro.models import (
     SetupError,
     build_model,
@@ -42,6 +46,7 @@ from lowrank_vit.repro.models import (
     checkpoint_digest,
     resolve_device,
 )
+from lowrank_vit.repro.overrides import check_overrides
 from lowrank_vit.repro.registry import (
     Experiment,
     RunConfig,
@@ -63,6 +68,8 @@ from lowrank_vit.repro.tables import (
     write_table,
 )
 from lowrank_vit.stages.finetune_config import check_precision_on
+from lowrank_vit.stages.logging_utils import finish as finish_wandb_run
+from lowrank_vit.stages.logging_utils import log_ranks_table, silence_third_party
 
 MODEL_DIR = "model"
 
@@ -70,7 +77,6 @@ MODEL_DIR = "model"
 def row_config(exp: Experiment, scale: str, overrides: Iterable[str] = ()) -> RunConfig:
     """``exp``'s config at ``scale`` with the ``--set`` assignments applied, each checked against its field's type
     first (:func:`lowrank_vit.repro.overrides.check_overrides`), so malformed input fails before anything runs."""
-    from lowrank_vit.repro.overrides import check_overrides
 
     overrides = list(overrides)
     check_overrides(overrides)
@@ -122,7 +128,6 @@ def run_row(exp: Experiment, scale: str = "smoke", *, output: str | os.PathLike 
     Raises:
         SetupError: missing weights, data or device, or a different finished run in the way.
     """
-    from lowrank_vit.stages.logging_utils import silence_third_party
 
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb mode {wandb!r} is not one of {', '.join(WANDB_MODES)}")
@@ -186,8 +191,6 @@ class _Row:
                 check_precision_on(cfg.finetune.precision, self.device.type)  # before the model is built
             self.model = build_model(cfg.model, progress=self.progress)
             if cfg.vmeanba is not None:
-                from lowrank_vit.methods.vmeanba import check_blocks
-
                 check_blocks(self.model, cfg.vmeanba)  # a model without scans, or K above its blocks: before the data
             self.digest = None if cfg.model.checkpoint is None else checkpoint_digest(cfg.model.checkpoint)
             self.dm = build_datamodule(data_cfg, self.model)
@@ -224,9 +227,6 @@ class _Row:
     def compress(self) -> None:
         """VMeanba's scans, then the low-rank compression (:func:`~lowrank_vit.repro.flow.compress_model`, the
         step ``lowrank-vit compress`` runs too). A DDP process of the fine-tune loads what rank zero compressed."""
-        from lowrank_vit.io.surgery import load_compressed
-        from lowrank_vit.repro.flow import compress_model
-        from lowrank_vit.stages.logging_utils import log_ranks_table
 
         cfg = self.cfg
         shared = shared_compressed(self.exp.name) if self.compresses else None
@@ -276,8 +276,6 @@ class _Row:
 
     def finish(self) -> dict[str, Any]:
         """PTQ where the row has it, the final evaluation, the compressed model saved, ``result.json`` written."""
-        from lowrank_vit.io.surgery import save_compressed
-        from lowrank_vit.nn.quantize import model_size_mib, quantize_
 
         cfg, exp, result, model = self.cfg, self.exp, self.result, self.model
         if cfg.quantization is not None:
@@ -304,7 +302,6 @@ class _Row:
     def _record(self, result: dict[str, Any]) -> None:
         """What the result records beside the figures (weights, config, versions, times), and the wandb run's last
         metrics."""
-        from lowrank_vit.stages.logging_utils import finish
 
         cfg = self.cfg
         if cfg.model.source == "standin" and cfg.model.pretrained:
@@ -319,7 +316,7 @@ class _Row:
         if self.logger is not None:
             self.logger.log_metrics({f"result/{k}": result[k] for k in ("top1", "top5", "params", "size_mib")} |
                                     {f"result/seconds_{k}": v for k, v in self.seconds.items()})
-            finish(self.logger)
+            finish_wandb_run(self.logger)
 
 
 def _preprocessing_record(preprocessing: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -41,9 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_vit.core.files import atomic_write
+from lowrank_vit.nn.adapters import timm_with_our_models
 from lowrank_vit.repro.tensortrain import evaluate_top1, random_shift, stack_dataset, train_classifier
 
 STANDIN_DATASET = "mnist-5k"
@@ -106,7 +110,6 @@ class StandinSpec:
 
     def create_model(self) -> nn.Module:
         """The randomly initialized stand-in (timm seeds nothing: seed torch first for a reproducible init)."""
-        from lowrank_vit.nn.adapters import timm_with_our_models
 
         timm = timm_with_our_models()
 
@@ -334,7 +337,6 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 def _save(entry: _Entry, model: nn.Module, info: dict[str, Any]) -> None:
     """Weights first, then the record: the record is what makes an entry valid, and both carry the fingerprint."""
-    from safetensors.torch import save_file
 
     entry.weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -345,8 +347,6 @@ def _save(entry: _Entry, model: nn.Module, info: dict[str, Any]) -> None:
 
 def _load(entry: _Entry, spec: StandinSpec) -> tuple[nn.Module, dict[str, Any]]:
     """The cached stand-in, or an exception saying why the entry cannot be used."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     info = json.loads(entry.record.read_text())
     if not isinstance(info, dict) or info.get("format") != FORMAT:
@@ -488,7 +488,6 @@ def install_standin(arch: str | StandinSpec, directory: str | os.PathLike[str], 
     Raises:
         FileNotFoundError / ValueError: as :func:`load_standin` (missing, damaged, or another recipe's entry).
     """
-    import shutil
 
     spec = resolve_spec(arch)
     load_standin(spec, directory)  # validated before anything is copied

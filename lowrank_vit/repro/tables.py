@@ -13,6 +13,7 @@ from lowrank_vit.repro.registry import (
     arch_label,
     method_label,
 )
+from lowrank_vit.repro.rows import read_result
 
 
 def table_row(exp: Experiment, result: dict[str, Any] | None) -> dict[str, Any]:
@@ -77,8 +78,6 @@ def render_table(table: str, exps: list[Experiment], scale: str, output: Path) -
 
 
 def _table(table: str, exps: list[Experiment], scale: str, output: Path) -> tuple[dict[str, Any], str]:
-    from lowrank_vit.repro.rows import read_result
-
     rows = [table_row(exp, read_result(output / exp.name)) for exp in exps]
     if table == COMPARE_TABLE:  # one grid at equal parameters per column instead of one line per row
         for row, exp in zip(rows, exps, strict=True):

@@ -5,6 +5,7 @@ weights: reused while they match, measured again when anything the speed depends
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from torch import nn
 
 from lowrank_vit.core.latency import LatencyTable, ShapeLatency, Timing, shape_key
 from lowrank_vit.core.progress import progress_bar
+from lowrank_vit.io.surgery import fold_lowrank_z_
 from lowrank_vit.nn.adapters import get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.speed.runtimes import environment, get_runtime
@@ -137,8 +139,6 @@ def _common_load(raw: dict[str, tuple[ShapeLatency, Timing]]) -> tuple[Timing, d
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model)
 
 
@@ -234,7 +234,6 @@ def time_models(models: dict[str, nn.Module], *, batch: int, input_size: tuple[i
     """End-to-end time of every model on one batch, side by side (interleaved repeats), each in its deploy form: a
     copy with every low-rank Z folded into its factors (``fold``), in ``dtype`` on ``device`` under ``runtime``.
     Returns name -> :class:`~lowrank_vit.core.latency.Timing`."""
-    from lowrank_vit.io.surgery import fold_lowrank_z_
 
     rt = get_runtime(runtime)
     rt.check(device, dtype)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.common import Registry
+from lowrank_vit.io.export import prepare_for_export
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,7 +92,6 @@ def _ort_call(module: nn.Module, example: torch.Tensor, device: torch.device, dt
               scratch: str) -> Callable[[], object]:
     import onnxruntime as ort
 
-    from lowrank_vit.io.export import prepare_for_export
 
     path = Path(tempfile.mkstemp(suffix=".onnx", dir=scratch)[1])
     module = prepare_for_export(module)  # a copy in its export form, as `lowrank-vit export` writes it

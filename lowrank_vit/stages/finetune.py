@@ -144,7 +144,6 @@ _PROBABILITY_EPS = 1e-6  # as the 'bernoulli-probabilities' likelihood: probabil
 def output_distillation_loss(likelihood: str, student: torch.Tensor, teacher: torch.Tensor,
                              temperature: float = 1.0) -> torch.Tensor:
     """The distillation term for an output under ``likelihood``, averaged over every entry of the batch:
-
     * "categorical": :func:`soft_distillation_loss` (``temperature`` applies to it alone);
     * "gaussian": the mean squared error ``mean((student - teacher)²)``;
     * "gaussian-direction": the same of both outputs L2-normalized along their last dimension;

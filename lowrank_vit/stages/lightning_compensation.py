@@ -1,7 +1,6 @@
 """Layer-wise error compensation (Section 3.3) as a Lightning stage: every compressed layer's Z in one module.
 
 Eq. (10) is one independent least-squares problem per layer l:
-
     min_Z  1/|D| sum_i ||X_l^i Z_l - X_l^i (W_l - U_l V_l^T)||_F^2 / ||X_l^i W_l||_F^2
 
 so :class:`LayerwiseCompensation` keeps one optimizer (Adam, lr 1e-3, Section 4.1) per layer, steps each layer on

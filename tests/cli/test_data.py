@@ -153,7 +153,6 @@ def test_the_data_config_keeps_the_models_interpolation_and_crop(tmp_path):
 @pytest.mark.parametrize("quiet", [False, True])
 def test_an_evaluation_shows_its_progress_bar_unless_quiet(quiet, monkeypatch):
     from lowrank_vit.cli import data as userdata
-    from lowrank_vit.repro import runner
 
     seen = {}
 
@@ -162,7 +161,7 @@ def test_an_evaluation_shows_its_progress_bar_unless_quiet(quiet, monkeypatch):
             return "loader"
 
     monkeypatch.setattr(
-        runner,
+        userdata,
         "evaluate",
         lambda model, loader, device, progress, desc: seen.update(progress=progress, loader=loader, desc=desc) or {},
     )

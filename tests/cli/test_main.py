@@ -20,6 +20,7 @@ from tests.helpers import (
     ROWS,
     cli,
     one_line_error,
+    patch_everywhere,
 )
 
 
@@ -230,7 +231,7 @@ def test_demo_options_reach_the_demo(monkeypatch):
     from lowrank_vit.repro import demo
 
     calls = []
-    monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
+    patch_everywhere(monkeypatch, demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
     assert main(["demo", "--wandb", "disabled", "--no-figures", "--quiet", "--output", "x"]) == 0
     assert calls[-1]["wandb"] == "disabled" and calls[-1]["figures"] is False
     assert main(["demo", "--quiet", "--output", "x"]) == 0
@@ -298,7 +299,7 @@ def test_demo_rows_takes_several_rows(monkeypatch):
     from lowrank_vit.repro import demo
 
     calls = []
-    monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
+    patch_everywhere(monkeypatch, demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
     rows = ["table2/deit_s/baseline", "table2/deit_s/ours-50"]
     assert main(["demo", "--rows", *rows, "--quiet", "--output", "x"]) == 0
     assert list(calls[-1]["rows"]) == rows
@@ -332,7 +333,7 @@ def test_run_prints_where_the_result_is_by_default(scale, folder, capsys, monkey
     from lowrank_vit.repro import runner
 
     name = "table2/deit_s/ours-50"
-    monkeypatch.setattr(runner, "run_row", lambda exp, scale, **kwargs: {"name": exp.name, "top1": 79.456,
+    patch_everywhere(monkeypatch, runner, "run_row", lambda exp, scale, **kwargs: {"name": exp.name, "top1": 79.456,
                                                                           "params": 12345, "size_mib": 4.25})
     code, out, err = cli(capsys, "run", name, "--scale", scale)
     assert code == 0, err
@@ -377,7 +378,7 @@ def test_run_draws_progress_bars_unless_quiet(quiet, capsys, monkeypatch):
         asked.update(kwargs)
         return {"name": exp.name, "top1": 50.0, "params": 1, "size_mib": 1.0}
 
-    monkeypatch.setattr(runner, "run_row", run_row)
+    patch_everywhere(monkeypatch, runner, "run_row", run_row)
     code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "smoke", *(["--quiet"] if quiet else []))
     assert code == 0, err
     assert asked["progress"] is (not quiet)
@@ -389,7 +390,7 @@ def test_demo_writes_where_output_says(capsys, monkeypatch, tmp_path):
     from lowrank_vit.repro import demo
 
     outputs = []
-    monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: outputs.append(output) or {})
+    patch_everywhere(monkeypatch, demo, "run_demo", lambda output, **kwargs: outputs.append(output) or {})
     assert cli(capsys, "demo", "--output", str(tmp_path / "mine"), "--quiet")[0] == 0
     assert cli(capsys, "demo", "--quiet")[0] == 0
     assert [str(o) for o in outputs] == [str(tmp_path / "mine"), os.path.join("results", "demo")]
@@ -407,7 +408,7 @@ def test_a_dry_run_checks_each_row_against_its_own_configuration(capsys, monkeyp
         seen.append((exp, cfg))
         return {"name": exp.name}
 
-    monkeypatch.setattr(runner, "finished", finished)
+    patch_everywhere(monkeypatch, runner, "finished", finished)
     code, out, err = cli(capsys, "reproduce", "table2", "--rows", "table2/deit_s/ours-50", "--scale", "smoke",
                          "--dry-run", "--output", str(tmp_path))
     assert code == 0, err
@@ -422,7 +423,8 @@ def test_the_hardware_flags_reach_the_row_that_runs(capsys, monkeypatch, tmp_pat
     from lowrank_vit.repro import runner
 
     seen = {}
-    monkeypatch.setattr(runner, "run_row", lambda exp, scale, **kw: seen.update(kw, name=exp.name, scale=scale))
+    patch_everywhere(monkeypatch, runner, "run_row",
+                     lambda exp, scale, **kw: seen.update(kw, name=exp.name, scale=scale))
     code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "smoke", "--devices", "2", "--num-nodes",
                        "3", "--accelerator", "cpu", "--output", str(tmp_path), "--quiet")
     assert code == 0, err
@@ -439,7 +441,7 @@ def test_a_dry_run_without_output_looks_where_the_scales_results_go(scale, capsy
     from lowrank_vit.repro import runner
 
     seen = []
-    monkeypatch.setattr(runner, "finished", lambda exp, cfg, output: seen.append(output))
+    patch_everywhere(monkeypatch, runner, "finished", lambda exp, cfg, output: seen.append(output))
     monkeypatch.chdir(tmp_path)
     code, out, err = cli(capsys, "reproduce", "table2", "--rows", "table2/deit_s/ours-50", "--scale", scale,
                          "--dry-run")
@@ -452,8 +454,9 @@ def test_a_dry_run_without_output_looks_where_the_scales_results_go(scale, capsy
 def test_demo_publish_says_each_file_it_wrote(capsys, monkeypatch, tmp_path):
     from lowrank_vit.repro import demo
 
-    monkeypatch.setattr(demo, "run_demo", lambda output, **kwargs: {})
-    monkeypatch.setattr(demo, "publish", lambda summary: [Path("docs/demo.md"), Path("docs/figures/demo.png")])
+    patch_everywhere(monkeypatch, demo, "run_demo", lambda output, **kwargs: {})
+    patch_everywhere(monkeypatch, demo, "publish",
+                     lambda summary: [Path("docs/demo.md"), Path("docs/figures/demo.png")])
     code, out, err = cli(capsys, "demo", "--publish", "--quiet", "--output", str(tmp_path))
     assert code == 0 and out == ""
     assert err == "demo: wrote docs/demo.md\ndemo: wrote docs/figures/demo.png\n"

@@ -29,6 +29,7 @@ from tests.helpers import (
     make_images,
     make_tiny_vit,
     one_line_error,
+    patch_everywhere,
 )
 
 
@@ -147,7 +148,7 @@ def test_timms_pretrained_weights_are_described_as_pretrained(monkeypatch):
     from lowrank_vit.repro import models
 
     monkeypatch.setattr(sources, "_check_offline_weights", lambda *a: None)
-    monkeypatch.setattr(models, "build_model", lambda cfg, progress=True: make_tiny_vit(seed=0))
+    patch_everywhere(monkeypatch, models, "build_model", lambda cfg, progress=True: make_tiny_vit(seed=0))
     args = argparse.Namespace(
         model=ARCH, model_kwargs={}, checkpoint=None, input_size=None, no_pretrained=False, quiet=True
     )
@@ -197,7 +198,7 @@ def test_a_hub_repository_that_is_no_model_directory_gets_timms_own_refusal(monk
     def timm_refuses(args):
         raise UserError("timm has no model 'hf-hub:someone/tiny-vit'")
 
-    monkeypatch.setattr(hub, "download", lambda reference: tmp_path)  # reached: an empty snapshot
+    patch_everywhere(monkeypatch, hub, "download", lambda reference: tmp_path)  # reached: an empty snapshot
     monkeypatch.setattr(sources, "timm_source", timm_refuses)
     with pytest.raises(UserError) as info:
         sources.load_source(_hub_args())
@@ -215,7 +216,7 @@ def test_an_unreachable_hub_model_quotes_the_hub_unless_timm_failed_for_another_
     def unreachable(reference):
         raise FileNotFoundError("hf-hub:someone/tiny-vit is not in the cache and HF_HUB_OFFLINE=1")
 
-    monkeypatch.setattr(hub, "download", unreachable)
+    patch_everywhere(monkeypatch, hub, "download", unreachable)
     for error, expected in ((RuntimeError("no weights"), UserError), (KeyError("blocks"), KeyError)):
 
         def fails(args, error=error):
@@ -288,7 +289,7 @@ def test_pretrained_weights_out_of_reach_say_what_to_do(workdir, tmp_path, capsy
             "access, unset HF_HUB_OFFLINE, or use --scale smoke"
         )
 
-    monkeypatch.setattr(models, "build_model", offline)
+    patch_everywhere(monkeypatch, models, "build_model", offline)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline, weights not in the cache are refused earlier
     code, _, err = _run(capsys, "evaluate", ARCH, "--data", workdir / "imgs", "--quiet")
     _assert_one_line_error(code, err, "--no-pretrained")
@@ -304,7 +305,7 @@ def test_a_hub_model_directory_is_evaluated_like_a_local_one(compressed, capsys,
         asked.append(reference)
         return compressed  # what snapshot_download returns: a local folder holding the repository's files
 
-    monkeypatch.setattr(hub, "download", from_cache)
+    patch_everywhere(monkeypatch, hub, "download", from_cache)
     code, out, err = _run(
         capsys,
         "evaluate",
@@ -450,7 +451,7 @@ def test_a_hub_reference_to_a_model_directory_loads_that_directory(model_dir, im
     returns one."""
     from lowrank_vit.io import hub
 
-    monkeypatch.setattr(hub, "download", lambda reference, cache_dir=None, token=None: model_dir)
+    patch_everywhere(monkeypatch, hub, "download", lambda reference, cache_dir=None, token=None: model_dir)
     code, out, err = cli(
         capsys,
         "evaluate",
@@ -529,7 +530,7 @@ def build_marker(monkeypatch) -> None:
     def build(*args, **kwargs):
         raise models.SetupError("BUILD-REACHED")
 
-    monkeypatch.setattr(models, "build_model", build)
+    patch_everywhere(monkeypatch, models, "build_model", build)
 
 
 @pytest.mark.parametrize("value", ["1", "yes", "True", "ON"])

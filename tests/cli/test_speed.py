@@ -25,6 +25,7 @@ from tests.helpers import (
     _latency_model,
     cli,
     one_line_error,
+    patch_everywhere,
 )
 
 ARCH = "vit_tiny_patch16_224"
@@ -104,7 +105,7 @@ def test_an_auto_latency_table_is_profiled_in_the_precision_asked_for(
         asked.update(kwargs)
         raise ValueError("stop here")  # refused as the user's error: enough to see what was asked
 
-    monkeypatch.setattr(speed, "cached_profile", profile)
+    patch_everywhere(monkeypatch, speed, "cached_profile", profile)
     code, _, err = cli(
         capsys,
         *_compress_argv(
@@ -173,7 +174,7 @@ def test_profiling_a_model_for_compress_shows_progress_unless_quiet(quiet, monke
         seen.update(kwargs)
         return None, tmp_path / "table.json", True
 
-    monkeypatch.setattr(speed, "cached_profile", profile)
+    patch_everywhere(monkeypatch, speed, "cached_profile", profile)
     args = argparse.Namespace(
         latency_table="auto",
         target_speedup=None,

@@ -23,6 +23,7 @@ from experiments.loss_aware_study import (
 from tests.helpers import (
     MODELS_DIR,
     REPO,
+    patch_everywhere,
 )
 
 
@@ -169,7 +170,7 @@ def test_committed_standins_are_the_studys(name: str, monkeypatch: pytest.Monkey
     def refuse(*args, **kwargs):
         raise AssertionError("the study fell back to the user's cache instead of the committed weights")
 
-    monkeypatch.setattr(standins, "build_standin", refuse)
+    patch_everywhere(monkeypatch, standins, "build_standin", refuse)
     committed = json.loads(STUDY_JSON.read_text())[name]
     settings = committed["settings"]
     dense, data = load_model(name, None, MODELS_DIR, settings["eval"], settings["calib"], settings["seed"])

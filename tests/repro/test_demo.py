@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lowrank_vit.repro.demo import DEMO_ROWS, format_table, run_demo
-from tests.helpers import COMMITTED
+from tests.helpers import COMMITTED, patch_everywhere
 
 TINY = ["model.pretrained=false", "compression.calib_samples=32", "data.calib_samples=32", "finetune.max_steps=2"]
 
@@ -77,8 +77,8 @@ def test_the_demo_uses_the_committed_stand_in_and_trains_only_when_asked(tmp_pat
 
     monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
     calls = []
-    monkeypatch.setattr(standins, "pretrain_standin", lambda arch, **kw: calls.append(("pretrain", arch)))
-    monkeypatch.setattr(standins, "build_standin", lambda arch, **kw: calls.append(("build", arch)))
+    patch_everywhere(monkeypatch, standins, "pretrain_standin", lambda arch, **kw: calls.append(("pretrain", arch)))
+    patch_everywhere(monkeypatch, standins, "build_standin", lambda arch, **kw: calls.append(("build", arch)))
     assert demo._prepare_standin("deit_s", COMMITTED, retrain=False, progress=False) == ("committed", True)
     assert demo._prepare_standin("deit_s", COMMITTED, retrain=False, progress=False) == ("committed", False)
     assert calls == []  # nothing trained, nothing built from the cache's own recipe run

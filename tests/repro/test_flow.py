@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+from tests.helpers import patch_everywhere
+
 
 @pytest.mark.usefixtures("offline")
 def test_the_compression_shows_progress_as_the_command_says_whatever_its_config_says(monkeypatch):
@@ -16,7 +18,7 @@ def test_the_compression_shows_progress_as_the_command_says_whatever_its_config_
     from lowrank_vit.repro.flow import compress_model
 
     seen = []
-    monkeypatch.setattr(pipeline, "compress", lambda model, images, config: seen.append(config.progress))
+    patch_everywhere(monkeypatch, pipeline, "compress", lambda model, images, config: seen.append(config.progress))
     for config_says, command_says in ((True, False), (False, True)):
         compress_model(torch.nn.Linear(2, 2), lambda: [], CompressionConfig(reduction=0.5, progress=config_says),
                        device=torch.device("cpu"), progress=command_says)
@@ -37,7 +39,7 @@ def _scans(monkeypatch, seconds: float = 0.0):
         time.sleep(seconds)
         return Report()
 
-    monkeypatch.setattr(method, "apply_vmeanba", scans)
+    patch_everywhere(monkeypatch, method, "apply_vmeanba", scans)
     return method.VMeanbaConfig, seen
 
 
@@ -72,7 +74,7 @@ def test_compress_model_moves_the_model_to_the_device_and_keeps_no_copy_unless_a
             moved.append(args)
             return super().to(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compress", lambda model, images, config: "report")
+    patch_everywhere(monkeypatch, pipeline, "compress", lambda model, images, config: "report")
     cpu = torch.device("cpu")
     done = compress_model(Model(2, 2), lambda: [], CompressionConfig(reduction=0.5), device=cpu, progress=False)
     assert moved == [(cpu,)] and done.report == "report" and done.before_lowrank is None
@@ -98,7 +100,7 @@ def test_compress_models_low_rank_step_is_announced_timed_and_told_the_device(mo
             model.weight.zero_()  # in place, as the real step
         return "report"
 
-    monkeypatch.setattr(pipeline, "compress", compress)
+    patch_everywhere(monkeypatch, pipeline, "compress", compress)
     model, said = torch.nn.Linear(2, 2), []
     config = CompressionConfig(reduction=0.5, decomposition="whitened", allocation="greedy", compensation="none",
                                progress=True)

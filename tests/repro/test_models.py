@@ -7,7 +7,7 @@ import timm
 import torch
 
 from lowrank_vit.repro.models import SetupError, load_checkpoint_
-from tests.helpers import KWARGS, QUICK_SETS, TINY_TIMM, _hf, _model, cli, one_line_error
+from tests.helpers import KWARGS, QUICK_SETS, TINY_TIMM, _hf, _model, cli, one_line_error, patch_everywhere
 
 
 def test_a_mismatch_after_unwrapping_says_what_was_unwrapped(tmp_path):
@@ -33,7 +33,7 @@ def test_more_classes_than_the_head_fails_before_calibration(capsys, tmp_path, m
     def never(*args, **kwargs):
         raise AssertionError("compress ran before the class check")
 
-    monkeypatch.setattr(lowrank_vit.pipeline, "compress", never)
+    patch_everywhere(monkeypatch, lowrank_vit.pipeline, "compress", never)
     two = [a.replace('"num_classes": 10', '"num_classes": 2') for a in TINY_TIMM]
     code, _, err = cli(capsys, "run", "table2/deit_s/ours-50", "--scale", "smoke", "--output", str(tmp_path / "r"),
                        *QUICK_SETS, *two, "--quiet")

@@ -11,7 +11,7 @@ from lowrank_vit.repro.registry import (
 )
 from lowrank_vit.repro.rows import BaselineGuardError, check_dense_baseline, paper_baseline
 from lowrank_vit.repro.runner import row_config
-from tests.helpers import COMPARE, ROW
+from tests.helpers import COMPARE, ROW, patch_everywhere
 
 
 def test_paper_baseline_is_the_registry_baseline_of_the_same_weights():
@@ -69,7 +69,7 @@ def test_wandb_runs_carry_project_and_groupable_keys(monkeypatch, tmp_path):
     from lowrank_vit.repro.runner import make_row_logger
 
     seen = {}
-    monkeypatch.setattr(lowrank_vit.stages.logging_utils, "make_logger", lambda mode, **kw: seen.update(kw))
+    patch_everywhere(monkeypatch, lowrank_vit.stages.logging_utils, "make_logger", lambda mode, **kw: seen.update(kw))
     exp = get_experiment("table2/deit_s/ours-50")
     make_row_logger(exp, exp.config("smoke"), "offline", tmp_path)
     assert seen["project"] == "lowrank_vit" and seen["group"] == "table2-smoke"
@@ -85,7 +85,7 @@ def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
     from lowrank_vit.repro.runner import make_row_logger
 
     groups = []
-    monkeypatch.setattr(logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))
+    patch_everywhere(monkeypatch, logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))
     for exp in (COMPARE[0], COMPARE[-1], get_experiment("compare/deit_s/comcat-40-noft")):
         make_row_logger(exp, exp.smoke, "offline", tmp_path)
     assert groups == ["compare-smoke"] * 3
