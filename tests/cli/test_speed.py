@@ -270,3 +270,23 @@ def test_cli_compress_for_a_target_speedup_reports_predicted_and_measured_latenc
     assert report["compression"]["config"]["rank_multiple"] == 8  # the profiled grid's step, by default
     plan = json.loads((out / "lowrank_vit.json").read_text())
     assert plan["metadata"]["compression_config"]["target_speedup"] == 1.25
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_profile_measures_with_a_progress_bar_unless_quiet(quiet, capsys, monkeypatch):
+    """`lowrank-vit profile` hands the profile a progress bar, and `--quiet` takes it away (the way round a user
+    asked, not the other)."""
+    from lowrank_vit import speed
+
+    asked = {}
+
+    def profile(model, **kwargs):
+        asked.update(kwargs)
+        raise ValueError("stop here")  # refused as the user's error: enough to see what was asked
+
+    patch_everywhere(monkeypatch, speed, "cached_profile", profile)
+    argv = ["profile", ARCH, "--model-kwargs", json.dumps(KWARGS)] + (["--quiet"] if quiet else [])
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "stop here" in err
+    assert asked["progress"] is (not quiet)

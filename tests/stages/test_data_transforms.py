@@ -184,3 +184,15 @@ def test_a_one_channel_channels_first_array_becomes_a_grey_image():
     image = to_pil(pixels[None])
     assert image.mode == "L" and image.size == (5, 7)
     assert np.array_equal(np.asarray(image), pixels)
+
+
+def test_a_colour_image_for_a_grey_model_is_one_channel_of_the_mean_of_its_three():
+    """An RGB image fed to a one-channel model: one channel (C, H, W with C = 1), each pixel the mean of its three
+    values, then normalized: (mean - 0.5) / 0.25 here, computed by hand."""
+    from lowrank_vit.stages.data_transforms import TensorImageTransform
+
+    image = torch.tensor([[[0, 255]], [[51, 255]], [[102, 0]]], dtype=torch.uint8)  # 3 x 1 x 2
+    out = TensorImageTransform((1, 1, 2), mean=(0.5,), std=(0.25,))(image)
+    assert out.shape == (1, 1, 2)
+    expected = torch.tensor([[[(51 / 255 - 0.5) / 0.25, (170 / 255 - 0.5) / 0.25]]])
+    torch.testing.assert_close(out, expected)
