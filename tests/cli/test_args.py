@@ -33,6 +33,17 @@ def test_output_key_reads_an_integer_as_a_tuple_index(place):
     assert build_parser().parse_args(base).likelihood == "auto"
 
 
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_output_key_is_refused_in_words(key, capsys):
+    """`--output-key ""`: the one-line refusal says what a key may be, word for word (no path reaches an empty key)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, "compress", "m", "--data", "d", "--reduction", "0.5", "--output", "o", "--output-key", key)
+    line = one_line_error(capsys.readouterr().err)
+    assert exit_.value.code == 2
+    assert line.endswith("argument --output-key: expected a key, an attribute name or a tuple index, "
+                         "got an empty string")
+
+
 @pytest.mark.usefixtures("offline")
 def test_a_model_kwargs_that_is_not_json_says_so_and_shows_it(capsys):
     """`--model-kwargs '{nope'`: argparse's one line names the flag, says it is not JSON and why, and quotes it."""

@@ -23,6 +23,7 @@ from tests.helpers import (
     _model_args,
     _run,
     cli,
+    make_tiny_vit,
     one_line_error,
 )
 
@@ -408,3 +409,14 @@ def test_dataset_names_are_not_taken_for_missing_paths(data, tmp_path, capsys, n
     check_data_path(data)
     with pytest.raises(AssertionError, match="a model was loaded"):
         cli(capsys, *_argv("evaluate", tmp_path, data))
+
+
+def test_the_reason_for_no_top1_names_what_is_missing_word_for_word():
+    """The line that says fidelity stands in for top-1 gives the reason a user can act on: a headless model's
+    num_classes, or data without labels and the flag that names a label column."""
+    from lowrank_vit.cli.data import no_top1_reason
+
+    assert no_top1_reason(make_tiny_vit(num_classes=0), None) == "the model is not a classifier (num_classes=0)"
+    assert no_top1_reason(make_tiny_vit(), None) == (
+        "the data has no labels (its training split has no label column, or only an empty one; --label-column "
+        "names one)")
