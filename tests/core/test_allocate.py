@@ -556,3 +556,18 @@ def test_allocation_policies_match_the_config_choices():
         get_policy("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_policy(Policy("greedy", POLICIES["greedy"].curve, POLICIES["greedy"].run))
+
+
+def test_the_slack_exchange_looks_past_layers_it_cannot_use():
+    """One exchange fits the slack of 20 parameters: A down a rank (-20), B up one (+40). Before it come a dense layer
+    (no rank to lower), a layer as the partner of itself, one too wide to raise within the slack (C: +100 - 20) and
+    one with no rank at all: each is passed over, not taken as the end of the search. Counted by hand:
+    25 + 5*20 + 1*100 + 5*40 = 425 spent, 445 allowed."""
+    def layer(name: str, width: int) -> LayerBudget:
+        return LayerBudget(name, width, width, 0, torch.linspace(1.0, 0.0, width + 1))
+
+    layers = [layer("D", 5), layer("A", 10), layer("C", 50), layer("B", 20)]
+    ranks = {"D": None, "A": 5, "C": 1, "B": 5}
+    assert sum(lb.params(ranks[lb.name]) for lb in layers) == 425
+    assert _exchange_slack(layers, ranks, 445, tolerance=0) == 445
+    assert ranks == {"D": None, "A": 4, "C": 1, "B": 6}
