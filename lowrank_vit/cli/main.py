@@ -1,4 +1,7 @@
-"""``lowrank-vit``: list, show, plan, run and reproduce the registered experiments.
+"""``lowrank-vit``: the parser of every command and its entry point. The registry's commands (list, show, plan, run,
+reproduce, demo, rehearse) are handled here, over :mod:`lowrank_vit.repro`; the commands for one's own model live in
+:mod:`lowrank_vit.cli.compress` (compress, evaluate, export), :mod:`lowrank_vit.cli.finetune` and
+:mod:`lowrank_vit.cli.speed` (profile).
 
 Bad input (an unknown name, an invalid option, missing data or weights) ends with one line on stderr and exit
 status 2, never a traceback.
