@@ -11,6 +11,7 @@ import ctypes.util
 import dataclasses
 import gc
 import math
+import numbers
 import sys
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -76,7 +77,13 @@ _RULES: dict[str, Callable[[float], bool]] = {
 
 def check_number(name: str, value: Any, rule: str) -> None:
     """A real, finite number (not a bool, a string or NaN) satisfying ``rule`` (one of ``_RULES``: "> 0", ">= 0",
-    "(0, 1)", ...), else a ValueError that names ``name`` and says which rule it broke."""
+    "(0, 1)", ...), else a ValueError that names ``name`` and says which rule it broke. The number must be a Python
+    int or float (numpy's float64 is one): a config holding numpy's float32 or int64 could not be saved as JSON."""
+    if rule not in _RULES:  # checked first: a typo in the rule must not be blamed on the value
+        raise ValueError(f"unknown rule {rule!r} for {name}; known: {', '.join(map(repr, _RULES))}")
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        # refused at construction rather than when the config or report is written, after the compression
+        raise ValueError(f"{name} must be a Python int or float, got {value!r}")
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
         _RULES[rule](value)
     if not ok:

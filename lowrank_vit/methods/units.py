@@ -119,7 +119,8 @@ class AttentionHeads(WholeModules):
     def summaries(self, modules, decompositions, ranks):
         out = []
         for unit in comcat.head_budgets(modules):
-            rank = comcat.unit_rank(ranks[unit.name], unit.head_dim)
+            # a unit absent from ``ranks`` is dense (head_dim), as spec and build read it (comcat.attention_ranks)
+            rank = comcat.unit_rank(ranks.get(unit.name), unit.head_dim)
             out.append(UnitSummary(unit.name, unit.in_features, unit.out_features, rank, unit.dense_params,
                                    unit.params(rank), decompositions[unit.name].energy_loss(rank)))
         return out

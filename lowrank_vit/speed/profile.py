@@ -89,7 +89,7 @@ def profile_model(model: nn.Module, *, batch: int, input_size: tuple[int, int, i
     measured: dict[str, ShapeLatency] = {}
     with tempfile.TemporaryDirectory(prefix="lowrank_vit_profile_") as scratch, \
             progress_bar(len(shapes) + 1, f"profile b{batch} {runtime} {device}", "shape", progress) as bar:
-        model_call = rt.prepare(_copy(model), torch.randn(batch, *input_size, generator=generator), target, dtype,
+        model_call = rt.prepare(model, torch.randn(batch, *input_size, generator=generator), target, dtype,
                                 scratch)
         bar.update(1)
         raw: dict[str, tuple[ShapeLatency, Timing]] = {}

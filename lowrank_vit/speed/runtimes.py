@@ -6,6 +6,7 @@ measured elsewhere is recognised as stale."""
 
 from __future__ import annotations
 
+import copy
 import platform
 import tempfile
 import warnings
@@ -27,7 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Runtime:
     name: str
     prepare: Callable[[nn.Module, torch.Tensor, torch.device, str, str], Callable[[], object]]
-    """(module, example input, device, dtype, scratch folder) -> a call running one forward pass on the input."""
+    """(module, example input, device, dtype, scratch folder) -> a call running one forward pass on the input (on a
+    copy of the module: the caller's is left as it was)."""
     versions: Callable[[], dict[str, str]]
     """The versions of what runs the call (raises ValueError naming what to install if it is missing)."""
     dtypes: tuple[str, ...]
@@ -50,9 +52,15 @@ RUNTIMES: Registry[Runtime] = Registry("runtime")
 get_runtime = RUNTIMES.lookup
 
 
+def _placed(module: nn.Module, device: torch.device, dtype: str) -> nn.Module:
+    """A copy of ``module`` on ``device`` in ``dtype``, in eval mode: ``to`` and ``eval`` change a module in place,
+    and a bfloat16 run must not leave the caller's model in bfloat16."""
+    return copy.deepcopy(module).to(device=device, dtype=DTYPES[dtype]).eval()
+
+
 def _torch_call(module: nn.Module, example: torch.Tensor, device: torch.device, dtype: str,
                 scratch: str) -> Callable[[], object]:
-    module = module.to(device=device, dtype=DTYPES[dtype]).eval()
+    module = _placed(module, device, dtype)
     x = example.to(device=device, dtype=DTYPES[dtype])
 
     def call() -> object:
@@ -65,7 +73,7 @@ def _torch_call(module: nn.Module, example: torch.Tensor, device: torch.device, 
 def _compiled_call(module: nn.Module, example: torch.Tensor, device: torch.device, dtype: str,
                    scratch: str) -> Callable[[], object]:
     """``torch.compile`` (inductor) of the module for this input shape; compiled on the first call (the warm-up)."""
-    module = torch.compile(module.to(device=device, dtype=DTYPES[dtype]).eval(), dynamic=False)
+    module = torch.compile(_placed(module, device, dtype), dynamic=False)
     x = example.to(device=device, dtype=DTYPES[dtype])
 
     def call() -> object:

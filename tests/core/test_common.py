@@ -8,8 +8,10 @@ import math
 import sys
 import weakref
 from dataclasses import dataclass
+from fractions import Fraction
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +93,23 @@ def test_check_number_accepts_values_inside_the_rule_and_refuses_the_others_by_n
         with pytest.raises(ValueError) as error:
             check_number("lr", value, rule)
         assert str(error.value) == message
+
+
+def test_check_number_names_the_known_rules_for_an_unknown_one_whatever_the_value():
+    for value in (0.5, "0.5"):  # the rule is checked first: a typo in it is not blamed on the value
+        with pytest.raises(ValueError) as error:
+            check_number("lr", value, ">0")
+        assert str(error.value) == ("unknown rule '>0' for lr; known: '> 0', '>= 0', '> 1', '[0, 0.5)', '(0, 1]', "
+                                    "'(0, 1)', '[0, 1)'")
+
+
+def test_check_number_refuses_a_numpy_scalar_as_not_a_python_number_rather_than_out_of_range():
+    check_number("x", np.float64(0.5), "(0, 1)")  # a float subclass, which JSON writes as a float
+    # float32 and int64 are numbers that a saved config (JSON) cannot hold: refused here, not after the compression
+    for value, rule in ((np.float32(0.5), "(0, 1)"), (np.int64(3), "> 0"), (Fraction(1, 2), "(0, 1)")):
+        with pytest.raises(ValueError) as error:
+            check_number("lr", value, rule)
+        assert str(error.value) == f"lr must be a Python int or float, got {value!r}"
 
 
 def test_check_count_accepts_positive_integers_only():

@@ -116,6 +116,20 @@ def test_summaries_report_each_unit_at_its_allocated_rank(model):
         vo.rank = 3
 
 
+def test_summaries_report_a_unit_missing_from_the_ranks_at_full_rank_as_spec_and_build_do(model):
+    name, attn = "blocks.0.attn", model.blocks[0].attn
+    modules = {name: attn}
+    decompositions = HEADS.decompositions(modules, CPU)
+    ranks = {f"{name}.qk.0": 4}  # the other three units are absent: dense, as spec and build read them
+    summaries = {s.name: s for s in HEADS.summaries(modules, decompositions, ranks)}
+    assert summaries == {s.name: s for s in HEADS.summaries(modules, decompositions, {**ranks, f"{name}.qk.1": None,
+                                                                                      f"{name}.vo.0": None,
+                                                                                      f"{name}.vo.1": None})}
+    spec = HEADS.spec(name, attn, ranks)
+    assert [summaries[f"{name}.qk.{h}"].rank for h in (0, 1)] == spec["qk_ranks"] == [4, 16]
+    assert [summaries[f"{name}.vo.{h}"].rank for h in (0, 1)] == spec["vo_ranks"] == [16, 16]
+
+
 def test_build_and_from_spec_give_the_allocated_shape_and_parameter_count(model):
     name, attn = "blocks.0.attn", model.blocks[0].attn
     decompositions = HEADS.decompositions({name: attn}, CPU)

@@ -79,6 +79,17 @@ def test_the_torch_runtime_runs_in_the_requested_precision(tmp_path):
     assert torch.equal(out.float(), EXPECTED)  # small integers and halves: exact in bfloat16
 
 
+@pytest.mark.parametrize("runtime", ["torch", "torch.compile"])
+def test_the_torch_runtimes_run_a_copy_and_leave_the_callers_module_as_it_was(tmp_path, runtime):
+    layer, x = linear_and_input()
+    weight = layer.weight
+    call = RUNTIMES[runtime].prepare(layer, x, torch.device("cpu"), "bfloat16", str(tmp_path))
+    assert layer.weight is weight and layer.weight.dtype == torch.float32 and layer.training  # not cast, not eval()
+    assert torch.equal(layer.weight, torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]]))
+    if runtime == "torch":  # (torch.compile would compile on this first call: seconds)
+        assert call().dtype == torch.bfloat16
+
+
 def test_device_name_reads_the_cpu_model_and_falls_back_to_the_platform(monkeypatch):
     cpuinfo = "processor\t: 0\nvendor_id\t: Acme\nmodel name\t: Acme CPU 9000: rev 2 @ 3.0GHz\nflags\t: fpu\n"
 
