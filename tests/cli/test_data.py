@@ -420,3 +420,17 @@ def test_the_reason_for_no_top1_names_what_is_missing_word_for_word():
     assert no_top1_reason(make_tiny_vit(), None) == (
         "the data has no labels (its training split has no label column, or only an empty one; --label-column "
         "names one)")
+
+
+def test_the_output_key_a_compression_recorded_wins_over_its_saved_config():
+    """A model directory's recorded output (``metadata["output"]``) names the likelihood and output key that the
+    compression used; its saved ``compression_config`` is only a fallback, read where the output records no key.
+    A recorded key of None (the whole output) stands, even where the config names one."""
+    from lowrank_vit.cli.data import recorded_output
+
+    config = {"likelihood": "gaussian", "output_key": "from_config"}
+    assert recorded_output({"output": {"likelihood": "categorical", "output_key": "logits"},
+                            "compression_config": config}) == ("categorical", "logits")
+    assert recorded_output({"output": {"output_key": None}, "compression_config": config}) == ("gaussian", None)
+    assert recorded_output({"output": {}, "compression_config": config}) == ("gaussian", "from_config")
+    assert recorded_output({}) == ("auto", None)

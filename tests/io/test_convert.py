@@ -647,3 +647,19 @@ def test_user_kwargs_that_would_drop_layer_scale_or_the_attention_pool_are_refus
     assert siglip.required == {"num_heads": "N"} and siglip.inferred_kwargs["act_layer"] == "gelu_tanh"  # no config
     with pytest.raises(ConversionError, match='global_pool="avg" contradicts'):
         merge_kwargs(siglip, {"num_heads": 2, "global_pool": "avg"})
+
+
+@pytest.mark.usefixtures("offline")
+def test_an_mlp_width_that_its_ratio_does_not_round_to_is_rebuilt_at_that_width():
+    """timm builds ``int(embed_dim * mlp_ratio)`` hidden units. For 15 units over a width of 11, 15 / 11 times 11
+    is 14.999..., so the ratio read from the tensors is nudged up until timm builds 15 again: the converted state
+    dict then loads into the model its inferred arguments make."""
+    from lowrank_vit.io.convert import infer_kwargs
+
+    assert int(11 * (15 / 11)) == 14  # the case: the plain quotient would build 14 units
+    kwargs = infer_kwargs({"patch_embed.proj.weight": torch.zeros(11, 3, 4, 4),
+                           "blocks.0.mlp.fc1.weight": torch.zeros(15, 11)})
+    assert kwargs["mlp_ratio"] > 15 / 11 and int(11 * kwargs["mlp_ratio"]) == 15
+    model = timm.models.vision_transformer.VisionTransformer(img_size=8, patch_size=4, embed_dim=11, depth=1,
+                                                             num_heads=1, mlp_ratio=kwargs["mlp_ratio"])
+    assert model.blocks[0].mlp.fc1.weight.shape == (15, 11)

