@@ -78,7 +78,8 @@ def run_steps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     """Seconds of each of ``steps`` fine-tune steps of a copy of ``model`` (the first is from the fit's start)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune
+    from lowrank_vit.stages.finetune import finetune
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
 
     clock = StepClock(device)
     loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False, drop_last=True,

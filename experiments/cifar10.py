@@ -97,7 +97,7 @@ def train(data: str, output: Path, recipe: Recipe, progress: bool = True) -> dic
     from safetensors.torch import save_file
 
     from lowrank_vit.nn.adapters import timm_with_our_models
-    from lowrank_vit.repro.standins import evaluate_top1, random_shift, stack_dataset, train_classifier
+    from lowrank_vit.repro.tensortrain import evaluate_top1, random_shift, stack_dataset, train_classifier
     from lowrank_vit.stages.data import build_datamodule
 
     record_file, weights_file = output / "model.json", output / "model.safetensors"

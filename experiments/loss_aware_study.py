@@ -85,7 +85,7 @@ MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "cifar_vit4_wide_long"
 
 
 def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    from lowrank_vit.repro.standins import stack_dataset
+    from lowrank_vit.repro.tensortrain import stack_dataset
 
     return stack_dataset(torch.utils.data.Subset(dataset, indices))
 

@@ -238,7 +238,8 @@ def _cifar_path(data: str | os.PathLike[str] | None) -> str:
 def _cifar_split(path: str, split: str) -> torch.utils.data.Dataset:
     """One split of the local CIFAR-10 through the library's reader (the one experiments/cifar10.py trains through)
     with its crop and normalization turned off: the composites and their masks need the pixels where they are."""
-    from lowrank_vit.stages.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -261,7 +262,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 def _cifar_pixels(path: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as uint8 (N, 3, 32, 32) and int64 labels, decoded once per process (uint8 holds the 50,000
     training images in 150 MB)."""
-    from lowrank_vit.repro.standins import stack_dataset
+    from lowrank_vit.repro.tensortrain import stack_dataset
 
     x, y = stack_dataset(_cifar_split(path, split))
     return _to_uint8(x), y
@@ -288,7 +289,7 @@ def embed_dataset(data: str | os.PathLike[str] | None = None, recipe: EmbedRecip
 
     The bank is ``recipe.bank`` training images (1,000 per class by default, a seeded stratified choice), the test
     images all 10,000; float images normalized as the model was trained on (:func:`normalize`), int64 labels."""
-    from lowrank_vit.stages.data import stratified_split
+    from lowrank_vit.stages.data_readers import stratified_split
 
     recipe = recipe or MODELS["cifar_embed_vit"]
     path = _cifar_path(data)
@@ -300,7 +301,7 @@ def embed_dataset(data: str | os.PathLike[str] | None = None, recipe: EmbedRecip
 
 @functools.lru_cache(maxsize=1)
 def _digit_split() -> tuple[torch.Tensor, torch.Tensor]:
-    from lowrank_vit.stages.data import load_mnist_5k, stratified_split
+    from lowrank_vit.stages.data_readers import load_mnist_5k, stratified_split
 
     digits, labels = load_mnist_5k()
     train, test = stratified_split(labels, 0.2, DIGIT_SPLIT_SEED)

@@ -23,9 +23,10 @@ from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, Sp
 from lowrank_vit.nn.quantize import model_size_mib, quantize_
 from lowrank_vit.pipeline import CompressionReport, LayerReport, compress
 
-# The Lightning stages, data modules and registry import Lightning and datasets (seconds): loaded on first use.
+# The Lightning stages, data modules and registry import Lightning and datasets (seconds): loaded on first use (the
+# settings too, so the face stays one table; DataConfig's module itself loads neither).
 _LAZY = {
-    "DataConfig": "lowrank_vit.stages.data",
+    "DataConfig": "lowrank_vit.stages.data_config",
     "build_datamodule": "lowrank_vit.stages.data",
     "FinetuneConfig": "lowrank_vit.stages.finetune",
     "PartialFinetune": "lowrank_vit.stages.finetune",

@@ -65,9 +65,7 @@ from lowrank_vit.repro.registry import (
 )
 from lowrank_vit.speed import environment, rows_per_layer
 from lowrank_vit.speed.profile import rank_grid
-from lowrank_vit.stages.data import (
-    DataConfig,
-)
+from lowrank_vit.stages.data_config import DataConfig
 
 TESTS = Path(__file__).resolve().parent
 """The tests' folder."""
@@ -428,8 +426,8 @@ def _loader():
 
 
 def _random_budgets(seed: int):
-    from lowrank_vit.core.allocate import energy_tail_curve
     from lowrank_vit.core.budget import LayerBudget
+    from lowrank_vit.core.decompose import energy_tail_curve
 
     g = torch.Generator().manual_seed(seed)
     layers = []

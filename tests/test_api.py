@@ -28,6 +28,14 @@ def test_importing_the_package_does_not_import_lightning():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_data_settings_of_the_face_load_without_lightning():
+    """``lowrank_vit.DataConfig`` comes from its own module, which needs neither Lightning nor ``datasets``."""
+    code = ("import sys, lowrank_vit; cfg = lowrank_vit.DataConfig(name='mnist-5k'); heavy = 'lightning', 'datasets'; "
+            "print(type(cfg).__module__, sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "lowrank_vit.stages.data_config []"
+
+
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_an_old_harness_path_warns_and_gives_the_module_of_its_new_home(old):
     """Each module path the documentation named under lowrank_vit.harness still imports, for one release: a

@@ -169,3 +169,62 @@ def test_imports_sit_at_the_top_but_the_deferred_packages():
                         misplaced.append(f"{name}.{func.name}:{node.lineno}: {ast.unparse(node)}")
     assert not misplaced, "\n".join(sorted(set(misplaced)))
     assert len(DEFERRED_PACKAGES) == len(set(DEFERRED_PACKAGES))
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a module of the package (a package's ``__init__.py``), or None for anything else."""
+    base = PACKAGE.parent.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _own_and_imported_names(path: Path) -> tuple[set[str], dict[str, str]]:
+    """The top-level names a module defines itself (def, class, assignment, under if/try too), and those it imports
+    from another module of the package (name -> that module)."""
+    own, imported = set(), {}
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                own.add(node.name)
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    own.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowrank_vit"):
+                imported.update({alias.asname or alias.name: node.module for alias in node.names})
+            elif isinstance(node, ast.If | ast.Try):
+                for block in (node.body, node.orelse, getattr(node, "finalbody", []),
+                              *(h.body for h in getattr(node, "handlers", []))):
+                    visit(block)
+
+    visit(ast.parse(path.read_text()).body)
+    return own, imported
+
+
+def test_names_are_imported_from_the_module_that_defines_them():
+    """A name of the package is imported from its home, never through a module that merely imported it too: the
+    package's faces (a package's ``__init__``: ``lowrank_vit``, ``lowrank_vit.speed``) and the old paths kept for one
+    release with a warning are the only ways round. Library, experiments, benchmarks, tools and tests alike, so that a
+    reader who follows an import lands on the definition, and a module's imports are free to change."""
+    sources = [p for folder in ("lowrank_vit", "experiments", "benchmarks", "tools", "tests")
+               for p in PACKAGE.parent.joinpath(folder).rglob("*.py")
+               if p != PACKAGE / "__init__.py" and PACKAGE / "harness" not in p.parents]
+    passed_on = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    and node.module.startswith("lowrank_vit.")):
+                continue
+            source = _module_file(node.module)
+            if source is None or source.name == "__init__.py":
+                continue  # not the package's, or a face
+            own, imported = _own_and_imported_names(source)
+            for alias in node.names:
+                if alias.name not in own and alias.name in imported \
+                        and _module_file(f"{node.module}.{alias.name}") is None:
+                    where = path.relative_to(PACKAGE.parent)
+                    passed_on.append(f"{where}:{node.lineno}: {alias.name} from {node.module} "
+                                     f"(defined in {imported[alias.name]})")
+    assert not passed_on, "\n".join(passed_on)

@@ -22,7 +22,7 @@ from lowrank_vit.cli.base import UserError
 from lowrank_vit.cli.fidelity import measure_fidelity
 from lowrank_vit.core.likelihood import is_classifier
 from lowrank_vit.io.modelcard import top5_informative
-from lowrank_vit.repro.runner import evaluate
+from lowrank_vit.repro.rows import evaluate
 from lowrank_vit.stages.data_config import DataConfig, DataFormatError, DataNotFoundError
 
 

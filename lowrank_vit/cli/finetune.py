@@ -37,12 +37,12 @@ from lowrank_vit.io.modelcard import REPORT_FILE
 from lowrank_vit.io.surgery import WEIGHTS_FILE
 from lowrank_vit.nn.adapters import count_params
 from lowrank_vit.repro.models import checkpoint_digest
-from lowrank_vit.stages.finetune_config import check_precision_on
+from lowrank_vit.stages.finetune_config import FinetuneConfig, check_precision_on
 
 
 @user_command
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lowrank_vit.stages.finetune import FinetuneConfig, finetune, resolve_finetune_likelihood
+    from lowrank_vit.stages.finetune import finetune, resolve_finetune_likelihood
 
     directory = Path(args.model).expanduser()
     if not directory.is_dir():

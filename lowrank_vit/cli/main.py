@@ -27,7 +27,8 @@ from lowrank_vit.repro.models import SetupError
 from lowrank_vit.repro.planning import plan_row
 from lowrank_vit.repro.registry import UnknownExperimentError, get_experiment, list_experiments
 from lowrank_vit.repro.rehearse import LAYOUTS, RehearsalSettings, rehearse
-from lowrank_vit.repro.runner import RESULT_FILE, default_output, finished, reproduce, row_config, run_row, select_rows
+from lowrank_vit.repro.rows import RESULT_FILE, finished
+from lowrank_vit.repro.runner import default_output, reproduce, row_config, run_row, select_rows
 from lowrank_vit.repro.standins import COMMITTED_STANDINS
 from lowrank_vit.stages.data_config import DataFormatError, DataNotFoundError
 from lowrank_vit.stages.logging_utils import silence_third_party

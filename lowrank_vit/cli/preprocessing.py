@@ -7,6 +7,8 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from lowrank_vit.cli.base import UserError
+from lowrank_vit.stages.data_config import check_preprocessing
+from lowrank_vit.stages.data_transforms import resolve_preprocessing
 
 if TYPE_CHECKING:
     from lowrank_vit.cli.sources import Source
@@ -35,8 +37,6 @@ def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tup
     Raises:
         UserError: ``--input-size`` differs from what the model takes, or a field is invalid.
     """
-    from lowrank_vit.stages.data import check_preprocessing, resolve_preprocessing
-
     try:  # the data config's own rules, for the flags and for what a checkpoint or directory carries
         user = check_preprocessing(user_preprocessing(args))
         carried = check_preprocessing({k: v for k, v in source.preprocessing.items() if k in USER_PREPROCESSING})

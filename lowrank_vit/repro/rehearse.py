@@ -48,8 +48,8 @@ from lowrank_vit.methods.vmeanba import scan_blocks
 from lowrank_vit.nn.adapters import TimmViTAdapter, timm_with_our_models
 from lowrank_vit.repro.models import head_classes, input_shape
 from lowrank_vit.repro.registry import RunConfig, list_experiments
-from lowrank_vit.repro.rows import read_result
-from lowrank_vit.repro.runner import MODEL_DIR, evaluate
+from lowrank_vit.repro.rows import evaluate, read_result
+from lowrank_vit.repro.runner import MODEL_DIR
 from lowrank_vit.repro.tables import render_table
 
 LAYOUTS: dict[str, Callable[..., dict[str, Any]]] = {}

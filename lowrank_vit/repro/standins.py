@@ -49,6 +49,8 @@ from torch import nn
 from lowrank_vit.core.files import atomic_write
 from lowrank_vit.nn.adapters import timm_with_our_models
 from lowrank_vit.repro.tensortrain import evaluate_top1, random_shift, stack_dataset, train_classifier
+from lowrank_vit.stages.data_config import DataConfig
+from lowrank_vit.stages.data_transforms import resolve_preprocessing
 
 STANDIN_DATASET = "mnist-5k"
 """The dataset every stand-in is pretrained on (:class:`lowrank_vit.stages.data.MNIST5kDataModule`)."""
@@ -215,7 +217,7 @@ def load_digits(model: nn.Module) -> Digits:
     """Training and validation digits through ``build_datamodule(DataConfig(name="mnist-5k"), model=model)``'s
     evaluation transform: the same split, size, channels, mean and std that every later stage will use. The training
     augmentation (random shifts) is applied per batch in the training loop instead, which is much faster."""
-    from lowrank_vit.stages.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
 
     dm = build_datamodule(DataConfig(name=STANDIN_DATASET, augment=False), model=model)
     dm.setup()
@@ -362,8 +364,6 @@ def _load(entry: _Entry, spec: StandinSpec) -> tuple[nn.Module, dict[str, Any]]:
     state = load_file(str(entry.weights))
     model = spec.create_model()
     model.load_state_dict(state, strict=True)
-    from lowrank_vit.stages.data import resolve_preprocessing
-
     now = _preprocessing_record(resolve_preprocessing(model))
     if info.get("preprocessing") != now:
         raise ValueError(f"it was trained on digits preprocessed as {info.get('preprocessing')}, but this timm "

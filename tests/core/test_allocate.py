@@ -360,8 +360,9 @@ def test_an_unreachable_target_counts_the_layers_the_latency_table_keeps_dense()
 def test_the_slack_exchange_may_raise_a_layer_to_its_largest_rank(b_rank, exchanged):
     """32 parameters unspent, a 16x16 layer (a rank costs 32) and a 32x32 one (64, largest rank 15: 15 x 64 < 1024):
     one rank less in the first and one more in the second spends them exactly, up to rank 15 and never past it."""
-    from lowrank_vit.core.allocate import _exchange_slack, energy_tail_curve
+    from lowrank_vit.core.allocate import _exchange_slack
     from lowrank_vit.core.budget import LayerBudget
+    from lowrank_vit.core.decompose import energy_tail_curve
 
     g = torch.Generator().manual_seed(0)
     a, b = (LayerBudget(name, n, n, 0, energy_tail_curve(torch.rand(n, generator=g, dtype=torch.float64)

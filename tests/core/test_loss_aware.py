@@ -88,7 +88,7 @@ def test_statistics_match_a_brute_force_per_token_sum():
 def test_lower_kl_than_the_paper_recipe_on_a_trained_model():
     """On a tiny ViT trained here for a few steps on a separable task, the loss-aware recipe changes the
     predictions less (KL to the dense model) than the paper's recipe at the same size."""
-    from lowrank_vit.repro.standins import train_classifier
+    from lowrank_vit.repro.tensortrain import train_classifier
 
     images = make_images(256, seed=8)
     labels = (images.mean(dim=(1, 2, 3)) > images.mean()).long() + 2 * (images[:, 0, :14].mean(dim=(1, 2)) > 0).long()

@@ -238,7 +238,7 @@ def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
     dense model's than those of the same allocation without the refit. (On random-weight models it does not help: its
     target, the dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware_study.md measures
     it on trained ones.)"""
-    from lowrank_vit.repro.standins import train_classifier
+    from lowrank_vit.repro.tensortrain import train_classifier
 
     images = make_images(512, seed=8)
     labels = (images.mean(dim=(1, 2, 3)) > images.mean()).long() + 2 * (images[:, 0, :14].mean(dim=(1, 2)) > 0).long()

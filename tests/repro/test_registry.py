@@ -18,7 +18,7 @@ from lowrank_vit.repro.registry import (
     register_experiment,
 )
 from lowrank_vit.repro.runner import row_config
-from lowrank_vit.stages.data import DataConfig
+from lowrank_vit.stages.data_config import DataConfig
 from tests.helpers import PACKAGE, ROW
 
 

@@ -9,7 +9,8 @@ import timm
 
 from lowrank_vit.cli.main import main
 from lowrank_vit.repro.rehearse import LAYOUTS, RehearsalError, RehearsalSettings, check_data
-from lowrank_vit.stages.data import DataConfig, build_datamodule
+from lowrank_vit.stages.data import build_datamodule
+from lowrank_vit.stages.data_config import DataConfig
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def test_the_guard_stops_below_half_the_papers_baseline_and_not_above():
 def test_results_of_an_older_version_still_count_as_finished(tmp_path):
     """A field added to the config since a row finished (filled with its default) does not orphan the result."""
     from lowrank_vit.repro.registry import get_experiment
-    from lowrank_vit.repro.runner import finished, standin_weights_fingerprint
+    from lowrank_vit.repro.rows import finished, standin_weights_fingerprint
 
     exp = get_experiment("compare/deit_s/ours-50")
     cfg = exp.config("smoke")
@@ -66,7 +66,7 @@ def test_a_finished_row_of_an_earlier_version_is_still_the_same_config():
 def test_wandb_runs_carry_project_and_groupable_keys(monkeypatch, tmp_path):
     import lowrank_vit.stages.logging_utils
     from lowrank_vit.repro.registry import get_experiment
-    from lowrank_vit.repro.runner import make_row_logger
+    from lowrank_vit.repro.rows import make_row_logger
 
     seen = {}
     patch_everywhere(monkeypatch, lowrank_vit.stages.logging_utils, "make_logger", lambda mode, **kw: seen.update(kw))
@@ -82,7 +82,7 @@ def test_wandb_runs_carry_project_and_groupable_keys(monkeypatch, tmp_path):
 
 def test_compare_rows_log_into_one_wandb_group(monkeypatch, tmp_path):
     import lowrank_vit.stages.logging_utils as logging_utils
-    from lowrank_vit.repro.runner import make_row_logger
+    from lowrank_vit.repro.rows import make_row_logger
 
     groups = []
     patch_everywhere(monkeypatch, logging_utils, "make_logger", lambda *a, **k: groups.append(k["group"]))

@@ -312,7 +312,8 @@ def test_a_registry_row_runs_vmeanba_saves_it_and_the_saved_model_scores_what_th
     from lowrank_vit.methods.vmeanba import scan_blocks
     from lowrank_vit.repro.models import build_model
     from lowrank_vit.repro.registry import get_experiment
-    from lowrank_vit.repro.runner import MODEL_DIR, evaluate, run_row
+    from lowrank_vit.repro.rows import evaluate
+    from lowrank_vit.repro.runner import MODEL_DIR, run_row
     from lowrank_vit.repro.tables import render_table
     from lowrank_vit.stages.data import build_datamodule
 

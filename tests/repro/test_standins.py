@@ -203,7 +203,8 @@ def test_cache_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.parametrize("arch, mean", [("deit_s", 0.449), ("vit_b", 0.5), ("swin_b", 0.449)])
 def test_digits_are_preprocessed_like_the_data_module(arch: str, mean: float):
     """Pretraining sees exactly what build_datamodule(DataConfig("mnist-5k"), model=standin) will feed later."""
-    from lowrank_vit.stages.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
 
     model = build_standin(arch, pretrained=False)
     digits = S.load_digits(model)

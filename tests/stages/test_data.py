@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_vit.stages.data import (
-    DataConfig,
-    DataFormatError,
-    DataNotFoundError,
-    EmptySplitError,
-    HFImageDataModule,
-    ImageNetDataModule,
-    MNIST5kDataModule,
-    TensorImageTransform,
-    build_datamodule,
-)
+from lowrank_vit.stages.data import HFImageDataModule, ImageNetDataModule, MNIST5kDataModule, build_datamodule
+from lowrank_vit.stages.data_config import DataConfig, DataFormatError, DataNotFoundError, EmptySplitError
+from lowrank_vit.stages.data_transforms import TensorImageTransform
 from tests.helpers import (
     IMAGE_SIZE,
     SIZE,
@@ -148,7 +140,8 @@ def test_unsigned_integer_labels_are_classes_and_local_data_is_cached_where_aske
 def test_imagenet_from_the_hub_is_called_by_its_name(monkeypatch):
     import datasets
 
-    from lowrank_vit.stages.data import DataConfig, DataFormatError, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig, DataFormatError
 
     def load_dataset(*args, **kwargs):
         raise ValueError("a schema the reader does not know")
@@ -185,8 +178,8 @@ def test_a_validation_split_without_the_label_column_is_refused_naming_it(monkey
     import datasets
     from PIL import Image
 
-    from lowrank_vit.stages.data import DataFormatError, build_datamodule
-    from lowrank_vit.stages.data_config import DataConfig
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig, DataFormatError
 
     images = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(4)]
     splits = datasets.DatasetDict({
@@ -626,7 +619,8 @@ def test_an_unreachable_hub_dataset_says_why(tmp_path):
     datasets = pytest.importorskip("datasets")
     if not datasets.config.HF_HUB_OFFLINE:
         pytest.skip("needs HF_HUB_OFFLINE=1 (the test must not reach the network)")
-    from lowrank_vit.stages.data import DataConfig, DataNotFoundError, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig, DataNotFoundError
 
     dm = build_datamodule(DataConfig(name="nobody/no-such-dataset", cache_dir=str(tmp_path / "hf_cache")),
                           make_tiny_vit())
@@ -652,7 +646,8 @@ def test_datamodule_uses_the_configured_normalization(workdir):
     normalized, so each pixel is exactly (x / 255 - mean) / std."""
     from PIL import Image
 
-    from lowrank_vit.stages.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
 
     cfg = DataConfig(path=str(workdir / "imgs"), img_size=IMAGE_SIZE, in_chans=3, mean=(0.2, 0.3, 0.4), std=(0.5,),
                      crop_pct=1.0, interpolation="bilinear", augment=False, calib_samples=1)
@@ -671,7 +666,8 @@ def test_datamodule_uses_the_configured_normalization(workdir):
 
 
 def test_a_limited_validation_loader_is_the_full_ones_first_images():
-    from lowrank_vit.stages.data import DataConfig, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
 
     dm = build_datamodule(DataConfig(name="mnist-5k", batch_size=4, num_workers=0))
     dm.setup("fit")
@@ -680,3 +676,26 @@ def test_a_limited_validation_loader_is_the_full_ones_first_images():
     assert first.shape[0] == 6 and torch.equal(first, full)
     with pytest.raises(ValueError, match="limit must be a positive integer"):
         dm.val_dataloader(limit=0)
+
+
+@pytest.mark.parametrize("name", ["IMAGENET_NAMES", "INTERPOLATIONS", "PREPROCESSING_FIELDS", "IMAGE_SUFFIXES",
+                                  "to_pil"])
+def test_a_name_this_module_only_passed_on_warns_and_gives_its_homes_object(name):
+    """The five names the docs said import from here and that the module itself never used: for this release each
+    still does, with a DeprecationWarning naming its home, and the very object defined there."""
+    import importlib
+
+    import lowrank_vit.stages.data as data
+
+    homes = {"IMAGENET_NAMES": "data_config", "INTERPOLATIONS": "data_config", "PREPROCESSING_FIELDS": "data_config",
+             "IMAGE_SUFFIXES": "data_readers", "to_pil": "data_transforms"}
+    home = importlib.import_module(f"lowrank_vit.stages.{homes[name]}")
+    with pytest.warns(DeprecationWarning, match=rf"stages\.data\.{name} moved to lowrank_vit\.stages\.{homes[name]}"):
+        assert getattr(data, name) is getattr(home, name)
+
+
+def test_a_name_the_data_module_never_had_is_an_attribute_error():
+    import lowrank_vit.stages.data as data
+
+    with pytest.raises(AttributeError, match="'lowrank_vit.stages.data' has no attribute 'DataSettings'"):
+        data.DataSettings  # noqa: B018

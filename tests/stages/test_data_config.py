@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowrank_vit.stages.data import (
-    DataConfig,
-)
+from lowrank_vit.stages.data_config import DataConfig
 from tests.helpers import (
     make_tiny_vit,
 )
@@ -94,7 +92,7 @@ def test_mean_and_std_name_what_is_wrong_with_them(value):
 def test_a_non_positive_image_size_is_refused(size):
     """img_size=0 (or negative) would fail later inside timm's transforms with an unrelated message: the config
     refuses it at once, naming the field."""
-    from lowrank_vit.stages.data import DataConfig
+    from lowrank_vit.stages.data_config import DataConfig
 
     with pytest.raises(ValueError, match="img_size must be a positive integer"):
         DataConfig(name="mnist-5k", img_size=size)
@@ -106,7 +104,8 @@ def test_a_missing_column_error_lists_every_column_of_a_wide_table_and_the_fix(t
     datasets = pytest.importorskip("datasets")
     from PIL import Image
 
-    from lowrank_vit.stages.data import DataConfig, DataFormatError, build_datamodule
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig, DataFormatError
 
     columns = {f"measurement_column_{i:02d}": list(range(4)) for i in range(30)}
     columns["img"] = [Image.new("L", (8, 8), i) for i in range(4)]

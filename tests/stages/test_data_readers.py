@@ -10,15 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lowrank_vit.stages.data import (
-    DataConfig,
-    DataFormatError,
-    DataNotFoundError,
-    MNIST5kDataModule,
-    build_datamodule,
-    load_mnist_5k,
-    stratified_split,
-)
+from lowrank_vit.stages.data import MNIST5kDataModule, build_datamodule
+from lowrank_vit.stages.data_config import DataConfig, DataFormatError, DataNotFoundError
+from lowrank_vit.stages.data_readers import load_mnist_5k, stratified_split
 from tests.helpers import (
     _cfg,
     _one_line,
@@ -40,7 +34,8 @@ def test_the_unlabelled_hold_out_is_seeded_and_never_empties_a_side():
 
 @pytest.mark.usefixtures("offline")
 def test_a_ground_truth_file_names_what_it_lacks_as_a_list(tmp_path):
-    from lowrank_vit.stages.data import DataFormatError, read_val_labels
+    from lowrank_vit.stages.data_config import DataFormatError
+    from lowrank_vit.stages.data_readers import read_val_labels
 
     images = [tmp_path / f"{c}.png" for c in "abcde"]
     csv = tmp_path / "truth.csv"

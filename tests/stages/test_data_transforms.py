@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_vit.stages.data import (
-    resolve_preprocessing,
-)
+from lowrank_vit.stages.data_transforms import resolve_preprocessing
 from tests.helpers import (
     make_tiny_vit,
 )
@@ -18,7 +16,7 @@ from tests.helpers import (
 def test_an_array_whose_first_and_last_axes_could_both_be_channels_is_read_channels_last():
     """(3, 5, 3): channels-first only when the last axis cannot be channels; here it can, so it is 3 rows of 5
     pixels of 3 channels, as PIL and Hugging Face datasets store images."""
-    from lowrank_vit.stages.data import to_pil
+    from lowrank_vit.stages.data_transforms import to_pil
 
     array = np.arange(45, dtype=np.uint8).reshape(3, 5, 3)
     image = to_pil(array)
@@ -109,7 +107,7 @@ def test_normalization_statistics_that_fit_no_channel_count_are_refused_with_bot
 def test_array_images_in_any_layout_and_scale_become_the_same_picture():
     """An image column holding arrays: uint8 (H, W, C), channels first (C, H, W), and floats in [0, 1] all decode
     to the same uint8 picture (floats are scaled by 255, not truncated to black)."""
-    from lowrank_vit.stages.data import to_pil
+    from lowrank_vit.stages.data_transforms import to_pil
 
     pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
     expected = np.asarray(to_pil(pixels))
@@ -128,7 +126,7 @@ def test_preprocessing_follows_the_model():
 def test_tensor_transform_on_a_non_square_image_shifts_within_the_frame_and_matches_channels():
     """A 5x7 grey image into a 3-channel model, shifted: every output pixel is a source pixel (or the zero padding)
     at the drawn offset, normalized by the user's values; computed here by index, not by the transform."""
-    from lowrank_vit.stages.data import TensorImageTransform
+    from lowrank_vit.stages.data_transforms import TensorImageTransform
 
     image = torch.arange(35, dtype=torch.uint8).reshape(1, 5, 7) * 7
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.2)
@@ -147,7 +145,7 @@ def test_tensor_transform_on_a_non_square_image_shifts_within_the_frame_and_matc
 
 
 def test_tensor_transform_averages_colour_into_a_grey_model_on_a_non_square_image():
-    from lowrank_vit.stages.data import TensorImageTransform
+    from lowrank_vit.stages.data_transforms import TensorImageTransform
 
     image = torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     out = TensorImageTransform((1, 4, 6), (0.4,), (0.3,))(image)
@@ -156,7 +154,7 @@ def test_tensor_transform_averages_colour_into_a_grey_model_on_a_non_square_imag
 
 
 def test_tensor_transform_keeps_each_colour_channel_of_a_colour_image():
-    from lowrank_vit.stages.data import TensorImageTransform
+    from lowrank_vit.stages.data_transforms import TensorImageTransform
 
     image = torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     mean, std = torch.tensor([0.3, 0.5, 0.7]), torch.tensor([0.2, 0.4, 0.6])
@@ -167,7 +165,7 @@ def test_tensor_transform_keeps_each_colour_channel_of_a_colour_image():
 def test_arrays_become_images_with_their_values_clipped_and_their_channels_found():
     """Float arrays on the 0-255 scale are clipped to it (300 -> 255, -5 -> 0), not wrapped around by the uint8
     cast; a channels-first array is recognised whenever its last axis cannot be channels, a width of 2 included."""
-    from lowrank_vit.stages.data import to_pil
+    from lowrank_vit.stages.data_transforms import to_pil
 
     values = np.array([[300.0, -5.0, 128.0], [2.0, 255.0, 17.0]], dtype=np.float32)
     assert np.array_equal(np.asarray(to_pil(values)), np.array([[255, 0, 128], [2, 255, 17]], dtype=np.uint8))
@@ -178,7 +176,7 @@ def test_arrays_become_images_with_their_values_clipped_and_their_channels_found
 def test_a_one_channel_channels_first_array_becomes_a_grey_image():
     """A Hugging Face image column may hold (1, H, W) arrays (a grey image stored channels first): each must become
     the H x W grey picture, not a one-pixel-high strip or an error."""
-    from lowrank_vit.stages.data import to_pil
+    from lowrank_vit.stages.data_transforms import to_pil
 
     pixels = np.random.default_rng(0).integers(0, 256, (7, 5), dtype=np.uint8)
     image = to_pil(pixels[None])

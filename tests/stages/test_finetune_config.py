@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowrank_vit.stages.finetune import (
-    FinetuneConfig,
-    warmup_cosine,
-)
+from lowrank_vit.stages.finetune_config import FinetuneConfig, warmup_cosine
 
 
 @pytest.mark.usefixtures("offline")

@@ -9,10 +9,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from lowrank_vit import CompressionConfig, compress
-from lowrank_vit.stages.finetune import (
-    FinetuneConfig,
-    finetune,
-)
+from lowrank_vit.stages.finetune import finetune
+from lowrank_vit.stages.finetune_config import FinetuneConfig
 from lowrank_vit.stages.logging_utils import (
     RANK_COLUMNS,
     has_wandb_api_key,
