@@ -228,3 +228,44 @@ def test_names_are_imported_from_the_module_that_defines_them():
                     passed_on.append(f"{where}:{node.lineno}: {alias.name} from {node.module} "
                                      f"(defined in {imported[alias.name]})")
     assert not passed_on, "\n".join(passed_on)
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(("lowrank_vit", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _imports_for_the_reader(path: Path) -> set[str]:
+    """The package's modules a module imports outside its functions, the ``TYPE_CHECKING`` block included (a cycle
+    through annotations is still a cycle a reader has to untangle)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        for inner in ast.walk(node) if isinstance(node, ast.If | ast.Try | ast.Import | ast.ImportFrom) else ():
+            ours = isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("lowrank_vit")
+            if ours and inner.level == 0:
+                found.update(f"{inner.module}.{alias.name}" if _module_file(f"{inner.module}.{alias.name}") else
+                             inner.module for alias in inner.names)
+            elif isinstance(inner, ast.Import):
+                found.update(alias.name for alias in inner.names if alias.name.startswith("lowrank_vit"))
+    return found
+
+
+def test_no_two_modules_import_each_other_even_for_annotations():
+    """The imports at the modules' tops form no cycle: a depth-first search over them finds no edge back to a module
+    still on its path."""
+    graph = {_module_name(p): {m for m in _imports_for_the_reader(p) if _module_file(m)} for p in PACKAGE.rglob("*.py")}
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*path[path.index(target):], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(cycles)

@@ -4,16 +4,25 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+from torch import nn
 
 from lowrank_vit.cli.base import UserError
 from lowrank_vit.stages.data_config import check_preprocessing
 from lowrank_vit.stages.data_transforms import resolve_preprocessing
 
-if TYPE_CHECKING:
-    from lowrank_vit.cli.sources import Source
 
+class CarriesPreprocessing(Protocol):
+    """What the resolution reads of a model source (:class:`lowrank_vit.cli.sources.Source` is one): named by its
+    shape, because sources.py reads this module's field lists and the imports run one way."""
 
+    model: nn.Module
+    architecture: str
+    description: str
+    preprocessing: dict[str, Any]
+    carried_from: str
+    record: dict[str, Any]
 
 
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
@@ -30,7 +39,8 @@ def user_preprocessing(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
 
 
-def resolve_model_preprocessing(source: Source, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+def resolve_model_preprocessing(source: CarriesPreprocessing,
+                                args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
     """The preprocessing in use (the user's flags, else what the weights carry, else timm's pretrained config, at the
     model's own input size) and where each field came from.
 
