@@ -26,12 +26,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from experiments._rows import ARCHS
-from lowrank_vit import (
-    CompressionConfig,
-    FactorizedLinear,
-    compress,
-)
+from lowrank_vit import compress
 from lowrank_vit.cli import main as cli_main
 from lowrank_vit.config import (
     DECOMPOSITIONS,

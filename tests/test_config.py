@@ -9,9 +9,6 @@ import re
 import pytest
 import torch
 
-from lowrank_vit import (
-    CompressionConfig,
-)
 from lowrank_vit.config import (
     DECOMPOSITIONS,
     CompressionConfig,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments.any_output_study import render
-from lowrank_vit import CompressionConfig, count_params
+from lowrank_vit import count_params
 from lowrank_vit.config import CompressionConfig
 from lowrank_vit.methods.decompositions import METHODS
 from tests.helpers import (

@@ -10,13 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_vit import (
-    CompressionConfig,
-    FactorizedLinear,
-    compress,
-    count_params,
-    get_adapter,
-)
+from lowrank_vit import compress, count_params
 from lowrank_vit import config as config_module
 from lowrank_vit.config import (
     RECIPES,

@@ -9,10 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_vit import (
-    FactorizedLinear,
-    load_compressed,
-)
 from lowrank_vit.io.surgery import load_compressed, read_plan
 from lowrank_vit.nn.adapters import get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_vit import load_compressed
 from lowrank_vit.cli import main as cli_main
 from lowrank_vit.io.surgery import load_compressed, read_plan
 from tests.helpers import (

@@ -17,16 +17,7 @@ from lowrank_vit.core.latency import (
     LatencyTable,
     Timing,
 )
-from tests.helpers import (
-    ARCH,
-    CLI_MODEL,
-    _compress_argv,
-    _fabricated,
-    _latency_model,
-    cli,
-    one_line_error,
-    patch_everywhere,
-)
+from tests.helpers import CLI_MODEL, _compress_argv, _fabricated, _latency_model, cli, one_line_error, patch_everywhere
 
 ARCH = "vit_tiny_patch16_224"
 

@@ -8,19 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_vit import CompressionConfig, compress, load_compressed, quantize_, save_compressed
+from lowrank_vit import CompressionConfig, compress, quantize_, save_compressed
 from lowrank_vit.io.export import UnsupportedLayerError, export_onnx, onnx_logits, prepare_for_export
 from lowrank_vit.io.surgery import load_compressed
 from lowrank_vit.nn.factorized import FactorizedLinear, LowRankZ, RowSparseZ, SparseZ
-from tests.helpers import (
-    DenseHeadViT,
-    _compressed,
-    _compressed_named,
-    has_module,
-    make_images,
-    make_tiny_vit,
-    norm_relative_error,
-)
+from tests.helpers import DenseHeadViT, _compressed_named, has_module, make_images, make_tiny_vit, norm_relative_error
 
 
 @pytest.mark.usefixtures("offline")

@@ -19,7 +19,6 @@ from torch import nn
 
 from lowrank_vit import (
     CompressionConfig,
-    FactorizedLinear,
     LowRankZ,
     RowSparseZ,
     SparseZ,

@@ -8,11 +8,7 @@ import math
 import pytest
 import torch
 
-from lowrank_vit import (
-    CompressionConfig,
-    compress,
-    count_params,
-)
+from lowrank_vit import compress, count_params
 from lowrank_vit.config import COMPENSATIONS, CompressionConfig, recipe
 from lowrank_vit.core.decompose import weighted_error, whitened_svd, whitening
 from lowrank_vit.methods.compensate import (

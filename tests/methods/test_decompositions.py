@@ -7,11 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from lowrank_vit import (
-    CompressionConfig,
-    compress,
-    count_params,
-)
+from lowrank_vit import compress, count_params
 from lowrank_vit.config import (
     DECOMPOSITIONS,
     CompressionConfig,

@@ -9,13 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_vit import (
-    FactorizedLinear,
-    compress,
-    get_adapter,
-    load_compressed,
-    save_compressed,
-)
+from lowrank_vit import compress, load_compressed, save_compressed
 from lowrank_vit.config import recipe
 from lowrank_vit.nn.adapters import TimmViTAdapter, get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear

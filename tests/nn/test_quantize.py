@@ -5,15 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_vit import (
-    FactorizedLinear,
-    compress,
-    count_params,
-    load_compressed,
-    model_size_mib,
-    quantize_,
-    save_compressed,
-)
+from lowrank_vit import compress, count_params, load_compressed, model_size_mib, quantize_, save_compressed
 from lowrank_vit.config import recipe
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.nn.quantize import quantize_tensor

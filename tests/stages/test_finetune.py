@@ -34,7 +34,6 @@ from lowrank_vit.stages.finetune_config import FinetuneConfig
 from tests.helpers import (
     QUIET,
     REPO,
-    _compressed,
     _compressed_at,
     _compressed_named,
     _loader,
