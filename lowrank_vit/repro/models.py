@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowrank_vit.core.common import smooth_images
-from lowrank_vit.io.checkpoints import CheckpointError, read_state_dict
+from lowrank_vit.io.checkpoints import CheckpointError, checkpoint_format, read_state_dict
 from lowrank_vit.io.convert import ConversionError, to_timm
+from lowrank_vit.io.vmamba import VMambaCheckpointError, is_vmamba_layout, read_vmamba_checkpoint, vmamba_to_vssm
 from lowrank_vit.nn.adapters import TimmViTAdapter, timm_with_our_models
 from lowrank_vit.repro.registry import (
     ModelConfig,
@@ -43,13 +46,16 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
     if not timm.is_model(cfg.name.split(".")[0]):
         raise ValueError(f"timm has no model {cfg.name!r}")
     if cfg.checkpoint is not None:
+        if is_vssm_name(cfg.name):  # may be VMamba's own layout, whose shapes fix the constructor arguments
+            return load_vssm_checkpoint(cfg.name, cfg.checkpoint, cfg.kwargs).eval()
         return load_checkpoint_(timm.create_model(cfg.name, pretrained=False, **cfg.kwargs), cfg.checkpoint).eval()
     try:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
     except NoPretrainedWeightsError as err:
         raise SetupError(f"{cfg.name} has no trained weights here (none ship for this library's implementation, "
-                         "lowrank_vit/nn/vssm.py): pass a safetensors checkpoint in its layout with --set "
-                         "model.checkpoint=PATH, or use --scale smoke") from err
+                         "lowrank_vit/nn/vssm.py): pass a checkpoint in its layout, or one of VMamba's released "
+                         "classification .pth files (docs/vmeanba.md), with --set model.checkpoint=PATH, or use "
+                         "--scale smoke") from err
     except (OSError, RuntimeError, ValueError) as err:
         if not cfg.pretrained:
             raise
@@ -61,6 +67,69 @@ def build_model(cfg: ModelConfig, progress: bool = True) -> nn.Module:
         ) from err
     return model.eval()
 
+
+
+def is_vssm_name(name: str) -> bool:
+    """Whether a timm name is one of the state-space models of ``nn/vssm.py`` (``vmamba_*``, ``vssm_micro``)."""
+    from lowrank_vit.nn.vssm import MODEL_NAMES
+
+    return name.split(".")[0] in MODEL_NAMES
+
+
+def _vmamba_file(path: Path) -> dict[str, torch.Tensor] | None:
+    """The state dict of a PyTorch file in VMamba's layout (read weights-only, its training configuration allowed
+    as a plain dict), else None: a safetensors file, or a state dict in this library's layout, loads as any other."""
+    if not path.is_file() or checkpoint_format(path) != "torch":
+        return None
+    try:
+        tensors = read_vmamba_checkpoint(path)
+    except VMambaCheckpointError as err:
+        if "refuses" in str(err):  # the refusal that names VMamba's reader; load_checkpoint_ words the others
+            raise SetupError(f"model {err}") from None
+        return None
+    return tensors if is_vmamba_layout(tensors) else None
+
+
+def _merge_vmamba_kwargs(inferred: dict[str, Any], user: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The user's constructor arguments over the ones a VMamba checkpoint's shapes fix; a contradiction of the
+    latter is refused, naming it (the weights would not load)."""
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if key == "depths":
+            return [int(d) for d in a] == [int(d) for d in b]
+        if key in ("ssm_ratio", "mlp_ratio"):  # what the widths come to, int(ratio * width), is what matters
+            return isinstance(a, (int, float)) and int(a * inferred["embed_dim"]) == int(b * inferred["embed_dim"])
+        return bool(a == b)
+
+    for key, value in user.items():
+        if key in inferred and not same(key, value, inferred[key]):
+            raise SetupError(f"model checkpoint {str(path)!r} is a VMamba checkpoint whose tensors fix {key}="
+                             f"{json.dumps(inferred[key])}, and model.kwargs give {key}={json.dumps(value)}: drop it "
+                             f"or make them agree")
+    return {**inferred, **user}
+
+
+def load_vssm_checkpoint(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> nn.Module:
+    """A state-space model of ``nn/vssm.py`` with a checkpoint's weights. A PyTorch file in VMamba's own layout (its
+    released classifiers, ``io/vmamba.py``) is converted, and the constructor arguments its shapes fix (width, depths,
+    ssm_ratio, stem...) go under ``kwargs``, so that any of these names builds the shape the file holds; any other
+    file loads as :func:`load_checkpoint_` says.
+
+    Raises:
+        SetupError: as :func:`load_checkpoint_`; a VMamba file the weights-only reader refuses, whose layout does not
+            convert, or that contradicts ``kwargs``.
+    """
+    timm = timm_with_our_models()
+    path = Path(path).expanduser()
+    tensors = _vmamba_file(path)
+    if tensors is None:
+        return load_checkpoint_(timm.create_model(name, pretrained=False, **kwargs), path)
+    try:
+        converted, inferred = vmamba_to_vssm(tensors)
+    except VMambaCheckpointError as err:
+        raise SetupError(f"model checkpoint {str(path)!r}: {err}") from None
+    model = timm.create_model(name, pretrained=False, **_merge_vmamba_kwargs(inferred, kwargs, path))
+    return _load_tensors_(model, converted, path, [], ", converted from VMamba's layout")
 
 
 def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -87,7 +156,13 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise SetupError(f"model checkpoint {str(path)!r}: {err}") from None
     done = "" if converted.layout == "timm" else f", converted from {converted.layout}" + "".join(
         f"; {note}" for note in converted.notes)
-    tensors = converted.state_dict
+    return _load_tensors_(model, converted.state_dict, path, notes, done)
+
+
+def _load_tensors_(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, notes: list[str],
+                   done: str) -> nn.Module:
+    """Load a state dict read from ``path`` into ``model`` strictly, after checking keys, shapes and values; the
+    refusal names the differences and what reading (``notes``) and conversion (``done``) did."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
