@@ -71,6 +71,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # tokens) instead of the calibration's own tokens: the ablation of that unit (docs/peers.md)
     "svd-llm-v2-loss-tokens": {**LIBRARY_RECIPES["svd-llm-v2"], "settings": {"loss_tokens": 256 * 2048}},
     "kfac-lems": LIBRARY_RECIPES["kfac-lems"],
+    # COMCAT (docs/peers.md): its head-level factorization with our allocation (the registry's "comcat" rows:
+    # greedy ranks on the heads' and MLPs' plain spectra, no Z), and with its own search (lowrank_vit.methods.comcat_search)
+    "comcat-ours": dict(decomposition="comcat", allocation="greedy", compensation="none"),
+    "comcat-search": LIBRARY_RECIPES["comcat-search"],
     # the closest peer's two halves apart: the default with LEMS's exact integer program on its own predicted losses,
     # and KFAC-SVD's decomposition with the default's marginal allocation
     "la-integer": {**_DEFAULT, "allocation": "integer"},

@@ -22,6 +22,7 @@ from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers 
 from lowrank_vit.core.allocate import POLICIES, get_policy
 from lowrank_vit.core.common import check_count, check_number, from_fields, settings_of
 from lowrank_vit.core.likelihood import check_likelihood_choice, check_output_key, likelihood_label
+from lowrank_vit.methods import comcat_search as _comcat_search  # noqa: F401  (registers COMCAT's search)
 from lowrank_vit.methods.compensate import SOLVERS, Z_KINDS
 from lowrank_vit.methods.decompositions import METHODS, get_method
 from lowrank_vit.methods.units import NO_MODULES
@@ -53,15 +54,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "svd-llm-update": dict(decomposition="svd_llm", allocation="uniform", compensation="none", refit=True),
     "svd-llm-v2": dict(decomposition="svd_llm", allocation="svd_llm_v2", compensation="none"),
     "kfac-lems": dict(decomposition="kfac", allocation="lems", compensation="none"),
+    "comcat-search": dict(decomposition="comcat", allocation="comcat_search", compensation="none"),
 }
 """Named recipes: settings on top of the other fields' defaults. "loss-aware" is the default (the best recipe
 measured, docs/loss_aware_study.md); "paper" is Azizi et al.'s recipe as this library implements it exactly (whitened
 SVD, Algorithm 1 on normalized energies, closed-form low-rank Z of 5%); "vanilla" is Table 2's vanilla SVD (plain
 SVD of W, the same retained fraction in every layer, no Z). "flar-svd", "svd-llm", "svd-llm-v2" and "kfac-lems" are
-the peers of docs/peers.md with their published settings (FLAR-SVD; SVD-LLM's published pipeline, its
-truncation-aware whitening with uniform ranks; SVD-LLM v2's heterogeneous ratios; KFAC-SVD with LEMS's integer
-program); "svd-llm-update" is SVD-LLM with the sequential update of one factor that its code carries but its
-published pipeline does not run."""
+the peers of docs/peers.md with their published settings ("comcat-search": COMCAT's head-level factorization with
+its own differentiable rank search and distillation, lowrank_vit/methods/comcat_search.py; FLAR-SVD; SVD-LLM's
+published pipeline, its truncation-aware whitening with uniform ranks; SVD-LLM v2's heterogeneous ratios; KFAC-SVD
+with LEMS's integer program); "svd-llm-update" is SVD-LLM with the sequential update of one factor that its code
+carries but its published pipeline does not run."""
 
 
 def setting_owners() -> dict[str, list[str]]:

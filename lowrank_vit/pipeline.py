@@ -170,7 +170,8 @@ def _resolve_output(model: nn.Module, setup: _Setup, calib_images: Iterable) -> 
     report then records the likelihood used. Returns the calibration batches to use (a one-shot iterator's first
     batch put back)."""
     cfg = setup.cfg
-    if not (get_method(cfg.decomposition).gradient_pass or get_policy(cfg.allocation).needs_probe):
+    policy = get_policy(cfg.allocation)
+    if not (get_method(cfg.decomposition).gradient_pass or policy.needs_probe or policy.search is not None):
         return setup, calib_images
     images, calib_images = first_calibration_images(calib_images)
     resolved = resolve_likelihood(model, images[:8].to(setup.device), cfg.likelihood, cfg.output_key)
@@ -208,7 +209,8 @@ def _latency_report(setup: _Setup, ranks: dict[str, int | None]) -> dict[str, An
 
 def _keeps_images(cfg: CompressionConfig) -> bool:
     """Whether the calibration images are needed again after the statistics (the refit, a probing allocation)."""
-    return cfg.refit or get_policy(cfg.allocation).needs_probe
+    policy = get_policy(cfg.allocation)
+    return cfg.refit or policy.needs_probe or policy.search is not None
 
 
 def _held_out_probe(cfg: CompressionConfig) -> int:
@@ -307,6 +309,9 @@ def plan_compression(model: nn.Module, calib_images: Iterable, config: Compressi
 def _plan(model: nn.Module, calib_images: Iterable, config: CompressionConfig | None,
           overrides: dict[str, Any]) -> CompressionPlan:
     setup = _setup(model, config, overrides)
+    if get_policy(setup.cfg.allocation).search is not None:
+        raise ValueError(f"allocation={setup.cfg.allocation!r} trains the model while it searches its ranks: a plan "
+                         "cannot show them without running the search; run compress")
     setup, calib_images = _resolve_output(model, setup, calib_images)
     cfg = setup.cfg
     method = get_method(cfg.decomposition)
@@ -372,6 +377,11 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     cfg, clock = setup.cfg, StageClock(setup.device)
     kept_images, calib_images, probe_images = (_kept_batches(calib_images, cfg) if _keeps_images(cfg)
                                                else ([], calib_images, []))
+    found = None
+    search = get_policy(cfg.allocation).search
+    if search is not None:  # COMCAT's: trains the model, so it runs before the statistics are taken
+        with clock.stage("search"):
+            found = search(model, calib_images, setup)
     with clock.stage("calibration"):
         tokens = settings_of(cfg, SgdSettings).sgd_tokens_per_image if cfg.fits_z_by_sgd else 0
         stats, scales = _calibrate(model, setup, calib_images, tokens)
@@ -379,7 +389,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         decompositions, whitenings = _decompose(setup, stats, scales, clock)
     with clock.stage("allocation"):
         curves = {name: _energy_curve(cfg, d.singular_values) for name, d in decompositions.items()}
-        allocation = _allocate(setup, curves, _probe(model, setup, decompositions, probe_images))
+        allocation = _allocate(setup, curves, found or _probe(model, setup, decompositions, probe_images))
     kept_images = kept_images if cfg.refit else []  # the probe's alone: free them
     del probe_images
     with clock.stage("compensation", less="report_errors"):  # the report's errors are not the stage's

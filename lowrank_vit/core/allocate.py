@@ -331,6 +331,10 @@ class Policy:
     prices_latency: bool = False
     """Whether its curves are absolute losses comparable across layers, so that ``target_speedup`` can spend them
     per millisecond (:func:`lowrank_vit.core.latency.allocate_latency`)."""
+    search: Callable[[Any, list, Any], Any] | None = None
+    """A search that trains the model before it is calibrated (COMCAT's, :mod:`lowrank_vit.methods.comcat_search`):
+    (model, calibration batches, the pipeline's setup) -> what ``run`` then reads in place of a probe. It may change
+    the model's weights; ``plan`` cannot run it."""
     probe_forwards: Callable[[list[tuple[int, int]], Any], int] | None = None
     """Where ``needs_probe``: how many forward passes over the probe images it runs, from the layers' (in, out)
     shapes and its settings (the cost estimate of ``lowrank-vit reproduce --estimate`` reads it)."""

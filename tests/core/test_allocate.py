@@ -551,7 +551,7 @@ def test_unreachable_reduction_names_the_largest_reachable_one(capsys):
 def test_allocation_policies_match_the_config_choices():
     assert tuple(POLICIES) == ALLOCATIONS
     assert [name for name, policy in POLICIES.items() if policy.records_trace] == \
-        ["marginal", "integer", "lems", "flar", "svd_llm_v2"]
+        ["marginal", "integer", "lems", "flar", "svd_llm_v2", "comcat_search"]
     assert [name for name, policy in POLICIES.items() if policy.needs_probe] == ["lems", "flar"]
     with pytest.raises(ValueError, match="unknown allocation 'nope'; registered: uniform"):
         get_policy("nope")
