@@ -4,8 +4,10 @@ predicted beside measured latency.
     python benchmarks/latency.py --model deit_small --reduction 0.5 0.7 --target-speedup 1.5 2 \
         --batch-size 1 8 32 --runtime torch onnxruntime --json benchmarks/results/latency_deit_small_cpu.json
 
-For every batch size and runtime the dense model (random weights: speed does not depend on the values) is profiled
-first (``lowrank_vit.speed.cached_profile``: a layer latency table at that batch, in that runtime, on this machine),
+For every batch size and runtime (the library's: ``torch``, ``torch.compile``, ``onnxruntime``, as the CLI's
+``--runtime``; :mod:`lowrank_vit.speed.runtimes`) the dense model (random weights: speed does not depend on the
+values) is profiled first (``lowrank_vit.speed.cached_profile``: a layer latency table at that batch, in that runtime,
+on this machine),
 then compressed in three ways, all of them at ranks in multiples of 8:
 
 * ``params@R``: the parameter target R alone, the allocation blind to speed (``latency_limit=False``);
@@ -52,7 +54,7 @@ from _common import (  # noqa: E402
 from lowrank_vit import CompressionConfig, FactorizedLinear, compress, count_params, get_adapter  # noqa: E402
 from lowrank_vit.core.budget import LayerBudget  # noqa: E402
 from lowrank_vit.core.latency import predicted_ms  # noqa: E402
-from lowrank_vit.speed import cached_profile, time_models  # noqa: E402
+from lowrank_vit.speed import RUNTIMES, cached_profile, time_models  # noqa: E402
 
 
 def build_parser() -> ArgumentParser:
@@ -64,7 +66,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--target-speedup", type=float, nargs="*", default=[1.5, 2.0],
                         help="latency targets (default: 1.5 2)")
     parser.add_argument("--batch-size", type=positive_int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--runtime", nargs="+", default=["torch"], choices=("torch", "onnxruntime"))
+    parser.add_argument("--runtime", nargs="+", default=["torch"], choices=list(RUNTIMES),
+                        help="what runs the models: the library's runtimes (lowrank_vit/speed/runtimes.py), as "
+                             "lowrank-vit profile --runtime: torch (eager), torch.compile (inductor: every form "
+                             "compiled once, slow to profile), onnxruntime (CPU)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=positive_int, default=7, help="interleaved repeats (median reported)")

@@ -63,9 +63,9 @@ def test_list_show_and_plan_do_not_import_lightning():
 
 # The data flow, bottom up: the mathematics, the modules of a compressed model, the methods and what leaves the
 # process, the configuration and the report, the Lightning stages and the compression pipeline, the reproduction
-# machinery, the command line, the old paths kept for one release, the package's face.
+# machinery, the command line, the package's face.
 LAYERS = {"core": 0, "nn": 1, "methods": 2, "io": 2, "speed": 2, "config": 3, "reports": 3, "stages": 4, "pipeline": 4,
-          "repro": 5, "cli": 6, "harness": 7, "__init__": 8}
+          "repro": 5, "cli": 6, "__init__": 7}
 
 
 def _layer(module: str) -> str:
@@ -205,12 +205,12 @@ def _own_and_imported_names(path: Path) -> tuple[set[str], dict[str, str]]:
 
 def test_names_are_imported_from_the_module_that_defines_them():
     """A name of the package is imported from its home, never through a module that merely imported it too: the
-    package's faces (a package's ``__init__``: ``lowrank_vit``, ``lowrank_vit.speed``) and the old paths kept for one
-    release with a warning are the only ways round. Library, experiments, benchmarks, tools and tests alike, so that a
-    reader who follows an import lands on the definition, and a module's imports are free to change."""
+    package's faces (a package's ``__init__``: ``lowrank_vit``, ``lowrank_vit.speed``) are the only way round.
+    Library, experiments, benchmarks, tools and tests alike, so that a reader who follows an import lands on the
+    definition, and a module's imports are free to change."""
     sources = [p for folder in ("lowrank_vit", "experiments", "benchmarks", "tools", "tests")
                for p in PACKAGE.parent.joinpath(folder).rglob("*.py")
-               if p != PACKAGE / "__init__.py" and PACKAGE / "harness" not in p.parents]
+               if p != PACKAGE / "__init__.py"]
     passed_on = []
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -62,8 +62,7 @@ def test_every_test_starts_from_the_same_seed(draw):
 # Where tests live: tests/ mirrors the package
 
 HOMES = {"lowrank_vit/__init__.py": "tests/test_api.py"}
-"""Modules whose tests do not follow the rule, and the file that holds them: the package's face (its public names and
-the old module paths it keeps for one release)."""
+"""Modules whose tests do not follow the rule, and the file that holds them: the package's face (its public names)."""
 FEATURES = {
     # files of tests of a feature that spans modules, with no module of its own
     "tests/cli/test_snapshot.py": "the command line's reference outputs (every command's --help and refusals)",
@@ -85,10 +84,8 @@ def _home(module: Path) -> str:
 
 
 def _library_modules() -> list[Path]:
-    shims = REPO / "lowrank_vit" / "harness"  # the old paths kept for one release: tests/test_api.py checks them
     return sorted(p for p in (REPO / "lowrank_vit").rglob("*.py")
-                  if (p.name != "__init__.py" or p.parent.name == "lowrank_vit") and shims not in p.parents
-                  and p.parent != shims)
+                  if p.name != "__init__.py" or p.parent.name == "lowrank_vit")
 
 
 def test_every_library_module_has_a_home_for_its_tests():
@@ -138,3 +135,65 @@ def test_no_test_module_imports_another():
                 if module.split(".")[-1].startswith("test_") or module.split(".")[-1] == "conftest":
                     found.append(f"{path.relative_to(REPO)}:{node.lineno}: {module}")
     assert not found, "\n".join(found)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the repository tracks: no results, models or run folders outside the places meant for them
+
+RESULT_PLACES = ("experiments/models/", "experiments/results/", "benchmarks/results/", "docs/", "tests/fixtures/")
+"""Where tracked results, models and figures belong: the published models and results, the benchmarks' records, the
+documentation's figures, the tests' fixtures."""
+RESULT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".onnx", ".bin", ".npy", ".npz", ".pkl", ".png", ".jpg",
+                   ".jpeg", ".json", ".jsonl")
+"""Weights, checkpoints, exported models, arrays, figures and results (a command's JSON records)."""
+RUN_FOLDERS = ("lightning_logs", "wandb", "mlruns")
+"""Folders of a training run's logs: tracked nowhere."""
+OUTPUT_FOLDERS = ("results", "runs", "outputs")
+"""Folders a run writes its outputs in: tracked only as the places above."""
+
+
+def stray_results(paths: list[str]) -> list[str]:
+    """The tracked paths (relative, ``/``-separated, as ``git ls-files`` gives them) that hold a result, a model or a
+    run folder outside :data:`RESULT_PLACES`, each with the reason."""
+    stray = []
+    for path in paths:
+        folders = path.split("/")[:-1]
+        placed = path.startswith(RESULT_PLACES)
+        if any(part in RUN_FOLDERS for part in folders):
+            stray.append(f"{path} (a run's log folder)")
+        elif placed:
+            continue
+        elif any(part in OUTPUT_FOLDERS for part in folders):
+            stray.append(f"{path} (an output folder outside {', '.join(RESULT_PLACES)})")
+        elif path.lower().endswith(RESULT_SUFFIXES):
+            stray.append(f"{path} (a model, figure or result outside {', '.join(RESULT_PLACES)})")
+    return stray
+
+
+def test_the_judge_of_tracked_paths_finds_results_models_and_run_folders_out_of_place():
+    fine = ["README.md", "pyproject.toml", "lowrank_vit/cli/main.py", "docs/figures/ranks.png",
+            "docs/mutation_history.json", "experiments/results/loss_aware_study.json",
+            "experiments/models/cifar10/model.safetensors", "benchmarks/results/latency_deit_small_cpu.json",
+            "tests/fixtures/checkpoint_v1/model.safetensors", "tests/fixtures/cli_reference.json",
+            "benchmarks/latency.py", "tests/stages/test_results.py", "lowrank_vit/reports.py"]
+    assert stray_results(fine) == []
+    stray = ["x/ablation/deit_s/vanilla-svd-ft-50/model/model.safetensors", "x/ablation/deit_s/result.json",
+             "x/.dense/0c78474d91199d0c6115d538.json", "model.ckpt", "lowrank_vit/weights.pt", "tools/w.pth",
+             "out/deit.onnx", "ranks.png", "photo.JPG", "results/rehearse.jsonl", "results/demo/table2.txt",
+             "lightning_logs/version_0/hparams.yaml", "experiments/results/wandb/run-1/files/config.yaml",
+             "runs/a/notes.txt", "outputs/log.txt", "benchmarks/runs/a.txt"]
+    found = stray_results(stray)
+    assert [line.split(" (")[0] for line in found] == stray
+    assert "a run's log folder" in found[-5] and "an output folder" in found[-1]
+
+
+def test_the_tracked_tree_holds_no_results_outside_their_places():
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("git is not installed")
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    paths = [p for p in listed.stdout.decode(errors="replace").split("\0") if p]
+    stray = stray_results(paths)
+    assert not stray, "tracked outside the places meant for them (git rm --cached them):\n" + "\n".join(stray)

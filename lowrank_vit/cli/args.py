@@ -198,7 +198,9 @@ def _add_preprocessing(p: argparse.ArgumentParser) -> None:
                         "(needed with a --checkpoint that carries no mean and std, so that they are never guessed)")
 
 
-def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_data(p: argparse.ArgumentParser, required: bool = True, holdout: bool = True) -> None:
+    """The data options; ``holdout``: without a validation split the command holds out 20% of the images (compress,
+    finetune), or evaluates every image (evaluate: it learns from none)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", required=required,
                    help="an image folder (one subfolder per class, optionally under train/ and val/; for a model "
@@ -207,7 +209,8 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--image-column", help="image column (default: image, img, pixel_values or the Image feature)")
     g.add_argument("--label-column", help="label column (default: label, labels, fine_label or the ClassLabel)")
     g.add_argument("--train-split", default="train", help="the training split (default train)")
-    g.add_argument("--val-split", help="validation split (default: validation/val/test, else a 20%% hold-out)")
+    otherwise = "a 20%% hold-out" if holdout else "every image"
+    g.add_argument("--val-split", help=f"validation split (default: validation/val/test, else {otherwise})")
     g.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
     g.add_argument("--workers", type=int, help="DataLoader workers (default: min(4, cores - 1); capped at the cores)")
 
@@ -298,11 +301,11 @@ def add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="top-1/top-5 and the fidelity to the dense model, parameters, MiB and "
                                         "latency of a model")
     add_model(p, "MODEL_OR_DIR")
-    _add_data(p)
+    _add_data(p, holdout=False)
     _add_preprocessing(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--limit", type=positive_int, metavar="N",
-                   help="only the first N validation images, in the split's order (a quick look; default: all)")
+                   help="only the first N evaluation images, in the split's order (a quick look; default: all)")
     p.add_argument("--latency-batches", type=positive_int, nargs="*", default=list(LATENCY_BATCHES),
                    help="batch sizes timed (default 1 32; none: no timing)")
     p.add_argument("--repeats", type=positive_int, default=10,

@@ -8,9 +8,10 @@ The registry commands (``run``, ``reproduce``) reproduce the paper's tables; the
   weights and plan (:func:`lowrank_vit.io.surgery.save_compressed`), ``report.json``, ``ranks.png`` and a model card.
   The dense model's top-1 is reused from a cache when the same weights file was evaluated on the same data with the
   same preprocessing before (said on stderr; ``--no-cache``), or skipped with ``--no-dense-eval``.
-- ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split, parameters, MiB, latency; for a model
-  directory also its fidelity to the dense model it was compressed from (rebuilt from what compress recorded;
-  :mod:`~lowrank_vit.cli.fidelity`), the only figure for a model that is not a classifier or data without
+- ``evaluate MODEL_OR_DIR --data DATA``: top-1/top-5 on the validation split (where the data has none, on every
+  image: evaluate learns from none, so it holds none out as compress and finetune do), parameters, MiB, latency; for
+  a model directory also its fidelity to the dense model it was compressed from (rebuilt from what compress
+  recorded; :mod:`~lowrank_vit.cli.fidelity`), the only figure for a model that is not a classifier or data without
   labels.
 - ``finetune DIR --data DATA --epochs N --output NEWDIR``: the partial fine-tune, resumable, into a new directory.
 - ``export DIR --format onnx --output FILE [--fold] [--quantized qdq]``: an ONNX file with a dynamic batch axis
@@ -291,7 +292,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pre, origin = resolve_model_preprocessing(source, args)
     say_to_user(args, describe_preprocessing(pre, origin))
     model = source.model.to(device).eval()
-    dm = build_data(args, model, pre, calib_samples=1)  # no calibration here: do not draw (or warn about) a subset
+    # no calibration here: no subset drawn (or warned about); nothing learnt: no hold-out, every image where the data
+    # has no validation split
+    dm = build_data(args, model, pre, calib_samples=1, holdout=False)
+    if dm.val_origin == "all":
+        say_to_user(args, f"{args.data} has no validation split: every one of its {len(dm.val_dataset):,} images is "
+                          f"evaluated (--val-split names one)")
     top1 = measures_top1(model, dm)
     metrics = evaluate_on_user_data(model, dm, device, args, "evaluate") if top1 else {}
     fidelity, dense_note = _evaluate_fidelity(args, source, model, dm, device)

@@ -5,7 +5,11 @@ fidelity to the dense model (:mod:`lowrank_vit.cli.fidelity`).
 A model that is not a classifier (``num_classes`` 0, or 1: no class logits) reads its data without labels, whatever
 the data holds (an image folder with or without subfolders, a parquet file with or without a label column); a
 classifier reads the labels where the training split has a label column, and otherwise takes the images alone
-(``DataConfig.labels``)."""
+(``DataConfig.labels``).
+
+Which images each command scores: the validation split (``--val-split``, else the first of validation, val, valid,
+test present); where the data has none, ``compress`` and ``finetune`` hold out a seeded 20% of the images (they learn
+from the rest) and ``evaluate``, which learns from none, scores every image (``DataConfig.holdout``)."""
 
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def check_data_path(data: str) -> None:
 
 
 def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, calib_samples: int,
-                 augment: bool = False, labels: str = "required") -> Any:
+                 augment: bool = False, labels: str = "required", holdout: bool = True) -> Any:
     workers = default_workers() if args.workers is None else args.workers
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
@@ -67,8 +71,9 @@ def _data_config(args: argparse.Namespace, pre: dict[str, Any], *, calib_samples
     if height != width:
         raise UserError(f"the data loaders take square images; the model takes {height}x{width}")
     return DataConfig(**location, image_column=args.image_column, label_column=args.label_column, labels=labels,
-                      train_split=args.train_split, val_split=args.val_split, batch_size=args.batch_size,
-                      num_workers=workers, calib_samples=calib_samples, img_size=height, in_chans=channels,
+                      train_split=args.train_split, val_split=args.val_split, holdout=holdout,
+                      batch_size=args.batch_size, num_workers=workers, calib_samples=calib_samples, img_size=height,
+                      in_chans=channels,
                       augment=augment, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
                       crop_pct=pre.get("crop_pct"), interpolation=pre.get("interpolation"))
 
@@ -79,11 +84,13 @@ _DATA_FLAGS = {"path": "--data", "label_column": "--label-column", "image_column
 
 
 def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], *, calib_samples: int,
-               augment: bool = False) -> Any:
+               augment: bool = False, holdout: bool = True) -> Any:
     """The data module, loaded, with its class count checked against the model's head; ``calib_samples`` is what
     the command calibrates on (1 where it calibrates nothing, so no subset is drawn or warned about). A model that
     is not a classifier reads the images without labels; a classifier reads labels where there are some
-    (``dm.labelled`` says which)."""
+    (``dm.labelled`` says which). ``holdout``: where the data has no validation split, validate on a seeded 20% of
+    the images (True: a command that learns from the rest), or on every one of them (False: evaluation alone;
+    ``dm.val_origin`` is then "all")."""
     from lowrank_vit.stages.data import build_datamodule
 
     classifier = is_classifier(model)
@@ -93,7 +100,7 @@ def build_data(args: argparse.Namespace, model: nn.Module, pre: dict[str, Any], 
                         f"--label-column")
     try:
         cfg = _data_config(args, pre, calib_samples=calib_samples, augment=augment,
-                           labels="optional" if classifier else "none")
+                           labels="optional" if classifier else "none", holdout=holdout)
         dm = build_datamodule(cfg, model)
         dm.setup()
     except (DataFormatError, DataNotFoundError, ValueError) as err:  # the library's words for its fields: ours here

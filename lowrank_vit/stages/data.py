@@ -24,20 +24,22 @@ column, "none" never reads labels): the loaders yield bare image tensors, ``num_
 :attr:`~ImageClassificationDataModule.labelled` False; the hold-out is then a seeded random one
 (:func:`~lowrank_vit.stages.data_readers.random_split`).
 
+Validation images come from the validation split (``DataConfig.val_split``, else the first of
+:data:`~lowrank_vit.stages.data_config.VAL_SPLITS` present); where there is none, from a seeded hold-out of
+``val_fraction`` of the training split, or, with ``DataConfig.holdout`` False (evaluation alone), from every image of
+the training split. :attr:`~ImageClassificationDataModule.val_origin` says which.
+
 Missing data raises :class:`DataNotFoundError`, whose one-line message says how to provide it; wrong columns or
 label types raise :class:`DataFormatError` listing what is there; an empty split raises :class:`EmptySplitError`.
 
 Here: the data modules and :func:`build_datamodule`. What they read is in :mod:`lowrank_vit.stages.data_readers`,
 the preprocessing in :mod:`lowrank_vit.stages.data_transforms`, settings and errors in
-:mod:`lowrank_vit.stages.data_config`: import their names from there. The few this module only passed on still
-import from here for this release, with a deprecation warning (:data:`MOVED`).
+:mod:`lowrank_vit.stages.data_config`: import their names from there.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,24 +83,6 @@ from lowrank_vit.stages.data_readers import (
 )
 from lowrank_vit.stages.data_transforms import TensorImageTransform, create_transforms, pil_mode, resolve_preprocessing
 
-# Names this module only passed on from its three neighbours, which the docs said import from here: for this release
-# each still does, with a warning naming its home, and gives the very object of that home.
-MOVED = {
-    "IMAGENET_NAMES": "lowrank_vit.stages.data_config",
-    "INTERPOLATIONS": "lowrank_vit.stages.data_config",
-    "PREPROCESSING_FIELDS": "lowrank_vit.stages.data_config",
-    "IMAGE_SUFFIXES": "lowrank_vit.stages.data_readers",
-    "to_pil": "lowrank_vit.stages.data_transforms",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in MOVED:
-        warnings.warn(f"lowrank_vit.stages.data.{name} moved to {MOVED[name]}; the old path goes away in the next "
-                      "release", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass
 class _Splits:
@@ -110,6 +94,14 @@ class _Splits:
     """Validation images with the evaluation transform."""
     num_classes: int
     """0 for unlabelled data (``DataConfig.labels``: the items are bare images)."""
+    val_origin: str = "split"
+    """Where the validation images come from (:data:`VAL_ORIGINS`)."""
+
+
+VAL_ORIGINS = ("split", "holdout", "all")
+"""Where validation images come from: a validation split of the data (``mnist-5k``'s fixed 1000 digits included), a
+seeded hold-out of ``val_fraction`` of the training split (no validation split), or every image of the training split
+(no validation split and ``DataConfig.holdout`` False)."""
 
 
 # ----------------------------------------------------------------------------------------------------- data modules
@@ -181,6 +173,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def val_dataset(self) -> Dataset:
         """Validation images, evaluation transform."""
         return self._ready().val
+
+    @property
+    def val_origin(self) -> str:
+        """Where the validation images come from: ``"split"`` (a validation split of the data), ``"holdout"`` (a
+        seeded ``val_fraction`` of the training split, the data having no validation split) or ``"all"`` (every
+        image of the training split: no validation split and ``DataConfig.holdout`` False)."""
+        return self._ready().val_origin
 
     @property
     def calibration_indices(self) -> torch.Tensor:
@@ -378,6 +377,8 @@ class HFImageDataModule(ImageClassificationDataModule):
 
         if val is not None:
             return _Splits(wrap(train, train_tf), wrap(train, eval_tf), wrap(val, eval_tf), num_classes)
+        if not cfg.holdout:
+            return _Splits(wrap(train, train_tf), wrap(train, eval_tf), wrap(train, eval_tf), num_classes, "all")
         train_idx, val_idx = stratified_split(torch.from_numpy(train_labels), cfg.val_fraction, cfg.seed)
         if len(val_idx) == 0 or len(train_idx) == 0:
             raise EmptySplitError(f"{where} has only {len(train)} training images and no validation split: "
@@ -388,12 +389,13 @@ class HFImageDataModule(ImageClassificationDataModule):
             train_eval=Subset(wrap(train, eval_tf), train_idx),
             val=Subset(wrap(train, eval_tf), val_idx),
             num_classes=num_classes,
+            val_origin="holdout",
         )
 
     def _unlabelled(self, loaded: datasets.DatasetDict, train: datasets.Dataset, val_name: str | None,
                     image_col: str) -> _Splits:
         """The splits read without labels (``DataConfig.labels``): bare images, ``num_classes`` 0, and where there
-        is no validation split a seeded random hold-out."""
+        is no validation split a seeded random hold-out (every image with ``DataConfig.holdout`` False)."""
         cfg, where = self.cfg, self._describe()
         val = loaded[val_name] if val_name is not None else None
         if val is not None:
@@ -411,13 +413,15 @@ class HFImageDataModule(ImageClassificationDataModule):
 
         if val is not None:
             return _Splits(wrap(train, train_tf), wrap(train, eval_tf), wrap(val, eval_tf), 0)
+        if not cfg.holdout:
+            return _Splits(wrap(train, train_tf), wrap(train, eval_tf), wrap(train, eval_tf), 0, "all")
         train_idx, val_idx = random_split(len(train), cfg.val_fraction, cfg.seed)
         if len(val_idx) == 0:
             raise EmptySplitError(f"{where} has only {len(train)} image(s) and no validation split: too few to hold "
                                   f"out val_fraction={cfg.val_fraction} of them")
         train_idx, val_idx = train_idx.tolist(), val_idx.tolist()
         return _Splits(Subset(wrap(train, train_tf), train_idx), Subset(wrap(train, eval_tf), train_idx),
-                       Subset(wrap(train, eval_tf), val_idx), 0)
+                       Subset(wrap(train, eval_tf), val_idx), 0, "holdout")
 
 
 def _has_labels(train: datasets.Dataset, columns: list[str]) -> bool:
@@ -512,6 +516,7 @@ __all__ = [
     "MNIST5kDataModule",
     "TensorImageDataset",
     "TensorImageTransform",
+    "VAL_ORIGINS",
     "build_datamodule",
     "check_preprocessing",
     "create_transforms",

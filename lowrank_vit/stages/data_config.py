@@ -114,15 +114,20 @@ class DataConfig:
     labels: the loaders then yield bare image batches and :attr:`~ImageClassificationDataModule.num_classes` is 0; an
     image folder with no class subfolders, a parquet file without a label column) or "none" (labels never read, even
     where there are some: for a model whose output is not a class, a backbone, an embedding or a dense map). Without
-    labels the validation hold-out is a seeded random ``val_fraction`` of the images."""
+    labels the validation hold-out (``holdout``) is a seeded random ``val_fraction`` of the images."""
     train_split: str = "train"
     """Split used for training and calibration."""
     val_split: str | None = None
     """Split used for validation; default: the first of ``validation``, ``val``, ``valid``, ``test`` present, else a
-    seeded stratified hold-out of ``val_fraction`` of the training split."""
+    seeded stratified hold-out of ``val_fraction`` of the training split (``holdout``)."""
     val_fraction: float = 0.2
     """Fraction of the training split held out for validation when there is no validation split (and always for
     ``mnist-5k``: 4000 training, 1000 validation digits)."""
+    holdout: bool = True
+    """Where the data has no validation split (and ``val_split`` names none): hold out ``val_fraction`` of the
+    training split for validation (True: for what calibrates or trains on the rest), or validate on every image of
+    the training split (False: for evaluation alone, which learns from none of them; ``lowrank-vit evaluate``).
+    ``mnist-5k`` keeps its fixed 1000 validation digits either way."""
     batch_size: int = 64
     """Images per batch, for every loader."""
     num_workers: int = 0
@@ -180,6 +185,8 @@ class DataConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction!r}")
+        if not isinstance(self.holdout, bool):
+            raise ValueError(f"holdout must be True or False, got {self.holdout!r}")
         if self.img_size is not None and (isinstance(self.img_size, bool) or not isinstance(self.img_size, int)
                                           or self.img_size < 1):
             raise ValueError(f"img_size must be a positive integer, got {self.img_size!r}")

@@ -34,3 +34,45 @@ def test_latency_toy(tmp_path, capsys, monkeypatch):
             assert row["predicted_speedup"] >= float(row["variant"][6:]) - 1e-9
     table = module.markdown(payload)
     assert table.count("\n") == 1 + len(rows) and "not reachable on this table" in table
+
+
+def _compile_runs_here() -> str | None:
+    """Why torch.compile cannot run here (no C compiler, an unsupported platform...), or None where it can."""
+    import torch
+
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2))
+    except Exception as exc:  # inductor's failures come as many types: any one means not here
+        return f"torch.compile cannot run here: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def test_latency_offers_the_librarys_runtimes():
+    """The runtimes are the library's registry (the CLI's ``--runtime``), so one it gains the benchmark has too."""
+    from lowrank_vit.speed.runtimes import RUNTIMES
+
+    runtime = next(a for a in load("latency").build_parser()._actions if a.dest == "runtime")
+    assert list(runtime.choices) == list(RUNTIMES) and "torch.compile" in runtime.choices
+
+
+@pytest.mark.slow  # every layer form compiled once: ~20 s on one core with a cold inductor cache
+def test_latency_runs_the_librarys_torch_compile_runtime(tmp_path, capsys, monkeypatch):
+    """``--runtime torch.compile``: the dense model profiled and every variant timed compiled, its rows and table
+    named by the runtime (a CPU, a tiny model: skipped where inductor cannot compile here)."""
+    module = load("latency")
+    reason = _compile_runs_here()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "latency.json"
+    toy = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
+           json.dumps(dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=1.0,
+                                num_classes=4))]
+    module.main([*toy, "--runtime", "torch.compile", "--reduction", "0.5", "--target-speedup", "--batch-size", "1",
+                 "--repeats", "1", "--profile-repeats", "1", "--min-time", "0", "--calib", "2", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert {row["runtime"] for row in payload["rows"]} == {"torch.compile"}
+    assert {row["variant"] for row in payload["rows"]} == {"params@0.5", "capped@0.5"}
+    assert all(row["table"].endswith(".json") and "-torch.compile-" in row["table"] for row in payload["rows"])
+    assert positive_finite(payload["rows"][0]["dense_ms"])
+    assert "torch.compile" in capsys.readouterr().out

@@ -75,20 +75,21 @@ def test_compress_evaluate_finetune_evaluate_a_headless_vit_on_unlabelled_images
     assert report["accuracy"] == {} and report["params"]["after"] < report["params"]["before"]
     _assert_sane(report["fidelity"]["after"])
 
-    # evaluate: the fidelity to the dense model, rebuilt from the checkpoint compress read
+    # evaluate: the fidelity to the dense model, rebuilt from the checkpoint compress read, on every image (no
+    # validation split; compress measured its 4 held out)
     result = _evaluate(capsys, compressed_headless, place / "imgs")
-    assert "top1" not in result and result["images"] == 4
-    _assert_sane(result["fidelity"])
-    assert result["fidelity"]["cosine"] == pytest.approx(report["fidelity"]["after"]["cosine"], rel=1e-9)
+    assert "top1" not in result and result["images"] == 20
+    _assert_sane(result["fidelity"], images=20)
     code, out, err = cli(capsys, "evaluate", str(compressed_headless), "--data", str(place / "imgs"), "--workers", "0",
                          "--latency-batches")
     assert code == 0, err
     assert "the model is not a classifier (num_classes=0): fidelity to the dense model instead of top-1" in err
+    assert f"{place / 'imgs'} has no validation split: every one of its 20 images is evaluated" in err
     assert out.splitlines()[0].startswith(
         f"directory {compressed_headless} on {place / 'imgs'}: fidelity to the dense model "
-        f"(gaussian likelihood, outputs of 32 per image, 4 images): cosine "
+        f"(gaussian likelihood, outputs of 32 per image, 20 images): cosine "
     )
-    assert "relative L2 error" in out and "1-NN retrieval agreement" in out and "top-1" not in out
+    assert "relative L2 error" in out and "9-NN retrieval agreement" in out and "top-1" not in out
 
     # finetune --distill 1: the dense model's outputs under the gaussian likelihood, two steps
     ft = place / "emb-50-ft"
@@ -120,8 +121,7 @@ def test_compress_evaluate_finetune_evaluate_a_headless_vit_on_unlabelled_images
     assert read_plan(ft)["metadata"]["output"]["likelihood"] == "gaussian"
 
     again = _evaluate(capsys, ft, place / "imgs")
-    _assert_sane(again["fidelity"])
-    assert again["fidelity"]["cosine"] == pytest.approx(ft_report["fidelity"]["final"]["cosine"], rel=1e-9)
+    _assert_sane(again["fidelity"], images=20)
     assert again["fidelity"]["cosine"] != result["fidelity"]["cosine"]  # the fine-tune moved the outputs
 
 
@@ -217,9 +217,69 @@ def test_a_labelled_classifier_keeps_its_top1_and_gains_the_fidelity_beside_it(p
     assert ", likelihood categorical, top-1 " in stdout and "fidelity" not in stdout  # compress: as before
     result = _evaluate(capsys, out, tmp_path / "classes")
     report = json.loads((out / "report.json").read_text())
-    assert result["top1"] == pytest.approx(report["accuracy"]["after"]["top1"]) and result["images"] == 3
-    assert result["fidelity"]["likelihood"] == "categorical" and result["fidelity"]["images"] == 3
+    assert report["accuracy"]["after"]["images"] == 3  # compress: a stratified 20% held out of the 15 images
+    assert 0 <= result["top1"] <= 100 and result["images"] == 15  # evaluate: every image (no validation split)
+    assert result["fidelity"]["likelihood"] == "categorical" and result["fidelity"]["images"] == 15
     assert 0 <= result["fidelity"]["top1_agreement"] <= 1
+
+
+def _write_pngs(folder: Path, count: int, classes: int = 0, seed: int = 1) -> Path:
+    """``count`` grayscale PNGs of SIZE pixels in ``folder``, or spread over ``class{c}/`` subfolders (the image's
+    index modulo ``classes``) where ``classes`` is given."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        where = folder / (f"class{i % classes}" if classes else "")
+        where.mkdir(parents=True, exist_ok=True)
+        pixels = rng.random((SIZE, SIZE)) * 80 + (i % max(classes, 1)) * 60
+        Image.fromarray(pixels.astype(np.uint8), mode="L").save(where / f"{i}.png")
+    return folder
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_scores_every_image_of_data_without_a_validation_split(place, tmp_path, capsys):
+    """A headless model compressed on a plain folder of 23 images: compress holds out a seeded 20% (5) for its
+    fidelity, evaluate (which learns from none) scores all 23 and says so; a classifier's test folder (class
+    subfolders, no train/ or val/) likewise."""
+    flat = _write_pngs(tmp_path / "photos", 23)
+    out = tmp_path / "emb"
+    code, _, err = cli(capsys, "compress", *_model_argv(place), "--data", str(flat), "--workers", "0", "--reduction",
+                       "0.5", "--calib-samples", "8", "--quiet", "--output", str(out))
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["fidelity"]["after"]["images"] == 5  # the hold-out
+    code, stdout, err = cli(capsys, "evaluate", str(out), "--data", str(flat), "--workers", "0", "--latency-batches")
+    assert code == 0, err
+    assert f"{flat} has no validation split: every one of its 23 images is evaluated (--val-split names one)" in err
+    assert "outputs of 32 per image, 23 images): cosine " in stdout.splitlines()[0]
+    assert _evaluate(capsys, out, flat)["fidelity"]["images"] == 23
+
+    test_folder = _write_pngs(tmp_path / "test", 23, classes=3)
+    code, stdout, err = cli(capsys, "evaluate", *_model_argv(place, CLASSIFIER, "classifier.safetensors"), "--data",
+                            str(test_folder), "--workers", "0", "--latency-batches")
+    assert code == 0, err
+    assert f"{test_folder} has no validation split: every one of its 23 images is evaluated" in err
+    assert stdout.splitlines()[0].endswith("(23 images)") and " top-1 " in stdout
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_reads_the_validation_split_the_data_has_or_the_one_named(place, tmp_path, capsys):
+    """train/ (23 images) beside test/ (7): evaluate scores test/ by default and says nothing of a missing split;
+    --val-split train selects the training images, all of them; a split the data lacks is one line, status 2."""
+    _write_pngs(tmp_path / "data" / "train", 23, classes=3)
+    _write_pngs(tmp_path / "data" / "test", 7, classes=3, seed=2)
+    argv = ["evaluate", *_model_argv(place, CLASSIFIER, "classifier.safetensors"), "--data", str(tmp_path / "data"),
+            "--workers", "0", "--latency-batches"]
+    code, stdout, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert stdout.splitlines()[0].endswith("(7 images)") and "no validation split" not in err
+    code, stdout, err = cli(capsys, *argv, "--val-split", "train")
+    assert code == 0, err
+    assert stdout.splitlines()[0].endswith("(23 images)") and "no validation split" not in err
+    code, _, err = cli(capsys, *argv, "--val-split", "holdout", "--quiet")
+    assert code == 2 and one_line_error(err).endswith("has no split 'holdout'; its splits are ['train', 'test']: "
+                                                      "set --val-split")
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -99,6 +99,37 @@ def test_flat_train_and_val_folders_without_labels_are_two_splits(tmp_path, plac
     assert not dm.labelled and (len(dm.train_dataset), len(dm.val_dataset)) == (6, 3)
 
 
+@pytest.mark.usefixtures('one_thread')
+def test_holdout_false_validates_on_every_image_where_there_is_no_validation_split(tmp_path, place):
+    """``DataConfig.holdout``: without a validation split a seeded 20% is held out (the default), or, for evaluation
+    alone, every image of the training split is validated on; a validation split is read either way, and the
+    digits keep their fixed 1000. ``val_origin`` says which."""
+    held = _datamodule(place / "imgs", "optional")
+    whole = _datamodule(place / "imgs", "optional", holdout=False)
+    assert (held.val_origin, len(held.train_dataset), len(held.val_dataset)) == ("holdout", 16, 4)
+    assert (whole.val_origin, len(whole.train_dataset), len(whole.val_dataset)) == ("all", 20, 20)
+    everything = torch.cat(list(whole.val_dataloader()))
+    assert everything.shape == (20, 1, SIZE, SIZE)
+    assert all(any(torch.equal(image, other) for other in everything) for image in held.val_dataset)
+
+    write_image_folder(tmp_path / "classes", classes=3, per_class=5, size=SIZE)
+    labelled = _datamodule(tmp_path / "classes", "optional", holdout=False)
+    assert labelled.labelled and (labelled.val_origin, len(labelled.val_dataset)) == ("all", 15)
+    assert torch.equal(torch.cat([y for _, y in labelled.val_dataloader()]).bincount(), torch.full((3,), 5))
+    assert _datamodule(tmp_path / "classes", "optional").val_origin == "holdout"
+
+    images = sorted((place / "imgs").glob("*.png"))
+    for split, part in (("train", images[:6]), ("val", images[6:9])):
+        (tmp_path / "split" / split).mkdir(parents=True)
+        for image in part:
+            (tmp_path / "split" / split / image.name).write_bytes(image.read_bytes())
+    split = _datamodule(tmp_path / "split", "optional", holdout=False, cache_dir=str(tmp_path / "hf"))
+    assert (split.val_origin, len(split.train_dataset), len(split.val_dataset)) == ("split", 6, 3)
+
+    digits = build_datamodule(DataConfig(name="mnist-5k", holdout=False))
+    assert (digits.val_origin, len(digits.val_dataset)) == ("split", 1000)
+
+
 @pytest.mark.usefixtures("offline")
 def test_an_empty_validation_split_names_the_data(tmp_path):
     """The refusal of an empty split says which data it read (the user may have several folders)."""
@@ -680,18 +711,18 @@ def test_a_limited_validation_loader_is_the_full_ones_first_images():
 
 @pytest.mark.parametrize("name", ["IMAGENET_NAMES", "INTERPOLATIONS", "PREPROCESSING_FIELDS", "IMAGE_SUFFIXES",
                                   "to_pil"])
-def test_a_name_this_module_only_passed_on_warns_and_gives_its_homes_object(name):
-    """The five names the docs said import from here and that the module itself never used: for this release each
-    still does, with a DeprecationWarning naming its home, and the very object defined there."""
+def test_a_name_this_module_only_passed_on_is_imported_from_its_home_alone(name):
+    """The five names this module once passed on from its neighbours (never released) are not kept here: each is
+    imported from the module that defines it."""
     import importlib
 
     import lowrank_vit.stages.data as data
 
     homes = {"IMAGENET_NAMES": "data_config", "INTERPOLATIONS": "data_config", "PREPROCESSING_FIELDS": "data_config",
              "IMAGE_SUFFIXES": "data_readers", "to_pil": "data_transforms"}
-    home = importlib.import_module(f"lowrank_vit.stages.{homes[name]}")
-    with pytest.warns(DeprecationWarning, match=rf"stages\.data\.{name} moved to lowrank_vit\.stages\.{homes[name]}"):
-        assert getattr(data, name) is getattr(home, name)
+    assert getattr(importlib.import_module(f"lowrank_vit.stages.{homes[name]}"), name) is not None
+    with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
+        getattr(data, name)
 
 
 def test_a_name_the_data_module_never_had_is_an_attribute_error():

@@ -51,6 +51,8 @@ def test_val_labels_given_as_a_path_is_kept_as_its_text(tmp_path):
     ({"calib_samples": 0},
      r"calib_samples must be a positive integer, got 0 \(the calibration subset cannot be empty\)$"),
     ({"val_fraction": 1.0}, "val_fraction must lie strictly between 0 and 1"),
+    ({"holdout": "no"}, "holdout must be True or False, got 'no'"),
+    ({"holdout": 0}, "holdout must be True or False, got 0"),
     ({"in_chans": 2}, "in_chans must be 1 or 3"),
     ({"name": None, "path": ""}, "path must be a non-empty path"),
     ({"name": None, "path": 3}, "path must be a non-empty path"),
