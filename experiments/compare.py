@@ -45,7 +45,8 @@ OWN_RECIPES = ("loss-aware", "flar-svd", "svd-llm", "svd-llm-update", "svd-llm-v
 SHARED = "greedy ranks on its own spectra, closed-form low-rank Z"
 METHOD_NOTES = {
     "comcat": ("COMCAT's attention heads take no Z (the library fits Z on its MLP layers only); its differentiable "
-               "rank search is replaced by the greedy allocation on the heads' product spectra",
+               "rank search is replaced by the greedy allocation on the heads' product spectra (COMCAT with its own "
+               "search: compare/ARCH/comcat-search-PCT)",
                "COMCAT (Xiao et al., ICML 2023) reports DeiT-S and DeiT-B ImageNet top-1 at its own parameter counts "
                "(found by its rank search, with its own fine-tuning), not at these budgets; no paper number is "
                "filled in"),
@@ -82,6 +83,28 @@ def _paper(method: str, arch: str, pct: int, finetune: bool) -> tuple[PaperResul
     return PaperResult(params, top1), (note, *count_note(arch, pct / 100, params))
 
 
+COMCAT_PUBLISHED = {"deit_s": (50, 64), "deit_b": (60, 16)}
+"""COMCAT's own runs (its public code's run.sh): arch -> (``--target-params-reduction`` in %, ``--batch-size-search``);
+both search for 30 epochs."""
+COMCAT_SCHEDULE = {"search_rounds": 30}
+
+
+def comcat_search_rows():
+    """COMCAT with its own rank search (lowrank_vit/methods/comcat_search.py) at its published targets, with and
+    without the partial fine-tune: beside the default and every other method of the grid at the same budget."""
+    for arch, (pct, batch) in COMCAT_PUBLISHED.items():
+        for finetune in (True, False):
+            suffix, how = ("", "partial fine-tune") if finetune else ("-noft", "no fine-tune")
+            yield make_row(f"compare/{arch}/comcat-search-{pct}{suffix}", "comcat-search", reduction=pct / 100,
+                           finetune=finetune,
+                           compression={"settings": {**COMCAT_SCHEDULE, "search_batch_size": batch}},
+                           notes=("COMCAT's public schedule (30 rounds, its search batch) on the row's calibration "
+                                  "images; its search and weight training run on ImageNet's splits instead, and its "
+                                  "own fine-tune is longer (docs/peers.md); no paper number at this budget",),
+                           description=f"{ARCHS[arch].label} -{pct}%: COMCAT's head-level factorization with its own "
+                                       f"differentiable rank search and distillation (its published target); {how}")
+
+
 @register_experiment
 def compare():
     """Every comparison method on DeiT-S and DeiT-B at -40/-50/-60%, each with and without the partial fine-tune."""
@@ -96,3 +119,4 @@ def compare():
                                    finetune=finetune, paper=paper, notes=notes,
                                    description=f"{label} -{pct}%: {decomposition}; "
                                                f"{'' if method in OWN_RECIPES else SHARED + '; '}{how}")
+    yield from comcat_search_rows()

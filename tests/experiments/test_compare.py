@@ -27,11 +27,14 @@ PEERS = {  # the peers' published recipes (docs/peers.md): (decomposition, alloc
 
 
 COMPARE_EXPECTED = [f"compare/{arch}/{method}-{pct}{suffix}" for arch in ("deit_s", "deit_b")
-                    for method in COMPARE_METHODS for pct in (40, 50, 60) for suffix in ("", "-noft")]
+                    for method in COMPARE_METHODS for pct in (40, 50, 60) for suffix in ("", "-noft")] + \
+    [f"compare/{arch}/comcat-search-{pct}{suffix}" for arch, pct in (("deit_s", 50), ("deit_b", 60))
+     for suffix in ("", "-noft")]
+COMCAT_SEARCH_BATCH = {"deit_s": 64, "deit_b": 16}  # its public run.sh: --batch-size-search
 
 
 def test_compare_rows_are_registered_under_their_exact_names():
-    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 144 rows, in the table's order
+    assert [e.name for e in COMPARE] == COMPARE_EXPECTED  # 144 + 4 rows, in the table's order
     assert "compare" in tables()
 
 
@@ -42,10 +45,17 @@ def test_compare_row_changes_only_the_decomposition(exp: Experiment):
     method, pct = variant.removesuffix("-noft").rsplit("-", 1)
     decomposition = {"ours": "whitened", "loss-aware": "loss_aware"}.get(method, method)
     assert exp.method == method and exp.reduction == pytest.approx(int(pct) / 100)
-    assert (method.split("-")[0] if method in PEERS else decomposition.replace("_", "-")) in exp.description.lower()
+    named = method.split("-")[0] if method in PEERS or method == "comcat-search" else decomposition.replace("_", "-")
+    assert named in exp.description.lower()
     for scale in ("full", "smoke"):
         cfg = exp.config(scale)
         c = cfg.compression
+        if method == "comcat-search":  # COMCAT's own search at its published target and schedule
+            assert (c.decomposition, c.allocation, c.compensation) == ("comcat", "comcat_search", "none")
+            assert c.settings == {"search_rounds": 30, "search_batch_size": COMCAT_SEARCH_BATCH[arch]}
+            assert (cfg.finetune is None) == (noft == ["noft"])
+            CompressionConfig.from_dict(c.to_dict())
+            continue
         if method in PEERS:  # the peer's own recipe, nothing of ours
             assert (c.decomposition, c.allocation, c.compensation, c.refit) == PEERS[method]
             assert c.reduction == pytest.approx(int(pct) / 100) and c.settings == {}
