@@ -337,6 +337,8 @@ def _write_back_attention(name: str, dense: nn.Module, searched: nn.Module, unit
     dense.proj.weight.copy_(o.to(dense.proj.weight.dtype))
     if dense.proj.bias is not None:
         dense.proj.bias.copy_(o_bias.to(dense.proj.bias.dtype))
+    if geom.relative_position:  # Swin's table was trained with the rest
+        dense.relative_position_bias_table.copy_(searched.relative_position_bias_table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

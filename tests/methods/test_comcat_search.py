@@ -26,7 +26,9 @@ from lowrank_vit.methods.comcat_search import (
     penalized_loss,
     temperature_at,
 )
+from lowrank_vit.nn.adapters import get_adapter
 from lowrank_vit.pipeline import compress, plan_compression
+from tests.helpers import make
 
 FAST = {"search_rounds": 3, "search_steps": 6, "train_steps": 2, "search_batch_size": 16}
 
@@ -117,6 +119,29 @@ def test_masked_attention_writes_back_into_a_dense_attention_that_computes_the_s
         assert int(torch.linalg.matrix_rank(left @ right.T)) == qk_rank
         left, right = products[f"vo.{h}"]
         assert int(torch.linalg.matrix_rank(left @ right.T)) == vo_rank
+
+
+@pytest.mark.parametrize("arch", ["swin", "deit"])
+def test_what_the_search_writes_back_factorizes_exactly_at_the_searched_ranks(arch):
+    """Swin's relative position table and windows, DeiT's distillation token: after the search, every attention module
+    is reproduced by COMCAT's factorization at the searched ranks, and every linear has at most its searched rank."""
+    model = make(arch)
+    x = torch.randn(32, 3, 32, 32)
+    adapter = get_adapter(model)
+    modules = adapter.attention_modules(model)
+    layers = {n: m for n, m in adapter.compressible_layers(model).items()
+              if not any(n.startswith(f"{a}.") for a in modules)}
+    budget = sum(m.weight.numel() for m in layers.values()) // 2
+    found = comcat_search(model, [x], layers, modules, budget,
+                          ComcatSearchSettings(search_rounds=2, search_steps=2, train_steps=2, search_batch_size=16),
+                          progress=False)
+    for name, layer in layers.items():
+        # float32 rounding leaves singular values ~1e-7 of the largest beyond the rank
+        assert int(torch.linalg.matrix_rank(layer.weight.detach().double(), rtol=1e-5)) <= found.ranks[name]
+    for name, attn in modules.items():
+        factorized = comcat.factorize_attention(name, attn, comcat.head_decompositions({name: attn}), found.ranks)
+        tokens = torch.randn(2, 16 if arch == "swin" else 18, attn.qkv.in_features)
+        torch.testing.assert_close(factorized(tokens), attn(tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_search_meets_the_target_with_ranks_among_the_candidates():
