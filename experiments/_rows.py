@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lowrank_vit.config import RECIPES, CompressionConfig
+from lowrank_vit.methods.prune import PruningConfig
 from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.repro.registry import (
     Experiment,
@@ -70,6 +71,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "svd-llm-update": RECIPES["svd-llm-update"],
     "svd-llm-v2": RECIPES["svd-llm-v2"],
     "kfac-lems": RECIPES["kfac-lems"],
+    "comcat-search": RECIPES["comcat-search"],
 }
 """Compression settings of the named methods. "ours" is the paper's recipe as this library implements it exactly
 (whitened SVD, Algorithm 1, closed-form low-rank Z); "loss-aware" is the library's default. "vanilla" is Table 2's
@@ -84,7 +86,8 @@ spectra and the closed-form low-rank Z (for COMCAT on the MLP layers only: its a
 def make_row(name: str, method: str, *, reduction: float | None = None, target_params: int | None = None,
              compression: dict[str, Any] | None = None, finetune: bool = True,
              quantization: QuantizationConfig | None = None, paper: PaperResult | None = None,
-             description: str = "", notes: tuple[str, ...] = (), vmeanba: VMeanbaConfig | None = None) -> Experiment:
+             description: str = "", notes: tuple[str, ...] = (), vmeanba: VMeanbaConfig | None = None,
+             pruning: PruningConfig | None = None) -> Experiment:
     """A registry row named ``TABLE/ARCH/VARIANT``.
 
     Args:
@@ -97,13 +100,19 @@ def make_row(name: str, method: str, *, reduction: float | None = None, target_p
         vmeanba: VMeanba before any low-rank step (vision state-space models), its impact scores over the scale's
             calibration images; with ``method="vmeanba"`` alone (no low-rank step, no fine-tune), else the row's
             method becomes ``"vmeanba+METHOD"``.
+        pruning: unstructured magnitude pruning of the block linear weights (after VMeanba, when both), the same
+            at both scales; only with ``method="prune"`` (no low-rank step, no fine-tune: the low-rank step would
+            replace the pruned weights by dense factors), which becomes ``"vmeanba+prune"`` with ``vmeanba``.
     """
+    if (pruning is None) != (method != "prune"):
+        raise ValueError(f"{name}: pruning=PruningConfig(...) goes with method='prune' and only with it "
+                         f"(got method={method!r}, pruning={pruning!r})")
     table, arch_key, _ = name.split("/")
     paper = paper or PaperResult()
     arch = ARCHS[arch_key]
     # a variant not named in METHODS (the ablations, Table 1's Z kinds) varies the paper's recipe
     settings = {**METHODS.get(method, RECIPES["paper"]), **(compression or {})}
-    if method in ("baseline", "vmeanba"):
+    if method in ("baseline", "vmeanba", "prune"):
         full_c = smoke_c = None
         fraction = None
     else:
@@ -117,13 +126,13 @@ def make_row(name: str, method: str, *, reduction: float | None = None, target_p
                         num_workers=8),
         compression=full_c, finetune=FULL_FINETUNE if finetune and full_c else None, quantization=quantization,
         hardware=HardwareConfig("gpu", devices=arch.gpus),
-        vmeanba=None if vmeanba is None else replace(vmeanba, calib_samples=FULL_CALIB))
+        vmeanba=None if vmeanba is None else replace(vmeanba, calib_samples=FULL_CALIB), pruning=pruning)
     smoke = RunConfig(
         scale="smoke", model=ModelConfig("standin", arch_key, pretrained=True),
         data=DataConfig(name="mnist-5k", calib_samples=SMOKE_CALIB, batch_size=SMOKE_FINETUNE.batch_size),
         compression=smoke_c, finetune=SMOKE_FINETUNE if finetune and smoke_c else None, quantization=quantization,
         hardware=HardwareConfig("cpu", devices=1),
-        vmeanba=None if vmeanba is None else replace(vmeanba, calib_samples=SMOKE_CALIB))
+        vmeanba=None if vmeanba is None else replace(vmeanba, calib_samples=SMOKE_CALIB), pruning=pruning)
     if vmeanba is not None and method != "vmeanba":
         method = f"vmeanba+{method}"
     return Experiment(name=name, table=table, arch=arch_key, method=method, full=full, smoke=smoke, paper=paper,

@@ -1,13 +1,15 @@
 """Vision state-space models: VMeanba alone (K blocks of least impact on the channel-mean scan), the library's
-low-rank default alone, and both, on the published VMamba sizes (full scale) and their MNIST stand-ins (smoke).
+low-rank default alone, and both; 40% unstructured magnitude pruning alone, and after VMeanba (the combination
+VMeanba's paper reports); on the published VMamba sizes (full scale) and their MNIST stand-ins (smoke).
 
-VMamba's published weights are not converted to this library's implementation (``lowrank_vit/nn/vssm.py``) yet: a
-full-scale run needs ``--set model.checkpoint=PATH``; ``lowrank-vit rehearse`` runs these rows with random weights
-like every other full-scale row. The stand-ins keep the real models' block counts, so K means the same at both
-scales."""
+No weights are downloaded for these models: a full-scale run needs ``--set model.checkpoint=PATH``, a released VMamba
+checkpoint or a safetensors file in ``lowrank_vit/nn/vssm.py``'s layout; ``lowrank-vit rehearse`` runs these rows
+with random weights like every other full-scale row. The stand-ins keep the real models' block counts, so K means the
+same at both scales."""
 
 from __future__ import annotations
 
+from lowrank_vit.methods.prune import PruningConfig
 from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.repro.registry import register_experiment
 
@@ -19,6 +21,8 @@ KS = (2, 4, 8)
 impact costs nothing measurable) to more than half."""
 LOW_RANK = 0.4
 """The low-rank reduction of the block linears, alone and after VMeanba."""
+SPARSITY = 0.4
+"""The fraction of the block linear weights pruned, alone and after VMeanba: the paper's 40%."""
 
 
 def _vmeanba(k: int) -> VMeanbaConfig:
@@ -28,9 +32,10 @@ def _vmeanba(k: int) -> VMeanbaConfig:
 
 @register_experiment
 def vmeanba_rows():
-    """VMeanba's K sweep on VMamba-T, one K on VMamba-S and -B, the loss-aware low-rank recipe alone and combined."""
-    note = ("VMamba's published weights are not converted to this implementation yet: a full-scale run needs "
-            "--set model.checkpoint=PATH (safetensors in lowrank_vit/nn/vssm.py's layout)",)
+    """VMeanba's K sweep on VMamba-T, one K on VMamba-S and -B, 40% pruning alone and after VMeanba on every size,
+    the loss-aware low-rank recipe alone and combined on VMamba-T."""
+    note = ("no weights are downloaded for VMamba: a full-scale run needs --set model.checkpoint=PATH, released "
+            "VMamba checkpoints (.pth, converted on load) or safetensors in this layout (lowrank_vit/nn/vssm.py)",)
     for arch in ("vmamba_t", "vmamba_s", "vmamba_b"):
         label = ARCHS[arch].label
         yield make_row(f"{SSM_TABLE}/{arch}/baseline", "baseline", notes=note,
@@ -39,6 +44,15 @@ def vmeanba_rows():
             yield make_row(f"{SSM_TABLE}/{arch}/vmeanba-k{k}", "vmeanba", vmeanba=_vmeanba(k), notes=note,
                            description=f"{label}: VMeanba's channel-mean scan in the {k} blocks of least impact, "
                                        "training-free")
+        sparse = round(100 * SPARSITY)
+        # the library's default scope, one global threshold: the paper states the fraction only (docs/pruning.md)
+        yield make_row(f"{SSM_TABLE}/{arch}/prune-{sparse}", "prune", pruning=PruningConfig(SPARSITY), notes=note,
+                       description=f"{label}: the {sparse}% of the block linear weights of smallest magnitude (one "
+                                   "threshold over all of them) set to zero; training-free")
+        yield make_row(f"{SSM_TABLE}/{arch}/vmeanba-k4-prune-{sparse}", "prune", vmeanba=_vmeanba(4),
+                       pruning=PruningConfig(SPARSITY), notes=note,
+                       description=f"{label}: VMeanba in the 4 blocks of least impact, then {sparse}% of the block "
+                                   "linear weights pruned by magnitude; training-free (the paper's combination)")
     pct = round(100 * LOW_RANK)
     yield make_row(f"{SSM_TABLE}/vmamba_t/loss-aware-{pct}", "loss-aware", reduction=LOW_RANK, notes=note,
                    description=f"VMamba-T -{pct}%: the library's loss-aware low-rank recipe on the block linears "

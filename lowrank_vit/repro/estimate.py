@@ -428,6 +428,26 @@ def vmeanba_stage(shapes: ModelShapes, cfg: RunConfig, device: str) -> Stage:
                      shapes.scan_blocks + 2) else ""))
 
 
+PRUNING_OPS_PER_WEIGHT = 10.0
+"""Elementwise operations per pruned weight: its magnitude, the selection of the threshold (linear time), two
+comparisons, a cumulative sum over the ties and the write of the zero."""
+
+
+def pruning_stage(shapes: ModelShapes, cfg: RunConfig, device: str) -> Stage:
+    """Magnitude pruning of the block linear weights: no pass over images, a few elementwise operations per weight
+    (counted as FLOPs at the product rate, which flatters memory-bound work, but the stage is a fraction of a second
+    either way). Memory: the weights, and beside them a float32 magnitude, a mask and an int64 running count of
+    ties per pruned weight (all layers at once with one global threshold)."""
+    p, spec = cfg.pruning, get_device(device)
+    weights = sum(layer.in_features * layer.out_features for layer in shapes.layers)
+    flops = PRUNING_OPS_PER_WEIGHT * weights
+    largest = max((layer.in_features * layer.out_features for layer in shapes.layers), default=0)
+    working = weights if p.scope == "global" else largest
+    memory = (shapes.params * 4 + working * (4 + 1 + 8)) / GIB
+    return Stage("pruning", flops, _gemm_seconds(flops, spec, gemm_precision(device)), memory,
+                 f"{100 * p.sparsity:g}% of {weights:,} block weights by magnitude, {p.scope} scope")
+
+
 def evaluation_stages(shapes: ModelShapes, cfg: RunConfig, device: str, kept: float,
                       dense_evaluated: bool) -> list[Stage]:
     """The runner's evaluations on rank zero: the dense model (unless an earlier row of the same model and data
@@ -464,6 +484,8 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
     stages: list[Stage] = []
     if cfg.vmeanba is not None:
         stages.append(vmeanba_stage(shapes, cfg, device))
+    if cfg.pruning is not None:
+        stages.append(pruning_stage(shapes, cfg, device))
     if cfg.compression is not None:
         stages += compress_stages(shapes, cfg, device)
     if cfg.finetune is not None:
@@ -491,7 +513,7 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
     return out
 
 
-COMPRESS_STAGES = ("vmeanba", "calibration forward", "calibration backward", "statistics", "decomposition",
+COMPRESS_STAGES = ("vmeanba", "pruning", "calibration forward", "calibration backward", "statistics", "decomposition",
                    "allocation", "allocation probes", "compensation", "report", "refit")
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig, setting_type
+from lowrank_vit.methods.prune import PruningConfig
 from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.repro.registry import HardwareConfig, ModelConfig, QuantizationConfig, RunConfig, RunOptions
 from lowrank_vit.stages.data_config import DataConfig
@@ -28,7 +29,7 @@ def _sections() -> dict[str, type]:
 
     return {"model": ModelConfig, "data": DataConfig, "compression": CompressionConfig, "finetune": FinetuneConfig,
             "quantization": QuantizationConfig, "hardware": HardwareConfig, "run": RunOptions,
-            "vmeanba": VMeanbaConfig}
+            "vmeanba": VMeanbaConfig, "pruning": PruningConfig}
 
 
 def _field_type(cls: type, name: str) -> Any:

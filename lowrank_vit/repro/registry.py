@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowrank_vit.config import CompressionConfig, setting_type
+from lowrank_vit.methods.prune import PruningConfig
 from lowrank_vit.methods.vmeanba import VMeanbaConfig
 from lowrank_vit.stages.data_config import DataConfig
 from lowrank_vit.stages.finetune_config import FinetuneConfig
@@ -39,10 +40,12 @@ ENTRY_POINT_GROUP = "lowrank_vit.experiments"
 """Entry-point group whose modules register experiments when imported (each imports its own submodules)."""
 METHOD_LABELS = {"loss-aware": "loss-aware (default)", "ours": "paper's recipe (whitened SVD)",
                  "vanilla": "vanilla SVD + FT", "plain": "plain SVD", "mean": "mean-input SVD", "asvd": "ASVD",
-                 "fwsvd": "FWSVD", "comcat": "COMCAT", "flar-svd": "FLAR-SVD", "svd-llm": "SVD-LLM",
+                 "fwsvd": "FWSVD", "comcat": "COMCAT", "comcat-search": "COMCAT + its rank search",
+                 "flar-svd": "FLAR-SVD", "svd-llm": "SVD-LLM",
                  "svd-llm-update": "SVD-LLM + update",
                  "svd-llm-v2": "SVD-LLM v2", "kfac-lems": "KFAC-SVD + LEMS", "vmeanba": "VMeanba",
-                 "vmeanba+loss-aware": "VMeanba + loss-aware"}
+                 "vmeanba+loss-aware": "VMeanba + loss-aware", "prune": "magnitude pruning",
+                 "vmeanba+prune": "VMeanba + magnitude pruning"}
 """A row's method key -> the label every results table, demo table and figure prints ("vanilla" is Table 2's
 vanilla SVD: plain SVD, uniform ranks, no Z, always fine-tuned)."""
 
@@ -167,12 +170,24 @@ class RunConfig:
     vmeanba: Any = None
     """:class:`lowrank_vit.methods.vmeanba.VMeanbaConfig` for vision state-space models: the channel-mean scan in the
     blocks of least impact, run on the dense model before any low-rank compression; None: no VMeanba step."""
+    pruning: Any = None
+    """:class:`lowrank_vit.methods.prune.PruningConfig`: unstructured magnitude pruning of the block linear weights,
+    after VMeanba; None: no pruning. Neither a low-rank step nor a fine-tune may follow it (see ``__post_init__``)."""
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise ValueError(f"scale {self.scale!r} is not one of {', '.join(SCALES)}")
         if self.size_bits not in (8, 16, 32):
             raise ValueError(f"size_bits must be 8, 16 or 32, got {self.size_bits!r}")
+        if self.pruning is not None and self.compression is not None:
+            # the low-rank step would replace the sparse weights by dense factors: the zeros would be lost
+            raise ValueError("pruning and a low-rank compression of the same block layers do not combine: the "
+                             "low-rank step replaces the pruned weights by dense factors; give one of them")
+        if self.pruning is not None and self.finetune is not None:
+            # the partial fine-tune needs factorized layers, and one that trains the block weights regrows the zeros
+            raise ValueError("pruning takes no fine-tune here: the partial fine-tune runs on a low-rank compressed "
+                             "model only, and one that trains the block weights (train_factors) would regrow the "
+                             "pruned weights")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,6 +201,7 @@ class RunConfig:
             "size_bits": self.size_bits,
             "run": dataclasses.asdict(self.run),
             "vmeanba": None if self.vmeanba is None else dataclasses.asdict(self.vmeanba),
+            "pruning": None if self.pruning is None else dataclasses.asdict(self.pruning),
         }
 
     @classmethod
@@ -207,7 +223,8 @@ class RunConfig:
                    hardware=_from_dict(HardwareConfig, data.get("hardware", {})),
                    size_bits=data.get("size_bits", 16),
                    run=_from_dict(RunOptions, data.get("run") or {}),
-                   vmeanba=optional("vmeanba", lambda d: _from_dict(VMeanbaConfig, d)))
+                   vmeanba=optional("vmeanba", lambda d: _from_dict(VMeanbaConfig, d)),
+                   pruning=optional("pruning", lambda d: _from_dict(PruningConfig, d)))
 
     def override(self, assignments: Iterable[str]) -> RunConfig:
         """A copy with ``section.field=value`` assignments applied (``finetune.epochs=1``, ``data.calib_samples=64``,

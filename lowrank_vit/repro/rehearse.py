@@ -44,6 +44,7 @@ from torch import nn
 
 from lowrank_vit import __version__
 from lowrank_vit.io.surgery import load_compressed
+from lowrank_vit.methods.prune import measure_sparsity
 from lowrank_vit.methods.vmeanba import scan_blocks
 from lowrank_vit.nn.adapters import TimmViTAdapter, timm_with_our_models
 from lowrank_vit.repro.models import head_classes, input_shape
@@ -260,17 +261,30 @@ def check_result(exp: Any, result: dict[str, Any], settings: RehearsalSettings, 
         wanted = result["config"]["vmeanba"]["num_blocks"]
         check_handover(chosen is not None and (wanted is None or len(chosen) == wanted),
                        f"VMeanba switched {chosen!r} blocks, the row asks {wanted}")
-    if cfg.compression is None and cfg.quantization is None and cfg.vmeanba is None:
+    if cfg.pruning is not None:
+        pruning = result.get("pruning") or {}
+        reached, asked = pruning.get("sparsity"), result["config"]["pruning"]["sparsity"]
+        # each layer's count is rounded to a whole weight: at most half a weight per layer off the fraction asked
+        slack = 0.5 * len(pruning.get("layers") or {}) / max(pruning.get("weights") or 1, 1) + 1e-12
+        check_handover(reached is not None and abs(reached - asked) <= slack,
+                       f"the pruning left {reached!r} of the block weights zero, the row asks {asked}")
+    if cfg.compression is None and cfg.quantization is None and cfg.vmeanba is None and cfg.pruning is None:
         check_handover(result["top1"] == result["dense"]["top1"], "a baseline's final top-1 differs from its dense one")
 
 
 def check_saved_model(exp: Any, out: Path, result: dict[str, Any], dm: Any, device: str = "cpu") -> None:
     """The saved model loads back and scores on the validation images exactly what the run recorded (evaluated on
-    the kind of device the row ran on: a GPU's float32 products round differently from a CPU's)."""
+    the kind of device the row ran on: a GPU's float32 products round differently from a CPU's); a pruned one holds
+    the zeros the run recorded."""
 
-    if exp.full.compression is None and exp.full.vmeanba is None:
+    if exp.full.compression is None and exp.full.vmeanba is None and exp.full.pruning is None:
         return
     model = load_compressed(out / exp.name / MODEL_DIR)
+    if exp.full.pruning is not None:
+        zeros = measure_sparsity(model).zeros
+        check_handover(zeros == (result.get("pruning") or {}).get("zeros"),
+                       f"the saved model holds {zeros} zero block weights, the run recorded "
+                       f"{(result.get('pruning') or {}).get('zeros')}")
     top1 = evaluate(model.to(device), dm.val_dataloader(), torch.device(device), progress=False)["top1"]
     check_handover(abs(top1 - result["top1"]) < 1e-6,
                    f"the saved model scores {top1:.2f}% on the validation images, the run recorded "

@@ -161,7 +161,7 @@ class _Row:
         self.exp, self.cfg, self.scale, self.output, self.progress = exp, cfg, scale, output, progress
         self.out_dir = output / exp.name
         self.started, self.seconds = time.perf_counter(), {}
-        self.compresses = cfg.compression is not None or cfg.vmeanba is not None
+        self.compresses = cfg.compression is not None or cfg.vmeanba is not None or cfg.pruning is not None
         self.rank_zero = is_rank_zero()  # under DDP the other ranks only compress and fine-tune
         self.report = None
         self.logger = None
@@ -234,10 +234,12 @@ class _Row:
             self.model = load_compressed(shared).to(self.device)
             return
         done = compress_model(self.model, self.dm.calibration_dataloader, cfg.compression, cfg.vmeanba,
-                              device=self.device, progress=self.progress, say=self._say)
+                              device=self.device, progress=self.progress, say=self._say, pruning=cfg.pruning)
         self.seconds.update(done.seconds)
         if done.vmeanba is not None:
             self.result["vmeanba"] = done.vmeanba
+        if done.pruning is not None:
+            self.result["pruning"] = done.pruning
         if done.report is None:
             return
         self.report = done.report
@@ -291,7 +293,8 @@ class _Row:
         if self.compresses:
             with self._stage("save"):
                 save_compressed(model.cpu(), self.out_dir / MODEL_DIR,
-                                metadata={"experiment": exp.name, "scale": self.scale})
+                                metadata={"experiment": exp.name, "scale": self.scale,
+                                          **({"pruning": result["pruning"]} if "pruning" in result else {})})
         self.seconds["total"] = round(time.perf_counter() - self.started, 3)
         self._record(result)
         write_json(self.out_dir / RESULT_FILE, result)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments._rows import ARCHS
+from experiments._rows import ARCHS, make_row
 from lowrank_vit.config import CompressionConfig
+from lowrank_vit.methods.prune import PruningConfig
 from lowrank_vit.repro.registry import (
     Experiment,
     ModelConfig,
     RunConfig,
 )
 from tests.helpers import ALL
+
+UNCOMPRESSED = ("baseline", "vmeanba", "prune", "vmeanba+prune")
+"""The methods of rows without a low-rank step: the dense model, VMeanba's scans, pruning, and both."""
 
 
 @pytest.mark.parametrize("exp", ALL, ids=lambda e: e.name)
@@ -24,8 +28,9 @@ def test_entry_is_complete_and_round_trips(exp: Experiment):
         cfg = exp.config(scale)
         assert cfg.scale == scale
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
-        assert (cfg.compression is None) == (exp.method in ("baseline", "vmeanba"))
+        assert (cfg.compression is None) == (exp.method in UNCOMPRESSED)
         assert (cfg.vmeanba is None) == (not exp.method.startswith("vmeanba"))
+        assert (cfg.pruning is None) == (exp.method.removeprefix("vmeanba+") != "prune")
         if cfg.finetune is not None:
             assert cfg.compression is not None
     full, smoke = exp.full, exp.smoke
@@ -98,6 +103,10 @@ def _declared(exp: Experiment) -> dict:
         return _PAPER
     if method == "paper-literal":
         return {**_PAPER, "decomposition": "mean", "solver": "sgd"}
+    if method == "comcat-search":  # COMCAT's own search at its public schedule and search batch (run.sh)
+        batch = {"deit_s": 64, "deit_b": 16}[exp.arch]
+        return dict(decomposition="comcat", allocation="comcat_search", compensation="none",
+                    settings={"search_rounds": 30, "search_batch_size": batch})
     if table == "compare":  # the paper's recipe with another decomposition, nothing else changed
         return {**_PAPER, "decomposition": method}
     kind = method.split("-", 1)[1]
@@ -112,7 +121,7 @@ def _declared(exp: Experiment) -> dict:
     raise AssertionError(f"no declared recipe for {exp.name} (method {method!r}): add it to this test")
 
 
-@pytest.mark.parametrize("exp", [e for e in ALL if e.method not in ("baseline", "vmeanba")], ids=lambda e: e.name)
+@pytest.mark.parametrize("exp", [e for e in ALL if e.method not in UNCOMPRESSED], ids=lambda e: e.name)
 def test_every_rows_configuration_is_its_declared_recipe_and_nothing_else(exp: Experiment):
     """Table-driven over every compressing row at both scales: the configuration equals the recipe its name declares
     on top of the defaults, plus the budget and the scale's calibration count, field by field."""
@@ -123,3 +132,25 @@ def test_every_rows_configuration_is_its_declared_recipe_and_nothing_else(exp: E
         expected = CompressionConfig(**budget, calib_samples=calib, **declared).to_dict()
         wrong = {key: (got[key], expected[key]) for key in expected if got[key] != expected[key]}
         assert not wrong, f"{exp.name} ({run.scale}): field: (row, declared) {wrong}"
+
+
+@pytest.mark.parametrize("exp", [e for e in ALL if e.full.pruning is not None], ids=lambda e: e.name)
+def test_a_pruning_row_prunes_the_fraction_its_name_declares_at_both_scales_and_nothing_else(exp: Experiment):
+    """``...-prune-40``: 40% of the block weights under one global threshold (the library's default), at both
+    scales, training-free;
+    ``vmeanba-kK-prune-...``: VMeanba in K blocks first."""
+    variant = exp.name.split("/")[2]
+    declared = PruningConfig(int(variant.rsplit("-", 1)[1]) / 100)
+    for cfg in (exp.full, exp.smoke):
+        assert cfg.pruning == declared
+        assert cfg.compression is None and cfg.finetune is None and cfg.quantization is None
+        assert (cfg.vmeanba.num_blocks if cfg.vmeanba else None) == (
+            int(variant.split("-")[1].removeprefix("k")) if variant.startswith("vmeanba-") else None)
+
+
+def test_make_row_takes_pruning_only_with_the_prune_method():
+    with pytest.raises(ValueError, match="pruning=PruningConfig\\(...\\) goes with method='prune' and only with it"):
+        make_row("vmeanba/vmamba_t/x", "loss-aware", reduction=0.4, pruning=PruningConfig())
+    with pytest.raises(ValueError, match="got method='prune', pruning=None"):
+        make_row("vmeanba/vmamba_t/x", "prune")
+    assert make_row("vmeanba/vmamba_t/x", "prune", pruning=PruningConfig()).method == "prune"

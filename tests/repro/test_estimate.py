@@ -262,3 +262,22 @@ def test_a_vmeanba_row_is_estimated_with_one_pass_per_scan_block():
     assert stage["flops"] == pytest.approx(per_image * (16 * 1024 + 4 * 5 * 32))  # + dense/switched timing, 5 x 32
     base = estimate_row(get_experiment("vmeanba/vmamba_t/baseline"), "full")
     assert "vmeanba" not in {s["name"] for s in base["stages"]}
+
+
+def test_a_pruning_row_is_estimated_as_a_cheap_stage_over_the_block_weights():
+    """Pruning reads weights, not images: a few operations per block linear weight of VMamba-T (the adapter's
+    layers), a fraction of a second, after VMeanba's stage; a row without pruning has no such stage."""
+    from lowrank_vit.repro.modelshapes import model_shapes
+
+    exp = get_experiment("vmeanba/vmamba_t/vmeanba-k4-prune-40")
+    est = estimate.estimate_row(exp, "full")
+    names = [s["name"] for s in est["stages"]]
+    assert names.index("vmeanba") + 1 == names.index("pruning")
+    weights = sum(layer.in_features * layer.out_features for layer in model_shapes(exp.full.model).layers)
+    stage = _stage(est, "pruning")
+    assert stage["flops"] == estimate.PRUNING_OPS_PER_WEIGHT * weights and stage["seconds"] < 1.0
+    assert stage["detail"] == f"40% of {weights:,} block weights by magnitude, global scope"
+    narrow = estimate.estimate_row(exp, "full", overrides=["pruning.scope=layer"])
+    assert _stage(narrow, "pruning")["memory_gib"] < stage["memory_gib"]  # one layer's magnitudes at a time
+    assert "pruning" not in {s["name"] for s in estimate.estimate_row(
+        get_experiment("vmeanba/vmamba_t/vmeanba-k4"), "full")["stages"]}

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import patch_everywhere
+from tests.helpers import make_vssm, patch_everywhere, vssm_images
 
 
 @pytest.mark.usefixtures("offline")
@@ -133,3 +133,44 @@ def test_vmeanbas_scans_show_progress_as_the_command_says(progress, monkeypatch)
     compress_model(torch.nn.Identity(), lambda: [], None, config(num_blocks=1, progress=not progress),
                    device=torch.device("cpu"), progress=progress)
     assert seen["cfg"].progress is progress
+
+
+@pytest.mark.usefixtures("offline")
+def test_pruning_runs_after_vmeanba_on_the_switched_model_and_is_reported(monkeypatch):
+    """The order VMeanba's paper combines them in: the scans are chosen on the dense model, then the weights are
+    pruned; both reports and both wall times come back, and each step is announced."""
+    from lowrank_vit.methods import prune as method
+    from lowrank_vit.methods.prune import PruningConfig, measure_sparsity
+    from lowrank_vit.methods.vmeanba import VMeanbaConfig, scan_blocks
+    from lowrank_vit.repro.flow import compress_model
+
+    real, switched_when_pruned = method.prune_model, []
+
+    def prune_model(model, config):
+        switched_when_pruned.append(sum(op.mean_scan for op in scan_blocks(model).values()))
+        return real(model, config)
+
+    patch_everywhere(monkeypatch, method, "prune_model", prune_model)
+    model, said = make_vssm(), []
+    done = compress_model(model, lambda: [vssm_images()], None, VMeanbaConfig(num_blocks=1, timing=False),
+                          device=torch.device("cpu"), progress=False, say=said.append,
+                          pruning=PruningConfig(sparsity=0.4))
+    assert switched_when_pruned == [1]
+    assert said[1] == "pruning 40% of the block linear weights by magnitude (global scope)"
+    assert done.pruning["zeros"] == measure_sparsity(model).zeros > 0
+    assert done.pruning["sparsity"] == pytest.approx(0.4, abs=0.01) and done.vmeanba["chosen"]
+    assert set(done.seconds) == {"vmeanba", "pruning"}
+
+
+@pytest.mark.usefixtures("offline")
+def test_pruning_with_a_low_rank_step_is_refused_before_any_work(monkeypatch):
+    from lowrank_vit import CompressionConfig, pipeline
+    from lowrank_vit.methods.prune import PruningConfig
+    from lowrank_vit.repro.flow import compress_model
+
+    ran = []
+    patch_everywhere(monkeypatch, pipeline, "compress", lambda *args: ran.append(args))
+    with pytest.raises(ValueError, match="replaces the pruned weights by dense factors"):
+        compress_model(torch.nn.Linear(2, 2), lambda: [], CompressionConfig(reduction=0.5),
+                       device=torch.device("cpu"), progress=False, pruning=PruningConfig())
+    assert ran == []

@@ -51,3 +51,13 @@ def test_set_values_of_the_right_type_pass():
                      "model.kwargs.img_size=32", "model.kwargs.global_pool=avg"])  # one key of a mapping
     with pytest.raises(ValueError, match="finetune.epochs is not a mapping"):
         check_overrides(["finetune.epochs.first=3"])
+
+
+def test_pruning_settings_are_checked_like_every_sections():
+    from lowrank_vit.repro.overrides import check_overrides
+
+    check_overrides(["pruning.sparsity=0.3", "pruning.scope=global"])
+    with pytest.raises(ValueError, match=r"^bad override 'pruning.sparsity=lots': .* expected a number"):
+        check_overrides(["pruning.sparsity=lots"])
+    with pytest.raises(ValueError, match="no field 'amount' in pruning"):
+        check_overrides(["pruning.amount=0.3"])

@@ -88,3 +88,45 @@ def test_overrides():
                          ("compression.decomposition=qr", "decomposition")):
         with pytest.raises(ValueError, match=message):
             cfg.override([bad])
+
+
+# ------------------------------------------------------------------------------------------- the pruning field
+
+
+def test_pruning_is_serialized_like_vmeanba_and_set_from_the_command_line():
+    from lowrank_vit.methods.prune import PruningConfig
+
+    exp = get_experiment("vmeanba/vmamba_t/vmeanba-k4-prune-40")
+    for cfg in (exp.full, exp.smoke):
+        assert cfg.pruning == PruningConfig(0.4, "global") and cfg.vmeanba.num_blocks == 4
+        assert cfg.to_dict()["pruning"] == {"sparsity": 0.4, "scope": "global"}
+        assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    new = exp.full.override(["pruning.sparsity=0.3", "pruning.scope=layer"])
+    assert new.pruning == PruningConfig(0.3, "layer") and exp.full.pruning.sparsity == 0.4
+    base = get_experiment("vmeanba/vmamba_t/baseline").full
+    assert base.pruning is None and base.to_dict()["pruning"] is None
+    assert base.override(["pruning.sparsity=0.3"]).pruning is None  # a section the row lacks: skipped
+    for bad, message in (("pruning.sparsity=1", r"sparsity must lie in \[0, 1\)"),
+                         ("pruning.scope=row", "scope must be one of"), ("pruning.spars=0.3", "no field 'spars'")):
+        with pytest.raises(ValueError, match=message):
+            exp.full.override([bad])
+    with pytest.raises(ValueError, match="unknown PruningConfig field"):
+        RunConfig.from_dict({**exp.full.to_dict(), "pruning": {"sparsity": 0.4, "amount": 1}})
+
+
+def test_pruning_refuses_a_low_rank_step_or_a_fine_tune_after_it():
+    from lowrank_vit.methods.prune import PruningConfig
+
+    low_rank = get_experiment("vmeanba/vmamba_t/loss-aware-40").full
+    with pytest.raises(ValueError, match="replaces the pruned weights by dense factors"):
+        replace(low_rank, pruning=PruningConfig())
+    with pytest.raises(ValueError, match="would regrow the pruned weights"):
+        replace(low_rank, compression=None, pruning=PruningConfig())  # its fine-tune is still there
+    assert replace(low_rank, compression=None, finetune=None, pruning=PruningConfig()).pruning.sparsity == 0.4
+
+
+def test_pruning_rows_have_labels():
+    from lowrank_vit.repro.registry import METHOD_LABELS
+
+    methods = {e.method for e in list_experiments("vmeanba/*") if e.full.pruning is not None}
+    assert methods == {"prune", "vmeanba+prune"} and methods <= set(METHOD_LABELS)

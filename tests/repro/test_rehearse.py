@@ -213,3 +213,29 @@ def test_bad_record_or_workdir_is_refused_before_any_row(tmp_path, monkeypatch, 
     record = tmp_path / "new" / "record.jsonl"  # missing parent folders are created, as before
     assert main(["rehearse", "table2/deit_s/ours-40", "--record", str(record), "--workdir", str(tmp_path)]) == 0
     assert ran == ["table2/deit_s/ours-40"] and json.loads(record.read_text())["ok"]
+
+
+def _pruning_result(exp, zeros: int, weights: int, layers: int) -> dict:
+    """A result.json of a pruning row as the runner writes it, with the figures the pruning check reads."""
+    return {"top1": 0.1, "top5": 0.5, "params": 10, "params_before": 10, "size_mib": 1.0, "stage_seconds": {},
+            "dense": {"top1": 0.1}, "config": exp.full.to_dict(), "preprocessing": {}, "val_images": 8,
+            "vmeanba": {"chosen": ["a", "b", "c", "d"]},
+            "pruning": {"sparsity": zeros / weights, "zeros": zeros, "weights": weights,
+                        "layers": {f"l{i}": {} for i in range(layers)}}}
+
+
+def test_a_pruning_rows_result_must_reach_the_sparsity_it_asks(monkeypatch):
+    """Within half a weight per layer of the fraction (each layer's count is rounded), else a broken hand-over."""
+    from lowrank_vit.repro import rehearse
+    from lowrank_vit.repro.registry import get_experiment
+
+    monkeypatch.setattr(rehearse, "check_preprocessing", lambda *args: None)  # tested above; no model here
+    exp = get_experiment("vmeanba/vmamba_t/vmeanba-k4-prune-40")
+    settings = RehearsalSettings()
+    rehearse.check_result(exp, _pruning_result(exp, 4_000_005, 10_000_000, 20), settings, None)
+    with pytest.raises(RehearsalError, match="the pruning left 0.39 of the block weights zero, the row asks 0.4"):
+        rehearse.check_result(exp, _pruning_result(exp, 3_900_000, 10_000_000, 20), settings, None)
+    missing = _pruning_result(exp, 1, 1, 1)
+    del missing["pruning"]
+    with pytest.raises(RehearsalError, match="the pruning left None"):
+        rehearse.check_result(exp, missing, settings, None)

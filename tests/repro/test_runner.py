@@ -339,6 +339,25 @@ def test_a_registry_row_runs_vmeanba_saves_it_and_the_saved_model_scores_what_th
         in table
 
 
+@pytest.mark.parametrize("row", ["vmeanba/vmamba_t/prune-40", pytest.param(
+    "vmeanba/vmamba_t/vmeanba-k4-prune-40", marks=pytest.mark.slow)])
+def test_a_registry_pruning_row_prunes_saves_the_zeros_and_records_them(tmp_path, row):
+    """The runner hands the row's pruning to the flow: 40% of the stand-in's block linear weights are zero in the saved
+    model, the result and the saved metadata say so, and nothing is fine-tuned."""
+    from lowrank_vit.io.surgery import load_compressed
+    from lowrank_vit.methods.prune import measure_sparsity
+    from lowrank_vit.repro.registry import get_experiment
+    from lowrank_vit.repro.runner import MODEL_DIR, run_row
+
+    exp = get_experiment(row)
+    result = run_row(exp, "smoke", output=tmp_path, wandb="disabled", overrides=_QUICK, progress=False)
+    assert result["pruning"]["sparsity"] == pytest.approx(0.4, abs=1e-3)
+    assert "finetune" not in result and result["params"] == result["params_before"]
+    saved = measure_sparsity(load_compressed(tmp_path / row / MODEL_DIR))
+    assert saved.sparsity == pytest.approx(result["pruning"]["sparsity"], abs=1e-9)
+    assert "vmeanba" in result if "vmeanba-" in row else "vmeanba" not in result
+
+
 def test_a_vmeanba_row_on_a_model_without_scans_fails_before_the_model_is_evaluated(tmp_path):
     from lowrank_vit.repro.registry import get_experiment
     from lowrank_vit.repro.runner import run_row

@@ -33,7 +33,8 @@ def test_compare_markdown_is_one_grid_with_paper_numbers_in_parentheses(tmp_path
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header == ["method", "DeiT-S -40%", "DeiT-S -50%", "DeiT-S -60%", "DeiT-B -40%", "DeiT-B -50%",
                       "DeiT-B -60%"]
-    assert len(table) == 2 + 2 + 12 * 2  # header, rule, parameters, dense, 12 methods with and without FT
+    # header, rule, parameters, dense, 13 methods with and without FT (COMCAT's search only at its two targets)
+    assert len(table) == 2 + 2 + 13 * 2
     cells = {line.split("|")[1].strip().split(" [")[0]: [c.strip() for c in line.strip("|").split("|")[1:]]
              for line in table[2:]}
     assert cells["parameters"][0] == "13.230-13.231M" and cells["parameters"][5] == "34.600M"
@@ -43,7 +44,7 @@ def test_compare_markdown_is_one_grid_with_paper_numbers_in_parentheses(tmp_path
     assert cells["paper's recipe (whitened SVD) + FT"][1].startswith("— (79.34)")  # not run: the paper's number alone
     assert cells["paper's recipe (whitened SVD), no FT"][0] == "95.25"
     assert cells["COMCAT + FT"][0] == "94.00" and cells["ASVD, no FT"][5] == "91.12"
-    assert "Not run yet (140 of 144)" in text and "Smoke scale" in text
+    assert "Not run yet (144 of 148)" in text and "Smoke scale" in text
     assert "[1]" in text and "Table 2" in text  # the notes are numbered below the table
     columns = {c["key"]: c for c in data["columns"]}
     assert columns["deit_s-40"]["equal_params"] and columns["deit_s-50"]["params_m_min"] is None
@@ -112,4 +113,4 @@ def test_rows_sharing_a_caveat_share_its_footnote(tmp_path):
     rows = list_experiments("vmeanba/vmamba_t/*")
     text = render_table("vmeanba", rows, "smoke", tmp_path)
     assert text.count("` [1] |") == len(rows) and "[2]" not in text
-    assert text.count("VMamba's published weights are not converted") == 1
+    assert text.count("released VMamba checkpoints (.pth, converted on load)") == 1
