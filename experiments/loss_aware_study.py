@@ -55,6 +55,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the sequential refit with error feedback (lowrank_vit.core.refit)
     "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
     "la-refit-damping-1e-4": {**LIBRARY_RECIPES["loss-aware-refit"], "refit_damping": 1e-4},
+    # block-wise reconstruction (lowrank_vit.core.blockwise): each block's factors tuned so that its output on the
+    # compressed model's inputs matches the dense block's; what it trains, its cost, and after the refit
+    "loss-aware-block": LIBRARY_RECIPES["loss-aware-block"],
+    "la-block-bias": {**LIBRARY_RECIPES["loss-aware-block"], "block_reconstruction": "factors_bias"},
+    "la-block-all": {**LIBRARY_RECIPES["loss-aware-block"], "block_reconstruction": "block"},
+    "la-refit-block": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors"},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
@@ -75,6 +81,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # greedy ranks on the heads' and MLPs' plain spectra, no Z), and with its own search (lowrank_vit.methods.comcat_search)
     "comcat-ours": dict(decomposition="comcat", allocation="greedy", compensation="none"),
     "comcat-search": LIBRARY_RECIPES["comcat-search"],
+    # its search passes 50 steps long instead of one pass over the 256 images (8 steps)
+    "comcat-search-long": {**LIBRARY_RECIPES["comcat-search"], "settings": {"search_steps": 50}},
     # the closest peer's two halves apart: the default with LEMS's exact integer program on its own predicted losses,
     # and KFAC-SVD's decomposition with the default's marginal allocation
     "la-integer": {**_DEFAULT, "allocation": "integer"},
