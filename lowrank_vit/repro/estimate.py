@@ -333,7 +333,29 @@ def _allocation_stages(shapes: ModelShapes, compression: CompressionConfig, spec
         stages.append(Stage("allocation probes", flops, _gemm_seconds(flops, spec, gemm),
                             params_gib + batch * 2 * shapes.peak_output_bytes / GIB,
                             f"{forwards} forwards of {probe_images} images, {gemm}"))
+    if policy.search is not None:  # COMCAT's search: training, before the statistics
+        stages.append(_search_stage(shapes, compression, spec, images, gemm, params_gib))
     return stages
+
+
+SEARCH_STEP_FORWARDS = 4.0
+"""Forward-pass equivalents of one step of COMCAT's search or weight training: the model's forward and backward
+(about three forwards) and the dense teacher's forward."""
+
+
+def _search_stage(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, images: int, gemm: str,
+                  params_gib: float) -> Stage:
+    """``allocation="comcat_search"``: ``search_rounds - 1`` search passes and ``search_rounds`` weight-training
+    passes, each of ``search_steps`` / ``train_steps`` batches of ``search_batch_size`` images (one pass over the
+    images when None); the teacher copy and AdamW's two moments beside the model."""
+    own = settings_of(compression, get_policy(compression.allocation).settings)
+    batch = own.search_batch_size
+    per_pass = math.ceil(images / batch)
+    steps = (own.search_rounds - 1) * (own.search_steps or per_pass) + own.search_rounds * (own.train_steps or per_pass)
+    flops = SEARCH_STEP_FORWARDS * steps * batch * shapes.forward_flops
+    memory = 4 * params_gib + batch * 3 * shapes.activation_bytes / GIB  # model, teacher, two moments; activations
+    return Stage("search", flops, _gemm_seconds(flops, spec, gemm), memory,
+                 f"COMCAT: {steps} steps of {batch} images over {own.search_rounds} rounds, {gemm}")
 
 
 REFIT_FORWARDS = 5.0
@@ -514,7 +536,7 @@ def estimate_row(exp: Experiment, scale: str = "full", *, device: str = "a100", 
 
 
 COMPRESS_STAGES = ("vmeanba", "pruning", "calibration forward", "calibration backward", "statistics", "decomposition",
-                   "allocation", "allocation probes", "compensation", "report", "refit")
+                   "allocation", "allocation probes", "search", "compensation", "report", "refit")
 
 
 def estimate_rows(exps: list[Experiment], scale: str = "full", *, device: str = "a100", devices: int = 1,

@@ -200,6 +200,19 @@ def test_compression_memory_agrees_with_the_measured_vit_l_peak_within_2x():
         assert max(stages, key=stages.get) == "decomposition", stages
 
 
+def test_comcat_search_is_estimated_as_its_training_steps():
+    """compare/deit_s/comcat-search-50: 30 rounds of batch 64 over the row's 1,024 calibration images: 29 search passes
+    and 30 training passes of 16 steps each, 944 steps of four forward-equivalents of 64 images."""
+    exp = get_experiment("compare/deit_s/comcat-search-50-noft")
+    est = estimate.estimate_row(exp, device="a100")
+    stage, forward = _stage(est, "search"), _stage(est, "calibration forward")
+    steps = 29 * 16 + 30 * 16
+    assert stage["flops"] == pytest.approx(steps * 64 * 4 * forward["flops"] / 1024)
+    assert "COMCAT: 944 steps of 64 images over 30 rounds" in stage["detail"]
+    shorter = estimate.estimate_row(exp, device="a100", overrides=["compression.settings.search_rounds=2"])
+    assert _stage(shorter, "search")["flops"] == pytest.approx((1 * 16 + 2 * 16) * 64 * 4 * forward["flops"] / 1024)
+
+
 def test_refit_adds_its_stage_to_the_compression():
     """``compression.refit=true``: a "refit" stage of about five forwards over the calibration images (both streams),
     counted in the compression's time, holding the dense copy beside the compressed model."""
