@@ -331,6 +331,9 @@ class Policy:
     prices_latency: bool = False
     """Whether its curves are absolute losses comparable across layers, so that ``target_speedup`` can spend them
     per millisecond (:func:`lowrank_vit.core.latency.allocate_latency`)."""
+    under_target: bool = False
+    """Whether its ranks may hold fewer parameters than the budget by design (COMCAT's argmax ranks), so that a
+    check of the reduction reached asks only that the target is not exceeded."""
     search: Callable[[Any, list, Any], Any] | None = None
     """A search that trains the model before it is calibrated (COMCAT's, :mod:`lowrank_vit.methods.comcat_search`):
     (model, calibration batches, the pipeline's setup) -> what ``run`` then reads in place of a probe. It may change

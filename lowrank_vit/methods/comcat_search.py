@@ -574,4 +574,4 @@ def search_for_pipeline(model: nn.Module, batches: list, setup: Any) -> SearchRe
 
 
 register_policy(Policy("comcat_search", energy_loss_curve, _run, records_trace=True, settings=ComcatSearchSettings,
-                       search=search_for_pipeline))
+                       under_target=True, search=search_for_pipeline))

@@ -239,3 +239,30 @@ def test_a_pruning_rows_result_must_reach_the_sparsity_it_asks(monkeypatch):
     del missing["pruning"]
     with pytest.raises(RehearsalError, match="the pruning left None"):
         rehearse.check_result(exp, missing, settings, None)
+
+
+def _compressed_result(exp, removed: float) -> dict:
+    """A result.json of a compressing row without fine-tune, with the figures the reduction check reads."""
+    return {"top1": 0.1, "top5": 0.5, "params": 600, "params_before": 1000, "size_mib": 1.0, "stage_seconds": {},
+            "dense": {"top1": 0.1}, "config": exp.full.to_dict(), "preprocessing": {}, "val_images": 8,
+            "measured_reduction": removed, "report": {"config": {}}}
+
+
+@pytest.mark.parametrize(("row", "removed", "ok"), [
+    ("compare/deit_s/ours-50-noft", 0.5049, True), ("compare/deit_s/ours-50-noft", 0.4951, True),
+    ("compare/deit_s/ours-50-noft", 0.4949, False), ("compare/deit_s/ours-50-noft", 0.5051, False),
+    # COMCAT's argmax ranks land under the target by design: more removed is fine, less is not
+    ("compare/deit_s/comcat-search-50-noft", 0.5714, True), ("compare/deit_s/comcat-search-50-noft", 0.4951, True),
+    ("compare/deit_s/comcat-search-50-noft", 0.4949, False)])
+def test_the_reduction_check_asks_equality_or_for_a_search_not_less(monkeypatch, row, removed, ok):
+    from lowrank_vit.repro import rehearse
+    from lowrank_vit.repro.registry import get_experiment
+
+    monkeypatch.setattr(rehearse, "check_preprocessing", lambda *args: None)  # tested above; no model here
+    exp = get_experiment(row)
+    result = _compressed_result(exp, removed)
+    if ok:
+        rehearse.check_result(exp, result, RehearsalSettings(), None)
+    else:
+        with pytest.raises(RehearsalError, match="of the parameters, the row asks 50%"):
+            rehearse.check_result(exp, result, RehearsalSettings(), None)
