@@ -20,6 +20,7 @@ import torch
 
 from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers the peers' allocations)
 from lowrank_vit.core.allocate import POLICIES, get_policy
+from lowrank_vit.core.blockwise import TRAINABLE
 from lowrank_vit.core.common import check_count, check_number, from_fields, settings_of
 from lowrank_vit.core.likelihood import check_likelihood_choice, check_output_key, likelihood_label
 from lowrank_vit.methods import comcat_search as _comcat_search  # noqa: F401  (registers COMCAT's search)
@@ -32,6 +33,7 @@ DECOMPOSITIONS = tuple(METHODS)
 ALLOCATIONS = tuple(POLICIES)
 COMPENSATIONS = tuple(Z_KINDS)
 GRAM_PRECISIONS = ("float64", "float32")
+BLOCK_RECONSTRUCTIONS = ("none", *TRAINABLE)
 
 FLOAT32_GRAM_DEVICE_TYPES = frozenset({"cuda"})
 """Device types on which ``gram_precision=None`` means float32 Gram products for every method: GPUs whose float64
@@ -46,6 +48,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                             bias_correction=True, grad_fraction=0.5),
     "loss-aware-refit": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
                              bias_correction=True, refit=True),
+    "loss-aware-block": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
+                             bias_correction=True, block_reconstruction="factors"),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
     # the strongest published peers (docs/peers.md), each with its own decomposition and allocation
@@ -64,7 +68,8 @@ the peers of docs/peers.md with their published settings ("comcat-search": COMCA
 its own differentiable rank search and distillation, lowrank_vit/methods/comcat_search.py; FLAR-SVD; SVD-LLM's
 published pipeline, its truncation-aware whitening with uniform ranks; SVD-LLM v2's heterogeneous ratios; KFAC-SVD
 with LEMS's integer program); "svd-llm-update" is SVD-LLM with the sequential update of one factor that its code
-carries but its published pipeline does not run."""
+carries but its published pipeline does not run. "loss-aware-block" is the default followed by the block-wise
+reconstruction (``block_reconstruction="factors"``, docs/loss_aware.md#block-wise-reconstruction)."""
 
 
 def setting_owners() -> dict[str, list[str]]:
@@ -211,6 +216,23 @@ class CompressionConfig:
     layer's outputs in the same loss-aware metric, at the same rank (``lowrank_vit.core.refit``). Costs a few more
     forward passes over the calibration images and keeps them in memory; measured in docs/loss_aware_study.md (recipe
     "loss-aware-refit"). Needs ``compensation="none"``."""
+    block_reconstruction: str = "none"
+    """After the allocation (and the refit, if any): tune each transformer block of the compressed model, in forward
+    order, by ``block_steps`` Adam steps so that its output on the compressed model's own inputs (the calibration
+    images through the blocks already tuned) matches the dense block's output on the dense inputs (relative squared
+    error; no labels; ``lowrank_vit.core.blockwise``). What it trains: "none" (off), "factors" (U and V of the
+    block's factorized layers, and their Z), "factors_bias" (their biases too), "block" (every parameter of the
+    block: norms, LayerScale, the layers left dense). Any decomposition and output kind; keeps the calibration
+    images, a dense copy of the model and one block's activations in memory. Measured in docs/loss_aware.md (recipe
+    "loss-aware-block")."""
+    block_steps: int = 100
+    """With ``block_reconstruction``: Adam steps per block (its cost: about ``block_steps * block_batch_size /
+    calib_samples`` forward and backward passes of the model over the calibration images, all blocks together)."""
+    block_lr: float = 1e-2
+    """With ``block_reconstruction``: Adam's learning rate relative to each tensor's root mean square (a factor's
+    scale depends on the decomposition's whitening), decayed to 0 by a cosine."""
+    block_batch_size: int = 32
+    """With ``block_reconstruction``: calibration images per Adam step (drawn at random, seeded by ``seed``)."""
     likelihood: Any = "auto"
     """The likelihood of the model's output that a gradient pass (decompositions "loss_aware", "kfac") and LEMS's
     probe measure the loss with (:mod:`lowrank_vit.core.likelihood`): "categorical" (class logits), "gaussian" (any
@@ -340,6 +362,10 @@ class CompressionConfig:
         if self.refit and Z_KINDS[self.compensation].fitted:
             raise ValueError(f"refit recomputes the factors alone: use compensation='none' (got "
                              f"{self.compensation!r})")
+        _check_choice("block_reconstruction", self.block_reconstruction, BLOCK_RECONSTRUCTIONS)
+        for name in ("block_steps", "block_batch_size"):
+            check_count(name, getattr(self, name))
+        check_number("block_lr", self.block_lr, "> 0")
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))

@@ -13,6 +13,7 @@ from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import check_feasible, get_policy
+from lowrank_vit.core.blockwise import block_reconstruction
 from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.calibration import LayerStats, first_calibration_images, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
@@ -208,9 +209,16 @@ def _latency_report(setup: _Setup, ranks: dict[str, int | None]) -> dict[str, An
 
 
 def _keeps_images(cfg: CompressionConfig) -> bool:
-    """Whether the calibration images are needed again after the statistics (the refit, a probing allocation)."""
+    """Whether the calibration images are needed again after the statistics (the refit, the block reconstruction,
+    a probing allocation)."""
     policy = get_policy(cfg.allocation)
-    return cfg.refit or policy.needs_probe or policy.search is not None
+    return _revisits_images(cfg) or policy.needs_probe or policy.search is not None
+
+
+def _revisits_images(cfg: CompressionConfig) -> bool:
+    """Whether a stage after the layer swap runs the calibration images through the compressed model and a dense
+    copy (the refit, the block reconstruction), so that the layers' errors are measured after it."""
+    return cfg.refit or cfg.block_reconstruction != "none"
 
 
 def _held_out_probe(cfg: CompressionConfig) -> int:
@@ -390,7 +398,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     with clock.stage("allocation"):
         curves = {name: _energy_curve(cfg, d.singular_values) for name, d in decompositions.items()}
         allocation = _allocate(setup, curves, found or _probe(model, setup, decompositions, probe_images))
-    kept_images = kept_images if cfg.refit else []  # the probe's alone: free them
+    kept_images = kept_images if _revisits_images(cfg) else []  # the probe's alone: free them
     del probe_images
     with clock.stage("compensation", less="report_errors"):  # the report's errors are not the stage's
         new_layers, reports, sgd_history = _factorize(setup, stats, decompositions, whitenings, allocation.ranks,
@@ -401,13 +409,18 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     unit_reports = [LayerReport(unit.name, unit.in_features, unit.out_features, unit.rank, 0, unit.dense_params,
                                 unit.params, unit.energy_loss, math.nan, math.nan)
                     for unit in setup.whole.summaries(setup.modules, decompositions, allocation.ranks)]
-    dense = copy.deepcopy(model) if cfg.refit else None
+    dense = copy.deepcopy(model) if _revisits_images(cfg) else None
     with clock.sub("swap"):
         swap_layers(model, lambda fqn, _: new_layers.get(fqn), lambda fqn, m: fqn in new_layers)
         swap_layers(model, lambda fqn, _: new_modules.get(fqn), lambda fqn, m: fqn in new_modules)
-    if dense is not None:
+    if cfg.refit:
         with clock.stage("refit", less="report_errors"):
             errors = _refit(dense, model, setup, stats, new_layers, kept_images, clock)
+        reports.update({name: replace(reports[name], output_error_lowrank=err, output_error=err)
+                        for name, err in errors.items()})
+    if cfg.block_reconstruction != "none":
+        with clock.stage("block_reconstruction"):
+            errors = _reconstruct_blocks(dense, model, setup, new_layers, kept_images)
         reports.update({name: replace(reports[name], output_error_lowrank=err, output_error=err)
                         for name, err in errors.items()})
     del stats, decompositions, whitenings, dense, kept_images  # (the new layers live on in the model)
@@ -495,7 +508,7 @@ def _factorize_layer(setup: _Setup, name: str, rank: int, stats: LayerStats, dec
     U, V = decomposition.factors(rank)
     residual = weight - U @ V.T
     err_lr = math.nan  # with refit the layer changes again; its errors are measured after the refit
-    if not cfg.refit:
+    if not _revisits_images(cfg):
         with clock.sub("report_errors"):
             err_lr = output_error(stats, residual)
     z, task = None, None
@@ -517,7 +530,7 @@ def _factorize_layer(setup: _Setup, name: str, rank: int, stats: LayerStats, dec
     new = FactorizedLinear.from_factors(U.to(dtype), V.to(dtype), _centred_bias(layer, stats, weight, U, V, z),
                                         z.to(dtype) if z is not None else None).to(setup.device)
     predicted = 0.5 * float(decomposition.energy_tails()[rank]) if get_method(cfg.decomposition).loss_units else None
-    err = math.nan if task is not None or cfg.refit else _output_error_now(stats, layer, new, clock)
+    err = math.nan if task is not None or _revisits_images(cfg) else _output_error_now(stats, layer, new, clock)
     return new, LayerReport(name, layer.in_features, layer.out_features, rank, z_params, layer.weight.numel(),
                             _factored_params(new), decomposition.energy_loss(rank), err_lr, err, predicted), task
 
@@ -569,6 +582,22 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
         if name not in errors:  # input-side statistics
             errors[name] = _output_error_now(stats[name], setup.layers[name], new, clock)
     return errors
+
+
+def _reconstruct_blocks(dense: nn.Module, model: nn.Module, setup: _Setup, new_layers: dict[str, FactorizedLinear],
+                        images: list[torch.Tensor]) -> dict[str, float]:
+    """``CompressionConfig.block_reconstruction``: every block of the compressed model tuned, in forward order, so
+    that its output on the compressed model's own inputs matches the dense block's (:mod:`lowrank_vit.core.
+    blockwise`). Returns each factorized layer's output error on the dense inputs after it, pooled over the
+    calibration tokens (sum ||x (W - W_hat) + db||^2 / sum ||x W||^2: any weight change, measured on the tokens)."""
+    cfg = setup.cfg
+    blocks = {block: [name for name in block_layers if name in new_layers]
+              for block, block_layers in get_adapter(model).layers_by_block(dense).items()}
+    result = block_reconstruction(dense, model, blocks, images, trainable=cfg.block_reconstruction,
+                                  factorized=(FactorizedLinear, FactorizedAttention), steps=cfg.block_steps,
+                                  lr=cfg.block_lr, batch_size=cfg.block_batch_size, seed=cfg.seed, device=setup.device,
+                                  progress=cfg.progress)
+    return result.layer_errors
 
 
 def _factored_params(new: FactorizedLinear) -> int:
