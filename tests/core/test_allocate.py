@@ -27,6 +27,7 @@ from lowrank_vit.core.allocate import (
     allocate_greedy,
     allocate_marginal,
     allocate_uniform,
+    check_feasible,
     fill_slack,
     get_policy,
     register_policy,
@@ -572,3 +573,91 @@ def test_the_slack_exchange_looks_past_layers_it_cannot_use():
     assert sum(lb.params(ranks[lb.name]) for lb in layers) == 425
     assert _exchange_slack(layers, ranks, 445, tolerance=0) == 445
     assert ranks == {"D": None, "A": 4, "C": 1, "B": 6}
+
+
+# -------------------------------------------------------------- the edges of the allocators' rules, by hand
+
+
+def _edge_layers() -> list[LayerBudget]:
+    """a: 8x24, 32 a rank, dense 192, max_rank 5; b: 4x4 with z = 8, dense 16, max_rank 0 (rank 1 costs 16);
+    c: 4x4 with z = 7, dense 16, max_rank 1 (rank 1 costs 15). Decreasing loss curves with distinct values."""
+    return [_layer("a", 8, 24, 0, [1.0, 0.6, 0.35, 0.2, 0.1, 0.04, 0.01, 0.003, 0.0]),
+            _layer("b", 4, 4, 8, [1.0, 0.5, 0.2, 0.05, 0.0]),
+            _layer("c", 4, 4, 7, [1.0, 0.45, 0.15, 0.03, 0.0])]
+
+
+def test_check_feasible_at_the_smallest_reachable_and_the_full_size():
+    """The dense total is 192 + 16 + 16 = 224; the smallest reachable is 32 (a at rank 1) + 16 (b dense: no rank is
+    cheaper) + 15 (c at rank 1) = 63. 63 and 223 are targets; 62 and 224 are not."""
+    layers = _edge_layers()
+    check_feasible(layers, 63)
+    check_feasible(layers, 223)
+    with pytest.raises(ValueError, match=r"needs 63 parameters there, and the target leaves 62$"):
+        check_feasible(layers, 62)
+    with pytest.raises(ValueError, match=r"leaves 224 parameters .* hold only 224: nothing to compress"):
+        check_feasible(layers, 224)
+
+
+def test_uniform_keeps_a_layer_without_a_cheaper_rank_dense_and_gives_a_layer_with_one_its_rank_one():
+    """Budget 127 = 16 (b dense) + 15 (c at rank 1, its max_rank) + 3 x 32 (a at rank 3); a at rank 4 would need
+    159."""
+    allocation = allocate_uniform(_edge_layers(), 127)
+    assert allocation.ranks == {"a": 3, "b": None, "c": 1} and allocation.params == 127
+
+
+@pytest.mark.parametrize(("budget", "rank"), [(160, 5), (159, 4), (1000, 5)])
+def test_fill_slack_raises_a_rank_up_to_the_budget_and_the_max_rank_inclusive(budget, rank):
+    """8x24 at rank 1 (32): rank 5 costs 160, exactly its max_rank; a budget of 160 reaches it, 159 stops at 4
+    (128), and no budget takes it past 5."""
+    layer = _edge_layers()[0]
+    ranks = {"a": 1}
+    assert fill_slack([layer], ranks, budget, key=_gain) == 32 * rank and ranks == {"a": rank}
+
+
+@pytest.mark.parametrize(("budget", "rank"), [(288, 8), (287, 3)])
+def test_fill_slack_with_a_step_raises_to_the_next_multiple_only_where_it_fits(budget, rank):
+    """18x18 (36 a rank, dense 324, max_rank 8) at rank 3: the next multiple of 8 is 8, costing 288 (< 324)."""
+    layer = _layer("a", 18, 18, 0, [1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.0])
+    ranks = {"a": 3}
+    assert fill_slack([layer], ranks, budget, key=_gain, step=8) == 36 * rank and ranks == {"a": rank}
+
+
+def test_fill_slack_stops_at_a_latency_rank_limit():
+    layer = _layer("a", 8, 24, 0, [1.0, 0.6, 0.35, 0.2, 0.1, 0.04, 0.0])
+    layer.rank_limit = 3
+    ranks = {"a": 1}
+    assert fill_slack([layer], ranks, 10_000, key=_gain) == 96 and ranks == {"a": 3}
+
+
+def _exchange_pair() -> list[LayerBudget]:
+    # "down": 6x6, 12 a rank, max_rank 2; "up": 8x24, 32 a rank, max_rank 5; one exchange moves 32 - 12 = 20
+    return [_layer("down", 6, 6, 0, [1.0, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0]),
+            _layer("up", 8, 24, 0, [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.0, 0.0, 0.0])]
+
+
+@pytest.mark.parametrize(("tolerance", "ranks", "spent"), [
+    (20, {"down": 2, "up": 1}, 56),  # 20 unspent is within a tolerance of 20: nothing to exchange
+    (19, {"down": 1, "up": 2}, 76),  # above it: down gives rank 2 -> 1 (its last allowed step), up takes one
+])
+def test_the_slack_exchange_stops_at_the_tolerance_and_may_lower_a_layer_to_rank_one(tolerance, ranks, spent):
+    """down at 2 (24) + up at 1 (32) = 56 of a budget of 76: 20 unspent, exactly one exchange's worth."""
+    held = {"down": 2, "up": 1}
+    assert _exchange_slack(_exchange_pair(), held, 76, tolerance) == spent and held == ranks
+
+
+def test_the_marginal_price_keeps_a_layer_factored_where_dense_costs_the_same():
+    """8x24 at the price 1/64 a parameter: rank 5 costs 0.5 + 160/64 = 3.0, exactly dense's 192/64 = 3.0 (every
+    lower rank costs 3.5). On the tie the layer is factored (it saves 32 parameters at no loss in the objective)."""
+    from lowrank_vit.core.allocate import _LagrangianTable
+
+    layer = _layer("a", 8, 24, 0, [4.0, 3.0, 2.5, 2.0, 1.5, 0.5, 0.0, 0.0, 0.0])
+    layer.energy_losses = layer.energy_losses.double()
+    table = _LagrangianTable([layer])
+    assert table.ranks(1 / 64) == {"a": 5} and table.total(1 / 64) == 160
+    assert table.ranks(1 / 64 * 0.99) == {"a": None}  # a cheaper price: dense wins outright
+
+
+def test_marginal_compresses_a_layer_whose_only_cheaper_rank_is_one():
+    """At the smallest reachable budget, 63 (see ``_edge_layers``), c (max_rank 1) must take its rank 1."""
+    allocation = allocate_marginal(_edge_layers(), 63)
+    assert allocation.ranks == {"a": 1, "b": None, "c": 1} and allocation.params == 63

@@ -199,3 +199,27 @@ def test_release_freed_memory_does_nothing_off_linux_and_tolerates_a_libc_withou
     release_freed_memory()
     monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a C library without malloc_trim (musl)
     release_freed_memory()
+
+
+_TINY = 5e-324  # the smallest positive float
+_BELOW_ONE, _ABOVE_ONE, _BELOW_HALF = math.nextafter(1.0, 0.0), math.nextafter(1.0, 2.0), math.nextafter(0.5, 0.0)
+
+
+@pytest.mark.parametrize(("rule", "value", "ok"), [
+    ("> 0", 0, False), ("> 0", 0.0, False), ("> 0", _TINY, True), ("> 0", -_TINY, False),
+    (">= 0", 0, True), (">= 0", -_TINY, False), (">= 0", _TINY, True),
+    ("> 1", 1, False), ("> 1", 1.0, False), ("> 1", _ABOVE_ONE, True), ("> 1", 2, True), ("> 1", _BELOW_ONE, False),
+    ("[0, 0.5)", 0, True), ("[0, 0.5)", -_TINY, False), ("[0, 0.5)", 0.5, False), ("[0, 0.5)", _BELOW_HALF, True),
+    ("(0, 1]", 0, False), ("(0, 1]", _TINY, True), ("(0, 1]", 1, True), ("(0, 1]", _ABOVE_ONE, False),
+    ("(0, 1)", 0, False), ("(0, 1)", 0.0, False), ("(0, 1)", _TINY, True), ("(0, 1)", 1, False),
+    ("(0, 1)", _BELOW_ONE, True),
+    ("[0, 1)", 0.0, True), ("[0, 1)", -_TINY, False), ("[0, 1)", 1, False), ("[0, 1)", 1.0, False),
+    ("[0, 1)", _BELOW_ONE, True),
+])
+def test_check_number_at_each_rules_edges_and_one_float_either_side(rule, value, ok):
+    """Every rule of ``check_number`` at its threshold (int and float) and at the nearest float on each side."""
+    if ok:
+        check_number("x", value, rule)
+    else:
+        with pytest.raises(ValueError, match=r"^x must (lie in|be a finite number) "):
+            check_number("x", value, rule)

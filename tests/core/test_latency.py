@@ -19,7 +19,9 @@ from lowrank_vit.core.latency import (
     ShapeLatency,
     Timing,
     allocate_latency,
+    check_speedup,
     knapsack,
+    latency_choices,
     latency_report,
     predicted_ms,
     rank_limits,
@@ -236,3 +238,58 @@ def test_the_predicted_model_time_is_the_raw_timings_arithmetic_with_the_call_ov
     assert report["predicted_ms"] == pytest.approx(10.0 - ((1.0 - 0.3) - (0.7 - 0.3)) - ((1.0 - 0.3) - (0.6 - 0.3)))
     assert report["predicted_ms"] == pytest.approx(9.3)
     assert report["predicted_speedup"] == pytest.approx(10.0 / 9.3)
+
+
+# --------------------------------------------------------------- the edges of the latency rank rules, by hand
+
+
+def _edge_table(factored_ms: tuple[float, ...], ranks: tuple[int, ...] = (4, 8, 12), dense_ms: float = 2.0,
+                model_ms: float = 10.0) -> LatencyTable:
+    shape = ShapeLatency(8, 24, 10, True, _t(dense_ms), ranks, tuple(_t(ms) for ms in factored_ms))
+    return LatencyTable("edge", 1, "cpu", "x", "torch", "float32", 1, {}, _t(model_ms), {"a": "s"}, {"s": shape}, 4)
+
+
+@pytest.mark.parametrize(("factored", "expected"), [
+    ((1.0, 2.0, 3.0), 4),  # rank 8 takes exactly the dense time: not faster
+    ((1.0, 1.999, 3.0), 8),  # just below it: faster
+    ((2.0, 2.5, 3.0), 0),  # no profiled rank is faster: 0 keeps the layer dense
+])
+def test_break_even_is_the_largest_rank_strictly_faster_than_dense(factored, expected):
+    assert _edge_table(factored).shape_of("a").break_even() == expected
+
+
+@pytest.mark.parametrize(("z", "limit"), [(0, 8), (127, 5), (128, 4), (256, 0), (288, 0)])
+def test_rank_limits_subtract_the_whole_ranks_of_z_and_never_go_below_zero(z, limit):
+    """8x24 (32 a rank) breaking even at 8: a Z of 127 parameters folds into 3 ranks (127 // 32) -> 5; 128 is 4
+    ranks -> 4; 256 is 8 -> 0; 288 is 9, past the break-even rank -> 0 (dense), not -1."""
+    layer = LayerBudget("a", 8, 24, z, torch.zeros(9, dtype=torch.float64))
+    assert rank_limits([layer], _edge_table((1.0, 1.5, 3.0))) == {"a": limit}
+
+
+def test_latency_choices_are_the_profiled_ranks_from_one_to_the_max_rank_inclusive():
+    """Grid (1, 3, 5, 6) on 8x24 (max_rank 5): 1, 3 and 5 are options, 6 is not. With a Z of one rank (32, max_rank
+    now (192 - 32 - 1) // 32 = 4) the U V^T ranks are the grid less 1: 0 is no option, 2 and 4 are, 5 is not."""
+    table = _edge_table((1.0, 1.2, 1.4, 1.5), ranks=(1, 3, 5, 6))
+    plain = LayerBudget("a", 8, 24, 0, torch.zeros(9, dtype=torch.float64))
+    with_z = LayerBudget("a", 8, 24, 32, torch.zeros(9, dtype=torch.float64))
+    assert [rank for rank, _, _ in latency_choices(plain, table)] == [1, 3, 5, None]
+    assert [rank for rank, _, _ in latency_choices(with_z, table)] == [2, 4, None]
+
+
+def test_a_speedup_reachable_exactly_is_accepted_and_the_next_float_is_not():
+    """Model 10 ms, the layer 4 ms dense and 2 ms at its fastest rank (4): the fastest model is 10 - 4 + 2 = 8 ms,
+    so 10 / 8 = 1.25 is reachable exactly; the target must be above 1."""
+    layer = LayerBudget("a", 8, 24, 0, torch.zeros(9, dtype=torch.float64))
+    table = _edge_table((2.0, 3.0, 3.5), dense_ms=4.0)
+    check_speedup([layer], table, 1.25)
+    with pytest.raises(ValueError, match=r"at most 1\.25x"):
+        check_speedup([layer], table, math.nextafter(1.25, 2.0))
+    with pytest.raises(ValueError, match=r"target_speedup must be a finite number > 1, got 1"):
+        check_speedup([layer], table, 1)
+
+
+@pytest.mark.parametrize(("budget", "pick"), [(2.0, 0), (1.99, 1)])
+def test_knapsack_takes_an_option_costing_exactly_the_budget(budget, pick):
+    """Costs are rounded up to whole steps of budget / 64: 2.0 is 64 steps of a budget of 2.0 (fits), 64.3 -> 65 steps
+    of a budget of 1.99 (does not)."""
+    assert knapsack([[(2.0, 1.0), (0.0, 5.0)]], budget, resolution=64) == [pick]

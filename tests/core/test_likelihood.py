@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from lowrank_vit import CompressionConfig, compress
-from lowrank_vit.core.likelihood import resolve_likelihood, select_output
+from lowrank_vit.core.likelihood import (
+    BernoulliProbabilities,
+    Categorical,
+    Gaussian,
+    check_declares_classes,
+    is_classifier,
+    resolve_likelihood,
+    resolve_name,
+    select_output,
+)
 from lowrank_vit.core.loss_aware import collect_loss_statistics
 from tests.helpers import DenseHeadViT, loss_aware_cfg, make_images, make_tiny_vit
 
@@ -242,3 +251,115 @@ def test_sampled_labels_give_the_true_fisher_of_the_logits():
         p = torch.softmax(model(images), 1)
     fisher = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
     torch.testing.assert_close(G, fisher, rtol=0.0, atol=0.03)
+
+
+# ------------------------------------------------------------------ the edges of every rule the likelihood decides
+
+
+class _Declares(nn.Module):
+    """A model that says ``num_classes`` (as every timm model does) and holds a bias-carrying layer."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.num_classes = classes
+        self.body = nn.Linear(5, 3)
+
+
+class _Headed(nn.Module):
+    """A model of one's own without ``num_classes``: its top-level ``head`` declares the classes."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(7, outputs)
+
+
+@pytest.mark.parametrize(("model", "classifier"), [
+    (_Declares(0), False), (_Declares(1), False), (_Declares(2), True), (_Declares(3), True),
+    (_Headed(1), False), (_Headed(2), True), (_Headed(3), True),
+], ids=["num0", "num1", "num2", "num3", "head1", "head2", "head3"])
+def test_a_classifier_declares_two_classes_or_more(model, classifier):
+    """``is_classifier``'s edge: one output (a one-logit or a regression head) is not a classifier, two are."""
+    assert is_classifier(model) is classifier
+
+
+@pytest.mark.parametrize(("classes", "width", "expected"), [
+    (1, 1, "gaussian"),  # a one-logit / regression head: not class logits
+    (2, 2, "categorical"),  # the smallest classifier
+    (3, 3, "categorical"),
+    (3, 2, "gaussian"), (3, 4, "gaussian"),  # one column fewer or more than the classes declared: not its logits
+])
+def test_auto_resolves_categorical_exactly_at_two_declared_classes_of_matching_width(classes, width, expected):
+    output = torch.randn(5, width) + 0.5
+    assert resolve_name(_Declares(classes), output, "auto") == expected
+    assert resolve_name(_Declares(classes), output.unsqueeze(-1), "auto") == "gaussian"  # (B, C, 1): not logits
+
+
+@pytest.mark.parametrize(("shape", "ok"), [((5, 1), False), ((5, 2), True), ((5, 3), True), ((5, 2, 1), False)])
+def test_categorical_needs_two_columns_or_more(shape, ok):
+    """``Categorical.check``: a (B, 1) output is refused (a softmax of one logit is constant), (B, 2) is accepted."""
+    output = torch.randn(*shape) + 0.25
+    if ok:
+        Categorical().check(output, 5)
+    else:
+        with pytest.raises(ValueError, match=r"'categorical' likelihood needs class logits"):
+            Categorical().check(output, 5)
+
+
+@pytest.mark.parametrize(("shape", "images", "ok"), [
+    ((5,), 5, False), ((5, 1), 5, True), ((4, 3), 5, False), ((6, 3), 5, False), ((5, 3), 5, True),
+])
+def test_an_output_needs_the_batch_first_and_one_more_dimension(shape, images, ok):
+    """``Likelihood.check``: 1-D refused, 2-D accepted; a first dimension one off the batch refused."""
+    output = torch.randn(*shape) - 0.5
+    if ok:
+        Gaussian().check(output, images)
+    else:
+        with pytest.raises(ValueError, match=r"needs the batch as its first dimension"):
+            Gaussian().check(output, images)
+
+
+@pytest.mark.parametrize(("classes", "likelihood", "refused"), [
+    (0, "categorical", True), (1, "categorical", True), (2, "categorical", False), (1, "gaussian", False),
+])
+def test_categorical_is_refused_below_two_declared_classes(classes, likelihood, refused):
+    if refused:
+        with pytest.raises(ValueError, match=f"num_classes={classes}"):
+            check_declares_classes(_Declares(classes), likelihood)
+    else:
+        check_declares_classes(_Declares(classes), likelihood)
+
+
+def test_probability_maps_saturated_at_exactly_zero_or_one_are_valid():
+    """``BernoulliProbabilities.check``: [0, 1] is closed; the next float32 outside either end is refused."""
+    valid = torch.tensor([[0.0, 1.0, 0.3], [1.0, 0.0, 0.7]])
+    BernoulliProbabilities().check(valid, 2)
+    BernoulliProbabilities().check(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), 2)  # all at the lower edge
+    BernoulliProbabilities().check(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), 2)  # all at the upper edge
+    above = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))  # 1 + 2^-23
+    below = torch.nextafter(torch.tensor(0.0), torch.tensor(-1.0))  # the smallest negative float32
+    for bad in (above, below):
+        output = valid.clone()
+        output[1, 2] = bad
+        with pytest.raises(ValueError, match=r"needs probabilities in \[0, 1\]"):
+            BernoulliProbabilities().check(output, 2)
+
+
+@pytest.mark.parametrize(("low", "high", "ok"), [(0, 6, True), (-1, 6, False), (0, 7, False), (3, 3, True)])
+def test_given_labels_lie_in_zero_to_the_number_of_classes(low, high, ok):
+    """``Categorical.check_target`` for 7 classes: 0 and 6 are labels, -1 and 7 are not."""
+    output = torch.randn(4, 7)
+    labels = torch.tensor([low, 2, high, 1])
+    if ok:
+        Categorical().check_target(labels, output, 0)
+    else:
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 7\), got \[{min(low, 1)}, {max(high, 2)}\]"):
+            Categorical().check_target(labels, output, 0)
+
+
+def test_an_output_index_key_reaches_both_ends_of_a_tuple_and_no_further():
+    output = (torch.zeros(2, 3), torch.ones(2, 4), torch.full((2, 5), 2.0))
+    assert select_output(output, 2).shape == (2, 5)
+    assert select_output(output, -3).shape == (2, 3)
+    for key in (3, -4):
+        with pytest.raises(ValueError, match=f"output_key={key} names no tensor"):
+            select_output(output, key)

@@ -15,6 +15,7 @@ from lowrank_vit.core.search import (
     allocate_integer,
     allocate_svd_llm_v2,
     candidate_ranks,
+    equal_cost_rank,
     layer_kind,
     scale_to_budget,
     search_grid,
@@ -302,3 +303,64 @@ def test_lems_is_the_brute_force_optimum_of_its_error_model_and_never_probes_a_l
                if sum(p for _, p, _ in combo) <= room)
     assert allocation.ranks["l3"] is None
     assert [allocation.ranks[f"l{i}"] for i in range(3)] == [r for r, _, _ in best[1]]
+
+
+# ----------------------------------------------------------------------- the edges of the rank rules, by hand
+
+
+def test_equal_cost_rank_is_the_floor_of_km_over_k_plus_m():
+    # 34x34: 1,156 / 68 = 17 exactly (rank 17 costs what dense does); 10x30: 300 / 40 = 7.5 -> 7; 5x7: 35 / 12 -> 2
+    assert [equal_cost_rank(budget_layer(k, m)) for k, m in ((34, 34), (10, 30), (5, 7), (1, 9))] == [17, 7, 2, 0]
+
+
+def test_the_search_grid_reaches_the_max_rank_when_it_is_a_multiple_of_the_step():
+    # 34x34: max_rank 16 (16 x 68 = 1,088 < 1,156; 17 x 68 = 1,156 is not cheaper)
+    layer = budget_layer(34, 34)
+    assert search_grid(layer, 8) == [8, 16]
+    assert search_grid(layer, 16) == [16]
+    assert search_grid(layer, 17) == list(range(1, 17))  # no multiple of 17 is cheaper: every rank
+    assert search_grid(layer, 5) == [5, 10, 15]
+
+
+def test_candidate_ranks_reach_the_max_rank_and_stay_below_the_ceiling():
+    layer = budget_layer(34, 34)  # equal-cost rank 17, max_rank 16
+    # ceiling 1.0: below 17, i.e. up to the max rank 16 itself
+    assert candidate_ranks(layer, 0.1, 1.0, 8) == [8, 16]
+    # ceiling 0.95: 16.15 -> below 16, so 16 is not a candidate
+    assert candidate_ranks(layer, 0.1, 0.95, 8) == [8]
+    # floor 8/17 = 0.47: 7.99.. -> 7 (rounded down); floor 0.5: 8.5 -> 8
+    assert candidate_ranks(layer, 0.47, 1.0, 1) == list(range(7, 17))
+    assert candidate_ranks(layer, 0.5, 1.0, 1) == list(range(8, 17))
+    # 12x12: equal-cost rank 6, max_rank 5 (5 x 24 = 120 < 144): a ceiling of 1.0 stops at 5
+    assert candidate_ranks(budget_layer(12, 12), 0.1, 1.0, 1) == [1, 2, 3, 4, 5]
+
+
+def _flar_pair() -> list[LayerBudget]:
+    # "a" 34x34: 68 a rank, max_rank 16, dense 1,156; "b" 64x192: 256 a rank, max_rank 47, dense 12,288
+    return [budget_layer(34, 34, name="a"), budget_layer(64, 192, name="b")]
+
+
+def test_a_layer_scaled_exactly_to_its_max_rank_stays_factored():
+    """FLAR-SVD's budget rule at its edge. "a" searched at 8, "b" at 16, step 8: a factor c in [2.5, 3) scales them
+    to a = floor(8 c) = 20..23 -> 16 (exactly its max_rank: still cheaper than dense) and b = floor(16 c) = 40..47 ->
+    40: 16 x 68 + 40 x 256 = 1,088 + 10,240 = 11,328 parameters, the budget. At c = 3, a = 24 passes its max_rank and
+    goes dense and b = 48 > 47 goes dense too (13,444, over the budget)."""
+    ranks, total = scale_to_budget(_flar_pair(), {"a": 8, "b": 16}, 11_328, 8)
+    assert ranks == {"a": 16, "b": 40} and total == 11_328
+
+
+def test_a_layer_scaled_one_step_past_its_max_rank_goes_dense():
+    """Searched at 8 each, budget 7,300: c in [3, 4) gives a = 24 > 16 (dense, 1,156) and b = 24 (6,144): 7,300
+    exactly; c in [2, 3) gives a = 16, b = 16 (1,088 + 4,096 = 5,184) and the largest factor that fits is taken."""
+    ranks, total = scale_to_budget(_flar_pair(), {"a": 8, "b": 8}, 7_300, 8)
+    assert ranks == {"a": None, "b": 24} and total == 7_300
+
+
+def test_a_layer_whose_max_rank_is_below_the_step_keeps_its_max_rank_as_its_floor():
+    # 10x10: max_rank 4 (4 x 20 = 80 < 100), below the step 8: its floor is rank 4, not 8 (which would be dense);
+    # with b at 8 (2,048): 80 + 2,048 = 2,128 is the smallest model the rule reaches
+    layers = [budget_layer(10, 10, name="a"), budget_layer(64, 192, name="b")]
+    ranks, total = scale_to_budget(layers, {"a": 4, "b": 8}, 2_128, 8)
+    assert ranks == {"a": 4, "b": 8} and total == 2_128
+    with pytest.raises(ValueError, match="1 parameters more"):
+        scale_to_budget(layers, {"a": 4, "b": 8}, 2_127, 8)

@@ -730,3 +730,33 @@ def test_a_name_the_data_module_never_had_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="'lowrank_vit.stages.data' has no attribute 'DataSettings'"):
         data.DataSettings  # noqa: B018
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize(("calib", "used", "warned"), [(3999, 3999, False), (4000, 4000, False), (4001, 4000, True)])
+def test_calibration_warns_only_when_it_asks_for_more_images_than_training_holds(calib, used, warned):
+    """MNIST-5k's training split holds 4,000 images (80% of 5,000): asking for exactly 4,000 uses them all without
+    a warning; 4,001 uses the same 4,000 and says so."""
+    import warnings
+
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
+
+    dm = build_datamodule(DataConfig(name="mnist-5k", batch_size=8, num_workers=0, calib_samples=calib, seed=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup()
+    assert len(dm.calibration_indices) == used and len(torch.unique(dm.calibration_indices)) == used
+    assert any("calibration uses all 4000 training images" in str(w.message) for w in caught) is warned
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize(("limit", "images"), [(1, 1), (999, 999), (1000, 1000), (1001, 1000)])
+def test_a_validation_limit_at_and_past_the_split_size(limit, images):
+    """MNIST-5k's validation hold-out is 1,000 images: a limit of 1 is valid, one past the split gives the split."""
+    from lowrank_vit.stages.data import build_datamodule
+    from lowrank_vit.stages.data_config import DataConfig
+
+    dm = build_datamodule(DataConfig(name="mnist-5k", batch_size=8, num_workers=0))
+    dm.setup("fit")
+    assert len(dm.val_dataloader(limit=limit).dataset) == images

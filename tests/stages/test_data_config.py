@@ -139,3 +139,24 @@ def test_an_unknown_preprocessing_field_is_named_with_the_known_ones():
     with pytest.raises(ValueError) as err:
         check_preprocessing({"normalise": 0.5})
     assert "'normalise'" in str(err.value) and all(f in str(err.value) for f in PREPROCESSING_FIELDS)
+
+
+@pytest.mark.parametrize(("fields", "ok"), [
+    ({"val_fraction": 0.0}, False), ({"val_fraction": 5e-324}, True),
+    ({"val_fraction": 1.0}, False), ({"val_fraction": 0.9999999999999999}, True),
+    ({"crop_pct": 1.0}, True), ({"crop_pct": 1.0000000000000002}, False),
+    ({"crop_pct": 0.0}, False), ({"crop_pct": 5e-324}, True),
+    ({"std": 5e-324}, True), ({"std": (0.3, 0.0, 0.2)}, False), ({"std": (0.3, -5e-324, 0.2)}, False),
+    ({"mean": 1.0}, True), ({"mean": (0.5, 1.0000000000000002, 0.5)}, False),  # 0-255 scale: above 1
+    ({"std": (0.2, 0.3, 0.4, 0.5)}, True), ({"mean": (0.1, 0.2, 0.3, 0.4, 0.5)}, False),  # at most 4 channels
+    ({"num_workers": 0}, True), ({"num_workers": -1}, False),
+    ({"img_size": 1}, True), ({"img_size": 0}, False),
+    ({"in_chans": 1}, True), ({"in_chans": 3}, True), ({"in_chans": 2}, False), ({"in_chans": 4}, False),
+])
+def test_data_config_rules_at_their_edges(fields, ok):
+    """Each numeric rule of DataConfig at its threshold and one step (or one float) on either side."""
+    if ok:
+        DataConfig(name="mnist-5k", **fields)
+    else:
+        with pytest.raises(ValueError, match=f"^{next(iter(fields))} "):
+            DataConfig(name="mnist-5k", **fields)

@@ -279,3 +279,29 @@ def test_val_labels_on_a_folder_with_class_subfolders_is_refused(tmp_path: Path)
     cfg = DataConfig(path=str(root), val_labels=str(labels), cache_dir=str(tmp_path / "hf_cache"))
     with pytest.raises(DataFormatError, match="class subfolders"):
         build_datamodule(cfg, make_tiny_vit(img_size=32, patch_size=8, in_chans=3, num_classes=3)).setup()
+
+
+@pytest.mark.parametrize(("n", "fraction", "held"), [
+    (10, 0.35, 4),  # 3.5 rounds to 4 (not 3: not rounded down)
+    (10, 0.25, 2),  # 2.5 rounds to 2 (Python's round, half to even; not 3)
+    (10, 0.27, 3),  # 2.7 -> 3
+    (10, 0.05, 1),  # 0.5 -> 0, raised to the one image the hold-out needs
+    (10, 0.95, 9),  # 9.5 -> 10, lowered to leave one image to train on
+    (2, 0.5, 1), (2, 0.99, 1), (1, 0.5, 0),  # the smallest data: one each side; one image: nothing held out
+])
+def test_the_unlabelled_hold_out_rounds_to_the_nearest_count_within_one_and_n_minus_one(n, fraction, held):
+    from lowrank_vit.stages.data_readers import random_split
+
+    train, val = random_split(n, fraction, 3)
+    assert len(val) == held and len(train) == n - held
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(n))
+
+
+def test_a_stratified_split_rounds_each_class_count_to_the_nearest():
+    """Classes of 14, 10, 5 and 1 images at 0.25: 3.5 -> 4, 2.5 -> 2 (half to even), 1.25 -> 1, 0.25 -> 0 (a class of
+    one image stays whole in training)."""
+    labels = torch.tensor([0] * 14 + [1] * 10 + [2] * 5 + [3])[torch.randperm(30, generator=torch.Generator()
+                                                                              .manual_seed(2))]
+    train, val = stratified_split(labels, 0.25, seed=5)
+    assert torch.bincount(labels[val], minlength=4).tolist() == [4, 2, 1, 0]
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(30))
