@@ -424,6 +424,26 @@ def test_compress_reads_a_vmamba_checkpoint(vmamba_file, capsys):
     assert isinstance(model, VSSM) and model.num_classes == 3
 
 
+def test_vmeanba_runs_on_a_vmamba_checkpoint_from_the_command_line(vmamba_file, capsys):
+    """VMeanba alone (its channel-mean scan in one block of the released layout's two), then VMeanba with the low-rank
+    default beside it: both saved models load with the switched block."""
+    from lowrank_vit.methods.vmeanba import scan_blocks
+
+    alone = vmamba_file / "vmeanba"
+    code, _, err = cli(capsys, "compress", "vssm_micro", "--checkpoint", str(vmamba_file / "ckpt_epoch_3.pth"),
+                       "--input-size", "3,32,32", "--data", str(vmamba_file / "imgs"), "--workers", "0",
+                       "--calib-samples", "8", "--preprocessing", "timm", "--device", "cpu", "--quiet", "--no-timing",
+                       "--recipe", "vmeanba", "--vmeanba-blocks", "1", "--output", str(alone))
+    assert code == 0, err
+    combined = vmamba_file / "vmeanba-lowrank"
+    code, _, err = _compress(capsys, vmamba_file / "imgs", "vssm_micro", vmamba_file / "ckpt_epoch_3.pth", combined,
+                             "--no-timing", "--vmeanba-blocks", "1")
+    assert code == 0, err
+    for out in (alone, combined):
+        switched = [block for block, op in scan_blocks(load_compressed(out)).items() if op.mean_scan]
+        assert len(switched) == 1, (out, switched)
+
+
 def test_compress_refuses_model_kwargs_that_contradict_the_vmamba_checkpoint(vmamba_file, capsys):
     code, _, err = _compress(capsys, vmamba_file / "imgs", "vmamba_tiny", vmamba_file / "ckpt_epoch_3.pth",
                              vmamba_file / "refused", "--model-kwargs", json.dumps({"embed_dim": 24}))
