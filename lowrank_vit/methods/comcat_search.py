@@ -450,6 +450,7 @@ def comcat_search(model: nn.Module, calib_batches: Iterable, layers: dict[str, n
 def _search(model, images, labels, layers, modules, budget, settings, categorical, output_key, device, progress):
     s, generator = settings, torch.Generator().manual_seed(settings.seed)
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # the caller's choice, given back at the end
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     units = _units(layers, modules)
     by_name = {u.name: u for u in units}
@@ -480,6 +481,8 @@ def _search(model, images, labels, layers, modules, budget, settings, categorica
                 _train_pass(model, teacher, optimizer, images, labels, s, categorical, output_key, device,
                             generator, align, align_weight if align else 0.0, bar)
     model.train(was_training)
+    for p in frozen:
+        p.requires_grad_(False)
     trace.append({"final": True, "params": sum(int(u.params[u.index]) for u in units), "budget": budget,
                   "ranks": {u.name: u.rank for u in units}})
     return SearchResult({member: unit.rank for unit in units for member in unit.members}, trace)

@@ -174,6 +174,14 @@ def test_the_layer_that_feeds_the_logits_keeps_the_larger_rank(important):
     assert found.ranks[f"blocks.{important}.mlp.fc2"] > found.ranks[f"blocks.{1 - important}.mlp.fc2"]
 
 
+def test_the_search_gives_back_the_callers_frozen_parameters_and_mode():
+    model = _vit()
+    model.patch_embed.requires_grad_(False)
+    compress(model, [torch.randn(48, 3, 32, 32)], _config())
+    assert not any(p.requires_grad for p in model.patch_embed.parameters())
+    assert model.head.weight.requires_grad and not model.training
+
+
 def test_search_is_deterministic_under_a_seed():
     x = torch.randn(48, 3, 32, 32)
     outputs, ranks = [], []
