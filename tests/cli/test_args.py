@@ -329,3 +329,20 @@ def test_cli_vmeanba_bad_input_is_one_line(ssm_workdir, tmp_path, capsys, extra,
     errors = [line for line in err.splitlines() if line.startswith("lowrank-vit: error:")]
     assert len(errors) == 1 and needle in errors[0], err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("flags, timing, progress", [
+    ([], True, True),
+    (["--no-timing"], False, True),
+    (["--quiet"], True, False),
+    (["--no-timing", "--quiet"], False, False),
+])
+def test_no_timing_and_quiet_reach_the_vmeanba_config(flags, timing, progress):
+    """`compress --recipe vmeanba --no-timing`: VMeanba skips timing the dense and switched models (the report's
+    measured speedup); without it they are timed. `--quiet` takes the progress bars away, independently."""
+    from lowrank_vit.cli.args import vmeanba_config
+
+    args = build_parser().parse_args(["compress", "vssm_micro", "--data", "d", "--recipe", "vmeanba",
+                                      "--vmeanba-blocks", "2", "--output", "o", *flags])
+    cfg = vmeanba_config(args)
+    assert (cfg.num_blocks, cfg.timing, cfg.progress) == (2, timing, progress)

@@ -876,3 +876,29 @@ def test_cli_vmeanba_on_a_vision_transformer_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "VisionTransformer has no selective-scan block (found 2 attention block(s))" in err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_rebuilds_the_dense_model_from_dense_checkpoint_when_the_recorded_weights_moved(
+        place, compressed_headless, tmp_path, capsys):
+    """The dense weights compress read were moved: evaluate cannot rebuild the dense model from the recorded path
+    and says so (no fidelity, a note naming --dense-checkpoint), and with `--dense-checkpoint FILE` (the moved
+    file) it measures the same fidelity as the untouched directory does."""
+    import shutil
+
+    expected = _evaluate(capsys, compressed_headless, place / "imgs")["fidelity"]
+    moved = tmp_path / "moved"
+    shutil.copytree(compressed_headless, moved)
+    weights = tmp_path / "dense.safetensors"  # the weights compress read, under another name
+    weights.write_bytes((place / "headless.safetensors").read_bytes())
+    edit_plan(moved, lambda plan: plan["metadata"]["source"].update(checkpoint=str(tmp_path / "gone.safetensors")))
+
+    code, out, err = cli(capsys, "evaluate", str(moved), "--data", str(place / "imgs"), "--workers", "0", "--json",
+                         "--latency-batches")
+    assert code == 0, err
+    assert "fidelity" not in json.loads(out)
+    assert (f"the fidelity to the dense model: the dense weights compress read, "
+            f"{str(tmp_path / 'gone.safetensors')!r}, is gone since; give --dense-checkpoint FILE") in err
+
+    rebuilt = _evaluate(capsys, moved, place / "imgs", "--dense-checkpoint", str(weights))["fidelity"]
+    assert rebuilt == expected

@@ -580,3 +580,12 @@ def test_quiet_prints_only_the_result_and_progress_has_no_banners(tmp_path):
     assert len(stages) >= 6 and any("fine-tuning" in line for line in stages)
     for chatter in ("GPU available", "Tip:", "| Name", "wandb:", "ckpt_path", "Warning", "LeafSpec"):
         assert not any(chatter in line for line in lines), (chatter, loud.stderr)
+
+
+@pytest.mark.parametrize("typo", ["table2/deit_s/ours-50X", "TABLE2/deit_s/ours-50", "table2/deit_s/ours_50"])
+def test_a_mistyped_row_name_to_estimate_suggests_the_closest_rows(capsys, typo):
+    """`plan NAME --estimate` with a name that is no row and no shell pattern (no `*`, `?` or `[`): the refusal
+    says the name is unknown and suggests the row meant, whatever letters the typo has."""
+    code, _, err = cli(capsys, "plan", typo, "--estimate")
+    assert code == 2
+    assert f"unknown experiment {typo!r}; did you mean {ROWS['paper']} or " in one_line_error(err)

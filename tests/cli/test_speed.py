@@ -281,3 +281,28 @@ def test_profile_measures_with_a_progress_bar_unless_quiet(quiet, capsys, monkey
     code, _, err = cli(capsys, *argv)
     assert code == 2 and "stop here" in err
     assert asked["progress"] is (not quiet)
+
+
+@pytest.mark.usefixtures("offline")
+def test_the_measured_latency_is_timed_where_the_table_was_profiled(monkeypatch, tmp_path, capsys):
+    """compress's measured speedup stands beside the table's prediction, so both models are timed on the table's
+    device, batch, runtime and precision (a table profiled on a GPU: timed on that GPU, not on the CPU), and the line
+    printed says where."""
+    from lowrank_vit import speed
+    from lowrank_vit.cli.speed import measured_latency
+
+    path = _fabricated(_latency_model(), batch=4, device="cuda").save(tmp_path / "t.json")
+    asked = {}
+
+    def time_models(models, **kwargs):
+        asked.update(kwargs)
+        return {"dense": Timing(6.0, 5.5, 6.5, 7), "compressed": Timing(4.0, 3.5, 4.5, 7)}
+
+    patch_everywhere(monkeypatch, speed, "time_models", time_models)
+    report = {"latency": {"batch": 4, "predicted_speedup": 1.4}, "config": {"latency_table": str(path)}}
+    args = argparse.Namespace(no_timing=False, quiet=False)
+    model = _latency_model()
+    out = measured_latency(args, model, model, report)
+    assert (asked["device"], asked["batch"], asked["runtime"], asked["dtype"]) == ("cuda", 4, "torch", "float32")
+    assert out["measured_speedup"] == pytest.approx(1.5)
+    assert "latency, batch 4, torch float32 on cuda: dense 6.00 ms" in capsys.readouterr().err

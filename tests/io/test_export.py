@@ -117,6 +117,23 @@ def test_the_opset_range_falls_back_where_torch_names_neither_limit(monkeypatch)
     assert opset_range() == (7, 20)
 
 
+@pytest.mark.usefixtures("offline")
+def test_the_opset_range_is_the_one_torch_names(monkeypatch, tmp_path):
+    """The opsets offered are those the installed torch's exporter declares, whatever they are: a torch that raised
+    its lowest opset to 9 and wrote up to 18 gives (9, 18), and an opset of 8 is then refused before tracing."""
+    from torch.onnx import _constants
+
+    from lowrank_vit.io.export import export_onnx, opset_range
+    from tests.helpers import make_tiny_vit
+
+    monkeypatch.setattr(_constants, "ONNX_MIN_OPSET", 9)
+    monkeypatch.setattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 18)
+    assert opset_range() == (9, 18)
+    with pytest.raises(ValueError, match=r"opset must be an integer in \[9, 18\]"):
+        export_onnx(make_tiny_vit(), tmp_path / "m.onnx", (3, 32, 32), opset=8)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 INPUT = (1, 28, 28)
 
 

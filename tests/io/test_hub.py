@@ -209,3 +209,25 @@ def test_a_hub_download_fetches_only_the_model_files(compressed_by_40, tmp_path,
     x = make_images(2, seed=3)
     with torch.no_grad():
         assert torch.equal(loaded(x), compressed_by_40(x))
+
+
+def test_a_private_hub_model_loads_with_the_token_given(compressed_by_40, tmp_path, monkeypatch):
+    """``load_compressed(..., token=...)`` reaches a private repository: the token goes to the hub with the request.
+    The hub is a stand-in that serves the model only to a request carrying the repository's token, and refuses any
+    other as the hub refuses an anonymous request for a private repository."""
+    import huggingface_hub
+
+    remote = save_compressed(compressed_by_40, tmp_path / "remote")
+
+    def snapshot_download(repo_id, *, revision=None, cache_dir=None, token=None, allow_patterns=None, **kwargs):
+        if token != "t0ken":
+            raise OSError(f"401 Client Error: Repository Not Found for url: https://huggingface.co/{repo_id}")
+        return str(remote)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(FileNotFoundError, match="someone/private"):
+        load_compressed("hf-hub:someone/private")
+    loaded = load_compressed("hf-hub:someone/private", token="t0ken")
+    x = make_images(2, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compressed_by_40(x))

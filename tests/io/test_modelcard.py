@@ -101,6 +101,18 @@ def test_the_ranks_figure_is_titled_with_the_architecture(tmp_path):
     assert plot_ranks(other, tmp_path / "c.png").read_bytes() != first
 
 
+@pytest.mark.usefixtures("offline")
+def test_the_ranks_figure_is_titled_with_the_recipe(tmp_path):
+    """ranks.png's title names the recipe that chose the ranks: two reports that differ only in the recipe give
+    different images (and one report the same image twice, so the difference is the title's)."""
+    from lowrank_vit.io.modelcard import plot_ranks
+
+    first = plot_ranks(_report(), tmp_path / "a.png").read_bytes()
+    assert plot_ranks(_report(), tmp_path / "b.png").read_bytes() == first
+    other = _report(recipe="loss-aware")
+    assert plot_ranks(other, tmp_path / "c.png").read_bytes() != first
+
+
 def _fenced_blocks(markdown: str) -> list[tuple[str, str]]:
     """(info string, body) of every fenced code block (CommonMark backtick fences at the start of a line)."""
     blocks, info, body = [], None, []

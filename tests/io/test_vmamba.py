@@ -393,6 +393,45 @@ def test_a_file_that_is_not_pytorch_is_refused_naming_it(tmp_path):
         read_vmamba_checkpoint(tmp_path / "absent.pth")
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_pytorch_file_is_refused_naming_it(tmp_path, damage):
+    """A file cut short in a download (or empty) is refused on one line that names the file and says it is not a
+    readable PyTorch file (torch's EOFError or RuntimeError, not an unpickling refusal)."""
+    torch.save({"model": {"a": torch.zeros(64)}}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    path = tmp_path / f"{damage}.pth"
+    path.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
+    with pytest.raises(VMambaCheckpointError) as err:
+        read_vmamba_checkpoint(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"VMamba checkpoint {str(path)!r} is not a readable PyTorch file (")
+
+
+@pytest.mark.parametrize(("words", "reason"), [
+    ("WeightsUnpickler error: Unsupported global: GLOBAL \x1b[1mevil.Payload\x1b[0m was not an allowed global by "
+     "default.", "it names evil.Payload"),
+    ("\x1b[31mWeightsUnpickler error: Can only build Tensor, Parameter or OrderedDict\x1b[0m",
+     "WeightsUnpickler error: Can only build Tensor, Parameter or OrderedDict"),
+], ids=["global", "error-line"])
+def test_a_refusal_coloured_for_a_terminal_is_quoted_without_its_colour_codes(tmp_path, monkeypatch, words, reason):
+    """torch's weights-only refusal carries terminal escape codes (2.14 sets a sentence of it in bold); wherever such
+    codes fall (around the global's name, around the error line), the refusal is quoted by its words alone, so the
+    one-line message reads the same in a log file as on a terminal. torch.load is a stand-in raising such a refusal."""
+    import pickle
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(b"anything")
+
+    def load(*args, **kwargs):
+        raise pickle.UnpicklingError(f"Weights only load failed. \x1b[1mTrust it?\x1b[0m\n\t{words}\n\nSee the docs.")
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(VMambaCheckpointError) as err:
+        read_vmamba_checkpoint(path)
+    assert f"weights-only loading refuses ({reason});" in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the command line
 

@@ -760,3 +760,33 @@ def test_a_validation_limit_at_and_past_the_split_size(limit, images):
     dm = build_datamodule(DataConfig(name="mnist-5k", batch_size=8, num_workers=0))
     dm.setup("fit")
     assert len(dm.val_dataloader(limit=limit).dataset) == images
+
+
+@pytest.mark.usefixtures("offline")
+def test_a_training_split_with_rows_without_labels_is_refused_naming_it(monkeypatch):
+    """A hub dataset whose training split has null labels (a split published with its labels withheld): the refusal
+    names the split and the data, counts the rows, and says what to set."""
+    images = [_pil(i, size=(8, 8)) for i in range(4)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"img": images, "label": [0, None, 1, 0]},
+                                                                       features=features)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: splits)
+    dm = build_datamodule(DataConfig(name="someone/dataset", img_size=8, batch_size=2, num_workers=0))
+    with pytest.raises(DataFormatError) as info:
+        dm.setup()
+    assert str(info.value) == ("the 'train' split of 'someone/dataset' has 1 of 4 rows without a label in column "
+                               "'label' (labels withheld, as in a published test split): set val_split= or "
+                               "train_split= to a labelled split")
+
+
+def test_the_digits_read_without_labels_are_the_same_split_with_bare_image_batches():
+    """labels="none" on the embedded digits: no labels, no classes, batches of images alone; the split is the one a
+    labelled read makes (the labels only stratify it)."""
+    unlabelled = MNIST5kDataModule(DataConfig(name="mnist-5k", labels="none", batch_size=8, augment=False))
+    labelled = MNIST5kDataModule(DataConfig(name="mnist-5k", batch_size=8, augment=False))
+    assert not unlabelled.labelled and unlabelled.num_classes == 0 and labelled.num_classes == 10
+    batch = next(iter(unlabelled.val_dataloader()))
+    assert isinstance(batch, torch.Tensor) and batch.shape == (8, 1, 28, 28)
+    assert isinstance(next(iter(unlabelled.train_dataloader())), torch.Tensor)
+    assert torch.equal(batch, next(iter(labelled.val_dataloader()))[0])
+    assert torch.equal(unlabelled.train_dataset.images, labelled.train_dataset.images)

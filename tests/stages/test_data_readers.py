@@ -305,3 +305,18 @@ def test_a_stratified_split_rounds_each_class_count_to_the_nearest():
     train, val = stratified_split(labels, 0.25, seed=5)
     assert torch.bincount(labels[val], minlength=4).tolist() == [4, 2, 1, 0]
     assert sorted(torch.cat([train, val]).tolist()) == list(range(30))
+
+
+def test_a_csv_header_row_is_not_read_as_a_label(tmp_path: Path):
+    """A ``filename,label`` header (any case, spaces around the comma) is skipped: it is not the label of an image
+    whose name is ``filename``, which the file lacks and which is reported as such."""
+    from lowrank_vit.stages.data_readers import read_val_labels
+
+    images = [tmp_path / name for name in ("a.png", "b.png", "filename.png")]
+    truth = tmp_path / "truth.csv"
+    truth.write_text("FileName, Label\na.png,dog\nb,0\nfilename.png,dog\n")
+    assert read_val_labels(truth, images, ["cat", "dog"]) == [1, 0, 1]
+    truth.write_text("filename,label\na.png,dog\nb.png,cat\n")
+    with pytest.raises(DataFormatError) as info:
+        read_val_labels(truth, images, ["cat", "dog"])
+    assert str(info.value) == f"val_labels file {str(truth)!r} has no label for 1 of the 3 images (e.g. filename.png)"

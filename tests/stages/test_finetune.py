@@ -66,7 +66,9 @@ def test_a_dense_model_is_refused_with_what_to_do():
 
     with pytest.raises(ValueError) as info:
         freeze_for_partial_finetune(make_tiny_vit())
-    assert str(info.value).endswith("(lowrank_vit.compress) or load a compressed one (lowrank_vit.load_compressed).")
+    assert str(info.value) == ("VisionTransformer has no factorized (U V^T + Z) layer: partial fine-tuning trains "
+                               "only norms, biases, head and patch embedding of a compressed model. Compress it first "
+                               "(lowrank_vit.compress) or load a compressed one (lowrank_vit.load_compressed).")
 
 
 @pytest.mark.usefixtures("offline")
@@ -1302,3 +1304,54 @@ def test_the_finetunes_hyperparameters_say_whether_it_trains_a_distilled_deit():
 
     assert PartialFinetune(_compressed_named("deit_tiny_distilled_patch16_224")).hparams["distilled"] is True
     assert PartialFinetune(_compressed_at()).hparams["distilled"] is False
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_a_seeded_finetune_is_reproducible_and_another_seed_trains_otherwise(tiny_compressed):
+    """FinetuneConfig.seed decides the shuffled batch order: the same seed gives the same weights whatever the random
+    state before the call, another seed other weights."""
+    data = synthetic_data(16)
+
+    def head_after(seed: int, ambient: int) -> torch.Tensor:
+        model = copy.deepcopy(tiny_compressed)
+        torch.manual_seed(ambient)  # the caller's random state must not matter
+        loader = DataLoader(data, batch_size=4, shuffle=True)
+        finetune(model, loader, config=FinetuneConfig(epochs=1, lr=1e-2, seed=seed), **QUIET)
+        return model.head.weight.detach().clone()
+
+    first = head_after(1, ambient=11)
+    assert torch.equal(first, head_after(1, ambient=12))
+    assert not torch.equal(first, head_after(2, ambient=11))
+
+
+class _WorkerSeeds(Dataset):
+    """Labelled images that record, from their loader worker, the seed torch gave the worker and the seed its
+    generator holds when the item is drawn."""
+
+    def __init__(self, data: TensorDataset, record: Path) -> None:
+        self.data, self.record = data, record
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        info = torch.utils.data.get_worker_info()
+        (self.record / f"worker{info.id}.txt").write_text(f"{info.seed} {torch.initial_seed()}")
+        return self.data[index]
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_the_finetunes_loader_workers_are_seeded_by_lightning(tiny_compressed, tmp_path):
+    """finetune seeds with lightning.seed_everything(workers=True): Lightning reseeds every loader worker from the
+    run's seed, the worker and the process's rank. Torch's own worker seed (its base seed plus the worker's id, the
+    same base seed on every rank of a multi-process run seeded alike) would make the ranks repeat one another's
+    random augmentations; here a worker's generator must hold another seed than torch gave it, the same in a rerun."""
+    def seeds() -> list[int]:
+        model = copy.deepcopy(tiny_compressed)
+        loader = DataLoader(_WorkerSeeds(synthetic_data(8), tmp_path), batch_size=4, num_workers=1)
+        finetune(model, loader, config=FinetuneConfig(epochs=1, lr=1e-3), **QUIET)
+        return [int(s) for s in (tmp_path / "worker0.txt").read_text().split()]
+
+    torch_seed, generator_seed = seeds()
+    assert generator_seed != torch_seed  # reseeded by Lightning's worker_init_fn
+    assert seeds() == [torch_seed, generator_seed]

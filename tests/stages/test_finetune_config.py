@@ -67,3 +67,11 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(100, 100, 0, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(0, 100, 10, 0.0) == pytest.approx(0.1)
     assert warmup_cosine(10, 100, 10, 0.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("step", "total", "warmup"), [(101, 100, 0), (150, 100, 0), (200, 100, 10), (1000, 100, 10)])
+def test_the_learning_rate_stays_at_its_floor_past_the_last_step(step, total, warmup):
+    """Steps past ``total`` (more steps run than the schedule was laid out for) keep the floor: the cosine does not
+    climb back."""
+    assert warmup_cosine(step, total, warmup, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(step, total, warmup) == pytest.approx(0.0, abs=1e-12)
