@@ -11,7 +11,8 @@ load cancels to first order). Then:
 
 * ``statistics_s``: the calibration stage of ``compress`` minus that forward, i.e. what the hooks add (Gram products,
   per-image output energies, finiteness checks, the SGD solver's token samples);
-* ``decomposition_s``, ``allocation_s``, ``compensation_s``, ``refit_s`` (0 without ``refit``):
+* ``decomposition_s``, ``allocation_s``, ``compensation_s``, ``refit_s`` (0 without ``refit``), ``block_s`` (the
+  block reconstruction; 0 without it):
   ``CompressionReport.stage_seconds``;
 * ``report_s``: the rest of ``compress`` (per-layer eq. 5 errors of the report, the layer swap);
 * ``overhead_ratio``: (whole ``compress`` - forward) / forward;
@@ -73,7 +74,7 @@ from lowrank_vit import CompressionConfig, compress  # noqa: E402
 from lowrank_vit.config import RECIPES, recipe, resolve_gram_precision  # noqa: E402
 from lowrank_vit.methods.decompositions import get_method  # noqa: E402
 
-STAGES = ("statistics", "decomposition", "allocation", "compensation", "refit", "report")
+STAGES = ("statistics", "decomposition", "allocation", "compensation", "refit", "block", "report")
 """Everything ``compress`` does besides the calibration forward, in order; their sum is the overhead."""
 
 SUBTIMERS = {
@@ -196,6 +197,7 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         "allocation_s": stages["allocation"],
         "compensation_s": stages["compensation"],
         "refit_s": stages.get("refit", 0.0),
+        "block_s": stages.get("block_reconstruction", 0.0),
         "report_s": total - sum(stages.values()),
         "total_s": total,
         "overhead_ratio": (total - floor) / floor,
@@ -347,6 +349,7 @@ TIME_COLUMNS = [
     ("allocation_s", "allocation s", ".2f"),
     ("compensation_s", "compensation s", ".1f"),
     ("refit_s", "refit s", ".1f"),
+    ("block_s", "block s", ".1f"),
     ("report_s", "report s", ".1f"),
     ("total_s", "compress s", ".1f"),
     ("overhead_ratio", "overhead ratio", ".2f"),

@@ -67,3 +67,19 @@ def test_compress_memory_does_not_grow_with_the_number_of_images(tmp_path):
     for small, large in (rows[:2], rows[2:]):
         growth = large["compress_extra_rss_mib"] - small["compress_extra_rss_mib"]
         assert growth < 32, (large["recipe"], growth)
+
+
+def test_compress_time_gives_the_block_reconstruction_its_own_column(tmp_path):
+    """The block stage's seconds are its own, zero in a recipe without it, and the columns still add up to the
+    total (the stage counted once: not also in report_s, where it would pass for the swap's cost)."""
+    out = tmp_path / "compress_time.json"
+    load("compress_time").main([*TOY, "--calib", "8", "--batch-size", "4", "--recipe", "loss-aware",
+                                "loss-aware-block", "--json", str(out)])
+    rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["loss-aware"]["block_s"] == 0.0
+    block = rows["loss-aware-block"]
+    assert positive_finite(block["block_s"]) and block["block_s"] < block["total_s"]
+    assert block["block_x_forward"] == pytest.approx(block["block_s"] / block["calibration_forward_s"])
+    parts = ("calibration_forward", "statistics", "decomposition", "allocation", "compensation", "refit", "block",
+             "report")
+    assert sum(block[f"{part}_s"] for part in parts) == pytest.approx(block["total_s"])  # counted once, not twice

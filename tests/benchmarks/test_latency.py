@@ -76,3 +76,22 @@ def test_latency_runs_the_librarys_torch_compile_runtime(tmp_path, capsys, monke
     assert all(row["table"].endswith(".json") and "-torch.compile-" in row["table"] for row in payload["rows"])
     assert positive_finite(payload["rows"][0]["dense_ms"])
     assert "torch.compile" in capsys.readouterr().out
+
+
+def test_latency_profiles_in_the_runtime_named_and_times_in_the_others(tmp_path, monkeypatch):
+    """``--profile-runtime torch``: the allocations read the eager table while onnxruntime times the models, and
+    each row names both (a compiled runtime's profile would compile every layer form once)."""
+    from tests.helpers import has_module
+
+    if not has_module("onnxruntime"):
+        pytest.skip("needs onnxruntime")
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "latency.json"
+    toy = ["--model", "vit_tiny_patch16_224", "--model-kwargs",
+           json.dumps(dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3))]
+    load("latency").main([*toy, "--runtime", "onnxruntime", "--profile-runtime", "torch", "--reduction", "0.5",
+                          "--target-speedup", "--batch-size", "2", "--repeats", "1", "--profile-repeats", "1",
+                          "--min-time", "0", "--calib", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["runtime"], row["profile_runtime"]) for row in rows} == {("onnxruntime", "torch")}
+    assert all("-torch-" in row["table"] and "onnxruntime" not in row["table"] for row in rows)

@@ -27,12 +27,12 @@ EXPECTED = torch.tensor([[9.5, -2.0], [-3.5, -3.0]])  # x W^T + b, by hand
 
 
 def test_the_registry_holds_the_three_runtimes_and_names_them_on_a_typo():
-    assert list(RUNTIMES) == ["torch", "torch.compile", "onnxruntime"]
+    assert list(RUNTIMES) == ["torch", "torch.compile", "cuda-graphs", "onnxruntime"]
     assert all(isinstance(rt, Runtime) and rt.name == name for name, rt in RUNTIMES.items())
     assert get_runtime("torch") is RUNTIMES["torch"]
     with pytest.raises(ValueError) as error:
         get_runtime("tensorrt")
-    assert str(error.value) == "unknown runtime 'tensorrt'; registered: torch, torch.compile, onnxruntime"
+    assert str(error.value) == "unknown runtime 'tensorrt'; registered: torch, torch.compile, cuda-graphs, onnxruntime"
     assert RUNTIMES["onnxruntime"].dtypes == ("float32",) and RUNTIMES["onnxruntime"].devices == ("cpu",)
 
 
@@ -46,6 +46,8 @@ def test_check_refuses_a_device_or_precision_the_runtime_does_not_time():
     if has_module("onnxruntime"):
         with pytest.raises(ValueError, match=r"runtime 'onnxruntime' is timed on cpu here, not 'cuda'"):
             RUNTIMES["onnxruntime"].check("cuda", "float32")
+    with pytest.raises(ValueError, match=r"runtime 'cuda-graphs' is timed on cuda here, not 'cpu'"):
+        RUNTIMES["cuda-graphs"].check("cpu", "float32")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA device is present")
@@ -137,3 +139,12 @@ def test_the_onnxruntime_runtime_runs_the_exported_module(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".onnx"]  # exported into the scratch folder
     assert RUNTIMES["onnxruntime"].versions() == {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     assert torch.equal(layer.weight, torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]]))  # exported from a copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_replay_the_captured_forward_on_a_copy(tmp_path):
+    layer, x = linear_and_input()
+    call = RUNTIMES["cuda-graphs"].prepare(layer, x, torch.device("cuda"), "float32", str(tmp_path))
+    assert layer.weight.device.type == "cpu" and layer.training  # the caller's module is not moved
+    for _ in range(2):  # each replay rewrites the captured output: the same values every time
+        assert torch.allclose(call().cpu(), EXPECTED)
