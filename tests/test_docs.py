@@ -540,3 +540,26 @@ def test_the_mutation_history_adds_up_and_the_guide_quotes_its_latest_runs():
     triaged = mutation_sample.triaged()
     assert len(triaged) >= 60
     assert all(name.startswith("lowrank_vit.") and re.search(r"__mutmut_\d+$", name) for name in triaged), triaged
+
+
+def test_the_refit_without_finetune_table_is_recomputed_from_the_per_image_records():
+    """docs/loss_aware.md's refit-against-default table: every cell's difference, discordant counts and McNemar p
+    recomputed from the block-wise study's per-image correctness (a new study run must update the page)."""
+    from experiments.loss_aware_study import paired
+
+    study = json.loads((ROOT / "experiments/results/blockwise_study.json").read_text())["study"]
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("## Without a fine-tune: the refit, not the default"):]
+    rows = re.findall(r"^\| (cifar_\w+) \| (.+) \| (.+) \|$", section[:section.index("(computed from")], re.M)
+    assert {model for model, *_ in rows} == set(study) and len(rows) == 6
+    for model, *cells in rows:
+        for ratio, cell in zip(("0.7", "0.8"), cells, strict=True):
+            refit, default = (study[model]["cells"][f"{r}@{ratio}"] for r in ("loss-aware-refit", "loss-aware"))
+            only_refit, only_default, p = paired(refit, default)
+            diff = refit["top1"] - default["top1"]
+            shown = re.fullmatch(r"\**([+-]\d+\.\d\d)\**, (\d+) / (\d+), p = (\S+)", cell)
+            assert shown, cell
+            assert float(shown[1]) == pytest.approx(diff, abs=0.005), (model, ratio)
+            assert (int(shown[2]), int(shown[3])) == (only_refit, only_default), (model, ratio)
+            assert float(shown[4]) == pytest.approx(p, rel=0.05), (model, ratio)
+            assert cell.startswith("**") == (p < 0.05), (model, ratio)  # bold: significant at 5%
