@@ -563,3 +563,18 @@ def test_the_refit_without_finetune_table_is_recomputed_from_the_per_image_recor
             assert (int(shown[2]), int(shown[3])) == (only_refit, only_default), (model, ratio)
             assert float(shown[4]) == pytest.approx(p, rel=0.05), (model, ratio)
             assert cell.startswith("**") == (p < 0.05), (model, ratio)  # bold: significant at 5%
+
+
+def test_the_rounds_probe_table_is_the_committed_results():
+    """docs/loss_aware.md's rounds table, row for row from experiments/results/rounds_probe.json, and the count of
+    cells whose KL rose."""
+    probe = json.loads((ROOT / "experiments/results/rounds_probe.json").read_text())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    for r in probe["rows"]:
+        schedule = " → ".join(f"-{round(100 * x)}%" for x in r["schedule"])
+        row = (f"| {r['model']} | {schedule} | {r['one_shot']['top1']:.2f} → {r['rounds']['top1']:.2f} | "
+               f"{r['only_rounds']} / {r['only_one_shot']}, p = {r['p']:.2g} | {r['kl_ratio']:.3f}x |")
+        assert row in text, row
+    higher = sum(r["kl_ratio"] > 1 for r in probe["rows"])
+    assert f"the KL is higher in {higher} of\n{len(probe['rows'])}:" in text
+    assert min(r["p"] for r in probe["rows"]) >= 0.099 - 5e-4  # "p ≥ 0.099 in all 16"
