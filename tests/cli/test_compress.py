@@ -902,3 +902,22 @@ def test_evaluate_rebuilds_the_dense_model_from_dense_checkpoint_when_the_record
 
     rebuilt = _evaluate(capsys, moved, place / "imgs", "--dense-checkpoint", str(weights))["fidelity"]
     assert rebuilt == expected
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("recipe", "reduction", "hinted"), [("loss-aware", "0.6", True), ("loss-aware", "0.5", False),
+                                                             ("loss-aware-refit", "0.7", False)])
+def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place, tmp_path, capsys, recipe,
+                                                                             reduction, hinted):
+    """From -60% with the default recipe, stderr names the refit and the fine-tune command; not below it, not when
+    the refit is already the recipe, and stdout's one line is unchanged."""
+    out = tmp_path / f"{recipe}-{reduction}"
+    code, stdout, err = cli(capsys, "compress", *_model_argv(place, HEADLESS, "headless.safetensors"), "--data",
+                            str(place / "imgs"), "--workers", "0", "--reduction", reduction, "--calib-samples", "8",
+                            "--recipe", recipe, "--no-eval", "--output", str(out))
+    assert code == 0, err
+    assert stdout.count("\n") == 1
+    hint = (f"shipping it without a fine-tune? --recipe loss-aware-refit keeps more of the dense model at this "
+            f"reduction, for about twice the time (docs/loss_aware.md); to fine-tune it: lowrank-vit finetune {out} "
+            f"--data DATA --output NEWDIR")
+    assert (hint in err) == hinted
