@@ -29,6 +29,7 @@ from tests.helpers import (
     _cli_compress,
     _cli_workdir,
     _compress,
+    _compress_argv,
     _compress_checkpoint,
     _digest,
     _fabricated,
@@ -921,3 +922,24 @@ def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place
             f"reduction, for about twice the time (docs/loss_aware.md); to fine-tune it: lowrank-vit finetune {out} "
             f"--data DATA --output NEWDIR")
     assert (hint in err) == hinted
+
+
+@pytest.mark.usefixtures("offline")
+def test_an_auto_latency_table_is_profiled_on_the_device_compress_runs_on(images_and_weights, tmp_path, capsys,
+                                                                            monkeypatch):
+    """`--latency-table auto` without --latency-device profiles on --device (its help: "default: --device"), so
+    `--device cpu` on a machine with a GPU gets a table of the CPU, the device the compressed model is meant for."""
+    from lowrank_vit import speed
+
+    asked = []
+
+    def profile(model, **kwargs):
+        asked.append(kwargs["device"])
+        raise ValueError("stop here")  # refused as the user's error: enough to see what was asked
+
+    patch_everywhere(monkeypatch, speed, "cached_profile", profile)
+    for extra, device in ((["--device", "cpu"], "cpu"), (["--device", "cpu", "--latency-device", "cuda"], "cuda")):
+        code, _, err = cli(capsys, *_compress_argv(images_and_weights, tmp_path / "l", "--latency-table", "auto",
+                                                   "--quiet", *extra))
+        assert code == 2 and "stop here" in err
+        assert asked[-1] == device

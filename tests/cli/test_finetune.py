@@ -572,3 +572,31 @@ def test_the_ctrl_c_note_names_the_newest_checkpoint_from_the_files_names(tmp_pa
     for f in tmp_path.glob("step*.ckpt"):
         f.unlink()
     assert "(the end of epoch 2)" in _resume_note(tmp_path, 5)
+
+
+@pytest.mark.usefixtures("offline")
+def test_an_interrupted_finetune_of_another_input_directory_is_not_resumed_even_with_the_same_weights(
+    tmp_path, monkeypatch
+):
+    """An input directory holds more than its weights (the plan, the preprocessing the data is read with), so the
+    interrupted fine-tune of `model` is not resumed by the same command on `copy` (same weights file); the same
+    directory named by a relative path from elsewhere is the same run and resumes."""
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.finetune import _finetune_run, _resume_or_start
+    from lowrank_vit.io.surgery import WEIGHTS_FILE
+    from lowrank_vit.stages.finetune_config import FinetuneConfig
+
+    model, copy = tmp_path / "model", tmp_path / "copy"
+    for directory in (model, copy):
+        directory.mkdir()
+        (directory / WEIGHTS_FILE).write_bytes(b"the same weights")
+    args = argparse.Namespace(data="someone/dataset", augment=False, quiet=True)
+    config = FinetuneConfig(epochs=1)
+    stage = tmp_path / ".out.partial"
+    _resume_or_start(args, stage, _finetune_run(args, model, config))  # the first run records itself
+    (stage / "checkpoints").mkdir()
+    (stage / "checkpoints" / "last.ckpt").write_bytes(b"checkpoint")
+    with pytest.raises(UserError, match="another input: rerun that command to resume it, or remove"):
+        _resume_or_start(args, stage, _finetune_run(args, copy, config))
+    monkeypatch.chdir(copy)
+    _resume_or_start(args, stage, _finetune_run(args, Path("../model"), config))  # resumed, not refused

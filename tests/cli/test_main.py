@@ -589,3 +589,44 @@ def test_a_mistyped_row_name_to_estimate_suggests_the_closest_rows(capsys, typo)
     code, _, err = cli(capsys, "plan", typo, "--estimate")
     assert code == 2
     assert f"unknown experiment {typo!r}; did you mean {ROWS['paper']} or " in one_line_error(err)
+
+
+@pytest.mark.usefixtures("offline")
+def test_devices_without_an_estimate_is_refused_with_a_line_naming_the_flag_to_add(capsys):
+    """`plan ROW --devices 2` alone: --devices only prices an estimate's fine-tune, so the user is told, in the one
+    line they read, which flag is missing."""
+    code, out, err = cli(capsys, "plan", "table2/deit_s/ours-50", "--devices", "2")
+    assert code == 2 and out == ""
+    assert one_line_error(err) == "lowrank-vit: error: --devices prices the fine-tune of an estimate: add --estimate"
+
+
+@pytest.mark.usefixtures("offline")
+def test_reproduce_without_rows_prints_exactly_the_table_file_it_wrote(capsys, monkeypatch, tmp_path):
+    """`reproduce TABLE > table.md` gives the same markdown as OUTPUT/TABLE.md: nothing before or after it. The rows'
+    processes are faked to fail at once (a real row takes minutes); the table still lists every row."""
+    from lowrank_vit.repro import runner
+
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 1))
+    out_dir = tmp_path / "r"
+    code, out, _ = cli(capsys, "reproduce", "table4", "--scale", "smoke", "--output", str(out_dir), "--quiet",
+                       "--wandb", "disabled")
+    assert code == 1
+    written = (out_dir / "table4.md").read_text()
+    assert written.count("| `table4/") == 4 and written.endswith("\n")
+    assert out == written
+
+
+@pytest.mark.usefixtures("offline")
+def test_demo_standins_reach_the_demo(monkeypatch, tmp_path):
+    """`demo --standins DIR` (in `demo --help`) starts from the stand-in weights in DIR, and without it from the
+    committed ones; lost on the way, the demo would ignore both and train or reuse a cached stand-in instead."""
+    from lowrank_vit.repro import demo
+    from lowrank_vit.repro.standins import COMMITTED_STANDINS
+
+    calls = []
+    patch_everywhere(monkeypatch, demo, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {})
+    mine = tmp_path / "my-standins"
+    assert main(["demo", "--standins", str(mine), "--quiet", "--output", "x"]) == 0
+    assert Path(calls[-1]["standins"]) == mine
+    assert main(["demo", "--quiet", "--output", "x"]) == 0
+    assert Path(calls[-1]["standins"]) == Path(COMMITTED_STANDINS)

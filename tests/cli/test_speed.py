@@ -306,3 +306,23 @@ def test_the_measured_latency_is_timed_where_the_table_was_profiled(monkeypatch,
     assert (asked["device"], asked["batch"], asked["runtime"], asked["dtype"]) == ("cuda", 4, "torch", "float32")
     assert out["measured_speedup"] == pytest.approx(1.5)
     assert "latency, batch 4, torch float32 on cuda: dense 6.00 ms" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("offline")
+def test_profile_says_whether_it_measured_or_read_the_cache(capsys, monkeypatch, tmp_path):
+    """Without --quiet, stderr tells the user whether the table was measured now or read back from the cache (a
+    cached table may have been measured under another load on the machine), and where the table is."""
+    monkeypatch.setenv("LOWRANK_VIT_CACHE", str(tmp_path / "cache"))
+    argv = ["profile", ARCH, "--model-kwargs", json.dumps(KWARGS), "--repeats", "1", "--json"]
+
+    def said() -> tuple[str, Path]:
+        code, out, err = cli(capsys, *argv)
+        assert code == 0, err
+        (entry,) = json.loads(out)
+        (line,) = [line for line in err.splitlines() if line.startswith(("measured: ", "cached: "))]
+        word, path = line.split(": ", 1)
+        assert Path(path) == Path(entry["table"]) and Path(path).is_relative_to(tmp_path / "cache")
+        return word
+
+    assert said() == "measured"  # an empty cache: profiled now
+    assert said() == "cached"  # the same profile again: read back
