@@ -562,6 +562,25 @@ def test_a_dinov2_classifier_is_dropped_with_a_note_and_its_backbone_converts(tm
     _same_outputs(source.dinov2, model)
 
 
+def test_a_dinov2_with_zero_registers_converts_as_one_without(tmp_path):
+    """Dinov2WithRegistersModel saved with num_register_tokens=0 (an empty ``register_tokens``, shape (1, 0, D)):
+    nothing moves (no_embed_class False, no register token), and a plain DINOv2 name gives its own features."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Dinov2WithRegistersModel"):
+        pytest.skip("transformers without Dinov2WithRegistersModel")
+    torch.manual_seed(0)
+    config = dict(_NEW_TINY, image_size=28, patch_size=14, mlp_ratio=2, num_register_tokens=0)
+    source = _perturbed(transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**config)), 0)
+    source.save_pretrained(tmp_path)
+    converted = to_timm(read_state_dict(tmp_path / "model.safetensors")[0],
+                        json.loads((tmp_path / "config.json").read_text()))
+    assert converted.layout == "hf-dinov2-registers" and not converted.required
+    kwargs = converted.inferred_kwargs
+    assert (kwargs["reg_tokens"], kwargs["no_embed_class"]) == (0, False)
+    assert "reg_token" not in converted.state_dict and converted.state_dict["pos_embed"].shape[1] == 5  # class + 4
+    _same_outputs(source, _timm_model(tmp_path / "model.safetensors", "vit_small_patch14_dinov2"))
+
+
 def test_a_siglip_classifier_reads_the_tokens_mean(tmp_path):
     """SiglipForImageClassification: the classifier on the mean of the final-normed tokens is timm's head with
     global_pool "avg" and fc_norm False; the attention-pooling head it does not use is dropped with a note."""

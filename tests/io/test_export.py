@@ -364,3 +364,55 @@ def test_an_exporter_failure_is_reported_on_one_line_naming_its_cause(tmp_path, 
         export_onnx(make_tiny_vit(), tmp_path / "m.onnx", (3, 32, 32))
     assert str(info.value) == "ONNX export failed: AssertionError"
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not has_module("onnxruntime"), reason="needs onnxruntime")
+@pytest.mark.skipif(not has_module("onnx"), reason="needs onnx")
+def test_the_codes_rewrite_keeps_a_dequantized_weight_that_is_a_graph_output(tmp_path):
+    """A hand-built QDQ graph: ``y = x @ DQ(Q(a))`` and ``b_out = DQ(Q(b))`` given out as it is. Each QuantizeLinear
+    becomes its uint8 codes (computed by hand: round(w / 0.1) + 128), the float weights leave the file, and the
+    weight that is itself an output keeps its output name and dequantized values."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowrank_vit.io.export import _store_codes
+
+    a = np.array([[0.1, -0.2], [0.3, 0.0]], dtype=np.float32)
+    b = np.array([[0.5, -0.5, 1.2]], dtype=np.float32)
+    inits = [numpy_helper.from_array(a, "a_float"), numpy_helper.from_array(b, "b_float"),
+             numpy_helper.from_array(np.array(0.1, dtype=np.float32), "s"),
+             numpy_helper.from_array(np.array(128, dtype=np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["a_float", "s", "z"], ["a_q"]),
+             helper.make_node("DequantizeLinear", ["a_q", "s", "z"], ["a_dq"]),
+             helper.make_node("MatMul", ["x", "a_dq"], ["y"]),
+             helper.make_node("QuantizeLinear", ["b_float", "s", "z"], ["b_q"]),
+             helper.make_node("DequantizeLinear", ["b_q", "s", "z"], ["b_out"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+                               helper.make_tensor_value_info("b_out", TensorProto.FLOAT, [1, 3])], inits)
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+    assert _store_codes(str(path)) == 2
+    proto = onnx.load(str(path))
+    stored = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    assert stored["a"].tolist() == [[129, 126], [131, 128]] and stored["b"].tolist() == [[133, 123, 140]]
+    assert stored["a"].dtype == np.uint8 and not {"a_float", "b_float"} & set(stored)
+    assert [node.op_type for node in proto.graph.node] == ["DequantizeLinear", "MatMul", "DequantizeLinear"]
+    assert [out.name for out in proto.graph.output] == ["y", "b_out"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y, b_out = session.run(None, {"x": np.array([[1.0, 2.0]], dtype=np.float32)})
+    np.testing.assert_allclose(y, [[0.7, -0.2]], atol=1e-6)  # (1, 2) @ a
+    np.testing.assert_allclose(b_out, b, atol=1e-6)
+
+
+@pytest.mark.usefixtures("offline")
+def test_the_export_makes_the_folders_of_its_path(tmp_path):
+    """A path in folders that do not exist yet: they are made, and the file is written there."""
+    import onnx
+
+    path = export_onnx(make_tiny_vit(), tmp_path / "new" / "nested" / "m.onnx", INPUT)
+    assert path == tmp_path / "new" / "nested" / "m.onnx"
+    assert [out.name for out in onnx.load(str(path)).graph.output] == ["logits"]

@@ -626,6 +626,23 @@ def test_soft_distillation_loss_is_the_tempered_kl_summed_image_by_image(tempera
 
 
 @pytest.mark.usefixtures('one_thread')
+def test_soft_distillation_loss_of_two_images_by_hand_and_without_warnings():
+    """Two images of three classes, each row's softmax a simple fraction: the KL divergence computed by hand, and no
+    warning (a fine-tune prints none per step, e.g. torch's one for a softmax without an explicit dimension)."""
+    ln2 = math.log(2.0)
+    teacher = torch.tensor([[0.0, 0.0, 0.0], [ln2, 0.0, 0.0]])  # softmax: (1/3, 1/3, 1/3), (1/2, 1/4, 1/4)
+    student = torch.tensor([[ln2, 0.0, 0.0], [0.0, 0.0, 0.0]])  # softmax: (1/2, 1/4, 1/4), (1/3, 1/3, 1/3)
+    first = (math.log((1 / 3) / (1 / 2)) + 2 * math.log((1 / 3) / (1 / 4))) / 3
+    second = 0.5 * math.log((1 / 2) / (1 / 3)) + 2 * 0.25 * math.log((1 / 4) / (1 / 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = soft_distillation_loss(student, teacher)
+        tempered = soft_distillation_loss(2 * student, 2 * teacher, 2.0)  # the same softmaxes at T = 2, times T²
+    assert float(loss) == pytest.approx((first + second) / 2, rel=1e-6)
+    assert float(tempered) == pytest.approx(4 * (first + second) / 2, rel=1e-6)
+
+
+@pytest.mark.usefixtures('one_thread')
 def test_distill_needs_a_teacher_and_validates(tiny_compressed):
     with pytest.raises(ValueError, match="needs a teacher"):
         PartialFinetune(copy.deepcopy(tiny_compressed), FinetuneConfig(distill=0.5))
@@ -1054,6 +1071,17 @@ def test_gaussian_direction_compares_the_normalized_outputs():
     # by hand: (0.6, 0.8) against (1, 0): (0.4² + 0.8²) / 2 = 0.4; the norms do not count
     assert float(output_distillation_loss("gaussian-direction", student, teacher)) == pytest.approx(0.4)
     assert float(output_distillation_loss("gaussian-direction", 5 * teacher, teacher)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_gaussian_direction_normalizes_outputs_shorter_than_one_too():
+    """Features of norm below 1 (common for embeddings) are scaled up to unit length as well: only the direction
+    counts, whatever the norms of the student's and the teacher's outputs."""
+    student, teacher = torch.tensor([[0.03, 0.04]]), torch.tensor([[0.2, 0.0]])
+    # by hand: (0.6, 0.8) against (1, 0) again: (0.4² + 0.8²) / 2 = 0.4
+    assert float(output_distillation_loss("gaussian-direction", student, teacher)) == pytest.approx(0.4)
+    assert float(output_distillation_loss("gaussian-direction", teacher, 0.01 * teacher)) == pytest.approx(0.0,
+                                                                                                         abs=1e-12)
 
 
 @pytest.mark.usefixtures('one_thread')
