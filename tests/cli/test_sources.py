@@ -158,6 +158,19 @@ def test_timms_pretrained_weights_are_described_as_pretrained(monkeypatch):
 
 
 @pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize("name", ["~mymodel", ".mymodel", "runs/mymodel"])
+def test_a_name_that_looks_like_a_path_is_refused_as_a_missing_model_directory(name):
+    from lowrank_vit.cli.base import UserError
+    from lowrank_vit.cli.sources import timm_source
+
+    args = argparse.Namespace(model=name, model_kwargs={}, checkpoint=None, input_size=None, no_pretrained=True,
+                              quiet=True)
+    with pytest.raises(UserError) as info:
+        timm_source(args)
+    assert str(info.value) == f"no model directory {name!r} (and it is not a timm model name)"
+
+
+@pytest.mark.usefixtures("offline")
 def test_an_unknown_architecture_with_nothing_close_points_to_timms_list():
     from lowrank_vit.cli.sources import _suggest
 

@@ -142,3 +142,13 @@ def test_a_damaged_torch_file_says_what_torch_raised(tmp_path):
     with pytest.raises(CheckpointError) as info:
         read_state_dict(path)
     assert f"is a damaged PyTorch file ({raised}: " in str(info.value)
+
+
+def test_a_safetensors_header_length_must_be_under_100_million_bytes(tmp_path):
+    """8 little-endian bytes of header length, then the JSON header's "{": a length of 100,000,000 or more is no
+    safetensors file's (and the file is neither a zip nor a pickle)."""
+    below, at = tmp_path / "below", tmp_path / "at"
+    below.write_bytes((99_999_999).to_bytes(8, "little") + b'{"a": 1}')
+    at.write_bytes((100_000_000).to_bytes(8, "little") + b'{"a": 1}')
+    assert checkpoint_format(below) == "safetensors"
+    assert checkpoint_format(at) == "unknown"

@@ -111,6 +111,25 @@ def test_timms_norm_act_layers_train_in_the_partial_finetune():
 
 
 @pytest.mark.usefixtures("offline")
+def test_a_norm_layers_own_activation_with_a_learnable_slope_stays_frozen():
+    """Only a norm's own scale (and shift) train: a PReLU inside timm's RmsNormAct is no norm, bias, head or patch
+    embedding, so its slope stays frozen and is not counted."""
+    from timm.layers.norm_act import RmsNormAct
+
+    from lowrank_vit.stages.finetune import freeze_for_partial_finetune
+
+    model = _compressed()
+    model.norm = RmsNormAct(32, act_layer=nn.PReLU, apply_act=True)
+    counts = freeze_for_partial_finetune(model)
+    assert model.norm.weight.requires_grad
+    assert not model.norm.act.weight.requires_grad
+    norms = sum(p.numel() for m in model.modules() if isinstance(m, (nn.LayerNorm, RmsNormAct))
+                for p in m.parameters(recurse=False))
+    assert counts["groups"]["norm"] == norms
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.usefixtures("offline")
 def test_a_checkpoint_with_a_tensor_of_another_shape_is_refused_naming_it():
     from lowrank_vit.stages.finetune import PartialFinetune
 
