@@ -578,3 +578,21 @@ def test_the_rounds_probe_table_is_the_committed_results():
     higher = sum(r["kl_ratio"] > 1 for r in probe["rows"])
     assert f"the KL is higher in {higher} of\n{len(probe['rows'])}:" in text
     assert min(r["p"] for r in probe["rows"]) >= 0.099 - 5e-4  # "p ≥ 0.099 in all 16"
+
+
+def test_the_saliency_table_is_the_committed_study():
+    """docs/loss_aware.md's DINOv2-S saliency table: each cell's means and medians, its test against the refit and
+    its cost, from experiments/results/saliency_study.json."""
+    study = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    shown = 0
+    for key, cell in study["cells"].items():
+        ratio = key.split("@")[1]
+        against = study["tests"][ratio]["vs loss-aware-refit"].get(cell["recipe"])
+        tested = ("-", "-") if against is None else tuple(
+            f"{against[m]['median_diff']:+.3f}, p = {against[m]['p']:.2g}" for m in ("r", "iou"))
+        row = (f"{cell['r_mean']:.3f} / {cell['r_median']:.3f} | {cell['iou_mean']:.3f} / {cell['iou_median']:.3f} | "
+               f"{tested[0]} | {tested[1]} | {cell['compress_s']:.0f} s ({cell['cost']:.1f}x) |")
+        assert f"| -{round(100 * float(ratio))}% |" in text and row in text, key
+        shown += 1
+    assert shown == 10

@@ -267,7 +267,9 @@ def add_compress(sub: Any) -> None:
                    help="a recipe (loss-aware: the default, for a model that is fine-tuned next; "
                         "loss-aware-refit: with the sequential refit, the one to use for a model shipped without "
                         "fine-tuning (paired per image, never significantly worse than the default there, +1 to "
-                        "+4 points of top-1 at -80%%; about twice its compress time; docs/loss_aware.md); paper; "
+                        "+4 points of top-1 at -80%%; about twice its compress time; docs/loss_aware.md); "
+                        "loss-aware-block: block-wise reconstruction, closer still on real pretrained weights at 4-6 "
+                        "times the refit's time; paper; "
                         "vanilla; the peers flar-svd, svd-llm, svd-llm-update, svd-llm-v2, kfac-lems; vmeanba for "
                         "vision state-space models) or any registered decomposition")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
