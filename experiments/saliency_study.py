@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_vit.cli.fidelity import mask_ious
 from lowrank_vit.config import RECIPES as LIBRARY_RECIPES
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -353,14 +354,6 @@ def pearson_per_image(maps: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, same.double(), r.clamp(-1, 1))
 
 
-def iou_per_image(maps: torch.Tensor, dense: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """IoU of the masks ``map > threshold`` of two (N, ...) maps per image; 1 where both masks are empty (the two
-    maps agree that nothing is salient)."""
-    a, b = maps.flatten(1) > threshold, dense.flatten(1) > threshold
-    inter, union = (a & b).sum(1).double(), (a | b).sum(1).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-
-
 def wilcoxon(a: list[float], b: list[float]) -> dict[str, Any]:
     """Two-sided Wilcoxon signed-rank test of paired per-image values (zero differences dropped, scipy's default):
     p, the median of a - b, and the images that differ; p = 1 where none does."""
@@ -422,7 +415,7 @@ def run_cell(dense: nn.Module, recipe: str, ratio: float, calib: torch.Tensor, e
     report = compress(model, batches, config)
     compress_s = time.perf_counter() - start
     maps = predict(model.eval(), eval_images, batch_size, bar=f"{recipe}@{ratio} eval")
-    r, iou = pearson_per_image(maps, dense_maps), iou_per_image(maps, dense_maps)
+    r, iou = pearson_per_image(maps, dense_maps), mask_ious(dense_maps, maps)  # 1 where both masks are empty
     return {"recipe": recipe, "ratio": ratio, "likelihood": report.config["likelihood"],
             "params_before": report.params_before, "params_after": report.params_after,
             "target": report.target_params, "compress_s": compress_s, "forward_s": forward_s,

@@ -224,14 +224,6 @@ def test_pearson_r_per_image_by_hand_and_for_constant_maps():
                                                                                dtype=torch.float64))
 
 
-def test_iou_of_the_masks_above_one_half_with_two_empty_masks_agreeing():
-    maps = torch.tensor([[[0.9, 0.6], [0.2, 0.5]], [[0.1, 0.2], [0.3, 0.4]], [[0.1, 0.2], [0.3, 0.4]]])
-    dense = torch.tensor([[[0.7, 0.1], [0.8, 0.3]], [[0.0, 0.5], [0.5, 0.1]], [[0.9, 0.2], [0.3, 0.4]]])
-    # image 0: {(0,0), (0,1)} and {(0,0), (1,0)} (0.5 is not above one half): 1 / 3; image 1: both empty, 1;
-    # image 2: empty against one pixel, 0
-    torch.testing.assert_close(ss.iou_per_image(maps, dense), torch.tensor([1 / 3, 1.0, 0.0], dtype=torch.float64))
-
-
 def test_the_wilcoxon_test_gives_its_exact_p_and_one_where_nothing_differs():
     a, b = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.8, 0.75, 0.5, 0.55, 0.2, 0.39]
     result = ss.wilcoxon(a, b)
