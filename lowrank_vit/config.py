@@ -20,6 +20,7 @@ import torch
 
 from lowrank_vit.core import search as _peer_policies  # noqa: F401  (registers the peers' allocations)
 from lowrank_vit.core.allocate import POLICIES, get_policy
+from lowrank_vit.core.blockwise import METRICS as BLOCK_METRICS
 from lowrank_vit.core.blockwise import TRAINABLE
 from lowrank_vit.core.common import check_count, check_number, from_fields, settings_of
 from lowrank_vit.core.likelihood import check_likelihood_choice, check_output_key, likelihood_label
@@ -233,6 +234,11 @@ class CompressionConfig:
     scale depends on the decomposition's whitening), decayed to 0 by a cosine."""
     block_batch_size: int = 32
     """With ``block_reconstruction``: calibration images per Adam step (drawn at random, seeded by ``seed``)."""
+    block_metric: str = "mse"
+    """With ``block_reconstruction``: how a block's output error is measured. "mse": every position and channel
+    alike; "fisher": each weighted by the dense model's diagonal Fisher there, under ``likelihood`` with targets
+    drawn from the model's own output (no labels; one more forward and backward over the calibration images), so
+    that what the model's output does not depend on costs nothing."""
     likelihood: Any = "auto"
     """The likelihood of the model's output that a gradient pass (decompositions "loss_aware", "kfac") and LEMS's
     probe measure the loss with (:mod:`lowrank_vit.core.likelihood`): "categorical" (class logits), "gaussian" (any
@@ -366,6 +372,7 @@ class CompressionConfig:
         for name in ("block_steps", "block_batch_size"):
             check_count(name, getattr(self, name))
         check_number("block_lr", self.block_lr, "> 0")
+        _check_choice("block_metric", self.block_metric, BLOCK_METRICS)
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))

@@ -13,13 +13,13 @@ from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import check_feasible, get_policy
-from lowrank_vit.core.blockwise import block_reconstruction
+from lowrank_vit.core.blockwise import block_reconstruction, output_fisher
 from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.calibration import LayerStats, first_calibration_images, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
 from lowrank_vit.core.decompose import Decomposition, Whitening, whitening
 from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speedup, latency_report, rank_limits
-from lowrank_vit.core.likelihood import AUTO, build_likelihood, resolve_likelihood
+from lowrank_vit.core.likelihood import AUTO, build_likelihood, resolve_likelihood, select_output
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import PairGrams, dense_output_error, micro_batches, refit_bias, sequential_refit
@@ -593,10 +593,19 @@ def _reconstruct_blocks(dense: nn.Module, model: nn.Module, setup: _Setup, new_l
     cfg = setup.cfg
     blocks = {block: [name for name in block_layers if name in new_layers]
               for block, block_layers in get_adapter(model).layers_by_block(dense).items()}
+    weights = None
+    if cfg.block_metric == "fisher":
+        likelihood = cfg.likelihood
+        if likelihood == AUTO:  # a decomposition without a gradient pass left it unresolved
+            likelihood = resolve_likelihood(dense, images[0][:8].to(setup.device), AUTO, cfg.output_key)
+        built, generator = build_likelihood(likelihood), torch.Generator().manual_seed(cfg.seed)
+        weights = output_fisher(dense, list(blocks), images,
+                                lambda out: built.sampled_loss(select_output(out, cfg.output_key), generator),
+                                setup.device, progress=cfg.progress)
     result = block_reconstruction(dense, model, blocks, images, trainable=cfg.block_reconstruction,
                                   factorized=(FactorizedLinear, FactorizedAttention), steps=cfg.block_steps,
                                   lr=cfg.block_lr, batch_size=cfg.block_batch_size, seed=cfg.seed, device=setup.device,
-                                  progress=cfg.progress)
+                                  progress=cfg.progress, weights=weights)
     return result.layer_errors
 
 

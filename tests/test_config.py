@@ -273,7 +273,7 @@ def test_a_flat_config_of_the_earlier_version_loads_with_the_same_effective_valu
     defaults = {f.name: f.default for f in dataclasses.fields(CompressionConfig)}
     assert {key: getattr(config, key) for key in SHARED} == {key: old.get(key, defaults[key]) for key in SHARED}
     assert set(SHARED) - set(old) <= {"likelihood", "output_key", "block_reconstruction", "block_steps", "block_lr",
-                                      "block_batch_size"}
+                                      "block_batch_size", "block_metric"}
     resolved = config.resolved_settings()
     for key in MOVED:
         kind, readers = READ_BY[key]

@@ -21,6 +21,13 @@ block's forward (a block that does not directly follow the previous one in an ``
 first block after a patch merging, gets its inputs again from the images). The Adam steps backpropagate through one
 block on a sampled batch of those images.
 
+Metric. ``metric="mse"`` weighs every entry of the block's output alike. ``metric="fisher"`` weighs each position
+and channel by the dense model's diagonal Fisher there (:func:`output_fisher`): the mean over the calibration images
+of g^2, g the gradient at the block's output of the loss of a target drawn from the model's own output (the
+compression's likelihood; no labels). Squared error in this metric is the second-order change of the expected loss
+when the block's output moves along the diagonal, so a direction the output does not depend on costs nothing: the
+patch tokens of a class-token classifier's last block, say, which the plain error spends its steps on.
+
 Safeguard. A block whose objective on all the calibration images ends higher than it started (a learning rate too
 large for it) gets its parameters back: the reconstruction never makes the error it optimizes worse.
 """
@@ -38,6 +45,8 @@ from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import _capture, _follows
 
 TRAINABLE = ("factors", "factors_bias", "block")
+METRICS = ("mse", "fisher")
+"""The block output's metric: plain squared error, or weighted by the dense model's diagonal Fisher."""
 """What a block's reconstruction trains: "factors" (U and V of its factorized layers, and their Z), "factors_bias"
 (those layers' biases too), "block" (every parameter of the block: norms, LayerScale, the scan's own parameters
 and the layers the allocation left dense as well)."""
@@ -97,10 +106,13 @@ def trainable_parameters(block: nn.Module, trainable: str,
     return [p for p in chosen if p.is_floating_point()]
 
 
-def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def relative_error(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """mean ||output - target||^2 / mean ||target||^2: the objective in units that do not depend on the block's
-    output scale (a Swin's late stage carries larger activations than its first), so one learning rate fits all."""
-    return (output - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+    output scale (a Swin's late stage carries larger activations than its first), so one learning rate fits all.
+    ``weight`` (one image's output shape, broadcast over the batch): both means weighted by it."""
+    if weight is None:
+        return (output - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+    return (weight * (output - target).pow(2)).mean() / (weight * target.pow(2)).mean().clamp_min(1e-30)
 
 
 @torch.no_grad()
@@ -109,14 +121,65 @@ def _run(block: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _error(block: nn.Module, x: torch.Tensor, target: torch.Tensor, batch: int) -> float:
+def _error(block: nn.Module, x: torch.Tensor, target: torch.Tensor, batch: int,
+           weight: torch.Tensor | None = None) -> float:
     """:func:`relative_error` over all images, summed batch by batch (float64 sums)."""
     num = den = 0.0
+    w = 1.0 if weight is None else weight.double()
     for i in range(0, x.shape[0], batch):
-        diff = block(x[i: i + batch]).double() - target[i: i + batch].double()
-        num += float(diff.pow(2).sum())
-        den += float(target[i: i + batch].double().pow(2).sum())
+        t = target[i: i + batch].double()
+        num += float((w * (block(x[i: i + batch]).double() - t).pow(2)).sum())
+        den += float((w * t.pow(2)).sum())
     return num / den if den > 0 else 0.0
+
+
+def output_fisher(dense: nn.Module, names: list[str], images: list[torch.Tensor],
+                  sampled_loss: Callable[[object], torch.Tensor | None], device: torch.device,
+                  micro_batch: int = 64, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of each block's output (``names``), per position and channel: the mean over ``images``
+    of g^2, g the gradient at that output of ``sampled_loss(dense(images))`` (the loss of a target drawn from the
+    output itself, summed over the images: one gradient per image). Normalized to mean 1 per block (the objective
+    is relative); a block whose output the loss does not reach at all gets None (the plain error). One forward and
+    backward of the dense model over the images; what it keeps is one image's output shape per block."""
+    sums: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(module: nn.Module, args: tuple, output: object, name: str = name) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                outputs[name] = output
+        handles.append(dense.get_submodule(name).register_forward_hook(hook))
+    was_training, count = dense.training, 0
+    dense.eval()
+    try:
+        with torch.enable_grad(), progress_bar(sum(b.shape[0] for b in images), "block metric (Fisher)", "img",
+                                               progress) as bar:
+            for batch in images:
+                for i in range(0, batch.shape[0], micro_batch):
+                    chunk = batch[i: i + micro_batch].to(device).requires_grad_(True)
+                    outputs.clear()
+                    loss = sampled_loss(dense(chunk))
+                    if loss is None:
+                        raise ValueError("the dense model's output is not finite on a calibration image: the block "
+                                         "reconstruction's Fisher metric cannot draw targets from it")
+                    reached = [n for n in names if n in outputs]
+                    grads = torch.autograd.grad(loss, [outputs[n] for n in reached], allow_unused=True)
+                    for n, g in zip(reached, grads, strict=True):
+                        if g is not None:
+                            sq = g.detach().double().pow(2).sum(0)
+                            sums[n] = sq if n not in sums else sums[n] + sq
+                    count += chunk.shape[0]
+                    bar.update(chunk.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        dense.train(was_training)
+    weights = {}
+    for name in names:
+        fisher = sums.get(name)
+        mean = float(fisher.mean()) if fisher is not None else 0.0
+        weights[name] = (fisher / mean).float() if mean > 0 and math.isfinite(mean) else None
+    return weights
 
 
 def _adam_groups(params: list[nn.Parameter], lr: float) -> list[dict]:
@@ -133,17 +196,21 @@ def _adam_groups(params: list[nn.Parameter], lr: float) -> list[dict]:
 
 
 def reconstruct_block(block: nn.Module, cache: BlockCache, params: list[nn.Parameter], *, steps: int, lr: float,
-                      batch_size: int, generator: torch.Generator, micro_batch: int = 64) -> BlockResult:
+                      batch_size: int, generator: torch.Generator, micro_batch: int = 64,
+                      weight: torch.Tensor | None = None) -> BlockResult:
     """``steps`` Adam steps (cosine-decayed learning rate) on ``params`` of ``block`` so that ``block`` on
     ``cache.compressed_in`` matches ``cache.target`` (:func:`relative_error`), each step on ``batch_size`` images
     drawn by ``generator``. The block is in eval mode throughout (no dropout or stochastic depth). Restores the
-    parameters where the objective over all images ends above where it started.
+    parameters where the objective over all images ends above where it started. ``weight``: the metric
+    (:func:`relative_error`; None, the plain squared error).
 
     The step is ``lr`` relative to each tensor's scale (:func:`_adam_groups`) and to the block's relative output
     error e = sqrt(objective before): the weight change a block needs is of the order of its error, and a fixed
     step overshoots a block that is nearly right (measured: at -70% a fixed 1e-2 raised the KL to the dense model
     on the CIFAR-10 Swin, where scaling by e lowered it) while it suits one that is far off (-80%)."""
-    before = _error(block, cache.compressed_in, cache.target, micro_batch)
+    if weight is not None:
+        weight = weight.to(cache.target.device, cache.target.dtype)
+    before = _error(block, cache.compressed_in, cache.target, micro_batch, weight)
     if not params or steps == 0:
         return BlockResult(before, before)
     saved = [p.detach().clone() for p in params]
@@ -161,7 +228,7 @@ def reconstruct_block(block: nn.Module, cache: BlockCache, params: list[nn.Param
                 for group in optimizer.param_groups:
                     group["lr"] = group["initial_lr"] * scale
                 index = torch.randperm(count, generator=generator)[:batch_size].to(cache.compressed_in.device)
-                loss = relative_error(block(cache.compressed_in[index]), cache.target[index])
+                loss = relative_error(block(cache.compressed_in[index]), cache.target[index], weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -169,7 +236,7 @@ def reconstruct_block(block: nn.Module, cache: BlockCache, params: list[nn.Param
         for p in block.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = None
-    after = _error(block, cache.compressed_in, cache.target, micro_batch)
+    after = _error(block, cache.compressed_in, cache.target, micro_batch, weight)
     if not math.isfinite(after) or after > before:
         with torch.no_grad():
             for p, value in zip(params, saved, strict=True):
@@ -210,14 +277,15 @@ def layer_errors(dense_block: nn.Module, block: nn.Module, layers: list[str], pr
 def block_reconstruction(dense: nn.Module, model: nn.Module, blocks: dict[str, list[str]], images: list[torch.Tensor],
                          *, trainable: str, factorized: tuple[type[nn.Module], ...], steps: int, lr: float,
                          batch_size: int, seed: int, device: torch.device, micro_batch: int = 64,
-                         progress: bool = True,
+                         progress: bool = True, weights: dict[str, torch.Tensor | None] | None = None,
                          on_block: Callable[[str, BlockCache], None] | None = None) -> BlockwiseResult:
     """Walk the blocks of ``model`` (compressed) and ``dense`` in forward order (``blocks``: block name -> the
     factorized layers whose errors :func:`layer_errors` reports) and reconstruct each block that holds a module of
     a ``factorized`` type (:func:`reconstruct_block`; a block the allocation left dense is only advanced) before the
     compressed stream moves past it. ``images``: the
     calibration images (batches, on any device). ``on_block(name, cache)`` is called with each block's cache (what
-    the tests count). Both models are left in the mode they were in."""
+    the tests count). ``weights``: block name -> its output metric (:func:`output_fisher`; missing or None: the
+    plain squared error). Both models are left in the mode they were in."""
     was_training = (dense.training, model.training)
     dense.eval()
     model.eval()
@@ -243,7 +311,8 @@ def block_reconstruction(dense: nn.Module, model: nn.Module, blocks: dict[str, l
                     params = trainable_parameters(block_c, trainable, factorized)
                     result.per_block[name] = reconstruct_block(block_c, cache, params, steps=steps, lr=lr,
                                                                batch_size=batch_size, generator=generator,
-                                                               micro_batch=micro_batch)
+                                                               micro_batch=micro_batch,
+                                                               weight=(weights or {}).get(name))
                     result.layer_errors.update(layer_errors(block_d, block_c, layers, name, x_d, micro_batch))
                 del cache
                 previous = name

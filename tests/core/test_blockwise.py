@@ -15,6 +15,7 @@ from lowrank_vit.config import CompressionConfig, recipe
 from lowrank_vit.core.blockwise import (
     BlockCache,
     block_reconstruction,
+    output_fisher,
     relative_error,
     trainable_parameters,
 )
@@ -218,7 +219,69 @@ def test_the_models_are_left_in_their_modes_and_a_block_left_dense_is_only_advan
     assert all(torch.equal(untouched[k], v) for k, v in model.blocks[0].state_dict().items())
 
 
+def test_the_fisher_metric_is_the_mean_squared_output_gradient_in_closed_form():
+    # two linear "blocks" on (B, T, D) tokens and the loss sum(c * out): the gradient at the first block's output is
+    # c W2 for every image (closed form), at the second's c itself; each normalized to mean 1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 4))
+    c = torch.randn(3, 4)
+    images = [torch.randn(7, 3, 5), torch.randn(4, 3, 5)]
+    weights = output_fisher(model, ["0", "1"], images, lambda out: (c * out).sum(), torch.device("cpu"),
+                            micro_batch=3, progress=False)
+    first = (c @ model[1].weight.detach()).pow(2)
+    assert torch.allclose(weights["0"], first / first.mean(), rtol=1e-5)
+    assert torch.allclose(weights["1"], c.pow(2) / c.pow(2).mean(), rtol=1e-5)
+    assert model.training  # the mode it was in
+
+
+def test_the_fisher_metric_ignores_what_a_class_token_classifier_never_reads():
+    # the last block's patch tokens never reach a class-token head: zero weight there, all of it on the class token;
+    # a block the loss does not reach at all gets None (the plain error)
+    dense, images = _vit(global_pool="token"), make_images(24, channels=3, size=24)
+    generator = torch.Generator().manual_seed(0)
+
+    def sampled(out: torch.Tensor) -> torch.Tensor:
+        labels = torch.multinomial(out.detach().softmax(-1), 1, generator=generator).squeeze(1)
+        return nn.functional.cross_entropy(out, labels, reduction="sum")
+
+    weights = output_fisher(dense, ["blocks.0", "blocks.2", "norm"], [images], sampled, torch.device("cpu"),
+                            progress=False)
+    last = weights["blocks.2"]
+    assert last.shape == (37, 24) and torch.all(last[1:] == 0) and torch.all(last[0] > 0)
+    assert float(last.mean()) == pytest.approx(1.0)
+    assert torch.all(weights["blocks.0"][1:].sum(-1) > 0)  # an early block's patch tokens do reach it
+    flat = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    assert output_fisher(flat, ["0"], [torch.randn(5, 4)], lambda out: out.detach().sum() * 0.0 + out[:, :0].sum(),
+                         torch.device("cpu"), progress=False) == {"0": None}
+
+
+def test_the_weighted_objective_is_the_one_reconstructed_and_the_pipeline_runs_it():
+    dense, images = _vit(global_pool="token"), make_images(32, channels=3, size=24)
+    model = _compressed(dense, images)
+    weights = {"blocks.2": torch.rand(37, 24) + 0.5}
+    caches = {}
+    result = _reconstruct(dense, model, images, steps=1, lr=1e-9, weights=weights,
+                          on_block=lambda name, cache: caches.setdefault(name, (cache.compressed_in, cache.target)))
+    x_c, target = caches["blocks.2"]
+    with torch.no_grad():  # an lr of 1e-9 leaves the block as it was: "before" in the weighted metric, by hand
+        diff = (model.blocks[2](x_c) - target).double().pow(2)
+    w = weights["blocks.2"].double()
+    by_hand = float((w * diff).sum() / (w * target.double().pow(2)).sum())
+    assert result.per_block["blocks.2"].before == pytest.approx(by_hand, rel=1e-6)
+    with torch.no_grad():  # no weight: the plain error
+        plain = float(relative_error(model.blocks[0](caches["blocks.0"][0]), caches["blocks.0"][1]))
+    assert result.per_block["blocks.0"].before == pytest.approx(plain, rel=1e-4)
+    for fields in (dict(), dict(decomposition="whitened", bias_correction=False)):  # "auto" resolved either way
+        fisher = copy.deepcopy(dense)
+        config = recipe("loss-aware-block", reduction=0.6, calib_samples=32, progress=False, block_steps=20,
+                        block_lr=0.1, block_metric="fisher", **fields)
+        report = compress(fisher, [images], config)
+        assert report.config["block_metric"] == "fisher" and report.stage_seconds["block_reconstruction"] > 0
+        assert torch.isfinite(fisher(images)).all()
+
+
 @pytest.mark.parametrize("fields, message", [
+    (dict(block_metric="kl"), "block_metric='kl' is not one of 'mse', 'fisher'"),
     (dict(block_reconstruction="all"), "block_reconstruction='all' is not one of 'none', 'factors'"),
     (dict(block_reconstruction=True), "block_reconstruction=True is not one of"),
     (dict(block_steps=0), "block_steps must be a positive integer"),

@@ -23,6 +23,7 @@ from experiments.loss_aware_study import (
 from tests.helpers import (
     MODELS_DIR,
     REPO,
+    cifar10_dir,
     patch_everywhere,
 )
 
@@ -203,3 +204,20 @@ def test_a_stale_committed_standin_is_an_error_that_says_what_to_run(tmp_path: P
     (standins / "deit_s.json").write_text(json.dumps({**record, "fingerprint": "0" * 16}))
     with pytest.raises(ValueError, match="another recipe.*experiments.study_standins --force"):
         load_model("mnist_deit_s", None, tmp_path, 100, 64, 0)
+
+
+def test_eval_skip_holds_out_images_past_those_settings_were_chosen_on():
+    """--eval-skip K: the held-out images are the seeded order's K-th onwards, disjoint from the first K (the images
+    a probe chose settings on); beyond the split, or for a digits stand-in, it is refused."""
+    if cifar10_dir() is None:
+        pytest.skip("no local CIFAR-10 (LOWRANK_VIT_CIFAR10)")
+    folder = str(cifar10_dir())
+    _, first = load_model("cifar_vit6", folder, MODELS_DIR, 30, 8, 0)
+    _, later = load_model("cifar_vit6", folder, MODELS_DIR, 20, 8, 0, eval_skip=10)
+    assert torch.equal(later["eval_x"][:20], first["eval_x"][10:30])  # the same order, shifted
+    assert not any(torch.equal(a, b) for a in first["eval_x"][:10] for b in later["eval_x"])
+    assert torch.equal(later["train_x"], first["train_x"])  # the calibration images do not move
+    with pytest.raises(ValueError, match="--eval 20 after --eval-skip 9990: the test split has 10000 images"):
+        load_model("cifar_vit6", folder, MODELS_DIR, 20, 8, 0, eval_skip=9990)
+    with pytest.raises(ValueError, match="--eval-skip applies to the CIFAR-10 models"):
+        load_model("mnist_deit_s", None, MODELS_DIR, 20, 8, 0, eval_skip=10)
