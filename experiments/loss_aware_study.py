@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from lowrank_vit.config import RECIPES as LIBRARY_RECIPES
 
 _DEFAULT = LIBRARY_RECIPES["loss-aware"]
+_BLOCK_MSE = {**LIBRARY_RECIPES["loss-aware-block"], "block_metric": "mse"}
 RECIPES: dict[str, dict[str, Any]] = {
     "vanilla": LIBRARY_RECIPES["vanilla"],
     "paper": LIBRARY_RECIPES["paper"],
@@ -58,15 +59,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     # block-wise reconstruction (lowrank_vit.core.blockwise): each block's factors tuned so that its output on the
     # compressed model's inputs matches the dense block's; what it trains, its cost, and after the refit
     "loss-aware-block": LIBRARY_RECIPES["loss-aware-block"],
-    "la-block-bias": {**LIBRARY_RECIPES["loss-aware-block"], "block_reconstruction": "factors_bias"},
-    "la-block-all": {**LIBRARY_RECIPES["loss-aware-block"], "block_reconstruction": "block"},
-    "la-refit-block": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors"},
-    # the block stage at a quarter of its steps (three times the step size): its cost within about 10 calibration
-    # forwards; and in the metric of the dense model's diagonal Fisher at its output (block_metric="fisher")
-    "la-block-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03},
-    "la-block-fisher": {**LIBRARY_RECIPES["loss-aware-block"], "block_metric": "fisher"},
-    "la-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03,
-                              "block_metric": "fisher"},
+    # the block stage as it was first measured: plain squared error of the block's output (block_metric="mse")
+    "la-block-mse": _BLOCK_MSE,
+    "la-block-bias": {**_BLOCK_MSE, "block_reconstruction": "factors_bias"},
+    "la-block-all": {**_BLOCK_MSE, "block_reconstruction": "block"},
+    "la-refit-block": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
+                       "block_metric": "mse"},
+    # the block stage at a quarter of its steps (three times the step size, a quarter of its cost), in either metric,
+    # and after the refit
+    "la-block-short": {**_BLOCK_MSE, "block_steps": 25, "block_lr": 0.03},
+    "la-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03},
     "la-refit-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
                                     "block_steps": 25, "block_lr": 0.03, "block_metric": "fisher"},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),

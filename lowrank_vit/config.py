@@ -50,7 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware-refit": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
                              bias_correction=True, refit=True),
     "loss-aware-block": dict(decomposition="loss_aware", allocation="marginal", compensation="none",
-                             bias_correction=True, block_reconstruction="factors"),
+                             bias_correction=True, block_reconstruction="factors", block_metric="fisher"),
     "paper": dict(decomposition="whitened", allocation="greedy", compensation="lowrank"),
     "vanilla": dict(decomposition="plain", allocation="uniform", compensation="none"),
     # the strongest published peers (docs/peers.md), each with its own decomposition and allocation
@@ -70,7 +70,8 @@ its own differentiable rank search and distillation, lowrank_vit/methods/comcat_
 published pipeline, its truncation-aware whitening with uniform ranks; SVD-LLM v2's heterogeneous ratios; KFAC-SVD
 with LEMS's integer program); "svd-llm-update" is SVD-LLM with the sequential update of one factor that its code
 carries but its published pipeline does not run. "loss-aware-block" is the default followed by the block-wise
-reconstruction (``block_reconstruction="factors"``, docs/loss_aware.md#block-wise-reconstruction)."""
+reconstruction in the dense model's Fisher metric (``block_reconstruction="factors"``, ``block_metric="fisher"``,
+docs/loss_aware.md#block-wise-reconstruction)."""
 
 
 def setting_owners() -> dict[str, list[str]]:

@@ -595,4 +595,60 @@ def test_the_saliency_table_is_the_committed_study():
                f"{tested[0]} | {tested[1]} | {cell['compress_s']:.0f} s ({cell['cost']:.1f}x) |")
         assert f"| -{round(100 * float(ratio))}% |" in text and row in text, key
         shown += 1
-    assert shown == 10
+    assert shown == 18
+
+
+def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
+    """docs/loss_aware.md's held-out block-stage tables: every top-1 (KL) cell, every paired test against the refit
+    (no fine-tune) and against the default (after the fine-tune) recomputed from experiments/results/
+    blockwise_heldout.json and blockwise_heldout_ft.json (a new run must update the page)."""
+    from experiments.loss_aware_study import paired
+
+    results = ROOT / "experiments/results"
+    study = json.loads((results / "blockwise_heldout.json").read_text())["study"]
+    tuned = json.loads((results / "blockwise_heldout_ft.json").read_text())["study"]
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### The Fisher metric, a quarter of the steps"):
+                   text.index("### On real pretrained weights")]
+    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
+    assert len(tables) == 3
+
+    def rows(table: str) -> list[list[str]]:
+        lines = [line.strip() for line in table.strip().splitlines()]
+        return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+    def ratio_of(label: str) -> str:
+        return str(int(label.strip("-%")) / 100)
+
+    def test_cell(cell: str, recipe: dict, against: dict, key: str, top: str) -> None:
+        only_recipe, only_against, p = paired(recipe, against, key)
+        shown = re.fullmatch(r"\**(?:(\d+\.\d\d): )?([+-]\d+\.\d\d), (\d+) / (\d+), p = (\S+?)\**", cell)
+        assert shown, cell
+        assert float(shown[2]) == pytest.approx(recipe[top] - against[top], abs=0.005), cell
+        assert (int(shown[3]), int(shown[4])) == (only_recipe, only_against), cell
+        assert float(shown[5]) == pytest.approx(p, rel=0.05), cell
+        assert cell.startswith("**") == (p < 0.05), cell  # bold: significant at 5%
+        if shown[1]:
+            assert float(shown[1]) == pytest.approx(recipe[top], abs=0.005), cell
+
+    header, _, *body = rows(tables[0])
+    assert len(body) == 12 and {row[0].split(" (")[0] for row in body} == set(study)
+    for model_label, ratio, *cells in body:
+        model = model_label.split(" (")[0]
+        assert model_label == f"{model} ({study[model]['dense_top1']:.2f})"
+        for recipe, cell in zip(header[2:], cells, strict=True):
+            record = study[model]["cells"][f"{recipe}@{ratio_of(ratio)}"]
+            assert cell == f"{record['top1']:.2f} ({record['kl']:.3f})", (model, ratio, recipe)
+    header, _, *body = rows(tables[1])
+    assert len(body) == 12
+    for model, ratio, *cells in body:
+        refit = study[model]["cells"][f"loss-aware-refit@{ratio_of(ratio)}"]
+        for recipe, cell in zip(header[2:], cells, strict=True):
+            test_cell(cell, study[model]["cells"][f"{recipe}@{ratio_of(ratio)}"], refit, "correct", "top1")
+    header, _, *body = rows(tables[2])
+    assert len(body) == 12 and header[2] == "loss-aware"
+    for model, ratio, default_shown, *cells in body:
+        default = tuned[model]["cells"][f"loss-aware@{ratio_of(ratio)}"]
+        assert default_shown == f"{default['top1_ft']:.2f}"
+        for recipe, cell in zip(header[3:], cells, strict=True):
+            test_cell(cell, tuned[model]["cells"][f"{recipe}@{ratio_of(ratio)}"], default, "correct_ft", "top1_ft")

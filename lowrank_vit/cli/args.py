@@ -268,8 +268,9 @@ def add_compress(sub: Any) -> None:
                         "loss-aware-refit: with the sequential refit, the one to use for a model shipped without "
                         "fine-tuning (paired per image, never significantly worse than the default there, +1 to "
                         "+4 points of top-1 at -80%%; about twice its compress time; docs/loss_aware.md); "
-                        "loss-aware-block: block-wise reconstruction, closer still on real pretrained weights at 4-6 "
-                        "times the refit's time; paper; "
+                        "loss-aware-block: block-wise reconstruction in the dense model's Fisher metric, closer still "
+                        "on real pretrained weights, level with the refit on small classifiers, at 4-6 times the "
+                        "refit's time; paper; "
                         "vanilla; the peers flar-svd, svd-llm, svd-llm-update, svd-llm-v2, kfac-lems; vmeanba for "
                         "vision state-space models) or any registered decomposition")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",

@@ -115,15 +115,23 @@ def test_the_first_blocks_objective_is_its_own_output_error_on_the_shared_inputs
         assert torch.allclose(target, dense.get_submodule("blocks.0")(x_d))
 
 
-def test_the_pipeline_records_its_stage_and_lowers_the_output_error():
+@pytest.mark.parametrize("metric", ["mse", "fisher"])
+def test_the_pipeline_records_its_stage_and_lowers_the_error_it_measures(metric):
+    # the plain metric lowers the last block's output error; the Fisher metric (the recipe's) weighs it by what the
+    # class-token head reads, so it lowers the error of the model's output, the logits
     dense, images = _vit(), make_images(64, channels=3, size=24)
     plain = _compressed(dense, images)
     model = copy.deepcopy(dense)
     report = compress(model, [images], recipe("loss-aware-block", reduction=0.6, calib_samples=64, progress=False,
-                                              block_steps=40, block_lr=0.1))
-    assert report.stage_seconds["block_reconstruction"] > 0
+                                              block_steps=40, block_lr=0.1, block_metric=metric))
+    assert report.stage_seconds["block_reconstruction"] > 0 and report.config["block_metric"] == metric
     assert report.params_after == sum(p.numel() for p in plain.parameters())  # the same ranks: the same size
-    assert _last_block_error(dense, model, images) < 0.8 * _last_block_error(dense, plain, images)
+    if metric == "mse":
+        assert _last_block_error(dense, model, images) < 0.8 * _last_block_error(dense, plain, images)
+    else:
+        with torch.no_grad():
+            target = dense(images)
+            assert relative_error(model(images), target) < 0.8 * relative_error(plain(images), target)
     errors = [layer.output_error for layer in report.layers if layer.rank is not None]
     assert errors and all(0 <= err < 10 for err in errors)
 
@@ -296,6 +304,7 @@ def test_bad_settings_are_refused_naming_the_field(fields, message):
 
 def test_the_recipe_and_its_defaults():
     config = recipe("loss-aware-block", reduction=0.5)
-    assert config.block_reconstruction == "factors" and not config.refit
+    assert config.block_reconstruction == "factors" and config.block_metric == "fisher" and not config.refit
+    assert CompressionConfig(reduction=0.5, block_reconstruction="factors").block_metric == "mse"  # as first written
     assert CompressionConfig(reduction=0.5).block_reconstruction == "none"  # not the default recipe
     assert CompressionConfig.from_dict(config.to_dict()) == config
