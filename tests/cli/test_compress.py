@@ -509,6 +509,18 @@ def test_compress_with_the_refit_recipe(workdir, tmp_path, capsys):
     assert load_compressed(tmp_path / "refit") is not None
 
 
+def test_compress_with_the_block_recipe(workdir, tmp_path, capsys):
+    """``--recipe loss-aware-block``: the block stage runs from the CLI in the Fisher metric, without labels, and
+    the model it writes loads back."""
+    code, _, err = _compress(capsys, workdir, tmp_path / "block", "--reduction", "0.5", "--recipe", "loss-aware-block")
+    assert code == 0, err
+    report = json.loads((tmp_path / "block" / "report.json").read_text())
+    config = report["compression"]["config"]
+    assert config["block_reconstruction"] == "factors" and config["block_metric"] == "fisher"
+    assert report["compression"]["stage_seconds"]["block_reconstruction"] > 0
+    assert load_compressed(tmp_path / "block") is not None
+
+
 def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, tmp_path, capsys, monkeypatch):
     # timm's Swin V2 "cr" variant names its stages and options unlike Swin's: the spec read from its modules does not
     # rebuild it, so its compressed form could never be loaded again. Refused before any calibration.

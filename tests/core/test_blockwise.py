@@ -10,8 +10,9 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_vit import compress
+from lowrank_vit import compress, pipeline
 from lowrank_vit.config import CompressionConfig, recipe
+from lowrank_vit.core import blockwise
 from lowrank_vit.core.blockwise import (
     BlockCache,
     block_reconstruction,
@@ -187,6 +188,35 @@ def test_swin_and_a_state_space_model_are_reconstructed(family):
     assert sum(b.after < b.before for b in result.per_block.values()) >= len(result.per_block) - 1
     assert _last_block_error(dense, model, images) < before
     assert torch.isfinite(model(images)).all()
+
+
+@pytest.mark.parametrize("family", ["swin", "vssm", "tokens"])
+def test_the_fisher_recipe_runs_on_every_block_kind_and_output(family):
+    # Swin (a stage's first block after a patch merging), the SSM's blocks, and a ViT whose output is its tokens
+    # (the Gaussian likelihood over every token): a weight for every block, finite outputs
+    if family == "swin":
+        dense, images = _swin(), make_images(32, channels=3, size=32)
+    elif family == "vssm":
+        dense, images = make_vssm(), make_images(32, channels=3, size=24)
+    else:
+        dense, images = _vit(num_classes=0, global_pool=""), make_images(32, channels=3, size=24)
+        assert dense(images).shape == (32, 37, 24)  # every token is the output
+    seen = {}
+    real = blockwise.output_fisher
+
+    def spy(*args, **kwargs):
+        seen.update(real(*args, **kwargs))
+        return seen
+
+    model = copy.deepcopy(dense)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "output_fisher", spy)
+        report = compress(model, [images], recipe("loss-aware-block", reduction=0.4, calib_samples=32, progress=False,
+                                                  block_steps=5))
+    blocks = list(get_adapter(dense).layers_by_block(dense))
+    assert sorted(seen) == sorted(blocks) and all(w is not None and torch.all(w >= 0) for w in seen.values())
+    assert report.config["likelihood"] == "gaussian" or family != "tokens"
+    assert model(images).shape == dense(images).shape and torch.isfinite(model(images)).all()
 
 
 def test_what_each_choice_trains():
