@@ -139,6 +139,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # image whatever the likelihood, so the same time is expected
     "loss-aware-gaussian": ("loss-aware", {"likelihood": "gaussian"}),
     "loss-aware-bernoulli": ("loss-aware", {"likelihood": "bernoulli"}),
+    # the block stage at a quarter of its steps, three times the step size (docs/loss_aware.md, "The Fisher metric")
+    "loss-aware-block-short": ("loss-aware-block", {"block_steps": 25, "block_lr": 0.03}),
 }
 """Benchmark-only names for a library recipe with settings changed, timed beside the recipes themselves."""
 

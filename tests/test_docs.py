@@ -652,3 +652,21 @@ def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
         assert default_shown == f"{default['top1_ft']:.2f}"
         for recipe, cell in zip(header[3:], cells, strict=True):
             test_cell(cell, tuned[model]["cells"][f"{recipe}@{ratio_of(ratio)}"], default, "correct_ft", "top1_ft")
+
+
+def test_the_block_stage_cost_figures_are_the_committed_benchmark():
+    """The no-fine-tune recipes' CPU cost, in docs/loss_aware.md and benchmarks/README.md, from the JSON."""
+    rows = {row["recipe"]: row for row in json.loads(
+        (ROOT / "benchmarks/results/compress_time_deit_small_block_short.json").read_text())["rows"]}
+    docs = (ROOT / "docs/loss_aware.md").read_text()
+    bench = (ROOT / "benchmarks/README.md").read_text()
+    default, refit, block = rows["loss-aware"], rows["loss-aware-refit"], rows["loss-aware-block-short"]
+    stage = f"{block['block_s']:.1f} s: {block['block_s'] / block['calibration_forward_s']:.1f} forwards"
+    assert (f"the default {default['overhead_ratio']:.2f}x, `loss-aware-refit` {refit['overhead_ratio']:.2f}x, "
+            f"`loss-aware-block` at 25 steps {block['overhead_ratio']:.2f}x") in " ".join(docs.split())
+    assert stage in " ".join(docs.split())
+    flat = " ".join(bench.split())
+    for row in (default, refit, block):
+        assert f"{row['overhead_ratio']:.2f}" in flat
+    assert f"{default['overhead_ratio_cpu']:.2f} in CPU time" in flat
+    assert f"{block['block_s']:.1f} s, {block['block_s'] / block['calibration_forward_s']:.1f} forwards" in flat
