@@ -69,6 +69,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # and after the refit
     "la-block-short": {**_BLOCK_MSE, "block_steps": 25, "block_lr": 0.03},
     "la-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03},
+    "la-refit-block-fisher": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
+                              "block_metric": "fisher"},
     "la-refit-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
                                     "block_steps": 25, "block_lr": 0.03, "block_metric": "fisher"},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
