@@ -45,11 +45,11 @@ from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import _capture, _follows
 
 TRAINABLE = ("factors", "factors_bias", "block")
-METRICS = ("mse", "fisher")
-"""The block output's metric: plain squared error, or weighted by the dense model's diagonal Fisher."""
 """What a block's reconstruction trains: "factors" (U and V of its factorized layers, and their Z), "factors_bias"
 (those layers' biases too), "block" (every parameter of the block: norms, LayerScale, the scan's own parameters
 and the layers the allocation left dense as well)."""
+METRICS = ("mse", "fisher")
+"""The block output's metric: plain squared error, or weighted by the dense model's diagonal Fisher."""
 
 
 @dataclass
@@ -149,7 +149,7 @@ def output_fisher(dense: nn.Module, names: list[str], images: list[torch.Tensor]
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 outputs[name] = output
         handles.append(dense.get_submodule(name).register_forward_hook(hook))
-    was_training, count = dense.training, 0
+    was_training = dense.training
     dense.eval()
     try:
         with torch.enable_grad(), progress_bar(sum(b.shape[0] for b in images), "block metric (Fisher)", "img",
@@ -168,7 +168,6 @@ def output_fisher(dense: nn.Module, names: list[str], images: list[torch.Tensor]
                         if g is not None:
                             sq = g.detach().double().pow(2).sum(0)
                             sums[n] = sq if n not in sums else sums[n] + sq
-                    count += chunk.shape[0]
                     bar.update(chunk.shape[0])
     finally:
         for handle in handles:
