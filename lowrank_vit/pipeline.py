@@ -19,7 +19,7 @@ from lowrank_vit.core.calibration import LayerStats, first_calibration_images, i
 from lowrank_vit.core.common import release_freed_memory, settings_of
 from lowrank_vit.core.decompose import Decomposition, Whitening, whitening
 from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speedup, latency_report, rank_limits
-from lowrank_vit.core.likelihood import AUTO, build_likelihood, resolve_likelihood, select_output
+from lowrank_vit.core.likelihood import AUTO, build_likelihood, model_output, resolve_likelihood, select_output
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
 from lowrank_vit.core.refit import PairGrams, dense_output_error, micro_batches, refit_bias, sequential_refit
@@ -599,6 +599,9 @@ def _reconstruct_blocks(dense: nn.Module, model: nn.Module, setup: _Setup, new_l
         if likelihood == AUTO:  # a decomposition without a gradient pass left it unresolved
             likelihood = resolve_likelihood(dense, images[0][:8].to(setup.device), AUTO, cfg.output_key)
         built, generator = build_likelihood(likelihood), torch.Generator().manual_seed(cfg.seed)
+        first = model_output(dense, images[0][:8].to(setup.device), cfg.output_key)
+        built.check(first, first.shape[0])
+        built.fit(first.float())  # as the gradient pass fits it to the first calibration images' outputs
         weights = output_fisher(dense, list(blocks), images,
                                 lambda out: built.sampled_loss(select_output(out, cfg.output_key), generator),
                                 setup.device, progress=cfg.progress)
