@@ -645,6 +645,14 @@ def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
         refit = study[model]["cells"][f"loss-aware-refit@{ratio_of(ratio)}"]
         for recipe, cell in zip(header[2:], cells, strict=True):
             test_cell(cell, study[model]["cells"][f"{recipe}@{ratio_of(ratio)}"], refit, "correct", "top1")
+    better = worse = 0  # the refit against the default, quoted in "Without a fine-tune"
+    for model in study:
+        for ratio in ("0.7", "0.8"):
+            only_refit, only_default, p = paired(study[model]["cells"][f"loss-aware-refit@{ratio}"],
+                                                 study[model]["cells"][f"loss-aware@{ratio}"])
+            better += p < 0.05 and only_refit > only_default
+            worse += p < 0.05 and only_refit < only_default
+    assert worse == 0 and f"too: {better} of 12, none worse)" in " ".join(text.split())
     header, _, *body = rows(tables[2])
     assert len(body) == 12 and header[2] == "loss-aware"
     for model, ratio, default_shown, *cells in body:
