@@ -373,7 +373,7 @@ class CompressionConfig:
         for name in ("block_steps", "block_batch_size"):
             check_count(name, getattr(self, name))
         check_number("block_lr", self.block_lr, "> 0")
-        _check_choice("block_metric", self.block_metric, BLOCK_METRICS)
+        _check_choice("block_metric", self.block_metric, tuple(BLOCK_METRICS))
         if self.gram_precision is not None:  # None: resolved on the statistics' device (resolve_gram_precision)
             _check_choice("gram_precision", self.gram_precision, GRAM_PRECISIONS)
         _check_choice("gram_space", self.gram_space, ("input", "auto"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import check_feasible, get_policy
-from lowrank_vit.core.blockwise import block_reconstruction, output_fisher
+from lowrank_vit.core.blockwise import block_reconstruction, metric_weights
 from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.calibration import LayerStats, first_calibration_images, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
@@ -593,23 +593,28 @@ def _reconstruct_blocks(dense: nn.Module, model: nn.Module, setup: _Setup, new_l
     cfg = setup.cfg
     blocks = {block: [name for name in block_layers if name in new_layers]
               for block, block_layers in get_adapter(model).layers_by_block(dense).items()}
-    weights = None
-    if cfg.block_metric == "fisher":
-        likelihood = cfg.likelihood
-        if likelihood == AUTO:  # a decomposition without a gradient pass left it unresolved
-            likelihood = resolve_likelihood(dense, images[0][:8].to(setup.device), AUTO, cfg.output_key)
-        built, generator = build_likelihood(likelihood), torch.Generator().manual_seed(cfg.seed)
-        first = model_output(dense, images[0][:8].to(setup.device), cfg.output_key)
-        built.check(first, first.shape[0])
-        built.fit(first.float())  # as the gradient pass fits it to the first calibration images' outputs
-        weights = output_fisher(dense, list(blocks), images,
-                                lambda out: built.sampled_loss(select_output(out, cfg.output_key), generator),
-                                setup.device, progress=cfg.progress)
+    weights = metric_weights(cfg.block_metric, dense, list(blocks), images,
+                             lambda: _sampled_loss(dense, setup, images[0][:8]), setup.device, cfg.progress)
     result = block_reconstruction(dense, model, blocks, images, trainable=cfg.block_reconstruction,
                                   factorized=(FactorizedLinear, FactorizedAttention), steps=cfg.block_steps,
                                   lr=cfg.block_lr, batch_size=cfg.block_batch_size, seed=cfg.seed, device=setup.device,
                                   progress=cfg.progress, weights=weights)
     return result.layer_errors
+
+
+def _sampled_loss(dense: nn.Module, setup: _Setup, first: torch.Tensor) -> Callable[[Any], torch.Tensor | None]:
+    """The likelihood's loss of a target drawn from the output itself (seeded by ``seed``), for a block metric that
+    weighs by the output's sensitivity: "auto" resolved on ``first`` (calibration images) where no gradient pass did,
+    then checked and fitted to their dense outputs as the gradient pass does."""
+    cfg = setup.cfg
+    likelihood = cfg.likelihood
+    if likelihood == AUTO:  # a decomposition without a gradient pass left it unresolved
+        likelihood = resolve_likelihood(dense, first.to(setup.device), AUTO, cfg.output_key)
+    built, generator = build_likelihood(likelihood), torch.Generator().manual_seed(cfg.seed)
+    output = model_output(dense, first.to(setup.device), cfg.output_key)
+    built.check(output, output.shape[0])
+    built.fit(output.float())
+    return lambda out: built.sampled_loss(select_output(out, cfg.output_key), generator)
 
 
 def _factored_params(new: FactorizedLinear) -> int:

@@ -48,8 +48,6 @@ TRAINABLE = ("factors", "factors_bias", "block")
 """What a block's reconstruction trains: "factors" (U and V of its factorized layers, and their Z), "factors_bias"
 (those layers' biases too), "block" (every parameter of the block: norms, LayerScale, the scan's own parameters
 and the layers the allocation left dense as well)."""
-METRICS = ("mse", "fisher")
-"""The block output's metric: plain squared error, or weighted by the dense model's diagonal Fisher."""
 
 
 @dataclass
@@ -179,6 +177,20 @@ def output_fisher(dense: nn.Module, names: list[str], images: list[torch.Tensor]
         mean = float(fisher.mean()) if fisher is not None else 0.0
         weights[name] = (fisher / mean).float() if mean > 0 and math.isfinite(mean) else None
     return weights
+
+
+METRICS: dict[str, Callable[..., dict[str, torch.Tensor | None]] | None] = {"mse": None, "fisher": output_fisher}
+"""The block output's metric by name: the plain squared error (no weights), or weighted by the dense model's diagonal
+Fisher (:func:`output_fisher`)."""
+
+
+def metric_weights(metric: str, dense: nn.Module, names: list[str], images: list[torch.Tensor],
+                   sampled_loss: Callable[[], Callable[[object], torch.Tensor | None]], device: torch.device,
+                   progress: bool = True) -> dict[str, torch.Tensor | None] | None:
+    """The per-block weights of ``metric`` (:data:`METRICS`; None for the plain error). ``sampled_loss()`` builds the
+    likelihood's loss of a sampled target, called only by a metric that needs it."""
+    weigh = METRICS[metric]
+    return None if weigh is None else weigh(dense, names, images, sampled_loss(), device, progress=progress)
 
 
 def _adam_groups(params: list[nn.Parameter], lr: float) -> list[dict]:

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from lowrank_vit import compress, pipeline
+from lowrank_vit import compress
 from lowrank_vit.config import CompressionConfig, recipe
 from lowrank_vit.core import blockwise
 from lowrank_vit.core.blockwise import (
@@ -210,7 +210,7 @@ def test_the_fisher_recipe_runs_on_every_block_kind_and_output(family):
 
     model = copy.deepcopy(dense)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "output_fisher", spy)
+        patch.setitem(blockwise.METRICS, "fisher", spy)
         report = compress(model, [images], recipe("loss-aware-block", reduction=0.4, calib_samples=32, progress=False,
                                                   block_steps=5))
     blocks = list(get_adapter(dense).layers_by_block(dense))
