@@ -678,3 +678,35 @@ def test_the_block_stage_cost_figures_are_the_committed_benchmark():
         assert f"{row['overhead_ratio']:.2f}" in flat
     assert f"{default['overhead_ratio_cpu']:.2f} in CPU time" in flat
     assert f"{block['block_s']:.1f} s, {block['block_s'] / block['calibration_forward_s']:.1f} forwards" in flat
+
+
+def test_the_calibration_size_figures_are_the_committed_study():
+    """docs/loss_aware.md's 1,024-calibration-image paragraph: each count and figure from its JSON."""
+    from experiments.loss_aware_study import paired
+
+    study = json.loads((ROOT / "experiments/results/blockwise_heldout_calib1024.json").read_text())["study"]
+    text = " ".join((ROOT / "docs/loss_aware.md").read_text().split())
+
+    def count(recipe: str, against: str) -> tuple[int, int]:
+        better = worse = 0
+        for model in study:
+            for ratio in ("0.7", "0.8"):
+                cells = study[model]["cells"]
+                a, b, p = paired(cells[f"{recipe}@{ratio}"], cells[f"{against}@{ratio}"])
+                better += p < 0.05 and a > b
+                worse += p < 0.05 and a < b
+        return better, worse
+
+    assert count("loss-aware-refit", "loss-aware") == (8, 0)
+    assert count("loss-aware-block", "loss-aware-refit") == (1, 0)
+    assert count("la-refit-block-fisher", "loss-aware-refit") == (2, 0)
+    deit3 = study["cifar_deit3_ls"]["cells"]
+    gains = [deit3[f"la-refit-block-fisher@{r}"]["top1"] - deit3[f"loss-aware-refit@{r}"]["top1"]
+             for r in ("0.7", "0.8")]
+    assert f"+{gains[0]:.2f} and +{gains[1]:.2f} points" in text
+    refit = study["cifar_vit6_long"]["cells"]["loss-aware-refit@0.8"]["top1"]
+    assert f"the refit at -80%: {refit:.2f} against 61.29" in text
+    lowest = sum(min(("loss-aware", "loss-aware-refit", "loss-aware-block", "la-refit-block-fisher"),
+                     key=lambda r, c=study[m]["cells"], q=ratio: c[f"{r}@{q}"]["kl"]) == "la-refit-block-fisher"
+                 for m in study for ratio in ("0.7", "0.8"))
+    assert f"lowest KL of the four in {lowest} of the 12 cells" in text
