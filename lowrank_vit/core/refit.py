@@ -17,9 +17,12 @@ regression toward W (``CompressionConfig.refit_damping``, :func:`feedback_transf
 input feature the plain least squares fits their noise.
 
 Cost. The calibration images are kept, and two block-input caches (dense and compressed stream) are advanced block by
-block, so each block runs about three times per stream instead of the whole model once per layer; the input of a
-block that does not directly follow the previous one in an ``nn.Sequential`` (Swin's first block of a stage, after
-its patch merging) is recomputed from the images.
+block instead of running the whole model once per layer. The dense block does not change: it runs once per block,
+which records every refitted layer's dense input and its own output (the next block's input) at once, at the memory
+of those inputs for the calibration images (about 7 widths per token in a ViT block). The compressed block changes
+layer by layer, so it runs up to each refitted layer in turn, and once more to advance: about three times per
+block. The input of a block that does not directly follow the previous one in an ``nn.Sequential`` (Swin's first
+block of a stage, after its patch merging) is recomputed from the images.
 """
 
 from __future__ import annotations
@@ -126,6 +129,30 @@ def _capture(module: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor
     return box["x"], bool(box["plain"])
 
 
+def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> tuple[object,
+                                                                                            dict[str, torch.Tensor]]:
+    """``block(x)`` run to the end, with the first positional input of each of ``layers`` (name -> module) on its
+    first call: what :func:`_capture` gives one layer at a time, for all of them in one pass."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_: nn.Module, args: tuple) -> None:
+            if name not in inputs:  # a copy: later in-place operations of the block must not change it
+                inputs[name] = args[0].detach().clone()
+        return hook
+
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    try:
+        out = block(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in inputs]
+    if missing:
+        raise ValueError(f"the refit's forward pass never reached {', '.join(missing)}")
+    return out, inputs
+
+
 def _follows(model: nn.Module, previous: str | None, name: str) -> bool:
     """Whether block ``name`` is the next child after block ``previous`` in one ``nn.Sequential`` (so its input is
     ``previous``'s output)."""
@@ -192,13 +219,14 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
     previous: str | None = None
     cache_d: list[torch.Tensor] = []
     cache_c: list[torch.Tensor] = []
+    next_d: list = []
     try:
         with progress_bar(total, "refit", "layer", progress) as bar:
             for block_name, names in blocks.items():
                 block_d, block_c = dense.get_submodule(block_name), model.get_submodule(block_name)
                 if _follows(model, previous, block_name):  # advance both streams by one block
-                    prev_d, prev_c = dense.get_submodule(previous), model.get_submodule(previous)
-                    cache_d = [prev_d(x) for x in cache_d]
+                    prev_c = model.get_submodule(previous)
+                    cache_d = next_d  # the dense block's outputs, from its one recorded pass
                     cache_c = [prev_c(x) for x in cache_c]
                 else:  # from the images (the first block, or after modules between blocks)
                     cache_d, cache_c = [], []
@@ -212,6 +240,14 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                                              f"alone and cannot follow it: use refit=False")
                         cache_d.append(x_d)
                         cache_c.append(x_c)
+                # the dense block is not refitted: one pass records every layer's input and the block's output
+                recorded = [_run_recording(block_d, x, {name: dense.get_submodule(name) for name in names})
+                            for x in cache_d]
+                next_d = [out for out, _ in recorded]
+                dense_inputs = {name: [inputs[name] for _, inputs in recorded] for name in names}
+                images_seen = sum(x.shape[0] for x in cache_c)
+                del recorded
+                cache_d = []  # (its outputs are next_d)
                 for name in names:
                     layer_d, layer_c = dense.get_submodule(name), model.get_submodule(name)
                     width = layer_d.in_features
@@ -223,11 +259,10 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                     with_dense = dense_gram(name)
                     if with_dense:
                         sums["dense"] = torch.zeros(width, width, dtype=torch.float64, device=device)
-                    for x_d, x_c in zip(cache_d, cache_c, strict=True):
-                        in_d, _ = _capture(layer_d, lambda b=x_d, f=block_d: f(b))
+                    for in_d, x_c in zip(dense_inputs.pop(name), cache_c, strict=True):
                         in_c, _ = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
                         _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
-                    fit(name, _pair_grams(sums, sum(x.shape[0] for x in cache_d), center))
+                    fit(name, _pair_grams(sums, images_seen, center))
                     bar.update(1)
                 previous = block_name
     finally:

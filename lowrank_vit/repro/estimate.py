@@ -358,10 +358,22 @@ def _search_stage(shapes: ModelShapes, compression: CompressionConfig, spec: Dev
                  f"COMCAT: {steps} steps of {batch} images over {own.search_rounds} rounds, {gemm}")
 
 
-REFIT_FORWARDS = 5.0
+REFIT_FORWARDS = 3.5
 """Forward passes over the calibration images that the refit runs (lowrank_vit.core.refit), both streams together:
-per stream, every block once to advance its cache and about one and a half times more in the early-stopped passes
-that reach each of its layers."""
+the dense stream every block once (one pass records its layers' inputs and advances its cache), the compressed
+stream every block once to advance its cache and about one and a half times more in the early-stopped passes that
+reach each of its layers."""
+
+
+def _widest_block_inputs(layers: tuple[Any, ...]) -> int:
+    """The most input values per image that one block's compressible layers see together (the refit's record of the
+    dense block), blocks told apart by the layers' names without their last two parts ("blocks.3" of
+    "blocks.3.attn.qkv", "layers.0.blocks.1" in a Swin)."""
+    per_block: dict[str, int] = {}
+    for layer in layers:
+        block = layer.name.rsplit(".", 2)[0]
+        per_block[block] = per_block.get(block, 0) + layer.tokens * layer.in_features
+    return max(per_block.values(), default=0)
 
 
 def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any, images: int,
@@ -376,6 +388,7 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
     seconds = (_gemm_seconds(forward, spec, gemm) + _gemm_seconds(grams, spec, precision)
                + _eig_seconds(flops, calls, spec))
     caches = 2 * images * max((layer.tokens * layer.in_features for layer in shapes.layers), default=0) * 4
+    caches += images * _widest_block_inputs(shapes.layers) * 4  # the dense block's layer inputs, recorded at once
     widest = max((layer.in_features for layer in shapes.layers), default=0)
     memory = 2 * params_gib + (caches + 3 * 8.0 * widest ** 2) / GIB  # the dense copy beside the compressed model
     return Stage("refit", forward + grams + flops, seconds, memory,

@@ -174,6 +174,51 @@ def test_a_block_left_out_of_the_walk_is_still_run_before_the_next():
         torch.testing.assert_close(got[name].cross, x_c.T @ x_d / 10, rtol=1e-9, atol=1e-9)
 
 
+class _InPlaceBlock(nn.Module):
+    """A block that changes a layer's input in place after the layer has read it (as an in-place activation or
+    scaling may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        y = self.fc2(h)
+        h.mul_(3.0)  # fc2's input, after fc2 read it
+        return x + y + h[..., :6]
+
+
+def test_the_dense_blocks_one_pass_records_each_layers_input_as_the_layer_saw_it():
+    """The dense block runs once per block and records all its layers' inputs: an input the block changes in place
+    after its layer read it is recorded as the layer saw it. Truth: both whole models run with a hook that copies
+    each layer's input when the layer is called."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(_InPlaceBlock(), _InPlaceBlock()).double().eval()
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    images = [torch.randn(3, 5, 6, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)]
+    names = {"0": ["0.fc1", "0.fc2"], "1": ["1.fc1", "1.fc2"]}
+    got: dict[str, PairGrams] = {}
+    sequential_refit(dense, model, names, images, lambda name, pair: got.setdefault(name, pair),
+                     centred=lambda name: False, device=torch.device("cpu"), progress=False)
+    for name in [n for block in names.values() for n in block]:
+        seen: dict[str, list[torch.Tensor]] = {"c": [], "d": []}
+        handles = [m.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, key=key, seen=seen: seen[key].append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+            for m, key in ((model, "c"), (dense, "d"))]
+        with torch.no_grad():
+            for batch in images:
+                model(batch), dense(batch)
+        for handle in handles:
+            handle.remove()
+        x_c, x_d = torch.cat(seen["c"]), torch.cat(seen["d"])
+        torch.testing.assert_close(got[name].gram, x_c.T @ x_c / 5, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[name].cross, x_c.T @ x_d / 5, rtol=1e-9, atol=1e-9)
+
+
 def _brute_force_refit(dense, model, images, settings):
     """The refit without caches: for every factorized layer in forward order, both whole models run on all images
     with a hook on that layer; the same closed form."""

@@ -227,6 +227,18 @@ def test_refit_adds_its_stage_to_the_compression():
     assert refit["compress_seconds"] == pytest.approx(base["compress_seconds"] + stage["seconds"])
 
 
+def test_the_refit_memory_counts_the_widest_blocks_recorded_inputs():
+    """The refit records the dense block's layer inputs at once: the estimate's memory counts the block whose layers
+    see the most input values per image, blocks told apart by the layers' names (a Swin's nested ones too)."""
+    from lowrank_vit.repro.modelshapes import LinearShape
+
+    layers = (LinearShape("blocks.0.attn.qkv", 8, 24, 5), LinearShape("blocks.0.mlp.fc2", 32, 8, 5),
+              LinearShape("layers.1.blocks.0.attn.qkv", 16, 48, 3), LinearShape("layers.1.blocks.0.mlp.fc2", 64, 16, 3),
+              LinearShape("layers.1.blocks.1.mlp.fc2", 64, 16, 3))
+    assert estimate._widest_block_inputs(layers) == 16 * 3 + 64 * 3  # 240, against 8 * 5 + 32 * 5 = 200
+    assert estimate._widest_block_inputs(()) == 0
+
+
 def test_refit_estimate_agrees_with_its_benchmark_within_2x():
     """The refit stage and the whole compression with it, estimated on `--gpu cpu`, within a factor of 2 of
     benchmarks/compress_time.py's committed measurement (DeiT-S, 256 images, the loss-aware-refit recipe)."""
