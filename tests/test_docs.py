@@ -598,6 +598,33 @@ def test_the_saliency_table_is_the_committed_study():
     assert shown == 18
 
 
+def _md_rows(table: str) -> list[list[str]]:
+    """A markdown table's rows (header and separator included) as lists of stripped cells."""
+    lines = [line.strip() for line in table.strip().splitlines()]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def _ratio_of(label: str) -> str:
+    """"-70%" -> "0.7", the ratio as the study's cell keys write it."""
+    return str(int(label.strip("-%")) / 100)
+
+
+def _check_paired_cell(cell: str, recipe: dict, against: dict, key: str, top: str) -> None:
+    """A paired cell "[top-1: ]+d.dd, a / b, p = x" (bold where p < 0.05) recomputed from two study cells' per-image
+    records (``key``: "correct" or "correct_ft") and top-1 (``top``)."""
+    from experiments.loss_aware_study import paired
+
+    only_recipe, only_against, p = paired(recipe, against, key)
+    shown = re.fullmatch(r"\**(?:(\d+\.\d\d): )?([+-]\d+\.\d\d), (\d+) / (\d+), p = (\S+?)\**", cell)
+    assert shown, cell
+    assert float(shown[2]) == pytest.approx(recipe[top] - against[top], abs=0.005), cell
+    assert (int(shown[3]), int(shown[4])) == (only_recipe, only_against), cell
+    assert float(shown[5]) == pytest.approx(p, rel=0.05), cell
+    assert cell.startswith("**") == (p < 0.05), cell  # bold: significant at 5%
+    if shown[1]:
+        assert float(shown[1]) == pytest.approx(recipe[top], abs=0.005), cell
+
+
 def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
     """docs/loss_aware.md's held-out block-stage tables: every top-1 (KL) cell, every paired test against the refit
     (no fine-tune) and against the default (after the fine-tune) recomputed from experiments/results/
@@ -613,38 +640,20 @@ def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
     tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
     assert len(tables) == 3
 
-    def rows(table: str) -> list[list[str]]:
-        lines = [line.strip() for line in table.strip().splitlines()]
-        return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-
-    def ratio_of(label: str) -> str:
-        return str(int(label.strip("-%")) / 100)
-
-    def test_cell(cell: str, recipe: dict, against: dict, key: str, top: str) -> None:
-        only_recipe, only_against, p = paired(recipe, against, key)
-        shown = re.fullmatch(r"\**(?:(\d+\.\d\d): )?([+-]\d+\.\d\d), (\d+) / (\d+), p = (\S+?)\**", cell)
-        assert shown, cell
-        assert float(shown[2]) == pytest.approx(recipe[top] - against[top], abs=0.005), cell
-        assert (int(shown[3]), int(shown[4])) == (only_recipe, only_against), cell
-        assert float(shown[5]) == pytest.approx(p, rel=0.05), cell
-        assert cell.startswith("**") == (p < 0.05), cell  # bold: significant at 5%
-        if shown[1]:
-            assert float(shown[1]) == pytest.approx(recipe[top], abs=0.005), cell
-
-    header, _, *body = rows(tables[0])
+    header, _, *body = _md_rows(tables[0])
     assert len(body) == 12 and {row[0].split(" (")[0] for row in body} == set(study)
     for model_label, ratio, *cells in body:
         model = model_label.split(" (")[0]
         assert model_label == f"{model} ({study[model]['dense_top1']:.2f})"
         for recipe, cell in zip(header[2:], cells, strict=True):
-            record = study[model]["cells"][f"{recipe}@{ratio_of(ratio)}"]
+            record = study[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"]
             assert cell == f"{record['top1']:.2f} ({record['kl']:.3f})", (model, ratio, recipe)
-    header, _, *body = rows(tables[1])
+    header, _, *body = _md_rows(tables[1])
     assert len(body) == 12
     for model, ratio, *cells in body:
-        refit = study[model]["cells"][f"loss-aware-refit@{ratio_of(ratio)}"]
+        refit = study[model]["cells"][f"loss-aware-refit@{_ratio_of(ratio)}"]
         for recipe, cell in zip(header[2:], cells, strict=True):
-            test_cell(cell, study[model]["cells"][f"{recipe}@{ratio_of(ratio)}"], refit, "correct", "top1")
+            _check_paired_cell(cell, study[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"], refit, "correct", "top1")
     better = worse = 0  # the refit against the default, quoted in "Without a fine-tune"
     for model in study:
         for ratio in ("0.7", "0.8"):
@@ -653,13 +662,99 @@ def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
             better += p < 0.05 and only_refit > only_default
             worse += p < 0.05 and only_refit < only_default
     assert worse == 0 and f"too: {better} of 12, none worse)" in " ".join(text.split())
-    header, _, *body = rows(tables[2])
+    header, _, *body = _md_rows(tables[2])
     assert len(body) == 12 and header[2] == "loss-aware"
     for model, ratio, default_shown, *cells in body:
-        default = tuned[model]["cells"][f"loss-aware@{ratio_of(ratio)}"]
+        default = tuned[model]["cells"][f"loss-aware@{_ratio_of(ratio)}"]
         assert default_shown == f"{default['top1_ft']:.2f}"
         for recipe, cell in zip(header[3:], cells, strict=True):
-            test_cell(cell, tuned[model]["cells"][f"{recipe}@{ratio_of(ratio)}"], default, "correct_ft", "top1_ft")
+            _check_paired_cell(cell, tuned[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"], default, "correct_ft",
+                               "top1_ft")
+
+
+def test_the_calibration_distillation_tables_and_counts_are_the_committed_study():
+    """docs/loss_aware.md's end-to-end distillation section: both tables' cells and paired tests, and each count the
+    text quotes, from experiments/results/calib_distill_heldout.json and calib_distill_heldout_ft.json."""
+    from experiments.loss_aware_study import paired
+
+    results = ROOT / "experiments/results"
+    study = json.loads((results / "calib_distill_heldout.json").read_text())["study"]
+    tuned = json.loads((results / "calib_distill_heldout_ft.json").read_text())["study"]
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### End-to-end distillation on the calibration images"):
+                   text.index("## What it does not cover")]
+    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
+    assert len(tables) == 2
+    header, _, *body = _md_rows(tables[0])
+    assert len(body) == 12 and {row[0].split(" (")[0] for row in body} == set(study)
+    for model_label, ratio, *cells in body:
+        model = model_label.split(" (")[0]
+        got = {recipe: study[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"]
+               for recipe in ("loss-aware", "loss-aware-refit", "la-distill", "la-refit-distill")}
+        assert model_label == f"{model} ({study[model]['dense_top1']:.2f})"
+        for recipe, cell in zip(header[2:4], cells[:2], strict=True):
+            assert cell == f"{got[recipe]['top1']:.2f} ({got[recipe]['kl']:.3f})"
+        for title, cell in zip(header[4:], cells[2:], strict=True):
+            recipe, against = title.split(" against ")
+            _check_paired_cell(cell, got[recipe], got[against], "correct", "top1")
+
+    def count(cells_of: dict, recipe: str, against: str, key: str = "correct") -> tuple[int, int]:
+        better = worse = 0
+        for model in cells_of:
+            for ratio in ("0.7", "0.8"):
+                cells = cells_of[model]["cells"]
+                a, b, p = paired(cells[f"{recipe}@{ratio}"], cells[f"{against}@{ratio}"], key)
+                better += p < 0.05 and a > b
+                worse += p < 0.05 and a < b
+        return better, worse
+
+    flat = " ".join(section.split())
+    assert count(study, "la-distill", "loss-aware") == (7, 0) and "better than the default in 7 of 12" in flat
+    assert count(study, "la-distill", "loss-aware-refit") == (1, 0) and "(better in one cell" in flat
+    assert count(study, "la-refit-distill", "loss-aware-refit") == (2, 0) and "better than the refit in 2 of 12" in flat
+    assert count(study, "la-refit-distill", "loss-aware") == (8, 0) and "better than the default in 8 of 12" in flat
+    header, _, *body = _md_rows(tables[1])
+    assert len(body) == 12 and header[2] == "loss-aware"
+    for model, ratio, default_shown, *cells in body:
+        default = tuned[model]["cells"][f"loss-aware@{_ratio_of(ratio)}"]
+        assert default_shown == f"{default['top1_ft']:.2f}"
+        for recipe, cell in zip(header[3:], cells, strict=True):
+            _check_paired_cell(cell, tuned[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"], default, "correct_ft",
+                               "top1_ft")
+    assert count(tuned, "la-refit-distill", "loss-aware", "correct_ft") == (3, 0)
+    assert count(tuned, "la-distill", "loss-aware", "correct_ft") == (2, 0)
+    assert count(tuned, "loss-aware-refit", "loss-aware", "correct_ft") == (4, 1)
+    assert "ahead of the default in 3 of 12 cells and behind in none" in flat and "ahead in 2, behind in none" in flat
+
+
+def test_the_calibration_distillation_tuning_figures_are_the_committed_probe():
+    """The tuning the end-to-end distillation section describes, from experiments/results/calib_distill_tuning.json:
+    after the refit the partial set never gains significantly and loses up to 7.6 points at 3e-3; with the factors
+    training at 1e-3 the Swin falls to 9.75%; rates of 1e-4 and above are significantly worse in some cells."""
+    from experiments.loss_aware_study import paired
+
+    tuning = json.loads((ROOT / "experiments/results/calib_distill_tuning.json").read_text())
+    flat = " ".join((ROOT / "docs/loss_aware.md").read_text().split())
+    after_refit = {key: cell for key, cell in tuning.items() if key.split("|")[1] == "loss-aware-refit"}
+    assert {key.split("|")[0] for key in after_refit} == {"cifar_vit6_long", "cifar_deit3_ls", "cifar_swin_long"}
+    partial_gains, partial_loss, high_rate_worse = 0, 0.0, 0
+    for cell in after_refit.values():
+        for variant, scores in cell.items():
+            if not variant:
+                continue
+            steps, lr, trained = variant.split(":")
+            only_variant, only_base, p = paired(scores, cell[""])
+            if trained == "partial":
+                partial_gains += p < 0.05 and only_variant > only_base
+                if float(lr) == 3e-3:
+                    partial_loss = max(partial_loss, cell[""]["top1"] - scores["top1"])
+            if trained != "partial" and float(lr) >= 1e-4:
+                high_rate_worse += p < 0.05 and only_variant < only_base
+    assert partial_gains == 0 and f"{partial_loss:.1f}" == "7.6" and "lost up to 7.6 points at 3e-3" in flat
+    assert high_rate_worse > 0
+    swin = min(cell[v]["top1"] for key, cell in after_refit.items() for v in cell
+               if key.startswith("cifar_swin_long|") and v.endswith(":1e-3:factors"))
+    assert f"{swin:.2f}" == "9.75" and "down to 9.75% on the Swin" in flat
 
 
 def test_the_block_stage_cost_figures_are_the_committed_benchmark():
@@ -678,6 +773,10 @@ def test_the_block_stage_cost_figures_are_the_committed_benchmark():
         assert f"{row['overhead_ratio']:.2f}" in flat
     assert f"{default['overhead_ratio_cpu']:.2f} in CPU time" in flat
     assert f"{block['block_s']:.1f} s, {block['block_s'] / block['calibration_forward_s']:.1f} forwards" in flat
+    refit_forwards = f"{refit['refit_s'] / refit['calibration_forward_s']:.1f}"
+    assert f"{refit['refit_s']:.1f} s, {refit_forwards} forwards" in flat
+    assert f"the stage takes the time of {refit_forwards} forwards" in " ".join(docs.split())
+    assert f"against the refit stage's {refit_forwards} (DeiT-S" in " ".join(docs.split())
 
 
 def test_the_calibration_size_figures_are_the_committed_study():

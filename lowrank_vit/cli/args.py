@@ -267,7 +267,7 @@ def add_compress(sub: Any) -> None:
                    help="a recipe (loss-aware: the default, for a model that is fine-tuned next; "
                         "loss-aware-refit: with the sequential refit, the one to use for a model shipped without "
                         "fine-tuning (paired per image, never significantly worse than the default there, +1 to "
-                        "+4 points of top-1 at -80%%; about twice its compress time; docs/loss_aware.md); "
+                        "+4 points of top-1 at -80%%; about three times its compress time; docs/loss_aware.md); "
                         "loss-aware-block: block-wise reconstruction in the dense model's Fisher metric, closer still "
                         "on real pretrained weights, level with the refit on small classifiers, at 4-6 times the "
                         "refit's time; paper; "

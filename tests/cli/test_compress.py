@@ -931,8 +931,8 @@ def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place
     assert code == 0, err
     assert stdout.count("\n") == 1
     hint = (f"shipping it without a fine-tune? --recipe loss-aware-refit keeps more of the dense model at this "
-            f"reduction, for about twice the time (docs/loss_aware.md); to fine-tune it: lowrank-vit finetune {out} "
-            f"--data DATA --output NEWDIR")
+            f"reduction, for about three times the time (docs/loss_aware.md); to fine-tune it: lowrank-vit finetune "
+            f"{out} --data DATA --output NEWDIR")
     assert (hint in err) == hinted
 
 

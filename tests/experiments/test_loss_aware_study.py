@@ -157,6 +157,54 @@ def test_partial_finetune_does_not_depend_on_the_global_generator():
     assert torch.equal(tuned[0], tuned[1])
 
 
+def test_calibration_distill_moves_the_student_toward_the_teacher_on_the_calibration_images(
+        monkeypatch: pytest.MonkeyPatch):
+    """The calibration distillation (la-distill): every parameter trains, without labels, toward the dense model's
+    predictions on the calibration images; the KL to the teacher there, measured independently, falls; the model is
+    left in eval mode with nothing requiring a gradient; dropout stays off throughout (eval mode); and the run repeats
+    exactly."""
+    import copy
+
+    import timm
+    from torch.nn import functional as F
+
+    from experiments import loss_aware_study as study
+    from lowrank_vit import compress
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
+                              depth=2, num_heads=2, num_classes=5, drop_rate=0.9).eval()
+    x, y = torch.randn(48, 3, 16, 16), torch.randint(0, 5, (48,))
+    student = copy.deepcopy(dense)
+    compress(student, [(x, y)], reduction=0.6, calib_samples=48, progress=False, **study.RECIPES["vanilla"])
+
+    def kl() -> float:
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(dense(x), 1), log_target=True,
+                                  reduction="batchmean"))
+
+    before = kl()
+    monkeypatch.setattr(study, "CALIB_DISTILL_LR", 3e-3)  # the study's rate is sized for 64 steps of 64 images
+    monkeypatch.setattr(study, "CALIB_DISTILL_STEPS", 20)
+    monkeypatch.setattr(study, "CALIB_DISTILL_BATCH", 16)
+    modes: list[bool] = []
+    runs = []
+    for _ in range(2):
+        candidate = copy.deepcopy(student)
+        handle = candidate.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        study.calibration_distill(candidate, dense, x, seed=0)
+        handle.remove()
+        runs.append(candidate)
+    assert modes and not any(modes)
+    assert all(not p.requires_grad for p in runs[0].parameters()) and not runs[0].training
+    first, second, start = (model.state_dict() for model in (*runs, student))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    changed = {name for name, value in first.items() if not torch.equal(value, start[name])}
+    assert any("pos_embed" in name for name in changed) and any(name.startswith("blocks.") for name in changed)
+    student = runs[0]
+    assert kl() < 0.5 * before
+
+
 STUDY_JSON = REPO / "experiments" / "results" / "loss_aware_study.json"
 
 

@@ -241,15 +241,20 @@ def test_the_refit_memory_counts_the_widest_blocks_recorded_inputs():
 
 def test_refit_estimate_agrees_with_its_benchmark_within_2x():
     """The refit stage and the whole compression with it, estimated on `--gpu cpu`, within a factor of 2 of
-    benchmarks/compress_time.py's committed measurement (DeiT-S, 256 images, the loss-aware-refit recipe)."""
+    benchmarks/compress_time.py's committed measurement (DeiT-S, 256 images, the loss-aware-refit recipe), both in
+    units of the calibration forward (estimated and measured beside them): that measurement is redone whenever the
+    refit changes, on whatever speed this shared CPU has that day (its forward has taken 12 s to 37 s), and the
+    estimate's absolute CPU rate has its own check (test_cpu_estimate_agrees_with_the_committed_benchmark_within_2x)."""
     bench = json.loads((ROOT / "benchmarks" / "results" / "compress_time_deit_small_refit.json").read_text())
     row = next(r for r in bench["rows"] if r["recipe"] == "loss-aware-refit")
     assert RECIPES["loss-aware-refit"]["refit"] is True and row["refit_s"] > 0
     est = estimate.estimate_row(get_experiment(ROWS["loss-aware"]), device="cpu", overrides=[
         f"compression.calib_samples={row['calib_images']}", f"data.calib_samples={row['calib_images']}",
         "compression.refit=true"])
-    assert 0.5 <= _stage(est, "refit")["seconds"] / row["refit_s"] <= 2.0
-    assert 0.5 <= est["compress_seconds"] / row["total_s"] <= 2.0
+    forward_est, forward = _stage(est, "calibration forward")["seconds"], row["calibration_forward_s"]
+    refit_forwards = (_stage(est, "refit")["seconds"] / forward_est) / (row["refit_s"] / forward)
+    assert 0.5 <= refit_forwards <= 2.0, refit_forwards
+    assert 0.5 <= (est["compress_seconds"] / forward_est) / (row["total_s"] / forward) <= 2.0
 
 
 def test_h100_compression_agrees_with_the_benchmark():
