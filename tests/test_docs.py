@@ -625,20 +625,40 @@ def _check_paired_cell(cell: str, recipe: dict, against: dict, key: str, top: st
         assert float(shown[1]) == pytest.approx(recipe[top], abs=0.005), cell
 
 
+def _held_out_section(stem: str, start: str, end: str, count: int) -> tuple[dict, dict, list[str], str]:
+    """A held-out study's cells without and with the fine-tune (experiments/results/STEM.json, STEM_ft.json), and
+    the ``count`` tables ("| model" first) of docs/loss_aware.md's section from ``start`` to ``end``, and its text."""
+    results = ROOT / "experiments/results"
+    study = json.loads((results / f"{stem}.json").read_text())["study"]
+    tuned = json.loads((results / f"{stem}_ft.json").read_text())["study"]
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index(start): text.index(end)]
+    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
+    assert len(tables) == count
+    return study, tuned, tables, section
+
+
+def _check_finetuned_table(table: str, tuned: dict) -> None:
+    """An after-the-fine-tune table: the fine-tuned default's top-1, then each recipe paired against it."""
+    header, _, *body = _md_rows(table)
+    assert len(body) == 12 and header[2] == "loss-aware"
+    for model, ratio, default_shown, *cells in body:
+        default = tuned[model]["cells"][f"loss-aware@{_ratio_of(ratio)}"]
+        assert default_shown == f"{default['top1_ft']:.2f}"
+        for recipe, cell in zip(header[3:], cells, strict=True):
+            _check_paired_cell(cell, tuned[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"], default, "correct_ft",
+                               "top1_ft")
+
+
 def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
     """docs/loss_aware.md's held-out block-stage tables: every top-1 (KL) cell, every paired test against the refit
     (no fine-tune) and against the default (after the fine-tune) recomputed from experiments/results/
     blockwise_heldout.json and blockwise_heldout_ft.json (a new run must update the page)."""
     from experiments.loss_aware_study import paired
 
-    results = ROOT / "experiments/results"
-    study = json.loads((results / "blockwise_heldout.json").read_text())["study"]
-    tuned = json.loads((results / "blockwise_heldout_ft.json").read_text())["study"]
+    study, tuned, tables, _ = _held_out_section("blockwise_heldout", "### The Fisher metric, a quarter of the steps",
+                                                "### On real pretrained weights", 3)
     text = (ROOT / "docs/loss_aware.md").read_text()
-    section = text[text.index("### The Fisher metric, a quarter of the steps"):
-                   text.index("### On real pretrained weights")]
-    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
-    assert len(tables) == 3
 
     header, _, *body = _md_rows(tables[0])
     assert len(body) == 12 and {row[0].split(" (")[0] for row in body} == set(study)
@@ -662,14 +682,7 @@ def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
             better += p < 0.05 and only_refit > only_default
             worse += p < 0.05 and only_refit < only_default
     assert worse == 0 and f"too: {better} of 12, none worse)" in " ".join(text.split())
-    header, _, *body = _md_rows(tables[2])
-    assert len(body) == 12 and header[2] == "loss-aware"
-    for model, ratio, default_shown, *cells in body:
-        default = tuned[model]["cells"][f"loss-aware@{_ratio_of(ratio)}"]
-        assert default_shown == f"{default['top1_ft']:.2f}"
-        for recipe, cell in zip(header[3:], cells, strict=True):
-            _check_paired_cell(cell, tuned[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"], default, "correct_ft",
-                               "top1_ft")
+    _check_finetuned_table(tables[2], tuned)
 
 
 def test_the_calibration_distillation_tables_and_counts_are_the_committed_study():
@@ -677,14 +690,9 @@ def test_the_calibration_distillation_tables_and_counts_are_the_committed_study(
     text quotes, from experiments/results/calib_distill_heldout.json and calib_distill_heldout_ft.json."""
     from experiments.loss_aware_study import paired
 
-    results = ROOT / "experiments/results"
-    study = json.loads((results / "calib_distill_heldout.json").read_text())["study"]
-    tuned = json.loads((results / "calib_distill_heldout_ft.json").read_text())["study"]
-    text = (ROOT / "docs/loss_aware.md").read_text()
-    section = text[text.index("### End-to-end distillation on the calibration images"):
-                   text.index("## What it does not cover")]
-    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
-    assert len(tables) == 2
+    study, tuned, tables, section = _held_out_section("calib_distill_heldout",
+                                                      "### End-to-end distillation on the calibration images",
+                                                      "## What it does not cover", 2)
     header, _, *body = _md_rows(tables[0])
     assert len(body) == 12 and {row[0].split(" (")[0] for row in body} == set(study)
     for model_label, ratio, *cells in body:
@@ -713,14 +721,7 @@ def test_the_calibration_distillation_tables_and_counts_are_the_committed_study(
     assert count(study, "la-distill", "loss-aware-refit") == (1, 0) and "(better in one cell" in flat
     assert count(study, "la-refit-distill", "loss-aware-refit") == (2, 0) and "better than the refit in 2 of 12" in flat
     assert count(study, "la-refit-distill", "loss-aware") == (8, 0) and "better than the default in 8 of 12" in flat
-    header, _, *body = _md_rows(tables[1])
-    assert len(body) == 12 and header[2] == "loss-aware"
-    for model, ratio, default_shown, *cells in body:
-        default = tuned[model]["cells"][f"loss-aware@{_ratio_of(ratio)}"]
-        assert default_shown == f"{default['top1_ft']:.2f}"
-        for recipe, cell in zip(header[3:], cells, strict=True):
-            _check_paired_cell(cell, tuned[model]["cells"][f"{recipe}@{_ratio_of(ratio)}"], default, "correct_ft",
-                               "top1_ft")
+    _check_finetuned_table(tables[1], tuned)
     assert count(tuned, "la-refit-distill", "loss-aware", "correct_ft") == (3, 0)
     assert count(tuned, "la-distill", "loss-aware", "correct_ft") == (2, 0)
     assert count(tuned, "loss-aware-refit", "loss-aware", "correct_ft") == (4, 1)

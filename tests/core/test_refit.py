@@ -143,6 +143,26 @@ def test_refitted_bias_is_exact_at_the_mean_token_when_the_inputs_moved():
     torch.testing.assert_close(mu_c @ W_hat + b, mu_d @ W + bias)
 
 
+def _assert_grams_of_the_whole_models(got: dict[str, PairGrams], dense: nn.Module, model: nn.Module,
+                                     images: list[torch.Tensor], names: list[str]) -> None:
+    """The walk's H_c and K of each layer in ``names`` against the truth: both whole models run on the images, with
+    a hook that copies each layer's input when the layer is called."""
+    count = sum(batch.shape[0] for batch in images)
+    for name in names:
+        seen: dict[str, list[torch.Tensor]] = {"c": [], "d": []}
+        handles = [m.get_submodule(name).register_forward_pre_hook(
+            lambda mod, args, key=key, seen=seen: seen[key].append(args[0].reshape(-1, args[0].shape[-1]).clone()))
+            for m, key in ((model, "c"), (dense, "d"))]
+        with torch.no_grad():
+            for batch in images:
+                model(batch), dense(batch)
+        for handle in handles:
+            handle.remove()
+        x_c, x_d = torch.cat(seen["c"]), torch.cat(seen["d"])
+        torch.testing.assert_close(got[name].gram, x_c.T @ x_c / count, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got[name].cross, x_c.T @ x_d / count, rtol=1e-9, atol=1e-9)
+
+
 def test_a_block_left_out_of_the_walk_is_still_run_before_the_next():
     """Blocks without a refitted layer (all their layers left dense) are absent from the walk: the block after such a
     gap gets its inputs from the images again (or through the skipped block), never the output of the block before
@@ -159,19 +179,7 @@ def test_a_block_left_out_of_the_walk_is_still_run_before_the_next():
     sequential_refit(dense, model, {"blocks.0": names[:1], "blocks.2": names[1:]}, images,
                      lambda name, pair: got.setdefault(name, pair), centred=lambda name: False,
                      device=torch.device("cpu"), progress=False)
-    for name in names:
-        seen: dict[str, list[torch.Tensor]] = {"c": [], "d": []}
-        handles = [m.get_submodule(name).register_forward_hook(
-            lambda mod, args, out, key=key, seen=seen: seen[key].append(args[0].reshape(-1, args[0].shape[-1])))
-            for m, key in ((model, "c"), (dense, "d"))]
-        with torch.no_grad():
-            for batch in images:
-                model(batch), dense(batch)
-        for handle in handles:
-            handle.remove()
-        x_c, x_d = torch.cat(seen["c"]), torch.cat(seen["d"])
-        torch.testing.assert_close(got[name].gram, x_c.T @ x_c / 10, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(got[name].cross, x_c.T @ x_d / 10, rtol=1e-9, atol=1e-9)
+    _assert_grams_of_the_whole_models(got, dense, model, images, names)
 
 
 class _InPlaceBlock(nn.Module):
@@ -204,19 +212,7 @@ def test_the_dense_blocks_one_pass_records_each_layers_input_as_the_layer_saw_it
     got: dict[str, PairGrams] = {}
     sequential_refit(dense, model, names, images, lambda name, pair: got.setdefault(name, pair),
                      centred=lambda name: False, device=torch.device("cpu"), progress=False)
-    for name in [n for block in names.values() for n in block]:
-        seen: dict[str, list[torch.Tensor]] = {"c": [], "d": []}
-        handles = [m.get_submodule(name).register_forward_pre_hook(
-            lambda mod, args, key=key, seen=seen: seen[key].append(args[0].reshape(-1, args[0].shape[-1]).clone()))
-            for m, key in ((model, "c"), (dense, "d"))]
-        with torch.no_grad():
-            for batch in images:
-                model(batch), dense(batch)
-        for handle in handles:
-            handle.remove()
-        x_c, x_d = torch.cat(seen["c"]), torch.cat(seen["d"])
-        torch.testing.assert_close(got[name].gram, x_c.T @ x_c / 5, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(got[name].cross, x_c.T @ x_d / 5, rtol=1e-9, atol=1e-9)
+    _assert_grams_of_the_whole_models(got, dense, model, images, [n for layers in names.values() for n in layers])
 
 
 def _brute_force_refit(dense, model, images, settings):
