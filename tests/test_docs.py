@@ -758,6 +758,50 @@ def test_the_calibration_distillation_tuning_figures_are_the_committed_probe():
     assert f"{swin:.2f}" == "9.75" and "down to 9.75% on the Swin" in flat
 
 
+def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
+    """docs/loss_aware.md's summary of the no-fine-tune candidates: each count of significantly better / worse cells
+    and each compress-time multiple recomputed from the held-out studies' JSONs."""
+    import statistics
+
+    from experiments.loss_aware_study import paired
+
+    results = ROOT / "experiments/results"
+    runs = {stem: (json.loads((results / f"{stem}.json").read_text())["study"],
+                   json.loads((results / f"{stem}_ft.json").read_text())["study"])
+            for stem in ("blockwise_heldout", "calib_distill_heldout")}
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### Every candidate at a glance"): text.index("## What it does not cover")]
+    [table] = [block for block in section.split("\n\n") if block.lstrip().startswith("| recipe")]
+
+    def count(study: dict, recipe: str, against: str, key: str) -> str:
+        if any(f"{recipe}@0.7" not in entry["cells"] for entry in study.values()):
+            return "-"
+        better = worse = 0
+        for entry in study.values():
+            for ratio in ("0.7", "0.8"):
+                a, b, p = paired(entry["cells"][f"{recipe}@{ratio}"], entry["cells"][f"{against}@{ratio}"], key)
+                better += p < 0.05 and a > b
+                worse += p < 0.05 and a < b
+        return f"{better} / {worse}"
+
+    _, _, *body = _md_rows(table)
+    assert len(body) == 8
+    for label, default, refit, tuned, seconds in body:
+        recipe = label.split("`")[1]
+        study, tuned_study = next(run for run in runs.values() if any(
+            f"{recipe}@0.7" in entry["cells"] for entry in run[0].values()))
+        assert default == count(study, recipe, "loss-aware", "correct"), recipe
+        assert refit == ("-" if recipe == "loss-aware-refit" else count(study, recipe, "loss-aware-refit", "correct"))
+        assert tuned == count(tuned_study, recipe, "loss-aware", "correct_ft"), recipe
+        median = {name: statistics.median(entry["cells"][f"{name}@{ratio}"]["compress_s"] for entry in study.values()
+                                          for ratio in ("0.7", "0.8")) for name in (recipe, "loss-aware")}
+        assert seconds == f"{median[recipe] / median['loss-aware']:.1f}x", recipe
+    bench = {row["recipe"]: row for row in json.loads(
+        (ROOT / "benchmarks/results/compress_time_deit_small_block_short.json").read_text())["rows"]}
+    multiple = bench["loss-aware-refit"]["overhead_ratio"] / bench["loss-aware"]["overhead_ratio"]
+    assert f"the refit is {multiple:.1f}x the default's overhead" in " ".join(section.split())
+
+
 def test_the_block_stage_cost_figures_are_the_committed_benchmark():
     """The no-fine-tune recipes' CPU cost, in docs/loss_aware.md and benchmarks/README.md, from the JSON."""
     rows = {row["recipe"]: row for row in json.loads(
