@@ -365,7 +365,7 @@ stream every block once to advance its cache and about one and a half times more
 reach each of its layers."""
 
 
-def _widest_block_inputs(layers: tuple[Any, ...]) -> int:
+def _widest_block_inputs(layers: tuple[LinearShape, ...]) -> int:
     """The most input values per image that one block's compressible layers see together (the refit's record of the
     dense block), blocks told apart by the layers' names without their last two parts ("blocks.3" of
     "blocks.3.attn.qkv", "layers.0.blocks.1" in a Swin)."""
