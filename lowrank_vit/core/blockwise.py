@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.progress import progress_bar
-from lowrank_vit.core.refit import _capture, _follows
+from lowrank_vit.core.refit import _capture, _follows, block_calls, replaying
 
 TRAINABLE = ("factors", "factors_bias", "block")
 """What a block's reconstruction trains: "factors" (U and V of its factorized layers, and their Z), "factors_bias"
@@ -305,7 +305,10 @@ def block_reconstruction(dense: nn.Module, model: nn.Module, blocks: dict[str, l
     previous: str | None = None
     x_d = x_c = target = None
     try:
-        with progress_bar(len(blocks), "block reconstruction", "block", progress) as bar:
+        calls_d, calls_c = (block_calls(m, list(blocks), images, device, "the block reconstruction")
+                            for m in (dense, model))
+        with progress_bar(len(blocks), "block reconstruction", "block", progress) as bar, \
+                replaying(dense, calls_d), replaying(model, calls_c):
             for name, layers in blocks.items():
                 block_d, block_c = dense.get_submodule(name), model.get_submodule(name)
                 if target is not None and _follows(model, previous, name):
@@ -344,12 +347,8 @@ def _block_inputs(dense: nn.Module, model: nn.Module, block_d: nn.Module, block_
     for batch in images:
         for i in range(0, batch.shape[0], micro_batch):
             chunk = batch[i: i + micro_batch].to(device)
-            x_d, plain_d = _capture(block_d, lambda b=chunk: dense(b))
-            x_c, plain_c = _capture(block_c, lambda b=chunk: model(b))
-            if not (plain_d and plain_c):
-                raise ValueError(f"block {name} is called with more than its input (keyword arguments or a mask); "
-                                 f"the block reconstruction re-runs each block on its input alone and cannot follow "
-                                 f"it: use block_reconstruction='none'")
+            x_d = _capture(block_d, lambda b=chunk: dense(b))
+            x_c = _capture(block_c, lambda b=chunk: model(b))
             parts_d.append(x_d)
             parts_c.append(x_c)
     return torch.cat(parts_d), torch.cat(parts_c)

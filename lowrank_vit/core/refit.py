@@ -27,8 +27,10 @@ block of a stage, after its patch merging) is recomputed from the images.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,16 +110,16 @@ class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
-def _capture(module: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor, bool]:
-    """The first positional input of ``module`` during ``run()`` (which stops there), and whether that call had
-    exactly one positional argument and no keyword arguments (so that ``module(x)`` repeats it)."""
-    box: dict[str, object] = {}
+def _capture(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """The first positional input of ``module`` during ``run()`` (which stops there; the rest of a block's call is
+    :func:`block_calls`' to record)."""
+    box: dict[str, torch.Tensor] = {}
 
-    def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
-        box["x"], box["plain"] = args[0].detach(), len(args) == 1 and not kwargs
+    def hook(_: nn.Module, args: tuple) -> None:
+        box["x"] = args[0].detach()
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook)
     try:
         run()
     except _Stop:
@@ -126,7 +128,7 @@ def _capture(module: nn.Module, run: Callable[[], object]) -> tuple[torch.Tensor
         handle.remove()
     if "x" not in box:
         raise ValueError(f"the refit's forward pass never reached {type(module).__name__}")
-    return box["x"], bool(box["plain"])
+    return box["x"]
 
 
 def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> tuple[object,
@@ -164,6 +166,93 @@ def _follows(model: nn.Module, previous: str | None, name: str) -> bool:
         return False
     parent = model.get_submodule(parent_a) if parent_a else model
     return isinstance(parent, nn.Sequential) and int(index_b) == int(index_a) + 1
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """What a block is called with besides its input: the same for every image (EVA's rotary position table passed
+    as ``rope=``, say), so that ``block(x)`` on cached inputs can be replayed with it (:func:`replaying`)."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def plain(self) -> bool:
+        return not self.args and not self.kwargs
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two recorded call values are equal: tensors by shape and value, containers element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(
+            torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+def _two_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """The first two calibration images (one where there is only one), across batches."""
+    first = images[0][:2]
+    if first.shape[0] < 2 and len(images) > 1:
+        first = torch.cat([first, images[1][:1].to(first.device)])
+    return first
+
+
+@torch.no_grad()
+def block_calls(model: nn.Module, names: list[str], images: list[torch.Tensor], device: torch.device,
+                stage: str = "the refit") -> dict[str, BlockCall]:
+    """Each block of ``names``: what ``model``'s forward passes it besides its input, recorded on the first
+    calibration image and on the first two (``images``: the batches). A value that differs between the two (an
+    attention mask with a batch dimension, say) cannot be replayed on cached inputs of other batches: ValueError
+    naming ``stage``."""
+    images = _two_images(images)
+    records: list[dict[str, BlockCall]] = []
+    for count in (1, 2):
+        seen: dict[str, BlockCall] = {}
+        handles = []
+        for name in names:
+            def hook(_: nn.Module, args: tuple, kwargs: dict, name: str = name,
+                     seen: dict[str, BlockCall] = seen) -> None:
+                seen.setdefault(name, BlockCall(tuple(args[1:]), dict(kwargs)))
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            model(images[:count].to(device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        records.append(seen)
+    calls = {}
+    for name in names:
+        if name not in records[0]:
+            raise ValueError(f"{stage}'s forward pass never reached block {name}")
+        one, two = records[0][name], records[1][name]
+        if not (_same(one.args, two.args) and _same(one.kwargs, two.kwargs)):
+            raise ValueError(f"block {name} is called with arguments that depend on the batch besides its input "
+                             f"(a mask, say); {stage} re-runs each block on cached inputs and cannot follow it")
+        calls[name] = one
+    return calls
+
+
+@contextlib.contextmanager
+def replaying(model: nn.Module, calls: dict[str, BlockCall]) -> Iterator[None]:
+    """Inside, a block of ``calls`` called with its input alone (``block(x)`` on a cache) gets the rest of its call
+    too; a call with more (the model's own forward) is left as it is."""
+    def hook(_: nn.Module, args: tuple, kwargs: dict, call: BlockCall) -> tuple[tuple, dict] | None:
+        if len(args) == 1 and not kwargs:
+            return (*args, *call.args), dict(call.kwargs)
+        return None
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, kwargs, call=call: hook(module, args, kwargs, call), with_kwargs=True)
+        for name, call in calls.items() if not call.plain]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch.Tensor], center: bool,
@@ -221,7 +310,9 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
     cache_c: list[torch.Tensor] = []
     next_d: list = []
     try:
-        with progress_bar(total, "refit", "layer", progress) as bar:
+        calls_d, calls_c = (block_calls(m, list(blocks), images, device) for m in (dense, model))
+        with progress_bar(total, "refit", "layer", progress) as bar, replaying(dense, calls_d), \
+                replaying(model, calls_c):
             for block_name, names in blocks.items():
                 block_d, block_c = dense.get_submodule(block_name), model.get_submodule(block_name)
                 if _follows(model, previous, block_name):  # advance both streams by one block
@@ -232,12 +323,8 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                     cache_d, cache_c = [], []
                     for batch in images:
                         batch = batch.to(device)
-                        x_d, plain_d = _capture(block_d, lambda b=batch: dense(b))
-                        x_c, plain_c = _capture(block_c, lambda b=batch: model(b))
-                        if not (plain_d and plain_c):  # the block alone, on its input, would not repeat the call
-                            raise ValueError(f"block {block_name} is called with more than its input (keyword "
-                                             f"arguments or a mask); the refit re-runs each block on its input "
-                                             f"alone and cannot follow it: use refit=False")
+                        x_d = _capture(block_d, lambda b=batch: dense(b))
+                        x_c = _capture(block_c, lambda b=batch: model(b))
                         cache_d.append(x_d)
                         cache_c.append(x_c)
                 # the dense block is not refitted: one pass records every layer's input and the block's output
@@ -260,7 +347,7 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                     if with_dense:
                         sums["dense"] = torch.zeros(width, width, dtype=torch.float64, device=device)
                     for in_d, x_c in zip(dense_inputs.pop(name), cache_c, strict=True):
-                        in_c, _ = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
+                        in_c = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
                         _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
                     fit(name, _pair_grams(sums, images_seen, center))
                     bar.update(1)

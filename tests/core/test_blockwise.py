@@ -116,6 +116,34 @@ def test_the_first_blocks_objective_is_its_own_output_error_on_the_shared_inputs
         assert torch.allclose(target, dense.get_submodule("blocks.0")(x_d))
 
 
+def test_blocks_called_with_a_rotary_table_are_replayed_with_it():
+    """EVA-02 calls each block as block(x, rope=table): on the cached inputs the stage calls block(x) and must get
+    the table too. Truth: each block's input and output captured in the whole dense model's forward, and the stage
+    lowering the last block's error."""
+    torch.manual_seed(0)
+    dense = _branches_that_matter(timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=7, swiglu_mlp=True, scale_mlp=True,
+        qkv_fused=False, depth=2, embed_dim=32, num_heads=2, num_classes=5).eval())
+    images = make_images(32, channels=3, size=28)
+    model = _compressed(dense, images)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [dense.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: seen.setdefault(name, (args[0].clone(), out.clone())) and None)
+        for name in ("blocks.0", "blocks.1")]
+    with torch.no_grad():
+        dense(images)
+    for handle in handles:
+        handle.remove()
+    caches = {}
+    before = _last_block_error(dense, model, images)
+    _reconstruct(dense, model, images, on_block=lambda name, cache: caches.setdefault(name, (
+        cache.dense_in.clone(), cache.target.clone())))
+    for name, (x, out) in seen.items():
+        torch.testing.assert_close(caches[name][0], x)
+        torch.testing.assert_close(caches[name][1], out)  # the dense block replayed with its table
+    assert _last_block_error(dense, model, images) < before
+
+
 @pytest.mark.parametrize("metric", ["mse", "fisher"])
 def test_the_pipeline_records_its_stage_and_lowers_the_error_it_measures(metric):
     # the plain metric lowers the last block's output error; the Fisher metric (the recipe's) weighs it by what the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import timm
@@ -68,6 +69,10 @@ MODELS = {
                                                                num_heads=2, num_classes=10), 3, 32),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
                                                   depths=(2, 2), num_heads=(2, 4), num_classes=10), 3, 32),
+    # its blocks are called as block(x, rope=table): replayed with the table on the caches
+    "eva02_rope_swiglu": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, swiglu_mlp=True, scale_mlp=True,
+                                                         qkv_fused=False, depth=2, embed_dim=32, num_heads=2,
+                                                         num_classes=5, head_init_scale=1.0), 3, 28),
 }
 
 
@@ -239,16 +244,20 @@ def _brute_force_refit(dense, model, images, settings):
         h2.remove()
         xd = box["d"].reshape(-1, layer.in_features).double()
         xc = box["c"].reshape(-1, layer.in_features).double()
-        mc, md = xc.mean(0), xd.mean(0)
         n = images.shape[0]
-        pair = PairGrams((xc - mc).T @ (xc - mc) / n, (xc - mc).T @ (xd - md) / n, mc, md)
+        if layer.bias is not None:  # the bias absorbs the mean: centred statistics
+            mc, md = xc.mean(0), xd.mean(0)
+            pair = PairGrams((xc - mc).T @ (xc - mc) / n, (xc - mc).T @ (xd - md) / n, mc, md)
+        else:  # (EVA's k_proj)
+            pair = PairGrams(xc.T @ xc / n, xc.T @ xd / n, None, None)
         W = layer.weight.detach().double().T
         S = feedback_transform(pair, settings["refit_damping"])
         d, _ = loss_aware_svd(S @ W, feedback_stats(stats[name], pair, S), settings["damping"])
         U, V = d.factors(new.rank)
         new.U.data.copy_(U)
         new.V.data.copy_(V)
-        new.bias.data.copy_(refit_bias(layer.bias.detach().double(), W, U @ V.T, pair))
+        if layer.bias is not None:
+            new.bias.data.copy_(refit_bias(layer.bias.detach().double(), W, U @ V.T, pair))
 
 
 @pytest.mark.parametrize("key", list(MODELS))
@@ -299,22 +308,37 @@ def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
     assert kl[True] < kl[False]
 
 
-def test_blocks_called_with_more_than_their_input_are_refused():
-    """A model that calls its blocks with keyword arguments (a mask): re-running a block on its input alone would not
-    repeat that call, so the refit says so instead of fitting to a different computation."""
+def _calling_blocks_with(model: nn.Module, extra: Callable[[torch.Tensor], dict]) -> nn.Module:
+    """``model`` whose forward calls each block as block(x, **extra(x))."""
     import types
-
-    model = make_tiny_vit(seed=3)
 
     def features(self, x, **_):
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         for block in self.blocks:
-            x = block(x, attn_mask=None)
+            x = block(x, **extra(x))
         return self.norm(x)
 
     model.forward_features = types.MethodType(features, model)
-    with pytest.raises(ValueError, match="called with more than its input"):
+    return model
+
+
+def test_blocks_called_with_batch_dependent_arguments_are_refused():
+    """A mask with a batch dimension: re-running a block on cached inputs of other batches could not repeat that
+    call, so the refit says so instead of fitting to a different computation."""
+    model = _calling_blocks_with(make_tiny_vit(seed=3), lambda x: {"attn_mask": torch.zeros(x.shape[0], 1, 1, 1)})
+    with pytest.raises(ValueError, match="depend on the batch"):
         compress(model, [make_images(16, seed=4)], refit_cfg(reduction=0.5, calib_samples=16))
+
+
+def test_blocks_called_with_the_same_arguments_for_every_batch_are_replayed():
+    """attn_mask=None on every call: replayed on the caches, the refit gives exactly what it gives the same model
+    calling its blocks with the input alone."""
+    images = make_images(16, seed=4)
+    plain, masked = make_tiny_vit(seed=3), _calling_blocks_with(make_tiny_vit(seed=3), lambda x: {"attn_mask": None})
+    for model in (plain, masked):
+        compress(model, [images], refit_cfg(reduction=0.5, calib_samples=16))
+    with torch.no_grad():
+        torch.testing.assert_close(masked(images), plain(images), rtol=0, atol=0)
 
 
 def test_reported_errors_of_refitted_layers_are_exact():
