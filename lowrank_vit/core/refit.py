@@ -190,7 +190,10 @@ def _same(a: Any, b: Any) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a is b or a == b
+    try:  # anything else by equality; a value that cannot say (an array, say) is taken as different
+        return a is b or bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _two_images(images: list[torch.Tensor]) -> torch.Tensor:

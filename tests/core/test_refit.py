@@ -322,6 +322,20 @@ def _calling_blocks_with(model: nn.Module, extra: Callable[[torch.Tensor], dict]
     return model
 
 
+def test_recorded_call_values_compare_by_shape_and_value():
+    """What decides whether a block's call can be replayed: tensors equal in shape and value, containers element by
+    element, and anything that cannot say whether it is equal (an array) taken as different, so refused."""
+    import numpy as np
+
+    from lowrank_vit.core.refit import _same
+
+    table = torch.arange(6.0).reshape(2, 3)
+    assert _same({"rope": table, "n": 2}, {"rope": table.clone(), "n": 2}) and _same(None, None)
+    assert not _same(table, table[:1]) and not _same(table, table + 1) and not _same(table, None)
+    assert not _same((table,), [table]) and not _same({"a": 1}, {"b": 1})
+    assert not _same(np.zeros(3), np.zeros(3))
+
+
 def test_blocks_called_with_batch_dependent_arguments_are_refused():
     """A mask with a batch dimension: re-running a block on cached inputs of other batches could not repeat that
     call, so the refit says so instead of fitting to a different computation."""
