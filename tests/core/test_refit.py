@@ -6,7 +6,6 @@ import copy
 from collections.abc import Callable
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -15,7 +14,7 @@ from lowrank_vit.config import recipe
 from lowrank_vit.core.calibration import LayerStats
 from lowrank_vit.core.loss_aware_svd import loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias, sequential_refit
-from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.nn.adapters import get_adapter, timm_with_our_models
 from lowrank_vit.nn.factorized import FactorizedLinear
 from tests.helpers import TINY_VIT, labelled_batches, make_images, make_tiny_vit, refit_cfg
 
@@ -73,6 +72,9 @@ MODELS = {
     "eva02_rope_swiglu": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, swiglu_mlp=True, scale_mlp=True,
                                                          qkv_fused=False, depth=2, embed_dim=32, num_heads=2,
                                                          num_classes=5, head_init_scale=1.0), 3, 28),
+    # the VMamba-style SSM: selective-scan blocks over two stages (a downsampling between them)
+    "vssm": ("vssm_micro", dict(img_size=24, patch_size=3, num_classes=5, embed_dim=12, depths=[2, 1], d_state=2,
+                                ssm_ratio=1.5), 3, 24),
 }
 
 
@@ -266,7 +268,7 @@ def test_the_cached_walk_matches_a_brute_force_refit(key):
     block) give the same refitted model as running both whole models once per layer."""
     name, kwargs, channels, size = MODELS[key]
     torch.manual_seed(0)
-    dense = timm.create_model(name, pretrained=False, **kwargs).eval()
+    dense = timm_with_our_models().create_model(name, pretrained=False, **kwargs).eval()
     images = make_images(24, channels=channels, size=size, seed=3)
     settings = dict(reduction=0.5, calib_samples=24, gram_precision="float64", damping=1e-4, refit_damping=3e-3)
     refitted = copy.deepcopy(dense)
