@@ -367,12 +367,10 @@ reach each of its layers."""
 
 def _widest_block_inputs(layers: tuple[LinearShape, ...]) -> int:
     """The most input values per image that one block's compressible layers see together (the refit's record of the
-    dense block), blocks told apart by the layers' names without their last two parts ("blocks.3" of
-    "blocks.3.attn.qkv", "layers.0.blocks.1" in a Swin)."""
+    dense block), blocks as the adapter groups them (``LinearShape.block``)."""
     per_block: dict[str, int] = {}
     for layer in layers:
-        block = layer.name.rsplit(".", 2)[0]
-        per_block[block] = per_block.get(block, 0) + layer.tokens * layer.in_features
+        per_block[layer.block] = per_block.get(layer.block, 0) + layer.tokens * layer.in_features
     return max(per_block.values(), default=0)
 
 

@@ -26,6 +26,8 @@ class LinearShape:
     out_features: int
     tokens: int
     """Tokens per image the layer sees (Swin's stages differ)."""
+    block: str = ""
+    """The block the adapter puts it in (``layers_by_block``): what the refit records at once."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ def count_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSh
     finally:
         for handle in handles:
             handle.remove()
-    layers = tuple(LinearShape(name, m.in_features, m.out_features, tokens[name]) for name, m in compressible.items()
-                   if name in tokens)
+    block_of = {layer: block for block, layers in get_adapter(model).layers_by_block(model).items() for layer in layers}
+    layers = tuple(LinearShape(name, m.in_features, m.out_features, tokens[name], block_of.get(name, ""))
+                   for name, m in compressible.items() if name in tokens)
     return ModelShapes(float(counter.get_total_flops()), layers, sum(p.numel() for p in model.parameters()),
                        4.0 * sum(outputs), 4.0 * max(outputs, default=0),
                        scan_blocks=len(get_adapter(model).scan_modules(model)))

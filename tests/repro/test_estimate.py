@@ -229,14 +229,20 @@ def test_refit_adds_its_stage_to_the_compression():
 
 def test_the_refit_memory_counts_the_widest_blocks_recorded_inputs():
     """The refit records the dense block's layer inputs at once: the estimate's memory counts the block whose layers
-    see the most input values per image, blocks told apart by the layers' names (a Swin's nested ones too)."""
-    from lowrank_vit.repro.modelshapes import LinearShape
+    see the most input values per image, blocks as the adapter groups them (a Swin's, across its stages, too)."""
+    from lowrank_vit.repro.modelshapes import LinearShape, model_shapes
 
-    layers = (LinearShape("blocks.0.attn.qkv", 8, 24, 5), LinearShape("blocks.0.mlp.fc2", 32, 8, 5),
-              LinearShape("layers.1.blocks.0.attn.qkv", 16, 48, 3), LinearShape("layers.1.blocks.0.mlp.fc2", 64, 16, 3),
-              LinearShape("layers.1.blocks.1.mlp.fc2", 64, 16, 3))
+    layers = (LinearShape("blocks.0.attn.qkv", 8, 24, 5, "blocks.0"),
+              LinearShape("blocks.0.mlp.fc2", 32, 8, 5, "blocks.0"),
+              LinearShape("layers.1.blocks.0.attn.qkv", 16, 48, 3, "layers.1.blocks.0"),
+              LinearShape("layers.1.blocks.0.mlp.fc2", 64, 16, 3, "layers.1.blocks.0"),
+              LinearShape("layers.1.blocks.1.mlp.fc2", 64, 16, 3, "layers.1.blocks.1"))
     assert estimate._widest_block_inputs(layers) == 16 * 3 + 64 * 3  # 240, against 8 * 5 + 32 * 5 = 200
     assert estimate._widest_block_inputs(()) == 0
+    shapes = model_shapes(get_experiment(ROWS["loss-aware"]).full.model)  # DeiT-S: 12 blocks of 4 layers
+    blocks = {layer.block for layer in shapes.layers}
+    assert len(blocks) == 12 and all(block.startswith("blocks.") for block in blocks)
+    assert estimate._widest_block_inputs(shapes.layers) == 197 * (384 * 3 + 1536)  # qkv, proj, fc1 and fc2
 
 
 def test_refit_estimate_agrees_with_its_benchmark_within_2x():
