@@ -131,6 +131,20 @@ def _capture(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
     return box["x"]
 
 
+@contextlib.contextmanager
+def _pre_hooked(modules: dict[str, nn.Module], make_hook: Callable[[str], Callable], *,
+                with_kwargs: bool = False) -> Iterator[None]:
+    """While inside: ``make_hook(name)`` as a forward pre-hook on each of ``modules``, removed on exit whatever
+    happened."""
+    handles = [module.register_forward_pre_hook(make_hook(name), with_kwargs=with_kwargs)
+               for name, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> tuple[object,
                                                                                             dict[str, torch.Tensor]]:
     """``block(x)`` run to the end, with the first positional input of each of ``layers`` (name -> module) on its
@@ -143,12 +157,8 @@ def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Modul
                 inputs[name] = args[0].detach().clone()
         return hook
 
-    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
-    try:
+    with _pre_hooked(layers, recorder):
         out = block(x)
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [name for name in layers if name not in inputs]
     if missing:
         raise ValueError(f"the refit's forward pass never reached {', '.join(missing)}")
@@ -213,19 +223,17 @@ def block_calls(model: nn.Module, names: list[str], images: list[torch.Tensor], 
     naming ``stage``."""
     images = _two_images(images)
     records: list[dict[str, BlockCall]] = []
+    blocks = {name: model.get_submodule(name) for name in names}
     for count in (1, 2):
         seen: dict[str, BlockCall] = {}
-        handles = []
-        for name in names:
-            def hook(_: nn.Module, args: tuple, kwargs: dict, name: str = name,
-                     seen: dict[str, BlockCall] = seen) -> None:
+
+        def recorder(name: str, seen: dict[str, BlockCall] = seen) -> Callable:
+            def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:  # (returns None: the call goes on unchanged)
                 seen.setdefault(name, BlockCall(tuple(args[1:]), dict(kwargs)))
-            handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
-        try:
+            return hook
+
+        with _pre_hooked(blocks, recorder, with_kwargs=True):
             model(images[:count].to(device))
-        finally:
-            for handle in handles:
-                handle.remove()
         records.append(seen)
     calls = {}
     for name in names:
@@ -243,19 +251,18 @@ def block_calls(model: nn.Module, names: list[str], images: list[torch.Tensor], 
 def replaying(model: nn.Module, calls: dict[str, BlockCall]) -> Iterator[None]:
     """Inside, a block of ``calls`` called with its input alone (``block(x)`` on a cache) gets the rest of its call
     too; a call with more (the model's own forward) is left as it is."""
-    def hook(_: nn.Module, args: tuple, kwargs: dict, call: BlockCall) -> tuple[tuple, dict] | None:
-        if len(args) == 1 and not kwargs:
-            return (*args, *call.args), dict(call.kwargs)
-        return None
+    def replayer(name: str) -> Callable:
+        call = calls[name]
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, kwargs, call=call: hook(module, args, kwargs, call), with_kwargs=True)
-        for name, call in calls.items() if not call.plain]
-    try:
+        def hook(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if len(args) == 1 and not kwargs:
+                return (*args, *call.args), dict(call.kwargs)
+            return None
+        return hook
+
+    with _pre_hooked({name: model.get_submodule(name) for name, call in calls.items() if not call.plain}, replayer,
+                     with_kwargs=True):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch.Tensor], center: bool,
