@@ -12,7 +12,7 @@ load cancels to first order). Then:
 * ``statistics_s``: the calibration stage of ``compress`` minus that forward, i.e. what the hooks add (Gram products,
   per-image output energies, finiteness checks, the SGD solver's token samples);
 * ``decomposition_s``, ``allocation_s``, ``compensation_s``, ``refit_s`` (0 without ``refit``), ``block_s`` (the
-  block reconstruction; 0 without it):
+  block reconstruction; 0 without it), ``distill_s`` (the distillation, over ``distill_steps`` steps; 0 without it):
   ``CompressionReport.stage_seconds``;
 * ``report_s``: the rest of ``compress`` (per-layer eq. 5 errors of the report, the layer swap);
 * ``overhead_ratio``: (whole ``compress`` - forward) / forward;
@@ -141,6 +141,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "loss-aware-bernoulli": ("loss-aware", {"likelihood": "bernoulli"}),
     # the block stage at a quarter of its steps, three times the step size (docs/loss_aware.md, "The Fisher metric")
     "loss-aware-block-short": ("loss-aware-block", {"block_steps": 25, "block_lr": 0.03}),
+    # the distillation stage at an eighth and a quarter of its steps: every step does the same work, so the two rows'
+    # difference is 16 steps' time, and what is left of the shorter one the stage's fixed part (its check's passes)
+    # (docs/loss_aware.md, "Distillation on augmented calibration images")
+    "loss-aware-distill-16": ("loss-aware-distill", {"distill_steps": 16}),
+    "loss-aware-distill-32": ("loss-aware-distill", {"distill_steps": 32}),
 }
 """Benchmark-only names for a library recipe with settings changed, timed beside the recipes themselves."""
 
@@ -200,6 +205,8 @@ def measure(dense: nn.Module, images: ImageStream, config: CompressionConfig,
         "compensation_s": stages["compensation"],
         "refit_s": stages.get("refit", 0.0),
         "block_s": stages.get("block_reconstruction", 0.0),
+        "distill_s": stages.get("distillation", 0.0),
+        "distill_steps": config.distill_steps,
         "report_s": total - sum(stages.values()),
         "total_s": total,
         "overhead_ratio": (total - floor) / floor,
@@ -352,6 +359,7 @@ TIME_COLUMNS = [
     ("compensation_s", "compensation s", ".1f"),
     ("refit_s", "refit s", ".1f"),
     ("block_s", "block s", ".1f"),
+    ("distill_s", "distill s", ".1f"),
     ("report_s", "report s", ".1f"),
     ("total_s", "compress s", ".1f"),
     ("overhead_ratio", "overhead ratio", ".2f"),

@@ -7,7 +7,8 @@ after them, ``--eval-skip``), paired per image against the compressed model befo
         --bases loss-aware-refit --variants 8:1e-3:partial,32:3e-5:all \
         --json experiments/results/calib_distill_tuning.json
 
-``TRAINED``: all, partial (norms, biases, head, patch embedding) or factors (those and U, V, Z). The JSON holds one
+``TRAINED``: all, partial (norms, biases, head, patch embedding) or factors (those and U, V, Z); a fourth field
+``mix`` distills on augmented calibration images (``mix_augment``). The JSON holds one
 entry per model, base recipe and ratio: the base's scores under "" and each variant's under its name, added to what
 the file already holds.
 """
@@ -29,11 +30,18 @@ from lowrank_vit import compress
 from .loss_aware_study import RECIPES, calibration_distill, load_model, paired, predict, scores
 
 
-def parse_variant(text: str) -> tuple[int, float, str]:
-    steps, lr, trained = text.split(":")
-    if trained not in ("all", "partial", "factors") or int(steps) < 1 or float(lr) <= 0:
-        raise ValueError(f"variant {text!r}: STEPS:LR:TRAINED with STEPS >= 1, LR > 0, TRAINED all|partial|factors")
-    return int(steps), float(lr), trained
+def parse_variant(text: str) -> tuple[int, float, str, bool]:
+    """``STEPS:LR:TRAINED``, or ``STEPS:LR:TRAINED:mix`` for augmented calibration images (``mix_augment``)."""
+    fields = text.split(":")
+    try:
+        steps, lr, trained = int(fields[0]), float(fields[1]), fields[2]
+    except (IndexError, ValueError):
+        steps, lr, trained = 0, 0.0, ""
+    if (len(fields) not in (3, 4) or trained not in ("all", "partial", "factors") or steps < 1 or lr <= 0
+            or fields[3:] not in ([], ["mix"])):
+        raise ValueError(f"variant {text!r}: STEPS:LR:TRAINED[:mix] with STEPS >= 1, LR > 0, "
+                         "TRAINED all|partial|factors")
+    return steps, lr, trained, len(fields) == 4
 
 
 def probe(name: str, dense: torch.nn.Module, data: dict[str, torch.Tensor], base: str, ratio: float,
@@ -47,10 +55,10 @@ def probe(name: str, dense: torch.nn.Module, data: dict[str, torch.Tensor], base
     cell = {"": scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])}
     say(f"{name} {base} {ratio}: {cell['']['top1']:.2f} KL {cell['']['kl']:.4f}")
     for variant in variants:
-        steps, lr, trained = parse_variant(variant)
+        steps, lr, trained, augment = parse_variant(variant)
         tuned = copy.deepcopy(model)
         start = time.perf_counter()
-        calibration_distill(tuned, dense, x, seed, steps=steps, lr=lr, trained=trained)
+        calibration_distill(tuned, dense, x, seed, steps=steps, lr=lr, trained=trained, augment=augment)
         cell[variant] = {**scores(predict(tuned, data["eval_x"]), dense_logits, data["eval_y"]),
                          "seconds": time.perf_counter() - start}
         only_variant, only_base, p = paired(cell[variant], cell[""])
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", default="experiments/models")
     parser.add_argument("--models", default="cifar_vit6_long,cifar_deit3_ls,cifar_swin_long")
     parser.add_argument("--bases", default="loss-aware-refit")
-    parser.add_argument("--variants", required=True, help="comma-separated STEPS:LR:TRAINED")
+    parser.add_argument("--variants", required=True, help="comma-separated STEPS:LR:TRAINED[:mix]")
     parser.add_argument("--ratios", default="0.7,0.8")
     parser.add_argument("--eval", type=int, default=2000, help="the first test images (the tuning images)")
     parser.add_argument("--json", required=True)

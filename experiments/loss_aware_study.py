@@ -77,6 +77,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # every parameter trained to the dense model's predictions
     "la-distill": _DEFAULT,
     "la-refit-distill": LIBRARY_RECIPES["loss-aware-refit"],
+    # the same on augmented calibration images (flipped, shifted, mixed in pairs; the dense model's predictions on
+    # each augmented batch are the targets), twice the steps at a higher rate
+    "la-refit-distill-mix": LIBRARY_RECIPES["loss-aware-refit"],
+    # the library's stage for it (lowrank_vit.core.distill): the same setting, kept only where the loss on the
+    # calibration images fell
+    "loss-aware-distill": LIBRARY_RECIPES["loss-aware-distill"],
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
@@ -109,9 +115,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 library implements it exactly (whitened SVD, Algorithm 1 on normalized energies, closed-form low-rank Z);
 "loss-aware": the library's default (``lowrank_vit.config.RECIPES``)."""
 
-CALIBRATION_DISTILLED = ("la-distill", "la-refit-distill")
+CALIBRATION_DISTILLED: dict[str, dict[str, Any]] = {
+    "la-distill": {}, "la-refit-distill": {},
+    "la-refit-distill-mix": {"steps": 128, "lr": 5e-5, "augment": True}}
 """Recipes whose compressed model is then distilled from the dense one on the calibration images alone
-(:func:`calibration_distill`): a candidate for the models shipped without a fine-tune (docs/loss_aware.md)."""
+(:func:`calibration_distill`, with these arguments): candidates for the models shipped without a fine-tune
+(docs/loss_aware.md). The augmented setting was chosen on the first 2,000 test images of three models
+(:mod:`experiments.calib_distill_probe`)."""
 CALIB_DISTILL_STEPS, CALIB_DISTILL_LR, CALIB_DISTILL_BATCH = 64, 3e-5, 64
 """The calibration distillation's setting, chosen on the first 2,000 test images of three models
 (:mod:`experiments.calib_distill_probe`: steps 8 to 128, learning rates 1e-5 to 3e-3, the partial set of parameters,
@@ -272,17 +282,22 @@ def partial_finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, s
 
 
 def calibration_distill(model: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, seed: int,
-                        steps: int | None = None, lr: float | None = None, trained: str = "all") -> None:
+                        steps: int | None = None, lr: float | None = None, trained: str = "all",
+                        augment: bool = False) -> None:
     """``model``'s parameters trained so that its predictions on the calibration images ``x`` match the dense
     ``teacher``'s (KL divergence at temperature 1; no labels), in eval mode, by :func:`optimize`: ``steps`` steps of
     :data:`CALIB_DISTILL_BATCH` images at ``lr`` (the study's :data:`CALIB_DISTILL_STEPS` and :data:`CALIB_DISTILL_LR`
     where None). ``trained``: "all" (every parameter), "partial" (the partial fine-tune's norms, biases, head and
-    patch embedding) or "factors" (those and the factors)."""
+    patch embedding) or "factors" (those and the factors). ``augment``: each batch goes through ``mix_augment``
+    (``lowrank_vit.core.distill``; its own generator, seeded from ``seed``) and the teacher is run on it, instead of
+    fixed targets on ``x``."""
+    from lowrank_vit.core.distill import mix_augment
     from lowrank_vit.stages.finetune import freeze_for_partial_finetune, soft_distillation_loss
 
     device = next(model.parameters()).device
-    with torch.no_grad():
-        target = torch.cat([teacher(x[i: i + 256].to(device)) for i in range(0, len(x), 256)])
+    if not augment:
+        with torch.no_grad():
+            target = torch.cat([teacher(x[i: i + 256].to(device)) for i in range(0, len(x), 256)])
     if trained == "all":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -290,8 +305,17 @@ def calibration_distill(model: torch.nn.Module, teacher: torch.nn.Module, x: tor
         freeze_for_partial_finetune(model, train_factors=trained == "factors")
     else:
         raise ValueError(f"trained={trained!r}: 'all', 'partial' or 'factors'")
-    optimize(model, lambda idx: soft_distillation_loss(model(x[idx].to(device)), target[idx.to(device)], 1.0),
-             len(x), CALIB_DISTILL_STEPS if steps is None else steps, seed,
+    augmenter = torch.Generator().manual_seed(seed + 1)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        if not augment:
+            return soft_distillation_loss(model(x[idx].to(device)), target[idx.to(device)], 1.0)
+        batch = mix_augment(x[idx], augmenter).to(device)
+        with torch.no_grad():
+            wanted = teacher(batch)
+        return soft_distillation_loss(model(batch), wanted, 1.0)
+
+    optimize(model, loss_of, len(x), CALIB_DISTILL_STEPS if steps is None else steps, seed,
              CALIB_DISTILL_LR if lr is None else lr, CALIB_DISTILL_BATCH, train_mode=False)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -302,7 +326,7 @@ def optimize(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Ten
     """``steps`` AdamW steps (warmup and cosine) on the parameters that require a gradient, each on the loss of a
     random batch of indices into ``count`` images; the same indices and order for every recipe, and the model left in
     eval mode (``train_mode=False``: it stays in eval mode throughout, without dropout or drop path)."""
-    from lowrank_vit.stages.finetune_config import warmup_cosine
+    from lowrank_vit.core.common import warmup_cosine
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -341,10 +365,12 @@ def run_cell(dense: torch.nn.Module, data: dict[str, torch.Tensor], dense_logits
     report = compress(model, calib_batches, reduction=ratio, calib_samples=calib, progress=False, seed=seed,
                       **RECIPES[recipe])
     if recipe in CALIBRATION_DISTILLED:
-        calibration_distill(model, dense, data["train_x"][:calib], seed)
+        calibration_distill(model, dense, data["train_x"][:calib], seed, **CALIBRATION_DISTILLED[recipe])
     seconds = time.perf_counter() - start
     out = {"params_after": report.params_after, "target": report.target_params, "compress_s": seconds,
            **scores(predict(model, data["eval_x"]), dense_logits, data["eval_y"])}
+    if report.distillation:  # the library's distillation stage: its loss on the calibration images, and its check
+        out["distillation"] = report.distillation
     if finetune_steps:
         partial_finetune(model, data["train_x"], data["train_y"], finetune_steps, seed, lr=finetune_lr, teacher=dense,
                          distill=distill, temperature=temperature, train_factors=train_factors)

@@ -492,9 +492,9 @@ def _optimize(model: nn.Module, epochs: int, steps_per_epoch: int, recipe: Embed
     The parameter groups are the classifiers' (matrices decayed, vectors not); the wrappers do not pass on the
     backbone's ``no_weight_decay`` names, so the position embedding is decayed too: the committed weights were
     trained so, and changing it would make this code train other ones."""
+    from lowrank_vit.core.common import warmup_cosine
     from lowrank_vit.core.progress import progress_bar
     from lowrank_vit.repro.tensortrain import _param_groups
-    from lowrank_vit.stages.finetune_config import warmup_cosine
 
     total = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)

@@ -64,6 +64,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "la-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-block"], "block_steps": 25, "block_lr": 0.03},
     "la-refit-block-fisher-short": {**LIBRARY_RECIPES["loss-aware-refit"], "block_reconstruction": "factors",
                                     "block_steps": 25, "block_lr": 0.03, "block_metric": "fisher"},
+    # the refit, then end-to-end distillation on augmented calibration images (lowrank_vit.core.distill)
+    "loss-aware-distill": LIBRARY_RECIPES["loss-aware-distill"],
     "paper": LIBRARY_RECIPES["paper"],
 }
 """Recipe name -> CompressionConfig settings; none names a likelihood ("auto": the map's squared error)."""

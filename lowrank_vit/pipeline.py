@@ -13,11 +13,12 @@ from torch import nn
 
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import check_feasible, get_policy
-from lowrank_vit.core.blockwise import block_reconstruction, metric_weights
+from lowrank_vit.core.blockwise import block_reconstruction, measuring_layer_errors, metric_weights
 from lowrank_vit.core.budget import Allocation, LayerBudget
 from lowrank_vit.core.calibration import LayerStats, first_calibration_images, iter_calibration_batches, output_error
 from lowrank_vit.core.common import release_freed_memory, settings_of
 from lowrank_vit.core.decompose import Decomposition, Whitening, whitening
+from lowrank_vit.core.distill import distill_on_calibration
 from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speedup, latency_report, rank_limits
 from lowrank_vit.core.likelihood import AUTO, build_likelihood, model_output, resolve_likelihood, select_output
 from lowrank_vit.core.probe import Probe
@@ -217,8 +218,8 @@ def _keeps_images(cfg: CompressionConfig) -> bool:
 
 def _revisits_images(cfg: CompressionConfig) -> bool:
     """Whether a stage after the layer swap runs the calibration images through the compressed model and a dense
-    copy (the refit, the block reconstruction), so that the layers' errors are measured after it."""
-    return cfg.refit or cfg.block_reconstruction != "none"
+    copy (the refit, the block reconstruction, the distillation), so that the layers' errors are measured after it."""
+    return cfg.refit or cfg.block_reconstruction != "none" or cfg.distill_steps > 0
 
 
 def _held_out_probe(cfg: CompressionConfig) -> int:
@@ -423,12 +424,21 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
             errors = _reconstruct_blocks(dense, model, setup, new_layers, kept_images)
         reports.update({name: replace(reports[name], output_error_lowrank=err, output_error=err)
                         for name, err in errors.items()})
+    distillation = {}
+    if cfg.distill_steps:
+        with clock.stage("distillation", less="report_errors"):
+            distillation = _distill(dense, model, setup, kept_images)
+            if distillation["kept"] or not (cfg.refit or cfg.block_reconstruction != "none"):
+                with clock.sub("report_errors"):  # every weight moved (or none was measured): on the tokens
+                    errors = _errors_on_tokens(dense, model, setup, new_layers, kept_images)
+                reports.update({name: replace(reports[name], output_error_lowrank=err, output_error=err)
+                                for name, err in errors.items()})
     del stats, decompositions, whitenings, dense, kept_images  # (the new layers live on in the model)
     release_freed_memory()  # under DDP on one host the next process compresses while this one holds what it freed
     return CompressionReport(cfg.report_dict(), setup.params_before, count_params(model), setup.target_total,
                              [reports[name] for name in setup.layers] + unit_reports, clock.stages, sgd_history,
                              allocation.trace if get_policy(cfg.allocation).records_trace else [], clock.substages,
-                             _latency_report(setup, allocation.ranks))
+                             _latency_report(setup, allocation.ranks), distillation)
 
 
 def _decompose(setup: _Setup, stats: dict[str, LayerStats], scales: dict[str, torch.Tensor],
@@ -600,6 +610,41 @@ def _reconstruct_blocks(dense: nn.Module, model: nn.Module, setup: _Setup, new_l
                                   lr=cfg.block_lr, batch_size=cfg.block_batch_size, seed=cfg.seed, device=setup.device,
                                   progress=cfg.progress, weights=weights)
     return result.layer_errors
+
+
+def _distill(dense: nn.Module, model: nn.Module, setup: _Setup, images: list[torch.Tensor]) -> dict[str, Any]:
+    """``CompressionConfig.distill_steps``: the compressed model trained end to end toward the dense one's outputs on
+    augmented calibration images, under the compression's likelihood (:mod:`lowrank_vit.core.distill`); the stage's
+    result as the report's ``distillation``."""
+    from lowrank_vit.stages.finetune import DISTILLATION_LIKELIHOODS, output_distillation_loss
+
+    cfg = setup.cfg
+    likelihood = cfg.likelihood
+    if likelihood == AUTO:  # a decomposition without a gradient pass left it unresolved
+        likelihood = resolve_likelihood(dense, images[0][:8].to(setup.device), AUTO, cfg.output_key)
+    if likelihood not in DISTILLATION_LIKELIHOODS:
+        raise ValueError(f"distill_steps: no distillation loss for the likelihood {likelihood!r}; use one of "
+                         f"{', '.join(DISTILLATION_LIKELIHOODS)}, or distill_steps=0")
+    result = distill_on_calibration(
+        dense, model, torch.cat(images), lambda m, x: select_output(m(x), cfg.output_key),
+        lambda student, teacher: output_distillation_loss(likelihood, student, teacher), steps=cfg.distill_steps,
+        lr=cfg.distill_lr, batch_size=cfg.distill_batch_size, augment=cfg.distill_augment, seed=cfg.seed,
+        device=setup.device, progress=cfg.progress)
+    return {**result.as_dict(), "likelihood": likelihood}
+
+
+@torch.no_grad()
+def _errors_on_tokens(dense: nn.Module, model: nn.Module, setup: _Setup, new_layers: dict[str, FactorizedLinear],
+                      images: list[torch.Tensor]) -> dict[str, float]:
+    """Each factorized layer's output error as the model holds it now, on the dense model's inputs over the
+    calibration images (:func:`lowrank_vit.core.blockwise.measuring_layer_errors`)."""
+    was_training = dense.training
+    dense.eval()
+    with measuring_layer_errors(dense, model, list(new_layers)) as errors:
+        for batch in micro_batches(images, 32):
+            dense(batch.to(setup.device))
+    dense.train(was_training)
+    return errors
 
 
 def _sampled_loss(dense: nn.Module, setup: _Setup, first: torch.Tensor) -> Callable[[Any], torch.Tensor | None]:

@@ -54,6 +54,10 @@ class CompressionReport:
     """With ``latency_table``: the table's target (batch, device, runtime, dtype), the dense model's measured time,
     the predicted time and speedup of the compressed model (its low-rank Z folded) and every layer's predicted time
     (:func:`lowrank_vit.core.latency.latency_report`); empty without a table."""
+    distillation: dict[str, Any] = field(default_factory=dict)
+    """With ``distill_steps``: the steps, the likelihood, the distillation loss on the calibration images before and
+    after them, and whether the trained weights were kept (``kept``: the loss fell; otherwise the model is as the
+    stages before left it). Empty without the stage."""
 
     @property
     def ranks(self) -> dict[str, int | None]:

@@ -60,6 +60,7 @@ def test_config_neither_reduction_nor_target():
         ("compensation", "dense"),
         ("compensation", None),
         ("solver", "adam"),
+        ("distill_augment", "cutmix"),
     ],
 )
 def test_config_unknown_choice(field, value):
@@ -89,6 +90,7 @@ _NUMBERS = {  # field: (its rule, values just inside it, values outside it)
     "asvd_alpha": ("be a finite number >= 0", [0, 2.0], [-0.5]),
     "z_fraction": ("lie in [0, 0.5)", [0.0, 0.499], [0.5, -0.01]),
     "grad_fraction": ("lie in (0, 1]", [1e-3, 1], [0.0, 1.01]),
+    "distill_lr": ("be a finite number > 0", [1e-9, 5e-5], [0.0, -1e-4]),
 }
 
 
@@ -138,11 +140,25 @@ def test_config_z_kind_needs_a_z_budget_and_recipes_are_named():
 
 
 @pytest.mark.usefixtures("one_thread_module")
-@pytest.mark.parametrize("field", ["calib_samples", "rank_multiple"])
+@pytest.mark.parametrize("field", ["calib_samples", "rank_multiple", "distill_batch_size"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_config_counts_not_positive_integer(field, value):
     with pytest.raises(ValueError, match=rf"{field} must be a positive integer"):
         CompressionConfig(reduction=0.3, progress=False, **{field: value})
+
+
+@pytest.mark.usefixtures("one_thread_module")
+def test_distill_steps_is_a_count_from_zero_and_needs_a_named_likelihood():
+    """0 turns the stage off; a negative, fractional or boolean number of steps is refused, and so is the stage with
+    a likelihood given as a callable (no distillation loss is known for it)."""
+    assert CompressionConfig(reduction=0.3, progress=False, distill_steps=0).distill_steps == 0
+    assert CompressionConfig(reduction=0.3, progress=False, distill_steps=3).distill_steps == 3
+    for value in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match=r"^distill_steps must be an integer >= 0"):
+            CompressionConfig(reduction=0.3, progress=False, distill_steps=value)
+    with pytest.raises(ValueError, match=r"^distill_steps needs a named likelihood"):
+        CompressionConfig(reduction=0.3, progress=False, distill_steps=4, likelihood=lambda out, gen: out.sum())
+    CompressionConfig(reduction=0.3, progress=False, distill_steps=0, likelihood=lambda out, gen: out.sum())
 
 
 @pytest.mark.usefixtures("one_thread_module")
@@ -273,7 +289,8 @@ def test_a_flat_config_of_the_earlier_version_loads_with_the_same_effective_valu
     defaults = {f.name: f.default for f in dataclasses.fields(CompressionConfig)}
     assert {key: getattr(config, key) for key in SHARED} == {key: old.get(key, defaults[key]) for key in SHARED}
     assert set(SHARED) - set(old) <= {"likelihood", "output_key", "block_reconstruction", "block_steps", "block_lr",
-                                      "block_batch_size", "block_metric"}
+                                      "block_batch_size", "block_metric", "distill_steps", "distill_lr",
+                                      "distill_batch_size", "distill_augment"}
     resolved = config.resolved_settings()
     for key in MOVED:
         kind, readers = READ_BY[key]

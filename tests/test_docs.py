@@ -692,7 +692,7 @@ def test_the_calibration_distillation_tables_and_counts_are_the_committed_study(
 
     study, tuned, tables, section = _held_out_section("calib_distill_heldout",
                                                       "### End-to-end distillation on the calibration images",
-                                                      "## What it does not cover", 2)
+                                                      "### Distillation on augmented calibration images", 2)
     header, _, *body = _md_rows(tables[0])
     assert len(body) == 12 and {row[0].split(" (")[0] for row in body} == set(study)
     for model_label, ratio, *cells in body:
@@ -743,7 +743,9 @@ def test_the_calibration_distillation_tuning_figures_are_the_committed_probe():
         for variant, scores in cell.items():
             if not variant:
                 continue
-            steps, lr, trained = variant.split(":")
+            steps, lr, trained, *augmented = variant.split(":")
+            if augmented:  # the augmented variants: the next section's
+                continue
             only_variant, only_base, p = paired(scores, cell[""])
             if trained == "partial":
                 partial_gains += p < 0.05 and only_variant > only_base
@@ -758,6 +760,114 @@ def test_the_calibration_distillation_tuning_figures_are_the_committed_probe():
     assert f"{swin:.2f}" == "9.75" and "down to 9.75% on the Swin" in flat
 
 
+def _count_cells(cells_of: dict, recipe: str, against: str, key: str = "correct",
+                 against_key: str | None = None) -> tuple[int, int]:
+    """Cells (six models x -70%, -80%) where ``recipe`` is significantly better / worse than ``against`` (exact
+    McNemar, p < 0.05); ``against_key``: compare with that record of the other cell (its fine-tuned one)."""
+    from experiments.loss_aware_study import paired
+
+    better = worse = 0
+    for entry in cells_of.values():
+        for ratio in ("0.7", "0.8"):
+            mine, theirs = entry["cells"][f"{recipe}@{ratio}"], entry["cells"][f"{against}@{ratio}"]
+            if against_key is not None:
+                theirs = {key: theirs[against_key]}
+            a, b, p = paired(mine, theirs, key)
+            better += p < 0.05 and a > b
+            worse += p < 0.05 and a < b
+    return better, worse
+
+
+def test_the_augmented_distillation_section_is_the_committed_study():
+    """docs/loss_aware.md's "Distillation on augmented calibration images": its tuning table from
+    calib_distill_tuning.json, both held-out tables and every count and figure from calib_distill_mix_heldout.json
+    and _ft.json; the library's stage equals the study's loop image by image except where its check restored the
+    refit, and there it is the refit's cell exactly."""
+    import statistics
+
+    from experiments.loss_aware_study import paired
+
+    study, tuned, tables, section = _held_out_section("calib_distill_mix_heldout",
+                                                      "### Distillation on augmented calibration images",
+                                                      "### Every candidate at a glance", 3)
+    flat = " ".join(section.split())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    tuning = json.loads((ROOT / "experiments/results/calib_distill_tuning.json").read_text())
+    header, _, *body = _md_rows(tables[0])
+    assert len(body) == 6
+    for model, ratio, base, *cells in body:
+        cell = tuning[f"{model}|loss-aware-refit|{_ratio_of(ratio)}"]
+        assert base == f"{cell['']['top1']:.2f}"
+        for title, shown in zip(header[3:], cells, strict=True):
+            variant = cell[title.strip("`")]
+            p = paired(variant, cell[""])[2]
+            assert shown == (f"**{variant['top1'] - cell['']['top1']:+.2f}**" if p < 0.05
+                             else f"{variant['top1'] - cell['']['top1']:+.2f}"), (model, ratio, title)
+
+    restored = []
+    for model, entry in study.items():
+        for ratio in ("0.7", "0.8"):
+            cells = entry["cells"]
+            stage = cells[f"loss-aware-distill@{ratio}"]
+            same = "la-refit-distill-mix" if stage["distillation"]["kept"] else "loss-aware-refit"
+            assert stage["correct"] == cells[f"{same}@{ratio}"]["correct"], (model, ratio)
+            if not stage["distillation"]["kept"]:
+                restored.append((model, ratio, stage["distillation"]))
+    assert [(m, r) for m, r, _ in restored] == [("cifar_deit4", "0.7"), ("cifar_deit4", "0.8")]
+    (_, _, at70), (_, _, at80) = restored
+    assert (f"KL {at70['loss_after']:.5f} and {at80['loss_after']:.5f} to the dense model" in flat
+            and f"their KL rose from {at70['loss_before']:.5f} to {at70['loss_after']:.5f}" in flat)
+    only_loop, only_refit, p = paired(study["cifar_deit4"]["cells"]["la-refit-distill-mix@0.7"],
+                                      study["cifar_deit4"]["cells"]["loss-aware-refit@0.7"])
+    assert only_loop < only_refit and f"p = {p:.2g}" in flat
+
+    header, _, *body = _md_rows(tables[1])
+    assert len(body) == 12
+    for model_label, ratio, *cells in body:
+        model = model_label.split(" (")[0]
+        got = study[model]["cells"]
+        assert model_label == f"{model} ({study[model]['dense_top1']:.2f})"
+        for recipe, cell in zip(header[2:4], cells[:2], strict=True):
+            record = got[f"{recipe}@{_ratio_of(ratio)}"]
+            assert cell == f"{record['top1']:.2f} ({record['kl']:.3f})"
+        for title, cell in zip(header[4:], cells[2:], strict=True):
+            recipe, against = title.split(" against ")
+            _check_paired_cell(cell, got[f"{recipe}@{_ratio_of(ratio)}"], got[f"{against}@{_ratio_of(ratio)}"],
+                               "correct", "top1")
+    _check_finetuned_table(tables[2], tuned)
+
+    refit_counts = _count_cells(study, "loss-aware-distill", "loss-aware-refit")
+    default_counts = _count_cells(study, "loss-aware-distill", "loss-aware")
+    tuned_counts = _count_cells(tuned, "loss-aware-distill", "loss-aware", "correct_ft")
+    assert refit_counts[1] == default_counts[1] == tuned_counts[1] == 0
+    assert f"better in {refit_counts[0]} of 12 cells and worse in none" in flat
+    assert f"Against the default it is better in {default_counts[0]} of 12 and worse in none" in flat
+    assert f"ahead of the default in {tuned_counts[0]} of 12 cells and behind in none" in flat
+    assert _count_cells(tuned, "loss-aware-refit", "loss-aware", "correct_ft") == (4, 1)
+    assert _count_cells(tuned, "loss-aware-distill", "loss-aware-refit", "correct_ft") == (4, 0)
+    assert _count_cells(tuned, "loss-aware-distill", "loss-aware", "correct", "correct_ft") == (6, 1)
+    median = {name: statistics.median(entry["cells"][f"{name}@{ratio}"]["compress_s"] for entry in study.values()
+                                      for ratio in ("0.7", "0.8"))
+              for name in ("loss-aware", "loss-aware-refit", "loss-aware-distill")}
+    assert (f"took {median['loss-aware-distill'] / median['loss-aware']:.0f} times the default's time (median of the "
+            f"12 cells; {median['loss-aware-distill'] / median['loss-aware-refit']:.0f} times the refit's)") in flat
+    bench = {row["recipe"]: row for row in json.loads(
+        (ROOT / "benchmarks/results/compress_time_deit_small_distill.json").read_text())["rows"]}
+    short, long, refit = bench["loss-aware-distill-16"], bench["loss-aware-distill-32"], bench["loss-aware-refit"]
+    assert (short["distill_steps"], long["distill_steps"]) == (16, 32)
+    per_step = (long["distill_s"] - short["distill_s"]) / 16
+    fixed = short["distill_s"] - 16 * per_step
+    full = fixed + 128 * per_step
+    forward = (short["calibration_forward_s"] + long["calibration_forward_s"]) / 2
+    assert (f"{short['distill_s']:.0f} s for 16 steps and {long['distill_s']:.0f} s for 32: {per_step:.1f} s a step "
+            f"and {fixed:.0f} s for the rest") in flat
+    assert (f"128 steps take about {full:.0f} s, {full / forward:.0f} calibration forwards (the refit stage "
+            f"{refit['refit_s'] / refit['calibration_forward_s']:.1f})") in flat
+    whole = (short["total_s"] + 112 * per_step) / forward
+    assert f"the whole `compress` about {whole:.0f} of them" in flat
+    assert f"(#distillation-on-augmented-calibration-images)) | about {whole:.0f}x |" in text
+
+
 def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
     """docs/loss_aware.md's summary of the no-fine-tune candidates: each count of significantly better / worse cells
     and each compress-time multiple recomputed from the held-out studies' JSONs."""
@@ -768,7 +878,7 @@ def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
     results = ROOT / "experiments/results"
     runs = {stem: (json.loads((results / f"{stem}.json").read_text())["study"],
                    json.loads((results / f"{stem}_ft.json").read_text())["study"])
-            for stem in ("blockwise_heldout", "calib_distill_heldout")}
+            for stem in ("blockwise_heldout", "calib_distill_heldout", "calib_distill_mix_heldout")}
     text = (ROOT / "docs/loss_aware.md").read_text()
     section = text[text.index("### Every candidate at a glance"): text.index("## What it does not cover")]
     [table] = [block for block in section.split("\n\n") if block.lstrip().startswith("| recipe")]
@@ -789,7 +899,7 @@ def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
         return f"{better} / {worse}"
 
     _, _, *body = _md_rows(table)
-    assert len(body) == 9
+    assert len(body) == 10
     for label, default, refit, before_tuned, tuned, seconds in body:
         recipe = label.split("`")[1]
         study, tuned_study = next(run for run in runs.values() if any(

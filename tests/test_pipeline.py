@@ -48,6 +48,7 @@ from tests.helpers import (
     norm_relative_error,
     pipeline_cfg,
     qkv_biased,
+    randomize_affine_,
     refit_cfg,
     small_vit,
     snapshot,
@@ -709,3 +710,77 @@ def test_a_generator_of_batches_is_read_once():
     compress(b, [images[:16], images[16:]], refit_cfg(reduction=0.6, calib_samples=32))
     with torch.no_grad():
         torch.testing.assert_close(a(images), b(images))
+
+
+def _layer_errors_by_hand(dense: nn.Module, model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Each factorized layer's ||layer_c(x) - layer_d(x)||^2 / ||x W||^2 over the dense model's inputs to it."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    names = [name for name, m in model.named_modules() if isinstance(m, FactorizedLinear)]
+    handles = [dense.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: inputs.setdefault(name, []).append(args[0])) for name in names]
+    with torch.no_grad():
+        dense(images)
+        errors = {}
+        for name in names:
+            x = torch.cat(inputs[name]).double()
+            layer_d, layer_c = dense.get_submodule(name), model.get_submodule(name)
+            w = layer_d.weight.double()
+            out_d = x @ w.T + (0 if layer_d.bias is None else layer_d.bias.double())
+            errors[name] = float((layer_c.double()(x) - out_d).pow(2).sum() / (x @ w.T).pow(2).sum())
+    for handle in handles:
+        handle.remove()
+    return errors
+
+
+@pytest.mark.parametrize("settings", [{"refit": True}, {"decomposition": "plain", "allocation": "uniform"}])
+def test_the_distillation_stage_reports_what_it_did_and_the_layers_as_they_end(settings):
+    """``distill_steps``: after the refit (or after vanilla SVD, which measured no errors on the tokens), the report's
+    ``distillation`` holds the steps, the likelihood and the loss before and after; the trained weights are kept (the
+    loss fell), and each layer's reported output error is that of the layer as it ends, against the dense layer on
+    the dense model's inputs (computed here by hand)."""
+    dense = randomize_affine_(make_tiny_vit(seed=3), seed=1, scale=1.0)
+    images = make_images(48, seed=4)
+    model = copy.deepcopy(dense)
+    report = compress(model, [images[:24], images[24:]], refit_cfg(
+        reduction=0.8, calib_samples=48, distill_steps=10, distill_lr=1e-3, distill_batch_size=12,
+        distill_augment="none", **{"refit": False, **settings}))
+    info = report.distillation
+    assert info["steps"] == 10 and info["likelihood"] == "categorical" and info["kept"]
+    assert info["loss_after"] < info["loss_before"]
+    assert report.stage_seconds["distillation"] > 0 and report.config["distill_steps"] == 10
+    truth = _layer_errors_by_hand(dense, model, images)
+    assert len(truth) == sum(layer.rank is not None for layer in report.layers) > 0
+    for layer in report.layers:
+        if layer.rank is not None:
+            assert layer.output_error == pytest.approx(truth[layer.name], rel=1e-4), layer.name
+
+
+def test_a_distillation_that_does_not_help_leaves_the_refit_as_it_was():
+    """A learning rate far too high makes the loss rise: the stage undoes itself, and the model and its report's
+    errors are exactly those of the refit alone."""
+    images = make_images(32, seed=1)
+    alone, distilled = make_tiny_vit(seed=2), make_tiny_vit(seed=2)
+    base = compress(alone, [images], refit_cfg(reduction=0.6, calib_samples=32))
+    report = compress(distilled, [images], refit_cfg(reduction=0.6, calib_samples=32, distill_steps=3, distill_lr=10.0,
+                                                    distill_batch_size=8))
+    assert report.distillation["kept"] is False and report.distillation["loss_after"] > report.distillation[
+        "loss_before"]
+    expected = alone.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in distilled.state_dict().items())
+    assert [layer.output_error for layer in report.layers] == [layer.output_error for layer in base.layers]
+
+
+def test_a_feature_model_distils_under_the_gaussian_likelihood():
+    """A model without classes (its pooled feature as output), after vanilla SVD, is matched by the squared error of
+    its output on mixed images: the report names the Gaussian likelihood, and the squared error to the dense feature
+    falls."""
+    dense = randomize_affine_(make_tiny_vit(seed=3, num_classes=0), seed=1, scale=1.0)
+    images = make_images(48, seed=4)
+    model, before = copy.deepcopy(dense), copy.deepcopy(dense)
+    vanilla = dict(reduction=0.8, calib_samples=48, refit=False, decomposition="plain", allocation="uniform")
+    compress(before, [images], refit_cfg(**vanilla))
+    report = compress(model, [images], refit_cfg(**vanilla, distill_steps=10, distill_lr=1e-3, distill_batch_size=12))
+    assert report.distillation["likelihood"] == "gaussian" and report.distillation["kept"]
+    with torch.no_grad():
+        target = dense(images)
+        assert float((model(images) - target).pow(2).mean()) < float((before(images) - target).pow(2).mean())

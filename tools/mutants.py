@@ -664,6 +664,15 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/speed/test_timing.py", "tests/speed/test_profile.py", "tests/cli/test_compress.py",
             "tests/cli/test_speed.py", "tests/core/test_latency.py", "tests/test_config.py", "tests/test_pipeline.py"),
            "interleaved repeats always in the same order (the first candidate always after the last)"),
+    # the distillation on augmented calibration images
+    Mutant("lowrank_vit/core/distill.py", "    kept = math.isfinite(after) and after < before",
+           "    kept = math.isfinite(after)",
+           ("tests/core/test_distill.py", "tests/test_pipeline.py"),
+           "a distillation that raised the loss on the calibration images kept instead of undone"),
+    Mutant("lowrank_vit/core/distill.py", "(loss(output(model, part), target) * (len(part) / batch_size)).backward()",
+           "loss(output(model, part), target).backward()",
+           ("tests/core/test_distill.py",),
+           "each micro-batch's loss summed unweighted: the step's gradient grows with the number of micro-batches"),
 )
 
 

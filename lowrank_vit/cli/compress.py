@@ -200,7 +200,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # the reduction as printed (-60.0%): a target of 0.6 that lands a few parameters short still counts
     if args.recipe == "loss-aware" and round(summary["reduction"], 3) >= REFIT_HINT_REDUCTION:
         say_to_user(args, f"shipping it without a fine-tune? --recipe loss-aware-refit keeps more of the dense "
-                          f"model at this reduction, for about three times the time (docs/loss_aware.md); to "
+                          f"model at this reduction, for about three times the time, --recipe loss-aware-distill "
+                          f"more still, for far more (a GPU's work; docs/loss_aware.md); to "
                           f"fine-tune it: lowrank-vit finetune {out} --data DATA --output NEWDIR")
     return 0
 

@@ -34,8 +34,9 @@ large for it) gets its parameters back: the reconstruction never makes the error
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -256,18 +257,19 @@ def reconstruct_block(block: nn.Module, cache: BlockCache, params: list[nn.Param
     return BlockResult(before, after)
 
 
-@torch.no_grad()
-def layer_errors(dense_block: nn.Module, block: nn.Module, layers: list[str], prefix: str, dense_in: torch.Tensor,
-                 micro_batch: int = 64) -> dict[str, float]:
-    """Each of ``layers`` (full names under the model; ``prefix`` is the block's name) as it is now in ``block``,
-    against the dense layer, on the dense inputs: sum ||layer_c(x) - layer_d(x)||^2 / sum ||x W||^2 over the
-    calibration tokens (the bias change included, so a bias that absorbs the mean error gives the centred error of
-    the loss-aware report)."""
+@contextlib.contextmanager
+def measuring_layer_errors(dense_root: nn.Module, root: nn.Module, layers: list[str],
+                           prefix: str = "") -> Iterator[dict[str, float]]:
+    """While open, every forward of ``dense_root`` measures each of ``layers`` (full names under the model; ``prefix``
+    is ``dense_root``'s own name, "" for the whole model) as it is now in ``root`` against the dense layer, on the
+    dense inputs; on closing, the dict it yielded holds sum ||layer_c(x) - layer_d(x)||^2 / sum ||x W||^2 over those
+    tokens (the bias change included, so a bias that absorbs the mean error gives the centred error of the
+    loss-aware report)."""
     sums = {name: [0.0, 0.0] for name in layers}
     handles = []
     for name in layers:
         local = name[len(prefix) + 1:] if prefix else name
-        dense_layer, layer = dense_block.get_submodule(local), block.get_submodule(local)
+        dense_layer, layer = dense_root.get_submodule(local), root.get_submodule(local)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor, name=name, layer=layer) -> None:
             x = args[0]
@@ -277,12 +279,23 @@ def layer_errors(dense_block: nn.Module, block: nn.Module, layers: list[str], pr
             sums[name][1] += float((out - bias).pow(2).sum())
 
         handles.append(dense_layer.register_forward_hook(hook))
+    errors: dict[str, float] = {}
     try:
-        _run(dense_block, dense_in, micro_batch)
+        yield errors
     finally:
         for handle in handles:
             handle.remove()
-    return {name: num / den if den > 0 else 0.0 for name, (num, den) in sums.items()}
+    errors.update({name: num / den if den > 0 else 0.0 for name, (num, den) in sums.items()})
+
+
+@torch.no_grad()
+def layer_errors(dense_block: nn.Module, block: nn.Module, layers: list[str], prefix: str, dense_in: torch.Tensor,
+                 micro_batch: int = 64) -> dict[str, float]:
+    """Each of ``layers`` in ``block`` against the dense layer, on the dense block's inputs ``dense_in``
+    (:func:`measuring_layer_errors`)."""
+    with measuring_layer_errors(dense_block, block, layers, prefix) as errors:
+        _run(dense_block, dense_in, micro_batch)
+    return errors
 
 
 def block_reconstruction(dense: nn.Module, model: nn.Module, blocks: dict[str, list[str]], images: list[torch.Tensor],

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_vit.core.common import warmup_cosine
 from lowrank_vit.core.progress import progress_bar
-from lowrank_vit.stages.finetune_config import warmup_cosine
 
 
 def stack_dataset(dataset: torch.utils.data.Dataset, progress: bool = False,

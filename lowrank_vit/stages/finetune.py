@@ -43,12 +43,12 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_labels
+from lowrank_vit.core.common import IMAGE_KEYS, LABEL_KEYS, batch_images, batch_labels, warmup_cosine
 from lowrank_vit.core.likelihood import AUTO, OutputKey, is_classifier, select_output
 from lowrank_vit.core.progress import lightning_progress_callbacks
 from lowrank_vit.nn.adapters import TimmViTAdapter, count_params
 from lowrank_vit.nn.factorized import FactorizedLinear
-from lowrank_vit.stages.finetune_config import FinetuneConfig, check_precision_on, warmup_cosine
+from lowrank_vit.stages.finetune_config import FinetuneConfig, check_precision_on
 
 _ADAPTER = TimmViTAdapter()  # names the heads, the patch embedding and the tokens
 

@@ -81,5 +81,21 @@ def test_compress_time_gives_the_block_reconstruction_its_own_column(tmp_path):
     assert positive_finite(block["block_s"]) and block["block_s"] < block["total_s"]
     assert block["block_x_forward"] == pytest.approx(block["block_s"] / block["calibration_forward_s"])
     parts = ("calibration_forward", "statistics", "decomposition", "allocation", "compensation", "refit", "block",
-             "report")
+             "distill", "report")
     assert sum(block[f"{part}_s"] for part in parts) == pytest.approx(block["total_s"])  # counted once, not twice
+
+
+def test_compress_time_gives_the_distillation_its_own_column_and_its_steps(tmp_path):
+    """The distillation's seconds are their own (zero without it) beside the number of steps they took, and the
+    columns add up to the total."""
+    out = tmp_path / "compress_time.json"
+    load("compress_time").main([*TOY, "--calib", "8", "--batch-size", "4", "--recipe", "loss-aware-refit",
+                                "loss-aware-distill-16", "--json", str(out)])
+    rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["loss-aware-refit"]["distill_s"] == 0.0 and rows["loss-aware-refit"]["distill_steps"] == 0
+    distill = rows["loss-aware-distill-16"]
+    assert distill["distill_steps"] == 16 and positive_finite(distill["refit_s"])
+    assert positive_finite(distill["distill_s"]) and distill["distill_s"] < distill["total_s"]
+    parts = ("calibration_forward", "statistics", "decomposition", "allocation", "compensation", "refit", "block",
+             "distill", "report")
+    assert sum(distill[f"{part}_s"] for part in parts) == pytest.approx(distill["total_s"])

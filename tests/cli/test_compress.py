@@ -521,6 +521,19 @@ def test_compress_with_the_block_recipe(workdir, tmp_path, capsys):
     assert load_compressed(tmp_path / "block") is not None
 
 
+def test_compress_with_the_distillation_recipe(workdir, tmp_path, capsys):
+    """``--recipe loss-aware-distill``: the refit and the distillation run from the CLI without labels; the report
+    records what the distillation did, and the model it writes loads back."""
+    code, _, err = _compress(capsys, workdir, tmp_path / "distill", "--reduction", "0.5", "--recipe",
+                             "loss-aware-distill")
+    assert code == 0, err
+    report = json.loads((tmp_path / "distill" / "report.json").read_text())["compression"]
+    assert report["config"]["refit"] is True and report["config"]["distill_steps"] == 128
+    assert report["stage_seconds"]["distillation"] > 0
+    assert report["distillation"]["steps"] == 128 and isinstance(report["distillation"]["kept"], bool)
+    assert load_compressed(tmp_path / "distill") is not None
+
+
 def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, tmp_path, capsys, monkeypatch):
     # timm's Swin V2 "cr" variant names its stages and options unlike Swin's: the spec read from its modules does not
     # rebuild it, so its compressed form could never be loaded again. Refused before any calibration.
@@ -931,8 +944,8 @@ def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place
     assert code == 0, err
     assert stdout.count("\n") == 1
     hint = (f"shipping it without a fine-tune? --recipe loss-aware-refit keeps more of the dense model at this "
-            f"reduction, for about three times the time (docs/loss_aware.md); to fine-tune it: lowrank-vit finetune "
-            f"{out} --data DATA --output NEWDIR")
+            f"reduction, for about three times the time, --recipe loss-aware-distill more still, for far more (a GPU's "
+            f"work; docs/loss_aware.md); to fine-tune it: lowrank-vit finetune {out} --data DATA --output NEWDIR")
     assert (hint in err) == hinted
 
 

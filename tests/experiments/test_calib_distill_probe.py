@@ -10,8 +10,10 @@ from experiments.calib_distill_probe import main, parse_variant, probe
 
 
 def test_parse_variant_reads_steps_rate_and_what_trains():
-    assert parse_variant("32:3e-5:all") == (32, 3e-5, "all")
-    for bad in ("0:1e-3:all", "8:0:all", "8:1e-3:heads", "8:1e-3"):
+    assert parse_variant("32:3e-5:all") == (32, 3e-5, "all", False)
+    assert parse_variant("128:5e-5:factors:mix") == (128, 5e-5, "factors", True)
+    for bad in ("0:1e-3:all", "8:0:all", "8:1e-3:heads", "8:1e-3", "x:1e-3:all", "8:1e-3:all:cutmix",
+                "8:1e-3:all:mix:mix"):
         with pytest.raises(ValueError):
             parse_variant(bad)
 

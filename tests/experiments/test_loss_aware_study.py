@@ -205,6 +205,46 @@ def test_calibration_distill_moves_the_student_toward_the_teacher_on_the_calibra
     assert kl() < 0.5 * before
 
 
+def test_augmented_calibration_distill_runs_the_teacher_on_the_augmented_batches(monkeypatch: pytest.MonkeyPatch):
+    """With ``augment=True`` the dense model is run on each training batch, which is not a batch of the calibration
+    images themselves; the student's KL to it on the calibration images still falls, and the run repeats exactly."""
+    import copy
+
+    import timm
+    from torch.nn import functional as F
+
+    from experiments import loss_aware_study as study
+    from lowrank_vit import compress
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
+                              depth=2, num_heads=2, num_classes=5).eval()
+    x, y = torch.randn(48, 3, 16, 16), torch.randint(0, 5, (48,))
+    student = copy.deepcopy(dense)
+    compress(student, [(x, y)], reduction=0.6, calib_samples=48, progress=False, **study.RECIPES["vanilla"])
+
+    def kl(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(model(x), 1), F.log_softmax(dense(x), 1), log_target=True,
+                                  reduction="batchmean"))
+
+    monkeypatch.setattr(study, "CALIB_DISTILL_BATCH", 16)
+    seen: list[torch.Tensor] = []
+    handle = dense.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    runs = []
+    for _ in range(2):
+        candidate = copy.deepcopy(student)
+        study.calibration_distill(candidate, dense, x, seed=0, steps=30, lr=3e-3, augment=True)
+        runs.append(candidate)
+    handle.remove()
+    assert len(seen) == 60 and all(batch.shape == (16, 3, 16, 16) for batch in seen)
+    rows = x.flatten(1)
+    assert not any(torch.isclose(batch.flatten(1)[:, None], rows[None]).all(-1).any() for batch in seen)
+    first, second = (model.state_dict() for model in runs)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert kl(runs[0]) < 0.5 * kl(student)
+
+
 STUDY_JSON = REPO / "experiments" / "results" / "loss_aware_study.json"
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lowrank_vit.stages.finetune_config import FinetuneConfig, warmup_cosine
+from lowrank_vit.core.common import warmup_cosine
+from lowrank_vit.stages.finetune_config import FinetuneConfig
 
 
 @pytest.mark.usefixtures("offline")
