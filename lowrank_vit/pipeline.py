@@ -382,6 +382,8 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
         A :class:`CompressionReport`.
     """
     setup = _setup(model, config, overrides)
+    if setup.cfg.distill_steps and setup.cfg.likelihood != AUTO:
+        _distillation_loss(setup.cfg.likelihood)  # refused before any work
     setup, calib_images = _resolve_output(model, setup, calib_images)
     cfg, clock = setup.cfg, StageClock(setup.device)
     kept_images, calib_images, probe_images = (_kept_batches(calib_images, cfg) if _keeps_images(cfg)
@@ -616,21 +618,27 @@ def _distill(dense: nn.Module, model: nn.Module, setup: _Setup, images: list[tor
     """``CompressionConfig.distill_steps``: the compressed model trained end to end toward the dense one's outputs on
     augmented calibration images, under the compression's likelihood (:mod:`lowrank_vit.core.distill`); the stage's
     result as the report's ``distillation``."""
-    from lowrank_vit.stages.finetune import DISTILLATION_LIKELIHOODS, output_distillation_loss
-
     cfg = setup.cfg
     likelihood = cfg.likelihood
     if likelihood == AUTO:  # a decomposition without a gradient pass left it unresolved
         likelihood = resolve_likelihood(dense, images[0][:8].to(setup.device), AUTO, cfg.output_key)
-    if likelihood not in DISTILLATION_LIKELIHOODS:
-        raise ValueError(f"distill_steps: no distillation loss for the likelihood {likelihood!r}; use one of "
-                         f"{', '.join(DISTILLATION_LIKELIHOODS)}, or distill_steps=0")
     result = distill_on_calibration(
         dense, model, torch.cat(images), lambda m, x: select_output(m(x), cfg.output_key),
-        lambda student, teacher: output_distillation_loss(likelihood, student, teacher), steps=cfg.distill_steps,
+        _distillation_loss(likelihood), steps=cfg.distill_steps,
         lr=cfg.distill_lr, batch_size=cfg.distill_batch_size, augment=cfg.distill_augment, seed=cfg.seed,
         device=setup.device, progress=cfg.progress)
     return {**result.as_dict(), "likelihood": likelihood}
+
+
+def _distillation_loss(likelihood: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The distillation's loss under a named likelihood (the fine-tune's: ``output_distillation_loss``); a
+    ValueError for a likelihood that has none."""
+    from lowrank_vit.stages.finetune import DISTILLATION_LIKELIHOODS, output_distillation_loss
+
+    if likelihood not in DISTILLATION_LIKELIHOODS:
+        raise ValueError(f"distill_steps: no distillation loss for the likelihood {likelihood!r}; use one of "
+                         f"{', '.join(DISTILLATION_LIKELIHOODS)}, or distill_steps=0")
+    return lambda student, teacher: output_distillation_loss(likelihood, student, teacher)
 
 
 @torch.no_grad()
@@ -640,10 +648,12 @@ def _errors_on_tokens(dense: nn.Module, model: nn.Module, setup: _Setup, new_lay
     calibration images (:func:`lowrank_vit.core.blockwise.measuring_layer_errors`)."""
     was_training = dense.training
     dense.eval()
-    with measuring_layer_errors(dense, model, list(new_layers)) as errors:
-        for batch in micro_batches(images, 32):
-            dense(batch.to(setup.device))
-    dense.train(was_training)
+    try:
+        with measuring_layer_errors(dense, model, list(new_layers)) as errors:
+            for batch in micro_batches(images, 32):
+                dense(batch.to(setup.device))
+    finally:
+        dense.train(was_training)
     return errors
 
 

@@ -784,3 +784,20 @@ def test_a_feature_model_distils_under_the_gaussian_likelihood():
     with torch.no_grad():
         target = dense(images)
         assert float((model(images) - target).pow(2).mean()) < float((before(images) - target).pow(2).mean())
+
+
+def test_a_registered_likelihood_without_a_distillation_loss_is_refused_before_any_work(monkeypatch):
+    """A likelihood registered by the user's code has no distillation loss: with ``distill_steps`` the compression
+    refuses it at once, naming the ones that have one, and leaves the model as it was."""
+    from lowrank_vit.core.likelihood import LIKELIHOODS, Likelihood
+
+    monkeypatch.setitem(LIKELIHOODS, "poisson", Likelihood())
+    model = make_tiny_vit(seed=1)
+    before = snapshot(model)
+    calls = []
+    monkeypatch.setattr("lowrank_vit.pipeline._resolve_output", lambda *args: calls.append(args))
+    with pytest.raises(ValueError, match=r"no distillation loss for the likelihood 'poisson'; use one of categorical"):
+        compress(model, [make_images(16)], refit_cfg(reduction=0.5, calib_samples=16, likelihood="poisson",
+                                                     distill_steps=2))
+    assert not calls
+    assert_unchanged(model, before)
