@@ -75,8 +75,8 @@ with LEMS's integer program); "svd-llm-update" is SVD-LLM with the sequential up
 carries but its published pipeline does not run. "loss-aware-block" is the default followed by the block-wise
 reconstruction in the dense model's Fisher metric (``block_reconstruction="factors"``, ``block_metric="fisher"``,
 docs/loss_aware.md#block-wise-reconstruction). "loss-aware-distill" is the refit followed by the end-to-end
-distillation on augmented calibration images (``distill_steps=128``, docs/loss_aware.md#distillation-on-augmented-
-calibration-images): the most accuracy without a fine-tune, at many times the others' compress time."""
+distillation on augmented calibration images (``distill_steps=128``; docs/loss_aware.md, "Distillation on augmented
+calibration images"): the most accuracy without a fine-tune, at many times the others' compress time."""
 
 
 def setting_owners() -> dict[str, list[str]]:

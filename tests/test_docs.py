@@ -863,6 +863,11 @@ def test_the_augmented_distillation_section_is_the_committed_study():
             f"and {fixed:.0f} s for the rest") in flat
     assert (f"128 steps take about {full:.0f} s, {full / forward:.0f} calibration forwards (the refit stage "
             f"{refit['refit_s'] / refit['calibration_forward_s']:.1f})") in flat
+    readme = " ".join((ROOT / "benchmarks/README.md").read_text().split())
+    took = f"its stage took {short['distill_s']:.1f} s and {long['distill_s']:.1f} s, {per_step:.2f} s a step"
+    assert took in readme and f"its 128 steps take about {full / forward:.0f} calibration forwards" in readme
+    assert (f"{bench['loss-aware']['overhead_ratio']:.2f} (default), {refit['overhead_ratio']:.2f} (refit), "
+            f"{short['overhead_ratio']:.2f} and {long['overhead_ratio']:.2f}") in readme
     whole = (short["total_s"] + 112 * per_step) / forward
     assert f"the whole `compress` about {whole:.0f} of them" in flat
     assert f"(#distillation-on-augmented-calibration-images)) | about {whole:.0f}x |" in text
