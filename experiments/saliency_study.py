@@ -434,7 +434,8 @@ def run_cell(dense: nn.Module, recipe: str, ratio: float, calib: torch.Tensor, e
             "cost": compress_s / forward_s, "stages_s": {k: round(v, 2) for k, v in report.stage_seconds.items()},
             "r_mean": float(r.mean()), "r_median": float(r.quantile(0.5)), "iou_mean": float(iou.mean()),
             "iou_median": float(iou.quantile(0.5)), "r": [round(float(v), 6) for v in r],
-            "iou": [round(float(v), 6) for v in iou]}
+            "iou": [round(float(v), 6) for v in iou], **({"distillation": report.distillation}
+                                                              if report.distillation else {})}
 
 
 def render(results: dict[str, Any]) -> str:

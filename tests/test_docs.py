@@ -873,6 +873,31 @@ def test_the_augmented_distillation_section_is_the_committed_study():
     assert f"(#distillation-on-augmented-calibration-images)) | about {whole:.0f}x |" in text
 
 
+def test_the_saliency_distillation_table_is_the_committed_study():
+    """The DINOv2-S rows of the augmented distillation's section, from experiments/results/saliency_distill.json:
+    each cell's means and medians, its test against the refit and its cost; at -50% the distillation's maps are the
+    refit's image by image (its check restored the refit), and the -70% distillation cell is absent (not run)."""
+    study = json.loads((ROOT / "experiments/results/saliency_distill.json").read_text())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### Distillation on augmented calibration images"):
+                   text.index("### Every candidate at a glance")]
+    names = {"loss-aware": "loss-aware (default)"}
+    for key, cell in study["cells"].items():
+        ratio = key.split("@")[1]
+        against = study["tests"][ratio]["vs loss-aware-refit"].get(cell["recipe"])
+        tested = ("-", "-") if against is None else tuple(
+            f"{against[m]['median_diff']:+.3f}, p = {against[m]['p']:.2g}" for m in ("r", "iou"))
+        row = (f"| -{round(100 * float(ratio))}% | {names.get(cell['recipe'], cell['recipe'])} | "
+               f"{cell['r_mean']:.3f} / {cell['r_median']:.3f} | {cell['iou_mean']:.3f} / {cell['iou_median']:.3f} | "
+               f"{tested[0]} | {tested[1]} | {cell['compress_s']:.0f} s ({cell['cost']:.1f}x) |")
+        assert row in section, key
+    cells = study["cells"]
+    assert cells["loss-aware-distill@0.5"]["r"] == cells["loss-aware-refit@0.5"]["r"]
+    assert "loss-aware-distill@0.7" not in cells
+    stage = cells["loss-aware-distill@0.5"]["stages_s"]["distillation"]
+    assert f"the stage still cost {stage:,.0f} s" in " ".join(section.split())
+
+
 def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
     """docs/loss_aware.md's summary of the no-fine-tune candidates: each count of significantly better / worse cells
     and each compress-time multiple recomputed from the held-out studies' JSONs."""
