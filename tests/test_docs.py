@@ -586,16 +586,21 @@ def test_the_saliency_table_is_the_committed_study():
     study = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())
     text = (ROOT / "docs/loss_aware.md").read_text()
     shown = 0
-    for key, cell in study["cells"].items():
+    for key in study["cells"]:
         ratio = key.split("@")[1]
-        against = study["tests"][ratio]["vs loss-aware-refit"].get(cell["recipe"])
-        tested = ("-", "-") if against is None else tuple(
-            f"{against[m]['median_diff']:+.3f}, p = {against[m]['p']:.2g}" for m in ("r", "iou"))
-        row = (f"{cell['r_mean']:.3f} / {cell['r_median']:.3f} | {cell['iou_mean']:.3f} / {cell['iou_median']:.3f} | "
-               f"{tested[0]} | {tested[1]} | {cell['compress_s']:.0f} s ({cell['cost']:.1f}x) |")
-        assert f"| -{round(100 * float(ratio))}% |" in text and row in text, key
+        assert f"| -{round(100 * float(ratio))}% |" in text and _saliency_row(study, key) in text, key
         shown += 1
     assert shown == 18
+
+
+def _saliency_row(study: dict, key: str) -> str:
+    """A saliency cell's row from its means and medians, its test against the refit and its cost."""
+    cell = study["cells"][key]
+    against = study["tests"][key.split("@")[1]]["vs loss-aware-refit"].get(cell["recipe"])
+    tested = ("-", "-") if against is None else tuple(
+        f"{against[m]['median_diff']:+.3f}, p = {against[m]['p']:.2g}" for m in ("r", "iou"))
+    return (f"{cell['r_mean']:.3f} / {cell['r_median']:.3f} | {cell['iou_mean']:.3f} / {cell['iou_median']:.3f} | "
+            f"{tested[0]} | {tested[1]} | {cell['compress_s']:.0f} s ({cell['cost']:.1f}x) |")
 
 
 def _md_rows(table: str) -> list[list[str]]:
@@ -883,14 +888,8 @@ def test_the_saliency_distillation_table_is_the_committed_study():
                    text.index("### Every candidate at a glance")]
     names = {"loss-aware": "loss-aware (default)"}
     for key, cell in study["cells"].items():
-        ratio = key.split("@")[1]
-        against = study["tests"][ratio]["vs loss-aware-refit"].get(cell["recipe"])
-        tested = ("-", "-") if against is None else tuple(
-            f"{against[m]['median_diff']:+.3f}, p = {against[m]['p']:.2g}" for m in ("r", "iou"))
-        row = (f"| -{round(100 * float(ratio))}% | {names.get(cell['recipe'], cell['recipe'])} | "
-               f"{cell['r_mean']:.3f} / {cell['r_median']:.3f} | {cell['iou_mean']:.3f} / {cell['iou_median']:.3f} | "
-               f"{tested[0]} | {tested[1]} | {cell['compress_s']:.0f} s ({cell['cost']:.1f}x) |")
-        assert row in section, key
+        label = f"| -{round(100 * float(key.split('@')[1]))}% | {names.get(cell['recipe'], cell['recipe'])} | "
+        assert label + _saliency_row(study, key) in section, key
     cells = study["cells"]
     assert cells["loss-aware-distill@0.5"]["r"] == cells["loss-aware-refit@0.5"]["r"]
     assert "loss-aware-distill@0.7" not in cells
