@@ -259,7 +259,11 @@ class CompressionConfig:
     steps, then a cosine to 0)."""
     distill_batch_size: int = 64
     """With ``distill_steps``: calibration images per step (drawn with replacement, seeded by ``seed``; the backward
-    runs on 32 at a time)."""
+    runs on ``distill_micro_batch`` at a time)."""
+    distill_micro_batch: int = 32
+    """With ``distill_steps``: images per forward and backward (a step's gradients are accumulated over its batch, so
+    the steps do not depend on it). The stage's activation memory is that of this many images through the whole
+    model: lower it for large models and images (ViT-L at 224 pixels), at some speed."""
     distill_augment: str = "mix"
     """With ``distill_steps``: "mix" (each image mirrored, shifted by up to 4 pixels and mixed with another of the
     batch: ``lowrank_vit.core.distill.mix_augment``) or "none" (the calibration images as given: they are soon
@@ -401,6 +405,7 @@ class CompressionConfig:
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
             raise ValueError(f"distill_steps must be an integer >= 0 (0: no distillation), got {self.distill_steps!r}")
         check_count("distill_batch_size", self.distill_batch_size)
+        check_count("distill_micro_batch", self.distill_micro_batch)
         check_number("distill_lr", self.distill_lr, "> 0")
         _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
         if self.distill_steps and callable(self.likelihood):

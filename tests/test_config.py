@@ -140,7 +140,7 @@ def test_config_z_kind_needs_a_z_budget_and_recipes_are_named():
 
 
 @pytest.mark.usefixtures("one_thread_module")
-@pytest.mark.parametrize("field", ["calib_samples", "rank_multiple", "distill_batch_size"])
+@pytest.mark.parametrize("field", ["calib_samples", "rank_multiple", "distill_batch_size", "distill_micro_batch"])
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_config_counts_not_positive_integer(field, value):
     with pytest.raises(ValueError, match=rf"{field} must be a positive integer"):
@@ -290,7 +290,7 @@ def test_a_flat_config_of_the_earlier_version_loads_with_the_same_effective_valu
     assert {key: getattr(config, key) for key in SHARED} == {key: old.get(key, defaults[key]) for key in SHARED}
     assert set(SHARED) - set(old) <= {"likelihood", "output_key", "block_reconstruction", "block_steps", "block_lr",
                                       "block_batch_size", "block_metric", "distill_steps", "distill_lr",
-                                      "distill_batch_size", "distill_augment"}
+                                      "distill_batch_size", "distill_augment", "distill_micro_batch"}
     resolved = config.resolved_settings()
     for key in MOVED:
         kind, readers = READ_BY[key]

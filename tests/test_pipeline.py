@@ -12,6 +12,7 @@ from torch import nn
 
 from lowrank_vit import compress, count_params
 from lowrank_vit import config as config_module
+from lowrank_vit import pipeline as pipeline_module
 from lowrank_vit.config import (
     RECIPES,
     CompressionConfig,
@@ -753,6 +754,34 @@ def test_the_distillation_stage_reports_what_it_did_and_the_layers_as_they_end(s
     for layer in report.layers:
         if layer.rank is not None:
             assert layer.output_error == pytest.approx(truth[layer.name], rel=1e-4), layer.name
+
+
+def test_the_distillations_micro_batch_sets_the_images_per_backward_and_not_the_steps(monkeypatch):
+    """``distill_micro_batch=5`` with batches of 12: the compressed model runs forward on at most 5 images at a time
+    during the stage (counted by a hook), and ends where the default micro-batch ends (gradients accumulated over the
+    same batches)."""
+    images = make_images(32, seed=5)
+    settings = dict(reduction=0.6, calib_samples=32, distill_steps=3, distill_lr=1e-3, distill_batch_size=12,
+                    distill_augment="none")
+    whole, parts = make_tiny_vit(seed=2), make_tiny_vit(seed=2)
+    compress(whole, [images], refit_cfg(**settings))
+    sizes = []
+    real = pipeline_module.distill_on_calibration
+
+    def counting(dense, model, *args, **kwargs):
+        hook = model.register_forward_pre_hook(lambda module, inputs: sizes.append(len(inputs[0])))
+        try:
+            return real(dense, model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(pipeline_module, "distill_on_calibration", counting)
+    report = compress(parts, [images], refit_cfg(**settings, distill_micro_batch=5))
+    assert report.config["distill_micro_batch"] == 5
+    assert sizes and max(sizes) == 5 and 2 in sizes  # 12 = 5 + 5 + 2 per step
+    expected = whole.state_dict()
+    for name, value in parts.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_distillation_that_does_not_help_leaves_the_refit_as_it_was():

@@ -396,21 +396,17 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
                  f"{calls} solves and eigendecompositions")
 
 
-DISTILL_MICRO_BATCH = 32
-"""Images per backward in the distillation (``lowrank_vit.core.distill``'s ``micro_batch`` as the pipeline runs it)."""
-
-
 def _distillation(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, images: int, gemm: str,
                   params_gib: float) -> Stage:
     """``CompressionConfig.distill_steps``: every step the dense model's forward and the compressed model's forward
     and backward over ``distill_batch_size`` images (:data:`SEARCH_STEP_FORWARDS` forwards each), the loss on the
     calibration images before and after (both models) and the layers' errors on them. Memory: the dense model,
     the compressed one, its saved weights, its gradients and AdamW's two moments, and one micro-batch's activations
-    (dense parameters as the bound: the compressed model is smaller)."""
+    (``distill_micro_batch`` images; dense parameters as the bound: the compressed model is smaller)."""
     steps, batch = compression.distill_steps, compression.distill_batch_size
     forwards = SEARCH_STEP_FORWARDS * steps * batch + 5 * images
     flops = forwards * shapes.forward_flops
-    memory = 6 * params_gib + min(batch, DISTILL_MICRO_BATCH) * 3 * shapes.activation_bytes / GIB
+    memory = 6 * params_gib + min(batch, compression.distill_micro_batch) * 3 * shapes.activation_bytes / GIB
     return Stage("distillation", flops, _gemm_seconds(flops, spec, gemm), memory,
                  f"{steps} steps of {batch} images (teacher forward, forward and backward), {gemm}")
 

@@ -244,6 +244,20 @@ def test_distillation_is_estimated_as_its_steps_and_its_checks():
     assert est["compress_seconds"] == pytest.approx(base["compress_seconds"] + stage["seconds"])
 
 
+def test_the_distillations_memory_follows_its_micro_batch_and_its_time_does_not():
+    """``distill_micro_batch`` bounds the activations held for the backward: the estimate's memory grows linearly
+    with it (32, 16, 4 images of a batch of 64) and its FLOPs stay (the same steps); a micro-batch above the batch
+    holds no more than the batch."""
+    exp = get_experiment(ROWS["loss-aware"])
+    stages = {micro: _stage(estimate.estimate_row(exp, device="a100", overrides=[
+        "compression.distill_steps=40", f"compression.distill_micro_batch={micro}"]), "distillation")
+        for micro in (4, 16, 32, 64, 128)}
+    assert len({s["flops"] for s in stages.values()}) == 1
+    memory = {micro: s["memory_gib"] for micro, s in stages.items()}
+    assert 0 < memory[4] < memory[16] < memory[32] < memory[64] == memory[128]
+    assert (memory[32] - memory[16]) / 16 == pytest.approx((memory[16] - memory[4]) / 12)
+
+
 def test_the_refit_memory_counts_the_widest_blocks_recorded_inputs():
     """The refit records the dense block's layer inputs at once: the estimate's memory counts the block whose layers
     see the most input values per image, blocks as the adapter groups them (a Swin's, across its stages, too)."""
