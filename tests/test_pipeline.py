@@ -738,8 +738,9 @@ def test_the_distillation_stage_reports_what_it_did_and_the_layers_as_they_end(s
     """``distill_steps``: after the refit (or after vanilla SVD, which measured no errors on the tokens), the report's
     ``distillation`` holds the steps, the likelihood and the loss before and after; the trained weights are kept (the
     loss fell), and each layer's reported output error is that of the layer as it ends, against the dense layer on
-    the dense model's inputs (computed here by hand)."""
-    dense = randomize_affine_(make_tiny_vit(seed=3), seed=1, scale=1.0)
+    the dense model's inputs (computed here by hand). (timm's own initialization: with random affine parameters the
+    refit leaves this model exact, KL 1e-8, and a distillation has nothing to lower.)"""
+    dense = make_tiny_vit(seed=3)
     images = make_images(48, seed=4)
     model = copy.deepcopy(dense)
     report = compress(model, [images[:24], images[24:]], refit_cfg(

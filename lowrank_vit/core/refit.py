@@ -272,27 +272,35 @@ def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch
     if c.shape != d.shape:
         raise ValueError(f"the compressed and the dense layer see different token shapes ({tuple(c.shape)} vs "
                          f"{tuple(d.shape)})")
-    cast_c, cast_d = c.to(dtype), d.to(dtype)
     product = sums.get("product")
     if product is None:  # blocks below the diagonal stay zero (upper_gram_): both Grams are symmetrized at the end
         product = sums["product"] = torch.zeros(c.shape[1], c.shape[1], dtype=dtype, device=c.device)
+    if dense:
+        sums["dense"] += upper_gram_(product, d.to(dtype)).double()
+    if center:
+        # Centred sums of tokens shifted by the first batch's mean: sum x x^T - N mu mu^T on the raw tokens cancels
+        # catastrophically in float32 products where the mean dwarfs the spread (an attention output of nearly equal
+        # tokens), which left H_c indefinite and the refit's least squares amplifying rounding errors by 1e9.
+        if "shift_c" not in sums:
+            sums["shift_c"], sums["shift_d"] = c.double().mean(0), d.double().mean(0)
+        c, d = c.double() - sums["shift_c"], d.double() - sums["shift_d"]
+        sums["sum_c"] += c.sum(0)
+        sums["sum_d"] += d.sum(0)
+    cast_c, cast_d = c.to(dtype), d.to(dtype)
     sums["gram"] += upper_gram_(product, cast_c).double()
     sums["cross"] += (cast_c.T @ cast_d).double()
-    if dense:
-        sums["dense"] += upper_gram_(product, cast_d).double()
-    if center:
-        sums["sum_c"] += c.double().sum(0)
-        sums["sum_d"] += d.double().sum(0)
     sums["rows"] += c.shape[0]
 
 
 def _pair_grams(sums: dict[str, torch.Tensor], images: int, center: bool) -> PairGrams:
     gram, cross, rows = symmetrize_upper(sums["gram"]), sums["cross"], float(sums["rows"])
     mean_c = mean_d = None
-    if center:
+    if center:  # the sums are of shifted tokens (_accumulate_pair): centring them gives the same Grams
         mean_c, mean_d = sums["sum_c"] / rows, sums["sum_d"] / rows
         gram = gram - rows * torch.outer(mean_c, mean_c)
         cross = cross - rows * torch.outer(mean_c, mean_d)
+        if "shift_c" in sums:
+            mean_c, mean_d = mean_c + sums["shift_c"], mean_d + sums["shift_d"]
     dense = sums.get("dense")
     return PairGrams(gram / images, cross / images, mean_c, mean_d,
                      None if dense is None else symmetrize_upper(dense) / images, rows / images)

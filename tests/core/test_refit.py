@@ -387,3 +387,50 @@ def test_reported_errors_of_refitted_layers_are_exact():
         assert entry.output_error == pytest.approx(expected, rel=1e-6), entry.name
         checked += 1
     assert checked == len(layers) and any(name.endswith("fc2") for name in layers)
+
+
+def test_centred_pair_grams_in_float32_products_survive_a_mean_far_above_the_spread():
+    """Tokens whose mean is 300 times their spread (as an attention output of nearly equal tokens): the centred H_c and
+    K from float32 products, accumulated over three batches, match the float64 centring of the same tokens to
+    1e-5 of their size, and H_c stays positive semi-definite; the means are exact. (Centring by sum x x^T - N mu
+    mu^T on the raw tokens left H_c indefinite here, and the refit amplified the rounding by 1e9.)"""
+    from lowrank_vit.core.refit import _accumulate_pair, _pair_grams
+
+    g = torch.Generator().manual_seed(0)
+    offset = 300.0 * torch.randn(12, generator=g)
+    batches = [(offset + torch.randn(2, 40, 12, generator=g), 0.5 * offset + torch.randn(2, 40, 12, generator=g))
+               for _ in range(3)]
+    sums = {"gram": torch.zeros(12, 12, dtype=torch.float64), "cross": torch.zeros(12, 12, dtype=torch.float64),
+            "sum_c": torch.zeros(12, dtype=torch.float64), "sum_d": torch.zeros(12, dtype=torch.float64), "rows": 0}
+    for x_c, x_d in batches:
+        _accumulate_pair(x_c, x_d, sums, True, torch.float32, False)
+    pair = _pair_grams(sums, 6, True)
+    c = torch.cat([x.reshape(-1, 12) for x, _ in batches]).double()
+    d = torch.cat([x.reshape(-1, 12) for _, x in batches]).double()
+    c0, d0 = c - c.mean(0), d - d.mean(0)
+    torch.testing.assert_close(pair.mean_c, c.mean(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(pair.mean_d, d.mean(0), rtol=1e-12, atol=1e-9)
+    for got, truth in ((pair.gram, c0.T @ c0 / 6), (pair.cross, c0.T @ d0 / 6)):
+        assert float((got - truth).norm() / truth.norm()) < 1e-5
+    assert float(torch.linalg.eigvalsh(pair.gram).min()) > 0
+
+
+def test_the_refit_in_float32_products_matches_float64_on_a_model_with_near_constant_inputs():
+    """A tiny ViT with random affine parameters compressed by 80%: its second block's attention output is nearly the
+    same for every token. The refit with float32 Gram products gives every layer the weight float64 products give
+    (to 1e-3 of its norm), and so the same KL to the dense model (was: a 1e9-fold weight and a KL of 0.02 where the
+    float64 refit has 1e-8)."""
+    from tests.helpers import randomize_affine_
+
+    dense = randomize_affine_(make_tiny_vit(seed=3), seed=1, scale=1.0)
+    images = make_images(48, seed=4)
+    models = {}
+    for precision in ("float32", "float64"):
+        models[precision] = copy.deepcopy(dense)
+        compress(models[precision], [images[:24], images[24:]],
+                 refit_cfg(reduction=0.8, calib_samples=48, gram_precision=precision))
+    layers = {p: {n: m.dense_weight().detach() for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+              for p, model in models.items()}
+    assert len(layers["float64"]) == 8
+    for name, truth in layers["float64"].items():
+        assert float((layers["float32"][name] - truth).norm() / truth.norm()) < 1e-3, name
