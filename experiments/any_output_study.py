@@ -51,6 +51,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "svd-llm-update": LIBRARY_RECIPES["svd-llm-update"],  # SVD-LLM with its sequential update (docs/peers.md)
 }
 """The methods of every task; each task adds its own variants of the default (another likelihood)."""
+
+NO_FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
+    "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
+    "loss-aware-distill": LIBRARY_RECIPES["loss-aware-distill"],  # mixed images (distill_augment="mix")
+    "la-distill-plain": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_augment": "none"},
+}
+"""The recipes for a model that ships without fine-tune (docs/loss_aware.md), run only where ``--recipes`` names
+them."""
 DEFAULT = "loss-aware"
 
 
@@ -278,6 +286,39 @@ def _table(cells: dict[str, Any], key: str, test: str, digits: int = 2) -> list[
     return lines
 
 
+def _p(p: float) -> str:
+    return f"p = {p:.2g}" if p >= 1e-4 else "p < 1e-4"
+
+
+def against(results: dict[str, Any], base: str = "loss-aware-refit",
+            recipes: tuple[str, ...] = ("loss-aware-distill", "la-distill-plain")) -> str:
+    """Markdown: each of ``recipes`` paired against ``base`` (not the default) per task and ratio: the score's
+    difference and its test, and the fidelity's where the task records one."""
+    lines = ["| task | ratio | " + base + " | " + " | ".join(recipes) + " |", "|---" * (len(recipes) + 3) + "|"]
+    for task, entry in results["tasks"].items():
+        cells, kind = entry["cells"], entry["paired"]
+        ratios = sorted({key.rsplit("@", 1)[1] for key in cells if key.startswith(base + "@")}, key=float)
+        for ratio in ratios:
+            ref = cells[f"{base}@{ratio}"]
+            row = [task, f"-{float(ratio):.0%}", f"{ref['score']:.2f}" + (
+                f" ({ref['fidelity']:.3f})" if "fidelity" in ref else "")]
+            for recipe in recipes:
+                cell = cells.get(f"{recipe}@{ratio}")
+                if cell is None:
+                    row.append("-")
+                    continue
+                p = paired_test(kind, cell["per_image"], ref["per_image"])["p"]
+                text = f"{cell['score'] - ref['score']:+.2f}, {_p(p)}"
+                text = f"**{text}**" if p < 0.05 else text
+                if "fidelity" in cell:
+                    p = paired_test("wilcoxon", cell["fidelity_per_image"], ref["fidelity_per_image"])["p"]
+                    fidelity = f"{cell['fidelity'] - ref['fidelity']:+.3f}, {_p(p)}"
+                    text += f" ({f'**{fidelity}**' if p < 0.05 else fidelity})"
+                row.append(text)
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def render(results: dict[str, Any]) -> str:
     """Markdown: per task, its downstream score and (where measured) its fidelity to the dense model, recipes as
     rows, ratios (and after the fine-tune) as columns; each recipe's paired test against the default beside it."""
@@ -297,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cifar10", required=True, help="the CIFAR-10 parquet folder (train.parquet, test.parquet)")
     parser.add_argument("--tasks", default="headless:cifar_vit6_long,headless:cifar_deit3_ls,embed,seg")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
-    parser.add_argument("--recipes", default=None, help="comma-separated subset of the recipes (default: all)")
+    parser.add_argument("--recipes", default=None, help="comma-separated subset of the recipes (default: all but the "
+                        "no-fine-tune ones, which run where named: " + ", ".join(NO_FINETUNE_RECIPES) + ")")
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--eval", type=int, default=2000, help="held-out images per task")
     parser.add_argument("--finetune-steps", type=int, default=100)
@@ -326,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         entry.update({"metric": metric, "dense": task.judge(task.model)["score"], "paired": task.paired})
         recipes = {**RECIPES, **task.variants}
         if args.recipes:
-            recipes = {k: v for k, v in recipes.items() if k in args.recipes.split(",")}
+            named = {**RECIPES, **NO_FINETUNE_RECIPES, **task.variants}
+            recipes = {k: v for k, v in named.items() if k in args.recipes.split(",")}
         for ratio in (float(r) for r in args.ratios.split(",")):
             for name, recipe in recipes.items():
                 key = f"{name}@{ratio}"
