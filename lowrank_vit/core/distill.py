@@ -13,9 +13,7 @@ image, so nothing about labels or the kind of output is assumed.
 A model the earlier stages already left nearly exact gains nothing, and Adam's steps, whose size does not shrink
 with the gradient, can then only add noise (measured: a DeiT whose KL to the dense model was 1e-5 lost 0.46 points).
 So the loss is measured on the calibration images themselves (not augmented) before and after, and the trained
-weights are kept only if it fell. It is measured once more an eighth of the way through: a model on which the steps
-raise it from the start (measured: a pretrained DINOv2-S, whose loss rose from the first step at every rate down to
-1e-6 and never came back) stops there, restored, instead of paying for all the steps.
+weights are kept only if it fell.
 
 Memory: the dense model, the compressed one, a copy of the latter's weights (for the check), and the activations of
 ``micro_batch`` images through the whole model for the backward (gradients are accumulated over a step's batch).
@@ -32,10 +30,6 @@ from torch import nn
 
 from lowrank_vit.core.common import warmup_cosine
 from lowrank_vit.core.progress import progress_bar
-
-EARLY_CHECK = 8
-"""The loss on the calibration images is measured again after ``steps // EARLY_CHECK`` steps (with at least
-``2 * EARLY_CHECK`` steps): if it has not fallen by then, the stage stops and restores the model."""
 
 AUGMENTATIONS = ("mix", "none")
 """``CompressionConfig.distill_augment``: "mix" (:func:`mix_augment`) or "none" (the calibration images as given)."""
@@ -68,9 +62,6 @@ class DistillResult:
     loss_before: float
     loss_after: float
     kept: bool
-    steps_run: int = 0
-    """The steps taken: ``steps``, or fewer where the loss had risen at the early check (then ``loss_after`` is the
-    loss there)."""
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -97,9 +88,7 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
     ``batch_size`` calibration ``images`` drawn with replacement (seeded by ``seed``), augmented by :func:`mix_augment`
     where ``augment="mix"``; ``dense`` is never trained. Both models stay in eval mode (no dropout, no drop path), and
     every parameter's ``requires_grad`` and the model's mode are restored. The weights are kept only if the loss on
-    the calibration images as given fell (see the module docstring); otherwise ``model`` is restored exactly. With
-    at least ``2 * EARLY_CHECK`` steps that loss is also measured after ``steps // EARLY_CHECK`` of them, and the
-    stage stops there, restored, if it has not fallen (``DistillResult.steps_run``)."""
+    the calibration images as given fell (see the module docstring); otherwise ``model`` is restored exactly."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}: one of {', '.join(AUGMENTATIONS)}")
     if steps < 1 or batch_size < 1 or micro_batch < 1 or not lr > 0:
@@ -117,16 +106,9 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     draws, augmenter = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     warmup = max(1, steps // 20)
-    early = max(1, steps // EARLY_CHECK) if steps >= 2 * EARLY_CHECK else None
-    after, run = None, steps
     try:
         with progress_bar(steps, "distillation", "step", progress) as bar:
             for step in range(steps):
-                if step == early:
-                    loss_now = _mean_loss(dense, model, images, output, loss, micro_batch, device)
-                    if not (math.isfinite(loss_now) and loss_now < before):  # rising from the start: stop here
-                        after, run = loss_now, step
-                        break
                 for group in optimizer.param_groups:
                     group["lr"] = lr * warmup_cosine(step, steps, warmup)
                 batch = images[torch.randint(0, len(images), (batch_size,), generator=draws)]
@@ -144,10 +126,9 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
         for p in params:
             p.requires_grad_(flags[p])
             p.grad = None
-    if after is None:
-        after = _mean_loss(dense, model, images, output, loss, micro_batch, device)
-    kept = run == steps and math.isfinite(after) and after < before
+    after = _mean_loss(dense, model, images, output, loss, micro_batch, device)
+    kept = math.isfinite(after) and after < before
     if not kept:
         model.load_state_dict(saved)
     model.train(was_training)
-    return DistillResult(steps, before, after, kept, run)
+    return DistillResult(steps, before, after, kept)

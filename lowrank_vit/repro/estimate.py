@@ -26,7 +26,6 @@ from typing import Any
 from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import GreedySettings, get_policy
 from lowrank_vit.core.common import settings_of
-from lowrank_vit.core.distill import EARLY_CHECK
 from lowrank_vit.methods.compensate import SgdSettings, get_z_kind
 from lowrank_vit.methods.decompositions import get_method
 from lowrank_vit.pipeline import statistics_space
@@ -401,12 +400,11 @@ def _distillation(shapes: ModelShapes, compression: CompressionConfig, spec: Dev
                   params_gib: float) -> Stage:
     """``CompressionConfig.distill_steps``: every step the dense model's forward and the compressed model's forward
     and backward over ``distill_batch_size`` images (:data:`SEARCH_STEP_FORWARDS` forwards each), the loss on the
-    calibration images before, after and (with enough steps) at the early check, in both models, and the layers'
-    errors on them; a stage stopped at the early check costs less. Memory: the dense model,
+    calibration images before and after (both models) and the layers' errors on them. Memory: the dense model,
     the compressed one, its saved weights, its gradients and AdamW's two moments, and one micro-batch's activations
     (``distill_micro_batch`` images; dense parameters as the bound: the compressed model is smaller)."""
     steps, batch = compression.distill_steps, compression.distill_batch_size
-    forwards = SEARCH_STEP_FORWARDS * steps * batch + (7 if steps >= 2 * EARLY_CHECK else 5) * images
+    forwards = SEARCH_STEP_FORWARDS * steps * batch + 5 * images
     flops = forwards * shapes.forward_flops
     memory = 6 * params_gib + min(batch, compression.distill_micro_batch) * 3 * shapes.activation_bytes / GIB
     return Stage("distillation", flops, _gemm_seconds(flops, spec, gemm), memory,

@@ -113,7 +113,7 @@ def test_distillation_trains_toward_the_dense_model_and_keeps_what_helped():
     assert all(p.grad is None for p in first.parameters())
     with torch.no_grad():
         truth_after = float(_kl(first.eval()(x), dense(x)))
-    assert result.kept and result.steps == result.steps_run == 12
+    assert result.kept and result.steps == 12
     assert result.loss_before == pytest.approx(truth_before, rel=1e-5)
     assert result.loss_after == pytest.approx(truth_after, rel=1e-5)
     assert truth_after < 0.7 * truth_before
@@ -134,31 +134,6 @@ def test_a_distillation_that_does_not_lower_the_loss_is_undone_exactly():
     assert not result.kept and result.loss_before == pytest.approx(0.0, abs=1e-9)
     assert result.loss_after > result.loss_before
     assert all(torch.equal(value, dense.state_dict()[name]) for name, value in model.state_dict().items())
-
-
-def test_a_distillation_that_raises_the_loss_from_the_start_stops_at_the_early_check():
-    """32 steps on a model already equal to the dense one at a rate far too high: the loss on the calibration images
-    has risen by the early check after 4 steps (32 // 8), so the stage stops there (4 optimizer steps, counted by
-    a hook on the optimizer), reports that loss, and the weights come back bit for bit; 15 steps (fewer than 16)
-    have no early check and run to the end."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    from lowrank_vit.core.distill import EARLY_CHECK
-
-    assert EARLY_CHECK == 8
-    dense, _, x = _pair()
-    for steps, expected in ((32, 4), (15, 15)):
-        model = copy.deepcopy(dense)
-        taken = []
-        handle = register_optimizer_step_post_hook(lambda *args, taken=taken: taken.append(1))
-        try:
-            result = distill_on_calibration(dense, model, x, _logits, _kl, steps=steps, lr=1e-2, batch_size=8,
-                                            seed=0, progress=False)
-        finally:
-            handle.remove()
-        assert (result.steps, result.steps_run, len(taken)) == (steps, expected, expected)
-        assert not result.kept and result.loss_after > result.loss_before
-        assert all(torch.equal(value, dense.state_dict()[name]) for name, value in model.state_dict().items())
 
 
 def test_the_backward_in_micro_batches_takes_the_same_steps_as_one_batch():

@@ -229,8 +229,8 @@ def test_refit_adds_its_stage_to_the_compression():
 
 def test_distillation_is_estimated_as_its_steps_and_its_checks():
     """``compression.distill_steps=40`` with a batch of 16: 40 steps of four forward-equivalents of 16 images, plus
-    seven passes over the calibration images (the loss before, at the early check and after in both models, the
-    layers' errors), counted in the compression's time; its memory is more than the calibration forward's."""
+    five passes over the calibration images (the loss before and after in both models, the layers' errors), counted
+    in the compression's time; its memory is more than the calibration forward's."""
     exp = get_experiment(ROWS["loss-aware"])
     base = estimate.estimate_row(exp, device="a100")
     est = estimate.estimate_row(exp, device="a100", overrides=["compression.distill_steps=40",
@@ -238,7 +238,7 @@ def test_distillation_is_estimated_as_its_steps_and_its_checks():
     assert "distillation" not in {s["name"] for s in base["stages"]}
     stage, forward = _stage(est, "distillation"), _stage(est, "calibration forward")
     images = int(forward["detail"].split()[0])
-    assert stage["flops"] == pytest.approx((40 * 16 * 4 + 7 * images) * forward["flops"] / images)
+    assert stage["flops"] == pytest.approx((40 * 16 * 4 + 5 * images) * forward["flops"] / images)
     assert "40 steps of 16 images" in stage["detail"]
     assert stage["memory_gib"] > forward["memory_gib"]
     assert est["compress_seconds"] == pytest.approx(base["compress_seconds"] + stage["seconds"])
