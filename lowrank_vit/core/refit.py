@@ -281,11 +281,11 @@ def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch
         # Centred sums of tokens shifted by the first batch's mean: sum x x^T - N mu mu^T on the raw tokens cancels
         # catastrophically in float32 products where the mean dwarfs the spread (an attention output of nearly equal
         # tokens), which left H_c indefinite and the refit's least squares amplifying rounding errors by 1e9.
-        if "shift_c" not in sums:
-            sums["shift_c"], sums["shift_d"] = c.double().mean(0), d.double().mean(0)
-        c, d = c.double() - sums["shift_c"], d.double() - sums["shift_d"]
-        sums["sum_c"] += c.sum(0)
-        sums["sum_d"] += d.sum(0)
+        if "shift_c" not in sums:  # rounded to the product's precision, so that adding it back is exact
+            sums["shift_c"], sums["shift_d"] = (x.double().mean(0).to(dtype).double() for x in (c, d))
+        c, d = c.to(dtype) - sums["shift_c"].to(dtype), d.to(dtype) - sums["shift_d"].to(dtype)  # no float64 copy
+        sums["sum_c"] += c.sum(0, dtype=torch.float64)
+        sums["sum_d"] += d.sum(0, dtype=torch.float64)
     cast_c, cast_d = c.to(dtype), d.to(dtype)
     sums["gram"] += upper_gram_(product, cast_c).double()
     sums["cross"] += (cast_c.T @ cast_d).double()
