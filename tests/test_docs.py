@@ -910,7 +910,8 @@ def test_the_augmented_distillation_section_is_the_committed_study():
 def test_the_saliency_distillation_table_is_the_committed_study():
     """The DINOv2-S rows of the augmented distillation's section, from experiments/results/saliency_distill.json:
     each cell's means and medians, its test against the refit and its cost; at -50% the distillation's maps are the
-    refit's image by image (its check restored the refit), and the -70% distillation cell is absent (not run)."""
+    refit's image by image and at -70% to the sixth decimal (its check restored the refit; the refit's centring
+    changed between the two runs, at the rounding level), and the stage's seconds are those quoted."""
     study = json.loads((ROOT / "experiments/results/saliency_distill.json").read_text())
     text = (ROOT / "docs/loss_aware.md").read_text()
     section = text[text.index("### Distillation on augmented calibration images"):
@@ -921,9 +922,14 @@ def test_the_saliency_distillation_table_is_the_committed_study():
         assert label + _saliency_row(study, key) in section, key
     cells = study["cells"]
     assert cells["loss-aware-distill@0.5"]["r"] == cells["loss-aware-refit@0.5"]["r"]
-    assert "loss-aware-distill@0.7" not in cells
-    stage = cells["loss-aware-distill@0.5"]["stages_s"]["distillation"]
-    assert f"the stage still cost {stage:,.0f} s" in " ".join(section.split())
+    distilled, refit = cells["loss-aware-distill@0.7"], cells["loss-aware-refit@0.7"]
+    assert distilled["distillation"]["kept"] is False
+    assert distilled["distillation"]["loss_after"] > distilled["distillation"]["loss_before"]
+    assert max(abs(a - b) for a, b in zip(distilled["r"], refit["r"], strict=True)) < 1e-5
+    assert (f"rose from {distilled['distillation']['loss_before']:.3f} to "
+            f"{distilled['distillation']['loss_after']:.3f}") in " ".join(section.split())
+    seconds = [cells[f"loss-aware-distill@{ratio}"]["stages_s"]["distillation"] for ratio in ("0.5", "0.7")]
+    assert "The stage still cost {:,.0f} s and {:,.0f} s".format(*seconds) in " ".join(section.split())
 
 
 def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
