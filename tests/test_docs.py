@@ -907,6 +907,34 @@ def test_the_augmented_distillation_section_is_the_committed_study():
     assert f"(#distillation-on-augmented-calibration-images)) | about {whole:.0f}x |" in text
 
 
+def test_the_refit_with_more_calibration_images_on_the_saliency_model_is_the_committed_study():
+    """docs/loss_aware.md's figures for the refit with 512 calibration mosaics on the DINOv2-S model: its means and
+    medians, and its paired tests against the 128-image refit and block cells, recomputed from the per-image
+    records."""
+    from scipy.stats import wilcoxon
+
+    text = " ".join((ROOT / "docs/loss_aware.md").read_text().split())
+    more = json.loads((ROOT / "experiments/results/saliency_refit_calib512.json").read_text())["cells"]
+    base = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())["cells"]
+    cell = more["loss-aware-refit@0.7"]
+    assert more.keys() == {"loss-aware-refit@0.7"}
+    assert (f"r {cell['r_mean']:.3f} / {cell['r_median']:.3f} and IoU {cell['iou_mean']:.3f} / "
+            f"{cell['iou_median']:.3f} (mean / median)") in text
+    tests = {}
+    for other in ("loss-aware-refit@0.7", "loss-aware-block@0.7"):
+        for metric in ("r", "iou"):
+            diffs = sorted(a - b for a, b in zip(cell[metric], base[other][metric], strict=True))
+            tests[other, metric] = (diffs[len(diffs) // 2], float(wilcoxon(cell[metric], base[other][metric]).pvalue))
+    (dr, pr), (di, pi) = tests["loss-aware-refit@0.7", "r"], tests["loss-aware-refit@0.7", "iou"]
+    assert (f"paired median difference {dr:+.3f}, Wilcoxon p = {pr:.2g} for r; {di:+.3f}, p = {pi:.2g} for IoU"
+            ) in text
+    assert pr < 0.05 and pi < 0.05 and dr > 0 and di > 0
+    block_r, block_iou = tests["loss-aware-block@0.7", "r"][1], tests["loss-aware-block@0.7", "iou"][1]
+    assert f"(r p = {block_r:.2g}, IoU p = {block_iou:.2g})" in text and min(block_r, block_iou) >= 0.05
+    block_s = base["loss-aware-block@0.7"]["compress_s"]
+    assert f"for {cell['compress_s']:.0f} s of compress against its {block_s:.0f} s" in text
+
+
 def test_the_saliency_distillation_table_is_the_committed_study():
     """The DINOv2-S rows of the augmented distillation's section, from experiments/results/saliency_distill.json:
     each cell's means and medians, its test against the refit and its cost; at -50% the distillation's maps are the
