@@ -917,7 +917,15 @@ def test_the_refit_with_more_calibration_images_on_the_saliency_model_is_the_com
     more = json.loads((ROOT / "experiments/results/saliency_refit_calib512.json").read_text())["cells"]
     base = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())["cells"]
     cell = more["loss-aware-refit@0.7"]
-    assert more.keys() == {"loss-aware-refit@0.7"}
+    assert more.keys() == {"loss-aware-refit@0.5", "loss-aware-refit@0.7"}
+    half = more["loss-aware-refit@0.5"]
+    half_tests = [float(wilcoxon(half[m], base[f"{other}@0.5"][m]).pvalue)
+                  for other in ("loss-aware-refit", "loss-aware-block") for m in ("r", "iou")]
+    assert (f"r {half['r_mean']:.3f} and IoU {half['iou_mean']:.3f} with 512 mosaics against "
+            f"{base['loss-aware-refit@0.5']['r_mean']:.3f} and {base['loss-aware-refit@0.5']['iou_mean']:.3f} with 128 "
+            f"(r p = {half_tests[0]:.2g}, IoU p = {half_tests[1]:.5f})") in text
+    assert f"ahead in r (p = {half_tests[2]:.2g}), level in IoU (p = {half_tests[3]:.2g})" in text
+    assert half_tests[0] < 0.05 and half_tests[1] < 0.05 and half_tests[2] < 0.05 <= half_tests[3]
     assert (f"r {cell['r_mean']:.3f} / {cell['r_median']:.3f} and IoU {cell['iou_mean']:.3f} / "
             f"{cell['iou_median']:.3f} (mean / median)") in text
     tests = {}
