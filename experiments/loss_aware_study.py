@@ -83,6 +83,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the library's stage for it (lowrank_vit.core.distill): the same setting, kept only where the loss on the
     # calibration images fell
     "loss-aware-distill": LIBRARY_RECIPES["loss-aware-distill"],
+    # the block stage (Fisher metric) instead of the refit before that distillation: the block stage is the closer on
+    # the real DINOv2-S weights (experiments/saliency_study.py), the distillation on the classifiers trained here
+    "la-block-distill": {**LIBRARY_RECIPES["loss-aware-block"], "distill_steps": 128},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},

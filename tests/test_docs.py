@@ -812,6 +812,31 @@ def _count_cells(cells_of: dict, recipe: str, against: str, key: str = "correct"
     return better, worse
 
 
+def _check_block_distill(table: str, flat: str, study: dict) -> None:
+    """The block stage before the distillation (experiments/results/block_distill_heldout.json): each row paired
+    against ``study``'s refit and ``loss-aware-distill`` cells on the same images, and the counts quoted."""
+    blocked = json.loads((ROOT / "experiments/results/block_distill_heldout.json").read_text())["study"]
+    assert blocked.keys() == study.keys()
+    header, _, *body = _md_rows(table)
+    assert len(body) == 12
+    for model, ratio, *cells in body:
+        mine = blocked[model]["cells"][f"la-block-distill@{_ratio_of(ratio)}"]
+        for title, cell in zip(header[2:], cells, strict=True):
+            against = title.split(" against ")[1]
+            _check_paired_cell(cell, mine, study[model]["cells"][f"{against}@{_ratio_of(ratio)}"], "correct", "top1")
+    merged = {model: {"cells": {**study[model]["cells"], **blocked[model]["cells"]}} for model in study}
+    counts = {against: _count_cells(merged, "la-block-distill", against)
+              for against in ("loss-aware-refit", "loss-aware", "loss-aware-distill")}
+    assert counts["loss-aware-refit"][1] == counts["loss-aware"][1] == counts["loss-aware-distill"][0] == 0
+    assert (f"Ahead of the refit in {counts['loss-aware-refit'][0]} of 12 cells and behind in none (ahead of the "
+            f"default in {counts['loss-aware'][0]}, behind in none), but behind `loss-aware-distill` in "
+            f"{counts['loss-aware-distill'][1]}") in flat
+    kept = [sum(entry["cells"][f"{recipe}@{ratio}"]["distillation"]["kept"] for ratio in ("0.7", "0.8")
+                for entry in source.values())
+            for recipe, source in (("la-block-distill", blocked), ("loss-aware-distill", study))]
+    assert f"Its check kept the distillation in {kept[0]} cells, where `loss-aware-distill`'s kept it in {kept[1]}" in flat
+
+
 def test_the_augmented_distillation_section_is_the_committed_study():
     """docs/loss_aware.md's "Distillation on augmented calibration images": its tuning table from
     calib_distill_tuning.json, both held-out tables and every count and figure from calib_distill_mix_heldout.json
@@ -823,7 +848,7 @@ def test_the_augmented_distillation_section_is_the_committed_study():
 
     study, tuned, tables, section = _held_out_section("calib_distill_mix_heldout",
                                                       "### Distillation on augmented calibration images",
-                                                      "### Every candidate at a glance", 3)
+                                                      "### Every candidate at a glance", 4)
     flat = " ".join(section.split())
     text = (ROOT / "docs/loss_aware.md").read_text()
     tuning = json.loads((ROOT / "experiments/results/calib_distill_tuning.json").read_text())
@@ -869,6 +894,8 @@ def test_the_augmented_distillation_section_is_the_committed_study():
             _check_paired_cell(cell, got[f"{recipe}@{_ratio_of(ratio)}"], got[f"{against}@{_ratio_of(ratio)}"],
                                "correct", "top1")
     _check_finetuned_table(tables[2], tuned)
+
+    _check_block_distill(tables[3], flat, study)
 
     refit_counts = _count_cells(study, "loss-aware-distill", "loss-aware-refit")
     default_counts = _count_cells(study, "loss-aware-distill", "loss-aware")
