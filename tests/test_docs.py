@@ -834,7 +834,8 @@ def _check_block_distill(table: str, flat: str, study: dict) -> None:
     kept = [sum(entry["cells"][f"{recipe}@{ratio}"]["distillation"]["kept"] for ratio in ("0.7", "0.8")
                 for entry in source.values())
             for recipe, source in (("la-block-distill", blocked), ("loss-aware-distill", study))]
-    assert f"Its check kept the distillation in {kept[0]} cells, where `loss-aware-distill`'s kept it in {kept[1]}" in flat
+    assert (f"Its check kept the distillation in {kept[0]} cells, where `loss-aware-distill`'s kept it in "
+            f"{kept[1]}") in flat
 
 
 def test_the_augmented_distillation_section_is_the_committed_study():
