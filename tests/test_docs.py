@@ -969,6 +969,29 @@ def test_the_refit_with_more_calibration_images_on_the_saliency_model_is_the_com
     assert f"(r p = {block_r:.2g}, IoU p = {block_iou:.2g})" in text and min(block_r, block_iou) >= 0.05
     block_s = base["loss-aware-block@0.7"]["compress_s"]
     assert f"for {cell['compress_s']:.0f} s of compress against its {block_s:.0f} s" in text
+    fewer = json.loads((ROOT / "experiments/results/saliency_refit_calib256.json").read_text())["cells"]
+    assert fewer.keys() == {"loss-aware-refit@0.7"}
+    fewer = fewer["loss-aware-refit@0.7"]
+    assert f"with 256 mosaics, r {fewer['r_mean']:.3f} and IoU {fewer['iou_mean']:.3f}" in text
+    against = {}
+    for name, other in (("128", base["loss-aware-refit@0.7"]), ("block", base["loss-aware-block@0.7"]),
+                        ("512", cell)):
+        for metric in ("r", "iou"):
+            diffs = sorted(a - b for a, b in zip(fewer[metric], other[metric], strict=True))
+            against[name, metric] = diffs[len(diffs) // 2], float(wilcoxon(fewer[metric], other[metric]).pvalue)
+    (dr, pr), (di, pi) = against["128", "r"], against["128", "iou"]
+    assert f"(against 128: {dr:+.3f}, p = {pr:.2g} for r; {di:+.3f}, p = {pi:.2g} for IoU)" in text
+    assert pr < 0.05 and pi < 0.05 and dr > 0 and di > 0
+    assert (f"level with the block stage on 128 (r p = {against['block', 'r'][1]:.2g}, IoU p = "
+            f"{against['block', 'iou'][1]:.2g}); 512 add a little over 256 in r (p = {against['512', 'r'][1]:.2g}), "
+            f"not in IoU (p = {against['512', 'iou'][1]:.2g})") in text
+    assert min(against["block", "r"][1], against["block", "iou"][1], against["512", "iou"][1]) >= 0.05
+    assert against["512", "r"][1] < 0.05 and against["512", "r"][0] < 0
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    iou_p = float(wilcoxon(cell["iou"], base["loss-aware-refit@0.7"]["iou"]).pvalue)
+    assert (f"256 raise its maps' IoU from {base['loss-aware-refit@0.7']['iou_mean']:.3f} to "
+            f"{fewer['iou_mean']:.3f} (paired p = {pi:.0e}) and 512 to {cell['iou_mean']:.3f} (p = {iou_p:.0e}), "
+            "each level with the block stage") in readme
 
 
 def test_the_saliency_distillation_table_is_the_committed_study():
