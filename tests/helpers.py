@@ -73,6 +73,28 @@ FIXTURES = TESTS / "fixtures"
 TINY_VIT = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 
+TINY_ARCHITECTURES = {
+    "vit": ("vit_tiny_patch16_224", TINY_VIT, 1, 28),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                                               num_heads=2, num_classes=10), 3, 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
+                                                  depths=(2, 2), num_heads=(2, 4), num_classes=10), 3, 32),
+    # DeiT-III: LayerScale on both branches (initialized at 0.1 here, not 1e-6, so that the blocks matter)
+    "deit3_layerscale": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+                                                         num_classes=10, init_values=0.1), 3, 32),
+    # its blocks are called as block(x, rope=table): replayed with the table on the caches
+    "eva02_rope_swiglu": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, swiglu_mlp=True, scale_mlp=True,
+                                                         qkv_fused=False, depth=2, embed_dim=32, num_heads=2,
+                                                         num_classes=5, head_init_scale=1.0), 3, 28),
+    # the VMamba-style SSM: selective-scan blocks over two stages (a downsampling between them)
+    "vssm": ("vssm_micro", dict(img_size=24, patch_size=3, num_classes=5, embed_dim=12, depths=[2, 1], d_state=2,
+                                ssm_ratio=1.5), 3, 24),
+}
+"""timm name -> (settings of a tiny random-weight copy, input channels, image size): one of each block kind the
+library's stages walk (ViT, distilled DeiT, Swin with its patch merging, DeiT-III's LayerScale, EVA-02 with its
+rotary table and SwiGLU, the VMamba-style SSM)."""
+
+
 def cifar10_dir():
     """The development copy of CIFAR-10 (``LOWRANK_VIT_CIFAR10``, else ``../shared/data/cifar10`` beside the
     repository) when its train.parquet and test.parquet exist, else None: tests that need it skip without it."""

@@ -31,6 +31,7 @@ from tests.helpers import (
     CLASSIC_METHODS,
     CUDA,
     PEER_RECIPES,
+    TINY_ARCHITECTURES,
     WIDER,
     DenseHeadViT,
     _fabricated,
@@ -783,6 +784,49 @@ def test_the_distillations_micro_batch_sets_the_images_per_backward_and_not_the_
     expected = whole.state_dict()
     for name, value in parts.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("key", list(TINY_ARCHITECTURES))
+def test_the_distillation_recipe_runs_on_every_block_kind_and_keeps_only_a_lower_kl(key):
+    """The refit then the distillation (``loss-aware-distill``'s stages) on each block kind, twice: small steps on
+    the calibration images as given, and mixed images at a rate far too high. The report's loss before the steps is
+    the KL of the refit's model to the dense one on the calibration images, computed here by hand; where the steps
+    were kept, the KL by hand is the loss after, and lower; else the model is the refit's bit for bit. The small
+    steps are kept on every kind but the Swin, which the refit leaves nearly exact (KL 3e-6: Adam's steps can only
+    add noise there); the large ones nowhere."""
+    from lowrank_vit.nn.adapters import timm_with_our_models
+
+    name, kwargs, channels, size = TINY_ARCHITECTURES[key]
+    torch.manual_seed(0)
+    dense = timm_with_our_models().create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():  # logits spread far enough that the KL stands above float32's rounding
+        for head in (m for n, m in dense.named_modules() if n.split(".")[-1] in ("head", "head_dist", "fc")
+                     and isinstance(m, nn.Linear)):
+            head.weight.mul_(30.0)
+    images = make_images(24, channels=channels, size=size, seed=3)
+    refitted = copy.deepcopy(dense)
+    compress(refitted, [images], refit_cfg(reduction=0.5, calib_samples=24))
+
+    def kl(model: nn.Module) -> float:
+        with torch.no_grad():
+            log_p = torch.log_softmax(dense(images).double(), -1)
+            log_q = torch.log_softmax(model(images).double(), -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    for lr, augment, kept in ((1e-6, "none", key != "swin"), (1e-2, "mix", False)):
+        distilled = copy.deepcopy(dense)
+        report = compress(distilled, [images], refit_cfg(reduction=0.5, calib_samples=24, distill_steps=8,
+                                                        distill_lr=lr, distill_batch_size=8, distill_augment=augment))
+        info = report.distillation
+        assert info["likelihood"] == "categorical" and info["steps"] == 8 and info["kept"] == kept, (lr, info)
+        # the stage's KL is float32 (log-softmax of float32 logits): some 1e-8 from float64's where it is ~1e-6
+        assert info["loss_before"] == pytest.approx(kl(refitted), rel=1e-3, abs=1e-7)
+        if kept:
+            assert info["loss_after"] < info["loss_before"]
+            assert info["loss_after"] == pytest.approx(kl(distilled), rel=1e-3, abs=1e-7)
+        else:
+            expected = refitted.state_dict()
+            assert all(torch.equal(value, expected[k]) for k, value in distilled.state_dict().items())
 
 
 def test_a_distillation_that_does_not_help_leaves_the_refit_as_it_was():

@@ -16,7 +16,8 @@ from lowrank_vit.core.loss_aware_svd import loss_aware_svd
 from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias, sequential_refit
 from lowrank_vit.nn.adapters import get_adapter, timm_with_our_models
 from lowrank_vit.nn.factorized import FactorizedLinear
-from tests.helpers import TINY_VIT, labelled_batches, make_images, make_tiny_vit, refit_cfg
+from tests.helpers import TINY_ARCHITECTURES as MODELS
+from tests.helpers import labelled_batches, make_images, make_tiny_vit, refit_cfg
 
 
 def factorized_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -60,22 +61,6 @@ def test_svd_llm_refit_is_the_least_squares_fit_to_each_layers_compressed_inputs
         refit_error = float((X @ (fitted - W)).norm() / target)
         plain_error = float((X @ (plain[name].dense_weight().detach().double() - W)).norm() / target)
         assert refit_error <= plain_error + 1e-6, name
-
-
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", TINY_VIT, 1, 28),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2,
-                                                               num_heads=2, num_classes=10), 3, 32),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=32,
-                                                  depths=(2, 2), num_heads=(2, 4), num_classes=10), 3, 32),
-    # its blocks are called as block(x, rope=table): replayed with the table on the caches
-    "eva02_rope_swiglu": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, swiglu_mlp=True, scale_mlp=True,
-                                                         qkv_fused=False, depth=2, embed_dim=32, num_heads=2,
-                                                         num_classes=5, head_init_scale=1.0), 3, 28),
-    # the VMamba-style SSM: selective-scan blocks over two stages (a downsampling between them)
-    "vssm": ("vssm_micro", dict(img_size=24, patch_size=3, num_classes=5, embed_dim=12, depths=[2, 1], d_state=2,
-                                ssm_ratio=1.5), 3, 24),
-}
 
 
 def _objective(x_c, x_d, W, W_hat, G):
