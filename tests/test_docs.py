@@ -994,6 +994,44 @@ def test_the_refit_with_more_calibration_images_on_the_saliency_model_is_the_com
             "each level with the block stage") in readme
 
 
+def test_the_saliency_variants_are_the_committed_study():
+    """docs/loss_aware.md's "What did less on this model": each row's means and medians and its paired test against
+    the recipe it changes, recomputed from experiments/results/saliency_variants.json's per-image records; the
+    distillation under the Bernoulli likelihood restored (its losses as quoted), and the float64 products' largest
+    change of r."""
+    from experiments.saliency_study import wilcoxon
+
+    cells = json.loads((ROOT / "experiments/results/saliency_variants.json").read_text())["cells"]
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("**What did less on this model.**"): text.index("## Without a fine-tune")]
+    [table] = [block for block in section.split("\n\n") if block.lstrip().startswith("| variant")]
+    labels = {"`refit_damping=0.03` (default 0.01)": "la-refit-damping-0.03", "`refit_damping=0.1`":
+              "la-refit-damping-0.1", "`refit_damping=0.3`": "la-refit-damping-0.3", "`refit_damping=1.0`":
+              "la-refit-damping-1.0", 'the default, `likelihood="bernoulli"`': "loss-aware-bernoulli",
+              'the refit, `likelihood="bernoulli"`': "loss-aware-refit-bernoulli",
+              '`loss-aware-distill`, `likelihood="bernoulli"`': "loss-aware-distill-bernoulli"}
+    _, _, *body = _md_rows(table)
+    assert [row[0] for row in body] == list(labels)
+    for label, r, iou, against, r_diff, iou_diff in body:
+        cell, other = cells[f"{labels[label]}@0.7"], cells[f"{against}@0.7"]
+        assert r == f"{cell['r_mean']:.3f} / {cell['r_median']:.3f}" and iou == (
+            f"{cell['iou_mean']:.3f} / {cell['iou_median']:.3f}"), label
+        for metric, shown in (("r", r_diff), ("iou", iou_diff)):
+            test = wilcoxon(cell[metric], other[metric])
+            assert shown == f"{test['median_diff']:+.3f}, p = {test['p']:.2g}", (label, metric)
+    distilled = cells["loss-aware-distill-bernoulli@0.7"]
+    assert distilled["distillation"]["kept"] is False and distilled["r"] == cells["loss-aware-refit-bernoulli@0.7"]["r"]
+    flat = " ".join(section.split())
+    assert (f"rose from {distilled['distillation']['loss_before']:.3f} to "
+            f"{distilled['distillation']['loss_after']:.3f}") in flat
+    largest = max(abs(a - b) for name in ("loss-aware", "loss-aware-refit")
+                  for a, b in zip(cells[f"{name}-gram-float64@0.7"]["r"], cells[f"{name}@0.7"]["r"], strict=True))
+    assert round(largest * 1e6) == 4 and "changed no map's r by more than 4e-6" in flat  # records: 6 decimals
+    committed = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())["cells"]
+    for key in ("loss-aware@0.7", "loss-aware-refit@0.7"):  # the baselines are the main study's, to rounding
+        assert max(abs(a - b) for a, b in zip(cells[key]["r"], committed[key]["r"], strict=True)) < 1e-5, key
+
+
 def test_the_saliency_distillation_table_is_the_committed_study():
     """The DINOv2-S rows of the augmented distillation's section, from experiments/results/saliency_distill.json:
     each cell's means and medians, its test against the refit and its cost; at -50% the distillation's maps are the
