@@ -838,6 +838,43 @@ def _check_block_distill(table: str, flat: str, study: dict) -> None:
             f"{kept[1]}") in flat
 
 
+def _check_distill_on_more_images(table: str, flat: str, study: dict) -> None:
+    """``loss-aware-distill`` on 1,024 calibration images (calib_distill_mix_heldout_calib1024.json): each row paired
+    against the refit on the same images (blockwise_heldout_calib1024.json) and against its own 256-image cell in
+    ``study``, and the counts quoted."""
+    from experiments.loss_aware_study import paired
+
+    results = ROOT / "experiments/results"
+    more = json.loads((results / "calib_distill_mix_heldout_calib1024.json").read_text())["study"]
+    refit = json.loads((results / "blockwise_heldout_calib1024.json").read_text())["study"]
+    assert more.keys() == refit.keys() == study.keys()
+    assert all(entry["settings"]["calib"] == 1024 for entry in (*more.values(), *refit.values()))
+    header, _, *body = _md_rows(table)
+    assert len(body) == 12
+    for model, ratio, base, against_refit, against_fewer in body:
+        key = f"{_ratio_of(ratio)}"
+        mine = more[model]["cells"][f"loss-aware-distill@{key}"]
+        assert base == f"{refit[model]['cells'][f'loss-aware-refit@{key}']['top1']:.2f}"
+        _check_paired_cell(against_refit, mine, refit[model]["cells"][f"loss-aware-refit@{key}"], "correct", "top1")
+        _check_paired_cell(against_fewer, mine, study[model]["cells"][f"loss-aware-distill@{key}"], "correct", "top1")
+    merged = {model: {"cells": {**refit[model]["cells"], **more[model]["cells"]}} for model in more}
+    against_refit, against_default = (_count_cells(merged, "loss-aware-distill", base)
+                                      for base in ("loss-aware-refit", "loss-aware"))
+    at70 = {model: merged[model]["cells"] for model in merged}
+    significant_at70 = sum(paired(cells["loss-aware-distill@0.7"], cells["loss-aware-refit@0.7"])[2] < 0.05
+                           for cells in at70.values())
+    assert against_refit[1] == against_default[1] == significant_at70 == 0
+    assert (f"ahead of the refit in {against_refit[0]} of 12 cells, all at -80%, and behind in none; at -70% in none"
+            in flat and f"Against the default on the same images it is ahead in {against_default[0]} and behind in "
+            "none" in flat)
+    fewer = {ratio: [paired(more[model]["cells"][f"loss-aware-distill@{ratio}"],
+                            study[model]["cells"][f"loss-aware-distill@{ratio}"]) for model in more]
+             for ratio in ("0.7", "0.8")}
+    assert [sum(p < 0.05 and a > b for a, b, p in fewer[ratio]) for ratio in ("0.7", "0.8")] == [0, 2]
+    assert not any(p < 0.05 and a < b for ratio in fewer for a, b, p in fewer[ratio])
+    assert "More images help the distillation itself at -80% on two models" in flat
+
+
 def test_the_augmented_distillation_section_is_the_committed_study():
     """docs/loss_aware.md's "Distillation on augmented calibration images": its tuning table from
     calib_distill_tuning.json, both held-out tables and every count and figure from calib_distill_mix_heldout.json
@@ -849,7 +886,7 @@ def test_the_augmented_distillation_section_is_the_committed_study():
 
     study, tuned, tables, section = _held_out_section("calib_distill_mix_heldout",
                                                       "### Distillation on augmented calibration images",
-                                                      "### Every candidate at a glance", 4)
+                                                      "### Every candidate at a glance", 5)
     flat = " ".join(section.split())
     text = (ROOT / "docs/loss_aware.md").read_text()
     tuning = json.loads((ROOT / "experiments/results/calib_distill_tuning.json").read_text())
@@ -897,6 +934,7 @@ def test_the_augmented_distillation_section_is_the_committed_study():
     _check_finetuned_table(tables[2], tuned)
 
     _check_block_distill(tables[3], flat, study)
+    _check_distill_on_more_images(tables[4], flat, study)
 
     refit_counts = _count_cells(study, "loss-aware-distill", "loss-aware-refit")
     default_counts = _count_cells(study, "loss-aware-distill", "loss-aware")
