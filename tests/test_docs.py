@@ -1025,6 +1025,15 @@ def test_the_refit_with_more_calibration_images_on_the_saliency_model_is_the_com
             f"not in IoU (p = {against['512', 'iou'][1]:.2g})") in text
     assert min(against["block", "r"][1], against["block", "iou"][1], against["512", "iou"][1]) >= 0.05
     assert against["512", "r"][1] < 0.05 and against["512", "r"][0] < 0
+    block = json.loads((ROOT / "experiments/results/saliency_block_calib512.json").read_text())["cells"]
+    assert block.keys() == {"loss-aware-block@0.7"}
+    block = block["loss-aware-block@0.7"]
+    gains = [float(wilcoxon(block[m], base["loss-aware-block@0.7"][m]).pvalue) for m in ("r", "iou")]
+    level = [float(wilcoxon(block[m], cell[m]).pvalue) for m in ("r", "iou")]
+    assert (f"with 512 mosaics it keeps r {block['r_mean']:.3f} and IoU {block['iou_mean']:.3f}, ahead of itself on "
+            f"128 (r p = {gains[0]:.2g}, IoU p = {gains[1]:.2g}) and level with the refit on 512 (r p = "
+            f"{level[0]:.2g}, IoU p = {level[1]:.2g})") in text
+    assert max(gains) < 0.05 <= min(level) and block["r_mean"] > base["loss-aware-block@0.7"]["r_mean"]
     readme = " ".join((ROOT / "README.md").read_text().split())
     iou_p = float(wilcoxon(cell["iou"], base["loss-aware-refit@0.7"]["iou"]).pvalue)
     assert (f"256 raise its maps' IoU from {base['loss-aware-refit@0.7']['iou_mean']:.3f} to "

@@ -268,11 +268,13 @@ def add_compress(sub: Any) -> None:
                         "loss-aware-refit: with the sequential refit, the one to use for a model shipped without "
                         "fine-tuning (paired per image, never significantly worse than the default there, +1 to "
                         "+4 points of top-1 at -80%%; about three times its compress time; docs/loss_aware.md); "
-                        "loss-aware-block: block-wise reconstruction in the dense model's Fisher metric, closer still "
-                        "on real pretrained weights, level with the refit on small classifiers, at 4-6 times the "
-                        "refit's time; loss-aware-distill: the refit, then a distillation on augmented calibration "
-                        "images, the most top-1 without fine-tuning (better than the refit in 7 of 12 cells at -70%% "
-                        "and -80%%, worse in none), at many times the refit's time: for a GPU; paper; "
+                        "loss-aware-block: block-wise reconstruction in the dense model's Fisher metric, closer "
+                        "than the refit on real pretrained weights given few calibration images (level with it given "
+                        "a few hundred), level with it on small classifiers, at 4-6 times the refit's time; "
+                        "loss-aware-distill: the refit, then a distillation on augmented calibration images, the most "
+                        "top-1 without fine-tuning (better than the refit in 7 of 12 cells at -70%% and -80%% with "
+                        "256 calibration images, in 4 of 12 with 1,024, worse in none), at many times the refit's "
+                        "time: for a GPU; paper; "
                         "vanilla; the peers flar-svd, svd-llm, svd-llm-update, svd-llm-v2, kfac-lems; vmeanba for "
                         "vision state-space models) or any registered decomposition")
     p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
