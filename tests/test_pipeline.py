@@ -24,7 +24,7 @@ from lowrank_vit.core.latency import (
 )
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.methods.decompositions import get_method
-from lowrank_vit.nn.adapters import get_adapter
+from lowrank_vit.nn.adapters import get_adapter, timm_with_our_models
 from lowrank_vit.nn.factorized import FactorizedLinear
 from lowrank_vit.pipeline import apply_plan_skeleton_, plan_compression, statistics_space
 from tests.helpers import (
@@ -794,8 +794,6 @@ def test_the_distillation_recipe_runs_on_every_block_kind_and_keeps_only_a_lower
     were kept, the KL by hand is the loss after, and lower; else the model is the refit's bit for bit. The small
     steps are kept on every kind but the Swin, which the refit leaves nearly exact (KL 3e-6: Adam's steps can only
     add noise there); the large ones nowhere."""
-    from lowrank_vit.nn.adapters import timm_with_our_models
-
     name, kwargs, channels, size = TINY_ARCHITECTURES[key]
     torch.manual_seed(0)
     dense = timm_with_our_models().create_model(name, pretrained=False, **kwargs).eval()

