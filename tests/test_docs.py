@@ -860,9 +860,8 @@ def _check_distill_on_more_images(table: str, flat: str, study: dict) -> None:
     merged = {model: {"cells": {**refit[model]["cells"], **more[model]["cells"]}} for model in more}
     against_refit, against_default = (_count_cells(merged, "loss-aware-distill", base)
                                       for base in ("loss-aware-refit", "loss-aware"))
-    at70 = {model: merged[model]["cells"] for model in merged}
-    significant_at70 = sum(paired(cells["loss-aware-distill@0.7"], cells["loss-aware-refit@0.7"])[2] < 0.05
-                           for cells in at70.values())
+    significant_at70 = sum(paired(entry["cells"]["loss-aware-distill@0.7"], entry["cells"]["loss-aware-refit@0.7"])[2]
+                           < 0.05 for entry in merged.values())
     assert against_refit[1] == against_default[1] == significant_at70 == 0
     assert (f"ahead of the refit in {against_refit[0]} of 12 cells, all at -80%, and behind in none; at -70% in none"
             in flat and f"Against the default on the same images it is ahead in {against_default[0]} and behind in "
