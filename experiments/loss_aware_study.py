@@ -86,6 +86,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the block stage (Fisher metric) instead of the refit before that distillation: the block stage is the closer on
     # the real DINOv2-S weights (experiments/saliency_study.py), the distillation on the classifiers trained here
     "la-block-distill": {**LIBRARY_RECIPES["loss-aware-block"], "distill_steps": 128},
+    # a ceiling for any label-free stage at these ranks: the same distillation eight times longer, meant to be run on
+    # many more unlabelled images than the calibration set (--calib 16384), at its rate and at four times it
+    "la-distill-long": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 1024},
+    "la-distill-long-lr2e-4": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 1024, "distill_lr": 2e-4},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
     # the same question for the recipes whose CPU default is float64 products: is float32 (float64 sums) as good?
     "paper-gram-float32": {**LIBRARY_RECIPES["paper"], "gram_precision": "float32"},
@@ -686,8 +690,10 @@ def main(argv: list[str] | None = None) -> int:
         entry = results.setdefault(name, {"cells": {}})
         if entry.get("settings", settings) != settings:
             entry["cells"] = {}  # another setting: these cells are not comparable
+        dense_scores = scores(dense_logits, dense_logits, data["eval_y"])
+        # the dense model's own images right too, so that what is left to win over a cell can be paired per image
         entry.update(settings=settings, params=sum(p.numel() for p in dense.parameters()),
-                     dense_top1=scores(dense_logits, dense_logits, data["eval_y"])["top1"])
+                     dense_top1=dense_scores["top1"], dense_correct=dense_scores["correct"])
         for ratio in ratios:
             for recipe in recipes:
                 key = f"{recipe}@{ratio}"

@@ -885,7 +885,7 @@ def test_the_augmented_distillation_section_is_the_committed_study():
 
     study, tuned, tables, section = _held_out_section("calib_distill_mix_heldout",
                                                       "### Distillation on augmented calibration images",
-                                                      "### Every candidate at a glance", 5)
+                                                      "### A longer distillation", 5)
     flat = " ".join(section.split())
     text = (ROOT / "docs/loss_aware.md").read_text()
     tuning = json.loads((ROOT / "experiments/results/calib_distill_tuning.json").read_text())
@@ -1080,6 +1080,118 @@ def test_the_saliency_variants_are_the_committed_study():
     committed = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())["cells"]
     for key in ("loss-aware@0.7", "loss-aware-refit@0.7"):  # the baselines are the main study's, to rounding
         assert max(abs(a - b) for a, b in zip(cells[key]["r"], committed[key]["r"], strict=True)) < 1e-5, key
+
+
+def test_the_longer_distillation_section_is_the_committed_study():
+    """docs/loss_aware.md's "A longer distillation": its three tables recomputed from the per-image records of
+    distill_long_calib1024.json, distill_long_calib16384.json (with the dense model's own record) and the 1,024-image
+    cells they are paired with, every count quoted, the check's one restore, the KL and the times."""
+    import statistics
+
+    from experiments.loss_aware_study import paired
+
+    results = ROOT / "experiments/results"
+    load = lambda stem: json.loads((results / f"{stem}.json").read_text())["study"]  # noqa: E731
+    long1, long16 = load("distill_long_calib1024"), load("distill_long_calib16384")
+    base, short, tuning = load("blockwise_heldout_calib1024"), load("calib_distill_mix_heldout_calib1024"), \
+        load("distill_long_tuning")
+    assert long1.keys() == long16.keys() == base.keys() == short.keys()
+    assert all(e["settings"]["calib"] == 1024 for e in (*long1.values(), *base.values(), *short.values()))
+    assert all(e["settings"]["calib"] == 16384 for e in (*long16.values(), *tuning.values()))
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### A longer distillation"): text.index("### Every candidate at a glance")]
+    flat = " ".join(section.split())
+    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
+    assert len(tables) == 3
+    rows = [_md_rows(table)[2:] for table in tables]
+    assert all(len(body) == 12 for body in rows)
+    for model, ratio, default, refit, *cells in rows[0]:
+        key = _ratio_of(ratio)
+        mine, theirs = long1[model]["cells"][f"la-distill-long@{key}"], base[model]["cells"]
+        assert (default, refit) == (f"{theirs[f'loss-aware@{key}']['top1']:.2f}",
+                                    f"{theirs[f'loss-aware-refit@{key}']['top1']:.2f}")
+        for cell, against in zip(cells, (theirs[f"loss-aware-refit@{key}"], theirs[f"loss-aware@{key}"],
+                                         short[model]["cells"][f"loss-aware-distill@{key}"]), strict=True):
+            _check_paired_cell(cell, mine, against, "correct", "top1")
+    for model, ratio, refit, *cells in rows[1]:
+        key = _ratio_of(ratio)
+        theirs = long16[model]["cells"]
+        assert refit == f"{theirs[f'loss-aware-refit@{key}']['top1']:.2f}"
+        for cell, against in zip(cells, (theirs[f"loss-aware-refit@{key}"], theirs[f"loss-aware@{key}"],
+                                         long1[model]["cells"][f"la-distill-long@{key}"]), strict=True):
+            _check_paired_cell(cell, theirs[f"la-distill-long@{key}"], against, "correct", "top1")
+    from experiments.loss_aware_study import unpack_correct
+
+    for entry in long16.values():  # the dense model's record agrees with its top-1, image count included
+        right = unpack_correct(entry["dense_correct"])
+        assert len(right) == 8000 and 100 * sum(right) / 8000 == pytest.approx(entry["dense_top1"], abs=1e-4)
+    for model, ratio, dense_shown, *cells in rows[2]:
+        key = _ratio_of(ratio)
+        dense = {"correct": long16[model]["dense_correct"], "top1": long16[model]["dense_top1"]}
+        assert dense_shown == f"{dense['top1']:.2f}" == f"{base[model]['dense_top1']:.2f}"
+        for cell, against in zip(cells, (base[model]["cells"][f"loss-aware-refit@{key}"],
+                                         long1[model]["cells"][f"la-distill-long@{key}"]), strict=True):
+            _check_paired_cell(cell, dense, against, "correct", "top1")
+
+    def wins(study: dict, against: dict, name: str, ratio: str | None = None, recipe: str = "la-distill-long") -> list:
+        out = []
+        for model in study:
+            for key in (ratio,) if ratio else ("0.7", "0.8"):
+                a, b, p = paired(study[model]["cells"][f"{recipe}@{key}"], against[model]["cells"][f"{name}@{key}"])
+                out.append((model, key, p < 0.05 and a > b, p < 0.05 and a < b))
+        return out
+
+    def count(pairs: list) -> tuple[int, int]:
+        return sum(won for *_, won, _ in pairs), sum(lost for *_, lost in pairs)
+
+    assert count(wins(long1, base, "loss-aware-refit")) == (8, 0) == count(wins(long16, long16, "loss-aware-refit"))
+    assert [m for m, _, w, _ in wins(long1, base, "loss-aware-refit", "0.7") if w] == \
+        ["cifar_vit6_long", "cifar_swin_long", "cifar_deit3_ls"]
+    assert count(wins(long1, base, "loss-aware")) == (9, 0) and count(wins(long1, base, "loss-aware", "0.7")) == (4, 0)
+    assert count(wins(long1, short, "loss-aware-distill")) == (6, 0)
+    assert count(wins(long16, long1, "la-distill-long", recipe="la-distill-long")) == (1, 0)
+    for name in ("loss-aware", "loss-aware-refit"):
+        assert count(wins(long16, base, name, recipe=name)) == (0, 0)
+    assert ("Better than the refit in 8 of 12 cells (three of the six models at -70%: `cifar_vit6_long`, "
+            "`cifar_swin_long`, `cifar_deit3_ls`; five at -80%" in flat)
+    assert "better than the default in 9 (four at -70%), worse in none; better than the 128-step stage in 6" in flat
+    restored = [(m, k) for m, e in long1.items() for k, c in e["cells"].items() if not c["distillation"]["kept"]]
+    assert restored == [("cifar_deit4", "la-distill-long@0.7")] and "kept the steps in 11 cells" in flat
+    dense_ahead = []
+    for model, entry in long16.items():
+        a, b, p = paired({"correct": entry["dense_correct"]}, base[model]["cells"]["loss-aware-refit@0.7"])
+        dense_ahead += [model] if p < 0.05 and a > b else []
+    assert len(dense_ahead) == 4 and "the dense model itself is significantly ahead of the refit on only four" in flat
+    closed = [(long1[m]["cells"]["la-distill-long@0.7"]["top1"] - base[m]["cells"]["loss-aware-refit@0.7"]["top1"])
+              / (long16[m]["dense_top1"] - base[m]["cells"]["loss-aware-refit@0.7"]["top1"])
+              for m in ("cifar_vit6_long", "cifar_swin_long", "cifar_deit3_ls")]
+    assert f"closes {100 * min(closed):.0f}-{100 * max(closed):.0f}% of the distance" in flat
+    kl = (base["cifar_vit4_wide_long"]["cells"]["loss-aware-refit@0.7"]["kl"],
+          long1["cifar_vit4_wide_long"]["cells"]["la-distill-long@0.7"]["kl"])
+    assert f"by {100 * (1 - kl[1] / kl[0]):.0f}% ({kl[0]:.4f} to {kl[1]:.4f})" in flat
+    seconds = [c["compress_s"] for e in long1.values() for c in e["cells"].values()]
+    refit_s = [e["cells"][f"loss-aware-refit@{k}"]["compress_s"] for e in base.values() for k in ("0.7", "0.8")]
+    assert (f"took {min(seconds):.0f}-{max(seconds):.0f} s (median {statistics.median(seconds):.0f} s) against "
+            f"{min(refit_s):.1f}-{max(refit_s):.1f} s for the refit (median {statistics.median(refit_s):.1f} s, "
+            f"{statistics.median(seconds) / statistics.median(refit_s):.0f} times less)") in flat
+    # the README and the --distill-steps help quote the same counts, gain and time
+    ratio = statistics.median(seconds) / statistics.median(refit_s)
+    top = max(long1[m]["cells"][f"la-distill-long@{k}"]["top1"] - base[m]["cells"][f"loss-aware-refit@{k}"]["top1"]
+              for m, k, won, _ in wins(long1, base, "loss-aware-refit") if won)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"better than the refit in 8 of 12 (three of six models at -70%, five at -80%, up to +{top:.1f} points), "
+            f"worse in none, at about {ratio:.0f} times the refit's time") in readme
+    from lowrank_vit.cli.main import build_parser
+
+    compress = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
+                    if any("--distill-steps" in x.option_strings for x in a._actions))
+    help_text = " ".join(next(x for x in compress._actions if "--distill-steps" in x.option_strings).help.split())
+    short_wins = count(wins(short, base, "loss-aware-refit", recipe="loss-aware-distill"))
+    assert (f"1,024 steps were better than the refit in 8 of 12 cells of six small classifiers at -70%% and -80%% "
+            f"(128 steps: {short_wins[0]}), worse in none, at about {ratio:.0f} times the refit's time") in help_text
+    tuned = {k.split("@")[0]: c["top1"] for k, c in tuning["cifar_deit3_ls"]["cells"].items()}
+    assert (f"{tuned['la-distill-long']:.2f} at 5e-5, {tuned['la-distill-long-lr2e-4']:.2f} at 2e-4, "
+            f"{tuned['loss-aware-refit']:.2f} for the refit") in flat
 
 
 def test_the_saliency_distillation_table_is_the_committed_study():

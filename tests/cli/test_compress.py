@@ -534,6 +534,32 @@ def test_compress_with_the_distillation_recipe(workdir, tmp_path, capsys):
     assert load_compressed(tmp_path / "distill") is not None
 
 
+def test_distill_steps_sets_the_distillation_of_any_recipe_and_a_negative_count_is_one_line(workdir, tmp_path, capsys):
+    """``--distill-steps N`` replaces the recipe's steps (loss-aware-distill's 128) and turns the stage on after a
+    recipe without one; 0 turns it off; a negative count is argparse's one line, exit 2, nothing written."""
+    code, _, err = _compress(capsys, workdir, tmp_path / "long", "--reduction", "0.5", "--recipe",
+                             "loss-aware-distill", "--distill-steps", "3")
+    assert code == 0, err
+    report = json.loads((tmp_path / "long" / "report.json").read_text())["compression"]
+    assert report["config"]["distill_steps"] == 3 and report["distillation"]["steps"] == 3
+    code, _, err = _compress(capsys, workdir, tmp_path / "off", "--reduction", "0.5", "--recipe",
+                             "loss-aware-distill", "--distill-steps", "0")
+    assert code == 0, err
+    report = json.loads((tmp_path / "off" / "report.json").read_text())["compression"]
+    assert report["config"]["distill_steps"] == 0 and not report.get("distillation")
+    assert "distillation" not in report["stage_seconds"]
+    code, _, err = _compress(capsys, workdir, tmp_path / "default", "--reduction", "0.5", "--distill-steps", "2")
+    assert code == 0, err
+    report = json.loads((tmp_path / "default" / "report.json").read_text())["compression"]
+    assert report["config"]["refit"] is False and report["distillation"]["steps"] == 2
+    with pytest.raises(SystemExit) as info:
+        _compress(capsys, workdir, tmp_path / "bad", "--reduction", "0.5", "--distill-steps", "-1")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "argument --distill-steps: expected an integer >= 0, got '-1'")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, tmp_path, capsys, monkeypatch):
     # timm's Swin V2 "cr" variant names its stages and options unlike Swin's: the spec read from its modules does not
     # rebuild it, so its compressed form could never be loaded again. Refused before any calibration.
