@@ -1085,7 +1085,8 @@ def test_the_saliency_variants_are_the_committed_study():
 def test_the_longer_distillation_section_is_the_committed_study():
     """docs/loss_aware.md's "A longer distillation": its three tables recomputed from the per-image records of
     distill_long_calib1024.json, distill_long_calib16384.json (with the dense model's own record) and the 1,024-image
-    cells they are paired with, every count quoted, the check's one restore, the KL and the times."""
+    cells they are paired with, the fine-tuned cells (distill_long_calib1024_ft.json), every count quoted, the check's
+    one restore, the KL and the times."""
     import statistics
 
     from experiments.loss_aware_study import paired
@@ -1102,9 +1103,17 @@ def test_the_longer_distillation_section_is_the_committed_study():
     section = text[text.index("### A longer distillation"): text.index("### Every candidate at a glance")]
     flat = " ".join(section.split())
     tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
-    assert len(tables) == 3
+    assert len(tables) == 4
     rows = [_md_rows(table)[2:] for table in tables]
     assert all(len(body) == 12 for body in rows)
+    tuned = load("distill_long_calib1024_ft")
+    _check_finetuned_table(tables[3], tuned)
+    assert all(tuned[m]["cells"][key]["correct"] == cell["correct"]
+               for m in long1 for key, cell in long1[m]["cells"].items())
+    assert _count_cells(tuned, "la-distill-long", "loss-aware", "correct_ft") == (8, 0)
+    assert _count_cells(tuned, "la-distill-long", "loss-aware", "correct", "correct_ft") == (8, 0)
+    assert ("Ahead of the fine-tuned default in 8 of 12 cells after the fine-tune, behind in none. Without any "
+            "fine-tune it is ahead of the fine-tuned default in 8 and behind in none too") in flat
     for model, ratio, default, refit, *cells in rows[0]:
         key = _ratio_of(ratio)
         mine, theirs = long1[model]["cells"][f"la-distill-long@{key}"], base[model]["cells"]
