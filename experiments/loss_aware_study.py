@@ -86,8 +86,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the block stage (Fisher metric) instead of the refit before that distillation: the block stage is the closer on
     # the real DINOv2-S weights (experiments/saliency_study.py), the distillation on the classifiers trained here
     "la-block-distill": {**LIBRARY_RECIPES["loss-aware-block"], "distill_steps": 128},
-    # a ceiling for any label-free stage at these ranks: the same distillation eight times longer, meant to be run on
-    # many more unlabelled images than the calibration set (--calib 16384), at its rate and at four times it
+    # the same distillation eight times longer, at its rate and at four times it (docs/loss_aware.md, "A longer
+    # distillation": run on 1,024 and on 16,384 calibration images, it keeps about as much on both)
     "la-distill-long": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 1024},
     "la-distill-long-lr2e-4": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 1024, "distill_lr": 2e-4},
     "whitened-marginal": dict(decomposition="whitened", allocation="marginal", compensation="none"),
