@@ -722,7 +722,6 @@ def test_the_held_out_block_tables_are_recomputed_from_the_per_image_records():
 def test_the_calibration_distillation_tables_and_counts_are_the_committed_study():
     """docs/loss_aware.md's end-to-end distillation section: both tables' cells and paired tests, and each count the
     text quotes, from experiments/results/calib_distill_heldout.json and calib_distill_heldout_ft.json."""
-    from experiments.loss_aware_study import paired
 
     study, tuned, tables, section = _held_out_section("calib_distill_heldout",
                                                       "### End-to-end distillation on the calibration images",
@@ -740,25 +739,16 @@ def test_the_calibration_distillation_tables_and_counts_are_the_committed_study(
             recipe, against = title.split(" against ")
             _check_paired_cell(cell, got[recipe], got[against], "correct", "top1")
 
-    def count(cells_of: dict, recipe: str, against: str, key: str = "correct") -> tuple[int, int]:
-        better = worse = 0
-        for model in cells_of:
-            for ratio in ("0.7", "0.8"):
-                cells = cells_of[model]["cells"]
-                a, b, p = paired(cells[f"{recipe}@{ratio}"], cells[f"{against}@{ratio}"], key)
-                better += p < 0.05 and a > b
-                worse += p < 0.05 and a < b
-        return better, worse
-
     flat = " ".join(section.split())
-    assert count(study, "la-distill", "loss-aware") == (7, 0) and "better than the default in 7 of 12" in flat
-    assert count(study, "la-distill", "loss-aware-refit") == (1, 0) and "(better in one cell" in flat
-    assert count(study, "la-refit-distill", "loss-aware-refit") == (2, 0) and "better than the refit in 2 of 12" in flat
-    assert count(study, "la-refit-distill", "loss-aware") == (8, 0) and "better than the default in 8 of 12" in flat
+    assert _count_cells(study, "la-distill", "loss-aware") == (7, 0) and "better than the default in 7 of 12" in flat
+    assert _count_cells(study, "la-distill", "loss-aware-refit") == (1, 0) and "(better in one cell" in flat
+    assert _count_cells(study, "la-refit-distill", "loss-aware-refit") == (2, 0)
+    assert _count_cells(study, "la-refit-distill", "loss-aware") == (8, 0)
+    assert "better than the refit in 2 of 12" in flat and "better than the default in 8 of 12" in flat
     _check_finetuned_table(tables[1], tuned)
-    assert count(tuned, "la-refit-distill", "loss-aware", "correct_ft") == (3, 0)
-    assert count(tuned, "la-distill", "loss-aware", "correct_ft") == (2, 0)
-    assert count(tuned, "loss-aware-refit", "loss-aware", "correct_ft") == (4, 1)
+    assert _count_cells(tuned, "la-refit-distill", "loss-aware", "correct_ft") == (3, 0)
+    assert _count_cells(tuned, "la-distill", "loss-aware", "correct_ft") == (2, 0)
+    assert _count_cells(tuned, "loss-aware-refit", "loss-aware", "correct_ft") == (4, 1)
     assert "ahead of the default in 3 of 12 cells and behind in none" in flat and "ahead in 2, behind in none" in flat
 
 
@@ -794,22 +784,30 @@ def test_the_calibration_distillation_tuning_figures_are_the_committed_probe():
     assert f"{swin:.2f}" == "9.75" and "down to 9.75% on the Swin" in flat
 
 
-def _count_cells(cells_of: dict, recipe: str, against: str, key: str = "correct",
-                 against_key: str | None = None) -> tuple[int, int]:
-    """Cells (six models x -70%, -80%) where ``recipe`` is significantly better / worse than ``against`` (exact
-    McNemar, p < 0.05); ``against_key``: compare with that record of the other cell (its fine-tuned one)."""
+def _paired_cells(cells_of: dict, recipe: str, against: str, key: str = "correct", against_key: str | None = None,
+                  *, against_of: dict | None = None, ratios: tuple[str, ...] = ("0.7", "0.8")) -> list[tuple]:
+    """(model, ratio, significantly better, significantly worse) of ``recipe`` against ``against`` in each cell
+    (exact McNemar, p < 0.05). ``against_key``: compare with that record of the other cell (its fine-tuned one);
+    ``against_of``: the study the other cell comes from (by default ``cells_of`` itself)."""
     from experiments.loss_aware_study import paired
 
-    better = worse = 0
-    for entry in cells_of.values():
-        for ratio in ("0.7", "0.8"):
-            mine, theirs = entry["cells"][f"{recipe}@{ratio}"], entry["cells"][f"{against}@{ratio}"]
+    out = []
+    for model, entry in cells_of.items():
+        for ratio in ratios:
+            mine = entry["cells"][f"{recipe}@{ratio}"]
+            theirs = (cells_of if against_of is None else against_of)[model]["cells"][f"{against}@{ratio}"]
             if against_key is not None:
                 theirs = {key: theirs[against_key]}
             a, b, p = paired(mine, theirs, key)
-            better += p < 0.05 and a > b
-            worse += p < 0.05 and a < b
-    return better, worse
+            out.append((model, ratio, p < 0.05 and a > b, p < 0.05 and a < b))
+    return out
+
+
+def _count_cells(cells_of: dict, recipe: str, against: str, key: str = "correct", against_key: str | None = None,
+                 **where) -> tuple[int, int]:
+    """Cells where ``recipe`` is significantly better / worse than ``against``; arguments as ``_paired_cells``."""
+    cells = _paired_cells(cells_of, recipe, against, key, against_key, **where)
+    return sum(better for *_, better, _ in cells), sum(worse for *_, worse in cells)
 
 
 def _check_block_distill(table: str, flat: str, study: dict) -> None:
@@ -1142,25 +1140,17 @@ def test_the_longer_distillation_section_is_the_committed_study():
                                          long1[model]["cells"][f"la-distill-long@{key}"]), strict=True):
             _check_paired_cell(cell, dense, against, "correct", "top1")
 
-    def wins(study: dict, against: dict, name: str, ratio: str | None = None, recipe: str = "la-distill-long") -> list:
-        out = []
-        for model in study:
-            for key in (ratio,) if ratio else ("0.7", "0.8"):
-                a, b, p = paired(study[model]["cells"][f"{recipe}@{key}"], against[model]["cells"][f"{name}@{key}"])
-                out.append((model, key, p < 0.05 and a > b, p < 0.05 and a < b))
-        return out
-
-    def count(pairs: list) -> tuple[int, int]:
-        return sum(won for *_, won, _ in pairs), sum(lost for *_, lost in pairs)
-
-    assert count(wins(long1, base, "loss-aware-refit")) == (8, 0) == count(wins(long16, long16, "loss-aware-refit"))
-    assert [m for m, _, w, _ in wins(long1, base, "loss-aware-refit", "0.7") if w] == \
+    assert _count_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base) == (8, 0) == \
+        _count_cells(long16, "la-distill-long", "loss-aware-refit")
+    assert [m for m, _, w, _ in _paired_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base,
+                                              ratios=("0.7",)) if w] == \
         ["cifar_vit6_long", "cifar_swin_long", "cifar_deit3_ls"]
-    assert count(wins(long1, base, "loss-aware")) == (9, 0) and count(wins(long1, base, "loss-aware", "0.7")) == (4, 0)
-    assert count(wins(long1, short, "loss-aware-distill")) == (6, 0)
-    assert count(wins(long16, long1, "la-distill-long", recipe="la-distill-long")) == (1, 0)
+    assert _count_cells(long1, "la-distill-long", "loss-aware", against_of=base) == (9, 0)
+    assert _count_cells(long1, "la-distill-long", "loss-aware", against_of=base, ratios=("0.7",)) == (4, 0)
+    assert _count_cells(long1, "la-distill-long", "loss-aware-distill", against_of=short) == (6, 0)
+    assert _count_cells(long16, "la-distill-long", "la-distill-long", against_of=long1) == (1, 0)
     for name in ("loss-aware", "loss-aware-refit"):
-        assert count(wins(long16, base, name, recipe=name)) == (0, 0)
+        assert _count_cells(long16, name, name, against_of=base) == (0, 0)
     assert ("Better than the refit in 8 of 12 cells (three of the six models at -70%: `cifar_vit6_long`, "
             "`cifar_swin_long`, `cifar_deit3_ls`; five at -80%" in flat)
     assert "better than the default in 9 (four at -70%), worse in none; better than the 128-step stage in 6" in flat
@@ -1186,16 +1176,15 @@ def test_the_longer_distillation_section_is_the_committed_study():
     # the README and the --distill-steps help quote the same counts, gain and time
     ratio = statistics.median(seconds) / statistics.median(refit_s)
     top = max(long1[m]["cells"][f"la-distill-long@{k}"]["top1"] - base[m]["cells"][f"loss-aware-refit@{k}"]["top1"]
-              for m, k, won, _ in wins(long1, base, "loss-aware-refit") if won)
+              for m, k, won, _ in _paired_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base) if won)
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert (f"better than the refit in 8 of 12 (three of six models at -70%, five at -80%, up to +{top:.1f} points), "
             f"worse in none, at about {ratio:.0f} times the refit's time") in readme
-    from lowrank_vit.cli.main import build_parser
+    from tests.cli.test_snapshot import cli_reference
 
-    compress = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()
-                    if any("--distill-steps" in x.option_strings for x in a._actions))
-    help_text = " ".join(next(x for x in compress._actions if "--distill-steps" in x.option_strings).help.split())
-    short_wins = count(wins(short, base, "loss-aware-refit", recipe="loss-aware-distill"))
+    [help_text] = [" ".join(option["help"].split()) for option in cli_reference()["lowrank-vit compress"]["options"]
+                   if "--distill-steps" in option.get("options", ())]
+    short_wins = _count_cells(short, "loss-aware-distill", "loss-aware-refit", against_of=base)
     assert (f"1,024 steps were better than the refit in 8 of 12 cells of six small classifiers at -70%% and -80%% "
             f"(128 steps: {short_wins[0]}), worse in none, at about {ratio:.0f} times the refit's time") in help_text
     tuned = {k.split("@")[0]: c["top1"] for k, c in tuning["cifar_deit3_ls"]["cells"].items()}
@@ -1233,7 +1222,6 @@ def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
     and each compress-time multiple recomputed from the held-out studies' JSONs."""
     import statistics
 
-    from experiments.loss_aware_study import paired
 
     results = ROOT / "experiments/results"
     runs = {stem: (json.loads((results / f"{stem}.json").read_text())["study"],
@@ -1247,16 +1235,7 @@ def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
         if (recipe == against and against_key is None) or any(f"{recipe}@0.7" not in entry["cells"]
                                                                for entry in study.values()):
             return "-"
-        better = worse = 0
-        for entry in study.values():
-            for ratio in ("0.7", "0.8"):
-                mine, theirs = entry["cells"][f"{recipe}@{ratio}"], entry["cells"][f"{against}@{ratio}"]
-                if against_key is not None:  # the recipe's record against another record of the other cell
-                    theirs = {key: theirs[against_key]}
-                a, b, p = paired(mine, theirs, key)
-                better += p < 0.05 and a > b
-                worse += p < 0.05 and a < b
-        return f"{better} / {worse}"
+        return "{} / {}".format(*_count_cells(study, recipe, against, key, against_key))
 
     _, _, *body = _md_rows(table)
     assert len(body) == 10
@@ -1306,24 +1285,13 @@ def test_the_block_stage_cost_figures_are_the_committed_benchmark():
 
 def test_the_calibration_size_figures_are_the_committed_study():
     """docs/loss_aware.md's 1,024-calibration-image paragraph: each count and figure from its JSON."""
-    from experiments.loss_aware_study import paired
 
     study = json.loads((ROOT / "experiments/results/blockwise_heldout_calib1024.json").read_text())["study"]
     text = " ".join((ROOT / "docs/loss_aware.md").read_text().split())
 
-    def count(recipe: str, against: str) -> tuple[int, int]:
-        better = worse = 0
-        for model in study:
-            for ratio in ("0.7", "0.8"):
-                cells = study[model]["cells"]
-                a, b, p = paired(cells[f"{recipe}@{ratio}"], cells[f"{against}@{ratio}"])
-                better += p < 0.05 and a > b
-                worse += p < 0.05 and a < b
-        return better, worse
-
-    assert count("loss-aware-refit", "loss-aware") == (8, 0)
-    assert count("loss-aware-block", "loss-aware-refit") == (1, 0)
-    assert count("la-refit-block-fisher", "loss-aware-refit") == (2, 0)
+    assert _count_cells(study, "loss-aware-refit", "loss-aware") == (8, 0)
+    assert _count_cells(study, "loss-aware-block", "loss-aware-refit") == (1, 0)
+    assert _count_cells(study, "la-refit-block-fisher", "loss-aware-refit") == (2, 0)
     deit3 = study["cifar_deit3_ls"]["cells"]
     gains = [deit3[f"la-refit-block-fisher@{r}"]["top1"] - deit3[f"loss-aware-refit@{r}"]["top1"]
              for r in ("0.7", "0.8")]

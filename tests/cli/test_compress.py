@@ -150,6 +150,26 @@ def test_evaluate_with_a_sigmoid_likelihood_adds_masks_and_correlation(place, co
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_distill_steps_on_a_headless_model_distils_its_features_on_unlabelled_images(place, compressed_headless,
+                                                                                     tmp_path, capsys):
+    """``--distill-steps`` after the default recipe on a model with no classes: the stage runs under the gaussian
+    likelihood on the unlabelled images, and the weights it writes are the default's exactly when its check restored
+    them, different (with a lower calibration loss) when it kept the steps."""
+    out = tmp_path / "distilled"
+    code, _, err = _compress_headless(capsys, place, out, "--distill-steps", "4")
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())["compression"]
+    assert report["config"]["likelihood"] == "gaussian" and report["config"]["distill_steps"] == 4
+    distillation = report["distillation"]
+    assert distillation["steps"] == 4 and distillation["likelihood"] == "gaussian" and distillation["loss_before"] > 0
+    mine, default = (load_compressed(path).state_dict() for path in (out, compressed_headless))
+    assert mine.keys() == default.keys()
+    same = all(torch.equal(mine[name], default[name]) for name in mine)
+    assert same != distillation["kept"]
+    assert not distillation["kept"] or distillation["loss_after"] < distillation["loss_before"]
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_classifier_on_unlabelled_data_compresses_reports_fidelity_and_finetunes_only_by_distillation(
     place, tmp_path, capsys
 ):
