@@ -1080,6 +1080,15 @@ def test_the_saliency_variants_are_the_committed_study():
         assert max(abs(a - b) for a, b in zip(cells[key]["r"], committed[key]["r"], strict=True)) < 1e-5, key
 
 
+def _longer_distillation_section() -> tuple[str, list[str]]:
+    """docs/loss_aware.md's "A longer distillation": its text on one line, and its five tables ("| model" first)."""
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### A longer distillation"): text.index("### Every candidate at a glance")]
+    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
+    assert len(tables) == 5
+    return " ".join(section.split()), tables
+
+
 def test_the_longer_distillation_section_is_the_committed_study():
     """docs/loss_aware.md's "A longer distillation": its three tables recomputed from the per-image records of
     distill_long_calib1024.json, distill_long_calib16384.json (with the dense model's own record) and the 1,024-image
@@ -1097,11 +1106,7 @@ def test_the_longer_distillation_section_is_the_committed_study():
     assert long1.keys() == long16.keys() == base.keys() == short.keys()
     assert all(e["settings"]["calib"] == 1024 for e in (*long1.values(), *base.values(), *short.values()))
     assert all(e["settings"]["calib"] == 16384 for e in (*long16.values(), *tuning.values()))
-    text = (ROOT / "docs/loss_aware.md").read_text()
-    section = text[text.index("### A longer distillation"): text.index("### Every candidate at a glance")]
-    flat = " ".join(section.split())
-    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
-    assert len(tables) == 4
+    flat, tables = _longer_distillation_section()
     rows = [_md_rows(table)[2:] for table in tables]
     assert all(len(body) == 12 for body in rows)
     tuned = load("distill_long_calib1024_ft")
@@ -1190,6 +1195,90 @@ def test_the_longer_distillation_section_is_the_committed_study():
     tuned = {k.split("@")[0]: c["top1"] for k, c in tuning["cifar_deit3_ls"]["cells"].items()}
     assert (f"{tuned['la-distill-long']:.2f} at 5e-5, {tuned['la-distill-long-lr2e-4']:.2f} at 2e-4, "
             f"{tuned['loss-aware-refit']:.2f} for the refit") in flat
+
+
+def test_the_4096_step_distillation_is_the_committed_study():
+    """docs/loss_aware.md's "Four times longer again": its table recomputed from distill_4k_calib1024.json against
+    the refit and default on the same images, the 1,024-step stage and the dense model's own record; every count, the
+    share of the distance closed, the probe that chose the step count (distill_4k_tuning.json) and the times; the
+    gain at -80% as the advice at a glance, the README and the --distill-steps help quote it."""
+    import statistics
+
+    from experiments.loss_aware_study import paired
+
+    results = ROOT / "experiments/results"
+    load = lambda stem: json.loads((results / f"{stem}.json").read_text())["study"]  # noqa: E731
+    k4, long1, long16, base = (load(stem) for stem in ("distill_4k_calib1024", "distill_long_calib1024",
+                                                       "distill_long_calib16384", "blockwise_heldout_calib1024"))
+    assert k4.keys() == long1.keys() == base.keys()
+    assert all(e["settings"] == long1[m]["settings"] and e["dense_correct"] == long16[m]["dense_correct"]
+               for m, e in k4.items())
+    flat, tables = _longer_distillation_section()
+    header, _, *body = _md_rows(tables[4])
+    assert len(body) == 12 and header[2:4] == ["la-distill-long", "la-distill-4k against loss-aware-refit"]
+    dense = {m: {"correct": e["dense_correct"], "top1": e["dense_top1"]} for m, e in long16.items()}
+    for model, ratio, long_shown, *cells in body:
+        key = _ratio_of(ratio)
+        mine, one = k4[model]["cells"][f"la-distill-4k@{key}"], long1[model]["cells"][f"la-distill-long@{key}"]
+        assert long_shown == f"{one['top1']:.2f}"
+        pairs = ((mine, base[model]["cells"][f"loss-aware-refit@{key}"]),
+                 (mine, base[model]["cells"][f"loss-aware@{key}"]), (mine, one), (dense[model], mine))
+        for cell, (a, b) in zip(cells, pairs, strict=True):
+            _check_paired_cell(cell, a, b, "correct", "top1")
+
+    def winners(against: str, study: dict, ratio: str) -> list[str]:
+        return [m for m, _, won, _ in _paired_cells(k4, "la-distill-4k", against, against_of=study, ratios=(ratio,))
+                if won]
+
+    long_winners = [m for m, _, won, _ in _paired_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base,
+                                                        ratios=("0.7",)) if won]
+    assert winners("loss-aware-refit", base, "0.7") == long_winners
+    refit, default = (_count_cells(k4, "la-distill-4k", name, against_of=base)
+                      for name in ("loss-aware-refit", "loss-aware"))
+    longer = _count_cells(k4, "la-distill-4k", "la-distill-long", against_of=long1)
+    assert refit[1] == default[1] == longer[1] == 0
+    ahead_of_long = {ratio: winners("la-distill-long", long1, ratio) for ratio in ("0.7", "0.8")}
+    assert (f"better than the refit in {refit[0]} of 12 cells ({len(long_winners)} at -70%, the same models as 1,024 "
+            f"steps), better than the default in {default[0]} ({len(winners('loss-aware', base, '0.7'))} at -70%), "
+            f"better than 1,024 steps in {longer[0]} ({len(ahead_of_long['0.7'])} at -70%, "
+            f"{len(ahead_of_long['0.8'])} at -80%), worse than any of the three in none") in flat
+    wide = "cifar_vit4_wide_long"
+    mine = k4[wide]["cells"]["la-distill-4k@0.7"]
+    refit_cell = base[wide]["cells"]["loss-aware-refit@0.7"]
+    p_refit, p_dense = paired(mine, refit_cell)[2], paired(dense[wide], mine)[2]
+    assert p_refit >= 0.05 and p_dense >= 0.05 > paired(dense[wide], refit_cell)[2]
+    closed = (mine["top1"] - refit_cell["top1"]) / (dense[wide]["top1"] - refit_cell["top1"])
+    assert f"it closes {100 * closed:.0f}% of the distance" in flat
+    kept = sum(cell["distillation"]["kept"] for e in k4.values() for cell in e["cells"].values())
+    assert f"Its check kept the steps in {kept} cells" in flat
+    seconds = [c["compress_s"] for e in k4.values() for c in e["cells"].values()]
+    before = [c["compress_s"] for e in long1.values() for c in e["cells"].values()]
+    assert (f"cells took {min(seconds):.0f}-{max(seconds):.0f} s (median {statistics.median(seconds):.0f} s, "
+            f"{statistics.median(seconds) / statistics.median(before):.1f} times the 1,024-step median)") in flat
+    probe = {key.split("@")[0]: cell for key, cell in load("distill_4k_tuning")[wide]["cells"].items()}
+    assert (f"the refit {probe['loss-aware-refit']['top1']:.2f}, 1,024 steps {probe['la-distill-long']['top1']:.2f}, "
+            f"2,048 steps {probe['la-distill-2k']['top1']:.2f}, 4,096 steps {probe['la-distill-4k']['top1']:.2f} at "
+            f"the rate 5e-5 and {probe['la-distill-4k-lr1e-4']['top1']:.2f} at 1e-4 (KL "
+            f"{probe['la-distill-4k']['kl']:.4f} and {probe['la-distill-4k-lr1e-4']['kl']:.4f}), the dense model "
+            f"{load('distill_4k_tuning')[wide]['dense_top1']:.2f}") in flat
+    # the README and the --distill-steps help quote the gain at -80% and the time
+    gains = [k4[m]["cells"]["la-distill-4k@0.8"]["top1"] - long1[m]["cells"]["la-distill-long@0.8"]["top1"]
+             for m in ahead_of_long["0.8"]]
+    quoted = f"{min(gains):.1f}-{max(gains):.1f} points"
+    models = ["one", "two", "three", "four", "five"][len(gains) - 1]
+    multiple = round(statistics.median(seconds) / statistics.median(before))
+    page = " ".join((ROOT / "docs/loss_aware.md").read_text().split())  # the advice at a glance
+    assert f"`distill_steps=4096` adds {quoted} at -80% on {models} of the six models" in page
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"four times longer again (`--distill-steps 4096`) adds {quoted} at -80% on "
+            f"{models} of the six models, at about "
+            f"{multiple} times that") in readme
+    from tests.cli.test_snapshot import cli_reference
+
+    [help_text] = [" ".join(option["help"].split()) for option in cli_reference()["lowrank-vit compress"]["options"]
+                   if "--distill-steps" in option.get("options", ())]
+    assert (f"4,096 steps kept {quoted} more than 1,024 at -80%% on {models} of the six, at about "
+            f"{multiple} times their time") in help_text
 
 
 def test_the_saliency_distillation_table_is_the_committed_study():
