@@ -16,6 +16,7 @@ from lowrank_vit.config import CompressionConfig
 from lowrank_vit.methods.decompositions import METHODS
 from tests.helpers import (
     REPO,
+    cli_reference,
     make_images,
     make_tiny_vit,
 )
@@ -810,6 +811,12 @@ def _count_cells(cells_of: dict, recipe: str, against: str, key: str = "correct"
     return sum(better for *_, better, _ in cells), sum(worse for *_, worse in cells)
 
 
+def _winners(cells_of: dict, recipe: str, against: str, ratio: str, **where) -> list[str]:
+    """The models where ``recipe`` is significantly better than ``against`` at ``ratio`` (see ``_paired_cells``)."""
+    return [model for model, _, better, _ in _paired_cells(cells_of, recipe, against, ratios=(ratio,), **where)
+            if better]
+
+
 def _check_block_distill(table: str, flat: str, study: dict) -> None:
     """The block stage before the distillation (experiments/results/block_distill_heldout.json): each row paired
     against ``study``'s refit and ``loss-aware-distill`` cells on the same images, and the counts quoted."""
@@ -1080,6 +1087,13 @@ def test_the_saliency_variants_are_the_committed_study():
         assert max(abs(a - b) for a, b in zip(cells[key]["r"], committed[key]["r"], strict=True)) < 1e-5, key
 
 
+def _distill_steps_help() -> str:
+    """``compress --distill-steps``'s help on one line, as the CLI reference describes the parser."""
+    [help_text] = [" ".join(option["help"].split()) for option in cli_reference()["lowrank-vit compress"]["options"]
+                   if "--distill-steps" in option.get("options", ())]
+    return help_text
+
+
 def _longer_distillation_section() -> tuple[str, list[str]]:
     """docs/loss_aware.md's "A longer distillation": its text on one line, and its five tables ("| model" first)."""
     text = (ROOT / "docs/loss_aware.md").read_text()
@@ -1147,8 +1161,7 @@ def test_the_longer_distillation_section_is_the_committed_study():
 
     assert _count_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base) == (8, 0) == \
         _count_cells(long16, "la-distill-long", "loss-aware-refit")
-    assert [m for m, _, w, _ in _paired_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base,
-                                              ratios=("0.7",)) if w] == \
+    assert _winners(long1, "la-distill-long", "loss-aware-refit", "0.7", against_of=base) == \
         ["cifar_vit6_long", "cifar_swin_long", "cifar_deit3_ls"]
     assert _count_cells(long1, "la-distill-long", "loss-aware", against_of=base) == (9, 0)
     assert _count_cells(long1, "la-distill-long", "loss-aware", against_of=base, ratios=("0.7",)) == (4, 0)
@@ -1185,10 +1198,7 @@ def test_the_longer_distillation_section_is_the_committed_study():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert (f"better than the refit in 8 of 12 (three of six models at -70%, five at -80%, up to +{top:.1f} points), "
             f"worse in none, at about {ratio:.0f} times the refit's time") in readme
-    from tests.cli.test_snapshot import cli_reference
-
-    [help_text] = [" ".join(option["help"].split()) for option in cli_reference()["lowrank-vit compress"]["options"]
-                   if "--distill-steps" in option.get("options", ())]
+    help_text = _distill_steps_help()
     short_wins = _count_cells(short, "loss-aware-distill", "loss-aware-refit", against_of=base)
     assert (f"1,024 steps were better than the refit in 8 of 12 cells of six small classifiers at -70%% and -80%% "
             f"(128 steps: {short_wins[0]}), worse in none, at about {ratio:.0f} times the refit's time") in help_text
@@ -1227,11 +1237,9 @@ def test_the_4096_step_distillation_is_the_committed_study():
             _check_paired_cell(cell, a, b, "correct", "top1")
 
     def winners(against: str, study: dict, ratio: str) -> list[str]:
-        return [m for m, _, won, _ in _paired_cells(k4, "la-distill-4k", against, against_of=study, ratios=(ratio,))
-                if won]
+        return _winners(k4, "la-distill-4k", against, ratio, against_of=study)
 
-    long_winners = [m for m, _, won, _ in _paired_cells(long1, "la-distill-long", "loss-aware-refit", against_of=base,
-                                                        ratios=("0.7",)) if won]
+    long_winners = _winners(long1, "la-distill-long", "loss-aware-refit", "0.7", against_of=base)
     assert winners("loss-aware-refit", base, "0.7") == long_winners
     refit, default = (_count_cells(k4, "la-distill-4k", name, against_of=base)
                       for name in ("loss-aware-refit", "loss-aware"))
@@ -1273,10 +1281,7 @@ def test_the_4096_step_distillation_is_the_committed_study():
     assert (f"four times longer again (`--distill-steps 4096`) adds {quoted} at -80% on "
             f"{models} of the six models, at about "
             f"{multiple} times that") in readme
-    from tests.cli.test_snapshot import cli_reference
-
-    [help_text] = [" ".join(option["help"].split()) for option in cli_reference()["lowrank-vit compress"]["options"]
-                   if "--distill-steps" in option.get("options", ())]
+    help_text = _distill_steps_help()
     assert (f"4,096 steps kept {quoted} more than 1,024 at -80%% on {models} of the six, at about "
             f"{multiple} times their time") in help_text
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from tests.helpers import (
     FIXTURES,
     _assert_reads_as_reviewed,
     cli,
+    cli_reference,
     write_image_folder,
 )
 
@@ -173,67 +172,6 @@ def test_every_refusal_reads_as_reviewed(capsys, place):
 
 
 CLI_REFERENCE = FIXTURES / "cli_reference.json"
-
-
-def _text(value: Any) -> Any:
-    """A default or a constant as JSON can hold it, the same on every machine (paths under the home folder are
-    written as ``~`` so a reference holds on another account)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        if isinstance(value, str) and str(Path.home()) in value:
-            return value.replace(str(Path.home()), "~")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_text(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _text(v) for k, v in value.items()}
-    return getattr(value, "__name__", type(value).__name__)
-
-
-def _action(action: argparse.Action, groups: dict[int, str]) -> dict[str, Any]:
-    return {
-        "options": list(action.option_strings) or [action.dest],
-        "dest": action.dest,
-        "help": action.help,
-        "metavar": _text(action.metavar),
-        "choices": _text(list(action.choices)) if action.choices is not None else None,
-        "default": _text(action.default),
-        "const": _text(action.const),
-        "nargs": _text(action.nargs),
-        "required": action.required,
-        "type": _text(action.type),
-        "kind": type(action).__name__,
-        "group": groups.get(id(action)),
-    }
-
-
-def describe_parser(parser: argparse.ArgumentParser, name: str = "lowrank-vit") -> dict[str, Any]:
-    """Every parser of the command line, nested subcommands included, as plain data: name -> its description,
-    epilog and options (in the order ``--help`` lists them)."""
-    groups = {id(a): g.title for g in parser._action_groups for a in g._group_actions}
-    mutually_exclusive = [sorted(a.dest for a in g._group_actions) for g in parser._mutually_exclusive_groups]
-    found: dict[str, Any] = {name: {
-        "description": parser.description, "epilog": parser.epilog, "usage": parser.usage,
-        "exclusive": mutually_exclusive, "options": [],
-    }}
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        if isinstance(action, argparse._SubParsersAction):
-            helps = {choice.dest: choice.help for choice in action._choices_actions}
-            found[name]["options"].append({"subcommands": {n: helps.get(n) for n in action.choices},
-                                           "dest": action.dest, "required": action.required,
-                                           "metavar": _text(action.metavar)})
-            for sub_name, sub in action.choices.items():
-                found.update(describe_parser(sub, f"{name} {sub_name}"))
-            continue
-        found[name]["options"].append(_action(action, groups))
-    return found
-
-
-def cli_reference() -> dict[str, Any]:
-    from lowrank_vit.cli.main import build_parser
-
-    return describe_parser(build_parser())
 
 
 def _cli_text() -> str:
