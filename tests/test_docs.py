@@ -577,7 +577,7 @@ def test_the_refit_without_finetune_table_is_recomputed_from_the_per_image_recor
     recomputed from the block-wise study's per-image correctness (a new study run must update the page)."""
     from experiments.loss_aware_study import paired
 
-    study = json.loads((ROOT / "experiments/results/blockwise_study.json").read_text())["study"]
+    study = _study("blockwise_study")
     text = (ROOT / "docs/loss_aware.md").read_text()
     section = text[text.index("## Without a fine-tune: the refit, not the default"):]
     rows = re.findall(r"^\| (cifar_\w+) \| (.+) \| (.+) \|$", section[:section.index("(computed from")], re.M)
@@ -644,6 +644,11 @@ def _ratio_of(label: str) -> str:
     return str(int(label.strip("-%")) / 100)
 
 
+def _study(stem: str) -> dict:
+    """The per-model cells of experiments/results/STEM.json, a study's committed record."""
+    return json.loads((ROOT / "experiments/results" / f"{stem}.json").read_text())["study"]
+
+
 def _check_paired_cell(cell: str, recipe: dict, against: dict, key: str, top: str) -> None:
     """A paired cell "[top-1: ]+d.dd, a / b, p = x" (bold where p < 0.05) recomputed from two study cells' per-image
     records (``key``: "correct" or "correct_ft") and top-1 (``top``)."""
@@ -663,9 +668,8 @@ def _check_paired_cell(cell: str, recipe: dict, against: dict, key: str, top: st
 def _held_out_section(stem: str, start: str, end: str, count: int) -> tuple[dict, dict, list[str], str]:
     """A held-out study's cells without and with the fine-tune (experiments/results/STEM.json, STEM_ft.json), and
     the ``count`` tables ("| model" first) of docs/loss_aware.md's section from ``start`` to ``end``, and its text."""
-    results = ROOT / "experiments/results"
-    study = json.loads((results / f"{stem}.json").read_text())["study"]
-    tuned = json.loads((results / f"{stem}_ft.json").read_text())["study"]
+    study = _study(stem)
+    tuned = _study(f"{stem}_ft")
     text = (ROOT / "docs/loss_aware.md").read_text()
     section = text[text.index(start): text.index(end)]
     tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
@@ -820,7 +824,7 @@ def _winners(cells_of: dict, recipe: str, against: str, ratio: str, **where) -> 
 def _check_block_distill(table: str, flat: str, study: dict) -> None:
     """The block stage before the distillation (experiments/results/block_distill_heldout.json): each row paired
     against ``study``'s refit and ``loss-aware-distill`` cells on the same images, and the counts quoted."""
-    blocked = json.loads((ROOT / "experiments/results/block_distill_heldout.json").read_text())["study"]
+    blocked = _study("block_distill_heldout")
     assert blocked.keys() == study.keys()
     header, _, *body = _md_rows(table)
     assert len(body) == 12
@@ -849,9 +853,8 @@ def _check_distill_on_more_images(table: str, flat: str, study: dict) -> None:
     ``study``, and the counts quoted."""
     from experiments.loss_aware_study import paired
 
-    results = ROOT / "experiments/results"
-    more = json.loads((results / "calib_distill_mix_heldout_calib1024.json").read_text())["study"]
-    refit = json.loads((results / "blockwise_heldout_calib1024.json").read_text())["study"]
+    more = _study("calib_distill_mix_heldout_calib1024")
+    refit = _study("blockwise_heldout_calib1024")
     assert more.keys() == refit.keys() == study.keys()
     assert all(entry["settings"]["calib"] == 1024 for entry in (*more.values(), *refit.values()))
     header, _, *body = _md_rows(table)
@@ -1112,18 +1115,16 @@ def test_the_longer_distillation_section_is_the_committed_study():
 
     from experiments.loss_aware_study import paired
 
-    results = ROOT / "experiments/results"
-    load = lambda stem: json.loads((results / f"{stem}.json").read_text())["study"]  # noqa: E731
-    long1, long16 = load("distill_long_calib1024"), load("distill_long_calib16384")
-    base, short, tuning = load("blockwise_heldout_calib1024"), load("calib_distill_mix_heldout_calib1024"), \
-        load("distill_long_tuning")
+    long1, long16 = _study("distill_long_calib1024"), _study("distill_long_calib16384")
+    base, short, tuning = _study("blockwise_heldout_calib1024"), _study("calib_distill_mix_heldout_calib1024"), \
+        _study("distill_long_tuning")
     assert long1.keys() == long16.keys() == base.keys() == short.keys()
     assert all(e["settings"]["calib"] == 1024 for e in (*long1.values(), *base.values(), *short.values()))
     assert all(e["settings"]["calib"] == 16384 for e in (*long16.values(), *tuning.values()))
     flat, tables = _longer_distillation_section()
     rows = [_md_rows(table)[2:] for table in tables]
     assert all(len(body) == 12 for body in rows)
-    tuned = load("distill_long_calib1024_ft")
+    tuned = _study("distill_long_calib1024_ft")
     _check_finetuned_table(tables[3], tuned)
     assert all(tuned[m]["cells"][key]["correct"] == cell["correct"]
                for m in long1 for key, cell in long1[m]["cells"].items())
@@ -1216,9 +1217,7 @@ def test_the_4096_step_distillation_is_the_committed_study():
 
     from experiments.loss_aware_study import paired
 
-    results = ROOT / "experiments/results"
-    load = lambda stem: json.loads((results / f"{stem}.json").read_text())["study"]  # noqa: E731
-    k4, long1, long16, base = (load(stem) for stem in ("distill_4k_calib1024", "distill_long_calib1024",
+    k4, long1, long16, base = (_study(stem) for stem in ("distill_4k_calib1024", "distill_long_calib1024",
                                                        "distill_long_calib16384", "blockwise_heldout_calib1024"))
     assert k4.keys() == long1.keys() == base.keys()
     assert all(e["settings"] == long1[m]["settings"] and e["dense_correct"] == long16[m]["dense_correct"]
@@ -1263,12 +1262,12 @@ def test_the_4096_step_distillation_is_the_committed_study():
     before = [c["compress_s"] for e in long1.values() for c in e["cells"].values()]
     assert (f"cells took {min(seconds):.0f}-{max(seconds):.0f} s (median {statistics.median(seconds):.0f} s, "
             f"{statistics.median(seconds) / statistics.median(before):.1f} times the 1,024-step median)") in flat
-    probe = {key.split("@")[0]: cell for key, cell in load("distill_4k_tuning")[wide]["cells"].items()}
+    probe = {key.split("@")[0]: cell for key, cell in _study("distill_4k_tuning")[wide]["cells"].items()}
     assert (f"the refit {probe['loss-aware-refit']['top1']:.2f}, 1,024 steps {probe['la-distill-long']['top1']:.2f}, "
             f"2,048 steps {probe['la-distill-2k']['top1']:.2f}, 4,096 steps {probe['la-distill-4k']['top1']:.2f} at "
             f"the rate 5e-5 and {probe['la-distill-4k-lr1e-4']['top1']:.2f} at 1e-4 (KL "
             f"{probe['la-distill-4k']['kl']:.4f} and {probe['la-distill-4k-lr1e-4']['kl']:.4f}), the dense model "
-            f"{load('distill_4k_tuning')[wide]['dense_top1']:.2f}") in flat
+            f"{_study('distill_4k_tuning')[wide]['dense_top1']:.2f}") in flat
     # the README and the --distill-steps help quote the gain at -80% and the time
     gains = [k4[m]["cells"]["la-distill-4k@0.8"]["top1"] - long1[m]["cells"]["la-distill-long@0.8"]["top1"]
              for m in ahead_of_long["0.8"]]
@@ -1317,9 +1316,8 @@ def test_the_candidates_at_a_glance_are_counted_from_the_committed_cells():
     import statistics
 
 
-    results = ROOT / "experiments/results"
-    runs = {stem: (json.loads((results / f"{stem}.json").read_text())["study"],
-                   json.loads((results / f"{stem}_ft.json").read_text())["study"])
+    runs = {stem: (_study(stem),
+                   _study(f"{stem}_ft"))
             for stem in ("blockwise_heldout", "calib_distill_heldout", "calib_distill_mix_heldout")}
     text = (ROOT / "docs/loss_aware.md").read_text()
     section = text[text.index("### Every candidate at a glance"): text.index("## What it does not cover")]
@@ -1380,7 +1378,7 @@ def test_the_block_stage_cost_figures_are_the_committed_benchmark():
 def test_the_calibration_size_figures_are_the_committed_study():
     """docs/loss_aware.md's 1,024-calibration-image paragraph: each count and figure from its JSON."""
 
-    study = json.loads((ROOT / "experiments/results/blockwise_heldout_calib1024.json").read_text())["study"]
+    study = _study("blockwise_heldout_calib1024")
     text = " ".join((ROOT / "docs/loss_aware.md").read_text().split())
 
     assert _count_cells(study, "loss-aware-refit", "loss-aware") == (8, 0)

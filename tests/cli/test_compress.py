@@ -71,7 +71,7 @@ def test_compress_evaluate_finetune_evaluate_a_headless_vit_on_unlabelled_images
     meta = plan["metadata"]
     assert meta["output"] == {"likelihood": "gaussian", "output_key": None}
     assert meta["compression_config"]["likelihood"] == "auto" and meta["compression_config"]["output_key"] is None
-    report = json.loads((compressed_headless / "report.json").read_text())
+    report = _report(compressed_headless)
     assert report["compression"]["config"]["likelihood"] == "gaussian"
     assert report["accuracy"] == {} and report["params"]["after"] < report["params"]["before"]
     _assert_sane(report["fidelity"]["after"])
@@ -116,7 +116,7 @@ def test_compress_evaluate_finetune_evaluate_a_headless_vit_on_unlabelled_images
     )
     assert code == 0, err
     assert out.startswith(f"{ft}: fine-tuned 2 steps, fidelity to the dense model: cosine ")
-    ft_report = json.loads((ft / "report.json").read_text())
+    ft_report = _report(ft)
     assert ft_report["finetune"]["distill"] == 1 and ft_report["finetune"]["steps"] == 2
     _assert_sane(ft_report["fidelity"]["final"])
     assert read_plan(ft)["metadata"]["output"]["likelihood"] == "gaussian"
@@ -135,7 +135,7 @@ def test_the_summary_names_the_likelihood_and_the_directory_records_the_flags(pl
     meta = read_plan(out)["metadata"]
     assert meta["compression_config"]["likelihood"] == "gaussian-direction"
     assert meta["output"] == {"likelihood": "gaussian-direction", "output_key": None}
-    report = json.loads((out / "report.json").read_text())
+    report = _report(out)
     assert report["compression"]["config"]["likelihood"] == "gaussian-direction"
 
 
@@ -158,7 +158,7 @@ def test_distill_steps_on_a_headless_model_distils_its_features_on_unlabelled_im
     out = tmp_path / "distilled"
     code, _, err = _compress_headless(capsys, place, out, "--distill-steps", "4")
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())["compression"]
+    report = _report(out)["compression"]
     assert report["config"]["likelihood"] == "gaussian" and report["config"]["distill_steps"] == 4
     distillation = report["distillation"]
     assert distillation["steps"] == 4 and distillation["likelihood"] == "gaussian" and distillation["loss_before"] > 0
@@ -177,7 +177,7 @@ def test_a_classifier_on_unlabelled_data_compresses_reports_fidelity_and_finetun
     code, stdout, err = _compress_headless(capsys, place, out, kwargs=CLASSIFIER, weights="classifier.safetensors")
     assert code == 0, err
     assert ", likelihood categorical" in stdout and "top-1 agreement" in stdout
-    report = json.loads((out / "report.json").read_text())
+    report = _report(out)
     assert report["compression"]["config"]["likelihood"] == "categorical"  # labels drawn from the model itself
     code, stdout, err = cli(
         capsys, "evaluate", str(out), "--data", str(place / "imgs"), "--workers", "0", "--latency-batches"
@@ -237,7 +237,7 @@ def test_a_labelled_classifier_keeps_its_top1_and_gains_the_fidelity_beside_it(p
     assert code == 0, err
     assert ", likelihood categorical, top-1 " in stdout and "fidelity" not in stdout  # compress: as before
     result = _evaluate(capsys, out, tmp_path / "classes")
-    report = json.loads((out / "report.json").read_text())
+    report = _report(out)
     assert report["accuracy"]["after"]["images"] == 3  # compress: a stratified 20% held out of the 15 images
     assert 0 <= result["top1"] <= 100 and result["images"] == 15  # evaluate: every image (no validation split)
     assert result["fidelity"]["likelihood"] == "categorical" and result["fidelity"]["images"] == 15
@@ -269,7 +269,7 @@ def test_evaluate_scores_every_image_of_data_without_a_validation_split(place, t
     code, _, err = cli(capsys, "compress", *_model_argv(place), "--data", str(flat), "--workers", "0", "--reduction",
                        "0.5", "--calib-samples", "8", "--quiet", "--output", str(out))
     assert code == 0, err
-    assert json.loads((out / "report.json").read_text())["fidelity"]["after"]["images"] == 5  # the hold-out
+    assert _report(out)["fidelity"]["after"]["images"] == 5  # the hold-out
     code, stdout, err = cli(capsys, "evaluate", str(out), "--data", str(flat), "--workers", "0", "--latency-batches")
     assert code == 0, err
     assert f"{flat} has no validation split: every one of its 23 images is evaluated (--val-split names one)" in err
@@ -420,7 +420,7 @@ def test_evaluate_times_the_model_in_the_precision_asked_for(images_and_weights,
 
 @pytest.mark.usefixtures("offline")
 def test_the_report_records_the_device_the_compression_ran_on(recompressed):
-    report = json.loads((recompressed / "out" / "report.json").read_text())
+    report = _report(recompressed / "out")
     assert report["device"] == "cpu" and report["compression"]["config"]["device"] == "cpu"
 
 
@@ -444,7 +444,7 @@ def test_cli_compress_device_cuda_matches_cpu(tmp_path, capsys):
     reports = {}
     for device in ("cpu", "cuda"):
         _cli_compress(capsys, tmp_path, model_args, device)
-        reports[device] = json.loads((tmp_path / device / "report.json").read_text())
+        reports[device] = _report(tmp_path / device)
     cpu, gpu = reports["cpu"], reports["cuda"]
     assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
     assert gpu["params"] == cpu["params"]
@@ -503,7 +503,7 @@ def test_compress_writes_a_complete_model_directory(compressed, workdir):
         == {"model.safetensors", "lowrank_vit.json", "report.json", "ranks.png", "README.md"}
     )
     assert not [p for p in workdir.iterdir() if p.name.startswith(".deit-30")], "a staging directory was left"
-    report = json.loads((compressed / "report.json").read_text())
+    report = _report(compressed)
     assert report["params"]["after"] < report["params"]["before"]
     assert abs(report["reduction"] - 0.3) < 0.01
     assert report["accuracy"]["before"]["images"] == report["accuracy"]["after"]["images"] == 6  # 20% held out
@@ -523,7 +523,7 @@ def test_compress_with_the_refit_recipe(workdir, tmp_path, capsys):
     """``--recipe loss-aware-refit``: the refit runs from the CLI on the user's images and the report says so."""
     code, _, err = _compress(capsys, workdir, tmp_path / "refit", "--reduction", "0.5", "--recipe", "loss-aware-refit")
     assert code == 0, err
-    report = json.loads((tmp_path / "refit" / "report.json").read_text())
+    report = _report(tmp_path / "refit")
     assert report["compression"]["config"]["refit"] is True
     assert report["compression"]["stage_seconds"]["refit"] > 0
     assert load_compressed(tmp_path / "refit") is not None
@@ -534,7 +534,7 @@ def test_compress_with_the_block_recipe(workdir, tmp_path, capsys):
     the model it writes loads back."""
     code, _, err = _compress(capsys, workdir, tmp_path / "block", "--reduction", "0.5", "--recipe", "loss-aware-block")
     assert code == 0, err
-    report = json.loads((tmp_path / "block" / "report.json").read_text())
+    report = _report(tmp_path / "block")
     config = report["compression"]["config"]
     assert config["block_reconstruction"] == "factors" and config["block_metric"] == "fisher"
     assert report["compression"]["stage_seconds"]["block_reconstruction"] > 0
@@ -547,7 +547,7 @@ def test_compress_with_the_distillation_recipe(workdir, tmp_path, capsys):
     code, _, err = _compress(capsys, workdir, tmp_path / "distill", "--reduction", "0.5", "--recipe",
                              "loss-aware-distill")
     assert code == 0, err
-    report = json.loads((tmp_path / "distill" / "report.json").read_text())["compression"]
+    report = _report(tmp_path / "distill")["compression"]
     assert report["config"]["refit"] is True and report["config"]["distill_steps"] == 128
     assert report["stage_seconds"]["distillation"] > 0
     assert report["distillation"]["steps"] == 128 and isinstance(report["distillation"]["kept"], bool)
@@ -560,17 +560,17 @@ def test_distill_steps_sets_the_distillation_of_any_recipe_and_a_negative_count_
     code, _, err = _compress(capsys, workdir, tmp_path / "long", "--reduction", "0.5", "--recipe",
                              "loss-aware-distill", "--distill-steps", "3")
     assert code == 0, err
-    report = json.loads((tmp_path / "long" / "report.json").read_text())["compression"]
+    report = _report(tmp_path / "long")["compression"]
     assert report["config"]["distill_steps"] == 3 and report["distillation"]["steps"] == 3
     code, _, err = _compress(capsys, workdir, tmp_path / "off", "--reduction", "0.5", "--recipe",
                              "loss-aware-distill", "--distill-steps", "0")
     assert code == 0, err
-    report = json.loads((tmp_path / "off" / "report.json").read_text())["compression"]
+    report = _report(tmp_path / "off")["compression"]
     assert report["config"]["distill_steps"] == 0 and not report.get("distillation")
     assert "distillation" not in report["stage_seconds"]
     code, _, err = _compress(capsys, workdir, tmp_path / "default", "--reduction", "0.5", "--distill-steps", "2")
     assert code == 0, err
-    report = json.loads((tmp_path / "default" / "report.json").read_text())["compression"]
+    report = _report(tmp_path / "default")["compression"]
     assert report["config"]["refit"] is False and report["distillation"]["steps"] == 2
     with pytest.raises(SystemExit) as info:
         _compress(capsys, workdir, tmp_path / "bad", "--reduction", "0.5", "--distill-steps", "-1")
@@ -627,7 +627,7 @@ def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, 
 
 
 def test_evaluate_reuses_the_saved_preprocessing(compressed, capsys):
-    report = json.loads((compressed / "report.json").read_text())
+    report = _report(compressed)
     code, out, err = _run(
         capsys,
         "evaluate",
@@ -888,7 +888,6 @@ def test_no_dense_eval_leaves_the_before_accuracy_out(
 
 
 def test_cli_compresses_a_state_space_model_with_vmeanba_and_with_both(ssm_workdir, tmp_path, capsys):
-    import json
 
     from lowrank_vit import load_compressed
     from lowrank_vit.io.surgery import read_plan
@@ -897,7 +896,7 @@ def test_cli_compresses_a_state_space_model_with_vmeanba_and_with_both(ssm_workd
         capsys, ssm_workdir, "--recipe", "vmeanba", "--vmeanba-blocks", "2", "--no-timing", "--output", tmp_path / "v"
     )
     assert code == 0, err
-    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    report = _report(tmp_path / "v")
     assert len(report["vmeanba"]["chosen"]) == 2 and report["reduction"] == 0
     assert sorted(read_plan(tmp_path / "v")["mean_scan"]) == sorted(report["vmeanba"]["chosen"])
     assert "VMeanba on 2 block(s)" in out
@@ -918,7 +917,7 @@ def test_cli_compresses_a_state_space_model_with_vmeanba_and_with_both(ssm_workd
         tmp_path / "both",
     )
     assert code == 0, err
-    report = json.loads((tmp_path / "both" / "report.json").read_text())
+    report = _report(tmp_path / "both")
     assert len(report["vmeanba"]["chosen"]) == 1 and report["reduction"] == pytest.approx(0.3, abs=0.02)
     assert report["accuracy"]["after"]["top1"] >= 0 and "VMeanba on 1 block(s)" in out
 
