@@ -82,6 +82,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # pixel's error weighed by p (1 - p), the distillation's loss the binary cross-entropy to the dense map
     **{f"{name}-bernoulli": {**LIBRARY_RECIPES[name], "likelihood": "bernoulli"}
        for name in ("loss-aware", "loss-aware-refit", "loss-aware-block", "loss-aware-distill")},
+    # a short distillation on the mosaics as given (mixed ones raised the loss from the first step here), at a rate
+    # this sharp model tolerates, with and without every block's output matched too (distill_features)
+    **{f"la-distill-none-32-{tag}": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 32, "distill_lr": 3e-6,
+                                     "distill_augment": "none", "distill_features": weight}
+       for tag, weight in (("out", 0.0), ("feat1", 1.0))},
 }
 """Variants of :data:`RECIPES`' recipes, run only where ``--recipes`` names them."""
 KNOWN = {**RECIPES, **VARIANTS}

@@ -268,6 +268,11 @@ class CompressionConfig:
     """With ``distill_steps``: "mix" (each image mirrored, shifted by up to 4 pixels and mixed with another of the
     batch: ``lowrank_vit.core.distill.mix_augment``) or "none" (the calibration images as given: they are soon
     overfitted)."""
+    distill_features: float = 0.0
+    """With ``distill_steps``: the weight of a second term of each step's loss, the relative squared error of every
+    block's output (``lowrank_vit.core.distill.relative_feature_error``, the blocks as the model's adapter lists
+    them), matched to the dense model's blocks on the same augmented images. 0 (default): the output alone. The
+    check that keeps or restores the trained weights reads the output's loss alone."""
     likelihood: Any = "auto"
     """The likelihood of the model's output that a gradient pass (decompositions "loss_aware", "kfac") and LEMS's
     probe measure the loss with (:mod:`lowrank_vit.core.likelihood`): "categorical" (class logits), "gaussian" (any
@@ -408,6 +413,7 @@ class CompressionConfig:
         check_count("distill_micro_batch", self.distill_micro_batch)
         check_number("distill_lr", self.distill_lr, "> 0")
         _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
+        check_number("distill_features", self.distill_features, ">= 0")
         if self.distill_steps and callable(self.likelihood):
             raise ValueError("distill_steps needs a named likelihood (its outputs are matched under it): a likelihood "
                              "given as a callable has no distillation loss")

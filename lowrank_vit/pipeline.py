@@ -626,7 +626,9 @@ def _distill(dense: nn.Module, model: nn.Module, setup: _Setup, images: list[tor
         dense, model, torch.cat(images), lambda m, x: select_output(m(x), cfg.output_key),
         _distillation_loss(likelihood), steps=cfg.distill_steps,
         lr=cfg.distill_lr, batch_size=cfg.distill_batch_size, augment=cfg.distill_augment, seed=cfg.seed,
-        device=setup.device, micro_batch=cfg.distill_micro_batch, progress=cfg.progress)
+        device=setup.device, micro_batch=cfg.distill_micro_batch, progress=cfg.progress,
+        features=list(get_adapter(model).layers_by_block(dense)) if cfg.distill_features else (),
+        feature_weight=cfg.distill_features)
     return {**result.as_dict(), "likelihood": likelihood}
 
 

@@ -91,6 +91,7 @@ _NUMBERS = {  # field: (its rule, values just inside it, values outside it)
     "z_fraction": ("lie in [0, 0.5)", [0.0, 0.499], [0.5, -0.01]),
     "grad_fraction": ("lie in (0, 1]", [1e-3, 1], [0.0, 1.01]),
     "distill_lr": ("be a finite number > 0", [1e-9, 5e-5], [0.0, -1e-4]),
+    "distill_features": ("be a finite number >= 0", [0.0, 10], [-1e-9]),
 }
 
 
@@ -290,7 +291,8 @@ def test_a_flat_config_of_the_earlier_version_loads_with_the_same_effective_valu
     assert {key: getattr(config, key) for key in SHARED} == {key: old.get(key, defaults[key]) for key in SHARED}
     assert set(SHARED) - set(old) <= {"likelihood", "output_key", "block_reconstruction", "block_steps", "block_lr",
                                       "block_batch_size", "block_metric", "distill_steps", "distill_lr",
-                                      "distill_batch_size", "distill_augment", "distill_micro_batch"}
+                                      "distill_batch_size", "distill_augment", "distill_micro_batch",
+                                      "distill_features"}
     resolved = config.resolved_settings()
     for key in MOVED:
         kind, readers = READ_BY[key]

@@ -1100,7 +1100,7 @@ def _distill_steps_help() -> str:
 def _longer_distillation_section() -> tuple[str, list[str]]:
     """docs/loss_aware.md's "A longer distillation": its text on one line, and its five tables ("| model" first)."""
     text = (ROOT / "docs/loss_aware.md").read_text()
-    section = text[text.index("### A longer distillation"): text.index("### Every candidate at a glance")]
+    section = text[text.index("### A longer distillation"): text.index("### Matching every block's output too")]
     tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
     assert len(tables) == 5
     return " ".join(section.split()), tables
@@ -1283,6 +1283,44 @@ def test_the_4096_step_distillation_is_the_committed_study():
     help_text = _distill_steps_help()
     assert (f"4,096 steps kept {quoted} more than 1,024 at -80%% on {models} of the six, at about "
             f"{multiple} times their time") in help_text
+
+
+def test_the_block_feature_term_is_the_committed_probe():
+    """docs/loss_aware.md's "Matching every block's output too": its table recomputed from distill_features_tuning.json
+    (each row's refit and output-only cells, the weight read from the recipe's name, the pairing with the output-only
+    stage and the time multiple), every cell of that probe in it once; the p range, the KL's largest move and the
+    time range quoted; the API table's row says the same."""
+    from experiments.loss_aware_study import paired
+
+    study = _study("distill_features_tuning")
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### Matching every block's output too"): text.index("### Every candidate at a glance")]
+    table = next(block for block in section.split("\n\n") if block.lstrip().startswith("| model"))
+    header, _, *body = _md_rows(table)
+    assert header[3:6] == ["la-distill-long", "weight", "with the blocks"]
+    featured = sorted((m, key) for m, e in study.items() for key in e["cells"] if "-feat" in key)
+    assert sorted((m, f"la-distill-long-feat{w}@{_ratio_of(r)}") for m, r, *_, w, _, _, _ in body) == featured
+    ps, kl_moves, times = [], [], []
+    for model, ratio, refit_shown, long_shown, weight, mine_shown, cell, time in body:
+        cells = study[model]["cells"]
+        key = _ratio_of(ratio)
+        refit, long, mine = (cells[f"{name}@{key}"] for name in ("loss-aware-refit", "la-distill-long",
+                                                                  f"la-distill-long-feat{weight}"))
+        for shown, entry in ((refit_shown, refit), (long_shown, long), (mine_shown, mine)):
+            assert shown == f"{entry['top1']:.2f} ({entry['kl']:.4f})"
+        _check_paired_cell(cell, mine, long, "correct", "top1")
+        ps.append(paired(mine, long)[2])
+        kl_moves.append(abs(mine["kl"] / long["kl"] - 1))
+        times.append(mine["compress_s"] / long["compress_s"])
+        assert time == f"{times[-1]:.2f}x"
+    flat = " ".join(section.split())
+    assert f"Level with the output alone in all five cells (p >= {min(ps):.2f})" in flat and len(body) == 5
+    assert f"the KL moves by at most {100 * max(kl_moves):.0f}%" in flat
+    quoted = f"costs {100 * (min(times) - 1):.0f}-{100 * (max(times) - 1):.0f}% more time"
+    assert quoted.replace("costs ", "The term costs ") in flat
+    api = " ".join((ROOT / "docs/api.md").read_text().split())
+    assert f"level with the output alone in every cell probed, {quoted.removeprefix('costs ').split(' more')[0]} " \
+           f"slower, so no recipe uses it" in api
 
 
 def test_the_saliency_distillation_table_is_the_committed_study():

@@ -827,6 +827,41 @@ def test_the_distillation_recipe_runs_on_every_block_kind_and_keeps_only_a_lower
             assert all(torch.equal(value, expected[k]) for k, value in distilled.state_dict().items())
 
 
+@pytest.mark.parametrize("key", list(TINY_ARCHITECTURES))
+def test_the_distillations_feature_term_matches_every_block_on_every_block_kind(monkeypatch, key):
+    """``distill_features``: the stage is handed a list of modules that are blocks (each factorized layer lies in
+    exactly one of them, and every one holds a factorized layer) with the weight given; the hooks work on each kind's
+    block outputs (Swin's maps, EVA's rope-called blocks, the scan blocks), and the term changes the steps: from
+    the same start and batches, the loss after them differs from the output-only run's."""
+    name, kwargs, channels, size = TINY_ARCHITECTURES[key]
+    images = make_images(24, channels=channels, size=size, seed=3)
+    seen = []
+    real = pipeline_module.distill_on_calibration
+
+    def recording(dense, model, *args, **kwargs):
+        seen.append((list(kwargs["features"]), kwargs["feature_weight"]))
+        return real(dense, model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "distill_on_calibration", recording)
+    runs = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = timm_with_our_models().create_model(name, pretrained=False, **kwargs).eval()
+        report = compress(model, [images], refit_cfg(reduction=0.5, calib_samples=24, distill_steps=4,
+                                                     distill_lr=1e-4, distill_batch_size=8, distill_augment="none",
+                                                     distill_features=weight))
+        runs[weight] = (model, report)
+    (features, weight), = [entry for entry in seen if entry[1] > 0]
+    assert weight == 5.0 and [entry[0] for entry in seen if entry[1] == 0] == [[]]
+    model, report = runs[5.0]
+    factorized = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
+    assert factorized and all(sum(n.startswith(f"{block}.") for block in features) == 1 for n in factorized)
+    assert all(any(n.startswith(f"{block}.") for n in factorized) for block in features)
+    assert report.config["distill_features"] == 5.0
+    # the term changed the steps: the output's loss after them (reported whether or not they were kept) differs
+    assert report.distillation["loss_after"] != runs[0.0][1].distillation["loss_after"]
+
+
 def test_a_distillation_that_does_not_help_leaves_the_refit_as_it_was():
     """A learning rate far too high makes the loss rise: the stage undoes itself, and the model and its report's
     errors are exactly those of the refit alone."""

@@ -15,6 +15,11 @@ with the gradient, can then only add noise (measured: a DeiT whose KL to the den
 So the loss is measured on the calibration images themselves (not augmented) before and after, and the trained
 weights are kept only if it fell.
 
+Optionally (``features``, ``feature_weight``) the loss of each step also matches named intermediate modules (the
+blocks) of the two models, by their relative squared error (:func:`relative_feature_error`): the output alone is a
+few numbers per image for a classifier, the blocks' outputs are many, so the same images carry more targets. The
+check stays on the output's loss alone: the feature term only shapes the path, never decides what is kept.
+
 Memory: the dense model, the compressed one, a copy of the latter's weights (for the check), and the activations of
 ``micro_batch`` images through the whole model for the backward (gradients are accumulated over a step's batch).
 """
@@ -22,7 +27,8 @@ Memory: the dense model, the compressed one, a copy of the latter's weights (for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,6 +57,44 @@ def mix_augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> 
     x = torch.stack([padded[i, :, dy[i]: dy[i] + height, dx[i]: dx[i] + width] for i in range(n)])
     lam = torch.rand(n, generator=generator)[:, None, None, None].to(x)
     return lam * x + (1 - lam) * x[torch.randperm(n, generator=generator).to(x.device)]
+
+
+def relative_feature_error(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over the named modules of ``||s - t||^2 / ||t||^2`` (summed over the batch and every position and
+    channel): each module's error relative to the size of the dense module's output, so that blocks whose residual
+    stream has grown do not outweigh the first ones, and the term does not depend on the features' scale."""
+    if not teacher or set(student) != set(teacher):
+        raise ValueError(f"feature distillation: the modules captured differ: {sorted(student)} against "
+                         f"{sorted(teacher)}")
+    terms = [(student[name].float() - teacher[name].float()).pow(2).sum()
+             / teacher[name].float().pow(2).sum().clamp_min(1e-12) for name in teacher]
+    return torch.stack(terms).mean()
+
+
+@contextmanager
+def capturing_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, the dict holds the last output of each named submodule of ``model`` (the first tensor of a tuple
+    output); a name that is not a submodule is a ValueError. The hooks are removed on exit."""
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"feature distillation: no submodule named {', '.join(map(repr, missing))} in the model")
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def keep(_module: nn.Module, _inputs: object, out: object) -> None:
+            tensor = out[0] if isinstance(out, (tuple, list)) else out
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"feature distillation: {name!r} returns {type(out).__name__}, not a tensor")
+            captured[name] = tensor
+        return keep
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -82,18 +126,25 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
                            output: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                            loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, steps: int, lr: float,
                            batch_size: int, augment: str = "mix", seed: int = 0, device: torch.device | None = None,
-                           micro_batch: int = 32, progress: bool = True) -> DistillResult:
+                           micro_batch: int = 32, progress: bool = True, features: Sequence[str] = (),
+                           feature_weight: float = 0.0) -> DistillResult:
     """Train every parameter of ``model`` by ``steps`` AdamW steps (no weight decay; linear warm-up over the first
     twentieth, then a cosine to 0) so that ``loss(output(model, x), output(dense, x))`` falls on batches of
     ``batch_size`` calibration ``images`` drawn with replacement (seeded by ``seed``), augmented by :func:`mix_augment`
     where ``augment="mix"``; ``dense`` is never trained. Both models stay in eval mode (no dropout, no drop path), and
-    every parameter's ``requires_grad`` and the model's mode are restored. The weights are kept only if the loss on
-    the calibration images as given fell (see the module docstring); otherwise ``model`` is restored exactly."""
+    every parameter's ``requires_grad`` and the model's mode are restored. With ``feature_weight > 0`` each step's
+    loss adds ``feature_weight`` times :func:`relative_feature_error` of the submodules named in ``features`` (names
+    valid in both models). The weights are kept only if the output's loss on the calibration images as given fell
+    (see the module docstring); otherwise ``model`` is restored exactly."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}: one of {', '.join(AUGMENTATIONS)}")
     if steps < 1 or batch_size < 1 or micro_batch < 1 or not lr > 0:
         raise ValueError(f"distillation needs steps >= 1, batch_size >= 1, micro_batch >= 1 and lr > 0; got "
                          f"{steps}, {batch_size}, {micro_batch}, {lr}")
+    if not (math.isfinite(feature_weight) and feature_weight >= 0) or (feature_weight > 0 and not features):
+        raise ValueError(f"feature_weight must be a finite number >= 0, and > 0 only with modules named in features; "
+                         f"got {feature_weight!r} with {len(features)} modules")
+    names = list(features) if feature_weight > 0 else []
     device = device or next(model.parameters()).device
     was_training, flags = model.training, {p: p.requires_grad for p in model.parameters()}
     model.eval()
@@ -107,7 +158,8 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
     draws, augmenter = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     warmup = max(1, steps // 20)
     try:
-        with progress_bar(steps, "distillation", "step", progress) as bar:
+        with progress_bar(steps, "distillation", "step", progress) as bar, \
+                capturing_outputs(dense, names) as dense_features, capturing_outputs(model, names) as own_features:
             for step in range(steps):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * warmup_cosine(step, steps, warmup)
@@ -119,7 +171,10 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
                     part = batch[start: start + micro_batch].to(device)
                     with torch.no_grad():
                         target = output(dense, part)
-                    (loss(output(model, part), target) * (len(part) / batch_size)).backward()
+                    value = loss(output(model, part), target)
+                    if names:
+                        value = value + feature_weight * relative_feature_error(own_features, dense_features)
+                    (value * (len(part) / batch_size)).backward()
                 optimizer.step()
                 bar.update(1)
     finally:

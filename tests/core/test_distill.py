@@ -9,7 +9,13 @@ import timm
 import torch
 from torch.nn import functional as F
 
-from lowrank_vit.core.distill import _mean_loss, distill_on_calibration, mix_augment
+from lowrank_vit.core.distill import (
+    _mean_loss,
+    capturing_outputs,
+    distill_on_calibration,
+    mix_augment,
+    relative_feature_error,
+)
 
 
 def _mirrored_shifted(image: torch.Tensor, mirrored: bool, dy: int, dx: int, shift: int) -> torch.Tensor:
@@ -170,8 +176,68 @@ def test_augmented_batches_feed_both_models_and_plain_ones_are_calibration_image
         assert all(f == expected for f in found), augment
 
 
+def test_the_relative_feature_error_is_each_modules_error_over_its_size_averaged():
+    """Two modules of very different scales count alike: the error is computed here in float64 from the formula,
+    module by module; the order of the names does not matter; different names are refused."""
+    generator = torch.Generator().manual_seed(3)
+    teacher = {"a": 100.0 * torch.randn(3, 5, 4, generator=generator),
+               "b": 0.01 * torch.randn(3, 7, generator=generator)}
+    student = {"b": teacher["b"] + 0.002 * torch.randn(3, 7, generator=generator), "a": teacher["a"] * 1.1}
+    truth = []
+    for name in ("a", "b"):
+        s, t = student[name].double().flatten().tolist(), teacher[name].double().flatten().tolist()
+        truth.append(sum((u - v) ** 2 for u, v in zip(s, t, strict=True)) / sum(v * v for v in t))
+    assert truth[0] == pytest.approx(0.01, rel=1e-5)  # 10% of every value: 1% of the squared size
+    assert float(relative_feature_error(student, teacher)) == pytest.approx(sum(truth) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        relative_feature_error({"a": student["a"]}, teacher)
+
+
+def test_capturing_outputs_holds_each_named_blocks_output_and_removes_its_hooks():
+    """The captured block outputs are those of the blocks run by hand on the same input; after the context no hook
+    is left; a name that is not a submodule is refused before anything runs."""
+    dense, _, x = _pair()
+    with torch.no_grad(), capturing_outputs(dense, ["blocks.0", "blocks.1"]) as captured:
+        dense(x[:4])
+        tokens = dense.patch_embed(x[:4])
+        tokens = dense.norm_pre(dense._pos_embed(tokens))
+        first = dense.blocks[0](tokens)
+        second = dense.blocks[1](first)
+    assert torch.allclose(captured["blocks.0"], first) and torch.allclose(captured["blocks.1"], second)
+    assert all(not module._forward_hooks for module in dense.modules())
+    with pytest.raises(ValueError, match="no submodule named 'blocks.7'"):
+        with capturing_outputs(dense, ["blocks.0", "blocks.7"]):
+            pass
+
+
+def test_the_feature_term_pulls_the_blocks_toward_the_dense_ones():
+    """With the blocks' outputs matched too, the first block's relative error to the dense block on the calibration
+    images, measured independently, ends below half its start and below half of where the output alone leaves it
+    (from the same start, on the same batches); the check still reads the output's loss alone (the reported losses
+    are the KL)."""
+    dense, model, x = _pair(seed=2, noise=0.02)
+
+    def first_block_error(candidate: torch.nn.Module) -> float:
+        with torch.no_grad():
+            ours, theirs = (m.blocks[0](m._pos_embed(m.patch_embed(x))) for m in (candidate, dense))
+        return float((ours - theirs).pow(2).sum() / theirs.pow(2).sum())
+
+    start, errors, results = first_block_error(model), {}, {}
+    for weight in (0.0, 3.0):
+        candidate = copy.deepcopy(model)
+        results[weight] = distill_on_calibration(dense, candidate, x, _logits, _kl, steps=20, lr=3e-3, batch_size=16,
+                                                 micro_batch=16, seed=1, progress=False, features=["blocks.0"],
+                                                 feature_weight=weight)
+        errors[weight] = first_block_error(candidate)
+    assert results[0.0].kept and results[3.0].kept
+    assert errors[3.0] < 0.5 * start and errors[3.0] < 0.5 * errors[0.0]
+    with torch.no_grad():
+        assert results[3.0].loss_before == pytest.approx(float(_kl(model(x), dense(x))), rel=1e-5)
+
+
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(micro_batch=0), dict(lr=0.0),
-                                 dict(augment="cutmix")])
+                                 dict(augment="cutmix"), dict(feature_weight=-1.0, features=["blocks.0"]),
+                                 dict(feature_weight=1.0), dict(feature_weight=float("nan"), features=["blocks.0"])])
 def test_bad_settings_are_refused(bad):
     dense, model, x = _pair()
     settings = dict(steps=2, lr=1e-3, batch_size=4, progress=False) | bad
