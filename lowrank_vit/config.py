@@ -270,9 +270,9 @@ class CompressionConfig:
     overfitted)."""
     distill_features: float = 0.0
     """With ``distill_steps``: the weight of a second term of each step's loss, the relative squared error of every
-    block's output (``lowrank_vit.core.distill.relative_feature_error``, the blocks as the model's adapter lists
-    them), matched to the dense model's blocks on the same augmented images. 0 (default): the output alone. The
-    check that keeps or restores the trained weights reads the output's loss alone."""
+    block's output per image (``lowrank_vit.core.distill.relative_feature_error``; the blocks as the model's adapter
+    lists them), matched to the dense model's blocks on the same augmented images. 0 (default): the output alone.
+    The check that keeps or restores the trained weights reads the output's loss alone."""
     likelihood: Any = "auto"
     """The likelihood of the model's output that a gradient pass (decompositions "loss_aware", "kfac") and LEMS's
     probe measure the loss with (:mod:`lowrank_vit.core.likelihood`): "categorical" (class logits), "gaussian" (any

@@ -1316,6 +1316,9 @@ def test_the_block_feature_term_is_the_committed_probe():
     flat = " ".join(section.split())
     assert f"Level with the output alone in all five cells (p >= {min(ps):.2f})" in flat and len(body) == 5
     assert f"the KL moves by at most {100 * max(kl_moves):.0f}%" in flat
+    wide = study["cifar_vit4_wide_long"]["cells"]
+    assert (f"lower the KL from {wide['la-distill-long@0.7']['kl']:.4f} to "
+            f"{wide['la-distill-long-feat1@0.7']['kl']:.4f} at weight 1") in flat
     quoted = f"costs {100 * (min(times) - 1):.0f}-{100 * (max(times) - 1):.0f}% more time"
     assert quoted.replace("costs ", "The term costs ") in flat
     api = " ".join((ROOT / "docs/api.md").read_text().split())

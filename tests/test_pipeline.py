@@ -827,13 +827,16 @@ def test_the_distillation_recipe_runs_on_every_block_kind_and_keeps_only_a_lower
             assert all(torch.equal(value, expected[k]) for k, value in distilled.state_dict().items())
 
 
-@pytest.mark.parametrize("key", list(TINY_ARCHITECTURES))
+@pytest.mark.parametrize("key", [*TINY_ARCHITECTURES, "vit_headless"])
 def test_the_distillations_feature_term_matches_every_block_on_every_block_kind(monkeypatch, key):
     """``distill_features``: the stage is handed a list of modules that are blocks (each factorized layer lies in
     exactly one of them, and every one holds a factorized layer) with the weight given; the hooks work on each kind's
     block outputs (Swin's maps, EVA's rope-called blocks, the scan blocks), and the term changes the steps: from
-    the same start and batches, the loss after them differs from the output-only run's."""
-    name, kwargs, channels, size = TINY_ARCHITECTURES[key]
+    the same start and batches, the loss after them differs from the output-only run's. The headless ViT (its pooled
+    feature the output, under the Gaussian likelihood) too."""
+    name, kwargs, channels, size = TINY_ARCHITECTURES[key.removesuffix("_headless")]
+    if key.endswith("_headless"):
+        kwargs = {**kwargs, "num_classes": 0}
     images = make_images(24, channels=channels, size=size, seed=3)
     seen = []
     real = pipeline_module.distill_on_calibration
@@ -858,6 +861,7 @@ def test_the_distillations_feature_term_matches_every_block_on_every_block_kind(
     assert factorized and all(sum(n.startswith(f"{block}.") for block in features) == 1 for n in factorized)
     assert all(any(n.startswith(f"{block}.") for n in factorized) for block in features)
     assert report.config["distill_features"] == 5.0
+    assert report.distillation["likelihood"] == ("gaussian" if key.endswith("_headless") else "categorical")
     # the term changed the steps: the output's loss after them (reported whether or not they were kept) differs
     assert report.distillation["loss_after"] != runs[0.0][1].distillation["loss_after"]
 

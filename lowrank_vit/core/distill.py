@@ -60,14 +60,16 @@ def mix_augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> 
 
 
 def relative_feature_error(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mean over the named modules of ``||s - t||^2 / ||t||^2`` (summed over the batch and every position and
-    channel): each module's error relative to the size of the dense module's output, so that blocks whose residual
-    stream has grown do not outweigh the first ones, and the term does not depend on the features' scale."""
+    """The mean over the named modules and the images of ``||s_i - t_i||^2 / ||t_i||^2`` (each image's output of the
+    module, every position and channel): each module's error relative to the size of the dense module's output, so
+    that blocks whose residual stream has grown do not outweigh the first ones and the term does not depend on the
+    features' scale. A mean over images (not a ratio of batch sums), so that gradients accumulated over micro-batches
+    weighted by their size are those of the whole batch."""
     if not teacher or set(student) != set(teacher):
         raise ValueError(f"feature distillation: the modules captured differ: {sorted(student)} against "
                          f"{sorted(teacher)}")
-    terms = [(student[name].float() - teacher[name].float()).pow(2).sum()
-             / teacher[name].float().pow(2).sum().clamp_min(1e-12) for name in teacher]
+    terms = [((student[name].float() - teacher[name].float()).flatten(1).pow(2).sum(1)
+              / teacher[name].float().flatten(1).pow(2).sum(1).clamp_min(1e-12)).mean() for name in teacher]
     return torch.stack(terms).mean()
 
 
