@@ -669,10 +669,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "    kept = math.isfinite(after)",
            ("tests/core/test_distill.py", "tests/test_pipeline.py"),
            "a distillation that raised the loss on the calibration images kept instead of undone"),
-    Mutant("lowrank_vit/core/distill.py", "(loss(output(model, part), target) * (len(part) / batch_size)).backward()",
-           "loss(output(model, part), target).backward()",
+    Mutant("lowrank_vit/core/distill.py", "(value * (len(part) / batch_size)).backward()",
+           "value.backward()",
            ("tests/core/test_distill.py",),
            "each micro-batch's loss summed unweighted: the step's gradient grows with the number of micro-batches"),
+    Mutant("lowrank_vit/core/distill.py",
+           "feature_weight * relative_feature_error(own_features, dense_features)",
+           "feature_weight * relative_feature_error(dense_features, dense_features)",
+           ("tests/core/test_distill.py", "tests/test_pipeline.py"),
+           "the blocks' feature term compares the dense features with themselves: it is zero and trains nothing"),
 )
 
 
