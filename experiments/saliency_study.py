@@ -84,9 +84,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
        for name in ("loss-aware", "loss-aware-refit", "loss-aware-block", "loss-aware-distill")},
     # a short distillation on the mosaics as given (mixed ones raised the loss from the first step here), at a rate
     # this sharp model tolerates, with and without every block's output matched too (distill_features)
-    **{f"la-distill-none-32-{tag}": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 32, "distill_lr": 3e-6,
+    **{f"la-distill-none-32-{tag}": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 32, "distill_lr": lr,
                                      "distill_augment": "none", "distill_features": weight}
-       for tag, weight in (("out", 0.0), ("feat1", 1.0))},
+       for tag, weight, lr in (("out", 0.0, 3e-6), ("feat1", 1.0, 3e-6), ("feat1-lr1e-5", 1.0, 1e-5))},
 }
 """Variants of :data:`RECIPES`' recipes, run only where ``--recipes`` names them."""
 KNOWN = {**RECIPES, **VARIANTS}

@@ -272,7 +272,9 @@ class CompressionConfig:
     """With ``distill_steps``: the weight of a second term of each step's loss, the relative squared error of every
     block's output per image (``lowrank_vit.core.distill.relative_feature_error``; the blocks as the model's adapter
     lists them), matched to the dense model's blocks on the same augmented images. 0 (default): the output alone.
-    The check that keeps or restores the trained weights reads the output's loss alone."""
+    The check that keeps or restores the trained weights reads the output's loss alone. Measured in docs/loss_aware.md
+    ("Matching every block's output too"): no gain on the classifiers trained here, a small one on real weights that
+    does not pass the refit, so no recipe sets it."""
     likelihood: Any = "auto"
     """The likelihood of the model's output that a gradient pass (decompositions "loss_aware", "kfac") and LEMS's
     probe measure the loss with (:mod:`lowrank_vit.core.likelihood`): "categorical" (class logits), "gaussian" (any

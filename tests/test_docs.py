@@ -1326,6 +1326,45 @@ def test_the_block_feature_term_is_the_committed_probe():
            f"slower, so no recipe uses it" in api
 
 
+def test_the_block_feature_term_on_real_weights_is_the_committed_study():
+    """The DINOv2-S rows of "Matching every block's output too", from
+    experiments/results/saliency_distill_features.json: each short stage's means and medians, its test against the
+    refit and its cost (as the other saliency tables), then its Wilcoxon test against the same stage without the
+    blocks, recomputed here from the per-image r and IoU; each stage kept by its check, as the text says; the quoted
+    losses, p values and the block stage's figures from its own study."""
+    from experiments.saliency_study import wilcoxon
+
+    study = json.loads((ROOT / "experiments/results/saliency_distill_features.json").read_text())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### Matching every block's output too"): text.index("### Every candidate at a glance")]
+    shown = [key for key in study["cells"] if key.startswith("la-distill-none-")]
+    assert len(shown) == 3
+    alone = study["cells"]["la-distill-none-32-out@0.7"]
+    assert "| `loss-aware-refit` | " + _saliency_row(study, "loss-aware-refit@0.7") + " - | - |" in section
+    for key in shown:
+        cell = study["cells"][key]
+        assert cell["distillation"]["kept"] and cell["distillation"]["loss_after"] < cell["distillation"]["loss_before"]
+        tests = ["-", "-"] if cell is alone else [
+            f"{t['median_diff']:+.4f}, p = {t['p']:.2g}" for t in (wilcoxon(cell[m], alone[m]) for m in ("r", "iou"))]
+        row = f"| `{cell['recipe']}` | " + _saliency_row(study, key) + f" {tests[0]} | {tests[1]} |"
+        assert row in section, key
+    flat = " ".join(section.split())
+    stages = [study["cells"][key]["distillation"] for key in shown]
+    after = sorted(stage["loss_after"] for stage in stages)
+    assert {f"{stage['loss_before']:.3f}" for stage in stages} == {"0.067"}
+    assert f"fell from 0.067 to {after[0]:.3f}-{after[-1]:.3f}" in flat
+    against_refit = [study["tests"]["0.7"]["vs loss-aware-refit"][key.split("@")[0]] for key in shown]
+    assert (f"(r p >= {min(t['r']['p'] for t in against_refit):.2f}, IoU p >= "
+            f"{min(t['iou']['p'] for t in against_refit):.2f})") in flat
+    with_blocks = [wilcoxon(study["cells"][key]["r"], alone["r"])["p"] for key in shown[1:]]
+    assert f"p = {with_blocks[0]:.1g} at 3e-6; p = {with_blocks[1]:.2g} at 1e-5" in flat
+    block = json.loads((ROOT / "experiments/results/saliency_study.json").read_text())
+    tested = block["tests"]["0.7"]["vs loss-aware-refit"]["loss-aware-block"]
+    assert (f"r {tested['r']['median_diff']:+.3f}, p = {tested['r']['p']:.1g}; "
+            f"IoU {tested['iou']['median_diff']:+.3f}, p = {tested['iou']['p']:.1g}") in flat
+    assert f"in {block['cells']['loss-aware-block@0.7']['compress_s']:.0f} s of compress" in flat
+
+
 def test_the_saliency_distillation_table_is_the_committed_study():
     """The DINOv2-S rows of the augmented distillation's section, from experiments/results/saliency_distill.json:
     each cell's means and medians, its test against the refit and its cost; at -50% the distillation's maps are the
