@@ -97,7 +97,8 @@ RECIPES: dict[str, dict[str, Any]] = {
        for name, steps, lr in (("la-distill-2k", 2048, 5e-5), ("la-distill-4k", 4096, 5e-5),
                                ("la-distill-4k-lr1e-4", 4096, 1e-4))},
     # the same stage with every block's output matched too (distill_features: the weight of their relative squared
-    # error beside the output's loss), probed where the output alone closed the least (docs/loss_aware.md)
+    # error beside the output's loss), probed where the output alone closed the least and at -80% on two models:
+    # level with the output alone in all five cells (docs/loss_aware.md, "Matching every block's output too")
     **{f"la-distill-long-feat{tag}": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 1024,
                                       "distill_features": weight}
        for tag, weight in (("0.1", 0.1), ("1", 1.0), ("10", 10.0))},

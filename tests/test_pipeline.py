@@ -841,9 +841,9 @@ def test_the_distillations_feature_term_matches_every_block_on_every_block_kind(
     seen = []
     real = pipeline_module.distill_on_calibration
 
-    def recording(dense, model, *args, **kwargs):
-        seen.append((list(kwargs["features"]), kwargs["feature_weight"]))
-        return real(dense, model, *args, **kwargs)
+    def recording(dense, model, *args, **settings):
+        seen.append((list(settings["features"]), settings["feature_weight"]))
+        return real(dense, model, *args, **settings)
 
     monkeypatch.setattr(pipeline_module, "distill_on_calibration", recording)
     runs = {}
