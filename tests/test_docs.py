@@ -1285,6 +1285,12 @@ def test_the_4096_step_distillation_is_the_committed_study():
             f"{multiple} times their time") in help_text
 
 
+def _feature_term_section() -> str:
+    """docs/loss_aware.md's "Matching every block's output too", up to the next section."""
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    return text[text.index("### Matching every block's output too"): text.index("### Every candidate at a glance")]
+
+
 def test_the_block_feature_term_is_the_committed_probe():
     """docs/loss_aware.md's "Matching every block's output too": its table recomputed from distill_features_tuning.json
     (each row's refit and output-only cells, the weight read from the recipe's name, the pairing with the output-only
@@ -1293,8 +1299,7 @@ def test_the_block_feature_term_is_the_committed_probe():
     from experiments.loss_aware_study import paired
 
     study = _study("distill_features_tuning")
-    text = (ROOT / "docs/loss_aware.md").read_text()
-    section = text[text.index("### Matching every block's output too"): text.index("### Every candidate at a glance")]
+    section = _feature_term_section()
     table = next(block for block in section.split("\n\n") if block.lstrip().startswith("| model"))
     header, _, *body = _md_rows(table)
     assert header[3:6] == ["la-distill-long", "weight", "with the blocks"]
@@ -1335,8 +1340,7 @@ def test_the_block_feature_term_on_real_weights_is_the_committed_study():
     from experiments.saliency_study import wilcoxon
 
     study = json.loads((ROOT / "experiments/results/saliency_distill_features.json").read_text())
-    text = (ROOT / "docs/loss_aware.md").read_text()
-    section = text[text.index("### Matching every block's output too"): text.index("### Every candidate at a glance")]
+    section = _feature_term_section()
     shown = [key for key in study["cells"] if key.startswith("la-distill-none-")]
     assert len(shown) == 3
     alone = study["cells"]["la-distill-none-32-out@0.7"]
