@@ -207,15 +207,18 @@ def test_the_relative_feature_error_is_each_modules_error_over_its_size_averaged
         relative_feature_error({"a": student["a"]}, teacher)
 
 
+def _first_block_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The tokens a timm ViT's first block receives, computed step by step (patches, position, pre-norm)."""
+    return model.norm_pre(model._pos_embed(model.patch_embed(x)))
+
+
 def test_capturing_outputs_holds_each_named_blocks_output_and_removes_its_hooks():
     """The captured block outputs are those of the blocks run by hand on the same input; after the context no hook
     is left; a name that is not a submodule is refused before anything runs."""
     dense, _, x = _pair()
     with torch.no_grad(), capturing_outputs(dense, ["blocks.0", "blocks.1"]) as captured:
         dense(x[:4])
-        tokens = dense.patch_embed(x[:4])
-        tokens = dense.norm_pre(dense._pos_embed(tokens))
-        first = dense.blocks[0](tokens)
+        first = dense.blocks[0](_first_block_input(dense, x[:4]))
         second = dense.blocks[1](first)
     assert torch.allclose(captured["blocks.0"], first) and torch.allclose(captured["blocks.1"], second)
     assert all(not module._forward_hooks for module in dense.modules())
@@ -233,7 +236,7 @@ def test_the_feature_term_pulls_the_blocks_toward_the_dense_ones():
 
     def first_block_error(candidate: torch.nn.Module) -> float:
         with torch.no_grad():
-            ours, theirs = (m.blocks[0](m._pos_embed(m.patch_embed(x))) for m in (candidate, dense))
+            ours, theirs = (m.blocks[0](_first_block_input(m, x)) for m in (candidate, dense))
         return float((ours - theirs).pow(2).sum() / theirs.pow(2).sum())
 
     start, errors, results = first_block_error(model), {}, {}
