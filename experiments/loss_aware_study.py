@@ -92,10 +92,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "la-distill-long-lr2e-4": {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": 1024, "distill_lr": 2e-4},
     # longer still, probed where the 1,024 steps lowered the KL but kept no more top-1 (cifar_vit4_wide_long at -70%);
     # 4,096 steps then ran on the held-out cells: +0.7-1.4 points over 1,024 at -80% on four of six models, and at
-    # -70% on that model 38% of the distance to dense closed, not significantly ahead of the refit (docs/loss_aware.md)
+    # -70% on that model 38% of the distance to dense closed, not significantly ahead of the refit (docs/loss_aware.md);
+    # 16,384 steps, run on that one cell alone, kept no more top-1 than 4,096
     **{name: {**LIBRARY_RECIPES["loss-aware-distill"], "distill_steps": steps, "distill_lr": lr}
        for name, steps, lr in (("la-distill-2k", 2048, 5e-5), ("la-distill-4k", 4096, 5e-5),
-                               ("la-distill-4k-lr1e-4", 4096, 1e-4))},
+                               ("la-distill-4k-lr1e-4", 4096, 1e-4), ("la-distill-16k", 16384, 5e-5))},
     # the same stage with every block's output matched too (distill_features: the weight of their relative squared
     # error beside the output's loss), probed where the output alone closed the least and at -80% on two models:
     # level with the output alone in all five cells (docs/loss_aware.md, "Matching every block's output too")

@@ -1285,6 +1285,37 @@ def test_the_4096_step_distillation_is_the_committed_study():
             f"{multiple} times their time") in help_text
 
 
+def test_the_16k_step_cell_is_the_committed_run():
+    """docs/loss_aware.md's "16,384 steps" paragraph: every figure recomputed from distill_16k_calib1024.json, paired
+    per image with the refit, the 4,096-step stage and the dense model's own record on the same images (the same
+    settings and dense record asserted), the KL's fall and the share of the distance closed beside 4,096 steps'."""
+    from experiments.loss_aware_study import paired
+
+    wide = "cifar_vit4_wide_long"
+    k16, k4, base = (_study(stem)[wide] for stem in ("distill_16k_calib1024", "distill_4k_calib1024",
+                                                    "blockwise_heldout_calib1024"))
+    assert k16["settings"] == k4["settings"] == base["settings"] and k16["dense_correct"] == k4["dense_correct"]
+    mine, four, refit = (k16["cells"]["la-distill-16k@0.7"], k4["cells"]["la-distill-4k@0.7"],
+                         base["cells"]["loss-aware-refit@0.7"])
+    dense = {"correct": k16["dense_correct"], "top1": k16["dense_top1"]}
+    assert mine["distillation"]["steps"] == 16384 and mine["distillation"]["kept"]
+
+    def shown(a: dict, b: dict) -> str:
+        only_a, only_b, p = paired(a, b)
+        return f"{a['top1'] - b['top1']:+.2f}, {only_a} / {only_b}, p = {p:.2g}"
+
+    flat, _ = _longer_distillation_section()
+    closed = [(cell["top1"] - refit["top1"]) / (dense["top1"] - refit["top1"]) for cell in (mine, four)]
+    assert (f"Top-1 {mine['top1']:.2f} (KL {mine['kl']:.4f}): against the refit {shown(mine, refit)}; against 4,096 "
+            f"steps {shown(mine, four)}; the dense model ahead of it by {shown(dense, mine)}") in flat
+    assert (f"lower the KL by {100 * (1 - mine['kl'] / four['kl']):.0f}% and keep no more top-1 than 4,096 "
+            f"({100 * closed[0]:.0f}% of the distance to the dense model closed, against "
+            f"{100 * closed[1]:.0f}%)") in flat
+    assert all(paired(a, b)[2] >= 0.05 for a, b in ((mine, refit), (mine, four), (dense, mine)))
+    assert (f"{mine['compress_s']:,.0f} s, {mine['compress_s'] / four['compress_s']:.1f} times the 4,096-step "
+            f"cell's time") in flat
+
+
 def _feature_term_section() -> str:
     """docs/loss_aware.md's "Matching every block's output too", up to the next section."""
     text = (ROOT / "docs/loss_aware.md").read_text()
