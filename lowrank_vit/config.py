@@ -266,8 +266,9 @@ class CompressionConfig:
     model: lower it for large models and images (ViT-L at 224 pixels), at some speed."""
     distill_augment: str = "mix"
     """With ``distill_steps``: "mix" (each image mirrored, shifted by up to 4 pixels and mixed with another of the
-    batch: ``lowrank_vit.core.distill.mix_augment``) or "none" (the calibration images as given: they are soon
-    overfitted)."""
+    batch: ``lowrank_vit.core.distill.mix_augment``), "shift" (mirrored and shifted by up to an eighth of the side,
+    not mixed: every image stays a natural one; on a real saliency model it raised the loss as "mix" did, so no
+    recipe uses it: docs/loss_aware.md) or "none" (the calibration images as given: they are soon overfitted)."""
     distill_features: float = 0.0
     """With ``distill_steps``: the weight of a second term of each step's loss, the relative squared error of every
     block's output per image (``lowrank_vit.core.distill.relative_feature_error``; the blocks as the model's adapter
@@ -414,7 +415,7 @@ class CompressionConfig:
         check_count("distill_batch_size", self.distill_batch_size)
         check_count("distill_micro_batch", self.distill_micro_batch)
         check_number("distill_lr", self.distill_lr, "> 0")
-        _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
+        _check_choice("distill_augment", self.distill_augment, tuple(AUGMENTATIONS))
         check_number("distill_features", self.distill_features, ">= 0")
         if self.distill_steps and callable(self.likelihood):
             raise ValueError("distill_steps needs a named likelihood (its outputs are matched under it): a likelihood "

@@ -1319,7 +1319,31 @@ def test_the_16k_step_cell_is_the_committed_run():
 def _feature_term_section() -> str:
     """docs/loss_aware.md's "Matching every block's output too", up to the next section."""
     text = (ROOT / "docs/loss_aware.md").read_text()
-    return text[text.index("### Matching every block's output too"): text.index("### Every candidate at a glance")]
+    return text[text.index("### Matching every block's output too"): text.index("### Mirrored and shifted, not mixed")]
+
+
+def test_the_shifted_distillation_on_real_weights_is_the_committed_study():
+    """docs/loss_aware.md's "Mirrored and shifted, not mixed": each stage's calibration loss before and after, its
+    rate and the check's restore read from saliency_distill_shift.json (maps identical to the refit's, per image),
+    its refit cell that of saliency_distill_features.json, the compress seconds quoted."""
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = " ".join(text[text.index("### Mirrored and shifted, not mixed"):
+                            text.index("### Every candidate at a glance")].split())
+    record = json.loads((ROOT / "experiments/results/saliency_distill_shift.json").read_text())
+    cells, refit = record["cells"], record["cells"]["loss-aware-refit@0.7"]
+    earlier = json.loads((ROOT / "experiments/results/saliency_distill_features.json").read_text())
+    assert refit == earlier["cells"]["loss-aware-refit@0.7"]
+    shifted = [cells[f"la-distill-shift-32-lr{lr}@0.7"] for lr in ("3e-6", "1e-5")]
+    assert [record["recipes"][c["recipe"]]["distill_lr"] for c in shifted] == [3e-6, 1e-5]
+    for cell in shifted:
+        assert record["recipes"][cell["recipe"]]["distill_augment"] == "shift"
+        assert not cell["distillation"]["kept"] and cell["r"] == refit["r"] and cell["iou"] == refit["iou"]
+        assert cell["distillation"]["loss_after"] > cell["distillation"]["loss_before"]
+    before = {round(c["distillation"]["loss_before"], 3) for c in shifted}
+    assert len(before) == 1
+    assert (f"rose from {before.pop():.3f} to {shifted[0]['distillation']['loss_after']:.3f} and to "
+            f"{shifted[1]['distillation']['loss_after']:.3f}, and the check restored the refit both times") in section
+    assert (f"cost {shifted[0]['compress_s']:,.0f} s and {shifted[1]['compress_s']:,.0f} s of compress") in section
 
 
 def test_the_block_feature_term_is_the_committed_probe():

@@ -678,6 +678,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "feature_weight * relative_feature_error(dense_features, dense_features)",
            ("tests/core/test_distill.py", "tests/test_pipeline.py"),
            "the blocks' feature term compares the dense features with themselves: it is zero and trains nothing"),
+    Mutant("lowrank_vit/core/distill.py", "return shift_augment(x, generator, shift=max(1, min(x.shape[-2:]) // 8))",
+           "return shift_augment(x, generator)",
+           ("tests/core/test_distill.py",),
+           "the \"shift\" augmentation not scaled to the image: 4 pixels on a 224-pixel image as on a 32-pixel one"),
 )
 
 

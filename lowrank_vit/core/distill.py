@@ -6,9 +6,9 @@ errors of all of them still meet in the model's output. This stage trains every 
 for a few AdamW steps so that its output matches the dense model's output, under the compression's likelihood (the KL
 divergence for class logits, the squared error for features and maps): no labels. 256 calibration images are few
 for such a fit (on the images themselves, larger rates and more steps overfit them), so each step's batch is
-augmented (:func:`mix_augment`: mirrored, shifted, mixed in pairs) and the dense model is run on the augmented batch
-for its targets; whatever the augmentation does to an image, the target is the dense model's answer to that very
-image, so nothing about labels or the kind of output is assumed.
+augmented (:func:`mix_augment`: mirrored, shifted, mixed in pairs; or only mirrored and shifted) and the dense model
+is run on the augmented batch for its targets; whatever the augmentation does to an image, the target is the dense
+model's answer to that very image, so nothing about labels or the kind of output is assumed.
 
 A model the earlier stages already left nearly exact gains nothing, and Adam's steps, whose size does not shrink
 with the gradient, can then only add noise (measured: a DeiT whose KL to the dense model was 1e-5 lost 0.46 points).
@@ -37,26 +37,47 @@ from torch import nn
 from lowrank_vit.core.common import warmup_cosine
 from lowrank_vit.core.progress import progress_bar
 
-AUGMENTATIONS = ("mix", "none")
-"""``CompressionConfig.distill_augment``: "mix" (:func:`mix_augment`) or "none" (the calibration images as given)."""
 
-
-def mix_augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+def shift_augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
     """A label-free augmentation of a batch of images ``x`` (N, C, H, W): each image mirrored left-right with
-    probability 1/2, shifted by up to ``shift`` pixels each way (reflected borders, cropped back to its size; the
-    shift is capped below the image's sides), then mixed with another image of the batch, ``lam x_i + (1 - lam)
-    x_j`` with lam uniform in [0, 1] per image (mixup with Beta(1, 1)). All draws come from ``generator``."""
+    probability 1/2 and shifted by up to ``shift`` pixels each way (reflected borders, cropped back to its size; the
+    shift is capped below the image's sides). All draws come from ``generator``."""
     if x.dim() != 4:
-        raise ValueError(f"mix_augment takes a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"the distillation's augmentation takes a batch of images (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
     n, _, height, width = x.shape
     shift = max(0, min(shift, height - 1, width - 1))
     mirrored = torch.rand(n, generator=generator) < 0.5
     x = torch.where(mirrored[:, None, None, None].to(x.device), x.flip(-1), x)
     padded = nn.functional.pad(x, (shift, shift, shift, shift), mode="reflect") if shift else x
     dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist() for _ in range(2))
-    x = torch.stack([padded[i, :, dy[i]: dy[i] + height, dx[i]: dx[i] + width] for i in range(n)])
+    return torch.stack([padded[i, :, dy[i]: dy[i] + height, dx[i]: dx[i] + width] for i in range(n)])
+
+
+def mix_augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """:func:`shift_augment`, then each image mixed with another of the batch, ``lam x_i + (1 - lam) x_j`` with lam
+    uniform in [0, 1] per image (mixup with Beta(1, 1)). All draws come from ``generator``."""
+    x = shift_augment(x, generator, shift)
+    n = len(x)
     lam = torch.rand(n, generator=generator)[:, None, None, None].to(x)
     return lam * x + (1 - lam) * x[torch.randperm(n, generator=generator).to(x.device)]
+
+
+def eighth_shift_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """:func:`shift_augment` by up to an eighth of the shorter side (4 pixels at 32, 28 at 224): the shift that
+    ``mix_augment`` makes on CIFAR-sized images, in proportion on larger ones. No mixing: every image stays a
+    natural one (mixed images raised the loss of a real saliency model from the first step)."""
+    return shift_augment(x, generator, shift=max(1, min(x.shape[-2:]) // 8))
+
+
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None] = {
+    "mix": mix_augment,
+    "shift": eighth_shift_augment,
+    "none": None,
+}
+"""``CompressionConfig.distill_augment`` -> the augmentation of each step's batch: "mix" (:func:`mix_augment`),
+"shift" (:func:`eighth_shift_augment`: mirrored and shifted, not mixed) or "none" (the calibration images as
+given)."""
 
 
 def relative_feature_error(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,8 +153,8 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
                            feature_weight: float = 0.0) -> DistillResult:
     """Train every parameter of ``model`` by ``steps`` AdamW steps (no weight decay; linear warm-up over the first
     twentieth, then a cosine to 0) so that ``loss(output(model, x), output(dense, x))`` falls on batches of
-    ``batch_size`` calibration ``images`` drawn with replacement (seeded by ``seed``), augmented by :func:`mix_augment`
-    where ``augment="mix"``; ``dense`` is never trained. Both models stay in eval mode (no dropout, no drop path), and
+    ``batch_size`` calibration ``images`` drawn with replacement (seeded by ``seed``), augmented as ``augment`` names
+    (:data:`AUGMENTATIONS`); ``dense`` is never trained. Both models stay in eval mode (no dropout, no drop path), and
     every parameter's ``requires_grad`` and the model's mode are restored. With ``feature_weight > 0`` each step's
     loss adds ``feature_weight`` times :func:`relative_feature_error` of the submodules named in ``features`` (names
     valid in both models). The weights are kept only if the output's loss on the calibration images as given fell
@@ -166,8 +187,8 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
                 for group in optimizer.param_groups:
                     group["lr"] = lr * warmup_cosine(step, steps, warmup)
                 batch = images[torch.randint(0, len(images), (batch_size,), generator=draws)]
-                if augment == "mix":
-                    batch = mix_augment(batch, augmenter)
+                if (augmentation := AUGMENTATIONS[augment]) is not None:
+                    batch = augmentation(batch, augmenter)
                 optimizer.zero_grad(set_to_none=True)
                 for start in range(0, batch_size, micro_batch):
                     part = batch[start: start + micro_batch].to(device)

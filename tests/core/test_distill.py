@@ -10,11 +10,13 @@ import torch
 from torch.nn import functional as F
 
 from lowrank_vit.core.distill import (
+    AUGMENTATIONS,
     _mean_loss,
     capturing_outputs,
     distill_on_calibration,
     mix_augment,
     relative_feature_error,
+    shift_augment,
 )
 
 
@@ -68,6 +70,38 @@ def test_mix_augment_caps_the_shift_for_small_images_and_refuses_other_shapes():
                for m in (False, True) for dy in range(5) for dx in range(5))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         mix_augment(torch.zeros(2, 3, 8), torch.Generator())
+
+
+def test_shift_augment_mirrors_and_shifts_without_mixing_and_scales_with_the_image():
+    """Images of constant colour pass through unmixed, each keeping its own colour (mix_augment would blend them);
+    one image comes back as one of its mirrored and shifted copies; mix_augment is this draw followed by the mixing
+    (the same generator draws first the mirror and the shifts); "shift" moves a 224-pixel image by up to 28 pixels,
+    a 32-pixel one by up to 4 (an image of one bright column shows how far)."""
+    colours = torch.tensor([0.0, 1.0, 5.0, -3.0, 2.0, 7.0])
+    flat = colours[:, None, None, None].expand(6, 3, 8, 8).contiguous()
+    assert torch.equal(shift_augment(flat, torch.Generator().manual_seed(0)), flat)
+
+    image = torch.arange(2 * 7 * 9, dtype=torch.float32).reshape(1, 2, 7, 9)
+    for seed in range(6):
+        out = shift_augment(image, torch.Generator().manual_seed(seed), shift=2)[0]
+        assert any(torch.equal(out, _mirrored_shifted(image[0], m, dy, dx, 2))
+                   for m in (False, True) for dy in range(5) for dx in range(5)), seed
+
+    batch = torch.randn(5, 3, 12, 12)
+    shifted = shift_augment(batch, torch.Generator().manual_seed(4), shift=3)
+    mixed = mix_augment(batch, torch.Generator().manual_seed(4), shift=3)
+    assert not torch.equal(mixed, shifted)
+    follow = torch.Generator().manual_seed(4)
+    shift_augment(batch, follow, shift=3)
+    lam = torch.rand(5, generator=follow)[:, None, None, None]
+    assert torch.allclose(mixed, lam * shifted + (1 - lam) * shifted[torch.randperm(5, generator=follow)])
+
+    for size, most in ((224, 28), (32, 4)):
+        column = torch.zeros(64, 1, size, size)
+        column[..., size // 2] = 1.0  # its mirror image is the column at size // 2 - 1
+        out = AUGMENTATIONS["shift"](column, torch.Generator().manual_seed(1))
+        moved = (out[:, 0, size // 2].argmax(-1) - size // 2).abs()
+        assert moved.max() <= most + 1 and moved.max() >= most - 2, (size, moved.max())
 
 
 def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -169,11 +203,11 @@ def test_the_backward_in_micro_batches_takes_the_same_steps_as_one_batch(feature
 
 
 def test_augmented_batches_feed_both_models_and_plain_ones_are_calibration_images():
-    """With augment="mix" the dense model's targets come from augmented images (none is a calibration image); with
-    "none" every training image is one of them."""
+    """With augment="mix" or "shift" the dense model's targets come from augmented images (none is a calibration
+    image); with "none" every training image is one of them."""
     dense, model, x = _pair()
     rows = x.flatten(1)
-    for augment, expected in (("mix", False), ("none", True)):
+    for augment, expected in (("mix", False), ("shift", False), ("none", True)):
         seen: list[torch.Tensor] = []
         handle = dense.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0].detach().clone()))
         distill_on_calibration(dense, copy.deepcopy(model), x, _logits, _kl, steps=3, lr=1e-4, batch_size=8,

@@ -275,7 +275,7 @@ def test_every_recipe_and_variant_is_a_valid_config_and_variants_run_only_where_
     short_distillation = {"distill_steps", "distill_lr", "distill_augment"}
     for name, settings in ss.VARIANTS.items():
         base = ("loss-aware-refit" if name.startswith("la-refit-damping-")
-                else "loss-aware-distill" if name.startswith("la-distill-none-")
+                else "loss-aware-distill" if name.startswith(("la-distill-none-", "la-distill-shift-"))
                 else name.removesuffix("-bernoulli").removesuffix("-gram-float64"))
         changed = {key for key in settings if settings[key] != LIBRARY[base].get(key, 0.0)}
         assert set(LIBRARY[base]) <= set(settings), name
@@ -283,5 +283,7 @@ def test_every_recipe_and_variant_is_a_valid_config_and_variants_run_only_where_
             # the short stage on the mosaics as given; with "feat" in its name the blocks matched too
             assert changed == short_distillation | ({"distill_features"} if "-feat" in name else set()), name
             assert settings["distill_augment"] == "none"
+        elif name.startswith("la-distill-shift-"):  # the short stage on mosaics mirrored and shifted, not mixed
+            assert changed == short_distillation and settings["distill_augment"] == "shift", name
         else:
             assert len(changed) == 1, (name, changed)
