@@ -65,8 +65,8 @@ def mix_augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> 
 
 def eighth_shift_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """:func:`shift_augment` by up to an eighth of the shorter side (4 pixels at 32, 28 at 224): the shift that
-    ``mix_augment`` makes on CIFAR-sized images, in proportion on larger ones. No mixing: every image stays a
-    natural one (mixed images raised the loss of a real saliency model from the first step)."""
+    ``mix_augment`` makes on CIFAR-sized images, in proportion on larger ones. No mixing, so that every image stays a
+    natural one (on a real saliency model it raised the loss all the same: docs/loss_aware.md)."""
     return shift_augment(x, generator, shift=max(1, min(x.shape[-2:]) // 8))
 
 
@@ -179,6 +179,7 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     draws, augmenter = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    augmentation = AUGMENTATIONS[augment]
     warmup = max(1, steps // 20)
     try:
         with progress_bar(steps, "distillation", "step", progress) as bar, \
@@ -187,7 +188,7 @@ def distill_on_calibration(dense: nn.Module, model: nn.Module, images: torch.Ten
                 for group in optimizer.param_groups:
                     group["lr"] = lr * warmup_cosine(step, steps, warmup)
                 batch = images[torch.randint(0, len(images), (batch_size,), generator=draws)]
-                if (augmentation := AUGMENTATIONS[augment]) is not None:
+                if augmentation is not None:
                     batch = augmentation(batch, augmenter)
                 optimizer.zero_grad(set_to_none=True)
                 for start in range(0, batch_size, micro_batch):
