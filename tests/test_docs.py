@@ -1098,11 +1098,11 @@ def _distill_steps_help() -> str:
 
 
 def _longer_distillation_section() -> tuple[str, list[str]]:
-    """docs/loss_aware.md's "A longer distillation": its text on one line, and its five tables ("| model" first)."""
+    """docs/loss_aware.md's "A longer distillation": its text on one line, and its six tables ("| model" first)."""
     text = (ROOT / "docs/loss_aware.md").read_text()
     section = text[text.index("### A longer distillation"): text.index("### Matching every block's output too")]
     tables = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
-    assert len(tables) == 5
+    assert len(tables) == 6
     return " ".join(section.split()), tables
 
 
@@ -1563,3 +1563,47 @@ def test_the_no_finetune_figure_and_what_the_docs_read_from_it():
     assert "](figures/no_finetune.png)" in text
     assert "](docs/figures/no_finetune.png)" in (ROOT / "README.md").read_text()
     assert (ROOT / "docs/figures/no_finetune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_rounds_each_distilled_table_is_the_committed_probe():
+    """docs/loss_aware.md's "In rounds, each round distilled": every paired cell recomputed from
+    rounds_distill_probe.json against its own one-shot cell, the committed 4,096-step cells and the refit's; its
+    one-shot cells against the committed 1,024-step cells (all the same images but one cell's 23); the counts and the
+    seconds quoted."""
+    from experiments.loss_aware_study import paired
+
+    probe = json.loads((ROOT / "experiments/results/rounds_distill_probe.json").read_text())
+    long_, k4, base = (_study(stem) for stem in ("distill_long_calib1024", "distill_4k_calib1024",
+                                                 "blockwise_heldout_calib1024"))
+    assert probe["settings"]["recipe"] == "la-distill-long"
+    assert {k: probe["settings"][k] for k in ("calib", "eval", "eval_skip", "seed")} == {
+        k: long_["cifar_vit6_long"]["settings"][k] for k in ("calib", "eval", "eval_skip", "seed")}
+    flat, tables = _longer_distillation_section()
+    lines = tables[5].splitlines()[2:]
+    assert len(lines) == len(probe["rows"]) == 12
+    counts = {"one ahead": 0, "one behind": 0, "4k ahead": 0, "4k behind": 0, "refit ahead": 0, "refit behind": 0}
+    differs = []
+    for line, row in zip(lines, probe["rows"], strict=True):
+        ratio = row["schedule"][-1]
+        assert row["schedule"] == [0.5, ratio]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:4] == [row["model"], f"-{round(100 * ratio)}%", f"{row['one_shot']['top1']:.2f}",
+                             f"{row['rounds']['top1']:.2f}"]
+        committed = long_[row["model"]]["cells"][f"la-distill-long@{ratio}"]
+        if row["one_shot"]["correct"] != committed["correct"]:
+            differs.append((row["model"], ratio, sum(paired(row["one_shot"], committed)[:2]), committed["top1"]))
+        others = {"one": row["one_shot"], "4k": k4[row["model"]]["cells"][f"la-distill-4k@{ratio}"],
+                  "refit": base[row["model"]]["cells"][f"loss-aware-refit@{ratio}"]}
+        for cell, (name, other) in zip(cells[4:], others.items(), strict=True):
+            _check_paired_cell(cell, row["rounds"], other, "correct", "top1")
+            _, _, p = paired(row["rounds"], other)
+            if p < 0.05:
+                counts[f"{name} {'ahead' if row['rounds']['top1'] > other['top1'] else 'behind'}"] += 1
+    assert len(differs) == 1 and differs[0][:3] == ("cifar_deit4", 0.8, 23) and f"{differs[0][3]:.2f}" == "60.00"
+    assert counts == {"one ahead": 2, "one behind": 0, "4k ahead": 1, "4k behind": 5, "refit ahead": 8,
+                      "refit behind": 0}
+    assert ("The rounds are ahead of the one-shot stage in 2 of 12 cells (`cifar_vit6_long` and "
+            "`cifar_vit4_wide_long` at -70%) and behind it in none") in flat
+    assert "they are ahead in 1 (`cifar_vit6_long` at -70%, +0.58 points) and behind in 5" in flat
+    seconds = [row["rounds"]["seconds"] for row in probe["rows"]]
+    assert f"({min(seconds):.0f}-{max(seconds):.0f} s a cell)" in flat

@@ -45,9 +45,9 @@ def test_in_rounds_reaches_the_last_target_and_one_round_is_plain_compress():
                          in_chans=3)
     batches = [(_images(32, 2), torch.arange(32) % 5)]
     total = sum(p.numel() for p in dense.parameters())
-    two = in_rounds(dense, batches, [0.3, 0.6], calib=32, seed=0)
+    two, _ = in_rounds(dense, batches, [0.3, 0.6], calib=32, seed=0)
     assert abs(1 - sum(p.numel() for p in two.parameters()) / total - 0.6) < 0.02
-    one = in_rounds(dense, batches, [0.6], calib=32, seed=0)
+    one, _ = in_rounds(dense, batches, [0.6], calib=32, seed=0)
     reference = copy.deepcopy(dense)
     from experiments.loss_aware_study import RECIPES
 
@@ -57,6 +57,30 @@ def test_in_rounds_reaches_the_last_target_and_one_round_is_plain_compress():
     with torch.no_grad():
         assert torch.equal(one(x), reference(x))
         assert not torch.allclose(two(x), one(x))  # the rounds are another model
+
+
+def test_a_schedule_that_starts_like_an_earlier_one_reuses_its_folded_rounds(monkeypatch):
+    """With ``folded``, the second schedule runs only its last round, and gives the model it gives without the cache
+    (the seconds of the reused round still counted); the recipe is every round's."""
+    import experiments.rounds_probe as probe
+
+    dense = make_tiny_vit(seed=6, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+                         in_chans=3)
+    batches = [(_images(32, 7), torch.arange(32) % 5)]
+    fresh, _ = in_rounds(dense, batches, [0.3, 0.5], calib=32, seed=0, recipe="loss-aware")
+    calls = []
+    real = probe.compress
+    monkeypatch.setattr(probe, "compress", lambda *a, **k: calls.append(k) or real(*a, **k))
+    folded: dict = {}
+    _, first = in_rounds(dense, batches, [0.3, 0.6], calib=32, seed=0, recipe="loss-aware", folded=folded)
+    assert [k["reduction"] for k in calls] == [0.3, 0.6] and list(folded) == [(0.3,)]
+    got, second = in_rounds(dense, batches, [0.3, 0.5], calib=32, seed=0, recipe="loss-aware", folded=folded)
+    assert [k["reduction"] for k in calls] == [0.3, 0.6, 0.5]
+    assert not any(k.get("refit") for k in calls)  # "loss-aware", not the probe's default recipe
+    assert second >= folded[(0.3,)][1] > 0 and first > 0
+    x = _images(3, 8)
+    with torch.no_grad():
+        assert torch.equal(got(x), fresh(x))
 
 
 def test_a_schedule_that_is_not_increasing_exits_2(capsys):
