@@ -1560,7 +1560,13 @@ def test_the_no_finetune_figure_and_what_the_docs_read_from_it():
     assert (f"on `cifar_vit4_wide_long` the refit is {wide:.2f} points behind it and no recipe's gain over the refit "
             "is significant") in text
     assert "the block stage is ahead of it only on `cifar_deit3_ls`" in text
-    assert "](figures/no_finetune.png)" in text
+    assert "](figures/no_finetune.png)" in text and "](figures/no_finetune_dinov2.png)" in text
+    refits = {calib: json.loads((ROOT / f"experiments/results/saliency_refit_calib{calib}.json").read_text())
+              for calib in (256, 512)}
+    assert (refits[256]["settings"]["threads"], refits[512]["settings"]["threads"]) == (1, 2)
+    assert (refits[256]["cells"]["loss-aware-refit@0.7"]["compress_s"]
+            > refits[512]["cells"]["loss-aware-refit@0.7"]["compress_s"])
+    assert "(the refit on 256 mosaics ran on one thread, and took longer than on 512 with two)" in text
     assert "](docs/figures/no_finetune.png)" in (ROOT / "README.md").read_text()
     assert (ROOT / "docs/figures/no_finetune.png").read_bytes()[:4] == b"\x89PNG"
 
