@@ -1288,8 +1288,9 @@ def test_the_4096_step_distillation_is_the_committed_study():
 def test_the_16k_step_cell_is_the_committed_run():
     """docs/loss_aware.md's "16,384 steps" paragraph: every figure recomputed from distill_16k_calib1024.json, paired
     per image with the refit, the 4,096-step stage and the dense model's own record on the same images (the same
-    settings and dense record asserted), the KL's fall and the share of the distance closed beside 4,096 steps'."""
-    from experiments.loss_aware_study import paired
+    settings and dense record asserted), the KL's fall, the share of the distance closed beside 4,096 steps', and
+    the smallest gain over the refit that exact McNemar would call significant with as many images differing."""
+    from experiments.loss_aware_study import mcnemar_p, paired, unpack_correct
 
     wide = "cifar_vit4_wide_long"
     k16, k4, base = (_study(stem)[wide] for stem in ("distill_16k_calib1024", "distill_4k_calib1024",
@@ -1312,6 +1313,17 @@ def test_the_16k_step_cell_is_the_committed_run():
             f"({100 * closed[0]:.0f}% of the distance to the dense model closed, against "
             f"{100 * closed[1]:.0f}%)") in flat
     assert all(paired(a, b)[2] >= 0.05 for a, b in ((mine, refit), (mine, four), (dense, mine)))
+    # what a win over the refit would take, with as many images differing as these two stages had
+    differ = [sum(paired(cell, refit)[:2]) for cell in (four, mine)]
+    needed = [min(net for net in range(0, n + 1, 2) if mcnemar_p((n + net) // 2, (n - net) // 2) < 0.05)
+              for n in differ]
+    assert needed == [36, 36] and differ == [298, 308]
+    gap, gain = dense["top1"] - refit["top1"], 100 * needed[0] / len(unpack_correct(refit["correct"]))
+    assert (f"with about 300 images that only one of the two gets right ({differ[0]} for 4,096 steps against the "
+            f"refit, {differ[1]} for 16,384), exact McNemar needs {needed[0]} more of them on the stage's side for "
+            f"p < 0.05, +{gain:.2f} points over the refit, {100 * gain / gap:.0f}% of "
+            f"the {gap:.2f} points between the refit and the dense model; the best stage closed "
+            f"{100 * closed[1]:.0f}%") in flat
     assert (f"{mine['compress_s']:,.0f} s, {mine['compress_s'] / four['compress_s']:.1f} times the 4,096-step "
             f"cell's time") in flat
 
