@@ -9,8 +9,8 @@ images and the same 8,000 held-out test images (``--calib 1024 --eval 8000 --eva
 ``no_finetune_dinov2.png``: the real DINOv2-S saliency model (``experiments.saliency_study``), one panel per
 reduction (-50%, -70%): each recipe's mean IoU of its maps' masks with the dense model's on the same 256 evaluation
 mosaics, drawn as 1 - IoU on a log scale (lower is closer), against its compress time, with the calibration mosaics
-it was given beside it. A filled marker is significantly
-closer than the refit on 128 mosaics (Wilcoxon signed-rank on the per-image IoU, p < 0.05, median difference > 0).
+it was given beside it. A filled marker is significantly closer than the refit on 128 mosaics (Wilcoxon signed-rank
+on the per-image IoU, p < 0.05, median difference > 0).
 
 Both read the committed results; nothing is computed again.
 

@@ -76,18 +76,18 @@ def in_rounds(dense: nn.Module, batches: list, schedule: list[float], calib: int
     the seconds it took, by the schedule's prefix, read and filled in (a schedule that starts like an earlier one
     does not compute its first rounds again; their seconds still count)."""
     folded = {} if folded is None else folded
-    done = max((i for i in range(len(schedule)) if tuple(schedule[:i]) in folded), default=0)
-    model, seconds = (copy.deepcopy(folded[tuple(schedule[:done])][0]), folded[tuple(schedule[:done])][1]) if done \
-        else (copy.deepcopy(dense), 0.0)
-    for i in range(done, len(schedule)):
+    prefix = next((tuple(schedule[:i]) for i in range(len(schedule) - 1, 0, -1) if tuple(schedule[:i]) in folded), ())
+    model, seconds = (copy.deepcopy(folded[prefix][0]), folded[prefix][1]) if prefix else (copy.deepcopy(dense), 0.0)
+    for i in range(len(prefix), len(schedule)):
+        last = i == len(schedule) - 1
         start = time.perf_counter()
         with anchored_to(dense, model) if i else contextlib.nullcontext():
             compress(model, batches, reduction=schedule[i], calib_samples=calib, progress=False, seed=seed,
                      **RECIPES[recipe])
-        if i < len(schedule) - 1:
+        if not last:
             fold(model)
         seconds += time.perf_counter() - start
-        if i < len(schedule) - 1:
+        if not last:
             folded[tuple(schedule[:i + 1])] = (copy.deepcopy(model), seconds)
     return model, seconds
 
