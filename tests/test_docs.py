@@ -1625,3 +1625,35 @@ def test_the_rounds_each_distilled_table_is_the_committed_probe():
     assert "they are ahead in 1 (`cifar_vit6_long` at -70%, +0.58 points) and behind in 5" in flat
     seconds = [row["rounds"]["seconds"] for row in probe["rows"]]
     assert f"({min(seconds):.0f}-{max(seconds):.0f} s a cell)" in flat
+
+
+def test_the_saliency_cells_with_1024_mosaics_are_the_committed_study():
+    """docs/loss_aware.md's sentences on 1,024 calibration mosaics (DINOv2-S, -70%): the refit's and the default's
+    means, and their Wilcoxon tests against the refit on 512 and 128 mosaics, the block stage on 512 and the default
+    on 128, recomputed from the per-image records of saliency_calib1024.json and the earlier cells."""
+    from scipy.stats import wilcoxon
+
+    def cells(stem: str) -> dict:
+        return json.loads((ROOT / f"experiments/results/{stem}.json").read_text())["cells"]
+
+    study = json.loads((ROOT / "experiments/results/saliency_calib1024.json").read_text())
+    assert study["settings"]["calib"] == 1024 and study["cells"].keys() == {"loss-aware@0.7", "loss-aware-refit@0.7"}
+    refit, default = study["cells"]["loss-aware-refit@0.7"], study["cells"]["loss-aware@0.7"]
+    base = cells("saliency_study")
+
+    def p(a: dict, b: dict, metric: str) -> str:
+        return f"{float(wilcoxon(a[metric], b[metric]).pvalue):.2g}"
+
+    text = " ".join((ROOT / "docs/loss_aware.md").read_text().split())
+    refit512, block512 = cells("saliency_refit_calib512")["loss-aware-refit@0.7"], cells(
+        "saliency_block_calib512")["loss-aware-block@0.7"]
+    assert (f"the refit keeps r {refit['r_mean']:.3f} and IoU {refit['iou_mean']:.3f}, a little more than on 512 in "
+            f"r (p = {p(refit, refit512, 'r')}), level in IoU (p = {p(refit, refit512, 'iou')}), and level with the "
+            f"block stage on 512 (r p = {p(refit, block512, 'r')}, IoU p = {p(refit, block512, 'iou')}), for "
+            f"{refit['compress_s']:.0f} s of compress ({refit['cost']:.1f} times the calibration forward)") in text
+    assert refit["r_mean"] > refit512["r_mean"] and float(p(refit, refit512, "r")) < 0.05
+    old = base["loss-aware@0.7"]
+    assert (f"r {default['r_mean']:.3f} and IoU {default['iou_mean']:.3f} with 1,024 against {old['r_mean']:.3f} "
+            f"and {old['iou_mean']:.3f} with 128 (r p = {p(default, old, 'r')}, IoU p = {p(default, old, 'iou')}), "
+            f"still far behind the refit on 128 (IoU p = {p(default, base['loss-aware-refit@0.7'], 'iou')})") in text
+    assert min(float(p(default, old, "r")), float(p(default, old, "iou"))) >= 0.05

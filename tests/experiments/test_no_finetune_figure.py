@@ -75,19 +75,19 @@ def test_the_committed_cells_give_the_docs_distances():
 def _write_saliency(folder: Path, odd: str | None = None) -> None:
     """The saliency files: the refit on 128 mosaics has IoU 0.5 + i / 100 on image i of 20; the paper's recipe 0.1
     less on every image, the default the same as the refit, every other cell 0.01 more on every image; the refit
-    on 256 mosaics only at -70%. ``odd``: that file's evaluation mosaics are another seed."""
+    on 256 mosaics and the cells on 1,024 only at -70%. ``odd``: that file's evaluation mosaics are another seed."""
     base = [0.5 + i / 100 for i in range(20)]
     shift = {"paper": -0.1, "loss-aware": 0.0, "loss-aware-refit": 0.0}
     files: dict[str, dict] = {}
     for recipe, _, name in SALIENCY:
         calib = {"saliency_refit_calib256.json": 256, "saliency_refit_calib512.json": 512,
-                 "saliency_block_calib512.json": 512}.get(name, 128)
+                 "saliency_block_calib512.json": 512, "saliency_calib1024.json": 1024}.get(name, 128)
         study = files.setdefault(name, {"settings": {"calib": calib, "eval": 20, "seed": 1 if name == odd else 0,
                                                      "mosaic": "2x2", "eval_split": "test", "onnx_sha256": "ab"},
                                         "cells": {}})
         delta = 0.01 if calib != 128 else shift.get(recipe, 0.01)
         for ratio in (0.5, 0.7):
-            if name == "saliency_refit_calib256.json" and ratio == 0.5:
+            if name in ("saliency_refit_calib256.json", "saliency_calib1024.json") and ratio == 0.5:
                 continue
             iou = [v + delta for v in base]
             study["cells"][f"{recipe}@{ratio}"] = {"iou": iou, "iou_mean": sum(iou) / 20, "r_mean": 0.9,
@@ -103,13 +103,15 @@ def test_saliency_points_are_the_mean_iou_and_the_wilcoxon_test_against_the_refi
         ("the paper's recipe", 128), ("loss-aware (default)", 128), ("loss-aware-refit", 128),
         ("loss-aware-refit", 512), ("loss-aware-block, 25 steps", 128), ("loss-aware-block", 128),
         ("loss-aware-block", 512)]
-    assert ("loss-aware-refit", 256) in [(c["label"], c["calib"]) for c in got[0.7]] and len(got[0.7]) == 8
+    assert {("loss-aware-refit", 256), ("loss-aware-refit", 1024), ("loss-aware (default)", 1024)} <= {
+        (c["label"], c["calib"]) for c in got[0.7]} and len(got[0.7]) == 10
     by = {(c["label"], c["calib"]): c for c in got[0.7]}
     assert by[("the paper's recipe", 128)]["iou"] == pytest.approx(sum(0.4 + i / 100 for i in range(20)) / 20)
     # all 20 images closer by 0.01: the exact signed-rank p is 2 / 2**20; 20 worse, or none differing: not closer
     assert by[("loss-aware-block", 512)]["closer_than_refit"] and by[("loss-aware-refit", 256)]["closer_than_refit"]
     assert not by[("the paper's recipe", 128)]["closer_than_refit"]
     assert not by[("loss-aware (default)", 128)]["closer_than_refit"]
+    assert by[("loss-aware (default)", 1024)]["closer_than_refit"]  # the files' delta, not the recipe, decides
     assert not by[("loss-aware-refit", 128)]["closer_than_refit"]
     assert by[("loss-aware-refit", 512)]["seconds"] == 512.0
     assert plot_saliency(got, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
