@@ -57,10 +57,11 @@ def points(results: Path = RESULTS) -> dict[float, dict[str, list[dict[str, Any]
     whether it is significantly ahead of the refit. Refuses cells measured on other images than the first file's."""
     studies = {name: json.loads((results / name).read_text())["study"] for _, _, name in RECIPES}
     first = studies[RECIPES[0][2]]
+    refits = studies[next(name for recipe, _, name in RECIPES if recipe == "loss-aware-refit")]
     out: dict[float, dict[str, list[dict[str, Any]]]] = {ratio: {} for ratio in RATIOS}
     for model, entry in first.items():
         for ratio in RATIOS:
-            refit = studies[RECIPES[1][2]][model]["cells"][f"loss-aware-refit@{ratio}"]
+            refit = refits[model]["cells"][f"loss-aware-refit@{ratio}"]
             row = []
             for recipe, label, name in RECIPES:
                 study = studies[name][model]
