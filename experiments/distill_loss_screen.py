@@ -69,7 +69,7 @@ def swapped_loss(loss: str) -> AbstractContextManager:
 def run_loss(loss: str, study_argv: list[str]) -> dict:
     """The study's cells with the distillation's loss ``loss``: ``study_argv`` run by the study's ``main`` in a
     scratch folder; returns its per-model entries."""
-    from experiments.loss_aware_study import main as study_main
+    from .loss_aware_study import main as study_main
 
     with tempfile.TemporaryDirectory() as scratch, swapped_loss(loss):
         if study_main([*study_argv, "--output", scratch]) != 0:
