@@ -294,3 +294,28 @@ def test_bad_settings_are_refused(bad):
     settings = dict(steps=2, lr=1e-3, batch_size=4, progress=False) | bad
     with pytest.raises(ValueError):
         distill_on_calibration(dense, model, x, _logits, _kl, **settings)
+
+
+def test_each_step_runs_at_the_warmup_then_cosine_rate():
+    """The rate of every optimizer step, recorded at the step: a linear warm-up over the first twentieth of the
+    steps (at least one) to the peak, then a half cosine down to 0, written out here for 40 steps at 2e-3 (warm-up
+    2 steps); weight decay off. The smallest settings are accepted: one image per batch and per micro-batch."""
+    import math
+
+    dense, model, x = _pair(seed=2)
+    seen: list[tuple[float, float]] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.extend((group["lr"], group["weight_decay"]) for group in self.param_groups)
+        return step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", recording)
+        distill_on_calibration(dense, model, x, _logits, _kl, steps=40, lr=2e-3, batch_size=1, micro_batch=1,
+                               seed=1, progress=False)
+    warmup = 2
+    truth = [2e-3 * ((k + 1) / warmup if k < warmup else 0.5 * (1 + math.cos(math.pi * (k - warmup) / (40 - warmup))))
+             for k in range(40)]
+    assert [rate for rate, _ in seen] == pytest.approx(truth, rel=1e-9, abs=1e-15)
+    assert {decay for _, decay in seen} == {0.0}
