@@ -77,6 +77,9 @@ def test_main_writes_every_losss_cells_and_refuses_bad_arguments(tmp_path, monke
             json.dump({"m": {"cells": {"r@0.7": {"top1": float(len(seen))}}}}, f)
         return 0
 
+    import lowrank_vit.pipeline as pipeline
+
+    library_loss = pipeline._distillation_loss
     monkeypatch.setattr("experiments.loss_aware_study.main", fake_study)
     target = tmp_path / "screen.json"
     assert screen.main(["--losses", "kl,logit-mse", "--models", "m", "--json", str(target)]) == 0
@@ -84,7 +87,8 @@ def test_main_writes_every_losss_cells_and_refuses_bad_arguments(tmp_path, monke
     assert list(record["losses"]) == ["kl", "logit-mse"]
     assert record["losses"]["logit-mse"]["m"]["cells"]["r@0.7"]["top1"] == 2.0
     assert [argv for argv, _ in seen] == [["--models", "m"]] * 2
-    assert seen[0][1] is not screen.LOSSES["logit-mse"] and seen[1][1] is screen.LOSSES["logit-mse"]
+    assert seen[0][1] is library_loss and seen[1][1] is screen.LOSSES["logit-mse"]
+    assert pipeline._distillation_loss is library_loss  # restored after the run
     for bad in (["--losses", "kl,huber"], ["--output", "x"]):
         missing = tmp_path / "no.json"
         assert screen.main([*bad, "--json", str(missing)]) == 2
