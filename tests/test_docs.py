@@ -1697,3 +1697,98 @@ def test_the_saliency_cells_with_1024_mosaics_are_the_committed_study():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert (f"and the command line's 1,024 to {refit['iou_mean']:.3f} at -70%, where the default gains nothing from "
             f"them ({default['iou_mean']:.3f})") in readme
+
+
+def test_every_model_of_the_study_and_what_is_left_to_win_are_the_committed_runs():
+    """docs/loss_aware.md's "Every model of the study": the four models the no-fine-tune comparisons had left out
+    (other_models_calib1024.json) recomputed per image against the refit, the default and the dense model's own
+    record; the ten models are the study's own list; the distance to the dense model per model and ratio (the six
+    models' refit cells from blockwise_heldout_calib1024.json, their dense record from distill_long_calib1024.json),
+    and every count the text draws from it."""
+    from experiments.loss_aware_study import MODELS, paired
+
+    other, base, long1, k4 = (_study(stem) for stem in ("other_models_calib1024", "blockwise_heldout_calib1024",
+                                                        "distill_long_calib1024", "distill_4k_calib1024"))
+    assert set(base) | set(other) == {*MODELS, "cifar_deit3_ls", "cifar_vit3_wide"} and not set(base) & set(other)
+    assert other["cifar_vit3_wide"]["settings"] == base["cifar_vit6_long"]["settings"]
+    assert all(entry["settings"]["calib"] == 1024 and entry["settings"]["finetune_steps"] == 0
+               for entry in other.values())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### Every model of the study"): text.index("## What it does not cover")]
+    flat = " ".join(section.split())
+    new, ceiling = [block for block in section.split("\n\n") if block.lstrip().startswith("| model")]
+
+    def dense(entry: dict) -> dict:
+        return {"correct": entry["dense_correct"], "top1": entry["dense_top1"]}
+
+    _, _, *body = _md_rows(new)
+    assert len(body) == 2 * len(other)
+    for label, ratio, default, refit, long_, four, four_default, dense_refit in body:
+        model, top = label.split(" (")
+        entry, key = other[model], _ratio_of(ratio)
+        cells = {name.split("@")[0]: cell for name, cell in entry["cells"].items() if name.endswith(f"@{key}")}
+        assert top == f"{entry['dense_top1']:.2f})"
+        assert (default, refit) == (f"{cells['loss-aware']['top1']:.2f}", f"{cells['loss-aware-refit']['top1']:.2f}")
+        _check_paired_cell(long_, cells["la-distill-long"], cells["loss-aware-refit"], "correct", "top1")
+        if "la-distill-4k" in cells:
+            _check_paired_cell(four, cells["la-distill-4k"], cells["loss-aware-refit"], "correct", "top1")
+            _check_paired_cell(four_default, cells["la-distill-4k"], cells["loss-aware"], "correct", "top1")
+        else:
+            assert four == four_default == "-"
+        _check_paired_cell(dense_refit, dense(entry), cells["loss-aware-refit"], "correct", "top1")
+
+    # the distance to the dense model, every model of the study
+    _, _, *rows = _md_rows(ceiling)
+    every, deit4 = {**base, **other}, "cifar_deit4"
+    assert [row[0] for row in rows] == list(every)
+    dense_of = {model: dense(long1[model] if model in long1 else entry) for model, entry in every.items()}
+    for model, images, *by_ratio in rows:
+        assert images == f"{every[model]['settings']['eval']:,}"
+        for shown, key in zip(by_ratio, ("0.7", "0.8"), strict=True):
+            _check_paired_cell(shown, dense_of[model], every[model]["cells"][f"loss-aware-refit@{key}"], "correct",
+                               "top1")
+
+    def ahead(a: dict, b: dict) -> bool:
+        only_a, only_b, p = paired(a, b)
+        return p < 0.05 and only_a > only_b
+
+    def best_stage(model: str, key: str) -> dict:  # the longest stage run on the model
+        cells = (k4 if model in k4 else other)[model]["cells"]
+        return cells.get(f"la-distill-4k@{key}") or cells[f"la-distill-long@{key}"]
+
+    for key, label in (("0.7", "-70%"), ("0.8", "-80%")):
+        room = [m for m in every if ahead(dense_of[m], every[m]["cells"][f"loss-aware-refit@{key}"])]
+        won = [m for m in room if ahead(best_stage(m, key), every[m]["cells"][f"loss-aware-refit@{key}"])
+               and ahead(best_stage(m, key), every[m]["cells"][f"loss-aware@{key}"])]
+        lost = [m for m in every if ahead(every[m]["cells"][f"loss-aware-refit@{key}"], best_stage(m, key))]
+        anywhere = [m for m in every if ahead(best_stage(m, key), every[m]["cells"][f"loss-aware-refit@{key}"])]
+        assert set(anywhere) <= set(room) and not lost
+        assert (f"At {label} the dense model is significantly ahead of the refit on {len(room)} of the 10 models, "
+                f"and the longest stage run on each is ahead of both the refit and the default on {len(won)} of "
+                f"them") in flat, key
+        if key == "0.7":
+            assert [m for m in room if m not in won] == ["cifar_vit4_wide_long"]
+        else:  # "every CIFAR-10 model but `cifar_deit4`"
+            assert won == [m for m in every if m.startswith("cifar_") and m != deit4]
+    # the figures the text quotes from the new cells
+    wide, digits = other["cifar_vit3_wide"], other["mnist_deit_s"]
+
+    def shown(a: dict, b: dict) -> str:
+        return f"{a['top1'] - b['top1']:+.2f}, p = {paired(a, b)[2]:.2g}"
+
+    cells = {name: wide["cells"][f"{name}@0.8"] for name in ("la-distill-4k", "la-distill-long", "loss-aware-refit")}
+    assert (f"4,096 steps are ahead of the refit ({shown(cells['la-distill-4k'], cells['loss-aware-refit'])})"
+            in flat and f"({shown(dense(wide), cells['la-distill-4k'])}); 1,024 steps are not yet ahead "
+            f"({shown(cells['la-distill-long'], cells['loss-aware-refit'])})" in flat)
+    assert not any(wide["cells"][f"{name}@0.7"]["distillation"]["kept"]
+                   for name in ("la-distill-4k", "la-distill-long"))  # "the check restored the refit"
+    losses = [e["dense_top1"] - c["top1"] for e in other.values() if e["settings"]["eval"] == 1000
+              for c in e["cells"].values()]
+    assert f"The stand-ins lose at most {max(losses):.1f} points" in flat
+    refit8 = digits["cells"]["loss-aware-refit@0.8"]
+    closed = (digits["cells"]["la-distill-4k@0.8"]["top1"] - refit8["top1"]) / (digits["dense_top1"] - refit8["top1"])
+    assert (f"4,096 steps close {100 * closed:.0f}% of that distance "
+            f"({shown(digits['cells']['la-distill-4k@0.8'], refit8)})") in flat
+    refit8 = base[deit4]["cells"]["loss-aware-refit@0.8"]
+    assert (f"`cifar_deit4` ({shown(k4[deit4]['cells']['la-distill-4k@0.8'], refit8)}, where the dense model leads the "
+            f"refit by only {dense_of[deit4]['top1'] - refit8['top1']:.2f} points)") in flat
