@@ -419,3 +419,74 @@ def test_the_refit_in_float32_products_matches_float64_on_a_model_with_near_cons
     assert len(layers["float64"]) == 8
     for name, truth in layers["float64"].items():
         assert float((layers["float32"][name] - truth).norm() / truth.norm()) < 1e-3, name
+
+
+def test_micro_batches_regroup_every_image_in_order_and_no_more_than_asked():
+    """The refit's micro-batches (the pipeline cuts calibration batches of any size to 32 or 64): every image once,
+    in order, at most ``size`` at a time, whatever the batches' sizes and the images' channels."""
+    from lowrank_vit.core.refit import micro_batches
+
+    images = [torch.randn(7, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(5, 1, 4, 4)[:, :1].expand(5, 3, 4, 4)]
+    for size in (1, 3, 4, 32):
+        parts = list(micro_batches(images, size))
+        assert all(0 < part.shape[0] <= size for part in parts), size
+        assert torch.equal(torch.cat(parts), torch.cat(images)), size
+    assert [part.shape[0] for part in micro_batches(images, 3)] == [3, 3, 1, 2, 3, 2]
+
+
+def test_the_calls_are_recorded_on_the_first_two_images_across_batches():
+    """``block_calls`` compares the call on one image with the call on two: where the first batch holds one image,
+    the second comes from the next batch (and a single image is all there is when nothing follows)."""
+    from lowrank_vit.core.refit import _two_images
+
+    first, second = torch.randn(1, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    assert torch.equal(_two_images([first, second]), torch.cat([first, second[:1]]))
+    assert torch.equal(_two_images([second, first]), second[:2])
+    assert torch.equal(_two_images([first]), first)
+
+
+def test_a_block_follows_the_previous_only_as_the_next_child_of_one_sequential():
+    """Which blocks' inputs are the previous block's outputs (the streams advance by one block) and which are
+    recomputed from the images: the next index in the same ``nn.Sequential`` only."""
+    from lowrank_vit.core.refit import _follows
+
+    model = nn.Module()
+    model.blocks = nn.Sequential(nn.Identity(), nn.Identity(), nn.Identity())
+    model.other = nn.Sequential(nn.Identity(), nn.Identity())
+    model.listed = nn.ModuleList([nn.Identity(), nn.Identity()])
+    assert _follows(model, "blocks.0", "blocks.1") and _follows(model, "blocks.1", "blocks.2")
+    assert not _follows(model, None, "blocks.0") and not _follows(model, "blocks.0", "blocks.2")
+    assert not _follows(model, "blocks.2", "other.0") and not _follows(model, "blocks.1", "other.2")
+    assert not _follows(model, "listed.0", "listed.1")  # a ModuleList is not called in order by itself
+    top = nn.Sequential(nn.Identity(), nn.Identity())
+    assert _follows(top, "0", "1") and not _follows(top, "1", "0")
+
+
+def test_recorded_values_that_are_equal_but_not_one_object_or_not_alike():
+    """``_same`` beyond the call records above: equal values that are not one object are the same, a tensor and a
+    number are not (even where they compare equal), containers of tensors compare element by element, and a dict
+    against a value that is not one is different rather than an error."""
+    from lowrank_vit.core.refit import _same
+
+    table = torch.arange(4.0)
+    assert _same(float("2.5"), float("2.5")) and _same("rope" + str(1), "rope1")
+    assert not _same(torch.tensor(3.0), 3.0) and not _same(3.0, torch.tensor(3.0))
+    assert _same([table, (table, 2)], [table.clone(), (table.clone(), 2)])
+    assert not _same([table, (table, 2)], [table, (table + 1, 2)])
+    assert not _same({"a": 1}, 5) and not _same(5, {"a": 1})
+
+
+def test_the_refits_errors_name_what_is_missing():
+    """The two refusals of the refit's statistics read as written: a dense-input error without the dense Gram, and a
+    layer without the loss-aware gradient statistics."""
+    from lowrank_vit.core.refit import dense_output_error
+
+    pair = PairGrams(gram=torch.eye(3, dtype=torch.float64), cross=torch.eye(3, dtype=torch.float64), mean_c=None,
+                     mean_d=None)
+    with pytest.raises(ValueError, match=r"^dense_output_error needs PairGrams\.dense_gram$"):
+        dense_output_error(pair, torch.ones(3, 2), torch.zeros(3, 2))
+    stats = LayerStats(gram=torch.eye(3, dtype=torch.float64), num_images=4)
+    with pytest.raises(ValueError, match=r"^the refit needs the layer's loss-aware gradient statistics \(G\), which "
+                                         r"were freed or never collected: it runs with decomposition='loss_aware' "
+                                         r"only$"):
+        feedback_stats(stats, pair, torch.eye(3, dtype=torch.float64))
