@@ -1785,10 +1785,11 @@ def test_every_model_of_the_study_and_what_is_left_to_win_are_the_committed_runs
     losses = [e["dense_top1"] - c["top1"] for e in other.values() if e["settings"]["eval"] == 1000
               for c in e["cells"].values()]
     assert f"The stand-ins lose at most {max(losses):.1f} points" in flat
-    refit8 = digits["cells"]["loss-aware-refit@0.8"]
-    closed = (digits["cells"]["la-distill-4k@0.8"]["top1"] - refit8["top1"]) / (digits["dense_top1"] - refit8["top1"])
+    digits_refit = digits["cells"]["loss-aware-refit@0.8"]
+    closed = ((digits["cells"]["la-distill-4k@0.8"]["top1"] - digits_refit["top1"])
+              / (digits["dense_top1"] - digits_refit["top1"]))
     assert (f"4,096 steps close {100 * closed:.0f}% of that distance "
-            f"({shown(digits['cells']['la-distill-4k@0.8'], refit8)})") in flat
-    refit8 = base[deit4]["cells"]["loss-aware-refit@0.8"]
-    assert (f"`cifar_deit4` ({shown(k4[deit4]['cells']['la-distill-4k@0.8'], refit8)}, where the dense model leads the "
-            f"refit by only {dense_of[deit4]['top1'] - refit8['top1']:.2f} points)") in flat
+            f"({shown(digits['cells']['la-distill-4k@0.8'], digits_refit)})") in flat
+    deit4_refit = base[deit4]["cells"]["loss-aware-refit@0.8"]
+    assert (f"`cifar_deit4` ({shown(k4[deit4]['cells']['la-distill-4k@0.8'], deit4_refit)}, where the dense model "
+            f"leads the refit by only {dense_of[deit4]['top1'] - deit4_refit['top1']:.2f} points)") in flat
