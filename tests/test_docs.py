@@ -1812,3 +1812,34 @@ def test_every_model_of_the_study_and_what_is_left_to_win_are_the_committed_runs
     deit4_refit = base[deit4]["cells"]["loss-aware-refit@0.8"]
     assert (f"`cifar_deit4` ({shown(k4[deit4]['cells']['la-distill-4k@0.8'], deit4_refit)}, where the dense model "
             f"leads the refit by only {dense_of[deit4]['top1'] - deit4_refit['top1']:.2f} points)") in flat
+
+
+def test_the_timm_families_sweep_quoted_in_the_api_guide_is_the_committed_rows():
+    """docs/api.md names the families that, saved without arguments, load back computing the compressed model's
+    outputs exactly, and the two it refuses: each is a row of experiments/results/timm_families.json saying so,
+    and the rows are the quoted command's (the script's default models)."""
+    from experiments.timm_families import FAMILIES
+
+    run = json.loads((REPO / "experiments" / "results" / "timm_families.json").read_text())
+    rows = {row["model"]: row for row in run["study"]}
+    assert run["command"] == "python -m experiments.timm_families --json experiments/results/timm_families.json"
+    assert list(rows) == list(FAMILIES)
+    exact = {"DaViT": "davit_tiny", "GCViT": "gcvit_xxtiny", "MaxViT": "maxvit_nano_rw_256",
+             "CrossViT": "crossvit_tiny_240", "Twins": "twins_svt_small", "MViTv2": "mvitv2_tiny",
+             "Swin": "swin_tiny_patch4_window7_224", "DINOv2 with registers": "vit_small_patch14_reg4_dinov2",
+             "SigLIP's ViT": "vit_base_patch16_siglip_224", "distilled DeiT": "deit_tiny_distilled_patch16_224",
+             "BEiT": "beit_base_patch16_224", "EVA-02": "eva02_tiny_patch14_224", "PVT-v2": "pvt_v2_b0",
+             "TinyViT": "tiny_vit_5m_224"}
+    refused = {"CoaT": "coat_lite_tiny", "LeViT": "levit_128s"}
+    flat = " ".join(API_DOC.read_text().split())
+    assert ("DaViT, GCViT, MaxViT, CrossViT, Twins, MViTv2, Swin, DINOv2 with registers, SigLIP's ViT and distilled "
+            "DeiT load back computing the compressed model's outputs exactly, as do the five above; CoaT and LeViT "
+            "are refused") in flat
+    assert "BEiT, EVA-02, Swin V2, PVT-v2 and TinyViT save without arguments" in flat
+    for name in exact.values():
+        row = rows[name]
+        assert "error" not in row and row["max_abs_difference"] == 0.0, row
+        assert abs(row["params_after"] / row["params_before"] - 0.5) < 0.01, row
+    assert set(rows) == set(exact.values()) | set(refused.values())
+    for name in refused.values():
+        assert "has no compressible layer" in rows[name]["error"], rows[name]

@@ -192,7 +192,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         metadata["vmeanba_config"] = vreport["config"]
     stage = staging_dir(out, f"partial-{os.getpid()}")
     try:
-        write_model_dir(stage, model, summary, metadata)
+        write_model_dir(stage, model, summary, metadata, source.rebuild)
         publish(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -246,11 +246,19 @@ def _compressible_source(args: argparse.Namespace, cfg: Any, vmeanba: Any, devic
             check_target(source.model, cfg)
     except ValueError as err:
         raise UserError(str(err)) from None
-    try:  # before any calibration: a model that cannot be written and read back would cost the whole run
-        check_rebuildable(source.model)
-    except ValueError as err:
-        raise UserError(f"cannot compress {args.model}: its compressed form could not be saved and loaded again "
-                        f"({err})") from None
+    # before any calibration: a model that cannot be written and read back would cost the whole run. The arguments
+    # that built it where they rebuild it (not where loading its weights changed it), else the adapter's reading
+    if source.rebuild is not None:
+        try:
+            check_rebuildable(source.model, *source.rebuild)
+        except ValueError:
+            source = dataclasses.replace(source, rebuild=None)
+    if source.rebuild is None:
+        try:
+            check_rebuildable(source.model)
+        except ValueError as err:
+            raise UserError(f"cannot compress {args.model}: its compressed form could not be saved and loaded "
+                            f"again ({err})") from None
     return source, cfg
 
 

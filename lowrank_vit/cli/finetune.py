@@ -133,7 +133,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report.setdefault("layers", report_layers(model, None))
     report.setdefault("source", {"description": source.description, "architecture": source.architecture})
     metadata = {**source.metadata, "preprocessing": pre, "finetune": report["finetune"]}
-    write_model_dir(stage, model, report, metadata)
+    write_model_dir(stage, model, report, metadata, source.rebuild)
     shutil.rmtree(checkpoints, ignore_errors=True)  # Lightning checkpoints are pickles: none left in a model dir
     (stage / RESUME_FILE).unlink(missing_ok=True)
     publish(stage, out)

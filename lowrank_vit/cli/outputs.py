@@ -112,10 +112,14 @@ def publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metadata: dict[str, Any]) -> None:
-    """Weights and plan, report.json, the ranks figure and the model card, into ``stage``."""
+def write_model_dir(stage: Path, model: nn.Module, report: dict[str, Any], metadata: dict[str, Any],
+                    rebuild: tuple[str, dict[str, Any]] | None = None) -> None:
+    """Weights and plan, report.json, the ranks figure and the model card, into ``stage``; the plan rebuilds the
+    model from ``rebuild`` (timm name, arguments) where given, else from what the adapter reads of its modules."""
 
-    save_compressed(model.cpu(), stage, metadata=json.loads(strict_json(metadata)))
+    name, kwargs = rebuild if rebuild is not None else (None, None)
+    save_compressed(model.cpu(), stage, model_name=name, model_kwargs=kwargs,
+                    metadata=json.loads(strict_json(metadata)))
     write_json(stage / REPORT_FILE, report)
     plot_ranks(report, stage / RANKS_FIGURE)
     (stage / CARD_FILE).write_text(render_card(report, report.get("name") or stage.name))

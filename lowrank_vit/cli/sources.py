@@ -40,6 +40,9 @@ class Source:
     """A model directory's plan metadata (empty for a timm name)."""
     record: dict[str, Any] = field(default_factory=dict)
     """JSON-safe identity of the source, stored in the report."""
+    rebuild: tuple[str, dict[str, Any]] | None = None
+    """The timm name and arguments that built the model (a timm name's, a directory's plan), for saving it with
+    them: the adapter's reading of its modules cannot know every option (``compress`` checks that they rebuild it)."""
 
 
 def _suggest(name: str) -> str:
@@ -126,7 +129,8 @@ def timm_source(args: argparse.Namespace) -> Source:
               "checkpoint_sha256": None if checkpoint is None else checkpoint_digest(checkpoint)}
     return Source(model, name.split(".")[0], f"timm {name}, {weights}",
                   preprocessing={k: carried[k] for k in USER_PREPROCESSING if k in carried},
-                  carried_from=f"checkpoint {checkpoint}" if carried else "", record=record)
+                  carried_from=f"checkpoint {checkpoint}" if carried else "", record=record,
+                  rebuild=None if name.startswith("hf-hub:") else (name.split(".")[0], kwargs))
 
 
 def _hub_weights(name: str, kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...], str | None] | None:
@@ -189,7 +193,7 @@ def directory_source(args: argparse.Namespace, directory: Path) -> Source:
     return Source(model, plan["architecture"], f"directory {directory}",
                   {k: saved[k] for k in PREPROCESSING_KEYS if k in saved}, f"directory {directory}", metadata,
                   {"directory": str(directory), "architecture": plan["architecture"],
-                   "from": metadata.get("source")})
+                   "from": metadata.get("source")}, rebuild=(plan["architecture"], plan["model_kwargs"]))
 
 
 def load_teacher(args: argparse.Namespace, source: Source, *, flag: str = "--distill",

@@ -150,13 +150,10 @@ def _rebuild(plan: dict[str, Any], origin: str, dense: nn.Module | None = None) 
     return model
 
 
-def _check_rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Raise unless :func:`load_compressed` will rebuild ``model``'s structure from ``plan``: every tensor of its
-    state dict, by name and shape. The architecture and its arguments are read from the model's modules
-    (:meth:`~lowrank_vit.nn.adapters.TimmViTAdapter.model_spec`), which cannot know every option of every timm
-    family; a checkpoint that saves but does not load would lose the user's compressed model, so the rebuild is tried
-    here, before anything is written: on the meta device (no memory, no initialization), or on the CPU where a timm
-    constructor needs real values (one that reads a tensor's value while building)."""
+def _rebuild_problems(model: nn.Module, plan: dict[str, Any]) -> list[str]:
+    """What the model ``plan`` rebuilds lacks, adds or shapes otherwise than ``model``'s state dict, tensor by tensor
+    (empty: every tensor by name and shape). Built on the meta device (no memory, no initialization), or on the CPU
+    where a timm constructor needs real values (one that reads a tensor's value while building)."""
     try:
         with torch.device("meta"):
             skeleton = _rebuild(plan, origin="this model's plan")
@@ -168,26 +165,112 @@ def _check_rebuild(model: nn.Module, plan: dict[str, Any]) -> None:
     problems += [f"unexpected {name}" for name in rebuilt if name not in have]
     problems += [f"{name} {rebuilt[name]} instead of {shape}" for name, shape in have.items()
                  if name in rebuilt and rebuilt[name] != shape]
-    if problems:
-        raise ValueError(f"timm.create_model({plan['architecture']!r}, **{plan['model_kwargs']}) does not rebuild this "
-                         f"model ({len(problems)} difference(s): {', '.join(problems[:3])}), so it could not be "
-                         "loaded again: pass model_name= and model_kwargs= that build it")
+    return problems
+
+
+def _not_rebuilt(plan: dict[str, Any], problems: list[str]) -> ValueError:
+    return ValueError(f"timm.create_model({plan['architecture']!r}, **{plan['model_kwargs']}) does not rebuild this "
+                      f"model ({len(problems)} difference(s): {', '.join(problems[:3])}), so it could not be loaded "
+                      "again: pass model_name= and model_kwargs= that build it")
+
+
+def _rebuilt_plan(model: nn.Module, plan: dict[str, Any], model_name: str | None,
+                  model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``plan`` with the architecture and arguments that :func:`load_compressed` will rebuild ``model`` from, or a
+    ValueError saying why none will: a checkpoint that saves but does not load would lose the user's compressed
+    model, so the rebuild is tried here, before anything is written. ``model_name`` and ``model_kwargs``, where the
+    caller gives the arguments (the name too, or the model's), are the only candidate, and must rebuild every
+    tensor by name and shape. Otherwise the adapter reads candidates from the model's modules
+    (:meth:`~lowrank_vit.nn.adapters.TimmViTAdapter.model_specs`), which cannot know every option of every timm
+    family, so the first that rebuilds every tensor must also compute what the model computes: an option that
+    changes no shape (PVT-v2's heads per stage read as one count for all) would otherwise load as another model."""
+    if model_kwargs is not None:
+        candidates = [(plan["architecture"], model_kwargs)]
+    else:
+        candidates = [(model_name or spec.architecture, spec.kwargs) for spec in get_adapter(model).model_specs(model)]
+    first_error = None
+    for name, kwargs in candidates:
+        trial = {**plan, "architecture": name, "model_kwargs": kwargs}
+        try:
+            problems = _rebuild_problems(model, trial)
+        except ValueError as exc:  # timm refuses these arguments
+            first_error = first_error or exc
+            continue
+        if problems:
+            first_error = first_error or _not_rebuilt(trial, problems)
+            continue
+        if model_kwargs is not None:
+            return trial
+        difference = _output_difference(model, trial)
+        if difference is None:
+            return trial
+        first_error = first_error or ValueError(
+            f"timm.create_model({name!r}, **{kwargs}) rebuilds every tensor of this model but computes something "
+            f"else ({difference}), so it could not be loaded again as it is: pass model_name= and model_kwargs= "
+            "that build it")
+    raise first_error
+
+
+def _output_difference(model: nn.Module, plan: dict[str, Any]) -> str | None:
+    """None where the model ``plan`` rebuilds, given ``model``'s tensors, computes what ``model`` computes (in eval
+    mode, on one random input of the size the model was built for, to a relative 1e-5); else what differs. Costs one
+    more copy of the model, on its device, and two forwards; the global random stream is left as it was (the copy's
+    initialization draws on a forked one)."""
+    reference = next(iter(model.parameters()), None)
+    if reference is None:
+        return "it has no parameter to compare on"
+    in_chans, size = TimmViTAdapter().input_shape(model)
+    declared = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
+    shape = (1, in_chans or declared[0], *(size or declared[1:]))
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            rebuilt = _rebuild(plan, origin="this model's plan").to(reference.device, reference.dtype)
+            rebuilt.load_state_dict(model.state_dict())
+            images = torch.randn(shape).to(reference.device, reference.dtype)
+            want, got = _tensors_of(model.eval()(images)), _tensors_of(rebuilt.eval()(images))
+    except Exception as exc:  # any failure to build, load or run it leaves the spec unproven: it is not kept
+        return f"the rebuilt model does not run on a {'x'.join(map(str, shape))} input: {type(exc).__name__}: {exc}"
+    finally:
+        model.train(training)
+    if [t.shape for t in want] != [t.shape for t in got]:
+        return f"outputs of shapes {[tuple(t.shape) for t in got]} instead of {[tuple(t.shape) for t in want]}"
+    for a, b in zip(want, got, strict=True):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        # the same kernels on the same values: equal but for the order of a reduction (a random-weight model's
+        # outputs barely depend on its attention, so a looser bound let PVT-v2's one-head-for-all rebuild pass)
+        if not torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5 * scale + 1e-7):
+            return f"outputs up to {float((a.float() - b.float()).abs().max()):.3g} apart on a random input"
+    return None
+
+
+def _tensors_of(output: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors_of(item)]
+    return []
 
 
 def check_rebuildable(model: nn.Module, model_name: str | None = None,
                       model_kwargs: dict[str, Any] | None = None) -> None:
     """Raise a ValueError unless :func:`save_compressed` can write ``model`` so that :func:`load_compressed` rebuilds
-    it (see :func:`_check_rebuild`). A dense model passes exactly when its compressed form will: compression swaps
+    it (see :func:`_rebuilt_plan`). A dense model passes exactly when its compressed form will: compression swaps
     linears for factorized layers of the same widths. The CLI checks before compressing, so that a model it cannot
     save costs no calibration."""
-    _check_rebuild(model, _plan(model, model_name, model_kwargs))
+    _rebuilt_plan(model, _plan(model, model_name, model_kwargs), model_name, model_kwargs)
 
 
 def _plan(model: nn.Module, model_name: str | None, model_kwargs: dict[str, Any] | None,
           metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON plan of ``model``: how to rebuild the dense timm model, and every factorized module's spec."""
+    """The JSON plan of ``model``: how to rebuild the dense timm model (the arguments given, else the adapter's
+    first candidate; :func:`_rebuilt_plan` settles which rebuilds it), and every factorized module's spec."""
     adapter = get_adapter(model)  # refuses a model without compressible layers
-    spec = adapter.model_spec(model) if model_name is None or model_kwargs is None else None
+    spec = adapter.model_specs(model)[0] if model_name is None or model_kwargs is None else None
     plan = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": model_name or spec.architecture,
             "model_kwargs": model_kwargs if model_kwargs is not None else spec.kwargs,
             "layers": {fqn: m.spec() for fqn, m in model.named_modules() if isinstance(m, FactorizedLinear)},
@@ -246,7 +329,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, model_name: st
         raise ValueError(f"save_compressed: nothing was written: {exc}") from None
     try:
         if not own_model:
-            _check_rebuild(model, plan)
+            plan = _rebuilt_plan(model, plan, model_name, model_kwargs)
     except ValueError as exc:
         remedy = "" if "model_kwargs=" in str(exc) else "; pass model_name= and model_kwargs= that build this model"
         raise ValueError(f"save_compressed: nothing was written: {exc}{remedy}") from None

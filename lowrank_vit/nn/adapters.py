@@ -65,15 +65,17 @@ class ModelSpec:
     kwargs: dict[str, Any]
 
 
-def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _accepted(cls: type, kwargs: dict[str, Any], *, named_only: bool = False) -> dict[str, Any]:
     """The entries of ``kwargs`` that ``cls(...)`` takes: the options above are read for timm's VisionTransformer and
     SwinTransformer, and a relative with other names (EVA's ViTs with rotary embeddings, CaiT) refuses the ones it
-    lacks; its architecture's own defaults then apply (whether they rebuild the model is checked when saving)."""
+    lacks; its architecture's own defaults then apply (whether they rebuild the model is checked when saving).
+    ``named_only``: only those its signature names, not those it passes on through ``**kwargs`` (a distilled DeiT
+    hands them to VisionTransformer, which takes none of EVA's)."""
     try:
         parameters = inspect.signature(cls.__init__).parameters.values()
     except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {} if named_only else kwargs
+    if not named_only and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return kwargs
     names = {p.name for p in parameters}
     return {key: value for key, value in kwargs.items() if key in names}
@@ -195,7 +197,36 @@ class TimmViTAdapter:
         return {"depth": min(len(model.blocks), depth)}
 
     def model_spec(self, model: nn.Module) -> ModelSpec:
-        """Read the timm architecture name and the constructor arguments that shape its parameters."""
+        """Read the timm architecture name and the constructor arguments that shape its parameters (the most specific
+        of :meth:`model_specs`; raises where the blocks are laid out unlike ViT's and Swin's)."""
+        architecture = self._architecture(model)
+        if isinstance(getattr(model, "build_kwargs", None), dict):  # a model that records its own arguments
+            return ModelSpec(architecture, dict(model.build_kwargs))
+        return self._block_specs(model, architecture)[0]
+
+    def model_specs(self, model: nn.Module) -> list[ModelSpec]:
+        """Every spec that may rebuild ``model``, most specific first: the arguments it records itself (then only
+        those); else those read from its blocks (:meth:`model_spec`, then the same with the MLP's width read from
+        ``fc2``, as EVA defines it); then the architecture's own defaults with only the input size, channels,
+        classes and pooling read (with and without the patch size). The last ones rebuild the families whose blocks
+        the reading does not know (TinyViT, DaViT, MaxViT, CrossViT, Twins, GCViT) as timm builds them by name.
+        ``save_compressed`` keeps the first that rebuilds the model (``io/surgery.py``), and checks that the
+        defaults compute what the model computes."""
+        architecture = self._architecture(model)
+        if isinstance(getattr(model, "build_kwargs", None), dict):
+            return [ModelSpec(architecture, dict(model.build_kwargs))]
+        try:
+            specs = self._block_specs(model, architecture)
+        except AttributeError:  # blocks without the norm1/num_heads/fc1 this reading expects
+            specs = []
+        inputs = self._input_kwargs(model)
+        for kwargs in (inputs, {key: value for key, value in inputs.items() if key != "patch_size"}):
+            spec = ModelSpec(architecture, _accepted(type(model), kwargs))
+            if spec not in specs:
+                specs.append(spec)
+        return specs
+
+    def _architecture(self, model: nn.Module) -> str:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         architecture = cfg.get("architecture")
         if not architecture:
@@ -204,8 +235,10 @@ class TimmViTAdapter:
                 "pass model_name= and model_kwargs= to save_compressed, or own_model=True for a model of your own "
                 "class (loaded back with load_compressed(path, model=the dense model))"
             )
-        if isinstance(getattr(model, "build_kwargs", None), dict):  # a model that records its own arguments
-            return ModelSpec(architecture, dict(model.build_kwargs))
+        return architecture
+
+    def _input_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """The arguments every family shares: the input size, patch size and channels, classes and pooling."""
         kwargs: dict[str, Any] = {}
         patch_embed = self.patch_embedding(model)
         if patch_embed is not None:
@@ -222,9 +255,16 @@ class TimmViTAdapter:
             kwargs["num_classes"] = int(model.num_classes)
         if hasattr(model, "global_pool") and isinstance(model.global_pool, str):
             kwargs["global_pool"] = model.global_pool
+        return kwargs
+
+    def _block_specs(self, model: nn.Module, architecture: str) -> list[ModelSpec]:
+        """The specs read from the blocks: ViT's and Swin's layouts and their options, the MLP's width as fc1's
+        (timm's ViT, also where a gated MLP halves it after fc1) and, if different, as fc2's input (EVA's, which
+        doubles fc1 for a gated MLP)."""
+        kwargs = self._input_kwargs(model)
         blocks = [m for m in model.modules() if is_block(m)]
         if not blocks:
-            return ModelSpec(architecture, kwargs)
+            return [ModelSpec(architecture, kwargs)]
         first_qkv = getattr(blocks[0].attn, "qkv", None)
         if hasattr(model, "layers") and hasattr(model, "num_layers"):  # Swin: stages of blocks
             stages = list(model.layers)
@@ -248,13 +288,21 @@ class TimmViTAdapter:
                 kwargs["reg_tokens"] = int(model.num_reg_tokens)
             if hasattr(model, "no_embed_class"):
                 kwargs["no_embed_class"] = bool(model.no_embed_class)
-        fc1 = blocks[0].mlp.fc1
+        mlp = blocks[0].mlp
+        fc1 = mlp.fc1 if hasattr(mlp, "fc1") else mlp.fc1_g  # fc1_g: SwiGLU's gate, as wide as its value layer
         kwargs["mlp_ratio"] = fc1.out_features / fc1.in_features
         if first_qkv is not None:  # nn.Linear or FactorizedLinear: both keep the bias as ``bias``
-            kwargs["qkv_bias"] = first_qkv.bias is not None
+            # BEiT, EVA and Swin V2 keep q and v biases beside a bias-free qkv; qkv_bias=True is what builds them
+            kwargs["qkv_bias"] = first_qkv.bias is not None or getattr(blocks[0].attn, "q_bias", None) is not None
         # Options that add or remove parameters; their values are overwritten by the saved weights anyway.
-        if hasattr(blocks[0], "ls1") and hasattr(blocks[0].ls1, "gamma"):
+        if (hasattr(blocks[0], "ls1") and hasattr(blocks[0].ls1, "gamma")) or \
+                isinstance(getattr(blocks[0], "gamma_1", None), nn.Parameter):  # gamma_1: EVA's layer scale
             kwargs["init_values"] = 1e-5
+        # EVA's and BEiT's MLP: gated (two layers, or one packed) or not, with a norm inside or not; said either way,
+        # since the architectures' defaults differ, to the classes that name these options
+        kwargs.update(_accepted(type(model), {
+            "swiglu_mlp": hasattr(mlp, "fc1_g") or hasattr(mlp, "chunk_dim"),
+            "scale_mlp": not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)}, named_only=True))
         if not isinstance(getattr(blocks[0].attn, "q_norm", nn.Identity()), nn.Identity):
             kwargs["qk_norm"] = True
         if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity):
@@ -263,7 +311,12 @@ class TimmViTAdapter:
             kwargs["fc_norm"] = True
         if hasattr(model, "pos_embed") and model.pos_embed is None and "depths" not in kwargs:
             kwargs["pos_embed"] = "none"
-        return ModelSpec(architecture, _accepted(type(model), kwargs))
+        specs = [ModelSpec(architecture, _accepted(type(model), kwargs))]
+        fc2 = getattr(mlp, "fc2", None)
+        if isinstance(fc2, nn.Module) and getattr(fc2, "in_features", None) != fc1.out_features:
+            width = {"mlp_ratio": fc2.in_features / fc1.in_features}
+            specs.append(ModelSpec(architecture, _accepted(type(model), {**kwargs, **width})))
+        return specs
 
     def call_qkv_as_module(self, model: nn.Module) -> list[nn.Module]:
         """Make every attention that adds its q and v biases inside ``F.linear(x, qkv.weight, bias)`` (timm's BEiT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -580,48 +581,46 @@ def test_distill_steps_sets_the_distillation_of_any_recipe_and_a_negative_count_
     assert not (tmp_path / "bad").exists()
 
 
-def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, tmp_path, capsys, monkeypatch):
-    # timm's Swin V2 "cr" variant names its stages and options unlike Swin's: the spec read from its modules does not
-    # rebuild it, so its compressed form could never be loaded again. Refused before any calibration.
+SWINV2_CR = {"img_size": IMAGE_SIZE, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4,
+             "num_classes": CLASSES}
+
+
+def _swinv2_cr_argv(tmp_path: Path, workdir: Path, out: Path) -> list:
+    """timm's Swin V2 "cr" variant names its stages and options unlike Swin's: the spec read from its modules does
+    not rebuild it; the --model-kwargs that built it do."""
     import timm
     from safetensors.torch import save_file
 
-    from lowrank_vit import pipeline
-
-    kwargs = {
-        "img_size": IMAGE_SIZE,
-        "embed_dim": 16,
-        "depths": [1, 1],
-        "num_heads": [1, 2],
-        "window_size": 4,
-        "num_classes": CLASSES,
-    }
     torch.manual_seed(0)
-    save_file(
-        timm.create_model("swinv2_cr_tiny_224", pretrained=False, **kwargs).state_dict(),
-        str(tmp_path / "swin.safetensors"),
-    )
+    save_file(timm.create_model("swinv2_cr_tiny_224", pretrained=False, **SWINV2_CR).state_dict(),
+              str(tmp_path / "swin.safetensors"))
+    return ["compress", "swinv2_cr_tiny_224", "--preprocessing", "timm", "--checkpoint", tmp_path / "swin.safetensors",
+            "--model-kwargs", json.dumps(SWINV2_CR), "--data", workdir / "imgs", "--workers", "0", "--quiet",
+            "--calib-samples", "8", "--no-dense-eval", "--reduction", "0.3", "--output", out,
+            "--recipe", "paper"]  # random weights: timm starts the post-norms at zero, so no loss gradient reaches qkv
+
+
+def test_compress_saves_a_model_with_the_arguments_that_built_it(workdir, tmp_path, capsys):
+    """The plan records the timm name and --model-kwargs the model was built with, where the adapter's reading of
+    its modules would not rebuild it; the directory loads back with its factorized layers."""
+    code, _, err = _run(capsys, *_swinv2_cr_argv(tmp_path, workdir, tmp_path / "out"))
+    assert code == 0, err
+    plan = read_plan(tmp_path / "out")
+    assert (plan["architecture"], plan["model_kwargs"]) == ("swinv2_cr_tiny_224", SWINV2_CR)
+    loaded = load_compressed(tmp_path / "out")
+    assert any(isinstance(m, FactorizedLinear) for m in loaded.modules())
+
+
+def test_compress_refuses_a_model_it_could_not_save_before_calibrating(workdir, tmp_path, capsys, monkeypatch):
+    """Where the command does not hold the arguments that built the model (a hub name's), and the adapter's reading
+    does not rebuild it, the model is refused before any calibration."""
+    from lowrank_vit import pipeline
+    from lowrank_vit.cli import compress as command
+
+    loaded = command.load_source
+    monkeypatch.setattr(command, "load_source", lambda args: dataclasses.replace(loaded(args), rebuild=None))
     patch_everywhere(monkeypatch, pipeline, "compress", lambda *a, **k: pytest.fail("calibration must not start"))
-    code, _, err = _run(
-        capsys,
-        "compress",
-        "swinv2_cr_tiny_224",
-        "--preprocessing",
-        "timm",
-        "--checkpoint",
-        tmp_path / "swin.safetensors",
-        "--model-kwargs",
-        json.dumps(kwargs),
-        "--data",
-        workdir / "imgs",
-        "--workers",
-        "0",
-        "--quiet",
-        "--reduction",
-        "0.3",
-        "--output",
-        tmp_path / "out",
-    )
+    code, _, err = _run(capsys, *_swinv2_cr_argv(tmp_path, workdir, tmp_path / "out"))
     _assert_one_line_error(code, err, "cannot compress swinv2_cr_tiny_224", "could not be saved and loaded again")
     assert not (tmp_path / "out").exists()
 

@@ -163,6 +163,43 @@ def test_a_saved_model_loads_onto_any_spelling_of_a_device(device, tmp_path):
 
 
 @pytest.mark.usefixtures("offline")
+def test_a_rebuild_with_every_tensor_that_computes_otherwise_is_refused(tmp_path):
+    """A ViT built with ReLU instead of GELU: the arguments read from its modules rebuild every tensor by name and
+    shape, yet another function. Saving without arguments refuses it, says why and writes nothing; with the
+    arguments that build it, it saves and loads as itself."""
+    model = make_tiny_vit(act_layer="relu")
+    images = make_images(3, channels=1, size=28, seed=2)
+    with pytest.raises(ValueError) as info:
+        save_compressed(model, tmp_path / "m")
+    message = str(info.value)
+    assert message.startswith("save_compressed: nothing was written: timm.create_model('vit_tiny_patch16_224', ")
+    assert "rebuilds every tensor of this model but computes something else (outputs up to " in message
+    assert message.endswith("so it could not be loaded again as it is: pass model_name= and model_kwargs= that "
+                            "build it")
+    assert not (tmp_path / "m").exists()
+    save_compressed(model, tmp_path / "m", model_kwargs={**TINY_VIT, "act_layer": "relu"})
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "m")(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "tiny_vit_5m_224"])
+def test_families_whose_blocks_are_not_read_save_as_timm_builds_them_by_name(name, tmp_path):
+    """PVT-v2 has a head count per stage: its first block's, read as one count for all, rebuilt every tensor and
+    another attention. TinyViT's blocks have no norm1, and reading them raised. Both, built by name with their
+    classes changed, save without arguments (the architecture's defaults with the classes read, kept because they
+    compute the same) and load as the same function."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    save_compressed(model, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "m")(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("offline")
 def test_a_model_the_plan_does_not_rebuild_shows_its_first_three_differences():
     """The refusal counts every difference and shows the first three (the message stays one readable line)."""
     from lowrank_vit.io.surgery import check_rebuildable

@@ -13,7 +13,7 @@ from lowrank_vit import compress, load_compressed, save_compressed
 from lowrank_vit.config import recipe
 from lowrank_vit.nn.adapters import TimmViTAdapter, get_adapter
 from lowrank_vit.nn.factorized import FactorizedLinear
-from tests.helpers import FAMILIES, SMALL, assert_unchanged, build, cfg, make_images, make_vssm, qkv_biased, snapshot
+from tests.helpers import SMALL, assert_unchanged, build, cfg, make_images, make_vssm, qkv_biased, snapshot
 
 
 @pytest.mark.parametrize("family", ["beit", "eva02-swiglu", "swinv2"])
@@ -47,11 +47,35 @@ def test_compress_factorizes_qkv_and_round_trips(family, name, tmp_path):
         attn.q_bias.add_(1.0)  # the q bias still reaches the attention after qkv was factorized
         assert not torch.allclose(model(images), out)
         attn.q_bias.sub_(1.0)
-    name_, kwargs = FAMILIES[family]
-    save_compressed(model, tmp_path / "m", model_name=name_, model_kwargs=kwargs)
+    # saved without naming the arguments: the adapter reads BEiT's q/v biases as qkv_bias=True, its layer scale
+    # (gamma_1), EVA's gated MLP with a norm inside, Swin V2's stages (each used to be refused, or rebuilt otherwise)
+    save_compressed(model, tmp_path / "m")
     loaded = load_compressed(tmp_path / "m")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(images), out)
+        torch.testing.assert_close(loaded(images), out, rtol=1e-5, atol=1e-6)
+
+
+EVA_MLPS = {  # EVA's MLP options, each away from eva02_tiny's defaults (a packed gated MLP, no norm, no layer scale)
+    "gated-two-layers-with-norm": dict(swiglu_mlp=True, scale_mlp=True),
+    "plain-with-norm-and-layer-scale": dict(swiglu_mlp=False, scale_mlp=True, init_values=0.1),
+    "plain": dict(swiglu_mlp=False, scale_mlp=False),
+}
+
+
+@pytest.mark.parametrize("options", sorted(EVA_MLPS))
+def test_eva_mlp_options_are_read_from_its_blocks(options, tmp_path):
+    """A small EVA saved without naming its arguments loads as the same function: whether its MLP is gated, holds
+    a norm and has a layer scale is read from the blocks (the width from fc2 where fc1 packs gate and value)."""
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=7,
+                              **EVA_MLPS[options], **SMALL).eval()
+    images = make_images(4, channels=3, size=28, seed=1)
+    spec = TimmViTAdapter().model_spec(model)
+    assert {key: spec.kwargs[key] for key in ("swiglu_mlp", "scale_mlp")} == {
+        key: EVA_MLPS[options][key] for key in ("swiglu_mlp", "scale_mlp")}
+    save_compressed(model, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "m")(images), model(images), rtol=1e-5, atol=1e-6)
 
 
 RELATIVES = {  # timm families whose blocks the adapter finds by structure alone (random weights, small sizes)
