@@ -183,6 +183,31 @@ def test_a_rebuild_with_every_tensor_that_computes_otherwise_is_refused(tmp_path
 
 
 @pytest.mark.usefixtures("offline")
+def test_the_first_candidate_that_rebuilds_the_model_and_computes_the_same_is_saved(tmp_path, monkeypatch):
+    """The adapter's candidates in order: one timm refuses, one that misses a block, one that computes otherwise,
+    then the right one: the last is saved. Without it, nothing is written and the first candidate's refusal is the
+    message. A model in training mode is left in it by the check (which runs it in eval mode)."""
+    from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter
+
+    model = make_tiny_vit(act_layer="relu").train()
+    right = {**TINY_VIT, "act_layer": "relu"}
+    wrong = [{**right, "no_such_option": 1}, {**right, "depth": 1}, TINY_VIT]
+    for candidates in (wrong, [*wrong, right]):
+        specs = [ModelSpec("vit_tiny_patch16_224", kwargs) for kwargs in candidates]
+        monkeypatch.setattr(TimmViTAdapter, "model_specs", lambda self, m, specs=specs: specs)
+        if candidates is wrong:
+            with pytest.raises(ValueError) as info:
+                save_compressed(model, tmp_path / "m")
+            assert str(info.value).startswith("save_compressed: nothing was written: cannot rebuild timm model "
+                                              "'vit_tiny_patch16_224' with ")
+            assert "no_such_option" in str(info.value) and not (tmp_path / "m").exists()
+        else:
+            save_compressed(model, tmp_path / "m")
+    assert all(module.training for module in model.modules())
+    assert json.loads((tmp_path / "m" / "lowrank_vit.json").read_text())["model_kwargs"] == right
+
+
+@pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "tiny_vit_5m_224"])
 def test_families_whose_blocks_are_not_read_save_as_timm_builds_them_by_name(name, tmp_path):
     """PVT-v2 has a head count per stage: its first block's, read as one count for all, rebuilt every tensor and

@@ -55,7 +55,8 @@ def test_compress_factorizes_qkv_and_round_trips(family, name, tmp_path):
         torch.testing.assert_close(loaded(images), out, rtol=1e-5, atol=1e-6)
 
 
-EVA_MLPS = {  # EVA's MLP options, each away from eva02_tiny's defaults (a packed gated MLP, no norm, no layer scale)
+EVA_MLPS = {  # EVA's MLP options (eva02_tiny's own: a packed gated MLP, whose fc1 is twice fc2's input; no norm)
+    "gated-packed": dict(swiglu_mlp=True, scale_mlp=False),
     "gated-two-layers-with-norm": dict(swiglu_mlp=True, scale_mlp=True),
     "plain-with-norm-and-layer-scale": dict(swiglu_mlp=False, scale_mlp=True, init_values=0.1),
     "plain": dict(swiglu_mlp=False, scale_mlp=False),
