@@ -23,7 +23,14 @@ from lowrank_vit.core.latency import LatencyTable, allocate_latency, check_speed
 from lowrank_vit.core.likelihood import AUTO, build_likelihood, model_output, resolve_likelihood, select_output
 from lowrank_vit.core.probe import Probe
 from lowrank_vit.core.progress import progress_bar
-from lowrank_vit.core.refit import PairGrams, dense_output_error, micro_batches, refit_bias, sequential_refit
+from lowrank_vit.core.refit import (
+    PairGrams,
+    block_calls,
+    dense_output_error,
+    micro_batches,
+    refit_bias,
+    sequential_refit,
+)
 from lowrank_vit.core.stopwatch import StageClock
 from lowrank_vit.io.surgery import swap_layers
 from lowrank_vit.methods.compensate import (
@@ -216,6 +223,23 @@ def _keeps_images(cfg: CompressionConfig) -> bool:
     return _revisits_images(cfg) or policy.needs_probe or policy.search is not None
 
 
+def _check_replayable(model: nn.Module, cfg: CompressionConfig, images: list[torch.Tensor]) -> None:
+    """The refit and the block reconstruction re-run each block on cached inputs with the rest of the call the
+    model's forward makes (:func:`~lowrank_vit.core.refit.block_calls`); a block called with a value that depends
+    on the batch (GCViT's global query, a mask per image) cannot be replayed. Refused here, on two forwards of one and
+    two images, rather than after the whole calibration. Every block is checked, also one the allocation may leave
+    dense."""
+    if not images or not (cfg.refit or cfg.block_reconstruction != "none"):
+        return  # (no images: the calibration says so)
+    stage = "the refit" if cfg.refit else "the block reconstruction"
+    device = next(model.parameters()).device
+    training = model.training
+    try:
+        block_calls(model.eval(), list(get_adapter(model).layers_by_block(model)), images, device, stage)
+    finally:
+        model.train(training)
+
+
 def _revisits_images(cfg: CompressionConfig) -> bool:
     """Whether a stage after the layer swap runs the calibration images through the compressed model and a dense
     copy (the refit, the block reconstruction, the distillation), so that the layers' errors are measured after it."""
@@ -388,6 +412,7 @@ def compress(model: nn.Module, calib_images: Iterable, config: CompressionConfig
     cfg, clock = setup.cfg, StageClock(setup.device)
     kept_images, calib_images, probe_images = (_kept_batches(calib_images, cfg) if _keeps_images(cfg)
                                                else ([], calib_images, []))
+    _check_replayable(model, cfg, kept_images)
     found = None
     search = get_policy(cfg.allocation).search
     if search is not None:  # COMCAT's: trains the model, so it runs before the statistics are taken

@@ -323,12 +323,26 @@ def test_recorded_call_values_compare_by_shape_and_value():
     assert not _same(np.zeros(3), np.zeros(3))
 
 
-def test_blocks_called_with_batch_dependent_arguments_are_refused():
+@pytest.mark.parametrize("stage", ["the refit", "the block reconstruction"])
+def test_blocks_called_with_batch_dependent_arguments_are_refused_before_the_calibration(stage, monkeypatch):
     """A mask with a batch dimension: re-running a block on cached inputs of other batches could not repeat that
-    call, so the refit says so instead of fitting to a different computation."""
+    call, so the refit (and the block stage) says so instead of fitting to a different computation, before the
+    calibration's pass rather than after it, leaving the model as it was (in training mode too)."""
+    from lowrank_vit import pipeline
+
     model = _calling_blocks_with(make_tiny_vit(seed=3), lambda x: {"attn_mask": torch.zeros(x.shape[0], 1, 1, 1)})
-    with pytest.raises(ValueError, match="depend on the batch"):
-        compress(model, [make_images(16, seed=4)], refit_cfg(reduction=0.5, calib_samples=16))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    monkeypatch.setattr(pipeline, "_calibrate", lambda *a, **k: pytest.fail("the calibration must not start"))
+    cfg = (refit_cfg(reduction=0.5, calib_samples=16) if stage == "the refit" else
+           recipe("loss-aware", reduction=0.5, calib_samples=16, block_reconstruction="factors", progress=False))
+    with pytest.raises(ValueError) as info:
+        compress(model, [make_images(16, seed=4)], cfg)
+    assert str(info.value) == ("block blocks.0 is called with arguments that depend on the batch besides its input "
+                               f"(a mask, say); {stage} re-runs each block on cached inputs and cannot follow it")
+    assert all(m.training for m in model.modules())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
 
 
 def test_blocks_called_with_the_same_arguments_for_every_batch_are_replayed():
