@@ -288,6 +288,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         raise ValueError(f"opset must be an integer in [{low}, {high}] (what this torch's ONNX exporter writes), got "
                          f"{opset!r}; {DEFAULT_OPSET} is the default")
     prepared = prepare_for_export(model, fold=fold, quantized=quantized)
+    for module in prepared.modules():
+        # timm's fused attention calls F.scaled_dot_product_attention; EVA's passes it is_causal, which the
+        # TorchScript exporter traces as a tensor and then refuses (EVA-02 failed to export, dense or compressed).
+        # timm's own explicit path (q k^T, softmax, times v) is the same function and exports for every family.
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn = False
     example = torch.randn(example_batch, *input_size, generator=torch.Generator().manual_seed(0))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

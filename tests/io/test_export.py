@@ -416,3 +416,23 @@ def test_the_export_makes_the_folders_of_its_path(tmp_path):
     path = export_onnx(make_tiny_vit(), tmp_path / "new" / "nested" / "m.onnx", INPUT)
     assert path == tmp_path / "new" / "nested" / "m.onnx"
     assert [out.name for out in onnx.load(str(path)).graph.output] == ["logits"]
+
+
+@pytest.mark.usefixtures("offline")
+@pytest.mark.skipif(not has_module("onnxruntime"), reason="needs onnxruntime")
+@pytest.mark.skipif(not has_module("onnx"), reason="needs onnx")
+def test_eva02_exports_and_the_callers_model_keeps_its_fused_attention(tmp_path):
+    """EVA's attention hands F.scaled_dot_product_attention an is_causal flag that the exporter traced as a tensor
+    and refused; the export copy takes timm's explicit attention instead (the same function), the model it was given
+    keeps its fused one. Compressed, at another batch than the traced one."""
+    from tests.helpers import build
+
+    model, images = build("eva02-swiglu")
+    compress(model, [images], CompressionConfig(reduction=0.3, calib_samples=24, progress=False))
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is not None]
+    assert fused and all(m.fused_attn for m in fused)
+    export_onnx(model, tmp_path / "eva.onnx", tuple(images.shape[1:]))
+    assert all(m.fused_attn for m in fused)
+    with torch.no_grad():
+        expected = model(images[:5])
+    assert norm_relative_error(onnx_logits(tmp_path / "eva.onnx", images[:5]), expected) <= 1e-4
