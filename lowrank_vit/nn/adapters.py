@@ -196,22 +196,14 @@ class TimmViTAdapter:
             return {"depths": tuple(min(len(stage.blocks), depth) for stage in layers)}
         return {"depth": min(len(model.blocks), depth)}
 
-    def model_spec(self, model: nn.Module) -> ModelSpec:
-        """Read the timm architecture name and the constructor arguments that shape its parameters (the most specific
-        of :meth:`model_specs`; raises where the blocks are laid out unlike ViT's and Swin's)."""
-        architecture = self._architecture(model)
-        if isinstance(getattr(model, "build_kwargs", None), dict):  # a model that records its own arguments
-            return ModelSpec(architecture, dict(model.build_kwargs))
-        return self._block_specs(model, architecture)[0]
-
     def model_specs(self, model: nn.Module) -> list[ModelSpec]:
         """Every spec that may rebuild ``model``, most specific first: the arguments it records itself (then only
-        those); else those read from its blocks (:meth:`model_spec`, then the same with the MLP's width read from
-        ``fc2``, as EVA defines it); then the architecture's own defaults with only the input size, channels,
-        classes and pooling read (with and without the patch size). The last ones rebuild the families whose blocks
-        the reading does not know (TinyViT, DaViT, MaxViT, CrossViT, Twins, GCViT) as timm builds them by name.
-        ``save_compressed`` keeps the first that rebuilds the model (``io/surgery.py``), and checks that the
-        defaults compute what the model computes."""
+        those); else those read from its blocks (ViT's and Swin's layouts and their options, then the same with the
+        MLP's width read from ``fc2``, as EVA defines it); then the architecture's own defaults with only the input
+        size, channels, classes and pooling read (with and without the patch size). The last ones rebuild the
+        families whose blocks the reading does not know (PVT-v2, TinyViT, DaViT, MaxViT, CrossViT, Twins, GCViT) as
+        timm builds them by name. ``save_compressed`` keeps the first that rebuilds every tensor of the model and
+        computes what it computes (``io/surgery.py``)."""
         architecture = self._architecture(model)
         if isinstance(getattr(model, "build_kwargs", None), dict):
             return [ModelSpec(architecture, dict(model.build_kwargs))]

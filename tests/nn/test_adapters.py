@@ -71,7 +71,7 @@ def test_eva_mlp_options_are_read_from_its_blocks(options, tmp_path):
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=7,
                               **EVA_MLPS[options], **SMALL).eval()
     images = make_images(4, channels=3, size=28, seed=1)
-    spec = TimmViTAdapter().model_spec(model)
+    spec = TimmViTAdapter().model_specs(model)[0]
     assert {key: spec.kwargs[key] for key in ("swiglu_mlp", "scale_mlp")} == {
         key: EVA_MLPS[options][key] for key in ("swiglu_mlp", "scale_mlp")}
     save_compressed(model, tmp_path / "m")
@@ -149,6 +149,6 @@ def test_the_adapter_lists_the_scans_linears_per_block():
                      "op.out_proj", "mlp.fc1", "mlp.fc2"]
     assert list(adapter.scan_modules(model)) == [f"{b}.op" for b in blocks]
     assert adapter.attention_modules(model) == {}
-    spec = adapter.model_spec(model)
+    spec = adapter.model_specs(model)[0]
     rebuilt = adapter.build(spec)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
