@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank_vit.core.files import atomic_write
+from lowrank_vit.core.likelihood import output_parts
 from lowrank_vit.io.hub import download, is_hub_reference, push
 from lowrank_vit.nn.adapters import ModelSpec, TimmViTAdapter, get_adapter, is_scan, set_submodule
 from lowrank_vit.nn.comcat import FactorizedAttention
@@ -229,11 +230,14 @@ def _output_difference(model: nn.Module, plan: dict[str, Any]) -> str | None:
             rebuilt = _rebuild(plan, origin="this model's plan").to(reference.device, reference.dtype)
             rebuilt.load_state_dict(model.state_dict())
             images = torch.randn(shape).to(reference.device, reference.dtype)
-            want, got = _tensors_of(model.eval()(images)), _tensors_of(rebuilt.eval()(images))
+            output = model.eval()(images)
+            want, got = _tensors_of(output), _tensors_of(rebuilt.eval()(images))
     except Exception as exc:  # any failure to build, load or run it leaves the spec unproven: it is not kept
         return f"the rebuilt model does not run on a {'x'.join(map(str, shape))} input: {type(exc).__name__}: {exc}"
     finally:
         model.train(training)
+    if not want:  # nothing to compare would prove nothing
+        return f"its output ({type(output).__name__}) holds no tensor to compare"
     if [t.shape for t in want] != [t.shape for t in got]:
         return f"outputs of shapes {[tuple(t.shape) for t in got]} instead of {[tuple(t.shape) for t in want]}"
     for a, b in zip(want, got, strict=True):
@@ -246,14 +250,12 @@ def _output_difference(model: nn.Module, plan: dict[str, Any]) -> str | None:
 
 
 def _tensors_of(output: Any) -> list[torch.Tensor]:
-    """The tensors of a forward's output (a tensor, or tuples, lists and dicts of them), in order."""
+    """The tensors of a forward's output, in order: a tensor, or every tensor among its parts at any depth
+    (:func:`~lowrank_vit.core.likelihood.output_parts`: a mapping's values, a tuple's items, an output object's
+    attributes)."""
     if isinstance(output, torch.Tensor):
         return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors_of(item)]
-    return []
+    return [t for part in output_parts(output).values() for t in _tensors_of(part)]
 
 
 def check_rebuildable(model: nn.Module, model_name: str | None = None,

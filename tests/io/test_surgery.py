@@ -183,6 +183,26 @@ def test_a_rebuild_with_every_tensor_that_computes_otherwise_is_refused(tmp_path
 
 
 @pytest.mark.usefixtures("offline")
+def test_the_rebuild_check_compares_the_tensors_inside_an_output_object(tmp_path, monkeypatch):
+    """A model whose forward returns an object (as transformers' do): its tensors are compared, at any depth, so a
+    ViT built with ReLU is still refused; an output without any tensor proves nothing and is refused too."""
+    import types
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    forward = VisionTransformer.forward
+    monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: types.SimpleNamespace(
+        extra={"logits": forward(self, x)}, name="out"))
+    model = make_tiny_vit(act_layer="relu")
+    with pytest.raises(ValueError, match=r"computes something else \(outputs up to "):
+        save_compressed(model, tmp_path / "m")
+    monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: types.SimpleNamespace(name="out"))
+    with pytest.raises(ValueError, match=r"computes something else \(its output \(SimpleNamespace\) holds no tensor"):
+        save_compressed(make_tiny_vit(), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.usefixtures("offline")
 def test_the_first_candidate_that_rebuilds_the_model_and_computes_the_same_is_saved(tmp_path, monkeypatch):
     """The adapter's candidates in order: one timm refuses, one that misses a block, one that computes otherwise,
     then the right one: the last is saved. Without it, nothing is written and the first candidate's refusal is the
