@@ -207,11 +207,11 @@ class TimmViTAdapter:
         architecture = self._architecture(model)
         if isinstance(getattr(model, "build_kwargs", None), dict):
             return [ModelSpec(architecture, dict(model.build_kwargs))]
+        inputs = self._input_kwargs(model)
         try:
-            specs = self._block_specs(model, architecture)
+            specs = self._block_specs(model, architecture, inputs)
         except AttributeError:  # blocks without the norm1/num_heads/fc1 this reading expects
             specs = []
-        inputs = self._input_kwargs(model)
         for kwargs in (inputs, {key: value for key, value in inputs.items() if key != "patch_size"}):
             spec = ModelSpec(architecture, _accepted(type(model), kwargs))
             if spec not in specs:
@@ -249,11 +249,11 @@ class TimmViTAdapter:
             kwargs["global_pool"] = model.global_pool
         return kwargs
 
-    def _block_specs(self, model: nn.Module, architecture: str) -> list[ModelSpec]:
+    def _block_specs(self, model: nn.Module, architecture: str, inputs: dict[str, Any]) -> list[ModelSpec]:
         """The specs read from the blocks: ViT's and Swin's layouts and their options, the MLP's width as fc1's
         (timm's ViT, also where a gated MLP halves it after fc1) and, if different, as fc2's input (EVA's, which
-        doubles fc1 for a gated MLP)."""
-        kwargs = self._input_kwargs(model)
+        doubles fc1 for a gated MLP); ``inputs``: :meth:`_input_kwargs`' reading, which they extend."""
+        kwargs = dict(inputs)
         blocks = [m for m in model.modules() if is_block(m)]
         if not blocks:
             return [ModelSpec(architecture, kwargs)]
