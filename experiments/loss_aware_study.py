@@ -56,6 +56,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the sequential refit with error feedback (lowrank_vit.core.refit)
     "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
     "la-refit-damping-1e-4": {**LIBRARY_RECIPES["loss-aware-refit"], "refit_damping": 1e-4},
+    # the refit with each block's fc2 aimed at the dense block's output (LossAwareSettings.refit_target="block")
+    "loss-aware-anchored": LIBRARY_RECIPES["loss-aware-anchored"],
     # block-wise reconstruction (lowrank_vit.core.blockwise): each block's factors tuned so that its output on the
     # compressed model's inputs matches the dense block's; what it trains, its cost, and after the refit
     "loss-aware-block": LIBRARY_RECIPES["loss-aware-block"],

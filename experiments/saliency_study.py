@@ -52,6 +52,8 @@ _BLOCK_MSE = {**LIBRARY_RECIPES["loss-aware-block"], "block_metric": "mse"}
 RECIPES: dict[str, dict[str, Any]] = {
     "loss-aware": LIBRARY_RECIPES["loss-aware"],
     "loss-aware-refit": LIBRARY_RECIPES["loss-aware-refit"],
+    # the refit with each block's fc2 aimed at the dense block's output (LossAwareSettings.refit_target="block")
+    "loss-aware-anchored": LIBRARY_RECIPES["loss-aware-anchored"],
     "loss-aware-block": LIBRARY_RECIPES["loss-aware-block"],
     # the block stage as it was first measured: plain squared error of the block's output (block_metric="mse")
     "la-block-mse": _BLOCK_MSE,

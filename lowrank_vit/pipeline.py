@@ -613,8 +613,15 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
             errors[name] = dense_output_error(pair, weight, weight - new.dense_weight().detach().double())
         stats[name].grad_gram = stats[name].grad_range_gram = None
 
+    block_target = method.settings is not None and getattr(settings_of(cfg, method.settings), "refit_target",
+                                                           "layer") == "block"
+
+    def anchored(name: str) -> bool:  # G kept on the input side (W G W^T) only serves W* = S W
+        return block_target and stats[name].grad_gram is not None
+
     sequential_refit(dense, model, blocks, list(micro_batches(images, 32)), fit, centred=centred,
-                     dense_gram=output_side, device=device, gram_precision=cfg.gram_precision, progress=cfg.progress)
+                     dense_gram=output_side, anchored=anchored, device=device, gram_precision=cfg.gram_precision,
+                     progress=cfg.progress)
     for name, new in new_layers.items():
         if name not in errors:  # input-side statistics
             errors[name] = _output_error_now(stats[name], setup.layers[name], new, clock)

@@ -61,6 +61,7 @@ def test_config_neither_reduction_nor_target():
         ("compensation", None),
         ("solver", "adam"),
         ("distill_augment", "cutmix"),
+        ("refit_target", "output"),
     ],
 )
 def test_config_unknown_choice(field, value):
@@ -327,7 +328,7 @@ def test_a_setting_of_a_method_not_chosen_is_refused_naming_its_owner():
     with pytest.raises(ValueError, match=r"^setting 'gamma'=60 belongs to allocation 'greedy', not to "
                                          r"decomposition='loss_aware', allocation='marginal', solver='closed_form' "
                                          r"\(their settings: grad_fraction, loss_pass_dtype, fisher_labels, "
-                                         r"refit_damping\)$"):
+                                         r"refit_damping, refit_target\)$"):
         CompressionConfig(reduction=0.5, gamma=60)
     with pytest.raises(ValueError, match=r"^setting 'sgd_lr'=0.01 belongs to solver 'sgd', not to "):
         recipe("paper", reduction=0.5, settings={"sgd_lr": 0.01})

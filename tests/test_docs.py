@@ -1843,3 +1843,81 @@ def test_the_timm_families_sweep_quoted_in_the_api_guide_is_the_committed_rows()
     assert set(rows) == set(exact.values()) | set(refused.values())
     for name in refused.values():
         assert "has no compressible layer" in rows[name]["error"], rows[name]
+
+
+def test_the_anchored_refit_tables_are_the_committed_runs():
+    """docs/loss_aware.md's "Anchored to the dense block's output": the held-out table (anchored_heldout_calib1024.json)
+    and the fine-tune table (anchored_heldout_ft.json) recomputed per image, the DINOv2-S rows from
+    saliency_anchored.json, and the counts the text draws from them."""
+    from experiments.loss_aware_study import paired
+
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### Anchored to the dense block's output"): text.index("## Block-wise reconstruction")]
+    flat = " ".join(section.split())
+    held, tuned = _study("anchored_heldout_calib1024"), _study("anchored_heldout_ft")
+    first, ft, saliency = [block for block in section.split("\n\n") if block.lstrip().startswith("| ")]
+
+    def dense(entry: dict) -> dict:
+        return {"correct": entry["dense_correct"], "top1": entry["dense_top1"]}
+
+    _, _, *rows = _md_rows(first)
+    assert len(rows) == 2 * len(held) == 14
+    ratios = []
+    for label, ratio, default, refit, anchored, against_refit, against_default, dense_against in rows:
+        model, top = label.split(" (")
+        entry, key = held[model], _ratio_of(ratio)
+        cells = {name: entry["cells"][f"{name}@{key}"] for name in ("loss-aware", "loss-aware-refit",
+                                                                     "loss-aware-anchored")}
+        assert top == f"{entry['dense_top1']:.2f})"
+        for shown, cell in zip((default, refit, anchored), cells.values(), strict=True):
+            assert shown == f"{cell['top1']:.2f} ({cell['kl']:.3g})"
+        _check_paired_cell(against_refit, cells["loss-aware-anchored"], cells["loss-aware-refit"], "correct", "top1")
+        _check_paired_cell(against_default, cells["loss-aware-anchored"], cells["loss-aware"], "correct", "top1")
+        _check_paired_cell(dense_against, dense(entry), cells["loss-aware-anchored"], "correct", "top1")
+        ratios.append(cells["loss-aware-anchored"]["kl"] / cells["loss-aware-refit"]["kl"])
+    assert max(ratios) < 1 and f"({min(ratios):.2f} to {max(ratios):.2f} times it)" in flat
+
+    def significant(stem: dict, against: str, key: str = "correct") -> tuple[int, int]:
+        ahead = behind = 0
+        for entry in stem.values():
+            for ratio in ("0.7", "0.8"):
+                only_a, only_b, p = paired(entry["cells"][f"loss-aware-anchored@{ratio}"],
+                                           entry["cells"][f"{against}@{ratio}"], key)
+                ahead += p < 0.05 and only_a > only_b
+                behind += p < 0.05 and only_a < only_b
+        return ahead, behind
+
+    assert significant(held, "loss-aware-refit") == (2, 0) and significant(held, "loss-aware") == (8, 0)
+    assert "significantly higher in 2 cells" in flat and "ahead in 8 cells and behind in none" in flat
+
+    _, _, *rows = _md_rows(ft)
+    assert len(rows) == 2 * len(tuned) == 12
+    for model, ratio, default, refit, anchored, against_default, against_refit, untuned in rows:
+        cells = {name: tuned[model]["cells"][f"{name}@{_ratio_of(ratio)}"]
+                 for name in ("loss-aware", "loss-aware-refit", "loss-aware-anchored")}
+        assert (default, refit, anchored) == tuple(f"{c['top1_ft']:.2f}" for c in cells.values())
+        _check_paired_cell(against_default, cells["loss-aware-anchored"], cells["loss-aware"], "correct_ft",
+                           "top1_ft")
+        _check_paired_cell(against_refit, cells["loss-aware-anchored"], cells["loss-aware-refit"], "correct_ft",
+                           "top1_ft")
+        shown, kl = untuned.rsplit(" (KL ", 1)
+        _check_paired_cell(shown, cells["loss-aware-anchored"], cells["loss-aware-refit"], "correct", "top1")
+        assert kl == f"{cells['loss-aware-anchored']['kl'] / cells['loss-aware-refit']['kl']:.2f}x)"
+        assert cells["loss-aware-anchored"]["kl"] < cells["loss-aware-refit"]["kl"]
+    assert significant(tuned, "loss-aware", "correct_ft") == (2, 0)
+    assert significant(tuned, "loss-aware-refit", "correct_ft") == (0, 1)
+    assert significant(tuned, "loss-aware-refit") == (0, 0)
+
+    study = json.loads((ROOT / "experiments/results/saliency_anchored.json").read_text())
+    _, _, *rows = _md_rows(saliency)
+    assert [row[0] for row in rows] == ["-50%", "-70%"]
+    for label, refit_r, refit_iou, r, iou, p, seconds in rows:
+        key = _ratio_of(label)
+        base, new = (study["cells"][f"{name}@{key}"] for name in ("loss-aware-refit", "loss-aware-anchored"))
+        test = study["tests"][key]["vs loss-aware-refit"]["loss-aware-anchored"]
+        for shown, cell, measure in ((refit_r, base, "r"), (refit_iou, base, "iou"), (r, new, "r"),
+                                     (iou, new, "iou")):
+            assert shown == f"{cell[measure + '_mean']:.4f} / {cell[measure + '_median']:.4f}"
+        assert p == " / ".join(f"**{test[m]['p']:.2g}**" if test[m]["p"] < 0.05 else f"{test[m]['p']:.2g}"
+                               for m in ("r", "iou"))
+        assert seconds == f"{base['stages_s']['refit']:.0f} / {new['stages_s']['refit']:.0f}"

@@ -199,7 +199,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(_compress_line(out, summary))
     # the reduction as printed (-60.0%): a target of 0.6 that lands a few parameters short still counts
     if args.recipe == "loss-aware" and round(summary["reduction"], 3) >= REFIT_HINT_REDUCTION:
-        say_to_user(args, f"shipping it without a fine-tune? --recipe loss-aware-refit keeps more of the dense "
+        say_to_user(args, f"shipping it without a fine-tune? --recipe loss-aware-anchored keeps more of the dense "
                           f"model at this reduction, for about three times the time, --recipe loss-aware-distill "
                           f"more still, for far more (a GPU's work; docs/loss_aware.md); to "
                           f"fine-tune it: lowrank-vit finetune {out} --data DATA --output NEWDIR")
@@ -207,8 +207,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 REFIT_HINT_REDUCTION = 0.6
-"""From this reduction ``compress`` with the default recipe points to the refit: paired per image it is never
-significantly worse than the default without a fine-tune, and better at -70% to -80% (docs/loss_aware.md)."""
+"""From this reduction ``compress`` with the default recipe points to the refit (anchored to each block's output):
+paired per image it is never significantly worse than the default without a fine-tune, and better at -70% to -80%
+(docs/loss_aware.md)."""
 
 
 def _output_likelihood(model: nn.Module, cfg: Any, pre: dict[str, Any]) -> str | None:

@@ -16,6 +16,13 @@ compressed inputs equal the dense ones (the first layer), K = H_c and W* = W: no
 regression toward W (``CompressionConfig.refit_damping``, :func:`feedback_transform`): with few calibration tokens per
 input feature the plain least squares fits their noise.
 
+Anchored to the dense block's output (``refit_target="block"``). The target above is each layer's own dense output,
+so the drift that the residual stream carries from block to block is never aimed at: every layer passes it on. The
+layer that writes a block's output through at most a per-channel gain g (fc2; g is LayerScale's gamma, or 1), found
+by probing the block (:func:`residual_gain`), aims instead at the dense block's output: its target becomes X W + E,
+with E the change of its output that would make the compressed block's output the dense one (:func:`anchor_change`),
+and W* the least squares for that target (:func:`anchored_weight`), decomposed alike.
+
 Cost. The calibration images are kept, and two block-input caches (dense and compressed stream) are advanced block by
 block instead of running the whole model once per layer. The dense block does not change: it runs once per block,
 which records every refitted layer's dense input and its own output (the next block's input) at once, at the memory
@@ -36,7 +43,7 @@ import torch
 from torch import nn
 
 from lowrank_vit.core.calibration import LayerStats, symmetrize_upper, upper_gram_
-from lowrank_vit.core.decompose import whitening
+from lowrank_vit.core.decompose import Whitening, whitening
 from lowrank_vit.core.progress import progress_bar
 
 
@@ -56,6 +63,12 @@ class PairGrams:
     """H_d = (1/N) sum X^T X (k, k) float64, not centred: only where asked for (the report's exact error)."""
     tokens: float = 0.0
     """T, the layer's input rows per image."""
+    anchor_cross: torch.Tensor | None = None
+    """With the anchor (:func:`residual_gain`): C = (1/N) sum X_c^T E (k, m) float64, centred like ``cross``, where E
+    is the change of this layer's output that would carry the compressed block's output onto the dense block's (the
+    drift the residual stream brings in from earlier blocks, and the errors of the block's other layers)."""
+    anchor_mean: torch.Tensor | None = None
+    """The mean of E over the tokens (m,), when centred: the refitted bias takes it up."""
 
 
 def dense_output_error(pair: PairGrams, weight: torch.Tensor, delta: torch.Tensor) -> float:
@@ -80,16 +93,37 @@ def feedback_transform(pair: PairGrams, damping: float) -> torch.Tensor:
     damping pulls directions the calibration inputs barely reach toward the dense weight (not toward zero), so
     unchanged inputs (K = H_c) give S = I exactly; so does a layer that never saw a non-zero input (its whitening
     is the identity)."""
-    white = whitening(pair.gram, damping)
-    ridge = white.gram - pair.gram.double().to(white.gram.device)  # d I (the identity where H_c is zero)
+    white, ridge = _damped(pair, damping)
     return white.solve_gram(pair.cross.double().to(white.gram.device) + ridge)
 
 
-def feedback_stats(stats: LayerStats, pair: PairGrams, transform: torch.Tensor) -> LayerStats:
+def _damped(pair: PairGrams, damping: float) -> tuple[Whitening, torch.Tensor]:
+    """The whitening of H_c + d I, and d I (the identity where H_c is zero)."""
+    white = whitening(pair.gram, damping)
+    return white, white.gram - pair.gram.double().to(white.gram.device)
+
+
+def anchored_weight(pair: PairGrams, weight: torch.Tensor, damping: float) -> torch.Tensor:
+    """W* (k, m) for a layer anchored to its block's output: the least squares of the layer's outputs on X_c against
+    the dense outputs plus E (:attr:`PairGrams.anchor_cross`), with the ridge of :func:`feedback_transform` toward W:
+        W* = argmin ||X_c W* - (X W + E)||^2 + d ||W* - W||^2 = (H_c + d I)^-1 ((K + d I) W + X_c^T E).
+    Without an anchor it is S W."""
+    white, ridge = _damped(pair, damping)
+    right = (pair.cross.double().to(white.gram.device) + ridge) @ weight.double().to(white.gram.device)
+    if pair.anchor_cross is not None:
+        right = right + pair.anchor_cross.double().to(right.device)
+    return white.solve_gram(right)
+
+
+def feedback_stats(stats: LayerStats, pair: PairGrams, transform: torch.Tensor | None) -> LayerStats:
     """The loss-aware statistics of W* = S W on the compressed inputs: H_c for H, and G unchanged (it is the dense
     layer's, whose outputs the refit aims at). A layer whose G is kept on its input side as W G W^T (``gram_space=
-    "auto"``) gets S (W G W^T) S^T, the same Gram for W*; tr(G) is unchanged."""
+    "auto"``) gets S (W G W^T) S^T, the same Gram for W*; tr(G) is unchanged. ``transform`` None: W* is not S W (an
+    anchored layer), which needs G itself."""
     if stats.grad_range_gram is not None:
+        if transform is None:
+            raise ValueError("a layer whose G is kept on its input side (as W G W^T) cannot be refitted to a weight "
+                             "that is not S W (refit_target='block')")
         S = transform.to(stats.grad_range_gram.device)
         return LayerStats(gram=pair.gram, num_images=stats.num_images, grad_range_gram=S @ stats.grad_range_gram @ S.T,
                           grad_trace=stats.grad_trace, tokens=stats.tokens)
@@ -100,10 +134,12 @@ def feedback_stats(stats: LayerStats, pair: PairGrams, transform: torch.Tensor) 
 
 
 def refit_bias(bias: torch.Tensor, weight: torch.Tensor, fitted: torch.Tensor, pair: PairGrams) -> torch.Tensor:
-    """b' = b + mu_d W - mu_c W_hat: the compressed layer is exact at the mean token (float64)."""
+    """b' = b + mu_d W - mu_c W_hat (+ the mean of E, :attr:`PairGrams.anchor_mean`, for an anchored layer): the
+    compressed layer is exact at the mean token (float64)."""
     if pair.mean_c is None or pair.mean_d is None:
         return bias.double()
-    return bias.double() + pair.mean_d @ weight - pair.mean_c @ fitted
+    anchor = 0.0 if pair.anchor_mean is None else pair.anchor_mean.double().to(bias.device)
+    return bias.double() + pair.mean_d @ weight - pair.mean_c @ fitted + anchor
 
 
 class _Stop(Exception):
@@ -163,6 +199,76 @@ def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Modul
     if missing:
         raise ValueError(f"the refit's forward pass never reached {', '.join(missing)}")
     return out, inputs
+
+
+def _run_through(block: nn.Module, layer: nn.Module, x: torch.Tensor,
+                 change: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """``block(x)`` run to the end: the layer's input and output (on its first call) and the block's output, with
+    ``change(output)`` added to the layer's output on the way where given."""
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if "out" in box:
+            return None
+        box["in"], box["out"] = args[0].detach().clone(), out.detach().clone()
+        return None if change is None else out + change(out)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        y = block(x)
+    finally:
+        handle.remove()
+    if "out" not in box:
+        raise ValueError(f"the refit's forward pass never reached {type(layer).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"block {type(block).__name__} returns {type(y).__name__}, not a tensor")
+    return box["in"], box["out"], y
+
+
+@torch.no_grad()
+def residual_gain(block: nn.Module, layer: nn.Module, x: torch.Tensor, rtol: float = 1e-3) -> torch.Tensor | None:
+    """g (m,) where ``block(x) = base + g * layer_output`` token by token and channel by channel, with ``base``
+    independent of the layer's output and not zero: the layer writes the block's output, into its residual stream,
+    through at most a per-channel scale (a ViT's fc2, through DeiT-III's LayerScale gamma; 1 without it). None where
+    it does not: qkv, proj and fc1, whose outputs the rest of the block reads through a softmax, a norm or an
+    activation; a post-norm block's fc2 (Swin V2 "cr": its output is normalized before the residual sum). Found by
+    probing, not by module names: the layer's output moved by a constant and by random values (a few times its own
+    size, so that a nonlinearity would show), the block's output compared with g times the move (relative ``rtol``,
+    well above float32 rounding). Only the first two images of ``x`` are used."""
+    x = x[:2]
+    _, out, y0 = _run_through(block, layer, x)
+    width = out.shape[-1]
+    if y0.numel() != out.numel() or y0.shape[-1] != width:
+        return None
+    size = 4 * float(out.float().pow(2).mean().sqrt()) + 1e-3
+    flat = (_run_through(block, layer, x, lambda o: torch.full_like(o, size))[2] - y0).reshape(-1, width) / size
+    gain = flat.mean(0)
+    scale = float(gain.abs().max())
+    if scale == 0 or float((flat - gain).abs().max()) > rtol * scale:
+        return None
+    if float((y0.reshape(-1, width) - out.reshape(-1, width) * gain).norm()) <= rtol * float(y0.norm()):
+        return None  # the output is the layer's own, scaled: no residual stream to aim at
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    noise = (torch.randn(out.shape, generator=generator) * size).to(out)
+    moved = (_run_through(block, layer, x, lambda o: noise)[2] - y0).reshape(-1, width)
+    expected = noise.reshape(-1, width) * gain
+    if float((moved - expected).norm()) > rtol * float(expected.norm()):
+        return None
+    return gain
+
+
+def anchor_change(gain: torch.Tensor, y_d: torch.Tensor, y_c: torch.Tensor, out_d: torch.Tensor,
+                  out_c: torch.Tensor) -> torch.Tensor:
+    """E (rows, m): with ``y = base + g * out`` (:func:`residual_gain`), the change of the compressed layer's
+    output that makes the compressed block's output the dense one's, beside the dense layer's output:
+        out_d + E = (y_d - base_c) / g,   so   E = (y_d - y_c) / g - out_d + out_c.
+    A channel whose gain is zero (to float32 rounding of the largest) cannot move the output: its E is zero."""
+    width = gain.shape[0]
+    live = gain.abs() > 1e-6 * gain.abs().max()
+    safe = torch.where(live, gain, torch.ones_like(gain))
+    change = (y_d - y_c).reshape(-1, width) / safe - out_d.reshape(-1, width) + out_c.reshape(-1, width)
+    return change * live
 
 
 def _follows(model: nn.Module, previous: str | None, name: str) -> bool:
@@ -266,7 +372,7 @@ def replaying(model: nn.Module, calls: dict[str, BlockCall]) -> Iterator[None]:
 
 
 def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch.Tensor], center: bool,
-                     dtype: torch.dtype, dense: bool) -> None:
+                     dtype: torch.dtype, dense: bool, anchor: torch.Tensor | None = None) -> None:
     c = x_c.reshape(-1, x_c.shape[-1])
     d = x_d.reshape(-1, x_d.shape[-1])
     if c.shape != d.shape:
@@ -289,27 +395,36 @@ def _accumulate_pair(x_c: torch.Tensor, x_d: torch.Tensor, sums: dict[str, torch
     cast_c, cast_d = c.to(dtype), d.to(dtype)
     sums["gram"] += upper_gram_(product, cast_c).double()
     sums["cross"] += (cast_c.T @ cast_d).double()
+    if anchor is not None:  # E (rows, m): the change of the layer's output that carries its block onto the dense one
+        sums["anchor"] = sums.get("anchor", 0) + (cast_c.T @ anchor.to(dtype)).double()
+        sums["sum_e"] = sums.get("sum_e", 0) + anchor.sum(0, dtype=torch.float64)
     sums["rows"] += c.shape[0]
 
 
 def _pair_grams(sums: dict[str, torch.Tensor], images: int, center: bool) -> PairGrams:
     gram, cross, rows = symmetrize_upper(sums["gram"]), sums["cross"], float(sums["rows"])
-    mean_c = mean_d = None
+    mean_c = mean_d = mean_e = None
+    anchor = sums.get("anchor")
     if center:  # the sums are of shifted tokens (_accumulate_pair): centring them gives the same Grams
         mean_c, mean_d = sums["sum_c"] / rows, sums["sum_d"] / rows
         gram = gram - rows * torch.outer(mean_c, mean_c)
         cross = cross - rows * torch.outer(mean_c, mean_d)
+        if anchor is not None:  # E is not shifted: sum (c - mu_c)^T (E - mu_E) = sum c^T E - N mu_c mu_E^T
+            mean_e = sums["sum_e"] / rows
+            anchor = anchor - rows * torch.outer(mean_c, mean_e)
         if "shift_c" in sums:
             mean_c, mean_d = mean_c + sums["shift_c"], mean_d + sums["shift_d"]
     dense = sums.get("dense")
     return PairGrams(gram / images, cross / images, mean_c, mean_d,
-                     None if dense is None else symmetrize_upper(dense) / images, rows / images)
+                     None if dense is None else symmetrize_upper(dense) / images, rows / images,
+                     None if anchor is None else anchor / images, mean_e)
 
 
 @torch.no_grad()
 def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[str]], images: list[torch.Tensor],
                      fit: Callable[[str, PairGrams], None], *, centred: Callable[[str], bool],
-                     dense_gram: Callable[[str], bool] = lambda name: False, device: torch.device,
+                     dense_gram: Callable[[str], bool] = lambda name: False,
+                     anchored: Callable[[str], bool] = lambda name: False, device: torch.device,
                      gram_precision: str = "float64", progress: bool = True) -> None:
     """Walk the blocks in forward order; for every layer of ``blocks`` (block name -> its refitted layers, in forward
     order) collect the :class:`PairGrams` of its inputs in ``model`` (compressed, being refitted) and ``dense`` over
@@ -317,7 +432,10 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
     before the next layer's statistics are taken.
 
     ``centred(name)``: whether that layer's statistics are centred (its bias absorbs the mean); ``dense_gram(name)``:
-    whether its :class:`PairGrams` also carry the dense inputs' Gram (one more product per micro-batch)."""
+    whether its :class:`PairGrams` also carry the dense inputs' Gram (one more product per micro-batch);
+    ``anchored(name)``: whether that layer aims at the dense block's output rather than its own dense outputs, where
+    it writes the block's output (:func:`residual_gain`; elsewhere its own, as if not asked): its :class:`PairGrams`
+    then carry the anchor's E (:func:`anchor_change`)."""
     dtype = {"float64": torch.float64, "float32": torch.float32}[gram_precision]
     was_training = (dense.training, model.training)
     dense.eval()
@@ -364,9 +482,17 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                     with_dense = dense_gram(name)
                     if with_dense:
                         sums["dense"] = torch.zeros(width, width, dtype=torch.float64, device=device)
-                    for in_d, x_c in zip(dense_inputs.pop(name), cache_c, strict=True):
-                        in_c = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
-                        _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
+                    # (probed on the compressed block: LayerScale and the norms are not compressed, so its gain is
+                    # the dense block's)
+                    gain = residual_gain(block_c, layer_c, cache_c[0]) if anchored(name) else None
+                    for in_d, x_c, y_d in zip(dense_inputs.pop(name), cache_c, next_d, strict=True):
+                        if gain is None:
+                            in_c = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
+                            _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
+                            continue
+                        in_c, out_c, y_c = _run_through(block_c, layer_c, x_c)
+                        change = anchor_change(gain, y_d, y_c, layer_d(in_d), out_c)
+                        _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense, change)
                     fit(name, _pair_grams(sums, images_seen, center))
                     bar.update(1)
                 previous = block_name

@@ -47,7 +47,7 @@ from lowrank_vit.core.fisher import row_fisher
 from lowrank_vit.core.likelihood import AUTO
 from lowrank_vit.core.loss_aware import COMPUTE_DTYPES, FISHER_LABELS, collect_loss_statistics
 from lowrank_vit.core.loss_aware_svd import loss_aware_singular_values, loss_aware_svd
-from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform
+from lowrank_vit.core.refit import PairGrams, anchored_weight, feedback_stats, feedback_transform
 from lowrank_vit.core.scaling import MeanAbsRecorder, asvd_scales, fisher_scales, row_scaled_svd, scaled_spectrum_matrix
 from lowrank_vit.core.search import SvdLlmV2Settings
 from lowrank_vit.methods.units import NO_MODULES, AttentionHeads, WholeModules
@@ -173,6 +173,10 @@ class GradientPassSettings:
                              f"{', '.join(map(repr, COMPUTE_DTYPES))}")
 
 
+REFIT_TARGETS = ("layer", "block")
+"""What a refitted layer aims at (``LossAwareSettings.refit_target``)."""
+
+
 @dataclass(frozen=True)
 class LossAwareSettings(GradientPassSettings):
     """The loss-aware decomposition's settings (beside the shared ``bias_correction`` and ``refit``)."""
@@ -188,8 +192,20 @@ class LossAwareSettings(GradientPassSettings):
     docs/loss_aware_study.md: with 64 images 1e-4 raised the KL at -50% by up to 44%; 1e-2 kept the gains at -80% with
     256 images)."""
 
+    refit_target: str = "layer"
+    """With ``refit``: what each refitted layer aims at. "layer": its own dense outputs (the dense layer on the dense
+    inputs). "block": the layer that writes its block's output, into the residual stream, through at most a
+    per-channel scale (fc2, through LayerScale where there is one; found by probing the block,
+    ``core.refit.residual_gain``) aims at the dense *block's* output: its outputs also take up, as far as a linear map
+    of its inputs at its rank can, the drift the stream carries in from the blocks before and the errors of the
+    block's other layers. The other layers aim at their own outputs. Measured: docs/loss_aware.md, "Anchored to the
+    dense block's output"."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.refit_target not in REFIT_TARGETS:
+            raise ValueError(f"refit_target={self.refit_target!r} is not one of "
+                             f"{', '.join(map(repr, REFIT_TARGETS))}")
         if self.fisher_labels not in FISHER_LABELS:
             raise ValueError(f"fisher_labels={self.fisher_labels!r} is not one of "
                              f"{', '.join(map(repr, FISHER_LABELS))}")
@@ -234,8 +250,13 @@ class LossAware(Method):
         return loss_aware_svd(weight, stats, cfg.damping)
 
     def refit(self, weight, stats, pair, cfg, rank):
-        # the same decomposition of W* = S W, the least-squares weight for the new inputs, on their Gram
-        transform = feedback_transform(pair, settings_of(cfg, LossAwareSettings).refit_damping)
+        # the same decomposition of W* = S W, the least-squares weight for the new inputs, on their Gram; a layer
+        # anchored to its block's output (refit_target="block") aims at the dense outputs plus the anchor's E
+        damping = settings_of(cfg, LossAwareSettings).refit_damping
+        if pair.anchor_cross is not None:
+            return loss_aware_svd(anchored_weight(pair, weight, damping), feedback_stats(stats, pair, None),
+                                  cfg.damping)[0]
+        transform = feedback_transform(pair, damping)
         return loss_aware_svd(transform @ weight, feedback_stats(stats, pair, transform), cfg.damping)[0]
 
 

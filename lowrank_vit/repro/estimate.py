@@ -376,12 +376,29 @@ def _widest_block_inputs(layers: tuple[LinearShape, ...]) -> int:
     return max(per_block.values(), default=0)
 
 
+def _block_writers(layers: tuple[LinearShape, ...]) -> list[LinearShape]:
+    """The last compressible layer of each block (a ViT block's fc2): the one ``refit_target="block"`` anchors to
+    the block's output where the block's probe accepts it (the estimate counts every block's)."""
+    last: dict[str, LinearShape] = {}
+    for layer in layers:
+        last[layer.block] = layer
+    return list(last.values())
+
+
 def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any, images: int,
            gemm: str, precision: str, params_gib: float) -> Stage:
     """``CompressionConfig.refit``: the two streams' forwards, each layer's H_c and K on its input side, the solve
-    for W* and the decomposition once more."""
+    for W* and the decomposition once more. Anchored (``refit_target="block"``): each block's last layer twice more
+    (the compressed block run past it to its output, the dense layer once more on its recorded inputs) and one more
+    product, its inputs against E."""
     forward = REFIT_FORWARDS * images * shapes.forward_flops
     grams = images * sum(layer.tokens * 2.0 * 2 * layer.in_features ** 2 for layer in shapes.layers)
+    anchored = method.settings is not None and getattr(settings_of(compression, method.settings), "refit_target",
+                                                       "layer") == "block"
+    if anchored:
+        writers = _block_writers(shapes.layers)
+        forward += images * sum(layer.tokens * 2.0 * 2 * layer.in_features * layer.out_features for layer in writers)
+        grams += images * sum(layer.tokens * 2.0 * layer.in_features * layer.out_features for layer in writers)
     solve = sum(2.0 * layer.in_features ** 3 for layer in shapes.layers)
     costs = [_decomposition_cost(layer, method, False) for layer in shapes.layers]  # H_c is kept whole
     flops, calls = sum(c[0] for c in costs) + solve, sum(c[1] for c in costs) + len(shapes.layers)
@@ -392,8 +409,8 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
     widest = max((layer.in_features for layer in shapes.layers), default=0)
     memory = 2 * params_gib + (caches + 3 * 8.0 * widest ** 2) / GIB  # the dense copy beside the compressed model
     return Stage("refit", forward + grams + flops, seconds, memory,
-                 f"{REFIT_FORWARDS:g} forwards of {images} images, {2 * len(shapes.layers)} Gram matrices, "
-                 f"{calls} solves and eigendecompositions")
+                 f"{REFIT_FORWARDS:g} forwards of {images} images{', each block anchored' if anchored else ''}, "
+                 f"{2 * len(shapes.layers)} Gram matrices, {calls} solves and eigendecompositions")
 
 
 def _distillation(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, images: int, gemm: str,

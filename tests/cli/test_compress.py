@@ -976,7 +976,8 @@ def test_evaluate_rebuilds_the_dense_model_from_dense_checkpoint_when_the_record
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("recipe", "reduction", "hinted"), [("loss-aware", "0.6", True), ("loss-aware", "0.5", False),
-                                                             ("loss-aware-refit", "0.7", False)])
+                                                             ("loss-aware-refit", "0.7", False),
+                                                             ("loss-aware-anchored", "0.7", False)])
 def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place, tmp_path, capsys, recipe,
                                                                              reduction, hinted):
     """From -60% with the default recipe, stderr names the refit and the fine-tune command; not below it, not when
@@ -987,7 +988,7 @@ def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place
                             "--recipe", recipe, "--no-eval", "--output", str(out))
     assert code == 0, err
     assert stdout.count("\n") == 1
-    hint = (f"shipping it without a fine-tune? --recipe loss-aware-refit keeps more of the dense model at this "
+    hint = (f"shipping it without a fine-tune? --recipe loss-aware-anchored keeps more of the dense model at this "
             f"reduction, for about three times the time, --recipe loss-aware-distill more still, for far more (a GPU's "
             f"work; docs/loss_aware.md); to fine-tune it: lowrank-vit finetune {out} --data DATA --output NEWDIR")
     assert (hint in err) == hinted

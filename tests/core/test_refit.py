@@ -13,11 +13,18 @@ from lowrank_vit import compress
 from lowrank_vit.config import recipe
 from lowrank_vit.core.calibration import LayerStats
 from lowrank_vit.core.loss_aware_svd import loss_aware_svd
-from lowrank_vit.core.refit import PairGrams, feedback_stats, feedback_transform, refit_bias, sequential_refit
+from lowrank_vit.core.refit import (
+    PairGrams,
+    anchored_weight,
+    feedback_stats,
+    feedback_transform,
+    refit_bias,
+    sequential_refit,
+)
 from lowrank_vit.nn.adapters import get_adapter, timm_with_our_models
 from lowrank_vit.nn.factorized import FactorizedLinear
 from tests.helpers import TINY_ARCHITECTURES as MODELS
-from tests.helpers import labelled_batches, make_images, make_tiny_vit, refit_cfg
+from tests.helpers import labelled_batches, make_images, make_tiny_vit, randomize_affine_, refit_cfg
 
 
 def factorized_inputs(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,9 +214,17 @@ def test_the_dense_blocks_one_pass_records_each_layers_input_as_the_layer_saw_it
     _assert_grams_of_the_whole_models(got, dense, model, images, [n for layers in names.values() for n in layers])
 
 
-def _brute_force_refit(dense, model, images, settings):
+def _fc2_gain(block: nn.Module) -> torch.Tensor:
+    """fc2's gain into its block's output, as the architectures define it (written out, not probed): LayerScale's
+    gamma where the block has one (DeiT-III's ls2, EVA's gamma_2), else 1."""
+    gamma = getattr(getattr(block, "ls2", None), "gamma", getattr(block, "gamma_2", None))
+    return torch.ones(block.mlp.fc2.out_features, dtype=torch.float64) if gamma is None else gamma.detach().double()
+
+
+def _brute_force_refit(dense, model, images, settings, anchor=False):
     """The refit without caches: for every factorized layer in forward order, both whole models run on all images
-    with a hook on that layer; the same closed form."""
+    with a hook on that layer; the same closed form. ``anchor``: each block's fc2 aims at the dense block's output
+    (E from the block outputs of the two whole models and fc2's gain as the architecture defines it)."""
     layers = get_adapter(dense).compressible_layers(dense)
     stats_model = copy.deepcopy(dense)
     from lowrank_vit.core.loss_aware import collect_loss_statistics
@@ -221,25 +236,44 @@ def _brute_force_refit(dense, model, images, settings):
         new = model.get_submodule(name)
         if not isinstance(new, FactorizedLinear):
             continue
+        block_name = name.rsplit(".", 2)[0]  # (a block's fc2 is block.mlp.fc2)
+        gain = _fc2_gain(dense.get_submodule(block_name)) if anchor and name.endswith("mlp.fc2") else None
         box: dict[str, torch.Tensor] = {}
-        h1 = layer.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("d", i[0].detach()))
-        h2 = new.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("c", i[0].detach()))
+        hooks = [layer.register_forward_hook(lambda m, i, o, box=box: box.update(d=i[0].detach(), od=o.detach())),
+                 new.register_forward_hook(lambda m, i, o, box=box: box.update(c=i[0].detach(), oc=o.detach()))]
+        if gain is not None:
+            for key, whole in (("yd", dense), ("yc", model)):
+                hooks.append(whole.get_submodule(block_name).register_forward_hook(
+                    lambda m, i, o, box=box, key=key: box.__setitem__(key, o.detach())))
         with torch.no_grad():
             dense(images)
             model(images)
-        h1.remove()
-        h2.remove()
+        for hook in hooks:
+            hook.remove()
         xd = box["d"].reshape(-1, layer.in_features).double()
         xc = box["c"].reshape(-1, layer.in_features).double()
         n = images.shape[0]
+        E = None
+        if gain is not None:
+            width = layer.out_features
+            E = ((box["yd"] - box["yc"]).reshape(-1, width).double() / gain
+                 - box["od"].reshape(-1, width).double() + box["oc"].reshape(-1, width).double())
         if layer.bias is not None:  # the bias absorbs the mean: centred statistics
             mc, md = xc.mean(0), xd.mean(0)
             pair = PairGrams((xc - mc).T @ (xc - mc) / n, (xc - mc).T @ (xd - md) / n, mc, md)
+            if E is not None:
+                pair.anchor_cross, pair.anchor_mean = (xc - mc).T @ (E - E.mean(0)) / n, E.mean(0)
         else:  # (EVA's k_proj)
             pair = PairGrams(xc.T @ xc / n, xc.T @ xd / n, None, None)
+            if E is not None:
+                pair.anchor_cross = xc.T @ E / n
         W = layer.weight.detach().double().T
-        S = feedback_transform(pair, settings["refit_damping"])
-        d, _ = loss_aware_svd(S @ W, feedback_stats(stats[name], pair, S), settings["damping"])
+        if E is None:
+            S = feedback_transform(pair, settings["refit_damping"])
+            d, _ = loss_aware_svd(S @ W, feedback_stats(stats[name], pair, S), settings["damping"])
+        else:
+            d, _ = loss_aware_svd(anchored_weight(pair, W, settings["refit_damping"]),
+                                  feedback_stats(stats[name], pair, None), settings["damping"])
         U, V = d.factors(new.rank)
         new.U.data.copy_(U)
         new.V.data.copy_(V)
@@ -247,21 +281,29 @@ def _brute_force_refit(dense, model, images, settings):
             new.bias.data.copy_(refit_bias(layer.bias.detach().double(), W, U @ V.T, pair))
 
 
+@pytest.mark.parametrize("target", ["layer", "block"])
 @pytest.mark.parametrize("key", list(MODELS))
-def test_the_cached_walk_matches_a_brute_force_refit(key):
+def test_the_cached_walk_matches_a_brute_force_refit(key, target):
     """The block caches (advanced through consecutive blocks, recomputed after Swin's patch merging and at the first
-    block) give the same refitted model as running both whole models once per layer."""
+    block) give the same refitted model as running both whole models once per layer; with refit_target="block",
+    each block's fc2 anchored to the dense block's output through LayerScale's gain as the architectures define it
+    (:func:`_fc2_gain`; the walk finds it by probing)."""
     name, kwargs, channels, size = MODELS[key]
     torch.manual_seed(0)
     dense = timm_with_our_models().create_model(name, pretrained=False, **kwargs).eval()
+    if target == "block":  # LayerScale's gammas per channel (they start at one constant)
+        with torch.no_grad():
+            for param_name, param in dense.named_parameters():
+                if param_name.endswith(("ls2.gamma", "gamma_2")):
+                    param.mul_(torch.linspace(0.5, 1.5, param.numel()))
     images = make_images(24, channels=channels, size=size, seed=3)
     settings = dict(reduction=0.5, calib_samples=24, gram_precision="float64", damping=1e-4, refit_damping=3e-3)
     refitted = copy.deepcopy(dense)
-    report = compress(refitted, [images], refit_cfg(**settings))
+    report = compress(refitted, [images], refit_cfg(**settings, settings={"refit_target": target}))
     reference = copy.deepcopy(dense)
     plain = compress(reference, [images], refit_cfg(**{**settings, "refit": False}))
     before = copy.deepcopy(reference)
-    _brute_force_refit(dense, reference, images, settings)
+    _brute_force_refit(dense, reference, images, settings, anchor=target == "block")
     with torch.no_grad():
         out, expected, unrefitted = refitted(images), reference(images), before(images)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -272,9 +314,10 @@ def test_the_cached_walk_matches_a_brute_force_refit(key):
 
 def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
     """On a tiny ViT trained here, at -80%, the refitted model's predictions on held-out images are closer (KL) to the
-    dense model's than those of the same allocation without the refit. (On random-weight models it does not help: its
-    target, the dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware_study.md measures
-    it on trained ones.)"""
+    dense model's than those of the same allocation without the refit, and closer still with the layers that write
+    into the residual stream anchored to the dense stream (refit_target="block"). (On random-weight models it does
+    not help: its target, the dense layers' outputs weighted by G, carries no learned structure;
+    docs/loss_aware_study.md measures it on trained ones.)"""
     from lowrank_vit.repro.tensortrain import train_classifier
 
     images = make_images(512, seed=8)
@@ -286,13 +329,15 @@ def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
     with torch.no_grad():
         reference = torch.log_softmax(dense(held_out), 1)
     kl = {}
-    for refit in (False, True):
+    for refit, target in ((False, "layer"), (True, "layer"), (True, "block")):
         model = copy.deepcopy(dense)
-        compress(model, [images[:128]], refit_cfg(reduction=0.8, calib_samples=128, refit=refit))
+        compress(model, [images[:128]], refit_cfg(reduction=0.8, calib_samples=128, refit=refit,
+                                                  settings={"refit_target": target}))
         with torch.no_grad():
             out = torch.log_softmax(model(held_out), 1)
-        kl[refit] = float(torch.nn.functional.kl_div(out, reference, log_target=True, reduction="batchmean"))
-    assert kl[True] < kl[False]
+        kl[refit, target] = float(torch.nn.functional.kl_div(out, reference, log_target=True, reduction="batchmean"))
+    assert kl[True, "layer"] < kl[False, "layer"]
+    assert kl[True, "block"] < kl[True, "layer"]  # anchored to the dense stream: closer still
 
 
 def _calling_blocks_with(model: nn.Module, extra: Callable[[torch.Tensor], dict]) -> nn.Module:
@@ -504,3 +549,146 @@ def test_the_refits_errors_name_what_is_missing():
                                          r"were freed or never collected: it runs with decomposition='loss_aware' "
                                          r"only$"):
         feedback_stats(stats, pair, torch.eye(3, dtype=torch.float64))
+
+
+def _vit_block_and_input(init_values=None, seed=0):
+    import timm
+
+    torch.manual_seed(seed)
+    kwargs = {} if init_values is None else {"init_values": init_values}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=24,
+                              depth=1, num_heads=2, num_classes=3, **kwargs).eval()
+    block = model.blocks[0]
+    if init_values is not None:  # a learned LayerScale is per channel, not the constant it starts at
+        with torch.no_grad():
+            block.ls2.gamma.copy_(torch.linspace(-0.5, 2.0, 24))
+    return block, torch.randn(3, 17, 24)
+
+
+def test_residual_gain_is_fc2s_layerscale_and_none_for_layers_the_block_reads_again():
+    """The probe finds that a ViT block's output moves by exactly fc2's change times LayerScale's gamma (by the change
+    itself without LayerScale); qkv, proj and fc1 do not write the output linearly (a softmax, a norm, an
+    activation), nor does a post-norm block's fc2 (Swin V2 "cr": the MLP's output is normalized before the residual
+    sum); a Swin block's fc2 does, its output reshaped to the token grid."""
+    import timm
+
+    from lowrank_vit.core.refit import residual_gain
+
+    block, x = _vit_block_and_input(init_values=0.1)
+    torch.testing.assert_close(residual_gain(block, block.mlp.fc2, x), block.ls2.gamma.detach(), rtol=1e-4,
+                               atol=1e-5)
+    for name in ("attn.qkv", "attn.proj", "mlp.fc1"):
+        assert residual_gain(block, block.get_submodule(name), x) is None, name
+    plain, x = _vit_block_and_input()
+    torch.testing.assert_close(residual_gain(plain, plain.mlp.fc2, x), torch.ones(24), rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    post_norm = timm.create_model("swinv2_cr_tiny_224", pretrained=False, img_size=16, window_size=4, embed_dim=16,
+                                  depths=(1,), num_heads=(2,), num_classes=3).eval()
+    block = post_norm.stages[0].blocks[0]
+    assert residual_gain(block, block.mlp.fc2, torch.randn(2, 16, 4, 4).permute(0, 2, 3, 1)) is None
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+                             window_size=4, embed_dim=16, depths=(2,), num_heads=(2,), num_classes=3).eval()
+    for block in swin.layers[0].blocks:  # (the second shifts its windows)
+        tokens = torch.randn(2, 16, 16, 16)
+        assert residual_gain(block, block.attn.proj, tokens) is None
+        torch.testing.assert_close(residual_gain(block, block.mlp.fc2, tokens), torch.ones(16), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_the_anchor_change_carries_the_compressed_block_onto_the_dense_one():
+    """With fc2's output moved by E (anchor_change) on top of the compressed block's own output, the compressed
+    block's output is the dense block's, though the two blocks differ before fc2 and in their inputs."""
+    from lowrank_vit.core.refit import _run_through, anchor_change, residual_gain
+
+    dense, x_d = _vit_block_and_input(init_values=0.1)
+    compressed = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in compressed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x_c = x_d + 0.1 * torch.randn_like(x_d)
+    gain = residual_gain(compressed, compressed.mlp.fc2, x_c)
+    with torch.no_grad():
+        _, out_d, y_d = _run_through(dense, dense.mlp.fc2, x_d)
+        _, out_c, y_c = _run_through(compressed, compressed.mlp.fc2, x_c)
+        change = anchor_change(gain, y_d, y_c, out_d, out_c).reshape(out_d.shape)
+        target = out_d + change  # what fc2 should output: the dense layer's output plus E
+        _, _, moved = _run_through(compressed, compressed.mlp.fc2, x_c, lambda out: target - out)
+    torch.testing.assert_close(moved, y_d, rtol=1e-4, atol=1e-4)
+    # a channel whose gain is zero cannot move the output: its E is zero, not a division by zero
+    gain = gain.clone()
+    gain[3] = 0
+    assert torch.isfinite(anchor_change(gain, y_d, y_c, out_d, out_c)).all()
+    assert float(anchor_change(gain, y_d, y_c, out_d, out_c)[:, 3].abs().max()) == 0
+
+
+def test_the_anchored_weight_is_the_least_squares_fit_to_the_dense_outputs_plus_e():
+    """anchored_weight: W* = argmin ||X_c W* - (X W + E)||^2 (vanishing damping), against lstsq on the tokens; with
+    centred statistics the refitted bias makes the layer exact at the mean token, E's mean included; without E it
+    is S W."""
+    from lowrank_vit.core.refit import anchored_weight
+
+    g = torch.Generator().manual_seed(4)
+    x_d = torch.randn(300, 7, generator=g, dtype=torch.float64) + 0.7
+    x_c = x_d + 0.3 * torch.randn(300, 7, generator=g, dtype=torch.float64)
+    W = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    E = torch.randn(300, 5, generator=g, dtype=torch.float64) + x_c[:, :5] ** 2 + 0.4
+    plain = PairGrams(x_c.T @ x_c, x_c.T @ x_d, None, None)
+    torch.testing.assert_close(anchored_weight(plain, W, 1e-12), feedback_transform(plain, 1e-12) @ W)
+    pair = PairGrams(x_c.T @ x_c, x_c.T @ x_d, None, None, anchor_cross=x_c.T @ E)
+    expected = torch.linalg.lstsq(x_c, x_d @ W + E).solution
+    torch.testing.assert_close(anchored_weight(pair, W, 1e-12), expected, rtol=1e-7, atol=1e-8)
+    mc, md, me = x_c.mean(0), x_d.mean(0), E.mean(0)
+    centred = PairGrams((x_c - mc).T @ (x_c - mc), (x_c - mc).T @ (x_d - md), mc, md,
+                        anchor_cross=(x_c - mc).T @ (E - me), anchor_mean=me)
+    fitted = anchored_weight(centred, W, 1e-12)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    b = refit_bias(bias, W, fitted, centred)
+    ones = torch.ones(300, 1, dtype=torch.float64)
+    solution = torch.linalg.lstsq(torch.cat([x_c, ones], 1), x_d @ W + bias + E).solution
+    torch.testing.assert_close(fitted, solution[:7], rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(b, solution[7], rtol=1e-7, atol=1e-8)
+
+
+def test_refit_target_block_brings_the_block_output_closer_to_the_dense_one():
+    """One block with LayerScale, every layer compressed at -70%, no damping in the refit: with fc2 anchored to the
+    dense block's output, the block's output ends closer to the dense block's, in the metric fc2's anchored objective
+    minimizes (fc2's G with its gain divided out), than with fc2 refitted to its own outputs; the rank-r optimum of
+    that objective cannot do worse than another rank-r weight. No other layer differs."""
+    import timm
+
+    from lowrank_vit.core.loss_aware import collect_loss_statistics
+
+    torch.manual_seed(2)
+    dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=24,
+                              depth=1, num_heads=2, num_classes=3, init_values=0.1).eval()
+    randomize_affine_(dense, seed=2)
+    with torch.no_grad():
+        dense.blocks[0].ls2.gamma.copy_(torch.linspace(0.05, 0.5, 24))
+    images = make_images(64, channels=3, size=16, seed=5)
+    outputs, models = {}, {}
+    for target in ("layer", "block", None):
+        model = copy.deepcopy(dense)
+        if target is not None:
+            compress(model, [images], refit_cfg(reduction=0.7, calib_samples=64, refit_damping=0.0, damping=1e-8,
+                                                gram_precision="float64", settings={"refit_target": target}))
+        box = {}
+        handle = model.blocks[0].register_forward_hook(lambda m, i, o, box=box: box.__setitem__("y", o))
+        with torch.no_grad():
+            model(images)
+        handle.remove()
+        outputs[target], models[target] = box["y"], model
+    probe = copy.deepcopy(dense)
+    stats = collect_loss_statistics(probe, get_adapter(probe).compressible_layers(probe), [images], 64,
+                                    progress=False, center=True, gram_space="auto", gram_precision="float64")
+    G = stats["blocks.0.mlp.fc2"].grad_gram
+    gain = dense.blocks[0].ls2.gamma.detach().double()
+
+    def error(y):
+        d = (y - outputs[None]).reshape(-1, 24).double() / gain
+        return float(torch.einsum("ti,ij,tj->", d, G, d))
+
+    assert error(outputs["block"]) < error(outputs["layer"])
+    for name, module in models["layer"].named_modules():
+        if isinstance(module, FactorizedLinear) and name != "blocks.0.mlp.fc2":
+            torch.testing.assert_close(module.dense_weight(), models["block"].get_submodule(name).dense_weight())
+
