@@ -45,7 +45,7 @@ from lowrank_vit.methods.compensate import (
     z_param_count,
     z_spec,
 )
-from lowrank_vit.methods.decompositions import get_method
+from lowrank_vit.methods.decompositions import anchors_blocks, get_method
 from lowrank_vit.methods.units import WholeModules
 from lowrank_vit.nn.adapters import count_params, get_adapter
 from lowrank_vit.nn.comcat import FactorizedAttention
@@ -613,8 +613,7 @@ def _refit(dense: nn.Module, model: nn.Module, setup: _Setup, stats: dict[str, L
             errors[name] = dense_output_error(pair, weight, weight - new.dense_weight().detach().double())
         stats[name].grad_gram = stats[name].grad_range_gram = None
 
-    block_target = method.settings is not None and getattr(settings_of(cfg, method.settings), "refit_target",
-                                                           "layer") == "block"
+    block_target = anchors_blocks(cfg)
 
     def anchored(name: str) -> bool:  # G kept on the input side (W G W^T) only serves W* = S W
         return block_target and stats[name].grad_gram is not None

@@ -260,6 +260,13 @@ class LossAware(Method):
         return loss_aware_svd(transform @ weight, feedback_stats(stats, pair, transform), cfg.damping)[0]
 
 
+def anchors_blocks(cfg: Any) -> bool:
+    """Whether ``cfg``'s refit aims each block's output-writing layer at the dense block's output
+    (``LossAwareSettings.refit_target="block"``); False for a decomposition without that setting."""
+    own = get_method(cfg.decomposition).settings
+    return own is not None and getattr(settings_of(cfg, own), "refit_target", "layer") == "block"
+
+
 class _RowScaled(Method):
     """A truncated SVD of ``diag(s) W`` with the scaling undone on the left factor (:mod:`lowrank_vit.core.scaling`)."""
 

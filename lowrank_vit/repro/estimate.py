@@ -27,7 +27,7 @@ from lowrank_vit.config import CompressionConfig, resolve_gram_precision
 from lowrank_vit.core.allocate import GreedySettings, get_policy
 from lowrank_vit.core.common import settings_of
 from lowrank_vit.methods.compensate import SgdSettings, get_z_kind
-from lowrank_vit.methods.decompositions import get_method
+from lowrank_vit.methods.decompositions import anchors_blocks, get_method
 from lowrank_vit.pipeline import statistics_space
 from lowrank_vit.repro.modelshapes import LinearShape, ModelShapes, count_shapes, model_shapes
 from lowrank_vit.repro.registry import Experiment, RunConfig
@@ -393,8 +393,7 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
     product, its inputs against E."""
     forward = REFIT_FORWARDS * images * shapes.forward_flops
     grams = images * sum(layer.tokens * 2.0 * 2 * layer.in_features ** 2 for layer in shapes.layers)
-    anchored = method.settings is not None and getattr(settings_of(compression, method.settings), "refit_target",
-                                                       "layer") == "block"
+    anchored = anchors_blocks(compression)
     if anchored:
         writers = _block_writers(shapes.layers)
         forward += images * sum(layer.tokens * 2.0 * 2 * layer.in_features * layer.out_features for layer in writers)
