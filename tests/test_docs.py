@@ -1863,13 +1863,13 @@ def test_the_anchored_refit_tables_are_the_committed_runs():
     _, _, *rows = _md_rows(first)
     assert len(rows) == 2 * len(held) == 14
     ratios = []
-    for label, ratio, default, refit, anchored, against_refit, against_default, dense_against in rows:
+    names = ("vanilla", "paper", "loss-aware", "loss-aware-refit", "loss-aware-anchored")
+    for label, ratio, *recipes, against_refit, against_default, dense_against in rows:
         model, top = label.split(" (")
         entry, key = held[model], _ratio_of(ratio)
-        cells = {name: entry["cells"][f"{name}@{key}"] for name in ("loss-aware", "loss-aware-refit",
-                                                                     "loss-aware-anchored")}
+        cells = {name: entry["cells"][f"{name}@{key}"] for name in names}
         assert top == f"{entry['dense_top1']:.2f})"
-        for shown, cell in zip((default, refit, anchored), cells.values(), strict=True):
+        for shown, cell in zip(recipes, cells.values(), strict=True):
             assert shown == f"{cell['top1']:.2f} ({cell['kl']:.3g})"
         _check_paired_cell(against_refit, cells["loss-aware-anchored"], cells["loss-aware-refit"], "correct", "top1")
         _check_paired_cell(against_default, cells["loss-aware-anchored"], cells["loss-aware"], "correct", "top1")
@@ -1888,7 +1888,13 @@ def test_the_anchored_refit_tables_are_the_committed_runs():
         return ahead, behind
 
     assert significant(held, "loss-aware-refit") == (2, 0) and significant(held, "loss-aware") == (8, 0)
+    assert significant(held, "vanilla") == (13, 0) and significant(held, "paper") == (12, 0)
     assert "significantly higher in 2 cells" in flat and "ahead in 8 cells and behind in none" in flat
+    assert "against vanilla SVD in 13 and the paper's recipe in 12 (by up to 33 and 24 points)" in flat
+    for other, most in (("vanilla", 33), ("paper", 24)):
+        gains = [entry["cells"][f"loss-aware-anchored@{r}"]["top1"] - entry["cells"][f"{other}@{r}"]["top1"]
+                 for entry in held.values() for r in ("0.7", "0.8")]
+        assert round(max(gains)) == most
 
     _, _, *rows = _md_rows(ft)
     assert len(rows) == 2 * len(tuned) == 12
