@@ -314,10 +314,10 @@ def test_the_cached_walk_matches_a_brute_force_refit(key, target):
 
 def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
     """On a tiny ViT trained here, at -80%, the refitted model's predictions on held-out images are closer (KL) to the
-    dense model's than those of the same allocation without the refit, and closer still with the layers that write
-    into the residual stream anchored to the dense stream (refit_target="block"). (On random-weight models it does
-    not help: its target, the dense layers' outputs weighted by G, carries no learned structure;
-    docs/loss_aware_study.md measures it on trained ones.)"""
+    dense model's than those of the same allocation without the refit, and closer still with each block's fc2 aimed
+    at the dense block's output (refit_target="block"). (On random-weight models it does not help: its target, the
+    dense layers' outputs weighted by G, carries no learned structure; docs/loss_aware_study.md measures it on trained
+    ones.)"""
     from lowrank_vit.repro.tensortrain import train_classifier
 
     images = make_images(512, seed=8)
@@ -337,7 +337,7 @@ def test_refit_lowers_the_held_out_kl_of_a_trained_model_at_a_high_ratio():
             out = torch.log_softmax(model(held_out), 1)
         kl[refit, target] = float(torch.nn.functional.kl_div(out, reference, log_target=True, reduction="batchmean"))
     assert kl[True, "layer"] < kl[False, "layer"]
-    assert kl[True, "block"] < kl[True, "layer"]  # anchored to the dense stream: closer still
+    assert kl[True, "block"] < kl[True, "layer"]  # fc2 aimed at the dense block's output: closer still
 
 
 def _calling_blocks_with(model: nn.Module, extra: Callable[[torch.Tensor], dict]) -> nn.Module:
