@@ -35,7 +35,7 @@ block of a stage, after its patch merging) is recomputed from the images.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,11 +181,13 @@ def _pre_hooked(modules: dict[str, nn.Module], make_hook: Callable[[str], Callab
             handle.remove()
 
 
-def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]) -> tuple[object,
-                                                                                            dict[str, torch.Tensor]]:
+def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module],
+                   outputs: Collection[str] = ()) -> tuple[object, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``block(x)`` run to the end, with the first positional input of each of ``layers`` (name -> module) on its
-    first call: what :func:`_capture` gives one layer at a time, for all of them in one pass."""
+    first call: what :func:`_capture` gives one layer at a time, for all of them in one pass; and the output, on its
+    first call, of each layer named in ``outputs`` (the anchored layer's, which its anchor needs beside its input)."""
     inputs: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
 
     def recorder(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_: nn.Module, args: tuple) -> None:
@@ -193,12 +195,23 @@ def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Modul
                 inputs[name] = args[0].detach().clone()
         return hook
 
-    with _pre_hooked(layers, recorder):
-        out = block(x)
-    missing = [name for name in layers if name not in inputs]
+    def out_recorder(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def hook(_: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if name not in outs:
+                outs[name] = out.detach().clone()
+        return hook
+
+    handles = [layers[name].register_forward_hook(out_recorder(name)) for name in outputs]
+    try:
+        with _pre_hooked(layers, recorder):
+            out = block(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in inputs] + [name for name in outputs if name not in outs]
     if missing:
-        raise ValueError(f"the refit's forward pass never reached {', '.join(missing)}")
-    return out, inputs
+        raise ValueError(f"the refit's forward pass never reached {', '.join(dict.fromkeys(missing))}")
+    return out, inputs, outs
 
 
 def _run_through(block: nn.Module, layer: nn.Module, x: torch.Tensor,
@@ -464,10 +477,13 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                         cache_d.append(x_d)
                         cache_c.append(x_c)
                 # the dense block is not refitted: one pass records every layer's input and the block's output
-                recorded = [_run_recording(block_d, x, {name: dense.get_submodule(name) for name in names})
+                # (and the output of each layer that may be anchored: its anchor needs it beside its input)
+                aims = [name for name in names if anchored(name)]
+                recorded = [_run_recording(block_d, x, {name: dense.get_submodule(name) for name in names}, aims)
                             for x in cache_d]
-                next_d = [out for out, _ in recorded]
-                dense_inputs = {name: [inputs[name] for _, inputs in recorded] for name in names}
+                next_d = [out for out, _, _ in recorded]
+                dense_inputs = {name: [inputs[name] for _, inputs, _ in recorded] for name in names}
+                dense_outputs = {name: [outs[name] for _, _, outs in recorded] for name in aims}
                 images_seen = sum(x.shape[0] for x in cache_c)
                 del recorded
                 cache_d = []  # (its outputs are next_d)
@@ -485,13 +501,14 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                     # (probed on the compressed block: LayerScale and the norms are not compressed, so its gain is
                     # the dense block's)
                     gain = residual_gain(block_c, layer_c, cache_c[0]) if anchored(name) else None
-                    for in_d, x_c, y_d in zip(dense_inputs.pop(name), cache_c, next_d, strict=True):
+                    outs_d = dense_outputs.pop(name, None) or [None] * len(cache_c)
+                    for in_d, out_d, x_c, y_d in zip(dense_inputs.pop(name), outs_d, cache_c, next_d, strict=True):
                         if gain is None:
                             in_c = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
                             _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
                             continue
                         in_c, out_c, y_c = _run_through(block_c, layer_c, x_c)
-                        change = anchor_change(gain, y_d, y_c, layer_d(in_d), out_c)
+                        change = anchor_change(gain, y_d, y_c, out_d, out_c)
                         _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense, change)
                     fit(name, _pair_grams(sums, images_seen, center))
                     bar.update(1)

@@ -388,15 +388,15 @@ def _block_writers(layers: tuple[LinearShape, ...]) -> list[LinearShape]:
 def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec, method: Any, images: int,
            gemm: str, precision: str, params_gib: float) -> Stage:
     """``CompressionConfig.refit``: the two streams' forwards, each layer's H_c and K on its input side, the solve
-    for W* and the decomposition once more. Anchored (``refit_target="block"``): each block's last layer twice more
-    (the compressed block run past it to its output, the dense layer once more on its recorded inputs) and one more
-    product, its inputs against E."""
+    for W* and the decomposition once more. Anchored (``refit_target="block"``): each block's last layer once more
+    (the compressed block run past it to its output; the dense layer's outputs are recorded in the dense block's one
+    pass, beside its inputs) and one more product, its inputs against E."""
     forward = REFIT_FORWARDS * images * shapes.forward_flops
     grams = images * sum(layer.tokens * 2.0 * 2 * layer.in_features ** 2 for layer in shapes.layers)
     anchored = anchors_blocks(compression)
     if anchored:
         writers = _block_writers(shapes.layers)
-        forward += images * sum(layer.tokens * 2.0 * 2 * layer.in_features * layer.out_features for layer in writers)
+        forward += images * sum(layer.tokens * 2.0 * layer.in_features * layer.out_features for layer in writers)
         grams += images * sum(layer.tokens * 2.0 * layer.in_features * layer.out_features for layer in writers)
     solve = sum(2.0 * layer.in_features ** 3 for layer in shapes.layers)
     costs = [_decomposition_cost(layer, method, False) for layer in shapes.layers]  # H_c is kept whole
@@ -405,6 +405,8 @@ def _refit(shapes: ModelShapes, compression: CompressionConfig, spec: DeviceSpec
                + _eig_seconds(flops, calls, spec))
     caches = 2 * images * max((layer.tokens * layer.in_features for layer in shapes.layers), default=0) * 4
     caches += images * _widest_block_inputs(shapes.layers) * 4  # the dense block's layer inputs, recorded at once
+    if anchored:  # and, beside them, its last layer's outputs
+        caches += images * max((layer.tokens * layer.out_features for layer in writers), default=0) * 4
     widest = max((layer.in_features for layer in shapes.layers), default=0)
     memory = 2 * params_gib + (caches + 3 * 8.0 * widest ** 2) / GIB  # the dense copy beside the compressed model
     return Stage("refit", forward + grams + flops, seconds, memory,

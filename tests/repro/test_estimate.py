@@ -350,10 +350,11 @@ def test_a_pruning_row_is_estimated_as_a_cheap_stage_over_the_block_weights():
         get_experiment("vmeanba/vmamba_t/vmeanba-k4"), "full")["stages"]}
 
 
-def test_the_anchored_refit_adds_each_blocks_last_layer_twice_and_one_product():
-    """``refit_target="block"``: the refit stage grows by, per block, its last layer's forward twice (the compressed
-    block run to its output, the dense layer once more) and one product of its inputs with E, counted by hand from
-    the model's shapes; the rest of the stage is the plain refit's."""
+def test_the_anchored_refit_adds_each_blocks_last_layer_once_and_one_product():
+    """``refit_target="block"``: the refit stage grows by, per block, its last layer's forward once (the compressed
+    block run to its output; the dense layer's outputs are recorded, not recomputed) and one product of its inputs
+    with E, counted by hand from the model's shapes; its memory by the recorded outputs of the widest such layer; the
+    rest of the stage is the plain refit's."""
     from lowrank_vit.repro.modelshapes import model_shapes
 
     exp = get_experiment(ROWS["loss-aware"])
@@ -364,7 +365,9 @@ def test_the_anchored_refit_adds_each_blocks_last_layer_twice_and_one_product():
     shapes = model_shapes(exp.full.model)
     fc2 = [layer for layer in shapes.layers if layer.name.endswith("mlp.fc2")]
     assert len(fc2) == len({layer.block for layer in shapes.layers})
-    extra = 256 * sum(layer.tokens * 6.0 * layer.in_features * layer.out_features for layer in fc2)
+    extra = 256 * sum(layer.tokens * 4.0 * layer.in_features * layer.out_features for layer in fc2)
     assert _stage(anchored, "refit")["flops"] - _stage(plain, "refit")["flops"] == pytest.approx(extra)
+    outputs = 256 * max(layer.tokens * layer.out_features for layer in fc2) * 4 / 2 ** 30
+    assert _stage(anchored, "refit")["memory_gib"] - _stage(plain, "refit")["memory_gib"] == pytest.approx(outputs)
     assert "each block anchored" in _stage(anchored, "refit")["detail"]
     assert "anchored" not in _stage(plain, "refit")["detail"]
