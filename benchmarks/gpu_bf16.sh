@@ -21,7 +21,7 @@ timeout 100 $py benchmarks/latency.py --model vit_small_patch14_dinov2 --model-k
     "${common[@]}" --runtime torch cuda-graphs --profile-runtime torch --batch-size 1 256 --reduction 0.5 0.7 \
     --json "$out/latency_dinov2_small_${gpu}_bf16.json"
 [ "${ONLY_LATENCY:-0}" = 1 ] || timeout 90 $py benchmarks/compress_time.py --model deit_small --calib 1024 --batch-size 64 --reduction 0.7 \
-    --recipe loss-aware loss-aware-refit loss-aware-block --repeats 1 --device cuda \
+    --recipe loss-aware loss-aware-refit loss-aware-anchored loss-aware-block --repeats 1 --device cuda \
     --json "$out/compress_time_deit_small_no_finetune_${gpu}.json"
 [ "${ONLY_LATENCY:-0}" = 1 ] || timeout 120 $py benchmarks/latency.py --model deit_base "${common[@]}" --runtime torch.compile \
     --profile-runtime torch --batch-size 256 --reduction 0.5 0.7 --json "$out/latency_deit_base_${gpu}_bf16_compile.json"

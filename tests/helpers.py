@@ -18,7 +18,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import datasets
 import numpy as np
 import pytest
 import timm
@@ -616,6 +615,8 @@ def _pil(seed: int, size: tuple[int, int] = (20, 24), mode: str = "RGB") -> Imag
 
 
 def _write_parquet(path: Path, n: int = 30, classes: int = 3, columns: tuple[str, str] = ("img", "label")) -> Path:
+    import datasets  # here, not at the top: the CUDA tests run on GPU machines that lack it
+
     images = [_pil(i) for i in range(n)]
     labels = [i % classes for i in range(n)]
     datasets.Dataset.from_dict({columns[0]: images, columns[1]: labels}).to_parquet(str(path))

@@ -168,8 +168,8 @@ def ranks(model: nn.Module) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-@pytest.mark.parametrize("name", ["loss-aware", "loss-aware-fast", "loss-aware-refit", "paper", "vanilla", "flar-svd",
-                                  "svd-llm", "kfac-lems"])
+@pytest.mark.parametrize("name", ["loss-aware", "loss-aware-fast", "loss-aware-refit", "loss-aware-anchored", "paper",
+                                  "vanilla", "flar-svd", "svd-llm", "kfac-lems"])
 def test_compress_on_cuda_matches_cpu(name):
     dense = make_tiny_vit(**WIDER)
     images = make_images(96, seed=1)
