@@ -11,7 +11,7 @@ py=${PYTHON:-python3}
 gpu=$($py -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 common=(--device cuda --dtype bfloat16 --target-speedup --repeats 5 --profile-repeats 3 --min-time 0.2 --calib 16)
-if [ "${SKIP_TESTS:-0}" = 0 ]; then  # needs the test dependencies (the dev extra)
+if [ "${SKIP_TESTS:-0}" = 0 ]; then  # needs pytest beside the library's own packages (not datasets: ran on the H200 image)
     timeout 60 $py -m pytest -q -p no:cacheprovider -x -k "cuda or gpu or graphs" tests/speed/test_runtimes.py \
         tests/nn/test_quantize.py tests/test_pipeline.py tests/methods/test_compensate.py 2>&1 | tail -3
 fi
