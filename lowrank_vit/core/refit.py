@@ -168,12 +168,12 @@ def _capture(module: nn.Module, run: Callable[[], object]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _pre_hooked(modules: dict[str, nn.Module], make_hook: Callable[[str], Callable], *,
-                with_kwargs: bool = False) -> Iterator[None]:
-    """While inside: ``make_hook(name)`` as a forward pre-hook on each of ``modules``, removed on exit whatever
-    happened."""
-    handles = [module.register_forward_pre_hook(make_hook(name), with_kwargs=with_kwargs)
-               for name, module in modules.items()]
+def _hooked(modules: dict[str, nn.Module], make_hook: Callable[[str], Callable], *, pre: bool = True,
+            with_kwargs: bool = False) -> Iterator[None]:
+    """While inside: ``make_hook(name)`` as a forward pre-hook (``pre``) or forward hook on each of ``modules``,
+    removed on exit whatever happened."""
+    handles = [(module.register_forward_pre_hook if pre else module.register_forward_hook)(
+        make_hook(name), with_kwargs=with_kwargs) for name, module in modules.items()]
     try:
         yield
     finally:
@@ -201,13 +201,8 @@ def _run_recording(block: nn.Module, x: torch.Tensor, layers: dict[str, nn.Modul
                 outs[name] = out.detach().clone()
         return hook
 
-    handles = [layers[name].register_forward_hook(out_recorder(name)) for name in outputs]
-    try:
-        with _pre_hooked(layers, recorder):
-            out = block(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _hooked(layers, recorder), _hooked({name: layers[name] for name in outputs}, out_recorder, pre=False):
+        out = block(x)
     missing = [name for name in layers if name not in inputs] + [name for name in outputs if name not in outs]
     if missing:
         raise ValueError(f"the refit's forward pass never reached {', '.join(dict.fromkeys(missing))}")
@@ -351,7 +346,7 @@ def block_calls(model: nn.Module, names: list[str], images: list[torch.Tensor], 
                 seen.setdefault(name, BlockCall(tuple(args[1:]), dict(kwargs)))
             return hook
 
-        with _pre_hooked(blocks, recorder, with_kwargs=True):
+        with _hooked(blocks, recorder, with_kwargs=True):
             model(images[:count].to(device))
         records.append(seen)
     calls = {}
@@ -379,7 +374,7 @@ def replaying(model: nn.Module, calls: dict[str, BlockCall]) -> Iterator[None]:
             return None
         return hook
 
-    with _pre_hooked({name: model.get_submodule(name) for name, call in calls.items() if not call.plain}, replayer,
+    with _hooked({name: model.get_submodule(name) for name, call in calls.items() if not call.plain}, replayer,
                      with_kwargs=True):
         yield
 
