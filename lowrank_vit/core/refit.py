@@ -472,8 +472,11 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                         cache_d.append(x_d)
                         cache_c.append(x_c)
                 # the dense block is not refitted: one pass records every layer's input and the block's output
-                # (and the output of each layer that may be anchored: its anchor needs it beside its input)
-                aims = [name for name in names if anchored(name)]
+                # (and the output of each layer its anchor will be asked of and that writes the block's output, the
+                # anchor needing it beside its input: probed first, so that qkv's, fc1's and a post-norm fc2's
+                # outputs, which the probe refuses, are not kept for nothing)
+                aims = [name for name in names if anchored(name)
+                        and residual_gain(block_c, model.get_submodule(name), cache_c[0]) is not None]
                 recorded = [_run_recording(block_d, x, {name: dense.get_submodule(name) for name in names}, aims)
                             for x in cache_d]
                 next_d = [out for out, _, _ in recorded]
@@ -502,6 +505,8 @@ def sequential_refit(dense: nn.Module, model: nn.Module, blocks: dict[str, list[
                             in_c = _capture(layer_c, lambda b=x_c, f=block_c: f(b))
                             _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense)
                             continue
+                        if out_d is None:  # the probe before the recording refused it, this one not (its gain is
+                            out_d = layer_d(in_d)  # read again after the block's earlier layers were refitted)
                         in_c, out_c, y_c = _run_through(block_c, layer_c, x_c)
                         change = anchor_change(gain, y_d, y_c, out_d, out_c)
                         _accumulate_pair(in_c, in_d, sums, center, dtype, with_dense, change)

@@ -692,3 +692,35 @@ def test_refit_target_block_brings_the_block_output_closer_to_the_dense_one():
         if isinstance(module, FactorizedLinear) and name != "blocks.0.mlp.fc2":
             torch.testing.assert_close(module.dense_weight(), models["block"].get_submodule(name).dense_weight())
 
+
+
+@pytest.mark.parametrize("key", ["deit3_layerscale", "swin_v2_cr"])
+def test_the_dense_pass_keeps_the_outputs_of_the_layers_the_probe_accepts_and_no_others(key, monkeypatch):
+    """With refit_target="block" every layer is asked for its anchor, but only the layers that write their block's
+    output (fc2 here; none in a post-norm Swin V2 "cr" block) need their dense outputs: the dense block's recording
+    pass keeps exactly those, so that the anchored walk holds no more than one more tensor of the block's width."""
+    import timm
+
+    from lowrank_vit.core import refit as refit_module
+
+    if key == "swin_v2_cr":
+        dense = timm.create_model("swinv2_cr_tiny_224", pretrained=False, img_size=16, window_size=4, embed_dim=16,
+                                  depths=(2,), num_heads=(2,), num_classes=3).eval()
+        randomize_affine_(dense, seed=1)  # (its post-norms start at zero: no layer would receive a gradient)
+        images, expected = make_images(8, channels=3, size=16, seed=1), []
+    else:
+        name, kwargs, channels, size = MODELS[key]
+        dense = timm_with_our_models().create_model(name, pretrained=False, **kwargs).eval()
+        images = make_images(8, channels=channels, size=size, seed=1)
+        expected = [f"blocks.{i}.mlp.fc2" for i in range(len(dense.blocks))]
+    kept: list[str] = []
+    original = refit_module._run_recording
+
+    def spy(block, x, layers, outputs=()):
+        kept.extend(outputs)
+        return original(block, x, layers, outputs)
+
+    monkeypatch.setattr(refit_module, "_run_recording", spy)
+    report = compress(dense, [images], refit_cfg(reduction=0.3, calib_samples=8, settings={"refit_target": "block"}))
+    assert report.stage_seconds["refit"] > 0
+    assert sorted(set(kept)) == sorted(expected)
