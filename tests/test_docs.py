@@ -1983,3 +1983,83 @@ def test_the_anchored_refit_tables_are_the_committed_runs():
         assert p == " / ".join(f"**{test[m]['p']:.2g}**" if test[m]["p"] < 0.05 else f"{test[m]['p']:.2g}"
                                for m in ("r", "iou"))
         assert seconds == f"{base['stages_s']['refit']:.0f} / {new['stages_s']['refit']:.0f}"
+
+
+def test_the_classifier_with_real_pretrained_weights_is_the_committed_run():
+    """docs/loss_aware.md's "A classifier with real pretrained weights": every cell recomputed from
+    dinov2_probe_calib1024.json ("-" exactly where a recipe was not run at that ratio), each paired comparison per
+    image, the model's dense top-1 and its head's record, and the counts the text draws from the cells."""
+    from experiments.loss_aware_study import PROBE, paired
+
+    study = _study("dinov2_probe_calib1024")
+    entry = study[PROBE]
+    assert entry["settings"] == {"calib": 1024, "eval": 8000, "finetune_steps": 0, "seed": 0, "eval_skip": 2000}
+    record = json.loads((ROOT / "experiments/models" / PROBE / "model.json").read_text())
+    text = (ROOT / "docs/loss_aware.md").read_text()
+    section = text[text.index("### A classifier with real pretrained weights"): text.index("## What it does not")]
+    flat = " ".join(section.split())
+    assert f"{entry['dense_top1']:.2f}% on the 8,000 held-out images" in flat
+    assert f"{record['check_top1']:.1f}% on the first {record['check_images']:,}" in flat
+    assert f"fitted on the features of {record['train_images']:,} training images" in flat
+    (table,) = [block for block in section.split("\n\n") if block.lstrip().startswith("| ratio")]
+    header, _, *rows = _md_rows(table)
+    recipes = header[1:6]
+    dense = {"correct": entry["dense_correct"], "top1": entry["dense_top1"]}
+    assert [row[0] for row in rows] == ["-50%", "-70%", "-80%"]
+    for label, *shown, against_refit, against_default, distill_against, dense_against in rows:
+        ratio = _ratio_of(label)
+        cells = {name: entry["cells"].get(f"{name}@{ratio}") for name in recipes}
+        assert shown == ["-" if cell is None else f"{cell['top1']:.2f} ({cell['kl']:.3g})" for cell in cells.values()]
+        anchored = cells["loss-aware-anchored"]
+        for shown_cell, mine, against in ((against_refit, anchored, cells["loss-aware-refit"]),
+                                          (against_default, anchored, cells["loss-aware"]),
+                                          (distill_against, cells["loss-aware-distill"], anchored),
+                                          (dense_against, dense, anchored)):
+            if mine is None or against is None:
+                assert shown_cell == "-"
+            else:
+                _check_paired_cell(shown_cell, mine, against, "correct", "top1")
+    cells = entry["cells"]
+
+    def ahead(a: dict, b: dict) -> bool:
+        only_a, only_b, p = paired(a, b)
+        return p < 0.05 and only_a > only_b
+
+    ratios = ("0.5", "0.7", "0.8")
+    lost = [entry["dense_top1"] - cells[f"loss-aware@{r}"]["top1"] for r in ratios]
+    assert "{:.2f} points at -50%, {:.2f} at -70% and {:.2f} at -80%".format(*lost) in flat
+    gained = [cells[f"loss-aware-anchored@{r}"]["top1"] - cells[f"loss-aware@{r}"]["top1"] for r in ratios]
+    assert "{:.2f}, {:.2f} and {:.2f} points more than the default".format(*gained) in flat
+    assert all(ahead(cells[f"loss-aware-anchored@{r}"], cells[f"loss-aware@{r}"]) for r in ratios)
+    refit_ratios = [r for r in ratios if f"loss-aware-refit@{r}" in cells]
+    assert refit_ratios == ["0.7", "0.8"]
+    assert all(ahead(cells[f"loss-aware-anchored@{r}"], cells[f"loss-aware-refit@{r}"]) for r in refit_ratios)
+    over_refit = [cells[f"loss-aware-anchored@{r}"]["top1"] - cells[f"loss-aware-refit@{r}"]["top1"]
+                  for r in refit_ratios]
+    assert "ahead of the refit at -70% and -80% ({:+.2f} and {:+.2f} points)".format(*over_refit) in flat
+    assert f"within {entry['dense_top1'] - cells['loss-aware-anchored@0.5']['top1']:.2f} points of the dense" in flat
+    refit = cells["loss-aware-refit@0.7"]
+    assert ahead(dense, refit) and ahead(cells["loss-aware-anchored@0.7"], refit)
+    assert f"the dense model is ahead of the refit ({entry['dense_top1'] - refit['top1']:+.2f} points)" in flat
+    # the comparison with the seven CIFAR-10 models of "Anchored to the dense block's output"
+    base = _study("anchored_heldout_calib1024")
+    worst = {r: max(base[m]["dense_top1"] - base[m]["cells"][f"loss-aware@{r}"]["top1"] for m in base)
+             for r in ("0.7", "0.8")}
+    assert f"it lost at most {worst['0.7']:.2f} at -70% and {worst['0.8']:.2f} at -80%" in flat
+    wins = [base[m]["cells"][f"loss-aware-anchored@{r}"]["top1"] - base[m]["cells"][f"loss-aware@{r}"]["top1"]
+            for m in base for r in ("0.7", "0.8")
+            if ahead(base[m]["cells"][f"loss-aware-anchored@{r}"], base[m]["cells"][f"loss-aware@{r}"])]
+    assert f"behind it in {len(wins)} of {2 * len(base)} cells, by at most {max(wins):.2f} points" in flat
+    distilled, record = cells["loss-aware-distill@0.7"], cells["loss-aware-distill@0.7"]["distillation"]
+    assert record["kept"] is False and distilled["correct"] == refit["correct"]  # the refit restored, image for image
+    assert (f"({record['loss_before']:.3f} before the steps, {record['loss_after']:.3f} after) and restored the refit"
+            in flat)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    over = cells["loss-aware-anchored@0.7"]["top1"] - distilled["top1"]
+    assert f"so it did on the DINOv2-S classifier at -70%, where the anchored refit keeps {over:.2f} points" in readme
+    tops = [cells[f"{name}@{r}"]["top1"] for name in ("loss-aware", "loss-aware-anchored") for r in ratios]
+    assert (f"{entry['dense_top1']:.1f}% on 8,000 held-out images) the gap is far wider: without a fine-tune the "
+            "default keeps {:.1f}% at -50%, {:.1f}% at -70% and {:.1f}% at -80%, the anchored refit {:.1f}%, {:.1f}% "
+            "and {:.1f}% (the plain refit {:.1f}% and {:.1f}% at -70% and -80%; each difference significant per "
+            "image)").format(*tops, *(cells[f"loss-aware-refit@{r}"]["top1"] for r in refit_ratios)) in readme
+    assert all(ahead(cells[f"loss-aware-anchored@{r}"], cells[f"loss-aware-refit@{r}"]) for r in refit_ratios)

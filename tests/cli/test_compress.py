@@ -975,12 +975,12 @@ def test_evaluate_rebuilds_the_dense_model_from_dense_checkpoint_when_the_record
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize(("recipe", "reduction", "hinted"), [("loss-aware", "0.6", True), ("loss-aware", "0.5", False),
+@pytest.mark.parametrize(("recipe", "reduction", "hinted"), [("loss-aware", "0.5", True), ("loss-aware", "0.45", False),
                                                              ("loss-aware-refit", "0.7", False),
                                                              ("loss-aware-anchored", "0.7", False)])
 def test_compress_points_to_the_refit_for_a_model_shipped_without_finetune(place, tmp_path, capsys, recipe,
                                                                              reduction, hinted):
-    """From -60% with the default recipe, stderr names the refit and the fine-tune command; not below it, not when
+    """From -50% with the default recipe, stderr names the refit and the fine-tune command; not below it, not when
     the refit is already the recipe, and stdout's one line is unchanged."""
     out = tmp_path / f"{recipe}-{reduction}"
     code, stdout, err = cli(capsys, "compress", *_model_argv(place, HEADLESS, "headless.safetensors"), "--data",
