@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=f"experiments/models/{NAME}")
     args = parser.parse_args(argv)
     if not Path(args.onnx).is_file():
-        print(f"--onnx {args.onnx}: no such file", file=sys.stderr)
+        print(f"dinov2_probe: error: --onnx {args.onnx}: no such file", file=sys.stderr)
+        return 2
+    if not all((Path(args.cifar10) / f"{split}.parquet").is_file() for split in ("train", "test")):
+        print(f"dinov2_probe: error: no CIFAR-10 at {args.cifar10} (train.parquet and test.parquet)", file=sys.stderr)
         return 2
     from safetensors.torch import save_file
 

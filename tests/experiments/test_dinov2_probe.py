@@ -83,3 +83,14 @@ def test_the_head_fits_raw_features_far_from_zero_and_unevenly_scaled():
         truth = ((z.unsqueeze(1) - centers).pow(2).sum(-1).argmin(1) == y).float().mean()
     assert loss < 0.5
     assert float(raw) >= float(truth) - 0.02
+
+
+def test_a_missing_onnx_file_or_data_is_one_line_and_exit_two(tiny_focus_onnx, tmp_path, capsys):
+    assert dp.main(["--onnx", str(tmp_path / "nowhere.onnx"), "--cifar10", str(tmp_path)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dinov2_probe: error:") and "nowhere.onnx" in lines[0]
+    (tmp_path / "train.parquet").write_bytes(b"")  # the test split missing
+    out = tmp_path / "head"
+    assert dp.main(["--onnx", str(tiny_focus_onnx[1]), "--cifar10", str(tmp_path), "--output", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no CIFAR-10 at" in lines[0] and not out.exists()
